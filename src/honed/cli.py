@@ -1,0 +1,223 @@
+"""`honed …`: the loop from a terminal (typer + rich).
+
+Every command takes `--store URL` (default `HONED_STORE`, else `sqlite:///honed.db`).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+from rich.tree import Tree
+
+from honed.store import StoreUnavailable, TrajectoryNotFound, TrajectoryStore, open_store
+from honed.trajectory import Step, Trajectory
+
+app = typer.Typer(
+    no_args_is_help=True, add_completion=False, help="honed: agents that learn from verified experience."
+)
+console = Console()
+
+StoreOption = Annotated[
+    str | None,
+    typer.Option("--store", envvar="HONED_STORE", help="Store URL (sqlite:///… or postgresql+psycopg://…)."),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def _open(url: str | None) -> TrajectoryStore:
+    try:
+        return open_store(url)
+    except StoreUnavailable as exc:
+        console.print(f"[red]{escape(str(exc))}[/red]")
+        raise typer.Exit(2) from exc
+
+
+@app.command()
+def runs(
+    store: StoreOption = None,
+    limit: Annotated[int, typer.Option("--limit", "-n", help="How many, newest first.")] = 20,
+    agent: Annotated[str | None, typer.Option(help="Only this agent.")] = None,
+    task_id: Annotated[str | None, typer.Option("--task-id", help="Only this task.")] = None,
+    split: Annotated[str | None, typer.Option(help="train | heldout")] = None,
+    status: Annotated[str | None, typer.Option(help="ok | error")] = None,
+    verdict: Annotated[str | None, typer.Option(help="pass | fail | labeled | unlabeled")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List captured trajectories, newest first."""
+    with _open(store) as s:
+        found = s.trajectories(
+            limit=limit,
+            agent=agent,
+            task_id=task_id,
+            split=split,
+            status=status,
+            verdict=verdict,  # type: ignore[arg-type]
+        )
+    if as_json:
+        for t in found:
+            data = t.to_dict()
+            data.pop("steps")
+            data["n_steps"] = len(t.steps)
+            typer.echo(json.dumps(data, ensure_ascii=False, default=str))
+        return
+    table = Table(title=f"{len(found)} trajectories", show_lines=False)
+    for column in ("id", "started", "agent", "task", "split", "status", "steps", "time", "verdict", "answer"):
+        table.add_column(
+            column, overflow="fold" if column == "answer" else "ellipsis", no_wrap=column != "answer"
+        )
+    for t in found:
+        table.add_row(
+            t.id[:13],
+            _when(t.started_at),
+            escape(t.agent),
+            escape(t.task_id or ""),
+            t.split or "",
+            "[green]ok[/green]" if t.status == "ok" else "[red]error[/red]",
+            str(len(t.steps)),
+            _secs(t.duration_s),
+            _verdict_summary(t),
+            escape(_preview(t.answer if t.status == "ok" else t.error or "", 60)),
+        )
+    console.print(table)
+
+
+@app.command()
+def show(
+    trajectory_id: Annotated[str, typer.Argument(help="A trajectory id, or a unique prefix of one.")],
+    store: StoreOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """One trajectory as a timeline: model calls with reasoning and tool calls, tool results, errors."""
+    with _open(store) as s:
+        try:
+            t = s.get(trajectory_id)
+        except TrajectoryNotFound as exc:
+            console.print(f"[red]no trajectory {escape(str(exc))}[/red]")
+            raise typer.Exit(1) from exc
+    if as_json:
+        typer.echo(json.dumps(t.to_dict(), ensure_ascii=False, indent=2, default=str))
+        return
+    console.print(_timeline(t))
+
+
+@app.command()
+def demo(
+    store: StoreOption = None,
+    n: Annotated[int, typer.Option("--n", help="How many agent runs.")] = 20,
+    seed: Annotated[int, typer.Option(help="Task seed.")] = 0,
+) -> None:
+    """Capture a real create_agent agent end to end into the store, then show what was captured."""
+    from honed.demo import run_capture_demo
+    from honed.store import resolve_store_url
+
+    url = resolve_store_url(store)
+    with console.status(f"running {n} agent invocations, captured into {url}"):
+        ids = run_capture_demo(url, n=n, seed=seed)
+    runs(store=url, limit=min(n, 10))
+    if ids:
+        show(ids[0], store=url)
+    console.print(
+        f"[bold]{len(ids)}[/bold] trajectories in {url}; try [cyan]honed runs[/cyan] and [cyan]honed show ID[/cyan]."
+    )
+
+
+def _timeline(t: Trajectory) -> Tree:
+    status = "[green]ok[/green]" if t.status == "ok" else f"[red]error: {escape(t.error or '')}[/red]"
+    head = (
+        f"[bold]{escape(t.agent)}[/bold]  {t.id}\n"
+        f"task_id={escape(t.task_id or '-')} split={t.split or '-'} model={escape(t.model_version or '-')} "
+        f"started {_when(t.started_at)}  {_secs(t.duration_s)}  {status}"
+    )
+    tree = Tree(head)
+    tree.add(f"[cyan]task[/cyan] {escape(_preview(_task_text(t.task), 300))}")
+    nodes: dict[str | None, Tree] = {None: tree}
+    for step in t.steps:
+        parent = nodes.get(step.parent_id, tree)
+        nodes[step.id] = parent.add(_step_label(step))
+    answer = (
+        f"[bold]answer[/bold] {escape(_preview(t.answer, 500))}"
+        if t.output is not None
+        else "[dim]no output[/dim]"
+    )
+    tree.add(answer)
+    for v in t.verdicts:
+        mark = {True: "[green]pass[/green]", False: "[red]fail[/red]", None: "[yellow]unknown[/yellow]"}[
+            v.passed
+        ]
+        tree.add(f"[bold]verdict[/bold] {escape(v.verifier)}@{escape(v.version)}: {mark} {escape(v.reason)}")
+    return tree
+
+
+def _step_label(step: Step) -> str:
+    took = _secs(step.duration_s)
+    error = f"\n[red]error: {escape(_preview(step.error, 400))}[/red]" if step.error else ""
+    if step.kind == "model":
+        usage = step.usage or {}
+        tokens = f" {usage.get('input_tokens', '?')}→{usage.get('output_tokens', '?')} tok" if usage else ""
+        version = f" [{escape(step.model_version)}]" if step.model_version else ""
+        lines = [f"[magenta]model[/magenta] {escape(step.name)}{version} {took}{tokens}"]
+        if step.reasoning:
+            lines.append(f"[dim italic]thinking: {escape(_preview(step.reasoning, 300))}[/dim italic]")
+        for call in step.tool_calls or []:
+            args = json.dumps(call.get("args"), ensure_ascii=False, default=str)
+            lines.append(f"→ [yellow]{escape(str(call.get('name')))}[/yellow]({escape(_preview(args, 200))})")
+        output = step.output if isinstance(step.output, dict) else {}
+        if output.get("content"):
+            lines.append(f"says: {escape(_preview(_content_text(output['content']), 300))}")
+        return "\n".join(lines) + error
+    if step.kind == "tool":
+        args = json.dumps(step.input, ensure_ascii=False, default=str)
+        result = "" if step.error else f"\n= {escape(_preview(_content_text(step.output), 300))}"
+        return (
+            f"[yellow]tool[/yellow] {escape(step.name)}({escape(_preview(args, 200))}) {took}{result}{error}"
+        )
+    return f"[blue]node[/blue] {escape(step.name)} {took}{error}"
+
+
+def _task_text(task: Any) -> str:
+    if isinstance(task, dict) and isinstance(task.get("messages"), list) and task["messages"]:
+        last = task["messages"][-1]
+        if isinstance(last, dict):
+            return _content_text(last.get("content"))
+    return _content_text(task)
+
+
+def _content_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False, default=str)
+
+
+def _verdict_summary(t: Trajectory) -> str:
+    if not t.verdicts:
+        return "[dim]-[/dim]"
+    if any(v.passed is False for v in t.verdicts):
+        return "[red]fail[/red]"
+    if all(v.passed for v in t.verdicts):
+        return "[green]pass[/green]"
+    return "[yellow]?[/yellow]"
+
+
+def _preview(text: str | None, width: int) -> str:
+    text = " ".join((text or "").split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _when(value: datetime | None) -> str:
+    return value.astimezone().strftime("%Y-%m-%d %H:%M:%S") if value else "-"
+
+
+def _secs(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value * 1000:.0f}ms" if value < 1 else f"{value:.2f}s"
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,21 @@
+"""The trajectory store: SQLite by default, PostgreSQL in production, migrated on open."""
+
+from honed.store.store import (
+    DEFAULT_STORE_URL,
+    StoreUnavailable,
+    TrajectoryNotFound,
+    TrajectoryStore,
+    open_store,
+    resolve_store_url,
+    trajectory_to_record,
+)
+
+__all__ = [
+    "DEFAULT_STORE_URL",
+    "StoreUnavailable",
+    "TrajectoryNotFound",
+    "TrajectoryStore",
+    "open_store",
+    "resolve_store_url",
+    "trajectory_to_record",
+]

@@ -1,0 +1,124 @@
+"""SQLAlchemy 2 typed ORM tables of the trajectory store.
+
+The tables mirror `honed.trajectory`; JSON payloads use JSONB on PostgreSQL. Indexes follow the
+queries the rest of the loop makes: unlabeled work for verifiers, verified data by split and task
+for trainers, recent runs by agent for the CLI. Schema changes go through Alembic migrations.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+JSONType = JSON().with_variant(JSONB(), "postgresql")
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite keeps naive ones)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSONType, Any: JSONType, datetime: UTCDateTime}
+
+
+class TrajectoryRow(Base):
+    __tablename__ = "trajectories"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    agent: Mapped[str] = mapped_column(String(200))
+    task: Mapped[Any] = mapped_column(nullable=True)
+    task_id: Mapped[str | None] = mapped_column(String(200))
+    split: Mapped[str | None] = mapped_column(String(32))
+    meta: Mapped[dict[str, Any]] = mapped_column("metadata", default=dict)
+    output: Mapped[Any] = mapped_column(nullable=True)
+    status: Mapped[str] = mapped_column(String(16))
+    error: Mapped[str | None] = mapped_column(Text)
+    model_version: Mapped[str | None] = mapped_column(String(200))
+    started_at: Mapped[datetime]
+    ended_at: Mapped[datetime | None]
+    n_steps: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=lambda: datetime.now(UTC))
+
+    steps: Mapped[list[StepRow]] = relationship(
+        back_populates="trajectory", order_by="StepRow.index", cascade="all, delete-orphan"
+    )
+    verdicts: Mapped[list[VerdictRow]] = relationship(
+        back_populates="trajectory", order_by="VerdictRow.id", cascade="all, delete-orphan"
+    )
+
+    __table_args__ = (
+        Index("ix_trajectories_started_at", "started_at"),
+        Index("ix_trajectories_agent_started", "agent", "started_at"),
+        Index("ix_trajectories_task_id", "task_id"),
+        Index("ix_trajectories_split_started", "split", "started_at"),
+        Index("ix_trajectories_status", "status"),
+        Index("ix_trajectories_model_version", "model_version"),
+    )
+
+
+class StepRow(Base):
+    __tablename__ = "steps"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    trajectory_id: Mapped[str] = mapped_column(ForeignKey("trajectories.id", ondelete="CASCADE"))
+    index: Mapped[int] = mapped_column(Integer)
+    parent_id: Mapped[str | None] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(16))
+    name: Mapped[str] = mapped_column(String(200))
+    input: Mapped[Any] = mapped_column(nullable=True)
+    output: Mapped[Any] = mapped_column(nullable=True)
+    error: Mapped[str | None] = mapped_column(Text)
+    reasoning: Mapped[str | None] = mapped_column(Text)
+    tool_calls: Mapped[Any] = mapped_column(nullable=True)
+    usage: Mapped[Any] = mapped_column(nullable=True)
+    model_version: Mapped[str | None] = mapped_column(String(200))
+    started_at: Mapped[datetime | None]
+    ended_at: Mapped[datetime | None]
+    extra: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+    trajectory: Mapped[TrajectoryRow] = relationship(back_populates="steps")
+
+    __table_args__ = (
+        Index("ix_steps_trajectory_index", "trajectory_id", "index"),
+        Index("ix_steps_kind_name", "kind", "name"),
+    )
+
+
+class VerdictRow(Base):
+    __tablename__ = "verdicts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    trajectory_id: Mapped[str] = mapped_column(ForeignKey("trajectories.id", ondelete="CASCADE"))
+    verifier: Mapped[str] = mapped_column(String(200))
+    version: Mapped[str] = mapped_column(String(64))
+    passed: Mapped[bool | None]
+    score: Mapped[float] = mapped_column(Float, default=0.0)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    evidence: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    duration_s: Mapped[float] = mapped_column(Float, default=0.0)
+    created_at: Mapped[datetime] = mapped_column(default=lambda: datetime.now(UTC))
+
+    trajectory: Mapped[TrajectoryRow] = relationship(back_populates="verdicts")
+
+    __table_args__ = (
+        UniqueConstraint("trajectory_id", "verifier", "version", name="uq_verdicts_trajectory_verifier"),
+        Index("ix_verdicts_passed", "passed", "trajectory_id"),
+    )

@@ -1,0 +1,425 @@
+"""The trajectory store: one SQLAlchemy engine, migrations applied on open, typed queries.
+
+Every process of the loop (agents, verifier workers, trainers, the CLI) shares nothing but this
+store, so its API speaks `honed.trajectory` objects and its filters are the ones those processes need.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, create_engine, delete, event, exists, func, insert, select, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import selectinload, sessionmaker
+from sqlalchemy.pool import StaticPool
+
+from honed.store.schema import StepRow, TrajectoryRow, VerdictRow
+from honed.trajectory import Step, Trajectory, Verdict
+
+log = logging.getLogger("honed")
+
+DEFAULT_STORE_URL = "sqlite:///honed.db"
+VerdictFilter = Literal["pass", "fail", "labeled", "unlabeled"]
+_MIGRATIONS = Path(__file__).parent / "migrations"
+_MIGRATION_LOCK_KEY = 0x686F6E6564  # "honed": serialises concurrent first opens on PostgreSQL
+
+
+class StoreUnavailable(RuntimeError):
+    """The store cannot be reached or migrated; the message names the URL (password hidden)."""
+
+
+class TrajectoryNotFound(KeyError):
+    """No trajectory has this id (or id prefix)."""
+
+
+def resolve_store_url(url: str | None = None) -> str:
+    """An explicit URL, else `HONED_STORE`, else `sqlite:///honed.db` in the working directory."""
+    return url or os.environ.get("HONED_STORE") or DEFAULT_STORE_URL
+
+
+def open_store(url: str | None = None) -> TrajectoryStore:
+    """Open (and migrate) the store at `url`; see `resolve_store_url` for the default."""
+    return TrajectoryStore(resolve_store_url(url))
+
+
+class TrajectoryStore:
+    """Typed access to trajectories, their steps and verdicts.
+
+    Thread-safe: each call opens its own short session. Writes of captured trajectories are
+    idempotent (an id already stored is skipped), which is what lets a spool be replayed safely.
+    """
+
+    def __init__(self, url: str, *, migrate: bool = True) -> None:
+        self.url = url
+        self.engine = _create_engine(url)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        if migrate:
+            try:
+                _migrate(self.engine)
+            except SQLAlchemyError as exc:
+                self.engine.dispose()
+                raise StoreUnavailable(f"cannot open the store at {self.safe_url}: {exc}") from exc
+
+    @property
+    def safe_url(self) -> str:
+        return make_url(self.url).render_as_string(hide_password=True)
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> TrajectoryStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"TrajectoryStore({self.safe_url!r})"
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def save_records(self, records: Sequence[dict[str, Any]]) -> int:
+        """Insert captured trajectory records (the writer's and the spool's format) in one
+        transaction; records whose id is already stored are skipped. Returns how many were new."""
+        if not records:
+            return 0
+        ids = [r["id"] for r in records]
+        with self._sessions.begin() as session:
+            existing = set(session.scalars(select(TrajectoryRow.id).where(TrajectoryRow.id.in_(ids))))
+            fresh, seen = [], set(existing)
+            for record in records:
+                if record["id"] not in seen:
+                    seen.add(record["id"])
+                    fresh.append(record)
+            if not fresh:
+                return 0
+            session.execute(insert(TrajectoryRow), [_trajectory_row(r) for r in fresh])
+            step_rows = [_step_row(r["id"], s) for r in fresh for s in r.get("steps", ())]
+            if step_rows:
+                session.execute(insert(StepRow), step_rows)
+        return len(fresh)
+
+    def save(self, trajectory: Trajectory) -> None:
+        """Store a `Trajectory` built in code (imports, tests, synthetic data)."""
+        self.save_records([trajectory_to_record(trajectory)])
+
+    def add_verdict(self, trajectory_id: str, verdict: Verdict) -> Verdict:
+        """Record a verdict; one per (trajectory, verifier, version), so re-running replaces it."""
+        with self._sessions.begin() as session:
+            if session.get(TrajectoryRow, trajectory_id) is None:
+                raise TrajectoryNotFound(trajectory_id)
+            session.execute(
+                delete(VerdictRow).where(
+                    VerdictRow.trajectory_id == trajectory_id,
+                    VerdictRow.verifier == verdict.verifier,
+                    VerdictRow.version == verdict.version,
+                )
+            )
+            row = VerdictRow(
+                trajectory_id=trajectory_id,
+                verifier=verdict.verifier,
+                version=verdict.version,
+                passed=verdict.passed,
+                score=verdict.score,
+                reason=verdict.reason,
+                evidence=verdict.evidence,
+                duration_s=verdict.duration_s,
+            )
+            session.add(row)
+            session.flush()
+            return _verdict(row)
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def trajectories(
+        self,
+        limit: int | None = 50,
+        *,
+        offset: int = 0,
+        agent: str | None = None,
+        task_id: str | None = None,
+        split: str | None = None,
+        status: str | None = None,
+        verdict: VerdictFilter | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        model_version: str | None = None,
+        ids: Iterable[str] | None = None,
+        with_steps: bool = True,
+        oldest_first: bool = False,
+    ) -> list[Trajectory]:
+        """Trajectories matching every given filter, newest first (oldest first when asked)."""
+        order = (TrajectoryRow.started_at, TrajectoryRow.id)
+        query = select(TrajectoryRow).order_by(*(order if oldest_first else (c.desc() for c in order)))
+        query = _filtered(query, agent, task_id, split, status, verdict, since, until, model_version, ids)
+        query = query.offset(offset).limit(limit)
+        options = [selectinload(TrajectoryRow.verdicts)]
+        if with_steps:
+            options.append(selectinload(TrajectoryRow.steps))
+        with self._sessions() as session:
+            rows = session.scalars(query.options(*options)).all()
+            return [_trajectory(row, with_steps) for row in rows]
+
+    def count(
+        self,
+        *,
+        agent: str | None = None,
+        task_id: str | None = None,
+        split: str | None = None,
+        status: str | None = None,
+        verdict: VerdictFilter | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        model_version: str | None = None,
+    ) -> int:
+        query = _filtered(
+            select(func.count()).select_from(TrajectoryRow),
+            agent, task_id, split, status, verdict, since, until, model_version, None,
+        )  # fmt: skip
+        with self._sessions() as session:
+            return int(session.scalar(query) or 0)
+
+    def get(self, trajectory_id: str) -> Trajectory:
+        """One trajectory by id, or by a unique prefix of it (as the CLI prints short ids)."""
+        with self._sessions() as session:
+            row = session.get(TrajectoryRow, trajectory_id)
+            if row is None and trajectory_id:
+                matches = session.scalars(
+                    select(TrajectoryRow)
+                    .where(TrajectoryRow.id.startswith(trajectory_id, autoescape=True))
+                    .limit(2)
+                ).all()
+                if len(matches) == 1:
+                    row = matches[0]
+                elif len(matches) > 1:
+                    raise TrajectoryNotFound(
+                        f"{trajectory_id!r} matches several trajectories; give more of the id"
+                    )
+            if row is None:
+                raise TrajectoryNotFound(trajectory_id)
+            return _trajectory(row, with_steps=True)
+
+    def ping(self) -> bool:
+        """True when the store answers a trivial query."""
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+            return True
+        except SQLAlchemyError:
+            return False
+
+
+# -- engine and migrations ---------------------------------------------------------------------
+
+_migrate_lock = threading.Lock()
+
+
+def _create_engine(url: str) -> Engine:
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database or ""
+        in_memory = database in ("", ":memory:") or "mode=memory" in database
+        if not in_memory:
+            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(
+            parsed,
+            connect_args={"timeout": 30, "check_same_thread": False},
+            poolclass=StaticPool if in_memory else None,
+        )
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    connect_args = {"connect_timeout": 10} if parsed.get_backend_name() == "postgresql" else {}
+    return create_engine(parsed, pool_pre_ping=True, connect_args=connect_args)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    try:
+        # WAL lets readers (CLI, verifiers) run while the writer appends.
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+    finally:
+        cursor.close()
+
+
+def _alembic_config() -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(_MIGRATIONS))
+    return config
+
+
+def _migrate(engine: Engine) -> None:
+    """Bring the schema to head; cheap when it already is (one revision read)."""
+    with _migrate_lock:
+        config = _alembic_config()
+        head = ScriptDirectory.from_config(config).get_current_head()
+        with engine.begin() as conn:
+            if engine.dialect.name == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK_KEY})
+            if MigrationContext.configure(conn).get_current_revision() != head:
+                config.attributes["connection"] = conn
+                command.upgrade(config, "head")
+
+
+# -- rows <-> vocabulary -----------------------------------------------------------------------
+
+
+def _filtered(query: Any, agent, task_id, split, status, verdict, since, until, model_version, ids) -> Any:
+    T = TrajectoryRow
+    for column, value in (
+        (T.agent, agent),
+        (T.task_id, task_id),
+        (T.split, split),
+        (T.status, status),
+        (T.model_version, model_version),
+    ):
+        if value is not None:
+            query = query.where(column == value)
+    if since is not None:
+        query = query.where(T.started_at >= since)
+    if until is not None:
+        query = query.where(T.started_at < until)
+    if ids is not None:
+        query = query.where(T.id.in_(list(ids)))
+    if verdict is not None:
+        any_verdict = exists().where(VerdictRow.trajectory_id == T.id)
+        failed = exists().where(VerdictRow.trajectory_id == T.id, VerdictRow.passed.is_(False))
+        passed = exists().where(VerdictRow.trajectory_id == T.id, VerdictRow.passed.is_(True))
+        conditions = {
+            "pass": passed & ~failed,
+            "fail": failed,
+            "labeled": any_verdict,
+            "unlabeled": ~any_verdict,
+        }
+        if verdict not in conditions:
+            raise ValueError(f"verdict filter must be one of {sorted(conditions)}, not {verdict!r}")
+        query = query.where(conditions[verdict])
+    return query
+
+
+def _ts(value: Any) -> datetime | None:
+    if value is None or isinstance(value, datetime):
+        return value
+    if isinstance(value, str):
+        return datetime.fromisoformat(value)
+    return datetime.fromtimestamp(float(value), UTC)
+
+
+def _trajectory_row(record: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": record["id"],
+        "agent": (record.get("agent") or "agent")[:200],
+        "task": record.get("task"),
+        "task_id": _short(record.get("task_id")),
+        "split": _short(record.get("split"), 32),
+        "meta": record.get("metadata") or {},
+        "output": record.get("output"),
+        "status": record.get("status") or "ok",
+        "error": record.get("error"),
+        "model_version": _short(record.get("model_version")),
+        "started_at": _ts(record.get("started_at")) or datetime.now(UTC),
+        "ended_at": _ts(record.get("ended_at")),
+        "n_steps": len(record.get("steps", ())),
+    }
+
+
+def _step_row(trajectory_id: str, step: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": step["id"],
+        "trajectory_id": trajectory_id,
+        "index": step["index"],
+        "parent_id": step.get("parent_id"),
+        "kind": step["kind"],
+        "name": (step.get("name") or step["kind"])[:200],
+        "input": step.get("input"),
+        "output": step.get("output"),
+        "error": step.get("error"),
+        "reasoning": step.get("reasoning"),
+        "tool_calls": step.get("tool_calls") or [],
+        "usage": step.get("usage"),
+        "model_version": _short(step.get("model_version")),
+        "started_at": _ts(step.get("started_at")),
+        "ended_at": _ts(step.get("ended_at")),
+        "extra": step.get("extra") or {},
+    }
+
+
+def _short(value: Any, limit: int = 200) -> str | None:
+    return None if value is None else str(value)[:limit]
+
+
+def trajectory_to_record(trajectory: Trajectory) -> dict[str, Any]:
+    """A `Trajectory` as the record format `save_records` and the spool use."""
+    record = trajectory.to_dict()
+    record.pop("verdicts", None)
+    return record
+
+
+def _trajectory(row: TrajectoryRow, with_steps: bool) -> Trajectory:
+    return Trajectory(
+        id=row.id,
+        agent=row.agent,
+        task=row.task,
+        task_id=row.task_id,
+        split=row.split,
+        metadata=row.meta or {},
+        steps=[_step(s) for s in row.steps] if with_steps else [],
+        output=row.output,
+        status=row.status,  # type: ignore[arg-type]
+        error=row.error,
+        model_version=row.model_version,
+        started_at=row.started_at,
+        ended_at=row.ended_at,
+        verdicts=[_verdict(v) for v in row.verdicts],
+    )
+
+
+def _step(row: StepRow) -> Step:
+    return Step(
+        id=row.id,
+        index=row.index,
+        kind=row.kind,  # type: ignore[arg-type]
+        name=row.name,
+        parent_id=row.parent_id,
+        input=row.input,
+        output=row.output,
+        error=row.error,
+        reasoning=row.reasoning,
+        tool_calls=row.tool_calls or [],
+        usage=row.usage,
+        model_version=row.model_version,
+        started_at=row.started_at,
+        ended_at=row.ended_at,
+        extra=row.extra or {},
+    )
+
+
+def _verdict(row: VerdictRow) -> Verdict:
+    return Verdict(
+        passed=row.passed,
+        score=row.score,
+        reason=row.reason,
+        evidence=row.evidence or {},
+        verifier=row.verifier,
+        version=row.version,
+        duration_s=row.duration_s,
+        trajectory_id=row.trajectory_id,
+        id=row.id,
+        created_at=row.created_at,
+    )

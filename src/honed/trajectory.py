@@ -1,0 +1,157 @@
+"""The vocabulary every part of honed speaks: Trajectory, Step, Verdict, ModelVersion.
+
+Plain dataclasses with no I/O and no dependency on the rest of honed, so that the store, the
+verifiers, the trainers and the exporters can share them without sharing anything else.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+StepKind = Literal["model", "tool", "node"]
+Status = Literal["ok", "error"]
+Split = Literal["train", "heldout"]
+
+
+@dataclass(slots=True)
+class Step:
+    """One model call, tool call or graph node inside a trajectory.
+
+    `input`/`output` are JSON-able (already serialised, redacted and size-capped by the recorder).
+    A model step's `output` is the assistant message; `tool_calls` are `{"name", "args", "id"}`;
+    `usage` is `{"input_tokens", "output_tokens", "total_tokens"}`. `extra` carries what only some
+    steps have: finish reason, the tool call id a tool step answered, token ids and logprobs.
+    """
+
+    id: str
+    index: int
+    kind: StepKind
+    name: str
+    parent_id: str | None = None
+    input: Any = None
+    output: Any = None
+    error: str | None = None
+    reasoning: str | None = None
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    usage: dict[str, int] | None = None
+    model_version: str | None = None
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def duration_s(self) -> float | None:
+        if self.started_at is None or self.ended_at is None:
+            return None
+        return (self.ended_at - self.started_at).total_seconds()
+
+    def to_dict(self) -> dict[str, Any]:
+        return _with_iso_times(asdict(self))
+
+
+@dataclass(slots=True)
+class Verdict:
+    """A verifier's judgement of one trajectory's outcome.
+
+    `passed` is None when the verifier could not tell (missing reference, malformed output,
+    truncated capture): such a verdict is never a pass, and never training data.
+    """
+
+    passed: bool | None
+    score: float = 0.0
+    reason: str = ""
+    evidence: dict[str, Any] = field(default_factory=dict)
+    verifier: str = ""
+    version: str = "1"
+    duration_s: float = 0.0
+    trajectory_id: str | None = None
+    id: int | None = None
+    created_at: datetime | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return _with_iso_times(asdict(self))
+
+
+@dataclass(slots=True)
+class Trajectory:
+    """One top-level agent invocation: the task, every step, and the outcome.
+
+    `task` is the input the agent was given; `output` is the final answer (the last assistant
+    message's text for message-based agents) or the final output otherwise.
+    """
+
+    id: str
+    agent: str
+    task: Any = None
+    task_id: str | None = None
+    split: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    steps: list[Step] = field(default_factory=list)
+    output: Any = None
+    status: Status = "ok"
+    error: str | None = None
+    model_version: str | None = None
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+    verdicts: list[Verdict] = field(default_factory=list)
+
+    @property
+    def duration_s(self) -> float | None:
+        if self.started_at is None or self.ended_at is None:
+            return None
+        return (self.ended_at - self.started_at).total_seconds()
+
+    @property
+    def answer(self) -> str:
+        """The final answer as text: what reference checks compare against."""
+        if isinstance(self.output, str):
+            return self.output
+        if isinstance(self.output, dict) and isinstance(self.output.get("answer"), str):
+            return self.output["answer"]
+        return "" if self.output is None else json.dumps(self.output, ensure_ascii=False, sort_keys=True)
+
+    def model_steps(self) -> list[Step]:
+        return [s for s in self.steps if s.kind == "model"]
+
+    def tool_steps(self) -> list[Step]:
+        return [s for s in self.steps if s.kind == "tool"]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = _with_iso_times(asdict(self))
+        data["steps"] = [s.to_dict() for s in self.steps]
+        data["verdicts"] = [v.to_dict() for v in self.verdicts]
+        return data
+
+
+@dataclass(slots=True)
+class ModelVersion:
+    """One registered version of a served model; `status` moves candidate → live → retired."""
+
+    id: int | None
+    name: str
+    version: int
+    path: str
+    parent: int | None = None
+    base: str | None = None
+    status: Literal["candidate", "live", "retired", "rejected"] = "candidate"
+    training_run: int | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    created_at: datetime | None = None
+
+    @property
+    def ref(self) -> str:
+        """`name@vN`, the form the CLI and captured steps use."""
+        return f"{self.name}@v{self.version}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return _with_iso_times(asdict(self))
+
+
+def _with_iso_times(data: dict[str, Any]) -> dict[str, Any]:
+    for key, value in data.items():
+        if isinstance(value, datetime):
+            data[key] = value.isoformat()
+    return data

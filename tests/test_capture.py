@@ -1,0 +1,456 @@
+"""Capture of real LangGraph agents through the three entry points: middleware, handler/wrap, instrument."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import operator
+import threading
+from typing import Annotated, Any, TypedDict
+
+import pytest
+from langchain.agents import create_agent
+from langgraph.graph import END, START, StateGraph
+
+import honed
+from fakes import ToolScriptModel, make_tools
+from honed import Trajectory
+
+
+def add_task(a: int, b: int) -> str:
+    return f'call add {{"a": {a}, "b": {b}}}; answer the sum is {{result}}'
+
+
+def run_config(task_id: str, split: str = "train", **extra: Any) -> dict[str, Any]:
+    return {"metadata": {"honed": {"task_id": task_id, "split": split, **extra}}}
+
+
+def only(store: honed.TrajectoryStore, **filters: Any) -> Trajectory:
+    found = store.trajectories(limit=10, **filters)
+    assert len(found) == 1, [t.task_id for t in found]
+    return found[0]
+
+
+def kinds(t: Trajectory) -> list[tuple[str, str]]:
+    return [(s.kind, s.name) for s in t.steps]
+
+
+@pytest.fixture
+def instrumented(sqlite_url: str):
+    handler = honed.instrument(store=sqlite_url)
+    yield sqlite_url
+    honed.uninstrument()
+    assert handler.enabled is False
+
+
+# -- the middleware ------------------------------------------------------------------------------
+
+
+def test_middleware_captures_model_and_tool_steps_with_metadata(sqlite_url: str) -> None:
+    model = ToolScriptModel(reasoning="I should add the numbers first.")
+    agent = create_agent(
+        model, make_tools(), name="calculator", middleware=[honed.Middleware(store=sqlite_url)]
+    )
+
+    result = agent.invoke({"messages": [("user", add_task(2, 3))]}, config=run_config("t-add", expected="5"))
+    assert honed.flush()
+
+    assert result["messages"][-1].content == "the sum is 5"
+    t = only(honed.open_store(sqlite_url))
+    assert (t.agent, t.task_id, t.split, t.status) == ("calculator", "t-add", "train", "ok")
+    assert t.metadata["expected"] == "5"
+    assert t.answer == "the sum is 5"
+    assert t.task["messages"][0] == {"role": "user", "content": add_task(2, 3)}
+    assert kinds(t) == [("model", "tool-script"), ("tool", "add"), ("model", "tool-script")]
+    first, tool, last = t.steps
+    assert first.tool_calls == [{"name": "add", "args": {"a": 2, "b": 3}, "id": "call_0_add"}]
+    assert first.reasoning == "I should add the numbers first."
+    assert first.usage and first.usage["output_tokens"] >= 1
+    assert first.model_version == "tool-script"
+    assert [tool_schema["function"]["name"] for tool_schema in first.input["tools"]] == [
+        "add",
+        "mul",
+        "explode",
+        "fragile",
+    ]
+    assert tool.input == {"a": 2, "b": 3} and tool.output == "5" and tool.error is None
+    assert tool.extra["tool_call_id"] == "call_0_add"
+    assert last.input["messages"][-1] == {
+        "role": "tool",
+        "content": "5",
+        "name": "add",
+        "tool_call_id": "call_0_add",
+    }
+    assert all(s.started_at <= s.ended_at for s in t.steps)
+    assert [s.index for s in t.steps] == sorted(s.index for s in t.steps)
+
+
+async def test_middleware_under_ainvoke_and_astream(sqlite_url: str) -> None:
+    agent = create_agent(
+        ToolScriptModel(), make_tools(), name="calc", middleware=[honed.Middleware(store=sqlite_url)]
+    )
+    await agent.ainvoke({"messages": [("user", add_task(1, 1))]}, config=run_config("a1"))
+    chunks = [
+        c async for c in agent.astream({"messages": [("user", add_task(2, 2))]}, config=run_config("a2"))
+    ]
+    assert chunks
+    honed.flush()
+    store = honed.open_store(sqlite_url)
+    for task_id, answer in (("a1", "the sum is 2"), ("a2", "the sum is 4")):
+        t = only(store, task_id=task_id)
+        assert t.answer == answer
+        assert kinds(t) == [("model", "tool-script"), ("tool", "add"), ("model", "tool-script")]
+
+
+def test_middleware_stands_aside_when_instrumented(instrumented: str) -> None:
+    agent = create_agent(ToolScriptModel(), make_tools(), name="calc", middleware=[honed.Middleware()])
+    agent.invoke({"messages": [("user", add_task(3, 4))]}, config=run_config("once"))
+    honed.flush()
+    t = only(honed.open_store(instrumented), task_id="once")  # exactly one trajectory, not two
+    assert [k for k in kinds(t) if k[0] != "node"] == [
+        ("model", "tool-script"),
+        ("tool", "add"),
+        ("model", "tool-script"),
+    ]
+
+
+def test_subagent_called_from_a_tool_nests_inside_the_callers_trajectory(sqlite_url: str) -> None:
+    from langchain_core.tools import tool
+
+    mw = honed.Middleware(store=sqlite_url)
+    inner = create_agent(ToolScriptModel(), make_tools(), name="inner", middleware=[mw])
+
+    @tool
+    def delegate(a: int, b: int) -> str:
+        """Ask the inner agent to add."""
+        return inner.invoke({"messages": [("user", add_task(a, b))]})["messages"][-1].content
+
+    outer = create_agent(ToolScriptModel(), [delegate], name="outer", middleware=[mw])
+    outer.invoke({"messages": [("user", 'call delegate {"a": 5, "b": 6}; answer inner said {result}')]})
+    honed.flush()
+    t = only(honed.open_store(sqlite_url))
+    assert t.agent == "outer" and t.answer == "inner said the sum is 11"
+    delegate_step = next(s for s in t.steps if s.name == "delegate")
+    inner_node = next(s for s in t.steps if s.name == "inner")
+    assert inner_node.parent_id == delegate_step.id
+    assert [s.name for s in t.steps if s.parent_id == inner_node.id] == ["tool-script", "add", "tool-script"]
+
+
+# -- the callback handler, wrap() and plain StateGraphs -------------------------------------------
+
+
+class Counter(TypedDict):
+    value: int
+    log: Annotated[list[str], operator.add]
+
+
+def counter_graph() -> Any:
+    def double(state: Counter) -> dict[str, Any]:
+        return {"value": state["value"] * 2, "log": ["double"]}
+
+    def inc(state: Counter) -> dict[str, Any]:
+        return {"value": state["value"] + 1, "log": ["inc"]}
+
+    inner = StateGraph(Counter)
+    inner.add_node("inc", inc)
+    inner.add_edge(START, "inc")
+    inner.add_edge("inc", END)
+
+    graph = StateGraph(Counter)
+    graph.add_node("double", double)
+    graph.add_node("sub", inner.compile(name="sub"))
+    graph.add_edge(START, "double")
+    graph.add_edge("double", "sub")
+    graph.add_edge("sub", END)
+    return graph.compile(name="counter")
+
+
+def test_wrap_captures_a_plain_state_graph_with_a_subgraph(sqlite_url: str) -> None:
+    expected = counter_graph().invoke({"value": 5, "log": []})
+    graph = honed.wrap(counter_graph(), store=sqlite_url)
+    assert graph.get_graph() is not None  # still a graph, not a bare Runnable
+    out = graph.invoke({"value": 5, "log": []}, config=run_config("c1"))
+    assert out == expected and out["value"] == 11
+    honed.flush()
+    t = only(honed.open_store(sqlite_url))
+    assert t.agent == "counter" and t.task == {"value": 5, "log": []}
+    assert t.output == expected
+    assert kinds(t) == [("node", "double"), ("node", "sub"), ("node", "inc")]
+    double, sub, inc = t.steps
+    assert double.output == {"value": 10, "log": ["double"]}
+    assert inc.parent_id == sub.id and sub.parent_id is None
+
+
+def test_handler_in_config_captures_batch_as_separate_trajectories(sqlite_url: str) -> None:
+    handler = honed.CallbackHandler(store=sqlite_url)
+    agent = create_agent(ToolScriptModel(), make_tools(), name="calc")
+    inputs = [{"messages": [("user", add_task(i, 10))]} for i in range(5)]
+    configs = [{"callbacks": [handler], **run_config(f"b{i}")} for i in range(5)]
+    outputs = agent.batch(inputs, config=configs)
+    honed.flush()
+    store = honed.open_store(sqlite_url)
+    assert store.count() == 5
+    for i, out in enumerate(outputs):
+        t = only(store, task_id=f"b{i}")
+        assert t.answer == out["messages"][-1].content == f"the sum is {i + 10}"
+        model_steps = t.model_steps()
+        assert len(model_steps) == 2 and model_steps[0].tool_calls[0]["args"] == {"a": i, "b": 10}
+        # each model call hangs under its graph node
+        nodes = {s.id: s.name for s in t.steps if s.kind == "node"}
+        assert {nodes[s.parent_id] for s in model_steps} == {"model"}
+
+
+@pytest.mark.parametrize(
+    "mode", ["values", "updates", "messages", "debug", "custom", ["updates", "messages"]]
+)
+def test_instrument_captures_every_stream_mode(instrumented: str, mode: Any) -> None:
+    agent = create_agent(ToolScriptModel(), make_tools(), name="calc")
+    chunks = list(
+        agent.stream({"messages": [("user", add_task(4, 4))]}, config=run_config("s"), stream_mode=mode)
+    )
+    assert chunks or mode == "custom"
+    honed.flush()
+    t = only(honed.open_store(instrumented), task_id="s")
+    assert t.status == "ok" and t.answer == "the sum is 8"
+    assert [k for k in kinds(t) if k[0] != "node"] == [
+        ("model", "tool-script"),
+        ("tool", "add"),
+        ("model", "tool-script"),
+    ]
+
+
+async def test_instrument_captures_astream_and_abatch(instrumented: str) -> None:
+    agent = create_agent(ToolScriptModel(), make_tools(), name="calc")
+    async for _ in agent.astream(
+        {"messages": [("user", add_task(1, 2))]}, config=run_config("as"), stream_mode="messages"
+    ):
+        pass
+    await agent.abatch(
+        [{"messages": [("user", add_task(i, i))]} for i in range(3)],
+        config=[run_config(f"ab{i}") for i in range(3)],
+    )
+    honed.flush()
+    store = honed.open_store(instrumented)
+    assert only(store, task_id="as").answer == "the sum is 3"
+    assert [only(store, task_id=f"ab{i}").answer for i in range(3)] == [
+        "the sum is 0",
+        "the sum is 2",
+        "the sum is 4",
+    ]
+
+
+# -- concurrency: no cross-talk ---------------------------------------------------------------------
+
+
+def test_many_threads_never_mix_trajectories(instrumented: str) -> None:
+    agent = create_agent(ToolScriptModel(), make_tools(), name="calc")
+    errors: list[BaseException] = []
+
+    def worker(w: int) -> None:
+        try:
+            for j in range(6):
+                a, b = w, 100 + j
+                agent.invoke(
+                    {"messages": [("user", add_task(a, b))]}, config=run_config(f"w{w}-{j}", a=a, b=b)
+                )
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(12)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors
+    honed.flush()
+    store = honed.open_store(instrumented)
+    found = store.trajectories(limit=None)
+    assert len(found) == 72
+    for t in found:
+        _assert_consistent(t)
+
+
+async def test_many_asyncio_tasks_never_mix_trajectories(sqlite_url: str) -> None:
+    agent = create_agent(
+        ToolScriptModel(), make_tools(), name="calc", middleware=[honed.Middleware(store=sqlite_url)]
+    )
+
+    async def one(i: int) -> None:
+        a, b = i, 1000 - i
+        await agent.ainvoke({"messages": [("user", add_task(a, b))]}, config=run_config(f"t{i}", a=a, b=b))
+
+    await asyncio.gather(*(one(i) for i in range(40)))
+    honed.flush()
+    found = honed.open_store(sqlite_url).trajectories(limit=None)
+    assert len(found) == 40
+    for t in found:
+        _assert_consistent(t)
+
+
+def _assert_consistent(t: Trajectory) -> None:
+    a, b = t.metadata["a"], t.metadata["b"]
+    model_steps, tool_steps = t.model_steps(), t.tool_steps()
+    assert len(model_steps) == 2 and len(tool_steps) == 1, t.id
+    assert model_steps[0].tool_calls[0]["args"] == {"a": a, "b": b}
+    assert tool_steps[0].input == {"a": a, "b": b} and tool_steps[0].output == str(a + b)
+    assert t.answer == f"the sum is {a + b}"
+
+
+# -- failures: recorded, and the agent behaves exactly as without honed -------------------------------
+
+
+def _outcome(agent: Any, text: str, config: dict[str, Any] | None = None) -> tuple[str, Any]:
+    try:
+        result = agent.invoke({"messages": [("user", text)]}, config=config or {})
+    except Exception as exc:
+        return "raised", (type(exc).__name__, str(exc))
+    return "returned", [(m.type, m.content, getattr(m, "status", None)) for m in result["messages"]]
+
+
+TOOL_FAILURES = {
+    "raised": ('call explode {"reason": "boom"}; answer {result}', "explode", "ValueError: exploded: boom"),
+    "invalid_args": ('call add {"a": "zz"}; answer {result}', "add", "Input should be a valid integer"),
+    "tool_exception": ('call fragile {"x": 7}; answer {result}', "fragile", "fragile failed on 7"),
+    "unknown_tool": ("call nosuch {}; answer {result}", "nosuch", "nosuch is not a valid tool"),
+}
+
+
+@pytest.mark.parametrize("capture", ["middleware", "instrument"])
+@pytest.mark.parametrize("failure", sorted(TOOL_FAILURES))
+def test_tool_failures_are_error_steps_and_change_nothing(
+    sqlite_url: str, capture: str, failure: str
+) -> None:
+    text, tool_name, message = TOOL_FAILURES[failure]
+    plain = create_agent(ToolScriptModel(), make_tools(), name="calc")
+    expected = _outcome(plain, text)
+
+    if capture == "middleware":
+        agent = create_agent(
+            ToolScriptModel(), make_tools(), name="calc", middleware=[honed.Middleware(store=sqlite_url)]
+        )
+    else:
+        honed.instrument(store=sqlite_url)
+        agent = plain
+    try:
+        assert _outcome(agent, text, run_config("f")) == expected
+    finally:
+        honed.uninstrument()
+    honed.flush()
+
+    t = only(honed.open_store(sqlite_url), task_id="f")
+    failed = [s for s in t.tool_steps() if s.error]
+    assert [s.name for s in failed] == [tool_name]
+    assert message in failed[0].error
+    if expected[0] == "raised":
+        assert t.status == "error" and "exploded: boom" in t.error
+    else:
+        assert t.status == "ok" and t.answer == expected[1][-1][1]
+
+
+@pytest.mark.parametrize("capture", ["middleware", "instrument"])
+def test_a_model_that_raises_is_recorded_and_reraised(sqlite_url: str, capture: str) -> None:
+    model = ToolScriptModel(fail_on="BOOM")
+    middleware = [honed.Middleware(store=sqlite_url)] if capture == "middleware" else []
+    agent = create_agent(model, make_tools(), name="calc", middleware=middleware)
+    if capture == "instrument":
+        honed.instrument(store=sqlite_url)
+    try:
+        with pytest.raises(RuntimeError, match="model failure"):
+            agent.invoke({"messages": [("user", "BOOM")]}, config=run_config("m"))
+    finally:
+        honed.uninstrument()
+    honed.flush()
+    t = only(honed.open_store(sqlite_url), task_id="m")
+    assert t.status == "error" and "RuntimeError: model failure" in t.error
+    (step,) = t.model_steps()
+    assert "model failure" in step.error
+
+
+def test_a_stream_the_caller_abandons_is_recorded_as_interrupted(instrumented: str) -> None:
+    agent = create_agent(ToolScriptModel(), make_tools(), name="calc")
+    stream = agent.stream(
+        {"messages": [("user", add_task(1, 2))]}, config=run_config("cut"), stream_mode="updates"
+    )
+    next(stream)
+    stream.close()
+    honed.flush()
+    t = only(honed.open_store(instrumented), task_id="cut")
+    assert t.status == "error" and "interrupted" in t.error
+    assert t.steps and t.steps[0].kind == "node"
+
+
+def test_output_of_the_agent_is_identical_with_and_without_capture(sqlite_url: str) -> None:
+    text = add_task(20, 22)
+    plain = create_agent(ToolScriptModel(reasoning="r"), make_tools(), name="calc")
+    captured = create_agent(
+        ToolScriptModel(reasoning="r"),
+        make_tools(),
+        name="calc",
+        middleware=[honed.Middleware(store=sqlite_url)],
+    )
+    strip = lambda r: [(m.type, m.content, getattr(m, "tool_calls", None)) for m in r["messages"]]  # noqa: E731
+    assert strip(plain.invoke({"messages": [("user", text)]})) == strip(
+        captured.invoke({"messages": [("user", text)]})
+    )
+
+
+# -- payloads: anything serialises, big fields are capped, secrets never reach the store --------------
+
+
+def test_unserialisable_huge_and_secret_tool_results(sqlite_url: str) -> None:
+    from langchain_core.tools import tool
+
+    class Opaque:
+        def __repr__(self) -> str:
+            raise RuntimeError("no repr for you")
+
+    @tool(response_format="content_and_artifact")
+    def leak(n: int) -> tuple[str, dict]:
+        """Return awkward things: the artifact reaches callbacks as the raw objects."""
+        cyclic: dict[str, Any] = {"n": n}
+        cyclic["self"] = cyclic
+        artifact = {"opaque": Opaque(), "cyclic": cyclic, "blob": b"\x00\x01" * 10}
+        return "my key is sk-proj-abcdefghijklmnopqrstuvwxyz0123456789ABCD, ok", artifact
+
+    @tool
+    def huge(n: int) -> str:
+        """A 300 KB result."""
+        return "x" * 300_000
+
+    capture = honed.Middleware(store=sqlite_url, max_field_bytes=4096)
+    agent = create_agent(ToolScriptModel(), [leak, huge], name="leaky", middleware=[capture])
+    agent.invoke({"messages": [("user", 'call leak {"n": 1}; call huge {"n": 2}; answer done')]})
+    honed.flush()
+    t = only(honed.open_store(sqlite_url))
+    leak_step, huge_step = t.tool_steps()
+    everything = json.dumps(t.to_dict(), default=str)
+    assert "sk-proj-abcdefghijklmnop" not in everything and "[REDACTED" in leak_step.output
+    artifact = leak_step.extra["artifact"]
+    assert artifact["cyclic"]["self"] == {"__cycle__": "dict"}
+    assert "Opaque" in json.dumps(artifact["opaque"]) and artifact["blob"]["size"] == 20
+    assert huge_step.output["__truncated__"] is True and huge_step.output["size"] >= 300_000
+    assert len(huge_step.output["sha256"]) == 64 and len(json.dumps(huge_step.output).encode()) <= 4096
+
+
+def test_store_filters(sqlite_url: str) -> None:
+    handler = honed.CallbackHandler(store=sqlite_url)
+    agent = create_agent(ToolScriptModel(), make_tools(), name="calc")
+    for i, split in enumerate(["train", "train", "heldout"]):
+        agent.invoke(
+            {"messages": [("user", add_task(i, 1))]},
+            config={"callbacks": [handler], **run_config(f"k{i}", split)},
+        )
+    honed.flush()
+    store = honed.open_store(sqlite_url)
+    newest_first = store.trajectories()
+    assert [t.task_id for t in newest_first] == ["k2", "k1", "k0"]
+    assert [t.task_id for t in store.trajectories(split="train")] == ["k1", "k0"]
+    assert store.count(split="heldout") == 1
+    assert store.count(verdict="unlabeled") == 3
+    store.add_verdict(newest_first[0].id, honed.Verdict(passed=True, verifier="ref"))
+    store.add_verdict(newest_first[1].id, honed.Verdict(passed=False, verifier="ref"))
+    assert [t.task_id for t in store.trajectories(verdict="pass")] == ["k2"]
+    assert [t.task_id for t in store.trajectories(verdict="fail")] == ["k1"]
+    assert store.trajectories(since=newest_first[0].started_at)[0].task_id == "k2"
+    assert store.trajectories(model_version="tool-script", limit=None).__len__() == 3
+    assert store.get(newest_first[0].id[:12]).task_id == "k2"
