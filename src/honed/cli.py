@@ -21,7 +21,11 @@ from honed.trajectory import Step, Trajectory
 app = typer.Typer(
     no_args_is_help=True, add_completion=False, help="honed: agents that learn from verified experience."
 )
-console = Console()
+
+
+def _console() -> Console:
+    # Made per command, so the terminal width (or COLUMNS) is read when the command runs.
+    return Console()
 
 StoreOption = Annotated[
     str | None,
@@ -34,7 +38,7 @@ def _open(url: str | None) -> TrajectoryStore:
     try:
         return open_store(url)
     except StoreUnavailable as exc:
-        console.print(f"[red]{escape(str(exc))}[/red]")
+        _console().print(f"[red]{escape(str(exc))}[/red]")
         raise typer.Exit(2) from exc
 
 
@@ -66,30 +70,32 @@ def runs(
             data["n_steps"] = len(t.steps)
             typer.echo(json.dumps(data, ensure_ascii=False, default=str))
         return
-    table = Table(title=f"{len(found)} trajectories", show_lines=False)
-    for column in ("id", "started", "agent", "task", "split", "status", "steps", "time", "verdict", "answer"):
-        table.add_column(
-            column, overflow="fold" if column == "answer" else "ellipsis", no_wrap=column != "answer"
-        )
+    table = Table(title=f"{len(found)} trajectories", show_lines=False, pad_edge=False)
+    table.add_column("id", no_wrap=True, min_width=12)
+    table.add_column("started", no_wrap=True)
+    table.add_column("agent / task", overflow="fold")
+    table.add_column("status", no_wrap=True)
+    table.add_column("steps", justify="right", no_wrap=True)
+    table.add_column("time", justify="right", no_wrap=True)
+    table.add_column("answer / error", overflow="fold", ratio=1)
     for t in found:
+        status = "[green]ok[/green]" if t.status == "ok" else "[red]error[/red]"
+        task = f"{escape(t.agent)}\n[dim]{escape(t.task_id or '')} {t.split or ''}[/dim]"
         table.add_row(
-            t.id[:13],
-            _when(t.started_at),
-            escape(t.agent),
-            escape(t.task_id or ""),
-            t.split or "",
-            "[green]ok[/green]" if t.status == "ok" else "[red]error[/red]",
+            t.id[-12:],
+            _when(t.started_at, "%m-%d %H:%M:%S"),
+            task,
+            f"{status} {_verdict_summary(t)}",
             str(len(t.steps)),
             _secs(t.duration_s),
-            _verdict_summary(t),
-            escape(_preview(t.answer if t.status == "ok" else t.error or "", 60)),
+            escape(_preview(t.answer if t.status == "ok" else t.error or "", 80)),
         )
-    console.print(table)
+    _console().print(table)
 
 
 @app.command()
 def show(
-    trajectory_id: Annotated[str, typer.Argument(help="A trajectory id, or a unique prefix of one.")],
+    trajectory_id: Annotated[str, typer.Argument(help="A trajectory id, or a unique prefix or suffix of one.")],
     store: StoreOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -98,12 +104,12 @@ def show(
         try:
             t = s.get(trajectory_id)
         except TrajectoryNotFound as exc:
-            console.print(f"[red]no trajectory {escape(str(exc))}[/red]")
+            _console().print(f"[red]no trajectory {escape(str(exc))}[/red]")
             raise typer.Exit(1) from exc
     if as_json:
         typer.echo(json.dumps(t.to_dict(), ensure_ascii=False, indent=2, default=str))
         return
-    console.print(_timeline(t))
+    _console().print(_timeline(t))
 
 
 @app.command()
@@ -117,12 +123,12 @@ def demo(
     from honed.store import resolve_store_url
 
     url = resolve_store_url(store)
-    with console.status(f"running {n} agent invocations, captured into {url}"):
+    with _console().status(f"running {n} agent invocations, captured into {url}"):
         ids = run_capture_demo(url, n=n, seed=seed)
     runs(store=url, limit=min(n, 10))
     if ids:
         show(ids[0], store=url)
-    console.print(
+    _console().print(
         f"[bold]{len(ids)}[/bold] trajectories in {url}; try [cyan]honed runs[/cyan] and [cyan]honed show ID[/cyan]."
     )
 
@@ -196,7 +202,7 @@ def _content_text(value: Any) -> str:
 
 def _verdict_summary(t: Trajectory) -> str:
     if not t.verdicts:
-        return "[dim]-[/dim]"
+        return ""
     if any(v.passed is False for v in t.verdicts):
         return "[red]fail[/red]"
     if all(v.passed for v in t.verdicts):
@@ -209,8 +215,8 @@ def _preview(text: str | None, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def _when(value: datetime | None) -> str:
-    return value.astimezone().strftime("%Y-%m-%d %H:%M:%S") if value else "-"
+def _when(value: datetime | None, fmt: str = "%Y-%m-%d %H:%M:%S") -> str:
+    return value.astimezone().strftime(fmt) if value else "-"
 
 
 def _secs(value: float | None) -> str:

@@ -195,13 +195,17 @@ class TrajectoryStore:
             return int(session.scalar(query) or 0)
 
     def get(self, trajectory_id: str) -> Trajectory:
-        """One trajectory by id, or by a unique prefix of it (as the CLI prints short ids)."""
+        """One trajectory by id, or by a unique prefix or suffix of it (the CLI prints the last 12
+        characters: ids are time-ordered UUIDs, so their heads are alike)."""
         with self._sessions() as session:
             row = session.get(TrajectoryRow, trajectory_id)
             if row is None and trajectory_id:
                 matches = session.scalars(
                     select(TrajectoryRow)
-                    .where(TrajectoryRow.id.startswith(trajectory_id, autoescape=True))
+                    .where(
+                        TrajectoryRow.id.startswith(trajectory_id, autoescape=True)
+                        | TrajectoryRow.id.endswith(trajectory_id, autoescape=True)
+                    )
                     .limit(2)
                 ).all()
                 if len(matches) == 1:

@@ -31,8 +31,14 @@ logger = logging.getLogger("honed")
 # addresses are not secrets (agents look them up all the time).
 _EXCLUDED_PLUGINS = frozenset({"Base64HighEntropyString", "HexHighEntropyString", "IPPublicDetector"})
 _KEY_CACHE_SIZE = 4096
-# detect-secrets sees at most this much text around each candidate: a 1 MB minified line stays cheap.
+# detect-secrets scans ~2 µs per character: it sees each candidate's line clipped to ±_DS_WINDOW
+# characters, windows merged up to _DS_MAX_WINDOW, and at most _DS_MAX_CHARS per text (~0.15 s).
 _DS_WINDOW = 512
+_DS_MAX_WINDOW = 4096
+_DS_MAX_CHARS = 65536
+# A secret detect-secrets finds is replaced everywhere in the text only from this length on: shorter
+# values ("none", "admin") would also hit ordinary words far from where they were found.
+_ECHO_MIN = 12
 # The shortest text a rule can act on ("a://b:c@", "pwd=abc1"): shorter strings ("user", "7") skip it all.
 _MIN_SECRET_TEXT = 8
 
@@ -395,8 +401,15 @@ def _assignment(m: re.Match[str]) -> str:
         kind = "private_key" if "priv" in name else "secret" if "secret" in name else "api_key"
     if m.group(4) is not None:
         return _splice(m, 4, _marker(kind))
-    # Unquoted after a colon: "password: hunter2" is a secret, "token: the next word" is LLM prose.
-    if kind == "token" and "=" not in m.group(2):
+    # Unquoted after a colon: "password: hunter2" is a secret, but "token: the next word" and
+    # "secret: always test" are prose, so other kinds need a credential's shape (a digit, or length).
+    value = m.group(5)
+    if (
+        kind != "password"
+        and "=" not in m.group(2)
+        and len(value) < 16
+        and not any(c.isdigit() for c in value)
+    ):
         return m.group(0)
     return _splice(m, 5, _marker(kind))
 
@@ -503,10 +516,10 @@ _KIND_BY_TYPE = {
 class _DetectSecrets:
     """The one gate to detect-secrets, whose settings are process-global.
 
-    `transient_settings` costs ~0.9 ms to enter and leave, more than a scan: it is entered once, on first
-    use, and held; if other code changes the global plugin list meanwhile, a scan runs inside a fresh
-    `transient_settings` instead, so neither side sees the other's plugins. One lock serialises scans,
-    because `scan_line` itself mutates the global settings.
+    `transient_settings` costs ~0.9 ms to enter and leave, more than a scan: while no other code has a
+    configuration active, honed's is entered once and held. If other code's configuration is active, a
+    scan runs inside a fresh `transient_settings` instead, so neither side sees the other's plugins.
+    One lock serialises scans, because `scan_line` itself mutates the global settings.
     """
 
     def __init__(self) -> None:
@@ -518,25 +531,49 @@ class _DetectSecrets:
         self._error_logged = False
 
     def redact(self, text: str, lowered: str) -> str:
-        windows = _candidate_windows(text, lowered)
-        if not windows or self._unavailable:
+        if self._unavailable:
             return text
-        found = self._scan(windows)
-        for kind, secret in found:
+        spans = _candidate_spans(text, lowered)
+        if not spans:
+            return text
+        found = self._scan([text[start:end] for start, end in spans])
+        pieces: list[str] = []
+        everywhere: list[tuple[str, str]] = []
+        last = 0
+        for (start, end), secrets in zip(spans, found, strict=False):
+            if not secrets:
+                continue
+            window = text[start:end]
+            for kind, secret in secrets:
+                window = _replace_outside_markers(window, secret, _marker(kind))
+                if len(secret) >= _ECHO_MIN:
+                    everywhere.append((kind, secret))
+            pieces += [text[last:start], window]
+            last = end
+        if not pieces:
+            return text
+        pieces.append(text[last:])
+        text = "".join(pieces)
+        # A long secret echoed elsewhere goes too; a short one ("none", "admin") only where it was found.
+        for kind, secret in everywhere:
             text = _replace_outside_markers(text, secret, _marker(kind))
         return text
 
-    def _scan(self, windows: list[str]) -> list[tuple[str, str]]:
+    def _scan(self, windows: list[str]) -> list[list[tuple[str, str]]]:
         with self._lock:
             try:
                 if self._config is None:
                     self._setup()
                 from detect_secrets.settings import get_settings, transient_settings
 
-                if set(get_settings().plugins) == self._names:
-                    return _scan_windows(windows)
+                current = set(get_settings().plugins)
+                if not current:  # nobody else's configuration is active: hold ours
+                    self._held.enter_context(transient_settings(self._config))  # type: ignore[arg-type]
+                    current = self._names
+                if current == self._names:
+                    return [_scan_window(window) for window in windows]
                 with transient_settings(self._config):  # type: ignore[arg-type]
-                    return _scan_windows(windows)
+                    return [_scan_window(window) for window in windows]
             except Exception:
                 if not self._error_logged:
                     self._error_logged = True
@@ -548,7 +585,6 @@ class _DetectSecrets:
     def _setup(self) -> None:
         try:
             from detect_secrets.core.plugins.util import get_mapping_from_secret_type_to_class
-            from detect_secrets.settings import transient_settings
         except ImportError:
             self._unavailable = True
             raise
@@ -557,50 +593,63 @@ class _DetectSecrets:
             for cls in get_mapping_from_secret_type_to_class().values()
             if cls.__name__ not in _EXCLUDED_PLUGINS
         )
-        config = {"plugins_used": [{"name": name} for name in names]}
-        self._held.enter_context(transient_settings(config))
         self._names = set(names)
-        self._config = config
+        self._config = {"plugins_used": [{"name": name} for name in names]}
 
 
-def _candidate_windows(text: str, lowered: str) -> list[str]:
-    """The line around each detect-secrets candidate, clipped to ±_DS_WINDOW characters, merged."""
+def _candidate_spans(text: str, lowered: str) -> list[tuple[int, int]]:
+    """Disjoint spans of `text` for detect-secrets: the line around each candidate, clipped.
+
+    detect-secrets costs ~2 µs per character scanned, so each candidate brings at most ±_DS_WINDOW
+    characters of its line, windows merge up to _DS_MAX_WINDOW, and one text gets at most
+    _DS_MAX_CHARS scanned, head first (what a truncated field's preview shows).
+    """
     candidates = [
         *_DS_LITERALS.finditer(text),
         *_anchored_matches(_DS_ASSIGNMENT, _DS_ANCHORS, text, lowered),
     ]
     spans: list[list[int]] = []
+    scanned = 0
     for m in sorted(candidates, key=lambda m: m.start()):
-        line_start = text.rfind("\n", 0, m.start()) + 1
-        line_end = text.find("\n", m.end())
-        if line_end < 0:
-            line_end = len(text)
-        start = max(line_start, m.start() - _DS_WINDOW)
-        end = min(line_end, m.end() + _DS_WINDOW)
-        if spans and start <= spans[-1][1]:
-            spans[-1][1] = max(spans[-1][1], end)
-        else:
-            spans.append([start, end])
-    return [text[start:end] for start, end in spans]
+        low = max(0, m.start() - _DS_WINDOW)
+        newline = text.rfind("\n", low, m.start())
+        start = newline + 1 if newline >= 0 else low
+        high = min(len(text), m.end() + _DS_WINDOW)
+        newline = text.find("\n", m.end(), high)
+        end = newline if newline >= 0 else high
+        if spans and start < spans[-1][1]:
+            previous = spans[-1]
+            if end - previous[0] <= _DS_MAX_WINDOW:
+                grown = max(previous[1], end)
+                scanned += grown - previous[1]
+                previous[1] = grown
+                continue
+            start = previous[1]
+            if start >= end:
+                continue
+        if scanned + (end - start) > _DS_MAX_CHARS:
+            break
+        spans.append([start, end])
+        scanned += end - start
+    return [(start, end) for start, end in spans]
 
 
-def _scan_windows(windows: list[str]) -> list[tuple[str, str]]:
+def _scan_window(window: str) -> list[tuple[str, str]]:
     from detect_secrets.core.scan import scan_line
 
     found: list[tuple[str, str]] = []
-    for window in windows:
-        for secret in scan_line(window):
-            value = secret.secret_value
-            if not value or _MARKER_SPLIT.fullmatch(value):
-                continue
-            # Some plugins report a regex group, not the token (`ghp` for a GitHub token): extend the
-            # value over the token characters that follow it, so the whole secret is replaced.
-            at = window.find(value)
-            if at >= 0:
-                tail = _SECRET_TAIL.match(window, at + len(value))
-                value = window[at : tail.end()] if tail else value
-            kind = _KIND_BY_TYPE.get(secret.type) or _NON_WORD.sub("_", secret.type.lower()).strip("_")
-            found.append((kind, value))
+    for secret in scan_line(window):
+        value = secret.secret_value
+        if not value or _MARKER_SPLIT.fullmatch(value):
+            continue
+        # Some plugins report a regex group, not the token (`ghp` for a GitHub token): extend the
+        # value over the token characters that follow it, so the whole secret is replaced.
+        at = window.find(value)
+        if at >= 0:
+            tail = _SECRET_TAIL.match(window, at + len(value))
+            value = window[at : tail.end()] if tail else value
+        kind = _KIND_BY_TYPE.get(secret.type) or _NON_WORD.sub("_", secret.type.lower()).strip("_")
+        found.append((kind, value))
     return found
 
 

@@ -44,6 +44,8 @@ DEFAULT_MAX_ITEMS = 10_000
 BYTES_PREVIEW = 4096
 
 _MAX_TYPE_NAME = 200
+# Built once: `json.dumps(..., ensure_ascii=False)` would build an encoder per field.
+_dumps = json.JSONEncoder(ensure_ascii=False).encode
 _FUNCTION_TYPES = (
     types.FunctionType,
     types.BuiltinFunctionType,
@@ -102,11 +104,11 @@ class Serializer:
             value = to_jsonable(obj)
             if self.redactor is not None:
                 value = self.redactor.redact(value)
-            text = json.dumps(value, ensure_ascii=False)
+            text = _dumps(value)
         except Exception:  # to_jsonable output always dumps; this guards a misbehaving redactor
             logger.exception("honed: could not serialise a %s field", _type_name(type(obj)))
             value = {"__type__": _type_name(type(obj)), "value": "<unserialisable>"}
-            text = json.dumps(value, ensure_ascii=False)
+            text = _dumps(value)
         cap = self.max_field_bytes
         # Every character is 1 to 4 UTF-8 bytes: most fields are decided without encoding them.
         if len(text) * 4 <= cap:
@@ -118,7 +120,7 @@ class Serializer:
             marker = _truncated_marker(type(obj), value, _utf8(value), cap)
         else:
             marker = _truncated_marker(type(obj), text, data, cap)
-        return marker, json.dumps(marker, ensure_ascii=False)
+        return marker, _dumps(marker)
 
 
 def _truncated_marker(original: type, text: str, data: bytes, cap: int) -> dict[str, Any]:
@@ -129,7 +131,7 @@ def _truncated_marker(original: type, text: str, data: bytes, cap: int) -> dict[
         "sha256": hashlib.sha256(data).hexdigest(),
         "preview": "",
     }
-    budget = cap - len(_utf8(json.dumps(marker, ensure_ascii=False)))
+    budget = cap - len(_utf8(_dumps(marker)))
     marker["preview"] = _head_within(text, budget)
     return marker
 
@@ -139,7 +141,7 @@ def _head_within(text: str, budget: int) -> str:
     n = min(len(text), max(budget, 0))
     while n > 0:
         head = text[:n]
-        size = len(_utf8(json.dumps(head, ensure_ascii=False))) - 2  # minus the quotes
+        size = len(_utf8(_dumps(head))) - 2  # minus the quotes
         if size <= budget:
             return head
         # Escapes and multi-byte characters make bytes outgrow characters: shrink in proportion.

@@ -1,0 +1,749 @@
+"""Capture benchmarks: agent overhead, hot-path cost per event, sustained ingest.
+
+    .venv/bin/python benchmarks/capture.py [--quick] [--no-postgres]
+
+Prints figures and ratios measured in this one run, next to their targets; it asserts nothing
+(machines are noisy) and is not part of the test suite. Every measurement runs in its own
+subprocess (this script re-invoked with `--arm NAME`), because the instrumentors patch process
+globals and `honed.instrument()` cannot be unregistered; a child prints one JSON line back.
+
+Vocabulary: a *step* is one model call or one tool call (what honed stores as a `model` or a
+`tool` Step). The benchmark agent makes 5 tool calls, one per model turn, then answers: 6 model
+calls + 5 tool calls = 11 steps per invocation (10 steps of tool loop plus the final answer).
+`instrument()` also stores the graph's 11 node runs as `node` steps; they are counted apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+TOOL_CALLS = 5
+MODEL_CALLS = TOOL_CALLS + 1
+STEPS_PER_RUN = MODEL_CALLS + TOOL_CALLS
+RESULT_PREFIX = "BENCH-RESULT "
+PG_ADMIN_URL = os.environ.get("HONED_BENCH_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+AGENT_ARMS = ("none", "honed-instrument", "honed-middleware", "openinference")
+TARGET_OVERHEAD = 1.10
+TARGET_EMIT_US = 20.0
+TARGET_SQLITE_STEPS_S = 5_000.0
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much work each benchmark does (`--quick` shrinks everything)."""
+
+    rounds: int  # agent arms run this many times, interleaved, to spread machine noise over arms
+    warmup: int  # agent invocations per round before timing (captured too, not timed)
+    invocations: int  # timed agent invocations per round
+    emit_calls: int  # calls per hot-path timing
+    emit_repeats: int  # hot-path timings; the median is reported
+    ingest_steps: int  # steps fed to the recorder by the ingest benchmark
+
+
+FULL = Sizes(rounds=3, warmup=20, invocations=100, emit_calls=1_000_000, emit_repeats=5, ingest_steps=20_000)
+QUICK = Sizes(rounds=1, warmup=10, invocations=50, emit_calls=200_000, emit_repeats=3, ingest_steps=5_500)
+
+
+# -- shared pieces --------------------------------------------------------------------------------
+
+
+def _quantile(values: list[float], q: float) -> float:
+    """The q-quantile (0..1) by linear interpolation between closest ranks."""
+    ordered = sorted(values)
+    position = q * (len(ordered) - 1)
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def _maxrss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _fresh_env(workdir: Path) -> None:
+    """Keep the child's spool and default store inside its temporary folder."""
+    os.environ["HONED_SPOOL_DIR"] = str(workdir / "spool")
+    os.environ["HONED_STORE"] = f"sqlite:///{workdir / 'default.db'}"
+
+
+def _agent_task(seed: int) -> str:
+    calls = [
+        f"call {'add' if i % 2 == 0 else 'mul'} {json.dumps({'a': seed + i, 'b': i + 2})}"
+        for i in range(TOOL_CALLS)
+    ]
+    return "; ".join([*calls, "answer the result is {result}"])
+
+
+def _build_agent(middleware: list[Any]) -> Any:
+    from langchain.agents import create_agent
+    from langchain_core.tools import tool
+
+    from honed.testing import ScriptedChatModel
+
+    @tool
+    def add(a: int, b: int) -> int:
+        """Add two integers."""
+        return a + b
+
+    @tool
+    def mul(a: int, b: int) -> int:
+        """Multiply two integers."""
+        return a * b
+
+    return create_agent(ScriptedChatModel(), [add, mul], name="calc", middleware=middleware)
+
+
+def _step_counts(url: str) -> dict[str, Any]:
+    from sqlalchemy import text
+
+    import honed
+
+    store = honed.open_store(url)
+    try:
+        with store.engine.connect() as conn:
+            trajectories = conn.execute(text("SELECT COUNT(*) FROM trajectories")).scalar_one()
+            not_ok = conn.execute(text("SELECT COUNT(*) FROM trajectories WHERE status != 'ok'")).scalar_one()
+            by_kind = dict(conn.execute(text("SELECT kind, COUNT(*) FROM steps GROUP BY kind")).all())
+            per_run = conn.execute(
+                text(
+                    "SELECT COUNT(*) FROM (SELECT trajectory_id FROM steps WHERE kind IN ('model', 'tool')"
+                    " GROUP BY trajectory_id HAVING COUNT(*) = :n) AS t"
+                ),
+                {"n": STEPS_PER_RUN},
+            ).scalar_one()
+    finally:
+        store.close()
+    return {
+        "trajectories": int(trajectories),
+        "not_ok": int(not_ok),
+        "steps_by_kind": {str(k): int(v) for k, v in by_kind.items()},
+        "runs_with_exact_steps": int(per_run),
+    }
+
+
+# -- child: one agent arm -------------------------------------------------------------------------
+
+
+def _agent_arm(arm: str, sizes: Sizes) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="honed-bench-") as tmp:
+        workdir = Path(tmp)
+        _fresh_env(workdir)
+        url = f"sqlite:///{workdir / 'capture.db'}"
+        agent, drain = _setup_arm(arm, url)
+        invoke = _invoker(agent)
+        for i in range(sizes.warmup):
+            invoke(i)
+        drain()  # the warm-up's backlog must not weigh on the timed loop
+        times: list[float] = []
+        cpu0 = time.process_time()
+        for i in range(sizes.invocations):
+            t0 = time.perf_counter()
+            invoke(sizes.warmup + i)
+            times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        flushed = drain()
+        flush_s = time.perf_counter() - t0
+        cpu_s = time.process_time() - cpu0
+        result: dict[str, Any] = {
+            "arm": arm,
+            "times": times,
+            "flush_s": flush_s,
+            "cpu_per_invocation_s": cpu_s / sizes.invocations,
+            "expected_runs": sizes.warmup + sizes.invocations,
+            "flushed": flushed,
+        }
+        if arm.startswith("honed"):
+            import honed
+
+            result["stored"] = _step_counts(url)
+            result["events_dropped"] = honed.stats().get("events_dropped", 0)
+        elif arm == "openinference":
+            result["spans"] = _SPANS[0]
+        return result
+
+
+_SPANS: list[int] = [0]
+
+
+def _setup_arm(arm: str, url: str) -> tuple[Any, Callable[[], Any]]:
+    """The agent for `arm` and a function that pushes out everything captured so far."""
+    import honed
+
+    if arm == "none":
+        return _build_agent([]), lambda: True
+    if arm == "honed-instrument":
+        honed.instrument(store=url)
+        return _build_agent([]), honed.flush
+    if arm == "honed-middleware":
+        return _build_agent([honed.Middleware(store=url)]), honed.flush
+    if arm == "openinference":
+        return _build_agent([]), _openinference()
+    raise SystemExit(f"unknown arm {arm!r}")
+
+
+def _openinference() -> Callable[[], bool]:
+    from openinference.instrumentation.langchain import LangChainInstrumentor
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(exporter))
+    LangChainInstrumentor().instrument(tracer_provider=provider)
+
+    def drain() -> bool:
+        done = provider.force_flush()
+        _SPANS[0] = len(exporter.get_finished_spans())
+        return done
+
+    return drain
+
+
+def _invoker(agent: Any) -> Callable[[int], Any]:
+    def invoke(i: int) -> Any:
+        config = {"metadata": {"honed": {"task_id": f"t{i}", "split": "train"}}}
+        return agent.invoke({"messages": [("user", _agent_task(i))]}, config=config)
+
+    return invoke
+
+
+# -- child: hot path ------------------------------------------------------------------------------
+
+
+def _hotpath_arm(sizes: Sizes) -> dict[str, Any]:
+    """Time `Recorder.emit` and `CallbackHandler` methods in tight loops on prebuilt arguments.
+
+    The recorder's writer sleeps for `flush_interval` (an hour here) unless woken, and `emit`
+    never wakes it: nothing drains the queue during a timing (checked: the queue holds every
+    event afterwards). `max_queue` is above the events of one timing, so nothing is dropped;
+    the queue is cleared between timings.
+    """
+    import honed
+    from honed.tracing.recorder import Recorder
+
+    with tempfile.TemporaryDirectory(prefix="honed-bench-") as tmp:
+        workdir = Path(tmp)
+        _fresh_env(workdir)
+        recorder = Recorder(
+            f"sqlite:///{workdir / 'hot.db'}", max_queue=sizes.emit_calls * 2, flush_interval=3600.0
+        )
+        handler = honed.CallbackHandler(recorder=recorder)
+        events = _sample_events()
+        batch = (events * (sizes.emit_calls // len(events) + 1))[: sizes.emit_calls]
+        recorder.emit(events[0])  # starts the (sleeping) writer thread outside the timings
+        recorder._queue.clear()
+        figures: dict[str, float] = {}
+        queued_ok = True
+
+        def timed(name: str, loop: Callable[[], None]) -> None:
+            nonlocal queued_ok
+            samples = []
+            for _ in range(sizes.emit_repeats):
+                t0 = time.perf_counter()
+                loop()
+                samples.append((time.perf_counter() - t0) / sizes.emit_calls * 1e6)
+                queued_ok = queued_ok and len(recorder._queue) == sizes.emit_calls
+                recorder._queue.clear()
+            figures[name] = statistics.median(samples)
+
+        def emit_loop() -> None:
+            emit = recorder.emit
+            for event in batch:
+                emit(event)
+
+        timed("Recorder.emit", emit_loop)
+        for name, call in _handler_calls(handler).items():
+            timed(name, _repeat(call, sizes.emit_calls))
+        recorder.close()
+        return {"us_per_call": figures, "no_concurrent_drain": queued_ok, "calls": sizes.emit_calls}
+
+
+def _repeat(call: Callable[[], None], n: int) -> Callable[[], None]:
+    def loop() -> None:
+        for _ in range(n):
+            call()
+
+    return loop
+
+
+def _sample_events() -> list[tuple[Any, ...]]:
+    """Event tuples as the callback handler builds them for one agent turn."""
+    from honed.tracing.assembler import CHAIN, END, MODEL, START, TOOL
+
+    root, model, tool = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    payloads = _payloads(0)
+    now = time.time()
+    return [
+        (
+            START,
+            root,
+            None,
+            now,
+            (CHAIN, "calc", {"messages": payloads.history[:2]}, {"honed": {}}, [], None),
+        ),
+        (START, model, root, now, (MODEL, "ChatOpenAI", payloads.history[:2], {}, [], payloads.extra)),
+        (END, model, None, now, payloads.llm_results[0]),
+        (START, tool, root, now, (TOOL, "search", payloads.tool_args[0], {}, [], {"tool_call_id": "c0"})),
+        (END, tool, None, now, payloads.tool_messages[0]),
+        (END, root, None, now, {"messages": payloads.history}),
+    ]
+
+
+def _handler_calls(handler: Any) -> dict[str, Callable[[], None]]:
+    payloads = _payloads(0)
+    root, child = uuid.uuid4(), uuid.uuid4()
+    inputs = {"messages": payloads.history[:2]}
+    meta = {"langgraph_node": "model", "langgraph_step": 1, "honed": {"task_id": "t1"}}
+    params = {"invocation_params": payloads.extra["settings"], "name": "ChatOpenAI"}
+    return {
+        "on_chain_start (root)": lambda: handler.on_chain_start(
+            None, inputs, run_id=root, parent_run_id=None, tags=[], metadata=meta, name="calc"
+        ),
+        "on_chain_start (node)": lambda: handler.on_chain_start(
+            None, inputs, run_id=child, parent_run_id=root, tags=["graph:step:1"], metadata=meta, name="model"
+        ),
+        "on_chain_end": lambda: handler.on_chain_end(inputs, run_id=child, parent_run_id=root),
+        "on_chat_model_start": lambda: handler.on_chat_model_start(
+            None, [payloads.history[:2]], run_id=child, parent_run_id=root, tags=[], metadata=meta, **params
+        ),
+        "on_llm_end": lambda: handler.on_llm_end(payloads.llm_results[0], run_id=child, parent_run_id=root),
+        "on_tool_start": lambda: handler.on_tool_start(
+            {"name": "search"},
+            json.dumps(payloads.tool_args[0]),
+            run_id=child,
+            parent_run_id=root,
+            tags=[],
+            metadata=meta,
+            inputs=payloads.tool_args[0],
+            tool_call_id="call_0",
+        ),
+    }
+
+
+# -- synthetic trajectories -----------------------------------------------------------------------
+
+SYSTEM_PROMPT = (
+    "You are a research assistant for an online bookshop. Answer the customer's question using the "
+    "search and lookup tools; cite the catalogue ids you used, never invent prices, and say so when "
+    "the catalogue has no answer. Keep answers under 120 words and in the customer's language."
+)
+TOOL_SCHEMAS = [
+    {
+        "type": "function",
+        "function": {
+            "name": name,
+            "description": f"{name} the catalogue by a free-text query; returns up to five matches.",
+            "parameters": {
+                "type": "object",
+                "properties": {"query": {"type": "string"}, "limit": {"type": "integer"}},
+                "required": ["query"],
+            },
+        },
+    }
+    for name in ("search", "lookup")
+]
+
+
+@dataclass
+class _Payloads:
+    """One trajectory's objects, as a LangChain chat model and tools would hand them over."""
+
+    history: list[Any]  # system, user, then (AIMessage, ToolMessage) pairs, then the answer
+    llm_results: list[Any]  # one LLMResult per model call
+    tool_args: list[dict[str, Any]]
+    tool_messages: list[Any]
+    extra: dict[str, Any]
+
+
+def _payloads(seed: int) -> _Payloads:
+    from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
+    from langchain_core.outputs import ChatGeneration, LLMResult
+
+    history: list[Any] = [
+        SystemMessage(SYSTEM_PROMPT),
+        HumanMessage(
+            f"Order #{seed}: I am looking for a second-hand copy of a 1970s science-fiction novel about a "
+            "desert planet, ideally a hardback first edition under 200 euros, shipped to Lyon before Friday."
+        ),
+    ]
+    llm_results, tool_args, tool_messages = [], [], []
+    for turn in range(MODEL_CALLS):
+        usage = {"input_tokens": 180 + 60 * turn, "output_tokens": 40, "total_tokens": 220 + 60 * turn}
+        if turn < TOOL_CALLS:
+            args = {
+                "query": f"desert planet novel hardback first edition, attempt {turn} for #{seed}",
+                "limit": 5,
+            }
+            call_id = f"call_{seed}_{turn}"
+            ai = AIMessage(
+                content=f"Searching the catalogue (attempt {turn + 1}) for matching editions.",
+                tool_calls=[{"name": "search" if turn % 2 == 0 else "lookup", "args": args, "id": call_id}],
+                usage_metadata=usage,
+                response_metadata={"model_name": "gpt-4o-mini-2024-07-18", "finish_reason": "tool_calls"},
+            )
+            result = ToolMessage(
+                content=json.dumps(
+                    [
+                        {
+                            "id": f"BK-{seed}-{turn}-{k}",
+                            "title": "Dune",
+                            "year": 1965 + k,
+                            "price_eur": 150 + k,
+                        }
+                        for k in range(3)
+                    ]
+                ),
+                tool_call_id=call_id,
+                name=ai.tool_calls[0]["name"],
+            )
+            history += [ai, result]
+            tool_args.append(args)
+            tool_messages.append(result)
+        else:
+            ai = AIMessage(
+                content="I found three hardback copies of Dune (BK-1, BK-2, BK-3) under 200 euros; "
+                "BK-2 is a 1966 first edition at 151 euros and ships to Lyon in two days.",
+                usage_metadata=usage,
+                response_metadata={"model_name": "gpt-4o-mini-2024-07-18", "finish_reason": "stop"},
+            )
+            history.append(ai)
+        llm_results.append(LLMResult(generations=[[ChatGeneration(message=ai)]]))
+    settings = {"model": "gpt-4o-mini", "temperature": 0.0, "tools": TOOL_SCHEMAS, "stream": False}
+    extra = {"tools": TOOL_SCHEMAS, "settings": settings, "model": "gpt-4o-mini"}
+    return _Payloads(history, llm_results, tool_args, tool_messages, extra)
+
+
+def _feed_trajectory(handler: Any, payloads: _Payloads, seed: int) -> None:
+    """Drive a real CallbackHandler through one agent run: root chain, model and tool calls."""
+    root = uuid.uuid4()
+    params = {"invocation_params": payloads.extra["settings"], "name": "ChatOpenAI"}
+    handler.on_chain_start(
+        None,
+        {"messages": payloads.history[1:2]},
+        run_id=root,
+        metadata={"honed": {"task_id": f"task-{seed}", "split": "train"}},
+        tags=[],
+        name="bookshop",
+    )
+    seen = 2  # messages the next model call sees
+    for turn in range(MODEL_CALLS):
+        model_run = uuid.uuid4()
+        handler.on_chat_model_start(
+            None, [payloads.history[:seen]], run_id=model_run, parent_run_id=root, metadata={}, **params
+        )
+        handler.on_llm_end(payloads.llm_results[turn], run_id=model_run, parent_run_id=root)
+        if turn == TOOL_CALLS:
+            break
+        tool_run = uuid.uuid4()
+        args = payloads.tool_args[turn]
+        handler.on_tool_start(
+            {"name": payloads.tool_messages[turn].name},
+            json.dumps(args),
+            run_id=tool_run,
+            parent_run_id=root,
+            inputs=args,
+            tool_call_id=payloads.tool_messages[turn].tool_call_id,
+        )
+        handler.on_tool_end(payloads.tool_messages[turn], run_id=tool_run, parent_run_id=root)
+        seen += 2
+    handler.on_chain_end({"messages": payloads.history}, run_id=root)
+
+
+# -- child: sustained ingest ----------------------------------------------------------------------
+
+
+def _ingest_arm(backend: str, sizes: Sizes) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="honed-bench-") as tmp:
+        workdir = Path(tmp)
+        _fresh_env(workdir)
+        if backend == "sqlite":
+            return _ingest(f"sqlite:///{workdir / 'ingest.db'}", sizes)
+        return _with_pg_schema(lambda url: _ingest(url, sizes))
+
+
+def _with_pg_schema(run: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
+    from sqlalchemy import create_engine, text
+
+    schema = f"honed_bench_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(PG_ADMIN_URL, connect_args={"connect_timeout": 5})
+    try:
+        with admin.begin() as conn:
+            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    except Exception as exc:
+        admin.dispose()
+        return {"skipped": f"PostgreSQL unreachable at {PG_ADMIN_URL}: {type(exc).__name__}"}
+    try:
+        return run(f"{PG_ADMIN_URL}?options=-csearch_path%3D{schema}")
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+def _ingest(url: str, sizes: Sizes) -> dict[str, Any]:
+    """One producer thread emits `ingest_steps` steps as fast as it can, then flushes; the figure
+    is what the store holds afterwards over the time from first emit to flush complete."""
+    import honed
+    from honed.tracing.recorder import Recorder
+
+    store = honed.open_store(url)  # migrations run here, outside the timing
+    recorder = Recorder(store)
+    handler = honed.CallbackHandler(recorder=recorder)
+    n_trajectories = -(-sizes.ingest_steps // STEPS_PER_RUN)
+    rss0 = _maxrss_mib()
+    t0 = time.perf_counter()
+    for seed in range(n_trajectories):
+        _feed_trajectory(handler, _payloads(seed), seed)
+    produced_s = time.perf_counter() - t0
+    flushed = recorder.flush(timeout=600)
+    elapsed = time.perf_counter() - t0
+    rss_delta = _maxrss_mib() - rss0
+    stats = recorder.stats()
+    recorder.close()
+    store.close()
+    counts = _step_counts(url)
+    stored_steps = sum(counts["steps_by_kind"].values())
+    return {
+        "backend": store.dialect,
+        "trajectories_fed": n_trajectories,
+        "steps_fed": n_trajectories * STEPS_PER_RUN,
+        "stored": counts,
+        "stored_steps": stored_steps,
+        "produce_s": produced_s,
+        "elapsed_s": elapsed,
+        "steps_per_s": stored_steps / elapsed,
+        "flushed": flushed,
+        "events_dropped": stats["events_dropped"],
+        "peak_rss_delta_mib": rss_delta,
+        "spooled": stats["trajectories_spooled"],
+    }
+
+
+# -- parent: orchestration ------------------------------------------------------------------------
+
+
+def _run_child(arm: str, quick: bool, timeout: float = 900) -> dict[str, Any]:
+    command = [sys.executable, str(Path(__file__).resolve()), "--arm", arm, *(["--quick"] if quick else [])]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+    for line in reversed(done.stdout.splitlines()):
+        if line.startswith(RESULT_PREFIX):
+            return json.loads(line[len(RESULT_PREFIX) :])
+    tail = (done.stderr or done.stdout)[-2000:]
+    raise RuntimeError(f"arm {arm!r} exited {done.returncode} without a result:\n{tail}")
+
+
+def _progress(message: str) -> None:
+    print(f"  .. {message}", file=sys.stderr, flush=True)
+
+
+def _agent_overhead(quick: bool, sizes: Sizes) -> dict[str, dict[str, Any]]:
+    pooled: dict[str, dict[str, Any]] = {arm: {"times": [], "rounds": []} for arm in AGENT_ARMS}
+    for r in range(sizes.rounds):
+        order = AGENT_ARMS if r % 2 == 0 else tuple(reversed(AGENT_ARMS))
+        for arm in order:
+            _progress(f"agent arm {arm}, round {r + 1}/{sizes.rounds}")
+            result = _run_child(arm, quick)
+            pooled[arm]["times"] += result.pop("times")
+            pooled[arm]["rounds"].append(result)
+    baseline = statistics.median(pooled["none"]["times"])
+    baseline_p90 = _quantile(pooled["none"]["times"], 0.9)
+    summary: dict[str, dict[str, Any]] = {}
+    for arm, data in pooled.items():
+        times, rounds = data["times"], data["rounds"]
+        median, p90 = statistics.median(times), _quantile(times, 0.9)
+        row: dict[str, Any] = {
+            "median_ms": median * 1e3,
+            "p90_ms": p90 * 1e3,
+            "ratio_median": median / baseline,
+            "ratio_p90": p90 / baseline_p90,
+            "cpu_ms_per_invocation": statistics.median(x["cpu_per_invocation_s"] for x in rounds) * 1e3,
+            "flush_ms_max": max(x["flush_s"] for x in rounds) * 1e3,
+            "invocations": len(times),
+        }
+        if arm.startswith("honed"):
+            row |= _verify_honed(arm, rounds)
+        if arm == "openinference":
+            row["spans"] = sum(x["spans"] for x in rounds)
+        summary[arm] = row
+    return summary
+
+
+def _verify_honed(arm: str, rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    expected = sum(x["expected_runs"] for x in rounds)
+    stored = sum(x["stored"]["trajectories"] for x in rounds)
+    exact = sum(x["stored"]["runs_with_exact_steps"] for x in rounds)
+    kinds: dict[str, int] = {}
+    for x in rounds:
+        for kind, n in x["stored"]["steps_by_kind"].items():
+            kinds[kind] = kinds.get(kind, 0) + n
+    ok = (
+        stored == expected
+        and exact == expected
+        and kinds.get("model") == MODEL_CALLS * expected
+        and kinds.get("tool") == TOOL_CALLS * expected
+        and all(x["stored"]["not_ok"] == 0 and x["flushed"] for x in rounds)
+        and sum(x["events_dropped"] for x in rounds) == 0
+    )
+    return {
+        "expected_trajectories": expected,
+        "stored_trajectories": stored,
+        "steps_by_kind": kinds,
+        "verified": ok,
+    }
+
+
+def _verdict(ok: bool) -> str:
+    return "[green]met[/]" if ok else "[bold red]MISSED[/]"
+
+
+def _report(results: dict[str, Any], sizes: Sizes) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    agent = results["agent"]
+    table = Table(
+        title=f"Agent overhead: {STEPS_PER_RUN}-step agent ({MODEL_CALLS} model + {TOOL_CALLS} tool calls)"
+    )
+    for column in ("arm", "median ms", "p90 ms", "x median", "x p90", "cpu ms/inv", "flush ms", "stored"):
+        table.add_column(column, justify="left" if column in ("arm", "stored") else "right")
+    for arm, row in agent.items():
+        stored = ""
+        if "verified" in row:
+            kinds = ", ".join(f"{k} {v}" for k, v in sorted(row["steps_by_kind"].items()))
+            mark = "ok" if row["verified"] else "[bold red]MISMATCH[/]"
+            stored = f"{row['stored_trajectories']}/{row['expected_trajectories']} runs; {kinds}: {mark}"
+        elif "spans" in row:
+            stored = f"{row['spans']} spans in memory"
+        table.add_row(
+            arm,
+            f"{row['median_ms']:.2f}",
+            f"{row['p90_ms']:.2f}",
+            f"{row['ratio_median']:.3f}",
+            f"{row['ratio_p90']:.3f}",
+            f"{row['cpu_ms_per_invocation']:.2f}",
+            f"{row['flush_ms_max']:.1f}" if arm != "none" else "",
+            stored,
+        )
+    console.print(table)
+    oi = agent["openinference"]["median_ms"]
+    for arm in ("honed-instrument", "honed-middleware"):
+        ratio = agent[arm]["ratio_median"]
+        console.print(
+            f"  {arm}: {ratio:.3f}x no capture (target <= {TARGET_OVERHEAD:.2f}x: {_verdict(ratio <= TARGET_OVERHEAD)}); "
+            f"{agent[arm]['median_ms'] / oi:.2f}x OpenInference (target < 1: {_verdict(agent[arm]['median_ms'] < oi)})"
+        )
+
+    hot = results["hotpath"]
+    table = Table(title=f"Hot path, agent thread (median of {sizes.emit_repeats} x {hot['calls']:,} calls)")
+    table.add_column("call")
+    table.add_column("us / call", justify="right")
+    table.add_column(f"target <= {TARGET_EMIT_US:.0f} us")
+    for name, us in hot["us_per_call"].items():
+        table.add_row(name, f"{us:.3f}", _verdict(us <= TARGET_EMIT_US))
+    console.print(table)
+    drained = (
+        "none (queue held every event)" if hot["no_concurrent_drain"] else "[red]DRAINED: figures suspect[/]"
+    )
+    console.print(f"  concurrent drain during the loops: {drained}")
+
+    table = Table(title="Sustained ingest: one producer thread, CallbackHandler -> Recorder -> store")
+    for column in (
+        "store",
+        "steps fed",
+        "steps stored",
+        "elapsed s",
+        "steps/s",
+        "produce s",
+        "peak RSS +MiB",
+        "target",
+    ):
+        table.add_column(column, justify="left" if column in ("store", "target") else "right")
+    for backend, row in results["ingest"].items():
+        if "skipped" in row:
+            table.add_row(backend, "", "", "", "", "", "", row["skipped"])
+            continue
+        target = _verdict(row["steps_per_s"] >= TARGET_SQLITE_STEPS_S) if backend == "sqlite" else ""
+        table.add_row(
+            backend,
+            f"{row['steps_fed']:,}",
+            f"{row['stored_steps']:,}",
+            f"{row['elapsed_s']:.2f}",
+            f"{row['steps_per_s']:,.0f}",
+            f"{row['produce_s']:.2f}",
+            f"{row['peak_rss_delta_mib']:.0f}",
+            target + ("" if row["events_dropped"] == 0 else f" dropped {row['events_dropped']}"),
+        )
+    console.print(table)
+    console.print(
+        "  peak RSS = growth of ru_maxrss (process peak resident set) over the run, not tracemalloc"
+    )
+
+
+def _summary(results: dict[str, Any]) -> dict[str, Any]:
+    agent, hot = results["agent"], results["hotpath"]["us_per_call"]
+    out: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "cores": os.cpu_count()}
+    for arm, row in agent.items():
+        out[f"agent_{arm}_median_ms"] = round(row["median_ms"], 3)
+        out[f"agent_{arm}_p90_ms"] = round(row["p90_ms"], 3)
+        out[f"agent_{arm}_ratio"] = round(row["ratio_median"], 4)
+        if "verified" in row:
+            out[f"agent_{arm}_verified"] = row["verified"]
+            out[f"agent_{arm}_flush_ms"] = round(row["flush_ms_max"], 1)
+    out["emit_us"] = round(hot["Recorder.emit"], 4)
+    out["handler_us_max"] = round(max(v for k, v in hot.items() if k != "Recorder.emit"), 4)
+    for backend, row in results["ingest"].items():
+        if "steps_per_s" in row:
+            out[f"ingest_{backend}_steps_per_s"] = round(row["steps_per_s"])
+            out[f"ingest_{backend}_peak_rss_mib"] = round(row["peak_rss_delta_mib"], 1)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a smaller run (under a minute)")
+    parser.add_argument("--no-postgres", action="store_true", help="skip the PostgreSQL ingest run")
+    parser.add_argument("--arm", help=argparse.SUPPRESS)  # internal: run one measurement, print JSON
+    args = parser.parse_args()
+    sizes = QUICK if args.quick else FULL
+
+    if args.arm:
+        if args.arm == "hotpath":
+            result = _hotpath_arm(sizes)
+        elif args.arm.startswith("ingest-"):
+            result = _ingest_arm(args.arm.removeprefix("ingest-"), sizes)
+        else:
+            result = _agent_arm(args.arm, sizes)
+        print(RESULT_PREFIX + json.dumps(result), flush=True)
+        return
+
+    started = time.perf_counter()
+    results: dict[str, Any] = {"agent": _agent_overhead(args.quick, sizes)}
+    _progress("hot path")
+    results["hotpath"] = _run_child("hotpath", args.quick)
+    results["ingest"] = {}
+    for backend in ("sqlite", *(() if args.no_postgres else ("postgresql",))):
+        _progress(f"ingest {backend}")
+        results["ingest"][backend] = _run_child(f"ingest-{backend}", args.quick)
+    _report(results, sizes)
+    print(f"total {time.perf_counter() - started:.0f} s on {os.cpu_count()} cores")
+    print(json.dumps(_summary(results), separators=(",", ":")))
+
+
+if __name__ == "__main__":
+    main()

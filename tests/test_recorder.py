@@ -1,0 +1,158 @@
+"""The writer side: flush, exit, stats, a bounded queue, and a store that goes down and comes back."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from fakes import ToolScriptModel, make_tools
+from langchain.agents import create_agent
+from sqlalchemy.engine import make_url
+from tcpproxy import TcpProxy
+
+import honed
+from honed.tracing.recorder import Recorder
+
+
+def add_task(a: int, b: int) -> str:
+    return f'call add {{"a": {a}, "b": {b}}}; answer the sum is {{result}}'
+
+
+def invoke(agent, i: int) -> str:  # noqa: ANN001
+    out = agent.invoke({"messages": [("user", add_task(i, 1))]}, config={"metadata": {"honed": {"task_id": f"t{i}"}}})
+    return out["messages"][-1].content
+
+
+def wait_until_replayed(recorder: Recorder, timeout: float = 40.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        recorder.flush()
+        stats = recorder.stats()
+        if stats["spool_pending"] == 0:
+            return stats
+        time.sleep(0.2)
+    raise AssertionError(f"spool never drained: {recorder.stats()}")
+
+
+def test_stats_count_what_was_captured_and_written(sqlite_url: str) -> None:
+    recorder = Recorder(sqlite_url)
+    agent = create_agent(ToolScriptModel(), make_tools(), middleware=[honed.Middleware(recorder=recorder)])
+    for i in range(4):
+        invoke(agent, i)
+    assert recorder.flush()
+    stats = recorder.stats()
+    assert stats["trajectories_captured"] == stats["trajectories_written"] == 4
+    assert stats["steps_written"] == 4 * 3
+    assert stats["events_captured"] == stats["events_processed"] > 0
+    assert stats["events_dropped"] == stats["trajectories_spooled"] == stats["spool_pending"] == 0
+    assert honed.stats()["stores"][sqlite_url]["trajectories_written"] == 4
+
+
+def test_sqlite_store_down_then_back_spools_and_replays_in_order(tmp_path: Path) -> None:
+    blocker = tmp_path / "db"
+    blocker.write_text("a file where the store's folder should be: the store cannot open")
+    recorder = Recorder(f"sqlite:///{blocker / 'honed.db'}", spool_path=tmp_path / "spool.jsonl")
+    agent = create_agent(ToolScriptModel(), make_tools(), middleware=[honed.Middleware(recorder=recorder)])
+
+    answers = [invoke(agent, i) for i in range(5)]  # the agent never notices
+    assert answers == [f"the sum is {i + 1}" for i in range(5)]
+    assert recorder.flush()
+    stats = recorder.stats()
+    assert stats["trajectories_spooled"] == 5 and stats["spool_pending"] == 5 and stats["trajectories_written"] == 0
+    assert stats["store_error"]
+
+    blocker.unlink()  # the store comes back
+    for i in range(5, 8):
+        invoke(agent, i)
+    stats = wait_until_replayed(recorder)
+    assert stats["trajectories_written"] == 8 and stats["trajectories_replayed"] >= 5
+    store = honed.open_store(f"sqlite:///{blocker / 'honed.db'}")
+    oldest_first = store.trajectories(limit=None, oldest_first=True)
+    assert [t.task_id for t in oldest_first] == [f"t{i}" for i in range(8)]
+    assert all(len(t.steps) == 3 for t in oldest_first)
+
+
+def test_postgres_outage_spools_and_replays(pg_url: str, tmp_path: Path) -> None:
+    url = make_url(pg_url)
+    proxy = TcpProxy(url.port or 5432)
+    proxy.up()
+    proxied = url.set(port=proxy.port).render_as_string(hide_password=False)
+    recorder = Recorder(proxied, spool_path=tmp_path / "spool.jsonl")
+    agent = create_agent(ToolScriptModel(), make_tools(), middleware=[honed.Middleware(recorder=recorder)])
+    try:
+        invoke(agent, 0)
+        assert recorder.flush() and recorder.stats()["trajectories_written"] == 1
+
+        proxy.down()
+        for i in range(1, 4):
+            invoke(agent, i)
+        assert recorder.flush(timeout=60)
+        assert recorder.stats()["spool_pending"] == 3, recorder.stats()
+
+        proxy.up()
+        invoke(agent, 4)
+        stats = wait_until_replayed(recorder)
+    finally:
+        proxy.down()
+    assert stats["trajectories_written"] == 5
+    store = honed.open_store(pg_url)
+    assert [t.task_id for t in store.trajectories(limit=None, oldest_first=True)] == [f"t{i}" for i in range(5)]
+
+
+def test_an_unusable_store_url_never_breaks_the_agent(tmp_path: Path) -> None:
+    recorder = Recorder("nosuchdialect://nowhere/db", spool_path=tmp_path / "spool.jsonl")
+    agent = create_agent(ToolScriptModel(), make_tools(), middleware=[honed.Middleware(recorder=recorder)])
+    assert invoke(agent, 1) == "the sum is 2"
+    recorder.flush()
+    assert recorder.stats()["spool_pending"] == 1  # kept, not lost
+
+
+def test_a_full_queue_drops_and_counts_but_the_agent_runs_on(sqlite_url: str) -> None:
+    recorder = Recorder(sqlite_url, max_queue=3, flush_interval=5.0)
+    agent = create_agent(ToolScriptModel(), make_tools(), middleware=[honed.Middleware(recorder=recorder)])
+    assert [invoke(agent, i) for i in range(3)] == [f"the sum is {i + 1}" for i in range(3)]
+    assert recorder.stats()["events_dropped"] > 0
+
+
+def test_trajectories_are_written_at_interpreter_exit(tmp_path: Path) -> None:
+    db = tmp_path / "exit.db"
+    script = textwrap.dedent(
+        f"""
+        import honed
+        from langchain.agents import create_agent
+        from honed.testing import ScriptedChatModel
+        honed.instrument(store="sqlite:///{db}")
+        agent = create_agent(ScriptedChatModel(), [], name="exiting")
+        for i in range(3):
+            agent.invoke({{"messages": [("user", "answer bye")]}})
+        # no honed.flush(): the atexit hook must write them
+        """
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path, timeout=120)
+    store = honed.open_store(f"sqlite:///{db}")
+    assert [t.answer for t in store.trajectories()] == ["bye"] * 3
+
+
+@pytest.mark.parametrize("n_threads", [4])
+def test_flush_from_many_threads_returns_when_everything_before_it_is_written(sqlite_url: str, n_threads: int) -> None:
+    import threading
+
+    recorder = Recorder(sqlite_url)
+    agent = create_agent(ToolScriptModel(), make_tools(), middleware=[honed.Middleware(recorder=recorder)])
+    seen: list[int] = []
+
+    def worker(w: int) -> None:
+        invoke(agent, w)
+        assert recorder.flush()
+        seen.append(honed.open_store(sqlite_url).count(task_id=f"t{w}"))
+
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(n_threads)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert seen == [1] * n_threads
