@@ -453,4 +453,4 @@ def test_store_filters(sqlite_url: str) -> None:
     assert [t.task_id for t in store.trajectories(verdict="fail")] == ["k1"]
     assert store.trajectories(since=newest_first[0].started_at)[0].task_id == "k2"
     assert store.trajectories(model_version="tool-script", limit=None).__len__() == 3
-    assert store.get(newest_first[0].id[:12]).task_id == "k2"
+    assert store.get(newest_first[0].id[-12:]).task_id == "k2"

@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from fakes import ToolScriptModel, make_tools
 from langchain.agents import create_agent
 from typer.testing import CliRunner
 
 import honed
+from fakes import ToolScriptModel, make_tools
 from honed.cli import app
 
 runner = CliRunner(env={"COLUMNS": "200"})
@@ -49,7 +49,15 @@ def test_show_is_a_readable_timeline(captured: str) -> None:
     good = honed.open_store(captured).trajectories(task_id="ok-task")[0]
     result = runner.invoke(app, ["show", good.id[-12:], "--store", captured])
     assert result.exit_code == 0, result.output
-    for expected in ["calc", "ok-task", "thinking: Use the add tool.", "add", '{"a": 2, "b": 3}', "= 5", "answer it is 5"]:
+    for expected in [
+        "calc",
+        "ok-task",
+        "thinking: Use the add tool.",
+        "add",
+        '{"a": 2, "b": 3}',
+        "= 5",
+        "answer it is 5",
+    ]:
         assert expected in result.output, expected
 
     bad = honed.open_store(captured).trajectories(task_id="bad-task")[0]

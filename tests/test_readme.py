@@ -21,13 +21,17 @@ def snippets(language: str) -> list[str]:
 @pytest.mark.parametrize("index", range(len(snippets("python"))))
 def test_python_snippet_runs(index: int, tmp_path: Path) -> None:
     code = snippets("python")[index]
-    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
 
 
 def test_quickstart_prints_the_captured_trajectory(tmp_path: Path) -> None:
     code = snippets("python")[0]
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
     assert out.stdout.strip() == "greeter t1 ok hello [('node', 'model'), ('model', 'tool-script')]"
 
 

@@ -9,21 +9,23 @@ import time
 from pathlib import Path
 
 import pytest
-from fakes import ToolScriptModel, make_tools
 from langchain.agents import create_agent
 from sqlalchemy.engine import make_url
-from tcpproxy import TcpProxy
 
 import honed
+from fakes import ToolScriptModel, make_tools
 from honed.tracing.recorder import Recorder
+from tcpproxy import TcpProxy
 
 
 def add_task(a: int, b: int) -> str:
     return f'call add {{"a": {a}, "b": {b}}}; answer the sum is {{result}}'
 
 
-def invoke(agent, i: int) -> str:  # noqa: ANN001
-    out = agent.invoke({"messages": [("user", add_task(i, 1))]}, config={"metadata": {"honed": {"task_id": f"t{i}"}}})
+def invoke(agent, i: int) -> str:
+    out = agent.invoke(
+        {"messages": [("user", add_task(i, 1))]}, config={"metadata": {"honed": {"task_id": f"t{i}"}}}
+    )
     return out["messages"][-1].content
 
 
@@ -62,7 +64,11 @@ def test_sqlite_store_down_then_back_spools_and_replays_in_order(tmp_path: Path)
     assert answers == [f"the sum is {i + 1}" for i in range(5)]
     assert recorder.flush()
     stats = recorder.stats()
-    assert stats["trajectories_spooled"] == 5 and stats["spool_pending"] == 5 and stats["trajectories_written"] == 0
+    assert (
+        stats["trajectories_spooled"] == 5
+        and stats["spool_pending"] == 5
+        and stats["trajectories_written"] == 0
+    )
     assert stats["store_error"]
 
     blocker.unlink()  # the store comes back
@@ -100,7 +106,9 @@ def test_postgres_outage_spools_and_replays(pg_url: str, tmp_path: Path) -> None
         proxy.down()
     assert stats["trajectories_written"] == 5
     store = honed.open_store(pg_url)
-    assert [t.task_id for t in store.trajectories(limit=None, oldest_first=True)] == [f"t{i}" for i in range(5)]
+    assert [t.task_id for t in store.trajectories(limit=None, oldest_first=True)] == [
+        f"t{i}" for i in range(5)
+    ]
 
 
 def test_an_unusable_store_url_never_breaks_the_agent(tmp_path: Path) -> None:
@@ -138,7 +146,9 @@ def test_trajectories_are_written_at_interpreter_exit(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("n_threads", [4])
-def test_flush_from_many_threads_returns_when_everything_before_it_is_written(sqlite_url: str, n_threads: int) -> None:
+def test_flush_from_many_threads_returns_when_everything_before_it_is_written(
+    sqlite_url: str, n_threads: int
+) -> None:
     import threading
 
     recorder = Recorder(sqlite_url)
@@ -156,3 +166,15 @@ def test_flush_from_many_threads_returns_when_everything_before_it_is_written(sq
     for th in threads:
         th.join()
     assert seen == [1] * n_threads
+
+
+def test_a_stream_abandoned_under_middleware_is_written_after_the_open_timeout(sqlite_url: str) -> None:
+    recorder = Recorder(sqlite_url, open_timeout_s=1)
+    agent = create_agent(ToolScriptModel(), make_tools(), middleware=[honed.Middleware(recorder=recorder)])
+    stream = agent.stream({"messages": [("user", add_task(1, 2))]}, stream_mode="updates")
+    next(stream)
+    stream.close()  # the middleware never hears of it: no after_agent, no exception
+    time.sleep(1.5)
+    recorder.flush()
+    (t,) = honed.open_store(sqlite_url).trajectories()
+    assert t.status == "error" and "incomplete" in t.error

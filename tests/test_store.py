@@ -6,16 +6,16 @@ import threading
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from fakes import ToolScriptModel, make_tools
 from langchain.agents import create_agent
 from sqlalchemy import inspect, text
 
 import honed
+from fakes import ToolScriptModel, make_tools
 from honed import Step, Trajectory, Verdict
 from honed.store import TrajectoryNotFound, TrajectoryStore
 
 
-def make(i: int, **fields) -> Trajectory:  # noqa: ANN003
+def make(i: int, **fields) -> Trajectory:
     start = datetime(2026, 1, 1, tzinfo=UTC) + timedelta(minutes=i)
     steps = [
         Step(id=f"s{i}-0", index=0, kind="model", name="m", output={"role": "assistant", "content": "hi"},
@@ -47,7 +47,11 @@ def test_filters_and_verdicts(store_url: str) -> None:
         store.save(make(i, split="heldout" if i == 5 else "train", status="error" if i == 4 else "ok"))
     assert [t.id for t in store.trajectories(limit=3)] == ["t5", "t4", "t3"]
     assert [t.id for t in store.trajectories(limit=2, offset=1, oldest_first=True)] == ["t1", "t2"]
-    assert store.count(task_id="task-0") == 2 and store.count(split="heldout") == 1 and store.count(status="error") == 1
+    assert (
+        store.count(task_id="task-0") == 2
+        and store.count(split="heldout") == 1
+        and store.count(status="error") == 1
+    )
     assert store.count(since=datetime(2026, 1, 1, 0, 3, tzinfo=UTC)) == 3
     assert store.count(until=datetime(2026, 1, 1, 0, 3, tzinfo=UTC)) == 3
     assert store.count(model_version="m@v1") == 6 and store.count(agent="other") == 0
@@ -56,7 +60,9 @@ def test_filters_and_verdicts(store_url: str) -> None:
     store.add_verdict("t1", Verdict(passed=True, verifier="ref"))
     store.add_verdict("t1", Verdict(passed=False, verifier="judge", evidence={"why": "rude"}))
     store.add_verdict("t2", Verdict(passed=None, verifier="ref", reason="no expected answer"))
-    store.add_verdict("t0", Verdict(passed=True, score=0.9, verifier="ref", reason="again"))  # replaces, same version
+    store.add_verdict(
+        "t0", Verdict(passed=True, score=0.9, verifier="ref", reason="again")
+    )  # replaces, same version
     assert [t.id for t in store.trajectories(verdict="pass")] == ["t0"]
     assert [t.id for t in store.trajectories(verdict="fail")] == ["t1"]
     assert store.count(verdict="labeled") == 3 and store.count(verdict="unlabeled") == 3
@@ -84,9 +90,18 @@ def test_migrations_create_the_indexes_the_loop_queries(store_url: str) -> None:
     inspector = inspect(store.engine)
     assert {"trajectories", "steps", "verdicts", "alembic_version"} <= set(inspector.get_table_names())
     indexed = {tuple(ix["column_names"]) for ix in inspector.get_indexes("trajectories")}
-    for columns in [("started_at",), ("agent", "started_at"), ("task_id",), ("split", "started_at"), ("status",), ("model_version",)]:
+    for columns in [
+        ("started_at",),
+        ("agent", "started_at"),
+        ("task_id",),
+        ("split", "started_at"),
+        ("status",),
+        ("model_version",),
+    ]:
         assert columns in indexed
-    assert ("passed", "trajectory_id") in {tuple(ix["column_names"]) for ix in inspector.get_indexes("verdicts")}
+    assert ("passed", "trajectory_id") in {
+        tuple(ix["column_names"]) for ix in inspector.get_indexes("verdicts")
+    }
     with store.engine.connect() as conn:
         assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0001"
 
@@ -130,7 +145,9 @@ def test_unreachable_postgres_is_a_clear_error() -> None:
 
 
 def test_an_agent_captured_into_postgres(pg_url: str) -> None:
-    agent = create_agent(ToolScriptModel(), make_tools(), name="calc", middleware=[honed.Middleware(store=pg_url)])
+    agent = create_agent(
+        ToolScriptModel(), make_tools(), name="calc", middleware=[honed.Middleware(store=pg_url)]
+    )
     agent.invoke({"messages": [("user", 'call mul {"a": 6, "b": 7}; answer {result}')]},
                  config={"metadata": {"honed": {"task_id": "pg", "split": "heldout"}}})  # fmt: skip
     honed.flush()

@@ -27,6 +27,7 @@ def _console() -> Console:
     # Made per command, so the terminal width (or COLUMNS) is read when the command runs.
     return Console()
 
+
 StoreOption = Annotated[
     str | None,
     typer.Option("--store", envvar="HONED_STORE", help="Store URL (sqlite:///… or postgresql+psycopg://…)."),
@@ -95,7 +96,9 @@ def runs(
 
 @app.command()
 def show(
-    trajectory_id: Annotated[str, typer.Argument(help="A trajectory id, or a unique prefix or suffix of one.")],
+    trajectory_id: Annotated[
+        str, typer.Argument(help="A trajectory id, or a unique prefix or suffix of one.")
+    ],
     store: StoreOption = None,
     as_json: JsonOption = False,
 ) -> None:

@@ -7,6 +7,7 @@ handler already sees the run, the middleware stands aside so nothing is recorded
 
 from __future__ import annotations
 
+import logging
 import time
 from contextvars import ContextVar
 from typing import Annotated, Any, NotRequired
@@ -20,6 +21,8 @@ from langgraph.channels.untracked_value import UntrackedValue
 from honed.store import TrajectoryStore
 from honed.tracing.assembler import CHAIN, END, ERROR, MODEL, PENDING_ERROR, START, TOOL
 from honed.tracing.recorder import Recorder
+
+log = logging.getLogger("honed")
 
 # The tool step a subagent is running inside, so its steps nest in the caller's trajectory.
 _enclosing_tool_step: ContextVar[str | None] = ContextVar("honed_enclosing_tool_step", default=None)
@@ -84,6 +87,13 @@ class Middleware(AgentMiddleware):
         return None
 
     def _open(self, state: HonedState) -> dict[str, Any]:
+        try:
+            return self._open_trajectory(state)
+        except Exception:
+            log.exception("honed: could not start capturing this run; the agent goes on uncaptured")
+            return {"honed_trajectory": ""}
+
+    def _open_trajectory(self, state: HonedState) -> dict[str, Any]:
         config = _current_config()
         if _handler_sees_run(config):
             return {"honed_trajectory": ""}
@@ -120,6 +130,8 @@ class Middleware(AgentMiddleware):
         if not trajectory_id:
             return handler(request)
         step_id = self._model_start(trajectory_id, request)
+        if step_id is None:
+            return handler(request)
         try:
             response = handler(request)
         except BaseException as exc:
@@ -133,6 +145,8 @@ class Middleware(AgentMiddleware):
         if not trajectory_id:
             return await handler(request)
         step_id = self._model_start(trajectory_id, request)
+        if step_id is None:
+            return await handler(request)
         try:
             response = await handler(request)
         except BaseException as exc:
@@ -141,7 +155,14 @@ class Middleware(AgentMiddleware):
         self.recorder.emit((END, step_id, None, time.time(), _ai_message(response)))
         return response
 
-    def _model_start(self, trajectory_id: str, request: ModelRequest) -> str:
+    def _model_start(self, trajectory_id: str, request: ModelRequest) -> str | None:
+        try:
+            return self._emit_model_start(trajectory_id, request)
+        except Exception:
+            log.exception("honed: could not capture a model call; the agent goes on")
+            return None
+
+    def _emit_model_start(self, trajectory_id: str, request: ModelRequest) -> str:
         step_id = str(uuid7())
         messages = list(request.messages)
         if request.system_message is not None:
@@ -165,6 +186,8 @@ class Middleware(AgentMiddleware):
         if not trajectory_id:
             return handler(request)
         step_id = self._tool_start(trajectory_id, request)
+        if step_id is None:
+            return handler(request)
         token = _enclosing_tool_step.set(step_id)
         try:
             result = handler(request)
@@ -181,6 +204,8 @@ class Middleware(AgentMiddleware):
         if not trajectory_id:
             return await handler(request)
         step_id = self._tool_start(trajectory_id, request)
+        if step_id is None:
+            return await handler(request)
         token = _enclosing_tool_step.set(step_id)
         try:
             result = await handler(request)
@@ -192,7 +217,14 @@ class Middleware(AgentMiddleware):
         self.recorder.emit((END, step_id, None, time.time(), result))
         return result
 
-    def _tool_start(self, trajectory_id: str, request: ToolCallRequest) -> str:
+    def _tool_start(self, trajectory_id: str, request: ToolCallRequest) -> str | None:
+        try:
+            return self._emit_tool_start(trajectory_id, request)
+        except Exception:
+            log.exception("honed: could not capture a tool call; the agent goes on")
+            return None
+
+    def _emit_tool_start(self, trajectory_id: str, request: ToolCallRequest) -> str:
         step_id = str(uuid7())
         call = request.tool_call
         extra = {"tool_call_id": call.get("id")}

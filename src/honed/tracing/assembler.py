@@ -56,6 +56,7 @@ class _Open:
     """A trajectory still being assembled."""
 
     __slots__ = (
+        "last_seen",
         "next_index",
         "open_runs",
         "pending_error",
@@ -70,6 +71,7 @@ class _Open:
         self.root_key = root_key
         self.root_id = str(root_key)
         self.pending_error: tuple[Any, float] | None = None
+        self.last_seen = 0.0
         self.record = record
         self.steps: list[dict[str, Any]] = []
         self.next_index = 0
@@ -122,6 +124,18 @@ class Assembler:
         for root in {r.trajectory.root_key for r in self._runs.values()}:
             self._end(root, when, None, error=reason)
 
+    def close_stale(self, older_than: float, when: float) -> None:
+        """End trajectories with no news since `older_than` (a caller that abandoned a stream
+        leaves no trace a middleware can see): bounded memory in a long-lived process."""
+        stale = {r.trajectory for r in self._runs.values() if r.trajectory.last_seen < older_than}
+        for trajectory in stale:
+            self._end(
+                trajectory.root_key,
+                when,
+                None,
+                error="incomplete: no event for this run within the open timeout",
+            )
+
     def close_pending(self, older_than: float | None = None) -> None:
         """End the trajectories whose last news was an escaped error (all, or those older than)."""
         pending = {r.trajectory for r in self._runs.values() if r.trajectory.pending_error is not None}
@@ -144,6 +158,7 @@ class Assembler:
         name = _run_name(run_kind, name, metadata, extra)
         if parent is None:
             trajectory = _Open(run_id, self._trajectory_record(run_id, name, inputs, metadata, tags, when))
+            trajectory.last_seen = when
             run = _Run(trajectory, run_kind, name, None, when)
             self._runs[run_id] = run
             trajectory.open_runs.add(run_id)
@@ -151,6 +166,7 @@ class Assembler:
                 return  # the root chain is the trajectory itself
         else:
             trajectory = parent.trajectory
+            trajectory.last_seen = when
             trajectory.pending_error = None  # the run went on: whatever raised was handled
             parent_step = parent.step_id or parent.parent_step
             run = _Run(trajectory, run_kind, name, parent_step, when)
@@ -204,6 +220,7 @@ class Assembler:
             self.ignored_events += 1
             return
         trajectory = run.trajectory
+        trajectory.last_seen = when
         trajectory.open_runs.discard(run_id)
         if error is None:
             trajectory.pending_error = None

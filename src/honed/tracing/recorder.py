@@ -29,6 +29,7 @@ log = logging.getLogger("honed")
 
 DEFAULT_MAX_QUEUE = 200_000  # events; beyond it new events are dropped and counted
 DEFAULT_FLUSH_INTERVAL_S = 0.2
+DEFAULT_OPEN_TIMEOUT_S = 3600  # a run silent this long is written as incomplete (HONED_OPEN_TIMEOUT_S)
 _RETRY_MIN_S, _RETRY_MAX_S = 0.5, 30.0
 
 _live: weakref.WeakSet[Recorder] = weakref.WeakSet()
@@ -54,6 +55,8 @@ class Recorder:
         max_field_bytes: cap of each stored field (`HONED_MAX_FIELD_BYTES`, default 64 KiB).
         redact: a hook applied to every string after the built-in secret redaction.
         spool_path: where records wait while the store is down (`HONED_SPOOL_DIR`).
+        open_timeout_s: a run with no event for this long is written as incomplete
+            (`HONED_OPEN_TIMEOUT_S`, default one hour): memory stays bounded in a server.
     """
 
     def __init__(
@@ -65,6 +68,7 @@ class Recorder:
         redact: Callable[[str], str] | None = None,
         spool_path: str | Path | None = None,
         flush_interval: float = DEFAULT_FLUSH_INTERVAL_S,
+        open_timeout_s: float | None = None,
     ) -> None:
         self._owns_store = not isinstance(store, TrajectoryStore)
         if isinstance(store, TrajectoryStore):
@@ -74,6 +78,10 @@ class Recorder:
             self._store = None
             self.store_url = resolve_store_url(store)
         self.max_queue = max_queue or _env_int("HONED_MAX_QUEUE", DEFAULT_MAX_QUEUE)
+        self.open_timeout_s = float(
+            open_timeout_s or _env_int("HONED_OPEN_TIMEOUT_S", DEFAULT_OPEN_TIMEOUT_S)
+        )
+        self._next_stale_check = 0.0
         self.spool = Spool(Path(spool_path) if spool_path else default_spool_path(self.store_url))
         self._serializer = Serializer(max_field_bytes=max_field_bytes, redactor=Redactor(redact))
         self._assembler = Assembler(self._serializer.field)
@@ -203,7 +211,11 @@ class Recorder:
             processed += 1
             if processed % 2000 == 0:
                 self._write(self._assembler.take_completed())
-        self._assembler.close_pending(older_than=time.time() - PENDING_LINGER_S)
+        now = time.time()
+        self._assembler.close_pending(older_than=now - PENDING_LINGER_S)
+        if now >= self._next_stale_check:
+            self._assembler.close_stale(older_than=now - self.open_timeout_s, when=now)
+            self._next_stale_check = now + min(60.0, self.open_timeout_s / 2)
         if close_open:
             self._assembler.close_all("incomplete: the process exited before the run ended", time.time())
         self._write(self._assembler.take_completed())

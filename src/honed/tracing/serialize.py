@@ -96,7 +96,7 @@ class Serializer:
         return self._field(obj)[0]
 
     def dumps(self, obj: Any) -> str:
-        """`field(obj)` as JSON text (UTF-8 safe, `ensure_ascii=False`)."""
+        """`field(obj)` as JSON text (`ensure_ascii=False`), the text the size cap measured."""
         return self._field(obj)[1]
 
     def _field(self, obj: Any) -> tuple[Any, str]:
