@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean system-deps
+.PHONY: demo test lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,14 +14,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[all]'
 	touch $(STAMP)
 
-# Debian packages the tests and sandboxed verifiers use, installed only when missing.
-system-deps:
-	@command -v bwrap >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq bubblewrap >/dev/null; } || echo "warning: bubblewrap not installed"
-
 demo: $(STAMP)
 	$(VENV)/bin/honed demo
 
-test: $(STAMP) system-deps
+test: $(STAMP)
 	$(PY) -m pytest -q
 
 lint: $(STAMP)

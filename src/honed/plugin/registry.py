@@ -34,12 +34,18 @@ def recorder_for(store: str | TrajectoryStore | None = None, **options: Any) -> 
         return recorder
 
 
-def instrument(store: str | TrajectoryStore | None = None, **options: Any) -> Any:
+def instrument(store: str | TrajectoryStore | None = None, *, otlp: str | None = None, **options: Any) -> Any:
     """Capture every LangChain/LangGraph run in this process into `store`, with no code change
     to the agents. Calling it again switches the store; `uninstrument()` turns capture off.
 
-    Options are the `Recorder`'s: `max_field_bytes`, `redact`, `max_queue`, `spool_path`.
+    `otlp="http://host:4318"` also exports each finished trajectory as OpenTelemetry GenAI spans
+    (`honed[otlp]`). Other options are the `Recorder`'s: `max_field_bytes`, `redact`, `max_queue`,
+    `spool_path`.
     """
+    if otlp is not None:
+        from honed.exporters.otel import LiveExporter
+
+        options["exporters"] = [*options.get("exporters", ()), LiveExporter(endpoint=otlp)]
     global _instrumented, _hook_var
     from langchain_core.tracers.context import register_configure_hook
 

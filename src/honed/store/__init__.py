@@ -6,6 +6,7 @@ from honed.store.store import (
     TrajectoryNotFound,
     TrajectoryStore,
     open_store,
+    record_to_trajectory,
     resolve_store_url,
     trajectory_to_record,
 )
@@ -16,6 +17,7 @@ __all__ = [
     "TrajectoryNotFound",
     "TrajectoryStore",
     "open_store",
+    "record_to_trajectory",
     "resolve_store_url",
     "trajectory_to_record",
 ]

@@ -24,7 +24,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import selectinload, sessionmaker
 from sqlalchemy.pool import StaticPool
 
+from honed.store.registry import ModelRegistry
 from honed.store.schema import StepRow, TrajectoryRow, VerdictRow
+from honed.store.verification import VerificationStore
 from honed.trajectory import Step, Trajectory, Verdict
 
 log = logging.getLogger("honed")
@@ -53,8 +55,9 @@ def open_store(url: str | None = None) -> TrajectoryStore:
     return TrajectoryStore(resolve_store_url(url))
 
 
-class TrajectoryStore:
-    """Typed access to trajectories, their steps and verdicts.
+class TrajectoryStore(VerificationStore, ModelRegistry):
+    """Typed access to trajectories, their steps and verdicts (and, through the mixins, the
+    verifier work queue and the model registry).
 
     Thread-safe: each call opens its own short session. Writes of captured trajectories are
     idempotent (an id already stored is skipped), which is what lets a spool be replayed safely.
@@ -373,6 +376,27 @@ def trajectory_to_record(trajectory: Trajectory) -> dict[str, Any]:
     record = trajectory.to_dict()
     record.pop("verdicts", None)
     return record
+
+
+def record_to_trajectory(record: dict[str, Any]) -> Trajectory:
+    """A captured record (the writer's format, epoch-second times) as a `Trajectory`."""
+    row = _trajectory_row(record)
+    steps = [_step_row(record["id"], s) for s in record.get("steps") or ()]
+    return Trajectory(
+        id=row["id"],
+        agent=row["agent"],
+        task=row["task"],
+        task_id=row["task_id"],
+        split=row["split"],
+        metadata=row["meta"],
+        steps=[Step(**{k: v for k, v in s.items() if k != "trajectory_id"}) for s in steps],
+        output=row["output"],
+        status=row["status"],
+        error=row["error"],
+        model_version=row["model_version"],
+        started_at=row["started_at"],
+        ended_at=row["ended_at"],
+    )
 
 
 def _trajectory(row: TrajectoryRow, with_steps: bool) -> Trajectory:

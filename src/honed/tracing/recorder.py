@@ -15,15 +15,16 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from honed.store import TrajectoryStore, resolve_store_url
+from honed.store import TrajectoryStore, record_to_trajectory, resolve_store_url
 from honed.tracing.assembler import FLUSH, PENDING_LINGER_S, Assembler
 from honed.tracing.redact import Redactor
 from honed.tracing.serialize import Serializer
 from honed.tracing.spool import Spool, default_spool_path
+from honed.trajectory import Trajectory
 
 log = logging.getLogger("honed")
 
@@ -33,6 +34,15 @@ DEFAULT_OPEN_TIMEOUT_S = 3600  # a run silent this long is written as incomplete
 _RETRY_MIN_S, _RETRY_MAX_S = 0.5, 30.0
 
 _live: weakref.WeakSet[Recorder] = weakref.WeakSet()
+
+
+class TrajectoryExporter(Protocol):
+    """A live sink beside the store (OTLP, a file): called on the writer thread with each batch of
+    finished trajectories, whether the store took them or they were spooled. Must not block long."""
+
+    def export(self, trajectories: Sequence[Trajectory]) -> None: ...
+
+    def shutdown(self) -> None: ...
 
 
 def _env_int(name: str, default: int) -> int:
@@ -57,6 +67,7 @@ class Recorder:
         spool_path: where records wait while the store is down (`HONED_SPOOL_DIR`).
         open_timeout_s: a run with no event for this long is written as incomplete
             (`HONED_OPEN_TIMEOUT_S`, default one hour): memory stays bounded in a server.
+        exporters: live sinks that also receive each finished trajectory (e.g. OTLP spans).
     """
 
     def __init__(
@@ -69,6 +80,7 @@ class Recorder:
         spool_path: str | Path | None = None,
         flush_interval: float = DEFAULT_FLUSH_INTERVAL_S,
         open_timeout_s: float | None = None,
+        exporters: Sequence[TrajectoryExporter] = (),
     ) -> None:
         self._owns_store = not isinstance(store, TrajectoryStore)
         if isinstance(store, TrajectoryStore):
@@ -82,6 +94,7 @@ class Recorder:
             open_timeout_s or _env_int("HONED_OPEN_TIMEOUT_S", DEFAULT_OPEN_TIMEOUT_S)
         )
         self._next_stale_check = 0.0
+        self.exporters = list(exporters)
         self.spool = Spool(Path(spool_path) if spool_path else default_spool_path(self.store_url))
         self._serializer = Serializer(max_field_bytes=max_field_bytes, redactor=Redactor(redact))
         self._assembler = Assembler(self._serializer.field)
@@ -104,6 +117,7 @@ class Recorder:
                 "trajectories_spooled",
                 "trajectories_replayed",
                 "write_errors",
+                "export_errors",
             ),
             0,
         )
@@ -154,6 +168,11 @@ class Recorder:
             self._thread.join(timeout)
         if self._store is not None and self._owns_store:
             self._store.close()
+        for exporter in self.exporters:
+            try:
+                exporter.shutdown()
+            except Exception:
+                log.exception("honed: the exporter %r failed to shut down", exporter)
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
@@ -232,6 +251,7 @@ class Recorder:
             return
         with self._lock:
             self._counts["trajectories_captured"] += len(records)
+        self._export(records)
         if self.spool.has_pending() and not self._replay_if_due():
             self._to_spool(records)  # keep order: nothing overtakes what is already spooled
             return
@@ -240,6 +260,22 @@ class Recorder:
         except Exception as exc:
             self._store_down(exc)
             self._to_spool(records)
+
+    def _export(self, records: list[dict[str, Any]]) -> None:
+        if not self.exporters:
+            return
+        try:
+            trajectories = [record_to_trajectory(r) for r in records]
+        except Exception:
+            log.exception("honed: could not prepare trajectories for the exporters")
+            return
+        for exporter in self.exporters:
+            try:
+                exporter.export(trajectories)
+            except Exception:  # an exporter's outage must not touch the store path
+                with self._lock:
+                    self._counts["export_errors"] += 1
+                log.exception("honed: the exporter %r failed; the store is unaffected", exporter)
 
     def _save(self, records: list[dict[str, Any]]) -> None:
         if self._store is None:

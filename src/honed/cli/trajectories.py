@@ -1,7 +1,4 @@
-"""`honed …`: the loop from a terminal (typer + rich).
-
-Every command takes `--store URL` (default `HONED_STORE`, else `sqlite:///honed.db`).
-"""
+"""`honed runs`, `honed show`, `honed demo`: captured trajectories from a terminal."""
 
 from __future__ import annotations
 
@@ -10,37 +7,13 @@ from datetime import datetime
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from rich.tree import Tree
 
-from honed.store import StoreUnavailable, TrajectoryNotFound, TrajectoryStore, open_store
+from honed.cli.common import JsonOption, StoreOption, app, console, open_store_or_exit
+from honed.store import TrajectoryNotFound
 from honed.trajectory import Step, Trajectory
-
-app = typer.Typer(
-    no_args_is_help=True, add_completion=False, help="honed: agents that learn from verified experience."
-)
-
-
-def _console() -> Console:
-    # Made per command, so the terminal width (or COLUMNS) is read when the command runs.
-    return Console()
-
-
-StoreOption = Annotated[
-    str | None,
-    typer.Option("--store", envvar="HONED_STORE", help="Store URL (sqlite:///… or postgresql+psycopg://…)."),
-]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
-
-
-def _open(url: str | None) -> TrajectoryStore:
-    try:
-        return open_store(url)
-    except StoreUnavailable as exc:
-        _console().print(f"[red]{escape(str(exc))}[/red]")
-        raise typer.Exit(2) from exc
 
 
 @app.command()
@@ -55,7 +28,7 @@ def runs(
     as_json: JsonOption = False,
 ) -> None:
     """List captured trajectories, newest first."""
-    with _open(store) as s:
+    with open_store_or_exit(store) as s:
         found = s.trajectories(
             limit=limit,
             agent=agent,
@@ -91,7 +64,7 @@ def runs(
             _secs(t.duration_s),
             escape(_preview(t.answer if t.status == "ok" else t.error or "", 80)),
         )
-    _console().print(table)
+    console().print(table)
 
 
 @app.command()
@@ -103,16 +76,16 @@ def show(
     as_json: JsonOption = False,
 ) -> None:
     """One trajectory as a timeline: model calls with reasoning and tool calls, tool results, errors."""
-    with _open(store) as s:
+    with open_store_or_exit(store) as s:
         try:
             t = s.get(trajectory_id)
         except TrajectoryNotFound as exc:
-            _console().print(f"[red]no trajectory {escape(str(exc))}[/red]")
+            console().print(f"[red]no trajectory {escape(str(exc))}[/red]")
             raise typer.Exit(1) from exc
     if as_json:
         typer.echo(json.dumps(t.to_dict(), ensure_ascii=False, indent=2, default=str))
         return
-    _console().print(_timeline(t))
+    console().print(_timeline(t))
 
 
 @app.command()
@@ -126,12 +99,12 @@ def demo(
     from honed.store import resolve_store_url
 
     url = resolve_store_url(store)
-    with _console().status(f"running {n} agent invocations, captured into {url}"):
+    with console().status(f"running {n} agent invocations, captured into {url}"):
         ids = run_capture_demo(url, n=n, seed=seed)
     runs(store=url, limit=min(n, 10))
     if ids:
         show(ids[0], store=url)
-    _console().print(
+    console().print(
         f"[bold]{len(ids)}[/bold] trajectories in {url}; try [cyan]honed runs[/cyan] and [cyan]honed show ID[/cyan]."
     )
 
@@ -226,7 +199,3 @@ def _secs(value: float | None) -> str:
     if value is None:
         return "-"
     return f"{value * 1000:.0f}ms" if value < 1 else f"{value:.2f}s"
-
-
-if __name__ == "__main__":
-    app()

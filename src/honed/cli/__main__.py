@@ -1,0 +1,3 @@
+from honed.cli import app
+
+app()
