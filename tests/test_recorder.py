@@ -178,3 +178,28 @@ def test_a_stream_abandoned_under_middleware_is_written_after_the_open_timeout(s
     recorder.flush()
     (t,) = honed.open_store(sqlite_url).trajectories()
     assert t.status == "error" and "incomplete" in t.error
+
+
+def test_capture_imports_no_training_stack() -> None:
+    code = (
+        "import sys, honed; from honed.plugin import middleware, callbacks; "
+        "heavy = [m for m in ('torch', 'transformers', 'trl', 'datasets') if m in sys.modules]; "
+        "assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_instrument_again_switches_the_store(tmp_path: Path) -> None:
+    first, second = f"sqlite:///{tmp_path / 'a.db'}", f"sqlite:///{tmp_path / 'b.db'}"
+    agent = create_agent(ToolScriptModel(), make_tools(), name="calc")
+    try:
+        honed.instrument(store=first)
+        invoke(agent, 1)
+        honed.instrument(store=second)
+        invoke(agent, 2)
+    finally:
+        honed.uninstrument()
+    invoke(agent, 3)  # not captured any more
+    honed.flush()
+    assert [t.task_id for t in honed.open_store(first).trajectories()] == ["t1"]
+    assert [t.task_id for t in honed.open_store(second).trajectories()] == ["t2"]
