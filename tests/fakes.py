@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from honed.demo import add, mul
 from honed.testing import ScriptedChatModel as ToolScriptModel
 
 __all__ = ["ToolScriptModel", "make_tools"]
@@ -12,16 +13,6 @@ __all__ = ["ToolScriptModel", "make_tools"]
 def make_tools() -> list[Any]:
     """add / mul tools, a tool that raises, and one with a handled ToolException."""
     from langchain_core.tools import StructuredTool, ToolException, tool
-
-    @tool
-    def add(a: int, b: int) -> int:
-        """Add two integers."""
-        return a + b
-
-    @tool
-    def mul(a: int, b: int) -> int:
-        """Multiply two integers."""
-        return a * b
 
     @tool
     def explode(reason: str) -> str:
