@@ -203,18 +203,23 @@ def test_depth_and_size_limits() -> None:
 # --- Serializer: the size cap ------------------------------------------------------------------------
 
 
+def stored(value: object) -> str:
+    """The JSON text honed measures, hashes and stores: compact, UTF-8."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
 def test_field_over_the_cap_becomes_a_marker_with_size_and_hash() -> None:
     serializer = Serializer(max_field_bytes=4096)
     value = {"rows": [{"id": i, "text": f"row {i} é"} for i in range(500)]}
-    full = json.dumps(value, ensure_ascii=False).encode()
+    full = stored(value).encode()
     out = serializer.field(value)
     assert is_truncated(out)
     assert out["type"] == "dict"
     assert out["size"] == len(full)
     assert out["sha256"] == hashlib.sha256(full).hexdigest()
     assert full.decode().startswith(out["preview"]) and len(out["preview"]) > 3000
-    assert len(json.dumps(out, ensure_ascii=False).encode()) <= 4096
-    assert serializer.dumps(value) == json.dumps(out, ensure_ascii=False)
+    assert len(stored(out).encode()) <= 4096
+    assert serializer.dumps(value) == stored(out)
 
 
 def test_escapes_and_multibyte_text_still_fit_the_cap() -> None:
@@ -222,7 +227,7 @@ def test_escapes_and_multibyte_text_still_fit_the_cap() -> None:
     for text in ('"\n\x01' * 2000, "日本語" * 2000):
         out = serializer.field([text])
         assert is_truncated(out)
-        assert len(json.dumps(out, ensure_ascii=False).encode()) <= 1024
+        assert len(stored(out).encode()) <= 1024
 
 
 def test_plain_string_over_the_cap_previews_its_head() -> None:
@@ -232,7 +237,7 @@ def test_plain_string_over_the_cap_previews_its_head() -> None:
     assert out["size"] == len(text.encode())
     assert out["sha256"] == hashlib.sha256(text.encode()).hexdigest()
     assert text.startswith(out["preview"]) and len(out["preview"]) > 800
-    assert len(json.dumps(out).encode()) <= 1024
+    assert len(stored(out).encode()) <= 1024
 
 
 def test_small_fields_pass_through() -> None:
@@ -261,7 +266,7 @@ def test_secret_beyond_the_cap_never_reaches_the_preview() -> None:
     out = serializer.field({"log": text})
     assert is_truncated(out)
     assert_gone(key, json.dumps(out))
-    redacted = json.dumps({"log": Redactor().redact_text(text)}, ensure_ascii=False).encode()
+    redacted = stored({"log": Redactor().redact_text(text)}).encode()
     assert out["sha256"] == hashlib.sha256(redacted).hexdigest()
 
 

@@ -17,7 +17,7 @@ from typing import Any
 from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
 from langchain_core.outputs import LLMResult
 
-from honed.tracing.messages import message_to_dict, messages_to_dicts, reasoning_of, text_of
+from honed.tracing.messages import message_to_dict, text_of
 
 log = logging.getLogger("honed")
 
@@ -57,6 +57,7 @@ class _Open:
 
     __slots__ = (
         "last_seen",
+        "memo",
         "next_index",
         "open_runs",
         "pending_error",
@@ -72,6 +73,9 @@ class _Open:
         self.root_id = str(root_key)
         self.pending_error: tuple[Any, float] | None = None
         self.last_seen = 0.0
+        # Every model call resends the whole conversation: each message (and the tool list) is
+        # serialised and redacted once per trajectory, keyed by identity (the ref keeps it alive).
+        self.memo: dict[Any, tuple[Any, Any]] = {}
         self.record = record
         self.steps: list[dict[str, Any]] = []
         self.next_index = 0
@@ -283,26 +287,30 @@ class Assembler:
         return step
 
     def _model_step(self, step: dict[str, Any], run: _Run, outputs: Any) -> None:
-        extra = run.extra
+        extra, trajectory = run.extra, run.trajectory
         if run.kind == MODEL:
-            model_input: dict[str, Any] = {"messages": messages_to_dicts(run.inputs or [])}
+            messages = [
+                self._memoised(trajectory, id(m), m, message_to_dict) if isinstance(m, BaseMessage) else self._field(m)
+                for m in run.inputs or []
+            ]
+            model_input: dict[str, Any] = {"messages": messages}
         else:
-            model_input = {"prompts": run.inputs}
+            model_input = {"prompts": self._field(run.inputs)}
         tools = extra.get("tools")
         if tools:
-            model_input["tools"] = _tool_schemas(tools)
-        step["input"] = self._field(model_input)
+            key = ("tools", *(id(t) for t in tools))
+            model_input["tools"] = self._memoised(trajectory, key, list(tools), _tool_schemas)
+        step["input"] = model_input
         settings = {k: v for k, v in (extra.get("settings") or {}).items() if k not in ("tools", "messages")}
         if settings:
             step["extra"]["settings"] = self._field(settings)
         message = _ai_message(outputs)
         if message is not None:
-            step["output"] = self._field(message_to_dict(message))
-            step["tool_calls"] = self._field(
-                [dict(tc) for tc in (step["output"] or {}).get("tool_calls", [])]
-            )
-            reasoning = reasoning_of(message)
-            step["reasoning"] = self._text(reasoning) if reasoning else None
+            output = self._memoised(trajectory, id(message), message, message_to_dict)
+            step["output"] = output
+            if isinstance(output, dict):
+                step["tool_calls"] = output.get("tool_calls") or []
+                step["reasoning"] = output.get("reasoning") if isinstance(output.get("reasoning"), str) else None
             if message.usage_metadata:
                 step["usage"] = {
                     k: int(v) for k, v in message.usage_metadata.items() if isinstance(v, int | float)
@@ -318,6 +326,16 @@ class Assembler:
             step["output"] = self._field(outputs.generations[0][0].text)
         if step["model_version"] is None:
             step["model_version"] = _opt_str(extra.get("model"))
+
+    def _memoised(self, trajectory: _Open, key: Any, obj: Any, convert: Callable[[Any], Any]) -> Any:
+        hit = trajectory.memo.get(key)
+        if hit is not None and hit[0] is obj:
+            return hit[1]
+        if isinstance(key, tuple) and hit is not None and hit[0] == obj:
+            return hit[1]  # the same tools in a new list
+        value = self._field(convert(obj))
+        trajectory.memo[key] = (obj, value)
+        return value
 
     def _tool_step(self, step: dict[str, Any], run: _Run, outputs: Any) -> None:
         extra = run.extra

@@ -51,6 +51,11 @@ def text_of(message: BaseMessage) -> str:
 
 def reasoning_of(message: BaseMessage) -> str | None:
     """Reasoning/thinking text: `reasoning` content blocks or `additional_kwargs["reasoning_content"]`."""
+    if isinstance(message.content, str) and not message.response_metadata.get("model_provider"):
+        # Fast path (content_blocks costs ~14 us a message): plain text content holds no
+        # reasoning blocks, so only `reasoning_content` can carry it.
+        extra = message.additional_kwargs.get("reasoning_content")
+        return extra if isinstance(extra, str) and extra else None
     parts: list[str] = []
     try:
         blocks = message.content_blocks

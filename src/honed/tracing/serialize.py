@@ -16,7 +16,6 @@ import datetime
 import decimal
 import enum
 import hashlib
-import json
 import logging
 import math
 import os
@@ -28,6 +27,8 @@ from collections.abc import Mapping
 from functools import lru_cache
 from itertools import islice
 from typing import TYPE_CHECKING, Any
+
+from honed._json import dumps as fast_json_dumps
 
 if TYPE_CHECKING:
     from honed.tracing.redact import Redactor
@@ -44,8 +45,7 @@ DEFAULT_MAX_ITEMS = 10_000
 BYTES_PREVIEW = 4096
 
 _MAX_TYPE_NAME = 200
-# Built once: `json.dumps(..., ensure_ascii=False)` would build an encoder per field.
-_dumps = json.JSONEncoder(ensure_ascii=False).encode
+_dumps = fast_json_dumps
 _FUNCTION_TYPES = (
     types.FunctionType,
     types.BuiltinFunctionType,
