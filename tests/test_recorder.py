@@ -203,3 +203,12 @@ def test_instrument_again_switches_the_store(tmp_path: Path) -> None:
     honed.flush()
     assert [t.task_id for t in honed.open_store(first).trajectories()] == ["t1"]
     assert [t.task_id for t in honed.open_store(second).trajectories()] == ["t2"]
+
+
+def test_flush_after_a_recorder_was_closed_does_not_wait(sqlite_url: str) -> None:
+    closed = Recorder(sqlite_url)
+    closed.emit((99, "x", None, 0.0, None))  # starts its writer
+    closed.close()
+    started = time.monotonic()
+    assert closed.flush(timeout=5) and honed.flush(timeout=5)
+    assert time.monotonic() - started < 1

@@ -148,6 +148,8 @@ class Recorder:
 
         Returns False if it could not finish within `timeout`.
         """
+        if self._closed:
+            return not self._queue  # a closed recorder's writer has stopped: nothing to wait for
         if self._thread is None and not self._queue:
             return True
         done = threading.Event()
@@ -338,7 +340,7 @@ def live_recorders() -> list[Recorder]:
 
 def flush_all(timeout: float = 30.0) -> bool:
     """Flush every live recorder in the process."""
-    return all([r.flush(timeout) for r in list(_live)])
+    return all([r.flush(timeout) for r in live_recorders()])
 
 
 @atexit.register

@@ -1,0 +1,271 @@
+"""`honed export otlp|jsonl|hf`: stored trajectories as OpenTelemetry spans or fine-tuning data."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from honed.cli.common import JsonOption, StoreOption, app, console, open_store_or_exit
+from honed.exporters.select import Selection, count_selected, select_trajectories
+from honed.store import TrajectoryStore
+
+export_app = typer.Typer(
+    no_args_is_help=True, help="Export trajectories: OTLP spans, OpenAI-format JSONL, Hugging Face datasets."
+)
+app.add_typer(export_app, name="export")
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+SinceOption = Annotated[
+    str | None,
+    typer.Option(help="Only runs started since: an ISO date/time (UTC) or an age such as 30m, 12h, 7d."),
+]
+UntilOption = Annotated[
+    str | None, typer.Option(help="Only runs started before this (same forms as --since).")
+]
+AgentOption = Annotated[str | None, typer.Option(help="Only this agent.")]
+TaskIdOption = Annotated[list[str] | None, typer.Option("--task-id", help="Only these tasks (repeatable).")]
+SplitOption = Annotated[str | None, typer.Option(help="train | heldout")]
+StatusOption = Annotated[str | None, typer.Option(help="ok | error")]
+ModelVersionOption = Annotated[
+    str | None, typer.Option("--model-version", help="Only runs of this model version.")
+]
+LimitOption = Annotated[int | None, typer.Option("--limit", "-n", help="At most this many trajectories.")]
+HeldoutOption = Annotated[
+    bool, typer.Option("--include-heldout", help="Also export held-out trajectories (left out by default).")
+]
+ReasoningOption = Annotated[
+    bool, typer.Option("--reasoning", help="Add reasoning_content to assistant turns (TRL templates use it).")
+]
+
+
+def _verdict_option(default: str) -> Any:
+    return typer.Option(help=f"pass | fail | labeled | unlabeled | any (default {default})")
+
+
+@export_app.command("otlp")
+def export_otlp(
+    store: StoreOption = None,
+    endpoint: Annotated[
+        str | None,
+        typer.Option(help="OTLP base URL, e.g. http://localhost:4318 (default: OTEL_EXPORTER_OTLP_*)."),
+    ] = None,
+    protocol: Annotated[str | None, typer.Option(help="http/protobuf (default) | grpc")] = None,
+    header: Annotated[
+        list[str] | None, typer.Option("--header", help="key=value, sent with every request.")
+    ] = None,
+    timeout: Annotated[
+        float | None, typer.Option(help="Seconds per request (default: OTEL_EXPORTER_OTLP_TIMEOUT, else 10).")
+    ] = None,
+    capture_content: Annotated[
+        bool | None,
+        typer.Option(
+            "--capture-content/--no-capture-content",
+            help="Messages, tool arguments and results (default: OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT).",
+        ),
+    ] = None,
+    service_name: Annotated[
+        str | None, typer.Option("--service-name", help="service.name (default honed).")
+    ] = None,
+    project: Annotated[str | None, typer.Option(help="Phoenix project (default: the service name).")] = None,
+    since: SinceOption = None,
+    until: UntilOption = None,
+    agent: AgentOption = None,
+    task_id: TaskIdOption = None,
+    split: SplitOption = None,
+    status: StatusOption = None,
+    verdict: Annotated[str, _verdict_option("any")] = "any",
+    model_version: ModelVersionOption = None,
+    limit: LimitOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Send stored trajectories as OpenTelemetry GenAI spans (re-sending never duplicates)."""
+    from honed.exporters.otel import OTLPExportError, parse_headers, replay
+
+    selection = _selection(
+        since, until, agent, task_id, split, status, verdict, model_version, include_heldout=True
+    )
+    headers = parse_headers(",".join(header)) if header else None
+    with open_store_or_exit(store) as s, _progress(s, selection, limit, "sending spans", as_json) as advance:
+        try:
+            result = replay(
+                select_trajectories(s, selection, limit=limit),
+                endpoint,
+                protocol=protocol,
+                headers=headers,
+                timeout_s=timeout,
+                capture_content=capture_content,
+                service_name=service_name,
+                project=project,
+                on_trajectory=advance,
+            )
+        except OTLPExportError as exc:
+            console().print(f"[red]{escape(str(exc))}[/red]")
+            raise typer.Exit(1) from exc
+    where = endpoint or "the OTEL_EXPORTER_OTLP_* endpoint"
+    if as_json:
+        typer.echo(
+            json.dumps({"trajectories": result.trajectories, "spans": result.spans, "endpoint": where})
+        )
+    else:
+        console().print(f"sent {result.spans} spans of {result.trajectories} trajectories to {escape(where)}")
+
+
+@export_app.command("jsonl")
+def export_jsonl(
+    output: Annotated[str, typer.Argument(help="The .jsonl file to write, or - for standard output.")],
+    store: StoreOption = None,
+    verdict: Annotated[str, _verdict_option("pass")] = "pass",
+    split: SplitOption = None,
+    since: SinceOption = None,
+    until: UntilOption = None,
+    model_version: ModelVersionOption = None,
+    task_id: TaskIdOption = None,
+    agent: AgentOption = None,
+    status: StatusOption = None,
+    include_heldout: HeldoutOption = False,
+    reasoning: ReasoningOption = False,
+    limit: LimitOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Write verified trajectories as OpenAI chat fine-tuning JSONL (messages, tool calls, tools)."""
+    import sys
+
+    from honed.exporters.datasets import write_jsonl
+
+    selection = _selection(
+        since, until, agent, task_id, split, status, verdict, model_version, include_heldout
+    )
+    quiet = as_json or output == "-"
+    with open_store_or_exit(store) as s, _progress(s, selection, limit, "writing JSONL", quiet) as advance:
+        target: Any = sys.stdout if output == "-" else Path(output)
+        result = write_jsonl(
+            select_trajectories(s, selection, limit=limit), target, reasoning=reasoning, on_trajectory=advance
+        )
+    _report(result.to_dict(), output, as_json, to_stderr=output == "-")
+
+
+@export_app.command("hf")
+def export_hf(
+    output: Annotated[str, typer.Argument(help="A .parquet file, or a folder for datasets.load_from_disk.")],
+    store: StoreOption = None,
+    verdict: Annotated[str, _verdict_option("pass")] = "pass",
+    split: SplitOption = None,
+    since: SinceOption = None,
+    until: UntilOption = None,
+    model_version: ModelVersionOption = None,
+    task_id: TaskIdOption = None,
+    agent: AgentOption = None,
+    status: StatusOption = None,
+    include_heldout: HeldoutOption = False,
+    reasoning: ReasoningOption = False,
+    limit: LimitOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Write verified trajectories as a Hugging Face dataset (parquet or a saved folder) for TRL."""
+    import datasets
+
+    from honed.exporters.datasets import ExportResult, to_hf_dataset, write_parquet
+
+    datasets.disable_progress_bars()  # ours is on screen
+
+    selection = _selection(
+        since, until, agent, task_id, split, status, verdict, model_version, include_heldout
+    )
+    with (
+        open_store_or_exit(store) as s,
+        _progress(s, selection, limit, "writing dataset", as_json) as advance,
+    ):
+        trajectories = select_trajectories(s, selection, limit=limit)
+        if output.endswith(".parquet"):
+            result = write_parquet(trajectories, output, reasoning=reasoning, on_trajectory=advance)
+        else:
+            result = ExportResult(path=output)
+            to_hf_dataset(
+                trajectories, reasoning=reasoning, result=result, on_trajectory=advance
+            ).save_to_disk(output)
+    _report(result.to_dict(), output, as_json)
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def parse_when(text: str, now: datetime | None = None) -> datetime:
+    """An ISO date/time (UTC when no zone is given) or an age back from now: `90s`, `30m`, `12h`,
+    `7d`, `2w`, or combined (`1d12h`)."""
+    value = text.strip()
+    if value and not _DURATION.sub("", value).strip():
+        delta = timedelta()
+        for amount, unit in _DURATION.findall(value):
+            delta += timedelta(**{_UNITS[unit]: float(amount)})
+        return (now or datetime.now(UTC)) - delta
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise typer.BadParameter(f"{text!r} is neither an ISO date/time nor an age like 7d or 12h") from exc
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+
+
+def _selection(
+    since: str | None,
+    until: str | None,
+    agent: str | None,
+    task_ids: list[str] | None,
+    split: str | None,
+    status: str | None,
+    verdict: str,
+    model_version: str | None,
+    include_heldout: bool,
+) -> Selection:
+    verdicts = ("pass", "fail", "labeled", "unlabeled", "any")
+    if verdict not in verdicts:
+        raise typer.BadParameter(f"--verdict must be one of {', '.join(verdicts)}, not {verdict!r}")
+    return Selection(
+        verdict=None if verdict == "any" else verdict,
+        split=split,
+        since=parse_when(since) if since else None,
+        until=parse_when(until) if until else None,
+        model_version=model_version,
+        task_ids=tuple(dict.fromkeys(task_ids)) if task_ids else None,
+        agent=agent,
+        status=status,
+        include_heldout=include_heldout,
+    )
+
+
+@contextmanager
+def _progress(
+    store: TrajectoryStore, selection: Selection, limit: int | None, what: str, quiet: bool
+) -> Iterator[Callable[[Any], None]]:
+    """A progress bar on standard error (so `-` output stays clean) that each trajectory advances."""
+    if quiet:
+        yield lambda _trajectory: None
+        return
+    total = count_selected(store, selection)
+    total = min(total, limit) if limit is not None else total
+    columns = (TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task(what, total=total)
+        yield lambda _trajectory: progress.advance(task)
+
+
+def _report(result: dict[str, Any], output: str, as_json: bool, to_stderr: bool = False) -> None:
+    if as_json:
+        typer.echo(json.dumps(result), err=to_stderr)
+        return
+    skipped = ", ".join(f"{reason} {n}" for reason, n in sorted(result["skipped"].items()))
+    line = f"wrote {result['written']} examples to {escape(output)}" + (
+        f" (skipped: {skipped})" if skipped else ""
+    )
+    (Console(stderr=True) if to_stderr else console()).print(line)

@@ -1,0 +1,49 @@
+"""Trajectories out of the store: OpenTelemetry GenAI spans (OTLP) and fine-tuning datasets.
+
+    from honed.exporters import select_trajectories, write_jsonl, write_parquet, to_hf_dataset
+    from honed.exporters import LiveExporter, replay      # needs honed[otlp]
+
+Nothing heavy loads on import: the OpenTelemetry SDK only when `LiveExporter`, `replay` or
+`honed.exporters.otel` is first used, Hugging Face `datasets` only when a Dataset or parquet file
+is built.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from honed.exporters.datasets import (
+    ExportResult,
+    NotExportable,
+    chat_example,
+    to_hf_dataset,
+    write_jsonl,
+    write_parquet,
+)
+from honed.exporters.select import Selection, count_selected, select_trajectories
+
+_OTEL = {"LiveExporter", "OTLPExportError", "ReplayResult", "replay"}
+
+__all__ = [
+    "ExportResult",
+    "LiveExporter",
+    "NotExportable",
+    "OTLPExportError",
+    "ReplayResult",
+    "Selection",
+    "chat_example",
+    "count_selected",
+    "replay",
+    "select_trajectories",
+    "to_hf_dataset",
+    "write_jsonl",
+    "write_parquet",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _OTEL:
+        from honed.exporters import otel
+
+        return getattr(otel, name)
+    raise AttributeError(f"module 'honed.exporters' has no attribute {name!r}")

@@ -1,0 +1,306 @@
+"""Trajectories as fine-tuning data: OpenAI chat-format JSONL, Hugging Face `Dataset` and parquet.
+
+One row per trajectory. The last model call's input messages plus its reply are the whole
+conversation the agent had (system, user, assistant tool calls, tool results, final answer), and
+that call's tools are the tools the model saw, so the row is exactly what produced the verified
+outcome. The JSONL is the OpenAI fine-tuning format, which TRL's `SFTTrainer` also trains on
+unchanged (`load_dataset("json", data_files=...)`).
+
+Rows that cannot be faithful are skipped and counted, never guessed: a capture cut by the size
+cap, non-text content, a trajectory with no chat model call.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from honed.trajectory import Step, Trajectory
+
+if TYPE_CHECKING:
+    import datasets
+
+_dumps = json.JSONEncoder(ensure_ascii=False).encode
+PARQUET_ROWS_PER_GROUP = 1000
+ID_COLUMNS = ("trajectory_id", "agent", "task_id", "model_version")
+
+
+class NotExportable(ValueError):
+    """A trajectory that cannot become a faithful chat example; `reason` names why."""
+
+    def __init__(self, reason: str, trajectory_id: str = "") -> None:
+        super().__init__(f"trajectory {trajectory_id}: {reason}")
+        self.reason = reason
+
+
+@dataclass(slots=True)
+class ExportResult:
+    """How many rows were written, and how many trajectories were skipped for which reason."""
+
+    written: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    path: str | None = None
+
+    def skip(self, reason: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"written": self.written, "skipped": dict(self.skipped), "path": self.path}
+
+
+def chat_example(trajectory: Trajectory, *, reasoning: bool = False) -> dict[str, Any]:
+    """`{"messages": [...], "tools": [...]}` in the OpenAI chat fine-tuning format.
+
+    Assistant tool calls are `{"id", "type": "function", "function": {"name", "arguments"}}`
+    with `arguments` a JSON string, tool results `{"role": "tool", "tool_call_id", "content"}`;
+    `tools` is left out when the model had none. `reasoning=True` adds `reasoning_content` to
+    assistant turns (TRL's Qwen3 template trains on it; OpenAI's API does not take it).
+    Raises `NotExportable`.
+    """
+    step = _last_chat_step(trajectory)
+    model_input = step.input
+    if _is_truncated(model_input) or _is_truncated(step.output):
+        raise NotExportable("truncated", trajectory.id)
+    if not isinstance(step.output, dict):
+        raise NotExportable("no_reply", trajectory.id)
+    conversation = [*model_input["messages"], {**step.output, "role": "assistant"}]
+    messages = [_openai_message(m, reasoning, trajectory.id) for m in conversation]
+    example: dict[str, Any] = {"messages": messages}
+    tools = model_input.get("tools")
+    if isinstance(tools, list) and tools:
+        if any(_is_truncated(t) or not isinstance(t, dict) for t in tools):
+            raise NotExportable("truncated", trajectory.id)
+        example["tools"] = tools
+    return example
+
+
+def chat_examples(
+    trajectories: Iterable[Trajectory], result: ExportResult | None = None, *, reasoning: bool = False
+) -> Iterator[tuple[Trajectory, dict[str, Any]]]:
+    """`(trajectory, example)` for each exportable trajectory; skips are counted in `result`."""
+    for trajectory in trajectories:
+        try:
+            example = chat_example(trajectory, reasoning=reasoning)
+        except NotExportable as exc:
+            if result is not None:
+                result.skip(exc.reason)
+            continue
+        yield trajectory, example
+
+
+def write_jsonl(
+    trajectories: Iterable[Trajectory],
+    path: str | Path | IO[str],
+    *,
+    reasoning: bool = False,
+    on_trajectory: Callable[[Trajectory], None] | None = None,
+) -> ExportResult:
+    """Write one OpenAI chat-format example per line to `path` (or an open text file), e.g.
+    `write_jsonl(select_trajectories(store, verdict="pass"), "train.jsonl")`."""
+    if hasattr(path, "write"):
+        return _write_jsonl(trajectories, path, ExportResult(), reasoning, on_trajectory)  # type: ignore[arg-type]
+    with open(path, "w", encoding="utf-8") as out:  # type: ignore[arg-type]
+        return _write_jsonl(trajectories, out, ExportResult(path=str(path)), reasoning, on_trajectory)
+
+
+def _write_jsonl(
+    trajectories: Iterable[Trajectory],
+    out: IO[str],
+    result: ExportResult,
+    reasoning: bool,
+    on_trajectory: Callable[[Trajectory], None] | None,
+) -> ExportResult:
+    for _trajectory, example in chat_examples(
+        _watched(trajectories, on_trajectory), result, reasoning=reasoning
+    ):
+        out.write(_dumps(example))
+        out.write("\n")
+        result.written += 1
+    return result
+
+
+def dataset_features(*, reasoning: bool = False, ids: bool = True) -> datasets.Features:
+    """Explicit features, so rows never merge each other's keys (`Dataset.from_list` fills keys
+    one row lacks with None): tool schemas are `Json` values kept whole, tool-call arguments are
+    JSON strings, and a message lacking `tool_calls` or `tool_call_id` has None there."""
+    from datasets import Features, List, Value
+
+    tool_call = {
+        "id": Value("string"),
+        "type": Value("string"),
+        "function": {"name": Value("string"), "arguments": Value("string")},
+    }
+    message: dict[str, Any] = {
+        "role": Value("string"),
+        "content": Value("string"),
+        "tool_calls": List(tool_call),
+        "tool_call_id": Value("string"),
+    }
+    if reasoning:
+        message["reasoning_content"] = Value("string")
+    columns: dict[str, Any] = {"messages": List(message), "tools": _tools_feature()[0]}
+    if ids:
+        columns.update(dict.fromkeys(ID_COLUMNS, Value("string")))
+    return Features(columns)
+
+
+def to_hf_dataset(
+    trajectories: Iterable[Trajectory],
+    *,
+    reasoning: bool = False,
+    ids: bool = True,
+    result: ExportResult | None = None,
+    on_trajectory: Callable[[Trajectory], None] | None = None,
+) -> datasets.Dataset:
+    """A Hugging Face `Dataset` with a `messages` and a `tools` column (TRL's SFT format), plus
+    `trajectory_id`, `agent`, `task_id`, `model_version` unless `ids=False`."""
+    from datasets import Dataset
+
+    result = result if result is not None else ExportResult()
+    rows = list(_hf_rows(_watched(trajectories, on_trajectory), result, reasoning, ids))
+    result.written += len(rows)
+    return Dataset.from_list(rows, features=dataset_features(reasoning=reasoning, ids=ids))
+
+
+def write_parquet(
+    trajectories: Iterable[Trajectory],
+    path: str | Path,
+    *,
+    reasoning: bool = False,
+    ids: bool = True,
+    rows_per_group: int = PARQUET_ROWS_PER_GROUP,
+    on_trajectory: Callable[[Trajectory], None] | None = None,
+) -> ExportResult:
+    """Write the `to_hf_dataset` rows to a parquet file, `rows_per_group` at a time (memory stays
+    bounded); `datasets.Dataset.from_parquet(path)` reads it back with the same features."""
+    import pyarrow.parquet as pq
+    from datasets import Dataset
+
+    features = dataset_features(reasoning=reasoning, ids=ids)
+    schema = features.arrow_schema
+    result = ExportResult(path=str(path))
+    with pq.ParquetWriter(str(path), schema) as writer:
+        chunk: list[dict[str, Any]] = []
+        for row in _hf_rows(_watched(trajectories, on_trajectory), result, reasoning, ids):
+            chunk.append(row)
+            if len(chunk) >= rows_per_group:
+                writer.write_table(Dataset.from_list(chunk, features=features).data.table.cast(schema))
+                result.written += len(chunk)
+                chunk = []
+        if chunk:  # no rows at all: the file still carries the schema, in no row group
+            writer.write_table(Dataset.from_list(chunk, features=features).data.table.cast(schema))
+            result.written += len(chunk)
+    return result
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def _last_chat_step(trajectory: Trajectory) -> Step:
+    for step in reversed(trajectory.steps):
+        if step.kind != "model":
+            continue
+        if _is_truncated(step.input):
+            raise NotExportable("truncated", trajectory.id)
+        if isinstance(step.input, dict) and isinstance(step.input.get("messages"), list):
+            return step
+    raise NotExportable("no_chat_model_step", trajectory.id)
+
+
+def _openai_message(message: Any, reasoning: bool, trajectory_id: str) -> dict[str, Any]:
+    if not isinstance(message, dict) or _is_truncated(message):
+        raise NotExportable("truncated" if _is_truncated(message) else "malformed_message", trajectory_id)
+    role = message.get("role")
+    content = _text_content(message.get("content"), trajectory_id)
+    if role == "assistant":
+        out: dict[str, Any] = {"role": "assistant", "content": content}
+        calls = [_openai_tool_call(call, trajectory_id) for call in message.get("tool_calls") or ()]
+        if calls:
+            out["tool_calls"] = calls
+        if reasoning and isinstance(message.get("reasoning"), str):
+            out["reasoning_content"] = message["reasoning"]
+        return out
+    if role == "tool":
+        return {"role": "tool", "tool_call_id": str(message.get("tool_call_id") or ""), "content": content}
+    if role in ("system", "user", "developer"):
+        return {"role": role, "content": content}
+    raise NotExportable(f"unknown_role_{role}", trajectory_id)
+
+
+def _openai_tool_call(call: Any, trajectory_id: str) -> dict[str, Any]:
+    if not isinstance(call, dict) or _is_truncated(call.get("args")):
+        raise NotExportable("truncated", trajectory_id)
+    args = call.get("args")
+    arguments = args if isinstance(args, str) else _dumps(args if args is not None else {})
+    return {
+        "id": str(call.get("id") or ""),
+        "type": "function",
+        "function": {"name": str(call.get("name") or ""), "arguments": arguments},
+    }
+
+
+def _text_content(content: Any, trajectory_id: str) -> str:
+    if isinstance(content, str):
+        return content
+    if content is None:
+        return ""
+    if _is_truncated(content):
+        raise NotExportable("truncated", trajectory_id)
+    if isinstance(content, list) and all(
+        isinstance(b, str) or (isinstance(b, dict) and b.get("type") == "text") for b in content
+    ):
+        return "".join(b if isinstance(b, str) else str(b.get("text", "")) for b in content)
+    raise NotExportable("non_text_content", trajectory_id)
+
+
+def _hf_rows(
+    trajectories: Iterable[Trajectory], result: ExportResult, reasoning: bool, ids: bool
+) -> Iterator[dict[str, Any]]:
+    tools_as_text = _tools_feature()[1]
+    for trajectory, example in chat_examples(trajectories, result, reasoning=reasoning):
+        tools = example.get("tools", [])
+        row: dict[str, Any] = {
+            "messages": example["messages"],
+            "tools": _dumps(tools) if tools_as_text else tools,
+        }
+        if ids:
+            row.update(
+                trajectory_id=trajectory.id,
+                agent=trajectory.agent,
+                task_id=trajectory.task_id,
+                model_version=trajectory.model_version,
+            )
+        yield row
+
+
+def _tools_feature() -> tuple[Any, bool]:
+    """`List(Json())` (datasets ≥ 5) keeps each tool schema whole; before it, the list as one
+    JSON string, which TRL decodes too. Returns the feature and whether tools go as text."""
+    from datasets import List, Value
+
+    try:
+        from datasets import Json
+    except ImportError:
+        return Value("string"), True
+    return List(Json()), False
+
+
+def _watched(
+    trajectories: Iterable[Trajectory], on_trajectory: Callable[[Trajectory], None] | None
+) -> Iterable[Trajectory]:
+    if on_trajectory is None:
+        return trajectories
+    return _each(trajectories, on_trajectory)
+
+
+def _each(trajectories: Iterable[Trajectory], callback: Callable[[Trajectory], None]) -> Iterator[Trajectory]:
+    for trajectory in trajectories:
+        callback(trajectory)
+        yield trajectory
+
+
+def _is_truncated(value: Any) -> bool:
+    return type(value) is dict and value.get("__truncated__") is True

@@ -1,0 +1,322 @@
+"""Trajectories to any OTLP backend (Phoenix, Jaeger, Tempo, Langfuse, Datadog), live or replayed.
+
+Live: `honed.instrument(store=..., otlp="http://host:4318")` hands each finished trajectory to a
+`LiveExporter` on the writer thread; its spans go through the SDK's `BatchSpanProcessor`, so the
+writer only enqueues, and an endpoint that is down costs dropped spans, never a blocked or broken
+agent. Replay: `replay(trajectories, endpoint=...)` (or `honed export otlp`) sends stored
+trajectories synchronously and reports what the backend accepted. Both derive trace and span ids
+from the trajectory id (`honed.exporters.spans`), so a trajectory sent twice is one trace.
+
+Configuration is by argument or the standard variables: `OTEL_EXPORTER_OTLP_ENDPOINT` (and
+`_TRACES_` forms), `OTEL_EXPORTER_OTLP_PROTOCOL` (`http/protobuf` default, `grpc`),
+`OTEL_EXPORTER_OTLP_HEADERS`, `OTEL_EXPORTER_OTLP_TIMEOUT`, `OTEL_SERVICE_NAME`,
+`OTEL_RESOURCE_ATTRIBUTES`, `OTEL_BSP_*`, `OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT`;
+`HONED_OTLP_PROJECT` names the Phoenix project (default: the service name).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+from honed.exporters.spans import PROJECT_ATTRIBUTE, SpanMapper
+from honed.trajectory import Trajectory
+
+log = logging.getLogger("honed")
+
+DEFAULT_SERVICE_NAME = "honed"
+ENV_PROJECT = "HONED_OTLP_PROJECT"
+HTTP_PROTOCOL, GRPC_PROTOCOL = "http/protobuf", "grpc"
+TRACES_PATH = "/v1/traces"
+REPLAY_BATCH_SPANS = 512
+REPLAY_RETRIES = 4
+_REPLAY_RETRY_DELAY_S = 2.0
+# After a failed export the live exporter drops batches without trying for this long (doubling
+# up to the maximum), so a dead endpoint costs one export timeout, not one per batch.
+_BACKOFF_MIN_S, _BACKOFF_MAX_S = 1.0, 60.0
+
+
+class OTLPExportError(RuntimeError):
+    """The OTLP endpoint refused or did not answer a replayed batch."""
+
+
+def make_resource(service_name: str | None = None, project: str | None = None) -> Resource:
+    """The resource spans are filed under: `OTEL_RESOURCE_ATTRIBUTES` / `OTEL_SERVICE_NAME` as
+    the SDK reads them, `service.name` defaulting to "honed", and `openinference.project.name`
+    (Phoenix's project) defaulting to `HONED_OTLP_PROJECT`, else the service name."""
+    attributes = dict(Resource.create().attributes)
+    if service_name:
+        attributes["service.name"] = service_name
+    elif str(attributes.get("service.name", "")).startswith("unknown_service"):
+        attributes["service.name"] = DEFAULT_SERVICE_NAME
+    if project:
+        attributes[PROJECT_ATTRIBUTE] = project
+    else:
+        attributes.setdefault(PROJECT_ATTRIBUTE, os.environ.get(ENV_PROJECT) or attributes["service.name"])
+    return Resource(attributes)
+
+
+def resolve_protocol(protocol: str | None = None) -> str:
+    """`protocol`, else `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL` / `OTEL_EXPORTER_OTLP_PROTOCOL`, else
+    HTTP/protobuf. `http/json` (no Python exporter exists) is logged and replaced, never raised."""
+    value = (
+        (
+            protocol
+            or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+            or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+            or HTTP_PROTOCOL
+        )
+        .strip()
+        .lower()
+    )
+    if value in ("grpc", "http/protobuf"):
+        return value
+    if value in ("http", "http/proto", "protobuf"):
+        return HTTP_PROTOCOL
+    log.warning("honed: OTLP protocol %r is not supported; using %s", value, HTTP_PROTOCOL)
+    return HTTP_PROTOCOL
+
+
+def otlp_span_exporter(
+    endpoint: str | None = None,
+    *,
+    protocol: str | None = None,
+    headers: Mapping[str, str] | str | None = None,
+    timeout_s: float | None = None,
+) -> SpanExporter:
+    """The SDK's OTLP span exporter for `endpoint` (a base URL such as `http://host:4318`, or a
+    full `.../v1/traces` URL); with no endpoint, the exporter reads the `OTEL_EXPORTER_OTLP_*`
+    variables itself. gRPC needs `opentelemetry-exporter-otlp-proto-grpc` (`honed[otlp]`)."""
+    header_map = parse_headers(headers) if isinstance(headers, str) else headers
+    if resolve_protocol(protocol) == GRPC_PROTOCOL:
+        try:
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
+        except ImportError as exc:
+            raise ImportError("OTLP over gRPC needs `pip install 'honed[otlp]'`") from exc
+        return GrpcExporter(endpoint=endpoint, headers=header_map, timeout=timeout_s)
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    return OTLPSpanExporter(
+        endpoint=traces_url(endpoint) if endpoint else None, headers=header_map, timeout=timeout_s
+    )
+
+
+def traces_url(endpoint: str) -> str:
+    """An explicit HTTP endpoint is used verbatim by the SDK: add `/v1/traces` to a base URL."""
+    endpoint = endpoint.rstrip("/")
+    return endpoint if endpoint.endswith(TRACES_PATH) else endpoint + TRACES_PATH
+
+
+def parse_headers(text: str) -> dict[str, str]:
+    """`k=v,k2=v2` (the `OTEL_EXPORTER_OTLP_HEADERS` form) as a dict."""
+    pairs = (item.split("=", 1) for item in text.split(",") if "=" in item)
+    return {key.strip(): value.strip() for key, value in pairs}
+
+
+class LiveExporter:
+    """Exports trajectories as spans as they are captured (the recorder's `TrajectoryExporter`).
+
+    `export` maps each trajectory to spans and queues them on a `BatchSpanProcessor` (bounded:
+    `OTEL_BSP_MAX_QUEUE_SIZE`, default 2048, oldest dropped when full); a background thread sends
+    them. Nothing here raises into the writer, and the global tracer provider is left alone.
+
+        honed.instrument(store="sqlite:///honed.db", otlp="http://localhost:4318")
+        # or: honed.CallbackHandler(store=..., exporters=[LiveExporter(endpoint=..., capture_content=True)])
+
+    Args:
+        endpoint: OTLP base URL (`http://host:4318`, or `http://host:4317` with gRPC); `None`
+            reads `OTEL_EXPORTER_OTLP_ENDPOINT`.
+        protocol: `http/protobuf` (default) or `grpc`; `None` reads `OTEL_EXPORTER_OTLP_PROTOCOL`.
+        headers, timeout_s: passed to the OTLP exporter (else its `OTEL_*` variables).
+        service_name, project: see `make_resource`.
+        capture_content: message content, tool arguments and results (see `SpanMapper`).
+        span_exporter: any SDK `SpanExporter` instead of OTLP (tests, a console exporter).
+    """
+
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        *,
+        protocol: str | None = None,
+        headers: Mapping[str, str] | str | None = None,
+        timeout_s: float | None = None,
+        service_name: str | None = None,
+        project: str | None = None,
+        capture_content: bool | None = None,
+        span_exporter: SpanExporter | None = None,
+        max_queue_size: int | None = None,
+        schedule_delay_millis: float | None = None,
+    ) -> None:
+        self.endpoint = endpoint
+        self.mapper = SpanMapper(make_resource(service_name, project), capture_content=capture_content)
+        exporter = span_exporter or otlp_span_exporter(
+            endpoint, protocol=protocol, headers=headers, timeout_s=timeout_s
+        )
+        self._sender = _BreakerExporter(exporter)
+        self._processor = BatchSpanProcessor(
+            self._sender, max_queue_size=max_queue_size, schedule_delay_millis=schedule_delay_millis
+        )
+        self._lock = threading.Lock()
+        self._counts = {"trajectories": 0, "spans_queued": 0, "mapping_errors": 0}
+
+    def export(self, trajectories: Sequence[Trajectory]) -> None:
+        """Queue the spans of finished trajectories; returns at once, never raises."""
+        queued = errors = 0
+        for trajectory in trajectories:
+            try:
+                spans = self.mapper.spans(trajectory)
+            except Exception:  # one odd record must not cost the batch
+                errors += 1
+                log.exception("honed: could not map trajectory %s to spans", getattr(trajectory, "id", "?"))
+                continue
+            for span in spans:
+                self._processor.on_end(span)
+            queued += len(spans)
+        with self._lock:
+            self._counts["trajectories"] += len(trajectories) - errors
+            self._counts["spans_queued"] += queued
+            self._counts["mapping_errors"] += errors
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        """Send everything queued now (blocks; for tests and short scripts)."""
+        return self._processor.force_flush(timeout_millis)
+
+    def shutdown(self) -> None:
+        """Send what is queued (one export timeout at most when the endpoint is down), then stop."""
+        self._processor.shutdown()
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            counts = dict(self._counts)
+        return {**counts, **self._sender.stats()}
+
+    def __repr__(self) -> str:
+        return f"LiveExporter(endpoint={self.endpoint!r})"
+
+
+@dataclass(slots=True)
+class ReplayResult:
+    """What a replay sent: trajectories and spans the backend accepted."""
+
+    trajectories: int = 0
+    spans: int = 0
+    batches: int = 0
+    retries: int = 0
+
+
+def replay(
+    trajectories: Iterable[Trajectory],
+    endpoint: str | None = None,
+    *,
+    protocol: str | None = None,
+    headers: Mapping[str, str] | str | None = None,
+    timeout_s: float | None = None,
+    service_name: str | None = None,
+    project: str | None = None,
+    capture_content: bool | None = None,
+    span_exporter: SpanExporter | None = None,
+    batch_spans: int = REPLAY_BATCH_SPANS,
+    retries: int = REPLAY_RETRIES,
+    on_trajectory: Callable[[Trajectory], None] | None = None,
+) -> ReplayResult:
+    """Send stored trajectories as spans, synchronously, batch by batch.
+
+    Ids are the ones live export used, so replaying what was already sent (or re-running a replay
+    that failed half-way) adds nothing twice. A batch refused after earlier ones went through is
+    the backend pushing back (Phoenix answers 503 while its ingest queue is full): it is sent
+    again up to `retries` times, waiting 2, 4, 8... s. Raises `OTLPExportError` when the first
+    batch fails (the endpoint is down or wrong) or the retries run out; what was sent stays sent.
+
+        result = replay(store.trajectories(since=yesterday), endpoint="http://localhost:4318")
+    """
+    mapper = SpanMapper(make_resource(service_name, project), capture_content=capture_content)
+    exporter = span_exporter or otlp_span_exporter(
+        endpoint, protocol=protocol, headers=headers, timeout_s=timeout_s
+    )
+    result = ReplayResult()
+    pending: list[ReadableSpan] = []
+    pending_trajectories = 0
+
+    def send() -> None:
+        nonlocal pending, pending_trajectories
+        attempt = 0
+        while exporter.export(pending) is not SpanExportResult.SUCCESS:
+            if result.batches == 0 or attempt >= retries:
+                where = endpoint or "the endpoint in OTEL_EXPORTER_OTLP_*"
+                raise OTLPExportError(
+                    f"{where} did not accept a batch of {len(pending)} spans after {result.spans} were sent; "
+                    "check that the backend is up and re-run: spans already sent are not duplicated"
+                )
+            time.sleep(_REPLAY_RETRY_DELAY_S * 2**attempt)
+            attempt += 1
+            result.retries += 1
+        result.spans += len(pending)
+        result.trajectories += pending_trajectories
+        result.batches += 1
+        pending, pending_trajectories = [], 0
+
+    try:
+        for trajectory in trajectories:
+            pending.extend(mapper.spans(trajectory))
+            pending_trajectories += 1
+            if on_trajectory is not None:
+                on_trajectory(trajectory)
+            if len(pending) >= batch_spans:
+                send()
+        if pending:
+            send()
+    finally:
+        if span_exporter is None:
+            exporter.shutdown()
+    return result
+
+
+class _BreakerExporter(SpanExporter):
+    """Wraps the OTLP exporter: after a failure, batches are dropped without a try until a backoff
+    passes, so an endpoint that is down holds the export thread (and a shutdown at exit) for one
+    timeout, not one per queued batch. Counts what was sent, failed and dropped."""
+
+    def __init__(self, exporter: SpanExporter) -> None:
+        self.exporter = exporter
+        self._retry_at = 0.0
+        self._backoff = _BACKOFF_MIN_S
+        self._counts = {"spans_exported": 0, "spans_failed": 0, "spans_dropped": 0}
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        if time.monotonic() < self._retry_at:
+            self._counts["spans_dropped"] += len(spans)
+            return SpanExportResult.FAILURE
+        try:
+            result = self.exporter.export(spans)
+        except Exception:
+            log.exception("honed: the OTLP exporter raised; %d spans are lost", len(spans))
+            result = SpanExportResult.FAILURE
+        if result is SpanExportResult.SUCCESS:
+            self._counts["spans_exported"] += len(spans)
+            self._backoff = _BACKOFF_MIN_S
+            self._retry_at = 0.0
+        else:
+            if self._retry_at == 0.0:
+                log.warning("honed: OTLP export failed; dropping spans until the endpoint answers")
+            self._counts["spans_failed"] += len(spans)
+            self._retry_at = time.monotonic() + self._backoff
+            self._backoff = min(self._backoff * 2, _BACKOFF_MAX_S)
+        return result
+
+    def shutdown(self) -> None:
+        self.exporter.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        return self.exporter.force_flush(timeout_millis)
+
+    def stats(self) -> dict[str, Any]:
+        return dict(self._counts)

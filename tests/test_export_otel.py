@@ -1,0 +1,519 @@
+"""Trajectories as OpenTelemetry GenAI spans: the mapping, live export, replay, and a real backend
+(Arize Phoenix on loopback) read back through its API."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from langchain.agents import create_agent
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+from opentelemetry.trace import SpanKind, StatusCode
+from typer.testing import CliRunner
+
+import honed
+from fakes import ToolScriptModel, make_tools
+from honed import Step, Trajectory, Verdict
+from honed.cli import app
+from honed.exporters.otel import LiveExporter, make_resource, replay, resolve_protocol, traces_url
+from honed.exporters.select import select_trajectories
+from honed.exporters.spans import SpanMapper, span_id_for, trace_id_for
+from phoenix_server import PhoenixServer, free_port, phoenix_installed
+
+ADD = 'call add {"a": 2, "b": 3}; answer the sum is {result}'
+EXPLODE = 'call explode {"reason": "kaboom"}; answer no'
+
+
+class Collect(SpanExporter):
+    """An in-memory span exporter: what a backend would receive."""
+
+    def __init__(self) -> None:
+        self.spans: list[ReadableSpan] = []
+
+    def export(self, spans: Any) -> SpanExportResult:
+        self.spans.extend(spans)
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        pass
+
+
+def capture(store_url: str, *tasks: tuple[str, str], name: str = "calc") -> None:
+    """Run the real agent once per (task id, task text), captured with graph nodes."""
+    agent = create_agent(
+        ToolScriptModel(reasoning="add first"), make_tools(), name=name, system_prompt="Add."
+    )
+    handler = honed.CallbackHandler(store=store_url)
+    for task_id, text in tasks:
+        config = {"callbacks": [handler], "metadata": {"honed": {"task_id": task_id, "split": "train"}}}
+        with contextlib.suppress(ValueError):  # explode raises through the agent; the trajectory records it
+            agent.invoke({"messages": [("user", text)]}, config=config)
+    assert honed.flush()
+
+
+@pytest.fixture
+def captured(sqlite_url: str) -> str:
+    capture(sqlite_url, ("t-add", ADD), ("t-boom", EXPLODE))
+    return sqlite_url
+
+
+def spans_of(trajectory: Trajectory, **options: Any) -> list[ReadableSpan]:
+    return SpanMapper(make_resource(project="unit"), **options).spans(trajectory)
+
+
+def by_name(spans: list[ReadableSpan]) -> dict[str, list[ReadableSpan]]:
+    named: dict[str, list[ReadableSpan]] = {}
+    for span in spans:
+        named.setdefault(span.name, []).append(span)
+    return named
+
+
+def has(attributes: Any, expected: dict[str, Any]) -> bool:
+    return expected.items() <= dict(attributes).items()
+
+
+def one(store_url: str, task_id: str) -> Trajectory:
+    (trajectory,) = honed.open_store(store_url).trajectories(task_id=task_id)
+    return trajectory
+
+
+# -- the mapping ---------------------------------------------------------------------------------
+
+
+def test_spans_follow_the_genai_conventions_and_mirror_the_steps(captured: str) -> None:
+    t = one(captured, "t-add")
+    spans = spans_of(t, capture_content=False)
+    named = by_name(spans)
+    assert sorted(named) == ["chat tool-script", "execute_tool add", "invoke_agent calc", "model", "tools"]
+
+    (root,) = named["invoke_agent calc"]
+    assert root.parent is None and root.kind is SpanKind.INTERNAL
+    assert root.context.trace_id == uuid.UUID(t.id).int  # a trace is found by the trajectory id
+    assert {
+        k: root.attributes[k] for k in ("gen_ai.operation.name", "gen_ai.agent.name", "honed.task.id")
+    } == {
+        "gen_ai.operation.name": "invoke_agent",
+        "gen_ai.agent.name": "calc",
+        "honed.task.id": "t-add",
+    }
+    assert root.attributes["gen_ai.provider.name"] and root.status.status_code is StatusCode.UNSET
+    assert abs(root.start_time - t.started_at.timestamp() * 1e9) < 2000
+    assert abs(root.end_time - t.ended_at.timestamp() * 1e9) < 2000
+
+    first_chat, last_chat = named["chat tool-script"]
+    assert first_chat.kind is SpanKind.CLIENT
+    assert has(
+        first_chat.attributes,
+        {
+            "gen_ai.operation.name": "chat",
+            "gen_ai.request.model": "tool-script",
+            "gen_ai.response.model": "tool-script",
+            "honed.model_version": "tool-script",
+            "gen_ai.usage.input_tokens": t.steps[1].usage["input_tokens"],
+            "gen_ai.usage.output_tokens": 1,
+            "gen_ai.response.finish_reasons": ("stop",),
+            "honed.step.kind": "model",
+        },
+    )
+    (tool,) = named["execute_tool add"]
+    assert has(
+        tool.attributes,
+        {
+            "gen_ai.operation.name": "execute_tool",
+            "gen_ai.tool.name": "add",
+            "gen_ai.tool.call.id": "call_0_add",
+            "gen_ai.tool.type": "function",
+        },
+    )
+    # parentage: every step span sits under its recorded parent step, or under the root
+    ids = {span.context.span_id: span for span in spans}
+    step_of = {span.attributes.get("honed.step.id"): span for span in spans}
+    for step in t.steps:
+        span = step_of[step.id]
+        expected = step_of[step.parent_id] if step.parent_id else root
+        assert span.parent.span_id == expected.context.span_id
+        assert span.context.trace_id == root.context.trace_id
+    assert ids[first_chat.parent.span_id].name == "model" and ids[tool.parent.span_id].name == "tools"
+    assert ids[ids[tool.parent.span_id].parent.span_id] is root
+    assert len(ids) == len(spans)  # span ids are unique
+    # content is opt-in: nothing of the conversation by default
+    assert not any(
+        key.startswith(
+            ("gen_ai.input", "gen_ai.output", "gen_ai.tool.call.arguments", "gen_ai.tool.call.result")
+        )
+        for span in spans
+        for key in span.attributes
+    )
+    assert last_chat.start_time >= tool.end_time
+
+
+def test_errors_are_span_status_and_error_type(captured: str) -> None:
+    named = by_name(spans_of(one(captured, "t-boom")))
+    (root,) = named["invoke_agent calc"]
+    (tool,) = named["execute_tool explode"]
+    for span in (root, tool):
+        assert span.status.status_code is StatusCode.ERROR
+        assert "exploded: kaboom" in span.status.description
+        assert span.attributes["error.type"] == "ValueError"
+    assert named["chat tool-script"][0].status.status_code is StatusCode.UNSET
+
+
+def test_content_is_opt_in_by_argument_or_environment(captured: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    t = one(captured, "t-add")
+    monkeypatch.setenv("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "true")
+    from_env = by_name(spans_of(t, capture_content=None))
+    from_argument = by_name(spans_of(t, capture_content=True))
+    assert [s.attributes for s in from_env["chat tool-script"]] == [
+        s.attributes for s in from_argument["chat tool-script"]
+    ]
+    last_chat = from_argument["chat tool-script"][1]
+    inputs = json.loads(last_chat.attributes["gen_ai.input.messages"])
+    assert [m["role"] for m in inputs] == ["system", "user", "assistant", "tool"]
+    assert inputs[2]["parts"][-1] == {
+        "type": "tool_call",
+        "id": "call_0_add",
+        "name": "add",
+        "arguments": {"a": 2, "b": 3},
+    }
+    assert inputs[3]["parts"] == [{"type": "tool_call_response", "id": "call_0_add", "response": "5"}]
+    (output,) = json.loads(last_chat.attributes["gen_ai.output.messages"])
+    assert output["parts"] == [
+        {"type": "reasoning", "content": "add first"},
+        {"type": "text", "content": "the sum is 5"},
+    ]
+    assert output["finish_reason"] == "stop"
+    (tool,) = from_argument["execute_tool add"]
+    assert json.loads(tool.attributes["gen_ai.tool.call.arguments"]) == {"a": 2, "b": 3}
+    assert tool.attributes["gen_ai.tool.call.result"] == "5"
+    monkeypatch.setenv("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "false")
+    assert "gen_ai.input.messages" not in by_name(spans_of(t))["chat tool-script"][0].attributes
+
+
+def test_verdicts_become_root_events_attributes_and_their_own_spans(captured: str) -> None:
+    store = honed.open_store(captured)
+    t = one(captured, "t-add")
+    store.add_verdict(t.id, Verdict(passed=True, score=1.0, reason="matches", verifier="reference"))
+    store.add_verdict(t.id, Verdict(passed=None, score=0.0, reason="no rubric", verifier="llm judge"))
+    t = store.get(t.id)
+    spans = spans_of(t)
+    (root,) = by_name(spans)["invoke_agent calc"]
+    assert has(
+        root.attributes,
+        {
+            "honed.verdict.outcome": "pass",
+            "honed.verdict.count": 2,
+            "honed.verdict.reference.passed": True,
+            "honed.verdict.reference.score": 1.0,
+            "honed.verdict.llm_judge.score": 0.0,
+        },
+    )
+    assert "honed.verdict.llm_judge.passed" not in root.attributes  # undecided is not False
+    events = {e.attributes["gen_ai.evaluation.name"]: e for e in root.events}
+    assert {e.name for e in root.events} == {"gen_ai.evaluation.result"}
+    assert has(
+        events["reference"].attributes,
+        {
+            "gen_ai.evaluation.score.label": "pass",
+            "gen_ai.evaluation.score.value": 1.0,
+            "gen_ai.evaluation.explanation": "matches",
+        },
+    )
+    assert events["llm judge"].attributes["gen_ai.evaluation.score.label"] == "unknown"
+    verdict_span = by_name(spans)["verdict reference"][0]
+    assert verdict_span.parent.span_id == root.context.span_id
+    assert verdict_span.context.span_id == span_id_for(t.id, "verdict\x00reference\x001")
+    store.add_verdict(t.id, Verdict(passed=False, verifier="tests"))
+    assert (
+        by_name(spans_of(store.get(t.id)))["invoke_agent calc"][0].attributes["honed.verdict.outcome"]
+        == "fail"
+    )
+
+
+def test_ids_are_derived_from_the_trajectory_so_exports_agree(captured: str) -> None:
+    first = [(s.name, s.context.trace_id, s.context.span_id) for s in spans_of(one(captured, "t-add"))]
+    again = [(s.name, s.context.trace_id, s.context.span_id) for s in spans_of(one(captured, "t-add"))]
+    other = {s.context.span_id for s in spans_of(one(captured, "t-boom"))}
+    assert first == again
+    assert not other & {span_id for _, _, span_id in first}
+
+
+def test_hand_built_trajectories_with_odd_data_still_map() -> None:
+    started = datetime(2025, 1, 2, 3, 4, 5)  # naive: read as UTC
+    t = Trajectory(
+        id="not-a-uuid",
+        agent="odd",
+        started_at=started,
+        ended_at=None,
+        status="error",
+        error="incomplete: the process exited before the run ended",
+        steps=[
+            Step(id="m", index=0, kind="model", name="gpt", parent_id="missing-parent",
+                 input={"__truncated__": True, "size": 10**6, "sha256": "x", "preview": "..."},
+                 output={"role": "assistant", "content": [{"type": "text", "text": "hi"}, {"type": "image"}]},
+                 usage={"input_tokens": 3.0, "output_tokens": None},
+                 extra={"settings": {"_type": "openai-chat", "model": "gpt-4o", "temperature": 0.2, "stop": ["\n"]}},
+                 started_at=started + timedelta(seconds=1), ended_at=started + timedelta(seconds=2)),
+            Step(id="t", index=1, kind="tool", name="search", parent_id="m", extra={"synthesised": True},
+                 error="not a tool", started_at=None, ended_at=None),
+        ],
+    )  # fmt: skip
+    spans = spans_of(t, capture_content=True)
+    named = by_name(spans)
+    root, chat, tool = named["invoke_agent odd"][0], named["chat gpt-4o"][0], named["execute_tool search"][0]
+    assert root.context.trace_id == trace_id_for("not-a-uuid") != 0
+    assert root.start_time == int(started.replace(tzinfo=UTC).timestamp()) * 10**9
+    assert root.end_time >= chat.end_time  # no end recorded: the last step's end
+    assert (
+        root.attributes["error.type"] == "incomplete" and root.attributes["gen_ai.provider.name"] == "openai"
+    )
+    assert chat.parent.span_id == root.context.span_id  # an unknown parent step: the root
+    assert has(
+        chat.attributes,
+        {
+            "gen_ai.request.temperature": 0.2,
+            "gen_ai.request.stop_sequences": ("\n",),
+            "gen_ai.usage.input_tokens": 3,
+            "honed.input.truncated": True,
+        },
+    )
+    assert "gen_ai.usage.output_tokens" not in chat.attributes
+    assert json.loads(chat.attributes["gen_ai.output.messages"])[0]["parts"] == [
+        {"type": "text", "content": "hi"},
+        {"type": "image"},
+    ]
+    assert tool.parent.span_id == chat.context.span_id and tool.attributes["honed.step.synthesised"] is True
+    assert tool.attributes["error.type"] == "_OTHER"
+
+
+def test_endpoint_protocol_and_resource_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert traces_url("http://h:4318") == "http://h:4318/v1/traces"
+    assert traces_url("http://h:4318/") == "http://h:4318/v1/traces"
+    assert traces_url("http://h:4318/v1/traces") == "http://h:4318/v1/traces"
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_PROTOCOL", raising=False)
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", raising=False)
+    assert resolve_protocol() == "http/protobuf"
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+    assert resolve_protocol() == "grpc" and resolve_protocol("http/protobuf") == "http/protobuf"
+    assert resolve_protocol("http/json") == "http/protobuf"  # logged and replaced, never raised
+
+    monkeypatch.delenv("OTEL_SERVICE_NAME", raising=False)
+    monkeypatch.delenv("OTEL_RESOURCE_ATTRIBUTES", raising=False)
+    monkeypatch.delenv("HONED_OTLP_PROJECT", raising=False)
+    assert make_resource().attributes["service.name"] == "honed"
+    assert make_resource().attributes["openinference.project.name"] == "honed"
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "support-bot")
+    assert make_resource().attributes["openinference.project.name"] == "support-bot"
+    monkeypatch.setenv("HONED_OTLP_PROJECT", "prod")
+    assert has(
+        make_resource().attributes, {"service.name": "support-bot", "openinference.project.name": "prod"}
+    )
+    assert make_resource("svc", "p2").attributes["openinference.project.name"] == "p2"
+
+
+def test_replay_batches_and_retries_only_a_backend_pushing_back(
+    captured: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import honed.exporters.otel as otel
+
+    monkeypatch.setattr(otel, "_REPLAY_RETRY_DELAY_S", 0.0)
+    trajectories = list(select_trajectories(honed.open_store(captured), include_heldout=True))
+    total = sum(len(t.steps) + 1 for t in trajectories)
+
+    class Flaky(Collect):
+        def __init__(self, fail: set[int]) -> None:
+            super().__init__()
+            self.fail, self.calls = fail, 0
+
+        def export(self, spans: Any) -> SpanExportResult:
+            self.calls += 1
+            if self.calls in self.fail:
+                return SpanExportResult.FAILURE
+            return super().export(spans)
+
+    pushed_back = Flaky(fail={2, 3})  # the second batch is refused twice, then accepted
+    result = replay(trajectories * 2, span_exporter=pushed_back, batch_spans=5)
+    assert result.spans == 2 * total == len(pushed_back.spans) and result.retries == 2
+    assert result.trajectories == 2 * len(trajectories) and result.batches >= 4
+    with pytest.raises(otel.OTLPExportError, match="after 0 were sent"):
+        replay(trajectories, span_exporter=Flaky(fail={1}), batch_spans=5)  # down from the start: no retry
+    with pytest.raises(otel.OTLPExportError):
+        replay(trajectories, span_exporter=Flaky(fail=set(range(2, 10))), batch_spans=5, retries=3)
+
+
+# -- live export, endpoint down ------------------------------------------------------------------
+
+
+def test_live_export_to_a_dead_endpoint_neither_blocks_nor_raises(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "1")
+    dead = f"http://127.0.0.1:{free_port()}"
+    handler = honed.instrument(store=sqlite_url, otlp=dead)
+    try:
+        agent = create_agent(ToolScriptModel(), make_tools(), name="calc")
+        started = time.perf_counter()
+        for i in range(5):
+            agent.invoke({"messages": [("user", ADD)]}, config={"metadata": {"honed": {"task_id": f"d{i}"}}})
+        assert honed.flush()
+        elapsed = time.perf_counter() - started
+        recorder = handler.recorder
+        (exporter,) = recorder.exporters
+        assert isinstance(exporter, LiveExporter)
+        # A burst far beyond the queue: export only enqueues (oldest dropped), it never waits.
+        burst = honed.open_store(sqlite_url).trajectories() * 300
+        started = time.perf_counter()
+        exporter.export(burst)
+        assert time.perf_counter() - started < 10.0
+    finally:
+        honed.uninstrument()
+    assert elapsed < 5.0
+    assert honed.open_store(sqlite_url).count() == 5
+    started = time.perf_counter()
+    exporter.shutdown()  # what the recorder does at exit: one export timeout at most, then drops
+    assert time.perf_counter() - started < 8.0
+    stats = exporter.stats()
+    assert stats["trajectories"] == 5 + len(burst) and stats["spans_exported"] == 0
+    assert stats["spans_failed"] + stats["spans_dropped"] > 0
+    assert recorder.stats()["export_errors"] == 0 and recorder.stats()["trajectories_written"] == 5
+
+
+# -- a real backend: Arize Phoenix -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def phoenix(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PhoenixServer]:
+    if not phoenix_installed():
+        pytest.skip("arize-phoenix is not installed (pip install arize-phoenix)")
+    with PhoenixServer(tmp_path_factory.mktemp("phoenix")) as server:
+        yield server
+
+
+def phoenix_tree(spans: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """span name → sorted names of its children, from Phoenix's `parent_id`s."""
+    by_id = {s["context"]["span_id"]: s for s in spans}
+    tree: dict[str, list[str]] = {s["name"]: [] for s in spans}
+    for span in spans:
+        parent = by_id.get(span["parent_id"] or "")
+        if parent is not None:
+            tree[parent["name"]].append(span["name"])
+    return {name: sorted(children) for name, children in tree.items()}
+
+
+def test_live_instrument_to_phoenix_then_replay_adds_only_new_verdicts(
+    phoenix: PhoenixServer, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    project = f"live-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("HONED_OTLP_PROJECT", project)
+    handler = honed.instrument(store=sqlite_url, otlp=phoenix.http_url)
+    try:
+        agent = create_agent(ToolScriptModel(), make_tools(), name="calc")
+        agent.invoke({"messages": [("user", ADD)]}, config={"metadata": {"honed": {"task_id": "live-ok"}}})
+        with pytest.raises(ValueError):
+            agent.invoke(
+                {"messages": [("user", EXPLODE)]}, config={"metadata": {"honed": {"task_id": "live-boom"}}}
+            )
+        assert honed.flush()
+    finally:
+        honed.uninstrument()
+    (exporter,) = handler.recorder.exporters
+    assert exporter.force_flush()
+    store = honed.open_store(sqlite_url)
+    trajectories = store.trajectories()
+    expected = sum(len(t.steps) + 1 for t in trajectories)
+    spans = phoenix.wait_for_spans(project, expected)
+    assert len(spans) == expected and exporter.stats()["spans_exported"] == expected
+
+    ok = next(t for t in trajectories if t.task_id == "live-ok")
+    ok_spans = [s for s in spans if s["context"]["trace_id"] == uuid.UUID(ok.id).hex]
+    assert phoenix_tree(ok_spans)["invoke_agent calc"] == ["model", "model", "tools"]
+    assert phoenix_tree(ok_spans)["tools"] == ["execute_tool add"]
+    assert phoenix_tree(ok_spans)["model"] == ["chat tool-script", "chat tool-script"]  # both model nodes
+    named = {s["name"]: s for s in ok_spans}
+    root, chat, tool = named["invoke_agent calc"], named["chat tool-script"], named["execute_tool add"]
+    assert root["parent_id"] is None and root["span_kind"] == "AGENT"
+    assert (
+        root["attributes"]["gen_ai.agent.name"] == "calc" and root["attributes"]["honed.task.id"] == "live-ok"
+    )
+    assert chat["span_kind"] == "LLM" and chat["attributes"]["honed.model_version"] == "tool-script"
+    assert chat["attributes"]["gen_ai.operation.name"] == "chat"
+    assert chat["attributes"]["gen_ai.response.finish_reasons"] == ["stop"]
+    assert tool["span_kind"] == "TOOL" and tool["attributes"]["gen_ai.tool.call.id"] == "call_0_add"
+    assert "gen_ai.input.messages" not in chat["attributes"]  # content stays off by default
+    boom_root = next(s for s in spans if s["name"] == "invoke_agent calc" and s["status_code"] == "ERROR")
+    assert boom_root["attributes"]["error.type"] == "ValueError"
+
+    # A verifier judges after the live export; replaying everything adds the verdict, nothing twice.
+    store.add_verdict(ok.id, Verdict(passed=True, score=1.0, reason="sum is right", verifier="reference"))
+    result = CliRunner().invoke(
+        app, ["export", "otlp", "--store", sqlite_url, "--endpoint", phoenix.http_url, "--project", project]
+    )
+    assert result.exit_code == 0, result.output
+    assert f"sent {expected + 1} spans of 2 trajectories" in result.output
+    spans = phoenix.wait_for_spans(project, expected + 1)
+    time.sleep(1.0)  # anything duplicated would land by now
+    spans = phoenix.spans(project)
+    assert len(spans) == expected + 1
+    assert len({s["context"]["span_id"] for s in spans}) == len(spans)
+    (verdict,) = [s for s in spans if s["name"] == "verdict reference"]
+    assert verdict["parent_id"] == root["context"]["span_id"]
+    assert verdict["attributes"]["honed.verdict.passed"] is True
+    exporter.shutdown()
+
+
+def test_replay_over_grpc_with_content_and_verdicts(phoenix: PhoenixServer, captured: str) -> None:
+    store = honed.open_store(captured)
+    ok = one(captured, "t-add")
+    store.add_verdict(ok.id, Verdict(passed=True, score=1.0, verifier="reference"))
+    project = f"grpc-{uuid.uuid4().hex[:8]}"
+    trajectories = list(select_trajectories(store, include_heldout=True))
+    result = replay(trajectories, phoenix.grpc_url, protocol="grpc", project=project, capture_content=True)
+    assert result.trajectories == 2 and result.spans == sum(
+        len(t.steps) + 1 + len(t.verdicts) for t in trajectories
+    )
+    spans = phoenix.wait_for_spans(project, result.spans)
+    assert len(spans) == result.spans
+    root = next(
+        s for s in spans if s["context"]["trace_id"] == uuid.UUID(ok.id).hex and s["parent_id"] is None
+    )
+    assert root["attributes"]["honed.verdict.outcome"] == "pass"
+    assert root["attributes"]["honed.verdict.reference.passed"] is True
+    assert [e["name"] for e in root["events"]] == ["gen_ai.evaluation.result"]
+    assert root["events"][0]["attributes"]["gen_ai.evaluation.name"] == "reference"
+    tool = next(s for s in spans if s["name"] == "execute_tool add")
+    assert json.loads(tool["attributes"]["gen_ai.tool.call.arguments"]) == {"a": 2, "b": 3}
+    chat = next(s for s in spans if s["name"] == "chat tool-script")
+    assert json.loads(chat["attributes"]["gen_ai.input.messages"])[0]["role"] == "system"
+
+
+def test_replay_reads_the_standard_otel_variables(
+    phoenix: PhoenixServer, captured: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    service = f"env-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", phoenix.http_url)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+    monkeypatch.setenv("OTEL_SERVICE_NAME", service)
+    monkeypatch.delenv("HONED_OTLP_PROJECT", raising=False)
+    result = CliRunner().invoke(app, ["export", "otlp", "--store", captured, "--task-id", "t-boom", "--json"])
+    assert result.exit_code == 0, result.output
+    sent = json.loads(result.output)
+    assert sent["trajectories"] == 1
+    spans = phoenix.wait_for_spans(service, sent["spans"])
+    assert {s["name"] for s in spans} >= {"invoke_agent calc", "execute_tool explode"}
+
+
+def test_replay_to_a_dead_endpoint_fails_with_a_clear_message(
+    captured: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "1")
+    dead = f"http://127.0.0.1:{free_port()}"
+    result = CliRunner().invoke(app, ["export", "otlp", "--store", captured, "--endpoint", dead])
+    assert result.exit_code == 1
+    assert "did not accept" in result.output and "re-run" in result.output
