@@ -1,7 +1,485 @@
-"""The verifier work queue and reliability audits, as methods of `TrajectoryStore`."""
+"""The verifier work queue and reliability audits, as methods of `TrajectoryStore`.
+
+Claiming is the one place where backends differ. PostgreSQL picks rows with
+`SELECT … FOR UPDATE SKIP LOCKED` inside the claiming `UPDATE`, so concurrent workers on any number
+of machines get disjoint batches without waiting on each other. SQLite has no row locks (SQLAlchemy
+silently drops `FOR UPDATE` there) but runs one writer at a time, so the same single
+`UPDATE … RETURNING` statement is atomic. On both, a claim is a lease: a worker that dies simply stops
+renewing it, and once `lease_until` passes the row is claimable again.
+"""
 
 from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import and_, exists, func, insert, literal, select, text, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import aliased
+
+from honed.store.schema import TrajectoryRow, UTCDateTime, VerdictRow
+from honed.store.verification_tables import VerificationClaimRow, VerifierAuditRow, VerifierPolicyRow
+from honed.trajectory import Verdict
+
+if TYPE_CHECKING:
+    from honed.verifiers.audit import AuditResult
+
+C = VerificationClaimRow
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A trajectory a worker now holds, and how many times it has been claimed (this one included)."""
+
+    trajectory_id: str
+    attempts: int
+
+
+@dataclass(slots=True)
+class ClaimOutcome:
+    """What a worker settles for one claimed trajectory: verdicts to write, and either done
+    (`retry_at` None) or back to the queue from `retry_at` (a verifier erred and may succeed later)."""
+
+    trajectory_id: str
+    verdicts: list[Verdict] = field(default_factory=list)
+    retry_at: datetime | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class VerifierPolicy:
+    """Whether a verifier's passes may be training data: `usable` is False for a verifier with a
+    minimum precision its latest audit does not reach (or that was never audited), and for a
+    low-trust verifier (a model judge) that has no minimum precision at all."""
+
+    verifier: str
+    trust: str = "high"
+    min_precision: float | None = None
+    precision: float | None = None
+    audited_at: datetime | None = None
+    note: str = ""
+
+    @property
+    def usable(self) -> bool:
+        if self.min_precision is None:
+            return self.trust != "low"
+        return self.precision is not None and self.precision >= self.min_precision
 
 
 class VerificationStore:
     """Mixed into `TrajectoryStore`: claiming unlabeled trajectories, audits of verifiers."""
+
+    engine: Any
+    _sessions: Any
+
+    # -- the work queue ---------------------------------------------------------------------
+
+    def enqueue_verification(self, queue: str, *, limit: int | None = None) -> int:
+        """Give every trajectory without a row in `queue` a pending one; returns how many were added."""
+        now = _now()
+        missing = (
+            select(
+                TrajectoryRow.id,
+                literal(queue),
+                literal("pending"),
+                literal(0),
+                literal(now, UTCDateTime()),
+                literal(now, UTCDateTime()),
+                literal(now, UTCDateTime()),
+            )
+            .where(~exists().where(C.trajectory_id == TrajectoryRow.id, C.queue == queue))
+            .order_by(TrajectoryRow.created_at)
+        )
+        if limit is not None:
+            missing = missing.limit(limit)
+        columns = ["trajectory_id", "queue", "state", "attempts", "available_at", "enqueued_at", "updated_at"]
+        with self.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                # One enqueuer at a time (concurrent INSERT … SELECTs could deadlock); the next one
+                # waits, then finds the rows there and adds nothing.
+                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _lock_key(queue)})
+                stmt = postgresql.insert(C).from_select(columns, missing).on_conflict_do_nothing()
+            elif conn.dialect.name == "sqlite":
+                stmt = sqlite.insert(C).from_select(columns, missing).on_conflict_do_nothing()
+            else:  # pragma: no cover - other backends: plain insert, the anti-join avoids duplicates
+                stmt = insert(C).from_select(columns, missing)
+            result = conn.execute(stmt.execution_options(preserve_rowcount=True))
+            return max(0, result.rowcount or 0)
+
+    def claim_verification(
+        self, queue: str, owner: str, *, limit: int = 16, lease_s: float = 60.0
+    ) -> list[Claim]:
+        """Claim up to `limit` claimable trajectories of `queue` for `owner` until now + `lease_s`.
+
+        Claimable: claimed under a lease that expired (its worker died), taken first so a steady
+        stream of new work cannot starve it; then pending and due, oldest first."""
+        now = _now()
+        values = {
+            "state": "claimed",
+            "owner": owner,
+            "lease_until": now + timedelta(seconds=lease_s),
+            "attempts": C.attempts + 1,
+            "updated_at": now,
+        }
+        expired = and_(C.state == "claimed", C.lease_until < now)
+        due = and_(C.state == "pending", C.available_at <= now)
+        claims: list[Claim] = []
+        with self.engine.begin() as conn:
+            for condition, order in ((expired, C.lease_until), (due, C.available_at)):
+                if len(claims) >= limit:
+                    break
+                pick = (
+                    select(C.trajectory_id)
+                    .where(C.queue == queue, condition)
+                    .order_by(order)
+                    .limit(limit - len(claims))
+                    .with_for_update(skip_locked=True)
+                    # Materialised, so PostgreSQL runs it once: as a plain IN-subquery the planner
+                    # may rescan it per row, and each rescan locks another batch of rows.
+                    .cte("picked")
+                    .prefix_with("MATERIALIZED", dialect="postgresql")
+                )
+                stmt = (
+                    update(C)
+                    .where(C.queue == queue, C.trajectory_id.in_(select(pick.c.trajectory_id)))
+                    .values(**values)
+                    .returning(C.trajectory_id, C.attempts)
+                )
+                claims += [Claim(tid, attempts) for tid, attempts in conn.execute(stmt).all()]
+        return claims
+
+    def renew_claims(self, queue: str, owner: str, trajectory_ids: Iterable[str], *, lease_s: float) -> int:
+        """Extend `owner`'s leases on these trajectories (work still going on); returns how many."""
+        ids = list(trajectory_ids)
+        if not ids:
+            return 0
+        now = _now()
+        stmt = (
+            update(C)
+            .where(C.queue == queue, C.owner == owner, C.state == "claimed", C.trajectory_id.in_(ids))
+            .values(lease_until=now + timedelta(seconds=lease_s), updated_at=now)
+        )
+        with self.engine.begin() as conn:
+            return conn.execute(stmt).rowcount or 0
+
+    def finish_claims(self, queue: str, owner: str, outcomes: Sequence[ClaimOutcome]) -> set[str]:
+        """Write the verdicts and settle the claims `owner` still holds, in one transaction.
+
+        Claims another worker took over (this owner's lease ran out) are left alone and their
+        verdicts dropped: the new owner writes its own. Returns the ids settled."""
+        if not outcomes:
+            return set()
+        now = _now()
+        mine = and_(C.queue == queue, C.owner == owner, C.state == "claimed")
+        done = [o.trajectory_id for o in outcomes if o.retry_at is None]
+        with self._sessions.begin() as session:
+            # Claims first: a write takes SQLite's write lock at once, and locks our rows on PostgreSQL.
+            held: set[str] = set()
+            if done:
+                settle = (
+                    update(C)
+                    .where(mine, C.trajectory_id.in_(done))
+                    .values(state="done", owner=None, lease_until=None, updated_at=now)
+                    .returning(C.trajectory_id)
+                )
+                held |= set(session.scalars(settle))
+            for outcome in outcomes:
+                if outcome.retry_at is None:
+                    continue
+                retry = (
+                    update(C)
+                    .where(mine, C.trajectory_id == outcome.trajectory_id)
+                    .values(
+                        state="pending",
+                        owner=None,
+                        lease_until=None,
+                        available_at=outcome.retry_at,
+                        last_error=(outcome.error or "")[:4000],
+                        updated_at=now,
+                    )
+                )
+                if session.execute(retry).rowcount:
+                    held.add(outcome.trajectory_id)
+            rows = {
+                (o.trajectory_id, v.verifier, v.version): _verdict_row(o.trajectory_id, v, now)
+                for o in outcomes
+                if o.trajectory_id in held
+                for v in o.verdicts
+            }
+            if rows:
+                _upsert_verdicts(session, list(rows.values()))
+        return held
+
+    def release_claims(self, queue: str, owner: str, trajectory_ids: Iterable[str]) -> int:
+        """Give back claims never worked on (a clean shutdown): pending again, attempt not counted."""
+        ids = list(trajectory_ids)
+        if not ids:
+            return 0
+        now = _now()
+        stmt = (
+            update(C)
+            .where(C.queue == queue, C.owner == owner, C.state == "claimed", C.trajectory_id.in_(ids))
+            .values(
+                state="pending",
+                owner=None,
+                lease_until=None,
+                available_at=now,
+                attempts=func.max(C.attempts - 1, 0)
+                if self.engine.dialect.name == "sqlite"
+                else func.greatest(C.attempts - 1, 0),
+                updated_at=now,
+            )
+        )
+        with self.engine.begin() as conn:
+            return conn.execute(stmt).rowcount or 0
+
+    def verification_backlog(self, queue: str) -> dict[str, int]:
+        """How much of `queue` is pending (due or backing off), claimed, done, and not yet enqueued."""
+        now = _now()
+        with self._sessions() as session:
+            counts = dict(
+                session.execute(select(C.state, func.count()).where(C.queue == queue).group_by(C.state)).all()
+            )
+            due = session.scalar(
+                select(func.count()).where(C.queue == queue, C.state == "pending", C.available_at <= now)
+            )
+            unqueued = session.scalar(
+                select(func.count())
+                .select_from(TrajectoryRow)
+                .where(~exists().where(C.trajectory_id == TrajectoryRow.id, C.queue == queue))
+            )
+        return {
+            "pending": int(counts.get("pending", 0)),
+            "due": int(due or 0),
+            "claimed": int(counts.get("claimed", 0)),
+            "done": int(counts.get("done", 0)),
+            "unqueued": int(unqueued or 0),
+        }
+
+    # -- audits and policies ----------------------------------------------------------------
+
+    def audit_verifier(
+        self, verifier: str, *, gold: str = "human", version: str | None = None, save: bool = True
+    ) -> AuditResult:
+        """Compare `verifier`'s verdicts (its newest version unless `version` is given) with `gold`'s
+        on the same trajectories; store and return precision, recall and false-positive rate."""
+        from honed.verifiers.audit import confusion
+
+        version = version or self._newest_version(verifier)
+        pairs = self._verdict_pairs(verifier, version, gold)
+        result = confusion(pairs, verifier=verifier, version=version, gold=gold)
+        if save:
+            row = VerifierAuditRow(
+                verifier=verifier,
+                version=version,
+                gold=gold,
+                tp=result.tp,
+                fp=result.fp,
+                tn=result.tn,
+                fn=result.fn,
+                undecided=result.undecided,
+                **_rate_columns("precision", result.precision),
+                **_rate_columns("recall", result.recall),
+                **_rate_columns("false_positive_rate", result.false_positive_rate),
+            )
+            with self._sessions.begin() as session:
+                session.add(row)
+                session.flush()
+                result.id, result.created_at = row.id, row.created_at
+        return result
+
+    def audits(self, verifier: str | None = None, *, limit: int = 20) -> list[AuditResult]:
+        """Stored audits, newest first."""
+        from honed.verifiers.audit import AuditResult
+
+        query = select(VerifierAuditRow).order_by(
+            VerifierAuditRow.created_at.desc(), VerifierAuditRow.id.desc()
+        )
+        if verifier is not None:
+            query = query.where(VerifierAuditRow.verifier == verifier)
+        with self._sessions() as session:
+            rows = session.scalars(query.limit(limit)).all()
+        return [
+            AuditResult(
+                verifier=r.verifier,
+                version=r.version,
+                gold=r.gold,
+                tp=r.tp,
+                fp=r.fp,
+                tn=r.tn,
+                fn=r.fn,
+                undecided=r.undecided,
+                id=r.id,
+                created_at=r.created_at,
+            )
+            for r in rows
+        ]
+
+    def set_min_precision(
+        self, verifier: str, min_precision: float | None, *, note: str = ""
+    ) -> VerifierPolicy:
+        """Below this audited precision a verifier's passes are not training data (None: no minimum)."""
+        if min_precision is not None and not 0.0 <= min_precision <= 1.0:
+            raise ValueError(f"min_precision must be within [0, 1], not {min_precision}")
+        with self._sessions.begin() as session:
+            row = session.get(VerifierPolicyRow, verifier) or VerifierPolicyRow(
+                verifier=verifier, trust="high"
+            )
+            row.min_precision, row.note, row.updated_at = min_precision, note, _now()
+            session.add(row)
+        return self.verifier_policy(verifier)
+
+    def register_verifiers(self, trusts: dict[str, str]) -> None:
+        """Record each verifier's trust level (the worker calls this on start), keeping policies.
+        An upsert: many workers start at once."""
+        if not trusts:
+            return
+        now = _now()
+        rows = [{"verifier": n, "trust": t, "note": "", "updated_at": now} for n, t in sorted(trusts.items())]
+        with self.engine.begin() as conn:
+            dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+            stmt = dialect.insert(VerifierPolicyRow).values(rows)
+            stmt = stmt.on_conflict_do_update(
+                index_elements=["verifier"],
+                set_={"trust": stmt.excluded.trust, "updated_at": stmt.excluded.updated_at},
+            )
+            conn.execute(stmt)
+
+    def verifier_policy(self, verifier: str) -> VerifierPolicy:
+        """The policy of one verifier with its latest audited precision."""
+        return next(p for p in self.verifier_policies([verifier]))
+
+    def verifier_policies(self, verifiers: Iterable[str] | None = None) -> list[VerifierPolicy]:
+        """Policies of the given verifiers (default: all registered or audited), with latest precision."""
+        with self._sessions() as session:
+            rows = {r.verifier: r for r in session.scalars(select(VerifierPolicyRow))}
+            audits: dict[str, VerifierAuditRow] = {}
+            ordered = select(VerifierAuditRow).order_by(
+                VerifierAuditRow.created_at.desc(), VerifierAuditRow.id.desc()
+            )
+            for audit in session.scalars(ordered):
+                audits.setdefault(audit.verifier, audit)
+        names = sorted(set(rows) | set(audits)) if verifiers is None else list(verifiers)
+        out = []
+        for name in names:
+            row, audit = rows.get(name), audits.get(name)
+            out.append(
+                VerifierPolicy(
+                    verifier=name,
+                    trust=row.trust if row else "high",
+                    min_precision=row.min_precision if row else None,
+                    precision=audit.precision if audit else None,
+                    audited_at=audit.created_at if audit else None,
+                    note=row.note if row else "",
+                )
+            )
+        return out
+
+    def untrusted_verifiers(self) -> set[str]:
+        """Verifiers whose passes must not become training data (see `VerifierPolicy.usable`)."""
+        return {p.verifier for p in self.verifier_policies() if not p.usable}
+
+    def verifier_counts(self) -> list[dict[str, Any]]:
+        """Verdict counts per verifier and version: passes, fails, undecided."""
+        V = VerdictRow
+        query = (
+            select(
+                V.verifier,
+                V.version,
+                func.count(),
+                func.count().filter(V.passed.is_(True)),
+                func.count().filter(V.passed.is_(False)),
+                func.max(V.created_at),
+            )
+            .group_by(V.verifier, V.version)
+            .order_by(V.verifier, V.version)
+        )
+        with self._sessions() as session:
+            rows = session.execute(query).all()
+        return [
+            {
+                "verifier": n,
+                "version": v,
+                "total": t,
+                "pass": p,
+                "fail": f,
+                "undecided": t - p - f,
+                "latest": at,
+            }
+            for n, v, t, p, f, at in rows
+        ]
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _newest_version(self, verifier: str) -> str | None:
+        query = (
+            select(VerdictRow.version)
+            .where(VerdictRow.verifier == verifier)
+            .order_by(VerdictRow.created_at.desc(), VerdictRow.id.desc())
+            .limit(1)
+        )
+        with self._sessions() as session:
+            return session.scalar(query)
+
+    def _verdict_pairs(
+        self, verifier: str, version: str | None, gold: str
+    ) -> list[tuple[bool | None, bool | None]]:
+        said, truth = aliased(VerdictRow), aliased(VerdictRow)
+        query = (
+            select(said.trajectory_id, said.passed, truth.passed, truth.created_at, truth.id)
+            .join(truth, truth.trajectory_id == said.trajectory_id)
+            .where(said.verifier == verifier, truth.verifier == gold)
+            .order_by(truth.created_at, truth.id)
+        )
+        if version is not None:
+            query = query.where(said.version == version)
+        with self._sessions() as session:
+            rows = session.execute(query).all()
+        latest: dict[str, tuple[bool | None, bool | None]] = {}
+        for tid, verdict_passed, gold_passed, _, _ in rows:  # the newest gold label per trajectory wins
+            latest[tid] = (verdict_passed, gold_passed)
+        return list(latest.values())
+
+
+def _upsert_verdicts(session: Any, rows: list[dict[str, Any]]) -> None:
+    """One verdict per (trajectory, verifier, version): a new one replaces the old in place."""
+    dialect = postgresql if session.bind.dialect.name == "postgresql" else sqlite
+    stmt = dialect.insert(VerdictRow)
+    replace = {
+        c: stmt.excluded[c] for c in ("passed", "score", "reason", "evidence", "duration_s", "created_at")
+    }
+    session.execute(
+        stmt.on_conflict_do_update(index_elements=["trajectory_id", "verifier", "version"], set_=replace),
+        rows,
+    )
+
+
+def _verdict_row(trajectory_id: str, v: Verdict, now: datetime) -> dict[str, Any]:
+    return {
+        "trajectory_id": trajectory_id,
+        "verifier": v.verifier,
+        "version": v.version,
+        "passed": v.passed,
+        "score": float(v.score),
+        "reason": v.reason or "",
+        "evidence": v.evidence or {},
+        "duration_s": float(v.duration_s or 0.0),
+        "created_at": now,
+    }
+
+
+def _rate_columns(name: str, rate: Any) -> dict[str, float | None]:
+    if rate is None:
+        return {name: None, f"{name}_low": None, f"{name}_high": None}
+    return {name: rate.value, f"{name}_low": rate.low, f"{name}_high": rate.high}
+
+
+def _lock_key(queue: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"honed-verify:{queue}".encode()).digest()[:8], "big", signed=True)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)

@@ -1,0 +1,272 @@
+"""`honed verify`, `honed label`, `honed verifiers list|audit|policy`: labelling outcomes from a terminal."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import logging
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+
+from honed.cli.common import JsonOption, StoreOption, app, console, open_store_or_exit
+from honed.store import TrajectoryNotFound
+from honed.trajectory import Verdict
+
+DEFAULT_VERIFIERS = "reference,schema,tests"  # honed.verifiers.catalog.DEFAULT, without importing it here
+
+verifiers_app = typer.Typer(no_args_is_help=True, help="Inspect verifiers, audit them against gold labels.")
+app.add_typer(verifiers_app, name="verifiers")
+
+VerifierOption = Annotated[
+    str,
+    typer.Option(
+        "--verifier",
+        "-v",
+        help="Comma list of built-ins (reference, schema, tests) and/or module:attr of your own.",
+    ),
+]
+
+
+@app.command()
+def verify(
+    store: StoreOption = None,
+    verifier: VerifierOption = DEFAULT_VERIFIERS,
+    watch: Annotated[
+        bool, typer.Option("--watch/--once", help="Keep labelling new runs, or label what is there and exit.")
+    ] = False,
+    concurrency: Annotated[int, typer.Option(help="Trajectories verified at once.")] = 2,
+    batch: Annotated[int | None, typer.Option(help="Trajectories claimed per round trip.")] = None,
+    timeout: Annotated[float, typer.Option(help="Deadline of one verifier call, seconds.")] = 60.0,
+    lease: Annotated[
+        float, typer.Option(help="Claim lease, seconds; a dead worker's work returns after it.")
+    ] = 60.0,
+    max_attempts: Annotated[int, typer.Option(help="Tries before a verifier error is final.")] = 3,
+    poll: Annotated[float, typer.Option(help="Seconds between polls with --watch.")] = 2.0,
+) -> None:
+    """Label unlabeled trajectories with verifiers (safe to run on many machines at once)."""
+    from honed.verifiers import UnknownVerifier, Worker
+    from honed.verifiers.catalog import resolve
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        chosen = resolve(verifier)
+    except UnknownVerifier as exc:
+        console().print(f"[red]{escape(str(exc))}[/red]")
+        raise typer.Exit(2) from exc
+    out = console()
+    with open_store_or_exit(store) as s:
+        worker = Worker(
+            s,
+            chosen,
+            concurrency=concurrency,
+            batch_size=batch,
+            timeout_s=timeout,
+            lease_s=lease,
+            max_attempts=max_attempts,
+            poll_s=poll,
+        )
+        backlog = s.verification_backlog(worker.queue)
+        todo = backlog["unqueued"] + backlog["due"] + backlog["claimed"]
+        columns = (
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+        )
+        with Progress(*columns, console=out, transient=False) as progress:
+            task = progress.add_task(f"verifying with {escape(worker.queue)}", total=None if watch else todo)
+
+            def show(stats) -> None:
+                progress.update(
+                    task,
+                    completed=stats.settled,
+                    description=(
+                        f"[green]{stats.passed} pass[/green] [red]{stats.failed} fail[/red] "
+                        f"[yellow]{stats.undecided} unsure[/yellow] {stats.errors} error(s)"
+                    ),
+                )
+
+            worker.on_progress = show
+            try:
+                settled = worker.run_forever() if watch else worker.run_once()
+            finally:
+                worker.close()
+        stats = worker.stats
+    out.print(
+        f"[bold]{settled}[/bold] trajectories labelled: {stats.verdicts} new verdicts "
+        f"({stats.passed} pass, {stats.failed} fail, {stats.undecided} could not tell, {stats.errors} errors, "
+        f"{stats.retries} to retry)"
+    )
+
+
+@app.command()
+def label(
+    trajectory_id: Annotated[
+        str, typer.Argument(help="A trajectory id, or a unique prefix or suffix of one.")
+    ],
+    outcome: Annotated[str, typer.Argument(help="pass | fail")],
+    store: StoreOption = None,
+    note: Annotated[str, typer.Option("--note", "-m", help="Why: kept as the verdict's reason.")] = "",
+    by: Annotated[str | None, typer.Option("--by", help="Who labels (default: your login).")] = None,
+    verifier: Annotated[str, typer.Option("--as", help="Label source name: gold for audits.")] = "human",
+) -> None:
+    """Record a human (gold) label for one trajectory; it replaces that person's earlier label."""
+    if outcome not in ("pass", "fail"):
+        console().print(f"[red]outcome must be pass or fail, not {escape(outcome)!r}[/red]")
+        raise typer.Exit(2)
+    with open_store_or_exit(store) as s:
+        try:
+            t = s.get(trajectory_id)
+            v = s.add_verdict(
+                t.id,
+                Verdict(
+                    passed=outcome == "pass",
+                    score=1.0 if outcome == "pass" else 0.0,
+                    reason=note,
+                    evidence={"labeler": by or _login()},
+                    verifier=verifier,
+                    version="1",
+                ),
+            )
+        except TrajectoryNotFound as exc:
+            console().print(f"[red]no trajectory {escape(str(exc))}[/red]")
+            raise typer.Exit(1) from exc
+    mark = "[green]pass[/green]" if v.passed else "[red]fail[/red]"
+    console().print(f"{t.id}: {mark} by {escape(verifier)} {escape(note)}")
+
+
+@verifiers_app.command("list")
+def list_verifiers(store: StoreOption = None, as_json: JsonOption = False) -> None:
+    """Verdict counts per verifier and version, with each verifier's trust and training policy."""
+    with open_store_or_exit(store) as s:
+        counts = s.verifier_counts()
+        policies = {p.verifier: p for p in s.verifier_policies()}
+    if as_json:
+        for row in counts:
+            p = policies.get(row["verifier"])
+            row["latest"] = row["latest"].isoformat() if row["latest"] else None
+            row["usable_for_training"] = p.usable if p else True
+            typer.echo(json.dumps(row))
+        return
+    table = Table(title="verifiers")
+    for column in (
+        "verifier",
+        "version",
+        "verdicts",
+        "pass",
+        "fail",
+        "unsure",
+        "trust",
+        "min precision",
+        "audited precision",
+        "trains",
+    ):
+        table.add_column(
+            column, justify="right" if column not in ("verifier", "version", "trust") else "left"
+        )
+    for row in counts:
+        p = policies.get(row["verifier"])
+        table.add_row(
+            escape(row["verifier"]),
+            escape(row["version"]),
+            str(row["total"]),
+            str(row["pass"]),
+            str(row["fail"]),
+            str(row["undecided"]),
+            p.trust if p else "high",
+            _num(p.min_precision if p else None),
+            _num(p.precision if p else None),
+            "yes" if (p.usable if p else True) else "[red]no[/red]",
+        )
+    console().print(table)
+
+
+@verifiers_app.command("audit")
+def audit(
+    name: Annotated[str, typer.Argument(help="The verifier to audit.")],
+    store: StoreOption = None,
+    gold: Annotated[str, typer.Option(help="The label source taken as truth.")] = "human",
+    version: Annotated[str | None, typer.Option(help="Verifier version (default: its newest).")] = None,
+    min_precision: Annotated[
+        float | None, typer.Option("--min-precision", help="Also set the precision its passes need to train.")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Precision, recall and false-positive rate (Wilson 95% intervals) against gold labels; stored."""
+    with open_store_or_exit(store) as s:
+        result = s.audit_verifier(name, gold=gold, version=version)
+        if min_precision is not None:
+            s.set_min_precision(name, min_precision)
+        policy = s.verifier_policy(name)
+    if as_json:
+        typer.echo(json.dumps({**result.to_dict(), "usable_for_training": policy.usable}))
+        return
+    out = console()
+    title = f"{name}@{result.version or '?'} vs {gold}: {result.n} labelled trajectories, {result.undecided} undecided"
+    table = Table(title=escape(title))
+    for column in ("measure", "value", "95% interval", "counts"):
+        table.add_column(column)
+    for label_, rate in (
+        ("precision", result.precision),
+        ("recall", result.recall),
+        ("false-positive rate", result.false_positive_rate),
+    ):
+        if rate is None:
+            table.add_row(label_, "-", "-", "no data")
+        else:
+            table.add_row(
+                label_, f"{rate.value:.3f}", f"[{rate.low:.3f}, {rate.high:.3f}]", f"{rate.k}/{rate.n}"
+            )
+    out.print(table)
+    out.print(f"tp={result.tp} fp={result.fp} tn={result.tn} fn={result.fn}")
+    if result.n == 0:
+        out.print(f"[yellow]no trajectory has both a {escape(name)} verdict and a {escape(gold)} label[/yellow]; "
+                  f"label some with [cyan]honed label ID pass|fail[/cyan]")  # fmt: skip
+    usable = "[green]used[/green]" if policy.usable else "[red]not used[/red]"
+    minimum = "none" if policy.min_precision is None else f"{policy.min_precision:.3f}"
+    out.print(f"training: its passes are {usable} (min precision {minimum}, trust {policy.trust})")
+
+
+@verifiers_app.command("policy")
+def policy(
+    name: Annotated[str, typer.Argument(help="The verifier.")],
+    min_precision: Annotated[
+        float | None, typer.Option("--min-precision", help="Minimum audited precision.")
+    ] = None,
+    clear: Annotated[bool, typer.Option("--clear", help="Remove the minimum.")] = False,
+    note: Annotated[str, typer.Option(help="Why.")] = "",
+    store: StoreOption = None,
+) -> None:
+    """Set (or clear) the audited precision below which a verifier's passes are not training data."""
+    if min_precision is None and not clear:
+        console().print("[red]give --min-precision X or --clear[/red]")
+        raise typer.Exit(2)
+    with open_store_or_exit(store) as s:
+        p = s.set_min_precision(name, None if clear else min_precision, note=note)
+    state = "[green]used[/green]" if p.usable else "[red]not used[/red]"
+    console().print(
+        f"{escape(name)}: min precision {_num(p.min_precision)}, audited {_num(p.precision)}; passes {state}"
+    )
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _login() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:
+        return "unknown"

@@ -1,0 +1,110 @@
+"""`Judge`: a chat model grades the final answer against a rubric, with structured output.
+
+    >>> Judge(ChatOpenAI(model="gpt-4.1-mini"), "Pass when the answer is polite and correct.")
+
+Any LangChain chat model that supports `with_structured_output` works. Judges are lower-trust
+(`trust = "low"`, recorded in every verdict's evidence): audit them against human labels
+(`honed verifiers audit judge`) and give them a minimum precision before their passes train a model.
+The version defaults to a hash of the rubric and the model's name, so changing either relabels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from honed.trajectory import Trajectory, Verdict
+from honed.verifiers.outcome import agent_failed, final_answer
+from honed.verifiers.protocol import BaseVerifier, CannotTell, verdict
+
+SYSTEM_PROMPT = """You are a strict grader of an AI agent's work.
+Grade only the agent's final answer against the rubric below; do not solve the task yourself.
+Answer with `passed` (does the answer meet the rubric?), `score` (0 to 1) and a one-sentence `reason`.
+
+Rubric:
+{rubric}"""
+
+
+class JudgeDecision(BaseModel):
+    """The judge's structured answer."""
+
+    passed: bool = Field(description="Whether the final answer meets the rubric.")
+    score: float = Field(ge=0.0, le=1.0, description="How well it meets the rubric, from 0 to 1.")
+    reason: str = Field(description="One sentence explaining the grade.")
+
+
+class Judge(BaseVerifier):
+    """An LLM judge with a rubric; `threshold` (if set) decides from the score instead of `passed`."""
+
+    trust = "low"
+
+    def __init__(
+        self,
+        model: Any,
+        rubric: str,
+        *,
+        name: str = "judge",
+        version: str | None = None,
+        threshold: float | None = None,
+        show_reference: bool = True,
+        max_chars: int = 8000,
+        when: Callable[[Trajectory], bool] | None = None,
+        tags: Iterable[str] = (),
+        timeout_s: float | None = 120.0,
+    ) -> None:
+        self.model, self.rubric, self.threshold = model, rubric, threshold
+        self.show_reference, self.max_chars, self.when = show_reference, max_chars, when
+        self.model_name = str(
+            getattr(model, "model_name", None) or getattr(model, "model", None) or type(model).__name__
+        )
+        digest = hashlib.sha256(f"{rubric}\0{self.model_name}".encode()).hexdigest()[:10]
+        self.name, self.version = name, version or f"rubric-{digest}"
+        self.tags, self.timeout_s = frozenset(tags), timeout_s
+        self._grader = model.with_structured_output(JudgeDecision)
+
+    def applies_to(self, trajectory: Trajectory) -> bool:
+        return self.when is None or bool(self.when(trajectory))
+
+    def check(self, t: Trajectory) -> Verdict:
+        failed = agent_failed(t)
+        if failed is not None:
+            return verdict(False, f"the agent run failed: {failed}"[:500], agent_error=failed[:2000])
+        answer = final_answer(t)
+        decision = self._grader.invoke(
+            [("system", SYSTEM_PROMPT.format(rubric=self.rubric)), ("human", self._prompt(t, answer))]
+        )
+        if isinstance(decision, dict):
+            decision = JudgeDecision.model_validate(decision)
+        if not isinstance(decision, JudgeDecision):
+            raise CannotTell("the judge gave no structured decision", raw=str(decision)[:1000])
+        passed = decision.passed if self.threshold is None else decision.score >= self.threshold
+        return verdict(passed, decision.reason[:1000], decision.score, judge_model=self.model_name)
+
+    def _prompt(self, t: Trajectory, answer: str) -> str:
+        parts = [f"Task:\n{_clip(task_text(t.task), self.max_chars)}"]
+        expected = (t.metadata or {}).get("expected")
+        if self.show_reference and expected is not None:
+            parts.append(f"Reference answer:\n{_clip(_as_text(expected), self.max_chars)}")
+        parts.append(f"Agent's final answer:\n{_clip(answer, self.max_chars)}")
+        return "\n\n".join(parts)
+
+
+def task_text(task: Any) -> str:
+    """The task as the user stated it: the last user message of a message-based input."""
+    if isinstance(task, dict) and isinstance(task.get("messages"), list):
+        for message in reversed(task["messages"]):
+            if isinstance(message, dict) and message.get("role") in ("user", "human"):
+                return _as_text(message.get("content"))
+    return _as_text(task)
+
+
+def _as_text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -1,0 +1,244 @@
+"""The in-process built-ins (reference, schema, goal, judge), composition, routing, and bad input."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import BaseModel
+
+from honed import Trajectory, Verdict
+from honed.verifiers import (
+    GoalCheck,
+    JsonSchema,
+    Judge,
+    ReferenceMatch,
+    TestSuite,
+    all_of,
+    any_of,
+    applicable,
+    weighted,
+)
+from honed.verifiers.catalog import resolve
+from honed.verifiers.protocol import UnknownVerifier
+from verifier_helpers import FakeJudgeModel, tool_traj, traj
+
+TRUNCATED = {"__truncated__": True, "type": "str", "size": 999_999, "sha256": "ab", "preview": "the ans"}
+
+
+def check(verifier, t: Trajectory) -> Verdict:
+    v = verifier.verify(t)
+    assert v.verifier == verifier.name and v.version == verifier.version and v.trajectory_id == t.id
+    assert 0.0 <= v.score <= 1.0 and v.duration_s >= 0
+    return v
+
+
+# -- ReferenceMatch -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected", "mode", "passed"),
+    [
+        ("the sum is 5", "5", "auto", True),  # numeric: the last number in the answer
+        ("the sum is 1,234.0", 1234, "auto", True),
+        ("about 3.14159", "3.1416", "auto", False),  # default tolerance is tight
+        ("Hello, World!", "hello world", "normalized", False),  # inner punctuation counts
+        ("  Hello   WORLD. ", "hello world", "auto", True),
+        ("Paris", "paris", "exact", False),
+        ("Paris\n", "Paris", "exact", True),
+        ("I think the capital is Paris.", "paris", "contains", True),
+        ("Parisian food", "paris", "contains", False),
+        ("order #A-1234 confirmed", r"#A-\d{4}", "regex", True),
+        ("order #A-12 confirmed", r"#A-\d{4}", "regex", False),
+        ("apples, pears\nplums", ["Plums", "apples", "pears"], "set", True),
+        ('["a", "b"]', ["b", "a"], "list", False),
+        ('["a", "b"]', ["a", "b"], "auto", True),
+        ('```json\n{"x": 1, "y": [2]}\n```', {"y": [2], "x": 1}, "auto", True),
+    ],
+)
+def test_reference_modes(answer: str, expected, mode: str, passed: bool) -> None:
+    v = check(ReferenceMatch(mode), traj("t", answer, expected=expected))  # type: ignore[arg-type]
+    assert v.passed is passed, v
+    assert v.evidence["mode"] in (
+        "numeric",
+        "normalized",
+        "exact",
+        "contains",
+        "regex",
+        "set",
+        "list",
+        "json",
+    )
+
+
+def test_reference_tolerance_match_override_and_evidence() -> None:
+    close = traj("t", "pi is 3.1416", expected="3.14159", tolerance=0.001)
+    assert check(ReferenceMatch(), close).passed is True
+    by_metadata = traj("t", "abc-123", expected=r"^abc-\d+$", match="regex")
+    assert check(ReferenceMatch(), by_metadata).passed is True
+    set_score = check(ReferenceMatch("set"), traj("t", "a, b, c", expected=["a", "b", "d"]))
+    assert set_score.passed is False and set_score.score == pytest.approx(0.5)
+    assert set_score.evidence["missing"] == ["d"] and set_score.evidence["extra"] == ["c"]
+    diff = check(ReferenceMatch("exact"), traj("t", "line one\nline 2", expected="line one\nline two"))
+    assert "-line two" in diff.evidence["diff"] and "+line 2" in diff.evidence["diff"]
+
+
+@pytest.mark.parametrize(
+    ("t", "reason_part"),
+    [
+        (traj("no-ref", "5"), "no reference"),
+        (traj("empty", None, steps=[], expected="5"), "empty trajectory"),
+        (traj("no-output", None, expected="5"), "no final output"),
+        (traj("cut", TRUNCATED, expected="5"), "truncated"),
+        (traj("cut-answer", {"answer": TRUNCATED, "x": 1}, expected="5"), "truncated"),
+        (traj("cut-ref", "5", expected=TRUNCATED), "truncated"),
+        (traj("bad-regex", "x", expected="(", match="regex"), "invalid regex"),
+        (traj("bad-mode", "x", expected="x", match="fuzzy"), "unknown match mode"),
+        (traj("bad-json", "{not json", expected={"a": 1}), "malformed JSON"),
+        (traj("not-number", "5", expected="five", match="numeric"), "not a number"),
+    ],
+)
+def test_bad_input_is_undecided_with_a_reason(t: Trajectory, reason_part: str) -> None:
+    v = check(ReferenceMatch(), t)
+    assert v.passed is None and reason_part in v.reason, v.reason
+    assert v.score == 0.0
+
+
+def test_a_failed_agent_run_fails() -> None:
+    t = traj("crashed", None, status="error", expected="5")
+    t.error = "ValueError: exploded"
+    v = check(ReferenceMatch(), t)
+    assert v.passed is False and "exploded" in v.reason
+
+
+# -- JsonSchema -----------------------------------------------------------------------------------
+
+BOOKING = {
+    "type": "object",
+    "properties": {"city": {"type": "string"}, "nights": {"type": "integer", "minimum": 1}},
+    "required": ["city", "nights"],
+}
+
+
+class Booking(BaseModel):
+    city: str
+    nights: int
+
+
+def test_schema_valid_invalid_and_reference_fields() -> None:
+    good = traj("g", '{"city": "Oslo", "nights": 2}', expected={"city": "Oslo"})
+    assert check(JsonSchema(BOOKING), good).passed is True
+    wrong_field = traj("w", '{"city": "Bergen", "nights": 2}', expected={"city": "Oslo", "nights": 2})
+    v = check(JsonSchema(BOOKING), wrong_field)
+    assert v.passed is False and v.score == 0.5
+    assert v.evidence["field_mismatches"] == {"city": {"expected": "Oslo", "got": "Bergen"}}
+    invalid = check(JsonSchema(BOOKING), traj("i", '{"city": 3, "nights": 0}'))
+    assert invalid.passed is False
+    assert {(e["path"], e["rule"]) for e in invalid.evidence["schema_errors"]} == {
+        ("/city", "type"),
+        ("/nights", "minimum"),
+    }
+
+
+def test_schema_from_pydantic_metadata_and_tool_calls() -> None:
+    v = check(JsonSchema(Booking), traj("p", '{"city": "Oslo", "nights": "many"}'))
+    assert v.passed is False and v.evidence["schema_errors"][0]["path"] == "/nights"
+    per_task = traj(
+        "m", {"answer": "ok", "structured_response": {"city": "Rome", "nights": 1}}, schema=BOOKING
+    )
+    assert check(JsonSchema(), per_task).passed is True
+    called = tool_traj("c", "book", {"city": "Oslo", "nights": 3}, expected={"nights": 3})
+    assert check(JsonSchema(Booking, tool="book"), called).passed is True
+    never = check(JsonSchema(Booking, tool="cancel"), called)
+    assert never.passed is False and "never called 'cancel'" in never.reason
+
+
+def test_schema_bad_input() -> None:
+    assert check(JsonSchema(BOOKING), traj("x", "Sure! {city: Oslo")).passed is None
+    no_schema = check(JsonSchema(), traj("y", "{}"))
+    assert no_schema.passed is None and "no schema" in no_schema.reason
+    assert check(JsonSchema(), traj("z", "{}", schema={"type": "nonsense"})).passed is None
+    assert check(JsonSchema(BOOKING), traj("cut", TRUNCATED)).passed is None
+
+
+# -- GoalCheck and Judge ----------------------------------------------------------------------------
+
+
+def test_goal_check_receives_the_final_state_and_accepts_many_returns() -> None:
+    seen = []
+
+    def reached(state, trajectory):
+        seen.append((state, trajectory.id))
+        return state.get("booked") is True
+
+    state_output = {"answer": "all set", "booked": True}
+    assert check(GoalCheck(reached), traj("g", state_output)).passed is True
+    assert seen == [(state_output, "g")]
+    assert check(GoalCheck(lambda s: s["answer"] == "42"), traj("h", "42")).passed is True
+    assert check(GoalCheck(lambda s: 0.4, threshold=0.5), traj("i")).passed is False
+    assert (
+        check(GoalCheck(lambda s: (False, "the door is still shut")), traj("j")).reason
+        == "the door is still shut"
+    )
+    assert check(GoalCheck(lambda s: None), traj("k")).passed is None
+    assert check(
+        GoalCheck(lambda s: {"passed": True, "score": 0.7, "evidence": {"steps": 3}}), traj("l")
+    ).evidence == {"steps": 3}
+    assert check(GoalCheck(lambda s: True), traj("empty", None, steps=[])).passed is None
+    with pytest.raises(TypeError, match="returned str"):
+        GoalCheck(lambda s: "yes").verify(traj("m"))
+
+
+def test_judge_uses_structured_output_and_is_low_trust() -> None:
+    model = FakeJudgeModel()
+    judge = Judge(model, "Pass when the answer is correct.")
+    good, bad = check(judge, traj("a", "a correct answer")), check(judge, traj("b", "nonsense"))
+    assert (good.passed, good.score, good.reason) == (True, 0.9, "looks right")
+    assert bad.passed is False and bad.evidence["trust"] == "low" and judge.trust == "low"
+    assert model.calls == 2
+    assert Judge(model, "another rubric").version != judge.version  # a new rubric relabels
+    assert Judge(model, "x", threshold=0.95).verify(traj("c", "correct")).passed is False
+
+
+# -- composition and routing ------------------------------------------------------------------------
+
+
+def test_all_of_any_of_weighted() -> None:
+    ref, goal_no = ReferenceMatch(), GoalCheck(lambda s: False, name="goal")
+    t = traj("t", "the answer is 5", expected="5")
+    both = check(all_of(ref, goal_no), t)
+    assert both.passed is False and both.verifier == "all_of(reference,goal)"
+    assert [p["passed"] for p in both.evidence["parts"]] == [True, False]
+    assert check(any_of(ref, goal_no), t).passed is True
+    unsure = GoalCheck(lambda s: None, name="unsure")
+    assert check(all_of(ref, unsure), t).passed is None  # never a pass when a part could not tell
+    assert check(any_of(goal_no, unsure), t).passed is None
+    mixed = weighted({ref: 0.7, goal_no: 0.3}, threshold=0.6)
+    v = check(mixed, t)
+    assert v.passed is True and v.score == pytest.approx(0.7)
+    assert check(weighted([(unsure, 1.0)]), t).passed is None
+    assert all_of(ref, Judge(FakeJudgeModel(), "r")).trust == "low"
+
+
+def test_routing_by_metadata_requirements_and_tags() -> None:
+    ref, schema, tests = ReferenceMatch(), JsonSchema(), TestSuite()
+    math_only = GoalCheck(lambda s: True, name="math-goal", tags=["math"])
+    everything = [ref, schema, tests, math_only]
+    names = lambda t: [v.name for v in applicable(everything, t)]  # noqa: E731
+    assert names(traj("a", expected="1")) == ["reference"]
+    assert names(traj("b", expected="1", tests="def test(): pass", tags=["math"])) == [
+        "reference",
+        "tests",
+        "math-goal",
+    ]
+    assert names(traj("c", schema={"type": "object"}, tags="math")) == ["schema", "math-goal"]
+    assert names(traj("d", verifier="tests")) == ["tests"]  # named: runs even without its requirement
+    assert names(traj("e", verifier=["reference", "math-goal"], expected="1")) == ["reference", "math-goal"]
+    assert names(traj("f", verifier="somebody-else")) == []
+
+
+def test_catalog_resolves_builtins_and_module_attrs() -> None:
+    assert [v.name for v in resolve("reference, tests")] == ["reference", "tests"]
+    assert [v.name for v in resolve("verifier_helpers:worker_verifiers")] == ["slow-ref", "reference"]
+    with pytest.raises(UnknownVerifier, match="unknown verifier 'nope'"):
+        resolve("nope")
+    with pytest.raises(UnknownVerifier, match="cannot load"):
+        resolve("no.such.module:thing")

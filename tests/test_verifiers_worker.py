@@ -1,0 +1,283 @@
+"""The worker on real SQLite and PostgreSQL: claims, idempotence, errors, retries, crashes, signals, outages."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from alembic import command
+from langchain.agents import create_agent
+from sqlalchemy import inspect, text
+from sqlalchemy.engine import make_url
+
+import honed
+from fakes import ToolScriptModel, make_tools
+from honed.store.store import _alembic_config
+from honed.verifiers import GoalCheck, ReferenceMatch, TestSuite, Worker, is_error
+from tcpproxy import TcpProxy
+from verifier_helpers import (
+    Hangs,
+    Raises,
+    SlowReference,
+    claim_states,
+    traj,
+    verdict_counts,
+    worker_verifiers,
+)
+
+HELPERS = Path(__file__).with_name("verifier_helpers.py")
+
+
+def seed(store: honed.TrajectoryStore, n: int, prefix: str = "t") -> list[str]:
+    ids = [f"{prefix}{i}" for i in range(n)]
+    for i, tid in enumerate(ids):
+        store.save(traj(tid, f"the answer is {i}", expected=str(i if i % 4 else i + 1)))
+    return ids
+
+
+def test_worker_labels_once_and_a_new_version_labels_again(store_url: str) -> None:
+    store = honed.open_store(store_url)
+    ids = seed(store, 8)
+    store.save(traj("no-reference", "hello"))  # no verifier applies: settled without a verdict
+    worker = Worker(store, [ReferenceMatch()], concurrency=2, batch_size=3)
+    assert worker.run_once() == 9
+    assert worker.run_once() == 0  # idempotent: nothing is unlabeled any more
+    assert store.count(verdict="pass") == 6 and store.count(verdict="fail") == 2
+    assert store.count(verdict="unlabeled") == 1
+    t1 = store.get("t1")
+    assert [(v.verifier, v.version, v.passed, v.reason) for v in t1.verdicts] == [
+        ("reference", "1", True, "1 == 1")
+    ]
+
+    v2 = Worker(store, [ReferenceMatch(version="2")])
+    assert v2.run_once() == 9
+    assert verdict_counts(store) == {(tid, "reference"): 2 for tid in ids}
+    assert {v.version for v in store.get("t0").verdicts} == {"1", "2"}
+    assert worker.stats.verdicts == 8 and worker.stats.passed == 6 and worker.stats.failed == 2
+
+
+def test_routing_and_bad_input_in_the_worker(sqlite_url: str) -> None:
+    store = honed.open_store(sqlite_url)
+    store.save(traj("named", "42", verifier="reference"))  # named but no reference: could not tell
+    store.save(traj("goal-only", {"answer": "done", "booked": True}, verifier="goal"))
+    store.save(traj("empty", None, steps=[], expected="1"))
+    store.save(traj("truncated", {"__truncated__": True, "size": 10**6}, expected="1"))
+    goal = GoalCheck(lambda state: state.get("booked") is True)
+    assert Worker(store, [ReferenceMatch(), goal]).run_once() == 4
+    got = {t.id: [(v.verifier, v.passed) for v in t.verdicts] for t in store.trajectories(limit=None)}
+    assert got == {
+        "named": [("reference", None)],
+        "goal-only": [("goal", True)],
+        "empty": [("reference", None), ("goal", None)],  # a goal check meets every trajectory
+        "truncated": [("reference", None), ("goal", None)],
+    }
+    assert "no reference" in store.get("named").verdicts[0].reason
+
+
+def test_a_hung_verifier_is_an_error_retried_with_backoff_never_a_pass(store_url: str) -> None:
+    store = honed.open_store(store_url)
+    seed(store, 2)
+    worker = Worker(store, [Hangs(seconds=5, timeout_s=0.3), ReferenceMatch()], max_attempts=2, backoff_s=0.3)
+    start = time.monotonic()
+    assert worker.run_once() == 0  # both wait for a retry
+    assert time.monotonic() - start < 3  # hung threads do not hold the worker
+    hung = next(v for v in store.get("t1").verdicts if v.verifier == "hangs")
+    assert hung.passed is None and is_error(hung) and hung.evidence["error"] == "VerifierTimeout"
+    assert "took longer than 0.3s" in hung.reason and hung.evidence["attempt"] == 1
+    assert not [
+        v for t in store.trajectories(limit=None) for v in t.verdicts if v.verifier == "hangs" and v.passed
+    ]
+    assert claim_states(store) == {"pending": 2}
+    time.sleep(0.35)
+    assert worker.run_once() == 2  # second and last attempt: the error verdict stays
+    hung = next(v for v in store.get("t1").verdicts if v.verifier == "hangs")
+    assert hung.evidence["attempt"] == 2 and worker.stats.timeouts == 4
+    assert verdict_counts(store) == {(t, v): 1 for t in ("t0", "t1") for v in ("hangs", "reference")}
+    assert claim_states(store) == {"done": 2}
+
+
+def test_a_raising_verifier_is_recorded_with_its_traceback_then_retried(sqlite_url: str) -> None:
+    store = honed.open_store(sqlite_url)
+    seed(store, 1)
+    flaky = Raises(times=1)
+    worker = Worker(store, [flaky], backoff_s=0.2)
+    assert worker.run_once() == 0
+    (error,) = store.get("t0").verdicts
+    assert error.passed is None and error.evidence["error"] == "ZeroDivisionError"
+    assert "boom #1 on t0" in error.reason and 'raise ZeroDivisionError(f"boom' in error.evidence["traceback"]
+    time.sleep(0.25)
+    assert worker.run_once() == 1
+    (fixed,) = store.get("t0").verdicts
+    assert fixed.passed is True and fixed.reason == "worked on retry" and not is_error(fixed)
+
+
+def test_concurrent_workers_never_label_twice(store_url: str) -> None:
+    ids = seed(honed.open_store(store_url), 60)
+    calls: list[str] = []
+    stores = [honed.open_store(store_url) for _ in range(3)]
+    workers = [Worker(s, [SlowReference(0.01, calls)], concurrency=2, batch_size=4) for s in stores]
+    settled = [0] * 3
+    start = threading.Barrier(3)
+
+    def go(i: int) -> None:
+        start.wait()
+        settled[i] = workers[i].run_once()
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sum(settled) == 60 and all(settled), settled
+    assert sorted(calls) == sorted(ids)  # every trajectory verified exactly once, across workers
+    assert verdict_counts(stores[0]) == {(tid, "slow-ref"): 1 for tid in ids}
+
+
+def _spawn_worker(url: str, **options) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, str(HELPERS), url, json.dumps(options)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _wait_for(store: honed.TrajectoryStore, proc: subprocess.Popen[str], done: int, claimed: int = 0) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        states = claim_states(store)
+        if states.get("done", 0) >= done and states.get("claimed", 0) >= claimed:
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"the worker exited early: {proc.stdout.read() if proc.stdout else ''}")
+        time.sleep(0.02)
+    proc.kill()
+    pytest.fail(f"the worker made no progress: {claim_states(store)}")
+
+
+def test_a_worker_killed_mid_batch_loses_nothing(store_url: str) -> None:
+    store = honed.open_store(store_url)
+    ids = seed(store, 24)  # 6 s of work: it is killed long before the end, even on a loaded machine
+    proc = _spawn_worker(store_url, delay=0.5, concurrency=2, batch_size=8, lease_s=1.5, flush_s=0.05)
+    _wait_for(store, proc, done=2, claimed=4)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    states = claim_states(store)
+    assert states.get("claimed", 0) >= 4  # it died holding claims mid-batch
+
+    time.sleep(1.6)  # its leases run out
+    survivor = Worker(store, worker_verifiers(0.0), lease_s=30)
+    assert survivor.run_once() == 24 - states["done"]
+    assert verdict_counts(store) == {(tid, v): 1 for tid in ids for v in ("slow-ref", "reference")}
+    assert not [v for t in store.trajectories(limit=None) for v in t.verdicts if is_error(v)]
+    assert claim_states(store) == {"done": 24}
+
+
+def test_sigterm_finishes_in_flight_work_and_releases_the_rest(store_url: str) -> None:
+    store = honed.open_store(store_url)
+    ids = seed(store, 20)  # 10 s of work: SIGTERM lands long before the end, even on a loaded machine
+    proc = _spawn_worker(
+        store_url, delay=0.5, concurrency=1, batch_size=20, lease_s=60, flush_s=0.05, poll_s=0.1, forever=True
+    )
+    _wait_for(store, proc, done=1)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=20)
+    assert proc.returncode == 0 and "worker exits after settling" in output, output
+    states = claim_states(store)
+    assert "claimed" not in states and states["pending"] > 0  # released, not left to a 60 s lease
+    with store.engine.connect() as conn:
+        attempts = (
+            conn.execute(text("SELECT attempts FROM verification_claims WHERE state = 'pending'"))
+            .scalars()
+            .all()
+        )
+    assert set(attempts) == {0}  # a released claim does not count as an attempt
+    assert Worker(store, worker_verifiers(0.0)).run_once() == states["pending"]
+    assert verdict_counts(store) == {(tid, v): 1 for tid in ids for v in ("slow-ref", "reference")}
+
+
+def test_the_worker_rides_out_a_postgres_outage(pg_url: str) -> None:
+    url = make_url(pg_url)
+    proxy = TcpProxy(url.port or 5432)
+    proxy.up()
+    direct = honed.open_store(pg_url)
+    seed(direct, 3, prefix="before")
+    through_proxy = honed.open_store(url.set(port=proxy.port).render_as_string(hide_password=False))
+    worker = Worker(through_proxy, [ReferenceMatch()], poll_s=0.05, backoff_s=0.05, max_backoff_s=0.2)
+    thread = threading.Thread(target=worker.run_forever, kwargs={"install_signal_handlers": False})
+    thread.start()
+    try:
+        _until(lambda: direct.count(verdict="labeled") == 3)
+        proxy.down()
+        seed(direct, 3, prefix="during")
+        _until(lambda: worker.stats.store_errors > 0)
+        proxy.up()
+        _until(lambda: direct.count(verdict="labeled") == 6)
+    finally:
+        worker.stop()
+        thread.join(20)
+        proxy.down()
+    assert not thread.is_alive() and worker.stats.settled == 6
+
+
+def _until(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail("condition not reached in time")
+        time.sleep(0.02)
+
+
+def test_captured_agent_runs_are_verified_end_to_end(sqlite_url: str) -> None:
+    agent = create_agent(
+        ToolScriptModel(), make_tools(), name="calc", middleware=[honed.Middleware(store=sqlite_url)]
+    )
+    for i, (a, b, expected) in enumerate([(2, 3, "5"), (4, 4, "9")]):
+        task = f'call add {{"a": {a}, "b": {b}}}; answer the sum is {{result}}'
+        agent.invoke(
+            {"messages": [("user", task)]},
+            config={"metadata": {"honed": {"task_id": f"add-{i}", "expected": expected}}},
+        )
+    coder = create_agent(ToolScriptModel(), [], name="coder", middleware=[honed.Middleware(store=sqlite_url)])
+    tests = "from solution import double\n\n\ndef test_double():\n    assert double(21) == 42\n"
+    coder.invoke(
+        {"messages": [("user", "answer Here:\n```python\ndef double(x):\n    return 2 * x\n```")]},
+        config={"metadata": {"honed": {"task_id": "double", "tests": tests}}},
+    )
+    assert honed.flush()
+    store = honed.open_store(sqlite_url)
+    with Worker(store, [ReferenceMatch(), TestSuite()]) as worker:
+        assert worker.run_once() == 3
+    got = {t.task_id: [(v.verifier, v.passed) for v in t.verdicts] for t in store.trajectories(limit=None)}
+    assert got == {
+        "add-0": [("reference", True)],
+        "add-1": [("reference", False)],
+        "double": [("tests", True)],
+    }
+    assert [t.task_id for t in store.trajectories(verdict="pass", oldest_first=True)] == ["add-0", "double"]
+
+
+def test_migration_0002_goes_down_and_up(store_url: str) -> None:
+    store = honed.open_store(store_url)
+    seed(store, 2)
+    Worker(store, [ReferenceMatch()]).run_once()
+    config = _alembic_config()
+    mine = {"verification_claims", "verifier_audits", "verifier_policies"}
+    with store.engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.downgrade(config, "0001")
+    assert not mine & set(inspect(store.engine).get_table_names())
+    with store.engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, "head")
+    assert mine <= set(inspect(store.engine).get_table_names())
+    assert Worker(store, [ReferenceMatch()]).run_once() == 2  # queue state went with the tables
+    assert verdict_counts(store) == {("t0", "reference"): 1, ("t1", "reference"): 1}
+    assert datetime.now(UTC) > store.get("t0").verdicts[0].created_at
