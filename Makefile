@@ -34,6 +34,7 @@ bench: $(STAMP) sandbox
 	$(PY) benchmarks/capture.py
 	$(PY) benchmarks/verifiers.py
 	$(PY) benchmarks/export.py
+	$(PY) benchmarks/serving.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

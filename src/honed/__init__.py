@@ -6,8 +6,12 @@ store = honed.open_store("sqlite:///honed.db")
 store.trajectories(limit=10)
 """
 
+from typing import Any
+
 from honed.plugin import CallbackHandler, Middleware, flush, instrument, stats, uninstrument, wrap
+from honed.plugin.served import ServedModel
 from honed.store import StoreUnavailable, TrajectoryNotFound, TrajectoryStore, open_store
+from honed.store.registry import ModelVersionInvalid, NoLiveVersion, PromotionConflict
 from honed.tracing.recorder import Recorder
 from honed.trajectory import ModelVersion, Step, Trajectory, Verdict
 
@@ -15,9 +19,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CallbackHandler",
+    "LocalChatModel",
     "Middleware",
     "ModelVersion",
+    "ModelVersionInvalid",
+    "NoLiveVersion",
+    "PromotionConflict",
     "Recorder",
+    "ServedModel",
     "Step",
     "StoreUnavailable",
     "Trajectory",
@@ -32,3 +41,12 @@ __all__ = [
     "uninstrument",
     "wrap",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """`honed.LocalChatModel` imports torch, so only on first use (capture never needs torch)."""
+    if name == "LocalChatModel":
+        from honed.models.local import LocalChatModel
+
+        return LocalChatModel
+    raise AttributeError(f"module 'honed' has no attribute {name!r}")

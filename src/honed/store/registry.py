@@ -1,7 +1,551 @@
-"""The model registry (versions, promotion, rollback), as methods of `TrajectoryStore`."""
+"""The model registry (versions, promotion, rollback), as methods of `TrajectoryStore`.
+
+A served name (`support-agent`) has numbered versions (`support-agent@v3`), each a folder of
+weights or a LoRA adapter. Exactly one version per name is live; `ServedModel`s follow it.
+
+Every change is one transaction that starts with a compare-and-set on the name's live pointer
+(`model_live.generation`), so two processes promoting at once cannot both win, on SQLite (the
+first write takes the database's write lock) and on PostgreSQL (the row lock, then the
+re-checked `WHERE generation = :seen`). Each change is recorded in `model_events` with who and
+why, and on PostgreSQL announced with `NOTIFY honed_models` so followers swap at once.
+Files are checked *before* the pointer moves: a version with missing or corrupt weights is
+refused and the live one keeps serving.
+"""
 
 from __future__ import annotations
+
+import getpass
+import json
+import os
+import re
+import socket
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from sqlalchemy import func, insert, select, text, update
+from sqlalchemy.exc import IntegrityError, OperationalError
+
+from honed.store.registry_tables import ModelEventRow, ModelLiveRow, ModelVersionRow
+from honed.trajectory import ModelVersion
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+    from sqlalchemy.orm import Session, sessionmaker
+
+NOTIFY_CHANNEL = "honed_models"
+_REF = re.compile(r"^(?:(?P<name>[^@\s]+)@)?v?(?P<version>\d+)$")
+_ANY: Any = object()
+_RETRIES = 20
+T = TypeVar("T")
+
+
+class ModelVersionNotFound(KeyError):
+    """No such name or version in the registry; `honed versions NAME` lists what there is."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "model version not found"
+
+
+class ModelVersionInvalid(ValueError):
+    """A version's files are missing or corrupt: it cannot be promoted (the live one keeps serving)."""
+
+    def __init__(self, ref: str, reason: str) -> None:
+        super().__init__(f"{ref} cannot be served: {reason}")
+        self.ref = ref
+        self.reason = reason
+
+
+class PromotionConflict(RuntimeError):
+    """The live version changed while this promotion or rollback was being made; nothing was
+    changed by this call. Look at `honed versions NAME` and try again if it still makes sense."""
+
+
+class NoLiveVersion(LookupError):
+    """The name has no live version yet: promote one (`honed promote NAME@v1`)."""
+
+
+class NoPreviousVersion(LookupError):
+    """A rollback found no earlier live version (that was not itself rolled back) to return to."""
+
+
+@dataclass(slots=True)
+class ModelEvent:
+    """One change to a name's versions: register | promote | rollback | reject, by whom, why."""
+
+    id: int
+    name: str
+    action: str
+    version: int | None
+    from_version: int | None
+    actor: str
+    reason: str
+    generation: int | None
+    created_at: datetime
+
+
+def parse_model_ref(ref: str | int, name: str | None = None) -> tuple[str, int]:
+    """`"support-agent@v3"` → `("support-agent", 3)`; `"v3"`, `"3"` or `3` need `name`."""
+    match = _REF.match(str(ref).strip())
+    if match is None:
+        raise ValueError(f"{ref!r} is not a model version: write NAME@vN (e.g. support-agent@v3)")
+    found = match.group("name") or name
+    if not found:
+        raise ValueError(f"{ref!r} names no model: write NAME@vN (e.g. support-agent@v3)")
+    return found, int(match.group("version"))
+
+
+def default_actor() -> str:
+    """Who is making a change: `HONED_ACTOR`, else `user@host`."""
+    if os.environ.get("HONED_ACTOR"):
+        return os.environ["HONED_ACTOR"]
+    try:
+        user = getpass.getuser()
+    except Exception:
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"[:200]
+
+
+def validate_model_files(path: str | Path, ref: str | None = None) -> None:
+    """Raise `ModelVersionInvalid` unless `path` is a loadable model or adapter folder: a config
+    that parses, weights whose safetensors headers parse and whose sizes match the file (a
+    truncated copy is caught), every shard an index names, and a tokenizer for a full model.
+    Cheap: reads headers, never the weights."""
+    ref = ref or str(path)
+    folder = Path(path)
+    if not folder.exists():
+        raise ModelVersionInvalid(ref, f"{folder} does not exist")
+    if not folder.is_dir():
+        raise ModelVersionInvalid(ref, f"{folder} is a file; expected a folder saved with save_pretrained")
+    adapter = (folder / "adapter_config.json").exists()
+    config = folder / ("adapter_config.json" if adapter else "config.json")
+    if not config.exists():
+        raise ModelVersionInvalid(ref, f"no config.json (or adapter_config.json) in {folder}")
+    try:
+        json.loads(config.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelVersionInvalid(ref, f"{config.name} is not valid JSON: {exc}") from exc
+    weights = sorted(folder.glob("*.safetensors"))
+    for index in folder.glob("*.safetensors.index.json"):
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelVersionInvalid(ref, f"{index.name} is not a valid shard index: {exc}") from exc
+        missing = sorted(s for s in shards if not (folder / s).exists())
+        if missing:
+            raise ModelVersionInvalid(ref, f"{index.name} names missing shards: {', '.join(missing)}")
+    for file in weights:
+        _check_safetensors(file, ref)
+    pickled = [f for f in folder.glob("*.bin") if "model" in f.name]
+    for file in pickled:
+        with file.open("rb") as handle:
+            if handle.read(2) != b"PK":
+                raise ModelVersionInvalid(
+                    ref, f"{file.name} is not a torch checkpoint (corrupt or truncated)"
+                )
+    if not weights and not pickled:
+        raise ModelVersionInvalid(ref, f"no weights (*.safetensors or *model*.bin) in {folder}")
+    if not adapter and not any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+        raise ModelVersionInvalid(ref, f"no tokenizer in {folder} (save it with tokenizer.save_pretrained)")
+
+
+def _check_safetensors(file: Path, ref: str) -> None:
+    size = file.stat().st_size
+    try:
+        with file.open("rb") as handle:
+            (header_len,) = struct.unpack("<Q", handle.read(8))
+            if header_len > min(size - 8, 100_000_000):
+                raise ValueError("header length beyond the file")
+            header = json.loads(handle.read(header_len))
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    except (OSError, ValueError, struct.error, KeyError, TypeError, IndexError) as exc:
+        raise ModelVersionInvalid(ref, f"{file.name} is not a valid safetensors file: {exc}") from exc
+    expected = 8 + header_len + max(ends, default=0)
+    if expected != size:
+        raise ModelVersionInvalid(
+            ref, f"{file.name} is {size} bytes but its header describes {expected}: truncated or corrupt"
+        )
 
 
 class ModelRegistry:
     """Mixed into `TrajectoryStore`: `register_model`, `promote`, `rollback`, `live_version`, `versions`."""
+
+    engine: Engine
+    _sessions: sessionmaker[Session]
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def versions(self, name: str) -> list[ModelVersion]:
+        """Every version of `name`, oldest first."""
+        with self._sessions() as session:
+            rows = session.scalars(
+                select(ModelVersionRow).where(ModelVersionRow.name == name).order_by(ModelVersionRow.version)
+            ).all()
+            return [_version(r) for r in rows]
+
+    def model_version(self, name: str, version: int | str | None = None) -> ModelVersion:
+        """One version, by `(name, 3)`, `(name, "v3")` or `("name@v3")`."""
+        name, number = parse_model_ref(
+            name if version is None else version, None if version is None else name
+        )
+        with self._sessions() as session:
+            return _version(_find(session, name, number))
+
+    def live_version(self, name: str) -> ModelVersion | None:
+        """The version of `name` being served now, or None before the first promotion."""
+        with self._sessions() as session:
+            row = session.scalar(
+                select(ModelVersionRow)
+                .join(ModelLiveRow, ModelLiveRow.version_id == ModelVersionRow.id)
+                .where(ModelLiveRow.name == name)
+            )
+            return None if row is None else _version(row)
+
+    def live_pointer(self, name: str) -> tuple[int | None, int]:
+        """`(version id, generation)` of the live pointer: the one-row read followers poll."""
+        with self._sessions() as session:
+            row = session.get(ModelLiveRow, name)
+            return (None, 0) if row is None else (row.version_id, row.generation)
+
+    def model_names(self) -> list[str]:
+        with self._sessions() as session:
+            return list(
+                session.scalars(select(ModelVersionRow.name).distinct().order_by(ModelVersionRow.name))
+            )
+
+    def model_history(self, name: str) -> list[ModelEvent]:
+        """Every change to `name`, oldest first."""
+        with self._sessions() as session:
+            numbers = dict(
+                session.execute(
+                    select(ModelVersionRow.id, ModelVersionRow.version).where(ModelVersionRow.name == name)
+                ).all()
+            )
+            rows = session.scalars(
+                select(ModelEventRow).where(ModelEventRow.name == name).order_by(ModelEventRow.id)
+            ).all()
+            return [
+                ModelEvent(
+                    id=r.id,
+                    name=r.name,
+                    action=r.action,
+                    version=numbers.get(r.version_id),
+                    from_version=numbers.get(r.from_version_id),
+                    actor=r.actor,
+                    reason=r.reason,
+                    generation=r.generation,
+                    created_at=r.created_at,
+                )
+                for r in rows
+            ]
+
+    # -- changing --------------------------------------------------------------------------
+
+    def register_model(
+        self,
+        name: str,
+        path: str | Path,
+        parent: ModelVersion | int | str | None = None,
+        metrics: dict[str, Any] | None = None,
+        *,
+        base: str | None = None,
+        training_run: int | None = None,
+        actor: str | None = None,
+        reason: str = "",
+    ) -> ModelVersion:
+        """Record a new candidate version of `name` (numbered after the last one) and return it.
+
+        `path` is a folder of weights (or a LoRA adapter; `base` then defaults to its base model).
+        `parent` is the version it was trained from: a `ModelVersion`, its id, or `"name@vN"`.
+        Files are checked when the version is promoted, not here.
+        """
+        _check_name(name)
+        location = _normal_path(path)
+        base = base or _adapter_base(location)
+        actor = actor or default_actor()
+
+        def attempt(session: Session) -> ModelVersion:
+            self._ensure_live_row(session, name)  # first statement writes: takes SQLite's write lock
+            parent_id = _parent_id(session, name, parent)
+            last = session.scalar(
+                select(func.max(ModelVersionRow.version)).where(ModelVersionRow.name == name)
+            )
+            row = ModelVersionRow(
+                name=name,
+                version=(last or 0) + 1,
+                parent=parent_id,
+                base=base,
+                path=location,
+                status="candidate",
+                training_run=training_run,
+                metrics=dict(metrics or {}),
+            )
+            session.add(row)
+            session.flush()
+            session.add(
+                ModelEventRow(name=name, action="register", version_id=row.id, actor=actor, reason=reason)
+            )
+            return _version(row)
+
+        return self._write(attempt, retry_conflicts=True)
+
+    def promote(
+        self,
+        name: str,
+        version: int | str | None = None,
+        *,
+        expected_live: int | None = _ANY,
+        reason: str = "",
+        actor: str | None = None,
+        validate: bool = True,
+    ) -> ModelVersion:
+        """Make a version live: `promote("support-agent", 3)` or `promote("support-agent@v3")`.
+
+        Its files are checked first (`ModelVersionInvalid`: nothing changes). `expected_live=N`
+        promotes only if vN is still live (None: only if none is), e.g. the version a candidate was
+        evaluated against; otherwise `PromotionConflict`, as when another promotion wins a race.
+        The previous live version becomes `retired`. Promoting the live version changes nothing.
+        """
+        name, number = parse_model_ref(
+            name if version is None else version, None if version is None else name
+        )
+        with self._sessions() as session:
+            target_version = _version(_find(session, name, number))
+            live = session.get(ModelLiveRow, name)
+            seen_id, generation = (live.version_id, live.generation) if live is not None else (None, 0)
+            seen = session.get(ModelVersionRow, seen_id) if seen_id is not None else None
+            seen_number = seen.version if seen is not None else None
+        if expected_live is not _ANY and seen_number != expected_live:
+            raise PromotionConflict(
+                f"{name}: expected v{expected_live} to be live but it is "
+                f"{'v' + str(seen_number) if seen_number else 'none'}; not promoting {target_version.ref}"
+            )
+        if seen_id == target_version.id:
+            return target_version
+        if validate:
+            validate_model_files(target_version.path, target_version.ref)
+        return self._move_live(
+            name,
+            target_version,
+            seen_id,
+            generation,
+            action="promote",
+            old_status="retired",
+            actor=actor,
+            reason=reason,
+        )
+
+    def rollback(self, name: str, *, reason: str = "", actor: str | None = None) -> ModelVersion:
+        """Return `name` to the version live before the current one; the current one becomes
+        `rejected` (a later rollback will not return to it; `promote` still can)."""
+        with self._sessions() as session:
+            live = session.get(ModelLiveRow, name)
+            seen_id, generation = (live.version_id, live.generation) if live is not None else (None, 0)
+            if seen_id is None:
+                raise NoLiveVersion(f"{name} has no live version to roll back")
+            statuses = dict(
+                session.execute(
+                    select(ModelVersionRow.id, ModelVersionRow.status).where(ModelVersionRow.name == name)
+                ).all()
+            )
+            went_live = session.scalars(
+                select(ModelEventRow.version_id)
+                .where(ModelEventRow.name == name, ModelEventRow.action.in_(("promote", "rollback")))
+                .order_by(ModelEventRow.id.desc())
+            ).all()
+            target_id = next(
+                (v for v in went_live if v is not None and v != seen_id and statuses.get(v) != "rejected"),
+                None,
+            )
+            if target_id is None:
+                raise NoPreviousVersion(f"{name} has no earlier live version to roll back to")
+            target = _version(session.get(ModelVersionRow, target_id))  # type: ignore[arg-type]
+        validate_model_files(target.path, target.ref)
+        return self._move_live(
+            name,
+            target,
+            seen_id,
+            generation,
+            action="rollback",
+            old_status="rejected",
+            actor=actor,
+            reason=reason,
+        )
+
+    def reject(
+        self, name: str, version: int | str | None = None, *, reason: str = "", actor: str | None = None
+    ) -> ModelVersion:
+        """Mark a candidate `rejected` (it failed a gate); the live version cannot be rejected."""
+        name, number = parse_model_ref(
+            name if version is None else version, None if version is None else name
+        )
+        actor = actor or default_actor()
+
+        def attempt(session: Session) -> ModelVersion:
+            self._ensure_live_row(session, name)
+            row = _find(session, name, number)
+            if row.status == "live":
+                raise PromotionConflict(
+                    f"{name}@v{number} is live: roll back or promote another version first"
+                )
+            row.status = "rejected"
+            session.add(
+                ModelEventRow(name=name, action="reject", version_id=row.id, actor=actor, reason=reason)
+            )
+            return _version(row)
+
+        return self._write(attempt)
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _move_live(
+        self,
+        name: str,
+        target: ModelVersion,
+        seen_id: int | None,
+        generation: int,
+        *,
+        action: str,
+        old_status: str,
+        actor: str | None,
+        reason: str,
+    ) -> ModelVersion:
+        actor = actor or default_actor()
+
+        def attempt(session: Session) -> ModelVersion:
+            now = datetime.now(UTC)
+            moved = session.execute(
+                update(ModelLiveRow)
+                .where(ModelLiveRow.name == name, ModelLiveRow.generation == generation)
+                .values(version_id=target.id, generation=generation + 1, updated_at=now)
+            )
+            if moved.rowcount != 1:  # type: ignore[attr-defined]
+                raise PromotionConflict(
+                    f"{name}: the live version changed while making {target.ref} live "
+                    "(another promotion or rollback won); nothing was changed"
+                )
+            if seen_id is not None:
+                session.execute(
+                    update(ModelVersionRow).where(ModelVersionRow.id == seen_id).values(status=old_status)
+                )
+            session.execute(
+                update(ModelVersionRow).where(ModelVersionRow.id == target.id).values(status="live")
+            )
+            session.add(
+                ModelEventRow(
+                    name=name,
+                    action=action,
+                    version_id=target.id,
+                    from_version_id=seen_id,
+                    generation=generation + 1,
+                    actor=actor,
+                    reason=reason,
+                )
+            )
+            if session.get_bind().dialect.name == "postgresql":
+                session.execute(
+                    text("SELECT pg_notify(:channel, :name)"), {"channel": NOTIFY_CHANNEL, "name": name}
+                )
+            row = session.get(ModelVersionRow, target.id)
+            session.flush()
+            session.refresh(row)  # type: ignore[arg-type]
+            return _version(row)  # type: ignore[arg-type]
+
+        return self._write(attempt)
+
+    def _write(self, attempt: Callable[[Session], T], *, retry_conflicts: bool = False) -> T:
+        """Run `attempt` in one transaction; SQLite's "database is locked" (a concurrent writer
+        held the lock past the timeout) and, when asked, unique-key races are retried."""
+        for tries in range(_RETRIES):
+            try:
+                with self._sessions.begin() as session:
+                    return attempt(session)
+            except OperationalError as exc:
+                if "locked" not in str(exc).lower() or tries == _RETRIES - 1:
+                    raise
+            except IntegrityError as exc:
+                if not retry_conflicts:
+                    raise PromotionConflict(f"a concurrent change won: {exc.orig}") from exc
+                if tries == _RETRIES - 1:
+                    raise
+            time.sleep(0.01 * (tries + 1))
+        raise AssertionError("unreachable")
+
+    def _ensure_live_row(self, session: Session, name: str) -> None:
+        dialect = session.get_bind().dialect.name
+        values = {"name": name, "version_id": None, "generation": 0, "updated_at": datetime.now(UTC)}
+        if dialect in ("sqlite", "postgresql"):
+            if dialect == "sqlite":
+                from sqlalchemy.dialects.sqlite import insert as dialect_insert
+            else:
+                from sqlalchemy.dialects.postgresql import insert as dialect_insert
+            session.execute(dialect_insert(ModelLiveRow).values(**values).on_conflict_do_nothing())
+        elif session.get(ModelLiveRow, name) is None:
+            session.execute(insert(ModelLiveRow).values(**values))
+
+
+def _find(session: Session, name: str, number: int) -> ModelVersionRow:
+    row = session.scalar(
+        select(ModelVersionRow).where(ModelVersionRow.name == name, ModelVersionRow.version == number)
+    )
+    if row is None:
+        known = session.scalars(
+            select(ModelVersionRow.version)
+            .where(ModelVersionRow.name == name)
+            .order_by(ModelVersionRow.version)
+        ).all()
+        have = ", ".join(f"v{v}" for v in known) if known else "no versions (register one first)"
+        raise ModelVersionNotFound(f"{name}@v{number} is not registered; {name} has {have}")
+    return row
+
+
+def _parent_id(session: Session, name: str, parent: ModelVersion | int | str | None) -> int | None:
+    if parent is None:
+        return None
+    if isinstance(parent, ModelVersion):
+        return parent.id
+    if isinstance(parent, int):
+        if session.get(ModelVersionRow, parent) is None:
+            raise ModelVersionNotFound(f"no model version has id {parent} (parent= takes an id or NAME@vN)")
+        return parent
+    parent_name, number = parse_model_ref(parent, name)
+    return _find(session, parent_name, number).id
+
+
+def _check_name(name: str) -> None:
+    if not name or "@" in name or len(name) > 200 or name != name.strip():
+        raise ValueError(f"{name!r} is not a model name: 1-200 characters, no '@', no surrounding spaces")
+
+
+def _normal_path(path: str | Path) -> str:
+    text_path = str(path)
+    if "://" in text_path:
+        return text_path  # a remote location, kept as given
+    return str(Path(text_path).expanduser().resolve())
+
+
+def _adapter_base(path: str) -> str | None:
+    config = Path(path) / "adapter_config.json"
+    try:
+        return json.loads(config.read_text()).get("base_model_name_or_path") if config.exists() else None
+    except (OSError, ValueError):
+        return None
+
+
+def _version(row: ModelVersionRow) -> ModelVersion:
+    return ModelVersion(
+        id=row.id,
+        name=row.name,
+        version=row.version,
+        path=row.path,
+        parent=row.parent,
+        base=row.base,
+        status=row.status,  # type: ignore[arg-type]
+        training_run=row.training_run,
+        metrics=row.metrics or {},
+        created_at=row.created_at,
+    )

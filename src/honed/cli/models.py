@@ -1,0 +1,225 @@
+"""`honed versions | register | promote | rollback | serve`: the model registry and the server.
+
+Promotion and rollback are recorded with who (`--by`, default `$HONED_ACTOR` or user@host) and
+why (`--reason`); every `ServedModel` and `honed serve` following the name swaps to the new
+version within its poll interval (at once on PostgreSQL, through NOTIFY).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from honed.cli.common import JsonOption, StoreOption, app, console, open_store_or_exit
+from honed.store.registry import (
+    ModelVersionInvalid,
+    ModelVersionNotFound,
+    NoLiveVersion,
+    NoPreviousVersion,
+    PromotionConflict,
+    parse_model_ref,
+)
+from honed.trajectory import ModelVersion
+
+ReasonOption = Annotated[str, typer.Option("--reason", "-m", help="Why: recorded in the history.")]
+ActorOption = Annotated[str | None, typer.Option("--by", help="Who: default $HONED_ACTOR, else user@host.")]
+_STATUS_STYLE = {"live": "bold green", "candidate": "cyan", "retired": "dim", "rejected": "red"}
+_REGISTRY_ERRORS = (
+    ModelVersionNotFound,
+    ModelVersionInvalid,
+    PromotionConflict,
+    NoLiveVersion,
+    NoPreviousVersion,
+    ValueError,
+)
+
+
+@app.command()
+def versions(
+    name: Annotated[str, typer.Argument(help="The served model's name.")],
+    store: StoreOption = None,
+    history: Annotated[
+        bool, typer.Option("--history", help="Also list every change, who made it and why.")
+    ] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """The versions of NAME: status (candidate | live | retired | rejected), parent, metrics, path."""
+    with open_store_or_exit(store) as s:
+        found = s.versions(name)
+        events = s.model_history(name) if history or as_json else []
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {"versions": [v.to_dict() for v in found], "history": [_event_dict(e) for e in events]},
+                ensure_ascii=False,
+                default=str,
+            )
+        )
+        return
+    if not found:
+        console().print(f"[yellow]{escape(name)} has no versions[/yellow]: register one with honed register")
+        raise typer.Exit(1)
+    ids = {v.id: v for v in found}
+    table = Table(title=f"{name}: {len(found)} versions", pad_edge=False)
+    for column in ("version", "status", "created", "parent", "metrics", "path"):
+        table.add_column(column, overflow="fold", no_wrap=column in ("version", "status"))
+    for v in found:
+        parent = ids[v.parent].ref if v.parent in ids else ("" if v.parent is None else f"id {v.parent}")
+        style = _STATUS_STYLE.get(v.status, "")
+        table.add_row(
+            f"v{v.version}",
+            f"[{style}]{v.status}[/{style}]" if style else v.status,
+            v.created_at.astimezone().strftime("%Y-%m-%d %H:%M") if v.created_at else "-",
+            escape(parent),
+            escape(json.dumps(v.metrics, default=str)) if v.metrics else "",
+            escape(v.path),
+        )
+    console().print(table)
+    if history:
+        for e in events:
+            moved = f"v{e.from_version} → v{e.version}" if e.from_version else f"v{e.version}"
+            reason = f": {escape(e.reason)}" if e.reason else ""
+            when = e.created_at.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+            console().print(f"{when}  {e.action:<8} {moved:<12} by {escape(e.actor)}{reason}")
+
+
+@app.command()
+def register(
+    name: Annotated[str, typer.Argument(help="The served model's name.")],
+    path: Annotated[
+        str, typer.Argument(help="A folder saved with save_pretrained (weights or a LoRA adapter).")
+    ],
+    store: StoreOption = None,
+    parent: Annotated[
+        str | None, typer.Option(help="The version it was trained from: vN or NAME@vN.")
+    ] = None,
+    metrics: Annotated[str | None, typer.Option(help="A JSON object of evaluation figures.")] = None,
+    reason: ReasonOption = "",
+    by: ActorOption = None,
+) -> None:
+    """Register a folder as the next candidate version of NAME (it is checked when promoted)."""
+    figures = json.loads(metrics) if metrics else None
+    with open_store_or_exit(store) as s:
+        version = _run(
+            lambda: s.register_model(name, path, parent=parent, metrics=figures, actor=by, reason=reason)
+        )
+    console().print(f"registered [bold]{escape(version.ref)}[/bold] ({escape(version.path)})")
+
+
+@app.command()
+def promote(
+    ref: Annotated[str, typer.Argument(help="NAME@vN, the version to make live.")],
+    store: StoreOption = None,
+    expect: Annotated[
+        int | None, typer.Option("--expect", help="Only if vN is still the live version (guards a race).")
+    ] = None,
+    reason: ReasonOption = "",
+    by: ActorOption = None,
+) -> None:
+    """Make NAME@vN live, after checking its files; everything following NAME swaps to it."""
+    name, number = _ref(ref)
+    with open_store_or_exit(store) as s:
+        before = s.live_version(name)
+        kwargs = {} if expect is None else {"expected_live": expect}
+        version = _run(lambda: s.promote(name, number, reason=reason, actor=by, **kwargs))
+    _moved(before, version)
+
+
+@app.command()
+def rollback(
+    name: Annotated[str, typer.Argument(help="The served model's name.")],
+    store: StoreOption = None,
+    reason: ReasonOption = "",
+    by: ActorOption = None,
+) -> None:
+    """Return NAME to the version live before the current one (which is marked rejected)."""
+    with open_store_or_exit(store) as s:
+        before = s.live_version(name)
+        version = _run(lambda: s.rollback(name, reason=reason, actor=by))
+    _moved(before, version)
+
+
+@app.command()
+def serve(
+    names: Annotated[list[str], typer.Argument(help="The served model name(s).")],
+    store: StoreOption = None,
+    host: Annotated[
+        str, typer.Option(help="Interface to bind; loopback unless told otherwise.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    api_key: Annotated[
+        str | None,
+        typer.Option("--api-key", envvar="HONED_API_KEY", help="Require 'Authorization: Bearer KEY'."),
+    ] = None,
+    poll: Annotated[float | None, typer.Option(help="Seconds between checks for a new live version.")] = None,
+    max_tokens: Annotated[int | None, typer.Option("--max-tokens", help="Default completion budget.")] = None,
+    no_capture: Annotated[bool, typer.Option("--no-capture", help="Do not store served requests.")] = False,
+) -> None:
+    """An OpenAI-compatible endpoint (/v1/chat/completions, /v1/models) over the live version of NAME."""
+    try:
+        from honed.serve.app import serve as run_server
+    except ImportError as exc:
+        console().print(
+            f"[red]honed serve needs the serve and train extras: pip install 'honed[serve,train]' ({exc})[/red]"
+        )
+        raise typer.Exit(2) from exc
+    with open_store_or_exit(store) as s:
+        url = s.url
+        for name in names:
+            live = s.live_version(name)
+            if live is None:
+                console().print(
+                    f"[yellow]{escape(name)} has no live version yet: requests get 503 until one is promoted[/yellow]"
+                )
+            else:
+                console().print(f"serving [bold]{escape(live.ref)}[/bold] as {escape(name)}")
+    if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
+        console().print(
+            f"[yellow]listening on {escape(host)} without --api-key: anyone who can reach it can use it[/yellow]"
+        )
+    console().print(f"OpenAI-compatible endpoint: http://{host}:{port}/v1")
+    settings = {} if max_tokens is None else {"max_tokens": max_tokens}
+    run_server(
+        url,
+        names,
+        host=host,
+        port=port,
+        api_key=api_key,
+        capture=not no_capture,
+        poll_interval=poll,
+        **settings,
+    )
+
+
+def _ref(ref: str) -> tuple[str, int]:
+    try:
+        return parse_model_ref(ref)
+    except ValueError as exc:
+        console().print(f"[red]{escape(str(exc))}[/red]")
+        raise typer.Exit(2) from exc
+
+
+def _run(change):  # type: ignore[no-untyped-def]
+    try:
+        return change()
+    except _REGISTRY_ERRORS as exc:
+        console().print(f"[red]{escape(str(exc))}[/red]")
+        raise typer.Exit(1) from exc
+
+
+def _moved(before: ModelVersion | None, after: ModelVersion) -> None:
+    was = f" (was {escape(before.ref)})" if before is not None and before.id != after.id else ""
+    same = " (already live)" if before is not None and before.id == after.id else ""
+    console().print(f"[green]{escape(after.name)} now serves {escape(after.ref)}[/green]{was}{same}")
+
+
+def _event_dict(event: object) -> dict[str, object]:
+    from dataclasses import asdict
+
+    data = asdict(event)  # type: ignore[call-overload]
+    data["created_at"] = data["created_at"].isoformat()
+    return data

@@ -1,0 +1,325 @@
+"""The local model stack: the tiny model, chat-template rendering, tool-call parsing, LocalChatModel."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
+
+import honed
+from honed.models.toolcalls import CompletionParser, parse_completion
+from tiny_model import ANSWER, CALL, QUESTION, THINK, add_schema, add_tool, tiny_path, tool_model_path
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Path:
+    return tiny_path(0)
+
+
+@pytest.fixture(scope="module")
+def model(tiny: Path):
+    from honed.models import LocalChatModel
+
+    chat = LocalChatModel(tiny, temperature=0, max_tokens=8)
+    yield chat
+    chat.close()
+
+
+# -- importing honed stays light -------------------------------------------------------------------
+
+
+def test_importing_honed_and_the_served_model_loads_no_torch() -> None:
+    code = (
+        "import sys, honed, honed.plugin.served, honed.models, honed.serve; "
+        "print(sorted(m for m in ('torch', 'transformers', 'fastapi') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+# -- the tiny model ----------------------------------------------------------------------------------
+
+
+def test_build_tiny_is_deterministic_small_and_offline(tiny: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from honed.models import build_tiny
+
+    again = build_tiny(tmp_path / "again", seed=0)
+    other = build_tiny(tmp_path / "other", seed=1)
+    assert (again / "model.safetensors").read_bytes() == (tiny / "model.safetensors").read_bytes()
+    assert (again / "tokenizer.json").read_bytes() == (tiny / "tokenizer.json").read_bytes()
+    assert (other / "model.safetensors").read_bytes() != (tiny / "model.safetensors").read_bytes()
+    params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny).parameters())
+    assert 1_500_000 < params < 2_200_000
+
+
+def test_tiny_tokenizer_uses_trls_qwen3_template_and_splits_digits(tiny: Path) -> None:
+    from transformers import AutoTokenizer
+    from trl.chat_template_utils import get_training_chat_template, qwen3_chat_template
+
+    from honed.models.chat_template import QWEN3_CHAT_TEMPLATE
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny)
+    assert tokenizer.chat_template == QWEN3_CHAT_TEMPLATE == qwen3_chat_template
+    assert "{% generation %}" in get_training_chat_template(tokenizer)  # TRL's assistant-only loss works
+    assert tokenizer.convert_ids_to_tokens(tokenizer("12345")["input_ids"]) == list("12345")
+    for tag in ("<tool_call>", "</tool_call>", "<think>", "</think>", "<|im_end|>"):
+        assert len(tokenizer(tag, add_special_tokens=False)["input_ids"]) == 1, tag
+    assert tokenizer.padding_side == "left"
+
+
+def test_langchain_messages_render_through_the_template(tiny: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from honed.models.messages import to_template_messages
+
+    messages = [
+        SystemMessage("Be brief."),
+        HumanMessage([{"type": "text", "text": "What is "}, {"type": "text", "text": QUESTION}]),
+        AIMessage(
+            content=[{"type": "reasoning", "reasoning": "I should add."}, {"type": "text", "text": ""}],
+            tool_calls=[{"name": "add", "args": {"a": 2, "b": 3}, "id": "c1"}],
+        ),
+        ToolMessage("5", tool_call_id="c1", name="add"),
+        AIMessage(ANSWER, additional_kwargs={"reasoning_content": "Done."}),
+    ]
+    text = AutoTokenizer.from_pretrained(tiny).apply_chat_template(
+        to_template_messages(messages), tools=[add_schema()], tokenize=False
+    )
+    assert text.startswith("<|im_start|>system\nBe brief.\n\n# Tools")
+    assert '<tools>\n{"type": "function", "function": {"name": "add"' in text
+    assert f"<|im_start|>user\nWhat is {QUESTION}<|im_end|>" in text
+    assert (
+        '<think>\nI should add.\n</think>\n\n<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call>'
+        in text
+    )
+    assert "<|im_start|>user\n<tool_response>\n5\n</tool_response><|im_end|>" in text
+    assert text.endswith(f"<|im_start|>assistant\n<think>\nDone.\n</think>\n\n{ANSWER}<|im_end|>\n")
+
+
+# -- parsing completions -----------------------------------------------------------------------------
+
+
+def test_parse_tool_calls_reasoning_and_content() -> None:
+    parsed = parse_completion(f"<think>\nI should add.\n</think>\n\nLet me add.\n{CALL}")
+    assert parsed.reasoning == "I should add."
+    assert parsed.content == "Let me add."
+    assert [(c["name"], c["args"]) for c in parsed.tool_calls] == [("add", {"a": 2, "b": 3})]
+    assert parsed.tool_calls[0]["id"].startswith("call_")
+    assert parsed.invalid_tool_calls == []
+
+    two = parse_completion(CALL + "\n" + CALL.replace('"a": 2', '"a": 7'))
+    assert [c["args"]["a"] for c in two.tool_calls] == [2, 7]
+    assert len({c["id"] for c in two.tool_calls}) == 2
+    as_string = parse_completion(
+        '<tool_call>\n{"name": "add", "arguments": "{\\"a\\": 1, \\"b\\": 2}"}\n</tool_call>'
+    )
+    assert as_string.tool_calls[0]["args"] == {"a": 1, "b": 2}
+    assert parse_completion(f"{THINK}{ANSWER}").content == ANSWER
+    assert parse_completion("a < b and <thinking> is fine").content == "a < b and <thinking> is fine"
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ("<tool_call>\n{not json}\n</tool_call>", "not valid JSON"),
+        ('<tool_call>\n{"arguments": {}}\n</tool_call>', '"name"'),
+        ('<tool_call>\n{"name": "add", "arguments": [1, 2]}\n</tool_call>', "JSON object"),
+        ('<tool_call>\n{"name": "add", "argu', "unterminated"),
+    ],
+)
+def test_malformed_tool_calls_become_invalid_tool_calls(text: str, error: str) -> None:
+    parsed = parse_completion(text)
+    assert parsed.tool_calls == []
+    [bad] = parsed.invalid_tool_calls
+    assert error in bad["error"]
+    assert bad["args"].startswith("<tool_call>")  # the raw text, so it is never parsed as JSON by accident
+    AIMessage(content="", invalid_tool_calls=parsed.invalid_tool_calls)  # a valid LangChain message
+
+
+def test_streamed_parsing_agrees_with_whole_parsing() -> None:
+    text = f"<think>\nFirst think.\n</think>\n\nSome text < here.\n{CALL}\ntail"
+    for size in (1, 2, 3, 7):
+        parser, pieces = CompletionParser(), []
+        for start in range(0, len(text), size):
+            pieces += parser.feed(text[start : start + size])
+        pieces += parser.flush()
+        whole = parse_completion(text)
+        assert "".join(t for k, t in pieces if k == "content") == whole.content
+        assert "".join(t for k, t in pieces if k == "reasoning") == whole.reasoning
+        assert [c["args"] for c in parser.tool_calls()[0]] == [c["args"] for c in whole.tool_calls]
+        assert not any("<tool_call>" in t or "<think>" in t for _, t in pieces)
+
+
+# -- LocalChatModel ------------------------------------------------------------------------------------
+
+
+def test_reply_carries_what_a_trainer_needs(model, tiny: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    reply = model.invoke("hello there")
+    meta = reply.response_metadata
+    assert meta["model_version"] == str(tiny)
+    assert meta["finish_reason"] in ("stop", "length")
+    assert len(meta["token_ids"]) == len(meta["logprobs"]) == reply.usage_metadata["output_tokens"]
+    assert len(meta["prompt_token_ids"]) == reply.usage_metadata["input_tokens"]
+    # The ids are what was sampled: decoding them gives the reply, no retokenisation involved.
+    assert model.engine.decode(meta["token_ids"]).strip() == reply.content.strip()
+    # The logprobs are the model's own (raw) log-probabilities of exactly those tokens.
+    weights = AutoModelForCausalLM.from_pretrained(tiny)
+    ids = torch.tensor([meta["prompt_token_ids"] + meta["token_ids"]])
+    with torch.inference_mode():
+        logits = weights(ids).logits[0, len(meta["prompt_token_ids"]) - 1 : -1]
+    expected = torch.log_softmax(logits, -1).gather(1, torch.tensor(meta["token_ids"])[:, None]).squeeze(1)
+    assert torch.allclose(torch.tensor(meta["logprobs"]), expected, atol=1e-3)
+
+
+def test_concurrent_calls_share_one_generate_and_match_single_calls(model) -> None:
+    prompts = [f"question {i} " * (1 + i % 4) for i in range(12)]
+    alone = [model.invoke(p).response_metadata["token_ids"] for p in prompts]
+    replies: list[AIMessage | None] = [None] * len(prompts)
+    barrier = threading.Barrier(len(prompts))
+
+    def call(i: int) -> None:
+        barrier.wait()
+        replies[i] = model.invoke(prompts[i])
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert max(r.response_metadata["batch_size"] for r in replies if r) > 4  # batched, left-padded
+    assert [r.response_metadata["token_ids"] for r in replies if r] == alone  # and greedy is unchanged
+
+
+def test_callers_join_a_running_batch_and_get_the_same_tokens(model) -> None:
+    """Continuous batching: requests arriving while others decode join at the next step (their
+    caches merged, left-padded) and leave when done; greedy output is unchanged by any of it."""
+    prompts = [("word " * (1 + (i * 7) % 40)) + str(i) for i in range(10)]
+    alone = [model.invoke(p, max_tokens=24).response_metadata["token_ids"] for p in prompts]
+    joins_before = model.engine.generator.stats["joins"]
+    replies: list[AIMessage | None] = [None] * len(prompts)
+
+    def call(i: int) -> None:
+        time.sleep(0.02 * i)
+        replies[i] = model.invoke(prompts[i], max_tokens=24)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [r.response_metadata["token_ids"] for r in replies if r] == alone
+    assert max(r.response_metadata["batch_size"] for r in replies if r) > 2
+    assert model.engine.generator.stats["joins"] > joins_before
+
+
+async def test_async_calls_and_agent_batch_are_batched(model) -> None:
+    replies = await asyncio.gather(*(model.ainvoke(f"async {i}") for i in range(8)))
+    assert max(r.response_metadata["batch_size"] for r in replies) > 1
+    batched = model.batch([f"batch {i}" for i in range(6)])
+    assert all(isinstance(r, AIMessage) for r in batched)
+    chunks = [c async for c in model.astream("stream me")]
+    assert chunks[-1].response_metadata["finish_reason"] in ("stop", "length")
+
+
+def test_sampling_parameters_stop_and_budget(model) -> None:
+    greedy = [model.invoke("same prompt").response_metadata["token_ids"] for _ in range(2)]
+    assert greedy[0] == greedy[1]
+    sampled = {
+        tuple(model.invoke("same prompt", temperature=1.5, max_tokens=16).response_metadata["token_ids"])
+        for _ in range(4)
+    }
+    assert len(sampled) > 1
+    top1 = model.invoke("same prompt", temperature=1.0, top_k=1).response_metadata["token_ids"]
+    assert top1 == greedy[0]  # top_k=1 sampling is greedy
+    assert len(model.invoke("x", max_tokens=3).response_metadata["token_ids"]) <= 3
+    full = model.invoke("same prompt", max_tokens=16)
+    text = model.engine.decode(full.response_metadata["token_ids"])
+    stop = text[3:5]
+    if stop.strip():
+        stopped = model.invoke("same prompt", max_tokens=16, stop=[stop])
+        assert stop not in stopped.content
+        assert stopped.content == text[: text.find(stop)].strip()
+        assert stopped.response_metadata["finish_reason"] == "stop"
+
+
+def test_reply_parsing_from_sampled_ids(model) -> None:
+    """What the model says, fed through the same path a real completion takes (token ids in)."""
+    from honed.models.batching import GenerationRequest, GenerationResult
+
+    engine = model.engine
+    eos = engine.tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    def reply(text: str) -> AIMessage:
+        ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
+        result = GenerationResult(token_ids=ids, logprobs=[-1.0] * len(ids), finish_reason="stop")
+        return model._message(GenerationRequest(prompt_ids=[1, 2], max_new_tokens=64), result)
+
+    called = reply("<think>\nI should add.\n</think>\n\n" + CALL)
+    assert called.tool_calls[0]["name"] == "add" and called.tool_calls[0]["args"] == {"a": 2, "b": 3}
+    assert called.additional_kwargs["reasoning_content"] == "I should add."
+    assert any(b["type"] == "reasoning" for b in called.content_blocks)
+    assert called.response_metadata["finish_reason"] == "tool_calls"
+    broken = reply('<tool_call>\n{"name": "add", "arguments": {"a": 2,}\n</tool_call>')
+    assert broken.tool_calls == [] and broken.invalid_tool_calls[0]["name"] is None
+    assert broken.response_metadata["finish_reason"] == "stop"
+
+
+def test_prompt_beyond_the_context_window_is_a_clear_error(model) -> None:
+    from honed.models import ContextWindowExceeded
+
+    with pytest.raises(ContextWindowExceeded, match="context window is 2048"):
+        model.invoke("word " * 5000)
+    assert model.invoke("still fine").response_metadata["finish_reason"]
+
+
+def test_an_agent_calls_a_tool_with_the_local_model(sqlite_url: str) -> None:
+    from langchain.agents import create_agent
+
+    from honed.models import LocalChatModel
+
+    chat = LocalChatModel(tool_model_path(), temperature=0, max_tokens=48, model_version="tool-model")
+    agent = create_agent(chat, [add_tool()], middleware=[honed.Middleware(store=sqlite_url)], name="adder")
+    result = agent.invoke({"messages": [("user", QUESTION)]})
+    assert result["messages"][-1].content == ANSWER
+    assert honed.flush()
+    [t] = honed.open_store(sqlite_url).trajectories()
+    first, tool, last = t.steps
+    assert (first.kind, tool.kind, last.kind) == ("model", "tool", "model")
+    assert first.tool_calls[0]["args"] == {"a": 2, "b": 3} and tool.output == "5"
+    assert first.model_version == "tool-model"
+    for step in (first, last):
+        assert len(step.extra["token_ids"]) == len(step.extra["logprobs"]) == step.usage["output_tokens"]
+        assert step.extra["prompt_token_ids"] and step.extra["finish_reason"] in ("tool_calls", "stop")
+    # The second prompt is the first prompt plus the sampled completion, tool result and template glue.
+    assert (
+        last.extra["prompt_token_ids"][: len(first.extra["prompt_token_ids"])]
+        == first.extra["prompt_token_ids"]
+    )
+    chat.close()
+
+
+def test_streaming_a_tool_call_and_an_answer() -> None:
+    from honed.models import LocalChatModel
+
+    chat = LocalChatModel(tool_model_path(), temperature=0, max_tokens=48).bind_tools([add_tool()])
+    chunks = list(chat.stream(QUESTION))
+    assert not any("<tool_call>" in str(c.content) for c in chunks)
+    merged = chunks[0]
+    for c in chunks[1:]:
+        merged += c
+    assert merged.tool_calls[0]["args"] == {"a": 2, "b": 3}
+    assert merged.response_metadata["finish_reason"] == "tool_calls"
+    assert merged.response_metadata["token_ids"] and merged.response_metadata["model_version"]

@@ -1,0 +1,303 @@
+"""The model registry in the store: versions, promotion with file checks, rollback, history, races."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import honed
+from honed.cli import app
+from honed.store.registry import (
+    ModelVersionInvalid,
+    ModelVersionNotFound,
+    NoLiveVersion,
+    NoPreviousVersion,
+    PromotionConflict,
+    parse_model_ref,
+    validate_model_files,
+)
+
+
+def fake_model(folder: Path, seed: int = 0) -> Path:
+    """A folder that passes the file checks without torch: config, tokenizer, one tiny safetensors."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "qwen2", "seed": seed}))
+    (folder / "tokenizer.json").write_text("{}")
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
+    (folder / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(8))
+    return folder
+
+
+@pytest.fixture
+def store(store_url: str):
+    with honed.open_store(store_url) as s:
+        yield s
+
+
+def test_register_promote_rollback_and_history(store, tmp_path: Path) -> None:
+    v1 = store.register_model(
+        "agent", fake_model(tmp_path / "v1"), metrics={"pass@1": 0.2}, reason="warm start"
+    )
+    v2 = store.register_model("agent", fake_model(tmp_path / "v2"), parent=v1, metrics={"pass@1": 0.3})
+    v3 = store.register_model("agent", str(fake_model(tmp_path / "v3")), parent="agent@v2")
+    assert [v.ref for v in (v1, v2, v3)] == ["agent@v1", "agent@v2", "agent@v3"]
+    assert (v2.parent, v3.parent, v1.metrics) == (v1.id, v2.id, {"pass@1": 0.2})
+    assert store.live_version("agent") is None
+    assert {v.status for v in store.versions("agent")} == {"candidate"}
+
+    store.promote("agent", 1, reason="first", actor="ci")
+    store.promote("agent@v2")
+    live = store.promote("agent", "v3")
+    assert live.status == "live" and store.live_version("agent").ref == "agent@v3"
+    assert [v.status for v in store.versions("agent")] == ["retired", "retired", "live"]
+    assert store.promote("agent", 3).ref == "agent@v3"  # promoting the live version changes nothing
+
+    assert store.rollback("agent", reason="regressed").ref == "agent@v2"
+    assert [v.status for v in store.versions("agent")] == ["retired", "live", "rejected"]
+    assert store.rollback("agent").ref == "agent@v1"  # skips v3, which was rolled back
+    with pytest.raises(NoPreviousVersion):
+        store.rollback("agent")
+    assert store.live_pointer("agent")[1] == 5
+
+    history = [(e.action, e.from_version, e.version) for e in store.model_history("agent")]
+    assert history == [
+        ("register", None, 1),
+        ("register", None, 2),
+        ("register", None, 3),
+        ("promote", None, 1),
+        ("promote", 1, 2),
+        ("promote", 2, 3),
+        ("rollback", 3, 2),
+        ("rollback", 2, 1),
+    ]
+    events = store.model_history("agent")
+    assert (events[0].reason, events[3].actor, events[3].reason, events[6].reason) == (
+        "warm start",
+        "ci",
+        "first",
+        "regressed",
+    )
+    assert all(e.actor for e in events)
+
+
+def test_missing_or_corrupt_versions_are_refused_and_the_live_one_stays(store, tmp_path: Path) -> None:
+    store.register_model("agent", fake_model(tmp_path / "good"))
+    store.promote("agent", 1)
+    truncated = fake_model(tmp_path / "truncated")
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-3])
+    garbage = fake_model(tmp_path / "garbage")
+    (garbage / "model.safetensors").write_bytes(b"\xff" * 64)
+    no_config = fake_model(tmp_path / "no-config")
+    (no_config / "config.json").unlink()
+    cases = {
+        tmp_path / "missing": "does not exist",
+        truncated: "truncated or corrupt",
+        garbage: "not a valid safetensors file",
+        no_config: "no config.json",
+    }
+    for path, reason in cases.items():
+        version = store.register_model("agent", path)
+        with pytest.raises(ModelVersionInvalid, match=reason) as caught:
+            store.promote("agent", version.version)
+        assert caught.value.ref == version.ref
+        assert store.live_version("agent").version == 1
+    assert [e.action for e in store.model_history("agent")].count("promote") == 1
+
+
+def test_expected_live_guards_a_stale_promotion(store, tmp_path: Path) -> None:
+    for i in range(3):
+        store.register_model("agent", fake_model(tmp_path / f"v{i}"))
+    store.promote("agent", 1, expected_live=None)
+    with pytest.raises(PromotionConflict, match="expected v2"):
+        store.promote("agent", 3, expected_live=2)
+    assert store.promote("agent", 2, expected_live=1).version == 2
+
+
+def test_registry_errors_are_specific(store, tmp_path: Path) -> None:
+    with pytest.raises(ModelVersionNotFound, match="no versions"):
+        store.promote("ghost@v1")
+    with pytest.raises(NoLiveVersion):
+        store.rollback("ghost")
+    store.register_model("agent", fake_model(tmp_path / "v1"))
+    with pytest.raises(ModelVersionNotFound, match="agent has v1"):
+        store.promote("agent", 7)
+    with pytest.raises(ValueError, match="no '@'"):
+        store.register_model("bad@name", tmp_path)
+    store.promote("agent", 1)
+    with pytest.raises(PromotionConflict, match="is live"):
+        store.reject("agent", 1)
+    assert parse_model_ref("support-agent@v12") == ("support-agent", 12)
+    assert parse_model_ref("v3", "x") == ("x", 3)
+    with pytest.raises(ValueError, match="NAME@vN"):
+        parse_model_ref("support-agent")
+
+
+def test_names_are_independent(store, tmp_path: Path) -> None:
+    store.register_model("planner", fake_model(tmp_path / "p1"))
+    store.register_model("coder", fake_model(tmp_path / "c1"))
+    store.register_model("coder", fake_model(tmp_path / "c2"))
+    store.promote("planner@v1")
+    store.promote("coder@v2")
+    assert (store.live_version("planner").ref, store.live_version("coder").ref) == ("planner@v1", "coder@v2")
+    assert store.model_names() == ["coder", "planner"]
+
+
+def test_the_real_tiny_model_passes_the_file_checks(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    from tiny_model import tiny_path
+
+    validate_model_files(tiny_path(0))
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_path(0), broken)
+    (broken / "tokenizer.json").unlink()
+    (broken / "tokenizer_config.json").unlink()
+    with pytest.raises(ModelVersionInvalid, match="no tokenizer"):
+        validate_model_files(broken)
+
+
+# -- two processes at once -------------------------------------------------------------------------
+
+RACE = textwrap.dedent(
+    """
+    import sys, time
+    import honed
+    from honed.store.registry import PromotionConflict
+    url, version, start, mode = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+    store = honed.open_store(url)
+    while time.time() < start:
+        time.sleep(0.001)
+    if mode == "once":
+        try:
+            store.promote("agent", version, expected_live=1, actor=f"proc-{version}")
+            print("won")
+        except PromotionConflict:
+            print("lost")
+    else:
+        results = []
+        for i in range(15):
+            try:
+                store.promote("agent", version if i % 2 == 0 else 1, actor=f"proc-{version}")
+                results.append("ok")
+            except PromotionConflict:
+                results.append("conflict")
+        print(" ".join(results))
+    """
+)
+
+
+def _race(url: str, versions: tuple[int, int], mode: str) -> list[str]:
+    start = time.time() + 1.5  # both processes are up and connected before either promotes
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", RACE, url, str(v), str(start), mode],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for v in versions
+    ]
+    outs = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err[-2000:]
+        outs.append(out.strip())
+    return outs
+
+
+def test_two_processes_promoting_at_once_exactly_one_wins(store, tmp_path: Path) -> None:
+    for i in range(3):
+        store.register_model("agent", fake_model(tmp_path / f"v{i}"))
+    store.promote("agent", 1)
+    outcomes = _race(store.url, (2, 3), "once")
+    assert sorted(outcomes) == ["lost", "won"]
+    winner = 2 if outcomes[0] == "won" else 3
+    assert store.live_version("agent").version == winner
+    promotions = [e for e in store.model_history("agent") if e.action == "promote"]
+    assert [(e.from_version, e.version) for e in promotions] == [(None, 1), (1, winner)]
+    assert [v.status for v in store.versions("agent")].count("live") == 1
+
+
+def test_concurrent_promotions_keep_the_history_consistent(store, tmp_path: Path) -> None:
+    for i in range(3):
+        store.register_model("agent", fake_model(tmp_path / f"v{i}"))
+    store.promote("agent", 1)
+    outcomes = " ".join(_race(store.url, (2, 3), "many")).split()
+    assert len(outcomes) == 30 and "ok" in outcomes
+    moves = [e for e in store.model_history("agent") if e.action == "promote"]
+    # Every change started from the version the previous change left live: no lost update.
+    for before, after in itertools.pairwise(moves):
+        assert after.from_version == before.version
+    assert [e.generation for e in moves] == list(range(1, len(moves) + 1))
+    assert store.live_pointer("agent")[1] == len(moves)
+    assert store.live_version("agent").version == moves[-1].version
+    statuses = [v.status for v in store.versions("agent")]
+    assert statuses.count("live") == 1 and "candidate" not in statuses
+
+
+# -- migrations and the command line ----------------------------------------------------------------
+
+
+def test_migration_0003_downgrades_and_upgrades(store_url: str) -> None:
+    from alembic import command
+    from sqlalchemy import inspect
+
+    from honed.store.store import _alembic_config
+
+    store = honed.open_store(store_url)
+    config = _alembic_config()
+    with store.engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.downgrade(config, "0002")
+    assert "model_versions" not in inspect(store.engine).get_table_names()
+    with store.engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, "head")
+    assert {"model_versions", "model_live", "model_events"} <= set(inspect(store.engine).get_table_names())
+    store.close()
+
+
+def test_cli_versions_promote_rollback(sqlite_url: str, tmp_path: Path) -> None:
+    runner = CliRunner()
+    store = ["--store", sqlite_url]
+    for i in (1, 2):
+        done = runner.invoke(
+            app,
+            ["register", "agent", str(fake_model(tmp_path / f"v{i}")), *store, "--metrics", '{"acc": 0.5}'],
+        )
+        assert done.exit_code == 0, done.output
+        assert f"agent@v{i}" in done.output
+    done = runner.invoke(app, ["promote", "agent@v1", *store, "--reason", "first", "--by", "alice"])
+    assert done.exit_code == 0 and "now serves agent@v1" in done.output, done.output
+    done = runner.invoke(app, ["promote", "agent@v2", *store, "--expect", "1"])
+    assert done.exit_code == 0 and "(was agent@v1)" in done.output, done.output
+    done = runner.invoke(app, ["rollback", "agent", *store, "-m", "bad answers"])
+    assert done.exit_code == 0 and "now serves agent@v1" in done.output, done.output
+    done = runner.invoke(app, ["versions", "agent", *store, "--history"], env={"COLUMNS": "200"})
+    assert done.exit_code == 0, done.output
+    assert (
+        "live" in done.output
+        and "rejected" in done.output
+        and "bad answers" in done.output
+        and "alice" in done.output
+    )
+    data = json.loads(runner.invoke(app, ["versions", "agent", *store, "--json"]).output)
+    assert [v["status"] for v in data["versions"]] == ["live", "rejected"]
+    assert [e["action"] for e in data["history"]][-1] == "rollback"
+
+    (tmp_path / "v2" / "model.safetensors").unlink()
+    runner.invoke(app, ["register", "agent", str(tmp_path / "v2"), *store])
+    done = runner.invoke(app, ["promote", "agent@v3", *store])
+    assert done.exit_code == 1 and "cannot be served" in done.output
+    assert runner.invoke(app, ["promote", "agent", *store]).exit_code == 2  # not NAME@vN
+    assert runner.invoke(app, ["promote", "agent@v9", *store]).exit_code == 1
+    assert runner.invoke(app, ["serve", "--help"]).exit_code == 0

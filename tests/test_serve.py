@@ -1,0 +1,346 @@
+"""`honed serve` as a real process, driven by clients nobody here wrote: the `openai` package and
+LangChain's `ChatOpenAI` (tool calls and streaming included), plus raw HTTP for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+import honed
+from tiny_model import ANSWER, QUESTION, add_schema, add_tool, tiny_path, tool_model_path
+
+pytest.importorskip("torch")
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+
+KEY = "sk-honed-test-key"
+
+
+class Server:
+    def __init__(self, url: str, base: str, store_url: str, process: subprocess.Popen[str]) -> None:
+        self.url, self.base, self.store_url, self.process = url, base, store_url, process
+
+    def client(self, **kwargs: Any) -> Any:
+        return openai.OpenAI(base_url=self.base, api_key=KEY, max_retries=0, timeout=60, **kwargs)
+
+    def post(self, body: Any, *, key: str | None = KEY, raw: bytes | None = None) -> httpx.Response:
+        headers = {"Content-Type": "application/json"}
+        if key is not None:
+            headers["Authorization"] = f"Bearer {key}"
+        return httpx.post(
+            f"{self.base}/chat/completions",
+            content=raw if raw is not None else json.dumps(body),
+            headers=headers,
+            timeout=60,
+        )
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    root = tmp_path_factory.mktemp("serve")
+    store_url = f"sqlite:///{root / 'serve.db'}"
+    with honed.open_store(store_url) as store:
+        store.register_model("calc", tool_model_path(), reason="memorised add")
+        store.register_model("calc", tiny_path(2), reason="an untrained candidate")
+        store.register_model("noise", tiny_path(1))
+        store.promote("calc@v1")
+        store.promote("noise@v1")
+    port = _free_port()
+    env = {**os.environ, "HONED_SPOOL_DIR": str(root / "spool"), "HONED_API_KEY": KEY}
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "honed.cli",
+            "serve",
+            "calc",
+            "noise",
+            "--store",
+            store_url,
+            "--port",
+            str(port),
+            "--poll",
+            "0.1",
+            "--max-tokens",
+            "48",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"honed serve did not start: {process.stdout.read() if process.stdout else ''}")
+        time.sleep(0.2)
+    yield Server(url, f"{url}/v1", store_url, process)
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def first_turn() -> list[dict[str, Any]]:
+    return [{"role": "user", "content": QUESTION}]
+
+
+def second_turn(call_id: str = "call_1") -> list[dict[str, Any]]:
+    call = {"id": call_id, "type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'}}
+    return [
+        *first_turn(),
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": call_id, "content": "5"},
+    ]
+
+
+# -- the openai package ------------------------------------------------------------------------------
+
+
+def test_openai_client_tool_call_then_answer(server: Server) -> None:
+    client = server.client()
+    called = client.chat.completions.create(
+        model="calc", messages=first_turn(), tools=[add_schema()], temperature=0
+    )
+    choice = called.choices[0]
+    assert called.model == "calc@v1"
+    assert choice.finish_reason == "tool_calls"
+    [call] = choice.message.tool_calls
+    assert call.function.name == "add" and json.loads(call.function.arguments) == {"a": 2, "b": 3}
+    assert called.usage.prompt_tokens > 100 and called.usage.completion_tokens > 10
+
+    answered = client.chat.completions.create(
+        model="calc",
+        messages=second_turn(call.id),
+        tools=[add_schema()],
+        temperature=0,
+        logprobs=True,
+        extra_body={"return_token_ids": True},
+    )
+    choice = answered.choices[0]
+    assert choice.message.content == ANSWER and choice.finish_reason == "stop"
+    assert len(choice.logprobs.content) == answered.usage.completion_tokens
+    assert all(item.logprob <= 0 for item in choice.logprobs.content)
+    extra = answered.model_dump()
+    assert len(extra["choices"][0]["token_ids"]) == answered.usage.completion_tokens
+    assert len(extra["prompt_token_ids"]) == answered.usage.prompt_tokens
+
+
+def test_openai_client_streaming(server: Server) -> None:
+    client = server.client()
+    stream = client.chat.completions.create(
+        model="calc",
+        messages=second_turn(),
+        tools=[add_schema()],
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == ANSWER
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 1  # really streamed
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
+        "stop"
+    ]
+    assert chunks[-1].usage.completion_tokens > 0 and {c.model for c in chunks} == {"calc@v1"}
+
+    calls = client.chat.completions.create(
+        model="calc", messages=first_turn(), tools=[add_schema()], temperature=0, stream=True
+    )
+    deltas = [c.choices[0].delta for c in calls if c.choices]
+    tool_deltas = [d.tool_calls[0] for d in deltas if d.tool_calls]
+    assert tool_deltas[0].function.name == "add"
+    assert json.loads("".join(d.function.arguments or "" for d in tool_deltas)) == {"a": 2, "b": 3}
+
+
+def test_models_endpoint_and_n_samples(server: Server) -> None:
+    client = server.client()
+    ids = {m.id for m in client.models.list()}
+    assert ids == {"calc", "calc@v1", "noise", "noise@v1"}
+    many = client.chat.completions.create(
+        model="noise@v1", messages=[{"role": "user", "content": "hi"}], n=3, temperature=1.0, max_tokens=8
+    )
+    assert len(many.choices) == 3 and [c.index for c in many.choices] == [0, 1, 2]
+
+
+# -- LangChain's ChatOpenAI ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_chat_openai_agent_against_the_server(server: Server, streaming: bool) -> None:
+    from langchain.agents import create_agent
+    from langchain_openai import ChatOpenAI
+
+    model = ChatOpenAI(
+        model="calc", base_url=server.base, api_key=KEY, temperature=0, streaming=streaming, max_retries=0
+    )
+    agent = create_agent(model, [add_tool()])
+    result = agent.invoke({"messages": [("user", QUESTION)]})
+    ai = [m for m in result["messages"] if m.type == "ai"]
+    assert ai[0].tool_calls[0]["name"] == "add" and ai[0].tool_calls[0]["args"] == {"a": 2, "b": 3}
+    assert result["messages"][-1].content == ANSWER
+    assert ai[-1].response_metadata["model_name"] == "calc@v1"
+
+
+# -- bad input ---------------------------------------------------------------------------------------
+
+
+def test_bad_requests_get_openai_style_errors_and_the_server_goes_on(server: Server) -> None:
+    client = server.client()
+    malformed = server.post(None, raw=b'{"model": "calc", "messages": [')
+    assert malformed.status_code == 400
+    assert malformed.json()["error"]["type"] == "invalid_request_error"
+    assert "JSON" in malformed.json()["error"]["message"]
+    assert server.post({"model": "calc", "messages": "hi"}).json()["error"]["param"] == "messages"
+
+    with pytest.raises(openai.NotFoundError) as unknown:
+        client.chat.completions.create(model="nope", messages=first_turn())
+    assert unknown.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.NotFoundError, match="only the live version"):
+        client.chat.completions.create(model="calc@v2", messages=first_turn())
+
+    missing = server.post({"model": "calc", "messages": first_turn()}, key=None)
+    assert missing.status_code == 401 and missing.json()["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.base, api_key="wrong", max_retries=0).chat.completions.create(
+            model="calc", messages=first_turn()
+        )
+    assert httpx.get(f"{server.base}/models", timeout=10).status_code == 401
+
+    huge = "x" * 1_000_000
+    with pytest.raises(openai.BadRequestError) as too_long:
+        client.chat.completions.create(model="calc", messages=[{"role": "user", "content": huge}])
+    assert too_long.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(
+            model="calc", messages=[{"role": "user", "content": huge}], stream=True
+        )
+
+    assert (
+        client.chat.completions.create(
+            model="calc", messages=second_turn(), tools=[add_schema()], temperature=0
+        )
+        .choices[0]
+        .message.content
+        == ANSWER
+    )
+    assert server.process.poll() is None
+
+
+def test_a_client_that_disconnects_mid_stream(server: Server) -> None:
+    body = {
+        "model": "noise",
+        "messages": [{"role": "user", "content": "go on"}],
+        "stream": True,
+        "max_tokens": 1500,
+        "temperature": 1.0,
+        "metadata": {"task_id": "gone"},
+    }
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with (
+        httpx.Client(timeout=30) as http,
+        http.stream("POST", f"{server.base}/chat/completions", json=body, headers=headers) as response,
+    ):
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")
+    # the connection is gone; the server keeps serving everyone else
+    started = time.monotonic()
+    reply = server.client().chat.completions.create(
+        model="calc", messages=second_turn(), tools=[add_schema()], temperature=0
+    )
+    assert reply.choices[0].message.content == ANSWER
+    assert time.monotonic() - started < 10 and server.process.poll() is None
+    # the abandoned request stopped generating and was recorded as interrupted
+    store = honed.open_store(server.store_url)
+    deadline = time.monotonic() + 15
+    while not (found := store.trajectories(task_id="gone")):
+        assert time.monotonic() < deadline, "the abandoned request was not captured"
+        time.sleep(0.2)
+    assert found[0].status == "error" and "cancel" in (found[0].error or "").lower()
+    store.close()
+
+
+# -- capture and promotion -------------------------------------------------------------------------------
+
+
+def test_served_requests_are_captured_as_trajectories(server: Server) -> None:
+    server.client().chat.completions.create(
+        model="calc",
+        messages=first_turn(),
+        tools=[add_schema()],
+        temperature=0,
+        metadata={"task_id": "served-1", "split": "train"},
+    )
+    store = honed.open_store(server.store_url)
+    deadline = time.monotonic() + 15
+    while not (found := store.trajectories(task_id="served-1")):
+        assert time.monotonic() < deadline, "the served request was not captured"
+        time.sleep(0.2)
+    [t] = found
+    [step] = t.model_steps()
+    assert (t.agent, t.split, t.metadata["source"]) == ("calc", "train", "honed serve")
+    assert step.model_version == "calc@v1" and step.tool_calls[0]["name"] == "add"
+    assert len(step.extra["token_ids"]) == len(step.extra["logprobs"]) == step.usage["output_tokens"]
+    assert step.input["tools"][0]["function"]["name"] == "add"
+    store.close()
+
+
+def test_served_model_over_the_server_follows_promotion(server: Server) -> None:
+    from honed.plugin.served import ServedModel
+
+    store = honed.open_store(server.store_url)
+    served = ServedModel(
+        store,
+        name="calc",
+        backend="openai",
+        base_url=server.base,
+        api_key=KEY,
+        temperature=0,
+        poll_interval=0.1,
+    )
+    reply = served.bind_tools([add_tool()]).invoke(QUESTION)
+    assert reply.tool_calls[0]["args"] == {"a": 2, "b": 3}
+    meta = reply.response_metadata
+    assert meta["model_version"] == "calc@v1"
+    assert len(meta["token_ids"]) == len(meta["logprobs"]) == reply.usage_metadata["output_tokens"]
+    assert len(meta["prompt_token_ids"]) == reply.usage_metadata["input_tokens"]
+
+    store.promote("calc@v2", reason="try the candidate")
+    try:
+        deadline = time.monotonic() + 15
+        while served.invoke("hello").response_metadata["model_version"] != "calc@v2":
+            assert time.monotonic() < deadline, "the server did not swap to calc@v2"
+            time.sleep(0.1)
+    finally:
+        store.rollback("calc", reason="candidate is worse")
+    deadline = time.monotonic() + 15
+    while served.invoke("hello").response_metadata["model_version"] != "calc@v1":
+        assert time.monotonic() < deadline, "the server did not roll back"
+        time.sleep(0.1)
+    served.close()
+    store.close()
