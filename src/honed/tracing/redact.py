@@ -18,6 +18,7 @@ A secret becomes `[REDACTED:<kind>]`, e.g. `[REDACTED:openai_key]`. The user hoo
 
 from __future__ import annotations
 
+import atexit
 import logging
 import re
 import threading
@@ -525,10 +526,20 @@ class _DetectSecrets:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._held = ExitStack()
+        # Leave the held settings while the interpreter can still import: left to the garbage
+        # collector at shutdown, detect-secrets' cleanup prints an ImportError traceback.
+        atexit.register(self._release)
         self._config: dict[str, Any] | None = None
         self._names: set[str] = set()
         self._unavailable = False
         self._error_logged = False
+
+    def _release(self) -> None:
+        with self._lock:
+            try:
+                self._held.close()
+            except Exception:
+                logger.debug("honed: could not leave detect-secrets' settings", exc_info=True)
 
     def redact(self, text: str, lowered: str) -> str:
         if self._unavailable:
