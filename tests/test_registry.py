@@ -240,8 +240,11 @@ def test_concurrent_promotions_keep_the_history_consistent(store, tmp_path: Path
     assert [e.generation for e in moves] == list(range(1, len(moves) + 1))
     assert store.live_pointer("agent")[1] == len(moves)
     assert store.live_version("agent").version == moves[-1].version
-    statuses = [v.status for v in store.versions("agent")]
-    assert statuses.count("live") == 1 and "candidate" not in statuses
+    versions = store.versions("agent")
+    assert [v.status for v in versions].count("live") == 1
+    # Under load one process may win every race; whatever was ever promoted is no longer a candidate.
+    promoted = {e.version for e in moves}
+    assert all(v.status != "candidate" for v in versions if v.version in promoted)
 
 
 # -- migrations and the command line ----------------------------------------------------------------
