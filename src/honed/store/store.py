@@ -253,7 +253,9 @@ def _create_engine(url: str) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     connect_args = {"connect_timeout": 10} if parsed.get_backend_name() == "postgresql" else {}
-    return create_engine(parsed, pool_pre_ping=True, connect_args=connect_args, json_serializer=fast_json_dumps)
+    return create_engine(
+        parsed, pool_pre_ping=True, connect_args=connect_args, json_serializer=fast_json_dumps
+    )
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -290,7 +290,9 @@ class Assembler:
         extra, trajectory = run.extra, run.trajectory
         if run.kind == MODEL:
             messages = [
-                self._memoised(trajectory, id(m), m, message_to_dict) if isinstance(m, BaseMessage) else self._field(m)
+                self._memoised(trajectory, id(m), m, message_to_dict)
+                if isinstance(m, BaseMessage)
+                else self._field(m)
                 for m in run.inputs or []
             ]
             model_input: dict[str, Any] = {"messages": messages}
@@ -310,7 +312,9 @@ class Assembler:
             step["output"] = output
             if isinstance(output, dict):
                 step["tool_calls"] = output.get("tool_calls") or []
-                step["reasoning"] = output.get("reasoning") if isinstance(output.get("reasoning"), str) else None
+                step["reasoning"] = (
+                    output.get("reasoning") if isinstance(output.get("reasoning"), str) else None
+                )
             if message.usage_metadata:
                 step["usage"] = {
                     k: int(v) for k, v in message.usage_metadata.items() if isinstance(v, int | float)
