@@ -37,10 +37,6 @@ def message_to_dict(message: BaseMessage) -> dict[str, Any]:
     return data
 
 
-def messages_to_dicts(messages: Any) -> list[Any]:
-    return [message_to_dict(m) if isinstance(m, BaseMessage) else m for m in messages]
-
-
 def text_of(message: BaseMessage) -> str:
     """The plain text of a message (text blocks joined), never the reasoning."""
     try:

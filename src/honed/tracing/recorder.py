@@ -239,9 +239,7 @@ class Recorder:
             self._next_stale_check = now + min(60.0, self.open_timeout_s / 2)
         if close_open:
             self._assembler.close_all("incomplete: the process exited before the run ended", time.time())
-        self._write(self._assembler.take_completed())
-        if not flushes:
-            self._replay_if_due()
+        self._write(self._assembler.take_completed())  # with nothing to write, retries the spool
         with self._lock:
             self._counts["events_processed"] += processed
         for done in flushes:
