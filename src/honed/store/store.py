@@ -27,6 +27,7 @@ from sqlalchemy.pool import StaticPool
 from honed._json import dumps as fast_json_dumps
 from honed.store.registry import ModelRegistry
 from honed.store.schema import StepRow, TrajectoryRow, VerdictRow
+from honed.store.training import TrainingLog
 from honed.store.verification import VerificationStore
 from honed.trajectory import Step, Trajectory, Verdict
 
@@ -56,7 +57,7 @@ def open_store(url: str | None = None) -> TrajectoryStore:
     return TrajectoryStore(resolve_store_url(url))
 
 
-class TrajectoryStore(VerificationStore, ModelRegistry):
+class TrajectoryStore(VerificationStore, ModelRegistry, TrainingLog):
     """Typed access to trajectories, their steps and verdicts (and, through the mixins, the
     verifier work queue and the model registry).
 

@@ -19,6 +19,7 @@ from honed.verifiers.protocol import (
     VerifierError,
     VerifierTimeout,
     is_error,
+    outcome,
 )
 from honed.verifiers.reference import ReferenceMatch
 from honed.verifiers.routing import applicable
@@ -54,6 +55,7 @@ __all__ = [
     "applicable",
     "confusion",
     "is_error",
+    "outcome",
     "queue_name",
     "weighted",
     "wilson",

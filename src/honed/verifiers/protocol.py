@@ -125,6 +125,18 @@ def is_error(v: Verdict) -> bool:
     return v.passed is None and ERROR_KEY in (v.evidence or {})
 
 
+def outcome(verdicts: Iterable[Verdict], untrusted: Iterable[str] = ()) -> bool | None:
+    """The trajectory's label for learning: False when any trusted verifier failed it, True when at
+    least one passed it and none failed, None when no trusted verifier could tell. Errors and
+    verifiers under their minimum audited precision (`store.untrusted_verifiers()`) count for nothing.
+    """
+    skip = set(untrusted)
+    judged = [v.passed for v in verdicts if v.passed is not None and v.verifier not in skip and not is_error(v)]
+    if not judged:
+        return None
+    return all(judged)
+
+
 def verifier_name(v: Any) -> str:
     return str(getattr(v, "name", None) or type(v).__name__)
 

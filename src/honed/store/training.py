@@ -1,0 +1,294 @@
+"""The training log in the store: runs, lineage, evaluations, and one trainer per model.
+
+Mixed into `TrajectoryStore`. The trainer lock is a row with an expiry rather than a database
+session lock, so it works the same on SQLite and PostgreSQL, survives no process (a crashed
+trainer's lock expires; its run is then marked `interrupted`), and `honed status` can show who holds it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Engine, delete, insert, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from honed.store.training_tables import EvalRunRow, TrainerLockRow, TrainingExampleRow, TrainingRunRow
+
+FINAL = ("promoted", "rejected", "failed", "nothing_to_learn", "interrupted")
+
+
+class TrainerBusy(RuntimeError):
+    """Another trainer holds this model's lock (one trainer at a time per model)."""
+
+
+@dataclass
+class TrainingRun:
+    """One training cycle: `status` is running, promoted, rejected, failed, nothing_to_learn or
+    interrupted; `reason` says why in words a person reads in `honed status`."""
+
+    id: int
+    model: str
+    method: str
+    status: str
+    parent: str | None = None
+    candidate: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    reason: str = ""
+    error: str | None = None
+    owner: str = ""
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for key in ("started_at", "ended_at"):
+            d[key] = d[key].isoformat() if d[key] else None
+        return d
+
+
+@dataclass
+class EvalRun:
+    """One scored evaluation of `version` on `split` (metrics from `honed.tasks.rollout.Scores`)."""
+
+    id: int
+    model: str
+    version: str
+    split: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+    training_run: int | None = None
+    duration_s: float = 0.0
+    created_at: datetime | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["created_at"] = self.created_at.isoformat() if self.created_at else None
+        return d
+
+
+def default_owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class TrainingLog:
+    """Mixed into `TrajectoryStore`: training runs, eval runs and the trainer lock."""
+
+    engine: Engine
+    _sessions: sessionmaker[Session]
+
+    # -- the lock --------------------------------------------------------------------------
+
+    def acquire_trainer_lock(self, model: str, *, owner: str | None = None, ttl_s: float = 3600.0) -> str:
+        """Take `model`'s trainer lock for `ttl_s` (renew it while working); returns the owner.
+
+        A lock past its expiry is taken over, and the runs its holder left `running` are marked
+        `interrupted`. Raises `TrainerBusy` when a live holder has it.
+        """
+        owner = owner or default_owner()
+        now = datetime.now(UTC)
+        with self._sessions.begin() as session:
+            taken = session.execute(
+                update(TrainerLockRow)
+                .where(TrainerLockRow.model == model, TrainerLockRow.expires_at < now)
+                .values(owner=owner, acquired_at=now, expires_at=now + timedelta(seconds=ttl_s))
+            ).rowcount
+            if taken:
+                session.execute(
+                    update(TrainingRunRow)
+                    .where(TrainingRunRow.model == model, TrainingRunRow.status == "running")
+                    .values(
+                        status="interrupted",
+                        ended_at=now,
+                        reason="the trainer stopped before finishing (its lock expired); the live version was not changed",
+                    )
+                )
+                return owner
+        try:
+            with self._sessions.begin() as session:
+                session.execute(
+                    insert(TrainerLockRow).values(
+                        model=model, owner=owner, acquired_at=now, expires_at=now + timedelta(seconds=ttl_s)
+                    )
+                )
+                # A run left `running` with no lock row at all (the lock was released by hand).
+                session.execute(
+                    update(TrainingRunRow)
+                    .where(TrainingRunRow.model == model, TrainingRunRow.status == "running")
+                    .values(status="interrupted", ended_at=now, reason="the trainer stopped before finishing")
+                )
+            return owner
+        except IntegrityError:
+            holder = self.trainer_lock_holder(model)
+            raise TrainerBusy(
+                f"{model}: another trainer holds the lock ({holder or 'unknown'}); one trainer at a time per model"
+            ) from None
+
+    def renew_trainer_lock(self, model: str, owner: str, *, ttl_s: float = 3600.0) -> bool:
+        with self._sessions.begin() as session:
+            return bool(
+                session.execute(
+                    update(TrainerLockRow)
+                    .where(TrainerLockRow.model == model, TrainerLockRow.owner == owner)
+                    .values(expires_at=datetime.now(UTC) + timedelta(seconds=ttl_s))
+                ).rowcount
+            )
+
+    def release_trainer_lock(self, model: str, owner: str) -> None:
+        with self._sessions.begin() as session:
+            session.execute(
+                delete(TrainerLockRow).where(TrainerLockRow.model == model, TrainerLockRow.owner == owner)
+            )
+
+    def trainer_lock_holder(self, model: str) -> str | None:
+        with self._sessions() as session:
+            row = session.get(TrainerLockRow, model)
+            if row is None or row.expires_at < datetime.now(UTC):
+                return None
+            return row.owner
+
+    @contextmanager
+    def trainer_lock(self, model: str, *, ttl_s: float = 3600.0) -> Iterator[str]:
+        owner = self.acquire_trainer_lock(model, ttl_s=ttl_s)
+        try:
+            yield owner
+        finally:
+            self.release_trainer_lock(model, owner)
+
+    # -- runs ------------------------------------------------------------------------------
+
+    def start_training_run(
+        self, model: str, method: str, *, parent: str | None, config: dict[str, Any], owner: str = ""
+    ) -> TrainingRun:
+        with self._sessions.begin() as session:
+            row = TrainingRunRow(
+                model=model, method=method, status="running", parent=parent, config=config, owner=owner
+            )
+            session.add(row)
+            session.flush()
+            return _run(row)
+
+    def update_training_run(self, run_id: int, **fields: Any) -> TrainingRun:
+        """Set fields of a run (`status`, `data`, `metrics`, `candidate`, `reason`, `error`); a final
+        status stamps `ended_at`. `metrics` and `data` are merged into what is there."""
+        with self._sessions.begin() as session:
+            row = session.get(TrainingRunRow, run_id)
+            if row is None:
+                raise KeyError(f"no training run {run_id}")
+            for key in ("metrics", "data"):
+                if key in fields:
+                    fields[key] = {**getattr(row, key), **fields[key]}
+            for key, value in fields.items():
+                setattr(row, key, value)
+            if fields.get("status") in FINAL:
+                row.ended_at = datetime.now(UTC)
+            session.flush()
+            return _run(row)
+
+    def add_training_examples(self, run_id: int, trajectory_ids: Iterable[str]) -> int:
+        rows = [{"run_id": run_id, "trajectory_id": t} for t in dict.fromkeys(trajectory_ids)]
+        if rows:
+            with self._sessions.begin() as session:
+                session.execute(insert(TrainingExampleRow), rows)
+        return len(rows)
+
+    def training_examples(self, run_id: int) -> list[str]:
+        with self._sessions() as session:
+            return list(
+                session.scalars(
+                    select(TrainingExampleRow.trajectory_id).where(TrainingExampleRow.run_id == run_id)
+                )
+            )
+
+    def training_runs(self, model: str | None = None, *, limit: int | None = 50) -> list[TrainingRun]:
+        """Runs, newest first."""
+        query = select(TrainingRunRow).order_by(TrainingRunRow.id.desc()).limit(limit)
+        if model is not None:
+            query = query.where(TrainingRunRow.model == model)
+        with self._sessions() as session:
+            return [_run(r) for r in session.scalars(query)]
+
+    def training_run(self, run_id: int) -> TrainingRun:
+        with self._sessions() as session:
+            row = session.get(TrainingRunRow, run_id)
+            if row is None:
+                raise KeyError(f"no training run {run_id}")
+            return _run(row)
+
+    # -- evaluations -----------------------------------------------------------------------
+
+    def record_eval(
+        self,
+        model: str,
+        version: str,
+        split: str,
+        metrics: dict[str, Any],
+        *,
+        training_run: int | None = None,
+        duration_s: float = 0.0,
+    ) -> EvalRun:
+        with self._sessions.begin() as session:
+            row = EvalRunRow(
+                model=model,
+                version=version,
+                split=split,
+                metrics=metrics,
+                training_run=training_run,
+                duration_s=duration_s,
+            )
+            session.add(row)
+            session.flush()
+            return _eval(row)
+
+    def eval_runs(
+        self, model: str | None = None, *, version: str | None = None, split: str | None = None
+    ) -> list[EvalRun]:
+        """Evaluations, oldest first."""
+        query = select(EvalRunRow).order_by(EvalRunRow.id)
+        if model is not None:
+            query = query.where(EvalRunRow.model == model)
+        if version is not None:
+            query = query.where(EvalRunRow.version == version)
+        if split is not None:
+            query = query.where(EvalRunRow.split == split)
+        with self._sessions() as session:
+            return [_eval(r) for r in session.scalars(query)]
+
+
+def _run(row: TrainingRunRow) -> TrainingRun:
+    return TrainingRun(
+        id=row.id,
+        model=row.model,
+        method=row.method,
+        status=row.status,
+        parent=row.parent,
+        candidate=row.candidate,
+        config=dict(row.config or {}),
+        data=dict(row.data or {}),
+        metrics=dict(row.metrics or {}),
+        reason=row.reason or "",
+        error=row.error,
+        owner=row.owner or "",
+        started_at=row.started_at,
+        ended_at=row.ended_at,
+    )
+
+
+def _eval(row: EvalRunRow) -> EvalRun:
+    return EvalRun(
+        id=row.id,
+        model=row.model,
+        version=row.version,
+        split=row.split,
+        metrics=dict(row.metrics or {}),
+        training_run=row.training_run,
+        duration_s=row.duration_s or 0.0,
+        created_at=row.created_at,
+    )

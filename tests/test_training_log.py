@@ -1,0 +1,72 @@
+"""The training log in the store: runs with lineage, evaluations, and one trainer per model."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+import honed
+from honed.store.training import TrainerBusy
+
+
+def test_a_run_records_config_data_lineage_and_outcome(store_url: str) -> None:
+    store = honed.open_store(store_url)
+    run = store.start_training_run("agent", "sft", parent="agent@v1", config={"lr": 5e-4}, owner="me")
+    assert run.status == "running" and run.ended_at is None
+    assert store.add_training_examples(run.id, ["t1", "t2", "t1"]) == 2
+    store.update_training_run(run.id, data={"rows": 10})
+    done = store.update_training_run(
+        run.id, status="rejected", data={"passed": 7}, metrics={"loss": 0.5}, reason="worse on held-out"
+    )
+    assert done.ended_at is not None and done.data == {"rows": 10, "passed": 7}
+    assert sorted(store.training_examples(run.id)) == ["t1", "t2"]
+    ev = store.record_eval("agent", "agent@v2", "heldout", {"pass_at_1": 0.4}, training_run=run.id)
+    assert store.eval_runs("agent")[-1].id == ev.id
+    assert store.eval_runs("agent", version="agent@v1") == []
+    latest = store.training_runs("agent")[0]
+    assert (
+        latest.status == "rejected" and latest.reason == "worse on held-out" and latest.config == {"lr": 5e-4}
+    )
+    store.close()
+
+
+def test_one_trainer_per_model_and_an_expired_holder_is_taken_over(store_url: str) -> None:
+    store = honed.open_store(store_url)
+    other = honed.open_store(store_url)
+    owner = store.acquire_trainer_lock("agent", owner="a", ttl_s=0.5)
+    with pytest.raises(TrainerBusy, match="another trainer holds the lock"):
+        other.acquire_trainer_lock("agent", owner="b")
+    other.acquire_trainer_lock("another-model", owner="b")  # per model, not global
+    run = store.start_training_run("agent", "sft", parent=None, config={}, owner=owner)
+    time.sleep(0.6)  # holder crashed: its lock expires, its running run is marked interrupted
+    assert other.acquire_trainer_lock("agent", owner="b") == "b"
+    left = store.training_run(run.id)
+    assert left.status == "interrupted" and "live version was not changed" in left.reason
+    assert store.trainer_lock_holder("agent") == "b"
+    other.release_trainer_lock("agent", "b")
+    with store.trainer_lock("agent") as me:
+        assert store.trainer_lock_holder("agent") == me
+    assert store.trainer_lock_holder("agent") is None
+    store.close()
+    other.close()
+
+
+def test_migration_0004_downgrades_and_upgrades(store_url: str) -> None:
+    from alembic import command
+    from sqlalchemy import inspect
+
+    from honed.store.store import _alembic_config
+
+    store = honed.open_store(store_url)
+    config = _alembic_config()
+    with store.engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.downgrade(config, "0003")
+    assert "training_runs" not in inspect(store.engine).get_table_names()
+    with store.engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, "head")
+    tables = set(inspect(store.engine).get_table_names())
+    assert {"training_runs", "training_examples", "eval_runs", "trainer_locks"} <= tables
+    store.close()
