@@ -4,10 +4,23 @@ from __future__ import annotations
 
 from typing import Any
 
-from honed.demo import add, mul
+from langchain_core.tools import tool
+
 from honed.testing import ScriptedChatModel as ToolScriptModel
 
-__all__ = ["ToolScriptModel", "make_tools"]
+__all__ = ["ToolScriptModel", "add", "make_tools", "mul"]
+
+
+@tool
+def add(a: int, b: int) -> int:
+    """Add two integers."""
+    return a + b
+
+
+@tool
+def mul(a: int, b: int) -> int:
+    """Multiply two integers."""
+    return a * b
 
 
 def make_tools() -> list[Any]:

@@ -81,14 +81,3 @@ def test_the_installed_command_reads_HONED_STORE(captured: str, tmp_path: Path) 
     out = subprocess.run([str(honed_bin), "runs", "--json"], env={"HONED_STORE": captured, "PATH": "/usr/bin:/bin"},
                          capture_output=True, text=True, timeout=120, check=True)  # fmt: skip
     assert sorted(json.loads(line)["task_id"] for line in out.stdout.splitlines()) == ["bad-task", "ok-task"]
-
-
-def test_demo_captures_a_real_agent(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'demo.db'}"
-    result = runner.invoke(app, ["demo", "--store", url, "--n", "10"])
-    assert result.exit_code == 0, result.output
-    store = honed.open_store(url)
-    assert store.count() == 10
-    assert store.count(status="ok") == 10  # a call to a missing tool is an error step; the agent goes on
-    failed = [t for t in store.trajectories(limit=None) if any(s.error for s in t.steps)]
-    assert len(failed) == 2 and all("divide is not a valid tool" in t.steps[1].error for t in failed)

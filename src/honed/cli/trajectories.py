@@ -1,4 +1,4 @@
-"""`honed runs`, `honed show`, `honed demo`: captured trajectories from a terminal."""
+"""`honed runs`, `honed show`: captured trajectories from a terminal."""
 
 from __future__ import annotations
 
@@ -86,27 +86,6 @@ def show(
         typer.echo(json.dumps(t.to_dict(), ensure_ascii=False, indent=2, default=str))
         return
     console().print(_timeline(t))
-
-
-@app.command()
-def demo(
-    store: StoreOption = None,
-    n: Annotated[int, typer.Option("--n", help="How many agent runs.")] = 20,
-    seed: Annotated[int, typer.Option(help="Task seed.")] = 0,
-) -> None:
-    """Capture a real create_agent agent end to end into the store, then show what was captured."""
-    from honed.demo import run_capture_demo
-    from honed.store import resolve_store_url
-
-    url = resolve_store_url(store)
-    with console().status(f"running {n} agent invocations, captured into {url}"):
-        ids = run_capture_demo(url, n=n, seed=seed)
-    runs(store=url, limit=min(n, 10))
-    if ids:
-        show(ids[0], store=url)
-    console().print(
-        f"[bold]{len(ids)}[/bold] trajectories in {url}; try [cyan]honed runs[/cyan] and [cyan]honed show ID[/cyan]."
-    )
 
 
 def _timeline(t: Trajectory) -> Tree:

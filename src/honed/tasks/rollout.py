@@ -93,24 +93,37 @@ def label(
     since: datetime | None = None,
     concurrency: int = 2,
     timeout_s: float = 600.0,
+    work: bool = True,
 ) -> list[Trajectory]:
-    """Label the round with `verifiers` (here, or by a background worker on the same queue) and
-    return its trajectories once all `expected` of them carry a verdict or an error."""
+    """Label the round with `verifiers` and return its trajectories once all `expected` of them
+    carry those verifiers' verdicts (or errors). `work=False` leaves the labelling to a background
+    worker on the same verifiers and only waits."""
     from honed.plugin.registry import flush
     from honed.verifiers.worker import Worker
 
+    verifiers = list(verifiers)
     flush()
     deadline = time.monotonic() + timeout_s
-    with Worker(store, list(verifiers), concurrency=concurrency, backoff_s=0.2, max_backoff_s=2.0) as worker:
+    with Worker(store, verifiers, concurrency=concurrency, backoff_s=0.2, max_backoff_s=2.0) as worker:
         while True:
-            worker.run_once()
+            if work:
+                worker.run_once()
             found = round_trajectories(store, round_tag, since=since)
-            if len(found) >= expected and all(t.verdicts for t in found):
+            if len(found) >= expected and all(_settled(t, verifiers) for t in found):
                 return found
             if time.monotonic() > deadline:
                 return found
             flush()
             time.sleep(0.2)
+
+
+def _settled(t: Trajectory, verifiers: list[Any]) -> bool:
+    """Every applicable verifier of ours has written a verdict (or an error) for `t`."""
+    from honed.verifiers.protocol import verifier_key
+    from honed.verifiers.routing import applicable
+
+    have = {(v.verifier, v.version) for v in t.verdicts}
+    return all(verifier_key(v) in have for v in applicable(verifiers, t))
 
 
 @dataclass
@@ -178,14 +191,21 @@ def score(
     *,
     samples: int,
     untrusted: Iterable[str] = (),
+    verifiers: Iterable[str] | None = None,
     round_tag: str = "",
 ) -> Scores:
-    """Score a labelled round: every task gets `samples` outcomes (a missing attempt is a failure)."""
+    """Score a labelled round: every task gets `samples` outcomes (a missing attempt is a failure).
+
+    `verifiers` (names) limits the judgement to those verifiers' verdicts: other workers may label
+    the same trajectories with other verifiers, and a score must mean one thing.
+    """
     skip = set(untrusted)
+    only = None if verifiers is None else set(verifiers)
     per_task: dict[str, list[bool | None]] = {t.id: [] for t in tasks}
     for t in trajectories:
         if t.task_id in per_task:
-            per_task[t.task_id].append(outcome(t.verdicts, skip))
+            verdicts = t.verdicts if only is None else [v for v in t.verdicts if v.verifier in only]
+            per_task[t.task_id].append(outcome(verdicts, skip))
     for results in per_task.values():
         results.extend([False] * max(0, samples - len(results)))
     return Scores(
@@ -209,30 +229,49 @@ def evaluate(
     on_done: Callable[[int], None] | None = None,
 ) -> Scores:
     """Attempt every task `samples` times with `agent`, label the attempts, score them."""
+    from honed.verifiers.protocol import verifier_name
+
+    verifiers = list(verifiers)
     since = datetime.now(UTC) - timedelta(seconds=5)
     tag = attempt(agent, tasks, samples=samples, concurrency=concurrency, metadata=metadata, on_done=on_done)
     found = label(store, verifiers, tag, expected=len(tasks) * samples, since=since)
     untrusted = store.untrusted_verifiers() if hasattr(store, "untrusted_verifiers") else ()
-    return score(found, tasks, samples=samples, untrusted=untrusted, round_tag=tag)
+    names = [verifier_name(v) for v in verifiers]
+    return score(found, tasks, samples=samples, untrusted=untrusted, verifiers=names, round_tag=tag)
 
 
 def diversity(trajectories: Sequence[Trajectory]) -> dict[str, float]:
-    """Collapse signals: distinct-1/2 over final answers, distinct tool-call sequences, mean length.
+    """Collapse signals, measured across tasks so that a model that gets *better* does not look
+    collapsed (the right answers to different tasks differ; 8 samples of one task should agree):
 
-    A model trained on its own output narrows: the same answer, the same tool plan for every
-    task. These fall first, before pass@1 does.
+    - `distinct_answers`: distinct final answers among different tasks, per sample index;
+    - `distinct_tool_calls`: distinct tool-call sequences (names and arguments) likewise;
+    - `distinct_1`/`distinct_2` over all answers' words, `distinct_tool_sequences` (tool names
+      only) and `mean_length`: recorded for the report; they also fall as answers become templated.
+
+    A model trained on its own unverified output ends up saying the same thing whatever it is asked.
     """
+    if not trajectories:
+        return {}
+    by_sample: dict[Any, list[Trajectory]] = defaultdict(list)
+    for t in trajectories:
+        by_sample[(t.metadata or {}).get("sample", 0)].append(t)
+
+    def across_tasks(key: Callable[[Trajectory], Any]) -> float:
+        ratios = [len({key(t) for t in group}) / len(group) for group in by_sample.values()]
+        return round(sum(ratios) / len(ratios), 4)
+
     answers = [t.answer or "" for t in trajectories]
     tokens = [a.split() for a in answers]
     unigrams = Counter(w for ws in tokens for w in ws)
     bigrams = Counter(pair for ws in tokens for pair in pairwise(ws))
     n_uni, n_bi = sum(unigrams.values()), sum(bigrams.values())
-    plans = Counter(tuple(s.name for s in t.tool_steps()) for t in trajectories)
-    lengths = [len(a) for a in answers]
+    plans = {tuple(s.name for s in t.tool_steps()) for t in trajectories}
     return {
+        "distinct_answers": across_tasks(lambda t: (t.answer or "").strip()),
+        "distinct_tool_calls": across_tasks(lambda t: tuple((s.name, repr(s.input)) for s in t.tool_steps())),
         "distinct_1": round(len(unigrams) / n_uni, 4) if n_uni else 0.0,
         "distinct_2": round(len(bigrams) / n_bi, 4) if n_bi else 0.0,
-        "distinct_answers": round(len(set(answers)) / len(answers), 4) if answers else 0.0,
-        "distinct_tool_sequences": round(len(plans) / len(trajectories), 4) if trajectories else 0.0,
-        "mean_length": round(sum(lengths) / len(lengths), 2) if lengths else 0.0,
+        "distinct_tool_sequences": round(len(plans) / len(trajectories), 4),
+        "mean_length": round(sum(map(len, answers)) / len(answers), 2),
     }

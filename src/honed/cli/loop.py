@@ -1,0 +1,361 @@
+"""`honed demo`, `honed train`, `honed status`: the learning loop from a terminal."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+
+from honed.cli.common import JsonOption, StoreOption, app, console, open_store_or_exit
+
+SuiteOption = Annotated[
+    str, typer.Option("--suite", help="tool_use | extraction | coding | package.module:SUITE (your own).")
+]
+MethodOption = Annotated[str, typer.Option("--method", help="sft | kto | dpo | grpo | distill")]
+
+
+@contextmanager
+def _progress(out: Console):
+    """A rich progress display with one bar per phase name; yields the `on_progress` callback."""
+    columns = (
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=out, transient=True) as progress:
+        bars: dict[str, Any] = {}
+
+        def update(phase: str, done: int, total: int) -> None:
+            if phase not in bars:
+                bars[phase] = progress.add_task(escape(phase), total=total or None)
+            progress.update(bars[phase], completed=done, total=total or None)
+
+        yield update
+
+
+def _method(name: str, suite: Any = None) -> Any:
+    from honed.trainers import methods
+
+    if name == "sft":
+        return methods.SFTMethod(epochs=2, learning_rate=5e-4)
+    if name == "kto":
+        return methods.KTOMethod()
+    if name == "dpo":
+        return methods.DPOMethod()
+    if name == "distill":
+        return methods.DistillMethod()
+    if name == "grpo":
+        if suite is None:
+            raise typer.BadParameter("grpo needs --suite (its verifiers are the reward)")
+        return methods.GRPOMethod(verifiers=suite.verifiers(), tools=list(suite.tools))
+    raise typer.BadParameter(f"unknown method {name!r}: sft, kto, dpo, grpo or distill")
+
+
+# -- honed demo ----------------------------------------------------------------------------------
+
+
+@app.command()
+def demo(
+    suite: SuiteOption = "tool_use",
+    cycles: Annotated[int, typer.Option(help="Training cycles after the base model.")] = 3,
+    seed: Annotated[int, typer.Option(help="Seed of the base model, the tasks' order and training.")] = 0,
+    method: MethodOption = "sft",
+    store: Annotated[
+        str | None, typer.Option("--store", help="Store URL (default: a fresh SQLite file in --workdir).")
+    ] = None,
+    workdir: Annotated[Path, typer.Option(help="Where the demo's store and models go.")] = Path(".honed"),
+    report: Annotated[Path, typer.Option(help="The HTML report written at the end.")] = Path(
+        "honed-report.html"
+    ),
+    attempts: Annotated[int, typer.Option(help="Attempts per training task per cycle.")] = 4,
+    train_tasks: Annotated[int | None, typer.Option(help="Training tasks used (default: all).")] = None,
+    heldout_tasks: Annotated[int | None, typer.Option(help="Held-out tasks used (default: all).")] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON line per cycle (cycle 0 = base).")
+    ] = False,
+) -> None:
+    """Run the whole loop: a served agent attempts tasks, verifiers label, SFT trains, the gate promotes."""
+    from honed.loop import LearningLoop, fresh_store_url
+    from honed.store import open_store
+    from honed.tasks import load_suite
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    out = Console(stderr=True) if as_json else console()
+    chosen = load_suite(suite)
+    url = store or fresh_store_url(workdir)
+    s = open_store(url)
+    out.print(
+        f"[bold]honed demo[/bold]: suite [cyan]{escape(chosen.name)}[/cyan], {cycles} cycles, seed {seed}, "
+        f"store {escape(s.safe_url)}"
+    )
+    table = _cycle_table()
+    started = time.monotonic()
+    with _progress(out) as on_progress:
+        loop = LearningLoop(
+            chosen,
+            s,
+            cycles=cycles,
+            seed=seed,
+            method=_method(method, chosen),
+            attempts=attempts,
+            train_tasks=train_tasks,
+            heldout_tasks=heldout_tasks,
+            workdir=workdir,
+            on_progress=on_progress,
+        )
+        for result in loop:
+            if as_json:
+                sys.stdout.write(json.dumps(result.to_dict()) + "\n")
+                sys.stdout.flush()
+            table.add_row(*_cycle_row(result))
+            out.print(_cycle_line(result))
+    out.print(table)
+    from honed.report import build_report
+
+    path = build_report(s, model=loop.name, path=report)
+    out.print(f"report: [cyan]{escape(str(path))}[/cyan]  ({time.monotonic() - started:.0f}s in all)")
+    s.close()
+
+
+def _cycle_table() -> Table:
+    table = Table(title="the loop, cycle by cycle")
+    for name in ("cycle", "version", "trajectories", "train pass", "held-out pass@1", "pass@8", "result"):
+        table.add_column(name, justify="right" if name not in ("version", "result") else "left")
+    table.add_column("why", overflow="fold", max_width=60)
+    return table
+
+
+def _cycle_row(r: Any) -> list[str]:
+    verdict = (
+        "base" if r.promoted is None else ("[green]promoted[/green]" if r.promoted else "[red]rejected[/red]")
+    )
+    train = "-" if r.train_pass_rate is None else f"{r.train_pass_rate:.1%}"
+    return [
+        str(r.cycle),
+        escape(r.version),
+        str(r.trajectories),
+        train,
+        f"{r.heldout_pass_at_1:.1%}",
+        f"{r.pass_at_8:.1%}",
+        verdict,
+        escape(r.reason),
+    ]
+
+
+def _cycle_line(r: Any) -> str:
+    what = "base model" if r.promoted is None else ("promoted" if r.promoted else "rejected")
+    return (
+        f"cycle {r.cycle}: {escape(r.version)} held-out pass@1 {r.heldout_pass_at_1:.1%} "
+        f"(pass@8 {r.pass_at_8:.1%}) — {what} [{r.seconds:.0f}s]"
+    )
+
+
+# -- honed train -----------------------------------------------------------------------------------
+
+
+def parse_every(text: str) -> float:
+    """'90s', '30m', '2h', '1d' -> seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
+    if not match:
+        raise typer.BadParameter(f"--every takes a duration like 90s, 30m, 2h, not {text!r}")
+    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+
+
+@app.command()
+def train(
+    name: Annotated[str, typer.Argument(help="The model's registry name; its live version trains.")],
+    store: StoreOption = None,
+    method: MethodOption = "sft",
+    suite: Annotated[
+        str | None, typer.Option("--suite", help="Agent, verifiers and held-out tasks from a suite.")
+    ] = None,
+    agent: Annotated[
+        str | None, typer.Option("--agent", help="module:factory building your agent around a chat model.")
+    ] = None,
+    verifier: Annotated[
+        str, typer.Option("--verifier", help="Verifiers for the gate (see honed verify).")
+    ] = ("reference,schema,tests"),
+    heldout: Annotated[str, typer.Option(help="The held-out split's name.")] = "heldout",
+    min_new_verified: Annotated[
+        int, typer.Option(help="Fewer verified passes than this: nothing to learn.")
+    ] = 50,
+    margin: Annotated[float, typer.Option(help="Held-out pass@1 gain needed to promote.")] = 0.02,
+    samples: Annotated[int, typer.Option(help="Held-out attempts per task.")] = 8,
+    output_dir: Annotated[Path, typer.Option(help="Where candidates are written.")] = Path("honed-models"),
+    every: Annotated[str | None, typer.Option(help="Run a cycle every 30m, 1h, ... until stopped.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Train a candidate from verified trajectories, gate it on held-out tasks, promote or reject it."""
+    import importlib
+
+    from honed.store.training import TrainerBusy
+    from honed.tasks import load_suite
+    from honed.tasks.rollout import suite_agent
+    from honed.trainers.cycle import Cycle
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    out = console()
+    s = open_store_or_exit(store)
+    chosen = load_suite(suite) if suite else None
+    if chosen is not None:
+        factory = lambda model: suite_agent(chosen, model, store=s, name=name)  # noqa: E731
+        verifiers, tasks = chosen.verifiers(), list(chosen.heldout)
+    elif agent:
+        module, _, attr = agent.partition(":")
+        factory = getattr(importlib.import_module(module), attr)
+        from honed.verifiers.catalog import resolve
+
+        verifiers, tasks = resolve(verifier), heldout
+    else:
+        out.print("[red]say how to run the agent: --suite NAME or --agent module:factory[/red]")
+        raise typer.Exit(2)
+    interval = parse_every(every) if every else None
+    while True:
+        with _progress(out) as on_progress:
+            cycle = Cycle(
+                s,
+                model=name,
+                method=_method(method, chosen),
+                agent=factory,
+                verifiers=verifiers,
+                heldout=tasks,
+                min_new_verified=min_new_verified,
+                gate_margin=margin,
+                samples=samples,
+                output_dir=output_dir,
+                data={"agent": name},
+                on_progress=on_progress,
+            )
+            try:
+                report = cycle.run()
+            except TrainerBusy as exc:
+                out.print(f"[yellow]{escape(str(exc))}[/yellow]")
+                raise typer.Exit(3) from exc
+            except LookupError as exc:
+                out.print(f"[red]{escape(str(exc))}[/red]")
+                raise typer.Exit(2) from exc
+        if as_json:
+            print(json.dumps(report.to_dict(), default=str))
+        else:
+            colour = {"promoted": "green", "rejected": "red", "nothing_to_learn": "yellow"}.get(
+                report.status, "red"
+            )
+            out.print(f"[{colour}]{report.status}[/{colour}]: {escape(report.reason)}")
+        if interval is None:
+            raise typer.Exit(0 if report.status in ("promoted", "rejected", "nothing_to_learn") else 1)
+        time.sleep(interval)
+
+
+# -- honed status ----------------------------------------------------------------------------------
+
+
+def loop_status(store: Any, name: str | None = None) -> dict[str, Any]:
+    """The loop at a glance, as data (the command prints it)."""
+    models = [name] if name else store.model_names()
+    status: dict[str, Any] = {
+        "trajectories": store.count(),
+        "unlabeled": store.count(verdict="unlabeled"),
+        "verifiers": [{k: v for k, v in row.items() if k != "latest"} for row in store.verifier_counts()],
+        "untrusted_verifiers": sorted(store.untrusted_verifiers()),
+        "models": [],
+    }
+    for model in models:
+        live = store.live_version(model)
+        evals = [e for e in store.eval_runs(model, split="heldout") if live and e.version == live.ref]
+        runs = store.training_runs(model, limit=1)
+        last = runs[0] if runs else None
+        status["models"].append(
+            {
+                "model": model,
+                "live": live.ref if live else None,
+                "live_heldout_pass_at_1": evals[-1].metrics.get("pass_at_1") if evals else None,
+                "trainer": store.trainer_lock_holder(model),
+                "last_run": None
+                if last is None
+                else {
+                    "id": last.id,
+                    "method": last.method,
+                    "status": last.status,
+                    "reason": last.reason,
+                    "candidate": last.candidate,
+                    "ended_at": last.ended_at.isoformat() if last.ended_at else None,
+                    "stuck_tasks": last.data.get("stuck_tasks"),
+                },
+            }
+        )
+    return status
+
+
+@app.command()
+def status(
+    name: Annotated[str | None, typer.Argument(help="One model (default: all).")] = None,
+    store: StoreOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """The loop at a glance: captured, unlabeled, verdicts, live versions, the last training run."""
+    with open_store_or_exit(store) as s:
+        info = loop_status(s, name)
+    if as_json:
+        print(json.dumps(info, default=str))
+        return
+    out = console()
+    out.print(
+        f"[bold]{info['trajectories']}[/bold] trajectories captured, [bold]{info['unlabeled']}[/bold] unlabeled"
+    )
+    verdicts = Table(title="verdicts per verifier")
+    for col in ("verifier", "version", "pass", "fail", "undecided"):
+        verdicts.add_column(col)
+    for row in info["verifiers"]:
+        trusted = "" if row["verifier"] not in info["untrusted_verifiers"] else " [red](untrusted)[/red]"
+        verdicts.add_row(
+            escape(row["verifier"]) + trusted,
+            escape(row["version"]),
+            *(str(row[k]) for k in ("pass", "fail", "undecided")),
+        )
+    out.print(verdicts)
+    if not info["models"]:
+        out.print(
+            "no model registered yet: [cyan]honed register NAME PATH[/cyan], then [cyan]honed promote[/cyan]"
+        )
+    for m in info["models"]:
+        score = m["live_heldout_pass_at_1"]
+        out.print(
+            f"[bold]{escape(m['model'])}[/bold]: live {escape(m['live'] or 'none')}"
+            + (f", held-out pass@1 {score:.1%}" if score is not None else ", not evaluated on held-out yet")
+            + (f"; trainer running ({escape(m['trainer'])})" if m["trainer"] else "")
+        )
+        run = m["last_run"]
+        if run is None:
+            out.print("  no training run yet")
+            continue
+        colour = {"promoted": "green", "rejected": "red", "nothing_to_learn": "yellow"}.get(
+            run["status"], "red"
+        )
+        out.print(
+            f"  last training run #{run['id']} ({run['method']}): [{colour}]{run['status']}[/{colour}] — "
+            f"{escape(run['reason'] or '')}"
+        )
+        if run.get("stuck_tasks"):
+            out.print(
+                f"  {run['stuck_tasks']} training tasks never pass: they need outside data (demonstrations)"
+            )

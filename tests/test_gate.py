@@ -1,0 +1,72 @@
+"""The promotion gate: better by the margin with confidence, no slice regression, no collapse."""
+
+from __future__ import annotations
+
+import random
+
+from honed.tasks.rollout import Scores, pass_at_k
+from honed.trainers.gate import decide, paired_gain
+
+
+def scores(
+    rates: dict[str, float], samples: int = 8, slices: dict[str, str] | None = None, **div: float
+) -> Scores:
+    per_task = {t: [i < round(r * samples) for i in range(samples)] for t, r in rates.items()}
+    diversity = {"distinct_answers": 0.9, "distinct_tool_calls": 0.9} | div
+    return Scores(per_task=per_task, slices=slices or {}, diversity=diversity)
+
+
+def tasks(n: int, seed: int, mean: float) -> dict[str, float]:
+    rng = random.Random(seed)
+    return {f"t{i}": min(1.0, max(0.0, rng.gauss(mean, 0.25))) for i in range(n)}
+
+
+def test_a_clearly_better_candidate_is_promoted() -> None:
+    live = scores(tasks(100, 0, 0.3))
+    better = scores({t: min(1.0, r + 0.2) for t, r in live.task_rates().items()})
+    decision = decide(better, live, margin=0.02)
+    assert decision.promote, decision.reason
+    assert decision.gain > 0.15 and decision.lower_bound > 0
+    assert "0.300" in decision.reason or "held-out pass@1" in decision.reason
+
+
+def test_a_worse_or_equal_candidate_is_rejected_with_the_reason() -> None:
+    live = scores(tasks(100, 1, 0.4))
+    worse = scores({t: max(0.0, r - 0.1) for t, r in live.task_rates().items()})
+    decision = decide(worse, live)
+    assert not decision.promote and "below the margin" in decision.reason
+    same = decide(scores(dict(live.task_rates())), live)
+    assert not same.promote
+
+
+def test_noise_is_not_confidence() -> None:
+    # Half the tasks up a lot, half down nearly as much: the mean gain clears the margin, the bound does not.
+    live = scores({f"t{i}": 0.5 for i in range(10)})
+    noisy = scores({f"t{i}": 1.0 if i < 6 else 0.0 for i in range(10)})  # mean gain +0.1
+    gain, lower, n = paired_gain(noisy, live)
+    assert n == 10 and gain > 0.02 and lower <= 0
+    decision = decide(noisy, live)
+    assert not decision.promote and "not confidently better" in decision.reason
+
+
+def test_a_regressing_slice_blocks_promotion() -> None:
+    slices = {f"t{i}": ("convert" if i < 20 else "arith") for i in range(100)}
+    live = scores({f"t{i}": 0.5 for i in range(100)}, slices=slices)
+    candidate = scores({f"t{i}": (0.25 if i < 20 else 1.0) for i in range(100)}, slices=slices)
+    decision = decide(candidate, live)
+    assert decision.gain > 0.3 and not decision.promote
+    assert "slice 'convert' regresses 0.500 -> 0.250" in decision.reason
+
+
+def test_collapsed_outputs_block_promotion() -> None:
+    live = scores(tasks(50, 2, 0.3))
+    collapsed = scores({t: min(1.0, r + 0.3) for t, r in live.task_rates().items()}, distinct_answers=0.1)
+    decision = decide(collapsed, live)
+    assert not decision.promote and "diversity collapsed: distinct_answers 0.900 -> 0.100" in decision.reason
+
+
+def test_pass_at_k_is_the_unbiased_estimator() -> None:
+    assert pass_at_k({"a": [True] + [False] * 7}, 1) == 1 / 8
+    assert pass_at_k({"a": [True] + [False] * 7}, 8) == 1.0
+    assert abs(pass_at_k({"a": [True, True] + [False] * 6}, 2) - (1 - (6 * 5) / (8 * 7))) < 1e-12
+    assert pass_at_k({"a": [False] * 8, "b": [True] * 8}, 8) == 0.5
