@@ -196,7 +196,7 @@ class Cycle:
     # -- phases ----------------------------------------------------------------------------------
 
     def _run(self, owner: str) -> CycleReport:
-        from honed.trainers.data import curriculum_weights, prepare, task_pass_rates
+        from honed.trainers.data import prepare
         from honed.trainers.methods import NothingToLearn
 
         durations: dict[str, float] = {}
@@ -224,19 +224,17 @@ class Cycle:
             self._phase("select", 0, 1)
             filters = {"model_version": live.ref, **self.data}
             data = prepare(self.store, self.method.name, seed=self.seed, **filters)
-            rates = task_pass_rates(
-                self.store, model_version=filters.get("model_version"), agent=filters.get("agent")
-            )
-            _, report.stuck = curriculum_weights(rates)
-            attempts = sum(n for _, n in rates.values())
+            attempts = sum(t.get("n", 0) for t in data.tasks.values())
+            passes = sum(t.get("passed", 0) for t in data.tasks.values())
+            report.stuck = data.stuck or sorted(k for k, t in data.tasks.items() if not t.get("passed"))
             report.data = {
                 **data.counts,
-                "train_pass_rate": round(sum(p for p, _ in rates.values()) / attempts, 4)
-                if attempts
-                else None,
+                "train_pass_rate": round(passes / attempts, 4) if attempts else None,
                 "trajectories": attempts,
                 "stuck_tasks": len(report.stuck),
-                "learnable_tasks": sum(1 for p, n in rates.values() if 0 < p < n),
+                "learnable_tasks": sum(
+                    1 for t in data.tasks.values() if 0 < t.get("passed", 0) < t.get("n", 0)
+                ),
             }
             self.store.add_training_examples(run.id, data.trajectory_ids)
             self.store.update_training_run(run.id, data=report.data)

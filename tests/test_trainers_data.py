@@ -1,0 +1,458 @@
+"""Trajectories → TRL datasets: trusted labels, the held-out wall, dedupe, caps, external data, the
+format of each method, recorded token ids, and the curriculum."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+import honed
+from honed import Step, Trajectory, Verdict
+from honed.store import TrajectoryNotFound, TrajectoryStore
+from honed.trainers.data import (
+    HeldOutLeak,
+    build_dataset,
+    curriculum_weights,
+    is_heldout,
+    outcome,
+    prepare,
+    task_hash,
+    task_pass_rates,
+)
+
+SYSTEM = "You are a calculator. Use the tools."
+ADD_SCHEMA = {
+    "type": "function",
+    "function": {
+        "name": "add",
+        "description": "Add two integers.",
+        "parameters": {
+            "type": "object",
+            "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+            "required": ["a", "b"],
+        },
+    },
+}
+ECHO_SCHEMA = {
+    "type": "function",
+    "function": {
+        "name": "echo",
+        "description": "Echo text.",
+        "parameters": {"type": "object", "properties": {"text": {"type": "string"}}},
+    },
+}
+_T0 = datetime(2025, 1, 1, tzinfo=UTC)
+_serial = Counter[str]()
+
+
+def question(task_id: str) -> str:
+    return f"What is 2 plus 3? (task {task_id})"
+
+
+def make_trajectory(
+    task_id: str | None,
+    *,
+    answer: str = "The sum is 5.",
+    split: str | None = "train",
+    system: str = SYSTEM,
+    user: str | None = None,
+    a: int = 2,
+    token_ids: tuple[list[int], list[int], list[int], list[int]] | None = None,
+    tools: list[dict[str, Any]] | None = None,
+    agent: str = "calc",
+    model_version: str = "calc@v1",
+    metadata: dict[str, Any] | None = None,
+    reasoning: str | None = None,
+) -> Trajectory:
+    """A captured run as the recorder stores it: model call → `add` → model call → answer.
+
+    `token_ids` = (prompt 1, completion 1, prompt 2, completion 2), as LocalChatModel records them.
+    """
+    _serial["n"] += 1
+    n = _serial["n"]
+    tools = [ADD_SCHEMA] if tools is None else tools
+    call = {"name": "add", "args": {"a": a, "b": 3}, "id": f"call_{n}"}
+    first_in = [
+        {"role": "system", "content": system},
+        {"role": "user", "content": user or question(str(task_id))},
+    ]
+    first_out: dict[str, Any] = {"role": "assistant", "content": "", "tool_calls": [call]}
+    if reasoning:
+        first_out["reasoning"] = reasoning
+    tool_message = {"role": "tool", "content": str(a + 3), "tool_call_id": call["id"]}
+    second_in = [*first_in, first_out, tool_message]
+    second_out = {"role": "assistant", "content": answer}
+    extras: list[dict[str, Any]] = [{"finish_reason": "tool_calls"}, {"finish_reason": "stop"}]
+    if token_ids is not None:
+        p1, c1, p2, c2 = token_ids
+        extras[0].update(prompt_token_ids=p1, token_ids=c1, logprobs=[-0.5] * len(c1))
+        extras[1].update(prompt_token_ids=p2, token_ids=c2, logprobs=[-0.5] * len(c2))
+    started = _T0 + timedelta(seconds=n)
+    steps = [
+        Step(id=f"s{n}-0", index=0, kind="model", name="model", input={"messages": first_in, "tools": tools},
+             output=first_out, tool_calls=[call], reasoning=reasoning, model_version=model_version,
+             extra=extras[0]),
+        Step(id=f"s{n}-1", index=1, kind="tool", name="add", input={"a": a, "b": 3}, output=str(a + 3),
+             extra={"tool_call_id": call["id"]}),
+        Step(id=f"s{n}-2", index=2, kind="model", name="model", input={"messages": second_in, "tools": tools},
+             output=second_out, model_version=model_version, extra=extras[1]),
+    ]  # fmt: skip
+    return Trajectory(
+        id=f"traj-{n:05d}",
+        agent=agent,
+        task=user or question(str(task_id)),
+        task_id=task_id,
+        split=split,
+        metadata={"expected": "5", **(metadata or {})},
+        steps=steps,
+        output=answer,
+        model_version=model_version,
+        started_at=started,
+        ended_at=started + timedelta(seconds=1),
+    )
+
+
+def add(store: TrajectoryStore, t: Trajectory, *verdicts: Verdict | bool | None) -> Trajectory:
+    """Save `t` with verdicts (a bool is the trusted `reference` verifier's judgement)."""
+    store.save(t)
+    for v in verdicts:
+        verdict = v if isinstance(v, Verdict) else Verdict(passed=v, verifier="reference")
+        store.add_verdict(t.id, verdict)
+    return t
+
+
+def error_verdict(verifier: str = "reference") -> Verdict:
+    return Verdict(passed=None, reason="error: Timeout", evidence={"error": "Timeout"}, verifier=verifier)
+
+
+@pytest.fixture
+def store(sqlite_url: str) -> TrajectoryStore:
+    return honed.open_store(sqlite_url)
+
+
+@pytest.fixture
+def any_store(store_url: str) -> TrajectoryStore:
+    """SQLite and PostgreSQL: the selection's queries run on both."""
+    return honed.open_store(store_url)
+
+
+# -- labels ------------------------------------------------------------------------------------
+
+
+def test_only_trusted_non_error_verdicts_label_training_data(any_store: TrajectoryStore) -> None:
+    store = any_store
+    store.set_min_precision("judge", 0.9)  # never audited: its verdicts count for nothing
+    assert store.untrusted_verifiers() == {"judge"}
+    judge = Verdict(passed=True, verifier="judge")
+    judge_fail = Verdict(passed=False, verifier="judge")
+    cases = {
+        "pass": add(store, make_trajectory("t-pass"), True),
+        "fail": add(store, make_trajectory("t-fail"), False),
+        "judge-only": add(store, make_trajectory("t-judge"), judge),
+        "error-only": add(store, make_trajectory("t-error"), error_verdict()),
+        "pass+error": add(store, make_trajectory("t-pe"), True, error_verdict("schema")),
+        "pass+judge-fail": add(store, make_trajectory("t-pjf"), True, judge_fail),
+        "pass+fail": add(store, make_trajectory("t-pf"), True, Verdict(passed=False, verifier="schema")),
+        "unlabeled": add(store, make_trajectory("t-none")),
+    }
+    untrusted = store.untrusted_verifiers()
+    labels = {name: outcome(store.get(t.id), untrusted) for name, t in cases.items()}
+    assert labels == {
+        "pass": True,
+        "fail": False,
+        "judge-only": None,
+        "error-only": None,
+        "pass+error": True,
+        "pass+judge-fail": True,  # the store's verdict="pass" filter would drop this one
+        "pass+fail": False,
+        "unlabeled": None,
+    }
+    data = prepare(store, "sft")
+    assert sorted(data.dataset["task_id"]) == ["t-pass", "t-pe", "t-pjf"]
+    assert sorted(data.trajectory_ids) == sorted(
+        cases[k].id for k in ("pass", "pass+error", "pass+judge-fail")
+    )
+    assert data.counts["passed"] == 3 and data.counts["failed"] == 2
+    assert data.counts["rows"] == 3 and data.counts["pretokenized"] == 0
+    # Only the named verifiers label: here `schema`, which failed one and erred on another.
+    assert prepare(store, "sft", verifiers=["schema"]).counts["failed"] == 1
+    assert prepare(store, "sft", verifiers=["schema"]).counts["passed"] == 0
+    assert task_pass_rates(store, verifiers=["schema"]) == {"t-pf": (0, 1)}
+    # Unverified: every attempt, whatever its verdicts (the benchmark's control arm).
+    assert len(prepare(store, "sft", verified=False).dataset) == len(cases)
+    assert build_dataset(store, "sft")["task_id"] == data.dataset["task_id"]
+
+
+def test_sft_rows_are_the_conversation_with_tools_as_objects_and_arguments_as_text(
+    store: TrajectoryStore,
+) -> None:
+    add(store, make_trajectory("t1", reasoning="Add them."), True)
+    add(store, make_trajectory("t2", tools=[ECHO_SCHEMA]), True)
+    rows = {row["task_id"]: row for row in prepare(store, "sft").dataset}
+    messages = rows["t1"]["messages"]
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "tool", "assistant"]
+    assert messages[2]["tool_calls"][0]["function"] == {"name": "add", "arguments": '{"a": 2, "b": 3}'}
+    assert messages[2]["reasoning_content"] == "Add them."
+    assert messages[3]["tool_call_id"] == messages[2]["tool_calls"][0]["id"]
+    assert messages[4]["content"] == "The sum is 5."
+    # Each row keeps its own tool schema whole: no keys merged in from the other row.
+    assert rows["t1"]["tools"] == [ADD_SCHEMA]
+    assert rows["t2"]["tools"] == [ECHO_SCHEMA]
+
+
+# -- the held-out wall -------------------------------------------------------------------------
+
+
+def test_heldout_tasks_never_reach_a_dataset(any_store: TrajectoryStore) -> None:
+    store = any_store
+    add(store, make_trajectory("train-1"), True)
+    add(store, make_trajectory("held-1", split="heldout"), True)
+    # Same task captured once without a split: still held out, as a whole task.
+    add(store, make_trajectory("held-1", split=None), True)
+    add(store, make_trajectory("held-1", split="train"), False)
+    for method in ("sft", "kto", "dpo", "grpo", "distill"):
+        data = prepare(store, method, verified=method != "grpo")
+        assert "held-1" not in set(data.dataset["task_id"]), method
+        assert data.counts["heldout_excluded"] >= 2, method
+        assert "held-1" not in data.tasks
+    assert "held-1" not in task_pass_rates(store)
+
+
+def test_hash_heldout_fraction_splits_tasks_without_a_split(store: TrajectoryStore) -> None:
+    ids = [f"task-{i}" for i in range(40)]
+    for task_id in ids:
+        add(store, make_trajectory(task_id, split=None), True)
+    data = prepare(store, "sft", heldout_fraction=0.3)
+    kept = set(data.dataset["task_id"])
+    held = {t for t in ids if task_hash(t) < 0.3}
+    assert kept == set(ids) - held and 4 <= len(held) <= 20
+    assert data.counts["heldout_excluded"] == len(held)
+    # Stable: the same tasks every time, and a hash never outranks an explicit split.
+    assert all(is_heldout((t, None), heldout_fraction=0.3) for t in held)
+    assert not any(is_heldout((t, "train"), heldout_fraction=0.3) for t in held)
+    assert not is_heldout((None, None), heldout_fraction=1.0)
+    assert is_heldout({"task_id": "x", "split": "heldout"})
+    assert set(task_pass_rates(store, heldout_fraction=0.3)) == set(ids) - held
+
+
+def test_explicit_requests_for_heldout_data_raise(store: TrajectoryStore) -> None:
+    train = add(store, make_trajectory("train-1"), True)
+    held = add(store, make_trajectory("held-1", split="heldout"), True)
+    unsplit = add(store, make_trajectory("held-1", split=None), True)
+    with pytest.raises(HeldOutLeak, match="held-out split"):
+        prepare(store, "sft", split="heldout")
+    with pytest.raises(HeldOutLeak, match="held-1"):
+        prepare(store, "sft", ids=[train.id, held.id])
+    with pytest.raises(HeldOutLeak):
+        prepare(store, "sft", ids=[unsplit.id])  # its task is held out, whatever its own split
+    with pytest.raises(HeldOutLeak):
+        prepare(store, "sft", task_ids=["train-1", "held-1"])
+    hashed = next(f"h{i}" for i in range(100) if task_hash(f"h{i}") < 0.5)
+    with pytest.raises(HeldOutLeak):
+        prepare(store, "sft", task_ids=[hashed], heldout_fraction=0.5)
+    demo = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "5"}]}
+    for leaked in ({**demo, "task_id": "held-1"}, {**demo, "split": "heldout"}):
+        with pytest.raises(HeldOutLeak):
+            prepare(store, "sft", external=[demo, leaked], external_ratio=0.5)
+    with pytest.raises(TrajectoryNotFound):
+        prepare(store, "sft", ids=["no-such-id"])
+    assert prepare(store, "sft", ids=[train.id]).trajectory_ids == [train.id]
+    assert prepare(store, "sft", task_ids=["train-1"]).dataset["task_id"] == ["train-1"]
+
+
+# -- dedupe, caps, external data ---------------------------------------------------------------
+
+
+def test_duplicates_are_dropped_and_tasks_capped_deterministically(store: TrajectoryStore) -> None:
+    for _ in range(3):
+        add(store, make_trajectory("same"), True)  # identical conversations (ids differ)
+    for a in range(10):
+        add(store, make_trajectory("many", a=a), True)
+    data = prepare(store, "sft", max_per_task=4)
+    assert Counter(data.dataset["task_id"]) == {"same": 1, "many": 4}
+    assert data.counts["duplicates"] == 2 and data.counts["capped"] == 6
+    assert prepare(store, "sft", max_per_task=4).trajectory_ids == data.trajectory_ids
+    picks = {tuple(prepare(store, "sft", max_per_task=4, seed=s).trajectory_ids) for s in range(5)}
+    assert len(picks) > 1
+    assert len(prepare(store, "sft", max_per_task=None).dataset) == 11
+    assert len(prepare(store, "sft", limit=5).dataset) == 5  # the newest five
+
+
+def test_external_rows_make_up_the_requested_ratio(store: TrajectoryStore) -> None:
+    for i in range(4):
+        add(store, make_trajectory(f"t{i}"), True)
+    demos = [
+        {
+            "messages": [
+                {"role": "system", "content": SYSTEM},
+                {"role": "user", "content": f"What is {i} plus 1?"},
+                {
+                    "role": "assistant",
+                    "content": "",
+                    "tool_calls": [
+                        {
+                            "type": "function",
+                            "function": {"name": "add", "arguments": f'{{"a": {i}, "b": 1}}'},
+                        }
+                    ],
+                },
+                {"role": "tool", "content": str(i + 1)},
+                {"role": "assistant", "content": f"It is {i + 1}."},
+            ],
+            "tools": json.dumps([ADD_SCHEMA]),  # the suites' demonstrations carry tools as text
+            "task_id": f"demo-{i}",
+        }
+        for i in range(10)
+    ]
+    data = prepare(store, "sft", external=demos, external_ratio=0.5)
+    assert data.counts["external"] == 4 and len(data.dataset) == 8
+    external = [row for row in data.dataset if row["trajectory_id"] is None]
+    assert len(external) == 4 and all(row["tools"] == [ADD_SCHEMA] for row in external)
+    assert external[0]["messages"][2]["tool_calls"][0]["function"]["name"] == "add"
+    assert data.counts["pretokenized"] == 0
+    # More than there are: drawn with replacement.
+    few = prepare(store, "sft", external=demos[:2], external_ratio=0.8)
+    assert few.counts["external"] == 16 and len(few.dataset) == 20
+    # Only demonstrations (a warm start): every external row once.
+    warm = prepare(store, "sft", external=demos, external_ratio=1.0)
+    assert sorted(warm.dataset["task_id"]) == sorted(f"demo-{i}" for i in range(10))
+    assert warm.trajectory_ids == [] and warm.counts["external"] == 10
+    # From a datasets.Dataset too; in KTO they are desirable completions.
+    from datasets import Dataset
+
+    kto = prepare(store, "kto", external=Dataset.from_list(demos), external_ratio=0.5)
+    assert Counter(kto.dataset["label"]) == {True: 8}
+    with pytest.raises(ValueError, match="external"):
+        prepare(store, "dpo", external=demos, external_ratio=0.5)
+
+
+# -- method formats ----------------------------------------------------------------------------
+
+
+def test_kto_rows_are_prompt_completion_label(store: TrajectoryStore) -> None:
+    add(store, make_trajectory("t1"), True)
+    add(store, make_trajectory("t1", answer="The sum is 6."), False)
+    add(store, make_trajectory("t2"))  # unlabeled: not in a verified KTO set
+    data = prepare(store, "kto")
+    rows = sorted(data.dataset, key=lambda r: not r["label"])
+    assert [(r["task_id"], r["label"]) for r in rows] == [("t1", True), ("t1", False)]
+    assert [m["role"] for m in rows[0]["prompt"]] == ["system", "user"]
+    assert [m["role"] for m in rows[0]["completion"]] == ["assistant", "tool", "assistant"]
+    assert rows[1]["completion"][-1]["content"] == "The sum is 6."
+    assert rows[0]["tools"] == [ADD_SCHEMA]
+    unverified = prepare(store, "kto", verified=False)
+    assert Counter(unverified.dataset["label"]) == {True: 3}
+
+
+def test_dpo_pairs_a_pass_with_a_failure_of_the_same_task_input(store: TrajectoryStore) -> None:
+    add(store, make_trajectory("t1"), True)
+    add(store, make_trajectory("t1", answer="The sum is 6."), False)
+    add(store, make_trajectory("t1", answer="The sum is 7."), False)
+    add(store, make_trajectory("t2"), True)  # no failure to pair with
+    add(store, make_trajectory("t3", answer="no"), False)  # no pass
+    # Same task, another system prompt: a different input, never paired across.
+    add(store, make_trajectory("t4", system="Be brief."), True)
+    add(store, make_trajectory("t4", answer="The sum is 9."), False)
+    data = prepare(store, "dpo")
+    rows = list(data.dataset)
+    assert Counter(r["task_id"] for r in rows) == {"t1": 2}
+    for r in rows:
+        assert r["prompt"][1]["content"] == question("t1")
+        assert r["chosen"][-1]["content"] == "The sum is 5."
+        assert r["rejected"][-1]["content"] in ("The sum is 6.", "The sum is 7.")
+    assert {r["rejected"][-1]["content"] for r in rows} == {"The sum is 6.", "The sum is 7."}
+    assert len(data.trajectory_ids) == 3
+    assert len(prepare(store, "dpo", max_per_task=1).dataset) == 1
+
+
+def test_grpo_rows_are_train_tasks_weighted_by_curriculum(store: TrajectoryStore) -> None:
+    for passed in (True, False, True, False):  # learnable: p = 0.5
+        add(store, make_trajectory("mid", metadata={"expected": "5", "slice": "add"}), passed)
+    for _ in range(2):
+        add(store, make_trajectory("solved", a=1), True)
+    for _ in range(2):
+        add(store, make_trajectory("stuck", a=4), False)
+    add(store, make_trajectory("new", a=7))  # no verdict yet
+    add(store, make_trajectory("held", split="heldout"), True)
+    data = prepare(store, "grpo")
+    counts = Counter(data.dataset["task_id"])
+    assert counts == {"mid": 4, "new": 4, "solved": 1, "stuck": 1}
+    assert data.stuck == ["stuck"]
+    assert data.weights["mid"] > data.weights["solved"] and data.weights["mid"] > data.weights["stuck"]
+    row = next(r for r in data.dataset if r["task_id"] == "mid")
+    assert json.loads(row["metadata"]) == {"expected": "5", "slice": "add"}
+    assert row["split"] == "train"
+    assert [m["role"] for m in row["prompt"]] == ["system", "user"]
+
+
+def test_curriculum_weights_and_pass_rates(store: TrajectoryStore) -> None:
+    weights, stuck = curriculum_weights({"a": (1, 2), "b": (3, 3), "c": (0, 4), "d": (1, 4)})
+    assert stuck == ["c"]
+    assert abs(sum(weights.values()) - 1.0) < 1e-9
+    assert weights["a"] > weights["d"] > weights["b"] == weights["c"] > 0
+    assert curriculum_weights({}) == ({}, [])
+    add(store, make_trajectory("x"), True)
+    add(store, make_trajectory("x", a=1), False)
+    add(store, make_trajectory("x", a=2), error_verdict())  # not an attempt with a label
+    add(store, make_trajectory("y", agent="other"), True)
+    assert task_pass_rates(store) == {"x": (1, 2), "y": (1, 1)}
+    assert task_pass_rates(store, agent="other") == {"y": (1, 1)}
+
+
+# -- recorded token ids ------------------------------------------------------------------------
+
+IDS_A = ([5, 6, 7], [8, 9, 2], [5, 6, 7, 8, 9, 2, 10, 11], [12, 13, 2])
+IDS_B = ([5, 6, 7], [8, 14, 2], [5, 6, 7, 8, 14, 2, 10, 15], [16, 2])
+
+
+def test_recorded_token_ids_become_rows_verbatim(store: TrajectoryStore) -> None:
+    a = add(store, make_trajectory("t1", token_ids=IDS_A), True)
+    b = add(store, make_trajectory("t2", a=4, token_ids=IDS_B), True)
+    data = prepare(store, "sft")
+    assert data.pretokenized and data.counts["pretokenized"] == 1
+    assert set(data.dataset.column_names) == {"input_ids", "completion_mask", "trajectory_id", "task_id"}
+    rows = [(r["trajectory_id"], r["input_ids"], r["completion_mask"]) for r in data.dataset]
+    expected = []
+    for t, ids in ((a, IDS_A), (b, IDS_B)):
+        for prompt, completion in ((ids[0], ids[1]), (ids[2], ids[3])):
+            expected.append((t.id, prompt + completion, [0] * len(prompt) + [1] * len(completion)))
+    assert rows == expected
+    assert prepare(store, "distill").pretokenized
+    assert not prepare(store, "sft", pretokenized=False).pretokenized
+
+
+def test_one_trajectory_without_ids_makes_the_whole_dataset_conversational(store: TrajectoryStore) -> None:
+    add(store, make_trajectory("t1", token_ids=IDS_A), True)
+    add(store, make_trajectory("t2"), True)
+    data = prepare(store, "sft")
+    assert not data.pretokenized and data.counts["missing_token_ids"] == 1
+    assert "messages" in data.dataset.column_names and len(data.dataset) == 2
+    with pytest.raises(ValueError, match="pretokenized=True"):
+        prepare(store, "sft", pretokenized=True)
+
+
+def test_ids_outside_the_tokenizer_vocabulary_are_not_used(store: TrajectoryStore) -> None:
+    add(store, make_trajectory("t1", token_ids=IDS_A), True)
+
+    class Vocab:
+        def __init__(self, size: int) -> None:
+            self.size = size
+
+        def __len__(self) -> int:
+            return self.size
+
+    assert prepare(store, "sft", tokenizer=Vocab(100)).pretokenized
+    assert not prepare(store, "sft", tokenizer=Vocab(10)).pretokenized
+
+
+def test_empty_selection_gives_an_empty_dataset(store: TrajectoryStore) -> None:
+    add(store, make_trajectory("t1"), False)
+    for method in ("sft", "kto", "dpo", "grpo", "distill"):
+        data = prepare(store, method, agent="nobody")
+        assert len(data) == 0 and data.counts["rows"] == 0
+    with pytest.raises(ValueError, match="unknown training method"):
+        prepare(store, "ppo")

@@ -1,0 +1,410 @@
+"""Each training method on its real TRL trainer with the tiny model: a few steps change the weights,
+the saved folder loads, SFT learns only the model's own tokens, GRPO refuses rewards that teach
+nothing, and an empty dataset never reaches a trainer."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from transformers import TrainerCallback
+
+import honed
+from honed.store import TrajectoryStore
+from honed.trainers.data import TrainingData, prepare
+from honed.trainers.methods import (
+    DistillMethod,
+    DPOMethod,
+    GRPOMethod,
+    KTOMethod,
+    NothingToLearn,
+    SFTMethod,
+    VerifierReward,
+    _merged,
+    completion_trajectory,
+    trl_tool,
+)
+from honed.trajectory import Trajectory
+from honed.verifiers import BaseVerifier, CannotTell, ReferenceMatch
+from honed.verifiers.protocol import verdict
+from test_trainers_data import ADD_SCHEMA, SYSTEM, add, make_trajectory, question
+from tiny_model import add_tool, tiny_path
+
+FEW_STEPS = {"max_steps": 2, "logging_steps": 1}
+THINK = "<think>\n\n</think>\n\n"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Tiny matrices on a shared 2-core machine: one thread ran these tests 6x faster than two."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def store(sqlite_url: str) -> TrajectoryStore:
+    return honed.open_store(sqlite_url)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Path:
+    return tiny_path()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny)
+
+
+def changed_parameters(base: Path, out: Path) -> list[str]:
+    """Names of the parameters that differ between two saved folders (same architecture)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    before = AutoModelForCausalLM.from_pretrained(base).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    assert before.keys() == after.keys()
+    return [name for name in before if not torch.equal(before[name], after[name])]
+
+
+class LogRecorder(TrainerCallback):
+    """What a progress bar would see: every log TRL emits."""
+
+    def __init__(self) -> None:
+        self.logs: list[dict[str, Any]] = []
+
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **_: Any
+    ) -> None:
+        self.logs.append(dict(logs or {}))
+
+
+def saved_model_is_complete(base: Path, out: Path) -> None:
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "generation_config.json", "honed_tiny.json"} <= names
+    assert "tokenizer.json" in names and "training_args.bin" not in names
+    assert not any(name.startswith("adapter_") for name in names)  # LoRA merged, never left as an adapter
+    for name in ("generation_config.json", "tokenizer_config.json", "chat_template.jinja"):
+        assert (out / name).read_text() == (base / name).read_text(), name  # untouched by trainers
+    assert changed_parameters(base, out)
+
+
+# -- SFT ---------------------------------------------------------------------------------------
+
+
+def test_sft_trains_only_on_the_assistant_turns(store: TrajectoryStore, tiny: Path, tmp_path: Path) -> None:
+    add(store, make_trajectory("t1"), True)
+    add(store, make_trajectory("t2", a=4, answer="The sum is 7."), True)
+    data = prepare(store, "sft")
+    assert not data.pretokenized
+    method = SFTMethod(batch_size=2, args=FEW_STEPS)
+    trainer = method.build_trainer(tiny, data, tmp_path / "scratch")
+    tok = trainer.processing_class
+    rows = sorted(trainer.train_dataset, key=lambda r: len(r["input_ids"]))
+    batch = trainer.data_collator(rows)  # exactly what a training step sees
+    for i, row in enumerate(rows):
+        labels = batch["labels"][i].tolist()
+        ids = batch["input_ids"][i].tolist()
+        trained = _runs([t if label != -100 else None for t, label in zip(ids, labels, strict=True)])
+        texts = [tok.decode(run, skip_special_tokens=False) for run in trained]
+        call, answer = ("2", "5") if "sum is 5" in tok.decode(row["input_ids"]) else ("4", "7")
+        assert texts == [
+            f'{THINK}<tool_call>\n{{"name": "add", "arguments": {{"a": {call}, "b": 3}}}}\n</tool_call><|im_end|>\n',
+            f"{THINK}The sum is {answer}.<|im_end|>\n",
+        ]
+        masked = tok.decode([t for t, label in zip(ids, labels, strict=True) if label == -100])
+        for text in (SYSTEM, "You may call one or more functions", "What is 2 plus 3?", "<tool_response>"):
+            assert text in masked
+    # ... and trains on them: the weights move, the folder is a complete model.
+    recorder = LogRecorder()
+    result = method.train(tiny, data, tmp_path / "out", callbacks=[recorder])
+    assert result.path == tmp_path / "out"
+    assert result.metrics["steps"] == 2 and result.metrics["train_loss"] > 0
+    assert (
+        result.metrics["tokens"] > 0 and result.metrics["tokens_per_s"] > 0 and result.metrics["samples"] == 4
+    )
+    assert any("loss" in entry for entry in recorder.logs)
+    saved_model_is_complete(tiny, result.path)
+    from honed.models.local import LocalChatModel
+
+    reply = LocalChatModel(result.path, temperature=0, max_tokens=3).invoke("hi")
+    assert reply.response_metadata["token_ids"]
+    assert json.dumps(method.config())  # recorded with the training run
+    assert method.config()["args"] == FEW_STEPS
+
+
+def _runs(ids: list[int | None]) -> list[list[int]]:
+    """Contiguous runs of non-None ids."""
+    runs: list[list[int]] = []
+    for i, token in enumerate(ids):
+        if token is None:
+            continue
+        if i == 0 or ids[i - 1] is None:
+            runs.append([])
+        runs[-1].append(token)
+    return runs
+
+
+def test_sft_on_recorded_token_ids_uses_them_verbatim(
+    store: TrajectoryStore, tiny: Path, tokenizer: Any, tmp_path: Path
+) -> None:
+    recorded = {}
+    for task_id, a in (("t1", 2), ("t2", 4)):
+        ids = recorded_ids(tokenizer, task_id, a)
+        recorded[add(store, make_trajectory(task_id, a=a, token_ids=ids), True).id] = ids
+    data = prepare(store, "sft", tokenizer=tokenizer)
+    assert data.pretokenized
+    method = SFTMethod(batch_size=2, args={"max_steps": 1})
+    trainer = method.build_trainer(tiny, data, tmp_path / "scratch")
+    assert trainer.args.completion_only_loss and not trainer.args.assistant_only_loss
+    expected = sorted(
+        (prompt + completion, [-100] * len(prompt) + completion)
+        for p1, c1, p2, c2 in recorded.values()
+        for prompt, completion in ((p1, c1), (p2, c2))
+    )
+    assert sorted((r["input_ids"], r["labels"]) for r in trainer.train_dataset) == expected
+    result = method.train(tiny, data, tmp_path / "out")
+    assert result.metrics["steps"] == 1
+    assert changed_parameters(tiny, result.path)
+
+
+def recorded_ids(tokenizer: Any, task_id: str, a: int) -> tuple[list[int], list[int], list[int], list[int]]:
+    """Token ids as LocalChatModel records them: the rendered prompt and the sampled completion."""
+    call = f'<tool_call>\n{{"name": "add", "arguments": {{"a": {a}, "b": 3}}}}\n</tool_call>'
+    user = {"role": "user", "content": question(task_id)}
+    first = [{"role": "system", "content": SYSTEM}, user]
+    second = [
+        *first,
+        {"role": "assistant", "content": call},
+        {"role": "tool", "content": str(a + 3)},
+    ]
+
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def prompt(messages: list[dict[str, Any]]) -> list[int]:
+        return encode(
+            tokenizer.apply_chat_template(
+                messages, tools=[ADD_SCHEMA], add_generation_prompt=True, tokenize=False
+            )
+        )
+
+    answer = f"The sum is {a + 3}."
+    return (
+        prompt(first),
+        encode(THINK + call + "<|im_end|>"),
+        prompt(second),
+        encode(THINK + answer + "<|im_end|>"),
+    )
+
+
+def test_lora_is_merged_into_a_plain_model_folder(store: TrajectoryStore, tiny: Path, tmp_path: Path) -> None:
+    add(store, make_trajectory("t1"), True)
+    add(store, make_trajectory("t2", a=4), True)
+    method = SFTMethod(lora=True, batch_size=2, learning_rate=1e-2, args={"max_steps": 1})
+    assert method.config()["peft"]["r"] == 16
+    result = method.train(tiny, prepare(store, "sft"), tmp_path / "out")
+    saved_model_is_complete(tiny, result.path)
+
+
+# -- KTO, DPO ----------------------------------------------------------------------------------
+
+
+def test_kto_learns_from_passes_and_failures(store: TrajectoryStore, tiny: Path, tmp_path: Path) -> None:
+    add(store, make_trajectory("t1"), True)
+    add(store, make_trajectory("t1", answer="The sum is 6."), False)
+    add(store, make_trajectory("t2", a=4, answer="The sum is 7."), True)
+    add(store, make_trajectory("t2", a=4, answer="The sum is 8."), False)
+    data = prepare(store, "kto")
+    assert sorted(data.dataset["label"]) == [False, False, True, True]
+    result = KTOMethod(batch_size=2, max_steps=2).train(tiny, data, tmp_path / "out")
+    assert result.metrics["steps"] == 2
+    saved_model_is_complete(tiny, result.path)
+
+
+def test_dpo_learns_from_pairs(store: TrajectoryStore, tiny: Path, tmp_path: Path) -> None:
+    add(store, make_trajectory("t1"), True)
+    add(store, make_trajectory("t1", answer="The sum is 6."), False)
+    add(store, make_trajectory("t2", a=4, answer="The sum is 7."), True)
+    add(store, make_trajectory("t2", a=4, answer="The sum is 8."), False)
+    data = prepare(store, "dpo")
+    assert len(data.dataset) == 2
+    result = DPOMethod(batch_size=2, args=FEW_STEPS).train(tiny, data, tmp_path / "out")
+    assert result.metrics["steps"] == 2
+    saved_model_is_complete(tiny, result.path)
+
+
+# -- GRPO --------------------------------------------------------------------------------------
+
+
+class EvenLength(BaseVerifier):
+    """Passes an answer of even length: on a random model's samples, rewards that differ."""
+
+    name = "even"
+
+    def check(self, t: Trajectory) -> Any:
+        return verdict(len(t.answer) % 2 == 0, "parity")
+
+
+class NeverPasses(BaseVerifier):
+    name = "never"
+
+    def check(self, t: Trajectory) -> Any:
+        return verdict(False, "no")
+
+
+def grpo_data(store: TrajectoryStore) -> TrainingData:
+    add(store, make_trajectory("t1"), True)
+    add(store, make_trajectory("t2", a=4), False)
+    return prepare(store, "grpo")
+
+
+def test_grpo_learns_from_groups_whose_rewards_differ(
+    store: TrajectoryStore, tiny: Path, tmp_path: Path
+) -> None:
+    data = grpo_data(store)
+    method = GRPOMethod(
+        [EvenLength()], tools=[add_tool()], num_generations=4, max_completion_length=8, learning_rate=1e-3,
+        args={**FEW_STEPS, "max_tool_calling_iterations": 1},
+    )  # fmt: skip
+    assert method.config()["verifiers"] == ["even"] and method.config()["tools"] == ["add"]
+    result = method.train(tiny, data, tmp_path / "out")
+    assert result.metrics["steps"] == 2
+    assert 0.0 <= result.metrics["zero_variance_groups"] < 1.0
+    saved_model_is_complete(tiny, result.path)
+
+
+def test_langchain_tools_become_functions_trl_can_describe_and_call() -> None:
+    from transformers.utils import get_json_schema
+
+    add = trl_tool(add_tool())
+    assert add(a=2, b=3) == 5
+    schema = get_json_schema(add)["function"]
+    assert schema["name"] == "add" and schema["description"] == "Add two integers."
+    assert schema["parameters"]["required"] == ["a", "b"]
+    assert schema["parameters"]["properties"]["a"]["type"] == "integer"
+    assert trl_tool(_plain_function) is _plain_function
+    with pytest.raises(TypeError):
+        trl_tool("add")
+
+
+def _plain_function(x: int) -> int:
+    """Identity.
+
+    Args:
+        x: a number
+    """
+    return x
+
+
+class CannotJudge(BaseVerifier):
+    name = "unsure"
+
+    def check(self, t: Trajectory) -> Any:
+        raise CannotTell("no reference")
+
+
+@pytest.mark.parametrize(
+    ("verifier", "reason"), [(NeverPasses(), "same reward"), (CannotJudge(), "could tell")]
+)
+def test_grpo_without_reward_differences_has_nothing_to_learn(
+    store: TrajectoryStore, tiny: Path, tmp_path: Path, verifier: BaseVerifier, reason: str
+) -> None:
+    method = GRPOMethod([verifier], num_generations=2, max_completion_length=4, args={"max_steps": 1})
+    with pytest.raises(NothingToLearn, match=reason) as caught:
+        method.train(tiny, grpo_data(store), tmp_path / "out")
+    assert caught.value.metrics["steps"] == 1
+    if reason == "same reward":
+        assert caught.value.metrics["zero_variance_groups"] == 1.0
+    assert not (tmp_path / "out").exists()
+
+
+def test_user_args_override_defaults_without_conflicts() -> None:
+    defaults = SFTMethod()._defaults(
+        "out", 0, TrainingData(dataset=None, method="sft", trajectory_ids=[], counts={})
+    )
+    assert defaults["activation_checkpointing"] is False and defaults["report_to"] == []
+    merged = _merged(defaults, {"gradient_checkpointing": True, "fp16": True, "learning_rate": 1e-5})
+    assert "activation_checkpointing" not in merged and merged["gradient_checkpointing"] is True
+    assert merged["bf16"] is False and merged["learning_rate"] == 1e-5
+
+
+def test_verifier_reward_scores_completions_as_trajectories() -> None:
+    prompt = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "What is 2 plus 3?"}]
+    completion = [
+        {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}]},
+        {"role": "tool", "name": "add", "content": "5"},
+        {"role": "assistant", "content": "<think>\nsum\n</think>\n\nThe sum is 5."},
+    ]  # fmt: skip
+    t = completion_trajectory(prompt, completion, task_id="t1", metadata='{"expected": "5"}', split="train")
+    assert t.answer == "The sum is 5." and t.task == "What is 2 plus 3?" and t.metadata == {"expected": "5"}
+    assert [s.kind for s in t.steps] == ["model", "tool", "model"]
+    assert t.steps[0].tool_calls[0]["name"] == "add" and t.steps[0].tool_calls[0]["args"] == {"a": 2, "b": 3}
+    assert t.steps[2].reasoning == "sum"
+
+    class Broken(BaseVerifier):
+        name = "broken"
+
+        def check(self, t: Trajectory) -> Any:
+            raise RuntimeError("boom")
+
+    reward = VerifierReward([ReferenceMatch("numeric"), Broken()])
+    wrong = [{"role": "assistant", "content": "It is 6."}]
+    scores = reward(
+        prompts=[prompt] * 3,
+        completions=[completion, wrong, wrong],
+        task_id=["t1"] * 3,
+        metadata=['{"expected": "5"}', '{"expected": "5"}', "{}"],  # the last: no reference, no signal
+        split=["train"] * 3,
+        trainer_state=None,
+    )
+    assert scores == [1.0, 0.0, None]
+    assert VerifierReward([Broken()]).score(t) is None
+
+
+# -- distillation, empty data ------------------------------------------------------------------
+
+
+def test_distill_with_a_teacher_runs_trl_distillation(
+    store: TrajectoryStore, tiny: Path, tmp_path: Path
+) -> None:
+    add(store, make_trajectory("t1", agent="teacher"), True)
+    add(store, make_trajectory("t2", agent="teacher", a=4), True)
+    add(store, make_trajectory("t3", agent="student", a=5), True)
+    data = prepare(store, "distill", agent="teacher")
+    assert sorted(data.dataset["task_id"]) == ["t1", "t2"]
+    teacher = tiny_path(1)  # same tokenizer, other weights
+    method = DistillMethod(teacher=teacher, batch_size=2, max_completion_length=8, args={"max_steps": 1})
+    assert method.config()["teacher"] == str(teacher)
+    result = method.train(tiny, data, tmp_path / "out")
+    assert result.metrics["steps"] == 1
+    saved_model_is_complete(tiny, result.path)
+
+
+def test_empty_or_mismatched_data_never_reaches_a_trainer(store: TrajectoryStore, tmp_path: Path) -> None:
+    add(store, make_trajectory("t1"), False)
+    missing = tmp_path / "no-model-here"  # nothing is loaded before the check
+    methods: list[tuple[Any, str]] = [
+        (SFTMethod(), "sft"),
+        (KTOMethod(), "kto"),
+        (DPOMethod(), "dpo"),
+        (GRPOMethod([NeverPasses()]), "grpo"),
+        (DistillMethod(), "distill"),
+    ]
+    for method, name in methods:
+        data = prepare(store, name, agent="nobody")
+        with pytest.raises(NothingToLearn, match="no rows"):
+            method.train(missing, data, tmp_path / "out")
+    with pytest.raises(ValueError, match="KTOMethod trains on"):
+        KTOMethod().train(missing, prepare(store, "sft", agent="nobody"), tmp_path / "out")
+    with pytest.raises(ValueError, match="verifier"):
+        GRPOMethod([])
