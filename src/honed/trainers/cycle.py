@@ -240,7 +240,9 @@ class Cycle:
             self.store.update_training_run(run.id, data=report.data)
             durations["select"] = time.monotonic() - started
             self._phase("select", 1, 1)
-            if data.counts.get("passed", 0) < self.min_new_verified and self.method.name != "grpo":
+            verified = self.data.get("verified", True)
+            short = data.counts.get("passed", 0) < self.min_new_verified if verified else len(data) == 0
+            if short and self.method.name != "grpo":
                 return self._finish(
                     report,
                     "nothing_to_learn",

@@ -1,0 +1,191 @@
+"""The training cycle end to end on a real tiny model, real agents, real TRL and a real store.
+
+The live version is the tiny model that has memorised one tool-calling conversation ("What is 2
+plus 3?" -> add(2, 3) -> "The sum is 5."), so it passes its tasks; candidates are trained from
+it by the real SFT method, and the gate runs the real agent on held-out tasks.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import TrainerCallback
+from typer.testing import CliRunner
+
+import honed
+from honed.cli import app
+from honed.tasks import Task
+from honed.tasks.rollout import attempt, label, suite_agent
+from honed.trainers import Cycle, SFTMethod
+from honed.verifiers import ReferenceMatch
+from tiny_model import QUESTION, add_tool, tool_model_path
+
+NAME = "adder"
+
+
+class Adder:
+    """A one-question suite around the memorised conversation (the `Suite` protocol)."""
+
+    name = NAME
+    system_prompt = None
+    tools = [add_tool()]
+    train = [Task(f"train-{i}", QUESTION, metadata={"expected": "5"}) for i in range(4)]
+    heldout = [Task(f"heldout-{i}", QUESTION, split="heldout", metadata={"expected": "5"}) for i in range(6)]
+
+    def verifiers(self) -> list[Any]:
+        return [ReferenceMatch()]
+
+
+@pytest.fixture
+def world(sqlite_url: str, tmp_path: Path) -> dict[str, Any]:
+    """A store with v1 live (the memorising model) and its verified attempts at the train tasks."""
+    torch.set_num_threads(1)
+    store = honed.open_store(sqlite_url)
+    v1 = store.register_model(NAME, tool_model_path(), reason="base")
+    store.promote(NAME, v1.version, expected_live=None)
+    from honed.models import LocalChatModel
+
+    suite = Adder()
+    model = LocalChatModel(v1.path, model_version=v1.ref, temperature=0.0, max_tokens=48)
+    tag = attempt(suite_agent(suite, model, store=store), suite.train, samples=2)
+    found = label(store, suite.verifiers(), tag, expected=8)
+    assert sum(bool(v.passed) for t in found for v in t.verdicts) == 8, "the live version passes its tasks"
+    return {"store": store, "suite": suite, "v1": v1, "tmp": tmp_path, "url": sqlite_url}
+
+
+def cycle(world: dict[str, Any], method: Any, **options: Any) -> Cycle:
+    suite = world["suite"]
+    settings = {
+        "model": NAME,
+        "method": method,
+        "agent": lambda m: suite_agent(suite, m, store=world["store"]),
+        "verifiers": suite.verifiers(),
+        "heldout": suite.heldout,
+        "samples": 1,
+        "temperature": 0.0,
+        "output_dir": world["tmp"] / "models",
+        "data": {"agent": NAME},
+    }
+    from honed.trainers.cycle import local_chat_model
+
+    settings["chat_model"] = local_chat_model(max_tokens=48)
+    return Cycle(world["store"], **(settings | options))
+
+
+def test_a_deliberately_worse_candidate_is_rejected_and_the_run_recorded(world: dict[str, Any]) -> None:
+    store = world["store"]
+    # A learning rate this large wrecks the weights: a real, worse candidate.
+    report = cycle(world, SFTMethod(epochs=1, learning_rate=5.0, batch_size=4)).run()
+    assert report.status == "rejected", report.reason
+    assert "held-out pass@1 1.000 -> 0.000" in report.reason
+    assert store.live_version(NAME).ref == world["v1"].ref
+    candidate = store.model_version(NAME, 2)
+    assert candidate.status == "rejected" and candidate.training_run == report.run.id
+    run = store.training_run(report.run.id)
+    assert run.status == "rejected" and run.parent == world["v1"].ref and run.candidate == candidate.ref
+    assert run.data["passed"] == 8 and run.data["train_pass_rate"] == 1.0
+    assert run.metrics["gate"]["promote"] is False and run.metrics["steps"] >= 1
+    # Lineage: the verified train attempts that made rows (the 8 are identical: 7 deduplicated).
+    lineage = store.trajectories(None, ids=store.training_examples(run.id), with_steps=False)
+    assert len(lineage) == 1 and {t.split for t in lineage} == {"train"} and run.data["duplicates"] == 7
+    evals = store.eval_runs(NAME, split="heldout")
+    assert [e.version for e in evals] == [world["v1"].ref, candidate.ref]
+    assert evals[1].training_run == run.id and evals[1].metrics["pass_at_1"] == 0.0
+
+
+def test_an_interrupted_cycle_leaves_the_live_version_untouched_and_can_rerun(world: dict[str, Any]) -> None:
+    store = world["store"]
+
+    class Interrupt(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            raise KeyboardInterrupt
+
+    method = SFTMethod(epochs=1, learning_rate=1e-4, batch_size=4)
+    with pytest.raises(KeyboardInterrupt):
+        cycle(world, method, callbacks=[Interrupt()]).run()
+    assert store.live_version(NAME).ref == world["v1"].ref
+    assert [v.version for v in store.versions(NAME)] == [1]  # no half-registered candidate
+    run = store.training_runs(NAME)[0]
+    assert run.status == "interrupted" and "live version was not changed" in run.reason
+    assert store.trainer_lock_holder(NAME) is None
+    again = cycle(world, method).run()  # re-runnable: the lock was released
+    assert again.status in ("promoted", "rejected") and again.run.id == run.id + 1
+
+
+def test_nothing_to_learn_is_said_loudly_and_a_failed_run_is_recorded(world: dict[str, Any]) -> None:
+    store = world["store"]
+    quiet = cycle(world, SFTMethod(), min_new_verified=100).run()
+    assert quiet.status == "nothing_to_learn" and quiet.reason.startswith(
+        "NOTHING TO LEARN: 8 verified passes"
+    )
+    broken = cycle(world, SFTMethod(args={"no_such_setting": 1})).run()
+    assert broken.status == "failed" and "no_such_setting" in broken.reason
+    assert "Traceback" in store.training_run(broken.run.id).error
+    assert store.live_version(NAME).ref == world["v1"].ref
+
+    result = CliRunner().invoke(app, ["status", NAME, "--store", world["url"], "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    model = info["models"][0]
+    assert model["live"] == world["v1"].ref and model["last_run"]["status"] == "failed"
+    assert info["trajectories"] >= 8 and info["unlabeled"] == 0
+    shown = CliRunner().invoke(app, ["status", "--store", world["url"]], env={"COLUMNS": "200"})
+    assert shown.exit_code == 0 and "training run failed" in shown.output, shown.output
+
+
+def test_one_trainer_per_model(world: dict[str, Any]) -> None:
+    from honed.store.training import TrainerBusy
+
+    world["store"].acquire_trainer_lock(NAME, owner="someone-else")
+    with pytest.raises(TrainerBusy):
+        cycle(world, SFTMethod()).run()
+    assert world["store"].training_runs(NAME) == []
+
+
+def test_a_better_candidate_is_promoted_and_the_served_agent_follows(world: dict[str, Any]) -> None:
+    """From a blank live version, SFT on one external demonstration makes a candidate that passes
+    the held-out tasks: the gate promotes it and a ServedModel agent answers with it."""
+    from tiny_model import _ROOT, ANSWER, add_schema
+
+    store = world["store"]
+    # The memorising model's untrained sibling (built by tool_model_path): it knows nothing.
+    blank = store.register_model(NAME, _ROOT / "tool-base", reason="a model that knows nothing")
+    store.promote(NAME, blank.version, reason="start from nothing")
+    demo = {
+        "messages": [
+            {"role": "user", "content": QUESTION},
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [
+                    {
+                        "id": "c1",
+                        "type": "function",
+                        "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "c1", "content": "5"},
+            {"role": "assistant", "content": ANSWER},
+        ],
+        "tools": json.dumps([add_schema()]),
+    }
+    method = SFTMethod(epochs=150, learning_rate=1e-2, batch_size=1, args={"lr_scheduler_type": "constant"})
+    data = {"agent": NAME, "external": [demo], "external_ratio": 1.0}
+    report = cycle(world, method, min_new_verified=0, data=data).run()
+    assert report.status == "promoted", report.reason
+    assert report.live_scores.pass_at_1 == 0.0 and report.candidate_scores.pass_at_1 == 1.0
+    live = store.live_version(NAME)
+    assert live.ref == report.candidate.ref and store.model_history(NAME)[-1].reason == report.reason
+
+    served = honed.ServedModel(store, NAME, temperature=0.0, max_tokens=48)
+    try:
+        answer = suite_agent(world["suite"], served, store=store).invoke({"messages": [("user", QUESTION)]})
+        assert answer["messages"][-1].content.endswith(ANSWER)
+        assert answer["messages"][-1].response_metadata["model_version"] == live.ref
+    finally:
+        served.close()
