@@ -17,27 +17,13 @@ from transformers import TrainerCallback
 from typer.testing import CliRunner
 
 import honed
+from adder_suite import Adder, demonstration
 from honed.cli import app
-from honed.tasks import Task
 from honed.tasks.rollout import attempt, label, suite_agent
 from honed.trainers import Cycle, SFTMethod
-from honed.verifiers import ReferenceMatch
-from tiny_model import QUESTION, add_tool, tool_model_path
+from tiny_model import QUESTION, tool_model_path
 
 NAME = "adder"
-
-
-class Adder:
-    """A one-question suite around the memorised conversation (the `Suite` protocol)."""
-
-    name = NAME
-    system_prompt = None
-    tools = [add_tool()]
-    train = [Task(f"train-{i}", QUESTION, metadata={"expected": "5"}) for i in range(4)]
-    heldout = [Task(f"heldout-{i}", QUESTION, split="heldout", metadata={"expected": "5"}) for i in range(6)]
-
-    def verifiers(self) -> list[Any]:
-        return [ReferenceMatch()]
 
 
 @pytest.fixture
@@ -149,31 +135,13 @@ def test_one_trainer_per_model(world: dict[str, Any]) -> None:
 def test_a_better_candidate_is_promoted_and_the_served_agent_follows(world: dict[str, Any]) -> None:
     """From a blank live version, SFT on one external demonstration makes a candidate that passes
     the held-out tasks: the gate promotes it and a ServedModel agent answers with it."""
-    from tiny_model import _ROOT, ANSWER, add_schema
+    from tiny_model import _ROOT, ANSWER
 
     store = world["store"]
     # The memorising model's untrained sibling (built by tool_model_path): it knows nothing.
     blank = store.register_model(NAME, _ROOT / "tool-base", reason="a model that knows nothing")
     store.promote(NAME, blank.version, reason="start from nothing")
-    demo = {
-        "messages": [
-            {"role": "user", "content": QUESTION},
-            {
-                "role": "assistant",
-                "content": "",
-                "tool_calls": [
-                    {
-                        "id": "c1",
-                        "type": "function",
-                        "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'},
-                    }
-                ],
-            },
-            {"role": "tool", "tool_call_id": "c1", "content": "5"},
-            {"role": "assistant", "content": ANSWER},
-        ],
-        "tools": json.dumps([add_schema()]),
-    }
+    demo = demonstration()
     method = SFTMethod(epochs=150, learning_rate=1e-2, batch_size=1, args={"lr_scheduler_type": "constant"})
     data = {"agent": NAME, "external": [demo], "external_ratio": 1.0}
     report = cycle(world, method, min_new_verified=0, data=data).run()

@@ -34,7 +34,15 @@ MethodOption = Annotated[str, typer.Option("--method", help="sft | kto | dpo | g
 
 @contextmanager
 def _progress(out: Console):
-    """A rich progress display with one bar per phase name; yields the `on_progress` callback."""
+    """A rich progress display with one bar per phase name; yields the `on_progress` callback.
+
+    The libraries' own bars (datasets' map, transformers' weight loading) are switched off: one
+    display, ours."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
     columns = (
         SpinnerColumn(),
         TextColumn("{task.description}"),
@@ -90,6 +98,9 @@ def demo(
     attempts: Annotated[int, typer.Option(help="Attempts per training task per cycle.")] = 4,
     train_tasks: Annotated[int | None, typer.Option(help="Training tasks used (default: all).")] = None,
     heldout_tasks: Annotated[int | None, typer.Option(help="Held-out tasks used (default: all).")] = None,
+    base: Annotated[
+        Path | None, typer.Option(help="Start from this model folder instead of the warm-started base.")
+    ] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON line per cycle (cycle 0 = base).")
     ] = False,
@@ -121,6 +132,7 @@ def demo(
             train_tasks=train_tasks,
             heldout_tasks=heldout_tasks,
             workdir=workdir,
+            base=base,
             on_progress=on_progress,
         )
         for result in loop:

@@ -76,8 +76,8 @@ def load_suite(spec: str | Suite) -> Suite:
     if not attr:
         raise ValueError(f"unknown suite {spec!r}: use one of {sorted(SUITES)} or 'package.module:SUITE'")
     suite = getattr(importlib.import_module(module_name), attr)
-    if callable(suite) and not isinstance(suite, Suite):
-        suite = suite()
+    if isinstance(suite, type) or (callable(suite) and not isinstance(suite, Suite)):
+        suite = suite()  # a class or a factory
     if not isinstance(suite, Suite):
         raise TypeError(
             f"{spec} is not a honed.tasks.Suite (name, system_prompt, tools, train, heldout, ...)"

@@ -141,7 +141,13 @@ class _TrlMethod:
         self._check(data)
         tokenizer = AutoTokenizer.from_pretrained(str(base))
         args = self._trl_config(_merged(self._defaults(str(output_dir), seed, data), self.args))
-        return self._trainer(str(base), args, data, tokenizer, list(callbacks))
+        trainer = self._trainer(str(base), args, data, tokenizer, list(callbacks))
+        # transformers prints every log dict to stdout when tqdm is off: honed's callers own stdout
+        # (`honed demo --json`); the metrics reach them through TrainResult and the logger instead.
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
+        return trainer
 
     # -- per method --------------------------------------------------------------------------
 

@@ -1,0 +1,47 @@
+"""`honed demo` end to end on a suite the user brings (`--suite module:SUITE`), through the CLI."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import torch
+from typer.testing import CliRunner
+
+import honed
+from honed.cli import app
+from tiny_model import tool_model_path
+
+FIELDS = {"cycle", "heldout_pass_at_1", "pass_at_8", "train_pass_rate", "trajectories", "promoted", "reason"}
+
+
+def test_demo_runs_the_loop_on_a_user_suite_and_writes_the_report(tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    report = tmp_path / "report.html"
+    args = ["demo", "--suite", "adder_suite:Adder", "--base", str(tool_model_path()), "--cycles", "1",
+            "--attempts", "2", "--workdir", str(tmp_path / "work"), "--report", str(report), "--json"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [line["cycle"] for line in lines] == [0, 1]
+    assert all(line.keys() >= FIELDS for line in lines)
+    base, first = lines
+    assert (
+        base["promoted"] is None and base["train_pass_rate"] is None and base["version"] == "adder-agent@v1"
+    )
+    assert first["trajectories"] == 8 and 0.0 <= first["train_pass_rate"] <= 1.0
+    assert isinstance(first["promoted"], bool) and first["reason"]
+
+    store = honed.open_store(f"sqlite:///{tmp_path / 'work' / 'demo.db'}")
+    run = store.training_runs("adder-agent")[0]
+    # At temperature 1 the memorised answer is rare: the cycle may rightly find nothing to learn.
+    assert run.reason == first["reason"]
+    assert run.status == "promoted" if first["promoted"] else run.status in ("rejected", "nothing_to_learn")
+    assert store.live_version("adder-agent").version == (2 if first["promoted"] else 1) and first[
+        "version"
+    ] == (store.live_version("adder-agent").ref)
+    evals = store.eval_runs("adder-agent", split="heldout")
+    assert evals[0].metrics["samples"] == 8 and evals[0].metrics["tasks"] == 6
+    page = report.read_text()
+    assert "adder-agent@v1" in page and html.escape(first["reason"][:40]) in page and "<svg" in page
