@@ -157,3 +157,18 @@ def test_a_better_candidate_is_promoted_and_the_served_agent_follows(world: dict
         assert answer["messages"][-1].response_metadata["model_version"] == live.ref
     finally:
         served.close()
+
+
+def test_honed_train_runs_one_cycle_from_the_command_line(world: dict[str, Any]) -> None:
+    from honed.cli.loop import parse_every
+
+    args = ["train", NAME, "--suite", "adder_suite:Adder", "--store", world["url"], "--json",
+            "--min-new-verified", "100", "--output-dir", str(world["tmp"] / "cli-models")]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["status"] == "nothing_to_learn" and report["live"] == world["v1"].ref
+    assert report["data"]["passed"] == 8 and report["reason"].startswith("NOTHING TO LEARN")
+    assert parse_every("30m") == 1800 and parse_every("2h") == 7200 and parse_every("90") == 90
+    busy = CliRunner().invoke(app, ["train", NAME, "--store", world["url"]])
+    assert busy.exit_code == 2 and "--suite NAME or --agent" in busy.output
