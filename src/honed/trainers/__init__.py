@@ -16,6 +16,7 @@ _EXPORTS = {
     "Cycle": "honed.trainers.cycle",
     "CycleReport": "honed.trainers.cycle",
     "tasks_from_store": "honed.trainers.cycle",
+    "local_chat_model": "honed.trainers.cycle",
     "GateDecision": "honed.trainers.gate",
     "decide": "honed.trainers.gate",
     "build_dataset": "honed.trainers.data",
