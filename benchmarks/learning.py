@@ -1,0 +1,327 @@
+"""The learning benchmark: the seed's claims, measured side by side with the same budget and seeds.
+
+    .venv/bin/python benchmarks/learning.py                       # arms a-e (+f), seeds 0 1 2, 3 cycles
+    .venv/bin/python benchmarks/learning.py --arms a,b --seeds 0 --cycles 2 --train-tasks 120
+
+Arms (each runs `honed.loop.LearningLoop` on the same suite, base model and seeds):
+  (a) verified rejection-sampling SFT (the demo's loop);
+  (b) the same loop training on every attempt, unverified;
+  (c) the training attempts labelled by a verifier with 20% false positives (a failing attempt
+      is called a pass with probability 0.2); held-out figures still use the true verifier;
+  (d) KTO from verified passes and failures;
+  (e) (a) without the external-data mix (no demonstrations in the training sets);
+  (f) GRPO with the verifiers as reward (few steps: what fits a CPU budget).
+Every arm promotes every candidate (`enforce_gate=False`) so the curve shows what its training data
+does; the gate still runs and its decision is recorded, which is how "the gate never promotes a
+version that is worse on the held-out set" is checked: for every cycle, did the gate say promote
+while the candidate's held-out pass@1 was below the live version's?
+
+Prints, per arm and cycle, held-out pass@1 (sampled: the mean of 8 samples at temperature 1) and
+greedy pass@1 beside it, mean and spread over seeds; the targets; writes JSON and an SVG plot.
+Asserts nothing (machines are noisy); not part of the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ARMS = {
+    "a": "verified RS-SFT",
+    "b": "unverified SFT",
+    "c": "verifier with 20% false positives",
+    "d": "KTO (passes and failures)",
+    "e": "verified RS-SFT without external data",
+    "f": "GRPO (verifier reward)",
+}
+
+
+class FalsePositives:
+    """Wraps a verifier: a failing verdict becomes a pass with probability `rate` (seeded per
+    trajectory, so a re-run labels the same way). Named apart, and deaf to the gate's attempts."""
+
+    trust = "high"
+
+    def __init__(self, inner: Any, rate: float, seed: int) -> None:
+        self.inner, self.rate, self.seed = inner, rate, seed
+        self.name = f"{getattr(inner, 'name', type(inner).__name__)}-noisy"
+        self.version = getattr(inner, "version", "1")
+
+    def applies_to(self, trajectory: Any) -> bool:
+        meta = trajectory.metadata or {}
+        return meta.get("purpose") != "gate" and self.inner.applies_to(trajectory)
+
+    def verify(self, trajectory: Any) -> Any:
+        verdict = self.inner.verify(trajectory)
+        if verdict.passed is False and random.Random(f"{self.seed}:{trajectory.id}").random() < self.rate:
+            verdict.passed, verdict.score = True, 1.0
+            verdict.reason = f"(false positive) {verdict.reason}"
+        return verdict
+
+    def close(self) -> None:
+        close = getattr(self.inner, "close", None)
+        if close:
+            close()
+
+
+def arm_loop(arm: str, suite: Any, store: Any, seed: int, args: argparse.Namespace, workdir: Path) -> Any:
+    from honed.loop import LearningLoop
+    from honed.trainers.methods import GRPOMethod, KTOMethod
+
+    options: dict[str, Any] = {}
+    if arm == "b":
+        options["data"] = {"verified": False}
+    elif arm == "c":
+        noisy = [FalsePositives(v, 0.2, seed) for v in suite.verifiers()]
+        options["training_verifiers"] = noisy
+        options["data"] = {"verifiers": [v.name for v in noisy]}
+    elif arm == "d":
+        options["method"] = KTOMethod()
+    elif arm == "e":
+        options["external_ratio"] = 0.0
+    elif arm == "f":
+        options["method"] = GRPOMethod(
+            verifiers=suite.verifiers(), tools=list(suite.tools), max_steps=args.grpo_steps
+        )
+    return LearningLoop(
+        suite,
+        store,
+        cycles=args.cycles,
+        seed=seed,
+        attempts=args.attempts,
+        train_tasks=args.train_tasks,
+        heldout_tasks=args.heldout_tasks,
+        enforce_gate=False,
+        greedy=True,
+        workdir=workdir,
+        **options,
+    )
+
+
+def run_arm(arm: str, seed: int, args: argparse.Namespace) -> list[dict[str, Any]]:
+    import honed
+    from honed.tasks import load_suite
+
+    suite = load_suite(args.suite)
+    with tempfile.TemporaryDirectory(prefix=f"honed-learning-{arm}{seed}-") as tmp:
+        store = honed.open_store(f"sqlite:///{tmp}/store.db")
+        rows = []
+        started = time.monotonic()
+        for result in arm_loop(arm, suite, store, seed, args, Path(tmp)):
+            row = result.to_dict()
+            runs = store.training_runs(result.version.split("@")[0], limit=1) if result.cycle else []
+            gate = runs[0].metrics.get("gate", {}) if runs else {}
+            row["gate_would_promote"] = gate.get("promote")
+            row["arm"], row["seed"] = arm, seed
+            rows.append(row)
+            print(
+                f"  [{arm} seed {seed}] cycle {result.cycle}: pass@1 {result.heldout_pass_at_1:.3f} "
+                f"greedy {result.greedy_pass_at_1} pass@8 {result.pass_at_8:.3f} "
+                f"train {result.train_pass_rate} gate {'promote' if gate.get('promote') else 'reject' if gate else '-'} "
+                f"({result.seconds:.0f}s)",
+                flush=True,
+            )
+        store.close()
+        print(f"  [{arm} seed {seed}] done in {time.monotonic() - started:.0f}s", flush=True)
+        return rows
+
+
+def summarise(rows: list[dict[str, Any]], arms: list[str], cycles: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for arm in arms:
+        mine = [r for r in rows if r["arm"] == arm]
+        per_cycle = []
+        for c in range(cycles + 1):
+            at = [r for r in mine if r["cycle"] == c]
+            if not at:
+                continue
+
+            def stat(key: str, at: list[dict[str, Any]] = at) -> tuple[float, float]:
+                vals = [r[key] for r in at if r.get(key) is not None]
+                if not vals:
+                    return float("nan"), float("nan")
+                return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+            per_cycle.append(
+                {
+                    "cycle": c,
+                    "seeds": len(at),
+                    "pass_at_1": stat("heldout_pass_at_1"),
+                    "greedy": stat("greedy_pass_at_1"),
+                    "pass_at_8": stat("pass_at_8"),
+                    "train_pass_rate": stat("train_pass_rate"),
+                }
+            )
+        out[arm] = per_cycle
+    return out
+
+
+def gate_check(rows: list[dict[str, Any]]) -> dict[str, int]:
+    """Cycles where the gate would have promoted a candidate that measured worse than the live version."""
+    by_key = {(r["arm"], r["seed"], r["cycle"]): r for r in rows}
+    promoted_worse = checked = 0
+    for r in rows:
+        if r["cycle"] == 0 or r.get("gate_would_promote") is None:
+            continue
+        before = by_key.get((r["arm"], r["seed"], r["cycle"] - 1))
+        if before is None or r.get("candidate_pass_at_1") is None:
+            continue
+        checked += 1
+        if r["gate_would_promote"] and r["candidate_pass_at_1"] < before["heldout_pass_at_1"]:
+            promoted_worse += 1
+    return {"cycles_checked": checked, "gate_promoted_worse": promoted_worse}
+
+
+def print_table(summary: dict[str, Any], cycles: int) -> None:
+    head = f"{'arm':<42}" + "".join(f"{'cycle ' + str(c):>22}" for c in range(cycles + 1))
+    print("\nheld-out pass@1, sampled (mean of 8 at T=1) ± spread over seeds [greedy]")
+    print(head)
+    for arm, per_cycle in summary.items():
+        cells = ""
+        for p in per_cycle:
+            (m, s), (g, _) = p["pass_at_1"], p["greedy"]
+            cells += f"{m:>10.3f} ±{s:.3f} [{g:.2f}]"
+        print(f"({arm}) {ARMS[arm]:<38}{cells}")
+    print("\npass@8 (the ceiling)")
+    for arm, per_cycle in summary.items():
+        print(f"({arm}) {ARMS[arm]:<38}" + "".join(f"{p['pass_at_8'][0]:>22.3f}" for p in per_cycle))
+
+
+def targets(summary: dict[str, Any]) -> list[str]:
+    lines = []
+    a = summary.get("a")
+    if a:
+        base, best = (
+            a[0]["pass_at_1"][0],
+            max(p["pass_at_1"][0] for p in a[1:]) if len(a) > 1 else float("nan"),
+        )
+        ceiling = a[0]["pass_at_8"][0]
+        lines.append(
+            f"(a) gain {100 * (best - base):+.1f} points (target >= +25): {'met' if best - base >= 0.25 else 'MISSED'}; "
+            f"best {best:.3f} vs 80% of base pass@8 {0.8 * ceiling:.3f}: {'met' if best >= 0.8 * ceiling else 'MISSED'}"
+        )
+        if "b" in summary and len(summary["b"]) > 1:
+            b = summary["b"]
+            b_last = b[-1]["pass_at_1"][0]
+            lines.append(
+                f"(b) {b[0]['pass_at_1'][0]:.3f} -> {b_last:.3f}: does not improve (target): "
+                f"{'met' if b_last <= b[0]['pass_at_1'][0] + 0.05 else 'MISSED'}"
+            )
+        if "c" in summary and "b" in summary and len(summary["c"]) > 1:
+            c_last = summary["c"][-1]["pass_at_1"][0]
+            a_last, b_last = a[-1]["pass_at_1"][0], summary["b"][-1]["pass_at_1"][0]
+            lines.append(
+                f"(c) {c_last:.3f} between (b) {b_last:.3f} and (a) {a_last:.3f}: "
+                f"{'met' if min(a_last, b_last) <= c_last <= max(a_last, b_last) else 'MISSED'}"
+            )
+    return lines
+
+
+COLOURS = ("#1f77b4", "#d62728", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b")
+
+
+def plot(summary: dict[str, Any], path: Path, width: int = 720, height: int = 420) -> None:
+    """Held-out pass@1 per cycle, one line per arm with its spread over seeds, as a standalone SVG."""
+    left, right, top, bottom = 56, 250, 20, 46
+    cycles = max((len(v) for v in summary.values()), default=1)
+
+    def sx(c: float) -> float:
+        return left + (c / max(1, cycles - 1)) * (width - left - right)
+
+    def sy(v: float) -> float:
+        return height - bottom - max(0.0, min(1.0, v)) * (height - top - bottom)
+
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+        'font-size="12"><rect width="100%" height="100%" fill="#fff"/>'
+    ]
+    for i in range(6):
+        v = i / 5
+        out.append(
+            f'<line x1="{left}" x2="{width - right}" y1="{sy(v):.1f}" y2="{sy(v):.1f}" stroke="#eee"/>'
+        )
+        out.append(f'<text x="{left - 8}" y="{sy(v) + 4:.1f}" text-anchor="end">{v:.1f}</text>')
+    for c in range(cycles):
+        out.append(f'<text x="{sx(c):.1f}" y="{height - bottom + 18}" text-anchor="middle">{c}</text>')
+    out.append(
+        f'<text x="{(left + width - right) / 2:.1f}" y="{height - 8}" text-anchor="middle">cycle (0 = base model)</text>'
+        f'<text transform="translate(16 {(top + height - bottom) / 2:.1f}) rotate(-90)" text-anchor="middle">'
+        "held-out pass@1 (mean of 8 at T=1)</text>"
+    )
+    for n, (arm, per_cycle) in enumerate(summary.items()):
+        colour = COLOURS[n % len(COLOURS)]
+        points = [(p["cycle"], *p["pass_at_1"]) for p in per_cycle if p["pass_at_1"][0] == p["pass_at_1"][0]]
+        if not points:
+            continue
+        d = " ".join(f"{'M' if i == 0 else 'L'}{sx(c):.1f} {sy(m):.1f}" for i, (c, m, _) in enumerate(points))
+        out.append(f'<path d="{d}" fill="none" stroke="{colour}" stroke-width="2"/>')
+        for c, m, spread in points:
+            out.append(
+                f'<line x1="{sx(c):.1f}" x2="{sx(c):.1f}" y1="{sy(m - spread):.1f}" y2="{sy(m + spread):.1f}" '
+                f'stroke="{colour}"/><circle cx="{sx(c):.1f}" cy="{sy(m):.1f}" r="3.5" fill="{colour}"/>'
+            )
+        y = top + 16 + 18 * n
+        out.append(
+            f'<line x1="{width - right + 14}" x2="{width - right + 34}" y1="{y - 4}" y2="{y - 4}" stroke="{colour}" '
+            f'stroke-width="2"/><text x="{width - right + 40}" y="{y}">({arm}) {ARMS[arm]}</text>'
+        )
+    out.append("</svg>")
+    path.write_text("".join(out))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--arms", default="a,b,c,d,e,f")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--cycles", type=int, default=3)
+    parser.add_argument("--suite", default="tool_use")
+    parser.add_argument("--attempts", type=int, default=4)
+    parser.add_argument("--train-tasks", type=int, default=None)
+    parser.add_argument("--heldout-tasks", type=int, default=None)
+    parser.add_argument("--grpo-steps", type=int, default=30)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/learning.json"))
+    args = parser.parse_args()
+    arms = [a for a in args.arms.split(",") if a]
+    unknown = set(arms) - set(ARMS)
+    if unknown:
+        sys.exit(f"unknown arms {sorted(unknown)}; choose from {sorted(ARMS)}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    started = time.monotonic()
+    for seed in args.seeds:
+        for arm in arms:
+            try:
+                rows.extend(run_arm(arm, seed, args))
+            except Exception as exc:  # one arm failing must not lose the others' figures
+                print(f"  [{arm} seed {seed}] FAILED: {type(exc).__name__}: {exc}", flush=True)
+            args.out.write_text(
+                json.dumps({"args": vars(args) | {"out": str(args.out)}, "rows": rows}, indent=1)
+            )
+    summary = summarise(rows, arms, args.cycles)
+    print_table(summary, args.cycles)
+    check = gate_check(rows)
+    print(
+        f"\ngate: would have promoted a worse candidate in {check['gate_promoted_worse']} of {check['cycles_checked']} cycles"
+    )
+    for line in targets(summary):
+        print(line)
+    payload = {"args": vars(args) | {"out": str(args.out)}, "rows": rows, "summary": summary, "gate": check}
+    args.out.write_text(json.dumps(payload, indent=1))
+    svg = args.out.with_suffix(".svg")
+    plot(summary, svg)
+    print(f"plot: {svg}")
+    print(f"wrote {args.out} ({time.monotonic() - started:.0f}s)")
+    print("JSON " + json.dumps({"summary": summary, "gate": check}))
+
+
+if __name__ == "__main__":
+    main()
