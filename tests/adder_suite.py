@@ -39,7 +39,7 @@ def demonstration() -> dict[str, Any]:
 class Adder:
     name = "adder"
     system_prompt = None
-    model_settings = {"max_tokens": 48}
+    max_tokens = 48
     tools = [add_tool()]
     train = [Task(f"train-{i}", QUESTION, metadata={"expected": "5", "slice": "add"}) for i in range(4)]
     heldout = [

@@ -117,9 +117,12 @@ def test_sft_trains_only_on_the_assistant_turns(store: TrajectoryStore, tiny: Pa
         trained = _runs([t if label != -100 else None for t, label in zip(ids, labels, strict=True)])
         texts = [tok.decode(run, skip_special_tokens=False) for run in trained]
         call, answer = ("2", "5") if "sum is 5" in tok.decode(row["input_ids"]) else ("4", "7")
+        # Exactly what the model writes at run time: the run-time template renders an earlier
+        # turn without a think block and the last one with it (TRL's own training template adds
+        # one everywhere, which would teach the model text it never sees in its context).
         assert texts == [
-            f'{THINK}<tool_call>\n{{"name": "add", "arguments": {{"a": {call}, "b": 3}}}}\n</tool_call><|im_end|>\n',
-            f"{THINK}The sum is {answer}.<|im_end|>\n",
+            f'<tool_call>\n{{"name": "add", "arguments": {{"a": {call}, "b": 3}}}}\n</tool_call><|im_end|>',
+            f"{THINK}The sum is {answer}.<|im_end|>",
         ]
         masked = tok.decode([t for t, label in zip(ids, labels, strict=True) if label == -100])
         for text in (SYSTEM, "You may call one or more functions", "What is 2 plus 3?", "<tool_response>"):

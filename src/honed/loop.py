@@ -136,15 +136,16 @@ class LearningLoop:
         from honed.trainers.cycle import Cycle
         from honed.verifiers.worker import Worker
 
-        base = (
-            Path(self.base)
-            if self.base
-            else base_model(self.suite, seed=self.seed, on_progress=self._progress)
-        )
+        def warm(p: Any) -> None:
+            self._progress(f"base model: warm start ({p.stage})", p.step, p.max_steps)
+
+        base = Path(self.base) if self.base else base_model(self.suite, seed=self.seed, on_progress=warm)
         if self.store.live_version(self.name) is None:
             v1 = self.store.register_model(self.name, base, reason="warm-started base model")
             self.store.promote(self.name, v1.version, expected_live=None, reason="the base model")
-        settings = getattr(self.suite, "model_settings", None) or {}
+        # A suite may cap replies (`max_tokens`): its answers are short, and a rambling sample costs time.
+        max_tokens = getattr(self.suite, "max_tokens", None)
+        settings = {"max_tokens": max_tokens} if max_tokens else {}
         self._served = ServedModel(self.store, self.name, temperature=1.0, poll_interval=0.2, **settings)
         self.agent = suite_agent(self.suite, self._served, store=self.store, name=self.name)
         external = self.suite.demonstrations(max(64, len(self.train)), seed=self.seed)

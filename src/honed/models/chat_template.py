@@ -96,3 +96,32 @@ QWEN3_CHAT_TEMPLATE = r"""{%- if tools %}
         {{- '<think>\n\n</think>\n\n' }}
     {%- endif %}
 {%- endif %}"""
+
+
+def training_template(template: str = QWEN3_CHAT_TEMPLATE) -> str:
+    """The run-time Qwen3 template with `{% generation %}` around each assistant reply (think
+    block, text, tool calls, `<|im_end|>`). It renders the same text as at run time, so TRL's
+    `assistant_only_loss` trains exactly what the model says, in the contexts it sees then (TRL's
+    own `qwen3_training.jinja` adds a think block to every assistant turn, which the run-time
+    template leaves out of earlier turns). Raises ValueError for another template."""
+    start = "        {%- if loop.index0 > ns.last_query_index %}\n"
+    end = "        {{- '<|im_end|>\\n' }}\n    {%- elif message.role == \"tool\" %}"
+    head, found, rest = template.partition(start)
+    body, found_end, tail = rest.partition(end)
+    # The three branches that open the turn lose their "<|im_start|>assistant\n", written once above.
+    opened = ("'<|im_start|>' + message.role + '\\n<think>\\n'", "'<|im_start|>' + message.role + '\\n' + ")
+    if not found or not found_end or body.count(opened[0]) != 1 or body.count(opened[1]) != 2:
+        raise ValueError("not the Qwen3 chat template: cannot place generation markers")
+    body = body.replace(opened[0], "'<think>\\n'").replace(opened[1], "")
+    return (
+        head
+        + "        {{- '<|im_start|>' + message.role + '\\n' }}\n"
+        + "        {%- generation %}\n"
+        + start
+        + body
+        + "        {{- '<|im_end|>' }}\n"
+        + "        {%- endgeneration %}\n"
+        + "        {{- '\\n' }}\n"
+        + '    {%- elif message.role == "tool" %}'
+        + tail
+    )

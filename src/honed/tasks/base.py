@@ -41,7 +41,10 @@ class Task:
 
 @runtime_checkable
 class Suite(Protocol):
-    """A family of verifiable tasks (see the module docstring); `honed.tasks` ships three."""
+    """A family of verifiable tasks (see the module docstring); `honed.tasks` ships three.
+
+    Optional: `max_tokens`, a cap on each model reply (the loop passes it to the model).
+    """
 
     name: str
     system_prompt: str

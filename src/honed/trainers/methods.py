@@ -250,6 +250,11 @@ class SFTMethod(_TrlMethod):
     def _trainer(self, base: str, args: Any, data: TrainingData, tokenizer: Any, callbacks: list[Any]) -> Any:
         from trl import SFTTrainer
 
+        from honed.models.chat_template import QWEN3_CHAT_TEMPLATE, training_template
+
+        if not data.pretokenized and tokenizer.chat_template == QWEN3_CHAT_TEMPLATE:
+            # Train on the text the model reads and writes at run time (see `training_template`).
+            tokenizer.chat_template = training_template()
         return SFTTrainer(
             model=base,
             args=args,
