@@ -96,8 +96,12 @@ def demo(
         "honed-report.html"
     ),
     attempts: Annotated[int, typer.Option(help="Attempts per training task per cycle.")] = 4,
-    train_tasks: Annotated[int | None, typer.Option(help="Training tasks used (default: all).")] = None,
-    heldout_tasks: Annotated[int | None, typer.Option(help="Held-out tasks used (default: all).")] = None,
+    train_tasks: Annotated[
+        int | None, typer.Option(help="Training tasks attempted per cycle (0: all of the suite's).")
+    ] = 80,
+    heldout_tasks: Annotated[
+        int | None, typer.Option(help="Held-out tasks the gate scores (0: all of the suite's).")
+    ] = 40,
     base: Annotated[
         Path | None, typer.Option(help="Start from this model folder instead of the warm-started base.")
     ] = None,
