@@ -65,7 +65,9 @@ def _method(name: str, suite: Any = None) -> Any:
     from honed.trainers import methods
 
     if name == "sft":
-        return methods.SFTMethod(epochs=2, learning_rate=5e-4)
+        from honed.loop import default_method
+
+        return default_method()
     if name == "kto":
         return methods.KTOMethod()
     if name == "dpo":
