@@ -83,6 +83,14 @@ def test_a_deliberately_worse_candidate_is_rejected_and_the_run_recorded(world: 
     assert evals[1].training_run == run.id and evals[1].metrics["pass_at_1"] == 0.0
 
 
+def test_an_unenforced_gate_promotes_and_says_what_it_would_have_done(world: dict[str, Any]) -> None:
+    # For measurement only (the learning benchmark's arms): the decision is recorded, not applied.
+    report = cycle(world, SFTMethod(epochs=1, learning_rate=5.0, batch_size=4), enforce_gate=False).run()
+    assert report.status == "promoted" and report.reason.startswith("gate not enforced (it would reject:")
+    assert world["store"].live_version(NAME).version == 2
+    assert world["store"].training_run(report.run.id).metrics["gate"]["promote"] is False
+
+
 def test_an_interrupted_cycle_leaves_the_live_version_untouched_and_can_rerun(world: dict[str, Any]) -> None:
     store = world["store"]
 

@@ -286,11 +286,12 @@ class Cycle:
             self.store.update_training_run(
                 run.id, metrics={"gate": decision.to_dict(), "heldout": report.candidate_scores.to_dict()}
             )
-            if decision.promote:
-                self.store.promote(
-                    self.model, candidate.version, expected_live=live.version, reason=decision.reason
-                )
-                return self._finish(report, "promoted", decision.reason)
+            if decision.promote or not self.enforce_gate:
+                reason = decision.reason
+                if not decision.promote:
+                    reason = f"gate not enforced (it would reject: {decision.reason})"
+                self.store.promote(self.model, candidate.version, expected_live=live.version, reason=reason)
+                return self._finish(report, "promoted", reason)
             self.store.reject(self.model, candidate.version, reason=decision.reason)
             return self._finish(report, "rejected", decision.reason)
         except NothingToLearn as exc:
