@@ -90,7 +90,9 @@ def main() -> None:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     _table(rows, args.samples)
-    print(json.dumps({"base_models": rows, "threads": os.cpu_count()}))
+    import torch
+
+    print(json.dumps({"base_models": rows, "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count()}))
 
 
 def _print(progress: Any) -> None:
