@@ -131,7 +131,9 @@ def outcome(verdicts: Iterable[Verdict], untrusted: Iterable[str] = ()) -> bool 
     verifiers under their minimum audited precision (`store.untrusted_verifiers()`) count for nothing.
     """
     skip = set(untrusted)
-    judged = [v.passed for v in verdicts if v.passed is not None and v.verifier not in skip and not is_error(v)]
+    judged = [
+        v.passed for v in verdicts if v.passed is not None and v.verifier not in skip and not is_error(v)
+    ]
     if not judged:
         return None
     return all(judged)
