@@ -151,11 +151,25 @@ class _TrlMethod:
 
     # -- per method --------------------------------------------------------------------------
 
+    # TRL's config and trainer class names: `_trl_config` and `_trainer` build them by default.
+    trl_classes: ClassVar[tuple[str, str]] = ("", "")
+
     def _trl_config(self, fields: dict[str, Any]) -> Any:
-        raise NotImplementedError
+        import trl
+
+        return getattr(trl, self.trl_classes[0])(**fields)
 
     def _trainer(self, base: str, args: Any, data: TrainingData, tokenizer: Any, callbacks: list[Any]) -> Any:
-        raise NotImplementedError
+        import trl
+
+        return getattr(trl, self.trl_classes[1])(
+            model=base,
+            args=args,
+            train_dataset=data.dataset,
+            processing_class=tokenizer,
+            peft_config=self._peft(),
+            callbacks=callbacks,
+        )
 
     def _method_defaults(self, data: TrainingData) -> dict[str, Any]:
         return {"max_length": self.max_length}
@@ -234,11 +248,7 @@ class SFTMethod(_TrlMethod):
 
     name = "sft"
     accepts = ("sft", "distill")
-
-    def _trl_config(self, fields: dict[str, Any]) -> Any:
-        from trl import SFTConfig
-
-        return SFTConfig(**fields)
+    trl_classes = ("SFTConfig", "SFTTrainer")
 
     def _method_defaults(self, data: TrainingData) -> dict[str, Any]:
         if data.pretokenized:
@@ -248,21 +258,12 @@ class SFTMethod(_TrlMethod):
         return {"max_length": self.max_length, "assistant_only_loss": True}
 
     def _trainer(self, base: str, args: Any, data: TrainingData, tokenizer: Any, callbacks: list[Any]) -> Any:
-        from trl import SFTTrainer
-
         from honed.models.chat_template import QWEN3_CHAT_TEMPLATE, training_template
 
         if not data.pretokenized and tokenizer.chat_template == QWEN3_CHAT_TEMPLATE:
             # Train on the text the model reads and writes at run time (see `training_template`).
             tokenizer.chat_template = training_template()
-        return SFTTrainer(
-            model=base,
-            args=args,
-            train_dataset=data.dataset,
-            processing_class=tokenizer,
-            peft_config=self._peft(),
-            callbacks=callbacks,
-        )
+        return super()._trainer(base, args, data, tokenizer, callbacks)
 
 
 class KTOMethod(_TrlMethod):
@@ -272,23 +273,7 @@ class KTOMethod(_TrlMethod):
     name = "kto"
     accepts = ("kto",)
     default_learning_rate = 1e-4
-
-    def _trl_config(self, fields: dict[str, Any]) -> Any:
-        from trl import KTOConfig
-
-        return KTOConfig(**fields)
-
-    def _trainer(self, base: str, args: Any, data: TrainingData, tokenizer: Any, callbacks: list[Any]) -> Any:
-        from trl import KTOTrainer
-
-        return KTOTrainer(
-            model=base,
-            args=args,
-            train_dataset=data.dataset,
-            processing_class=tokenizer,
-            peft_config=self._peft(),
-            callbacks=callbacks,
-        )
+    trl_classes = ("KTOConfig", "KTOTrainer")
 
 
 class DPOMethod(_TrlMethod):
@@ -298,23 +283,7 @@ class DPOMethod(_TrlMethod):
     name = "dpo"
     accepts = ("dpo",)
     default_learning_rate = 1e-4
-
-    def _trl_config(self, fields: dict[str, Any]) -> Any:
-        from trl import DPOConfig
-
-        return DPOConfig(**fields)
-
-    def _trainer(self, base: str, args: Any, data: TrainingData, tokenizer: Any, callbacks: list[Any]) -> Any:
-        from trl import DPOTrainer
-
-        return DPOTrainer(
-            model=base,
-            args=args,
-            train_dataset=data.dataset,
-            processing_class=tokenizer,
-            peft_config=self._peft(),
-            callbacks=callbacks,
-        )
+    trl_classes = ("DPOConfig", "DPOTrainer")
 
 
 class GRPOMethod(_TrlMethod):
