@@ -283,7 +283,7 @@ class LearningLoop:
         for t in self.train:
             passes, n = self._rates.get(t.id, (0, 0))
             weights.append(2.0 if n == 0 or 0 < passes < n else 1.0)
-        picked = [t for t in self.train for _ in range(1)]  # every task at least once
+        picked = list(self.train)  # every task at least once
         picked += self._rng.choices(self.train, weights=weights, k=max(0, budget - len(picked)))
         return picked
 
