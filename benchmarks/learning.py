@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/learning.py                       # arms a-e (+f), seeds 0 1 2, 3 cycles
     .venv/bin/python benchmarks/learning.py --arms a,b --seeds 0 --cycles 2 --train-tasks 120
+    .venv/bin/python benchmarks/learning.py --parallel 2                # two runs at a time
 
 Arms (each runs `honed.loop.LearningLoop` on the same suite, base model and seeds):
   (a) verified rejection-sampling SFT (the demo's loop);
@@ -25,11 +26,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
 import random
 import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +107,12 @@ def arm_loop(arm: str, suite: Any, store: Any, seed: int, args: argparse.Namespa
         workdir=workdir,
         **options,
     )
+
+
+def _threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
 
 
 def run_arm(arm: str, seed: int, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -288,6 +298,7 @@ def main() -> None:
     parser.add_argument("--train-tasks", type=int, default=None)
     parser.add_argument("--heldout-tasks", type=int, default=None)
     parser.add_argument("--grpo-steps", type=int, default=30)
+    parser.add_argument("--parallel", type=int, default=1, help="runs at once, each in its own process")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/learning.json"))
     args = parser.parse_args()
     arms = [a for a in args.arms.split(",") if a]
@@ -297,12 +308,19 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     started = time.monotonic()
-    for seed in args.seeds:
-        for arm in arms:
+    jobs = [(arm, seed) for seed in args.seeds for arm in arms]
+    # Each run in its own interpreter (spawned): runs share no served model, store or torch state.
+    threads = max(1, (os.cpu_count() or 1) // args.parallel)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(args.parallel, mp_context=context, initializer=_threads, initargs=(threads,)) as pool:
+        futures = {pool.submit(run_arm, arm, seed, args): (arm, seed) for arm, seed in jobs}
+        for future in as_completed(futures):
+            arm, seed = futures[future]
             try:
-                rows.extend(run_arm(arm, seed, args))
+                rows.extend(future.result())
             except Exception as exc:  # one arm failing must not lose the others' figures
                 print(f"  [{arm} seed {seed}] FAILED: {type(exc).__name__}: {exc}", flush=True)
+            rows.sort(key=lambda r: (r["arm"], r["seed"], r["cycle"]))
             args.out.write_text(
                 json.dumps({"args": vars(args) | {"out": str(args.out)}, "rows": rows}, indent=1)
             )

@@ -24,6 +24,7 @@ import honed
 from honed.tasks import HELDOUT, SUITES, TRAIN, Suite, Task, base_model, load_suite, warmstart
 from honed.tasks.demos import render
 from honed.tasks.rollout import evaluate, suite_agent
+from honed.trainers.shared_prefix import shared_prefix_loss
 
 SUITE_NAMES = sorted(SUITES)
 
@@ -282,7 +283,7 @@ def test_shared_prefix_loss_equals_the_plain_loss(tmp_path: Path) -> None:
         "labels": torch.tensor([labels + [-100] * (width - len(labels)) for _, labels in rows]),
         "attention_mask": torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in rows]),
     }
-    shared = warmstart.shared_prefix_loss(model, dict(batch))
+    shared = shared_prefix_loss(model, dict(batch))
     assert shared is not None
     shared.backward()
     shared_grads = [p.grad.clone() for p in model.parameters()]

@@ -159,10 +159,13 @@ class _TrlMethod:
 
         return getattr(trl, self.trl_classes[0])(**fields)
 
-    def _trainer(self, base: str, args: Any, data: TrainingData, tokenizer: Any, callbacks: list[Any]) -> Any:
+    def _trainer_class(self) -> type:
         import trl
 
-        return getattr(trl, self.trl_classes[1])(
+        return getattr(trl, self.trl_classes[1])
+
+    def _trainer(self, base: str, args: Any, data: TrainingData, tokenizer: Any, callbacks: list[Any]) -> Any:
+        return self._trainer_class()(
             model=base,
             args=args,
             train_dataset=data.dataset,
@@ -264,6 +267,12 @@ class SFTMethod(_TrlMethod):
             # Train on the text the model reads and writes at run time (see `training_template`).
             tokenizer.chat_template = training_template()
         return super()._trainer(base, args, data, tokenizer, callbacks)
+
+    def _trainer_class(self) -> type:
+        from honed.trainers.shared_prefix import shared_prefix_trainer
+
+        # An agent's conversations share their system prompt and tools: run that prefix once a batch.
+        return shared_prefix_trainer()
 
 
 class KTOMethod(_TrlMethod):
