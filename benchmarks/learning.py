@@ -312,7 +312,9 @@ def main() -> None:
     # Each run in its own interpreter (spawned): runs share no served model, store or torch state.
     threads = max(1, (os.cpu_count() or 1) // args.parallel)
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(args.parallel, mp_context=context, initializer=_threads, initargs=(threads,)) as pool:
+    with ProcessPoolExecutor(
+        args.parallel, mp_context=context, initializer=_threads, initargs=(threads,)
+    ) as pool:
         futures = {pool.submit(run_arm, arm, seed, args): (arm, seed) for arm, seed in jobs}
         for future in as_completed(futures):
             arm, seed = futures[future]

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from transformers import TrainerCallback
 
 import honed
@@ -27,6 +28,7 @@ from honed.trainers.methods import (
     completion_trajectory,
     trl_tool,
 )
+from honed.trainers.shared_prefix import shared_prefix_length
 from honed.trajectory import Trajectory
 from honed.verifiers import BaseVerifier, CannotTell, ReferenceMatch
 from honed.verifiers.protocol import verdict
@@ -127,6 +129,12 @@ def test_sft_trains_only_on_the_assistant_turns(store: TrajectoryStore, tiny: Pa
         masked = tok.decode([t for t, label in zip(ids, labels, strict=True) if label == -100])
         for text in (SYSTEM, "You may call one or more functions", "What is 2 plus 3?", "<tool_response>"):
             assert text in masked
+    # The rows' common prefix (system prompt, tool schemas) runs once a batch, and the loss is exact.
+    assert type(trainer).__name__ == "SharedPrefixSFTTrainer"
+    assert shared_prefix_length(batch["input_ids"], batch["labels"] != -100) > 0
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+    plain = trainer.model(**inputs).loss
+    assert torch.allclose(trainer.compute_loss(trainer.model, dict(inputs)), plain, atol=1e-5)
     # ... and trains on them: the weights move, the folder is a complete model.
     recorder = LogRecorder()
     result = method.train(tiny, data, tmp_path / "out", callbacks=[recorder])

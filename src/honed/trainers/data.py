@@ -18,6 +18,7 @@ conversations with the model's own chat template. One dataset never mixes the tw
 from __future__ import annotations
 
 import hashlib
+import functools
 import json
 import random
 from collections import Counter, defaultdict
@@ -782,6 +783,7 @@ def _features(kind: str) -> Any:
     return Features({**columns, "trajectory_id": text, "task_id": text, **extra})
 
 
+@functools.cache
 def _tools_feature() -> Any:
     return dataset_features(ids=False)["tools"]
 
