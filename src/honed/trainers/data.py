@@ -17,8 +17,8 @@ conversations with the model's own chat template. One dataset never mixes the tw
 
 from __future__ import annotations
 
-import hashlib
 import functools
+import hashlib
 import json
 import random
 from collections import Counter, defaultdict
