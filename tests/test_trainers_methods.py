@@ -132,7 +132,7 @@ def test_sft_trains_only_on_the_assistant_turns(store: TrajectoryStore, tiny: Pa
     # The rows' common prefix (system prompt, tool schemas) runs once a batch, and the loss is exact.
     assert type(trainer).__name__ == "SharedPrefixSFTTrainer"
     assert shared_prefix_length(batch["input_ids"], batch["labels"] != -100) > 0
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+    inputs = {k: batch[k].to(trainer.model.device) for k in ("input_ids", "attention_mask", "labels")}
     plain = trainer.model(**inputs).loss
     assert torch.allclose(trainer.compute_loss(trainer.model, dict(inputs)), plain, atol=1e-5)
     # ... and trains on them: the weights move, the folder is a complete model.
