@@ -139,6 +139,7 @@ class LearningLoop:
         from honed.plugin.served import ServedModel
         from honed.tasks.warmstart import base_model
         from honed.trainers.cycle import Cycle
+        from honed.trainers.data import EXTERNAL_METHODS
         from honed.verifiers.worker import Worker
 
         def warm(p: Any) -> None:
@@ -155,8 +156,8 @@ class LearningLoop:
         self.agent = suite_agent(self.suite, self._served, store=self.store, name=self.name)
         external = self.suite.demonstrations(max(64, len(self.train)), seed=self.seed)
         data = {"agent": self.name, "external": external, "external_ratio": self.external_ratio, **self.data}
-        if self.external_ratio <= 0:
-            data.pop("external")
+        if self.external_ratio <= 0 or not set(self.method.accepts) & set(EXTERNAL_METHODS):
+            data.pop("external"), data.pop("external_ratio")  # DPO and GRPO rows cannot be demonstrations
         gate_agent = lambda model: suite_agent(self.suite, model, store=self.store, name=self.name)  # noqa: E731
         from honed.trainers.cycle import local_chat_model
 

@@ -38,6 +38,8 @@ if TYPE_CHECKING:
     from honed.store import TrajectoryStore
 
 METHODS = ("sft", "kto", "dpo", "grpo", "distill")
+# Methods whose rows an external example can be: DPO needs a paired failure, GRPO a live rollout.
+EXTERNAL_METHODS = ("sft", "distill", "kto")
 HELDOUT = "heldout"
 PAGE_SIZE = 500
 CURRICULUM_FLOOR = 0.05  # weight a solved or stuck task keeps, as a fraction of the most informative's
@@ -131,8 +133,8 @@ def prepare(
     method = _check_method(method)
     if not 0.0 <= external_ratio <= 1.0:
         raise ValueError(f"external_ratio is a fraction of the rows, in [0, 1], not {external_ratio}")
-    if external_ratio > 0 and method in ("dpo", "grpo"):
-        raise ValueError(f"external data mixes into sft, distill and kto, not {method}")
+    if external_ratio > 0 and method not in EXTERNAL_METHODS:
+        raise ValueError(f"external data mixes into {', '.join(EXTERNAL_METHODS)}, not {method}")
     if method == "dpo" and not verified:
         raise ValueError("DPO pairs verified passes with verified failures: it needs verified=True")
     if split is not None and split == heldout_split:
