@@ -305,6 +305,7 @@ def main() -> None:
     parser.add_argument("--heldout-tasks", type=int, default=None)
     parser.add_argument("--grpo-steps", type=int, default=10)
     parser.add_argument("--parallel", type=int, default=1, help="runs at once, each in its own process")
+    parser.add_argument("--resume", action="store_true", help="keep the finished runs in --out, do the rest")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/learning.json"))
     args = parser.parse_args()
     arms = [a for a in args.arms.split(",") if a]
@@ -313,13 +314,24 @@ def main() -> None:
         sys.exit(f"unknown arms {sorted(unknown)}; choose from {sorted(ARMS)}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
+    if args.resume and args.out.exists():  # keep the runs a stopped benchmark finished
+        done = json.loads(args.out.read_text())["rows"]
+        complete = {
+            key
+            for key in {(r["arm"], r["seed"]) for r in done}
+            if sum((r["arm"], r["seed"]) == key for r in done) == args.cycles + 1
+        }
+        rows = [r for r in done if (r["arm"], r["seed"]) in complete]
+        print(f"resuming: {len(complete)} runs already done", flush=True)
     started = time.monotonic()
-    jobs = [(arm, seed) for seed in args.seeds for arm in arms]
-    # Each run in its own interpreter (spawned): runs share no served model, store or torch state.
+    finished = {(r["arm"], r["seed"]) for r in rows}
+    # Arm by arm, in the order given: a stopped run leaves whole arms behind it.
+    jobs = [(arm, seed) for arm in arms for seed in args.seeds if (arm, seed) not in finished]
+    # Each run in a fresh interpreter (spawned): runs share no served model, store or torch state.
     threads = max(1, (os.cpu_count() or 1) // args.parallel)
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(
-        args.parallel, mp_context=context, initializer=_threads, initargs=(threads,)
+        args.parallel, mp_context=context, initializer=_threads, initargs=(threads,), max_tasks_per_child=1
     ) as pool:
         futures = {pool.submit(run_arm, arm, seed, args): (arm, seed) for arm, seed in jobs}
         for future in as_completed(futures):

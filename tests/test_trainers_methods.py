@@ -242,6 +242,17 @@ def test_kto_learns_from_passes_and_failures(store: TrajectoryStore, tiny: Path,
     saved_model_is_complete(tiny, result.path)
 
 
+def test_kto_weighs_passes_against_failures(store: TrajectoryStore, tiny: Path, tmp_path: Path) -> None:
+    """A loop fails more often than it passes: unweighted, the failures' push-down dominates."""
+    add(store, make_trajectory("t1"), True)
+    for answer in (6, 7, 8):
+        add(store, make_trajectory("t1", answer=f"The sum is {answer}."), False)
+    trainer = KTOMethod(batch_size=2).build_trainer(tiny, prepare(store, "kto"), tmp_path / "s")
+    assert trainer.args.undesirable_weight == pytest.approx(1 / 3) and trainer.args.desirable_weight == 1.0
+    user = KTOMethod(batch_size=2, args={"undesirable_weight": 0.9})  # the user's word wins
+    assert user.build_trainer(tiny, prepare(store, "kto"), tmp_path / "u").args.undesirable_weight == 0.9
+
+
 def test_dpo_learns_from_pairs(store: TrajectoryStore, tiny: Path, tmp_path: Path) -> None:
     add(store, make_trajectory("t1"), True)
     add(store, make_trajectory("t1", answer="The sum is 6."), False)

@@ -281,8 +281,22 @@ class KTOMethod(_TrlMethod):
 
     name = "kto"
     accepts = ("kto",)
-    default_learning_rate = 1e-4
+    default_learning_rate = 1e-5
     trl_classes = ("KTOConfig", "KTOTrainer")
+
+    def _method_defaults(self, data: TrainingData) -> dict[str, Any]:
+        """Weights that balance passes against failures, as TRL advises (desirable x passes over
+        undesirable x failures within [1, 4/3]). A loop's attempts fail more often than they pass;
+        unbalanced (and at 1e-4) the failures' push-down took the tool-use model to 0 held-out
+        passes in one cycle (`benchmarks/learning.py`, arm d)."""
+        labels = list(data.dataset["label"])
+        passes, failures = sum(labels), len(labels) - sum(labels)
+        weights: dict[str, float] = {}
+        if passes and failures > passes:
+            weights["undesirable_weight"] = passes / failures
+        elif failures and passes > failures * 4 / 3:
+            weights["desirable_weight"] = failures / passes
+        return {"max_length": self.max_length, **weights}
 
 
 class DPOMethod(_TrlMethod):
