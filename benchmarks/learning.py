@@ -306,6 +306,9 @@ def main() -> None:
     parser.add_argument("--grpo-steps", type=int, default=10)
     parser.add_argument("--parallel", type=int, default=1, help="runs at once, each in its own process")
     parser.add_argument("--resume", action="store_true", help="keep the finished runs in --out, do the rest")
+    parser.add_argument(
+        "--include", type=Path, nargs="*", default=[], help="result files whose other arms join the summary"
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/learning.json"))
     args = parser.parse_args()
     arms = [a for a in args.arms.split(",") if a]
@@ -344,6 +347,10 @@ def main() -> None:
             args.out.write_text(
                 json.dumps({"args": vars(args) | {"out": str(args.out)}, "rows": rows}, indent=1)
             )
+    for extra in args.include:  # runs made apart (e.g. an arm measured in another session)
+        more = [r for r in json.loads(extra.read_text())["rows"] if r["arm"] not in arms]
+        rows.extend(more)
+        arms += sorted({r["arm"] for r in more} - set(arms))
     summary = summarise(rows, arms, args.cycles)
     print_table(summary, args.cycles)
     check = gate_check(rows)
