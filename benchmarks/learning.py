@@ -115,6 +115,14 @@ def arm_loop(arm: str, suite: Any, store: Any, seed: int, args: argparse.Namespa
     )
 
 
+def _args(args: argparse.Namespace) -> dict[str, Any]:
+    """The command line as JSON: paths as text."""
+    return {
+        k: str(v) if isinstance(v, Path) else [str(p) for p in v] if k == "include" else v
+        for k, v in vars(args).items()
+    }
+
+
 def _threads(n: int) -> None:
     import torch
 
@@ -344,9 +352,7 @@ def main() -> None:
             except Exception as exc:  # one arm failing must not lose the others' figures
                 print(f"  [{arm} seed {seed}] FAILED: {type(exc).__name__}: {exc}", flush=True)
             rows.sort(key=lambda r: (r["arm"], r["seed"], r["cycle"]))
-            args.out.write_text(
-                json.dumps({"args": vars(args) | {"out": str(args.out)}, "rows": rows}, indent=1)
-            )
+            args.out.write_text(json.dumps({"args": _args(args), "rows": rows}, indent=1))
     for extra in args.include:  # runs made apart (e.g. an arm measured in another session)
         more = [r for r in json.loads(extra.read_text())["rows"] if r["arm"] not in arms]
         rows.extend(more)
@@ -359,7 +365,7 @@ def main() -> None:
     )
     for line in targets(summary):
         print(line)
-    payload = {"args": vars(args) | {"out": str(args.out)}, "rows": rows, "summary": summary, "gate": check}
+    payload = {"args": _args(args), "rows": rows, "summary": summary, "gate": check}
     args.out.write_text(json.dumps(payload, indent=1))
     svg = args.out.with_suffix(".svg")
     plot(summary, svg)

@@ -366,3 +366,16 @@ def test_copy_drills_repeat_the_suites_own_words() -> None:
         user, assistant = drill["messages"]
         assert user["role"] == "user" and assistant == {"role": "assistant", "content": user["content"]}
         assert all(item.isdigit() or item in words for item in user["content"].split())
+
+
+def test_a_warm_start_leaves_progress_bars_as_it_found_them() -> None:
+    """`honed demo` turns datasets' bars off (its own are on screen); a warm start must not turn them back on."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        with warmstart._quiet():
+            assert not datasets.utils.is_progress_bar_enabled()
+        assert not datasets.utils.is_progress_bar_enabled()
+    finally:
+        datasets.enable_progress_bars()

@@ -344,7 +344,7 @@ def _train(
             data_seed=seed,
             use_cpu=True,
             bf16=False,
-            gradient_checkpointing=False,
+            activation_checkpointing=False,  # the old name, gradient_checkpointing, warns in transformers 5
             save_strategy="no",
             report_to=[],
             logging_strategy="no",
@@ -469,6 +469,7 @@ def _quiet() -> Iterator[None]:
     datasets_level = datasets.logging.get_verbosity()
     transformers_level = transformers.logging.get_verbosity()
     bars = transformers.utils.logging.is_progress_bar_enabled()
+    dataset_bars = datasets.utils.is_progress_bar_enabled()
     datasets.logging.set_verbosity_error()
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
@@ -478,6 +479,7 @@ def _quiet() -> Iterator[None]:
     finally:
         datasets.logging.set_verbosity(datasets_level)
         transformers.logging.set_verbosity(transformers_level)
-        datasets.enable_progress_bars()
+        if dataset_bars:  # as it was: `honed demo` turned them off for good
+            datasets.enable_progress_bars()
         if bars:
             transformers.utils.logging.enable_progress_bar()
