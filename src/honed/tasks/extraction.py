@@ -64,10 +64,6 @@ class ExtractionSuite(GeneratedSuite):
     system_prompt = SYSTEM_PROMPT
     max_tokens = 40
 
-    def __init__(self, *, train_size: int = 300, heldout_size: int = 100) -> None:
-        super().__init__(train_size=train_size, heldout_size=heldout_size)
-        self.tools = []
-
     def verifiers(self) -> list[Any]:
         from honed.verifiers import JsonSchema
 
