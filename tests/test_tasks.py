@@ -252,19 +252,24 @@ def test_sft_template_renders_the_runtime_text_and_masks_only_replies() -> None:
     assert trained == want
 
 
-def test_shared_prefix_loss_equals_the_plain_loss(tmp_path: Path) -> None:
-    import torch
+def _small_model(tmp_path: Path, suite: Any, seed: int) -> tuple[Any, Any]:
+    """A 2-layer model on the suite's vocabulary and its tokenizer: big enough for exact-loss checks."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from honed.models.tiny import build_tiny
 
-    suite = load_suite("tool_use")
     path = build_tiny(
-        tmp_path / "m", seed=0, vocab_corpus=suite.vocab_corpus()[:50], vocab_size=400,
+        tmp_path / "m", seed=seed, vocab_corpus=suite.vocab_corpus()[:50], vocab_size=400,
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
     )  # fmt: skip
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path)
+
+
+def test_shared_prefix_loss_equals_the_plain_loss(tmp_path: Path) -> None:
+    import torch
+
+    suite = load_suite("tool_use")
+    tokenizer, model = _small_model(tmp_path, suite, seed=0)
     rows = []
     for example in suite.demonstrations(4, seed=0):
         encoded = tokenizer.apply_chat_template(
@@ -321,18 +326,11 @@ def test_base_model_caches_atomically(tmp_path: Path, monkeypatch: pytest.Monkey
 
 def test_dev_estimate_is_the_probability_of_sampling_each_solution(tmp_path: Path) -> None:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from honed.models.tiny import build_tiny
 
     suite = load_suite("tool_use")
-    path = build_tiny(
-        tmp_path / "m", seed=1, vocab_corpus=suite.vocab_corpus()[:50], vocab_size=400,
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-    )  # fmt: skip
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer, model = _small_model(tmp_path, suite, seed=1)
     tokenizer.chat_template = warmstart.SFT_CHAT_TEMPLATE
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    model.eval()
     examples = warmstart.dev_examples(suite, 3)
     dev = warmstart.DevSet(tokenizer, examples).measure(model)
     want, correct, scored = [], 0, 0
