@@ -154,10 +154,12 @@ class LearningLoop:
         settings = {"max_tokens": max_tokens} if max_tokens else {}
         self._served = ServedModel(self.store, self.name, temperature=1.0, poll_interval=0.2, **settings)
         self.agent = suite_agent(self.suite, self._served, store=self.store, name=self.name)
-        external = self.suite.demonstrations(max(64, len(self.train)), seed=self.seed)
-        data = {"agent": self.name, "external": external, "external_ratio": self.external_ratio, **self.data}
-        if self.external_ratio <= 0 or not set(self.method.accepts) & set(EXTERNAL_METHODS):
-            data.pop("external"), data.pop("external_ratio")  # DPO and GRPO rows cannot be demonstrations
+        data: dict[str, Any] = {"agent": self.name}
+        # DPO and GRPO rows cannot be demonstrations: those methods train on the loop's own runs only.
+        if self.external_ratio > 0 and set(self.method.accepts) & set(EXTERNAL_METHODS):
+            external = self.suite.demonstrations(max(64, len(self.train)), seed=self.seed)
+            data |= {"external": external, "external_ratio": self.external_ratio}
+        data |= self.data
         gate_agent = lambda model: suite_agent(self.suite, model, store=self.store, name=self.name)  # noqa: E731
         from honed.trainers.cycle import local_chat_model
 
