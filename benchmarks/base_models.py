@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/base_models.py --suites all --seeds 0
     .venv/bin/python benchmarks/base_models.py --model PATH --suites tool_use   # measure one folder
 
-For each suite and seed: `honed.tasks.base_model` (in a fresh cache unless `--cache`), then the
+For each suite and seed: `honed.demo.base_model` (in a fresh cache unless `--cache`), then the
 held-out tasks through the suite's real agent (`create_agent` + `LocalChatModel`, captured into a
 temporary SQLite store, labelled by the suite's verifiers): 8 samples at T=1 (sampled pass@1, the
 mean over samples, and pass@8) and one greedy attempt. Target band for the sampled pass@1:
@@ -29,8 +29,8 @@ TARGET_WARM_START_S = 240.0
 def measure(suite: Any, path: Path, *, samples: int = 8) -> dict[str, Any]:
     """Held-out pass@1 (sampled, T=1), pass@k and greedy pass@1 of the model at `path`."""
     import honed
-    from honed.models import LocalChatModel
-    from honed.tasks.rollout import evaluate, suite_agent
+    from honed.learn.evaluate import evaluate, suite_agent
+    from honed.serving import LocalChatModel
 
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="honed-bench-") as scratch:
@@ -62,7 +62,7 @@ def main() -> None:
     parser.add_argument("--model", help="measure this model folder instead of warm-starting")
     args = parser.parse_args()
 
-    from honed.tasks import SUITES, base_model, load_suite
+    from honed.demo import SUITES, base_model, load_suite
 
     names = sorted(SUITES) if args.suites == "all" else args.suites.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]

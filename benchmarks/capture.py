@@ -216,7 +216,7 @@ def _setup_arm(arm: str, url: str) -> _Arm:
 def _noop_middleware() -> Any:
     from langchain.agents.middleware import AgentMiddleware
 
-    from honed.plugin.middleware import HonedState
+    from honed.capture.middleware import HonedState
 
     class NoopMiddleware(AgentMiddleware):
         state_schema = HonedState
@@ -289,7 +289,7 @@ def _hotpath_arm(sizes: Sizes) -> dict[str, Any]:
     agent's thread pays) and off (honed's own code alone).
     """
     import honed
-    from honed.tracing.recorder import Recorder
+    from honed.capture.recorder import Recorder
 
     with tempfile.TemporaryDirectory(prefix="honed-bench-") as tmp:
         workdir = Path(tmp)
@@ -352,7 +352,7 @@ def _repeat(call: Callable[[], None], n: int) -> Callable[[], None]:
 
 def _sample_events() -> list[tuple[Any, ...]]:
     """Event tuples as the callback handler builds them for one agent turn."""
-    from honed.tracing.assembler import CHAIN, END, MODEL, START, TOOL
+    from honed.capture.assembler import CHAIN, END, MODEL, START, TOOL
 
     root, model, tool = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
     payloads = _payloads(0)
@@ -570,7 +570,7 @@ def _ingest(url: str, sizes: Sizes) -> dict[str, Any]:
     """One producer thread emits `ingest_steps` steps as fast as it can, then flushes; the figure
     is what the store holds afterwards over the time from first emit to flush complete."""
     import honed
-    from honed.tracing.recorder import Recorder
+    from honed.capture.recorder import Recorder
 
     store = honed.open_store(url)  # migrations run here, outside the timing
     recorder = Recorder(store)

@@ -33,9 +33,9 @@ from sqlalchemy import insert
 import honed
 from honed.exporters.datasets import write_jsonl, write_parquet
 from honed.exporters.otel import LiveExporter, make_resource, replay
-from honed.exporters.select import select_trajectories
 from honed.exporters.spans import SpanMapper
 from honed.store.schema import VerdictRow
+from honed.store.select import select_trajectories
 from phoenix_server import PhoenixServer, free_port
 
 SYSTEM = "You are a support agent for ACME. Use the tools to look things up; answer in one sentence."

@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/learning.py --arms a,b --seeds 0 --cycles 2 --train-tasks 120
     .venv/bin/python benchmarks/learning.py --parallel 2                # two runs at a time
 
-Arms (each runs `honed.loop.LearningLoop` on the same suite, base model and seeds):
+Arms (each runs `honed.demo.loop.LearningLoop` on the same suite, base model and seeds):
   (a) verified rejection-sampling SFT (the demo's loop);
   (b) the same loop training on every attempt, unverified;
   (c) the training attempts labelled by a verifier with 20% false positives (a failing attempt
@@ -76,8 +76,8 @@ class FalsePositives:
 
 
 def arm_loop(arm: str, suite: Any, store: Any, seed: int, args: argparse.Namespace, workdir: Path) -> Any:
-    from honed.loop import LearningLoop
-    from honed.trainers.methods import GRPOMethod, KTOMethod
+    from honed.demo.loop import LearningLoop
+    from honed.learn.methods import GRPOMethod, KTOMethod
 
     options: dict[str, Any] = {}
     if arm == "b":
@@ -131,7 +131,7 @@ def _threads(n: int) -> None:
 
 def run_arm(arm: str, seed: int, args: argparse.Namespace) -> list[dict[str, Any]]:
     import honed
-    from honed.tasks import load_suite
+    from honed.demo import load_suite
 
     suite = load_suite(args.suite)
     with tempfile.TemporaryDirectory(prefix=f"honed-learning-{arm}{seed}-") as tmp:

@@ -37,7 +37,7 @@ TARGET_OVERHEAD = 0.02
 def throughput(path: Path, agents: int, seconds: float) -> dict[str, float]:
     from langchain.agents import create_agent
 
-    from honed.models import LocalChatModel
+    from honed.serving import LocalChatModel
 
     model = LocalChatModel(path, temperature=1.0, max_tokens=64)
     agent = create_agent(model, tools=[])
@@ -73,8 +73,8 @@ def throughput(path: Path, agents: int, seconds: float) -> dict[str, float]:
 
 def engine_throughput(path: Path, callers: int, seconds: float) -> float:
     """Tokens/s of the batching engine alone: callers submit token ids, no LangChain, no agent."""
-    from honed.models import LocalChatModel
-    from honed.models.batching import GenerationRequest
+    from honed.serving import LocalChatModel
+    from honed.serving.batching import GenerationRequest
 
     model = LocalChatModel(path)
     engine = model.engine
@@ -101,7 +101,7 @@ def engine_throughput(path: Path, callers: int, seconds: float) -> float:
 
 def promote_latency(url: str, paths: list[Path], repeats: int, poll: float) -> list[float]:
     import honed
-    from honed.plugin.served import ServedModel
+    from honed.serving.served import ServedModel
 
     store = honed.open_store(url)
     for path in paths:
@@ -142,8 +142,8 @@ def promote_latency(url: str, paths: list[Path], repeats: int, poll: float) -> l
 
 def served_overhead(url: str, path: Path, rounds: int) -> dict[str, float]:
     import honed
-    from honed.models import LocalChatModel
-    from honed.plugin.served import ServedModel
+    from honed.serving import LocalChatModel
+    from honed.serving.served import ServedModel
 
     store = honed.open_store(url)
     store.register_model("overhead", path)
@@ -178,7 +178,7 @@ def wrapper_cost(url: str, path: Path, calls: int) -> float:
     from langchain_core.language_models.fake_chat_models import FakeListChatModel
 
     import honed
-    from honed.plugin.served import ServedModel
+    from honed.serving.served import ServedModel
 
     store = honed.open_store(url)
     store.register_model("wrapper", path)
@@ -226,7 +226,7 @@ def main() -> None:
     args = parser.parse_args()
     seconds, passes, repeats, rounds = (3.0, 1, 4, 20) if args.quick else (5.0, 3, 8, 60)
 
-    from honed.models import build_tiny
+    from honed.demo import build_tiny
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="honed-bench-") as tmp:

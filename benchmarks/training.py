@@ -135,7 +135,7 @@ def fill_store(url: str, n: int, tokenizer: Any, with_ids: bool) -> Any:
 
 
 def build_rate(store: Any, method: str, n: int) -> dict[str, Any]:
-    from honed.trainers.data import prepare
+    from honed.learn.datasets import prepare
 
     started = time.perf_counter()
     data = prepare(store, method, max_per_task=None)
@@ -151,8 +151,8 @@ def build_rate(store: Any, method: str, n: int) -> dict[str, Any]:
 
 
 def sft_rate(base: Path, store: Any, out: Path, rows: int, pretokenized: bool) -> dict[str, Any]:
-    from honed.trainers.data import prepare
-    from honed.trainers.methods import SFTMethod
+    from honed.learn.datasets import prepare
+    from honed.learn.methods import SFTMethod
 
     data = prepare(store, "sft", max_per_task=None, limit=rows, pretokenized=pretokenized)
     result = SFTMethod(epochs=1, learning_rate=5e-4, batch_size=16).train(base, data, out)
@@ -168,8 +168,8 @@ def sft_rate(base: Path, store: Any, out: Path, rows: int, pretokenized: bool) -
 
 def full_cycle(workdir: Path, train_tasks: int, heldout_tasks: int) -> dict[str, Any]:
     import honed
-    from honed.loop import LearningLoop
-    from honed.tasks import load_suite
+    from honed.demo import load_suite
+    from honed.demo.loop import LearningLoop
 
     store = honed.open_store(f"sqlite:///{workdir}/cycle.db")
     loop = LearningLoop(
@@ -211,7 +211,7 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from honed.models import build_tiny
+    from honed.demo import build_tiny
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     results: dict[str, Any] = {"device": device, "torch_threads": torch.get_num_threads()}

@@ -1,6 +1,6 @@
 """A one-question suite around the tiny model that memorised "What is 2 plus 3?" (tiny_model.py).
 
-It satisfies `honed.tasks.Suite`, so the loop, the demo (`--suite adder_suite:Adder`) and the
+It satisfies `honed.demo.Suite`, so the loop, the demo (`--suite adder_suite:Adder`) and the
 cycle tests run on it exactly as on a bundled suite, in seconds.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from honed.tasks import Task
+from honed.demo import Task
 from honed.verifiers import ReferenceMatch
 from tiny_model import ANSWER, QUESTION, add_schema, add_tool
 

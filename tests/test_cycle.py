@@ -19,8 +19,8 @@ from typer.testing import CliRunner
 import honed
 from adder_suite import Adder, demonstration
 from honed.cli import app
-from honed.tasks.rollout import attempt, label, suite_agent
-from honed.trainers import Cycle, SFTMethod
+from honed.learn import Cycle, SFTMethod
+from honed.learn.evaluate import attempt, suite_agent, verify_round
 from tiny_model import QUESTION, tool_model_path
 
 NAME = "adder"
@@ -33,12 +33,12 @@ def world(sqlite_url: str, tmp_path: Path) -> dict[str, Any]:
     store = honed.open_store(sqlite_url)
     v1 = store.register_model(NAME, tool_model_path(), reason="base")
     store.promote(NAME, v1.version, expected_live=None)
-    from honed.models import LocalChatModel
+    from honed.serving import LocalChatModel
 
     suite = Adder()
     model = LocalChatModel(v1.path, model_version=v1.ref, temperature=0.0, max_tokens=48)
     tag = attempt(suite_agent(suite, model, store=store), suite.train, samples=2)
-    found = label(store, suite.verifiers(), tag, expected=8)
+    found = verify_round(store, suite.verifiers(), tag, expected=8)
     assert sum(bool(v.passed) for t in found for v in t.verdicts) == 8, "the live version passes its tasks"
     return {"store": store, "suite": suite, "v1": v1, "tmp": tmp_path, "url": sqlite_url}
 
@@ -56,7 +56,7 @@ def cycle(world: dict[str, Any], method: Any, **options: Any) -> Cycle:
         "output_dir": world["tmp"] / "models",
         "data": {"agent": NAME},
     }
-    from honed.trainers.cycle import local_chat_model
+    from honed.learn.cycle import local_chat_model
 
     settings["chat_model"] = local_chat_model(max_tokens=48)
     return Cycle(world["store"], **(settings | options))

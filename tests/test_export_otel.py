@@ -24,8 +24,8 @@ from fakes import ToolScriptModel, make_tools
 from honed import Step, Trajectory, Verdict
 from honed.cli import app
 from honed.exporters.otel import LiveExporter, make_resource, replay, resolve_protocol, traces_url
-from honed.exporters.select import select_trajectories
 from honed.exporters.spans import SpanMapper, span_id_for, trace_id_for
+from honed.store.select import select_trajectories
 from phoenix_server import PhoenixServer, free_port, phoenix_installed
 
 ADD = 'call add {"a": 2, "b": 3}; answer the sum is {result}'

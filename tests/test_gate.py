@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import random
 
-from honed.tasks.rollout import Scores, pass_at_k
-from honed.trainers.gate import decide, paired_gain
+from honed.learn.evaluate import Scores, pass_at_k
+from honed.learn.gate import decide, paired_gain
 
 
 def scores(
@@ -27,7 +27,12 @@ def test_a_clearly_better_candidate_is_promoted() -> None:
     decision = decide(better, live, margin=0.02)
     assert decision.promote, decision.reason
     assert decision.gain > 0.15 and decision.lower_bound > 0
-    assert "0.300" in decision.reason or "held-out pass@1" in decision.reason
+    # The reason states both scores, the gain, the task count and the bound, as measured.
+    expected = (
+        f"held-out pass@1 {live.pass_at_1:.3f} -> {better.pass_at_1:.3f} ({decision.gain:+.3f} over 100 "
+        f"tasks, 95% lower bound {decision.lower_bound:+.3f})"
+    )
+    assert decision.reason == expected
 
 
 def test_a_worse_or_equal_candidate_is_rejected_with_the_reason() -> None:

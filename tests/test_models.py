@@ -13,7 +13,7 @@ import pytest
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 
 import honed
-from honed.models.toolcalls import CompletionParser, parse_completion
+from honed.serving.toolcalls import CompletionParser, parse_completion
 from tiny_model import ANSWER, CALL, QUESTION, THINK, add_schema, add_tool, tiny_path, tool_model_path
 
 torch = pytest.importorskip("torch")
@@ -26,7 +26,7 @@ def tiny() -> Path:
 
 @pytest.fixture(scope="module")
 def model(tiny: Path):
-    from honed.models import LocalChatModel
+    from honed.serving import LocalChatModel
 
     chat = LocalChatModel(tiny, temperature=0, max_tokens=8)
     yield chat
@@ -38,7 +38,7 @@ def model(tiny: Path):
 
 def test_importing_honed_and_the_served_model_loads_no_torch() -> None:
     code = (
-        "import sys, honed, honed.plugin.served, honed.models, honed.serve; "
+        "import sys, honed, honed.serving.served, honed.serving, honed.serving; "
         "print(sorted(m for m in ('torch', 'transformers', 'fastapi') if m in sys.modules))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -52,7 +52,7 @@ def test_importing_honed_and_the_served_model_loads_no_torch() -> None:
 def test_build_tiny_is_deterministic_small_and_offline(tiny: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from honed.models import build_tiny
+    from honed.demo import build_tiny
 
     again = build_tiny(tmp_path / "again", seed=0)
     other = build_tiny(tmp_path / "other", seed=1)
@@ -67,7 +67,7 @@ def test_tiny_tokenizer_uses_trls_qwen3_template_and_splits_digits(tiny: Path) -
     from transformers import AutoTokenizer
     from trl.chat_template_utils import get_training_chat_template, qwen3_chat_template
 
-    from honed.models.chat_template import QWEN3_CHAT_TEMPLATE
+    from honed.learn.chat_templates import QWEN3_CHAT_TEMPLATE
 
     tokenizer = AutoTokenizer.from_pretrained(tiny)
     assert tokenizer.chat_template == QWEN3_CHAT_TEMPLATE == qwen3_chat_template
@@ -81,7 +81,7 @@ def test_tiny_tokenizer_uses_trls_qwen3_template_and_splits_digits(tiny: Path) -
 def test_langchain_messages_render_through_the_template(tiny: Path) -> None:
     from transformers import AutoTokenizer
 
-    from honed.models.messages import to_template_messages
+    from honed.serving.template_messages import to_template_messages
 
     messages = [
         SystemMessage("Be brief."),
@@ -257,7 +257,7 @@ def test_sampling_parameters_stop_and_budget(model) -> None:
 
 def test_reply_parsing_from_sampled_ids(model) -> None:
     """What the model says, fed through the same path a real completion takes (token ids in)."""
-    from honed.models.batching import GenerationRequest, GenerationResult
+    from honed.serving.batching import GenerationRequest, GenerationResult
 
     engine = model.engine
     eos = engine.tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -278,7 +278,7 @@ def test_reply_parsing_from_sampled_ids(model) -> None:
 
 
 def test_prompt_beyond_the_context_window_is_a_clear_error(model) -> None:
-    from honed.models import ContextWindowExceeded
+    from honed.serving import ContextWindowExceeded
 
     with pytest.raises(ContextWindowExceeded, match="context window is 2048"):
         model.invoke("word " * 5000)
@@ -288,7 +288,7 @@ def test_prompt_beyond_the_context_window_is_a_clear_error(model) -> None:
 def test_an_agent_calls_a_tool_with_the_local_model(sqlite_url: str) -> None:
     from langchain.agents import create_agent
 
-    from honed.models import LocalChatModel
+    from honed.serving import LocalChatModel
 
     chat = LocalChatModel(tool_model_path(), temperature=0, max_tokens=48, model_version="tool-model")
     agent = create_agent(chat, [add_tool()], middleware=[honed.Middleware(store=sqlite_url)], name="adder")
@@ -312,7 +312,7 @@ def test_an_agent_calls_a_tool_with_the_local_model(sqlite_url: str) -> None:
 
 
 def test_streaming_a_tool_call_and_an_answer() -> None:
-    from honed.models import LocalChatModel
+    from honed.serving import LocalChatModel
 
     chat = LocalChatModel(tool_model_path(), temperature=0, max_tokens=48).bind_tools([add_tool()])
     chunks = list(chat.stream(QUESTION))

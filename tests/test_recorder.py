@@ -14,7 +14,7 @@ from sqlalchemy.engine import make_url
 
 import honed
 from fakes import ToolScriptModel, make_tools
-from honed.tracing.recorder import Recorder
+from honed.capture.recorder import Recorder
 from tcpproxy import TcpProxy
 
 
@@ -182,7 +182,7 @@ def test_a_stream_abandoned_under_middleware_is_written_after_the_open_timeout(s
 
 def test_capture_imports_no_training_stack() -> None:
     code = (
-        "import sys, honed; from honed.plugin import middleware, callbacks; "
+        "import sys, honed; from honed.capture import middleware, callbacks; "
         "heavy = [m for m in ('torch', 'transformers', 'trl', 'datasets') if m in sys.modules]; "
         "assert not heavy, heavy"
     )

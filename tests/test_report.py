@@ -40,7 +40,7 @@ runner = CliRunner(env={"COLUMNS": "300"})
 
 
 def heldout(pass1: float, pass8: float, diversity: tuple[float, float]) -> dict[str, Any]:
-    """Metrics as `honed.tasks.rollout.Scores.to_dict` writes them."""
+    """Metrics as `honed.learn.evaluate.Scores.to_dict` writes them."""
     answers, calls = diversity
     return {
         "pass_at_1": pass1,

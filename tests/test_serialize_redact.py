@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from honed.tracing.redact import Redactor
-from honed.tracing.serialize import Serializer, is_truncated, to_jsonable
+from honed.capture.redact import Redactor
+from honed.capture.serialize import Serializer, to_jsonable
+from honed.trajectory import is_truncated
 
 _rng = random.Random(20240611)
 ALNUM = string.ascii_letters + string.digits

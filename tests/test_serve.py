@@ -311,7 +311,7 @@ def test_served_requests_are_captured_as_trajectories(server: Server) -> None:
 
 
 def test_served_model_over_the_server_follows_promotion(server: Server) -> None:
-    from honed.plugin.served import ServedModel
+    from honed.serving.served import ServedModel
 
     store = honed.open_store(server.store_url)
     served = ServedModel(

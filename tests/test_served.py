@@ -15,7 +15,7 @@ from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatResult
 
 import honed
-from honed.plugin.served import ServedModel
+from honed.serving.served import ServedModel
 from honed.store.registry import ModelVersionInvalid, NoLiveVersion
 from test_registry import fake_model
 
@@ -207,7 +207,7 @@ def test_eight_agents_through_three_promotions_and_a_rollback(sqlite_url: str) -
     from langchain.agents import create_agent
     from transformers import AutoModelForCausalLM
 
-    from honed.models import engine as engines
+    from honed.serving import engine as engines
     from tiny_model import add_tool, tiny_path
 
     store = honed.open_store(sqlite_url)

@@ -1,7 +1,7 @@
 """The bundled task suites and the warm-start machinery, without warm-starting anything.
 
 Demonstrations are replayed through a real `create_agent` agent, captured by `honed.Middleware`
-into SQLite and labelled by the suite's own verifiers, exactly as `honed.tasks.rollout` measures a
+into SQLite and labelled by the suite's own verifiers, exactly as `honed.learn.evaluate` measures a
 model: every demonstration must pass, and the same conversation with a wrong answer must fail.
 """
 
@@ -21,10 +21,10 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 from langchain_core.outputs import ChatGeneration, ChatResult
 
 import honed
-from honed.tasks import HELDOUT, SUITES, TRAIN, Suite, Task, base_model, load_suite, warmstart
-from honed.tasks.demos import render
-from honed.tasks.rollout import evaluate, suite_agent
-from honed.trainers.shared_prefix import shared_prefix_loss
+from honed.demo import HELDOUT, SUITES, TRAIN, Suite, Task, base_model, load_suite, warmstart
+from honed.demo.generated import render
+from honed.learn.evaluate import evaluate, suite_agent
+from honed.learn.shared_prefix import shared_prefix_loss
 
 SUITE_NAMES = sorted(SUITES)
 
@@ -133,7 +133,7 @@ def test_load_suite_by_name_instance_and_user_module(tmp_path: Path, monkeypatch
     (tmp_path / "my_suites.py").write_text(
         textwrap.dedent(
             """
-            from honed.tasks import Task
+            from honed.demo import Task
             from honed.verifiers import ReferenceMatch
 
 
@@ -202,7 +202,7 @@ def test_demonstrations_replayed_pass_and_wrong_answers_fail(name: str, tmp_path
 
 @pytest.mark.parametrize("name", SUITE_NAMES)
 def test_rendering_matches_the_tokenizer_and_vocab_covers_the_suite(name: str) -> None:
-    from honed.models.tiny import build_tokenizer
+    from honed.demo.tiny import build_tokenizer
 
     suite = load_suite(name)
     corpus = suite.vocab_corpus()
@@ -221,7 +221,7 @@ def test_rendering_matches_the_tokenizer_and_vocab_covers_the_suite(name: str) -
 
 
 def test_sft_template_renders_the_runtime_text_and_masks_only_replies() -> None:
-    from honed.models.tiny import build_tokenizer
+    from honed.demo.tiny import build_tokenizer
 
     suite = load_suite("tool_use")
     tokenizer = build_tokenizer(suite.vocab_corpus()[:50], vocab_size=400)
@@ -256,7 +256,7 @@ def _small_model(tmp_path: Path, suite: Any, seed: int) -> tuple[Any, Any]:
     """A 2-layer model on the suite's vocabulary and its tokenizer: big enough for exact-loss checks."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from honed.models.tiny import build_tiny
+    from honed.demo.tiny import build_tiny
 
     path = build_tiny(
         tmp_path / "m", seed=seed, vocab_corpus=suite.vocab_corpus()[:50], vocab_size=400,

@@ -12,17 +12,10 @@ import pytest
 
 import honed
 from honed import Step, Trajectory, Verdict
+from honed.learn.datasets import build_dataset, curriculum_weights, prepare, task_pass_rates
 from honed.store import TrajectoryNotFound, TrajectoryStore
-from honed.trainers.data import (
-    HeldOutLeak,
-    build_dataset,
-    curriculum_weights,
-    is_heldout,
-    outcome,
-    prepare,
-    task_hash,
-    task_pass_rates,
-)
+from honed.store.select import HeldOutLeak, is_heldout, task_hash
+from honed.trajectory import label
 
 SYSTEM = "You are a calculator. Use the tools."
 ADD_SCHEMA = {
@@ -160,19 +153,22 @@ def test_only_trusted_non_error_verdicts_label_training_data(any_store: Trajecto
         "unlabeled": add(store, make_trajectory("t-none")),
     }
     untrusted = store.untrusted_verifiers()
-    labels = {name: outcome(store.get(t.id), untrusted) for name, t in cases.items()}
+    labels = {name: label(store.get(t.id).verdicts, untrusted=untrusted) for name, t in cases.items()}
     assert labels == {
         "pass": True,
         "fail": False,
         "judge-only": None,
         "error-only": None,
         "pass+error": True,
-        "pass+judge-fail": True,  # the store's verdict="pass" filter would drop this one
+        "pass+judge-fail": True,  # the untrusted judge's fail counts for nothing
         "pass+fail": False,
         "unlabeled": None,
     }
     data = prepare(store, "sft")
     assert sorted(data.dataset["task_id"]) == ["t-pass", "t-pe", "t-pjf"]
+    # The store's own filter is the same rule, in SQL.
+    assert sorted(t.task_id for t in store.trajectories(verdict="pass")) == ["t-pass", "t-pe", "t-pjf"]
+    assert sorted(t.task_id for t in store.trajectories(verdict="fail")) == ["t-fail", "t-pf"]
     assert sorted(data.trajectory_ids) == sorted(
         cases[k].id for k in ("pass", "pass+error", "pass+judge-fail")
     )
@@ -456,3 +452,33 @@ def test_empty_selection_gives_an_empty_dataset(store: TrajectoryStore) -> None:
         assert len(data) == 0 and data.counts["rows"] == 0
     with pytest.raises(ValueError, match="unknown training method"):
         prepare(store, "ppo")
+
+
+def test_export_and_training_take_the_same_verified_rows(any_store: TrajectoryStore, tmp_path: Any) -> None:
+    """One rule for "verified training data": `honed export --verdict pass` and `prepare(store,
+    "sft")` keep the same runs. Built to make them differ before the rule had one home: a run
+    passed only by a low-trust verifier, and an attempt of a held-out task captured without a
+    split (the store's filter and the exporter kept both; the trainer kept neither)."""
+    from honed.exporters import select_trajectories, write_jsonl
+
+    store = any_store
+    store.register_verifiers({"judge": "low"})  # a model judge: its passes are never training data
+    add(store, make_trajectory("t-ok"), True)
+    add(store, make_trajectory("t-judged"), Verdict(passed=True, verifier="judge"))
+    add(store, make_trajectory("t-held", split="heldout"), True)
+    add(store, make_trajectory("t-held", split=None), True)  # same task, captured without a split
+    add(store, make_trajectory("t-failed"), False)
+    add(store, make_trajectory("t-mixed"), True, Verdict(passed=False, verifier="judge"))
+
+    out = tmp_path / "train.jsonl"
+    result = write_jsonl(select_trajectories(store, verdict="pass"), out)
+    exported = [json.loads(line) for line in out.read_text().splitlines()]
+    exported_users = sorted(m["content"] for row in exported for m in row["messages"] if m["role"] == "user")
+
+    data = prepare(store, "sft", max_per_task=None)
+    trained_users = sorted(
+        m["content"] for row in data.dataset["messages"] for m in row if m["role"] == "user"
+    )
+
+    assert exported_users == trained_users == [question("t-mixed"), question("t-ok")]
+    assert result.written == len(data) == 2

@@ -14,9 +14,8 @@ import torch
 from transformers import TrainerCallback
 
 import honed
-from honed.store import TrajectoryStore
-from honed.trainers.data import TrainingData, prepare
-from honed.trainers.methods import (
+from honed.learn.datasets import TrainingData, prepare
+from honed.learn.methods import (
     DistillMethod,
     DPOMethod,
     GRPOMethod,
@@ -28,7 +27,8 @@ from honed.trainers.methods import (
     completion_trajectory,
     trl_tool,
 )
-from honed.trainers.shared_prefix import shared_prefix_length
+from honed.learn.shared_prefix import shared_prefix_length
+from honed.store import TrajectoryStore
 from honed.trajectory import Trajectory
 from honed.verifiers import BaseVerifier, CannotTell, ReferenceMatch
 from honed.verifiers.protocol import verdict
@@ -145,7 +145,7 @@ def test_sft_trains_only_on_the_assistant_turns(store: TrajectoryStore, tiny: Pa
     )
     assert any("loss" in entry for entry in recorder.logs)
     saved_model_is_complete(tiny, result.path)
-    from honed.models.local import LocalChatModel
+    from honed.serving.local import LocalChatModel
 
     reply = LocalChatModel(result.path, temperature=0, max_tokens=3).invoke("hi")
     assert reply.response_metadata["token_ids"]

@@ -20,7 +20,8 @@ from sqlalchemy.engine import make_url
 import honed
 from fakes import ToolScriptModel, make_tools
 from honed.store.store import _alembic_config
-from honed.verifiers import GoalCheck, ReferenceMatch, TestSuite, Worker, is_error
+from honed.trajectory import is_verifier_error as is_error
+from honed.verifiers import GoalCheck, ReferenceMatch, TestSuite, Worker
 from tcpproxy import TcpProxy
 from verifier_helpers import (
     Hangs,

@@ -46,7 +46,7 @@ def add_schema() -> dict[str, Any]:
 
 @functools.cache
 def tiny_path(seed: int = 0) -> Path:
-    from honed.models import build_tiny
+    from honed.demo import build_tiny
 
     return build_tiny(_ROOT / f"tiny-{seed}", seed=seed)
 
@@ -65,7 +65,7 @@ def tool_model_path() -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from honed.models import build_tiny
+    from honed.demo import build_tiny
 
     # A narrower sibling of the tiny model (same tokenizer and template): memorising one
     # conversation takes it about a second instead of a minute.

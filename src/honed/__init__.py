@@ -8,11 +8,11 @@ store.trajectories(limit=10)
 
 from typing import Any
 
-from honed.plugin import CallbackHandler, Middleware, flush, instrument, stats, uninstrument, wrap
-from honed.plugin.served import ServedModel
+from honed.capture import CallbackHandler, Middleware, flush, instrument, stats, uninstrument, wrap
+from honed.capture.recorder import Recorder
+from honed.serving.served import ServedModel
 from honed.store import StoreUnavailable, TrajectoryNotFound, TrajectoryStore, open_store
 from honed.store.registry import ModelVersionInvalid, NoLiveVersion, PromotionConflict
-from honed.tracing.recorder import Recorder
 from honed.trajectory import ModelVersion, Step, Trajectory, Verdict
 
 __version__ = "0.1.0"
@@ -46,7 +46,7 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     """`honed.LocalChatModel` imports torch, so only on first use (capture never needs torch)."""
     if name == "LocalChatModel":
-        from honed.models.local import LocalChatModel
+        from honed.serving.local import LocalChatModel
 
         return LocalChatModel
     raise AttributeError(f"module 'honed' has no attribute {name!r}")

@@ -22,13 +22,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from honed.trajectory import ModelVersion, Step, Trajectory, Verdict
+from honed.trajectory import HELDOUT, ModelVersion, Step, Trajectory, Verdict
 
 if TYPE_CHECKING:
     from honed.store.registry import ModelEvent
     from honed.store.training import EvalRun, TrainingRun
 
-HELDOUT = "heldout"  # the split the gate scores on (honed.tasks.HELDOUT, not imported: no task deps)
 
 # The page's few colours; each plotted series has its own, which the browser test looks for.
 PALETTE = {
@@ -168,19 +167,20 @@ def _train_pass_rate(data: dict[str, Any]) -> float | None:
     return None
 
 
-def _pick_examples(store: Any, model: str | None, n: int) -> list[Trajectory]:
-    """Recent passing and failing trajectories, the model's own versions first (else any)."""
+def _pick_examples(store: Any, model: str | None, n: int) -> list[tuple[Trajectory, str]]:
+    """Recent passing and failing trajectories (as `honed.trajectory.label` says: the store's
+    `verdict=` filter is that rule), the model's own versions first (else any), with the label."""
     if n <= 0:
         return []
-    chosen: list[str] = []
+    chosen: dict[str, str] = {}
     for verdict, want in (("pass", (n + 1) // 2), ("fail", n // 2)):
         recent = store.trajectories(200, verdict=verdict, with_steps=False)
         own = [t for t in recent if model and (t.model_version or "").startswith(f"{model}@")]
-        chosen += [t.id for t in (own or recent)[:want]]
+        chosen.update((t.id, verdict) for t in (own or recent)[:want])
     if not chosen:
         return []
-    loaded = {t.id: t for t in store.trajectories(None, ids=chosen, with_steps=True)}
-    return [loaded[i] for i in chosen if i in loaded]
+    loaded = {t.id: t for t in store.trajectories(None, ids=list(chosen), with_steps=True)}
+    return [(loaded[i], word) for i, word in chosen.items() if i in loaded]
 
 
 def _float(value: Any) -> float | None:
@@ -354,7 +354,7 @@ def _verifiers(counts: list[dict[str, Any]]) -> str:
     )
 
 
-def _examples(trajectories: list[Trajectory]) -> str:
+def _examples(trajectories: list[tuple[Trajectory, str]]) -> str:
     if not trajectories:
         return (
             '<section id="examples"><h2>Example trajectories</h2>'
@@ -363,13 +363,12 @@ def _examples(trajectories: list[Trajectory]) -> str:
     return (
         '<section id="examples"><h2>Example trajectories</h2>'
         '<p class="muted">Recent passing and failing runs, as captured.</p>'
-        + "".join(_trajectory(t) for t in trajectories)
+        + "".join(_trajectory(t, outcome) for t, outcome in trajectories)
         + "</section>"
     )
 
 
-def _trajectory(t: Trajectory) -> str:
-    outcome = _outcome(t.verdicts)
+def _trajectory(t: Trajectory, outcome: str) -> str:
     when = _when(t.started_at)
     head = " · ".join(
         x for x in (t.agent, t.task_id or "", t.split or "", t.model_version or "", when, t.id[-12:]) if x
@@ -582,14 +581,6 @@ def _content_text(value: Any) -> str:
         if texts:
             return "\n".join(texts)
     return json.dumps(value, ensure_ascii=False, default=str)
-
-
-def _outcome(verdicts: list[Verdict]) -> str:
-    if any(v.passed is False for v in verdicts):
-        return "fail"
-    if verdicts and all(v.passed for v in verdicts):
-        return "pass"
-    return "unknown"
 
 
 def _verdict_class(v: Verdict) -> str:

@@ -1,12 +1,14 @@
-"""The vocabulary every part of honed speaks: Trajectory, Step, Verdict, ModelVersion.
+"""The vocabulary every part of honed speaks: Trajectory, Step, Verdict, ModelVersion, Task, and
+the one rule that turns a trajectory's verdicts into its label (`label`).
 
-Plain dataclasses with no I/O and no dependency on the rest of honed, so that the store, the
-verifiers, the trainers and the exporters can share them without sharing anything else.
+Plain dataclasses and pure functions with no I/O and no dependency on the rest of honed, so that
+the store, the verifiers, the trainers, the exporters and the report share them (and agree).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any, Literal
@@ -14,6 +16,11 @@ from typing import Any, Literal
 StepKind = Literal["model", "tool", "node"]
 Status = Literal["ok", "error"]
 Split = Literal["train", "heldout"]
+
+TRAIN, HELDOUT = "train", "heldout"  # the split names: train on the first, gate on the second
+TRUNCATED_KEY = "__truncated__"  # marks a field the recorder replaced because it was over the size cap
+ERROR_KEY = "error"  # evidence key that marks a verdict as a verifier failure, not a judgement
+Label = Literal["pass", "fail", "unknown"]
 
 
 @dataclass(slots=True)
@@ -155,3 +162,62 @@ def _with_iso_times(data: dict[str, Any]) -> dict[str, Any]:
         if isinstance(value, datetime):
             data[key] = value.isoformat()
     return data
+
+
+@dataclass(frozen=True)
+class Task:
+    """One verifiable task: the user's request and what its verifiers need to judge an attempt.
+
+    `metadata` travels with every attempt (`config["metadata"]["honed"]`), so the verifiers find
+    `expected`, `schema`, `tests`... in `trajectory.metadata`; `metadata["slice"]` tags the task
+    for the gate's per-slice regression check.
+    """
+
+    id: str
+    prompt: str
+    split: str = TRAIN
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def slice(self) -> str | None:
+        return self.metadata.get("slice")
+
+    def honed_metadata(self, **extra: Any) -> dict[str, Any]:
+        """What the capture layer records for an attempt: task id, split, the verifiers' inputs."""
+        return {**self.metadata, **extra, "task_id": self.id, "split": self.split}
+
+
+def is_verifier_error(verdict: Verdict) -> bool:
+    """Whether a stored verdict records a verifier failure (retried) rather than a judgement."""
+    return verdict.passed is None and ERROR_KEY in (verdict.evidence or {})
+
+
+def label(
+    verdicts: Iterable[Verdict], *, untrusted: Iterable[str] = (), only: Iterable[str] | None = None
+) -> bool | None:
+    """THE label of a trajectory, for training, export, spans, the report and the store's
+    `verdict=` filter alike: False when any counted verifier failed it, True when at least one
+    passed it and none failed, None when none could tell. Counted: judgements (not verifier
+    errors, not "could not tell") of verifiers outside `untrusted` (low trust, or under their
+    audited minimum precision: `store.untrusted_verifiers()`), and of `only` those when given."""
+    skip = set(untrusted)
+    names = None if only is None else set(only)
+    judged = [
+        v.passed
+        for v in verdicts
+        if v.passed is not None
+        and v.verifier not in skip
+        and (names is None or v.verifier in names)
+        and not is_verifier_error(v)
+    ]
+    return all(judged) if judged else None
+
+
+def label_word(passed: bool | None) -> Label:
+    """`pass`, `fail` or `unknown`: how the CLI, spans and the report spell a label."""
+    return "pass" if passed is True else "fail" if passed is False else "unknown"
+
+
+def is_truncated(value: Any) -> bool:
+    """Whether a stored field is the marker the recorder leaves in place of an oversized value."""
+    return type(value) is dict and value.get(TRUNCATED_KEY) is True

@@ -16,8 +16,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from honed.cli.common import JsonOption, StoreOption, app, console, open_store_or_exit
-from honed.exporters.select import Selection, count_selected, select_trajectories
 from honed.store import TrajectoryStore
+from honed.store.select import Selection, count_selected, select_trajectories
 
 export_app = typer.Typer(
     no_args_is_help=True, help="Export trajectories: OTLP spans, OpenAI-format JSONL, Hugging Face datasets."
@@ -109,6 +109,7 @@ def export_otlp(
                 service_name=service_name,
                 project=project,
                 on_trajectory=advance,
+                untrusted=s.untrusted_verifiers(),
             )
         except OTLPExportError as exc:
             console().print(f"[red]{escape(str(exc))}[/red]")

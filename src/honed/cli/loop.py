@@ -38,11 +38,9 @@ def _progress(out: Console):
 
     The libraries' own bars (datasets' map, transformers' weight loading) are switched off: one
     display, ours."""
-    import datasets
-    from transformers.utils import logging as hf_logging
+    from honed.learn import quiet_progress_bars
 
-    datasets.disable_progress_bars()
-    hf_logging.disable_progress_bar()
+    quiet_progress_bars()
     columns = (
         SpinnerColumn(),
         TextColumn("{task.description}"),
@@ -62,10 +60,10 @@ def _progress(out: Console):
 
 
 def _method(name: str, suite: Any = None) -> Any:
-    from honed.trainers import methods
+    from honed.learn import methods
 
     if name == "sft":
-        from honed.loop import default_method
+        from honed.demo.loop import default_method
 
         return default_method()
     if name == "kto":
@@ -112,9 +110,9 @@ def demo(
     ] = False,
 ) -> None:
     """Run the whole loop: a served agent attempts tasks, verifiers label, SFT trains, the gate promotes."""
-    from honed.loop import LearningLoop, fresh_store_url
+    from honed.demo import load_suite
+    from honed.demo.loop import LearningLoop, fresh_store_url
     from honed.store import open_store
-    from honed.tasks import load_suite
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     out = Console(stderr=True) if as_json else console()
@@ -226,10 +224,10 @@ def train(
     """Train a candidate from verified trajectories, gate it on held-out tasks, promote or reject it."""
     import importlib
 
+    from honed.demo import load_suite
+    from honed.learn.cycle import Cycle
+    from honed.learn.evaluate import suite_agent
     from honed.store.training import TrainerBusy
-    from honed.tasks import load_suite
-    from honed.tasks.rollout import suite_agent
-    from honed.trainers.cycle import Cycle
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     out = console()

@@ -161,7 +161,7 @@ def serve(
 ) -> None:
     """An OpenAI-compatible endpoint (/v1/chat/completions, /v1/models) over the live version of NAME."""
     try:
-        from honed.serve.app import serve as run_server
+        from honed.serving.app import serve as run_server
     except ImportError as exc:
         console().print(
             f"[red]honed serve needs the serve and train extras: pip install 'honed[serve,train]' ({exc})[/red]"

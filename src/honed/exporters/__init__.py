@@ -20,7 +20,7 @@ from honed.exporters.datasets import (
     write_jsonl,
     write_parquet,
 )
-from honed.exporters.select import Selection, count_selected, select_trajectories
+from honed.store.select import Selection, count_selected, select_trajectories
 
 _OTEL = {"LiveExporter", "OTLPExportError", "ReplayResult", "replay"}
 

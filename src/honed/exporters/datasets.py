@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from honed.trajectory import Step, Trajectory
+from honed.trajectory import Step, Trajectory, is_truncated
 
 if TYPE_CHECKING:
     import datasets
@@ -62,7 +62,7 @@ def chat_example(trajectory: Trajectory, *, reasoning: bool = False) -> dict[str
     """
     step = _last_chat_step(trajectory)
     model_input = step.input
-    if _is_truncated(model_input) or _is_truncated(step.output):
+    if is_truncated(model_input) or is_truncated(step.output):
         raise NotExportable("truncated", trajectory.id)
     if not isinstance(step.output, dict):
         raise NotExportable("no_reply", trajectory.id)
@@ -71,7 +71,7 @@ def chat_example(trajectory: Trajectory, *, reasoning: bool = False) -> dict[str
     example: dict[str, Any] = {"messages": messages}
     tools = model_input.get("tools")
     if isinstance(tools, list) and tools:
-        if any(_is_truncated(t) or not isinstance(t, dict) for t in tools):
+        if any(is_truncated(t) or not isinstance(t, dict) for t in tools):
             raise NotExportable("truncated", trajectory.id)
         example["tools"] = tools
     return example
@@ -203,7 +203,7 @@ def _last_chat_step(trajectory: Trajectory) -> Step:
     for step in reversed(trajectory.steps):
         if step.kind != "model":
             continue
-        if _is_truncated(step.input):
+        if is_truncated(step.input):
             raise NotExportable("truncated", trajectory.id)
         if isinstance(step.input, dict) and isinstance(step.input.get("messages"), list):
             return step
@@ -211,8 +211,8 @@ def _last_chat_step(trajectory: Trajectory) -> Step:
 
 
 def _openai_message(message: Any, reasoning: bool, trajectory_id: str) -> dict[str, Any]:
-    if not isinstance(message, dict) or _is_truncated(message):
-        raise NotExportable("truncated" if _is_truncated(message) else "malformed_message", trajectory_id)
+    if not isinstance(message, dict) or is_truncated(message):
+        raise NotExportable("truncated" if is_truncated(message) else "malformed_message", trajectory_id)
     role = message.get("role")
     content = _text_content(message.get("content"), trajectory_id)
     if role == "assistant":
@@ -231,7 +231,7 @@ def _openai_message(message: Any, reasoning: bool, trajectory_id: str) -> dict[s
 
 
 def _openai_tool_call(call: Any, trajectory_id: str) -> dict[str, Any]:
-    if not isinstance(call, dict) or _is_truncated(call.get("args")):
+    if not isinstance(call, dict) or is_truncated(call.get("args")):
         raise NotExportable("truncated", trajectory_id)
     args = call.get("args")
     arguments = args if isinstance(args, str) else _dumps(args if args is not None else {})
@@ -247,7 +247,7 @@ def _text_content(content: Any, trajectory_id: str) -> str:
         return content
     if content is None:
         return ""
-    if _is_truncated(content):
+    if is_truncated(content):
         raise NotExportable("truncated", trajectory_id)
     if isinstance(content, list) and all(
         isinstance(b, str) or (isinstance(b, dict) and b.get("type") == "text") for b in content
@@ -300,7 +300,3 @@ def _each(trajectories: Iterable[Trajectory], callback: Callable[[Trajectory], N
     for trajectory in trajectories:
         callback(trajectory)
         yield trajectory
-
-
-def _is_truncated(value: Any) -> bool:
-    return type(value) is dict and value.get("__truncated__") is True

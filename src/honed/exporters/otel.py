@@ -227,6 +227,7 @@ def replay(
     batch_spans: int = REPLAY_BATCH_SPANS,
     retries: int = REPLAY_RETRIES,
     on_trajectory: Callable[[Trajectory], None] | None = None,
+    untrusted: Iterable[str] = (),
 ) -> ReplayResult:
     """Send stored trajectories as spans, synchronously, batch by batch.
 
@@ -237,8 +238,12 @@ def replay(
     batch fails (the endpoint is down or wrong) or the retries run out; what was sent stays sent.
 
         result = replay(store.trajectories(since=yesterday), endpoint="http://localhost:4318")
+
+    `untrusted`: verifiers whose judgements the label leaves out (`store.untrusted_verifiers()`).
     """
-    mapper = SpanMapper(make_resource(service_name, project), capture_content=capture_content)
+    mapper = SpanMapper(
+        make_resource(service_name, project), capture_content=capture_content, untrusted=untrusted
+    )
     exporter = span_exporter or otlp_span_exporter(
         endpoint, protocol=protocol, headers=headers, timeout_s=timeout_s
     )

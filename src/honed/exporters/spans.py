@@ -23,7 +23,7 @@ from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
-from honed.trajectory import Step, Trajectory, Verdict
+from honed.trajectory import Step, Trajectory, Verdict, label, label_word
 
 ENV_CAPTURE_CONTENT = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
 SCOPE = InstrumentationScope("honed", "0.1.0")
@@ -102,9 +102,15 @@ class SpanMapper:
     """
 
     def __init__(
-        self, resource: Resource, *, capture_content: bool | None = None, verdict_spans: bool = True
+        self,
+        resource: Resource,
+        *,
+        capture_content: bool | None = None,
+        verdict_spans: bool = True,
+        untrusted: Iterable[str] = (),
     ) -> None:
         self.resource = resource
+        self.untrusted = frozenset(untrusted)
         self.capture_content = capture_content_from_env() if capture_content is None else capture_content
         self.verdict_spans = verdict_spans
 
@@ -145,7 +151,7 @@ class SpanMapper:
         tags = t.metadata.get("tags") if isinstance(t.metadata, dict) else None
         if isinstance(tags, list) and tags:
             attributes["honed.tags"] = tuple(str(tag) for tag in tags)
-        attributes.update(verdict_attributes(t.verdicts))
+        attributes.update(verdict_attributes(t.verdicts, untrusted=self.untrusted))
         if self.capture_content:
             task_messages = t.task.get("messages") if isinstance(t.task, dict) else None
             if isinstance(task_messages, list):
@@ -241,7 +247,7 @@ class SpanMapper:
             "honed.trajectory.id": t.id,
             "honed.verdict.verifier": verdict.verifier,
             "honed.verdict.version": verdict.version,
-            "honed.verdict.outcome": _label(verdict.passed),
+            "honed.verdict.outcome": label_word(verdict.passed),
             "honed.verdict.score": float(verdict.score or 0.0),
             "honed.verdict.reason": verdict.reason or "",
             "openinference.span.kind": "EVALUATOR",
@@ -253,13 +259,13 @@ class SpanMapper:
         )  # fmt: skip
 
 
-def verdict_attributes(verdicts: Sequence[Verdict]) -> dict[str, Any]:
-    """`honed.verdict.*` root attributes: the outcome as the store's `verdict=` filter sees it
-    (`pass` needs a pass and no fail), then each verifier's `passed` and `score`."""
+def verdict_attributes(verdicts: Sequence[Verdict], *, untrusted: Iterable[str] = ()) -> dict[str, Any]:
+    """`honed.verdict.*` root attributes: the label (`honed.trajectory.label`, the rule training
+    and the store's `verdict=` filter use), then each verifier's `passed` and `score`."""
     if not verdicts:
         return {}
     attributes: dict[str, Any] = {
-        "honed.verdict.outcome": verdict_outcome(verdicts),
+        "honed.verdict.outcome": label_word(label(verdicts, untrusted=untrusted)),
         "honed.verdict.count": len(verdicts),
         "honed.verdict.verifiers": tuple(v.verifier for v in verdicts),
     }
@@ -268,11 +274,6 @@ def verdict_attributes(verdicts: Sequence[Verdict]) -> dict[str, Any]:
         _put(attributes, f"{key}.passed", verdict.passed)
         attributes[f"{key}.score"] = float(verdict.score or 0.0)
     return attributes
-
-
-def verdict_outcome(verdicts: Iterable[Verdict]) -> str:
-    passed = {v.passed for v in verdicts}
-    return "fail" if False in passed else "pass" if True in passed else "unknown"
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -309,17 +310,13 @@ def _verdict_event(verdict: Verdict, fallback: int) -> Event:
     attributes = {
         "gen_ai.evaluation.name": verdict.verifier,
         "gen_ai.evaluation.score.value": float(verdict.score or 0.0),
-        "gen_ai.evaluation.score.label": _label(verdict.passed),
+        "gen_ai.evaluation.score.label": label_word(verdict.passed),
         "gen_ai.evaluation.explanation": verdict.reason or "",
         "honed.verdict.version": verdict.version,
     }
     _put(attributes, "honed.verdict.passed", verdict.passed)
     attributes = {k: v for k, v in attributes.items() if v is not None}
     return Event("gen_ai.evaluation.result", attributes, _ns(verdict.created_at) or fallback)
-
-
-def _label(passed: bool | None) -> str:
-    return "pass" if passed is True else "fail" if passed is False else "unknown"
 
 
 def _error_status(attributes: dict[str, Any], error: str | None) -> Status:

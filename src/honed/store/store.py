@@ -14,10 +14,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, delete, event, exists, func, insert, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
@@ -165,13 +161,20 @@ class TrajectoryStore(VerificationStore, ModelRegistry, TrainingLog):
         until: datetime | None = None,
         model_version: str | None = None,
         ids: Iterable[str] | None = None,
+        exclude_task_ids: Iterable[str] | None = None,
         with_steps: bool = True,
         oldest_first: bool = False,
     ) -> list[Trajectory]:
-        """Trajectories matching every given filter, newest first (oldest first when asked)."""
+        """Trajectories matching every given filter, newest first (oldest first when asked).
+
+        `verdict="pass" | "fail"` is `honed.trajectory.label` in SQL: only judgements of trusted
+        verifiers count (`untrusted_verifiers()`); `"labeled" | "unlabeled"`: any verdict or none."""
         order = (TrajectoryRow.started_at, TrajectoryRow.id)
         query = select(TrajectoryRow).order_by(*(order if oldest_first else (c.desc() for c in order)))
-        query = _filtered(query, agent, task_id, split, status, verdict, since, until, model_version, ids)
+        query = _filtered(
+            query, agent, task_id, split, status, verdict, since, until, model_version, ids,
+            exclude_task_ids, self._untrusted_for(verdict),
+        )  # fmt: skip
         query = query.offset(offset).limit(limit)
         options = [selectinload(TrajectoryRow.verdicts)]
         if with_steps:
@@ -191,13 +194,19 @@ class TrajectoryStore(VerificationStore, ModelRegistry, TrainingLog):
         since: datetime | None = None,
         until: datetime | None = None,
         model_version: str | None = None,
+        exclude_task_ids: Iterable[str] | None = None,
     ) -> int:
+        """How many trajectories `trajectories()` would return for the same filters."""
         query = _filtered(
             select(func.count()).select_from(TrajectoryRow),
             agent, task_id, split, status, verdict, since, until, model_version, None,
+            exclude_task_ids, self._untrusted_for(verdict),
         )  # fmt: skip
         with self._sessions() as session:
             return int(session.scalar(query) or 0)
+
+    def _untrusted_for(self, verdict: str | None) -> set[str]:
+        return self.untrusted_verifiers() if verdict in ("pass", "fail") else set()
 
     def get(self, trajectory_id: str) -> Trajectory:
         """One trajectory by id, or by a unique prefix or suffix of it (the CLI prints the last 12
@@ -270,29 +279,52 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
         cursor.close()
 
 
-def _alembic_config() -> Config:
+# The newest migration's revision. Opening a store at this revision reads one row and never
+# imports alembic (0.2-0.4 s of every start); a test keeps it equal to the migrations' head.
+SCHEMA_HEAD = "0004"
+
+
+def _migrate(engine: Engine) -> None:
+    """Bring the schema to head; cheap when it already is (one row read, no alembic import)."""
+    with _migrate_lock:
+        if _revision(engine) == SCHEMA_HEAD:
+            return
+        from alembic import command
+        from alembic.runtime.migration import MigrationContext
+
+        config = _alembic_config()
+        with engine.begin() as conn:
+            if engine.dialect.name == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK_KEY})
+            if MigrationContext.configure(conn).get_current_revision() != SCHEMA_HEAD:
+                config.attributes["connection"] = conn
+                command.upgrade(config, "head")
+
+
+def _revision(engine: Engine) -> str | None:
+    """The schema's alembic revision, or None where there is no schema yet."""
+    try:
+        with engine.connect() as conn:
+            return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+    except SQLAlchemyError:
+        return None
+
+
+def _alembic_config() -> Any:
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(_MIGRATIONS))
     return config
 
 
-def _migrate(engine: Engine) -> None:
-    """Bring the schema to head; cheap when it already is (one revision read)."""
-    with _migrate_lock:
-        config = _alembic_config()
-        head = ScriptDirectory.from_config(config).get_current_head()
-        with engine.begin() as conn:
-            if engine.dialect.name == "postgresql":
-                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK_KEY})
-            if MigrationContext.configure(conn).get_current_revision() != head:
-                config.attributes["connection"] = conn
-                command.upgrade(config, "head")
-
-
 # -- rows <-> vocabulary -----------------------------------------------------------------------
 
 
-def _filtered(query: Any, agent, task_id, split, status, verdict, since, until, model_version, ids) -> Any:
+def _filtered(
+    query: Any, agent, task_id, split, status, verdict, since, until, model_version, ids,
+    exclude_task_ids=None, untrusted: set[str] = frozenset(),  # type: ignore[assignment]
+) -> Any:  # fmt: skip
     T = TrajectoryRow
     for column, value in (
         (T.agent, agent),
@@ -309,10 +341,18 @@ def _filtered(query: Any, agent, task_id, split, status, verdict, since, until, 
         query = query.where(T.started_at < until)
     if ids is not None:
         query = query.where(T.id.in_(list(ids)))
+    if exclude_task_ids is not None:
+        excluded = list(exclude_task_ids)
+        if excluded:
+            query = query.where(T.task_id.is_(None) | T.task_id.not_in(excluded))
     if verdict is not None:
         any_verdict = exists().where(VerdictRow.trajectory_id == T.id)
-        failed = exists().where(VerdictRow.trajectory_id == T.id, VerdictRow.passed.is_(False))
-        passed = exists().where(VerdictRow.trajectory_id == T.id, VerdictRow.passed.is_(True))
+        # Errors have passed=None, so they never count; untrusted verifiers' judgements neither.
+        counted = [VerdictRow.trajectory_id == T.id]
+        if untrusted:
+            counted.append(VerdictRow.verifier.not_in(sorted(untrusted)))
+        failed = exists().where(*counted, VerdictRow.passed.is_(False))
+        passed = exists().where(*counted, VerdictRow.passed.is_(True))
         conditions = {
             "pass": passed & ~failed,
             "fail": failed,

@@ -57,7 +57,7 @@ class TrainingRun:
 
 @dataclass
 class EvalRun:
-    """One scored evaluation of `version` on `split` (metrics from `honed.tasks.rollout.Scores`)."""
+    """One scored evaluation of `version` on `split` (metrics from `honed.learn.evaluate.Scores`)."""
 
     id: int
     model: str

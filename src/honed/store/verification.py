@@ -25,7 +25,7 @@ from honed.store.verification_tables import VerificationClaimRow, VerifierAuditR
 from honed.trajectory import Verdict
 
 if TYPE_CHECKING:
-    from honed.verifiers.audit import AuditResult
+    from honed.store.audit import AuditResult
 
 C = VerificationClaimRow
 
@@ -266,7 +266,7 @@ class VerificationStore:
     ) -> AuditResult:
         """Compare `verifier`'s verdicts (its newest version unless `version` is given) with `gold`'s
         on the same trajectories; store and return precision, recall and false-positive rate."""
-        from honed.verifiers.audit import confusion
+        from honed.store.audit import confusion
 
         version = version or self._newest_version(verifier)
         pairs = self._verdict_pairs(verifier, version, gold)
@@ -293,7 +293,7 @@ class VerificationStore:
 
     def audits(self, verifier: str | None = None, *, limit: int = 20) -> list[AuditResult]:
         """Stored audits, newest first."""
-        from honed.verifiers.audit import AuditResult
+        from honed.store.audit import AuditResult
 
         query = select(VerifierAuditRow).order_by(
             VerifierAuditRow.created_at.desc(), VerifierAuditRow.id.desc()

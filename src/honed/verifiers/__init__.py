@@ -7,7 +7,7 @@
 A verifier is `verify(trajectory) -> Verdict` with a `name` and `version` (see `protocol`).
 """
 
-from honed.verifiers.audit import AuditResult, Rate, confusion, wilson
+from honed.store.audit import AuditResult, Rate, confusion, wilson
 from honed.verifiers.compose import all_of, any_of, weighted
 from honed.verifiers.goal import GoalCheck
 from honed.verifiers.judge import Judge, JudgeDecision
@@ -18,8 +18,6 @@ from honed.verifiers.protocol import (
     Verifier,
     VerifierError,
     VerifierTimeout,
-    is_error,
-    outcome,
 )
 from honed.verifiers.reference import ReferenceMatch
 from honed.verifiers.routing import applicable
@@ -54,8 +52,6 @@ __all__ = [
     "any_of",
     "applicable",
     "confusion",
-    "is_error",
-    "outcome",
     "queue_name",
     "weighted",
     "wilson",

@@ -11,15 +11,10 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from honed.trajectory import Trajectory
+from honed.trajectory import Trajectory, is_truncated
 from honed.verifiers.protocol import CannotTell
 
 _FENCE = re.compile(r"```[ \t]*([\w+.-]*)[^\n]*\n(.*?)```", re.S)
-
-
-def is_truncated(value: Any) -> bool:
-    """The marker the recorder leaves in place of an oversized field (see honed.tracing.serialize)."""
-    return type(value) is dict and value.get("__truncated__") is True
 
 
 def agent_failed(t: Trajectory) -> str | None:

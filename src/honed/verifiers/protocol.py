@@ -16,10 +16,9 @@ import time
 from collections.abc import Iterable
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from honed.trajectory import Trajectory, Verdict
+from honed.trajectory import ERROR_KEY, Trajectory, Verdict
 
 Trust = Literal["high", "low"]
-ERROR_KEY = "error"  # evidence key that marks a verdict as a verifier failure, not a judgement
 
 
 class VerifierError(RuntimeError):
@@ -118,25 +117,6 @@ def error_verdict(
         version=verifier_version(verifier),
         trajectory_id=trajectory_id,
     )
-
-
-def is_error(v: Verdict) -> bool:
-    """Whether a stored verdict records a verifier failure (retried) rather than a judgement."""
-    return v.passed is None and ERROR_KEY in (v.evidence or {})
-
-
-def outcome(verdicts: Iterable[Verdict], untrusted: Iterable[str] = ()) -> bool | None:
-    """The trajectory's label for learning: False when any trusted verifier failed it, True when at
-    least one passed it and none failed, None when no trusted verifier could tell. Errors and
-    verifiers under their minimum audited precision (`store.untrusted_verifiers()`) count for nothing.
-    """
-    skip = set(untrusted)
-    judged = [
-        v.passed for v in verdicts if v.passed is not None and v.verifier not in skip and not is_error(v)
-    ]
-    if not judged:
-        return None
-    return all(judged)
 
 
 def verifier_name(v: Any) -> str:

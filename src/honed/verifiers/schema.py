@@ -17,8 +17,8 @@ from collections.abc import Iterable
 from functools import lru_cache
 from typing import Any
 
-from honed.trajectory import Trajectory, Verdict
-from honed.verifiers.outcome import agent_failed, final_output, is_truncated, tool_call_args
+from honed.trajectory import Trajectory, Verdict, is_truncated
+from honed.verifiers.outcome import agent_failed, final_output, tool_call_args
 from honed.verifiers.protocol import BaseVerifier, CannotTell, verdict
 from honed.verifiers.reference import parse_json
 

@@ -42,11 +42,10 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 
 from honed.store.verification import Claim, ClaimOutcome
-from honed.trajectory import Trajectory, Verdict
+from honed.trajectory import Trajectory, Verdict, is_verifier_error
 from honed.verifiers.protocol import (
     VerifierTimeout,
     error_verdict,
-    is_error,
     names,
     trust_of,
     verifier_key,
@@ -268,7 +267,7 @@ class Worker:
             t = found.get(claim.trajectory_id)
             if t is None:  # deleted since it was enqueued (its claim went with it)
                 continue
-            have = {(v.verifier, v.version) for v in t.verdicts if not is_error(v)}
+            have = {(v.verifier, v.version) for v in t.verdicts if not is_verifier_error(v)}
             try:
                 todo = [v for v in applicable(self.verifiers, t) if verifier_key(v) not in have]
             except Exception as exc:  # a routing bug must not stop the worker
@@ -307,7 +306,7 @@ class Worker:
             self.stats.retries += outcome.retry_at is not None
             for v in outcome.verdicts:
                 self.stats.verdicts += 1
-                if is_error(v):
+                if is_verifier_error(v):
                     self.stats.errors += 1
                 elif v.passed is None:
                     self.stats.undecided += 1
@@ -363,7 +362,7 @@ class Worker:
 
     def _outcome(self, job: _Job) -> ClaimOutcome:
         attempt, t = job.claim.attempts, job.trajectory
-        errors = [v for v in job.verdicts if is_error(v)]
+        errors = [v for v in job.verdicts if is_verifier_error(v)]
         retry = bool(errors) and attempt < self.max_attempts
         verdicts = list(job.verdicts)
         if errors and not retry:  # final: say why the verifiers after a hung one have no verdict

@@ -1,0 +1,503 @@
+"""Events → trajectory records, on the writer thread.
+
+The hot path only enqueues `(kind, run_id, parent_run_id, time, payload)` tuples; this module turns
+that stream back into trajectories: one per root run, with model, tool and graph-node steps in
+start order, parented to their nearest recorded ancestor. Everything expensive (message conversion,
+serialisation, redaction, size caps) happens here, never in the agent's thread.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
+from langchain_core.outputs import LLMResult
+
+from honed.messages import message_to_dict, text_of
+
+log = logging.getLogger("honed")
+
+# Event kinds (first element of every event tuple).
+START, END, ERROR, FLUSH = 0, 1, 2, 3
+# An error escaped a step; it ends the trajectory unless more of the run follows (a middleware
+# caught it). Closed at the next flush, or after PENDING_LINGER_S without news.
+PENDING_ERROR = 4
+PENDING_LINGER_S = 30.0
+
+# START payload: (run_kind, name, inputs, metadata, tags, extra); run_kind is one of these.
+CHAIN, MODEL, LLM, TOOL = "chain", "model", "llm", "tool"
+
+_HIDDEN_TAG = "langsmith:hidden"
+_INTERNAL_STATE_KEYS = {"messages", "jump_to", "remaining_steps"}
+_CLOSED_MEMORY = 50_000
+
+
+class _Run:
+    __slots__ = ("extra", "inputs", "kind", "name", "parent_step", "started", "step_id", "trajectory")
+
+    def __init__(
+        self, trajectory: _Open, kind: str, name: str, parent_step: str | None, started: float
+    ) -> None:
+        self.trajectory = trajectory
+        self.kind = kind
+        self.name = name
+        self.parent_step = parent_step
+        self.started = started
+        self.step_id: str | None = None
+        self.inputs: Any = None
+        self.extra: dict[str, Any] = {}
+
+
+class _Open:
+    """A trajectory still being assembled."""
+
+    __slots__ = (
+        "last_seen",
+        "memo",
+        "next_index",
+        "open_runs",
+        "pending_error",
+        "record",
+        "root_id",
+        "root_key",
+        "steps",
+        "tool_call_ids",
+    )
+
+    def __init__(self, root_key: Any, record: dict[str, Any]) -> None:
+        self.root_key = root_key
+        self.root_id = str(root_key)
+        self.pending_error: tuple[Any, float] | None = None
+        self.last_seen = 0.0
+        # Every model call resends the whole conversation: each message (and the tool list) is
+        # serialised and redacted once per trajectory, keyed by identity (the ref keeps it alive).
+        self.memo: dict[Any, tuple[Any, Any]] = {}
+        self.record = record
+        self.steps: list[dict[str, Any]] = []
+        self.next_index = 0
+        self.open_runs: set[str] = set()
+        self.tool_call_ids: set[str] = set()
+
+
+class Assembler:
+    """Feeds on events, yields finished trajectory records (`take_completed`).
+
+    `field` is the serialiser applied to every payload (JSON-able, redacted, size-capped).
+    Unknown, duplicate and late events are counted, never raised: capture must not fail.
+    """
+
+    def __init__(self, field: Callable[[Any], Any]) -> None:
+        self._field = field
+        self._runs: dict[Any, _Run] = {}
+        self._completed: list[dict[str, Any]] = []
+        self._closed: deque[Any] = deque()
+        self._closed_set: set[Any] = set()
+        self.ignored_events = 0
+
+    @property
+    def open_trajectories(self) -> int:
+        return len({id(r.trajectory) for r in self._runs.values()})
+
+    def feed(self, event: tuple[Any, ...]) -> None:
+        kind, run_id, parent_id, when, payload = event
+        try:
+            if kind == START:
+                self._start(run_id, parent_id, when, payload)
+            elif kind == END:
+                self._end(run_id, when, payload, error=None)
+            elif kind == ERROR:
+                self._end(run_id, when, None, error=payload)
+            elif kind == PENDING_ERROR:
+                run = self._runs.get(run_id)
+                if run is not None:
+                    run.trajectory.pending_error = (payload, when)
+        except Exception:  # one malformed event must not stop the writer
+            self.ignored_events += 1
+            log.exception("honed: could not assemble a capture event; it was skipped")
+
+    def take_completed(self) -> list[dict[str, Any]]:
+        done, self._completed = self._completed, []
+        return done
+
+    def close_all(self, reason: str, when: float) -> None:
+        """End every open trajectory as an error (at exit: the process is going away)."""
+        for root in {r.trajectory.root_key for r in self._runs.values()}:
+            self._end(root, when, None, error=reason)
+
+    def close_stale(self, older_than: float, when: float) -> None:
+        """End trajectories with no news since `older_than` (a caller that abandoned a stream
+        leaves no trace a middleware can see): bounded memory in a long-lived process."""
+        stale = {r.trajectory for r in self._runs.values() if r.trajectory.last_seen < older_than}
+        for trajectory in stale:
+            self._end(
+                trajectory.root_key,
+                when,
+                None,
+                error="incomplete: no event for this run within the open timeout",
+            )
+
+    def close_pending(self, older_than: float | None = None) -> None:
+        """End the trajectories whose last news was an escaped error (all, or those older than)."""
+        pending = {r.trajectory for r in self._runs.values() if r.trajectory.pending_error is not None}
+        for trajectory in pending:
+            error, when = trajectory.pending_error  # type: ignore[misc]
+            if older_than is None or when < older_than:
+                self._end(trajectory.root_key, when, None, error=error)
+
+    # -- starts ----------------------------------------------------------------------------
+
+    def _start(self, run_id: Any, parent_id: Any, when: float, payload: tuple[Any, ...]) -> None:
+        run_kind, name, inputs, metadata, tags, extra = payload
+        if run_id in self._runs or run_id in self._closed_set:
+            self.ignored_events += 1  # the same run seen by two handlers, or a replayed start
+            return
+        parent = self._runs.get(parent_id) if parent_id is not None else None
+        if parent is None and parent_id is not None and parent_id in self._closed_set:
+            self.ignored_events += 1  # a child of a trajectory that already ended
+            return
+        name = _run_name(run_kind, name, metadata, extra)
+        if parent is None:
+            trajectory = _Open(run_id, self._trajectory_record(run_id, name, inputs, metadata, tags, when))
+            trajectory.last_seen = when
+            run = _Run(trajectory, run_kind, name, None, when)
+            self._runs[run_id] = run
+            trajectory.open_runs.add(run_id)
+            if run_kind == CHAIN:
+                return  # the root chain is the trajectory itself
+        else:
+            trajectory = parent.trajectory
+            trajectory.last_seen = when
+            trajectory.pending_error = None  # the run went on: whatever raised was handled
+            parent_step = parent.step_id or parent.parent_step
+            run = _Run(trajectory, run_kind, name, parent_step, when)
+            self._runs[run_id] = run
+            trajectory.open_runs.add(run_id)
+            # A subgraph run as a node shows up twice (the node, then the graph inside it).
+            same_as_parent = parent.kind == CHAIN and parent.step_id is not None and parent.name == name
+            if run_kind == CHAIN and (same_as_parent or not _is_node(name, metadata, tags)):
+                run.step_id = None  # transparent plumbing: children attach to our parent step
+                return
+        run.step_id = str(run_id)
+        run.inputs = inputs
+        run.extra = extra or {}
+        run.extra["_index"] = trajectory.next_index
+        trajectory.next_index += 1
+
+    def _trajectory_record(
+        self,
+        run_id: Any,
+        name: str,
+        inputs: Any,
+        metadata: dict[str, Any] | None,
+        tags: list[str] | None,
+        when: float,
+    ) -> dict[str, Any]:
+        honed = dict((metadata or {}).get("honed") or {})
+        user_tags = [t for t in tags or () if ":" not in t]
+        if user_tags:
+            honed.setdefault("tags", user_tags)
+        return {
+            "id": str(run_id),
+            "agent": str(honed.pop("agent", None) or name),
+            "task": self._field(_plain(inputs)),
+            "task_id": _opt_str(honed.get("task_id")),
+            "split": _opt_str(honed.get("split")),
+            "metadata": self._field(honed),
+            "output": None,
+            "status": "ok",
+            "error": None,
+            "model_version": _opt_str(honed.get("model_version")),
+            "started_at": when,
+            "ended_at": None,
+            "steps": None,
+        }
+
+    # -- ends ------------------------------------------------------------------------------
+
+    def _end(self, run_id: Any, when: float, outputs: Any, error: Any) -> None:
+        run = self._runs.pop(run_id, None)
+        if run is None:
+            self.ignored_events += 1
+            return
+        trajectory = run.trajectory
+        trajectory.last_seen = when
+        trajectory.open_runs.discard(run_id)
+        if error is None:
+            trajectory.pending_error = None
+        if run.step_id is not None:
+            trajectory.steps.append(self._step(run, when, outputs, error))
+        if run.kind == CHAIN and outputs is not None:
+            self._synthesise_unseen_tool_errors(trajectory, run, outputs, when)
+        if run_id == trajectory.root_key:
+            self._finish(trajectory, run_id, when, outputs, error)
+
+    def _finish(self, trajectory: _Open, run_id: Any, when: float, outputs: Any, error: Any) -> None:
+        for orphan in list(trajectory.open_runs):  # children the run never closed (interrupted, crashed)
+            self._end(orphan, when, None, error="incomplete: the run ended before this step finished")
+        record = trajectory.record
+        record["ended_at"] = when
+        if error is not None:
+            record["status"] = "error"
+            record["error"] = self._text(_describe_error(error))
+        record["output"] = self._field(_final_output(outputs)) if outputs is not None else None
+        steps = sorted(trajectory.steps, key=lambda s: s["index"])
+        record["steps"] = steps
+        if record["model_version"] is None:
+            versions = [s["model_version"] for s in steps if s["kind"] == "model" and s["model_version"]]
+            record["model_version"] = versions[-1] if versions else None
+        self._completed.append(record)
+        self._remember_closed(run_id)
+
+    def _remember_closed(self, run_key: Any) -> None:
+        self._closed.append(run_key)
+        self._closed_set.add(run_key)
+        if len(self._closed) > _CLOSED_MEMORY:
+            self._closed_set.discard(self._closed.popleft())
+
+    def _step(self, run: _Run, when: float, outputs: Any, error: Any) -> dict[str, Any]:
+        extra = run.extra
+        index = extra.pop("_index")
+        step: dict[str, Any] = {
+            "id": run.step_id,
+            "index": index,
+            "parent_id": run.parent_step,
+            "kind": "model" if run.kind in (MODEL, LLM) else run.kind if run.kind == TOOL else "node",
+            "name": run.name,
+            "input": None,
+            "output": None,
+            "error": self._text(_describe_error(error)) if error is not None else None,
+            "reasoning": None,
+            "tool_calls": [],
+            "usage": None,
+            "model_version": None,
+            "started_at": run.started,
+            "ended_at": when,
+            "extra": {},
+        }
+        if run.kind in (MODEL, LLM):
+            self._model_step(step, run, outputs)
+        elif run.kind == TOOL:
+            self._tool_step(step, run, outputs)
+        else:
+            step["output"] = self._field(_plain(outputs)) if outputs is not None else None
+        return step
+
+    def _model_step(self, step: dict[str, Any], run: _Run, outputs: Any) -> None:
+        extra, trajectory = run.extra, run.trajectory
+        if run.kind == MODEL:
+            messages = [
+                self._memoised(trajectory, id(m), m, message_to_dict)
+                if isinstance(m, BaseMessage)
+                else self._field(m)
+                for m in run.inputs or []
+            ]
+            model_input: dict[str, Any] = {"messages": messages}
+        else:
+            model_input = {"prompts": self._field(run.inputs)}
+        tools = extra.get("tools")
+        if tools:
+            key = ("tools", *(id(t) for t in tools))
+            model_input["tools"] = self._memoised(trajectory, key, list(tools), _tool_schemas)
+        step["input"] = model_input
+        settings = {k: v for k, v in (extra.get("settings") or {}).items() if k not in ("tools", "messages")}
+        if settings:
+            step["extra"]["settings"] = self._field(settings)
+        message = _ai_message(outputs)
+        if message is not None:
+            output = self._memoised(trajectory, id(message), message, message_to_dict)
+            step["output"] = output
+            if isinstance(output, dict):
+                step["tool_calls"] = output.get("tool_calls") or []
+                step["reasoning"] = (
+                    output.get("reasoning") if isinstance(output.get("reasoning"), str) else None
+                )
+            if message.usage_metadata:
+                step["usage"] = {
+                    k: int(v) for k, v in message.usage_metadata.items() if isinstance(v, int | float)
+                }
+            meta = message.response_metadata or {}
+            step["model_version"] = _opt_str(
+                meta.get("model_version") or meta.get("model_name") or meta.get("model") or extra.get("model")
+            )
+            for key in ("finish_reason", "stop_reason", "token_ids", "prompt_token_ids", "logprobs"):
+                if meta.get(key) is not None:
+                    step["extra"][key] = self._field(meta[key])
+        elif isinstance(outputs, LLMResult) and outputs.generations and outputs.generations[0]:
+            step["output"] = self._field(outputs.generations[0][0].text)
+        if step["model_version"] is None:
+            step["model_version"] = _opt_str(extra.get("model"))
+
+    def _memoised(self, trajectory: _Open, key: Any, obj: Any, convert: Callable[[Any], Any]) -> Any:
+        hit = trajectory.memo.get(key)
+        if hit is not None and hit[0] is obj:
+            return hit[1]
+        if isinstance(key, tuple) and hit is not None and hit[0] == obj:
+            return hit[1]  # the same tools in a new list
+        value = self._field(convert(obj))
+        trajectory.memo[key] = (obj, value)
+        return value
+
+    def _tool_step(self, step: dict[str, Any], run: _Run, outputs: Any) -> None:
+        extra = run.extra
+        step["input"] = self._field(_plain(run.inputs))
+        tool_call_id = extra.get("tool_call_id")
+        if isinstance(outputs, ToolMessage):
+            tool_call_id = tool_call_id or outputs.tool_call_id
+            step["output"] = self._field(_plain(outputs.content))
+            if outputs.status == "error" and step["error"] is None:
+                step["error"] = self._text(text_of(outputs))
+            if outputs.artifact is not None:
+                step["extra"]["artifact"] = self._field(outputs.artifact)
+        elif outputs is not None:
+            step["output"] = self._field(_plain(outputs))
+        if tool_call_id:
+            step["extra"]["tool_call_id"] = str(tool_call_id)
+            run.trajectory.tool_call_ids.add(str(tool_call_id))
+
+    def _synthesise_unseen_tool_errors(self, trajectory: _Open, run: _Run, outputs: Any, when: float) -> None:
+        """A call to a tool that does not exist never reaches a tool callback: the only trace is
+        the error ToolMessage the tools node returns. Record it as a failed tool step."""
+        messages = outputs.get("messages") if isinstance(outputs, dict) else None
+        if not isinstance(messages, list):
+            return
+        for message in messages:
+            if not (isinstance(message, ToolMessage) and message.status == "error"):
+                continue
+            if message.tool_call_id in trajectory.tool_call_ids:
+                continue
+            trajectory.tool_call_ids.add(message.tool_call_id)
+            text = self._text(text_of(message))
+            trajectory.steps.append(
+                {
+                    "id": f"{run.step_id or trajectory.root_id}:{message.tool_call_id}",
+                    "index": trajectory.next_index,
+                    "parent_id": run.step_id or run.parent_step,
+                    "kind": "tool",
+                    "name": message.name or "unknown_tool",
+                    "input": None,
+                    "output": self._field(_plain(message.content)),
+                    "error": text,
+                    "reasoning": None,
+                    "tool_calls": [],
+                    "usage": None,
+                    "model_version": None,
+                    "started_at": when,
+                    "ended_at": when,
+                    "extra": {"tool_call_id": message.tool_call_id, "synthesised": True},
+                }
+            )
+            trajectory.next_index += 1
+
+    def _text(self, value: str) -> str:
+        out = self._field(value)
+        return out if isinstance(out, str) else json.dumps(out, ensure_ascii=False)
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def _run_name(kind: str, name: Any, metadata: dict[str, Any] | None, extra: dict[str, Any] | None) -> str:
+    if name:
+        return str(name)
+    if kind in (MODEL, LLM):
+        meta = metadata or {}
+        return str(meta.get("ls_model_name") or (extra or {}).get("model") or meta.get("ls_provider") or kind)
+    return kind
+
+
+def _is_node(name: str, metadata: dict[str, Any] | None, tags: list[str] | None) -> bool:
+    """A LangGraph node (or a subgraph run as one), not the runnables plumbing inside it."""
+    if tags and _HIDDEN_TAG in tags:
+        return False
+    node = (metadata or {}).get("langgraph_node")
+    return node is not None and node == name and not name.startswith("HonedMiddleware.")
+
+
+def _tool_schemas(tools: Any) -> list[Any]:
+    """Tools as OpenAI-format schemas (what a chat template and a fine-tuning file expect)."""
+    from langchain_core.utils.function_calling import convert_to_openai_tool
+
+    schemas = []
+    for tool in tools:
+        try:
+            schemas.append(tool if isinstance(tool, dict) else convert_to_openai_tool(tool))
+        except Exception:
+            schemas.append({"type": "function", "function": {"name": getattr(tool, "name", repr(tool))}})
+    return schemas
+
+
+def _ai_message(outputs: Any) -> BaseMessage | None:
+    if isinstance(outputs, AIMessage):
+        return outputs
+    if isinstance(outputs, LLMResult) and outputs.generations and outputs.generations[0]:
+        return getattr(outputs.generations[0][0], "message", None)
+    return None
+
+
+def _plain(value: Any) -> Any:
+    """Convert LangChain messages (anywhere at the top two levels) into role dicts."""
+    if isinstance(value, BaseMessage):
+        return message_to_dict(value)
+    if isinstance(value, dict):
+        return {k: _plain_inner(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain_inner(v) for v in value]
+    return value
+
+
+def _plain_inner(value: Any) -> Any:
+    if isinstance(value, BaseMessage):
+        return message_to_dict(value)
+    if isinstance(value, list) and value and isinstance(value[0], BaseMessage | tuple):
+        return [
+            message_to_dict(v)
+            if isinstance(v, BaseMessage)
+            else _tuple_message(v)
+            if isinstance(v, tuple)
+            else v
+            for v in value
+        ]
+    return value
+
+
+def _tuple_message(value: tuple[Any, ...]) -> Any:
+    if len(value) == 2 and isinstance(value[0], str):
+        role = {"human": "user", "ai": "assistant"}.get(value[0], value[0])
+        return {"role": role, "content": value[1]}
+    return list(value)
+
+
+def _final_output(outputs: Any) -> Any:
+    """The final answer: the last assistant message's text for message-based agents, plus any
+    other state keys (a structured response) when there are some."""
+    if isinstance(outputs, BaseMessage):
+        return text_of(outputs)
+    if isinstance(outputs, dict) and isinstance(outputs.get("messages"), list):
+        last_ai = next((m for m in reversed(outputs["messages"]) if isinstance(m, AIMessage)), None)
+        answer = text_of(last_ai) if last_ai is not None else ""
+        rest = {k: _plain(v) for k, v in outputs.items() if k not in _INTERNAL_STATE_KEYS}
+        return {"answer": answer, **rest} if rest else answer
+    return _plain(outputs)
+
+
+def _describe_error(error: Any) -> str:
+    if isinstance(error, str):
+        return error
+    if isinstance(error, GeneratorExit):
+        return "GeneratorExit: interrupted (the caller stopped consuming the stream)"
+    name = type(error).__name__
+    try:
+        text = str(error)
+    except Exception:
+        text = "<unprintable error>"
+    if name == "CancelledError":
+        return "CancelledError: interrupted (the task was cancelled)"
+    return f"{name}: {text}" if text else name
+
+
+def _opt_str(value: Any) -> str | None:
+    return None if value is None or value == "" else str(value)

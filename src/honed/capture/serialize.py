@@ -1,0 +1,404 @@
+"""Safe serialisation of whatever an agent run holds: JSON-able, redacted, size-capped.
+
+The writer thread calls this on every captured payload, so it must never raise (one odd object must not
+lose a whole trajectory), must terminate on cycles and deep graphs, and must bound each field (one huge
+tool output must not bloat the store).
+
+    >>> to_jsonable({"when": datetime.date(2024, 1, 2), "ids": {3, 1}})
+    {'when': {'__type__': 'datetime.date', 'value': '2024-01-02'}, 'ids': [1, 3]}
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import datetime
+import decimal
+import enum
+import hashlib
+import logging
+import math
+import os
+import pathlib
+import types
+import uuid
+from collections import deque
+from collections.abc import Mapping
+from functools import lru_cache
+from itertools import islice
+from typing import TYPE_CHECKING, Any
+
+from honed._json import dumps as fast_json_dumps
+
+if TYPE_CHECKING:
+    from honed.capture.redact import Redactor
+
+logger = logging.getLogger("honed")
+
+DEFAULT_MAX_FIELD_BYTES = 65536
+# Below this the truncation marker itself (hash, size, type) would not fit under the cap.
+MIN_MAX_FIELD_BYTES = 512
+ENV_MAX_FIELD_BYTES = "HONED_MAX_FIELD_BYTES"
+DEFAULT_MAX_DEPTH = 32
+DEFAULT_MAX_ITEMS = 10_000
+# Bytes are rarely useful in a trace beyond their head; 4 KiB keeps magic numbers and small payloads.
+BYTES_PREVIEW = 4096
+
+_MAX_TYPE_NAME = 200
+_dumps = fast_json_dumps
+_FUNCTION_TYPES = (
+    types.FunctionType,
+    types.BuiltinFunctionType,
+    types.MethodType,
+    types.BuiltinMethodType,
+    types.ModuleType,
+)
+
+
+def to_jsonable(obj: Any, *, max_depth: int = DEFAULT_MAX_DEPTH, max_items: int = DEFAULT_MAX_ITEMS) -> Any:
+    """Any Python object as JSON-able data (dict/list/str/int/float/bool/None); never raises.
+
+    Primitives and containers keep their shape; every other object becomes
+    `{"__type__": "module.QualName", "value": ...}` (pydantic fields, dataclass fields, public attributes,
+    ISO dates, or `repr`). Cycles become `{"__cycle__": type}`, nesting past `max_depth` becomes
+    `{"__depth_limit__": type}`, and containers keep at most `max_items` entries plus a `__dropped__` count.
+    """
+    try:
+        return _Walker(max_depth, max_items).walk(obj, 0)
+    except Exception:  # the walker guards every node; this is only the last net
+        return {"__type__": _type_name(type(obj)), "value": _safe_repr(obj)}
+
+
+class Serializer:
+    """Turns a payload into a stored field: `to_jsonable`, then redaction, then the size cap.
+
+    Args:
+        max_field_bytes: the most UTF-8 bytes of JSON one field may take (default 64 KiB, or
+            `HONED_MAX_FIELD_BYTES`; bad values are logged and replaced, never raised).
+        redactor: runs before the cap, so no secret survives in a hash preimage or a preview.
+
+    A field over the cap becomes `{"__truncated__": True, "type", "size", "sha256", "preview"}`: size and
+    sha256 are of the full (redacted) JSON bytes, or of the string's UTF-8 bytes for a plain string, and
+    the preview is the head of that text, cut so the whole marker stays within the cap.
+    """
+
+    def __init__(self, max_field_bytes: int | None = None, redactor: Redactor | None = None) -> None:
+        self.max_field_bytes = _resolve_max_field_bytes(max_field_bytes)
+        self.redactor = redactor
+
+    def field(self, obj: Any) -> Any:
+        """The JSON-able, redacted, size-capped form of `obj`; never raises."""
+        return self._field(obj)[0]
+
+    def dumps(self, obj: Any) -> str:
+        """`field(obj)` as JSON text (`ensure_ascii=False`), the text the size cap measured."""
+        return self._field(obj)[1]
+
+    def _field(self, obj: Any) -> tuple[Any, str]:
+        try:
+            value = to_jsonable(obj)
+            if self.redactor is not None:
+                value = self.redactor.redact(value)
+            text = _dumps(value)
+        except Exception:  # to_jsonable output always dumps; this guards a misbehaving redactor
+            logger.exception("honed: could not serialise a %s field", _type_name(type(obj)))
+            value = {"__type__": _type_name(type(obj)), "value": "<unserialisable>"}
+            text = _dumps(value)
+        cap = self.max_field_bytes
+        # Every character is 1 to 4 UTF-8 bytes: most fields are decided without encoding them.
+        if len(text) * 4 <= cap:
+            return value, text
+        data = _utf8(text)
+        if len(data) <= cap:
+            return value, text
+        if isinstance(value, str):
+            marker = _truncated_marker(type(obj), value, _utf8(value), cap)
+        else:
+            marker = _truncated_marker(type(obj), text, data, cap)
+        return marker, _dumps(marker)
+
+
+def _truncated_marker(original: type, text: str, data: bytes, cap: int) -> dict[str, Any]:
+    marker: dict[str, Any] = {
+        "__truncated__": True,
+        "type": _type_name(original)[:_MAX_TYPE_NAME],
+        "size": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "preview": "",
+    }
+    budget = cap - len(_utf8(_dumps(marker)))
+    marker["preview"] = _head_within(text, budget)
+    return marker
+
+
+def _head_within(text: str, budget: int) -> str:
+    """The longest head of `text` whose JSON string body takes at most `budget` UTF-8 bytes."""
+    n = min(len(text), max(budget, 0))
+    while n > 0:
+        head = text[:n]
+        size = len(_utf8(_dumps(head))) - 2  # minus the quotes
+        if size <= budget:
+            return head
+        # Escapes and multi-byte characters make bytes outgrow characters: shrink in proportion.
+        n = min(n - 1, n * budget // size)
+    return ""
+
+
+def _utf8(text: str) -> bytes:
+    # Lone surrogates (from broken decoders upstream) must not make a field unmeasurable.
+    return text.encode("utf-8", "surrogatepass")
+
+
+def _resolve_max_field_bytes(value: Any) -> int:
+    source = "max_field_bytes"
+    if value is None:
+        raw = os.environ.get(ENV_MAX_FIELD_BYTES, "").strip()
+        if not raw:
+            return DEFAULT_MAX_FIELD_BYTES
+        source = ENV_MAX_FIELD_BYTES
+        try:
+            value = int(raw.replace("_", ""))
+        except ValueError:
+            logger.warning("honed: %s=%r is not an integer; using %d", source, raw, DEFAULT_MAX_FIELD_BYTES)
+            return DEFAULT_MAX_FIELD_BYTES
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        logger.warning(
+            "honed: %s=%r is not a positive integer; using %d", source, value, DEFAULT_MAX_FIELD_BYTES
+        )
+        return DEFAULT_MAX_FIELD_BYTES
+    if value < MIN_MAX_FIELD_BYTES:
+        logger.warning("honed: %s=%d is below the minimum; using %d", source, value, MIN_MAX_FIELD_BYTES)
+        return MIN_MAX_FIELD_BYTES
+    return value
+
+
+class _Walker:
+    """One conversion: holds the ids on the current path (cycle detection) and the limits."""
+
+    __slots__ = ("max_depth", "max_items", "path")
+
+    def __init__(self, max_depth: int, max_items: int) -> None:
+        self.max_depth = max_depth
+        self.max_items = max(max_items, 0)
+        self.path: set[int] = set()
+
+    def walk(self, obj: Any, depth: int) -> Any:
+        t = type(obj)
+        if t is str or t is int or t is bool or obj is None:
+            return obj
+        if t is float:
+            return _float(obj)
+        if depth >= self.max_depth:
+            return {"__depth_limit__": _type_name(t)}
+        oid = id(obj)
+        if oid in self.path:
+            return {"__cycle__": _type_name(t)}
+        self.path.add(oid)
+        try:
+            if t is dict:
+                return self._mapping(obj, depth)
+            if t is list or t is tuple:
+                return self._sequence(obj, depth)
+            return self._object(obj, t, depth)
+        except Exception:  # a raising property, a dict mutated under us, ...: keep what can be kept
+            return {"__type__": _type_name(t), "value": _safe_repr(obj)}
+        finally:
+            self.path.discard(oid)
+
+    def _mapping(self, obj: Mapping[Any, Any], depth: int) -> dict[str, Any]:
+        total = len(obj)
+        # One C-level copy: the agent thread may still be mutating this dict.
+        items = list(islice(obj.items(), self.max_items))
+        out = {_key(k): self.walk(v, depth + 1) for k, v in items}
+        if total > len(items):
+            out["__dropped__"] = total - len(items)
+        return out
+
+    def _sequence(self, obj: Any, depth: int) -> list[Any]:
+        total = len(obj)
+        items = obj[: self.max_items] if isinstance(obj, (list, tuple)) else list(islice(obj, self.max_items))
+        out = [self.walk(v, depth + 1) for v in items]
+        if total > len(items):
+            out.append({"__dropped__": total - len(items)})
+        return out
+
+    def _set(self, obj: set[Any] | frozenset[Any], depth: int) -> list[Any]:
+        total = len(obj)
+        items = list(islice(obj, self.max_items))
+        items.sort(key=_safe_repr)  # deterministic output for equal sets
+        out = [self.walk(v, depth + 1) for v in items]
+        if total > len(items):
+            out.append({"__dropped__": total - len(items)})
+        return out
+
+    def _object(self, obj: Any, t: type, depth: int) -> Any:
+        if isinstance(obj, dict):
+            return self._mapping(obj, depth)
+        if isinstance(obj, (list, tuple, deque)):
+            return self._sequence(obj, depth)
+        name = _type_name(t)
+        if isinstance(obj, type):
+            return {"__type__": "type", "value": _type_name(obj)}
+        if isinstance(obj, enum.Enum):
+            return {"__type__": name, "value": self.walk(obj.value, depth + 1)}
+        if getattr(t, "tolist", None) is not None and getattr(t, "dtype", None) is not None:
+            return self._array(obj, name, depth)
+        if isinstance(obj, str):  # str/int/float subclasses: their plain value, like json.dumps
+            return str.__str__(obj)
+        if isinstance(obj, int):
+            return int.__int__(obj)
+        if isinstance(obj, float):
+            return _float(float.__float__(obj))
+        if callable(getattr(t, "model_dump", None)):
+            dumped = _pydantic_dump(obj)
+            if dumped is not _MISSING:
+                return {"__type__": name, "value": self.walk(dumped, depth + 1)}
+        if dataclasses.is_dataclass(obj):
+            fields = {f.name: self._attribute(obj, f.name, depth) for f in dataclasses.fields(obj)}
+            return {"__type__": name, "value": fields}
+        if isinstance(obj, (bytes, bytearray, memoryview)):
+            return _bytes(obj)
+        if isinstance(obj, (datetime.date, datetime.time)):  # datetime is a date
+            return {"__type__": name, "value": obj.isoformat()}
+        if isinstance(obj, datetime.timedelta):
+            return {"__type__": name, "value": obj.total_seconds()}
+        if isinstance(obj, (uuid.UUID, decimal.Decimal, pathlib.PurePath)):
+            return {"__type__": name, "value": str(obj)}
+        if isinstance(obj, BaseException):
+            return {"__type__": name, "message": _safe_str(obj)}
+        if isinstance(obj, (set, frozenset)):
+            return self._set(obj, depth)
+        if isinstance(obj, Mapping):
+            return self._mapping(obj, depth)
+        if isinstance(obj, _FUNCTION_TYPES):
+            # A module's or function's attributes are the whole program: its name is what a trace needs.
+            qualname = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None)
+            module = getattr(obj, "__module__", None)
+            label = f"{module}.{qualname}" if module and qualname else _safe_repr(obj)
+            return {"__type__": name, "value": label}
+        attributes = _public_attribute_names(obj)
+        if attributes:
+            return {"__type__": name, "value": {a: self._attribute(obj, a, depth) for a in attributes}}
+        return {"__type__": name, "value": _safe_repr(obj)}
+
+    def _attribute(self, obj: Any, attribute: str, depth: int) -> Any:
+        try:
+            value = getattr(obj, attribute)
+        except Exception:
+            return f"<unreadable {attribute}>"
+        return self.walk(value, depth + 1)
+
+    def _array(self, obj: Any, name: str, depth: int) -> dict[str, Any]:
+        # numpy arrays and scalars (and torch tensors) by duck typing: numpy is never imported here.
+        out: dict[str, Any] = {"__type__": name, "dtype": _safe_str(obj.dtype)}
+        try:
+            out["shape"] = [int(n) for n in obj.shape]
+        except Exception:
+            out["shape"] = None
+        size = getattr(obj, "size", None)
+        if callable(size):  # torch: size() is the shape, numel() the count
+            size = obj.numel()
+        if isinstance(size, int) and size > self.max_items and out["shape"]:
+            out["value"] = self.walk(obj.ravel()[: self.max_items].tolist(), depth + 1)
+            out["__dropped__"] = size - self.max_items
+        else:
+            out["value"] = self.walk(obj.tolist(), depth + 1)
+        return out
+
+
+_MISSING = object()
+
+
+def _pydantic_dump(obj: Any) -> Any:
+    try:
+        return obj.model_dump(mode="json", warnings=False)
+    except Exception:  # arbitrary-typed fields or cycles: python mode, then the walker, copes
+        pass
+    try:
+        return obj.model_dump()
+    except Exception:
+        return _MISSING
+
+
+def _public_attribute_names(obj: Any) -> list[str]:
+    names: list[str] = []
+    attributes = getattr(obj, "__dict__", None)  # absent with __slots__
+    if isinstance(attributes, dict):
+        names.extend(k for k in attributes if isinstance(k, str) and not k.startswith("_"))
+    for klass in type(obj).__mro__:
+        slots = klass.__dict__.get("__slots__", ())
+        for slot in (slots,) if isinstance(slots, str) else slots:
+            if isinstance(slot, str) and not slot.startswith("_") and slot not in names:
+                names.append(slot)
+    return names
+
+
+def _bytes(obj: bytes | bytearray | memoryview) -> dict[str, Any]:
+    view = memoryview(obj)
+    size = view.nbytes
+    try:
+        head = view.cast("B")[:BYTES_PREVIEW].tobytes()
+    except TypeError:  # not C-contiguous: copy it whole, then cut
+        head = view.tobytes()[:BYTES_PREVIEW]
+    out: dict[str, Any] = {
+        "__type__": "bytes",
+        "size": size,
+        "base64": base64.b64encode(head).decode("ascii"),
+    }
+    if size > len(head):
+        out["truncated"] = True
+    return out
+
+
+def _float(value: float) -> float | str:
+    if math.isfinite(value):
+        return value
+    if value != value:
+        return "NaN"
+    return "Infinity" if value > 0 else "-Infinity"
+
+
+def _key(key: Any) -> str:
+    if type(key) is str:
+        return key
+    if key is None or isinstance(key, (bool, int, float)):
+        return str(key)
+    return _safe_str(key)
+
+
+def _safe_repr(obj: Any) -> str:
+    try:
+        text = repr(obj)
+        if isinstance(text, str):
+            return text
+    except Exception:
+        pass
+    return f"<unprintable {_type_name(type(obj))}>"
+
+
+def _safe_str(obj: Any) -> str:
+    try:
+        text = str(obj)
+        if isinstance(text, str):
+            return text
+    except Exception:
+        pass
+    return _safe_repr(obj)
+
+
+def _type_name(t: type) -> str:
+    try:
+        return _cached_type_name(t)
+    except Exception:  # unhashable metaclass, raising __module__, ...
+        return "<unknown type>"
+
+
+@lru_cache(maxsize=2048)
+def _cached_type_name(t: type) -> str:
+    qualname = getattr(t, "__qualname__", None) or getattr(t, "__name__", None)
+    if not isinstance(qualname, str):
+        qualname = "<unknown type>"
+    module = getattr(t, "__module__", None)
+    if not isinstance(module, str) or module == "builtins":
+        return qualname
+    return f"{module}.{qualname}"

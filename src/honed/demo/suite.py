@@ -1,0 +1,62 @@
+"""The suite protocol: what the loop needs to know about a family of verifiable tasks.
+
+A suite is data plus verifiers: a system prompt, tools, train and held-out tasks (each with the
+metadata its verifiers read: an expected answer, a schema, tests), and demonstrations (the external
+data a base model is warm-started on and mixed into training). The loop never looks inside: a user
+brings their own with `honed demo --suite package.module:SUITE`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
+
+from honed.trajectory import Task
+
+
+@runtime_checkable
+class Suite(Protocol):
+    """A family of verifiable tasks (see the module docstring); `honed.demo` ships three.
+
+    Optional: `max_tokens`, a cap on each model reply (the loop passes it to the model).
+    """
+
+    name: str
+    system_prompt: str
+    tools: Sequence[Any]
+    train: Sequence[Task]
+    heldout: Sequence[Task]
+
+    def verifiers(self) -> list[Any]:
+        """Fresh verifier instances that label attempts at this suite's tasks."""
+        ...
+
+    def demonstrations(self, n: int, seed: int = 0) -> list[dict[str, Any]]:
+        """`n` correct solutions as chat examples `{"messages", "tools"}` (OpenAI format, tool
+        arguments and `tools` as JSON strings), for tasks drawn like the train split's but never
+        equal to a held-out task."""
+        ...
+
+    def vocab_corpus(self) -> list[str]:
+        """Text a tokenizer for this suite should be trained on (rendered demonstrations)."""
+        ...
+
+
+def load_suite(spec: str | Suite) -> Suite:
+    """A bundled suite by name (`tool_use`, `extraction`, `coding`) or `package.module:ATTR`."""
+    if not isinstance(spec, str):
+        return spec
+    from honed.demo import SUITES
+
+    if spec in SUITES:
+        return SUITES[spec]()
+    module_name, _, attr = spec.partition(":")
+    if not attr:
+        raise ValueError(f"unknown suite {spec!r}: use one of {sorted(SUITES)} or 'package.module:SUITE'")
+    suite = getattr(importlib.import_module(module_name), attr)
+    if isinstance(suite, type) or (callable(suite) and not isinstance(suite, Suite)):
+        suite = suite()  # a class or a factory
+    if not isinstance(suite, Suite):
+        raise TypeError(f"{spec} is not a honed.demo.Suite (name, system_prompt, tools, train, heldout, ...)")
+    return suite

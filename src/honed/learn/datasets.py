@@ -1,0 +1,721 @@
+"""Trajectories → TRL datasets: which trajectories a trainer may learn from, and in what format.
+
+`prepare(store, method)` selects trajectories, labels each with its *trusted* outcome (verifiers
+under their audited precision and verifier errors count for nothing), leaves held-out tasks out
+(and refuses explicit requests for them), deduplicates, caps attempts per task, mixes in external
+data, and builds the dataset in the format of the method's TRL trainer:
+
+    sft, distill  `messages`, `tools`                 (or `input_ids`, `completion_mask`: see below)
+    kto           `prompt`, `completion`, `label`, `tools`
+    dpo           `prompt`, `chosen`, `rejected`, `tools`
+    grpo          `prompt`, `task_id`, `metadata`, `split`, `weight` (rows repeated by curriculum)
+
+SFT rows use the token ids recorded at generation when every model step carries them, so the
+model learns exactly what it sampled, with no retokenisation drift; otherwise TRL renders the
+conversations with the model's own chat template. One dataset never mixes the two.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import random
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from honed.exporters.datasets import NotExportable, chat_example, dataset_features
+from honed.store import TrajectoryNotFound
+from honed.store.select import HeldOut, HeldOutLeak
+from honed.trajectory import HELDOUT, Trajectory, label
+
+if TYPE_CHECKING:
+    import datasets
+
+    from honed.store import TrajectoryStore
+
+METHODS = ("sft", "kto", "dpo", "grpo", "distill")
+# Methods whose rows an external example can be: DPO needs a paired failure, GRPO a live rollout.
+EXTERNAL_METHODS = ("sft", "distill", "kto")
+PAGE_SIZE = 500
+CURRICULUM_FLOOR = 0.05  # weight a solved or stuck task keeps, as a fraction of the most informative's
+CURRICULUM_MAX_REPEATS = 4  # GRPO rows of the most informative task; the least informative get one
+_UNKNOWN_RATE = 0.5  # a task with no trusted verdict yet is treated as the most informative
+
+_dumps = json.JSONEncoder(ensure_ascii=False, sort_keys=True).encode
+
+
+@dataclass
+class TrainingData:
+    """A dataset for one method, and where it came from.
+
+    `trajectory_ids` is the lineage (every trajectory that produced a row), recorded with the
+    training run. `counts` says what the selection kept and dropped (selected, passed, failed,
+    unlabeled, heldout_excluded, duplicates, capped, skipped, external, rows, pretokenized,
+    missing_token_ids). `tasks` is per task `{"n", "passed", "failed"}` over the selection;
+    `weights` and `stuck` are the curriculum (GRPO fills them).
+    """
+
+    dataset: datasets.Dataset
+    method: str
+    trajectory_ids: list[str]
+    counts: dict[str, int]
+    tasks: dict[str, dict[str, int]] = field(default_factory=dict)
+    weights: dict[str, float] = field(default_factory=dict)
+    stuck: list[str] = field(default_factory=list)
+
+    @property
+    def pretokenized(self) -> bool:
+        """Rows are the recorded token ids (`input_ids`, `completion_mask`), not conversations."""
+        return bool(self.counts.get("pretokenized"))
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+
+def build_dataset(store: TrajectoryStore, method: str, **filters: Any) -> datasets.Dataset:
+    """The dataset `prepare` builds, without the bookkeeping: `build_dataset(store, "sft")`."""
+    return prepare(store, method, **filters).dataset
+
+
+def prepare(
+    store: TrajectoryStore,
+    method: str,
+    *,
+    agent: str | None = None,
+    model_version: str | None = None,
+    since: datetime | None = None,
+    ids: Iterable[str] | None = None,
+    task_ids: Iterable[str] | None = None,
+    split: str | None = None,
+    heldout_split: str = HELDOUT,
+    heldout_fraction: float = 0.0,
+    max_per_task: int | None = 8,
+    external: datasets.Dataset | Sequence[Mapping[str, Any]] | None = None,
+    external_ratio: float = 0.0,
+    verified: bool = True,
+    seed: int = 0,
+    tokenizer: Any = None,
+    limit: int | None = None,
+    untrusted: Iterable[str] | None = None,
+    verifiers: Iterable[str] | None = None,
+    pretokenized: bool | None = None,
+) -> TrainingData:
+    """Select trajectories from `store` and build `method`'s TRL dataset (see the module docstring).
+
+    Filters: `agent`, `model_version`, `since`, `split`, `task_ids`, `ids` (exactly these
+    trajectories), `limit` (the newest that many). Held-out tasks are left out: split equal to
+    `heldout_split`, any task that has a trajectory in that split, or (no split) a task whose
+    stable hash falls under `heldout_fraction`; asking for one by split, id or task raises
+    `HeldOutLeak`. `verified=False` trains on every attempt regardless of verdicts (SFT, KTO).
+    `external` chat examples `{"messages", "tools"}` make up `external_ratio` of the rows (SFT,
+    distill, KTO as desirable; 1.0: external rows only, each once, e.g. a warm start).
+    `verifiers` names the only verifiers whose verdicts label (default: every trusted one).
+    `pretokenized`: None uses recorded token ids when every selected trajectory has them, False
+    never, True requires them. `tokenizer`, when given, must cover the recorded ids (ids from
+    another vocabulary fall back to conversations).
+    """
+    method = _check_method(method)
+    if not 0.0 <= external_ratio <= 1.0:
+        raise ValueError(f"external_ratio is a fraction of the rows, in [0, 1], not {external_ratio}")
+    if external_ratio > 0 and method not in EXTERNAL_METHODS:
+        raise ValueError(f"external data mixes into {', '.join(EXTERNAL_METHODS)}, not {method}")
+    if method == "dpo" and not verified:
+        raise ValueError("DPO pairs verified passes with verified failures: it needs verified=True")
+    if split is not None and split == heldout_split:
+        raise HeldOutLeak(f"split={split!r} asks for the held-out split")
+    untrusted_names = set(store.untrusted_verifiers() if untrusted is None else untrusted)
+    heldout = HeldOut.of(store, split=heldout_split, fraction=heldout_fraction)
+    counts: Counter[str] = Counter()
+    labeled_only = verified and method != "grpo"
+    selected = _select(
+        store, heldout, counts, agent=agent, model_version=model_version, since=since, ids=ids,
+        task_ids=task_ids, split=split, limit=limit, labeled_only=labeled_only,
+    )  # fmt: skip
+    only = None if verifiers is None else set(verifiers)
+    labels = {t.id: label(t.verdicts, untrusted=untrusted_names, only=only) for t in selected}
+    counts["selected"] = len(selected)
+    counts["passed"] = sum(1 for v in labels.values() if v is True)
+    counts["failed"] = sum(1 for v in labels.values() if v is False)
+    counts["unlabeled"] = sum(1 for v in labels.values() if v is None)
+    tasks = _task_summary(selected, labels)
+
+    ext = _external_examples(external, heldout) if external is not None else []
+    build = _Build(method, counts, seed, max_per_task)
+    if method in ("sft", "distill"):
+        keep = [t for t in selected if labels[t.id] is True or not verified]
+        data = build.sft(keep, ext, external_ratio, tokenizer, pretokenized)
+    elif method == "kto":
+        keep = [t for t in selected if labels[t.id] is not None or not verified]
+        desirable = {t.id: labels[t.id] is not False or not verified for t in keep}
+        data = build.kto(keep, desirable, ext, external_ratio)
+    elif method == "dpo":
+        data = build.dpo(selected, labels)
+    else:
+        data = build.grpo(selected, labels)
+    data.tasks = tasks
+    data.counts = {**dict.fromkeys(_COUNT_KEYS, 0), **counts, "rows": len(data.dataset)}
+    return data
+
+
+# -- curriculum --------------------------------------------------------------------------------
+
+
+def task_pass_rates(
+    store: TrajectoryStore,
+    *,
+    agent: str | None = None,
+    model_version: str | None = None,
+    since: datetime | None = None,
+    heldout_split: str = HELDOUT,
+    heldout_fraction: float = 0.0,
+    untrusted: Iterable[str] | None = None,
+    verifiers: Iterable[str] | None = None,
+) -> dict[str, tuple[int, int]]:
+    """`{task_id: (passes, attempts)}` over training tasks, counting attempts with a trusted label."""
+    untrusted_names = set(store.untrusted_verifiers() if untrusted is None else untrusted)
+    heldout = HeldOut.of(store, split=heldout_split, fraction=heldout_fraction)
+    only = None if verifiers is None else set(verifiers)
+    rates: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    filters = {"agent": agent, "model_version": model_version, "since": since, "verdict": "labeled"}
+    for t in _pages(store, None, with_steps=False, **filters):
+        if t.task_id is None or heldout.holds(t):
+            continue
+        passed = label(t.verdicts, untrusted=untrusted_names, only=only)
+        if passed is not None:
+            rates[t.task_id][0] += int(passed)
+            rates[t.task_id][1] += 1
+    return {task: (p, n) for task, (p, n) in sorted(rates.items())}
+
+
+def curriculum_weights(
+    rates: Mapping[str, tuple[int, int]], *, floor: float = CURRICULUM_FLOOR
+) -> tuple[dict[str, float], list[str]]:
+    """Weights (summing to 1) that favour tasks the model sometimes solves: `p(1-p)`, the reward
+    variance a GRPO group can learn from, with `floor` of the top weight for solved tasks (little
+    left to learn) and never-solved ones. Those are returned as `stuck`: reward-driven training
+    cannot reach them, they need outside data (demonstrations, a teacher)."""
+    raw: dict[str, float] = {}
+    stuck = []
+    for task, (passes, attempts) in rates.items():
+        p = passes / attempts if attempts else _UNKNOWN_RATE
+        if attempts and passes == 0:
+            stuck.append(task)
+        raw[task] = max(p * (1.0 - p), floor * 0.25)
+    total = sum(raw.values())
+    weights = {task: w / total for task, w in raw.items()} if total else {}
+    return weights, sorted(stuck)
+
+
+# -- selection ---------------------------------------------------------------------------------
+
+_COUNT_KEYS = (
+    "selected", "passed", "failed", "unlabeled", "heldout_excluded", "duplicates", "capped",
+    "skipped", "external", "rows", "pretokenized", "missing_token_ids",
+)  # fmt: skip
+
+
+def _select(
+    store: TrajectoryStore,
+    heldout: HeldOut,
+    counts: Counter[str],
+    *,
+    agent: str | None,
+    model_version: str | None,
+    since: datetime | None,
+    ids: Iterable[str] | None,
+    task_ids: Iterable[str] | None,
+    split: str | None,
+    limit: int | None,
+    labeled_only: bool,
+) -> list[Trajectory]:
+    if ids is not None:
+        chosen = _explicit(store, list(dict.fromkeys(ids)), heldout)
+        keep = [
+            t
+            for t in chosen
+            if (agent is None or t.agent == agent)
+            and (model_version is None or t.model_version == model_version)
+            and (since is None or (t.started_at is not None and t.started_at >= since))
+            and (split is None or t.split == split)
+        ]
+        return sorted(keep, key=_age)
+    wanted: list[str | None] = [None]
+    if task_ids is not None:
+        wanted = list(dict.fromkeys(str(t) for t in task_ids))
+        leaked = [t for t in wanted if heldout.holds({"task_id": t})]
+        if leaked:
+            raise HeldOutLeak("task_ids name held-out tasks", leaked)
+    filters = {
+        "agent": agent,
+        "model_version": model_version,
+        "since": since,
+        "split": split,
+        "verdict": "labeled" if labeled_only else None,
+    }
+    found: dict[str, Trajectory] = {}
+    for task_id in wanted:
+        for t in _pages(store, limit, task_id=task_id, **filters):
+            if heldout.holds(t):
+                counts["heldout_excluded"] += 1
+            else:
+                found[t.id] = t
+    return sorted(found.values(), key=_age)
+
+
+def _explicit(store: TrajectoryStore, ids: list[str], heldout: HeldOut) -> list[Trajectory]:
+    chosen: list[Trajectory] = []
+    for start in range(0, len(ids), PAGE_SIZE):
+        chosen.extend(store.trajectories(limit=None, ids=ids[start : start + PAGE_SIZE]))
+    missing = set(ids) - {t.id for t in chosen}
+    if missing:
+        raise TrajectoryNotFound(f"no trajectory with id {', '.join(sorted(missing)[:5])}")
+    leaked = [t for t in chosen if heldout.holds(t)]
+    if leaked:
+        raise HeldOutLeak(
+            f"{len(leaked)} of the requested trajectories are held out", [t.task_id for t in leaked]
+        )
+    return chosen
+
+
+def _pages(store: TrajectoryStore, limit: int | None, **filters: Any) -> Iterator[Trajectory]:
+    """Oldest first in pages (stable while new captures arrive); with a `limit`, the newest."""
+    offset = 0
+    while limit is None or offset < limit:
+        size = PAGE_SIZE if limit is None else min(PAGE_SIZE, limit - offset)
+        page = store.trajectories(limit=size, offset=offset, oldest_first=limit is None, **filters)
+        yield from page
+        offset += len(page)
+        if len(page) < size:
+            return
+
+
+def _age(t: Trajectory) -> tuple[str, str]:
+    return (t.started_at.isoformat() if t.started_at else "", t.id)
+
+
+def _task_summary(selected: list[Trajectory], labels: dict[str, bool | None]) -> dict[str, dict[str, int]]:
+    tasks: dict[str, dict[str, int]] = {}
+    for t in selected:
+        if t.task_id is None:
+            continue
+        entry = tasks.setdefault(t.task_id, {"n": 0, "passed": 0, "failed": 0})
+        entry["n"] += 1
+        entry["passed"] += labels[t.id] is True
+        entry["failed"] += labels[t.id] is False
+    return dict(sorted(tasks.items()))
+
+
+# -- building rows -----------------------------------------------------------------------------
+
+
+@dataclass
+class _Example:
+    """A trajectory as a chat example, with the keys dedupe and pairing need."""
+
+    trajectory: Trajectory
+    messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]]
+
+    @property
+    def group(self) -> str:
+        return self.trajectory.task_id or f"trajectory:{self.trajectory.id}"
+
+    @property
+    def content(self) -> str:
+        """What makes two attempts the same: the conversation and tools, with tool-call ids
+        (random per run) replaced by their order of appearance."""
+        ids: dict[str, str] = {}
+
+        def alias(call_id: Any) -> str:
+            return ids.setdefault(str(call_id), f"call-{len(ids)}")
+
+        messages = []
+        for m in self.messages:
+            m = dict(m)
+            if m.get("tool_calls"):
+                m["tool_calls"] = [{**c, "id": alias(c.get("id"))} for c in m["tool_calls"]]
+            if m.get("tool_call_id"):
+                m["tool_call_id"] = alias(m["tool_call_id"])
+            messages.append(m)
+        return _dumps({"messages": messages, "tools": self.tools})
+
+    def split_prompt(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """(system and first user message, everything after): the task input and the attempt."""
+        cut = next((i + 1 for i, m in enumerate(self.messages) if m["role"] == "user"), 0)
+        return self.messages[:cut], self.messages[cut:]
+
+
+class _Build:
+    """Row builders for each method; they share the counters, the seed and the per-task cap."""
+
+    def __init__(self, method: str, counts: Counter[str], seed: int, max_per_task: int | None) -> None:
+        self.method, self.counts, self.seed, self.max_per_task = method, counts, seed, max_per_task
+
+    def sft(
+        self,
+        keep: list[Trajectory],
+        external: list[dict[str, Any]],
+        ratio: float,
+        tokenizer: Any,
+        pretokenized: bool | None,
+    ) -> TrainingData:
+        own = self._cap(self._dedupe(self._examples(keep, need_chat=False))) if ratio < 1 else []
+        n_external = _external_count(len(own), len(external), ratio)
+        with_ids = [e for e in own if _has_token_ids(e.trajectory, tokenizer)]
+        self.counts["missing_token_ids"] = len(own) - len(with_ids)
+        can = bool(own) and len(with_ids) == len(own) and n_external == 0
+        if pretokenized and own and not can:
+            raise ValueError(
+                "pretokenized=True needs recorded token ids on every model step of every selected "
+                f"trajectory and no external rows ({len(own) - len(with_ids)} lack ids, "
+                f"{n_external} external rows)"
+            )
+        if can and pretokenized is not False:
+            self.counts["pretokenized"] = 1
+            rows = [row for e in own for row in _token_rows(e.trajectory)]
+            return self._data(rows, own, _features("tokens"))
+        own = [e for e in own if e.messages or self._skip()]
+        rows = [_chat_row(e.messages, e.tools, e.trajectory) for e in own]
+        rows += self._sample_external(external, _external_count(len(own), len(external), ratio))
+        return self._data(rows, own, _features("chat"))
+
+    def kto(
+        self,
+        keep: list[Trajectory],
+        desirable: dict[str, bool],
+        external: list[dict[str, Any]],
+        ratio: float,
+    ) -> TrainingData:
+        keep = keep if ratio < 1 else []
+        examples = self._dedupe(self._examples(keep), label=lambda e: desirable[e.trajectory.id])
+        examples = self._cap(examples, label=lambda e: desirable[e.trajectory.id])
+        rows, used = [], []
+        for e in examples:
+            prompt, completion = e.split_prompt()
+            if not prompt or not completion:
+                self._skip()
+                continue
+            used.append(e)
+            rows.append(_kto_row(prompt, completion, desirable[e.trajectory.id], e.tools, e.trajectory))
+        for ex in self._sample_external(external, _external_count(len(rows), len(external), ratio)):
+            prompt, completion = _Example(_NO_TRAJECTORY, ex["messages"], ex["tools"]).split_prompt()
+            if prompt and completion:
+                rows.append(
+                    {**_kto_row(prompt, completion, True, ex["tools"], None), "task_id": ex["task_id"]}
+                )
+        return self._data(rows, used, _features("kto"))
+
+    def dpo(self, selected: list[Trajectory], labels: dict[str, bool | None]) -> TrainingData:
+        judged = [t for t in selected if labels[t.id] is not None]
+        examples = self._dedupe(self._examples(judged), label=lambda e: labels[e.trajectory.id])
+        groups: dict[tuple[str, str], tuple[list[_Example], list[_Example]]] = defaultdict(lambda: ([], []))
+        for e in examples:
+            prompt, completion = e.split_prompt()
+            if e.trajectory.task_id is None or not prompt or not completion:
+                self._skip()
+                continue
+            key = (e.trajectory.task_id, _dumps({"prompt": prompt, "tools": e.tools}))
+            groups[key][0 if labels[e.trajectory.id] else 1].append(e)
+        rows, used = [], []
+        for (task_id, _), (chosen, rejected) in sorted(groups.items()):
+            if not chosen or not rejected:
+                continue
+            rng = random.Random(f"{self.seed}:{task_id}")
+            rng.shuffle(chosen)
+            rng.shuffle(rejected)
+            n = max(len(chosen), len(rejected))
+            if self.max_per_task is not None and n > self.max_per_task:
+                self.counts["capped"] += n - self.max_per_task
+                n = self.max_per_task
+            for i in range(n):
+                good, bad = chosen[i % len(chosen)], rejected[i % len(rejected)]
+                prompt, chosen_turns = good.split_prompt()
+                rows.append(
+                    {
+                        "prompt": prompt,
+                        "chosen": chosen_turns,
+                        "rejected": bad.split_prompt()[1],
+                        "tools": _tools_value(good.tools),
+                        "task_id": task_id,
+                        "trajectory_id": good.trajectory.id,
+                        "rejected_trajectory_id": bad.trajectory.id,
+                    }
+                )
+                used += [good, bad]
+        return self._data(rows, list({e.trajectory.id: e for e in used}.values()), _features("dpo"))
+
+    def grpo(self, selected: list[Trajectory], labels: dict[str, bool | None]) -> TrainingData:
+        newest: dict[str, _Example] = {}
+        rates: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        for t in selected:
+            if t.task_id is None:
+                self._skip()
+                continue
+            if labels[t.id] is not None:
+                rates[t.task_id][0] += int(bool(labels[t.id]))
+                rates[t.task_id][1] += 1
+        for e in self._examples([t for t in selected if t.task_id is not None]):
+            newest[e.trajectory.task_id or ""] = e  # oldest first: the last one wins
+        weights, stuck = curriculum_weights({task: (rates[task][0], rates[task][1]) for task in newest})
+        top = max(weights.values(), default=1.0)
+        rows, used = [], []
+        for task_id, e in sorted(newest.items()):
+            prompt, _ = e.split_prompt()
+            if not prompt:
+                self._skip()
+                continue
+            used.append(e)
+            row = {
+                "prompt": prompt,
+                "task_id": task_id,
+                "metadata": json.dumps(e.trajectory.metadata or {}, ensure_ascii=False, sort_keys=True),
+                "split": e.trajectory.split,
+                "weight": weights[task_id],
+                "trajectory_id": e.trajectory.id,
+            }
+            repeats = max(1, round(CURRICULUM_MAX_REPEATS * weights[task_id] / top))
+            rows += [row] * repeats
+        data = self._data(rows, used, _features("grpo"))
+        data.weights, data.stuck = weights, stuck
+        return data
+
+    # -- shared steps ------------------------------------------------------------------------
+
+    def _examples(self, trajectories: list[Trajectory], *, need_chat: bool = True) -> list[_Example]:
+        """Chat examples (reasoning kept: the training template renders it); a trajectory that is
+        not exportable is skipped, unless its recorded token ids can stand in (`need_chat=False`)."""
+        out = []
+        for t in trajectories:
+            try:
+                example = chat_example(t, reasoning=True)
+            except NotExportable:
+                if not need_chat and _has_token_ids(t, None):
+                    out.append(_Example(t, [], []))
+                else:
+                    self._skip()
+                continue
+            out.append(_Example(t, example["messages"], example.get("tools") or []))
+        return out
+
+    def _dedupe(self, examples: list[_Example], label: Any = None) -> list[_Example]:
+        seen: set[tuple[Any, str]] = set()
+        out = []
+        for e in examples:
+            content = e.content if e.messages else _dumps(_token_ids_of(e.trajectory))
+            key = (label(e) if label else None, content)
+            if key in seen:
+                self.counts["duplicates"] += 1
+                continue
+            seen.add(key)
+            out.append(e)
+        return out
+
+    def _cap(self, examples: list[_Example], label: Any = None) -> list[_Example]:
+        """At most `max_per_task` per task (and label), drawn with `seed`, so one easy task
+        attempted a hundred times cannot dominate the data."""
+        if self.max_per_task is None:
+            return examples
+        groups: dict[tuple[str, Any], list[_Example]] = defaultdict(list)
+        for e in examples:
+            groups[(e.group, label(e) if label else None)].append(e)
+        keep: set[str] = set()
+        for (group, lab), members in groups.items():
+            if len(members) > self.max_per_task:
+                self.counts["capped"] += len(members) - self.max_per_task
+                members = random.Random(f"{self.seed}:{group}:{lab}").sample(members, self.max_per_task)
+            keep.update(e.trajectory.id for e in members)
+        return [e for e in examples if e.trajectory.id in keep]
+
+    def _sample_external(self, external: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+        if n <= 0 or not external:
+            return []
+        rng = random.Random(f"{self.seed}:external")
+        picked = rng.sample(external, n) if n <= len(external) else rng.choices(external, k=n)
+        self.counts["external"] += len(picked)
+        return [_chat_row(ex["messages"], ex["tools"], None, task_id=ex["task_id"]) for ex in picked]
+
+    def _skip(self) -> bool:
+        self.counts["skipped"] += 1
+        return False
+
+    def _data(self, rows: list[dict[str, Any]], used: list[_Example], features: Any) -> TrainingData:
+        from datasets import Dataset
+
+        # `from_list([], features=...)` raises in datasets 5.2; an empty dict of columns does not.
+        dataset = (
+            Dataset.from_list(rows, features=features)
+            if rows
+            else Dataset.from_dict({name: [] for name in features}, features=features)
+        )
+        return TrainingData(
+            dataset=dataset,
+            method=self.method,
+            trajectory_ids=[e.trajectory.id for e in used],
+            counts={},
+        )
+
+
+_NO_TRAJECTORY = Trajectory(id="", agent="external")
+
+
+def _external_count(own: int, available: int, ratio: float) -> int:
+    """External rows so that they are `ratio` of all rows; ratio 1 is every external row, alone."""
+    if available == 0 or ratio <= 0:
+        return 0
+    if ratio >= 1:
+        return available
+    return round(ratio * own / (1.0 - ratio))
+
+
+def _external_examples(external: Any, heldout: HeldOut) -> list[dict[str, Any]]:
+    examples = [_normalised_example(dict(row)) for row in external]
+    leaked = [ex["task_id"] for ex in examples if heldout.holds(ex)]
+    if leaked:
+        raise HeldOutLeak("external rows belong to held-out tasks", leaked)
+    return examples
+
+
+def _normalised_example(row: dict[str, Any]) -> dict[str, Any]:
+    """An external chat example in the dataset's shape: tool arguments and schemas may come as
+    JSON text or as objects (the suites' demonstrations use text)."""
+    tools = row.get("tools") or []
+    if isinstance(tools, str):
+        tools = json.loads(tools) if tools.strip() else []
+    messages = []
+    for m in row["messages"]:
+        message = {"role": m["role"], "content": m.get("content") or ""}
+        if m.get("tool_calls"):
+            message["tool_calls"] = [_normalised_call(c) for c in m["tool_calls"]]
+        if m.get("tool_call_id"):
+            message["tool_call_id"] = str(m["tool_call_id"])
+        if isinstance(m.get("reasoning_content"), str):
+            message["reasoning_content"] = m["reasoning_content"]
+        messages.append(message)
+    task_id = row.get("task_id")
+    return {
+        "messages": messages,
+        "tools": list(tools),
+        "task_id": None if task_id is None else str(task_id),
+        "split": row.get("split"),
+    }
+
+
+def _normalised_call(call: Mapping[str, Any]) -> dict[str, Any]:
+    function = call.get("function") or call
+    arguments = function.get("arguments", function.get("args", {}))
+    return {
+        "id": str(call.get("id") or ""),
+        "type": "function",
+        "function": {
+            "name": str(function.get("name") or ""),
+            "arguments": arguments
+            if isinstance(arguments, str)
+            else json.dumps(arguments, ensure_ascii=False),
+        },
+    }
+
+
+def _has_token_ids(t: Trajectory, tokenizer: Any) -> bool:
+    steps = t.model_steps()
+    if not steps:
+        return False
+    vocab = len(tokenizer) if tokenizer is not None else None
+    for step in steps:
+        prompt, completion = step.extra.get("prompt_token_ids"), step.extra.get("token_ids")
+        if not _is_ids(prompt) or not _is_ids(completion) or not completion:
+            return False
+        if vocab is not None and max(max(prompt, default=0), max(completion)) >= vocab:
+            return False
+    return True
+
+
+def _is_ids(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(i, int) and i >= 0 for i in value)
+
+
+def _token_ids_of(t: Trajectory) -> list[list[list[int]]]:
+    return [[s.extra["prompt_token_ids"], s.extra["token_ids"]] for s in t.model_steps()]
+
+
+def _token_rows(t: Trajectory) -> Iterator[dict[str, Any]]:
+    """One row per model call: the prompt it saw and the tokens it sampled, verbatim; the loss
+    falls on the sampled tokens only (EOS included: it is the model's own stop)."""
+    for prompt, completion in _token_ids_of(t):
+        yield {
+            "input_ids": [*prompt, *completion],
+            "completion_mask": [0] * len(prompt) + [1] * len(completion),
+            "trajectory_id": t.id,
+            "task_id": t.task_id,
+        }
+
+
+def _chat_row(
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]],
+    t: Trajectory | None,
+    *,
+    task_id: str | None = None,
+) -> dict[str, Any]:
+    return {
+        "messages": messages,
+        "tools": _tools_value(tools),
+        "trajectory_id": t.id if t is not None else None,
+        "task_id": t.task_id if t is not None else task_id,
+    }
+
+
+def _kto_row(
+    prompt: list[dict[str, Any]],
+    completion: list[dict[str, Any]],
+    label: bool,
+    tools: list[dict[str, Any]],
+    t: Trajectory | None,
+) -> dict[str, Any]:
+    return {
+        "prompt": prompt,
+        "completion": completion,
+        "label": label,
+        "tools": _tools_value(tools),
+        "trajectory_id": t.id if t is not None else None,
+        "task_id": t.task_id if t is not None else None,
+    }
+
+
+# -- features: explicit, so rows never merge each other's keys (API-NOTES) --------------------
+
+
+def _features(kind: str) -> Any:
+    from datasets import Features, List, Value
+
+    messages = dataset_features(reasoning=True, ids=False)["messages"]
+    tools, text = _tools_feature(), Value("string")
+    columns = {
+        "chat": {"messages": messages, "tools": tools},
+        "tokens": {"input_ids": List(Value("int64")), "completion_mask": List(Value("int8"))},
+        "kto": {"prompt": messages, "completion": messages, "label": Value("bool"), "tools": tools},
+        "dpo": {"prompt": messages, "chosen": messages, "rejected": messages, "tools": tools},
+        "grpo": {"prompt": messages, "metadata": text, "split": text, "weight": Value("float64")},
+    }[kind]
+    extra = {"rejected_trajectory_id": text} if kind == "dpo" else {}
+    return Features({**columns, "trajectory_id": text, "task_id": text, **extra})
+
+
+@functools.cache
+def _tools_feature() -> Any:
+    return dataset_features(ids=False)["tools"]
+
+
+def _tools_value(tools: list[dict[str, Any]]) -> Any:
+    """Tool schemas as the tools feature holds them: objects under `datasets.Json`, else text."""
+    from datasets import Value
+
+    return json.dumps(tools, ensure_ascii=False) if isinstance(_tools_feature(), Value) else tools
+
+
+def _check_method(method: str) -> str:
+    if method not in METHODS:
+        raise ValueError(f"unknown training method {method!r}; choose one of {', '.join(METHODS)}")
+    return method

@@ -1,0 +1,110 @@
+"""The promotion gate: a candidate goes live only if it is better on tasks training never saw.
+
+Both versions are scored on the same held-out tasks with the same verifiers (`honed.learn.evaluate`),
+so the comparison is paired per task. The candidate is promoted only when
+
+- its mean gain in pass@1 is at least `margin`, and the one-sided lower confidence bound of the
+  paired gain is above zero (so a lucky sample does not promote a model that is no better);
+- no tagged slice regresses by more than `slice_tolerance`;
+- its outputs have not collapsed: the diversity of answers and of tool-call plans keeps at least
+  `min_diversity_ratio` of the live version's (a loop feeding on its own output narrows first).
+
+Every reason against promotion is reported, not just the first.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from statistics import NormalDist
+from typing import Any
+
+from honed.learn.evaluate import Scores
+
+# Measured across tasks (see `honed.learn.evaluate.diversity`), so getting better never reads as collapse.
+COLLAPSE_SIGNALS = ("distinct_answers", "distinct_tool_calls")
+
+
+@dataclass
+class GateDecision:
+    """Whether to promote, and every reason for or against."""
+
+    promote: bool
+    reasons: list[str] = field(default_factory=list)
+    gain: float = 0.0
+    lower_bound: float = 0.0
+    candidate: dict[str, Any] = field(default_factory=dict)
+    live: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def reason(self) -> str:
+        return "; ".join(self.reasons)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "promote": self.promote,
+            "reason": self.reason,
+            "gain": round(self.gain, 4),
+            "lower_bound": round(self.lower_bound, 4),
+        }
+
+
+def paired_gain(candidate: Scores, live: Scores, confidence: float = 0.95) -> tuple[float, float, int]:
+    """Mean per-task gain in pass rate of `candidate` over `live`, its one-sided lower confidence
+    bound (normal approximation over tasks), and the number of tasks both were scored on."""
+    cand, base = candidate.task_rates(), live.task_rates()
+    diffs = [cand[t] - base[t] for t in cand.keys() & base.keys()]
+    n = len(diffs)
+    if n == 0:
+        return 0.0, -math.inf, 0
+    mean = sum(diffs) / n
+    if n == 1:
+        return mean, -math.inf, 1
+    var = sum((d - mean) ** 2 for d in diffs) / (n - 1)
+    z = NormalDist().inv_cdf(confidence)
+    return mean, mean - z * math.sqrt(var / n), n
+
+
+def decide(
+    candidate: Scores,
+    live: Scores,
+    *,
+    margin: float = 0.02,
+    confidence: float = 0.95,
+    slice_tolerance: float = 0.05,
+    min_diversity_ratio: float = 0.5,
+) -> GateDecision:
+    """Compare two scored rounds of the same held-out tasks; see the module docstring."""
+    gain, lower, n = paired_gain(candidate, live, confidence)
+    reasons: list[str] = []
+    ok = True
+    if n == 0:
+        return GateDecision(False, ["no held-out task was scored for both versions"], 0.0, -math.inf)
+    summary = f"held-out pass@1 {live.pass_at_1:.3f} -> {candidate.pass_at_1:.3f} ({gain:+.3f} over {n} tasks"
+    summary += f", {confidence:.0%} lower bound {lower:+.3f})"
+    if gain < margin:
+        ok = False
+        reasons.append(f"{summary}: the gain is below the margin {margin:+.3f}")
+    elif lower <= 0:
+        ok = False
+        reasons.append(f"{summary}: not confidently better (the lower bound is not above 0)")
+    else:
+        reasons.append(summary)
+    cand_slices, live_slices = candidate.per_slice(), live.per_slice()
+    for name in sorted(cand_slices.keys() & live_slices.keys()):
+        drop = live_slices[name] - cand_slices[name]
+        if drop > slice_tolerance:
+            ok = False
+            reasons.append(
+                f"slice {name!r} regresses {live_slices[name]:.3f} -> {cand_slices[name]:.3f} "
+                f"(more than {slice_tolerance:.2f})"
+            )
+    for signal in COLLAPSE_SIGNALS:
+        before, after = live.diversity.get(signal), candidate.diversity.get(signal)
+        if before and after is not None and after < min_diversity_ratio * before:
+            ok = False
+            reasons.append(
+                f"output diversity collapsed: {signal} {before:.3f} -> {after:.3f} "
+                f"(below {min_diversity_ratio:.0%} of the live version's)"
+            )
+    return GateDecision(ok, reasons, gain, lower, candidate.to_dict(), live.to_dict())

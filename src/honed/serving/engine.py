@@ -1,0 +1,182 @@
+"""Loading a model folder once per process and sharing it: weights, tokenizer, generation thread.
+
+Two chat models over the same folder (a `LocalChatModel` built twice, two served names on one
+version) share one `Engine`; it is freed when the last user releases it, which is how a served
+model's old weights go away once the calls still running on them have finished.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from honed.serving.batching import DEFAULT_MAX_BATCH, DEFAULT_WINDOW_S, BatchGenerator, GenerationRequest
+
+log = logging.getLogger("honed")
+
+SMALL_MODEL_PARAMETERS = 50_000_000
+
+
+class ContextWindowExceeded(ValueError):
+    """The prompt does not fit the model's context window; shorten the conversation."""
+
+    def __init__(self, prompt_tokens: int, limit: int) -> None:
+        super().__init__(
+            f"the prompt is {prompt_tokens} tokens but the model's context window is {limit}: "
+            "shorten the conversation or the tool results"
+        )
+        self.prompt_tokens = prompt_tokens
+        self.limit = limit
+
+
+@dataclass(eq=False)
+class Engine:
+    """A loaded model folder: tokenizer, model, its generation thread and sampling defaults."""
+
+    path: str
+    tokenizer: Any
+    model: Any
+    generator: BatchGenerator
+    max_context: int
+    defaults: dict[str, Any] = field(default_factory=dict)
+    refs: int = 0
+
+    def render(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, **template: Any
+    ) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages, tools=tools, add_generation_prompt=True, tokenize=False, **template
+        )
+
+    def encode(self, text: str) -> list[int]:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) >= self.max_context:
+            raise ContextWindowExceeded(len(ids), self.max_context)
+        return ids
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def submit(self, request: GenerationRequest) -> Any:
+        return self.generator.submit(request)
+
+
+_engines: dict[tuple[Any, ...], Engine] = {}
+_lock = threading.Lock()
+
+
+def acquire_engine(
+    path: str | Path,
+    *,
+    device: str = "cpu",
+    dtype: str | None = None,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    window_s: float = DEFAULT_WINDOW_S,
+) -> Engine:
+    """The process's engine for this folder and settings, loading it on first use."""
+    key = (os.path.realpath(path), device, dtype, max_batch, window_s)
+    with _lock:
+        engine = _engines.get(key)
+        if engine is None:
+            engine = load_engine(path, device=device, dtype=dtype, max_batch=max_batch, window_s=window_s)
+            _engines[key] = engine
+        engine.refs += 1
+        return engine
+
+
+def release_engine(engine: Engine) -> None:
+    """Drop one reference; the last one stops the generation thread and frees the weights."""
+    with _lock:
+        engine.refs -= 1
+        if engine.refs > 0:
+            return
+        for key, value in list(_engines.items()):
+            if value is engine:
+                del _engines[key]
+    engine.generator.close()
+    engine.model = None
+
+
+def load_engine(
+    path: str | Path,
+    *,
+    device: str = "cpu",
+    dtype: str | None = None,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    window_s: float = DEFAULT_WINDOW_S,
+) -> Engine:
+    """Load a transformers causal LM folder, or a PEFT LoRA adapter folder over its base model
+    (merged into the weights: serving an adapter then costs nothing per token)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(path)
+    torch_dtype = getattr(torch, dtype) if dtype else None
+    adapter_config = folder / "adapter_config.json"
+    if adapter_config.exists():
+        from peft import PeftModel
+
+        base = json.loads(adapter_config.read_text())["base_model_name_or_path"]
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype)
+        model = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
+        has_tokenizer = (folder / "tokenizer.json").exists() or (folder / "tokenizer_config.json").exists()
+        tokenizer = AutoTokenizer.from_pretrained(folder if has_tokenizer else base)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    model.to(device)
+    model.eval()
+    tokenizer.padding_side = "left"
+    if tokenizer.chat_template is None:
+        raise ValueError(f"{folder} has no chat template: a chat model needs one (tokenizer.chat_template)")
+    gen = model.generation_config
+    eos = gen.eos_token_id if gen.eos_token_id is not None else tokenizer.eos_token_id
+    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos_ids:
+        eos_ids.append(tokenizer.eos_token_id)
+    pad_id = gen.pad_token_id if gen.pad_token_id is not None else tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = eos_ids[0]
+    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    max_context = int(getattr(text_config, "max_position_embeddings", 0) or tokenizer.model_max_length)
+    defaults = {
+        "temperature": (gen.temperature if gen.temperature is not None else 1.0) if gen.do_sample else 0.0,
+        "top_p": gen.top_p if gen.do_sample and gen.top_p is not None else 1.0,
+        "top_k": gen.top_k if gen.do_sample and gen.top_k is not None else 0,
+    }
+    generator = BatchGenerator(
+        model,
+        tokenizer,
+        eos_ids=eos_ids,
+        pad_id=pad_id,
+        max_batch=max_batch,
+        window_s=window_s,
+        threads=_torch_threads(model, device),
+        name=folder.name,
+    )
+    log.debug("honed: loaded %s (context %d, defaults %s)", folder, max_context, defaults)
+    return Engine(
+        path=str(folder),
+        tokenizer=tokenizer,
+        model=model,
+        generator=generator,
+        max_context=max_context,
+        defaults=defaults,
+    )
+
+
+def _torch_threads(model: Any, device: str) -> int | None:
+    """Intra-op threads for the generation thread. A small model's matrices are too small to split:
+    on a busy 2-core machine two threads ran ~10x slower than one (they spin waiting on each other),
+    and the batch already keeps a core busy. Larger models keep torch's own setting.
+    `HONED_TORCH_THREADS` overrides."""
+    if os.environ.get("HONED_TORCH_THREADS"):
+        return int(os.environ["HONED_TORCH_THREADS"])
+    if device != "cpu":
+        return None
+    return 1 if sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMETERS else None

@@ -1,0 +1,368 @@
+"""`LocalChatModel`: a LangChain chat model over a transformers causal LM in a local folder.
+
+It speaks the tokenizer's own chat template with tools, parses `<think>` and `<tool_call>` output,
+and batches concurrent calls (see `batching`), so many agents share one model efficiently. Every
+reply carries what a trainer needs to learn from exactly what was sampled: in `response_metadata`,
+`prompt_token_ids`, `token_ids` (the completion, its EOS included), `logprobs` (raw, per sampled
+token), `finish_reason` and `model_version`; the capture layer stores them in the step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import weakref
+from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.language_models import BaseChatModel, LanguageModelInput
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.runnables import Runnable
+from pydantic import Field, PrivateAttr
+
+from honed.serving.batching import DEFAULT_MAX_BATCH, DEFAULT_WINDOW_S, GenerationRequest, GenerationResult
+from honed.serving.engine import Engine, acquire_engine, release_engine
+from honed.serving.template_messages import to_template_messages, tool_schemas
+from honed.serving.toolcalls import CompletionParser
+
+_DONE = object()
+
+
+class LocalChatModel(BaseChatModel):
+    """A chat model over a local transformers folder (weights + tokenizer with a chat template).
+
+    >>> model = LocalChatModel("./tiny", temperature=0)
+    >>> agent = create_agent(model, tools)      # bind_tools, tool calls, reasoning, usage
+
+    Sampling: `temperature` (0 = greedy), `top_p`, `top_k`, `max_tokens`, `stop`; unset ones come
+    from the folder's `generation_config.json`; any can be given per call. Concurrent calls are
+    batched (up to `max_batch` rows decoded together; callers arriving within `batch_window_ms`
+    start together, later ones join between steps). `model_version` labels the replies (default:
+    the folder path). Prompts longer than the context window raise `ContextWindowExceeded`.
+    """
+
+    path: str
+    model_version: str | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    max_tokens: int = 512
+    stop: list[str] | None = None
+    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
+    max_batch: int = DEFAULT_MAX_BATCH
+    batch_window_ms: float = DEFAULT_WINDOW_S * 1000.0
+    device: str = "cpu"
+    dtype: str | None = None
+
+    _engine: Engine | None = PrivateAttr(default=None)
+    _release: Any = PrivateAttr(default=None)
+
+    def __init__(self, path: str | Path | None = None, /, **kwargs: Any) -> None:
+        if path is not None:
+            kwargs["path"] = str(path)
+        super().__init__(**kwargs)
+
+    def model_post_init(self, context: Any, /) -> None:
+        super().model_post_init(context)
+        engine = acquire_engine(
+            self.path,
+            device=self.device,
+            dtype=self.dtype,
+            max_batch=self.max_batch,
+            window_s=self.batch_window_ms / 1000.0,
+        )
+        self._engine = engine
+        # Weights are shared per process and freed when the last user lets go (or is collected).
+        self._release = weakref.finalize(self, release_engine, engine)
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None or self._engine.model is None:
+            raise RuntimeError(f"LocalChatModel({self.path!r}) is closed")
+        return self._engine
+
+    @property
+    def version_label(self) -> str:
+        return self.model_version or self.path
+
+    def close(self) -> None:
+        """Release the weights (shared with other chat models on the same folder, freed with the last)."""
+        if self._release is not None:
+            self._release()
+
+    @property
+    def _llm_type(self) -> str:
+        return "honed-local"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {"path": self.path, "model_version": self.version_label}
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> Any:
+        params = super()._get_ls_params(stop=stop, **kwargs)
+        params["ls_provider"] = "honed"
+        params["ls_model_name"] = self.version_label
+        return params
+
+    def bind_tools(
+        self,
+        tools: Sequence[dict[str, Any] | type | Any],
+        *,
+        tool_choice: str | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, AIMessage]:
+        """Tools are rendered by the chat template; `tool_choice="none"` hides them. Other choices
+        cannot be enforced on free generation and are passed along as a hint only."""
+        return self.bind(tools=tool_schemas(tools), tool_choice=tool_choice, **kwargs)
+
+    # -- calls -----------------------------------------------------------------------------------
+
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        request = self._request(messages, stop, kwargs)
+        result = self.engine.submit(request).result()
+        message = self._message(request, result, tokens=bool(kwargs.get("return_tokens")))
+        return ChatResult(generations=[ChatGeneration(message=message)])
+
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        request = self._request(messages, stop, kwargs)
+        future = self.engine.submit(request)
+        try:
+            result = await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            request.cancelled = True
+            raise
+        message = self._message(request, result, tokens=bool(kwargs.get("return_tokens")))
+        return ChatResult(generations=[ChatGeneration(message=message)])
+
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        request = self._request(messages, stop, kwargs)
+        tokens: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        request.on_token = lambda token, _logprob: tokens.put(token)
+        future = self.engine.submit(request)
+        future.add_done_callback(lambda _f: tokens.put(_DONE))
+        stream = _TextStream(self.engine, request.stop)
+        try:
+            while (token := tokens.get()) is not _DONE:
+                yield from _chunks(stream.add(token))
+            yield from _chunks(stream.finish())
+            yield self._last_chunk(request, future.result(), stream, tokens=bool(kwargs.get("return_tokens")))
+        finally:
+            request.cancelled = True  # a consumer that stopped early frees its row
+
+    async def _astream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        request = self._request(messages, stop, kwargs)
+        loop = asyncio.get_running_loop()
+        tokens: asyncio.Queue[Any] = asyncio.Queue()
+        request.on_token = lambda token, _logprob: loop.call_soon_threadsafe(tokens.put_nowait, token)
+        future = self.engine.submit(request)
+        future.add_done_callback(lambda _f: loop.call_soon_threadsafe(tokens.put_nowait, _DONE))
+        stream = _TextStream(self.engine, request.stop)
+        try:
+            while (token := await tokens.get()) is not _DONE:
+                for chunk in _chunks(stream.add(token)):
+                    yield chunk
+            for chunk in _chunks(stream.finish()):
+                yield chunk
+            result = await asyncio.wrap_future(future)
+            yield self._last_chunk(request, result, stream, tokens=bool(kwargs.get("return_tokens")))
+        finally:
+            request.cancelled = True
+
+    # -- building requests and replies -----------------------------------------------------------
+
+    def _request(
+        self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
+    ) -> GenerationRequest:
+        engine = self.engine
+        tools = kwargs.get("tools")
+        if kwargs.get("tool_choice") == "none":
+            tools = None
+        template = {**self.chat_template_kwargs, **(kwargs.get("chat_template_kwargs") or {})}
+        prompt = engine.render(to_template_messages(messages), tool_schemas(tools), **template)
+        prompt_ids = engine.encode(prompt)
+        budget = next(
+            (kwargs[k] for k in ("max_tokens", "max_completion_tokens", "max_new_tokens") if kwargs.get(k)),
+            self.max_tokens,
+        )
+        budget = max(1, min(int(budget), engine.max_context - len(prompt_ids)))
+        temperature = _first(kwargs.get("temperature"), self.temperature, engine.defaults["temperature"])
+        return GenerationRequest(
+            prompt_ids=prompt_ids,
+            max_new_tokens=budget,
+            temperature=float(temperature),
+            top_p=float(_first(kwargs.get("top_p"), self.top_p, engine.defaults["top_p"])),
+            top_k=int(_first(kwargs.get("top_k"), self.top_k, engine.defaults["top_k"])),
+            stop=tuple(s for s in (stop or self.stop or ()) if s),
+        )
+
+    def _message(
+        self, request: GenerationRequest, result: GenerationResult, *, tokens: bool = False
+    ) -> AIMessage:
+        text = _cut_at_stop(self.engine.decode(result.token_ids), request.stop)
+        parser = CompletionParser()
+        content, reasoning = "", ""
+        for kind, piece in [*parser.feed(text), *parser.flush()]:
+            if kind == "content":
+                content += piece
+            else:
+                reasoning += piece
+        tool_calls, invalid = parser.tool_calls()
+        return AIMessage(
+            content=content,
+            tool_calls=tool_calls,
+            invalid_tool_calls=invalid,
+            additional_kwargs={"reasoning_content": reasoning} if reasoning else {},
+            usage_metadata=_usage(request, result),
+            response_metadata=self._metadata(request, result, bool(tool_calls), tokens=tokens),
+        )
+
+    def _last_chunk(
+        self,
+        request: GenerationRequest,
+        result: GenerationResult,
+        stream: _TextStream,
+        *,
+        tokens: bool = False,
+    ) -> ChatGenerationChunk:
+        valid, invalid = stream.parser.tool_calls()
+        chunks = [
+            {
+                "type": "tool_call_chunk",
+                "name": c["name"],
+                "args": json.dumps(c["args"]),
+                "id": c["id"],
+                "index": i,
+            }
+            for i, c in enumerate(valid)
+        ] + [
+            {
+                "type": "tool_call_chunk",
+                "name": c["name"],
+                "args": c["args"],
+                "id": c["id"],
+                "index": len(valid) + i,
+            }
+            for i, c in enumerate(invalid)
+        ]
+        message = AIMessageChunk(
+            content="",
+            tool_call_chunks=chunks,
+            usage_metadata=_usage(request, result),
+            response_metadata=self._metadata(request, result, bool(valid), tokens=tokens),
+            chunk_position="last",
+        )
+        return ChatGenerationChunk(message=message)
+
+    def _metadata(
+        self,
+        request: GenerationRequest,
+        result: GenerationResult,
+        called_tools: bool,
+        *,
+        tokens: bool = False,
+    ) -> dict[str, Any]:
+        finish = "tool_calls" if called_tools and result.finish_reason == "stop" else result.finish_reason
+        extra = {"tokens": [self.engine.decode([t]) for t in result.token_ids]} if tokens else {}
+        return {
+            **extra,
+            "model_name": self.version_label,
+            "model_version": self.version_label,
+            "model_provider": "honed",
+            "finish_reason": finish,
+            "prompt_token_ids": list(request.prompt_ids),
+            "token_ids": list(result.token_ids),
+            "logprobs": [round(lp, 6) for lp in result.logprobs],
+            "batch_size": result.batch_size,
+        }
+
+
+class _TextStream:
+    """Sampled token ids → text that is safe to show: no half UTF-8 character, nothing that could
+    still turn out to be the start of a stop string, nothing after one; parsed as it grows."""
+
+    def __init__(self, engine: Engine, stops: tuple[str, ...]) -> None:
+        self.engine = engine
+        self.stops = stops
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.ids: list[int] = []
+        self.sent = 0
+        self.stopped = False
+        self.parser = CompletionParser()
+
+    def add(self, token: int) -> list[tuple[str, str]]:
+        if self.stopped:
+            return []
+        self.ids.append(token)
+        text = self.engine.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return []
+        cut = _cut_at_stop(text, self.stops)
+        if len(cut) < len(text):
+            self.stopped = True
+            safe = len(cut)
+        else:
+            safe = len(text) - self.hold
+        return self._release(text, safe)
+
+    def finish(self) -> list[tuple[str, str]]:
+        text = _cut_at_stop(self.engine.decode(self.ids), self.stops)
+        return [*self._release(text, len(text)), *self.parser.flush()]
+
+    def _release(self, text: str, upto: int) -> list[tuple[str, str]]:
+        if upto <= self.sent:
+            return []
+        delta, self.sent = text[self.sent : upto], upto
+        return list(self.parser.feed(delta))
+
+
+def _chunks(pieces: list[tuple[str, str]]) -> Iterator[ChatGenerationChunk]:
+    for kind, text in pieces:
+        if kind == "content":
+            yield ChatGenerationChunk(message=AIMessageChunk(content=text))
+        else:
+            yield ChatGenerationChunk(
+                message=AIMessageChunk(content="", additional_kwargs={"reasoning_content": text})
+            )
+
+
+def _usage(request: GenerationRequest, result: GenerationResult) -> Any:
+    n_in, n_out = len(request.prompt_ids), len(result.token_ids)
+    return {"input_tokens": n_in, "output_tokens": n_out, "total_tokens": n_in + n_out}
+
+
+def _cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
+    """Text up to the earliest stop string (not included), as OpenAI's `stop` does."""
+    cut = min((i for s in stops if (i := text.find(s)) >= 0), default=-1)
+    return text if cut < 0 else text[:cut]
+
+
+def _first(*values: Any) -> Any:
+    return next(v for v in values if v is not None)

@@ -1,0 +1,209 @@
+"""Which trajectories count: the held-out policy, and the one selection export and training share
+(a read of the store under `honed.trajectory.label`; `honed.learn` and `honed.exporters` both ask it).
+
+The label of a trajectory is `honed.trajectory.label` (trusted judgements only); what is held out is
+`HeldOut`: a split named `heldout`, *any* task with a trajectory in that split (a task is held out
+as a whole, even where some attempts were captured without a split), or a task whose stable hash
+falls under a `fraction`. `honed export`, `prepare` (training), the report and `honed status` all
+ask these two, so "verified data" means the same thing to each of them.
+
+    for t in select_trajectories(store, verdict="pass"): ...      # held-out tasks stay out
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from honed.trajectory import HELDOUT, Trajectory, label
+
+if TYPE_CHECKING:
+    from honed.store import TrajectoryStore
+
+DEFAULT_PAGE_SIZE = 500
+
+
+class HeldOutLeak(ValueError):
+    """A held-out task would have reached a training set: the gate measures on held-out tasks, so
+    training on one makes every later promotion decision meaningless. Never caught in honed."""
+
+    def __init__(self, what: str, task_ids: Iterable[str | None] = ()) -> None:
+        shown = sorted({str(t) for t in task_ids if t is not None})
+        more = f" (tasks: {', '.join(shown[:10])}{' …' if len(shown) > 10 else ''})" if shown else ""
+        super().__init__(f"{what}{more}: held-out tasks are for evaluation only; leave them out")
+        self.task_ids = shown
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """The held-out policy: `split`, the tasks seen in it (`task_ids`) and a hash `fraction` for
+    tasks captured without a split. `HeldOut.of(store)` reads the task ids from the store."""
+
+    task_ids: frozenset[str] = field(default_factory=frozenset)
+    split: str = HELDOUT
+    fraction: float = 0.0
+
+    @classmethod
+    def of(cls, store: TrajectoryStore, *, split: str = HELDOUT, fraction: float = 0.0) -> HeldOut:
+        return cls(frozenset(heldout_task_ids(store, split)), split, fraction)
+
+    def holds(self, item: Trajectory | Mapping[str, Any] | tuple[str | None, str | None]) -> bool:
+        """Whether a trajectory, a row with `task_id`/`split`, or a `(task_id, split)` pair is held out."""
+        task_id, split = _task_and_split(item)
+        if task_id is not None and str(task_id) in self.task_ids:
+            return True
+        if split is not None:
+            return split == self.split
+        return task_id is not None and self.fraction > 0 and task_hash(str(task_id)) < self.fraction
+
+
+def is_heldout(
+    item: Trajectory | Mapping[str, Any] | tuple[str | None, str | None],
+    *,
+    heldout_split: str = HELDOUT,
+    heldout_fraction: float = 0.0,
+) -> bool:
+    """`HeldOut` without the store's task ids: by split, else by the task's stable hash."""
+    return HeldOut(frozenset(), heldout_split, heldout_fraction).holds(item)
+
+
+def task_hash(task_id: str) -> float:
+    """A task id's stable position in [0, 1): the same on every machine and in every process."""
+    digest = hashlib.sha256(task_id.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def heldout_task_ids(store: TrajectoryStore, heldout_split: str = HELDOUT) -> set[str]:
+    """Every task id with a trajectory in `heldout_split`."""
+    from sqlalchemy import select
+
+    from honed.store.schema import TrajectoryRow
+
+    query = (
+        select(TrajectoryRow.task_id)
+        .where(TrajectoryRow.split == heldout_split, TrajectoryRow.task_id.is_not(None))
+        .distinct()
+    )
+    with store.engine.connect() as conn:
+        return {str(task_id) for task_id in conn.execute(query).scalars()}
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """Filters of an export; `None` means any. `task_ids` matches any of them.
+
+    `verdict="pass"` keeps trajectories whose `label` is True (trusted verifiers only), `"fail"`
+    those whose label is False. Held-out tasks (see `HeldOut`) are left out unless
+    `include_heldout` is true or `split="heldout"` asks for them: they are what a trained model is
+    gated on, so a dataset must never pick them up by accident.
+    """
+
+    verdict: str | None = None
+    split: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    model_version: str | None = None
+    task_ids: tuple[str, ...] | None = None
+    agent: str | None = None
+    status: str | None = None
+    include_heldout: bool = False
+
+    @property
+    def store_filters(self) -> dict[str, Any]:
+        return {
+            "verdict": self.verdict,
+            "split": self.split,
+            "since": self.since,
+            "until": self.until,
+            "model_version": self.model_version,
+            "agent": self.agent,
+            "status": self.status,
+        }
+
+    @property
+    def excludes_heldout(self) -> bool:
+        return not self.include_heldout and self.split != HELDOUT
+
+
+def select_trajectories(
+    store: TrajectoryStore,
+    selection: Selection | None = None,
+    *,
+    limit: int | None = None,
+    page_size: int = DEFAULT_PAGE_SIZE,
+    **filters: Any,
+) -> Iterator[Trajectory]:
+    """Trajectories matching `selection` (or the same fields as keywords), oldest first, with
+    steps and verdicts, read `page_size` at a time.
+
+        for t in select_trajectories(store, verdict="pass", task_ids=["t1", "t2"]): ...
+    """
+    selection = _as_selection(selection, filters)
+    heldout = HeldOut.of(store) if selection.excludes_heldout else None
+    excluded = sorted(heldout.task_ids) if heldout else None
+    untrusted = store.untrusted_verifiers() if selection.verdict in ("pass", "fail") else set()
+    wanted = {"pass": True, "fail": False}.get(selection.verdict or "")
+    produced = 0
+    for task_id in selection.task_ids or (None,):
+        offset = 0
+        while limit is None or produced < limit:
+            size = page_size if limit is None else min(page_size, max(limit - produced, 1))
+            page = store.trajectories(
+                limit=size, offset=offset, task_id=task_id, oldest_first=True,
+                exclude_task_ids=excluded, **selection.store_filters,
+            )  # fmt: skip
+            offset += len(page)
+            for t in page:
+                if heldout is not None and heldout.holds(t):
+                    continue
+                if wanted is not None and label(t.verdicts, untrusted=untrusted) is not wanted:
+                    continue
+                yield t
+                produced += 1
+                if limit is not None and produced >= limit:
+                    return
+            if len(page) < size:
+                break
+
+
+def count_selected(store: TrajectoryStore, selection: Selection | None = None, **filters: Any) -> int:
+    """How many trajectories `select_trajectories` will yield (for progress bars)."""
+    selection = _as_selection(selection, filters)
+    heldout = HeldOut.of(store) if selection.excludes_heldout else None
+    store_filters = selection.store_filters
+    total = 0
+    for task_id in selection.task_ids or (None,):
+        if heldout is None:
+            total += store.count(task_id=task_id, **store_filters)
+            continue
+        excluded = sorted(heldout.task_ids)
+        total += store.count(task_id=task_id, exclude_task_ids=excluded, **store_filters)
+        if selection.split is None:  # trajectories of no held-out task that sit in the split anyway
+            total -= store.count(
+                task_id=task_id, exclude_task_ids=excluded, **{**store_filters, "split": HELDOUT}
+            )
+    return total
+
+
+def _as_selection(selection: Selection | None, filters: dict[str, Any]) -> Selection:
+    if selection is not None and filters:
+        raise TypeError("give either a Selection or filter keywords, not both")
+    if selection is not None:
+        return selection
+    task_ids = filters.pop("task_ids", None)
+    return Selection(**filters, task_ids=_unique(task_ids) if task_ids is not None else None)
+
+
+def _unique(values: Iterable[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(str(v) for v in values))
+
+
+def _task_and_split(item: Any) -> tuple[Any, Any]:
+    if isinstance(item, Trajectory):
+        return item.task_id, item.split
+    if isinstance(item, Mapping):
+        return item.get("task_id"), item.get("split")
+    return item
