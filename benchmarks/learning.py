@@ -12,8 +12,9 @@ Arms (each runs `honed.demo.loop.LearningLoop` on the same suite, base model and
   (d) KTO from verified passes and failures;
   (e) (a) without the external-data mix (no demonstrations in the training sets);
   (f) GRPO with the verifiers as reward (10 steps a cycle at 1e-5: what fits a CPU budget).
-Every arm promotes every candidate (`enforce_gate=False`) so the curve shows what its training data
-does; the gate still runs and its decision is recorded, which is how "the gate never promotes a
+Every arm promotes every candidate (`measure_candidate`: this harness promotes what the gate
+rejected, never the product) so the curve shows what its training data does; the gate still runs
+and its decision is recorded, which is how "the gate never promotes a
 version that is worse on the held-out set" is checked: for every cycle, did the gate say promote
 while the candidate's held-out pass@1 was below the live version's?
 
@@ -75,6 +76,20 @@ class FalsePositives:
             close()
 
 
+def measure_candidate(store: Any, result: Any) -> Any:
+    """Promote a candidate the gate rejected, so an arm's curve shows what its data does (the
+    measurement arms' switch: it lives here, not in the product's `Cycle`). The gate's decision
+    stays recorded with the training run; the row says the gate was overridden."""
+    if result.status != "rejected" or result.candidate is None:
+        return result
+    store.promote(
+        result.candidate, reason=f"benchmark: measuring every candidate (the gate rejected: {result.reason})"
+    )
+    result.version, result.heldout = result.candidate, result.candidate_heldout
+    result.extra["gate_overridden"] = True
+    return result
+
+
 def arm_loop(arm: str, suite: Any, store: Any, seed: int, args: argparse.Namespace, workdir: Path) -> Any:
     from honed.demo.loop import LearningLoop
     from honed.learn.methods import GRPOMethod, KTOMethod
@@ -108,7 +123,6 @@ def arm_loop(arm: str, suite: Any, store: Any, seed: int, args: argparse.Namespa
         attempts=args.attempts,
         train_tasks=args.train_tasks,
         heldout_tasks=args.heldout_tasks,
-        enforce_gate=False,
         greedy=True,
         workdir=workdir,
         **options,
@@ -139,15 +153,15 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace) -> list[dict[str, Any
         rows = []
         started = time.monotonic()
         for result in arm_loop(arm, suite, store, seed, args, Path(tmp)):
-            row = result.to_dict()
-            runs = store.training_runs(result.version.split("@")[0], limit=1) if result.cycle else []
-            gate = runs[0].metrics.get("gate", {}) if runs else {}
+            row = measure_candidate(store, result).to_dict()
+            row["greedy_pass_at_1"] = result.extra.get("greedy_pass_at_1")
+            gate = result.decision or {}
             row["gate_would_promote"] = gate.get("promote")
             row["arm"], row["seed"] = arm, seed
             rows.append(row)
             print(
                 f"  [{arm} seed {seed}] cycle {result.cycle}: pass@1 {result.heldout_pass_at_1:.3f} "
-                f"greedy {result.greedy_pass_at_1} pass@8 {result.pass_at_8:.3f} "
+                f"greedy {row['greedy_pass_at_1']} pass@8 {row['pass_at_8']:.3f} "
                 f"train {result.train_pass_rate} gate {'promote' if gate.get('promote') else 'reject' if gate else '-'} "
                 f"({result.seconds:.0f}s)",
                 flush=True,

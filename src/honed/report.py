@@ -17,7 +17,6 @@ import json
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from honed.trajectory import HELDOUT, ModelVersion, Step, Trajectory, Verdict
 
 if TYPE_CHECKING:
+    from honed.learn.cycle import CycleResult
     from honed.store.registry import ModelEvent
     from honed.store.training import EvalRun, TrainingRun
 
@@ -41,25 +41,6 @@ PALETTE = {
     "grid": "#e5e7eb",
 }
 _CLIP = 1500  # characters of one model reply or tool result shown in an example
-
-
-@dataclass
-class CycleRow:
-    """One point on the learning curve: cycle 0 is the base version, then one per training run."""
-
-    index: int
-    version: str | None
-    method: str
-    status: str
-    run_id: int | None = None
-    trajectories: int | None = None
-    train_pass_rate: float | None = None
-    pass_at_1: float | None = None
-    pass_at_k: float | None = None
-    k: int | None = None
-    diversity: dict[str, float] = field(default_factory=dict)
-    reason: str = ""
-    started_at: datetime | None = None
 
 
 def build_report(
@@ -102,34 +83,39 @@ def collect_cycles(
     evals: Sequence[EvalRun],
     versions: Sequence[ModelVersion],
     live: ModelVersion | None,
-) -> list[CycleRow]:
-    """Cycle 0 (the version the first run trained from) then one row per training run, oldest
-    first, each with the held-out evaluation of the version it produced."""
+) -> list[CycleResult]:
+    """Cycle 0 (the version the first run trained from) then one result per training run, oldest
+    first, each with the held-out evaluation of the candidate it produced (what the curves plot)."""
+    from honed.learn.cycle import CycleResult
+
     by_run = {e.training_run: e for e in evals if e.training_run is not None}  # later wins
-    by_version = {e.version: e for e in evals}
+    by_version = {e.version: e.metrics for e in evals}
     base = runs[0].parent if runs else (live.ref if live else (versions[0].ref if versions else None))
-    rows: list[CycleRow] = []
+    rows: list[CycleResult] = []
     if base is not None:
-        row = CycleRow(0, base, "base", "base", reason="the starting version, before any training run")
-        _fill_heldout(row, by_version[base].metrics if base in by_version else {})
-        rows.append(row)
-    for i, run in enumerate(runs, start=1):
-        data = run.data or {}
-        found = by_run.get(run.id) or (by_version.get(run.candidate) if run.candidate else None)
-        row = CycleRow(
-            i,
-            run.candidate,
-            run.method,
-            run.status,
-            run_id=run.id,
-            trajectories=_int(data.get("trajectories")),
-            train_pass_rate=_train_pass_rate(data),
-            reason=run.reason or (run.metrics.get("gate") or {}).get("reason", ""),
-            started_at=run.started_at,
+        reason = "the starting version, before any training run"
+        rows.append(
+            CycleResult(
+                "base", reason, method="base", cycle=0, version=base, heldout=by_version.get(base, {})
+            )
         )
-        _fill_heldout(row, found.metrics if found else dict(run.metrics.get("heldout") or {}))
-        rows.append(row)
+    for i, run in enumerate(runs, start=1):
+        found = by_run.get(run.id)
+        candidate = (
+            found.metrics if found else by_version.get(run.candidate or "", run.metrics.get("heldout") or {})
+        )
+        after = candidate if run.status == "promoted" else by_version.get(run.parent or "", {})
+        rows.append(CycleResult.from_records(i, run, heldout=after, candidate=candidate))
     return rows
+
+
+def _evaluated(c: CycleResult) -> dict[str, Any]:
+    """The evaluation a row plots: the base version's, else the candidate the run produced."""
+    return c.heldout if c.status == "base" else c.candidate_heldout
+
+
+def _shown_version(c: CycleResult) -> str | None:
+    return c.version if c.status == "base" else c.candidate
 
 
 # -- gathering -----------------------------------------------------------------------------------
@@ -142,12 +128,6 @@ def _default_model(store: Any, names: list[str]) -> str | None:
     return names[0] if names else None
 
 
-def _fill_heldout(row: CycleRow, metrics: dict[str, Any]) -> None:
-    row.pass_at_1 = _float(metrics.get("pass_at_1"))
-    row.k, row.pass_at_k = _pass_at_k(metrics)
-    row.diversity = {k: v for k, v in (metrics.get("diversity") or {}).items() if isinstance(v, int | float)}
-
-
 def _pass_at_k(metrics: dict[str, Any]) -> tuple[int | None, float | None]:
     """The evaluation's ceiling: pass@samples, else the largest pass@k (k > 1) it recorded."""
     samples = metrics.get("samples")
@@ -156,15 +136,6 @@ def _pass_at_k(metrics: dict[str, Any]) -> tuple[int | None, float | None]:
     ks = [int(m.group(1)) for key in metrics if (m := re.fullmatch(r"pass_at_(\d+)", key))]
     ks = [k for k in ks if k > 1]
     return (max(ks), _float(metrics[f"pass_at_{max(ks)}"])) if ks else (None, None)
-
-
-def _train_pass_rate(data: dict[str, Any]) -> float | None:
-    if data.get("train_pass_rate") is not None:
-        return _float(data["train_pass_rate"])
-    passed, failed = _int(data.get("passed")), _int(data.get("failed"))
-    if passed is not None and failed is not None and passed + failed:
-        return passed / (passed + failed)
-    return None
 
 
 def _pick_examples(store: Any, model: str | None, n: int) -> list[tuple[Trajectory, str]]:
@@ -248,16 +219,16 @@ def _no_runs(model: str | None) -> str:
     )
 
 
-def _curves(cycles: list[CycleRow]) -> str:
-    ks = {c.k for c in cycles if c.k}
+def _curves(cycles: list[CycleResult]) -> str:
+    ks = {k for c in cycles if (k := _pass_at_k(_evaluated(c))[0])}
     k_label = f"pass@{ks.pop()}" if len(ks) == 1 else "pass@k"
     main = _line_plot(
         "plot-heldout",
         f"Held-out pass@1, {k_label} and train pass rate per cycle",
         cycles,
         [
-            ("pass_at_1", "held-out pass@1 (sampled)", lambda c: c.pass_at_1, ""),
-            ("pass_at_k", f"held-out {k_label} (ceiling)", lambda c: c.pass_at_k, "7 4"),
+            ("pass_at_1", "held-out pass@1 (sampled)", lambda c: _float(_evaluated(c).get("pass_at_1")), ""),
+            ("pass_at_k", f"held-out {k_label} (ceiling)", lambda c: _pass_at_k(_evaluated(c))[1], "7 4"),
             ("train_pass_rate", "train pass rate (the cycle's data)", lambda c: c.train_pass_rate, "2 4"),
         ],
         y_label="pass rate",
@@ -267,11 +238,16 @@ def _curves(cycles: list[CycleRow]) -> str:
         "Held-out output diversity per cycle",
         cycles,
         [
-            ("distinct_answers", "distinct answers", lambda c: c.diversity.get("distinct_answers"), ""),
+            (
+                "distinct_answers",
+                "distinct answers",
+                lambda c: (_evaluated(c).get("diversity") or {}).get("distinct_answers"),
+                "",
+            ),
             (
                 "distinct_tool_calls",
                 "distinct tool calls",
-                lambda c: c.diversity.get("distinct_tool_calls"),
+                lambda c: (_evaluated(c).get("diversity") or {}).get("distinct_tool_calls"),
                 "6 3",
             ),
         ],
@@ -295,17 +271,19 @@ def _curves(cycles: list[CycleRow]) -> str:
     )
 
 
-def _cycle_table(cycles: list[CycleRow]) -> str:
+def _cycle_table(cycles: list[CycleResult]) -> str:
     rows = []
     for c in cycles:
-        k = f' <span class="muted">(k={c.k})</span>' if c.k else ""
+        k_value, pass_at_k = _pass_at_k(_evaluated(c))
+        k = f' <span class="muted">(k={k_value})</span>' if k_value else ""
         run = f'<div class="muted">run {c.run_id}</div>' if c.run_id is not None else ""
+        pass_at_1 = _float(_evaluated(c).get("pass_at_1"))
         rows.append(
-            f'<tr class="cycle status-{_e(c.status)}"><td class="num">{c.index}</td>'
-            f"<td>{_e(c.version or '-')}{run}</td><td>{_e(c.method)}</td>"
+            f'<tr class="cycle status-{_e(c.status)}"><td class="num">{c.cycle}</td>'
+            f"<td>{_e(_shown_version(c) or '-')}{run}</td><td>{_e(c.method)}</td>"
             f'<td class="num">{_e(_count(c.trajectories))}</td>'
-            f'<td class="num">{_fmt(c.train_pass_rate)}</td><td class="num">{_fmt(c.pass_at_1)}</td>'
-            f'<td class="num">{_fmt(c.pass_at_k)}{k if c.pass_at_k is not None else ""}</td>'
+            f'<td class="num">{_fmt(c.train_pass_rate)}</td><td class="num">{_fmt(pass_at_1)}</td>'
+            f'<td class="num">{_fmt(pass_at_k)}{k if pass_at_k is not None else ""}</td>'
             f'<td><span class="badge {_e(c.status)}">{_e(c.status.replace("_", " "))}</span></td>'
             f'<td class="reason">{_e(c.reason)}</td></tr>'
         )
@@ -428,7 +406,7 @@ def _step(step: Step) -> str:
 def _line_plot(
     plot_id: str,
     title: str,
-    cycles: list[CycleRow],
+    cycles: list[CycleResult],
     series: list[tuple[str, str, Any, str]],
     *,
     y_label: str,
@@ -440,7 +418,7 @@ def _line_plot(
     Drawn by hand so the page needs no plotting library and no script; "" when nothing has a value."""
     left, right, top, bottom = 52, 14, 14 + 18 * math.ceil(len(series) / 2) + 18, 48
     x0, x1, y0, y1 = left, width - right, top, height - bottom
-    first, last = cycles[0].index, cycles[-1].index
+    first, last = cycles[0].cycle or 0, cycles[-1].cycle or 0
     values = [v for c in cycles for _, _, get, _ in series if (v := get(c)) is not None]
     if not values:
         return ""
@@ -473,12 +451,12 @@ def _line_plot(
         )
     every = max(1, math.ceil(len(cycles) / 12))
     for c in cycles:
-        x = sx(c.index)
+        x = sx(c.cycle or 0)
         out.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{y1}" y2="{y1 + 4}" stroke="{PALETTE["muted"]}"/>')
-        if c.index % every == 0 or c is cycles[-1]:
-            version = (c.version or "-").rsplit("@", 1)[-1]
+        if (c.cycle or 0) % every == 0 or c is cycles[-1]:
+            version = (_shown_version(c) or "-").rsplit("@", 1)[-1]
             out.append(
-                f'<text x="{x:.1f}" y="{y1 + 16}" text-anchor="middle" fill="{PALETTE["text"]}">{c.index}</text>'
+                f'<text x="{x:.1f}" y="{y1 + 16}" text-anchor="middle" fill="{PALETTE["text"]}">{c.cycle}</text>'
                 f'<text x="{x:.1f}" y="{y1 + 29}" text-anchor="middle" fill="{PALETTE["muted"]}" '
                 f'font-size="10">{_e(version)}</text>'
             )
@@ -494,7 +472,8 @@ def _line_plot(
         points = [(c, v) for c in cycles if (v := get(c)) is not None]
         if len(points) > 1:
             d = " ".join(
-                f"{'M' if i == 0 else 'L'}{sx(c.index):.1f} {sy(v):.1f}" for i, (c, v) in enumerate(points)
+                f"{'M' if i == 0 else 'L'}{sx(c.cycle or 0):.1f} {sy(v):.1f}"
+                for i, (c, v) in enumerate(points)
             )
             dashes = f' stroke-dasharray="{dash}"' if dash else ""
             out.append(
@@ -504,9 +483,9 @@ def _line_plot(
         for c, v in points:
             hollow = c.status == "rejected"
             fill = "#fff" if hollow else color
-            tip = f"cycle {c.index} · {c.version or '-'} · {c.status} · {label} {v:.3f}"
+            tip = f"cycle {c.cycle} · {_shown_version(c) or '-'} · {c.status} · {label} {v:.3f}"
             out.append(
-                f'<circle class="marker" data-series="{key}" data-status="{_e(c.status)}" cx="{sx(c.index):.1f}" '
+                f'<circle class="marker" data-series="{key}" data-status="{_e(c.status)}" cx="{sx(c.cycle or 0):.1f}" '
                 f'cy="{sy(v):.1f}" r="4.5" fill="{fill}" stroke="{color}" stroke-width="2"><title>{_e(tip)}</title></circle>'
             )
     out.append(_legend(series, x0, width - right))

@@ -161,29 +161,33 @@ def _cycle_table() -> Table:
     return table
 
 
+_STATUS_COLOUR = {"base": "", "promoted": "green", "rejected": "red", "nothing_to_learn": "yellow"}
+
+
 def _cycle_row(r: Any) -> list[str]:
-    verdict = (
-        "base" if r.promoted is None else ("[green]promoted[/green]" if r.promoted else "[red]rejected[/red]")
-    )
-    train = "-" if r.train_pass_rate is None else f"{r.train_pass_rate:.1%}"
+    colour = _STATUS_COLOUR.get(r.status, "red")
+    status = escape(r.status.replace("_", " "))
     return [
         str(r.cycle),
-        escape(r.version),
-        str(r.trajectories),
-        train,
-        f"{r.heldout_pass_at_1:.1%}",
-        f"{r.pass_at_8:.1%}",
-        verdict,
+        escape(r.version or "-"),
+        "-" if r.trajectories is None else str(r.trajectories),
+        _pct(r.train_pass_rate),
+        _pct(r.heldout_pass_at_1),
+        _pct(r.pass_at(8)),
+        f"[{colour}]{status}[/{colour}]" if colour else status,
         escape(r.reason),
     ]
 
 
 def _cycle_line(r: Any) -> str:
-    what = "base model" if r.promoted is None else ("promoted" if r.promoted else "rejected")
     return (
-        f"cycle {r.cycle}: {escape(r.version)} held-out pass@1 {r.heldout_pass_at_1:.1%} "
-        f"(pass@8 {r.pass_at_8:.1%}) — {what} [{r.seconds:.0f}s]"
+        f"cycle {r.cycle}: {escape(r.version or '-')} held-out pass@1 {_pct(r.heldout_pass_at_1)} "
+        f"(pass@8 {_pct(r.pass_at(8))}) — {r.status.replace('_', ' ')} [{r.seconds:.0f}s]"
     )
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
 
 
 # -- honed train -----------------------------------------------------------------------------------
@@ -225,7 +229,7 @@ def train(
     import importlib
 
     from honed.demo import load_suite
-    from honed.learn.cycle import Cycle
+    from honed.learn.cycle import Cycle, DataConfig, GateConfig
     from honed.learn.evaluate import suite_agent
     from honed.store.training import TrainerBusy
 
@@ -255,11 +259,9 @@ def train(
                 agent=factory,
                 verifiers=verifiers,
                 heldout=tasks,
-                min_new_verified=min_new_verified,
-                gate_margin=margin,
-                samples=samples,
+                data=DataConfig(agent=name, min_new_verified=min_new_verified),
+                gate=GateConfig(margin=margin, samples=samples),
                 output_dir=output_dir,
-                data={"agent": name},
                 on_progress=on_progress,
             )
             try:
@@ -287,10 +289,14 @@ def train(
 
 def loop_status(store: Any, name: str | None = None) -> dict[str, Any]:
     """The loop at a glance, as data (the command prints it)."""
+    from honed.store.select import count_selected
+
     models = [name] if name else store.model_names()
     status: dict[str, Any] = {
         "trajectories": store.count(),
         "unlabeled": store.count(verdict="unlabeled"),
+        # verified passes of training tasks: what `honed export --verdict pass` writes and `prepare` keeps
+        "trainable": count_selected(store, verdict="pass"),
         "verifiers": [{k: v for k, v in row.items() if k != "latest"} for row in store.verifier_counts()],
         "untrusted_verifiers": sorted(store.untrusted_verifiers()),
         "models": [],
@@ -336,7 +342,8 @@ def status(
         return
     out = console()
     out.print(
-        f"[bold]{info['trajectories']}[/bold] trajectories captured, [bold]{info['unlabeled']}[/bold] unlabeled"
+        f"[bold]{info['trajectories']}[/bold] trajectories captured, [bold]{info['unlabeled']}[/bold] unlabeled, "
+        f"[bold]{info['trainable']}[/bold] trainable (verified passes of training tasks)"
     )
     verdicts = Table(title="verdicts per verifier")
     for col in ("verifier", "version", "pass", "fail", "undecided"):

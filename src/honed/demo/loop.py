@@ -20,38 +20,16 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from honed.demo.suite import Suite
-from honed.learn.evaluate import attempt, score, suite_agent, verify_round
-from honed.trajectory import Task
+from honed.learn.cycle import CycleResult
+from honed.learn.evaluate import attempt, suite_agent, verify_round
+from honed.trajectory import Task, Trajectory, label
 
 Progress = Callable[[str, int, int], None]
-
-
-@dataclass
-class CycleResult:
-    """One row of the demo's table (and one JSON line of `honed demo --json`)."""
-
-    cycle: int
-    heldout_pass_at_1: float
-    pass_at_8: float
-    train_pass_rate: float | None
-    trajectories: int
-    promoted: bool | None
-    reason: str
-    version: str
-    candidate: str | None = None
-    candidate_pass_at_1: float | None = None
-    greedy_pass_at_1: float | None = None
-    seconds: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def default_method() -> Any:
@@ -77,7 +55,7 @@ class LearningLoop:
         external_ratio: share of the suite's demonstrations in each training set (the external data).
         training_verifiers: label the training attempts (default: the suite's); the gate and the
             held-out figures always use the suite's own verifiers.
-        data: extra `prepare` filters (`verified=False` trains on everything).
+        data: `DataConfig` fields over the loop's (`verified=False` trains on everything).
         greedy: also measure held-out greedy pass@1 each cycle.
     """
 
@@ -97,7 +75,6 @@ class LearningLoop:
         external_ratio: float = 0.25,
         training_verifiers: Sequence[Any] | None = None,
         data: dict[str, Any] | None = None,
-        enforce_gate: bool = True,
         greedy: bool = False,
         workdir: str | Path = ".honed",
         name: str | None = None,
@@ -113,7 +90,7 @@ class LearningLoop:
         self.external_ratio = external_ratio
         self.training_verifiers = list(training_verifiers) if training_verifiers else suite.verifiers()
         self.data = dict(data or {})
-        self.enforce_gate, self.greedy = enforce_gate, greedy
+        self.greedy = greedy
         self.workdir = Path(workdir)
         self.name = name or f"{suite.name}-agent"
         self.base = base
@@ -138,7 +115,7 @@ class LearningLoop:
     def start(self) -> None:
         """Build (or reuse) the base model, make it live, start serving and verifying."""
         from honed.demo.warmstart import base_model
-        from honed.learn.cycle import Cycle
+        from honed.learn.cycle import Cycle, DataConfig, GateConfig, local_chat_model
         from honed.learn.datasets import EXTERNAL_METHODS
         from honed.serving.served import ServedModel
         from honed.verifiers.worker import Worker
@@ -162,10 +139,9 @@ class LearningLoop:
             data |= {"external": external, "external_ratio": self.external_ratio}
         data |= self.data
         gate_agent = lambda model: suite_agent(self.suite, model, store=self.store, name=self.name)  # noqa: E731
-        from honed.learn.cycle import local_chat_model
-
         common = dict(
             model=self.name,
+            method=self.method,
             agent=gate_agent,
             verifiers=self.suite.verifiers(),
             heldout=self.heldout,
@@ -173,16 +149,10 @@ class LearningLoop:
             output_dir=self.workdir / "models",
             seed=self.seed,
             on_progress=self.on_progress,
+            data=DataConfig(**data),
         )
-        self.cycle = Cycle(
-            self.store,
-            method=self.method,
-            samples=self.samples,
-            data=data,
-            enforce_gate=self.enforce_gate,
-            **common,
-        )
-        self.greedy_eval = Cycle(self.store, method=self.method, samples=1, temperature=0.0, **common)
+        self.cycle = Cycle(self.store, gate=GateConfig(samples=self.samples), **common)
+        self.greedy_eval = Cycle(self.store, gate=GateConfig(samples=1, temperature=0.0), **common)
         worker = Worker(self.store, self.training_verifiers, concurrency=2, poll_s=0.2, backoff_s=0.2)
         self._worker = worker
         self._worker_thread = threading.Thread(
@@ -194,20 +164,19 @@ class LearningLoop:
         self._worker_thread.start()
 
     def baseline(self) -> CycleResult:
+        """Cycle 0: the live (base) version on the held-out tasks, before any training."""
         started = time.monotonic()
         live = self.store.live_version(self.name)
         scores = self.cycle.evaluate_version(live)
         return CycleResult(
+            "base",
+            "the base model, before any training",
             cycle=0,
-            heldout_pass_at_1=round(scores.pass_at_1, 4),
-            pass_at_8=round(scores.pass_at(8), 4),
-            train_pass_rate=None,
-            trajectories=scores.trajectories,
-            promoted=None,
-            reason="the base model, before any training",
+            live=live.ref,
             version=live.ref,
-            greedy_pass_at_1=self._greedy(live),
+            heldout=scores.to_dict(),
             seconds=round(time.monotonic() - started, 1),
+            extra={"greedy_pass_at_1": self._greedy(live)},
         )
 
     def step(self, k: int) -> CycleResult:
@@ -229,41 +198,14 @@ class LearningLoop:
             self.store, self.training_verifiers, tag, expected=len(tasks), since=since, work=False
         )
         self._progress(f"cycle {k}: verify", len(tasks), len(tasks))
-        names = [getattr(v, "name", type(v).__name__) for v in self.training_verifiers]
-        round_scores = score(found, _unique(tasks), samples=0, verifiers=names)
-        for task_id, results in round_scores.per_task.items():
-            passes, n = self._rates.get(task_id, (0, 0))
-            self._rates[task_id] = (passes + sum(bool(r) for r in results), n + len(results))
-        attempts_made = sum(len(r) for r in round_scores.per_task.values())
-        train_rate = sum(sum(bool(x) for x in r) for r in round_scores.per_task.values()) / max(
-            1, attempts_made
-        )
-
-        report = self.cycle.run()
+        self._count_passes(found)
+        result = self.cycle.run()
+        result.cycle = k
         live = self.store.live_version(self.name)
-        live_scores = self.cycle.evaluate_version(live)
-        candidate = report.candidate_scores
-        return CycleResult(
-            cycle=k,
-            heldout_pass_at_1=round(live_scores.pass_at_1, 4),
-            pass_at_8=round(live_scores.pass_at(8), 4),
-            train_pass_rate=round(train_rate, 4),
-            trajectories=len(found),
-            promoted=report.promoted,
-            reason=report.reason,
-            version=live.ref,
-            candidate=report.candidate.ref if report.candidate else None,
-            candidate_pass_at_1=round(candidate.pass_at_1, 4) if candidate else None,
-            greedy_pass_at_1=self._greedy(live),
-            seconds=round(time.monotonic() - started, 1),
-            extra={
-                "status": report.status,
-                "data": report.data,
-                "train": {k: v for k, v in report.metrics.items() if isinstance(v, int | float)},
-                "durations": {k: round(v, 1) for k, v in report.durations.items()},
-                "stuck_tasks": len(report.stuck),
-            },
-        )
+        result.extra["greedy_pass_at_1"] = self._greedy(live)
+        result.extra["attempts"] = len(found)
+        result.seconds = round(time.monotonic() - started, 1)
+        return result
 
     def close(self) -> None:
         if self._worker_thread is not None:
@@ -294,6 +236,16 @@ class LearningLoop:
         picked += self._rng.choices(self.train, weights=weights, k=max(0, budget - len(picked)))
         return picked
 
+    def _count_passes(self, found: Sequence[Trajectory]) -> None:
+        """Per-task passes of this round by the training verifiers (for the curriculum)."""
+        names = [getattr(v, "name", type(v).__name__) for v in self.training_verifiers]
+        for t in found:
+            if t.task_id is None:
+                continue
+            passed = label(t.verdicts, only=names)
+            passes, n = self._rates.get(t.task_id, (0, 0))
+            self._rates[t.task_id] = (passes + bool(passed), n + 1)
+
     def _greedy(self, live: Any) -> float | None:
         if not self.greedy:
             return None
@@ -302,10 +254,6 @@ class LearningLoop:
     def _progress(self, phase: str, done: int, total: int) -> None:
         if self.on_progress:
             self.on_progress(phase, done, total)
-
-
-def _unique(tasks: Sequence[Task]) -> list[Task]:
-    return list({t.id: t for t in tasks}.values())
 
 
 def fresh_store_url(workdir: str | Path, name: str = "demo.db") -> str:

@@ -1,7 +1,7 @@
 """Trainers: verified trajectories -> TRL datasets -> a candidate model -> the held-out gate -> promotion.
 
     from honed.learn import Cycle, SFTMethod
-    report = Cycle(store, model="support-agent", method=SFTMethod(), agent=make_agent,
+    result = Cycle(store, model="support-agent", method=SFTMethod(), agent=make_agent,
                    verifiers=[ReferenceMatch()]).run()
 
 Needs the `honed[train]` extra (torch, transformers, TRL); nothing in capture imports this package.
@@ -14,7 +14,9 @@ from typing import Any
 
 _EXPORTS = {
     "Cycle": "honed.learn.cycle",
-    "CycleReport": "honed.learn.cycle",
+    "CycleResult": "honed.learn.cycle",
+    "DataConfig": "honed.learn.cycle",
+    "GateConfig": "honed.learn.cycle",
     "tasks_from_store": "honed.learn.cycle",
     "local_chat_model": "honed.learn.cycle",
     "GateDecision": "honed.learn.gate",

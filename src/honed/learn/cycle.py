@@ -1,17 +1,20 @@
-"""One training cycle: select verified experience -> build a dataset -> train -> gate -> promote.
+"""One training cycle, top to bottom: select -> dataset -> train -> evaluate -> gate -> promote.
 
     cycle = Cycle(store, model="support-agent", method=SFTMethod(), agent=make_agent,
-                  verifiers=[ReferenceMatch()], heldout="heldout", min_new_verified=200)
-    report = cycle.run()
+                  verifiers=[ReferenceMatch()], data=DataConfig(min_new_verified=200))
+    result = cycle.run()          # a CycleResult: promoted, rejected, nothing_to_learn or failed
 
 Safeguards, in the order they act:
 - one trainer per model: a lock row in the store (`TrainerBusy` otherwise);
-- learn only from verified outcomes of the live version (`prepare` drops held-out tasks, errors and
-  untrusted verifiers), and say so loudly when there is nothing new to learn;
+- learn only from verified outcomes (`prepare` drops held-out tasks, verifier errors and untrusted
+  verifiers), and say so loudly when there is nothing new to learn;
 - train on a copy: the candidate is registered as a new version, the live one is never touched;
 - gate on held-out tasks with the real agent and the same verifiers (`gate.decide`);
 - promote with a compare-and-set on the live version it was evaluated against, so a cycle that
   dies or races leaves no half-promoted state. Every phase lands in `training_runs`/`eval_runs`.
+
+The machinery lives elsewhere: `datasets.prepare` (rows), `methods` (TRL), `evaluate` (attempts
+and scores), `gate.decide`; this module only puts them in order.
 """
 
 from __future__ import annotations
@@ -21,13 +24,13 @@ import json
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from honed.learn.evaluate import Scores, evaluate
 from honed.learn.gate import GateDecision, decide
-from honed.store.training import TrainingRun
 from honed.trajectory import HELDOUT, ModelVersion, Task
 
 AgentFactory = Callable[[Any], Any]
@@ -35,41 +38,168 @@ ChatModelFactory = Callable[[ModelVersion, float], Any]
 Progress = Callable[[str, int, int], None]
 
 
+@dataclass(frozen=True)
+class DataConfig:
+    """What a cycle learns from (the arguments of `honed.learn.datasets.prepare`).
+
+    `min_new_verified`: fewer verified passes than this and the cycle has nothing to learn.
+    `versions`: "live" learns from the live version's runs only, "all" from every version's (and
+    from runs no version served, e.g. a teacher configuration's). `agent`: only this agent's runs. `max_per_task`: attempts kept per task. `external` chat
+    examples make up `external_ratio` of the rows (SFT, distill, KTO). `heldout_fraction`: tasks
+    captured without a split are held out by a stable hash. `verified=False` trains on every
+    attempt (a measurement arm, never production). `verifiers`: only these label.
+    """
+
+    min_new_verified: int = 1
+    versions: Literal["live", "all"] = "live"
+    agent: str | None = None
+    max_per_task: int | None = 8
+    external: Sequence[Any] | None = None
+    external_ratio: float = 0.0
+    heldout_fraction: float = 0.0
+    verified: bool = True
+    verifiers: tuple[str, ...] | None = None
+
+    def filters(self, live: ModelVersion) -> dict[str, Any]:
+        """`prepare`'s keyword arguments for a cycle training `live`."""
+        fields = {
+            k: getattr(self, k)
+            for k in self.__dataclass_fields__
+            if k not in ("min_new_verified", "versions")
+        }
+        fields = {k: v for k, v in fields.items() if v is not None or k == "max_per_task"}
+        if self.versions == "live":
+            fields["model_version"] = live.ref
+        return fields
+
+    def record(self) -> dict[str, Any]:
+        """JSON-able, for the training run (external rows are counted, not copied)."""
+        fields = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        if self.external is not None:
+            fields["external"] = len(self.external)
+        return fields
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """How candidates are judged (see `honed.learn.gate.decide`): `samples` attempts per held-out
+    task at `temperature`; promote only on a gain of at least `margin` whose `confidence` lower
+    bound is above 0, no slice down more than `slice_tolerance`, diversity kept."""
+
+    margin: float = 0.02
+    confidence: float = 0.95
+    slice_tolerance: float = 0.05
+    min_diversity_ratio: float = 0.5
+    samples: int = 8
+    temperature: float = 1.0
+
+
 @dataclass
-class CycleReport:
-    """What one cycle did and why: `status` is promoted, rejected, failed or nothing_to_learn."""
+class CycleResult:
+    """What one cycle did and why: the one record `Cycle.run` returns, the demo prints a row of,
+    `honed train --json` and `honed demo --json` write as a line, and the report plots (rebuilt
+    from the store by `from_records`).
+
+    `status`: base (cycle 0 of a loop: no training), promoted, rejected, nothing_to_learn, failed,
+    interrupted. `live` is the version that trained, `candidate` the one it produced, `version` the
+    one live after the cycle; `heldout`/`candidate_heldout` their held-out metrics (pass_at_1,
+    pass_at_k, slices, diversity). `data` is the selection's counts (train_pass_rate,
+    trajectories, passed, duplicates...), `metrics` training's.
+    """
 
     status: str
     reason: str
-    run: TrainingRun | None = None
-    live: ModelVersion | None = None
-    candidate: ModelVersion | None = None
-    decision: GateDecision | None = None
-    live_scores: Scores | None = None
-    candidate_scores: Scores | None = None
+    method: str = ""
+    run_id: int | None = None
+    cycle: int | None = None
+    live: str | None = None
+    candidate: str | None = None
+    version: str | None = None
+    heldout: dict[str, Any] = field(default_factory=dict)
+    candidate_heldout: dict[str, Any] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    decision: dict[str, Any] | None = None
     stuck: list[str] = field(default_factory=list)
     durations: dict[str, float] = field(default_factory=dict)
+    started_at: datetime | None = None
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+    # The gate's scores in full (per task), when the cycle ran here; not part of the record.
+    live_scores: Scores | None = field(default=None, repr=False, compare=False)
+    candidate_scores: Scores | None = field(default=None, repr=False, compare=False)
 
     @property
-    def promoted(self) -> bool:
-        return self.status == "promoted"
+    def promoted(self) -> bool | None:
+        """None for cycle 0 (the base), else whether the cycle's candidate went live."""
+        return None if self.status == "base" else self.status == "promoted"
+
+    @property
+    def heldout_pass_at_1(self) -> float | None:
+        return _number(self.heldout.get("pass_at_1"))
+
+    @property
+    def candidate_pass_at_1(self) -> float | None:
+        return _number(self.candidate_heldout.get("pass_at_1"))
+
+    def pass_at(self, k: int, *, candidate: bool = False) -> float | None:
+        return _number((self.candidate_heldout if candidate else self.heldout).get(f"pass_at_{k}"))
+
+    @property
+    def train_pass_rate(self) -> float | None:
+        """Verified passes over labelled attempts in what the cycle selected."""
+        rate = self.data.get("train_pass_rate")
+        if rate is not None:
+            return _number(rate)
+        passed, failed = self.data.get("passed"), self.data.get("failed")
+        return (
+            passed / (passed + failed)
+            if isinstance(passed, int) and isinstance(failed, int) and passed + failed
+            else None
+        )
+
+    @property
+    def trajectories(self) -> int | None:
+        value = self.data.get("trajectories")
+        return int(value) if isinstance(value, int | float) else None
 
     def to_dict(self) -> dict[str, Any]:
+        record = {k: v for k, v in asdict(self).items() if k not in ("live_scores", "candidate_scores")}
+        record["started_at"] = self.started_at.isoformat() if self.started_at else None
         return {
-            "status": self.status,
-            "reason": self.reason,
-            "run": self.run.id if self.run else None,
-            "live": self.live.ref if self.live else None,
-            "candidate": self.candidate.ref if self.candidate else None,
-            "live_scores": self.live_scores.to_dict() if self.live_scores else None,
-            "candidate_scores": self.candidate_scores.to_dict() if self.candidate_scores else None,
-            "data": self.data,
-            "metrics": self.metrics,
-            "stuck": self.stuck,
-            "durations": self.durations,
+            "cycle": self.cycle,
+            "heldout_pass_at_1": self.heldout_pass_at_1,
+            "pass_at_8": self.pass_at(8),
+            "train_pass_rate": self.train_pass_rate,
+            "trajectories": self.trajectories,
+            "promoted": self.promoted,
+            "candidate_pass_at_1": self.candidate_pass_at_1,
+            **record,
         }
+
+    @classmethod
+    def from_records(
+        cls, cycle: int, run: Any, heldout: dict[str, Any], candidate: dict[str, Any]
+    ) -> CycleResult:
+        """A stored training run as a result: `heldout` is the evaluation of the version live after
+        it, `candidate` its candidate's (metrics of `eval_runs`)."""
+        promoted = run.status == "promoted"
+        return cls(
+            status=run.status,
+            reason=run.reason or (run.metrics.get("gate") or {}).get("reason", ""),
+            method=run.method,
+            run_id=run.id,
+            cycle=cycle,
+            live=run.parent,
+            candidate=run.candidate,
+            version=run.candidate if promoted else run.parent,
+            heldout=dict(heldout),
+            candidate_heldout=dict(candidate),
+            data=dict(run.data or {}),
+            metrics={k: v for k, v in (run.metrics or {}).items() if k not in ("gate", "heldout")},
+            decision=(run.metrics or {}).get("gate"),
+            started_at=run.started_at,
+        )
 
 
 def local_chat_model(**settings: Any) -> ChatModelFactory:
@@ -84,20 +214,16 @@ def local_chat_model(**settings: Any) -> ChatModelFactory:
 
 
 class Cycle:
-    """One model's training loop; `run()` does one cycle (see the module docstring).
+    """One model's training cycle; `run()` does one (see the module docstring).
 
     Args:
-        model: the registry name; its live version is what trains and what the candidate must beat.
+        model: the registry name; its live version trains and is what the candidate must beat.
         method: an `SFTMethod`, `KTOMethod`, `DPOMethod`, `GRPOMethod` or `DistillMethod`.
         agent: builds the real agent around a chat model (captured into `store`); the gate runs it.
         verifiers: label the gate's held-out attempts (the same ones that label production runs).
         heldout: the held-out split's name (its tasks are read from the store) or the tasks.
-        min_new_verified: fewer verified passes of the live version than this: nothing to learn.
-        gate_margin, confidence, gate: see `gate.decide`; `enforce_gate=False` promotes every
-            candidate and records what the gate would have decided (for measuring, never production).
-        samples: attempts per held-out task at `temperature` (pass@1 is their mean; pass@k too).
-        data: extra filters for `prepare` (`agent`, `external`, `external_ratio`, `max_per_task`,
-            `heldout_fraction`, `verified`...).
+        data: what to learn from (`DataConfig`); gate: how to judge (`GateConfig`).
+        chat_model: runs a version for the gate (default: `local_chat_model()`).
         output_dir: where candidates are written (one folder per training run).
     """
 
@@ -110,198 +236,103 @@ class Cycle:
         agent: AgentFactory,
         verifiers: Sequence[Any],
         heldout: str | Sequence[Task] = HELDOUT,
-        min_new_verified: int = 1,
-        gate_margin: float = 0.02,
-        confidence: float = 0.95,
-        samples: int = 8,
-        temperature: float = 1.0,
+        data: DataConfig | None = None,
+        gate: GateConfig | None = None,
         chat_model: ChatModelFactory | None = None,
-        data: dict[str, Any] | None = None,
         output_dir: str | Path = "honed-models",
         seed: int = 0,
         lock_ttl_s: float = 6 * 3600.0,
-        gate: dict[str, Any] | None = None,
-        enforce_gate: bool = True,
         on_progress: Progress | None = None,
         callbacks: Sequence[Any] = (),
     ) -> None:
         self.store, self.model, self.method = store, model, method
         self.agent, self.verifiers = agent, list(verifiers)
         self.heldout = heldout
-        self.min_new_verified = min_new_verified
-        self.gate_margin, self.confidence = gate_margin, confidence
-        self.samples, self.temperature = samples, temperature
+        self.data = data or DataConfig()
+        self.gate = gate or GateConfig()
         self.chat_model = chat_model or local_chat_model()
-        self.data = dict(data or {})
         self.output_dir = Path(output_dir)
         self.seed, self.lock_ttl_s = seed, lock_ttl_s
-        self.gate = dict(gate or {})
-        self.enforce_gate = enforce_gate
         self.on_progress = on_progress
         self.callbacks = list(callbacks)
 
-    # -- the cycle -------------------------------------------------------------------------------
-
-    def run(self) -> CycleReport:
+    def run(self) -> CycleResult:
         """One cycle under the model's trainer lock; raises `TrainerBusy` if another one runs."""
         with self.store.trainer_lock(self.model, ttl_s=self.lock_ttl_s) as owner:
             return self._run(owner)
 
-    def evaluate_version(self, version: ModelVersion, *, training_run: int | None = None) -> Scores:
-        """Score `version` on the held-out tasks (reusing a stored evaluation of the same tasks,
-        samples and temperature: a version's weights never change) and record it."""
-        tasks = self.heldout_tasks()
-        key = self._eval_key(tasks)
-        for past in reversed(self.store.eval_runs(self.model, version=version.ref, split=HELDOUT)):
-            if past.metrics.get("eval_key") == key and "per_task" in past.metrics:
-                return _scores_from_metrics(past.metrics)
-        started = time.monotonic()
-        chat = self.chat_model(version, self.temperature)
-        try:
-            scores = evaluate(
-                self.store,
-                self.agent(chat),
-                tasks,
-                self.verifiers,
-                samples=self.samples,
-                metadata={"purpose": "gate", "evaluated": version.ref},
-                on_done=self._counter(f"evaluate {version.ref}", len(tasks) * self.samples),
-            )
-        finally:
-            _close(chat)
-        metrics = {
-            **scores.to_dict(),
-            "eval_key": key,
-            "per_task": _per_task(scores),
-            "task_slices": scores.slices,
-        }
-        self.store.record_eval(
-            self.model,
-            version.ref,
-            HELDOUT,
-            metrics,
-            training_run=training_run,
-            duration_s=time.monotonic() - started,
-        )
-        return scores
-
-    def heldout_tasks(self) -> list[Task]:
-        """The gate's tasks: given ones, or every held-out task seen in the store (its first
-        attempt's request and metadata)."""
-        if not isinstance(self.heldout, str):
-            return list(self.heldout)
-        return tasks_from_store(self.store, self.heldout, agent=self.data.get("agent"))
-
-    # -- phases ----------------------------------------------------------------------------------
-
-    def _run(self, owner: str) -> CycleReport:
+    def _run(self, owner: str) -> CycleResult:
         from honed.learn.datasets import prepare
         from honed.learn.methods import NothingToLearn
 
-        durations: dict[str, float] = {}
         live = self.store.live_version(self.model)
         if live is None:
             raise LookupError(f"{self.model}: no live version; register and promote a base version first")
-        config = {
-            "method": _config_of(self.method),
-            "min_new_verified": self.min_new_verified,
-            "gate_margin": self.gate_margin,
-            "confidence": self.confidence,
-            "samples": self.samples,
-            "temperature": self.temperature,
-            "seed": self.seed,
-            "data": {k: v for k, v in self.data.items() if k != "external"},
-            "gate": self.gate,
-        }
         run = self.store.start_training_run(
-            self.model, self.method.name, parent=live.ref, config=_jsonable(config), owner=owner
+            self.model, self.method.name, parent=live.ref, config=self._record(), owner=owner
         )
-        report = CycleReport(status="running", reason="", run=run, live=live, durations=durations)
+        result = CycleResult(
+            "running", "", method=self.method.name, run_id=run.id, live=live.ref, version=live.ref,
+            started_at=run.started_at,
+        )  # fmt: skip
         try:
-            # 1. what the live version verifiably did right (and wrong), held-out tasks excluded
-            started = time.monotonic()
-            self._phase("select", 0, 1)
-            filters = {"model_version": live.ref, **self.data}
-            data = prepare(self.store, self.method.name, seed=self.seed, **filters)
-            attempts = sum(t.get("n", 0) for t in data.tasks.values())
-            passes = sum(t.get("passed", 0) for t in data.tasks.values())
-            report.stuck = data.stuck or sorted(k for k, t in data.tasks.items() if not t.get("passed"))
-            report.data = {
-                **data.counts,
-                "train_pass_rate": round(passes / attempts, 4) if attempts else None,
-                "trajectories": attempts,
-                "stuck_tasks": len(report.stuck),
-                "learnable_tasks": sum(
-                    1 for t in data.tasks.values() if 0 < t.get("passed", 0) < t.get("n", 0)
-                ),
-            }
-            self.store.add_training_examples(run.id, data.trajectory_ids)
-            self.store.update_training_run(run.id, data=report.data)
-            durations["select"] = time.monotonic() - started
-            self._phase("select", 1, 1)
-            verified = self.data.get("verified", True)
-            short = data.counts.get("passed", 0) < self.min_new_verified if verified else len(data) == 0
+            # 1. select: what was verifiably done right (and wrong), held-out tasks excluded
+            with self._timed(result, "select"):
+                data = prepare(self.store, self.method.name, seed=self.seed, **self.data.filters(live))
+                result.data, result.stuck = _selection_summary(data)
+                self.store.add_training_examples(run.id, data.trajectory_ids)
+                self.store.update_training_run(run.id, data=result.data)
+            passes = data.counts.get("passed", 0)
+            short = passes < self.data.min_new_verified if self.data.verified else len(data) == 0
             if short and self.method.name != "grpo":
-                return self._finish(
-                    report,
-                    "nothing_to_learn",
-                    f"NOTHING TO LEARN: {data.counts.get('passed', 0)} verified passes of {live.ref} "
-                    f"(min_new_verified={self.min_new_verified}); {len(report.stuck)} tasks never pass "
-                    "and need outside data",
+                why = (
+                    f"NOTHING TO LEARN: {passes} verified passes (min_new_verified="
+                    f"{self.data.min_new_verified}); {len(result.stuck)} tasks never pass and need outside data"
                 )
+                return self._finish(result, "nothing_to_learn", why, live)
 
             # 2. train a candidate from the live weights (a new folder; the live one is untouched)
-            started = time.monotonic()
-            out = self.output_dir / f"{self.model}-run{run.id}"
-            self._phase("train", 0, 1)
-            result = self.method.train(live.path, data, out, seed=self.seed, callbacks=self.callbacks)
-            report.metrics = dict(result.metrics)
-            durations["train"] = time.monotonic() - started
-            candidate = self.store.register_model(
-                self.model,
-                result.path,
-                parent=live,
-                metrics=report.metrics,
-                training_run=run.id,
-                reason=f"training run {run.id} ({self.method.name})",
-            )
-            report.candidate = candidate
-            self.store.update_training_run(run.id, candidate=candidate.ref, metrics=report.metrics)
-            self._phase("train", 1, 1)
+            with self._timed(result, "train"):
+                out = self.output_dir / f"{self.model}-run{run.id}"
+                trained = self.method.train(live.path, data, out, seed=self.seed, callbacks=self.callbacks)
+                result.metrics = dict(trained.metrics)
+                candidate = self.store.register_model(
+                    self.model, trained.path, parent=live, metrics=result.metrics, training_run=run.id,
+                    reason=f"training run {run.id} ({self.method.name})",
+                )  # fmt: skip
+                result.candidate = candidate.ref
+                self.store.update_training_run(run.id, candidate=candidate.ref, metrics=result.metrics)
 
-            # 3. the gate: both versions on the held-out tasks, same agent, same verifiers
-            started = time.monotonic()
-            report.live_scores = self.evaluate_version(live)
-            report.candidate_scores = self.evaluate_version(candidate, training_run=run.id)
-            durations["gate"] = time.monotonic() - started
-            decision = decide(
-                report.candidate_scores,
-                report.live_scores,
-                margin=self.gate_margin,
-                confidence=self.confidence,
-                **self.gate,
-            )
-            report.decision = decision
+            # 3. evaluate both versions on the held-out tasks: same agent, same verifiers
+            with self._timed(result, "gate"):
+                result.live_scores = self.evaluate_version(live)
+                result.candidate_scores = self.evaluate_version(candidate, training_run=run.id)
+                result.heldout = result.live_scores.to_dict()
+                result.candidate_heldout = result.candidate_scores.to_dict()
+
+            # 4. gate, then promote (compare-and-set on the live version evaluated) or reject
+            decision = self._decide(result.candidate_scores, result.live_scores)
+            result.decision = decision.to_dict()
             self.store.update_training_run(
-                run.id, metrics={"gate": decision.to_dict(), "heldout": report.candidate_scores.to_dict()}
+                run.id, metrics={"gate": result.decision, "heldout": result.candidate_heldout}
             )
-            if decision.promote or not self.enforce_gate:
-                reason = decision.reason
-                if not decision.promote:
-                    reason = f"gate not enforced (it would reject: {decision.reason})"
-                self.store.promote(self.model, candidate.version, expected_live=live.version, reason=reason)
-                return self._finish(report, "promoted", reason)
+            if decision.promote:
+                self.store.promote(
+                    self.model, candidate.version, expected_live=live.version, reason=decision.reason
+                )
+                result.version, result.heldout = candidate.ref, result.candidate_heldout
+                return self._finish(result, "promoted", decision.reason, live)
             self.store.reject(self.model, candidate.version, reason=decision.reason)
-            return self._finish(report, "rejected", decision.reason)
+            return self._finish(result, "rejected", decision.reason, live)
         except NothingToLearn as exc:
-            return self._finish(report, "nothing_to_learn", f"NOTHING TO LEARN: {exc}")
+            return self._finish(result, "nothing_to_learn", f"NOTHING TO LEARN: {exc}", live)
         except Exception as exc:
-            report.status = "failed"
-            report.reason = f"training run failed: {type(exc).__name__}: {exc}"[:2000]
+            result.status = "failed"
+            result.reason = f"training run failed: {type(exc).__name__}: {exc}"[:2000]
             self.store.update_training_run(
-                run.id, status="failed", reason=report.reason, error=traceback.format_exc()[-8000:]
+                run.id, status="failed", reason=result.reason, error=traceback.format_exc()[-8000:]
             )
-            return report
+            return result
         except BaseException:
             # Ctrl-C or a kill: nothing was promoted; record it so `honed status` tells the truth.
             self.store.update_training_run(
@@ -309,11 +340,85 @@ class Cycle:
             )
             raise
 
-    def _finish(self, report: CycleReport, status: str, reason: str) -> CycleReport:
-        report.status, report.reason = status, reason
-        assert report.run is not None
-        report.run = self.store.update_training_run(report.run.id, status=status, reason=reason)
-        return report
+    # -- the pieces the cycle calls ----------------------------------------------------------------
+
+    def evaluate_version(self, version: ModelVersion, *, training_run: int | None = None) -> Scores:
+        """Score `version` on the held-out tasks (reusing a stored evaluation of the same tasks,
+        samples, temperature and verifiers: a version's weights never change) and record it."""
+        tasks = self.heldout_tasks()
+        key = self._eval_key(tasks)
+        for past in reversed(self.store.eval_runs(self.model, version=version.ref, split=HELDOUT)):
+            if past.metrics.get("eval_key") == key and "per_task" in past.metrics:
+                return Scores.from_metrics(past.metrics)
+        started = time.monotonic()
+        chat = self.chat_model(version, self.gate.temperature)
+        try:
+            scores = evaluate(
+                self.store,
+                self.agent(chat),
+                tasks,
+                self.verifiers,
+                samples=self.gate.samples,
+                metadata={"purpose": "gate", "evaluated": version.ref},
+                on_done=self._counter(f"evaluate {version.ref}", len(tasks) * self.gate.samples),
+            )
+        finally:
+            close = getattr(chat, "close", None)
+            if callable(close):
+                close()
+        metrics = {**scores.to_dict(), **scores.records(), "eval_key": key}
+        duration = time.monotonic() - started
+        self.store.record_eval(
+            self.model, version.ref, HELDOUT, metrics, training_run=training_run, duration_s=duration
+        )
+        return scores
+
+    def heldout_tasks(self) -> list[Task]:
+        """The gate's tasks: given ones, or every held-out task seen in the store."""
+        if not isinstance(self.heldout, str):
+            return list(self.heldout)
+        return tasks_from_store(self.store, self.heldout, agent=self.data.agent)
+
+    def _decide(self, candidate: Scores, live: Scores) -> GateDecision:
+        g = self.gate
+        return decide(
+            candidate, live, margin=g.margin, confidence=g.confidence,
+            slice_tolerance=g.slice_tolerance, min_diversity_ratio=g.min_diversity_ratio,
+        )  # fmt: skip
+
+    def _finish(self, result: CycleResult, status: str, reason: str, live: ModelVersion) -> CycleResult:
+        result.status, result.reason = status, reason
+        if not result.heldout and status != "promoted":
+            result.heldout = self._stored_heldout(live)
+        assert result.run_id is not None
+        self.store.update_training_run(result.run_id, status=status, reason=reason)
+        return result
+
+    def _stored_heldout(self, version: ModelVersion) -> dict[str, Any]:
+        """The last recorded held-out evaluation of `version` (what "live after" scores, without
+        evaluating again), or {}."""
+        key = self._eval_key(self.heldout_tasks())
+        for past in reversed(self.store.eval_runs(self.model, version=version.ref, split=HELDOUT)):
+            if past.metrics.get("eval_key") == key:
+                return dict(past.metrics)
+        return {}
+
+    def _record(self) -> dict[str, Any]:
+        config = getattr(self.method, "config", None)
+        return json.loads(
+            json.dumps(
+                {
+                    "method": config() if callable(config) else {"name": self.method.name},
+                    "data": self.data.record(),
+                    "gate": asdict(self.gate),
+                    "seed": self.seed,
+                },
+                default=str,
+            )
+        )
+
+    def _timed(self, result: CycleResult, phase: str) -> Any:
+        return _Phase(self, result, phase)
 
     def _phase(self, name: str, done: int, total: int) -> None:
         if self.on_progress:
@@ -332,9 +437,8 @@ class Cycle:
 
     def _eval_key(self, tasks: Sequence[Task]) -> str:
         ids = sorted(t.id for t in tasks)
-        raw = json.dumps(
-            [ids, self.samples, self.temperature, [getattr(v, "name", str(v)) for v in self.verifiers]]
-        )
+        names = [getattr(v, "name", str(v)) for v in self.verifiers]
+        raw = json.dumps([ids, self.gate.samples, self.gate.temperature, names])
         return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
@@ -370,30 +474,36 @@ def _request_text(task: Any) -> str | None:
     return None
 
 
-def _per_task(scores: Scores) -> dict[str, list[int]]:
-    return {t: [1 if r else 0 for r in rs] for t, rs in scores.per_task.items()}
+class _Phase:
+    """Times a phase into `result.durations` and shows it as a 0/1 -> 1/1 progress step."""
+
+    def __init__(self, cycle: Cycle, result: CycleResult, name: str) -> None:
+        self.cycle, self.result, self.name = cycle, result, name
+
+    def __enter__(self) -> None:
+        self.started = time.monotonic()
+        self.cycle._phase(self.name, 0, 1)
+
+    def __exit__(self, kind: Any, *_: Any) -> None:
+        self.result.durations[self.name] = round(time.monotonic() - self.started, 3)
+        if kind is None:
+            self.cycle._phase(self.name, 1, 1)
 
 
-def _scores_from_metrics(metrics: dict[str, Any]) -> Scores:
-    return Scores(
-        per_task={t: [bool(r) for r in rs] for t, rs in metrics["per_task"].items()},
-        slices=dict(metrics.get("task_slices") or {}),
-        diversity=dict(metrics.get("diversity") or {}),
-        trajectories=int(metrics.get("trajectories", 0)),
-        round=str(metrics.get("round", "")),
-    )
+def _selection_summary(data: Any) -> tuple[dict[str, Any], list[str]]:
+    """The selection's counts plus the attempt-level figures a cycle reports, and the stuck tasks."""
+    attempts = sum(t.get("n", 0) for t in data.tasks.values())
+    passes = sum(t.get("passed", 0) for t in data.tasks.values())
+    stuck = data.stuck or sorted(k for k, t in data.tasks.items() if not t.get("passed"))
+    summary = {
+        **data.counts,
+        "train_pass_rate": round(passes / attempts, 4) if attempts else None,
+        "trajectories": attempts,
+        "stuck_tasks": len(stuck),
+        "learnable_tasks": sum(1 for t in data.tasks.values() if 0 < t.get("passed", 0) < t.get("n", 0)),
+    }
+    return summary, stuck
 
 
-def _config_of(method: Any) -> Any:
-    config = getattr(method, "config", None)
-    return config() if callable(config) else {"name": getattr(method, "name", type(method).__name__)}
-
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))
-
-
-def _close(chat: Any) -> None:
-    close = getattr(chat, "close", None)
-    if callable(close):
-        close()
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None

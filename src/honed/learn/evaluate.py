@@ -155,6 +155,22 @@ class Scores:
     def task_rates(self) -> dict[str, float]:
         return {t: sum(bool(r) for r in rs) / len(rs) for t, rs in self.per_task.items() if rs}
 
+    def records(self) -> dict[str, Any]:
+        """What `from_metrics` needs besides `to_dict`: every sample's result per task, the slices."""
+        per_task = {t: [1 if r else 0 for r in rs] for t, rs in self.per_task.items()}
+        return {"per_task": per_task, "task_slices": dict(self.slices)}
+
+    @classmethod
+    def from_metrics(cls, metrics: dict[str, Any]) -> Scores:
+        """Scores from a stored evaluation's metrics (`to_dict() | records()`)."""
+        return cls(
+            per_task={t: [bool(r) for r in rs] for t, rs in metrics["per_task"].items()},
+            slices=dict(metrics.get("task_slices") or {}),
+            diversity=dict(metrics.get("diversity") or {}),
+            trajectories=int(metrics.get("trajectories", 0)),
+            round=str(metrics.get("round", "")),
+        )
+
     def to_dict(self) -> dict[str, Any]:
         k = self.samples
         return {
