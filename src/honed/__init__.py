@@ -8,6 +8,7 @@ store.trajectories(limit=10)
 
 from typing import Any
 
+from honed._lazy import lazy_attributes
 from honed.capture import CallbackHandler, Middleware, flush, instrument, stats, uninstrument, wrap
 from honed.capture.recorder import Recorder
 from honed.serving.served import ServedModel
@@ -43,10 +44,5 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    """`honed.LocalChatModel` imports torch, so only on first use (capture never needs torch)."""
-    if name == "LocalChatModel":
-        from honed.serving.local import LocalChatModel
-
-        return LocalChatModel
-    raise AttributeError(f"module 'honed' has no attribute {name!r}")
+# `honed.LocalChatModel` imports torch, so only on first use (capture never needs torch).
+__getattr__ = lazy_attributes(__name__, {"LocalChatModel": "honed.serving.local"})

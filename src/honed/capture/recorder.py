@@ -2,8 +2,8 @@
 
 `Recorder.emit` is what the agent's thread pays for a captured event: a bounded-deque append.
 The writer thread drains the queue in batches, assembles trajectories, serialises and redacts them,
-and inserts them into the store; when the store is down they go to a spool file and are replayed,
-in order, once it answers again. Nothing here raises into the agent.
+and hands each batch to its sinks (`honed.capture.sinks`): the store (or the spool while it is
+down) and any live exporters. Nothing here raises into the agent.
 """
 
 from __future__ import annotations
@@ -17,32 +17,21 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from honed.capture.assembler import FLUSH, PENDING_LINGER_S, Assembler
 from honed.capture.redact import Redactor
 from honed.capture.serialize import Serializer
-from honed.capture.spool import Spool, default_spool_path
-from honed.store import TrajectoryStore, record_to_trajectory, resolve_store_url
-from honed.trajectory import Trajectory
+from honed.capture.sinks import ExporterSink, Sink, StoreSink, TrajectoryExporter
+from honed.store import TrajectoryStore
 
 log = logging.getLogger("honed")
 
 DEFAULT_MAX_QUEUE = 200_000  # events; beyond it new events are dropped and counted
 DEFAULT_FLUSH_INTERVAL_S = 0.2
 DEFAULT_OPEN_TIMEOUT_S = 3600  # a run silent this long is written as incomplete (HONED_OPEN_TIMEOUT_S)
-_RETRY_MIN_S, _RETRY_MAX_S = 0.5, 30.0
 
 _live: weakref.WeakSet[Recorder] = weakref.WeakSet()
-
-
-class TrajectoryExporter(Protocol):
-    """A live sink beside the store (OTLP, a file): called on the writer thread with each batch of
-    finished trajectories, whether the store took them or they were spooled. Must not block long."""
-
-    def export(self, trajectories: Sequence[Trajectory]) -> None: ...
-
-    def shutdown(self) -> None: ...
 
 
 def _env_int(name: str, default: int) -> int:
@@ -82,20 +71,16 @@ class Recorder:
         open_timeout_s: float | None = None,
         exporters: Sequence[TrajectoryExporter] = (),
     ) -> None:
-        self._owns_store = not isinstance(store, TrajectoryStore)
-        if isinstance(store, TrajectoryStore):
-            self._store: TrajectoryStore | None = store
-            self.store_url = store.url
-        else:
-            self._store = None
-            self.store_url = resolve_store_url(store)
+        self._store_sink = StoreSink(store, spool_path)
+        self.store_url = self._store_sink.store_url
+        self.spool = self._store_sink.spool
         self.max_queue = max_queue or _env_int("HONED_MAX_QUEUE", DEFAULT_MAX_QUEUE)
         self.open_timeout_s = float(
             open_timeout_s or _env_int("HONED_OPEN_TIMEOUT_S", DEFAULT_OPEN_TIMEOUT_S)
         )
         self._next_stale_check = 0.0
         self.exporters = list(exporters)
-        self.spool = Spool(Path(spool_path) if spool_path else default_spool_path(self.store_url))
+        self.sinks: list[Sink] = [self._store_sink, *(ExporterSink(e) for e in self.exporters)]
         self._serializer = Serializer(max_field_bytes=max_field_bytes, redactor=Redactor(redact))
         self._assembler = Assembler(self._serializer.field)
         self._queue: deque[tuple[Any, ...]] = deque()
@@ -104,23 +89,7 @@ class Recorder:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._closed = False
-        self._retry_at = 0.0
-        self._retry_delay = _RETRY_MIN_S
-        self._store_error: str | None = None
-        self._counts = dict.fromkeys(
-            (
-                "events_dropped",
-                "events_processed",
-                "trajectories_captured",
-                "trajectories_written",
-                "steps_written",
-                "trajectories_spooled",
-                "trajectories_replayed",
-                "write_errors",
-                "export_errors",
-            ),
-            0,
-        )
+        self._counts = dict.fromkeys(("events_dropped", "events_processed", "trajectories_captured"), 0)
         _live.add(self)
 
     # -- hot path ----------------------------------------------------------------------------
@@ -168,33 +137,19 @@ class Recorder:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
-        if self._store is not None and self._owns_store:
-            self._store.close()
-        for exporter in self.exporters:
-            try:
-                exporter.shutdown()
-            except Exception:
-                log.exception("honed: the exporter %r failed to shut down", exporter)
+        for sink in self.sinks:
+            sink.close()
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
             counts = dict(self._counts)
         counts["events_captured"] = counts["events_processed"] + len(self._queue)
         counts["queue_depth"] = len(self._queue)
-        counts["spool_pending"] = self.spool.pending()
         counts["open_trajectories"] = self._assembler.open_trajectories
         counts["events_ignored"] = self._assembler.ignored_events
-        counts["store"] = self._safe_url()
-        counts["store_error"] = self._store_error
+        counts |= self._store_sink.stats()
+        counts["export_errors"] = sum(s.stats().get("export_errors", 0) for s in self.sinks[1:])
         return counts
-
-    def _safe_url(self) -> str:
-        from sqlalchemy.engine import make_url
-
-        try:
-            return make_url(self.store_url).render_as_string(hide_password=True)
-        except Exception:
-            return "<unparseable store URL>"
 
     # -- writer thread -----------------------------------------------------------------------
 
@@ -246,90 +201,17 @@ class Recorder:
             done.set()
 
     def _write(self, records: list[dict[str, Any]]) -> None:
-        if not records:
-            self._replay_if_due()
-            return
-        with self._lock:
-            self._counts["trajectories_captured"] += len(records)
-        self._export(records)
-        if self.spool.has_pending() and not self._replay_if_due():
-            self._to_spool(records)  # keep order: nothing overtakes what is already spooled
-            return
-        try:
-            self._save(records)
-        except Exception as exc:
-            self._store_down(exc)
-            self._to_spool(records)
-
-    def _export(self, records: list[dict[str, Any]]) -> None:
-        if not self.exporters:
-            return
-        try:
-            trajectories = [record_to_trajectory(r) for r in records]
-        except Exception:
-            log.exception("honed: could not prepare trajectories for the exporters")
-            return
-        for exporter in self.exporters:
+        for sink in self.sinks:
             try:
-                exporter.export(trajectories)
-            except Exception:  # an exporter's outage must not touch the store path
-                with self._lock:
-                    self._counts["export_errors"] += 1
-                log.exception("honed: the exporter %r failed; the store is unaffected", exporter)
-
-    def _save(self, records: list[dict[str, Any]]) -> None:
-        if self._store is None:
-            self._store = TrajectoryStore(self.store_url)
-        self._store.save_records(records)
-        with self._lock:
-            self._counts["trajectories_written"] += len(records)
-            self._counts["steps_written"] += sum(len(r["steps"]) for r in records)
-        if self._store_error is not None:
-            log.warning("honed: the store %s is reachable again", self._safe_url())
-        self._store_error = None
-        self._retry_delay = _RETRY_MIN_S
-
-    def _replay_if_due(self) -> bool:
-        """Replay the spool if it has records and a retry is due; True when it is now empty."""
-        if not self.spool.has_pending():
-            return True
-        if time.monotonic() < self._retry_at:
-            return False
-        try:
-            replayed = self.spool.replay(self._save)
-        except Exception as exc:
-            self._store_down(exc)
-            return False
-        with self._lock:
-            self._counts["trajectories_replayed"] += replayed
-        if replayed:
-            log.warning("honed: replayed %d spooled trajectories into %s", replayed, self._safe_url())
-        return True
-
-    def _to_spool(self, records: list[dict[str, Any]]) -> None:
-        try:
-            self.spool.append(records)
+                if records:
+                    sink.write(records)
+                else:
+                    sink.idle()  # nothing new: a chance to replay the spool
+            except Exception:  # a sink's bug must not stop the others or the writer
+                log.exception("honed: the sink %r failed", sink)
+        if records:
             with self._lock:
-                self._counts["trajectories_spooled"] += len(records)
-        except Exception:
-            with self._lock:
-                self._counts["write_errors"] += len(records)
-            log.exception(
-                "honed: could not write %d trajectories to the spool %s", len(records), self.spool.path
-            )
-
-    def _store_down(self, exc: BaseException) -> None:
-        message = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
-        if self._store_error is None:
-            log.warning(
-                "honed: the store %s is unavailable (%s); spooling to %s",
-                self._safe_url(),
-                message,
-                self.spool.path,
-            )
-        self._store_error = message
-        self._retry_at = time.monotonic() + self._retry_delay
-        self._retry_delay = min(self._retry_delay * 2, _RETRY_MAX_S)
+                self._counts["trajectories_captured"] += len(records)
 
 
 def live_recorders() -> list[Recorder]:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from importlib import import_module
 from typing import Any
 
+from honed._lazy import lazy_attributes
 from honed.demo.coding import CodingSuite
 from honed.demo.extraction import ExtractionSuite
 from honed.demo.suite import Suite, load_suite
@@ -53,8 +54,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'honed.demo' has no attribute {name!r}")
-    return getattr(import_module(module), name)
+__getattr__ = lazy_attributes(__name__, _LAZY)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from honed._lazy import lazy_attributes
 from honed.exporters.datasets import (
     ExportResult,
     NotExportable,
@@ -41,9 +42,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _OTEL:
-        from honed.exporters import otel
-
-        return getattr(otel, name)
-    raise AttributeError(f"module 'honed.exporters' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, dict.fromkeys(_OTEL, "honed.exporters.otel"))

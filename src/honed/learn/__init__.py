@@ -12,6 +12,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from honed._lazy import lazy_attributes
+
 _EXPORTS = {
     "Cycle": "honed.learn.cycle",
     "CycleResult": "honed.learn.cycle",
@@ -53,8 +55,5 @@ def quiet_progress_bars() -> None:
     hf_logging.disable_progress_bar()
 
 
-def __getattr__(name: str) -> Any:
-    # Lazy: `honed.learn.gate` is cheap, the methods import torch and TRL.
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'honed.learn' has no attribute {name!r}")
+# Lazy: `honed.learn.gate` is cheap, the methods import torch and TRL.
+__getattr__ = lazy_attributes(__name__, _EXPORTS)

@@ -1,0 +1,187 @@
+"""Where the writer sends finished trajectories: one small interface, the store and live exporters.
+
+A `Sink` is what OpenTelemetry's `SpanExporter` is to its `BatchProcessor`: the recorder's one writer
+thread hands each batch of finished records to every sink, in order, and a sink's failure never
+reaches another sink or the agent. `StoreSink` is the durable path: the store, or the spool while
+the store is down (replayed in order, nothing overtaking what waits). `ExporterSink` adapts a
+live `TrajectoryExporter` (OTLP spans, a file) that wants `Trajectory` objects.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from honed.capture.spool import Spool, default_spool_path
+from honed.store import TrajectoryStore, record_to_trajectory, resolve_store_url
+from honed.trajectory import Trajectory
+
+log = logging.getLogger("honed")
+
+Record = dict[str, Any]
+_RETRY_MIN_S, _RETRY_MAX_S = 0.5, 30.0
+
+
+class Sink(Protocol):
+    """Receives batches of finished trajectory records on the writer thread."""
+
+    def write(self, records: list[Record]) -> None: ...
+
+    def idle(self) -> None:
+        """Called when a drain had nothing to write (a chance to retry)."""
+
+    def stats(self) -> dict[str, Any]: ...
+
+    def close(self) -> None: ...
+
+
+class TrajectoryExporter(Protocol):
+    """A live sink beside the store (OTLP, a file): called on the writer thread with each batch of
+    finished trajectories, whether the store took them or they were spooled. Must not block long."""
+
+    def export(self, trajectories: Sequence[Trajectory]) -> None: ...
+
+    def shutdown(self) -> None: ...
+
+
+class StoreSink:
+    """The store, with the spool as its fallback. Records go to the store; while it is down they are
+    appended to the spool, and replayed in order (retried with backoff) once it answers."""
+
+    def __init__(self, store: str | TrajectoryStore | None, spool_path: str | Path | None = None) -> None:
+        self._owns_store = not isinstance(store, TrajectoryStore)
+        self._store: TrajectoryStore | None = store if isinstance(store, TrajectoryStore) else None
+        self.store_url = store.url if isinstance(store, TrajectoryStore) else resolve_store_url(store)
+        self.spool = Spool(Path(spool_path) if spool_path else default_spool_path(self.store_url))
+        self.error: str | None = None
+        self._retry_at = 0.0
+        self._retry_delay = _RETRY_MIN_S
+        self._lock = threading.Lock()
+        self._counts = dict.fromkeys(
+            (
+                "trajectories_written",
+                "steps_written",
+                "trajectories_spooled",
+                "trajectories_replayed",
+                "write_errors",
+            ),
+            0,
+        )
+
+    def write(self, records: list[Record]) -> None:
+        if self.spool.has_pending() and not self._replay_if_due():
+            self._to_spool(records)  # keep order: nothing overtakes what is already spooled
+            return
+        try:
+            self._save(records)
+        except Exception as exc:
+            self._store_down(exc)
+            self._to_spool(records)
+
+    def idle(self) -> None:
+        self._replay_if_due()
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            counts: dict[str, Any] = dict(self._counts)
+        counts["spool_pending"] = self.spool.pending()
+        counts["store"] = self.safe_url()
+        counts["store_error"] = self.error
+        return counts
+
+    def close(self) -> None:
+        if self._store is not None and self._owns_store:
+            self._store.close()
+
+    def safe_url(self) -> str:
+        from sqlalchemy.engine import make_url
+
+        try:
+            return make_url(self.store_url).render_as_string(hide_password=True)
+        except Exception:
+            return "<unparseable store URL>"
+
+    def _save(self, records: list[Record]) -> None:
+        if self._store is None:
+            self._store = TrajectoryStore(self.store_url)
+        self._store.save_records(records)
+        with self._lock:
+            self._counts["trajectories_written"] += len(records)
+            self._counts["steps_written"] += sum(len(r["steps"]) for r in records)
+        if self.error is not None:
+            log.warning("honed: the store %s is reachable again", self.safe_url())
+        self.error = None
+        self._retry_delay = _RETRY_MIN_S
+
+    def _replay_if_due(self) -> bool:
+        """Replay the spool if it has records and a retry is due; True when it is now empty."""
+        if not self.spool.has_pending():
+            return True
+        if time.monotonic() < self._retry_at:
+            return False
+        try:
+            replayed = self.spool.replay(self._save)
+        except Exception as exc:
+            self._store_down(exc)
+            return False
+        with self._lock:
+            self._counts["trajectories_replayed"] += replayed
+        if replayed:
+            log.warning("honed: replayed %d spooled trajectories into %s", replayed, self.safe_url())
+        return True
+
+    def _to_spool(self, records: list[Record]) -> None:
+        try:
+            self.spool.append(records)
+            with self._lock:
+                self._counts["trajectories_spooled"] += len(records)
+        except Exception:
+            with self._lock:
+                self._counts["write_errors"] += len(records)
+            log.exception(
+                "honed: could not write %d trajectories to the spool %s", len(records), self.spool.path
+            )
+
+    def _store_down(self, exc: BaseException) -> None:
+        message = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+        if self.error is None:
+            log.warning(
+                "honed: the store %s is unavailable (%s); spooling to %s",
+                self.safe_url(),
+                message,
+                self.spool.path,
+            )
+        self.error = message
+        self._retry_at = time.monotonic() + self._retry_delay
+        self._retry_delay = min(self._retry_delay * 2, _RETRY_MAX_S)
+
+
+class ExporterSink:
+    """A `TrajectoryExporter` as a sink: records become `Trajectory` objects once per batch."""
+
+    def __init__(self, exporter: TrajectoryExporter) -> None:
+        self.exporter = exporter
+        self.errors = 0
+
+    def write(self, records: list[Record]) -> None:
+        try:
+            self.exporter.export([record_to_trajectory(r) for r in records])
+        except Exception:  # an exporter's outage must not touch the store path
+            self.errors += 1
+            log.exception("honed: the exporter %r failed; the store is unaffected", self.exporter)
+
+    def idle(self) -> None:
+        return None
+
+    def stats(self) -> dict[str, Any]:
+        return {"export_errors": self.errors}
+
+    def close(self) -> None:
+        try:
+            self.exporter.shutdown()
+        except Exception:
+            log.exception("honed: the exporter %r failed to shut down", self.exporter)
