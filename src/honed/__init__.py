@@ -6,8 +6,6 @@ store = honed.open_store("sqlite:///honed.db")
 store.trajectories(limit=10)
 """
 
-from typing import Any
-
 from honed._lazy import lazy_attributes
 from honed.capture import CallbackHandler, Middleware, flush, instrument, stats, uninstrument, wrap
 from honed.capture.recorder import Recorder

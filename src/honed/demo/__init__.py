@@ -10,8 +10,6 @@ learning loop with its tuned defaults (`honed demo`, `benchmarks/learning.py`). 
 from __future__ import annotations
 
 from collections.abc import Callable
-from importlib import import_module
-from typing import Any
 
 from honed._lazy import lazy_attributes
 from honed.demo.coding import CodingSuite

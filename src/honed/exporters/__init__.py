@@ -10,8 +10,6 @@ is built.
 
 from __future__ import annotations
 
-from typing import Any
-
 from honed._lazy import lazy_attributes
 from honed.exporters.datasets import (
     ExportResult,

@@ -9,9 +9,6 @@ Needs the `honed[train]` extra (torch, transformers, TRL); nothing in capture im
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 from honed._lazy import lazy_attributes
 
 _EXPORTS = {

@@ -7,8 +7,7 @@ Imported lazily: the local model needs torch (`honed[train]`), the server FastAP
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from honed._lazy import lazy_attributes
 
