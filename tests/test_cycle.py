@@ -123,7 +123,7 @@ def test_nothing_to_learn_is_said_loudly_and_a_failed_run_is_recorded(world: dic
     store = world["store"]
     quiet = cycle(world, SFTMethod(), data=DataConfig(agent=NAME, min_new_verified=100)).run()
     assert quiet.status == "nothing_to_learn" and quiet.reason.startswith(
-        "NOTHING TO LEARN: 8 verified passes"
+        "NOTHING TO LEARN: 8 new verified passes of adder@v1"
     )
     broken = cycle(world, SFTMethod(args={"no_such_setting": 1})).run()
     assert broken.status == "failed" and "no_such_setting" in broken.reason

@@ -482,3 +482,38 @@ def test_export_and_training_take_the_same_verified_rows(any_store: TrajectorySt
 
     assert exported_users == trained_users == [question("t-mixed"), question("t-ok")]
     assert result.written == len(data) == 2
+
+
+def test_a_cycle_learns_from_its_whole_lineage_newest_first(store: TrajectoryStore, tmp_path: Any) -> None:
+    """Experience accumulates across versions (the live one and its ancestors, not a sibling), the
+    per-task cap keeps the newest versions' attempts first, and the newest can be weighted up."""
+    from collections import Counter
+
+    from honed.learn.cycle import DataConfig, lineage
+
+    v1 = store.register_model("calc", tmp_path, reason="base")
+    v2 = store.register_model("calc", tmp_path, parent=v1)
+    sibling = store.register_model("calc", tmp_path, parent=v1)  # v3: trained from v1, never promoted
+    v4 = store.register_model("calc", tmp_path, parent=v2)
+    chain = lineage(store, v4)
+    assert [v.ref for v in chain] == ["calc@v4", "calc@v2", "calc@v1"]
+    by_id = {}
+    for version, n in ((v1, 3), (v2, 3), (sibling, 2), (v4, 2)):
+        for i in range(n):
+            t = add(store, make_trajectory("t1", model_version=version.ref, a=10 * version.version + i), True)
+            by_id[t.id] = version.ref
+
+    def versions_of(data: Any) -> Counter[str]:
+        return Counter(by_id[i] for i in data.trajectory_ids)
+
+    accumulated = prepare(store, "sft", **DataConfig(max_per_task=4).filters(v4, chain))
+    assert versions_of(accumulated) == {"calc@v4": 2, "calc@v2": 2}  # newest first under the cap
+    assert accumulated.versions["calc@v4"] == {"n": 2, "passed": 2, "failed": 0}
+    everything = prepare(store, "sft", **DataConfig(max_per_task=None).filters(v4, chain))
+    assert versions_of(everything) == {"calc@v4": 2, "calc@v2": 3, "calc@v1": 3}  # not the sibling
+    live_only = prepare(store, "sft", **DataConfig(versions="live").filters(v4, chain))
+    assert versions_of(live_only) == {"calc@v4": 2}
+    weighted = prepare(store, "sft", **DataConfig(max_per_task=4, newest_weight=3).filters(v4, chain))
+    assert len(weighted) == 4 + 2 * 2 and weighted.counts["weighted_up"] == 4
+    rows = Counter(weighted.dataset["trajectory_id"])
+    assert all(rows[i] == 3 for i, v in by_id.items() if v == "calc@v4")

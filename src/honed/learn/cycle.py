@@ -43,15 +43,21 @@ class DataConfig:
     """What a cycle learns from (the arguments of `honed.learn.datasets.prepare`).
 
     `min_new_verified`: fewer verified passes than this and the cycle has nothing to learn.
-    `versions`: "live" learns from the live version's runs only, "all" from every version's (and
-    from runs no version served, e.g. a teacher configuration's). `agent`: only this agent's runs. `max_per_task`: attempts kept per task. `external` chat
+    `versions`: "lineage" (the default) learns from the runs of the live version and every version
+    it descends from, newest first under the per-task cap (experience accumulates across cycles
+    instead of being replaced: Gerstgrasser et al. 2024); `window` keeps only the newest that many
+    versions of it; `newest_weight` repeats the live version's rows. "live" learns from the live
+    version's runs only; "all" from every run (including runs no version served, e.g. a teacher
+    configuration's). `agent`: only this agent's runs. `max_per_task`: attempts kept per task. `external` chat
     examples make up `external_ratio` of the rows (SFT, distill, KTO). `heldout_fraction`: tasks
     captured without a split are held out by a stable hash. `verified=False` trains on every
     attempt (a measurement arm, never production). `verifiers`: only these label.
     """
 
     min_new_verified: int = 1
-    versions: Literal["live", "all"] = "live"
+    versions: Literal["lineage", "live", "all"] = "lineage"
+    window: int | None = None
+    newest_weight: int = 1
     agent: str | None = None
     max_per_task: int | None = 8
     external: Sequence[Any] | None = None
@@ -60,16 +66,16 @@ class DataConfig:
     verified: bool = True
     verifiers: tuple[str, ...] | None = None
 
-    def filters(self, live: ModelVersion) -> dict[str, Any]:
-        """`prepare`'s keyword arguments for a cycle training `live`."""
-        fields = {
-            k: getattr(self, k)
-            for k in self.__dataclass_fields__
-            if k not in ("min_new_verified", "versions")
-        }
+    def filters(self, live: ModelVersion, lineage: Sequence[ModelVersion]) -> dict[str, Any]:
+        """`prepare`'s keyword arguments for a cycle training `live` (`lineage`: live, its parent,
+        ... back to the base)."""
+        own = ("min_new_verified", "versions", "window")
+        fields = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in own}
         fields = {k: v for k, v in fields.items() if v is not None or k == "max_per_task"}
         if self.versions == "live":
             fields["model_version"] = live.ref
+        elif self.versions == "lineage":
+            fields["model_version"] = [v.ref for v in lineage[: self.window]]
         return fields
 
     def record(self) -> dict[str, Any]:
@@ -278,15 +284,18 @@ class Cycle:
         try:
             # 1. select: what was verifiably done right (and wrong), held-out tasks excluded
             with self._timed(result, "select"):
-                data = prepare(self.store, self.method.name, seed=self.seed, **self.data.filters(live))
-                result.data, result.stuck = _selection_summary(data)
+                filters = self.data.filters(live, lineage(self.store, live))
+                data = prepare(self.store, self.method.name, seed=self.seed, **filters)
+                result.data, result.stuck = _selection_summary(data, live)
                 self.store.add_training_examples(run.id, data.trajectory_ids)
                 self.store.update_training_run(run.id, data=result.data)
-            passes = data.counts.get("passed", 0)
+            # New experience is the live version's own (with "all", whatever was selected).
+            own = data.versions.get(live.ref, {}) if self.data.versions != "all" else data.counts
+            passes = own.get("passed", 0)
             short = passes < self.data.min_new_verified if self.data.verified else len(data) == 0
             if short and self.method.name != "grpo":
                 why = (
-                    f"NOTHING TO LEARN: {passes} verified passes (min_new_verified="
+                    f"NOTHING TO LEARN: {passes} new verified passes of {live.ref} (min_new_verified="
                     f"{self.data.min_new_verified}); {len(result.stuck)} tasks never pass and need outside data"
                 )
                 return self._finish(result, "nothing_to_learn", why, live)
@@ -490,15 +499,27 @@ class _Phase:
             self.cycle._phase(self.name, 1, 1)
 
 
-def _selection_summary(data: Any) -> tuple[dict[str, Any], list[str]]:
-    """The selection's counts plus the attempt-level figures a cycle reports, and the stuck tasks."""
-    attempts = sum(t.get("n", 0) for t in data.tasks.values())
-    passes = sum(t.get("passed", 0) for t in data.tasks.values())
+def lineage(store: Any, version: ModelVersion) -> list[ModelVersion]:
+    """`version`, the version it was trained from, and so on back to the base: newest first."""
+    by_id = {v.id: v for v in store.versions(version.name)}
+    chain, seen = [version], {version.id}
+    while chain[-1].parent is not None and chain[-1].parent in by_id and chain[-1].parent not in seen:
+        chain.append(by_id[chain[-1].parent])
+        seen.add(chain[-1].id)
+    return chain
+
+
+def _selection_summary(data: Any, live: ModelVersion) -> tuple[dict[str, Any], list[str]]:
+    """The selection's counts plus the attempt-level figures a cycle reports (the live version's
+    attempts: what it did since the last cycle), and the tasks that never passed."""
+    own = data.versions.get(live.ref, {})
+    attempts, passes = own.get("n", 0), own.get("passed", 0)
     stuck = data.stuck or sorted(k for k, t in data.tasks.items() if not t.get("passed"))
     summary = {
         **data.counts,
         "train_pass_rate": round(passes / attempts, 4) if attempts else None,
         "trajectories": attempts,
+        "versions": {v: n["n"] for v, n in data.versions.items()},
         "stuck_tasks": len(stuck),
         "learnable_tasks": sum(1 for t in data.tasks.values() if 0 < t.get("passed", 0) < t.get("n", 0)),
     }

@@ -54,7 +54,8 @@ class TrainingData:
     `trajectory_ids` is the lineage (every trajectory that produced a row), recorded with the
     training run. `counts` says what the selection kept and dropped (selected, passed, failed,
     unlabeled, heldout_excluded, duplicates, capped, skipped, external, rows, pretokenized,
-    missing_token_ids). `tasks` is per task `{"n", "passed", "failed"}` over the selection;
+    missing_token_ids, weighted_up). `tasks` is per task `{"n", "passed", "failed"}` over the
+    selection, `versions` the same per model version;
     `weights` and `stuck` are the curriculum (GRPO fills them).
     """
 
@@ -63,6 +64,7 @@ class TrainingData:
     trajectory_ids: list[str]
     counts: dict[str, int]
     tasks: dict[str, dict[str, int]] = field(default_factory=dict)
+    versions: dict[str, dict[str, int]] = field(default_factory=dict)
     weights: dict[str, float] = field(default_factory=dict)
     stuck: list[str] = field(default_factory=list)
 
@@ -85,7 +87,7 @@ def prepare(
     method: str,
     *,
     agent: str | None = None,
-    model_version: str | None = None,
+    model_version: str | Sequence[str] | None = None,
     since: datetime | None = None,
     ids: Iterable[str] | None = None,
     task_ids: Iterable[str] | None = None,
@@ -102,11 +104,14 @@ def prepare(
     untrusted: Iterable[str] | None = None,
     verifiers: Iterable[str] | None = None,
     pretokenized: bool | None = None,
+    newest_weight: int = 1,
 ) -> TrainingData:
     """Select trajectories from `store` and build `method`'s TRL dataset (see the module docstring).
 
-    Filters: `agent`, `model_version`, `since`, `split`, `task_ids`, `ids` (exactly these
-    trajectories), `limit` (the newest that many). Held-out tasks are left out: split equal to
+    Filters: `agent`, `model_version` (one version, or several: a lineage, newest first), `since`,
+    `split`, `task_ids`, `ids` (exactly these trajectories), `limit` (the newest that many). With
+    several versions, the per-task cap keeps the newest versions' attempts first, and
+    `newest_weight` repeats the first version's rows that many times (SFT, distill). Held-out tasks are left out: split equal to
     `heldout_split`, any task that has a trajectory in that split, or (no split) a task whose
     stable hash falls under `heldout_fraction`; asking for one by split, id or task raises
     `HeldOutLeak`. `verified=False` trains on every attempt regardless of verdicts (SFT, KTO).
@@ -143,10 +148,14 @@ def prepare(
     tasks = _task_summary(selected, labels)
 
     ext = _external_examples(external, heldout) if external is not None else []
-    build = _Build(method, counts, seed, max_per_task)
+    versions = [model_version] if isinstance(model_version, str) else list(model_version or ())
+    build = _Build(method, counts, seed, max_per_task, rank={v: i for i, v in enumerate(versions)})
     if method in ("sft", "distill"):
         keep = [t for t in selected if labels[t.id] is True or not verified]
         data = build.sft(keep, ext, external_ratio, tokenizer, pretokenized)
+        if newest_weight > 1 and versions:
+            newest = {t.id for t in keep if t.model_version == versions[0]}
+            data = build.weigh(data, newest, newest_weight)
     elif method == "kto":
         keep = [t for t in selected if labels[t.id] is not None or not verified]
         desirable = {t.id: labels[t.id] is not False or not verified for t in keep}
@@ -156,6 +165,7 @@ def prepare(
     else:
         data = build.grpo(selected, labels)
     data.tasks = tasks
+    data.versions = _version_summary(selected, labels)
     data.counts = {**dict.fromkeys(_COUNT_KEYS, 0), **counts, "rows": len(data.dataset)}
     return data
 
@@ -213,7 +223,7 @@ def curriculum_weights(
 
 _COUNT_KEYS = (
     "selected", "passed", "failed", "unlabeled", "heldout_excluded", "duplicates", "capped",
-    "skipped", "external", "rows", "pretokenized", "missing_token_ids",
+    "skipped", "external", "rows", "pretokenized", "missing_token_ids", "weighted_up",
 )  # fmt: skip
 
 
@@ -223,7 +233,7 @@ def _select(
     counts: Counter[str],
     *,
     agent: str | None,
-    model_version: str | None,
+    model_version: str | Sequence[str] | None,
     since: datetime | None,
     ids: Iterable[str] | None,
     task_ids: Iterable[str] | None,
@@ -237,7 +247,7 @@ def _select(
             t
             for t in chosen
             if (agent is None or t.agent == agent)
-            and (model_version is None or t.model_version == model_version)
+            and (model_version is None or t.model_version in _as_list(model_version))
             and (since is None or (t.started_at is not None and t.started_at >= since))
             and (split is None or t.split == split)
         ]
@@ -296,6 +306,17 @@ def _age(t: Trajectory) -> tuple[str, str]:
     return (t.started_at.isoformat() if t.started_at else "", t.id)
 
 
+def _version_summary(selected: list[Trajectory], labels: dict[str, bool | None]) -> dict[str, dict[str, int]]:
+    """Per model version `{"n", "passed", "failed"}` over the selection (a lineage has several)."""
+    versions: dict[str, dict[str, int]] = {}
+    for t in selected:
+        entry = versions.setdefault(t.model_version or "", {"n": 0, "passed": 0, "failed": 0})
+        entry["n"] += 1
+        entry["passed"] += labels[t.id] is True
+        entry["failed"] += labels[t.id] is False
+    return versions
+
+
 def _task_summary(selected: list[Trajectory], labels: dict[str, bool | None]) -> dict[str, dict[str, int]]:
     tasks: dict[str, dict[str, int]] = {}
     for t in selected:
@@ -351,8 +372,11 @@ class _Example:
 class _Build:
     """Row builders for each method; they share the counters, the seed and the per-task cap."""
 
-    def __init__(self, method: str, counts: Counter[str], seed: int, max_per_task: int | None) -> None:
+    def __init__(
+        self, method: str, counts: Counter[str], seed: int, max_per_task: int | None, rank: dict[str, int]
+    ) -> None:
         self.method, self.counts, self.seed, self.max_per_task = method, counts, seed, max_per_task
+        self.rank = rank  # version ref -> 0 for the newest of a lineage; newer attempts are kept first
 
     def sft(
         self,
@@ -525,9 +549,28 @@ class _Build:
         for (group, lab), members in groups.items():
             if len(members) > self.max_per_task:
                 self.counts["capped"] += len(members) - self.max_per_task
-                members = random.Random(f"{self.seed}:{group}:{lab}").sample(members, self.max_per_task)
+                rng = random.Random(f"{self.seed}:{group}:{lab}")
+                shuffled = rng.sample(members, len(members))
+                newest_first = sorted(
+                    shuffled, key=lambda e: self.rank.get(e.trajectory.model_version or "", 0)
+                )
+                members = newest_first[: self.max_per_task]
             keep.update(e.trajectory.id for e in members)
         return [e for e in examples if e.trajectory.id in keep]
+
+    def weigh(self, data: TrainingData, trajectory_ids: set[str], weight: int) -> TrainingData:
+        """Repeat the rows of `trajectory_ids` `weight` times in all: the live version's experience
+        counts more than its ancestors' (SFT has no per-row weights; repetition is the weight)."""
+        ids = data.dataset["trajectory_id"] if "trajectory_id" in data.dataset.column_names else []
+        extra = [i for i, tid in enumerate(ids) if tid in trajectory_ids]
+        if not extra or weight <= 1:
+            return data
+        from datasets import concatenate_datasets
+
+        repeated = data.dataset.select([i for i in extra for _ in range(weight - 1)])
+        data.dataset = concatenate_datasets([data.dataset, repeated]).shuffle(seed=self.seed)
+        self.counts["weighted_up"] = len(repeated)
+        return data
 
     def _sample_external(self, external: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
         if n <= 0 or not external:
@@ -719,3 +762,7 @@ def _check_method(method: str) -> str:
     if method not in METHODS:
         raise ValueError(f"unknown training method {method!r}; choose one of {', '.join(METHODS)}")
     return method
+
+
+def _as_list(value: str | Sequence[str]) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)

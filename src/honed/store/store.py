@@ -159,7 +159,7 @@ class TrajectoryStore(VerificationStore, ModelRegistry, TrainingLog):
         verdict: VerdictFilter | None = None,
         since: datetime | None = None,
         until: datetime | None = None,
-        model_version: str | None = None,
+        model_version: str | Sequence[str] | None = None,
         ids: Iterable[str] | None = None,
         exclude_task_ids: Iterable[str] | None = None,
         with_steps: bool = True,
@@ -331,10 +331,13 @@ def _filtered(
         (T.task_id, task_id),
         (T.split, split),
         (T.status, status),
-        (T.model_version, model_version),
     ):
         if value is not None:
             query = query.where(column == value)
+    if isinstance(model_version, str):
+        query = query.where(T.model_version == model_version)
+    elif model_version is not None:  # several versions: a model's lineage
+        query = query.where(T.model_version.in_(list(model_version)))
     if since is not None:
         query = query.where(T.started_at >= since)
     if until is not None:
