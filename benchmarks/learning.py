@@ -91,8 +91,7 @@ def measure_candidate(store: Any, result: Any) -> Any:
 
 
 def arm_loop(arm: str, suite: Any, store: Any, seed: int, args: argparse.Namespace, workdir: Path) -> Any:
-    from honed.demo.loop import LearningLoop
-    from honed.learn.methods import GRPOMethod, KTOMethod
+    from honed.demo.loop import LearningLoop, demo_method
 
     options: dict[str, Any] = {}
     if arm == "b":
@@ -102,15 +101,15 @@ def arm_loop(arm: str, suite: Any, store: Any, seed: int, args: argparse.Namespa
         options["training_verifiers"] = noisy
         options["data"] = {"verifiers": [v.name for v in noisy]}
     elif arm == "d":
-        options["method"] = KTOMethod()
+        options["method"] = demo_method("kto")
     elif arm == "e":
         options["external_ratio"] = 0.0
     elif arm == "f":
         # What fits a CPU budget: a GRPO step (8 multi-turn completions through TRL's own
         # generation) takes ~20 s here; at the SFT rate of 1e-4 three steps wrecked the model.
-        options["method"] = GRPOMethod(
-            verifiers=suite.verifiers(),
-            tools=list(suite.tools),
+        options["method"] = demo_method(
+            "grpo",
+            suite,
             max_steps=args.grpo_steps,
             max_completion_length=128,
             learning_rate=1e-5,

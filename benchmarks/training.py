@@ -151,11 +151,15 @@ def build_rate(store: Any, method: str, n: int) -> dict[str, Any]:
 
 
 def sft_rate(base: Path, store: Any, out: Path, rows: int, pretokenized: bool) -> dict[str, Any]:
+    from honed.demo.loop import cpu_settings
     from honed.learn.datasets import prepare
     from honed.learn.methods import SFTMethod
 
     data = prepare(store, "sft", max_per_task=None, limit=rows, pretokenized=pretokenized)
-    result = SFTMethod(epochs=1, learning_rate=5e-4, batch_size=16).train(base, data, out)
+    method = SFTMethod(
+        num_train_epochs=1, learning_rate=5e-4, per_device_train_batch_size=16, **cpu_settings()
+    )
+    result = method.train(base, data, out)
     m = result.metrics
     return {
         "rows": len(data),

@@ -64,7 +64,9 @@ def cycle(world: dict[str, Any], method: Any, **options: Any) -> Cycle:
 def test_a_deliberately_worse_candidate_is_rejected_and_the_run_recorded(world: dict[str, Any]) -> None:
     store = world["store"]
     # A learning rate this large wrecks the weights: a real, worse candidate.
-    report = cycle(world, SFTMethod(epochs=1, learning_rate=5.0, batch_size=4)).run()
+    report = cycle(
+        world, SFTMethod(num_train_epochs=1, learning_rate=5.0, per_device_train_batch_size=4)
+    ).run()
     assert report.status == "rejected", report.reason
     assert "held-out pass@1 1.000 -> 0.000" in report.reason
     assert store.live_version(NAME).ref == world["v1"].ref
@@ -92,7 +94,9 @@ def test_the_benchmark_harness_promotes_a_rejected_candidate_to_measure_it(world
     )
     learning = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(learning)
-    result = cycle(world, SFTMethod(epochs=1, learning_rate=5.0, batch_size=4)).run()
+    result = cycle(
+        world, SFTMethod(num_train_epochs=1, learning_rate=5.0, per_device_train_batch_size=4)
+    ).run()
     assert result.status == "rejected" and result.version == world["v1"].ref
     learning.measure_candidate(world["store"], result)
     assert world["store"].live_version(NAME).ref == result.candidate == result.version
@@ -107,7 +111,7 @@ def test_an_interrupted_cycle_leaves_the_live_version_untouched_and_can_rerun(wo
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             raise KeyboardInterrupt
 
-    method = SFTMethod(epochs=1, learning_rate=1e-4, batch_size=4)
+    method = SFTMethod(num_train_epochs=1, learning_rate=1e-4, per_device_train_batch_size=4)
     with pytest.raises(KeyboardInterrupt):
         cycle(world, method, callbacks=[Interrupt()]).run()
     assert store.live_version(NAME).ref == world["v1"].ref
@@ -125,8 +129,8 @@ def test_nothing_to_learn_is_said_loudly_and_a_failed_run_is_recorded(world: dic
     assert quiet.status == "nothing_to_learn" and quiet.reason.startswith(
         "NOTHING TO LEARN: 8 new verified passes of adder@v1"
     )
-    broken = cycle(world, SFTMethod(args={"no_such_setting": 1})).run()
-    assert broken.status == "failed" and "no_such_setting" in broken.reason
+    broken = cycle(world, SFTMethod(lr_scheduler_type="no_such_schedule")).run()
+    assert broken.status == "failed" and "no_such_schedule" in broken.reason
     assert "Traceback" in store.training_run(broken.run_id).error
     assert store.live_version(NAME).ref == world["v1"].ref
 
@@ -159,7 +163,10 @@ def test_a_better_candidate_is_promoted_and_the_served_agent_follows(world: dict
     blank = store.register_model(NAME, _ROOT / "tool-base", reason="a model that knows nothing")
     store.promote(NAME, blank.version, reason="start from nothing")
     demo = demonstration()
-    method = SFTMethod(epochs=150, learning_rate=1e-2, batch_size=1, args={"lr_scheduler_type": "constant"})
+    method = SFTMethod(
+        num_train_epochs=150, learning_rate=1e-2, per_device_train_batch_size=1, lr_scheduler_type="constant",
+        activation_checkpointing=False,  # 150 steps: recomputing activations only costs time here
+    )  # fmt: skip
     data = DataConfig(agent=NAME, external=[demo], external_ratio=1.0, min_new_verified=0)
     report = cycle(world, method, data=data).run()
     assert report.status == "promoted", report.reason
@@ -186,6 +193,13 @@ def test_honed_train_runs_one_cycle_from_the_command_line(world: dict[str, Any])
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["status"] == "nothing_to_learn" and report["live"] == world["v1"].ref
     assert report["data"]["passed"] == 8 and report["reason"].startswith("NOTHING TO LEARN")
+    # Production trains with TRL's defaults, never the demo's recipe tuned on its tiny model.
+    recorded = world["store"].training_runs(NAME)[0].config["method"]
+    assert recorded["trl_config"] == "SFTConfig" and recorded["chosen"] == {}
+    assert recorded["settings"]["learning_rate"] == 2e-5 and recorded["settings"]["num_train_epochs"] == 3
+    from honed.demo.loop import default_method
+
+    assert default_method().config()["settings"]["learning_rate"] == 1e-4
     assert parse_every("30m") == 1800 and parse_every("2h") == 7200 and parse_every("90") == 90
     busy = CliRunner().invoke(app, ["train", NAME, "--store", world["url"]])
     assert busy.exit_code == 2 and "--suite NAME or --agent" in busy.output

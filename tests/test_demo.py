@@ -35,6 +35,9 @@ def test_demo_runs_the_loop_on_a_user_suite_and_writes_the_report(tmp_path: Path
 
     store = honed.open_store(f"sqlite:///{tmp_path / 'work' / 'demo.db'}")
     run = store.training_runs("adder-agent")[0]
+    recipe = run.config["method"]["settings"]  # the demo's own recipe, not TRL's defaults
+    assert recipe["learning_rate"] == 1e-4 and recipe["lr_scheduler_type"] == "constant"
+    assert recipe["num_train_epochs"] == 4 and recipe["activation_checkpointing"] is False
     # At temperature 1 the memorised answer is rare: the cycle may rightly find nothing to learn.
     assert run.reason == first["reason"]
     assert run.status == "promoted" if first["promoted"] else run.status in ("rejected", "nothing_to_learn")

@@ -23,10 +23,11 @@ from honed.learn.methods import (
     NothingToLearn,
     SFTMethod,
     VerifierReward,
-    _merged,
     completion_trajectory,
     trl_tool,
 )
+from honed.learn.methods.base import _bf16_available, _save
+from honed.learn.methods.sft import _with_generation_markers
 from honed.learn.shared_prefix import shared_prefix_length
 from honed.store import TrajectoryStore
 from honed.trajectory import Trajectory
@@ -108,7 +109,8 @@ def test_sft_trains_only_on_the_assistant_turns(store: TrajectoryStore, tiny: Pa
     add(store, make_trajectory("t2", a=4, answer="The sum is 7."), True)
     data = prepare(store, "sft")
     assert not data.pretokenized
-    method = SFTMethod(batch_size=2, args=FEW_STEPS)
+    # Without activation checkpointing (TRL's default), which the shared prefix's KV cache needs off.
+    method = SFTMethod(per_device_train_batch_size=2, activation_checkpointing=False, **FEW_STEPS)
     trainer = method.build_trainer(tiny, data, tmp_path / "scratch")
     tok = trainer.processing_class
     rows = sorted(trainer.train_dataset, key=lambda r: len(r["input_ids"]))
@@ -150,7 +152,12 @@ def test_sft_trains_only_on_the_assistant_turns(store: TrajectoryStore, tiny: Pa
     reply = LocalChatModel(result.path, temperature=0, max_tokens=3).invoke("hi")
     assert reply.response_metadata["token_ids"]
     assert json.dumps(method.config())  # recorded with the training run
-    assert method.config()["args"] == FEW_STEPS
+    assert method.config()["chosen"] == {
+        "per_device_train_batch_size": 2,
+        "activation_checkpointing": False,
+        **FEW_STEPS,
+    }
+    assert method.config()["settings"]["max_steps"] == 2
 
 
 def _runs(ids: list[int | None]) -> list[list[int]]:
@@ -174,7 +181,7 @@ def test_sft_on_recorded_token_ids_uses_them_verbatim(
         recorded[add(store, make_trajectory(task_id, a=a, token_ids=ids), True).id] = ids
     data = prepare(store, "sft", tokenizer=tokenizer)
     assert data.pretokenized
-    method = SFTMethod(batch_size=2, args={"max_steps": 1})
+    method = SFTMethod(per_device_train_batch_size=2, max_steps=1)
     trainer = method.build_trainer(tiny, data, tmp_path / "scratch")
     assert trainer.args.completion_only_loss and not trainer.args.assistant_only_loss
     expected = sorted(
@@ -221,7 +228,7 @@ def recorded_ids(tokenizer: Any, task_id: str, a: int) -> tuple[list[int], list[
 def test_lora_is_merged_into_a_plain_model_folder(store: TrajectoryStore, tiny: Path, tmp_path: Path) -> None:
     add(store, make_trajectory("t1"), True)
     add(store, make_trajectory("t2", a=4), True)
-    method = SFTMethod(lora=True, batch_size=2, learning_rate=1e-2, args={"max_steps": 1})
+    method = SFTMethod(lora=True, per_device_train_batch_size=2, learning_rate=1e-2, max_steps=1)
     assert method.config()["peft"]["r"] == 16
     result = method.train(tiny, prepare(store, "sft"), tmp_path / "out")
     saved_model_is_complete(tiny, result.path)
@@ -237,7 +244,7 @@ def test_kto_learns_from_passes_and_failures(store: TrajectoryStore, tiny: Path,
     add(store, make_trajectory("t2", a=4, answer="The sum is 8."), False)
     data = prepare(store, "kto")
     assert sorted(data.dataset["label"]) == [False, False, True, True]
-    result = KTOMethod(batch_size=2, max_steps=2).train(tiny, data, tmp_path / "out")
+    result = KTOMethod(per_device_train_batch_size=2, max_steps=2).train(tiny, data, tmp_path / "out")
     assert result.metrics["steps"] == 2
     saved_model_is_complete(tiny, result.path)
 
@@ -247,9 +254,11 @@ def test_kto_weighs_passes_against_failures(store: TrajectoryStore, tiny: Path, 
     add(store, make_trajectory("t1"), True)
     for answer in (6, 7, 8):
         add(store, make_trajectory("t1", answer=f"The sum is {answer}."), False)
-    trainer = KTOMethod(batch_size=2).build_trainer(tiny, prepare(store, "kto"), tmp_path / "s")
+    trainer = KTOMethod(per_device_train_batch_size=2).build_trainer(
+        tiny, prepare(store, "kto"), tmp_path / "s"
+    )
     assert trainer.args.undesirable_weight == pytest.approx(1 / 3) and trainer.args.desirable_weight == 1.0
-    user = KTOMethod(batch_size=2, args={"undesirable_weight": 0.9})  # the user's word wins
+    user = KTOMethod(per_device_train_batch_size=2, undesirable_weight=0.9)  # the user's word wins
     assert user.build_trainer(tiny, prepare(store, "kto"), tmp_path / "u").args.undesirable_weight == 0.9
 
 
@@ -260,7 +269,7 @@ def test_dpo_learns_from_pairs(store: TrajectoryStore, tiny: Path, tmp_path: Pat
     add(store, make_trajectory("t2", a=4, answer="The sum is 8."), False)
     data = prepare(store, "dpo")
     assert len(data.dataset) == 2
-    result = DPOMethod(batch_size=2, args=FEW_STEPS).train(tiny, data, tmp_path / "out")
+    result = DPOMethod(per_device_train_batch_size=2, **FEW_STEPS).train(tiny, data, tmp_path / "out")
     assert result.metrics["steps"] == 2
     saved_model_is_complete(tiny, result.path)
 
@@ -296,7 +305,7 @@ def test_grpo_learns_from_groups_whose_rewards_differ(
     data = grpo_data(store)
     method = GRPOMethod(
         [EvenLength()], tools=[add_tool()], num_generations=4, max_completion_length=8, learning_rate=1e-3,
-        args={**FEW_STEPS, "max_tool_calling_iterations": 1},
+        per_device_train_batch_size=8, max_tool_calling_iterations=1, **FEW_STEPS,
     )  # fmt: skip
     assert method.config()["verifiers"] == ["even"] and method.config()["tools"] == ["add"]
     result = method.train(tiny, data, tmp_path / "out")
@@ -341,7 +350,9 @@ class CannotJudge(BaseVerifier):
 def test_grpo_without_reward_differences_has_nothing_to_learn(
     store: TrajectoryStore, tiny: Path, tmp_path: Path, verifier: BaseVerifier, reason: str
 ) -> None:
-    method = GRPOMethod([verifier], num_generations=2, max_completion_length=4, args={"max_steps": 1})
+    method = GRPOMethod(
+        [verifier], num_generations=2, max_completion_length=4, per_device_train_batch_size=4, max_steps=1
+    )
     with pytest.raises(NothingToLearn, match=reason) as caught:
         method.train(tiny, grpo_data(store), tmp_path / "out")
     assert caught.value.metrics["steps"] == 1
@@ -350,14 +361,102 @@ def test_grpo_without_reward_differences_has_nothing_to_learn(
     assert not (tmp_path / "out").exists()
 
 
-def test_user_args_override_defaults_without_conflicts() -> None:
-    defaults = SFTMethod()._defaults(
-        "out", 0, TrainingData(dataset=None, method="sft", trajectory_ids=[], counts={})
+# -- configuration -----------------------------------------------------------------------------
+
+
+def sft_rows() -> TrainingData:
+    return TrainingData(dataset=None, method="sft", trajectory_ids=[], counts={})
+
+
+def test_defaults_are_trls_with_honeds_logistics(tmp_path: Path) -> None:
+    args = SFTMethod().training_args(tmp_path / "scratch", sft_rows(), seed=3)
+    # TRL's documented defaults for a real model ...
+    assert (args.learning_rate, args.num_train_epochs, args.per_device_train_batch_size) == (2e-5, 3, 8)
+    assert args.activation_checkpointing is True and args.lr_scheduler_type == "linear"
+    assert args.bf16 is _bf16_available()  # TRL's bf16=True where transformers allows it
+    # ... honed's logistics, seed and scratch folder, and what its rows need.
+    assert args.report_to == [] and args.save_strategy == "no" and args.logging_steps == 1
+    assert args.seed == 3 and args.output_dir == str(tmp_path / "scratch") and args.assistant_only_loss
+    settings = SFTMethod().config()["settings"]
+    assert settings["learning_rate"] == 2e-5 and settings["num_train_epochs"] == 3
+    assert settings["per_device_train_batch_size"] == 8 and settings["bf16"] is _bf16_available()
+    for method in (KTOMethod(), DPOMethod(), GRPOMethod([NeverPasses()])):
+        assert method.config()["settings"]["learning_rate"] == 1e-6, method.name
+
+
+def test_keyword_fields_override_without_conflicts(tmp_path: Path) -> None:
+    method = SFTMethod(gradient_checkpointing=False, learning_rate=1e-5, assistant_only_loss=False)
+    args = method.training_args(tmp_path, sft_rows())
+    assert args.activation_checkpointing is False and args.gradient_checkpointing is False
+    assert args.learning_rate == 1e-5 and args.assistant_only_loss is False  # the user's word wins
+    assert method.config()["settings"]["activation_checkpointing"] is False
+    with pytest.raises(TypeError, match=r"no_such_setting not fields of trl\.SFTConfig"):
+        SFTMethod(no_such_setting=1)
+
+
+def test_a_users_trl_config_reaches_the_trainer(store: TrajectoryStore, tiny: Path, tmp_path: Path) -> None:
+    from trl import GRPOConfig, KTOConfig, SFTConfig
+
+    add(store, make_trajectory("t1"), True)
+    add(store, make_trajectory("t2", a=4), True)
+    config = SFTConfig(
+        output_dir=str(tmp_path / "theirs"), learning_rate=3e-4, per_device_train_batch_size=2,
+        lr_scheduler_type="constant", seed=7, max_steps=1, bf16=False, weight_decay=0.01,
+    )  # fmt: skip
+    method = SFTMethod(config=config)
+    trainer = method.build_trainer(tiny, prepare(store, "sft"), tmp_path / "scratch", seed=0)
+    args = trainer.args
+    assert args.learning_rate == 3e-4 and args.per_device_train_batch_size == 2
+    assert args.lr_scheduler_type == "constant" and args.weight_decay == 0.01 and args.bf16 is False
+    assert args.seed == 7 and args.max_steps == 1  # the config's seed wins over the cycle's
+    assert args.output_dir == str(tmp_path / "scratch")  # honed's scratch folder, not theirs
+    assert args.save_strategy == "no" and args.assistant_only_loss  # left at TRL's default: honed's
+    chosen = method.config()["chosen"]
+    assert chosen["learning_rate"] == 3e-4 and "output_dir" not in chosen
+    # TRL's activation checkpointing stays on; the shared-prefix loss gives way to TRL's.
+    assert args.activation_checkpointing is True
+    assert trainer.train().global_step == 1
+    # Keyword fields win over the config's.
+    overridden = SFTMethod(config=config, learning_rate=1e-3)
+    assert overridden.training_args(tmp_path, sft_rows()).learning_rate == 1e-3
+    # Fields TRL derives in __post_init__ come through consistent (GRPO's generation batch).
+    grpo = GRPOConfig(
+        output_dir="x", bf16=False, num_generations=2, per_device_train_batch_size=4, steps_per_generation=2
     )
-    assert defaults["activation_checkpointing"] is False and defaults["report_to"] == []
-    merged = _merged(defaults, {"gradient_checkpointing": True, "fp16": True, "learning_rate": 1e-5})
-    assert "activation_checkpointing" not in merged and merged["gradient_checkpointing"] is True
-    assert merged["bf16"] is False and merged["learning_rate"] == 1e-5
+    args = GRPOMethod([NeverPasses()], config=grpo).training_args(tmp_path, sft_rows())
+    assert (args.num_generations, args.steps_per_generation, args.generation_batch_size) == (2, 2, 8)
+    with pytest.raises(TypeError, match=r"takes a trl\.SFTConfig, not KTOConfig"):
+        SFTMethod(config=KTOConfig(output_dir="x", bf16=False))
+
+
+def test_chat_templates_get_generation_markers_only_where_honed_can_place_them() -> None:
+    from honed.learn.chat_templates import QWEN3_CHAT_TEMPLATE, training_template
+
+    assert _with_generation_markers(QWEN3_CHAT_TEMPLATE) == training_template(QWEN3_CHAT_TEMPLATE)
+    marked = training_template()
+    assert _with_generation_markers(marked) == marked  # already trainable
+    other = "{% for m in messages %}{{ m.content }}{% endfor %}"
+    assert _with_generation_markers(other) == other  # TRL's own handling decides
+
+
+def test_saving_keeps_every_file_of_the_base_but_its_weights(
+    store: TrajectoryStore, tiny: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny, base)
+    (base / "my_manifest.yaml").write_text("owner: me\n")
+    add(store, make_trajectory("t1"), True)
+    trainer = SFTMethod(per_device_train_batch_size=1, max_steps=1).build_trainer(
+        base, prepare(store, "sft"), tmp_path / "scratch"
+    )
+    trainer.train()
+    _save(trainer, base, tmp_path / "out")
+    names = {p.name for p in (tmp_path / "out").iterdir()}
+    assert names == {p.name for p in base.iterdir()}  # nothing the trainer wrote beyond the model
+    assert (tmp_path / "out" / "my_manifest.yaml").read_text() == "owner: me\n"
+    saved_model_is_complete(base, tmp_path / "out")
 
 
 def test_verifier_reward_scores_completions_as_trajectories() -> None:
@@ -391,6 +490,11 @@ def test_verifier_reward_scores_completions_as_trajectories() -> None:
     )
     assert scores == [1.0, 0.0, None]
     assert VerifierReward([Broken()]).score(t) is None
+    # Routed as the Worker routes: a task that names its verifier meets only that one.
+    both = VerifierReward([ReferenceMatch("numeric"), NeverPasses()])
+    assert both.score(t) == 0.0
+    named = completion_trajectory(prompt, completion, metadata={"expected": "5", "verifier": "reference"})
+    assert both.score(named) == 1.0
 
 
 # -- distillation, empty data ------------------------------------------------------------------
@@ -405,7 +509,9 @@ def test_distill_with_a_teacher_runs_trl_distillation(
     data = prepare(store, "distill", agent="teacher")
     assert sorted(data.dataset["task_id"]) == ["t1", "t2"]
     teacher = tiny_path(1)  # same tokenizer, other weights
-    method = DistillMethod(teacher=teacher, batch_size=2, max_completion_length=8, args={"max_steps": 1})
+    method = DistillMethod(
+        teacher=teacher, per_device_train_batch_size=2, max_completion_length=8, max_steps=1
+    )
     assert method.config()["teacher"] == str(teacher)
     result = method.train(tiny, data, tmp_path / "out")
     assert result.metrics["steps"] == 1

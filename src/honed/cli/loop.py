@@ -60,23 +60,31 @@ def _progress(out: Console):
 
 
 def _method(name: str, suite: Any = None) -> Any:
+    """`honed train`'s method: TRL's defaults, made for real models (the demo has its own recipe)."""
     from honed.learn import methods
 
-    if name == "sft":
-        from honed.demo.loop import default_method
-
-        return default_method()
-    if name == "kto":
-        return methods.KTOMethod()
-    if name == "dpo":
-        return methods.DPOMethod()
-    if name == "distill":
-        return methods.DistillMethod()
+    plain = {
+        "sft": methods.SFTMethod,
+        "kto": methods.KTOMethod,
+        "dpo": methods.DPOMethod,
+        "distill": methods.DistillMethod,
+    }
+    if name in plain:
+        return plain[name]()
     if name == "grpo":
         if suite is None:
             raise typer.BadParameter("grpo needs --suite (its verifiers are the reward)")
         return methods.GRPOMethod(verifiers=suite.verifiers(), tools=list(suite.tools))
     raise typer.BadParameter(f"unknown method {name!r}: sft, kto, dpo, grpo or distill")
+
+
+def _demo_method(name: str, suite: Any) -> Any:
+    from honed.demo.loop import demo_method
+
+    try:
+        return demo_method(name, suite)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
 
 
 # -- honed demo ----------------------------------------------------------------------------------
@@ -131,7 +139,7 @@ def demo(
             s,
             cycles=cycles,
             seed=seed,
-            method=_method(method, chosen),
+            method=_demo_method(method, chosen),
             attempts=attempts,
             train_tasks=train_tasks,
             heldout_tasks=heldout_tasks,

@@ -39,9 +39,53 @@ def default_method() -> Any:
     at 5e-4 (API-NOTES' feasibility run) a cycle's candidate lost 8-10 held-out points. Over 3
     cycles (80 train tasks x 4 attempts, 50 held-out, seed 0) 2 epochs at 1e-4 gained 12.8
     points, 3 at 2e-4 13.5, 4 at 1e-4 14.3 (benchmarks/README.md)."""
-    from honed.learn.methods import SFTMethod
+    return demo_method("sft")
 
-    return SFTMethod(epochs=4, learning_rate=1e-4, batch_size=16, args={"lr_scheduler_type": "constant"})
+
+# The demo's recipes, tuned on the 1.8M-parameter tiny model on a CPU; TRL's defaults (what
+# `honed train` uses) are made for pretrained models and would barely move it.
+RECIPES: dict[str, dict[str, Any]] = {
+    "sft": {"num_train_epochs": 4, "learning_rate": 1e-4, "lr_scheduler_type": "constant"},
+    "distill": {"num_train_epochs": 2, "learning_rate": 5e-4},  # SFT on a teacher's verified runs
+    "kto": {"num_train_epochs": 2, "learning_rate": 1e-5},
+    "dpo": {"num_train_epochs": 2, "learning_rate": 1e-4},
+    "grpo": {
+        "num_train_epochs": 2,
+        "learning_rate": 1e-4,
+        "per_device_train_batch_size": 8,  # two groups of 4 a step
+        "num_generations": 4,
+        "max_completion_length": 256,
+    },
+}
+
+
+def demo_method(name: str, suite: Suite | None = None, **fields: Any) -> Any:
+    """The demo's method `name` (sft, kto, dpo, grpo, distill) with its tuned recipe, `fields`
+    (TRL config fields) over it. GRPO takes the suite's verifiers and tools."""
+    from honed.learn import methods
+
+    if name not in RECIPES:
+        raise ValueError(f"unknown method {name!r}: {', '.join(RECIPES)}")
+    settings = {"per_device_train_batch_size": 16, **cpu_settings(), **RECIPES[name], **fields}
+    if name == "grpo":
+        if suite is None:
+            raise ValueError("grpo needs a suite (its verifiers are the reward)")
+        return methods.GRPOMethod(suite.verifiers(), tools=list(suite.tools), **settings)
+    classes = {"sft": methods.SFTMethod, "distill": methods.DistillMethod, "kto": methods.KTOMethod}
+    return classes.get(name, methods.DPOMethod)(**settings)
+
+
+def cpu_settings() -> dict[str, Any]:
+    """Where the demo trains: the GPU if there is one (bf16 if it has it), else the CPU, without
+    activation checkpointing (a tiny model's activations are cheap; recomputing them is not)."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return {
+        "use_cpu": not cuda,
+        "bf16": cuda and torch.cuda.is_bf16_supported(),
+        "activation_checkpointing": False,
+    }
 
 
 class LearningLoop:

@@ -1,4 +1,6 @@
-"""The chat template of the tiny model: TRL's `trl/chat_templates/qwen3.jinja`, byte for byte.
+"""Qwen3's run-time chat template (TRL's `trl/chat_templates/qwen3.jinja`, byte for byte; the
+demo's tiny model uses it), and `training_template`, which places `{% generation %}` markers in a
+template of that shape so SFT trains exactly what the model writes at run time.
 
 Kept here (not read from TRL at run time) so serving needs no TRL; a test checks it still equals
 TRL's copy, because TRL recognises a tokenizer's template by exact text to swap in its training

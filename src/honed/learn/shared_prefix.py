@@ -3,8 +3,9 @@
 Every conversation of one agent opens with the same system prompt and tool schemas: most of its
 tokens, none of them trained. `shared_prefix_loss` runs that prefix at batch size 1, repeats its
 keys and values for the batch, and runs only the rows' own tails at full batch size. It is exact
-(causal attention never looks ahead) and ~3x faster on the tool-use suite's conversations. The
-warm start (`honed.demo.base_model`) and `SFTMethod` both train through `shared_prefix_trainer`.
+(causal attention never looks ahead) and ~3x faster on the tool-use suite's conversations, but
+needs the KV cache that activation checkpointing turns off (then TRL's own loss runs). The warm
+start (`honed.demo.base_model`) and `SFTMethod` both train through `shared_prefix_trainer`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ def shared_prefix_trainer() -> type:
         def compute_loss(
             self, model: Any, inputs: Any, return_outputs: bool = False, num_items_in_batch: Any = None
         ) -> Any:
-            loss = None if return_outputs else shared_prefix_loss(model, inputs, num_items_in_batch)
+            # Activation checkpointing recomputes each layer without a KV cache, which the shared
+            # prefix hands to the rows' tails: with it on (TRL's default), TRL's own loss.
+            plain = return_outputs or self.args.activation_checkpointing
+            loss = None if plain else shared_prefix_loss(model, inputs, num_items_in_batch)
             if loss is None:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             if model.training and "attention_mask" in inputs:  # keep TRL's `num_tokens` log honest

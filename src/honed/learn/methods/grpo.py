@@ -1,0 +1,255 @@
+"""GRPO: TRL samples completions of the training tasks and honed's verifiers are the reward."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import logging
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from honed.learn.datasets import TrainingData
+from honed.learn.methods.base import NothingToLearn, TrlMethod
+from honed.trajectory import Step, Trajectory
+from honed.trajectory import label as trajectory_label
+from honed.verifiers.protocol import verifier_name
+from honed.verifiers.routing import applicable
+
+log = logging.getLogger("honed")
+
+
+class GRPOMethod(TrlMethod):
+    """GRPO on training tasks (`prepare(store, "grpo")`) with TRL's `GRPOTrainer` and a
+    `GRPOConfig`: TRL samples `num_generations` completions per task (calling `tools`, plain
+    callables or LangChain tools: see `trl_tool`) and the `verifiers` score each one, 1 pass /
+    0 fail / None when they cannot tell. A group whose completions all score the same teaches
+    nothing; when every group did, `train` raises `NothingToLearn`.
+
+        GRPOMethod([ReferenceMatch()], tools=[add], num_generations=4, max_completion_length=256)
+    """
+
+    name = "grpo"
+    accepts = ("grpo",)
+    trl_classes = ("GRPOConfig", "GRPOTrainer")
+
+    def __init__(
+        self, verifiers: Sequence[Any], *, tools: Sequence[Any] | None = None, **kwargs: Any
+    ) -> None:
+        if not verifiers:
+            raise ValueError("GRPO needs at least one verifier to score completions")
+        super().__init__(**kwargs)
+        self.verifiers = list(verifiers)
+        self.tools = [trl_tool(t) for t in tools or ()]
+
+    def _extra_config(self) -> dict[str, Any]:
+        return {
+            "verifiers": [verifier_name(v) for v in self.verifiers],
+            "tools": [getattr(t, "__name__", type(t).__name__) for t in self.tools],
+        }
+
+    def _trainer(self, base: str, args: Any, data: TrainingData, tokenizer: Any, callbacks: list[Any]) -> Any:
+        from trl import GRPOTrainer
+
+        return GRPOTrainer(
+            model=base,
+            reward_funcs=[VerifierReward(self.verifiers)],
+            args=args,
+            train_dataset=data.dataset,
+            processing_class=tokenizer,
+            peft_config=self._peft(),
+            callbacks=callbacks,
+            tools=self.tools or None,
+        )
+
+    def _metrics(self, trainer: Any, result: Any, seconds: float) -> dict[str, float]:
+        metrics = super()._metrics(trainer, result, seconds)
+        logged = [e for e in trainer.state.log_history if e.get("frac_reward_zero_std") is not None]
+        if logged:
+            metrics["zero_variance_groups"] = sum(e["frac_reward_zero_std"] for e in logged) / len(logged)
+            rewards = [e["reward"] for e in logged if e.get("reward") is not None]
+            if rewards:
+                metrics["reward"] = sum(rewards) / len(rewards)
+        return metrics
+
+    def _verify_learned(self, trainer: Any, metrics: dict[str, float]) -> None:
+        logged = [e for e in trainer.state.log_history if "frac_reward_zero_std" in e]
+        if logged and all(e.get("reward") is None for e in logged):
+            raise NothingToLearn(
+                "grpo: no verifier could tell on any completion (every reward None): check that the "
+                "tasks' metadata carries what the verifiers read",
+                metrics=metrics,
+            )
+        if metrics.get("zero_variance_groups") == 1.0:
+            raise NothingToLearn(
+                f"grpo: in every group of {trainer.args.num_generations} completions all got the same "
+                f"reward (mean {metrics.get('reward', float('nan')):.2f}), so no advantage and no gradient: "
+                "tasks are all solved or all out of reach; SFT on demonstrations or a teacher first",
+                metrics=metrics,
+            )
+
+
+# -- GRPO's reward -----------------------------------------------------------------------------
+
+
+class VerifierReward:
+    """A TRL reward function that judges each completion with honed verifiers.
+
+    Each completion becomes a minimal `Trajectory` (the task's id, split and metadata, one model
+    step per assistant turn, a tool step per tool result, the final text as output), so the same
+    verifiers that label production trajectories score the rollouts, routed as the `Worker` routes
+    them (`honed.verifiers.routing.applicable`: `metadata["verifier"]`, tags, requirements). The
+    label is `honed.trajectory.label` of their verdicts: 1.0 pass, 0.0 fail, None (no signal)
+    when none could tell or all raised."""
+
+    __name__ = "verifiers"
+
+    def __init__(self, verifiers: Iterable[Any]) -> None:
+        self.verifiers = list(verifiers)
+
+    def __call__(
+        self,
+        prompts: list[Any],
+        completions: list[Any],
+        task_id: list[str | None] | None = None,
+        metadata: list[str | None] | None = None,
+        split: list[str | None] | None = None,
+        **_: Any,
+    ) -> list[float | None]:
+        n = len(completions)
+        task_ids, metas, splits = task_id or [None] * n, metadata or [None] * n, split or [None] * n
+        return [
+            self.score(completion_trajectory(p, c, task_id=t, metadata=m, split=s))
+            for p, c, t, m, s in zip(prompts, completions, task_ids, metas, splits, strict=True)
+        ]
+
+    def score(self, trajectory: Trajectory) -> float | None:
+        verdicts = []
+        for verifier in applicable(self.verifiers, trajectory):  # the Worker's routing, exactly
+            try:
+                verdicts.append(verifier.verify(trajectory))
+            except Exception:
+                log.warning("verifier %s raised on a GRPO completion", verifier_name(verifier), exc_info=True)
+        label = trajectory_label(verdicts)
+        return None if label is None else float(label)
+
+
+def completion_trajectory(
+    prompt: Any,
+    completion: Any,
+    *,
+    task_id: str | None = None,
+    metadata: str | dict[str, Any] | None = None,
+    split: str | None = None,
+) -> Trajectory:
+    """A sampled completion (TRL's message list, or text) as the `Trajectory` verifiers read."""
+    meta = json.loads(metadata) if isinstance(metadata, str) else dict(metadata or {})
+    history = list(prompt) if isinstance(prompt, list) else [{"role": "user", "content": str(prompt)}]
+    turns = (
+        completion if isinstance(completion, list) else [{"role": "assistant", "content": str(completion)}]
+    )
+    steps: list[Step] = []
+    answer = ""
+    for m in turns:
+        if m.get("role") == "assistant":
+            content = m.get("content") if isinstance(m.get("content"), str) else ""
+            reasoning, answer = _split_think(content)
+            calls = [_honed_call(c, len(steps), i) for i, c in enumerate(m.get("tool_calls") or [])]
+            output = {"role": "assistant", "content": answer, "tool_calls": calls}
+            steps.append(
+                Step(
+                    id=uuid.uuid4().hex, index=len(steps), kind="model", name="model",
+                    input={"messages": list(history)}, output=output, tool_calls=calls,
+                    reasoning=m.get("reasoning_content") or reasoning,
+                )
+            )  # fmt: skip
+        elif m.get("role") == "tool":
+            steps.append(
+                Step(
+                    id=uuid.uuid4().hex, index=len(steps), kind="tool", name=str(m.get("name") or "tool"),
+                    output=m.get("content"), extra={"tool_call_id": str(m.get("tool_call_id") or "")},
+                )
+            )  # fmt: skip
+        history.append(m)
+    request = next((m.get("content") for m in history if m.get("role") == "user"), None)
+    return Trajectory(
+        id=f"grpo-{uuid.uuid4().hex}",
+        agent="grpo",
+        task=request,
+        task_id=task_id,
+        split=split,
+        metadata=meta,
+        steps=steps,
+        output=answer,
+    )
+
+
+def _split_think(content: str) -> tuple[str | None, str]:
+    """(reasoning, answer): decoded text keeps `<think>` (not a special token) when TRL has no
+    response parser for the template."""
+    if "</think>" not in content:
+        return None, content.strip()
+    thought, _, answer = content.rpartition("</think>")
+    return thought.replace("<think>", "").strip() or None, answer.strip()
+
+
+def _honed_call(call: dict[str, Any], step: int, index: int) -> dict[str, Any]:
+    function = call.get("function") or call
+    args = function.get("arguments", {})
+    if isinstance(args, str):
+        with contextlib.suppress(ValueError):  # malformed arguments stay text, as the model wrote them
+            args = json.loads(args)
+    return {
+        "name": str(function.get("name") or ""),
+        "args": args,
+        "id": call.get("id") or f"call_{step}_{index}",
+    }
+
+
+_JSON_TYPES: dict[str, type] = {
+    "integer": int, "number": float, "string": str, "boolean": bool, "array": list, "object": dict,
+}  # fmt: skip
+
+
+def trl_tool(tool: Any) -> Callable[..., Any]:
+    """A tool as TRL's trainers take it: a plain function with type hints and a Google-style
+    docstring, from which transformers builds the schema the prompt shows. Functions pass
+    through; a LangChain tool is wrapped (an argument without a description is described by its
+    name, since transformers requires one; so the prompt's schema carries descriptions the
+    agent's own schema may lack)."""
+    if inspect.isfunction(tool) or inspect.ismethod(tool):
+        return tool
+    from langchain_core.tools import BaseTool
+    from langchain_core.utils.function_calling import convert_to_openai_tool
+
+    if not isinstance(tool, BaseTool):
+        raise TypeError(f"GRPO tools are functions or LangChain tools, not {type(tool).__name__}")
+    schema = convert_to_openai_tool(tool)["function"]
+    parameters = schema.get("parameters") or {}
+    properties: dict[str, Any] = parameters.get("properties") or {}
+    required = set(parameters.get("required") or ())
+
+    def call(**kwargs: Any) -> Any:
+        result = tool.invoke(kwargs)
+        return getattr(result, "content", result)
+
+    hints = {name: _JSON_TYPES.get(p.get("type"), str) for name, p in properties.items()}
+    call.__name__ = call.__qualname__ = schema["name"]
+    call.__doc__ = "\n".join(
+        [schema.get("description") or schema["name"], "", "Args:"]
+        + [f"    {name}: {p.get('description') or name}" for name, p in properties.items()]
+    )
+    call.__annotations__ = dict(hints)
+    call.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [
+            inspect.Parameter(
+                name,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=inspect.Parameter.empty if name in required else None,
+                annotation=hint,
+            )
+            for name, hint in hints.items()
+        ]
+    )
+    return call
