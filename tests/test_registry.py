@@ -90,28 +90,77 @@ def test_register_promote_rollback_and_history(store, tmp_path: Path) -> None:
 
 
 def test_missing_or_corrupt_versions_are_refused_and_the_live_one_stays(store, tmp_path: Path) -> None:
+    """Refused when registered (nothing recorded), and again at promotion if the files changed
+    after registering: the live version stays."""
     store.register_model("agent", fake_model(tmp_path / "good"))
     store.promote("agent", 1)
-    truncated = fake_model(tmp_path / "truncated")
-    weights = truncated / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:-3])
-    garbage = fake_model(tmp_path / "garbage")
-    (garbage / "model.safetensors").write_bytes(b"\xff" * 64)
-    no_config = fake_model(tmp_path / "no-config")
-    (no_config / "config.json").unlink()
+
+    def truncate(folder: Path) -> None:
+        weights = folder / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-3])
+
     cases = {
-        tmp_path / "missing": "does not exist",
-        truncated: "truncated or corrupt",
-        garbage: "not a valid safetensors file",
-        no_config: "no config.json",
+        "truncated or corrupt": truncate,
+        "not a valid safetensors file": lambda f: (f / "model.safetensors").write_bytes(b"\xff" * 64),
+        "no config.json": lambda f: (f / "config.json").unlink(),
     }
-    for path, reason in cases.items():
-        version = store.register_model("agent", path)
+    for i, (reason, corrupt) in enumerate(cases.items()):
+        broken = fake_model(tmp_path / f"broken{i}")
+        corrupt(broken)
+        with pytest.raises(ModelVersionInvalid, match=reason):
+            store.register_model("agent", broken)
+        rotted = fake_model(tmp_path / f"rotted{i}")
+        version = store.register_model("agent", rotted)
+        corrupt(rotted)  # the files change after registering
         with pytest.raises(ModelVersionInvalid, match=reason) as caught:
             store.promote("agent", version.version)
         assert caught.value.ref == version.ref
         assert store.live_version("agent").version == 1
+    with pytest.raises(ModelVersionInvalid, match="does not exist"):
+        store.register_model("agent", tmp_path / "missing")
+    assert [v.version for v in store.versions("agent")] == [1, 2, 3, 4]
     assert [e.action for e in store.model_history("agent")].count("promote") == 1
+
+
+def test_a_pickled_checkpoint_that_is_code_is_refused(store, tmp_path: Path) -> None:
+    """A `*.bin` whose pickle names anything but tensors (here `os.system`) is code, not weights:
+    refused without loading it; a real torch checkpoint passes."""
+    import os
+
+    import torch
+
+    class Payload:
+        def __reduce__(self) -> tuple[object, ...]:
+            return (os.system, ("echo pwned",))
+
+    good = fake_model(tmp_path / "good")
+    (good / "model.safetensors").unlink()
+    torch.save(torch.nn.Linear(2, 2).state_dict(), good / "pytorch_model.bin")
+    assert store.register_model("agent", good).version == 1
+    evil = fake_model(tmp_path / "evil")
+    (evil / "model.safetensors").unlink()
+    torch.save({"w": torch.ones(1), "x": Payload()}, evil / "pytorch_model.bin")
+    with pytest.raises(ModelVersionInvalid, match="system"):
+        store.register_model("agent", evil)
+
+
+@pytest.mark.parametrize("name", ["../../etc", "a/b", "..", ".hidden", "x y", "bad@name", "", "a\\b", "é"])
+def test_model_names_cannot_reach_paths(store, tmp_path: Path, name: str) -> None:
+    with pytest.raises(ValueError, match="not a model name"):
+        store.register_model(name, fake_model(tmp_path / "m"))
+
+
+def test_honed_register_refuses_a_missing_folder(store_url: str, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from honed.cli import app
+
+    result = CliRunner().invoke(
+        app, ["register", "agent", str(tmp_path / "nonexistent"), "--store", store_url]
+    )
+    assert result.exit_code != 0 and "does not exist" in " ".join(result.output.split())
+    with honed.open_store(store_url) as s:
+        assert s.versions("agent") == []
 
 
 def test_expected_live_guards_a_stale_promotion(store, tmp_path: Path) -> None:
@@ -131,8 +180,8 @@ def test_registry_errors_are_specific(store, tmp_path: Path) -> None:
     store.register_model("agent", fake_model(tmp_path / "v1"))
     with pytest.raises(ModelVersionNotFound, match="agent has v1"):
         store.promote("agent", 7)
-    with pytest.raises(ValueError, match="no '@'"):
-        store.register_model("bad@name", tmp_path)
+    with pytest.raises(ValueError, match="not a model name"):
+        store.register_model("bad@name", fake_model(tmp_path / "bad"))
     store.promote("agent", 1)
     with pytest.raises(PromotionConflict, match="is live"):
         store.reject("agent", 1)
@@ -298,8 +347,9 @@ def test_cli_versions_promote_rollback(sqlite_url: str, tmp_path: Path) -> None:
     assert [e["action"] for e in data["history"]][-1] == "rollback"
 
     (tmp_path / "v2" / "model.safetensors").unlink()
-    runner.invoke(app, ["register", "agent", str(tmp_path / "v2"), *store])
-    done = runner.invoke(app, ["promote", "agent@v3", *store])
+    refused = runner.invoke(app, ["register", "agent", str(tmp_path / "v2"), *store])
+    assert refused.exit_code == 1 and "cannot be served" in refused.output
+    done = runner.invoke(app, ["promote", "agent@v2", *store])  # registered whole, broken since
     assert done.exit_code == 1 and "cannot be served" in done.output
     assert runner.invoke(app, ["promote", "agent", *store]).exit_code == 2  # not NAME@vN
     assert runner.invoke(app, ["promote", "agent@v9", *store]).exit_code == 1

@@ -151,8 +151,8 @@ def test_a_version_that_fails_to_load_leaves_the_live_one_serving(registry) -> N
 def test_a_corrupt_version_is_refused_at_promotion_and_serving_goes_on(registry, tmp_path: Path) -> None:
     served = ServedModel(registry, name="agent", backend=echo_backend(), poll_interval=60)
     broken = fake_model(tmp_path / "broken")
-    (broken / "model.safetensors").write_bytes(b"not weights")
     version = registry.register_model("agent", broken)
+    (broken / "model.safetensors").write_bytes(b"not weights")  # the files rot after registering
     with pytest.raises(ModelVersionInvalid):
         registry.promote("agent", version.version)
     served.refresh()

@@ -490,11 +490,13 @@ def test_a_cycle_learns_from_its_whole_lineage_newest_first(store: TrajectorySto
     from collections import Counter
 
     from honed.learn.cycle import DataConfig, lineage
+    from test_registry import fake_model
 
-    v1 = store.register_model("calc", tmp_path, reason="base")
-    v2 = store.register_model("calc", tmp_path, parent=v1)
-    sibling = store.register_model("calc", tmp_path, parent=v1)  # v3: trained from v1, never promoted
-    v4 = store.register_model("calc", tmp_path, parent=v2)
+    folder = fake_model(tmp_path / "model")
+    v1 = store.register_model("calc", folder, reason="base")
+    v2 = store.register_model("calc", folder, parent=v1)
+    sibling = store.register_model("calc", folder, parent=v1)  # v3: trained from v1, never promoted
+    v4 = store.register_model("calc", folder, parent=v2)
     chain = lineage(store, v4)
     assert [v.ref for v in chain] == ["calc@v4", "calc@v2", "calc@v1"]
     by_id = {}

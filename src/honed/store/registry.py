@@ -142,11 +142,7 @@ def validate_model_files(path: str | Path, ref: str | None = None) -> None:
         _check_safetensors(file, ref)
     pickled = [f for f in folder.glob("*.bin") if "model" in f.name]
     for file in pickled:
-        with file.open("rb") as handle:
-            if handle.read(2) != b"PK":
-                raise ModelVersionInvalid(
-                    ref, f"{file.name} is not a torch checkpoint (corrupt or truncated)"
-                )
+        _check_torch_checkpoint(file, ref)
     if not weights and not pickled:
         raise ModelVersionInvalid(ref, f"no weights (*.safetensors or *model*.bin) in {folder}")
     if not adapter and not any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
@@ -261,10 +257,13 @@ class ModelRegistry:
 
         `path` is a folder of weights (or a LoRA adapter; `base` then defaults to its base model).
         `parent` is the version it was trained from: a `ModelVersion`, its id, or `"name@vN"`.
-        Files are checked when the version is promoted, not here.
+        Its files are checked here (`ModelVersionInvalid`: nothing is recorded) and again when the
+        version is promoted (files can change in between); a remote location (`s3://...`) only then.
         """
         _check_name(name)
         location = _normal_path(path)
+        if "://" not in location:
+            validate_model_files(location, f"{name} (a new version)")
         base = base or _adapter_base(location)
         actor = actor or default_actor()
 
@@ -516,9 +515,58 @@ def _parent_id(session: Session, name: str, parent: ModelVersion | int | str | N
     return _find(session, parent_name, number).id
 
 
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+
+
+# What a weights-only torch checkpoint's pickle may name: torch's tensor rebuilders, storages and
+# dtypes, and OrderedDict. Anything else (os.system, builtins.eval, ...) is code, not weights.
+_SAFE_GLOBALS = re.compile(
+    r"(torch(\._utils)?\.(_rebuild_\w+|\w*Storage|\w+)|collections\.OrderedDict|torch\.nn\.parameter\.Parameter)"
+)
+
+
+def _check_torch_checkpoint(file: Path, ref: str) -> None:
+    """A `*.bin` must be a torch zip checkpoint whose pickle names only what `torch.load(...,
+    weights_only=True)` would accept; read statically (no torch, nothing executed)."""
+    import pickletools
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(file) as archive:
+            names = [n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
+            if not names:
+                raise ModelVersionInvalid(ref, f"{file.name} has no data.pkl: not a torch checkpoint")
+            pickle = archive.read(names[0])
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise ModelVersionInvalid(
+            ref, f"{file.name} is not a torch checkpoint (corrupt or truncated)"
+        ) from exc
+    strings: list[str] = []
+    named: list[str] = []
+    try:
+        for opcode, arg, _ in pickletools.genops(pickle):
+            if opcode.name == "GLOBAL":
+                named.append(str(arg).replace(" ", "."))
+            elif opcode.name == "STACK_GLOBAL":
+                named.append(".".join(strings[-2:]))
+            elif isinstance(arg, str):
+                strings.append(arg)
+    except ValueError as exc:  # pickletools on a corrupt stream
+        raise ModelVersionInvalid(ref, f"{file.name} has a corrupt pickle: {exc}") from exc
+    unsafe = [n for n in named if not _SAFE_GLOBALS.fullmatch(n)]
+    if unsafe:
+        raise ModelVersionInvalid(
+            ref, f"{file.name} names {unsafe[0]!r}: code, not weights (a weights-only load refuses it)"
+        )
+
+
 def _check_name(name: str) -> None:
-    if not name or "@" in name or len(name) > 200 or name != name.strip():
-        raise ValueError(f"{name!r} is not a model name: 1-200 characters, no '@', no surrounding spaces")
+    """Names end up in paths (candidates' folders, the spool) and URLs: letters, digits, `.`, `_`,
+    `-`, starting with a letter or digit (so no `..`, no separators, no hidden files)."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ValueError(
+            f"{name!r} is not a model name: 1-200 of A-Z a-z 0-9 . _ -, starting with a letter or digit"
+        )
 
 
 def _normal_path(path: str | Path) -> str:
