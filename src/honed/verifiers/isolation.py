@@ -28,8 +28,9 @@ keys, exceptions, and references. The tests process decodes strictly:
 - an exception raised by the solution comes back as the same builtin exception class (or, for
   classes the solution defines, a tests-side stand-in subclassing the same builtin bases, so
   `pytest.raises(ValueError)` and `pytest.raises(solution.MyError)` work), with the solution's
-  traceback as a note. Anything else (`SystemExit`, pytest's skip/exit/xfail outcomes,
-  `KeyboardInterrupt`) arrives as `RemoteError`: the solution cannot skip, xfail or end a test.
+  traceback as a note; `SystemExit` too (pytest fails a test that raises it). Anything else
+  (pytest's skip/exit/xfail outcomes, `KeyboardInterrupt`, `GeneratorExit`) arrives as
+  `RemoteError`: the solution cannot skip, xfail or end a test, or the session.
 - values passed to the solution are copies; callables (a key function, a callback) are passed by
   reference and can only be called. An `AssertionError` raised by the test's own callback fails the
   test even if the solution swallows it; a solution context manager cannot suppress one either.
@@ -697,9 +698,9 @@ class TestsSide(_Side):
             raise ProtocolError("exception classes nested too deeply")
         if "builtin" in data:
             cls = getattr(builtins, str(data["builtin"]), None)
-            if isinstance(cls, type) and issubclass(cls, Exception):
-                return cls
-            return RemoteError  # SystemExit, KeyboardInterrupt, BaseException: never themselves
+            if isinstance(cls, type) and (issubclass(cls, Exception) or cls is SystemExit):
+                return cls  # SystemExit: pytest fails a test with it, so pytest.raises(SystemExit) may see it
+            return RemoteError  # KeyboardInterrupt, GeneratorExit, BaseException: never themselves
         number = data.get("id")
         if type(number) is not int:
             raise ProtocolError("bad exception class")
@@ -743,7 +744,7 @@ class TestsSide(_Side):
         if not isinstance(cls_data, dict):
             raise ProtocolError("bad exception")
         cls = self.decode(cls_data, depth + 1)
-        if not (isinstance(cls, type) and issubclass(cls, Exception)):
+        if not (isinstance(cls, type) and (issubclass(cls, Exception) or cls is SystemExit)):
             cls = RemoteError
         text = data.get("str")
         text = text if isinstance(text, str) else ""
