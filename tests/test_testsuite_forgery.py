@@ -214,6 +214,11 @@ def add(a, b):
         "def visit(items, check):\n    for item in items:\n        try:\n            check(item)\n        except BaseException:\n            pass\n",
         "import solution\n\n\ndef test_impossible():\n    def check(x):\n        assert x == 3\n\n    solution.visit([1, 2], check)\n",
     ),
+    # unittest.SkipTest is a skip to pytest: raised by the solution, it must stay a failure.
+    "unittest-skiptest-from-the-solution": (
+        "import unittest\n\n\ndef add(a, b):\n    if (a, b) == (2, 2):\n        raise unittest.SkipTest('forged')\n    return a + b\n",
+        IMPOSSIBLE.replace("assert 1 == 2", "assert solution.add(2, 2) == 5"),
+    ),
     "conftest-written-at-import": """\
 import os
 
@@ -324,6 +329,13 @@ HONEST: dict[str, tuple[str, str]] = {
         "from solution import *\nimport solution\n\n\ndef test_callbacks(capsys, monkeypatch):\n    assert apply(lambda x: x * 2, [1, 2]) == [2, 4]\n    assert by_length(['ccc', 'a', 'bb']) == ['a', 'bb', 'ccc']\n"
         "    greet('you')\n    assert capsys.readouterr().out == 'hello you\\n'\n"
         "    monkeypatch.setattr(solution, 'helper', lambda: 41)\n    assert use_helper() == 42\n",
+    ),
+    "numbers-by-value": (
+        "from decimal import Decimal\nfrom fractions import Fraction\n\ndef half():\n    return Fraction(1, 2)\n\n"
+        "def price():\n    return Decimal('1.10')\n\ndef huge():\n    return Fraction(3 ** 100, 2 ** 100)\n",
+        "from decimal import Decimal\nfrom fractions import Fraction\nfrom solution import half, huge, price\n\n\n"
+        "def test_numbers():\n    assert half() == Fraction(1, 2) and half() == 0.5 and price() == Decimal('1.1')\n"
+        "    assert huge() == Fraction(3 ** 100, 2 ** 100)\n",
     ),
     "dataclass-context-manager-approx": (
         "import dataclasses, time\n\n@dataclasses.dataclass\nclass Point:\n    x: float\n    y: float\n    def norm(self):\n        return (self.x ** 2 + self.y ** 2) ** 0.5\n\n"

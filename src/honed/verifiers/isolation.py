@@ -690,6 +690,23 @@ class TestsSide(_Side):
             return self.exception_class(data, depth)
         if tag == "exc":
             return self.exception(data, depth)
+        if tag == "fraction":
+            import fractions
+
+            parts = data.get("v")
+            if not (isinstance(parts, list) and len(parts) == 2):
+                raise ProtocolError("bad fraction")
+            numerator, denominator = (p if type(p) is int else self.decode(p, depth + 1) for p in parts)
+            if type(numerator) is not int or type(denominator) is not int or denominator <= 0:
+                raise ProtocolError("bad fraction")
+            return fractions.Fraction(numerator, denominator)
+        if tag == "decimal":
+            import decimal
+
+            text = data.get("v")
+            if not isinstance(text, str) or len(text) > 10000:
+                raise ProtocolError("bad decimal")
+            return decimal.Decimal(text)
         raise ProtocolError(f"unknown tag {tag!r}")
 
     def exception_class(self, data, depth=0):
@@ -730,6 +747,7 @@ class TestsSide(_Side):
             "__getattr__": _exception_getattr,
             "__str__": _exception_str,
         }
+        bases = [RemoteError if _special(base) else base for base in bases]
         for candidate in (tuple(bases) or (Exception,), (bases[0],) if bases else (Exception,), (Exception,)):
             try:
                 cls = type(name, candidate, namespace)
@@ -811,8 +829,16 @@ def _stdlib_exception(module, qualname):
     for part in qualname.split("."):
         obj = obj.__dict__.get(part) if isinstance(obj, (type, types.ModuleType)) else None
     if isinstance(obj, type) and issubclass(obj, Exception) and obj.__module__ == module:
-        return obj
+        return None if _special(obj) else obj
     return None
+
+
+def _special(cls):
+    """Exceptions pytest turns into an outcome other than a failure (unittest.SkipTest is a skip)."""
+    special = tuple(
+        c for c in (getattr(sys.modules.get("unittest"), "SkipTest", None),) if isinstance(c, type)
+    )
+    return bool(special) and issubclass(cls, special)
 
 
 def _safe_str(exc):
@@ -908,6 +934,21 @@ def keep_source(path):
 # -- the solution side (untrusted: everything here may be subverted by the code it imports) -------------
 
 
+def _number_value(value):
+    """Numbers a test compares with plain values, sent by value: Fraction, Decimal, numpy scalars."""
+    kind, fractions, decimal = type(value), sys.modules.get("fractions"), sys.modules.get("decimal")
+    if fractions is not None and kind is fractions.Fraction:
+        return {"$": "fraction", "v": [_encode_int(value.numerator), _encode_int(value.denominator)]}
+    if decimal is not None and kind is decimal.Decimal:
+        return {"$": "decimal", "v": str(value)}
+    numpy = sys.modules.get("numpy")
+    if numpy is not None and isinstance(value, numpy.generic) and kind.__module__ == "numpy":
+        item = value.item()
+        if type(item) in (bool, int, float, complex, str, bytes):
+            return item
+    return None
+
+
 def _public_names(module):
     names = getattr(module, "__all__", None)
     if not isinstance(names, (list, tuple)):
@@ -979,6 +1020,9 @@ class SolutionSide(_Side):
         if isinstance(value, BaseException):
             return self.exception(value, with_traceback=False)
         kind = type(value)
+        number = _number_value(value)
+        if number is not None:
+            return self.encode(number, depth) if type(number) is not dict else number
         if kind is not bool:
             for base in _HYBRID_BASES:
                 if isinstance(value, base):

@@ -22,6 +22,11 @@ What contains a job (the `bwrap` backend, the default):
 Each sandbox process is a *zygote* (`honed.verifiers.zygote`): it imports pytest once and forks a
 child per job, which makes a sandboxed test run cost ~40 ms of CPU instead of ~0.3 s.
 
+Containment is not enough for a verdict: code in pytest's process could write the report itself or
+rewrite outcomes through pytest's hooks. So `run_pytest` runs the `solution` module in a process of
+its own (`honed.verifiers.isolation`): pytest, the test file and the report stay in a trusted process
+the agent's code cannot reach, and talk to it through proxies.
+
 Fallbacks. bubblewrap needs unprivileged user namespaces or root; util-linux `unshare` needs the same
 kernel features, so it is no fallback, and assembling the filesystem view by hand around it is what
 bubblewrap exists to do well. Where neither works (some locked-down containers), there is no honest
