@@ -214,6 +214,32 @@ def add(a, b):
         "def visit(items, check):\n    for item in items:\n        try:\n            check(item)\n        except BaseException:\n            pass\n",
         "import solution\n\n\ndef test_impossible():\n    def check(x):\n        assert x == 3\n\n    solution.visit([1, 2], check)\n",
     ),
+    # The tests process from outside: its fds (the result pipe) and memory through /proc, ptrace.
+    "reach-other-processes-through-proc-and-ptrace": f"""\
+import ctypes, os
+
+def add(a, b):
+    return a + b
+
+_libc = ctypes.CDLL(None, use_errno=True)
+for _pid in [p for p in os.listdir("/proc") if p.isdigit() and int(p) != os.getpid()]:
+    _libc.ptrace(16, int(_pid), 0, 0)  # PTRACE_ATTACH
+    try:
+        _fds = os.listdir(f"/proc/{{_pid}}/fd")
+    except OSError:
+        _fds = []
+    for _fd in _fds:
+        try:
+            with open(f"/proc/{{_pid}}/fd/{{_fd}}", "wb", buffering=0) as _f:
+                _f.write({_FORGED!r}.encode())
+        except OSError:
+            pass
+    try:
+        with open(f"/proc/{{_pid}}/mem", "r+b", buffering=0) as _m:
+            _m.write(b"x")
+    except OSError:
+        pass
+""",
     # unittest.SkipTest is a skip to pytest: raised by the solution, it must stay a failure.
     "unittest-skiptest-from-the-solution": (
         "import unittest\n\n\ndef add(a, b):\n    if (a, b) == (2, 2):\n        raise unittest.SkipTest('forged')\n    return a + b\n",

@@ -143,7 +143,9 @@ class Channel:
         raise RemoteError(reason)
 
     def send(self, message):
-        data = json.dumps(message, separators=(",", ":")).encode()
+        self.send_bytes(json.dumps(message, separators=(",", ":")).encode())
+
+    def send_bytes(self, data):
         try:
             self.sock.sendall(_LENGTH.pack(len(data)) + data, socket.MSG_NOSIGNAL)
         except OSError as exc:
@@ -167,41 +169,45 @@ class Channel:
                     if not isinstance(message, dict):
                         self.fail("a malformed message from the solution process")
                     return message
-            ready, _, _ = select.select([fd, *self.pipes], [], [])
-            for ready_fd in ready:
-                if ready_fd != fd:
-                    self.read_pipe(ready_fd)
+            if self.pipes:  # read the solution's output meanwhile: a full pipe would block it
+                ready, _, _ = select.select([fd, *self.pipes], [], [])
+                for ready_fd in ready:
+                    if ready_fd != fd:
+                        self.read_pipe(ready_fd)
+                if fd not in ready:
                     continue
-                try:
-                    data = self.sock.recv(1 << 16)
-                except OSError as exc:
-                    self.fail(f"the solution process is gone ({exc.strerror or exc})")
-                if not data:
-                    self.fail("the solution process is gone: it exited or was killed")
-                self.inbox += data
+            try:
+                data = self.sock.recv(1 << 16)
+            except OSError as exc:
+                self.fail(f"the solution process is gone ({exc.strerror or exc})")
+            if not data:
+                self.fail("the solution process is gone: it exited or was killed")
+            self.inbox += data
 
     def read_pipe(self, fd):
         try:
             data = os.read(fd, 1 << 16)
         except (BlockingIOError, InterruptedError):
-            return
+            return False
         except OSError:
             data = b""
         if not data:
             del self.pipes[fd]  # closed: the solution process is gone
-            return
+            return False
         room = MAX_FORWARDED_OUTPUT - self.forwarded
         if room > 0:
             self.pipes[fd] += data[:room]
         self.forwarded += len(data)
+        return True
 
     def forward_output(self):
-        for fd in list(self.pipes):
-            while fd in self.pipes:
-                before = self.forwarded
-                self.read_pipe(fd)
-                if self.forwarded == before:
-                    break
+        """Copy what the solution printed (it flushes before answering) into this process's streams."""
+        if not self.pipes:
+            return
+        ready, _, _ = select.select(list(self.pipes), [], [], 0)
+        for fd in ready:
+            while fd in self.pipes and self.read_pipe(fd):
+                pass
         for fd, buffer in self.pipes.items():
             if buffer:
                 stream = getattr(sys, self.pipe_names[fd], None)
@@ -1149,13 +1155,11 @@ class _SolutionChannel(Channel):
             with contextlib.suppress(BaseException):
                 stream.flush()
         try:
-            json.dumps(message)
+            data = json.dumps(message, separators=(",", ":")).encode()
         except BaseException as exc:  # e.g. an int too long for str(): say so instead
-            message = {
-                "re": message.get("re"),
-                "err": _SOLUTION.exception(exc) if "re" in message else _UNREPORTABLE,
-            }
-        super().send(message)
+            error = _SOLUTION.exception(exc) if "re" in message else _UNREPORTABLE
+            data = json.dumps({"re": message.get("re"), "err": error}).encode()
+        self.send_bytes(data)
 
     def fail(self, reason):
         os._exit(0)  # the tests process is gone: nothing left to answer
