@@ -135,7 +135,10 @@ class Channel:
             raise self.side.decode_error(message["err"])
         if "ok" not in message:
             self.fail("the solution process sent an answer without a value")
-        return self.side.decode(message["ok"])
+        try:
+            return self.side.decode(message["ok"])
+        except (ProtocolError, RecursionError, ValueError, TypeError, ArithmeticError) as exc:
+            self.fail(f"a malformed value from the solution process: {type(exc).__name__}: {exc}")
 
     def fail(self, reason):
         __tracebackhide__ = True
@@ -639,6 +642,8 @@ class TestsSide(_Side):
     def encode_other(self, value, depth=0):
         if isinstance(value, Remote):
             return {"$": "back", "id": value._honed_id}
+        if isinstance(value, SolutionModule):
+            return self.encode(self.solution_module())
         if type(value) in _HYBRID_TYPES and "_honed_id" in value.__dict__:
             return {"$": "back", "id": value.__dict__["_honed_id"]}
         if isinstance(value, type) and "_honed_id" in value.__dict__:
@@ -654,7 +659,7 @@ class TestsSide(_Side):
             return self.encode(value.__class__.__mro__[1](value), depth)
         return {"$": "ref", "id": self.number(value), "call": callable(value)}
 
-    def encode_exception(self, exc, tb=False):
+    def encode_exception(self, exc):
         kind = type(exc)
         number = kind.__dict__.get("_honed_id")
         if type(number) is int:
@@ -799,7 +804,7 @@ class TestsSide(_Side):
         __tracebackhide__ = True
         try:
             exc = self.decode(data) if isinstance(data, dict) and data.get("$") == "exc" else None
-        except (ProtocolError, RecursionError, ValueError) as problem:
+        except (ProtocolError, RecursionError, ValueError, TypeError, ArithmeticError) as problem:
             return RemoteError(f"a malformed error from the solution process: {problem}")
         return (
             exc
