@@ -37,7 +37,11 @@ keys, exceptions, and references. The tests process decodes strictly:
 
 Limits of the proxies: a solution object is not an instance of a tests-side class (`isinstance(x,
 int)` holds only for values), the tests cannot subclass a solution class, and in-place changes the
-solution makes to a list the test passed are not seen by the test.
+solution makes to a list the test passed are not seen by the test. What an opaque solution object
+says about itself (`len`, `bool`, arithmetic, `str`) is its own word, as it would be in one process:
+only `==` and the orderings against plain values are kept from it. Each call into the solution is a
+round trip, ~40 µs of the tests process's CPU plus two context switches (0.1-0.25 ms on a busy
+2-core machine); the process itself adds ~6 ms of CPU to a test run.
 """
 
 import base64
