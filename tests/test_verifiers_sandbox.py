@@ -262,7 +262,8 @@ def test_testsuite_pass_fail_and_evidence(suite: TestSuite) -> None:
 
 def test_testsuite_cannot_be_fooled_or_confused(suite: TestSuite) -> None:
     exits = suite.verify(traj("x", "import os\nos._exit(0)\n", tests=ADD_TESTS))
-    assert exits.passed is False and "abnormally" in exits.reason
+    # The code runs in a solution process of its own: its exit ends only that process.
+    assert exits.passed is False and "the solution process stopped answering (exit code 0)" in exits.reason
     no_tests = suite.verify(traj("n", "def add(a, b): return a + b", tests="X = 1\n"))
     assert no_tests.passed is None and "no tests" in no_tests.reason
     assert suite.verify(traj("m", "def add(a, b): return a + b")).passed is None  # no metadata["tests"]

@@ -22,6 +22,11 @@ What contains a job (the `bwrap` backend, the default):
 Each sandbox process is a *zygote* (`honed.verifiers.zygote`): it imports pytest once and forks a
 child per job, which makes a sandboxed test run cost ~40 ms of CPU instead of ~0.3 s.
 
+Containment is not enough for a verdict: code in pytest's process could write the report itself or
+rewrite outcomes through pytest's hooks. So `run_pytest` runs the `solution` module in a process of
+its own (`honed.verifiers.isolation`): pytest, the test file and the report stay in a trusted process
+the agent's code cannot reach, and talk to it through proxies.
+
 Fallbacks. bubblewrap needs unprivileged user namespaces or root; util-linux `unshare` needs the same
 kernel features, so it is no fallback, and assembling the filesystem view by hand around it is what
 bubblewrap exists to do well. Where neither works (some locked-down containers), there is no honest
@@ -45,6 +50,7 @@ import secrets
 import selectors
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -63,6 +69,8 @@ log = logging.getLogger("honed.verifiers")
 
 Backend = Literal["bwrap", "none"]
 _ZYGOTE_SOURCE = (Path(__file__).with_name("zygote.py")).read_text(encoding="utf-8")
+_ISOLATION_SOURCE = (Path(__file__).with_name("isolation.py")).read_text(encoding="utf-8")
+_FRAME = struct.Struct(">II")
 _SANDBOX_ENV = {
     "PATH": "/usr/local/bin:/usr/bin:/bin",
     "LANG": "C.UTF-8",
@@ -111,7 +119,10 @@ class Limits:
 
 @dataclass(slots=True)
 class SandboxResult:
-    """How a job ended. `report` is pytest's outcome counts when the job ran pytest and finished."""
+    """How a job ended. `report` is pytest's outcomes when the job ran pytest and finished: `rc`,
+    counts under `tests`, `outcomes` by test id, `failures`. With a solution process, `solution_*`
+    say how it ended (None while it was still answering when the tests finished); `cpu_s` counts
+    both processes."""
 
     exit_code: int | None
     signal: int | None = None
@@ -122,10 +133,19 @@ class SandboxResult:
     max_rss_kb: int = 0
     report: dict[str, Any] | None = None
     limits: dict[str, Any] = field(default_factory=dict)
+    solution_exit_code: int | None = None
+    solution_signal: int | None = None
+    solution_cpu_s: float = 0.0
 
     @property
     def tests(self) -> dict[str, int]:
         return dict((self.report or {}).get("tests") or {})
+
+    @property
+    def outcomes(self) -> dict[str, str]:
+        """Each test id pytest reported, with its outcome (passed, failed, error, skipped, xfailed, xpassed)."""
+        outcomes = (self.report or {}).get("outcomes")
+        return {str(k): str(v) for k, v in outcomes.items()} if isinstance(outcomes, dict) else {}
 
     @property
     def failures(self) -> list[dict[str, str]]:
@@ -133,29 +153,32 @@ class SandboxResult:
 
     @property
     def passed(self) -> bool:
-        """Every test passed, at least one ran, and pytest itself said so."""
-        tests = self.tests
+        """At least one test ran, every test reported passed (none skipped or xfailed), pytest said
+        so, and the tests process exited cleanly with status 0."""
+        outcomes = self.outcomes
         return (
             self.exit_code == 0
+            and self.signal is None
             and not self.timed_out
             and self.report is not None
             and self.report.get("rc") == 0
-            and tests.get("passed", 0) > 0
-            and not tests.get("failed")
-            and not tests.get("errors")
+            and bool(outcomes)
+            and all(outcome == "passed" for outcome in outcomes.values())
         )
 
     @property
     def limit_hit(self) -> str | None:
-        """Which limit ended the job, when one visibly did."""
+        """Which limit ended the job (or its solution process), when one visibly did."""
         if self.timed_out:
             return "wall"
-        if (
-            self.signal in (signal.SIGXCPU, signal.SIGKILL)
-            and self.cpu_s >= self.limits.get("cpu_s", 1e9) - 0.5
+        cpu = self.limits.get("cpu_s", 1e9) - 0.5
+        for sig, cpu_s in (
+            (self.signal, self.cpu_s - self.solution_cpu_s),
+            (self.solution_signal, self.solution_cpu_s),
         ):
-            return "cpu"
-        if self.signal == signal.SIGXFSZ or "File too large" in self.output:
+            if sig in (signal.SIGXCPU, signal.SIGKILL) and cpu_s >= cpu:
+                return "cpu"
+        if signal.SIGXFSZ in (self.signal, self.solution_signal) or "File too large" in self.output:
             return "file_size"
         if "MemoryError" in self.output:
             return "memory"
@@ -204,10 +227,27 @@ class Sandbox:
     # -- public ----------------------------------------------------------------------------
 
     def run_pytest(
-        self, files: Mapping[str, str], *, test_file: str = "test_solution.py", limits: Limits | None = None
+        self,
+        files: Mapping[str, str],
+        *,
+        test_file: str = "test_solution.py",
+        solution: str | None = "solution.py",
+        limits: Limits | None = None,
     ) -> SandboxResult:
-        """Write `files` into a fresh directory and run pytest on `test_file` there."""
-        return self._run({"files": dict(files), "run": "pytest", "args": [*_PYTEST_ARGS, test_file]}, limits)
+        """Write `files` into a fresh directory and run pytest on `test_file` there.
+
+        `solution` (when it is one of `files`) is the untrusted module: it runs in a process of its
+        own, behind proxies, and cannot touch pytest, the test file or the report (see
+        `honed.verifiers.isolation`). Every other file is trusted and runs in pytest's process.
+        """
+        job: dict[str, Any] = {"files": dict(files), "run": "pytest", "args": [*_PYTEST_ARGS, test_file]}
+        if solution is not None and solution in files:
+            if not solution.endswith(".py") or not solution[:-3].isidentifier() or solution == test_file:
+                raise ValueError(
+                    f"solution must name a Python module file other than the tests, not {solution!r}"
+                )
+            job.update(solution=solution, test_file=test_file)
+        return self._run(job, limits)
 
     def run_python(
         self,
@@ -255,7 +295,8 @@ class Sandbox:
         finally:
             self._release(zygote, healthy)
         reply.pop("sandbox_error", None)
-        return SandboxResult(**reply, limits=asdict(limits))
+        known = set(SandboxResult.__dataclass_fields__)
+        return SandboxResult(**{k: v for k, v in reply.items() if k in known}, limits=asdict(limits))
 
     def _acquire(self) -> _Zygote:
         with self._cond:
@@ -318,7 +359,12 @@ def _start_bwrap(python: str, limits: Limits, hidden: frozenset[str], timeout: f
     if problem:
         raise SandboxUnavailable(problem)
     argv, pass_fds = _bwrap_argv(python, limits, hidden)
-    config = {"work": "/sandbox", "scratch": ["/tmp", "/dev/shm"], "contained": True}
+    config = {
+        "work": "/sandbox",
+        "scratch": ["/tmp", "/dev/shm"],
+        "contained": True,
+        "isolation": _ISOLATION_SOURCE,
+    }
     argv += [python, "-I", "-c", _ZYGOTE_SOURCE, json.dumps(config)]
     try:
         return _Zygote(argv, pass_fds=pass_fds, env=_SANDBOX_ENV, hidden=hidden, timeout=timeout)
@@ -380,7 +426,7 @@ def _start_unsandboxed(python: str, hidden: frozenset[str], timeout: float) -> _
     work, tmp = os.path.join(root, "work"), os.path.join(root, "tmp")
     os.mkdir(work, 0o700)
     os.mkdir(tmp, 0o700)
-    config = {"work": work, "scratch": [tmp], "contained": False}
+    config = {"work": work, "scratch": [tmp], "contained": False, "isolation": _ISOLATION_SOURCE}
     env = {**_SANDBOX_ENV, "HOME": work, "TMPDIR": tmp}
     argv = [python, "-I", "-c", _ZYGOTE_SOURCE, json.dumps(config)]
     return _Zygote(argv, pass_fds=(), env=env, hidden=hidden, timeout=timeout, cwd=work, cleanup=root)
@@ -460,30 +506,55 @@ class _Zygote:
             raise SandboxUnavailable(f"the sandbox did not start: {hello}")
 
     def request(self, job: dict[str, Any], timeout: float) -> dict[str, Any]:
+        header = dict(job)
+        blobs = [text.encode("utf-8") for text in job["files"].values()]
+        header["files"] = [[name, len(blob)] for name, blob in zip(job["files"], blobs, strict=True)]
+        head = json.dumps(header).encode()
         try:
             assert self.proc.stdin is not None
-            self.proc.stdin.write(json.dumps(job).encode() + b"\n")
+            self.proc.stdin.write(_FRAME.pack(len(head), sum(map(len, blobs))) + head + b"".join(blobs))
             self.proc.stdin.flush()
         except (BrokenPipeError, OSError) as exc:
             raise SandboxError(f"the sandbox process is gone: {exc}; {self._stderr_tail()}") from exc
-        return self._read_message(timeout)
+        reply, payload = self._read_frame(timeout)
+        if "output_size" in reply:
+            size, dropped = int(reply.pop("output_size")), int(reply.pop("output_dropped", 0))
+            report_size = int(reply.pop("report_size", 0))
+            text = payload[:size].decode("utf-8", "replace")
+            reply["output"] = f"[… {dropped} bytes cut …]\n{text}" if dropped else text
+            report = payload[size : size + report_size]
+            try:
+                reply["report"] = json.loads(report.decode("utf-8", "replace")) if report else None
+            except ValueError:
+                reply["report"] = None
+        return reply
 
     def _read_message(self, timeout: float) -> dict[str, Any]:
+        return self._read_frame(timeout)[0]
+
+    def _read_frame(self, timeout: float) -> tuple[dict[str, Any], bytes]:
         assert self.proc.stdout is not None
         fd = self.proc.stdout.fileno()
         deadline = time.monotonic() + timeout
         with selectors.DefaultSelector() as selector:
             selector.register(fd, selectors.EVENT_READ)
-            while b"\n" not in self._buffer:
+            need = _FRAME.size
+            while True:
+                if len(self._buffer) >= _FRAME.size:
+                    header_size, payload_size = _FRAME.unpack_from(self._buffer)
+                    need = _FRAME.size + header_size + payload_size
+                    if len(self._buffer) >= need:
+                        break
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or not selector.select(remaining):
                     raise SandboxError(f"no answer from the sandbox within {timeout:g}s")
-                data = os.read(fd, 1 << 16)
+                data = os.read(fd, max(1 << 16, need - len(self._buffer)))
                 if not data:
                     raise SandboxError(f"the sandbox process exited: {self._stderr_tail()}")
                 self._buffer += data
-        line, _, self._buffer = self._buffer.partition(b"\n")
-        return json.loads(line)
+        frame, self._buffer = self._buffer[:need], self._buffer[need:]
+        header = frame[_FRAME.size : _FRAME.size + header_size]
+        return json.loads(header), frame[_FRAME.size + header_size :]
 
     def _stderr_tail(self) -> str:
         try:
