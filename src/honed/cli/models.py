@@ -176,16 +176,32 @@ def serve(
     max_tokens: Annotated[int | None, typer.Option("--max-tokens", help="Default completion budget.")] = None,
     no_capture: Annotated[bool, typer.Option("--no-capture", help="Do not store served requests.")] = False,
     max_body_mb: Annotated[
-        float, typer.Option("--max-body-mb", help="Largest request body (413 beyond).")
+        float,
+        typer.Option("--max-body-mb", envvar="HONED_MAX_BODY_MB", help="Largest request body (413 beyond)."),
     ] = 8.0,
     body_timeout: Annotated[
-        float, typer.Option("--body-timeout", help="Seconds a request body may take to arrive (408 beyond).")
+        float,
+        typer.Option(
+            "--body-timeout",
+            envvar="HONED_BODY_TIMEOUT",
+            help="Seconds a request body may take to arrive (408 beyond).",
+        ),
     ] = 30.0,
     header_timeout: Annotated[
-        float, typer.Option("--header-timeout", help="Seconds a request's headers may take to arrive.")
+        float,
+        typer.Option(
+            "--header-timeout",
+            envvar="HONED_HEADER_TIMEOUT",
+            help="Seconds a request's headers may take to arrive.",
+        ),
     ] = 10.0,
     limit_concurrency: Annotated[
-        int, typer.Option("--limit-concurrency", help="Connections and requests at once (503 beyond).")
+        int,
+        typer.Option(
+            "--limit-concurrency",
+            envvar="HONED_LIMIT_CONCURRENCY",
+            help="Connections and requests at once (503 beyond).",
+        ),
     ] = 1000,
 ) -> None:
     """An OpenAI-compatible endpoint (/v1/chat/completions, /v1/models) over the live version of NAME."""

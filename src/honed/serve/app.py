@@ -563,7 +563,11 @@ class _BodyGuard:
 
 async def _refuse(send: Any, status: int, message: str) -> None:
     payload = json.dumps(error_body(message, "invalid_request_error", code=f"http_{status}")).encode()
-    headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(payload)).encode()),
+        (b"connection", b"close"),
+    ]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": payload})
 
