@@ -221,13 +221,27 @@ class LocalChatModel(BaseChatModel):
     async def _arequest(
         self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
     ) -> GenerationRequest:
-        """`_request` on the prepare pool, within `prepare_timeout_s` (a render or tokenisation
-        that overruns keeps its thread until it ends; its caller hears `PromptTooSlow` at once)."""
-        job = asyncio.get_running_loop().run_in_executor(
-            _prepare_pool(), self._request, messages, stop, kwargs
-        )
+        """`_request` on the prepare pool, within `prepare_timeout_s` of its start (time queued
+        behind other prompts does not count). A render or tokenisation that overruns keeps its
+        thread until it ends; its caller hears `PromptTooSlow` at once."""
+        loop = asyncio.get_running_loop()
+        started = asyncio.Event()
+
+        def job() -> GenerationRequest:
+            loop.call_soon_threadsafe(started.set)
+            return self._request(messages, stop, kwargs)
+
+        done = loop.run_in_executor(_prepare_pool(), job)
+        waiting = asyncio.ensure_future(started.wait())
         try:
-            return await asyncio.wait_for(job, self.prepare_timeout_s)
+            await asyncio.wait({done, waiting}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            done.cancel()  # the caller went away: a job still queued never runs
+            raise
+        finally:
+            waiting.cancel()
+        try:
+            return await asyncio.wait_for(done, self.prepare_timeout_s)
         except TimeoutError:
             raise PromptTooSlow(self.prepare_timeout_s) from None
 
