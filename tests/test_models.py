@@ -14,7 +14,17 @@ from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, Tool
 
 import honed
 from honed.models.toolcalls import CompletionParser, parse_completion
-from tiny_model import ANSWER, CALL, QUESTION, THINK, add_schema, add_tool, tiny_path, tool_model_path
+from tiny_model import (
+    ANSWER,
+    CALL,
+    QUESTION,
+    THINK,
+    add_schema,
+    add_tool,
+    copy_model,
+    tiny_path,
+    tool_model_path,
+)
 
 torch = pytest.importorskip("torch")
 
@@ -350,27 +360,34 @@ def test_sampling_fails_only_the_rows_it_cannot_sample() -> None:
     assert all(lp <= 0 for j, lp in enumerate(logprobs) if j != 2)
 
 
-async def test_async_calls_prepare_prompts_off_the_event_loop_within_a_limit(tiny: Path, monkeypatch) -> None:
+async def test_async_calls_prepare_prompts_off_the_event_loop_within_a_limit(tiny: Path) -> None:
+    """A slow template (the operator's: ~seconds of Jinja loops) neither stops the event loop nor
+    keeps its caller past `prepare_timeout_s`."""
     from honed.models import LocalChatModel
 
-    chat = LocalChatModel(tiny, temperature=0, max_tokens=4)
-    engine, render, threads = chat.engine, chat.engine.render, []
+    slow = copy_model(tiny, "slow-template")
+    template = slow / "chat_template.jinja"
+    loop = "{% for i in range(3000) %}{% for j in range(3000) %}{% endfor %}{% endfor %}"
+    template.write_text(loop + template.read_text())
+    chat = LocalChatModel(slow, temperature=0, max_tokens=4, prepare_timeout_s=0.3)
+    ticks = 0
 
-    def recording_render(*args, **kwargs):
-        threads.append(threading.current_thread())
-        return render(*args, **kwargs)
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
 
-    monkeypatch.setattr(engine, "render", recording_render)
-    await chat.ainvoke("hello")
-    [c async for c in chat.astream("hello")]
-    assert len(threads) == 2 and threading.current_thread() not in threads
-
-    from honed.models.engine import PromptTooSlow
-
-    hasty = LocalChatModel(tiny, temperature=0, max_tokens=4, prepare_timeout_s=1e-4)
-    with pytest.raises(PromptTooSlow):
-        await hasty.ainvoke("word " * 1500)
-    hasty.close()
+    ticking = asyncio.create_task(ticker())
+    started = time.monotonic()
+    try:
+        with pytest.raises(ValueError, match=r"preparing the prompt took longer than 0\.3 s"):
+            await chat.ainvoke("hello")
+        waited = time.monotonic() - started
+    finally:
+        ticking.cancel()
+    assert waited < 1.5
+    assert ticks >= 5  # the loop ran meanwhile: the template rendered on another thread
     chat.close()
 
 

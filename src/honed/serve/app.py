@@ -562,7 +562,8 @@ class _BodyGuard:
 
 
 async def _refuse(send: Any, status: int, message: str) -> None:
-    payload = json.dumps(error_body(message, "invalid_request_error", code=f"http_{status}")).encode()
+    code = {408: "request_timeout", 413: "request_too_large"}.get(status, "invalid_content_length")
+    payload = json.dumps(error_body(message, "invalid_request_error", code=code)).encode()
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(payload)).encode()),

@@ -5,15 +5,17 @@ parameter, which the app turns into an OpenAI-style 400 (`{"error": {"message", 
 "invalid_request_error", "param", "code"}}`).
 
 Everything a client sends is checked here, before any of it reaches the model: the body is JSON
-without `NaN`/`Infinity` and at most `MAX_DEPTH` levels deep; every sampling parameter has its
-type and range (`temperature` 0..2, `top_p` (0, 1], `max_tokens` 1..`MAX_TOKENS_LIMIT`, `n`
-1..16, `stop` up to `MAX_STOP` strings, `seed` a 64-bit integer, penalties -2..2); messages,
-tool calls and tools have their OpenAI shapes; `chat_template_kwargs` may only set the
-variables in `TEMPLATE_KWARGS` (the chat template is the operator's: a client never supplies
-template text, nor variables the template was not written to take). Accepted but not applied:
-`seed`, `top_logprobs` (the reply's `top_logprobs` lists are empty), `response_format`,
-`parallel_tool_calls`; refused when they would change sampling: non-zero
-`presence_penalty`/`frequency_penalty`, a non-empty `logit_bias`.
+without `NaN`/`Infinity`, at most `MAX_DEPTH` levels deep and `MAX_CONTAINERS` arrays and objects
+(`loads` checks both on the text, before parsing); every sampling parameter has its type and
+range (`temperature` 0..2, `top_p` (0, 1], `top_k` -1.., `max_tokens` 1..`MAX_TOKENS_LIMIT`, `n`
+1..16, `stop` up to `MAX_STOP` strings, `seed` a 64-bit integer, `top_logprobs` 0..20); messages,
+tool calls and tools have their OpenAI shapes; `chat_template_kwargs` may only set the variables
+in `TEMPLATE_KWARGS` (the chat template is the operator's: a client never supplies template text,
+nor variables the template was not written to take). Accepted but not applied: `seed`,
+`top_logprobs` (the reply's `top_logprobs` lists are empty), `response_format`,
+`parallel_tool_calls`. Checked, and refused unless neutral, since this server does not apply
+them: `presence_penalty`/`frequency_penalty` (-2..2; only 0), vLLM's `repetition_penalty` (only
+1), `logit_bias` (only empty).
 """
 
 from __future__ import annotations
