@@ -328,9 +328,13 @@ def main() -> None:
             time.sleep(1)
             rss_start = rss_mb(process.pid)
 
+            rss_phases: list[float] = []
+
             async def run() -> tuple[Any, ...]:
                 base = await plain_phase(port, good)
+                rss_phases.append(rss_mb(process.pid))
                 attacked = await hostile_phase(port, good, rounds)
+                rss_phases.append(rss_mb(process.pid))
                 after = await plain_phase(port, good)
                 return base, attacked, after
 
@@ -369,6 +373,10 @@ def main() -> None:
             print(
                 f"  {kind:<28} connections held at most {max(times):.1f} s (median {statistics.median(times):.1f} s)"
             )
+    print(
+        f"server RSS after each phase: baseline {rss_phases[0]:.0f} MB, hostile {rss_phases[1]:.0f} MB, "
+        f"after {rss_end:.0f} MB"
+    )
     growth = (rss_end - rss_start) / rss_start
     print(
         f"server RSS: {rss_boot:.0f} MB at boot, {rss_start:.0f} MB at start (after a warm-up request), "

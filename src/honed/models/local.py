@@ -416,12 +416,14 @@ def _cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
 def _chars(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> int:
     """Characters the rendered prompt holds at least: contents, tool-call arguments, tool schemas
     (reasoning is left out: templates drop it from earlier turns)."""
-    total = len(json.dumps(tools)) if tools else 0
+    total = len(json.dumps(tools, default=str)) if tools else 0
     for message in messages:
         content = message.get("content")
         total += len(content) if isinstance(content, str) else 0
         for call in message.get("tool_calls") or ():
-            total += len(json.dumps(call.get("function", {}).get("arguments"), ensure_ascii=False))
+            total += len(
+                json.dumps(call.get("function", {}).get("arguments"), ensure_ascii=False, default=str)
+            )
     return total
 
 
