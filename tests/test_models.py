@@ -14,7 +14,17 @@ from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, Tool
 
 import honed
 from honed.serving.toolcalls import CompletionParser, parse_completion
-from tiny_model import ANSWER, CALL, QUESTION, THINK, add_schema, add_tool, tiny_path, tool_model_path
+from tiny_model import (
+    ANSWER,
+    CALL,
+    QUESTION,
+    THINK,
+    add_schema,
+    add_tool,
+    copy_model,
+    tiny_path,
+    tool_model_path,
+)
 
 torch = pytest.importorskip("torch")
 
@@ -283,6 +293,102 @@ def test_prompt_beyond_the_context_window_is_a_clear_error(model) -> None:
     with pytest.raises(ContextWindowExceeded, match="context window is 2048"):
         model.invoke("word " * 5000)
     assert model.invoke("still fine").response_metadata["finish_reason"]
+
+
+def test_text_that_cannot_fit_is_refused_before_tokenising(model) -> None:
+    from honed.serving import ContextWindowExceeded
+
+    started = time.monotonic()
+    with pytest.raises(ContextWindowExceeded, match="characters"):
+        model.invoke("lorem ipsum " * 500_000)  # 6 MB: tokenising it took seconds and gigabytes
+    assert time.monotonic() - started < 1.0
+
+
+def test_a_request_no_sampler_can_run_fails_alone(model) -> None:
+    """One bad row never fails its batch-mates: refused at submit, or, slipping past it, failing
+    its own prefill alone; a temperature too small to divide by is greedy."""
+    from concurrent.futures import Future
+
+    from honed.serving.batching import GenerationRequest
+
+    engine, generator = model.engine, model.engine.generator
+    vocab = engine.model.config.vocab_size
+    prompt = engine.encode(engine.render([{"role": "user", "content": "hello"}], None))
+    alone = generator.submit(GenerationRequest(prompt, 12, temperature=0)).result(60).token_ids
+
+    good = [GenerationRequest(prompt, 12, temperature=0) for _ in range(4)]
+    good += [GenerationRequest(prompt, 12, temperature=1e-45), GenerationRequest(prompt, 12, temperature=1.0)]
+    refused = [
+        GenerationRequest(prompt, 12, temperature=1.0, top_p=-1),
+        GenerationRequest(prompt, 12, temperature=float("nan")),
+        GenerationRequest(prompt, 12, temperature=-1.0),
+        GenerationRequest(prompt, 12, temperature=1.0, top_k=-3),
+        GenerationRequest([], 12),
+        GenerationRequest([vocab + 5], 12),
+        GenerationRequest(prompt, 0),
+    ]
+    futures = [generator.submit(r) for r in refused[:3]] + [generator.submit(r) for r in good[:3]]
+    futures += [generator.submit(r) for r in refused[3:]] + [generator.submit(r) for r in good[3:]]
+    slipped: Future = Future()  # past `submit`'s checks, straight onto the queue: fails its prefill
+    generator._queue.put((GenerationRequest([*prompt[:3], vocab + 5], 12, temperature=0), slipped))
+    late = [generator.submit(GenerationRequest(prompt, 12, temperature=0)) for _ in range(2)]
+    results = [f.result(60) for f in futures[3:6] + futures[10:] + late]
+    for future in futures[:3] + futures[6:10]:
+        with pytest.raises(ValueError):
+            future.result(60)
+    with pytest.raises(IndexError):
+        slipped.result(60)
+    greedy = [r.token_ids for r in results[:3] + results[3:5] + results[6:]]
+    assert greedy == [alone] * 7  # 1e-45 included: greedy, not NaN
+    assert 1 <= len(results[5].token_ids) <= 12
+
+
+def test_sampling_fails_only_the_rows_it_cannot_sample() -> None:
+    from concurrent.futures import Future
+
+    from honed.serving.batching import GenerationRequest, _Row, _sample
+
+    torch.manual_seed(0)
+    logits = torch.randn(6, 40)
+    logits[2] = float("nan")  # scores that are not numbers (an overflowing model)
+    settings = [(1.0, 1.0), (1e-45, 1.0), (1.0, 1.0), (1.0, -1.0), (1.0, 1e-30), (0.7, 0.9)]
+    rows = [_Row(GenerationRequest([1], 4, temperature=t, top_p=p), Future()) for t, p in settings]
+    tokens, logprobs, failed = _sample(rows, logits)
+    assert set(failed) == {2}
+    best = logits.argmax(dim=-1).tolist()
+    assert [tokens[1], tokens[3], tokens[4]] == [best[1], best[3], best[4]]  # top-p keeps the top token
+    assert all(lp <= 0 for j, lp in enumerate(logprobs) if j != 2)
+
+
+async def test_async_calls_prepare_prompts_off_the_event_loop_within_a_limit(tiny: Path) -> None:
+    """A slow template (the operator's: ~seconds of Jinja loops) neither stops the event loop nor
+    keeps its caller past `prepare_timeout_s`."""
+    from honed.serving import LocalChatModel
+
+    slow = copy_model(tiny, "slow-template")
+    template = slow / "chat_template.jinja"
+    loop = "{% for i in range(3000) %}{% for j in range(3000) %}{% endfor %}{% endfor %}"
+    template.write_text(loop + template.read_text())
+    chat = LocalChatModel(slow, temperature=0, max_tokens=4, prepare_timeout_s=0.3)
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    ticking = asyncio.create_task(ticker())
+    started = time.monotonic()
+    try:
+        with pytest.raises(ValueError, match=r"preparing the prompt took longer than 0\.3 s"):
+            await chat.ainvoke("hello")
+        waited = time.monotonic() - started
+    finally:
+        ticking.cancel()
+    assert waited < 1.5
+    assert ticks >= 5  # the loop ran meanwhile: the template rendered on another thread
+    chat.close()
 
 
 def test_an_agent_calls_a_tool_with_the_local_model(sqlite_url: str) -> None:

@@ -23,14 +23,15 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
 KEY = "sk-honed-test-key"
+LABEL_KEY = "sk-honed-label-key"  # a harness that owns its tasks: its metadata labels its runs
 
 
 class Server:
     def __init__(self, url: str, base: str, store_url: str, process: subprocess.Popen[str]) -> None:
         self.url, self.base, self.store_url, self.process = url, base, store_url, process
 
-    def client(self, **kwargs: Any) -> Any:
-        return openai.OpenAI(base_url=self.base, api_key=KEY, max_retries=0, timeout=60, **kwargs)
+    def client(self, key: str = KEY, **kwargs: Any) -> Any:
+        return openai.OpenAI(base_url=self.base, api_key=key, max_retries=0, timeout=60, **kwargs)
 
     def post(self, body: Any, *, key: str | None = KEY, raw: bytes | None = None) -> httpx.Response:
         headers = {"Content-Type": "application/json"}
@@ -78,6 +79,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             "0.1",
             "--max-tokens",
             "48",
+            "--label-key",
+            LABEL_KEY,
+            "--label",
+            "deployment=test",
         ],
         env=env,
         stdout=subprocess.PIPE,
@@ -260,7 +265,7 @@ def test_a_client_that_disconnects_mid_stream(server: Server) -> None:
         "temperature": 1.0,
         "metadata": {"task_id": "gone"},
     }
-    headers = {"Authorization": f"Bearer {KEY}"}
+    headers = {"Authorization": f"Bearer {LABEL_KEY}"}
     with (
         httpx.Client(timeout=30) as http,
         http.stream("POST", f"{server.base}/chat/completions", json=body, headers=headers) as response,
@@ -289,7 +294,7 @@ def test_a_client_that_disconnects_mid_stream(server: Server) -> None:
 
 
 def test_served_requests_are_captured_as_trajectories(server: Server) -> None:
-    server.client().chat.completions.create(
+    server.client(LABEL_KEY).chat.completions.create(
         model="calc",
         messages=first_turn(),
         tools=[add_schema()],
@@ -304,9 +309,63 @@ def test_served_requests_are_captured_as_trajectories(server: Server) -> None:
     [t] = found
     [step] = t.model_steps()
     assert (t.agent, t.split, t.metadata["source"]) == ("calc", "train", "honed serve")
+    assert t.metadata["labels_from"] == "label key" and t.metadata["deployment"] == "test"
     assert step.model_version == "calc@v1" and step.tool_calls[0]["name"] == "add"
     assert len(step.extra["token_ids"]) == len(step.extra["logprobs"]) == step.usage["output_tokens"]
     assert step.input["tools"][0]["function"]["name"] == "add"
+    store.close()
+
+
+def test_a_plain_clients_metadata_never_labels_its_run(server: Server) -> None:
+    """A client without a label key cannot mark its run held-out, supply the tests or the
+    reference that judge it, claim a task or a version: what it says is kept under `client`."""
+    from honed.exporters.select import Selection
+
+    from honed.verifiers import ReferenceMatch, TestSuite
+    from honed.verifiers.routing import applicable
+
+    claims = {
+        "task_id": "heldout-7",
+        "split": "heldout",
+        "expected": "5",
+        "tests": "def test_anything():\n    assert True\n",
+        "schema": {"type": "object"},
+        "verifier": "tests",
+        "tags": ["gold"],
+        "agent": "someone-else",
+        "source": "a trusted harness",
+        "model_version": "calc@v9",
+        "labels_from": "label key",
+        "deployment": "prod",
+        "marker": "plain-client-1",
+    }
+    server.client().chat.completions.create(
+        model="calc", messages=second_turn(), tools=[add_schema()], temperature=0, metadata=claims, user="u-1"
+    )
+    store = honed.open_store(server.store_url)
+    deadline = time.monotonic() + 15
+    while not (
+        found := [
+            t
+            for t in store.trajectories(20, agent="calc")
+            if (t.metadata.get("client") or {}).get("marker") == "plain-client-1"
+        ]
+    ):
+        assert time.monotonic() < deadline, "the plain client's request was not captured"
+        time.sleep(0.2)
+    [t] = found
+    assert (t.agent, t.task_id, t.split, t.model_version) == ("calc", None, None, "calc@v1")
+    assert t.metadata["client"] == {**claims, "user": "u-1"}
+    top = {k: v for k, v in t.metadata.items() if k != "client"}
+    assert top == {"source": "honed serve", "deployment": "test", "labels_from": "operator"}
+    assert applicable([ReferenceMatch(), TestSuite()], t) == []  # nothing the client said judges it
+    assert Selection().keeps(t)  # nor hides it from training as held-out
+    assert store.trajectories(task_id="heldout-7") == []
+
+    too_much = server.post(
+        {"model": "calc", "messages": first_turn(), "metadata": {"notes": "x" * 20_000}, "max_tokens": 1}
+    )
+    assert too_much.status_code == 400 and too_much.json()["error"]["param"] == "metadata"
     store.close()
 
 

@@ -8,6 +8,7 @@ version within its poll interval (at once on PostgreSQL, through NOTIFY).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Annotated
 
 import typer
@@ -155,9 +156,53 @@ def serve(
         str | None,
         typer.Option("--api-key", envvar="HONED_API_KEY", help="Require 'Authorization: Bearer KEY'."),
     ] = None,
+    label_key: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--label-key",
+            envvar="HONED_LABEL_KEY",
+            help="A key whose requests' metadata labels the captured run (task_id, split, expected, tests...); "
+            "also an API key. Other clients' metadata is kept apart, under metadata.client. Repeatable.",
+        ),
+    ] = None,
+    label: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--label",
+            help="KEY=VALUE: a label on every captured run (VALUE read as JSON if it is). Repeatable.",
+        ),
+    ] = None,
     poll: Annotated[float | None, typer.Option(help="Seconds between checks for a new live version.")] = None,
     max_tokens: Annotated[int | None, typer.Option("--max-tokens", help="Default completion budget.")] = None,
     no_capture: Annotated[bool, typer.Option("--no-capture", help="Do not store served requests.")] = False,
+    max_body_mb: Annotated[
+        float,
+        typer.Option("--max-body-mb", envvar="HONED_MAX_BODY_MB", help="Largest request body (413 beyond)."),
+    ] = 8.0,
+    body_timeout: Annotated[
+        float,
+        typer.Option(
+            "--body-timeout",
+            envvar="HONED_BODY_TIMEOUT",
+            help="Seconds a request body may take to arrive (408 beyond).",
+        ),
+    ] = 30.0,
+    header_timeout: Annotated[
+        float,
+        typer.Option(
+            "--header-timeout",
+            envvar="HONED_HEADER_TIMEOUT",
+            help="Seconds a request's headers may take to arrive.",
+        ),
+    ] = 10.0,
+    limit_concurrency: Annotated[
+        int,
+        typer.Option(
+            "--limit-concurrency",
+            envvar="HONED_LIMIT_CONCURRENCY",
+            help="Connections and requests at once (503 beyond).",
+        ),
+    ] = 1000,
 ) -> None:
     """An OpenAI-compatible endpoint (/v1/chat/completions, /v1/models) over the live version of NAME."""
     try:
@@ -189,10 +234,30 @@ def serve(
         host=host,
         port=port,
         api_key=api_key,
+        label_keys=label_key or (),
+        labels=_labels(label or ()),
         capture=not no_capture,
         poll_interval=poll,
+        max_body_bytes=int(max_body_mb * 1024 * 1024),
+        body_timeout_s=body_timeout,
+        header_timeout_s=header_timeout,
+        limit_concurrency=limit_concurrency,
         **settings,
     )
+
+
+def _labels(pairs: Sequence[str]) -> dict[str, object]:
+    labels: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            console().print(f"[red]--label takes KEY=VALUE ({escape(pair)!s} given)[/red]")
+            raise typer.Exit(2)
+        try:
+            labels[key.strip()] = json.loads(value)
+        except ValueError:
+            labels[key.strip()] = value
+    return labels
 
 
 def _ref(ref: str) -> tuple[str, int]:

@@ -5,23 +5,53 @@ the improving model through `/v1/chat/completions` (tools, `stream: true` as ser
 `logprobs`, and vLLM's `return_token_ids`) and `/v1/models`. Each name is a `ServedModel`, so a
 promotion swaps the weights under the running server; the `model` of every response is the
 version that answered (`support-agent@v3`). Every request served is captured as a trajectory
-(one model step with token ids and logprobs); a client's `metadata` (`task_id`, `split`, ...)
-labels it, as `config["metadata"]["honed"]` does for an agent.
+(one model step with token ids and logprobs).
+
+Label provenance. What judges a captured run (`expected`, `tests`, `schema`, `match`,
+`tolerance`, `verifier`, `tags`, `task_id`, `split`, `model_version`, `source`, `agent`: every
+top-level key of the trajectory's metadata, which verifiers, exports and the held-out policy
+read) comes only from places the operator trusts:
+- the server: `agent` (the served name) and `source` ("honed serve");
+- the operator's `labels` (`honed serve --label split=train --label verifier=tests`), on every
+  request, over the server's;
+- the metadata of a request made with a label key (`label_keys`; `honed serve --label-key KEY`,
+  `HONED_LABEL_KEY`), over both: a harness that owns its tasks sends `task_id`, `expected`,
+  `split` as `metadata`, exactly as `config["metadata"]["honed"]` labels an agent.
+Anything else a client says (its `metadata`, `user`) is kept, untrusted, under
+`metadata["client"]`, where nothing that judges a run looks: a client cannot mark its own run
+held-out, supply the tests that judge it, or claim a task. `metadata["labels_from"]` says which
+applied ("label key" or "operator"), set after the merge so no one can forge it. A label key is
+also an API key: with `api_key` set, requests need one or the other; without, the server is open
+and only label keys label.
 
 Errors are OpenAI-shaped (`{"error": {"message", "type", "param", "code"}}`) and never take the
-server down: malformed JSON and bad parameters are 400, a missing or wrong key 401, an unknown
-model 404, a prompt beyond the context window 400 `context_length_exceeded`, no live version 503.
-A client that disconnects mid-stream frees its row of the batch at the next token.
+server down nor carry an exception's text: malformed JSON and bad parameters are 400 naming the
+field (see `protocol`), a missing or wrong key 401, an unknown model 404, a body over
+`max_body_bytes` 413 (from `Content-Length`, or counted while reading, before the rest is read), a
+body not received within `body_timeout_s` 408, a prompt beyond the context window 400
+`context_length_exceeded` (refused on its length in characters before tokenising), no live
+version 503, anything unexpected 500 with a reference to the server's log. A client that
+disconnects mid-stream frees its row of the batch at the next token.
+
+Holding the server. Prompts are rendered and tokenised off the event loop (see
+`honed.serving.local`); `serve` runs uvicorn's h11 protocol with limits uvicorn leaves open: a
+request's headers must arrive within `header_timeout_s` of the connection opening (or of the
+previous response), at most `max_header_bytes` of them; idle keep-alive connections close after
+`keep_alive_s`; beyond `limit_concurrency` connections and requests, new requests get 503. So a
+client trickling headers or a body (slowloris) holds a connection for seconds, not forever.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import hmac
 import json
 import logging
+import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -32,7 +62,8 @@ from langchain_core.messages import AIMessage, AIMessageChunk
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from honed.serving import protocol
-from honed.serving.engine import ContextWindowExceeded
+from honed.serving.batching import InvalidGeneration
+from honed.serving.engine import ContextWindowExceeded, PromptTooSlow
 from honed.serving.protocol import BadRequest, ChatRequest, error_body
 from honed.serving.served import ServedModel
 from honed.store import TrajectoryStore, open_store
@@ -40,7 +71,13 @@ from honed.store.registry import NoLiveVersion
 
 log = logging.getLogger("honed")
 
-MAX_BODY_BYTES = 32 * 1024 * 1024
+MAX_BODY_BYTES = 8 * 1024 * 1024  # a 128k-token conversation is ~0.5 MB of text
+BODY_TIMEOUT_S = 30.0
+HEADER_TIMEOUT_S = 10.0
+KEEP_ALIVE_S = 5.0
+LIMIT_CONCURRENCY = 1000
+MAX_HEADER_BYTES = 64 * 1024
+TRIM_AFTER_BYTES = 1024 * 1024  # after a body this large, hand freed memory back to the OS
 
 
 class _HTTPError(Exception):
@@ -56,16 +93,24 @@ def create_app(
     names: Sequence[str],
     *,
     api_key: str | None = None,
+    label_keys: Sequence[str] | str | None = None,
+    labels: Mapping[str, Any] | None = None,
     capture: bool = True,
     poll_interval: float | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    body_timeout_s: float = BODY_TIMEOUT_S,
     **model_settings: Any,
 ) -> FastAPI:
     """The FastAPI app serving `names` from `store`. `api_key` enables bearer auth (as vLLM's
-    `--api-key`); `capture=False` stores nothing; `model_settings` go to each `ServedModel`
-    (`temperature`, `max_tokens`, `model_kwargs` ...)."""
+    `--api-key`); `label_keys` are keys whose requests' metadata labels the captured run and
+    `labels` the operator's labels for every run (see the module docstring); `capture=False`
+    stores nothing; `model_settings` go to each `ServedModel` (`temperature`, `max_tokens`,
+    `model_kwargs` ...)."""
     store = open_store(store) if isinstance(store, str) else store
     if not names:
         raise ValueError("serve at least one model name")
+    keys = _Keys(api_key, label_keys)
+    operator_labels = dict(labels or {})
     settings = dict(model_settings)
     if poll_interval is not None:
         settings["poll_interval"] = poll_interval
@@ -89,6 +134,7 @@ def create_app(
     app = FastAPI(title="honed", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.served = served
     app.state.store = store
+    app.add_middleware(_BodyGuard, max_bytes=max_body_bytes, timeout_s=body_timeout_s)
 
     @app.exception_handler(_HTTPError)
     async def _http_error(_request: Request, exc: _HTTPError) -> JSONResponse:
@@ -101,12 +147,12 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse(error_body(str(exc.errors()[:3])), status_code=400)
+        return JSONResponse(error_body("the request is not valid"), status_code=400)
 
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
-        log.exception("honed serve: request failed")
-        return JSONResponse(error_body(f"{type(exc).__name__}: {exc}", "server_error"), status_code=500)
+        error = _internal(exc)
+        return JSONResponse(error_body(str(error), error.kind), status_code=error.status)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -114,7 +160,7 @@ def create_app(
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
-        _authorize(request, api_key)
+        keys.authorize(request)
         data = []
         for name, model in served.items():
             live = model.live
@@ -142,14 +188,14 @@ def create_app(
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: Request) -> JSONResponse | StreamingResponse:
-        _authorize(request, api_key)
-        body = await _json_body(request)
+        can_label = keys.authorize(request)
         try:
-            chat = protocol.parse_chat_request(body)
+            chat = protocol.parse_chat_request(protocol.loads(await request.body()))
+            model = _resolve(served, chat.model)
+            run_labels = _labels(model.name, chat, operator_labels, can_label=can_label)
         except BadRequest as exc:
             raise _HTTPError(400, str(exc), "invalid_request_error", exc.param, exc.code) from exc
-        model = _resolve(served, chat.model)
-        config = _run_config(model.name, chat, handler)
+        config = _run_config(model.name, run_labels, handler)
         call = model.bind(stop=chat.stop, **chat.call_kwargs) if chat.stop else model.bind(**chat.call_kwargs)
         if chat.stream:
             return await _stream(call, chat, config)
@@ -173,9 +219,16 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     api_key: str | None = None,
+    label_keys: Sequence[str] | str | None = None,
+    labels: Mapping[str, Any] | None = None,
     capture: bool = True,
     poll_interval: float | None = None,
     log_level: str = "info",
+    max_body_bytes: int = MAX_BODY_BYTES,
+    body_timeout_s: float = BODY_TIMEOUT_S,
+    header_timeout_s: float = HEADER_TIMEOUT_S,
+    keep_alive_s: float = KEEP_ALIVE_S,
+    limit_concurrency: int | None = LIMIT_CONCURRENCY,
     **model_settings: Any,
 ) -> None:
     """Run the server until interrupted (what `honed serve` does)."""
@@ -185,22 +238,75 @@ def serve(
         open_store(store),
         names,
         api_key=api_key,
+        label_keys=label_keys,
+        labels=labels,
         capture=capture,
         poll_interval=poll_interval,
+        max_body_bytes=max_body_bytes,
+        body_timeout_s=body_timeout_s,
         **model_settings,
     )
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    config = server_config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        header_timeout_s=header_timeout_s,
+        keep_alive_s=keep_alive_s,
+        limit_concurrency=limit_concurrency,
+    )
+    uvicorn.Server(config).run()
+
+
+def server_config(
+    app: Any,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    log_level: str = "info",
+    header_timeout_s: float = HEADER_TIMEOUT_S,
+    keep_alive_s: float = KEEP_ALIVE_S,
+    limit_concurrency: int | None = LIMIT_CONCURRENCY,
+    max_header_bytes: int = MAX_HEADER_BYTES,
+) -> Any:
+    """The uvicorn configuration `serve` runs: h11 with a deadline for headers (see the module
+    docstring), bounded header size, keep-alive and concurrency."""
+    import uvicorn
+
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        http=_guarded_h11(header_timeout_s),
+        timeout_keep_alive=max(1, round(keep_alive_s)),
+        h11_max_incomplete_event_size=max_header_bytes,
+        limit_concurrency=limit_concurrency,
+        timeout_graceful_shutdown=5,
+        lifespan="on",
+    )
 
 
 # -- request handling ----------------------------------------------------------------------------
 
 
-def _authorize(request: Request, api_key: str | None) -> None:
-    if not api_key:
-        return
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+class _Keys:
+    """Who may call (`api_key`, or any label key) and who may label (a label key)."""
+
+    def __init__(self, api_key: str | None, label_keys: Sequence[str] | str | None) -> None:
+        if isinstance(label_keys, str):
+            label_keys = [label_keys]
+        self.api_key = api_key.encode() if api_key else None
+        self.label_keys = [k.encode() for k in label_keys or () if k]
+
+    def authorize(self, request: Request) -> bool:
+        """Whether the request may label its run; 401 when a key is required and not given."""
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        given = token.strip().encode() if scheme.lower() == "bearer" else b""
+        # every key is compared, in constant time, whichever matches
+        labels = any([hmac.compare_digest(given, key) for key in self.label_keys]) if given else False
+        if labels or self.api_key is None or (given and hmac.compare_digest(given, self.api_key)):
+            return labels
         raise _HTTPError(
             401,
             "Incorrect API key provided: pass it as 'Authorization: Bearer <key>' (honed serve --api-key / HONED_API_KEY)",
@@ -209,18 +315,25 @@ def _authorize(request: Request, api_key: str | None) -> None:
         )
 
 
-async def _json_body(request: Request) -> Any:
-    raw = await request.body()
-    if len(raw) > MAX_BODY_BYTES:
-        raise _HTTPError(413, f"the request body is over {MAX_BODY_BYTES} bytes", "invalid_request_error")
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise _HTTPError(
-            400,
-            f"We could not parse the JSON body of your request ({exc}). The OpenAI API expects a JSON payload.",
-            "invalid_request_error",
-        ) from exc
+def _labels(name: str, chat: ChatRequest, operator: dict[str, Any], *, can_label: bool) -> dict[str, Any]:
+    """The captured run's metadata: server, then operator labels; the client's own metadata on
+    top only from a label key, else kept apart under `client` (see the module docstring)."""
+    labels: dict[str, Any] = {"agent": name, "source": "honed serve", **operator}
+    said = dict(chat.metadata)
+    if chat.user is not None:
+        said["user"] = chat.user
+    if can_label:
+        labels.update(said)
+        labels["labels_from"] = "label key"
+        return labels
+    if said:
+        if len(json.dumps(said, default=str)) > protocol.MAX_CLIENT_METADATA_BYTES:
+            raise BadRequest(
+                f"metadata is over {protocol.MAX_CLIENT_METADATA_BYTES} bytes", "metadata", "too_large"
+            )
+        labels["client"] = said
+    labels["labels_from"] = "operator"
+    return labels
 
 
 def _resolve(served: dict[str, ServedModel], requested: str) -> ServedModel:
@@ -238,8 +351,7 @@ def _resolve(served: dict[str, ServedModel], requested: str) -> ServedModel:
     raise _HTTPError(404, message, "invalid_request_error", "model", "model_not_found")
 
 
-def _run_config(name: str, chat: ChatRequest, handler: Any) -> dict[str, Any]:
-    labels = {"agent": name, "source": "honed serve", **chat.metadata}
+def _run_config(name: str, labels: dict[str, Any], handler: Any) -> dict[str, Any]:
     config: dict[str, Any] = {"run_name": name, "metadata": {"honed": labels}}
     if handler is not None:
         config["callbacks"] = [handler]
@@ -253,8 +365,32 @@ def _as_http_error(exc: BaseException) -> _HTTPError:
         return _HTTPError(503, str(exc), "server_error", "model", "model_not_ready")
     if isinstance(exc, BadRequest):
         return _HTTPError(400, str(exc), "invalid_request_error", exc.param, exc.code)
-    log.error("honed serve: generation failed", exc_info=exc)
-    return _HTTPError(500, f"{type(exc).__name__}: {exc}", "server_error")
+    if isinstance(exc, InvalidGeneration):
+        return _HTTPError(400, str(exc), "invalid_request_error", None, "invalid_value")
+    if isinstance(exc, PromptTooSlow):
+        return _HTTPError(400, str(exc), "invalid_request_error", "messages", "prompt_too_slow")
+    if _is_template_error(exc):  # the operator's template refused the conversation (its own words)
+        return _HTTPError(
+            400,
+            f"the chat template refused these messages: {str(exc)[:300]}",
+            "invalid_request_error",
+            "messages",
+        )
+    return _internal(exc)
+
+
+def _internal(exc: BaseException) -> _HTTPError:
+    """A 500 that names a log entry, never the exception (its text may hold anything)."""
+    reference = uuid.uuid4().hex[:12]
+    log.error("honed serve: request failed (ref %s)", reference, exc_info=exc)
+    return _HTTPError(
+        500, f"the server failed to answer this request (ref {reference} in its log)", "server_error"
+    )
+
+
+def _is_template_error(exc: BaseException) -> bool:
+    jinja = sys.modules.get("jinja2.exceptions")
+    return jinja is not None and isinstance(exc, jinja.TemplateError)
 
 
 async def _stream(call: Any, chat: ChatRequest, config: dict[str, Any]) -> StreamingResponse:
@@ -358,3 +494,139 @@ async def _next(chunks: Any) -> AIMessageChunk | None:
         return await chunks.__anext__()
     except StopAsyncIteration:
         return None
+
+
+# -- transport limits --------------------------------------------------------------------------------
+
+
+class _BodyGuard:
+    """Reads a request's body before the app does, within `max_bytes` and `timeout_s`: 413 from
+    `Content-Length` before reading any of it, or as soon as the bytes read pass the limit; 408
+    when the body has not all arrived in time (a client trickling it). Both close the connection.
+    The app then reads the body from memory. A pure ASGI middleware: streamed responses and
+    disconnects pass through untouched."""
+
+    def __init__(self, app: Any, *, max_bytes: int, timeout_s: float) -> None:
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable[[], Awaitable[Any]], send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None:
+            try:
+                declared = int(length)
+            except ValueError:
+                await _refuse(send, 400, "the Content-Length header is not a number")
+                return
+            if declared > self.max_bytes:
+                await _refuse(send, 413, f"the request body is over {self.max_bytes} bytes")
+                return
+        chunks: list[bytes] = []
+        total, more = 0, True
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
+        while more:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                await _refuse(send, 408, f"the request body did not arrive within {self.timeout_s:g} s")
+                return
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            total += len(chunk)
+            if total > self.max_bytes:
+                await _refuse(send, 413, f"the request body is over {self.max_bytes} bytes")
+                return
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        del chunks
+        replayed = False
+
+        async def replay() -> Any:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        try:
+            await self.app(scope, replay, send)
+        finally:
+            if total > TRIM_AFTER_BYTES:
+                del body
+                await asyncio.to_thread(_trim_memory)
+
+
+async def _refuse(send: Any, status: int, message: str) -> None:
+    code = {408: "request_timeout", 413: "request_too_large"}.get(status, "invalid_content_length")
+    payload = json.dumps(error_body(message, "invalid_request_error", code=code)).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(payload)).encode()),
+        (b"connection", b"close"),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": payload})
+
+
+_libc: Any = None
+
+
+def _trim_memory() -> None:
+    """Hand the heap's free pages back to the OS (glibc keeps them after a large request)."""
+    global _libc
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL("libc.so.6")
+        _libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _guarded_h11(header_timeout_s: float) -> type:
+    """uvicorn's h11 protocol with a deadline for a request's headers, counted from the
+    connection's start or the end of the previous response: uvicorn has none (its keep-alive
+    timer stops at the first byte), so a client sending a byte of headers now and then held its
+    connection forever. The connection is closed at the deadline."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class GuardedH11Protocol(H11Protocol):
+        _header_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._watch_headers()
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            self._watch_headers()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._stop_watching()
+            super().connection_lost(exc)
+
+        def _watch_headers(self) -> None:
+            waiting = self.conn.their_state is h11.IDLE and not self.transport.is_closing()
+            if not waiting:
+                self._stop_watching()
+            elif self._header_timer is None:
+                self._header_timer = self.loop.call_later(header_timeout_s, self._headers_too_slow)
+
+        def _stop_watching(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _headers_too_slow(self) -> None:
+            self._header_timer = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.close()
+
+    return GuardedH11Protocol

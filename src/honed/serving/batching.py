@@ -13,12 +13,21 @@ Each row keeps its own sampling parameters (temperature, 0 = greedy; top-k; top-
 and token budget. Every sampled token is recorded with its raw log-probability (before warping,
 as vLLM's default `raw_logprobs`) and streamed to the row's callback. Nothing is retokenised
 afterwards: the ids and logprobs a trainer gets are exactly what was sampled.
+
+One row never fails its batch-mates: a request with parameters no sampler can use (NaN or
+negative temperature, `top_p` outside (0, 1], an empty prompt, token ids outside the vocabulary)
+is refused at `submit` and never joins a batch; a temperature below `GREEDY_BELOW` is greedy (its
+limit; dividing by it would overflow to NaN); top-p always keeps the most likely token; a row
+whose scores are not numbers, or whose sampling fails anyway, fails alone (the others are
+sampled again, each on its own); a prefill that fails is retried row by row, so only the rows
+that fail alone fail. Only the shared forward pass of a running batch fails all its rows.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
+import math
 import os
 import queue
 import threading
@@ -38,6 +47,11 @@ DEFAULT_MAX_BATCH = int(os.environ.get("HONED_MAX_BATCH", "64"))
 DEFAULT_WINDOW_S = float(os.environ.get("HONED_BATCH_WINDOW_MS", "5")) / 1000.0
 
 FinishReason = Literal["stop", "length", "cancelled"]
+GREEDY_BELOW = 1e-5  # temperatures this small sample the argmax: logits / 1e-45 is inf, softmax NaN
+
+
+class InvalidGeneration(ValueError):
+    """A request no sampler can run (see `submit`); it failed alone, before joining a batch."""
 
 
 class GeneratorClosed(RuntimeError):
@@ -110,12 +124,24 @@ class BatchGenerator:
         self._thread.start()
 
     def submit(self, request: GenerationRequest) -> Future[GenerationResult]:
+        """Queue the request; a request no sampler can run fails at once (`ValueError`), alone."""
         future: Future[GenerationResult] = Future()
         if self._closed:
             future.set_exception(GeneratorClosed("this model was closed; call the served model again"))
             return future
+        problem = _refusal(request, self.vocab_size)
+        if problem is not None:
+            future.set_exception(InvalidGeneration(problem))
+            return future
         self._queue.put((request, future))
         return future
+
+    @property
+    def vocab_size(self) -> int | None:
+        """Rows of the output layer: the token ids a prompt may hold."""
+        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        size = getattr(head, "out_features", None) or getattr(self.model.config, "vocab_size", None)
+        return int(size) if size else None
 
     def close(self, timeout: float = 30.0) -> None:
         """Finish the rows in progress, fail queued requests, stop the thread."""
@@ -165,11 +191,12 @@ class BatchGenerator:
             )
             if waiting and join_due:
                 try:
-                    newcomers = self._prefill(waiting)
-                    batch = newcomers if batch is None else batch.merge(newcomers)
-                    self.stats["joins"] += 1
+                    newcomers = self._prefill_isolated(waiting)
+                    if newcomers is not None:
+                        batch = newcomers if batch is None else batch.merge(newcomers)
+                        self.stats["joins"] += 1
                 except BaseException as exc:  # one bad batch must not kill the thread; every caller hears why
-                    self._fail(waiting, exc)
+                    self._fail([r for r in waiting if not r.future.done()], exc)
                 waiting, last_join = [], now
             if batch is not None:
                 try:
@@ -228,6 +255,25 @@ class BatchGenerator:
             if item is not _CLOSE:
                 item[1].set_exception(GeneratorClosed("this model was closed before the request ran"))
 
+    def _prefill_isolated(self, rows: list[_Row]) -> _Batch | None:
+        """`_prefill`, and when the group fails, each row on its own: the rows that fail alone
+        fail, the others are prefilled together again. None when no row is left."""
+        try:
+            return self._prefill(rows)
+        except Exception as exc:
+            if len(rows) == 1:
+                self._fail(rows, exc)
+                return None
+        good = []
+        for row in rows:
+            try:
+                self._prefill([row])
+            except Exception as exc:
+                self._fail([row], exc)
+            else:
+                good.append(row)
+        return self._prefill(good) if good else None
+
     def _prefill(self, rows: list[_Row]) -> _Batch:
         """Left-pad the newcomers' prompts into one batch and run them: their cache and the logits
         of their first token."""
@@ -249,7 +295,7 @@ class BatchGenerator:
     def _step(self, batch: _Batch) -> _Batch | None:
         """Sample one token for every row; rows that end leave (their callers get their result
         now); the rest run one forward pass. Returns the batch, or None once it is empty."""
-        tokens, logprobs = _sample(batch.rows, batch.logits)
+        tokens, logprobs, failed = _sample(batch.rows, batch.logits)
         size = batch.size
         self.stats["steps"] += 1
         self.stats["rows"] += size
@@ -257,7 +303,9 @@ class BatchGenerator:
         keep = []
         for j, row in enumerate(batch.rows):
             row.result.batch_size = max(row.result.batch_size, size)
-            if row.record(tokens[j], logprobs[j], self):
+            if j in failed:  # this row alone: its batch-mates go on
+                self._fail([row], failed[j])
+            elif row.record(tokens[j], logprobs[j], self):
                 keep.append(j)
             else:
                 self.stats["tokens"] += len(row.result.token_ids)
@@ -391,35 +439,94 @@ def _left_pad_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
     return mask if missing <= 0 else torch.cat([mask.new_zeros((mask.shape[0], missing)), mask], dim=1)
 
 
-def _sample(rows: list[_Row], logits: torch.Tensor) -> tuple[list[int], list[float]]:
-    """Next token per row under its own settings, and its raw log-probability (before warping)."""
+def _refusal(request: GenerationRequest, vocab: int | None) -> str | None:
+    """Why no sampler can run this request, or None."""
+    ids = request.prompt_ids
+    if len(ids) == 0:
+        return "the prompt is empty"
+    if vocab is not None and (int(min(ids)) < 0 or int(max(ids)) >= vocab):
+        return f"the prompt holds token ids outside the vocabulary (0..{vocab - 1})"
+    budget = request.max_new_tokens
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        return f"max_new_tokens must be a positive integer ({budget!r} given)"
+    temperature, top_p, top_k = request.temperature, request.top_p, request.top_k
+    if not isinstance(temperature, int | float) or not math.isfinite(temperature) or temperature < 0:
+        return f"temperature must be a finite number >= 0 ({temperature!r} given)"
+    if not isinstance(top_p, int | float) or not 0 < top_p <= 1:  # NaN fails the comparison too
+        return f"top_p must be in (0, 1] ({top_p!r} given)"
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        return f"top_k must be an integer >= 0 ({top_k!r} given)"
+    return None
+
+
+def _sample(
+    rows: list[_Row], logits: torch.Tensor
+) -> tuple[list[int], list[float], dict[int, BaseException]]:
+    """Next token per row under its own settings, its raw log-probability (before warping), and
+    the rows that could not be sampled (by index, with why): they fail alone. A row whose scores
+    hold NaN or no finite value fails at once; if sampling the rest together fails anyway, each
+    is sampled on its own."""
+    size = len(rows)
+    tokens, chosen = [0] * size, [0.0] * size
+    failed: dict[int, BaseException] = {}
+    broken = torch.isnan(logits).any(dim=-1) | ~torch.isfinite(logits).any(dim=-1)
+    if bool(broken.any()):
+        for j in broken.nonzero().flatten().tolist():
+            failed[j] = FloatingPointError("the model's scores for this request are not numbers")
+    good = [j for j in range(size) if j not in failed]
+    try:
+        _draw(rows, logits, good, tokens, chosen)
+    except Exception:
+        for j in good:
+            try:
+                _draw(rows, logits, [j], tokens, chosen)
+            except Exception as exc:
+                failed[j] = exc
+    return tokens, chosen, failed
+
+
+def _draw(
+    rows: list[_Row], all_logits: torch.Tensor, index: list[int], tokens: list[int], chosen: list[float]
+) -> None:
+    """Sample rows `index` of the batch into `tokens`/`chosen`; raises if any row cannot be."""
+    if not index:
+        return
+    logits = (
+        all_logits if len(index) == len(rows) else all_logits[torch.tensor(index, device=all_logits.device)]
+    )
     logprobs = torch.log_softmax(logits, dim=-1)
-    requests = [r.request for r in rows]
-    greedy = torch.tensor([r.temperature <= 0 for r in requests], device=logits.device)
+    requests = [rows[j].request for j in index]
+    greedy = torch.tensor([not r.temperature >= GREEDY_BELOW for r in requests], device=logits.device)
     if bool(greedy.all()):
-        tokens = logits.argmax(dim=-1)
+        picked = logits.argmax(dim=-1)
     else:
         temperature = torch.tensor(
-            [r.temperature if r.temperature > 0 else 1.0 for r in requests], device=logits.device
+            [r.temperature if r.temperature >= GREEDY_BELOW else 1.0 for r in requests], device=logits.device
         )
         scores = logits / temperature[:, None]
         vocab = scores.shape[-1]
-        top_k = [r.top_k if 0 < r.top_k < vocab and r.temperature > 0 else vocab for r in requests]
+        top_k = [r.top_k if 0 < r.top_k < vocab else vocab for r in requests]
         if min(top_k) < vocab:
             kth = torch.sort(scores, dim=-1, descending=True).values.gather(
                 1, torch.tensor(top_k, device=logits.device)[:, None] - 1
             )
             scores = scores.masked_fill(scores < kth, float("-inf"))
-        top_p = torch.tensor([r.top_p if r.temperature > 0 else 1.0 for r in requests], device=logits.device)[
-            :, None
-        ]
+        top_p = torch.tensor(
+            [min(max(r.top_p, 0.0), 1.0) if r.top_p == r.top_p else 1.0 for r in requests],
+            device=logits.device,
+        )[:, None]
         if bool((top_p < 1.0).any()):
             ordered, order = torch.sort(scores, dim=-1, descending=True)
             probs = torch.softmax(ordered, dim=-1)
             beyond = (probs.cumsum(dim=-1) - probs) > top_p
+            beyond[:, 0] = False  # the most likely token always stays
             scores = scores.masked_fill(beyond.scatter(-1, order, beyond), float("-inf"))
-        tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+        probs = torch.softmax(scores, dim=-1)
+        if not bool(torch.isfinite(probs).all()):
+            raise FloatingPointError("sampling scores for this request are not numbers")
+        picked = torch.multinomial(probs, num_samples=1).squeeze(1)
         if bool(greedy.any()):
-            tokens = torch.where(greedy, logits.argmax(dim=-1), tokens)
-    chosen = logprobs.gather(1, tokens[:, None]).squeeze(1)
-    return tokens.tolist(), chosen.tolist()
+            picked = torch.where(greedy, logits.argmax(dim=-1), picked)
+    values = logprobs.gather(1, picked[:, None]).squeeze(1)
+    for j, token, value in zip(index, picked.tolist(), values.tolist(), strict=True):
+        tokens[j], chosen[j] = token, value

@@ -5,15 +5,22 @@ and batches concurrent calls (see `batching`), so many agents share one model ef
 reply carries what a trainer needs to learn from exactly what was sampled: in `response_metadata`,
 `prompt_token_ids`, `token_ids` (the completion, its EOS included), `logprobs` (raw, per sampled
 token), `finish_reason` and `model_version`; the capture layer stores them in the step.
+
+Under asyncio (an agent's `ainvoke`, `honed serve`) the prompt is rendered and tokenised on a
+small thread pool, not on the event loop, within `prepare_timeout_s`; text that cannot fit the
+context window is refused on its length in characters before either (see `engine`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import queue
+import threading
 import weakref
 from collections.abc import AsyncIterator, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +32,23 @@ from langchain_core.runnables import Runnable
 from pydantic import Field, PrivateAttr
 
 from honed.serving.batching import DEFAULT_MAX_BATCH, DEFAULT_WINDOW_S, GenerationRequest, GenerationResult
-from honed.serving.engine import Engine, acquire_engine, release_engine
+from honed.serving.engine import Engine, PromptTooSlow, acquire_engine, release_engine
 from honed.serving.template_messages import to_template_messages, tool_schemas
 from honed.serving.toolcalls import CompletionParser
 
 _DONE = object()
+PREPARE_TIMEOUT_S = float(os.environ.get("HONED_PREPARE_TIMEOUT_S", "30"))
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _prepare_pool() -> ThreadPoolExecutor:
+    """Threads that render and tokenise prompts for async callers, off their event loop."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="honed-prepare")
+        return _pool
 
 
 class LocalChatModel(BaseChatModel):
@@ -57,6 +76,7 @@ class LocalChatModel(BaseChatModel):
     batch_window_ms: float = DEFAULT_WINDOW_S * 1000.0
     device: str = "cpu"
     dtype: str | None = None
+    prepare_timeout_s: float = PREPARE_TIMEOUT_S
 
     _engine: Engine | None = PrivateAttr(default=None)
     _release: Any = PrivateAttr(default=None)
@@ -140,7 +160,7 @@ class LocalChatModel(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        request = self._request(messages, stop, kwargs)
+        request = await self._arequest(messages, stop, kwargs)
         future = self.engine.submit(request)
         try:
             result = await asyncio.wrap_future(future)
@@ -178,7 +198,7 @@ class LocalChatModel(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
-        request = self._request(messages, stop, kwargs)
+        request = await self._arequest(messages, stop, kwargs)
         loop = asyncio.get_running_loop()
         tokens: asyncio.Queue[Any] = asyncio.Queue()
         request.on_token = lambda token, _logprob: loop.call_soon_threadsafe(tokens.put_nowait, token)
@@ -198,6 +218,33 @@ class LocalChatModel(BaseChatModel):
 
     # -- building requests and replies -----------------------------------------------------------
 
+    async def _arequest(
+        self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
+    ) -> GenerationRequest:
+        """`_request` on the prepare pool, within `prepare_timeout_s` of its start (time queued
+        behind other prompts does not count). A render or tokenisation that overruns keeps its
+        thread until it ends; its caller hears `PromptTooSlow` at once."""
+        loop = asyncio.get_running_loop()
+        started = asyncio.Event()
+
+        def job() -> GenerationRequest:
+            loop.call_soon_threadsafe(started.set)
+            return self._request(messages, stop, kwargs)
+
+        done = loop.run_in_executor(_prepare_pool(), job)
+        waiting = asyncio.ensure_future(started.wait())
+        try:
+            await asyncio.wait({done, waiting}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            done.cancel()  # the caller went away: a job still queued never runs
+            raise
+        finally:
+            waiting.cancel()
+        try:
+            return await asyncio.wait_for(done, self.prepare_timeout_s)
+        except TimeoutError:
+            raise PromptTooSlow(self.prepare_timeout_s) from None
+
     def _request(
         self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
     ) -> GenerationRequest:
@@ -206,7 +253,9 @@ class LocalChatModel(BaseChatModel):
         if kwargs.get("tool_choice") == "none":
             tools = None
         template = {**self.chat_template_kwargs, **(kwargs.get("chat_template_kwargs") or {})}
-        prompt = engine.render(to_template_messages(messages), tool_schemas(tools), **template)
+        plain, schemas = to_template_messages(messages), tool_schemas(tools)
+        engine.check_chars(_chars(plain, schemas))  # before paying for rendering and tokenising
+        prompt = engine.render(plain, schemas, **template)
         prompt_ids = engine.encode(prompt)
         budget = next(
             (kwargs[k] for k in ("max_tokens", "max_completion_tokens", "max_new_tokens") if kwargs.get(k)),
@@ -362,6 +411,20 @@ def _cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
     """Text up to the earliest stop string (not included), as OpenAI's `stop` does."""
     cut = min((i for s in stops if (i := text.find(s)) >= 0), default=-1)
     return text if cut < 0 else text[:cut]
+
+
+def _chars(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> int:
+    """Characters the rendered prompt holds at least: contents, tool-call arguments, tool schemas
+    (reasoning is left out: templates drop it from earlier turns)."""
+    total = len(json.dumps(tools, default=str)) if tools else 0
+    for message in messages:
+        content = message.get("content")
+        total += len(content) if isinstance(content, str) else 0
+        for call in message.get("tool_calls") or ():
+            total += len(
+                json.dumps(call.get("function", {}).get("arguments"), ensure_ascii=False, default=str)
+            )
+    return total
 
 
 def _first(*values: Any) -> Any:

@@ -1,12 +1,28 @@
 """The OpenAI chat-completions wire format ⇄ LangChain messages, for `honed serve`.
 
 Plain functions over dicts, no web framework: a bad request raises `BadRequest` naming the
-parameter, which the app turns into an OpenAI-style 400.
+parameter, which the app turns into an OpenAI-style 400 (`{"error": {"message", "type":
+"invalid_request_error", "param", "code"}}`).
+
+Everything a client sends is checked here, before any of it reaches the model: the body is JSON
+without `NaN`/`Infinity`, at most `MAX_DEPTH` levels deep and `MAX_CONTAINERS` arrays and objects
+(`loads` checks both on the text, before parsing); every sampling parameter has its type and
+range (`temperature` 0..2, `top_p` (0, 1], `top_k` -1.., `max_tokens` 1..`MAX_TOKENS_LIMIT`, `n`
+1..16, `stop` up to `MAX_STOP` strings, `seed` a 64-bit integer, `top_logprobs` 0..20); messages,
+tool calls and tools have their OpenAI shapes; `chat_template_kwargs` may only set the variables
+in `TEMPLATE_KWARGS` (the chat template is the operator's: a client never supplies template text,
+nor variables the template was not written to take). Accepted but not applied: `seed`,
+`top_logprobs` (the reply's `top_logprobs` lists are empty), `response_format`,
+`parallel_tool_calls`. Checked, and refused unless neutral, since this server does not apply
+them: `presence_penalty`/`frequency_penalty` (-2..2; only 0), vLLM's `repetition_penalty` (only
+1), `logit_bias` (only empty).
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
 import time
 import uuid
 from collections.abc import Sequence
@@ -15,7 +31,19 @@ from typing import Any
 
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
 
-_SAMPLING = {"temperature": float, "top_p": float, "top_k": int}
+MAX_DEPTH = 64  # nesting of the JSON body (tool schemas nest; nothing legitimate nests deeper)
+MAX_CONTAINERS = 100_000  # arrays and objects in one body (a long agent conversation has thousands)
+MAX_TOKENS_LIMIT = 1 << 20  # a completion budget beyond any context window is a mistake
+MAX_MESSAGES = 10_000
+MAX_TOOLS = 128
+MAX_STOP = 16
+MAX_STOP_CHARS = 512
+MAX_N = 16
+MAX_CLIENT_METADATA_BYTES = 16 * 1024  # untrusted metadata a client may attach (OpenAI's is ~9 KB)
+# Template variables a client may set, with their type: the qwen3-style templates' thinking
+# switch. Anything else (above all `chat_template`, template text) is refused.
+TEMPLATE_KWARGS: dict[str, type] = {"enable_thinking": bool}
+TOOL_CHOICES = ("none", "auto", "required")
 
 
 class BadRequest(ValueError):
@@ -29,7 +57,9 @@ class BadRequest(ValueError):
 
 @dataclass
 class ChatRequest:
-    """The parts of a chat-completions request that honed acts on (the rest is accepted and ignored)."""
+    """The parts of a chat-completions request that honed acts on (the rest is accepted and ignored).
+    `metadata` and `user` are what the client said, unjudged: the app decides whether they label
+    the captured run (see `honed.serving.app`)."""
 
     model: str
     messages: list[BaseMessage]
@@ -41,62 +71,106 @@ class ChatRequest:
     logprobs: bool = False
     return_token_ids: bool = False
     metadata: dict[str, Any] = field(default_factory=dict)
+    user: str | None = None
+
+
+def loads(raw: bytes | str) -> Any:
+    """The request body as JSON, or `BadRequest`: malformed, `NaN`/`Infinity` (not JSON; Python
+    reads them by default), or nested beyond `MAX_DEPTH` (deeper, Python's parser recurses until
+    RecursionError, and whatever walks the objects later would too)."""
+
+    def constant(name: str) -> Any:
+        raise ValueError(f"{name} is not valid JSON")
+
+    _check_shape(raw.encode() if isinstance(raw, str) else raw)
+    try:
+        body = json.loads(raw, parse_constant=constant)
+    except RecursionError:
+        raise BadRequest(
+            f"the JSON body is nested more than {MAX_DEPTH} levels deep", code="too_deep"
+        ) from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        reason = str(exc)[:200]
+        raise BadRequest(
+            f"We could not parse the JSON body of your request ({reason}). The OpenAI API expects a JSON payload."
+        ) from None
+    return body
 
 
 def parse_chat_request(body: Any) -> ChatRequest:
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
     model = body.get("model")
-    if not isinstance(model, str) or not model:
+    if not isinstance(model, str) or not model or len(model) > 256:
         raise BadRequest("you must provide a model parameter", "model")
     raw_messages = body.get("messages")
     if not isinstance(raw_messages, list) or not raw_messages:
         raise BadRequest("messages must be a non-empty array", "messages")
+    if len(raw_messages) > MAX_MESSAGES:
+        raise BadRequest(
+            f"messages holds at most {MAX_MESSAGES} messages", "messages", "array_above_max_length"
+        )
     request = ChatRequest(model=model, messages=[_message(m, i) for i, m in enumerate(raw_messages)])
     kwargs = request.call_kwargs
-    tools = body.get("tools")
-    if tools is not None:
-        if not isinstance(tools, list) or not all(
-            isinstance(t, dict) and t.get("type") == "function" for t in tools
-        ):
-            raise BadRequest('tools must be an array of {"type": "function", "function": {...}}', "tools")
-        if tools:
-            kwargs["tools"] = tools
-    if body.get("tool_choice") is not None:
-        kwargs["tool_choice"] = body["tool_choice"]
-    for key, cast in _SAMPLING.items():
-        if body.get(key) is not None:
-            kwargs[key] = _number(body[key], key, cast)
-    budget = body.get("max_completion_tokens") or body.get("max_tokens")
-    if budget is not None:
-        kwargs["max_tokens"] = _number(budget, "max_tokens", int)
-        if kwargs["max_tokens"] < 1:
-            raise BadRequest("max_tokens must be at least 1", "max_tokens")
-    if isinstance(body.get("chat_template_kwargs"), dict):
-        kwargs["chat_template_kwargs"] = body["chat_template_kwargs"]
-    stop = body.get("stop")
-    if isinstance(stop, str):
-        request.stop = [stop]
-    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
-        request.stop = stop or None
-    elif stop is not None:
-        raise BadRequest("stop must be a string or an array of strings", "stop")
-    request.n = _number(body.get("n", 1) or 1, "n", int)
-    if not 1 <= request.n <= 16:
-        raise BadRequest("n must be between 1 and 16", "n")
-    request.stream = bool(body.get("stream"))
+    tools = _tools(body.get("tools"))
+    if tools:
+        kwargs["tools"] = tools
+    tool_choice = _tool_choice(body.get("tool_choice"))
+    if tool_choice is not None:
+        kwargs["tool_choice"] = tool_choice
+    temperature = _float(body, "temperature", 0.0, 2.0)
+    if temperature is not None:
+        kwargs["temperature"] = temperature
+    top_p = _float(body, "top_p", 0.0, 1.0, low_open=True)
+    if top_p is not None:
+        kwargs["top_p"] = top_p
+    top_k = _int(body, "top_k", -1, MAX_TOKENS_LIMIT)  # vLLM's extension; -1 and 0 mean off
+    if top_k is not None:
+        kwargs["top_k"] = max(0, top_k)
+    for name in ("presence_penalty", "frequency_penalty", "repetition_penalty"):
+        low, high, neutral = (0.0, 2.0, 1.0) if name == "repetition_penalty" else (-2.0, 2.0, 0.0)
+        value = _float(body, name, low, high, low_open=name == "repetition_penalty")
+        if value is not None and value != neutral:
+            raise BadRequest(
+                f"{name} is not supported by this server (only {neutral:g})", name, "unsupported_value"
+            )
+    bias = body.get("logit_bias")
+    if bias is not None and (not isinstance(bias, dict) or bias):
+        raise BadRequest("logit_bias is not supported by this server", "logit_bias", "unsupported_value")
+    _int(body, "seed", -(1 << 63), (1 << 64) - 1)  # accepted, not applied
+    _int(body, "top_logprobs", 0, 20)
+    for name in ("max_completion_tokens", "max_tokens"):
+        budget = _int(body, name, 1, MAX_TOKENS_LIMIT)
+        if budget is not None:
+            kwargs["max_tokens"] = budget
+            break
+    template = body.get("chat_template_kwargs")
+    if template is not None:
+        kwargs["chat_template_kwargs"] = _template_kwargs(template)
+    request.stop = _stop(body.get("stop"))
+    n = _int(body, "n", 1, MAX_N)
+    request.n = 1 if n is None else n
+    request.stream = _bool(body, "stream")
     if request.stream and request.n != 1:
         raise BadRequest("streaming supports n=1 only", "n")
-    request.include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-    request.logprobs = bool(body.get("logprobs"))
-    request.return_token_ids = bool(body.get("return_token_ids"))
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise BadRequest("stream_options must be an object", "stream_options", "invalid_type")
+    request.include_usage = _bool(options or {}, "include_usage", "stream_options.include_usage")
+    request.logprobs = _bool(body, "logprobs")
+    request.return_token_ids = _bool(body, "return_token_ids")
     if request.logprobs:
         kwargs["return_tokens"] = True
     metadata = body.get("metadata")
-    if isinstance(metadata, dict):
+    if metadata is not None:
+        if not isinstance(metadata, dict):
+            raise BadRequest("metadata must be an object", "metadata", "invalid_type")
         request.metadata.update(metadata)
-    if isinstance(body.get("user"), str):
-        request.metadata["user"] = body["user"]
+    user = body.get("user")
+    if user is not None:
+        if not isinstance(user, str) or len(user) > 512:
+            raise BadRequest("user must be a string of at most 512 characters", "user", "invalid_type")
+        request.user = user
     return request
 
 
@@ -185,6 +259,9 @@ def _message(raw: Any, index: int) -> BaseMessage:
     if not isinstance(raw, dict) or not isinstance(raw.get("role"), str):
         raise BadRequest(f"{where} must be an object with a role", where)
     role, content = raw["role"], _content(raw.get("content"), where)
+    name = raw.get("name")
+    if name is not None and not isinstance(name, str):
+        raise BadRequest(f"{where}.name must be a string", f"{where}.name", "invalid_type")
     if role in ("system", "developer"):
         return SystemMessage(content)
     if role == "user":
@@ -192,25 +269,35 @@ def _message(raw: Any, index: int) -> BaseMessage:
     if role == "tool":
         if not isinstance(raw.get("tool_call_id"), str):
             raise BadRequest(f"{where}: a tool message needs tool_call_id", f"{where}.tool_call_id")
-        return ToolMessage(content, tool_call_id=raw["tool_call_id"], name=raw.get("name"))
+        return ToolMessage(content, tool_call_id=raw["tool_call_id"], name=name)
     if role == "assistant":
         calls, invalid = [], []
-        for call in raw.get("tool_calls") or ():
-            function = (call or {}).get("function") or {}
-            arguments = function.get("arguments") or "{}"
+        raw_calls = raw.get("tool_calls")
+        if raw_calls is not None and not isinstance(raw_calls, list):
+            raise BadRequest(f"{where}.tool_calls must be an array", f"{where}.tool_calls", "invalid_type")
+        for j, call in enumerate(raw_calls or ()):
+            at = f"{where}.tool_calls[{j}]"
+            function = call.get("function") if isinstance(call, dict) else None
+            if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+                raise BadRequest(
+                    f'{at} must be {{"id", "type": "function", "function": {{"name", "arguments"}}}}', at
+                )
+            call_id = call.get("id")
+            if call_id is not None and not isinstance(call_id, str):
+                raise BadRequest(f"{at}.id must be a string", f"{at}.id", "invalid_type")
+            arguments = function.get("arguments")
+            if arguments is None:
+                arguments = "{}"
+            if not isinstance(arguments, str | dict):
+                raise BadRequest(f"{at}.function.arguments must be a JSON string", f"{at}.function.arguments")
             try:
-                args = json.loads(arguments) if isinstance(arguments, str) else arguments
+                args = loads(arguments) if isinstance(arguments, str) else arguments
                 if not isinstance(args, dict):
                     raise ValueError("arguments must be a JSON object")
-                calls.append({"name": function.get("name") or "", "args": args, "id": call.get("id")})
-            except ValueError as exc:
+                calls.append({"name": function["name"], "args": args, "id": call_id})
+            except ValueError as exc:  # the model's own malformed call, replayed: kept as it was
                 invalid.append(
-                    {
-                        "name": function.get("name"),
-                        "args": str(arguments),
-                        "id": call.get("id"),
-                        "error": str(exc),
-                    }
+                    {"name": function["name"], "args": str(arguments), "id": call_id, "error": str(exc)}
                 )
         reasoning = raw.get("reasoning_content") or raw.get("reasoning")
         return AIMessage(
@@ -219,7 +306,7 @@ def _message(raw: Any, index: int) -> BaseMessage:
             invalid_tool_calls=invalid,
             additional_kwargs={"reasoning_content": reasoning} if isinstance(reasoning, str) else {},
         )
-    raise BadRequest(f"{where}: unknown role {role!r}", f"{where}.role")
+    raise BadRequest(f"{where}: unknown role {role[:40]!r}", f"{where}.role")
 
 
 def _content(value: Any, where: str) -> str:
@@ -230,9 +317,11 @@ def _content(value: Any, where: str) -> str:
     if isinstance(value, list):
         parts = []
         for part in value:
-            if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+            if not isinstance(part, dict):
+                raise BadRequest(f"{where}.content: each part must be an object", f"{where}.content")
+            if part.get("type") == "text" and isinstance(part.get("text"), str):
                 parts.append(part["text"])
-            elif isinstance(part, dict) and part.get("type") in ("image_url", "input_audio", "file"):
+            elif part.get("type") in ("image_url", "input_audio", "file"):
                 raise BadRequest(
                     f"{where}: this model reads text only ({part['type']} given)", f"{where}.content"
                 )
@@ -240,7 +329,130 @@ def _content(value: Any, where: str) -> str:
     raise BadRequest(f"{where}.content must be a string or an array of parts", f"{where}.content")
 
 
-def _number(value: Any, name: str, cast: type) -> Any:
+def _tools(value: Any) -> list[dict[str, Any]]:
+    if value is None:
+        return []
+    shape = 'tools must be an array of {"type": "function", "function": {"name", "parameters"}}'
+    if not isinstance(value, list):
+        raise BadRequest(shape, "tools", "invalid_type")
+    if len(value) > MAX_TOOLS:
+        raise BadRequest(f"tools holds at most {MAX_TOOLS} tools", "tools", "array_above_max_length")
+    for i, tool in enumerate(value):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if (
+            not isinstance(tool, dict)
+            or tool.get("type") != "function"
+            or not isinstance(function, dict)
+            or not isinstance(function.get("name"), str)
+            or not function["name"]
+            or not isinstance(function.get("parameters", {}), dict)
+            or not isinstance(function.get("description", ""), str)
+        ):
+            raise BadRequest(shape, f"tools[{i}]")
+    return value
+
+
+def _tool_choice(value: Any) -> Any:
+    if value is None or value in TOOL_CHOICES:
+        return value
+    if isinstance(value, dict) and value.get("type") == "function":
+        function = value.get("function")
+        if isinstance(function, dict) and isinstance(function.get("name"), str):
+            return value
+    raise BadRequest(
+        'tool_choice must be "none", "auto", "required" or {"type": "function", "function": {"name"}}',
+        "tool_choice",
+    )
+
+
+def _template_kwargs(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise BadRequest("chat_template_kwargs must be an object", "chat_template_kwargs", "invalid_type")
+    allowed = ", ".join(sorted(TEMPLATE_KWARGS))
+    for key, item in value.items():
+        kind = TEMPLATE_KWARGS.get(key)
+        if kind is None:
+            raise BadRequest(
+                f"chat_template_kwargs may set only {allowed} ({str(key)[:40]!r} given): the chat template is the server's",
+                f"chat_template_kwargs.{str(key)[:40]}",
+                "unsupported_parameter",
+            )
+        if not isinstance(item, kind):
+            raise BadRequest(
+                f"chat_template_kwargs.{key} must be a {kind.__name__}",
+                f"chat_template_kwargs.{key}",
+                "invalid_type",
+            )
+    return dict(value)
+
+
+def _stop(value: Any) -> list[str] | None:
+    if value is None:
+        return None
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise BadRequest("stop must be a string or an array of strings", "stop", "invalid_type")
+    if len(stops) > MAX_STOP or any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise BadRequest(f"stop holds at most {MAX_STOP} strings of {MAX_STOP_CHARS} characters", "stop")
+    return [s for s in stops if s] or None
+
+
+def _bool(body: dict[str, Any], key: str, param: str | None = None) -> bool:
+    value = body.get(key)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise BadRequest(f"{param or key} must be a boolean", param or key, "invalid_type")
+    return value
+
+
+def _float(
+    body: dict[str, Any], key: str, low: float, high: float, *, low_open: bool = False
+) -> float | None:
+    value = body.get(key)
+    if value is None:
+        return None
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise BadRequest(f"{name} must be a number", name)
-    return cast(value)
+        raise BadRequest(f"{key} must be a number", key, "invalid_type")
+    number = float(value)  # an int beyond a float is inf: refused below
+    if not math.isfinite(number):
+        raise BadRequest(f"{key} must be a finite number", key, "invalid_value")
+    if number < low or (low_open and number == low) or number > high:
+        bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+        raise BadRequest(f"{key} must be in {bounds} ({number:g} given)", key, "invalid_value")
+    return number
+
+
+def _int(body: dict[str, Any], key: str, low: int, high: int) -> int | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadRequest(f"{key} must be an integer", key, "invalid_type")
+    if not low <= value <= high:
+        shown = str(value) if abs(value) < 10**30 else f"{str(value)[:12]}..."
+        raise BadRequest(f"{key} must be between {low} and {high} ({shown} given)", key, "invalid_value")
+    return value
+
+
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
+
+
+def _check_shape(raw: bytes) -> None:
+    """Refuse, before parsing, JSON with more than `MAX_CONTAINERS` arrays and objects or nested
+    beyond `MAX_DEPTH`, from its text at C speed: drop the strings, keep the brackets, peel the
+    innermost pairs once per level. (Python's parser holds the GIL throughout: a body of a
+    million tiny arrays froze the event loop for seconds; walking the objects afterwards cost
+    more.)"""
+    brackets = _STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
+    if len(brackets) > 2 * MAX_CONTAINERS:
+        raise BadRequest(f"the request holds more than {MAX_CONTAINERS} arrays and objects", code="too_large")
+    for _level in range(MAX_DEPTH):
+        if not brackets:
+            return
+        brackets = brackets.replace(b"[]", b"").replace(b"{}", b"")
+    if len(brackets.replace(b"[]", b"").replace(b"{}", b"")) < len(brackets):  # still peeling: deep
+        raise BadRequest(f"the request is nested more than {MAX_DEPTH} levels deep", code="too_deep")

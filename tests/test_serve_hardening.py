@@ -1,0 +1,428 @@
+"""`honed serve` against hostile and careless clients: a real server process (the CLI), raw
+sockets and HTTP. Bad input is a 400 naming the field, never a 500 or an exception's text; one
+bad request never fails the innocent ones batched with it; big and slow requests cannot freeze
+or hold the server."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+import honed
+from tiny_model import tiny_path
+
+pytest.importorskip("torch")
+pytest.importorskip("fastapi")
+
+KEY = "sk-honed-hardening"
+HEADER_TIMEOUT_S = 1.0
+BODY_TIMEOUT_S = 2.0
+MAX_BODY_MB = 8
+EXCEPTION_NAMES = ("Traceback", "Error:", "Exception", 'File "', "line ")
+
+
+class Server:
+    def __init__(self, port: int, process: subprocess.Popen[bytes], log: Path) -> None:
+        self.port, self.process, self.log = port, process, log
+        self.url = f"http://127.0.0.1:{port}"
+
+    def post(self, body: Any = None, *, raw: bytes | None = None, timeout: float = 60) -> httpx.Response:
+        return httpx.post(
+            f"{self.url}/v1/chat/completions",
+            content=raw if raw is not None else json.dumps(body),
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"},
+            timeout=timeout,
+        )
+
+    def rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise AssertionError("no VmRSS")
+
+    def connect(self) -> socket.socket:
+        return socket.create_connection(("127.0.0.1", self.port), timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    root = tmp_path_factory.mktemp("hardening")
+    store_url = f"sqlite:///{root / 'serve.db'}"
+    with honed.open_store(store_url) as store:
+        store.register_model("noise", tiny_path(1))
+        store.promote("noise@v1")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {
+        **os.environ,
+        "HONED_SPOOL_DIR": str(root / "spool"),
+        "HONED_API_KEY": KEY,
+        "HONED_HEADER_TIMEOUT": str(HEADER_TIMEOUT_S),
+        "HONED_BODY_TIMEOUT": str(BODY_TIMEOUT_S),
+        "HONED_MAX_BODY_MB": str(MAX_BODY_MB),
+    }
+    log = root / "server.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "honed.cli", "serve", "noise", "--store", store_url),
+                *("--port", str(port), "--max-tokens", "16", "--no-capture"),
+            ],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    server = Server(port, process, log)
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            if httpx.get(f"{server.url}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"honed serve did not start: {log.read_text()[-3000:]}")
+        time.sleep(0.2)
+    yield server
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def ask(content: str = "hello", **extra: Any) -> dict[str, Any]:
+    return {"model": "noise", "messages": [{"role": "user", "content": content}], "max_tokens": 8, **extra}
+
+
+def assert_openai_400(response: httpx.Response, param: str | None) -> None:
+    assert response.status_code == 400, (response.status_code, response.text[:500])
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param, error
+    assert not any(name in error["message"] for name in EXCEPTION_NAMES), error["message"]
+
+
+# -- chat templates ----------------------------------------------------------------------------------
+
+
+SLOW_TEMPLATE = "{% for i in range(3000) %}{% for j in range(3000) %}{% endfor %}{% endfor %}x"
+
+
+@pytest.mark.parametrize(
+    ("template", "param"),
+    [
+        ({"chat_template": SLOW_TEMPLATE}, "chat_template_kwargs.chat_template"),
+        ({"add_generation_prompt": False}, "chat_template_kwargs.add_generation_prompt"),
+        ({"tools": []}, "chat_template_kwargs.tools"),
+        ({"enable_thinking": "yes"}, "chat_template_kwargs.enable_thinking"),
+        ("enable_thinking", "chat_template_kwargs"),
+    ],
+)
+def test_a_client_cannot_render_its_own_template(server: Server, template: Any, param: str) -> None:
+    started = time.monotonic()
+    assert_openai_400(server.post(ask(chat_template_kwargs=template)), param)
+    assert time.monotonic() - started < 2  # refused, not rendered
+
+
+def test_allowed_template_variables_still_work(server: Server) -> None:
+    for thinking in (False, True):
+        reply = server.post(ask(chat_template_kwargs={"enable_thinking": thinking}, temperature=0))
+        assert reply.status_code == 200, reply.text
+
+
+# -- parameters ------------------------------------------------------------------------------------
+
+
+def tool_history(calls: Any) -> list[dict[str, Any]]:
+    return [
+        {"role": "user", "content": "add"},
+        {"role": "assistant", "content": None, "tool_calls": calls},
+        {"role": "tool", "tool_call_id": "c1", "content": "5"},
+    ]
+
+
+BAD_PARAMETERS = [
+    ({"temperature": -0.5}, "temperature"),
+    ({"temperature": 2.5}, "temperature"),
+    ({"temperature": "hot"}, "temperature"),
+    ({"temperature": True}, "temperature"),
+    ({"top_p": -1}, "top_p"),
+    ({"top_p": 0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"top_k": -5}, "top_k"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"max_tokens": -3}, "max_tokens"),
+    ({"max_tokens": 1.5}, "max_tokens"),
+    ({"max_tokens": "10"}, "max_tokens"),
+    ({"max_tokens": 10**30}, "max_tokens"),
+    ({"max_completion_tokens": 0}, "max_completion_tokens"),
+    ({"n": 0}, "n"),
+    ({"n": 17}, "n"),
+    ({"n": 2.5}, "n"),
+    ({"stop": 5}, "stop"),
+    ({"stop": [1, 2]}, "stop"),
+    ({"stop": ["a"] * 17}, "stop"),
+    ({"seed": "x"}, "seed"),
+    ({"seed": 1.5}, "seed"),
+    ({"presence_penalty": 3}, "presence_penalty"),
+    ({"presence_penalty": 0.5}, "presence_penalty"),  # valid for OpenAI, not applied here: refused
+    ({"frequency_penalty": -2.5}, "frequency_penalty"),
+    ({"logit_bias": {"1": 5}}, "logit_bias"),
+    ({"logprobs": "yes"}, "logprobs"),
+    ({"top_logprobs": 21}, "top_logprobs"),
+    ({"stream": "yes"}, "stream"),
+    ({"stream": True, "stream_options": "all"}, "stream_options"),
+    ({"tool_choice": "maybe"}, "tool_choice"),
+    ({"tools": "abc"}, "tools"),
+    ({"tools": [{"type": "function"}]}, "tools[0]"),
+    ({"metadata": "x"}, "metadata"),
+    ({"user": 5}, "user"),
+    ({"messages": tool_history("abc")}, "messages[1].tool_calls"),
+    ({"messages": tool_history([1])}, "messages[1].tool_calls[0]"),
+    ({"messages": tool_history([{"id": 5, "function": {"name": "add"}}])}, "messages[1].tool_calls[0].id"),
+    (
+        {"messages": tool_history([{"id": "c1", "function": {"name": "add", "arguments": 5}}])},
+        "messages[1].tool_calls[0].function.arguments",
+    ),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": [5]}]}, "messages[0].content"),
+    ({"messages": [{"role": "tool", "tool_call_id": "c", "content": "x", "name": 5}]}, "messages[0].name"),
+]
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"), BAD_PARAMETERS, ids=[json.dumps(e)[:60] for e, _ in BAD_PARAMETERS]
+)
+def test_bad_parameters_are_a_400_naming_the_field(server: Server, extra: dict[str, Any], param: str) -> None:
+    assert_openai_400(server.post(ask(**extra)), param)
+
+
+@pytest.mark.parametrize(
+    ("raw", "param"),
+    [
+        (b'{"model": "noise", "messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', None),
+        (
+            b'{"model": "noise", "messages": [{"role": "user", "content": "hi"}], "temperature": Infinity}',
+            None,
+        ),
+        (
+            b'{"model": "noise", "messages": [{"role": "user", "content": "hi"}], "temperature": 1e400}',
+            "temperature",
+        ),
+        (
+            b'{"model": "noise", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1e400}',
+            "max_tokens",
+        ),
+        (b'{"model": "noise", "messages": [{"role": "user", "content": "hi"}], "top_p": -1e400}', "top_p"),
+        (b"[" * 100_000, None),
+        (
+            b'{"model": "noise", "messages": [{"role": "user", "content": "hi"}], "metadata": '
+            + b'{"a": ' * 200
+            + b"1"
+            + b"}" * 201,
+            None,
+        ),
+        (
+            b'{"model": "noise", "messages": [{"role": "user", "content": "hi"}], "metadata": {"a": '
+            + b"[[]]," * 120_000
+            + b"1}}",
+            None,
+        ),
+    ],
+    ids=[
+        "NaN",
+        "Infinity",
+        "temperature-1e400",
+        "max_tokens-1e400",
+        "top_p--1e400",
+        "deep",
+        "deep-metadata",
+        "wide",
+    ],
+)
+def test_malformed_numbers_and_nesting_are_a_400(server: Server, raw: bytes, param: str | None) -> None:
+    assert_openai_400(server.post(raw=raw), param)
+
+
+def test_edge_values_are_served(server: Server) -> None:
+    for extra in (
+        {"temperature": 0},
+        {"temperature": 2},
+        {"temperature": 1e-45},
+        {"top_p": 1e-9},
+        {"top_k": -1},
+    ):
+        reply = server.post(ask(**extra))
+        assert reply.status_code == 200, (extra, reply.text)
+
+
+# -- one bad row, many innocent ones ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("hostile", "status"),
+    [
+        ({"temperature": 1e-45}, 200),
+        ({"temperature": 1.0, "top_p": 1e-30}, 200),
+        ({"temperature": 1.0, "top_p": -1}, 400),
+        ({"temperature": -1}, 400),
+        ({"temperature": float("nan")}, 400),
+    ],
+    ids=["tiny-temperature", "tiny-top_p", "negative-top_p", "negative-temperature", "nan-temperature"],
+)
+def test_one_bad_request_never_fails_the_requests_batched_with_it(
+    server: Server, hostile: dict[str, Any], status: int
+) -> None:
+    bodies = [ask(f"innocent {i}", temperature=1.0, max_tokens=12) for i in range(5)]
+    bodies.insert(2, ask("hostile", max_tokens=12, **hostile))
+    start = threading.Barrier(len(bodies))
+    results: list[int] = [0] * len(bodies)
+
+    def send(i: int) -> None:
+        start.wait()
+        results[i] = server.post(bodies[i]).status_code
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [200, 200, status, 200, 200, 200]
+
+
+# -- size ------------------------------------------------------------------------------------------------
+
+
+def test_a_declared_oversized_body_is_refused_before_it_is_sent(server: Server) -> None:
+    with server.connect() as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Authorization: Bearer {KEY}\r\nContent-Length: {1 << 30}\r\n\r\n".encode()
+            + b'{"model": "noise", "messages": ['
+        )
+        sock.settimeout(5)
+        answer = b""
+        while chunk := sock.recv(65536):  # the server answers, then closes
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert b'"invalid_request_error"' in answer
+
+
+def test_a_streamed_oversized_body_is_cut_off_once_over_the_limit(server: Server) -> None:
+    sent = [0]
+
+    def chunks() -> Iterator[bytes]:
+        for _ in range(4 * MAX_BODY_MB * 16):  # up to 4x the limit, 64 KB at a time
+            sent[0] += 65536
+            yield b" " * 65536
+
+    try:
+        response = httpx.post(
+            f"{server.url}/v1/chat/completions",
+            content=chunks(),  # chunked: no Content-Length to refuse early on
+            headers={"Authorization": f"Bearer {KEY}"},
+            timeout=30,
+        )
+        assert response.status_code == 413
+    except httpx.HTTPError:
+        pass  # the server answered 413 and closed while we were still sending: also cut off
+    assert sent[0] < 2 * MAX_BODY_MB * 1024 * 1024
+
+
+def test_a_huge_message_neither_freezes_the_server_nor_keeps_its_memory(server: Server) -> None:
+    baseline = server.rss_mb()
+    huge = ask("lorem ipsum dolor sit amet " * 230_000)  # ~6 MB, under the body limit
+    worst = [0.0]
+    done = threading.Event()
+
+    def probe() -> None:
+        while not done.is_set():
+            started = time.monotonic()
+            httpx.get(f"{server.url}/health", timeout=30)
+            worst[0] = max(worst[0], time.monotonic() - started)
+            time.sleep(0.02)
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    try:
+        for _ in range(3):
+            started = time.monotonic()
+            reply = server.post(huge)
+            assert reply.status_code == 400 and reply.json()["error"]["code"] == "context_length_exceeded"
+            assert time.monotonic() - started < 5
+    finally:
+        done.set()
+        prober.join()
+    assert worst[0] < 1.0, f"/health waited {worst[0]:.2f} s"
+    assert server.post(ask()).status_code == 200
+    assert server.rss_mb() < baseline * 1.2 + 30, (baseline, server.rss_mb())
+
+
+# -- slow clients ----------------------------------------------------------------------------------------
+
+
+def closed_within(sock: socket.socket, seconds: float, trickle: bytes = b"") -> tuple[bool, bytes]:
+    """Whether the server closes the connection within `seconds`, sending `trickle` a byte at a
+    time meanwhile; and what it answered."""
+    sock.settimeout(0.25)
+    deadline, answer, i = time.monotonic() + seconds, b"", 0
+    while time.monotonic() < deadline:
+        try:
+            data = sock.recv(65536)
+        except TimeoutError:
+            if i < len(trickle):
+                try:
+                    sock.sendall(trickle[i : i + 1])
+                except OSError:
+                    return True, answer
+                i += 1
+            continue
+        except OSError:
+            return True, answer
+        if not data:
+            return True, answer
+        answer += data
+    return False, answer
+
+
+def test_a_connection_that_sends_nothing_is_closed(server: Server) -> None:
+    with server.connect() as sock:
+        closed, _ = closed_within(sock, HEADER_TIMEOUT_S + 4)
+    assert closed
+
+
+def test_headers_trickled_byte_by_byte_are_cut_off(server: Server) -> None:
+    with server.connect() as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\n")
+        closed, _ = closed_within(sock, HEADER_TIMEOUT_S + 4, trickle=b"X-Slow: " + b"a" * 1000)
+    assert closed
+
+
+def test_a_body_trickled_byte_by_byte_is_cut_off(server: Server) -> None:
+    body = json.dumps(ask()).encode()
+    with server.connect() as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        )
+        closed, answer = closed_within(sock, BODY_TIMEOUT_S + 4, trickle=body)
+    assert closed and answer.startswith(b"HTTP/1.1 408"), answer[:200]
+
+
+def test_the_server_still_serves_after_all_that(server: Server) -> None:
+    assert server.post(ask(temperature=0)).status_code == 200
+    assert server.process.poll() is None
