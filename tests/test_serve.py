@@ -319,7 +319,7 @@ def test_served_requests_are_captured_as_trajectories(server: Server) -> None:
 def test_a_plain_clients_metadata_never_labels_its_run(server: Server) -> None:
     """A client without a label key cannot mark its run held-out, supply the tests or the
     reference that judge it, claim a task or a version: what it says is kept under `client`."""
-    from honed.exporters.select import Selection
+    from honed.store.select import HeldOut
 
     from honed.verifiers import ReferenceMatch, TestSuite
     from honed.verifiers.routing import applicable
@@ -359,7 +359,7 @@ def test_a_plain_clients_metadata_never_labels_its_run(server: Server) -> None:
     top = {k: v for k, v in t.metadata.items() if k != "client"}
     assert top == {"source": "honed serve", "deployment": "test", "labels_from": "operator"}
     assert applicable([ReferenceMatch(), TestSuite()], t) == []  # nothing the client said judges it
-    assert Selection().keeps(t)  # nor hides it from training as held-out
+    assert not HeldOut.of(store).holds(t)  # nor hides it from training as held-out
     assert store.trajectories(task_id="heldout-7") == []
 
     too_much = server.post(
