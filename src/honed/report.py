@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from honed.messages import request_text
 from honed.trajectory import HELDOUT, ModelVersion, Step, Trajectory, Verdict
 
 if TYPE_CHECKING:
@@ -562,14 +563,9 @@ def _clip(text: str | None, limit: int = _CLIP) -> str:
 
 
 def _task_text(task: Any) -> str:
-    """The user's request from a captured agent input (`{"messages": [...]}`), else the input."""
-    if isinstance(task, dict) and isinstance(task.get("messages"), list) and task["messages"]:
-        last = task["messages"][-1]
-        if isinstance(last, dict):
-            return _content_text(last.get("content"))
-        if isinstance(last, list | tuple) and len(last) == 2:
-            return _content_text(last[1])
-    return _content_text(task)
+    """The user's request (`honed.messages.request_text`), else the whole input."""
+    request = request_text(task)
+    return request if request is not None else _content_text(task)
 
 
 def _content_text(value: Any) -> str:

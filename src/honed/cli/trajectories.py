@@ -12,6 +12,7 @@ from rich.table import Table
 from rich.tree import Tree
 
 from honed.cli.common import JsonOption, StoreOption, app, console, open_store_or_exit
+from honed.messages import request_text
 from honed.store import TrajectoryNotFound
 from honed.trajectory import Step, Trajectory
 
@@ -142,11 +143,8 @@ def _step_label(step: Step) -> str:
 
 
 def _task_text(task: Any) -> str:
-    if isinstance(task, dict) and isinstance(task.get("messages"), list) and task["messages"]:
-        last = task["messages"][-1]
-        if isinstance(last, dict):
-            return _content_text(last.get("content"))
-    return _content_text(task)
+    request = request_text(task)
+    return request if request is not None else _content_text(task)
 
 
 def _content_text(value: Any) -> str:

@@ -10,7 +10,6 @@ token), `finish_reason` and `model_version`; the capture layer stores them in th
 from __future__ import annotations
 
 import asyncio
-import json
 import queue
 import weakref
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -24,9 +23,9 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from langchain_core.runnables import Runnable
 from pydantic import Field, PrivateAttr
 
+from honed.messages import dump_arguments, template_messages, tool_schemas
 from honed.serving.batching import DEFAULT_MAX_BATCH, DEFAULT_WINDOW_S, GenerationRequest, GenerationResult
 from honed.serving.engine import Engine, acquire_engine, release_engine
-from honed.serving.template_messages import to_template_messages, tool_schemas
 from honed.serving.toolcalls import CompletionParser
 
 _DONE = object()
@@ -206,7 +205,7 @@ class LocalChatModel(BaseChatModel):
         if kwargs.get("tool_choice") == "none":
             tools = None
         template = {**self.chat_template_kwargs, **(kwargs.get("chat_template_kwargs") or {})}
-        prompt = engine.render(to_template_messages(messages), tool_schemas(tools), **template)
+        prompt = engine.render(template_messages(messages), tool_schemas(tools), **template)
         prompt_ids = engine.encode(prompt)
         budget = next(
             (kwargs[k] for k in ("max_tokens", "max_completion_tokens", "max_new_tokens") if kwargs.get(k)),
@@ -257,7 +256,7 @@ class LocalChatModel(BaseChatModel):
             {
                 "type": "tool_call_chunk",
                 "name": c["name"],
-                "args": json.dumps(c["args"]),
+                "args": dump_arguments(c["args"]),
                 "id": c["id"],
                 "index": i,
             }

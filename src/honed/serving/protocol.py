@@ -1,19 +1,21 @@
-"""The OpenAI chat-completions wire format ⇄ LangChain messages, for `honed serve`.
+"""The OpenAI chat-completions HTTP bodies of `honed serve`: requests in, completions out.
 
 Plain functions over dicts, no web framework: a bad request raises `BadRequest` naming the
-parameter, which the app turns into an OpenAI-style 400.
+parameter, which the app turns into an OpenAI-style 400. The messages inside are converted by
+`honed.messages`.
 """
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.messages import AIMessage, BaseMessage
+
+from honed.messages import MessageError, langchain_message, openai_message
 
 _SAMPLING = {"temperature": float, "top_p": float, "top_k": int}
 
@@ -132,24 +134,10 @@ def completion_body(messages: Sequence[AIMessage], request: ChatRequest, model_i
 
 
 def assistant_dict(message: AIMessage) -> dict[str, Any]:
-    """An assistant message as OpenAI writes it. A malformed tool call has no OpenAI form: its raw
-    text is appended to the content, as vLLM's tool parsers do."""
-    content = message.content if isinstance(message.content, str) else ""
-    for bad in message.invalid_tool_calls:
-        content += ("\n" if content else "") + str(bad.get("args") or "")
-    data: dict[str, Any] = {"role": "assistant", "content": content or (None if message.tool_calls else "")}
-    reasoning = message.additional_kwargs.get("reasoning_content")
-    if reasoning:
-        data["reasoning_content"] = reasoning
-    if message.tool_calls:
-        data["tool_calls"] = [
-            {
-                "id": call["id"],
-                "type": "function",
-                "function": {"name": call["name"], "arguments": json.dumps(call["args"], ensure_ascii=False)},
-            }
-            for call in message.tool_calls
-        ]
+    """An assistant reply as OpenAI's API writes it: `content` is null beside tool calls."""
+    data = openai_message(message)
+    if data.get("tool_calls") and not data["content"]:
+        data["content"] = None
     return data
 
 
@@ -182,62 +170,10 @@ def error_body(
 
 def _message(raw: Any, index: int) -> BaseMessage:
     where = f"messages[{index}]"
-    if not isinstance(raw, dict) or not isinstance(raw.get("role"), str):
-        raise BadRequest(f"{where} must be an object with a role", where)
-    role, content = raw["role"], _content(raw.get("content"), where)
-    if role in ("system", "developer"):
-        return SystemMessage(content)
-    if role == "user":
-        return HumanMessage(content)
-    if role == "tool":
-        if not isinstance(raw.get("tool_call_id"), str):
-            raise BadRequest(f"{where}: a tool message needs tool_call_id", f"{where}.tool_call_id")
-        return ToolMessage(content, tool_call_id=raw["tool_call_id"], name=raw.get("name"))
-    if role == "assistant":
-        calls, invalid = [], []
-        for call in raw.get("tool_calls") or ():
-            function = (call or {}).get("function") or {}
-            arguments = function.get("arguments") or "{}"
-            try:
-                args = json.loads(arguments) if isinstance(arguments, str) else arguments
-                if not isinstance(args, dict):
-                    raise ValueError("arguments must be a JSON object")
-                calls.append({"name": function.get("name") or "", "args": args, "id": call.get("id")})
-            except ValueError as exc:
-                invalid.append(
-                    {
-                        "name": function.get("name"),
-                        "args": str(arguments),
-                        "id": call.get("id"),
-                        "error": str(exc),
-                    }
-                )
-        reasoning = raw.get("reasoning_content") or raw.get("reasoning")
-        return AIMessage(
-            content=content,
-            tool_calls=calls,
-            invalid_tool_calls=invalid,
-            additional_kwargs={"reasoning_content": reasoning} if isinstance(reasoning, str) else {},
-        )
-    raise BadRequest(f"{where}: unknown role {role!r}", f"{where}.role")
-
-
-def _content(value: Any, where: str) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        parts = []
-        for part in value:
-            if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
-                parts.append(part["text"])
-            elif isinstance(part, dict) and part.get("type") in ("image_url", "input_audio", "file"):
-                raise BadRequest(
-                    f"{where}: this model reads text only ({part['type']} given)", f"{where}.content"
-                )
-        return "".join(parts)
-    raise BadRequest(f"{where}.content must be a string or an array of parts", f"{where}.content")
+    try:
+        return langchain_message(raw)
+    except MessageError as exc:
+        raise BadRequest(f"{where}: {exc}", f"{where}.{exc.field}" if exc.field else where) from exc
 
 
 def _number(value: Any, name: str, cast: type) -> Any:
