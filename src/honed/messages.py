@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from dataclasses import field as _field
 from typing import Any
@@ -175,7 +175,7 @@ def content_text(content: Any) -> str:
             parts.append(block["text"])
         elif kind not in _CARRIED_BLOCKS:
             raise MessageError(
-                "non_text_content", f"only text content converts ({kind or 'no type'} given)", "content"
+                "non_text_content", f"only text content is supported ({kind or 'no type'} given)", "content"
             )
     return "".join(parts)
 
@@ -248,12 +248,10 @@ def tool_call(call: Any) -> dict[str, Any]:
     if not isinstance(call, Mapping) or is_truncated(call):
         reason = "truncated" if is_truncated(call) else "malformed_tool_call"
         raise MessageError(reason, "a tool call must be an object", "tool_calls")
-    function = call.get("function") if isinstance(call.get("function"), Mapping) else call
-    name = function.get("name")
+    name, arguments = _function(call)
     if not isinstance(name, str) or not name:
         raise MessageError("malformed_tool_call", 'a tool call needs a "name" string', "tool_calls")
-    raw = function.get("arguments", function.get("args"))
-    return {"name": name, "args": parse_arguments(raw), "id": call.get("id")}
+    return {"name": name, "args": parse_arguments(arguments), "id": call.get("id")}
 
 
 def parse_arguments(arguments: Any) -> dict[str, Any]:
@@ -325,6 +323,13 @@ def request_text(task: Any) -> str | None:
             except MessageError:
                 return None
     return None
+
+
+def task_text(task: Any) -> str:
+    """The user's request (`request_text`), else the whole input as JSON: for people and judges
+    to read."""
+    request = request_text(task)
+    return request if request is not None else json.dumps(task, ensure_ascii=False, default=str)
 
 
 def chat_example(trajectory: Trajectory, *, reasoning: bool = False) -> dict[str, Any]:
@@ -474,7 +479,9 @@ def _read(message: BaseMessage | Mapping[str, Any], *, lenient_calls: bool = Fal
     return m
 
 
-def _lenient_calls(calls: Any, default_id: Any = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _lenient_calls(
+    calls: Any, default_id: Callable[[int], str] | None = None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(valid calls, invalid_tool_calls) of a message's `tool_calls`: a model's malformed call is
     what it said, kept as an invalid call, not an error."""
     valid, invalid = [], []
@@ -485,12 +492,7 @@ def _lenient_calls(calls: Any, default_id: Any = None) -> tuple[list[dict[str, A
         try:
             valid.append({**tool_call(call), "id": call_id})
         except MessageError as exc:
-            function = call.get("function") if isinstance(call, Mapping) else None
-            function = (
-                function if isinstance(function, Mapping) else call if isinstance(call, Mapping) else {}
-            )
-            raw = function.get("arguments", function.get("args"))
-            name = function.get("name")
+            name, raw = _function(call) if isinstance(call, Mapping) else (None, None)
             invalid.append(
                 {
                     "type": "invalid_tool_call",
@@ -501,6 +503,13 @@ def _lenient_calls(calls: Any, default_id: Any = None) -> tuple[list[dict[str, A
                 }
             )
     return valid, invalid
+
+
+def _function(call: Mapping[str, Any]) -> tuple[Any, Any]:
+    """(name, arguments) of a tool call in OpenAI's shape or LangChain's."""
+    function = call.get("function")
+    function = function if isinstance(function, Mapping) else call
+    return function.get("name"), function.get("arguments", function.get("args"))
 
 
 def _written(m: _Message, *, arguments_as_text: bool, reasoning: bool, tool_names: bool) -> dict[str, Any]:

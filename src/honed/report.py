@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from honed.messages import request_text
+from honed.messages import task_text
 from honed.trajectory import HELDOUT, ModelVersion, Step, Trajectory, Verdict
 
 if TYPE_CHECKING:
@@ -389,7 +389,7 @@ def _trajectory(t: Trajectory, outcome: str) -> str:
     return (
         f'<details class="trajectory {outcome}" open><summary><span class="badge {outcome}">{outcome}</span> '
         f"{_e(head)}</summary>"
-        f'<div class="task"><b>task</b> <span class="text">{_e(_clip(_task_text(t.task)))}</span></div>'
+        f'<div class="task"><b>task</b> <span class="text">{_e(_clip(task_text(t.task)))}</span></div>'
         f'<ol class="steps">{steps}</ol>{answer}{error}<ul class="verdicts">{verdicts}</ul></details>'
     )
 
@@ -560,12 +560,6 @@ def _when(value: datetime | None) -> str:
 def _clip(text: str | None, limit: int = _CLIP) -> str:
     text = text or ""
     return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _task_text(task: Any) -> str:
-    """The user's request (`honed.messages.request_text`), else the whole input."""
-    request = request_text(task)
-    return request if request is not None else _content_text(task)
 
 
 def _content_text(value: Any) -> str:

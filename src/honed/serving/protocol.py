@@ -13,9 +13,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from langchain_core.messages import AIMessage, BaseMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 
-from honed.messages import MessageError, langchain_message, openai_message
+from honed.messages import (
+    CALL_OPEN,
+    MessageError,
+    content_text,
+    invalid_call_text,
+    langchain_message,
+    openai_message,
+)
 
 _SAMPLING = {"temperature": float, "top_p": float, "top_k": int}
 
@@ -139,6 +146,38 @@ def assistant_dict(message: AIMessage) -> dict[str, Any]:
     if data.get("tool_calls") and not data["content"]:
         data["content"] = None
     return data
+
+
+def chunk_delta(chunk: AIMessageChunk, *, text_sent: bool = False) -> dict[str, Any]:
+    """The `delta` of one streamed chunk, saying what `assistant_dict` says of the whole reply: a
+    malformed call (a chunk without a name, or the raw `<tool_call>` text the local parser keeps
+    for one) is the model's text, appended to the content after a newline when text came before
+    (`text_sent`: earlier in the stream)."""
+    delta: dict[str, Any] = {}
+    text = content_text(chunk.content)
+    reasoning = chunk.additional_kwargs.get("reasoning_content")
+    if reasoning:
+        delta["reasoning_content"] = reasoning
+    calls = []
+    for c in chunk.tool_call_chunks:
+        raw = str(c.get("args") or "")
+        if c.get("name") and not raw.startswith(CALL_OPEN):
+            calls.append((c, raw))
+        else:
+            text += ("\n" if text or text_sent else "") + invalid_call_text({"args": raw})
+    if text:
+        delta["content"] = text
+    if calls:
+        delta["tool_calls"] = [
+            {
+                "index": c.get("index") or i,
+                "id": c.get("id"),
+                "type": "function",
+                "function": {"name": c["name"], "arguments": raw},
+            }
+            for i, (c, raw) in enumerate(calls)
+        ]
+    return delta
 
 
 def finish_reason(message: AIMessage) -> str:

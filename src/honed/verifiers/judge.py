@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from honed.messages import request_text
+from honed.messages import task_text
 from honed.trajectory import Trajectory, Verdict
 from honed.verifiers.outcome import agent_failed, final_answer
 from honed.verifiers.protocol import BaseVerifier, CannotTell, verdict
@@ -92,12 +92,6 @@ class Judge(BaseVerifier):
             parts.append(f"Reference answer:\n{_clip(_as_text(expected), self.max_chars)}")
         parts.append(f"Agent's final answer:\n{_clip(answer, self.max_chars)}")
         return "\n\n".join(parts)
-
-
-def task_text(task: Any) -> str:
-    """The task as the user stated it (`honed.messages.request_text`), else the whole input."""
-    request = request_text(task)
-    return request if request is not None else _as_text(task)
 
 
 def _as_text(value: Any) -> str:
