@@ -27,7 +27,9 @@ from honed.messages import (
     content_text,
     dump_arguments,
     langchain_message,
+    langchain_messages,
     openai_message,
+    openai_messages,
     openai_tool_call,
     request_text,
     stored_message,
@@ -131,6 +133,35 @@ def test_chat_example_round_trips_a_captured_conversation() -> None:
     ]
     plain = chat_example(trajectory_of(stored[:-1], stored[-1]))
     assert "tools" not in plain and not any("reasoning_content" in m for m in plain["messages"])
+
+
+def test_tool_results_without_ids_answer_the_calls_before_them_in_order() -> None:
+    """TRL-style data has no ids: calls get `call_<message>_<index>`, and each result answers the
+    earliest unanswered call before it, the order chat templates assume."""
+
+    def add(a: int, b: int, **call: Any) -> dict[str, Any]:
+        return {**call, "type": "function", "function": {"name": "add", "arguments": {"a": a, "b": b}}}
+
+    trl = [
+        {"role": "user", "content": "2+3 and 1+1?"},
+        {"role": "assistant", "content": "", "tool_calls": [add(2, 3), add(1, 1)]},
+        {"role": "tool", "content": "5"},
+        {"role": "tool", "content": "2"},
+        {"role": "assistant", "content": "5 and 2."},
+    ]
+    rows = openai_messages(trl)
+    assert [c["id"] for c in rows[1]["tool_calls"]] == ["call_1_0", "call_1_1"]
+    assert [rows[2]["tool_call_id"], rows[3]["tool_call_id"]] == ["call_1_0", "call_1_1"]
+    back = langchain_messages(trl)
+    assert [m.tool_call_id for m in back[2:4]] == ["call_1_0", "call_1_1"]  # type: ignore[attr-defined]
+
+    named = [trl[0], {**trl[1], "tool_calls": [add(2, 3, id="c1"), add(1, 1, id="c2")]}]
+    rows = openai_messages([*named, {"role": "tool", "tool_call_id": "c2", "content": "2"}, trl[2]])
+    assert [rows[2]["tool_call_id"], rows[3]["tool_call_id"]] == ["c2", "c1"]
+
+    with pytest.raises(MessageError) as error:
+        openai_messages([*trl[:4], {"role": "tool", "content": "?"}])  # nothing left to answer
+    assert (error.value.reason, error.value.index) == ("missing_tool_call_id", 4)
 
 
 # -- odd inputs --------------------------------------------------------------------------------
@@ -311,7 +342,7 @@ def test_tool_call_arguments_must_be_an_object_in_every_copy() -> None:
     empty = {"role": "assistant", "content": "", "tool_calls": [{"name": "add", "args": "", "id": "c"}]}
     assert openai_message(empty)["tool_calls"][0]["function"]["arguments"] == "{}"
     bad = {"id": "c", "type": "function", "function": {"name": "add", "arguments": "{bad"}}
-    with pytest.raises(ValueError, match="external example 3"):
+    with pytest.raises(ValueError, match="external example 3, message 0"):
         _normalised_example({"messages": [{"role": "assistant", "content": "", "tool_calls": [bad]}]}, 3)
     t = completion_trajectory(
         "q", [{"role": "assistant", "content": "", "tool_calls": [{"function": bad["function"]}]}]
@@ -321,7 +352,9 @@ def test_tool_call_arguments_must_be_an_object_in_every_copy() -> None:
 
 
 def test_a_tool_result_needs_its_call_id() -> None:
-    """Was: the exporter wrote `"tool_call_id": ""`; the server refused the message."""
+    """Was: the exporter wrote `"tool_call_id": ""`, external rows left the key out, the server
+    refused the message. Now a result without an id answers the earliest unanswered call before
+    it (see above), and one with no call to answer is an error everywhere."""
     reply = {"role": "assistant", "content": "5"}
     history = [{"role": "user", "content": "hi"}, {"role": "tool", "content": "5"}]
     with pytest.raises(NotExportable) as skipped:

@@ -29,7 +29,9 @@ The rules, which every conversion shares:
   text it wrote, so the history (and what a trainer learns from) is what it actually said.
   Arguments are written as JSON with non-ASCII kept (`ensure_ascii=False`), which is what chat
   templates' `tojson` writes, so a row renders exactly like the live conversation did.
-- tool results need the id of the call they answer.
+- a tool result answers the call its `tool_call_id` names; without one (TRL-style data), the
+  earliest unanswered call before it, in the order chat templates assume; a call without an id
+  gets `call_<message>_<index>`. A tool result with no call to answer is an error.
 
 A message that breaks a rule raises `MessageError`, whose `reason` (`non_text_content`,
 `unknown_role_<role>`, `malformed_tool_call`, `missing_tool_call_id`, `truncated`,
@@ -41,7 +43,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from dataclasses import field as _field
 from typing import Any
@@ -74,16 +76,19 @@ ROLES = {
 _CARRIED_BLOCKS = frozenset({"reasoning", "thinking", "redacted_thinking", "tool_use", "tool_call"})
 
 _dumps = json.JSONEncoder(ensure_ascii=False).encode
+AnyMessage = BaseMessage | Mapping[str, Any]
 
 
 class MessageError(ValueError):
     """A message that cannot be converted faithfully. `reason` is a short code (see the module
-    docstring), `field` the key at fault (`content`, `role`, `tool_calls`, `tool_call_id`) or None."""
+    docstring), `field` the key at fault (`content`, `role`, `tool_calls`, `tool_call_id`) or None,
+    `index` the position of the message at fault in a list."""
 
     def __init__(self, reason: str, message: str, field: str | None = None) -> None:
         super().__init__(message)
         self.reason = reason
         self.field = field
+        self.index: int | None = None  # the message's position, when a list was converted
 
 
 class NotExportable(ValueError):
@@ -183,18 +188,28 @@ def content_text(content: Any) -> str:
 # -- any message → OpenAI chat or the chat template ---------------------------------------------
 
 
-def openai_message(message: BaseMessage | Mapping[str, Any], *, reasoning: bool = True) -> dict[str, Any]:
-    """A message (LangChain, stored, or OpenAI-like: tool calls in either shape, arguments as
-    text or object) in the OpenAI chat format, arguments as JSON strings. `reasoning=False`
-    leaves `reasoning_content` out (OpenAI's fine-tuning API does not take it). Raises
-    `MessageError`."""
-    return _written(_read(message), arguments_as_text=True, reasoning=reasoning, tool_names=False)
+def openai_messages(messages: Iterable[AnyMessage], *, reasoning: bool = True) -> list[dict[str, Any]]:
+    """Messages (LangChain, stored, or OpenAI-like: tool calls in either shape, arguments as text
+    or objects) in the OpenAI chat format, arguments as JSON strings. `reasoning=False` leaves
+    `reasoning_content` out (OpenAI's fine-tuning API does not take it). Raises `MessageError`."""
+    return [
+        _written(m, arguments_as_text=True, reasoning=reasoning, tool_names=False)
+        for m in _read_all(messages)
+    ]
 
 
-def template_messages(messages: Iterable[BaseMessage | Mapping[str, Any]]) -> list[dict[str, Any]]:
+def openai_message(message: AnyMessage, *, reasoning: bool = True) -> dict[str, Any]:
+    """One message in the OpenAI chat format (see `openai_messages`); a tool result must name
+    its call here, there being no turn before it to answer."""
+    return openai_messages([message], reasoning=reasoning)[0]
+
+
+def template_messages(messages: Iterable[AnyMessage]) -> list[dict[str, Any]]:
     """Messages as the dicts `apply_chat_template` renders: content and `reasoning_content`
     strings, tool-call arguments objects. Raises `MessageError`."""
-    return [_written(_read(m), arguments_as_text=False, reasoning=True, tool_names=True) for m in messages]
+    return [
+        _written(m, arguments_as_text=False, reasoning=True, tool_names=True) for m in _read_all(messages)
+    ]
 
 
 def tool_schemas(tools: Sequence[Any] | None) -> list[dict[str, Any]] | None:
@@ -218,11 +233,19 @@ def tool_schema(tool: Any) -> dict[str, Any]:
 # -- OpenAI chat (or stored) → LangChain ---------------------------------------------------------
 
 
-def langchain_message(message: Mapping[str, Any]) -> BaseMessage:
-    """An OpenAI chat message (or a stored one) as a LangChain message. A tool call whose name
-    or arguments break the rules becomes an `invalid_tool_calls` entry; anything else that does
+def langchain_messages(messages: Iterable[Mapping[str, Any]]) -> list[BaseMessage]:
+    """OpenAI chat messages (or stored ones) as LangChain messages. A tool call whose name or
+    arguments break the rules becomes an `invalid_tool_calls` entry; anything else that does
     raises `MessageError`."""
-    m = _read(message, lenient_calls=True)
+    return [_langchain(m) for m in _read_all(messages, lenient_calls=True)]
+
+
+def langchain_message(message: Mapping[str, Any]) -> BaseMessage:
+    """One message as a LangChain message (see `langchain_messages`)."""
+    return langchain_messages([message])[0]
+
+
+def _langchain(m: _Message) -> BaseMessage:
     if m.role == "system":
         return SystemMessage(m.content, **m.named)
     if m.role == "user":
@@ -350,7 +373,7 @@ def chat_example(trajectory: Trajectory, *, reasoning: bool = False) -> dict[str
         raise NotExportable("no_reply", trajectory.id)
     conversation = [*step.input["messages"], {**step.output, "role": "assistant"}]
     try:
-        example: dict[str, Any] = {"messages": [openai_message(m, reasoning=reasoning) for m in conversation]}
+        example: dict[str, Any] = {"messages": openai_messages(conversation, reasoning=reasoning)}
     except MessageError as exc:
         raise NotExportable(exc.reason, trajectory.id) from exc
     tools = step.input.get("tools")
@@ -372,7 +395,7 @@ def completion_trajectory(
     """A sampled completion (TRL's message list, or text) as the `Trajectory` verifiers read:
     one model step per assistant turn (a `<think>` block in its text becomes the reasoning, a
     malformed tool call an `invalid_tool_calls` entry), a tool step per tool result, the last
-    answer as output. Calls without an id get `call_<step>_<index>`."""
+    answer as output. Calls and results are paired as `openai_messages` pairs them."""
     meta = json.loads(metadata) if isinstance(metadata, str) else dict(metadata or {})
     history = list(prompt) if isinstance(prompt, list) else [{"role": "user", "content": str(prompt)}]
     turns = (
@@ -381,31 +404,29 @@ def completion_trajectory(
     request = request_text({"messages": history})
     steps: list[Step] = []
     answer = ""
-    for m in turns:
-        if m.get("role") == "assistant":
-            thought, answer = split_think(content_text(m.get("content")))
-            calls, invalid = _lenient_calls(m.get("tool_calls"), lambda i, n=len(steps): f"call_{n}_{i}")
-            output: dict[str, Any] = {"role": "assistant", "content": answer, "tool_calls": calls}
-            if invalid:
-                output["invalid_tool_calls"] = invalid
-            said = m.get("reasoning_content")
-            thought = said if isinstance(said, str) and said else thought
+    for raw, m in zip(turns, _read_all(turns, lenient_calls=True), strict=True):
+        if m.role == "assistant":
+            thought, answer = split_think(m.content)
+            thought = m.reasoning or thought
+            output: dict[str, Any] = {"role": "assistant", "content": answer, "tool_calls": m.calls}
+            if m.invalid:
+                output["invalid_tool_calls"] = m.invalid
             if thought:
                 output["reasoning"] = thought
             steps.append(
                 Step(
                     id=uuid.uuid4().hex, index=len(steps), kind="model", name="model",
-                    input={"messages": list(history)}, output=output, tool_calls=calls, reasoning=thought,
+                    input={"messages": list(history)}, output=output, tool_calls=m.calls, reasoning=thought,
                 )
             )  # fmt: skip
-        elif m.get("role") == "tool":
+        elif m.role == "tool":
             steps.append(
                 Step(
-                    id=uuid.uuid4().hex, index=len(steps), kind="tool", name=str(m.get("name") or "tool"),
-                    output=m.get("content"), extra={"tool_call_id": str(m.get("tool_call_id") or "")},
+                    id=uuid.uuid4().hex, index=len(steps), kind="tool", name=m.name or "tool",
+                    output=m.content, extra={"tool_call_id": m.tool_call_id},
                 )
             )  # fmt: skip
-        history.append(m)
+        history.append(raw)
     return Trajectory(
         id=f"grpo-{uuid.uuid4().hex}",
         agent="grpo",
@@ -472,26 +493,49 @@ def _read(message: BaseMessage | Mapping[str, Any], *, lenient_calls: bool = Fal
         m.reasoning = said if isinstance(said, str) and said else None
     elif role == "tool":
         call_id = message.get("tool_call_id")
-        if not isinstance(call_id, str) or not call_id:
-            raise MessageError("missing_tool_call_id", "a tool message needs tool_call_id", "tool_call_id")
-        m.tool_call_id = call_id
+        m.tool_call_id = call_id if isinstance(call_id, str) and call_id else None
         m.status = "error" if message.get("status") == "error" else "success"
     return m
 
 
-def _lenient_calls(
-    calls: Any, default_id: Callable[[int], str] | None = None
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _read_all(messages: Iterable[AnyMessage], *, lenient_calls: bool = False) -> list[_Message]:
+    """Messages read under the rules, tool calls and their results paired; a `MessageError`
+    carries the position of the message at fault in `index`."""
+    out: list[_Message] = []
+    unanswered: list[str] = []
+    for index, message in enumerate(messages):
+        try:
+            m = _read(message, lenient_calls=lenient_calls)
+            if m.role == "assistant":
+                for i, call in enumerate(m.calls):
+                    call["id"] = call.get("id") or f"call_{index}_{i}"
+                unanswered = [c["id"] for c in m.calls] + [c["id"] for c in m.invalid if c.get("id")]
+            elif m.role == "tool":
+                if m.tool_call_id is None and not unanswered:
+                    raise MessageError(
+                        "missing_tool_call_id",
+                        "a tool message needs the tool_call_id it answers",
+                        "tool_call_id",
+                    )
+                m.tool_call_id = m.tool_call_id or unanswered[0]
+                if m.tool_call_id in unanswered:
+                    unanswered.remove(m.tool_call_id)
+        except MessageError as exc:
+            exc.index = index
+            raise
+        out.append(m)
+    return out
+
+
+def _lenient_calls(calls: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(valid calls, invalid_tool_calls) of a message's `tool_calls`: a model's malformed call is
     what it said, kept as an invalid call, not an error."""
     valid, invalid = [], []
-    for index, call in enumerate(calls or ()):
-        call_id = call.get("id") if isinstance(call, Mapping) else None
-        if not call_id and default_id is not None:
-            call_id = default_id(index)
+    for call in calls or ():
         try:
-            valid.append({**tool_call(call), "id": call_id})
+            valid.append(tool_call(call))
         except MessageError as exc:
+            call_id = call.get("id") if isinstance(call, Mapping) else None
             name, raw = _function(call) if isinstance(call, Mapping) else (None, None)
             invalid.append(
                 {

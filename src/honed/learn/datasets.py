@@ -27,7 +27,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from honed.exporters.datasets import dataset_features
-from honed.messages import MessageError, NotExportable, chat_example, openai_message
+from honed.messages import MessageError, NotExportable, chat_example, openai_messages
 from honed.store import TrajectoryNotFound
 from honed.store.select import HeldOut, HeldOutLeak
 from honed.trajectory import HELDOUT, Trajectory, label
@@ -580,16 +580,16 @@ def _external_examples(external: Any, heldout: HeldOut) -> list[dict[str, Any]]:
 
 
 def _normalised_example(row: dict[str, Any], index: int) -> dict[str, Any]:
-    """An external chat example in the dataset's shape (`honed.messages.openai_message`: tool
+    """An external chat example in the dataset's shape (`honed.messages.openai_messages`: tool
     arguments and schemas may come as JSON text or as objects; the suites' demonstrations use
     text). Raises ValueError naming the row when a message breaks the conversion rules."""
     tools = row.get("tools") or []
     if isinstance(tools, str):
         tools = json.loads(tools) if tools.strip() else []
     try:
-        messages = [openai_message(m) for m in row["messages"]]
+        messages = openai_messages(row["messages"])
     except MessageError as exc:
-        raise ValueError(f"external example {index} is not a chat example: {exc}") from exc
+        raise ValueError(f"external example {index}, message {exc.index}: {exc}") from exc
     task_id = row.get("task_id")
     return {
         "messages": messages,

@@ -20,7 +20,7 @@ from honed.messages import (
     MessageError,
     content_text,
     invalid_call_text,
-    langchain_message,
+    langchain_messages,
     openai_message,
 )
 
@@ -61,7 +61,7 @@ def parse_chat_request(body: Any) -> ChatRequest:
     raw_messages = body.get("messages")
     if not isinstance(raw_messages, list) or not raw_messages:
         raise BadRequest("messages must be a non-empty array", "messages")
-    request = ChatRequest(model=model, messages=[_message(m, i) for i, m in enumerate(raw_messages)])
+    request = ChatRequest(model=model, messages=_messages(raw_messages))
     kwargs = request.call_kwargs
     tools = body.get("tools")
     if tools is not None:
@@ -207,11 +207,11 @@ def error_body(
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def _message(raw: Any, index: int) -> BaseMessage:
-    where = f"messages[{index}]"
+def _messages(raw: list[Any]) -> list[BaseMessage]:
     try:
-        return langchain_message(raw)
+        return langchain_messages(raw)
     except MessageError as exc:
+        where = f"messages[{exc.index}]"
         raise BadRequest(f"{where}: {exc}", f"{where}.{exc.field}" if exc.field else where) from exc
 
 
