@@ -25,8 +25,9 @@ The rules, which every conversion shares:
   `additional_kwargs["reasoning_content"]`; several parts are joined with "\\n".
 - tool calls: arguments must be a JSON object (a JSON string of one is read; "" is `{}`) and the
   name a non-empty string. A call read from a client or a sampled completion that breaks this
-  becomes an `invalid_tool_calls` entry, which the model is then shown as the raw `<tool_call>`
-  text it wrote, so the history (and what a trainer learns from) is what it actually said.
+  becomes an `invalid_tool_calls` entry (in stored or external data, an error). Written out, an
+  invalid call is the raw `<tool_call>` text the model wrote, appended to the content, so the
+  history (and what a trainer learns from) is what it actually said.
   Arguments are written as JSON with non-ASCII kept (`ensure_ascii=False`), which is what chat
   templates' `tojson` writes, so a row renders exactly like the live conversation did.
 - a tool result answers the call its `tool_call_id` names; without one (TRL-style data), the
