@@ -141,7 +141,9 @@ def completion_body(messages: Sequence[AIMessage], request: ChatRequest, model_i
 
 
 def assistant_dict(message: AIMessage) -> dict[str, Any]:
-    """An assistant reply as OpenAI's API writes it: `content` is null beside tool calls."""
+    """An assistant reply as OpenAI's API writes it: `content` is null beside tool calls; a
+    malformed call, having no OpenAI form, is its raw text in the content (as vLLM's tool parsers
+    do)."""
     data = openai_message(message)
     if data.get("tool_calls") and not data["content"]:
         data["content"] = None
