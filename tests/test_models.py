@@ -91,7 +91,7 @@ def test_tiny_tokenizer_uses_trls_qwen3_template_and_splits_digits(tiny: Path) -
 def test_langchain_messages_render_through_the_template(tiny: Path) -> None:
     from transformers import AutoTokenizer
 
-    from honed.serving.template_messages import to_template_messages
+    from honed.messages import template_messages
 
     messages = [
         SystemMessage("Be brief."),
@@ -104,7 +104,7 @@ def test_langchain_messages_render_through_the_template(tiny: Path) -> None:
         AIMessage(ANSWER, additional_kwargs={"reasoning_content": "Done."}),
     ]
     text = AutoTokenizer.from_pretrained(tiny).apply_chat_template(
-        to_template_messages(messages), tools=[add_schema()], tokenize=False
+        template_messages(messages), tools=[add_schema()], tokenize=False
     )
     assert text.startswith("<|im_start|>system\nBe brief.\n\n# Tools")
     assert '<tools>\n{"type": "function", "function": {"name": "add"' in text

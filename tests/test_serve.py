@@ -320,7 +320,6 @@ def test_a_plain_clients_metadata_never_labels_its_run(server: Server) -> None:
     """A client without a label key cannot mark its run held-out, supply the tests or the
     reference that judge it, claim a task or a version: what it says is kept under `client`."""
     from honed.store.select import HeldOut
-
     from honed.verifiers import ReferenceMatch, TestSuite
     from honed.verifiers.routing import applicable
 

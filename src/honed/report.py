@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from honed.messages import task_text
 from honed.trajectory import HELDOUT, ModelVersion, Step, Trajectory, Verdict
 
 if TYPE_CHECKING:
@@ -366,7 +367,7 @@ def _trajectory(t: Trajectory, outcome: str) -> str:
     return (
         f'<details class="trajectory {outcome}" open><summary><span class="badge {outcome}">{outcome}</span> '
         f"{_e(head)}</summary>"
-        f'<div class="task"><b>task</b> <span class="text">{_e(_clip(_task_text(t.task)))}</span></div>'
+        f'<div class="task"><b>task</b> <span class="text">{_e(_clip(task_text(t.task)))}</span></div>'
         f'<ol class="steps">{steps}</ol>{answer}{error}<ul class="verdicts">{verdicts}</ul></details>'
     )
 
@@ -538,17 +539,6 @@ def _when(value: datetime | None) -> str:
 def _clip(text: str | None, limit: int = _CLIP) -> str:
     text = text or ""
     return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _task_text(task: Any) -> str:
-    """The user's request from a captured agent input (`{"messages": [...]}`), else the input."""
-    if isinstance(task, dict) and isinstance(task.get("messages"), list) and task["messages"]:
-        last = task["messages"][-1]
-        if isinstance(last, dict):
-            return _content_text(last.get("content"))
-        if isinstance(last, list | tuple) and len(last) == 2:
-            return _content_text(last[1])
-    return _content_text(task)
 
 
 def _content_text(value: Any) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
 from langchain_core.outputs import LLMResult
 
-from honed.messages import message_to_dict, text_of
+from honed.messages import ROLES, stored_message, text_of, tool_schema
 
 log = logging.getLogger("honed")
 
@@ -290,7 +290,7 @@ class Assembler:
         extra, trajectory = run.extra, run.trajectory
         if run.kind == MODEL:
             messages = [
-                self._memoised(trajectory, id(m), m, message_to_dict)
+                self._memoised(trajectory, id(m), m, stored_message)
                 if isinstance(m, BaseMessage)
                 else self._field(m)
                 for m in run.inputs or []
@@ -308,7 +308,7 @@ class Assembler:
             step["extra"]["settings"] = self._field(settings)
         message = _ai_message(outputs)
         if message is not None:
-            output = self._memoised(trajectory, id(message), message, message_to_dict)
+            output = self._memoised(trajectory, id(message), message, stored_message)
             step["output"] = output
             if isinstance(output, dict):
                 step["tool_calls"] = output.get("tool_calls") or []
@@ -418,13 +418,12 @@ def _is_node(name: str, metadata: dict[str, Any] | None, tags: list[str] | None)
 
 
 def _tool_schemas(tools: Any) -> list[Any]:
-    """Tools as OpenAI-format schemas (what a chat template and a fine-tuning file expect)."""
-    from langchain_core.utils.function_calling import convert_to_openai_tool
-
+    """Tools as OpenAI-format schemas (what a chat template and a fine-tuning file expect); one
+    that cannot be converted is recorded by name, so capture never loses the step."""
     schemas = []
     for tool in tools:
         try:
-            schemas.append(tool if isinstance(tool, dict) else convert_to_openai_tool(tool))
+            schemas.append(tool_schema(tool))
         except Exception:
             schemas.append({"type": "function", "function": {"name": getattr(tool, "name", repr(tool))}})
     return schemas
@@ -441,7 +440,7 @@ def _ai_message(outputs: Any) -> BaseMessage | None:
 def _plain(value: Any) -> Any:
     """Convert LangChain messages (anywhere at the top two levels) into role dicts."""
     if isinstance(value, BaseMessage):
-        return message_to_dict(value)
+        return stored_message(value)
     if isinstance(value, dict):
         return {k: _plain_inner(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -451,10 +450,10 @@ def _plain(value: Any) -> Any:
 
 def _plain_inner(value: Any) -> Any:
     if isinstance(value, BaseMessage):
-        return message_to_dict(value)
+        return stored_message(value)
     if isinstance(value, list) and value and isinstance(value[0], BaseMessage | tuple):
         return [
-            message_to_dict(v)
+            stored_message(v)
             if isinstance(v, BaseMessage)
             else _tuple_message(v)
             if isinstance(v, tuple)
@@ -466,7 +465,7 @@ def _plain_inner(value: Any) -> Any:
 
 def _tuple_message(value: tuple[Any, ...]) -> Any:
     if len(value) == 2 and isinstance(value[0], str):
-        role = {"human": "user", "ai": "assistant"}.get(value[0], value[0])
+        role = ROLES.get(value[0], value[0])
         return {"role": role, "content": value[1]}
     return list(value)
 

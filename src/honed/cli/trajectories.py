@@ -12,6 +12,7 @@ from rich.table import Table
 from rich.tree import Tree
 
 from honed.cli.common import JsonOption, StoreOption, app, console, open_store_or_exit
+from honed.messages import task_text
 from honed.store import TrajectoryNotFound
 from honed.trajectory import Step, Trajectory
 
@@ -96,7 +97,7 @@ def _timeline(t: Trajectory) -> Tree:
         f"started {_when(t.started_at)}  {_secs(t.duration_s)}  {status}"
     )
     tree = Tree(head)
-    tree.add(f"[cyan]task[/cyan] {escape(_preview(_task_text(t.task), 300))}")
+    tree.add(f"[cyan]task[/cyan] {escape(_preview(task_text(t.task), 300))}")
     nodes: dict[str | None, Tree] = {None: tree}
     for step in t.steps:
         parent = nodes.get(step.parent_id, tree)
@@ -139,14 +140,6 @@ def _step_label(step: Step) -> str:
             f"[yellow]tool[/yellow] {escape(step.name)}({escape(_preview(args, 200))}) {took}{result}{error}"
         )
     return f"[blue]node[/blue] {escape(step.name)} {took}{error}"
-
-
-def _task_text(task: Any) -> str:
-    if isinstance(task, dict) and isinstance(task.get("messages"), list) and task["messages"]:
-        last = task["messages"][-1]
-        if isinstance(last, dict):
-            return _content_text(last.get("content"))
-    return _content_text(task)
 
 
 def _content_text(value: Any) -> str:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
+from honed.messages import openai_tool_call, tool_schemas
 from honed.trajectory import HELDOUT, TRAIN, Task
 
 
@@ -150,20 +151,9 @@ def chat_example(system_prompt: str, tools: Sequence[Any], prompt: str, solution
     for index, (name, args) in enumerate(solution.calls):
         call_id = f"call_{index}"
         result = by_name[name].invoke({"type": "tool_call", "name": name, "args": dict(args), "id": call_id})
-        messages.append(
-            {
-                "role": "assistant",
-                "content": "",
-                "tool_calls": [
-                    {
-                        "id": call_id,
-                        "type": "function",
-                        # The arguments exactly as the template renders the parsed call's dict.
-                        "function": {"name": name, "arguments": json.dumps(dict(args), ensure_ascii=False)},
-                    }
-                ],
-            }
-        )
+        # The arguments exactly as the template renders the parsed call's dict.
+        call = openai_tool_call({"name": name, "args": dict(args), "id": call_id})
+        messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
         messages.append({"role": "tool", "tool_call_id": call_id, "content": str(result.content)})
     messages.append({"role": "assistant", "content": solution.answer})
     return {"messages": messages, "tools": tools_json(tools)}
@@ -171,8 +161,6 @@ def chat_example(system_prompt: str, tools: Sequence[Any], prompt: str, solution
 
 def tools_json(tools: Sequence[Any]) -> str:
     """The tools as `bind_tools` hands them to the model (OpenAI schemas), as one JSON string."""
-    from honed.serving.template_messages import tool_schemas
-
     return json.dumps(tool_schemas(list(tools)) or [], ensure_ascii=False)
 
 

@@ -11,14 +11,8 @@ is built.
 from __future__ import annotations
 
 from honed._lazy import lazy_attributes
-from honed.exporters.datasets import (
-    ExportResult,
-    NotExportable,
-    chat_example,
-    to_hf_dataset,
-    write_jsonl,
-    write_parquet,
-)
+from honed.exporters.datasets import ExportResult, to_hf_dataset, write_jsonl, write_parquet
+from honed.messages import NotExportable, chat_example
 from honed.store.select import Selection, count_selected, select_trajectories
 
 _OTEL = {"LiveExporter", "OTLPExportError", "ReplayResult", "replay"}

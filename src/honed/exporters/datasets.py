@@ -7,7 +7,8 @@ outcome. The JSONL is the OpenAI fine-tuning format, which TRL's `SFTTrainer` al
 unchanged (`load_dataset("json", data_files=...)`).
 
 Rows that cannot be faithful are skipped and counted, never guessed: a capture cut by the size
-cap, non-text content, a trajectory with no chat model call.
+cap, non-text content, a trajectory with no chat model call. The row itself is
+`honed.messages.chat_example` (re-exported here); this module writes rows out.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from honed.trajectory import Step, Trajectory, is_truncated
+from honed.messages import NotExportable, chat_example
+from honed.trajectory import Trajectory
 
 if TYPE_CHECKING:
     import datasets
@@ -26,14 +28,6 @@ if TYPE_CHECKING:
 _dumps = json.JSONEncoder(ensure_ascii=False).encode
 PARQUET_ROWS_PER_GROUP = 1000
 ID_COLUMNS = ("trajectory_id", "agent", "task_id", "model_version")
-
-
-class NotExportable(ValueError):
-    """A trajectory that cannot become a faithful chat example; `reason` names why."""
-
-    def __init__(self, reason: str, trajectory_id: str = "") -> None:
-        super().__init__(f"trajectory {trajectory_id}: {reason}")
-        self.reason = reason
 
 
 @dataclass(slots=True)
@@ -49,32 +43,6 @@ class ExportResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"written": self.written, "skipped": dict(self.skipped), "path": self.path}
-
-
-def chat_example(trajectory: Trajectory, *, reasoning: bool = False) -> dict[str, Any]:
-    """`{"messages": [...], "tools": [...]}` in the OpenAI chat fine-tuning format.
-
-    Assistant tool calls are `{"id", "type": "function", "function": {"name", "arguments"}}`
-    with `arguments` a JSON string, tool results `{"role": "tool", "tool_call_id", "content"}`;
-    `tools` is left out when the model had none. `reasoning=True` adds `reasoning_content` to
-    assistant turns (TRL's Qwen3 template trains on it; OpenAI's API does not take it).
-    Raises `NotExportable`.
-    """
-    step = _last_chat_step(trajectory)
-    model_input = step.input
-    if is_truncated(model_input) or is_truncated(step.output):
-        raise NotExportable("truncated", trajectory.id)
-    if not isinstance(step.output, dict):
-        raise NotExportable("no_reply", trajectory.id)
-    conversation = [*model_input["messages"], {**step.output, "role": "assistant"}]
-    messages = [_openai_message(m, reasoning, trajectory.id) for m in conversation]
-    example: dict[str, Any] = {"messages": messages}
-    tools = model_input.get("tools")
-    if isinstance(tools, list) and tools:
-        if any(is_truncated(t) or not isinstance(t, dict) for t in tools):
-            raise NotExportable("truncated", trajectory.id)
-        example["tools"] = tools
-    return example
 
 
 def chat_examples(
@@ -197,63 +165,6 @@ def write_parquet(
 
 
 # -- helpers -----------------------------------------------------------------------------------
-
-
-def _last_chat_step(trajectory: Trajectory) -> Step:
-    for step in reversed(trajectory.steps):
-        if step.kind != "model":
-            continue
-        if is_truncated(step.input):
-            raise NotExportable("truncated", trajectory.id)
-        if isinstance(step.input, dict) and isinstance(step.input.get("messages"), list):
-            return step
-    raise NotExportable("no_chat_model_step", trajectory.id)
-
-
-def _openai_message(message: Any, reasoning: bool, trajectory_id: str) -> dict[str, Any]:
-    if not isinstance(message, dict) or is_truncated(message):
-        raise NotExportable("truncated" if is_truncated(message) else "malformed_message", trajectory_id)
-    role = message.get("role")
-    content = _text_content(message.get("content"), trajectory_id)
-    if role == "assistant":
-        out: dict[str, Any] = {"role": "assistant", "content": content}
-        calls = [_openai_tool_call(call, trajectory_id) for call in message.get("tool_calls") or ()]
-        if calls:
-            out["tool_calls"] = calls
-        if reasoning and isinstance(message.get("reasoning"), str):
-            out["reasoning_content"] = message["reasoning"]
-        return out
-    if role == "tool":
-        return {"role": "tool", "tool_call_id": str(message.get("tool_call_id") or ""), "content": content}
-    if role in ("system", "user", "developer"):
-        return {"role": role, "content": content}
-    raise NotExportable(f"unknown_role_{role}", trajectory_id)
-
-
-def _openai_tool_call(call: Any, trajectory_id: str) -> dict[str, Any]:
-    if not isinstance(call, dict) or is_truncated(call.get("args")):
-        raise NotExportable("truncated", trajectory_id)
-    args = call.get("args")
-    arguments = args if isinstance(args, str) else _dumps(args if args is not None else {})
-    return {
-        "id": str(call.get("id") or ""),
-        "type": "function",
-        "function": {"name": str(call.get("name") or ""), "arguments": arguments},
-    }
-
-
-def _text_content(content: Any, trajectory_id: str) -> str:
-    if isinstance(content, str):
-        return content
-    if content is None:
-        return ""
-    if is_truncated(content):
-        raise NotExportable("truncated", trajectory_id)
-    if isinstance(content, list) and all(
-        isinstance(b, str) or (isinstance(b, dict) and b.get("type") == "text") for b in content
-    ):
-        return "".join(b if isinstance(b, str) else str(b.get("text", "")) for b in content)
-    raise NotExportable("non_text_content", trajectory_id)
 
 
 def _hf_rows(

@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 from honed.learn.evaluate import Scores, evaluate
 from honed.learn.gate import GateDecision, decide
+from honed.messages import request_text
 from honed.trajectory import HELDOUT, ModelVersion, Task
 
 AgentFactory = Callable[[Any], Any]
@@ -458,7 +459,7 @@ def tasks_from_store(store: Any, split: str, *, agent: str | None = None) -> lis
     for t in store.trajectories(None, split=split, agent=agent, with_steps=False, oldest_first=True):
         if not t.task_id or t.task_id in tasks:
             continue
-        prompt = _request_text(t.task)
+        prompt = request_text(t.task)
         if prompt is None:
             continue
         meta = {k: v for k, v in (t.metadata or {}).items() if k not in _ATTEMPT_KEYS}
@@ -467,20 +468,6 @@ def tasks_from_store(store: Any, split: str, *, agent: str | None = None) -> lis
 
 
 _ATTEMPT_KEYS = frozenset({"task_id", "split", "round", "sample", "purpose", "evaluated"})
-
-
-def _request_text(task: Any) -> str | None:
-    """The user's request from a captured agent input (`{"messages": [...]}` or a string)."""
-    if isinstance(task, str):
-        return task
-    messages = task.get("messages") if isinstance(task, dict) else None
-    for m in reversed(messages or []):
-        if isinstance(m, dict) and (m.get("role") in ("user", "human") or m.get("type") == "human"):
-            content = m.get("content")
-            return content if isinstance(content, str) else None
-        if isinstance(m, (list, tuple)) and len(m) == 2 and m[0] in ("user", "human"):
-            return str(m[1])
-    return None
 
 
 class _Phase:

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from honed.exporters.datasets import NotExportable, chat_example, dataset_features
+from honed.exporters.datasets import dataset_features
+from honed.messages import MessageError, NotExportable, chat_example, openai_messages
 from honed.store import TrajectoryNotFound
 from honed.store.select import HeldOut, HeldOutLeak
 from honed.trajectory import HELDOUT, Trajectory, label
@@ -614,50 +615,30 @@ def _external_count(own: int, available: int, ratio: float) -> int:
 
 
 def _external_examples(external: Any, heldout: HeldOut) -> list[dict[str, Any]]:
-    examples = [_normalised_example(dict(row)) for row in external]
+    examples = [_normalised_example(dict(row), i) for i, row in enumerate(external)]
     leaked = [ex["task_id"] for ex in examples if heldout.holds(ex)]
     if leaked:
         raise HeldOutLeak("external rows belong to held-out tasks", leaked)
     return examples
 
 
-def _normalised_example(row: dict[str, Any]) -> dict[str, Any]:
-    """An external chat example in the dataset's shape: tool arguments and schemas may come as
-    JSON text or as objects (the suites' demonstrations use text)."""
+def _normalised_example(row: dict[str, Any], index: int) -> dict[str, Any]:
+    """An external chat example in the dataset's shape (`honed.messages.openai_messages`: tool
+    arguments and schemas may come as JSON text or as objects; the suites' demonstrations use
+    text). Raises ValueError naming the row when a message breaks the conversion rules."""
     tools = row.get("tools") or []
     if isinstance(tools, str):
         tools = json.loads(tools) if tools.strip() else []
-    messages = []
-    for m in row["messages"]:
-        message = {"role": m["role"], "content": m.get("content") or ""}
-        if m.get("tool_calls"):
-            message["tool_calls"] = [_normalised_call(c) for c in m["tool_calls"]]
-        if m.get("tool_call_id"):
-            message["tool_call_id"] = str(m["tool_call_id"])
-        if isinstance(m.get("reasoning_content"), str):
-            message["reasoning_content"] = m["reasoning_content"]
-        messages.append(message)
+    try:
+        messages = openai_messages(row["messages"])
+    except MessageError as exc:
+        raise ValueError(f"external example {index}, message {exc.index}: {exc}") from exc
     task_id = row.get("task_id")
     return {
         "messages": messages,
         "tools": list(tools),
         "task_id": None if task_id is None else str(task_id),
         "split": row.get("split"),
-    }
-
-
-def _normalised_call(call: Mapping[str, Any]) -> dict[str, Any]:
-    function = call.get("function") or call
-    arguments = function.get("arguments", function.get("args", {}))
-    return {
-        "id": str(call.get("id") or ""),
-        "type": "function",
-        "function": {
-            "name": str(function.get("name") or ""),
-            "arguments": arguments
-            if isinstance(arguments, str)
-            else json.dumps(arguments, ensure_ascii=False),
-        },
     }
 
 

@@ -436,27 +436,11 @@ async def _events(first: AIMessageChunk, chunks: Any, chat: ChatRequest) -> Asyn
     try:
         yield event({"role": "assistant", "content": ""})
         chunk: AIMessageChunk | None = first
+        text_sent = False
         while chunk is not None:
-            delta: dict[str, Any] = {}
-            if isinstance(chunk.content, str) and chunk.content:
-                delta["content"] = chunk.content
-            if chunk.additional_kwargs.get("reasoning_content"):
-                delta["reasoning_content"] = chunk.additional_kwargs["reasoning_content"]
-            calls = [c for c in chunk.tool_call_chunks if c.get("name")]
-            if calls:
-                seen_calls = True
-                delta["tool_calls"] = [
-                    {
-                        "index": c.get("index") or i,
-                        "id": c.get("id"),
-                        "type": "function",
-                        "function": {"name": c["name"], "arguments": c.get("args") or ""},
-                    }
-                    for i, c in enumerate(calls)
-                ]
-            for bad in chunk.tool_call_chunks:
-                if not bad.get("name"):  # a malformed call: its raw text, as in the non-streamed reply
-                    delta["content"] = delta.get("content", "") + str(bad.get("args") or "")
+            delta = protocol.chunk_delta(chunk, text_sent=text_sent)
+            text_sent = text_sent or bool(delta.get("content"))
+            seen_calls = seen_calls or bool(delta.get("tool_calls"))
             meta = chunk.response_metadata
             logprobs = None
             if meta.get("finish_reason"):

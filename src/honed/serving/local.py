@@ -31,9 +31,9 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from langchain_core.runnables import Runnable
 from pydantic import Field, PrivateAttr
 
+from honed.messages import dump_arguments, template_messages, tool_schemas
 from honed.serving.batching import DEFAULT_MAX_BATCH, DEFAULT_WINDOW_S, GenerationRequest, GenerationResult
 from honed.serving.engine import Engine, PromptTooSlow, acquire_engine, release_engine
-from honed.serving.template_messages import to_template_messages, tool_schemas
 from honed.serving.toolcalls import CompletionParser
 
 _DONE = object()
@@ -253,7 +253,7 @@ class LocalChatModel(BaseChatModel):
         if kwargs.get("tool_choice") == "none":
             tools = None
         template = {**self.chat_template_kwargs, **(kwargs.get("chat_template_kwargs") or {})}
-        plain, schemas = to_template_messages(messages), tool_schemas(tools)
+        plain, schemas = template_messages(messages), tool_schemas(tools)
         engine.check_chars(_chars(plain, schemas))  # before paying for rendering and tokenising
         prompt = engine.render(plain, schemas, **template)
         prompt_ids = engine.encode(prompt)
@@ -306,7 +306,7 @@ class LocalChatModel(BaseChatModel):
             {
                 "type": "tool_call_chunk",
                 "name": c["name"],
-                "args": json.dumps(c["args"]),
+                "args": dump_arguments(c["args"]),
                 "id": c["id"],
                 "index": i,
             }

@@ -1,4 +1,4 @@
-"""The OpenAI chat-completions wire format ⇄ LangChain messages, for `honed serve`.
+"""The OpenAI chat-completions HTTP bodies of `honed serve`: requests in, completions out.
 
 Plain functions over dicts, no web framework: a bad request raises `BadRequest` naming the
 parameter, which the app turns into an OpenAI-style 400 (`{"error": {"message", "type":
@@ -15,7 +15,8 @@ nor variables the template was not written to take). Accepted but not applied: `
 `top_logprobs` (the reply's `top_logprobs` lists are empty), `response_format`,
 `parallel_tool_calls`. Checked, and refused unless neutral, since this server does not apply
 them: `presence_penalty`/`frequency_penalty` (-2..2; only 0), vLLM's `repetition_penalty` (only
-1), `logit_bias` (only empty).
+1), `logit_bias` (only empty). The messages
+inside are converted by `honed.messages`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+
+from honed.messages import (
+    CALL_OPEN,
+    MessageError,
+    content_text,
+    invalid_call_text,
+    langchain_messages,
+    openai_message,
+)
 
 MAX_DEPTH = 64  # nesting of the JSON body (tool schemas nest; nothing legitimate nests deeper)
 MAX_CONTAINERS = 100_000  # arrays and objects in one body (a long agent conversation has thousands)
@@ -110,7 +120,7 @@ def parse_chat_request(body: Any) -> ChatRequest:
         raise BadRequest(
             f"messages holds at most {MAX_MESSAGES} messages", "messages", "array_above_max_length"
         )
-    request = ChatRequest(model=model, messages=[_message(m, i) for i, m in enumerate(raw_messages)])
+    request = ChatRequest(model=model, messages=_messages(raw_messages))
     kwargs = request.call_kwargs
     tools = _tools(body.get("tools"))
     if tools:
@@ -206,25 +216,45 @@ def completion_body(messages: Sequence[AIMessage], request: ChatRequest, model_i
 
 
 def assistant_dict(message: AIMessage) -> dict[str, Any]:
-    """An assistant message as OpenAI writes it. A malformed tool call has no OpenAI form: its raw
-    text is appended to the content, as vLLM's tool parsers do."""
-    content = message.content if isinstance(message.content, str) else ""
-    for bad in message.invalid_tool_calls:
-        content += ("\n" if content else "") + str(bad.get("args") or "")
-    data: dict[str, Any] = {"role": "assistant", "content": content or (None if message.tool_calls else "")}
-    reasoning = message.additional_kwargs.get("reasoning_content")
-    if reasoning:
-        data["reasoning_content"] = reasoning
-    if message.tool_calls:
-        data["tool_calls"] = [
-            {
-                "id": call["id"],
-                "type": "function",
-                "function": {"name": call["name"], "arguments": json.dumps(call["args"], ensure_ascii=False)},
-            }
-            for call in message.tool_calls
-        ]
+    """An assistant reply as OpenAI's API writes it: `content` is null beside tool calls; a
+    malformed call, having no OpenAI form, is its raw text in the content (as vLLM's tool parsers
+    do)."""
+    data = openai_message(message)
+    if data.get("tool_calls") and not data["content"]:
+        data["content"] = None
     return data
+
+
+def chunk_delta(chunk: AIMessageChunk, *, text_sent: bool = False) -> dict[str, Any]:
+    """The `delta` of one streamed chunk, saying what `assistant_dict` says of the whole reply: a
+    malformed call (a chunk without a name, or the raw `<tool_call>` text the local parser keeps
+    for one) is the model's text, appended to the content after a newline when text came before
+    (`text_sent`: earlier in the stream)."""
+    delta: dict[str, Any] = {}
+    text = content_text(chunk.content)
+    reasoning = chunk.additional_kwargs.get("reasoning_content")
+    if reasoning:
+        delta["reasoning_content"] = reasoning
+    calls = []
+    for c in chunk.tool_call_chunks:
+        raw = str(c.get("args") or "")
+        if c.get("name") and not raw.startswith(CALL_OPEN):
+            calls.append((c, raw))
+        else:
+            text += ("\n" if text or text_sent else "") + invalid_call_text({"args": raw})
+    if text:
+        delta["content"] = text
+    if calls:
+        delta["tool_calls"] = [
+            {
+                "index": c.get("index") or i,
+                "id": c.get("id"),
+                "type": "function",
+                "function": {"name": c["name"], "arguments": raw},
+            }
+            for i, (c, raw) in enumerate(calls)
+        ]
+    return delta
 
 
 def finish_reason(message: AIMessage) -> str:
@@ -254,79 +284,12 @@ def error_body(
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def _message(raw: Any, index: int) -> BaseMessage:
-    where = f"messages[{index}]"
-    if not isinstance(raw, dict) or not isinstance(raw.get("role"), str):
-        raise BadRequest(f"{where} must be an object with a role", where)
-    role, content = raw["role"], _content(raw.get("content"), where)
-    name = raw.get("name")
-    if name is not None and not isinstance(name, str):
-        raise BadRequest(f"{where}.name must be a string", f"{where}.name", "invalid_type")
-    if role in ("system", "developer"):
-        return SystemMessage(content)
-    if role == "user":
-        return HumanMessage(content)
-    if role == "tool":
-        if not isinstance(raw.get("tool_call_id"), str):
-            raise BadRequest(f"{where}: a tool message needs tool_call_id", f"{where}.tool_call_id")
-        return ToolMessage(content, tool_call_id=raw["tool_call_id"], name=name)
-    if role == "assistant":
-        calls, invalid = [], []
-        raw_calls = raw.get("tool_calls")
-        if raw_calls is not None and not isinstance(raw_calls, list):
-            raise BadRequest(f"{where}.tool_calls must be an array", f"{where}.tool_calls", "invalid_type")
-        for j, call in enumerate(raw_calls or ()):
-            at = f"{where}.tool_calls[{j}]"
-            function = call.get("function") if isinstance(call, dict) else None
-            if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-                raise BadRequest(
-                    f'{at} must be {{"id", "type": "function", "function": {{"name", "arguments"}}}}', at
-                )
-            call_id = call.get("id")
-            if call_id is not None and not isinstance(call_id, str):
-                raise BadRequest(f"{at}.id must be a string", f"{at}.id", "invalid_type")
-            arguments = function.get("arguments")
-            if arguments is None:
-                arguments = "{}"
-            if not isinstance(arguments, str | dict):
-                raise BadRequest(f"{at}.function.arguments must be a JSON string", f"{at}.function.arguments")
-            try:
-                args = loads(arguments) if isinstance(arguments, str) else arguments
-                if not isinstance(args, dict):
-                    raise ValueError("arguments must be a JSON object")
-                calls.append({"name": function["name"], "args": args, "id": call_id})
-            except ValueError as exc:  # the model's own malformed call, replayed: kept as it was
-                invalid.append(
-                    {"name": function["name"], "args": str(arguments), "id": call_id, "error": str(exc)}
-                )
-        reasoning = raw.get("reasoning_content") or raw.get("reasoning")
-        return AIMessage(
-            content=content,
-            tool_calls=calls,
-            invalid_tool_calls=invalid,
-            additional_kwargs={"reasoning_content": reasoning} if isinstance(reasoning, str) else {},
-        )
-    raise BadRequest(f"{where}: unknown role {role[:40]!r}", f"{where}.role")
-
-
-def _content(value: Any, where: str) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        parts = []
-        for part in value:
-            if not isinstance(part, dict):
-                raise BadRequest(f"{where}.content: each part must be an object", f"{where}.content")
-            if part.get("type") == "text" and isinstance(part.get("text"), str):
-                parts.append(part["text"])
-            elif part.get("type") in ("image_url", "input_audio", "file"):
-                raise BadRequest(
-                    f"{where}: this model reads text only ({part['type']} given)", f"{where}.content"
-                )
-        return "".join(parts)
-    raise BadRequest(f"{where}.content must be a string or an array of parts", f"{where}.content")
+def _messages(raw: list[Any]) -> list[BaseMessage]:
+    try:
+        return langchain_messages(raw)
+    except MessageError as exc:
+        where = f"messages[{exc.index}]"
+        raise BadRequest(f"{where}: {exc}", f"{where}.{exc.field}" if exc.field else where) from exc
 
 
 def _tools(value: Any) -> list[dict[str, Any]]:

@@ -14,8 +14,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
+from honed.messages import CALL_CLOSE, CALL_OPEN, THINK_CLOSE, THINK_OPEN, MessageError, parse_arguments
+
 _TAGS = (THINK_OPEN, THINK_CLOSE, CALL_OPEN, CALL_CLOSE)
 
 Kind = Literal["content", "reasoning"]
@@ -169,14 +169,10 @@ def _parse_call(body: str) -> tuple[dict[str, Any] | None, str | None]:
         return None, f"tool call is not valid JSON: {exc}"
     if not isinstance(data, dict) or not isinstance(data.get("name"), str) or not data["name"]:
         return None, 'tool call must be a JSON object with a "name" string'
-    args = data.get("arguments", data.get("parameters", {}))
-    if isinstance(args, str):
-        try:
-            args = json.loads(args) if args.strip() else {}
-        except json.JSONDecodeError as exc:
-            return data, f"tool call arguments are not valid JSON: {exc}"
-    if not isinstance(args, dict):
-        return data, "tool call arguments must be a JSON object"
+    try:
+        args = parse_arguments(data.get("arguments", data.get("parameters")))
+    except MessageError as exc:
+        return data, str(exc)
     return {"name": data["name"], "args": args}, None
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from honed.messages import task_text
 from honed.trajectory import Trajectory, Verdict
 from honed.verifiers.outcome import agent_failed, final_answer
 from honed.verifiers.protocol import BaseVerifier, CannotTell, verdict
@@ -91,15 +92,6 @@ class Judge(BaseVerifier):
             parts.append(f"Reference answer:\n{_clip(_as_text(expected), self.max_chars)}")
         parts.append(f"Agent's final answer:\n{_clip(answer, self.max_chars)}")
         return "\n\n".join(parts)
-
-
-def task_text(task: Any) -> str:
-    """The task as the user stated it: the last user message of a message-based input."""
-    if isinstance(task, dict) and isinstance(task.get("messages"), list):
-        for message in reversed(task["messages"]):
-            if isinstance(message, dict) and message.get("role") in ("user", "human"):
-                return _as_text(message.get("content"))
-    return _as_text(task)
 
 
 def _as_text(value: Any) -> str:

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-import json
 import logging
-import uuid
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from honed.learn.datasets import TrainingData
 from honed.learn.methods.base import NothingToLearn, TrlMethod
-from honed.trajectory import Step, Trajectory
+from honed.messages import completion_trajectory
+from honed.trajectory import Trajectory
 from honed.trajectory import label as trajectory_label
 from honed.verifiers.protocol import verifier_name
 from honed.verifiers.routing import applicable
@@ -133,78 +131,6 @@ class VerifierReward:
                 log.warning("verifier %s raised on a GRPO completion", verifier_name(verifier), exc_info=True)
         label = trajectory_label(verdicts)
         return None if label is None else float(label)
-
-
-def completion_trajectory(
-    prompt: Any,
-    completion: Any,
-    *,
-    task_id: str | None = None,
-    metadata: str | dict[str, Any] | None = None,
-    split: str | None = None,
-) -> Trajectory:
-    """A sampled completion (TRL's message list, or text) as the `Trajectory` verifiers read."""
-    meta = json.loads(metadata) if isinstance(metadata, str) else dict(metadata or {})
-    history = list(prompt) if isinstance(prompt, list) else [{"role": "user", "content": str(prompt)}]
-    turns = (
-        completion if isinstance(completion, list) else [{"role": "assistant", "content": str(completion)}]
-    )
-    steps: list[Step] = []
-    answer = ""
-    for m in turns:
-        if m.get("role") == "assistant":
-            content = m.get("content") if isinstance(m.get("content"), str) else ""
-            reasoning, answer = _split_think(content)
-            calls = [_honed_call(c, len(steps), i) for i, c in enumerate(m.get("tool_calls") or [])]
-            output = {"role": "assistant", "content": answer, "tool_calls": calls}
-            steps.append(
-                Step(
-                    id=uuid.uuid4().hex, index=len(steps), kind="model", name="model",
-                    input={"messages": list(history)}, output=output, tool_calls=calls,
-                    reasoning=m.get("reasoning_content") or reasoning,
-                )
-            )  # fmt: skip
-        elif m.get("role") == "tool":
-            steps.append(
-                Step(
-                    id=uuid.uuid4().hex, index=len(steps), kind="tool", name=str(m.get("name") or "tool"),
-                    output=m.get("content"), extra={"tool_call_id": str(m.get("tool_call_id") or "")},
-                )
-            )  # fmt: skip
-        history.append(m)
-    request = next((m.get("content") for m in history if m.get("role") == "user"), None)
-    return Trajectory(
-        id=f"grpo-{uuid.uuid4().hex}",
-        agent="grpo",
-        task=request,
-        task_id=task_id,
-        split=split,
-        metadata=meta,
-        steps=steps,
-        output=answer,
-    )
-
-
-def _split_think(content: str) -> tuple[str | None, str]:
-    """(reasoning, answer): decoded text keeps `<think>` (not a special token) when TRL has no
-    response parser for the template."""
-    if "</think>" not in content:
-        return None, content.strip()
-    thought, _, answer = content.rpartition("</think>")
-    return thought.replace("<think>", "").strip() or None, answer.strip()
-
-
-def _honed_call(call: dict[str, Any], step: int, index: int) -> dict[str, Any]:
-    function = call.get("function") or call
-    args = function.get("arguments", {})
-    if isinstance(args, str):
-        with contextlib.suppress(ValueError):  # malformed arguments stay text, as the model wrote them
-            args = json.loads(args)
-    return {
-        "name": str(function.get("name") or ""),
-        "args": args,
-        "id": call.get("id") or f"call_{step}_{index}",
-    }
 
 
 _JSON_TYPES: dict[str, type] = {
