@@ -285,11 +285,46 @@ def error_body(
 
 
 def _messages(raw: list[Any]) -> list[BaseMessage]:
+    """A request's messages as LangChain messages: their JSON shapes are checked here (each
+    field's type, named in the 400), the conversion is `honed.messages`'."""
+    for index, message in enumerate(raw):
+        _check_message(message, f"messages[{index}]")
     try:
         return langchain_messages(raw)
     except MessageError as exc:
         where = f"messages[{exc.index}]"
         raise BadRequest(f"{where}: {exc}", f"{where}.{exc.field}" if exc.field else where) from exc
+
+
+def _check_message(message: Any, where: str) -> None:
+    if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+        raise BadRequest(f"{where} must be an object with a role", where)
+    content = message.get("content")
+    if isinstance(content, list):
+        if not all(isinstance(part, dict) for part in content):
+            raise BadRequest(f"{where}.content: each part must be an object", f"{where}.content")
+    elif content is not None and not isinstance(content, str):
+        raise BadRequest(f"{where}.content must be a string or an array of parts", f"{where}.content")
+    for key in ("name", "tool_call_id"):
+        if message.get(key) is not None and not isinstance(message[key], str):
+            raise BadRequest(f"{where}.{key} must be a string", f"{where}.{key}", "invalid_type")
+    calls = message.get("tool_calls")
+    if calls is None:
+        return
+    if not isinstance(calls, list):
+        raise BadRequest(f"{where}.tool_calls must be an array", f"{where}.tool_calls", "invalid_type")
+    for j, call in enumerate(calls):
+        at = f"{where}.tool_calls[{j}]"
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise BadRequest(
+                f'{at} must be {{"id", "type": "function", "function": {{"name", "arguments"}}}}', at
+            )
+        if call.get("id") is not None and not isinstance(call["id"], str):
+            raise BadRequest(f"{at}.id must be a string", f"{at}.id", "invalid_type")
+        arguments = function.get("arguments")
+        if arguments is not None and not isinstance(arguments, str | dict):
+            raise BadRequest(f"{at}.function.arguments must be a JSON string", f"{at}.function.arguments")
 
 
 def _tools(value: Any) -> list[dict[str, Any]]:
