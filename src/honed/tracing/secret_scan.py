@@ -37,6 +37,9 @@ _DS_MAX_CHARS = 65536
 _ECHO_MIN = 12
 # ... and only the first _ECHO_MAX distinct ones: each costs a pass over the whole text.
 _ECHO_MAX = 32
+# Joins the windows of one call. No pattern of detect-secrets matches across it: `.` and its secret
+# pattern `[^\v'"]` stop at a line feed and a vertical tab, `\s*` at the NUL.
+_SEPARATOR = "\n\x0b\x00\n"
 
 # What detect-secrets finds that the rules in `redact` do not: vendor tokens with a literal prefix
 # (SendGrid, Square, PyPI, npm, GitLab, Azure, Artifactory), anchored on rare characters ...
@@ -56,9 +59,9 @@ _DS_WORDS = (
     + after("db", "database", "key")
     + "pass)"
 )
-_DS_ASSIGNMENT = re.compile(
-    rf"(?i){_DS_WORDS}\w{{0,64}}+[\\'\"\]]{{0,3}}\s{{0,32}}+(?:[=!:]=?=?|=>)\s{{0,32}}+@?\\?['\"`]{NOT_REDACTED}\w"
-    rf"|{_DS_WORDS}\S{{0,50}}?\s{{0,32}}+['\"`]{NOT_REDACTED}\w[^'\"`\n]{{0,{_DS_WINDOW}}}+['\"`];"
+_DS_ASSIGNMENT = re.compile(  # matched in the lowered text: `(?i)` costs more
+    rf"{_DS_WORDS}\w{{0,64}}+[\\'\"\]]{{0,3}}\s{{0,32}}+(?:[=!:]=?=?|=>)\s{{0,32}}+@?\\?['\"`]{NOT_REDACTED}\w"
+    rf"|{_DS_WORDS}[^\s'\"`]{{0,50}}+\s{{0,32}}+['\"`]{NOT_REDACTED}\w[^'\"`\n]{{0,{_DS_WINDOW}}}+['\"`];"
 )
 _DS_ANCHORS = ("passw", "pwd", "secret", "contrase", "key", "pass")
 # Words longer than this that hold more than one of detect-secrets' keywords are defused.
@@ -112,20 +115,26 @@ class DetectSecrets:
         spans = candidate_spans(text, lowered)
         if not spans:
             return text
-        found = self._scan([text[start:end] for start, end in spans])
+        batches = _batches(spans)
+        found = self._scan([_SEPARATOR.join(text[start:end] for start, end in batch) for batch in batches])
         pieces: list[str] = []
         everywhere: dict[str, str] = {}
         last = 0
-        for (start, end), secrets in zip(spans, found, strict=False):
+        for batch, secrets in zip(batches, found, strict=False):
             if not secrets:
                 continue
-            window = text[start:end]
             for kind, secret in secrets:
-                window = _replace_outside_markers(window, secret, marker(kind))
                 if len(secret) >= _ECHO_MIN and len(everywhere) < _ECHO_MAX:
                     everywhere.setdefault(secret, kind)
-            pieces += [text[last:start], window]
-            last = end
+            # detect-secrets reports a value once per scan: replace it in every window of the batch.
+            for start, end in batch:
+                window = redacted = text[start:end]
+                for kind, secret in secrets:
+                    if secret in redacted:
+                        redacted = _replace_outside_markers(redacted, secret, marker(kind))
+                if redacted != window:
+                    pieces += [text[last:start], redacted]
+                    last = end
         if not pieces:
             return text
         pieces.append(text[last:])
@@ -137,6 +146,7 @@ class DetectSecrets:
         return text
 
     def _scan(self, windows: list[str]) -> list[list[tuple[str, str]]]:
+        """What detect-secrets finds in each window (windows of several lines joined by `_SEPARATOR`)."""
         with self._lock:
             try:
                 if self._config is None:
@@ -183,7 +193,7 @@ def candidate_spans(text: str, lowered: str) -> list[tuple[int, int]]:
     """
     candidates = [
         *_DS_LITERALS.finditer(text),
-        *anchored_matches(_DS_ASSIGNMENT, _DS_ANCHORS, text, lowered),
+        *anchored_matches(_DS_ASSIGNMENT, _DS_ANCHORS, lowered, lowered),
     ]
     spans: list[list[int]] = []
     scanned = 0
@@ -209,6 +219,23 @@ def candidate_spans(text: str, lowered: str) -> list[tuple[int, int]]:
         spans.append([start, end])
         scanned += end - start
     return [(start, end) for start, end in spans]
+
+
+def _batches(spans: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
+    """`spans` in runs of at most _DS_MAX_WINDOW characters: one detect-secrets call each.
+
+    A call costs ~200 µs before it reads a character: a text of many short candidate lines (an
+    `.npmrc`, an env dump) would cost that per line.
+    """
+    batches: list[list[tuple[int, int]]] = []
+    size = _DS_MAX_WINDOW + 1
+    for start, end in spans:
+        if size + len(_SEPARATOR) + end - start > _DS_MAX_WINDOW:
+            batches.append([])
+            size = -len(_SEPARATOR)
+        batches[-1].append((start, end))
+        size += len(_SEPARATOR) + end - start
+    return batches
 
 
 def _defuse(window: str) -> str:
