@@ -344,3 +344,46 @@ def test_a_secret_straddling_the_cap_leaves_no_prefix_in_the_preview(name: str) 
                 ), (offset, preview[-80:])
             else:
                 assert_gone(secret, json.dumps(out))
+
+
+# --- Rewritten for linear time, still as wide -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "token {} ok",
+        "Bearer {}",
+        "tokeneyJ{}",  # glued to a word: the word stays, the JWT goes
+        "line one\\n{}",  # after an escaped newline in JSON-in-a-string
+        "session.{}.more",  # inside a longer dotted run
+        "a.b.c.{}",
+    ],
+)
+def test_jwts_are_found_in_any_context(template: str) -> None:
+    jwt = _jwt(80)
+    text = template.format(jwt[3:] if template.startswith("tokeneyJ") else jwt)
+    out = Redactor().redact_text(text)
+    assert "[REDACTED:jwt]" in out
+    assert_gone(jwt[3:], out)
+
+
+def test_many_short_candidate_lines_are_scanned_by_detect_secrets_in_few_calls() -> None:
+    keys = [f"SG.{rand(22)}.{rand(43)}" for _ in range(300)]
+    text = "\n".join(f"mail {i}: {key}" for i, key in enumerate(keys))
+    redactor = Redactor()
+    redactor.redact_text("warm up: password='hunter2'")
+    start = time.perf_counter()
+    out = redactor.redact_text(text)
+    took = time.perf_counter() - start
+    assert out.count("[REDACTED:sendgrid_api_key]") == len(keys)
+    for key in keys:
+        assert key not in out
+    assert took < 2.0, f"{len(keys)} short lines took {took:.2f} s"
+
+
+def test_windows_scanned_together_do_not_match_across_windows() -> None:
+    # Two candidate lines, apart: one detect-secrets call scans both; a keyword ending the first must not
+    # pair with a value starting the second.
+    text = "x = 1 # sq0csp- password\nplain words\n= 'not-a-secret-across-windows' # sq0csp-"
+    assert "not-a-secret-across-windows" in Redactor().redact_text(text)
