@@ -387,3 +387,32 @@ def test_windows_scanned_together_do_not_match_across_windows() -> None:
     # pair with a value starting the second.
     text = "x = 1 # sq0csp- password\nplain words\n= 'not-a-secret-across-windows' # sq0csp-"
     assert "not-a-secret-across-windows" in Redactor().redact_text(text)
+
+
+def test_tool_schemas_keep_parameters_named_like_secrets() -> None:
+    """A tool's JSON schema names its parameters: `password`, `auth`, `api_key` there are not secrets."""
+    key = "ghp_" + rand(36)
+    schema = {
+        "type": "function",
+        "function": {
+            "name": "login",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "password": {"type": "string", "description": "the user's password"},
+                    "auth": {"type": "object", "properties": {"token": {"type": "string"}}},
+                    "api_key": {"type": "string", "default": key},
+                },
+                "required": ["password"],
+            },
+        },
+    }
+    out = Redactor().redact(schema)
+    properties = out["function"]["parameters"]["properties"]
+    assert properties["password"] == {"type": "string", "description": "the user's password"}
+    assert properties["auth"] == {"type": "object", "properties": {"token": {"type": "string"}}}
+    assert properties["api_key"] == {"type": "string", "default": "[REDACTED:github_token]"}
+    # Not a schema: a plain dict under "properties" keeps its keys' meaning.
+    assert Redactor().redact({"properties": {"password": "hunter2"}}) == {
+        "properties": {"password": "[REDACTED:password]"}
+    }

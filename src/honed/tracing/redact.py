@@ -104,7 +104,8 @@ class Redactor:
             self._log_error()
             return _marker("error"), budget.cut
 
-    def _walk(self, value: Any) -> Any:
+    def _walk(self, value: Any, named: bool = True) -> Any:
+        """`value` redacted; with `named` False, dict keys are not taken as naming their values."""
         t = type(value)
         if t is str:
             return self.redact_text(value)
@@ -112,8 +113,12 @@ class Redactor:
             out: dict[Any, Any] = {}
             for key, item in value.items():
                 new_key, kind = self._key(key) if type(key) is str else (key, None)
-                if kind is not None and _holds_secret(item):
+                if named and kind is not None and _holds_secret(item):
                     out[new_key] = _marker(kind)
+                elif key == "properties" and type(item) is dict and value.get("type") == "object":
+                    # A JSON schema's (a tool's parameters): its keys are parameter names, and their
+                    # values are schemas, not secrets. What the schemas hold is redacted as usual.
+                    out[new_key] = self._walk(item, named=False)
                 else:
                     out[new_key] = self._walk(item)
             return out
@@ -121,7 +126,8 @@ class Redactor:
             return [self._walk(item) for item in value]
         return value
 
-    def _walk_capped(self, value: Any, budget: _Budget) -> Any:
+    def _walk_capped(self, value: Any, budget: _Budget, named: bool = True) -> Any:
+        """`_walk` that takes each string's characters from `budget`, and stops when it is spent."""
         t = type(value)
         if t is str:
             return self.redact_text(budget.take(value))
@@ -131,12 +137,11 @@ class Redactor:
                 if budget.left <= 0:
                     budget.cut = True
                     break
-                if type(key) is str:
-                    new_key, kind = self._key(budget.take(key))
-                else:
-                    new_key, kind = key, None
-                if kind is not None and _holds_secret(item):
+                new_key, kind = self._key(budget.take(key)) if type(key) is str else (key, None)
+                if named and kind is not None and _holds_secret(item):
                     out[new_key] = budget.take(_marker(kind))
+                elif key == "properties" and type(item) is dict and value.get("type") == "object":
+                    out[new_key] = self._walk_capped(item, budget, named=False)
                 else:
                     out[new_key] = self._walk_capped(item, budget)
             return out

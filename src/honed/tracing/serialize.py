@@ -83,7 +83,7 @@ class Serializer:
         redactor: replaces secrets. It sees only the head of a field over the cap (the cap plus a
             margin, cut *before* redaction: `Redactor.redact_capped`), so a huge field costs what its
             stored head costs; a secret that straddles the cut is redacted whole (the margin), and the
-            preview never ends in part of a token.
+            preview does not end in part of a token (of up to 256 characters).
 
     A field over the cap becomes `{"__truncated__": True, "type", "size", "sha256", "preview"}`: `size`
     is of the full JSON bytes before redaction, or of the string's UTF-8 bytes for a plain string, and
@@ -110,30 +110,39 @@ class Serializer:
         cut = False
         try:
             raw = value = to_jsonable(obj)
-            if self.redactor is not None:
-                # Cut to the cap (and a margin) first: redaction costs far more per byte than the rest.
-                value, cut = self.redactor.redact_capped(raw, cap)
-            text = _dumps(value)
+            if self.redactor is None:
+                text = raw_text = _dumps(raw)
+            elif type(raw) is str and len(raw) * 24 + 8 <= cap:  # short: fits even as \uXXXX escapes
+                value = self.redactor.redact_text(raw)
+                text = raw_text = _dumps(value)
+            else:
+                raw_text = _dumps(raw)
+                if _fits(raw_text, cap):
+                    value = self.redactor.redact(raw)
+                else:  # cut to the cap (and a margin) first: redaction costs far more per byte
+                    value, cut = self.redactor.redact_capped(raw, cap)
+                text = _dumps(value)
         except Exception:  # to_jsonable output always dumps; this guards a misbehaving redactor
             logger.exception("honed: could not serialise a %s field", _type_name(type(obj)))
             value = {"__type__": _type_name(type(obj)), "value": "<unserialisable>"}
             return value, _dumps(value)
-        # Every character is 1 to 4 UTF-8 bytes: most fields are decided without encoding them.
-        if not cut and len(text) * 4 <= cap:
-            return value, text
-        data = _utf8(text)
-        if not cut and len(data) <= cap:
+        if not cut and _fits(text, cap):
             return value, text
         if self.redactor is None:
             if isinstance(value, str):
                 marker = _truncated_marker(type(obj), value, _utf8(value), cap)
             else:
-                marker = _truncated_marker(type(obj), text, data, cap)
+                marker = _truncated_marker(type(obj), text, _utf8(text), cap)
             return marker, _dumps(marker)
-        original = _utf8(raw if isinstance(raw, str) else _dumps(raw))
+        original = _utf8(raw if isinstance(raw, str) else raw_text)
         preview = value if isinstance(value, str) else text
         marker = _truncated_marker(type(obj), preview, original, cap, hashed=False)
         return marker, _dumps(marker)
+
+
+def _fits(text: str, cap: int) -> bool:
+    # Every character is 1 to 4 UTF-8 bytes: most fields are decided without encoding them.
+    return len(text) * 4 <= cap or len(_utf8(text)) <= cap
 
 
 def _truncated_marker(
