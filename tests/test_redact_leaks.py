@@ -416,3 +416,13 @@ def test_tool_schemas_keep_parameters_named_like_secrets() -> None:
     assert Redactor().redact({"properties": {"password": "hunter2"}}) == {
         "properties": {"password": "[REDACTED:password]"}
     }
+
+
+def test_detect_secrets_skips_what_the_rules_already_redacted() -> None:
+    from honed.tracing._textmatch import lower
+    from honed.tracing.secret_scan import candidate_spans
+
+    done = "password = '[REDACTED:password]' and PWD='[REDACTED:password]';"
+    assert candidate_spans(done, lower(done)) == []
+    todo = "secrets = 'abc123xyz'"
+    assert candidate_spans(todo, lower(todo)) == [(0, len(todo))]

@@ -59,9 +59,11 @@ _DS_WORDS = (
     + after("db", "database", "key")
     + "pass)"
 )
+_NOT_REDACTED_LOWERED = NOT_REDACTED.lower()
 _DS_ASSIGNMENT = re.compile(  # matched in the lowered text: `(?i)` costs more
-    rf"{_DS_WORDS}\w{{0,64}}+[\\'\"\]]{{0,3}}\s{{0,32}}+(?:[=!:]=?=?|=>)\s{{0,32}}+@?\\?['\"`]{NOT_REDACTED}\w"
-    rf"|{_DS_WORDS}[^\s'\"`]{{0,50}}+\s{{0,32}}+['\"`]{NOT_REDACTED}\w[^'\"`\n]{{0,{_DS_WINDOW}}}+['\"`];"
+    rf"{_DS_WORDS}\w{{0,64}}+[\\'\"\]]{{0,3}}\s{{0,32}}+(?:[=!:]=?=?|=>)\s{{0,32}}+@?\\?['\"`]"
+    rf"{_NOT_REDACTED_LOWERED}\w"
+    rf"|{_DS_WORDS}[^\s'\"`]{{0,50}}+\s{{0,32}}+['\"`]{_NOT_REDACTED_LOWERED}\w[^'\"`\n]{{0,{_DS_WINDOW}}}+['\"`];"
 )
 _DS_ANCHORS = ("passw", "pwd", "secret", "contrase", "key", "pass")
 # Words longer than this that hold more than one of detect-secrets' keywords are defused.
