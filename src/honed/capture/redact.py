@@ -7,10 +7,16 @@ Three passes over each string, cheapest first, all on the writer thread:
    JWTs, URL passwords, PEM blocks, `password = ...` assignments); they replace the *whole* secret, where
    detect-secrets sometimes reports only a part of it (`ghp` for a GitHub token, a JWT without its
    signature, a PEM header without its body);
-3. detect-secrets (without its HighEntropy plugins, which flag ordinary words) on the few lines that
-   still look like a secret it knows: the long tail of vendor tokens and keyword assignments.
+3. detect-secrets (`secret_scan`, without its HighEntropy plugins, which flag ordinary words) on the
+   few lines that still look like a secret it knows: the long tail of vendor tokens and keyword
+   assignments.
 
 A secret becomes `[REDACTED:<kind>]`, e.g. `[REDACTED:openai_key]`. The user hook runs last.
+
+Every pass is linear in the length of the text, hostile text included (`eyJeyJeyJ...`, runs of
+keywords): a rule that scans a run of token characters may start only where that run starts, or scans
+a bounded distance, or up to a character no other start of it can contain. `redact_capped` also cuts
+text to a budget *before* redacting it, so a huge field costs what its stored head costs.
 
     >>> Redactor().redact_text("Authorization: Bearer abcDEF123456ghiJKL789")
     'Authorization: Bearer [REDACTED:bearer]'
@@ -18,34 +24,26 @@ A secret becomes `[REDACTED:<kind>]`, e.g. `[REDACTED:openai_key]`. The user hoo
 
 from __future__ import annotations
 
-import atexit
 import logging
 import re
-import threading
 from collections.abc import Callable
-from contextlib import ExitStack
 from typing import Any
+
+from honed.capture._textmatch import NOT_REDACTED as _NOT_REDACTED
+from honed.capture._textmatch import after as _after
+from honed.capture._textmatch import anchored_matches as _anchored_matches
+from honed.capture._textmatch import lower as _lower
+from honed.capture._textmatch import marker as _marker
+from honed.capture.secret_scan import DetectSecrets
 
 logger = logging.getLogger("honed")
 
-# detect-secrets plugins left out: HighEntropy ones flag ordinary words ("hello"), and public IP
-# addresses are not secrets (agents look them up all the time).
-_EXCLUDED_PLUGINS = frozenset({"Base64HighEntropyString", "HexHighEntropyString", "IPPublicDetector"})
 _KEY_CACHE_SIZE = 4096
-# detect-secrets scans ~2 µs per character: it sees each candidate's line clipped to ±_DS_WINDOW
-# characters, windows merged up to _DS_MAX_WINDOW, and at most _DS_MAX_CHARS per text (~0.15 s).
-_DS_WINDOW = 512
-_DS_MAX_WINDOW = 4096
-_DS_MAX_CHARS = 65536
-# A secret detect-secrets finds is replaced everywhere in the text only from this length on: shorter
-# values ("none", "admin") would also hit ordinary words far from where they were found.
-_ECHO_MIN = 12
 # The shortest text a rule can act on ("a://b:c@", "pwd=abc1"): shorter strings ("user", "7") skip it all.
 _MIN_SECRET_TEXT = 8
-
-
-def _marker(kind: str) -> str:
-    return f"[REDACTED:{kind}]"
+# `redact_capped` keeps this many characters past its limit before redacting, so that a secret that
+# straddles the limit is seen whole (or, longer than this, by a prefix long enough for its rule).
+CUT_MARGIN = 4096
 
 
 class Redactor:
@@ -57,8 +55,9 @@ class Redactor:
         use_detect_secrets: also run detect-secrets on candidate lines (slower, wider coverage).
 
     `redact` also replaces the whole value of dict keys that name a secret (`api_key`, `password`,
-    `authorization`, `token`, `cookie`, `*_password`, `*_api_key`, ...) but not token *counts*
-    (`tokens`, `input_tokens`, `max_tokens`, ...).
+    `authorization`, `auth`, `credentials`, `secret_access_key`, `token`, `cookie`, `*_password`,
+    `*_api_key`, `*_token`, `clientSecret`, ...; see `secret_key_kind`), whatever the value looks like,
+    but not token *counts* (`tokens`, `input_tokens`, `max_tokens`, ...).
     """
 
     def __init__(self, hook: Callable[[str], str] | None = None, *, use_detect_secrets: bool = True) -> None:
@@ -90,7 +89,23 @@ class Redactor:
             self._log_error()
             return _marker("error")
 
-    def _walk(self, value: Any) -> Any:
+    def redact_capped(self, value: Any, limit: int) -> tuple[Any, bool]:
+        """`redact(value)` of only its head, and whether anything was cut.
+
+        Strings (dict keys and values, in JSON order) are kept up to `limit + CUT_MARGIN` characters in
+        all and cut *before* they are redacted; what comes after is dropped. A JSON text of the result
+        therefore agrees with the redacted original over at least its first `limit` bytes, and costs
+        what those cost, however large `value` is.
+        """
+        budget = _Budget(limit + CUT_MARGIN)
+        try:
+            return self._walk_capped(value, budget), budget.cut
+        except Exception:
+            self._log_error()
+            return _marker("error"), budget.cut
+
+    def _walk(self, value: Any, named: bool = True) -> Any:
+        """`value` redacted; with `named` False, dict keys are not taken as naming their values."""
         t = type(value)
         if t is str:
             return self.redact_text(value)
@@ -98,13 +113,46 @@ class Redactor:
             out: dict[Any, Any] = {}
             for key, item in value.items():
                 new_key, kind = self._key(key) if type(key) is str else (key, None)
-                if kind is not None and item is not None and item != "":
+                if named and kind is not None and _holds_secret(item):
                     out[new_key] = _marker(kind)
+                elif key == "properties" and type(item) is dict and value.get("type") == "object":
+                    # A JSON schema's (a tool's parameters): its keys are parameter names, and their
+                    # values are schemas, not secrets. What the schemas hold is redacted as usual.
+                    out[new_key] = self._walk(item, named=False)
                 else:
                     out[new_key] = self._walk(item)
             return out
         if t is list or t is tuple:
             return [self._walk(item) for item in value]
+        return value
+
+    def _walk_capped(self, value: Any, budget: _Budget, named: bool = True) -> Any:
+        """`_walk` that takes each string's characters from `budget`, and stops when it is spent."""
+        t = type(value)
+        if t is str:
+            return self.redact_text(budget.take(value))
+        if t is dict:
+            out: dict[Any, Any] = {}
+            for key, item in value.items():
+                if budget.left <= 0:
+                    budget.cut = True
+                    break
+                new_key, kind = self._key(budget.take(key)) if type(key) is str else (key, None)
+                if named and kind is not None and _holds_secret(item):
+                    out[new_key] = budget.take(_marker(kind))
+                elif key == "properties" and type(item) is dict and value.get("type") == "object":
+                    out[new_key] = self._walk_capped(item, budget, named=False)
+                else:
+                    out[new_key] = self._walk_capped(item, budget)
+            return out
+        if t is list or t is tuple:
+            items: list[Any] = []
+            for item in value:
+                if budget.left <= 0:
+                    budget.cut = True
+                    break
+                items.append(self._walk_capped(item, budget))
+            return items
         return value
 
     def _key(self, key: str) -> tuple[str, str | None]:
@@ -159,68 +207,158 @@ class Redactor:
             logger.exception("honed: redaction failed; the value is stored as [REDACTED:error] (logged once)")
 
 
+class _Budget:
+    """How many characters of string content `Redactor.redact_capped` may still keep."""
+
+    __slots__ = ("cut", "left")
+
+    def __init__(self, left: int) -> None:
+        self.left = left
+        self.cut = False
+
+    def take(self, text: str) -> str:
+        if len(text) > self.left:
+            text = text[: max(self.left, 0)]
+            self.cut = True
+        self.left -= len(text)
+        return text
+
+
+def _holds_secret(value: Any) -> bool:
+    """Whether a secret-named key's value is worth replacing: not empty, not a flag (`"auth": False`)."""
+    return value is not None and value != "" and type(value) is not bool
+
+
 # --- Keys that name a secret -------------------------------------------------------------------------
 
+# Keys are split into lowercase words (snake_case, kebab-case, camelCase, "Spaced Words") and looked up
+# by their words run together ("x-api-key", "xApiKey" and "X_API_KEY" are all "xapikey") ...
 _SECRET_KEYS = {
-    **dict.fromkeys(("password", "passwd", "pwd", "passphrase", "db_password"), "password"),
-    **dict.fromkeys(("api_key", "apikey", "x_api_key", "api_token", "x_goog_api_key"), "api_key"),
-    **dict.fromkeys(("authorization", "proxy_authorization"), "authorization"),
-    **dict.fromkeys(("secret", "client_secret", "clientsecret", "secret_key", "secretkey"), "secret"),
-    **dict.fromkeys(("private_key", "privatekey"), "private_key"),
-    **dict.fromkeys(("cookie", "set_cookie", "cookies"), "cookie"),
-    **dict.fromkeys(("aws_secret_access_key", "aws_secret_key", "aws_session_token"), "aws_secret_key"),
+    **dict.fromkeys(("password", "passwd", "pwd", "passphrase", "passcode", "dbpassword"), "password"),
+    **dict.fromkeys(("apikey", "xapikey", "apitoken", "xgoogapikey"), "api_key"),
+    **dict.fromkeys(("authorization", "proxyauthorization", "auth", "xauth", "basicauth"), "authorization"),
+    **dict.fromkeys(("secret", "clientsecret", "secretkey", "appsecret", "accesskeysecret"), "secret"),
+    **dict.fromkeys(("privatekey", "sshprivatekey"), "private_key"),
+    **dict.fromkeys(("cookie", "setcookie", "cookies"), "cookie"),
+    **dict.fromkeys(
+        ("awssecretaccesskey", "awssecretkey", "awssessiontoken", "secretaccesskey"), "aws_secret_key"
+    ),
+    **dict.fromkeys(("credentials", "credential", "creds"), "credentials"),
     **dict.fromkeys(
         (
             "token",
-            "access_token",
             "accesstoken",
-            "refresh_token",
             "refreshtoken",
-            "id_token",
             "idtoken",
-            "auth_token",
             "authtoken",
-            "bearer_token",
-            "session_token",
+            "bearertoken",
             "sessiontoken",
-            "csrf_token",
-            "github_token",
-            "gh_token",
-            "hf_token",
-            "slack_token",
-            "x_auth_token",
-            "x_access_token",
+            "csrftoken",
+            "xauthtoken",
+            "xaccesstoken",
+            "privatetoken",
+            "personalaccesstoken",
         ),
         "token",
     ),
 }
-_SECRET_SUFFIXES = (
-    ("_password", "password"),
-    ("_passwd", "password"),
-    ("_secret", "secret"),
-    ("_client_secret", "secret"),
-    ("_secret_key", "secret"),
-    ("_api_key", "api_key"),
-    ("_apikey", "api_key"),
-    ("_access_token", "token"),
-    ("_refresh_token", "token"),
-    ("_auth_token", "token"),
-    ("_private_key", "private_key"),
+# ... then by their last word or two ("db_password", "stripe_api_key", "webhook_secret", "github_token").
+_LAST_WORD = {
+    **dict.fromkeys(("password", "passwd", "pwd", "passphrase", "passcode"), "password"),
+    **dict.fromkeys(("secret", "secretkey", "clientsecret"), "secret"),
+    **dict.fromkeys(("apikey",), "api_key"),
+    **dict.fromkeys(("privatekey",), "private_key"),
+    **dict.fromkeys(("credentials", "credential", "creds"), "credentials"),
+    **dict.fromkeys(("authorization", "auth"), "authorization"),
+    **dict.fromkeys(("cookie", "cookies"), "cookie"),
+}
+_LAST_WORDS = {
+    ("secret", "access", "key"): "aws_secret_key",
+    ("api", "key"): "api_key",
+    ("private", "key"): "private_key",
+    ("secret", "key"): "secret",
+    ("signing", "key"): "secret",
+    ("encryption", "key"): "secret",
+    ("master", "key"): "secret",
+    ("session", "key"): "secret",
+    ("client", "secret"): "secret",
+}
+# `*_token` names a secret, except these: a tokenizer's special tokens and pagination cursors.
+_PUBLIC_TOKENS = frozenset(
+    (
+        "eos",
+        "bos",
+        "pad",
+        "unk",
+        "sep",
+        "cls",
+        "mask",
+        "eot",
+        "start",
+        "end",
+        "stop",
+        "special",
+        "added",
+        "image",
+        "audio",
+        "video",
+        "tool",
+        "think",
+        "next",
+        "prev",
+        "previous",
+        "page",
+        "pagination",
+        "continuation",
+        "cursor",
+        "sync",
+        "max",
+        "min",
+        "num",
+        "total",
+        "count",
+    )
 )
+# ... and, run together, by how they end ("OPENAIAPIKEY", "dbpassword").
+_ENDINGS = (
+    ("secretaccesskey", "aws_secret_key"),
+    ("password", "password"),
+    ("passwd", "password"),
+    ("apikey", "api_key"),
+    ("privatekey", "private_key"),
+    ("clientsecret", "secret"),
+    ("secretkey", "secret"),
+    ("accesstoken", "token"),
+    ("refreshtoken", "token"),
+    ("authtoken", "token"),
+)
+_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
+_NOT_ALNUM = re.compile(r"[^a-z0-9]+")
 
 
 def secret_key_kind(key: str) -> str | None:
     """The redaction kind of a dict key that names a secret (`"OPENAI_API_KEY"` -> `"api_key"`), else None.
 
-    Token *counts* (`tokens`, `input_tokens`, `max_tokens`) are not secrets and give None.
+    Token *counts* (`tokens`, `input_tokens`, `max_tokens`), a tokenizer's special tokens (`eos_token`)
+    and pagination cursors (`next_page_token`) are not secrets and give None.
     """
-    norm = key.strip().lower().replace("-", "_").replace(" ", "_")
-    kind = _SECRET_KEYS.get(norm)
-    if kind is None:
-        for suffix, suffix_kind in _SECRET_SUFFIXES:
-            if norm.endswith(suffix):
-                return suffix_kind
-    return kind
+    words = tuple(w for w in _NOT_ALNUM.split(_CAMEL.sub("_", key[:200]).lower()) if w)
+    if not words:
+        return None
+    kind = _SECRET_KEYS.get("".join(words)) or _LAST_WORD.get(words[-1])
+    if kind is not None:
+        return kind
+    for size in (3, 2):
+        kind = _LAST_WORDS.get(words[-size:]) if len(words) >= size else None
+        if kind is not None:
+            return kind
+    if len(words) >= 2 and words[-1] == "token" and words[-2] not in _PUBLIC_TOKENS:
+        return "token"
+    joined = "".join(words)
+    for ending, ending_kind in _ENDINGS:
+        if joined.endswith(ending):
+            return ending_kind
+    return None
 
 
 # --- Prefilter ---------------------------------------------------------------------------------------
@@ -229,9 +367,10 @@ def secret_key_kind(key: str) -> str | None:
 # lookarounds: CPython's `re` tries every branch at every position, so a plain alternation of these
 # candidates costs ~100 µs per 250 characters, this one ~1.5 µs.
 _ANCHORS = re.compile(
-    r"-(?:(?<=sk-)|(?<=xox[abposr]-)|(?<=pypi-)|(?<=sq0csp-)|(?<=gl[a-z]{2}-)|(?<=gl[a-z]{3}-)"
+    r"-(?:(?<=sk-)|(?<=xox[abposre]-)|(?<=xapp-)|(?<=pypi-)|(?<=sq0csp-)|(?<=gl[a-z]{2}-)|(?<=gl[a-z]{3}-)"
     r"|(?<=glagent-)|(?=----BEGIN))"
-    r"|_(?:(?<=gh[pousr]_)|(?<=github_pat_)|(?<=k_live_)|(?<=npm_)|(?=authToken))"
+    r"|_(?:(?<=gh[pousr]_)|(?<=github_pat_)|(?<=k_live_)|(?<=k_test_)|(?<=whsec_)|(?<=hf_)|(?<=npm_)"
+    r"|(?=authToken))"
     r"|A(?:KIA|SIA|BIA|CCA|3T|Iza|KC|ccountKey)|PRIVATE KEY|GR1348941|SG\.|J(?<=eyJ)"
     r"|:(?=//[^\s/?#@]*@)"
 )
@@ -260,17 +399,8 @@ def _is_candidate(text: str, lowered: str) -> bool:
     return False
 
 
-def _lower(text: str) -> str:
-    """`text` lowered with every offset kept, so positions found in it hold in `text`."""
-    lowered = text.lower()
-    if len(lowered) != len(text):  # a few characters lower to two ("İ")
-        lowered = text.encode("ascii", "replace").decode("ascii").lower()
-    return lowered
-
-
 # --- honed's own rules -------------------------------------------------------------------------------
 
-_NOT_REDACTED = r"(?!\[REDACTED:)"
 _QUOTE_OPEN = r"\\?['\"]?"  # optional (JSON-escaped) quote around a header or key name
 _SEP = rf"{_QUOTE_OPEN}[ \t]*[:=][ \t]*{_QUOTE_OPEN}"
 
@@ -283,19 +413,23 @@ class _Rule:
     that is how the case-insensitive shapes stay cheap.
     """
 
-    __slots__ = ("anchors", "pattern", "replace")
+    __slots__ = ("anchors", "pattern", "replace", "requires")
 
     def __init__(
         self,
         pattern: str,
         replace: str | Callable[[re.Match[str]], str],
         anchors: tuple[str, ...] = (),
+        requires: str = "",
     ) -> None:
         self.pattern = re.compile(pattern)
         self.replace = replace
         self.anchors = anchors
+        self.requires = requires  # a substring of every match: texts without it skip the rule
 
     def apply(self, text: str, lowered: str) -> str:
+        if self.requires and self.requires not in text:
+            return text
         if not self.anchors:
             return self.pattern.sub(self.replace, text)
         pieces: list[str] = []
@@ -308,28 +442,6 @@ class _Rule:
             return text
         pieces.append(text[last:])
         return "".join(pieces)
-
-
-def _anchored_matches(
-    pattern: re.Pattern[str], anchors: tuple[str, ...], text: str, lowered: str
-) -> list[re.Match[str]]:
-    """Non-overlapping matches of `pattern` that start where one of `anchors` starts in `lowered`."""
-    starts: set[int] = set()
-    for word in anchors:
-        at = lowered.find(word)
-        while at >= 0:
-            starts.add(at)
-            at = lowered.find(word, at + 1)
-    matches: list[re.Match[str]] = []
-    last = 0
-    for start in sorted(starts):
-        if start < last:
-            continue
-        m = pattern.match(text, start)  # lookbehinds still see the text before `start`
-        if m is not None and m.end() > start:
-            matches.append(m)
-            last = m.end()
-    return matches
 
 
 def _whole(kind: str, *, left_bounded: bool = False) -> Callable[[re.Match[str]], str]:
@@ -371,6 +483,26 @@ def _openai(m: re.Match[str]) -> str:
     if m.group(1) or "T3BlbkFJ" in key or any(c.isdigit() for c in key):
         return _marker("openai_key")
     return key
+
+
+def _jwt(m: re.Match[str]) -> str:
+    """A dotted run of token characters with every JWT in it replaced; the text before `eyJ` stays."""
+    run = m.group(0)
+    if "eyJ" not in run:
+        return run
+    segments = run.split(".")
+    out: list[str] = []
+    k = 0
+    while k < len(segments):
+        segment = segments[k]
+        at = segment.find("eyJ")
+        if at >= 0 and len(segment) - at >= 11 and k + 1 < len(segments) and len(segments[k + 1]) >= 8:
+            out.append(segment[:at] + _marker("jwt"))
+            k += 3  # header, payload and signature (when there is one)
+        else:
+            out.append(segment)
+            k += 1
+    return ".".join(out)
 
 
 def _authorization(m: re.Match[str]) -> str:
@@ -415,11 +547,6 @@ def _assignment(m: re.Match[str]) -> str:
     return _splice(m, 5, _marker(kind))
 
 
-def _after(*prefixes: str) -> str:
-    """A lookbehind alternation: `key` counts only as `api_key`, `private_key`, ... not as `key`."""
-    return "(?:" + "|".join(f"(?<={p}{sep})" for p in prefixes for sep in ("", "_", "-")) + ")"
-
-
 _RULES = (
     # PEM private keys, header to footer across lines; an unterminated block is redacted to the end.
     _Rule(
@@ -430,14 +557,21 @@ _RULES = (
     _Rule(r"sk-ant-[A-Za-z0-9_-]{16,}", _whole("anthropic_key", left_bounded=True)),
     _Rule(r"sk-(proj-|svcacct-|admin-)?[A-Za-z0-9_-]{20,}", _openai),
     _Rule(r"(?:gh[pousr]_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,})", _whole("github_token")),
-    _Rule(r"xox[abposr]-[A-Za-z0-9-]{10,}", _whole("slack_token")),
+    # Slack bot/user/app/config/refresh tokens (xoxb-, xoxp-, xapp-, xoxe.xoxp-, xoxe-).
+    _Rule(r"(?:xox[abposre]|xoxe\.xox[bp]|xapp)-[A-Za-z0-9-]{10,}", _whole("slack_token")),
     _Rule(r"https://hooks\.slack\.com/services/[A-Za-z0-9/_-]+", _marker("slack_webhook")),
     _Rule(r"AIza[0-9A-Za-z_-]{35}", _whole("google_api_key")),
     _Rule(
         r"(?:AKIA|ASIA|ABIA|ACCA|A3T[A-Z0-9])[A-Z0-9]{16}(?![A-Z0-9])",
         _whole("aws_access_key", left_bounded=True),
     ),
-    _Rule(r"eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}(?:\.[A-Za-z0-9_-]*)?", _whole("jwt")),
+    # JWTs (header.payload[.signature], the header starting `eyJ`), found as whole dotted runs of token
+    # characters: a pattern starting at each `eyJ` would scan to the end of the run from every one of
+    # them, quadratic in `eyJeyJeyJ...`.
+    _Rule(r"(?<![A-Za-z0-9_.-])[A-Za-z0-9_-]*+(?:\.[A-Za-z0-9_-]*+)++", _jwt, requires="eyJ"),
+    _Rule(r"hf_[A-Za-z0-9]{30,}", _whole("huggingface_token")),
+    # Stripe secret and restricted keys (test and live), and webhook signing secrets.
+    _Rule(r"(?:[sr]k_(?:live|test)|whsec)_[A-Za-z0-9]{16,}", _whole("stripe_access_key")),
     # scheme://user:PASSWORD@host: user and host stay, the password goes (up to the last '@').
     _Rule(rf"://[^\s:/?#@'\"<>]*:{_NOT_REDACTED}([^\s/?#'\"<>]+)@", _group(1, "password")),
     _Rule(
@@ -478,204 +612,4 @@ _RULES = (
 )
 
 
-# --- detect-secrets ----------------------------------------------------------------------------------
-
-# What detect-secrets finds that the rules above do not: vendor tokens with a literal prefix (Stripe,
-# SendGrid, Square, PyPI, npm, GitLab, Azure, Artifactory), anchored on rare characters as above ...
-_DS_LITERALS = re.compile(
-    r"-(?:(?<=pypi-)Ag|(?<=sq0csp-)|(?<=gl[a-z]{2}-)|(?<=gl[a-z]{3}-)|(?<=glagent-))"
-    r"|_(?:(?<=k_live_)|(?<=npm_)|(?=authToken))"
-    r"|SG\.[\w-]{20}|GR1348941|AccountKey=|AKC[A-Za-z0-9]{10}"
-)
-# ... and the quoted keyword assignments the rules left unredacted (`secrets = '...'`, `"x" == pwd`,
-# `private_key "..." ;`), with detect-secrets' own keyword list; the value must start with a word
-# character, as detect-secrets' regexes require.
-_DS_WORDS = (
-    r"(?:passw|pwd|secret|contrase|"
-    + _after("api", "auth", "service", "account", "db", "database", "priv", "private", "client")
-    + "key|"
-    + _after("db", "database", "key")
-    + "pass)"
-)
-_DS_ASSIGNMENT = re.compile(
-    rf"(?i){_DS_WORDS}\w*[\\'\"\]]{{0,3}}\s*(?:[=!:]=?=?|=>)\s*@?\\?['\"`]{_NOT_REDACTED}\w"
-    rf"|{_DS_WORDS}\S{{0,50}}?\s*['\"`]{_NOT_REDACTED}\w[^'\"`\n]*['\"`];"
-)
-_DS_ANCHORS = ("passw", "pwd", "secret", "contrase", "key", "pass")
-_MARKER_SPLIT = re.compile(r"(\[REDACTED:[a-z0-9_]+\])")
-_SECRET_TAIL = re.compile(r"[A-Za-z0-9_+/=.-]*")
-_NON_WORD = re.compile(r"[^a-z0-9]+")
-_KIND_BY_TYPE = {
-    "Secret Keyword": "secret",
-    "Basic Auth Credentials": "password",
-    "OpenAI Token": "openai_key",
-    "AWS Access Key": "aws_access_key",
-    "JSON Web Token": "jwt",
-}
-
-
-class _DetectSecrets:
-    """The one gate to detect-secrets, whose settings are process-global.
-
-    `transient_settings` costs ~0.9 ms to enter and leave, more than a scan: while no other code has a
-    configuration active, honed's is entered once and held. If other code's configuration is active, a
-    scan runs inside a fresh `transient_settings` instead, so neither side sees the other's plugins.
-    One lock serialises scans, because `scan_line` itself mutates the global settings.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._held = ExitStack()
-        # Leave the held settings while the interpreter can still import: left to the garbage
-        # collector at shutdown, detect-secrets' cleanup prints an ImportError traceback.
-        atexit.register(self._release)
-        self._config: dict[str, Any] | None = None
-        self._names: set[str] = set()
-        self._unavailable = False
-        self._error_logged = False
-
-    def _release(self) -> None:
-        with self._lock:
-            try:
-                self._held.close()
-            except Exception:
-                logger.debug("honed: could not leave detect-secrets' settings", exc_info=True)
-
-    def redact(self, text: str, lowered: str) -> str:
-        if self._unavailable:
-            return text
-        spans = _candidate_spans(text, lowered)
-        if not spans:
-            return text
-        found = self._scan([text[start:end] for start, end in spans])
-        pieces: list[str] = []
-        everywhere: list[tuple[str, str]] = []
-        last = 0
-        for (start, end), secrets in zip(spans, found, strict=False):
-            if not secrets:
-                continue
-            window = text[start:end]
-            for kind, secret in secrets:
-                window = _replace_outside_markers(window, secret, _marker(kind))
-                if len(secret) >= _ECHO_MIN:
-                    everywhere.append((kind, secret))
-            pieces += [text[last:start], window]
-            last = end
-        if not pieces:
-            return text
-        pieces.append(text[last:])
-        text = "".join(pieces)
-        # A long secret echoed elsewhere goes too; a short one ("none", "admin") only where it was found.
-        for kind, secret in everywhere:
-            text = _replace_outside_markers(text, secret, _marker(kind))
-        return text
-
-    def _scan(self, windows: list[str]) -> list[list[tuple[str, str]]]:
-        with self._lock:
-            try:
-                if self._config is None:
-                    self._setup()
-                from detect_secrets.settings import get_settings, transient_settings
-
-                current = set(get_settings().plugins)
-                if not current:  # nobody else's configuration is active: hold ours
-                    self._held.enter_context(transient_settings(self._config))  # type: ignore[arg-type]
-                    current = self._names
-                if current == self._names:
-                    return [_scan_window(window) for window in windows]
-                with transient_settings(self._config):  # type: ignore[arg-type]
-                    return [_scan_window(window) for window in windows]
-            except Exception:
-                if not self._error_logged:
-                    self._error_logged = True
-                    logger.exception(
-                        "honed: detect-secrets failed; only honed's own rules apply (logged once)"
-                    )
-                return []
-
-    def _setup(self) -> None:
-        try:
-            from detect_secrets.core.plugins.util import get_mapping_from_secret_type_to_class
-        except ImportError:
-            self._unavailable = True
-            raise
-        names = sorted(
-            cls.__name__
-            for cls in get_mapping_from_secret_type_to_class().values()
-            if cls.__name__ not in _EXCLUDED_PLUGINS
-        )
-        self._names = set(names)
-        self._config = {"plugins_used": [{"name": name} for name in names]}
-
-
-def _candidate_spans(text: str, lowered: str) -> list[tuple[int, int]]:
-    """Disjoint spans of `text` for detect-secrets: the line around each candidate, clipped.
-
-    detect-secrets costs ~2 µs per character scanned, so each candidate brings at most ±_DS_WINDOW
-    characters of its line, windows merge up to _DS_MAX_WINDOW, and one text gets at most
-    _DS_MAX_CHARS scanned, head first (what a truncated field's preview shows).
-    """
-    candidates = [
-        *_DS_LITERALS.finditer(text),
-        *_anchored_matches(_DS_ASSIGNMENT, _DS_ANCHORS, text, lowered),
-    ]
-    spans: list[list[int]] = []
-    scanned = 0
-    for m in sorted(candidates, key=lambda m: m.start()):
-        low = max(0, m.start() - _DS_WINDOW)
-        newline = text.rfind("\n", low, m.start())
-        start = newline + 1 if newline >= 0 else low
-        high = min(len(text), m.end() + _DS_WINDOW)
-        newline = text.find("\n", m.end(), high)
-        end = newline if newline >= 0 else high
-        if spans and start < spans[-1][1]:
-            previous = spans[-1]
-            if end - previous[0] <= _DS_MAX_WINDOW:
-                grown = max(previous[1], end)
-                scanned += grown - previous[1]
-                previous[1] = grown
-                continue
-            start = previous[1]
-            if start >= end:
-                continue
-        if scanned + (end - start) > _DS_MAX_CHARS:
-            break
-        spans.append([start, end])
-        scanned += end - start
-    return [(start, end) for start, end in spans]
-
-
-def _scan_window(window: str) -> list[tuple[str, str]]:
-    from detect_secrets.core.scan import scan_line
-
-    found: list[tuple[str, str]] = []
-    for secret in scan_line(window):
-        value = secret.secret_value
-        if not value or _MARKER_SPLIT.fullmatch(value):
-            continue
-        # Some plugins report a regex group, not the token (`ghp` for a GitHub token): extend the
-        # value over the token characters that follow it, so the whole secret is replaced.
-        at = window.find(value)
-        if at >= 0:
-            tail = _SECRET_TAIL.match(window, at + len(value))
-            value = window[at : tail.end()] if tail else value
-        kind = _KIND_BY_TYPE.get(secret.type) or _NON_WORD.sub("_", secret.type.lower()).strip("_")
-        found.append((kind, value))
-    return found
-
-
-def _replace_outside_markers(text: str, secret: str, marker: str) -> str:
-    parts = _MARKER_SPLIT.split(text)
-    bounded = re.compile(rf"(?<![A-Za-z0-9]){re.escape(secret)}(?![A-Za-z0-9])")
-    replaced = False
-    for i in range(0, len(parts), 2):  # odd parts are markers already
-        new, n = bounded.subn(marker, parts[i])
-        if n:
-            parts[i], replaced = new, True
-    if not replaced:  # detect-secrets saw it inside a longer word: replace it there too
-        for i in range(0, len(parts), 2):
-            parts[i] = parts[i].replace(secret, marker)
-    return "".join(parts)
-
-
-_DETECT_SECRETS = _DetectSecrets()
+_DETECT_SECRETS = DetectSecrets()

@@ -70,16 +70,22 @@ def to_jsonable(obj: Any, *, max_depth: int = DEFAULT_MAX_DEPTH, max_items: int 
 
 
 class Serializer:
-    """Turns a payload into a stored field: `to_jsonable`, then redaction, then the size cap.
+    """Turns a payload into a stored field: `to_jsonable`, then the size cap and redaction.
 
     Args:
         max_field_bytes: the most UTF-8 bytes of JSON one field may take (default 64 KiB, or
             `HONED_MAX_FIELD_BYTES`; bad values are logged and replaced, never raised).
-        redactor: runs before the cap, so no secret survives in a hash preimage or a preview.
+        redactor: replaces secrets. It sees only the head of a field over the cap (the cap plus a
+            margin, cut *before* redaction: `Redactor.redact_capped`), so a huge field costs what its
+            stored head costs; a secret that straddles the cut is redacted whole (the margin), and the
+            preview does not end in part of a token (of up to 256 characters).
 
-    A field over the cap becomes `{"__truncated__": True, "type", "size", "sha256", "preview"}`: size and
-    sha256 are of the full (redacted) JSON bytes, or of the string's UTF-8 bytes for a plain string, and
-    the preview is the head of that text, cut so the whole marker stays within the cap.
+    A field over the cap becomes `{"__truncated__": True, "type", "size", "sha256", "preview"}`: `size`
+    is of the full JSON bytes before redaction, or of the string's UTF-8 bytes for a plain string, and
+    the preview is the head of that (redacted) text, cut so the whole marker stays within the cap.
+    `sha256`, of the same full bytes, is there only without a redactor: with one, those bytes are never
+    all redacted, and a hash of text holding a secret would let anyone holding the store confirm a
+    guess of it.
     """
 
     def __init__(self, max_field_bytes: int | None = None, redactor: Redactor | None = None) -> None:
@@ -95,40 +101,88 @@ class Serializer:
         return self._field(obj)[1]
 
     def _field(self, obj: Any) -> tuple[Any, str]:
+        cap = self.max_field_bytes
+        cut = False
         try:
-            value = to_jsonable(obj)
-            if self.redactor is not None:
-                value = self.redactor.redact(value)
-            text = _dumps(value)
+            raw = value = to_jsonable(obj)
+            if self.redactor is None:
+                text = raw_text = _dumps(raw)
+            elif type(raw) is str and len(raw) * 24 + 8 <= cap:  # short: fits even as \uXXXX escapes
+                value = self.redactor.redact_text(raw)
+                text = raw_text = _dumps(value)
+            else:
+                raw_text = _dumps(raw)
+                if _fits(raw_text, cap):
+                    value = self.redactor.redact(raw)
+                else:  # cut to the cap (and a margin) first: redaction costs far more per byte
+                    value, cut = self.redactor.redact_capped(raw, cap)
+                text = _dumps(value)
         except Exception:  # to_jsonable output always dumps; this guards a misbehaving redactor
             logger.exception("honed: could not serialise a %s field", _type_name(type(obj)))
             value = {"__type__": _type_name(type(obj)), "value": "<unserialisable>"}
-            text = _dumps(value)
-        cap = self.max_field_bytes
-        # Every character is 1 to 4 UTF-8 bytes: most fields are decided without encoding them.
-        if len(text) * 4 <= cap:
+            return value, _dumps(value)
+        if not cut and _fits(text, cap):
             return value, text
-        data = _utf8(text)
-        if len(data) <= cap:
-            return value, text
-        if isinstance(value, str):
-            marker = _truncated_marker(type(obj), value, _utf8(value), cap)
-        else:
-            marker = _truncated_marker(type(obj), text, data, cap)
+        if self.redactor is None:
+            if isinstance(value, str):
+                marker = _truncated_marker(type(obj), value, _utf8(value), cap)
+            else:
+                marker = _truncated_marker(type(obj), text, _utf8(text), cap)
+            return marker, _dumps(marker)
+        original = _utf8(raw if isinstance(raw, str) else raw_text)
+        preview = value if isinstance(value, str) else text
+        marker = _truncated_marker(type(obj), preview, original, cap, hashed=False)
         return marker, _dumps(marker)
 
 
-def _truncated_marker(original: type, text: str, data: bytes, cap: int) -> dict[str, Any]:
+def _fits(text: str, cap: int) -> bool:
+    # Every character is 1 to 4 UTF-8 bytes: most fields are decided without encoding them.
+    return len(text) * 4 <= cap or len(_utf8(text)) <= cap
+
+
+def _truncated_marker(
+    original: type, text: str, data: bytes, cap: int, *, hashed: bool = True
+) -> dict[str, Any]:
+    """The marker for a field over the cap: `data` is the whole field's bytes, `text` what to preview.
+
+    Without `hashed` (the field was redacted, and `data` was not), there is no sha256 and the preview
+    drops a token the cut splits, since the rest of it was never seen beside it.
+    """
     marker: dict[str, Any] = {
         "__truncated__": True,
         "type": _type_name(original)[:_MAX_TYPE_NAME],
         "size": len(data),
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "preview": "",
     }
+    if hashed:
+        marker["sha256"] = hashlib.sha256(data).hexdigest()
+    marker["preview"] = ""
     budget = cap - len(_utf8(_dumps(marker)))
-    marker["preview"] = _head_within(text, budget)
+    head = _head_within(text, budget)
+    marker["preview"] = head if hashed else _without_split_token(head, text)
     return marker
+
+
+# A token a cut may split (keys, JWTs, base64): after a cut, at most this much of one is dropped.
+_TOKEN_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_+/=.-")
+_MAX_SPLIT_TOKEN = 256
+
+
+def _without_split_token(head: str, text: str) -> str:
+    """`head` (a head of `text`) without the part of a token that continues past it, up to 256 chars.
+
+    A longer run is kept: it is a blob rather than a credential, and the redactor saw it whole well
+    past the cut (`CUT_MARGIN`).
+    """
+    n = len(head)
+    if n == 0 or n >= len(text) or head[-1] not in _TOKEN_CHARS or text[n] not in _TOKEN_CHARS:
+        return head
+    start = n - 1
+    floor = max(0, n - _MAX_SPLIT_TOKEN)
+    while start > floor and head[start - 1] in _TOKEN_CHARS:
+        start -= 1
+    if start == floor and floor > 0 and head[floor - 1] in _TOKEN_CHARS:
+        return head
+    return head[:start]
 
 
 def _head_within(text: str, budget: int) -> str:
