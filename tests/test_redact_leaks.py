@@ -21,7 +21,8 @@ from langchain.agents import create_agent
 import honed
 from fakes import ToolScriptModel
 from honed.capture.redact import Redactor
-from honed.capture.serialize import Serializer, is_truncated
+from honed.capture.serialize import Serializer
+from honed.trajectory import is_truncated
 
 _rng = random.Random(20260114)
 ALNUM = string.ascii_letters + string.digits
