@@ -71,6 +71,7 @@ def render_report(store: Any, *, model: str | None = None, examples: int = 4) ->
         _header(store, model, names, live, live_eval, runs, captured, own),
         _curves(cycles) if any(c.run_id is not None for c in cycles) else _no_runs(model),
         _cycle_table(cycles) if cycles else "",
+        _watch(store, model),
         _history(history),
         _verifiers(store.verifier_counts()),
         _examples(_pick_examples(store, model, examples)),
@@ -297,6 +298,17 @@ def _cycle_table(cycles: list[CycleResult]) -> str:
         '<section id="cycles"><h2>Cycles</h2><div class="scroll"><table class="cycles">'
         f"<thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table></div></section>"
     )
+
+
+def _watch(store: Any, model: str | None) -> str:
+    """The reward-hacking watch's flags (`honed.learn.watch`), when there are any."""
+    from honed.learn.watch import divergences
+
+    flags = divergences(store, model) if model else []
+    if not flags:
+        return ""
+    items = "".join(f"<li>{_e(str(f))}</li>" for f in flags)
+    return f'<section id="watch"><h2>Reward-hacking watch</h2><ul class="notice">{items}</ul></section>'
 
 
 def _history(events: list[ModelEvent]) -> str:

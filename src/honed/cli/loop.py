@@ -237,6 +237,7 @@ def train(
     import importlib
 
     from honed.demo import load_suite
+    from honed.demo.suite import gate_verifiers
     from honed.learn.cycle import Cycle, DataConfig, GateConfig
     from honed.learn.evaluate import suite_agent
     from honed.store.training import TrainerBusy
@@ -247,13 +248,13 @@ def train(
     chosen = load_suite(suite) if suite else None
     if chosen is not None:
         factory = lambda model: suite_agent(chosen, model, store=s, name=name)  # noqa: E731
-        verifiers, tasks = chosen.verifiers(), list(chosen.heldout)
+        verifiers, tasks, watched = gate_verifiers(chosen), list(chosen.heldout), chosen.verifiers()
     elif agent:
         module, _, attr = agent.partition(":")
         factory = getattr(importlib.import_module(module), attr)
         from honed.verifiers.catalog import resolve
 
-        verifiers, tasks = resolve(verifier), heldout
+        verifiers, tasks, watched = resolve(verifier), heldout, []
     else:
         out.print("[red]say how to run the agent: --suite NAME or --agent module:factory[/red]")
         raise typer.Exit(2)
@@ -266,6 +267,7 @@ def train(
                 method=_method(method, chosen),
                 agent=factory,
                 verifiers=verifiers,
+                watched=watched,
                 heldout=tasks,
                 data=DataConfig(agent=name, min_new_verified=min_new_verified),
                 gate=GateConfig(margin=margin, samples=samples),
@@ -297,6 +299,7 @@ def train(
 
 def loop_status(store: Any, name: str | None = None) -> dict[str, Any]:
     """The loop at a glance, as data (the command prints it)."""
+    from honed.learn.watch import divergences
     from honed.store.select import count_selected
 
     models = [name] if name else store.model_names()
@@ -331,6 +334,7 @@ def loop_status(store: Any, name: str | None = None) -> dict[str, Any]:
                     "ended_at": last.ended_at.isoformat() if last.ended_at else None,
                     "stuck_tasks": last.data.get("stuck_tasks"),
                 },
+                "reward_hacking": [d.to_dict() for d in divergences(store, model)],
             }
         )
     return status
@@ -375,6 +379,8 @@ def status(
             + (f", held-out pass@1 {score:.1%}" if score is not None else ", not evaluated on held-out yet")
             + (f"; trainer running ({escape(m['trainer'])})" if m["trainer"] else "")
         )
+        for flag in m["reward_hacking"]:
+            out.print(f"  [yellow]reward-hacking watch:[/yellow] {escape(flag['message'])}")
         run = m["last_run"]
         if run is None:
             out.print("  no training run yet")

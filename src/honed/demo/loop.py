@@ -24,7 +24,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from honed.demo.suite import Suite
+from honed.demo.suite import Suite, gate_verifiers
 from honed.learn.cycle import CycleResult
 from honed.learn.evaluate import attempt, suite_agent, verify_round
 from honed.trajectory import Task, Trajectory, label
@@ -187,7 +187,8 @@ class LearningLoop:
             model=self.name,
             method=self.method,
             agent=gate_agent,
-            verifiers=self.suite.verifiers(),
+            verifiers=gate_verifiers(self.suite),
+            watched=self.training_verifiers,
             heldout=self.heldout,
             chat_model=local_chat_model(**settings),
             output_dir=self.workdir / "models",

@@ -19,7 +19,9 @@ from honed.trajectory import Task
 class Suite(Protocol):
     """A family of verifiable tasks (see the module docstring); `honed.demo` ships three.
 
-    Optional: `max_tokens`, a cap on each model reply (the loop passes it to the model).
+    Optional: `max_tokens`, a cap on each model reply (the loop passes it to the model), and
+    `gate_verifiers()`, verifiers the gate judges held-out attempts with when they should differ
+    from the training ones (hidden tests): see `gate_verifiers` below.
     """
 
     name: str
@@ -60,3 +62,11 @@ def load_suite(spec: str | Suite) -> Suite:
     if not isinstance(suite, Suite):
         raise TypeError(f"{spec} is not a honed.demo.Suite (name, system_prompt, tools, train, heldout, ...)")
     return suite
+
+
+def gate_verifiers(suite: Suite) -> list[Any]:
+    """The verifiers the gate judges `suite`'s held-out attempts with: its `gate_verifiers()` when
+    it has them (independent of training's, so the reward-hacking watch can see a training
+    verifier being gamed), else its `verifiers()`."""
+    chosen = getattr(suite, "gate_verifiers", None)
+    return list(chosen()) if callable(chosen) else suite.verifiers()

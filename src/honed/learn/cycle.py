@@ -33,6 +33,7 @@ from honed.learn.evaluate import Scores, evaluate
 from honed.learn.gate import GateDecision, decide
 from honed.messages import request_text
 from honed.trajectory import HELDOUT, ModelVersion, Task
+from honed.verifiers.protocol import verifier_name
 
 AgentFactory = Callable[[Any], Any]
 ChatModelFactory = Callable[[ModelVersion, float], Any]
@@ -227,7 +228,11 @@ class Cycle:
         model: the registry name; its live version trains and is what the candidate must beat.
         method: an `SFTMethod`, `KTOMethod`, `DPOMethod`, `GRPOMethod` or `DistillMethod`.
         agent: builds the real agent around a chat model (captured into `store`); the gate runs it.
-        verifiers: label the gate's held-out attempts (the same ones that label production runs).
+        verifiers: label the gate's held-out attempts. They may differ from the verifiers that label
+            training data (hidden tests, a stronger judge): then `honed.learn.watch` can tell a
+            verifier being gamed (its training pass rate up, the gate's verdicts down).
+        watched: the training verifiers, when they differ from `verifiers`: they label the gate's
+            held-out attempts too, uncounted, for `honed.learn.watch`.
         heldout: the held-out split's name (its tasks are read from the store) or the tasks.
         data: what to learn from (`DataConfig`); gate: how to judge (`GateConfig`).
         chat_model: runs a version for the gate (default: `local_chat_model()`).
@@ -243,6 +248,7 @@ class Cycle:
         agent: AgentFactory,
         verifiers: Sequence[Any],
         heldout: str | Sequence[Task] = HELDOUT,
+        watched: Sequence[Any] = (),
         data: DataConfig | None = None,
         gate: GateConfig | None = None,
         chat_model: ChatModelFactory | None = None,
@@ -254,6 +260,8 @@ class Cycle:
     ) -> None:
         self.store, self.model, self.method = store, model, method
         self.agent, self.verifiers = agent, list(verifiers)
+        gate_names = {verifier_name(v) for v in self.verifiers}
+        self.watched = [v for v in watched if verifier_name(v) not in gate_names]
         self.heldout = heldout
         self.data = data or DataConfig()
         self.gate = gate or GateConfig()
@@ -288,6 +296,7 @@ class Cycle:
                 filters = self.data.filters(live, lineage(self.store, live))
                 data = prepare(self.store, self.method.name, seed=self.seed, **filters)
                 result.data, result.stuck = _selection_summary(data, live)
+                result.data["gate_verifiers"] = sorted({verifier_name(v) for v in self.verifiers})
                 self.store.add_training_examples(run.id, data.trajectory_ids)
                 self.store.update_training_run(run.id, data=result.data)
             # New experience is the live version's own (with "all", whatever was selected).
@@ -371,6 +380,7 @@ class Cycle:
                 samples=self.gate.samples,
                 metadata={"purpose": "gate", "evaluated": version.ref},
                 on_done=self._counter(f"evaluate {version.ref}", len(tasks) * self.gate.samples),
+                watched=self.watched,
             )
         finally:
             close = getattr(chat, "close", None)
@@ -448,7 +458,10 @@ class Cycle:
     def _eval_key(self, tasks: Sequence[Task]) -> str:
         ids = sorted(t.id for t in tasks)
         names = [getattr(v, "name", str(v)) for v in self.verifiers]
-        raw = json.dumps([ids, self.gate.samples, self.gate.temperature, names])
+        watched = [getattr(v, "name", str(v)) for v in self.watched]
+        raw = json.dumps(
+            [ids, self.gate.samples, self.gate.temperature, names, *([watched] if watched else [])]
+        )
         return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 

@@ -133,6 +133,8 @@ class Scores:
     diversity: dict[str, float] = field(default_factory=dict)
     trajectories: int = 0
     round: str = ""
+    # Each verifier's pass rate over the round's attempts, the watched ones' too (`honed.learn.watch`).
+    by_verifier: dict[str, float] = field(default_factory=dict)
 
     @property
     def samples(self) -> int:
@@ -169,6 +171,7 @@ class Scores:
             diversity=dict(metrics.get("diversity") or {}),
             trajectories=int(metrics.get("trajectories", 0)),
             round=str(metrics.get("round", "")),
+            by_verifier=dict(metrics.get("by_verifier") or {}),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -182,6 +185,7 @@ class Scores:
             "slices": {s: round(v, 4) for s, v in self.per_slice().items()},
             "diversity": self.diversity,
             "round": self.round,
+            "by_verifier": self.by_verifier,
         }
 
 
@@ -228,7 +232,19 @@ def score(
         diversity=diversity(trajectories),
         trajectories=len(trajectories),
         round=round_tag,
+        by_verifier=pass_rates(trajectories),
     )
+
+
+def pass_rates(trajectories: Sequence[Trajectory]) -> dict[str, float]:
+    """Each verifier's passes over the attempts it judged."""
+    judged: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for t in trajectories:
+        for v in t.verdicts:
+            if v.passed is not None:
+                judged[v.verifier][0] += bool(v.passed)
+                judged[v.verifier][1] += 1
+    return {name: round(p / n, 4) for name, (p, n) in sorted(judged.items())}
 
 
 def evaluate(
@@ -241,14 +257,17 @@ def evaluate(
     concurrency: int = 64,
     metadata: dict[str, Any] | None = None,
     on_done: Callable[[int], None] | None = None,
+    watched: Iterable[Any] = (),
 ) -> Scores:
-    """Attempt every task `samples` times with `agent`, label the attempts, score them."""
+    """Attempt every task `samples` times with `agent`, label the attempts, score them with
+    `verifiers`. `watched` verifiers label the same attempts too (their pass rates land in
+    `Scores.by_verifier`) without counting for the score: the reward-hacking watch."""
     from honed.verifiers.protocol import verifier_name
 
     verifiers = list(verifiers)
     since = datetime.now(UTC) - timedelta(seconds=5)
     tag = attempt(agent, tasks, samples=samples, concurrency=concurrency, metadata=metadata, on_done=on_done)
-    found = verify_round(store, verifiers, tag, expected=len(tasks) * samples, since=since)
+    found = verify_round(store, [*verifiers, *watched], tag, expected=len(tasks) * samples, since=since)
     untrusted = store.untrusted_verifiers() if hasattr(store, "untrusted_verifiers") else ()
     names = [verifier_name(v) for v in verifiers]
     return score(found, tasks, samples=samples, untrusted=untrusted, verifiers=names, round_tag=tag)
