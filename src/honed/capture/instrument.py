@@ -101,5 +101,6 @@ def stats() -> dict[str, Any]:
         for key, value in counts.items():
             if isinstance(value, int):
                 total[key] = total.get(key, 0) + value
+    total["lag_s"] = max((c["lag_s"] for c in per_store.values()), default=0.0)
     total["stores"] = per_store
     return total

@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import signal
 import threading
 import time
 import weakref
@@ -91,6 +92,7 @@ class Recorder:
         self._closed = False
         self._counts = dict.fromkeys(("events_dropped", "events_processed", "trajectories_captured"), 0)
         _live.add(self)
+        _flush_on_sigterm()
 
     # -- hot path ----------------------------------------------------------------------------
 
@@ -140,11 +142,21 @@ class Recorder:
         for sink in self.sinks:
             sink.close()
 
+    def lag_s(self) -> float:
+        """How long the oldest event still in memory has waited: what a kill -9 now would lose is
+        at most the runs that ended within this window (0.0 when nothing waits)."""
+        try:
+            oldest = self._queue[0][3]
+        except IndexError:
+            return 0.0
+        return round(max(0.0, time.time() - oldest), 3) if isinstance(oldest, float) and oldest else 0.0
+
     def stats(self) -> dict[str, Any]:
         with self._lock:
             counts = dict(self._counts)
         counts["events_captured"] = counts["events_processed"] + len(self._queue)
         counts["queue_depth"] = len(self._queue)
+        counts["lag_s"] = self.lag_s()
         counts["open_trajectories"] = self._assembler.open_trajectories
         counts["events_ignored"] = self._assembler.ignored_events
         counts |= self._store_sink.stats()
@@ -175,6 +187,7 @@ class Recorder:
     def _drain(self, close_open: bool = False) -> None:
         flushes: list[threading.Event] = []
         processed = 0
+        started = time.monotonic()
         queue, feed = self._queue, self._assembler.feed
         while queue:
             event = queue.popleft()
@@ -185,8 +198,11 @@ class Recorder:
                 continue
             feed(event)
             processed += 1
-            if processed % 2000 == 0:
+            # Write what is finished at least every flush interval, even inside a long backlog:
+            # a finished run waits in memory (lost to a kill -9) no longer than that.
+            if processed % 200 == 0 and time.monotonic() - started >= self._flush_interval:
                 self._write(self._assembler.take_completed())
+                started = time.monotonic()
         now = time.time()
         self._assembler.close_pending(older_than=now - PENDING_LINGER_S)
         if now >= self._next_stale_check:
@@ -230,6 +246,38 @@ def _close_all_at_exit() -> None:
             recorder.close(timeout=10.0)
         except Exception:
             log.exception("honed: could not flush captures at exit")
+
+
+_sigterm_installed = False
+
+
+def _flush_on_sigterm() -> None:
+    """A plain SIGTERM (`kill`, `docker stop`) skips atexit, so queued runs would be lost: where
+    nothing else handles SIGTERM (the default disposition, set from the main thread), flush them
+    first (at most 10 s), then die of SIGTERM as before. `HONED_FLUSH_ON_SIGTERM=0` leaves it alone.
+    A kill -9 cannot be caught: what it loses is bounded by `Recorder.lag_s()`."""
+    global _sigterm_installed
+    if _sigterm_installed or os.environ.get("HONED_FLUSH_ON_SIGTERM", "1") == "0":
+        return
+    if threading.current_thread() is not threading.main_thread():
+        return
+    try:
+        if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+            return  # the application (uvicorn, gunicorn, ...) exits cleanly on its own: atexit flushes
+
+        def flush_then_die(signum: int, frame: Any) -> None:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            try:
+                deadline = time.monotonic() + 10.0
+                for recorder in live_recorders():
+                    recorder.flush(timeout=max(0.1, deadline - time.monotonic()))
+            finally:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        signal.signal(signal.SIGTERM, flush_then_die)
+        _sigterm_installed = True
+    except (ValueError, OSError):  # not the main interpreter thread, or no signals here
+        return
 
 
 def _after_fork_in_child() -> None:

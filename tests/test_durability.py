@@ -1,0 +1,81 @@
+"""What a killed agent process loses: nothing on SIGTERM, at most its last `lag_s` on kill -9."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import honed
+
+AGENT = textwrap.dedent(
+    """
+    import sys, time
+    import honed
+    from langchain.agents import create_agent
+    from honed.testing import ScriptedChatModel
+
+    class Model(ScriptedChatModel):
+        latency: float = 0.0
+
+        def _generate(self, *args, **kwargs):
+            time.sleep(self.latency)  # a model that answers in `latency` seconds
+            return super()._generate(*args, **kwargs)
+
+    honed.instrument(store=sys.argv[1])
+    agent = create_agent(Model(latency=float(sys.argv[3])), tools=[])
+    for i in range(int(sys.argv[2])):
+        agent.invoke({"messages": [("user", f"answer {i}")]}, config={"metadata": {"honed": {"task_id": f"t{i}"}}})
+        print(i, time.time(), honed.stats().get("lag_s"), flush=True)
+    time.sleep(120)
+    """
+)
+
+
+def _run_and_kill(
+    tmp_path: Path, sig: int, *, runs: int, latency: float
+) -> tuple[dict[int, float], float, set[str]]:
+    """Start the agent, let it finish `runs` runs, send `sig`; (end time per run, kill time, stored task ids)."""
+    url = f"sqlite:///{tmp_path / 'kill.db'}"
+    script = tmp_path / "agent.py"
+    script.write_text(AGENT)
+    env = {**os.environ, "HONED_SPOOL_DIR": str(tmp_path / "spool")}
+    proc = subprocess.Popen(
+        [sys.executable, str(script), url, str(runs + 100), str(latency)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    ends: dict[int, float] = {}
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        index, ended, _lag = line.split()
+        ends[int(index)] = float(ended)
+        if len(ends) == runs:
+            break
+    killed = time.time()
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    with honed.open_store(url) as store:
+        stored = {t.task_id for t in store.trajectories(None, with_steps=False) if t.task_id}
+    return ends, killed, stored
+
+
+def test_sigterm_loses_no_finished_run(tmp_path: Path) -> None:
+    """A burst faster than the writer (a zero-latency model) leaves runs queued; SIGTERM flushes
+    them before the process dies of it."""
+    ends, _, stored = _run_and_kill(tmp_path, signal.SIGTERM, runs=150, latency=0.0)
+    assert {f"t{i}" for i in ends} <= stored
+
+
+def test_kill_9_loses_at_most_the_runs_that_ended_within_the_lag(tmp_path: Path) -> None:
+    """kill -9 cannot be caught: it loses what was still in memory, the runs that ended in the last
+    moments (`honed.stats()["lag_s"]`, a fraction of a second while the writer keeps up with a
+    model that takes 20 ms a call); everything older is in the store."""
+    ends, killed, stored = _run_and_kill(tmp_path, signal.SIGKILL, runs=60, latency=0.02)
+    old = {f"t{i}" for i, ended in ends.items() if ended < killed - 1.0}
+    assert len(old) > 20 and old <= stored, sorted(old - stored)
