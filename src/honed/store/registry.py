@@ -30,12 +30,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from sqlalchemy import func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 
+from honed.store.database import Database
 from honed.store.registry_tables import ModelEventRow, ModelLiveRow, ModelVersionRow
 from honed.trajectory import ModelVersion
 
 if TYPE_CHECKING:
-    from sqlalchemy import Engine
-    from sqlalchemy.orm import Session, sessionmaker
+    from sqlalchemy.orm import Session
 
 NOTIFY_CHANNEL = "honed_models"
 _REF = re.compile(r"^(?:(?P<name>[^@\s]+)@)?v?(?P<version>\d+)$")
@@ -168,10 +168,11 @@ def _check_safetensors(file: Path, ref: str) -> None:
 
 
 class ModelRegistry:
-    """Mixed into `TrajectoryStore`: `register_model`, `promote`, `rollback`, `live_version`, `versions`."""
+    """The model registry, a part of `TrajectoryStore`: `register_model`, `promote`, `rollback`,
+    `live_version`, `versions`."""
 
-    engine: Engine
-    _sessions: sessionmaker[Session]
+    def __init__(self, db: Database) -> None:
+        self.engine, self._sessions = db.engine, db.sessions
 
     # -- reading ---------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from sqlalchemy.orm import selectinload, sessionmaker
 from sqlalchemy.pool import StaticPool
 
 from honed._json import dumps as fast_json_dumps
+from honed.store.database import Database
 from honed.store.registry import ModelRegistry
 from honed.store.schema import StepRow, TrajectoryRow, VerdictRow
 from honed.store.training import TrainingLog
@@ -53,9 +54,24 @@ def open_store(url: str | None = None) -> TrajectoryStore:
     return TrajectoryStore(resolve_store_url(url))
 
 
-class TrajectoryStore(VerificationStore, ModelRegistry, TrainingLog):
-    """Typed access to trajectories, their steps and verdicts (and, through the mixins, the
-    verifier work queue and the model registry).
+class _Part:
+    """`store.promote(...)` is `store.registry.promote(...)`: the facade's flat API, one line per
+    method of a part (so the table below is the store's whole surface)."""
+
+    def __init__(self, part: str) -> None:
+        self.part = part
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, store: Any, owner: type | None = None) -> Any:
+        return self if store is None else getattr(getattr(store, self.part), self.name)
+
+
+class TrajectoryStore:
+    """Typed access to trajectories, their steps and verdicts, composed with its parts: the model
+    `registry`, the `training` log and `verification` (work queue, audits), each given the one
+    `Database` it needs. Their methods are also the store's own (`store.promote` ...).
 
     Thread-safe: each call opens its own short session. Writes of captured trajectories are
     idempotent (an id already stored is skipped), which is what lets a spool be replayed safely.
@@ -65,12 +81,60 @@ class TrajectoryStore(VerificationStore, ModelRegistry, TrainingLog):
         self.url = url
         self.engine = _create_engine(url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        db = Database(self.engine, self._sessions)
+        self.registry, self.training, self.verification = (
+            ModelRegistry(db),
+            TrainingLog(db),
+            VerificationStore(db),
+        )
         if migrate:
             try:
                 _migrate(self.engine)
             except SQLAlchemyError as exc:
                 self.engine.dispose()
                 raise StoreUnavailable(f"cannot open the store at {self.safe_url}: {exc}") from exc
+
+    # -- the parts' methods, as the store's own ------------------------------------------------
+
+    versions = _Part("registry")
+    model_version = _Part("registry")
+    live_version = _Part("registry")
+    live_pointer = _Part("registry")
+    model_names = _Part("registry")
+    model_history = _Part("registry")
+    register_model = _Part("registry")
+    promote = _Part("registry")
+    rollback = _Part("registry")
+    reject = _Part("registry")
+
+    acquire_trainer_lock = _Part("training")
+    renew_trainer_lock = _Part("training")
+    release_trainer_lock = _Part("training")
+    trainer_lock_holder = _Part("training")
+    trainer_lock = _Part("training")
+    start_training_run = _Part("training")
+    update_training_run = _Part("training")
+    add_training_examples = _Part("training")
+    training_examples = _Part("training")
+    training_runs = _Part("training")
+    training_run = _Part("training")
+    record_eval = _Part("training")
+    eval_runs = _Part("training")
+
+    enqueue_verification = _Part("verification")
+    claim_verification = _Part("verification")
+    renew_claims = _Part("verification")
+    finish_claims = _Part("verification")
+    release_claims = _Part("verification")
+    verification_backlog = _Part("verification")
+    audit_verifier = _Part("verification")
+    audits = _Part("verification")
+    set_min_precision = _Part("verification")
+    register_verifiers = _Part("verification")
+    verifier_policy = _Part("verification")
+    verifier_policies = _Part("verification")
+    untrusted_verifiers = _Part("verification")
+    verifier_counts = _Part("verification")
 
     @property
     def safe_url(self) -> str:

@@ -15,10 +15,10 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, delete, insert, select, update
+from sqlalchemy import delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, sessionmaker
 
+from honed.store.database import Database
 from honed.store.training_tables import EvalRunRow, TrainerLockRow, TrainingExampleRow, TrainingRunRow
 
 FINAL = ("promoted", "rejected", "failed", "nothing_to_learn", "interrupted")
@@ -79,10 +79,10 @@ def default_owner() -> str:
 
 
 class TrainingLog:
-    """Mixed into `TrajectoryStore`: training runs, eval runs and the trainer lock."""
+    """The training log, a part of `TrajectoryStore`: training runs, eval runs and the trainer lock."""
 
-    engine: Engine
-    _sessions: sessionmaker[Session]
+    def __init__(self, db: Database) -> None:
+        self.engine, self._sessions = db.engine, db.sessions
 
     # -- the lock --------------------------------------------------------------------------
 

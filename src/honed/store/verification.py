@@ -20,6 +20,7 @@ from sqlalchemy import and_, exists, func, insert, literal, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import aliased
 
+from honed.store.database import Database
 from honed.store.schema import TrajectoryRow, UTCDateTime, VerdictRow
 from honed.store.verification_tables import VerificationClaimRow, VerifierAuditRow, VerifierPolicyRow
 from honed.trajectory import Verdict
@@ -70,10 +71,10 @@ class VerifierPolicy:
 
 
 class VerificationStore:
-    """Mixed into `TrajectoryStore`: claiming unlabeled trajectories, audits of verifiers."""
+    """Verification, a part of `TrajectoryStore`: claiming unlabeled trajectories, audits of verifiers."""
 
-    engine: Any
-    _sessions: Any
+    def __init__(self, db: Database) -> None:
+        self.engine, self._sessions = db.engine, db.sessions
 
     # -- the work queue ---------------------------------------------------------------------
 
