@@ -168,12 +168,21 @@ def test_flush_from_many_threads_returns_when_everything_before_it_is_written(
     assert seen == [1] * n_threads
 
 
-def test_a_stream_abandoned_under_middleware_is_written_after_the_open_timeout(sqlite_url: str) -> None:
-    recorder = Recorder(sqlite_url, open_timeout_s=1)
+def test_a_stream_abandoned_under_middleware_is_written_when_the_run_ends(sqlite_url: str) -> None:
+    recorder = Recorder(sqlite_url)
     agent = create_agent(ToolScriptModel(), make_tools(), middleware=[honed.Middleware(recorder=recorder)])
     stream = agent.stream({"messages": [("user", add_task(1, 2))]}, stream_mode="updates")
     next(stream)
-    stream.close()  # the middleware never hears of it: no after_agent, no exception
+    stream.close()  # no after_agent hook runs, but the root run ends: honed.capture.roots sees it
+    recorder.flush()
+    (t,) = honed.open_store(sqlite_url).trajectories()
+    assert t.status == "error" and "abandoned (the caller stopped consuming the stream)" in t.error
+
+
+def test_a_run_that_never_ends_is_written_after_the_open_timeout(sqlite_url: str) -> None:
+    recorder = Recorder(sqlite_url, open_timeout_s=1)
+    payload = ("chain", "agent", {"messages": []}, {}, None, None)
+    recorder.emit((0, "never-ends", None, time.time(), payload))  # a START, then silence
     time.sleep(1.5)
     recorder.flush()
     (t,) = honed.open_store(sqlite_url).trajectories()

@@ -342,8 +342,11 @@ class Assembler:
             self._remember_closed(key)
         self._remember_closed(trajectory.root_key)
 
-    def _synthetic_step(self, trajectory: _Open, name: str, when: float, **fields: Any) -> None:
-        """A step no callback reports: the pause at an interrupt, the value a run resumed with."""
+    def _synthetic_step(
+        self, trajectory: _Open, name: str, when: float, *, extra: dict[str, Any] | None = None, **fields: Any
+    ) -> None:
+        """A step no callback reports: the pause at an interrupt (`output`: what it waits for), the
+        value a run resumed with (`input`). Both are `node` steps marked `extra["synthesised"]`."""
         trajectory.steps.append(
             {
                 "id": f"{trajectory.record['id']}:{name}:{uuid.uuid4().hex[:12]}",
@@ -360,7 +363,7 @@ class Assembler:
                 "model_version": None,
                 "started_at": when,
                 "ended_at": when,
-                "extra": {},
+                "extra": {"synthesised": True, **(extra or {})},
                 **fields,
             }
         )
@@ -729,14 +732,14 @@ def _describe_error(error: Any) -> str:
     if isinstance(error, str):
         return error
     if isinstance(error, GeneratorExit):
-        return "GeneratorExit: interrupted (the caller stopped consuming the stream)"
+        return "GeneratorExit: abandoned (the caller stopped consuming the stream)"
     name = type(error).__name__
     try:
         text = str(error)
     except Exception:
         text = "<unprintable error>"
     if name == "CancelledError":
-        return "CancelledError: interrupted (the task was cancelled)"
+        return "CancelledError: cancelled (the task was cancelled)"
     return f"{name}: {text}" if text else name
 
 

@@ -412,12 +412,13 @@ def _migrate(engine: Engine, *, create: bool = True, shown: str = "") -> None:
 
 
 def _revision(engine: Engine) -> str | None:
-    """The schema's alembic revision, or None where there is no schema yet."""
-    try:
-        with engine.connect() as conn:
+    """The schema's alembic revision, or None where there is no schema yet (an unreachable
+    database raises: it is not an empty one)."""
+    with engine.connect() as conn:
+        try:
             return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
-    except SQLAlchemyError:
-        return None
+        except SQLAlchemyError:
+            return None
 
 
 def _alembic_config() -> Any:
