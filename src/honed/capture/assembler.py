@@ -227,7 +227,9 @@ class Assembler:
             trajectory.open_runs.add(run_id)
             # A subgraph run as a node shows up twice (the node, then the graph inside it).
             same_as_parent = parent.kind == CHAIN and parent.step_id is not None and parent.name == name
-            if run_kind == CHAIN and (same_as_parent or not _is_node(name, metadata, tags)):
+            # A graph (or chain) a tool invokes, e.g. a subagent: one step named after it.
+            in_tool = parent.kind == TOOL and not (tags and _HIDDEN_TAG in tags)
+            if run_kind == CHAIN and (same_as_parent or not (in_tool or _is_node(name, metadata, tags))):
                 run.step_id = None  # transparent plumbing: children attach to our parent step
                 return
         run.step_id = str(run_id)

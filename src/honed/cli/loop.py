@@ -168,7 +168,9 @@ OFF_TERMINAL_WIDTH = 160
 
 def print_table(out: Console, table: Table) -> None:
     """Print a table; off a terminal, at least `OFF_TERMINAL_WIDTH` wide so no column is crushed."""
-    out.print(table, width=None if out.is_terminal else max(out.width, OFF_TERMINAL_WIDTH))
+    if not out.is_terminal and out.width < OFF_TERMINAL_WIDTH:
+        out = Console(file=out.file, width=OFF_TERMINAL_WIDTH, no_color=out.no_color)
+    out.print(table)
 
 
 _STATUS_COLOUR = {"base": "", "promoted": "green", "rejected": "red", "nothing_to_learn": "yellow"}
