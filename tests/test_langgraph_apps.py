@@ -105,6 +105,10 @@ def test_hitl_pauses_as_interrupted_and_the_resume_continues_the_trajectory(
     assert list(select_trajectories(store)) == []
     assert write_jsonl(select_trajectories(store), tmp_path / "train.jsonl").written == 0
     assert store.count(finished=False) == 1 and store.count(finished=True) == 0
+    shown = runner.invoke(app, ["show", t.id, "--store", sqlite_url]).output
+    assert "interrupted: waiting to be resumed" in shown and "⏸ interrupted, waiting for:" in shown
+    listed = runner.invoke(app, ["runs", "--store", sqlite_url, "--status", "interrupted"]).output
+    assert "interrupted" in listed and "waiting:" in listed
 
     choice = {"type": "approve"} if decision == "approve" else {"type": "reject", "message": "no adding"}
     done = agent.invoke(Command(resume={"decisions": [choice]}), config)
@@ -124,6 +128,35 @@ def test_hitl_pauses_as_interrupted_and_the_resume_continues_the_trajectory(
     else:
         assert "rejected" in t.answer and "no adding" in add_step.error  # the call that never ran
     assert [(s.index) for s in t.steps] == sorted(s.index for s in t.steps)
+    assert "▶ resumed with:" in runner.invoke(app, ["show", t.id, "--store", sqlite_url]).output
+
+
+async def test_concurrent_paused_conversations_resume_into_their_own_trajectories(
+    capture: str, sqlite_url: str
+) -> None:
+    import asyncio
+
+    agent = hitl_agent(capture, sqlite_url, InMemorySaver())
+
+    async def start(i: int) -> dict[str, Any]:
+        config = thread(f"th-{i}")
+        task = f'call add {{"a": {i}, "b": 1}}; answer the sum is {{result}}'
+        await agent.ainvoke({"messages": [("user", task)]}, config)
+        return config
+
+    configs = await asyncio.gather(*(start(i) for i in range(6)))
+    assert honed.flush()
+    store = honed.open_store(sqlite_url)
+    assert store.count(status="interrupted") == 6
+    approve = Command(resume={"decisions": [{"type": "approve"}]})
+    await asyncio.gather(*(agent.ainvoke(approve, c) for c in reversed(configs)))
+    assert honed.flush()
+    found = {t.thread_id: t for t in store.trajectories(limit=None)}
+    assert len(found) == 6 and {t.status for t in found.values()} == {"ok"}
+    for i in range(6):
+        t = found[f"th-{i}"]
+        assert t.answer == f"the sum is {i + 1}" and f'"a": {i}' in t.task["messages"][0]["content"]
+        assert next(s for s in t.tool_steps() if s.name == "add").input == {"a": i, "b": 1}
 
 
 FIRST_HALF = """
@@ -157,6 +190,36 @@ def test_hitl_resumed_in_another_process_continues_the_trajectory(
     assert t.task == paused.task  # the original request, not the resume command
     assert names(t)[:3] == ["tool-script", "interrupt", "resume"] and "add" in names(t)
     assert len({s.index for s in t.steps}) == len(t.steps)  # the second half numbered after the first
+
+
+class Collected:
+    """A live exporter (what `instrument(otlp=...)` plugs in): the trajectories it was sent."""
+
+    def __init__(self) -> None:
+        self.sent: list[Trajectory] = []
+
+    def export(self, trajectories: Any) -> None:
+        self.sent.extend(trajectories)
+
+    def shutdown(self) -> None:
+        pass
+
+
+def test_live_exporters_get_a_paused_run_once_it_is_finished(sqlite_url: str) -> None:
+    exporter = Collected()
+    capture = honed.Middleware(recorder=honed.Recorder(sqlite_url, exporters=[exporter]))
+    approval = HumanInTheLoopMiddleware(interrupt_on={"add": True})
+    agent = create_agent(ToolScriptModel(), [add], name="calc", middleware=[capture, approval],
+                         checkpointer=InMemorySaver())  # fmt: skip
+    agent.invoke({"messages": [("user", ADD_TASK)]}, thread("th-live"))
+    capture.recorder.flush()
+    assert exporter.sent == []  # paused: not an outcome to send
+    agent.invoke(Command(resume={"decisions": [{"type": "approve"}]}), thread("th-live"))
+    capture.recorder.flush()
+    (sent,) = exporter.sent  # sent once, whole: both halves under one trajectory id
+    assert (sent.status, sent.answer) == ("ok", "the sum is 5")
+    assert names(sent) == ["tool-script", "interrupt", "resume", "add", "tool-script"]
+    assert sent.id == honed.open_store(sqlite_url).trajectories()[0].id
 
 
 def test_an_interrupt_inside_a_tool_pauses_and_resumes(capture: str, sqlite_url: str) -> None:

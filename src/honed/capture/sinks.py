@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from honed.capture.spool import Spool, default_spool_path
 from honed.store import InvalidStoreURL, TrajectoryStore, record_to_trajectory, resolve_store_url
-from honed.trajectory import Trajectory
+from honed.trajectory import INTERRUPTED, Trajectory
 
 log = logging.getLogger("honed")
 
@@ -176,15 +176,20 @@ class StoreSink:
 
 
 class ExporterSink:
-    """A `TrajectoryExporter` as a sink: records become `Trajectory` objects once per batch."""
+    """A `TrajectoryExporter` as a sink: records become `Trajectory` objects once per batch. A run
+    paused at an interrupt is not sent: it is not finished, and a backend that keeps the first copy
+    of a span would keep the pause; resumed in this process, it is sent whole once it ends."""
 
     def __init__(self, exporter: TrajectoryExporter) -> None:
         self.exporter = exporter
         self.errors = 0
 
     def write(self, records: list[Record]) -> None:
+        finished = [r for r in records if r.get("status") != INTERRUPTED]
+        if not finished:
+            return
         try:
-            self.exporter.export([record_to_trajectory(r) for r in records])
+            self.exporter.export([record_to_trajectory(r) for r in finished])
         except Exception:  # an exporter's outage must not touch the store path
             self.errors += 1
             log.exception("honed: the exporter %r failed; the store is unaffected", self.exporter)
