@@ -14,13 +14,15 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import pytest
 from langchain.agents import create_agent
 from langchain.agents.middleware import HumanInTheLoopMiddleware
-from langchain_core.tools import tool
+from langchain_core.messages import ToolMessage
+from langchain_core.tools import InjectedToolCallId, tool
 from langgraph.checkpoint.memory import InMemorySaver
+from langgraph.prebuilt import InjectedState
 from langgraph.types import Command
 from pydantic import BaseModel
 from typer.testing import CliRunner
@@ -458,3 +460,46 @@ def test_a_retrieval_tool_keeps_what_was_retrieved(capture: str, sqlite_url: str
         assert retrieval.output[0]["value"]["page_content"] == question
     verdict = ReferenceMatch("contains").verify(t)
     assert verdict.passed is True
+
+
+# -- agents handing a conversation to each other ---------------------------------------------------
+
+
+@tool
+def transfer_to_billing(
+    state: Annotated[dict, InjectedState], tool_call_id: Annotated[str, InjectedToolCallId]
+) -> Command:
+    """Hand the conversation to the billing agent."""
+    done = ToolMessage("transferred to billing", tool_call_id=tool_call_id, name="transfer_to_billing")
+    return Command(goto="billing", graph=Command.PARENT, update={"messages": [*state["messages"], done]})
+
+
+def test_agents_handing_off_in_a_graph(capture: str, sqlite_url: str) -> None:
+    """A help desk graph: a triage agent hands the conversation to a billing agent (`Command` to the
+    parent graph). `instrument()` sees the desk as one run; each agent's middleware sees its turn."""
+    from langgraph.graph import START, MessagesState, StateGraph
+
+    middleware = capture_middleware(capture, sqlite_url)
+    desk = StateGraph(MessagesState)
+    desk.add_node("triage", create_agent(ToolScriptModel(), [transfer_to_billing], name="triage",
+                                         middleware=middleware), destinations=("billing",))  # fmt: skip
+    desk.add_node("billing", create_agent(ToolScriptModel(), [add], name="billing", middleware=middleware))
+    desk.add_edge(START, "triage")
+    request = "call transfer_to_billing {}; answer billing here: {result}"
+    out = desk.compile(name="desk").invoke({"messages": [("user", request)]})
+    assert out["messages"][-1].content == "billing here: transferred to billing"
+    honed.flush()
+    found = honed.open_store(sqlite_url).trajectories(oldest_first=True)
+    assert all(t.status == "ok" and not any(s.error for s in t.steps) for t in found)  # a handoff is no error
+    asked = {"messages": [{"role": "user", "content": request}]}
+    if capture == "instrument":
+        (t,) = found
+        assert (t.agent, t.task, t.answer) == ("desk", asked, "billing here: transferred to billing")
+        assert [s.name for s in t.steps if s.kind == "node" and s.parent_id is None] == ["triage", "billing"]
+    else:
+        triage, billing = found
+        assert (triage.agent, triage.task, triage.output) == ("triage", asked, {"handoff": "billing"})
+        assert (billing.agent, billing.answer) == ("billing", "billing here: transferred to billing")
+        assert (
+            billing.task["messages"][0] == asked["messages"][0]
+        )  # handed the conversation from the request on

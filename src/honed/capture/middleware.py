@@ -20,7 +20,7 @@ from typing import Annotated, Any, NotRequired
 
 from langchain.agents.middleware import AgentMiddleware, AgentState, ModelRequest, ToolCallRequest
 from langchain.agents.middleware.types import PrivateStateAttr
-from langchain_core.messages import AIMessage, ToolMessage
+from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 from langchain_core.utils.uuid import uuid7
 from langgraph.errors import GraphBubbleUp
 from langgraph.types import Command
@@ -477,11 +477,15 @@ def _is_root_graph(root: RootRun | None, config: dict[str, Any]) -> bool:
 
 def _new_messages(state: Any) -> dict[str, Any]:
     """This turn's input seen from the state: the messages after the last reply (all of them in
-    a conversation with no history). The same `task` `instrument()` records from the run's input."""
+    a conversation with no history), the same `task` `instrument()` records from the run's input.
+    An agent handed a conversation that ends in a reply (a handoff) was given it from the last
+    user message on."""
     messages = list(state.get("messages", []))
     last_reply = max(
         (i for i, m in enumerate(messages) if isinstance(m, AIMessage | ToolMessage)), default=-1
     )
+    if last_reply == len(messages) - 1:
+        last_reply = max((i for i, m in enumerate(messages) if isinstance(m, HumanMessage)), default=0) - 1
     return {"messages": messages[last_reply + 1 :]}
 
 
