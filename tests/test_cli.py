@@ -81,3 +81,87 @@ def test_the_installed_command_reads_HONED_STORE(captured: str, tmp_path: Path) 
     out = subprocess.run([str(honed_bin), "runs", "--json"], env={"HONED_STORE": captured, "PATH": "/usr/bin:/bin"},
                          capture_output=True, text=True, timeout=120, check=True)  # fmt: skip
     assert sorted(json.loads(line)["task_id"] for line in out.stdout.splitlines()) == ["bad-task", "ok-task"]
+
+
+# -- store URLs, the spool, and output off a terminal ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "command", [["runs"], ["show", "abc"], ["status"], ["report"], ["export", "jsonl", "x.jsonl"]]
+)
+def test_reading_commands_never_create_a_store(command: list[str], tmp_path: Path) -> None:
+    typo = tmp_path / "tyop" / "honed.db"
+    result = runner.invoke(app, [*command, "--store", f"sqlite:///{typo}"])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith(f"no honed store at sqlite:///{typo}; create one with `honed init")
+    assert len(result.output.splitlines()) == 1 and not typo.parent.exists()
+
+
+@pytest.mark.parametrize(
+    ("url", "message"), [("notaurl", "'notaurl' is not a store URL"), ("mysql://x", "unsupported store URL")]
+)
+def test_a_bad_store_url_is_one_line_not_a_traceback(url: str, message: str) -> None:
+    result = runner.invoke(app, ["runs", "--store", url])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit)  # not a traceback
+    assert result.output.startswith(message) and len(result.output.splitlines()) == 1
+    assert "sqlite:///PATH or postgresql://USER@HOST/DB" in result.output
+
+
+def test_honed_init_creates_a_store_the_readers_then_find(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'new' / 'honed.db'}"
+    assert runner.invoke(app, ["init", "--store", url]).exit_code == 0
+    result = runner.invoke(app, ["runs", "--store", url])
+    assert result.exit_code == 0 and "0 trajectories" in result.output
+
+
+def test_honed_spool_shows_what_waits_and_replays_it(tmp_path: Path) -> None:
+    from honed.capture.recorder import Recorder
+
+    blocker = tmp_path / "db"
+    blocker.write_text("not a folder: the store cannot open")
+    url = f"sqlite:///{blocker / 'honed.db'}"
+    recorder = Recorder(url)
+    agent = create_agent(ToolScriptModel(), make_tools(), middleware=[honed.Middleware(recorder=recorder)])
+    for i in range(2):
+        agent.invoke({"messages": [("user", f"answer {i}")]})
+    recorder.close()
+
+    (row,) = [
+        json.loads(line)
+        for line in runner.invoke(app, ["spool", "--json", "--store", url]).output.splitlines()
+    ]
+    assert (row["store"], row["pending"], row["this_store"]) == (url, 2, True) and row["oldest"] <= row[
+        "newest"
+    ]
+    table = runner.invoke(app, ["spool", "--store", url]).output
+    assert "2 trajectories waiting in 1 spools" in table and "honed spool --replay" in table
+
+    blocker.unlink()
+    result = runner.invoke(app, ["spool", "--replay", "--store", url, "--json"])
+    assert json.loads(result.output) | {"spool": None} == {
+        "store": url,
+        "spool": None,
+        "waiting": 2,
+        "replayed": 2,
+    }
+    assert sorted(t.answer for t in honed.open_store(url).trajectories()) == ["0", "1"]
+    assert json.loads(runner.invoke(app, ["spool", "--json", "--store", url]).output)["pending"] == 0
+
+
+def test_the_demo_table_keeps_its_reasons_readable_off_a_terminal() -> None:
+    import io
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from honed.cli.loop import _cycle_row, _cycle_table, print_table
+
+    reason = "held-out pass@1 0.250 -> 0.375 (gain +0.125, 95% CI [+0.031, +0.219]): clears the margin"
+    result = SimpleNamespace(cycle=1, version="tool_use-agent@v2", trajectories=96, train_pass_rate=0.5,
+                             heldout_pass_at_1=0.375, pass_at=lambda k: 0.6, status="promoted", reason=reason)  # fmt: skip
+    table = _cycle_table()
+    table.add_row(*_cycle_row(result))
+    out = io.StringIO()
+    print_table(Console(file=out), table)  # a pipe or a log file: no terminal, rich assumes 80 columns
+    rows = [line for line in out.getvalue().splitlines() if "tool_use-agent@v2" in line or "clears" in line]
+    assert "held-out pass@1 0.250 -> 0.375" in rows[0]  # at least 30 characters of reason a line

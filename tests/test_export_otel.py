@@ -517,3 +517,19 @@ def test_replay_to_a_dead_endpoint_fails_with_a_clear_message(
     result = CliRunner().invoke(app, ["export", "otlp", "--store", captured, "--endpoint", dead])
     assert result.exit_code == 1
     assert "did not accept" in result.output and "re-run" in result.output
+
+
+def test_a_conversation_turn_carries_the_thread_as_gen_ai_conversation_id(sqlite_url: str) -> None:
+    from langgraph.checkpoint.memory import InMemorySaver
+
+    agent = create_agent(ToolScriptModel(), make_tools(), name="chat", checkpointer=InMemorySaver())
+    handler = honed.CallbackHandler(store=sqlite_url)
+    for text in ("answer hi", ADD):
+        agent.invoke(
+            {"messages": [("user", text)]}, {"callbacks": [handler], "configurable": {"thread_id": "c-9"}}
+        )
+    assert honed.flush()
+    turns = honed.open_store(sqlite_url).trajectories(thread_id="c-9")
+    roots = [by_name(spans_of(t))["invoke_agent chat"][0] for t in turns]
+    assert [r.attributes["gen_ai.conversation.id"] for r in roots] == ["c-9", "c-9"]
+    assert "gen_ai.conversation.id" not in spans_of(Trajectory(id="x", agent="a"))[0].attributes

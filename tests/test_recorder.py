@@ -168,12 +168,21 @@ def test_flush_from_many_threads_returns_when_everything_before_it_is_written(
     assert seen == [1] * n_threads
 
 
-def test_a_stream_abandoned_under_middleware_is_written_after_the_open_timeout(sqlite_url: str) -> None:
-    recorder = Recorder(sqlite_url, open_timeout_s=1)
+def test_a_stream_abandoned_under_middleware_is_written_when_the_run_ends(sqlite_url: str) -> None:
+    recorder = Recorder(sqlite_url)
     agent = create_agent(ToolScriptModel(), make_tools(), middleware=[honed.Middleware(recorder=recorder)])
     stream = agent.stream({"messages": [("user", add_task(1, 2))]}, stream_mode="updates")
     next(stream)
-    stream.close()  # the middleware never hears of it: no after_agent, no exception
+    stream.close()  # no after_agent hook runs, but the root run ends: honed.capture.roots sees it
+    recorder.flush()
+    (t,) = honed.open_store(sqlite_url).trajectories()
+    assert t.status == "error" and "abandoned (the caller stopped consuming the stream)" in t.error
+
+
+def test_a_run_that_never_ends_is_written_after_the_open_timeout(sqlite_url: str) -> None:
+    recorder = Recorder(sqlite_url, open_timeout_s=1)
+    payload = ("chain", "agent", {"messages": []}, {}, None, None)
+    recorder.emit((0, "never-ends", None, time.time(), payload))  # a START, then silence
     time.sleep(1.5)
     recorder.flush()
     (t,) = honed.open_store(sqlite_url).trajectories()
@@ -212,3 +221,53 @@ def test_flush_after_a_recorder_was_closed_does_not_wait(sqlite_url: str) -> Non
     started = time.monotonic()
     assert closed.flush(timeout=5) and honed.flush(timeout=5)
     assert time.monotonic() - started < 1
+
+
+def test_a_store_url_that_can_never_work_is_reported_once_not_retried(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    recorder = Recorder("notaurl", spool_path=tmp_path / "spool.jsonl", flush_interval=0.05)
+    agent = create_agent(ToolScriptModel(), make_tools(), middleware=[honed.Middleware(recorder=recorder)])
+    with caplog.at_level("WARNING", logger="honed"):
+        assert [invoke(agent, i) for i in range(2)] == ["the sum is 1", "the sum is 2"]
+        assert recorder.flush()
+        time.sleep(0.6)  # many idle ticks of the writer: a store that is only down would be retried
+        invoke(agent, 2)
+        assert recorder.flush()
+    stats = recorder.stats()
+    assert stats["store_error"].startswith("configuration error: 'notaurl' is not a store URL")
+    assert stats["spool_pending"] == 3 and stats["trajectories_written"] == 0  # kept for a fixed URL
+    reports = [r for r in caplog.records if "notaurl" in r.getMessage()]
+    assert [r.levelname for r in reports] == ["ERROR"] and "honed spool --replay" in reports[0].getMessage()
+
+
+def test_a_spool_left_by_an_earlier_process_is_replayed_without_a_new_capture(tmp_path: Path) -> None:
+    blocker = tmp_path / "db"
+    blocker.write_text("a file where the store's folder should be: the store cannot open")
+    url = f"sqlite:///{blocker / 'honed.db'}"
+    earlier = Recorder(url)
+    agent = create_agent(ToolScriptModel(), make_tools(), middleware=[honed.Middleware(recorder=earlier)])
+    invoke(agent, 1)
+    earlier.close()  # the process that spooled it is gone
+    assert earlier.spool.pending() == 1
+
+    blocker.unlink()  # the store is back
+    later = Recorder(url)  # e.g. the application restarts; it captures nothing yet
+    deadline = time.monotonic() + 20
+    while later.spool.pending() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert [t.task_id for t in honed.open_store(url).trajectories()] == ["t1"]
+    later.close()
+
+
+def test_instrument_takes_a_postgres_url(pg_url: str) -> None:
+    alias = pg_url.replace("postgresql+psycopg://", "postgres://")
+    agent = create_agent(ToolScriptModel(), make_tools(), name="calc")
+    try:
+        honed.instrument(store=alias)
+        invoke(agent, 1)
+    finally:
+        honed.uninstrument()
+    assert honed.flush()
+    assert honed.stats()["stores"][pg_url]["store_error"] is None
+    assert [t.task_id for t in honed.open_store(pg_url).trajectories()] == ["t1"]

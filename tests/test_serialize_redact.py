@@ -172,9 +172,10 @@ def test_exception_keeps_type_and_message() -> None:
     assert out == {"__type__": "ValueError", "message": "bad input: 42"}
 
 
-def test_sets_are_sorted_lists() -> None:
-    assert to_jsonable({3, 1, 2}) == [1, 2, 3]
-    assert to_jsonable(frozenset({"b", "a"})) == ["a", "b"]
+def test_sets_keep_their_type_and_sort() -> None:
+    # The README promises "JSON with its type": a bare list lost that it was a set (issue #15).
+    assert to_jsonable({3, 1, 2}) == {"__type__": "set", "value": [1, 2, 3]}
+    assert to_jsonable(frozenset({"b", "a"})) == {"__type__": "frozenset", "value": ["a", "b"]}
 
 
 def test_dates_floats_and_keys() -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from langchain.agents import create_agent
@@ -12,7 +14,14 @@ from sqlalchemy import inspect, text
 import honed
 from fakes import ToolScriptModel, make_tools
 from honed import Step, Trajectory, Verdict
-from honed.store import TrajectoryNotFound, TrajectoryStore
+from honed.store import (
+    InvalidStoreURL,
+    StoreNotFound,
+    TrajectoryNotFound,
+    TrajectoryStore,
+    resolve_store_url,
+    trajectory_to_record,
+)
 
 
 def make(i: int, **fields) -> Trajectory:
@@ -161,3 +170,96 @@ def test_an_agent_captured_into_postgres(pg_url: str) -> None:
     (t,) = honed.open_store(pg_url).trajectories(split="heldout")
     assert t.task_id == "pg" and t.answer == "42" and [s.kind for s in t.steps] == ["model", "tool", "model"]
     assert t.steps[0].tool_calls == [{"name": "mul", "args": {"a": 6, "b": 7}, "id": "call_0_mul"}]
+
+
+# -- store URLs: reading never creates; a URL that cannot work is one clear error ------------------
+
+
+def test_opening_to_read_creates_nothing_where_there_is_no_store(tmp_path: Path, pg_url: str) -> None:
+    typo = tmp_path / "typo" / "honed.db"
+    with pytest.raises(StoreNotFound, match=r"no honed store at sqlite:///.*typo/honed\.db; create one with"):
+        honed.open_store(f"sqlite:///{typo}", create=False)
+    assert not typo.parent.exists()  # neither the file nor its folder
+
+    other = tmp_path / "other.db"  # somebody else's SQLite file
+    with sqlite3.connect(other) as conn:
+        conn.execute("CREATE TABLE notes (x)")
+    with pytest.raises(StoreNotFound):
+        honed.open_store(f"sqlite:///{other}", create=False)
+    with sqlite3.connect(other) as conn:
+        assert conn.execute("SELECT name FROM sqlite_master").fetchall() == [("notes",)]
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("delete",)  # not even switched to WAL
+
+    with pytest.raises(StoreNotFound):  # an empty PostgreSQL schema stays empty
+        honed.open_store(pg_url, create=False)
+    engine = honed.open_store(pg_url).engine  # capturing (create=True) makes the store ...
+    assert "trajectories" in inspect(engine).get_table_names()
+    assert honed.open_store(pg_url, create=False).count() == 0  # ... then reading finds it
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("notaurl", "'notaurl' is not a store URL"),
+        ("mysql://x", "unsupported store URL mysql://x"),
+        ("mongodb://u:secret@host/db", "unsupported store URL mongodb://u:\\*\\*\\*@host/db"),
+    ],
+)
+def test_a_malformed_or_unsupported_url_is_one_clear_error(url: str, message: str) -> None:
+    with pytest.raises(InvalidStoreURL, match=message) as caught:
+        TrajectoryStore(url)
+    text = str(caught.value)
+    assert "sqlite:///PATH" in text and "postgresql://USER@HOST/DB" in text
+    assert "\n" not in text and "secret" not in text
+
+
+def test_postgres_urls_mean_psycopg(pg_url: str) -> None:
+    alias = pg_url.replace("postgresql+psycopg://", "postgres://")
+    assert resolve_store_url(alias) == pg_url
+    assert resolve_store_url(pg_url.replace("postgresql+psycopg://", "postgresql://")) == pg_url
+    honed.open_store(alias).save(make(1))
+    assert honed.open_store(pg_url).count() == 1
+
+
+# -- conversations and resumed runs ------------------------------------------------------------------
+
+
+def _resumed_part(i: int, thread_id: str = "th-1") -> dict:
+    """What another process writes when it resumes a paused run: its own steps, numbered from 0."""
+    start = datetime(2026, 1, 1, tzinfo=UTC) + timedelta(minutes=i)
+    steps = [Step(id=f"r{i}-{n}", index=n, kind="tool", name="add", output=str(n), started_at=start,
+                  ended_at=start) for n in range(2)]  # fmt: skip
+    record = trajectory_to_record(
+        Trajectory(
+            id=f"resume-run-{i}",
+            agent="calc",
+            task={"resume": {"decisions": [{"type": "approve"}]}},
+            steps=steps,
+            output="done",
+            started_at=start,
+            ended_at=start + timedelta(seconds=1),
+            thread_id=thread_id,
+        )
+    )
+    return {**record, "resumes": True}
+
+
+def test_a_resumed_run_continues_the_interrupted_trajectory_of_its_thread(store_url: str) -> None:
+    store = honed.open_store(store_url)
+    store.save(make(0, thread_id="th-0", status="interrupted", output=None))
+    store.save(make(1, thread_id="th-1", status="interrupted", output=None, checkpoint_id="ck-1"))
+    assert store.count(finished=False) == 2 and store.count(status="interrupted", thread_id="th-1") == 1
+    assert store.save_records([_resumed_part(5)]) == 0  # joined, not a new trajectory
+    assert store.save_records([_resumed_part(5)]) == 0  # replayed from a spool: no change
+
+    t = store.get("t1")
+    assert (t.status, t.output, t.thread_id, t.checkpoint_id) == ("ok", "done", "th-1", "ck-1")
+    assert t.task == make(1).task  # the request, not the resume command
+    assert [(s.id, s.index) for s in t.steps] == [("s1-0", 0), ("s1-1", 1), ("r5-0", 2), ("r5-1", 3)]
+    assert store.get("t0").status == "interrupted"  # another thread's pause is untouched
+    assert [x.id for x in store.trajectories(thread_id="th-1")] == ["t1"]
+    assert store.count(finished=True) == 1
+
+    # Nothing paused on the thread (its first half never reached this store): stored on its own.
+    assert store.save_records([_resumed_part(9, thread_id="th-new")]) == 1
+    assert store.get("resume-run-9").task == {"resume": {"decisions": [{"type": "approve"}]}}

@@ -20,8 +20,9 @@ class ScriptedChatModel(BaseChatModel):
     """Replies by rule: the task text `call NAME {json args}; call ...; answer TEXT`.
 
     Each `call` clause becomes one tool-call turn, in order; after the last tool result the model
-    answers `TEXT` with `{result}` replaced by the last tool message's content. `reasoning` adds a
-    reasoning block to every reply; `fail_on` raises when the task text contains it.
+    answers `TEXT` with `{result}` replaced by the last tool message's content. The task is the
+    latest user message, so each turn of a multi-turn conversation follows its own rule.
+    `reasoning` adds a reasoning block to every reply; `fail_on` raises when the task text contains it.
     """
 
     reasoning: str | None = None
@@ -43,13 +44,15 @@ class ScriptedChatModel(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        task = next((m.text for m in messages if isinstance(m, HumanMessage)), "")
+        turn_start = max((i for i, m in enumerate(messages) if isinstance(m, HumanMessage)), default=-1)
+        task = messages[turn_start].text if turn_start >= 0 else ""
+        this_turn = messages[turn_start + 1 :]  # the replies and tool results since the task
         if self.fail_on and self.fail_on in task:
             raise RuntimeError(f"model failure for {task!r}")
         clauses = [c.strip() for c in task.split(";") if c.strip()]
         calls = [c for c in clauses if c.startswith("call ")]
         answer = next((c[len("answer ") :] for c in clauses if c.startswith("answer ")), "done")
-        turns_done = sum(1 for m in messages if isinstance(m, AIMessage))
+        turns_done = sum(1 for m in this_turn if isinstance(m, AIMessage))
         if turns_done < len(calls):
             name, _, raw = calls[turns_done][len("call ") :].partition(" ")
             args = json.loads(raw) if raw.strip() else {}
@@ -58,7 +61,7 @@ class ScriptedChatModel(BaseChatModel):
                 tool_calls=[{"name": name, "args": args, "id": f"call_{turns_done}_{name}"}],
             )
         else:
-            last_tool = next((m for m in reversed(messages) if isinstance(m, ToolMessage)), None)
+            last_tool = next((m for m in reversed(this_turn) if isinstance(m, ToolMessage)), None)
             text = answer.replace("{result}", str(last_tool.content) if last_tool else "")
             message = AIMessage(content=text)
         if self.reasoning:

@@ -14,10 +14,12 @@ from datetime import datetime
 from typing import Any, Literal
 
 StepKind = Literal["model", "tool", "node"]
-Status = Literal["ok", "error"]
+Status = Literal["ok", "error", "interrupted"]
 Split = Literal["train", "heldout"]
 
 TRAIN, HELDOUT = "train", "heldout"  # the split names: train on the first, gate on the second
+INTERRUPTED = "interrupted"  # a run paused for a human (LangGraph `interrupt()`): not finished, never judged
+STRUCTURED_KEY = "structured_response"  # where a `create_agent(response_format=...)` agent leaves its answer
 TRUNCATED_KEY = "__truncated__"  # marks a field the recorder replaced because it was over the size cap
 ERROR_KEY = "error"  # evidence key that marks a verdict as a verifier failure, not a judgement
 Label = Literal["pass", "fail", "unknown"]
@@ -84,10 +86,20 @@ class Verdict:
 
 @dataclass(slots=True)
 class Trajectory:
-    """One top-level agent invocation: the task, every step, and the outcome.
+    """One top-level agent invocation (one turn of a conversation): the task, every step, the outcome.
 
-    `task` is the input the agent was given; `output` is the final answer (the last assistant
-    message's text for message-based agents) or the final output otherwise.
+    `task` is what this invocation was given, under every entry point: for a chat agent, this
+    turn's new messages (`{"messages": [...]}`), never the history before them (that is in the
+    model steps' input, and every turn of a conversation shares its `thread_id`). `output` is the
+    final answer (the last assistant message's text for message-based agents, with the other
+    state keys beside it, e.g. `structured_response`) or the final output otherwise; structured
+    objects are stored as the plain JSON their schema describes, their types in
+    `metadata["output_types"]`.
+
+    `status` is `ok`, `error`, or `interrupted`: paused by LangGraph's `interrupt()` (human in the
+    loop) and not resumed yet. A resumed run continues the same trajectory. `thread_id` is the
+    LangGraph thread (`configurable.thread_id`) and `checkpoint_id` the checkpoint the run started
+    from, where the entry point can see it (`honed.Middleware`).
     """
 
     id: str
@@ -104,6 +116,8 @@ class Trajectory:
     started_at: datetime | None = None
     ended_at: datetime | None = None
     verdicts: list[Verdict] = field(default_factory=list)
+    thread_id: str | None = None
+    checkpoint_id: str | None = None
 
     @property
     def duration_s(self) -> float | None:
@@ -113,12 +127,23 @@ class Trajectory:
 
     @property
     def answer(self) -> str:
-        """The final answer as text: what reference checks compare against."""
-        if isinstance(self.output, str):
-            return self.output
-        if isinstance(self.output, dict) and isinstance(self.output.get("answer"), str):
-            return self.output["answer"]
-        return "" if self.output is None else json.dumps(self.output, ensure_ascii=False, sort_keys=True)
+        """The final answer as text: what reference checks compare against. An agent's structured
+        response is its answer (as JSON text), whatever its last message said."""
+        output = self.output
+        if isinstance(output, str):
+            return output
+        if isinstance(output, dict) and output.get(STRUCTURED_KEY) is not None:
+            output = output[STRUCTURED_KEY]
+            if isinstance(output, str):
+                return output
+        elif isinstance(output, dict) and isinstance(output.get("answer"), str):
+            return output["answer"]
+        return "" if output is None else json.dumps(output, ensure_ascii=False, sort_keys=True)
+
+    @property
+    def finished(self) -> bool:
+        """False while the run waits at an interrupt: not an outcome to verify, train on or export."""
+        return self.status != INTERRUPTED
 
     def model_steps(self) -> list[Step]:
         return [s for s in self.steps if s.kind == "model"]

@@ -8,16 +8,22 @@ serialisation, redaction, size caps) happens here, never in the agent's thread.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-from collections import deque
+import uuid
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
 from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
 from langchain_core.outputs import LLMResult
+from langgraph.errors import GraphBubbleUp, GraphInterrupt
+from langgraph.types import Command
 
+from honed.capture.serialize import to_jsonable
 from honed.messages import ROLES, stored_message, text_of, tool_schema
+from honed.trajectory import INTERRUPTED
 
 log = logging.getLogger("honed")
 
@@ -27,6 +33,15 @@ START, END, ERROR, FLUSH = 0, 1, 2, 3
 # caught it). Closed at the next flush, or after PENDING_LINGER_S without news.
 PENDING_ERROR = 4
 PENDING_LINGER_S = 30.0
+# The run paused at a LangGraph interrupt: payload `(interrupt values, checkpoint id or None)`;
+# the trajectory ends as `interrupted` when its root ends.
+INTERRUPT = 5
+# A trajectory continues after an interrupt (the middleware's view of `Command(resume=...)`):
+# run id = the trajectory id, payload `(name, resume value or NO_VALUE, metadata, extra)`.
+RESUME = 6
+# Another entry point captures this run: drop the trajectory holding run id, write nothing.
+DISCARD = 7
+NO_VALUE = object()
 
 # START payload: (run_kind, name, inputs, metadata, tags, extra); run_kind is one of these.
 CHAIN, MODEL, LLM, TOOL = "chain", "model", "llm", "tool"
@@ -34,6 +49,9 @@ CHAIN, MODEL, LLM, TOOL = "chain", "model", "llm", "tool"
 _HIDDEN_TAG = "langsmith:hidden"
 _INTERNAL_STATE_KEYS = {"messages", "jump_to", "remaining_steps"}
 _CLOSED_MEMORY = 50_000
+# Paused trajectories kept in memory, so a resume in this process writes the whole trajectory
+# (live exporters see it whole); older ones are continued in the store (see save_records).
+_PAUSED_MEMORY = 256
 
 
 class _Run:
@@ -56,6 +74,7 @@ class _Open:
     """A trajectory still being assembled."""
 
     __slots__ = (
+        "interrupts",
         "last_seen",
         "memo",
         "next_index",
@@ -72,6 +91,8 @@ class _Open:
         self.root_key = root_key
         self.root_id = str(root_key)
         self.pending_error: tuple[Any, float] | None = None
+        # Interrupts the run paused at (None: it did not pause; []: paused, no value known).
+        self.interrupts: list[dict[str, Any]] | None = None
         self.last_seen = 0.0
         # Every model call resends the whole conversation: each message (and the tool list) is
         # serialised and redacted once per trajectory, keyed by identity (the ref keeps it alive).
@@ -81,6 +102,16 @@ class _Open:
         self.next_index = 0
         self.open_runs: set[str] = set()
         self.tool_call_ids: set[str] = set()
+
+    def add_interrupts(self, values: Any) -> None:
+        known = self.interrupts if self.interrupts is not None else []
+        ids = {i.get("id") for i in known}
+        for value in values or ():
+            item = _interrupt(value)
+            if item.get("id") is None or item["id"] not in ids:
+                known.append(item)
+                ids.add(item.get("id"))
+        self.interrupts = known
 
 
 class Assembler:
@@ -96,6 +127,8 @@ class Assembler:
         self._completed: list[dict[str, Any]] = []
         self._closed: deque[Any] = deque()
         self._closed_set: set[Any] = set()
+        self._paused: OrderedDict[str, dict[str, Any]] = OrderedDict()  # trajectory id -> record
+        self._paused_on_thread: dict[str, str] = {}  # thread id -> its paused trajectory's id
         self.ignored_events = 0
 
     @property
@@ -115,6 +148,12 @@ class Assembler:
                 run = self._runs.get(run_id)
                 if run is not None:
                     run.trajectory.pending_error = (payload, when)
+            elif kind == INTERRUPT:
+                self._interrupted(run_id, when, payload)
+            elif kind == RESUME:
+                self._resume(run_id, when, payload)
+            elif kind == DISCARD:
+                self._discard(run_id)
         except Exception:  # one malformed event must not stop the writer
             self.ignored_events += 1
             log.exception("honed: could not assemble a capture event; it was skipped")
@@ -157,11 +196,21 @@ class Assembler:
             return
         parent = self._runs.get(parent_id) if parent_id is not None else None
         if parent is None and parent_id is not None and parent_id in self._closed_set:
-            self.ignored_events += 1  # a child of a trajectory that already ended
+            self.ignored_events += 1  # a child of a trajectory that already ended (or was discarded)
+            self._remember_closed(run_id)  # so its own children are known as late too
             return
         name = _run_name(run_kind, name, metadata, extra)
         if parent is None:
-            trajectory = _Open(run_id, self._trajectory_record(run_id, name, inputs, metadata, tags, when))
+            resume = _resume_value(inputs)
+            thread_id = _thread_of(metadata, extra)
+            if resume is not NO_VALUE:
+                paused = self._paused_on_thread.pop(thread_id, None) if thread_id else None
+                trajectory = self._continuation(run_id, paused, name, resume, metadata, tags, extra, when)
+            else:
+                if thread_id:  # a new turn: a pause left unanswered on this thread stays paused
+                    self._paused_on_thread.pop(thread_id, None)
+                record = self._trajectory_record(run_id, name, inputs, metadata, tags, when, extra)
+                trajectory = _Open(run_id, record)
             trajectory.last_seen = when
             run = _Run(trajectory, run_kind, name, None, when)
             self._runs[run_id] = run
@@ -178,7 +227,9 @@ class Assembler:
             trajectory.open_runs.add(run_id)
             # A subgraph run as a node shows up twice (the node, then the graph inside it).
             same_as_parent = parent.kind == CHAIN and parent.step_id is not None and parent.name == name
-            if run_kind == CHAIN and (same_as_parent or not _is_node(name, metadata, tags)):
+            # A graph (or chain) a tool invokes, e.g. a subagent: one step named after it.
+            in_tool = parent.kind == TOOL and not (tags and _HIDDEN_TAG in tags)
+            if run_kind == CHAIN and (same_as_parent or not (in_tool or _is_node(name, metadata, tags))):
                 run.step_id = None  # transparent plumbing: children attach to our parent step
                 return
         run.step_id = str(run_id)
@@ -195,6 +246,7 @@ class Assembler:
         metadata: dict[str, Any] | None,
         tags: list[str] | None,
         when: float,
+        extra: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         honed = dict((metadata or {}).get("honed") or {})
         user_tags = [t for t in tags or () if ":" not in t]
@@ -214,7 +266,110 @@ class Assembler:
             "started_at": when,
             "ended_at": None,
             "steps": None,
+            "thread_id": _thread_of(metadata, extra),
+            "checkpoint_id": _opt_str(
+                (extra or {}).get("checkpoint_id") or (metadata or {}).get("checkpoint_id")
+            ),
         }
+
+    # -- interrupts and resumes ------------------------------------------------------------
+
+    def _continuation(
+        self,
+        root_key: Any,
+        paused_id: str | None,
+        name: str,
+        resume: Any,
+        metadata: dict[str, Any] | None,
+        tags: list[str] | None,
+        extra: dict[str, Any] | None,
+        when: float,
+    ) -> _Open:
+        """The trajectory a resumed run continues: the paused one when this process still holds
+        it (written whole again), else a record of this part alone, `resumes` marking it for the
+        store to join to the paused trajectory (by id, or by thread)."""
+        paused = self._paused.pop(paused_id, None) if paused_id is not None else None
+        if paused is not None:
+            record = {**paused, "status": "ok", "error": None, "output": None, "ended_at": None}
+            trajectory = _Open(root_key, record)
+            trajectory.steps = list(paused["steps"])
+            trajectory.next_index = max((s["index"] for s in trajectory.steps), default=-1) + 1
+        else:
+            record_id = paused_id or str(root_key)
+            value = None if resume is NO_VALUE else {"resume": _plain(resume)}
+            record = self._trajectory_record(record_id, name, value, metadata, tags, when, extra)
+            trajectory = _Open(root_key, record)
+        record["resumes"] = True
+        record["steps"] = None
+        self._synthetic_step(
+            trajectory, "resume", when, input=None if resume is NO_VALUE else self._field(_plain(resume))
+        )
+        return trajectory
+
+    def _resume(self, trajectory_id: str, when: float, payload: tuple[Any, ...]) -> None:
+        """A middleware's trajectory continues after an interrupt (under the same id)."""
+        if trajectory_id in self._runs:
+            self.ignored_events += 1
+            return
+        name, resume, metadata, extra = payload
+        self._closed_set.discard(trajectory_id)
+        trajectory = self._continuation(
+            trajectory_id,
+            trajectory_id if trajectory_id in self._paused else None,
+            name, resume, metadata, None, extra, when,
+        )  # fmt: skip
+        trajectory.record["id"] = trajectory_id
+        trajectory.last_seen = when
+        self._runs[trajectory_id] = _Run(trajectory, CHAIN, name, None, when)
+        trajectory.open_runs.add(trajectory_id)
+
+    def _interrupted(self, run_id: Any, when: float, payload: tuple[Any, ...]) -> None:
+        run = self._runs.get(run_id)
+        if run is None:
+            self.ignored_events += 1
+            return
+        values, checkpoint_id = payload
+        run.trajectory.add_interrupts(values)
+        run.trajectory.last_seen = when
+        if checkpoint_id:
+            run.trajectory.record["_pause_checkpoint"] = str(checkpoint_id)
+
+    def _discard(self, run_id: Any) -> None:
+        run = self._runs.get(run_id)
+        if run is None:
+            return
+        trajectory = run.trajectory
+        for key in [k for k, r in self._runs.items() if r.trajectory is trajectory]:
+            del self._runs[key]
+            self._remember_closed(key)
+        self._remember_closed(trajectory.root_key)
+
+    def _synthetic_step(
+        self, trajectory: _Open, name: str, when: float, *, extra: dict[str, Any] | None = None, **fields: Any
+    ) -> None:
+        """A step no callback reports: the pause at an interrupt (`output`: what it waits for), the
+        value a run resumed with (`input`). Both are `node` steps marked `extra["synthesised"]`."""
+        trajectory.steps.append(
+            {
+                "id": f"{trajectory.record['id']}:{name}:{uuid.uuid4().hex[:12]}",
+                "index": trajectory.next_index,
+                "parent_id": None,
+                "kind": "node",
+                "name": name,
+                "input": None,
+                "output": None,
+                "error": None,
+                "reasoning": None,
+                "tool_calls": [],
+                "usage": None,
+                "model_version": None,
+                "started_at": when,
+                "ended_at": when,
+                "extra": {"synthesised": True, **(extra or {})},
+                **fields,
+            }
+        )
+        trajectory.next_index += 1
 
     # -- ends ------------------------------------------------------------------------------
 
@@ -226,10 +381,19 @@ class Assembler:
         trajectory = run.trajectory
         trajectory.last_seen = when
         trajectory.open_runs.discard(run_id)
+        bubbled = None
+        if isinstance(error, GraphBubbleUp):
+            # Not a failure: LangGraph's control flow (an interrupt, a Command to the parent graph).
+            if isinstance(error, GraphInterrupt):
+                trajectory.add_interrupts(error.args[0] if error.args else ())
+            bubbled, error = type(error).__name__, None
         if error is None:
             trajectory.pending_error = None
         if run.step_id is not None:
-            trajectory.steps.append(self._step(run, when, outputs, error))
+            step = self._step(run, when, outputs, error)
+            if bubbled:
+                step["extra"]["bubbled"] = bubbled
+            trajectory.steps.append(step)
         if run.kind == CHAIN and outputs is not None:
             self._synthesise_unseen_tool_errors(trajectory, run, outputs, when)
         if run_id == trajectory.root_key:
@@ -240,10 +404,23 @@ class Assembler:
             self._end(orphan, when, None, error="incomplete: the run ended before this step finished")
         record = trajectory.record
         record["ended_at"] = when
+        pause_checkpoint = record.pop("_pause_checkpoint", None)
         if error is not None:
             record["status"] = "error"
             record["error"] = self._text(_describe_error(error))
-        record["output"] = self._field(_final_output(outputs)) if outputs is not None else None
+        elif trajectory.interrupts is not None:
+            # Paused for a human: not an outcome. What it waits for is the `interrupt` step.
+            record["status"] = INTERRUPTED
+            extra = {"checkpoint_id": pause_checkpoint} if pause_checkpoint else {}
+            self._synthetic_step(
+                trajectory, "interrupt", when, output=self._field(trajectory.interrupts), extra=extra
+            )
+            outputs = None
+        if outputs is not None:
+            output, types = _final_output(outputs)
+            record["output"] = self._field(output)
+            if types and isinstance(record["metadata"], dict):
+                record["metadata"] = {**record["metadata"], "output_types": types}
         steps = sorted(trajectory.steps, key=lambda s: s["index"])
         record["steps"] = steps
         if record["model_version"] is None:
@@ -251,6 +428,17 @@ class Assembler:
             record["model_version"] = versions[-1] if versions else None
         self._completed.append(record)
         self._remember_closed(run_id)
+        if record["status"] == INTERRUPTED:
+            self._remember_paused(record)
+
+    def _remember_paused(self, record: dict[str, Any]) -> None:
+        self._paused[record["id"]] = record
+        if record.get("thread_id"):
+            self._paused_on_thread[record["thread_id"]] = record["id"]
+        while len(self._paused) > _PAUSED_MEMORY:
+            old_id, old = self._paused.popitem(last=False)
+            if self._paused_on_thread.get(old.get("thread_id") or "") == old_id:
+                del self._paused_on_thread[old["thread_id"]]
 
     def _remember_closed(self, run_key: Any) -> None:
         self._closed.append(run_key)
@@ -302,6 +490,9 @@ class Assembler:
         if tools:
             key = ("tools", *(id(t) for t in tools))
             model_input["tools"] = self._memoised(trajectory, key, list(tools), _tool_schemas)
+        structured = _structured_tools_called(extra.get("structured_tools"), outputs)
+        if structured:  # the model answered through a structured-output tool: it saw that tool
+            model_input["tools"] = [*(model_input.get("tools") or []), *self._field(structured)]
         step["input"] = model_input
         settings = {k: v for k, v in (extra.get("settings") or {}).items() if k not in ("tools", "messages")}
         if settings:
@@ -470,31 +661,86 @@ def _tuple_message(value: tuple[Any, ...]) -> Any:
     return list(value)
 
 
-def _final_output(outputs: Any) -> Any:
+def _final_output(outputs: Any) -> tuple[Any, dict[str, str]]:
     """The final answer: the last assistant message's text for message-based agents, plus any
-    other state keys (a structured response) when there are some."""
+    other state keys (a structured response) when there are some. Structured objects (pydantic
+    models, dataclasses) become the plain JSON their schema describes; their types are returned
+    beside it, by JSON path (`$` the whole output, `$.structured_response` a state key)."""
+    types: dict[str, str] = {}
     if isinstance(outputs, BaseMessage):
-        return text_of(outputs)
+        return text_of(outputs), types
     if isinstance(outputs, dict) and isinstance(outputs.get("messages"), list):
         last_ai = next((m for m in reversed(outputs["messages"]) if isinstance(m, AIMessage)), None)
         answer = text_of(last_ai) if last_ai is not None else ""
-        rest = {k: _plain(v) for k, v in outputs.items() if k not in _INTERNAL_STATE_KEYS}
-        return {"answer": answer, **rest} if rest else answer
-    return _plain(outputs)
+        rest = {}
+        for key, value in outputs.items():
+            if key in _INTERNAL_STATE_KEYS:
+                continue
+            rest[key], type_name = _untyped(value)
+            if type_name:
+                types[f"$.{key}"] = type_name
+        return ({"answer": answer, **rest} if rest else answer), types
+    value, type_name = _untyped(outputs)
+    if type_name:
+        types["$"] = type_name
+    return value, types
+
+
+def _untyped(value: Any) -> tuple[Any, str | None]:
+    """A pydantic model or dataclass instance as plain JSON, and its type; anything else as is."""
+    if isinstance(value, BaseMessage | type) or not (
+        dataclasses.is_dataclass(value) or callable(getattr(value, "model_dump", None))
+    ):
+        return _plain(value), None
+    data = to_jsonable(value)
+    if (
+        isinstance(data, dict)
+        and isinstance(data.get("__type__"), str)
+        and isinstance(data.get("value"), dict)
+    ):
+        return data["value"], data["__type__"]
+    return data, None
+
+
+def _resume_value(inputs: Any) -> Any:
+    """What a `Command(resume=...)` input resumes with; NO_VALUE for any other input."""
+    if isinstance(inputs, Command) and inputs.resume is not None:
+        return inputs.resume
+    return NO_VALUE
+
+
+def _thread_of(metadata: dict[str, Any] | None, extra: dict[str, Any] | None) -> str | None:
+    """The LangGraph thread: LangGraph copies `configurable.thread_id` into the run metadata."""
+    return _opt_str((extra or {}).get("thread_id") or (metadata or {}).get("thread_id"))
+
+
+def _interrupt(value: Any) -> dict[str, Any]:
+    """An `Interrupt` (or its value) as `{"value", "id"}`."""
+    if isinstance(value, dict) and "value" in value:
+        return {"value": value["value"], "id": value.get("id")}
+    return {"value": getattr(value, "value", value), "id": getattr(value, "id", None)}
+
+
+def _structured_tools_called(structured: Any, outputs: Any) -> list[dict[str, Any]]:
+    if not structured:
+        return []
+    message = _ai_message(outputs)
+    called = {c.get("name") for c in getattr(message, "tool_calls", None) or ()}
+    return [t for t in structured if t.get("function", {}).get("name") in called]
 
 
 def _describe_error(error: Any) -> str:
     if isinstance(error, str):
         return error
     if isinstance(error, GeneratorExit):
-        return "GeneratorExit: interrupted (the caller stopped consuming the stream)"
+        return "GeneratorExit: abandoned (the caller stopped consuming the stream)"
     name = type(error).__name__
     try:
         text = str(error)
     except Exception:
         text = "<unprintable error>"
     if name == "CancelledError":
-        return "CancelledError: interrupted (the task was cancelled)"
+        return "CancelledError: cancelled (the task was cancelled)"
     return f"{name}: {text}" if text else name
 
 

@@ -10,16 +10,21 @@ import time
 from typing import Any
 from uuid import UUID
 
-from langchain_core.callbacks import BaseCallbackHandler
+from langgraph.callbacks import GraphCallbackHandler
 
-from honed.capture.assembler import CHAIN, END, ERROR, LLM, MODEL, START, TOOL
+from honed.capture.assembler import CHAIN, END, ERROR, INTERRUPT, LLM, MODEL, START, TOOL
 from honed.capture.recorder import Recorder
 
 
-class CallbackHandler(BaseCallbackHandler):
+class CallbackHandler(GraphCallbackHandler):
     """Capture every run this handler sees into the recorder's store.
 
     >>> agent.invoke(inputs, config={"callbacks": [honed.CallbackHandler(store="sqlite:///honed.db")]})
+
+    A run paused at an interrupt shows as a node ending with `GraphInterrupt`; passed in the
+    config (not through `instrument()`'s hook, which LangGraph leaves out of its graph callbacks),
+    the handler also hears LangGraph's `on_interrupt`, which adds static `interrupt_before/after`
+    pauses and the checkpoint to resume from.
     """
 
     run_inline = True
@@ -192,3 +197,10 @@ class CallbackHandler(BaseCallbackHandler):
     def on_retriever_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         if self.enabled:
             self.recorder.emit((ERROR, run_id, None, time.time(), error))
+
+    # -- LangGraph lifecycle (only for a handler passed in the invocation's config) -----------------
+
+    def on_interrupt(self, event: Any) -> None:
+        if self.enabled and event.run_id is not None:
+            payload = (list(event.interrupts), event.checkpoint_id)
+            self.recorder.emit((INTERRUPT, event.run_id, None, time.time(), payload))

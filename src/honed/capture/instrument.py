@@ -55,9 +55,11 @@ def instrument(store: str | TrajectoryStore | None = None, *, otlp: str | None =
     with _lock:
         if _instrumented is None:
             _instrumented = CallbackHandler(recorder=recorder)
-            # The ContextVar's *default* is what new threads and asyncio tasks see.
+            # The ContextVar's *default* is what new threads and asyncio tasks see. With the class
+            # given, LangChain leaves the hook's handler out of a run that already has a honed
+            # handler in its config: an explicit `wrap()`/`CallbackHandler` wins, never both.
             _hook_var = ContextVar("honed_instrument", default=_instrumented)
-            register_configure_hook(_hook_var, inheritable=True)
+            register_configure_hook(_hook_var, inheritable=True, handle_class=CallbackHandler)
         _instrumented.recorder = recorder
         _instrumented.enabled = True
     return _instrumented

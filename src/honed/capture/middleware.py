@@ -1,25 +1,45 @@
 """`honed.Middleware`: capture for `create_agent` agents, with nothing else to configure.
 
 It records each model call (the exact request: messages, system prompt, tools) and each tool
-call from inside the agent loop. When process-wide capture (`instrument()`) or a honed callback
-handler already sees the run, the middleware stands aside so nothing is recorded twice.
+call from inside the agent loop. Which entry point captures a run when several see it: an explicit
+store wins over `instrument()`'s (which then drops the run), and a middleware with no store of its
+own stands aside for any honed handler that already sees the run, so nothing is recorded twice.
+
+A run that pauses at an interrupt (human in the loop) is written as `interrupted`; the trajectory
+id lives in the agent's checkpointed state, so resuming it, in this process or another, continues
+the same trajectory (`honed.capture.roots` tells the middleware when the graph paused).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from contextvars import ContextVar
 from typing import Annotated, Any, NotRequired
 
 from langchain.agents.middleware import AgentMiddleware, AgentState, ModelRequest, ToolCallRequest
 from langchain.agents.middleware.types import PrivateStateAttr
-from langchain_core.messages import AIMessage
+from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 from langchain_core.utils.uuid import uuid7
-from langgraph.channels.untracked_value import UntrackedValue
+from langgraph.errors import GraphBubbleUp
+from langgraph.types import Command
 
-from honed.capture.assembler import CHAIN, END, ERROR, MODEL, PENDING_ERROR, START, TOOL
+from honed.capture.assembler import (
+    CHAIN,
+    DISCARD,
+    END,
+    ERROR,
+    INTERRUPT,
+    MODEL,
+    NO_VALUE,
+    PENDING_ERROR,
+    RESUME,
+    START,
+    TOOL,
+)
 from honed.capture.recorder import Recorder
+from honed.capture.roots import RootRun, current_root, watch_roots
 from honed.store import TrajectoryStore
 
 log = logging.getLogger("honed")
@@ -28,8 +48,30 @@ log = logging.getLogger("honed")
 _enclosing_tool_step: ContextVar[str | None] = ContextVar("honed_enclosing_tool_step", default=None)
 
 
+class _Live:
+    """A trajectory (or a subagent's node step) a middleware has open in this process."""
+
+    __slots__ = ("final", "root", "root_graph", "whole")
+
+    def __init__(self, root: RootRun | None, whole: bool, root_graph: bool) -> None:
+        self.root = root  # the root run it is open under
+        self.whole = whole  # a trajectory, not a subagent's step inside one
+        self.root_graph = root_graph  # this agent is the root run: its output is the run's output
+        self.final: dict[str, Any] | None = None  # the state its end hook saw
+
+
+# A hook that finds its trajectory missing here, or open under another root run, belongs to a run
+# resumed from a checkpoint (after an interrupt, in this process or another).
+_live: dict[str, _Live] = {}
+# A subagent's node step from before a pause -> the step it continues in after the resume.
+_renamed: dict[str, str] = {}
+_live_lock = threading.Lock()
+_MAX_RENAMED = 10_000
+
+
 class HonedState(AgentState):
-    honed_trajectory: NotRequired[Annotated[str, UntrackedValue, PrivateStateAttr]]
+    # Checkpointed (not UntrackedValue): a run resumed after an interrupt continues its trajectory.
+    honed_trajectory: NotRequired[Annotated[str, PrivateStateAttr]]
 
 
 class Middleware(AgentMiddleware):
@@ -53,10 +95,17 @@ class Middleware(AgentMiddleware):
         self._agent = agent
         self._recorder = recorder
         self._options = recorder_options
+        self._structured_tools: tuple[Any, Any] = (None, None)
+        watch_roots()
 
     @property
     def name(self) -> str:
         return "HonedMiddleware"
+
+    @property
+    def explicit(self) -> bool:
+        """Whether this middleware was given its own store (or recorder, or recorder options)."""
+        return self._store is not None or self._recorder is not None or bool(self._options)
 
     @property
     def recorder(self) -> Recorder:
@@ -64,7 +113,7 @@ class Middleware(AgentMiddleware):
             from honed.capture.instrument import instrumented_handler, recorder_for
 
             handler = instrumented_handler()
-            if self._store is None and not self._options and handler is not None:
+            if not self.explicit and handler is not None:
                 self._recorder = handler.recorder
             else:
                 self._recorder = recorder_for(self._store, **self._options)
@@ -73,10 +122,10 @@ class Middleware(AgentMiddleware):
     # -- agent boundaries ----------------------------------------------------------------------
 
     def before_agent(self, state: HonedState, runtime: Any) -> dict[str, Any] | None:
-        return self._open(state)
+        return self._open(state, runtime)
 
     async def abefore_agent(self, state: HonedState, runtime: Any) -> dict[str, Any] | None:
-        return self._open(state)
+        return self._open(state, runtime)
 
     def after_agent(self, state: HonedState, runtime: Any) -> dict[str, Any] | None:
         self._close(state)
@@ -86,47 +135,163 @@ class Middleware(AgentMiddleware):
         self._close(state)
         return None
 
-    def _open(self, state: HonedState) -> dict[str, Any]:
+    def _open(self, state: HonedState, runtime: Any) -> dict[str, Any]:
         try:
-            return self._open_trajectory(state)
+            return self._open_trajectory(state, runtime)
         except Exception:
             log.exception("honed: could not start capturing this run; the agent goes on uncaptured")
             return {"honed_trajectory": ""}
 
-    def _open_trajectory(self, state: HonedState) -> dict[str, Any]:
+    def _open_trajectory(self, state: HonedState, runtime: Any) -> dict[str, Any]:
         config = _current_config()
-        if _handler_sees_run(config):
+        if not self._claims_run(config):
             return {"honed_trajectory": ""}
         trajectory_id = str(uuid7())
         metadata = dict(config.get("metadata") or {})
         if isinstance(metadata.get("honed"), dict):
             metadata["honed"] = dict(metadata["honed"])
-        name = self._agent or metadata.get("lc_agent_name") or config.get("run_name") or "agent"
+        name = self._agent_name(config)
         parent = _enclosing_tool_step.get()
-        inputs = {"messages": list(state.get("messages", []))}
+        root = current_root()
+        extra: dict[str, Any] | None = None
+        root_graph = False
         if parent is not None:  # a subagent: one node step inside the caller's trajectory
             metadata = {"langgraph_node": name}
+            inputs: Any = {"messages": list(state.get("messages", []))}
+        else:
+            root_graph = _is_root_graph(root, config)
+            inputs = dict(root.inputs) if root is not None and root_graph else _new_messages(state)
+            extra = _checkpoint_of(runtime, config)
         self.recorder.emit(
             (
                 START,
                 trajectory_id,
                 parent,
                 time.time(),
-                (CHAIN, name, inputs, metadata, config.get("tags"), None),
+                (CHAIN, name, inputs, metadata, config.get("tags"), extra),
             )
         )
+        self._track(trajectory_id, _Live(root, parent is None, root_graph))
         return {"honed_trajectory": trajectory_id}
 
     def _close(self, state: HonedState) -> None:
-        trajectory_id = state.get("honed_trajectory")
-        if trajectory_id:
-            outputs = {k: v for k, v in state.items() if k != "honed_trajectory"}
-            self.recorder.emit((END, trajectory_id, None, time.time(), outputs))
+        trajectory_id = self._trajectory(state)
+        if not trajectory_id:
+            return
+        outputs = {k: v for k, v in state.items() if k != "honed_trajectory"}
+        with _live_lock:
+            live = _live.get(trajectory_id)
+            if live is not None and live.root_graph and live.root is current_root():
+                # The agent is the root run: end with the run's own output (its output schema
+                # leaves out other middlewares' private state), when the root run ends.
+                live.final = outputs
+                return
+            _live.pop(trajectory_id, None)
+        self.recorder.emit((END, trajectory_id, None, time.time(), outputs))
+
+    def _trajectory(self, state: Any) -> str | None:
+        """The trajectory a hook's steps belong to; reopened when the run resumed from a
+        checkpoint (after an interrupt, here or in another process)."""
+        stored = state.get("honed_trajectory") if isinstance(state, dict) else None
+        if not stored:
+            return None
+        trajectory_id = _current_id(stored)
+        root = current_root()
+        live = _live.get(trajectory_id)
+        if live is not None and live.root is root:
+            return trajectory_id
+        try:
+            return self._reopen(trajectory_id, root)
+        except Exception:
+            log.exception("honed: could not continue capturing a resumed run; the agent goes on")
+            return None
+
+    def _reopen(self, trajectory_id: str, root: RootRun | None) -> str | None:
+        with _live_lock:
+            live = _live.get(trajectory_id)
+            if live is not None and live.root is root:
+                return trajectory_id  # another hook of this run got here first
+            config = _current_config()
+            if not self._claims_run(config):
+                return None
+            name, now = self._agent_name(config), time.time()
+            parent = _enclosing_tool_step.get()
+            if parent is not None:
+                # A subagent resumed inside its caller's re-run tool call: a new node step there.
+                step_id = str(uuid7())
+                if len(_renamed) >= _MAX_RENAMED:
+                    _renamed.clear()
+                _renamed[trajectory_id] = step_id
+                payload = (CHAIN, name, {"messages": []}, {"langgraph_node": name}, None, None)
+                self.recorder.emit((START, step_id, parent, now, payload))
+                self._track(step_id, _Live(root, False, False), locked=True)
+                return step_id
+            resume = root.inputs.resume if root is not None and isinstance(root.inputs, Command) else NO_VALUE
+            metadata = dict(config.get("metadata") or {})
+            extra = {"thread_id": root.thread_id if root is not None else None}
+            self.recorder.emit((RESUME, trajectory_id, None, now, (name, resume, metadata, extra)))
+            self._track(trajectory_id, _Live(root, True, _is_root_graph(root, config)), locked=True)
+            return trajectory_id
+
+    def _track(self, trajectory_id: str, live: _Live, *, locked: bool = False) -> None:
+        if locked:
+            _live[trajectory_id] = live
+        else:
+            with _live_lock:
+                _live[trajectory_id] = live
+        if live.root is not None:
+            live.root.on_end(lambda run, error: self._root_ended(trajectory_id, live, run, error))
+
+    def _root_ended(
+        self, trajectory_id: str, live: _Live, root: RootRun, error: BaseException | None
+    ) -> None:
+        """The root run is over. If the agent's end hook never ran, the graph stopped with the
+        agent inside it: paused at an interrupt, or ended by an error the agent never saw."""
+        with _live_lock:
+            if _live.get(trajectory_id) is not live:
+                return  # closed already, or reopened under a later run
+            del _live[trajectory_id]
+        if not live.whole:
+            return
+        now = time.time()
+        if live.final is not None:
+            outputs = root.outputs if error is None and isinstance(root.outputs, dict) else live.final
+            self.recorder.emit((END, trajectory_id, None, now, outputs))
+        elif error is None or isinstance(error, GraphBubbleUp):
+            self.recorder.emit((INTERRUPT, trajectory_id, None, now, (list(root.interrupts), None)))
+            self.recorder.emit((END, trajectory_id, None, now, None))
+        else:
+            self.recorder.emit((ERROR, trajectory_id, None, now, error))
+
+    def _claims_run(self, config: dict[str, Any]) -> bool:
+        """Whether this middleware captures the run. A honed handler may already see it: a
+        middleware without a store of its own leaves it to the handler; one with its own store
+        captures it there, and `instrument()` (the process-wide default) drops its copy."""
+        handlers = _honed_handlers(config)
+        if not handlers:
+            return True
+        if not self.explicit:
+            return False
+        mine = self.recorder.store_url
+        if any(h.recorder.store_url == mine for h in handlers):
+            return False  # the same store captures it already
+        from honed.capture.instrument import instrumented_handler
+
+        instrumented = instrumented_handler()
+        run_id = getattr(config.get("callbacks"), "parent_run_id", None)
+        for handler in handlers:
+            if handler is instrumented and run_id is not None:
+                handler.recorder.emit((DISCARD, run_id, None, time.time(), None))
+        return True
+
+    def _agent_name(self, config: dict[str, Any]) -> str:
+        metadata = config.get("metadata") or {}
+        return str(self._agent or metadata.get("lc_agent_name") or config.get("run_name") or "agent")
 
     # -- model calls -----------------------------------------------------------------------------
 
     def wrap_model_call(self, request: ModelRequest, handler: Any) -> Any:
-        trajectory_id = request.state.get("honed_trajectory")
+        trajectory_id = self._trajectory(request.state)
         if not trajectory_id:
             return handler(request)
         step_id = self._model_start(trajectory_id, request)
@@ -141,7 +306,7 @@ class Middleware(AgentMiddleware):
         return response
 
     async def awrap_model_call(self, request: ModelRequest, handler: Any) -> Any:
-        trajectory_id = request.state.get("honed_trajectory")
+        trajectory_id = self._trajectory(request.state)
         if not trajectory_id:
             return await handler(request)
         step_id = self._model_start(trajectory_id, request)
@@ -173,6 +338,7 @@ class Middleware(AgentMiddleware):
             "tools": list(request.tools or ()),
             "settings": dict(request.model_settings or {}),
             "model": name,
+            "structured_tools": self._structured_output_tools(request.response_format),
         }
         self.recorder.emit(
             (START, step_id, trajectory_id, time.time(), (MODEL, str(name), messages, None, None, extra))
@@ -182,7 +348,7 @@ class Middleware(AgentMiddleware):
     # -- tool calls ------------------------------------------------------------------------------
 
     def wrap_tool_call(self, request: ToolCallRequest, handler: Any) -> Any:
-        trajectory_id = request.state.get("honed_trajectory") if isinstance(request.state, dict) else None
+        trajectory_id = self._trajectory(request.state)
         if not trajectory_id:
             return handler(request)
         step_id = self._tool_start(trajectory_id, request)
@@ -196,11 +362,11 @@ class Middleware(AgentMiddleware):
             raise
         finally:
             _enclosing_tool_step.reset(token)
-        self.recorder.emit((END, step_id, None, time.time(), result))
+        self._tool_done(trajectory_id, step_id, result)
         return result
 
     async def awrap_tool_call(self, request: ToolCallRequest, handler: Any) -> Any:
-        trajectory_id = request.state.get("honed_trajectory") if isinstance(request.state, dict) else None
+        trajectory_id = self._trajectory(request.state)
         if not trajectory_id:
             return await handler(request)
         step_id = self._tool_start(trajectory_id, request)
@@ -214,7 +380,7 @@ class Middleware(AgentMiddleware):
             raise
         finally:
             _enclosing_tool_step.reset(token)
-        self.recorder.emit((END, step_id, None, time.time(), result))
+        self._tool_done(trajectory_id, step_id, result)
         return result
 
     def _tool_start(self, trajectory_id: str, request: ToolCallRequest) -> str | None:
@@ -232,12 +398,38 @@ class Middleware(AgentMiddleware):
         self.recorder.emit((START, step_id, trajectory_id, time.time(), payload))
         return step_id
 
+    def _tool_done(self, trajectory_id: str, step_id: str, result: Any) -> None:
+        now = time.time()
+        self.recorder.emit((END, step_id, None, now, result))
+        commands = result if isinstance(result, list) else [result]
+        goto = [c.goto for c in commands if isinstance(c, Command) and c.graph == Command.PARENT]
+        if goto:
+            # A handoff (Command to the parent graph): this agent's turn ends here, and its end
+            # hook never runs.
+            with _live_lock:
+                _live.pop(trajectory_id, None)
+            self.recorder.emit((END, trajectory_id, None, now, {"handoff": goto[0]}))
+
     def _failed(self, trajectory_id: str, step_id: str, exc: BaseException) -> None:
         now = time.time()
         self.recorder.emit((ERROR, step_id, None, now, exc))
+        if isinstance(exc, GraphBubbleUp):
+            return  # an interrupt inside a tool: LangGraph's control flow, not a failure
         # The error may end the run, or an outer middleware may handle it: the trajectory ends
         # as an error only if nothing else happens in it (see Assembler, PENDING_ERROR).
         self.recorder.emit((PENDING_ERROR, trajectory_id, None, now, exc))
+
+    def _structured_output_tools(self, response_format: Any) -> list[dict[str, Any]] | None:
+        """The tools a `ToolStrategy` response format adds for the model (the request's `tools`
+        leave them out): a dataset row must offer the tool its answer calls. Once per format."""
+        if response_format is None:
+            return None
+        cached_for, tools = self._structured_tools
+        if cached_for is response_format:
+            return tools
+        tools = _structured_output_tools(response_format)
+        self._structured_tools = (response_format, tools)
+        return tools
 
 
 def _current_config() -> dict[str, Any]:
@@ -249,12 +441,73 @@ def _current_config() -> dict[str, Any]:
         return {}
 
 
-def _handler_sees_run(config: dict[str, Any]) -> bool:
+def _honed_handlers(config: dict[str, Any]) -> list[Any]:
+    """The enabled honed handlers that see this run (instrument()'s, or one in the config)."""
     from honed.capture.callbacks import CallbackHandler
 
     manager = config.get("callbacks")
     handlers = getattr(manager, "handlers", manager) or []
-    return any(isinstance(h, CallbackHandler) and h.enabled for h in handlers)
+    return [h for h in handlers if isinstance(h, CallbackHandler) and h.enabled]
+
+
+def _current_id(trajectory_id: str | None) -> str | None:
+    return _renamed.get(trajectory_id, trajectory_id) if trajectory_id else trajectory_id
+
+
+def _checkpoint_of(runtime: Any, config: dict[str, Any]) -> dict[str, Any]:
+    """The LangGraph thread, and the checkpoint this run starts from (where there is one)."""
+    info = getattr(runtime, "execution_info", None)
+    configurable = config.get("configurable") or {}
+    thread = getattr(info, "thread_id", None) or configurable.get("thread_id")
+    checkpoint = getattr(info, "checkpoint_id", None) if thread else None
+    return {"thread_id": None if thread is None else str(thread), "checkpoint_id": checkpoint}
+
+
+def _is_root_graph(root: RootRun | None, config: dict[str, Any]) -> bool:
+    """Whether this agent's graph is the root run (not a graph inside another's node, whose
+    checkpoint namespace nests): then the root run's input is this turn's input."""
+    namespace = str((config.get("configurable") or {}).get("checkpoint_ns") or "")
+    return (
+        root is not None
+        and "|" not in namespace
+        and isinstance(root.inputs, dict | Command)
+        and (isinstance(root.inputs, Command) or "messages" in root.inputs)
+    )
+
+
+def _new_messages(state: Any) -> dict[str, Any]:
+    """This turn's input seen from the state: the messages after the last reply (all of them in
+    a conversation with no history), the same `task` `instrument()` records from the run's input.
+    An agent handed a conversation that ends in a reply (a handoff) was given it from the last
+    user message on."""
+    messages = list(state.get("messages", []))
+    last_reply = max(
+        (i for i, m in enumerate(messages) if isinstance(m, AIMessage | ToolMessage)), default=-1
+    )
+    if last_reply == len(messages) - 1:
+        last_reply = max((i for i, m in enumerate(messages) if isinstance(m, HumanMessage)), default=0) - 1
+    return {"messages": messages[last_reply + 1 :]}
+
+
+def _structured_output_tools(response_format: Any) -> list[dict[str, Any]] | None:
+    try:
+        from langchain.agents.structured_output import AutoStrategy, ProviderStrategy, ToolStrategy
+
+        if isinstance(response_format, ProviderStrategy):
+            return None
+        if not isinstance(response_format, ToolStrategy):
+            schema = response_format.schema if isinstance(response_format, AutoStrategy) else response_format
+            response_format = ToolStrategy(schema)
+        return [
+            {
+                "type": "function",
+                "function": {"name": s.name, "description": s.description or "", "parameters": s.json_schema},
+            }
+            for s in response_format.schema_specs
+        ]
+    except Exception:  # an unusual format: the dataset row just lacks that tool
+        log.debug("honed: could not describe the structured-output tools", exc_info=True)
+        return None
 
 
 def _ai_message(response: Any) -> Any:

@@ -93,6 +93,10 @@ class Recorder:
         self._counts = dict.fromkeys(("events_dropped", "events_processed", "trajectories_captured"), 0)
         _live.add(self)
         _flush_on_sigterm()
+        if self.spool.has_pending():
+            # Left by an earlier run while the store was down: the writer's timer replays it as
+            # soon as the store answers, without waiting for this process to capture anything.
+            self._start_writer()
 
     # -- hot path ----------------------------------------------------------------------------
 

@@ -5,7 +5,7 @@ lose a whole trajectory), must terminate on cycles and deep graphs, and must bou
 tool output must not bloat the store).
 
     >>> to_jsonable({"when": datetime.date(2024, 1, 2), "ids": {3, 1}})
-    {'when': {'__type__': 'datetime.date', 'value': '2024-01-02'}, 'ids': [1, 3]}
+    {'when': {'__type__': 'datetime.date', 'value': '2024-01-02'}, 'ids': {'__type__': 'set', 'value': [1, 3]}}
 """
 
 from __future__ import annotations
@@ -276,14 +276,14 @@ class _Walker:
             out.append({"__dropped__": total - len(items)})
         return out
 
-    def _set(self, obj: set[Any] | frozenset[Any], depth: int) -> list[Any]:
+    def _set(self, obj: set[Any] | frozenset[Any], depth: int) -> dict[str, Any]:
         total = len(obj)
         items = list(islice(obj, self.max_items))
         items.sort(key=_safe_repr)  # deterministic output for equal sets
         out = [self.walk(v, depth + 1) for v in items]
         if total > len(items):
             out.append({"__dropped__": total - len(items)})
-        return out
+        return {"__type__": _type_name(type(obj)), "value": out}
 
     def _object(self, obj: Any, t: type, depth: int) -> Any:
         if isinstance(obj, dict):

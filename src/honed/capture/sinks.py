@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from honed.capture.spool import Spool, default_spool_path
-from honed.store import TrajectoryStore, record_to_trajectory, resolve_store_url
-from honed.trajectory import Trajectory
+from honed.store import InvalidStoreURL, TrajectoryStore, record_to_trajectory, resolve_store_url
+from honed.trajectory import INTERRUPTED, Trajectory
 
 log = logging.getLogger("honed")
 
@@ -50,14 +50,19 @@ class TrajectoryExporter(Protocol):
 
 class StoreSink:
     """The store, with the spool as its fallback. Records go to the store; while it is down they are
-    appended to the spool, and replayed in order (retried with backoff) once it answers."""
+    appended to the spool, and replayed in order (retried with backoff) once it answers, on the
+    writer's timer: no new capture is needed. A URL that can never work (malformed, unsupported)
+    is a configuration error: reported once, never retried; records wait in the spool for
+    `honed spool --replay --store FIXED_URL`."""
 
     def __init__(self, store: str | TrajectoryStore | None, spool_path: str | Path | None = None) -> None:
         self._owns_store = not isinstance(store, TrajectoryStore)
         self._store: TrajectoryStore | None = store if isinstance(store, TrajectoryStore) else None
         self.store_url = store.url if isinstance(store, TrajectoryStore) else resolve_store_url(store)
-        self.spool = Spool(Path(spool_path) if spool_path else default_spool_path(self.store_url))
+        path = Path(spool_path) if spool_path else default_spool_path(self.store_url)
+        self.spool = Spool(path, store=self.safe_url())
         self.error: str | None = None
+        self.misconfigured: str | None = None
         self._retry_at = 0.0
         self._retry_delay = _RETRY_MIN_S
         self._lock = threading.Lock()
@@ -73,7 +78,7 @@ class StoreSink:
         )
 
     def write(self, records: list[Record]) -> None:
-        if self.spool.has_pending() and not self._replay_if_due():
+        if self.misconfigured or (self.spool.has_pending() and not self._replay_if_due()):
             self._to_spool(records)  # keep order: nothing overtakes what is already spooled
             return
         try:
@@ -90,7 +95,7 @@ class StoreSink:
             counts: dict[str, Any] = dict(self._counts)
         counts["spool_pending"] = self.spool.pending()
         counts["store"] = self.safe_url()
-        counts["store_error"] = self.error
+        counts["store_error"] = self.misconfigured or self.error
         return counts
 
     def close(self) -> None:
@@ -103,7 +108,7 @@ class StoreSink:
         try:
             return make_url(self.store_url).render_as_string(hide_password=True)
         except Exception:
-            return "<unparseable store URL>"
+            return f"<unparseable store URL of {len(self.store_url)} characters>"
 
     def _save(self, records: list[Record]) -> None:
         if self._store is None:
@@ -121,7 +126,7 @@ class StoreSink:
         """Replay the spool if it has records and a retry is due; True when it is now empty."""
         if not self.spool.has_pending():
             return True
-        if time.monotonic() < self._retry_at:
+        if self.misconfigured or time.monotonic() < self._retry_at:
             return False
         try:
             replayed = self.spool.replay(self._save)
@@ -148,6 +153,16 @@ class StoreSink:
 
     def _store_down(self, exc: BaseException) -> None:
         message = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+        if isinstance(exc, InvalidStoreURL):
+            # Not an outage: no retry can help. Said once, loudly; the records stay in the spool.
+            self.misconfigured = f"configuration error: {exc}"
+            log.error(
+                "honed: %s. Captured runs are kept in the spool %s; fix the store URL, then run "
+                "`honed spool --replay --store URL` to move them there",
+                self.misconfigured,
+                self.spool.path,
+            )
+            return
         if self.error is None:
             log.warning(
                 "honed: the store %s is unavailable (%s); spooling to %s",
@@ -161,15 +176,20 @@ class StoreSink:
 
 
 class ExporterSink:
-    """A `TrajectoryExporter` as a sink: records become `Trajectory` objects once per batch."""
+    """A `TrajectoryExporter` as a sink: records become `Trajectory` objects once per batch. A run
+    paused at an interrupt is not sent: it is not finished, and a backend that keeps the first copy
+    of a span would keep the pause; resumed in this process, it is sent whole once it ends."""
 
     def __init__(self, exporter: TrajectoryExporter) -> None:
         self.exporter = exporter
         self.errors = 0
 
     def write(self, records: list[Record]) -> None:
+        finished = [r for r in records if r.get("status") != INTERRUPTED]
+        if not finished:
+            return
         try:
-            self.exporter.export([record_to_trajectory(r) for r in records])
+            self.exporter.export([record_to_trajectory(r) for r in finished])
         except Exception:  # an exporter's outage must not touch the store path
             self.errors += 1
             log.exception("honed: the exporter %r failed; the store is unaffected", self.exporter)

@@ -1,7 +1,8 @@
 """A local append-only file that holds trajectory records while the store is down.
 
 JSON lines under an exclusive `flock`, so several processes capturing into the same store can
-share one spool; replay is idempotent because the store skips ids it already has.
+share one spool; replay is idempotent because the store skips ids it already has. Beside each
+spool, `<name>.url` names its store (password hidden), so `honed spool` can say what waits where.
 """
 
 from __future__ import annotations
@@ -21,14 +22,38 @@ log = logging.getLogger("honed")
 
 def default_spool_path(store_url: str) -> Path:
     """`$HONED_SPOOL_DIR` (default `~/.cache/honed/spool`) / one file per store URL."""
-    folder = Path(os.environ.get("HONED_SPOOL_DIR") or Path.home() / ".cache" / "honed" / "spool")
     digest = hashlib.sha256(store_url.encode()).hexdigest()[:16]
-    return folder.expanduser() / f"{digest}.jsonl"
+    return spool_folder() / f"{digest}.jsonl"
+
+
+def spools() -> list[Spool]:
+    """Every spool file in the spool folder (`honed spool` lists them)."""
+    folder = spool_folder()
+    if not folder.is_dir():
+        return []
+    return [Spool(path) for path in sorted(folder.glob("*.jsonl"))]
+
+
+def spool_folder() -> Path:
+    return Path(os.environ.get("HONED_SPOOL_DIR") or Path.home() / ".cache" / "honed" / "spool").expanduser()
 
 
 class Spool:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, store: str | None = None) -> None:
         self.path = Path(path)
+        self.store = store  # the store it waits for (shown, password hidden)
+        self._labelled = False
+
+    @property
+    def label_path(self) -> Path:
+        return self.path.with_suffix(".url")
+
+    def stored_label(self) -> str | None:
+        """The store this spool waits for, as written beside it (None for an unlabelled spool)."""
+        try:
+            return self.label_path.read_text(encoding="utf-8").strip() or None
+        except OSError:
+            return None
 
     def append(self, records: Sequence[dict[str, Any]]) -> None:
         """Append records durably (fsync): they are the only copy until the store is back."""
@@ -39,6 +64,35 @@ class Spool:
             handle.write(lines)
             handle.flush()
             os.fsync(handle.fileno())
+        if self.store and not self._labelled:
+            self.label_path.write_text(self.store + "\n", encoding="utf-8")
+            self._labelled = True
+
+    def summary(self) -> dict[str, Any]:
+        """What waits: how many records, the oldest and newest run start (epoch seconds)."""
+        count, oldest, newest = 0, None, None
+        try:
+            with open(self.path, encoding="utf-8") as handle:
+                for line in handle:
+                    if not line.strip():
+                        continue
+                    count += 1
+                    try:
+                        started = json.loads(line).get("started_at")
+                    except (json.JSONDecodeError, AttributeError):
+                        continue
+                    if isinstance(started, int | float):
+                        oldest = started if oldest is None else min(oldest, started)
+                        newest = started if newest is None else max(newest, started)
+        except FileNotFoundError:
+            pass
+        return {
+            "path": str(self.path),
+            "store": self.store or self.stored_label(),
+            "pending": count,
+            "oldest": oldest,
+            "newest": newest,
+        }
 
     def pending(self) -> int:
         """How many records wait in the spool (0 when there is no file)."""

@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from honed.store import StoreUnavailable, TrajectoryStore, open_store
+from honed.store import InvalidStoreURL, StoreUnavailable, TrajectoryStore, open_store
 
 app = typer.Typer(
     no_args_is_help=True, add_completion=False, help="honed: agents that learn from verified experience."
@@ -16,7 +16,9 @@ app = typer.Typer(
 
 StoreOption = Annotated[
     str | None,
-    typer.Option("--store", envvar="HONED_STORE", help="Store URL (sqlite:///… or postgresql+psycopg://…)."),
+    typer.Option(
+        "--store", envvar="HONED_STORE", help="Store URL (sqlite:///PATH or postgresql://USER@HOST/DB)."
+    ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
@@ -26,10 +28,15 @@ def console() -> Console:
     return Console()
 
 
-def open_store_or_exit(url: str | None) -> TrajectoryStore:
-    """Open the store, or print why not and exit with status 2."""
+def open_store_or_exit(url: str | None, *, create: bool = False) -> TrajectoryStore:
+    """Open the store, or print why not in one line and exit with status 2. Only commands that
+    write a store's first data (capture, `init`, `register`, `verify`, `train`) pass `create=True`:
+    pointed at a mistyped path, a reading command must say so, not show an empty new store."""
     try:
-        return open_store(url)
-    except StoreUnavailable as exc:
-        console().print(f"[red]{escape(str(exc))}[/red]")
+        return open_store(url, create=create)
+    except (StoreUnavailable, InvalidStoreURL) as exc:
+        console().print(
+            f"[red]{escape(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)}[/red]",
+            soft_wrap=True,
+        )
         raise typer.Exit(2) from exc

@@ -153,7 +153,7 @@ def demo(
                 sys.stdout.flush()
             table.add_row(*_cycle_row(result))
             out.print(_cycle_line(result))
-    out.print(table)
+    print_table(out, table)
     from honed.report import build_report
 
     path = build_report(s, model=loop.name, path=report)
@@ -165,8 +165,20 @@ def _cycle_table() -> Table:
     table = Table(title="the loop, cycle by cycle")
     for name in ("cycle", "version", "trajectories", "train pass", "held-out pass@1", "pass@8", "result"):
         table.add_column(name, justify="right" if name not in ("version", "result") else "left")
-    table.add_column("why", overflow="fold", max_width=60)
+    table.add_column("why", overflow="fold", min_width=30, max_width=60)
     return table
+
+
+# Off a terminal (a log, a pipe, CI) rich assumes 80 columns and squeezes the table's last column
+# to a few characters a line; a log has no width to respect, so print the table this wide there.
+OFF_TERMINAL_WIDTH = 160
+
+
+def print_table(out: Console, table: Table) -> None:
+    """Print a table; off a terminal, at least `OFF_TERMINAL_WIDTH` wide so no column is crushed."""
+    if not out.is_terminal and out.width < OFF_TERMINAL_WIDTH:
+        out = Console(file=out.file, width=OFF_TERMINAL_WIDTH, no_color=out.no_color)
+    out.print(table)
 
 
 _STATUS_COLOUR = {"base": "", "promoted": "green", "rejected": "red", "nothing_to_learn": "yellow"}
@@ -244,7 +256,7 @@ def train(
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     out = console()
-    s = open_store_or_exit(store)
+    s = open_store_or_exit(store, create=True)
     chosen = load_suite(suite) if suite else None
     if chosen is not None:
         factory = lambda model: suite_agent(chosen, model, store=s, name=name)  # noqa: E731
@@ -305,7 +317,9 @@ def loop_status(store: Any, name: str | None = None) -> dict[str, Any]:
     models = [name] if name else store.model_names()
     status: dict[str, Any] = {
         "trajectories": store.count(),
-        "unlabeled": store.count(verdict="unlabeled"),
+        # paused at an interrupt, waiting for a human: never verified until resumed
+        "interrupted": store.count(finished=False),
+        "unlabeled": store.count(verdict="unlabeled", finished=True),
         # verified passes of training tasks: what `honed export --verdict pass` writes and `prepare` keeps
         "trainable": count_selected(store, verdict="pass"),
         "verifiers": [{k: v for k, v in row.items() if k != "latest"} for row in store.verifier_counts()],
@@ -353,9 +367,14 @@ def status(
         print(json.dumps(info, default=str))
         return
     out = console()
+    paused = (
+        f", [bold]{info['interrupted']}[/bold] interrupted (waiting for a human)"
+        if info["interrupted"]
+        else ""
+    )
     out.print(
-        f"[bold]{info['trajectories']}[/bold] trajectories captured, [bold]{info['unlabeled']}[/bold] unlabeled, "
-        f"[bold]{info['trainable']}[/bold] trainable (verified passes of training tasks)"
+        f"[bold]{info['trajectories']}[/bold] trajectories captured{paused}, [bold]{info['unlabeled']}[/bold] "
+        f"unlabeled, [bold]{info['trainable']}[/bold] trainable (verified passes of training tasks)"
     )
     verdicts = Table(title="verdicts per verifier")
     for col in ("verifier", "version", "pass", "fail", "undecided"):

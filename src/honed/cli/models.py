@@ -104,7 +104,7 @@ def register(
 ) -> None:
     """Register a folder as the next candidate version of NAME (it is checked when promoted)."""
     figures = json.loads(metrics) if metrics else None
-    with open_store_or_exit(store) as s:
+    with open_store_or_exit(store, create=True) as s:
         version = _run(
             lambda: s.register_model(name, path, parent=parent, metrics=figures, actor=by, reason=reason)
         )

@@ -24,11 +24,14 @@ def runs(
     agent: Annotated[str | None, typer.Option(help="Only this agent.")] = None,
     task_id: Annotated[str | None, typer.Option("--task-id", help="Only this task.")] = None,
     split: Annotated[str | None, typer.Option(help="train | heldout")] = None,
-    status: Annotated[str | None, typer.Option(help="ok | error")] = None,
+    status: Annotated[str | None, typer.Option(help="ok | error | interrupted")] = None,
     verdict: Annotated[str | None, typer.Option(help="pass | fail | labeled | unlabeled")] = None,
+    thread: Annotated[
+        str | None, typer.Option("--thread", help="Only this conversation (LangGraph thread_id).")
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """List captured trajectories, newest first."""
+    """List captured trajectories, newest first (a conversation's turns: `--thread ID`)."""
     with open_store_or_exit(store) as s:
         found = s.trajectories(
             limit=limit,
@@ -37,6 +40,7 @@ def runs(
             split=split,
             status=status,
             verdict=verdict,  # type: ignore[arg-type]
+            thread_id=thread,
         )
     if as_json:
         for t in found:
@@ -54,16 +58,15 @@ def runs(
     table.add_column("time", justify="right", no_wrap=True)
     table.add_column("answer / error", overflow="fold", ratio=1)
     for t in found:
-        status = "[green]ok[/green]" if t.status == "ok" else "[red]error[/red]"
         task = f"{escape(t.agent)}\n[dim]{escape(t.task_id or '')} {t.split or ''}[/dim]"
         table.add_row(
             t.id[-12:],
             _when(t.started_at, "%m-%d %H:%M:%S"),
             task,
-            f"{status} {_verdict_summary(t)}",
+            f"{_status_word(t)} {_verdict_summary(t)}",
             str(len(t.steps)),
             _secs(t.duration_s),
-            escape(_preview(t.answer if t.status == "ok" else t.error or "", 80)),
+            escape(_preview(_outcome(t), 80)),
         )
     console().print(table)
 
@@ -83,17 +86,61 @@ def show(
         except TrajectoryNotFound as exc:
             console().print(f"[red]no trajectory {escape(str(exc))}[/red]")
             raise typer.Exit(1) from exc
+        turns = (
+            s.trajectories(None, thread_id=t.thread_id, with_steps=False, oldest_first=True)
+            if t.thread_id
+            else []
+        )
     if as_json:
-        typer.echo(json.dumps(t.to_dict(), ensure_ascii=False, indent=2, default=str))
+        data = t.to_dict()
+        if t.thread_id:
+            data["thread"] = [turn.id for turn in turns]
+        typer.echo(json.dumps(data, ensure_ascii=False, indent=2, default=str))
         return
     console().print(_timeline(t))
+    if len(turns) > 1:
+        console().print(_thread(t, turns))
+
+
+def _thread(shown: Trajectory, turns: list[Trajectory]) -> Tree:
+    """The conversation this trajectory is a turn of: every turn on its thread, oldest first."""
+    tree = Tree(f"[bold]thread[/bold] {escape(shown.thread_id or '')}: {len(turns)} turns")
+    for number, turn in enumerate(turns, 1):
+        mark = "[bold]▶[/bold] " if turn.id == shown.id else "  "
+        tree.add(
+            f"{mark}{number}. {turn.id[-12:]} {_when(turn.started_at, '%m-%d %H:%M:%S')} {_status_word(turn)} "
+            f"[cyan]{escape(_preview(task_text(turn.task), 60))}[/cyan] → {escape(_preview(_outcome(turn), 60))}"
+        )
+    return tree
+
+
+def _status_word(t: Trajectory) -> str:
+    return {"ok": "[green]ok[/green]", "interrupted": "[yellow]interrupted[/yellow]"}.get(
+        t.status, "[red]error[/red]"
+    )
+
+
+def _outcome(t: Trajectory) -> str:
+    """The answer, the error, or what an interrupted run waits for."""
+    if t.status == "error":
+        return t.error or ""
+    if t.status == "interrupted":
+        pause = next(
+            (s for s in reversed(t.steps) if s.name == "interrupt" and s.extra.get("synthesised")), None
+        )
+        return "waiting: " + (_content_text(pause.output) if pause and pause.output else "for a resume")
+    return t.answer
 
 
 def _timeline(t: Trajectory) -> Tree:
-    status = "[green]ok[/green]" if t.status == "ok" else f"[red]error: {escape(t.error or '')}[/red]"
+    status = {
+        "ok": "[green]ok[/green]",
+        "interrupted": "[yellow]interrupted: waiting to be resumed[/yellow]",
+    }.get(t.status, f"[red]error: {escape(t.error or '')}[/red]")
+    thread = f" thread={escape(t.thread_id)}" if t.thread_id else ""
     head = (
         f"[bold]{escape(t.agent)}[/bold]  {t.id}\n"
-        f"task_id={escape(t.task_id or '-')} split={t.split or '-'} model={escape(t.model_version or '-')} "
+        f"task_id={escape(t.task_id or '-')} split={t.split or '-'} model={escape(t.model_version or '-')}{thread} "
         f"started {_when(t.started_at)}  {_secs(t.duration_s)}  {status}"
     )
     tree = Tree(head)
@@ -139,6 +186,11 @@ def _step_label(step: Step) -> str:
         return (
             f"[yellow]tool[/yellow] {escape(step.name)}({escape(_preview(args, 200))}) {took}{result}{error}"
         )
+    synthesised = step.kind == "node" and step.extra.get("synthesised")
+    if synthesised and step.name == "interrupt":
+        return f"[yellow]⏸ interrupted[/yellow], waiting for: {escape(_preview(_content_text(step.output), 300))}"
+    if synthesised and step.name == "resume":
+        return f"[yellow]▶ resumed[/yellow] with: {escape(_preview(_content_text(step.input), 300))}"
     return f"[blue]node[/blue] {escape(step.name)} {took}{error}"
 
 

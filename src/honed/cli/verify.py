@@ -65,7 +65,7 @@ def verify(
         console().print(f"[red]{escape(str(exc))}[/red]")
         raise typer.Exit(2) from exc
     out = console()
-    with open_store_or_exit(store) as s:
+    with open_store_or_exit(store, create=True) as s:
         worker = Worker(
             s,
             chosen,
@@ -253,7 +253,7 @@ def policy(
     if min_precision is None and not clear:
         console().print("[red]give --min-precision X or --clear[/red]")
         raise typer.Exit(2)
-    with open_store_or_exit(store) as s:
+    with open_store_or_exit(store, create=True) as s:
         p = s.set_min_precision(name, None if clear else min_precision, note=note)
     state = "[green]used[/green]" if p.usable else "[red]not used[/red]"
     console().print(

@@ -145,6 +145,7 @@ class SpanMapper:
             "honed.status": t.status,
             "honed.step.count": len(t.steps),
         }
+        _put(attributes, "gen_ai.conversation.id", t.thread_id)  # the LangGraph thread
         _put(attributes, "honed.task.id", t.task_id)
         _put(attributes, "honed.split", t.split)
         _put(attributes, "honed.model_version", t.model_version)

@@ -265,6 +265,7 @@ def _select(
         "since": since,
         "split": split,
         "verdict": "labeled" if labeled_only else None,
+        "finished": True,  # a run paused at an interrupt is no outcome to learn from
     }
     found: dict[str, Trajectory] = {}
     for task_id in wanted:

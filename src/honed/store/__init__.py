@@ -2,9 +2,12 @@
 
 from honed.store.store import (
     DEFAULT_STORE_URL,
+    InvalidStoreURL,
+    StoreNotFound,
     StoreUnavailable,
     TrajectoryNotFound,
     TrajectoryStore,
+    check_store_url,
     open_store,
     record_to_trajectory,
     resolve_store_url,
@@ -13,9 +16,12 @@ from honed.store.store import (
 
 __all__ = [
     "DEFAULT_STORE_URL",
+    "InvalidStoreURL",
+    "StoreNotFound",
     "StoreUnavailable",
     "TrajectoryNotFound",
     "TrajectoryStore",
+    "check_store_url",
     "open_store",
     "record_to_trajectory",
     "resolve_store_url",

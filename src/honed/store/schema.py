@@ -56,6 +56,8 @@ class TrajectoryRow(Base):
     ended_at: Mapped[datetime | None]
     n_steps: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(default=lambda: datetime.now(UTC))
+    thread_id: Mapped[str | None] = mapped_column(String(200))
+    checkpoint_id: Mapped[str | None] = mapped_column(String(64))
 
     steps: Mapped[list[StepRow]] = relationship(
         back_populates="trajectory", order_by="StepRow.index", cascade="all, delete-orphan"
@@ -71,6 +73,7 @@ class TrajectoryRow(Base):
         Index("ix_trajectories_split_started", "split", "started_at"),
         Index("ix_trajectories_status", "status"),
         Index("ix_trajectories_model_version", "model_version"),
+        Index("ix_trajectories_thread_started", "thread_id", "started_at"),
     )
 
 

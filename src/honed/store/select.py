@@ -96,7 +96,8 @@ class Selection:
     """Filters of an export; `None` means any. `task_ids` matches any of them.
 
     `verdict="pass"` keeps trajectories whose `label` is True (trusted verifiers only), `"fail"`
-    those whose label is False. Held-out tasks (see `HeldOut`) are left out unless
+    those whose label is False. Runs paused at an interrupt are not finished: left out unless
+    `status="interrupted"` asks for them. Held-out tasks (see `HeldOut`) are left out unless
     `include_heldout` is true or `split="heldout"` asks for them: they are what a trained model is
     gated on, so a dataset must never pick them up by accident.
     """
@@ -121,6 +122,7 @@ class Selection:
             "model_version": self.model_version,
             "agent": self.agent,
             "status": self.status,
+            "finished": True if self.status is None else None,
         }
 
     @property

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import threading
 from collections.abc import Iterable, Sequence
+from contextlib import closing
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from sqlalchemy import Engine, create_engine, delete, event, exists, func, insert, select, text
+from sqlalchemy import Engine, create_engine, delete, event, exists, func, insert, select, text, update
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import selectinload, sessionmaker
 from sqlalchemy.pool import StaticPool
 
@@ -26,7 +28,7 @@ from honed.store.registry import ModelRegistry
 from honed.store.schema import StepRow, TrajectoryRow, VerdictRow
 from honed.store.training import TrainingLog
 from honed.store.verification import VerificationStore
-from honed.trajectory import Step, Trajectory, Verdict
+from honed.trajectory import INTERRUPTED, Step, Trajectory, Verdict
 
 log = logging.getLogger("honed")
 
@@ -40,18 +42,61 @@ class StoreUnavailable(RuntimeError):
     """The store cannot be reached or migrated; the message names the URL (password hidden)."""
 
 
+class StoreNotFound(StoreUnavailable):
+    """`open_store(url, create=False)` found no honed store there (read-only commands never make one)."""
+
+
+class InvalidStoreURL(ValueError):
+    """A store URL that can never work: malformed, or a database honed does not support. Not an
+    outage: retrying cannot help, the configuration must change."""
+
+
 class TrajectoryNotFound(KeyError):
     """No trajectory has this id (or id prefix)."""
 
 
+SUPPORTED_SCHEMES = ("sqlite:///PATH", "postgresql://USER@HOST/DB")
+# `postgres://` (Heroku, many PaaS) and a bare `postgresql://` mean psycopg 3, the driver of
+# `honed[postgres]` (SQLAlchemy's own default for a bare `postgresql://` is psycopg2).
+_DRIVER_ALIASES = {"postgres": "postgresql+psycopg", "postgresql": "postgresql+psycopg"}
+_SUPPORTED_BACKENDS = {"sqlite", "postgresql"}
+
+
 def resolve_store_url(url: str | None = None) -> str:
-    """An explicit URL, else `HONED_STORE`, else `sqlite:///honed.db` in the working directory."""
-    return url or os.environ.get("HONED_STORE") or DEFAULT_STORE_URL
+    """An explicit URL, else `HONED_STORE`, else `sqlite:///honed.db` in the working directory;
+    `postgres://` and `postgresql://` become `postgresql+psycopg://`. Never raises: a URL that
+    cannot work is reported when a store is opened with it (`check_store_url`)."""
+    url = url or os.environ.get("HONED_STORE") or DEFAULT_STORE_URL
+    try:
+        return check_store_url(url)
+    except InvalidStoreURL:
+        return url
 
 
-def open_store(url: str | None = None) -> TrajectoryStore:
-    """Open (and migrate) the store at `url`; see `resolve_store_url` for the default."""
-    return TrajectoryStore(resolve_store_url(url))
+def check_store_url(url: str) -> str:
+    """The URL normalised (driver aliases applied), or `InvalidStoreURL` with a one-line reason
+    naming the supported schemes."""
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError, TypeError) as exc:
+        raise InvalidStoreURL(
+            f"{_shown(url)} is not a store URL; use {' or '.join(SUPPORTED_SCHEMES)}"
+        ) from exc
+    if parsed.drivername in _DRIVER_ALIASES:
+        return parsed.set(drivername=_DRIVER_ALIASES[parsed.drivername]).render_as_string(hide_password=False)
+    if parsed.get_backend_name() not in _SUPPORTED_BACKENDS:
+        raise InvalidStoreURL(
+            f"unsupported store URL {_shown(url)}: honed stores live in SQLite or PostgreSQL "
+            f"({' or '.join(SUPPORTED_SCHEMES)})"
+        )
+    return url
+
+
+def open_store(url: str | None = None, *, create: bool = True) -> TrajectoryStore:
+    """Open the store at `url` (see `resolve_store_url` for the default), migrating it to the
+    current schema. With `create=False` (what read-only commands use) a URL with no honed store
+    raises `StoreNotFound` instead of creating one: nothing is written there."""
+    return TrajectoryStore(resolve_store_url(url), create=create)
 
 
 class _Part:
@@ -77,9 +122,11 @@ class TrajectoryStore:
     idempotent (an id already stored is skipped), which is what lets a spool be replayed safely.
     """
 
-    def __init__(self, url: str, *, migrate: bool = True) -> None:
-        self.url = url
-        self.engine = _create_engine(url)
+    def __init__(self, url: str, *, migrate: bool = True, create: bool = True) -> None:
+        self.url = check_store_url(url)
+        if not create:
+            _require_existing_sqlite(self.url)
+        self.engine = _create_engine(self.url, create=create)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         db = Database(self.engine, self._sessions)
         self.registry, self.training, self.verification = (
@@ -89,10 +136,13 @@ class TrajectoryStore:
         )
         if migrate:
             try:
-                _migrate(self.engine)
+                _migrate(self.engine, create=create, shown=self.safe_url)
             except SQLAlchemyError as exc:
                 self.engine.dispose()
                 raise StoreUnavailable(f"cannot open the store at {self.safe_url}: {exc}") from exc
+            except StoreUnavailable:
+                self.engine.dispose()
+                raise
 
     # -- the parts' methods, as the store's own ------------------------------------------------
 
@@ -160,24 +210,30 @@ class TrajectoryStore:
 
     def save_records(self, records: Sequence[dict[str, Any]]) -> int:
         """Insert captured trajectory records (the writer's and the spool's format) in one
-        transaction; records whose id is already stored are skipped. Returns how many were new."""
+        transaction; returns how many trajectories were new.
+
+        Idempotent, so a spool can be replayed: a record whose id is stored is skipped, except
+        that a run resumed after an interrupt continues its trajectory: a record that continues a
+        stored `interrupted` one (same id, or `resumes` on the thread of one) adds the steps not
+        stored yet and, ending later, takes over its status, output and end."""
         if not records:
             return 0
         ids = [r["id"] for r in records]
         with self._sessions.begin() as session:
             existing = set(session.scalars(select(TrajectoryRow.id).where(TrajectoryRow.id.in_(ids))))
-            fresh, seen = [], set(existing)
+            fresh, continuations, seen = [], [], set(existing)
             for record in records:
-                if record["id"] not in seen:
+                if record.get("resumes") or record["id"] in seen:
+                    continuations.append(record)
+                else:
                     seen.add(record["id"])
                     fresh.append(record)
-            if not fresh:
-                return 0
-            session.execute(insert(TrajectoryRow), _batchable([_trajectory_row(r) for r in fresh]))
-            step_rows = [_step_row(r["id"], s) for r in fresh for s in r.get("steps", ())]
-            if step_rows:
-                session.execute(insert(StepRow), _batchable(step_rows))
-        return len(fresh)
+            if fresh:
+                session.execute(insert(TrajectoryRow), _batchable([_trajectory_row(r) for r in fresh]))
+                step_rows = [_step_row(r["id"], s) for r in fresh for s in r.get("steps", ())]
+                if step_rows:
+                    session.execute(insert(StepRow), _batchable(step_rows))
+            return len(fresh) + sum(_continue(session, record) for record in continuations)
 
     def save(self, trajectory: Trajectory) -> None:
         """Store a `Trajectory` built in code (imports, tests, synthetic data)."""
@@ -224,6 +280,8 @@ class TrajectoryStore:
         since: datetime | None = None,
         until: datetime | None = None,
         model_version: str | Sequence[str] | None = None,
+        thread_id: str | None = None,
+        finished: bool | None = None,
         ids: Iterable[str] | None = None,
         exclude_task_ids: Iterable[str] | None = None,
         with_steps: bool = True,
@@ -232,12 +290,16 @@ class TrajectoryStore:
         """Trajectories matching every given filter, newest first (oldest first when asked).
 
         `verdict="pass" | "fail"` is `honed.trajectory.label` in SQL: only judgements of trusted
-        verifiers count (`untrusted_verifiers()`); `"labeled" | "unlabeled"`: any verdict or none."""
+        verifiers count (`untrusted_verifiers()`); `"labeled" | "unlabeled"`: any verdict or none.
+        `thread_id` gives the turns of one conversation; `finished=True` leaves out runs paused at
+        an interrupt (`False`: only those)."""
         order = (TrajectoryRow.started_at, TrajectoryRow.id)
         query = select(TrajectoryRow).order_by(*(order if oldest_first else (c.desc() for c in order)))
         query = _filtered(
-            query, agent, task_id, split, status, verdict, since, until, model_version, ids,
-            exclude_task_ids, self._untrusted_for(verdict),
+            query, agent=agent, task_id=task_id, split=split, status=status, verdict=verdict,
+            since=since, until=until, model_version=model_version, thread_id=thread_id,
+            finished=finished, ids=ids, exclude_task_ids=exclude_task_ids,
+            untrusted=self._untrusted_for(verdict),
         )  # fmt: skip
         query = query.offset(offset).limit(limit)
         options = [selectinload(TrajectoryRow.verdicts)]
@@ -258,13 +320,17 @@ class TrajectoryStore:
         since: datetime | None = None,
         until: datetime | None = None,
         model_version: str | None = None,
+        thread_id: str | None = None,
+        finished: bool | None = None,
         exclude_task_ids: Iterable[str] | None = None,
     ) -> int:
         """How many trajectories `trajectories()` would return for the same filters."""
         query = _filtered(
             select(func.count()).select_from(TrajectoryRow),
-            agent, task_id, split, status, verdict, since, until, model_version, None,
-            exclude_task_ids, self._untrusted_for(verdict),
+            agent=agent, task_id=task_id, split=split, status=status, verdict=verdict,
+            since=since, until=until, model_version=model_version, thread_id=thread_id,
+            finished=finished, exclude_task_ids=exclude_task_ids,
+            untrusted=self._untrusted_for(verdict),
         )  # fmt: skip
         with self._sessions() as session:
             return int(session.scalar(query) or 0)
@@ -311,25 +377,65 @@ class TrajectoryStore:
 _migrate_lock = threading.Lock()
 
 
-def _create_engine(url: str) -> Engine:
+def _create_engine(url: str, *, create: bool = True) -> Engine:
     parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite":
-        database = parsed.database or ""
-        in_memory = database in ("", ":memory:") or "mode=memory" in database
-        if not in_memory:
-            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(
-            parsed,
-            connect_args={"timeout": 30, "check_same_thread": False},
-            poolclass=StaticPool if in_memory else None,
-            json_serializer=fast_json_dumps,
+    try:
+        if parsed.get_backend_name() == "sqlite":
+            database = parsed.database or ""
+            in_memory = database in ("", ":memory:") or "mode=memory" in database
+            if not in_memory and create:
+                Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            engine = create_engine(
+                parsed,
+                connect_args={"timeout": 30, "check_same_thread": False},
+                poolclass=StaticPool if in_memory else None,
+                json_serializer=fast_json_dumps,
+            )
+            event.listen(engine, "connect", _sqlite_pragmas)
+            return engine
+        connect_args = {"connect_timeout": 10} if parsed.get_backend_name() == "postgresql" else {}
+        return create_engine(
+            parsed, pool_pre_ping=True, connect_args=connect_args, json_serializer=fast_json_dumps
         )
-        event.listen(engine, "connect", _sqlite_pragmas)
-        return engine
-    connect_args = {"connect_timeout": 10} if parsed.get_backend_name() == "postgresql" else {}
-    return create_engine(
-        parsed, pool_pre_ping=True, connect_args=connect_args, json_serializer=fast_json_dumps
+    except (ArgumentError, ImportError) as exc:  # e.g. a driver that is not installed
+        raise InvalidStoreURL(
+            f"cannot use the store URL {_shown(url)}: {exc} (honed[postgres] installs psycopg for "
+            "postgresql://)"
+        ) from exc
+
+
+def _require_existing_sqlite(url: str) -> None:
+    """Without creating anything (not even the file, its folder or a WAL): is there a SQLite file?"""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return
+    database = parsed.database or ""
+    path = Path(database).expanduser()
+    if database in ("", ":memory:") or "mode=memory" in database or not path.is_file():
+        raise StoreNotFound(_not_found(url))
+    try:  # read-only: a file that is not a honed store must not even be switched to WAL
+        with closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as conn:
+            found = conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'alembic_version'"
+            ).fetchone()
+    except sqlite3.Error:
+        return  # cannot tell read-only (a locked WAL file, say): the normal open decides
+    if found is None:
+        raise StoreNotFound(_not_found(url))
+
+
+def _not_found(shown: str) -> str:
+    return (
+        f"no honed store at {_shown(shown)}; create one with `honed init --store {_shown(shown)}` "
+        "(capturing into it creates it too)"
     )
+
+
+def _shown(url: str) -> str:
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return repr(url)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -345,14 +451,18 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 # The newest migration's revision. Opening a store at this revision reads one row and never
 # imports alembic (0.2-0.4 s of every start); a test keeps it equal to the migrations' head.
-SCHEMA_HEAD = "0004"
+SCHEMA_HEAD = "0005"
 
 
-def _migrate(engine: Engine) -> None:
-    """Bring the schema to head; cheap when it already is (one row read, no alembic import)."""
+def _migrate(engine: Engine, *, create: bool = True, shown: str = "") -> None:
+    """Bring the schema to head; cheap when it already is (one row read, no alembic import).
+    With `create=False`, a database with no honed schema raises `StoreNotFound` untouched."""
     with _migrate_lock:
-        if _revision(engine) == SCHEMA_HEAD:
+        revision = _revision(engine)
+        if revision == SCHEMA_HEAD:
             return
+        if revision is None and not create:
+            raise StoreNotFound(_not_found(shown or engine.url.render_as_string(hide_password=True)))
         from alembic import command
         from alembic.runtime.migration import MigrationContext
 
@@ -366,12 +476,13 @@ def _migrate(engine: Engine) -> None:
 
 
 def _revision(engine: Engine) -> str | None:
-    """The schema's alembic revision, or None where there is no schema yet."""
-    try:
-        with engine.connect() as conn:
+    """The schema's alembic revision, or None where there is no schema yet (an unreachable
+    database raises: it is not an empty one)."""
+    with engine.connect() as conn:
+        try:
             return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
-    except SQLAlchemyError:
-        return None
+        except SQLAlchemyError:
+            return None
 
 
 def _alembic_config() -> Any:
@@ -386,15 +497,29 @@ def _alembic_config() -> Any:
 
 
 def _filtered(
-    query: Any, agent, task_id, split, status, verdict, since, until, model_version, ids,
-    exclude_task_ids=None, untrusted: set[str] = frozenset(),  # type: ignore[assignment]
-) -> Any:  # fmt: skip
+    query: Any,
+    *,
+    agent: str | None = None,
+    task_id: str | None = None,
+    split: str | None = None,
+    status: str | None = None,
+    verdict: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    model_version: str | None = None,
+    thread_id: str | None = None,
+    finished: bool | None = None,
+    ids: Iterable[str] | None = None,
+    exclude_task_ids: Iterable[str] | None = None,
+    untrusted: set[str] = frozenset(),  # type: ignore[assignment]
+) -> Any:
     T = TrajectoryRow
     for column, value in (
         (T.agent, agent),
         (T.task_id, task_id),
         (T.split, split),
         (T.status, status),
+        (T.thread_id, thread_id),
     ):
         if value is not None:
             query = query.where(column == value)
@@ -402,6 +527,8 @@ def _filtered(
         query = query.where(T.model_version == model_version)
     elif model_version is not None:  # several versions: a model's lineage
         query = query.where(T.model_version.in_(list(model_version)))
+    if finished is not None:
+        query = query.where(T.status != INTERRUPTED if finished else T.status == INTERRUPTED)
     if since is not None:
         query = query.where(T.started_at >= since)
     if until is not None:
@@ -465,6 +592,8 @@ def _trajectory_row(record: dict[str, Any]) -> dict[str, Any]:
         "started_at": _ts(record.get("started_at")) or datetime.now(UTC),
         "ended_at": _ts(record.get("ended_at")),
         "n_steps": len(record.get("steps", ())),
+        "thread_id": _short(record.get("thread_id")),
+        "checkpoint_id": _short(record.get("checkpoint_id"), 64),
     }
 
 
@@ -493,6 +622,72 @@ def _short(value: Any, limit: int = 200) -> str | None:
     return None if value is None else str(value)[:limit]
 
 
+def _continue(session: Any, record: dict[str, Any]) -> int:
+    """Merge a continuation (or a replayed record) into its stored trajectory; returns 1 when it
+    was stored as a new trajectory instead (nothing stored to continue)."""
+    target = _continued_id(session, record)
+    if target is None:
+        session.execute(insert(TrajectoryRow), [_trajectory_row(record)])
+        steps = [_step_row(record["id"], s) for s in record.get("steps", ())]
+        if steps:
+            session.execute(insert(StepRow), _batchable(steps))
+        return 1
+    stored = session.get(TrajectoryRow, target)
+    known = dict(
+        session.execute(select(StepRow.id, StepRow.index).where(StepRow.trajectory_id == target)).all()
+    )
+    candidates = [s for s in record.get("steps", ()) if s["id"] not in known]
+    if stored.status != INTERRUPTED and not candidates:
+        return 0  # a replayed record: already there
+    taken = set(session.scalars(select(StepRow.id).where(StepRow.id.in_([s["id"] for s in candidates]))))
+    new_steps = [s for s in candidates if s["id"] not in taken]
+    if new_steps:
+        # A continuation captured in another process numbers its steps from 0: put them after.
+        last, first = max(known.values(), default=-1), min(s["index"] for s in new_steps)
+        shift = last + 1 - first if first <= last else 0
+        rows = [_step_row(target, {**s, "index": s["index"] + shift}) for s in new_steps]
+        session.execute(insert(StepRow), _batchable(rows))
+    row = _trajectory_row(record)
+    values: dict[str, Any] = {"n_steps": len(known) + len(new_steps)}
+    if stored.ended_at is None or row["ended_at"] is None or row["ended_at"] >= stored.ended_at:
+        values |= {k: row[k] for k in ("status", "error", "output", "ended_at")}
+        values["meta"] = {**(stored.meta or {}), **(row["meta"] or {})}
+        for key in ("model_version", "thread_id"):
+            if row[key] is not None:
+                values[key] = row[key]
+    if row["started_at"] < stored.started_at:  # the earlier half arrived second
+        values |= {
+            "started_at": row["started_at"],
+            "task": row["task"],
+            "checkpoint_id": row["checkpoint_id"],
+        }
+    session.execute(update(TrajectoryRow).where(TrajectoryRow.id == target).values(**values))
+    return 0
+
+
+def _continued_id(session: Any, record: dict[str, Any]) -> str | None:
+    """The stored trajectory a record continues: its own id; else the one holding its steps (a
+    resume merged before, replayed); else the newest interrupted run of its thread and agent."""
+    T = TrajectoryRow
+    if session.get(T, record["id"]) is not None:
+        return str(record["id"])
+    step_ids = [s["id"] for s in record.get("steps", ())]
+    if step_ids:
+        holder = session.scalar(select(StepRow.trajectory_id).where(StepRow.id.in_(step_ids)).limit(1))
+        if holder is not None:
+            return str(holder)
+    if not (record.get("resumes") and record.get("thread_id")):
+        return None
+    return session.scalar(
+        select(T.id)
+        .where(
+            T.thread_id == str(record["thread_id"]), T.status == INTERRUPTED, T.agent == record.get("agent")
+        )
+        .order_by(T.started_at.desc())
+        .limit(1)
+    )
+
+
 def trajectory_to_record(trajectory: Trajectory) -> dict[str, Any]:
     """A `Trajectory` as the record format `save_records` and the spool use."""
     record = trajectory.to_dict()
@@ -518,6 +713,8 @@ def record_to_trajectory(record: dict[str, Any]) -> Trajectory:
         model_version=row["model_version"],
         started_at=row["started_at"],
         ended_at=row["ended_at"],
+        thread_id=row["thread_id"],
+        checkpoint_id=row["checkpoint_id"],
     )
 
 
@@ -537,6 +734,8 @@ def _trajectory(row: TrajectoryRow, with_steps: bool) -> Trajectory:
         started_at=row.started_at,
         ended_at=row.ended_at,
         verdicts=[_verdict(v) for v in row.verdicts],
+        thread_id=row.thread_id,
+        checkpoint_id=row.checkpoint_id,
     )
 
 

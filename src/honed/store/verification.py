@@ -23,7 +23,7 @@ from sqlalchemy.orm import aliased
 from honed.store.database import Database
 from honed.store.schema import TrajectoryRow, UTCDateTime, VerdictRow
 from honed.store.verification_tables import VerificationClaimRow, VerifierAuditRow, VerifierPolicyRow
-from honed.trajectory import Verdict
+from honed.trajectory import INTERRUPTED, Verdict
 
 if TYPE_CHECKING:
     from honed.store.audit import AuditResult
@@ -92,6 +92,8 @@ class VerificationStore:
                 literal(now, UTCDateTime()),
             )
             .where(~exists().where(C.trajectory_id == TrajectoryRow.id, C.queue == queue))
+            # A run paused at an interrupt has no outcome yet: it is enqueued once it is resumed.
+            .where(TrajectoryRow.status != INTERRUPTED)
             .order_by(TrajectoryRow.created_at)
         )
         if limit is not None:

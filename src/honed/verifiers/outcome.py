@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from honed.trajectory import Trajectory, is_truncated
+from honed.trajectory import STRUCTURED_KEY, Trajectory, is_truncated
 from honed.verifiers.protocol import CannotTell
 
 _FENCE = re.compile(r"```[ \t]*([\w+.-]*)[^\n]*\n(.*?)```", re.S)
@@ -38,8 +38,9 @@ def final_output(t: Trajectory) -> Any:
 def final_answer(t: Trajectory) -> str:
     """The final answer as text (`Trajectory.answer`), refusing truncated or missing captures."""
     output = final_output(t)
-    if isinstance(output, dict) and is_truncated(output.get("answer")):
-        raise CannotTell(_truncated_reason("answer", output["answer"]), truncated=_marker(output["answer"]))
+    for key in ("answer", STRUCTURED_KEY):
+        if isinstance(output, dict) and is_truncated(output.get(key)):
+            raise CannotTell(_truncated_reason(key, output[key]), truncated=_marker(output[key]))
     return t.answer
 
 

@@ -74,6 +74,8 @@ class BaseVerifier:
     def verify(self, trajectory: Trajectory) -> Verdict:
         start = time.perf_counter()
         try:
+            if not trajectory.finished:  # the worker never queues these; a direct call gets told
+                raise CannotTell("the run is paused at an interrupt, waiting for a human: no outcome yet")
             verdict = self.check(trajectory)
         except CannotTell as exc:
             verdict = Verdict(passed=None, reason=exc.reason, evidence=dict(exc.evidence))

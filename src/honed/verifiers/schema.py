@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from functools import lru_cache
 from typing import Any
 
-from honed.trajectory import Trajectory, Verdict, is_truncated
+from honed.trajectory import STRUCTURED_KEY, Trajectory, Verdict, is_truncated
 from honed.verifiers.outcome import agent_failed, final_output, tool_call_args
 from honed.verifiers.protocol import BaseVerifier, CannotTell, verdict
 from honed.verifiers.reference import parse_json
@@ -85,8 +85,9 @@ class JsonSchema(BaseVerifier):
             return _MISSING if args is None else args
         output = final_output(t)
         if isinstance(output, dict) and "answer" in output and len(output) > 1:
-            # A message agent with a structured response: validate the structured part.
-            structured = output.get("structured_response", _MISSING)
+            # A message agent with a structured response (stored as the plain JSON its schema
+            # describes, its type in metadata["output_types"]): validate the structured part.
+            structured = output.get(STRUCTURED_KEY, _MISSING)
             if structured is not _MISSING:
                 return parse_json(structured)
         if isinstance(output, dict | list):

@@ -1,0 +1,75 @@
+"""`honed init`, `honed spool`: making a store, and what waits to reach one."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from honed.cli.common import JsonOption, StoreOption, app, console, open_store_or_exit
+from honed.store import resolve_store_url
+
+
+@app.command()
+def init(store: StoreOption = None) -> None:
+    """Create a honed store at --store (reading commands never create one), or migrate an older one."""
+    with open_store_or_exit(store, create=True) as s:
+        console().print(f"honed store ready at {escape(s.safe_url)} ({s.count()} trajectories)")
+
+
+@app.command()
+def spool(
+    store: StoreOption = None,
+    replay: Annotated[
+        bool, typer.Option("--replay", help="Write what waits for --store into it now, then empty its spool.")
+    ] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """What captured runs wait in the local spool (`$HONED_SPOOL_DIR`) for a store that was down."""
+    from honed.capture.spool import Spool, default_spool_path, spools
+
+    url = resolve_store_url(store)
+    mine = Spool(default_spool_path(url))
+    if replay:
+        before = mine.pending()
+        with open_store_or_exit(url, create=True) as s:
+            replayed = mine.replay(s.save_records)
+            summary = {"store": s.safe_url, "spool": str(mine.path), "waiting": before, "replayed": replayed}
+        if as_json:
+            typer.echo(json.dumps(summary))
+        else:
+            console().print(
+                f"replayed {replayed} trajectories from {escape(str(mine.path))} into {escape(summary['store'])}"
+            )
+        return
+    rows = [s.summary() for s in spools()]
+    for row in rows:
+        row["this_store"] = row["path"] == str(mine.path)
+    if as_json:
+        for row in rows:
+            typer.echo(json.dumps(row))
+        return
+    waiting = sum(r["pending"] for r in rows)
+    table = Table(title=f"{waiting} trajectories waiting in {len(rows)} spools", pad_edge=False)
+    for column in ("store", "waiting", "oldest", "newest", "spool file"):
+        table.add_column(column, overflow="fold", justify="right" if column == "waiting" else "left")
+    for row in rows:
+        label = escape(row["store"] or "(store not recorded)") + (
+            " [bold](--store)[/bold]" if row["this_store"] else ""
+        )
+        table.add_row(
+            label, str(row["pending"]), _when(row["oldest"]), _when(row["newest"]), escape(row["path"])
+        )
+    console().print(table)
+    if waiting:
+        console().print(
+            "replay one with `honed spool --replay --store URL` (capture also replays it by itself)"
+        )
+
+
+def _when(epoch: float | None) -> str:
+    return datetime.fromtimestamp(epoch).strftime("%Y-%m-%d %H:%M:%S") if epoch else "-"

@@ -1,0 +1,505 @@
+"""Real LangGraph applications, captured, and what a user then reads from the store.
+
+Each shape is a real `create_agent` (or `StateGraph`) application driven by the scripted chat
+model, with real checkpointers (in memory and LangGraph's SQLite saver) and real stores: human in
+the loop (approve, reject, resumed in another process), a multi-turn chat, structured output, a
+supervisor with subagents, and a retrieval tool.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Annotated, Any
+
+import pytest
+from langchain.agents import create_agent
+from langchain.agents.middleware import HumanInTheLoopMiddleware
+from langchain_core.messages import ToolMessage
+from langchain_core.tools import InjectedToolCallId, tool
+from langgraph.checkpoint.memory import InMemorySaver
+from langgraph.prebuilt import InjectedState
+from langgraph.types import Command
+from pydantic import BaseModel
+from typer.testing import CliRunner
+
+import honed
+from fakes import ToolScriptModel, add
+from honed import Trajectory
+from honed.cli import app
+from honed.exporters import select_trajectories, write_jsonl
+from honed.exporters.datasets import chat_example
+from honed.verifiers import JsonSchema, ReferenceMatch, Worker
+
+TESTS = Path(__file__).parent
+ADD_TASK = 'call add {"a": 2, "b": 3}; answer the sum is {result}'
+runner = CliRunner(env={"COLUMNS": "200"})
+
+
+@pytest.fixture(params=["middleware", "instrument"])
+def capture(request: pytest.FixtureRequest) -> Any:
+    """Which entry point captures: `honed.Middleware(store=...)` on the agent, or `instrument()`."""
+    yield request.param
+    honed.uninstrument()
+
+
+def capture_middleware(capture: str, store_url: str) -> list[Any]:
+    if capture == "instrument":
+        honed.instrument(store=store_url)
+        return []
+    return [honed.Middleware(store=store_url)]
+
+
+def checkpointer(kind: str, tmp_path: Path) -> Any:
+    if kind == "memory":
+        return InMemorySaver()
+    from langgraph.checkpoint.sqlite import SqliteSaver
+
+    return SqliteSaver(sqlite3.connect(tmp_path / "checkpoints.db", check_same_thread=False))
+
+
+def hitl_agent(capture: str, store_url: str, saver: Any) -> Any:
+    """A calculator whose `add` needs a human's approval (LangChain's own HITL middleware)."""
+    middleware = [
+        *capture_middleware(capture, store_url),
+        HumanInTheLoopMiddleware(interrupt_on={"add": True}),
+    ]
+    return create_agent(ToolScriptModel(), [add], name="calc", middleware=middleware, checkpointer=saver)
+
+
+def thread(thread_id: str, **honed_metadata: Any) -> dict[str, Any]:
+    return {"configurable": {"thread_id": thread_id}, "metadata": {"honed": honed_metadata}}
+
+
+def names(t: Trajectory) -> list[str]:
+    """The steps a user reads in `honed show`, graph plumbing left out."""
+    return [s.name for s in t.steps if s.kind != "node" or s.extra.get("synthesised")]
+
+
+# -- human in the loop ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("saver", ["memory", "sqlite"])
+@pytest.mark.parametrize("decision", ["approve", "reject"])
+def test_hitl_pauses_as_interrupted_and_the_resume_continues_the_trajectory(
+    capture: str, saver: str, decision: str, sqlite_url: str, tmp_path: Path
+) -> None:
+    agent = hitl_agent(capture, sqlite_url, checkpointer(saver, tmp_path))
+    config = thread("th-1", task_id="t-add", expected="the sum is 5")
+    paused = agent.invoke({"messages": [("user", ADD_TASK)]}, config)
+    assert paused["__interrupt__"]
+    assert honed.flush()
+    store = honed.open_store(sqlite_url)
+
+    (t,) = store.trajectories()
+    assert (t.status, t.thread_id, t.output, t.task_id) == ("interrupted", "th-1", None, "t-add")
+    assert t.task == {"messages": [{"role": "user", "content": ADD_TASK}]}
+    pause = t.steps[-1]
+    assert pause.name == "interrupt" and pause.extra["synthesised"]
+    (request,) = pause.output[0]["value"]["action_requests"]
+    assert (request["name"], request["args"]) == ("add", {"a": 2, "b": 3})
+    # Not an outcome: never verified, never selected for export or training, counted apart.
+    assert Worker(store, [ReferenceMatch()]).run_once() == 0
+    assert list(select_trajectories(store)) == []
+    assert write_jsonl(select_trajectories(store), tmp_path / "train.jsonl").written == 0
+    assert store.count(finished=False) == 1 and store.count(finished=True) == 0
+    shown = runner.invoke(app, ["show", t.id, "--store", sqlite_url]).output
+    assert "interrupted: waiting to be resumed" in shown and "⏸ interrupted, waiting for:" in shown
+    listed = runner.invoke(app, ["runs", "--store", sqlite_url, "--status", "interrupted"]).output
+    assert "interrupted" in listed and "waiting:" in listed
+
+    choice = {"type": "approve"} if decision == "approve" else {"type": "reject", "message": "no adding"}
+    done = agent.invoke(Command(resume={"decisions": [choice]}), config)
+    assert honed.flush()
+
+    (t,) = store.trajectories()  # the same trajectory, continued: not a second one
+    assert t.status == "ok" and t.thread_id == "th-1" and t.error is None
+    resume = next(s for s in t.steps if s.name == "resume")
+    assert resume.input == {"decisions": [choice]}
+    assert names(t)[:3] == ["tool-script", "interrupt", "resume"]
+    add_step = next(s for s in t.tool_steps() if s.name == "add")
+    if decision == "approve":
+        assert t.answer == done["messages"][-1].content == "the sum is 5"
+        assert (add_step.output, add_step.error) == ("5", None)
+        assert Worker(store, [ReferenceMatch()]).run_once() == 1
+        assert [v.passed for v in store.get(t.id).verdicts] == [True]
+    else:
+        assert "rejected" in t.answer and "no adding" in add_step.error  # the call that never ran
+    assert [(s.index) for s in t.steps] == sorted(s.index for s in t.steps)
+    assert "▶ resumed with:" in runner.invoke(app, ["show", t.id, "--store", sqlite_url]).output
+
+
+async def test_concurrent_paused_conversations_resume_into_their_own_trajectories(
+    capture: str, sqlite_url: str
+) -> None:
+    import asyncio
+
+    agent = hitl_agent(capture, sqlite_url, InMemorySaver())
+
+    async def start(i: int) -> dict[str, Any]:
+        config = thread(f"th-{i}")
+        task = f'call add {{"a": {i}, "b": 1}}; answer the sum is {{result}}'
+        await agent.ainvoke({"messages": [("user", task)]}, config)
+        return config
+
+    configs = await asyncio.gather(*(start(i) for i in range(6)))
+    assert honed.flush()
+    store = honed.open_store(sqlite_url)
+    assert store.count(status="interrupted") == 6
+    approve = Command(resume={"decisions": [{"type": "approve"}]})
+    await asyncio.gather(*(agent.ainvoke(approve, c) for c in reversed(configs)))
+    assert honed.flush()
+    found = {t.thread_id: t for t in store.trajectories(limit=None)}
+    assert len(found) == 6 and {t.status for t in found.values()} == {"ok"}
+    for i in range(6):
+        t = found[f"th-{i}"]
+        assert t.answer == f"the sum is {i + 1}" and f'"a": {i}' in t.task["messages"][0]["content"]
+        assert next(s for s in t.tool_steps() if s.name == "add").input == {"a": i, "b": 1}
+
+
+FIRST_HALF = """
+import sys
+sys.path.insert(0, {tests!r})
+import honed
+from langchain_core.messages import HumanMessage
+from test_langgraph_apps import ADD_TASK, checkpointer, hitl_agent, thread
+from pathlib import Path
+agent = hitl_agent({capture!r}, {url!r}, checkpointer("sqlite", Path({tmp!r})))
+assert agent.invoke({{"messages": [("user", ADD_TASK)]}}, thread("th-x"))["__interrupt__"]
+assert honed.flush()
+"""
+
+
+def test_hitl_resumed_in_another_process_continues_the_trajectory(
+    capture: str, sqlite_url: str, tmp_path: Path
+) -> None:
+    """A server pauses a run, the process exits; another one resumes it from the SQLite saver."""
+    code = FIRST_HALF.format(tests=str(TESTS), capture=capture, url=sqlite_url, tmp=str(tmp_path))
+    subprocess.run([sys.executable, "-c", textwrap.dedent(code)], check=True, timeout=180)
+    store = honed.open_store(sqlite_url)
+    (paused,) = store.trajectories()
+    assert paused.status == "interrupted"
+
+    agent = hitl_agent(capture, sqlite_url, checkpointer("sqlite", tmp_path))
+    agent.invoke(Command(resume={"decisions": [{"type": "approve"}]}), thread("th-x"))
+    assert honed.flush()
+    (t,) = store.trajectories()
+    assert t.id == paused.id and t.status == "ok" and t.answer == "the sum is 5"
+    assert t.task == paused.task  # the original request, not the resume command
+    assert names(t)[:3] == ["tool-script", "interrupt", "resume"] and "add" in names(t)
+    assert len({s.index for s in t.steps}) == len(t.steps)  # the second half numbered after the first
+
+
+class Collected:
+    """A live exporter (what `instrument(otlp=...)` plugs in): the trajectories it was sent."""
+
+    def __init__(self) -> None:
+        self.sent: list[Trajectory] = []
+
+    def export(self, trajectories: Any) -> None:
+        self.sent.extend(trajectories)
+
+    def shutdown(self) -> None:
+        pass
+
+
+def test_live_exporters_get_a_paused_run_once_it_is_finished(sqlite_url: str) -> None:
+    exporter = Collected()
+    capture = honed.Middleware(recorder=honed.Recorder(sqlite_url, exporters=[exporter]))
+    approval = HumanInTheLoopMiddleware(interrupt_on={"add": True})
+    agent = create_agent(ToolScriptModel(), [add], name="calc", middleware=[capture, approval],
+                         checkpointer=InMemorySaver())  # fmt: skip
+    agent.invoke({"messages": [("user", ADD_TASK)]}, thread("th-live"))
+    capture.recorder.flush()
+    assert exporter.sent == []  # paused: not an outcome to send
+    agent.invoke(Command(resume={"decisions": [{"type": "approve"}]}), thread("th-live"))
+    capture.recorder.flush()
+    (sent,) = exporter.sent  # sent once, whole: both halves under one trajectory id
+    assert (sent.status, sent.answer) == ("ok", "the sum is 5")
+    assert names(sent) == ["tool-script", "interrupt", "resume", "add", "tool-script"]
+    assert sent.id == honed.open_store(sqlite_url).trajectories()[0].id
+
+
+def test_an_interrupt_inside_a_tool_pauses_and_resumes(capture: str, sqlite_url: str) -> None:
+    from langgraph.types import interrupt
+
+    @tool
+    def refund(order: str) -> str:
+        """Refund an order, once a human approves."""
+        answer = interrupt({"question": f"refund {order}?"})
+        return f"refunded {order}" if answer == "yes" else "refund declined"
+
+    agent = create_agent(ToolScriptModel(), [refund], name="support",
+                         middleware=capture_middleware(capture, sqlite_url), checkpointer=InMemorySaver())  # fmt: skip
+    config = thread("th-refund")
+    agent.invoke({"messages": [("user", 'call refund {"order": "A7"}; answer {result}')]}, config)
+    honed.flush()
+    store = honed.open_store(sqlite_url)
+    (t,) = store.trajectories()
+    assert t.status == "interrupted" and t.steps[-1].output[0]["value"] == {"question": "refund A7?"}
+    assert all(s.error is None for s in t.steps)  # a pause is no failure
+
+    agent.invoke(Command(resume="yes"), config)
+    honed.flush()
+    (t,) = store.trajectories()
+    assert (t.status, t.answer) == ("ok", "refunded A7")
+    assert [s.output for s in t.tool_steps() if s.error is None][-1] == "refunded A7"
+
+
+# -- conversations --------------------------------------------------------------------------------
+
+
+def test_a_multi_turn_chat_is_one_thread_of_turns_with_the_same_task_under_every_entry_point(
+    capture: str, sqlite_url: str
+) -> None:
+    agent = create_agent(ToolScriptModel(), [add], name="chat", middleware=capture_middleware(capture, sqlite_url),
+                         checkpointer=InMemorySaver())  # fmt: skip
+    turns = ["answer hello", 'call add {"a": 1, "b": 2}; answer it is {result}', "answer bye"]
+    for text in turns:
+        agent.invoke({"messages": [("user", text)]}, thread("conv-1"))
+    agent.invoke({"messages": [("user", "answer elsewhere")]}, thread("conv-2"))
+    assert honed.flush()
+    store = honed.open_store(sqlite_url)
+
+    conversation = store.trajectories(thread_id="conv-1", oldest_first=True)
+    assert [t.answer for t in conversation] == ["hello", "it is 3", "bye"]
+    # `task` is this turn's new input, whichever entry point captured it: never the history.
+    assert [t.task for t in conversation] == [{"messages": [{"role": "user", "content": x}]} for x in turns]
+    assert store.count(thread_id="conv-2") == 1 and {t.thread_id for t in conversation} == {"conv-1"}
+    # The history is where the model saw it: turn 3's model call has all of it.
+    seen = [m["content"] for m in conversation[2].model_steps()[0].input["messages"]]
+    assert seen[0] == "answer hello" and seen[-1] == "answer bye" and "it is 3" in seen
+
+    result = runner.invoke(app, ["runs", "--store", sqlite_url, "--thread", "conv-1", "--json"])
+    assert [json.loads(line)["id"] for line in result.output.splitlines()] == [
+        t.id for t in reversed(conversation)
+    ]
+    shown = runner.invoke(app, ["show", conversation[1].id, "--store", sqlite_url])
+    assert shown.exit_code == 0, shown.output
+    assert (
+        "thread conv-1: 3 turns" in shown.output and "▶ 2." in shown.output and "answer bye" in shown.output
+    )
+
+
+# -- structured output -------------------------------------------------------------------------
+
+
+class Ticket(BaseModel):
+    title: str
+    priority: int
+
+
+TICKET = {"title": "login broken", "priority": 1}
+TICKET_TASK = f"call Ticket {json.dumps(TICKET)}; answer filed"
+
+
+def _assert_structured(t: Trajectory, key: str | None) -> None:
+    data = t.output if key is None else t.output[key]
+    assert data == TICKET  # plain JSON, no {"__type__": ..., "value": ...} wrapper
+    assert t.metadata["output_types"] == {("$" if key is None else f"$.{key}"): f"{__name__}.Ticket"}
+    assert JsonSchema(Ticket).verify(t).passed is True
+    assert ReferenceMatch().verify(t).passed is True  # metadata expected = TICKET (json mode)
+
+
+def test_create_agent_response_format_is_stored_as_the_schema_describes(
+    capture: str, sqlite_url: str, tmp_path: Path
+) -> None:
+    agent = create_agent(ToolScriptModel(), [], name="triage", response_format=Ticket,
+                         middleware=capture_middleware(capture, sqlite_url))  # fmt: skip
+    out = agent.invoke({"messages": [("user", TICKET_TASK)]}, thread("tk", task_id="tk", expected=TICKET))
+    assert out["structured_response"] == Ticket(**TICKET)
+    bad = {"title": "login broken", "priority": 3}
+    agent.invoke({"messages": [("user", f"call Ticket {json.dumps(bad)}; answer filed")]},
+                 thread("tk2", task_id="tk2", expected=TICKET))  # fmt: skip
+    honed.flush()
+    store = honed.open_store(sqlite_url)
+    good, wrong = store.trajectories(task_id="tk")[0], store.trajectories(task_id="tk2")[0]
+    _assert_structured(good, "structured_response")
+    assert json.loads(good.answer) == TICKET  # the structured response is the answer
+    reference = ReferenceMatch().verify(wrong)
+    assert reference.passed is False and "priority" in reference.evidence["diff"]
+    schema = JsonSchema(Ticket).verify(wrong)  # valid against the schema; one reference field differs
+    assert schema.passed is False and list(schema.evidence["field_mismatches"]) == ["priority"]
+    if capture == "middleware":
+        # The dataset row offers the model the tool its answer calls (the request's tools omit it).
+        example = chat_example(good)
+        assert example["messages"][-1]["tool_calls"][0]["function"]["name"] == "Ticket"
+        assert [t["function"]["name"] for t in example["tools"]] == ["Ticket"]
+        assert example["tools"][0]["function"]["parameters"]["required"] == ["title", "priority"]
+
+
+def test_with_structured_output_is_stored_as_the_schema_describes(sqlite_url: str) -> None:
+    chain = ToolScriptModel().with_structured_output(Ticket)
+    honed.instrument(store=sqlite_url)
+    try:
+        ticket = chain.invoke(TICKET_TASK, config={"metadata": {"honed": {"expected": TICKET}}})
+    finally:
+        honed.uninstrument()
+    assert ticket == Ticket(**TICKET)
+    honed.flush()
+    (t,) = honed.open_store(sqlite_url).trajectories()
+    _assert_structured(t, None)
+
+
+# -- explicit stores -------------------------------------------------------------------------------
+
+
+def test_an_agents_own_store_wins_over_instrument_and_nothing_is_captured_twice(tmp_path: Path) -> None:
+    a, b, c = (f"sqlite:///{tmp_path / name}.db" for name in ("a", "b", "c"))
+    honed.instrument(store=a)
+    try:
+        own = create_agent(ToolScriptModel(), [add], name="own", middleware=[honed.Middleware(store=b)])
+        own.invoke({"messages": [("user", ADD_TASK)]})
+        shared = create_agent(ToolScriptModel(), [add], name="shared", middleware=[honed.Middleware()])
+        shared.invoke({"messages": [("user", ADD_TASK)]})
+        wrapped = honed.wrap(create_agent(ToolScriptModel(), [add], name="wrapped"), store=c)
+        wrapped.invoke({"messages": [("user", ADD_TASK)]})
+        same = create_agent(ToolScriptModel(), [add], name="same", middleware=[honed.Middleware(store=a)])
+        same.invoke({"messages": [("user", ADD_TASK)]})
+    finally:
+        honed.uninstrument()
+    honed.flush()
+    by_store = {url: sorted(t.agent for t in honed.open_store(url).trajectories()) for url in (a, b, c)}
+    assert by_store == {a: ["same", "shared"], b: ["own"], c: ["wrapped"]}
+    (own_run,) = honed.open_store(b).trajectories()
+    assert names(own_run) == ["tool-script", "add", "tool-script"]  # the middleware's exact capture
+
+
+# -- a supervisor with subagents, and retrieval ----------------------------------------------------
+
+
+def supervisor(middleware: list[Any]) -> Any:
+    researcher = create_agent(ToolScriptModel(), [search_docs], name="researcher", middleware=middleware)
+    calculator = create_agent(ToolScriptModel(), [add], name="calculator", middleware=middleware)
+
+    @tool
+    def ask_researcher(question: str) -> str:
+        """Ask the research agent."""
+        task = f'call search_docs {{"query": "{question}"}}; answer found: {{result}}'
+        return researcher.invoke({"messages": [("user", task)]})["messages"][-1].content
+
+    @tool
+    def ask_calculator(a: int, b: int) -> str:
+        """Ask the calculator agent to add."""
+        task = f'call add {{"a": {a}, "b": {b}}}; answer {{result}}'
+        return calculator.invoke({"messages": [("user", task)]})["messages"][-1].content
+
+    return create_agent(
+        ToolScriptModel(), [ask_researcher, ask_calculator], name="supervisor", middleware=middleware
+    )
+
+
+DOCS = ["Paris is the capital of France.", "Refunds take five days.", "Honed learns from verified runs."]
+
+
+def _retriever() -> Any:
+    from langchain_core.embeddings import DeterministicFakeEmbedding
+    from langchain_core.vectorstores import InMemoryVectorStore
+
+    store = InMemoryVectorStore(DeterministicFakeEmbedding(size=32))
+    store.add_texts(DOCS)
+    return store.as_retriever(search_kwargs={"k": 1})
+
+
+RETRIEVER = _retriever()
+
+
+@tool
+def search_docs(query: str) -> str:
+    """Search the knowledge base."""
+    return "\n".join(d.page_content for d in RETRIEVER.invoke(query))
+
+
+def test_a_supervisor_with_subagents_is_one_trajectory(capture: str, sqlite_url: str) -> None:
+    middleware = capture_middleware(capture, sqlite_url)
+    if middleware:
+        middleware = [honed.Middleware(store=sqlite_url)]  # one instance across the three agents
+    boss = supervisor(middleware)
+    task = 'call ask_calculator {"a": 2, "b": 3}; call ask_researcher {"question": "Refunds take five days."}; answer {result}'
+    out = boss.invoke({"messages": [("user", task)]}, thread("sup", task_id="sup"))
+    assert out["messages"][-1].content == "found: Refunds take five days."
+    honed.flush()
+    (t,) = honed.open_store(sqlite_url).trajectories()
+    assert (t.agent, t.status, t.answer) == ("supervisor", "ok", "found: Refunds take five days.")
+    subagents = {s.name: s for s in t.steps if s.name in ("researcher", "calculator")}
+    assert set(subagents) == {"researcher", "calculator"}
+    delegate = {s.name: s for s in t.tool_steps() if s.name.startswith("ask_")}
+    assert subagents["calculator"].parent_id == delegate["ask_calculator"].id
+    search = next(s for s in t.tool_steps() if s.name == "search_docs")
+    assert search.output == "Refunds take five days."
+    assert _ancestors(t, search) >= {subagents["researcher"].id, delegate["ask_researcher"].id}
+
+
+def _ancestors(t: Trajectory, step: Any) -> set[str]:
+    by_id, found = {s.id: s for s in t.steps}, set()
+    while step.parent_id in by_id:
+        found.add(step.parent_id)
+        step = by_id[step.parent_id]
+    return found
+
+
+def test_a_retrieval_tool_keeps_what_was_retrieved(capture: str, sqlite_url: str) -> None:
+    agent = create_agent(
+        ToolScriptModel(), [search_docs], name="rag", middleware=capture_middleware(capture, sqlite_url)
+    )
+    question = "Paris is the capital of France."
+    agent.invoke({"messages": [("user", f'call search_docs {{"query": "{question}"}}; answer per the docs: {{result}}')]},
+                 thread("rag", expected="Paris"))  # fmt: skip
+    honed.flush()
+    (t,) = honed.open_store(sqlite_url).trajectories()
+    assert t.answer == "per the docs: Paris is the capital of France."
+    (search,) = [s for s in t.tool_steps() if s.name == "search_docs"]
+    assert search.input == {"query": question} and search.output == question
+    if capture == "instrument":  # the retriever's own run, documents and all, under the tool
+        (retrieval,) = [s for s in t.tool_steps() if s.parent_id == search.id]
+        assert retrieval.input == {"query": question}
+        assert retrieval.output[0]["value"]["page_content"] == question
+    verdict = ReferenceMatch("contains").verify(t)
+    assert verdict.passed is True
+
+
+# -- agents handing a conversation to each other ---------------------------------------------------
+
+
+@tool
+def transfer_to_billing(
+    state: Annotated[dict, InjectedState], tool_call_id: Annotated[str, InjectedToolCallId]
+) -> Command:
+    """Hand the conversation to the billing agent."""
+    done = ToolMessage("transferred to billing", tool_call_id=tool_call_id, name="transfer_to_billing")
+    return Command(goto="billing", graph=Command.PARENT, update={"messages": [*state["messages"], done]})
+
+
+def test_agents_handing_off_in_a_graph(capture: str, sqlite_url: str) -> None:
+    """A help desk graph: a triage agent hands the conversation to a billing agent (`Command` to the
+    parent graph). `instrument()` sees the desk as one run; each agent's middleware sees its turn."""
+    from langgraph.graph import START, MessagesState, StateGraph
+
+    middleware = capture_middleware(capture, sqlite_url)
+    desk = StateGraph(MessagesState)
+    desk.add_node("triage", create_agent(ToolScriptModel(), [transfer_to_billing], name="triage",
+                                         middleware=middleware), destinations=("billing",))  # fmt: skip
+    desk.add_node("billing", create_agent(ToolScriptModel(), [add], name="billing", middleware=middleware))
+    desk.add_edge(START, "triage")
+    request = "call transfer_to_billing {}; answer billing here: {result}"
+    out = desk.compile(name="desk").invoke({"messages": [("user", request)]})
+    assert out["messages"][-1].content == "billing here: transferred to billing"
+    honed.flush()
+    found = honed.open_store(sqlite_url).trajectories(oldest_first=True)
+    assert all(t.status == "ok" and not any(s.error for s in t.steps) for t in found)  # a handoff is no error
+    asked = {"messages": [{"role": "user", "content": request}]}
+    if capture == "instrument":
+        (t,) = found
+        assert (t.agent, t.task, t.answer) == ("desk", asked, "billing here: transferred to billing")
+        assert [s.name for s in t.steps if s.kind == "node" and s.parent_id is None] == ["triage", "billing"]
+    else:
+        triage, billing = found
+        assert (triage.agent, triage.task, triage.output) == ("triage", asked, {"handoff": "billing"})
+        assert (billing.agent, billing.answer) == ("billing", "billing here: transferred to billing")
+        assert (
+            billing.task["messages"][0] == asked["messages"][0]
+        )  # handed the conversation from the request on
