@@ -40,101 +40,31 @@ class CallbackHandler(GraphCallbackHandler):
 
     # -- chains (graphs, nodes, agents) --------------------------------------------------------
 
-    def on_chain_start(
-        self,
-        serialized: dict[str, Any] | None,
-        inputs: Any,
-        *,
-        run_id: UUID,
-        parent_run_id: UUID | None = None,
-        tags: list[str] | None = None,
-        metadata: dict[str, Any] | None = None,
-        **kwargs: Any,
-    ) -> None:
+    def on_chain_start(self, serialized: dict[str, Any] | None, inputs: Any, **kwargs: Any) -> None:
         if not self.enabled:
             return
         name = kwargs.get("name") or (serialized or {}).get("name")
-        if parent_run_id is None:
+        if kwargs.get("parent_run_id") is None:
             # A root's config may be reused and mutated by the caller for the next task: copy
             # the small parts we keep (inputs' top level, honed metadata) now.
             inputs = dict(inputs) if isinstance(inputs, dict) else inputs
+            metadata = kwargs.get("metadata")
             if metadata and isinstance(metadata.get("honed"), dict):
-                metadata = {**metadata, "honed": dict(metadata["honed"])}
-        self.recorder.emit(
-            (START, run_id, parent_run_id, time.time(), (CHAIN, name, inputs, metadata, tags, None))
-        )
-
-    def on_chain_end(self, outputs: Any, *, run_id: UUID, **kwargs: Any) -> None:
-        if self.enabled:
-            self.recorder.emit((END, run_id, None, time.time(), outputs))
-
-    def on_chain_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
-        if self.enabled:
-            self.recorder.emit((ERROR, run_id, None, time.time(), error))
+                kwargs["metadata"] = {**metadata, "honed": dict(metadata["honed"])}
+        self._started(CHAIN, name, inputs, None, **kwargs)
 
     # -- models ----------------------------------------------------------------------------------
 
     def on_chat_model_start(
-        self,
-        serialized: dict[str, Any] | None,
-        messages: list[list[Any]],
-        *,
-        run_id: UUID,
-        parent_run_id: UUID | None = None,
-        tags: list[str] | None = None,
-        metadata: dict[str, Any] | None = None,
-        **kwargs: Any,
+        self, serialized: dict[str, Any] | None, messages: list[list[Any]], **kwargs: Any
     ) -> None:
-        if not self.enabled:
-            return
-        params = kwargs.get("invocation_params") or {}
-        extra = {
-            "tools": params.get("tools"),
-            "settings": params,
-            "model": params.get("model") or params.get("model_name"),
-        }
-        self.recorder.emit(
-            (
-                START,
-                run_id,
-                parent_run_id,
-                time.time(),
-                (MODEL, kwargs.get("name"), messages[0] if messages else [], metadata, tags, extra),
-            )
-        )
-
-    def on_llm_start(
-        self,
-        serialized: dict[str, Any] | None,
-        prompts: list[str],
-        *,
-        run_id: UUID,
-        parent_run_id: UUID | None = None,
-        tags: list[str] | None = None,
-        metadata: dict[str, Any] | None = None,
-        **kwargs: Any,
-    ) -> None:
-        if not self.enabled:
-            return
-        params = kwargs.get("invocation_params") or {}
-        extra = {"settings": params, "model": params.get("model") or params.get("model_name")}
-        self.recorder.emit(
-            (
-                START,
-                run_id,
-                parent_run_id,
-                time.time(),
-                (LLM, kwargs.get("name"), list(prompts), metadata, tags, extra),
-            )
-        )
-
-    def on_llm_end(self, response: Any, *, run_id: UUID, **kwargs: Any) -> None:
         if self.enabled:
-            self.recorder.emit((END, run_id, None, time.time(), response))
+            extra = {"tools": (kwargs.get("invocation_params") or {}).get("tools"), **_model_settings(kwargs)}
+            self._started(MODEL, kwargs.get("name"), messages[0] if messages else [], extra, **kwargs)
 
-    def on_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+    def on_llm_start(self, serialized: dict[str, Any] | None, prompts: list[str], **kwargs: Any) -> None:
         if self.enabled:
-            self.recorder.emit((ERROR, run_id, None, time.time(), error))
+            self._started(LLM, kwargs.get("name"), list(prompts), _model_settings(kwargs), **kwargs)
 
     # -- tools and retrievers ----------------------------------------------------------------------
 
@@ -143,60 +73,48 @@ class CallbackHandler(GraphCallbackHandler):
         serialized: dict[str, Any] | None,
         input_str: str,
         *,
-        run_id: UUID,
-        parent_run_id: UUID | None = None,
-        tags: list[str] | None = None,
-        metadata: dict[str, Any] | None = None,
         inputs: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        if not self.enabled:
-            return
-        name = (serialized or {}).get("name") or kwargs.get("name")
-        extra = {"tool_call_id": kwargs.get("tool_call_id")}
-        self.recorder.emit(
-            (
-                START,
-                run_id,
-                parent_run_id,
-                time.time(),
-                (TOOL, name, inputs if inputs is not None else input_str, metadata, tags, extra),
-            )
-        )
-
-    def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
         if self.enabled:
-            self.recorder.emit((END, run_id, None, time.time(), output))
+            name = (serialized or {}).get("name") or kwargs.get("name")
+            extra = {"tool_call_id": kwargs.get("tool_call_id")}
+            self._started(TOOL, name, inputs if inputs is not None else input_str, extra, **kwargs)
 
-    def on_tool_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+    def on_retriever_start(self, serialized: dict[str, Any] | None, query: str, **kwargs: Any) -> None:
         if self.enabled:
-            self.recorder.emit((ERROR, run_id, None, time.time(), error))
+            name = kwargs.get("name") or (serialized or {}).get("name") or "retriever"
+            self._started(TOOL, name, {"query": query}, {}, **kwargs)
 
-    def on_retriever_start(
+    # -- what every run emits: its start, end or error ------------------------------------------
+
+    def _started(
         self,
-        serialized: dict[str, Any] | None,
-        query: str,
+        kind: str,
+        name: Any,
+        inputs: Any,
+        extra: dict[str, Any] | None,
+        /,
         *,
         run_id: UUID,
         parent_run_id: UUID | None = None,
         tags: list[str] | None = None,
         metadata: dict[str, Any] | None = None,
-        **kwargs: Any,
+        **_: Any,
     ) -> None:
-        if not self.enabled:
-            return
-        name = kwargs.get("name") or (serialized or {}).get("name") or "retriever"
-        self.recorder.emit(
-            (START, run_id, parent_run_id, time.time(), (TOOL, name, {"query": query}, metadata, tags, {}))
-        )
+        step = (kind, name, inputs, metadata, tags, extra)
+        self.recorder.emit((START, run_id, parent_run_id, time.time(), step))
 
-    def on_retriever_end(self, documents: Any, *, run_id: UUID, **kwargs: Any) -> None:
+    def _ended(self, outputs: Any, *, run_id: UUID, **kwargs: Any) -> None:
         if self.enabled:
-            self.recorder.emit((END, run_id, None, time.time(), documents))
+            self.recorder.emit((END, run_id, None, time.time(), outputs))
 
-    def on_retriever_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+    def _failed(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         if self.enabled:
             self.recorder.emit((ERROR, run_id, None, time.time(), error))
+
+    on_chain_end = on_llm_end = on_tool_end = on_retriever_end = _ended
+    on_chain_error = on_llm_error = on_tool_error = on_retriever_error = _failed
 
     # -- LangGraph lifecycle (only for a handler passed in the invocation's config) -----------------
 
@@ -204,3 +122,8 @@ class CallbackHandler(GraphCallbackHandler):
         if self.enabled and event.run_id is not None:
             payload = (list(event.interrupts), event.checkpoint_id)
             self.recorder.emit((INTERRUPT, event.run_id, None, time.time(), payload))
+
+
+def _model_settings(kwargs: dict[str, Any]) -> dict[str, Any]:
+    params = kwargs.get("invocation_params") or {}
+    return {"settings": params, "model": params.get("model") or params.get("model_name")}

@@ -15,6 +15,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Annotated, Any, NotRequired
 
@@ -291,41 +293,22 @@ class Middleware(AgentMiddleware):
     # -- model calls -----------------------------------------------------------------------------
 
     def wrap_model_call(self, request: ModelRequest, handler: Any) -> Any:
-        trajectory_id = self._trajectory(request.state)
-        if not trajectory_id:
+        step = self._step_start(request, self._emit_model_start, "model")
+        if step is None:
             return handler(request)
-        step_id = self._model_start(trajectory_id, request)
-        if step_id is None:
-            return handler(request)
-        try:
+        with self._capturing(*step):
             response = handler(request)
-        except BaseException as exc:
-            self._failed(trajectory_id, step_id, exc)
-            raise
-        self.recorder.emit((END, step_id, None, time.time(), _ai_message(response)))
+        self.recorder.emit((END, step[1], None, time.time(), _ai_message(response)))
         return response
 
     async def awrap_model_call(self, request: ModelRequest, handler: Any) -> Any:
-        trajectory_id = self._trajectory(request.state)
-        if not trajectory_id:
+        step = self._step_start(request, self._emit_model_start, "model")
+        if step is None:
             return await handler(request)
-        step_id = self._model_start(trajectory_id, request)
-        if step_id is None:
-            return await handler(request)
-        try:
+        with self._capturing(*step):
             response = await handler(request)
-        except BaseException as exc:
-            self._failed(trajectory_id, step_id, exc)
-            raise
-        self.recorder.emit((END, step_id, None, time.time(), _ai_message(response)))
+        self.recorder.emit((END, step[1], None, time.time(), _ai_message(response)))
         return response
-
-    def _model_start(self, trajectory_id: str, request: ModelRequest) -> str | None:
-        try:
-            return self._emit_model_start(trajectory_id, request)
-        except Exception:
-            log.exception("honed: could not capture a model call; the agent goes on")
-            return None
 
     def _emit_model_start(self, trajectory_id: str, request: ModelRequest) -> str:
         step_id = str(uuid7())
@@ -348,47 +331,22 @@ class Middleware(AgentMiddleware):
     # -- tool calls ------------------------------------------------------------------------------
 
     def wrap_tool_call(self, request: ToolCallRequest, handler: Any) -> Any:
-        trajectory_id = self._trajectory(request.state)
-        if not trajectory_id:
+        step = self._step_start(request, self._emit_tool_start, "tool")
+        if step is None:
             return handler(request)
-        step_id = self._tool_start(trajectory_id, request)
-        if step_id is None:
-            return handler(request)
-        token = _enclosing_tool_step.set(step_id)
-        try:
+        with self._capturing(*step, enclosing=True):
             result = handler(request)
-        except BaseException as exc:
-            self._failed(trajectory_id, step_id, exc)
-            raise
-        finally:
-            _enclosing_tool_step.reset(token)
-        self._tool_done(trajectory_id, step_id, result)
+        self._tool_done(*step, result)
         return result
 
     async def awrap_tool_call(self, request: ToolCallRequest, handler: Any) -> Any:
-        trajectory_id = self._trajectory(request.state)
-        if not trajectory_id:
+        step = self._step_start(request, self._emit_tool_start, "tool")
+        if step is None:
             return await handler(request)
-        step_id = self._tool_start(trajectory_id, request)
-        if step_id is None:
-            return await handler(request)
-        token = _enclosing_tool_step.set(step_id)
-        try:
+        with self._capturing(*step, enclosing=True):
             result = await handler(request)
-        except BaseException as exc:
-            self._failed(trajectory_id, step_id, exc)
-            raise
-        finally:
-            _enclosing_tool_step.reset(token)
-        self._tool_done(trajectory_id, step_id, result)
+        self._tool_done(*step, result)
         return result
-
-    def _tool_start(self, trajectory_id: str, request: ToolCallRequest) -> str | None:
-        try:
-            return self._emit_tool_start(trajectory_id, request)
-        except Exception:
-            log.exception("honed: could not capture a tool call; the agent goes on")
-            return None
 
     def _emit_tool_start(self, trajectory_id: str, request: ToolCallRequest) -> str:
         step_id = str(uuid7())
@@ -397,6 +355,34 @@ class Middleware(AgentMiddleware):
         payload = (TOOL, call.get("name"), call.get("args"), None, None, extra)
         self.recorder.emit((START, step_id, trajectory_id, time.time(), payload))
         return step_id
+
+    # -- what model and tool calls share: start, failure -----------------------------------------
+
+    def _step_start(
+        self, request: Any, emit_start: Callable[[str, Any], str], kind: str
+    ) -> tuple[str, str] | None:
+        """(trajectory, step) for a call this middleware captures; None to just run the call."""
+        trajectory_id = self._trajectory(request.state)
+        if not trajectory_id:
+            return None
+        try:
+            return trajectory_id, emit_start(trajectory_id, request)
+        except Exception:
+            log.exception("honed: could not capture a %s call; the agent goes on", kind)
+            return None
+
+    @contextmanager
+    def _capturing(self, trajectory_id: str, step_id: str, *, enclosing: bool = False) -> Iterator[None]:
+        """Record the call's failure; a tool call is the enclosing step of any subagent it runs."""
+        token = _enclosing_tool_step.set(step_id) if enclosing else None
+        try:
+            yield
+        except BaseException as exc:
+            self._failed(trajectory_id, step_id, exc)
+            raise
+        finally:
+            if token is not None:
+                _enclosing_tool_step.reset(token)
 
     def _tool_done(self, trajectory_id: str, step_id: str, result: Any) -> None:
         now = time.time()
