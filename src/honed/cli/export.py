@@ -123,80 +123,84 @@ def export_otlp(
         console().print(f"sent {result.spans} spans of {result.trajectories} trajectories to {escape(where)}")
 
 
-@export_app.command("jsonl")
-def export_jsonl(
-    output: Annotated[str, typer.Argument(help="The .jsonl file to write, or - for standard output.")],
-    store: StoreOption = None,
-    verdict: Annotated[str, _verdict_option("pass")] = "pass",
-    split: SplitOption = None,
-    since: SinceOption = None,
-    until: UntilOption = None,
-    model_version: ModelVersionOption = None,
-    task_id: TaskIdOption = None,
-    agent: AgentOption = None,
-    status: StatusOption = None,
-    include_heldout: HeldoutOption = False,
-    reasoning: ReasoningOption = False,
-    limit: LimitOption = None,
-    as_json: JsonOption = False,
-) -> None:
+def _dataset_command(
+    name: str, output_help: str, what: str, write: Callable[..., Any], *, dash_is_stdout: bool = False
+) -> Callable[..., None]:
+    """`honed export jsonl` and `honed export hf`: one selection, written by `write` (whose
+    docstring is the command's help)."""
+
+    def command(
+        output: str,
+        store: StoreOption = None,
+        verdict: Annotated[str, _verdict_option("pass")] = "pass",
+        split: SplitOption = None,
+        since: SinceOption = None,
+        until: UntilOption = None,
+        model_version: ModelVersionOption = None,
+        task_id: TaskIdOption = None,
+        agent: AgentOption = None,
+        status: StatusOption = None,
+        include_heldout: HeldoutOption = False,
+        reasoning: ReasoningOption = False,
+        limit: LimitOption = None,
+        as_json: JsonOption = False,
+    ) -> None:
+        selection = _selection(
+            since, until, agent, task_id, split, status, verdict, model_version, include_heldout
+        )
+        to_stdout = dash_is_stdout and output == "-"
+        with (
+            open_store_or_exit(store) as s,
+            _progress(s, selection, limit, what, as_json or to_stdout) as advance,
+        ):
+            result = write(select_trajectories(s, selection, limit=limit), output, reasoning, advance)
+        _report(result.to_dict(), output, as_json, to_stderr=to_stdout)
+
+    # Each command's own help for `output` (a string annotation could not name `output_help`).
+    command.__annotations__["output"] = Annotated[str, typer.Argument(help=output_help)]
+    return export_app.command(name, help=write.__doc__)(command)
+
+
+def _write_jsonl(
+    trajectories: Iterator[Any], output: str, reasoning: bool, advance: Callable[[Any], None]
+) -> Any:
     """Write verified trajectories as OpenAI chat fine-tuning JSONL (messages, tool calls, tools)."""
     import sys
 
     from honed.exporters.datasets import write_jsonl
 
-    selection = _selection(
-        since, until, agent, task_id, split, status, verdict, model_version, include_heldout
-    )
-    quiet = as_json or output == "-"
-    with open_store_or_exit(store) as s, _progress(s, selection, limit, "writing JSONL", quiet) as advance:
-        target: Any = sys.stdout if output == "-" else Path(output)
-        result = write_jsonl(
-            select_trajectories(s, selection, limit=limit), target, reasoning=reasoning, on_trajectory=advance
-        )
-    _report(result.to_dict(), output, as_json, to_stderr=output == "-")
+    target: Any = sys.stdout if output == "-" else Path(output)
+    return write_jsonl(trajectories, target, reasoning=reasoning, on_trajectory=advance)
 
 
-@export_app.command("hf")
-def export_hf(
-    output: Annotated[str, typer.Argument(help="A .parquet file, or a folder for datasets.load_from_disk.")],
-    store: StoreOption = None,
-    verdict: Annotated[str, _verdict_option("pass")] = "pass",
-    split: SplitOption = None,
-    since: SinceOption = None,
-    until: UntilOption = None,
-    model_version: ModelVersionOption = None,
-    task_id: TaskIdOption = None,
-    agent: AgentOption = None,
-    status: StatusOption = None,
-    include_heldout: HeldoutOption = False,
-    reasoning: ReasoningOption = False,
-    limit: LimitOption = None,
-    as_json: JsonOption = False,
-) -> None:
+def _write_hf(
+    trajectories: Iterator[Any], output: str, reasoning: bool, advance: Callable[[Any], None]
+) -> Any:
     """Write verified trajectories as a Hugging Face dataset (parquet or a saved folder) for TRL."""
     import datasets
 
     from honed.exporters.datasets import ExportResult, to_hf_dataset, write_parquet
 
     datasets.disable_progress_bars()  # ours is on screen
-
-    selection = _selection(
-        since, until, agent, task_id, split, status, verdict, model_version, include_heldout
+    if output.endswith(".parquet"):
+        return write_parquet(trajectories, output, reasoning=reasoning, on_trajectory=advance)
+    result = ExportResult(path=output)
+    to_hf_dataset(trajectories, reasoning=reasoning, result=result, on_trajectory=advance).save_to_disk(
+        output
     )
-    with (
-        open_store_or_exit(store) as s,
-        _progress(s, selection, limit, "writing dataset", as_json) as advance,
-    ):
-        trajectories = select_trajectories(s, selection, limit=limit)
-        if output.endswith(".parquet"):
-            result = write_parquet(trajectories, output, reasoning=reasoning, on_trajectory=advance)
-        else:
-            result = ExportResult(path=output)
-            to_hf_dataset(
-                trajectories, reasoning=reasoning, result=result, on_trajectory=advance
-            ).save_to_disk(output)
-    _report(result.to_dict(), output, as_json)
+    return result
+
+
+export_jsonl = _dataset_command(
+    "jsonl",
+    "The .jsonl file to write, or - for standard output.",
+    "writing JSONL",
+    _write_jsonl,
+    dash_is_stdout=True,
+)
+export_hf = _dataset_command(
+    "hf", "A .parquet file, or a folder for datasets.load_from_disk.", "writing dataset", _write_hf
+)
 
 
 # -- helpers -----------------------------------------------------------------------------------
