@@ -7,6 +7,14 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from honed.store import InvalidStoreURL, StoreUnavailable, TrajectoryStore, open_store
 
@@ -40,3 +48,15 @@ def open_store_or_exit(url: str | None, *, create: bool = False) -> TrajectorySt
             soft_wrap=True,
         )
         raise typer.Exit(2) from exc
+
+
+def progress_display(out: Console, *, transient: bool) -> Progress:
+    """The bars long commands (`demo`, `train`, `verify`) show: spinner, description, done/total, time."""
+    columns = (
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    return Progress(*columns, console=out, transient=transient)

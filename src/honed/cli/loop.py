@@ -14,17 +14,9 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    SpinnerColumn,
-    TextColumn,
-    TimeElapsedColumn,
-)
 from rich.table import Table
 
-from honed.cli.common import JsonOption, StoreOption, app, console, open_store_or_exit
+from honed.cli.common import JsonOption, StoreOption, app, console, open_store_or_exit, progress_display
 
 SuiteOption = Annotated[
     str, typer.Option("--suite", help="tool_use | extraction | coding | package.module:SUITE (your own).")
@@ -41,14 +33,7 @@ def _progress(out: Console):
     from honed.learn import quiet_progress_bars
 
     quiet_progress_bars()
-    columns = (
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=out, transient=True) as progress:
+    with progress_display(out, transient=True) as progress:
         bars: dict[str, Any] = {}
 
         def update(phase: str, done: int, total: int) -> None:

@@ -9,17 +9,9 @@ from typing import Annotated
 
 import typer
 from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    SpinnerColumn,
-    TextColumn,
-    TimeElapsedColumn,
-)
 from rich.table import Table
 
-from honed.cli.common import JsonOption, StoreOption, app, console, open_store_or_exit
+from honed.cli.common import JsonOption, StoreOption, app, console, open_store_or_exit, progress_display
 from honed.store import TrajectoryNotFound
 from honed.trajectory import Verdict
 
@@ -78,14 +70,7 @@ def verify(
         )
         backlog = s.verification_backlog(worker.queue)
         todo = backlog["unqueued"] + backlog["due"] + backlog["claimed"]
-        columns = (
-            SpinnerColumn(),
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-        )
-        with Progress(*columns, console=out, transient=False) as progress:
+        with progress_display(out, transient=False) as progress:
             task = progress.add_task(f"verifying with {escape(worker.queue)}", total=None if watch else todo)
 
             def show(stats) -> None:
