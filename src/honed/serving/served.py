@@ -171,9 +171,7 @@ class ServedModel(BaseChatModel):
             result = slot.backend._generate(messages, stop=stop, run_manager=run_manager, **kwargs)
         finally:
             self._follower.release(slot)
-        for generation in result.generations:
-            self._stamp(generation.message, slot.version)
-        return result
+        return self._stamp(result, slot.version)
 
     async def _agenerate(
         self,
@@ -187,9 +185,7 @@ class ServedModel(BaseChatModel):
             result = await slot.backend._agenerate(messages, stop=stop, run_manager=run_manager, **kwargs)
         finally:
             self._follower.release(slot)
-        for generation in result.generations:
-            self._stamp(generation.message, slot.version)
-        return result
+        return self._stamp(result, slot.version)
 
     def _stream(
         self,
@@ -223,13 +219,15 @@ class ServedModel(BaseChatModel):
         finally:
             self._follower.release(slot)
 
-    def _stamp(self, message: BaseMessage, version: ModelVersion) -> None:
-        meta = message.response_metadata
-        reported = str(meta.get("model_name") or "")
-        # A server that follows the store itself (`honed serve`) says which version answered.
-        meta["model_version"] = (
-            reported if re.fullmatch(rf"{re.escape(self.name)}@v\d+", reported) else version.ref
-        )
+    def _stamp(self, result: ChatResult, version: ModelVersion) -> ChatResult:
+        for generation in result.generations:
+            meta = generation.message.response_metadata
+            reported = str(meta.get("model_name") or "")
+            # A server that follows the store itself (`honed serve`) says which version answered.
+            meta["model_version"] = (
+                reported if re.fullmatch(rf"{re.escape(self.name)}@v\d+", reported) else version.ref
+            )
+        return result
 
     def _stamp_chunk(
         self, chunk: ChatGenerationChunk, version: ModelVersion, first: bool
