@@ -16,7 +16,7 @@ import html
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -289,15 +289,9 @@ def _cycle_table(cycles: list[CycleResult]) -> str:
             f'<td><span class="badge {_e(c.status)}">{_e(c.status.replace("_", " "))}</span></td>'
             f'<td class="reason">{_e(c.reason)}</td></tr>'
         )
-    head = "".join(
-        f"<th>{h}</th>"
-        for h in ("cycle", "version", "method", "trajectories", "train pass rate", "held-out pass@1",
-                  "pass@k", "outcome", "reason")
-    )  # fmt: skip
-    return (
-        '<section id="cycles"><h2>Cycles</h2><div class="scroll"><table class="cycles">'
-        f"<thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table></div></section>"
-    )
+    head = ("cycle", "version", "method", "trajectories", "train pass rate", "held-out pass@1", "pass@k",
+            "outcome", "reason")  # fmt: skip
+    return _table_section("cycles", "Cycles", head, rows, css="cycles", scroll=True)
 
 
 def _watch(store: Any, model: str | None) -> str:
@@ -322,27 +316,33 @@ def _history(events: list[ModelEvent]) -> str:
             f'<td><span class="badge {_e(e.action)}">{_e(e.action)}</span></td>'
             f'<td class="nowrap">{_e(moved)}</td><td>{_e(e.actor)}</td><td class="reason">{_e(e.reason)}</td></tr>'
         )
-    return (
-        '<section id="history"><h2>Version history</h2><div class="scroll"><table>'
-        "<thead><tr><th>when</th><th>change</th><th>version</th><th>by</th><th>reason</th></tr></thead>"
-        f"<tbody>{''.join(rows)}</tbody></table></div></section>"
-    )
+    head = ("when", "change", "version", "by", "reason")
+    return _table_section("history", "Version history", head, rows, scroll=True)
 
 
 def _verifiers(counts: list[dict[str, Any]]) -> str:
     if not counts:
         return ""
-    rows = "".join(
+    rows = (
         f'<tr><td>{_e(c["verifier"])}@{_e(c["version"])}</td><td class="num">{c["pass"]}</td>'
         f'<td class="num">{c["fail"]}</td><td class="num">{c["undecided"]}</td>'
         f'<td class="num">{c["total"]}</td></tr>'
         for c in counts
     )
-    return (
-        '<section id="verifiers"><h2>Verdicts per verifier</h2><table class="compact">'
-        "<thead><tr><th>verifier</th><th>pass</th><th>fail</th><th>undecided</th><th>total</th></tr></thead>"
-        f"<tbody>{rows}</tbody></table></section>"
-    )
+    head = ("verifier", "pass", "fail", "undecided", "total")
+    return _table_section("verifiers", "Verdicts per verifier", head, rows, css="compact")
+
+
+def _table_section(
+    section: str, title: str, head: Iterable[str], rows: Iterable[str], *, css: str = "", scroll: bool = False
+) -> str:
+    """A report section that is one table (in a box that scrolls sideways, when it may be wide)."""
+    heads = "".join(f"<th>{h}</th>" for h in head)
+    classes = f' class="{css}"' if css else ""
+    table = f"<table{classes}><thead><tr>{heads}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    if scroll:
+        table = f'<div class="scroll">{table}</div>'
+    return f'<section id="{section}"><h2>{title}</h2>{table}</section>'
 
 
 def _examples(trajectories: list[tuple[Trajectory, str]]) -> str:
