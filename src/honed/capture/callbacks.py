@@ -125,5 +125,6 @@ class CallbackHandler(GraphCallbackHandler):
 
 
 def _model_settings(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A model call's settings and model name, from what LangChain passes (`invocation_params`)."""
     params = kwargs.get("invocation_params") or {}
     return {"settings": params, "model": params.get("model") or params.get("model_name")}
