@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
@@ -138,10 +139,14 @@ class LocalChatModel(BaseChatModel):
         cannot be enforced on free generation and are passed along as a hint only."""
         return self.bind(tools=tool_schemas(tools), tool_choice=tool_choice, **kwargs)
 
-    # -- calls (no `run_manager`: LangChain reports streamed tokens to callbacks itself) ----------
+    # -- calls -----------------------------------------------------------------------------------
 
     def _generate(
-        self, messages: list[BaseMessage], stop: list[str] | None = None, **kwargs: Any
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
     ) -> ChatResult:
         request = self._request(messages, stop, kwargs)
         result = self.engine.submit(request).result()
@@ -149,7 +154,11 @@ class LocalChatModel(BaseChatModel):
         return ChatResult(generations=[ChatGeneration(message=message)])
 
     async def _agenerate(
-        self, messages: list[BaseMessage], stop: list[str] | None = None, **kwargs: Any
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
     ) -> ChatResult:
         request = await self._arequest(messages, stop, kwargs)
         future = self.engine.submit(request)
@@ -162,7 +171,11 @@ class LocalChatModel(BaseChatModel):
         return ChatResult(generations=[ChatGeneration(message=message)])
 
     def _stream(
-        self, messages: list[BaseMessage], stop: list[str] | None = None, **kwargs: Any
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
         request = self._request(messages, stop, kwargs)
         tokens: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -179,7 +192,11 @@ class LocalChatModel(BaseChatModel):
             request.cancelled = True  # a consumer that stopped early frees its row
 
     async def _astream(
-        self, messages: list[BaseMessage], stop: list[str] | None = None, **kwargs: Any
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
         request = await self._arequest(messages, stop, kwargs)
         loop = asyncio.get_running_loop()
