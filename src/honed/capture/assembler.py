@@ -688,8 +688,10 @@ def _final_output(outputs: Any) -> tuple[Any, dict[str, str]]:
 
 def _untyped(value: Any) -> tuple[Any, str | None]:
     """A pydantic model or dataclass instance as plain JSON, and its type; anything else as is."""
-    if isinstance(value, BaseMessage | type) or not (
-        dataclasses.is_dataclass(value) or callable(getattr(value, "model_dump", None))
+    if (
+        isinstance(value, BaseMessage | type)
+        or type(value).__module__.startswith("langchain_core.")  # LangChain's own results (LLMResult)
+        or not (dataclasses.is_dataclass(value) or callable(getattr(value, "model_dump", None)))
     ):
         return _plain(value), None
     data = to_jsonable(value)
