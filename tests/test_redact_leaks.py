@@ -229,13 +229,14 @@ HOSTILE = {
 
 
 def best_times(calls: list[Callable[[], object]], repeats: int = 5) -> list[float]:
-    """The best time of each call over `repeats` rounds, the calls interleaved so they share the load."""
+    """The best CPU time of each call (this thread's: other processes' load does not count) over
+    `repeats` rounds, the calls interleaved."""
     best = [float("inf")] * len(calls)
     for _ in range(repeats):
         for i, call in enumerate(calls):
-            start = time.perf_counter()
+            start = time.thread_time()
             call()
-            best[i] = min(best[i], time.perf_counter() - start)
+            best[i] = min(best[i], time.thread_time() - start)
     return best
 
 
@@ -275,9 +276,9 @@ def test_a_160kb_hostile_field_is_capped_and_redacted_quickly(name: str) -> None
     serializer = Serializer(redactor=Redactor())
     serializer.field("warm up: password='hunter2'")
     for value in (text, {"output": text}):
-        start = time.perf_counter()
+        start = time.thread_time()
         out = serializer.field(value)
-        took = time.perf_counter() - start
+        took = time.thread_time() - start
         assert took < 3.0, f"a 160 KB field took {took:.2f} s"
         assert is_truncated(out) and "sha256" not in out
         assert out["size"] >= 160_000
@@ -374,9 +375,9 @@ def test_many_short_candidate_lines_are_scanned_by_detect_secrets_in_few_calls()
     text = "\n".join(f"mail {i}: {key}" for i, key in enumerate(keys))
     redactor = Redactor()
     redactor.redact_text("warm up: password='hunter2'")
-    start = time.perf_counter()
+    start = time.thread_time()
     out = redactor.redact_text(text)
-    took = time.perf_counter() - start
+    took = time.thread_time() - start
     assert out.count("[REDACTED:sendgrid_api_key]") == len(keys)
     for key in keys:
         assert key not in out
