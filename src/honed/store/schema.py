@@ -56,6 +56,10 @@ class TrajectoryRow(Base):
     ended_at: Mapped[datetime | None]
     n_steps: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(default=lambda: datetime.now(UTC))
+    # The distinct messages and tool lists its model steps saw, stored once; each model step's
+    # input refers to them (`honed.store.conversations`).
+    messages: Mapped[Any] = mapped_column(nullable=True)
+    tools: Mapped[Any] = mapped_column(nullable=True)
 
     steps: Mapped[list[StepRow]] = relationship(
         back_populates="trajectory", order_by="StepRow.index", cascade="all, delete-orphan"

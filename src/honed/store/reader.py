@@ -1,0 +1,153 @@
+"""The bulk read: trajectories, their steps and verdicts as `honed.trajectory` objects, fast.
+
+Exports, dataset building, the verifier worker and the report read thousands of trajectories at a
+time, so this path builds no ORM object and calls the JSON decoder once per trajectory row, once
+per trajectory's steps and once per trajectory's verdicts: the database assembles each of those
+into one JSON array text (SQLite: text concatenation with `json_quote`; PostgreSQL:
+`json_build_array`/`json_agg`), and Python decodes it in one call, where a column-per-field read
+decodes each JSON field and parses each timestamp on its own (~5x the time). Model-step inputs are
+expanded from the trajectory's conversation here (`honed.store.conversations`).
+
+    query = select(*trajectory_columns(dialect, with_steps=True)).where(...)
+    trajectories = read(conn, conn.execute(query).all(), with_steps=True)
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import bindparam, literal_column, select, text
+
+from honed.store.conversations import expand
+from honed.store.schema import TrajectoryRow, VerdictRow
+from honed.trajectory import Step, Trajectory, Verdict
+
+CHUNK = 500  # trajectory ids per IN (...) of the step and verdict reads
+
+_loads = json.loads  # not orjson: it reads integers beyond 64 bits as floats
+_fromisoformat = datetime.fromisoformat
+
+# (column, is JSON) in the order `read` unpacks them.
+_TRAJECTORY = (
+    ("agent", False), ("task", True), ("task_id", False), ("split", False), ("metadata", True),
+    ("output", True), ("status", False), ("error", False), ("model_version", False),
+    ("started_at", False), ("ended_at", False),
+)  # fmt: skip
+_CONVERSATION = (("messages", True), ("tools", True))
+_STEP = (
+    ("id", False), ("index", False), ("kind", False), ("name", False), ("parent_id", False),
+    ("input", True), ("output", True), ("error", False), ("reasoning", False), ("tool_calls", True),
+    ("usage", True), ("model_version", False), ("started_at", False), ("ended_at", False),
+    ("extra", True),
+)  # fmt: skip
+
+
+def trajectory_columns(dialect: str, *, with_steps: bool) -> tuple[Any, Any]:
+    """The two columns `read` takes from a query on `trajectories`: the id, and the rest of the
+    row as one JSON array text (the conversation too when steps are read)."""
+    columns = _TRAJECTORY + _CONVERSATION if with_steps else _TRAJECTORY
+    return _T.id, literal_column(_as_text(dialect, _json_array(dialect, "trajectories", columns)))
+
+
+def read(conn: Any, rows: Sequence[Any], *, with_steps: bool) -> list[Trajectory]:
+    """Trajectories from rows of `trajectory_columns`, in their order, with their verdicts and
+    (`with_steps`) their steps: one query per table and `CHUNK` trajectories."""
+    dialect = conn.dialect.name
+    ids = [row[0] for row in rows]
+    verdicts: dict[str, list[Verdict]] = {}
+    steps: dict[str, str] = {}
+    for start in range(0, len(ids), CHUNK):
+        chunk = ids[start : start + CHUNK]
+        for v in conn.execute(_VERDICTS, {"ids": chunk}):
+            verdict = Verdict(v[1], v[2], v[3], v[4] or {}, v[5], v[6], v[7], v[0], v[8], v[9])
+            verdicts.setdefault(v[0], []).append(verdict)
+        if with_steps:
+            steps.update(conn.execute(_steps_query(dialect), {"ids": chunk}).all())
+    out = []
+    for trajectory_id, row_text in rows:
+        row = _loads(row_text)
+        found = _steps(steps.get(trajectory_id), row[11], row[12]) if with_steps else []
+        trajectory = Trajectory(
+            trajectory_id, row[0], row[1], row[2], row[3], row[4] or {}, found, row[5], row[6], row[7],
+            row[8], _when(row[9]), _when(row[10]), verdicts.get(trajectory_id, []),
+        )  # fmt: skip
+        out.append(trajectory)
+    return out
+
+
+def _steps(found: str | None, messages: Any, tools: Any) -> list[Step]:
+    if found is None:
+        return []
+    rows = _loads(found)
+    rows.sort(key=_index)  # SQLite's group_concat takes no ORDER BY before 3.44
+    steps = []
+    for s in rows:
+        model_input = expand(s[5], messages, tools) if s[2] == "model" else s[5]
+        step = Step(s[0], s[1], s[2], s[3], s[4], model_input, s[6], s[7], s[8], s[9] or [], s[10], s[11], _when(s[12]), _when(s[13]), s[14] or {})  # fmt: skip
+        steps.append(step)
+    return steps
+
+
+def _index(row: list[Any]) -> Any:
+    return row[1]
+
+
+def _when(value: str | None) -> datetime | None:
+    """A timestamp as `_json_array` writes it: ISO 8601 with its offset."""
+    return None if value is None else _fromisoformat(value)
+
+
+# -- the SQL ------------------------------------------------------------------------------------------
+
+_T, _V = TrajectoryRow.__table__.c, VerdictRow.__table__.c
+# Verdicts are few (about one a trajectory) and carry floats, which SQLite's JSON functions print
+# with 15 digits: plain columns, typed by SQLAlchemy.
+_VERDICTS = (
+    select(_V.trajectory_id, _V.passed, _V.score, _V.reason, _V.evidence, _V.verifier, _V.version,
+           _V.duration_s, _V.id, _V.created_at)
+    .where(_V.trajectory_id.in_(bindparam("ids", expanding=True)))
+    .order_by(_V.id)
+)  # fmt: skip
+
+
+@functools.cache
+def _steps_query(dialect: str) -> Any:
+    """`SELECT trajectory_id, <its steps as one JSON array text> ... WHERE trajectory_id IN :ids`."""
+    step = _json_array(dialect, "steps", _STEP)
+    if dialect == "postgresql":
+        rows = f'json_agg({step} ORDER BY steps."index")::text'
+    else:
+        rows = f"'[' || group_concat({step}) || ']'"
+    sql = f"SELECT steps.trajectory_id, {rows} FROM steps WHERE steps.trajectory_id IN :ids GROUP BY steps.trajectory_id"
+    return text(sql).bindparams(bindparam("ids", expanding=True))
+
+
+def _json_array(dialect: str, table: str, columns: tuple[tuple[str, bool], ...]) -> str:
+    """SQL for one row's `columns` as a JSON array. Stored JSON goes in as it is (the database
+    parses nothing), text through `json_quote`; JSON null and SQL NULL both read as null."""
+    names = [(f'{table}."{name}"', is_json) for name, is_json in columns]
+    if dialect == "postgresql":
+        return f"json_build_array({', '.join(name for name, _ in names)})"
+    parts = [
+        f"ifnull({name}, 'null')"
+        if is_json
+        else f"json_quote({name} || '+00:00')"
+        if _is_time(name)
+        else f"json_quote({name})"
+        for name, is_json in names
+    ]
+    return "'[' || " + " || ',' || ".join(parts) + " || ']'"
+
+
+def _is_time(column: str) -> bool:
+    # SQLite keeps UTC timestamps without their offset: append it, so one `fromisoformat` call
+    # makes the aware datetime (NULL || text stays NULL).
+    return column.endswith('_at"')
+
+
+def _as_text(dialect: str, json_array: str) -> str:
+    return f"{json_array}::text" if dialect == "postgresql" else json_array
