@@ -32,23 +32,28 @@ _sorted_std = json.JSONEncoder(ensure_ascii=False, sort_keys=True).encode
 
 def compact(inputs: Iterable[Any]) -> tuple[list[Any] | None, list[Any] | None, list[Any]]:
     """`(messages, tools, inputs)`: a trajectory's model-step inputs (in step order) as references
-    into its distinct `messages` and `tools` (None where there are none). Inputs that are not a
-    chat model's (`{"messages": [...], ...}`) come back unchanged; nothing given is mutated."""
+    into its distinct `messages` and `tools`. `messages` is None when no input was a chat model's
+    (`{"messages": [...], ...}`; others come back unchanged), `tools` when none had tools. Nothing
+    given is mutated."""
     messages, tools = _Pool(), _Pool()
-    out = []
+    out, chats = [], 0
     for value in inputs:
         if not _is_chat_input(value):
             out.append(value)
             continue
+        chats += 1
         ref: dict[str, Any] = {MESSAGES_REF: _ranges([messages.add(m) for m in value["messages"]])}
         if isinstance(value.get("tools"), list):
             ref[TOOLS_REF] = tools.add(value["tools"])
         out.append(ref | {k: v for k, v in value.items() if k not in ("messages", "tools")})
-    return messages.values or None, tools.values or None, out
+    # An empty list, not None, when the only conversation was empty: the pool's presence is what
+    # says this trajectory's inputs are references.
+    return messages.values if chats else None, tools.values or None, out
 
 
 def expand(value: Any, messages: Sequence[Any] | None, tools: Sequence[Any] | None) -> Any:
-    """A stored model-step input as it was captured (anything else as it is)."""
+    """A stored model-step input as it was captured (anything else as it is). `messages` None:
+    the trajectory stored no conversation, so its inputs are as captured."""
     if type(value) is not dict or MESSAGES_REF not in value or messages is None:
         return value
     ranges = value[MESSAGES_REF]

@@ -41,18 +41,20 @@ steps = sa.table(
 )
 
 
+# Plain ALTER TABLE on both backends (SQLite >= 3.35 drops columns): a batch "move and copy" of
+# `trajectories` on SQLite would drop the old table, and with foreign keys on, cascade to its steps.
+
+
 def upgrade() -> None:
-    with op.batch_alter_table("trajectories", schema=None) as batch_op:
-        batch_op.add_column(sa.Column("messages", JSON, nullable=True))
-        batch_op.add_column(sa.Column("tools", JSON, nullable=True))
+    op.add_column("trajectories", sa.Column("messages", JSON, nullable=True))
+    op.add_column("trajectories", sa.Column("tools", JSON, nullable=True))
     _convert(_compact_one)
 
 
 def downgrade() -> None:
     _convert(_expand_one)
-    with op.batch_alter_table("trajectories", schema=None) as batch_op:
-        batch_op.drop_column("tools")
-        batch_op.drop_column("messages")
+    op.drop_column("trajectories", "tools")
+    op.drop_column("trajectories", "messages")
 
 
 def _compact_one(rows: list[Any], _messages: Any, _tools: Any) -> tuple[Any, Any, list[Any]]:
