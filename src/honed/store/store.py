@@ -113,12 +113,8 @@ class TrajectoryStore(VerificationStore, ModelRegistry, TrainingLog):
                 return 0
             trajectory_rows, step_rows = [], []
             for record in fresh:
-                row, steps = (
-                    _trajectory_row(record),
-                    [_step_row(record["id"], s) for s in record.get("steps") or ()],
-                )
-                _conversation_once(row, steps)
-                trajectory_rows.append(row)
+                steps = [_step_row(record["id"], s) for s in record.get("steps") or ()]
+                trajectory_rows.append(_conversation_once(_trajectory_row(record), steps))
                 step_rows += steps
             session.execute(insert(TrajectoryRow), _batchable(trajectory_rows))
             if step_rows:
@@ -465,14 +461,15 @@ def record_to_trajectory(record: dict[str, Any]) -> Trajectory:
     )
 
 
-def _conversation_once(row: dict[str, Any], steps: list[dict[str, Any]]) -> None:
-    """Store the messages and tools the model steps saw once, on the trajectory's row; the steps'
-    inputs refer to them (`honed.store.conversations`)."""
+def _conversation_once(row: dict[str, Any], steps: list[dict[str, Any]]) -> dict[str, Any]:
+    """The trajectory's row with the messages and tools its model steps saw, once; the steps'
+    inputs become references to them (`honed.store.conversations`)."""
     model = [s for s in steps if s["kind"] == "model"]
     messages, tools, inputs = compact(s["input"] for s in model)
     for step, value in zip(model, inputs, strict=True):
         step["input"] = value
     row["messages"], row["tools"] = messages, tools
+    return row
 
 
 def _verdict(row: VerdictRow) -> Verdict:
