@@ -292,8 +292,13 @@ class Cycle:
             return CycleResult(
                 "worker", f"{where}: the main process trained nothing", method=self.method.name
             )
+        from honed.learn.methods import NothingToLearn
+
         base, data, out, seed, run_id = job
-        trained = self.method.train(base, data, out, seed=seed, callbacks=self.callbacks)
+        try:
+            trained = self.method.train(base, data, out, seed=seed, callbacks=self.callbacks)
+        except NothingToLearn as exc:  # every rank finds it; the main process records it
+            return CycleResult("worker", f"{where}: {exc}", method=self.method.name, run_id=run_id)
         return CycleResult(
             "worker", f"{where}: trained with the main process, which gates and promotes",
             method=self.method.name, run_id=run_id, metrics=dict(trained.metrics),

@@ -5,7 +5,8 @@ A `Cycle` keeps everything that touches the store (the trainer lock, selection, 
 record, registering the candidate, the gate, promotion) on the main process; the other ranks only
 train. The main process prepares the dataset and hands it to them (`Ranks.share`, pickled through
 the process group), so every rank trains on exactly the rows the main process selected, even
-while new captures arrive.
+while new captures arrive. Every rank loads the live version's folder and the main process writes
+the candidate's: across machines, keep the models' folders on a filesystem they share.
 
     torchrun --nproc_per_node 8 my_cycle.py               # my_cycle.py builds a Cycle and runs it
     accelerate launch --config_file fsdp.yaml my_cycle.py
