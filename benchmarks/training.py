@@ -228,6 +228,8 @@ def main() -> None:
         print(f"filling stores with {n} trajectories ...", flush=True)
         conv = fill_store(f"sqlite:///{root}/conv.db", n, tokenizer, with_ids=False)
         ids = fill_store(f"sqlite:///{root}/ids.db", n, tokenizer, with_ids=True)
+        import datasets  # noqa: F401  (imported before timing: a one-off second, not per build)
+
         results["build"] = [
             build_rate(conv, "sft", n),
             build_rate(ids, "sft", n),
