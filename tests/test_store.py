@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 from datetime import UTC, datetime, timedelta
@@ -263,3 +264,109 @@ def test_a_resumed_run_continues_the_interrupted_trajectory_of_its_thread(store_
     # Nothing paused on the thread (its first half never reached this store): stored on its own.
     assert store.save_records([_resumed_part(9, thread_id="th-new")]) == 1
     assert store.get("resume-run-9").task == {"resume": {"decisions": [{"type": "approve"}]}}
+
+
+# -- messages once per trajectory ------------------------------------------------------------------
+
+
+def conversation_run(n_model_steps: int, *, tid: str = "conv") -> Trajectory:
+    """A tool loop whose model steps each see the whole conversation so far, plus a subagent whose
+    model sees a conversation of its own, a repeated message, and inputs that are not chats."""
+    system = {"role": "system", "content": "Be brief."}
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+    messages: list[dict] = [system, {"role": "user", "content": "add things"}]
+    steps: list[Step] = []
+    for k in range(n_model_steps):
+        reply = {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"name": "add", "args": {"a": k}, "id": f"c{k}"}],
+        }
+        steps.append(Step(id=f"{tid}-m{k}", index=len(steps), kind="model", name="m",
+                          input={"messages": list(messages), "tools": tools}, output=reply))  # fmt: skip
+        steps.append(
+            Step(id=f"{tid}-t{k}", index=len(steps), kind="tool", name="add", input={"a": k}, output="ok")
+        )
+        messages += [reply, {"role": "tool", "content": "ok", "tool_call_id": f"c{k}"}]
+    messages.append({"role": "user", "content": "add things"})  # the same text again, later
+    extra = [
+        Step(id=f"{tid}-last", index=len(steps), kind="model", name="m",
+             input={"messages": list(messages), "tools": tools, "settings": {"temperature": 0}}),
+        Step(id=f"{tid}-sub", index=len(steps) + 1, kind="model", name="sub",
+             input={"messages": [system, {"role": "user", "content": "a subtask"}]}),
+        Step(id=f"{tid}-llm", index=len(steps) + 2, kind="model", name="llm", input={"prompts": ["raw text"]}),
+        Step(id=f"{tid}-cut", index=len(steps) + 3, kind="model", name="m",
+             input={"__truncated__": True, "type": "dict", "size": 10**6, "sha256": "0" * 64}),
+    ]  # fmt: skip
+    when = datetime(2026, 1, 1, tzinfo=UTC)
+    return Trajectory(
+        id=tid, agent="calc", task_id="conv", steps=steps + extra, started_at=when, ended_at=when
+    )
+
+
+def test_messages_are_stored_once_per_trajectory_and_read_back_whole(store_url: str) -> None:
+    store = honed.open_store(store_url)
+    original = conversation_run(6)
+    store.save(original)
+    assert store.get("conv").to_dict() == original.to_dict()
+    (listed,) = store.trajectories()
+    assert listed.to_dict() == original.to_dict()
+    assert [s.input for s in listed.steps] == [s.input for s in original.steps]
+
+    with store.engine.connect() as conn:
+        stored = conn.execute(text("SELECT messages, tools FROM trajectories")).one()
+        inputs = dict(conn.execute(text("SELECT id, input FROM steps WHERE kind = 'model'")).all())
+    pool, tool_lists = (json.loads(v) if isinstance(v, str) else v for v in stored)
+    inputs = {k: json.loads(v) if isinstance(v, str) else v for k, v in inputs.items()}
+    # system, user, 6 x (assistant, tool result), the subagent's user message: once each
+    assert len(pool) == 2 + 12 + 1 and len(tool_lists) == 1
+    assert inputs["conv-m0"] == {"messages_ref": [[0, 2]], "tools_ref": 0}
+    assert inputs["conv-m5"] == {"messages_ref": [[0, 12]], "tools_ref": 0}
+    assert inputs["conv-last"] == {
+        "messages_ref": [[0, 14], [1, 2]],
+        "tools_ref": 0,
+        "settings": {"temperature": 0},
+    }
+    assert inputs["conv-sub"] == {"messages_ref": [[0, 1], [14, 15]]}
+    assert inputs["conv-llm"] == {"prompts": ["raw text"]} and inputs["conv-cut"]["__truncated__"] is True
+
+
+def test_migration_0006_converts_a_store_written_before_and_back(store_url: str) -> None:
+    from alembic import command
+    from sqlalchemy import MetaData, insert
+
+    from honed.store.store import _alembic_config, _step_row, _trajectory_row, trajectory_to_record
+
+    store = TrajectoryStore(store_url, migrate=False)
+    config = _alembic_config()
+    with store.engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, "0004")
+    runs = [conversation_run(n, tid=f"old-{n}") for n in (1, 3)]
+    runs.append(make(9))  # no conversation at all
+    tables = MetaData()
+    tables.reflect(store.engine, only=["trajectories", "steps"])
+    with store.engine.begin() as conn:  # the layout before 0006: every model step's full input
+        for t in runs:
+            record = trajectory_to_record(t)
+            row = _trajectory_row(record)
+            row["metadata"], row["created_at"] = row.pop("meta"), t.started_at  # column names, not ORM's
+            conn.execute(insert(tables.tables["trajectories"]), row)
+            conn.execute(insert(tables.tables["steps"]), [_step_row(t.id, s) for s in record["steps"]])
+    store.close()
+
+    store = honed.open_store(store_url)  # migrates to head
+    for t in runs:
+        assert store.get(t.id).to_dict() == t.to_dict()
+    with store.engine.connect() as conn:
+        raw = conn.execute(text("SELECT input FROM steps WHERE id = 'old-3-m2'")).scalar()
+    assert (json.loads(raw) if isinstance(raw, str) else raw) == {"messages_ref": [[0, 6]], "tools_ref": 0}
+
+    with store.engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.downgrade(config, "0004")
+    with store.engine.connect() as conn:
+        raw = conn.execute(text("SELECT input FROM steps WHERE id = 'old-3-m2'")).scalar()
+        assert "messages" not in {c["name"] for c in inspect(conn).get_columns("trajectories")}
+    assert (json.loads(raw) if isinstance(raw, str) else raw) == runs[1].steps[4].input
+    store.close()

@@ -13,6 +13,10 @@ Safeguards, in the order they act:
 - promote with a compare-and-set on the live version it was evaluated against, so a cycle that
   dies or races leaves no half-promoted state. Every phase lands in `training_runs`/`eval_runs`.
 
+Under a distributed launcher (`torchrun`, `accelerate launch`) every rank runs the cycle: the main
+process does all of the above, the others receive its dataset and train with it, nothing more
+(`honed.learn.distributed`).
+
 The machinery lives elsewhere: `datasets.prepare` (rows), `methods` (TRL), `evaluate` (attempts
 and scores), `gate.decide`; this module only puts them in order.
 """
@@ -29,6 +33,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from honed.learn.distributed import Ranks
 from honed.learn.evaluate import Scores, evaluate
 from honed.learn.gate import GateDecision, decide
 from honed.messages import request_text
@@ -109,7 +114,9 @@ class CycleResult:
     from the store by `from_records`).
 
     `status`: base (cycle 0 of a loop: no training), promoted, rejected, nothing_to_learn, failed,
-    interrupted. `live` is the version that trained, `candidate` the one it produced, `version` the
+    interrupted; on ranks other than the main process of a distributed launch, worker (it trained
+    with the main process, or had nothing to train; the main process's result says what came of
+    it). `live` is the version that trained, `candidate` the one it produced, `version` the
     one live after the cycle; `heldout`/`candidate_heldout` their held-out metrics (pass_at_1,
     pass_at_k, slices, diversity). `data` is the selection's counts (train_pass_rate,
     trajectories, passed, duplicates...), `metrics` training's.
@@ -139,8 +146,8 @@ class CycleResult:
 
     @property
     def promoted(self) -> bool | None:
-        """None for cycle 0 (the base), else whether the cycle's candidate went live."""
-        return None if self.status == "base" else self.status == "promoted"
+        """None for cycle 0 (the base) and a worker rank, else whether the cycle's candidate went live."""
+        return None if self.status in ("base", "worker") else self.status == "promoted"
 
     @property
     def heldout_pass_at_1(self) -> float | None:
@@ -272,11 +279,41 @@ class Cycle:
         self.callbacks = list(callbacks)
 
     def run(self) -> CycleResult:
-        """One cycle under the model's trainer lock; raises `TrainerBusy` if another one runs."""
-        with self.store.trainer_lock(self.model, ttl_s=self.lock_ttl_s) as owner:
-            return self._run(owner)
+        """One cycle under the model's trainer lock; raises `TrainerBusy` if another one runs.
 
-    def _run(self, owner: str) -> CycleResult:
+        Under a distributed launcher, call it on every rank: the main process runs the cycle, the
+        others train with it and return a `worker` result."""
+        ranks = Ranks.start(getattr(self.method, "chosen", None))
+        if not ranks.is_main:
+            return self._train_with_main(ranks)
+        handoff = _Handoff(ranks)
+        try:
+            with self.store.trainer_lock(self.model, ttl_s=self.lock_ttl_s) as owner:
+                return self._run(owner, handoff)
+        finally:
+            handoff.release()
+
+    def _train_with_main(self, ranks: Ranks) -> CycleResult:
+        """A rank other than the main process: train on what the main process selected, if it trains."""
+        where = f"rank {ranks.rank} of {ranks.size}"
+        job = ranks.share()
+        if job is None:
+            return CycleResult(
+                "worker", f"{where}: the main process trained nothing", method=self.method.name
+            )
+        from honed.learn.methods import NothingToLearn
+
+        base, data, out, seed, run_id = job
+        try:
+            trained = self.method.train(base, data, out, seed=seed, callbacks=self.callbacks)
+        except NothingToLearn as exc:  # every rank finds it; the main process records it
+            return CycleResult("worker", f"{where}: {exc}", method=self.method.name, run_id=run_id)
+        return CycleResult(
+            "worker", f"{where}: trained with the main process, which gates and promotes",
+            method=self.method.name, run_id=run_id, metrics=dict(trained.metrics),
+        )  # fmt: skip
+
+    def _run(self, owner: str, handoff: _Handoff) -> CycleResult:
         from honed.learn.datasets import prepare
         from honed.learn.methods import NothingToLearn
 
@@ -313,6 +350,7 @@ class Cycle:
             # 2. train a candidate from the live weights (a new folder; the live one is untouched)
             with self._timed(result, "train"):
                 out = self.output_dir / f"{self.model}-run{run.id}"
+                handoff.send((live.path, data, out, self.seed, run.id))  # the other ranks train with us
                 trained = self.method.train(live.path, data, out, seed=self.seed, callbacks=self.callbacks)
                 result.metrics = dict(trained.metrics)
                 candidate = self.store.register_model(
@@ -481,6 +519,22 @@ def tasks_from_store(store: Any, split: str, *, agent: str | None = None) -> lis
 
 
 _ATTEMPT_KEYS = frozenset({"task_id", "split", "round", "sample", "purpose", "evaluated"})
+
+
+class _Handoff:
+    """What the main process tells the other ranks, once: what to train on, or (`release` without
+    a `send`) that this cycle trains nothing, so they stop waiting."""
+
+    def __init__(self, ranks: Ranks) -> None:
+        self.ranks, self.sent = ranks, False
+
+    def send(self, job: Any) -> None:
+        self.sent = True
+        self.ranks.share(job)
+
+    def release(self) -> None:
+        if not self.sent:
+            self.send(None)
 
 
 class _Phase:

@@ -27,8 +27,13 @@ def shared_prefix_trainer() -> type:
             loss = None if plain else shared_prefix_loss(model, inputs, num_items_in_batch)
             if loss is None:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                # As TRL's and transformers' own losses: `num_items_in_batch` counts every rank's
+                # tokens, and DDP averages the ranks' gradients.
+                loss = loss * (self.accelerator.num_processes // self.get_tp_size())
             if model.training and "attention_mask" in inputs:  # keep TRL's `num_tokens` log honest
-                self._total_train_tokens += int(inputs["attention_mask"].sum())
+                tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum()
+                self._total_train_tokens += int(tokens) // self.get_tp_size()
                 self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
             return loss
 

@@ -58,6 +58,10 @@ class TrajectoryRow(Base):
     created_at: Mapped[datetime] = mapped_column(default=lambda: datetime.now(UTC))
     thread_id: Mapped[str | None] = mapped_column(String(200))
     checkpoint_id: Mapped[str | None] = mapped_column(String(64))
+    # The distinct messages and tool lists its model steps saw, stored once; each model step's
+    # input refers to them (`honed.store.conversations`).
+    messages: Mapped[Any] = mapped_column(nullable=True)
+    tools: Mapped[Any] = mapped_column(nullable=True)
 
     steps: Mapped[list[StepRow]] = relationship(
         back_populates="trajectory", order_by="StepRow.index", cascade="all, delete-orphan"

@@ -19,11 +19,13 @@ from typing import Any, Literal
 from sqlalchemy import Engine, create_engine, delete, event, exists, func, insert, select, text, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
-from sqlalchemy.orm import selectinload, sessionmaker
+from sqlalchemy.orm import sessionmaker
 from sqlalchemy.pool import StaticPool
 
 from honed._json import dumps as fast_json_dumps
+from honed.store.conversations import compact
 from honed.store.database import Database
+from honed.store.reader import read, trajectory_columns
 from honed.store.registry import ModelRegistry
 from honed.store.schema import StepRow, TrajectoryRow, VerdictRow
 from honed.store.training import TrainingLog
@@ -229,8 +231,12 @@ class TrajectoryStore:
                     seen.add(record["id"])
                     fresh.append(record)
             if fresh:
-                session.execute(insert(TrajectoryRow), _batchable([_trajectory_row(r) for r in fresh]))
-                step_rows = [_step_row(r["id"], s) for r in fresh for s in r.get("steps", ())]
+                trajectory_rows, step_rows = [], []
+                for record in fresh:
+                    steps = [_step_row(record["id"], s) for s in record.get("steps") or ()]
+                    trajectory_rows.append(_conversation_once(_trajectory_row(record), steps))
+                    step_rows += steps
+                session.execute(insert(TrajectoryRow), _batchable(trajectory_rows))
                 if step_rows:
                     session.execute(insert(StepRow), _batchable(step_rows))
             return len(fresh) + sum(_continue(session, record) for record in continuations)
@@ -294,20 +300,19 @@ class TrajectoryStore:
         `thread_id` gives the turns of one conversation; `finished=True` leaves out runs paused at
         an interrupt (`False`: only those)."""
         order = (TrajectoryRow.started_at, TrajectoryRow.id)
-        query = select(TrajectoryRow).order_by(*(order if oldest_first else (c.desc() for c in order)))
-        query = _filtered(
-            query, agent=agent, task_id=task_id, split=split, status=status, verdict=verdict,
-            since=since, until=until, model_version=model_version, thread_id=thread_id,
+        if not oldest_first:
+            order = tuple(c.desc() for c in order)
+        page = _filtered(
+            select(TrajectoryRow.id), agent=agent, task_id=task_id, split=split, status=status,
+            verdict=verdict, since=since, until=until, model_version=model_version, thread_id=thread_id,
             finished=finished, ids=ids, exclude_task_ids=exclude_task_ids,
             untrusted=self._untrusted_for(verdict),
-        )  # fmt: skip
-        query = query.offset(offset).limit(limit)
-        options = [selectinload(TrajectoryRow.verdicts)]
-        if with_steps:
-            options.append(selectinload(TrajectoryRow.steps))
-        with self._sessions() as session:
-            rows = session.scalars(query.options(*options)).all()
-            return [_trajectory(row, with_steps) for row in rows]
+        ).order_by(*order).offset(offset).limit(limit).subquery()  # fmt: skip
+        # The page's ids first, then its rows by primary key: an OFFSET skips ids, not whole rows.
+        query = select(*trajectory_columns(self.dialect, with_steps=with_steps))
+        query = query.join(page, TrajectoryRow.id == page.c.id).order_by(*order)
+        with self.engine.connect() as conn:
+            return read(conn, conn.execute(query).all(), with_steps=with_steps)
 
     def count(
         self,
@@ -341,26 +346,25 @@ class TrajectoryStore:
     def get(self, trajectory_id: str) -> Trajectory:
         """One trajectory by id, or by a unique prefix or suffix of it (the CLI prints the last 12
         characters: ids are time-ordered UUIDs, so their heads are alike)."""
-        with self._sessions() as session:
-            row = session.get(TrajectoryRow, trajectory_id)
-            if row is None and trajectory_id:
-                matches = session.scalars(
-                    select(TrajectoryRow)
+        columns = trajectory_columns(self.dialect, with_steps=True)
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(*columns).where(TrajectoryRow.id == trajectory_id)).all()
+            if not rows and trajectory_id:
+                rows = conn.execute(
+                    select(*columns)
                     .where(
                         TrajectoryRow.id.startswith(trajectory_id, autoescape=True)
                         | TrajectoryRow.id.endswith(trajectory_id, autoescape=True)
                     )
                     .limit(2)
                 ).all()
-                if len(matches) == 1:
-                    row = matches[0]
-                elif len(matches) > 1:
+                if len(rows) > 1:
                     raise TrajectoryNotFound(
                         f"{trajectory_id!r} matches several trajectories; give more of the id"
                     )
-            if row is None:
+            if not rows:
                 raise TrajectoryNotFound(trajectory_id)
-            return _trajectory(row, with_steps=True)
+            return read(conn, rows, with_steps=True)[0]
 
     def ping(self) -> bool:
         """True when the store answers a trivial query."""
@@ -451,7 +455,7 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 # The newest migration's revision. Opening a store at this revision reads one row and never
 # imports alembic (0.2-0.4 s of every start); a test keeps it equal to the migrations' head.
-SCHEMA_HEAD = "0005"
+SCHEMA_HEAD = "0006"
 
 
 def _migrate(engine: Engine, *, create: bool = True, shown: str = "") -> None:
@@ -718,45 +722,15 @@ def record_to_trajectory(record: dict[str, Any]) -> Trajectory:
     )
 
 
-def _trajectory(row: TrajectoryRow, with_steps: bool) -> Trajectory:
-    return Trajectory(
-        id=row.id,
-        agent=row.agent,
-        task=row.task,
-        task_id=row.task_id,
-        split=row.split,
-        metadata=row.meta or {},
-        steps=[_step(s) for s in row.steps] if with_steps else [],
-        output=row.output,
-        status=row.status,  # type: ignore[arg-type]
-        error=row.error,
-        model_version=row.model_version,
-        started_at=row.started_at,
-        ended_at=row.ended_at,
-        verdicts=[_verdict(v) for v in row.verdicts],
-        thread_id=row.thread_id,
-        checkpoint_id=row.checkpoint_id,
-    )
-
-
-def _step(row: StepRow) -> Step:
-    return Step(
-        id=row.id,
-        index=row.index,
-        kind=row.kind,  # type: ignore[arg-type]
-        name=row.name,
-        parent_id=row.parent_id,
-        input=row.input,
-        output=row.output,
-        error=row.error,
-        reasoning=row.reasoning,
-        tool_calls=row.tool_calls or [],
-        usage=row.usage,
-        model_version=row.model_version,
-        started_at=row.started_at,
-        ended_at=row.ended_at,
-        extra=row.extra or {},
-    )
+def _conversation_once(row: dict[str, Any], steps: list[dict[str, Any]]) -> dict[str, Any]:
+    """The trajectory's row with the messages and tools its model steps saw, once; the steps'
+    inputs become references to them (`honed.store.conversations`)."""
+    model = [s for s in steps if s["kind"] == "model"]
+    messages, tools, inputs = compact(s["input"] for s in model)
+    for step, value in zip(model, inputs, strict=True):
+        step["input"] = value
+    row["messages"], row["tools"] = messages, tools
+    return row
 
 
 def _verdict(row: VerdictRow) -> Verdict:
