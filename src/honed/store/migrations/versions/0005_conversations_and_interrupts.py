@@ -15,15 +15,17 @@ branch_labels = None
 depends_on = None
 
 
+# Plain ALTER TABLE on both backends (SQLite >= 3.35 drops columns): a batch "move and copy" on
+# SQLite recreates `trajectories`, and dropping the old table cascades to every step.
+
+
 def upgrade() -> None:
-    with op.batch_alter_table("trajectories", schema=None) as batch_op:
-        batch_op.add_column(sa.Column("thread_id", sa.String(length=200), nullable=True))
-        batch_op.add_column(sa.Column("checkpoint_id", sa.String(length=64), nullable=True))
-        batch_op.create_index("ix_trajectories_thread_started", ["thread_id", "started_at"], unique=False)
+    op.add_column("trajectories", sa.Column("thread_id", sa.String(length=200), nullable=True))
+    op.add_column("trajectories", sa.Column("checkpoint_id", sa.String(length=64), nullable=True))
+    op.create_index("ix_trajectories_thread_started", "trajectories", ["thread_id", "started_at"])
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("trajectories", schema=None) as batch_op:
-        batch_op.drop_index("ix_trajectories_thread_started")
-        batch_op.drop_column("checkpoint_id")
-        batch_op.drop_column("thread_id")
+    op.drop_index("ix_trajectories_thread_started", table_name="trajectories")
+    op.drop_column("trajectories", "checkpoint_id")
+    op.drop_column("trajectories", "thread_id")
