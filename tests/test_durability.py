@@ -51,10 +51,11 @@ def _run_and_kill(
         env=env,
     )
     ends: dict[int, float] = {}
+    lag = 0.0
     assert proc.stdout is not None
     for line in proc.stdout:
-        index, ended, _lag = line.split()
-        ends[int(index)] = float(ended)
+        index, ended, printed = line.split()
+        ends[int(index)], lag = float(ended), float(printed) if printed != "None" else 0.0
         if len(ends) == runs:
             break
     killed = time.time()
@@ -62,20 +63,20 @@ def _run_and_kill(
     proc.wait(timeout=60)
     with honed.open_store(url) as store:
         stored = {t.task_id for t in store.trajectories(None, with_steps=False) if t.task_id}
-    return ends, killed, stored
+    return ends, killed, lag, stored
 
 
 def test_sigterm_loses_no_finished_run(tmp_path: Path) -> None:
     """A burst faster than the writer (a zero-latency model) leaves runs queued; SIGTERM flushes
     them before the process dies of it."""
-    ends, _, stored = _run_and_kill(tmp_path, signal.SIGTERM, runs=150, latency=0.0)
+    ends, _, _, stored = _run_and_kill(tmp_path, signal.SIGTERM, runs=150, latency=0.0)
     assert {f"t{i}" for i in ends} <= stored
 
 
 def test_kill_9_loses_at_most_the_runs_that_ended_within_the_lag(tmp_path: Path) -> None:
-    """kill -9 cannot be caught: it loses what was still in memory, the runs that ended in the last
-    moments (`honed.stats()["lag_s"]`, a fraction of a second while the writer keeps up with a
-    model that takes 20 ms a call); everything older is in the store."""
-    ends, killed, stored = _run_and_kill(tmp_path, signal.SIGKILL, runs=60, latency=0.02)
-    old = {f"t{i}" for i, ended in ends.items() if ended < killed - 1.0}
-    assert len(old) > 20 and old <= stored, sorted(old - stored)
+    """kill -9 cannot be caught: it loses what was still in memory, the runs that ended within
+    `honed.stats()["lag_s"]` of it (a fraction of a second while the writer keeps up with a model
+    that takes 20 ms a call, more on a loaded machine); everything older is in the store."""
+    ends, killed, lag, stored = _run_and_kill(tmp_path, signal.SIGKILL, runs=100, latency=0.02)
+    old = {f"t{i}" for i, ended in ends.items() if ended < killed - lag - 0.5}
+    assert old and old <= stored, (lag, sorted(old - stored))

@@ -9,6 +9,7 @@ down) and any live exporters. Nothing here raises into the agent.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import signal
@@ -90,6 +91,7 @@ class Recorder:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._taken_since: float | None = None  # when the oldest event taken but not yet written was emitted
         self._counts = dict.fromkeys(("events_dropped", "events_processed", "trajectories_captured"), 0)
         _live.add(self)
         _flush_on_sigterm()
@@ -147,13 +149,13 @@ class Recorder:
             sink.close()
 
     def lag_s(self) -> float:
-        """How long the oldest event still in memory has waited: what a kill -9 now would lose is
-        at most the runs that ended within this window (0.0 when nothing waits)."""
-        try:
-            oldest = self._queue[0][3]
-        except IndexError:
-            return 0.0
-        return round(max(0.0, time.time() - oldest), 3) if isinstance(oldest, float) and oldest else 0.0
+        """How long the oldest event not yet written has waited (queued, or taken by the writer
+        since its last write): a kill -9 now loses at most the runs that ended within this window."""
+        candidates = [self._taken_since]
+        with contextlib.suppress(IndexError):
+            candidates.append(self._queue[0][3])
+        times = [t for t in candidates if isinstance(t, float) and t]
+        return round(max(0.0, time.time() - min(times)), 3) if times else 0.0
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
@@ -200,6 +202,8 @@ class Recorder:
                 self._write(self._assembler.take_completed())
                 flushes.append(event[4])
                 continue
+            if self._taken_since is None:
+                self._taken_since = event[3]
             feed(event)
             processed += 1
             # Write what is finished at least every flush interval, even inside a long backlog:
@@ -232,6 +236,7 @@ class Recorder:
         if records:
             with self._lock:
                 self._counts["trajectories_captured"] += len(records)
+        self._taken_since = None  # what the writer took is written (or spooled)
 
 
 def live_recorders() -> list[Recorder]:
