@@ -49,6 +49,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     "distill": {"num_train_epochs": 2, "learning_rate": 5e-4},  # SFT on a teacher's verified runs
     "kto": {"num_train_epochs": 2, "learning_rate": 1e-5},
     "dpo": {"num_train_epochs": 2, "learning_rate": 1e-4},
+    # Clipped off-policy policy gradient on the captured attempts (passes up, failures down).
+    "offpolicy": {"num_train_epochs": 2, "learning_rate": 1e-4, "lr_scheduler_type": "constant"},
     "grpo": {
         "num_train_epochs": 2,
         "learning_rate": 1e-4,
@@ -60,7 +62,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 
 
 def demo_method(name: str, suite: Suite | None = None, **fields: Any) -> Any:
-    """The demo's method `name` (sft, kto, dpo, grpo, distill) with its tuned recipe, `fields`
+    """The demo's method `name` (sft, kto, dpo, grpo, distill, offpolicy) with its tuned recipe, `fields`
     (TRL config fields) over it. GRPO takes the suite's verifiers and tools."""
     from honed.learn import methods
 
@@ -71,8 +73,14 @@ def demo_method(name: str, suite: Suite | None = None, **fields: Any) -> Any:
         if suite is None:
             raise ValueError("grpo needs a suite (its verifiers are the reward)")
         return methods.GRPOMethod(suite.verifiers(), tools=list(suite.tools), **settings)
-    classes = {"sft": methods.SFTMethod, "distill": methods.DistillMethod, "kto": methods.KTOMethod}
-    return classes.get(name, methods.DPOMethod)(**settings)
+    classes = {
+        "sft": methods.SFTMethod,
+        "distill": methods.DistillMethod,
+        "kto": methods.KTOMethod,
+        "dpo": methods.DPOMethod,
+        "offpolicy": methods.OffPolicyMethod,
+    }
+    return classes[name](**settings)
 
 
 def cpu_settings() -> dict[str, Any]:

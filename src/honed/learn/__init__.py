@@ -34,6 +34,7 @@ _EXPORTS = {
     "KTOMethod": "honed.learn.methods",
     "DPOMethod": "honed.learn.methods",
     "GRPOMethod": "honed.learn.methods",
+    "OffPolicyMethod": "honed.learn.methods",
     "DistillMethod": "honed.learn.methods",
     "NothingToLearn": "honed.learn.methods",
     "TrainResult": "honed.learn.methods",

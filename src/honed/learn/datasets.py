@@ -9,10 +9,16 @@ data, and builds the dataset in the format of the method's TRL trainer:
     kto           `prompt`, `completion`, `label`, `tools`
     dpo           `prompt`, `chosen`, `rejected`, `tools`
     grpo          `prompt`, `task_id`, `metadata`, `split`, `weight` (rows repeated by curriculum)
+    offpolicy     `input_ids`, `completion_mask`, `logprobs`, `advantage` (one row per model call)
 
 SFT rows use the token ids recorded at generation when every model step carries them, so the
 model learns exactly what it sampled, with no retokenisation drift; otherwise TRL renders the
 conversations with the model's own chat template. One dataset never mixes the two.
+
+Off-policy rows are always the recorded ids, with the log-probability each sampled token had
+when it was generated (`logprobs`, 0 on prompt tokens) and the attempt's advantage: its verdict
+against the other attempts at the same task, `(r - mean) / std` as GRPO computes it; a task whose
+attempts all got the same verdict teaches nothing and is dropped (`zero_variance_groups`).
 """
 
 from __future__ import annotations
@@ -36,13 +42,14 @@ if TYPE_CHECKING:
 
     from honed.store import TrajectoryStore
 
-METHODS = ("sft", "kto", "dpo", "grpo", "distill")
+METHODS = ("sft", "kto", "dpo", "grpo", "distill", "offpolicy")
 # Methods whose rows an external example can be: DPO needs a paired failure, GRPO a live rollout.
 EXTERNAL_METHODS = ("sft", "distill", "kto")
 PAGE_SIZE = 500
 CURRICULUM_FLOOR = 0.05  # weight a solved or stuck task keeps, as a fraction of the most informative's
 CURRICULUM_MAX_REPEATS = 4  # GRPO rows of the most informative task; the least informative get one
 _UNKNOWN_RATE = 0.5  # a task with no trusted verdict yet is treated as the most informative
+ADVANTAGE_EPS = 1e-4  # as TRL's GRPO: (r - mean) / (std + eps)
 
 _dumps = json.JSONEncoder(ensure_ascii=False, sort_keys=True).encode
 
@@ -127,8 +134,10 @@ def prepare(
         raise ValueError(f"external_ratio is a fraction of the rows, in [0, 1], not {external_ratio}")
     if external_ratio > 0 and method not in EXTERNAL_METHODS:
         raise ValueError(f"external data mixes into {', '.join(EXTERNAL_METHODS)}, not {method}")
-    if method == "dpo" and not verified:
-        raise ValueError("DPO pairs verified passes with verified failures: it needs verified=True")
+    if method in ("dpo", "offpolicy") and not verified:
+        raise ValueError(
+            f"{method} learns from verified passes against verified failures: it needs verified=True"
+        )
     if split is not None and split == heldout_split:
         raise HeldOutLeak(f"split={split!r} asks for the held-out split")
     untrusted_names = set(store.untrusted_verifiers() if untrusted is None else untrusted)
@@ -162,6 +171,8 @@ def prepare(
         data = build.kto(keep, desirable, ext, external_ratio)
     elif method == "dpo":
         data = build.dpo(selected, labels)
+    elif method == "offpolicy":
+        data = build.offpolicy(selected, labels, tokenizer)
     else:
         data = build.grpo(selected, labels)
     data.tasks = tasks
@@ -506,6 +517,41 @@ class _Build:
         data.weights, data.stuck = weights, stuck
         return data
 
+    def offpolicy(
+        self, selected: list[Trajectory], labels: dict[str, bool | None], tokenizer: Any
+    ) -> TrainingData:
+        """Each judged attempt's recorded model calls, with the log-probabilities they were sampled
+        with and the attempt's advantage within its task's group (newest versions first under the
+        per-task cap). Not deduplicated: two equal attempts are two draws of the policy."""
+        judged = [t for t in selected if labels[t.id] is not None and (t.task_id is not None or self._skip())]
+        examples = self._cap([_Example(t, [], []) for t in judged])
+        missing = [e.trajectory.id for e in examples if not _has_logprobs(e.trajectory, tokenizer)]
+        if missing:
+            raise MissingLogprobs(missing, len(examples))
+        groups: dict[str, list[Trajectory]] = defaultdict(list)
+        for e in examples:
+            groups[e.group].append(e.trajectory)
+        self.counts["groups"] = self.counts["zero_variance_groups"] = 0
+        rows, used = [], []
+        for members in groups.values():
+            rewards = [1.0 if labels[t.id] else 0.0 for t in members]
+            if len(set(rewards)) < 2:
+                self.counts["zero_variance_groups"] += 1
+                continue
+            self.counts["groups"] += 1
+            mean = sum(rewards) / len(rewards)
+            std = (
+                sum((r - mean) ** 2 for r in rewards) / (len(rewards) - 1)
+            ) ** 0.5  # unbiased, as torch.std
+            for t, r in zip(members, rewards, strict=True):
+                advantage = (r - mean) / (std + ADVANTAGE_EPS)
+                for row, logprobs in zip(_token_rows(t), _logprobs_of(t), strict=True):
+                    prompt = len(row["input_ids"]) - len(logprobs)
+                    rows.append({**row, "logprobs": [0.0] * prompt + logprobs, "advantage": advantage})
+                used.append(_Example(t, [], []))
+        self.counts["pretokenized"] = 1
+        return self._data(rows, used, _features("offpolicy"))
+
     # -- shared steps ------------------------------------------------------------------------
 
     def _examples(self, trajectories: list[Trajectory], *, need_chat: bool = True) -> list[_Example]:
@@ -604,6 +650,22 @@ class _Build:
 _NO_TRAJECTORY = Trajectory(id="", agent="external")
 
 
+class MissingLogprobs(ValueError):
+    """Off-policy training needs, on every model step of every attempt it learns from, the token
+    ids and the log-probabilities recorded when the model generated them: `trajectory_ids` lack
+    them."""
+
+    def __init__(self, trajectory_ids: list[str], selected: int) -> None:
+        shown = ", ".join(trajectory_ids[:5]) + (" ..." if len(trajectory_ids) > 5 else "")
+        super().__init__(
+            f"offpolicy: {len(trajectory_ids)} of {selected} selected trajectories lack the token ids and "
+            f"logprobs recorded at generation (steps' extra prompt_token_ids, token_ids, logprobs): {shown}. "
+            "Serve the model through honed (LocalChatModel, ServedModel, `honed serve` with logprobs) so "
+            "captures carry them, select only such runs, or train with sft, kto or dpo"
+        )
+        self.trajectory_ids = trajectory_ids
+
+
 def _external_count(own: int, available: int, ratio: float) -> int:
     """External rows so that they are `ratio` of all rows; ratio 1 is every external row, alone."""
     if available == 0 or ratio <= 0:
@@ -679,6 +741,25 @@ def _is_ids(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(i, int) and i >= 0 for i in value)
 
 
+def _has_logprobs(t: Trajectory, tokenizer: Any) -> bool:
+    """Token ids as `_has_token_ids` wants them, and one finite float logprob per sampled token."""
+    if not _has_token_ids(t, tokenizer):
+        return False
+    for step in t.model_steps():
+        logprobs, completion = step.extra.get("logprobs"), step.extra["token_ids"]
+        if not isinstance(logprobs, list) or len(logprobs) != len(completion):
+            return False
+        if not all(
+            isinstance(x, int | float) and not isinstance(x, bool) and -1e30 < x <= 0 for x in logprobs
+        ):
+            return False
+    return True
+
+
+def _logprobs_of(t: Trajectory) -> list[list[float]]:
+    return [[float(x) for x in s.extra["logprobs"]] for s in t.model_steps()]
+
+
 def _token_ids_of(t: Trajectory) -> list[list[list[int]]]:
     return [[s.extra["prompt_token_ids"], s.extra["token_ids"]] for s in t.model_steps()]
 
@@ -741,6 +822,12 @@ def _features(kind: str) -> Any:
         "kto": {"prompt": messages, "completion": messages, "label": Value("bool"), "tools": tools},
         "dpo": {"prompt": messages, "chosen": messages, "rejected": messages, "tools": tools},
         "grpo": {"prompt": messages, "metadata": text, "split": text, "weight": Value("float64")},
+        "offpolicy": {
+            "input_ids": List(Value("int64")),
+            "completion_mask": List(Value("int8")),
+            "logprobs": List(Value("float32")),
+            "advantage": Value("float32"),
+        },
     }[kind]
     extra = {"rejected_trajectory_id": text} if kind == "dpo" else {}
     return Features({**columns, "trajectory_id": text, "task_id": text, **extra})
