@@ -19,7 +19,9 @@ from honed.trajectory import Task
 class Suite(Protocol):
     """A family of verifiable tasks (see the module docstring); `honed.demo` ships three.
 
-    Optional: `max_tokens`, a cap on each model reply (the loop passes it to the model).
+    Optional: `max_tokens`, a cap on each model reply (the loop passes it to the model);
+    `solution_for(task)`, a correct chat example for one of its train tasks (outside help for the
+    tasks that never pass: `LearningLoop(data={"external_for": "stuck"})`).
     """
 
     name: str

@@ -104,6 +104,7 @@ def prepare(
     max_per_task: int | None = 8,
     external: datasets.Dataset | Sequence[Mapping[str, Any]] | None = None,
     external_ratio: float = 0.0,
+    external_for: str = "all",
     verified: bool = True,
     seed: int = 0,
     tokenizer: Any = None,
@@ -124,6 +125,9 @@ def prepare(
     `HeldOutLeak`. `verified=False` trains on every attempt regardless of verdicts (SFT, KTO).
     `external` chat examples `{"messages", "tools"}` make up `external_ratio` of the rows (SFT,
     distill, KTO as desirable; 1.0: external rows only, each once, e.g. a warm start).
+    `external_for="stuck"` targets them instead: only external rows whose `task_id` is a task the
+    selection attempted and never passed are used, each once (`external_ratio` is then ignored);
+    `external_stuck_tasks` counts the tasks they are for.
     `verifiers` names the only verifiers whose verdicts label (default: every trusted one).
     `pretokenized`: None uses recorded token ids when every selected trajectory has them, False
     never, True requires them. `tokenizer`, when given, must cover the recorded ids (ids from
@@ -132,7 +136,10 @@ def prepare(
     method = _check_method(method)
     if not 0.0 <= external_ratio <= 1.0:
         raise ValueError(f"external_ratio is a fraction of the rows, in [0, 1], not {external_ratio}")
-    if external_ratio > 0 and method not in EXTERNAL_METHODS:
+    if external_for not in ("all", "stuck"):
+        raise ValueError(f"external_for is 'all' or 'stuck', not {external_for!r}")
+    targeted = external_for == "stuck" and bool(external)
+    if (external_ratio > 0 or targeted) and method not in EXTERNAL_METHODS:
         raise ValueError(f"external data mixes into {', '.join(EXTERNAL_METHODS)}, not {method}")
     if method in ("dpo", "offpolicy") and not verified:
         raise ValueError(
@@ -157,18 +164,24 @@ def prepare(
     tasks = _task_summary(selected, labels)
 
     ext = _external_examples(external, heldout) if external is not None else []
+    ratio: float | None = external_ratio
+    if external_for == "stuck":
+        stuck = {task for task, n in tasks.items() if not n["passed"] and n["failed"]}
+        ext = [ex for ex in ext if ex["task_id"] in stuck]
+        counts["external_stuck_tasks"] = len({ex["task_id"] for ex in ext})
+        ratio = None  # each targeted row once
     versions = [model_version] if isinstance(model_version, str) else list(model_version or ())
     build = _Build(method, counts, seed, max_per_task, rank={v: i for i, v in enumerate(versions)})
     if method in ("sft", "distill"):
         keep = [t for t in selected if labels[t.id] is True or not verified]
-        data = build.sft(keep, ext, external_ratio, tokenizer, pretokenized)
+        data = build.sft(keep, ext, ratio, tokenizer, pretokenized)
         if newest_weight > 1 and versions:
             newest = {t.id for t in keep if t.model_version == versions[0]}
             data = build.weigh(data, newest, newest_weight)
     elif method == "kto":
         keep = [t for t in selected if labels[t.id] is not None or not verified]
         desirable = {t.id: labels[t.id] is not False or not verified for t in keep}
-        data = build.kto(keep, desirable, ext, external_ratio)
+        data = build.kto(keep, desirable, ext, ratio)
     elif method == "dpo":
         data = build.dpo(selected, labels)
     elif method == "offpolicy":
@@ -393,11 +406,11 @@ class _Build:
         self,
         keep: list[Trajectory],
         external: list[dict[str, Any]],
-        ratio: float,
+        ratio: float | None,
         tokenizer: Any,
         pretokenized: bool | None,
     ) -> TrainingData:
-        own = self._cap(self._dedupe(self._examples(keep, need_chat=False))) if ratio < 1 else []
+        own = self._cap(self._dedupe(self._examples(keep, need_chat=False))) if _own_rows(ratio) else []
         n_external = _external_count(len(own), len(external), ratio)
         with_ids = [e for e in own if _has_token_ids(e.trajectory, tokenizer)]
         self.counts["missing_token_ids"] = len(own) - len(with_ids)
@@ -422,9 +435,9 @@ class _Build:
         keep: list[Trajectory],
         desirable: dict[str, bool],
         external: list[dict[str, Any]],
-        ratio: float,
+        ratio: float | None,
     ) -> TrainingData:
-        keep = keep if ratio < 1 else []
+        keep = keep if _own_rows(ratio) else []
         examples = self._dedupe(self._examples(keep), label=lambda e: desirable[e.trajectory.id])
         examples = self._cap(examples, label=lambda e: desirable[e.trajectory.id])
         rows, used = [], []
@@ -666,11 +679,17 @@ class MissingLogprobs(ValueError):
         self.trajectory_ids = trajectory_ids
 
 
-def _external_count(own: int, available: int, ratio: float) -> int:
-    """External rows so that they are `ratio` of all rows; ratio 1 is every external row, alone."""
-    if available == 0 or ratio <= 0:
+def _own_rows(ratio: float | None) -> bool:
+    """Whether the selection's own rows train too (external ratio 1: external rows alone)."""
+    return ratio is None or ratio < 1
+
+
+def _external_count(own: int, available: int, ratio: float | None) -> int:
+    """External rows so that they are `ratio` of all rows; ratio 1 is every external row, alone;
+    None (targeted rows) every one of them, beside the own rows."""
+    if available == 0 or (ratio is not None and ratio <= 0):
         return 0
-    if ratio >= 1:
+    if ratio is None or ratio >= 1:
         return available
     return round(ratio * own / (1.0 - ratio))
 
