@@ -23,6 +23,7 @@ _EXPORTS = {
     "build_dataset": "honed.learn.datasets",
     "prepare": "honed.learn.datasets",
     "TrainingData": "honed.learn.datasets",
+    "MissingLogprobs": "honed.learn.datasets",
     "HeldOut": "honed.store.select",
     "HeldOutLeak": "honed.store.select",
     "is_heldout": "honed.store.select",

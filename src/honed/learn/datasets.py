@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import json
 import random
+import statistics
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -552,10 +553,7 @@ class _Build:
                 self.counts["zero_variance_groups"] += 1
                 continue
             self.counts["groups"] += 1
-            mean = sum(rewards) / len(rewards)
-            std = (
-                sum((r - mean) ** 2 for r in rewards) / (len(rewards) - 1)
-            ) ** 0.5  # unbiased, as torch.std
+            mean, std = statistics.fmean(rewards), statistics.stdev(rewards)  # unbiased, as torch.std
             for t, r in zip(members, rewards, strict=True):
                 advantage = (r - mean) / (std + ADVANTAGE_EPS)
                 for row, logprobs in zip(_token_rows(t), _logprobs_of(t), strict=True):
