@@ -84,6 +84,35 @@ def test_a_deliberately_worse_candidate_is_rejected_and_the_run_recorded(world: 
     assert evals[1].training_run == run.id and evals[1].metrics["pass_at_1"] == 0.0
 
 
+def test_a_rejected_cycle_changes_something_before_the_next_one(world: dict[str, Any]) -> None:
+    """The next cycle (another process: a new Cycle reading the store) does not repeat a rejected
+    one: it halves the learning rate (the method's own rule), learns from more versions, records
+    what it changed with its run and says so in its reason."""
+    store = world["store"]
+    wreck = SFTMethod(num_train_epochs=1, learning_rate=5.0, per_device_train_batch_size=4)
+    first = cycle(world, wreck, data=DataConfig(agent=NAME, versions="live")).run()
+    assert first.status == "rejected" and "after rejected" not in first.reason
+    assert store.training_run(first.run_id).config["adapted"] is None
+    second = cycle(world, wreck, data=DataConfig(agent=NAME, versions="live")).run()
+    assert second.status == "rejected"  # 2.5 still wrecks it
+    run = store.training_run(second.run_id)
+    changes = ["versions live -> lineage (window 2)", "learning_rate 5 -> 2.5"]
+    assert run.config["adapted"] == {"rejected_runs": [first.run_id], "changes": changes}
+    assert run.config["method"]["settings"]["learning_rate"] == 2.5
+    assert run.config["data"]["versions"] == "lineage" and run.config["data"]["window"] == 2
+    note = f"[after rejected run(s) {first.run_id} of {world['v1'].ref}: {'; '.join(changes)}]"
+    assert second.reason.endswith(note) and run.reason == second.reason
+    assert second.extra["adapted"]["changes"] == changes
+    assert wreck.chosen["learning_rate"] == 5.0  # the configured method is left as it was
+    # Two rejections in a row: a quarter of the rate. Switched off, the cycle repeats itself.
+    third = cycle(world, wreck, adapt=False).run()
+    assert store.training_run(third.run_id).config["adapted"] is None
+    fourth = cycle(
+        world, SFTMethod(num_train_epochs=1, learning_rate=4.0, per_device_train_batch_size=4)
+    ).run()
+    assert store.training_run(fourth.run_id).config["adapted"]["changes"] == ["learning_rate 4 -> 0.5"]
+
+
 def test_the_benchmark_harness_promotes_a_rejected_candidate_to_measure_it(world: dict[str, Any]) -> None:
     """The learning benchmark measures what every arm's data does, so it promotes what the gate
     rejected; the switch lives in the harness (the product's Cycle has none) and says so."""

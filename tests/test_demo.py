@@ -6,6 +6,7 @@ import html
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -50,16 +51,22 @@ def test_demo_runs_the_loop_on_a_user_suite_and_writes_the_report(tmp_path: Path
     assert "adder-agent@v1" in page and html.escape(first["reason"][:40]) in page and "<svg" in page
 
 
-def test_demo_with_a_method_that_takes_no_demonstrations(tmp_path: Path) -> None:
-    """DPO and GRPO rows cannot be external demonstrations: the loop leaves them out for such a
-    method rather than failing every cycle."""
+@pytest.mark.parametrize("method", ["dpo", "offpolicy"])
+def test_demo_with_a_method_that_takes_no_demonstrations(method: str, tmp_path: Path) -> None:
+    """DPO, GRPO and off-policy rows cannot be external demonstrations: the loop leaves them out
+    for such a method rather than failing every cycle. Off-policy learns from the attempts the
+    served model captured, with the logprobs it recorded."""
     torch.set_num_threads(1)
     args = ["demo", "--suite", "adder_suite:Adder", "--base", str(tool_model_path()), "--cycles", "1",
-            "--attempts", "2", "--method", "dpo", "--workdir", str(tmp_path / "work"),
+            "--attempts", "2", "--method", method, "--workdir", str(tmp_path / "work"),
             "--report", str(tmp_path / "report.html"), "--json"]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     store = honed.open_store(f"sqlite:///{tmp_path / 'work' / 'demo.db'}")
     (run,) = store.training_runs("adder-agent")
-    assert run.method == "dpo" and run.status != "failed", run.reason
+    assert run.method == method and run.status != "failed", run.reason
     assert "external" not in run.reason
+    if method == "offpolicy":  # the demo's recipe; every attempt carried its recorded logprobs
+        assert run.config["method"]["settings"]["learning_rate"] == 1e-4
+        assert run.config["method"]["epsilon"] == 0.2
+        assert "logprobs" not in run.reason

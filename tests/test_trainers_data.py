@@ -326,6 +326,40 @@ def test_external_rows_make_up_the_requested_ratio(store: TrajectoryStore) -> No
         prepare(store, "dpo", external=demos, external_ratio=0.5)
 
 
+def test_targeted_external_rows_help_only_the_tasks_that_never_pass(store: TrajectoryStore) -> None:
+    add(store, make_trajectory("solved"), True)
+    add(store, make_trajectory("solved", answer="The sum is 6."), False)
+    for answer in ("The sum is 6.", "The sum is 7."):
+        add(store, make_trajectory("stuck", answer=answer), False)
+    add(store, make_trajectory("h1", split="heldout"), False)
+    demo = chat_demo(1)
+    demos = [{**demo, "task_id": task} for task in ("solved", "stuck", "unseen")]
+    data = prepare(store, "sft", external=demos, external_for="stuck")
+    assert data.counts["external"] == 1 and data.counts["external_stuck_tasks"] == 1
+    assert sorted(data.dataset["task_id"]) == ["solved", "stuck"]  # its own pass, the stuck task's demo
+    # The untargeted mix at the same ratio draws from every demonstration.
+    mixed = prepare(store, "sft", external=demos, external_ratio=0.5)
+    assert mixed.counts["external"] == 1 and "external_stuck_tasks" not in mixed.counts
+    # Nothing stuck: no external row at all; held-out tasks never count as stuck.
+    add(store, make_trajectory("stuck"), True)
+    assert prepare(store, "sft", external=demos, external_for="stuck").counts["external"] == 0
+    with pytest.raises(ValueError, match="external_for"):
+        prepare(store, "sft", external=demos, external_for="some")
+    with pytest.raises(ValueError, match="external data mixes"):
+        prepare(store, "dpo", external=demos, external_for="stuck")
+
+
+def chat_demo(i: int) -> dict[str, Any]:
+    return {
+        "messages": [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": f"What is {i} plus 1?"},
+            {"role": "assistant", "content": f"It is {i + 1}."},
+        ],
+        "tools": json.dumps([ADD_SCHEMA]),
+    }
+
+
 # -- method formats ----------------------------------------------------------------------------
 
 

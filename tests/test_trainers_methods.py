@@ -249,6 +249,33 @@ def test_kto_learns_from_passes_and_failures(store: TrajectoryStore, tiny: Path,
     saved_model_is_complete(tiny, result.path)
 
 
+def test_kto_pushes_a_failure_down_only_after_it_diverged_from_a_pass(
+    store: TrajectoryStore, tiny: Path, tmp_path: Path
+) -> None:
+    """TRL's KTO scores the whole completion, so a failure pushed down the tool call it shares
+    with the pass; honed's moves the shared tokens into the failure's prompt."""
+    add(store, make_trajectory("t1"), True)
+    add(store, make_trajectory("t1", answer="The sum is 6."), False)
+    data = prepare(store, "kto")
+    trainer = KTOMethod(per_device_train_batch_size=2).build_trainer(tiny, data, tmp_path / "s")
+    tok = trainer.processing_class
+    rows = {row["label"]: row for row in trainer.train_dataset}
+    assert tok.decode(rows[False]["completion_ids"]).startswith("6.")
+    assert tok.decode(rows[False]["prompt_ids"]).endswith("The sum is ")
+    assert "<tool_call>" in tok.decode(rows[True]["completion_ids"])  # passes keep their whole completion
+    plain = KTOMethod(per_device_train_batch_size=2, after_divergence=False)
+    assert plain.config()["after_divergence"] is False
+    whole = {row["label"]: row for row in plain.build_trainer(tiny, data, tmp_path / "p").train_dataset}
+    assert whole[False]["prompt_ids"] == whole[True]["prompt_ids"]
+    assert "<tool_call>" in tok.decode(whole[False]["completion_ids"])
+    assert (
+        KTOMethod(max_steps=1, per_device_train_batch_size=2)
+        .train(tiny, data, tmp_path / "o")
+        .metrics["steps"]
+        == 1
+    )
+
+
 def test_kto_weighs_passes_against_failures(store: TrajectoryStore, tiny: Path, tmp_path: Path) -> None:
     """A loop fails more often than it passes: unweighted, the failures' push-down dominates."""
     add(store, make_trajectory("t1"), True)

@@ -21,7 +21,7 @@ from honed.cli.common import JsonOption, StoreOption, app, console, open_store_o
 SuiteOption = Annotated[
     str, typer.Option("--suite", help="tool_use | extraction | coding | package.module:SUITE (your own).")
 ]
-MethodOption = Annotated[str, typer.Option("--method", help="sft | kto | dpo | grpo | distill")]
+MethodOption = Annotated[str, typer.Option("--method", help="sft | kto | dpo | grpo | distill | offpolicy")]
 
 
 @contextmanager
@@ -53,6 +53,7 @@ def _method(name: str, suite: Any = None) -> Any:
         "kto": methods.KTOMethod,
         "dpo": methods.DPOMethod,
         "distill": methods.DistillMethod,
+        "offpolicy": methods.OffPolicyMethod,
     }
     if name in plain:
         return plain[name]()
@@ -60,7 +61,7 @@ def _method(name: str, suite: Any = None) -> Any:
         if suite is None:
             raise typer.BadParameter("grpo needs --suite (its verifiers are the reward)")
         return methods.GRPOMethod(verifiers=suite.verifiers(), tools=list(suite.tools))
-    raise typer.BadParameter(f"unknown method {name!r}: sft, kto, dpo, grpo or distill")
+    raise typer.BadParameter(f"unknown method {name!r}: sft, kto, dpo, grpo, distill or offpolicy")
 
 
 def _demo_method(name: str, suite: Any) -> Any:

@@ -49,6 +49,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     "distill": {"num_train_epochs": 2, "learning_rate": 5e-4},  # SFT on a teacher's verified runs
     "kto": {"num_train_epochs": 2, "learning_rate": 1e-5},
     "dpo": {"num_train_epochs": 2, "learning_rate": 1e-4},
+    # Clipped off-policy policy gradient on the captured attempts (passes up, failures down).
+    "offpolicy": {"num_train_epochs": 2, "learning_rate": 1e-4, "lr_scheduler_type": "constant"},
     "grpo": {
         "num_train_epochs": 2,
         "learning_rate": 1e-4,
@@ -60,7 +62,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 
 
 def demo_method(name: str, suite: Suite | None = None, **fields: Any) -> Any:
-    """The demo's method `name` (sft, kto, dpo, grpo, distill) with its tuned recipe, `fields`
+    """The demo's method `name` (sft, kto, dpo, grpo, distill, offpolicy) with its tuned recipe, `fields`
     (TRL config fields) over it. GRPO takes the suite's verifiers and tools."""
     from honed.learn import methods
 
@@ -71,8 +73,14 @@ def demo_method(name: str, suite: Suite | None = None, **fields: Any) -> Any:
         if suite is None:
             raise ValueError("grpo needs a suite (its verifiers are the reward)")
         return methods.GRPOMethod(suite.verifiers(), tools=list(suite.tools), **settings)
-    classes = {"sft": methods.SFTMethod, "distill": methods.DistillMethod, "kto": methods.KTOMethod}
-    return classes.get(name, methods.DPOMethod)(**settings)
+    classes = {
+        "sft": methods.SFTMethod,
+        "distill": methods.DistillMethod,
+        "kto": methods.KTOMethod,
+        "dpo": methods.DPOMethod,
+        "offpolicy": methods.OffPolicyMethod,
+    }
+    return classes[name](**settings)
 
 
 def cpu_settings() -> dict[str, Any]:
@@ -96,7 +104,9 @@ class LearningLoop:
         attempts: samples per training task per cycle (spread by curriculum after cycle 1).
         train_tasks / heldout_tasks: how many of the suite's tasks to use (None: all).
         samples: held-out samples per task (pass@1 is their mean at temperature 1; pass@8 the ceiling).
-        external_ratio: share of the suite's demonstrations in each training set (the external data).
+        external_ratio: share of the suite's demonstrations in each training set (the external data);
+            with `data={"external_for": "stuck"}`, the suite's solutions of the train tasks that
+            never pass instead (`solution_for(task)`), each once.
         training_verifiers: label the training attempts (default: the suite's); the gate and the
             held-out figures always use the suite's own verifiers.
         data: `DataConfig` fields over the loop's (`verified=False` trains on everything).
@@ -179,7 +189,10 @@ class LearningLoop:
         data: dict[str, Any] = {"agent": self.name}
         # DPO and GRPO rows cannot be demonstrations: those methods train on the loop's own runs only.
         if self.external_ratio > 0 and set(self.method.accepts) & set(EXTERNAL_METHODS):
-            external = self.suite.demonstrations(max(64, len(self.train)), seed=self.seed)
+            if self.data.get("external_for") == "stuck":
+                external = self._solutions()
+            else:
+                external = self.suite.demonstrations(max(64, len(self.train)), seed=self.seed)
             data |= {"external": external, "external_ratio": self.external_ratio}
         data |= self.data
         gate_agent = lambda model: suite_agent(self.suite, model, store=self.store, name=self.name)  # noqa: E731
@@ -266,6 +279,16 @@ class LearningLoop:
         flush()
 
     # -- helpers ---------------------------------------------------------------------------------
+
+    def _solutions(self) -> list[dict[str, Any]]:
+        """A demonstration for each train task (`DataConfig(external_for="stuck")` uses those of the
+        tasks that never pass): outside help, as a person solving the tasks the agent cannot."""
+        solve = getattr(self.suite, "solution_for", None)
+        if not callable(solve):
+            raise ValueError(
+                f"suite {self.suite.name!r} has no solution_for(task): demonstrations for stuck tasks need one"
+            )
+        return [{**solve(task), "task_id": task.id} for task in self.train]
 
     def _curriculum(self) -> list[Task]:
         """`attempts` x tasks attempts, spread toward tasks with something to learn: a task seen

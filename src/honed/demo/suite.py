@@ -19,9 +19,11 @@ from honed.trajectory import Task
 class Suite(Protocol):
     """A family of verifiable tasks (see the module docstring); `honed.demo` ships three.
 
-    Optional: `max_tokens`, a cap on each model reply (the loop passes it to the model), and
+    Optional: `max_tokens`, a cap on each model reply (the loop passes it to the model);
     `gate_verifiers()`, verifiers the gate judges held-out attempts with when they should differ
-    from the training ones (hidden tests): see `gate_verifiers` below.
+    from the training ones (hidden tests): see `gate_verifiers` below; `solution_for(task)`, a
+    correct chat example for one of its train tasks (outside help for the tasks that never pass:
+    `LearningLoop(data={"external_for": "stuck"})`).
     """
 
     name: str

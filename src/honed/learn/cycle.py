@@ -11,7 +11,11 @@ Safeguards, in the order they act:
 - train on a copy: the candidate is registered as a new version, the live one is never touched;
 - gate on held-out tasks with the real agent and the same verifiers (`gate.decide`);
 - promote with a compare-and-set on the live version it was evaluated against, so a cycle that
-  dies or races leaves no half-promoted state. Every phase lands in `training_runs`/`eval_runs`.
+  dies or races leaves no half-promoted state. Every phase lands in `training_runs`/`eval_runs`;
+- never repeat a rejected cycle unchanged: when the cycles before this one were rejected from the
+  same live version (read from the store, so it holds across processes), this one changes what it
+  learns from (`DataConfig.after_rejections`) and how (the method's own `after_rejections`, a
+  lower learning rate), records the change with the run and says so in its reason.
 
 Under a distributed launcher (`torchrun`, `accelerate launch`) every rank runs the cycle: the main
 process does all of the above, the others receive its dataset and train with it, nothing more
@@ -28,7 +32,7 @@ import json
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -56,7 +60,11 @@ class DataConfig:
     versions of it; `newest_weight` repeats the live version's rows. "live" learns from the live
     version's runs only; "all" from every run (including runs no version served, e.g. a teacher
     configuration's). `agent`: only this agent's runs. `max_per_task`: attempts kept per task. `external` chat
-    examples make up `external_ratio` of the rows (SFT, distill, KTO). `heldout_fraction`: tasks
+    examples make up `external_ratio` of the rows (SFT, distill, KTO); with `external_for="stuck"`
+    only the external rows whose `task_id` is a task the selection attempted and never passed are
+    used, each once, and `external_ratio` is ignored (outside help where the model's own runs
+    cannot reach).
+    `heldout_fraction`: tasks
     captured without a split are held out by a stable hash. `verified=False` trains on every
     attempt (a measurement arm, never production). `verifiers`: only these label.
     """
@@ -69,6 +77,7 @@ class DataConfig:
     max_per_task: int | None = 8
     external: Sequence[Any] | None = None
     external_ratio: float = 0.0
+    external_for: Literal["all", "stuck"] = "all"
     heldout_fraction: float = 0.0
     verified: bool = True
     verifiers: tuple[str, ...] | None = None
@@ -84,6 +93,22 @@ class DataConfig:
         elif self.versions == "lineage":
             fields["model_version"] = [v.ref for v in lineage[: self.window]]
         return fields
+
+    def after_rejections(self, rejections: int) -> tuple[DataConfig, list[str]]:
+        """What the next cycle learns from after `rejections` rejected cycles in a row from one live
+        version, and what changed: more data, the live version's ancestors' runs too ("live"
+        becomes a lineage of `1 + rejections` versions; a lineage `window` widens by `rejections`)."""
+        if rejections <= 0:
+            return self, []
+        if self.versions == "live":
+            return replace(self, versions="lineage", window=1 + rejections), [
+                f"versions live -> lineage (window {1 + rejections})"
+            ]
+        if self.versions == "lineage" and self.window is not None:
+            return replace(self, window=self.window + rejections), [
+                f"lineage window {self.window} -> {self.window + rejections}"
+            ]
+        return self, []
 
     def record(self) -> dict[str, Any]:
         """JSON-able, for the training run (external rows are counted, not copied)."""
@@ -244,6 +269,8 @@ class Cycle:
         data: what to learn from (`DataConfig`); gate: how to judge (`GateConfig`).
         chat_model: runs a version for the gate (default: `local_chat_model()`).
         output_dir: where candidates are written (one folder per training run).
+        adapt: after rejected cycles from the same live version, change the data and the method
+            before training again (see the module docstring); False repeats them as configured.
     """
 
     def __init__(
@@ -264,8 +291,10 @@ class Cycle:
         lock_ttl_s: float = 6 * 3600.0,
         on_progress: Progress | None = None,
         callbacks: Sequence[Any] = (),
+        adapt: bool = True,
     ) -> None:
         self.store, self.model, self.method = store, model, method
+        self.adapt = adapt
         self.agent, self.verifiers = agent, list(verifiers)
         gate_names = {verifier_name(v) for v in self.verifiers}
         self.watched = [v for v in watched if verifier_name(v) not in gate_names]
@@ -303,9 +332,9 @@ class Cycle:
             )
         from honed.learn.methods import NothingToLearn
 
-        base, data, out, seed, run_id = job
+        base, data, out, seed, run_id, method = job
         try:
-            trained = self.method.train(base, data, out, seed=seed, callbacks=self.callbacks)
+            trained = method.train(base, data, out, seed=seed, callbacks=self.callbacks)
         except NothingToLearn as exc:  # every rank finds it; the main process records it
             return CycleResult("worker", f"{where}: {exc}", method=self.method.name, run_id=run_id)
         return CycleResult(
@@ -320,42 +349,50 @@ class Cycle:
         live = self.store.live_version(self.model)
         if live is None:
             raise LookupError(f"{self.model}: no live version; register and promote a base version first")
+        method, config, adapted = self._adapted(live)
         run = self.store.start_training_run(
-            self.model, self.method.name, parent=live.ref, config=self._record(), owner=owner
+            self.model,
+            method.name,
+            parent=live.ref,
+            config=self._record(method, config, adapted),
+            owner=owner,
         )
         result = CycleResult(
-            "running", "", method=self.method.name, run_id=run.id, live=live.ref, version=live.ref,
+            "running", "", method=method.name, run_id=run.id, live=live.ref, version=live.ref,
             started_at=run.started_at,
         )  # fmt: skip
+        if adapted:
+            result.extra["adapted"] = adapted
         try:
             # 1. select: what was verifiably done right (and wrong), held-out tasks excluded
             with self._timed(result, "select"):
-                filters = self.data.filters(live, lineage(self.store, live))
-                data = prepare(self.store, self.method.name, seed=self.seed, **filters)
+                filters = config.filters(live, lineage(self.store, live))
+                data = prepare(self.store, method.name, seed=self.seed, **filters)
                 result.data, result.stuck = _selection_summary(data, live)
                 result.data["gate_verifiers"] = sorted({verifier_name(v) for v in self.verifiers})
                 self.store.add_training_examples(run.id, data.trajectory_ids)
                 self.store.update_training_run(run.id, data=result.data)
             # New experience is the live version's own (with "all", whatever was selected).
-            own = data.versions.get(live.ref, {}) if self.data.versions != "all" else data.counts
+            own = data.versions.get(live.ref, {}) if config.versions != "all" else data.counts
             passes = own.get("passed", 0)
-            short = passes < self.data.min_new_verified if self.data.verified else len(data) == 0
-            if short and self.method.name != "grpo":
+            short = passes < config.min_new_verified if config.verified else len(data) == 0
+            if short and method.name != "grpo":
                 why = (
                     f"NOTHING TO LEARN: {passes} new verified passes of {live.ref} (min_new_verified="
-                    f"{self.data.min_new_verified}); {len(result.stuck)} tasks never pass and need outside data"
+                    f"{config.min_new_verified}); {len(result.stuck)} tasks never pass and need outside data"
                 )
                 return self._finish(result, "nothing_to_learn", why, live)
 
             # 2. train a candidate from the live weights (a new folder; the live one is untouched)
             with self._timed(result, "train"):
                 out = self.output_dir / f"{self.model}-run{run.id}"
-                handoff.send((live.path, data, out, self.seed, run.id))  # the other ranks train with us
-                trained = self.method.train(live.path, data, out, seed=self.seed, callbacks=self.callbacks)
+                # The other ranks train with us, with the same method (after a rejection, the adjusted one).
+                handoff.send((live.path, data, out, self.seed, run.id, method))
+                trained = method.train(live.path, data, out, seed=self.seed, callbacks=self.callbacks)
                 result.metrics = dict(trained.metrics)
                 candidate = self.store.register_model(
                     self.model, trained.path, parent=live, metrics=result.metrics, training_run=run.id,
-                    reason=f"training run {run.id} ({self.method.name})",
+                    reason=f"training run {run.id} ({method.name})",
                 )  # fmt: skip
                 result.candidate = candidate.ref
                 self.store.update_training_run(run.id, candidate=candidate.ref, metrics=result.metrics)
@@ -444,7 +481,38 @@ class Cycle:
             slice_tolerance=g.slice_tolerance, min_diversity_ratio=g.min_diversity_ratio,
         )  # fmt: skip
 
+    def _adapted(self, live: ModelVersion) -> tuple[Any, DataConfig, dict[str, Any] | None]:
+        """The method and data this cycle uses: as configured, unless the cycles before it were
+        rejected from the same live version; then changed by their own rules (a lower learning
+        rate, more data), and what changed."""
+        rejected = self._rejected_runs(live)
+        if not self.adapt or not rejected:
+            return self.method, self.data, None
+        config, changes = self.data.after_rejections(len(rejected))
+        method, rule = self.method, getattr(self.method, "after_rejections", None)
+        if callable(rule):
+            method, more = rule(len(rejected))
+            changes = [*changes, *more]
+        return method, config, {"rejected_runs": [r.id for r in rejected], "changes": changes}
+
+    def _rejected_runs(self, live: ModelVersion) -> list[Any]:
+        """The rejected training runs of `live` since it went live, newest first (failed,
+        interrupted and nothing-to-learn runs neither count nor break the streak)."""
+        rejected = []
+        for run in self.store.training_runs(self.model, limit=100):
+            if run.status in ("failed", "interrupted", "nothing_to_learn", "running"):
+                continue
+            if run.status != "rejected" or run.parent != live.ref:
+                break
+            rejected.append(run)
+        return rejected
+
     def _finish(self, result: CycleResult, status: str, reason: str, live: ModelVersion) -> CycleResult:
+        adapted = result.extra.get("adapted")
+        if adapted:
+            runs = ", ".join(str(r) for r in adapted["rejected_runs"])
+            changed = "; ".join(adapted["changes"]) or "nothing left to change"
+            reason = f"{reason} [after rejected run(s) {runs} of {live.ref}: {changed}]"
         result.status, result.reason = status, reason
         if not result.heldout and status != "promoted":
             result.heldout = self._stored_heldout(live)
@@ -461,15 +529,16 @@ class Cycle:
                 return dict(past.metrics)
         return {}
 
-    def _record(self) -> dict[str, Any]:
-        config = getattr(self.method, "config", None)
+    def _record(self, method: Any, data: DataConfig, adapted: dict[str, Any] | None) -> dict[str, Any]:
+        config = getattr(method, "config", None)
         return json.loads(
             json.dumps(
                 {
-                    "method": config() if callable(config) else {"name": self.method.name},
-                    "data": self.data.record(),
+                    "method": config() if callable(config) else {"name": method.name},
+                    "data": data.record(),
                     "gate": asdict(self.gate),
                     "seed": self.seed,
+                    "adapted": adapted,
                 },
                 default=str,
             )

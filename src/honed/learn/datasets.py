@@ -9,10 +9,16 @@ data, and builds the dataset in the format of the method's TRL trainer:
     kto           `prompt`, `completion`, `label`, `tools`
     dpo           `prompt`, `chosen`, `rejected`, `tools`
     grpo          `prompt`, `task_id`, `metadata`, `split`, `weight` (rows repeated by curriculum)
+    offpolicy     `input_ids`, `completion_mask`, `logprobs`, `advantage` (one row per model call)
 
 SFT rows use the token ids recorded at generation when every model step carries them, so the
 model learns exactly what it sampled, with no retokenisation drift; otherwise TRL renders the
 conversations with the model's own chat template. One dataset never mixes the two.
+
+Off-policy rows are always the recorded ids, with the log-probability each sampled token had
+when it was generated (`logprobs`, 0 on prompt tokens) and the attempt's advantage: its verdict
+against the other attempts at the same task, `(r - mean) / std` as GRPO computes it; a task whose
+attempts all got the same verdict teaches nothing and is dropped (`zero_variance_groups`).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import functools
 import json
 import random
+import statistics
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,13 +44,14 @@ if TYPE_CHECKING:
 
     from honed.store import TrajectoryStore
 
-METHODS = ("sft", "kto", "dpo", "grpo", "distill")
+METHODS = ("sft", "kto", "dpo", "grpo", "distill", "offpolicy")
 # Methods whose rows an external example can be: DPO needs a paired failure, GRPO a live rollout.
 EXTERNAL_METHODS = ("sft", "distill", "kto")
 PAGE_SIZE = 500
 CURRICULUM_FLOOR = 0.05  # weight a solved or stuck task keeps, as a fraction of the most informative's
 CURRICULUM_MAX_REPEATS = 4  # GRPO rows of the most informative task; the least informative get one
 _UNKNOWN_RATE = 0.5  # a task with no trusted verdict yet is treated as the most informative
+ADVANTAGE_EPS = 1e-4  # as TRL's GRPO: (r - mean) / (std + eps)
 
 _dumps = json.JSONEncoder(ensure_ascii=False, sort_keys=True).encode
 
@@ -98,6 +106,7 @@ def prepare(
     max_per_task: int | None = 8,
     external: datasets.Dataset | Sequence[Mapping[str, Any]] | None = None,
     external_ratio: float = 0.0,
+    external_for: str = "all",
     verified: bool = True,
     seed: int = 0,
     tokenizer: Any = None,
@@ -118,6 +127,9 @@ def prepare(
     `HeldOutLeak`. `verified=False` trains on every attempt regardless of verdicts (SFT, KTO).
     `external` chat examples `{"messages", "tools"}` make up `external_ratio` of the rows (SFT,
     distill, KTO as desirable; 1.0: external rows only, each once, e.g. a warm start).
+    `external_for="stuck"` targets them instead: only external rows whose `task_id` is a task the
+    selection attempted and never passed are used, each once (`external_ratio` is then ignored);
+    `external_stuck_tasks` counts the tasks they are for.
     `verifiers` names the only verifiers whose verdicts label (default: every trusted one).
     `pretokenized`: None uses recorded token ids when every selected trajectory has them, False
     never, True requires them. `tokenizer`, when given, must cover the recorded ids (ids from
@@ -126,10 +138,15 @@ def prepare(
     method = _check_method(method)
     if not 0.0 <= external_ratio <= 1.0:
         raise ValueError(f"external_ratio is a fraction of the rows, in [0, 1], not {external_ratio}")
-    if external_ratio > 0 and method not in EXTERNAL_METHODS:
+    if external_for not in ("all", "stuck"):
+        raise ValueError(f"external_for is 'all' or 'stuck', not {external_for!r}")
+    targeted = external_for == "stuck" and bool(external)
+    if (external_ratio > 0 or targeted) and method not in EXTERNAL_METHODS:
         raise ValueError(f"external data mixes into {', '.join(EXTERNAL_METHODS)}, not {method}")
-    if method == "dpo" and not verified:
-        raise ValueError("DPO pairs verified passes with verified failures: it needs verified=True")
+    if method in ("dpo", "offpolicy") and not verified:
+        raise ValueError(
+            f"{method} learns from verified passes against verified failures: it needs verified=True"
+        )
     if split is not None and split == heldout_split:
         raise HeldOutLeak(f"split={split!r} asks for the held-out split")
     untrusted_names = set(store.untrusted_verifiers() if untrusted is None else untrusted)
@@ -149,20 +166,28 @@ def prepare(
     tasks = _task_summary(selected, labels)
 
     ext = _external_examples(external, heldout) if external is not None else []
+    ratio: float | None = external_ratio
+    if external_for == "stuck":
+        stuck = {task for task, n in tasks.items() if not n["passed"] and n["failed"]}
+        ext = [ex for ex in ext if ex["task_id"] in stuck]
+        counts["external_stuck_tasks"] = len({ex["task_id"] for ex in ext})
+        ratio = None  # each targeted row once
     versions = [model_version] if isinstance(model_version, str) else list(model_version or ())
     build = _Build(method, counts, seed, max_per_task, rank={v: i for i, v in enumerate(versions)})
     if method in ("sft", "distill"):
         keep = [t for t in selected if labels[t.id] is True or not verified]
-        data = build.sft(keep, ext, external_ratio, tokenizer, pretokenized)
+        data = build.sft(keep, ext, ratio, tokenizer, pretokenized)
         if newest_weight > 1 and versions:
             newest = {t.id for t in keep if t.model_version == versions[0]}
             data = build.weigh(data, newest, newest_weight)
     elif method == "kto":
         keep = [t for t in selected if labels[t.id] is not None or not verified]
         desirable = {t.id: labels[t.id] is not False or not verified for t in keep}
-        data = build.kto(keep, desirable, ext, external_ratio)
+        data = build.kto(keep, desirable, ext, ratio)
     elif method == "dpo":
         data = build.dpo(selected, labels)
+    elif method == "offpolicy":
+        data = build.offpolicy(selected, labels, tokenizer)
     else:
         data = build.grpo(selected, labels)
     data.tasks = tasks
@@ -384,11 +409,11 @@ class _Build:
         self,
         keep: list[Trajectory],
         external: list[dict[str, Any]],
-        ratio: float,
+        ratio: float | None,
         tokenizer: Any,
         pretokenized: bool | None,
     ) -> TrainingData:
-        own = self._cap(self._dedupe(self._examples(keep, need_chat=False))) if ratio < 1 else []
+        own = self._cap(self._dedupe(self._examples(keep, need_chat=False))) if _own_rows(ratio) else []
         n_external = _external_count(len(own), len(external), ratio)
         with_ids = [e for e in own if _has_token_ids(e.trajectory, tokenizer)]
         self.counts["missing_token_ids"] = len(own) - len(with_ids)
@@ -413,9 +438,9 @@ class _Build:
         keep: list[Trajectory],
         desirable: dict[str, bool],
         external: list[dict[str, Any]],
-        ratio: float,
+        ratio: float | None,
     ) -> TrainingData:
-        keep = keep if ratio < 1 else []
+        keep = keep if _own_rows(ratio) else []
         examples = self._dedupe(self._examples(keep), label=lambda e: desirable[e.trajectory.id])
         examples = self._cap(examples, label=lambda e: desirable[e.trajectory.id])
         rows, used = [], []
@@ -507,6 +532,38 @@ class _Build:
         data = self._data(rows, used, _features("grpo"))
         data.weights, data.stuck = weights, stuck
         return data
+
+    def offpolicy(
+        self, selected: list[Trajectory], labels: dict[str, bool | None], tokenizer: Any
+    ) -> TrainingData:
+        """Each judged attempt's recorded model calls, with the log-probabilities they were sampled
+        with and the attempt's advantage within its task's group (newest versions first under the
+        per-task cap). Not deduplicated: two equal attempts are two draws of the policy."""
+        judged = [t for t in selected if labels[t.id] is not None and (t.task_id is not None or self._skip())]
+        examples = self._cap([_Example(t, [], []) for t in judged])
+        missing = [e.trajectory.id for e in examples if not _has_logprobs(e.trajectory, tokenizer)]
+        if missing:
+            raise MissingLogprobs(missing, len(examples))
+        groups: dict[str, list[Trajectory]] = defaultdict(list)
+        for e in examples:
+            groups[e.group].append(e.trajectory)
+        self.counts["groups"] = self.counts["zero_variance_groups"] = 0
+        rows, used = [], []
+        for members in groups.values():
+            rewards = [1.0 if labels[t.id] else 0.0 for t in members]
+            if len(set(rewards)) < 2:
+                self.counts["zero_variance_groups"] += 1
+                continue
+            self.counts["groups"] += 1
+            mean, std = statistics.fmean(rewards), statistics.stdev(rewards)  # unbiased, as torch.std
+            for t, r in zip(members, rewards, strict=True):
+                advantage = (r - mean) / (std + ADVANTAGE_EPS)
+                for row, logprobs in zip(_token_rows(t), _logprobs_of(t), strict=True):
+                    prompt = len(row["input_ids"]) - len(logprobs)
+                    rows.append({**row, "logprobs": [0.0] * prompt + logprobs, "advantage": advantage})
+                used.append(_Example(t, [], []))
+        self.counts["pretokenized"] = 1
+        return self._data(rows, used, _features("offpolicy"))
 
     # -- shared steps ------------------------------------------------------------------------
 
@@ -606,11 +663,33 @@ class _Build:
 _NO_TRAJECTORY = Trajectory(id="", agent="external")
 
 
-def _external_count(own: int, available: int, ratio: float) -> int:
-    """External rows so that they are `ratio` of all rows; ratio 1 is every external row, alone."""
-    if available == 0 or ratio <= 0:
+class MissingLogprobs(ValueError):
+    """Off-policy training needs, on every model step of every attempt it learns from, the token
+    ids and the log-probabilities recorded when the model generated them: `trajectory_ids` lack
+    them."""
+
+    def __init__(self, trajectory_ids: list[str], selected: int) -> None:
+        shown = ", ".join(trajectory_ids[:5]) + (" ..." if len(trajectory_ids) > 5 else "")
+        super().__init__(
+            f"offpolicy: {len(trajectory_ids)} of {selected} selected trajectories lack the token ids and "
+            f"logprobs recorded at generation (steps' extra prompt_token_ids, token_ids, logprobs): {shown}. "
+            "Serve the model through honed (LocalChatModel, ServedModel, `honed serve` with logprobs) so "
+            "captures carry them, select only such runs, or train with sft, kto or dpo"
+        )
+        self.trajectory_ids = trajectory_ids
+
+
+def _own_rows(ratio: float | None) -> bool:
+    """Whether the selection's own rows train too (external ratio 1: external rows alone)."""
+    return ratio is None or ratio < 1
+
+
+def _external_count(own: int, available: int, ratio: float | None) -> int:
+    """External rows so that they are `ratio` of all rows; ratio 1 is every external row, alone;
+    None (targeted rows) every one of them, beside the own rows."""
+    if available == 0 or (ratio is not None and ratio <= 0):
         return 0
-    if ratio >= 1:
+    if ratio is None or ratio >= 1:
         return available
     return round(ratio * own / (1.0 - ratio))
 
@@ -659,6 +738,25 @@ def _has_token_ids(t: Trajectory, tokenizer: Any) -> bool:
 
 def _is_ids(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(i, int) and i >= 0 for i in value)
+
+
+def _has_logprobs(t: Trajectory, tokenizer: Any) -> bool:
+    """Token ids as `_has_token_ids` wants them, and one finite float logprob per sampled token."""
+    if not _has_token_ids(t, tokenizer):
+        return False
+    for step in t.model_steps():
+        logprobs, completion = step.extra.get("logprobs"), step.extra["token_ids"]
+        if not isinstance(logprobs, list) or len(logprobs) != len(completion):
+            return False
+        if not all(
+            isinstance(x, int | float) and not isinstance(x, bool) and -1e30 < x <= 0 for x in logprobs
+        ):
+            return False
+    return True
+
+
+def _logprobs_of(t: Trajectory) -> list[list[float]]:
+    return [[float(x) for x in s.extra["logprobs"]] for s in t.model_steps()]
 
 
 def _token_ids_of(t: Trajectory) -> list[list[list[int]]]:
@@ -723,6 +821,12 @@ def _features(kind: str) -> Any:
         "kto": {"prompt": messages, "completion": messages, "label": Value("bool"), "tools": tools},
         "dpo": {"prompt": messages, "chosen": messages, "rejected": messages, "tools": tools},
         "grpo": {"prompt": messages, "metadata": text, "split": text, "weight": Value("float64")},
+        "offpolicy": {
+            "input_ids": List(Value("int64")),
+            "completion_mask": List(Value("int8")),
+            "logprobs": List(Value("float32")),
+            "advantage": Value("float32"),
+        },
     }[kind]
     extra = {"rejected_trajectory_id": text} if kind == "dpo" else {}
     return Features({**columns, "trajectory_id": text, "task_id": text, **extra})

@@ -6,7 +6,8 @@
 A method turns a `TrainingData` into a trained model folder that `AutoModelForCausalLM` and
 `LocalChatModel` load (LoRA merged, the base's tokenizer and other files). There is no training
 loop here: `SFTTrainer`, `KTOTrainer`, `DPOTrainer`, `GRPOTrainer` and `DistillationTrainer` do
-the work. Each method takes its TRL config, `config=SFTConfig(...)` (`KTOConfig`, `DPOConfig`,
+the work (`OffPolicyMethod` is `SFTTrainer` with a clipped policy-gradient loss over captured
+attempts). Each method takes its TRL config, `config=SFTConfig(...)` (`KTOConfig`, `DPOConfig`,
 `GRPOConfig`, `DistillationConfig` for `DistillMethod(teacher=...)`), and/or that config's fields
 as keywords (`SFTMethod(learning_rate=1e-4, per_device_train_batch_size=16)`); so anything TRL
 can do (DeepSpeed, FSDP, other losses, packing) is asked for the way TRL documents it. honed adds
@@ -23,6 +24,7 @@ toy would wreck a pretrained 7B), not honed's:
     kto       KTOConfig            1e-6           3                 8
     dpo       DPOConfig            1e-6           3                 8
     grpo      GRPOConfig           1e-6           3                 8   (8 generations, 512 tokens)
+    offpolicy SFTConfig            2e-5           3                 8   (clipped ratio, epsilon 0.2)
 
 and so are gradient checkpointing (on) and bf16 (on, where transformers allows it). What honed
 sets itself (`base`'s docstring has the order): its scratch `output_dir`, the cycle's `seed`
@@ -36,6 +38,7 @@ pre-tokenised rows) and KTO's pass/fail weights as TRL advises. Your value wins 
 
 from honed.learn.methods.base import NothingToLearn, TrainResult, TrlMethod
 from honed.learn.methods.grpo import GRPOMethod, VerifierReward, completion_trajectory, trl_tool
+from honed.learn.methods.offpolicy import OffPolicyMethod, offpolicy_loss, offpolicy_trainer
 from honed.learn.methods.preference import DPOMethod, KTOMethod
 from honed.learn.methods.sft import DistillMethod, SFTMethod, teacher_prompts
 
@@ -45,11 +48,14 @@ __all__ = [
     "GRPOMethod",
     "KTOMethod",
     "NothingToLearn",
+    "OffPolicyMethod",
     "SFTMethod",
     "TrainResult",
     "TrlMethod",
     "VerifierReward",
     "completion_trajectory",
+    "offpolicy_loss",
+    "offpolicy_trainer",
     "teacher_prompts",
     "trl_tool",
 ]

@@ -18,6 +18,7 @@ the user chose one (a `config=` whose seed is TRL's default 42 chose none).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -138,6 +139,21 @@ class TrlMethod:
             _save(trainer, Path(base), out)
         log.info("%s: trained %s in %.1fs → %s", self.name, base, seconds, out)
         return TrainResult(path=out, metrics=metrics)
+
+    def after_rejections(self, rejections: int) -> tuple[TrlMethod, list[str]]:
+        """This method as the next cycle runs it after `rejections` candidates in a row were rejected
+        from the same live version, and what changed: its learning rate halved for each (a step
+        that overshot, or learned the training tasks at the held-out tasks' expense, is tried
+        smaller). A copy; this one is unchanged."""
+        if rejections <= 0:
+            return self, []
+        lr = self.chosen.get("learning_rate", _declared(self.config_class(), "learning_rate"))
+        if not isinstance(lr, int | float) or lr <= 0:
+            return self, []
+        lower = lr * 0.5**rejections
+        adapted = copy.copy(self)
+        adapted.chosen = {**self.chosen, "learning_rate": lower}
+        return adapted, [f"learning_rate {lr:g} -> {lower:g}"]
 
     def build_trainer(
         self,
