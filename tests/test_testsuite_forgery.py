@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 
@@ -429,8 +430,11 @@ def test_the_solution_never_sees_the_tests(suite: TestSuite) -> None:
     """Neither on disk nor anywhere in the solution process's memory, even when the same task ran
     just before on the same sandbox (the spare solution process is forked between jobs)."""
     tests = f"# {MARKER_REVERSED[::-1]}\nimport solution\n\n\ndef test_nothing_found():\n    assert solution.FOUND == []\n"
+    # Reading a whole process's memory takes seconds of CPU: more time than the attacks get, so a
+    # busy machine cannot turn "found nothing" into "timed out".
+    snooping = TestSuite(sandbox=suite.sandbox, limits=replace(LIMITS, wall_s=60, cpu_s=30))
     for attempt in range(3):
-        v = suite.verify(traj(f"snoop{attempt}", f"```python\n{SNOOP}```", tests=tests))
+        v = snooping.verify(traj(f"snoop{attempt}", f"```python\n{SNOOP}```", tests=tests))
         assert v.passed is True, (v.reason, v.evidence.get("output"))
 
 
