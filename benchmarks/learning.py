@@ -18,6 +18,8 @@ Arms (each runs `honed.demo.loop.LearningLoop` on the same suite, base model and
   (d)  DPO on same-task (pass, failure) pairs (`--dpo-lr`);
   (e)  (a) without the external-data mix (no demonstrations in the training sets);
   (t)  (a) with demonstrations only for tasks that never pass (`external_for="stuck"`);
+  (s)  (a), each candidate trained from the base model on the accumulated data (`start="base"`,
+       as STaR restarts) instead of from the live version;
   (k)  KTO from verified passes and failures;
   (f)  GRPO with the verifiers as reward (10 steps a cycle at 1e-5: what fits a CPU budget).
 Every arm promotes every candidate (`measure_candidate`: this harness promotes what the gate
@@ -56,6 +58,7 @@ ARMS = {
     "d": "DPO on pass/fail pairs",
     "e": "(a) without external data",
     "t": "(a), demonstrations for stuck tasks",
+    "s": "(a), every cycle from the base weights",
     "k": "KTO (passes and failures)",
     "f": "GRPO (verifier reward)",
 }
@@ -126,6 +129,8 @@ def arm_loop(arm: str, suite: Any, store: Any, seed: int, args: argparse.Namespa
         options["external_ratio"] = 0.0
     elif arm == "t":
         options["data"] = {"external_for": "stuck"}
+    elif arm == "s":
+        options["start"] = "base"
     elif arm == "f":
         # What fits a CPU budget: a GRPO step (8 multi-turn completions through TRL's own
         # generation) takes ~20 s here; at the SFT rate of 1e-4 three steps wrecked the model.

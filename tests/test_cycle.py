@@ -232,3 +232,31 @@ def test_honed_train_runs_one_cycle_from_the_command_line(world: dict[str, Any])
     assert parse_every("30m") == 1800 and parse_every("2h") == 7200 and parse_every("90") == 90
     busy = CliRunner().invoke(app, ["train", NAME, "--store", world["url"]])
     assert busy.exit_code == 2 and "--suite NAME or --agent" in busy.output
+
+
+def test_a_cycle_can_restart_from_the_base_weights_on_the_accumulated_data(world: dict[str, Any]) -> None:
+    """`start="base"` trains the candidate from the lineage's first version (as STaR restarts),
+    still on the whole lineage's data and still against the live version: after a live version
+    that went wrong (here, a wrecked one promoted by hand), a gentle cycle from the live weights
+    stays wrecked, one from the base weights recovers and is promoted as the live one's child."""
+    store, v1 = world["store"], world["v1"]
+    wrecked = cycle(
+        world, SFTMethod(num_train_epochs=1, learning_rate=5.0, per_device_train_batch_size=4)
+    ).run()
+    store.promote(NAME, store.model_version(NAME, 2).version, reason="test: a bad version went live")
+    v2 = store.live_version(NAME)
+    assert v2.ref == wrecked.candidate
+    gentle = SFTMethod(num_train_epochs=1, learning_rate=1e-5, per_device_train_batch_size=4)
+    # v2 has no runs of its own: the data is its lineage's (v1's verified passes).
+    data = DataConfig(agent=NAME, min_new_verified=0)
+    from_live = cycle(world, gentle, data=data, adapt=False).run()
+    assert from_live.status == "rejected" and from_live.extra["trained_from"] == v2.ref
+    from_base = cycle(world, gentle, data=data, adapt=False, start="base").run()
+    assert from_base.status == "promoted", from_base.reason
+    assert from_base.extra["trained_from"] == v1.ref and from_base.data["passed"] == 8
+    run = store.training_run(from_base.run_id)
+    assert run.config["start"] == "base" and run.parent == v2.ref
+    live = store.live_version(NAME)
+    assert live.ref == from_base.candidate and live.parent == v2.id
+    with pytest.raises(ValueError, match="start is 'live' or 'base'"):
+        cycle(world, gentle, start="scratch")

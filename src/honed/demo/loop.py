@@ -111,6 +111,7 @@ class LearningLoop:
             held-out figures always use the suite's own verifiers.
         data: `DataConfig` fields over the loop's (`verified=False` trains on everything).
         greedy: also measure held-out greedy pass@1 each cycle.
+        start: the weights each candidate trains from ("live" or "base": `Cycle`'s `start`).
     """
 
     def __init__(
@@ -130,6 +131,7 @@ class LearningLoop:
         training_verifiers: Sequence[Any] | None = None,
         data: dict[str, Any] | None = None,
         greedy: bool = False,
+        start: str = "live",
         workdir: str | Path = ".honed",
         name: str | None = None,
         base: str | Path | None = None,
@@ -144,7 +146,7 @@ class LearningLoop:
         self.external_ratio = external_ratio
         self.training_verifiers = list(training_verifiers) if training_verifiers else suite.verifiers()
         self.data = dict(data or {})
-        self.greedy = greedy
+        self.greedy, self.start = greedy, start
         self.workdir = Path(workdir)
         self.name = name or f"{suite.name}-agent"
         self.base = base
@@ -208,6 +210,7 @@ class LearningLoop:
             seed=self.seed,
             on_progress=self.on_progress,
             data=DataConfig(**data),
+            start=self.start,
         )
         self.cycle = Cycle(self.store, gate=GateConfig(samples=self.samples), **common)
         self.greedy_eval = Cycle(self.store, gate=GateConfig(samples=1, temperature=0.0), **common)

@@ -271,6 +271,11 @@ class Cycle:
         output_dir: where candidates are written (one folder per training run).
         adapt: after rejected cycles from the same live version, change the data and the method
             before training again (see the module docstring); False repeats them as configured.
+        start: the weights a candidate trains from. "live" continues the live version; "base"
+            restarts from the lineage's first version on the accumulated data each cycle (as STaR
+            does, Zelikman et al. 2022): later rounds' data does not stack onto weights that already
+            fit the earlier rounds', and a cycle cannot drift further than one training from the base.
+            Either way the candidate must beat the live version, and descends from it.
     """
 
     def __init__(
@@ -292,9 +297,12 @@ class Cycle:
         on_progress: Progress | None = None,
         callbacks: Sequence[Any] = (),
         adapt: bool = True,
+        start: Literal["live", "base"] = "live",
     ) -> None:
+        if start not in ("live", "base"):
+            raise ValueError(f"start is 'live' or 'base', not {start!r}")
         self.store, self.model, self.method = store, model, method
-        self.adapt = adapt
+        self.adapt, self.start = adapt, start
         self.agent, self.verifiers = agent, list(verifiers)
         gate_names = {verifier_name(v) for v in self.verifiers}
         self.watched = [v for v in watched if verifier_name(v) not in gate_names]
@@ -383,12 +391,14 @@ class Cycle:
                 )
                 return self._finish(result, "nothing_to_learn", why, live)
 
-            # 2. train a candidate from the live weights (a new folder; the live one is untouched)
+            # 2. train a candidate from the live (or the base) weights, into a new folder
             with self._timed(result, "train"):
                 out = self.output_dir / f"{self.model}-run{run.id}"
+                weights = live if self.start == "live" else lineage(self.store, live)[-1]
+                result.extra["trained_from"] = weights.ref
                 # The other ranks train with us, with the same method (after a rejection, the adjusted one).
-                handoff.send((live.path, data, out, self.seed, run.id, method))
-                trained = method.train(live.path, data, out, seed=self.seed, callbacks=self.callbacks)
+                handoff.send((weights.path, data, out, self.seed, run.id, method))
+                trained = method.train(weights.path, data, out, seed=self.seed, callbacks=self.callbacks)
                 result.metrics = dict(trained.metrics)
                 candidate = self.store.register_model(
                     self.model, trained.path, parent=live, metrics=result.metrics, training_run=run.id,
@@ -538,6 +548,7 @@ class Cycle:
                     "data": data.record(),
                     "gate": asdict(self.gate),
                     "seed": self.seed,
+                    "start": self.start,
                     "adapted": adapted,
                 },
                 default=str,
