@@ -146,7 +146,7 @@ class LearningLoop:
         self.external_ratio = external_ratio
         self.training_verifiers = list(training_verifiers) if training_verifiers else suite.verifiers()
         self.data = dict(data or {})
-        self.greedy, self.start = greedy, start
+        self.greedy, self.start_from = greedy, start
         self.workdir = Path(workdir)
         self.name = name or f"{suite.name}-agent"
         self.base = base
@@ -210,7 +210,7 @@ class LearningLoop:
             seed=self.seed,
             on_progress=self.on_progress,
             data=DataConfig(**data),
-            start=self.start,
+            start=self.start_from,
         )
         self.cycle = Cycle(self.store, gate=GateConfig(samples=self.samples), **common)
         self.greedy_eval = Cycle(self.store, gate=GateConfig(samples=1, temperature=0.0), **common)
