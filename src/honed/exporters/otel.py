@@ -103,9 +103,9 @@ def otlp_span_exporter(
         except ImportError as exc:
             raise ImportError("OTLP over gRPC needs `pip install 'honed[otlp]'`") from exc
         return GrpcExporter(endpoint=endpoint, headers=header_map, timeout=timeout_s)
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from honed.exporters.otlp_proto import HTTPSpanExporter
 
-    return OTLPSpanExporter(
+    return HTTPSpanExporter(
         endpoint=traces_url(endpoint) if endpoint else None, headers=header_map, timeout=timeout_s
     )
 
