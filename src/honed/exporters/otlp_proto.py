@@ -27,16 +27,20 @@ _U64 = struct.Struct("<Q").pack
 _F64 = struct.Struct("<d").pack
 _U32 = struct.Struct("<I").pack
 _BYTE = [bytes((n,)) for n in range(128)]
-_KIND = {
-    SpanKind.INTERNAL: 1,
-    SpanKind.SERVER: 2,
-    SpanKind.CLIENT: 3,
-    SpanKind.PRODUCER: 4,
-    SpanKind.CONSUMER: 5,
+_KIND = {  # Span.kind, the field with its value
+    SpanKind.INTERNAL: b"\x30\x01",
+    SpanKind.SERVER: b"\x30\x02",
+    SpanKind.CLIENT: b"\x30\x03",
+    SpanKind.PRODUCER: b"\x30\x04",
+    SpanKind.CONSUMER: b"\x30\x05",
 }
 _FLAGS = b"\x85\x01" + _U32(0x100)  # Span.flags: SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE_MASK, parent not remote
 _FLAGS_REMOTE = b"\x85\x01" + _U32(0x300)
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+# KeyValue.value heads: (0x12 len) then AnyValue's string_value (0x0a len), int_value (0x18), bool_value (0x10).
+_TEXT_HEAD = [bytes((0x12, n + 2, 0x0A, n)) for n in range(126)]
+_SMALL_INT = [bytes((0x12, 2, 0x18, n)) for n in range(128)]
+_BOOL = {False: b"\x12\x02\x10\x00", True: b"\x12\x02\x10\x01"}
 _MAX_KEYS = 4096  # attribute keys kept encoded (a few dozen in practice)
 _keys: dict[str, bytes] = {}
 _headers: dict[tuple[int, int], tuple[Any, Any, bytes, bytes]] = {}
@@ -121,7 +125,7 @@ def _span(span: ReadableSpan) -> bytes:
     if parent:
         parts += (b"\x22\x08", parent.span_id.to_bytes(8, "big"))
     parts.append(_string(b"\x2a", span.name))
-    parts += (b"\x30", _BYTE[_KIND[span.kind]])
+    parts.append(_KIND[span.kind])
     if span.start_time:
         parts += (b"\x39", _U64(span.start_time))
     if span.end_time:
@@ -138,7 +142,9 @@ def _span(span: ReadableSpan) -> bytes:
             fields.append(_attributes(b"\x1a", event.attributes))
         parts.append(_delimited(b"\x5a", b"".join(fields)))
     status = span.status
-    if status is not None:
+    if status is not None and status.description is None and not status.status_code.value:
+        parts.append(b"\x7a\x00")  # UNSET, the status of most spans
+    elif status is not None:
         code = status.status_code.value
         parts.append(
             _delimited(
@@ -150,31 +156,40 @@ def _span(span: ReadableSpan) -> bytes:
 
 
 def _attributes(tag: bytes, attributes: Mapping[str, Any]) -> bytes:
-    """Repeated `KeyValue`s under `tag`. Short text values (most of them) are written inline:
-    one length byte each for the text, its `AnyValue` and the `KeyValue`."""
+    """Repeated `KeyValue`s under `tag`. Text under 126 bytes, small integers, booleans and
+    floats (nearly every value) are written from precomputed heads, with one-byte lengths."""
     keys = _keys
-    parts = []
+    parts: list[bytes] = []
     for key, value in attributes.items():
-        encoded_key = keys.get(key)
-        if encoded_key is None:
-            encoded_key = _string(b"\x0a", key)
-            if len(keys) < _MAX_KEYS:
-                keys[key] = encoded_key
-        if value.__class__ is str and len(value) < 100:
+        encoded_key = keys.get(key) or _key(key)
+        cls = value.__class__
+        if cls is str:
             data = value.encode()  # UnicodeEncodeError: encode_request falls back
             n = len(data)
-            if n < 100 and len(encoded_key) < 24:
-                parts += (
-                    tag,
-                    _BYTE[len(encoded_key) + 4 + n],
-                    encoded_key,
-                    bytes((0x12, n + 2, 0x0A, n)),
-                    data,
-                )
+            size = len(encoded_key) + 4 + n
+            if n < 126 and size < 128:
+                parts += (tag, _BYTE[size], encoded_key, _TEXT_HEAD[n], data)
+                continue
+        elif (cls is int and 0 <= value < 128) or cls is bool:
+            size = len(encoded_key) + 4
+            if size < 128:
+                parts += (tag, _BYTE[size], encoded_key, _SMALL_INT[value] if cls is int else _BOOL[value])
+                continue
+        elif cls is float:
+            size = len(encoded_key) + 11
+            if size < 128:
+                parts += (tag, _BYTE[size], encoded_key, b"\x12\x09\x21", _F64(value))
                 continue
         key_value = encoded_key + _delimited(b"\x12", _value(value))
         parts += (tag, _varint(len(key_value)), key_value)
     return b"".join(parts)
+
+
+def _key(key: str) -> bytes:
+    encoded = _string(b"\x0a", key)
+    if len(_keys) < _MAX_KEYS:
+        _keys[key] = encoded
+    return encoded
 
 
 def _value(value: Any) -> bytes:
