@@ -29,6 +29,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
 from honed.exporters.spans import PROJECT_ATTRIBUTE, SpanMapper
+from honed.store.reader import collector_paused
 from honed.trajectory import Trajectory
 
 log = logging.getLogger("honed")
@@ -269,16 +270,24 @@ def replay(
         result.batches += 1
         pending, pending_trajectories = [], 0
 
+    # A batch is mapped, encoded and sent with the cyclic collector paused (as the store's read
+    # does): spans are trees, freed by reference counting once sent, yet the collections their
+    # allocations trigger rescan every object alive (measured: ~15% of a replay). It runs again
+    # between batches.
+    remaining = iter(trajectories)
     try:
-        for trajectory in trajectories:
-            pending.extend(mapper.spans(trajectory))
-            pending_trajectories += 1
-            if on_trajectory is not None:
-                on_trajectory(trajectory)
-            if len(pending) >= batch_spans:
+        while True:
+            with collector_paused():
+                for trajectory in remaining:
+                    pending.extend(mapper.spans(trajectory))
+                    pending_trajectories += 1
+                    if on_trajectory is not None:
+                        on_trajectory(trajectory)
+                    if len(pending) >= batch_spans:
+                        break
+                if not pending:
+                    break
                 send()
-        if pending:
-            send()
     finally:
         if span_exporter is None:
             exporter.shutdown()

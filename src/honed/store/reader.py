@@ -65,12 +65,12 @@ def read(conn: Any, rows: Sequence[Any], *, with_steps: bool, step_content: bool
     """Trajectories from rows of `trajectory_columns` (same `with_steps` and `step_content`), in
     their order, with their verdicts and (`with_steps`) their steps, whose `input` and `output`
     are None unless `step_content`: one query per table and `CHUNK` trajectories."""
-    with _collector_paused():
+    with collector_paused():
         return _read(conn, rows, with_steps, step_content)
 
 
 @contextlib.contextmanager
-def _collector_paused() -> Iterator[None]:
+def collector_paused() -> Iterator[None]:
     """The cyclic garbage collector off while decoding: JSON makes trees, never cycles, yet the
     hundreds of containers a trajectory decodes into trigger collections that rescan everything
     the caller holds (measured: half the read time when an export keeps what it read). Other
