@@ -100,8 +100,10 @@ def _read(conn: Any, rows: Sequence[Any], with_steps: bool, step_content: bool) 
     out = []
     for trajectory_id, row_text in rows:
         row = _loads(row_text)
-        conversation = (row[13], row[14]) if step_content else (None, None)
-        found = _steps(steps.get(trajectory_id), *conversation) if with_steps else []
+        found = []
+        if with_steps:  # the conversation is in the row only when steps are read with content
+            conversation = (row[13], row[14]) if step_content else (None, None)
+            found = _steps(steps.get(trajectory_id), *conversation)
         trajectory = Trajectory(
             trajectory_id, row[0], row[1], row[2], row[3], row[4] or {}, found, row[5], row[6], row[7],
             row[8], _when(row[9]), _when(row[10]), verdicts.get(trajectory_id, []),
