@@ -362,10 +362,24 @@ def test_the_fast_encoder_writes_exactly_the_sdks_request(captured: str) -> None
             encode_request(refused)
 
 
-def test_replay_over_http_sends_the_sdks_bytes_or_falls_back(captured: str) -> None:
+def test_replay_over_http_sends_the_sdks_bytes_or_falls_back(
+    captured: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 
+    import honed.exporters.otlp_proto as otlp_proto
+
     received: list[bytes] = []
+    encoded: list[
+        bytes
+    ] = []  # what the fast encoder wrote: the SDK's private client is where it is looked for
+
+    def encode_request(spans: Any) -> bytes:
+        encoded.append(otlp_proto_encode(spans))
+        return encoded[-1]
+
+    otlp_proto_encode = otlp_proto.encode_request
+    monkeypatch.setattr(otlp_proto, "encode_request", encode_request)
 
     class Receiver(http.server.BaseHTTPRequestHandler):
         def do_POST(self) -> None:
@@ -387,6 +401,7 @@ def test_replay_over_http_sends_the_sdks_bytes_or_falls_back(captured: str) -> N
         assert received == [
             encode_spans(expected.spans(t)).SerializePartialToString() for t in trajectories
         ] and result.batches == len(trajectories)
+        assert encoded == received
         received.clear()
         # Text that is not UTF-8: the SDK's own encoder, which drops that attribute and sends the rest.
         surrogate = dataclasses.replace(trajectories[0], task_id="\ud800")
