@@ -370,9 +370,8 @@ def test_replay_over_http_sends_the_sdks_bytes_or_falls_back(
     import honed.exporters.otlp_proto as otlp_proto
 
     received: list[bytes] = []
-    encoded: list[
-        bytes
-    ] = []  # what the fast encoder wrote: the SDK's private client is where it is looked for
+    # What the fast encoder wrote: the SDK's private HTTP client is where the exporter looks for it.
+    encoded: list[bytes] = []
 
     def encode_request(spans: Any) -> bytes:
         encoded.append(otlp_proto_encode(spans))
