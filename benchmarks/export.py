@@ -1,13 +1,15 @@
 """Export benchmarks: spans/s to Arize Phoenix over OTLP/HTTP, trajectories/s to JSONL and parquet.
 
-    .venv/bin/python benchmarks/export.py [--trajectories 10000] [--keep-store PATH] [--no-otlp]
+    .venv/bin/python benchmarks/export.py [--trajectories 10000] [--keep-store PATH] [--no-otlp | --no-phoenix]
 
 Builds a SQLite store of N synthetic trajectories shaped like a captured tool-calling agent run
 (`instrument()`: 3 model calls and 2 tool calls, each under its graph node = 10 steps, 11 spans with
 the root), 80% judged pass and 20% fail, then times each export from the store, reading included.
 Phoenix runs on loopback as a subprocess of this script, so on a small machine it competes with the
 exporter for the same cores (`--no-otlp` measures reading and the datasets only: no Phoenix, no
-network). Prints figures measured in this one run; asserts nothing.
+network; `--no-phoenix` adds the replay into a receiver that discards). Replays read as
+`honed export otlp` does with content off (`step_content=False`). Prints figures measured in this
+one run; asserts nothing.
 """
 
 from __future__ import annotations
@@ -172,6 +174,9 @@ def main() -> None:
     parser.add_argument(
         "--no-otlp", action="store_true", help="Reading and datasets only: no OTLP replay, no Phoenix."
     )
+    parser.add_argument(
+        "--no-phoenix", action="store_true", help="Replay into a discarding receiver only: no Phoenix."
+    )
     args = parser.parse_args()
     n = args.trajectories
     workdir = Path(tempfile.mkdtemp(prefix="honed-export-bench-"))
@@ -234,11 +239,17 @@ def main() -> None:
 
     print("OTLP/HTTP replay to a null receiver (accepts and discards: honed's own ceiling)", flush=True)
     with _null_receiver() as null_url:
-        null_s, null = timed(
-            "replay",
-            lambda: replay(select_trajectories(store, include_heldout=True), null_url, project="null"),
-        )
-    results.update(null_spans_s=null.spans / null_s, null_traj_s=null.trajectories / null_s)
+        null_s, null = timed("replay", lambda: replay(_replayed(store), null_url, project="null"))
+    results.update(
+        null_spans_s=null.spans / null_s,
+        null_traj_s=null.trajectories / null_s,
+        null_spans_cpu_s=null.spans / CPU_S["replay"],
+    )
+    if args.no_phoenix:
+        _print_reading(results)
+        _print_null(results)
+        print("BENCH-RESULT " + json.dumps(results))
+        return
 
     print("starting Phoenix", flush=True)
     # A queue big enough to take the whole replay, so the send rate is honed's, not Phoenix's
@@ -273,12 +284,7 @@ def main() -> None:
         print(f"  Phoenix stored them {time.perf_counter() - caught_up:.0f} s after the flush", flush=True)
 
         print("OTLP/HTTP replay to Phoenix (store → spans → POST, 512 spans a request)", flush=True)
-        replay_s, sent = timed(
-            "replay",
-            lambda: replay(
-                select_trajectories(store, include_heldout=True), phoenix.http_url, project="replay"
-            ),
-        )
+        replay_s, sent = timed("replay", lambda: replay(_replayed(store), phoenix.http_url, project="replay"))
         # Phoenix queues what it accepted and writes it to its own database afterwards, at its pace.
         before, started = phoenix.count("replay"), time.perf_counter()
         time.sleep(args.ingest_wait)
@@ -288,9 +294,7 @@ def main() -> None:
         )
         again_s, again = timed(
             "replay again (ids already sent)",
-            lambda: replay(
-                select_trajectories(store, include_heldout=True), phoenix.http_url, project="replay"
-            ),
+            lambda: replay(_replayed(store), phoenix.http_url, project="replay"),
         )
         results.update(
             spans=sent.spans,
@@ -304,9 +308,7 @@ def main() -> None:
 
     r = results
     _print_reading(r)
-    print(
-        f"  OTLP/HTTP, null receiver  {r['null_spans_s']:>9,.0f} spans/s ({r['null_traj_s']:,.0f} trajectories/s)"
-    )
+    _print_null(r)
     print(f"  OTLP/HTTP to Phoenix      {r['replay_spans_s']:>9,.0f} spans/s accepted, store read included"
           f" ({r['replay_traj_s']:,.0f} trajectories/s, {r['replay_retries']} retries)")  # fmt: skip
     print(
@@ -316,6 +318,16 @@ def main() -> None:
     print(f"  live, BatchSpanProcessor  {r['live_spans_s']:>9,.0f} spans/s, {r['live_exported']}/{r['live_queued']} sent;"
           f" {r['live_enqueue_us_per_traj']:.0f} µs/trajectory on the writer thread")  # fmt: skip
     print("BENCH-RESULT " + json.dumps(results))
+
+
+def _replayed(store: Any) -> Any:
+    """What `honed export otlp` reads, content off: every trajectory, steps without content."""
+    return select_trajectories(store, include_heldout=True, step_content=False)
+
+
+def _print_null(r: dict[str, Any]) -> None:
+    print(f"  OTLP/HTTP, null receiver  {r['null_spans_s']:>9,.0f} spans/s ({r['null_traj_s']:,.0f} trajectories/s;"
+          f" {r['null_spans_cpu_s']:,.0f} per CPU second of this process)")  # fmt: skip
 
 
 def _print_reading(r: dict[str, Any]) -> None:

@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import http.server
 import json
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -291,6 +294,120 @@ def test_hand_built_trajectories_with_odd_data_still_map() -> None:
     ]
     assert tool.parent.span_id == chat.context.span_id and tool.attributes["honed.step.synthesised"] is True
     assert tool.attributes["error.type"] == "_OTHER"
+
+
+def odd_spans() -> list[ReadableSpan]:
+    """Spans with every value shape the encoder writes itself: long and non-ASCII text, empty
+    strings, zero and negative numbers, sequences, an event, a remote parent, a trace state."""
+    from opentelemetry.sdk.trace import Event
+    from opentelemetry.trace import SpanContext, Status, TraceFlags, TraceState
+
+    from honed.exporters.spans import SCOPE
+
+    resource = make_resource(project="unit")
+    context = SpanContext(2**128 - 1, 1, False, TraceFlags(1), TraceState([("k", "v")]))
+    remote = SpanContext(5, 2**64 - 1, True, TraceFlags(1))
+    attributes = {
+        "s": "", "long": "é" * 5000, "k" * 300: "v", "b": False, "t": True, "i": -(2**63), "big": 2**63 - 1,
+        "zero": 0, "f": 0.0, "nf": -1.5e300, "seq": ("a", "", "ü"), "ints": [1, -2], "mixed": (True, 2.5, None),
+        "empty": (), "bytes": b"\x00\xff", "none": None,
+    }  # fmt: skip
+    return [
+        ReadableSpan(name="ünïcode " * 40, context=context, parent=remote, resource=resource,
+                     attributes=attributes, events=[Event("e", {"x": 1}, 7), Event("", {}, 0)],
+                     kind=SpanKind.PRODUCER, status=Status(StatusCode.ERROR, "boom " * 300),
+                     start_time=0, end_time=2**64 - 1, instrumentation_scope=SCOPE),
+        ReadableSpan(name="", context=context, parent=None, resource=resource, attributes={},
+                     kind=SpanKind.SERVER, status=Status(StatusCode.OK), start_time=1, end_time=1,
+                     instrumentation_scope=SCOPE),
+    ]  # fmt: skip
+
+
+def test_the_fast_encoder_writes_exactly_the_sdks_request(captured: str) -> None:
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
+    from honed.exporters.otlp_proto import Unsupported, encode_request
+
+    store = honed.open_store(captured)
+    store.add_verdict(
+        one(captured, "t-add").id, Verdict(passed=False, score=0.25, reason="é", verifier="ref x")
+    )
+    trajectories = store.trajectories()
+    mapper, content = (
+        SpanMapper(make_resource(project="unit")),
+        SpanMapper(make_resource(), capture_content=True),
+    )
+    batches = [
+        [s for t in trajectories for s in mapper.spans(t)],
+        [s for t in trajectories for s in content.spans(t)],
+        odd_spans(),
+    ]
+    for spans in batches:
+        assert encode_request(spans) == encode_spans(spans).SerializePartialToString()
+    assert encode_request([]) == encode_spans([]).SerializePartialToString()
+
+    # What it does not write as the SDK would, it refuses (the exporter then uses the SDK's encoder).
+    spans = batches[0]
+    other_resource = SpanMapper(make_resource(project="other")).spans(trajectories[0])
+    surrogate = spans_of(dataclasses.replace(trajectories[0], agent="\ud800"))
+    mapping = ReadableSpan(
+        name="m",
+        context=spans[0].context,
+        attributes={"d": {"a": 1}},
+        resource=spans[0].resource,
+        instrumentation_scope=spans[0].instrumentation_scope,
+    )
+    for refused in (spans + other_resource, surrogate, [mapping]):
+        with pytest.raises(Unsupported):
+            encode_request(refused)
+
+
+def test_replay_over_http_sends_the_sdks_bytes_or_falls_back(
+    captured: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
+    import honed.exporters.otlp_proto as otlp_proto
+
+    received: list[bytes] = []
+    # What the fast encoder wrote: the SDK's private HTTP client is where the exporter looks for it.
+    encoded: list[bytes] = []
+
+    def encode_request(spans: Any) -> bytes:
+        encoded.append(otlp_proto_encode(spans))
+        return encoded[-1]
+
+    otlp_proto_encode = otlp_proto.encode_request
+    monkeypatch.setattr(otlp_proto, "encode_request", encode_request)
+
+    class Receiver(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            received.append(self.rfile.read(int(self.headers["Content-Length"])))
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        trajectories = honed.open_store(captured).trajectories()
+        result = replay(trajectories, url, project="unit", capture_content=True, batch_spans=1)
+        expected = SpanMapper(make_resource(project="unit"), capture_content=True)
+        assert received == [
+            encode_spans(expected.spans(t)).SerializePartialToString() for t in trajectories
+        ] and result.batches == len(trajectories)
+        assert encoded == received
+        received.clear()
+        # Text that is not UTF-8: the SDK's own encoder, which drops that attribute and sends the rest.
+        surrogate = dataclasses.replace(trajectories[0], task_id="\ud800")
+        assert replay([surrogate], url).spans == len(surrogate.steps) + 1 and len(received) == 1
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_endpoint_protocol_and_resource_settings(monkeypatch: pytest.MonkeyPatch) -> None:

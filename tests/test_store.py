@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sqlite3
 import threading
@@ -329,6 +330,13 @@ def test_messages_are_stored_once_per_trajectory_and_read_back_whole(store_url: 
     }
     assert inputs["conv-sub"] == {"messages_ref": [[0, 1], [14, 15]]}
     assert inputs["conv-llm"] == {"prompts": ["raw text"]} and inputs["conv-cut"]["__truncated__"] is True
+
+    # Without step content (a span export that carries none): the same runs, inputs and outputs None.
+    (bare,) = store.trajectories(step_content=False)
+    expected = dataclasses.replace(
+        original, steps=[dataclasses.replace(s, input=None, output=None) for s in original.steps]
+    )
+    assert bare.to_dict() == expected.to_dict()
 
 
 def test_migration_0006_converts_a_store_written_before_and_back(store_url: str) -> None:

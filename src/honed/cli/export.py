@@ -92,6 +92,7 @@ def export_otlp(
 ) -> None:
     """Send stored trajectories as OpenTelemetry GenAI spans (re-sending never duplicates)."""
     from honed.exporters.otel import OTLPExportError, parse_headers, replay
+    from honed.exporters.spans import capture_content_from_env
 
     selection = _selection(
         since, until, agent, task_id, split, status, verdict, model_version, include_heldout=True
@@ -99,8 +100,10 @@ def export_otlp(
     headers = parse_headers(",".join(header)) if header else None
     with open_store_or_exit(store) as s, _progress(s, selection, limit, "sending spans", as_json) as advance:
         try:
+            if capture_content is None:
+                capture_content = capture_content_from_env()
             result = replay(
-                select_trajectories(s, selection, limit=limit),
+                select_trajectories(s, selection, limit=limit, step_content=capture_content),
                 endpoint,
                 protocol=protocol,
                 headers=headers,

@@ -29,6 +29,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
 from honed.exporters.spans import PROJECT_ATTRIBUTE, SpanMapper
+from honed.store.reader import collector_paused
 from honed.trajectory import Trajectory
 
 log = logging.getLogger("honed")
@@ -103,9 +104,9 @@ def otlp_span_exporter(
         except ImportError as exc:
             raise ImportError("OTLP over gRPC needs `pip install 'honed[otlp]'`") from exc
         return GrpcExporter(endpoint=endpoint, headers=header_map, timeout=timeout_s)
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from honed.exporters.otlp_proto import HTTPSpanExporter
 
-    return OTLPSpanExporter(
+    return HTTPSpanExporter(
         endpoint=traces_url(endpoint) if endpoint else None, headers=header_map, timeout=timeout_s
     )
 
@@ -269,16 +270,24 @@ def replay(
         result.batches += 1
         pending, pending_trajectories = [], 0
 
+    # A batch is mapped, encoded and sent with the cyclic collector paused (as the store's read
+    # does): spans are trees, freed by reference counting once sent, yet the collections their
+    # allocations trigger rescan every object alive (measured: ~15% of a replay). It runs again
+    # between batches.
+    remaining = iter(trajectories)
     try:
-        for trajectory in trajectories:
-            pending.extend(mapper.spans(trajectory))
-            pending_trajectories += 1
-            if on_trajectory is not None:
-                on_trajectory(trajectory)
-            if len(pending) >= batch_spans:
+        while True:
+            with collector_paused():
+                for trajectory in remaining:
+                    pending.extend(mapper.spans(trajectory))
+                    pending_trajectories += 1
+                    if on_trajectory is not None:
+                        on_trajectory(trajectory)
+                    if len(pending) >= batch_spans:
+                        break
+                if not pending:
+                    break
                 send()
-        if pending:
-            send()
     finally:
         if span_exporter is None:
             exporter.shutdown()

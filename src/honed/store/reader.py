@@ -34,8 +34,9 @@ CHUNK = 500  # trajectory ids per IN (...) of the step and verdict reads
 _loads = json.loads  # not orjson: it reads integers beyond 64 bits as floats
 _fromisoformat = datetime.fromisoformat
 
-# (column, kind) in the order `read` unpacks them: stored JSON, text or a number, a timestamp.
-JSON, VALUE, TIME = "json", "value", "time"
+# (column, kind) in the order `read` unpacks them: stored JSON, text or a number, a timestamp, or
+# left unread (null in its place).
+JSON, VALUE, TIME, SKIP = "json", "value", "time", "skip"
 _TRAJECTORY = (
     ("agent", VALUE), ("task", JSON), ("task_id", VALUE), ("split", VALUE), ("metadata", JSON),
     ("output", JSON), ("status", VALUE), ("error", VALUE), ("model_version", VALUE),
@@ -48,24 +49,28 @@ _STEP = (
     ("usage", JSON), ("model_version", VALUE), ("started_at", TIME), ("ended_at", TIME),
     ("extra", JSON),
 )  # fmt: skip
+# Steps without their inputs and outputs: an export that carries no content (OTLP spans by
+# default) reads ~40% faster, the conversation left unread too.
+_STEP_STRUCTURE = tuple((name, SKIP if name in ("input", "output") else kind) for name, kind in _STEP)
 
 
-def trajectory_columns(dialect: str, *, with_steps: bool) -> tuple[Any, Any]:
+def trajectory_columns(dialect: str, *, with_steps: bool, step_content: bool = True) -> tuple[Any, Any]:
     """The two columns `read` takes from a query on `trajectories`: the id, and the rest of the
-    row as one JSON array text (the conversation too when steps are read)."""
-    columns = _TRAJECTORY + _CONVERSATION if with_steps else _TRAJECTORY
+    row as one JSON array text (the conversation too when steps are read with their content)."""
+    columns = _TRAJECTORY + _CONVERSATION if with_steps and step_content else _TRAJECTORY
     return _T.id, literal_column(_as_text(dialect, _json_array(dialect, "trajectories", columns)))
 
 
-def read(conn: Any, rows: Sequence[Any], *, with_steps: bool) -> list[Trajectory]:
-    """Trajectories from rows of `trajectory_columns`, in their order, with their verdicts and
-    (`with_steps`) their steps: one query per table and `CHUNK` trajectories."""
-    with _collector_paused():
-        return _read(conn, rows, with_steps)
+def read(conn: Any, rows: Sequence[Any], *, with_steps: bool, step_content: bool = True) -> list[Trajectory]:
+    """Trajectories from rows of `trajectory_columns` (same `with_steps` and `step_content`), in
+    their order, with their verdicts and (`with_steps`) their steps, whose `input` and `output`
+    are None unless `step_content`: one query per table and `CHUNK` trajectories."""
+    with collector_paused():
+        return _read(conn, rows, with_steps, step_content)
 
 
 @contextlib.contextmanager
-def _collector_paused() -> Iterator[None]:
+def collector_paused() -> Iterator[None]:
     """The cyclic garbage collector off while decoding: JSON makes trees, never cycles, yet the
     hundreds of containers a trajectory decodes into trigger collections that rescan everything
     the caller holds (measured: half the read time when an export keeps what it read). Other
@@ -80,7 +85,7 @@ def _collector_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _read(conn: Any, rows: Sequence[Any], with_steps: bool) -> list[Trajectory]:
+def _read(conn: Any, rows: Sequence[Any], with_steps: bool, step_content: bool) -> list[Trajectory]:
     dialect = conn.dialect.name
     ids = [row[0] for row in rows]
     verdicts: dict[str, list[Verdict]] = {}
@@ -91,11 +96,14 @@ def _read(conn: Any, rows: Sequence[Any], with_steps: bool) -> list[Trajectory]:
             verdict = Verdict(v[1], v[2], v[3], v[4] or {}, v[5], v[6], v[7], v[0], v[8], v[9])
             verdicts.setdefault(v[0], []).append(verdict)
         if with_steps:
-            steps.update(conn.execute(_steps_query(dialect), {"ids": chunk}).all())
+            steps.update(conn.execute(_steps_query(dialect, step_content), {"ids": chunk}).all())
     out = []
     for trajectory_id, row_text in rows:
         row = _loads(row_text)
-        found = _steps(steps.get(trajectory_id), row[13], row[14]) if with_steps else []
+        found = []
+        if with_steps:  # the conversation is in the row only when steps are read with content
+            conversation = (row[13], row[14]) if step_content else (None, None)
+            found = _steps(steps.get(trajectory_id), *conversation)
         trajectory = Trajectory(
             trajectory_id, row[0], row[1], row[2], row[3], row[4] or {}, found, row[5], row[6], row[7],
             row[8], _when(row[9]), _when(row[10]), verdicts.get(trajectory_id, []),
@@ -141,9 +149,9 @@ _VERDICTS = (
 
 
 @functools.cache
-def _steps_query(dialect: str) -> Any:
+def _steps_query(dialect: str, content: bool) -> Any:
     """`SELECT trajectory_id, <its steps as one JSON array text> ... WHERE trajectory_id IN :ids`."""
-    step = _json_array(dialect, "steps", _STEP)
+    step = _json_array(dialect, "steps", _STEP if content else _STEP_STRUCTURE)
     if dialect == "postgresql":
         rows = f'json_agg({step} ORDER BY steps."index")::text'
     else:
@@ -155,12 +163,14 @@ def _steps_query(dialect: str) -> Any:
 def _json_array(dialect: str, table: str, columns: tuple[tuple[str, str], ...]) -> str:
     """SQL for one row's `columns` as a JSON array. Stored JSON goes in as it is (the database
     parses nothing); JSON null and SQL NULL both read as null."""
-    names = [f'{table}."{name}"' for name, _ in columns]
+    names = [f'{table}."{name}"' if kind != SKIP else "NULL" for name, kind in columns]
     if dialect == "postgresql":  # JSON of a timestamp carries its offset
         return f"json_build_array({', '.join(names)})"
     parts = []
     for column, (_, kind) in zip(names, columns, strict=True):
-        if kind == JSON:
+        if kind == SKIP:
+            parts.append("'null'")
+        elif kind == JSON:
             parts.append(f"ifnull({column}, 'null')")
         elif kind == TIME:  # SQLite keeps UTC without the offset (NULL || text stays NULL)
             parts.append(f"json_quote({column} || '+00:00')")

@@ -136,10 +136,11 @@ def select_trajectories(
     *,
     limit: int | None = None,
     page_size: int = DEFAULT_PAGE_SIZE,
+    step_content: bool = True,
     **filters: Any,
 ) -> Iterator[Trajectory]:
     """Trajectories matching `selection` (or the same fields as keywords), oldest first, with
-    steps and verdicts, read `page_size` at a time.
+    steps and verdicts, read `page_size` at a time (`step_content`: see `store.trajectories`).
 
         for t in select_trajectories(store, verdict="pass", task_ids=["t1", "t2"]): ...
     """
@@ -155,7 +156,7 @@ def select_trajectories(
             size = page_size if limit is None else min(page_size, max(limit - produced, 1))
             page = store.trajectories(
                 limit=size, offset=offset, task_id=task_id, oldest_first=True,
-                exclude_task_ids=excluded, **selection.store_filters,
+                exclude_task_ids=excluded, step_content=step_content, **selection.store_filters,
             )  # fmt: skip
             offset += len(page)
             for t in page:
