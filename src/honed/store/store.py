@@ -6,6 +6,7 @@ store, so its API speaks `honed.trajectory` objects and its filters are the ones
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sqlite3
@@ -16,7 +17,21 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from sqlalchemy import Engine, create_engine, delete, event, exists, func, insert, select, text, update
+from sqlalchemy import (
+    JSON,
+    Engine,
+    bindparam,
+    create_engine,
+    delete,
+    event,
+    exists,
+    func,
+    insert,
+    inspect,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
@@ -27,7 +42,7 @@ from honed.store.conversations import compact
 from honed.store.database import Database
 from honed.store.reader import read, trajectory_columns
 from honed.store.registry import ModelRegistry
-from honed.store.schema import StepRow, TrajectoryRow, VerdictRow
+from honed.store.schema import JSONText, StepRow, TrajectoryRow, VerdictRow
 from honed.store.training import TrainingLog
 from honed.store.verification import VerificationStore
 from honed.trajectory import INTERRUPTED, Step, Trajectory, Verdict
@@ -236,9 +251,8 @@ class TrajectoryStore:
                     steps = [_step_row(record["id"], s) for s in record.get("steps") or ()]
                     trajectory_rows.append(_conversation_once(_trajectory_row(record), steps))
                     step_rows += steps
-                session.execute(insert(TrajectoryRow), _batchable(trajectory_rows))
-                if step_rows:
-                    session.execute(insert(StepRow), _batchable(step_rows))
+                _insert(session, TrajectoryRow, trajectory_rows)
+                _insert(session, StepRow, step_rows)
             return len(fresh) + sum(_continue(session, record) for record in continuations)
 
     def save(self, trajectory: Trajectory) -> None:
@@ -563,14 +577,43 @@ def _filtered(
     return query
 
 
-def _batchable(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows ordered by which of their values are None.
+def _insert(session: Any, table: type[TrajectoryRow | StepRow], rows: list[dict[str, Any]]) -> None:
+    """Insert rows (keyed by attribute, all with the same keys) in one executemany, their JSON
+    values encoded here, once.
 
-    SQLAlchemy's bulk insert leaves None-valued keys out and batches only consecutive rows with
-    the same keys: model and tool steps alternate in their None patterns, so unsorted they cost one
-    statement each (measured: 6,018 executes for 7,200 rows; sorted, 18).
+    Not the ORM's bulk insert: it drops None-valued keys and batches only rows with the same keys
+    (one statement a row when model and tool steps alternate), and its JSON type would encode
+    every value again. Here None is SQL NULL, as an omitted key was.
     """
-    return sorted(rows, key=lambda row: tuple(value is None for value in row.values()))
+    if not rows:
+        return
+    statement, plan = _insert_plan(table, tuple(rows[0]))
+    dumps = fast_json_dumps
+    params = []
+    for row in rows:
+        param = {}
+        for key, name, is_json in plan:
+            value = row[key]
+            param[name] = dumps(value) if is_json and value is not None else value
+        params.append(param)
+    session.execute(statement, params)
+
+
+@functools.cache
+def _insert_plan(table: type[Any], keys: tuple[str, ...]) -> tuple[Any, tuple[tuple[str, str, bool], ...]]:
+    """The INSERT for rows with these attribute keys: JSON columns bound as `JSONText`, and for
+    each key, the parameter name and whether its value is to be encoded."""
+    columns = {attribute.key: attribute.columns[0] for attribute in inspect(table).column_attrs}
+    plan, values = [], {}
+    for key in keys:
+        column = columns[key]
+        if isinstance(column.type, JSON):
+            name = f"{column.key}__json"  # a column's own name is reserved for SQLAlchemy's binds
+            values[column.key] = bindparam(name, type_=JSONText())
+            plan.append((key, name, True))
+        else:
+            plan.append((key, column.key, False))
+    return insert(table.__table__).values(values), tuple(plan)
 
 
 def _ts(value: Any) -> datetime | None:
@@ -631,10 +674,8 @@ def _continue(session: Any, record: dict[str, Any]) -> int:
     was stored as a new trajectory instead (nothing stored to continue)."""
     target = _continued_id(session, record)
     if target is None:
-        session.execute(insert(TrajectoryRow), [_trajectory_row(record)])
-        steps = [_step_row(record["id"], s) for s in record.get("steps", ())]
-        if steps:
-            session.execute(insert(StepRow), _batchable(steps))
+        _insert(session, TrajectoryRow, [_trajectory_row(record)])
+        _insert(session, StepRow, [_step_row(record["id"], s) for s in record.get("steps", ())])
         return 1
     stored = session.get(TrajectoryRow, target)
     known = dict(
@@ -650,7 +691,7 @@ def _continue(session: Any, record: dict[str, Any]) -> int:
         last, first = max(known.values(), default=-1), min(s["index"] for s in new_steps)
         shift = last + 1 - first if first <= last else 0
         rows = [_step_row(target, {**s, "index": s["index"] + shift}) for s in new_steps]
-        session.execute(insert(StepRow), _batchable(rows))
+        _insert(session, StepRow, rows)
     row = _trajectory_row(record)
     values: dict[str, Any] = {"n_steps": len(known) + len(new_steps)}
     if stored.ended_at is None or row["ended_at"] is None or row["ended_at"] >= stored.ended_at:
