@@ -102,6 +102,18 @@ class Serializer:
 
     def _field(self, obj: Any) -> tuple[Any, str]:
         cap = self.max_field_bytes
+        if self.redactor is not None:
+            # The common case in one walk: nothing redacted, and within the cap. Anything else (a
+            # secret found, a field that may be over the cap) is decided by the two walks below.
+            walker = _RedactingWalker(self.redactor, cap)
+            try:
+                value = walker.walk(obj, 0)
+                if not walker.changed:
+                    text = _dumps(value)
+                    if _fits(text, cap):
+                        return value, text
+            except Exception:  # _OverCap, or a bug here: the path below is the reference
+                pass
         cut = False
         try:
             raw = value = to_jsonable(obj)
@@ -357,6 +369,90 @@ class _Walker:
             out["__dropped__"] = size - self.max_items
         else:
             out["value"] = self.walk(obj.tolist(), depth + 1)
+        return out
+
+
+class _OverCap(Exception):
+    """The strings alone exceed the field cap: `_RedactingWalker` stops before redacting them."""
+
+
+class _RedactingWalker(_Walker):
+    """`to_jsonable` and `Redactor.redact` in one walk, for fields that turn out to hold no secret.
+
+    Plain dicts, lists and tuples are walked once, each string and key redacted as it is met. Any
+    other node (objects, a dict with a JSON schema's `properties`, non-string keys, cycles, the
+    depth limit) is converted by the plain walker and then redacted, as the two-walk path does.
+    `changed` says whether redaction (or the hook) altered anything: only an unchanged result is
+    used, so a field with a secret, and with it the cap's sizes and preview, goes through the
+    two-walk path unchanged. Strings and keys are counted against the cap, and the walk stops
+    (`_OverCap`) once they exceed it, so an oversized field is redacted only head first, as before.
+    """
+
+    __slots__ = ("changed", "left", "plain", "redactor")
+
+    def __init__(self, redactor: Redactor, cap: int) -> None:
+        super().__init__(DEFAULT_MAX_DEPTH, DEFAULT_MAX_ITEMS)
+        self.redactor = redactor
+        self.left = cap  # characters of strings and keys still within the cap (each is >= 1 byte)
+        self.changed = False
+        self.plain = _Walker(DEFAULT_MAX_DEPTH, DEFAULT_MAX_ITEMS)
+        self.plain.path = self.path
+
+    def walk(self, obj: Any, depth: int) -> Any:
+        t = type(obj)
+        if t is str:
+            self.left -= len(obj)
+            if self.left < 0:
+                raise _OverCap
+            out = self.redactor.redact_text(obj)
+            if out is not obj and out != obj:
+                self.changed = True
+            return out
+        if t is int or t is bool or obj is None:
+            return obj
+        if t is float:
+            return _float(obj)
+        if (t is dict or t is list or t is tuple) and depth < self.max_depth and id(obj) not in self.path:
+            oid = id(obj)
+            self.path.add(oid)
+            try:
+                if t is not dict:
+                    return self._sequence(obj, depth)
+                if "properties" not in obj:  # a JSON schema's keys are redacted by their own rule
+                    out = self._redacted_mapping(obj, depth)
+                    if out is not None:
+                        return out
+            finally:
+                self.path.discard(oid)
+        plain = self.plain.walk(obj, depth)
+        redacted = self.redactor.redact(plain)
+        if redacted is not plain and redacted != plain:
+            self.changed = True
+        return redacted
+
+    def _redacted_mapping(self, obj: dict[Any, Any], depth: int) -> dict[str, Any] | None:
+        """The dict converted and redacted, or None (nothing done) when a key is not a string."""
+        total = len(obj)
+        items = list(islice(obj.items(), self.max_items))  # one C-level copy, as in `_mapping`
+        out: dict[str, Any] = {}
+        redact_key = self.redactor.redact_key
+        for key, value in items:
+            if type(key) is not str:
+                return None
+            self.left -= len(key)
+            new_key, kind = redact_key(key)
+            if new_key is not key and new_key != key:
+                self.changed = True
+            if kind is None:
+                out[new_key] = self.walk(value, depth + 1)
+                continue
+            plain = self.plain.walk(value, depth + 1)
+            redacted = self.redactor.redact_named(kind, plain)
+            if redacted is not plain and redacted != plain:
+                self.changed = True
+            out[new_key] = redacted
+        if total > len(items):
+            out["__dropped__"] = total - len(items)
         return out
 
 
