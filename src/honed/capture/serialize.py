@@ -103,6 +103,11 @@ class Serializer:
     def _field(self, obj: Any) -> tuple[Any, str]:
         cap = self.max_field_bytes
         if self.redactor is not None:
+            if type(obj) is str and len(obj) * 24 + 8 <= cap:  # short: fits even as \uXXXX escapes
+                value = self.redactor.redact_text(obj)
+                text = _dumps(value)
+                if _fits(text, cap):
+                    return value, text
             # The common case in one walk: nothing redacted, and within the cap. Anything else (a
             # secret found, a field that may be over the cap) is decided by the two walks below.
             walker = _RedactingWalker(self.redactor, cap)
@@ -388,15 +393,22 @@ class _RedactingWalker(_Walker):
     (`_OverCap`) once they exceed it, so an oversized field is redacted only head first, as before.
     """
 
-    __slots__ = ("changed", "left", "plain", "redactor")
+    __slots__ = ("_plain", "changed", "left", "redactor")
 
     def __init__(self, redactor: Redactor, cap: int) -> None:
         super().__init__(DEFAULT_MAX_DEPTH, DEFAULT_MAX_ITEMS)
         self.redactor = redactor
         self.left = cap  # characters of strings and keys still within the cap (each is >= 1 byte)
         self.changed = False
-        self.plain = _Walker(DEFAULT_MAX_DEPTH, DEFAULT_MAX_ITEMS)
-        self.plain.path = self.path
+        self._plain: _Walker | None = None
+
+    @property
+    def plain(self) -> _Walker:
+        """The plain walker, on the same path (cycles are seen across both)."""
+        if self._plain is None:
+            self._plain = _Walker(self.max_depth, self.max_items)
+            self._plain.path = self.path
+        return self._plain
 
     def walk(self, obj: Any, depth: int) -> Any:
         t = type(obj)
