@@ -6,16 +6,16 @@ store, so its API speaks `honed.trajectory` objects and its filters are the ones
 
 from __future__ import annotations
 
-import functools
 import logging
+import operator
 import os
 import sqlite3
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import closing
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from sqlalchemy import (
     JSON,
@@ -578,42 +578,87 @@ def _filtered(
 
 
 def _insert(session: Any, table: type[TrajectoryRow | StepRow], rows: list[dict[str, Any]]) -> None:
-    """Insert rows (keyed by attribute, all with the same keys) in one executemany, their JSON
-    values encoded here, once.
+    """Insert rows (keyed by attribute, all with the same keys) in one DBAPI executemany, their
+    JSON values encoded here, once; None is SQL NULL.
 
-    Not the ORM's bulk insert: it drops None-valued keys and batches only rows with the same keys
-    (one statement a row when model and tool steps alternate), and its JSON type would encode
-    every value again. Here None is SQL NULL, as an omitted key was.
+    Below the ORM and Core: the ORM's bulk insert drops None-valued keys and batches only rows
+    with the same keys (one statement a row when model and tool steps alternate), and both run
+    SQLAlchemy's per-value processing for every row (JSON encoded again). The statement and the
+    column types' own processors (timestamps) come from SQLAlchemy, once per table and dialect.
     """
     if not rows:
         return
-    statement, plan = _insert_plan(table, tuple(rows[0]))
-    dumps = fast_json_dumps
-    params = []
+    connection = session.connection()
+    plan = _insert_plan(table, tuple(rows[0]), connection.dialect)
+    if plan.defaults:
+        rows = [row | {key: default(None) for key, default in plan.defaults} for row in rows]
+    dumps, values_of, json_at, processed_at, names = (
+        fast_json_dumps,
+        plan.values_of,
+        plan.json_at,
+        plan.processed_at,
+        plan.names,
+    )
+    params: list[Any] = []
     for row in rows:
-        param = {}
-        for key, name, is_json in plan:
-            value = row[key]
-            param[name] = dumps(value) if is_json and value is not None else value
-        params.append(param)
-    session.execute(statement, params)
+        values = list(values_of(row))
+        for i in json_at:
+            if values[i] is not None:
+                values[i] = dumps(values[i])
+        for i, process in processed_at:
+            if values[i] is not None:
+                values[i] = process(values[i])
+        params.append(tuple(values) if names is None else dict(zip(names, values, strict=True)))
+    connection.exec_driver_sql(plan.sql, params)
 
 
-@functools.cache
-def _insert_plan(table: type[Any], keys: tuple[str, ...]) -> tuple[Any, tuple[tuple[str, str, bool], ...]]:
-    """The INSERT for rows with these attribute keys: JSON columns bound as `JSONText`, and for
-    each key, the parameter name and whether its value is to be encoded."""
+class _InsertPlan(NamedTuple):
+    sql: str
+    names: tuple[str, ...] | None  # None: the driver takes positional parameters
+    values_of: Callable[[dict[str, Any]], tuple[Any, ...]]  # a row's values, in parameter order
+    json_at: tuple[int, ...]  # JSON columns (bound as `JSONText`: the text as is)
+    processed_at: tuple[tuple[int, Callable[[Any], Any]], ...]  # the column types' bind processors
+    defaults: tuple[tuple[str, Callable[[Any], Any]], ...]  # columns the rows leave out
+
+
+_plans: dict[tuple[Any, ...], _InsertPlan] = {}
+
+
+def _insert_plan(table: type[Any], keys: tuple[str, ...], dialect: Any) -> _InsertPlan:
+    """How to insert rows with these attribute keys into `table` on this kind of database."""
+    cache_key = (table, keys, type(dialect), dialect.paramstyle)
+    plan = _plans.get(cache_key)
+    if plan is not None:
+        return plan
     columns = {attribute.key: attribute.columns[0] for attribute in inspect(table).column_attrs}
-    plan, values = [], {}
-    for key in keys:
+    # Columns the rows leave out get their Python-side default (`created_at`), as in the ORM.
+    defaults = []
+    for key, column in columns.items():
+        if key not in keys and column.default is not None:
+            arg = column.default.arg  # type: ignore[attr-defined]
+            defaults.append((key, arg if column.default.is_callable else (lambda _ctx, arg=arg: arg)))
+    binds = {}  # parameter name -> (key, is_json, processor)
+    values = {}
+    for n, key in enumerate((*keys, *(key for key, _ in defaults))):
         column = columns[key]
-        if isinstance(column.type, JSON):
-            name = f"{column.key}__json"  # a column's own name is reserved for SQLAlchemy's binds
-            values[column.key] = bindparam(name, type_=JSONText())
-            plan.append((key, name, True))
-        else:
-            plan.append((key, column.key, False))
-    return insert(table.__table__).values(values), tuple(plan)
+        is_json = isinstance(column.type, JSON)
+        type_ = JSONText() if is_json else column.type
+        values[column.key] = bindparam(f"p{n}", type_=type_)  # a column's own name is reserved
+        processor = None if is_json else type_.dialect_impl(dialect).bind_processor(dialect)
+        binds[f"p{n}"] = (key, is_json, processor)
+    compiled = insert(table.__table__).values(values).compile(dialect=dialect)
+    order = list(compiled.positiontup or binds)
+    ordered = [binds[name] for name in order]
+    getter = operator.itemgetter(*(key for key, _, _ in ordered))
+    plan = _plans[cache_key] = _InsertPlan(
+        sql=str(compiled),
+        names=None if compiled.positiontup is not None else tuple(order),
+        values_of=getter if len(ordered) > 1 else (lambda row: (getter(row),)),
+        json_at=tuple(i for i, (_, is_json, _) in enumerate(ordered) if is_json),
+        processed_at=tuple((i, p) for i, (_, _, p) in enumerate(ordered) if p is not None),
+        defaults=tuple(defaults),
+    )
+    return plan
 
 
 def _ts(value: Any) -> datetime | None:
