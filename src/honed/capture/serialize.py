@@ -384,9 +384,10 @@ class _OverCap(Exception):
 class _RedactingWalker(_Walker):
     """`to_jsonable` and `Redactor.redact` in one walk, for fields that turn out to hold no secret.
 
-    Plain dicts, lists and tuples are walked once, each string and key redacted as it is met. Any
-    other node (objects, a dict with a JSON schema's `properties`, non-string keys, cycles, the
-    depth limit) is converted by the plain walker and then redacted, as the two-walk path does.
+    Plain dicts, lists and tuples are walked once, each string and key redacted as it is met, a
+    JSON schema's `properties` by the redactor's own rule for them. Any other node (objects,
+    non-string keys, cycles, the depth limit) is converted by the plain walker and then redacted,
+    as the two-walk path does.
     `changed` says whether redaction (or the hook) altered anything: only an unchanged result is
     used, so a field with a secret, and with it the cap's sizes and preview, goes through the
     two-walk path unchanged. Strings and keys are counted against the cap, and the walk stops
@@ -430,10 +431,9 @@ class _RedactingWalker(_Walker):
             try:
                 if t is not dict:
                     return self._sequence(obj, depth)
-                if "properties" not in obj:  # a JSON schema's keys are redacted by their own rule
-                    out = self._redacted_mapping(obj, depth)
-                    if out is not None:
-                        return out
+                out = self._redacted_mapping(obj, depth)
+                if out is not None:
+                    return out
             finally:
                 self.path.discard(oid)
         plain = self.plain.walk(obj, depth)
@@ -442,8 +442,9 @@ class _RedactingWalker(_Walker):
             self.changed = True
         return redacted
 
-    def _redacted_mapping(self, obj: dict[Any, Any], depth: int) -> dict[str, Any] | None:
-        """The dict converted and redacted, or None (nothing done) when a key is not a string."""
+    def _redacted_mapping(self, obj: dict[Any, Any], depth: int, named: bool = True) -> dict[str, Any] | None:
+        """The dict converted and redacted, or None (nothing done) when a key is not a string.
+        With `named` False (a JSON schema's `properties`), keys do not name their values."""
         total = len(obj)
         items = list(islice(obj.items(), self.max_items))  # one C-level copy, as in `_mapping`
         out: dict[str, Any] = {}
@@ -455,7 +456,10 @@ class _RedactingWalker(_Walker):
             new_key, kind = redact_key(key)
             if new_key is not key and new_key != key:
                 self.changed = True
-            if kind is None:
+            if key == "properties" and type(value) is dict:
+                out[new_key] = self._schema_properties(obj, value, depth + 1)
+                continue
+            if kind is None or not named:
                 out[new_key] = self.walk(value, depth + 1)
                 continue
             plain = self.plain.walk(value, depth + 1)
@@ -465,6 +469,28 @@ class _RedactingWalker(_Walker):
             out[new_key] = redacted
         if total > len(items):
             out["__dropped__"] = total - len(items)
+        return out
+
+    def _schema_properties(self, schema: dict[Any, Any], properties: dict[Any, Any], depth: int) -> Any:
+        """`properties` of `schema`: in an object schema (a tool's parameters) its keys are
+        parameter names, not secrets' names (`Redactor.redact`'s rule, on the same values)."""
+        kind = schema.get("type")
+        if type(kind) is not str:
+            if kind is not None:  # a str subclass, an enum...: left to the two walks
+                self.changed = True
+            return self.walk(properties, depth)
+        if kind != "object":
+            return self.walk(properties, depth)
+        oid = id(properties)
+        if depth >= self.max_depth or oid in self.path:
+            return self.walk(properties, depth)  # the limit's or the cycle's marker, redacted
+        self.path.add(oid)
+        try:
+            out = self._redacted_mapping(properties, depth, named=False)
+        finally:
+            self.path.discard(oid)
+        if out is None:  # a key that is not a string: left to the two walks
+            self.changed = True
         return out
 
 
