@@ -627,23 +627,25 @@ def _same(value: Any) -> Any:
 _PLAIN = frozenset((str, int, float, bool, type(None)))
 
 
-def _equal(a: Any, b: Any) -> bool:
+def _equal(a: Any, b: Any, depth: int = 0) -> bool:
     """Whether `b` would be stored as `a` is: the same types and key order, equal plain values,
-    and the very same objects elsewhere (`0.0 == False`, yet they are stored differently)."""
+    and the very same objects elsewhere (`0.0 == False`, yet they are stored differently).
+    Past 32 levels (a cycle, say) the answer is no: the value is serialised anew."""
     if a is b:
         return True
     t = type(a)
-    if t is not type(b):
+    if t is not type(b) or depth > 32:
         return False
     if t in _PLAIN:
         return bool(a == b)
     if t is list or t is tuple:
-        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b, strict=True))
+        return len(a) == len(b) and all(_equal(x, y, depth + 1) for x, y in zip(a, b, strict=True))
     if t is dict:
         return len(a) == len(b) and all(
-            _equal(k, j) and _equal(x, y) for (k, x), (j, y) in zip(a.items(), b.items(), strict=True)
+            _equal(k, j, depth + 1) and _equal(x, y, depth + 1)
+            for (k, x), (j, y) in zip(a.items(), b.items(), strict=True)
         )
-    return a is b
+    return False
 
 
 def _ai_message(outputs: Any) -> BaseMessage | None:
