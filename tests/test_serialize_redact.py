@@ -458,3 +458,84 @@ def test_redact_never_raises() -> None:
     assert Redactor().redact(looped) == "[REDACTED:error]"
     assert Redactor().redact(42) == 42
     assert Redactor().redact_text(None) is None  # type: ignore[arg-type]
+
+
+def _random_field(rng: random.Random, depth: int = 0) -> Any:
+    """Nested data as agents hand it over: secrets in values and keys, secret-named keys, JSON
+    schemas, non-string keys, objects, odd floats, big integers."""
+    secrets = [
+        "ghp_" + rand(36),
+        "sk-proj-" + rand(40) + "T3BlbkFJ" + rand(20),
+        "AKIA" + "Q" * 16,
+        "eyJhbGciOiJIUzI1NiJ9.eyJ" + rand(30) + "." + rand(43),
+        "Bearer " + rand(30),
+        "-----BEGIN RSA PRIVATE KEY-----\nMIIE" + rand(200) + "\n-----END RSA PRIVATE KEY-----",
+        "password = 'hunter2x'",
+        "postgres://u:" + rand(10) + "@host/db",
+    ]
+    words = ["hello", "max_tokens", "the next token", "é☃", "\ud800x", "a" * 300, "ordinary text about keys"]
+    keys = [
+        "role",
+        "content",
+        "api_key",
+        "password",
+        "auth",
+        "tokens",
+        "properties",
+        "type",
+        "eos_token",
+        "x",
+    ]
+    r = rng.random()
+    if depth > 4 or r < 0.35:
+        c = rng.random()
+        if c < 0.15:
+            return rng.choice(secrets)
+        if c < 0.6:
+            return rng.choice(words) + (" " + rng.choice(secrets) if rng.random() < 0.1 else "")
+        return rng.choice([None, True, False, 0, 7, 2**70, 1.5, float("nan"), "", datetime.date(2024, 1, 2)])
+    if r < 0.7:
+        d: dict[Any, Any] = {}
+        for _ in range(rng.randint(0, 5)):
+            key = rng.choice(keys) if rng.random() < 0.9 else rng.choice([1, None, (1, 2)])
+            d[key] = _random_field(rng, depth + 1)
+        if rng.random() < 0.2:
+            d["type"] = "object"
+        return d
+    if r < 0.9:
+        items = [_random_field(rng, depth + 1) for _ in range(rng.randint(0, 5))]
+        return tuple(items) if rng.random() < 0.2 else items
+    return Point(_random_field(rng, depth + 1), {rng.choice(keys): _random_field(rng, depth + 1)})
+
+
+@pytest.mark.parametrize("cap", [512, 65536])
+@pytest.mark.parametrize("hooked", [False, True])
+def test_one_walk_stores_exactly_what_two_walks_do(
+    cap: int, hooked: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A field is serialised and redacted in one walk when nothing in it is a secret; the result
+    (value, JSON text, cap marker) is the two-walk reference's, secrets and hook included."""
+    import honed.capture.serialize as serialize
+
+    def hook(text: str) -> str:
+        return text.replace("ab", "AB")
+
+    fast = Serializer(max_field_bytes=cap, redactor=Redactor(hook if hooked else None))
+    reference_redactor = Redactor(hook if hooked else None)
+    reference = Serializer(max_field_bytes=cap, redactor=reference_redactor)
+
+    class TwoWalks(serialize._RedactingWalker):
+        def walk(self, obj: Any, depth: int) -> Any:
+            raise serialize._OverCap
+
+    rng = random.Random(cap + hooked)
+    for _ in range(400):
+        field = _random_field(rng)
+        if rng.random() < 0.2:
+            field = [field]
+            field.append(field)  # a cycle
+        got = fast.dumps(field)
+        with monkeypatch.context() as patch:
+            patch.setattr(serialize, "_RedactingWalker", TwoWalks)
+            reference_redactor._texts.clear()  # nothing remembered: every text redacted anew
+            assert got == reference.dumps(field)

@@ -53,6 +53,26 @@ def test_round_trip_and_idempotent_writes(store_url: str) -> None:
     assert loaded.steps[1].duration_s == 1.0 and loaded.duration_s == 2.0
 
 
+def test_json_columns_hold_json_text_and_none_is_sql_null(store_url: str) -> None:
+    """The writer hands the database JSON it encoded itself: a string is stored as a JSON string
+    (not bare text), None as SQL NULL (not JSON null), on both backends."""
+    store = honed.open_store(store_url)
+    store.save(make(1, output=None))
+    with store.engine.connect() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT id, CAST(input AS TEXT), CAST(output AS TEXT), CAST(usage AS TEXT) FROM steps ORDER BY id"
+            )
+        ).all()
+        (output,) = conn.execute(text("SELECT CAST(output AS TEXT) FROM trajectories")).one()
+    (model_id, model_input, model_output, usage), (tool_id, tool_input, tool_output, tool_usage) = rows
+    assert (model_id, tool_id) == ("s1-0", "s1-1")
+    assert model_input is None and tool_usage is None and output is None
+    assert json.loads(model_output) == {"role": "assistant", "content": "hi"}
+    assert json.loads(usage) == {"input_tokens": 3, "output_tokens": 1}
+    assert json.loads(tool_input) == {"a": 1} and json.loads(tool_output) == "1"
+
+
 def test_filters_and_verdicts(store_url: str) -> None:
     store = honed.open_store(store_url)
     for i in range(6):

@@ -495,8 +495,8 @@ class Assembler:
             model_input["tools"] = [*(model_input.get("tools") or []), *self._field(structured)]
         step["input"] = model_input
         settings = {k: v for k, v in (extra.get("settings") or {}).items() if k not in ("tools", "messages")}
-        if settings:
-            step["extra"]["settings"] = self._field(settings)
+        if settings:  # the same settings at every call, in a new dict: memoised by value
+            step["extra"]["settings"] = self._memoised(trajectory, "settings", settings, _same)
         message = _ai_message(outputs)
         if message is not None:
             output = self._memoised(trajectory, id(message), message, stored_message)
@@ -526,8 +526,8 @@ class Assembler:
         hit = trajectory.memo.get(key)
         if hit is not None and hit[0] is obj:
             return hit[1]
-        if isinstance(key, tuple) and hit is not None and hit[0] == obj:
-            return hit[1]  # the same tools in a new list
+        if not isinstance(key, int) and hit is not None and _equal(hit[0], obj):
+            return hit[1]  # the same tools (or settings) in a new list (dict)
         value = self._field(convert(obj))
         trajectory.memo[key] = (obj, value)
         return value
@@ -618,6 +618,34 @@ def _tool_schemas(tools: Any) -> list[Any]:
         except Exception:
             schemas.append({"type": "function", "function": {"name": getattr(tool, "name", repr(tool))}})
     return schemas
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+_PLAIN = frozenset((str, int, float, bool, type(None)))
+
+
+def _equal(a: Any, b: Any, depth: int = 0) -> bool:
+    """Whether `b` would be stored as `a` is: the same types and key order, equal plain values,
+    and the very same objects elsewhere (`0.0 == False`, yet they are stored differently).
+    Past 32 levels (a cycle, say) the answer is no: the value is serialised anew."""
+    if a is b:
+        return True
+    t = type(a)
+    if t is not type(b) or depth > 32:
+        return False
+    if t in _PLAIN:
+        return bool(a == b)
+    if t is list or t is tuple:
+        return len(a) == len(b) and all(_equal(x, y, depth + 1) for x, y in zip(a, b, strict=True))
+    if t is dict:
+        return len(a) == len(b) and all(
+            _equal(k, j, depth + 1) and _equal(x, y, depth + 1)
+            for (k, x), (j, y) in zip(a.items(), b.items(), strict=True)
+        )
+    return False
 
 
 def _ai_message(outputs: Any) -> BaseMessage | None:

@@ -39,6 +39,9 @@ from honed.capture.secret_scan import DetectSecrets
 logger = logging.getLogger("honed")
 
 _KEY_CACHE_SIZE = 4096
+# Texts whose redaction is remembered: each up to 16 Ki characters, up to 2 Mi in all (then forgotten).
+_TEXT_CACHE_MAX_CHARS = 16_384
+_TEXT_CACHE_CHARS = 2_097_152
 # The shortest text a rule can act on ("a://b:c@", "pwd=abc1"): shorter strings ("user", "7") skip it all.
 _MIN_SECRET_TEXT = 8
 # `redact_capped` keeps this many characters past its limit before redacting, so that a secret that
@@ -67,16 +70,25 @@ class Redactor:
         self._error_logged = False
         # Keys repeat across every event ("role", "content", ...): decide each one once.
         self._keys: dict[str, tuple[str, str | None]] = {}
+        # So do texts: a system prompt and tool descriptions in every run, a tool's result in its
+        # step and again in the next model call's messages. The built-in rules are a function of
+        # the text alone, so each is decided once (the hook, which may not be, runs every time).
+        self._texts: dict[str, str] = {}
+        self._text_chars = 0
 
     def redact_text(self, text: str) -> str:
         """`text` with every secret found replaced by `[REDACTED:<kind>]`, then the hook applied."""
         if not isinstance(text, str):
             return text
-        try:
-            out = self._builtin(text)
-        except Exception:  # never store text the redactor could not vouch for
-            self._log_error()
-            out = _marker("error")
+        out = self._texts.get(text) if len(text) >= _MIN_SECRET_TEXT else text
+        if out is None:
+            try:
+                out = self._builtin(text)
+            except Exception:  # never store text the redactor could not vouch for
+                self._log_error()
+                out = _marker("error")
+            else:
+                self._remember(text, out)
         if self._hook is not None:
             out = self._apply_hook(out)
         return out
@@ -112,7 +124,7 @@ class Redactor:
         if t is dict:
             out: dict[Any, Any] = {}
             for key, item in value.items():
-                new_key, kind = self._key(key) if type(key) is str else (key, None)
+                new_key, kind = self.redact_key(key) if type(key) is str else (key, None)
                 if named and kind is not None and _holds_secret(item):
                     out[new_key] = _marker(kind)
                 elif key == "properties" and type(item) is dict and value.get("type") == "object":
@@ -137,7 +149,7 @@ class Redactor:
                 if budget.left <= 0:
                     budget.cut = True
                     break
-                new_key, kind = self._key(budget.take(key)) if type(key) is str else (key, None)
+                new_key, kind = self.redact_key(budget.take(key)) if type(key) is str else (key, None)
                 if named and kind is not None and _holds_secret(item):
                     out[new_key] = budget.take(_marker(kind))
                 elif key == "properties" and type(item) is dict and value.get("type") == "object":
@@ -155,7 +167,17 @@ class Redactor:
             return items
         return value
 
-    def _key(self, key: str) -> tuple[str, str | None]:
+    def _remember(self, text: str, redacted: str) -> None:
+        if len(text) > _TEXT_CACHE_MAX_CHARS:
+            return
+        if self._text_chars + len(text) > _TEXT_CACHE_CHARS:
+            self._texts.clear()
+            self._text_chars = 0
+        self._texts[text] = redacted
+        self._text_chars += len(text)
+
+    def redact_key(self, key: str) -> tuple[str, str | None]:
+        """A dict key redacted (built-in rules, not the hook), and the secret kind it names, if any."""
         known = self._keys.get(key)
         if known is None:
             if len(self._keys) >= _KEY_CACHE_SIZE:
@@ -169,6 +191,11 @@ class Redactor:
             known = (redacted, secret_key_kind(key))
             self._keys[key] = known
         return known
+
+    def redact_named(self, kind: str, value: Any) -> Any:
+        """The redacted value (JSON-able) of a key naming a secret of `kind`: its marker, unless
+        the value is empty or a flag (`"auth": False`)."""
+        return _marker(kind) if _holds_secret(value) else self.redact(value)
 
     def _builtin(self, text: str) -> str:
         if len(text) < _MIN_SECRET_TEXT:

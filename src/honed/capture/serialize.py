@@ -102,6 +102,23 @@ class Serializer:
 
     def _field(self, obj: Any) -> tuple[Any, str]:
         cap = self.max_field_bytes
+        if self.redactor is not None:
+            if type(obj) is str and len(obj) * 24 + 8 <= cap:  # short: fits even as \uXXXX escapes
+                value = self.redactor.redact_text(obj)
+                text = _dumps(value)
+                if _fits(text, cap):
+                    return value, text
+            # The common case in one walk: nothing redacted, and within the cap. Anything else (a
+            # secret found, a field that may be over the cap) is decided by the two walks below.
+            walker = _RedactingWalker(self.redactor, cap)
+            try:
+                value = walker.walk(obj, 0)
+                if not walker.changed:
+                    text = _dumps(value)
+                    if _fits(text, cap):
+                        return value, text
+            except Exception:  # _OverCap, or a bug here: the path below is the reference
+                pass
         cut = False
         try:
             raw = value = to_jsonable(obj)
@@ -357,6 +374,123 @@ class _Walker:
             out["__dropped__"] = size - self.max_items
         else:
             out["value"] = self.walk(obj.tolist(), depth + 1)
+        return out
+
+
+class _OverCap(Exception):
+    """The strings alone exceed the field cap: `_RedactingWalker` stops before redacting them."""
+
+
+class _RedactingWalker(_Walker):
+    """`to_jsonable` and `Redactor.redact` in one walk, for fields that turn out to hold no secret.
+
+    Plain dicts, lists and tuples are walked once, each string and key redacted as it is met, a
+    JSON schema's `properties` by the redactor's own rule for them. Any other node (objects,
+    non-string keys, cycles, the depth limit) is converted by the plain walker and then redacted,
+    as the two-walk path does.
+    `changed` says whether redaction (or the hook) altered anything: only an unchanged result is
+    used, so a field with a secret, and with it the cap's sizes and preview, goes through the
+    two-walk path unchanged. Strings and keys are counted against the cap, and the walk stops
+    (`_OverCap`) once they exceed it, so an oversized field is redacted only head first, as before.
+    """
+
+    __slots__ = ("_plain", "changed", "left", "redactor")
+
+    def __init__(self, redactor: Redactor, cap: int) -> None:
+        super().__init__(DEFAULT_MAX_DEPTH, DEFAULT_MAX_ITEMS)
+        self.redactor = redactor
+        self.left = cap  # characters of strings and keys still within the cap (each is >= 1 byte)
+        self.changed = False
+        self._plain: _Walker | None = None
+
+    @property
+    def plain(self) -> _Walker:
+        """The plain walker, on the same path (cycles are seen across both)."""
+        if self._plain is None:
+            self._plain = _Walker(self.max_depth, self.max_items)
+            self._plain.path = self.path
+        return self._plain
+
+    def walk(self, obj: Any, depth: int) -> Any:
+        t = type(obj)
+        if t is str:
+            self.left -= len(obj)
+            if self.left < 0:
+                raise _OverCap
+            out = self.redactor.redact_text(obj)
+            if out is not obj and out != obj:
+                self.changed = True
+            return out
+        if t is int or t is bool or obj is None:
+            return obj
+        if t is float:
+            return _float(obj)
+        if (t is dict or t is list or t is tuple) and depth < self.max_depth and id(obj) not in self.path:
+            oid = id(obj)
+            self.path.add(oid)
+            try:
+                if t is not dict:
+                    return self._sequence(obj, depth)
+                out = self._redacted_mapping(obj, depth)
+                if out is not None:
+                    return out
+            finally:
+                self.path.discard(oid)
+        plain = self.plain.walk(obj, depth)
+        redacted = self.redactor.redact(plain)
+        if redacted is not plain and redacted != plain:
+            self.changed = True
+        return redacted
+
+    def _redacted_mapping(self, obj: dict[Any, Any], depth: int, named: bool = True) -> dict[str, Any] | None:
+        """The dict converted and redacted, or None (nothing done) when a key is not a string.
+        With `named` False (a JSON schema's `properties`), keys do not name their values."""
+        total = len(obj)
+        items = list(islice(obj.items(), self.max_items))  # one C-level copy, as in `_mapping`
+        out: dict[str, Any] = {}
+        redact_key = self.redactor.redact_key
+        for key, value in items:
+            if type(key) is not str:
+                return None
+            self.left -= len(key)
+            new_key, kind = redact_key(key)
+            if new_key is not key and new_key != key:
+                self.changed = True
+            if key == "properties" and type(value) is dict:
+                out[new_key] = self._schema_properties(obj, value, depth + 1)
+                continue
+            if kind is None or not named:
+                out[new_key] = self.walk(value, depth + 1)
+                continue
+            plain = self.plain.walk(value, depth + 1)
+            redacted = self.redactor.redact_named(kind, plain)
+            if redacted is not plain and redacted != plain:
+                self.changed = True
+            out[new_key] = redacted
+        if total > len(items):
+            out["__dropped__"] = total - len(items)
+        return out
+
+    def _schema_properties(self, schema: dict[Any, Any], properties: dict[Any, Any], depth: int) -> Any:
+        """`properties` of `schema`: in an object schema (a tool's parameters) its keys are
+        parameter names, not secrets' names (`Redactor.redact`'s rule, on the same values)."""
+        kind = schema.get("type")
+        if type(kind) is not str:
+            if kind is not None:  # a str subclass, an enum...: left to the two walks
+                self.changed = True
+            return self.walk(properties, depth)
+        if kind != "object":
+            return self.walk(properties, depth)
+        oid = id(properties)
+        if depth >= self.max_depth or oid in self.path:
+            return self.walk(properties, depth)  # the limit's or the cycle's marker, redacted
+        self.path.add(oid)
+        try:
+            out = self._redacted_mapping(properties, depth, named=False)
+        finally:
+            self.path.discard(oid)
+        if out is None:  # a key that is not a string: left to the two walks
+            self.changed = True
         return out
 
 

@@ -18,6 +18,21 @@ from sqlalchemy.types import TypeDecorator
 JSONType = JSON().with_variant(JSONB(), "postgresql")
 
 
+class JSONText(TypeDecorator[str]):
+    """A JSON (JSONB) column's value given as its JSON text, encoded by the caller: bound as is,
+    and parsed by the database (SQLite stores the text, PostgreSQL casts it to JSONB). None stays
+    SQL NULL. The capture writer's inserts use it: SQLAlchemy's JSON type would encode again."""
+
+    impl = JSON
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Any) -> Any:
+        return dialect.type_descriptor(JSONB() if dialect.name == "postgresql" else JSON())
+
+    def bind_processor(self, dialect: Any) -> None:
+        return None
+
+
 class UTCDateTime(TypeDecorator[datetime]):
     """Timezone-aware UTC datetimes on every backend (SQLite keeps naive ones)."""
 

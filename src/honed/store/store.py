@@ -7,16 +7,31 @@ store, so its API speaks `honed.trajectory` objects and its filters are the ones
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import sqlite3
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import closing
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
-from sqlalchemy import Engine, create_engine, delete, event, exists, func, insert, select, text, update
+from sqlalchemy import (
+    JSON,
+    Engine,
+    bindparam,
+    create_engine,
+    delete,
+    event,
+    exists,
+    func,
+    insert,
+    inspect,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
@@ -27,7 +42,7 @@ from honed.store.conversations import compact
 from honed.store.database import Database
 from honed.store.reader import read, trajectory_columns
 from honed.store.registry import ModelRegistry
-from honed.store.schema import StepRow, TrajectoryRow, VerdictRow
+from honed.store.schema import JSONText, StepRow, TrajectoryRow, VerdictRow
 from honed.store.training import TrainingLog
 from honed.store.verification import VerificationStore
 from honed.trajectory import INTERRUPTED, Step, Trajectory, Verdict
@@ -236,9 +251,8 @@ class TrajectoryStore:
                     steps = [_step_row(record["id"], s) for s in record.get("steps") or ()]
                     trajectory_rows.append(_conversation_once(_trajectory_row(record), steps))
                     step_rows += steps
-                session.execute(insert(TrajectoryRow), _batchable(trajectory_rows))
-                if step_rows:
-                    session.execute(insert(StepRow), _batchable(step_rows))
+                _insert(session, TrajectoryRow, trajectory_rows)
+                _insert(session, StepRow, step_rows)
             return len(fresh) + sum(_continue(session, record) for record in continuations)
 
     def save(self, trajectory: Trajectory) -> None:
@@ -565,14 +579,88 @@ def _filtered(
     return query
 
 
-def _batchable(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows ordered by which of their values are None.
+def _insert(session: Any, table: type[TrajectoryRow | StepRow], rows: list[dict[str, Any]]) -> None:
+    """Insert rows (keyed by attribute, all with the same keys) in one DBAPI executemany, their
+    JSON values encoded here, once; None is SQL NULL.
 
-    SQLAlchemy's bulk insert leaves None-valued keys out and batches only consecutive rows with
-    the same keys: model and tool steps alternate in their None patterns, so unsorted they cost one
-    statement each (measured: 6,018 executes for 7,200 rows; sorted, 18).
+    Below the ORM and Core: the ORM's bulk insert drops None-valued keys and batches only rows
+    with the same keys (one statement a row when model and tool steps alternate), and both run
+    SQLAlchemy's per-value processing for every row (JSON encoded again). The statement and the
+    column types' own processors (timestamps) come from SQLAlchemy, once per table and dialect.
     """
-    return sorted(rows, key=lambda row: tuple(value is None for value in row.values()))
+    if not rows:
+        return
+    connection = session.connection()
+    plan = _insert_plan(table, tuple(rows[0]), connection.dialect)
+    if plan.defaults:
+        rows = [row | {key: default(None) for key, default in plan.defaults} for row in rows]
+    dumps, values_of, json_at, processed_at, names = (
+        fast_json_dumps,
+        plan.values_of,
+        plan.json_at,
+        plan.processed_at,
+        plan.names,
+    )
+    params: list[Any] = []
+    for row in rows:
+        values = list(values_of(row))
+        for i in json_at:
+            if values[i] is not None:
+                values[i] = dumps(values[i])
+        for i, process in processed_at:
+            if values[i] is not None:
+                values[i] = process(values[i])
+        params.append(tuple(values) if names is None else dict(zip(names, values, strict=True)))
+    connection.exec_driver_sql(plan.sql, params)
+
+
+class _InsertPlan(NamedTuple):
+    sql: str
+    names: tuple[str, ...] | None  # None: the driver takes positional parameters
+    values_of: Callable[[dict[str, Any]], tuple[Any, ...]]  # a row's values, in parameter order
+    json_at: tuple[int, ...]  # JSON columns (bound as `JSONText`: the text as is)
+    processed_at: tuple[tuple[int, Callable[[Any], Any]], ...]  # the column types' bind processors
+    defaults: tuple[tuple[str, Callable[[Any], Any]], ...]  # columns the rows leave out
+
+
+_plans: dict[tuple[Any, ...], _InsertPlan] = {}
+
+
+def _insert_plan(table: type[Any], keys: tuple[str, ...], dialect: Any) -> _InsertPlan:
+    """How to insert rows with these attribute keys into `table` on this kind of database."""
+    cache_key = (table, keys, type(dialect), dialect.paramstyle)
+    plan = _plans.get(cache_key)
+    if plan is not None:
+        return plan
+    columns = {attribute.key: attribute.columns[0] for attribute in inspect(table).column_attrs}
+    # Columns the rows leave out get their Python-side default (`created_at`), as in the ORM.
+    defaults = []
+    for key, column in columns.items():
+        if key not in keys and column.default is not None:
+            arg = column.default.arg  # type: ignore[attr-defined]
+            defaults.append((key, arg if column.default.is_callable else (lambda _ctx, arg=arg: arg)))
+    binds = {}  # parameter name -> (key, is_json, processor)
+    values = {}
+    for n, key in enumerate((*keys, *(key for key, _ in defaults))):
+        column = columns[key]
+        is_json = isinstance(column.type, JSON)
+        type_ = JSONText() if is_json else column.type
+        values[column.key] = bindparam(f"p{n}", type_=type_)  # a column's own name is reserved
+        processor = None if is_json else type_.dialect_impl(dialect).bind_processor(dialect)
+        binds[f"p{n}"] = (key, is_json, processor)
+    compiled = insert(table.__table__).values(values).compile(dialect=dialect)
+    order = list(compiled.positiontup or binds)
+    ordered = [binds[name] for name in order]
+    getter = operator.itemgetter(*(key for key, _, _ in ordered))
+    plan = _plans[cache_key] = _InsertPlan(
+        sql=str(compiled),
+        names=None if compiled.positiontup is not None else tuple(order),
+        values_of=getter if len(ordered) > 1 else (lambda row: (getter(row),)),
+        json_at=tuple(i for i, (_, is_json, _) in enumerate(ordered) if is_json),
+        processed_at=tuple((i, p) for i, (_, _, p) in enumerate(ordered) if p is not None),
+        defaults=tuple(defaults),
+    )
+    return plan
 
 
 def _ts(value: Any) -> datetime | None:
@@ -633,10 +721,8 @@ def _continue(session: Any, record: dict[str, Any]) -> int:
     was stored as a new trajectory instead (nothing stored to continue)."""
     target = _continued_id(session, record)
     if target is None:
-        session.execute(insert(TrajectoryRow), [_trajectory_row(record)])
-        steps = [_step_row(record["id"], s) for s in record.get("steps", ())]
-        if steps:
-            session.execute(insert(StepRow), _batchable(steps))
+        _insert(session, TrajectoryRow, [_trajectory_row(record)])
+        _insert(session, StepRow, [_step_row(record["id"], s) for s in record.get("steps", ())])
         return 1
     stored = session.get(TrajectoryRow, target)
     known = dict(
@@ -652,7 +738,7 @@ def _continue(session: Any, record: dict[str, Any]) -> int:
         last, first = max(known.values(), default=-1), min(s["index"] for s in new_steps)
         shift = last + 1 - first if first <= last else 0
         rows = [_step_row(target, {**s, "index": s["index"] + shift}) for s in new_steps]
-        session.execute(insert(StepRow), _batchable(rows))
+        _insert(session, StepRow, rows)
     row = _trajectory_row(record)
     values: dict[str, Any] = {"n_steps": len(known) + len(new_steps)}
     if stored.ended_at is None or row["ended_at"] is None or row["ended_at"] >= stored.ended_at:
