@@ -12,11 +12,11 @@ the same trajectory (`honed.capture.roots` tells the middleware when the graph p
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Annotated, Any, NotRequired
 
@@ -292,12 +292,18 @@ class Middleware(AgentMiddleware):
 
     # -- model calls -----------------------------------------------------------------------------
 
+    # The wrap hooks run once per model or tool call, so they handle a failure with a plain
+    # try/except (a context manager costs more than the rest of the hook).
+
     def wrap_model_call(self, request: ModelRequest, handler: Any) -> Any:
         step = self._step_start(request, self._emit_model_start, "model")
         if step is None:
             return handler(request)
-        with self._capturing(*step):
+        try:
             response = handler(request)
+        except BaseException as exc:
+            self._failed(*step, exc)
+            raise
         self.recorder.emit((END, step[1], None, time.time(), _ai_message(response)))
         return response
 
@@ -305,8 +311,11 @@ class Middleware(AgentMiddleware):
         step = self._step_start(request, self._emit_model_start, "model")
         if step is None:
             return await handler(request)
-        with self._capturing(*step):
+        try:
             response = await handler(request)
+        except BaseException as exc:
+            self._failed(*step, exc)
+            raise
         self.recorder.emit((END, step[1], None, time.time(), _ai_message(response)))
         return response
 
@@ -334,8 +343,14 @@ class Middleware(AgentMiddleware):
         step = self._step_start(request, self._emit_tool_start, "tool")
         if step is None:
             return handler(request)
-        with self._capturing(*step, enclosing=True):
+        token = _enclosing_tool_step.set(step[1])  # the step of any subagent this tool runs
+        try:
             result = handler(request)
+        except BaseException as exc:
+            self._failed(*step, exc)
+            raise
+        finally:
+            _enclosing_tool_step.reset(token)
         self._tool_done(*step, result)
         return result
 
@@ -343,8 +358,14 @@ class Middleware(AgentMiddleware):
         step = self._step_start(request, self._emit_tool_start, "tool")
         if step is None:
             return await handler(request)
-        with self._capturing(*step, enclosing=True):
+        token = _enclosing_tool_step.set(step[1])
+        try:
             result = await handler(request)
+        except BaseException as exc:
+            self._failed(*step, exc)
+            raise
+        finally:
+            _enclosing_tool_step.reset(token)
         self._tool_done(*step, result)
         return result
 
@@ -370,19 +391,6 @@ class Middleware(AgentMiddleware):
         except Exception:
             log.exception("honed: could not capture a %s call; the agent goes on", kind)
             return None
-
-    @contextmanager
-    def _capturing(self, trajectory_id: str, step_id: str, *, enclosing: bool = False) -> Iterator[None]:
-        """Record the call's failure; a tool call is the enclosing step of any subagent it runs."""
-        token = _enclosing_tool_step.set(step_id) if enclosing else None
-        try:
-            yield
-        except BaseException as exc:
-            self._failed(trajectory_id, step_id, exc)
-            raise
-        finally:
-            if token is not None:
-                _enclosing_tool_step.reset(token)
 
     def _tool_done(self, trajectory_id: str, step_id: str, result: Any) -> None:
         now = time.time()
@@ -416,6 +424,18 @@ class Middleware(AgentMiddleware):
         tools = _structured_output_tools(response_format)
         self._structured_tools = (response_format, tools)
         return tools
+
+
+# LangChain wraps each `wrap_*` hook in LangSmith's `traceable`, which calls `inspect.signature` on
+# the hook at every model and tool call, traced or not: a precomputed signature makes that a lookup.
+for _hook in (
+    Middleware.wrap_model_call,
+    Middleware.awrap_model_call,
+    Middleware.wrap_tool_call,
+    Middleware.awrap_tool_call,
+):
+    _hook.__signature__ = inspect.signature(_hook)  # type: ignore[attr-defined]
+del _hook
 
 
 def _current_config() -> dict[str, Any]:
