@@ -367,7 +367,8 @@ async def test_async_calls_prepare_prompts_off_the_event_loop_within_a_limit(tin
 
     slow = copy_model(tiny, "slow-template")
     template = slow / "chat_template.jinja"
-    loop = "{% for i in range(3000) %}{% for j in range(3000) %}{% endfor %}{% endfor %}"
+    # 30M empty iterations: over a second even on a fast idle machine (9M rendered in under 0.3 s on one).
+    loop = "{% for i in range(10000) %}{% for j in range(3000) %}{% endfor %}{% endfor %}"
     template.write_text(loop + template.read_text())
     chat = LocalChatModel(slow, temperature=0, max_tokens=4, prepare_timeout_s=0.3)
     ticks = 0
