@@ -13,8 +13,8 @@ Arms (each runs `honed.demo.loop.LearningLoop` on the same suite, base model and
   (b)  the same loop training on every attempt, unverified;
   (c)  the training attempts labelled by a verifier with 20% false positives (a failing attempt
        is called a pass with probability 0.2); held-out figures still use the true verifier;
-  (g)  off-policy clipped policy gradient on the captured attempts (`OffPolicyMethod`: passes up,
-       failures down, ratio against the recorded logprobs);
+  (g)  off-policy policy gradient on the captured attempts (`OffPolicyMethod`: passes as SFT,
+       failures down with the ratio against the recorded logprobs truncated at 1);
   (d)  DPO on same-task (pass, failure) pairs (`--dpo-lr`);
   (e)  (a) without the external-data mix (no demonstrations in the training sets);
   (t)  (a) with demonstrations only for tasks that never pass (`external_for="stuck"`);
@@ -54,7 +54,7 @@ ARMS = {
     "a0": "verified RS-SFT, live version only",
     "b": "unverified SFT",
     "c": "verifier with 20% false positives",
-    "g": "off-policy (clipped PG on attempts)",
+    "g": "off-policy (tapered PG on attempts)",
     "d": "DPO on pass/fail pairs",
     "e": "(a) without external data",
     "t": "(a), demonstrations for stuck tasks",

@@ -68,5 +68,5 @@ def test_demo_with_a_method_that_takes_no_demonstrations(method: str, tmp_path: 
     assert "external" not in run.reason
     if method == "offpolicy":  # the demo's recipe; every attempt carried its recorded logprobs
         assert run.config["method"]["settings"]["learning_rate"] == 1e-4
-        assert run.config["method"]["epsilon"] == 0.2
+        assert run.config["method"]["settings"]["num_train_epochs"] == 4
         assert "logprobs" not in run.reason

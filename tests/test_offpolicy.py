@@ -1,7 +1,8 @@
-"""Off-policy learning from captured attempts: rows carry the recorded logprobs and the group
-advantage, the loss is the clipped objective (checked against a plain reference on a real collated
-batch), the ratio is 1 on the generating model's own samples, and training moves passes up and
-failures down. Groups with one verdict, held-out tasks and rows without logprobs never train."""
+"""Off-policy learning from captured attempts: rows carry the recorded logprobs and the advantage
+(1 for a pass, minus the group's pass rate for a failure), the loss is the tapered objective
+(checked against a plain reference on a real collated batch), the ratio is 1 on the generating
+model's own samples, and training moves passes up and leaves failures less likely than learning the
+passes alone does. Tasks never passed, held-out tasks and rows without logprobs never train."""
 
 from __future__ import annotations
 
@@ -115,21 +116,22 @@ def attempt(
 def test_rows_carry_recorded_logprobs_and_the_group_advantage(store: TrajectoryStore) -> None:
     t1 = [add(store, make_trajectory("t1", token_ids=IDS_A), True)]
     t1 += [add(store, make_trajectory("t1", a=4, token_ids=IDS_B), False) for _ in range(3)]
-    for _ in range(2):  # all pass: no advantage
-        add(store, make_trajectory("t2", token_ids=IDS_A), True)
+    t2 = [add(store, make_trajectory("t2", token_ids=IDS_A), True) for _ in range(2)]  # all pass
+    for _ in range(2):  # never passed: nothing says which tokens were wrong
+        add(store, make_trajectory("t3", token_ids=IDS_B), False)
     add(store, make_trajectory("h1", split="heldout", token_ids=IDS_A), True)
     add(store, make_trajectory("h1", split="heldout", token_ids=IDS_B), False)
     data = prepare(store, "offpolicy")
     assert data.pretokenized and data.method == "offpolicy"
-    assert data.counts["groups"] == 1 and data.counts["zero_variance_groups"] == 1
-    assert data.counts["heldout_excluded"] == 2 and set(data.dataset["task_id"]) == {"t1"}
-    assert sorted(set(data.trajectory_ids)) == sorted(t.id for t in t1)
+    assert data.counts["groups"] == 2 and data.counts["unpassed_groups"] == 1
+    assert data.counts["heldout_excluded"] == 2 and set(data.dataset["task_id"]) == {"t1", "t2"}
+    assert sorted(set(data.trajectory_ids)) == sorted(t.id for t in t1 + t2)
     rows = list(data.dataset)
-    assert len(rows) == 8  # one row per model call
-    # GRPO's advantage: (r - mean) / std over the task's attempts (1 pass, 3 failures).
+    assert len(rows) == 12  # one row per model call
+    # A pass: 1, whatever its group did; a failure: minus its group's pass rate (1 of 4).
     advantage = {tid: rows_[0]["advantage"] for tid, rows_ in _by_trajectory(rows).items()}
-    assert advantage[t1[0].id] == pytest.approx(0.75 / 0.5, rel=1e-3)
-    assert all(advantage[t.id] == pytest.approx(-0.25 / 0.5, rel=1e-3) for t in t1[1:])
+    assert all(advantage[t.id] == 1.0 for t in [t1[0], *t2])
+    assert all(advantage[t.id] == pytest.approx(-0.25) for t in t1[1:])
     for row in rows:
         prompt = row["completion_mask"].count(0)
         assert row["logprobs"][:prompt] == [0.0] * prompt
@@ -156,16 +158,13 @@ def test_rows_without_recorded_logprobs_are_refused(store: TrajectoryStore) -> N
         prepare(store, "offpolicy", verified=False)
 
 
-def test_groups_where_every_attempt_got_the_same_verdict_teach_nothing(
-    store: TrajectoryStore, tiny: Path, tmp_path: Path
-) -> None:
+def test_tasks_never_passed_teach_nothing(store: TrajectoryStore, tiny: Path, tmp_path: Path) -> None:
     for ids in (IDS_A, IDS_B):
-        add(store, make_trajectory("t1", token_ids=ids), True)
-        add(store, make_trajectory("t2", token_ids=ids), False)
-    add(store, make_trajectory("t3", token_ids=IDS_A), True)  # a group of one
+        add(store, make_trajectory("t1", token_ids=ids), False)
+    add(store, make_trajectory("t2", token_ids=IDS_A), False)  # a group of one
     data = prepare(store, "offpolicy")
-    assert len(data) == 0 and data.counts["zero_variance_groups"] == 3
-    with pytest.raises(NothingToLearn, match="every attempt got the same verdict"):
+    assert len(data) == 0 and data.counts["unpassed_groups"] == 2
+    with pytest.raises(NothingToLearn, match="failed, so nothing shows what a right answer looks like"):
         OffPolicyMethod().train(tiny, data, tmp_path / "out")  # before loading anything
     assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match="trains on prepare"):
@@ -175,8 +174,8 @@ def test_groups_where_every_attempt_got_the_same_verdict_teach_nothing(
 # -- the loss ------------------------------------------------------------------------------------
 
 
-def reference_loss(model: Any, rows: list[dict[str, Any]], epsilon: float) -> torch.Tensor:
-    """The clipped objective, row by row, without padding or a shared prefix."""
+def reference_loss(model: Any, rows: list[dict[str, Any]]) -> torch.Tensor:
+    """The tapered objective, row by row, without padding or a shared prefix."""
     total, tokens = torch.zeros(()), 0
     for row in rows:
         ids = row["input_ids"]
@@ -185,14 +184,25 @@ def reference_loss(model: Any, rows: list[dict[str, Any]], epsilon: float) -> to
         logps = torch.log_softmax(logits[[i - 1 for i in sampled]], -1)[
             range(len(sampled)), [ids[i] for i in sampled]
         ]
-        ratio = torch.exp(logps - torch.tensor([row["logprobs"][i] for i in sampled]))
         a = row["advantage"]
-        total = total - torch.minimum(ratio * a, ratio.clamp(1 - epsilon, 1 + epsilon) * a).sum()
+        if a > 0:
+            weight = torch.ones_like(logps)
+        else:
+            weight = torch.exp(logps.detach() - torch.tensor([row["logprobs"][i] for i in sampled])).clamp(
+                max=1
+            )
+        total = total - (a * weight * logps).sum()
         tokens += len(sampled)
     return total / tokens
 
 
-def test_the_loss_on_a_collated_batch_is_the_clipped_objective(
+def gradient(loss: torch.Tensor, net: Any) -> torch.Tensor:
+    net.zero_grad()
+    loss.backward()
+    return torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None])
+
+
+def test_the_loss_on_a_collated_batch_is_the_tapered_objective(
     store: TrajectoryStore, model: Any, tokenizer: Any, tiny: Path, tmp_path: Path
 ) -> None:
     attempt(store, model, tokenizer, "t1", "The sum is 5.", True)
@@ -205,44 +215,39 @@ def test_the_loss_on_a_collated_batch_is_the_clipped_objective(
     assert trainer.args.completion_only_loss and type(trainer).__name__ == "OffPolicyTrainer"
     rows = list(trainer.train_dataset)
     assert {"logprobs", "advantage"} <= rows[0].keys()
+    assert sorted({r["advantage"] for r in rows}) == [-0.5, 1.0]
     batch = trainer.data_collator(rows)  # what a training step sees: padded, labels -100 off the samples
     assert batch["old_logprobs"].shape == batch["input_ids"].shape and batch["advantages"].shape == (8,)
     net = trainer.model.eval()
     assert shared_prefix_length(batch["input_ids"], batch["labels"] != -100) > 0  # the prefix runs once
 
-    # The model is the generating one: every ratio is 1, the loss is -mean(advantage) over tokens.
+    # The model is the generating one: every ratio is 1, the loss is -A log p averaged over tokens.
     loss = trainer.compute_loss(net, dict(batch))
-    assert torch.allclose(loss, reference_loss(net, rows, 0.2), atol=1e-5)
-    sampled = torch.tensor([sum(label != -100 for label in r["labels"]) for r in rows], dtype=torch.float32)
-    expected = -(sampled * batch["advantages"]).sum() / sampled.sum()
-    assert torch.allclose(loss, expected, atol=1e-4)
+    assert torch.allclose(loss, reference_loss(net, rows), atol=1e-5)
     _, stats = offpolicy_loss(net, dict(batch))
-    assert stats["ratio_mean"] == pytest.approx(1.0, abs=1e-4) and stats["clip_ratio"] == 0.0
+    assert stats["ratio_mean"] == pytest.approx(1.0, abs=1e-4)
+    at_one = gradient(loss, net)
 
-    # Far from the generating policy, in the advantage's direction: clipped, a constant, no gradient.
+    # Failures the model has moved away from (now e times less likely than when sampled) push
+    # with weight 1/e; passes keep weight 1 whatever their ratio (as SFT learns them).
     far = [dict(r) for r in rows]
     for r in far:
-        shift = -1.0 if r["advantage"] > 0 else 1.0  # passes now e times likelier, failures e times less
         r["logprobs"] = [
-            lp + shift * (label != -100) for lp, label in zip(r["logprobs"], r["labels"], strict=True)
+            lp + 1.0 * (label != -100) for lp, label in zip(r["logprobs"], r["labels"], strict=True)
         ]
     far_batch = trainer.data_collator(far)
-    net.zero_grad()
     loss = trainer.compute_loss(net, dict(far_batch))
-    assert torch.allclose(loss, reference_loss(net, far, 0.2), atol=1e-5)
-    clipped = torch.where(far_batch["advantages"] > 0, 1.2, 0.8) * far_batch["advantages"]
-    assert torch.allclose(loss, -(sampled * clipped).sum() / sampled.sum(), atol=1e-4)
-    loss.backward()
-    assert all(p.grad is None or not p.grad.any() for p in net.parameters())
-    assert offpolicy_loss(net, dict(far_batch))[1]["clip_ratio"] == 1.0
-
-    # The other way (pessimistic side): unclipped, so the gradient flows.
-    back = [dict(r, advantage=-r["advantage"]) for r in far]
-    net.zero_grad()
-    loss = trainer.compute_loss(net, dict(trainer.data_collator(back)))
-    assert torch.allclose(loss, reference_loss(net, back, 0.2), atol=1e-5)
-    loss.backward()
-    assert any(p.grad is not None and p.grad.any() for p in net.parameters())
+    assert torch.allclose(loss, reference_loss(net, far), atol=1e-5)
+    _, stats = offpolicy_loss(net, dict(far_batch))
+    failures = (far_batch["advantages"] < 0)[:, None] & (far_batch["labels"] != -100)
+    assert stats["tapered"] == pytest.approx(float(failures.sum() / (far_batch["labels"] != -100).sum()))
+    tapered = gradient(loss, net)
+    # Only the passes' part (failures' advantage 0, the same token count): the failures' part of
+    # the gradient is the same direction as at ratio 1, scaled by 1/e.
+    passes = trainer.data_collator([dict(r, advantage=max(r["advantage"], 0.0)) for r in rows])
+    passes_part = gradient(trainer.compute_loss(net, dict(passes)), net)
+    assert not torch.allclose(at_one, passes_part, atol=1e-6)
+    assert torch.allclose(tapered - passes_part, (at_one - passes_part) / torch.e, atol=1e-6)
 
 
 def test_the_ratio_is_one_on_what_the_served_model_sampled(
@@ -272,7 +277,7 @@ def test_the_ratio_is_one_on_what_the_served_model_sampled(
     )
     batch = trainer.data_collator(list(trainer.train_dataset))
     _, stats = offpolicy_loss(trainer.model.eval(), dict(batch))
-    assert stats["ratio_mean"] == pytest.approx(1.0, abs=1e-3) and stats["clip_ratio"] == 0.0
+    assert stats["ratio_mean"] == pytest.approx(1.0, abs=1e-3)
 
 
 # -- training ------------------------------------------------------------------------------------
@@ -282,9 +287,12 @@ def sequence_logprob(model: Any, prompt: list[int], completion: list[int]) -> fl
     return sum(own_logprobs(model, prompt, completion))
 
 
-def test_training_moves_passes_up_and_failures_down(
+def test_training_moves_passes_up_and_failures_below_what_passes_alone_leave(
     store: TrajectoryStore, model: Any, tokenizer: Any, tiny: Path, tmp_path: Path
 ) -> None:
+    """Passes are learned as SFT learns them, so the tokens they share with failures (the template,
+    the tool call) rise for both; what failures teach is that the failed answers end up less likely
+    than after the same training on the passes alone."""
     from transformers import AutoModelForCausalLM
 
     answers = {("t1", True): "The sum is 5.", ("t1", False): "I cannot tell.",
@@ -295,13 +303,20 @@ def test_training_moves_passes_up_and_failures_down(
     method = OffPolicyMethod(per_device_train_batch_size=8, learning_rate=1e-3, max_steps=4)
     result = method.train(tiny, data, tmp_path / "out")
     assert result.metrics["steps"] == 4 and result.metrics["tokens"] > 0
-    assert 0.0 <= result.metrics["clip_ratio"] <= 1.0 and result.metrics["ratio_mean"] > 0
+    assert 0.0 < result.metrics["tapered"] <= 1.0 and result.metrics["ratio_mean"] > 0
+    data.dataset = data.dataset.filter(lambda row: row["advantage"] > 0)
+    alone = method.train(tiny, data, tmp_path / "passes")
     after = AutoModelForCausalLM.from_pretrained(result.path).eval()
+    passes_alone = AutoModelForCausalLM.from_pretrained(alone.path).eval()
     for (task, passed), answer in answers.items():
         _, _, prompt, completion = conversation_ids(tokenizer, task, answer)
         moved = sequence_logprob(after, prompt, completion) - sequence_logprob(model, prompt, completion)
-        assert (moved > 0) == passed, (task, answer, moved)
+        below = sequence_logprob(after, prompt, completion) - sequence_logprob(
+            passes_alone, prompt, completion
+        )
+        if passed:
+            assert moved > 0, (task, answer, moved)
+        else:
+            assert below < -1.0, (task, answer, below)
     config = method.config()
-    assert (
-        config["method"] == "offpolicy" and config["epsilon"] == 0.2 and config["trl_config"] == "SFTConfig"
-    )
+    assert config["method"] == "offpolicy" and config["trl_config"] == "SFTConfig"

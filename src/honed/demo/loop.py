@@ -49,8 +49,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     "distill": {"num_train_epochs": 2, "learning_rate": 5e-4},  # SFT on a teacher's verified runs
     "kto": {"num_train_epochs": 2, "learning_rate": 1e-5},
     "dpo": {"num_train_epochs": 2, "learning_rate": 1e-4},
-    # Clipped off-policy policy gradient on the captured attempts (passes up, failures down).
-    "offpolicy": {"num_train_epochs": 2, "learning_rate": 1e-4, "lr_scheduler_type": "constant"},
+    # Tapered off-policy policy gradient on the captured attempts: passes as SFT, failures down.
+    "offpolicy": {"num_train_epochs": 4, "learning_rate": 1e-4, "lr_scheduler_type": "constant"},
     "grpo": {
         "num_train_epochs": 2,
         "learning_rate": 1e-4,

@@ -16,9 +16,10 @@ model learns exactly what it sampled, with no retokenisation drift; otherwise TR
 conversations with the model's own chat template. One dataset never mixes the two.
 
 Off-policy rows are always the recorded ids, with the log-probability each sampled token had
-when it was generated (`logprobs`, 0 on prompt tokens) and the attempt's advantage: its verdict
-against the other attempts at the same task, `(r - mean) / std` as GRPO computes it; a task whose
-attempts all got the same verdict teaches nothing and is dropped (`zero_variance_groups`).
+when it was generated (`logprobs`, 0 on prompt tokens) and the attempt's advantage: 1 for a pass
+(a verified pass is right whatever its group did, as rejection sampling keeps it), minus the
+group's pass rate for a failure (pushed down as hard as the task is shown to be within reach); a
+task never passed says nothing about which tokens were wrong and is dropped (`unpassed_groups`).
 """
 
 from __future__ import annotations
@@ -51,7 +52,6 @@ PAGE_SIZE = 500
 CURRICULUM_FLOOR = 0.05  # weight a solved or stuck task keeps, as a fraction of the most informative's
 CURRICULUM_MAX_REPEATS = 4  # GRPO rows of the most informative task; the least informative get one
 _UNKNOWN_RATE = 0.5  # a task with no trusted verdict yet is treated as the most informative
-ADVANTAGE_EPS = 1e-4  # as TRL's GRPO: (r - mean) / (std + eps)
 
 _dumps = json.JSONEncoder(ensure_ascii=False, sort_keys=True).encode
 
@@ -537,8 +537,9 @@ class _Build:
         self, selected: list[Trajectory], labels: dict[str, bool | None], tokenizer: Any
     ) -> TrainingData:
         """Each judged attempt's recorded model calls, with the log-probabilities they were sampled
-        with and the attempt's advantage within its task's group (newest versions first under the
-        per-task cap). Not deduplicated: two equal attempts are two draws of the policy."""
+        with and the attempt's advantage (newest versions first under the per-task cap): 1 for a
+        pass, minus its group's pass rate for a failure; groups never passed are dropped. Not
+        deduplicated: two equal attempts are two draws of the policy."""
         judged = [t for t in selected if labels[t.id] is not None and (t.task_id is not None or self._skip())]
         examples = self._cap([_Example(t, [], []) for t in judged])
         missing = [e.trajectory.id for e in examples if not _has_logprobs(e.trajectory, tokenizer)]
@@ -547,17 +548,16 @@ class _Build:
         groups: dict[str, list[Trajectory]] = defaultdict(list)
         for e in examples:
             groups[e.group].append(e.trajectory)
-        self.counts["groups"] = self.counts["zero_variance_groups"] = 0
+        self.counts["groups"] = self.counts["unpassed_groups"] = 0
         rows, used = [], []
         for members in groups.values():
-            rewards = [1.0 if labels[t.id] else 0.0 for t in members]
-            if len(set(rewards)) < 2:
-                self.counts["zero_variance_groups"] += 1
+            rate = statistics.fmean(1.0 if labels[t.id] else 0.0 for t in members)
+            if rate == 0.0:
+                self.counts["unpassed_groups"] += 1
                 continue
             self.counts["groups"] += 1
-            mean, std = statistics.fmean(rewards), statistics.stdev(rewards)  # unbiased, as torch.std
-            for t, r in zip(members, rewards, strict=True):
-                advantage = (r - mean) / (std + ADVANTAGE_EPS)
+            for t in members:
+                advantage = 1.0 if labels[t.id] else -rate
                 for row, logprobs in zip(_token_rows(t), _logprobs_of(t), strict=True):
                     prompt = len(row["input_ids"]) - len(logprobs)
                     rows.append({**row, "logprobs": [0.0] * prompt + logprobs, "advantage": advantage})

@@ -24,7 +24,7 @@ toy would wreck a pretrained 7B), not honed's:
     kto       KTOConfig            1e-6           3                 8
     dpo       DPOConfig            1e-6           3                 8
     grpo      GRPOConfig           1e-6           3                 8   (8 generations, 512 tokens)
-    offpolicy SFTConfig            2e-5           3                 8   (clipped ratio, epsilon 0.2)
+    offpolicy SFTConfig            2e-5           3                 8   (passes as SFT, failures tapered)
 
 and so are gradient checkpointing (on) and bf16 (on, where transformers allows it). What honed
 sets itself (`base`'s docstring has the order): its scratch `output_dir`, the cycle's `seed`

@@ -2,27 +2,32 @@
 
 Production tasks cannot be re-run on demand, so this method learns from the attempts that were
 captured: several attempts at one task (a loop's samples, or production runs sharing a `task_id`)
-form a group, and each attempt's advantage is its verdict against the group's, as GRPO computes it
-(`prepare(store, "offpolicy")`: `(r - mean) / std`, groups whose attempts all got the same verdict
-dropped). The policy that sampled them is known token by token: honed's `LocalChatModel` and
-`ServedModel` record the prompt's and the completion's token ids and each sampled token's
-log-probability, so the importance ratio of the model being trained against that policy is exact,
-and it is clipped as PPO clips it. Per sampled token `t` of an attempt with advantage `A`:
+form a group. A pass has advantage 1 (a verified pass is right whatever its group did); a failure
+has minus its group's pass rate (a task the group shows to be within reach pushes its failures
+down hardest; a task never passed says nothing about which tokens were wrong and is dropped:
+`prepare(store, "offpolicy")`). The policy that sampled them is known token by token: honed's
+`LocalChatModel` and `ServedModel` record the prompt's and the completion's token ids and each
+sampled token's log-probability, so the importance ratio of the model being trained against that
+policy is exact. Per sampled token `t` of an attempt with advantage `A`:
 
-    ratio_t = exp(log p_theta(t) - log p_recorded(t))
-    loss_t  = -min(ratio_t * A, clip(ratio_t, 1 - epsilon, 1 + epsilon_high) * A)
+    ratio_t = exp(log p_theta(t) - log p_recorded(t))          (no gradient through it)
+    loss_t  = -A * log p_theta(t)                               if A > 0
+    loss_t  = -A * min(ratio_t, 1) * log p_theta(t)             if A < 0
 
 averaged over the batch's sampled tokens (TRL GRPO's "dapo" normalisation), prompt and tool
-results never trained. A pass's tokens are pushed up and a failure's down only while the ratio
-stays inside the clip range: attempts the model has already moved away from stop counting, which
-is what keeps older versions' attempts (a lineage) and several epochs safe. No reference model
-and no KL term (TRL's GRPO default, `beta=0`).
+results never trained. This is tapered off-policy REINFORCE (Le Roux et al. 2025, "TOPR"): passes
+are learned as rejection-sampling SFT learns them, and a failure is pushed down with its ratio
+truncated at 1, so its push fades as the model moves away from it. PPO's clipped objective on the
+same rows (ratio in [0.8, 1.2], passes clipped too) measured worse here: at the demo's rate it
+pushed down the tool-call syntax failures share with passes until sampling collapsed (held-out
+pass@1 0.28 -> 0.16 in two cycles), and at a tenth of it learned a third of what SFT did
+(benchmarks/README.md). No reference model and no KL term.
 
 It is TRL's `SFTTrainer` (so an `SFTConfig` configures it: learning rate, epochs, batch, LoRA ...)
-whose `compute_loss` is the clipped objective above (`offpolicy_trainer`); the batch's common
-prefix runs once, as in `honed.learn.shared_prefix`. The recorded log-probabilities are the raw
-ones (before temperature, top-k, top-p), as vLLM's `raw_logprobs`: at temperature 1 without
-truncation, exactly the sampling policy's.
+whose `compute_loss` is the objective above (`offpolicy_trainer`); the batch's common prefix runs
+once, as in `honed.learn.shared_prefix`. The recorded log-probabilities are the raw ones (before
+temperature, top-k, top-p), as vLLM's `raw_logprobs`: at temperature 1 without truncation,
+exactly the sampling policy's.
 """
 
 from __future__ import annotations
@@ -34,10 +39,9 @@ from honed.learn.methods.base import NothingToLearn, TrlMethod
 
 
 class OffPolicyMethod(TrlMethod):
-    """Clipped off-policy policy gradient on captured attempts (`prepare(store, "offpolicy")`), with
-    TRL's `SFTTrainer` under a clipped-ratio loss and an `SFTConfig` (`config=` and/or its fields as
-    keywords); `epsilon` (default 0.2, PPO's) and `epsilon_high` (default: `epsilon`) bound the
-    ratio (see the module docstring).
+    """Tapered off-policy policy gradient on captured attempts (`prepare(store, "offpolicy")`), with
+    TRL's `SFTTrainer` under that loss and an `SFTConfig` (`config=` and/or its fields as keywords;
+    see the module docstring).
 
         OffPolicyMethod(learning_rate=1e-5, num_train_epochs=2)
     """
@@ -46,26 +50,16 @@ class OffPolicyMethod(TrlMethod):
     accepts = ("offpolicy",)
     trl_classes = ("SFTConfig", "SFTTrainer")
 
-    def __init__(self, *, epsilon: float = 0.2, epsilon_high: float | None = None, **kwargs: Any) -> None:
-        if not 0 < epsilon < 1 or (epsilon_high is not None and epsilon_high <= 0):
-            raise ValueError(f"epsilon in (0, 1) and epsilon_high > 0, not {epsilon}, {epsilon_high}")
-        self.epsilon = epsilon
-        self.epsilon_high = epsilon if epsilon_high is None else epsilon_high
-        super().__init__(**kwargs)
-
-    def _extra_config(self) -> dict[str, Any]:
-        return {"epsilon": self.epsilon, "epsilon_high": self.epsilon_high}
-
     def _needs(self, data: TrainingData) -> dict[str, Any]:
         # Rows are recorded token ids; their `completion_mask` marks the sampled tokens.
         return {"completion_only_loss": True, "assistant_only_loss": False}
 
     def _check(self, data: TrainingData) -> None:
-        if data.method in self.accepts and len(data.dataset) == 0 and data.counts.get("zero_variance_groups"):
+        if data.method in self.accepts and len(data.dataset) == 0 and data.counts.get("unpassed_groups"):
             raise NothingToLearn(
-                f"offpolicy: in each of the {data.counts['zero_variance_groups']} tasks attempted, every "
-                "attempt got the same verdict, so no advantage and no gradient: tasks all solved or all out "
-                "of reach; more attempts per task, or SFT on demonstrations or a teacher first"
+                f"offpolicy: every attempt at each of the {data.counts['unpassed_groups']} tasks attempted "
+                "failed, so nothing shows what a right answer looks like: more attempts per task, or SFT "
+                "on demonstrations or a teacher first"
             )
         super()._check(data)
 
@@ -82,13 +76,11 @@ class OffPolicyMethod(TrlMethod):
             processing_class=tokenizer,
             peft_config=self._peft(),
             callbacks=callbacks,
-            epsilon=self.epsilon,
-            epsilon_high=self.epsilon_high,
         )
 
     def _metrics(self, trainer: Any, result: Any, seconds: float) -> dict[str, float]:
         metrics = super()._metrics(trainer, result, seconds)
-        for key in ("clip_ratio", "ratio_mean"):
+        for key in ("tapered", "ratio_mean"):
             logged = [e[key] for e in trainer.state.log_history if key in e]
             if logged:
                 metrics[key] = round(sum(logged) / len(logged), 4)
@@ -97,15 +89,12 @@ class OffPolicyMethod(TrlMethod):
 
 def offpolicy_trainer() -> type:
     """`trl.SFTTrainer` whose rows carry recorded `logprobs` and an `advantage`, and whose loss is
-    the clipped off-policy objective (`offpolicy_loss`)."""
+    the tapered off-policy objective (`offpolicy_loss`)."""
     from trl import SFTTrainer
 
     class OffPolicyTrainer(SFTTrainer):  # type: ignore[misc]
-        def __init__(
-            self, *args: Any, epsilon: float = 0.2, epsilon_high: float | None = None, **kwargs: Any
-        ):
+        def __init__(self, *args: Any, **kwargs: Any):
             super().__init__(*args, **kwargs)
-            self.epsilon, self.epsilon_high = epsilon, epsilon if epsilon_high is None else epsilon_high
             self.data_collator = RecordedLogprobsCollator(self.data_collator)
 
         def _set_signature_columns_if_needed(self) -> None:
@@ -120,8 +109,7 @@ def offpolicy_trainer() -> type:
             # The shared prefix hands its KV cache to the rows' tails, which activation checkpointing
             # turns off: then the plain forward pass.
             loss, stats = offpolicy_loss(
-                model, inputs, epsilon=self.epsilon, epsilon_high=self.epsilon_high,
-                num_items_in_batch=num_items_in_batch,
+                model, inputs, num_items_in_batch=num_items_in_batch,
                 shared_prefix=not self.args.activation_checkpointing,
             )  # fmt: skip
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
@@ -159,18 +147,12 @@ class RecordedLogprobsCollator:
 
 
 def offpolicy_loss(
-    model: Any,
-    inputs: dict[str, Any],
-    *,
-    epsilon: float = 0.2,
-    epsilon_high: float | None = None,
-    num_items_in_batch: Any = None,
-    shared_prefix: bool = True,
+    model: Any, inputs: dict[str, Any], *, num_items_in_batch: Any = None, shared_prefix: bool = True
 ) -> tuple[Any, dict[str, float]]:
-    """The clipped objective of a collated batch (`input_ids`, `attention_mask`, `labels` with -100
+    """The tapered objective of a collated batch (`input_ids`, `attention_mask`, `labels` with -100
     off the sampled tokens, `old_logprobs`, `advantages`), over its sampled tokens; and what it saw:
-    `ratio_mean`, `clip_ratio` (the share of tokens whose ratio was clipped, so without gradient),
-    `advantage_mean`."""
+    `ratio_mean`, `tapered` (the share of tokens weighted below 1: failures' tokens the model has
+    already moved away from), `advantage_mean`."""
     import torch
     from trl.trainer.utils import selective_log_softmax
 
@@ -184,18 +166,16 @@ def offpolicy_loss(
     logps = selective_log_softmax(logits, targets.clamp(min=0))
     old = inputs["old_logprobs"][:, start + 1 :].to(logps.dtype)
     advantages = inputs["advantages"].to(logps.dtype).unsqueeze(1)
-    high = epsilon if epsilon_high is None else epsilon_high
-    ratio = torch.exp((logps - old) * mask)  # 1 off the sampled tokens, whatever was recorded there
-    clipped = torch.clamp(ratio, 1 - epsilon, 1 + high)
-    per_token = -torch.min(ratio * advantages, clipped * advantages)
+    ratio = torch.exp((logps.detach() - old) * mask)  # 1 off the sampled tokens, whatever was recorded there
+    weight = torch.where(advantages > 0, torch.ones_like(ratio), ratio.clamp(max=1.0))
+    per_token = -advantages * weight * logps
     count = num_items_in_batch if num_items_in_batch is not None else mask.sum()
     loss = (per_token * mask).sum() / torch.as_tensor(count, device=mask.device).clamp(min=1)
     with torch.no_grad():
         n = mask.sum().clamp(min=1)
-        cut = ((ratio < 1 - epsilon) & (advantages < 0)) | ((ratio > 1 + high) & (advantages > 0))
         stats = {
             "ratio_mean": float((ratio * mask).sum() / n),
-            "clip_ratio": float((cut.float() * mask).sum() / n),
+            "tapered": float(((weight < 1).float() * mask).sum() / n),
             "advantage_mean": float((advantages * mask).sum() / n),
         }
     return loss, stats
