@@ -119,8 +119,9 @@ class CalendarSuite:
         return [GoalCheck(booked_as_asked, name="calendar-goal")]
 
     def demonstrations(self, n: int, seed: int = 0) -> list[dict[str, Any]]:
-        """`n` solved requests, none of them a train or held-out task."""
-        problems = self._problems(random.Random(f"calendar/demos/{seed}"), n, taken=self._taken)
+        """`n` solved requests, none of them a train or held-out task. The world has only ~1,300
+        other requests and the warm start asks for 3,000, so they repeat once all were drawn."""
+        problems = self._problems(random.Random(f"calendar/demos/{seed}"), n, taken=self._taken, repeat=True)
         return [self._solved(p) for p in problems]
 
     def vocab_corpus(self) -> list[str]:
@@ -129,17 +130,22 @@ class CalendarSuite:
     # -- helpers -------------------------------------------------------------------------------
 
     @staticmethod
-    def _problems(rng: random.Random, n: int, *, taken: set[str]) -> list[dict[str, Any]]:
+    def _problems(
+        rng: random.Random, n: int, *, taken: set[str], repeat: bool = False
+    ) -> list[dict[str, Any]]:
+        """`n` distinct requests not in `taken`; with `repeat`, a request may come again once
+        every one was drawn (else asking for more than exist would never return)."""
+        every = [
+            {"prompt": f"Book a meeting with {person} on {day} at the first free hour from {after}:00.",
+             "day": day, "person": person, "after": after, "hour": first_free(day, after)}
+            for day in DAYS for person in PEOPLE for after in HOURS
+        ]  # fmt: skip
+        pool = [p for p in every if p["hour"] is not None and p["prompt"] not in taken]
+        if n > len(pool) and not repeat:
+            raise ValueError(f"{n} distinct requests asked, {len(pool)} exist")
         out: list[dict[str, Any]] = []
-        seen = set(taken)
         while len(out) < n:
-            day, person, after = rng.choice(DAYS), rng.choice(PEOPLE), rng.choice(list(HOURS))
-            hour = first_free(day, after)
-            prompt = f"Book a meeting with {person} on {day} at the first free hour from {after}:00."
-            if hour is None or prompt in seen:
-                continue
-            seen.add(prompt)
-            out.append({"prompt": prompt, "day": day, "person": person, "after": after, "hour": hour})
+            out += rng.sample(pool, min(n - len(out), len(pool)))
         return out
 
     @staticmethod

@@ -14,6 +14,7 @@ import honed
 from calendar_suite import SUITE, CalendarSuite, calendar_after
 from honed.cli import app
 from honed.demo import HELDOUT, TRAIN, Suite, load_suite
+from honed.demo.warmstart import RECIPE
 from test_tasks import replay
 from tiny_model import tiny_path
 
@@ -27,6 +28,10 @@ def test_the_calendar_suite_keeps_the_protocol() -> None:
     demos = suite.demonstrations(50, seed=1)
     assert not {d["messages"][1]["content"] for d in demos} & (train | heldout)
     assert demos == CalendarSuite().demonstrations(50, seed=1)  # deterministic
+    # As many as the warm start asks for, though the world has fewer distinct requests.
+    many = suite.demonstrations(RECIPE.demonstrations, seed=0)
+    prompts = {d["messages"][1]["content"] for d in many}
+    assert len(many) == RECIPE.demonstrations and len(prompts) < len(many) and not prompts & (train | heldout)
     assert isinstance(demos[0]["tools"], str) and suite.vocab_corpus()
 
 

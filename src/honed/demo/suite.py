@@ -39,7 +39,8 @@ class Suite(Protocol):
     def demonstrations(self, n: int, seed: int = 0) -> list[dict[str, Any]]:
         """`n` correct solutions as chat examples `{"messages", "tools"}` (OpenAI format, tool
         arguments and `tools` as JSON strings), for tasks drawn like the train split's but never
-        equal to a held-out task."""
+        equal to a held-out task. Exactly `n`, repeating tasks if the suite has fewer: the warm
+        start asks for 3,000 (`Recipe.demonstrations`)."""
         ...
 
     def vocab_corpus(self) -> list[str]:
