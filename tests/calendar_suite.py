@@ -121,7 +121,7 @@ class CalendarSuite:
     def demonstrations(self, n: int, seed: int = 0) -> list[dict[str, Any]]:
         """`n` solved requests, none of them a train or held-out task. The world has only ~1,300
         other requests and the warm start asks for 3,000, so they repeat once all were drawn."""
-        problems = self._problems(random.Random(f"calendar/demos/{seed}"), n, taken=self._taken, repeat=True)
+        problems = self._problems(random.Random(f"calendar/demos/{seed}"), n, taken=self._taken)
         return [self._solved(p) for p in problems]
 
     def vocab_corpus(self) -> list[str]:
@@ -130,19 +130,14 @@ class CalendarSuite:
     # -- helpers -------------------------------------------------------------------------------
 
     @staticmethod
-    def _problems(
-        rng: random.Random, n: int, *, taken: set[str], repeat: bool = False
-    ) -> list[dict[str, Any]]:
-        """`n` distinct requests not in `taken`; with `repeat`, a request may come again once
-        every one was drawn (else asking for more than exist would never return)."""
+    def _problems(rng: random.Random, n: int, *, taken: set[str]) -> list[dict[str, Any]]:
+        """`n` requests not in `taken`, distinct until every one was drawn, then again."""
         every = [
             {"prompt": f"Book a meeting with {person} on {day} at the first free hour from {after}:00.",
              "day": day, "person": person, "after": after, "hour": first_free(day, after)}
             for day in DAYS for person in PEOPLE for after in HOURS
         ]  # fmt: skip
         pool = [p for p in every if p["hour"] is not None and p["prompt"] not in taken]
-        if n > len(pool) and not repeat:
-            raise ValueError(f"{n} distinct requests asked, {len(pool)} exist")
         out: list[dict[str, Any]] = []
         while len(out) < n:
             out += rng.sample(pool, min(n - len(out), len(pool)))
