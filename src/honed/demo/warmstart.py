@@ -65,7 +65,14 @@ class Recipe:
         stopping once held-out drills reach `drill_target` token accuracy.
     Demonstrations (phase 2): `demonstrations` examples, at most `max_steps` steps of
         `batch_size` at `lr`, stopping once the dev estimate of the sampled pass@1 reaches
-        `target` (checked every `eval_every` steps on `dev_size` train tasks).
+        `target` (checked every `eval_every` steps on `dev_size` train tasks). The cap is far
+        above what the bundled suites need (they stop within a few hundred steps) because a skill can
+        arrive late and all at once: the calendar suite of the tests copies the person's name
+        from the request into a booking made after a tool result, and that copy appeared only
+        at step ~1,200 (dev estimate 0.16 -> 0.35 in 30 steps). Stopped at 900, its base booked
+        the wrong person in 82% of held-out attempts, passing only by chance, and cycles at 1e-4
+        and 5e-4 learned nothing from those chance passes: the loop sharpens what a base can
+        sometimes do, it does not grow a missing circuit from ~50 rows a cycle.
     Both: AdamW with `adam_beta2` 0.95 (a sharper copy transition than 0.999), warmup over
         `warmup_steps`, then constant. Rates above ~1e-3 (at batch 16) never learn to copy.
     `max_seconds` optionally caps the whole warm start (the last dev checkpoint is kept); off by
@@ -78,7 +85,7 @@ class Recipe:
     drill_lr: float = 1e-3
     drill_target: float = 0.9
     demonstrations: int = 3000
-    max_steps: int = 900
+    max_steps: int = 4000
     batch_size: int = 16
     lr: float = 5e-4
     adam_beta2: float = 0.95
