@@ -63,6 +63,27 @@ def test_a_regressing_slice_blocks_promotion() -> None:
     assert "slice 'convert' regresses 0.500 -> 0.250" in decision.reason
 
 
+def test_a_slice_that_dips_by_sampling_alone_does_not_block_a_confident_gain() -> None:
+    # The calendar suite's case: 40 tasks in hour-slices of ~5; the candidate is confidently better
+    # overall while one small slice's mean falls by 0.1 through two tasks that went down and three
+    # that went up (not a confident drop over its 5 tasks).
+    slices = {f"t{i}": ("from-14" if i < 5 else "rest") for i in range(40)}
+    live = scores({f"t{i}": 0.5 for i in range(40)}, slices=slices)
+    dips = {"t0": 0.0, "t1": 0.0, "t2": 0.75, "t3": 0.75, "t4": 0.5}  # mean 0.4: -0.1 on the slice
+    candidate = scores({f"t{i}": dips.get(f"t{i}", 0.75) for i in range(40)}, slices=slices)
+    assert live.per_slice()["from-14"] - candidate.per_slice()["from-14"] > 0.05
+    decision = decide(candidate, live)
+    assert decision.promote, decision.reason
+    # The same fall on every task of the slice is a regression, and blocks.
+    steady = scores({f"t{i}": 0.375 if i < 5 else 0.75 for i in range(40)}, slices=slices)
+    blocked = decide(steady, live)
+    assert not blocked.promote
+    assert (
+        "slice 'from-14' regresses 0.500 -> 0.375 (more than 0.05, confidently over its 5 tasks)"
+        in blocked.reason
+    )
+
+
 def test_collapsed_outputs_block_promotion() -> None:
     live = scores(tasks(50, 2, 0.3))
     collapsed = scores({t: min(1.0, r + 0.3) for t, r in live.task_rates().items()}, distinct_answers=0.1)

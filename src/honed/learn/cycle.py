@@ -122,7 +122,7 @@ class DataConfig:
 class GateConfig:
     """How candidates are judged (see `honed.learn.gate.decide`): `samples` attempts per held-out
     task at `temperature`; promote only on a gain of at least `margin` whose `confidence` lower
-    bound is above 0, no slice down more than `slice_tolerance`, diversity kept."""
+    bound is above 0, no slice confidently down more than `slice_tolerance`, diversity kept."""
 
     margin: float = 0.02
     confidence: float = 0.95
