@@ -148,10 +148,14 @@ class Scores:
     def pass_at(self, k: int) -> float:
         return pass_at_k(self.per_task, k)
 
+    def slice_of(self, task_id: str) -> str:
+        """The slice a task is scored in ("all" for an untagged task)."""
+        return self.slices.get(task_id) or "all"
+
     def per_slice(self) -> dict[str, float]:
         groups: dict[str, dict[str, list[bool | None]]] = defaultdict(dict)
         for task_id, results in self.per_task.items():
-            groups[self.slices.get(task_id) or "all"][task_id] = results
+            groups[self.slice_of(task_id)][task_id] = results
         return {name: pass_at_k(results, 1) for name, results in sorted(groups.items())}
 
     def task_rates(self) -> dict[str, float]:

@@ -104,7 +104,7 @@ def decide(
         drop = live_slices[name] - cand_slices[name]
         if drop <= slice_tolerance:
             continue
-        ids = [t for t in cand_rates.keys() & live_rates.keys() if (candidate.slices.get(t) or "all") == name]
+        ids = [t for t in cand_rates.keys() & live_rates.keys() if candidate.slice_of(t) == name]
         mean, half, n = _paired([cand_rates[t] - live_rates[t] for t in ids], confidence)
         if mean + half < 0:
             ok = False
