@@ -113,6 +113,33 @@ def test_a_rejected_cycle_changes_something_before_the_next_one(world: dict[str,
     assert store.training_run(fourth.run_id).config["adapted"]["changes"] == ["learning_rate 4 -> 0.5"]
 
 
+def test_a_candidate_short_of_evidence_is_followed_by_the_same_step(world: dict[str, Any]) -> None:
+    """A rejected candidate that measured better, not confidently, moved the right way: the next
+    cycle keeps the learning rate (halving it would make the gain still harder to show) and says
+    so; a setback before it still halves it."""
+    store = world["store"]
+    v1 = world["v1"].ref
+
+    def rejected(gate: dict[str, Any]) -> int:
+        run = store.start_training_run(NAME, "sft", parent=v1, config={})
+        store.update_training_run(run.id, status="rejected", reason="recorded", metrics={"gate": gate})
+        return run.id
+
+    short = rejected({"promote": False, "gain": 0.037, "lower_bound": -0.017, "setback": False})
+    method = SFTMethod(num_train_epochs=1, learning_rate=1e-4, per_device_train_batch_size=4)
+    run = store.training_run(cycle(world, method).run().run_id)
+    kept = "1 rejected candidate(s) measured better, not confidently: same step, more attempts"
+    assert run.config["adapted"] == {"rejected_runs": [short], "changes": [kept]}
+    assert run.config["method"]["settings"]["learning_rate"] == 1e-4
+    # v1 already passes every held-out task: no candidate is better, so the streak goes on from it.
+    assert run.status == "rejected" and run.parent == v1, run.reason
+    # Recorded as a setback, it halves the next step, once; the short one still keeps it.
+    store.update_training_run(run.id, metrics={"gate": {"gain": -0.2, "setback": True}})
+    after = store.training_run(cycle(world, method).run().run_id)
+    assert after.config["adapted"]["rejected_runs"] == [run.id, short]
+    assert after.config["adapted"]["changes"] == ["learning_rate 0.0001 -> 5e-05", kept]
+
+
 def test_the_benchmark_harness_promotes_a_rejected_candidate_to_measure_it(world: dict[str, Any]) -> None:
     """The learning benchmark measures what every arm's data does, so it promotes what the gate
     rejected; the switch lives in the harness (the product's Cycle has none) and says so."""

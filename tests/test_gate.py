@@ -40,8 +40,9 @@ def test_a_worse_or_equal_candidate_is_rejected_with_the_reason() -> None:
     worse = scores({t: max(0.0, r - 0.1) for t, r in live.task_rates().items()})
     decision = decide(worse, live)
     assert not decision.promote and "below the margin" in decision.reason
+    assert decision.setback and decision.to_dict()["setback"] is True  # worse: the next step is smaller
     same = decide(scores(dict(live.task_rates())), live)
-    assert not same.promote
+    assert not same.promote and not same.setback
 
 
 def test_noise_is_not_confidence() -> None:
@@ -52,6 +53,7 @@ def test_noise_is_not_confidence() -> None:
     assert n == 10 and gain > 0.02 and lower <= 0
     decision = decide(noisy, live)
     assert not decision.promote and "not confidently better" in decision.reason
+    assert not decision.setback  # short of evidence, not worse
 
 
 def test_a_regressing_slice_blocks_promotion() -> None:
@@ -59,7 +61,7 @@ def test_a_regressing_slice_blocks_promotion() -> None:
     live = scores({f"t{i}": 0.5 for i in range(100)}, slices=slices)
     candidate = scores({f"t{i}": (0.25 if i < 20 else 1.0) for i in range(100)}, slices=slices)
     decision = decide(candidate, live)
-    assert decision.gain > 0.3 and not decision.promote
+    assert decision.gain > 0.3 and not decision.promote and decision.setback
     assert "slice 'convert' regresses 0.500 -> 0.250" in decision.reason
 
 
@@ -89,6 +91,7 @@ def test_collapsed_outputs_block_promotion() -> None:
     collapsed = scores({t: min(1.0, r + 0.3) for t, r in live.task_rates().items()}, distinct_answers=0.1)
     decision = decide(collapsed, live)
     assert not decision.promote and "diversity collapsed: distinct_answers 0.900 -> 0.100" in decision.reason
+    assert decision.setback
 
 
 def test_pass_at_k_is_the_unbiased_estimator() -> None:

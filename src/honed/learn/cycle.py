@@ -496,16 +496,27 @@ class Cycle:
 
     def _adapted(self, live: ModelVersion) -> tuple[Any, DataConfig, dict[str, Any] | None]:
         """The method and data this cycle uses: as configured, unless the cycles before it were
-        rejected from the same live version; then changed by their own rules (a lower learning
-        rate, more data), and what changed."""
+        rejected from the same live version; then changed by their own rules, and what changed.
+        The data's rule (more data) follows every rejection; the method's (a smaller step) only
+        the setbacks, candidates that measured worse. A candidate that measured better without
+        the evidence to promote it took a step in the right direction: halving the next one would
+        make its gain still harder to show (the calendar suite, seed 1: +0.037, then +0.025 at half
+        the rate, +0.019 at a quarter, all rejected), so the next learns from more attempts at
+        the same rate."""
         rejected = self._rejected_runs(live)
         if not self.adapt or not rejected:
             return self.method, self.data, None
         config, changes = self.data.after_rejections(len(rejected))
+        setbacks = [r for r in rejected if _setback(r)]
         method, rule = self.method, getattr(self.method, "after_rejections", None)
         if callable(rule):
-            method, more = rule(len(rejected))
+            method, more = rule(len(setbacks))
             changes = [*changes, *more]
+        if len(setbacks) < len(rejected):
+            short = len(rejected) - len(setbacks)
+            changes.append(
+                f"{short} rejected candidate(s) measured better, not confidently: same step, more attempts"
+            )
         return method, config, {"rejected_runs": [r.id for r in rejected], "changes": changes}
 
     def _rejected_runs(self, live: ModelVersion) -> list[Any]:
@@ -661,6 +672,16 @@ def _selection_summary(data: Any, live: ModelVersion) -> tuple[dict[str, Any], l
         "learnable_tasks": sum(1 for t in data.tasks.values() if 0 < t.get("passed", 0) < t.get("n", 0)),
     }
     return summary, stuck
+
+
+def _setback(run: Any) -> bool:
+    """Whether a rejected run's candidate measured worse (`GateDecision.setback`); a run recorded
+    before the flag existed counts as one unless its gain was positive."""
+    gate = (run.metrics or {}).get("gate") or {}
+    if "setback" in gate:
+        return bool(gate["setback"])
+    gain = gate.get("gain")
+    return not (isinstance(gain, int | float) and gain > 0)
 
 
 def _number(value: Any) -> float | None:

@@ -13,7 +13,10 @@ so the comparison is paired per task. The candidate is promoted only when
 - its outputs have not collapsed: the diversity of answers and of tool-call plans keeps at least
   `min_diversity_ratio` of the live version's (a loop feeding on its own output narrows first).
 
-Every reason against promotion is reported, not just the first.
+Every reason against promotion is reported, not just the first. A rejection is a `setback` when
+the candidate measured worse, a slice regressed or outputs collapsed; one that only fell short of
+the evidence (a gain, but below the margin or not confident) is not, and the cycle's rule for what
+to change next tells the two apart (`honed.learn.cycle`).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class GateDecision:
     lower_bound: float = 0.0
     candidate: dict[str, Any] = field(default_factory=dict)
     live: dict[str, Any] = field(default_factory=dict)
+    setback: bool = False  # rejected as worse (a fall, a slice, a collapse), not for want of evidence
 
     @property
     def reason(self) -> str:
@@ -50,6 +54,7 @@ class GateDecision:
             "reason": self.reason,
             "gain": round(self.gain, 4),
             "lower_bound": round(self.lower_bound, 4),
+            "setback": self.setback,
         }
 
 
@@ -85,9 +90,11 @@ def decide(
     """Compare two scored rounds of the same held-out tasks; see the module docstring."""
     gain, lower, n = paired_gain(candidate, live, confidence)
     reasons: list[str] = []
-    ok = True
+    ok, setback = True, gain < 0
     if n == 0:
-        return GateDecision(False, ["no held-out task was scored for both versions"], 0.0, -math.inf)
+        return GateDecision(
+            False, ["no held-out task was scored for both versions"], 0.0, -math.inf, setback=True
+        )
     summary = f"held-out pass@1 {live.pass_at_1:.3f} -> {candidate.pass_at_1:.3f} ({gain:+.3f} over {n} tasks"
     summary += f", {confidence:.0%} lower bound {lower:+.3f})"
     if gain < margin:
@@ -107,7 +114,7 @@ def decide(
         ids = [t for t in cand_rates.keys() & live_rates.keys() if candidate.slice_of(t) == name]
         mean, half, n = _paired([cand_rates[t] - live_rates[t] for t in ids], confidence)
         if mean + half < 0:
-            ok = False
+            ok, setback = False, True
             reasons.append(
                 f"slice {name!r} regresses {live_slices[name]:.3f} -> {cand_slices[name]:.3f} "
                 f"(more than {slice_tolerance:.2f}, confidently over its {n} tasks)"
@@ -115,9 +122,9 @@ def decide(
     for signal in COLLAPSE_SIGNALS:
         before, after = live.diversity.get(signal), candidate.diversity.get(signal)
         if before and after is not None and after < min_diversity_ratio * before:
-            ok = False
+            ok, setback = False, True
             reasons.append(
                 f"output diversity collapsed: {signal} {before:.3f} -> {after:.3f} "
                 f"(below {min_diversity_ratio:.0%} of the live version's)"
             )
-    return GateDecision(ok, reasons, gain, lower, candidate.to_dict(), live.to_dict())
+    return GateDecision(ok, reasons, gain, lower, candidate.to_dict(), live.to_dict(), setback and not ok)

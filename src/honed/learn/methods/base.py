@@ -141,10 +141,10 @@ class TrlMethod:
         return TrainResult(path=out, metrics=metrics)
 
     def after_rejections(self, rejections: int) -> tuple[TrlMethod, list[str]]:
-        """This method as the next cycle runs it after `rejections` candidates in a row were rejected
-        from the same live version, and what changed: its learning rate halved for each (a step
-        that overshot, or learned the training tasks at the held-out tasks' expense, is tried
-        smaller). A copy; this one is unchanged."""
+        """This method as the next cycle runs it after `rejections` setbacks (candidates that
+        measured worse) among the rejections in a row from the same live version, and what
+        changed: its learning rate halved for each (a step that overshot, or learned the training
+        tasks at the held-out tasks' expense, is tried smaller). A copy; this one is unchanged."""
         if rejections <= 0:
             return self, []
         lr = self.chosen.get("learning_rate", _declared(self.config_class(), "learning_rate"))
