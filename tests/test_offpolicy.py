@@ -327,8 +327,8 @@ def test_training_moves_passes_up_and_failures_below_what_passes_alone_leave(
 def test_demonstrations_join_as_passes_tokenized_as_sft_trains_them(
     store: TrajectoryStore, model: Any, tokenizer: Any, tiny: Path, tmp_path: Path
 ) -> None:
-    """A demonstration joins the off-policy passes as rejection-sampling SFT learns it: rendered by
-    the chat template SFT trains with, token for token, its assistant turns the completion."""
+    """External rows make the off-policy passes exactly rejection-sampling SFT's rows: a demonstration
+    is rendered by the chat template SFT trains with, its assistant turns are the completion."""
     from honed.learn.methods import SFTMethod
 
     attempt(store, model, tokenizer, "t1", "The sum is 5.", True)

@@ -21,9 +21,9 @@ when it was generated (`logprobs`, 0 on prompt tokens) and the attempt's advanta
 group's pass rate for a failure (pushed down as hard as the task is shown to be within reach); a
 task never passed says nothing about which tokens were wrong and is dropped (`unpassed_groups`).
 Passes and failures are deduplicated and capped per task as SFT's passes are, and external
-demonstrations join as passes (rendered by the model's chat template), so an off-policy cycle
-learns the passes rejection-sampling SFT learns (one row per model call rather than per
-conversation), and the failures on top of them.
+demonstrations join as passes (rendered by the model's chat template), so the passes an
+off-policy cycle learns are exactly the rows rejection-sampling SFT learns, and the failures
+come on top of them.
 """
 
 from __future__ import annotations
@@ -550,7 +550,7 @@ class _Build:
         with and the attempt's advantage: 1 for a pass, minus its group's pass rate (over every
         attempt) for a failure; groups never passed are dropped. Passes and failures are then
         deduplicated and capped per task as SFT's passes are (newest versions first), so the passes
-        are the ones rejection-sampling SFT learns and the failures come on top; external
+        are exactly what rejection-sampling SFT learns and the failures come on top; external
         demonstrations join as passes (rendered with the model's chat template: `tokenizer`)."""
         judged = [t for t in selected if labels[t.id] is not None and (t.task_id is not None or self._skip())]
         missing = [t.id for t in judged if not _has_logprobs(t, tokenizer)]
