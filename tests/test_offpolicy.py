@@ -125,15 +125,13 @@ def test_rows_carry_recorded_logprobs_and_the_group_advantage(store: TrajectoryS
     assert data.pretokenized and data.method == "offpolicy"
     assert data.counts["groups"] == 2 and data.counts["unpassed_groups"] == 1
     assert data.counts["heldout_excluded"] == 2 and set(data.dataset["task_id"]) == {"t1", "t2"}
-    # Equal attempts are one row, as SFT dedupes its passes; the group's rate still counts them all.
-    assert data.counts["duplicates"] == 3
-    assert sorted(data.trajectory_ids) == sorted([t1[0].id, t1[1].id, t2[0].id])
+    assert sorted(set(data.trajectory_ids)) == sorted(t.id for t in t1 + t2)
     rows = list(data.dataset)
-    assert len(rows) == 6  # one row per model call
+    assert len(rows) == 12  # one row per model call
     # A pass: 1, whatever its group did; a failure: minus its group's pass rate (1 of 4).
     advantage = {tid: rows_[0]["advantage"] for tid, rows_ in _by_trajectory(rows).items()}
-    assert advantage[t1[0].id] == advantage[t2[0].id] == 1.0
-    assert advantage[t1[1].id] == pytest.approx(-0.25)
+    assert all(advantage[t.id] == 1.0 for t in [t1[0], *t2])
+    assert all(advantage[t.id] == pytest.approx(-0.25) for t in t1[1:])
     for row in rows:
         prompt = row["completion_mask"].count(0)
         assert row["logprobs"][:prompt] == [0.0] * prompt
@@ -322,41 +320,3 @@ def test_training_moves_passes_up_and_failures_below_what_passes_alone_leave(
             assert below < -1.0, (task, answer, below)
     config = method.config()
     assert config["method"] == "offpolicy" and config["trl_config"] == "SFTConfig"
-
-
-def test_demonstrations_join_as_passes_tokenized_as_sft_trains_them(
-    store: TrajectoryStore, model: Any, tokenizer: Any, tiny: Path, tmp_path: Path
-) -> None:
-    """External rows make the off-policy passes exactly rejection-sampling SFT's rows: a demonstration
-    is rendered by the chat template SFT trains with, its assistant turns are the completion."""
-    from honed.learn.methods import SFTMethod
-
-    attempt(store, model, tokenizer, "t1", "The sum is 5.", True)
-    attempt(store, model, tokenizer, "t1", "I cannot tell.", False)
-    call = {"type": "function", "function": {"name": "add", "arguments": '{"a": 1, "b": 1}'}}
-    demo = {
-        "messages": [
-            {"role": "system", "content": SYSTEM},
-            {"role": "user", "content": "What is 1 plus 1?"},
-            {"role": "assistant", "content": "", "tool_calls": [call]},
-            {"role": "tool", "content": "2"},
-            {"role": "assistant", "content": "It is 2."},
-        ],
-        "tools": [ADD_SCHEMA],
-        "task_id": "demo-1",
-    }
-    with pytest.raises(ValueError, match="tokenizer"):
-        prepare(store, "offpolicy", external=[demo], external_ratio=0.5)
-    data = prepare(store, "offpolicy", external=[demo], external_ratio=0.5, tokenizer=tokenizer)
-    assert data.counts["external"] == 1 and len(data.dataset) == 5  # 2 attempts x 2 calls + 1
-    (row,) = [r for r in data.dataset if r["trajectory_id"] is None]
-    assert row["advantage"] == 1.0 and row["task_id"] == "demo-1" and set(row["logprobs"]) == {0.0}
-    sft = prepare(store, "sft", external=[demo], external_ratio=1.0)
-    trainer = SFTMethod(per_device_train_batch_size=1).build_trainer(tiny, sft, tmp_path / "sft")
-    (expected,) = list(trainer.train_dataset)
-    assert row["input_ids"] == expected["input_ids"]
-    assert row["completion_mask"] == [int(label != -100) for label in expected["labels"]]
-    learned = tokenizer.decode(
-        [i for i, m in zip(row["input_ids"], row["completion_mask"], strict=True) if m]
-    )
-    assert "It is 2." in learned and '"add"' in learned and "What is 1 plus 1" not in learned

@@ -14,7 +14,6 @@ import torch
 from transformers import TrainerCallback
 
 import honed
-from honed.learn.chat_templates import with_generation_markers
 from honed.learn.datasets import TrainingData, prepare
 from honed.learn.methods import (
     DistillMethod,
@@ -28,6 +27,7 @@ from honed.learn.methods import (
     trl_tool,
 )
 from honed.learn.methods.base import _bf16_available, _save
+from honed.learn.methods.sft import _with_generation_markers
 from honed.learn.shared_prefix import shared_prefix_length
 from honed.store import TrajectoryStore
 from honed.trajectory import Trajectory
@@ -459,11 +459,11 @@ def test_a_users_trl_config_reaches_the_trainer(store: TrajectoryStore, tiny: Pa
 def test_chat_templates_get_generation_markers_only_where_honed_can_place_them() -> None:
     from honed.learn.chat_templates import QWEN3_CHAT_TEMPLATE, training_template
 
-    assert with_generation_markers(QWEN3_CHAT_TEMPLATE) == training_template(QWEN3_CHAT_TEMPLATE)
+    assert _with_generation_markers(QWEN3_CHAT_TEMPLATE) == training_template(QWEN3_CHAT_TEMPLATE)
     marked = training_template()
-    assert with_generation_markers(marked) == marked  # already trainable
+    assert _with_generation_markers(marked) == marked  # already trainable
     other = "{% for m in messages %}{{ m.content }}{% endfor %}"
-    assert with_generation_markers(other) == other  # TRL's own handling decides
+    assert _with_generation_markers(other) == other  # TRL's own handling decides
 
 
 def test_saving_keeps_every_file_of_the_base_but_its_weights(

@@ -9,8 +9,6 @@ variant (`{% generation %}` markers for `assistant_only_loss`) and its response 
 
 from __future__ import annotations
 
-from typing import Any
-
 QWEN3_CHAT_TEMPLATE = r"""{%- if tools %}
     {{- '<|im_start|>system\n' }}
     {%- if messages[0].role == 'system' %}
@@ -129,18 +127,3 @@ def training_template(template: str = QWEN3_CHAT_TEMPLATE) -> str:
         + '    {%- elif message.role == "tool" %}'
         + tail
     )
-
-
-def with_generation_markers(template: Any) -> Any:
-    """The run-time template with `{% generation %}` markers where honed can place them (a
-    Qwen3-style template: `training_template`), so training sees exactly the text the model
-    reads and writes at run time. Otherwise the template as it is, and TRL's own handling
-    (it swaps in a training template for the ones it knows, and refuses the rest)."""
-    from trl.chat_template_utils import has_generation_markers
-
-    if not isinstance(template, str) or has_generation_markers(template):
-        return template
-    try:
-        return training_template(template)
-    except ValueError:
-        return template

@@ -59,12 +59,13 @@ class DataConfig:
     instead of being replaced: Gerstgrasser et al. 2024); `window` keeps only the newest that many
     versions of it; `newest_weight` repeats the live version's rows. "live" learns from the live
     version's runs only; "all" from every run (including runs no version served, e.g. a teacher
-    configuration's). `agent`: only this agent's runs. `max_per_task`: attempts kept per task.
-    `external` chat examples make up `external_ratio` of the rows (SFT, distill, KTO; off-policy:
-    of its passes); with `external_for="stuck"` only the external rows whose `task_id` is a task
-    the selection attempted and never passed are used, each once, and `external_ratio` is ignored
-    (outside help where the model's own runs cannot reach). `heldout_fraction`: tasks captured
-    without a split are held out by a stable hash. `verified=False` trains on every
+    configuration's). `agent`: only this agent's runs. `max_per_task`: attempts kept per task. `external` chat
+    examples make up `external_ratio` of the rows (SFT, distill, KTO); with `external_for="stuck"`
+    only the external rows whose `task_id` is a task the selection attempted and never passed are
+    used, each once, and `external_ratio` is ignored (outside help where the model's own runs
+    cannot reach).
+    `heldout_fraction`: tasks
+    captured without a split are held out by a stable hash. `verified=False` trains on every
     attempt (a measurement arm, never production). `verifiers`: only these label.
     """
 
@@ -374,10 +375,6 @@ class Cycle:
             # 1. select: what was verifiably done right (and wrong), held-out tasks excluded
             with self._timed(result, "select"):
                 filters = config.filters(live, lineage(self.store, live))
-                if method.name == "offpolicy":  # checks the recorded ids, renders external rows
-                    from transformers import AutoTokenizer
-
-                    filters["tokenizer"] = AutoTokenizer.from_pretrained(live.path)
                 data = prepare(self.store, method.name, seed=self.seed, **filters)
                 result.data, result.stuck = _selection_summary(data, live)
                 result.data["gate_verifiers"] = sorted({verifier_name(v) for v in self.verifiers})

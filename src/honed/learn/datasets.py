@@ -20,10 +20,6 @@ when it was generated (`logprobs`, 0 on prompt tokens) and the attempt's advanta
 (a verified pass is right whatever its group did, as rejection sampling keeps it), minus the
 group's pass rate for a failure (pushed down as hard as the task is shown to be within reach); a
 task never passed says nothing about which tokens were wrong and is dropped (`unpassed_groups`).
-Passes and failures are deduplicated and capped per task as SFT's passes are, and external
-demonstrations join as passes (rendered by the model's chat template), so the passes an
-off-policy cycle learns are exactly the rows rejection-sampling SFT learns, and the failures
-come on top of them.
 """
 
 from __future__ import annotations
@@ -51,7 +47,7 @@ if TYPE_CHECKING:
 
 METHODS = ("sft", "kto", "dpo", "grpo", "distill", "offpolicy")
 # Methods whose rows an external example can be: DPO needs a paired failure, GRPO a live rollout.
-EXTERNAL_METHODS = ("sft", "distill", "kto", "offpolicy")
+EXTERNAL_METHODS = ("sft", "distill", "kto")
 PAGE_SIZE = 500
 CURRICULUM_FLOOR = 0.05  # weight a solved or stuck task keeps, as a fraction of the most informative's
 CURRICULUM_MAX_REPEATS = 4  # GRPO rows of the most informative task; the least informative get one
@@ -130,8 +126,7 @@ def prepare(
     stable hash falls under `heldout_fraction`; asking for one by split, id or task raises
     `HeldOutLeak`. `verified=False` trains on every attempt regardless of verdicts (SFT, KTO).
     `external` chat examples `{"messages", "tools"}` make up `external_ratio` of the rows (SFT,
-    distill, KTO as desirable, off-policy as passes rendered by `tokenizer`; 1.0: external rows
-    only, each once, e.g. a warm start).
+    distill, KTO as desirable; 1.0: external rows only, each once, e.g. a warm start).
     `external_for="stuck"` targets them instead: only external rows whose `task_id` is a task the
     selection attempted and never passed are used, each once (`external_ratio` is then ignored);
     `external_stuck_tasks` counts the tasks they are for.
@@ -192,7 +187,7 @@ def prepare(
     elif method == "dpo":
         data = build.dpo(selected, labels)
     elif method == "offpolicy":
-        data = build.offpolicy(selected, labels, tokenizer, ext, ratio)
+        data = build.offpolicy(selected, labels, tokenizer)
     else:
         data = build.grpo(selected, labels)
     data.tasks = tasks
@@ -539,45 +534,36 @@ class _Build:
         return data
 
     def offpolicy(
-        self,
-        selected: list[Trajectory],
-        labels: dict[str, bool | None],
-        tokenizer: Any,
-        external: list[dict[str, Any]],
-        ratio: float | None,
+        self, selected: list[Trajectory], labels: dict[str, bool | None], tokenizer: Any
     ) -> TrainingData:
         """Each judged attempt's recorded model calls, with the log-probabilities they were sampled
-        with and the attempt's advantage: 1 for a pass, minus its group's pass rate (over every
-        attempt) for a failure; groups never passed are dropped. Passes and failures are then
-        deduplicated and capped per task as SFT's passes are (newest versions first), so the passes
-        are exactly what rejection-sampling SFT learns and the failures come on top; external
-        demonstrations join as passes (rendered with the model's chat template: `tokenizer`)."""
+        with and the attempt's advantage (newest versions first under the per-task cap): 1 for a
+        pass, minus its group's pass rate for a failure; groups never passed are dropped. Not
+        deduplicated: two equal attempts are two draws of the policy."""
         judged = [t for t in selected if labels[t.id] is not None and (t.task_id is not None or self._skip())]
-        missing = [t.id for t in judged if not _has_logprobs(t, tokenizer)]
+        examples = self._cap([_Example(t, [], []) for t in judged])
+        missing = [e.trajectory.id for e in examples if not _has_logprobs(e.trajectory, tokenizer)]
         if missing:
-            raise MissingLogprobs(missing, len(judged))
+            raise MissingLogprobs(missing, len(examples))
         groups: dict[str, list[Trajectory]] = defaultdict(list)
-        for t in judged:
-            groups[_Example(t, [], []).group].append(t)
-        rates = {g: statistics.fmean(1.0 if labels[t.id] else 0.0 for t in ts) for g, ts in groups.items()}
-        self.counts["unpassed_groups"] = sum(1 for rate in rates.values() if rate == 0.0)
-        self.counts["groups"] = len(rates) - self.counts["unpassed_groups"]
-        passed = lambda e: bool(labels[e.trajectory.id])  # noqa: E731
-        learnable = [_Example(t, [], []) for t in judged if rates[_Example(t, [], []).group] > 0]
-        learnable = learnable if _own_rows(ratio) else []
-        # Within a group: the same tokens in two tasks are two rows (their advantages differ).
-        examples = self._cap(self._dedupe(learnable, label=lambda e: (e.group, passed(e))), label=passed)
-        rows = []
         for e in examples:
-            advantage = 1.0 if passed(e) else -rates[e.group]
-            for row, logprobs in zip(_token_rows(e.trajectory), _logprobs_of(e.trajectory), strict=True):
-                prompt = len(row["input_ids"]) - len(logprobs)
-                rows.append({**row, "logprobs": [0.0] * prompt + logprobs, "advantage": advantage})
-        n_external = _external_count(sum(1 for e in examples if passed(e)), len(external), ratio)
-        for ex in self._pick_external(external, n_external):
-            rows.append({**_rendered(ex, tokenizer), "advantage": 1.0})
+            groups[e.group].append(e.trajectory)
+        self.counts["groups"] = self.counts["unpassed_groups"] = 0
+        rows, used = [], []
+        for members in groups.values():
+            rate = statistics.fmean(1.0 if labels[t.id] else 0.0 for t in members)
+            if rate == 0.0:
+                self.counts["unpassed_groups"] += 1
+                continue
+            self.counts["groups"] += 1
+            for t in members:
+                advantage = 1.0 if labels[t.id] else -rate
+                for row, logprobs in zip(_token_rows(t), _logprobs_of(t), strict=True):
+                    prompt = len(row["input_ids"]) - len(logprobs)
+                    rows.append({**row, "logprobs": [0.0] * prompt + logprobs, "advantage": advantage})
+                used.append(_Example(t, [], []))
         self.counts["pretokenized"] = 1
-        return self._data(rows, examples, _features("offpolicy"))
+        return self._data(rows, used, _features("offpolicy"))
 
     # -- shared steps ------------------------------------------------------------------------
 
@@ -646,16 +632,12 @@ class _Build:
         return data
 
     def _sample_external(self, external: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
-        picked = self._pick_external(external, n)
-        return [_chat_row(ex["messages"], ex["tools"], None, task_id=ex["task_id"]) for ex in picked]
-
-    def _pick_external(self, external: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
         if n <= 0 or not external:
             return []
         rng = random.Random(f"{self.seed}:external")
         picked = rng.sample(external, n) if n <= len(external) else rng.choices(external, k=n)
         self.counts["external"] += len(picked)
-        return picked
+        return [_chat_row(ex["messages"], ex["tools"], None, task_id=ex["task_id"]) for ex in picked]
 
     def _skip(self) -> bool:
         self.counts["skipped"] += 1
@@ -791,32 +773,6 @@ def _token_rows(t: Trajectory) -> Iterator[dict[str, Any]]:
             "trajectory_id": t.id,
             "task_id": t.task_id,
         }
-
-
-def _rendered(example: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
-    """An external chat example as an off-policy row: the model's chat template (with the
-    `{% generation %}` markers SFT trains with) renders it, the assistant tokens are the completion.
-    Its `logprobs` are 0: a row with advantage 1 is learned as SFT learns it, with no ratio."""
-    if tokenizer is None:
-        raise ValueError(
-            "offpolicy with external rows needs the model's tokenizer to render them: tokenizer="
-        )
-    from honed.learn.chat_templates import with_generation_markers
-
-    out = tokenizer.apply_chat_template(
-        example["messages"], tools=example["tools"] or None, tokenize=True, return_dict=True,
-        return_assistant_tokens_mask=True, chat_template=with_generation_markers(tokenizer.chat_template),
-    )  # fmt: skip
-    ids, mask = list(out["input_ids"]), [int(m) for m in out["assistant_masks"]]
-    if 1 not in mask:
-        raise ValueError(f"external example for task {example['task_id']!r} has no assistant tokens to learn")
-    return {
-        "input_ids": ids,
-        "completion_mask": mask,
-        "logprobs": [0.0] * len(ids),
-        "trajectory_id": None,
-        "task_id": example["task_id"],
-    }
 
 
 def _chat_row(

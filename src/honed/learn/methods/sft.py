@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from honed.learn.chat_templates import with_generation_markers
 from honed.learn.datasets import TrainingData
 from honed.learn.methods.base import TrlMethod
 
@@ -36,7 +35,7 @@ class SFTMethod(TrlMethod):
 
     def _trainer(self, base: str, args: Any, data: TrainingData, tokenizer: Any, callbacks: list[Any]) -> Any:
         if args.assistant_only_loss and not data.pretokenized:
-            tokenizer.chat_template = with_generation_markers(tokenizer.chat_template)
+            tokenizer.chat_template = _with_generation_markers(tokenizer.chat_template)
         return super()._trainer(base, args, data, tokenizer, callbacks)
 
     def _trainer_class(self) -> type:
@@ -44,6 +43,23 @@ class SFTMethod(TrlMethod):
 
         # An agent's conversations share their system prompt and tools: run that prefix once a batch.
         return shared_prefix_trainer()
+
+
+def _with_generation_markers(template: Any) -> Any:
+    """The run-time template with `{% generation %}` markers where honed can place them (a
+    Qwen3-style template: `training_template`), so training sees exactly the text the model
+    reads and writes at run time. Otherwise the template as it is, and TRL's own handling
+    (it swaps in a training template for the ones it knows, and refuses the rest)."""
+    from trl.chat_template_utils import has_generation_markers
+
+    from honed.learn.chat_templates import training_template
+
+    if not isinstance(template, str) or has_generation_markers(template):
+        return template
+    try:
+        return training_template(template)
+    except ValueError:
+        return template
 
 
 class DistillMethod(SFTMethod):
