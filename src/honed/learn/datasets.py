@@ -539,7 +539,11 @@ class _Build:
         """Each judged attempt's recorded model calls, with the log-probabilities they were sampled
         with and the attempt's advantage (newest versions first under the per-task cap): 1 for a
         pass, minus its group's pass rate for a failure; groups never passed are dropped. Not
-        deduplicated: two equal attempts are two draws of the policy."""
+        deduplicated: two equal attempts are two draws of the policy. (Deduplicating, which drops
+        the repeated passes of a likely answer and few of the failures, which rarely repeat,
+        tilts the estimate toward the failures: with SFT's deduplicated passes and demonstrations
+        instead, held-out pass@1 after two cycles fell from 0.554 to 0.465, mean of 3 seeds;
+        benchmarks/README.md.)"""
         judged = [t for t in selected if labels[t.id] is not None and (t.task_id is not None or self._skip())]
         examples = self._cap([_Example(t, [], []) for t in judged])
         missing = [e.trajectory.id for e in examples if not _has_logprobs(e.trajectory, tokenizer)]
