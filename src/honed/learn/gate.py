@@ -88,7 +88,10 @@ def decide(
     min_diversity_ratio: float = 0.5,
 ) -> GateDecision:
     """Compare two scored rounds of the same held-out tasks; see the module docstring."""
-    gain, lower, n = paired_gain(candidate, live, confidence)
+    cand_rates, live_rates = candidate.task_rates(), live.task_rates()
+    shared = cand_rates.keys() & live_rates.keys()
+    gain, half, n = _paired([cand_rates[t] - live_rates[t] for t in shared], confidence)
+    lower = gain - half
     reasons: list[str] = []
     ok, setback = True, gain < 0
     if n == 0:
@@ -106,12 +109,11 @@ def decide(
     else:
         reasons.append(summary)
     cand_slices, live_slices = candidate.per_slice(), live.per_slice()
-    cand_rates, live_rates = candidate.task_rates(), live.task_rates()
     for name in sorted(cand_slices.keys() & live_slices.keys()):
         drop = live_slices[name] - cand_slices[name]
         if drop <= slice_tolerance:
             continue
-        ids = [t for t in cand_rates.keys() & live_rates.keys() if candidate.slice_of(t) == name]
+        ids = [t for t in shared if candidate.slice_of(t) == name]
         mean, half, n = _paired([cand_rates[t] - live_rates[t] for t in ids], confidence)
         if mean + half < 0:
             ok, setback = False, True
