@@ -237,8 +237,10 @@ def test_eight_agents_through_three_promotions_and_a_rollback(sqlite_url: str) -
         t.start()
 
     def served_a_few(ref: str) -> None:  # each version serves some calls before the next change
-        deadline = time.monotonic() + 60
-        while sum(1 for r in replies[-64:] if r == ref) < 8:
+        # count only replies that came after the change: v3 served before v4, and its old replies
+        # must not pass for the rollback's
+        start, deadline = len(replies), time.monotonic() + 60
+        while sum(1 for r in replies[start:] if r == ref) < 8:
             assert time.monotonic() < deadline and not failures, (ref, Counter(replies), failures[:3])
             time.sleep(0.02)
 
