@@ -21,6 +21,14 @@ def _isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HONED_STORE", f"sqlite:///{tmp_path / 'default.db'}")
 
 
+@pytest.fixture(params=["thread", "process"])
+def writer(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Where the store's inserts run (`HONED_WRITER`), for every recorder the test makes, in
+    this process or in one it starts."""
+    monkeypatch.setenv("HONED_WRITER", request.param)
+    return request.param
+
+
 @pytest.fixture
 def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'honed.db'}"

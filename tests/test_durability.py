@@ -66,14 +66,14 @@ def _run_and_kill(
     return ends, killed, lag, stored
 
 
-def test_sigterm_loses_no_finished_run(tmp_path: Path) -> None:
+def test_sigterm_loses_no_finished_run(tmp_path: Path, writer: str) -> None:
     """A burst faster than the writer (a zero-latency model) leaves runs queued; SIGTERM flushes
     them before the process dies of it."""
     ends, _, _, stored = _run_and_kill(tmp_path, signal.SIGTERM, runs=150, latency=0.0)
     assert {f"t{i}" for i in ends} <= stored
 
 
-def test_kill_9_loses_at_most_the_runs_that_ended_within_the_lag(tmp_path: Path) -> None:
+def test_kill_9_loses_at_most_the_runs_that_ended_within_the_lag(tmp_path: Path, writer: str) -> None:
     """kill -9 cannot be caught: it loses what was still in memory, the runs that ended within
     `honed.stats()["lag_s"]` of it (a fraction of a second while the writer keeps up with a model
     that takes 20 ms a call, more on a loaded machine); everything older is in the store."""

@@ -40,8 +40,9 @@ def wait_until_replayed(recorder: Recorder, timeout: float = 40.0) -> dict:
     raise AssertionError(f"spool never drained: {recorder.stats()}")
 
 
-def test_stats_count_what_was_captured_and_written(sqlite_url: str) -> None:
+def test_stats_count_what_was_captured_and_written(sqlite_url: str, writer: str) -> None:
     recorder = Recorder(sqlite_url)
+    assert recorder.writer == writer
     agent = create_agent(ToolScriptModel(), make_tools(), middleware=[honed.Middleware(recorder=recorder)])
     for i in range(4):
         invoke(agent, i)
@@ -54,7 +55,7 @@ def test_stats_count_what_was_captured_and_written(sqlite_url: str) -> None:
     assert honed.stats()["stores"][sqlite_url]["trajectories_written"] == 4
 
 
-def test_sqlite_store_down_then_back_spools_and_replays_in_order(tmp_path: Path) -> None:
+def test_sqlite_store_down_then_back_spools_and_replays_in_order(tmp_path: Path, writer: str) -> None:
     blocker = tmp_path / "db"
     blocker.write_text("a file where the store's folder should be: the store cannot open")
     recorder = Recorder(f"sqlite:///{blocker / 'honed.db'}", spool_path=tmp_path / "spool.jsonl")
@@ -82,7 +83,7 @@ def test_sqlite_store_down_then_back_spools_and_replays_in_order(tmp_path: Path)
     assert all(len(t.steps) == 3 for t in oldest_first)
 
 
-def test_postgres_outage_spools_and_replays(pg_url: str, tmp_path: Path) -> None:
+def test_postgres_outage_spools_and_replays(pg_url: str, tmp_path: Path, writer: str) -> None:
     url = make_url(pg_url)
     proxy = TcpProxy(url.port or 5432)
     proxy.up()
@@ -111,7 +112,7 @@ def test_postgres_outage_spools_and_replays(pg_url: str, tmp_path: Path) -> None
     ]
 
 
-def test_an_unusable_store_url_never_breaks_the_agent(tmp_path: Path) -> None:
+def test_an_unusable_store_url_never_breaks_the_agent(tmp_path: Path, writer: str) -> None:
     recorder = Recorder("nosuchdialect://nowhere/db", spool_path=tmp_path / "spool.jsonl")
     agent = create_agent(ToolScriptModel(), make_tools(), middleware=[honed.Middleware(recorder=recorder)])
     assert invoke(agent, 1) == "the sum is 2"
@@ -126,7 +127,7 @@ def test_a_full_queue_drops_and_counts_but_the_agent_runs_on(sqlite_url: str) ->
     assert recorder.stats()["events_dropped"] > 0
 
 
-def test_trajectories_are_written_at_interpreter_exit(tmp_path: Path) -> None:
+def test_trajectories_are_written_at_interpreter_exit(tmp_path: Path, writer: str) -> None:
     db = tmp_path / "exit.db"
     script = textwrap.dedent(
         f"""
@@ -147,7 +148,7 @@ def test_trajectories_are_written_at_interpreter_exit(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("n_threads", [4])
 def test_flush_from_many_threads_returns_when_everything_before_it_is_written(
-    sqlite_url: str, n_threads: int
+    sqlite_url: str, n_threads: int, writer: str
 ) -> None:
     import threading
 
@@ -241,7 +242,9 @@ def test_a_store_url_that_can_never_work_is_reported_once_not_retried(
     assert [r.levelname for r in reports] == ["ERROR"] and "honed spool --replay" in reports[0].getMessage()
 
 
-def test_a_spool_left_by_an_earlier_process_is_replayed_without_a_new_capture(tmp_path: Path) -> None:
+def test_a_spool_left_by_an_earlier_process_is_replayed_without_a_new_capture(
+    tmp_path: Path, writer: str
+) -> None:
     blocker = tmp_path / "db"
     blocker.write_text("a file where the store's folder should be: the store cannot open")
     url = f"sqlite:///{blocker / 'honed.db'}"

@@ -40,7 +40,7 @@ def instrument(store: str | TrajectoryStore | None = None, *, otlp: str | None =
 
     `otlp="http://host:4318"` also exports each finished trajectory as OpenTelemetry GenAI spans
     (`honed[otlp]`). Other options are the `Recorder`'s: `max_field_bytes`, `redact`, `max_queue`,
-    `spool_path`.
+    `spool_path`, `writer`.
     """
     if otlp is not None:
         from honed.exporters.otel import LiveExporter

@@ -25,15 +25,29 @@ from honed.capture.assembler import FLUSH, PENDING_LINGER_S, Assembler
 from honed.capture.redact import Redactor
 from honed.capture.serialize import Serializer
 from honed.capture.sinks import ExporterSink, Sink, StoreSink, TrajectoryExporter
+from honed.capture.store_process import ProcessStoreSink
 from honed.store import TrajectoryStore
 
 log = logging.getLogger("honed")
 
 DEFAULT_MAX_QUEUE = 200_000  # events; beyond it new events are dropped and counted
 DEFAULT_FLUSH_INTERVAL_S = 0.2
+DEFAULT_WRITER = "thread"
 DEFAULT_OPEN_TIMEOUT_S = 3600  # a run silent this long is written as incomplete (HONED_OPEN_TIMEOUT_S)
 
+_FLUSH_WAIT_S = 60.0
 _live: weakref.WeakSet[Recorder] = weakref.WeakSet()
+
+
+def _in_memory(url: str) -> bool:
+    """A store only this process can see: SQLite in memory."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except Exception:
+        return False
+    return parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:")
 
 
 def _env_int(name: str, default: int) -> int:
@@ -59,6 +73,9 @@ class Recorder:
         open_timeout_s: a run with no event for this long is written as incomplete
             (`HONED_OPEN_TIMEOUT_S`, default one hour): memory stays bounded in a server.
         exporters: live sinks that also receive each finished trajectory (e.g. OTLP spans).
+        writer: where the store's inserts run (`HONED_WRITER`): "process", a child process
+            (`honed.capture.store_process`: they do not hold this process's GIL), or "thread",
+            the writer thread. An in-memory SQLite store is always written by the thread.
     """
 
     def __init__(
@@ -72,8 +89,16 @@ class Recorder:
         flush_interval: float = DEFAULT_FLUSH_INTERVAL_S,
         open_timeout_s: float | None = None,
         exporters: Sequence[TrajectoryExporter] = (),
+        writer: str | None = None,
     ) -> None:
-        self._store_sink = StoreSink(store, spool_path)
+        store_sink = StoreSink(store, spool_path)
+        writer = writer or os.environ.get("HONED_WRITER") or DEFAULT_WRITER
+        if writer not in ("thread", "process"):
+            raise ValueError(f"writer must be 'thread' or 'process', not {writer!r}")
+        self._store_sink: StoreSink | ProcessStoreSink = store_sink
+        if writer == "process" and not _in_memory(store_sink.store_url):
+            self._store_sink = ProcessStoreSink(store_sink)
+        self.writer = "process" if isinstance(self._store_sink, ProcessStoreSink) else "thread"
         self.store_url = self._store_sink.store_url
         self.spool = self._store_sink.spool
         self.max_queue = max_queue or _env_int("HONED_MAX_QUEUE", DEFAULT_MAX_QUEUE)
@@ -221,6 +246,11 @@ class Recorder:
         self._write(self._assembler.take_completed())  # with nothing to write, retries the spool
         with self._lock:
             self._counts["events_processed"] += processed
+        if flushes:
+            for sink in self.sinks:  # a sink that writes elsewhere: until it is written there
+                wait = getattr(sink, "wait", None)
+                if wait is not None:
+                    wait(_FLUSH_WAIT_S)
         for done in flushes:
             done.set()
 
@@ -297,6 +327,8 @@ def _after_fork_in_child() -> None:
         recorder._queue.clear()
         recorder._lock = threading.Lock()
         recorder._wake = threading.Event()
+        if isinstance(recorder._store_sink, ProcessStoreSink):
+            recorder._store_sink.forget_child()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

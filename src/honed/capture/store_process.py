@@ -1,0 +1,237 @@
+"""The store's writes in a process of their own, so that they do not hold the agent's GIL.
+
+The writer thread assembles, serialises and redacts each batch in the agent's process; what
+remains, the database insert (about half of the writer's CPU per step: SQLAlchemy, the driver,
+SQLite itself), runs here in a child process that owns a `StoreSink` (store, then spool while the
+store is down). The hand-off is one `pickle.dumps` per batch (about 3 us per step) and a pipe
+write, done on the writer thread, never on the agent's.
+
+    parent (writer thread)                       child (`store_process.main`)
+    ProcessStoreSink.write(records) --pickle-->  StoreSink.write(records)  (store, or spool)
+                        <--("ack", n, counts)--
+
+`wait` (what `Recorder.flush` calls) returns once the child has acknowledged every batch sent, so
+`flush()` still means "in the store (or the spool)". If the parent dies, even by kill -9, the child
+reads end-of-file after the last batch it was sent, writes it and exits: what reached the pipe is
+not lost. If the child dies or cannot start, the batches it had not acknowledged are written in
+this process (`save_records` is idempotent, so a batch written twice is stored once) and this
+sink goes on in-process, with a warning. The child is started with `subprocess`, not
+`multiprocessing` (whose spawn re-imports the application's `__main__`), and is told the store URL
+on its stdin, never on its command line (where `ps` shows it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pickle
+import struct
+import subprocess
+import sys
+import threading
+from typing import IO, Any
+
+from honed.capture.sinks import Record, StoreSink
+
+log = logging.getLogger("honed")
+
+_FRAME = struct.Struct("<Q")
+_START_TIMEOUT_S = 60.0
+
+
+def _send(out: IO[bytes], message: Any) -> None:
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    out.write(_FRAME.pack(len(data)) + data)
+    out.flush()
+
+
+def _receive(source: IO[bytes]) -> Any:
+    """The next message, or None at end of file."""
+    header = source.read(_FRAME.size)
+    if len(header) < _FRAME.size:
+        return None
+    (size,) = _FRAME.unpack(header)
+    data = source.read(size)
+    if len(data) < size:
+        return None
+    return pickle.loads(data)
+
+
+class ProcessStoreSink:
+    """`inner`, a `StoreSink`, run in a child process (see the module docstring); `inner` itself
+    writes here if the child cannot. The same `spool` and `stats()`."""
+
+    def __init__(self, inner: StoreSink) -> None:
+        self.inner = inner
+        self.store_url = inner.store_url
+        self.spool = inner.spool
+        self._local = False  # True once the child failed: `inner` writes, in this process
+        self._child: subprocess.Popen[bytes] | None = None
+        self._unacked: dict[int, list[Record]] = {}
+        self._sent = 0
+        self._counts: dict[str, Any] = {}
+        self._changed = threading.Condition()
+        self._alive = False
+
+    def forget_child(self) -> None:
+        """In a forked copy of the process: the child and its pipe are the parent's."""
+        self._child, self._alive, self._unacked, self._sent = None, False, {}, 0
+        self._changed = threading.Condition()
+
+    # -- the Sink interface ------------------------------------------------------------------
+
+    def write(self, records: list[Record]) -> None:
+        if not self._local and self._child is None:
+            self._start()
+        if self._local:
+            self.inner.write(records)
+            return
+        with self._changed:
+            self._sent += 1
+            self._unacked[self._sent] = records
+            n = self._sent
+        self._post(("write", n, records))
+
+    def idle(self) -> None:
+        if not self._local and self._child is None and self.spool.has_pending():
+            self._start()  # an earlier run's spool: the child replays it
+        if self._local:
+            self.inner.idle()
+        elif self._child is not None:
+            self._post(("idle", 0, None))  # the child retries its spool when due
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Until the child has acknowledged every batch sent (or they were written here)."""
+        with self._changed:
+            done = self._changed.wait_for(lambda: not self._unacked or not self._alive, timeout)
+        if self._unacked and not self._alive:
+            self._take_over("the store's process ended")
+            return True
+        return done
+
+    def stats(self) -> dict[str, Any]:
+        with self._changed:
+            counts = dict(self._counts)
+        local = self.inner.stats()  # its counts (what it wrote itself) and the spool's size
+        for key, value in local.items():
+            if isinstance(value, int) and not isinstance(value, bool):
+                counts[key] = counts.get(key, 0) + value
+            elif self._local or key not in counts:
+                counts[key] = value
+        return counts
+
+    def close(self) -> None:
+        child = self._child
+        if child is not None and child.stdin is not None:
+            with contextlib.suppress(OSError):
+                child.stdin.close()  # end of file: the child writes what it has and exits
+            try:
+                child.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        self.wait(timeout=5)
+        self.inner.close()
+
+    # -- the child ---------------------------------------------------------------------------
+
+    def _start(self) -> None:
+        try:
+            child = subprocess.Popen(
+                [sys.executable, "-c", "from honed.capture.store_process import main; main()"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                # Not in the application's process group: a Ctrl-C there must not kill what
+                # still has batches to write (it stops at end of file, when the parent is gone).
+                start_new_session=True,
+                close_fds=True,
+            )
+            assert child.stdin is not None and child.stdout is not None
+            _send(child.stdin, {"store": self.store_url, "spool": str(self.spool.path)})
+            ready = _receive(child.stdout)
+            if not (isinstance(ready, tuple) and ready[0] == "ready"):
+                raise RuntimeError(f"it answered {ready!r}")
+        except Exception as exc:
+            log.warning("honed: the store's process could not start (%s); writing in this process", exc)
+            self._local = True
+            return
+        self._child, self._alive = child, True
+        self._counts = ready[2]
+        threading.Thread(target=self._read_acks, name="honed-store-acks", daemon=True).start()
+
+    def _post(self, message: tuple[Any, ...]) -> None:
+        child = self._child
+        if child is None or child.stdin is None or not self._alive:
+            self._take_over("the store's process ended")
+            return
+        try:
+            _send(child.stdin, message)
+        except (OSError, ValueError) as exc:  # a broken pipe: the child died
+            with self._changed:
+                self._alive = False
+            self._take_over(f"the store's process ended ({exc})")
+
+    def _read_acks(self) -> None:
+        child = self._child
+        assert child is not None and child.stdout is not None
+        try:
+            while (message := _receive(child.stdout)) is not None:
+                kind, n, counts = message
+                with self._changed:
+                    if kind == "ack":
+                        self._unacked.pop(n, None)
+                    self._counts = counts
+                    self._changed.notify_all()
+        except Exception:  # a torn frame: the child died mid-write
+            log.debug("honed: the store's process stopped answering", exc_info=True)
+        with self._changed:
+            self._alive = False
+            self._changed.notify_all()
+
+    def _take_over(self, why: str) -> None:
+        """Write what the child never acknowledged here, and go on here."""
+        with self._changed:
+            pending = [self._unacked.pop(n) for n in sorted(self._unacked)]
+        if not self._local:
+            log.warning("honed: %s; the store is written from this process from now on", why)
+            self._local = True
+        for records in pending:
+            self.inner.write(records)
+
+
+def main() -> None:
+    """The child: read the store URL, then batches, until end of file."""
+    source = sys.stdin.buffer
+    out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # a stray print must not corrupt the frames
+    config = _receive(source)
+    if not isinstance(config, dict):
+        return
+    sink = StoreSink(config["store"], config["spool"])
+    parent = True  # while someone reads the acknowledgements
+    _send(out, ("ready", 0, _counts(sink)))
+    while (message := _receive(source)) is not None:
+        kind, n, records = message
+        if kind == "write":
+            sink.write(records)
+        else:
+            sink.idle()
+        if parent:
+            try:
+                _send(out, ("ack" if kind == "write" else "idle", n, _counts(sink)))
+            except OSError:  # the parent is gone: write what it sent, then stop at end of file
+                parent = False
+    sink.close()
+
+
+def _counts(sink: StoreSink) -> dict[str, Any]:
+    """The sink's stats but the spool's size (the parent reads the same file when asked)."""
+    with sink._lock:
+        counts: dict[str, Any] = dict(sink._counts)
+    counts["store"] = sink.safe_url()
+    counts["store_error"] = sink.misconfigured or sink.error
+    return counts
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""The store's inserts in a child process (`writer="process"`): flush still means stored, a batch
+handed to the child survives a kill -9 of the agent, a child that dies loses nothing, and the
+store's URL never shows on a command line."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from langchain.agents import create_agent
+
+import honed
+from fakes import ToolScriptModel, make_tools
+from honed.capture.recorder import Recorder
+
+
+def invoke(agent, i: int) -> None:
+    agent.invoke(
+        {"messages": [("user", f'call add {{"a": {i}, "b": 1}}; answer the sum is {{result}}')]},
+        config={"metadata": {"honed": {"task_id": f"t{i}"}}},
+    )
+
+
+def test_flush_returns_once_the_child_has_stored_everything(sqlite_url: str) -> None:
+    recorder = Recorder(sqlite_url, writer="process")
+    agent = create_agent(ToolScriptModel(), make_tools(), middleware=[honed.Middleware(recorder=recorder)])
+    for i in range(5):
+        invoke(agent, i)
+    assert recorder.flush()
+    child = recorder._store_sink._child
+    assert child is not None and child.pid != os.getpid() and child.poll() is None
+    assert honed.open_store(sqlite_url).count() == 5  # no waiting: flush means stored
+    stats = recorder.stats()
+    assert stats["trajectories_written"] == 5 and stats["steps_written"] == 15 and stats["spool_pending"] == 0
+    recorder.close()
+    assert child.poll() == 0  # end of file: it wrote what it had and exited
+
+
+def test_a_store_only_this_process_sees_is_written_by_the_thread() -> None:
+    assert Recorder("sqlite://", writer="process").writer == "thread"
+    assert Recorder("sqlite:///:memory:", writer="process").writer == "thread"
+    with pytest.raises(ValueError, match="'thread' or 'process'"):
+        Recorder("sqlite://", writer="fork")
+
+
+def test_a_child_that_dies_loses_nothing(sqlite_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    recorder = Recorder(sqlite_url, writer="process")
+    agent = create_agent(ToolScriptModel(), make_tools(), middleware=[honed.Middleware(recorder=recorder)])
+    invoke(agent, 0)
+    assert recorder.flush()
+    child = recorder._store_sink._child
+    child.kill()  # the OOM killer, an operator
+    child.wait()
+    with caplog.at_level(logging.WARNING, logger="honed"):
+        for i in range(1, 4):
+            invoke(agent, i)
+        assert recorder.flush()
+    assert sorted(t.task_id for t in honed.open_store(sqlite_url).trajectories()) == ["t0", "t1", "t2", "t3"]
+    assert recorder.stats()["trajectories_written"] == 4
+    assert any("from this process from now on" in r.getMessage() for r in caplog.records)
+    recorder.close()
+
+
+AGENT = textwrap.dedent(
+    """
+    import sys, time
+    import honed
+    from langchain.agents import create_agent
+    from honed.capture.recorder import Recorder
+    from honed.testing import ScriptedChatModel
+
+    recorder = Recorder(sys.argv[1], writer="process")
+    agent = create_agent(ScriptedChatModel(), [], middleware=[honed.Middleware(recorder=recorder)])
+    print("ready", flush=True)
+    sys.stdin.readline()  # the test holds the database's lock now
+    for i in range(20):
+        agent.invoke({"messages": [("user", f"answer {i}")]}, config={"metadata": {"honed": {"task_id": f"t{i}"}}})
+    sink = recorder._store_sink
+    while not sink._unacked:  # handed to the child, which waits for the lock
+        recorder.flush(timeout=0.1)
+    print(len(sink._unacked), sink._child.pid, flush=True)
+    time.sleep(120)
+    """
+)
+
+
+def test_what_was_handed_to_the_child_survives_a_kill_9_of_the_agent(tmp_path: Path) -> None:
+    db = tmp_path / "kill.db"
+    url = f"sqlite:///{db}"
+    honed.open_store(url).close()  # the tables exist before the lock is taken
+    script = tmp_path / "agent.py"
+    script.write_text(AGENT)
+    agent = subprocess.Popen(
+        [sys.executable, str(script), url], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert agent.stdout is not None and agent.stdin is not None
+    assert agent.stdout.readline().strip() == "ready"
+    lock = sqlite3.connect(db, isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")  # the child's insert waits behind it
+    try:
+        agent.stdin.write("go\n")
+        agent.stdin.flush()
+        batches, child_pid = (int(x) for x in agent.stdout.readline().split())
+        assert batches >= 1
+        agent.send_signal(signal.SIGKILL)
+        agent.wait(timeout=30)
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    deadline = time.monotonic() + 30
+    while _alive(child_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(child_pid)  # end of file: it wrote what it had been sent, then exited
+    stored = {t.task_id for t in honed.open_store(url).trajectories(limit=None, with_steps=False)}
+    assert stored == {f"t{i}" for i in range(20)}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_the_store_url_never_shows_on_the_childs_command_line(pg_url: str) -> None:
+    from sqlalchemy.engine import make_url
+
+    secret = "s3cret-pw-17"
+    url = make_url(pg_url).set(password=secret).render_as_string(hide_password=False)
+    recorder = Recorder(url, writer="process")  # trust auth: the password is not checked
+    agent = create_agent(ToolScriptModel(), make_tools(), middleware=[honed.Middleware(recorder=recorder)])
+    invoke(agent, 1)
+    assert recorder.flush() and recorder.stats()["trajectories_written"] == 1
+    child = recorder._store_sink._child
+    cmdline = Path(f"/proc/{child.pid}/cmdline").read_bytes()
+    environ = Path(f"/proc/{child.pid}/environ").read_bytes()
+    assert secret.encode() not in cmdline and secret.encode() not in environ
+    assert secret not in str(recorder.stats())
+    recorder.close()
