@@ -46,9 +46,19 @@ AGENT_ARMS = ("none", "honed-instrument", "honed-middleware", "openinference")
 # noop-callback: a do-nothing callback handler installed like instrument() installs honed's: what
 # LangChain's callback dispatch costs any callback-based capture.
 DIAGNOSTIC_ARMS = ("honed-deferred", "noop-callback", "noop-middleware")
+
+
+def _other_writer() -> str:
+    """Where the default does not put the store's inserts (`Recorder(writer=)`: the writer thread
+    or a child process); ARM@WRITER runs ARM with it, side by side with the default."""
+    from honed.capture.recorder import DEFAULT_WRITER
+
+    return "process" if DEFAULT_WRITER == "thread" else "thread"
+
+
 TARGET_OVERHEAD = 1.10
 TARGET_EMIT_US = 20.0
-TARGET_SQLITE_STEPS_S = 5_000.0
+TARGET_INGEST_STEPS_S = {"sqlite": 10_000.0, "postgresql": 5_000.0}
 
 
 @dataclass(frozen=True)
@@ -165,7 +175,7 @@ def _agent_arm(arm: str, sizes: Sizes) -> dict[str, Any]:
         setup.drain()  # the warm-up's backlog must not weigh on the timed loop
         times: list[float] = []
         thread_cpu: list[float] = []
-        cpu0 = time.process_time()
+        cpu0, child0 = time.process_time(), _store_process_cpu()
         for i in range(sizes.invocations):
             t0, c0 = time.perf_counter(), time.thread_time()
             invoke(sizes.warmup + i)
@@ -174,7 +184,7 @@ def _agent_arm(arm: str, sizes: Sizes) -> dict[str, Any]:
         t0 = time.perf_counter()
         flushed = setup.drain()
         flush_s = time.perf_counter() - t0
-        cpu_s = time.process_time() - cpu0
+        cpu_s = time.process_time() - cpu0 + _store_process_cpu() - child0  # every core's work
         return {
             "arm": arm,
             "times": times,
@@ -185,6 +195,23 @@ def _agent_arm(arm: str, sizes: Sizes) -> dict[str, Any]:
             "flushed": flushed,
             **setup.extra(),
         }
+
+
+def _store_process_cpu() -> float:
+    """CPU seconds of the store's child processes (`writer="process"`) so far."""
+    if "honed.capture.recorder" not in sys.modules:
+        return 0.0
+    from honed.capture.recorder import live_recorders
+    from honed.capture.store_process import ProcessStoreSink
+
+    total = 0.0
+    for recorder in live_recorders():
+        sink = recorder._store_sink
+        if isinstance(sink, ProcessStoreSink) and sink._child is not None:
+            with open(f"/proc/{sink._child.pid}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    return total
 
 
 def _setup_arm(arm: str, url: str) -> _Arm:
@@ -352,7 +379,7 @@ def _repeat(call: Callable[[], None], n: int) -> Callable[[], None]:
 
 def _sample_events() -> list[tuple[Any, ...]]:
     """Event tuples as the callback handler builds them for one agent turn."""
-    from honed.capture.assembler import CHAIN, END, MODEL, START, TOOL
+    from honed.capture.events import CHAIN, END, MODEL, START, TOOL
 
     root, model, tool = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
     payloads = _payloads(0)
@@ -585,7 +612,8 @@ def _ingest(url: str, sizes: Sizes) -> dict[str, Any]:
     elapsed = time.perf_counter() - t0
     rss_delta = _maxrss_mib() - rss0
     stats = recorder.stats()
-    recorder.close()
+    recorder.close()  # a store process (`writer="process"`) has exited now: its peak RSS is counted
+    child_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     store.close()
     counts = _step_counts(url)
     stored_steps = sum(counts["steps_by_kind"].values())
@@ -602,6 +630,7 @@ def _ingest(url: str, sizes: Sizes) -> dict[str, Any]:
         "flushed": flushed,
         "events_dropped": stats["events_dropped"],
         "peak_rss_delta_mib": rss_delta,
+        "store_process_peak_rss_mib": child_rss,
         "spooled": stats["trajectories_spooled"],
         "payload_bytes_per_step": payload,
     }
@@ -672,7 +701,9 @@ def _progress(message: str) -> None:
 
 
 def _agent_overhead(quick: bool, sizes: Sizes) -> dict[str, dict[str, Any]]:
-    arms = AGENT_ARMS if quick else AGENT_ARMS + DIAGNOSTIC_ARMS
+    other = _other_writer()
+    arms = (*AGENT_ARMS, f"honed-instrument@{other}", f"honed-middleware@{other}")
+    arms = arms if quick else arms + DIAGNOSTIC_ARMS
     rounds: dict[str, list[dict[str, Any]]] = {arm: [] for arm in arms}
     for r in range(sizes.rounds):
         for arm in arms if r % 2 == 0 else tuple(reversed(arms)):
@@ -807,7 +838,12 @@ def _report_agent(console: Any, agent: dict[str, dict[str, Any]]) -> None:
             f"(steal up to {steal:.2f}) during an arm: wall-time ratios are unreliable, CPU ratios less so"
         )
     oi = agent["openinference"]["median_ms"]
-    for arm in ("honed-instrument", "honed-middleware"):
+    other_writer = _other_writer()
+    for arm in (
+        "honed-instrument",
+        "honed-middleware",
+        *(f"{a}@{other_writer}" for a in ("honed-instrument", "honed-middleware")),
+    ):
         ratio, median = agent[arm]["ratio_median"], agent[arm]["median_ms"]
         console.print(
             f"  {arm}: {ratio:.3f}x no capture, median ({agent[arm]['ratio_rounds']:.3f}x by rounds; "
@@ -861,11 +897,8 @@ def _report_ingest(console: Any, ingest: dict[str, dict[str, Any]]) -> None:
         if "skipped" in row:
             table.add_row(backend, "", "", "", "", "", "", "", "", row["skipped"])
             continue
-        target = (
-            f">= {TARGET_SQLITE_STEPS_S:,.0f}/s: {_verdict(row['steps_per_s'] >= TARGET_SQLITE_STEPS_S)}"
-            if backend == "sqlite"
-            else ""
-        )
+        goal = TARGET_INGEST_STEPS_S[backend.split("@")[0]]
+        target = f">= {goal:,.0f}/s: {_verdict(row['steps_per_s'] >= goal)}"
         if row["events_dropped"] or not row["flushed"]:
             target += f" [red]dropped {row['events_dropped']}, flushed {row['flushed']}[/]"
         table.add_row(
@@ -875,7 +908,10 @@ def _report_ingest(console: Any, ingest: dict[str, dict[str, Any]]) -> None:
             f"{row['elapsed_s']:.2f}",
             f"{row['steps_per_s']:,.0f}",
             f"{row['produce_s']:.2f}",
-            f"{row['peak_rss_delta_mib']:.0f}",
+            f"{row['peak_rss_delta_mib']:.0f}"
+            + (
+                f" (+ store process {row['store_process_peak_rss_mib']:.0f})" if "@process" in backend else ""
+            ),
             _payload_text(row["payload_bytes_per_step"]),
             f"{row['other_cores']:.2f}",
             target,
@@ -929,6 +965,8 @@ def main() -> None:
     sizes = QUICK if args.quick else FULL
 
     if args.arm:
+        if "@" in args.arm:  # ARM@WRITER
+            args.arm, os.environ["HONED_WRITER"] = args.arm.split("@")
         if args.arm == "hotpath":
             result = _hotpath_arm(sizes)
         elif args.arm.startswith("ingest-"):
@@ -944,8 +982,9 @@ def main() -> None:
     results["hotpath"] = _run_child("hotpath", args.quick)
     results["ingest"] = {}
     for backend in ("sqlite", *(() if args.no_postgres else ("postgresql",))):
-        _progress(f"ingest {backend}")
-        results["ingest"][backend] = _run_child(f"ingest-{backend}", args.quick)
+        for name in (backend, f"{backend}@{_other_writer()}"):
+            _progress(f"ingest {name}")
+            results["ingest"][name] = _run_child(f"ingest-{name}", args.quick)
     _report(results, sizes)
     print(f"total {time.perf_counter() - started:.0f} s on {os.cpu_count()} cores")
     print(json.dumps(_summary(results), separators=(",", ":")))

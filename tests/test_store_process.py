@@ -146,3 +146,14 @@ def test_the_store_url_never_shows_on_the_childs_command_line(pg_url: str) -> No
     assert secret.encode() not in cmdline and secret.encode() not in environ
     assert secret not in str(recorder.stats())
     recorder.close()
+
+
+def test_the_store_process_loads_no_langchain() -> None:
+    """It only inserts: a lean interpreter (SQLAlchemy and the store), not the agent's stack."""
+    code = (
+        "import sys, honed.capture.store_process; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('langchain', 'langchain_core', "
+        "'langgraph', 'torch', 'transformers', 'fastapi')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

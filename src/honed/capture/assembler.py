@@ -21,30 +21,25 @@ from langchain_core.outputs import LLMResult
 from langgraph.errors import GraphBubbleUp, GraphInterrupt
 from langgraph.types import Command
 
+from honed.capture.events import (
+    CHAIN,
+    DISCARD,
+    END,
+    ERROR,
+    INTERRUPT,
+    LLM,
+    MODEL,
+    NO_VALUE,
+    PENDING_ERROR,
+    RESUME,
+    START,
+    TOOL,
+)
 from honed.capture.serialize import to_jsonable
 from honed.messages import ROLES, stored_message, text_of, tool_schema
 from honed.trajectory import INTERRUPTED
 
 log = logging.getLogger("honed")
-
-# Event kinds (first element of every event tuple).
-START, END, ERROR, FLUSH = 0, 1, 2, 3
-# An error escaped a step; it ends the trajectory unless more of the run follows (a middleware
-# caught it). Closed at the next flush, or after PENDING_LINGER_S without news.
-PENDING_ERROR = 4
-PENDING_LINGER_S = 30.0
-# The run paused at a LangGraph interrupt: payload `(interrupt values, checkpoint id or None)`;
-# the trajectory ends as `interrupted` when its root ends.
-INTERRUPT = 5
-# A trajectory continues after an interrupt (the middleware's view of `Command(resume=...)`):
-# run id = the trajectory id, payload `(name, resume value or NO_VALUE, metadata, extra)`.
-RESUME = 6
-# Another entry point captures this run: drop the trajectory holding run id, write nothing.
-DISCARD = 7
-NO_VALUE = object()
-
-# START payload: (run_kind, name, inputs, metadata, tags, extra); run_kind is one of these.
-CHAIN, MODEL, LLM, TOOL = "chain", "model", "llm", "tool"
 
 _HIDDEN_TAG = "langsmith:hidden"
 _INTERNAL_STATE_KEYS = {"messages", "jump_to", "remaining_steps"}

@@ -12,7 +12,7 @@ from uuid import UUID
 
 from langgraph.callbacks import GraphCallbackHandler
 
-from honed.capture.assembler import CHAIN, END, ERROR, INTERRUPT, LLM, MODEL, START, TOOL
+from honed.capture.events import CHAIN, END, ERROR, INTERRUPT, LLM, MODEL, START, TOOL
 from honed.capture.recorder import Recorder
 
 

@@ -27,7 +27,7 @@ from langchain_core.utils.uuid import uuid7
 from langgraph.errors import GraphBubbleUp
 from langgraph.types import Command
 
-from honed.capture.assembler import (
+from honed.capture.events import (
     CHAIN,
     DISCARD,
     END,

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from honed.capture.assembler import FLUSH, PENDING_LINGER_S, Assembler
+from honed.capture.events import FLUSH, PENDING_LINGER_S
 from honed.capture.redact import Redactor
 from honed.capture.serialize import Serializer
 from honed.capture.sinks import ExporterSink, Sink, StoreSink, TrajectoryExporter
@@ -109,6 +109,8 @@ class Recorder:
         self.exporters = list(exporters)
         self.sinks: list[Sink] = [self._store_sink, *(ExporterSink(e) for e in self.exporters)]
         self._serializer = Serializer(max_field_bytes=max_field_bytes, redactor=Redactor(redact))
+        from honed.capture.assembler import Assembler  # LangChain: not in the store's own process
+
         self._assembler = Assembler(self._serializer.field)
         self._queue: deque[tuple[Any, ...]] = deque()
         self._flush_interval = flush_interval

@@ -1,0 +1,21 @@
+"""The capture events' vocabulary: what the recorder's queue carries from the agent's thread to the
+writer. Its own module so that the recorder loads without LangChain (the assembler needs it)."""
+
+# Event kinds (first element of every event tuple).
+START, END, ERROR, FLUSH = 0, 1, 2, 3
+# An error escaped a step; it ends the trajectory unless more of the run follows (a middleware
+# caught it). Closed at the next flush, or after PENDING_LINGER_S without news.
+PENDING_ERROR = 4
+PENDING_LINGER_S = 30.0
+# The run paused at a LangGraph interrupt: payload `(interrupt values, checkpoint id or None)`;
+# the trajectory ends as `interrupted` when its root ends.
+INTERRUPT = 5
+# A trajectory continues after an interrupt (the middleware's view of `Command(resume=...)`):
+# run id = the trajectory id, payload `(name, resume value or NO_VALUE, metadata, extra)`.
+RESUME = 6
+# Another entry point captures this run: drop the trajectory holding run id, write nothing.
+DISCARD = 7
+NO_VALUE = object()
+
+# START payload: (run_kind, name, inputs, metadata, tags, extra); run_kind is one of these.
+CHAIN, MODEL, LLM, TOOL = "chain", "model", "llm", "tool"
