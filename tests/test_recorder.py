@@ -48,7 +48,7 @@ def test_stats_count_what_was_captured_and_written(sqlite_url: str, writer: str)
         invoke(agent, i)
     assert recorder.flush()
     stats = recorder.stats()
-    assert stats["trajectories_captured"] == stats["trajectories_written"] == 4
+    assert stats["trajectories_captured"] == stats["trajectories_written"] == 4 and stats["writer"] == writer
     assert stats["steps_written"] == 4 * 3
     assert stats["events_captured"] == stats["events_processed"] > 0
     assert stats["events_dropped"] == stats["trajectories_spooled"] == stats["spool_pending"] == 0

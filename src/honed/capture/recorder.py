@@ -193,6 +193,7 @@ class Recorder:
         counts["open_trajectories"] = self._assembler.open_trajectories
         counts["events_ignored"] = self._assembler.ignored_events
         counts |= self._store_sink.stats()
+        counts["writer"] = self.writer
         counts["export_errors"] = sum(s.stats().get("export_errors", 0) for s in self.sinks[1:])
         return counts
 
