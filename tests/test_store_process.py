@@ -157,3 +157,46 @@ def test_the_store_process_loads_no_langchain() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+FORKING = textwrap.dedent(
+    """
+    import os, sys, time
+    import honed
+    from langchain.agents import create_agent
+    from honed.capture.recorder import Recorder
+    from honed.testing import ScriptedChatModel
+
+    recorder = Recorder(sys.argv[1], writer="process")
+    agent = create_agent(ScriptedChatModel(), [], middleware=[honed.Middleware(recorder=recorder)])
+
+    def run(task):
+        agent.invoke({"messages": [("user", "answer " + task)]}, config={"metadata": {"honed": {"task_id": task}}})
+
+    run("before-fork")
+    assert recorder.flush()  # the store's process runs
+    pid = os.fork()  # a pre-forking server's worker
+    if pid == 0:
+        run("in-the-fork")
+        ok = recorder.flush(timeout=60)
+        os._exit(0 if ok else 1)
+    assert os.waitpid(pid, 0)[1] == 0
+    run("after-fork")
+    started = time.monotonic()
+    recorder.close()
+    print(round(time.monotonic() - started, 1))
+    """
+)
+
+
+def test_a_forked_worker_starts_its_own_store_process(tmp_path: Path) -> None:
+    """Each side writes through its own child, and the parent's child still reads end of file
+    when the parent closes (the fork's copy of the pipe is closed): close does not hang."""
+    url = f"sqlite:///{tmp_path / 'fork.db'}"
+    script = tmp_path / "forking.py"
+    script.write_text(FORKING)
+    out = subprocess.run([sys.executable, str(script), url], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.split()[-1]) < 10  # the child exited on end of file, not the 30 s kill
+    stored = {t.task_id for t in honed.open_store(url).trajectories(limit=None, with_steps=False)}
+    assert stored == {"before-fork", "in-the-fork", "after-fork"}

@@ -37,7 +37,7 @@ from honed.capture.sinks import Record, StoreSink
 log = logging.getLogger("honed")
 
 _FRAME = struct.Struct("<Q")
-_START_TIMEOUT_S = 60.0
+_forked_away: list[subprocess.Popen[bytes]] = []  # a forked copy's view of its parent's children
 
 
 def _send(out: IO[bytes], message: Any) -> None:
@@ -73,9 +73,20 @@ class ProcessStoreSink:
         self._counts: dict[str, Any] = {}
         self._changed = threading.Condition()
         self._alive = False
+        self._fds: tuple[int, ...] = ()
 
     def forget_child(self) -> None:
-        """In a forked copy of the process: the child and its pipe are the parent's."""
+        """In a forked copy of the process: the child is the parent's. Its copy of the pipe is
+        closed, or the child would never read end of file when the parent closes its own."""
+        child = self._child
+        if child is not None:
+            # By descriptor: the parent's reader thread may have held the pipe objects' locks at
+            # the fork, and here no thread will release them. The objects are kept, never closed,
+            # so that their descriptor numbers, reused by now, are not closed a second time.
+            _forked_away.append(child)
+            for fd in self._fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
         self._child, self._alive, self._unacked, self._sent = None, False, {}, 0
         self._changed = threading.Condition()
 
@@ -156,6 +167,7 @@ class ProcessStoreSink:
             self._local = True
             return
         self._child, self._alive = child, True
+        self._fds = (child.stdin.fileno(), child.stdout.fileno())
         self._counts = ready[2]
         threading.Thread(target=self._read_acks, name="honed-store-acks", daemon=True).start()
 
