@@ -225,7 +225,7 @@ def test_flush_after_a_recorder_was_closed_does_not_wait(sqlite_url: str) -> Non
 
 
 def test_a_store_url_that_can_never_work_is_reported_once_not_retried(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, writer: str
 ) -> None:
     recorder = Recorder("notaurl", spool_path=tmp_path / "spool.jsonl", flush_interval=0.05)
     agent = create_agent(ToolScriptModel(), make_tools(), middleware=[honed.Middleware(recorder=recorder)])

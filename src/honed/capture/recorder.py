@@ -32,7 +32,7 @@ log = logging.getLogger("honed")
 
 DEFAULT_MAX_QUEUE = 200_000  # events; beyond it new events are dropped and counted
 DEFAULT_FLUSH_INTERVAL_S = 0.2
-DEFAULT_WRITER = "thread"
+DEFAULT_WRITER = "process"
 DEFAULT_OPEN_TIMEOUT_S = 3600  # a run silent this long is written as incomplete (HONED_OPEN_TIMEOUT_S)
 
 _FLUSH_WAIT_S = 60.0
@@ -73,9 +73,9 @@ class Recorder:
         open_timeout_s: a run with no event for this long is written as incomplete
             (`HONED_OPEN_TIMEOUT_S`, default one hour): memory stays bounded in a server.
         exporters: live sinks that also receive each finished trajectory (e.g. OTLP spans).
-        writer: where the store's inserts run (`HONED_WRITER`): "process", a child process
-            (`honed.capture.store_process`: they do not hold this process's GIL), or "thread",
-            the writer thread. An in-memory SQLite store is always written by the thread.
+        writer: where the store's inserts run (`HONED_WRITER`): "process" (the default), a child
+            process (`honed.capture.store_process`: they do not hold the agent's GIL), or
+            "thread", the writer thread. An in-memory SQLite store is always written by the thread.
     """
 
     def __init__(

@@ -37,6 +37,7 @@ from honed.capture.sinks import Record, StoreSink
 log = logging.getLogger("honed")
 
 _FRAME = struct.Struct("<Q")
+_CHUNK = 64  # trajectories per message
 _forked_away: list[subprocess.Popen[bytes]] = []  # a forked copy's view of its parent's children
 
 
@@ -98,11 +99,13 @@ class ProcessStoreSink:
         if self._local:
             self.inner.write(records)
             return
-        with self._changed:
-            self._sent += 1
-            self._unacked[self._sent] = records
-            n = self._sent
-        self._post(("write", n, records))
+        for start in range(0, len(records), _CHUNK):  # the child holds one chunk at a time
+            chunk = records[start : start + _CHUNK]
+            with self._changed:
+                self._sent += 1
+                self._unacked[self._sent] = chunk
+                n = self._sent
+            self._post(("write", n, chunk))
 
     def idle(self) -> None:
         if not self._local and self._child is None and self.spool.has_pending():
@@ -189,6 +192,9 @@ class ProcessStoreSink:
         try:
             while (message := _receive(child.stdout)) is not None:
                 kind, n, counts = message
+                if kind == "log":  # the child's warning, through this process's logging
+                    log.log(n, "%s", counts)
+                    continue
                 with self._changed:
                     if kind == "ack":
                         self._unacked.pop(n, None)
@@ -219,8 +225,10 @@ def main() -> None:
     config = _receive(source)
     if not isinstance(config, dict):
         return
+    forward = _Forward(out)
+    log.addHandler(forward)  # the application's logging sees the store's warnings, not our stderr
+    log.propagate = False
     sink = StoreSink(config["store"], config["spool"])
-    parent = True  # while someone reads the acknowledgements
     _send(out, ("ready", 0, _counts(sink)))
     while (message := _receive(source)) is not None:
         kind, n, records = message
@@ -228,12 +236,32 @@ def main() -> None:
             sink.write(records)
         else:
             sink.idle()
-        if parent:
-            try:
-                _send(out, ("ack" if kind == "write" else "idle", n, _counts(sink)))
-            except OSError:  # the parent is gone: write what it sent, then stop at end of file
-                parent = False
+        forward.send(("ack" if kind == "write" else "idle", n, _counts(sink)))
     sink.close()
+
+
+class _Forward(logging.Handler):
+    """The child's log records and acknowledgements, to the parent while it listens; once it is
+    gone (a broken pipe), the batches it sent are still written, and the records go to stderr."""
+
+    def __init__(self, out: IO[bytes]) -> None:
+        super().__init__(logging.INFO)
+        self.out: IO[bytes] | None = out
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = self.format(record)
+        if not self.send(("log", record.levelno, text)):
+            sys.stderr.write(text + "\n")
+
+    def send(self, message: tuple[Any, ...]) -> bool:
+        if self.out is None:
+            return False
+        try:
+            _send(self.out, message)
+            return True
+        except OSError:
+            self.out = None
+            return False
 
 
 def _counts(sink: StoreSink) -> dict[str, Any]:
