@@ -197,20 +197,33 @@ def _agent_arm(arm: str, sizes: Sizes) -> dict[str, Any]:
         }
 
 
-def _store_process_cpu() -> float:
-    """CPU seconds of the store's child processes (`writer="process"`) so far."""
+def _store_processes() -> list[int]:
+    """The pids of this process's store processes (`writer="process"`)."""
     if "honed.capture.recorder" not in sys.modules:
-        return 0.0
+        return []
     from honed.capture.recorder import live_recorders
     from honed.capture.store_process import ProcessStoreSink
 
+    sinks = [r._store_sink for r in live_recorders()]
+    return [s._child.pid for s in sinks if isinstance(s, ProcessStoreSink) and s._child is not None]
+
+
+def _store_process_peak_rss_mib() -> float | None:
+    """The store processes' peak RSS (VmHWM: from their exec, not the fork that started them)."""
+    peaks = []
+    for pid in _store_processes():
+        with open(f"/proc/{pid}/status") as handle:
+            peaks += [int(line.split()[1]) / 1024 for line in handle if line.startswith("VmHWM:")]
+    return sum(peaks) if peaks else None
+
+
+def _store_process_cpu() -> float:
+    """CPU seconds of the store processes (`writer="process"`) so far."""
     total = 0.0
-    for recorder in live_recorders():
-        sink = recorder._store_sink
-        if isinstance(sink, ProcessStoreSink) and sink._child is not None:
-            with open(f"/proc/{sink._child.pid}/stat") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    for pid in _store_processes():
+        with open(f"/proc/{pid}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
     return total
 
 
@@ -612,8 +625,8 @@ def _ingest(url: str, sizes: Sizes) -> dict[str, Any]:
     elapsed = time.perf_counter() - t0
     rss_delta = _maxrss_mib() - rss0
     stats = recorder.stats()
-    recorder.close()  # a store process (`writer="process"`) has exited now: its peak RSS is counted
-    child_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    child_rss = _store_process_peak_rss_mib()
+    recorder.close()
     store.close()
     counts = _step_counts(url)
     stored_steps = sum(counts["steps_by_kind"].values())
@@ -630,7 +643,7 @@ def _ingest(url: str, sizes: Sizes) -> dict[str, Any]:
         "flushed": flushed,
         "events_dropped": stats["events_dropped"],
         "peak_rss_delta_mib": rss_delta,
-        "store_process_peak_rss_mib": child_rss,
+        "store_process_peak_rss_mib": child_rss,  # its whole peak, from its start (~50 MiB) on
         "spooled": stats["trajectories_spooled"],
         "payload_bytes_per_step": payload,
     }
@@ -912,7 +925,9 @@ def _report_ingest(console: Any, ingest: dict[str, dict[str, Any]]) -> None:
             f"{row['produce_s']:.2f}",
             f"{row['peak_rss_delta_mib']:.0f}"
             + (
-                f" (+ store process {row['store_process_peak_rss_mib']:.0f})" if "@process" in backend else ""
+                f" (+ store process {row['store_process_peak_rss_mib']:.0f})"
+                if row["store_process_peak_rss_mib"]
+                else ""
             ),
             _payload_text(row["payload_bytes_per_step"]),
             f"{row['other_cores']:.2f}",
@@ -955,6 +970,10 @@ def _summary(results: dict[str, Any]) -> dict[str, Any]:
         if "steps_per_s" in row:
             out[f"ingest_{backend}_steps_per_s"] = round(row["steps_per_s"])
             out[f"ingest_{backend}_peak_rss_mib"] = round(row["peak_rss_delta_mib"], 1)
+            if row["store_process_peak_rss_mib"]:
+                out[f"ingest_{backend}_store_process_peak_rss_mib"] = round(
+                    row["store_process_peak_rss_mib"], 1
+                )
             out[f"ingest_{backend}_other_cores"] = round(row["other_cores"], 2)
     return out
 
