@@ -47,6 +47,8 @@ def test_flush_returns_once_the_child_has_stored_everything(sqlite_url: str) -> 
 def test_a_store_only_this_process_sees_is_written_by_the_thread() -> None:
     assert Recorder("sqlite://", writer="process").writer == "thread"
     assert Recorder("sqlite:///:memory:", writer="process").writer == "thread"
+    shared = "sqlite:///file:captures?mode=memory&cache=shared&uri=true"  # shared within this process only
+    assert Recorder(shared, writer="process").writer == "thread"
     with pytest.raises(ValueError, match="'thread' or 'process'"):
         Recorder("sqlite://", writer="fork")
 

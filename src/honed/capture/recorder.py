@@ -47,7 +47,10 @@ def _in_memory(url: str) -> bool:
         parsed = make_url(url)
     except Exception:
         return False
-    return parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:")
+    database = parsed.database or ""
+    return parsed.get_backend_name() == "sqlite" and (
+        database in ("", ":memory:") or "mode=memory" in database or parsed.query.get("mode") == "memory"
+    )
 
 
 def _env_int(name: str, default: int) -> int:
