@@ -538,8 +538,7 @@ class _Build:
     ) -> TrainingData:
         """Each judged attempt's recorded model calls, with the log-probabilities they were sampled
         with and the attempt's advantage (newest versions first under the per-task cap): 1 for a
-        pass, minus its group's pass rate for a failure, trained after it diverged from every
-        pass of its group (`_after_divergence`); groups never passed are dropped. Not
+        pass, minus its group's pass rate for a failure; groups never passed are dropped. Not
         deduplicated: two equal attempts are two draws of the policy. (Deduplicating, which drops
         the repeated passes of a likely answer and few of the failures, which rarely repeat,
         tilts the estimate toward the failures: with SFT's deduplicated passes and demonstrations
@@ -553,7 +552,7 @@ class _Build:
         groups: dict[str, list[Trajectory]] = defaultdict(list)
         for e in examples:
             groups[e.group].append(e.trajectory)
-        self.counts["groups"] = self.counts["unpassed_groups"] = self.counts["shared_with_a_pass"] = 0
+        self.counts["groups"] = self.counts["unpassed_groups"] = 0
         rows, used = [], []
         for members in groups.values():
             rate = statistics.fmean(1.0 if labels[t.id] else 0.0 for t in members)
@@ -561,31 +560,14 @@ class _Build:
                 self.counts["unpassed_groups"] += 1
                 continue
             self.counts["groups"] += 1
-            passes = [row["input_ids"] for t in members if labels[t.id] for row in _token_rows(t)]
             for t in members:
                 advantage = 1.0 if labels[t.id] else -rate
                 for row, logprobs in zip(_token_rows(t), _logprobs_of(t), strict=True):
                     prompt = len(row["input_ids"]) - len(logprobs)
-                    if advantage < 0:
-                        row = self._after_divergence(row, passes)
-                        if row is None:
-                            continue
                     rows.append({**row, "logprobs": [0.0] * prompt + logprobs, "advantage": advantage})
                 used.append(_Example(t, [], []))
         self.counts["pretokenized"] = 1
         return self._data(rows, used, _features("offpolicy"))
-
-    def _after_divergence(self, row: dict[str, Any], passes: list[list[int]]) -> dict[str, Any] | None:
-        """A failure's model call, trained only after it diverged from every pass's call in its
-        group: the tokens it shares with a pass (the tool-call syntax, an answer's opening) are
-        what the passes do too, so pushing them down would undo what the passes teach (the
-        tapered ratio does not spare them: the passes raise them, so it stays at 1). None when
-        the whole call is some pass's call: the failure went wrong elsewhere."""
-        ids = row["input_ids"]
-        shared = max((common_prefix(ids, p) for p in passes), default=0)
-        mask = [m if i >= shared else 0 for i, m in enumerate(row["completion_mask"])]
-        self.counts["shared_with_a_pass"] += sum(row["completion_mask"]) - sum(mask)
-        return {**row, "completion_mask": mask} if any(mask) else None
 
     # -- shared steps ------------------------------------------------------------------------
 
@@ -783,16 +765,6 @@ def _logprobs_of(t: Trajectory) -> list[list[float]]:
 
 def _token_ids_of(t: Trajectory) -> list[list[list[int]]]:
     return [[s.extra["prompt_token_ids"], s.extra["token_ids"]] for s in t.model_steps()]
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    """How many leading items `a` and `b` share."""
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def _token_rows(t: Trajectory) -> Iterator[dict[str, Any]]:

@@ -15,9 +15,7 @@ policy is exact. Per sampled token `t` of an attempt with advantage `A`:
     loss_t  = -A * min(ratio_t, 1) * log p_theta(t)             if A < 0
 
 averaged over the batch's sampled tokens (TRL GRPO's "dapo" normalisation), prompt and tool
-results never trained, nor a failure's tokens before it diverged from every pass of its group
-(`prepare` masks them): the passes raise those tokens, so their ratio stays at 1 and, untapered,
-the failures would push down the syntax the passes teach. This is tapered off-policy REINFORCE (Le Roux et al. 2025, "TOPR"): passes
+results never trained. This is tapered off-policy REINFORCE (Le Roux et al. 2025, "TOPR"): passes
 are learned as rejection-sampling SFT learns them, and a failure is pushed down with its ratio
 truncated at 1, so its push fades as the model moves away from it. PPO's clipped objective on the
 same rows (ratio in [0.8, 1.2], passes clipped too) measured worse here: at the demo's rate it

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from honed.learn.datasets import TrainingData, common_prefix
+from honed.learn.datasets import TrainingData
 from honed.learn.methods.base import TrlMethod
 
 
@@ -69,13 +69,24 @@ def divergence_kto_trainer() -> type:
                 prompt, completion = example["prompt_ids"], example["completion_ids"]
                 if example["label"] or not completion:
                     return {"prompt_ids": prompt, "completion_ids": completion}
-                shared = max((common_prefix(c, completion) for c in passes.get(tuple(prompt), ())), default=0)
+                shared = max(
+                    (_common_prefix(c, completion) for c in passes.get(tuple(prompt), ())), default=0
+                )
                 shared = min(shared, len(completion) - 1)  # keep at least one token to push down
                 return {"prompt_ids": prompt + completion[:shared], "completion_ids": completion[shared:]}
 
             return dataset.map(after_divergence)
 
     return DivergenceKTOTrainer
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 class DPOMethod(TrlMethod):
