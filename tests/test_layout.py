@@ -109,3 +109,19 @@ def test_where_things_live_table_names_real_modules_in_dependency_order() -> Non
         if a in order and b in order and order.index(b) > order.index(a)
     ]
     assert upward == [], "a stage imports one below it in README's table"
+
+
+def test_every_public_name_resolves_though_loaded_on_first_use() -> None:
+    """`honed`'s names load their modules on first use (the store's process must not pay for
+    LangChain); each still resolves, to the object its home module defines, and `dir` lists it."""
+    import honed
+    import honed.capture
+
+    for package in (honed, honed.capture):
+        for name in package.__all__:
+            value = getattr(package, name)
+            assert not isinstance(value, type(honed)), (package.__name__, name, value)  # not a module
+            assert name in dir(package)
+    import honed.capture.instrument  # the module shares the function's name: the function wins
+
+    assert callable(honed.instrument) and honed.instrument is honed.capture.instrument

@@ -67,3 +67,7 @@ __getattr__ = lazy_attributes(
         **dict.fromkeys(("ModelVersion", "Step", "Trajectory", "Verdict"), "honed.trajectory"),
     },
 )
+
+
+def __dir__() -> list[str]:  # the lazy names too, for completion and `help(honed)`
+    return sorted({*globals(), *__all__})

@@ -15,3 +15,7 @@ __all__ = ["CallbackHandler", "Middleware", "flush", "instrument", "stats", "uni
 __getattr__ = lazy_attributes(
     __name__, {"CallbackHandler": "honed.capture.callbacks", "Middleware": "honed.capture.middleware"}
 )
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
