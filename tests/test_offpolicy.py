@@ -174,8 +174,9 @@ def test_tasks_never_passed_teach_nothing(store: TrajectoryStore, tiny: Path, tm
 # -- the loss ------------------------------------------------------------------------------------
 
 
-def reference_loss(model: Any, rows: list[dict[str, Any]]) -> torch.Tensor:
-    """The tapered objective, row by row, without padding or a shared prefix."""
+def reference_loss(model: Any, rows: list[dict[str, Any]], failure_weight: float = 0.5) -> torch.Tensor:
+    """The tapered objective, row by row, without padding or a shared prefix (failures weighted
+    by `failure_weight`, the method's default)."""
     total, tokens = torch.zeros(()), 0
     for row in rows:
         ids = row["input_ids"]
@@ -188,9 +189,9 @@ def reference_loss(model: Any, rows: list[dict[str, Any]]) -> torch.Tensor:
         if a > 0:
             weight = torch.ones_like(logps)
         else:
-            weight = torch.exp(logps.detach() - torch.tensor([row["logprobs"][i] for i in sampled])).clamp(
-                max=1
-            )
+            weight = failure_weight * torch.exp(
+                logps.detach() - torch.tensor([row["logprobs"][i] for i in sampled])
+            ).clamp(max=1)
         total = total - (a * weight * logps).sum()
         tokens += len(sampled)
     return total / tokens
@@ -249,6 +250,12 @@ def test_the_loss_on_a_collated_batch_is_the_tapered_objective(
     assert not torch.allclose(at_one, passes_part, atol=1e-6)
     assert torch.allclose(tapered - passes_part, (at_one - passes_part) / torch.e, atol=1e-6)
 
+    # `failure_weight` scales the failures' part and nothing else: 1 doubles the default's 0.5.
+    trainer.failure_weight = 1.0
+    loss = trainer.compute_loss(net, dict(batch))
+    assert torch.allclose(loss, reference_loss(net, rows, failure_weight=1.0), atol=1e-5)
+    assert torch.allclose(gradient(loss, net) - passes_part, 2 * (at_one - passes_part), atol=1e-6)
+
 
 def test_the_ratio_is_one_on_what_the_served_model_sampled(
     store: TrajectoryStore, tiny: Path, tmp_path: Path
@@ -292,7 +299,7 @@ def test_training_moves_passes_up_and_failures_below_what_passes_alone_leave(
 ) -> None:
     """Passes are learned as SFT learns them, so the tokens they share with failures (the template,
     the tool call) rise for both; what failures teach is that the failed answers end up less likely
-    than after the same training on the passes alone."""
+    than after the same training on the passes alone, the more so the larger `failure_weight`."""
     from transformers import AutoModelForCausalLM
 
     answers = {("t1", True): "The sum is 5.", ("t1", False): "I cannot tell.",
@@ -300,23 +307,34 @@ def test_training_moves_passes_up_and_failures_below_what_passes_alone_leave(
     for (task, passed), answer in answers.items():
         attempt(store, model, tokenizer, task, answer, passed)
     data = prepare(store, "offpolicy", tokenizer=tokenizer)
-    method = OffPolicyMethod(per_device_train_batch_size=8, learning_rate=1e-3, max_steps=4)
+    method = OffPolicyMethod(
+        per_device_train_batch_size=8, learning_rate=1e-3, max_steps=4, failure_weight=1.0
+    )
     result = method.train(tiny, data, tmp_path / "out")
     assert result.metrics["steps"] == 4 and result.metrics["tokens"] > 0
     assert 0.0 < result.metrics["tapered"] <= 1.0 and result.metrics["ratio_mean"] > 0
+    halved = OffPolicyMethod(
+        per_device_train_batch_size=8, learning_rate=1e-3, max_steps=4
+    )  # the default, 0.5
+    half = halved.train(tiny, data, tmp_path / "half")
     data.dataset = data.dataset.filter(lambda row: row["advantage"] > 0)
     alone = method.train(tiny, data, tmp_path / "passes")
     after = AutoModelForCausalLM.from_pretrained(result.path).eval()
+    after_half = AutoModelForCausalLM.from_pretrained(half.path).eval()
     passes_alone = AutoModelForCausalLM.from_pretrained(alone.path).eval()
     for (task, passed), answer in answers.items():
         _, _, prompt, completion = conversation_ids(tokenizer, task, answer)
         moved = sequence_logprob(after, prompt, completion) - sequence_logprob(model, prompt, completion)
-        below = sequence_logprob(after, prompt, completion) - sequence_logprob(
-            passes_alone, prompt, completion
-        )
+        alone_lp = sequence_logprob(passes_alone, prompt, completion)
+        below = sequence_logprob(after, prompt, completion) - alone_lp
+        below_half = sequence_logprob(after_half, prompt, completion) - alone_lp
         if passed:
             assert moved > 0, (task, answer, moved)
         else:
             assert below < -1.0, (task, answer, below)
+            assert below < below_half < 0, (task, answer, below, below_half)
+    assert halved.config()["failure_weight"] == 0.5
+    with pytest.raises(ValueError, match="failure_weight"):
+        OffPolicyMethod(failure_weight=-1.0)
     config = method.config()
     assert config["method"] == "offpolicy" and config["trl_config"] == "SFTConfig"
