@@ -254,9 +254,7 @@ class Recorder:
             self._counts["events_processed"] += processed
         if flushes:
             for sink in self.sinks:  # a sink that writes elsewhere: until it is written there
-                wait = getattr(sink, "wait", None)
-                if wait is not None:
-                    wait(_FLUSH_WAIT_S)
+                sink.wait(_FLUSH_WAIT_S)
         for done in flushes:
             done.set()
 

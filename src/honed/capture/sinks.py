@@ -34,6 +34,9 @@ class Sink(Protocol):
     def idle(self) -> None:
         """Called when a drain had nothing to write (a chance to retry)."""
 
+    def wait(self, timeout: float) -> bool:
+        """Until what `write` took is written (a sink that writes elsewhere); True when it is."""
+
     def stats(self) -> dict[str, Any]: ...
 
     def close(self) -> None: ...
@@ -90,10 +93,16 @@ class StoreSink:
     def idle(self) -> None:
         self._replay_if_due()
 
+    def wait(self, timeout: float) -> bool:
+        return True  # `write` returns once the store (or the spool) has the records
+
     def stats(self) -> dict[str, Any]:
+        return {**self.counts(), "spool_pending": self.spool.pending()}
+
+    def counts(self) -> dict[str, Any]:
+        """`stats()` without the spool's size (which reads the spool file)."""
         with self._lock:
             counts: dict[str, Any] = dict(self._counts)
-        counts["spool_pending"] = self.spool.pending()
         counts["store"] = self.safe_url()
         counts["store_error"] = self.misconfigured or self.error
         return counts
@@ -196,6 +205,9 @@ class ExporterSink:
 
     def idle(self) -> None:
         return None
+
+    def wait(self, timeout: float) -> bool:
+        return True  # `write` exported (or failed) before returning
 
     def stats(self) -> dict[str, Any]:
         return {"export_errors": self.errors}

@@ -229,14 +229,14 @@ def main() -> None:
     log.addHandler(forward)  # the application's logging sees the store's warnings, not our stderr
     log.propagate = False
     sink = StoreSink(config["store"], config["spool"])
-    _send(out, ("ready", 0, _counts(sink)))
+    _send(out, ("ready", 0, sink.counts()))
     while (message := _receive(source)) is not None:
         kind, n, records = message
         if kind == "write":
             sink.write(records)
         else:
             sink.idle()
-        forward.send(("ack" if kind == "write" else "idle", n, _counts(sink)))
+        forward.send(("ack" if kind == "write" else "idle", n, sink.counts()))
     sink.close()
 
 
@@ -262,15 +262,6 @@ class _Forward(logging.Handler):
         except OSError:
             self.out = None
             return False
-
-
-def _counts(sink: StoreSink) -> dict[str, Any]:
-    """The sink's stats but the spool's size (the parent reads the same file when asked)."""
-    with sink._lock:
-        counts: dict[str, Any] = dict(sink._counts)
-    counts["store"] = sink.safe_url()
-    counts["store_error"] = sink.misconfigured or sink.error
-    return counts
 
 
 if __name__ == "__main__":
