@@ -20,6 +20,7 @@ from langchain.agents import create_agent
 import honed
 from fakes import ToolScriptModel, make_tools
 from honed.capture.recorder import Recorder
+from honed.testing import ScriptedChatModel
 
 
 def invoke(agent, i: int) -> None:
@@ -123,6 +124,47 @@ def test_what_was_handed_to_the_child_survives_a_kill_9_of_the_agent(tmp_path: P
     assert not _alive(child_pid)  # end of file: it wrote what it had been sent, then exited
     stored = {t.task_id for t in honed.open_store(url).trajectories(limit=None, with_steps=False)}
     assert stored == {f"t{i}" for i in range(20)}
+
+
+def _pipe_max() -> int:
+    try:
+        return int(Path("/proc/sys/fs/pipe-max-size").read_text())
+    except (OSError, ValueError):
+        return 0
+
+
+@pytest.mark.skipif(_pipe_max() < 1 << 20, reason="the system caps pipes below 1 MiB")
+def test_the_writer_hands_batches_over_while_the_child_is_busy_inserting(tmp_path: Path) -> None:
+    """The writer must not wait for each insert: while the child is stuck on one batch (here the
+    database's lock), the next ones are handed over (the pipe holds them), then all are stored."""
+    db = tmp_path / "busy.db"
+    url = f"sqlite:///{db}"
+    recorder = Recorder(url, writer="process")
+    agent = create_agent(ScriptedChatModel(), [], middleware=[honed.Middleware(recorder=recorder)])
+    agent.invoke({"messages": [("user", "answer 0")]})
+    assert recorder.flush()  # the child runs and the tables exist
+    sink = recorder._store_sink
+    lock = sqlite3.connect(db, isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")  # the child's next insert waits behind it (30 s busy timeout)
+    try:
+        runs = 200  # ~3 KiB each on the pipe: far past a default 64 KiB pipe, within 1 MiB
+        for i in range(runs):
+            agent.invoke({"messages": [("user", f"answer {i} " + "x" * 1400)]})
+        deadline = time.monotonic() + 5
+        handed = 0
+        while time.monotonic() < deadline:
+            with sink._changed:
+                handed = sum(len(chunk) for chunk in sink._unacked.values())
+            if handed == runs:
+                break
+            time.sleep(0.05)
+        assert handed == runs  # every run handed over while the first insert still waits
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    assert recorder.flush(timeout=60)
+    assert honed.open_store(url).count() == runs + 1
+    recorder.close()
 
 
 def _alive(pid: int) -> bool:
