@@ -18,6 +18,7 @@ Arms (each runs `honed.demo.loop.LearningLoop` on the same suite, base model and
   (d)  DPO on same-task (pass, failure) pairs (`--dpo-lr`);
   (e)  (a) without the external-data mix (no demonstrations in the training sets);
   (t)  (a) with demonstrations only for tasks that never pass (`external_for="stuck"`);
+  (w)  (a) with the live version's own rows counted twice (`newest_weight=2`);
   (s)  (a), each candidate trained from the base model on the accumulated data (`start="base"`,
        as STaR restarts) instead of from the live version;
   (k)  KTO from verified passes and failures;
@@ -58,6 +59,7 @@ ARMS = {
     "d": "DPO on pass/fail pairs",
     "e": "(a) without external data",
     "t": "(a), demonstrations for stuck tasks",
+    "w": "(a), the live version's rows twice",
     "s": "(a), every cycle from the base weights",
     "k": "KTO (passes and failures)",
     "f": "GRPO (verifier reward)",
@@ -129,6 +131,8 @@ def arm_loop(arm: str, suite: Any, store: Any, seed: int, args: argparse.Namespa
         options["external_ratio"] = 0.0
     elif arm == "t":
         options["data"] = {"external_for": "stuck"}
+    elif arm == "w":
+        options["data"] = {"newest_weight": 2}
     elif arm == "s":
         options["start"] = "base"
     elif arm == "f":
