@@ -8,7 +8,10 @@
 
 Arms (each runs `honed.demo.loop.LearningLoop` on the same suite, base model and seeds):
   (a)  verified rejection-sampling SFT learning from the whole lineage (the demo's loop, the default
-       `DataConfig(versions="lineage")`: experience accumulates across cycles);
+       `DataConfig(versions="lineage", newest_weight=2)`: experience accumulates across cycles, the
+       live version's own rows counted twice);
+  (a1) (a) with the live version's rows counted once (`newest_weight=1`, the default until
+       2026-12-05: its rows in earlier result files are labelled (a); session 11's (w) is today's (a));
   (a0) (a) learning from the live version's runs only (`versions="live"`);
   (b)  the same loop training on every attempt, unverified;
   (c)  the training attempts labelled by a verifier with 20% false positives (a failing attempt
@@ -18,7 +21,6 @@ Arms (each runs `honed.demo.loop.LearningLoop` on the same suite, base model and
   (d)  DPO on same-task (pass, failure) pairs (`--dpo-lr`);
   (e)  (a) without the external-data mix (no demonstrations in the training sets);
   (t)  (a) with demonstrations only for tasks that never pass (`external_for="stuck"`);
-  (w)  (a) with the live version's own rows counted twice (`newest_weight=2`);
   (s)  (a), each candidate trained from the base model on the accumulated data (`start="base"`,
        as STaR restarts) instead of from the live version;
   (k)  KTO from verified passes and failures;
@@ -52,6 +54,7 @@ from typing import Any
 
 ARMS = {
     "a": "verified RS-SFT, lineage",
+    "a1": "(a), the live version's rows once",
     "a0": "verified RS-SFT, live version only",
     "b": "unverified SFT",
     "c": "verifier with 20% false positives",
@@ -59,7 +62,6 @@ ARMS = {
     "d": "DPO on pass/fail pairs",
     "e": "(a) without external data",
     "t": "(a), demonstrations for stuck tasks",
-    "w": "(a), the live version's rows twice",
     "s": "(a), every cycle from the base weights",
     "k": "KTO (passes and failures)",
     "f": "GRPO (verifier reward)",
@@ -113,7 +115,9 @@ def arm_loop(arm: str, suite: Any, store: Any, seed: int, args: argparse.Namespa
     from honed.demo.loop import LearningLoop, demo_method
 
     options: dict[str, Any] = {}
-    if arm == "a0":
+    if arm == "a1":
+        options["data"] = {"newest_weight": 1}
+    elif arm == "a0":
         options["data"] = {"versions": "live"}
     elif arm == "b":
         options["data"] = {"verified": False}
@@ -131,8 +135,6 @@ def arm_loop(arm: str, suite: Any, store: Any, seed: int, args: argparse.Namespa
         options["external_ratio"] = 0.0
     elif arm == "t":
         options["data"] = {"external_for": "stuck"}
-    elif arm == "w":
-        options["data"] = {"newest_weight": 2}
     elif arm == "s":
         options["start"] = "base"
     elif arm == "f":

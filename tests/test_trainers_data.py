@@ -545,10 +545,17 @@ def test_a_cycle_learns_from_its_whole_lineage_newest_first(store: TrajectorySto
     accumulated = prepare(store, "sft", **DataConfig(max_per_task=4).filters(v4, chain))
     assert versions_of(accumulated) == {"calc@v4": 2, "calc@v2": 2}  # newest first under the cap
     assert accumulated.versions["calc@v4"] == {"n": 2, "passed": 2, "failed": 0}
+    # By default the live version's own rows count twice against its ancestors' (the measured default).
+    assert len(accumulated) == 4 + 2 and accumulated.counts["weighted_up"] == 2
+    assert Counter(accumulated.dataset["trajectory_id"]) == {
+        i: 2 if v == "calc@v4" else 1 for i, v in by_id.items() if i in accumulated.trajectory_ids
+    }
     everything = prepare(store, "sft", **DataConfig(max_per_task=None).filters(v4, chain))
     assert versions_of(everything) == {"calc@v4": 2, "calc@v2": 3, "calc@v1": 3}  # not the sibling
     live_only = prepare(store, "sft", **DataConfig(versions="live").filters(v4, chain))
     assert versions_of(live_only) == {"calc@v4": 2}
+    once = prepare(store, "sft", **DataConfig(max_per_task=4, newest_weight=1).filters(v4, chain))
+    assert len(once) == 4 and once.counts["weighted_up"] == 0
     weighted = prepare(store, "sft", **DataConfig(max_per_task=4, newest_weight=3).filters(v4, chain))
     assert len(weighted) == 4 + 2 * 2 and weighted.counts["weighted_up"] == 4
     rows = Counter(weighted.dataset["trajectory_id"])

@@ -57,7 +57,8 @@ class DataConfig:
     `versions`: "lineage" (the default) learns from the runs of the live version and every version
     it descends from, newest first under the per-task cap (experience accumulates across cycles
     instead of being replaced: Gerstgrasser et al. 2024); `window` keeps only the newest that many
-    versions of it; `newest_weight` repeats the live version's rows. "live" learns from the live
+    versions of it; `newest_weight` counts the live version's own rows that many times (default 2:
+    over 5 cycles, 3 seeds, held-out pass@1 0.726 against 0.653 with 1, benchmarks/README.md). "live" learns from the live
     version's runs only; "all" from every run (including runs no version served, e.g. a teacher
     configuration's). `agent`: only this agent's runs. `max_per_task`: attempts kept per task. `external` chat
     examples make up `external_ratio` of the rows (SFT, distill, KTO); with `external_for="stuck"`
@@ -72,7 +73,7 @@ class DataConfig:
     min_new_verified: int = 1
     versions: Literal["lineage", "live", "all"] = "lineage"
     window: int | None = None
-    newest_weight: int = 1
+    newest_weight: int = 2
     agent: str | None = None
     max_per_task: int | None = 8
     external: Sequence[Any] | None = None
