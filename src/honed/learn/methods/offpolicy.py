@@ -19,8 +19,8 @@ results never trained. This is tapered off-policy REINFORCE (Le Roux et al. 2025
 are learned as rejection-sampling SFT learns them, and a failure is pushed down with its ratio
 truncated at 1, so its push fades as the model moves away from it, and weighted by `w`
 (`failure_weight`, default 0.5: at 1 held-out pass@1 after two cycles was 0.492, at 0.5 0.556,
-mean of 3 seeds on the same bases; after five cycles 0.737 against RS-SFT's 0.653, 3 seeds on the
-same bases; benchmarks/README.md). PPO's clipped objective on the
+mean of 3 seeds on the same bases; after five cycles 0.737 against RS-SFT's 0.653 with the newest
+rows counted once, 0.726 with them twice, 3 seeds on the same bases; benchmarks/README.md). PPO's clipped objective on the
 same rows (ratio in [0.8, 1.2], passes clipped too) measured worse here: at the demo's rate it
 pushed down the tool-call syntax failures share with passes until sampling collapsed (held-out
 pass@1 0.28 -> 0.16 in two cycles), and at a tenth of it learned a third of what SFT did
