@@ -44,8 +44,11 @@ AGENT_ARMS = ("none", "honed-instrument", "honed-middleware", "openinference")
 # pays for capture alone, without the writer competing for the GIL. noop-middleware: a middleware with the
 # same hooks and state as honed.Middleware that does nothing: what LangChain's middleware machinery costs.
 # noop-callback: a do-nothing callback handler installed like instrument() installs honed's: what
-# LangChain's callback dispatch costs any callback-based capture.
-DIAGNOSTIC_ARMS = ("honed-deferred", "noop-callback", "noop-middleware")
+# LangChain's callback dispatch costs any callback-based capture. noop-wrap and noop-nodes split
+# noop-middleware in two: its `wrap_model_call`/`wrap_tool_call` hooks alone (LangChain wraps each in
+# `langsmith.traceable`, which sets up a run context on every call even with tracing off), and its
+# `before_agent`/`after_agent` hooks and state alone (two graph nodes per run).
+DIAGNOSTIC_ARMS = ("honed-deferred", "noop-callback", "noop-middleware", "noop-wrap", "noop-nodes")
 
 
 def _other_writer() -> str:
@@ -245,20 +248,29 @@ def _setup_arm(arm: str, url: str) -> _Arm:
         return _Arm(_build_agent([honed.Middleware(store=url)]), honed.flush, stored)
     if arm == "openinference":
         return _openinference_arm()
-    if arm == "noop-middleware":
-        return _Arm(_build_agent([_noop_middleware()]), lambda: True, dict)
+    if arm in ("noop-middleware", "noop-wrap", "noop-nodes"):
+        return _Arm(_build_agent([_noop_middleware(arm.removeprefix("noop-"))]), lambda: True, dict)
     if arm == "noop-callback":
         _install_noop_callback()
         return _Arm(_build_agent([]), lambda: True, dict)
     raise SystemExit(f"unknown arm {arm!r}")
 
 
-def _noop_middleware() -> Any:
+def _noop_middleware(hooks: str = "middleware") -> Any:
+    """A middleware that does nothing, with honed.Middleware's hooks: all of them ("middleware"),
+    only the wrap hooks ("wrap"), or only the agent-boundary hooks and state ("nodes")."""
     from langchain.agents.middleware import AgentMiddleware
 
     from honed.capture.middleware import HonedState
 
-    class NoopMiddleware(AgentMiddleware):
+    class Wrap(AgentMiddleware):
+        def wrap_model_call(self, request: Any, handler: Any) -> Any:
+            return handler(request)
+
+        def wrap_tool_call(self, request: Any, handler: Any) -> Any:
+            return handler(request)
+
+    class Nodes(AgentMiddleware):
         state_schema = HonedState
 
         def before_agent(self, state: Any, runtime: Any) -> dict[str, Any] | None:
@@ -267,13 +279,10 @@ def _noop_middleware() -> Any:
         def after_agent(self, state: Any, runtime: Any) -> dict[str, Any] | None:
             return None
 
-        def wrap_model_call(self, request: Any, handler: Any) -> Any:
-            return handler(request)
+    class NoopMiddleware(Nodes, Wrap):
+        pass
 
-        def wrap_tool_call(self, request: Any, handler: Any) -> Any:
-            return handler(request)
-
-    return NoopMiddleware()
+    return {"middleware": NoopMiddleware, "wrap": Wrap, "nodes": Nodes}[hooks]()
 
 
 def _install_noop_callback() -> None:

@@ -250,6 +250,62 @@ def test_an_interrupt_inside_a_tool_pauses_and_resumes(capture: str, sqlite_url:
     assert [s.output for s in t.tool_steps() if s.error is None][-1] == "refunded A7"
 
 
+@pytest.mark.parametrize("how", ["invoke", "stream", "astream"])
+def test_a_streamed_run_stores_what_an_invoked_one_does_and_no_private_state(
+    capture: str, how: str, sqlite_url: str
+) -> None:
+    """`stream()` ends its root run with every channel (LangGraph's default `output_keys`), where
+    `invoke()` gives the output schema: private state (honed's own trajectory id, a call limit's
+    counters) must not land in the stored output either way."""
+    import asyncio
+
+    from langchain.agents.middleware import ModelCallLimitMiddleware
+
+    middleware = [*capture_middleware(capture, sqlite_url), ModelCallLimitMiddleware(run_limit=10)]
+    agent = create_agent(
+        ToolScriptModel(), [add], name="calc", middleware=middleware, checkpointer=InMemorySaver()
+    )
+    inputs, config = {"messages": [("user", ADD_TASK)]}, thread(f"th-{how}")
+    if how == "invoke":
+        agent.invoke(inputs, config)
+    elif how == "stream":
+        list(agent.stream(inputs, config, stream_mode="updates"))
+    else:
+
+        async def drain() -> None:
+            async for _ in agent.astream(inputs, config, stream_mode="messages"):
+                pass
+
+        asyncio.run(drain())
+    assert honed.flush()
+    (t,) = honed.open_store(sqlite_url).trajectories()
+    assert (t.status, t.output) == ("ok", "the sum is 5")
+
+
+def test_update_state_between_pause_and_resume_is_not_a_run(sqlite_url: str) -> None:
+    """`graph.update_state()` runs the node's writers as a root run named `<graph>UpdateState`; it is
+    an operator editing the checkpoint, not an attempt at a task, so it stores no trajectory."""
+    from langgraph.types import interrupt
+
+    @tool
+    def ask(question: str) -> str:
+        """Ask a human."""
+        return f"{question}={interrupt(question)}"
+
+    honed.instrument(store=sqlite_url)
+    try:
+        agent = create_agent(ToolScriptModel(), [ask], name="support", checkpointer=InMemorySaver())
+        config = thread("th-edit")
+        agent.invoke({"messages": [("user", 'call ask {"question": "Z"}; answer got {result}')]}, config)
+        agent.update_state(config, {"messages": []}, as_node="model")
+        agent.invoke(Command(resume="yes"), config)
+        assert honed.flush()
+    finally:
+        honed.uninstrument()
+    (t,) = honed.open_store(sqlite_url).trajectories()
+    assert (t.agent, t.status, t.answer) == ("support", "ok", "got Z=yes")
+
+
 # -- conversations --------------------------------------------------------------------------------
 
 

@@ -11,10 +11,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import sys
+import typing
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any, NotRequired, Required
 
 from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
 from langchain_core.outputs import LLMResult
@@ -696,8 +698,9 @@ def _final_output(outputs: Any) -> tuple[Any, dict[str, str]]:
         last_ai = next((m for m in reversed(outputs["messages"]) if isinstance(m, AIMessage)), None)
         answer = text_of(last_ai) if last_ai is not None else ""
         rest = {}
+        private = _private_agent_state()
         for key, value in outputs.items():
-            if key in _INTERNAL_STATE_KEYS:
+            if key in _INTERNAL_STATE_KEYS or key in private:
                 continue
             rest[key], type_name = _untyped(value)
             if type_name:
@@ -707,6 +710,43 @@ def _final_output(outputs: Any) -> tuple[Any, dict[str, str]]:
     if type_name:
         types["$"] = type_name
     return value, types
+
+
+_private_cache: tuple[tuple[type, ...], frozenset[str]] = ((), frozenset())
+
+
+def _private_agent_state() -> frozenset[str]:
+    """State keys that `create_agent` middlewares declare left out of the agent's output
+    (`PrivateStateAttr`, `OmitFromOutput`): honed's own trajectory id, a call limit's counters. A
+    streamed run ends with every channel (LangGraph's default `output_keys`), an invoked one with
+    the output schema; either way these stay out of the stored output. A key some middleware
+    declares public stays, as in the agent's own output schema."""
+    global _private_cache
+    types = sys.modules.get("langchain.agents.middleware.types")
+    if types is None:
+        return frozenset()  # no create_agent agent in this process
+    classes, todo = [], [types.AgentMiddleware]
+    while todo:
+        cls = todo.pop()
+        classes.append(cls)
+        todo += cls.__subclasses__()
+    known = tuple(classes)
+    if known == _private_cache[0]:
+        return _private_cache[1]
+    omitted, public = set(), set()
+    for schema in {getattr(c, "state_schema", None) for c in known}:
+        try:
+            hints = typing.get_type_hints(schema, include_extras=True)
+        except Exception:
+            hints = dict(getattr(schema, "__annotations__", {}))
+        for key, hint in hints.items():
+            if typing.get_origin(hint) in (Required, NotRequired):
+                hint = typing.get_args(hint)[0]
+            meta = hint.__metadata__ if typing.get_origin(hint) is Annotated else ()
+            hidden = any(isinstance(m, types.OmitFromSchema) and m.output for m in meta)
+            (omitted if hidden else public).add(key)
+    _private_cache = (known, frozenset(omitted - public))
+    return _private_cache[1]
 
 
 def _untyped(value: Any) -> tuple[Any, str | None]:

@@ -15,6 +15,9 @@ from langgraph.callbacks import GraphCallbackHandler
 from honed.capture.events import CHAIN, END, ERROR, INTERRUPT, LLM, MODEL, START, TOOL
 from honed.capture.recorder import Recorder
 
+# LangGraph's `update_state()` names the run that applies a node's writes `<graph name>UpdateState`.
+_UPDATE_STATE = "UpdateState"
+
 
 class CallbackHandler(GraphCallbackHandler):
     """Capture every run this handler sees into the recorder's store.
@@ -45,6 +48,8 @@ class CallbackHandler(GraphCallbackHandler):
             return
         name = kwargs.get("name") or (serialized or {}).get("name")
         if kwargs.get("parent_run_id") is None:
+            if isinstance(name, str) and name.endswith(_UPDATE_STATE):
+                return  # `graph.update_state()` running a node's writers: an edit, not an attempt
             # A root's config may be reused and mutated by the caller for the next task: copy
             # the small parts we keep (inputs' top level, honed metadata) now.
             inputs = dict(inputs) if isinstance(inputs, dict) else inputs
