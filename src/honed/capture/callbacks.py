@@ -6,6 +6,8 @@ no locks on the agent's thread. `run_inline` keeps async runs from hopping throu
 
 from __future__ import annotations
 
+import copy
+import json
 import time
 from typing import Any
 from uuid import UUID
@@ -51,11 +53,8 @@ class CallbackHandler(GraphCallbackHandler):
             if isinstance(name, str) and name.endswith(_UPDATE_STATE):
                 return  # `graph.update_state()` running a node's writers: an edit, not an attempt
             # A root's config may be reused and mutated by the caller for the next task: copy
-            # the small parts we keep (inputs' top level, honed metadata) now.
+            # the inputs' top level now (the labels: `_started`).
             inputs = dict(inputs) if isinstance(inputs, dict) else inputs
-            metadata = kwargs.get("metadata")
-            if metadata and isinstance(metadata.get("honed"), dict):
-                kwargs["metadata"] = {**metadata, "honed": dict(metadata["honed"])}
         self._started(CHAIN, name, inputs, None, **kwargs)
 
     # -- models ----------------------------------------------------------------------------------
@@ -107,6 +106,8 @@ class CallbackHandler(GraphCallbackHandler):
         metadata: dict[str, Any] | None = None,
         **_: Any,
     ) -> None:
+        if parent_run_id is None and metadata and isinstance(metadata.get("honed"), dict):
+            metadata = {**metadata, "honed": frozen_labels(metadata["honed"])}
         step = (kind, name, inputs, metadata, tags, extra)
         self.recorder.emit((START, run_id, parent_run_id, time.time(), step))
 
@@ -127,6 +128,16 @@ class CallbackHandler(GraphCallbackHandler):
         if self.enabled and event.run_id is not None:
             payload = (list(event.interrupts), event.checkpoint_id)
             self.recorder.emit((INTERRUPT, event.run_id, None, time.time(), payload))
+
+
+def frozen_labels(labels: dict[str, Any]) -> dict[str, Any]:
+    """A deep copy of a run's `honed` metadata (its task id, split, expected answer), taken as the
+    run starts: the agent's own code can reach the config (`get_config()`) and edit the lists and
+    dicts inside it in place before the writer reads them, so it would decide its own label."""
+    try:
+        return copy.deepcopy(labels)
+    except Exception:  # an object that cannot be copied: its JSON (or text) is what is stored anyway
+        return json.loads(json.dumps(labels, default=repr))
 
 
 def _model_settings(kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from langchain_core.utils.uuid import uuid7
 from langgraph.errors import GraphBubbleUp
 from langgraph.types import Command
 
+from honed.capture.callbacks import frozen_labels
 from honed.capture.events import (
     CHAIN,
     DISCARD,
@@ -151,7 +152,7 @@ class Middleware(AgentMiddleware):
         trajectory_id = str(uuid7())
         metadata = dict(config.get("metadata") or {})
         if isinstance(metadata.get("honed"), dict):
-            metadata["honed"] = dict(metadata["honed"])
+            metadata["honed"] = frozen_labels(metadata["honed"])
         name = self._agent_name(config)
         parent = _enclosing_tool_step.get()
         root = current_root()
@@ -230,6 +231,8 @@ class Middleware(AgentMiddleware):
                 return step_id
             resume = root.inputs.resume if root is not None and isinstance(root.inputs, Command) else NO_VALUE
             metadata = dict(config.get("metadata") or {})
+            if isinstance(metadata.get("honed"), dict):
+                metadata["honed"] = frozen_labels(metadata["honed"])
             extra = {"thread_id": root.thread_id if root is not None else None}
             self.recorder.emit((RESUME, trajectory_id, None, now, (name, resume, metadata, extra)))
             self._track(trajectory_id, _Live(root, True, _is_root_graph(root, config)), locked=True)
