@@ -334,6 +334,47 @@ def test_the_agents_code_cannot_rewrite_its_own_reference(capture: str, sqlite_u
     assert [v.passed for v in store.get(t.id).verdicts] == [False]
 
 
+@pytest.mark.parametrize("position", ["last", "first"])
+def test_retried_calls_are_steps_when_the_middleware_is_listed_last(position: str, sqlite_url: str) -> None:
+    """As the README says: listed last, `honed.Middleware` records each attempt a retry middleware
+    makes, the failed ones as error steps; listed first, one call per turn and its outcome."""
+    from langchain.agents.middleware import ModelRetryMiddleware, ToolRetryMiddleware
+
+    failures = {"model": 1, "tool": 1}
+
+    class Flaky(ToolScriptModel):
+        def _generate(self, messages: Any, stop: Any = None, run_manager: Any = None, **kwargs: Any) -> Any:
+            if failures["model"]:
+                failures["model"] -= 1
+                raise RuntimeError("transient model failure")
+            return super()._generate(messages, stop, run_manager, **kwargs)
+
+    @tool
+    def flaky_add(a: int, b: int) -> int:
+        """Add two integers, failing the first time."""
+        if failures["tool"]:
+            failures["tool"] -= 1
+            raise RuntimeError("transient tool failure")
+        return a + b
+
+    retries = [
+        ModelRetryMiddleware(max_retries=2, initial_delay=0.0),
+        ToolRetryMiddleware(max_retries=2, initial_delay=0.0),
+    ]
+    capture = honed.Middleware(store=sqlite_url)
+    middleware = [*retries, capture] if position == "last" else [capture, *retries]
+    agent = create_agent(Flaky(), [flaky_add], name="calc", middleware=middleware)
+    agent.invoke({"messages": [("user", 'call flaky_add {"a": 2, "b": 3}; answer {result}')]})
+    assert honed.flush()
+    (t,) = honed.open_store(sqlite_url).trajectories()
+    steps = [(s.kind, s.error is not None) for s in t.steps if s.kind != "node"]
+    if position == "last":
+        assert steps == [("model", True), ("model", False), ("tool", True), ("tool", False), ("model", False)]
+    else:
+        assert steps == [("model", False), ("tool", False), ("model", False)]
+    assert (t.status, t.answer) == ("ok", "5")
+
+
 # -- conversations --------------------------------------------------------------------------------
 
 
