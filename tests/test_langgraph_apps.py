@@ -14,11 +14,12 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NotRequired
 
 import pytest
 from langchain.agents import create_agent
-from langchain.agents.middleware import HumanInTheLoopMiddleware
+from langchain.agents.middleware import AgentState, HumanInTheLoopMiddleware
+from langchain.tools import ToolRuntime
 from langchain_core.messages import ToolMessage
 from langchain_core.tools import InjectedToolCallId, tool
 from langgraph.checkpoint.memory import InMemorySaver
@@ -373,6 +374,28 @@ def test_retried_calls_are_steps_when_the_middleware_is_listed_last(position: st
     else:
         assert steps == [("model", False), ("tool", False), ("model", False)]
     assert (t.status, t.answer) == ("ok", "5")
+
+
+def test_a_tool_that_updates_state_keeps_its_answer_as_the_steps_output(
+    capture: str, sqlite_url: str
+) -> None:
+    @tool
+    def remember(fact: str, runtime: ToolRuntime) -> Command:
+        """Store a fact in the agent's state."""
+        reply = ToolMessage(f"stored {fact}", tool_call_id=runtime.tool_call_id)
+        return Command(update={"messages": [reply], "topic": fact})
+
+    class Remembering(AgentState):
+        topic: NotRequired[str]
+
+    agent = create_agent(ToolScriptModel(), [remember], name="notes", state_schema=Remembering,
+                         middleware=capture_middleware(capture, sqlite_url))  # fmt: skip
+    agent.invoke({"messages": [("user", 'call remember {"fact": "sky"}; answer ok {result}')]})
+    assert honed.flush()
+    (t,) = honed.open_store(sqlite_url).trajectories()
+    (step,) = t.tool_steps()
+    assert (step.output, step.error, step.extra["state_update"]) == ("stored sky", None, {"topic": "sky"})
+    assert t.answer == "ok stored sky"
 
 
 # -- conversations --------------------------------------------------------------------------------

@@ -533,6 +533,22 @@ class Assembler:
         extra = run.extra
         step["input"] = self._field(_plain(run.inputs))
         tool_call_id = extra.get("tool_call_id")
+        if isinstance(outputs, Command) and isinstance(outputs.update, dict):
+            # A tool that updates the agent's state: its answer is the ToolMessage inside.
+            update = outputs.update
+            reply = next(
+                (
+                    m
+                    for m in update.get("messages") or ()
+                    if isinstance(m, ToolMessage) and (tool_call_id is None or m.tool_call_id == tool_call_id)
+                ),
+                None,
+            )
+            rest = {k: v for k, v in update.items() if k != "messages"}
+            if reply is not None:
+                outputs = reply
+                if rest:
+                    step["extra"]["state_update"] = self._field(_plain(rest))
         if isinstance(outputs, ToolMessage):
             tool_call_id = tool_call_id or outputs.tool_call_id
             step["output"] = self._field(_plain(outputs.content))
