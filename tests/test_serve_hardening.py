@@ -33,8 +33,8 @@ EXCEPTION_NAMES = ("Traceback", "Error:", "Exception", 'File "', "line ")
 
 
 class Server:
-    def __init__(self, port: int, process: subprocess.Popen[bytes], log: Path) -> None:
-        self.port, self.process, self.log = port, process, log
+    def __init__(self, port: int, process: subprocess.Popen[bytes], log: Path, store_url: str) -> None:
+        self.port, self.process, self.log, self.store_url = port, process, log, store_url
         self.url = f"http://127.0.0.1:{port}"
 
     def post(self, body: Any = None, *, raw: bytes | None = None, timeout: float = 60) -> httpx.Response:
@@ -57,7 +57,15 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    root = tmp_path_factory.mktemp("hardening")
+    yield from serve(tmp_path_factory.mktemp("hardening"), capture=False)
+
+
+@pytest.fixture(scope="module")
+def capturing_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    yield from serve(tmp_path_factory.mktemp("hardening-capture"), capture=True)
+
+
+def serve(root: Path, *, capture: bool) -> Iterator[Server]:
     store_url = f"sqlite:///{root / 'serve.db'}"
     with honed.open_store(store_url) as store:
         store.register_model("noise", tiny_path(1))
@@ -78,13 +86,14 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         process = subprocess.Popen(
             [
                 *(sys.executable, "-m", "honed.cli", "serve", "noise", "--store", store_url),
-                *("--port", str(port), "--max-tokens", "16", "--no-capture"),
+                *("--port", str(port), "--max-tokens", "16"),
+                *(() if capture else ("--no-capture",)),
             ],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
         )
-    server = Server(port, process, log)
+    server = Server(port, process, log, store_url)
     deadline = time.monotonic() + 90
     while True:
         try:
@@ -258,6 +267,30 @@ def test_malformed_numbers_and_nesting_are_a_400(server: Server, raw: bytes, par
     assert_openai_400(server.post(raw=raw), param)
 
 
+def call_with_arguments(arguments: str) -> dict[str, Any]:
+    call = {"id": "c1", "type": "function", "function": {"name": "add", "arguments": arguments}}
+    return ask(messages=tool_history([call]))
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        "[" * 5000 + "]" * 5000,
+        "[" * 100 + "]" * 100,
+        '{"a": ' * 100 + "1" + "}" * 100,
+        "[" + "[]," * 120_000 + "1]",
+    ],
+    ids=["5000-deep", "100-deep", "100-deep-objects", "wide"],
+)
+def test_json_inside_tool_call_arguments_has_the_bodys_limits(server: Server, arguments: str) -> None:
+    # `arguments` is JSON in a string: the body's depth check never saw it, and 5000 levels
+    # were a RecursionError (500) when it was parsed
+    assert_openai_400(
+        server.post(call_with_arguments(arguments)), "messages[1].tool_calls[0].function.arguments"
+    )
+    assert server.post(ask()).status_code == 200
+
+
 def test_edge_values_are_served(server: Server) -> None:
     for extra in (
         {"temperature": 0},
@@ -372,6 +405,47 @@ def test_a_huge_message_neither_freezes_the_server_nor_keeps_its_memory(server: 
     assert server.rss_mb() < baseline * 1.2 + 30, (baseline, server.rss_mb())
 
 
+def tool_call_flood() -> bytes:
+    """9,000 assistant messages of three tool calls each: 2.6 MB, inside every limit, and 1.2 s
+    of converting when nothing refused it first."""
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    turns = [{"role": "assistant", "content": None, "tool_calls": [call] * 3} for _ in range(9000)]
+    return json.dumps(ask(messages=[{"role": "user", "content": "x"}, *turns])).encode()
+
+
+def test_what_cannot_fit_the_context_window_is_refused_before_it_is_converted(server: Server) -> None:
+    reply = server.post(raw=tool_call_flood())
+    assert_openai_400(reply, "messages")
+    error = reply.json()["error"]
+    assert error["code"] == "context_length_exceeded"
+    assert "9001 messages and 27000 tool calls" in error["message"]  # counted, not rendered
+
+
+def test_clients_sending_huge_conversations_do_not_hold_up_the_others(server: Server) -> None:
+    flood, stop = tool_call_flood(), threading.Event()
+
+    def attack() -> None:
+        while not stop.is_set():
+            server.post(raw=flood)
+
+    attackers = [threading.Thread(target=attack) for _ in range(3)]
+    for attacker in attackers:
+        attacker.start()
+    waits = []
+    try:
+        time.sleep(0.5)
+        for _ in range(8):
+            started = time.monotonic()
+            assert server.post(ask(max_tokens=4)).status_code == 200
+            waits.append(time.monotonic() - started)
+    finally:
+        stop.set()
+        for attacker in attackers:
+            attacker.join()
+    waits.sort()
+    assert waits[len(waits) // 2] < 2.0, waits  # converted on the event loop: ~5 s each
+
+
 # -- slow clients ----------------------------------------------------------------------------------------
 
 
@@ -421,6 +495,34 @@ def test_a_body_trickled_byte_by_byte_is_cut_off(server: Server) -> None:
         )
         closed, answer = closed_within(sock, BODY_TIMEOUT_S + 4, trickle=body)
     assert closed and answer.startswith(b"HTTP/1.1 408"), answer[:200]
+
+
+# -- capture ---------------------------------------------------------------------------------------
+
+
+def test_a_refused_request_is_captured_as_a_stub_not_its_conversation(capturing_server: Server) -> None:
+    server = capturing_server
+    line = "api_key = 'x' password: y token=z " * 150  # looks like secrets: the redactor works hard on it
+    refused = ask(messages=[{"role": "user", "content": f"{line}{i}"} for i in range(1500)])  # 7.7 MB
+    reply = server.post(refused)
+    assert reply.status_code == 400 and reply.json()["error"]["code"] == "context_length_exceeded"
+    marker = f"innocent-{time.monotonic_ns()}"
+    assert server.post(ask(marker)).status_code == 200
+    with honed.open_store(server.store_url) as store:
+        deadline = time.monotonic() + 30
+        while not any(marker in json.dumps(t.task) for t in store.trajectories(limit=5)):
+            assert time.monotonic() < deadline, "the innocent request was not captured"
+            time.sleep(0.2)
+        (stub,) = store.trajectories(status="error")
+    assert stub.metadata["refused"] == {
+        "messages": 1500,
+        "tool_calls": 0,
+        "tools": 0,
+        "body_bytes": len(json.dumps(refused)),
+    }
+    assert "context window" in (stub.error or "")
+    assert len(json.dumps(stub.to_dict(), default=str)) < 10_000  # not the 7.7 MB
+    assert "password" not in json.dumps(stub.to_dict(), default=str)
 
 
 def test_the_server_still_serves_after_all_that(server: Server) -> None:

@@ -311,6 +311,10 @@ def parse_arguments(arguments: Any) -> dict[str, Any]:
             raise MessageError(
                 "malformed_tool_call", f"tool call arguments are not valid JSON: {exc}", "tool_calls"
             ) from exc
+        except RecursionError:  # nested deeper than Python's parser goes
+            raise MessageError(
+                "malformed_tool_call", "tool call arguments are nested too deep", "tool_calls"
+            ) from None
     if not isinstance(arguments, dict):
         raise MessageError("malformed_tool_call", "tool call arguments must be a JSON object", "tool_calls")
     return arguments

@@ -5,7 +5,9 @@ the improving model through `/v1/chat/completions` (tools, `stream: true` as ser
 `logprobs`, and vLLM's `return_token_ids`) and `/v1/models`. Each name is a `ServedModel`, so a
 promotion swaps the weights under the running server; the `model` of every response is the
 version that answered (`support-agent@v3`). Every request served is captured as a trajectory
-(one model step with token ids and logprobs).
+(one model step with token ids and logprobs); a request refused before generating (beyond the
+context window, refused by the template, no live version) only as a stub: its error, its labels
+and `metadata.refused`, the counts and size of what was sent, never the conversation itself.
 
 Label provenance. What judges a captured run (`expected`, `tests`, `schema`, `match`,
 `tolerance`, `verifier`, `tags`, `task_id`, `split`, `model_version`, `source`, `agent`: every
@@ -33,12 +35,15 @@ body not received within `body_timeout_s` 408, a prompt beyond the context windo
 version 503, anything unexpected 500 with a reference to the server's log. A client that
 disconnects mid-stream frees its row of the batch at the next token.
 
-Holding the server. Prompts are rendered and tokenised off the event loop (see
-`honed.serving.local`); `serve` runs uvicorn's h11 protocol with limits uvicorn leaves open: a
-request's headers must arrive within `header_timeout_s` of the connection opening (or of the
-previous response), at most `max_header_bytes` of them; idle keep-alive connections close after
-`keep_alive_s`; beyond `limit_concurrency` connections and requests, new requests get 503. So a
-client trickling headers or a body (slowloris) holds a connection for seconds, not forever.
+Holding the server. Request bodies are decoded, checked and converted on a worker thread, and
+one whose messages and tool calls outnumber the tokens of the model's context window is refused
+(400 `context_length_exceeded`) before it is converted; prompts are rendered and tokenised off
+the event loop too (see `honed.serving.local`); `serve` runs uvicorn's h11 protocol with limits
+uvicorn leaves open: a request's headers must arrive within `header_timeout_s` of the connection
+opening (or of the previous response), at most `max_header_bytes` of them; idle keep-alive
+connections close after `keep_alive_s`; beyond `limit_concurrency` connections and requests, new
+requests get 503. So a client trickling headers or a body (slowloris) holds a connection for
+seconds, not forever.
 """
 
 from __future__ import annotations
@@ -59,8 +64,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from langchain_core.messages import AIMessage, AIMessageChunk
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from honed.capture.events import ERROR, START
 from honed.serving import protocol
 from honed.serving.batching import InvalidGeneration
 from honed.serving.engine import ContextWindowExceeded, PromptTooSlow
@@ -189,13 +196,15 @@ def create_app(
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: Request) -> JSONResponse | StreamingResponse:
         can_label = keys.authorize(request)
+        raw = await request.body()
         try:
-            chat = protocol.parse_chat_request(protocol.loads(await request.body()))
+            chat = await run_in_threadpool(_read_chat, raw, served)
             model = _resolve(served, chat.model)
             run_labels = _labels(model.name, chat, operator_labels, can_label=can_label)
         except BadRequest as exc:
             raise _HTTPError(400, str(exc), "invalid_request_error", exc.param, exc.code) from exc
-        config = _run_config(model.name, run_labels, handler)
+        capture = None if handler is None else _request_capture(handler, chat, len(raw))
+        config = _run_config(model.name, run_labels, capture)
         call = model.bind(stop=chat.stop, **chat.call_kwargs) if chat.stop else model.bind(**chat.call_kwargs)
         if chat.stream:
             return await _stream(call, chat, config)
@@ -315,6 +324,17 @@ class _Keys:
         )
 
 
+def _read_chat(raw: bytes, served: dict[str, ServedModel]) -> ChatRequest:
+    """The request, decoded, checked and converted: run on a worker thread, since a long
+    conversation is a second of Python, during which the event loop would serve no one else.
+    What cannot fit the model's context window is refused before it is converted."""
+    body = protocol.loads(raw)
+    requested = body.get("model") if isinstance(body, dict) else None
+    model = served.get(requested.partition("@")[0]) if isinstance(requested, str) else None
+    protocol.check_fits(body, model.context_window if model is not None else None)
+    return protocol.parse_chat_request(body)
+
+
 def _labels(name: str, chat: ChatRequest, operator: dict[str, Any], *, can_label: bool) -> dict[str, Any]:
     """The captured run's metadata: server, then operator labels; the client's own metadata on
     top only from a label key, else kept apart under `client` (see the module docstring)."""
@@ -356,6 +376,64 @@ def _run_config(name: str, labels: dict[str, Any], handler: Any) -> dict[str, An
     if handler is not None:
         config["callbacks"] = [handler]
     return config
+
+
+def _request_capture(handler: Any, chat: ChatRequest, body_bytes: int) -> Any:
+    """The capture handler of one request: `handler`'s, with its runs' starts held by
+    `_RefusalStubs` until the model answers or fails."""
+    from honed.capture.callbacks import CallbackHandler
+
+    calls = sum(
+        len(m.tool_calls) + len(m.invalid_tool_calls) for m in chat.messages if isinstance(m, AIMessage)
+    )
+    sent = {
+        "messages": len(chat.messages),
+        "tool_calls": calls,
+        "tools": len(chat.call_kwargs.get("tools") or ()),
+        "body_bytes": body_bytes,
+    }
+    return CallbackHandler(recorder=_RefusalStubs(handler.recorder, sent))
+
+
+class _RefusalStubs:
+    """Between a request's capture handler and the recorder: holds the start of each run the
+    request makes until it ends. A run refused before generating (beyond the context window,
+    too slow to prepare, refused by the template, no live version) is stored as a stub: its
+    error, its labels and `metadata.refused`, the counts and size of what was sent, not the
+    conversation (8 MB refused conversations, stored whole, put everyone's capture tens of
+    seconds behind and grew the store by hundreds of MB). Any other run is stored whole."""
+
+    def __init__(self, recorder: Any, sent: dict[str, int]) -> None:
+        self.recorder, self.sent = recorder, sent
+        self.held: dict[Any, tuple[Any, ...]] = {}
+
+    def emit(self, event: tuple[Any, ...]) -> None:
+        kind, run_id, parent_id = event[0], event[1], event[2]
+        if kind == START and parent_id is None:
+            self.held[run_id] = event
+            return
+        start = self.held.pop(run_id, None)
+        if start is not None:
+            if kind == ERROR and _refused_before_generating(event[4]):
+                start = self._stub(start)
+            self.recorder.emit(start)
+        self.recorder.emit(event)
+
+    def _stub(self, start: tuple[Any, ...]) -> tuple[Any, ...]:
+        run_kind, name, _inputs, metadata, tags, extra = start[4]
+        metadata = dict(metadata or {})
+        metadata["honed"] = {**(metadata.get("honed") or {}), "refused": dict(self.sent)}
+        extra = dict(extra or {})
+        extra["tools"] = None
+        settings = extra.get("settings")
+        if isinstance(settings, dict):
+            extra["settings"] = {k: v for k, v in settings.items() if k not in ("tools", "tool_choice")}
+        return (*start[:4], (run_kind, name, [], metadata, tags, extra))
+
+
+def _refused_before_generating(error: BaseException) -> bool:
+    refusals = (ContextWindowExceeded, PromptTooSlow, InvalidGeneration, BadRequest, NoLiveVersion)
+    return isinstance(error, refusals) or _is_template_error(error)
 
 
 def _as_http_error(exc: BaseException) -> _HTTPError:

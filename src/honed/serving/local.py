@@ -109,6 +109,12 @@ class LocalChatModel(BaseChatModel):
     def version_label(self) -> str:
         return self.model_version or self.path
 
+    @property
+    def context_window(self) -> int | None:
+        """Tokens the model's context holds, prompt and completion together (None once closed)."""
+        engine = self._engine
+        return engine.max_context if engine is not None and engine.model is not None else None
+
     def close(self) -> None:
         """Release the weights (shared with other chat models on the same folder, freed with the last)."""
         if self._release is not None:

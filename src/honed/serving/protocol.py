@@ -6,10 +6,12 @@ parameter, which the app turns into an OpenAI-style 400 (`{"error": {"message", 
 
 Everything a client sends is checked here, before any of it reaches the model: the body is JSON
 without `NaN`/`Infinity`, at most `MAX_DEPTH` levels deep and `MAX_CONTAINERS` arrays and objects
-(`loads` checks both on the text, before parsing); every sampling parameter has its type and
-range (`temperature` 0..2, `top_p` (0, 1], `top_k` -1.., `max_tokens` 1..`MAX_TOKENS_LIMIT`, `n`
-1..16, `stop` up to `MAX_STOP` strings, `seed` a 64-bit integer, `top_logprobs` 0..20); messages,
-tool calls and tools have their OpenAI shapes; `chat_template_kwargs` may only set the variables
+(`loads` checks both on the text, before parsing), and so is tool-call `arguments` sent as JSON
+text (its arrays and objects counted across the request); `check_fits` refuses, by counting, a
+conversation that cannot fit the model's context window before it is converted; every sampling
+parameter has its type and range (`temperature` 0..2, `top_p` (0, 1], `top_k` -1.., `max_tokens`
+1..`MAX_TOKENS_LIMIT`, `n` 1..16, `stop` up to `MAX_STOP` strings, `seed` a 64-bit integer,
+`top_logprobs` 0..20); messages, tool calls and tools have their OpenAI shapes; `chat_template_kwargs` may only set the variables
 in `TEMPLATE_KWARGS` (the chat template is the operator's: a client never supplies template text,
 nor variables the template was not written to take). Accepted but not applied: `seed`,
 `top_logprobs` (the reply's `top_logprobs` lists are empty), `response_format`,
@@ -105,6 +107,29 @@ def loads(raw: bytes | str) -> Any:
             f"We could not parse the JSON body of your request ({reason}). The OpenAI API expects a JSON payload."
         ) from None
     return body
+
+
+def check_fits(body: Any, context_window: int | None) -> None:
+    """Refuse, before converting anything, a decoded request that cannot fit a context window of
+    `context_window` tokens (None: unknown, nothing refused): every message and every tool call
+    costs the prompt at least one token. Cheap (it counts), where converting what it refuses is
+    not (9,000 messages of three tool calls each took 1.2 s). Anything malformed is left to
+    `parse_chat_request`."""
+    messages = body.get("messages") if isinstance(body, dict) else None
+    if context_window is None or not isinstance(messages, list):
+        return
+    calls = sum(
+        len(m["tool_calls"])
+        for m in messages
+        if isinstance(m, dict) and isinstance(m.get("tool_calls"), list)
+    )
+    if len(messages) + calls >= context_window:
+        raise BadRequest(
+            f"the request holds {len(messages)} messages and {calls} tool calls, at least one token "
+            f"each, but the model's context window is {context_window} tokens: shorten the conversation",
+            "messages",
+            "context_length_exceeded",
+        )
 
 
 def parse_chat_request(body: Any) -> ChatRequest:
@@ -287,8 +312,15 @@ def error_body(
 def _messages(raw: list[Any]) -> list[BaseMessage]:
     """A request's messages as LangChain messages: their JSON shapes are checked here (each
     field's type, named in the 400), the conversion is `honed.messages`'."""
+    containers = 0  # in the JSON text of tool-call arguments, all messages together
     for index, message in enumerate(raw):
-        _check_message(message, f"messages[{index}]")
+        containers += _check_message(message, f"messages[{index}]")
+        if containers > MAX_CONTAINERS:
+            raise BadRequest(
+                f"the tool-call arguments hold more than {MAX_CONTAINERS} arrays and objects",
+                f"messages[{index}]",
+                "too_large",
+            )
     try:
         return langchain_messages(raw)
     except MessageError as exc:
@@ -296,7 +328,9 @@ def _messages(raw: list[Any]) -> list[BaseMessage]:
         raise BadRequest(f"{where}: {exc}", f"{where}.{exc.field}" if exc.field else where) from exc
 
 
-def _check_message(message: Any, where: str) -> None:
+def _check_message(message: Any, where: str) -> int:
+    """Check one message's JSON shape; the number of arrays and objects in its tool calls'
+    argument text (JSON inside a string: the body's limits hold for it too)."""
     if not isinstance(message, dict) or not isinstance(message.get("role"), str):
         raise BadRequest(f"{where} must be an object with a role", where)
     content = message.get("content")
@@ -310,9 +344,10 @@ def _check_message(message: Any, where: str) -> None:
             raise BadRequest(f"{where}.{key} must be a string", f"{where}.{key}", "invalid_type")
     calls = message.get("tool_calls")
     if calls is None:
-        return
+        return 0
     if not isinstance(calls, list):
         raise BadRequest(f"{where}.tool_calls must be an array", f"{where}.tool_calls", "invalid_type")
+    containers = 0
     for j, call in enumerate(calls):
         at = f"{where}.tool_calls[{j}]"
         function = call.get("function") if isinstance(call, dict) else None
@@ -325,6 +360,10 @@ def _check_message(message: Any, where: str) -> None:
         arguments = function.get("arguments")
         if arguments is not None and not isinstance(arguments, str | dict):
             raise BadRequest(f"{at}.function.arguments must be a JSON string", f"{at}.function.arguments")
+        if isinstance(arguments, str):
+            param = f"{at}.function.arguments"
+            containers += _check_shape(arguments.encode("utf-8", "surrogatepass"), param, param)
+    return containers
 
 
 def _tools(value: Any) -> list[dict[str, Any]]:
@@ -439,18 +478,20 @@ _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 _NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
 
 
-def _check_shape(raw: bytes) -> None:
-    """Refuse, before parsing, JSON with more than `MAX_CONTAINERS` arrays and objects or nested
-    beyond `MAX_DEPTH`, from its text at C speed: drop the strings, keep the brackets, peel the
-    innermost pairs once per level. (Python's parser holds the GIL throughout: a body of a
-    million tiny arrays froze the event loop for seconds; walking the objects afterwards cost
-    more.)"""
+def _check_shape(raw: bytes, what: str = "the request", param: str | None = None) -> int:
+    """The number of arrays and objects in JSON text `raw`; `BadRequest` (naming `what` and
+    `param`) for more than `MAX_CONTAINERS` or nesting beyond `MAX_DEPTH`, from its text at C
+    speed, before parsing: drop the strings, keep the brackets, peel the innermost pairs once per
+    level. (Python's parser holds the GIL throughout: a body of a million tiny arrays froze the
+    event loop for seconds; walking the objects afterwards cost more.)"""
     brackets = _STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
-    if len(brackets) > 2 * MAX_CONTAINERS:
-        raise BadRequest(f"the request holds more than {MAX_CONTAINERS} arrays and objects", code="too_large")
+    containers = len(brackets) // 2
+    if containers > MAX_CONTAINERS:
+        raise BadRequest(f"{what} holds more than {MAX_CONTAINERS} arrays and objects", param, "too_large")
     for _level in range(MAX_DEPTH):
         if not brackets:
-            return
+            return containers
         brackets = brackets.replace(b"[]", b"").replace(b"{}", b"")
     if len(brackets.replace(b"[]", b"").replace(b"{}", b"")) < len(brackets):  # still peeling: deep
-        raise BadRequest(f"the request is nested more than {MAX_DEPTH} levels deep", code="too_deep")
+        raise BadRequest(f"{what} is nested more than {MAX_DEPTH} levels deep", param, "too_deep")
+    return containers

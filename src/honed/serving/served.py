@@ -129,6 +129,13 @@ class ServedModel(BaseChatModel):
         """The version new calls go to (None before the first promotion)."""
         return self._follower.version
 
+    @property
+    def context_window(self) -> int | None:
+        """Tokens the live version's context holds, where its backend knows (the local one
+        does); None otherwise, or before the first promotion."""
+        slot = self._follower._slot
+        return getattr(slot.backend, "context_window", None) if slot is not None else None
+
     def refresh(self) -> ModelVersion | None:
         """Check the store now (rather than at the next poll) and swap if the live version moved."""
         self._follower.check()

@@ -167,6 +167,8 @@ def _parse_call(body: str) -> tuple[dict[str, Any] | None, str | None]:
         data = json.loads(body)
     except json.JSONDecodeError as exc:
         return None, f"tool call is not valid JSON: {exc}"
+    except RecursionError:  # a model can be asked to write "[[[[..."
+        return None, "tool call is nested too deep"
     if not isinstance(data, dict) or not isinstance(data.get("name"), str) or not data["name"]:
         return None, 'tool call must be a JSON object with a "name" string'
     try:
