@@ -5,6 +5,7 @@ Each leak below was reproduced on the code before this file (a8e9d52): the secre
 
 from __future__ import annotations
 
+import base64
 import json
 import random
 import re
@@ -144,7 +145,8 @@ def test_a_secret_named_key_hides_its_value_whatever_it_looks_like(key: str) -> 
         "keys",
         "monkey",
         "author",
-        "pass",
+        "passed",
+        "bypass",
     ],
 )
 def test_keys_that_only_look_like_secret_names_keep_their_values(key: str) -> None:
@@ -225,6 +227,14 @@ HOSTILE = {
     # A candidate line for detect-secrets every 500 characters, full of what its regexes backtrack on.
     "detect_secrets_window": "pwd" * 160 + " secrets = 'a1' ",
     "detect_secrets_backticks": "`db_pass" * 60 + " secrets = 'a1' ",
+    "curl_user": " -u a:",
+    "short_password_flag": "mysql -p'",
+    "password_flag": "--password '",
+    "netrc": "login a password ",
+    "named_pair": "[['password', '",
+    "named_entry": "'name': 'pwd', 'value': '",
+    "url_token": "https://",
+    "url_encoded_key": "sk%2D",
 }
 
 
@@ -428,3 +438,226 @@ def test_detect_secrets_skips_what_the_rules_already_redacted() -> None:
     assert candidate_spans(done, lower(done)) == []
     todo = "secrets = 'abc123xyz'"
     assert candidate_spans(todo, lower(todo)) == [(0, len(todo))]
+
+
+# --- Secrets named by a sibling, in command lines, URLs and bytes (security review, 2026-05) ---------
+
+ENV_SECRET = "Hunter2Env" + rand(12)
+PAIR_SECRET = rand(24)
+
+NAMED_BY_A_SIBLING = {
+    "kubernetes_env": {"env": [{"name": "DB_PASSWORD", "value": ENV_SECRET}]},
+    "kubernetes_env_api_key": {"env": [{"name": "OPENAI_API_KEY", "value": ENV_SECRET}]},
+    "key_value_entry": {"settings": [{"key": "smtp_pass", "value": ENV_SECRET}]},
+    "aws_tags": {"Tags": [{"Key": "ClientSecret", "Value": ENV_SECRET}]},
+    "header_pairs": {"headers": [["X-Api-Key", PAIR_SECRET], ["Accept", "*/*"]]},
+    "header_pair_tuples": {"headers": [("Authorization", PAIR_SECRET)]},
+    "pairs_at_top": [["password", ENV_SECRET]],
+}
+
+
+@pytest.mark.parametrize("name", sorted(NAMED_BY_A_SIBLING))
+def test_a_value_named_by_its_sibling_is_redacted(name: str) -> None:
+    """`[{"name": "DB_PASSWORD", "value": ...}]` and `[["X-Api-Key", ...]]` reached the store: the
+    secret's name was a sibling string, not its dict key."""
+    value = NAMED_BY_A_SIBLING[name]
+    for out in (Redactor().redact(value), Serializer(redactor=Redactor()).field(value)):
+        text = json.dumps(out)
+        assert "[REDACTED:" in text
+        assert_gone(ENV_SECRET, text)
+        assert_gone(PAIR_SECRET, text)
+
+
+NAMED_IN_TEXT = [
+    "{{'pod_env': [{{'name': 'DB_PASSWORD', 'value': '{}'}}]}}",
+    '{{"env": [{{"name": "SMTP_PASS", "value": "{}"}}]}}',
+    'V1EnvVar(name="DB_PASS", value="{}")',
+    "{{'request_headers': [['Accept', '*/*'], ['X-Api-Key', '{}']]}}",
+    '[("user", "bob"), ("auth", "{}")]',
+]
+
+
+@pytest.mark.parametrize("template", NAMED_IN_TEXT)
+def test_a_value_named_by_its_sibling_in_text_is_redacted(template: str) -> None:
+    """A tool's dict result reaches the model (and the store) as its repr: the same entries, as text."""
+    out = Redactor().redact_text(template.format(ENV_SECRET))
+    assert "[REDACTED:" in out
+    assert_gone(ENV_SECRET, out)
+
+
+def test_values_named_by_ordinary_siblings_are_kept() -> None:
+    value = {
+        "env": [{"name": "LOG_LEVEL", "value": "debug"}, {"name": "DB_PASSWORD", "valueFrom": {"ref": "db"}}],
+        "headers": [["Content-Type", "application/json"], ["X-Api-Key", ""]],
+        "messages": [("user", "reset my password"), ("assistant", "done")],
+        "tally": [["pass", 3], ["fail", 1]],
+        "schema": {"type": "object", "required": ["password", "username"]},
+        "args": ["token", "ization"],
+    }
+    assert Redactor().redact(value) == json.loads(json.dumps(value))
+    assert Serializer(redactor=Redactor()).field(value) == json.loads(json.dumps(value))
+
+
+def test_keys_named_pass_or_bearer_hide_their_text() -> None:
+    out = Redactor().redact({"pass": ENV_SECRET, "DB_PASS": ENV_SECRET, "bearer": PAIR_SECRET})
+    assert all(v.startswith("[REDACTED:") for v in out.values()), out
+    # A tally or a verdict under "pass" is not a password.
+    kept = {"pass": 3, "fail": 1, "passed": "yes", "checks": {"pass": True}, "verdict": {"pass": "yes"}}
+    assert Redactor().redact(kept) == kept
+
+
+CLI_PASSWORD = "Hunter2Cli" + rand(8)
+COMMAND_LINES = {
+    "curl_user": "curl -u admin:{} https://api.example.com/v1/x",
+    "curl_long_user": "curl --user 'admin:{}' https://api.example.com",
+    "mysql_password_flag": "mysql -u root --password {} shop",
+    "wget_password_flag": "wget --user bob --password={} https://x/y",
+    "mysql_attached_p": "mysql -u root -p{} shop",
+    "mysqldump_attached_p": "mysqldump -uroot -p'{}' shop > dump.sql",
+    "sshpass_quoted": "sshpass -p '{}' ssh root@host uptime",
+    "sshpass_bare": "sshpass -p {} scp a host:b",
+    "docker_login": "docker login -u bob -p {} registry.example.com",
+    "netrc": "machine api.example.com login bob password {}",
+    "netrc_lines": "machine api.example.com\n  login bob\n  password {}\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(COMMAND_LINES))
+def test_passwords_on_command_lines_are_redacted(name: str) -> None:
+    """`curl -u admin:PASS`, `mysql -pPASS`, `sshpass -p 'PASS'`, netrc `password PASS` reached the store."""
+    out = Serializer(redactor=Redactor()).field({"cmd": COMMAND_LINES[name].format(CLI_PASSWORD)})
+    assert "[REDACTED:password]" in out["cmd"]
+    assert_gone(CLI_PASSWORD, out["cmd"])
+
+
+URL_TOKEN = rand(10, string.ascii_lowercase) + rand(10, string.digits)
+OTHER_SHAPES = {
+    "url_token": (URL_TOKEN, "git remote add origin https://{}@github.com/acme/app.git"),
+    "url_token_http": (URL_TOKEN, "GET http://{}@10.0.0.2:8080/metrics"),
+    "aws_secret_after_a_space": (AWS_SECRET, "aws_secret_access_key {}"),
+    "aws_secret_beside_its_key_id": (AWS_SECRET, "the key pair is AKIAIOSFODNN7EXAMPL3 / {}"),
+    "aws_credentials_csv": (
+        AWS_SECRET,
+        "User name,Access key ID,Secret access key\nbob,AKIAIOSFODNN7EXAMPL3,{}\n",
+    ),
+    "bearer_letters_only": (rand(19, string.ascii_letters), "use Bearer {} now"),
+    "openai_key_url_encoded": ("abcdefghij" + rand(20), "https://x/?api_key%3Dsk%2D{}&q=1"),
+    "openai_key_url_encoded_alone": ("abcdefghij" + rand(20), "https://x/?k=sk%2Dproj%2D{}"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OTHER_SHAPES))
+def test_tokens_in_urls_and_loose_assignments_are_redacted(name: str) -> None:
+    """A token as URL userinfo, `aws_secret_access_key <value>`, `Bearer <letters>`, `sk%2D...`."""
+    secret, template = OTHER_SHAPES[name]
+    out = Redactor().redact_text(template.format(secret))
+    assert "[REDACTED:" in out
+    assert_gone(secret, out)
+
+
+ORDINARY = [
+    "Send the password reset instructions to user@example.com before noon.",
+    "Password reset instructions were sent; the login page shows them.",
+    "docker run -p 8080:80 -p 443:443 nginx",
+    "docker run -u 1000:1000 -v /data:/data img",
+    'docker run -u "$(id -u):$(id -g)" img',
+    "ssh -p 2222 deploy@host && mkdir -p /tmp/x",
+    "mysql -u root -p shop",
+    "mysql -h db -P 3306 -u root --password --database shop",
+    'curl -u "$API_USER:$API_PASS" https://api.example.com',
+    "echo $TOKEN | docker login -u bob --password-stdin ghcr.io",
+    "git clone https://github.com/acme/app.git && git clone ssh://git@github.com/acme/app.git",
+    "git clone https://bob@bitbucket.org/acme/app.git",
+    "mail user@example.com or first.last2024@example.org",
+    "Use Bearer authentication; the bearer of bad news is not to blame.",
+    "aws_secret_access_key is missing from the environment",
+    "commit 0123456789abcdef0123456789abcdef01234567 fixed the AKIA check",
+    "Ask sk-learn users; the %2D escape is a dash.",
+    '{"type": "object", "required": ["password", "username"]}',
+    "{'name': 'LOG_LEVEL', 'value': 'debug'}, [['Content-Type', 'text/plain']]",
+    "All tests passed; the author is bob, see [('pass', 'yes'), ('fail', 'no')].",
+]
+
+
+@pytest.mark.parametrize("text", ORDINARY)
+def test_ordinary_commands_and_prose_are_left_alone(text: str) -> None:
+    assert Redactor().redact_text(text) == text
+
+
+ENV_FILE_KEY = "sk-proj-" + rand(40)
+
+
+@pytest.mark.parametrize("data", [bytes, bytearray, memoryview])
+def test_text_bytes_are_redacted_before_they_are_encoded(data: Callable[[bytes], Any]) -> None:
+    """A node returning the bytes of a `.env` file stored them as base64: no rule could see the key."""
+    env = f"OPENAI_API_KEY={ENV_FILE_KEY}\nDB_PASSWORD=Hunter2Secret\nDEBUG=1\n".encode()
+    out = Serializer(redactor=Redactor()).field({"data": data(env)})
+    decoded = base64.b64decode(out["data"]["base64"]).decode()
+    assert_gone(ENV_FILE_KEY, decoded)
+    assert_gone("Hunter2Secret", decoded)
+    assert "DEBUG=1" in decoded and out["data"]["size"] == len(env)
+    assert base64.b64encode(env).decode()[24:72] not in json.dumps(out)  # the key, encoded
+
+
+def test_binary_and_plain_bytes_are_kept() -> None:
+    for data in (bytes(range(256)) * 20, b"hello world, no secrets here", b"\x00\x01hello"):
+        plain = Serializer().field(data)
+        assert Serializer(redactor=Redactor()).field(data) == plain
+
+
+def test_sibling_named_secrets_cli_passwords_and_bytes_never_reach_the_store(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    from langchain_core.tools import tool
+
+    @tool
+    def shell(cmd: str) -> dict[str, Any]:
+        """Run a shell command."""
+        return {
+            "pod_env": [{"name": "DB_PASSWORD", "value": ENV_SECRET}],
+            "request_headers": [["X-Api-Key", PAIR_SECRET]],
+            "dotenv_file": f"OPENAI_API_KEY={ENV_FILE_KEY}\n".encode(),
+            "remote": f"https://{URL_TOKEN}@github.com/acme/app.git",
+        }
+
+    cmd = f"curl -u admin:{CLI_PASSWORD} https://api.example.com/v1/x"
+    capture = honed.Middleware(store=sqlite_url)
+    agent = create_agent(ToolScriptModel(), [shell], name="ops", middleware=[capture])
+    agent.invoke({"messages": [("user", "call shell " + json.dumps({"cmd": cmd}) + "; answer done")]})
+    assert honed.flush()
+
+    everything = stored_everything(sqlite_url, tmp_path / "spool")
+    for secret in [ENV_SECRET, PAIR_SECRET, ENV_FILE_KEY, URL_TOKEN, CLI_PASSWORD]:
+        assert_gone(secret, everything)
+    assert base64.b64encode(f"OPENAI_API_KEY={ENV_FILE_KEY}\n".encode()).decode()[24:56] not in everything
+    t = honed.open_store(sqlite_url).trajectories(limit=5)[0]
+    assert [s.name for s in t.tool_steps()] == ["shell"]
+
+
+def test_bytes_in_langgraph_state_never_reach_the_store(sqlite_url: str, tmp_path: Path) -> None:
+    from typing import TypedDict
+
+    from langgraph.graph import END, START, StateGraph
+
+    env = f"OPENAI_API_KEY={ENV_FILE_KEY}\nDB_PASSWORD=Hunter2Secret\n".encode()
+
+    class State(TypedDict):
+        path: str
+        data: bytes
+
+    def read(state: State) -> dict[str, Any]:
+        return {"data": env}  # open(".env", "rb").read()
+
+    graph = StateGraph(State)
+    graph.add_node("read", read)
+    graph.add_edge(START, "read")
+    graph.add_edge("read", END)
+    app = honed.wrap(graph.compile(), store=sqlite_url)
+    app.invoke({"path": ".env", "data": b""})
+    assert honed.flush()
+
+    everything = stored_everything(sqlite_url, tmp_path / "spool")
+    assert_gone(ENV_FILE_KEY, everything)
+    assert base64.b64encode(env).decode()[24:56] not in everything
+    t = honed.open_store(sqlite_url).trajectories(limit=1)[0]
+    assert "[REDACTED:" in base64.b64decode(t.output["data"]["base64"]).decode()

@@ -473,6 +473,8 @@ def _random_field(rng: random.Random, depth: int = 0) -> Any:
         "password = 'hunter2x'",
         "postgres://u:" + rand(10) + "@host/db",
     ]
+    # Secrets no string shows alone: a .env file's bytes, a header as a name/value pair.
+    hidden = [f"OPENAI_API_KEY=sk-proj-{rand(40)}\n".encode(), ["X-Api-Key", rand(20)], ["Accept", "*/*"]]
     words = ["hello", "max_tokens", "the next token", "é☃", "\ud800x", "a" * 300, "ordinary text about keys"]
     keys = [
         "role",
@@ -485,12 +487,17 @@ def _random_field(rng: random.Random, depth: int = 0) -> Any:
         "type",
         "eos_token",
         "x",
+        "name",
+        "value",
+        "pass",
     ]
     r = rng.random()
     if depth > 4 or r < 0.35:
         c = rng.random()
         if c < 0.15:
             return rng.choice(secrets)
+        if c < 0.2:
+            return rng.choice(hidden)
         if c < 0.6:
             return rng.choice(words) + (" " + rng.choice(secrets) if rng.random() < 0.1 else "")
         return rng.choice([None, True, False, 0, 7, 2**70, 1.5, float("nan"), "", datetime.date(2024, 1, 2)])
@@ -501,6 +508,8 @@ def _random_field(rng: random.Random, depth: int = 0) -> Any:
             d[key] = _random_field(rng, depth + 1)
         if rng.random() < 0.2:
             d["type"] = "object"
+        if rng.random() < 0.1:
+            d.update(name=rng.choice(["DB_PASSWORD", "LOG_LEVEL", "pass"]), value=rand(12))
         return d
     if r < 0.9:
         items = [_random_field(rng, depth + 1) for _ in range(rng.randint(0, 5))]

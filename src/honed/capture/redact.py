@@ -4,7 +4,8 @@ Three passes over each string, cheapest first, all on the writer thread:
 
 1. a prefilter (one small regex and a few substring tests) that lets ordinary text through untouched;
 2. honed's own regexes for the secrets agents handle most (provider keys, bearer and basic credentials,
-   JWTs, URL passwords, PEM blocks, `password = ...` assignments); they replace the *whole* secret, where
+   JWTs, URL passwords and tokens, PEM blocks, `password = ...` assignments, command-line passwords
+   (`curl -u`, `--password`, `mysql -p...`), name/value pairs written as text); they replace the *whole* secret, where
    detect-secrets sometimes reports only a part of it (`ghp` for a GitHub token, a JWT without its
    signature, a PEM header without its body);
 3. detect-secrets (`secret_scan`, without its HighEntropy plugins, which flag ordinary words) on the
@@ -24,6 +25,8 @@ text to a budget *before* redacting it, so a huge field costs what its stored he
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 import re
 from collections.abc import Callable
@@ -60,7 +63,10 @@ class Redactor:
     `redact` also replaces the whole value of dict keys that name a secret (`api_key`, `password`,
     `authorization`, `auth`, `credentials`, `secret_access_key`, `token`, `cookie`, `*_password`,
     `*_api_key`, `*_token`, `clientSecret`, ...; see `secret_key_kind`), whatever the value looks like,
-    but not token *counts* (`tokens`, `input_tokens`, `max_tokens`, ...).
+    but not token *counts* (`tokens`, `input_tokens`, `max_tokens`, ...). A name can also sit beside
+    its value: `{"name": "DB_PASSWORD", "value": ...}` (or `key`/`Key`, `Value`), and a 2-item pair in
+    a list, `[["X-Api-Key", ...]]`; such a value is replaced the same way. Bytes previews
+    (`{"__type__": "bytes", "base64": ...}`) that decode as UTF-8 are redacted as text, re-encoded.
     """
 
     def __init__(self, hook: Callable[[str], str] | None = None, *, use_detect_secrets: bool = True) -> None:
@@ -116,17 +122,36 @@ class Redactor:
             self._log_error()
             return _marker("error"), budget.cut
 
+    def names_a_secret(self, value: Any) -> bool:
+        """Whether `redact(value)` (a dict, list or tuple) replaces more than its strings and its keys'
+        values one by one: a value named by its sibling, or a bytes preview."""
+        t = type(value)
+        if t is dict:
+            return _is_bytes_preview(value) or self._named_entry(value) is not None
+        if t is list or t is tuple:
+            pair = self._named_pair
+            for item in value:
+                if (type(item) is list or type(item) is tuple) and len(item) == 2 and pair(item):
+                    return True
+        return False
+
     def _walk(self, value: Any, named: bool = True) -> Any:
         """`value` redacted; with `named` False, dict keys are not taken as naming their values."""
         t = type(value)
         if t is str:
             return self.redact_text(value)
         if t is dict:
+            if _is_bytes_preview(value):
+                return self._bytes_preview(value, value["base64"])
+            # {"name": "DB_PASSWORD", "value": ...}: the value key, and the kind its sibling names.
+            entry = self._named_entry(value) if named else None
             out: dict[Any, Any] = {}
             for key, item in value.items():
                 new_key, kind = self.redact_key(key) if type(key) is str else (key, None)
-                if named and kind is not None and _holds_secret(item):
+                if named and kind is not None and _holds_secret(item, key):
                     out[new_key] = _marker(kind)
+                elif entry is not None and key == entry[0]:
+                    out[new_key] = _marker(entry[1])
                 elif key == "properties" and type(item) is dict and value.get("type") == "object":
                     # A JSON schema's (a tool's parameters): its keys are parameter names, and their
                     # values are schemas, not secrets. What the schemas hold is redacted as usual.
@@ -135,8 +160,59 @@ class Redactor:
                     out[new_key] = self._walk(item)
             return out
         if t is list or t is tuple:
-            return [self._walk(item) for item in value]
+            pair = self._named_pair
+            return [
+                self._walk_pair(item, kind)
+                if (type(item) is list or type(item) is tuple) and len(item) == 2 and (kind := pair(item))
+                else self._walk(item)
+                for item in value
+            ]
         return value
+
+    def _walk_pair(self, pair: list[Any] | tuple[Any, ...], kind: str) -> list[Any]:
+        return [self.redact_text(pair[0]), _marker(kind)]
+
+    def _named_entry(self, entry: dict[Any, Any]) -> tuple[str, str] | None:
+        """The value's key and the secret kind its sibling names, for `{"name": "DB_PASSWORD",
+        "value": ...}` (also `key`, `Name`, `Key`; `Value`); None for any other dict."""
+        value_key = "value" if "value" in entry else "Value" if "Value" in entry else None
+        if value_key is None:
+            return None
+        for name_key in _ENTRY_NAME_KEYS:
+            name = entry.get(name_key)
+            if type(name) is str:
+                kind = self._name_kind(name)
+                if kind is not None and _holds_secret(entry[value_key], name):
+                    return value_key, kind
+                return None
+        return None
+
+    def _named_pair(self, pair: list[Any] | tuple[Any, ...]) -> str | None:
+        """The secret kind a 2-item pair's name gives its value (`["X-Api-Key", "..."]`), else None."""
+        name = pair[0]
+        if type(name) is not str:
+            return None
+        kind = self._name_kind(name)
+        return kind if kind is not None and _holds_secret(pair[1], name) else None
+
+    def _name_kind(self, name: str) -> str | None:
+        # A name is short: a long string beside a value is text, and must not fill the key cache.
+        return self.redact_key(name)[1] if len(name) <= _MAX_NAME else None
+
+    def _bytes_preview(self, preview: dict[Any, Any], encoded: str) -> dict[Any, Any]:
+        """A bytes preview whose text (when the bytes decode as UTF-8) is redacted, then re-encoded.
+
+        The serialiser stores bytes as base64, which no rule can read: a `.env` file read in binary
+        mode would be stored whole. Binary data is kept as it is.
+        """
+        out = {key: self._walk(item) for key, item in preview.items() if key != "base64"}
+        text = _utf8_text(encoded)
+        if text is not None:
+            redacted = self.redact_text(text)
+            if redacted != text:
+                encoded = base64.b64encode(redacted.encode("utf-8", "surrogatepass")).decode("ascii")
+        out["base64"] = encoded
+        return out
 
     def _walk_capped(self, value: Any, budget: _Budget, named: bool = True) -> Any:
         """`_walk` that takes each string's characters from `budget`, and stops when it is spent."""
@@ -144,14 +220,21 @@ class Redactor:
         if t is str:
             return self.redact_text(budget.take(value))
         if t is dict:
+            if _is_bytes_preview(value):
+                # Cut to whole base64 quanta, so the head decodes; the rest of the preview is small.
+                encoded = budget.take(value["base64"])
+                return self._bytes_preview(value, encoded[: len(encoded) - len(encoded) % 4])
+            entry = self._named_entry(value) if named else None
             out: dict[Any, Any] = {}
             for key, item in value.items():
                 if budget.left <= 0:
                     budget.cut = True
                     break
                 new_key, kind = self.redact_key(budget.take(key)) if type(key) is str else (key, None)
-                if named and kind is not None and _holds_secret(item):
+                if named and kind is not None and _holds_secret(item, key):
                     out[new_key] = budget.take(_marker(kind))
+                elif entry is not None and key == entry[0]:
+                    out[new_key] = budget.take(_marker(entry[1]))
                 elif key == "properties" and type(item) is dict and value.get("type") == "object":
                     out[new_key] = self._walk_capped(item, budget, named=False)
                 else:
@@ -163,7 +246,15 @@ class Redactor:
                 if budget.left <= 0:
                     budget.cut = True
                     break
-                items.append(self._walk_capped(item, budget))
+                kind = (
+                    self._named_pair(item)
+                    if (type(item) is list or type(item) is tuple) and len(item) == 2
+                    else None
+                )
+                if kind is not None:
+                    items.append([self.redact_text(budget.take(item[0])), budget.take(_marker(kind))])
+                else:
+                    items.append(self._walk_capped(item, budget))
             return items
         return value
 
@@ -192,10 +283,10 @@ class Redactor:
             self._keys[key] = known
         return known
 
-    def redact_named(self, kind: str, value: Any) -> Any:
-        """The redacted value (JSON-able) of a key naming a secret of `kind`: its marker, unless
-        the value is empty or a flag (`"auth": False`)."""
-        return _marker(kind) if _holds_secret(value) else self.redact(value)
+    def redact_named(self, kind: str, value: Any, key: str = "") -> Any:
+        """The redacted value (JSON-able) of `key`, a key naming a secret of `kind`: its marker, unless
+        the value is empty or a flag (`"auth": False`), or not text under a `pass` (`"pass": 3`)."""
+        return _marker(kind) if _holds_secret(value, key) else self.redact(value)
 
     def _builtin(self, text: str) -> str:
         if len(text) < _MIN_SECRET_TEXT:
@@ -251,9 +342,45 @@ class _Budget:
         return text
 
 
-def _holds_secret(value: Any) -> bool:
-    """Whether a secret-named key's value is worth replacing: not empty, not a flag (`"auth": False`)."""
-    return value is not None and value != "" and type(value) is not bool
+def _holds_secret(value: Any, name: str = "") -> bool:
+    """Whether a secret-named key's value is worth replacing: not empty, not a flag (`"auth": False`).
+
+    Under a name ending in `pass` (`pass`, `DB_PASS`) only text that is not a verdict is:
+    `{"pass": 3, "fail": 1}` is a tally, `{"pass": "yes"}` a verdict.
+    """
+    if value is None or value == "" or type(value) is bool:
+        return False
+    if name[-4:].lower() != "pass":
+        return True
+    return type(value) is str and value.lower() not in _VERDICTS
+
+
+_VERDICTS = frozenset(("yes", "no", "true", "false", "y", "n", "ok", "none", "null", "pass", "fail", "n/a"))
+
+
+# Where a dict names its own value: `{"name": "DB_PASSWORD", "value": ...}` (Kubernetes env, AWS tags).
+_ENTRY_NAME_KEYS = ("name", "key", "Name", "Key")
+# The longest string taken as a name beside a value: names of secrets are short.
+_MAX_NAME = 128
+
+
+def _is_bytes_preview(value: dict[Any, Any]) -> bool:
+    return "base64" in value and value.get("__type__") == "bytes" and type(value["base64"]) is str
+
+
+def _utf8_text(encoded: str) -> str | None:
+    """The text a bytes preview holds, or None when it is not UTF-8 text (or not base64)."""
+    try:
+        data = base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        # The preview may end inside a character: text up to it, if that is the only fault.
+        if error.start < len(data) - 3 or error.reason != "unexpected end of data":
+            return None
+        return data[: error.start].decode("utf-8")
 
 
 # --- Keys that name a secret -------------------------------------------------------------------------
@@ -261,7 +388,10 @@ def _holds_secret(value: Any) -> bool:
 # Keys are split into lowercase words (snake_case, kebab-case, camelCase, "Spaced Words") and looked up
 # by their words run together ("x-api-key", "xApiKey" and "X_API_KEY" are all "xapikey") ...
 _SECRET_KEYS = {
-    **dict.fromkeys(("password", "passwd", "pwd", "passphrase", "passcode", "dbpassword"), "password"),
+    **dict.fromkeys(
+        ("password", "passwd", "pwd", "passphrase", "passcode", "dbpassword", "pass"), "password"
+    ),
+    "bearer": "bearer",
     **dict.fromkeys(("apikey", "xapikey", "apitoken", "xgoogapikey"), "api_key"),
     **dict.fromkeys(("authorization", "proxyauthorization", "auth", "xauth", "basicauth"), "authorization"),
     **dict.fromkeys(("secret", "clientsecret", "secretkey", "appsecret", "accesskeysecret"), "secret"),
@@ -291,7 +421,7 @@ _SECRET_KEYS = {
 }
 # ... then by their last word or two ("db_password", "stripe_api_key", "webhook_secret", "github_token").
 _LAST_WORD = {
-    **dict.fromkeys(("password", "passwd", "pwd", "passphrase", "passcode"), "password"),
+    **dict.fromkeys(("password", "passwd", "pwd", "passphrase", "passcode", "pass"), "password"),
     **dict.fromkeys(("secret", "secretkey", "clientsecret"), "secret"),
     **dict.fromkeys(("apikey",), "api_key"),
     **dict.fromkeys(("privatekey",), "private_key"),
@@ -395,11 +525,15 @@ def secret_key_kind(key: str) -> str | None:
 # candidates costs ~100 µs per 250 characters, this one ~1.5 µs.
 _ANCHORS = re.compile(
     r"-(?:(?<=sk-)|(?<=xox[abposre]-)|(?<=xapp-)|(?<=pypi-)|(?<=sq0csp-)|(?<=gl[a-z]{2}-)|(?<=gl[a-z]{3}-)"
-    r"|(?<=glagent-)|(?=----BEGIN))"
+    r"|(?<=glagent-)|(?=----BEGIN)|(?<=\s-)[pu]|-(?:user|pass))"
     r"|_(?:(?<=gh[pousr]_)|(?<=github_pat_)|(?<=k_live_)|(?<=k_test_)|(?<=whsec_)|(?<=hf_)|(?<=npm_)"
     r"|(?=authToken))"
     r"|A(?:KIA|SIA|BIA|CCA|3T|Iza|KC|ccountKey)|PRIVATE KEY|GR1348941|SG\.|J(?<=eyJ)"
-    r"|:(?=//[^\s/?#@]*@)"
+    r"|:(?=//[^\s/?#@]*@)|%(?<=sk%)(?=2[Dd])"
+    # A name/value entry or pair written as text, named by no keyword below: `'DB_PASS', '...'`, `("auth",`.
+    # (A branch must not start on a character class: `re` then tries it at every position, ~6x slower.)
+    r"|,(?<=['\"],)(?:(?<=[Pp][Aa][Ss][Ss].,)|(?<=[Aa][Uu][Tt][Hh].,)|(?<=[Cc][Rr][Ee][Dd][Ss].,)"
+    r"|(?<=[Tt][Ii][Aa][Ll].,)|(?<=[Tt][Ii][Aa][Ll][Ss].,))"
 )
 # Case-insensitive words are found with `str.find` on the lowered text, ~20x faster than `(?i)` in `re`.
 _KEYWORDS = (
@@ -429,6 +563,7 @@ def _is_candidate(text: str, lowered: str) -> bool:
 # --- honed's own rules -------------------------------------------------------------------------------
 
 _QUOTE_OPEN = r"\\?['\"]?"  # optional (JSON-escaped) quote around a header or key name
+_QUOTE = r"\\?['\"]"
 _SEP = rf"{_QUOTE_OPEN}[ \t]*[:=][ \t]*{_QUOTE_OPEN}"
 
 
@@ -545,9 +680,101 @@ def _authorization(m: re.Match[str]) -> str:
 
 def _bearer(m: re.Match[str]) -> str:
     token = m.group(1)
-    if len(token) >= 8 and (len(token) >= 20 or any(c.isdigit() for c in token)):
+    # "Bearer" as a header writes it takes a long token of letters too; "the bearer of bad news" stays.
+    long_enough = 20 if m.string[m.start()] == "b" else 16
+    if len(token) >= 8 and (len(token) >= long_enough or any(c.isdigit() for c in token)):
         return _splice(m, 1, _marker("bearer"))
-    return m.group(0)  # "the bearer of bad news"
+    return m.group(0)
+
+
+def _matched_group(kind: str) -> Callable[[re.Match[str]], str]:
+    """Replace the group the match took (of a pattern whose alternatives each capture one)."""
+
+    def replace(m: re.Match[str]) -> str:
+        return _splice(m, m.lastindex or 0, _marker(kind))
+
+    return replace
+
+
+def _named_value(m: re.Match[str]) -> str:
+    """`'name': 'DB_PASSWORD', 'value': '...'` or `['X-Api-Key', '...']` as text: the value goes when
+    the name names a secret (`secret_key_kind`, the rule for dict keys)."""
+    name, value = m.group(1), m.group(2)
+    kind = secret_key_kind(name)
+    return _splice(m, 2, _marker(kind)) if kind is not None and _holds_secret(value, name) else m.group(0)
+
+
+# URL users that are tokens: the scheme is http(s) or git, and the user is long and mixes letters
+# and digits ("ghp..." and other vendor tokens are redacted earlier, by their own rules).
+_TOKEN_SCHEMES = ("http", "https", "git")
+
+
+def _url_token(m: re.Match[str]) -> str:
+    user = m.group(1)
+    scheme = m.string[max(0, m.start() - 10) : m.start()].lower()
+    if not scheme.endswith(_TOKEN_SCHEMES) or "." in user:
+        return m.group(0)  # ssh://git@host, https://first.last@host
+    if len(user) >= 32 or (any(c.isdigit() for c in user) and any(c.isalpha() for c in user)):
+        return _splice(m, 1, _marker("token"))
+    return m.group(0)  # https://bob@bitbucket.org
+
+
+def _is_reference(value: str) -> bool:
+    """A shell variable or an option, not a password: `$PASS`, `${PASS}`, `$(cat f)`, `--user`."""
+    return value.startswith(("$", "-")) or value == ""
+
+
+def _user_password(m: re.Match[str]) -> str:
+    user, password = m.group(1), m.group(2)
+    if _is_reference(password) or user.startswith("$") or (user.isdigit() and password.isdigit()):
+        return m.group(0)  # `docker run -u 1000:1000`, `-u "$(id -u):$(id -g)"`
+    return _splice(m, 2, _marker("password"))
+
+
+def _password_flag(m: re.Match[str]) -> str:
+    group = 2 if m.group(2) is not None else 3
+    if _is_reference(m.group(group)):
+        return m.group(0)  # `mysql --password --user bob` prompts
+    return _splice(m, group, _marker("password"))
+
+
+# Commands whose `-p` is a password: attached only (`mysql -pPASS`; `mysql -p db` prompts), either way,
+# or after `login` with a space.
+_ATTACHED_P = ("mysql", "mariadb")
+_ANY_P = ("sshpass",)
+_LOGIN_P = ("docker", "podman", "nerdctl", "helm", "buildah", "skopeo")
+
+
+def _short_password_flag(m: re.Match[str]) -> str:
+    group = 3 if m.group(3) is not None else 4
+    if _is_reference(m.group(group)):
+        return m.group(0)
+    command = _command_before(m)
+    if any(name in command for name in _ANY_P) or (
+        any(name in command for name in _ATTACHED_P)
+        if m.group(1) is None
+        else " login " in command and any(name in command for name in _LOGIN_P)
+    ):
+        return _splice(m, group, _marker("password"))
+    return m.group(0)  # `docker run -p 8080:80`, `ssh -p 2222`, `mkdir -p`
+
+
+def _command_before(m: re.Match[str]) -> str:
+    """The lowered command that `m` is an argument of: its line up to `m`, back to `;`, `|` or `&`."""
+    head = m.string[max(0, m.start() - 256) : m.start()]
+    start = max(head.rfind("\n"), head.rfind(";"), head.rfind("|"), head.rfind("&"))
+    return head[start + 1 :].lower()
+
+
+# `password X` is a netrc's only after its `machine`, `login` or `account` token (`login bob password X`,
+# on one line or several); "password reset instructions" stays.
+_NETRC_BEFORE = re.compile(r"(?<!\S)(?:machine|login|account)\s+\S+\s+\Z")
+
+
+def _netrc_password(m: re.Match[str]) -> str:
+    if _NETRC_BEFORE.search(m.string, max(0, m.start() - 256), m.start()) is None:
+        return m.group(0)
+    return _splice(m, 1, _marker("password"))
 
 
 def _assignment(m: re.Match[str]) -> str:
@@ -567,6 +794,7 @@ def _assignment(m: re.Match[str]) -> str:
     if (
         kind != "password"
         and "=" not in m.group(2)
+        and "%3" not in m.group(2)
         and len(value) < 16
         and not any(c.isdigit() for c in value)
     ):
@@ -592,19 +820,56 @@ _RULES = (
         r"(?:AKIA|ASIA|ABIA|ACCA|A3T[A-Z0-9])[A-Z0-9]{16}(?![A-Z0-9])",
         _whole("aws_access_key", left_bounded=True),
     ),
+    # ... and the 40-character secret key written right after one (`AKIA... / wJalr...`, a credentials
+    # CSV's `AKIA...,wJalr...`); alone, such a key is any 40 characters of base64, and stays.
+    _Rule(
+        r"\[REDACTED:aws_access_key\](?:[ \t]*[,;:|/][ \t]*|[ \t\r\n]{1,8})([A-Za-z0-9/+]{40})(?![A-Za-z0-9/+=])",
+        _group(1, "aws_secret_key"),
+    ),
     # JWTs (header.payload[.signature], the header starting `eyJ`), found as whole dotted runs of token
     # characters: a pattern starting at each `eyJ` would scan to the end of the run from every one of
     # them, quadratic in `eyJeyJeyJ...`.
     _Rule(r"(?<![A-Za-z0-9_.-])[A-Za-z0-9_-]*+(?:\.[A-Za-z0-9_-]*+)++", _jwt, requires="eyJ"),
     _Rule(r"hf_[A-Za-z0-9]{30,}", _whole("huggingface_token")),
     # Stripe secret and restricted keys (test and live), and webhook signing secrets.
-    _Rule(r"(?:[sr]k_(?:live|test)|whsec)_[A-Za-z0-9]{16,}", _whole("stripe_access_key")),
+    _Rule(
+        r"(?:[sr]k_(?:live|test)|whsec)_[A-Za-z0-9]{16,}",
+        _whole("stripe_access_key"),
+        anchors=("sk_live_", "sk_test_", "rk_live_", "rk_test_", "whsec_"),
+    ),
     # scheme://user:PASSWORD@host: user and host stay, the password goes (up to the last '@').
     _Rule(rf"://[^\s:/?#@'\"<>]*:{_NOT_REDACTED}([^\s/?#'\"<>]+)@", _group(1, "password")),
+    # https://TOKEN@host: a token alone as the user of an http(s) or git URL.
+    _Rule(rf"://{_NOT_REDACTED}([^\s:/?#@'\"<>\[\]]{{16,}}+)@", _url_token),
+    # sk-... URL-encoded (`sk%2Dproj%2D...`), as a query string carries it.
     _Rule(
-        rf"(?i)(?:aws_?secret_?access_?key|aws_?secret_?key|secret_?access_?key){_SEP}"
-        rf"{_NOT_REDACTED}([A-Za-z0-9/+=]{{16,}})",
-        _group(1, "aws_secret_key"),
+        r"(?:(?<=%3[Dd])|(?<![A-Za-z0-9_%-]))sk%2[Dd][A-Za-z0-9_%-]{20,}",
+        _marker("openai_key"),
+        anchors=("sk%2",),
+    ),
+    # Passwords on command lines: `curl -u user:PASSWORD`, `--password PASSWORD` (`=` is an assignment,
+    # below), `mysql -pPASSWORD`, `sshpass -p PASSWORD`, and a netrc's `login user password PASSWORD`.
+    _Rule(
+        rf"(?<![^\s'\"])(?:-u|--user)(?:[ \t]+|=)['\"]?([^\s:'\"=]{{1,128}}):{_NOT_REDACTED}([^\s'\"]++)",
+        _user_password,
+        anchors=("-u", "--user"),
+    ),
+    _Rule(
+        rf"(?<![\w-])--pass(?:word|wd)?[ \t]+{_NOT_REDACTED}(?:(['\"])([^'\"\r\n]*+)\1|([^\s'\"]++))",
+        _password_flag,
+        anchors=("--pass",),
+    ),
+    _Rule(
+        rf"(?<![^\s'\"])-p([ \t]+)?+{_NOT_REDACTED}(?:(['\"])([^'\"\r\n]*+)\2|([^\s'\"]++))",
+        _short_password_flag,
+        anchors=("-p",),
+    ),
+    _Rule(rf"(?<![\w-])password[ \t]+{_NOT_REDACTED}([^\s'\"]++)", _netrc_password, anchors=("password",)),
+    # ... also after a mere space (`aws_secret_access_key wJalr...`), where only a 40-character key counts.
+    _Rule(
+        rf"(?i)(?:aws_?secret_?access_?key|aws_?secret_?key|secret_?access_?key)"
+        rf"(?:{_SEP}{_NOT_REDACTED}([A-Za-z0-9/+=]{{16,}})|[ \t]+([A-Za-z0-9/+]{{40}})(?![A-Za-z0-9/+=]))",
+        _matched_group("aws_secret_key"),
         anchors=("aws", "secret"),
     ),
     _Rule(
@@ -625,13 +890,28 @@ _RULES = (
         _group(1, "cookie"),
         anchors=("cookie",),
     ),
+    # Name/value entries and pairs written out as text (JSON, a Python repr, keyword arguments), as a
+    # tool's dict result reaches the model: `{"name": "DB_PASSWORD", "value": "..."}`, `name='...',
+    # value='...'`, and a pair inside a list, `[["X-Api-Key", "..."], ...]`.
+    _Rule(
+        rf"(?i)(?<![\w-])(?:name|key){_QUOTE_OPEN}[ \t]*[:=][ \t]*{_QUOTE}([A-Za-z0-9_.-]{{1,128}}+){_QUOTE}"
+        rf"[ \t]*,[ \t]*{_QUOTE_OPEN}value{_QUOTE_OPEN}[ \t]*[:=][ \t]*{_QUOTE}{_NOT_REDACTED}([^'\"\\\r\n]++)",
+        _named_value,
+        anchors=("name", "key"),
+        requires="alue",
+    ),
+    _Rule(
+        rf"[\[,][ \t]*[\[(][ \t]*{_QUOTE}([A-Za-z0-9_.-]{{1,128}}+){_QUOTE}[ \t]*,[ \t]*{_QUOTE}"
+        rf"{_NOT_REDACTED}([^'\"\\\r\n]++){_QUOTE}[ \t]*[\])]",
+        _named_value,
+    ),
     # password = '...', "api_key": "...", TOKEN=..., secret: ... The name must end at the operator, so
     # "max_tokens = 5" and "token_count: 3" stay; a bare "key = ..." is ordinary code and stays too.
     _Rule(
         r"(?i)(passw(?:or)?d|pwd|passphrase|contrase(?:ñ|n)a|secret|token|"
         + _after("api", "access", "private", "auth", "secret", "client")
         + r"key)(?![A-Za-z0-9_])"
-        r"([\\'\"\]]{0,3}[ \t]*(?:=>|:=|==?|:)[ \t]*)"
+        r"([\\'\"\]]{0,3}[ \t]*(?:=>|:=|==?|:|%3[Dd])[ \t]*)"
         rf"(?:\\?(['\"`]){_NOT_REDACTED}([^'\"`\r\n\\]+)\\?\3|(?![\\'\"`\[])([^\s'\"`,;&)}}\]\\]+))",
         _assignment,
         anchors=("passw", "pwd", "passphrase", "contrase", "secret", "token", "key"),

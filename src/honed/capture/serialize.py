@@ -385,7 +385,8 @@ class _RedactingWalker(_Walker):
     """`to_jsonable` and `Redactor.redact` in one walk, for fields that turn out to hold no secret.
 
     Plain dicts, lists and tuples are walked once, each string and key redacted as it is met, a
-    JSON schema's `properties` by the redactor's own rule for them. Any other node (objects,
+    JSON schema's `properties` by the redactor's own rule for them; one whose values are named by
+    their siblings (`Redactor.names_a_secret`) marks the field changed. Any other node (objects,
     non-string keys, cycles, the depth limit) is converted by the plain walker and then redacted,
     as the two-walk path does.
     `changed` says whether redaction (or the hook) altered anything: only an unchanged result is
@@ -429,6 +430,9 @@ class _RedactingWalker(_Walker):
             oid = id(obj)
             self.path.add(oid)
             try:
+                if self.redactor.names_a_secret(obj):
+                    # A value named by its sibling, or bytes: the two walks redact it as a whole.
+                    self.changed = True
                 if t is not dict:
                     return self._sequence(obj, depth)
                 out = self._redacted_mapping(obj, depth)
@@ -463,7 +467,7 @@ class _RedactingWalker(_Walker):
                 out[new_key] = self.walk(value, depth + 1)
                 continue
             plain = self.plain.walk(value, depth + 1)
-            redacted = self.redactor.redact_named(kind, plain)
+            redacted = self.redactor.redact_named(kind, plain, key)
             if redacted is not plain and redacted != plain:
                 self.changed = True
             out[new_key] = redacted
