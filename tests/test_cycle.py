@@ -84,6 +84,46 @@ def test_a_deliberately_worse_candidate_is_rejected_and_the_run_recorded(world: 
     assert evals[1].training_run == run.id and evals[1].metrics["pass_at_1"] == 0.0
 
 
+def test_a_live_score_from_a_setup_that_failed_is_not_its_baseline(world: dict[str, Any]) -> None:
+    """A cycle whose every held-out attempt failed to run (a misconfigured model, a backend down)
+    records the live version at 0; the next cycle, set up right, must evaluate it again rather than
+    reuse that 0, or any candidate would look like a gain."""
+    from honed.testing import ScriptedChatModel
+
+    store = world["store"]
+    wreck = SFTMethod(num_train_epochs=1, learning_rate=5.0, per_device_train_batch_size=4)
+    broken = cycle(world, wreck, chat_model=lambda version, temperature: ScriptedChatModel(fail_on="plus"))
+    first = broken.run()
+    assert first.status == "rejected" and "0.000 -> 0.000" in first.reason
+    (failed,) = store.eval_runs(NAME, version=world["v1"].ref, split="heldout")
+    assert failed.metrics["errors"] == failed.metrics["trajectories"] > 0
+    second = cycle(world, wreck).run()
+    assert second.status == "rejected" and "held-out pass@1 1.000 -> 0.000" in second.reason
+    # An evaluation in which every attempt ran is the version's score from then on.
+    scores = [e.metrics["pass_at_1"] for e in store.eval_runs(NAME, version=world["v1"].ref, split="heldout")]
+    assert scores == [0.0, 1.0]
+    cycle(world, wreck, adapt=False).run()
+    assert len(store.eval_runs(NAME, version=world["v1"].ref, split="heldout")) == 2
+
+
+def test_the_gates_tasks_never_train_whatever_split_they_were_given_or_ran_in(world: dict[str, Any]) -> None:
+    """Tasks handed to the gate are held out: `Task`'s default split is train, and these already
+    have verified train runs in the store; the cycle must neither train on them nor capture its
+    gate attempts as train runs."""
+    from honed.trajectory import Task
+
+    store, suite = world["store"], world["suite"]
+    gate_tasks = [Task(t.id, t.prompt, metadata=t.metadata) for t in suite.train[:2]]  # split="train"
+    report = cycle(world, SFTMethod(num_train_epochs=1, learning_rate=5.0), heldout=gate_tasks).run()
+    run = store.training_run(report.run_id)
+    trained = {
+        t.task_id for t in store.trajectories(None, ids=store.training_examples(run.id), with_steps=False)
+    }
+    assert trained and not trained & {t.id for t in gate_tasks}
+    for task in gate_tasks:  # the live version's attempt and the candidate's, both held out
+        assert len(store.trajectories(None, task_id=task.id, split="heldout", with_steps=False)) == 2
+
+
 def test_a_rejected_cycle_changes_something_before_the_next_one(world: dict[str, Any]) -> None:
     """The next cycle (another process: a new Cycle reading the store) does not repeat a rejected
     one: it halves the learning rate (the method's own rule), learns from more versions, records

@@ -227,12 +227,59 @@ def test_hash_heldout_fraction_splits_tasks_without_a_split(store: TrajectorySto
     held = {t for t in ids if task_hash(t) < 0.3}
     assert kept == set(ids) - held and 4 <= len(held) <= 20
     assert data.counts["heldout_excluded"] == len(held)
-    # Stable: the same tasks every time, and a hash never outranks an explicit split.
+    # Stable: the same tasks every time, and held out whole: a run of a hashed-out task captured
+    # with split="train" is held out too (the task's other runs are, so training on it would leak).
     assert all(is_heldout((t, None), heldout_fraction=0.3) for t in held)
-    assert not any(is_heldout((t, "train"), heldout_fraction=0.3) for t in held)
+    assert all(is_heldout((t, "train"), heldout_fraction=0.3) for t in held)
+    for task_id in sorted(held)[:2]:
+        add(store, make_trajectory(task_id, split="train"), True)
+    assert set(prepare(store, "sft", heldout_fraction=0.3).dataset["task_id"]) == set(ids) - held
     assert not is_heldout((None, None), heldout_fraction=1.0)
     assert is_heldout({"task_id": "x", "split": "heldout"})
+    # A split written another way is the same split: a typo must not send held-out runs to training.
+    assert all(is_heldout({"task_id": "x", "split": s}) for s in ("HeldOut", "held-out", "held_out"))
+    add(store, make_trajectory("typo-1", split="Held-Out"), True)
+    add(store, make_trajectory("typo-1", split=None), True)
+    assert "typo-1" not in set(prepare(store, "sft", heldout_fraction=0.3).dataset["task_id"])
     assert set(task_pass_rates(store, heldout_fraction=0.3)) == set(ids) - held
+
+
+def test_a_new_unaudited_version_a_pass_that_erred_and_a_paused_run_never_train(
+    any_store: TrajectoryStore,
+) -> None:
+    """An audit vouches for the version it audited: passes of a newer, unaudited version of a
+    verifier with a minimum precision count for nothing. A "pass" reporting an error failed to
+    judge. A run paused at an interrupt is no outcome, asked for by id or not."""
+    from honed.store.verification import _verdict_row
+
+    store = any_store
+    store.set_min_precision("ref2", 0.9)
+    for i in range(3):
+        add(store, make_trajectory(f"gold-{i}", split="heldout"),
+            Verdict(passed=True, verifier="ref2", version="1"), Verdict(passed=True, verifier="human"))  # fmt: skip
+    assert store.audit_verifier("ref2", version="1", gold="human").precision.value == 1.0
+    old = add(store, make_trajectory("t-v1"), Verdict(passed=True, verifier="ref2", version="1"))
+    assert "ref2" not in store.untrusted_verifiers()
+    assert prepare(store, "sft").trajectory_ids == [old.id]
+    add(
+        store,
+        make_trajectory("t-v2", answer="The sum is 6."),
+        Verdict(passed=True, verifier="ref2", version="2"),
+    )
+    assert "ref2" in store.untrusted_verifiers()  # v2 labels now, and nobody audited it
+    assert len(prepare(store, "sft").dataset) == 0
+
+    erred = Verdict(passed=True, verifier="reference", evidence={"error": "Timeout"})
+    t = add(store, make_trajectory("t-erred"))
+    with pytest.raises(ValueError, match="passes and reports an error"):
+        store.add_verdict(t.id, erred)
+    assert _verdict_row(t.id, erred, datetime.now(UTC))["passed"] is None  # what a Worker stores
+
+    paused = make_trajectory("t-paused")
+    paused.status = "interrupted"
+    add(store, paused, True)
+    with pytest.raises(ValueError, match="paused at an interrupt"):
+        prepare(store, "sft", ids=[paused.id])
 
 
 def test_explicit_requests_for_heldout_data_raise(store: TrajectoryStore) -> None:

@@ -65,8 +65,8 @@ class DataConfig:
     only the external rows whose `task_id` is a task the selection attempted and never passed are
     used, each once, and `external_ratio` is ignored (outside help where the model's own runs
     cannot reach).
-    `heldout_fraction`: tasks
-    captured without a split are held out by a stable hash. `verified=False` trains on every
+    `heldout_fraction`: that fraction of task ids is held out by a stable hash, every run of
+    them. `verified=False` trains on every
     attempt (a measurement arm, never production). `verifiers`: only these label.
     """
 
@@ -376,7 +376,10 @@ class Cycle:
             # 1. select: what was verifiably done right (and wrong), held-out tasks excluded
             with self._timed(result, "select"):
                 filters = config.filters(live, lineage(self.store, live))
-                data = prepare(self.store, method.name, seed=self.seed, **filters)
+                data = prepare(
+                    self.store, method.name, seed=self.seed, heldout_split=self.heldout_split,
+                    heldout_tasks=[t.id for t in self.heldout_tasks()], **filters,
+                )  # fmt: skip
                 result.data, result.stuck = _selection_summary(data, live)
                 result.data["gate_verifiers"] = sorted({verifier_name(v) for v in self.verifiers})
                 self.store.add_training_examples(run.id, data.trajectory_ids)
@@ -449,12 +452,15 @@ class Cycle:
 
     def evaluate_version(self, version: ModelVersion, *, training_run: int | None = None) -> Scores:
         """Score `version` on the held-out tasks (reusing a stored evaluation of the same tasks,
-        samples, temperature and verifiers: a version's weights never change) and record it."""
+        samples, temperature and verifier versions in which no attempt failed to run: a version's
+        weights never change, but a setup that failed must not become its baseline) and record it."""
         tasks = self.heldout_tasks()
         key = self._eval_key(tasks)
         for past in reversed(self.store.eval_runs(self.model, version=version.ref, split=HELDOUT)):
             if past.metrics.get("eval_key") == key and "per_task" in past.metrics:
-                return Scores.from_metrics(past.metrics)
+                if past.metrics.get("errors", 0) == 0:
+                    return Scores.from_metrics(past.metrics)
+                break  # the latest such evaluation had attempts that failed to run: evaluate again
         started = time.monotonic()
         chat = self.chat_model(version, self.gate.temperature)
         try:
@@ -479,10 +485,16 @@ class Cycle:
         )
         return scores
 
+    @property
+    def heldout_split(self) -> str:
+        """The split the gate's tasks are captured in, and which training leaves out."""
+        return self.heldout if isinstance(self.heldout, str) else HELDOUT
+
     def heldout_tasks(self) -> list[Task]:
-        """The gate's tasks: given ones, or every held-out task seen in the store."""
+        """The gate's tasks: given ones (captured in the held-out split whatever split they were
+        given: `Task` defaults to train), or every held-out task seen in the store."""
         if not isinstance(self.heldout, str):
-            return list(self.heldout)
+            return [t if t.split == HELDOUT else replace(t, split=HELDOUT) for t in self.heldout]
         return tasks_from_store(self.store, self.heldout, agent=self.data.agent)
 
     def _decide(self, candidate: Scores, live: Scores) -> GateDecision:
@@ -586,11 +598,15 @@ class Cycle:
         return advance
 
     def _eval_key(self, tasks: Sequence[Task]) -> str:
-        ids = sorted(t.id for t in tasks)
-        names = [getattr(v, "name", str(v)) for v in self.verifiers]
-        watched = [getattr(v, "name", str(v)) for v in self.watched]
+        """What an evaluation measured: each task's request and what judges it, the sampling, and
+        each verifier's name and version (a stored score is reused only under the same key)."""
+        content = sorted(([t.id, t.prompt, t.honed_metadata()] for t in tasks), key=lambda c: c[0])
+        names = [[getattr(v, "name", str(v)), str(getattr(v, "version", ""))] for v in self.verifiers]
+        watched = [[getattr(v, "name", str(v)), str(getattr(v, "version", ""))] for v in self.watched]
         raw = json.dumps(
-            [ids, self.gate.samples, self.gate.temperature, names, *([watched] if watched else [])]
+            [content, self.gate.samples, self.gate.temperature, names, *([watched] if watched else [])],
+            sort_keys=True,
+            default=repr,
         )
         return hashlib.sha256(raw.encode()).hexdigest()[:16]
 

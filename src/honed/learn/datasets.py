@@ -30,15 +30,15 @@ import random
 import statistics
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from honed.exporters.datasets import dataset_features
 from honed.messages import MessageError, NotExportable, chat_example, openai_messages
 from honed.store import TrajectoryNotFound
-from honed.store.select import HeldOut, HeldOutLeak
-from honed.trajectory import HELDOUT, Trajectory, label
+from honed.store.select import HeldOut, HeldOutLeak, same_split
+from honed.trajectory import HELDOUT, INTERRUPTED, Trajectory, label
 
 if TYPE_CHECKING:
     import datasets
@@ -115,6 +115,7 @@ def prepare(
     verifiers: Iterable[str] | None = None,
     pretokenized: bool | None = None,
     newest_weight: int = 1,
+    heldout_tasks: Iterable[str] = (),
 ) -> TrainingData:
     """Select trajectories from `store` and build `method`'s TRL dataset (see the module docstring).
 
@@ -122,8 +123,9 @@ def prepare(
     `split`, `task_ids`, `ids` (exactly these trajectories), `limit` (the newest that many). With
     several versions, the per-task cap keeps the newest versions' attempts first, and
     `newest_weight` repeats the first version's rows that many times (SFT, distill). Held-out tasks are left out: split equal to
-    `heldout_split`, any task that has a trajectory in that split, or (no split) a task whose
-    stable hash falls under `heldout_fraction`; asking for one by split, id or task raises
+    `heldout_split`, any task that has a trajectory in that split, or a task (every run of it) whose
+    stable hash falls under `heldout_fraction`, and `heldout_tasks` (a gate's task ids, whether or
+    not the store has seen them held out yet); asking for one by split, id or task raises
     `HeldOutLeak`. `verified=False` trains on every attempt regardless of verdicts (SFT, KTO).
     `external` chat examples `{"messages", "tools"}` make up `external_ratio` of the rows (SFT,
     distill, KTO as desirable; 1.0: external rows only, each once, e.g. a warm start).
@@ -147,10 +149,12 @@ def prepare(
         raise ValueError(
             f"{method} learns from verified passes against verified failures: it needs verified=True"
         )
-    if split is not None and split == heldout_split:
+    if split is not None and same_split(split, heldout_split):
         raise HeldOutLeak(f"split={split!r} asks for the held-out split")
     untrusted_names = set(store.untrusted_verifiers() if untrusted is None else untrusted)
     heldout = HeldOut.of(store, split=heldout_split, fraction=heldout_fraction)
+    if heldout_tasks:
+        heldout = replace(heldout, task_ids=heldout.task_ids | {str(t) for t in heldout_tasks})
     counts: Counter[str] = Counter()
     labeled_only = verified and method != "grpo"
     selected = _select(
@@ -313,6 +317,12 @@ def _explicit(store: TrajectoryStore, ids: list[str], heldout: HeldOut) -> list[
     if leaked:
         raise HeldOutLeak(
             f"{len(leaked)} of the requested trajectories are held out", [t.task_id for t in leaked]
+        )
+    paused = [t.id for t in chosen if t.status == INTERRUPTED]
+    if paused:
+        raise ValueError(
+            f"{len(paused)} of the requested trajectories are paused at an interrupt, not finished: "
+            f"no outcome to learn from ({', '.join(paused[:5])})"
         )
     return chosen
 

@@ -135,6 +135,9 @@ class Scores:
     round: str = ""
     # Each verifier's pass rate over the round's attempts, the watched ones' too (`honed.learn.watch`).
     by_verifier: dict[str, float] = field(default_factory=dict)
+    # Attempts that ended in an exception other than running out of steps (a model or backend that
+    # failed): a round with any says more about the setup than about the version.
+    errors: int = 0
 
     @property
     def samples(self) -> int:
@@ -176,6 +179,7 @@ class Scores:
             trajectories=int(metrics.get("trajectories", 0)),
             round=str(metrics.get("round", "")),
             by_verifier=dict(metrics.get("by_verifier") or {}),
+            errors=int(metrics.get("errors", 0)),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -190,6 +194,7 @@ class Scores:
             "diversity": self.diversity,
             "round": self.round,
             "by_verifier": self.by_verifier,
+            "errors": self.errors,
         }
 
 
@@ -237,7 +242,13 @@ def score(
         trajectories=len(trajectories),
         round=round_tag,
         by_verifier=pass_rates(trajectories),
+        errors=sum(1 for t in trajectories if t.task_id in per_task and _failed_to_run(t)),
     )
+
+
+def _failed_to_run(t: Trajectory) -> bool:
+    """An attempt that ended in an exception, not in the agent's own step limit."""
+    return t.status == "error" and "GraphRecursionError" not in str(t.error or "")
 
 
 def pass_rates(trajectories: Sequence[Trajectory]) -> dict[str, float]:

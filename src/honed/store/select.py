@@ -39,8 +39,9 @@ class HeldOutLeak(ValueError):
 
 @dataclass(frozen=True)
 class HeldOut:
-    """The held-out policy: `split`, the tasks seen in it (`task_ids`) and a hash `fraction` for
-    tasks captured without a split. `HeldOut.of(store)` reads the task ids from the store."""
+    """The held-out policy: `split`, the tasks seen in it (`task_ids`) and a hash `fraction` of
+    task ids held out whatever split their runs carry (a task is held out or not, every run of it
+    alike). `HeldOut.of(store)` reads the task ids from the store."""
 
     task_ids: frozenset[str] = field(default_factory=frozenset)
     split: str = HELDOUT
@@ -55,8 +56,8 @@ class HeldOut:
         task_id, split = _task_and_split(item)
         if task_id is not None and str(task_id) in self.task_ids:
             return True
-        if split is not None:
-            return split == self.split
+        if split is not None and same_split(split, self.split):
+            return True
         return task_id is not None and self.fraction > 0 and task_hash(str(task_id)) < self.fraction
 
 
@@ -70,6 +71,16 @@ def is_heldout(
     return HeldOut(frozenset(), heldout_split, heldout_fraction).holds(item)
 
 
+def same_split(a: str, b: str) -> bool:
+    """Splits compared as people write them: "HeldOut", "held-out" and "held_out" are "heldout"
+    (a typo must not send held-out runs to training)."""
+    return a == b or _split_key(a) == _split_key(b)
+
+
+def _split_key(split: str) -> str:
+    return split.lower().replace("-", "").replace("_", "").replace(" ", "")
+
+
 def task_hash(task_id: str) -> float:
     """A task id's stable position in [0, 1): the same on every machine and in every process."""
     digest = hashlib.sha256(task_id.encode("utf-8")).digest()
@@ -77,14 +88,17 @@ def task_hash(task_id: str) -> float:
 
 
 def heldout_task_ids(store: TrajectoryStore, heldout_split: str = HELDOUT) -> set[str]:
-    """Every task id with a trajectory in `heldout_split`."""
-    from sqlalchemy import select
+    """Every task id with a trajectory in `heldout_split` (as `same_split` compares them)."""
+    from sqlalchemy import func, select
 
     from honed.store.schema import TrajectoryRow
 
+    written = func.replace(
+        func.replace(func.replace(func.lower(TrajectoryRow.split), "-", ""), "_", ""), " ", ""
+    )
     query = (
         select(TrajectoryRow.task_id)
-        .where(TrajectoryRow.split == heldout_split, TrajectoryRow.task_id.is_not(None))
+        .where(written == _split_key(heldout_split), TrajectoryRow.task_id.is_not(None))
         .distinct()
     )
     with store.engine.connect() as conn:

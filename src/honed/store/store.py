@@ -45,7 +45,7 @@ from honed.store.registry import ModelRegistry
 from honed.store.schema import JSONText, StepRow, TrajectoryRow, VerdictRow
 from honed.store.training import TrainingLog
 from honed.store.verification import VerificationStore
-from honed.trajectory import INTERRUPTED, Step, Trajectory, Verdict
+from honed.trajectory import ERROR_KEY, INTERRUPTED, Step, Trajectory, Verdict
 
 log = logging.getLogger("honed")
 
@@ -260,7 +260,14 @@ class TrajectoryStore:
         self.save_records([trajectory_to_record(trajectory)])
 
     def add_verdict(self, trajectory_id: str, verdict: Verdict) -> Verdict:
-        """Record a verdict; one per (trajectory, verifier, version), so re-running replaces it."""
+        """Record a verdict; one per (trajectory, verifier, version), so re-running replaces it.
+        A pass that reports an error in its evidence is refused: it would count as a judgement
+        (errors are `passed=None`, see `honed.trajectory.is_verifier_error`)."""
+        if verdict.passed is True and (verdict.evidence or {}).get(ERROR_KEY):
+            raise ValueError(
+                f"verdict of {verdict.verifier!r} passes and reports an error "
+                f"({verdict.evidence[ERROR_KEY]!r}): a verifier that failed to judge says passed=None"
+            )
         with self._sessions.begin() as session:
             if session.get(TrajectoryRow, trajectory_id) is None:
                 raise TrajectoryNotFound(trajectory_id)

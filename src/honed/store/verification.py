@@ -23,7 +23,7 @@ from sqlalchemy.orm import aliased
 from honed.store.database import Database
 from honed.store.schema import TrajectoryRow, UTCDateTime, VerdictRow
 from honed.store.verification_tables import VerificationClaimRow, VerifierAuditRow, VerifierPolicyRow
-from honed.trajectory import INTERRUPTED, Verdict
+from honed.trajectory import ERROR_KEY, INTERRUPTED, Verdict
 
 if TYPE_CHECKING:
     from honed.store.audit import AuditResult
@@ -359,12 +359,17 @@ class VerificationStore:
         """Policies of the given verifiers (default: all registered or audited), with latest precision."""
         with self._sessions() as session:
             rows = {r.verifier: r for r in session.scalars(select(VerifierPolicyRow))}
+            labelling = _labelling_versions(session)
             audits: dict[str, VerifierAuditRow] = {}
             ordered = select(VerifierAuditRow).order_by(
                 VerifierAuditRow.created_at.desc(), VerifierAuditRow.id.desc()
             )
             for audit in session.scalars(ordered):
-                audits.setdefault(audit.verifier, audit)
+                # An audit of one version says nothing of another: the one that counts is of the
+                # version labelling now (its newest verdict's), or one made across versions.
+                current = labelling.get(audit.verifier)
+                if audit.version is None or current is None or audit.version == current:
+                    audits.setdefault(audit.verifier, audit)
         names = sorted(set(rows) | set(audits)) if verifiers is None else list(verifiers)
         out = []
         for name in names:
@@ -447,6 +452,16 @@ class VerificationStore:
         return list(latest.values())
 
 
+def _labelling_versions(session: Any) -> dict[str, str]:
+    """Each verifier's version whose verdict is the newest: the version labelling now."""
+    newest = (
+        select(VerdictRow.verifier, VerdictRow.version, func.max(VerdictRow.created_at).label("at"))
+        .group_by(VerdictRow.verifier, VerdictRow.version)
+        .order_by(func.max(VerdictRow.created_at))
+    )
+    return {verifier: version for verifier, version, _ in session.execute(newest)}
+
+
 def _upsert_verdicts(session: Any, rows: list[dict[str, Any]]) -> None:
     """One verdict per (trajectory, verifier, version): a new one replaces the old in place."""
     dialect = postgresql if session.bind.dialect.name == "postgresql" else sqlite
@@ -465,7 +480,8 @@ def _verdict_row(trajectory_id: str, v: Verdict, now: datetime) -> dict[str, Any
         "trajectory_id": trajectory_id,
         "verifier": v.verifier,
         "version": v.version,
-        "passed": v.passed,
+        # A "pass" that reports an error failed to judge: stored as the verifier error it is.
+        "passed": None if v.passed is True and (v.evidence or {}).get(ERROR_KEY) else v.passed,
         "score": float(v.score),
         "reason": v.reason or "",
         "evidence": v.evidence or {},
