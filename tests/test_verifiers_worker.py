@@ -181,6 +181,27 @@ def test_a_worker_killed_mid_batch_loses_nothing(store_url: str) -> None:
     assert claim_states(store) == {"done": 24}
 
 
+def test_a_process_whose_verifier_hung_still_exits(store_url: str) -> None:
+    """The hung call's thread is abandoned, not joined at exit: `honed verify --once` and any
+    script that ran a `Worker` end when their work does."""
+    store = honed.open_store(store_url)
+    seed(store, 2)
+    script = (
+        "import sys, honed; sys.path.insert(0, sys.argv[2]); from verifier_helpers import Hangs; "
+        "from honed.verifiers import Worker; "
+        "w = Worker(honed.open_store(sys.argv[1]), [Hangs(seconds=3600, timeout_s=0.3)], max_attempts=1); "
+        "print('settled', w.run_once(), flush=True)"
+    )
+    start = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-c", script, store_url, str(Path(__file__).parent)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0 and "settled 2" in done.stdout, done.stdout + done.stderr
+    assert time.monotonic() - start < 30
+    assert all(is_error(v) for t in store.trajectories(limit=None) for v in t.verdicts)
+
+
 def test_sigterm_finishes_in_flight_work_and_releases_the_rest(store_url: str) -> None:
     store = honed.open_store(store_url)
     ids = seed(store, 20)  # 10 s of work: SIGTERM lands long before the end, even on a loaded machine

@@ -27,6 +27,7 @@ import hashlib
 import logging
 import math
 import os
+import queue
 import signal
 import socket
 import threading
@@ -34,7 +35,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable, Iterable
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -143,7 +144,7 @@ class Worker:
         self.on_progress = on_progress
         self.stats = WorkerStats()
         self._stop = threading.Event()
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: _DaemonPool | None = None
         self._in_flight: dict[Future[ClaimOutcome | None], _Job] = {}
         self._buffer: list[ClaimOutcome] = []
         self._prepared = False
@@ -449,9 +450,9 @@ class Worker:
                 self.stats.store_errors += 1
                 self._stop.wait(self._backoff(failures))
 
-    def _executor(self) -> ThreadPoolExecutor:
+    def _executor(self) -> _DaemonPool:
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="honed-verify")
+            self._pool = _DaemonPool(self.concurrency, "honed-verify")
         return self._pool
 
     def _with_store_retry(self, fn: Callable[[], Any], attempts: int = 5) -> Any:
@@ -481,3 +482,49 @@ class Worker:
             previous[signum] = signal.getsignal(signum)
             signal.signal(signum, lambda *_: self.stop())
         return previous
+
+
+class _DaemonPool:
+    """`ThreadPoolExecutor`'s `submit`/`shutdown` on daemon threads. A verifier call that hangs
+    keeps its thread forever; the executor's threads are joined at interpreter exit, so one hung
+    call kept `honed verify --once` (and any script that ran a `Worker`) from ever exiting."""
+
+    def __init__(self, workers: int, name: str) -> None:
+        self._queue: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]] | None]
+        self._queue = queue.SimpleQueue()
+        self._threads = [
+            threading.Thread(target=self._run, name=f"{name}_{i}", daemon=True)
+            for i in range(max(1, workers))
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        self._queue.put((future, fn, args))
+        return future
+
+    def shutdown(self, wait: bool = False, cancel_futures: bool = False) -> None:
+        """Stop the threads once their current call returns (a hung one never does: it is a daemon)."""
+        while cancel_futures:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                item[0].cancel()
+        for _ in self._threads:
+            self._queue.put(None)
+        if wait:
+            for thread in self._threads:
+                thread.join()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            future, fn, args = item
+            if not future.set_running_or_notify_cancel():
+                continue  # cancelled while queued
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:
+                future.set_exception(exc)
