@@ -107,6 +107,36 @@ def test_a_bad_store_url_is_one_line_not_a_traceback(url: str, message: str) -> 
     assert "sqlite:///PATH or postgresql://USER@HOST/DB" in result.output
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["runs", "--verdict", "maybe"], "ValueError: verdict filter must be one of"),
+        (["export", "jsonl", "no/such/dir/train.jsonl"], "FileNotFoundError"),
+        (["train", "student", "--suite", "nosuch"], "ValueError: unknown suite 'nosuch'"),
+        (["train", "student", "--agent", "no_such_module:agent"], "ModuleNotFoundError"),
+    ],
+)
+def test_a_user_mistake_is_one_line_not_a_traceback(captured: str, args: list[str], message: str) -> None:
+    result = runner.invoke(app, [*args, "--store", captured])
+    assert result.exit_code == 1 and message in result.output, result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) <= 2
+
+
+def test_the_runs_table_shows_the_label_its_verdict_filter_uses(captured: str) -> None:
+    """An untrusted verifier's pass is no pass: `honed runs` says "?", as `--verdict pass` leaves it out."""
+    store = honed.open_store(captured)
+    ok = next(t for t in store.trajectories() if t.task_id == "ok-task")
+    store.set_min_precision("judge", 0.9)  # never audited: untrusted
+    store.add_verdict(ok.id, honed.Verdict(passed=True, verifier="judge"))
+    assert runner.invoke(app, ["runs", "--verdict", "pass", "--store", captured]).output.count("ok-task") == 0
+    row = next(
+        line
+        for line in runner.invoke(app, ["runs", "--store", captured]).output.splitlines()
+        if ok.id[-12:] in line
+    )
+    assert "pass" not in row and "?" in row
+
+
 def test_honed_init_creates_a_store_the_readers_then_find(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'new' / 'honed.db'}"
     assert runner.invoke(app, ["init", "--store", url]).exit_code == 0

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import os
+from typing import Annotated, Any
 
+import click
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -15,11 +17,35 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
 )
+from typer.core import TyperGroup
 
 from honed.store import InvalidStoreURL, StoreUnavailable, TrajectoryStore, open_store
 
+
+class _Group(TyperGroup):
+    """Every command's user mistakes (a path that does not exist, an unknown suite or verdict, a
+    module that does not import, an invalid checkpoint) as one red line and status 1, not a
+    traceback. `HONED_TRACEBACK=1` shows the traceback instead."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except _USER_ERRORS as exc:
+            if os.environ.get("HONED_TRACEBACK"):
+                raise
+            text = str(exc).splitlines()[0] if str(exc) else ""
+            console().print(f"[red]{escape(type(exc).__name__)}: {escape(text)}[/red]", soft_wrap=True)
+            raise typer.Exit(1) from exc
+
+
+# Raised by what a user typed; a bug raises something else (and keeps its traceback).
+_USER_ERRORS = (OSError, ValueError, LookupError, ImportError)
+
 app = typer.Typer(
-    no_args_is_help=True, add_completion=False, help="honed: agents that learn from verified experience."
+    cls=_Group,
+    no_args_is_help=True,
+    add_completion=False,
+    help="honed: agents that learn from verified experience.",
 )
 
 StoreOption = Annotated[

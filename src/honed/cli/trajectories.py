@@ -14,7 +14,7 @@ from rich.tree import Tree
 from honed.cli.common import JsonOption, StoreOption, app, console, open_store_or_exit
 from honed.messages import task_text
 from honed.store import TrajectoryNotFound
-from honed.trajectory import Step, Trajectory
+from honed.trajectory import Step, Trajectory, label
 
 
 @app.command()
@@ -42,6 +42,7 @@ def runs(
             verdict=verdict,  # type: ignore[arg-type]
             thread_id=thread,
         )
+        untrusted = s.untrusted_verifiers()
     if as_json:
         for t in found:
             data = t.to_dict()
@@ -63,7 +64,7 @@ def runs(
             t.id[-12:],
             _when(t.started_at, "%m-%d %H:%M:%S"),
             task,
-            f"{_status_word(t)} {_verdict_summary(t)}",
+            f"{_status_word(t)} {_verdict_summary(t, untrusted)}",
             str(len(t.steps)),
             _secs(t.duration_s),
             escape(_preview(_outcome(t), 80)),
@@ -200,14 +201,13 @@ def _content_text(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, default=str)
 
 
-def _verdict_summary(t: Trajectory) -> str:
+def _verdict_summary(t: Trajectory, untrusted: set[str]) -> str:
+    """The trajectory's label (`honed.trajectory.label`: what `--verdict` filters by and training
+    uses), "?" when its verdicts tell nothing trusted."""
     if not t.verdicts:
         return ""
-    if any(v.passed is False for v in t.verdicts):
-        return "[red]fail[/red]"
-    if all(v.passed for v in t.verdicts):
-        return "[green]pass[/green]"
-    return "[yellow]?[/yellow]"
+    verdict = label(t.verdicts, untrusted=untrusted)
+    return {True: "[green]pass[/green]", False: "[red]fail[/red]"}.get(verdict, "[yellow]?[/yellow]")
 
 
 def _preview(text: str | None, width: int) -> str:
