@@ -430,3 +430,13 @@ def test_streaming_a_tool_call_and_an_answer() -> None:
     assert merged.tool_calls[0]["args"] == {"a": 2, "b": 3}
     assert merged.response_metadata["finish_reason"] == "tool_calls"
     assert merged.response_metadata["token_ids"] and merged.response_metadata["model_version"]
+
+
+def test_a_model_folder_that_does_not_exist_fails_at_once(tmp_path: Path) -> None:
+    """Not a hub name to retry for ~50 s offline: checkpoints load from a local folder."""
+    from honed.serving import LocalChatModel
+
+    start = time.monotonic()
+    with pytest.raises(FileNotFoundError, match="no model folder"):
+        LocalChatModel(str(tmp_path / "nope")).invoke("hello")
+    assert time.monotonic() - start < 5

@@ -30,7 +30,8 @@ from honed.store.registry import (
 def fake_model(folder: Path, seed: int = 0) -> Path:
     """A folder that passes the file checks without torch: config, tokenizer, one tiny safetensors."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps({"model_type": "qwen2", "seed": seed}))
+    config = {"model_type": "qwen2", "vocab_size": 2, "hidden_size": 1, "seed": seed}
+    (folder / "config.json").write_text(json.dumps(config))
     (folder / "tokenizer.json").write_text("{}")
     header = json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
     (folder / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(8))
@@ -103,6 +104,12 @@ def test_missing_or_corrupt_versions_are_refused_and_the_live_one_stays(store, t
         "truncated or corrupt": truncate,
         "not a valid safetensors file": lambda f: (f / "model.safetensors").write_bytes(b"\xff" * 64),
         "no config.json": lambda f: (f / "config.json").unlink(),
+        # transformers would fill in its default sizes: a 7B random model nobody can serve
+        "does not give the model's sizes": lambda f: (f / "config.json").write_text(
+            '{"model_type": "llama"}'
+        ),
+        # tokenizer_config.json names a class, not the tokens: served, it tokenises wrongly
+        "no tokenizer vocabulary": lambda f: (f / "tokenizer.json").rename(f / "tokenizer_config.json"),
     }
     for i, (reason, corrupt) in enumerate(cases.items()):
         broken = fake_model(tmp_path / f"broken{i}")
@@ -118,7 +125,7 @@ def test_missing_or_corrupt_versions_are_refused_and_the_live_one_stays(store, t
         assert store.live_version("agent").version == 1
     with pytest.raises(ModelVersionInvalid, match="does not exist"):
         store.register_model("agent", tmp_path / "missing")
-    assert [v.version for v in store.versions("agent")] == [1, 2, 3, 4]
+    assert [v.version for v in store.versions("agent")] == [1, 2, 3, 4, 5, 6]
     assert [e.action for e in store.model_history("agent")].count("promote") == 1
 
 

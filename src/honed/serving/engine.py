@@ -149,6 +149,8 @@ def load_engine(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = Path(path)
+    if not folder.is_dir():  # else transformers takes the path for a hub name and retries for ~50 s
+        raise FileNotFoundError(f"no model folder at {folder}: checkpoints load from a local folder")
     torch_dtype = getattr(torch, dtype) if dtype else None
     adapter_config = folder / "adapter_config.json"
     if adapter_config.exists():

@@ -126,9 +126,19 @@ def validate_model_files(path: str | Path, ref: str | None = None) -> None:
     if not config.exists():
         raise ModelVersionInvalid(ref, f"no config.json (or adapter_config.json) in {folder}")
     try:
-        json.loads(config.read_text())
+        settings = json.loads(config.read_text())
     except (OSError, ValueError) as exc:
         raise ModelVersionInvalid(ref, f"{config.name} is not valid JSON: {exc}") from exc
+    if not adapter and not (
+        isinstance(settings, dict)
+        and "vocab_size" in settings
+        and any(k in settings for k in ("hidden_size", "n_embd", "d_model"))
+    ):
+        # transformers fills a config without sizes with its defaults: a 7B-parameter random
+        # model where a tiny one was meant, which no server ever finishes loading.
+        raise ModelVersionInvalid(
+            ref, f"{config.name} does not give the model's sizes (vocab_size, hidden_size)"
+        )
     weights = sorted(folder.glob("*.safetensors"))
     for index in folder.glob("*.safetensors.index.json"):
         try:
@@ -145,8 +155,15 @@ def validate_model_files(path: str | Path, ref: str | None = None) -> None:
         _check_torch_checkpoint(file, ref)
     if not weights and not pickled:
         raise ModelVersionInvalid(ref, f"no weights (*.safetensors or *model*.bin) in {folder}")
-    if not adapter and not any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
-        raise ModelVersionInvalid(ref, f"no tokenizer in {folder} (save it with tokenizer.save_pretrained)")
+    if not adapter and not any((folder / f).exists() for f in _VOCABULARIES):
+        raise ModelVersionInvalid(
+            ref,
+            f"no tokenizer vocabulary in {folder} (tokenizer.json...: save it with tokenizer.save_pretrained)",
+        )
+
+
+# A tokenizer's vocabulary (tokenizer_config.json alone names a class, not the tokens).
+_VOCABULARIES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 
 
 def _check_safetensors(file: Path, ref: str) -> None:
