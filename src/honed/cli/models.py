@@ -8,6 +8,7 @@ version within its poll interval (at once on PostgreSQL, through NOTIFY).
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from typing import Annotated
 
@@ -205,6 +206,8 @@ def serve(
     ] = 1000,
 ) -> None:
     """An OpenAI-compatible endpoint (/v1/chat/completions, /v1/models) over the live version of NAME."""
+    # A promoted version that fails to load is logged ("still serving ..."): the operator must see it.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     try:
         from honed.serving.app import serve as run_server
     except ImportError as exc:
