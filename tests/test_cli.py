@@ -178,6 +178,35 @@ def test_honed_spool_shows_what_waits_and_replays_it(tmp_path: Path) -> None:
     assert json.loads(runner.invoke(app, ["spool", "--json", "--store", url]).output)["pending"] == 0
 
 
+def test_runs_captured_under_a_mistyped_store_url_are_moved_to_the_right_store(tmp_path: Path) -> None:
+    """A URL no store can have (a misconfiguration, not an outage) leaves the runs in its spool,
+    and the log says how to move them: `honed spool --replay --from SPOOL --store URL`."""
+    import logging
+
+    from honed.capture.recorder import Recorder
+
+    wrong = "mysql://user@host/db"
+    recorder = Recorder(wrong)
+    agent = create_agent(ToolScriptModel(), make_tools(), middleware=[honed.Middleware(recorder=recorder)])
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("honed").addHandler(handler)
+    try:
+        agent.invoke({"messages": [("user", "answer kept")]})
+        recorder.close()
+    finally:
+        logging.getLogger("honed").removeHandler(handler)
+    (advice,) = [m for m in records if "--from" in m]
+    spool = advice.split("--from ", 1)[1].split(" ", 1)[0]
+    right = f"sqlite:///{tmp_path / 'right.db'}"
+    result = runner.invoke(app, ["spool", "--replay", "--from", spool, "--store", right, "--json"])
+    assert json.loads(result.output)["replayed"] == 1, result.output
+    assert [t.answer for t in honed.open_store(right).trajectories()] == ["kept"]
+    missing = runner.invoke(app, ["spool", "--replay", "--from", str(tmp_path / "none"), "--store", right])
+    assert missing.exit_code == 1 and "no spool file" in missing.output
+
+
 def test_the_demo_table_keeps_its_reasons_readable_off_a_terminal() -> None:
     import io
     from types import SimpleNamespace

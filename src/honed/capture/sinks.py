@@ -166,9 +166,10 @@ class StoreSink:
             # Not an outage: no retry can help. Said once, loudly; the records stay in the spool.
             self.misconfigured = f"configuration error: {exc}"
             log.error(
-                "honed: %s. Captured runs are kept in the spool %s; fix the store URL, then run "
-                "`honed spool --replay --store URL` to move them there",
+                "honed: %s. Captured runs are kept in the spool %s; move them to the right store with "
+                "`honed spool --replay --from %s --store URL`",
                 self.misconfigured,
+                self.spool.path,
                 self.spool.path,
             )
             return

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -27,13 +28,23 @@ def spool(
     replay: Annotated[
         bool, typer.Option("--replay", help="Write what waits for --store into it now, then empty its spool.")
     ] = False,
+    source: Annotated[
+        Path | None,
+        typer.Option(
+            "--from",
+            help="With --replay: this spool file (as listed) instead of --store's own, e.g. runs captured "
+            "under a mistyped store URL.",
+        ),
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """What captured runs wait in the local spool (`$HONED_SPOOL_DIR`) for a store that was down."""
     from honed.capture.spool import Spool, default_spool_path, spools
 
     url = resolve_store_url(store)
-    mine = Spool(default_spool_path(url))
+    if source is not None and not source.is_file():
+        raise FileNotFoundError(f"no spool file at {source} (`honed spool` lists them)")
+    mine = Spool(source if source is not None else default_spool_path(url))
     if replay:
         before = mine.pending()
         with open_store_or_exit(url, create=True) as s:
