@@ -122,6 +122,20 @@ def test_a_user_mistake_is_one_line_not_a_traceback(captured: str, args: list[st
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) <= 2
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["runs", "--status", "bogus"],
+        ["runs", "--limit", "-5"],
+        ["export", "jsonl", "out.jsonl", "--status", "bogus"],
+        ["export", "otlp", "--protocol", "bogus"],
+    ],
+)
+def test_an_option_out_of_range_is_refused_not_ignored(captured: str, args: list[str]) -> None:
+    result = runner.invoke(app, [*args, "--store", captured])
+    assert result.exit_code == 2 and "Invalid value" in result.output, result.output
+
+
 def test_the_runs_table_shows_the_label_its_verdict_filter_uses(captured: str) -> None:
     """An untrusted verifier's pass is no pass: `honed runs` says "?", as `--verdict pass` leaves it out."""
     store = honed.open_store(captured)

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 from rich.console import Console
@@ -37,11 +37,16 @@ UntilOption = Annotated[
 AgentOption = Annotated[str | None, typer.Option(help="Only this agent.")]
 TaskIdOption = Annotated[list[str] | None, typer.Option("--task-id", help="Only these tasks (repeatable).")]
 SplitOption = Annotated[str | None, typer.Option(help="train | heldout")]
-StatusOption = Annotated[str | None, typer.Option(help="ok | error")]
+StatusOption = Annotated[
+    Literal["ok", "error", "interrupted"] | None,
+    typer.Option(help="ok | error | interrupted"),
+]
 ModelVersionOption = Annotated[
     str | None, typer.Option("--model-version", help="Only runs of this model version.")
 ]
-LimitOption = Annotated[int | None, typer.Option("--limit", "-n", help="At most this many trajectories.")]
+LimitOption = Annotated[
+    int | None, typer.Option("--limit", "-n", min=1, help="At most this many trajectories.")
+]
 HeldoutOption = Annotated[
     bool, typer.Option("--include-heldout", help="Also export held-out trajectories (left out by default).")
 ]
@@ -61,7 +66,10 @@ def export_otlp(
         str | None,
         typer.Option(help="OTLP base URL, e.g. http://localhost:4318 (default: OTEL_EXPORTER_OTLP_*)."),
     ] = None,
-    protocol: Annotated[str | None, typer.Option(help="http/protobuf (default) | grpc")] = None,
+    protocol: Annotated[
+        Literal["http/protobuf", "grpc"] | None,
+        typer.Option(help="http/protobuf (default) | grpc"),
+    ] = None,
     header: Annotated[
         list[str] | None, typer.Option("--header", help="key=value, sent with every request.")
     ] = None,

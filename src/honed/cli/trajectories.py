@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 from rich.markup import escape
@@ -20,11 +20,14 @@ from honed.trajectory import Step, Trajectory, label
 @app.command()
 def runs(
     store: StoreOption = None,
-    limit: Annotated[int, typer.Option("--limit", "-n", help="How many, newest first.")] = 20,
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="How many, newest first.")] = 20,
     agent: Annotated[str | None, typer.Option(help="Only this agent.")] = None,
     task_id: Annotated[str | None, typer.Option("--task-id", help="Only this task.")] = None,
     split: Annotated[str | None, typer.Option(help="train | heldout")] = None,
-    status: Annotated[str | None, typer.Option(help="ok | error | interrupted")] = None,
+    status: Annotated[
+        Literal["ok", "error", "interrupted"] | None,
+        typer.Option(help="ok | error | interrupted"),
+    ] = None,
     verdict: Annotated[str | None, typer.Option(help="pass | fail | labeled | unlabeled")] = None,
     thread: Annotated[
         str | None, typer.Option("--thread", help="Only this conversation (LangGraph thread_id).")
