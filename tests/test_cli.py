@@ -87,7 +87,8 @@ def test_the_installed_command_reads_HONED_STORE(captured: str, tmp_path: Path) 
 
 
 @pytest.mark.parametrize(
-    "command", [["runs"], ["show", "abc"], ["status"], ["report"], ["export", "jsonl", "x.jsonl"]]
+    "command",
+    [["runs"], ["show", "abc"], ["status"], ["report"], ["export", "jsonl", "x.jsonl"], ["verify", "--once"]],
 )
 def test_reading_commands_never_create_a_store(command: list[str], tmp_path: Path) -> None:
     typo = tmp_path / "tyop" / "honed.db"

@@ -57,7 +57,9 @@ def verify(
         console().print(f"[red]{escape(str(exc))}[/red]")
         raise typer.Exit(2) from exc
     out = console()
-    with open_store_or_exit(store, create=True) as s:
+    # A worker that keeps watching may start before the first capture creates the store; one that
+    # labels what is there and exits, pointed at a store that does not exist, was mistyped.
+    with open_store_or_exit(store, create=watch) as s:
         worker = Worker(
             s,
             chosen,
