@@ -128,12 +128,14 @@ def test_a_user_mistake_is_one_line_not_a_traceback(captured: str, args: list[st
     [
         ["runs", "--status", "bogus"],
         ["runs", "--limit", "-5"],
-        ["export", "jsonl", "out.jsonl", "--status", "bogus"],
+        ["export", "jsonl", "{tmp}/out.jsonl", "--status", "bogus"],
         ["export", "otlp", "--protocol", "bogus"],
     ],
 )
-def test_an_option_out_of_range_is_refused_not_ignored(captured: str, args: list[str]) -> None:
-    result = runner.invoke(app, [*args, "--store", captured])
+def test_an_option_out_of_range_is_refused_not_ignored(
+    captured: str, args: list[str], tmp_path: Path
+) -> None:
+    result = runner.invoke(app, [*(a.format(tmp=tmp_path) for a in args), "--store", captured])
     assert result.exit_code == 2 and "Invalid value" in result.output, result.output
 
 
