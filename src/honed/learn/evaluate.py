@@ -135,8 +135,8 @@ class Scores:
     round: str = ""
     # Each verifier's pass rate over the round's attempts, the watched ones' too (`honed.learn.watch`).
     by_verifier: dict[str, float] = field(default_factory=dict)
-    # Attempts that ended in an exception other than running out of steps (a model or backend that
-    # failed): a round with any says more about the setup than about the version.
+    # Attempts whose model call raised (a model or backend that failed, not the agent's own tool
+    # errors or step limit): a round with any says more about the setup than about the version.
     errors: int = 0
 
     @property
@@ -247,8 +247,8 @@ def score(
 
 
 def _failed_to_run(t: Trajectory) -> bool:
-    """An attempt that ended in an exception, not in the agent's own step limit."""
-    return t.status == "error" and "GraphRecursionError" not in str(t.error or "")
+    """An attempt whose model call raised: the setup failed, whatever the version would do."""
+    return t.status == "error" and any(s.kind == "model" and s.error for s in t.steps)
 
 
 def pass_rates(trajectories: Sequence[Trajectory]) -> dict[str, float]:
