@@ -71,7 +71,12 @@ def test_show_is_a_readable_timeline(captured: str) -> None:
 
 def test_show_unknown_id_and_unreachable_store(captured: str) -> None:
     result = runner.invoke(app, ["show", "no-such-id", "--store", captured])
-    assert result.exit_code == 1 and "no trajectory" in result.output
+    assert result.exit_code == 1 and result.output.strip() == "no trajectory no-such-id"
+    first, second = (t.id for t in honed.open_store(captured).trajectories())
+    shared = next(first[:n] for n in range(len(first), 0, -1) if second.startswith(first[:n]))
+    result = runner.invoke(app, ["show", shared, "--store", captured])
+    assert result.exit_code == 1
+    assert result.output.strip() == f"{shared!r} matches several trajectories; give more of the id"
     result = runner.invoke(app, ["runs", "--store", "postgresql+psycopg://x:pw@127.0.0.1:1/none"])
     assert result.exit_code == 2 and "cannot open the store" in result.output
 

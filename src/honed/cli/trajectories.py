@@ -14,6 +14,7 @@ from rich.tree import Tree
 from honed.cli.common import JsonOption, StoreOption, app, console, open_store_or_exit
 from honed.messages import task_text
 from honed.store import TrajectoryNotFound
+from honed.store.store import AmbiguousTrajectoryId
 from honed.trajectory import Step, Trajectory, label
 
 
@@ -88,7 +89,8 @@ def show(
         try:
             t = s.get(trajectory_id)
         except TrajectoryNotFound as exc:
-            console().print(f"[red]no trajectory {escape(str(exc))}[/red]")
+            said = str(exc) if isinstance(exc, AmbiguousTrajectoryId) else f"no trajectory {exc}"
+            console().print(f"[red]{escape(said)}[/red]")
             raise typer.Exit(1) from exc
         turns = (
             s.trajectories(None, thread_id=t.thread_id, with_steps=False, oldest_first=True)

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from honed.cli.common import JsonOption, StoreOption, app, console, open_store_or_exit, progress_display
 from honed.store import TrajectoryNotFound
+from honed.store.store import AmbiguousTrajectoryId
 from honed.trajectory import Verdict
 
 DEFAULT_VERIFIERS = "reference,schema,tests"  # honed.verifiers.catalog.DEFAULT, without importing it here
@@ -128,7 +129,8 @@ def label(
                 ),
             )
         except TrajectoryNotFound as exc:
-            console().print(f"[red]no trajectory {escape(str(exc))}[/red]")
+            said = str(exc) if isinstance(exc, AmbiguousTrajectoryId) else f"no trajectory {exc}"
+            console().print(f"[red]{escape(said)}[/red]")
             raise typer.Exit(1) from exc
     mark = "[green]pass[/green]" if v.passed else "[red]fail[/red]"
     console().print(f"{t.id}: {mark} by {escape(verifier)} {escape(note)}")

@@ -71,6 +71,13 @@ class InvalidStoreURL(ValueError):
 class TrajectoryNotFound(KeyError):
     """No trajectory has this id (or id prefix)."""
 
+    def __str__(self) -> str:  # the message, not KeyError's repr of it
+        return str(self.args[0]) if self.args else ""
+
+
+class AmbiguousTrajectoryId(TrajectoryNotFound):
+    """An id prefix (or suffix) that several trajectories share."""
+
 
 SUPPORTED_SCHEMES = ("sqlite:///PATH", "postgresql://USER@HOST/DB")
 # `postgres://` (Heroku, many PaaS) and a bare `postgresql://` mean psycopg 3, the driver of
@@ -382,7 +389,7 @@ class TrajectoryStore:
                     .limit(2)
                 ).all()
                 if len(rows) > 1:
-                    raise TrajectoryNotFound(
+                    raise AmbiguousTrajectoryId(
                         f"{trajectory_id!r} matches several trajectories; give more of the id"
                     )
             if not rows:
