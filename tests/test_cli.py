@@ -120,6 +120,7 @@ def test_a_bad_store_url_is_one_line_not_a_traceback(url: str, message: str) -> 
         (["export", "jsonl", "no/such/dir/train.jsonl"], "FileNotFoundError"),
         (["train", "student", "--suite", "nosuch"], "ValueError: unknown suite 'nosuch'"),
         (["train", "student", "--agent", "no_such_module:agent"], "ModuleNotFoundError"),
+        (["status", "no-such-model"], "LookupError: no model named 'no-such-model'"),
     ],
 )
 def test_a_user_mistake_is_one_line_not_a_traceback(captured: str, args: list[str], message: str) -> None:
@@ -135,6 +136,7 @@ def test_a_user_mistake_is_one_line_not_a_traceback(captured: str, args: list[st
         ["runs", "--limit", "-5"],
         ["export", "jsonl", "{tmp}/out.jsonl", "--status", "bogus"],
         ["export", "otlp", "--protocol", "bogus"],
+        ["demo", "--cycles", "-1"],
     ],
 )
 def test_an_option_out_of_range_is_refused_not_ignored(

@@ -79,7 +79,7 @@ def _demo_method(name: str, suite: Any) -> Any:
 @app.command()
 def demo(
     suite: SuiteOption = "tool_use",
-    cycles: Annotated[int, typer.Option(help="Training cycles after the base model.")] = 3,
+    cycles: Annotated[int, typer.Option(min=0, help="Training cycles after the base model.")] = 3,
     seed: Annotated[int, typer.Option(help="Seed of the base model, the tasks' order and training.")] = 0,
     method: MethodOption = "sft",
     store: Annotated[
@@ -348,6 +348,8 @@ def status(
 ) -> None:
     """The loop at a glance: captured, unlabeled, verdicts, live versions, the last training run."""
     with open_store_or_exit(store) as s:
+        if name is not None and not s.versions(name):
+            raise LookupError(f"no model named {name!r} in this store (`honed versions` lists them)")
         info = loop_status(s, name)
     if as_json:
         print(json.dumps(info, default=str))
