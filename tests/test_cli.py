@@ -120,7 +120,6 @@ def test_a_bad_store_url_is_one_line_not_a_traceback(url: str, message: str) -> 
         (["export", "jsonl", "no/such/dir/train.jsonl"], "FileNotFoundError"),
         (["train", "student", "--suite", "nosuch"], "ValueError: unknown suite 'nosuch'"),
         (["train", "student", "--agent", "no_such_module:agent"], "ModuleNotFoundError"),
-        (["status", "no-such-model"], "LookupError: no model named 'no-such-model'"),
     ],
 )
 def test_a_user_mistake_is_one_line_not_a_traceback(captured: str, args: list[str], message: str) -> None:

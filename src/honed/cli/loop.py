@@ -348,8 +348,6 @@ def status(
 ) -> None:
     """The loop at a glance: captured, unlabeled, verdicts, live versions, the last training run."""
     with open_store_or_exit(store) as s:
-        if name is not None and not s.versions(name):
-            raise LookupError(f"no model named {name!r} in this store (`honed versions` lists them)")
         info = loop_status(s, name)
     if as_json:
         print(json.dumps(info, default=str))
