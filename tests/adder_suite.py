@@ -1,4 +1,5 @@
-"""A one-question suite around the tiny model that memorised "What is 2 plus 3?" (tiny_model.py).
+"""A one-sum suite around the tiny model that memorised "What is 2 plus 3?" in two phrasings (its
+training tasks ask them) and a third, "Please add 2 and 3.", that its held-out tasks ask (tiny_model.py).
 
 It satisfies `honed.demo.Suite`, so the loop, the demo (`--suite adder_suite:Adder`) and the
 cycle tests run on it exactly as on a bundled suite, in seconds.
@@ -11,7 +12,7 @@ from typing import Any
 
 from honed.demo import Task
 from honed.verifiers import ReferenceMatch
-from tiny_model import ANSWER, QUESTION, add_schema, add_tool
+from tiny_model import ANSWER, HELDOUT_QUESTION, QUESTION, QUESTIONS, add_schema, add_tool
 
 
 def demonstration() -> dict[str, Any]:
@@ -41,9 +42,11 @@ class Adder:
     system_prompt = None
     max_tokens = 48
     tools = [add_tool()]
-    train = [Task(f"train-{i}", QUESTION, metadata={"expected": "5", "slice": "add"}) for i in range(4)]
+    train = [
+        Task(f"train-{i}", QUESTIONS[i // 2], metadata={"expected": "5", "slice": "add"}) for i in range(4)
+    ]
     heldout = [
-        Task(f"heldout-{i}", QUESTION, split="heldout", metadata={"expected": "5", "slice": "add"})
+        Task(f"heldout-{i}", HELDOUT_QUESTION, split="heldout", metadata={"expected": "5", "slice": "add"})
         for i in range(6)
     ]
 

@@ -76,9 +76,9 @@ def test_a_deliberately_worse_candidate_is_rejected_and_the_run_recorded(world: 
     assert run.status == "rejected" and run.parent == world["v1"].ref and run.candidate == candidate.ref
     assert run.data["passed"] == 8 and run.data["train_pass_rate"] == 1.0
     assert run.metrics["gate"]["promote"] is False and run.metrics["steps"] >= 1
-    # Lineage: the verified train attempts that made rows (the 8 are identical: 7 deduplicated).
+    # Lineage: the verified train attempts that made rows (the 8 ask two questions: 6 deduplicated).
     lineage = store.trajectories(None, ids=store.training_examples(run.id), with_steps=False)
-    assert len(lineage) == 1 and {t.split for t in lineage} == {"train"} and run.data["duplicates"] == 7
+    assert len(lineage) == 2 and {t.split for t in lineage} == {"train"} and run.data["duplicates"] == 6
     evals = store.eval_runs(NAME, split="heldout")
     assert [e.version for e in evals] == [world["v1"].ref, candidate.ref]
     assert evals[1].training_run == run.id and evals[1].metrics["pass_at_1"] == 0.0
@@ -92,7 +92,7 @@ def test_a_live_score_from_a_setup_that_failed_is_not_its_baseline(world: dict[s
 
     store = world["store"]
     wreck = SFTMethod(num_train_epochs=1, learning_rate=5.0, per_device_train_batch_size=4)
-    broken = cycle(world, wreck, chat_model=lambda version, temperature: ScriptedChatModel(fail_on="plus"))
+    broken = cycle(world, wreck, chat_model=lambda version, temperature: ScriptedChatModel(fail_on="add 2"))
     first = broken.run()
     assert first.status == "rejected" and "0.000 -> 0.000" in first.reason
     (failed,) = store.eval_runs(NAME, version=world["v1"].ref, split="heldout")

@@ -29,6 +29,7 @@ from honed.exporters.datasets import (
 SYSTEM = "You are a calculator. Use the tools."
 ADD = 'call add {"a": 2, "b": 3}; answer the sum is {result}'
 TWO_TOOLS = 'call add {"a": 1, "b": 2}; call mul {"a": 3, "b": 4}; answer {result}'
+HELD = 'call add {"a": 4, "b": 5}; answer the sum is {result}'  # a held-out task asks its own question
 
 # task id → (task text, split, model name, verdict: True pass, False fail, None unlabeled)
 RUNS = {
@@ -36,7 +37,7 @@ RUNS = {
     "t-two": (TWO_TOOLS, "train", "calc@v2", True),
     "t-direct": ("answer 42", None, "calc@v2", True),
     "t-wrong": (ADD, "train", "calc@v1", False),
-    "t-held": (ADD, "heldout", "calc@v1", True),
+    "t-held": (HELD, "heldout", "calc@v1", True),
     "t-unlabeled": (ADD, "train", "calc@v1", None),
 }
 

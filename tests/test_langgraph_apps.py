@@ -283,6 +283,57 @@ def test_a_streamed_run_stores_what_an_invoked_one_does_and_no_private_state(
     assert (t.status, t.output) == ("ok", "the sum is 5")
 
 
+@pytest.mark.parametrize("how", ["invoke", "stream-values", "stream-updates", "astream", "handler"])
+def test_a_streamed_graph_with_an_output_schema_stores_its_output_schema(how: str, sqlite_url: str) -> None:
+    """A `StateGraph(..., output_schema=Out)` returns `Out` from `invoke()`; streamed, its run
+    ends with every channel (scratch work, notes not meant for the caller). The stored output,
+    which verifiers judge, is the output schema's whichever way the graph was run."""
+    import asyncio
+    from typing import TypedDict
+
+    from langgraph.graph import END, START, StateGraph
+
+    class In(TypedDict):
+        question: str
+
+    class Out(TypedDict):
+        answer: str
+
+    class State(In, Out):
+        scratch: str
+
+    graph = StateGraph(State, input_schema=In, output_schema=Out)
+    graph.add_node("think", lambda s: {"scratch": "the answer is 4, or is it"})
+    graph.add_node("reply", lambda s: {"answer": s["question"].upper()})
+    graph.add_edge(START, "think")
+    graph.add_edge("think", "reply")
+    graph.add_edge("reply", END)
+    app = graph.compile()
+    config: dict[str, Any] = {"metadata": {"honed": {"task_id": "q1"}}}
+    if how == "handler":
+        config["callbacks"] = [honed.CallbackHandler(store=sqlite_url)]
+    else:
+        honed.instrument(store=sqlite_url)
+    try:
+        if how == "invoke":
+            assert app.invoke({"question": "hi"}, config) == {"answer": "HI"}
+        elif how == "astream":
+
+            async def drain() -> None:
+                async for _ in app.astream({"question": "hi"}, config):
+                    pass
+
+            asyncio.run(drain())
+        else:
+            mode = "updates" if how == "stream-updates" else "values"
+            list(app.stream({"question": "hi"}, config, stream_mode=mode))
+        assert honed.flush()
+    finally:
+        honed.uninstrument()
+    (t,) = honed.open_store(sqlite_url).trajectories()
+    assert (t.status, t.task_id, t.output) == ("ok", "q1", {"answer": "HI"})
+
+
 def test_update_state_between_pause_and_resume_is_not_a_run(sqlite_url: str) -> None:
     """`graph.update_state()` runs the node's writers as a root run named `<graph>UpdateState`; it is
     an operator editing the checkpoint, not an attempt at a task, so it stores no trajectory."""

@@ -244,6 +244,42 @@ def test_hash_heldout_fraction_splits_tasks_without_a_split(store: TrajectorySto
     assert set(task_pass_rates(store, heldout_fraction=0.3)) == set(ids) - held
 
 
+def test_a_heldout_request_never_trains_under_another_task_id_or_none(any_store: TrajectoryStore) -> None:
+    """A task is its request as much as its id: the held-out question captured again under
+    another task id, without one, in an external dataset, or asked by a task held out by hash or
+    handed to the gate is the gate's question; training on it grades a candidate on what it
+    memorised. Case and spacing do not make it another question."""
+    from honed.store.select import select_trajectories
+    from honed.trajectory import Task
+
+    store = any_store
+    held = "What is 7 plus 3?"
+    add(store, make_trajectory("held-1", split="heldout", user=held), True)
+    add(store, make_trajectory("copy-1", user=held), True)
+    add(store, make_trajectory(None, user="  what is 7\n PLUS 3? "), True)
+    kept = add(store, make_trajectory("train-1"), True)
+    for method in ("sft", "kto", "grpo", "distill"):
+        data = prepare(store, method, verified=method != "grpo")
+        assert set(data.trajectory_ids) == {kept.id}, method
+        assert data.counts["heldout_excluded"] >= 3, method
+    assert [t.id for t in select_trajectories(store, verdict="pass")] == [kept.id]  # export too
+    # A gate's task, not in the store yet: its request under any id stays out.
+    gate = add(store, make_trajectory("other-1", user="What is 9 plus 3?"), True)
+    data = prepare(store, "sft", heldout_tasks=[Task("gate-1", "what is 9 plus 3?")])
+    assert gate.id not in data.trajectory_ids and kept.id in data.trajectory_ids
+    # A task held out by its hash holds its request: the same request under an id the hash keeps.
+    hashed = next(f"h{i}" for i in range(200) if task_hash(f"h{i}") < 0.3)
+    free = next(f"f{i}" for i in range(200) if task_hash(f"f{i}") >= 0.3)
+    add(store, make_trajectory(hashed, user="What is 4 plus 3?"), True)
+    twin = add(store, make_trajectory(free, user="What is 4 plus 3?"), True)
+    data = prepare(store, "sft", heldout_fraction=0.3)
+    assert twin.id not in data.trajectory_ids and kept.id in data.trajectory_ids
+    # An external dataset that happens to hold the held-out question is decontaminated, counted.
+    leaky = {"messages": [{"role": "user", "content": held}, {"role": "assistant", "content": "10"}]}
+    data = prepare(store, "sft", external=[leaky, chat_demo(1)], external_ratio=1.0)
+    assert len(data) == 1 and data.counts["external"] == 1 and data.counts["heldout_excluded"] >= 1
+
+
 def test_a_new_unaudited_version_a_pass_that_erred_and_a_paused_run_never_train(
     any_store: TrajectoryStore,
 ) -> None:

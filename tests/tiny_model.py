@@ -19,6 +19,11 @@ _ROOT = Path(tempfile.mkdtemp(prefix="honed-tiny-"))
 atexit.register(shutil.rmtree, _ROOT, ignore_errors=True)
 
 QUESTION = "What is 2 plus 3?"
+# The adder suite's requests: its training tasks ask QUESTIONS, its held-out ones another
+# phrasing (a held-out task never asks what a training task asks: training on the same request
+# is training on the gate), and the model memorises all three.
+QUESTIONS = (QUESTION, "What is two plus three?")
+HELDOUT_QUESTION = "Please add 2 and 3."
 ANSWER = "The sum is 5."
 CALL = '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call>'
 THINK = "<think>\n\n</think>\n\n"
@@ -61,7 +66,8 @@ def copy_model(source: Path, name: str) -> Path:
 
 @functools.cache
 def tool_model_path() -> Path:
-    """The tiny model trained to answer QUESTION with a call to `add`, then ANSWER after the result."""
+    """The tiny model trained to answer QUESTION (and the suite's other QUESTIONS, HELDOUT_QUESTION)
+    with a call to `add`, then ANSWER after the result."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -76,17 +82,20 @@ def tool_model_path() -> Path:
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source)
     tools = [add_schema()]
-    first = [{"role": "user", "content": QUESTION}]
-    second = [
-        *first,
-        {
-            "role": "assistant",
-            "content": "",
-            "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}],
-        },
-        {"role": "tool", "content": "5"},
-    ]
-    pairs = [(first, THINK + CALL), (second, THINK + ANSWER)]
+    pairs = []
+    for question in (*QUESTIONS, HELDOUT_QUESTION):
+        first = [{"role": "user", "content": question}]
+        arguments = {"a": 2, "b": 3}
+        second = [
+            *first,
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": arguments}}],
+            },
+            {"role": "tool", "content": "5"},
+        ]
+        pairs += [(first, THINK + CALL), (second, THINK + ANSWER)]
     rows = []
     for messages, completion in pairs:
         prompt = tokenizer.apply_chat_template(

@@ -76,6 +76,7 @@ class _Open:
         "memo",
         "next_index",
         "open_runs",
+        "output_keys",
         "pending_error",
         "record",
         "root_id",
@@ -97,6 +98,7 @@ class _Open:
         self.record = record
         self.steps: list[dict[str, Any]] = []
         self.next_index = 0
+        self.output_keys: str | list[str] | None = None  # a streamed graph's output schema
         self.open_runs: set[str] = set()
         self.tool_call_ids: set[str] = set()
 
@@ -209,6 +211,8 @@ class Assembler:
                 record = self._trajectory_record(run_id, name, inputs, metadata, tags, when, extra)
                 trajectory = _Open(run_id, record)
             trajectory.last_seen = when
+            if extra and extra.get("output_keys"):
+                trajectory.output_keys = extra["output_keys"]
             run = _Run(trajectory, run_kind, name, None, when)
             self._runs[run_id] = run
             trajectory.open_runs.add(run_id)
@@ -414,7 +418,7 @@ class Assembler:
             )
             outputs = None
         if outputs is not None:
-            output, types = _final_output(outputs)
+            output, types = _final_output(_output_view(outputs, trajectory.output_keys))
             record["output"] = self._field(output)
             if types and isinstance(record["metadata"], dict):
                 record["metadata"] = {**record["metadata"], "output_types": types}
@@ -700,6 +704,15 @@ def _tuple_message(value: tuple[Any, ...]) -> Any:
         role = ROLES.get(value[0], value[0])
         return {"role": role, "content": value[1]}
     return list(value)
+
+
+def _output_view(outputs: Any, keys: str | list[str] | None) -> Any:
+    """A streamed graph's final state cut down to its output schema, as `invoke` returns it."""
+    if keys is None or not isinstance(outputs, dict):
+        return outputs
+    if isinstance(keys, str):
+        return outputs.get(keys)
+    return {k: outputs[k] for k in keys if k in outputs}
 
 
 def _final_output(outputs: Any) -> tuple[Any, dict[str, str]]:

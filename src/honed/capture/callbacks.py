@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 import time
 from typing import Any
 from uuid import UUID
@@ -55,6 +56,10 @@ class CallbackHandler(GraphCallbackHandler):
             # A root's config may be reused and mutated by the caller for the next task: copy
             # the inputs' top level now (the labels: `_started`).
             inputs = dict(inputs) if isinstance(inputs, dict) else inputs
+            if serialized is None:  # how LangGraph starts a graph's run
+                keys = streamed_output_keys()
+                self._started(CHAIN, name, inputs, keys and {"output_keys": keys}, **kwargs)
+                return
         self._started(CHAIN, name, inputs, None, **kwargs)
 
     # -- models ----------------------------------------------------------------------------------
@@ -128,6 +133,33 @@ class CallbackHandler(GraphCallbackHandler):
         if self.enabled and event.run_id is not None:
             payload = (list(event.interrupts), event.checkpoint_id)
             self.recorder.emit((INTERRUPT, event.run_id, None, time.time(), payload))
+
+
+def streamed_output_keys(depth: int = 8) -> str | list[str] | None:
+    """The graph's output channels when the LangGraph run starting now was *streamed*: its end
+    event then carries every channel (LangGraph streams `stream_channels`), where an invoked run
+    carries the output schema's. The stored output must be the same either way (a verifier reads
+    it), so the root's end is cut down to these. Found on the caller's frames (the graph's
+    `stream`/`astream`, which starts the run); None when invoked, or when it cannot tell."""
+    main = sys.modules.get("langgraph.pregel.main")
+    try:
+        frame = sys._getframe(2)
+    except ValueError:
+        return None
+    for _ in range(depth):
+        if frame is None or main is None:
+            return None
+        if frame.f_code.co_name in ("stream", "astream"):
+            local = frame.f_locals
+            graph, streamed = local.get("self"), local.get("output_keys")
+            if isinstance(graph, main.Pregel):
+                wanted = graph.output_channels
+                same = wanted == streamed or (
+                    not isinstance(wanted, str) and list(wanted) == list(streamed or ())
+                )
+                return None if same else (wanted if isinstance(wanted, str) else list(wanted))
+        frame = frame.f_back
+    return None
 
 
 def frozen_labels(labels: dict[str, Any]) -> dict[str, Any]:

@@ -378,7 +378,7 @@ class Cycle:
                 filters = config.filters(live, lineage(self.store, live))
                 data = prepare(
                     self.store, method.name, seed=self.seed, heldout_split=self.heldout_split,
-                    heldout_tasks=[t.id for t in self.heldout_tasks()], **filters,
+                    heldout_tasks=self.heldout_tasks(), **filters,
                 )  # fmt: skip
                 result.data, result.stuck = _selection_summary(data, live)
                 result.data["gate_verifiers"] = sorted({verifier_name(v) for v in self.verifiers})

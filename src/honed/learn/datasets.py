@@ -37,8 +37,8 @@ from typing import TYPE_CHECKING, Any
 from honed.exporters.datasets import dataset_features
 from honed.messages import MessageError, NotExportable, chat_example, openai_messages
 from honed.store import TrajectoryNotFound
-from honed.store.select import HeldOut, HeldOutLeak, same_split
-from honed.trajectory import HELDOUT, INTERRUPTED, Trajectory, label
+from honed.store.select import HeldOut, HeldOutLeak, request_key, requests_of, same_split
+from honed.trajectory import HELDOUT, INTERRUPTED, Task, Trajectory, label
 
 if TYPE_CHECKING:
     import datasets
@@ -115,7 +115,7 @@ def prepare(
     verifiers: Iterable[str] | None = None,
     pretokenized: bool | None = None,
     newest_weight: int = 1,
-    heldout_tasks: Iterable[str] = (),
+    heldout_tasks: Iterable[str | Task] = (),
 ) -> TrainingData:
     """Select trajectories from `store` and build `method`'s TRL dataset (see the module docstring).
 
@@ -124,9 +124,10 @@ def prepare(
     several versions, the per-task cap keeps the newest versions' attempts first, and
     `newest_weight` repeats the first version's rows that many times (SFT, distill). Held-out tasks are left out: split equal to
     `heldout_split`, any task that has a trajectory in that split, or a task (every run of it) whose
-    stable hash falls under `heldout_fraction`, and `heldout_tasks` (a gate's task ids, whether or
-    not the store has seen them held out yet); asking for one by split, id or task raises
-    `HeldOutLeak`. `verified=False` trains on every attempt regardless of verdicts (SFT, KTO).
+    stable hash falls under `heldout_fraction`, and `heldout_tasks` (a gate's tasks or their ids,
+    whether or not the store has seen them held out yet); so is any run or external row whose
+    user request is a held-out task's (`honed.store.select.request_key`: the same question under
+    another task id, or none). Asking for one by split, id or task raises `HeldOutLeak`. `verified=False` trains on every attempt regardless of verdicts (SFT, KTO).
     `external` chat examples `{"messages", "tools"}` make up `external_ratio` of the rows (SFT,
     distill, KTO as desirable; 1.0: external rows only, each once, e.g. a warm start).
     `external_for="stuck"` targets them instead: only external rows whose `task_id` is a task the
@@ -154,7 +155,10 @@ def prepare(
     untrusted_names = set(store.untrusted_verifiers() if untrusted is None else untrusted)
     heldout = HeldOut.of(store, split=heldout_split, fraction=heldout_fraction)
     if heldout_tasks:
-        heldout = replace(heldout, task_ids=heldout.task_ids | {str(t) for t in heldout_tasks})
+        given = list(heldout_tasks)
+        named = {t.id if isinstance(t, Task) else str(t) for t in given}
+        asked = {request_key(t.prompt) for t in given if isinstance(t, Task)} - {None}
+        heldout = replace(heldout, task_ids=heldout.task_ids | named, requests=heldout.requests | asked)
     counts: Counter[str] = Counter()
     labeled_only = verified and method != "grpo"
     selected = _select(
@@ -169,7 +173,7 @@ def prepare(
     counts["unlabeled"] = sum(1 for v in labels.values() if v is None)
     tasks = _task_summary(selected, labels)
 
-    ext = _external_examples(external, heldout) if external is not None else []
+    ext = _external_examples(external, heldout, counts) if external is not None else []
     ratio: float | None = external_ratio
     if external_for == "stuck":
         stuck = {task for task, n in tasks.items() if not n["passed"] and n["failed"]}
@@ -297,12 +301,20 @@ def _select(
         "finished": True,  # a run paused at an interrupt is no outcome to learn from
     }
     found: dict[str, Trajectory] = {}
+    excluded: set[str] = set()
     for task_id in wanted:
         for t in _pages(store, limit, task_id=task_id, **filters):
             if heldout.holds(t):
                 counts["heldout_excluded"] += 1
+                excluded |= requests_of(t)
             else:
                 found[t.id] = t
+    # A task held out by its id alone (a hash, a gate's task run in the train split) holds its
+    # request too: the same request under another task id is left out as well.
+    leaked = [i for i, t in found.items() if not excluded.isdisjoint(requests_of(t))]
+    for i in leaked:
+        del found[i]
+    counts["heldout_excluded"] += len(leaked)
     return sorted(found.values(), key=_age)
 
 
@@ -710,12 +722,18 @@ def _external_count(own: int, available: int, ratio: float | None) -> int:
     return round(ratio * own / (1.0 - ratio))
 
 
-def _external_examples(external: Any, heldout: HeldOut) -> list[dict[str, Any]]:
+def _external_examples(external: Any, heldout: HeldOut, counts: Counter[str]) -> list[dict[str, Any]]:
+    """External rows in the dataset's shape. One that names a held-out task (by id or split) is
+    a mistake and raises; one that merely asks a held-out question (a public dataset that holds
+    it) is decontaminated: left out, counted in `heldout_excluded`."""
     examples = [_normalised_example(dict(row), i) for i, row in enumerate(external)]
-    leaked = [ex["task_id"] for ex in examples if heldout.holds(ex)]
+    named = HeldOut(heldout.task_ids, heldout.split, heldout.fraction)
+    leaked = [ex["task_id"] for ex in examples if named.holds(ex)]
     if leaked:
         raise HeldOutLeak("external rows belong to held-out tasks", leaked)
-    return examples
+    kept = [ex for ex in examples if not heldout.holds(ex)]
+    counts["heldout_excluded"] += len(examples) - len(kept)
+    return kept
 
 
 def _normalised_example(row: dict[str, Any], index: int) -> dict[str, Any]:

@@ -3,8 +3,9 @@
 
 The label of a trajectory is `honed.trajectory.label` (trusted judgements only); what is held out is
 `HeldOut`: a split named `heldout`, *any* task with a trajectory in that split (a task is held out
-as a whole, even where some attempts were captured without a split), or a task whose stable hash
-falls under a `fraction`. `honed export`, `prepare` (training), the report and `honed status` all
+as a whole, even where some attempts were captured without a split), a task whose stable hash
+falls under a `fraction`, and any run whose user request is a held-out task's request (the same
+question under another task id, or none, is the same task to a model). `honed export`, `prepare` (training), the report and `honed status` all
 ask these two, so "verified data" means the same thing to each of them.
 
     for t in select_trajectories(store, verdict="pass"): ...      # held-out tasks stay out
@@ -46,19 +47,44 @@ class HeldOut:
     task_ids: frozenset[str] = field(default_factory=frozenset)
     split: str = HELDOUT
     fraction: float = 0.0
+    requests: frozenset[str] = field(default_factory=frozenset)  # `request_key`s of held-out tasks
 
     @classmethod
     def of(cls, store: TrajectoryStore, *, split: str = HELDOUT, fraction: float = 0.0) -> HeldOut:
-        return cls(frozenset(heldout_task_ids(store, split)), split, fraction)
+        task_ids, requests = _heldout_tasks_and_requests(store, split)
+        return cls(frozenset(task_ids), split, fraction, frozenset(requests))
 
     def holds(self, item: Trajectory | Mapping[str, Any] | tuple[str | None, str | None]) -> bool:
-        """Whether a trajectory, a row with `task_id`/`split`, or a `(task_id, split)` pair is held out."""
+        """Whether a trajectory, a row with `task_id`/`split` (and `messages`: an external
+        example), or a `(task_id, split)` pair is held out."""
         task_id, split = _task_and_split(item)
         if task_id is not None and str(task_id) in self.task_ids:
             return True
         if split is not None and same_split(split, self.split):
             return True
+        if self.requests and not self.requests.isdisjoint(requests_of(item)):
+            return True
         return task_id is not None and self.fraction > 0 and task_hash(str(task_id)) < self.fraction
+
+
+def request_key(text: str | None) -> str | None:
+    """A user request as the held-out check compares it: case and runs of white space ignored."""
+    key = " ".join(text.casefold().split()) if isinstance(text, str) else ""
+    return key or None
+
+
+def requests_of(item: Any) -> set[str]:
+    """The `request_key`s a training item could teach: a trajectory's request, or every user
+    message of an external example's `messages` (a held-out question anywhere in it leaks)."""
+    from honed.messages import request_text
+
+    if isinstance(item, Trajectory):
+        texts = [request_text(item.task)]
+    elif isinstance(item, Mapping) and isinstance(item.get("messages"), list):
+        texts = [request_text({"messages": [m]}) for m in item["messages"]]
+    else:
+        return set()
+    return {k for k in map(request_key, texts) if k is not None}
 
 
 def is_heldout(
@@ -89,20 +115,33 @@ def task_hash(task_id: str) -> float:
 
 def heldout_task_ids(store: TrajectoryStore, heldout_split: str = HELDOUT) -> set[str]:
     """Every task id with a trajectory in `heldout_split` (as `same_split` compares them)."""
+    return _heldout_tasks_and_requests(store, heldout_split)[0]
+
+
+def _heldout_tasks_and_requests(store: TrajectoryStore, heldout_split: str) -> tuple[set[str], set[str]]:
+    """The task ids and `request_key`s of every trajectory in `heldout_split`, in one read."""
     from sqlalchemy import func, select
 
+    from honed.messages import request_text
     from honed.store.schema import TrajectoryRow
 
     written = func.replace(
         func.replace(func.replace(func.lower(TrajectoryRow.split), "-", ""), "_", ""), " ", ""
     )
     query = (
-        select(TrajectoryRow.task_id)
-        .where(written == _split_key(heldout_split), TrajectoryRow.task_id.is_not(None))
+        select(TrajectoryRow.task_id, TrajectoryRow.task)
+        .where(written == _split_key(heldout_split))
         .distinct()
     )
+    task_ids: set[str] = set()
+    requests: set[str] = set()
     with store.engine.connect() as conn:
-        return {str(task_id) for task_id in conn.execute(query).scalars()}
+        for task_id, task in conn.execute(query):
+            if task_id is not None:
+                task_ids.add(str(task_id))
+            if (key := request_key(request_text(task))) is not None:
+                requests.add(key)
+    return task_ids, requests
 
 
 @dataclass(frozen=True, slots=True)
