@@ -130,3 +130,5 @@ def test_cli_verify_once_label_errors_and_audit_without_labels(sqlite_url: str) 
     assert runner.invoke(app, ["label", "c1", "maybe", "--store", sqlite_url]).exit_code == 2
     empty = runner.invoke(app, ["verifiers", "audit", "reference", "--store", sqlite_url])
     assert empty.exit_code == 0 and "no trajectory has both" in empty.output
+    typo = runner.invoke(app, ["verifiers", "audit", "referense", "--store", sqlite_url])
+    assert typo.exit_code == 1 and "'referense'" in typo.output and "reference" in typo.output

@@ -30,9 +30,7 @@ def report(
         known = s.model_names()
         if model is not None and model not in known and not s.training_runs(model, limit=1):
             listed = ", ".join(known) or "none"
-            console().print(
-                f"[yellow]{escape(model)} has no versions or runs in this store (models: {escape(listed)})[/yellow]"
-            )
+            raise LookupError(f"{model} has no versions or runs in this store (models: {listed})")
         path = build_report(s, model=model, path=out, examples=examples)
     console().print(f"report written to [bold]{escape(str(path))}[/bold]")
     if open_page:

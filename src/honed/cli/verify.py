@@ -195,6 +195,11 @@ def audit(
 ) -> None:
     """Precision, recall and false-positive rate (Wilson 95% intervals) against gold labels; stored."""
     with open_store_or_exit(store) as s:
+        judged = sorted({row["verifier"] for row in s.verifier_counts()})
+        if name not in judged:  # a typo would store an empty audit of a verifier that never ran
+            raise LookupError(
+                f"no verdicts from a verifier named {name!r} (verifiers: {', '.join(judged) or 'none'})"
+            )
         result = s.audit_verifier(name, gold=gold, version=version)
         if min_precision is not None:
             s.set_min_precision(name, min_precision)
