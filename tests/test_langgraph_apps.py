@@ -9,6 +9,7 @@ supervisor with subagents, and a retrieval tool.
 from __future__ import annotations
 
 import json
+import operator
 import sqlite3
 import subprocess
 import sys
@@ -29,7 +30,7 @@ from pydantic import BaseModel
 from typer.testing import CliRunner
 
 import honed
-from fakes import ToolScriptModel, add
+from fakes import ToolScriptModel, add, make_tools
 from honed import Trajectory
 from honed.cli import app
 from honed.exporters import select_trajectories, write_jsonl
@@ -74,6 +75,10 @@ def hitl_agent(capture: str, store_url: str, saver: Any) -> Any:
 
 def thread(thread_id: str, **honed_metadata: Any) -> dict[str, Any]:
     return {"configurable": {"thread_id": thread_id}, "metadata": {"honed": honed_metadata}}
+
+
+def labels(task_id: str) -> dict[str, Any]:
+    return {"metadata": {"honed": {"task_id": task_id}}}
 
 
 def names(t: Trajectory) -> list[str]:
@@ -702,3 +707,178 @@ def test_agents_handing_off_in_a_graph(capture: str, sqlite_url: str) -> None:
         assert (
             billing.task["messages"][0] == asked["messages"][0]
         )  # handed the conversation from the request on
+
+
+def test_a_replay_or_fork_from_an_earlier_checkpoint_is_a_run_of_its_own(
+    capture: str, sqlite_url: str
+) -> None:
+    """Time travel: `invoke(None, checkpoint_config)` replays from a checkpoint taken mid-run, and
+    `update_state(..., as_node=...)` forks it. Each is a new attempt under its own labels; the
+    finished original must stay as it was (the replayed state still carries its trajectory id)."""
+    from langchain_core.messages import AIMessage
+
+    task = 'call add {"a": 2, "b": 3}; call mul {"a": 4, "b": 5}; answer product {result}'
+    agent = create_agent(
+        ToolScriptModel(), make_tools(), name="calc", middleware=capture_middleware(capture, sqlite_url),
+        checkpointer=InMemorySaver(),
+    )  # fmt: skip
+    agent.invoke({"messages": [("user", task)]}, {**thread("tt"), **labels("orig")})
+    assert honed.flush()
+    (original,) = honed.open_store(sqlite_url).trajectories()
+    history = list(agent.get_state_history(thread("tt")))
+    mid = next(h for h in history if h.next == ("tools",) and len(h.values["messages"]) == 2)
+    assert agent.invoke(None, {**mid.config, **labels("replay")})["messages"][-1].content == "product 20"
+    asked = mid.values["messages"][-1]
+    changed = AIMessage("", tool_calls=[{**asked.tool_calls[0], "args": {"a": 10, "b": 10}}], id=asked.id)
+    fork = agent.update_state(mid.config, {"messages": [changed]}, as_node="model")
+    agent.invoke(None, {**fork, **labels("fork")})
+    assert honed.flush()
+    runs = {t.task_id: t for t in honed.open_store(sqlite_url).trajectories()}
+    assert set(runs) == {"orig", "replay", "fork"}
+    assert [s.name for s in runs["orig"].steps] == [s.name for s in original.steps]
+    assert runs["orig"].output == original.output == "product 20"
+    assert all(t.status == "ok" for t in runs.values())
+    assert next(s.input for s in runs["fork"].tool_steps()) == {"a": 10, "b": 10}
+
+
+def test_a_failure_an_outer_middleware_retries_stays_a_step_whatever_flushes_meanwhile(
+    sqlite_url: str,
+) -> None:
+    """A tool fails and a middleware listed before honed's retries it (the README's order). A
+    `honed.flush()` from anywhere in the process meanwhile (a server's periodic flush, another
+    request) must not end the run as an error and drop the rest of it."""
+    from langchain.agents.middleware import AgentMiddleware
+
+    failures = []
+
+    @tool
+    def flaky(x: int) -> str:
+        """Fails the first time."""
+        if not failures:
+            failures.append(x)
+            raise ConnectionError("transient")
+        return f"ok{x}"
+
+    class RetryAfterFlush(AgentMiddleware):
+        def wrap_tool_call(self, request: Any, handler: Any) -> Any:
+            try:
+                return handler(request)
+            except ConnectionError:
+                assert honed.flush()  # what a flush from another thread during a backoff does
+                return handler(request)
+
+    agent = create_agent(
+        ToolScriptModel(),
+        [flaky],
+        name="retry",
+        middleware=[RetryAfterFlush(), honed.Middleware(store=sqlite_url)],
+    )
+    out = agent.invoke({"messages": [("user", 'call flaky {"x": 7}; answer got {result}')]}, labels("r"))
+    assert out["messages"][-1].content == "got ok7" and honed.flush()
+    (t,) = honed.open_store(sqlite_url).trajectories()
+    assert (t.status, t.output) == ("ok", "got ok7")
+    assert [(s.kind, s.error) for s in t.steps] == [
+        ("model", None), ("tool", "ConnectionError: transient"), ("tool", None), ("model", None),
+    ]  # fmt: skip
+
+
+def test_a_return_direct_tools_result_is_the_answer(capture: str, sqlite_url: str) -> None:
+    """With `return_direct=True` the run ends on the tool's message: that is what `invoke()`
+    returns and what a reference check must compare, not the tool-calling message's ''."""
+
+    @tool(return_direct=True)
+    def lookup(order: str) -> str:
+        """Look up an order."""
+        return f"order {order} shipped"
+
+    agent = create_agent(
+        ToolScriptModel(), [lookup], name="rd", middleware=capture_middleware(capture, sqlite_url)
+    )
+    out = agent.invoke({"messages": [("user", 'call lookup {"order": "A7"}; answer unused')]}, labels("rd"))
+    assert out["messages"][-1].content == "order A7 shipped" and honed.flush()
+    (t,) = honed.open_store(sqlite_url).trajectories()
+    assert (t.output, t.answer) == ("order A7 shipped", "order A7 shipped")
+
+
+def test_an_agent_called_by_other_code_gets_its_own_task_and_answer(sqlite_url: str) -> None:
+    """An agent called (twice) from a plain Runnable: the root run is the caller's, whose input
+    and output are not the agent's; each call is stored with what it was asked and answered."""
+    from langchain_core.runnables import RunnableLambda
+
+    agent = create_agent(
+        ToolScriptModel(), make_tools(), name="calc", middleware=[honed.Middleware(store=sqlite_url)]
+    )
+
+    def twice(_: Any) -> dict[str, Any]:
+        first = agent.invoke({"messages": [("user", 'call add {"a": 1, "b": 1}; answer first {result}')]})
+        second = agent.invoke({"messages": [("user", 'call mul {"a": 3, "b": 3}; answer second {result}')]})
+        return {"messages": second["messages"], "first": first["messages"][-1].content}
+
+    RunnableLambda(twice, name="wrapper").invoke({"messages": [("user", "outer question")]}, labels("w"))
+    assert honed.flush()
+    runs = honed.open_store(sqlite_url).trajectories(oldest_first=True)
+    assert [(t.task["messages"][-1]["content"].split(";")[-1], t.output) for t in runs] == [
+        (" answer first {result}", "first 2"), (" answer second {result}", "second 9"),
+    ]  # fmt: skip
+
+
+def test_a_send_payload_is_its_nodes_input(sqlite_url: str) -> None:
+    """Map-reduce with `Send`: each branch runs the same node on its own payload, and that payload
+    is what tells the branches' steps apart."""
+    from typing import TypedDict
+
+    from langgraph.graph import END, START, StateGraph
+    from langgraph.types import Send
+
+    class State(TypedDict):
+        topics: list[str]
+        done: Annotated[list[str], operator.add]
+
+    graph = StateGraph(State)
+    graph.add_node("work", lambda s: {"done": [s["topic"].upper()]})
+    graph.add_conditional_edges(START, lambda s: [Send("work", {"topic": t}) for t in s["topics"]])
+    graph.add_edge("work", END)
+    honed.instrument(store=sqlite_url)
+    try:
+        graph.compile().invoke({"topics": ["a", "b", "c"]}, labels("fan"))
+        assert honed.flush()
+    finally:
+        honed.uninstrument()
+    (t,) = honed.open_store(sqlite_url).trajectories()
+    work = [s for s in t.steps if s.name == "work"]
+    assert sorted((s.input["topic"], s.output["done"][0]) for s in work) == [
+        ("a", "A"),
+        ("b", "B"),
+        ("c", "C"),
+    ]
+
+
+def test_labels_that_are_not_a_dict_lose_the_labels_not_the_run(capture: str, sqlite_url: str) -> None:
+    """`{"honed": "task-1"}` is a mistake (labels are a dict): the run is captured whole, unlabelled."""
+    agent = create_agent(
+        ToolScriptModel(), [add], name="calc", middleware=capture_middleware(capture, sqlite_url)
+    )
+    agent.invoke({"messages": [("user", ADD_TASK)]}, {"metadata": {"honed": "task-1"}})
+    assert honed.flush()
+    (t,) = honed.open_store(sqlite_url).trajectories()
+    assert (t.status, t.task_id, t.output) == ("ok", None, "the sum is 5")
+    assert [s.kind for s in t.steps if s.kind != "node"] == ["model", "tool", "model"]
+
+
+def test_a_tool_call_a_limit_blocked_keeps_the_arguments_the_model_asked_for(
+    capture: str, sqlite_url: str
+) -> None:
+    """A call stopped before its tool (a tool-call limit, an unknown tool) is a failed tool step
+    with the arguments the model sent: they are what the failure is about."""
+    from langchain.agents.middleware import ToolCallLimitMiddleware
+
+    middleware = [ToolCallLimitMiddleware(run_limit=1), *capture_middleware(capture, sqlite_url)]
+    agent = create_agent(ToolScriptModel(), [add], name="calc", middleware=middleware)
+    task = 'call add {"a": 1, "b": 1}; call add {"a": 2, "b": 2}; answer {result}'
+    agent.invoke({"messages": [("user", task)]}, labels("limit"))
+    assert honed.flush()
+    (t,) = honed.open_store(sqlite_url).trajectories()
+    assert [(s.input, s.error is not None) for s in t.tool_steps()] == [
+        ({"a": 1, "b": 1}, False),
+        ({"a": 2, "b": 2}, True),
+    ]

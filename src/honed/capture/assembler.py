@@ -15,7 +15,7 @@ import sys
 import typing
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Annotated, Any, NotRequired, Required
 
 from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
@@ -42,6 +42,8 @@ from honed.messages import ROLES, stored_message, text_of, tool_schema
 from honed.trajectory import INTERRUPTED
 
 log = logging.getLogger("honed")
+
+PUSH = "__pregel_push"  # LangGraph's trigger for a node run by `Send`
 
 _HIDDEN_TAG = "langsmith:hidden"
 _INTERNAL_STATE_KEYS = {"messages", "jump_to", "remaining_steps"}
@@ -218,6 +220,7 @@ class Assembler:
             trajectory.open_runs.add(run_id)
             if run_kind == CHAIN:
                 return  # the root chain is the trajectory itself
+            in_tool = False
         else:
             trajectory = parent.trajectory
             trajectory.last_seen = when
@@ -237,6 +240,10 @@ class Assembler:
         run.inputs = inputs
         run.extra = extra or {}
         run.extra["_index"] = trajectory.next_index
+        if run_kind == CHAIN and (in_tool or _pushed(metadata)):
+            # A node's input is the whole state (every model step has the conversation already),
+            # but a `Send`'s payload, or a subagent's request, is what tells its steps apart.
+            run.extra["_keep_input"] = True
         trajectory.next_index += 1
 
     def _trajectory_record(
@@ -249,7 +256,10 @@ class Assembler:
         when: float,
         extra: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        honed = dict((metadata or {}).get("honed") or {})
+        labels = (metadata or {}).get("honed")
+        honed = dict(labels) if isinstance(labels, Mapping) else {}
+        if labels and not isinstance(labels, Mapping):
+            _warn_labels(labels)  # captured all the same, unlabelled: the run is not lost
         user_tags = [t for t in tags or () if ":" not in t]
         if user_tags:
             honed.setdefault("tags", user_tags)
@@ -472,6 +482,8 @@ class Assembler:
         elif run.kind == TOOL:
             self._tool_step(step, run, outputs)
         else:
+            if extra.pop("_keep_input", False):
+                step["input"] = self._field(_plain(run.inputs))
             step["output"] = self._field(_plain(outputs)) if outputs is not None else None
         return step
 
@@ -579,6 +591,7 @@ class Assembler:
                 continue
             trajectory.tool_call_ids.add(message.tool_call_id)
             text = self._text(text_of(message))
+            asked = _asked_arguments(trajectory.steps, message.tool_call_id)
             trajectory.steps.append(
                 {
                     "id": f"{run.step_id or trajectory.root_id}:{message.tool_call_id}",
@@ -586,7 +599,7 @@ class Assembler:
                     "parent_id": run.step_id or run.parent_step,
                     "kind": "tool",
                     "name": message.name or "unknown_tool",
-                    "input": None,
+                    "input": asked,
                     "output": self._field(_plain(message.content)),
                     "error": text,
                     "reasoning": None,
@@ -706,6 +719,35 @@ def _tuple_message(value: tuple[Any, ...]) -> Any:
     return list(value)
 
 
+def _pushed(metadata: dict[str, Any] | None) -> bool:
+    """Whether LangGraph ran this node for a `Send` (its input is the Send's payload)."""
+    triggers = (metadata or {}).get("langgraph_triggers")
+    return isinstance(triggers, list | tuple) and PUSH in triggers
+
+
+def _asked_arguments(steps: list[dict[str, Any]], tool_call_id: str) -> Any:
+    """The arguments a model step asked a tool call for (a call that never reached its tool)."""
+    for step in reversed(steps):
+        for call in step.get("tool_calls") or ():
+            if isinstance(call, dict) and call.get("id") == tool_call_id:
+                return call.get("args")
+    return None
+
+
+_warned_labels = False
+
+
+def _warn_labels(labels: Any) -> None:
+    global _warned_labels
+    if not _warned_labels:
+        _warned_labels = True
+        log.warning(
+            "honed: config metadata 'honed' must be a dict of labels such as {'task_id': ...}, not %s; "
+            "runs are captured without labels",
+            type(labels).__name__,
+        )
+
+
 def _output_view(outputs: Any, keys: str | list[str] | None) -> Any:
     """A streamed graph's final state cut down to its output schema, as `invoke` returns it."""
     if keys is None or not isinstance(outputs, dict):
@@ -724,8 +766,11 @@ def _final_output(outputs: Any) -> tuple[Any, dict[str, str]]:
     if isinstance(outputs, BaseMessage):
         return text_of(outputs), types
     if isinstance(outputs, dict) and isinstance(outputs.get("messages"), list):
-        last_ai = next((m for m in reversed(outputs["messages"]) if isinstance(m, AIMessage)), None)
-        answer = text_of(last_ai) if last_ai is not None else ""
+        # The last reply; a `return_direct` tool's result ends the run in the model's place.
+        last = next(
+            (m for m in reversed(outputs["messages"]) if isinstance(m, AIMessage | ToolMessage)), None
+        )
+        answer = text_of(last) if last is not None else ""
         rest = {}
         private = _private_agent_state()
         for key, value in outputs.items():

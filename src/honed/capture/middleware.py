@@ -68,6 +68,8 @@ class _Live:
 _live: dict[str, _Live] = {}
 # A subagent's node step from before a pause -> the step it continues in after the resume.
 _renamed: dict[str, str] = {}
+# (root run, the trajectory id a replayed checkpoint carries) -> the replay's own trajectory.
+_replayed: dict[tuple[Any, str], str] = {}
 _live_lock = threading.Lock()
 _MAX_RENAMED = 10_000
 
@@ -162,7 +164,7 @@ class Middleware(AgentMiddleware):
             metadata = {"langgraph_node": name}
             inputs: Any = {"messages": list(state.get("messages", []))}
         else:
-            root_graph = _is_root_graph(root, config)
+            root_graph = _is_root_graph(root, config) and _root_asked_this(root, state)
             inputs = dict(root.inputs) if root is not None and root_graph else _new_messages(state)
             extra = _checkpoint_of(runtime, config)
         self.recorder.emit(
@@ -200,6 +202,8 @@ class Middleware(AgentMiddleware):
             return None
         trajectory_id = _current_id(stored)
         root = current_root()
+        if root is not None:
+            trajectory_id = _replayed.get((root.run_id, trajectory_id), trajectory_id)
         live = _live.get(trajectory_id)
         if live is not None and live.root is root:
             return trajectory_id
@@ -230,6 +234,10 @@ class Middleware(AgentMiddleware):
                 self._track(step_id, _Live(root, False, False), locked=True)
                 return step_id
             resume = root.inputs.resume if root is not None and isinstance(root.inputs, Command) else NO_VALUE
+            if root is not None and resume is NO_VALUE:
+                # Not a resume: a replay or fork from an earlier checkpoint (`invoke(None, config)`
+                # with a `checkpoint_id`) is a run of its own, under its own labels.
+                return self._replay(trajectory_id, root, config)
             metadata = dict(config.get("metadata") or {})
             if isinstance(metadata.get("honed"), dict):
                 metadata["honed"] = frozen_labels(metadata["honed"])
@@ -237,6 +245,22 @@ class Middleware(AgentMiddleware):
             self.recorder.emit((RESUME, trajectory_id, None, now, (name, resume, metadata, extra)))
             self._track(trajectory_id, _Live(root, True, _is_root_graph(root, config)), locked=True)
             return trajectory_id
+
+    def _replay(self, old_id: str, root: RootRun, config: dict[str, Any]) -> str:
+        """A new trajectory for a run replayed from a checkpoint taken inside `old_id` (whose id
+        the checkpointed state still carries: later hooks of this run map it to the new one)."""
+        trajectory_id = str(uuid7())
+        metadata = dict(config.get("metadata") or {})
+        if isinstance(metadata.get("honed"), dict):
+            metadata["honed"] = frozen_labels(metadata["honed"])
+        extra = {"thread_id": root.thread_id, "replayed_from": old_id}
+        payload = (CHAIN, self._agent_name(config), root.inputs, metadata, config.get("tags"), extra)
+        self.recorder.emit((START, trajectory_id, None, time.time(), payload))
+        key = (root.run_id, old_id)
+        _replayed[key] = trajectory_id
+        root.on_end(lambda run, error: _replayed.pop(key, None))
+        self._track(trajectory_id, _Live(root, True, False), locked=True)
+        return trajectory_id
 
     def _track(self, trajectory_id: str, live: _Live, *, locked: bool = False) -> None:
         if locked:
@@ -412,9 +436,13 @@ class Middleware(AgentMiddleware):
         self.recorder.emit((ERROR, step_id, None, now, exc))
         if isinstance(exc, GraphBubbleUp):
             return  # an interrupt inside a tool: LangGraph's control flow, not a failure
-        # The error may end the run, or an outer middleware may handle it: the trajectory ends
-        # as an error only if nothing else happens in it (see Assembler, PENDING_ERROR).
-        self.recorder.emit((PENDING_ERROR, trajectory_id, None, now, exc))
+        # The error may end the run, or an outer middleware may handle it (a retry). Under a
+        # root run this process watches, the root's end says which (`_root_ended`); without one,
+        # the trajectory ends as an error only if nothing else happens in it (see Assembler,
+        # PENDING_ERROR).
+        live = _live.get(trajectory_id)
+        if live is None or live.root is None:
+            self.recorder.emit((PENDING_ERROR, trajectory_id, None, now, exc))
 
     def _structured_output_tools(self, response_format: Any) -> list[dict[str, Any]] | None:
         """The tools a `ToolStrategy` response format adds for the model (the request's `tools`
@@ -482,6 +510,31 @@ def _is_root_graph(root: RootRun | None, config: dict[str, Any]) -> bool:
         and isinstance(root.inputs, dict | Command)
         and (isinstance(root.inputs, Command) or "messages" in root.inputs)
     )
+
+
+def _root_asked_this(root: RootRun | None, state: Any) -> bool:
+    """Whether the root run's input is this agent's: its last user message is the state's. An
+    agent called by code under another root (a `RunnableLambda`, a function traced as a chain)
+    was handed something else, and the root's input and output are not its own."""
+    if root is None or isinstance(root.inputs, Command):
+        return True
+    return _last_request(root.inputs.get("messages")) == _last_request(state.get("messages"))
+
+
+def _last_request(messages: Any) -> str | None:
+    from honed.messages import request_text, text_of
+
+    if isinstance(messages, str):
+        return messages
+    for m in reversed(messages if isinstance(messages, list | tuple) else ()):
+        if isinstance(m, HumanMessage):
+            return text_of(m)
+        if isinstance(m, AIMessage | ToolMessage):
+            continue
+        text = request_text({"messages": [m]})
+        if text is not None:
+            return text
+    return None
 
 
 def _new_messages(state: Any) -> dict[str, Any]:
