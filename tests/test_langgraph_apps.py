@@ -882,3 +882,29 @@ def test_a_tool_call_a_limit_blocked_keeps_the_arguments_the_model_asked_for(
         ({"a": 1, "b": 1}, False),
         ({"a": 2, "b": 2}, True),
     ]
+
+
+def test_a_huge_state_key_does_not_cost_the_answer(capture: str, sqlite_url: str) -> None:
+    """A structured response beside a state key over the field cap (a document the agent loaded):
+    the output is capped key by key, so the answer a verifier reads survives the document's cut."""
+    from langchain.agents.middleware import AgentMiddleware
+
+    class Document(AgentState):
+        document: NotRequired[str]
+
+    class LoadsDocument(AgentMiddleware):
+        state_schema = Document
+
+        def before_agent(self, state: Any, runtime: Any) -> dict[str, Any]:
+            return {"document": "lorem ipsum " * 50_000}
+
+    middleware = [LoadsDocument(), *capture_middleware(capture, sqlite_url)]
+    if capture == "instrument":
+        honed.instrument(store=sqlite_url, max_field_bytes=8192)
+    else:
+        middleware[-1] = honed.Middleware(store=sqlite_url, max_field_bytes=8192)
+    agent = create_agent(ToolScriptModel(), [add], name="calc", middleware=middleware)
+    agent.invoke({"messages": [("user", ADD_TASK)]}, labels("doc"))
+    assert honed.flush()
+    (t,) = honed.open_store(sqlite_url).trajectories()
+    assert t.answer == "the sum is 5" and t.output["document"]["__truncated__"] is True

@@ -44,6 +44,7 @@ from honed.trajectory import INTERRUPTED
 log = logging.getLogger("honed")
 
 PUSH = "__pregel_push"  # LangGraph's trigger for a node run by `Send`
+_MAX_OUTPUT_KEYS_CAPPED_APART = 16  # a final state over the cap with more keys is one marker
 
 _HIDDEN_TAG = "langsmith:hidden"
 _INTERNAL_STATE_KEYS = {"messages", "jump_to", "remaining_steps"}
@@ -429,7 +430,7 @@ class Assembler:
             outputs = None
         if outputs is not None:
             output, types = _final_output(_output_view(outputs, trajectory.output_keys))
-            record["output"] = self._field(output)
+            record["output"] = self._output_field(output)
             if types and isinstance(record["metadata"], dict):
                 record["metadata"] = {**record["metadata"], "output_types": types}
         steps = sorted(trajectory.steps, key=lambda s: s["index"])
@@ -441,6 +442,19 @@ class Assembler:
         self._remember_closed(run_id)
         if record["status"] == INTERRUPTED:
             self._remember_paused(record)
+
+    def _output_field(self, output: Any) -> Any:
+        """The final output under the field cap. A state with one huge key (a document, a long
+        log) is capped key by key, so the small ones (the answer a verifier reads) survive."""
+        value = self._field(output)
+        if (
+            isinstance(value, dict)
+            and value.get("__truncated__") is True
+            and isinstance(output, dict)
+            and 1 < len(output) <= _MAX_OUTPUT_KEYS_CAPPED_APART
+        ):
+            value = {str(k): self._field(v) for k, v in output.items()}
+        return value
 
     def _remember_paused(self, record: dict[str, Any]) -> None:
         self._paused[record["id"]] = record
