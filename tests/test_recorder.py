@@ -274,3 +274,28 @@ def test_instrument_takes_a_postgres_url(pg_url: str) -> None:
     assert honed.flush()
     assert honed.stats()["stores"][pg_url]["store_error"] is None
     assert [t.task_id for t in honed.open_store(pg_url).trajectories()] == ["t1"]
+
+
+def test_a_run_holding_unstorable_text_is_spooled_and_replayed_with_the_rest(tmp_path: Path, writer: str) -> None:
+    """A tool's output with a lone surrogate (a hostile client's text, a broken decoder) while
+    the store is down: the spool (UTF-8) must still take it, and its replay must not stall the
+    runs queued behind it once the store is back."""
+    from langchain_core.tools import tool
+
+    @tool
+    def echo(text: str) -> str:
+        """Echo, with a lone surrogate."""
+        return text + "\ud800"
+
+    blocker = tmp_path / "db"
+    blocker.write_text("a file where the store's folder should be")
+    recorder = Recorder(f"sqlite:///{blocker / 'honed.db'}", spool_path=tmp_path / "spool.jsonl")
+    agent = create_agent(ToolScriptModel(), [echo], middleware=[honed.Middleware(recorder=recorder)])
+    for i in range(3):
+        agent.invoke({"messages": [("user", f'call echo {{"text": "x{i}"}}; answer {{result}}')]})
+    assert recorder.flush() and recorder.stats()["spool_pending"] == 3
+    blocker.unlink()
+    stats = wait_until_replayed(recorder)
+    assert stats["trajectories_written"] == 3 and stats["write_errors"] == 0
+    runs = honed.open_store(f"sqlite:///{blocker / 'honed.db'}").trajectories(oldest_first=True)
+    assert [t.tool_steps()[0].output for t in runs] == [f"x{i}\ufffd" for i in range(3)]

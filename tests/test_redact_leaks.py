@@ -96,6 +96,8 @@ SECRET_KEYS = [
     "SessionToken",
     "password",
     "passwd",
+    "pw",
+    "db_pw",
     "DB_PASSWORD",
     "private_key",
     "client_secret",
@@ -147,6 +149,8 @@ def test_a_secret_named_key_hides_its_value_whatever_it_looks_like(key: str) -> 
         "author",
         "passed",
         "bypass",
+        "pwm",
+        "npw",
     ],
 )
 def test_keys_that_only_look_like_secret_names_keep_their_values(key: str) -> None:

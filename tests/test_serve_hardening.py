@@ -238,6 +238,8 @@ def test_bad_parameters_are_a_400_naming_the_field(server: Server, extra: dict[s
         ),
         (b'{"model": "noise", "messages": [{"role": "user", "content": "hi"}], "top_p": -1e400}', "top_p"),
         (b"[" * 100_000, None),
+        (b'{"model": "noise", "messages": [{"role": "user", "content": "hi \\ud800"}]}', None),
+        (b'{"model": "noise", "messages": [{"role": "user", "content": "hi"}], "user": "\\udfff"}', None),
         (
             b'{"model": "noise", "messages": [{"role": "user", "content": "hi"}], "metadata": '
             + b'{"a": ' * 200
@@ -259,6 +261,8 @@ def test_bad_parameters_are_a_400_naming_the_field(server: Server, extra: dict[s
         "max_tokens-1e400",
         "top_p--1e400",
         "deep",
+        "lone-surrogate-content",
+        "lone-surrogate-user",
         "deep-metadata",
         "wide",
     ],

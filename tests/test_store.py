@@ -53,6 +53,24 @@ def test_round_trip_and_idempotent_writes(store_url: str) -> None:
     assert loaded.steps[1].duration_s == 1.0 and loaded.duration_s == 2.0
 
 
+def test_text_no_database_takes_is_stored_replaced_and_never_costs_the_batch(store_url: str) -> None:
+    """NUL (PostgreSQL refuses it in text and JSONB) and lone surrogates (UTF-8 cannot encode
+    them) arrive from hostile clients and broken tools. One such run must not fail the batch it
+    is written with, on every retry: it is stored with U+FFFD in their place, the others as they are."""
+    store = honed.open_store(store_url)
+    bad = make(2, output="a\x00b\ud800c", error="boom\x00", status="error",
+               metadata={"note\udc00": ["x\x00"]}, task={"messages": [{"role": "user", "content": "q\ud83d"}]})  # fmt: skip
+    bad.steps[1].output = "tool\x00out"
+    good = [make(1), make(3, output="naïve 😀")]
+    assert store.save_records([trajectory_to_record(t) for t in (good[0], bad, good[1])]) == 3
+    runs = {t.id: t for t in store.trajectories()}
+    assert runs["t1"].to_dict() == good[0].to_dict() and runs["t3"].output == "naïve 😀"
+    stored = runs["t2"]
+    assert (stored.output, stored.error) == ("a\ufffdb\ufffdc", "boom\ufffd")
+    assert stored.metadata["note\ufffd"] == ["x\ufffd"] and stored.steps[1].output == "tool\ufffdout"
+    assert stored.task == {"messages": [{"role": "user", "content": "q\ufffd"}]}
+
+
 def test_json_columns_hold_json_text_and_none_is_sql_null(store_url: str) -> None:
     """The writer hands the database JSON it encoded itself: a string is stored as a JSON string
     (not bare text), None as SQL NULL (not JSON null), on both backends."""

@@ -7,11 +7,14 @@ surrogates), and then the standard encoder, which takes both, is used.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import orjson
 
 _std = json.JSONEncoder(ensure_ascii=False).encode
+# What no store takes as text: NUL (PostgreSQL) and lone surrogates (UTF-8 cannot encode them).
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
 
 def dumps(value: Any) -> str:
@@ -19,3 +22,16 @@ def dumps(value: Any) -> str:
         return orjson.dumps(value).decode()
     except (TypeError, orjson.JSONEncodeError):
         return _std(value)
+
+
+def scrubbed(value: Any) -> Any:
+    """`value` with NUL and lone surrogates in its strings (and keys) replaced by U+FFFD: what a
+    hostile or broken input leaves in text that no store can hold. The slow path: used when a
+    write failed on them, never on the hot one."""
+    if isinstance(value, str):
+        return _UNSTORABLE.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {scrubbed(k): scrubbed(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [scrubbed(v) for v in value]
+    return value

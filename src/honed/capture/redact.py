@@ -389,7 +389,7 @@ def _utf8_text(encoded: str) -> str | None:
 # by their words run together ("x-api-key", "xApiKey" and "X_API_KEY" are all "xapikey") ...
 _SECRET_KEYS = {
     **dict.fromkeys(
-        ("password", "passwd", "pwd", "passphrase", "passcode", "dbpassword", "pass"), "password"
+        ("password", "passwd", "pwd", "pw", "passphrase", "passcode", "dbpassword", "pass"), "password"
     ),
     "bearer": "bearer",
     **dict.fromkeys(("apikey", "xapikey", "apitoken", "xgoogapikey"), "api_key"),
@@ -421,7 +421,7 @@ _SECRET_KEYS = {
 }
 # ... then by their last word or two ("db_password", "stripe_api_key", "webhook_secret", "github_token").
 _LAST_WORD = {
-    **dict.fromkeys(("password", "passwd", "pwd", "passphrase", "passcode", "pass"), "password"),
+    **dict.fromkeys(("password", "passwd", "pwd", "pw", "passphrase", "passcode", "pass"), "password"),
     **dict.fromkeys(("secret", "secretkey", "clientsecret"), "secret"),
     **dict.fromkeys(("apikey",), "api_key"),
     **dict.fromkeys(("privatekey",), "private_key"),

@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+from honed._json import scrubbed
+
 log = logging.getLogger("honed")
 
 
@@ -60,6 +62,12 @@ class Spool:
         if not records:
             return
         lines = "".join(json.dumps(r, ensure_ascii=False, separators=(",", ":")) + "\n" for r in records)
+        try:
+            lines.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate: the file (UTF-8) cannot hold it
+            lines = "".join(
+                json.dumps(scrubbed(r), ensure_ascii=False, separators=(",", ":")) + "\n" for r in records
+            )
         with self._locked("a") as handle:
             handle.write(lines)
             handle.flush()

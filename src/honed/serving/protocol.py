@@ -106,7 +106,35 @@ def loads(raw: bytes | str) -> Any:
         raise BadRequest(
             f"We could not parse the JSON body of your request ({reason}). The OpenAI API expects a JSON payload."
         ) from None
+    if _SURROGATE_ESCAPE.search(raw.encode() if isinstance(raw, str) else raw) and _holds_lone_surrogate(
+        body
+    ):
+        # JSON lets `\ud800` through; no tokenizer, store or UTF-8 encoder takes it.
+        raise BadRequest(
+            "the JSON body holds an unpaired UTF-16 surrogate escape (\\uD800-\\uDFFF): not text"
+        )
     return body
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _holds_lone_surrogate(value: Any) -> bool:
+    """Whether any string (or key) in a decoded body holds a surrogate code point: a pair of
+    escapes decodes to one character, so any left is unpaired."""
+    todo = [value]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, str):
+            if _LONE_SURROGATE.search(item):
+                return True
+        elif isinstance(item, dict):
+            todo += item.keys()
+            todo += item.values()
+        elif isinstance(item, list):
+            todo += item
+    return False
 
 
 def check_fits(body: Any, context_window: int | None) -> None:

@@ -33,11 +33,12 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, DataError, SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
 from sqlalchemy.pool import StaticPool
 
 from honed._json import dumps as fast_json_dumps
+from honed._json import scrubbed
 from honed.store.conversations import compact
 from honed.store.database import Database
 from honed.store.reader import read, trajectory_columns
@@ -242,6 +243,14 @@ class TrajectoryStore:
         stored yet and, ending later, takes over its status, output and end."""
         if not records:
             return 0
+        try:
+            return self._save_records(records)
+        except (DataError, UnicodeError):
+            # Text no database takes (NUL, a lone surrogate from a hostile client or a broken
+            # tool), which would fail the whole batch on every retry: stored with U+FFFD instead.
+            return self._save_records([scrubbed(r) for r in records])
+
+    def _save_records(self, records: Sequence[dict[str, Any]]) -> int:
         ids = [r["id"] for r in records]
         with self._sessions.begin() as session:
             existing = set(session.scalars(select(TrajectoryRow.id).where(TrajectoryRow.id.in_(ids))))
