@@ -276,7 +276,9 @@ def test_instrument_takes_a_postgres_url(pg_url: str) -> None:
     assert [t.task_id for t in honed.open_store(pg_url).trajectories()] == ["t1"]
 
 
-def test_a_run_holding_unstorable_text_is_spooled_and_replayed_with_the_rest(tmp_path: Path, writer: str) -> None:
+def test_a_run_holding_unstorable_text_is_spooled_and_replayed_with_the_rest(
+    tmp_path: Path, writer: str
+) -> None:
     """A tool's output with a lone surrogate (a hostile client's text, a broken decoder) while
     the store is down: the spool (UTF-8) must still take it, and its replay must not stall the
     runs queued behind it once the store is back."""
