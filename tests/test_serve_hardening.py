@@ -529,6 +529,28 @@ def test_a_refused_request_is_captured_as_a_stub_not_its_conversation(capturing_
     assert "password" not in json.dumps(stub.to_dict(), default=str)
 
 
+def test_a_client_that_hangs_up_stops_its_generation_and_its_runs_end_cancelled(
+    capturing_server: Server,
+) -> None:
+    """Non-streaming clients asking for 16 x 2000 tokens and hanging up: their rows must leave
+    the batch as a stream's do (others waited minutes behind them), and their runs are stored
+    as cancelled, not as answers delivered (nor, cancelled, not at all)."""
+    server = capturing_server
+    marker = f"gone-{time.monotonic_ns()}"
+    for i in range(2):
+        with pytest.raises(httpx.TimeoutException):
+            server.post(ask(f"{marker} {i}", max_tokens=2000, n=16, temperature=0), timeout=0.5)
+    started = time.monotonic()
+    assert server.post(ask("after the hang-ups")).status_code == 200
+    assert time.monotonic() - started < 20  # behind 32 rows of 2000 tokens: minutes
+    with honed.open_store(server.store_url) as store:
+        deadline = time.monotonic() + 30
+        while len(gone := [t for t in store.trajectories(limit=300) if marker in json.dumps(t.task)]) < 32:
+            assert time.monotonic() < deadline, f"{len(gone)} of the 32 abandoned runs were captured"
+            time.sleep(0.2)
+    assert {t.status for t in gone} == {"error"} and all("Cancelled" in (t.error or "") for t in gone)
+
+
 def test_the_server_still_serves_after_all_that(server: Server) -> None:
     assert server.post(ask(temperature=0)).status_code == 200
     assert server.process.poll() is None

@@ -49,6 +49,7 @@ seconds, not forever.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import hmac
 import json
@@ -83,6 +84,7 @@ BODY_TIMEOUT_S = 30.0
 HEADER_TIMEOUT_S = 10.0
 KEEP_ALIVE_S = 5.0
 LIMIT_CONCURRENCY = 1000
+DISCONNECT_POLL_S = 0.25  # how soon a hung-up client's generation stops
 MAX_HEADER_BYTES = 64 * 1024
 TRIM_AFTER_BYTES = 1024 * 1024  # after a body this large, hand freed memory back to the OS
 
@@ -208,12 +210,17 @@ def create_app(
         call = model.bind(stop=chat.stop, **chat.call_kwargs) if chat.stop else model.bind(**chat.call_kwargs)
         if chat.stream:
             return await _stream(call, chat, config)
+        answers = asyncio.gather(*(call.ainvoke(chat.messages, config=config) for _ in range(chat.n)))
         try:
-            replies = await asyncio.gather(
-                *(call.ainvoke(chat.messages, config=config) for _ in range(chat.n))
-            )
+            replies = await _unless_client_leaves(request, answers)
         except Exception as exc:
             raise _as_http_error(exc) from exc
+        if replies is None:  # nobody to answer: the runs end as cancelled (LangChain says nothing)
+            if capture is not None:
+                capture.recorder.abandon(asyncio.CancelledError("the client closed the request"))
+            return JSONResponse(
+                error_body("the client closed the request", code="client_closed"), status_code=499
+            )
         messages = [r for r in replies if isinstance(r, AIMessage)]
         model_id = messages[0].response_metadata.get("model_version") or model.name
         return JSONResponse(protocol.completion_body(messages, chat, model_id))
@@ -419,6 +426,13 @@ class _RefusalStubs:
             self.recorder.emit(start)
         self.recorder.emit(event)
 
+    def abandon(self, error: BaseException) -> None:
+        """End every run still open with `error`: a cancelled `ainvoke` (the client hung up)
+        never reports its end, so without this the runs would not be stored at all."""
+        for run_id, start in list(self.held.items()):
+            self.emit((ERROR, run_id, None, time.time(), error))
+            self.held.pop(run_id, None)
+
     def _stub(self, start: tuple[Any, ...]) -> tuple[Any, ...]:
         run_kind, name, _inputs, metadata, tags, extra = start[4]
         metadata = dict(metadata or {})
@@ -469,6 +483,21 @@ def _internal(exc: BaseException) -> _HTTPError:
 def _is_template_error(exc: BaseException) -> bool:
     jinja = sys.modules.get("jinja2.exceptions")
     return jinja is not None and isinstance(exc, jinja.TemplateError)
+
+
+async def _unless_client_leaves(request: Request, work: asyncio.Future[Any]) -> Any:
+    """`work`'s result; None, `work` cancelled, when the client hangs up first, as a stream is, so its rows
+    leave the batch at once (an abandoned `n=16, max_tokens=2000` request held every other
+    client's request for minutes) and its run is stored as cancelled, not as delivered."""
+    while True:
+        done, _ = await asyncio.wait({work}, timeout=DISCONNECT_POLL_S)
+        if done:
+            return work.result()
+        if await request.is_disconnected():
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await work
+            return None
 
 
 async def _stream(call: Any, chat: ChatRequest, config: dict[str, Any]) -> StreamingResponse:
