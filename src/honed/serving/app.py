@@ -429,9 +429,8 @@ class _RefusalStubs:
     def abandon(self, error: BaseException) -> None:
         """End every run still open with `error`: a cancelled `ainvoke` (the client hung up)
         never reports its end, so without this the runs would not be stored at all."""
-        for run_id, start in list(self.held.items()):
+        for run_id in list(self.held):
             self.emit((ERROR, run_id, None, time.time(), error))
-            self.held.pop(run_id, None)
 
     def _stub(self, start: tuple[Any, ...]) -> tuple[Any, ...]:
         run_kind, name, _inputs, metadata, tags, extra = start[4]
