@@ -65,7 +65,7 @@ def capturing_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve
     yield from serve(tmp_path_factory.mktemp("hardening-capture"), capture=True)
 
 
-def serve(root: Path, *, capture: bool) -> Iterator[Server]:
+def serve(root: Path, *, capture: bool, extra: tuple[str, ...] = ()) -> Iterator[Server]:
     store_url = f"sqlite:///{root / 'serve.db'}"
     with honed.open_store(store_url) as store:
         store.register_model("noise", tiny_path(1))
@@ -88,6 +88,7 @@ def serve(root: Path, *, capture: bool) -> Iterator[Server]:
                 *(sys.executable, "-m", "honed.cli", "serve", "noise", "--store", store_url),
                 *("--port", str(port), "--max-tokens", "16"),
                 *(() if capture else ("--no-capture",)),
+                *extra,
             ],
             env=env,
             stdout=out,
@@ -499,6 +500,48 @@ def test_a_body_trickled_byte_by_byte_is_cut_off(server: Server) -> None:
         )
         closed, answer = closed_within(sock, BODY_TIMEOUT_S + 4, trickle=body)
     assert closed and answer.startswith(b"HTTP/1.1 408"), answer[:200]
+
+
+def test_one_address_opening_idle_connections_by_the_hundred_locks_no_one_out(tmp_path: Path) -> None:
+    """uvicorn's `limit_concurrency` counts connections that never sent a byte: one client
+    holding (and reopening, as each times out) that many idle connections answered everyone
+    else 503. One address now holds at most `MAX_CONNECTIONS_PER_CLIENT` of them."""
+    from honed.serving.app import MAX_CONNECTIONS_PER_CLIENT
+
+    limit = MAX_CONNECTIONS_PER_CLIENT + 40
+    servers = serve(tmp_path, capture=False, extra=("--limit-concurrency", str(limit)))
+    server = next(servers)
+    stop, held = threading.Event(), []
+
+    def attack() -> None:  # from 127.0.0.1, reopening whatever the server closes
+        while not stop.is_set():
+            held[:] = [c for c in held if c.fileno() != -1]
+            while len(held) < limit and not stop.is_set():
+                try:
+                    held.append(socket.create_connection(("127.0.0.1", server.port), timeout=2))
+                except OSError:
+                    break
+            time.sleep(0.05)
+
+    attacker = threading.Thread(target=attack, daemon=True)
+    attacker.start()
+    try:
+        time.sleep(0.5)
+        other = httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.2"), timeout=30)
+        statuses = []
+        for _ in range(5):  # another client address, while the attack goes on
+            reply = other.post(
+                f"{server.url}/v1/chat/completions", json=ask(), headers={"Authorization": f"Bearer {KEY}"}
+            )
+            statuses.append(reply.status_code)
+            time.sleep(0.3)
+        assert statuses == [200] * 5
+    finally:
+        stop.set()
+        attacker.join(10)
+        for connection in held:
+            connection.close()
+        next(servers, None)
 
 
 # -- capture ---------------------------------------------------------------------------------------

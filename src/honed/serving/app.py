@@ -32,8 +32,7 @@ field (see `protocol`), a missing or wrong key 401, an unknown model 404, a body
 `max_body_bytes` 413 (from `Content-Length`, or counted while reading, before the rest is read), a
 body not received within `body_timeout_s` 408, a prompt beyond the context window 400
 `context_length_exceeded` (refused on its length in characters before tokenising), no live
-version 503, anything unexpected 500 with a reference to the server's log. A client that
-disconnects mid-stream frees its row of the batch at the next token.
+version 503, anything unexpected 500 with a reference to the server's log.
 
 Holding the server. Request bodies are decoded, checked and converted on a worker thread, and
 one whose messages and tool calls outnumber the tokens of the model's context window is refused
@@ -42,8 +41,11 @@ the event loop too (see `honed.serving.local`); `serve` runs uvicorn's h11 proto
 uvicorn leaves open: a request's headers must arrive within `header_timeout_s` of the connection
 opening (or of the previous response), at most `max_header_bytes` of them; idle keep-alive
 connections close after `keep_alive_s`; beyond `limit_concurrency` connections and requests, new
-requests get 503. So a client trickling headers or a body (slowloris) holds a connection for
-seconds, not forever.
+requests get 503; one client address holds at most `MAX_CONNECTIONS_PER_CLIENT` connections at
+once (more are closed as they open). So a client trickling headers or a body (slowloris) holds a
+connection for seconds, not forever, and a client opening idle connections by the thousand (each
+reopened as it times out) holds a quarter of the server's, not all of them. A client that hangs up
+on a request, streamed or not, frees its rows of the batch at once (its runs end as cancelled).
 """
 
 from __future__ import annotations
@@ -84,6 +86,8 @@ BODY_TIMEOUT_S = 30.0
 HEADER_TIMEOUT_S = 10.0
 KEEP_ALIVE_S = 5.0
 LIMIT_CONCURRENCY = 1000
+# Behind a reverse proxy every connection is the proxy's: its pool must stay under this.
+MAX_CONNECTIONS_PER_CLIENT = 256
 DISCONNECT_POLL_S = 0.25  # how soon a hung-up client's generation stops
 MAX_HEADER_BYTES = 64 * 1024
 TRIM_AFTER_BYTES = 1024 * 1024  # after a body this large, hand freed memory back to the OS
@@ -679,19 +683,32 @@ def _trim_memory() -> None:
         pass
 
 
-def _guarded_h11(header_timeout_s: float) -> type:
+def _guarded_h11(header_timeout_s: float, max_per_client: int = MAX_CONNECTIONS_PER_CLIENT) -> type:
     """uvicorn's h11 protocol with a deadline for a request's headers, counted from the
     connection's start or the end of the previous response: uvicorn has none (its keep-alive
     timer stops at the first byte), so a client sending a byte of headers now and then held its
-    connection forever. The connection is closed at the deadline."""
+    connection forever. The connection is closed at the deadline. And at most `max_per_client`
+    connections from one address: uvicorn's `limit_concurrency` counts idle connections, so
+    one client reopening 1,000 idle ones answered everyone else 503."""
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
+    per_client: dict[str, int] = {}  # open connections by client address, for this server
+
     class GuardedH11Protocol(H11Protocol):
         _header_timer: asyncio.TimerHandle | None = None
+        _client: str | None = None
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
+            peer = transport.get_extra_info("peername")
+            address = str(peer[0]) if isinstance(peer, tuple) and peer else None
+            if address is not None and per_client.get(address, 0) >= max_per_client:
+                transport.close()  # one address holding every connection would lock out the rest
+                return
+            if address is not None:
+                self._client = address
+                per_client[address] = per_client.get(address, 0) + 1
             self._watch_headers()
 
         def handle_events(self) -> None:
@@ -700,6 +717,13 @@ def _guarded_h11(header_timeout_s: float) -> type:
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._stop_watching()
+            if self._client is not None:
+                left = per_client.get(self._client, 1) - 1
+                if left > 0:
+                    per_client[self._client] = left
+                else:
+                    per_client.pop(self._client, None)
+                self._client = None
             super().connection_lost(exc)
 
         def _watch_headers(self) -> None:
