@@ -30,7 +30,7 @@ from honed.learn.methods.base import _bf16_available, _save
 from honed.learn.methods.sft import _with_generation_markers
 from honed.learn.shared_prefix import shared_prefix_length
 from honed.store import TrajectoryStore
-from honed.trajectory import Trajectory
+from honed.trajectory import Trajectory, Verdict
 from honed.verifiers import BaseVerifier, CannotTell, ReferenceMatch
 from honed.verifiers.protocol import verdict
 from test_trainers_data import ADD_SCHEMA, SYSTEM, add, make_trajectory, question
@@ -522,6 +522,19 @@ def test_verifier_reward_scores_completions_as_trajectories() -> None:
     assert both.score(t) == 0.0
     named = completion_trajectory(prompt, completion, metadata={"expected": "5", "verifier": "reference"})
     assert both.score(named) == 1.0
+
+    # Only verifiers that may label training data reward: a model judge (low trust) a completion
+    # can talk into a pass, and one the store's policy refuses (below its audited precision).
+    class Gullible(BaseVerifier):
+        name, trust = "judge", "low"
+
+        def check(self, t: Trajectory) -> Any:
+            return Verdict(passed=True, reason="looks right to me")
+
+    wrong_t = completion_trajectory(prompt, wrong, task_id="t1", metadata={"expected": "5"})
+    assert VerifierReward([Gullible()]).score(wrong_t) is None
+    assert VerifierReward([Gullible()], usable={"judge": True}).score(wrong_t) == 1.0  # audited, vouched for
+    assert VerifierReward([ReferenceMatch("numeric")], usable={"reference": False}).score(t) is None
 
 
 # -- distillation, empty data ------------------------------------------------------------------

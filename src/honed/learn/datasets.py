@@ -76,6 +76,9 @@ class TrainingData:
     versions: dict[str, dict[str, int]] = field(default_factory=dict)
     weights: dict[str, float] = field(default_factory=dict)
     stuck: list[str] = field(default_factory=list)
+    # Whether each verifier the store has a policy for may label training data (`VerifierPolicy.usable`):
+    # what a method that scores with verifiers itself (GRPO's reward) must honour too.
+    usable_verifiers: dict[str, bool] = field(default_factory=dict)
 
     @property
     def pretokenized(self) -> bool:
@@ -152,7 +155,11 @@ def prepare(
         )
     if split is not None and same_split(split, heldout_split):
         raise HeldOutLeak(f"split={split!r} asks for the held-out split")
-    untrusted_names = set(store.untrusted_verifiers() if untrusted is None else untrusted)
+    if untrusted is None:
+        usable = {p.verifier: p.usable for p in store.verifier_policies()}
+    else:
+        usable = dict.fromkeys(untrusted, False)
+    untrusted_names = {name for name, ok in usable.items() if not ok}
     heldout = HeldOut.of(store, split=heldout_split, fraction=heldout_fraction)
     if heldout_tasks:
         given = list(heldout_tasks)
@@ -199,6 +206,7 @@ def prepare(
     else:
         data = build.grpo(selected, labels)
     data.tasks = tasks
+    data.usable_verifiers = usable
     data.versions = _version_summary(selected, labels)
     data.counts = {**dict.fromkeys(_COUNT_KEYS, 0), **counts, "rows": len(data.dataset)}
     return data

@@ -12,7 +12,7 @@ from honed.learn.methods.base import NothingToLearn, TrlMethod
 from honed.messages import completion_trajectory
 from honed.trajectory import Trajectory
 from honed.trajectory import label as trajectory_label
-from honed.verifiers.protocol import verifier_name
+from honed.verifiers.protocol import trust_of, verifier_name
 from honed.verifiers.routing import applicable
 
 log = logging.getLogger("honed")
@@ -52,7 +52,7 @@ class GRPOMethod(TrlMethod):
 
         return GRPOTrainer(
             model=base,
-            reward_funcs=[VerifierReward(self.verifiers)],
+            reward_funcs=[VerifierReward(self.verifiers, usable=data.usable_verifiers)],
             args=args,
             train_dataset=data.dataset,
             processing_class=tokenizer,
@@ -99,12 +99,21 @@ class VerifierReward:
     verifiers that label production trajectories score the rollouts, routed as the `Worker` routes
     them (`honed.verifiers.routing.applicable`: `metadata["verifier"]`, tags, requirements). The
     label is `honed.trajectory.label` of their verdicts: 1.0 pass, 0.0 fail, None (no signal)
-    when none could tell or all raised."""
+    when none could tell or all raised. Only verifiers that may label training data count, as
+    for every other method: `usable` (the store's policies, `TrainingData.usable_verifiers`), and
+    for one the store has no policy for, its own trust (a model judge is low-trust: a completion
+    that talks it into a pass must not be rewarded for it)."""
 
     __name__ = "verifiers"
 
-    def __init__(self, verifiers: Iterable[Any]) -> None:
+    def __init__(self, verifiers: Iterable[Any], *, usable: dict[str, bool] | None = None) -> None:
         self.verifiers = list(verifiers)
+        known = usable or {}
+        self.untrusted = {
+            verifier_name(v)
+            for v in self.verifiers
+            if not known.get(verifier_name(v), trust_of(v) != "low")
+        } | {name for name, ok in known.items() if not ok}
 
     def __call__(
         self,
@@ -129,7 +138,7 @@ class VerifierReward:
                 verdicts.append(verifier.verify(trajectory))
             except Exception:
                 log.warning("verifier %s raised on a GRPO completion", verifier_name(verifier), exc_info=True)
-        label = trajectory_label(verdicts)
+        label = trajectory_label(verdicts, untrusted=self.untrusted)
         return None if label is None else float(label)
 
 
