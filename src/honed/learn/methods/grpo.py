@@ -110,9 +110,7 @@ class VerifierReward:
         self.verifiers = list(verifiers)
         known = usable or {}
         self.untrusted = {
-            verifier_name(v)
-            for v in self.verifiers
-            if not known.get(verifier_name(v), trust_of(v) != "low")
+            verifier_name(v) for v in self.verifiers if not known.get(verifier_name(v), trust_of(v) != "low")
         } | {name for name, ok in known.items() if not ok}
 
     def __call__(
