@@ -311,3 +311,72 @@ def test_exported_jsonl_trains_with_trl_sft_trainer_unchanged(verified: str, tmp
         assert output.global_step == 2
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
         assert len(losses) == 2 and all(loss > 0 for loss in losses)
+
+
+@pytest.mark.parametrize("entry", ["middleware", "instrument"])
+def test_a_run_ending_in_a_subagent_exports_its_own_conversation(sqlite_url: str, entry: str) -> None:
+    """A `return_direct` tool that runs a subagent ends the run inside it: the row for the run
+    is the agent's own last call (its system prompt, its tools), never the subagent's, which the
+    run's verdict did not judge."""
+    from langchain_core.tools import tool
+
+    middleware = [honed.Middleware(store=sqlite_url)] if entry == "middleware" else []
+    if entry == "instrument":
+        honed.instrument(store=sqlite_url)
+    try:
+        helper = create_agent(
+            ToolScriptModel(),
+            make_tools(),
+            name="helper",
+            system_prompt="I am the helper",
+            middleware=middleware,
+        )
+
+        @tool(return_direct=True)
+        def ask_helper(question: str) -> str:
+            """Ask the helper agent."""
+            out = helper.invoke(
+                {"messages": [("user", 'call mul {"a": 6, "b": 7}; answer helper says {result}')]}
+            )
+            return out["messages"][-1].content
+
+        boss = create_agent(
+            ToolScriptModel(), [ask_helper], name="boss", system_prompt="I am the boss", middleware=middleware
+        )
+        boss.invoke({"messages": [("user", 'call ask_helper {"question": "6x7"}; answer unused')]})
+        assert honed.flush()
+    finally:
+        honed.uninstrument()
+    (run,) = honed.open_store(sqlite_url).trajectories()
+    messages = chat_example(run)["messages"]
+    assert messages[0] == {"role": "system", "content": "I am the boss"}
+    assert [c["function"]["name"] for c in messages[-1]["tool_calls"]] == ["ask_helper"]
+
+
+def test_earlier_turns_of_a_conversation_carry_weight_zero(sqlite_url: str, tmp_path: Path) -> None:
+    """The second turn's row holds the first turn's answer: the verdict judged the second turn
+    only, so the first turn's assistant messages say `weight: 0` (OpenAI trains every other)."""
+    from langgraph.checkpoint.memory import InMemorySaver
+
+    agent = create_agent(
+        ToolScriptModel(), make_tools(), name="calc", checkpointer=InMemorySaver(),
+        middleware=[honed.Middleware(store=sqlite_url)],
+    )  # fmt: skip
+    config = {"configurable": {"thread_id": "chat"}}
+    agent.invoke({"messages": [("user", 'call add {"a": 2, "b": 2}; answer five {result}')]}, config)
+    agent.invoke({"messages": [("user", 'call add {"a": 5, "b": 5}; answer {result}')]}, config)
+    assert honed.flush()
+    store = honed.open_store(sqlite_url)
+    second, _first = store.trajectories()
+    out = tmp_path / "turn2.jsonl"
+    write_jsonl([second], out)
+    (row,) = lines(out)
+    weights = [
+        (m["role"], m.get("content"), m.get("weight")) for m in row["messages"] if m["role"] == "assistant"
+    ]
+    assert weights == [
+        ("assistant", "", 0),
+        ("assistant", "five 4", 0),
+        ("assistant", "", None),
+        ("assistant", "10", None),
+    ]

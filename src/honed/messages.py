@@ -618,8 +618,21 @@ def _stored_content(content: Any) -> Any:
 
 
 def _last_chat_step(trajectory: Trajectory) -> Step:
+    """The agent's own last model call: not one of a subagent's (a step under a tool step),
+    whose conversation, tools and system prompt are the subagent's, not the agent's."""
+    kinds = {step.id: (step.kind, step.parent_id) for step in trajectory.steps}
+
+    def in_subagent(step: Step) -> bool:
+        parent, seen = step.parent_id, 0
+        while parent is not None and parent in kinds and seen < len(kinds):
+            kind, parent = kinds[parent]
+            if kind == "tool":
+                return True
+            seen += 1
+        return False
+
     for step in reversed(trajectory.steps):
-        if step.kind != "model":
+        if step.kind != "model" or in_subagent(step):
             continue
         if is_truncated(step.input):
             raise NotExportable("truncated", trajectory.id)

@@ -84,10 +84,25 @@ def _write_jsonl(
     for _trajectory, example in chat_examples(
         _watched(trajectories, on_trajectory), result, reasoning=reasoning
     ):
-        out.write(_dumps(example))
+        out.write(_dumps(_earlier_turns_unweighted(example)))
         out.write("\n")
         result.written += 1
     return result
+
+
+def _earlier_turns_unweighted(example: dict[str, Any]) -> dict[str, Any]:
+    """`weight: 0` on the assistant messages of earlier turns of a conversation (before its last
+    user message): the verdict judged this turn, not them, and OpenAI's fine-tuning trains every
+    assistant message that does not say otherwise."""
+    messages = example["messages"]
+    last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=-1)
+    if not any(m.get("role") == "assistant" for m in messages[:last_user]):
+        return example
+    marked = [
+        {**m, "weight": 0} if i < last_user and m.get("role") == "assistant" else m
+        for i, m in enumerate(messages)
+    ]
+    return {**example, "messages": marked}
 
 
 def dataset_features(*, reasoning: bool = False, ids: bool = True) -> datasets.Features:
