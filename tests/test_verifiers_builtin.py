@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from pydantic import BaseModel
 
@@ -92,7 +94,6 @@ def test_reference_tolerance_match_override_and_evidence() -> None:
         (traj("cut-ref", "5", expected=TRUNCATED), "truncated"),
         (traj("bad-regex", "x", expected="(", match="regex"), "invalid regex"),
         (traj("bad-mode", "x", expected="x", match="fuzzy"), "unknown match mode"),
-        (traj("bad-json", "{not json", expected={"a": 1}), "malformed JSON"),
         (traj("not-number", "5", expected="five", match="numeric"), "not a number"),
     ],
 )
@@ -152,7 +153,7 @@ def test_schema_from_pydantic_metadata_and_tool_calls() -> None:
 
 
 def test_schema_bad_input() -> None:
-    assert check(JsonSchema(BOOKING), traj("x", "Sure! {city: Oslo")).passed is None
+    assert check(JsonSchema(BOOKING), traj("x", "Sure! {city: Oslo")).passed is False  # the agent's: a fail
     no_schema = check(JsonSchema(), traj("y", "{}"))
     assert no_schema.passed is None and "no schema" in no_schema.reason
     assert check(JsonSchema(), traj("z", "{}", schema={"type": "nonsense"})).passed is None
@@ -242,3 +243,40 @@ def test_catalog_resolves_builtins_and_module_attrs() -> None:
         resolve("nope")
     with pytest.raises(UnknownVerifier, match="cannot load"):
         resolve("no.such.module:thing")
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected", "reason_part"),
+    [
+        ("{not json", {"a": 1}, "malformed JSON"),
+        ('{"a": 9, "a": 1}', {"a": 1}, "given twice"),
+        ('{"a": ' + "9" * 5000 + "}", {"a": 1}, "malformed JSON"),
+        ('{"count": true}', {"count": 1}, "differs"),
+        ("[false, true]", [0, 1], ""),
+    ],
+    ids=["malformed", "duplicate-key", "huge-int", "true-is-not-1", "bools-are-not-ints"],
+)
+def test_an_answer_the_agent_chose_to_make_unreadable_fails(
+    answer: str, expected: Any, reason_part: str
+) -> None:
+    """What the agent wrote cannot make a verifier undecided (`label` ignores undecided, so
+    another verifier's pass would stand alone), nor pass by JSON looseness: `true` is not `1`,
+    and a key given twice is ambiguous (parsers keep different ones)."""
+    v = check(ReferenceMatch("json"), traj("j", answer, expected=expected))
+    assert v.passed is False and reason_part in v.reason, v.reason
+
+
+def test_json_schema_fails_unreadable_answers_and_checks_the_nested_field_not_a_look_alike() -> None:
+    schema = {"type": "object"}
+    looks_alike = '{"customer": {"name": "Bob"}, "customer.name": "Ada"}'
+    assert (
+        check(JsonSchema(schema), traj("s", looks_alike, expected={"customer.name": "Ada"})).passed is False
+    )
+    assert check(
+        JsonSchema(schema), traj("s", '{"customer": {"name": "Ada"}}', expected={"customer.name": "Ada"})
+    ).passed
+    assert check(
+        JsonSchema(schema), traj("s", '{"customer.name": "Ada"}', expected={"customer.name": "Ada"})
+    ).passed
+    assert check(JsonSchema(schema), traj("s", "{not json", expected={"a": 1})).passed is False
+    assert check(JsonSchema(schema), traj("s", '{"paid": true}', expected={"paid": 1})).passed is False

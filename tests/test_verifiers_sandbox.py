@@ -258,6 +258,10 @@ def test_testsuite_pass_fail_and_evidence(suite: TestSuite) -> None:
     assert syntax.passed is False and "could not be collected" in syntax.reason
     via_tool = tool_traj("t", "submit", {"code": "def add(a, b):\n    return b + a\n"}, tests=ADD_TESTS)
     assert TestSuite(tool="submit", arg="code", sandbox=suite.sandbox).verify(via_tool).passed is True
+    # Code that is not text is the agent's failure to submit, not a verifier that cannot tell
+    # (`label` ignores undecided verdicts: another verifier's pass would stand alone).
+    not_code = tool_traj("n", "submit", {"code": ["def add(a, b): ..."]}, tests=ADD_TESTS)
+    assert TestSuite(tool="submit", arg="code", sandbox=suite.sandbox).verify(not_code).passed is False
 
 
 def test_testsuite_cannot_be_fooled_or_confused(suite: TestSuite) -> None:

@@ -156,9 +156,12 @@ class ReferenceMatch(BaseVerifier):
         )
 
     def _json(self, answer: str, expected: Any, _tol: Any) -> Verdict:
-        parsed = parse_json(answer)
         want = parse_json(expected) if isinstance(expected, str) else expected
-        ok = parsed == want
+        try:
+            parsed = answer_json(answer)
+        except CannotTell as exc:  # the agent's answer, not the reference: a fail, never "could not tell"
+            return verdict(False, f"the answer is not the JSON asked for: {exc.reason}")
+        ok = json_equal(parsed, want)
         got_text = json.dumps(parsed, indent=1, sort_keys=True, default=str)
         want_text = json.dumps(want, indent=1, sort_keys=True, default=str)
         return verdict(
@@ -210,6 +213,39 @@ def parse_json(text: Any) -> Any:
         return json.loads(body)
     except ValueError as exc:
         raise CannotTell(f"malformed JSON: {exc}", text=_preview(body)) from exc
+
+
+def answer_json(text: Any) -> Any:
+    """An agent's answer as JSON, as `parse_json` reads it but stricter, since the agent chose it:
+    a key given twice (parsers disagree on which counts) is malformed too. `CannotTell` when
+    malformed, which a verifier turns into a fail: an agent must not pick "could not tell"."""
+    if not isinstance(text, str):
+        return text
+    body = last_code_block(text, ("", "json")) or text
+    try:
+        return json.loads(body, object_pairs_hook=_no_duplicate_keys)
+    except ValueError as exc:
+        raise CannotTell(f"malformed JSON: {exc}", text=_preview(body)) from exc
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise ValueError(f"the key {twice!r} is given twice")
+    return out
+
+
+def json_equal(a: Any, b: Any) -> bool:
+    """JSON values equal as JSON means them: `true` is not `1` (Python's `==` says it is)."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(json_equal(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(json_equal(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
 
 
 def _items(value: Any) -> list[Any]:

@@ -15,12 +15,12 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
 from honed.trajectory import STRUCTURED_KEY, Trajectory, Verdict, is_truncated
 from honed.verifiers.outcome import agent_failed, final_output, tool_call_args
 from honed.verifiers.protocol import BaseVerifier, CannotTell, verdict
-from honed.verifiers.reference import parse_json
+from honed.verifiers.reference import answer_json, json_equal, parse_json
 
 _MAX_ERRORS = 20
 _MISSING = object()
@@ -56,6 +56,8 @@ class JsonSchema(BaseVerifier):
         if failed is not None:
             return verdict(False, f"the agent run failed: {failed}"[:500], agent_error=failed[:2000])
         data = self._data(t)
+        if isinstance(data, _Unreadable):  # the agent's output: a fail, never "could not tell"
+            return verdict(False, f"the answer is not JSON: {data.reason}"[:500])
         if data is _MISSING:
             return verdict(False, f"the agent never called {self.tool!r}", tool=self.tool)
         errors = self._errors(t, data)
@@ -89,10 +91,10 @@ class JsonSchema(BaseVerifier):
             # describes, its type in metadata["output_types"]): validate the structured part.
             structured = output.get(STRUCTURED_KEY, _MISSING)
             if structured is not _MISSING:
-                return parse_json(structured)
+                return _readable(structured)
         if isinstance(output, dict | list):
             return output
-        return parse_json(t.answer)
+        return _readable(t.answer)
 
     def _errors(self, t: Trajectory, data: Any) -> list[dict[str, Any]]:
         schema = self.schema if self.schema is not None else (t.metadata or {}).get(self.schema_key)
@@ -131,7 +133,7 @@ class JsonSchema(BaseVerifier):
             got = _field(data, field)
             if got is _MISSING:
                 out[field] = {"expected": want, "got": None, "missing": True}
-            elif got != want:
+            elif not json_equal(got, want):
                 out[field] = {"expected": want, "got": got}
         return out
 
@@ -171,9 +173,27 @@ def _pydantic_errors(model: type, data: Any) -> list[dict[str, Any]]:
     return []
 
 
+class _Unreadable(NamedTuple):
+    reason: str
+
+
+def _readable(text: Any) -> Any:
+    try:
+        return answer_json(text)
+    except CannotTell as exc:
+        return _Unreadable(exc.reason)
+
+
 def _field(data: Any, dotted: str) -> Any:
-    if isinstance(data, dict) and dotted in data:
+    """`a.b` is the nested field; a literal "a.b" key only where there is none (an answer that
+    has both, disagreeing, must not choose which one is checked)."""
+    nested = _path(data, dotted)
+    if nested is _MISSING and isinstance(data, dict) and dotted in data:
         return data[dotted]
+    return nested
+
+
+def _path(data: Any, dotted: str) -> Any:
     current = data
     for part in dotted.split("."):
         if isinstance(current, dict) and part in current:
