@@ -650,3 +650,56 @@ def test_a_conversation_turn_carries_the_thread_as_gen_ai_conversation_id(sqlite
     roots = [by_name(spans_of(t))["invoke_agent chat"][0] for t in turns]
     assert [r.attributes["gen_ai.conversation.id"] for r in roots] == ["c-9", "c-9"]
     assert "gen_ai.conversation.id" not in spans_of(Trajectory(id="x", agent="a"))[0].attributes
+
+
+@pytest.mark.parametrize("entry", ["middleware", "instrument"])
+def test_a_providers_content_blocks_become_one_part_each_and_name_the_provider(
+    sqlite_url: str, entry: str
+) -> None:
+    """An Anthropic-style reply (thinking, text, tool_use blocks beside `tool_calls`): each is one
+    conventional part (reasoning, text, tool_call), not twice and not in the provider's shape
+    (a thinking block's signature), and the provider is named whichever entry point captured it."""
+    from langchain_core.language_models import BaseChatModel
+    from langchain_core.messages import AIMessage, ToolMessage
+    from langchain_core.outputs import ChatGeneration, ChatResult
+
+    class Blocks(BaseChatModel):
+        @property
+        def _llm_type(self) -> str:
+            return "anthropic-chat"
+
+        def bind_tools(self, tools: Any, **kwargs: Any) -> Any:
+            return self
+
+        def _generate(
+            self, messages: Any, stop: Any = None, run_manager: Any = None, **kwargs: Any
+        ) -> ChatResult:
+            if any(isinstance(m, ToolMessage) for m in messages):
+                message = AIMessage([{"type": "text", "text": "The sum is 5."}])
+            else:
+                message = AIMessage(
+                    [
+                        {"type": "thinking", "thinking": "need add", "signature": "sig"},
+                        {"type": "text", "text": "Let me add."},
+                        {"type": "tool_use", "id": "toolu_1", "name": "add", "input": {"a": 2, "b": 3}},
+                    ],
+                    tool_calls=[{"name": "add", "args": {"a": 2, "b": 3}, "id": "toolu_1"}],
+                )
+            message.response_metadata = {"model_name": "claude-x"}
+            return ChatResult(generations=[ChatGeneration(message=message)])
+
+    middleware = [honed.Middleware(store=sqlite_url)] if entry == "middleware" else []
+    if entry == "instrument":
+        honed.instrument(store=sqlite_url)
+    try:
+        create_agent(Blocks(), make_tools(), name="claude", middleware=middleware).invoke(
+            {"messages": [("user", "add")]}
+        )
+        assert honed.flush()
+    finally:
+        honed.uninstrument()
+    (t,) = honed.open_store(sqlite_url).trajectories()
+    chat = next(s for s in spans_of(t, capture_content=True) if s.name.startswith("chat"))
+    assert chat.attributes["gen_ai.provider.name"] == "anthropic"
+    (reply,) = json.loads(chat.attributes["gen_ai.output.messages"])
+    assert [p["type"] for p in reply["parts"]] == ["reasoning", "text", "tool_call"]

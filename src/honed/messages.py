@@ -75,7 +75,7 @@ ROLES = {
     "function": "tool",
 }
 # Blocks whose information lives in a field of its own (reasoning, tool_calls): not content.
-_CARRIED_BLOCKS = frozenset({"reasoning", "thinking", "redacted_thinking", "tool_use", "tool_call"})
+CARRIED_BLOCKS = frozenset({"reasoning", "thinking", "redacted_thinking", "tool_use", "tool_call"})
 
 _dumps = json.JSONEncoder(ensure_ascii=False).encode
 AnyMessage = BaseMessage | Mapping[str, Any]
@@ -194,7 +194,7 @@ def content_text(content: Any) -> str:
             parts.append(block)
         elif kind == "text" and isinstance(block.get("text"), str):
             parts.append(block["text"])
-        elif kind not in _CARRIED_BLOCKS:
+        elif kind not in CARRIED_BLOCKS:
             raise MessageError(
                 "non_text_content", f"only text content is supported ({kind or 'no type'} given)", "content"
             )

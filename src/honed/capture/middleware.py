@@ -355,7 +355,8 @@ class Middleware(AgentMiddleware):
         name = getattr(model, "model_name", None) or getattr(model, "model", None) or type(model).__name__
         extra = {
             "tools": list(request.tools or ()),
-            "settings": dict(request.model_settings or {}),
+            # `_type` names the provider, as LangChain's own invocation params do for callbacks.
+            "settings": {"_type": getattr(model, "_llm_type", None), **(request.model_settings or {})},
             "model": name,
             "structured_tools": self._structured_output_tools(request.response_format),
         }

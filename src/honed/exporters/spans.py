@@ -23,6 +23,7 @@ from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
+from honed.messages import CARRIED_BLOCKS
 from honed.trajectory import Step, Trajectory, Verdict, label, label_word
 
 ENV_CAPTURE_CONTENT = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
@@ -375,7 +376,9 @@ def _otel_message(message: Any) -> dict[str, Any]:
     if role == "tool":
         parts.append({"type": "tool_call_response", "id": message.get("tool_call_id"), "response": content})
     elif content not in (None, "", []):
-        parts.extend(_parts(content))
+        # Reasoning and tool-call blocks are the parts above and below, already: not twice, and
+        # not in a provider's own shape (a `thinking` block's signature).
+        parts.extend(_parts(content, skip=CARRIED_BLOCKS))
     for call in message.get("tool_calls") or ():
         if isinstance(call, dict):
             parts.append(
@@ -392,12 +395,14 @@ def _otel_message(message: Any) -> dict[str, Any]:
     return out
 
 
-def _parts(content: Any) -> list[dict[str, Any]]:
+def _parts(content: Any, skip: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
     if isinstance(content, str):
         return [{"type": "text", "content": content}]
     if isinstance(content, list):
         parts = []
         for block in content:
+            if isinstance(block, dict) and block.get("type") in skip:
+                continue
             if isinstance(block, str):
                 parts.append({"type": "text", "content": block})
             elif isinstance(block, dict) and block.get("type") == "text":
