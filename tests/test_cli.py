@@ -132,6 +132,7 @@ def test_a_user_mistake_is_one_line_not_a_traceback(captured: str, args: list[st
     "args",
     [
         ["runs", "--status", "bogus"],
+        ["runs", "--verdict", "bogus"],
         ["runs", "--limit", "-5"],
         ["export", "jsonl", "{tmp}/out.jsonl", "--status", "bogus"],
         ["export", "otlp", "--protocol", "bogus"],

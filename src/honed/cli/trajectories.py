@@ -29,7 +29,10 @@ def runs(
         Literal["ok", "error", "interrupted"] | None,
         typer.Option(help="ok | error | interrupted"),
     ] = None,
-    verdict: Annotated[str | None, typer.Option(help="pass | fail | labeled | unlabeled")] = None,
+    verdict: Annotated[
+        Literal["pass", "fail", "labeled", "unlabeled"] | None,
+        typer.Option(help="pass | fail | labeled | unlabeled"),
+    ] = None,
     thread: Annotated[
         str | None, typer.Option("--thread", help="Only this conversation (LangGraph thread_id).")
     ] = None,
