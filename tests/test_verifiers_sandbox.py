@@ -115,6 +115,20 @@ def test_probe_leftover_processes_and_files_are_gone(box: Sandbox) -> None:
     assert [e for e in seen["left"] if e not in mount_points] == []
 
 
+def test_probe_sysv_ipc_a_job_leaves_is_gone(box: Sandbox) -> None:
+    """A SysV shared-memory segment (message queue, semaphore set) outlives the processes that
+    made it, detached, and holds memory outside the job's rlimits: the next job must not find it."""
+    make = (
+        "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+        "print(libc.shmget(0x51A0, 1 << 20, 0o1000 | 0o600), libc.msgget(0x51A1, 0o1000 | 0o600),"
+        " libc.semget(0x51A2, 1, 0o1000 | 0o600))\n"
+    )
+    made = run(box, make)
+    assert made.exit_code == 0 and all(int(i) >= 0 for i in made.output.split()[-3:]), made.output
+    look = "print([len(open(f'/proc/sysvipc/{k}').read().splitlines()) - 1 for k in ('shm', 'msg', 'sem')])\n"
+    assert run(box, look).output.strip().splitlines()[-1] == "[0, 0, 0]"
+
+
 def test_probe_network_is_loopback_only(box: Sandbox) -> None:
     host_ip = socket.gethostbyname(socket.gethostname())
     probe = f"""

@@ -91,6 +91,8 @@ def main() -> None:
         for buffer in (_CHUNK, _REPORT):
             _zero(buffer)
         _clean(scratch)  # before reading the next job
+        if contained:  # in the sandbox's own IPC namespace only: outside it, these are the host's
+            _remove_ipc()
 
 
 def _load_module(name: str, source: str) -> types.ModuleType:
@@ -570,6 +572,28 @@ def _clean(roots: list) -> None:
             else:
                 with contextlib.suppress(OSError):
                     os.unlink(path)
+
+
+def _remove_ipc() -> None:
+    """Remove the SysV shared memory, message queues and semaphores a job left: they outlive its
+    processes (a segment detached is still there, holding memory outside the job's rlimits) and
+    would reach the next job, another trajectory's. The sandbox has an IPC namespace of its own:
+    everything listed here is a job's."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for kind, remove in (
+        ("shm", lambda i: libc.shmctl(i, 0, None)),  # IPC_RMID is 0
+        ("msg", lambda i: libc.msgctl(i, 0, None)),
+        ("sem", lambda i: libc.semctl(i, 0, 0)),
+    ):
+        try:
+            with open(f"/proc/sysvipc/{kind}") as listing:
+                rows = listing.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if len(fields) > 1 and fields[1].isdigit():
+                remove(int(fields[1]))
 
 
 def _listdir(path: str) -> list:
