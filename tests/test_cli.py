@@ -116,7 +116,6 @@ def test_a_bad_store_url_is_one_line_not_a_traceback(url: str, message: str) -> 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["runs", "--verdict", "maybe"], "ValueError: verdict filter must be one of"),
         (["export", "jsonl", "no/such/dir/train.jsonl"], "FileNotFoundError"),
         (["train", "student", "--suite", "nosuch"], "ValueError: unknown suite 'nosuch'"),
         (["train", "student", "--agent", "no_such_module:agent"], "ModuleNotFoundError"),
