@@ -29,12 +29,15 @@ def invoke(agent, i: int) -> str:
     return out["messages"][-1].content
 
 
-def wait_until_replayed(recorder: Recorder, timeout: float = 40.0) -> dict:
+def wait_until_replayed(recorder: Recorder, written: int = 0, timeout: float = 40.0) -> dict:
+    """Until the spool is empty and `written` trajectories are counted: the store's process
+    replays on its own timer and reports its counts with its next answer, a moment after the
+    spool file is emptied."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         recorder.flush()
         stats = recorder.stats()
-        if stats["spool_pending"] == 0:
+        if stats["spool_pending"] == 0 and stats["trajectories_written"] >= written:
             return stats
         time.sleep(0.2)
     raise AssertionError(f"spool never drained: {recorder.stats()}")
@@ -75,7 +78,7 @@ def test_sqlite_store_down_then_back_spools_and_replays_in_order(tmp_path: Path,
     blocker.unlink()  # the store comes back
     for i in range(5, 8):
         invoke(agent, i)
-    stats = wait_until_replayed(recorder)
+    stats = wait_until_replayed(recorder, written=8)
     assert stats["trajectories_written"] == 8 and stats["trajectories_replayed"] >= 5
     store = honed.open_store(f"sqlite:///{blocker / 'honed.db'}")
     oldest_first = store.trajectories(limit=None, oldest_first=True)
@@ -102,7 +105,7 @@ def test_postgres_outage_spools_and_replays(pg_url: str, tmp_path: Path, writer:
 
         proxy.up()
         invoke(agent, 4)
-        stats = wait_until_replayed(recorder)
+        stats = wait_until_replayed(recorder, written=5)
     finally:
         proxy.down()
     assert stats["trajectories_written"] == 5
@@ -297,7 +300,7 @@ def test_a_run_holding_unstorable_text_is_spooled_and_replayed_with_the_rest(
         agent.invoke({"messages": [("user", f'call echo {{"text": "x{i}"}}; answer {{result}}')]})
     assert recorder.flush() and recorder.stats()["spool_pending"] == 3
     blocker.unlink()
-    stats = wait_until_replayed(recorder)
+    stats = wait_until_replayed(recorder, written=3)
     assert stats["trajectories_written"] == 3 and stats["write_errors"] == 0
     runs = honed.open_store(f"sqlite:///{blocker / 'honed.db'}").trajectories(oldest_first=True)
     assert [t.tool_steps()[0].output for t in runs] == [f"x{i}\ufffd" for i in range(3)]
