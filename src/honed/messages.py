@@ -343,7 +343,7 @@ def invalid_call_text(call: Mapping[str, Any]) -> str:
 
 def request_text(task: Any) -> str | None:
     """The user's request in a captured agent input: the input itself when it is text, else the
-    last user message of its `messages` (role dicts, LangChain-style `{"type": "human"}` dicts,
+    last user message of its `messages` (role dicts, LangChain messages or `{"type": "human"}` dicts,
     `("user", text)` pairs, bare strings), its text blocks joined. None when there is none or it
     is not text."""
     if isinstance(task, str):
@@ -354,6 +354,8 @@ def request_text(task: Any) -> str | None:
     for m in reversed(messages if isinstance(messages, list) else ()):
         if isinstance(m, Mapping):
             role, content = m.get("role") or m.get("type"), m.get("content")
+        elif isinstance(m, BaseMessage):
+            role, content = m.type, m.content
         elif isinstance(m, list | tuple) and len(m) == 2:
             role, content = m
         elif isinstance(m, str):

@@ -519,23 +519,9 @@ def _root_asked_this(root: RootRun | None, state: Any) -> bool:
     was handed something else, and the root's input and output are not its own."""
     if root is None or isinstance(root.inputs, Command):
         return True
-    return _last_request(root.inputs.get("messages")) == _last_request(state.get("messages"))
+    from honed.messages import request_text
 
-
-def _last_request(messages: Any) -> str | None:
-    from honed.messages import request_text, text_of
-
-    if isinstance(messages, str):
-        return messages
-    for m in reversed(messages if isinstance(messages, list | tuple) else ()):
-        if isinstance(m, HumanMessage):
-            return text_of(m)
-        if isinstance(m, AIMessage | ToolMessage):
-            continue
-        text = request_text({"messages": [m]})
-        if text is not None:
-            return text
-    return None
+    return request_text(root.inputs) == request_text({"messages": state.get("messages")})
 
 
 def _new_messages(state: Any) -> dict[str, Any]:

@@ -5,8 +5,9 @@ The label of a trajectory is `honed.trajectory.label` (trusted judgements only);
 `HeldOut`: a split named `heldout`, *any* task with a trajectory in that split (a task is held out
 as a whole, even where some attempts were captured without a split), a task whose stable hash
 falls under a `fraction`, and any run whose user request is a held-out task's request (the same
-question under another task id, or none, is the same task to a model). `honed export`, `prepare` (training), the report and `honed status` all
-ask these two, so "verified data" means the same thing to each of them.
+question under another task id, or none, is the same task to a model). `honed export`, `prepare`
+(training), the report and `honed status` all ask these two, so "verified data" means the same
+thing to each of them.
 
     for t in select_trajectories(store, verdict="pass"): ...      # held-out tasks stay out
 """
@@ -111,11 +112,6 @@ def task_hash(task_id: str) -> float:
     """A task id's stable position in [0, 1): the same on every machine and in every process."""
     digest = hashlib.sha256(task_id.encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
-
-
-def heldout_task_ids(store: TrajectoryStore, heldout_split: str = HELDOUT) -> set[str]:
-    """Every task id with a trajectory in `heldout_split` (as `same_split` compares them)."""
-    return _heldout_tasks_and_requests(store, heldout_split)[0]
 
 
 def _heldout_tasks_and_requests(store: TrajectoryStore, heldout_split: str) -> tuple[set[str], set[str]]:
