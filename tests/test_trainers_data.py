@@ -60,10 +60,12 @@ def make_trajectory(
     model_version: str = "calc@v1",
     metadata: dict[str, Any] | None = None,
     reasoning: str | None = None,
+    history: list[dict[str, Any]] = (),  # type: ignore[assignment]
 ) -> Trajectory:
     """A captured run as the recorder stores it: model call → `add` → model call → answer.
 
-    `token_ids` = (prompt 1, completion 1, prompt 2, completion 2), as LocalChatModel records them.
+    `token_ids` = (prompt 1, completion 1, prompt 2, completion 2), as LocalChatModel records them;
+    `history`: earlier turns of the conversation (this run is a later turn on its thread).
     """
     _serial["n"] += 1
     n = _serial["n"]
@@ -71,6 +73,7 @@ def make_trajectory(
     call = {"name": "add", "args": {"a": a, "b": 3}, "id": f"call_{n}"}
     first_in = [
         {"role": "system", "content": system},
+        *history,
         {"role": "user", "content": user or question(str(task_id))},
     ]
     first_out: dict[str, Any] = {"role": "assistant", "content": "", "tool_calls": [call]}

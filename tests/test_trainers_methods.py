@@ -160,6 +160,30 @@ def test_sft_trains_only_on_the_assistant_turns(store: TrajectoryStore, tiny: Pa
     assert method.config()["settings"]["max_steps"] == 2
 
 
+def test_sft_on_a_later_turn_trains_only_that_turns_replies(
+    store: TrajectoryStore, tiny: Path, tmp_path: Path
+) -> None:
+    earlier = [
+        {"role": "user", "content": "What is 1 plus 1?"},
+        {"role": "assistant", "content": "It is 11."},  # judged by the first turn's own verdict
+    ]
+    add(store, make_trajectory("t1", history=earlier), True)
+    data = prepare(store, "sft")
+    assert [m["role"] for m in data.dataset[0]["messages"]][:4] == ["system", "user", "assistant", "user"]
+    method = SFTMethod(per_device_train_batch_size=1, activation_checkpointing=False, **FEW_STEPS)
+    trainer = method.build_trainer(tiny, data, tmp_path / "scratch")
+    tok = trainer.processing_class
+    batch = trainer.data_collator(list(trainer.train_dataset))
+    ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+    trained = _runs([t if label != -100 else None for t, label in zip(ids, labels, strict=True)])
+    assert [tok.decode(run, skip_special_tokens=False) for run in trained] == [
+        '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call><|im_end|>',
+        f"{THINK}The sum is 5.<|im_end|>",
+    ]
+    masked = tok.decode([t for t, label in zip(ids, labels, strict=True) if label == -100])
+    assert "It is 11.<|im_end|>" in masked  # the earlier turn is context, rendered as at run time
+
+
 def _runs(ids: list[int | None]) -> list[list[int]]:
     """Contiguous runs of non-None ids."""
     runs: list[list[int]] = []

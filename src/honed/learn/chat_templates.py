@@ -101,11 +101,13 @@ QWEN3_CHAT_TEMPLATE = r"""{%- if tools %}
 
 
 def training_template(template: str = QWEN3_CHAT_TEMPLATE) -> str:
-    """The run-time Qwen3 template with `{% generation %}` around each assistant reply (think
-    block, text, tool calls, `<|im_end|>`). It renders the same text as at run time, so TRL's
-    `assistant_only_loss` trains exactly what the model says, in the contexts it sees then (TRL's
-    own `qwen3_training.jinja` adds a think block to every assistant turn, which the run-time
-    template leaves out of earlier turns). Raises ValueError for another template."""
+    """The run-time Qwen3 template with `{% generation %}` around each assistant reply of the
+    conversation's last turn, after its last user message (think block, text, tool calls,
+    `<|im_end|>`): an earlier turn's replies are context, judged by their own run's verdict. It
+    renders the same text as at run time, so TRL's `assistant_only_loss` trains exactly what the
+    model says, in the contexts it sees then (TRL's own `qwen3_training.jinja` adds a think block
+    to every assistant turn, which the run-time template leaves out of earlier turns). Raises
+    ValueError for another template."""
     start = "        {%- if loop.index0 > ns.last_query_index %}\n"
     end = "        {{- '<|im_end|>\\n' }}\n    {%- elif message.role == \"tool\" %}"
     head, found, rest = template.partition(start)
@@ -115,14 +117,18 @@ def training_template(template: str = QWEN3_CHAT_TEMPLATE) -> str:
     if not found or not found_end or body.count(opened[0]) != 1 or body.count(opened[1]) != 2:
         raise ValueError("not the Qwen3 chat template: cannot place generation markers")
     body = body.replace(opened[0], "'<think>\\n'").replace(opened[1], "")
+    reply = start + body + "        {{- '<|im_end|>' }}\n"
     return (
         head
         + "        {{- '<|im_start|>' + message.role + '\\n' }}\n"
+        # Only this turn's replies train: an earlier turn's were judged by their own verdicts.
+        + "        {%- if loop.index0 > ns.last_query_index or ns.multi_step_tool %}\n"
         + "        {%- generation %}\n"
-        + start
-        + body
-        + "        {{- '<|im_end|>' }}\n"
+        + reply
         + "        {%- endgeneration %}\n"
+        + "        {%- else %}\n"
+        + reply
+        + "        {%- endif %}\n"
         + "        {{- '\\n' }}\n"
         + '    {%- elif message.role == "tool" %}'
         + tail
