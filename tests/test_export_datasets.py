@@ -230,6 +230,9 @@ def test_cli_export_jsonl_and_hf(verified: str, tmp_path: Path) -> None:
     from datasets import load_from_disk
 
     assert load_from_disk(str(folder)).num_rows == 3
+    # A file name is a mistake `export hf` says so, not a folder called d.csv.
+    result = runner.invoke(app, ["export", "hf", str(tmp_path / "d.csv"), "--store", verified])
+    assert result.exit_code == 1 and "names a file" in result.output and not (tmp_path / "d.csv").exists()
 
     result = runner.invoke(app, ["export", "jsonl", str(out), "--store", verified, "--verdict", "great"])
     assert result.exit_code != 0

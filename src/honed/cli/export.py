@@ -184,6 +184,10 @@ def _write_jsonl(
     return write_jsonl(trajectories, target, reasoning=reasoning, on_trajectory=advance)
 
 
+# What a user typing `export hf out.csv` means as a file; `export hf` would make it a folder.
+_FILE_SUFFIXES = frozenset({".csv", ".tsv", ".json", ".jsonl", ".txt", ".arrow", ".pq", ".gz", ".zip", ".xlsx"})
+
+
 def _write_hf(
     trajectories: Iterator[Any], output: str, reasoning: bool, advance: Callable[[Any], None]
 ) -> Any:
@@ -193,6 +197,10 @@ def _write_hf(
     from honed.exporters.datasets import ExportResult, to_hf_dataset, write_parquet
 
     datasets.disable_progress_bars()  # ours is on screen
+    if not output.endswith(".parquet") and (Path(output).is_file() or Path(output).suffix in _FILE_SUFFIXES):
+        raise ValueError(
+            f"{output} names a file: `export hf` writes a .parquet file or a folder (`export jsonl` writes JSONL)"
+        )
     if output.endswith(".parquet"):
         return write_parquet(trajectories, output, reasoning=reasoning, on_trajectory=advance)
     result = ExportResult(path=output)

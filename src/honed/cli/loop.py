@@ -300,7 +300,11 @@ def loop_status(store: Any, name: str | None = None) -> dict[str, Any]:
     from honed.learn.watch import divergences
     from honed.store.select import count_selected
 
-    models = [name] if name else store.model_names()
+    models = store.model_names()
+    if name is not None:
+        if name not in models and not store.training_runs(name, limit=1):
+            raise LookupError(f"{name} has no versions or runs in this store (models: {', '.join(models) or 'none'})")
+        models = [name]
     status: dict[str, Any] = {
         "trajectories": store.count(),
         # paused at an interrupt, waiting for a human: never verified until resumed
