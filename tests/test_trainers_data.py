@@ -464,6 +464,20 @@ def test_kto_rows_are_prompt_completion_label(store: TrajectoryStore) -> None:
     assert Counter(unverified.dataset["label"]) == {True: 3}
 
 
+def test_a_later_turns_earlier_turns_are_prompt_never_completion(store: TrajectoryStore) -> None:
+    earlier = [{"role": "user", "content": "What is 1 plus 1?"}, {"role": "assistant", "content": "It is 11."}]
+    add(store, make_trajectory("t1", history=earlier), True)
+    add(store, make_trajectory("t1", history=earlier, answer="The sum is 6."), False)
+    for method, completion in (("kto", "completion"), ("dpo", "chosen"), ("dpo", "rejected")):
+        row = prepare(store, method).dataset[0]
+        # The verdict judged this turn: the earlier answer is input, not something to push up or down.
+        assert [m["role"] for m in row["prompt"]] == ["system", "user", "assistant", "user"], method
+        assert row["prompt"][-1]["content"] == question("t1")
+        assert [m["role"] for m in row[completion]] == ["assistant", "tool", "assistant"], method
+    prompt = prepare(store, "grpo").dataset["prompt"][0]
+    assert [m["content"] for m in prompt][1:] == ["What is 1 plus 1?", "It is 11.", question("t1")]
+
+
 def test_dpo_pairs_a_pass_with_a_failure_of_the_same_task_input(store: TrajectoryStore) -> None:
     add(store, make_trajectory("t1"), True)
     add(store, make_trajectory("t1", answer="The sum is 6."), False)

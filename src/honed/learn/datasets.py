@@ -421,9 +421,16 @@ class _Example:
         return _dumps({"messages": messages, "tools": self.tools})
 
     def split_prompt(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """(system and first user message, everything after): the task input and the attempt."""
-        cut = next((i + 1 for i, m in enumerate(self.messages) if m["role"] == "user"), 0)
-        return self.messages[:cut], self.messages[cut:]
+        """(the conversation up to its last user message, everything after): the task input and
+        the attempt. In a later turn of a conversation the earlier turns are input: they were
+        judged by their own runs' verdicts, not this one's."""
+        return split_at_last_user(self.messages)
+
+
+def split_at_last_user(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(messages up to and including the last user message, the rest): a run's input and its attempt."""
+    cut = max((i + 1 for i, m in enumerate(messages) if m["role"] == "user"), default=0)
+    return messages[:cut], messages[cut:]
 
 
 class _Build:

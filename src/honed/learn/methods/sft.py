@@ -108,9 +108,11 @@ class DistillMethod(SFTMethod):
 
 
 def teacher_prompts(data: TrainingData) -> Any:
-    """The distinct task inputs (system and first user message) of conversational rows: what the
-    on-policy student answers while the teacher scores it."""
+    """The distinct task inputs (the conversation up to its last user message) of conversational
+    rows: what the on-policy student answers while the teacher scores it."""
     from datasets import Dataset
+
+    from honed.learn.datasets import split_at_last_user
 
     if "messages" not in data.dataset.column_names:
         raise ValueError(
@@ -119,8 +121,7 @@ def teacher_prompts(data: TrainingData) -> Any:
         )
     seen: dict[str, list[dict[str, Any]]] = {}
     for messages in data.dataset["messages"]:
-        cut = next((i + 1 for i, m in enumerate(messages) if m["role"] == "user"), 0)
-        prompt = [{"role": m["role"], "content": m["content"] or ""} for m in messages[:cut]]
+        prompt = [{"role": m["role"], "content": m["content"] or ""} for m in split_at_last_user(messages)[0]]
         if prompt:
             seen.setdefault(json.dumps(prompt, sort_keys=True), prompt)
     return Dataset.from_list([{"prompt": p} for p in seen.values()])
