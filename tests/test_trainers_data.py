@@ -465,7 +465,10 @@ def test_kto_rows_are_prompt_completion_label(store: TrajectoryStore) -> None:
 
 
 def test_a_later_turns_earlier_turns_are_prompt_never_completion(store: TrajectoryStore) -> None:
-    earlier = [{"role": "user", "content": "What is 1 plus 1?"}, {"role": "assistant", "content": "It is 11."}]
+    earlier = [
+        {"role": "user", "content": "What is 1 plus 1?"},
+        {"role": "assistant", "content": "It is 11."},
+    ]
     add(store, make_trajectory("t1", history=earlier), True)
     add(store, make_trajectory("t1", history=earlier, answer="The sum is 6."), False)
     for method, completion in (("kto", "completion"), ("dpo", "chosen"), ("dpo", "rejected")):

@@ -185,7 +185,9 @@ def _write_jsonl(
 
 
 # What a user typing `export hf out.csv` means as a file; `export hf` would make it a folder.
-_FILE_SUFFIXES = frozenset({".csv", ".tsv", ".json", ".jsonl", ".txt", ".arrow", ".pq", ".gz", ".zip", ".xlsx"})
+_FILE_SUFFIXES = frozenset(
+    {".csv", ".tsv", ".json", ".jsonl", ".txt", ".arrow", ".pq", ".gz", ".zip", ".xlsx"}
+)
 
 
 def _write_hf(

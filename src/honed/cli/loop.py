@@ -303,7 +303,9 @@ def loop_status(store: Any, name: str | None = None) -> dict[str, Any]:
     models = store.model_names()
     if name is not None:
         if name not in models and not store.training_runs(name, limit=1):
-            raise LookupError(f"{name} has no versions or runs in this store (models: {', '.join(models) or 'none'})")
+            raise LookupError(
+                f"{name} has no versions or runs in this store (models: {', '.join(models) or 'none'})"
+            )
         models = [name]
     status: dict[str, Any] = {
         "trajectories": store.count(),
