@@ -14,7 +14,7 @@ import honed
 from honed import Step, Trajectory, Verdict
 from honed.learn.datasets import build_dataset, curriculum_weights, prepare, task_pass_rates
 from honed.store import TrajectoryNotFound, TrajectoryStore
-from honed.store.select import HeldOutLeak, is_heldout, task_hash
+from honed.store.select import HeldOutLeak, is_heldout, request_key, task_hash
 from honed.trajectory import label
 
 SYSTEM = "You are a calculator. Use the tools."
@@ -281,6 +281,31 @@ def test_a_heldout_request_never_trains_under_another_task_id_or_none(any_store:
     leaky = {"messages": [{"role": "user", "content": held}, {"role": "assistant", "content": "10"}]}
     data = prepare(store, "sft", external=[leaky, chat_demo(1)], external_ratio=1.0)
     assert len(data) == 1 and data.counts["external"] == 1 and data.counts["heldout_excluded"] >= 1
+
+
+def test_a_heldout_request_in_disguise_or_an_earlier_turn_never_trains(any_store: TrajectoryStore) -> None:
+    """What an attacker tried (session 14): the held-out question with a zero-width space, in
+    full-width letters, with a trailing full stop, as an earlier turn of a thread (the trained
+    conversation holds it and its answer), or a held-out split spelled "HELDOUT\\r\\n"."""
+    from honed.store.select import select_trajectories
+
+    store = any_store
+    held = "What is 7 plus 3"
+    add(store, make_trajectory("held-1", split="heldout", user=held), True)
+    add(store, make_trajectory("zwsp", user="What is 7\u200b plus 3"), True)
+    add(store, make_trajectory("nfkc", user="Ｗｈａｔ ｉｓ ７ ｐｌｕｓ ３"), True)
+    add(store, make_trajectory("punct", user="What is 7 plus 3?!"), True)
+    turn1 = [{"role": "user", "content": held}, {"role": "assistant", "content": "10"}]
+    add(store, make_trajectory("turn2", user="thanks", history=turn1), True)
+    add(store, make_trajectory("held-2", split="HELDOUT\r\n", user="What is 8 plus 3?"), True)
+    add(store, make_trajectory("held-3", split="held.out"), True)
+    kept = add(store, make_trajectory("train-1"), True)
+    for method in ("sft", "kto", "grpo"):
+        data = prepare(store, method, verified=method != "grpo")
+        assert set(data.trajectory_ids) == {kept.id}, method
+    assert [t.id for t in select_trajectories(store, verdict="pass")] == [kept.id]  # export too
+    # Internal punctuation still tells questions apart: "2+3" is not "2-3".
+    assert request_key("What is 2+3?") == "what is 2+3" != request_key("What is 2-3?")
 
 
 def test_a_new_unaudited_version_a_pass_that_erred_and_a_paused_run_never_train(

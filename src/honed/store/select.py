@@ -15,6 +15,7 @@ thing to each of them.
 from __future__ import annotations
 
 import hashlib
+import unicodedata
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -69,23 +70,57 @@ class HeldOut:
 
 
 def request_key(text: str | None) -> str | None:
-    """A user request as the held-out check compares it: case and runs of white space ignored."""
-    key = " ".join(text.casefold().split()) if isinstance(text, str) else ""
-    return key or None
+    """A user request as the held-out check compares it: compatibility forms folded (NFKC: a
+    full-width "ａｎｓｗｅｒ" is "answer"), invisible format characters (zero-width spaces, joiners)
+    dropped, case, runs of white space and punctuation at either end ignored."""
+    if not isinstance(text, str):
+        return None
+    folded = unicodedata.normalize("NFKC", text).translate(_INVISIBLE).casefold()
+    key = " ".join("".join(c for c in folded if unicodedata.category(c) != "Cf").split())
+    start, end = 0, len(key)
+    while start < end and _edge(key[start]):
+        start += 1
+    while end > start and _edge(key[end - 1]):
+        end -= 1
+    return key[start:end] or None
+
+
+def _edge(c: str) -> bool:
+    """Punctuation or space at either end of a request: "What is 2+3?" asks "what is 2+3"."""
+    return c.isspace() or unicodedata.category(c).startswith("P")
 
 
 def requests_of(item: Any) -> set[str]:
-    """The `request_key`s a training item could teach: a trajectory's request, or every user
-    message of an external example's `messages` (a held-out question anywhere in it leaks)."""
+    """The `request_key`s a training item could teach: every user message of a trajectory's
+    request and of the conversations its model calls read (an earlier turn of a thread is
+    trained as context too), or of an external example's `messages` (a held-out question
+    anywhere in it leaks)."""
     from honed.messages import request_text
 
     if isinstance(item, Trajectory):
-        texts = [request_text(item.task)]
+        texts = [request_text(item.task), *_user_texts(item.task)]
+        for step in item.steps:
+            if step.kind == "model":
+                texts += _user_texts(step.input)
     elif isinstance(item, Mapping) and isinstance(item.get("messages"), list):
-        texts = [request_text({"messages": [m]}) for m in item["messages"]]
+        texts = _user_texts(item)
     else:
         return set()
     return {k for k in map(request_key, texts) if k is not None}
+
+
+def _user_texts(value: Any) -> list[str | None]:
+    """The text of each user message of an input with `messages` (any shape `request_text` reads)."""
+    from honed.messages import request_text
+
+    messages = value.get("messages") if isinstance(value, Mapping) else None
+    if not isinstance(messages, list):
+        return []
+    return [request_text({"messages": [m]}) for m in messages]
+
+
+# Soft hyphen and the other characters NFKC keeps that render as nothing (category Cf goes too).
+_INVISIBLE = dict.fromkeys(map(ord, "\u00ad\u034f\u115f\u1160\u3164\uffa0"), None)
 
 
 def is_heldout(
@@ -99,13 +134,14 @@ def is_heldout(
 
 
 def same_split(a: str, b: str) -> bool:
-    """Splits compared as people write them: "HeldOut", "held-out" and "held_out" are "heldout"
-    (a typo must not send held-out runs to training)."""
+    """Splits compared as people write them: "HeldOut", "held-out", "held_out", "held.out" and
+    "heldout\\n" (read from a file) are "heldout": only letters and digits count, after NFKC (a
+    typo must not send held-out runs to training)."""
     return a == b or _split_key(a) == _split_key(b)
 
 
 def _split_key(split: str) -> str:
-    return split.lower().replace("-", "").replace("_", "").replace(" ", "")
+    return "".join(c for c in unicodedata.normalize("NFKC", split).casefold() if c.isalnum())
 
 
 def task_hash(task_id: str) -> float:
@@ -116,22 +152,24 @@ def task_hash(task_id: str) -> float:
 
 def _heldout_tasks_and_requests(store: TrajectoryStore, heldout_split: str) -> tuple[set[str], set[str]]:
     """The task ids and `request_key`s of every trajectory in `heldout_split`, in one read."""
-    from sqlalchemy import func, select
+    from sqlalchemy import select
 
     from honed.messages import request_text
     from honed.store.schema import TrajectoryRow
 
-    written = func.replace(
-        func.replace(func.replace(func.lower(TrajectoryRow.split), "-", ""), "_", ""), " ", ""
-    )
-    query = (
-        select(TrajectoryRow.task_id, TrajectoryRow.task)
-        .where(written == _split_key(heldout_split))
-        .distinct()
-    )
     task_ids: set[str] = set()
     requests: set[str] = set()
     with store.engine.connect() as conn:
+        # The spellings in the store that mean the held-out split, decided here, not in SQL.
+        splits = conn.execute(select(TrajectoryRow.split).where(TrajectoryRow.split.is_not(None)).distinct())
+        written = [split for (split,) in splits if same_split(split, heldout_split)]
+        if not written:
+            return task_ids, requests
+        query = (
+            select(TrajectoryRow.task_id, TrajectoryRow.task)
+            .where(TrajectoryRow.split.in_(written))
+            .distinct()
+        )
         for task_id, task in conn.execute(query):
             if task_id is not None:
                 task_ids.add(str(task_id))
