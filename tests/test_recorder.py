@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import subprocess
 import sys
 import textwrap
@@ -113,6 +115,31 @@ def test_postgres_outage_spools_and_replays(pg_url: str, tmp_path: Path, writer:
     assert [t.task_id for t in store.trajectories(limit=None, oldest_first=True)] == [
         f"t{i}" for i in range(5)
     ]
+
+
+def test_a_store_password_lands_nowhere_at_rest_or_in_logs(
+    tmp_path: Path, writer: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """libpq takes a password in the URL's query too (`?password=`, `?sslpassword=`): the spool's
+    label file, the outage warning and `honed.stats()` showed it (only `user:pw@` was hidden)."""
+    secrets = ("UserPw1x", "QueryPw2x", "SslPw3x")
+    url = "postgresql+psycopg://app:UserPw1x@127.0.0.1:1/db?password=QueryPw2x&sslpassword=SslPw3x&sslmode=disable"
+    recorder = Recorder(url, spool_path=tmp_path / "spool")
+    agent = create_agent(ToolScriptModel(), make_tools(), middleware=[honed.Middleware(recorder=recorder)])
+    with caplog.at_level(logging.WARNING):
+        assert invoke(agent, 1) == "the sum is 2"
+        recorder.flush()
+    stats = recorder.stats()
+    assert stats["spool_pending"] == 1 and "sslmode=disable" in stats["store"]
+    written = "".join(p.read_text(errors="replace") for p in tmp_path.rglob("*") if p.is_file())
+    for shown in (
+        written,
+        caplog.text,
+        json.dumps(stats, default=str),
+        json.dumps(honed.stats(), default=str),
+    ):
+        assert not any(secret in shown for secret in secrets), shown[:2000]
+    recorder.close()
 
 
 def test_an_unusable_store_url_never_breaks_the_agent(tmp_path: Path, writer: str) -> None:

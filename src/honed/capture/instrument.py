@@ -97,7 +97,8 @@ def stats() -> dict[str, Any]:
     """Capture counters summed over the process's recorders, plus each store's own."""
     from honed.capture.recorder import live_recorders
 
-    per_store = {r.store_url: r.stats() for r in live_recorders()}
+    # Keyed by the store's URL as logs show it: never a password in a key.
+    per_store = {counts["store"]: counts for counts in (r.stats() for r in live_recorders())}
     total: dict[str, Any] = {}
     for counts in per_store.values():
         for key, value in counts.items():

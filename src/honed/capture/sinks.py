@@ -112,10 +112,10 @@ class StoreSink:
             self._store.close()
 
     def safe_url(self) -> str:
-        from sqlalchemy.engine import make_url
+        from honed.store.store import safe_url
 
         try:
-            return make_url(self.store_url).render_as_string(hide_password=True)
+            return safe_url(self.store_url)
         except Exception:
             return f"<unparseable store URL of {len(self.store_url)} characters>"
 

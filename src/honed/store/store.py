@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import operator
 import os
+import re
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -32,7 +33,7 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DataError, SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
 from sqlalchemy.pool import StaticPool
@@ -213,7 +214,7 @@ class TrajectoryStore:
 
     @property
     def safe_url(self) -> str:
-        return make_url(self.url).render_as_string(hide_password=True)
+        return safe_url(self.url)
 
     @property
     def dialect(self) -> str:
@@ -476,9 +477,20 @@ def _not_found(shown: str) -> str:
 
 def _shown(url: str) -> str:
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        return safe_url(url)
     except Exception:
         return repr(url)
+
+
+def safe_url(url: str | URL) -> str:
+    """A store URL fit for logs, files and pages: the user's password and every query parameter
+    that names a secret (libpq's `password`, `sslpassword`, a `token`) shown as `***`."""
+    parsed = make_url(url)
+    hidden = {k: "***" for k in parsed.query if _SECRET_PARAM.search(k)}
+    return parsed.update_query_dict(hidden).render_as_string(hide_password=True)
+
+
+_SECRET_PARAM = re.compile(r"pass|pwd|secret|token|api.?key|credential|auth", re.I)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -505,7 +517,7 @@ def _migrate(engine: Engine, *, create: bool = True, shown: str = "") -> None:
         if revision == SCHEMA_HEAD:
             return
         if revision is None and not create:
-            raise StoreNotFound(_not_found(shown or engine.url.render_as_string(hide_password=True)))
+            raise StoreNotFound(_not_found(shown or safe_url(engine.url)))
         from alembic import command
         from alembic.runtime.migration import MigrationContext
 
