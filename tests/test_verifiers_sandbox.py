@@ -129,6 +129,21 @@ def test_probe_sysv_ipc_a_job_leaves_is_gone(box: Sandbox) -> None:
     assert run(box, look).output.strip().splitlines()[-1] == "[0, 0, 0]"
 
 
+def test_probe_a_job_can_leave_no_message_queue_or_key_for_the_next(box: Sandbox) -> None:
+    """A POSIX message queue (the IPC namespace's mqueue, never unlinked) and a kernel key
+    (charged to the sandbox's uid, on the host when the worker runs as root) outlived the job
+    that made them: the next job, another run's code, read back what the first one left."""
+    probe = (
+        "import ctypes, json, platform\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+        "q = libc.mq_open(b'/honed_leak', 0o100 | 0o2, 0o600, None)\n"
+        "add_key = {'x86_64': 248, 'aarch64': 217}[platform.machine()]\n"
+        "k = libc.syscall(add_key, b'user', b'honed_leak', b'SECRET', 6, -4)  # the user keyring\n"
+        "print(json.dumps({'mq': q, 'key': k}))\n"
+    )
+    seen = last_json(run(box, probe))
+    assert seen == {"mq": -1, "key": -1}, seen
+
+
 def test_probe_network_is_loopback_only(box: Sandbox) -> None:
     host_ip = socket.gethostbyname(socket.gethostname())
     probe = f"""

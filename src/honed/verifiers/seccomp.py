@@ -1,4 +1,4 @@
-"""A tiny seccomp filter for the sandbox: no new namespaces.
+"""A tiny seccomp filter for the sandbox: no new namespaces, nothing kept in the kernel between jobs.
 
 Why: inside a user namespace of its own, unprivileged code is "root" enough to mount a tmpfs with no
 size limit and fill memory, or to escape RLIMIT-based accounting. bubblewrap loads this program
@@ -8,7 +8,8 @@ rlimits, namespaces and read-only mounts do the rest.
 The program is classic BPF over `struct seccomp_data` (nr at offset 0, arch at 4, args at 16):
 `unshare` and `setns` fail with EPERM, `clone` with CLONE_NEWUSER fails with EPERM, `clone3`
 fails with ENOSYS (its flags live in memory BPF cannot read; libc then falls back to `clone`),
-and foreign-ABI calls (i386 or x32 on x86-64) fail with ENOSYS.
+POSIX message queues and kernel keyrings fail with EPERM (they outlive a job), and foreign-ABI
+calls (i386 or x32 on x86-64) fail with ENOSYS.
 """
 
 from __future__ import annotations
@@ -29,9 +30,23 @@ _X32_BIT = 0x40000000
 
 # machine -> (AUDIT_ARCH, {syscall: nr}, checks x32)
 _ARCHES: dict[str, tuple[int, dict[str, int], bool]] = {
-    "x86_64": (0xC000003E, {"unshare": 272, "setns": 308, "clone": 56, "clone3": 435}, True),
-    "aarch64": (0xC00000B7, {"unshare": 97, "setns": 268, "clone": 220, "clone3": 435}, False),
-}
+    "x86_64": (
+        0xC000003E,
+        {"unshare": 272, "setns": 308, "clone": 56, "clone3": 435,
+         "mq_open": 240, "mq_unlink": 241, "add_key": 248, "request_key": 249, "keyctl": 250},
+        True,
+    ),
+    "aarch64": (
+        0xC00000B7,
+        {"unshare": 97, "setns": 268, "clone": 220, "clone3": 435,
+         "mq_open": 180, "mq_unlink": 181, "add_key": 217, "request_key": 218, "keyctl": 219},
+        False,
+    ),
+}  # fmt: skip
+# Kernel objects that outlive a job and are not files the sandbox removes: a POSIX message queue
+# (in the sandbox's IPC namespace, never unlinked) and the kernel keyrings (charged to the sandbox's
+# uid, on the host when the worker runs as root): one job could hand data to the next.
+_NO_LEFTOVERS = ("mq_open", "mq_unlink", "add_key", "request_key", "keyctl")
 
 
 def no_new_namespaces_filter(machine: str | None = None) -> bytes | None:
@@ -49,6 +64,7 @@ def no_new_namespaces_filter(machine: str | None = None) -> bytes | None:
     ]
     if x32:
         program.append((_JGE, "enosys", None, _X32_BIT))
+    program += [(_JEQ, "eperm", None, nr[name]) for name in _NO_LEFTOVERS]
     program += [
         (_JEQ, "eperm", None, nr["unshare"]),
         (_JEQ, "eperm", None, nr["setns"]),
