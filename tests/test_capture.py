@@ -46,6 +46,34 @@ def instrumented(sqlite_url: str):
 # -- the middleware ------------------------------------------------------------------------------
 
 
+class _CachingModel(ToolScriptModel):
+    """Reports cache reads and reasoning tokens, as OpenAI's and Anthropic's integrations do."""
+
+    def _generate(self, messages: Any, stop: Any = None, run_manager: Any = None, **kwargs: Any) -> Any:
+        result = super()._generate(messages, stop, run_manager, **kwargs)
+        usage = result.generations[0].message.usage_metadata
+        usage["input_token_details"] = {"cache_read": 900, "cache_creation": 50}
+        usage["output_token_details"] = {"reasoning": 450}
+        return result
+
+
+@pytest.mark.parametrize("entry", ["middleware", "instrument"])
+def test_token_usage_keeps_cache_and_reasoning_details(sqlite_url: str, entry: str) -> None:
+    middleware = [honed.Middleware(store=sqlite_url)] if entry == "middleware" else []
+    agent = create_agent(_CachingModel(), make_tools(), middleware=middleware)
+    if entry == "instrument":
+        honed.instrument(store=sqlite_url)
+    try:
+        agent.invoke({"messages": [("user", add_task(2, 3))]}, config=run_config("t-usage"))
+    finally:
+        honed.uninstrument()
+    assert honed.flush()
+    first = next(s for s in only(honed.open_store(sqlite_url)).steps if s.kind == "model")
+    assert first.usage is not None and first.usage["input_tokens"] >= 1
+    assert first.usage["input_token_details"] == {"cache_read": 900, "cache_creation": 50}
+    assert first.usage["output_token_details"] == {"reasoning": 450}
+
+
 def test_middleware_captures_model_and_tool_steps_with_metadata(sqlite_url: str) -> None:
     model = ToolScriptModel(reasoning="I should add the numbers first.")
     agent = create_agent(

@@ -30,7 +30,7 @@ from pydantic import BaseModel
 from typer.testing import CliRunner
 
 import honed
-from fakes import ToolScriptModel, add, make_tools
+from fakes import ToolScriptModel, add, make_tools, mul
 from honed import Trajectory
 from honed.cli import app
 from honed.exporters import select_trajectories, write_jsonl
@@ -87,6 +87,48 @@ def names(t: Trajectory) -> list[str]:
 
 
 # -- human in the loop ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "decision",
+    [
+        {"type": "edit", "edited_action": {"name": "add", "args": {"a": 2, "b": 40}}},
+        {"type": "edit", "edited_action": {"name": "mul", "args": {"a": 2, "b": 40}}},
+        {"type": "reject", "message": "no adding"},
+    ],
+    ids=["edit", "redirect", "reject"],
+)
+def test_a_reviewers_decision_is_stored_as_what_ran_in_the_order_it_ran(
+    capture: str, decision: dict[str, Any], sqlite_url: str
+) -> None:
+    """Listed before the reviewer (the README's order), the middleware saw the model's call; a
+    reviewer's edit ran another (stored: what the model asked), and a rejected call (answered in
+    a hook, never run) was stored after the final answer."""
+    middleware = [
+        *capture_middleware(capture, sqlite_url),
+        HumanInTheLoopMiddleware(interrupt_on={"add": True}),
+    ]
+    agent = create_agent(
+        ToolScriptModel(), [add, mul], name="calc", middleware=middleware, checkpointer=InMemorySaver()
+    )
+    config = thread("th-edit", task_id="t-add")
+    agent.invoke({"messages": [("user", ADD_TASK)]}, config)
+    done = agent.invoke(Command(resume={"decisions": [decision]}), config)
+    assert honed.flush()
+    (t,) = honed.open_store(sqlite_url).trajectories()
+    (tool_step,) = t.tool_steps()
+    answer = next(s for s in reversed(t.steps) if s.kind == "model")
+    assert tool_step.index < answer.index  # the call was answered before the model's last turn
+    if decision["type"] == "reject":
+        assert "no adding" in tool_step.error and tool_step.input == {"a": 2, "b": 3}
+        return
+    edited = decision["edited_action"]
+    result = "42" if edited["name"] == "add" else "80"
+    assert next(m for m in done["messages"] if isinstance(m, ToolMessage)).content.endswith(result)
+    assert (tool_step.name, tool_step.input) == (edited["name"], edited["args"])
+    assert str(tool_step.output).endswith(result) and tool_step.error is None
+    if capture == "middleware":  # what the model asked for stays on the step
+        assert tool_step.extra["asked"] == {"name": "add", "args": {"a": 2, "b": 3}}
 
 
 @pytest.mark.parametrize("saver", ["memory", "sqlite"])

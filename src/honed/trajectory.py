@@ -31,7 +31,9 @@ class Step:
 
     `input`/`output` are JSON-able (already serialised, redacted and size-capped by the recorder).
     A model step's `output` is the assistant message; `tool_calls` are `{"name", "args", "id"}`;
-    `usage` is `{"input_tokens", "output_tokens", "total_tokens"}`. `extra` carries what only some
+    `usage` is `{"input_tokens", "output_tokens", "total_tokens"}` and, where the provider reports
+    them, `input_token_details` (`cache_read`, `cache_creation`) and `output_token_details`
+    (`reasoning`). `extra` carries what only some
     steps have: finish reason, the tool call id a tool step answered, token ids and logprobs.
     """
 
@@ -45,7 +47,7 @@ class Step:
     error: str | None = None
     reasoning: str | None = None
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
-    usage: dict[str, int] | None = None
+    usage: dict[str, Any] | None = None
     model_version: str | None = None
     started_at: datetime | None = None
     ended_at: datetime | None = None

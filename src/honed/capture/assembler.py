@@ -18,7 +18,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from typing import Annotated, Any, NotRequired, Required
 
-from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMessage
 from langchain_core.outputs import LLMResult
 from langgraph.errors import GraphBubbleUp, GraphInterrupt
 from langgraph.types import Command
@@ -36,6 +36,7 @@ from honed.capture.events import (
     RESUME,
     START,
     TOOL,
+    RanAs,
 )
 from honed.capture.serialize import to_jsonable
 from honed.messages import ROLES, stored_message, text_of, tool_schema
@@ -237,6 +238,8 @@ class Assembler:
             if run_kind == CHAIN and (same_as_parent or not (in_tool or _is_node(name, metadata, tags))):
                 run.step_id = None  # transparent plumbing: children attach to our parent step
                 return
+        if run_kind == MODEL:  # calls answered without running, before this one: steps first
+            self._synthesise_unseen_tool_errors(trajectory, inputs, run.parent_step, when)
         run.step_id = str(run_id)
         run.inputs = inputs
         run.extra = extra or {}
@@ -406,8 +409,10 @@ class Assembler:
             if bubbled:
                 step["extra"]["bubbled"] = bubbled
             trajectory.steps.append(step)
-        if run.kind == CHAIN and outputs is not None:
-            self._synthesise_unseen_tool_errors(trajectory, run, outputs, when)
+        if run.kind == CHAIN and isinstance(outputs, dict):
+            self._synthesise_unseen_tool_errors(
+                trajectory, outputs.get("messages"), run.step_id or run.parent_step, when
+            )
         if run_id == trajectory.root_key:
             self._finish(trajectory, run_id, when, outputs, error)
 
@@ -534,9 +539,7 @@ class Assembler:
                     output.get("reasoning") if isinstance(output.get("reasoning"), str) else None
                 )
             if message.usage_metadata:
-                step["usage"] = {
-                    k: int(v) for k, v in message.usage_metadata.items() if isinstance(v, int | float)
-                }
+                step["usage"] = _usage(message.usage_metadata)
             meta = message.response_metadata or {}
             step["model_version"] = _opt_str(
                 meta.get("model_version") or meta.get("model_name") or meta.get("model") or extra.get("model")
@@ -561,6 +564,11 @@ class Assembler:
 
     def _tool_step(self, step: dict[str, Any], run: _Run, outputs: Any) -> None:
         extra = run.extra
+        if isinstance(outputs, RanAs):  # what ran, not what the model asked (a reviewer's edit)
+            step["extra"]["asked"] = self._field(
+                {"name": outputs.asked_name, "args": _plain(outputs.asked_args)}
+            )
+            step["name"], run.inputs, outputs = outputs.name or step["name"], outputs.args, outputs.result
         step["input"] = self._field(_plain(run.inputs))
         tool_call_id = extra.get("tool_call_id")
         if isinstance(outputs, Command) and isinstance(outputs.update, dict):
@@ -592,13 +600,18 @@ class Assembler:
             step["extra"]["tool_call_id"] = str(tool_call_id)
             run.trajectory.tool_call_ids.add(str(tool_call_id))
 
-    def _synthesise_unseen_tool_errors(self, trajectory: _Open, run: _Run, outputs: Any, when: float) -> None:
-        """A call to a tool that does not exist never reaches a tool callback: the only trace is
-        the error ToolMessage the tools node returns. Record it as a failed tool step."""
-        messages = outputs.get("messages") if isinstance(outputs, dict) else None
+    def _synthesise_unseen_tool_errors(
+        self, trajectory: _Open, messages: Any, parent_step: str | None, when: float
+    ) -> None:
+        """A call to a tool that does not exist, or that a middleware answered without running it
+        (a call limit, a reviewer's rejection), never reaches a tool callback: the only trace is
+        the error ToolMessage in the conversation. Record it as a failed tool step, once, when the
+        run's next model call reads it (so the steps keep their order) or when a chain ends with
+        it. Earlier turns' messages (before the last user message) belong to earlier runs."""
         if not isinstance(messages, list):
             return
-        for message in messages:
+        last_user = max((i for i, m in enumerate(messages) if isinstance(m, HumanMessage)), default=-1)
+        for message in messages[last_user + 1 :]:
             if not (isinstance(message, ToolMessage) and message.status == "error"):
                 continue
             if message.tool_call_id in trajectory.tool_call_ids:
@@ -608,9 +621,9 @@ class Assembler:
             asked = _asked_arguments(trajectory.steps, message.tool_call_id)
             trajectory.steps.append(
                 {
-                    "id": f"{run.step_id or trajectory.root_id}:{message.tool_call_id}",
+                    "id": f"{parent_step or trajectory.root_id}:{message.tool_call_id}",
                     "index": trajectory.next_index,
-                    "parent_id": run.step_id or run.parent_step,
+                    "parent_id": parent_step,
                     "kind": "tool",
                     "name": message.name or "unknown_tool",
                     "input": asked,
@@ -899,3 +912,19 @@ def _describe_error(error: Any) -> str:
 
 def _opt_str(value: Any) -> str | None:
     return None if value is None or value == "" else str(value)
+
+
+def _usage(metadata: Any) -> dict[str, Any]:
+    """LangChain's `usage_metadata`: the token counts and their details (`input_token_details`:
+    cache reads and writes, `output_token_details`: reasoning tokens), what cost is read from."""
+    usage: dict[str, Any] = {}
+    for key, value in metadata.items():
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            usage[key] = int(value)
+        elif isinstance(value, dict):
+            details = {
+                k: int(v) for k, v in value.items() if isinstance(v, int | float) and not isinstance(v, bool)
+            }
+            if details:
+                usage[key] = details
+    return usage

@@ -1,6 +1,8 @@
 """The capture events' vocabulary: what the recorder's queue carries from the agent's thread to the
 writer. Its own module so that the recorder loads without LangChain (the assembler needs it)."""
 
+from typing import Any, NamedTuple
+
 # Event kinds (first element of every event tuple).
 START, END, ERROR, FLUSH = 0, 1, 2, 3
 # An error escaped a step; it ends the trajectory unless more of the run follows (a middleware
@@ -19,3 +21,15 @@ NO_VALUE = object()
 
 # START payload: (run_kind, name, inputs, metadata, tags, extra); run_kind is one of these.
 CHAIN, MODEL, LLM, TOOL = "chain", "model", "llm", "tool"
+
+
+class RanAs(NamedTuple):
+    """A tool step's END payload when the call ran as another than the one its START recorded
+    (a middleware further in changed it: a reviewer's edit). The step records the call that ran;
+    `extra["asked"]` keeps the model's."""
+
+    result: Any
+    name: str | None
+    args: Any
+    asked_name: str | None
+    asked_args: Any

@@ -22,7 +22,9 @@ from typing import Annotated, Any, NotRequired
 
 from langchain.agents.middleware import AgentMiddleware, AgentState, ModelRequest, ToolCallRequest
 from langchain.agents.middleware.types import PrivateStateAttr
+from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
+from langchain_core.tracers.context import register_configure_hook
 from langchain_core.utils.uuid import uuid7
 from langgraph.errors import GraphBubbleUp
 from langgraph.types import Command
@@ -40,6 +42,7 @@ from honed.capture.events import (
     RESUME,
     START,
     TOOL,
+    RanAs,
 )
 from honed.capture.recorder import Recorder
 from honed.capture.roots import RootRun, current_root, watch_roots
@@ -49,6 +52,28 @@ log = logging.getLogger("honed")
 
 # The tool step a subagent is running inside, so its steps nest in the caller's trajectory.
 _enclosing_tool_step: ContextVar[str | None] = ContextVar("honed_enclosing_tool_step", default=None)
+
+
+class _ToolRan(BaseCallbackHandler):
+    """What a tool call ran as. A middleware further in may change the call this one saw (a
+    reviewer's `edit` decision of `HumanInTheLoopMiddleware`), so the tool's own start, with the
+    id of the call, says what ran: name and arguments (LangChain leaves injected ones out)."""
+
+    run_inline = True  # called on the tool's thread, in order, also from async tools
+
+    def __init__(self, call_id: Any) -> None:
+        self.call_id = call_id
+        self.name: str | None = None
+        self.args: Any = None
+
+    def on_tool_start(self, serialized: Any, input_str: str, *, inputs: Any = None, **kwargs: Any) -> None:
+        if self.name is None and self.call_id is not None and kwargs.get("tool_call_id") == self.call_id:
+            self.name = (serialized or {}).get("name")
+            self.args = inputs
+
+
+_tool_ran: ContextVar[_ToolRan | None] = ContextVar("honed_tool_ran", default=None)
+register_configure_hook(_tool_ran, inheritable=True)  # the tool's callback manager adds it
 
 
 class _Live:
@@ -371,30 +396,36 @@ class Middleware(AgentMiddleware):
         step = self._step_start(request, self._emit_tool_start, "tool")
         if step is None:
             return handler(request)
+        ran = _ToolRan(request.tool_call.get("id"))
         token = _enclosing_tool_step.set(step[1])  # the step of any subagent this tool runs
+        ran_token = _tool_ran.set(ran)
         try:
             result = handler(request)
         except BaseException as exc:
             self._failed(*step, exc)
             raise
         finally:
+            _tool_ran.reset(ran_token)
             _enclosing_tool_step.reset(token)
-        self._tool_done(*step, result)
+        self._tool_done(*step, _as_ran(result, ran, request))
         return result
 
     async def awrap_tool_call(self, request: ToolCallRequest, handler: Any) -> Any:
         step = self._step_start(request, self._emit_tool_start, "tool")
         if step is None:
             return await handler(request)
+        ran = _ToolRan(request.tool_call.get("id"))
         token = _enclosing_tool_step.set(step[1])
+        ran_token = _tool_ran.set(ran)
         try:
             result = await handler(request)
         except BaseException as exc:
             self._failed(*step, exc)
             raise
         finally:
+            _tool_ran.reset(ran_token)
             _enclosing_tool_step.reset(token)
-        self._tool_done(*step, result)
+        self._tool_done(*step, _as_ran(result, ran, request))
         return result
 
     def _emit_tool_start(self, trajectory_id: str, request: ToolCallRequest) -> str:
@@ -423,6 +454,8 @@ class Middleware(AgentMiddleware):
     def _tool_done(self, trajectory_id: str, step_id: str, result: Any) -> None:
         now = time.time()
         self.recorder.emit((END, step_id, None, now, result))
+        if isinstance(result, RanAs):
+            result = result.result
         commands = result if isinstance(result, list) else [result]
         goto = [c.goto for c in commands if isinstance(c, Command) and c.graph == Command.PARENT]
         if goto:
@@ -468,6 +501,15 @@ for _hook in (
 ):
     _hook.__signature__ = inspect.signature(_hook)  # type: ignore[attr-defined]
 del _hook
+
+
+def _as_ran(result: Any, ran: _ToolRan, request: ToolCallRequest) -> Any:
+    """The tool's result, with the call as it ran where that differs from the call this
+    middleware saw (`RanAs`: the step records what ran, and what the model asked for)."""
+    call = request.tool_call
+    if ran.name is None or (ran.name == call.get("name") and ran.args == call.get("args")):
+        return result
+    return RanAs(result, ran.name, ran.args, call.get("name"), call.get("args"))
 
 
 def _current_config() -> dict[str, Any]:
