@@ -547,6 +547,29 @@ OTHER_SHAPES = {
     "bearer_letters_only": (rand(19, string.ascii_letters), "use Bearer {} now"),
     "openai_key_url_encoded": ("abcdefghij" + rand(20), "https://x/?api_key%3Dsk%2D{}&q=1"),
     "openai_key_url_encoded_alone": ("abcdefghij" + rand(20), "https://x/?k=sk%2Dproj%2D{}"),
+    # What an attacker found in session 14: a percent-escape before a key, credentials in an
+    # encoded URL, XML elements and attributes, a Kubernetes env entry, vendor tokens by shape.
+    "openai_key_after_an_escaped_space": (
+        "abcdefghij" + rand(30),
+        "GET /search?q=my%20key%20sk-proj-{} HTTP/1.1",
+    ),
+    "anthropic_key_after_an_escaped_quote": (rand(40), "body=%7B%22key%22%3A%22sk-ant-api03-{}%22%7D"),
+    "aws_key_after_an_escaped_colon": ("AKIA" + rand(16, string.ascii_uppercase), "creds=x%3A{}"),
+    "password_in_an_encoded_url": (
+        "Pct" + rand(12),
+        "https://app/cb?next=postgres%3A%2F%2Fadmin%3A{}%40db%2Fprod",
+    ),
+    "xml_password_element": (
+        "Xml" + rand(12),
+        "<server><username>ci</username><password>{}</password></server>",
+    ),
+    "xml_api_key_element": (rand(20), "<config><apiKey>{}</apiKey></config>"),
+    "xml_name_value_attributes": ("Att" + rand(10), '<add key="DbPassword" value="{}"/>'),
+    "kubernetes_env_entry": ("Yaml" + rand(10), "env:\n  - name: DB_PASSWORD\n    value: {}\n"),
+    "twilio_api_key": (rand(32, "0123456789abcdef"), "twilio SK{}"),
+    "telegram_bot_token": ("AA" + rand(33), "bot 1234567890:{}"),
+    "mailchimp_key": (rand(32, "0123456789abcdef") + "-us12", "mc {}"),
+    "discord_bot_token": ("MTA4MzA1NzM2NTQ0NjIwNDQxNg.GhYt8v." + rand(38), "{}"),
 }
 
 
@@ -580,6 +603,10 @@ ORDINARY = [
     '{"type": "object", "required": ["password", "username"]}',
     "{'name': 'LOG_LEVEL', 'value': 'debug'}, [['Content-Type', 'text/plain']]",
     "All tests passed; the author is bob, see [('pass', 'yes'), ('fail', 'no')].",
+    "Done. Next step. MTA is fine; use the SK for Skype.",
+    "<name>bob</name><key>ordinary</key><secretary>Ann</secretary>",
+    "env:\n  - name: LOG_LEVEL\n    value: debug\n",
+    "GET /q?x=a%20b%20c&next=https%3A%2F%2Fexample.com%2Fpath",
 ]
 
 

@@ -529,7 +529,12 @@ _ANCHORS = re.compile(
     r"|_(?:(?<=gh[pousr]_)|(?<=github_pat_)|(?<=k_live_)|(?<=k_test_)|(?<=whsec_)|(?<=hf_)|(?<=npm_)"
     r"|(?=authToken))"
     r"|A(?:KIA|SIA|BIA|CCA|3T|Iza|KC|ccountKey)|PRIVATE KEY|GR1348941|SG\.|J(?<=eyJ)"
-    r"|:(?=//[^\s/?#@]*@)|%(?<=sk%)(?=2[Dd])"
+    r"|:(?:(?=//[^\s/?#@]*@)|(?=AA[0-9A-Za-z_-]{33}))|%(?:(?<=sk%)(?=2[Dd])|(?=3[Aa]%2[Ff]%2[Ff]))"
+    # Vendor tokens detect-secrets knows by shape: Twilio `SK` + 32 hex, Mailchimp `<32 hex>-us<N>`,
+    # Discord bot tokens (`<24-26>.<6>.<27+>`); Telegram's `<id>:AA...` is the `:` branch above.
+    r"|S(?=K[0-9a-fA-F]{32})|-(?=us[0-9])(?<=[0-9a-f]{32}-)"
+    r"|\.(?=[A-Za-z0-9_-]{6}\.[A-Za-z0-9_-]{27})(?:(?<=[MNO][A-Za-z0-9_-]{23}\.)|(?<=[MNO][A-Za-z0-9_-]{24}\.)"
+    r"|(?<=[MNO][A-Za-z0-9_-]{25}\.))"
     # A name/value entry or pair written as text, named by no keyword below: `'DB_PASS', '...'`, `("auth",`.
     # (A branch must not start on a character class: `re` then tries it at every position, ~6x slower.)
     r"|,(?<=['\"],)(?:(?<=[Pp][Aa][Ss][Ss].,)|(?<=[Aa][Uu][Tt][Hh].,)|(?<=[Cc][Rr][Ee][Dd][Ss].,)"
@@ -618,8 +623,20 @@ def _whole(kind: str, *, left_bounded: bool = False) -> Callable[[re.Match[str]]
 
 
 def _continues_word(m: re.Match[str]) -> bool:
-    start = m.start()
-    return start > 0 and (m.string[start - 1].isalnum() or m.string[start - 1] in "_-")
+    start, text = m.start(), m.string
+    if start == 0 or not (text[start - 1].isalnum() or text[start - 1] in "_-"):
+        return False
+    # `q=my%20key%20sk-...`, `%22sk-ant-...`: an escaped space or quote ends the word before the key.
+    return not (
+        start >= 3
+        and text[start - 3] == "%"
+        and text[start - 2 : start].isalnum()
+        and _is_hex(text[start - 2 : start])
+    )
+
+
+def _is_hex(text: str) -> bool:
+    return all(c in "0123456789abcdefABCDEF" for c in text)
 
 
 def _group(group: int, kind: str) -> Callable[[re.Match[str]], str]:
@@ -694,6 +711,18 @@ def _matched_group(kind: str) -> Callable[[re.Match[str]], str]:
         return _splice(m, m.lastindex or 0, _marker(kind))
 
     return replace
+
+
+def _xml_element(m: re.Match[str]) -> str:
+    name, value = m.group(1), m.group(2)
+    kind = secret_key_kind(name.rpartition(":")[2])
+    return _splice(m, 2, _marker(kind)) if kind is not None and _holds_secret(value, name) else m.group(0)
+
+
+def _yaml_named_value(m: re.Match[str]) -> str:
+    name, value = m.group(2), m.group(4)
+    kind = secret_key_kind(name)
+    return _splice(m, 4, _marker(kind)) if kind is not None and _holds_secret(value, name) else m.group(0)
 
 
 def _named_value(m: re.Match[str]) -> str:
@@ -837,6 +866,27 @@ _RULES = (
         _whole("stripe_access_key"),
         anchors=("sk_live_", "sk_test_", "rk_live_", "rk_test_", "whsec_"),
     ),
+    # scheme%3A%2F%2Fuser%3APASSWORD%40host: the same URL percent-encoded, as a query string carries it.
+    _Rule(
+        r"%3[Aa]%2[Ff]%2[Ff](?:[^\s%/?#@&'\"<>]|%(?!3[Aa]|40)[0-9A-Fa-f]{2})*+%3[Aa]"
+        rf"{_NOT_REDACTED}((?:[^\s%/?#@&'\"<>]|%(?!40)[0-9A-Fa-f]{{2}})++)%40",
+        _group(1, "password"),
+        anchors=("%3a%2f%2f",),
+    ),
+    # <password>...</password>, <apiKey>...</apiKey> (Maven's settings.xml, app configs): an element
+    # whose name names a secret (`secret_key_kind`, the rule for dict keys) loses its text.
+    _Rule(
+        rf"<([A-Za-z_][\w.:-]{{0,63}}+)(?:[ \t][^<>]{{0,256}}+)?>{_NOT_REDACTED}([^<]{{1,4096}}+)</\1[ \t]*>",
+        _xml_element,
+        requires="</",
+    ),
+    # A YAML name/value entry (a Kubernetes `env:` list): `- name: DB_PASSWORD` then `value: ...`.
+    _Rule(
+        r"(?<![\w-])name:[ \t]*(['\"]?)([A-Za-z0-9_.-]{1,128}+)\1[ \t]*\r?\n[ \t]*"
+        rf"value:[ \t]*(['\"]?){_NOT_REDACTED}([^'\"\r\n]++)",
+        _yaml_named_value,
+        anchors=("name:",),
+    ),
     # scheme://user:PASSWORD@host: user and host stay, the password goes (up to the last '@').
     _Rule(rf"://[^\s:/?#@'\"<>]*:{_NOT_REDACTED}([^\s/?#'\"<>]+)@", _group(1, "password")),
     # https://TOKEN@host: a token alone as the user of an http(s) or git URL.
@@ -895,7 +945,7 @@ _RULES = (
     # value='...'`, and a pair inside a list, `[["X-Api-Key", "..."], ...]`.
     _Rule(
         rf"(?i)(?<![\w-])(?:name|key){_QUOTE_OPEN}[ \t]*[:=][ \t]*{_QUOTE}([A-Za-z0-9_.-]{{1,128}}+){_QUOTE}"
-        rf"[ \t]*,[ \t]*{_QUOTE_OPEN}value{_QUOTE_OPEN}[ \t]*[:=][ \t]*{_QUOTE}{_NOT_REDACTED}([^'\"\\\r\n]++)",
+        rf"(?:[ \t]*,[ \t]*|[ \t]+){_QUOTE_OPEN}value{_QUOTE_OPEN}[ \t]*[:=][ \t]*{_QUOTE}{_NOT_REDACTED}([^'\"\\\r\n]++)",
         _named_value,
         anchors=("name", "key"),
         requires="alue",

@@ -47,6 +47,10 @@ _DS_LITERALS = re.compile(
     r"-(?:(?<=pypi-)Ag|(?<=sq0csp-)|(?<=gl[a-z]{2}-)|(?<=gl[a-z]{3}-)|(?<=glagent-))"
     r"|_(?:(?<=k_live_)|(?<=npm_)|(?=authToken))"
     r"|SG\.[\w-]{20}|GR1348941|AccountKey=|AKC[A-Za-z0-9]{10}"
+    # Twilio, Mailchimp, Telegram and Discord bot tokens, by shape (see `redact._ANCHORS`).
+    r"|S(?=K[0-9a-fA-F]{32})|-(?=us[0-9])(?<=[0-9a-f]{32}-)|:(?=AA[0-9A-Za-z_-]{33})"
+    r"|\.(?=[A-Za-z0-9_-]{6}\.[A-Za-z0-9_-]{27})(?:(?<=[MNO][A-Za-z0-9_-]{23}\.)|(?<=[MNO][A-Za-z0-9_-]{24}\.)"
+    r"|(?<=[MNO][A-Za-z0-9_-]{25}\.))"
 )
 # ... and the quoted keyword assignments the rules left unredacted (`secrets = '...'`, `"x" == pwd`,
 # `private_key "..." ;`), with detect-secrets' own keyword list; the value must start with a word
