@@ -110,6 +110,18 @@ def test_missing_or_corrupt_versions_are_refused_and_the_live_one_stays(store, t
         ),
         # tokenizer_config.json names a class, not the tokens: served, it tokenises wrongly
         "no tokenizer vocabulary": lambda f: (f / "tokenizer.json").rename(f / "tokenizer_config.json"),
+        # ... and what a server parses at load (a QA pass promoted each of these, then served nothing)
+        "tokenizer.json is not valid JSON": lambda f: (f / "tokenizer.json").write_text("{not json"),
+        "which transformers does not know": lambda f: (f / "config.json").write_text(
+            '{"model_type": "no_such_model", "vocab_size": 2, "hidden_size": 1}'
+        ),
+        "not a valid safetensors file: 'list'": lambda f: (f / "model.safetensors").write_bytes(
+            (2).to_bytes(8, "little") + b"[]"
+        ),
+        "base model /nowhere/base does not exist": lambda f: (
+            (f / "config.json").rename(f / "adapter_config.json"),
+            (f / "adapter_config.json").write_text('{"base_model_name_or_path": "/nowhere/base"}'),
+        ),
     }
     for i, (reason, corrupt) in enumerate(cases.items()):
         broken = fake_model(tmp_path / f"broken{i}")
@@ -125,7 +137,7 @@ def test_missing_or_corrupt_versions_are_refused_and_the_live_one_stays(store, t
         assert store.live_version("agent").version == 1
     with pytest.raises(ModelVersionInvalid, match="does not exist"):
         store.register_model("agent", tmp_path / "missing")
-    assert [v.version for v in store.versions("agent")] == [1, 2, 3, 4, 5, 6]
+    assert [v.version for v in store.versions("agent")] == list(range(1, len(cases) + 2))
     assert [e.action for e in store.model_history("agent")].count("promote") == 1
 
 

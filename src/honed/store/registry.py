@@ -160,6 +160,51 @@ def validate_model_files(path: str | Path, ref: str | None = None) -> None:
             ref,
             f"no tokenizer vocabulary in {folder} (tokenizer.json...: save it with tokenizer.save_pretrained)",
         )
+    for name in _JSON_FILES:  # what a server parses at load: a broken one serves nothing
+        file = folder / name
+        if file.exists():
+            try:
+                json.loads(file.read_text())
+            except (OSError, ValueError) as exc:
+                raise ModelVersionInvalid(ref, f"{name} is not valid JSON: {exc}") from exc
+    if adapter:
+        _check_adapter_base(settings, ref)
+    else:
+        _check_model_type(settings, ref)
+
+
+# Files transformers parses when it loads a folder.
+_JSON_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "vocab.json",
+)
+
+
+def _check_model_type(settings: dict[str, Any], ref: str) -> None:
+    """A `model_type` transformers does not know loads nowhere (checked where transformers is
+    installed: the registry itself needs no training dependencies)."""
+    model_type = settings.get("model_type")
+    try:
+        from transformers import CONFIG_MAPPING
+    except ImportError:
+        return
+    if model_type is not None and model_type not in CONFIG_MAPPING:
+        raise ModelVersionInvalid(
+            ref, f"config.json names model_type {model_type!r}, which transformers does not know"
+        )
+
+
+def _check_adapter_base(settings: Any, ref: str) -> None:
+    """An adapter loads on its base model: a base given as a local path must be there (models
+    are loaded from paths; no machine here reaches a model hub)."""
+    base = settings.get("base_model_name_or_path") if isinstance(settings, dict) else None
+    if not isinstance(base, str) or not base:
+        raise ModelVersionInvalid(ref, "adapter_config.json names no base_model_name_or_path")
+    if base.startswith(("/", ".", "~")) and not Path(base).expanduser().is_dir():
+        raise ModelVersionInvalid(ref, f"the adapter's base model {base} does not exist")
 
 
 # A tokenizer's vocabulary (tokenizer_config.json alone names a class, not the tokens).
@@ -175,7 +220,7 @@ def _check_safetensors(file: Path, ref: str) -> None:
                 raise ValueError("header length beyond the file")
             header = json.loads(handle.read(header_len))
         ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
-    except (OSError, ValueError, struct.error, KeyError, TypeError, IndexError) as exc:
+    except (OSError, ValueError, struct.error, KeyError, TypeError, IndexError, AttributeError) as exc:
         raise ModelVersionInvalid(ref, f"{file.name} is not a valid safetensors file: {exc}") from exc
     expected = 8 + header_len + max(ends, default=0)
     if expected != size:
