@@ -119,11 +119,65 @@ def test_a_bad_store_url_is_one_line_not_a_traceback(url: str, message: str) -> 
         (["export", "jsonl", "no/such/dir/train.jsonl"], "FileNotFoundError"),
         (["train", "student", "--suite", "nosuch"], "ValueError: unknown suite 'nosuch'"),
         (["train", "student", "--agent", "no_such_module:agent"], "ModuleNotFoundError"),
+        # Each a traceback before (a QA pass, session 14).
+        (["train", "student", "--agent", "json"], "give module:factory"),
+        (["train", "student", "--agent", "json:no_such_factory"], "json has no callable 'no_such_factory'"),
+        (["register", "agent", "{tmp}", "--metrics", "[1, 2]"], "--metrics must be a JSON object"),
     ],
 )
-def test_a_user_mistake_is_one_line_not_a_traceback(captured: str, args: list[str], message: str) -> None:
-    result = runner.invoke(app, [*args, "--store", captured])
+def test_a_user_mistake_is_one_line_not_a_traceback(
+    captured: str, args: list[str], message: str, tmp_path: Path
+) -> None:
+    result = runner.invoke(app, [*(a.format(tmp=tmp_path) for a in args), "--store", captured])
     assert result.exit_code == 1 and message in result.output, result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) <= 2
+
+
+def test_a_read_only_store_is_read_and_a_write_to_it_is_one_line(captured: str, tmp_path: Path) -> None:
+    """A backup copy (rollback journal) could not even be read (switching it to WAL is a write),
+    and writing to a read-only store was a 170-line traceback."""
+    import os
+    import shutil
+    import sqlite3
+
+    copy = tmp_path / "backup.db"
+    source, target = sqlite3.connect(captured.removeprefix("sqlite:///")), sqlite3.connect(copy)
+    source.backup(target)
+    target.execute("PRAGMA journal_mode=DELETE")
+    source.close(), target.close()
+    copy.chmod(0o444)
+    tmp_path.chmod(0o555)  # no journal file can be made beside it either
+    # root reads and writes anything: drop the capabilities that let it (util-linux's setpriv)
+    as_user = (
+        ["setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner"] if os.geteuid() == 0 else []
+    )
+    if as_user and shutil.which("setpriv") is None:
+        pytest.skip("setpriv is needed to make a file read-only for root")
+    honed_bin, url = str(Path(sys.executable).parent / "honed"), f"sqlite:///{copy}"
+    try:
+        runs = subprocess.run(
+            [*as_user, honed_bin, "runs", "--json", "--store", url],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert runs.returncode == 0, runs.stdout + runs.stderr
+        trajectory_id = json.loads(runs.stdout.splitlines()[0])["id"]
+        label = subprocess.run(
+            [*as_user, honed_bin, "label", trajectory_id, "pass", "--store", url],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        tmp_path.chmod(0o755)
+    assert label.returncode == 1 and "read-only" in label.stdout, label.stdout + label.stderr
+    assert "Traceback" not in label.stdout + label.stderr
+
+
+def test_a_verifier_that_is_not_a_factory_is_one_line(captured: str) -> None:
+    result = runner.invoke(app, ["verify", "--once", "-v", "json:loads", "--store", captured])
+    assert result.exit_code == 2 and "cannot build verifier 'json:loads' with no arguments" in result.output
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) <= 2
 
 
@@ -136,6 +190,7 @@ def test_a_user_mistake_is_one_line_not_a_traceback(captured: str, args: list[st
         ["export", "jsonl", "{tmp}/out.jsonl", "--status", "bogus"],
         ["export", "otlp", "--protocol", "bogus"],
         ["demo", "--cycles", "-1"],
+        ["serve", "agent", "--port", "99999"],
     ],
 )
 def test_an_option_out_of_range_is_refused_not_ignored(

@@ -5,7 +5,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import sqlite3
+import subprocess
+import sys
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -192,6 +195,34 @@ def test_concurrent_first_opens_of_a_fresh_postgres_schema(pg_url: str) -> None:
     for th in threads:
         th.join()
     assert not errors
+
+
+_OPEN_AT = """
+import sys, time
+from honed.store import TrajectoryStore
+while time.time() < float(sys.argv[2]):
+    time.sleep(0.001)
+try:
+    TrajectoryStore(sys.argv[1]).close()
+    print("ok")
+except Exception as exc:
+    print(type(exc).__name__, str(exc)[:200])
+"""
+
+
+def test_processes_opening_a_new_sqlite_store_at_once_all_open_it(tmp_path: Path) -> None:
+    """A fleet (agents, `honed verify --watch`, `honed serve`) starting together on a new store:
+    in-process locks do not reach other processes, and some failed with "table ... already
+    exists" (3 rounds of 4 in a QA run)."""
+    for round_ in range(3):
+        url = f"sqlite:///{tmp_path}/fleet{round_}.db"
+        start = str(time.time() + 2.5)  # after every interpreter has imported honed
+        fleet = [
+            subprocess.Popen([sys.executable, "-c", _OPEN_AT, url, start], stdout=subprocess.PIPE, text=True)
+            for _ in range(4)
+        ]
+        assert sorted(p.communicate(timeout=120)[0].strip() for p in fleet) == ["ok"] * 4
+        assert TrajectoryStore(url).count() == 0
 
 
 def test_unreachable_postgres_is_a_clear_error() -> None:

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import click
 import typer
+from sqlalchemy.exc import OperationalError
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
@@ -35,6 +36,16 @@ class _Group(TyperGroup):
                 raise
             text = str(exc).splitlines()[0] if str(exc) else ""
             console().print(f"[red]{escape(type(exc).__name__)}: {escape(text)}[/red]", soft_wrap=True)
+            raise typer.Exit(1) from exc
+        except OperationalError as exc:
+            if os.environ.get("HONED_TRACEBACK") or "readonly database" not in str(exc):
+                raise
+            # The store's file (or its folder) is not writable by this user: what they can fix.
+            console().print(
+                "[red]the store is read-only for this user: this command writes to it "
+                "(reading commands such as runs, show and export work)[/red]",
+                soft_wrap=True,
+            )
             raise typer.Exit(1) from exc
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import re
@@ -232,7 +233,6 @@ def train(
     as_json: JsonOption = False,
 ) -> None:
     """Train a candidate from verified trajectories, gate it on held-out tasks, promote or reject it."""
-    import importlib
 
     from honed.demo import load_suite
     from honed.demo.suite import gate_verifiers
@@ -248,8 +248,7 @@ def train(
         factory = lambda model: suite_agent(chosen, model, store=s, name=name)  # noqa: E731
         verifiers, tasks, watched = gate_verifiers(chosen), list(chosen.heldout), chosen.verifiers()
     elif agent:
-        module, _, attr = agent.partition(":")
-        factory = getattr(importlib.import_module(module), attr)
+        factory = _agent_factory(agent)
         from honed.verifiers.catalog import resolve
 
         verifiers, tasks, watched = resolve(verifier), heldout, []
@@ -407,3 +406,14 @@ def status(
             out.print(
                 f"  {run['stuck_tasks']} training tasks never pass: they need outside data (demonstrations)"
             )
+
+
+def _agent_factory(spec: str) -> Any:
+    """`module:factory` as `--agent` names it: a callable that builds the agent on a model."""
+    module, _, attr = spec.partition(":")
+    if not module or not attr:
+        raise ValueError(f"--agent {spec!r}: give module:factory (a function building the agent on a model)")
+    factory = getattr(importlib.import_module(module), attr, None)
+    if not callable(factory):
+        raise ValueError(f"--agent {spec!r}: {module} has no callable {attr!r}")
+    return factory

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -104,7 +104,7 @@ def register(
     by: ActorOption = None,
 ) -> None:
     """Register a folder as the next candidate version of NAME (it is checked when promoted)."""
-    figures = json.loads(metrics) if metrics else None
+    figures = _metrics(metrics) if metrics else None
     with open_store_or_exit(store, create=True) as s:
         version = _run(
             lambda: s.register_model(name, path, parent=parent, metrics=figures, actor=by, reason=reason)
@@ -152,7 +152,7 @@ def serve(
     host: Annotated[
         str, typer.Option(help="Interface to bind; loopback unless told otherwise.")
     ] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    port: Annotated[int, typer.Option(help="TCP port.", min=0, max=65535)] = 8000,
     api_key: Annotated[
         str | None,
         typer.Option("--api-key", envvar="HONED_API_KEY", help="Require 'Authorization: Bearer KEY'."),
@@ -291,3 +291,15 @@ def _event_dict(event: object) -> dict[str, object]:
     data = asdict(event)  # type: ignore[call-overload]
     data["created_at"] = data["created_at"].isoformat()
     return data
+
+
+def _metrics(text: str) -> dict[str, Any]:
+    try:
+        figures = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"--metrics is not JSON: {exc}") from exc
+    if not isinstance(figures, dict):
+        raise ValueError(
+            f"--metrics must be a JSON object of figures, like '{{\"pass@1\": 0.4}}', not {text!r}"
+        )
+    return figures

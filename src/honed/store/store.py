@@ -496,8 +496,12 @@ _SECRET_PARAM = re.compile(r"pass|pwd|secret|token|api.?key|credential|auth", re
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     try:
-        # WAL lets readers (CLI, verifiers) run while the writer appends.
-        cursor.execute("PRAGMA journal_mode=WAL")
+        # WAL lets readers (CLI, verifiers) run while the writer appends. A read-only file (a
+        # backup copy) cannot switch, and is read as it is.
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.OperationalError:
+            pass
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA foreign_keys=ON")
     finally:
@@ -523,8 +527,12 @@ def _migrate(engine: Engine, *, create: bool = True, shown: str = "") -> None:
 
         config = _alembic_config()
         with engine.begin() as conn:
+            # One migrator at a time across processes (a fleet starting on a new store): each
+            # waits for the lock, then re-reads the revision the one before it left.
             if engine.dialect.name == "postgresql":
                 conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK_KEY})
+            elif engine.dialect.name == "sqlite":
+                conn.exec_driver_sql("BEGIN IMMEDIATE")  # SQLite's write lock, taken now
             if MigrationContext.configure(conn).get_current_revision() != SCHEMA_HEAD:
                 config.attributes["connection"] = conn
                 command.upgrade(config, "head")

@@ -51,7 +51,10 @@ def _load(target: str) -> list[Any]:
     except (ImportError, AttributeError) as exc:
         raise UnknownVerifier(f"cannot load verifier {target!r}: {exc}") from exc
     if callable(value) and not isinstance(value, Verifier):
-        value = value()
+        try:
+            value = value()
+        except TypeError as exc:  # a function that is not a factory taking no arguments
+            raise UnknownVerifier(f"cannot build verifier {target!r} with no arguments: {exc}") from exc
     values = list(value) if isinstance(value, list | tuple) else [value]
     for v in values:
         if not isinstance(v, Verifier):
