@@ -7,7 +7,6 @@ from typing import Annotated, Any
 
 import click
 import typer
-from sqlalchemy.exc import OperationalError
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
@@ -18,6 +17,7 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
 )
+from sqlalchemy.exc import OperationalError
 from typer.core import TyperGroup
 
 from honed.store import InvalidStoreURL, StoreUnavailable, TrajectoryStore, open_store
