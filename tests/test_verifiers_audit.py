@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 import honed
 from honed.cli import app
+from honed.trajectory import label
 from honed.verifiers import Judge, ReferenceMatch, Worker, confusion, wilson
 from verifier_helpers import FakeJudgeModel, traj
 
@@ -93,6 +94,22 @@ def test_audit_against_human_labels_is_stored_and_gates_training(labelled: str) 
     listing = runner.invoke(app, ["verifiers", "list", "--store", labelled, "--json"])
     rows = {r["verifier"]: r for r in map(json.loads, listing.output.splitlines())}
     assert rows["reference"]["total"] == 20 and rows["human"]["total"] == 11
+
+
+def test_two_labellers_gold_labels_are_both_kept_and_disagreement_is_a_fail(sqlite_url: str) -> None:
+    """Bob's gold label replaced Alice's (one verdict per source and version), though the help
+    says a label replaces *that person's* earlier one: an annotator's disagreement was lost."""
+    store = honed.open_store(sqlite_url)
+    store.save(traj("run-x", "answer 1", expected="1"))
+    said = runner.invoke(
+        app, ["label", "run-x", "pass", "--as", "gold", "--by", "alice", "--store", sqlite_url]
+    )
+    assert said.exit_code == 0 and "by alice (gold)" in said.output
+    runner.invoke(app, ["label", "run-x", "fail", "--as", "gold", "--by", "bob", "--store", sqlite_url])
+    runner.invoke(app, ["label", "run-x", "pass", "--as", "gold", "--by", "alice", "--store", sqlite_url])
+    golds = sorted((v.evidence["labeler"], v.passed) for v in store.get("run-x").verdicts)
+    assert golds == [("alice", True), ("bob", False)]  # alice's second label replaced her first
+    assert label(store.get("run-x").verdicts) is False  # two humans disagree: not a pass to train on
 
 
 def test_a_judge_is_low_trust_until_audited_above_its_minimum(sqlite_url: str) -> None:

@@ -110,10 +110,12 @@ def label(
     by: Annotated[str | None, typer.Option("--by", help="Who labels (default: your login).")] = None,
     verifier: Annotated[str, typer.Option("--as", help="Label source name: gold for audits.")] = "human",
 ) -> None:
-    """Record a human (gold) label for one trajectory; it replaces that person's earlier label."""
+    """Record a human (gold) label for one trajectory; it replaces that person's earlier label
+    (each labeller's is kept: where two disagree, the trajectory's label is a fail)."""
     if outcome not in ("pass", "fail"):
         console().print(f"[red]outcome must be pass or fail, not {escape(outcome)!r}[/red]")
         raise typer.Exit(2)
+    labeler = by or _login()
     with open_store_or_exit(store) as s:
         try:
             t = s.get(trajectory_id)
@@ -123,9 +125,9 @@ def label(
                     passed=outcome == "pass",
                     score=1.0 if outcome == "pass" else 0.0,
                     reason=note,
-                    evidence={"labeler": by or _login()},
+                    evidence={"labeler": labeler},
                     verifier=verifier,
-                    version="1",
+                    version=labeler,  # one verdict per (trajectory, source, version): per person
                 ),
             )
         except TrajectoryNotFound as exc:
@@ -133,7 +135,7 @@ def label(
             console().print(f"[red]{escape(said)}[/red]")
             raise typer.Exit(1) from exc
     mark = "[green]pass[/green]" if v.passed else "[red]fail[/red]"
-    console().print(f"{t.id}: {mark} by {escape(verifier)} {escape(note)}")
+    console().print(f"{t.id}: {mark} by {escape(labeler)} ({escape(verifier)}) {escape(note)}")
 
 
 @verifiers_app.command("list")
