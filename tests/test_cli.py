@@ -191,6 +191,9 @@ def test_a_verifier_that_is_not_a_factory_is_one_line(captured: str) -> None:
         ["export", "otlp", "--protocol", "bogus"],
         ["demo", "--cycles", "-1"],
         ["serve", "agent", "--port", "99999"],
+        ["export", "otlp", "--endpoint", "not-a-url"],
+        ["verifiers", "audit", "reference", "--min-precision", "1.7"],
+        ["verifiers", "policy", "reference", "--min-precision", "-0.2"],
     ],
 )
 def test_an_option_out_of_range_is_refused_not_ignored(

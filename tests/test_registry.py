@@ -363,6 +363,8 @@ def test_cli_versions_promote_rollback(sqlite_url: str, tmp_path: Path) -> None:
     )
     data = json.loads(runner.invoke(app, ["versions", "agent", *store, "--json"]).output)
     assert [v["status"] for v in data["versions"]] == ["live", "rejected"]
+    typo = runner.invoke(app, ["versions", "agnet", *store, "--json"])  # was rc 0 and no versions
+    assert typo.exit_code == 1 and "agnet has no versions" in typo.output and "agent" in typo.output
     assert [e["action"] for e in data["history"]][-1] == "rollback"
 
     (tmp_path / "v2" / "model.safetensors").unlink()

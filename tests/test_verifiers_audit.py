@@ -149,3 +149,7 @@ def test_cli_verify_once_label_errors_and_audit_without_labels(sqlite_url: str) 
     assert empty.exit_code == 0 and "no trajectory has both" in empty.output
     typo = runner.invoke(app, ["verifiers", "audit", "referense", "--store", sqlite_url])
     assert typo.exit_code == 1 and "'referense'" in typo.output and "reference" in typo.output
+    ahead = runner.invoke(
+        app, ["verifiers", "policy", "referense", "--min-precision", "0.9", "--store", sqlite_url]
+    )
+    assert ahead.exit_code == 0 and "no verdicts from a verifier named 'referense' yet" in ahead.output

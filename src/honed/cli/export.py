@@ -102,6 +102,11 @@ def export_otlp(
     from honed.exporters.otel import OTLPExportError, parse_headers, replay
     from honed.exporters.spans import capture_content_from_env
 
+    if endpoint is not None and protocol != "grpc" and not endpoint.startswith(("http://", "https://")):
+        raise typer.BadParameter(
+            f"{endpoint!r} is not an http(s) URL (OTLP over HTTP: e.g. http://localhost:4318)",
+            param_hint="--endpoint",
+        )
     selection = _selection(
         since, until, agent, task_id, split, status, verdict, model_version, include_heldout=True
     )

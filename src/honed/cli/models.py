@@ -53,6 +53,13 @@ def versions(
     with open_store_or_exit(store) as s:
         found = s.versions(name)
         events = s.model_history(name) if history or as_json else []
+        known = s.model_names() if not found else []
+    if not found:
+        console().print(
+            f"[yellow]{escape(name)} has no versions[/yellow] (models: {escape(', '.join(known) or 'none')}): "
+            "register one with honed register"
+        )
+        raise typer.Exit(1)
     if as_json:
         typer.echo(
             json.dumps(
@@ -62,9 +69,6 @@ def versions(
             )
         )
         return
-    if not found:
-        console().print(f"[yellow]{escape(name)} has no versions[/yellow]: register one with honed register")
-        raise typer.Exit(1)
     ids = {v.id: v for v in found}
     table = Table(title=f"{name}: {len(found)} versions", pad_edge=False)
     for column in ("version", "status", "created", "parent", "metrics", "path"):

@@ -191,7 +191,10 @@ def audit(
     gold: Annotated[str, typer.Option(help="The label source taken as truth.")] = "human",
     version: Annotated[str | None, typer.Option(help="Verifier version (default: its newest).")] = None,
     min_precision: Annotated[
-        float | None, typer.Option("--min-precision", help="Also set the precision its passes need to train.")
+        float | None,
+        typer.Option(
+            "--min-precision", help="Also set the precision its passes need to train.", min=0.0, max=1.0
+        ),
     ] = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -239,7 +242,7 @@ def audit(
 def policy(
     name: Annotated[str, typer.Argument(help="The verifier.")],
     min_precision: Annotated[
-        float | None, typer.Option("--min-precision", help="Minimum audited precision.")
+        float | None, typer.Option("--min-precision", help="Minimum audited precision.", min=0.0, max=1.0)
     ] = None,
     clear: Annotated[bool, typer.Option("--clear", help="Remove the minimum.")] = False,
     note: Annotated[str, typer.Option(help="Why.")] = "",
@@ -250,7 +253,13 @@ def policy(
         console().print("[red]give --min-precision X or --clear[/red]")
         raise typer.Exit(2)
     with open_store_or_exit(store, create=True) as s:
+        judged = sorted({row["verifier"] for row in s.verifier_counts()})
         p = s.set_min_precision(name, None if clear else min_precision, note=note)
+    if name not in judged:  # set ahead of a new verifier, or a typo: say which
+        console().print(
+            f"[yellow]no verdicts from a verifier named {escape(repr(name))} yet "
+            f"(verifiers: {escape(', '.join(judged) or 'none')}); the policy applies once it labels[/yellow]"
+        )
     state = "[green]used[/green]" if p.usable else "[red]not used[/red]"
     console().print(
         f"{escape(name)}: min precision {_num(p.min_precision)}, audited {_num(p.precision)}; passes {state}"
