@@ -182,6 +182,13 @@ def test_sft_on_a_later_turn_trains_only_that_turns_replies(
     ]
     masked = tok.decode([t for t, label in zip(ids, labels, strict=True) if label == -100])
     assert "It is 11.<|im_end|>" in masked  # the earlier turn is context, rendered as at run time
+    # ... and TRL's probe that the end-of-turn token trains (a reply between two user messages)
+    # still finds it: it warned "the model may not learn to stop" on every SFT run.
+    from trl.chat_template_utils import is_chat_template_stop_token_trained
+
+    from honed.learn.chat_templates import training_template
+
+    assert is_chat_template_stop_token_trained(tok, chat_template=training_template())
 
 
 def _runs(ids: list[int | None]) -> list[list[int]]:

@@ -121,8 +121,11 @@ def training_template(template: str = QWEN3_CHAT_TEMPLATE) -> str:
     return (
         head
         + "        {{- '<|im_start|>' + message.role + '\\n' }}\n"
-        # Only this turn's replies train: an earlier turn's were judged by their own verdicts.
-        + "        {%- if loop.index0 > ns.last_query_index or ns.multi_step_tool %}\n"
+        # Only this turn's replies train: an earlier turn's were judged by their own verdicts. A
+        # conversation ending on a user message has no reply of its own: all are marked (TRL's
+        # probe that the end-of-turn token trains renders one such).
+        + "        {%- if loop.index0 > ns.last_query_index or ns.multi_step_tool"
+        + " or messages[-1].role == 'user' %}\n"
         + "        {%- generation %}\n"
         + reply
         + "        {%- endgeneration %}\n"
