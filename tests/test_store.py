@@ -74,6 +74,22 @@ def test_text_no_database_takes_is_stored_replaced_and_never_costs_the_batch(sto
     assert stored.task == {"messages": [{"role": "user", "content": "q\ufffd"}]}
 
 
+def test_times_with_an_offset_keep_their_instant_and_filter_by_it(store_url: str) -> None:
+    """SQLite stored 12:00+02:00 as 12:00 and read it back as 12:00Z, two hours off, and `since`
+    compared wall times: `export --since 11:30+02:00` kept a run of 10:00Z. PostgreSQL was right."""
+    from datetime import timezone
+
+    plus2 = timezone(timedelta(hours=2))
+    store = honed.open_store(store_url)
+    store.save(
+        Trajectory(id="east", agent="a", task="t", started_at=datetime(2025, 1, 1, 12, 0, tzinfo=plus2))
+    )
+    store.save(Trajectory(id="utc", agent="a", task="t", started_at=datetime(2025, 1, 1, 10, 30, tzinfo=UTC)))
+    assert store.get("east").started_at == datetime(2025, 1, 1, 10, 0, tzinfo=UTC)
+    since = datetime(2025, 1, 1, 12, 15, tzinfo=plus2)  # 10:15Z
+    assert [t.id for t in store.trajectories(since=since)] == ["utc"]
+
+
 def test_json_columns_hold_json_text_and_none_is_sql_null(store_url: str) -> None:
     """The writer hands the database JSON it encoded itself: a string is stored as a JSON string
     (not bare text), None as SQL NULL (not JSON null), on both backends."""
