@@ -90,6 +90,24 @@ def test_times_with_an_offset_keep_their_instant_and_filter_by_it(store_url: str
     assert [t.id for t in store.trajectories(since=since)] == ["utc"]
 
 
+def test_a_run_stored_mid_export_never_makes_another_read_twice(store_url: str) -> None:
+    """Pages were read by OFFSET over (started_at, id): a long run that started earlier and
+    finished mid-export shifted every later page by one, and one trajectory was exported twice
+    (a duplicated training example)."""
+    from honed.store.select import select_trajectories
+
+    store = honed.open_store(store_url)
+    t0 = datetime(2025, 1, 1, tzinfo=UTC)
+    for i in range(30):
+        store.save(Trajectory(id=f"run-{i:02d}", agent="a", task="t", started_at=t0 + timedelta(minutes=i)))
+    seen = []
+    for t in select_trajectories(store, page_size=10):
+        seen.append(t.id)
+        if len(seen) == 15:  # mid-export, a run that started before all of them ends
+            store.save(Trajectory(id="long", agent="a", task="t", started_at=t0 - timedelta(hours=1)))
+    assert len(seen) == len(set(seen)) == 30
+
+
 def test_json_columns_hold_json_text_and_none_is_sql_null(store_url: str) -> None:
     """The writer hands the database JSON it encoded itself: a string is stored as a JSON string
     (not bare text), None as SQL NULL (not JSON null), on both backends."""

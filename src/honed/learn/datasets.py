@@ -349,12 +349,13 @@ def _explicit(store: TrajectoryStore, ids: list[str], heldout: HeldOut) -> list[
 
 def _pages(store: TrajectoryStore, limit: int | None, **filters: Any) -> Iterator[Trajectory]:
     """Oldest first in pages (stable while new captures arrive); with a `limit`, the newest."""
-    offset = 0
-    while limit is None or offset < limit:
-        size = PAGE_SIZE if limit is None else min(PAGE_SIZE, limit - offset)
-        page = store.trajectories(limit=size, offset=offset, oldest_first=limit is None, **filters)
+    read, last = 0, None
+    while limit is None or read < limit:
+        size = PAGE_SIZE if limit is None else min(PAGE_SIZE, limit - read)
+        page = store.trajectories(limit=size, after=last, oldest_first=limit is None, **filters)
         yield from page
-        offset += len(page)
+        read += len(page)
+        last = page[-1] if page else last
         if len(page) < size:
             return
 

@@ -238,14 +238,14 @@ def select_trajectories(
     wanted = {"pass": True, "fail": False}.get(selection.verdict or "")
     produced = 0
     for task_id in selection.task_ids or (None,):
-        offset = 0
+        last = None  # pages by position: a run stored meanwhile never shifts one (read twice)
         while limit is None or produced < limit:
             size = page_size if limit is None else min(page_size, max(limit - produced, 1))
             page = store.trajectories(
-                limit=size, offset=offset, task_id=task_id, oldest_first=True,
+                limit=size, after=last, task_id=task_id, oldest_first=True,
                 exclude_task_ids=excluded, step_content=step_content, **selection.store_filters,
             )  # fmt: skip
-            offset += len(page)
+            last = page[-1] if page else last
             for t in page:
                 if heldout is not None and heldout.holds(t):
                     continue

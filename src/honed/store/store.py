@@ -21,6 +21,7 @@ from typing import Any, Literal, NamedTuple
 from sqlalchemy import (
     JSON,
     Engine,
+    and_,
     bindparam,
     create_engine,
     delete,
@@ -29,8 +30,10 @@ from sqlalchemy import (
     func,
     insert,
     inspect,
+    or_,
     select,
     text,
+    true,
     update,
 )
 from sqlalchemy.engine import URL, make_url
@@ -316,6 +319,7 @@ class TrajectoryStore:
         limit: int | None = 50,
         *,
         offset: int = 0,
+        after: Trajectory | None = None,
         agent: str | None = None,
         task_id: str | None = None,
         split: str | None = None,
@@ -338,16 +342,19 @@ class TrajectoryStore:
         verifiers count (`untrusted_verifiers()`); `"labeled" | "unlabeled"`: any verdict or none.
         `thread_id` gives the turns of one conversation; `finished=True` leaves out runs paused at
         an interrupt (`False`: only those). `step_content=False` leaves each step's `input` and
-        `output` None (what a span export without content needs, read ~40% faster)."""
+        `output` None (what a span export without content needs, read ~40% faster). `after`, the
+        last trajectory of the previous page, pages by position rather than `offset`: a run stored
+        meanwhile that started earlier (a long one finishing) shifts no page, so none is read twice."""
         order = (TrajectoryRow.started_at, TrajectoryRow.id)
         if not oldest_first:
             order = tuple(c.desc() for c in order)
+        cursor = true() if after is None else _beyond(after, oldest_first)
         page = _filtered(
             select(TrajectoryRow.id), agent=agent, task_id=task_id, split=split, status=status,
             verdict=verdict, since=since, until=until, model_version=model_version, thread_id=thread_id,
             finished=finished, ids=ids, exclude_task_ids=exclude_task_ids,
             untrusted=self._untrusted_for(verdict),
-        ).order_by(*order).offset(offset).limit(limit).subquery()  # fmt: skip
+        ).where(cursor).order_by(*order).offset(offset).limit(limit).subquery()  # fmt: skip
         # The page's ids first, then its rows by primary key: an OFFSET skips ids, not whole rows.
         columns = trajectory_columns(self.dialect, with_steps=with_steps, step_content=step_content)
         query = select(*columns).join(page, TrajectoryRow.id == page.c.id).order_by(*order)
@@ -466,6 +473,18 @@ def _require_existing_sqlite(url: str) -> None:
         return  # cannot tell read-only (a locked WAL file, say): the normal open decides
     if found is None:
         raise StoreNotFound(_not_found(url))
+
+
+def _beyond(last: Trajectory, oldest_first: bool) -> Any:
+    """Rows after `last` in the (started_at, id) order, either way."""
+    at = last.started_at
+    if oldest_first:
+        return or_(
+            TrajectoryRow.started_at > at, and_(TrajectoryRow.started_at == at, TrajectoryRow.id > last.id)
+        )
+    return or_(
+        TrajectoryRow.started_at < at, and_(TrajectoryRow.started_at == at, TrajectoryRow.id < last.id)
+    )
 
 
 def _not_found(shown: str) -> str:
