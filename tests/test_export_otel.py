@@ -465,6 +465,45 @@ def test_replay_batches_and_retries_only_a_backend_pushing_back(
         replay(trajectories, span_exporter=Flaky(fail=set(range(2, 10))), batch_spans=5, retries=3)
 
 
+def test_replayed_batches_with_content_stay_under_a_receivers_message_limit() -> None:
+    """512 chat spans of long conversations made one 29 MB request: a gRPC receiver (and the
+    Collector, by default) refuses anything over 4 MiB, every time, so the replay never went
+    through. Batches are bounded by size too. Cache and reasoning tokens reach the span."""
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
+    usage = {"input_tokens": 9, "output_tokens": 4, "input_token_details": {"cache_read": 7, "cache_creation": 2},
+             "output_token_details": {"reasoning": 3}}  # fmt: skip
+    text = "a long message " * 2_000  # 30 KB
+    steps = [
+        Step(id=f"s{i}", index=i, kind="model", name="m", input={"messages": [{"role": "user", "content": text}]},
+             output={"role": "assistant", "content": text}, usage=usage)
+        for i in range(40)
+    ]  # fmt: skip
+    t = Trajectory(id=str(uuid.UUID(int=7)), agent="a", task="t", steps=steps, output="ok")
+
+    class Batches(Collect):
+        def __init__(self) -> None:
+            super().__init__()
+            self.sizes: list[int] = []
+
+        def export(self, spans: Any) -> SpanExportResult:
+            self.sizes.append(len(encode_spans(list(spans)).SerializeToString()))
+            return super().export(spans)
+
+    sent = Batches()
+    result = replay([t, t], span_exporter=sent, capture_content=True, batch_bytes=500_000)
+    assert result.spans == len(sent.spans) == 82 and result.trajectories == 2
+    assert len(sent.sizes) >= 8 and max(sent.sizes) <= 600_000, sent.sizes
+    chat = next(s for s in sent.spans if s.attributes.get("gen_ai.operation.name") == "chat")
+    assert {k: chat.attributes[k] for k in chat.attributes if k.startswith("gen_ai.usage.")} == {
+        "gen_ai.usage.input_tokens": 9,
+        "gen_ai.usage.output_tokens": 4,
+        "gen_ai.usage.cache_read.input_tokens": 7,
+        "gen_ai.usage.cache_creation.input_tokens": 2,
+        "gen_ai.usage.reasoning.output_tokens": 3,
+    }
+
+
 # -- live export, endpoint down ------------------------------------------------------------------
 
 

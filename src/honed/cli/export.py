@@ -87,6 +87,14 @@ def export_otlp(
         str | None, typer.Option("--service-name", help="service.name (default honed).")
     ] = None,
     project: Annotated[str | None, typer.Option(help="Phoenix project (default: the service name).")] = None,
+    batch_mib: Annotated[
+        float,
+        typer.Option(
+            "--batch-mib",
+            help="Largest request, in MiB (a receiver's limit: 4 for gRPC and the Collector).",
+            min=0.01,
+        ),
+    ] = 3.0,
     since: SinceOption = None,
     until: UntilOption = None,
     agent: AgentOption = None,
@@ -126,6 +134,7 @@ def export_otlp(
                 project=project,
                 on_trajectory=advance,
                 untrusted=s.untrusted_verifiers(),
+                batch_bytes=int(batch_mib * 2**20),
             )
         except OTLPExportError as exc:
             console().print(f"[red]{escape(str(exc))}[/red]")

@@ -39,6 +39,10 @@ ENV_PROJECT = "HONED_OTLP_PROJECT"
 HTTP_PROTOCOL, GRPC_PROTOCOL = "http/protobuf", "grpc"
 TRACES_PATH = "/v1/traces"
 REPLAY_BATCH_SPANS = 512
+# A replayed batch stays under gRPC's and the OpenTelemetry Collector's default 4 MiB message limit
+# (a receiver answers a larger one RESOURCE_EXHAUSTED, every time): with content, 512 chat spans of a
+# long conversation made 29 MB.
+REPLAY_BATCH_BYTES = 3 * 2**20
 REPLAY_RETRIES = 4
 _REPLAY_RETRY_DELAY_S = 2.0
 # After a failed export the live exporter drops batches without trying for this long (doubling
@@ -226,6 +230,7 @@ def replay(
     capture_content: bool | None = None,
     span_exporter: SpanExporter | None = None,
     batch_spans: int = REPLAY_BATCH_SPANS,
+    batch_bytes: int = REPLAY_BATCH_BYTES,
     retries: int = REPLAY_RETRIES,
     on_trajectory: Callable[[Trajectory], None] | None = None,
     untrusted: Iterable[str] = (),
@@ -241,6 +246,8 @@ def replay(
         result = replay(store.trajectories(since=yesterday), endpoint="http://localhost:4318")
 
     `untrusted`: verifiers whose judgements the label leaves out (`store.untrusted_verifiers()`).
+    A batch holds at most `batch_spans` spans and about `batch_bytes` of attributes (one span
+    larger than that goes alone).
     """
     mapper = SpanMapper(
         make_resource(service_name, project), capture_content=capture_content, untrusted=untrusted
@@ -250,17 +257,18 @@ def replay(
     )
     result = ReplayResult()
     pending: list[ReadableSpan] = []
-    pending_trajectories = 0
+    pending_trajectories = pending_bytes = 0
 
     def send() -> None:
-        nonlocal pending, pending_trajectories
+        nonlocal pending, pending_trajectories, pending_bytes
         attempt = 0
         while exporter.export(pending) is not SpanExportResult.SUCCESS:
             if result.batches == 0 or attempt >= retries:
                 where = endpoint or "the endpoint in OTEL_EXPORTER_OTLP_*"
                 raise OTLPExportError(
-                    f"{where} did not accept a batch of {len(pending)} spans after {result.spans} were sent; "
-                    "check that the backend is up and re-run: spans already sent are not duplicated"
+                    f"{where} did not accept a batch of {len(pending)} spans (~{pending_bytes / 2**20:.1f} MiB) "
+                    f"after {result.spans} were sent; check that the backend is up and takes messages this "
+                    "large (--batch-mib), then re-run: spans already sent are not duplicated"
                 )
             time.sleep(_REPLAY_RETRY_DELAY_S * 2**attempt)
             attempt += 1
@@ -268,7 +276,7 @@ def replay(
         result.spans += len(pending)
         result.trajectories += pending_trajectories
         result.batches += 1
-        pending, pending_trajectories = [], 0
+        pending, pending_trajectories, pending_bytes = [], 0, 0
 
     # A batch is mapped, encoded and sent with the cyclic collector paused (as the store's read
     # does): spans are trees, freed by reference counting once sent, yet the collections their
@@ -279,11 +287,16 @@ def replay(
         while True:
             with collector_paused():
                 for trajectory in remaining:
-                    pending.extend(mapper.spans(trajectory))
+                    for span in mapper.spans(trajectory):
+                        size = _approx_bytes(span)
+                        if pending and pending_bytes + size > batch_bytes:
+                            send()
+                        pending.append(span)
+                        pending_bytes += size
                     pending_trajectories += 1
                     if on_trajectory is not None:
                         on_trajectory(trajectory)
-                    if len(pending) >= batch_spans:
+                    if len(pending) >= batch_spans or pending_bytes >= batch_bytes:
                         break
                 if not pending:
                     break
@@ -292,6 +305,18 @@ def replay(
         if span_exporter is None:
             exporter.shutdown()
     return result
+
+
+def _approx_bytes(span: ReadableSpan) -> int:
+    """About what a span weighs encoded: its text attributes (content: messages, tool results)
+    and a fixed part for ids, times and names."""
+    size = 160 + len(span.name)
+    for key, value in (span.attributes or {}).items():
+        if isinstance(value, str):
+            size += len(key) + (len(value) if value.isascii() else 3 * len(value))
+        else:
+            size += len(key) + 16
+    return size
 
 
 class _BreakerExporter(SpanExporter):

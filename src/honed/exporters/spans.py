@@ -206,6 +206,15 @@ class SpanMapper:
         usage = step.usage if isinstance(step.usage, dict) else {}
         _put(attributes, "gen_ai.usage.input_tokens", _int(usage.get("input_tokens")))
         _put(attributes, "gen_ai.usage.output_tokens", _int(usage.get("output_tokens")))
+        cached = (
+            usage.get("input_token_details") if isinstance(usage.get("input_token_details"), dict) else {}
+        )
+        thought = (
+            usage.get("output_token_details") if isinstance(usage.get("output_token_details"), dict) else {}
+        )
+        _put(attributes, "gen_ai.usage.cache_read.input_tokens", _int(cached.get("cache_read")))
+        _put(attributes, "gen_ai.usage.cache_creation.input_tokens", _int(cached.get("cache_creation")))
+        _put(attributes, "gen_ai.usage.reasoning.output_tokens", _int(thought.get("reasoning")))
         finish = step.extra.get("finish_reason") or step.extra.get("stop_reason")
         if isinstance(finish, str) and finish:
             attributes["gen_ai.response.finish_reasons"] = (finish,)
