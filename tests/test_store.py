@@ -108,6 +108,18 @@ def test_a_run_stored_mid_export_never_makes_another_read_twice(store_url: str) 
     assert len(seen) == len(set(seen)) == 30
 
 
+@pytest.mark.parametrize("value", [0.1 + 0.2, 2**63 + 7, 2.0, -1e-300, 17])
+def test_a_bare_number_as_output_reads_back_as_it_was(store_url: str, value: float) -> None:
+    """SQLite's numeric affinity (a column declared JSON) turned a bare number's JSON text into a
+    REAL: 0.1 + 0.2 came back 0.3, 2**63 + 7 a float, 2.0 the int 2, before any verifier read it."""
+    store = honed.open_store(store_url)
+    step = Step(id="s", index=0, kind="tool", name="calc", output=value)
+    store.save(Trajectory(id="n", agent="a", task="t", output=value, steps=[step]))
+    for read in (store.get("n"), store.trajectories()[0]):
+        assert (read.output, type(read.output)) == (value, type(value))
+        assert (read.steps[0].output, type(read.steps[0].output)) == (value, type(value))
+
+
 def test_json_columns_hold_json_text_and_none_is_sql_null(store_url: str) -> None:
     """The writer hands the database JSON it encoded itself: a string is stored as a JSON string
     (not bare text), None as SQL NULL (not JSON null), on both backends."""

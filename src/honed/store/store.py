@@ -661,12 +661,19 @@ def _insert(session: Any, table: type[TrajectoryRow | StepRow], rows: list[dict[
         plan.processed_at,
         plan.names,
     )
+    # SQLite gives a column declared JSON numeric affinity: a bare number's text is stored as a
+    # REAL or INTEGER (0.1 + 0.2 read back as 0.3, 2**63 + 7 as a float, 2.0 as 2). As a BLOB of
+    # the same text it is kept as it is; the reader's `||` reads it as text.
+    numbers_as_blobs = connection.dialect.name == "sqlite"
     params: list[Any] = []
     for row in rows:
         values = list(values_of(row))
         for i in json_at:
-            if values[i] is not None:
-                values[i] = dumps(values[i])
+            value = values[i]
+            if value is not None:
+                values[i] = dumps(value)
+                if numbers_as_blobs and (type(value) is float or type(value) is int):
+                    values[i] = values[i].encode()
         for i, process in processed_at:
             if values[i] is not None:
                 values[i] = process(values[i])
