@@ -314,6 +314,25 @@ def test_served_requests_are_captured_as_trajectories(server: Server) -> None:
     assert step.model_version == "calc@v1" and step.tool_calls[0]["name"] == "add"
     assert len(step.extra["token_ids"]) == len(step.extra["logprobs"]) == step.usage["output_tokens"]
     assert step.input["tools"][0]["function"]["name"] == "add"
+    # The run's output is the reply, not the LLMResult (whose metadata held the prompt's ids).
+    assert t.output == "" and "generations" not in json.dumps(t.to_dict(), default=str)
+
+    # A secret in the prompt is redacted from the text, and from the token ids that encode it.
+    secret = "sk-proj-" + "a1B2c3D4e5F6g7H8i9J0" * 2
+    server.client(LABEL_KEY).chat.completions.create(
+        model="calc",
+        messages=[{"role": "user", "content": f"my key is {secret}, add 2 and 3"}],
+        temperature=0,
+        max_tokens=4,
+        metadata={"task_id": "served-secret", "split": "train"},
+    )
+    deadline = time.monotonic() + 15
+    while not (found := store.trajectories(task_id="served-secret")):
+        assert time.monotonic() < deadline, "the served request was not captured"
+        time.sleep(0.2)
+    [step] = found[0].model_steps()
+    assert "[REDACTED:openai_key]" in step.input["messages"][-1]["content"]
+    assert "prompt_token_ids" not in step.extra and step.extra["token_ids_dropped"] == "redacted"
     store.close()
 
 

@@ -38,6 +38,7 @@ from honed.capture.events import (
     TOOL,
     RanAs,
 )
+from honed.capture._textmatch import REDACTED_MARK
 from honed.capture.serialize import to_jsonable
 from honed.messages import ROLES, stored_message, text_of, tool_schema
 from honed.trajectory import INTERRUPTED
@@ -544,13 +545,27 @@ class Assembler:
             step["model_version"] = _opt_str(
                 meta.get("model_version") or meta.get("model_name") or meta.get("model") or extra.get("model")
             )
-            for key in ("finish_reason", "stop_reason", "token_ids", "prompt_token_ids", "logprobs"):
+            for key in ("finish_reason", "stop_reason"):
                 if meta.get(key) is not None:
                     step["extra"][key] = self._field(meta[key])
+            if any(meta.get(key) is not None for key in _TOKEN_KEYS):
+                self._token_ids(step, meta)
         elif isinstance(outputs, LLMResult) and outputs.generations and outputs.generations[0]:
             step["output"] = self._field(outputs.generations[0][0].text)
         if step["model_version"] is None:
             step["model_version"] = _opt_str(extra.get("model"))
+
+    def _token_ids(self, step: dict[str, Any], meta: dict[str, Any]) -> None:
+        """The token ids (and log-probabilities) a local model recorded, unless redaction changed
+        the text they encode: decoded, they would give back the secret the text no longer holds
+        (the prompt's in `prompt_token_ids`, the reply's in `token_ids`)."""
+        prompt_clean = not _holds_redaction(step["input"])
+        reply_clean = not _holds_redaction(step["output"])
+        for key, keep in (("prompt_token_ids", prompt_clean), ("token_ids", reply_clean), ("logprobs", reply_clean)):
+            if meta.get(key) is not None and keep:
+                step["extra"][key] = self._field(meta[key])
+        if not (prompt_clean and reply_clean):
+            step["extra"]["token_ids_dropped"] = "redacted"
 
     def _memoised(self, trajectory: _Open, key: Any, obj: Any, convert: Callable[[Any], Any]) -> Any:
         hit = trajectory.memo.get(key)
@@ -705,6 +720,24 @@ def _equal(a: Any, b: Any, depth: int = 0) -> bool:
     return False
 
 
+_TOKEN_KEYS = ("token_ids", "prompt_token_ids", "logprobs")
+
+
+def _holds_redaction(value: Any) -> bool:
+    """Whether a stored (JSON-able) value holds a redaction marker anywhere."""
+    todo = [value]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, str):
+            if REDACTED_MARK in item:
+                return True
+        elif isinstance(item, dict):
+            todo.extend(item.values())
+        elif isinstance(item, list):
+            todo.extend(item)
+    return False
+
+
 def _ai_message(outputs: Any) -> BaseMessage | None:
     if isinstance(outputs, AIMessage):
         return outputs
@@ -792,6 +825,11 @@ def _final_output(outputs: Any) -> tuple[Any, dict[str, str]]:
     types: dict[str, str] = {}
     if isinstance(outputs, BaseMessage):
         return text_of(outputs), types
+    if isinstance(outputs, LLMResult):  # a chat model run alone (`honed serve`): its reply
+        message = _ai_message(outputs)
+        if message is not None:
+            return text_of(message), types
+        return (outputs.generations[0][0].text if outputs.generations and outputs.generations[0] else ""), types
     if isinstance(outputs, dict) and isinstance(outputs.get("messages"), list):
         # The last reply; a `return_direct` tool's result ends the run in the model's place.
         last = next(
