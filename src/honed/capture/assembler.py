@@ -561,7 +561,11 @@ class Assembler:
         (the prompt's in `prompt_token_ids`, the reply's in `token_ids`)."""
         prompt_clean = not _holds_redaction(step["input"])
         reply_clean = not _holds_redaction(step["output"])
-        for key, keep in (("prompt_token_ids", prompt_clean), ("token_ids", reply_clean), ("logprobs", reply_clean)):
+        for key, keep in (
+            ("prompt_token_ids", prompt_clean),
+            ("token_ids", reply_clean),
+            ("logprobs", reply_clean),
+        ):
             if meta.get(key) is not None and keep:
                 step["extra"][key] = self._field(meta[key])
         if not (prompt_clean and reply_clean):
@@ -829,7 +833,9 @@ def _final_output(outputs: Any) -> tuple[Any, dict[str, str]]:
         message = _ai_message(outputs)
         if message is not None:
             return text_of(message), types
-        return (outputs.generations[0][0].text if outputs.generations and outputs.generations[0] else ""), types
+        return (
+            outputs.generations[0][0].text if outputs.generations and outputs.generations[0] else ""
+        ), types
     if isinstance(outputs, dict) and isinstance(outputs.get("messages"), list):
         # The last reply; a `return_direct` tool's result ends the run in the model's place.
         last = next(
