@@ -23,6 +23,7 @@ from langchain_core.outputs import LLMResult
 from langgraph.errors import GraphBubbleUp, GraphInterrupt
 from langgraph.types import Command
 
+from honed.capture._textmatch import REDACTED_MARK
 from honed.capture.events import (
     CHAIN,
     DISCARD,
@@ -38,7 +39,6 @@ from honed.capture.events import (
     TOOL,
     RanAs,
 )
-from honed.capture._textmatch import REDACTED_MARK
 from honed.capture.serialize import to_jsonable
 from honed.messages import ROLES, stored_message, text_of, tool_schema
 from honed.trajectory import INTERRUPTED
