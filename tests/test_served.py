@@ -90,6 +90,28 @@ def test_calls_in_flight_finish_on_their_weights_then_those_are_released(registr
     assert made[1].closed is True
 
 
+def test_calls_inside_pinned_go_to_one_version_whatever_is_promoted(registry) -> None:
+    """`honed serve` answered one request's `n` choices with `n` calls, each taking the live
+    version on its own: a promotion between them gave one response choices of two models."""
+    import asyncio
+
+    made: list[VersionEcho] = []
+    served = ServedModel(registry, name="agent", backend=echo_backend(made=made), poll_interval=60)
+
+    async def request() -> list[str]:
+        async with served.pinned() as version:
+            first = await served.ainvoke("choice 1")
+            registry.promote("agent", 2)
+            assert served.refresh().ref == "agent@v2"  # swapped while the request is in flight
+            rest = await asyncio.gather(*(served.ainvoke(f"choice {i}") for i in range(2, 5)))
+            assert made[0].closed is False  # the pinned version stays loaded until the block ends
+        return [version.ref, *(m.content for m in (first, *rest))]
+
+    assert asyncio.run(request()) == ["agent@v1"] * 5
+    assert made[0].closed is True and served.invoke("next").content == "agent@v2"
+    served.close()
+
+
 def test_polling_notices_a_promotion_from_elsewhere(registry) -> None:
     served = ServedModel(registry.url, name="agent", backend=echo_backend(), poll_interval=0.05)
     assert served.invoke("x").content == "agent@v1"

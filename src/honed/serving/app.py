@@ -214,9 +214,10 @@ def create_app(
         call = model.bind(stop=chat.stop, **chat.call_kwargs) if chat.stop else model.bind(**chat.call_kwargs)
         if chat.stream:
             return await _stream(call, chat, config)
-        answers = asyncio.gather(*(call.ainvoke(chat.messages, config=config) for _ in range(chat.n)))
         try:
-            replies = await _unless_client_leaves(request, answers)
+            async with model.pinned():  # the n choices come from one version, whatever is promoted
+                answers = asyncio.gather(*(call.ainvoke(chat.messages, config=config) for _ in range(chat.n)))
+                replies = await _unless_client_leaves(request, answers)
         except Exception as exc:
             raise _as_http_error(exc) from exc
         if replies is None:  # nobody to answer: the runs end as cancelled (LangChain says nothing)

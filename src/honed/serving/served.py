@@ -27,6 +27,8 @@ import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -128,6 +130,22 @@ class ServedModel(BaseChatModel):
     def live(self) -> ModelVersion | None:
         """The version new calls go to (None before the first promotion)."""
         return self._follower.version
+
+    @asynccontextmanager
+    async def pinned(self) -> AsyncIterator[ModelVersion]:
+        """Every call of this model inside the block (and in tasks it starts) goes to one version,
+        whatever is promoted meanwhile: the `n` choices of one request come from one model.
+
+            async with model.pinned() as version:
+                replies = await asyncio.gather(*(model.ainvoke(messages) for _ in range(n)))
+        """
+        slot = await self._follower.aacquire(self.wait_for_live)
+        token = _pinned.set((self._follower, slot))
+        try:
+            yield slot.version
+        finally:
+            _pinned.reset(token)
+            self._follower.release(slot)
 
     @property
     def context_window(self) -> int | None:
@@ -249,6 +267,9 @@ class ServedModel(BaseChatModel):
 
 # -- following the live pointer ---------------------------------------------------------------------
 
+# The slot `ServedModel.pinned()` holds for the calls inside it, with the follower it came from.
+_pinned: ContextVar[tuple[_Follower, _Slot] | None] = ContextVar("honed_pinned_slot", default=None)
+
 
 @dataclass(eq=False)
 class _Slot:
@@ -288,6 +309,10 @@ class _Follower:
 
     def acquire(self, wait: float) -> _Slot:
         with self._lock:
+            pinned = _pinned.get()
+            if pinned is not None and pinned[0] is self:  # inside `ServedModel.pinned()`
+                pinned[1].inflight += 1
+                return pinned[1]
             if self._slot is None and wait > 0:
                 self._lock.wait_for(lambda: self._slot is not None or self._stop.is_set(), timeout=wait)
             slot = self._slot
@@ -297,7 +322,7 @@ class _Follower:
             return slot
 
     async def aacquire(self, wait: float) -> _Slot:
-        if wait > 0 and self._slot is None:
+        if wait > 0 and self._slot is None and _pinned.get() is None:
             import asyncio
 
             return await asyncio.to_thread(self.acquire, wait)
