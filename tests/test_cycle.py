@@ -94,7 +94,10 @@ def test_a_live_score_from_a_setup_that_failed_is_not_its_baseline(world: dict[s
     wreck = SFTMethod(num_train_epochs=1, learning_rate=5.0, per_device_train_batch_size=4)
     broken = cycle(world, wreck, chat_model=lambda version, temperature: ScriptedChatModel(fail_on="add 2"))
     first = broken.run()
-    assert first.status == "rejected" and "0.000 -> 0.000" in first.reason
+    # Not compared at all: a live score from attempts that never ran would lose to any candidate.
+    assert first.status == "failed" and first.reason.startswith("NOT MEASURED"), first.reason
+    assert "attempts that failed to run" in first.reason
+    assert store.live_version(NAME).ref == world["v1"].ref
     (failed,) = store.eval_runs(NAME, version=world["v1"].ref, split="heldout")
     assert failed.metrics["errors"] == failed.metrics["trajectories"] > 0
     second = cycle(world, wreck).run()
@@ -104,6 +107,28 @@ def test_a_live_score_from_a_setup_that_failed_is_not_its_baseline(world: dict[s
     assert scores == [0.0, 1.0]
     cycle(world, wreck, adapt=False).run()
     assert len(store.eval_runs(NAME, version=world["v1"].ref, split="heldout")) == 2
+
+
+def test_a_round_no_verifier_could_judge_decides_nothing(world: dict[str, Any]) -> None:
+    """A judge outage while the live version is evaluated scored its attempts as fails, stored as
+    a round without errors: the cycle compared against 0 and promoted a copy of the live version
+    (a QA pass, session 14). Not measured now, and that round is never the live version's score."""
+    from honed.verifiers import ReferenceMatch
+
+    class Down(ReferenceMatch):
+        def verify(self, trajectory: Any) -> Any:
+            raise RuntimeError("the judge is down")
+
+    store = world["store"]
+    tie = SFTMethod(max_steps=1, learning_rate=1e-12, per_device_train_batch_size=4)
+    first = cycle(world, tie, verifiers=[Down()]).run()
+    assert first.status == "failed" and first.reason.startswith("NOT MEASURED"), first.reason
+    assert "no verifier judged" in first.reason and store.live_version(NAME).ref == world["v1"].ref
+    (outage,) = store.eval_runs(NAME, version=world["v1"].ref, split="heldout")
+    assert outage.metrics["unjudged"] == outage.metrics["trajectories"] > 0
+    second = cycle(world, tie).run()  # the judge is back: the live version is measured again
+    assert second.status == "rejected" and "held-out pass@1 1.000 -> 1.000" in second.reason, second.reason
+    assert store.live_version(NAME).ref == world["v1"].ref
 
 
 def test_the_gates_tasks_never_train_whatever_split_they_were_given_or_ran_in(world: dict[str, Any]) -> None:

@@ -418,7 +418,14 @@ class Cycle:
                 result.heldout = result.live_scores.to_dict()
                 result.candidate_heldout = result.candidate_scores.to_dict()
 
-            # 4. gate, then promote (compare-and-set on the live version evaluated) or reject
+            # 4. gate, then promote (compare-and-set on the live version evaluated) or reject. A live
+            # score from attempts that failed to run or be judged is the setup's, scored as fails: any
+            # candidate would beat it. So would one whose own judging failed, wrongly, lose; its
+            # attempts that failed to run are its own (a candidate that cannot run is worse).
+            unmeasured = _unmeasured(result.live_scores, result.candidate_scores)
+            if unmeasured:
+                self.store.reject(self.model, candidate.version, reason=unmeasured)
+                return self._finish(result, "failed", unmeasured, live)
             decision = self._decide(result.candidate_scores, result.live_scores)
             result.decision = decision.to_dict()
             self.store.update_training_run(
@@ -458,9 +465,9 @@ class Cycle:
         key = self._eval_key(tasks)
         for past in reversed(self.store.eval_runs(self.model, version=version.ref, split=HELDOUT)):
             if past.metrics.get("eval_key") == key and "per_task" in past.metrics:
-                if past.metrics.get("errors", 0) == 0:
+                if Scores.from_metrics(past.metrics).measured:
                     return Scores.from_metrics(past.metrics)
-                break  # the latest such evaluation had attempts that failed to run: evaluate again
+                break  # the latest such evaluation had attempts that failed to run or be judged
         started = time.monotonic()
         chat = self.chat_model(version, self.gate.temperature)
         try:
@@ -609,6 +616,21 @@ class Cycle:
             default=repr,
         )
         return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def _unmeasured(live: Scores, candidate: Scores) -> str:
+    """Why the gate cannot compare these two rounds, or ""."""
+    said = []
+    if not live.measured:
+        said.append(
+            f"the live version's round had {live.errors} attempts that failed to run and {live.unjudged} "
+            "no verifier judged"
+        )
+    if candidate.unjudged:
+        said.append(f"the candidate's round had {candidate.unjudged} attempts no verifier judged")
+    if not said:
+        return ""
+    return f"NOT MEASURED: {'; '.join(said)} (scored as fails, they measure the setup): fix it and run again"
 
 
 def tasks_from_store(store: Any, split: str, *, agent: str | None = None) -> list[Task]:

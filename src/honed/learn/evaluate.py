@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 from itertools import pairwise
 from typing import Any
 
-from honed.trajectory import Task, Trajectory, label
+from honed.trajectory import Task, Trajectory, is_verifier_error, label
 
 # An agent run that loops on tool calls is a failed attempt, not a hang: cap the graph's steps.
 RECURSION_LIMIT = 16
@@ -138,6 +138,14 @@ class Scores:
     # Attempts whose model call raised (a model or backend that failed, not the agent's own tool
     # errors or step limit): a round with any says more about the setup than about the version.
     errors: int = 0
+    # Attempts no scoring verifier judged (it raised, timed out, or the attempt never arrived):
+    # scored as fails, they say nothing about the version either.
+    unjudged: int = 0
+
+    @property
+    def measured(self) -> bool:
+        """Every attempt ran and was judged: the score is the version's, not the setup's."""
+        return self.errors == 0 and self.unjudged == 0
 
     @property
     def samples(self) -> int:
@@ -180,6 +188,7 @@ class Scores:
             round=str(metrics.get("round", "")),
             by_verifier=dict(metrics.get("by_verifier") or {}),
             errors=int(metrics.get("errors", 0)),
+            unjudged=int(metrics.get("unjudged", 0)),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -195,6 +204,7 @@ class Scores:
             "round": self.round,
             "by_verifier": self.by_verifier,
             "errors": self.errors,
+            "unjudged": self.unjudged,
         }
 
 
@@ -229,11 +239,15 @@ def score(
     skip = set(untrusted)
     only = None if verifiers is None else set(verifiers)
     per_task: dict[str, list[bool | None]] = {t.id: [] for t in tasks}
+    unjudged = 0
     for t in trajectories:
         if t.task_id in per_task:
             verdicts = t.verdicts if only is None else [v for v in t.verdicts if v.verifier in only]
             per_task[t.task_id].append(label(verdicts, untrusted=skip))
+            if not any(not is_verifier_error(v) for v in verdicts):
+                unjudged += 1  # every scoring verifier raised, or none got to it
     for results in per_task.values():
+        unjudged += max(0, samples - len(results))  # an attempt that never arrived
         results.extend([False] * max(0, samples - len(results)))
     return Scores(
         per_task=per_task,
@@ -243,6 +257,7 @@ def score(
         round=round_tag,
         by_verifier=pass_rates(trajectories),
         errors=sum(1 for t in trajectories if t.task_id in per_task and _failed_to_run(t)),
+        unjudged=unjudged,
     )
 
 

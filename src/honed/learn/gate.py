@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from statistics import NormalDist
 from typing import Any
 
 from honed.learn.evaluate import Scores
@@ -60,22 +59,91 @@ class GateDecision:
 
 def paired_gain(candidate: Scores, live: Scores, confidence: float = 0.95) -> tuple[float, float, int]:
     """Mean per-task gain in pass rate of `candidate` over `live`, its one-sided lower confidence
-    bound (normal approximation over tasks), and the number of tasks both were scored on."""
-    cand, base = candidate.task_rates(), live.task_rates()
-    mean, half, n = _paired([cand[t] - base[t] for t in cand.keys() & base.keys()], confidence)
+    bound (see `_paired`), and the number of tasks both were scored on."""
+    shared = sorted(candidate.task_rates().keys() & live.task_rates().keys())
+    mean, half, n = _paired(_differences(candidate, live, shared), confidence)
     return mean, mean - half, n
 
 
-def _paired(diffs: list[float], confidence: float) -> tuple[float, float, int]:
-    """Mean of paired differences, the half-width of its one-sided bound (inf below 2), and n."""
+def _differences(candidate: Scores, live: Scores, tasks: list[str]) -> list[tuple[float, float]]:
+    """Per task: the gain in pass rate, and the sampling variance of that gain (each rate a
+    binomial mean, its p taken as (passes + 1/2) / (samples + 1) so that 0 of 8 is not certain)."""
+    out = []
+    for t in tasks:
+        c, b = candidate.per_task[t], live.per_task[t]
+        out.append(
+            (sum(map(bool, c)) / len(c) - sum(map(bool, b)) / len(b), _rate_variance(c) + _rate_variance(b))
+        )
+    return out
+
+
+def _rate_variance(results: list[bool | None]) -> float:
+    k = len(results)
+    p = (sum(map(bool, results)) + 0.5) / (k + 1)
+    return p * (1 - p) / k
+
+
+def _paired(diffs: list[tuple[float, float]], confidence: float) -> tuple[float, float, int]:
+    """Mean of paired (difference, sampling variance) pairs, the half-width of its one-sided
+    bound (inf below 2), and n. Student's t with n - 1 degrees of freedom, not the normal: held-out
+    sets are small (a normal bound promoted an equal candidate in 14% of cycles at 3 tasks, 7% at
+    10). The variance is the larger of the differences' spread and their own sampling variance:
+    two tasks both +1 have no spread, yet one sample each is no evidence (the bound was +1)."""
     n = len(diffs)
     if n == 0:
         return 0.0, math.inf, 0
-    mean = sum(diffs) / n
+    mean = sum(d for d, _ in diffs) / n
     if n == 1:
         return mean, math.inf, 1
-    var = sum((d - mean) ** 2 for d in diffs) / (n - 1)
-    return mean, NormalDist().inv_cdf(confidence) * math.sqrt(var / n), n
+    spread = sum((d - mean) ** 2 for d, _ in diffs) / (n - 1) / n
+    sampling = sum(v for _, v in diffs) / n**2
+    return mean, t_quantile(confidence, n - 1) * math.sqrt(max(spread, sampling)), n
+
+
+def t_quantile(p: float, df: int) -> float:
+    """Student's t quantile (p > 1/2), by bisection on its CDF: SciPy is not a dependency."""
+    lo, hi = 0.0, 1.0
+    while _t_cdf(hi, df) < p:
+        hi *= 2
+    for _ in range(80):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _t_cdf(mid, df) < p else (lo, mid)
+    return hi
+
+
+def _t_cdf(t: float, df: int) -> float:
+    tail = 0.5 * _incomplete_beta(df / 2, 0.5, df / (df + t * t))
+    return 1 - tail if t > 0 else tail
+
+
+def _incomplete_beta(a: float, b: float, x: float) -> float:
+    """The regularised incomplete beta function I_x(a, b) (a continued fraction, Lentz)."""
+    if x <= 0:
+        return 0.0
+    if x >= 1:
+        return 1.0
+    if x > (a + 1) / (a + b + 2):
+        return 1 - _incomplete_beta(b, a, 1 - x)
+    front = math.exp(
+        math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    )
+    tiny = 1e-300
+    c, d = 1.0, 1 - (a + b) * x / (a + 1)
+    d = 1 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 300):
+        for numerator in (
+            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
+        ):
+            d = 1 + numerator * d
+            d = 1 / (d if abs(d) > tiny else tiny)
+            c = 1 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            h *= c * d
+        if abs(c * d - 1) < 1e-15:
+            break
+    return front * h / a
 
 
 def decide(
@@ -89,8 +157,8 @@ def decide(
 ) -> GateDecision:
     """Compare two scored rounds of the same held-out tasks; see the module docstring."""
     cand_rates, live_rates = candidate.task_rates(), live.task_rates()
-    shared = cand_rates.keys() & live_rates.keys()
-    gain, half, n = _paired([cand_rates[t] - live_rates[t] for t in shared], confidence)
+    shared = sorted(cand_rates.keys() & live_rates.keys())
+    gain, half, n = _paired(_differences(candidate, live, shared), confidence)
     lower = gain - half
     reasons: list[str] = []
     ok, setback = True, gain < 0
@@ -114,7 +182,7 @@ def decide(
         if drop <= slice_tolerance:
             continue
         ids = [t for t in shared if candidate.slice_of(t) == name]
-        mean, half, n = _paired([cand_rates[t] - live_rates[t] for t in ids], confidence)
+        mean, half, n = _paired(_differences(candidate, live, ids), confidence)
         if mean + half < 0:
             ok, setback = False, True
             reasons.append(
