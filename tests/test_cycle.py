@@ -131,6 +131,22 @@ def test_a_round_no_verifier_could_judge_decides_nothing(world: dict[str, Any]) 
     assert store.live_version(NAME).ref == world["v1"].ref
 
 
+def test_a_live_score_is_reused_only_under_the_same_setup(world: dict[str, Any]) -> None:
+    """The stored live score was keyed on tasks, sampling and verifiers, not on how the version
+    runs: a cycle at max_tokens=4 stored v1 at 0 (every answer cut short, no error), and the next,
+    at max_tokens=48, reused that 0 and promoted a copy of v1 (a QA pass, session 14)."""
+    from honed.learn.cycle import local_chat_model
+
+    store = world["store"]
+    tie = SFTMethod(max_steps=1, learning_rate=1e-12, per_device_train_batch_size=4)
+    short = cycle(world, tie, chat_model=local_chat_model(max_tokens=4)).run()
+    assert short.status == "rejected" and "0.000 -> 0.000" in short.reason, short.reason
+    second = cycle(world, tie, adapt=False).run()  # max_tokens=48: v1 is measured again
+    assert second.status == "rejected" and "held-out pass@1 1.000 -> 1.000" in second.reason, second.reason
+    scores = [e.metrics["pass_at_1"] for e in store.eval_runs(NAME, version=world["v1"].ref, split="heldout")]
+    assert scores == [0.0, 1.0] and store.live_version(NAME).ref == world["v1"].ref
+
+
 def test_the_gates_tasks_never_train_whatever_split_they_were_given_or_ran_in(world: dict[str, Any]) -> None:
     """Tasks handed to the gate are held out: `Task`'s default split is train, and these already
     have verified train runs in the store; the cycle must neither train on them nor capture its

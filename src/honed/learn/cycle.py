@@ -27,6 +27,7 @@ and scores), `gate.decide`; this module only puts them in order.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -610,12 +611,47 @@ class Cycle:
         content = sorted(([t.id, t.prompt, t.honed_metadata()] for t in tasks), key=lambda c: c[0])
         names = [[getattr(v, "name", str(v)), str(getattr(v, "version", ""))] for v in self.verifiers]
         watched = [[getattr(v, "name", str(v)), str(getattr(v, "version", ""))] for v in self.watched]
+        # How a version is run, too: a score under max_tokens=4 is no baseline for max_tokens=48.
+        setup = [_fingerprint(self.chat_model), _fingerprint(self.agent)]
         raw = json.dumps(
-            [content, self.gate.samples, self.gate.temperature, names, *([watched] if watched else [])],
+            [
+                content,
+                self.gate.samples,
+                self.gate.temperature,
+                names,
+                *([watched] if watched else []),
+                setup,
+            ],
             sort_keys=True,
             default=repr,
         )
         return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def _fingerprint(factory: Any, depth: int = 0) -> Any:
+    """What a factory is, as far as it can be told: its code and the values it closes over (the
+    settings of `local_chat_model(max_tokens=48)`), or a partial's function and arguments. A value
+    with no stable form (an object's default repr holds its address) only makes the stored score
+    unusable, never wrongly reused."""
+    if depth > 3:
+        return repr(factory)
+    if isinstance(factory, functools.partial):
+        return [
+            _fingerprint(factory.func, depth + 1),
+            repr(factory.args),
+            repr(sorted(factory.keywords.items())),
+        ]
+    code = getattr(factory, "__code__", None)
+    if code is None:
+        return repr(factory)
+    cells = []
+    for cell in getattr(factory, "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            value = None
+        cells.append(_fingerprint(value, depth + 1) if callable(value) else repr(value))
+    return [factory.__module__, factory.__qualname__, code.co_code.hex(), repr(code.co_consts), cells]
 
 
 def _unmeasured(live: Scores, candidate: Scores) -> str:
