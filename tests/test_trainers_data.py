@@ -308,6 +308,24 @@ def test_a_heldout_request_in_disguise_or_an_earlier_turn_never_trains(any_store
     assert request_key("What is 2+3?") == "what is 2+3" != request_key("What is 2-3?")
 
 
+def test_a_hashed_out_request_stays_out_whatever_is_selected_and_gate_runs_stay_out_of_any_split(
+    store: TrajectoryStore,
+) -> None:
+    """Two leaks a QA pass found (session 14): a task held out by its hash held its request only
+    when its own run was in the same selection (unlabeled, or another agent's, it was not), and a
+    custom held-out split stopped holding `heldout`, where the gate's own runs are captured."""
+    hashed = next(f"h{i}" for i in range(200) if task_hash(f"h{i}") < 0.3)
+    free = next(f"f{i}" for i in range(200) if task_hash(f"f{i}") >= 0.3)
+    add(store, make_trajectory(hashed, user="What is 6 plus 3?", agent="other"))  # unlabeled, elsewhere
+    twin = add(store, make_trajectory(free, user="What is 6 plus 3?"), True)
+    kept = add(store, make_trajectory("train-1"), True)
+    data = prepare(store, "sft", heldout_fraction=0.3, agent="calc")
+    assert twin.id not in data.trajectory_ids and kept.id in data.trajectory_ids
+    gate_run = add(store, make_trajectory("gate-1", split="heldout", user="What is 9 plus 9?"), True)
+    data = prepare(store, "sft", heldout_split="test")
+    assert gate_run.id not in data.trajectory_ids and kept.id in data.trajectory_ids
+
+
 def test_a_new_unaudited_version_a_pass_that_erred_and_a_paused_run_never_train(
     any_store: TrajectoryStore,
 ) -> None:

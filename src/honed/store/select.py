@@ -53,7 +53,10 @@ class HeldOut:
 
     @classmethod
     def of(cls, store: TrajectoryStore, *, split: str = HELDOUT, fraction: float = 0.0) -> HeldOut:
-        task_ids, requests = _heldout_tasks_and_requests(store, split)
+        """The policy with the store's held-out tasks and their requests: those of `split` and of
+        `heldout` (where the gate's own runs are always captured), and, with a `fraction`, the
+        requests of every task its hash holds out, wherever their runs are."""
+        task_ids, requests = _heldout_tasks_and_requests(store, split, fraction)
         return cls(frozenset(task_ids), split, fraction, frozenset(requests))
 
     def holds(self, item: Trajectory | Mapping[str, Any] | tuple[str | None, str | None]) -> bool:
@@ -62,7 +65,7 @@ class HeldOut:
         task_id, split = _task_and_split(item)
         if task_id is not None and str(task_id) in self.task_ids:
             return True
-        if split is not None and same_split(split, self.split):
+        if split is not None and (same_split(split, self.split) or same_split(split, HELDOUT)):
             return True
         if self.requests and not self.requests.isdisjoint(requests_of(item)):
             return True
@@ -150,8 +153,11 @@ def task_hash(task_id: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def _heldout_tasks_and_requests(store: TrajectoryStore, heldout_split: str) -> tuple[set[str], set[str]]:
-    """The task ids and `request_key`s of every trajectory in `heldout_split`, in one read."""
+def _heldout_tasks_and_requests(
+    store: TrajectoryStore, heldout_split: str, fraction: float = 0.0
+) -> tuple[set[str], set[str]]:
+    """The task ids and `request_key`s of every trajectory in `heldout_split` (or `heldout`), and
+    with a `fraction` the requests of every task its hash holds out."""
     from sqlalchemy import select
 
     from honed.messages import request_text
@@ -162,19 +168,24 @@ def _heldout_tasks_and_requests(store: TrajectoryStore, heldout_split: str) -> t
     with store.engine.connect() as conn:
         # The spellings in the store that mean the held-out split, decided here, not in SQL.
         splits = conn.execute(select(TrajectoryRow.split).where(TrajectoryRow.split.is_not(None)).distinct())
-        written = [split for (split,) in splits if same_split(split, heldout_split)]
-        if not written:
-            return task_ids, requests
-        query = (
-            select(TrajectoryRow.task_id, TrajectoryRow.task)
-            .where(TrajectoryRow.split.in_(written))
-            .distinct()
-        )
-        for task_id, task in conn.execute(query):
-            if task_id is not None:
-                task_ids.add(str(task_id))
-            if (key := request_key(request_text(task))) is not None:
-                requests.add(key)
+        written = [s for (s,) in splits if same_split(s, heldout_split) or same_split(s, HELDOUT)]
+        if written:
+            query = select(TrajectoryRow.task_id, TrajectoryRow.task).where(TrajectoryRow.split.in_(written))
+            for task_id, task in conn.execute(query.distinct()):
+                if task_id is not None:
+                    task_ids.add(str(task_id))
+                if (key := request_key(request_text(task))) is not None:
+                    requests.add(key)
+        if fraction > 0:  # a hashed-out task's request, whatever split or selection its runs are in
+            query = select(TrajectoryRow.task_id, TrajectoryRow.task).where(
+                TrajectoryRow.task_id.is_not(None)
+            )
+            for task_id, task in conn.execute(query.distinct()):
+                if (
+                    task_hash(str(task_id)) < fraction
+                    and (key := request_key(request_text(task))) is not None
+                ):
+                    requests.add(key)
     return task_ids, requests
 
 
