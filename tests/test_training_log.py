@@ -52,6 +52,19 @@ def test_one_trainer_per_model_and_an_expired_holder_is_taken_over(store_url: st
     other.close()
 
 
+def test_a_held_lock_is_renewed_for_as_long_as_its_block_runs(store_url: str) -> None:
+    """Never renewed, a lock held past its time was taken over mid-run (a QA pass, session 14)."""
+    import time
+
+    store, other = honed.open_store(store_url), honed.open_store(store_url)
+    with store.trainer_lock("agent", ttl_s=0.6) as owner:
+        time.sleep(1.5)  # two and a half times its ttl
+        with pytest.raises(TrainerBusy):
+            other.acquire_trainer_lock("agent", owner="b")
+        assert other.trainer_lock_holder("agent") == owner
+    assert other.trainer_lock_holder("agent") is None  # released at the end of the block
+
+
 def test_migration_0004_downgrades_and_upgrades(store_url: str) -> None:
     from alembic import command
     from sqlalchemy import inspect

@@ -432,6 +432,10 @@ class Cycle:
             self.store.update_training_run(
                 run.id, metrics={"gate": result.decision, "heldout": result.candidate_heldout}
             )
+            if decision.promote and self.store.trainer_lock_holder(self.model) != owner:
+                lost = f"{decision.reason}; not promoted: another trainer holds {self.model}'s lock now"
+                self.store.reject(self.model, candidate.version, reason=lost)
+                return self._finish(result, "failed", lost, live)
             if decision.promote:
                 self.store.promote(
                     self.model, candidate.version, expected_live=live.version, reason=decision.reason

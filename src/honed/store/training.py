@@ -7,8 +7,10 @@ trainer's lock expires; its run is then marked `interrupted`), and `honed status
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -20,6 +22,8 @@ from sqlalchemy.exc import IntegrityError
 
 from honed.store.database import Database
 from honed.store.training_tables import EvalRunRow, TrainerLockRow, TrainingExampleRow, TrainingRunRow
+
+log = logging.getLogger("honed")
 
 FINAL = ("promoted", "rejected", "failed", "nothing_to_learn", "interrupted")
 
@@ -156,10 +160,27 @@ class TrainingLog:
 
     @contextmanager
     def trainer_lock(self, model: str, *, ttl_s: float = 3600.0) -> Iterator[str]:
+        """Hold `model`'s trainer lock for the block, renewed every third of `ttl_s` while it runs
+        (a training run and its gate may outlast any fixed time: unrenewed, a second trainer took
+        the lock over mid-run and marked the first interrupted while it still trained)."""
         owner = self.acquire_trainer_lock(model, ttl_s=ttl_s)
+        done = threading.Event()
+
+        def renew() -> None:
+            while not done.wait(ttl_s / 3):
+                try:
+                    if not self.renew_trainer_lock(model, owner, ttl_s=ttl_s):
+                        return  # taken over: the holder checks before it promotes
+                except Exception:  # the store briefly down: the next renewal may get through
+                    log.warning("honed: could not renew the trainer lock of %s", model, exc_info=True)
+
+        renewer = threading.Thread(target=renew, name=f"honed-trainer-lock[{model}]", daemon=True)
+        renewer.start()
         try:
             yield owner
         finally:
+            done.set()
+            renewer.join(timeout=10)
             self.release_trainer_lock(model, owner)
 
     # -- runs ------------------------------------------------------------------------------
