@@ -147,6 +147,19 @@ def test_a_live_score_is_reused_only_under_the_same_setup(world: dict[str, Any])
     assert scores == [0.0, 1.0] and store.live_version(NAME).ref == world["v1"].ref
 
 
+def test_a_rejected_candidate_is_not_trained_and_gated_again_unchanged(world: dict[str, Any]) -> None:
+    """With no new experience the next cycle trained the same examples with the same method into
+    the same weights and re-rolled the gate's sample against the cached live score (a QA pass,
+    session 14): an equal candidate gets through sooner or later that way."""
+    tie = SFTMethod(max_steps=1, learning_rate=1e-12, per_device_train_batch_size=4)
+    first = cycle(world, tie).run()
+    assert first.status == "rejected" and "1.000 -> 1.000" in first.reason, first.reason
+    again = cycle(world, tie).run()
+    assert again.status == "nothing_to_learn", again.reason
+    assert f"the same 2 examples and method as rejected run {first.run_id}" in again.reason
+    assert world["store"].live_version(NAME).ref == world["v1"].ref
+
+
 def test_the_gates_tasks_never_train_whatever_split_they_were_given_or_ran_in(world: dict[str, Any]) -> None:
     """Tasks handed to the gate are held out: `Task`'s default split is train, and these already
     have verified train runs in the store; the cycle must neither train on them nor capture its
