@@ -628,17 +628,23 @@ class _Build:
         return out
 
     def _dedupe(self, examples: list[_Example], label: Any = None) -> list[_Example]:
+        """One example per (label, content), the newest version's copy kept: the live version's
+        rows are the ones `newest_weight` counts up, and lineage names the version that did it."""
         seen: set[tuple[Any, str]] = set()
-        out = []
-        for e in examples:
+        keep: set[int] = set()
+        newest_first = sorted(
+            range(len(examples)), key=lambda i: self.rank.get(examples[i].trajectory.model_version or "", 0)
+        )  # stable: oldest first within a version
+        for i in newest_first:
+            e = examples[i]
             content = e.content if e.messages else _dumps(_token_ids_of(e.trajectory))
             key = (label(e) if label else None, content)
             if key in seen:
                 self.counts["duplicates"] += 1
                 continue
             seen.add(key)
-            out.append(e)
-        return out
+            keep.add(i)
+        return [e for i, e in enumerate(examples) if i in keep]
 
     def _cap(self, examples: list[_Example], label: Any = None) -> list[_Example]:
         """At most `max_per_task` per task (and label), drawn with `seed`, so one easy task
