@@ -708,7 +708,7 @@ def test_a_cycle_learns_from_its_whole_lineage_newest_first(store: TrajectorySto
     assert all(rows[i] == 3 for i, v in by_id.items() if v == "calc@v4")
     # The live version passing exactly as an ancestor did: its copy is the one kept, and weighted up
     # (the oldest copy was kept, counted once and credited to the ancestor).
-    repeat = add(store, make_trajectory("t2", model_version=v4.ref, a=7), True)
     add(store, make_trajectory("t2", model_version=v1.ref, a=7), True)
+    repeat = add(store, make_trajectory("t2", model_version=v4.ref, a=7), True)
     data = prepare(store, "sft", **DataConfig(max_per_task=4).filters(v4, chain))
     assert repeat.id in data.trajectory_ids and Counter(data.dataset["trajectory_id"])[repeat.id] == 2
