@@ -343,6 +343,35 @@ def test_a_request_no_sampler_can_run_fails_alone(model) -> None:
     assert 1 <= len(results[5].token_ids) <= 12
 
 
+def test_one_client_filling_the_batch_leaves_a_row_for_another(model) -> None:
+    """`honed serve` admitted rows first come, first served: one client's 64 long rows (n=16
+    four times) made another's 4-token request wait for all of them, minutes (a QA pass, session
+    14). A client holds at most `client_cap` rows; the next client's row starts at once."""
+    from concurrent.futures import wait
+
+    from honed.serving.batching import BatchGenerator, GenerationRequest
+
+    engine = model.engine
+    generator = BatchGenerator(
+        engine.generator.model, engine.tokenizer, eos_ids=[], pad_id=engine.generator.pad_id, max_batch=8
+    )  # no end-of-text: every hog row runs its whole budget
+    try:
+        assert generator.client_cap == 7
+        prompt = engine.encode("word " * 8)
+        hogs = [
+            generator.submit(GenerationRequest(prompt, 400, temperature=0, client="hog")) for _ in range(10)
+        ]
+        time.sleep(0.3)  # the hog's rows are decoding
+        small = generator.submit(GenerationRequest(prompt, 2, temperature=0, client="other"))
+        small.result(timeout=60)
+        assert not any(h.done() for h in hogs), "the small request waited for the hog's rows"
+        assert small.result().batch_size == 8  # it decoded beside 7 of the hog's rows
+        wait(hogs, timeout=300)
+        assert all(len(h.result().token_ids) == 400 for h in hogs)  # held rows ran too, in turn
+    finally:
+        generator.close()
+
+
 def test_sampling_fails_only_the_rows_it_cannot_sample() -> None:
     from concurrent.futures import Future
 

@@ -72,7 +72,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from honed.capture.events import ERROR, START
 from honed.serving import protocol
-from honed.serving.batching import InvalidGeneration
+from honed.serving.batching import InvalidGeneration, current_client
 from honed.serving.engine import ContextWindowExceeded, PromptTooSlow
 from honed.serving.protocol import BadRequest, ChatRequest, error_body
 from honed.serving.served import ServedModel
@@ -202,6 +202,8 @@ def create_app(
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: Request) -> JSONResponse | StreamingResponse:
         can_label = keys.authorize(request)
+        # Whose rows these are, for the batch's per-client cap (this request's task only).
+        current_client.set(request.client.host if request.client is not None else None)
         raw = await request.body()
         try:
             chat = await run_in_threadpool(_read_chat, raw, served)

@@ -32,8 +32,10 @@ import os
 import queue
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -72,6 +74,9 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     on_token: Callable[[int, float], None] | None = None
     cancelled: bool = False
+    # Who asked (`honed serve`: the API key or address): one client holds at most
+    # `BatchGenerator.client_cap` rows, so another's request always finds one. None: no cap.
+    client: str | None = None
 
 
 @dataclass(slots=True)
@@ -85,6 +90,10 @@ class GenerationResult:
     stop_string: str | None = None
     batch_size: int = 1
 
+
+# The client a request comes from, as `honed serve` names it (set around each request's calls):
+# local models put it on their `GenerationRequest`s.
+current_client: ContextVar[str | None] = ContextVar("honed_serving_client", default=None)
 
 _CLOSE = object()
 _JOIN_EVERY_WINDOWS = 2  # newcomers join a running batch at most every 2 windows (10 ms), or at once if many
@@ -112,6 +121,10 @@ class BatchGenerator:
         self.eos_ids = frozenset(int(i) for i in eos_ids)
         self.pad_id = int(pad_id)
         self.max_batch = max(1, int(max_batch))
+        # Rows one client may hold: an eighth of the batch stays free for the others (one client's
+        # 64 long rows made everyone else wait minutes, a QA pass found).
+        self.client_cap = max(1, self.max_batch - max(1, self.max_batch // 8))
+        self._held: list[_Row] = []  # rows of clients at their cap, in arrival order
         self.window_s = max(0.0, float(window_s))
         self.threads = threads
         accepted = inspect.signature(model.forward).parameters
@@ -167,7 +180,7 @@ class BatchGenerator:
         closing, last_join = False, 0.0
         solo_until = 0.0  # a lone caller calling again soon does not wait for company
         while True:
-            if batch is None and not waiting:
+            if batch is None and not waiting and not self._held:
                 if closing:
                     break
                 first = self._queue.get()
@@ -178,7 +191,7 @@ class BatchGenerator:
                 more, seen_close = self._drain(self.max_batch - len(waiting) - (batch.size if batch else 0))
                 waiting += more
                 closing = closing or seen_close
-            waiting = [r for r in waiting if not r.abandoned()]
+            waiting = self._within_caps(batch, [r for r in waiting if not r.abandoned()])
             now = time.monotonic()
             # Newcomers join a running batch in groups: each join is a prefill plus a copy of the
             # KV cache, worth paying for a few rows at a time, not for every single arrival.
@@ -208,6 +221,22 @@ class BatchGenerator:
                     if batch is None:
                         solo_until = time.monotonic() + _SOLO_S if peak == 1 else 0.0
         self._fail_queued()
+
+    def _within_caps(self, batch: _Batch | None, arrived: list[_Row]) -> list[_Row]:
+        """The rows to start now: rows held back earlier first (their clients may have room now),
+        then the new ones, each client up to `client_cap` rows in the batch; the rest wait."""
+        held, self._held = [r for r in self._held if not r.abandoned()], []
+        running = Counter(r.request.client for r in batch.rows) if batch is not None else Counter()
+        room = self.max_batch - (batch.size if batch is not None else 0)
+        start = []
+        for row in (*held, *arrived):
+            client = row.request.client
+            if len(start) < room and (client is None or running[client] < self.client_cap):
+                running[client] += 1
+                start.append(row)
+            else:
+                self._held.append(row)
+        return start
 
     def _collect(self, first: Any, *, wait: bool) -> tuple[list[_Row], bool]:
         """The first request plus those arriving within `window_s` of the previous one, up to
@@ -247,6 +276,10 @@ class BatchGenerator:
                 row.future.set_exception(exc)
 
     def _fail_queued(self) -> None:
+        for row in self._held:
+            if not row.future.done():
+                row.future.set_exception(GeneratorClosed("this model was closed before the request ran"))
+        self._held = []
         while True:
             try:
                 item = self._queue.get_nowait()

@@ -32,7 +32,13 @@ from langchain_core.runnables import Runnable
 from pydantic import Field, PrivateAttr
 
 from honed.messages import dump_arguments, template_messages, tool_schemas
-from honed.serving.batching import DEFAULT_MAX_BATCH, DEFAULT_WINDOW_S, GenerationRequest, GenerationResult
+from honed.serving.batching import (
+    DEFAULT_MAX_BATCH,
+    DEFAULT_WINDOW_S,
+    GenerationRequest,
+    GenerationResult,
+    current_client,
+)
 from honed.serving.engine import Engine, PromptTooSlow, acquire_engine, release_engine
 from honed.serving.toolcalls import CompletionParser
 
@@ -233,9 +239,13 @@ class LocalChatModel(BaseChatModel):
         loop = asyncio.get_running_loop()
         started = asyncio.Event()
 
+        client = current_client.get()  # the pool's threads do not see this task's context
+
         def job() -> GenerationRequest:
             loop.call_soon_threadsafe(started.set)
-            return self._request(messages, stop, kwargs)
+            request = self._request(messages, stop, kwargs)
+            request.client = client
+            return request
 
         done = loop.run_in_executor(_prepare_pool(), job)
         waiting = asyncio.ensure_future(started.wait())
@@ -276,6 +286,7 @@ class LocalChatModel(BaseChatModel):
             top_p=float(_first(kwargs.get("top_p"), self.top_p, engine.defaults["top_p"])),
             top_k=int(_first(kwargs.get("top_k"), self.top_k, engine.defaults["top_k"])),
             stop=tuple(s for s in (stop or self.stop or ()) if s),
+            client=current_client.get(),
         )
 
     def _message(
