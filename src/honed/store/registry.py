@@ -20,6 +20,7 @@ import os
 import re
 import socket
 import struct
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -184,14 +185,12 @@ _JSON_FILES = (
 
 
 def _check_model_type(settings: dict[str, Any], ref: str) -> None:
-    """A `model_type` transformers does not know loads nowhere (checked where transformers is
-    installed: the registry itself needs no training dependencies)."""
+    """A `model_type` transformers does not know loads nowhere. Checked where transformers is
+    loaded already (a server, a training cycle): the registry imports no model library itself."""
     model_type = settings.get("model_type")
-    try:
-        from transformers import CONFIG_MAPPING
-    except ImportError:
-        return
-    if model_type is not None and model_type not in CONFIG_MAPPING:
+    transformers = sys.modules.get("transformers")
+    mapping = getattr(transformers, "CONFIG_MAPPING", None) if transformers is not None else None
+    if mapping is not None and model_type is not None and model_type not in mapping:
         raise ModelVersionInvalid(
             ref, f"config.json names model_type {model_type!r}, which transformers does not know"
         )
