@@ -82,6 +82,46 @@ def test_routing_and_bad_input_in_the_worker(sqlite_url: str) -> None:
     assert "no reference" in store.get("named").verdicts[0].reason
 
 
+def test_what_a_verifier_returns_is_checked_and_stored_whatever_it_holds(store_url: str) -> None:
+    """A QA pass (session 14): evidence quoting an answer's NUL (PostgreSQL's jsonb refuses it)
+    or holding a set failed the whole batch, forever, the good verdicts behind it included; a
+    goal check's "false" was a pass (truthy), a NaN score was clamped to 1.0, and a verdict with a
+    score of "high" crashed the worker."""
+    from honed.trajectory import Verdict
+
+    def check(state: dict) -> object:
+        return {
+            "nul": {
+                "passed": False,
+                "reason": "got a\x00",
+                "evidence": {"got": ["a\x00", "b"], "ids": {1, 2}},
+            },
+            "says-false": {"passed": "false", "reason": "the simulator's JSON"},
+            "nan": float("nan"),
+            "good": True,
+        }[state["case"]]
+
+    class HighScore(ReferenceMatch):
+        def __init__(self) -> None:
+            super().__init__()
+            self.name = "high"
+
+        def verify(self, trajectory: object) -> Verdict:
+            return Verdict(passed=True, score="high")  # type: ignore[arg-type]
+
+    store = honed.open_store(store_url)
+    for case in ("nul", "says-false", "nan", "good"):
+        store.save(traj(case, {"answer": "x", "case": case}, verifier="goal"))
+    store.save(traj("scored", "5", expected="5", verifier="high"))
+    assert Worker(store, [GoalCheck(check), HighScore()], max_attempts=1).run_once() == 5
+    got = {t.id: t.verdicts[0] for t in store.trajectories(limit=None) if t.verdicts}
+    assert set(got) == {"nul", "says-false", "nan", "good", "scored"}, got
+    assert got["nul"].passed is False and got["nul"].evidence == {"got": ["a\ufffd", "b"], "ids": [1, 2]}
+    assert got["good"].passed is True
+    for case in ("says-false", "nan", "scored"):  # errors: no label, never a pass
+        assert got[case].passed is None and is_error(got[case]), (case, got[case].reason)
+
+
 def test_a_hung_verifier_is_an_error_retried_with_backoff_never_a_pass(store_url: str) -> None:
     store = honed.open_store(store_url)
     seed(store, 2)

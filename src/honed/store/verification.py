@@ -11,6 +11,7 @@ renewing it, and once `lease_until` passes the row is claimable again.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -20,6 +21,7 @@ from sqlalchemy import and_, exists, func, insert, literal, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import aliased
 
+from honed._json import scrubbed
 from honed.store.database import Database
 from honed.store.schema import TrajectoryRow, UTCDateTime, VerdictRow
 from honed.store.verification_tables import VerificationClaimRow, VerifierAuditRow, VerifierPolicyRow
@@ -483,11 +485,34 @@ def _verdict_row(trajectory_id: str, v: Verdict, now: datetime) -> dict[str, Any
         # A "pass" that reports an error failed to judge: stored as the verifier error it is.
         "passed": None if v.passed is True and (v.evidence or {}).get(ERROR_KEY) else v.passed,
         "score": float(v.score),
-        "reason": v.reason or "",
-        "evidence": v.evidence or {},
+        "reason": scrubbed(str(v.reason or "")),
+        # What a verifier quotes of the agent's output (a NUL PostgreSQL's jsonb refuses, a set)
+        # must never fail the batch: every other trajectory's verdict waited behind it, forever.
+        "evidence": _plain_json(v.evidence or {}),
         "duration_s": float(v.duration_s or 0.0),
         "created_at": now,
     }
+
+
+def _plain_json(value: Any, depth: int = 0) -> Any:
+    """`value` as JSON every store holds: text without NUL or lone surrogates, finite numbers
+    (NaN and infinities as None), lists for sets and tuples, anything else as its text."""
+    if value is None or type(value) in (bool, int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, str):
+        return scrubbed(value)
+    if depth > 32:
+        return scrubbed(repr(value)[:1000])
+    if isinstance(value, dict):
+        return {scrubbed(str(k)): _plain_json(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        items = sorted(value, key=repr) if isinstance(value, set | frozenset) else value
+        return [_plain_json(v, depth + 1) for v in items]
+    if isinstance(value, bytes | bytearray):
+        return scrubbed(bytes(value).decode("utf-8", "replace"))
+    return scrubbed(str(value))
 
 
 def _rate_columns(name: str, rate: Any) -> dict[str, float | None]:

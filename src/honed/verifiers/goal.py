@@ -16,6 +16,7 @@ remote simulator) should carry its own timeout too, because a Python thread cann
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -59,16 +60,18 @@ class GoalCheck(BaseVerifier):
             return verdict(result, "goal reached" if result else "goal not reached")
         if isinstance(result, int | float):
             score = float(result)
+            if math.isnan(score):
+                raise ValueError(f"goal check {self.name!r} scored NaN (a 0/0 metric?): no verdict from that")
             return verdict(
                 score >= self.threshold, f"goal score {score:.3g} (threshold {self.threshold:g})", score=score
             )
         if isinstance(result, tuple) and len(result) == 2:
             passed, reason = result
-            return verdict(None if passed is None else bool(passed), str(reason))
+            return verdict(_passed(passed), str(reason))
         if isinstance(result, dict):
             passed = result.get("passed")
             return verdict(
-                None if passed is None else bool(passed),
+                _passed(passed),
                 str(result.get("reason", "")),
                 result.get("score"),
                 **dict(result.get("evidence") or {}),
@@ -88,3 +91,11 @@ def _positional_arity(fn: Callable[..., Any]) -> int:
     if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
         return 2
     return sum(1 for p in params if p.kind in kinds)
+
+
+def _passed(value: Any) -> bool | None:
+    """A check's own pass/fail: True, False or None; "false" from a simulator's JSON is an error,
+    not a truthy string made into a pass."""
+    if value is None or type(value) is bool:
+        return value
+    raise TypeError(f"a goal check's passed must be True, False or None, not {value!r}")

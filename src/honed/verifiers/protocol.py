@@ -103,6 +103,8 @@ def verdict(passed: bool | None, reason: str, score: float | None = None, **evid
     """A verdict with the conventional score (1 pass, 0 otherwise) unless one is given."""
     if score is None:
         score = 1.0 if passed else 0.0
+    if score != score:  # NaN: max/min made it 1.0
+        raise ValueError("a verdict's score is NaN")
     return Verdict(passed=passed, score=max(0.0, min(1.0, float(score))), reason=reason, evidence=evidence)
 
 

@@ -342,20 +342,15 @@ class Worker:
         started = time.perf_counter()
         try:
             result = verifier.verify(t)
-        except BaseException as exc:
-            result = error_verdict(verifier, t.id, exc, traceback.format_exc(), attempt)
-        else:
             if not isinstance(result, Verdict):
-                exc = TypeError(
+                raise TypeError(
                     f"{verifier_name(verifier)}.verify returned {type(result).__name__}, not a Verdict"
                 )
-                result = error_verdict(verifier, t.id, exc, "", attempt)
-            else:
-                if result.passed not in (True, False, None):
-                    result.passed = bool(result.passed)
-                result.score = max(0.0, min(1.0, float(result.score or 0.0)))
-                if trust_of(verifier) == "low":
-                    result.evidence = {**(result.evidence or {}), "trust": "low"}
+            _check_verdict(result)
+            if trust_of(verifier) == "low":
+                result.evidence = {**(result.evidence or {}), "trust": "low"}
+        except BaseException as exc:
+            result = error_verdict(verifier, t.id, exc, traceback.format_exc(), attempt)
         result.verifier, result.version = verifier_key(verifier)
         result.trajectory_id = t.id
         result.duration_s = result.duration_s or (time.perf_counter() - started)
@@ -528,3 +523,18 @@ class _DaemonPool:
                 future.set_result(fn(*args))
             except BaseException as exc:
                 future.set_exception(exc)
+
+
+def _check_verdict(result: Verdict) -> None:
+    """A verifier's verdict as the store keeps it, or the error that says why not: `passed` a
+    real bool or None ("false" is not a fail to make a pass of), a score a number in [0, 1] (NaN,
+    a 0/0 metric, clamped to 1.0 before), evidence a dict, the reason text."""
+    if result.passed is not None and type(result.passed) is not bool:
+        raise TypeError(f"passed must be True, False or None, not {result.passed!r}")
+    score = result.score if result.score is not None else (1.0 if result.passed else 0.0)
+    if isinstance(score, bool) or not isinstance(score, int | float) or math.isnan(score):
+        raise TypeError(f"score must be a number in [0, 1], not {result.score!r}")
+    result.score = max(0.0, min(1.0, float(score)))
+    if result.evidence is not None and not isinstance(result.evidence, dict):
+        raise TypeError(f"evidence must be a dict, not {type(result.evidence).__name__}")
+    result.reason = str(result.reason or "")
