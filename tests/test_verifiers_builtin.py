@@ -54,6 +54,17 @@ def check(verifier, t: Trajectory) -> Verdict:
         ('["a", "b"]', ["b", "a"], "list", False),
         ('["a", "b"]', ["a", "b"], "auto", True),
         ('```json\n{"x": 1, "y": [2]}\n```', {"y": [2], "x": 1}, "auto", True),
+        # What a QA pass found passing (session 14): a minus sign read as nothing, integers within
+        # a relative 1e-6, an id's leading zeros dropped.
+        ("the answer is \u22125", "5", "auto", False),
+        ("the answer is \uff0d5", "5", "auto", False),
+        ("the answer is \u22125", "-5", "auto", True),
+        ("1000001", "1000000", "auto", False),
+        ("4815160000", 4815162342, "auto", False),
+        ("the id is 123", "00123", "auto", False),
+        ("00123", "00123", "auto", True),
+        ("it is 5.0", "5", "auto", True),
+        ("between 3\u20135", "5", "auto", True),  # an en dash is a range, not a minus
     ],
 )
 def test_reference_modes(answer: str, expected, mode: str, passed: bool) -> None:
@@ -69,6 +80,18 @@ def test_reference_modes(answer: str, expected, mode: str, passed: bool) -> None
         "list",
         "json",
     )
+
+
+def test_long_answers_are_parsed_in_linear_time() -> None:
+    """`\\s*(?:\\n|,|;)\\s*` over 30,000 spaces, and the code-fence pattern over an unclosed fence,
+    took seconds holding the GIL: a worker froze past its timeout and its lease."""
+    import time
+
+    started = time.perf_counter()
+    spaced = check(ReferenceMatch("set"), traj("t", "a" + " " * 200_000 + "b", expected=["a", "b"]))
+    fenced = check(ReferenceMatch(), traj("t", "```" + "a" * 200_000, expected={"x": 1}))
+    assert spaced.passed is False and fenced.passed is False
+    assert time.perf_counter() - started < 1.0
 
 
 def test_reference_tolerance_match_override_and_evidence() -> None:

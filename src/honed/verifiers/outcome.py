@@ -14,7 +14,9 @@ from typing import Any
 from honed.trajectory import STRUCTURED_KEY, Trajectory, is_truncated
 from honed.verifiers.protocol import CannotTell
 
-_FENCE = re.compile(r"```[ \t]*([\w+.-]*)[^\n]*\n(.*?)```", re.S)
+# Possessive: the info string's `[\w+.-]*` then `[^\n]*` backtracked quadratically over a
+# fence with no line break after it (64 KB: 3 s holding the GIL).
+_FENCE = re.compile(r"```[ \t]*+([\w+.-]*+)[^\n]*+\n(.*?)```", re.S)
 
 
 def agent_failed(t: Trajectory) -> str | None:
