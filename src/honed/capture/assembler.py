@@ -629,12 +629,19 @@ class Assembler:
         it. Earlier turns' messages (before the last user message) belong to earlier runs."""
         if not isinstance(messages, list):
             return
-        last_user = max((i for i, m in enumerate(messages) if isinstance(m, HumanMessage)), default=-1)
-        for message in messages[last_user + 1 :]:
-            if not (isinstance(message, ToolMessage) and message.status == "error"):
-                continue
+        unseen = []  # this turn's (after the last user message): read back to it, no further
+        for message in reversed(messages):
+            if isinstance(message, HumanMessage):
+                break
+            if (
+                isinstance(message, ToolMessage)
+                and message.status == "error"
+                and message.tool_call_id not in trajectory.tool_call_ids
+            ):
+                unseen.append(message)
+        for message in reversed(unseen):
             if message.tool_call_id in trajectory.tool_call_ids:
-                continue
+                continue  # the same message twice in the list
             trajectory.tool_call_ids.add(message.tool_call_id)
             text = self._text(text_of(message))
             asked = _asked_arguments(trajectory.steps, message.tool_call_id)
