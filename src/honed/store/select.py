@@ -78,8 +78,11 @@ def request_key(text: str | None) -> str | None:
     dropped, case, runs of white space and punctuation at either end ignored."""
     if not isinstance(text, str):
         return None
-    folded = unicodedata.normalize("NFKC", text).translate(_INVISIBLE).casefold()
-    key = " ".join("".join(c for c in folded if unicodedata.category(c) != "Cf").split())
+    if text.isascii():  # the common case: nothing to fold, no invisible characters
+        key = " ".join(text.lower().split())
+    else:
+        folded = unicodedata.normalize("NFKC", text).translate(_INVISIBLE).casefold()
+        key = " ".join("".join(c for c in folded if unicodedata.category(c) != "Cf").split())
     start, end = 0, len(key)
     while start < end and _edge(key[start]):
         start += 1
@@ -101,12 +104,12 @@ def requests_of(item: Any) -> set[str]:
     from honed.messages import request_text
 
     if isinstance(item, Trajectory):
-        texts = [request_text(item.task), *_user_texts(item.task)]
+        texts = {request_text(item.task), *_user_texts(item.task)}
         for step in item.steps:
             if step.kind == "model":
-                texts += _user_texts(step.input)
+                texts.update(_user_texts(step.input))  # each model call repeats the conversation: once
     elif isinstance(item, Mapping) and isinstance(item.get("messages"), list):
-        texts = _user_texts(item)
+        texts = set(_user_texts(item))
     else:
         return set()
     return {k for k in map(request_key, texts) if k is not None}
