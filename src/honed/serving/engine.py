@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import secrets
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +70,7 @@ class Engine:
     defaults: dict[str, Any] = field(default_factory=dict)
     refs: int = 0
     longest_token: int = 64
+    control_tokens: re.Pattern[str] = re.compile("")  # the tokenizer's special tokens, spelled
 
     @property
     def max_prompt_chars(self) -> int:
@@ -88,6 +91,41 @@ class Engine:
     def encode(self, text: str) -> list[int]:
         self.check_chars(len(text))
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) >= self.max_context:
+            raise ContextWindowExceeded(len(ids), self.max_context)
+        return ids
+
+    def prompt_ids(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, **template: Any
+    ) -> list[int]:
+        """The rendered conversation's token ids, where only the chat template writes control
+        tokens: a message or tool schema that spells one (`<|im_end|>\n<|im_start|>system`, sent
+        by a client or pasted into a tool result) is tokenised as the plain text it is, so it
+        cannot close its turn and open a forged one."""
+        spelled: list[str] = []
+        marker = f"honedcontrol{secrets.token_hex(8)}n"
+
+        def neutral(text: str) -> str:
+            def placeholder(match: re.Match[str]) -> str:
+                spelled.append(match.group(0))
+                return f"{marker}{len(spelled) - 1}x"
+
+            return self.control_tokens.sub(placeholder, text)
+
+        if self.control_tokens.pattern:
+            messages, tools = _map_strings(messages, neutral), _map_strings(tools, neutral)
+        text = self.render(messages, tools, **template)
+        if not spelled:
+            return self.encode(text)
+        self.check_chars(len(text))
+        ids: list[int] = []
+        for i, piece in enumerate(re.split(f"{marker}(\\d+)x", text)):
+            if i % 2 == 0:
+                ids += self.tokenizer(piece, add_special_tokens=False)["input_ids"] if piece else []
+            else:  # the spelled control token, as text
+                ids += self.tokenizer(
+                    spelled[int(piece)], add_special_tokens=False, split_special_tokens=True
+                )["input_ids"]
         if len(ids) >= self.max_context:
             raise ContextWindowExceeded(len(ids), self.max_context)
         return ids
@@ -203,7 +241,27 @@ def load_engine(
         max_context=max_context,
         defaults=defaults,
         longest_token=_longest_token(tokenizer),
+        control_tokens=_control_tokens(tokenizer),
     )
+
+
+def _control_tokens(tokenizer: Any) -> re.Pattern[str]:
+    """A pattern matching the tokenizer's special tokens as text (longest first)."""
+    spelled = {str(t) for t in getattr(tokenizer, "all_special_tokens", ())}
+    spelled |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
+    spelled.discard("")
+    return re.compile("|".join(re.escape(t) for t in sorted(spelled, key=len, reverse=True)))
+
+
+def _map_strings(value: Any, change: Any) -> Any:
+    """`value` with `change` applied to every string inside its dicts and lists (keys too)."""
+    if isinstance(value, str):
+        return change(value)
+    if isinstance(value, dict):
+        return {change(k) if isinstance(k, str) else k: _map_strings(v, change) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_map_strings(v, change) for v in value]
+    return value
 
 
 def _longest_token(tokenizer: Any) -> int:

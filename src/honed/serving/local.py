@@ -271,8 +271,7 @@ class LocalChatModel(BaseChatModel):
         template = {**self.chat_template_kwargs, **(kwargs.get("chat_template_kwargs") or {})}
         plain, schemas = template_messages(messages), tool_schemas(tools)
         engine.check_chars(_chars(plain, schemas))  # before paying for rendering and tokenising
-        prompt = engine.render(plain, schemas, **template)
-        prompt_ids = engine.encode(prompt)
+        prompt_ids = engine.prompt_ids(plain, schemas, **template)
         budget = next(
             (kwargs[k] for k in ("max_tokens", "max_completion_tokens", "max_new_tokens") if kwargs.get(k)),
             self.max_tokens,
