@@ -112,8 +112,6 @@ def test_reference_tolerance_match_override_and_evidence() -> None:
         (traj("no-ref", "5"), "no reference"),
         (traj("empty", None, steps=[], expected="5"), "empty trajectory"),
         (traj("no-output", None, expected="5"), "no final output"),
-        (traj("cut", TRUNCATED, expected="5"), "truncated"),
-        (traj("cut-answer", {"answer": TRUNCATED, "x": 1}, expected="5"), "truncated"),
         (traj("cut-ref", "5", expected=TRUNCATED), "truncated"),
         (traj("bad-regex", "x", expected="(", match="regex"), "invalid regex"),
         (traj("bad-mode", "x", expected="x", match="fuzzy"), "unknown match mode"),
@@ -124,6 +122,30 @@ def test_bad_input_is_undecided_with_a_reason(t: Trajectory, reason_part: str) -
     v = check(ReferenceMatch(), t)
     assert v.passed is None and reason_part in v.reason, v.reason
     assert v.score == 0.0
+
+
+@pytest.mark.parametrize(
+    ("output", "readers"),
+    [
+        (TRUNCATED, "reference schema goal"),
+        ({"answer": TRUNCATED, "x": 1}, "reference"),  # the answer key, which ReferenceMatch reads
+        # the agent's own answer, carrying the field cap's marker (a structured response whose
+        # schema allows more keys): "could not tell" here let a second verifier's pass decide
+        ({"__truncated__": True, "answer": "41"}, "reference schema goal"),
+    ],
+)
+def test_an_answer_cut_at_the_field_cap_or_carrying_its_marker_fails(output: dict, readers: str) -> None:
+    verifiers = {
+        "reference": ReferenceMatch(),
+        "schema": JsonSchema({"type": "object"}),
+        "goal": GoalCheck(lambda state: True),
+    }
+    for name in readers.split():
+        v = check(verifiers[name], traj("cut", output, expected="5"))
+        assert v.passed is False and "truncated" in v.reason, (name, v)
+    forged_args = tool_traj("t", "submit", {"__truncated__": True, "city": "Oslo"}, expected={"city": "Lima"})
+    v = check(JsonSchema({"type": "object"}, tool="submit"), forged_args)
+    assert v.passed is False and "truncated" in v.reason
 
 
 def test_a_failed_agent_run_fails() -> None:
@@ -180,7 +202,9 @@ def test_schema_bad_input() -> None:
     no_schema = check(JsonSchema(), traj("y", "{}"))
     assert no_schema.passed is None and "no schema" in no_schema.reason
     assert check(JsonSchema(), traj("z", "{}", schema={"type": "nonsense"})).passed is None
-    assert check(JsonSchema(BOOKING), traj("cut", TRUNCATED)).passed is None
+    assert (
+        check(JsonSchema(BOOKING), traj("cut", TRUNCATED)).passed is False
+    )  # the agent's output, cut: a fail
 
 
 # -- GoalCheck and Judge ----------------------------------------------------------------------------

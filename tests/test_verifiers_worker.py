@@ -77,7 +77,7 @@ def test_routing_and_bad_input_in_the_worker(sqlite_url: str) -> None:
         "named": [("reference", None)],
         "goal-only": [("goal", True)],
         "empty": [("reference", None), ("goal", None)],  # a goal check meets every trajectory
-        "truncated": [("reference", None), ("goal", None)],
+        "truncated": [("reference", False), ("goal", False)],  # the agent's output: a fail
     }
     assert "no reference" in store.get("named").verdicts[0].reason
 

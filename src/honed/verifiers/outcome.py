@@ -1,9 +1,12 @@
 """What a trajectory produced, read defensively: the final answer, the final state, tool-call
 arguments, and the reference it should be compared with.
 
-Each reader raises `CannotTell` for the cases no verifier can judge (nothing captured, a field the
-capture truncated, no reference), so every built-in answers them the same way: `passed=None` with
-a reason that says what to fix.
+Each reader raises `CannotTell` for the cases no verifier can judge (nothing captured, no
+reference, a truncated reference), so every built-in answers them the same way: `passed=None` with
+a reason that says what to fix; and `Unreadable` where the agent's own answer or tool arguments were
+cut at the field cap (or carry its marker, which an agent can write): a fail, since whatever the
+agent can bring about must not be "could not tell" (`label` skips it, so a second verifier's pass
+would decide).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import re
 from typing import Any
 
 from honed.trajectory import STRUCTURED_KEY, Trajectory, is_truncated
-from honed.verifiers.protocol import CannotTell
+from honed.verifiers.protocol import CannotTell, Unreadable
 
 # Possessive: the info string's `[\w+.-]*` then `[^\n]*` backtracked quadratically over a
 # fence with no line break after it (64 KB: 3 s holding the GIL).
@@ -33,7 +36,7 @@ def final_output(t: Trajectory) -> Any:
             raise CannotTell("empty trajectory: nothing was captured for this run")
         raise CannotTell("the trajectory has no final output", status=t.status)
     if is_truncated(t.output):
-        raise CannotTell(_truncated_reason("final output", t.output), truncated=_marker(t.output))
+        raise Unreadable(_truncated_reason("final output", t.output), truncated=_marker(t.output))
     return t.output
 
 
@@ -42,7 +45,7 @@ def final_answer(t: Trajectory) -> str:
     output = final_output(t)
     for key in ("answer", STRUCTURED_KEY):
         if isinstance(output, dict) and is_truncated(output.get(key)):
-            raise CannotTell(_truncated_reason(key, output[key]), truncated=_marker(output[key]))
+            raise Unreadable(_truncated_reason(key, output[key]), truncated=_marker(output[key]))
     return t.answer
 
 
@@ -88,7 +91,7 @@ def last_code_block(text: str, languages: tuple[str, ...] = ("", "py", "python",
 
 def _args(value: Any, tool: str) -> dict[str, Any]:
     if is_truncated(value):
-        raise CannotTell(_truncated_reason(f"arguments of {tool!r}", value), truncated=_marker(value))
+        raise Unreadable(_truncated_reason(f"arguments of {tool!r}", value), truncated=_marker(value))
     return value if isinstance(value, dict) else {"input": value}
 
 

@@ -6,8 +6,10 @@ how the worker treats it: `applies_to(trajectory)` (its requirements are met: ro
 of these tags), `timeout_s` (its own deadline) and `close()`.
 
 Verifiers decide between three outcomes: pass, fail, and "could not tell" (`passed=None`: no
-reference, malformed or truncated capture). `CannotTell` raised anywhere inside `check` becomes the
-third; every other exception is the worker's business (an error verdict with its traceback).
+reference, a malformed or truncated reference). `CannotTell` raised anywhere inside `check` becomes
+the third; `Unreadable` (what the agent produced cannot be read: cut at the field cap, or carrying
+the cap's marker) a fail; every other exception is the worker's business (an error verdict with its
+traceback).
 """
 
 from __future__ import annotations
@@ -48,6 +50,17 @@ class CannotTell(Exception):
         self.reason, self.evidence = reason, evidence
 
 
+class Unreadable(Exception):
+    """Raised inside a verifier when what the agent produced cannot be judged (its answer or a
+    tool call's arguments were over the field cap, or hold the cap's marker, which the agent can
+    write itself); becomes a fail: "could not tell" is never counted by `label`, so an agent that
+    could pick it beside a passing verifier would pass."""
+
+    def __init__(self, reason: str, **evidence: Any) -> None:
+        super().__init__(reason)
+        self.reason, self.evidence = reason, evidence
+
+
 @runtime_checkable
 class Verifier(Protocol):
     """What the worker needs: a stable name and version, and a verdict for one trajectory."""
@@ -59,7 +72,8 @@ class Verifier(Protocol):
 
 
 class BaseVerifier:
-    """Convenience base: times `check`, stamps name and version, turns `CannotTell` into None.
+    """Convenience base: times `check`, stamps name and version, turns `CannotTell` into None
+    and `Unreadable` into a fail.
 
     Subclasses implement `check(trajectory) -> Verdict` and, when they need something from the
     trajectory (a reference answer, tests), `applies_to`.
@@ -79,6 +93,8 @@ class BaseVerifier:
             verdict = self.check(trajectory)
         except CannotTell as exc:
             verdict = Verdict(passed=None, reason=exc.reason, evidence=dict(exc.evidence))
+        except Unreadable as exc:
+            verdict = Verdict(passed=False, score=0.0, reason=exc.reason, evidence=dict(exc.evidence))
         verdict.verifier, verdict.version = self.name, self.version
         verdict.trajectory_id = trajectory.id
         verdict.duration_s = time.perf_counter() - start
