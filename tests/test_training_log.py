@@ -52,6 +52,43 @@ def test_one_trainer_per_model_and_an_expired_holder_is_taken_over(store_url: st
     other.close()
 
 
+def _model_files(folder):
+    import json
+
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "qwen2", "vocab_size": 2, "hidden_size": 1}))
+    (folder / "tokenizer.json").write_text("{}")
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
+    (folder / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(8))
+    return folder
+
+
+def test_a_trainer_killed_on_this_machine_frees_its_lock_and_its_candidate_is_rejected(
+    store_url: str, tmp_path
+) -> None:
+    """A QA pass (session 15): a cycle killed with kill -9 (the OOM killer mid-training) held the
+    model's lock for six hours, and the candidate it had registered stayed `candidate` forever."""
+    import socket
+    import subprocess
+    import sys
+
+    store = honed.open_store(store_url)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    holder = f"{socket.gethostname()}:{int(dead.stdout)}"  # a process of this machine, ended
+    store.acquire_trainer_lock("agent", owner=holder, ttl_s=3600)
+    run = store.start_training_run("agent", "sft", parent=None, config={}, owner=holder)
+    orphan = store.register_model("agent", _model_files(tmp_path / "v1"), training_run=run.id)
+    store.acquire_trainer_lock("other", owner="elsewhere:1", ttl_s=3600)
+    with pytest.raises(TrainerBusy):  # a holder on another machine keeps it until it expires
+        store.acquire_trainer_lock("other", owner="b")
+    assert store.acquire_trainer_lock("agent", owner="b") == "b"
+    assert store.training_run(run.id).status == "interrupted"
+    assert store.model_version("agent", orphan.version).status == "rejected"
+    store.close()
+
+
 def test_a_held_lock_is_renewed_for_as_long_as_its_block_runs(store_url: str) -> None:
     """Never renewed, a lock held past its time was taken over mid-run (a QA pass, session 14)."""
     import time

@@ -5,7 +5,9 @@
     result = cycle.run()          # a CycleResult: promoted, rejected, nothing_to_learn or failed
 
 Safeguards, in the order they act:
-- one trainer per model: a lock row in the store (`TrainerBusy` otherwise);
+- one trainer per model: a lock row in the store (`TrainerBusy` otherwise), renewed while the
+  cycle runs (`lock_ttl_s`, 10 minutes: a trainer killed on another machine frees it that soon;
+  one killed on this machine, at once);
 - learn only from verified outcomes (`prepare` drops held-out tasks, verifier errors and untrusted
   verifiers), and say so loudly when there is nothing new to learn;
 - train on a copy: the candidate is registered as a new version, the live one is never touched;
@@ -295,7 +297,7 @@ class Cycle:
         chat_model: ChatModelFactory | None = None,
         output_dir: str | Path = "honed-models",
         seed: int = 0,
-        lock_ttl_s: float = 6 * 3600.0,
+        lock_ttl_s: float = 600.0,
         on_progress: Progress | None = None,
         callbacks: Sequence[Any] = (),
         adapt: bool = True,

@@ -82,6 +82,55 @@ def default_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def _process_gone(owner: str) -> bool:
+    """Whether `owner` (`default_owner()`'s host:pid) names a process of this host that has ended."""
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # another user's process: alive
+        return False
+    return False
+
+
+def _interrupt_runs(session: Any, model: str, now: datetime, reason: str) -> None:
+    """Mark `model`'s runs left `running` interrupted, and reject the candidates they registered
+    (left `candidate`, never gated, they would sit in the registry forever)."""
+    from honed.store.registry_tables import ModelEventRow, ModelVersionRow
+
+    running = list(
+        session.scalars(
+            select(TrainingRunRow.id).where(TrainingRunRow.model == model, TrainingRunRow.status == "running")
+        )
+    )
+    if not running:
+        return
+    session.execute(
+        update(TrainingRunRow)
+        .where(TrainingRunRow.id.in_(running))
+        .values(status="interrupted", ended_at=now, reason=reason)
+    )
+    orphans = session.scalars(
+        select(ModelVersionRow).where(
+            ModelVersionRow.training_run.in_(running), ModelVersionRow.status == "candidate"
+        )
+    ).all()
+    for version in orphans:
+        version.status = "rejected"
+        session.add(
+            ModelEventRow(
+                name=version.name,
+                action="reject",
+                version_id=version.id,
+                actor="honed",
+                reason=f"its training run {version.training_run} was interrupted before the gate",
+            )
+        )
+
+
 class TrainingLog:
     """The training log, a part of `TrajectoryStore`: training runs, eval runs and the trainer lock."""
 
@@ -93,41 +142,44 @@ class TrainingLog:
     def acquire_trainer_lock(self, model: str, *, owner: str | None = None, ttl_s: float = 3600.0) -> str:
         """Take `model`'s trainer lock for `ttl_s` (renew it while working); returns the owner.
 
-        A lock past its expiry is taken over, and the runs its holder left `running` are marked
-        `interrupted`. Raises `TrainerBusy` when a live holder has it.
+        A lock past its expiry is taken over, and so is one whose holder was a process of this
+        machine that no longer exists (killed, out of memory): the runs its holder left `running`
+        are marked `interrupted`, and the candidates they registered `rejected` (never gated).
+        Raises `TrainerBusy` when a live holder has it.
         """
         owner = owner or default_owner()
         now = datetime.now(UTC)
+        expires = now + timedelta(seconds=ttl_s)
         with self._sessions.begin() as session:
-            taken = session.execute(
-                update(TrainerLockRow)
-                .where(TrainerLockRow.model == model, TrainerLockRow.expires_at < now)
-                .values(owner=owner, acquired_at=now, expires_at=now + timedelta(seconds=ttl_s))
-            ).rowcount
-            if taken:
-                session.execute(
-                    update(TrainingRunRow)
-                    .where(TrainingRunRow.model == model, TrainingRunRow.status == "running")
-                    .values(
-                        status="interrupted",
-                        ended_at=now,
-                        reason="the trainer stopped before finishing (its lock expired); the live version was not changed",
-                    )
-                )
+            row = session.get(TrainerLockRow, model)
+            held = [TrainerLockRow.model == model]
+            if row is not None and _process_gone(row.owner):
+                held.append(TrainerLockRow.owner == row.owner)
+            else:  # atomically: a holder renewing meanwhile keeps it
+                held.append(TrainerLockRow.expires_at < now)
+            if (
+                row is not None
+                and session.execute(
+                    update(TrainerLockRow)
+                    .where(*held)
+                    .values(owner=owner, acquired_at=now, expires_at=expires)
+                ).rowcount
+            ):
+                _interrupt_runs(
+                    session, model, now,
+                    "the trainer stopped before finishing (its lock expired or its process ended); "
+                    "the live version was not changed",
+                )  # fmt: skip
                 return owner
         try:
             with self._sessions.begin() as session:
                 session.execute(
                     insert(TrainerLockRow).values(
-                        model=model, owner=owner, acquired_at=now, expires_at=now + timedelta(seconds=ttl_s)
+                        model=model, owner=owner, acquired_at=now, expires_at=expires
                     )
                 )
                 # A run left `running` with no lock row at all (the lock was released by hand).
-                session.execute(
-                    update(TrainingRunRow)
-                    .where(TrainingRunRow.model == model, TrainingRunRow.status == "running")
-                    .values(status="interrupted", ended_at=now, reason="the trainer stopped before finishing")
-                )
+                _interrupt_runs(session, model, now, "the trainer stopped before finishing")
             return owner
         except IntegrityError:
             holder = self.trainer_lock_holder(model)
