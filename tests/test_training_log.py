@@ -56,7 +56,9 @@ def _model_files(folder):
     import json
 
     folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps({"model_type": "qwen2", "vocab_size": 2, "hidden_size": 1}))
+    (folder / "config.json").write_text(
+        json.dumps({"model_type": "qwen2", "vocab_size": 2, "hidden_size": 1})
+    )
     (folder / "tokenizer.json").write_text("{}")
     header = json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
     (folder / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(8))
