@@ -228,6 +228,24 @@ def test_handler_in_config_captures_batch_as_separate_trajectories(sqlite_url: s
         assert {nodes[s.parent_id] for s in model_steps} == {"model"}
 
 
+def test_a_second_handler_with_its_own_options_loses_none_of_the_first_ones_runs(sqlite_url: str) -> None:
+    """A QA pass (session 15): building a second handler (or a Middleware) with recorder options
+    for the same store closed the first one's recorder, and every run it captured was dropped."""
+    first = honed.CallbackHandler(store=sqlite_url, max_field_bytes=100_000)
+    second = honed.CallbackHandler(store=sqlite_url, max_field_bytes=50_000)
+    again = honed.CallbackHandler(store=sqlite_url, max_field_bytes=100_000)
+    assert again.recorder is first.recorder  # the same options: one recorder, not one per handler
+    agent = create_agent(ToolScriptModel(), make_tools(), name="calc")
+    for i, handler in enumerate((first, second, again)):
+        agent.invoke(
+            {"messages": [("user", add_task(i, 1))]}, config={"callbacks": [handler], **run_config(f"h{i}")}
+        )
+    honed.flush()
+    store = honed.open_store(sqlite_url)
+    assert sorted(t.task_id for t in store.trajectories()) == ["h0", "h1", "h2"]
+    assert honed.stats()["stores"][first.recorder.stats()["store"]]["trajectories_written"] >= 3
+
+
 @pytest.mark.parametrize(
     "mode", ["values", "updates", "messages", "debug", "custom", ["updates", "messages"]]
 )

@@ -1,11 +1,12 @@
 """One recorder per store in a process, and the process-wide `instrument()` switch.
 
-Sharing a recorder per store URL means one writer thread and one spool per store, however many
-handlers and middlewares point at it; duplicate events from two of them are merged by run id.
+Sharing a recorder per store URL (and recorder options) means one writer thread per store, however
+many handlers and middlewares point at it; duplicate events from two of them are merged by run id.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from contextvars import ContextVar
 from typing import Any, TypeVar
@@ -13,7 +14,7 @@ from typing import Any, TypeVar
 from honed.capture.recorder import Recorder, flush_all
 from honed.store import TrajectoryStore, resolve_store_url
 
-_recorders: dict[str, Recorder] = {}
+_recorders: dict[tuple[str, tuple[Any, ...]], Recorder] = {}
 _lock = threading.Lock()
 _instrumented: Any = None  # the CallbackHandler installed by instrument(), once per process
 _hook_var: ContextVar[Any] | None = None
@@ -22,16 +23,31 @@ G = TypeVar("G")
 
 
 def recorder_for(store: str | TrajectoryStore | None = None, **options: Any) -> Recorder:
-    """The process's recorder for `store`; options apply when it is created (or differ)."""
+    """The process's recorder for `store` and these options: one per store and options, made on
+    first use. A recorder is never closed to make another (a second handler built with its own
+    options closed the first one's, and every run the first captured afterwards was dropped)."""
     url = store.url if isinstance(store, TrajectoryStore) else resolve_store_url(store)
+    key = (url, _options_key(options))
     with _lock:
-        recorder = _recorders.get(url)
-        if recorder is None or recorder._closed or options:
-            if recorder is not None and not recorder._closed:
-                recorder.close()
+        recorder = _recorders.get(key)
+        if recorder is None or recorder._closed:
             recorder = Recorder(store, **options)
-            _recorders[url] = recorder
+            _recorders[key] = recorder
         return recorder
+
+
+def _options_key(options: dict[str, Any]) -> tuple[Any, ...]:
+    """Options compared by value where they are plain values, by identity otherwise (the same
+    redaction function or exporter given again is the same recorder; a new object, a new one)."""
+
+    def plain(value: Any) -> Any:
+        if value is None or isinstance(value, (str, int, float, bool, os.PathLike)):
+            return value
+        if isinstance(value, (tuple, list)) and all(plain(v) is v for v in value):
+            return tuple(value)
+        return ("object", id(value))
+
+    return tuple(sorted((name, plain(value)) for name, value in options.items()))
 
 
 def instrument(store: str | TrajectoryStore | None = None, *, otlp: str | None = None, **options: Any) -> Any:
@@ -97,8 +113,16 @@ def stats() -> dict[str, Any]:
     """Capture counters summed over the process's recorders, plus each store's own."""
     from honed.capture.recorder import live_recorders
 
-    # Keyed by the store's URL as logs show it: never a password in a key.
-    per_store = {counts["store"]: counts for counts in (r.stats() for r in live_recorders())}
+    # Keyed by the store's URL as logs show it: never a password in a key. Two recorders on one
+    # store (built with different options) count together.
+    per_store: dict[str, dict[str, Any]] = {}
+    for counts in (r.stats() for r in live_recorders()):
+        seen = per_store.setdefault(counts["store"], counts)
+        if seen is not counts:
+            for key, value in counts.items():
+                if isinstance(value, int) and isinstance(seen.get(key), int):
+                    seen[key] += value
+            seen["lag_s"] = max(seen["lag_s"], counts["lag_s"])
     total: dict[str, Any] = {}
     for counts in per_store.values():
         for key, value in counts.items():
