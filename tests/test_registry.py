@@ -116,6 +116,10 @@ def test_missing_or_corrupt_versions_are_refused_and_the_live_one_stays(store, t
         "which transformers does not know": lambda f: (f / "config.json").write_text(
             '{"model_type": "no_such_model", "vocab_size": 2, "hidden_size": 1}'
         ),
+        # a tokenizer of another model: served, every request failed (a QA pass, session 15)
+        "token ids up to 5 but the model's vocabulary has 2 rows": lambda f: (
+            f / "tokenizer.json"
+        ).write_text('{"model": {"vocab": {"a": 0, "b": 1}}, "added_tokens": [{"id": 5, "content": "<x>"}]}'),
         "not a valid safetensors file: 'list'": lambda f: (f / "model.safetensors").write_bytes(
             (2).to_bytes(8, "little") + b"[]"
         ),

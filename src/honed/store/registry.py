@@ -165,13 +165,37 @@ def validate_model_files(path: str | Path, ref: str | None = None) -> None:
         file = folder / name
         if file.exists():
             try:
-                json.loads(file.read_text())
+                parsed = json.loads(file.read_text())
             except (OSError, ValueError) as exc:
                 raise ModelVersionInvalid(ref, f"{name} is not valid JSON: {exc}") from exc
+            if name == "tokenizer.json" and not adapter:
+                _check_vocabulary(parsed, settings.get("vocab_size"), ref)
     if adapter:
         _check_adapter_base(settings, ref)
     else:
         _check_model_type(settings, ref)
+
+
+def _check_vocabulary(tokenizer: Any, vocab_size: Any, ref: str) -> None:
+    """The tokenizer's ids must all have a row in the model's embeddings: a tokenizer of another
+    model was promoted and then every request failed ("token ids outside the vocabulary")."""
+    if not isinstance(tokenizer, dict) or not isinstance(vocab_size, int) or isinstance(vocab_size, bool):
+        return
+    model = tokenizer.get("model")
+    vocab = model.get("vocab") if isinstance(model, dict) else None
+    ids = [i for i in vocab.values() if isinstance(i, int)] if isinstance(vocab, dict) else []
+    if isinstance(vocab, list):
+        ids.append(len(vocab) - 1)
+    added = tokenizer.get("added_tokens")
+    if isinstance(added, list):
+        ids += [t["id"] for t in added if isinstance(t, dict) and isinstance(t.get("id"), int)]
+    top = max(ids, default=-1)
+    if top >= vocab_size:
+        raise ModelVersionInvalid(
+            ref,
+            f"the tokenizer gives token ids up to {top} but the model's vocabulary has {vocab_size} rows "
+            "(config.json vocab_size): a tokenizer of another model?",
+        )
 
 
 # Files transformers parses when it loads a folder.
