@@ -158,6 +158,10 @@ def test_a_rejected_candidate_is_not_trained_and_gated_again_unchanged(world: di
     assert again.status == "nothing_to_learn", again.reason
     assert f"the same 2 examples and method as rejected run {first.run_id}" in again.reason
     assert world["store"].live_version(NAME).ref == world["v1"].ref
+    # new outside help is another candidate: the same runs with demonstrations mixed in train again
+    mixed = DataConfig(agent=NAME, external=[demonstration()], external_ratio=0.5)
+    helped = cycle(world, tie, data=mixed).run()
+    assert helped.status == "rejected" and helped.data["external"] >= 1, helped.reason
 
 
 def test_the_gates_tasks_never_train_whatever_split_they_were_given_or_ran_in(world: dict[str, Any]) -> None:

@@ -160,6 +160,23 @@ def test_sft_trains_only_on_the_assistant_turns(store: TrajectoryStore, tiny: Pa
     assert method.config()["settings"]["max_steps"] == 2
 
 
+def test_sft_keeps_a_conversation_longer_than_trls_default_and_says_when_none_fits(
+    store: TrajectoryStore, tiny: Path, tmp_path: Path, tokenizer: Any
+) -> None:
+    """A QA pass (session 15): honed left TRL's `max_length` (1024) in place, which cut an agent's
+    conversation (a long system prompt, many tool schemas) before the reply it was to learn and
+    dropped the row without a word; with every row that long, training died on an unclear error."""
+    long_system = "You are a calculator. " + "Check every digit twice before you answer. " * 45
+    assert 1100 < len(tokenizer(long_system)["input_ids"]) < 1900  # over TRL's 1024, within the model's 2048
+    add(store, make_trajectory("t1", system=long_system), True)
+    data = prepare(store, "sft")
+    trainer = SFTMethod(**FEW_STEPS).build_trainer(tiny, data, tmp_path / "scratch")
+    assert trainer.args.max_length == 2048 and len(trainer.train_dataset) == 1  # the model's window
+    assert SFTMethod(max_length=512, **FEW_STEPS).chosen["max_length"] == 512  # the user's choice wins
+    with pytest.raises(NothingToLearn, match="longer than max_length=512"):
+        SFTMethod(max_length=512, **FEW_STEPS).train(tiny, data, tmp_path / "out")
+
+
 def test_sft_on_a_later_turn_trains_only_that_turns_replies(
     store: TrajectoryStore, tiny: Path, tmp_path: Path
 ) -> None:

@@ -385,6 +385,7 @@ class Cycle:
                 )  # fmt: skip
                 result.data, result.stuck = _selection_summary(data, live)
                 result.data["gate_verifiers"] = sorted({verifier_name(v) for v in self.verifiers})
+                result.data["rows_sha256"] = _rows_fingerprint(data.dataset)
                 self.store.add_training_examples(run.id, data.trajectory_ids)
                 self.store.update_training_run(run.id, data=result.data)
             # New experience is the live version's own (with "all", whatever was selected).
@@ -397,7 +398,7 @@ class Cycle:
                     f"{config.min_new_verified}); {len(result.stuck)} tasks never pass and need outside data"
                 )
                 return self._finish(result, "nothing_to_learn", why, live)
-            same = self._same_as_rejected(live, run, data)
+            same = self._same_as_rejected(live, run, data, result.data["rows_sha256"])
             if same is not None:  # the same candidate again: only the gate's sample would change
                 why = (
                     f"NOTHING TO LEARN: the same {len(data.trajectory_ids)} examples and method as rejected run "
@@ -550,17 +551,21 @@ class Cycle:
             )
         return method, config, {"rejected_runs": [r.id for r in rejected], "changes": changes}
 
-    def _same_as_rejected(self, live: ModelVersion, run: Any, data: Any) -> int | None:
-        """The rejected run of `live` this one would repeat (the same examples, the same method
+    def _same_as_rejected(self, live: ModelVersion, run: Any, data: Any, rows: str) -> int | None:
+        """The rejected run of `live` this one would repeat (the same rows, the same method
         configuration, so the same candidate, measured the same way), or None. Re-gating it re-rolls the gate's sample
         against the same live score: an equal candidate promoted within 10 such cycles 27-36% of
-        the time (a QA pass's simulation, session 14)."""
+        the time (a QA pass's simulation, session 14). The rows are compared whole (`rows`, their
+        fingerprint): new external demonstrations or another mix make another candidate."""
         rejected = self._rejected_runs(live)
         if not rejected:
             return None
         last, now = rejected[0], run.config or {}
         if any((last.config or {}).get(k) != now.get(k) for k in ("method", "eval_key", "start")):
             return None  # another method, or another way of measuring: not a repeat
+        before = (last.data or {}).get("rows_sha256")
+        if before is not None:
+            return last.id if before == rows else None
         return last.id if set(self.store.training_examples(last.id)) == set(data.trajectory_ids) else None
 
     def _rejected_runs(self, live: ModelVersion) -> list[Any]:
@@ -679,6 +684,17 @@ def _fingerprint(factory: Any, depth: int = 0) -> Any:
             value = None
         cells.append(_fingerprint(value, depth + 1) if callable(value) else repr(value))
     return [factory.__module__, factory.__qualname__, code.co_code.hex(), repr(code.co_consts), cells]
+
+
+def _rows_fingerprint(dataset: Any) -> str:
+    """A hash of the training rows, whatever their order: what decides the candidate, with the
+    method's configuration and the weights it starts from."""
+    import hashlib
+
+    from honed._json import dumps
+
+    rows = sorted(hashlib.sha256(dumps(row).encode()).digest() for row in dataset)
+    return hashlib.sha256(b"".join(rows)).hexdigest()
 
 
 def _unmeasured(live: Scores, candidate: Scores) -> str:

@@ -135,6 +135,8 @@ class TrlMethod:
             result = trainer.train()
             seconds = time.perf_counter() - started
             metrics = self._metrics(trainer, result, seconds)
+            if data.counts.get("too_long"):
+                metrics["rows_too_long"] = float(data.counts["too_long"])  # dropped by the trainer
             self._verify_learned(trainer, metrics)
             _save(trainer, Path(base), out)
         log.info("%s: trained %s in %.1fs → %s", self.name, base, seconds, out)
@@ -170,7 +172,12 @@ class TrlMethod:
         self._check(data)
         tokenizer = AutoTokenizer.from_pretrained(str(base))
         args = self.training_args(output_dir, data, seed=seed)
+        if "max_length" not in self.chosen and getattr(args, "max_length", None) is not None:
+            # TRL's default (1024) cut an agent's conversation, its tool schemas alone often longer,
+            # before the reply it was to learn, and dropped the row: the model's own window instead.
+            args.max_length = _context_window(base) or args.max_length
         trainer = self._trainer(str(base), args, data, tokenizer, list(callbacks))
+        self._check_kept(trainer, data, args)
         # transformers prints every log dict to stdout when tqdm is off: honed's callers own stdout
         # (`honed demo --json`); the metrics reach them through TrainResult and the logger instead.
         from transformers.trainer_callback import PrinterCallback
@@ -226,6 +233,28 @@ class TrlMethod:
         if len(data.dataset) == 0:
             counts = ", ".join(f"{k}={v}" for k, v in data.counts.items() if v)
             raise NothingToLearn(f"{self.name}: the dataset has no rows ({counts or 'nothing selected'})")
+
+    def _check_kept(self, trainer: Any, data: TrainingData, args: Any) -> None:
+        """Raise `NothingToLearn` when the trainer dropped every row (TRL drops a row its
+        `max_length` cut before any trained token); log the ones it dropped otherwise."""
+        kept = getattr(trainer, "train_dataset", None)
+        if kept is None or not hasattr(kept, "__len__") or getattr(args, "packing", False):
+            return
+        dropped = len(data.dataset) - len(kept)
+        if dropped <= 0:
+            return
+        limit = getattr(args, "max_length", None)
+        if len(kept) == 0:
+            raise NothingToLearn(
+                f"{self.name}: every one of the {dropped} rows is longer than max_length={limit} tokens "
+                "before its first trained token: raise max_length (the model's context window) or shorten "
+                "the conversations (system prompt, tool schemas)"
+            )
+        log.warning(
+            "%s: %d of %d rows dropped: longer than max_length=%s before their first trained token",
+            self.name, dropped, len(data.dataset), limit,
+        )  # fmt: skip
+        data.counts["too_long"] = dropped
 
     def _logistics(self) -> dict[str, Any]:
         chosen = self.chosen
@@ -328,6 +357,19 @@ def _bf16_available() -> bool:
 
 # The trained model's own files: its weights (any format, shards and their index) and config.json.
 _WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".index.json")
+
+
+def _context_window(base: str | Path) -> int | None:
+    """The model's context window (`max_position_embeddings`), or None when its config does not say."""
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(str(base))
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        window = getattr(text, "max_position_embeddings", None)
+    except Exception:  # no readable config (a hub id offline): TRL's default stands
+        return None
+    return int(window) if isinstance(window, int) and window > 0 else None
 
 
 def _is_model_file(name: str) -> bool:
