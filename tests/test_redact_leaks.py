@@ -53,6 +53,8 @@ STRIPE_RESTRICTED = "rk_live_" + rand(24)
 SLACK_APP = f"xapp-1-A{rand(10, string.digits)}-{rand(13, string.digits)}-{rand(64, '0123456789abcdef')}"
 SLACK_CONFIG = f"xoxe.xoxp-1-{rand(140)}"
 SLACK_REFRESH = f"xoxe-1-{rand(140)}"
+SLACK_WEBHOOK = f"https://hooks.slack.com/services/T{rand(8)}/B{rand(8)}/{rand(24)}"
+NPM_TOKEN = "npm_" + rand(36)
 
 FREE_TEXT = {
     "huggingface_token": (HF_TOKEN, "export HF_TOKEN={} && huggingface-cli whoami"),
@@ -64,6 +66,10 @@ FREE_TEXT = {
     "slack_app_token": (SLACK_APP, "socket mode needs {} to connect"),
     "slack_config_token": (SLACK_CONFIG, "rotate {} tonight"),
     "slack_refresh_token": (SLACK_REFRESH, "refresh with {}"),
+    # A QA pass (session 15): the prefilter never handed a bare webhook URL to its rule, and no
+    # rule knew npm's tokens (detect-secrets knows only the `_authToken=` line of an .npmrc).
+    "slack_webhook": (SLACK_WEBHOOK, "post the alert to {}"),
+    "npm_token": (NPM_TOKEN, "publish with {} from CI"),
 }
 
 
@@ -109,6 +115,10 @@ SECRET_KEYS = [
     "credentials",
     "aws_credentials",
     "creds",
+    "passwords",  # plural names held their values (a QA pass, session 15)
+    "secrets",
+    "api_keys",
+    "clientSecrets",
 ]
 
 

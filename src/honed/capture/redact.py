@@ -422,9 +422,10 @@ _SECRET_KEYS = {
 # ... then by their last word or two ("db_password", "stripe_api_key", "webhook_secret", "github_token").
 _LAST_WORD = {
     **dict.fromkeys(("password", "passwd", "pwd", "pw", "passphrase", "passcode", "pass"), "password"),
-    **dict.fromkeys(("secret", "secretkey", "clientsecret"), "secret"),
-    **dict.fromkeys(("apikey",), "api_key"),
-    **dict.fromkeys(("privatekey",), "private_key"),
+    **dict.fromkeys(("passwords", "passphrases", "passcodes"), "password"),
+    **dict.fromkeys(("secret", "secretkey", "clientsecret", "secrets", "secretkeys", "clientsecrets"), "secret"),
+    **dict.fromkeys(("apikey", "apikeys"), "api_key"),
+    **dict.fromkeys(("privatekey", "privatekeys"), "private_key"),
     **dict.fromkeys(("credentials", "credential", "creds"), "credentials"),
     **dict.fromkeys(("authorization", "auth"), "authorization"),
     **dict.fromkeys(("cookie", "cookies"), "cookie"),
@@ -432,8 +433,11 @@ _LAST_WORD = {
 _LAST_WORDS = {
     ("secret", "access", "key"): "aws_secret_key",
     ("api", "key"): "api_key",
+    ("api", "keys"): "api_key",
     ("private", "key"): "private_key",
+    ("private", "keys"): "private_key",
     ("secret", "key"): "secret",
+    ("secret", "keys"): "secret",
     ("signing", "key"): "secret",
     ("encryption", "key"): "secret",
     ("master", "key"): "secret",
@@ -529,7 +533,7 @@ _ANCHORS = re.compile(
     r"|_(?:(?<=gh[pousr]_)|(?<=github_pat_)|(?<=k_live_)|(?<=k_test_)|(?<=whsec_)|(?<=hf_)|(?<=npm_)"
     r"|(?=authToken))"
     r"|A(?:KIA|SIA|BIA|CCA|3T|Iza|KC|ccountKey)|PRIVATE KEY|GR1348941|SG\.|J(?<=eyJ)"
-    r"|:(?:(?=//[^\s/?#@]*@)|(?=AA[0-9A-Za-z_-]{33}))|%(?:(?<=sk%)(?=2[Dd])|(?=3[Aa]%2[Ff]%2[Ff]))"
+    r"|:(?:(?=//[^\s/?#@]*@)|(?=AA[0-9A-Za-z_-]{33})|(?=//hooks\.slack\.com/))|%(?:(?<=sk%)(?=2[Dd])|(?=3[Aa]%2[Ff]%2[Ff]))"
     # Vendor tokens detect-secrets knows by shape: Twilio `SK` + 32 hex, Mailchimp `<32 hex>-us<N>`,
     # Discord bot tokens (`<24-26>.<6>.<27+>`); Telegram's `<id>:AA...` is the `:` branch above.
     r"|S(?=K[0-9a-fA-F]{32})|-(?=us[0-9])(?<=[0-9a-f]{32}-)"
@@ -860,6 +864,7 @@ _RULES = (
     # them, quadratic in `eyJeyJeyJ...`.
     _Rule(r"(?<![A-Za-z0-9_.-])[A-Za-z0-9_-]*+(?:\.[A-Za-z0-9_-]*+)++", _jwt, requires="eyJ"),
     _Rule(r"hf_[A-Za-z0-9]{30,}", _whole("huggingface_token")),
+    _Rule(r"npm_[A-Za-z0-9]{36}", _whole("npm_token")),
     # Stripe secret and restricted keys (test and live), and webhook signing secrets.
     _Rule(
         r"(?:[sr]k_(?:live|test)|whsec)_[A-Za-z0-9]{16,}",
