@@ -423,7 +423,9 @@ _SECRET_KEYS = {
 _LAST_WORD = {
     **dict.fromkeys(("password", "passwd", "pwd", "pw", "passphrase", "passcode", "pass"), "password"),
     **dict.fromkeys(("passwords", "passphrases", "passcodes"), "password"),
-    **dict.fromkeys(("secret", "secretkey", "clientsecret", "secrets", "secretkeys", "clientsecrets"), "secret"),
+    **dict.fromkeys(
+        ("secret", "secretkey", "clientsecret", "secrets", "secretkeys", "clientsecrets"), "secret"
+    ),
     **dict.fromkeys(("apikey", "apikeys"), "api_key"),
     **dict.fromkeys(("privatekey", "privatekeys"), "private_key"),
     **dict.fromkeys(("credentials", "credential", "creds"), "credentials"),
