@@ -783,6 +783,30 @@ def test_a_replay_or_fork_from_an_earlier_checkpoint_is_a_run_of_its_own(
     assert next(s.input for s in runs["fork"].tool_steps()) == {"a": 10, "b": 10}
 
 
+def test_a_run_continued_past_a_static_breakpoint_is_the_same_trajectory(
+    capture: str, sqlite_url: str
+) -> None:
+    """`interrupt_before=["tools"]` pauses; `invoke(None, config)` (no checkpoint named) goes on.
+    A QA pass (session 15): the paused trajectory stayed `interrupted` forever (never verified)
+    and the rest became a second one with no task."""
+    agent = create_agent(
+        ToolScriptModel(), make_tools(), name="calc", middleware=capture_middleware(capture, sqlite_url),
+        checkpointer=InMemorySaver(), interrupt_before=["tools"],
+    )  # fmt: skip
+    task = 'call add {"a": 2, "b": 3}; answer sum {result}'
+    config = {**thread("bp"), **labels("bp")}
+    if capture == "instrument":  # LangGraph tells only handlers in the config of these pauses (README)
+        config["callbacks"] = [honed.CallbackHandler(store=sqlite_url)]
+    agent.invoke({"messages": [("user", task)]}, config)
+    assert agent.invoke(None, config)["messages"][-1].content == "sum 5"
+    assert honed.flush()
+    (t,) = honed.open_store(sqlite_url).trajectories()
+    assert (t.status, t.task_id, t.answer) == ("ok", "bp", "sum 5")
+    assert t.task == {"messages": [{"role": "user", "content": task}]}
+    names = [s.name for s in t.steps]
+    assert names.index("interrupt") < names.index("resume") < names.index("add")
+
+
 def test_a_failure_an_outer_middleware_retries_stays_a_step_whatever_flushes_meanwhile(
     sqlite_url: str,
 ) -> None:

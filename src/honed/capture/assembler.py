@@ -207,6 +207,13 @@ class Assembler:
         if parent is None:
             resume = _resume_value(inputs)
             thread_id = _thread_of(metadata, extra)
+            if (
+                resume is NO_VALUE
+                and inputs is None
+                and thread_id in self._paused_on_thread
+                and not (metadata or {}).get("checkpoint_id")
+            ):
+                resume = None  # `invoke(None, config)`: LangGraph's way on past a static breakpoint
             if resume is not NO_VALUE:
                 paused = self._paused_on_thread.pop(thread_id, None) if thread_id else None
                 trajectory = self._continuation(run_id, paused, name, resume, metadata, tags, extra, when)

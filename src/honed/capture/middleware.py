@@ -259,6 +259,8 @@ class Middleware(AgentMiddleware):
                 self._track(step_id, _Live(root, False, False), locked=True)
                 return step_id
             resume = root.inputs.resume if root is not None and isinstance(root.inputs, Command) else NO_VALUE
+            if root is not None and resume is NO_VALUE and root.inputs is None and not root.forked:
+                resume = None  # `invoke(None, config)`: LangGraph's way on past a static breakpoint
             if root is not None and resume is NO_VALUE:
                 # Not a resume: a replay or fork from an earlier checkpoint (`invoke(None, config)`
                 # with a `checkpoint_id`) is a run of its own, under its own labels.
