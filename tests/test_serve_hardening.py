@@ -597,3 +597,41 @@ def test_a_client_that_hangs_up_stops_its_generation_and_its_runs_end_cancelled(
 def test_the_server_still_serves_after_all_that(server: Server) -> None:
     assert server.post(ask(temperature=0)).status_code == 200
     assert server.process.poll() is None
+
+
+def test_one_clients_bodies_are_read_a_few_at_a_time_and_never_hold_up_another() -> None:
+    """A QA pass (session 15): one address posting 8 MB bodies 16 at a time delayed another
+    client's small request by 4-10 s (parsing holds the GIL); and an IPv6 client, counted by
+    address, could open connections from as many addresses of its /64 as it liked."""
+    import asyncio
+
+    from honed.serving.app import BODY_READS_PER_CLIENT, PerClient, client_key
+
+    async def main() -> None:
+        gate, inside, peak = PerClient(BODY_READS_PER_CLIENT), [0], [0]
+        release = asyncio.Event()
+
+        async def hostile() -> None:
+            async with gate.turn("attacker"):
+                inside[0] += 1
+                peak[0] = max(peak[0], inside[0])
+                await release.wait()
+                inside[0] -= 1
+
+        tasks = [asyncio.create_task(hostile()) for _ in range(16)]
+        await asyncio.sleep(0.05)
+        assert inside[0] == BODY_READS_PER_CLIENT == 2
+        await asyncio.wait_for(_enter(gate, "someone-else"), 1)  # straight in
+        release.set()
+        await asyncio.gather(*tasks)
+        assert peak[0] == 2 and gate._held == {}  # nothing kept per client once it is gone
+
+    asyncio.run(main())
+    assert client_key("2001:db8::1") == client_key("2001:db8::ffff:7") == "2001:db8::/64"
+    assert client_key("2001:db8:0:1::1") != client_key("2001:db8::1")
+    assert client_key("10.0.0.1") != client_key("10.0.0.2") and client_key("::ffff:10.0.0.1") == "10.0.0.1"
+
+
+async def _enter(gate: Any, client: str) -> None:
+    async with gate.turn(client):
+        pass
