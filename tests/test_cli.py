@@ -259,6 +259,21 @@ def test_honed_spool_shows_what_waits_and_replays_it(tmp_path: Path) -> None:
     assert json.loads(runner.invoke(app, ["spool", "--json", "--store", url]).output)["pending"] == 0
 
 
+def test_replaying_a_file_that_is_not_a_spool_refuses_and_leaves_it_whole(tmp_path: Path) -> None:
+    """A QA pass (session 15): `honed spool --replay --from FILE` emptied whatever file it was
+    given (a note, a spool's .url sidecar, a training export), replaying nothing."""
+    url = f"sqlite:///{tmp_path / 'honed.db'}"
+    note = tmp_path / "notes.txt"
+    note.write_text("remember the milk\nand eggs\n")
+    export = tmp_path / "train.jsonl"
+    export.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    for given in (note, export):
+        before = given.read_text()
+        result = runner.invoke(app, ["spool", "--replay", "--from", str(given), "--store", url])
+        assert result.exit_code != 0 and "not a spool file" in result.output, result.output
+        assert given.read_text() == before
+
+
 def test_runs_captured_under_a_mistyped_store_url_are_moved_to_the_right_store(tmp_path: Path) -> None:
     """A URL no store can have (a misconfiguration, not an outage) leaves the runs in its spool,
     and the log says how to move them: `honed spool --replay --from SPOOL --store URL`."""

@@ -120,6 +120,23 @@ def test_jsonl_is_the_openai_chat_format_with_tools(verified: str, tmp_path: Pat
     assert two[-1] == {"role": "assistant", "content": "12"}
 
 
+def test_an_export_stopped_midway_leaves_the_previous_file_whole(verified: str, tmp_path: Path) -> None:
+    """A QA pass (session 15): an interrupted `honed export jsonl` had already replaced the last
+    complete export with the first few thousand rows of the new one."""
+    store = honed.open_store(verified)
+    out = tmp_path / "train.jsonl"
+    write_jsonl(select_trajectories(store, verdict="pass"), out)
+    complete = out.read_text()
+
+    def stopped() -> Any:
+        yield from select_trajectories(store, verdict="pass", limit=1)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_jsonl(stopped(), out)
+    assert out.read_text() == complete and not [p for p in tmp_path.iterdir() if "partial" in p.name]
+
+
 def test_filters_and_held_out_exclusion(verified: str) -> None:
     assert exported_task_ids(verified, verdict="pass") == ["t-add", "t-direct", "t-two"]
     assert exported_task_ids(verified, verdict="pass", include_heldout=True) == [

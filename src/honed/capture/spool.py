@@ -148,15 +148,34 @@ class Spool:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
+class NotASpool(ValueError):
+    """The file given to replay holds something other than spooled trajectories: left untouched."""
+
+
 def _read_records(handle: IO[str], path: Path) -> Iterator[dict[str, Any]]:
+    """The spooled records; raises `NotASpool` (before the file is emptied) at a line that parses
+    but is not one, or when no line is (`honed spool --replay --from` a text file emptied it)."""
+    records = torn = 0
     for number, line in enumerate(handle, 1):
         if not line.strip():
             continue
         try:
-            yield json.loads(line)
+            record = json.loads(line)
         except json.JSONDecodeError:
             # A torn last line (a crash mid-append) loses only itself; say so.
             log.error("honed: skipped an unreadable line %d of the spool %s", number, path)
+            torn += 1
+            continue
+        if not (isinstance(record, dict) and isinstance(record.get("id"), str) and "started_at" in record):
+            raise NotASpool(
+                f"{path}, line {number}, is not a spooled trajectory: not a spool file (left as it was)"
+            )
+        records += 1
+        yield record
+    if torn and not records:
+        raise NotASpool(
+            f"{path} holds no spooled trajectory, only unreadable lines: not a spool file (left as it was)"
+        )
 
 
 def _chunks(items: Iterator[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:

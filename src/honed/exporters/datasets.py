@@ -14,6 +14,7 @@ cap, non-text content, a trajectory with no chat model call. The row itself is
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,8 +71,17 @@ def write_jsonl(
     `write_jsonl(select_trajectories(store, verdict="pass"), "train.jsonl")`."""
     if hasattr(path, "write"):
         return _write_jsonl(trajectories, path, ExportResult(), reasoning, on_trajectory)  # type: ignore[arg-type]
-    with open(path, "w", encoding="utf-8") as out:  # type: ignore[arg-type]
-        return _write_jsonl(trajectories, out, ExportResult(path=str(path)), reasoning, on_trajectory)
+    # Written beside it and moved into place when whole: an export stopped midway (Ctrl-C, a
+    # store gone) left a partial file where the previous complete one was.
+    target = Path(path)  # type: ignore[arg-type]
+    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    try:
+        with open(partial, "w", encoding="utf-8") as out:
+            result = _write_jsonl(trajectories, out, ExportResult(path=str(path)), reasoning, on_trajectory)
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+    return result
 
 
 def _write_jsonl(
