@@ -104,7 +104,12 @@ def test_reading_commands_never_create_a_store(command: list[str], tmp_path: Pat
 
 
 @pytest.mark.parametrize(
-    ("url", "message"), [("notaurl", "'notaurl' is not a store URL"), ("mysql://x", "unsupported store URL")]
+    ("url", "message"),
+    [
+        ("notaurl", "'notaurl' is not a store URL"),
+        ("mysql://x", "unsupported store URL"),
+        ("sqlite:///", "sqlite:/// names no file"),
+    ],
 )
 def test_a_bad_store_url_is_one_line_not_a_traceback(url: str, message: str) -> None:
     result = runner.invoke(app, ["runs", "--store", url])

@@ -319,6 +319,8 @@ def test_opening_to_read_creates_nothing_where_there_is_no_store(tmp_path: Path,
     [
         ("notaurl", "'notaurl' is not a store URL"),
         ("mysql://x", "unsupported store URL mysql://x"),
+        # `sqlite:///$UNSET_VARIABLE`: was a store in memory, every run lost (a QA pass, session 15)
+        ("sqlite:///", "sqlite:/// names no file"),
         ("mongodb://u:secret@host/db", "unsupported store URL mongodb://u:\\*\\*\\*@host/db"),
     ],
 )

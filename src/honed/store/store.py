@@ -113,6 +113,12 @@ def check_store_url(url: str) -> str:
         ) from exc
     if parsed.drivername in _DRIVER_ALIASES:
         return parsed.set(drivername=_DRIVER_ALIASES[parsed.drivername]).render_as_string(hide_password=False)
+    if parsed.get_backend_name() == "sqlite" and not parsed.database and re.match(r"[^:]*:///(\?|$)", url):
+        # `sqlite:///$STORE_PATH` with the variable unset: a store in memory lost every run.
+        raise InvalidStoreURL(
+            f"{_shown(url)} names no file: use {' or '.join(SUPPORTED_SCHEMES)} (sqlite:// is a "
+            "store in memory, gone with the process)"
+        )
     if parsed.get_backend_name() not in _SUPPORTED_BACKENDS:
         raise InvalidStoreURL(
             f"unsupported store URL {_shown(url)}: honed stores live in SQLite or PostgreSQL "
