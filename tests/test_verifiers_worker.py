@@ -242,11 +242,15 @@ def test_a_process_whose_verifier_hung_still_exits(store_url: str) -> None:
     assert all(is_error(v) for t in store.trajectories(limit=None) for v in t.verdicts)
 
 
-def test_sigterm_finishes_in_flight_work_and_releases_the_rest(store_url: str) -> None:
+@pytest.mark.parametrize("mode", ["forever", "once"])
+def test_sigterm_finishes_in_flight_work_and_releases_the_rest(store_url: str, mode: str) -> None:
+    """`--once` too (a QA pass, session 15: SIGTERM or Ctrl-C killed `honed verify --once` with
+    finished verdicts unwritten and its claims locked until their lease ran out)."""
     store = honed.open_store(store_url)
     ids = seed(store, 20)  # 10 s of work: SIGTERM lands long before the end, even on a loaded machine
+    run = {"forever": True} if mode == "forever" else {"signals": True}
     proc = _spawn_worker(
-        store_url, delay=0.5, concurrency=1, batch_size=20, lease_s=60, flush_s=0.05, poll_s=0.1, forever=True
+        store_url, delay=0.5, concurrency=1, batch_size=20, lease_s=60, flush_s=0.05, poll_s=0.1, **run
     )
     _wait_for(store, proc, done=1)
     proc.send_signal(signal.SIGTERM)
@@ -343,3 +347,25 @@ def test_migration_0002_goes_down_and_up(store_url: str) -> None:
     assert Worker(store, [ReferenceMatch()]).run_once() == 2  # queue state went with the tables
     assert verdict_counts(store) == {("t0", "reference"): 1, ("t1", "reference"): 1}
     assert datetime.now(UTC) > store.get("t0").verdicts[0].created_at
+
+
+def test_settings_that_cannot_work_are_refused(store_url: str) -> None:
+    """A QA pass (session 15): `--lease 0` re-claimed every run from itself (each judged five
+    times, its verdicts stored as errors); `--batch -1` labelled nothing and exited 0."""
+    from typer.testing import CliRunner
+
+    from honed.cli import app
+
+    store = honed.open_store(store_url)
+    for bad in (
+        {"concurrency": 0},
+        {"batch_size": -1},
+        {"lease_s": 0},
+        {"timeout_s": -1},
+        {"max_attempts": 0},
+    ):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            Worker(store, [ReferenceMatch()], **bad)
+    for option in (["--lease", "0"], ["--batch", "-1"], ["--concurrency", "0"]):
+        result = CliRunner().invoke(app, ["verify", "--store", store_url, *option])
+        assert result.exit_code == 2 and "Invalid value" in result.output, result.output

@@ -163,10 +163,11 @@ def _main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     url, options = argv[0], json.loads(argv[1])
     forever, delay = options.pop("forever", False), options.pop("delay", 0.2)
+    signals = options.pop("signals", False)  # run_once as `honed verify --once` runs it
     store = honed.open_store(url)
     worker = Worker(store, worker_verifiers(delay), **options)
     print("worker ready", flush=True)
-    settled = worker.run_forever() if forever else worker.run_once()
+    settled = worker.run_forever() if forever else worker.run_once(install_signal_handlers=signals)
     worker.close()
     print(f"worker exits after settling {settled}", flush=True)
 

@@ -38,14 +38,15 @@ def verify(
     watch: Annotated[
         bool, typer.Option("--watch/--once", help="Keep labelling new runs, or label what is there and exit.")
     ] = False,
-    concurrency: Annotated[int, typer.Option(help="Trajectories verified at once.")] = 2,
-    batch: Annotated[int | None, typer.Option(help="Trajectories claimed per round trip.")] = None,
-    timeout: Annotated[float, typer.Option(help="Deadline of one verifier call, seconds.")] = 60.0,
+    concurrency: Annotated[int, typer.Option(min=1, help="Trajectories verified at once.")] = 2,
+    batch: Annotated[int | None, typer.Option(min=1, help="Trajectories claimed per round trip.")] = None,
+    timeout: Annotated[float, typer.Option(min=0.001, help="Deadline of one verifier call, seconds.")] = 60.0,
     lease: Annotated[
-        float, typer.Option(help="Claim lease, seconds; a dead worker's work returns after it.")
+        float,
+        typer.Option(min=1.0, help="Claim lease, seconds; a dead worker's work returns after it."),
     ] = 60.0,
-    max_attempts: Annotated[int, typer.Option(help="Tries before a verifier error is final.")] = 3,
-    poll: Annotated[float, typer.Option(help="Seconds between polls with --watch.")] = 2.0,
+    max_attempts: Annotated[int, typer.Option(min=1, help="Tries before a verifier error is final.")] = 3,
+    poll: Annotated[float, typer.Option(min=0.01, help="Seconds between polls with --watch.")] = 2.0,
 ) -> None:
     """Label unlabeled trajectories with verifiers (safe to run on many machines at once)."""
     from honed.verifiers import UnknownVerifier, Worker
@@ -88,7 +89,7 @@ def verify(
 
             worker.on_progress = show
             try:
-                settled = worker.run_forever() if watch else worker.run_once()
+                settled = worker.run_forever() if watch else worker.run_once(install_signal_handlers=True)
             finally:
                 worker.close()
         stats = worker.stats

@@ -134,10 +134,20 @@ class Worker:
         keys = [verifier_key(v) for v in self.verifiers]
         if len(set(keys)) != len(keys):
             raise ValueError(f"two verifiers share a name and version: {names(self.verifiers)}")
-        self.concurrency = max(1, concurrency)
+        for what, value in (
+            ("concurrency", concurrency),
+            ("batch_size", batch_size or 1),
+            ("max_attempts", max_attempts),
+        ):
+            if value < 1:
+                raise ValueError(f"{what} must be at least 1, not {value}")
+        for what, value in (("lease_s", lease_s), ("timeout_s", timeout_s), ("poll_s", poll_s)):
+            if not value > 0:
+                raise ValueError(f"{what} must be a positive number of seconds, not {value}")
+        self.concurrency = concurrency
         self.batch_size = batch_size or 8 * self.concurrency
         self.lease_s, self.timeout_s = lease_s, timeout_s
-        self.max_attempts, self.backoff_s, self.max_backoff_s = max(1, max_attempts), backoff_s, max_backoff_s
+        self.max_attempts, self.backoff_s, self.max_backoff_s = max_attempts, backoff_s, max_backoff_s
         self.poll_s, self.flush_s = poll_s, flush_s
         self.queue = queue or queue_name(self.verifiers)
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -152,10 +162,17 @@ class Worker:
 
     # -- running ------------------------------------------------------------------------------
 
-    def run_once(self) -> int:
-        """Label everything claimable now; returns how many trajectories were settled."""
-        self._prepare()
-        return self._pump(until_idle=True)
+    def run_once(self, *, install_signal_handlers: bool = False) -> int:
+        """Label everything claimable now; returns how many trajectories were settled. With
+        `install_signal_handlers` (`honed verify --once`), SIGTERM/SIGINT stop it as `stop()` does:
+        what is in flight finishes and is written, the rest is released."""
+        restore = self._install_signal_handlers() if install_signal_handlers else {}
+        try:
+            self._prepare()
+            return self._pump(until_idle=True)
+        finally:
+            for signum, handler in restore.items():
+                signal.signal(signum, handler)
 
     def run_forever(self, *, install_signal_handlers: bool = True) -> int:
         """Poll and label until `stop()` (or SIGTERM/SIGINT when run in the main thread)."""
