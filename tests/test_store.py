@@ -495,3 +495,21 @@ def test_migration_0006_converts_a_store_written_before_and_back(store_url: str)
         assert "messages" not in {c["name"] for c in inspect(conn).get_columns("trajectories")}
     assert (json.loads(raw) if isinstance(raw, str) else raw) == runs[1].steps[4].input
     store.close()
+
+
+def test_a_store_of_a_newer_honed_or_another_application_is_one_clear_error(tmp_path) -> None:
+    """A QA pass (session 15): every command dumped alembic's ~270-line traceback."""
+    import sqlite3
+
+    from honed.store import StoreSchemaUnknown
+
+    path = tmp_path / "newer.db"
+    honed.open_store(f"sqlite:///{path}").close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE alembic_version SET version_num = '0099'")
+    for create in (True, False):
+        with pytest.raises(StoreSchemaUnknown, match="revision '0099'.*upgrade honed") as caught:
+            honed.open_store(f"sqlite:///{path}", create=create)
+        assert "\n" not in str(caught.value)
+    with sqlite3.connect(path) as conn:  # nothing was changed
+        assert conn.execute("SELECT version_num FROM alembic_version").fetchone() == ("0099",)

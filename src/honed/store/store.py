@@ -68,6 +68,11 @@ class StoreNotFound(StoreUnavailable):
     """`open_store(url, create=False)` found no honed store there (read-only commands never make one)."""
 
 
+class StoreSchemaUnknown(StoreUnavailable):
+    """The database's schema is at a revision this honed does not know: a newer honed's store
+    (upgrade honed), or another application's database. Nothing was changed."""
+
+
 class InvalidStoreURL(ValueError):
     """A store URL that can never work: malformed, or a database honed does not support. Not an
     outage: retrying cannot help, the configuration must change."""
@@ -544,6 +549,7 @@ def _migrate(engine: Engine, *, create: bool = True, shown: str = "") -> None:
             raise StoreNotFound(_not_found(shown or safe_url(engine.url)))
         from alembic import command
         from alembic.runtime.migration import MigrationContext
+        from alembic.util import CommandError
 
         config = _alembic_config()
         with engine.begin() as conn:
@@ -553,9 +559,17 @@ def _migrate(engine: Engine, *, create: bool = True, shown: str = "") -> None:
                 conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK_KEY})
             elif engine.dialect.name == "sqlite":
                 conn.exec_driver_sql("BEGIN IMMEDIATE")  # SQLite's write lock, taken now
-            if MigrationContext.configure(conn).get_current_revision() != SCHEMA_HEAD:
+            current = MigrationContext.configure(conn).get_current_revision()
+            if current != SCHEMA_HEAD:
                 config.attributes["connection"] = conn
-                command.upgrade(config, "head")
+                try:
+                    command.upgrade(config, "head")
+                except CommandError as exc:  # a revision none of honed's migrations made
+                    raise StoreSchemaUnknown(
+                        f"{shown or safe_url(engine.url)}: its schema is at revision {current!r}, which this "
+                        f"honed (schema {SCHEMA_HEAD}) does not know: a store of a newer honed (upgrade "
+                        "honed), or another application's database; nothing was changed"
+                    ) from None
 
 
 def _revision(engine: Engine) -> str | None:
