@@ -508,7 +508,7 @@ def test_a_store_of_a_newer_honed_or_another_application_is_one_clear_error(tmp_
     with sqlite3.connect(path) as conn:
         conn.execute("UPDATE alembic_version SET version_num = '0099'")
     for create in (True, False):
-        with pytest.raises(StoreSchemaUnknown, match="revision '0099'.*upgrade honed") as caught:
+        with pytest.raises(StoreSchemaUnknown, match=r"revision '0099'.*upgrade honed") as caught:
             honed.open_store(f"sqlite:///{path}", create=create)
         assert "\n" not in str(caught.value)
     with sqlite3.connect(path) as conn:  # nothing was changed

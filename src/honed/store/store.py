@@ -564,7 +564,7 @@ def _migrate(engine: Engine, *, create: bool = True, shown: str = "") -> None:
                 config.attributes["connection"] = conn
                 try:
                     command.upgrade(config, "head")
-                except CommandError as exc:  # a revision none of honed's migrations made
+                except CommandError:  # a revision none of honed's migrations made
                     raise StoreSchemaUnknown(
                         f"{shown or safe_url(engine.url)}: its schema is at revision {current!r}, which this "
                         f"honed (schema {SCHEMA_HEAD}) does not know: a store of a newer honed (upgrade "
