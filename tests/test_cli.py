@@ -69,6 +69,24 @@ def test_show_is_a_readable_timeline(captured: str) -> None:
     assert [s["kind"] for s in data["steps"]] == ["model", "tool", "model"]
 
 
+def test_control_characters_a_user_typed_never_reach_the_operators_terminal(sqlite_url: str) -> None:
+    """A QA pass (session 15): `honed show` and `honed runs` printed a captured message's ESC
+    sequences raw (set the terminal's title, clear the screen)."""
+    hostile = "hi \x1b]0;owned\x07\x1b[2J\x9b31m there"
+    agent = create_agent(
+        ToolScriptModel(), make_tools(), name="calc\x1b[5m", middleware=[honed.Middleware(store=sqlite_url)]
+    )
+    agent.invoke(
+        {"messages": [("user", f"answer {hostile}")]}, config={"metadata": {"honed": {"task_id": "t\x1b[1m"}}}
+    )
+    honed.flush()
+    (t,) = honed.open_store(sqlite_url).trajectories()
+    for command in (["show", t.id], ["runs"]):
+        output = runner.invoke(app, [*command, "--store", sqlite_url]).output
+        assert not any(c in output for c in "\x1b\x07\x9b"), (command, output)
+        assert "\\x1b" in output
+
+
 def test_show_unknown_id_and_unreachable_store(captured: str) -> None:
     result = runner.invoke(app, ["show", "no-such-id", "--store", captured])
     assert result.exit_code == 1 and result.output.strip() == "no trajectory no-such-id"

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 from typing import Annotated, Any
 
 import click
 import typer
 from rich.console import Console
-from rich.markup import escape
+from rich.markup import escape as _markup_escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -47,6 +48,16 @@ class _Group(TyperGroup):
                 soft_wrap=True,
             )
             raise typer.Exit(1) from exc
+
+
+# Control characters other than tab and newline: a captured message holding ESC sequences
+# (set the terminal's title, clear the screen) reached the operator's terminal raw.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def escape(text: str) -> str:
+    """`text` safe to print through rich: its markup escaped, control characters shown as `\\xNN`."""
+    return _markup_escape(_CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text))
 
 
 # Raised by what a user typed; a bug raises something else (and keeps its traceback).

@@ -12,10 +12,9 @@ from typing import Annotated, Any, Literal
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from honed.cli.common import JsonOption, StoreOption, app, console, open_store_or_exit
+from honed.cli.common import JsonOption, StoreOption, app, console, escape, open_store_or_exit
 from honed.store import TrajectoryStore
 from honed.store.select import Selection, count_selected, select_trajectories
 

@@ -14,10 +14,17 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
-from honed.cli.common import JsonOption, StoreOption, app, console, open_store_or_exit, progress_display
+from honed.cli.common import (
+    JsonOption,
+    StoreOption,
+    app,
+    console,
+    escape,
+    open_store_or_exit,
+    progress_display,
+)
 
 SuiteOption = Annotated[
     str, typer.Option("--suite", help="tool_use | extraction | coding | package.module:SUITE (your own).")

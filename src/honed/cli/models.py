@@ -13,10 +13,9 @@ from collections.abc import Sequence
 from typing import Annotated, Any
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
-from honed.cli.common import JsonOption, StoreOption, app, console, open_store_or_exit
+from honed.cli.common import JsonOption, StoreOption, app, console, escape, open_store_or_exit
 from honed.store.registry import (
     ModelVersionInvalid,
     ModelVersionNotFound,

@@ -7,9 +7,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 
-from honed.cli.common import StoreOption, app, console, open_store_or_exit
+from honed.cli.common import StoreOption, app, console, escape, open_store_or_exit
 from honed.report import build_report
 
 

@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
-from honed.cli.common import JsonOption, StoreOption, app, console, open_store_or_exit
+from honed.cli.common import JsonOption, StoreOption, app, console, escape, open_store_or_exit
 from honed.store import resolve_store_url
 
 

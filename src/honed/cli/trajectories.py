@@ -7,11 +7,10 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 from rich.tree import Tree
 
-from honed.cli.common import JsonOption, StoreOption, app, console, open_store_or_exit
+from honed.cli.common import JsonOption, StoreOption, app, console, escape, open_store_or_exit
 from honed.messages import task_text
 from honed.store import TrajectoryNotFound
 from honed.store.store import AmbiguousTrajectoryId

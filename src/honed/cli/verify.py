@@ -8,10 +8,17 @@ import logging
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
-from honed.cli.common import JsonOption, StoreOption, app, console, open_store_or_exit, progress_display
+from honed.cli.common import (
+    JsonOption,
+    StoreOption,
+    app,
+    console,
+    escape,
+    open_store_or_exit,
+    progress_display,
+)
 from honed.store import TrajectoryNotFound
 from honed.store.store import AmbiguousTrajectoryId
 from honed.trajectory import Verdict
