@@ -146,6 +146,12 @@ def test_a_bad_store_url_is_one_line_not_a_traceback(url: str, message: str) -> 
         (["train", "student", "--agent", "json"], "give module:factory"),
         (["train", "student", "--agent", "json:no_such_factory"], "json has no callable 'no_such_factory'"),
         (["register", "agent", "{tmp}", "--metrics", "[1, 2]"], "--metrics must be a JSON object"),
+        # A suite that does not follow the protocol (a QA pass, session 15: a 25-line traceback).
+        (
+            ["train", "student", "--suite", "json:JSONDecoder"],
+            "json:JSONDecoder is not a honed.demo.Suite: it lacks",
+        ),
+        (["train", "student", "--suite", "json:no_such_suite"], "json has no 'no_such_suite'"),
     ],
 )
 def test_a_user_mistake_is_one_line_not_a_traceback(

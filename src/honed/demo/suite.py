@@ -48,6 +48,18 @@ class Suite(Protocol):
         ...
 
 
+_SUITE_PROTOCOL = (
+    "name",
+    "system_prompt",
+    "tools",
+    "train",
+    "heldout",
+    "verifiers",
+    "demonstrations",
+    "vocab_corpus",
+)
+
+
 def load_suite(spec: str | Suite) -> Suite:
     """A bundled suite by name (`tool_use`, `extraction`, `coding`) or `package.module:ATTR`."""
     if not isinstance(spec, str):
@@ -59,11 +71,18 @@ def load_suite(spec: str | Suite) -> Suite:
     module_name, _, attr = spec.partition(":")
     if not attr:
         raise ValueError(f"unknown suite {spec!r}: use one of {sorted(SUITES)} or 'package.module:SUITE'")
-    suite = getattr(importlib.import_module(module_name), attr)
+    module = importlib.import_module(module_name)
+    if not hasattr(module, attr):
+        raise ValueError(f"{module_name} has no {attr!r}: name a suite object, class or factory in it")
+    suite = getattr(module, attr)
     if isinstance(suite, type) or (callable(suite) and not isinstance(suite, Suite)):
         suite = suite()  # a class or a factory
     if not isinstance(suite, Suite):
-        raise TypeError(f"{spec} is not a honed.demo.Suite (name, system_prompt, tools, train, heldout, ...)")
+        wanted = sorted(name for name in _SUITE_PROTOCOL if not hasattr(suite, name))
+        raise ValueError(
+            f"{spec} is not a honed.demo.Suite: it lacks {', '.join(wanted) or 'what the protocol needs'} "
+            f"(a suite has {', '.join(_SUITE_PROTOCOL)})"
+        )
     return suite
 
 
