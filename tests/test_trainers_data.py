@@ -252,7 +252,7 @@ def test_a_heldout_request_never_trains_under_another_task_id_or_none(any_store:
     another task id, without one, in an external dataset, or asked by a task held out by hash or
     handed to the gate is the gate's question; training on it grades a candidate on what it
     memorised. Case and spacing do not make it another question."""
-    from honed.store.select import select_trajectories
+    from honed.store.select import count_selected, select_trajectories
     from honed.trajectory import Task
 
     store = any_store
@@ -266,6 +266,8 @@ def test_a_heldout_request_never_trains_under_another_task_id_or_none(any_store:
         assert set(data.trajectory_ids) == {kept.id}, method
         assert data.counts["heldout_excluded"] >= 3, method
     assert [t.id for t in select_trajectories(store, verdict="pass")] == [kept.id]  # export too
+    # ... and what `honed status` and the progress bars count (a QA pass, session 15: 3, not 1)
+    assert count_selected(store, verdict="pass") == 1
     # A gate's task, not in the store yet: its request under any id stays out.
     gate = add(store, make_trajectory("other-1", user="What is 9 plus 3?"), True)
     data = prepare(store, "sft", heldout_tasks=[Task("gate-1", "what is 9 plus 3?")])
@@ -304,6 +306,8 @@ def test_a_heldout_request_in_disguise_or_an_earlier_turn_never_trains(any_store
         data = prepare(store, method, verified=method != "grpo")
         assert set(data.trajectory_ids) == {kept.id}, method
     assert [t.id for t in select_trajectories(store, verdict="pass")] == [kept.id]  # export too
+    # ... and what `honed status` and the progress bars count (a QA pass, session 15: 3, not 1)
+    assert count_selected(store, verdict="pass") == 1
     # Internal punctuation still tells questions apart: "2+3" is not "2-3".
     assert request_key("What is 2+3?") == "what is 2+3" != request_key("What is 2-3?")
 

@@ -274,7 +274,11 @@ def select_trajectories(
 
 
 def count_selected(store: TrajectoryStore, selection: Selection | None = None, **filters: Any) -> int:
-    """How many trajectories `select_trajectories` will yield (for progress bars)."""
+    """How many trajectories `select_trajectories` will yield (progress bars, `honed status`):
+    counted in SQL, or, where held-out tasks exist, over the matching rows without their steps,
+    the held-out policy applied to each (its task, split and request: a held-out question asked
+    again under another task id was counted). Exact but for a held-out question only an earlier
+    turn of a thread asked, which only a run's steps show."""
     selection = _as_selection(selection, filters)
     heldout = HeldOut.of(store) if selection.excludes_heldout else None
     store_filters = selection.store_filters
@@ -283,13 +287,20 @@ def count_selected(store: TrajectoryStore, selection: Selection | None = None, *
         if heldout is None:
             total += store.count(task_id=task_id, **store_filters)
             continue
-        excluded = sorted(heldout.task_ids)
-        total += store.count(task_id=task_id, exclude_task_ids=excluded, **store_filters)
-        if selection.split is None:  # trajectories of no held-out task that sit in the split anyway
-            total -= store.count(
-                task_id=task_id, exclude_task_ids=excluded, **{**store_filters, "split": HELDOUT}
-            )
+        last = None
+        while True:
+            page = store.trajectories(
+                limit=_COUNT_PAGE, after=last, task_id=task_id, oldest_first=True, with_steps=False,
+                exclude_task_ids=sorted(heldout.task_ids), **store_filters,
+            )  # fmt: skip
+            total += sum(1 for t in page if not heldout.holds(t))
+            if len(page) < _COUNT_PAGE:
+                break
+            last = page[-1]
     return total
+
+
+_COUNT_PAGE = 2000
 
 
 def _as_selection(selection: Selection | None, filters: dict[str, Any]) -> Selection:
