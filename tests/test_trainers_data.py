@@ -306,8 +306,6 @@ def test_a_heldout_request_in_disguise_or_an_earlier_turn_never_trains(any_store
         data = prepare(store, method, verified=method != "grpo")
         assert set(data.trajectory_ids) == {kept.id}, method
     assert [t.id for t in select_trajectories(store, verdict="pass")] == [kept.id]  # export too
-    # ... and what `honed status` and the progress bars count (a QA pass, session 15: 3, not 1)
-    assert count_selected(store, verdict="pass") == 1
     # Internal punctuation still tells questions apart: "2+3" is not "2-3".
     assert request_key("What is 2+3?") == "what is 2+3" != request_key("What is 2-3?")
 
