@@ -183,6 +183,9 @@ def test_reply_carries_what_a_trainer_needs(model, tiny: Path) -> None:
     assert meta["finish_reason"] in ("stop", "length")
     assert len(meta["token_ids"]) == len(meta["logprobs"]) == reply.usage_metadata["output_tokens"]
     assert len(meta["prompt_token_ids"]) == reply.usage_metadata["input_tokens"]
+    from honed.tokenizer_id import tokenizer_id
+
+    assert meta["tokenizer"] == tokenizer_id(model.engine.tokenizer)  # whose ids these are
     # The ids are what was sampled: decoding them gives the reply, no retokenisation involved.
     assert model.engine.decode(meta["token_ids"]).strip() == reply.content.strip()
     # The logprobs are the model's own (raw) log-probabilities of exactly those tokens.
@@ -462,6 +465,7 @@ def test_an_agent_calls_a_tool_with_the_local_model(sqlite_url: str) -> None:
     for step in (first, last):
         assert len(step.extra["token_ids"]) == len(step.extra["logprobs"]) == step.usage["output_tokens"]
         assert step.extra["prompt_token_ids"] and step.extra["finish_reason"] in ("tool_calls", "stop")
+        assert len(step.extra["tokenizer"]) == 16  # whose ids these are: training checks it
     # The second prompt is the first prompt plus the sampled completion, tool result and template glue.
     assert (
         last.extra["prompt_token_ids"][: len(first.extra["prompt_token_ids"])]

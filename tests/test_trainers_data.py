@@ -627,6 +627,26 @@ def test_ids_outside_the_tokenizer_vocabulary_are_not_used(store: TrajectoryStor
     assert not prepare(store, "sft", tokenizer=Vocab(10)).pretokenized
 
 
+def test_ids_another_tokenizer_made_are_not_used(store: TrajectoryStore) -> None:
+    """A QA pass (session 15): a version trained from another base (another tokenizer) trained
+    on its ancestor's recorded ids, read as other text (or ids past its embeddings)."""
+    from transformers import AutoTokenizer
+
+    from honed.tokenizer_id import tokenizer_id
+    from tiny_model import tiny_path
+
+    made_it, other = AutoTokenizer.from_pretrained(tiny_path()), AutoTokenizer.from_pretrained(tiny_path())
+    other.add_tokens(["<another-vocabulary>"])
+    t = make_trajectory("t1", token_ids=IDS_A)
+    for step in t.model_steps():
+        step.extra["tokenizer"] = tokenizer_id(made_it)
+    add(store, t, True)
+    assert prepare(store, "sft", tokenizer=made_it).pretokenized
+    data = prepare(store, "sft", tokenizer=other)
+    assert not data.pretokenized and data.counts["missing_token_ids"] == 1 and len(data) == 1
+    assert tokenizer_id(other) != tokenizer_id(made_it)
+
+
 def test_empty_selection_gives_an_empty_dataset(store: TrajectoryStore) -> None:
     add(store, make_trajectory("t1"), False)
     for method in ("sft", "kto", "dpo", "grpo", "distill"):

@@ -575,6 +575,8 @@ class Assembler:
         ):
             if meta.get(key) is not None and keep:
                 step["extra"][key] = self._field(meta[key])
+        if isinstance(meta.get("tokenizer"), str) and (prompt_clean or reply_clean):
+            step["extra"]["tokenizer"] = meta["tokenizer"][:64]  # whose ids these are
         if not (prompt_clean and reply_clean):
             step["extra"]["token_ids_dropped"] = "redacted"
 

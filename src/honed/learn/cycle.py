@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -50,6 +51,8 @@ from honed.verifiers.protocol import verifier_name
 AgentFactory = Callable[[Any], Any]
 ChatModelFactory = Callable[[ModelVersion, float], Any]
 Progress = Callable[[str, int, int], None]
+
+log = logging.getLogger("honed")
 
 
 @dataclass(frozen=True)
@@ -379,9 +382,10 @@ class Cycle:
             # 1. select: what was verifiably done right (and wrong), held-out tasks excluded
             with self._timed(result, "select"):
                 filters = config.filters(live, lineage(self.store, live))
+                weights = live if self.start == "live" else lineage(self.store, live)[-1]
                 data = prepare(
                     self.store, method.name, seed=self.seed, heldout_split=self.heldout_split,
-                    heldout_tasks=self.heldout_tasks(), **filters,
+                    heldout_tasks=self.heldout_tasks(), tokenizer=_tokenizer(weights.path), **filters,
                 )  # fmt: skip
                 result.data, result.stuck = _selection_summary(data, live)
                 result.data["gate_verifiers"] = sorted({verifier_name(v) for v in self.verifiers})
@@ -409,7 +413,6 @@ class Cycle:
             # 2. train a candidate from the live (or the base) weights, into a new folder
             with self._timed(result, "train"):
                 out = self.output_dir / f"{self.model}-run{run.id}"
-                weights = live if self.start == "live" else lineage(self.store, live)[-1]
                 result.extra["trained_from"] = weights.ref
                 # The other ranks train with us, with the same method (after a rejection, the adjusted one).
                 handoff.send((weights.path, data, out, self.seed, run.id, method))
@@ -684,6 +687,19 @@ def _fingerprint(factory: Any, depth: int = 0) -> Any:
             value = None
         cells.append(_fingerprint(value, depth + 1) if callable(value) else repr(value))
     return [factory.__module__, factory.__qualname__, code.co_code.hex(), repr(code.co_consts), cells]
+
+
+def _tokenizer(path: str) -> Any:
+    """The tokenizer of the weights a cycle trains: recorded token ids are used only where it
+    made them (a lineage that changed base must not train on its ancestors' ids). None where
+    it cannot be loaded (a hub id offline): then only their range is checked."""
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path)
+    except Exception:
+        log.warning("honed: could not load the tokenizer of %s to check recorded token ids", path)
+        return None
 
 
 def _rows_fingerprint(dataset: Any) -> str:

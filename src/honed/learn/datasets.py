@@ -38,6 +38,7 @@ from honed.exporters.datasets import dataset_features
 from honed.messages import MessageError, NotExportable, chat_example, openai_messages
 from honed.store import TrajectoryNotFound
 from honed.store.select import HeldOut, HeldOutLeak, request_key, requests_of, same_split
+from honed.tokenizer_id import tokenizer_id
 from honed.trajectory import HELDOUT, INTERRUPTED, Task, Trajectory, label
 
 if TYPE_CHECKING:
@@ -586,6 +587,13 @@ class _Build:
         benchmarks/README.md.)"""
         judged = [t for t in selected if labels[t.id] is not None and (t.task_id is not None or self._skip())]
         examples = self._cap([_Example(t, [], []) for t in judged])
+        mine = (
+            examples
+            if tokenizer is None
+            else [e for e in examples if not _made_by_another(e.trajectory, tokenizer)]
+        )
+        self.counts["other_tokenizer"] = len(examples) - len(mine)  # their ratios mean nothing here
+        examples = mine
         missing = [e.trajectory.id for e in examples if not _has_logprobs(e.trajectory, tokenizer)]
         if missing:
             raise MissingLogprobs(missing, len(examples))
@@ -779,6 +787,8 @@ def _normalised_example(row: dict[str, Any], index: int) -> dict[str, Any]:
 
 
 def _has_token_ids(t: Trajectory, tokenizer: Any) -> bool:
+    """Whether every model step recorded its ids, and (with `tokenizer`) they are this tokenizer's:
+    made by it (`honed.tokenizer_id`, where recorded) and within its vocabulary."""
     steps = t.model_steps()
     if not steps:
         return False
@@ -787,9 +797,18 @@ def _has_token_ids(t: Trajectory, tokenizer: Any) -> bool:
         prompt, completion = step.extra.get("prompt_token_ids"), step.extra.get("token_ids")
         if not _is_ids(prompt) or not _is_ids(completion) or not completion:
             return False
+        made_by = step.extra.get("tokenizer")
+        if tokenizer is not None and made_by is not None and made_by != tokenizer_id(tokenizer):
+            return False  # another tokenizer's ids: other text, or ids past the embeddings
         if vocab is not None and max(max(prompt, default=0), max(completion)) >= vocab:
             return False
     return True
+
+
+def _made_by_another(t: Trajectory, tokenizer: Any) -> bool:
+    """Whether a model step of `t` recorded ids of a tokenizer other than `tokenizer`."""
+    mine = tokenizer_id(tokenizer)
+    return any(s.extra.get("tokenizer") not in (None, mine) for s in t.model_steps())
 
 
 def _is_ids(value: Any) -> bool:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from honed.serving.batching import DEFAULT_MAX_BATCH, DEFAULT_WINDOW_S, BatchGenerator, GenerationRequest
+from honed.tokenizer_id import tokenizer_id
 
 log = logging.getLogger("honed")
 
@@ -71,6 +72,7 @@ class Engine:
     refs: int = 0
     longest_token: int = 64
     control_tokens: re.Pattern[str] = re.compile("")  # the tokenizer's special tokens, spelled
+    tokenizer_id: str = ""  # `honed.tokenizer_id`: recorded with the ids it makes
 
     @property
     def max_prompt_chars(self) -> int:
@@ -242,6 +244,7 @@ def load_engine(
         defaults=defaults,
         longest_token=_longest_token(tokenizer),
         control_tokens=_control_tokens(tokenizer),
+        tokenizer_id=tokenizer_id(tokenizer),
     )
 
 

@@ -362,6 +362,7 @@ class LocalChatModel(BaseChatModel):
             "model_version": self.version_label,
             "model_provider": "honed",
             "finish_reason": finish,
+            "tokenizer": self.engine.tokenizer_id,  # whose ids these are
             "prompt_token_ids": list(request.prompt_ids),
             "token_ids": list(result.token_ids),
             "logprobs": [round(lp, 6) for lp in result.logprobs],
