@@ -349,3 +349,15 @@ def test_the_demo_table_keeps_its_reasons_readable_off_a_terminal() -> None:
     print_table(Console(file=out), table)  # a pipe or a log file: no terminal, rich assumes 80 columns
     rows = [line for line in out.getvalue().splitlines() if "tool_use-agent@v2" in line or "clears" in line]
     assert "held-out pass@1 0.250 -> 0.375" in rows[0]  # at least 30 characters of reason a line
+
+
+def test_a_command_refused_or_with_nothing_to_do_leaves_no_store_behind(tmp_path: Path) -> None:
+    """A QA pass (session 15): `honed demo --method bogus` made the demo's store before refusing
+    it; `honed spool --replay` with nothing waiting created an empty store at a mistyped --store."""
+    result = runner.invoke(app, ["demo", "--method", "bogus", "--workdir", str(tmp_path / "w")])
+    assert result.exit_code == 2 and "unknown method 'bogus'" in result.output
+    assert not (tmp_path / "w").exists()
+    mistyped = tmp_path / "typo" / "honed.db"
+    result = runner.invoke(app, ["spool", "--replay", "--store", f"sqlite:///{mistyped}", "--json"])
+    assert result.exit_code == 0 and json.loads(result.output)["replayed"] == 0
+    assert not mistyped.parent.exists()

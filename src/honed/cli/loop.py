@@ -119,6 +119,7 @@ def demo(
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     out = Console(stderr=True) if as_json else console()
     chosen = load_suite(suite)
+    chosen_method = _demo_method(method, chosen)  # a typo is refused before anything is made
     url = store or fresh_store_url(workdir)
     s = open_store(url)
     out.print(
@@ -133,7 +134,7 @@ def demo(
             s,
             cycles=cycles,
             seed=seed,
-            method=_demo_method(method, chosen),
+            method=chosen_method,
             attempts=attempts,
             train_tasks=train_tasks,
             heldout_tasks=heldout_tasks,

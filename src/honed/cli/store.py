@@ -12,6 +12,7 @@ from rich.table import Table
 
 from honed.cli.common import JsonOption, StoreOption, app, console, escape, open_store_or_exit
 from honed.store import resolve_store_url
+from honed.store.store import safe_url
 
 
 @app.command()
@@ -46,9 +47,11 @@ def spool(
     mine = Spool(source if source is not None else default_spool_path(url))
     if replay:
         before = mine.pending()
-        with open_store_or_exit(url, create=True) as s:
-            replayed = mine.replay(s.save_records)
-            summary = {"store": s.safe_url, "spool": str(mine.path), "waiting": before, "replayed": replayed}
+        summary = {"store": safe_url(url), "spool": str(mine.path), "waiting": before, "replayed": 0}
+        if before:  # nothing waiting: no store to open, none to create (a mistyped --store made one)
+            with open_store_or_exit(url, create=True) as s:
+                summary["replayed"] = mine.replay(s.save_records)
+        replayed = summary["replayed"]
         if as_json:
             typer.echo(json.dumps(summary))
         else:
