@@ -513,3 +513,33 @@ def test_a_store_of_a_newer_honed_or_another_application_is_one_clear_error(tmp_
         assert "\n" not in str(caught.value)
     with sqlite3.connect(path) as conn:  # nothing was changed
         assert conn.execute("SELECT version_num FROM alembic_version").fetchone() == ("0099",)
+
+
+def test_a_verifier_upgraded_judges_again_and_its_old_versions_verdicts_stop_counting(store_url: str) -> None:
+    """A verifier fixed (too strict) and upgraded re-judges every run; its old version's fails
+    kept every one of them a fail forever. A new version's error or "could not tell" supersedes
+    nothing (an agent that can crash the new version must not shed the old one's fail), and every
+    person's label counts: two labellers who disagree make a fail."""
+    from honed.trajectory import label
+
+    store = honed.open_store(store_url)
+    for i in range(5):
+        store.save(make(i))
+    for i in range(4):
+        store.add_verdict(f"t{i}", Verdict(passed=False, verifier="ref", version="1"))
+    store.add_verdict("t0", Verdict(passed=True, verifier="ref", version="2"))  # the fix: a pass
+    store.add_verdict("t1", Verdict(passed=None, verifier="ref", version="2", evidence={"error": "boom"}))
+    store.add_verdict("t2", Verdict(passed=None, verifier="ref", version="2"))  # could not tell
+    store.add_verdict("t3", Verdict(passed=True, verifier="ref", version="2"))
+    store.add_verdict("t3", Verdict(passed=False, verifier="ref", version="3"))  # judged again, later
+    store.add_verdict(
+        "t4", Verdict(passed=True, verifier="human", version="alice", evidence={"labeler": "alice"})
+    )
+    store.add_verdict(
+        "t4", Verdict(passed=False, verifier="human", version="bob", evidence={"labeler": "bob"})
+    )
+    expected = {"t0": True, "t1": False, "t2": False, "t3": False, "t4": False}
+    assert {t.id: label(t.verdicts) for t in store.trajectories()} == expected
+    assert [t.id for t in store.trajectories(verdict="pass")] == ["t0"]  # the same label in SQL
+    assert sorted(t.id for t in store.trajectories(verdict="fail")) == ["t1", "t2", "t3", "t4"]
+    assert store.count(verdict="pass") == 1

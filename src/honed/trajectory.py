@@ -231,13 +231,37 @@ def label(
     names = None if only is None else set(only)
     judged = [
         v.passed
-        for v in verdicts
+        for v in current_verdicts(list(verdicts))
         if v.passed is not None
         and v.verifier not in skip
         and (names is None or v.verifier in names)
         and not is_verifier_error(v)
     ]
     return all(judged) if judged else None
+
+
+def current_verdicts(verdicts: list[Verdict]) -> list[Verdict]:
+    """The verdicts that count: of each verifier, those of the version that judged last (pass or
+    fail: a verifier fixed and upgraded judges every run again, and its old version's verdicts
+    stop counting; an error or a "could not tell" of the new one supersedes nothing), and every
+    person's label (`honed label`: each labeller is a version of its source, and all count)."""
+    newest: dict[str, tuple[datetime, str]] = {}
+    for v in verdicts:
+        if v.passed is None or v.created_at is None or is_persons_label(v):
+            continue
+        seen = newest.get(v.verifier)
+        if seen is None or v.created_at > seen[0]:
+            newest[v.verifier] = (v.created_at, v.version)
+    return [
+        v
+        for v in verdicts
+        if v.verifier not in newest or v.version == newest[v.verifier][1] or is_persons_label(v)
+    ]
+
+
+def is_persons_label(verdict: Verdict) -> bool:
+    """A label a person gave (`honed label`, `evidence["labeler"]`), not a verifier's judgement."""
+    return isinstance(verdict.evidence, dict) and "labeler" in verdict.evidence
 
 
 def label_word(passed: bool | None) -> Label:

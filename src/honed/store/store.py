@@ -38,7 +38,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DataError, SQLAlchemyError
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy.orm import aliased, sessionmaker
 from sqlalchemy.pool import StaticPool
 
 from honed._json import dumps as fast_json_dumps
@@ -639,7 +639,7 @@ def _filtered(
     if verdict is not None:
         any_verdict = exists().where(VerdictRow.trajectory_id == T.id)
         # Errors have passed=None, so they never count; untrusted verifiers' judgements neither.
-        counted = [VerdictRow.trajectory_id == T.id]
+        counted = [VerdictRow.trajectory_id == T.id, ~_superseded()]
         if untrusted:
             counted.append(VerdictRow.verifier.not_in(sorted(untrusted)))
         failed = exists().where(*counted, VerdictRow.passed.is_(False))
@@ -654,6 +654,21 @@ def _filtered(
             raise ValueError(f"verdict filter must be one of {sorted(conditions)}, not {verdict!r}")
         query = query.where(conditions[verdict])
     return query
+
+
+def _superseded() -> Any:
+    """`honed.trajectory.current_verdicts` in SQL, of the VerdictRow in scope: another version of
+    its verifier judged the run later (not a person's label, neither of them)."""
+    newer = aliased(VerdictRow)
+    return exists().where(
+        newer.trajectory_id == VerdictRow.trajectory_id,
+        newer.verifier == VerdictRow.verifier,
+        newer.version != VerdictRow.version,
+        newer.passed.is_not(None),
+        newer.created_at > VerdictRow.created_at,
+        newer.evidence["labeler"].as_string().is_(None),
+        VerdictRow.evidence["labeler"].as_string().is_(None),
+    )
 
 
 def _insert(session: Any, table: type[TrajectoryRow | StepRow], rows: list[dict[str, Any]]) -> None:
