@@ -783,6 +783,30 @@ def test_a_replay_or_fork_from_an_earlier_checkpoint_is_a_run_of_its_own(
     assert next(s.input for s in runs["fork"].tool_steps()) == {"a": 10, "b": 10}
 
 
+def test_a_finished_runs_pause_resumed_again_is_an_attempt_of_its_own(capture: str, sqlite_url: str) -> None:
+    """A QA pass (session 15): resuming a finished run's interrupt again (time travel from its
+    checkpoint) merged the new outcome into the verified trajectory, under its old verdict."""
+    agent = hitl_agent(capture, sqlite_url, InMemorySaver())
+    chat = thread("c1", task_id="r1", expected="the sum is 5")
+    agent.invoke({"messages": [("user", 'call add {"a": 2, "b": 3}; answer the sum is {result}')]}, chat)
+    paused = agent.get_state(chat).config  # the checkpoint at the interrupt
+    agent.invoke(Command(resume={"decisions": [{"type": "approve"}]}), chat)
+    assert honed.flush()
+    store = honed.open_store(sqlite_url)
+    Worker(store, [ReferenceMatch()]).run_once()
+    (first,) = store.trajectories()
+    assert first.answer == "the sum is 5" and [v.passed for v in first.verdicts] == [True]
+    reject = {"type": "reject", "message": "no adding"}
+    replayed = agent.invoke(Command(resume={"decisions": [reject]}), {**paused, "metadata": chat["metadata"]})
+    assert honed.flush()
+    assert store.get(first.id).answer == "the sum is 5"  # the verified run as it was
+    (again,) = [t for t in store.trajectories() if t.id != first.id]
+    assert again.answer == replayed["messages"][-1].content and again.task_id == "r1"
+    assert again.metadata.get("replayed_from") == first.id or capture == "instrument"
+    assert Worker(store, [ReferenceMatch()]).run_once() == 1  # judged on its own
+    assert [v.passed for v in store.get(first.id).verdicts] == [True]
+
+
 def test_a_run_continued_past_a_static_breakpoint_is_the_same_trajectory(
     capture: str, sqlite_url: str
 ) -> None:

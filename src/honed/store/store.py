@@ -12,6 +12,7 @@ import os
 import re
 import sqlite3
 import threading
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import closing, suppress
 from datetime import UTC, datetime
@@ -830,6 +831,14 @@ def _continue(session: Any, record: dict[str, Any]) -> int:
     candidates = [s for s in record.get("steps", ()) if s["id"] not in known]
     if stored.status != INTERRUPTED and not candidates:
         return 0  # a replayed record: already there
+    if stored.status != INTERRUPTED and record.get("resumes") and record.get("status") != INTERRUPTED:
+        # The pause of a run that has finished, resumed again (replayed from its checkpoint): an
+        # attempt of its own. Merged, it rewrote a verified run's output under its old verdict.
+        replay = {**record, "id": str(uuid.uuid4()), "resumes": False}
+        replay["metadata"] = {**(record.get("metadata") or {}), "replayed_from": target}
+        _insert(session, TrajectoryRow, [_trajectory_row(replay)])
+        _insert(session, StepRow, [_step_row(replay["id"], s) for s in candidates])
+        return 1
     taken = set(session.scalars(select(StepRow.id).where(StepRow.id.in_([s["id"] for s in candidates]))))
     new_steps = [s for s in candidates if s["id"] not in taken]
     if new_steps:
