@@ -147,6 +147,26 @@ def test_a_live_score_is_reused_only_under_the_same_setup(world: dict[str, Any])
     assert scores == [0.0, 1.0] and store.live_version(NAME).ref == world["v1"].ref
 
 
+def test_a_live_score_is_not_reused_under_other_verifier_settings_or_trust(world: dict[str, Any]) -> None:
+    """A QA pass (session 15): a live score measured with `ReferenceMatch("exact")`, or while a
+    strict verifier still counted, was reused for a candidate judged with `("contains")`, or after
+    that verifier was untrusted: an identical candidate was promoted."""
+    from honed.verifiers import ReferenceMatch
+
+    tasks = world["suite"].heldout
+    key = cycle(world, SFTMethod())._eval_key(tasks)
+    assert cycle(world, SFTMethod())._eval_key(tasks) == key  # the same setup: reused
+    lenient = cycle(world, SFTMethod(), verifiers=[ReferenceMatch("contains")])
+    assert lenient._eval_key(tasks) != key
+    store = world["store"]
+    for t in store.trajectories(limit=None):  # people say the reference verifier's passes are wrong
+        store.add_verdict(t.id, honed.Verdict(passed=False, verifier="human"))
+    store.set_min_precision("reference", 0.9)
+    store.audit_verifier("reference", gold="human")
+    assert store.untrusted_verifiers() == {"reference"}
+    assert cycle(world, SFTMethod())._eval_key(tasks) != key
+
+
 def test_a_rejected_candidate_is_not_trained_and_gated_again_unchanged(world: dict[str, Any]) -> None:
     """With no new experience the next cycle trained the same examples with the same method into
     the same weights and re-rolled the gate's sample against the cached live score (a QA pass,

@@ -641,11 +641,14 @@ class Cycle:
         return advance
 
     def _eval_key(self, tasks: Sequence[Task]) -> str:
-        """What an evaluation measured: each task's request and what judges it, the sampling, and
-        each verifier's name and version (a stored score is reused only under the same key)."""
+        """What an evaluation measured: each task's request and what judges it, the sampling, each
+        verifier's name, version and settings (`ReferenceMatch("exact")` and `("contains")` are both
+        `reference@1`), and which verifiers count (the trust policy when it was measured): a stored
+        score is reused only under the same key."""
         content = sorted(([t.id, t.prompt, t.honed_metadata()] for t in tasks), key=lambda c: c[0])
-        names = [[getattr(v, "name", str(v)), str(getattr(v, "version", ""))] for v in self.verifiers]
-        watched = [[getattr(v, "name", str(v)), str(getattr(v, "version", ""))] for v in self.watched]
+        names = [_verifier_fingerprint(v) for v in self.verifiers]
+        watched = [_verifier_fingerprint(v) for v in self.watched]
+        names.append(sorted(self.store.untrusted_verifiers()))
         # How a version is run, too: a score under max_tokens=4 is no baseline for max_tokens=48.
         setup = [_fingerprint(self.chat_model), _fingerprint(self.agent)]
         raw = json.dumps(
@@ -661,6 +664,25 @@ class Cycle:
             default=repr,
         )
         return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def _verifier_fingerprint(verifier: Any) -> Any:
+    """A verifier's name, version, class and public settings (callables by their code)."""
+    settings = {
+        key: _fingerprint(value)
+        if callable(value)
+        else repr(sorted(value) if isinstance(value, (set, frozenset)) else value)
+        for key, value in sorted(vars(verifier).items() if hasattr(verifier, "__dict__") else ())
+        if not key.startswith("_")
+    }
+    kind = type(verifier)
+    return [
+        getattr(verifier, "name", str(verifier)),
+        str(getattr(verifier, "version", "")),
+        kind.__module__,
+        kind.__qualname__,
+        settings,
+    ]
 
 
 def _fingerprint(factory: Any, depth: int = 0) -> Any:
