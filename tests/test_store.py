@@ -538,8 +538,12 @@ def test_a_verifier_upgraded_judges_again_and_its_old_versions_verdicts_stop_cou
     store.add_verdict(
         "t4", Verdict(passed=False, verifier="human", version="bob", evidence={"labeler": "bob"})
     )
-    expected = {"t0": True, "t1": False, "t2": False, "t3": False, "t4": False}
+    # v1 (audited untrusted) passed t5; v2 (audited good) erred on it: v1's pass no longer counts
+    store.save(make(5))
+    store.add_verdict("t5", Verdict(passed=True, verifier="ref", version="1"))
+    store.add_verdict("t5", Verdict(passed=None, verifier="ref", version="2", evidence={"error": "timeout"}))
+    expected = {"t0": True, "t1": False, "t2": False, "t3": False, "t4": False, "t5": None}
     assert {t.id: label(t.verdicts) for t in store.trajectories()} == expected
     assert [t.id for t in store.trajectories(verdict="pass")] == ["t0"]  # the same label in SQL
     assert sorted(t.id for t in store.trajectories(verdict="fail")) == ["t1", "t2", "t3", "t4"]
-    assert store.count(verdict="pass") == 1
+    assert store.count(verdict="pass") == 1 and store.count(verdict="labeled") == 6

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 import honed
 from honed.cli import app
-from honed.trajectory import label
+from honed.trajectory import Verdict, label
 from honed.verifiers import Judge, ReferenceMatch, Worker, confusion, wilson
 from verifier_helpers import FakeJudgeModel, traj
 
@@ -110,6 +110,11 @@ def test_two_labellers_gold_labels_are_both_kept_and_disagreement_is_a_fail(sqli
     golds = sorted((v.evidence["labeler"], v.passed) for v in store.get("run-x").verdicts)
     assert golds == [("alice", True), ("bob", False)]  # alice's second label replaced her first
     assert label(store.get("run-x").verdicts) is False  # two humans disagree: not a pass to train on
+    # ... and the audit reads it so (a QA pass, session 15: the label written last decided, so a
+    # verifier's precision depended on who labelled last)
+    store.add_verdict("run-x", Verdict(passed=True, verifier="reference"))
+    audit = store.audit_verifier("reference", gold="gold")
+    assert (audit.fp, audit.tp) == (1, 0)
 
 
 def test_a_judge_is_low_trust_until_audited_above_its_minimum(sqlite_url: str) -> None:

@@ -241,22 +241,27 @@ def label(
 
 
 def current_verdicts(verdicts: list[Verdict]) -> list[Verdict]:
-    """The verdicts that count: of each verifier, those of the version that judged last (pass or
-    fail: a verifier fixed and upgraded judges every run again, and its old version's verdicts
-    stop counting; an error or a "could not tell" of the new one supersedes nothing), and every
-    person's label (`honed label`: each labeller is a version of its source, and all count)."""
-    newest: dict[str, tuple[datetime, str]] = {}
-    for v in verdicts:
-        if v.passed is None or v.created_at is None or is_persons_label(v):
-            continue
-        seen = newest.get(v.verifier)
-        if seen is None or v.created_at > seen[0]:
-            newest[v.verifier] = (v.created_at, v.version)
-    return [
-        v
-        for v in verdicts
-        if v.verifier not in newest or v.version == newest[v.verifier][1] or is_persons_label(v)
-    ]
+    """The verdicts that count: a verifier fixed and upgraded judges every run again, and its
+    older versions' verdicts on a run stop counting once a newer version has judged it (passed
+    or failed); an older version's pass stops counting as soon as a newer version has any verdict
+    on the run (an error, "could not tell"): a pass only counts under the version judging now,
+    a fail until that version says otherwise. Every person's label counts (`honed label`: each
+    labeller is a version of its source)."""
+
+    def superseded(v: Verdict) -> bool:
+        if v.created_at is None or is_persons_label(v):
+            return False
+        return any(
+            w.verifier == v.verifier
+            and w.version != v.version
+            and w.created_at is not None
+            and w.created_at > v.created_at
+            and not is_persons_label(w)
+            and (w.passed is not None or v.passed is True)
+            for w in verdicts
+        )
+
+    return [v for v in verdicts if not superseded(v)]
 
 
 def is_persons_label(verdict: Verdict) -> bool:

@@ -659,13 +659,14 @@ def _filtered(
 
 def _superseded() -> Any:
     """`honed.trajectory.current_verdicts` in SQL, of the VerdictRow in scope: another version of
-    its verifier judged the run later (not a person's label, neither of them)."""
+    its verifier judged the run later, or (this one a pass) has any verdict on it later (not a
+    person's label, neither of them)."""
     newer = aliased(VerdictRow)
     return exists().where(
         newer.trajectory_id == VerdictRow.trajectory_id,
         newer.verifier == VerdictRow.verifier,
         newer.version != VerdictRow.version,
-        newer.passed.is_not(None),
+        newer.passed.is_not(None) | VerdictRow.passed.is_(True),
         newer.created_at > VerdictRow.created_at,
         newer.evidence["labeler"].as_string().is_(None),
         VerdictRow.evidence["labeler"].as_string().is_(None),

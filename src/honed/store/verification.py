@@ -448,10 +448,18 @@ class VerificationStore:
             query = query.where(said.version == version)
         with self._sessions() as session:
             rows = session.execute(query).all()
-        latest: dict[str, tuple[bool | None, bool | None]] = {}
-        for tid, verdict_passed, gold_passed, _, _ in rows:  # the newest gold label per trajectory wins
-            latest[tid] = (verdict_passed, gold_passed)
-        return list(latest.values())
+        said_of: dict[str, bool | None] = {}
+        gold_of: dict[str, list[bool | None]] = {}
+        for tid, verdict_passed, gold_passed, _, _ in rows:
+            said_of[tid] = verdict_passed
+            gold_of.setdefault(tid, []).append(gold_passed)
+        # Every labeller's label counts, as in `label`: where two disagree, the truth is a fail (the
+        # label written last decided before: the order of labelling set a verifier's precision).
+        pairs = []
+        for tid, golds in gold_of.items():
+            judged = [g for g in golds if g is not None]
+            pairs.append((said_of[tid], all(judged) if judged else None))
+        return pairs
 
 
 def _labelling_versions(session: Any) -> dict[str, str]:
