@@ -134,6 +134,12 @@ def test_an_export_stopped_midway_leaves_the_previous_file_whole(verified: str, 
 
     with pytest.raises(KeyboardInterrupt):
         write_jsonl(stopped(), out)
+    parquet = tmp_path / "train.parquet"
+    write_parquet(select_trajectories(store, verdict="pass"), parquet)
+    before = parquet.read_bytes()
+    with pytest.raises(KeyboardInterrupt):
+        write_parquet(stopped(), parquet, rows_per_group=1)
+    assert parquet.read_bytes() == before
     assert out.read_text() == complete and not [p for p in tmp_path.iterdir() if "partial" in p.name]
 
 
@@ -400,3 +406,23 @@ def test_earlier_turns_of_a_conversation_carry_weight_zero(sqlite_url: str, tmp_
         ("assistant", "", None),
         ("assistant", "10", None),
     ]
+    # ... and in the Hugging Face dataset and parquet file too (a QA pass, session 15: they had
+    # no marker, so a failed earlier reply looked like verified training data)
+    from datasets import Dataset
+
+    write_parquet([second], tmp_path / "turn2.parquet")
+    for dataset in (to_hf_dataset([second]), Dataset.from_parquet(str(tmp_path / "turn2.parquet"))):
+        (hf_row,) = dataset
+        hf = [(m["role"], m["content"], m["weight"]) for m in hf_row["messages"] if m["role"] == "assistant"]
+        assert [w for *_, w in hf] == [w for *_, w in weights]
+
+
+def test_an_empty_selection_writes_an_empty_dataset_everywhere(verified: str, tmp_path: Path) -> None:
+    store = honed.open_store(verified)
+    for target in ("empty.jsonl", "empty.parquet", "empty-folder"):
+        command = "jsonl" if target.endswith("jsonl") else "hf"
+        result = CliRunner().invoke(
+            app, ["export", command, str(tmp_path / target), "--store", verified, "--agent", "nobody"]
+        )
+        assert result.exit_code == 0 and "wrote 0" in result.output, (target, result.output)
+    assert len(to_hf_dataset(select_trajectories(store, agent="nobody"))) == 0

@@ -669,10 +669,11 @@ def test_replay_to_a_dead_endpoint_fails_with_a_clear_message(
     captured: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "1")
-    dead = f"http://127.0.0.1:{free_port()}"
+    dead = f"http://ingest:s3cr3t-t0ken@127.0.0.1:{free_port()}"  # its token never printed
     result = CliRunner().invoke(app, ["export", "otlp", "--store", captured, "--endpoint", dead])
     assert result.exit_code == 1
     assert "did not accept" in result.output and "re-run" in result.output
+    assert "s3cr3t" not in result.output and "ingest:***@127.0.0.1" in result.output
 
 
 def test_a_conversation_turn_carries_the_thread_as_gen_ai_conversation_id(sqlite_url: str) -> None:

@@ -106,7 +106,7 @@ def export_otlp(
     as_json: JsonOption = False,
 ) -> None:
     """Send stored trajectories as OpenTelemetry GenAI spans (re-sending never duplicates)."""
-    from honed.exporters.otel import OTLPExportError, parse_headers, replay
+    from honed.exporters.otel import OTLPExportError, parse_headers, replay, shown_endpoint
     from honed.exporters.spans import capture_content_from_env
 
     if endpoint is not None and protocol != "grpc" and not endpoint.startswith(("http://", "https://")):
@@ -138,7 +138,7 @@ def export_otlp(
         except OTLPExportError as exc:
             console().print(f"[red]{escape(str(exc))}[/red]")
             raise typer.Exit(1) from exc
-    where = endpoint or "the OTEL_EXPORTER_OTLP_* endpoint"
+    where = shown_endpoint(endpoint)
     if as_json:
         typer.echo(
             json.dumps({"trajectories": result.trajectories, "spans": result.spans, "endpoint": where})

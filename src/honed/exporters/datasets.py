@@ -131,6 +131,7 @@ def dataset_features(*, reasoning: bool = False, ids: bool = True) -> datasets.F
         "content": Value("string"),
         "tool_calls": List(tool_call),
         "tool_call_id": Value("string"),
+        "weight": Value("int64"),  # 0 on earlier turns' replies (OpenAI's marker), else None
     }
     if reasoning:
         message["reasoning_content"] = Value("string")
@@ -155,7 +156,10 @@ def to_hf_dataset(
     result = result if result is not None else ExportResult()
     rows = list(_hf_rows(_watched(trajectories, on_trajectory), result, reasoning, ids))
     result.written += len(rows)
-    return Dataset.from_list(rows, features=dataset_features(reasoning=reasoning, ids=ids))
+    features = dataset_features(reasoning=reasoning, ids=ids)
+    if not rows:  # `from_list([])` refuses the features ("Keys mismatch"): an empty selection is no error
+        return Dataset.from_dict({name: [] for name in features}, features=features)
+    return Dataset.from_list(rows, features=features)
 
 
 def write_parquet(
@@ -175,17 +179,23 @@ def write_parquet(
     features = dataset_features(reasoning=reasoning, ids=ids)
     schema = features.arrow_schema
     result = ExportResult(path=str(path))
-    with pq.ParquetWriter(str(path), schema) as writer:
-        chunk: list[dict[str, Any]] = []
-        for row in _hf_rows(_watched(trajectories, on_trajectory), result, reasoning, ids):
-            chunk.append(row)
-            if len(chunk) >= rows_per_group:
+    target = Path(path)
+    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")  # moved into place when whole
+    try:
+        with pq.ParquetWriter(str(partial), schema) as writer:
+            chunk: list[dict[str, Any]] = []
+            for row in _hf_rows(_watched(trajectories, on_trajectory), result, reasoning, ids):
+                chunk.append(row)
+                if len(chunk) >= rows_per_group:
+                    writer.write_table(Dataset.from_list(chunk, features=features).data.table.cast(schema))
+                    result.written += len(chunk)
+                    chunk = []
+            if chunk:  # no rows at all: the file still carries the schema, in no row group
                 writer.write_table(Dataset.from_list(chunk, features=features).data.table.cast(schema))
                 result.written += len(chunk)
-                chunk = []
-        if chunk:  # no rows at all: the file still carries the schema, in no row group
-            writer.write_table(Dataset.from_list(chunk, features=features).data.table.cast(schema))
-            result.written += len(chunk)
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
     return result
 
 
@@ -197,6 +207,7 @@ def _hf_rows(
 ) -> Iterator[dict[str, Any]]:
     tools_as_text = _tools_feature()[1]
     for trajectory, example in chat_examples(trajectories, result, reasoning=reasoning):
+        example = _earlier_turns_unweighted(example)  # as in JSONL: only this turn is judged
         tools = example.get("tools", [])
         row: dict[str, Any] = {
             "messages": example["messages"],

@@ -121,6 +121,23 @@ def traces_url(endpoint: str) -> str:
     return endpoint if endpoint.endswith(TRACES_PATH) else endpoint + TRACES_PATH
 
 
+def shown_endpoint(endpoint: str | None) -> str:
+    """An endpoint as messages show it: a password in it (`https://user:token@host`) as `***`."""
+    if not endpoint:
+        return "the endpoint in OTEL_EXPORTER_OTLP_*"
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(endpoint)
+        if parts.password is None:
+            return endpoint
+        host = parts.hostname or ""
+        netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+        return urlunsplit(parts._replace(netloc=netloc))
+    except ValueError:
+        return "the endpoint given"
+
+
 def parse_headers(text: str) -> dict[str, str]:
     """`k=v,k2=v2` (the `OTEL_EXPORTER_OTLP_HEADERS` form) as a dict."""
     pairs = (item.split("=", 1) for item in text.split(",") if "=" in item)
@@ -205,7 +222,7 @@ class LiveExporter:
         return {**counts, **self._sender.stats()}
 
     def __repr__(self) -> str:
-        return f"LiveExporter(endpoint={self.endpoint!r})"
+        return f"LiveExporter(endpoint={shown_endpoint(self.endpoint)!r})"
 
 
 @dataclass(slots=True)
@@ -264,7 +281,7 @@ def replay(
         attempt = 0
         while exporter.export(pending) is not SpanExportResult.SUCCESS:
             if result.batches == 0 or attempt >= retries:
-                where = endpoint or "the endpoint in OTEL_EXPORTER_OTLP_*"
+                where = shown_endpoint(endpoint)
                 raise OTLPExportError(
                     f"{where} did not accept a batch of {len(pending)} spans (~{pending_bytes / 2**20:.1f} MiB) "
                     f"after {result.spans} were sent; check that the backend is up and takes messages this "
