@@ -743,3 +743,40 @@ def test_a_providers_content_blocks_become_one_part_each_and_name_the_provider(
     assert chat.attributes["gen_ai.provider.name"] == "anthropic"
     (reply,) = json.loads(chat.attributes["gen_ai.output.messages"])
     assert [p["type"] for p in reply["parts"]] == ["reasoning", "text", "tool_call"]
+
+
+def test_content_stays_sendable_and_faithful_when_capture_cut_or_a_conversation_is_long() -> None:
+    """A QA pass (session 15): a message cut at the field cap became an empty *user* message; a
+    conversation of 70 tool results of 60 KB made one 4 MiB attribute (refused over gRPC on every
+    export); an agent a tool ran was a plain CHAIN span, not `invoke_agent`."""
+    from honed.exporters.spans import MAX_CONTENT_CHARS
+
+    cut = {"__truncated__": True, "type": "dict", "size": 99_000, "preview": '{"role":"tool","content":"xx'}
+    big = [{"role": "tool", "content": "r" * 60_000, "tool_call_id": f"c{i}"} for i in range(70)]
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    steps = [
+        Step(id="m1", index=0, kind="model", name="m", input={"messages": [{"role": "user", "content": "hi"}, cut]},
+             output={"role": "assistant", "content": "ok"}, started_at=now, ended_at=now),
+        Step(id="m2", index=1, kind="model", name="m", input={"messages": [{"role": "user", "content": "go"}, *big]},
+             output={"role": "assistant", "content": "done"}, started_at=now, ended_at=now),
+        Step(id="t1", index=2, kind="tool", name="ask_helper", input={}, output="x", started_at=now, ended_at=now),
+        Step(id="n1", index=3, kind="node", name="helper", parent_id="t1", started_at=now, ended_at=now),
+    ]  # fmt: skip
+    t = Trajectory(id=str(uuid.uuid4()), agent="boss", steps=steps, started_at=now, ended_at=now)
+    spans = {s.attributes.get("honed.step.id"): s for s in spans_of(t, capture_content=True)}
+    first = json.loads(spans["m1"].attributes["gen_ai.input.messages"])
+    assert (
+        first[1]["role"] == "tool"
+        and first[1]["truncated"]
+        and first[1]["parts"][0]["content"].startswith("{")
+    )
+    long = spans["m2"].attributes
+    assert (
+        len(long["gen_ai.input.messages"]) <= MAX_CONTENT_CHARS and long["honed.input.messages_dropped"] > 0
+    )
+    kept = json.loads(long["gen_ai.input.messages"])
+    assert kept[-1]["parts"][0]["id"] == "c69"  # the latest messages are the ones kept
+    helper = spans["n1"]
+    assert (
+        helper.name == "invoke_agent helper" and helper.attributes["gen_ai.operation.name"] == "invoke_agent"
+    )

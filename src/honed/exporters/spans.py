@@ -24,7 +24,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from honed.messages import CARRIED_BLOCKS
-from honed.trajectory import Step, Trajectory, Verdict, label, label_word
+from honed.trajectory import Step, Trajectory, Verdict, is_truncated, label, label_word
 
 ENV_CAPTURE_CONTENT = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
 SCOPE = InstrumentationScope("honed", "0.1.0")
@@ -127,9 +127,11 @@ class SpanMapper:
         start = _ns(t.started_at) or min(step_starts, default=0)
         end = _ns(t.ended_at) or max((_ns(s.ended_at) or 0 for s in t.steps), default=0) or start
         spans = [self._root_span(t, root, start, end)]
+        tools = {s.id for s in t.steps if s.kind == "tool"}
         for step in t.steps:
             parent = step_contexts.get(step.parent_id or "", root)
-            spans.append(self._step_span(step, step_contexts[step.id], parent, start))
+            agent = step.kind == "node" and step.parent_id in tools  # a subagent a tool ran
+            spans.append(self._step_span(step, step_contexts[step.id], parent, start, agent=agent))
         if self.verdict_spans:
             spans.extend(self._verdict_span(t, v, root, end) for v in t.verdicts)
         return spans
@@ -157,7 +159,7 @@ class SpanMapper:
         if self.capture_content:
             task_messages = t.task.get("messages") if isinstance(t.task, dict) else None
             if isinstance(task_messages, list):
-                attributes["gen_ai.input.messages"] = _json([_otel_message(m) for m in task_messages])
+                _messages_attribute(attributes, "gen_ai.input.messages", task_messages)
             elif t.task is not None:
                 attributes["honed.task"] = _text(t.task)
             if t.output is not None:
@@ -173,7 +175,7 @@ class SpanMapper:
     # -- steps -------------------------------------------------------------------------------
 
     def _step_span(
-        self, step: Step, context: SpanContext, parent: SpanContext, fallback: int
+        self, step: Step, context: SpanContext, parent: SpanContext, fallback: int, *, agent: bool = False
     ) -> ReadableSpan:
         start = _ns(step.started_at) or fallback
         end = _ns(step.ended_at) or start
@@ -186,6 +188,11 @@ class SpanMapper:
             name, kind = self._model_attributes(step, attributes), SpanKind.CLIENT
         elif step.kind == "tool":
             name, kind = self._tool_attributes(step, attributes), SpanKind.INTERNAL
+        elif agent:  # an agent a tool invoked: the conventions' `invoke_agent` span
+            name, kind = f"invoke_agent {step.name}", SpanKind.INTERNAL
+            attributes["gen_ai.operation.name"] = "invoke_agent"
+            attributes["gen_ai.agent.name"] = step.name
+            attributes["openinference.span.kind"] = "AGENT"
         else:  # a graph node: plain structure, so the model and tool spans under it keep their place
             name, kind = step.name, SpanKind.INTERNAL
             attributes["openinference.span.kind"] = "CHAIN"
@@ -355,10 +362,14 @@ def _model_content(step: Step, attributes: dict[str, Any]) -> None:
         attributes["honed.input.truncated"] = True
     messages = model_input.get("messages")
     if isinstance(messages, list):
-        attributes["gen_ai.input.messages"] = _json([_otel_message(m) for m in messages])
+        _messages_attribute(attributes, "gen_ai.input.messages", messages)
     tools = model_input.get("tools")
     if isinstance(tools, list) and tools:
-        attributes["gen_ai.tool.definitions"] = _json(tools)
+        text = _json(tools)
+        if len(text) <= MAX_CONTENT_CHARS:
+            attributes["gen_ai.tool.definitions"] = text
+        else:
+            attributes["honed.tool.definitions.truncated"] = True
     output = step.output
     if isinstance(output, dict) and output.get("__truncated__"):
         attributes["honed.output.truncated"] = True
@@ -372,9 +383,41 @@ def _model_content(step: Step, attributes: dict[str, Any]) -> None:
         attributes["gen_ai.output.messages"] = _json([{"role": "assistant", "parts": _parts(output)}])
 
 
+# A content attribute's most characters: one span over gRPC's 4 MiB message limit (the
+# Collector's default) was refused on every export, and the run's trace lost its last span.
+MAX_CONTENT_CHARS = 1 << 20
+
+
+def _messages_attribute(attributes: dict[str, Any], key: str, messages: list[Any]) -> None:
+    """`messages` as the conventions' JSON, the latest ones that fit `MAX_CONTENT_CHARS`; how many
+    earlier ones were left out in `honed.input.messages_dropped`."""
+    encoded = [_json(_otel_message(m)) for m in messages]
+    kept, size = len(encoded), 2
+    while kept and size + len(encoded[kept - 1]) + 1 <= MAX_CONTENT_CHARS:
+        size += len(encoded[kept - 1]) + 1
+        kept -= 1
+    if kept:
+        attributes["honed.input.messages_dropped"] = kept
+    attributes[key] = "[" + ",".join(encoded[kept:]) + "]"
+
+
+_ROLE_OF_TYPE = (("Tool", "tool"), ("AI", "assistant"), ("System", "system"), ("Human", "user"))
+_ROLE_IN_PREVIEW = re.compile(r'\{\s*"role"\s*:\s*"(user|assistant|system|tool|developer)"')
+
+
 def _otel_message(message: Any) -> dict[str, Any]:
     """A stored role dict in the conventions' message shape: `{"role", "parts": [...]}` with
-    `text`, `reasoning`, `tool_call` and `tool_call_response` parts."""
+    `text`, `reasoning`, `tool_call` and `tool_call_response` parts. A message the capture cut at
+    the field cap keeps its role (from its type) and its preview, marked `truncated`."""
+    if is_truncated(message):
+        kind, preview = str(message.get("type") or ""), str(message.get("preview") or "")
+        said = _ROLE_IN_PREVIEW.match(preview)  # a stored message dict's JSON begins with its role
+        role = said.group(1) if said else next((r for needle, r in _ROLE_OF_TYPE if needle in kind), "user")
+        return {
+            "role": role,
+            "parts": [{"type": "text", "content": str(message.get("preview") or "")}],
+            "truncated": True,
+        }
     if not isinstance(message, dict):
         return {"role": "user", "parts": _parts(message)}
     role = str(message.get("role") or "user")
