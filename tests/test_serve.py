@@ -125,6 +125,39 @@ def second_turn(call_id: str = "call_1") -> list[dict[str, Any]]:
 # -- the openai package ------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_tool_choice_none_or_no_tools_means_no_tool_call(server: Server, stream: bool) -> None:
+    """A QA pass (session 15): with `tool_choice="none"`, or no tools at all, a reply the model
+    wrote as a call still came back as `tool_calls` (OpenAI: the model will not call a tool)."""
+    client = server.client()
+    # The template's tool instructions written in the system prompt: the model calls `add` anyway.
+    tools_text = (
+        "# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided "
+        "with function signatures within <tools></tools> XML tags:\n<tools>\n" + json.dumps(add_schema())
+        + "\n</tools>\n\nFor each function call, return a json object with function name and arguments "
+        'within <tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": '
+        "<args-json-object>}\n</tool_call>"
+    )  # fmt: skip
+    asked = [{"role": "system", "content": tools_text}, {"role": "user", "content": QUESTION}]
+    for extra in ({"tools": [add_schema()], "tool_choice": "none"}, {}):
+        reply = client.chat.completions.create(
+            model="calc", messages=asked, temperature=0, stream=stream, **extra
+        )
+        if stream:
+            chunks = list(reply)
+            content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            calls = [t for c in chunks if c.choices for t in c.choices[0].delta.tool_calls or ()]
+            finish = next(c.choices[0].finish_reason for c in reversed(chunks) if c.choices)
+        else:
+            choice = reply.choices[0]
+            content, calls, finish = (
+                choice.message.content,
+                choice.message.tool_calls or [],
+                choice.finish_reason,
+            )
+        assert not calls and finish == "stop" and "<tool_call>" in content, (extra, content)
+
+
 def test_openai_client_tool_call_then_answer(server: Server) -> None:
     client = server.client()
     called = client.chat.completions.create(
@@ -186,6 +219,12 @@ def test_models_endpoint_and_n_samples(server: Server) -> None:
     client = server.client()
     ids = {m.id for m in client.models.list()}
     assert ids == {"calc", "calc@v1", "noise", "noise@v1"}
+    # `models.retrieve` of each listed id (a QA pass, session 15: 404 for every one)
+    assert client.models.retrieve("calc@v1").id == "calc@v1" and client.models.retrieve("calc").id == "calc"
+    import openai
+
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nothing-like-it")
     many = client.chat.completions.create(
         model="noise@v1", messages=[{"role": "user", "content": "hi"}], n=3, temperature=1.0, max_tokens=8
     )

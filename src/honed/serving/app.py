@@ -241,6 +241,17 @@ def create_app(
                 )
         return {"object": "list", "data": data}
 
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: Request) -> dict[str, Any]:
+        """One entry of `/v1/models` (`client.models.retrieve`), or 404."""
+        listed = await models(request)
+        found = next((m for m in listed["data"] if m["id"] == model_id), None)
+        if found is None:
+            raise _HTTPError(
+                404, f"no model {model_id!r} is served here", "not_found_error", "model", "model_not_found"
+            )
+        return found
+
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: Request) -> JSONResponse | StreamingResponse:
         can_label = keys.authorize(request)

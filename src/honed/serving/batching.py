@@ -77,6 +77,8 @@ class GenerationRequest:
     # Who asked (`honed serve`: the API key or address): one client holds at most
     # `BatchGenerator.client_cap` rows, so another's request always finds one. None: no cap.
     client: str | None = None
+    # `tool_choice="none"`: a tool call the model writes anyway is text of the reply, not a call.
+    tools_off: bool = False
 
 
 @dataclass(slots=True)

@@ -31,7 +31,7 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from langchain_core.runnables import Runnable
 from pydantic import Field, PrivateAttr
 
-from honed.messages import dump_arguments, template_messages, tool_schemas
+from honed.messages import CALL_CLOSE, CALL_OPEN, dump_arguments, template_messages, tool_schemas
 from honed.serving.batching import (
     DEFAULT_MAX_BATCH,
     DEFAULT_WINDOW_S,
@@ -286,6 +286,7 @@ class LocalChatModel(BaseChatModel):
             top_k=int(_first(kwargs.get("top_k"), self.top_k, engine.defaults["top_k"])),
             stop=tuple(s for s in (stop or self.stop or ()) if s),
             client=current_client.get(),
+            tools_off=kwargs.get("tool_choice") == "none",
         )
 
     def _message(
@@ -300,6 +301,8 @@ class LocalChatModel(BaseChatModel):
             else:
                 reasoning += piece
         tool_calls, invalid = parser.tool_calls()
+        if request.tools_off and (tool_calls or invalid):  # `tool_choice="none"`: no call, its text
+            content, tool_calls, invalid = _with_calls_as_text(content, parser), [], []
         return AIMessage(
             content=content,
             tool_calls=tool_calls,
@@ -318,6 +321,9 @@ class LocalChatModel(BaseChatModel):
         tokens: bool = False,
     ) -> ChatGenerationChunk:
         valid, invalid = stream.parser.tool_calls()
+        text = ""
+        if request.tools_off and (valid or invalid):  # `tool_choice="none"`: no call, its text
+            text, valid, invalid = _with_calls_as_text("", stream.parser), [], []
         chunks = [
             {
                 "type": "tool_call_chunk",
@@ -338,7 +344,7 @@ class LocalChatModel(BaseChatModel):
             for i, c in enumerate(invalid)
         ]
         message = AIMessageChunk(
-            content="",
+            content=text,
             tool_call_chunks=chunks,
             usage_metadata=_usage(request, result),
             response_metadata=self._metadata(request, result, bool(valid), tokens=tokens),
@@ -368,6 +374,12 @@ class LocalChatModel(BaseChatModel):
             "logprobs": [round(lp, 6) for lp in result.logprobs],
             "batch_size": result.batch_size,
         }
+
+
+def _with_calls_as_text(content: str, parser: CompletionParser) -> str:
+    """`content` followed by the tool calls the parser took out of it, written as the model wrote them."""
+    calls = "".join(f"{CALL_OPEN}{body}{CALL_CLOSE}" for body in parser.raw_calls())
+    return f"{content}\n{calls}" if content else calls
 
 
 class _TextStream:

@@ -181,6 +181,8 @@ def parse_chat_request(body: Any) -> ChatRequest:
     tool_choice = _tool_choice(body.get("tool_choice"))
     if tool_choice is not None:
         kwargs["tool_choice"] = tool_choice
+    if not tools:  # no tools offered, nothing to call: a tool call the model writes is text
+        kwargs["tool_choice"] = "none"
     temperature = _float(body, "temperature", 0.0, 2.0)
     if temperature is not None:
         kwargs["temperature"] = temperature
