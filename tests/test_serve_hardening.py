@@ -194,6 +194,14 @@ BAD_PARAMETERS = [
     ({"logit_bias": {"1": 5}}, "logit_bias"),
     ({"logprobs": "yes"}, "logprobs"),
     ({"top_logprobs": 21}, "top_logprobs"),
+    # Not applied, so refused (a QA pass, session 15: a 200 whose "JSON" did not parse, and empty
+    # alternatives where five were asked for)
+    ({"top_logprobs": 5}, "top_logprobs"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    (
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
+        "response_format",
+    ),
     ({"stream": "yes"}, "stream"),
     ({"stream": True, "stream_options": "all"}, "stream_options"),
     ({"tool_choice": "maybe"}, "tool_choice"),

@@ -11,13 +11,14 @@ text (its arrays and objects counted across the request); `check_fits` refuses, 
 conversation that cannot fit the model's context window before it is converted; every sampling
 parameter has its type and range (`temperature` 0..2, `top_p` (0, 1], `top_k` -1.., `max_tokens`
 1..`MAX_TOKENS_LIMIT`, `n` 1..16, `stop` up to `MAX_STOP` strings, `seed` a 64-bit integer,
-`top_logprobs` 0..20); messages, tool calls and tools have their OpenAI shapes; `chat_template_kwargs` may only set the variables
+`top_logprobs` 0 only); messages, tool calls and tools have their OpenAI shapes; `chat_template_kwargs` may only set the variables
 in `TEMPLATE_KWARGS` (the chat template is the operator's: a client never supplies template text,
 nor variables the template was not written to take). Accepted but not applied: `seed`,
-`top_logprobs` (the reply's `top_logprobs` lists are empty), `response_format`,
-`parallel_tool_calls`. Checked, and refused unless neutral, since this server does not apply
+`parallel_tool_calls`; `tool_choice` `"required"` or a named function (free generation: the
+model may answer without the call). `tool_choice: "none"`, or no tools, makes a call the model
+writes anyway text. Checked, and refused unless neutral, since this server does not apply
 them: `presence_penalty`/`frequency_penalty` (-2..2; only 0), vLLM's `repetition_penalty` (only
-1), `logit_bias` (only empty). The messages
+1), `logit_bias` (only empty), `top_logprobs` (only 0), `response_format` (only text). The messages
 inside are converted by `honed.messages`.
 """
 
@@ -203,7 +204,19 @@ def parse_chat_request(body: Any) -> ChatRequest:
     if bias is not None and (not isinstance(bias, dict) or bias):
         raise BadRequest("logit_bias is not supported by this server", "logit_bias", "unsupported_value")
     _int(body, "seed", -(1 << 63), (1 << 64) - 1)  # accepted, not applied
-    _int(body, "top_logprobs", 0, 20)
+    if _int(body, "top_logprobs", 0, 20):  # the alternatives are not computed: not an empty list
+        raise BadRequest(
+            "top_logprobs is not supported by this server (only 0): logprobs gives each sampled token's",
+            "top_logprobs", "unsupported_value",
+        )  # fmt: skip
+    wanted = body.get("response_format")
+    if wanted is not None and not (isinstance(wanted, dict) and wanted.get("type") == "text"):
+        # Decoding is not constrained here: a 200 with text that is not JSON broke the client later.
+        raise BadRequest(
+            'response_format is not supported by this server (only {"type": "text"}): ask for the '
+            "shape in the prompt, or use tools",
+            "response_format", "unsupported_value",
+        )  # fmt: skip
     for name in ("max_completion_tokens", "max_tokens"):
         budget = _int(body, name, 1, MAX_TOKENS_LIMIT)
         if budget is not None:
