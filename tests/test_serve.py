@@ -427,6 +427,41 @@ def test_a_plain_clients_metadata_never_labels_its_run(server: Server) -> None:
     store.close()
 
 
+def test_a_reply_names_the_version_the_server_answered_with_not_the_clients_guess(server: Server) -> None:
+    """A QA pass (session 15): a ServedModel over `honed serve` recorded the version it had last
+    polled, not the one that answered (until its next poll), streamed or not."""
+    from honed.serving.served import ServedModel
+
+    store = honed.open_store(server.store_url)
+    slow = ServedModel(
+        store, name="calc", backend="openai", base_url=server.base, api_key=KEY, poll_interval=3600
+    )
+    assert slow.invoke("hello", max_tokens=2).response_metadata["model_version"] == "calc@v1"
+    store.promote("calc@v2", reason="try the candidate")
+    try:
+        client, deadline = server.client(), time.monotonic() + 15
+        while (
+            client.chat.completions.create(
+                model="calc", messages=[{"role": "user", "content": "hi"}], max_tokens=1
+            ).model
+            != "calc@v2"
+        ):
+            assert time.monotonic() < deadline, "the server did not swap to calc@v2"
+            time.sleep(0.1)
+        assert slow.invoke("hello", max_tokens=2).response_metadata["model_version"] == "calc@v2"
+        streamed = None
+        for chunk in slow.stream("hello", max_tokens=2):
+            streamed = chunk if streamed is None else streamed + chunk
+        assert streamed.response_metadata["model_version"] == "calc@v2"
+    finally:
+        store.rollback("calc", reason="back")
+        deadline = time.monotonic() + 15  # the server back on calc@v1 for the tests after this one
+        while server.client().models.retrieve("calc").root != "calc@v1" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        slow.close()
+        store.close()
+
+
 def test_served_model_over_the_server_follows_promotion(server: Server) -> None:
     from honed.serving.served import ServedModel
 

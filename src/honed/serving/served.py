@@ -221,10 +221,11 @@ class ServedModel(BaseChatModel):
     ) -> Iterator[ChatGenerationChunk]:
         slot = self._follower.acquire(self.wait_for_live)
         try:
-            first = True
+            stamp = _Stamp(self, slot.version, reports=self.backend == "openai")
             for chunk in slot.backend._stream(messages, stop=stop, run_manager=run_manager, **kwargs):
-                yield self._stamp_chunk(chunk, slot.version, first)
-                first = False
+                yield stamp(chunk)
+            if not stamp.done:
+                yield stamp.last()
         finally:
             self._follower.release(slot)
 
@@ -237,32 +238,55 @@ class ServedModel(BaseChatModel):
     ) -> AsyncIterator[ChatGenerationChunk]:
         slot = await self._follower.aacquire(self.wait_for_live)
         try:
-            first = True
+            stamp = _Stamp(self, slot.version, reports=self.backend == "openai")
             async for chunk in slot.backend._astream(messages, stop=stop, run_manager=run_manager, **kwargs):
-                yield self._stamp_chunk(chunk, slot.version, first)
-                first = False
+                yield stamp(chunk)
+            if not stamp.done:
+                yield stamp.last()
         finally:
             self._follower.release(slot)
 
     def _stamp(self, result: ChatResult, version: ModelVersion) -> ChatResult:
+        # A server that follows the store itself (`honed serve`) says which version answered: in
+        # the response's `model` (LangChain keeps it in `llm_output` until after this returns).
+        answered = str((result.llm_output or {}).get("model_name") or "")
         for generation in result.generations:
             meta = generation.message.response_metadata
-            reported = str(meta.get("model_name") or "")
-            # A server that follows the store itself (`honed serve`) says which version answered.
-            meta["model_version"] = (
-                reported if re.fullmatch(rf"{re.escape(self.name)}@v\d+", reported) else version.ref
-            )
+            reported = str(meta.get("model_name") or answered)
+            meta["model_version"] = reported if self._a_version(reported) else version.ref
         return result
 
-    def _stamp_chunk(
-        self, chunk: ChatGenerationChunk, version: ModelVersion, first: bool
-    ) -> ChatGenerationChunk:
-        # Chunk metadata is merged by concatenating strings: the version goes on one chunk only.
+    def _a_version(self, name: str) -> bool:
+        return re.fullmatch(rf"{re.escape(self.name)}@v\d+", name) is not None
+
+
+class _Stamp:
+    """Puts `model_version` on one chunk of a stream (chunk metadata is merged by concatenating
+    strings): the first, with the version this client follows, or, from a server that reports
+    which version answered (`reports`: `honed serve`'s `model`, on its last chunk), that chunk
+    with the version it names; `last()` when none did."""
+
+    def __init__(self, model: ServedModel, version: ModelVersion, *, reports: bool) -> None:
+        self.model, self.version, self.reports, self.done = model, version, reports, False
+
+    def __call__(self, chunk: ChatGenerationChunk) -> ChatGenerationChunk:
         meta = chunk.message.response_metadata
         meta.pop("model_version", None)
-        if first:
-            meta["model_version"] = version.ref
+        if self.done:
+            return chunk
+        reported = str(meta.get("model_name") or (chunk.generation_info or {}).get("model_name") or "")
+        if self.model._a_version(reported):
+            meta["model_version"], self.done = reported, True
+        elif not self.reports:
+            meta["model_version"], self.done = self.version.ref, True
         return chunk
+
+    def last(self) -> ChatGenerationChunk:
+        from langchain_core.messages import AIMessageChunk
+
+        self.done = True
+        meta = {"model_version": self.version.ref}
+        return ChatGenerationChunk(message=AIMessageChunk(content="", response_metadata=meta))
 
 
 # -- following the live pointer ---------------------------------------------------------------------
