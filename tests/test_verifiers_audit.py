@@ -158,3 +158,23 @@ def test_cli_verify_once_label_errors_and_audit_without_labels(sqlite_url: str) 
         app, ["verifiers", "policy", "referense", "--min-precision", "0.9", "--store", sqlite_url]
     )
     assert ahead.exit_code == 0 and "no verdicts from a verifier named 'referense' yet" in ahead.output
+
+
+def test_a_composite_with_an_untrusted_part_is_untrusted(sqlite_url: str) -> None:
+    """A QA pass (session 15): `any_of(reference, style)` selected wrong answers on the pass of a
+    part audited below its minimum precision, which alone selected none."""
+    from honed.verifiers import any_of
+
+    store = honed.open_store(sqlite_url)
+    composite = any_of(ReferenceMatch(), ReferenceMatch("contains", name="lenient"))
+    assert composite.name == "any_of(reference,lenient)"
+    nested = "all_of(x,any_of(reference,y))"
+    store.register_verifiers({"reference": "high", "lenient": "high", composite.name: "high", nested: "high"})
+    assert store.untrusted_verifiers() == set()
+    store.set_min_precision("reference", 0.9)
+    store.save(traj("r1", "wrong", expected="right"))
+    store.add_verdict("r1", Verdict(passed=True, verifier="reference"))
+    store.add_verdict("r1", Verdict(passed=False, verifier="human"))
+    store.audit_verifier("reference", gold="human")
+    untrusted = store.untrusted_verifiers()
+    assert untrusted == {"reference", composite.name, nested}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -389,8 +390,19 @@ class VerificationStore:
         return out
 
     def untrusted_verifiers(self) -> set[str]:
-        """Verifiers whose passes must not become training data (see `VerifierPolicy.usable`)."""
-        return {p.verifier for p in self.verifier_policies() if not p.usable}
+        """Verifiers whose passes must not become training data (see `VerifierPolicy.usable`), and
+        the composites (`any_of(reference,style)`, as `honed.verifiers.compose` names them) with
+        an untrusted part: a part under its audited minimum decided `any_of` alone."""
+        policies = self.verifier_policies()
+        untrusted = {p.verifier for p in policies if not p.usable}
+        grew = bool(untrusted)
+        while grew:  # composites of composites
+            grew = False
+            for policy in policies:
+                if policy.verifier not in untrusted and untrusted & set(composite_parts(policy.verifier)):
+                    untrusted.add(policy.verifier)
+                    grew = True
+        return untrusted
 
     def verifier_counts(self) -> list[dict[str, Any]]:
         """Verdict counts per verifier and version: passes, fails, undecided."""
@@ -460,6 +472,25 @@ class VerificationStore:
             judged = [g for g in golds if g is not None]
             pairs.append((said_of[tid], all(judged) if judged else None))
         return pairs
+
+
+_COMPOSITE = re.compile(r"(?:all_of|any_of|weighted)\((.*)\)")
+
+
+def composite_parts(name: str) -> list[str]:
+    """The part names in a composite's default name, nested ones too (`any_of(a,all_of(b,c))` ->
+    `a`, `all_of(b,c)`, `b`, `c`)."""
+    match = _COMPOSITE.fullmatch(name)
+    if match is None:
+        return []
+    parts, depth, start, inner = [], 0, 0, match.group(1)
+    for i, c in enumerate(inner):
+        depth += (c == "(") - (c == ")")
+        if c == "," and depth == 0:
+            parts.append(inner[start:i])
+            start = i + 1
+    parts.append(inner[start:])
+    return [name for part in parts if part for name in (part, *composite_parts(part))]
 
 
 def _labelling_versions(session: Any) -> dict[str, str]:
