@@ -229,6 +229,14 @@ def test_models_endpoint_and_n_samples(server: Server) -> None:
         model="noise@v1", messages=[{"role": "user", "content": "hi"}], n=3, temperature=1.0, max_tokens=8
     )
     assert len(many.choices) == 3 and [c.index for c in many.choices] == [0, 1, 2]
+    # each choice a run of its own, linked to the completion and its index (a QA pass, session 15)
+    store, deadline = honed.open_store(server.store_url), time.monotonic() + 20
+    while True:
+        runs = [t for t in store.trajectories(limit=200) if t.metadata.get("completion_id") == many.id]
+        if len(runs) == 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert sorted(t.metadata["choice"] for t in runs) == [0, 1, 2]
 
 
 # -- LangChain's ChatOpenAI ------------------------------------------------------------------------

@@ -277,9 +277,16 @@ def create_app(
         call = model.bind(stop=chat.stop, **chat.call_kwargs) if chat.stop else model.bind(**chat.call_kwargs)
         if chat.stream:
             return await _stream(call, chat, config)
+        completion = protocol.completion_id()
+        # Each choice is a run of its own, labelled with the completion and its index: the n
+        # attempts at one request are a group (`n` samples of the same task).
+        configs = [
+            _run_config(model.name, {**run_labels, "completion_id": completion, "choice": i}, capture)
+            for i in range(chat.n)
+        ] if chat.n > 1 else [config]  # fmt: skip
         try:
             async with model.pinned():  # the n choices come from one version, whatever is promoted
-                answers = asyncio.gather(*(call.ainvoke(chat.messages, config=config) for _ in range(chat.n)))
+                answers = asyncio.gather(*(call.ainvoke(chat.messages, config=c) for c in configs))
                 replies = await _unless_client_leaves(request, answers)
         except Exception as exc:
             raise _as_http_error(exc) from exc
@@ -291,7 +298,7 @@ def create_app(
             )
         messages = [r for r in replies if isinstance(r, AIMessage)]
         model_id = messages[0].response_metadata.get("model_version") or model.name
-        return JSONResponse(protocol.completion_body(messages, chat, model_id))
+        return JSONResponse(protocol.completion_body(messages, chat, model_id, completion=completion))
 
     return app
 

@@ -252,8 +252,10 @@ def parse_chat_request(body: Any) -> ChatRequest:
     return request
 
 
-def completion_body(messages: Sequence[AIMessage], request: ChatRequest, model_id: str) -> dict[str, Any]:
-    """A `chat.completion` object for one or more replies."""
+def completion_body(
+    messages: Sequence[AIMessage], request: ChatRequest, model_id: str, *, completion: str | None = None
+) -> dict[str, Any]:
+    """A `chat.completion` object for one or more replies (`completion`: its id, made here if None)."""
     choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
     for index, message in enumerate(messages):
         meta = message.response_metadata
@@ -271,7 +273,7 @@ def completion_body(messages: Sequence[AIMessage], request: ChatRequest, model_i
         usage["prompt_tokens"] = int(counts.get("input_tokens", 0))
     usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
     body: dict[str, Any] = {
-        "id": completion_id(),
+        "id": completion or completion_id(),
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model_id,
