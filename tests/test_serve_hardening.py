@@ -643,3 +643,24 @@ def test_one_clients_bodies_are_read_a_few_at_a_time_and_never_hold_up_another()
 async def _enter(gate: Any, client: str) -> None:
     async with gate.turn(client):
         pass
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_request_refused_for_want_of_a_live_version_is_stored_as_a_stub(
+    tmp_path: Path, stream: bool
+) -> None:
+    """A QA pass (session 15): refused with no live version, a streamed request was stored as
+    a stub and a plain one not at all (the README says both are)."""
+    from fastapi.testclient import TestClient
+
+    from honed.serving.app import create_app
+
+    url = f"sqlite:///{tmp_path / 'serve.db'}"
+    store = honed.open_store(url)
+    store.register_model("noise", tiny_path(1))  # registered, never promoted
+    with TestClient(create_app(store, ["noise"], poll_interval=3600)) as client:
+        reply = client.post("/v1/chat/completions", json=ask(stream=stream))
+        assert reply.status_code == 503
+    assert honed.flush()
+    (stub,) = store.trajectories()
+    assert stub.status == "error" and stub.metadata["refused"]["messages"] == 1

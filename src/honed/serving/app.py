@@ -288,6 +288,12 @@ def create_app(
             async with model.pinned():  # the n choices come from one version, whatever is promoted
                 answers = asyncio.gather(*(call.ainvoke(chat.messages, config=c) for c in configs))
                 replies = await _unless_client_leaves(request, answers)
+        except NoLiveVersion as exc:
+            # Refused before any run began (pinning found no version): run once, unpinned, so the
+            # refusal is stored as a stub like a streamed request's (it raises the same at once).
+            with contextlib.suppress(Exception):
+                await call.ainvoke(chat.messages, config=configs[0])
+            raise _as_http_error(exc) from exc
         except Exception as exc:
             raise _as_http_error(exc) from exc
         if replies is None:  # nobody to answer: the runs end as cancelled (LangChain says nothing)
