@@ -780,3 +780,27 @@ def test_content_stays_sendable_and_faithful_when_capture_cut_or_a_conversation_
     assert (
         helper.name == "invoke_agent helper" and helper.attributes["gen_ai.operation.name"] == "invoke_agent"
     )
+
+
+def test_the_part_of_a_run_resumed_in_another_process_is_not_sent_live_as_a_trace_of_its_own() -> None:
+    """A QA pass (session 15): resumed in another process, the part after the pause was sent live
+    under its own trace id, without the task or the pause: a second, partial trace of the run."""
+    from honed.capture.sinks import ExporterSink
+
+    sent: list[Trajectory] = []
+
+    class Keep:
+        def export(self, trajectories: list[Trajectory]) -> None:
+            sent.extend(trajectories)
+
+    now = time.time()
+    step = {"id": "s", "index": 0, "kind": "node", "started_at": now, "ended_at": now}
+    base = {"agent": "a", "status": "ok", "started_at": now, "ended_at": now, "resumes": True}
+    part = {**base, "id": "part", "steps": [{**step, "id": "r", "name": "resume"}]}
+    whole = {
+        **base,
+        "id": "whole",
+        "steps": [{**step, "id": "i", "name": "interrupt"}, {**step, "id": "r", "name": "resume"}],
+    }
+    ExporterSink(Keep()).write([part, whole, {**base, "id": "plain", "resumes": False, "steps": []}])
+    assert [t.id for t in sent] == ["whole", "plain"]

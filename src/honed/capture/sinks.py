@@ -185,17 +185,27 @@ class StoreSink:
         self._retry_delay = min(self._retry_delay * 2, _RETRY_MAX_S)
 
 
+def _part_after_a_pause(record: Record) -> bool:
+    """A resumed run's record that does not hold its pause (it was paused in another process)."""
+    return bool(record.get("resumes")) and not any(
+        isinstance(step, dict) and step.get("name") == "interrupt" for step in record.get("steps") or ()
+    )
+
+
 class ExporterSink:
     """A `TrajectoryExporter` as a sink: records become `Trajectory` objects once per batch. A run
     paused at an interrupt is not sent: it is not finished, and a backend that keeps the first copy
-    of a span would keep the pause; resumed in this process, it is sent whole once it ends."""
+    of a span would keep the pause; resumed in this process, it is sent whole once it ends. Resumed
+    in another process, the part after the pause is not sent either: under its own id, without the
+    task and the steps before the pause, it was a second, partial trace of the run; the store joins
+    the parts, and `honed export otlp` sends the run whole."""
 
     def __init__(self, exporter: TrajectoryExporter) -> None:
         self.exporter = exporter
         self.errors = 0
 
     def write(self, records: list[Record]) -> None:
-        finished = [r for r in records if r.get("status") != INTERRUPTED]
+        finished = [r for r in records if r.get("status") != INTERRUPTED and not _part_after_a_pause(r)]
         if not finished:
             return
         try:
