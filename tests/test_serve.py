@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-import socket
+import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -45,12 +46,6 @@ class Server:
         )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("serve")
@@ -61,7 +56,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         store.register_model("noise", tiny_path(1))
         store.promote("calc@v1")
         store.promote("noise@v1")
-    port = _free_port()
     env = {**os.environ, "HONED_SPOOL_DIR": str(root / "spool"), "HONED_API_KEY": KEY}
     process = subprocess.Popen(
         [
@@ -74,7 +68,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             "--store",
             store_url,
             "--port",
-            str(port),
+            "0",  # the server says which port it got: nothing else may take it in between
             "--poll",
             "0.1",
             "--max-tokens",
@@ -89,18 +83,20 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         stderr=subprocess.STDOUT,
         text=True,
     )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"honed serve did not start: {process.stdout.read() if process.stdout else ''}")
-        time.sleep(0.2)
+    assert process.stdout is not None
+    said: list[str] = []
+    for line in process.stdout:  # ends when the process does
+        said.append(line)
+        if line.startswith("OpenAI-compatible endpoint: "):
+            base = line.split(": ", 1)[1].strip()
+            break
+    else:
+        pytest.fail(f"honed serve did not start: {''.join(said)}")
+    # Keep reading what it logs, so that a full pipe never blocks the server.
+    threading.Thread(target=lambda: said.extend(process.stdout or ()), daemon=True).start()
+    assert re.fullmatch(r"http://127\.0\.0\.1:\d+/v1", base) and not base.endswith(":0/v1"), base
+    url = base.removesuffix("/v1")
+    assert httpx.get(f"{url}/health", timeout=10).status_code == 200
     yield Server(url, f"{url}/v1", store_url, process)
     process.terminate()
     try:

@@ -232,7 +232,6 @@ def serve(
         console().print(
             f"[yellow]listening on {escape(host)} without --api-key: anyone who can reach it can use it[/yellow]"
         )
-    console().print(f"OpenAI-compatible endpoint: http://{host}:{port}/v1")
     settings = {} if max_tokens is None else {"max_tokens": max_tokens}
     run_server(
         url,
@@ -248,6 +247,7 @@ def serve(
         body_timeout_s=body_timeout,
         header_timeout_s=header_timeout,
         limit_concurrency=limit_concurrency,
+        announce=lambda url: console().print(f"OpenAI-compatible endpoint: {url}"),
         **settings,
     )
 

@@ -326,9 +326,11 @@ def serve(
     header_timeout_s: float = HEADER_TIMEOUT_S,
     keep_alive_s: float = KEEP_ALIVE_S,
     limit_concurrency: int | None = LIMIT_CONCURRENCY,
+    announce: Callable[[str], None] | None = None,
     **model_settings: Any,
 ) -> None:
-    """Run the server until interrupted (what `honed serve` does)."""
+    """Run the server until interrupted (what `honed serve` does). `announce` gets the base URL
+    once the socket is bound: with `port=0` only then is the port known."""
     import uvicorn
 
     app = create_app(
@@ -352,7 +354,18 @@ def serve(
         keep_alive_s=keep_alive_s,
         limit_concurrency=limit_concurrency,
     )
-    uvicorn.Server(config).run()
+    server = uvicorn.Server(config)
+    if announce is not None:
+        startup = server.startup
+
+        async def startup_then_announce(sockets: Any = None) -> None:
+            await startup(sockets=sockets)
+            if server.started and server.servers:
+                host, port = server.servers[0].sockets[0].getsockname()[:2]
+                announce(f"http://{f'[{host}]' if ':' in host else host}:{port}/v1")
+
+        server.startup = startup_then_announce  # type: ignore[method-assign]
+    server.run()
 
 
 def server_config(
