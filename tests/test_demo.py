@@ -26,6 +26,8 @@ def test_demo_runs_the_loop_on_a_user_suite_and_writes_the_report(tmp_path: Path
     assert result.exit_code == 0, result.output
     lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert [line["cycle"] for line in lines] == [0, 1]
+    # Off a terminal a bar draws nothing: each phase says it started, on stderr (stdout is JSON).
+    assert "cycle 1: attempts ..." in result.stderr and "cycle 1: attempts" not in result.stdout
     assert all(line.keys() >= FIELDS for line in lines)
     base, first = lines
     assert (

@@ -37,7 +37,8 @@ def _progress(out: Console):
     """A rich progress display with one bar per phase name; yields the `on_progress` callback.
 
     The libraries' own bars (datasets' map, transformers' weight loading) are switched off: one
-    display, ours."""
+    display, ours. Off a terminal (a log, `--json` piped) a bar draws nothing, so each phase is
+    announced on a line of its own as it starts: minutes of warm start are not silence."""
     from honed.learn import quiet_progress_bars
 
     quiet_progress_bars()
@@ -46,6 +47,8 @@ def _progress(out: Console):
 
         def update(phase: str, done: int, total: int) -> None:
             if phase not in bars:
+                if not out.is_terminal:
+                    out.print(f"{escape(phase)} ...", highlight=False)
                 bars[phase] = progress.add_task(escape(phase), total=total or None)
             progress.update(bars[phase], completed=done, total=total or None)
 
