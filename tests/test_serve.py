@@ -154,6 +154,49 @@ def test_tool_choice_none_or_no_tools_means_no_tool_call(server: Server, stream:
         assert not calls and finish == "stop" and "<tool_call>" in content, (extra, content)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_tool_choice_required_or_named_opens_the_reply_with_that_call(server: Server, stream: bool) -> None:
+    """A QA pass (session 15): `tool_choice="required"` or a named function was a hint only; after
+    the tool's result the model answered in text, and `create_agent`'s structured output (which
+    binds its schema tool with `tool_choice="any"`) ended without it. The reply now opens with
+    the call: its first tokens are written for the model (certain: logprob 0)."""
+    client = server.client()
+    named = {"type": "function", "function": {"name": "add"}}
+    for choice in ("required", named):
+        reply = client.chat.completions.create(
+            model="calc", messages=second_turn(), tools=[add_schema()], tool_choice=choice, temperature=0,
+            stream=stream, logprobs=not stream, extra_body={"return_token_ids": True},
+        )  # fmt: skip
+        if stream:
+            chunks = list(reply)
+            content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            names = [
+                t.function.name for c in chunks if c.choices for t in c.choices[0].delta.tool_calls or ()
+            ]
+        else:
+            message = reply.choices[0].message
+            content, names = message.content or "", [t.function.name for t in message.tool_calls or ()]
+            # The forced opening is part of the reply the client sees, in ids and logprobs alike.
+            ids = reply.choices[0].model_dump()["token_ids"]
+            logprobs = [t.logprob for t in reply.choices[0].logprobs.content]
+            assert len(ids) == len(logprobs) == reply.usage.completion_tokens and logprobs[0] == 0.0
+        # A call named `add`, or (the model went wrong inside it) the call as the text it wrote.
+        assert names == ["add"] or content.startswith('<tool_call>\n{"name": "add"'), (choice, content, names)
+        assert ANSWER not in content
+
+    def refused(**extra: Any) -> str:
+        body = {"model": "calc", "messages": first_turn(), **extra}
+        response = server.post(body)
+        assert response.status_code == 400, response.text
+        return response.json()["error"]["param"]
+
+    assert (
+        refused(tools=[add_schema()], tool_choice={"type": "function", "function": {"name": "rm"}})
+        == "tool_choice"
+    )
+    assert refused(tool_choice="required") == "tool_choice"
+
+
 def test_openai_client_tool_call_then_answer(server: Server) -> None:
     client = server.client()
     called = client.chat.completions.create(

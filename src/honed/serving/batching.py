@@ -79,6 +79,9 @@ class GenerationRequest:
     client: str | None = None
     # `tool_choice="none"`: a tool call the model writes anyway is text of the reply, not a call.
     tools_off: bool = False
+    # The reply's first tokens, fixed (`tool_choice="required"` or a named function opens the
+    # call): the last of `prompt_ids` for the model, the first of the reply for everyone else.
+    forced: tuple[int, ...] = ()
 
 
 @dataclass(slots=True)

@@ -14,6 +14,7 @@ context window is refused on its length in characters before either (see `engine
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import queue
@@ -147,8 +148,9 @@ class LocalChatModel(BaseChatModel):
         tool_choice: str | None = None,
         **kwargs: Any,
     ) -> Runnable[LanguageModelInput, AIMessage]:
-        """Tools are rendered by the chat template; `tool_choice="none"` hides them. Other choices
-        cannot be enforced on free generation and are passed along as a hint only."""
+        """Tools are rendered by the chat template; `tool_choice="none"` hides them, `"required"`
+        (LangChain's `"any"`, `True`) or a tool's name makes the reply open with that call: its
+        first tokens are written for the model (`forced_opening`), which goes on from there."""
         return self.bind(tools=tool_schemas(tools), tool_choice=tool_choice, **kwargs)
 
     # -- calls -----------------------------------------------------------------------------------
@@ -196,6 +198,8 @@ class LocalChatModel(BaseChatModel):
         future.add_done_callback(lambda _f: tokens.put(_DONE))
         stream = _TextStream(self.engine, request.stop)
         try:
+            for token in request.forced:
+                yield from _chunks(stream.add(token))
             while (token := tokens.get()) is not _DONE:
                 yield from _chunks(stream.add(token))
             yield from _chunks(stream.finish())
@@ -218,6 +222,9 @@ class LocalChatModel(BaseChatModel):
         future.add_done_callback(lambda _f: loop.call_soon_threadsafe(tokens.put_nowait, _DONE))
         stream = _TextStream(self.engine, request.stop)
         try:
+            for token in request.forced:
+                for chunk in _chunks(stream.add(token)):
+                    yield chunk
             while (token := await tokens.get()) is not _DONE:
                 for chunk in _chunks(stream.add(token)):
                     yield chunk
@@ -272,6 +279,9 @@ class LocalChatModel(BaseChatModel):
         plain, schemas = template_messages(messages), tool_schemas(tools)
         engine.check_chars(_chars(plain, schemas))  # before paying for rendering and tokenising
         prompt_ids = engine.prompt_ids(plain, schemas, **template)
+        opening = forced_opening(kwargs.get("tool_choice"), schemas)
+        forced = tuple(engine.encode(opening)) if opening else ()
+        prompt_ids = [*prompt_ids, *forced]
         budget = next(
             (kwargs[k] for k in ("max_tokens", "max_completion_tokens", "max_new_tokens") if kwargs.get(k)),
             self.max_tokens,
@@ -287,11 +297,13 @@ class LocalChatModel(BaseChatModel):
             stop=tuple(s for s in (stop or self.stop or ()) if s),
             client=current_client.get(),
             tools_off=kwargs.get("tool_choice") == "none",
+            forced=forced,
         )
 
     def _message(
         self, request: GenerationRequest, result: GenerationResult, *, tokens: bool = False
     ) -> AIMessage:
+        result = _reply(request, result)
         text = _cut_at_stop(self.engine.decode(result.token_ids), request.stop)
         parser = CompletionParser()
         content, reasoning = "", ""
@@ -320,6 +332,7 @@ class LocalChatModel(BaseChatModel):
         *,
         tokens: bool = False,
     ) -> ChatGenerationChunk:
+        result = _reply(request, result)
         valid, invalid = stream.parser.tool_calls()
         text = ""
         if request.tools_off and (valid or invalid):  # `tool_choice="none"`: no call, its text
@@ -369,7 +382,7 @@ class LocalChatModel(BaseChatModel):
             "model_provider": "honed",
             "finish_reason": finish,
             "tokenizer": self.engine.tokenizer_id,  # whose ids these are
-            "prompt_token_ids": list(request.prompt_ids),
+            "prompt_token_ids": _prompt(request),
             "token_ids": list(result.token_ids),
             "logprobs": [round(lp, 6) for lp in result.logprobs],
             "batch_size": result.batch_size,
@@ -431,8 +444,46 @@ def _chunks(pieces: list[tuple[str, str]]) -> Iterator[ChatGenerationChunk]:
             )
 
 
+def forced_opening(tool_choice: Any, tools: list[dict[str, Any]] | None) -> str:
+    """The text a reply must open with for `tool_choice`, in the `<tool_call>` form the chat
+    template writes calls in: the call's head for `"required"` (`"any"`, `True`), the head and
+    the name for a named tool (or the only tool); "" for `"auto"`, `"none"`, nothing, or no tools to call."""
+    if not tools or tool_choice in (None, False, "auto", "none"):
+        return ""
+    head = f'{CALL_OPEN}\n{{"name": "'
+    names = {(t.get("function") or t).get("name") for t in tools if isinstance(t, dict)}
+    name = tool_choice
+    if tool_choice in (True, "any", "required"):
+        if len(names) != 1:
+            return head
+        [name] = names  # one tool to call: the choice is made
+    elif isinstance(tool_choice, dict):  # OpenAI's {"type": "function", "function": {"name": ...}}
+        name = (tool_choice.get("function") or {}).get("name") or tool_choice.get("name")
+    if not isinstance(name, str) or name not in names:
+        raise ValueError(
+            f"tool_choice names {name!r}, which is not one of the tools ({sorted(map(str, names))})"
+        )
+    return f'{head}{name}", "arguments": '
+
+
+def _reply(request: GenerationRequest, result: GenerationResult) -> GenerationResult:
+    """The whole reply: the forced opening (certain: logprob 0) and what was sampled after it."""
+    if not request.forced:
+        return result
+    return dataclasses.replace(
+        result,
+        token_ids=[*request.forced, *result.token_ids],
+        logprobs=[0.0] * len(request.forced) + list(result.logprobs),
+    )
+
+
+def _prompt(request: GenerationRequest) -> list[int]:
+    """The conversation's tokens, without the forced opening of the reply."""
+    return list(request.prompt_ids[: len(request.prompt_ids) - len(request.forced)])
+
+
 def _usage(request: GenerationRequest, result: GenerationResult) -> Any:
-    n_in, n_out = len(request.prompt_ids), len(result.token_ids)
+    n_in, n_out = len(_prompt(request)), len(result.token_ids)
     return {"input_tokens": n_in, "output_tokens": n_out, "total_tokens": n_in + n_out}
 
 

@@ -14,9 +14,9 @@ parameter has its type and range (`temperature` 0..2, `top_p` (0, 1], `top_k` -1
 `top_logprobs` 0 only); messages, tool calls and tools have their OpenAI shapes; `chat_template_kwargs` may only set the variables
 in `TEMPLATE_KWARGS` (the chat template is the operator's: a client never supplies template text,
 nor variables the template was not written to take). Accepted but not applied: `seed`,
-`parallel_tool_calls`; `tool_choice` `"required"` or a named function (free generation: the
-model may answer without the call). `tool_choice: "none"`, or no tools, makes a call the model
-writes anyway text. Checked, and refused unless neutral, since this server does not apply
+`parallel_tool_calls`. `tool_choice` `"required"` or a named function (one of `tools`) makes the
+reply open with a call (the call's head written for the model); `"none"`, or no tools, makes a
+call the model writes anyway text. Checked, and refused unless neutral, since this server does not apply
 them: `presence_penalty`/`frequency_penalty` (-2..2; only 0), vLLM's `repetition_penalty` (only
 1), `logit_bias` (only empty), `top_logprobs` (only 0), `response_format` (only text). The messages
 inside are converted by `honed.messages`.
@@ -180,6 +180,15 @@ def parse_chat_request(body: Any) -> ChatRequest:
     if tools:
         kwargs["tools"] = tools
     tool_choice = _tool_choice(body.get("tool_choice"))
+    if isinstance(tool_choice, dict) or tool_choice == "required":
+        names = {t["function"]["name"] for t in tools or ()}
+        if not names:
+            raise BadRequest("tool_choice requires tools: none were given", "tool_choice")
+        if isinstance(tool_choice, dict) and tool_choice["function"]["name"] not in names:
+            raise BadRequest(
+                f"tool_choice names {tool_choice['function']['name'][:80]!r}, which is not one of the tools",
+                "tool_choice",
+            )
     if tool_choice is not None:
         kwargs["tool_choice"] = tool_choice
     if not tools:  # no tools offered, nothing to call: a tool call the model writes is text
