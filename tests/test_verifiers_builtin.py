@@ -148,6 +148,40 @@ def test_an_answer_cut_at_the_field_cap_or_carrying_its_marker_fails(output: dic
     assert v.passed is False and "truncated" in v.reason
 
 
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        ("the result is 41 (checksum " + "7" * 5000 + ")", 42),  # Python refuses 5,000-digit ints
+        ("[" * 3000 + "]" * 3000, ["a", "b"]),  # json.loads: RecursionError, not ValueError
+        ("[" * 3000 + "]" * 3000, {"total": 5}),
+    ],
+)
+def test_an_answer_no_parser_can_read_fails_rather_than_could_not_tell(answer: str, expected: Any) -> None:
+    """A QA pass (session 16): these answers made ReferenceMatch and JsonSchema raise, an error
+    verdict (`passed=None`) that `label` skips, so a second verifier's pass labelled a wrong
+    answer a pass and training took it."""
+    for verifier in (ReferenceMatch(), JsonSchema({"type": "object"})):
+        v = check(verifier, traj("hostile", answer, expected=expected))
+        assert v.passed is False, (verifier, v)
+
+
+def test_a_reference_redacted_at_capture_cannot_be_matched() -> None:
+    """A QA pass (session 16): capture redacts the reference and the answer alike, so every
+    secret of a kind was the same marker: a made-up password, another token, or the marker
+    itself written by the agent, matched the reference and passed."""
+    cases = [
+        ('{"user": "bob", "password": "[REDACTED:password]"}', {"user": "bob", "password": "[REDACTED:password]"}),
+        ("[REDACTED:github_token]", "[REDACTED:github_token]"),
+        ("The deploy key is [REDACTED:openai_key]", "The deploy key is [REDACTED:openai_key]"),
+    ]  # fmt: skip
+    for answer, expected in cases:
+        v = check(ReferenceMatch(), traj("secret", answer, expected=expected))
+        assert v.passed is None and "redacted" in v.reason, v
+    # An answer holding a marker is compared as usual against a reference without one.
+    assert check(ReferenceMatch(), traj("t", "[REDACTED:password]", expected="hunter2")).passed is False
+    assert check(ReferenceMatch(mode="contains"), traj("t", "ok [REDACTED:bearer]", expected="ok")).passed
+
+
 def test_a_failed_agent_run_fails() -> None:
     t = traj("crashed", None, status="error", expected="5")
     t.error = "ValueError: exploded"

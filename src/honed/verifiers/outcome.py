@@ -11,9 +11,11 @@ would decide).
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
+from honed.capture._textmatch import REDACTED_MARK
 from honed.trajectory import STRUCTURED_KEY, Trajectory, is_truncated
 from honed.verifiers.protocol import CannotTell, Unreadable
 
@@ -67,6 +69,14 @@ def reference(t: Trajectory, key: str = "expected") -> Any:
     value = t.metadata[key]
     if is_truncated(value):
         raise CannotTell(_truncated_reason(f"metadata[{key!r}]", value), truncated=_marker(value))
+    if REDACTED_MARK in (value if isinstance(value, str) else json.dumps(value, default=str)):
+        # Every secret of a kind is the same marker at rest: any made-up password, or the marker
+        # written by the agent itself, would match it.
+        raise CannotTell(
+            f"metadata[{key!r}] holds a secret that capture redacted ([REDACTED:...]): no answer can be "
+            "compared with it; keep secrets out of references (or redact=False for such tasks)",
+            redacted=key,
+        )
     return value
 
 

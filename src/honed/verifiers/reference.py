@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from honed.trajectory import Trajectory, Verdict
 from honed.verifiers.outcome import agent_failed, final_answer, last_code_block, reference
-from honed.verifiers.protocol import BaseVerifier, CannotTell, verdict
+from honed.verifiers.protocol import BaseVerifier, CannotTell, Unreadable, verdict
 
 Mode = Literal["auto", "exact", "normalized", "contains", "numeric", "regex", "list", "set", "json"]
 MODES: tuple[str, ...] = (
@@ -81,7 +81,14 @@ class ReferenceMatch(BaseVerifier):
         if mode == "auto":
             mode = auto_mode(expected)
         tolerance = (t.metadata or {}).get("tolerance")
-        result = _MATCHERS[mode](self, answer, expected, tolerance)
+        try:
+            result = _MATCHERS[mode](self, answer, expected, tolerance)
+        except (ValueError, RecursionError, OverflowError) as exc:
+            # Python refuses 5,000-digit integers and JSON nested 3,000 deep: what the agent wrote
+            # must not make the verdict "could not tell" (`label` skips that), so it fails.
+            raise Unreadable(
+                f"the answer could not be read ({type(exc).__name__}: {exc})"[:300], mode=mode
+            ) from exc
         result.evidence = {"mode": mode, "expected": _preview(expected), "answer": _preview(answer)} | (
             result.evidence or {}
         )
@@ -219,7 +226,7 @@ def parse_json(text: Any) -> Any:
     body = last_code_block(text, ("", "json")) or text
     try:
         return json.loads(body)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise CannotTell(f"malformed JSON: {exc}", text=_preview(body)) from exc
 
 
@@ -232,7 +239,7 @@ def answer_json(text: Any) -> Any:
     body = last_code_block(text, ("", "json")) or text
     try:
         return json.loads(body, object_pairs_hook=_no_duplicate_keys)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise CannotTell(f"malformed JSON: {exc}", text=_preview(body)) from exc
 
 
@@ -264,7 +271,7 @@ def _items(value: Any) -> list[Any]:
         parsed = json.loads(last_code_block(text, ("", "json")) or text)
         if isinstance(parsed, list):
             return parsed
-    except ValueError:
+    except (ValueError, RecursionError):
         pass
     # Split, then strip: `\s*(?:\n|,|;)\s*` took quadratic time on a long run of spaces, holding
     # the GIL (30,000 spaces froze a worker past its timeout and its lease).
