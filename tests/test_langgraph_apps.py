@@ -807,6 +807,48 @@ def test_a_finished_runs_pause_resumed_again_is_an_attempt_of_its_own(capture: s
     assert [v.passed for v in store.get(first.id).verdicts] == [True]
 
 
+def test_a_run_id_used_again_is_an_attempt_of_its_own(capture: str, sqlite_url: str, tmp_path: Path) -> None:
+    """A QA pass (session 16): `config["run_id"]` used again (a harness's request or idempotency
+    key, a retry) was dropped in the same process, and in another process merged into the
+    verified trajectory: the wrong answer of the retry trained under the first run's pass."""
+    import uuid
+
+    agent = create_agent(
+        ToolScriptModel(), [], name="calc", middleware=capture_middleware(capture, sqlite_url)
+    )
+    run_id = uuid.uuid4()
+    config = {"run_id": run_id, "metadata": {"honed": {"task_id": "t1", "expected": "5"}}}
+    agent.invoke({"messages": [("user", "answer 5")]}, config)
+    assert honed.flush()
+    store = honed.open_store(sqlite_url)
+    worker = Worker(store, [ReferenceMatch()])
+    assert worker.run_once() == 1
+    (first,) = store.trajectories()
+    agent.invoke({"messages": [("user", "answer 7")]}, config)  # the same id, in this process
+    script = textwrap.dedent(f"""
+        import uuid, honed
+        from langchain.agents import create_agent
+        from fakes import ToolScriptModel
+        agent = create_agent(ToolScriptModel(), [], name="calc")
+        handler = honed.CallbackHandler(store={sqlite_url!r})
+        config = {{"run_id": uuid.UUID({str(run_id)!r}), "callbacks": [handler],
+                  "metadata": {{"honed": {{"task_id": "t1", "expected": "5"}}}}}}
+        agent.invoke({{"messages": [("user", "answer 8")]}}, config)
+        assert honed.flush()
+    """)  # and in another process
+    env = {**__import__("os").environ, "PYTHONPATH": str(TESTS), "HONED_SPOOL_DIR": str(tmp_path / "spool")}
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=120)
+    assert honed.flush()
+    assert worker.run_once() == 2
+    runs = {t.answer: t for t in store.trajectories()}
+    assert set(runs) == {"5", "7", "8"}
+    assert [v.passed for v in runs["5"].verdicts] == [True] and runs["5"].id == first.id
+    assert [v.passed for v in runs["7"].verdicts] == [False] == [v.passed for v in runs["8"].verdicts]
+    if capture == "instrument":  # the trajectory's id is the run's (the Middleware makes its own)
+        assert runs["7"].metadata["replayed_from"] == runs["8"].metadata["replayed_from"] == first.id
+    assert [t.answer for t in honed.exporters.select_trajectories(store, verdict="pass")] == ["5"]
+
+
 def test_a_run_continued_past_a_static_breakpoint_is_the_same_trajectory(
     capture: str, sqlite_url: str
 ) -> None:

@@ -195,7 +195,10 @@ class Assembler:
 
     def _start(self, run_id: Any, parent_id: Any, when: float, payload: tuple[Any, ...]) -> None:
         run_kind, name, inputs, metadata, tags, extra = payload
-        if run_id in self._runs or run_id in self._closed_set:
+        # A root run whose id belongs to a run that has ended is another run under a reused id
+        # (`config["run_id"]` as a request or idempotency key): an attempt of its own, not dropped.
+        reused = parent_id is None and run_id in self._closed_set and run_id not in self._runs
+        if run_id in self._runs or (run_id in self._closed_set and not reused):
             self.ignored_events += 1  # the same run seen by two handlers, or a replayed start
             return
         parent = self._runs.get(parent_id) if parent_id is not None else None
@@ -221,6 +224,9 @@ class Assembler:
                 if thread_id:  # a new turn: a pause left unanswered on this thread stays paused
                     self._paused_on_thread.pop(thread_id, None)
                 record = self._trajectory_record(run_id, name, inputs, metadata, tags, when, extra)
+                if reused:
+                    record["id"] = str(uuid.uuid4())
+                    record["metadata"] = {**(record["metadata"] or {}), "replayed_from": str(run_id)}
                 trajectory = _Open(run_id, record)
             trajectory.last_seen = when
             if extra and extra.get("output_keys"):

@@ -840,6 +840,20 @@ def _continue(session: Any, record: dict[str, Any]) -> int:
         _insert(session, TrajectoryRow, [_trajectory_row(replay)])
         _insert(session, StepRow, [_step_row(replay["id"], s) for s in candidates])
         return 1
+    if (
+        stored.status != INTERRUPTED
+        and not record.get("resumes")
+        and stored.ended_at is not None
+        and _trajectory_row(record)["started_at"] >= stored.ended_at
+    ):
+        # Another run under the id of one that had ended (`config["run_id"]` reused as a request
+        # key, in another process): merged, it rewrote a verified run's answer under its verdict.
+        # (The earlier half of a paused run, arriving second, started before the stored half.)
+        again = {**record, "id": str(uuid.uuid4())}
+        again["metadata"] = {**(record.get("metadata") or {}), "replayed_from": target}
+        _insert(session, TrajectoryRow, [_trajectory_row(again)])
+        _insert(session, StepRow, [_step_row(again["id"], s) for s in candidates])
+        return 1
     taken = set(session.scalars(select(StepRow.id).where(StepRow.id.in_([s["id"] for s in candidates]))))
     new_steps = [s for s in candidates if s["id"] not in taken]
     if new_steps:
