@@ -70,6 +70,22 @@ FREE_TEXT = {
     # rule knew npm's tokens (detect-secrets knows only the `_authToken=` line of an .npmrc).
     "slack_webhook": (SLACK_WEBHOOK, "post the alert to {}"),
     "npm_token": (NPM_TOKEN, "publish with {} from CI"),
+    # A QA pass (session 16): the keys a LangChain agent's process holds beside its model's.
+    "langsmith_key": (
+        "lsv2_pt_" + rand(32, "0123456789abcdef") + "_" + rand(10, "0123456789abcdef"),
+        "LANGSMITH_API_KEY={}",
+    ),
+    "langsmith_key_in_prose": (
+        "lsv2_sk_" + rand(32, "0123456789abcdef") + "_" + rand(10, "0123456789abcdef"),
+        "my LangSmith key is {}; answer ok",
+    ),
+    "tavily_key": ("tvly-dev-" + rand(32), "Tavily 401: invalid api key {}"),
+    "groq_key": ("gsk_" + rand(52), "client = Groq(api_key='{}')"),
+    "xai_key": ("xai-" + rand(80), "XAI_API_KEY={}"),
+    "perplexity_key": ("pplx-" + rand(48), "the key {} was revoked"),
+    "nvidia_key": ("nvapi-" + rand(64), "export NVIDIA_API_KEY={}"),
+    "sql_identified_by": ("Sq1" + rand(12), "CREATE USER 'app'@'%' IDENTIFIED BY '{}';"),
+    "sql_identified_by_bare": ("Sq1" + rand(12), "alter user app identified by {}"),
 }
 
 
@@ -249,6 +265,11 @@ HOSTILE = {
     "named_entry": "'name': 'pwd', 'value': '",
     "url_token": "https://",
     "url_encoded_key": "sk%2D",
+    # A QA pass (session 16): an encoded URL's password ran from every `%3a%2f%2f` to the end.
+    "url_encoded_url": "%3a%2f%2f",
+    "url_encoded_userinfo": "%3a%2f%2fa%3ab",
+    "new_vendor_prefixes": "lsv2_pt_tvly-gsk_xai-pplx-nvapi-",
+    "sql_identified_by": "identified by '",
 }
 
 
@@ -581,6 +602,28 @@ OTHER_SHAPES = {
     "mailchimp_key": (rand(32, "0123456789abcdef") + "-us12", "mc {}"),
     "discord_bot_token": ("MTA4MzA1NzM2NTQ0NjIwNDQxNg.GhYt8v." + rand(38), "{}"),
 }
+
+
+ARGV_PASSWORD = "Argv" + rand(12)
+ARGVS = {
+    "mysql_attached_p": ["mysql", "-u", "root", f"-p{ARGV_PASSWORD}", "-e", "select 1"],
+    "password_flag": ["wget", "--password", ARGV_PASSWORD, "https://x/y"],
+    "curl_user": ["curl", "-u", f"bob:{ARGV_PASSWORD}", "https://api.example.com"],
+    "sshpass": ["sshpass", "-p", ARGV_PASSWORD, "ssh", "root@host", "uptime"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(ARGVS))
+def test_passwords_in_an_argv_list_are_redacted(name: str) -> None:
+    """A QA pass (session 16): the command as one string was redacted, the same command as a
+    `subprocess.run` argv list (a tool's arguments) reached the store whole."""
+    argv = ARGVS[name]
+    out = Serializer(redactor=Redactor()).field({"cmd": argv})
+    assert "[REDACTED:password]" in " ".join(out["cmd"]) and out["cmd"][0] == argv[0]
+    assert_gone(ARGV_PASSWORD, json.dumps(out))
+    assert Redactor().redact(argv) == out["cmd"]
+    kept = ["docker", "run", "-p", "8080:80", "-u", "1000:1000", "nginx"]  # not passwords
+    assert Serializer(redactor=Redactor()).field({"cmd": kept})["cmd"] == kept
 
 
 @pytest.mark.parametrize("name", sorted(OTHER_SHAPES))

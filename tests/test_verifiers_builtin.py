@@ -280,6 +280,28 @@ def test_judge_uses_structured_output_and_is_low_trust() -> None:
     assert Judge(model, "x", threshold=0.95).verify(traj("c", "correct")).passed is False
 
 
+def test_an_answer_longer_than_the_judge_reads_fails() -> None:
+    """A QA pass (session 16): the judge saw the first `max_chars` of the answer; a correct head
+    padded past the cut passed whatever came after it (and trained on it whole)."""
+    model = FakeJudgeModel()
+    padded = "a correct answer" + " " * 8000 + "and now something the judge would fail"
+    v = check(Judge(model, "Pass when the answer is correct."), traj("p", padded))
+    assert v.passed is False and "longer than the judge reads" in v.reason and model.calls == 0
+    assert check(Judge(model, "Pass when correct.", max_chars=9000), traj("p", padded)).passed is True
+
+
+def test_finding_the_last_code_block_is_linear_on_a_run_of_backticks() -> None:
+    """A QA pass (session 16): 60,000 backticks took 3-4 s per call (a fence's info string ran to
+    the end of the text from each one), holding the GIL in the verifier worker."""
+    import time
+
+    from honed.verifiers.outcome import last_code_block
+
+    start = time.thread_time()
+    assert last_code_block("```" + "`" * 60_000, ("", "json")) is None
+    assert time.thread_time() - start < 0.5
+
+
 def test_the_judge_reads_the_answer_as_material_and_a_reply_without_a_decision_is_an_error() -> None:
     """A QA pass (session 14): the answer was pasted plainly after "Agent's final answer:", so it
     could add a second "Reference answer:"; and a judge talked into replying in plain text gave

@@ -29,6 +29,7 @@ import base64
 import binascii
 import logging
 import re
+import shlex
 from collections.abc import Callable
 from typing import Any
 
@@ -133,7 +134,31 @@ class Redactor:
             for item in value:
                 if (type(item) is list or type(item) is tuple) and len(item) == 2 and pair(item):
                     return True
+            return self._argv(value) is not None
         return False
+
+    def _argv(self, value: list[Any] | tuple[Any, ...]) -> list[str] | None:
+        """A command as an argv list (`["mysql", "-u", "root", "-pPW"]`, `["psql", "--password",
+        "PW"]`), redacted as its command line is, when that finds a secret its items alone hide;
+        else None. The items are split back; where they cannot be, the redacted line's words."""
+        if not 2 <= len(value) <= _MAX_ARGV:
+            return None
+        dashed = False
+        for item in value:
+            if type(item) is not str or len(item) > _MAX_ARG:
+                return None
+            dashed = dashed or item[:1] == "-"
+        if not dashed:
+            return None
+        items = [self.redact_text(item) for item in value]
+        line = shlex.join(items)
+        redacted = self.redact_text(line)
+        if redacted == line:
+            return None
+        try:
+            return shlex.split(redacted)
+        except ValueError:  # unbalanced quotes after redaction: the line, whole
+            return [redacted]
 
     def _walk(self, value: Any, named: bool = True) -> Any:
         """`value` redacted; with `named` False, dict keys are not taken as naming their values."""
@@ -160,6 +185,9 @@ class Redactor:
                     out[new_key] = self._walk(item)
             return out
         if t is list or t is tuple:
+            argv = self._argv(value) if value and type(value[0]) is str else None
+            if argv is not None:
+                return argv
             pair = self._named_pair
             return [
                 self._walk_pair(item, kind)
@@ -241,6 +269,9 @@ class Redactor:
                     out[new_key] = self._walk_capped(item, budget)
             return out
         if t is list or t is tuple:
+            argv = self._argv(value) if value and type(value[0]) is str else None
+            if argv is not None:
+                return [budget.take(item) for item in argv]
             items: list[Any] = []
             for item in value:
                 if budget.left <= 0:
@@ -362,6 +393,7 @@ _VERDICTS = frozenset(("yes", "no", "true", "false", "y", "n", "ok", "none", "nu
 _ENTRY_NAME_KEYS = ("name", "key", "Name", "Key")
 # The longest string taken as a name beside a value: names of secrets are short.
 _MAX_NAME = 128
+_MAX_ARGV, _MAX_ARG = 256, 4096  # an argv list read as its command line: at most this many, this long
 
 
 def _is_bytes_preview(value: dict[Any, Any]) -> bool:
@@ -532,7 +564,9 @@ def secret_key_kind(key: str) -> str | None:
 _ANCHORS = re.compile(
     r"-(?:(?<=sk-)|(?<=xox[abposre]-)|(?<=xapp-)|(?<=pypi-)|(?<=sq0csp-)|(?<=gl[a-z]{2}-)|(?<=gl[a-z]{3}-)"
     r"|(?<=glagent-)|(?=----BEGIN)|(?<=\s-)[pu]|-(?:user|pass))"
+    r"|-(?:(?<=tvly-)|(?<=xai-)|(?<=pplx-)|(?<=nvapi-))"
     r"|_(?:(?<=gh[pousr]_)|(?<=github_pat_)|(?<=k_live_)|(?<=k_test_)|(?<=whsec_)|(?<=hf_)|(?<=npm_)"
+    r"|(?<=lsv2_)|(?<=gsk_)"
     r"|(?=authToken))"
     r"|A(?:KIA|SIA|BIA|CCA|3T|Iza|KC|ccountKey)|PRIVATE KEY|GR1348941|SG\.|J(?<=eyJ)"
     r"|:(?:(?=//[^\s/?#@]*@)|(?=AA[0-9A-Za-z_-]{33})|(?=//hooks\.slack\.com/))|%(?:(?<=sk%)(?=2[Dd])|(?=3[Aa]%2[Ff]%2[Ff]))"
@@ -548,6 +582,7 @@ _ANCHORS = re.compile(
 )
 # Case-insensitive words are found with `str.find` on the lowered text, ~20x faster than `(?i)` in `re`.
 _KEYWORDS = (
+    "identified",
     "key",
     "token",
     "secret",
@@ -866,6 +901,14 @@ _RULES = (
     # them, quadratic in `eyJeyJeyJ...`.
     _Rule(r"(?<![A-Za-z0-9_.-])[A-Za-z0-9_-]*+(?:\.[A-Za-z0-9_-]*+)++", _jwt, requires="eyJ"),
     _Rule(r"hf_[A-Za-z0-9]{30,}", _whole("huggingface_token")),
+    # The keys a LangChain agent's process holds besides its model's: LangSmith, Tavily, and the
+    # OpenAI-compatible providers (Groq, xAI, Perplexity, NVIDIA).
+    _Rule(r"lsv2_(?:pt|sk)_[A-Za-z0-9_]{20,}", _whole("langsmith_key", left_bounded=True)),
+    _Rule(r"tvly-(?:dev-|prod-)?[A-Za-z0-9]{20,}", _whole("tavily_key", left_bounded=True)),
+    _Rule(r"gsk_[A-Za-z0-9]{40,}", _whole("groq_key", left_bounded=True)),
+    _Rule(r"xai-[A-Za-z0-9]{40,}", _whole("xai_key", left_bounded=True)),
+    _Rule(r"pplx-[A-Za-z0-9]{40,}", _whole("perplexity_key", left_bounded=True)),
+    _Rule(r"nvapi-[A-Za-z0-9_-]{40,}", _whole("nvidia_key", left_bounded=True)),
     _Rule(r"npm_[A-Za-z0-9]{36}", _whole("npm_token")),
     # Stripe secret and restricted keys (test and live), and webhook signing secrets.
     _Rule(
@@ -874,9 +917,11 @@ _RULES = (
         anchors=("sk_live_", "sk_test_", "rk_live_", "rk_test_", "whsec_"),
     ),
     # scheme%3A%2F%2Fuser%3APASSWORD%40host: the same URL percent-encoded, as a query string carries it.
+    # An encoded `/` (`%2F`) ends the userinfo (in it, a `/` would be `%252F`): without that stop,
+    # the password's scan ran from every `%3a%2f%2f` to the end of the text (60 KB: 6 s).
     _Rule(
-        r"%3[Aa]%2[Ff]%2[Ff](?:[^\s%/?#@&'\"<>]|%(?!3[Aa]|40)[0-9A-Fa-f]{2})*+%3[Aa]"
-        rf"{_NOT_REDACTED}((?:[^\s%/?#@&'\"<>]|%(?!40)[0-9A-Fa-f]{{2}})++)%40",
+        r"%3[Aa]%2[Ff]%2[Ff](?:[^\s%/?#@&'\"<>]|%(?!3[Aa]|40|2[Ff])[0-9A-Fa-f]{2})*+%3[Aa]"
+        rf"{_NOT_REDACTED}((?:[^\s%/?#@&'\"<>]|%(?!40|2[Ff])[0-9A-Fa-f]{{2}})++)%40",
         _group(1, "password"),
         anchors=("%3a%2f%2f",),
     ),
@@ -922,6 +967,13 @@ _RULES = (
         anchors=("-p",),
     ),
     _Rule(rf"(?<![\w-])password[ \t]+{_NOT_REDACTED}([^\s'\"]++)", _netrc_password, anchors=("password",)),
+    # SQL: `CREATE USER bob IDENTIFIED BY 'pw'` (MySQL, Oracle; `... WITH plugin BY`, `BY PASSWORD`).
+    _Rule(
+        rf"(?i)\bidentified[ \t]+(?:with[ \t]+[\w'\"]{{1,64}}[ \t]+)?by[ \t]+(?:password[ \t]+)?"
+        rf"(?:(['\"])({_NOT_REDACTED}[^'\"\r\n]{{1,256}})\1|({_NOT_REDACTED}[^\s'\";]{{1,256}}))",
+        _matched_group("password"),
+        anchors=("identified",),
+    ),
     # ... also after a mere space (`aws_secret_access_key wJalr...`), where only a 40-character key counts.
     _Rule(
         rf"(?i)(?:aws_?secret_?access_?key|aws_?secret_?key|secret_?access_?key)"

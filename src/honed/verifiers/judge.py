@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field
 from honed.messages import task_text
 from honed.trajectory import Trajectory, Verdict
 from honed.verifiers.outcome import agent_failed, final_answer
-from honed.verifiers.protocol import BaseVerifier, verdict
+from honed.verifiers.protocol import BaseVerifier, Unreadable, verdict
 
 SYSTEM_PROMPT = """You are a strict grader of an AI agent's work.
 Grade only the agent's final answer against the rubric below; do not solve the task yourself.
@@ -80,6 +80,14 @@ class Judge(BaseVerifier):
         if failed is not None:
             return verdict(False, f"the agent run failed: {failed}"[:500], agent_error=failed[:2000])
         answer = final_answer(t)
+        if len(answer) > self.max_chars:
+            # What the judge does not read it cannot fail: a polite head padded past the cut
+            # carried anything at all into a pass (and into training, whole).
+            raise Unreadable(
+                f"the answer ({len(answer):,} characters) is longer than the judge reads "
+                f"(max_chars={self.max_chars:,}); raise max_chars to grade answers this long",
+                answer_chars=len(answer),
+            )
         decision = self._grader.invoke(
             [("system", SYSTEM_PROMPT.format(rubric=self.rubric)), ("human", self._prompt(t, answer))]
         )

@@ -20,8 +20,9 @@ from honed.trajectory import STRUCTURED_KEY, Trajectory, is_truncated
 from honed.verifiers.protocol import CannotTell, Unreadable
 
 # Possessive: the info string's `[\w+.-]*` then `[^\n]*` backtracked quadratically over a
-# fence with no line break after it (64 KB: 3 s holding the GIL).
-_FENCE = re.compile(r"```[ \t]*+([\w+.-]*+)[^\n]*+\n(.*?)```", re.S)
+# fence with no line break after it (64 KB: 3 s holding the GIL). And no backtick in the info
+# string (CommonMark's rule): a run of 60,000 backticks scanned to its end from each one (3 s).
+_FENCE = re.compile(r"```[ \t]*+([\w+.-]*+)[^\n`]*+\n(.*?)```", re.S)
 
 
 def agent_failed(t: Trajectory) -> str | None:
