@@ -538,7 +538,39 @@ def test_live_export_to_a_dead_endpoint_neither_blocks_nor_raises(
     stats = exporter.stats()
     assert stats["trajectories"] == 5 + len(burst) and stats["spans_exported"] == 0
     assert stats["spans_failed"] + stats["spans_dropped"] > 0
-    assert recorder.stats()["export_errors"] == 0 and recorder.stats()["trajectories_written"] == 5
+    # The spans lost to the dead endpoint show in `honed.stats()` (they went unseen before).
+    lost = stats["spans_failed"] + stats["spans_dropped"]
+    assert recorder.stats()["export_errors"] == lost and recorder.stats()["trajectories_written"] == 5
+
+
+def test_live_batches_with_content_stay_under_a_receivers_message_limit() -> None:
+    """A QA pass (session 16): the batch processor hands 512 spans at once; with content, 6 MB
+    that a gRPC receiver refused (4 MiB), and the breaker then dropped the batches after it: 52
+    of 2,100 spans arrived, and nothing said so. Live batches are sent in parts, as replay's."""
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
+    class FourMiB(Collect):  # gRPC's default limit, as the Collector has it
+        def export(self, spans: Any) -> SpanExportResult:
+            if len(encode_spans(list(spans)).SerializeToString()) > 4 * 2**20:
+                return SpanExportResult.FAILURE
+            return super().export(spans)
+
+    text = "lorem ipsum dolor sit amet " * 1_500  # 40 KB
+    steps = [
+        Step(id=f"s{i}", index=i, kind="model", name="m", input={"messages": [{"role": "user", "content": text}]},
+             output={"role": "assistant", "content": text})
+        for i in range(6)
+    ]  # fmt: skip
+    runs = [
+        Trajectory(id=str(uuid.UUID(int=i + 1)), agent="a", task="t", steps=steps, output="ok")
+        for i in range(60)
+    ]
+    sink = FourMiB()
+    exporter = LiveExporter(span_exporter=sink, capture_content=True, schedule_delay_millis=60_000)
+    exporter.export(runs)
+    assert exporter.force_flush()
+    exporter.shutdown()
+    assert len(sink.spans) == 60 * 7 and exporter.stats()["spans_failed"] == 0
 
 
 # -- a real backend: Arize Phoenix -------------------------------------------------------------------
@@ -749,7 +781,7 @@ def test_content_stays_sendable_and_faithful_when_capture_cut_or_a_conversation_
     """A QA pass (session 15): a message cut at the field cap became an empty *user* message; a
     conversation of 70 tool results of 60 KB made one 4 MiB attribute (refused over gRPC on every
     export); an agent a tool ran was a plain CHAIN span, not `invoke_agent`."""
-    from honed.exporters.spans import MAX_CONTENT_CHARS
+    from honed.exporters.spans import MAX_CONTENT_BYTES
 
     cut = {"__truncated__": True, "type": "dict", "size": 99_000, "preview": '{"role":"tool","content":"xx'}
     big = [{"role": "tool", "content": "r" * 60_000, "tool_call_id": f"c{i}"} for i in range(70)]
@@ -772,10 +804,20 @@ def test_content_stays_sendable_and_faithful_when_capture_cut_or_a_conversation_
     )
     long = spans["m2"].attributes
     assert (
-        len(long["gen_ai.input.messages"]) <= MAX_CONTENT_CHARS and long["honed.input.messages_dropped"] > 0
+        len(long["gen_ai.input.messages"]) <= MAX_CONTENT_BYTES and long["honed.input.messages_dropped"] > 0
     )
     kept = json.loads(long["gen_ai.input.messages"])
     assert kept[-1]["parts"][0]["id"] == "c69"  # the latest messages are the ones kept
+    # A QA pass (session 16): counted in characters, 40 results of 16,000 emoji (64 KB each) fit,
+    # and made a 2.6 MB attribute; with tool definitions, a span over gRPC's 4 MiB limit.
+    emoji = [{"role": "tool", "content": "\U0001f600" * 16_000, "tool_call_id": f"e{i}"} for i in range(40)]
+    step = Step(
+        id="m3", index=0, kind="model", name="m", input={"messages": emoji}, started_at=now, ended_at=now
+    )
+    t = Trajectory(id=str(uuid.uuid4()), agent="boss", steps=[step], started_at=now, ended_at=now)
+    (attributes,) = [s.attributes for s in spans_of(t, capture_content=True) if s.name.startswith("chat")]
+    assert len(attributes["gen_ai.input.messages"].encode()) <= MAX_CONTENT_BYTES
+    assert attributes["honed.input.messages_dropped"] > 0
     helper = spans["n1"]
     assert (
         helper.name == "invoke_agent helper" and helper.attributes["gen_ai.operation.name"] == "invoke_agent"

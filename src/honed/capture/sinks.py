@@ -221,7 +221,12 @@ class ExporterSink:
         return True  # `write` exported (or failed) before returning
 
     def stats(self) -> dict[str, Any]:
-        return {"export_errors": self.errors}
+        """`export_errors`: failed exports, and spans an OTLP exporter could not send (refused,
+        or dropped while its endpoint was failing), which otherwise went unseen."""
+        counts = getattr(self.exporter, "stats", None)
+        sent = counts() if callable(counts) else {}
+        lost = int(sent.get("spans_failed", 0)) + int(sent.get("spans_dropped", 0))
+        return {"export_errors": self.errors + lost}
 
     def close(self) -> None:
         try:

@@ -28,7 +28,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
-from honed.exporters.spans import PROJECT_ATTRIBUTE, SpanMapper
+from honed.exporters.spans import PROJECT_ATTRIBUTE, SpanMapper, utf8_len
 from honed.store.reader import collector_paused
 from honed.trajectory import Trajectory
 
@@ -330,7 +330,7 @@ def _approx_bytes(span: ReadableSpan) -> int:
     size = 160 + len(span.name)
     for key, value in (span.attributes or {}).items():
         if isinstance(value, str):
-            size += len(key) + (len(value) if value.isascii() else 3 * len(value))
+            size += len(key) + utf8_len(value)
         else:
             size += len(key) + 16
     return size
@@ -339,15 +339,36 @@ def _approx_bytes(span: ReadableSpan) -> int:
 class _BreakerExporter(SpanExporter):
     """Wraps the OTLP exporter: after a failure, batches are dropped without a try until a backoff
     passes, so an endpoint that is down holds the export thread (and a shutdown at exit) for one
-    timeout, not one per queued batch. Counts what was sent, failed and dropped."""
+    timeout, not one per queued batch. Counts what was sent, failed and dropped.
 
-    def __init__(self, exporter: SpanExporter) -> None:
+    The batch processor bounds a batch by spans only (512): with content, 512 spans of long
+    conversations made 6 MB, which gRPC receivers refuse (4 MiB), then the breaker dropped what
+    followed: 98% of the spans were lost. A batch is sent in parts of at most `batch_bytes`."""
+
+    def __init__(self, exporter: SpanExporter, batch_bytes: int = REPLAY_BATCH_BYTES) -> None:
         self.exporter = exporter
+        self.batch_bytes = batch_bytes
         self._retry_at = 0.0
         self._backoff = _BACKOFF_MIN_S
         self._counts = {"spans_exported": 0, "spans_failed": 0, "spans_dropped": 0}
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        result = SpanExportResult.SUCCESS
+        part: list[ReadableSpan] = []
+        size = 0
+        for span in spans:
+            weight = _approx_bytes(span)
+            if part and size + weight > self.batch_bytes:
+                if self._send(part) is not SpanExportResult.SUCCESS:
+                    result = SpanExportResult.FAILURE
+                part, size = [], 0
+            part.append(span)
+            size += weight
+        if part and self._send(part) is not SpanExportResult.SUCCESS:
+            result = SpanExportResult.FAILURE
+        return result
+
+    def _send(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         if time.monotonic() < self._retry_at:
             self._counts["spans_dropped"] += len(spans)
             return SpanExportResult.FAILURE

@@ -366,7 +366,7 @@ def _model_content(step: Step, attributes: dict[str, Any]) -> None:
     tools = model_input.get("tools")
     if isinstance(tools, list) and tools:
         text = _json(tools)
-        if len(text) <= MAX_CONTENT_CHARS:
+        if utf8_len(text) <= MAX_CONTENT_BYTES:
             attributes["gen_ai.tool.definitions"] = text
         else:
             attributes["honed.tool.definitions.truncated"] = True
@@ -383,18 +383,24 @@ def _model_content(step: Step, attributes: dict[str, Any]) -> None:
         attributes["gen_ai.output.messages"] = _json([{"role": "assistant", "parts": _parts(output)}])
 
 
-# A content attribute's most characters: one span over gRPC's 4 MiB message limit (the
-# Collector's default) was refused on every export, and the run's trace lost its last span.
-MAX_CONTENT_CHARS = 1 << 20
+# A content attribute's most bytes (UTF-8, as OTLP sends it): one span over gRPC's 4 MiB message
+# limit (the Collector's default) was refused on every export, and the run's trace lost its last
+# span. Counted in characters, a conversation of emoji (4 bytes each) still made a 4.2 MB span.
+MAX_CONTENT_BYTES = 1 << 20
+
+
+def utf8_len(text: str) -> int:
+    """`text`'s size in UTF-8 (what an OTLP message carries), cheap for ASCII."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
 def _messages_attribute(attributes: dict[str, Any], key: str, messages: list[Any]) -> None:
-    """`messages` as the conventions' JSON, the latest ones that fit `MAX_CONTENT_CHARS`; how many
+    """`messages` as the conventions' JSON, the latest ones that fit `MAX_CONTENT_BYTES`; how many
     earlier ones were left out in `honed.input.messages_dropped`."""
     encoded = [_json(_otel_message(m)) for m in messages]
     kept, size = len(encoded), 2
-    while kept and size + len(encoded[kept - 1]) + 1 <= MAX_CONTENT_CHARS:
-        size += len(encoded[kept - 1]) + 1
+    while kept and size + utf8_len(encoded[kept - 1]) + 1 <= MAX_CONTENT_BYTES:
+        size += utf8_len(encoded[kept - 1]) + 1
         kept -= 1
     if kept:
         attributes["honed.input.messages_dropped"] = kept
