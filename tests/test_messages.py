@@ -473,3 +473,17 @@ def test_a_streamed_reply_says_what_the_whole_reply_says() -> None:
     assert [(c["id"], c["function"]) for c in calls] == [
         (c["id"], c["function"]) for c in expected["tool_calls"]
     ]
+
+
+def test_a_streamed_reply_summed_up_keeps_its_role() -> None:
+    """A QA pass (session 16): `AIMessageChunk`'s type is "AIMessageChunk": every step captured
+    from `.stream` (each `stream: true` request to `honed serve`) was stored with that as its
+    role, and a history holding a streamed reply made the local model raise."""
+    from langchain_core.messages import AIMessageChunk, HumanMessageChunk, ToolMessageChunk
+
+    from honed.messages import openai_message, stored_message, template_messages
+
+    reply = AIMessageChunk("hel") + AIMessageChunk("lo")
+    assert stored_message(reply)["role"] == "assistant" and openai_message(reply)["role"] == "assistant"
+    history = [HumanMessageChunk("hi"), reply, ToolMessageChunk("5", tool_call_id="c1")]
+    assert [m["role"] for m in template_messages(history)] == ["user", "assistant", "tool"]

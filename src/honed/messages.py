@@ -608,7 +608,8 @@ def _openai_call(call: Mapping[str, Any], *, as_text: bool) -> dict[str, Any]:
 
 def _langchain_role(message: BaseMessage) -> str:
     raw = message.role if isinstance(message, ChatMessage) else message.type
-    return ROLES.get(raw, raw)
+    # A streamed reply summed up (`AIMessageChunk`, `type` "AIMessageChunk") is the assistant's.
+    return ROLES.get(raw) or ROLES.get(raw.removesuffix("MessageChunk").lower(), raw)
 
 
 def _stored_content(content: Any) -> Any:
