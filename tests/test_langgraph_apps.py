@@ -615,6 +615,37 @@ def test_an_agents_own_store_wins_over_instrument_and_nothing_is_captured_twice(
     assert names(own_run) == ["tool-script", "add", "tool-script"]  # the middleware's exact capture
 
 
+def test_an_agent_with_its_own_store_inside_an_instrumented_graph_leaves_the_outer_run_whole(
+    tmp_path: Path,
+) -> None:
+    """A QA pass (session 16): the inner agent's Middleware told `instrument()` to drop the run it
+    holds, which was the outer pipeline's: the whole pipeline vanished from the default store."""
+    from langgraph.graph import START, StateGraph
+    from typing_extensions import TypedDict
+
+    a, b = (f"sqlite:///{tmp_path / name}.db" for name in ("a", "b"))
+    honed.instrument(store=a)
+    try:
+        writer = create_agent(ToolScriptModel(), [add], name="writer", middleware=[honed.Middleware(store=b)])
+
+        class S(TypedDict):
+            topic: str
+            final: str
+
+        def write(state: S) -> dict[str, str]:
+            return {"final": writer.invoke({"messages": [("user", ADD_TASK)]})["messages"][-1].content}
+
+        pipeline = StateGraph(S).add_node("write", write).add_edge(START, "write").compile(name="pipeline")
+        assert pipeline.invoke({"topic": "sums"})["final"] == "the sum is 5"
+    finally:
+        honed.uninstrument()
+    assert honed.flush()
+    (outer,) = honed.open_store(a).trajectories()
+    (inner,) = honed.open_store(b).trajectories()
+    assert (outer.agent, outer.output["final"]) == ("pipeline", "the sum is 5")
+    assert inner.agent == "writer" and names(inner) == ["tool-script", "add", "tool-script"]
+
+
 # -- a supervisor with subagents, and retrieval ----------------------------------------------------
 
 
@@ -847,6 +878,39 @@ def test_a_run_id_used_again_is_an_attempt_of_its_own(capture: str, sqlite_url: 
     if capture == "instrument":  # the trajectory's id is the run's (the Middleware makes its own)
         assert runs["7"].metadata["replayed_from"] == runs["8"].metadata["replayed_from"] == first.id
     assert [t.answer for t in honed.exporters.select_trajectories(store, verdict="pass")] == ["5"]
+
+
+def test_what_a_run_was_given_is_stored_as_it_was_though_the_caller_changes_it(
+    capture: str, sqlite_url: str
+) -> None:
+    """A QA pass (session 16): inputs and outputs were serialised later on the writer thread, from
+    the caller's own objects: the stateless chat loop (append the reply and the next turn to the
+    `history` it passed in) stored every turn's task with the later turns in it, and the gate
+    rebuilt its held-out prompts from those."""
+    from honed.learn.cycle import tasks_from_store
+
+    agent = create_agent(
+        ToolScriptModel(), [], name="chat", middleware=capture_middleware(capture, sqlite_url)
+    )
+    history: list[dict[str, str]] = []
+    for i, text in enumerate(["answer one", "answer two", "answer three"]):
+        history.append({"role": "user", "content": text})
+        labels = {"task_id": f"turn{i}", "split": "heldout", "expected": text.split()[1]}
+        state = agent.invoke({"messages": history}, {"metadata": {"honed": labels}})
+        history.append({"role": "assistant", "content": state["messages"][-1].content})
+        state["messages"].append(("user", "changed afterwards"))  # the state it got back, too
+    assert honed.flush()
+    store = honed.open_store(sqlite_url)
+    runs = store.trajectories(oldest_first=True)
+    assert [[m["content"] for m in t.task["messages"]] for t in runs] == [
+        ["answer one"],
+        ["answer one", "one", "answer two"],
+        ["answer one", "one", "answer two", "two", "answer three"],
+    ]
+    assert [t.answer for t in runs] == ["one", "two", "three"]
+    assert [(k.id, k.prompt) for k in tasks_from_store(store, "heldout")] == [
+        ("turn0", "answer one"), ("turn1", "answer two"), ("turn2", "answer three")
+    ]  # fmt: skip
 
 
 def test_a_run_continued_past_a_static_breakpoint_is_the_same_trajectory(

@@ -15,7 +15,7 @@ from uuid import UUID
 
 from langgraph.callbacks import GraphCallbackHandler
 
-from honed.capture.events import CHAIN, END, ERROR, INTERRUPT, LLM, MODEL, START, TOOL
+from honed.capture.events import CHAIN, END, ERROR, INTERRUPT, LLM, MODEL, START, TOOL, snapshot
 from honed.capture.recorder import Recorder
 
 # LangGraph's `update_state()` names the run that applies a node's writes `<graph name>UpdateState`.
@@ -53,9 +53,9 @@ class CallbackHandler(GraphCallbackHandler):
         if kwargs.get("parent_run_id") is None:
             if isinstance(name, str) and name.endswith(_UPDATE_STATE):
                 return  # `graph.update_state()` running a node's writers: an edit, not an attempt
-            # A root's config may be reused and mutated by the caller for the next task: copy
-            # the inputs' top level now (the labels: `_started`).
-            inputs = dict(inputs) if isinstance(inputs, dict) else inputs
+            # A root's inputs may be reused and changed by the caller for the next turn: copy
+            # them now (the labels: `_started`).
+            inputs = snapshot(inputs)
             if serialized is None:  # how LangGraph starts a graph's run
                 keys = streamed_output_keys()
                 self._started(CHAIN, name, inputs, keys and {"output_keys": keys}, **kwargs)
@@ -124,7 +124,11 @@ class CallbackHandler(GraphCallbackHandler):
         if self.enabled:
             self.recorder.emit((ERROR, run_id, None, time.time(), error))
 
-    on_chain_end = on_llm_end = on_tool_end = on_retriever_end = _ended
+    def on_chain_end(self, outputs: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        if self.enabled:  # a node's or the run's state: changed in place later, by nodes or the caller
+            self.recorder.emit((END, run_id, None, time.time(), snapshot(outputs)))
+
+    on_llm_end = on_tool_end = on_retriever_end = _ended
     on_chain_error = on_llm_error = on_tool_error = on_retriever_error = _failed
 
     # -- LangGraph lifecycle (only for a handler passed in the invocation's config) -----------------

@@ -33,3 +33,14 @@ class RanAs(NamedTuple):
     args: Any
     asked_name: str | None
     asked_args: Any
+
+
+def snapshot(value: Any) -> Any:
+    """What a run was given or returned, as it was at that moment: the events are serialised
+    later, on the writer thread, and callers change these objects meanwhile (the stateless chat
+    loop appends the reply and the next turn to the `messages` list it passed in; a node edits
+    the previous node's dict in place). A dict's top level and the lists and dicts right under
+    it are copied; the messages themselves are not (LangChain's are not changed in place)."""
+    if type(value) is not dict:
+        return value
+    return {k: list(v) if type(v) is list else dict(v) if type(v) is dict else v for k, v in value.items()}

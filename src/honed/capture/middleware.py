@@ -43,6 +43,7 @@ from honed.capture.events import (
     START,
     TOOL,
     RanAs,
+    snapshot,
 )
 from honed.capture.recorder import Recorder
 from honed.capture.roots import RootRun, current_root, watch_roots
@@ -190,7 +191,7 @@ class Middleware(AgentMiddleware):
             inputs: Any = {"messages": list(state.get("messages", []))}
         else:
             root_graph = _is_root_graph(root, config) and _root_asked_this(root, state)
-            inputs = dict(root.inputs) if root is not None and root_graph else _new_messages(state)
+            inputs = snapshot(root.inputs) if root is not None and root_graph else _new_messages(state)
             extra = _checkpoint_of(runtime, config)
         self.recorder.emit(
             (
@@ -208,7 +209,7 @@ class Middleware(AgentMiddleware):
         trajectory_id = self._trajectory(state)
         if not trajectory_id:
             return
-        outputs = {k: v for k, v in state.items() if k != "honed_trajectory"}
+        outputs = snapshot({k: v for k, v in state.items() if k != "honed_trajectory"})
         with _live_lock:
             live = _live.get(trajectory_id)
             if live is not None and live.root_graph and live.root is current_root():
@@ -335,6 +336,10 @@ class Middleware(AgentMiddleware):
 
         instrumented = instrumented_handler()
         run_id = getattr(config.get("callbacks"), "parent_run_id", None)
+        if "|" in str((config.get("configurable") or {}).get("checkpoint_ns") or ""):
+            # A graph inside another's node: the run `instrument()` holds is the outer one, which
+            # stays there whole; this agent's own run goes to this store besides.
+            return True
         for handler in handlers:
             if handler is instrumented and run_id is not None:
                 handler.recorder.emit((DISCARD, run_id, None, time.time(), None))

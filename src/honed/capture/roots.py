@@ -21,6 +21,8 @@ from uuid import UUID
 from langchain_core.callbacks import BaseCallbackHandler
 from langgraph.errors import GraphInterrupt
 
+from honed.capture.events import snapshot
+
 log = logging.getLogger("honed")
 
 _current: ContextVar[RootRun | None] = ContextVar("honed_root_run", default=None)
@@ -101,7 +103,7 @@ class RootWatcher(BaseCallbackHandler):
         if parent_run_id is None:
             root = self._roots.get(run_id)
             if root is not None:
-                root.outputs = outputs
+                root.outputs = snapshot(outputs)  # the caller may change the state it gets back
             self._ended(run_id, None)
 
     def on_chain_error(
