@@ -184,6 +184,22 @@ def test_a_rejected_candidate_is_not_trained_and_gated_again_unchanged(world: di
     assert helped.status == "rejected" and helped.data["external"] >= 1, helped.reason
 
 
+def test_a_rolled_back_candidate_is_not_trained_and_promoted_again_unchanged(world: dict[str, Any]) -> None:
+    """A QA pass (session 16): a person's rollback marked the version rejected, but its training
+    run stayed `promoted`, so the next cycle trained the same rows into the same candidate and
+    promoted it again, undoing the rollback."""
+    store, tie = world["store"], SFTMethod(max_steps=1, learning_rate=1e-12, per_device_train_batch_size=4)
+    first = cycle(world, tie).run()
+    assert first.status == "rejected" and first.candidate
+    # As if the gate had promoted it: then a person rolls it back.
+    store.update_training_run(first.run_id, status="promoted", reason="promoted")
+    store.promote(first.candidate, reason="as if the gate had")
+    assert store.rollback(NAME, reason="regressed on refunds").ref == world["v1"].ref
+    again = cycle(world, tie).run()
+    assert again.status == "nothing_to_learn" and f"rejected run {first.run_id}" in again.reason, again.reason
+    assert store.live_version(NAME).ref == world["v1"].ref
+
+
 def test_the_gates_tasks_never_train_whatever_split_they_were_given_or_ran_in(world: dict[str, Any]) -> None:
     """Tasks handed to the gate are held out: `Task`'s default split is train, and these already
     have verified train runs in the store; the cycle must neither train on them nor capture its

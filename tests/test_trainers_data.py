@@ -285,6 +285,35 @@ def test_a_heldout_request_never_trains_under_another_task_id_or_none(any_store:
     assert len(data) == 1 and data.counts["external"] == 1 and data.counts["heldout_excluded"] >= 1
 
 
+def test_a_heldout_graph_input_or_a_task_held_out_by_id_never_trains_whatever_the_filters(
+    any_store: TrajectoryStore,
+) -> None:
+    """A QA pass (session 16): a graph's input with no chat request (`{"question": ...}`) gave
+    the held-out check nothing to compare, so the same question under another task id trained;
+    and the request of a task held out by id was read only from the runs the filters selected
+    (`agent="prod"` left the held-out run out, and its twin trained)."""
+    import dataclasses
+
+    from honed.store.select import select_trajectories
+
+    store = any_store
+    graph_input = {"question": "Capital of France?"}
+    add(
+        store,
+        dataclasses.replace(make_trajectory("h1", split="heldout", agent="harness"), task=graph_input),
+        True,
+    )
+    twin = add(store, dataclasses.replace(make_trajectory("t7", agent="prod"), task=dict(graph_input)), True)
+    kept = add(store, make_trajectory("train-1", agent="prod"), True)
+    assert [t.id for t in select_trajectories(store, verdict="pass")] == [kept.id]
+    assert set(prepare(store, "sft", agent="prod").trajectory_ids) == {kept.id} and twin.id
+    add(store, make_trajectory("h2", split=None, agent="harness", user="What is 8 plus 3?"), True)
+    copy = add(store, make_trajectory("t8", agent="prod", user="what is 8 plus 3"), True)
+    for filters in ({}, {"agent": "prod"}):
+        data = prepare(store, "sft", heldout_tasks=["h2"], **filters)
+        assert copy.id not in data.trajectory_ids and kept.id in data.trajectory_ids, filters
+
+
 def test_a_heldout_request_in_disguise_or_an_earlier_turn_never_trains(any_store: TrajectoryStore) -> None:
     """What an attacker tried (session 14): the held-out question with a zero-width space, in
     full-width letters, with a trailing full stop, as an earlier turn of a thread (the trained

@@ -573,15 +573,26 @@ class Cycle:
 
     def _rejected_runs(self, live: ModelVersion) -> list[Any]:
         """The rejected training runs of `live` since it went live, newest first (failed,
-        interrupted and nothing-to-learn runs neither count nor break the streak)."""
+        interrupted and nothing-to-learn runs neither count nor break the streak). A run whose
+        candidate was promoted, then rolled back to `live` by a person, counts as rejected: the
+        next cycle would train the same rows and promote the same candidate again, undoing the
+        rollback (made for a regression the gate cannot see)."""
         rejected = []
         for run in self.store.training_runs(self.model, limit=100):
             if run.status in ("failed", "interrupted", "nothing_to_learn", "running"):
                 continue
-            if run.status != "rejected" or run.parent != live.ref:
+            if run.parent != live.ref or (run.status != "rejected" and not self._rolled_back(run)):
                 break
             rejected.append(run)
         return rejected
+
+    def _rolled_back(self, run: Any) -> bool:
+        if run.status != "promoted" or not run.candidate:
+            return False
+        try:
+            return self.store.model_version(run.candidate).status == "rejected"
+        except Exception:  # the version is gone: nothing to repeat
+            return False
 
     def _finish(self, result: CycleResult, status: str, reason: str, live: ModelVersion) -> CycleResult:
         adapted = result.extra.get("adapted")

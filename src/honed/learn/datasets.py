@@ -161,12 +161,12 @@ def prepare(
     else:
         usable = dict.fromkeys(untrusted, False)
     untrusted_names = {name for name, ok in usable.items() if not ok}
-    heldout = HeldOut.of(store, split=heldout_split, fraction=heldout_fraction)
-    if heldout_tasks:
-        given = list(heldout_tasks)
-        named = {t.id if isinstance(t, Task) else str(t) for t in given}
-        asked = {request_key(t.prompt) for t in given if isinstance(t, Task)} - {None}
-        heldout = replace(heldout, task_ids=heldout.task_ids | named, requests=heldout.requests | asked)
+    given = list(heldout_tasks or ())
+    named = {t.id if isinstance(t, Task) else str(t) for t in given}
+    heldout = HeldOut.of(store, split=heldout_split, fraction=heldout_fraction, task_ids=named)
+    asked = {request_key(t.prompt) for t in given if isinstance(t, Task)} - {None}
+    if asked:
+        heldout = replace(heldout, requests=heldout.requests | asked)
     counts: Counter[str] = Counter()
     labeled_only = verified and method != "grpo"
     selected = _select(

@@ -15,6 +15,7 @@ thing to each of them.
 from __future__ import annotations
 
 import hashlib
+import json
 import unicodedata
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -52,12 +53,21 @@ class HeldOut:
     requests: frozenset[str] = field(default_factory=frozenset)  # `request_key`s of held-out tasks
 
     @classmethod
-    def of(cls, store: TrajectoryStore, *, split: str = HELDOUT, fraction: float = 0.0) -> HeldOut:
+    def of(
+        cls,
+        store: TrajectoryStore,
+        *,
+        split: str = HELDOUT,
+        fraction: float = 0.0,
+        task_ids: Iterable[str] = (),
+    ) -> HeldOut:
         """The policy with the store's held-out tasks and their requests: those of `split` and of
-        `heldout` (where the gate's own runs are always captured), and, with a `fraction`, the
-        requests of every task its hash holds out, wherever their runs are."""
-        task_ids, requests = _heldout_tasks_and_requests(store, split, fraction)
-        return cls(frozenset(task_ids), split, fraction, frozenset(requests))
+        `heldout` (where the gate's own runs are always captured), of the `task_ids` held out by
+        name, and, with a `fraction`, of every task its hash holds out, wherever their runs are
+        (read from the whole store: a filtered selection must not decide what leaks)."""
+        named = {str(t) for t in task_ids}
+        found, requests = _heldout_tasks_and_requests(store, split, fraction, named)
+        return cls(frozenset(found | named), split, fraction, frozenset(requests))
 
     def holds(self, item: Trajectory | Mapping[str, Any] | tuple[str | None, str | None]) -> bool:
         """Whether a trajectory, a row with `task_id`/`split` (and `messages`: an external
@@ -108,6 +118,7 @@ def requests_of(item: Any) -> set[str]:
         for step in item.steps:
             if step.kind == "model":
                 texts.update(_user_texts(step.input))  # each model call repeats the conversation: once
+        return {k for k in map(request_key, texts) if k is not None} | task_keys(item.task)
     elif isinstance(item, Mapping) and isinstance(item.get("messages"), list):
         texts = set(_user_texts(item))
     else:
@@ -156,14 +167,25 @@ def task_hash(task_id: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
+def task_keys(task: Any) -> set[str]:
+    """The keys a run's input is compared by: its request (`request_key`), or, for an input that
+    holds no chat request (a graph's `{"question": ...}`), the input itself as canonical JSON."""
+    from honed.messages import request_text
+
+    text = request_text(task)
+    if text is None and task is not None:
+        text = "input:" + json.dumps(task, sort_keys=True, ensure_ascii=False, default=str)
+    key = request_key(text)
+    return set() if key is None else {key}
+
+
 def _heldout_tasks_and_requests(
-    store: TrajectoryStore, heldout_split: str, fraction: float = 0.0
+    store: TrajectoryStore, heldout_split: str, fraction: float = 0.0, named: set[str] | None = None
 ) -> tuple[set[str], set[str]]:
-    """The task ids and `request_key`s of every trajectory in `heldout_split` (or `heldout`), and
-    with a `fraction` the requests of every task its hash holds out."""
+    """The task ids and request keys (`task_keys`) of every trajectory in `heldout_split` (or
+    `heldout`), of the `named` tasks, and with a `fraction` of every task its hash holds out."""
     from sqlalchemy import select
 
-    from honed.messages import request_text
     from honed.store.schema import TrajectoryRow
 
     task_ids: set[str] = set()
@@ -177,18 +199,20 @@ def _heldout_tasks_and_requests(
             for task_id, task in conn.execute(query.distinct()):
                 if task_id is not None:
                     task_ids.add(str(task_id))
-                if (key := request_key(request_text(task))) is not None:
-                    requests.add(key)
+                requests |= task_keys(task)
+        if named:  # the runs of a task held out by its id, in any split
+            names = sorted(named)
+            for start in range(0, len(names), 500):
+                query = select(TrajectoryRow.task).where(TrajectoryRow.task_id.in_(names[start : start + 500]))
+                for (task,) in conn.execute(query.distinct()):
+                    requests |= task_keys(task)
         if fraction > 0:  # a hashed-out task's request, whatever split or selection its runs are in
             query = select(TrajectoryRow.task_id, TrajectoryRow.task).where(
                 TrajectoryRow.task_id.is_not(None)
             )
             for task_id, task in conn.execute(query.distinct()):
-                if (
-                    task_hash(str(task_id)) < fraction
-                    and (key := request_key(request_text(task))) is not None
-                ):
-                    requests.add(key)
+                if task_hash(str(task_id)) < fraction:
+                    requests |= task_keys(task)
     return task_ids, requests
 
 
