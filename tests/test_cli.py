@@ -296,7 +296,10 @@ def test_replaying_a_file_that_is_not_a_spool_refuses_and_leaves_it_whole(tmp_pa
     note.write_text("remember the milk\nand eggs\n")
     export = tmp_path / "train.jsonl"
     export.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
-    for given in (note, export):
+    # A QA pass (session 16): `honed runs --json` lines have an id and a start too (no steps).
+    listing = tmp_path / "runs.jsonl"
+    listing.write_text(json.dumps({"id": "r1", "started_at": "2026-01-01T00:00:00", "n_steps": 2}) + "\n")
+    for given in (note, export, listing):
         before = given.read_text()
         result = runner.invoke(app, ["spool", "--replay", "--from", str(given), "--store", url])
         assert result.exit_code != 0 and "not a spool file" in result.output, result.output
@@ -361,3 +364,13 @@ def test_a_command_refused_or_with_nothing_to_do_leaves_no_store_behind(tmp_path
     result = runner.invoke(app, ["spool", "--replay", "--store", f"sqlite:///{mistyped}", "--json"])
     assert result.exit_code == 0 and json.loads(result.output)["replayed"] == 0
     assert not mistyped.parent.exists()
+
+
+def test_errors_go_to_stderr_so_json_and_exported_data_stay_data(tmp_path: Path) -> None:
+    """A QA pass (session 16): `honed export jsonl - > train.jsonl` wrote the error into the
+    training file, and `honed runs --json` into the JSON a script parses."""
+    missing = f"sqlite:///{tmp_path / 'missing.db'}"
+    for args in (["runs", "--json", "--store", missing], ["export", "jsonl", "-", "--store", missing]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and result.stdout == "", result.stdout
+        assert "no honed store" in result.stderr

@@ -423,3 +423,41 @@ def test_a_cycle_can_restart_from_the_base_weights_on_the_accumulated_data(world
     assert live.ref == from_base.candidate and live.parent == v2.id
     with pytest.raises(ValueError, match="start is 'live' or 'base'"):
         cycle(world, gentle, start="scratch")
+
+
+SETUP_PROMPT = "You add numbers."
+
+
+def test_the_eval_key_holds_what_the_factory_reads_and_is_the_same_in_every_process(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A QA pass (session 16): the factory's fingerprint left out the module globals it reads (a
+    tools list, a system prompt edited between runs: the live version kept its old score and an
+    unchanged candidate was promoted on the setup change alone), and held a default repr (an
+    address) for an object it closed over: another key in every process, so neither the stored
+    live score nor the "same as rejected" guard ever held across restarts."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from honed.learn.cycle import _fingerprint
+
+    factory = lambda model: (model, SETUP_PROMPT)  # noqa: E731
+    before = _fingerprint(factory)
+    monkeypatch.setattr(sys.modules[__name__], "SETUP_PROMPT", "You add numbers, then round.")
+    assert _fingerprint(factory) != before
+    script = textwrap.dedent("""
+        import hashlib, json
+        from honed.learn.cycle import _fingerprint
+        class Setup:  # a default repr: its address
+            def __init__(self):
+                self.tools, self.samples = ["add"], 2
+        setup = Setup()
+        factory = lambda model: (model, setup.tools)
+        print(hashlib.sha256(json.dumps(_fingerprint(factory)).encode()).hexdigest())
+    """)
+    keys = {
+        subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+        for _ in range(2)
+    }
+    assert len(keys) == 1, keys

@@ -9,6 +9,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from langchain.agents import create_agent
@@ -331,3 +332,22 @@ def test_a_run_holding_unstorable_text_is_spooled_and_replayed_with_the_rest(
     assert stats["trajectories_written"] == 3 and stats["write_errors"] == 0
     runs = honed.open_store(f"sqlite:///{blocker / 'honed.db'}").trajectories(oldest_first=True)
     assert [t.tool_steps()[0].output for t in runs] == [f"x{i}\ufffd" for i in range(3)]
+
+
+def test_a_torn_last_spool_line_does_not_swallow_the_next_record(tmp_path: Path) -> None:
+    """A QA pass (session 16): after a crash cut an append short, the next (complete, fsynced)
+    record was written on the torn line and lost with it at replay."""
+    from honed.capture.spool import Spool
+
+    path = tmp_path / "spool.jsonl"
+    spool = Spool(path)
+
+    def record(i: int) -> dict[str, Any]:
+        return {"id": f"run-{i}", "started_at": 1.0, "agent": "a", "steps": []}
+
+    spool.append([record(0), record(1)])
+    path.write_bytes(path.read_bytes()[:-15])  # the append of run-1 cut short
+    spool.append([record(2), record(3)])
+    replayed: list[str] = []
+    spool.replay(lambda chunk: replayed.extend(r["id"] for r in chunk))
+    assert replayed == ["run-0", "run-2", "run-3"]

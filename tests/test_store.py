@@ -547,3 +547,17 @@ def test_a_verifier_upgraded_judges_again_and_its_old_versions_verdicts_stop_cou
     assert [t.id for t in store.trajectories(verdict="pass")] == ["t0"]  # the same label in SQL
     assert sorted(t.id for t in store.trajectories(verdict="fail")) == ["t1", "t2", "t3", "t4"]
     assert store.count(verdict="pass") == 1 and store.count(verdict="labeled") == 6
+
+
+def test_a_malformed_store_url_is_refused_without_showing_its_password() -> None:
+    """A QA pass (session 16): a typo in the port made the URL unreadable to SQLAlchemy, and the
+    error (logged by capture, printed by every command) showed it whole, password and all."""
+    from honed.store.store import InvalidStoreURL
+
+    for url in (
+        "postgresql://alice:S3cretPassw0rd@db.example:54x32/prod",
+        "postgresql://db.example:54x32/prod?password=S3cretPassw0rd&sslmode=require",
+    ):
+        with pytest.raises(InvalidStoreURL) as error:
+            honed.open_store(url)
+        assert "S3cretPassw0rd" not in str(error.value) and "***" in str(error.value), str(error.value)

@@ -69,6 +69,8 @@ class Spool:
                 json.dumps(scrubbed(r), ensure_ascii=False, separators=(",", ":")) + "\n" for r in records
             )
         with self._locked("a") as handle:
+            if _ends_mid_line(self.path):  # a crash (or a full disk) cut the last append short:
+                lines = "\n" + lines  # its torn line must not swallow this first record
             handle.write(lines)
             handle.flush()
             os.fsync(handle.fileno())
@@ -148,6 +150,15 @@ class Spool:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
+def _ends_mid_line(path: Path) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(-1, os.SEEK_END)
+            return handle.read(1) != b"\n"
+    except OSError:  # empty or missing: nothing to finish
+        return False
+
+
 class NotASpool(ValueError):
     """The file given to replay holds something other than spooled trajectories: left untouched."""
 
@@ -166,7 +177,13 @@ def _read_records(handle: IO[str], path: Path) -> Iterator[dict[str, Any]]:
             log.error("honed: skipped an unreadable line %d of the spool %s", number, path)
             torn += 1
             continue
-        if not (isinstance(record, dict) and isinstance(record.get("id"), str) and "started_at" in record):
+        if not (
+            isinstance(record, dict)
+            and isinstance(record.get("id"), str)
+            and "started_at" in record
+            and isinstance(record.get("steps", ()), list | None)  # `honed runs --json` has n_steps
+            and "steps" in record
+        ):
             raise NotASpool(
                 f"{path}, line {number}, is not a spooled trajectory: not a spool file (left as it was)"
             )

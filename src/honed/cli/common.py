@@ -36,13 +36,13 @@ class _Group(TyperGroup):
             if os.environ.get("HONED_TRACEBACK"):
                 raise
             text = str(exc).splitlines()[0] if str(exc) else ""
-            console().print(f"[red]{escape(type(exc).__name__)}: {escape(text)}[/red]", soft_wrap=True)
+            err_console().print(f"[red]{escape(type(exc).__name__)}: {escape(text)}[/red]", soft_wrap=True)
             raise typer.Exit(1) from exc
         except OperationalError as exc:
             if os.environ.get("HONED_TRACEBACK") or "readonly database" not in str(exc):
                 raise
             # The store's file (or its folder) is not writable by this user: what they can fix.
-            console().print(
+            err_console().print(
                 "[red]the store is read-only for this user: this command writes to it "
                 "(reading commands such as runs, show and export work)[/red]",
                 soft_wrap=True,
@@ -84,6 +84,11 @@ def console() -> Console:
     return Console()
 
 
+def err_console() -> Console:
+    """Where errors go: stderr, so that `--json` or `export jsonl -` output stays data."""
+    return Console(stderr=True)
+
+
 def open_store_or_exit(url: str | None, *, create: bool = False) -> TrajectoryStore:
     """Open the store, or print why not in one line and exit with status 2. Only commands that
     write a store's first data (capture, `init`, `register`, `verify`, `train`) pass `create=True`:
@@ -91,7 +96,7 @@ def open_store_or_exit(url: str | None, *, create: bool = False) -> TrajectorySt
     try:
         return open_store(url, create=create)
     except (StoreUnavailable, InvalidStoreURL) as exc:
-        console().print(
+        err_console().print(
             f"[red]{escape(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)}[/red]",
             soft_wrap=True,
         )

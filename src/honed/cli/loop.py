@@ -252,7 +252,7 @@ def train(
     from honed.store.training import TrainerBusy
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    out = console()
+    out = Console(stderr=True) if as_json else console()  # under --json, stdout is JSON lines only
     s = open_store_or_exit(store, create=True)
     chosen = load_suite(suite) if suite else None
     if chosen is not None:

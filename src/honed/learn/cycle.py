@@ -35,6 +35,7 @@ import json
 import logging
 import time
 import traceback
+import types
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
@@ -697,29 +698,78 @@ def _verifier_fingerprint(verifier: Any) -> Any:
 
 
 def _fingerprint(factory: Any, depth: int = 0) -> Any:
-    """What a factory is, as far as it can be told: its code and the values it closes over (the
-    settings of `local_chat_model(max_tokens=48)`), or a partial's function and arguments. A value
-    with no stable form (an object's default repr holds its address) only makes the stored score
-    unusable, never wrongly reused."""
+    """What a factory is, as far as it can be told: its code, the values it closes over (the
+    settings of `local_chat_model(max_tokens=48)`) and the module globals it reads (a `TOOLS`
+    list, a `SYSTEM_PROMPT` edited between runs), or a partial's function and arguments. Objects
+    are told by their type and attributes, never by a default repr (it holds an address that
+    differs in every process, and the stored score was never reused across restarts)."""
     if depth > 3:
-        return repr(factory)
+        return _shape(factory)
     if isinstance(factory, functools.partial):
         return [
             _fingerprint(factory.func, depth + 1),
-            repr(factory.args),
-            repr(sorted(factory.keywords.items())),
+            _value(list(factory.args), depth + 1),
+            _value(dict(factory.keywords), depth + 1),
         ]
     code = getattr(factory, "__code__", None)
     if code is None:
-        return repr(factory)
+        return _value(factory, depth)
     cells = []
     for cell in getattr(factory, "__closure__", None) or ():
         try:
             value = cell.cell_contents
         except ValueError:  # an empty cell
             value = None
-        cells.append(_fingerprint(value, depth + 1) if callable(value) else repr(value))
-    return [factory.__module__, factory.__qualname__, code.co_code.hex(), repr(code.co_consts), cells]
+        cells.append(_value(value, depth + 1))
+    scope = getattr(factory, "__globals__", None) or {}
+    read = {name: _value(scope[name], depth + 1) for name in sorted(_names(code)) if name in scope}
+    return [factory.__module__, factory.__qualname__, code.co_code.hex(), repr(code.co_consts), cells, read]
+
+
+def _names(code: Any) -> set[str]:
+    """The global names a function's code (and the functions and lambdas inside it) reads."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if hasattr(const, "co_names"):
+            names |= _names(const)
+    return names
+
+
+_PLAIN = (str, int, float, bool, type(None), bytes)
+
+
+def _value(value: Any, depth: int) -> Any:
+    """A value as the fingerprint holds it: plain values as they are, containers item by item,
+    functions by `_fingerprint`, modules and classes by name, other objects by type and
+    attributes (at most 4 levels down, 64 items a container)."""
+    if isinstance(value, _PLAIN):
+        return repr(value)
+    if depth > 3:
+        return _shape(value)
+    if isinstance(value, types.ModuleType):
+        return f"module {value.__name__}"
+    if isinstance(value, type):
+        return f"class {value.__module__}.{value.__qualname__}"
+    if isinstance(value, list | tuple | set | frozenset):
+        items = sorted(value, key=repr) if isinstance(value, set | frozenset) else list(value)
+        return [_value(item, depth + 1) for item in items[:64]]
+    if isinstance(value, dict):
+        return [[repr(k), _value(v, depth + 1)] for k, v in list(value.items())[:64]]
+    if (callable(value) and hasattr(value, "__code__")) or isinstance(value, functools.partial):
+        return _fingerprint(value, depth + 1)
+    if isinstance(getattr(value, "safe_url", None), str):  # a store: which one, not its pools
+        return f"store {value.safe_url}"
+    attributes = getattr(value, "__dict__", None)
+    if isinstance(attributes, dict):  # settings are public; `_` attributes are caches and state
+        public = {k: v for k, v in attributes.items() if not str(k).startswith("_")}
+        return [_shape(value), _value(public, depth + 1)]
+    text = repr(value)
+    return _shape(value) if " at 0x" in text else text
+
+
+def _shape(value: Any) -> str:
+    kind = type(value)
+    return f"{kind.__module__}.{kind.__qualname__}"
 
 
 def _tokenizer(path: str) -> Any:

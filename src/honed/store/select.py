@@ -203,7 +203,9 @@ def _heldout_tasks_and_requests(
         if named:  # the runs of a task held out by its id, in any split
             names = sorted(named)
             for start in range(0, len(names), 500):
-                query = select(TrajectoryRow.task).where(TrajectoryRow.task_id.in_(names[start : start + 500]))
+                query = select(TrajectoryRow.task).where(
+                    TrajectoryRow.task_id.in_(names[start : start + 500])
+                )
                 for (task,) in conn.execute(query.distinct()):
                     requests |= task_keys(task)
         if fraction > 0:  # a hashed-out task's request, whatever split or selection its runs are in

@@ -506,8 +506,13 @@ def _not_found(shown: str) -> str:
 def _shown(url: str) -> str:
     try:
         return safe_url(url)
-    except Exception:
-        return repr(url)
+    except Exception:  # not a URL SQLAlchemy reads (a typo in the port): mask what looks secret
+        masked = _USERINFO_PASSWORD.sub(r"\1***@", str(url))
+        return repr(_QUERY_SECRET.sub(r"\1***", masked))
+
+
+_USERINFO_PASSWORD = re.compile(r"(://[^/?#@:]*:)[^/?#]*@")
+_QUERY_SECRET = re.compile(r"([?&;][^=&;]*(?:pass|pwd|token|secret|key)[^=&;]*=)[^&;]*", re.I)
 
 
 def safe_url(url: str | URL) -> str:
