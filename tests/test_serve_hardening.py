@@ -664,3 +664,66 @@ def test_a_request_refused_for_want_of_a_live_version_is_stored_as_a_stub(
     assert honed.flush()
     (stub,) = store.trajectories()
     assert stub.status == "error" and stub.metadata["refused"]["messages"] == 1
+
+
+def test_a_streaming_client_that_hangs_up_before_the_first_chunk_stops_the_work() -> None:
+    """A QA pass (session 16): a streamed request was prepared and prefilled to its first chunk
+    before anything watched the connection: 24 streamed requests sent and hung up on held
+    another client's request 11 s (2 s for the same requests unstreamed)."""
+    import asyncio
+
+    from langchain_core.messages import HumanMessage
+
+    from honed.serving.app import _stream
+    from honed.serving.protocol import ChatRequest
+
+    stopped: list[str] = []
+
+    class Gone:  # the Request of a client that has hung up
+        async def is_disconnected(self) -> bool:
+            return True
+
+    class Slow:  # a model still preparing a long prompt
+        async def astream(self, messages: Any, config: Any = None) -> Any:
+            try:
+                await asyncio.sleep(60)
+                yield None
+            except asyncio.CancelledError:
+                stopped.append("cancelled")
+                raise
+
+    async def main() -> Any:
+        chat = ChatRequest(model="m", messages=[HumanMessage("hi")], stream=True)
+        return await asyncio.wait_for(_stream(Gone(), Slow(), chat, {}, None), 5)
+
+    reply = asyncio.run(main())
+    assert reply.status_code == 499 and stopped == ["cancelled"]
+
+
+def test_the_n_choices_of_one_request_are_prepared_once() -> None:
+    """A QA pass (session 16): each of `n` choices rendered and tokenised the same prompt on the
+    shared prepare pool: one `n=16` request with a long prompt held every client for 96 s. The
+    choices of one request share the work; another request's messages are prepared on their own."""
+    import asyncio
+
+    from langchain_core.messages import HumanMessage
+
+    from honed.serving.local import LocalChatModel
+
+    model = LocalChatModel(str(tiny_path(1)), temperature=1.0, max_tokens=2)
+    prepared: list[int] = []
+    request = model._request
+    model.__dict__["_request"] = lambda *a: prepared.append(1) or request(*a)  # count, then prepare
+
+    async def main() -> None:
+        messages = [HumanMessage("hello " * 200)]
+        call = model.bind(temperature=1.0)
+        await asyncio.gather(*(call.ainvoke(messages) for _ in range(8)))
+        assert len(prepared) == 1
+        await asyncio.gather(call.ainvoke([HumanMessage("hello " * 200)]), call.ainvoke([HumanMessage("hi")]))
+        assert len(prepared) == 3
+
+    try:
+        asyncio.run(main())
+    finally:
+        model.close()
