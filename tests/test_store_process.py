@@ -244,3 +244,45 @@ def test_a_forked_worker_starts_its_own_store_process(tmp_path: Path) -> None:
     assert float(out.stdout.split()[-1]) < 10  # the child exited on end of file, not the 30 s kill
     stored = {t.task_id for t in honed.open_store(url).trajectories(limit=None, with_steps=False)}
     assert stored == {"before-fork", "in-the-fork", "after-fork"}
+
+
+POOLED = textwrap.dedent(
+    """
+    import multiprocessing as mp, sys
+    import honed
+    from langchain.agents import create_agent
+    from fakes import ToolScriptModel
+
+    honed.instrument(store=sys.argv[1])
+    agent = create_agent(ToolScriptModel(), [], name="pooled")
+
+    def run(i):
+        agent.invoke({"messages": [("user", f"answer a{i}")]}, {"metadata": {"honed": {"task_id": f"p{i}"}}})
+        return i
+
+    if __name__ == "__main__":
+        mp.set_start_method("fork")
+        pool = mp.Pool(2)
+        assert pool.map(run, range(12)) == list(range(12))
+        pool.close()
+        pool.join()
+        honed.flush()
+    """
+)
+
+
+def test_runs_captured_in_forked_pool_workers_are_stored(tmp_path: Path) -> None:
+    """A QA pass (session 16): a `multiprocessing.Pool` worker (fork, Linux's default) ends in
+    `os._exit`, which skips atexit: 0 of 20 runs captured in the workers were stored, and the
+    store process died on a broken pipe with a traceback."""
+    url = f"sqlite:///{tmp_path / 'pool.db'}"
+    script = tmp_path / "pooled.py"
+    script.write_text(POOLED)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    out = subprocess.run(
+        [sys.executable, str(script), url], capture_output=True, text=True, timeout=180, env=env
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr, out.stderr[-2000:]
+    stored = {t.task_id for t in honed.open_store(url).trajectories(limit=None, with_steps=False)}
+    assert stored == {f"p{i}" for i in range(12)}

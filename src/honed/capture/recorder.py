@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import logging
+import multiprocessing.util
 import os
 import signal
 import threading
@@ -333,6 +334,21 @@ def _after_fork_in_child() -> None:
         recorder._wake = threading.Event()
         if isinstance(recorder._store_sink, ProcessStoreSink):
             recorder._store_sink.forget_child()
+
+
+class _Workers:
+    """Stands for this module in `multiprocessing`'s after-fork registry (it keeps weak references)."""
+
+
+def _flush_when_the_worker_exits(_: object) -> None:
+    # A `multiprocessing` worker ends in `os._exit`, which skips atexit: every run a forked
+    # `Pool` worker captured was lost (0 of 20 through `Pool.map`). Its exit runs finalizers
+    # (registered here: the registry is cleared as the worker starts, after the fork hooks).
+    multiprocessing.util.Finalize(None, _close_all_at_exit, exitpriority=100)
+
+
+_workers = _Workers()
+multiprocessing.util.register_after_fork(_workers, _flush_when_the_worker_exits)
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

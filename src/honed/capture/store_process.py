@@ -244,15 +244,19 @@ def main() -> None:
     log.addHandler(forward)  # the application's logging sees the store's warnings, not our stderr
     log.propagate = False
     sink = StoreSink(config["store"], config["spool"])
-    _send(out, ("ready", 0, sink.counts()))
-    while (message := _receive(source)) is not None:
-        kind, n, records = message
-        if kind == "write":
-            sink.write(records)
-        else:
-            sink.idle()
-        forward.send(("ack" if kind == "write" else "idle", n, sink.counts()))
-    sink.close()
+    try:
+        _send(out, ("ready", 0, sink.counts()))
+        while (message := _receive(source)) is not None:
+            kind, n, records = message
+            if kind == "write":
+                sink.write(records)
+            else:
+                sink.idle()
+            forward.send(("ack" if kind == "write" else "idle", n, sink.counts()))
+    except BrokenPipeError:  # the capturing process is gone (killed, or `os._exit`): nothing to say
+        pass
+    finally:
+        sink.close()
 
 
 class _Forward(logging.Handler):
