@@ -158,6 +158,22 @@ def test_rows_without_recorded_logprobs_are_refused(store: TrajectoryStore) -> N
         prepare(store, "offpolicy", verified=False)
 
 
+def test_an_attempt_that_cannot_teach_does_not_refuse_the_cycle(store: TrajectoryStore) -> None:
+    """A QA pass (session 16): one attempt whose model raised (a prompt over the window: no
+    token ids) refused every later off-policy cycle, though its task never passed and its group
+    would have been left out anyway; and an errored attempt beside passes did the same."""
+    import dataclasses
+
+    kept = [add(store, make_trajectory("t1", token_ids=IDS_A), True)]
+    kept.append(add(store, make_trajectory("t1", a=4, token_ids=IDS_B), False))
+    add(store, make_trajectory("t2"), False)  # never passed, no token ids: its group teaches nothing
+    raised = dataclasses.replace(make_trajectory("t1"), status="error", error="ContextWindowExceeded")
+    add(store, raised, False)  # beside passes, but its model never replied
+    data = prepare(store, "offpolicy")
+    assert sorted(set(data.trajectory_ids)) == sorted(t.id for t in kept)
+    assert data.counts["unpassed_groups"] == 1 and data.counts["no_reply"] == 1
+
+
 def test_tasks_never_passed_teach_nothing(store: TrajectoryStore, tiny: Path, tmp_path: Path) -> None:
     for ids in (IDS_A, IDS_B):
         add(store, make_trajectory("t1", token_ids=ids), False)

@@ -593,20 +593,32 @@ class _Build:
             else [e for e in examples if not _made_by_another(e.trajectory, tokenizer)]
         )
         self.counts["other_tokenizer"] = len(examples) - len(mine)  # their ratios mean nothing here
-        examples = mine
-        missing = [e.trajectory.id for e in examples if not _has_logprobs(e.trajectory, tokenizer)]
-        if missing:
-            raise MissingLogprobs(missing, len(examples))
         groups: dict[str, list[Trajectory]] = defaultdict(list)
-        for e in examples:
+        for e in mine:
             groups[e.group].append(e.trajectory)
         self.counts["groups"] = self.counts["unpassed_groups"] = 0
-        rows, used = [], []
-        for members in groups.values():
-            rate = statistics.fmean(1.0 if labels[t.id] else 0.0 for t in members)
-            if rate == 0.0:
+        # A group that never passed teaches nothing (no advantage): left out before the check
+        # below, as is an attempt whose model never replied (it raised: a prompt over the
+        # window), which has no tokens to learn from. One such attempt refused every cycle.
+        kept: dict[str, list[Trajectory]] = {}
+        for key, members in groups.items():
+            if not any(labels[t.id] for t in members):
                 self.counts["unpassed_groups"] += 1
                 continue
+            replied = [
+                t
+                for t in members
+                if t.status != "error" or any(s.extra.get("token_ids") for s in t.model_steps())
+            ]
+            self.counts["no_reply"] += len(members) - len(replied)
+            if replied:
+                kept[key] = replied
+        missing = [t.id for members in kept.values() for t in members if not _has_logprobs(t, tokenizer)]
+        if missing:
+            raise MissingLogprobs(missing, sum(map(len, kept.values())))
+        rows, used = [], []
+        for members in kept.values():
+            rate = statistics.fmean(1.0 if labels[t.id] else 0.0 for t in members)
             self.counts["groups"] += 1
             for t in members:
                 advantage = 1.0 if labels[t.id] else -rate
