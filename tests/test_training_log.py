@@ -78,7 +78,16 @@ def test_a_trainer_killed_on_this_machine_frees_its_lock_and_its_candidate_is_re
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
     )
-    holder = f"{socket.gethostname()}:{int(dead.stdout)}"  # a process of this machine, ended
+    from honed.store.training import default_owner
+
+    here = default_owner().rpartition(":")[0]
+    holder = f"{here}:{int(dead.stdout)}"  # a process of this machine, ended
+    # A QA pass (session 16): a trainer in another pid namespace (a container with the same host
+    # name) was judged gone, its lock taken and its run marked interrupted while it trained.
+    # Its owner said only host:pid, which a container with the same host name also writes.
+    store.acquire_trainer_lock("boxed", owner=f"{socket.gethostname()}:{int(dead.stdout)}", ttl_s=3600)
+    with pytest.raises(TrainerBusy):
+        store.acquire_trainer_lock("boxed", owner="b")
     store.acquire_trainer_lock("agent", owner=holder, ttl_s=3600)
     run = store.start_training_run("agent", "sft", parent=None, config={}, owner=holder)
     orphan = store.register_model("agent", _model_files(tmp_path / "v1"), training_run=run.id)

@@ -7,6 +7,9 @@ trainer's lock expires; its run is then marked `interrupted`), and `honed status
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import hashlib
 import logging
 import os
 import socket
@@ -15,6 +18,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import delete, insert, select, update
@@ -79,13 +83,28 @@ class EvalRun:
 
 
 def default_owner() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """`host@scope:pid`: the scope tells apart pid spaces that share a host name (containers
+    with a fixed hostname or `--network host`, where each sees the other's pid as gone)."""
+    return f"{socket.gethostname()}@{_pid_scope()}:{os.getpid()}"
+
+
+@functools.cache
+def _pid_scope() -> str:
+    """This boot's id and this pid namespace's, hashed: where a pid means this process."""
+    parts = []
+    with contextlib.suppress(OSError):
+        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
+    with contextlib.suppress(OSError):
+        parts.append(str(os.stat("/proc/self/ns/pid").st_ino))
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:10] if parts else "-"
 
 
 def _process_gone(owner: str) -> bool:
-    """Whether `owner` (`default_owner()`'s host:pid) names a process of this host that has ended."""
-    host, _, pid = owner.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
+    """Whether `owner` (`default_owner()`) names a process of this pid space that has ended. An
+    owner of another scope (another container, another boot, an older honed's `host:pid`) is
+    never judged from here: its lock expires with its ttl."""
+    where, _, pid = owner.rpartition(":")
+    if where != f"{socket.gethostname()}@{_pid_scope()}" or not pid.isdigit():
         return False
     try:
         os.kill(int(pid), 0)
