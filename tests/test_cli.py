@@ -200,7 +200,7 @@ def test_a_read_only_store_is_read_and_a_write_to_it_is_one_line(captured: str, 
         )
     finally:
         tmp_path.chmod(0o755)
-    assert label.returncode == 1 and "read-only" in label.stdout, label.stdout + label.stderr
+    assert label.returncode == 1 and "read-only" in label.stderr, label.stdout + label.stderr
     assert "Traceback" not in label.stdout + label.stderr
 
 

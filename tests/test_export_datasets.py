@@ -426,3 +426,29 @@ def test_an_empty_selection_writes_an_empty_dataset_everywhere(verified: str, tm
         )
         assert result.exit_code == 0 and "wrote 0" in result.output, (target, result.output)
     assert len(to_hf_dataset(select_trajectories(store, agent="nobody"))) == 0
+    # A QA pass (session 16): the empty folder had no shard, and `load_from_disk` failed on it.
+    import datasets
+
+    assert len(datasets.load_from_disk(str(tmp_path / "empty-folder"))) == 0
+
+
+def test_an_export_to_a_pipe_or_through_a_link_writes_there(verified: str, tmp_path: Path) -> None:
+    """A QA pass (session 16): the export was written beside its target and moved over it, which
+    replaced a named pipe with a file (its reader got nothing) and a symbolic link with a copy
+    (its file kept the old data)."""
+    import os
+    import threading
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    result = CliRunner().invoke(app, ["export", "jsonl", str(fifo), "--store", verified])
+    reader.join(30)
+    assert result.exit_code == 0 and fifo.is_fifo() and got and got[0].count(b"\n") >= 1, result.output
+    real, link = tmp_path / "real.jsonl", tmp_path / "link.jsonl"
+    real.write_text("old\n")
+    link.symlink_to(real)
+    assert CliRunner().invoke(app, ["export", "jsonl", str(link), "--store", verified]).exit_code == 0
+    assert link.is_symlink() and real.read_text().startswith('{"messages"')

@@ -209,7 +209,7 @@ def _write_hf(
     """Write verified trajectories as a Hugging Face dataset (parquet or a saved folder) for TRL."""
     import datasets
 
-    from honed.exporters.datasets import ExportResult, to_hf_dataset, write_parquet
+    from honed.exporters.datasets import ExportResult, to_hf_dataset, write_parquet, written
 
     datasets.disable_progress_bars()  # ours is on screen
     if not output.endswith(".parquet") and (Path(output).is_file() or Path(output).suffix in _FILE_SUFFIXES):
@@ -219,9 +219,12 @@ def _write_hf(
     if output.endswith(".parquet"):
         return write_parquet(trajectories, output, reasoning=reasoning, on_trajectory=advance)
     result = ExportResult(path=output)
-    to_hf_dataset(trajectories, reasoning=reasoning, result=result, on_trajectory=advance).save_to_disk(
-        output
-    )
+    dataset = to_hf_dataset(trajectories, reasoning=reasoning, result=result, on_trajectory=advance)
+    # Saved beside it and moved into place when whole (a failed re-export kept a folder that
+    # looked complete and could not be loaded); one shard even when empty (with none, a quiet
+    # day's export was a folder `load_from_disk` fails on).
+    with written(Path(output)) as folder:
+        dataset.save_to_disk(str(folder), **({} if len(dataset) else {"num_shards": 1}))
     return result
 
 

@@ -13,8 +13,11 @@ cap, non-text content, a trajectory with no chat model call. The row itself is
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import stat
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,17 +74,43 @@ def write_jsonl(
     `write_jsonl(select_trajectories(store, verdict="pass"), "train.jsonl")`."""
     if hasattr(path, "write"):
         return _write_jsonl(trajectories, path, ExportResult(), reasoning, on_trajectory)  # type: ignore[arg-type]
-    # Written beside it and moved into place when whole: an export stopped midway (Ctrl-C, a
-    # store gone) left a partial file where the previous complete one was.
-    target = Path(path)  # type: ignore[arg-type]
-    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    with written(Path(path)) as target, open(target, "w", encoding="utf-8") as out:  # type: ignore[arg-type]
+        return _write_jsonl(trajectories, out, ExportResult(path=str(path)), reasoning, on_trajectory)
+
+
+@contextlib.contextmanager
+def written(target: Path) -> Iterator[Path]:
+    """The path to write `target` through. A file is written beside it and moved into place when
+    whole: an export stopped midway (Ctrl-C, a store gone) left a partial file where the previous
+    complete one was; a symbolic link's file is the one replaced, the link kept. A pipe, a
+    device or a process substitution (`>(gzip > x.gz)`) cannot be replaced: written straight to
+    (replacing a named pipe with a file fed its reader nothing)."""
     try:
-        with open(partial, "w", encoding="utf-8") as out:
-            result = _write_jsonl(trajectories, out, ExportResult(path=str(path)), reasoning, on_trajectory)
-        os.replace(partial, target)
+        mode = os.stat(target).st_mode
+    except FileNotFoundError:
+        mode = None
+    if mode is not None and not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+        yield target
+        return
+    real = Path(os.path.realpath(target))
+    if not real.parent.is_dir():
+        raise FileNotFoundError(f"{target.parent} is not a folder: cannot write {target}")
+    partial = real.with_name(f".{real.name}.{os.getpid()}.partial")
+    try:
+        yield partial
+        if partial.is_dir() and real.is_dir():  # a saved dataset's folder: the old one out first
+            old = real.with_name(f".{real.name}.{os.getpid()}.old")
+            os.replace(real, old)
+            os.replace(partial, real)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(partial, real)
     finally:
-        partial.unlink(missing_ok=True)
-    return result
+        with contextlib.suppress(FileNotFoundError):
+            if partial.is_dir():
+                shutil.rmtree(partial)
+            else:
+                partial.unlink()
 
 
 def _write_jsonl(
@@ -179,23 +208,17 @@ def write_parquet(
     features = dataset_features(reasoning=reasoning, ids=ids)
     schema = features.arrow_schema
     result = ExportResult(path=str(path))
-    target = Path(path)
-    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")  # moved into place when whole
-    try:
-        with pq.ParquetWriter(str(partial), schema) as writer:
-            chunk: list[dict[str, Any]] = []
-            for row in _hf_rows(_watched(trajectories, on_trajectory), result, reasoning, ids):
-                chunk.append(row)
-                if len(chunk) >= rows_per_group:
-                    writer.write_table(Dataset.from_list(chunk, features=features).data.table.cast(schema))
-                    result.written += len(chunk)
-                    chunk = []
-            if chunk:  # no rows at all: the file still carries the schema, in no row group
+    with written(Path(path)) as partial, pq.ParquetWriter(str(partial), schema) as writer:
+        chunk: list[dict[str, Any]] = []
+        for row in _hf_rows(_watched(trajectories, on_trajectory), result, reasoning, ids):
+            chunk.append(row)
+            if len(chunk) >= rows_per_group:
                 writer.write_table(Dataset.from_list(chunk, features=features).data.table.cast(schema))
                 result.written += len(chunk)
-        os.replace(partial, target)
-    finally:
-        partial.unlink(missing_ok=True)
+                chunk = []
+        if chunk:  # no rows at all: the file still carries the schema, in no row group
+            writer.write_table(Dataset.from_list(chunk, features=features).data.table.cast(schema))
+            result.written += len(chunk)
     return result
 
 
