@@ -808,6 +808,15 @@ def test_content_stays_sendable_and_faithful_when_capture_cut_or_a_conversation_
     )
     kept = json.loads(long["gen_ai.input.messages"])
     assert kept[-1]["parts"][0]["id"] == "c69"  # the latest messages are the ones kept
+    # A QA pass (session 16): a reply whose only call was malformed was exported as empty.
+    bad = {"role": "assistant", "content": "", "invalid_tool_calls": [
+        {"name": "add", "args": '{"a": 2, "b": ', "id": "call_1", "error": "Unterminated JSON"}]}  # fmt: skip
+    step = Step(id="m4", index=0, kind="model", name="m", input={"messages": [{"role": "user", "content": "2+3?"}]},
+                output=bad, started_at=now, ended_at=now)  # fmt: skip
+    t = Trajectory(id=str(uuid.uuid4()), agent="boss", steps=[step], started_at=now, ended_at=now)
+    (chat,) = [s.attributes for s in spans_of(t, capture_content=True) if s.name.startswith("chat")]
+    [part] = json.loads(chat["gen_ai.output.messages"])[0]["parts"]
+    assert (part["type"], part["name"], part["arguments"]) == ("tool_call", "add", '{"a": 2, "b": ')
     # A QA pass (session 16): counted in characters, 40 results of 16,000 emoji (64 KB each) fit,
     # and made a 2.6 MB attribute; with tool definitions, a span over gRPC's 4 MiB limit.
     emoji = [{"role": "tool", "content": "\U0001f600" * 16_000, "tool_call_id": f"e{i}"} for i in range(40)]

@@ -227,8 +227,11 @@ def test_malformed_tool_calls_from_a_client_become_invalid_tool_calls(
     [bad] = message.invalid_tool_calls
     assert bad["id"] == "c1" and error in bad["error"]
     assert bad["args"] == call["function"]["arguments"]
-    # Written back, the model is shown what it said, inside the tags it uses.
-    assert openai_message(message)["content"] == f"<tool_call>\n{bad['args']}\n</tool_call>"
+    # Written back, the model is shown what it said, inside the tags it uses (with its name).
+    head = (
+        f'{{"name": {json.dumps(bad["name"])}, "arguments": {bad["args"]}}}' if bad["name"] else bad["args"]
+    )
+    assert openai_message(message)["content"] == f"<tool_call>\n{head}\n</tool_call>"
 
 
 def test_malformed_tool_calls_in_stored_data_are_not_exported() -> None:
@@ -328,7 +331,10 @@ def test_an_invalid_tool_call_is_written_back_the_same_way_everywhere() -> None:
     other = AIMessage(
         content="Let me add.", invalid_tool_calls=[{"name": "add", "args": "{bad", "id": "c2", "error": "x"}]
     )
-    for message, text in ((local, raw), (other, "Let me add.\n<tool_call>\n{bad\n</tool_call>")):
+    # The call as the template writes one, its name kept (a QA pass, session 16: only the
+    # arguments were written, and the function the model called was lost).
+    named = 'Let me add.\n<tool_call>\n{"name": "add", "arguments": {bad}\n</tool_call>'
+    for message, text in ((local, raw), (other, named)):
         exported = chat_example(trajectory_of([{"role": "user", "content": "hi"}], stored_message(message)))
         assert exported["messages"][1] == {"role": "assistant", "content": text}
         assert template_messages([message])[0]["content"] == text

@@ -335,7 +335,12 @@ def invalid_call_text(call: Mapping[str, Any]) -> str:
     inside `<tool_call>` tags (the local parser keeps them; other sources get them added)."""
     raw = call.get("args")
     raw = raw if isinstance(raw, str) else "" if raw is None else _dumps(raw)
-    return raw if raw.startswith(CALL_OPEN) else f"{CALL_OPEN}\n{raw}\n{CALL_CLOSE}"
+    if raw.startswith(CALL_OPEN):
+        return raw
+    name = call.get("name")
+    if isinstance(name, str) and name:  # the call as the template writes one: its name kept
+        return f'{CALL_OPEN}\n{{"name": {json.dumps(name, ensure_ascii=False)}, "arguments": {raw}}}\n{CALL_CLOSE}'
+    return f"{CALL_OPEN}\n{raw}\n{CALL_CLOSE}"
 
 
 # -- trajectories --------------------------------------------------------------------------------

@@ -447,6 +447,19 @@ def _otel_message(message: Any) -> dict[str, Any]:
                     "arguments": call.get("args"),
                 }
             )
+    # A call the model got wrong (its arguments did not parse): the reply someone debugging
+    # needs to see, not an empty one. Its arguments are the text the model wrote.
+    for call in message.get("invalid_tool_calls") or ():
+        if isinstance(call, dict):
+            parts.append(
+                {
+                    "type": "tool_call",
+                    "id": call.get("id"),
+                    "name": call.get("name"),
+                    "arguments": call.get("args"),
+                    "invalid": call.get("error") or True,
+                }
+            )
     out: dict[str, Any] = {"role": role, "parts": parts}
     if role != "tool" and isinstance(message.get("name"), str):
         out["name"] = message["name"]
