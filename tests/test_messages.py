@@ -493,3 +493,16 @@ def test_a_streamed_reply_summed_up_keeps_its_role() -> None:
     assert stored_message(reply)["role"] == "assistant" and openai_message(reply)["role"] == "assistant"
     history = [HumanMessageChunk("hi"), reply, ToolMessageChunk("5", tool_call_id="c1")]
     assert [m["role"] for m in template_messages(history)] == ["user", "assistant", "tool"]
+
+
+def test_the_legacy_functions_are_read_as_tools() -> None:
+    """A QA pass (session 16): `functions`/`function_call` (the API before `tools`) were accepted
+    and ignored: they never reached the prompt, and the client silently got no call."""
+    add = {"name": "add", "parameters": {"type": "object", "properties": {"a": {"type": "integer"}}}}
+    body = {"model": "m", "messages": [{"role": "user", "content": "2+3?"}], "functions": [add],
+            "function_call": {"name": "add"}}  # fmt: skip
+    kwargs = parse_chat_request(body).call_kwargs
+    assert kwargs["tools"] == [{"type": "function", "function": add}]
+    assert kwargs["tool_choice"] == {"type": "function", "function": {"name": "add"}}
+    with pytest.raises(BadRequest):
+        parse_chat_request({**body, "functions": "add"})

@@ -727,3 +727,23 @@ def test_the_n_choices_of_one_request_are_prepared_once() -> None:
         asyncio.run(main())
     finally:
         model.close()
+
+
+def test_a_stop_string_of_many_tokens_stops_the_row() -> None:
+    """A QA pass (session 16): the row looked for its stop strings in its last `len(stop) + 2`
+    tokens, counted in characters: an emoji is 4 byte-level tokens, so `stop=["😀"]` never
+    stopped the row, which ran to max_tokens and said "length"."""
+    from concurrent.futures import Future
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from honed.serving.batching import GenerationRequest, _Row
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_path(1))
+    for stop in ("\U0001f600", "END"):
+        ids = tokenizer("hello " + stop + " more text", add_special_tokens=False)["input_ids"]
+        row = _Row(GenerationRequest(prompt_ids=[1], max_new_tokens=len(ids), stop=(stop,)), Future())
+        generator = SimpleNamespace(eos_ids=frozenset(), tokenizer=tokenizer)
+        taken = next(n for n, token in enumerate(ids, 1) if not row.record(token, 0.0, generator))
+        assert taken < len(ids) and row.result.finish_reason == "stop" and row.result.stop_string == stop

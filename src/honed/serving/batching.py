@@ -381,7 +381,9 @@ class _Row:
         self.request = request
         self.future = future
         self.result = GenerationResult(batch_size=0)
-        self.stop_window = max((len(s) for s in request.stop), default=0) + 2
+        # Tokens enough to hold the longest stop string: a byte-level tokenizer may spend one on
+        # each of its UTF-8 bytes (an emoji is 4): counted in characters, `stop=["😀"]` never stopped.
+        self.stop_window = max((len(s.encode("utf-8", "surrogatepass")) for s in request.stop), default=0) + 2
 
     def abandoned(self) -> bool:
         """Cancelled before it started (its caller went away): it never takes a row."""

@@ -14,7 +14,7 @@ parameter has its type and range (`temperature` 0..2, `top_p` (0, 1], `top_k` -1
 `top_logprobs` 0 only); messages, tool calls and tools have their OpenAI shapes; `chat_template_kwargs` may only set the variables
 in `TEMPLATE_KWARGS` (the chat template is the operator's: a client never supplies template text,
 nor variables the template was not written to take). Accepted but not applied: `seed`,
-`parallel_tool_calls`. `tool_choice` `"required"` or a named function (one of `tools`) makes the
+`parallel_tool_calls`. The legacy `functions`/`function_call` are read as `tools`/`tool_choice`. `tool_choice` `"required"` or a named function (one of `tools`) makes the
 reply open with a call (the call's head written for the model); `"none"`, or no tools, makes a
 call the model writes anyway text. Checked, and refused unless neutral, since this server does not apply
 them: `presence_penalty`/`frequency_penalty` (-2..2; only 0), vLLM's `repetition_penalty` (only
@@ -176,6 +176,16 @@ def parse_chat_request(body: Any) -> ChatRequest:
         )
     request = ChatRequest(model=model, messages=_messages(raw_messages))
     kwargs = request.call_kwargs
+    if body.get("functions") is not None and body.get("tools") is None:
+        # The legacy form (before `tools`): the same functions, the same choice.
+        body = {**body, "tools": _legacy_functions(body["functions"])}
+        if body.get("tool_choice") is None and body.get("function_call") is not None:
+            choice = body["function_call"]
+            body["tool_choice"] = (
+                {"type": "function", "function": {"name": choice.get("name")}}
+                if isinstance(choice, dict)
+                else choice
+            )
     tools = _tools(body.get("tools"))
     if tools:
         kwargs["tools"] = tools
@@ -441,6 +451,12 @@ def _tools(value: Any) -> list[dict[str, Any]]:
         ):
             raise BadRequest(shape, f"tools[{i}]")
     return value
+
+
+def _legacy_functions(value: Any) -> Any:
+    if not isinstance(value, list):
+        raise BadRequest("functions must be an array of function definitions", "functions", "invalid_type")
+    return [{"type": "function", "function": f} for f in value]
 
 
 def _tool_choice(value: Any) -> Any:
