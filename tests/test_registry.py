@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -380,3 +381,32 @@ def test_cli_versions_promote_rollback(sqlite_url: str, tmp_path: Path) -> None:
     assert runner.invoke(app, ["promote", "agent", *store]).exit_code == 2  # not NAME@vN
     assert runner.invoke(app, ["promote", "agent@v9", *store]).exit_code == 1
     assert runner.invoke(app, ["serve", "--help"]).exit_code == 0
+
+
+def test_a_config_that_does_not_describe_its_weights_is_refused(store, tmp_path: Path) -> None:
+    """A QA pass (session 16): only the files' headers were read, never held against the config:
+    a GPT-2 config over Qwen weights was promoted and served noise, a larger vocabulary made
+    the live version unloadable, and a layer more than the weights hold was random."""
+    import shutil
+
+    from tiny_model import tiny_path
+
+    def variant(name: str, edit: Callable[[dict], object]) -> Path:
+        folder = tmp_path / name
+        shutil.copytree(tiny_path(1), folder)
+        config = json.loads((folder / "config.json").read_text())
+        edit(config)
+        (folder / "config.json").write_text(json.dumps(config))
+        return folder
+
+    gpt2 = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": 390, "n_embd": 192,
+            "n_layer": 4, "n_head": 4, "eos_token_id": 2, "pad_token_id": 0}  # fmt: skip
+    cases = {
+        "gpt2": (lambda c: (c.clear(), c.update(gpt2)), "not in the weights"),
+        "vocab": (lambda c: c.update({"vocab_size": 4000}), "other shapes"),
+        "layers": (lambda c: c.update({"num_hidden_layers": 5, "layer_types": ["full_attention"] * 5}), "not in the weights"),
+    }  # fmt: skip
+    for name, (edit, reason) in cases.items():
+        with pytest.raises(ModelVersionInvalid, match=reason):
+            store.register_model("agent", variant(name, edit))
+    assert store.register_model("agent", tiny_path(1)).version == 1  # the model as saved: fine

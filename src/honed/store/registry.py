@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import logging
 import os
 import re
 import socket
@@ -34,6 +35,8 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from honed.store.database import Database
 from honed.store.registry_tables import ModelEventRow, ModelLiveRow, ModelVersionRow
 from honed.trajectory import ModelVersion
+
+log = logging.getLogger("honed")
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -149,8 +152,9 @@ def validate_model_files(path: str | Path, ref: str | None = None) -> None:
         missing = sorted(s for s in shards if not (folder / s).exists())
         if missing:
             raise ModelVersionInvalid(ref, f"{index.name} names missing shards: {', '.join(missing)}")
+    shapes: dict[str, list[int]] = {}
     for file in weights:
-        _check_safetensors(file, ref)
+        shapes |= _check_safetensors(file, ref)
     pickled = [f for f in folder.glob("*.bin") if "model" in f.name]
     for file in pickled:
         _check_torch_checkpoint(file, ref)
@@ -174,6 +178,8 @@ def validate_model_files(path: str | Path, ref: str | None = None) -> None:
         _check_adapter_base(settings, ref)
     else:
         _check_model_type(settings, ref)
+        if shapes and not pickled:
+            _check_structure(folder, shapes, ref)
 
 
 def _check_vocabulary(tokenizer: Any, vocab_size: Any, ref: str) -> None:
@@ -234,7 +240,50 @@ def _check_adapter_base(settings: Any, ref: str) -> None:
 _VOCABULARIES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 
 
-def _check_safetensors(file: Path, ref: str) -> None:
+def _check_structure(folder: Path, shapes: dict[str, list[int]], ref: str) -> None:
+    """The weights are the ones config.json describes: every tensor of the model it builds
+    (on the meta device: no memory) is in the files, with its shape. A GPT-2 config over Qwen
+    weights served noise, a layer more than the weights hold was initialised at random, and
+    a larger vocabulary made the version unloadable once live. Skipped where transformers
+    cannot build the model from its config alone (remote code)."""
+    try:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+    except ImportError:  # a capture-only install: the serving side checks at load
+        return
+    try:
+        config = AutoConfig.from_pretrained(folder)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception:
+        log.debug("honed: cannot build %s from its config alone; its weights' shapes are not checked", ref)
+        return
+    prefix = f"{model.base_model_prefix}." if getattr(model, "base_model_prefix", "") else ""
+    held = {name.removeprefix(prefix): shape for name, shape in shapes.items()}
+    tied = bool(getattr(config, "tie_word_embeddings", False)) or bool(
+        getattr(config.get_text_config(), "tie_word_embeddings", False)
+    )
+    missing, wrong = [], []
+    for name, tensor in model.state_dict().items():
+        key = name.removeprefix(prefix)
+        if key not in held:
+            if not (tied and "lm_head" in key):
+                missing.append(name)
+        elif list(held[key]) != list(tensor.shape):
+            wrong.append(f"{name} {list(held[key])} (config: {list(tensor.shape)})")
+    if wrong:
+        raise ModelVersionInvalid(
+            ref, f"weights of other shapes than config.json describes: {', '.join(wrong[:3])}"
+        )
+    if missing:
+        raise ModelVersionInvalid(
+            ref,
+            f"{len(missing)} tensors config.json describes are not in the weights (e.g. {missing[0]}): "
+            "another architecture's config, or weights of another model",
+        )
+
+
+def _check_safetensors(file: Path, ref: str) -> dict[str, list[int]]:
     size = file.stat().st_size
     try:
         with file.open("rb") as handle:
@@ -250,6 +299,7 @@ def _check_safetensors(file: Path, ref: str) -> None:
         raise ModelVersionInvalid(
             ref, f"{file.name} is {size} bytes but its header describes {expected}: truncated or corrupt"
         )
+    return {k: v.get("shape", []) for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
 
 
 class ModelRegistry:
