@@ -646,6 +646,51 @@ def test_an_agent_with_its_own_store_inside_an_instrumented_graph_leaves_the_out
     assert inner.agent == "writer" and names(inner) == ["tool-script", "add", "tool-script"]
 
 
+def test_an_agent_wrapped_in_a_runnable_keeps_its_own_answer(capture: str, sqlite_url: str) -> None:
+    """A QA pass (session 16): under the Middleware, `agent | RunnableLambda(...)` stored the
+    wrapper's output as the agent's answer, and a correct answer failed its reference."""
+    from langchain_core.runnables import RunnableLambda
+
+    agent = create_agent(
+        ToolScriptModel(), [add], name="helper", middleware=capture_middleware(capture, sqlite_url)
+    )
+    pipeline = agent | RunnableLambda(lambda state: {"reply": state["messages"][-1].content, "lang": "en"})
+    config = {"metadata": {"honed": {"task_id": "p1", "expected": "the sum is 5"}}}
+    assert pipeline.invoke({"messages": [("user", ADD_TASK)]}, config)["reply"] == "the sum is 5"
+    assert honed.flush()
+    (t,) = honed.open_store(sqlite_url).trajectories()
+    if capture == "middleware":  # `instrument()` captures the pipeline, the root run, whole
+        assert t.answer == "the sum is 5" and ReferenceMatch().verify(t).passed
+
+
+def test_structured_output_with_the_raw_reply_stores_the_parsed_object_as_plain_json(sqlite_url: str) -> None:
+    """A QA pass (session 16): `with_structured_output(Schema, include_raw=True)` stored `parsed`
+    inside honed's type wrapper (`{"__type__", "value"}`), which `JsonSchema(Schema)` cannot read."""
+    from langchain_core.language_models.fake_chat_models import FakeMessagesListChatModel
+    from langchain_core.messages import AIMessage
+
+    class Ticket(BaseModel):
+        title: str
+        priority: int
+
+    class Fake(FakeMessagesListChatModel):
+        def bind_tools(self, tools: Any, **kwargs: Any) -> Any:
+            return self.bind(**kwargs)
+
+    reply = AIMessage("", tool_calls=[{"name": "Ticket", "args": {"title": "T", "priority": 2}, "id": "x"}])
+    honed.instrument(store=sqlite_url)
+    try:
+        Fake(responses=[reply]).with_structured_output(Ticket, include_raw=True).invoke("file it")
+    finally:
+        honed.uninstrument()
+    assert honed.flush()
+    (t,) = honed.open_store(sqlite_url).trajectories()
+    assert t.output["parsed"] == {"title": "T", "priority": 2}
+    assert list(t.metadata["output_types"]) == ["$.parsed"] and t.metadata["output_types"][
+        "$.parsed"
+    ].endswith("Ticket")
+
+
 # -- a supervisor with subagents, and retrieval ----------------------------------------------------
 
 

@@ -876,6 +876,12 @@ def _final_output(outputs: Any) -> tuple[Any, dict[str, str]]:
     value, type_name = _untyped(outputs)
     if type_name:
         types["$"] = type_name
+    elif isinstance(outputs, dict):  # `with_structured_output(..., include_raw=True)`: `parsed`
+        value = {}
+        for key, item in outputs.items():
+            value[key], type_name = _untyped(item)
+            if type_name:
+                types[f"$.{key}"] = type_name
     return value, types
 
 

@@ -312,7 +312,16 @@ class Middleware(AgentMiddleware):
             return
         now = time.time()
         if live.final is not None:
-            outputs = root.outputs if error is None and isinstance(root.outputs, dict) else live.final
+            # The graph's own output (its output schema leaves out other middlewares' private
+            # state): a part of the state. A root that wraps the agent (`agent | RunnableLambda`,
+            # an `@chain`) returned something else, which is not the agent's answer.
+            own = (
+                error is None
+                and isinstance(root.outputs, dict)
+                and isinstance(live.final, dict)
+                and root.outputs.keys() <= live.final.keys()
+            )
+            outputs = root.outputs if own else live.final
             self.recorder.emit((END, trajectory_id, None, now, outputs))
         elif error is None or isinstance(error, GraphBubbleUp):
             self.recorder.emit((INTERRUPT, trajectory_id, None, now, (list(root.interrupts), None)))
