@@ -374,3 +374,23 @@ def test_errors_go_to_stderr_so_json_and_exported_data_stay_data(tmp_path: Path)
         result = runner.invoke(app, args)
         assert result.exit_code == 2 and result.stdout == "", result.stdout
         assert "no honed store" in result.stderr
+
+
+def test_a_module_named_on_the_command_line_is_found_in_the_current_folder(tmp_path: Path) -> None:
+    """A QA pass (session 16): the README's `--verifier mychecks:judge` failed with "No module
+    named 'mychecks'" from the folder holding it: the `honed` script (unlike `python -m`) does
+    not put the current folder on the path."""
+    import subprocess
+    import sys
+
+    (tmp_path / "mychecks.py").write_text(
+        "from honed.verifiers import GoalCheck\njudge = GoalCheck(lambda state: True, name='mine')\n"
+    )
+    url = "sqlite:///x.db"
+    honed_bin = str(Path(sys.executable).parent / "honed")
+    subprocess.run([honed_bin, "init", "--store", url], cwd=tmp_path, check=True, capture_output=True)
+    done = subprocess.run(
+        [honed_bin, "verify", "--once", "--verifier", "mychecks:judge", "--store", url],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0 and "mine@1" in done.stdout + done.stderr, done.stdout + done.stderr

@@ -18,3 +18,21 @@ def lazy_attributes(package: str, homes: Mapping[str, str]) -> Callable[[str], A
         return getattr(import_module(home), name)
 
     return __getattr__
+
+
+def import_user_module(name: str) -> Any:
+    """The module a `module:attr` on the command line names (`--agent my_app.agents:build`,
+    `--verifier mychecks:judge`, `--suite my_pkg.tasks:SUITE`): found in the current folder too,
+    as `python -m` would (the `honed` script does not put it on the path). The folder is added
+    last, so it shadows nothing installed."""
+    import os
+    import sys
+
+    try:
+        return import_module(name)
+    except ModuleNotFoundError as exc:
+        here = os.getcwd()
+        if exc.name != name.partition(".")[0] or here in sys.path or "" in sys.path:
+            raise
+        sys.path.append(here)
+        return import_module(name)

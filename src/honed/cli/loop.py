@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import re
@@ -16,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from honed._lazy import import_user_module
 from honed.cli.common import (
     JsonOption,
     StoreOption,
@@ -424,7 +424,7 @@ def _agent_factory(spec: str) -> Any:
     module, _, attr = spec.partition(":")
     if not module or not attr:
         raise ValueError(f"--agent {spec!r}: give module:factory (a function building the agent on a model)")
-    factory = getattr(importlib.import_module(module), attr, None)
+    factory = getattr(import_user_module(module), attr, None)
     if not callable(factory):
         raise ValueError(f"--agent {spec!r}: {module} has no callable {attr!r}")
     return factory

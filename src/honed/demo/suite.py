@@ -8,10 +8,10 @@ brings their own with `honed demo --suite package.module:SUITE`.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
+from honed._lazy import import_user_module
 from honed.trajectory import Task
 
 
@@ -71,7 +71,7 @@ def load_suite(spec: str | Suite) -> Suite:
     module_name, _, attr = spec.partition(":")
     if not attr:
         raise ValueError(f"unknown suite {spec!r}: use one of {sorted(SUITES)} or 'package.module:SUITE'")
-    module = importlib.import_module(module_name)
+    module = import_user_module(module_name)
     if not hasattr(module, attr):
         raise ValueError(f"{module_name} has no {attr!r}: name a suite object, class or factory in it")
     suite = getattr(module, attr)

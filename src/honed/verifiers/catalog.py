@@ -8,10 +8,10 @@ verifier, a list of verifiers, or a callable with no arguments returning either 
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from typing import Any
 
+from honed._lazy import import_user_module
 from honed.verifiers.protocol import UnknownVerifier, Verifier
 from honed.verifiers.reference import ReferenceMatch
 from honed.verifiers.schema import JsonSchema
@@ -47,7 +47,7 @@ def resolve(spec: str) -> list[Any]:
 def _load(target: str) -> list[Any]:
     module_name, _, attr = target.partition(":")
     try:
-        value = getattr(importlib.import_module(module_name), attr)
+        value = getattr(import_user_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise UnknownVerifier(f"cannot load verifier {target!r}: {exc}") from exc
     if callable(value) and not isinstance(value, Verifier):
