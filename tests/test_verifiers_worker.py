@@ -369,3 +369,30 @@ def test_settings_that_cannot_work_are_refused(store_url: str) -> None:
     for option in (["--lease", "0"], ["--batch", "-1"], ["--concurrency", "0"]):
         result = CliRunner().invoke(app, ["verify", "--store", store_url, *option])
         assert result.exit_code == 2 and "Invalid value" in result.output, result.output
+
+
+def test_verify_once_stopped_by_ctrl_c_says_so_and_exits_non_zero(tmp_path: Path) -> None:
+    """A QA pass (session 16): Ctrl-C during `honed verify --once` stopped it cleanly but exited
+    0 with the summary of a complete run: `verify --once && train` went on regardless."""
+    import subprocess
+    import sys
+
+    url = f"sqlite:///{tmp_path / 'v.db'}"
+    seed(honed.open_store(url), 20)
+    (tmp_path / "slowcheck.py").write_text(
+        "import time\nfrom honed.verifiers import GoalCheck\n"
+        "judge = GoalCheck(lambda state: time.sleep(0.5) or True, name='slow')\n"
+    )
+    honed_bin = str(Path(sys.executable).parent / "honed")
+    proc = subprocess.Popen(
+        [honed_bin, "verify", "--once", "--verifier", "slowcheck:judge", "--concurrency", "1", "--store", url],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    store = honed.open_store(url)
+    deadline = time.monotonic() + 60
+    while store.count(verdict="labeled") < 1:
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and "stopped before the end" in output, output

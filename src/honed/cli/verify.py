@@ -105,6 +105,10 @@ def verify(
         f"({stats.passed} pass, {stats.failed} fail, {stats.undecided} could not tell, {stats.errors} errors, "
         f"{stats.retries} to retry)"
     )
+    if not watch and worker.stopped:
+        # `verify --once && train` must not carry on as if everything had been labelled.
+        out.print("[yellow]stopped before the end (interrupted): the rest is left unlabelled[/yellow]")
+        raise typer.Exit(130)
 
 
 @app.command()

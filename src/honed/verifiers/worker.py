@@ -199,6 +199,11 @@ class Worker:
         """Ask the worker to finish what it started and return."""
         self._stop.set()
 
+    @property
+    def stopped(self) -> bool:
+        """Whether `stop()` (or SIGTERM/SIGINT) asked it to stop: `run_once` returned early."""
+        return self._stop.is_set()
+
     def close(self) -> None:
         """Stop, and release the verifiers' resources (sandboxes, clients)."""
         self.stop()
