@@ -394,3 +394,22 @@ def test_a_module_named_on_the_command_line_is_found_in_the_current_folder(tmp_p
         cwd=tmp_path, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 0 and "mine@1" in done.stdout + done.stderr, done.stdout + done.stderr
+
+
+def test_the_demo_with_a_store_that_is_down_says_so_in_one_line(tmp_path: Path) -> None:
+    """A QA pass (session 16): `honed demo --store` with the database down printed a 509-line
+    traceback (every other command: one line, status 2)."""
+    result = runner.invoke(
+        app,
+        [
+            "demo",
+            "--store",
+            "postgresql://nobody@127.0.0.1:1/none",
+            "--workdir",
+            str(tmp_path),
+            "--cycles",
+            "0",
+        ],
+    )
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output

@@ -94,7 +94,10 @@ def demo(
     seed: Annotated[int, typer.Option(help="Seed of the base model, the tasks' order and training.")] = 0,
     method: MethodOption = "sft",
     store: Annotated[
-        str | None, typer.Option("--store", help="Store URL (default: a fresh SQLite file in --workdir).")
+        str | None,
+        typer.Option(
+            "--store", help="Store URL (default: a fresh SQLite file in --workdir; never $HONED_STORE)."
+        ),
     ] = None,
     workdir: Annotated[Path, typer.Option(help="Where the demo's store and models go.")] = Path(".honed"),
     report: Annotated[Path, typer.Option(help="The HTML report written at the end.")] = Path(
@@ -117,14 +120,13 @@ def demo(
     """Run the whole loop: a served agent attempts tasks, verifiers label, SFT trains, the gate promotes."""
     from honed.demo import load_suite
     from honed.demo.loop import LearningLoop, fresh_store_url
-    from honed.store import open_store
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     out = Console(stderr=True) if as_json else console()
     chosen = load_suite(suite)
     chosen_method = _demo_method(method, chosen)  # a typo is refused before anything is made
     url = store or fresh_store_url(workdir)
-    s = open_store(url)
+    s = open_store_or_exit(url, create=True)  # a store that is down: one line, not a traceback
     out.print(
         f"[bold]honed demo[/bold]: suite [cyan]{escape(chosen.name)}[/cyan], {cycles} cycles, seed {seed}, "
         f"store {escape(s.safe_url)}"
