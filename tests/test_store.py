@@ -561,3 +561,15 @@ def test_a_malformed_store_url_is_refused_without_showing_its_password() -> None
         with pytest.raises(InvalidStoreURL) as error:
             honed.open_store(url)
         assert "S3cretPassw0rd" not in str(error.value) and "***" in str(error.value), str(error.value)
+
+
+def test_a_sqlite_url_under_the_home_folder_opens_there(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A QA pass (session 16): `sqlite:///~/honed.db` made the folder and checked the file with
+    `~` expanded, but handed SQLite the raw path: `init` failed, and capture spooled forever."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with honed.open_store("sqlite:///~/honed.db") as store:
+        store.save(Trajectory(id="t1", agent="a", task="hi", output="ok"))
+    assert (tmp_path / "honed.db").is_file()
+    assert honed.open_store("sqlite:///~/honed.db", create=False).get("t1").output == "ok"

@@ -446,6 +446,8 @@ def _create_engine(url: str, *, create: bool = True) -> Engine:
         if parsed.get_backend_name() == "sqlite":
             database = parsed.database or ""
             in_memory = database in ("", ":memory:") or "mode=memory" in database
+            if not in_memory and database.startswith("~"):  # SQLite opens `~` as a folder named so
+                parsed = parsed.set(database=str(Path(database).expanduser()))
             if not in_memory and create:
                 Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
             engine = create_engine(
