@@ -573,3 +573,31 @@ def test_a_sqlite_url_under_the_home_folder_opens_there(
         store.save(Trajectory(id="t1", agent="a", task="hi", output="ok"))
     assert (tmp_path / "honed.db").is_file()
     assert honed.open_store("sqlite:///~/honed.db", create=False).get("t1").output == "ok"
+
+
+def test_a_role_that_may_not_read_the_store_is_told_so(pg_url: str) -> None:
+    """A QA pass (session 16): a PostgreSQL role without rights on the tables was told there was
+    no store at all, and to run `honed init`."""
+    import uuid
+
+    from sqlalchemy import create_engine, make_url, text
+
+    from honed.store.store import StoreUnavailable
+
+    honed.open_store(pg_url).close()
+    role = f"reader_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(pg_url, isolation_level="AUTOCOMMIT")
+    schema = pg_url.rsplit("search_path%3D", 1)[1]
+    with admin.connect() as conn:
+        conn.execute(text(f"CREATE ROLE {role} LOGIN"))
+        conn.execute(text(f'GRANT USAGE ON SCHEMA "{schema}" TO {role}'))  # the tables: no rights
+    try:
+        url = make_url(pg_url).set(username=role, password=None).render_as_string(hide_password=False)
+        with pytest.raises(StoreUnavailable, match="refuses this user") as refused:
+            honed.open_store(url, create=False)
+        assert "honed init" not in str(refused.value)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f"DROP OWNED BY {role}"))
+            conn.execute(text(f"DROP ROLE {role}"))
+        admin.dispose()

@@ -586,7 +586,14 @@ def _revision(engine: Engine) -> str | None:
     with engine.connect() as conn:
         try:
             return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
-        except SQLAlchemyError:
+        except SQLAlchemyError as exc:
+            if "permission denied" in str(exc).lower():
+                # The tables are there, this role may not read them: not a store to create.
+                raise StoreUnavailable(
+                    f"the store at {_shown(engine.url.render_as_string(hide_password=False))} refuses this "
+                    f"user: {str(getattr(exc, 'orig', exc)).splitlines()[0]} (grant it SELECT, and INSERT "
+                    "and UPDATE to write)"
+                ) from exc
             return None
 
 
