@@ -5,6 +5,7 @@ or hold the server."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -747,3 +748,28 @@ def test_a_stop_string_of_many_tokens_stops_the_row() -> None:
         generator = SimpleNamespace(eos_ids=frozenset(), tokenizer=tokenizer)
         taken = next(n for n, token in enumerate(ids, 1) if not row.record(token, 0.0, generator))
         assert taken < len(ids) and row.result.finish_reason == "stop" and row.result.stop_string == stop
+
+
+def test_a_request_cut_off_at_shutdown_stops_its_generation_and_is_stored() -> None:
+    """A QA pass (session 16): on SIGTERM the server cancelled its requests after 5 s; the
+    generation went on unwatched, and the runs were never stored. Requests now get a grace
+    period of `GRACEFUL_SHUTDOWN_S`, and one cut off past it stops its work."""
+    import asyncio
+
+    from honed.serving.app import GRACEFUL_SHUTDOWN_S, _unless_client_leaves
+
+    class Here:  # a client still waiting
+        async def is_disconnected(self) -> bool:
+            return False
+
+    async def main() -> bool:
+        work = asyncio.ensure_future(asyncio.sleep(60))
+        waiting = asyncio.ensure_future(_unless_client_leaves(Here(), work))
+        await asyncio.sleep(0.05)
+        waiting.cancel()  # what uvicorn does to the request's task past the grace period
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiting
+        await asyncio.sleep(0)
+        return work.cancelled()
+
+    assert asyncio.run(main()) and GRACEFUL_SHUTDOWN_S >= 20

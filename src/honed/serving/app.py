@@ -91,6 +91,10 @@ LIMIT_CONCURRENCY = 1000
 # Behind a reverse proxy every connection is the proxy's: its pool must stay under this.
 MAX_CONNECTIONS_PER_CLIENT = 256
 DISCONNECT_POLL_S = 0.25  # how soon a hung-up client's generation stops
+# On SIGTERM (every deploy) the requests being generated may finish this long before they are
+# cut off: at 5 s, clients got a bare 500 and their runs were lost. Under Kubernetes' default
+# 30 s grace period.
+GRACEFUL_SHUTDOWN_S = 25
 MAX_HEADER_BYTES = 64 * 1024
 TRIM_AFTER_BYTES = 1024 * 1024  # after a body this large, hand freed memory back to the OS
 
@@ -299,6 +303,11 @@ def create_app(
             if answers is not None:  # the other choices: one refused, all are (the same prompt)
                 answers.cancel()
             raise _as_http_error(exc) from exc
+        except asyncio.CancelledError:
+            # The server stopped past its grace period: the runs end as cancelled, and are stored.
+            if capture is not None:
+                capture.recorder.abandon(asyncio.CancelledError("the server stopped before the reply"))
+            raise
         if replies is None:  # nobody to answer: the runs end as cancelled (LangChain says nothing)
             if capture is not None:
                 capture.recorder.abandon(asyncio.CancelledError("the client closed the request"))
@@ -395,7 +404,7 @@ def server_config(
         timeout_keep_alive=max(1, round(keep_alive_s)),
         h11_max_incomplete_event_size=max_header_bytes,
         limit_concurrency=limit_concurrency,
-        timeout_graceful_shutdown=5,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         lifespan="on",
     )
 
@@ -586,7 +595,11 @@ async def _unless_client_leaves(request: Request, work: asyncio.Future[Any]) -> 
     leave the batch at once (an abandoned `n=16, max_tokens=2000` request held every other
     client's request for minutes) and its run is stored as cancelled, not as delivered."""
     while True:
-        done, _ = await asyncio.wait({work}, timeout=DISCONNECT_POLL_S)
+        try:
+            done, _ = await asyncio.wait({work}, timeout=DISCONNECT_POLL_S)
+        except asyncio.CancelledError:  # the server is stopping (past its grace period): so is the work
+            work.cancel()
+            raise
         if done:
             return work.result()
         if await request.is_disconnected():
