@@ -21,6 +21,7 @@ TRAIN, HELDOUT = "train", "heldout"  # the split names: train on the first, gate
 INTERRUPTED = "interrupted"  # a run paused for a human (LangGraph `interrupt()`): not finished, never judged
 STRUCTURED_KEY = "structured_response"  # where a `create_agent(response_format=...)` agent leaves its answer
 TRUNCATED_KEY = "__truncated__"  # marks a field the recorder replaced because it was over the size cap
+REDACTED_MARK = "[REDACTED:"  # how every redaction marker starts: `[REDACTED:<kind>]`
 ERROR_KEY = "error"  # evidence key that marks a verdict as a verifier failure, not a judgement
 Label = Literal["pass", "fail", "unknown"]
 

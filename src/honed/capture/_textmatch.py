@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import re
 
-REDACTED_MARK = "[REDACTED:"  # how every redaction marker starts: `[REDACTED:<kind>]`
 NOT_REDACTED = r"(?!\[REDACTED:)"
 MARKER_SPLIT = re.compile(r"(\[REDACTED:[a-z0-9_]+\])")
 

@@ -23,7 +23,6 @@ from langchain_core.outputs import LLMResult
 from langgraph.errors import GraphBubbleUp, GraphInterrupt
 from langgraph.types import Command
 
-from honed.capture._textmatch import REDACTED_MARK
 from honed.capture.events import (
     CHAIN,
     DISCARD,
@@ -41,7 +40,7 @@ from honed.capture.events import (
 )
 from honed.capture.serialize import to_jsonable
 from honed.messages import ROLES, stored_message, text_of, tool_schema
-from honed.trajectory import INTERRUPTED
+from honed.trajectory import INTERRUPTED, REDACTED_MARK
 
 log = logging.getLogger("honed")
 

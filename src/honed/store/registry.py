@@ -245,12 +245,13 @@ def _check_structure(folder: Path, shapes: dict[str, list[int]], ref: str) -> No
     (on the meta device: no memory) is in the files, with its shape. A GPT-2 config over Qwen
     weights served noise, a layer more than the weights hold was initialised at random, and
     a larger vocabulary made the version unloadable once live. Skipped where transformers
-    cannot build the model from its config alone (remote code)."""
-    try:
-        import torch
-        from transformers import AutoConfig, AutoModelForCausalLM
-    except ImportError:  # a capture-only install: the serving side checks at load
+    cannot build the model from its config alone (remote code), or where transformers is not loaded."""
+    # Where transformers is loaded already (a server, a training cycle), as `_check_model_type`:
+    # the registry imports no model library itself (a capture-only install has none).
+    torch, transformers = sys.modules.get("torch"), sys.modules.get("transformers")
+    if torch is None or transformers is None:
         return
+    AutoConfig, AutoModelForCausalLM = transformers.AutoConfig, transformers.AutoModelForCausalLM
     try:
         config = AutoConfig.from_pretrained(folder)
         with torch.device("meta"):

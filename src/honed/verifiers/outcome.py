@@ -15,8 +15,7 @@ import json
 import re
 from typing import Any
 
-from honed.capture._textmatch import REDACTED_MARK
-from honed.trajectory import STRUCTURED_KEY, Trajectory, is_truncated
+from honed.trajectory import REDACTED_MARK, STRUCTURED_KEY, Trajectory, is_truncated
 from honed.verifiers.protocol import CannotTell, Unreadable
 
 # Possessive: the info string's `[\w+.-]*` then `[^\n]*` backtracked quadratically over a
