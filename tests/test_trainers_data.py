@@ -314,6 +314,22 @@ def test_a_heldout_graph_input_or_a_task_held_out_by_id_never_trains_whatever_th
         assert copy.id not in data.trajectory_ids and kept.id in data.trajectory_ids, filters
 
 
+def test_a_run_whose_call_a_reviewer_changed_is_not_trained_as_the_models(any_store: TrajectoryStore) -> None:
+    """A QA pass (session 16): a reviewer edited the model's `add(2, 3)` to `add(2, 4)` and the run
+    passed on the edit; both the token rows and the chat rows then trained `add(2, 3)` for the
+    question, the very mistake the reviewer fixed."""
+    store = any_store
+    edited = make_trajectory("t1")
+    tool = edited.steps[1]
+    tool.extra = {**tool.extra, "asked": {"name": "add", "args": {"a": 2, "b": 4}}}
+    add(store, edited, True)
+    kept = add(store, make_trajectory("t2"), True)
+    for method in ("sft", "kto"):
+        data = prepare(store, method)
+        assert set(data.trajectory_ids) == {kept.id}, method
+        assert data.counts["calls_changed_before_running"] == 1
+
+
 def test_a_heldout_request_in_disguise_or_an_earlier_turn_never_trains(any_store: TrajectoryStore) -> None:
     """What an attacker tried (session 14): the held-out question with a zero-width space, in
     full-width letters, with a trailing full stop, as an earlier turn of a thread (the trained

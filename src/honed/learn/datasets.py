@@ -173,6 +173,12 @@ def prepare(
         store, heldout, counts, agent=agent, model_version=model_version, since=since, ids=ids,
         task_ids=task_ids, split=split, limit=limit, labeled_only=labeled_only,
     )  # fmt: skip
+    # A run whose tool call a person (or a middleware) changed before it ran passed on their
+    # call, not the model's: trained on, the model learned the very call the reviewer fixed.
+    edited = [t for t in selected if _call_changed(t)]
+    if edited:
+        counts["calls_changed_before_running"] = len(edited)
+        selected = [t for t in selected if not _call_changed(t)]
     only = None if verifiers is None else set(verifiers)
     labels = {t.id: label(t.verdicts, untrusted=untrusted_names, only=only) for t in selected}
     counts["selected"] = len(selected)
@@ -325,6 +331,12 @@ def _select(
         del found[i]
     counts["heldout_excluded"] += len(leaked)
     return sorted(found.values(), key=_age)
+
+
+def _call_changed(t: Trajectory) -> bool:
+    """Whether a tool call ran as another than the model asked for (`extra["asked"]`: a
+    reviewer's edit in human-in-the-loop, a middleware's rewrite)."""
+    return any(s.kind == "tool" and "asked" in (s.extra or {}) for s in t.steps)
 
 
 def _explicit(store: TrajectoryStore, ids: list[str], heldout: HeldOut) -> list[Trajectory]:
