@@ -461,3 +461,23 @@ def test_the_eval_key_holds_what_the_factory_reads_and_is_the_same_in_every_proc
         for _ in range(2)
     }
     assert len(keys) == 1, keys
+
+
+def test_a_gate_whose_attempts_are_never_captured_says_so_at_once(
+    world: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A QA pass (session 16): an agent factory without `honed.Middleware` (or capturing into
+    another store) made each gate round wait its whole 10-minute timeout for attempts that never
+    came, holding the trainer's lock, and then blamed the verifiers."""
+    import time
+
+    from langchain.agents import create_agent
+
+    import honed.learn.evaluate as evaluate
+
+    monkeypatch.setattr(evaluate, "NOTHING_CAPTURED_S", 1.0)
+    tie = SFTMethod(max_steps=1, learning_rate=1e-12, per_device_train_batch_size=4)
+    started = time.monotonic()
+    report = cycle(world, tie, agent=lambda model: create_agent(model, [], name="uncaptured")).run()
+    assert report.status == "failed" and "none of a round's attempts reached the store" in report.reason
+    assert time.monotonic() - started < 300

@@ -798,6 +798,12 @@ def _rows_fingerprint(dataset: Any) -> str:
 
 def _unmeasured(live: Scores, candidate: Scores) -> str:
     """Why the gate cannot compare these two rounds, or ""."""
+    if any(not x.trajectories and x.unjudged for x in (live, candidate)):
+        return (
+            "NOT MEASURED: none of a round's attempts reached the store: the agent factory must capture "
+            "into the cycle's store (`honed.Middleware(store=store)` in its middleware, or "
+            "`honed.instrument(store=...)`): fix it and run again"
+        )
     said = []
     if not live.measured:
         said.append(

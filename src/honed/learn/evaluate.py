@@ -82,6 +82,9 @@ def round_trajectories(store: Any, round_tag: str, *, since: datetime | None = N
     return [t for t in found if (t.metadata or {}).get("round") == round_tag]
 
 
+NOTHING_CAPTURED_S = 30.0  # flushed, and not one attempt of the round in the store: stop waiting
+
+
 def verify_round(
     store: Any,
     verifiers: Iterable[Any],
@@ -101,7 +104,8 @@ def verify_round(
 
     verifiers = list(verifiers)
     flush()
-    deadline = time.monotonic() + timeout_s
+    started = time.monotonic()
+    deadline = started + timeout_s
     with Worker(store, verifiers, concurrency=concurrency, backoff_s=0.2, max_backoff_s=2.0) as worker:
         while True:
             if work:
@@ -110,6 +114,11 @@ def verify_round(
             if len(found) >= expected and all(_settled(t, verifiers) for t in found):
                 return found
             if time.monotonic() > deadline:
+                return found
+            if not found and time.monotonic() - started > NOTHING_CAPTURED_S:
+                # The attempts ran here and were flushed: none in the store means the agent does
+                # not capture into it (no `honed.Middleware`, or another store). Waiting the whole
+                # timeout held the trainer's lock 10 minutes a round for nothing.
                 return found
             flush()
             time.sleep(0.2)
