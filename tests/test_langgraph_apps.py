@@ -958,6 +958,83 @@ def test_what_a_run_was_given_is_stored_as_it_was_though_the_caller_changes_it(
     ]  # fmt: skip
 
 
+@pytest.mark.parametrize("where", ["here", "another process"])
+def test_a_tool_error_before_a_pause_is_one_step_after_the_resume(
+    capture: str, sqlite_url: str, tmp_path: Path, where: str
+) -> None:
+    """A QA pass (session 16): a tool that failed before a human-in-the-loop pause was recorded
+    again after the resume (the next model call read its error message back): the timeline
+    showed the call twice and tool-error counts were inflated."""
+    from langchain_core.tools import ToolException
+
+    @tool
+    def lookup(order: str) -> str:
+        """Look up an order."""
+        raise ToolException(f"no such order {order}")
+
+    lookup.handle_tool_error = True
+    saver = checkpointer("sqlite", tmp_path)
+    middleware = [
+        *capture_middleware(capture, sqlite_url),
+        HumanInTheLoopMiddleware(interrupt_on={"add": True}),
+    ]
+    agent = create_agent(
+        ToolScriptModel(), [lookup, add], name="support", middleware=middleware, checkpointer=saver
+    )
+    chat = thread("t1", task_id="k1")
+    agent.invoke({"messages": [("user", 'call lookup {"order": "A7"}; ' + ADD_TASK)]}, chat)
+    resume = Command(resume={"decisions": [{"type": "approve"}]})
+    if where == "here":
+        agent.invoke(resume, chat)
+    else:
+        assert honed.flush()
+        script = RESUME_WITH_LOOKUP.format(
+            store=sqlite_url, checkpoints=tmp_path / "checkpoints.db", capture=capture
+        )
+        env = {
+            **__import__("os").environ,
+            "PYTHONPATH": str(TESTS),
+            "HONED_SPOOL_DIR": str(tmp_path / "spool"),
+        }
+        subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=120)
+    assert honed.flush()
+    (t,) = honed.open_store(sqlite_url).trajectories()
+    calls = [(s.name, s.extra.get("tool_call_id")) for s in t.steps if s.kind == "tool"]
+    assert [name for name, _ in calls] == ["lookup", "add"] and t.status == "ok", calls
+
+
+RESUME_WITH_LOOKUP = textwrap.dedent(
+    """
+    import sqlite3
+    import honed
+    from langchain.agents import create_agent
+    from langchain.agents.middleware import HumanInTheLoopMiddleware
+    from langchain_core.tools import ToolException, tool
+    from langgraph.checkpoint.sqlite import SqliteSaver
+    from langgraph.types import Command
+    from fakes import ToolScriptModel, add
+
+    @tool
+    def lookup(order: str) -> str:
+        \"\"\"Look up an order.\"\"\"
+        raise ToolException(f"no such order {{order}}")
+
+    lookup.handle_tool_error = True
+    if "{capture}" == "instrument":
+        honed.instrument(store="{store}")
+        capture = []
+    else:
+        capture = [honed.Middleware(store="{store}")]
+    saver = SqliteSaver(sqlite3.connect("{checkpoints}", check_same_thread=False))
+    middleware = [*capture, HumanInTheLoopMiddleware(interrupt_on={{"add": True}})]
+    agent = create_agent(ToolScriptModel(), [lookup, add], name="support", middleware=middleware, checkpointer=saver)
+    chat = {{"configurable": {{"thread_id": "t1"}}, "metadata": {{"honed": {{"task_id": "k1"}}}}}}
+    agent.invoke(Command(resume={{"decisions": [{{"type": "approve"}}]}}), chat)
+    assert honed.flush()
+    """
+)
+
+
 def test_a_run_continued_past_a_static_breakpoint_is_the_same_trajectory(
     capture: str, sqlite_url: str
 ) -> None:

@@ -322,6 +322,16 @@ class Assembler:
             trajectory = _Open(root_key, record)
             trajectory.steps = list(paused["steps"])
             trajectory.next_index = max((s["index"] for s in trajectory.steps), default=-1) + 1
+            # The calls answered before the pause: their error messages, read again by the next
+            # model call, are not new failed calls (a tool's error was stored twice).
+            trajectory.tool_call_ids = {
+                str(s["extra"]["tool_call_id"])
+                for s in trajectory.steps
+                if s.get("kind") == "tool"
+                and s.get("error") is not None
+                and isinstance(s.get("extra"), dict)
+                and s["extra"].get("tool_call_id")
+            }
         else:
             record_id = paused_id or str(root_key)
             value = None if resume is NO_VALUE else {"resume": _plain(resume)}

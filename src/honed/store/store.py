@@ -870,6 +870,27 @@ def _continue(session: Any, record: dict[str, Any]) -> int:
         return 1
     taken = set(session.scalars(select(StepRow.id).where(StepRow.id.in_([s["id"] for s in candidates]))))
     new_steps = [s for s in candidates if s["id"] not in taken]
+    if any(s.get("kind") == "tool" for s in new_steps):
+        # A call that failed before the pause, in another process: the resumed part read its
+        # error message again and recorded the failure a second time. One step per failed call.
+        failed = {
+            str(extra.get("tool_call_id"))
+            for extra in session.scalars(
+                select(StepRow.extra).where(
+                    StepRow.trajectory_id == target, StepRow.kind == "tool", StepRow.error.is_not(None)
+                )
+            )
+            if isinstance(extra, dict) and extra.get("tool_call_id")
+        }
+        new_steps = [
+            s
+            for s in new_steps
+            if not (
+                s.get("kind") == "tool"
+                and s.get("error") is not None
+                and str((s.get("extra") or {}).get("tool_call_id")) in failed
+            )
+        ]
     if new_steps:
         # A continuation captured in another process numbers its steps from 0: put them after.
         last, first = max(known.values(), default=-1), min(s["index"] for s in new_steps)
