@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -413,3 +414,19 @@ def test_the_demo_with_a_store_that_is_down_says_so_in_one_line(tmp_path: Path) 
     )
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_tables_off_a_terminal_keep_their_column_names_whole(tmp_path: Path) -> None:
+    """A QA pass (session 16): piped (cron, CI, a log), `honed verifiers list` cut every column
+    name and verifier name to a few letters ("refe…"); only the demo's table had room."""
+    import subprocess
+    import sys
+
+    url = f"sqlite:///{tmp_path / 'h.db'}"
+    honed_bin = str(Path(sys.executable).parent / "honed")
+    subprocess.run([honed_bin, "init", "--store", url], check=True, capture_output=True)
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    listed = subprocess.run(
+        [honed_bin, "verifiers", "list", "--store", url], capture_output=True, text=True, env=env
+    )
+    assert "audited precision" in listed.stdout and "…" not in listed.stdout, listed.stdout

@@ -18,6 +18,7 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
 )
+from rich.table import Table
 from sqlalchemy.exc import OperationalError
 from typer.core import TyperGroup
 
@@ -113,3 +114,15 @@ def progress_display(out: Console, *, transient: bool) -> Progress:
         TimeElapsedColumn(),
     )
     return Progress(*columns, console=out, transient=transient)
+
+
+# Off a terminal (a log, a pipe, CI) rich assumes 80 columns and squeezes the table's last column
+# to a few characters a line; a log has no width to respect, so print the table this wide there.
+OFF_TERMINAL_WIDTH = 160
+
+
+def print_table(out: Console, table: Table) -> None:
+    """Print a table; off a terminal, at least `OFF_TERMINAL_WIDTH` wide so no column is crushed."""
+    if not out.is_terminal and out.width < OFF_TERMINAL_WIDTH:
+        out = Console(file=out.file, width=OFF_TERMINAL_WIDTH, no_color=out.no_color)
+    out.print(table)

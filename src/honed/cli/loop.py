@@ -23,6 +23,7 @@ from honed.cli.common import (
     console,
     escape,
     open_store_or_exit,
+    print_table,
     progress_display,
 )
 
@@ -167,18 +168,6 @@ def _cycle_table() -> Table:
         table.add_column(name, justify="right" if name not in ("version", "result") else "left")
     table.add_column("why", overflow="fold", min_width=30, max_width=60)
     return table
-
-
-# Off a terminal (a log, a pipe, CI) rich assumes 80 columns and squeezes the table's last column
-# to a few characters a line; a log has no width to respect, so print the table this wide there.
-OFF_TERMINAL_WIDTH = 160
-
-
-def print_table(out: Console, table: Table) -> None:
-    """Print a table; off a terminal, at least `OFF_TERMINAL_WIDTH` wide so no column is crushed."""
-    if not out.is_terminal and out.width < OFF_TERMINAL_WIDTH:
-        out = Console(file=out.file, width=OFF_TERMINAL_WIDTH, no_color=out.no_color)
-    out.print(table)
 
 
 _STATUS_COLOUR = {"base": "", "promoted": "green", "rejected": "red", "nothing_to_learn": "yellow"}

@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from honed.cli.common import JsonOption, StoreOption, app, console, escape, open_store_or_exit
+from honed.cli.common import JsonOption, StoreOption, app, console, escape, open_store_or_exit, print_table
 from honed.store.registry import (
     ModelVersionInvalid,
     ModelVersionNotFound,
@@ -83,7 +83,7 @@ def versions(
             escape(json.dumps(v.metrics, default=str)) if v.metrics else "",
             escape(v.path),
         )
-    console().print(table)
+    print_table(console(), table)
     if history:
         for e in events:
             moved = f"v{e.from_version} → v{e.version}" if e.from_version else f"v{e.version}"

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from honed.cli.common import JsonOption, StoreOption, app, console, escape, open_store_or_exit
+from honed.cli.common import JsonOption, StoreOption, app, console, escape, open_store_or_exit, print_table
 from honed.store import resolve_store_url
 from honed.store.store import safe_url
 
@@ -77,7 +77,7 @@ def spool(
         table.add_row(
             label, str(row["pending"]), _when(row["oldest"]), _when(row["newest"]), escape(row["path"])
         )
-    console().print(table)
+    print_table(console(), table)
     if waiting:
         console().print(
             "replay one with `honed spool --replay --store URL` (capture also replays it by itself)"

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 from rich.tree import Tree
 
-from honed.cli.common import JsonOption, StoreOption, app, console, escape, open_store_or_exit
+from honed.cli.common import JsonOption, StoreOption, app, console, escape, open_store_or_exit, print_table
 from honed.messages import task_text
 from honed.store import TrajectoryNotFound
 from honed.store.store import AmbiguousTrajectoryId
@@ -75,7 +75,7 @@ def runs(
             _secs(t.duration_s),
             escape(_preview(_outcome(t), 80)),
         )
-    console().print(table)
+    print_table(console(), table)
 
 
 @app.command()

@@ -17,6 +17,7 @@ from honed.cli.common import (
     console,
     escape,
     open_store_or_exit,
+    print_table,
     progress_display,
 )
 from honed.store import TrajectoryNotFound
@@ -193,7 +194,7 @@ def list_verifiers(store: StoreOption = None, as_json: JsonOption = False) -> No
             _num(p.precision if p else None),
             "yes" if (p.usable if p else True) else "[red]no[/red]",
         )
-    console().print(table)
+    print_table(console(), table)
 
 
 @verifiers_app.command("audit")
@@ -240,7 +241,7 @@ def audit(
             table.add_row(
                 label_, f"{rate.value:.3f}", f"[{rate.low:.3f}, {rate.high:.3f}]", f"{rate.k}/{rate.n}"
             )
-    out.print(table)
+    print_table(out, table)
     out.print(f"tp={result.tp} fp={result.fp} tn={result.tn} fn={result.fn}")
     if result.n == 0:
         out.print(f"[yellow]no trajectory has both a {escape(name)} verdict and a {escape(gold)} label[/yellow]; "
