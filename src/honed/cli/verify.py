@@ -98,6 +98,7 @@ def verify(
             worker.on_progress = show
             try:
                 settled = worker.run_forever() if watch else worker.run_once(install_signal_handlers=True)
+                interrupted = worker.stopped  # before `close`, which stops it too
             finally:
                 worker.close()
         stats = worker.stats
@@ -106,7 +107,7 @@ def verify(
         f"({stats.passed} pass, {stats.failed} fail, {stats.undecided} could not tell, {stats.errors} errors, "
         f"{stats.retries} to retry)"
     )
-    if not watch and worker.stopped:
+    if not watch and interrupted:
         # `verify --once && train` must not carry on as if everything had been labelled.
         out.print("[yellow]stopped before the end (interrupted): the rest is left unlabelled[/yellow]")
         raise typer.Exit(130)
