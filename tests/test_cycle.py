@@ -481,3 +481,40 @@ def test_a_gate_whose_attempts_are_never_captured_says_so_at_once(
     report = cycle(world, tie, agent=lambda model: create_agent(model, [], name="uncaptured")).run()
     assert report.status == "failed" and "none of a round's attempts reached the store" in report.reason
     assert time.monotonic() - started < 300
+
+
+@pytest.mark.parametrize("when", ["at the gate", "right after promoting"])
+def test_a_cycle_interrupted_records_what_is_true(
+    world: dict[str, Any], monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
+    """A QA pass (session 16): Ctrl-C during the gate left the candidate `candidate` forever, and
+    right after the promotion committed the run said "the live version was not changed" while
+    the candidate was live."""
+    import dataclasses
+
+    from honed.learn.gate import GateDecision
+
+    store = world["store"]
+    real_decide, real_promote = Cycle._decide, store.promote
+
+    def decide(self: Cycle, *args: Any) -> GateDecision:
+        if when == "at the gate":
+            raise KeyboardInterrupt
+        return dataclasses.replace(real_decide(self, *args), promote=True, reasons=["as if better"])
+
+    def promote(*args: Any, **kwargs: Any) -> Any:
+        real_promote(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Cycle, "_decide", decide)
+    monkeypatch.setattr(store, "promote", promote)
+    tie = SFTMethod(max_steps=1, learning_rate=1e-12, per_device_train_batch_size=4)
+    with pytest.raises(KeyboardInterrupt):
+        cycle(world, tie).run()
+    (run,) = store.training_runs(NAME)
+    version = store.model_version(NAME, 2)
+    if when == "at the gate":
+        assert run.status == "interrupted" and version.status == "rejected"
+        assert store.live_version(NAME).ref == world["v1"].ref
+    else:
+        assert run.status == "promoted" and store.live_version(NAME).ref == version.ref

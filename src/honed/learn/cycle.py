@@ -29,6 +29,7 @@ and scores), `gate.decide`; this module only puts them in order.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -468,10 +469,25 @@ class Cycle:
             )
             return result
         except BaseException:
-            # Ctrl-C or a kill: nothing was promoted; record it so `honed status` tells the truth.
-            self.store.update_training_run(
-                run.id, status="interrupted", reason="interrupted; the live version was not changed"
-            )
+            # Ctrl-C or a kill: record what is true, so `honed status` tells it. Past the promotion
+            # the candidate is live (it was recorded "not changed"); before it, the candidate it
+            # registered is rejected (left `candidate` forever, a later rollback could reach it).
+            made, promoted = result.candidate, False
+            with contextlib.suppress(Exception):
+                live_now = self.store.live_version(self.model)
+                promoted = bool(made) and live_now is not None and live_now.ref == made
+                if made and not promoted:
+                    self.store.reject(
+                        self.model, made, reason="its training run was interrupted before the gate decided"
+                    )
+            if promoted:
+                self.store.update_training_run(
+                    run.id, status="promoted", reason=f"promoted {made}; interrupted while recording it"
+                )
+            else:
+                self.store.update_training_run(
+                    run.id, status="interrupted", reason="interrupted; the live version was not changed"
+                )
             raise
 
     # -- the pieces the cycle calls ----------------------------------------------------------------
