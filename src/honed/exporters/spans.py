@@ -437,29 +437,21 @@ def _otel_message(message: Any) -> dict[str, Any]:
         # Reasoning and tool-call blocks are the parts above and below, already: not twice, and
         # not in a provider's own shape (a `thinking` block's signature).
         parts.extend(_parts(content, skip=CARRIED_BLOCKS))
-    for call in message.get("tool_calls") or ():
+    # A call the model got wrong (its arguments did not parse) is a part too, marked `invalid`:
+    # the reply someone debugging needs to see, not an empty one.
+    calls = [(c, False) for c in message.get("tool_calls") or ()]
+    calls += [(c, True) for c in message.get("invalid_tool_calls") or ()]
+    for call, invalid in calls:
         if isinstance(call, dict):
-            parts.append(
-                {
-                    "type": "tool_call",
-                    "id": call.get("id"),
-                    "name": call.get("name"),
-                    "arguments": call.get("args"),
-                }
-            )
-    # A call the model got wrong (its arguments did not parse): the reply someone debugging
-    # needs to see, not an empty one. Its arguments are the text the model wrote.
-    for call in message.get("invalid_tool_calls") or ():
-        if isinstance(call, dict):
-            parts.append(
-                {
-                    "type": "tool_call",
-                    "id": call.get("id"),
-                    "name": call.get("name"),
-                    "arguments": call.get("args"),
-                    "invalid": call.get("error") or True,
-                }
-            )
+            part = {
+                "type": "tool_call",
+                "id": call.get("id"),
+                "name": call.get("name"),
+                "arguments": call.get("args"),
+            }
+            if invalid:
+                part["invalid"] = call.get("error") or True
+            parts.append(part)
     out: dict[str, Any] = {"role": role, "parts": parts}
     if role != "tool" and isinstance(message.get("name"), str):
         out["name"] = message["name"]
