@@ -442,6 +442,9 @@ def test_clients_sending_huge_conversations_do_not_hold_up_the_others(server: Se
         while not stop.is_set():
             server.post(raw=flood)
 
+    # Another client: loopback takes any 127.x source address, and the server tells clients apart
+    # by address (one client's own requests wait their turn behind each other).
+    other = httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.2"), timeout=60)
     attackers = [threading.Thread(target=attack) for _ in range(3)]
     for attacker in attackers:
         attacker.start()
@@ -450,14 +453,22 @@ def test_clients_sending_huge_conversations_do_not_hold_up_the_others(server: Se
         time.sleep(0.5)
         for _ in range(8):
             started = time.monotonic()
-            assert server.post(ask(max_tokens=4)).status_code == 200
+            reply = other.post(
+                f"{server.url}/v1/chat/completions",
+                json=ask(max_tokens=4),
+                headers={"Authorization": f"Bearer {KEY}"},
+            )
+            assert reply.status_code == 200
             waits.append(time.monotonic() - started)
     finally:
         stop.set()
         for attacker in attackers:
             attacker.join()
+        other.close()
     waits.sort()
-    assert waits[len(waits) // 2] < 2.0, waits  # converted on the event loop: ~5 s each
+    # Measured on 2 cores: 0.9-1.3 s (2.1 s on a loaded CI machine: parsing the floods holds the
+    # GIL, 0.2 s at a time); converted whole before being refused, 12-26 s each.
+    assert waits[len(waits) // 2] < 5.0, waits
 
 
 # -- slow clients ----------------------------------------------------------------------------------------
