@@ -483,6 +483,13 @@ def test_migration_0006_converts_a_store_written_before_and_back(store_url: str)
     store = honed.open_store(store_url)  # migrates to head
     for t in runs:
         assert store.get(t.id).to_dict() == t.to_dict()
+    with store.engine.connect() as conn:  # 0007: no jsonb left to reorder keys
+        types = {
+            str(c["type"])
+            for n in ("trajectories", "steps", "verdicts")
+            for c in inspect(conn).get_columns(n)
+        }
+        assert "JSONB" not in types and "JSON" in types, types
     with store.engine.connect() as conn:
         raw = conn.execute(text("SELECT input FROM steps WHERE id = 'old-3-m2'")).scalar()
     assert (json.loads(raw) if isinstance(raw, str) else raw) == {"messages_ref": [[0, 6]], "tools_ref": 0}
@@ -601,3 +608,30 @@ def test_a_role_that_may_not_read_the_store_is_told_so(pg_url: str) -> None:
             conn.execute(text(f"DROP OWNED BY {role}"))
             conn.execute(text(f"DROP ROLE {role}"))
         admin.dispose()
+
+
+def test_json_reads_back_with_its_keys_in_the_order_written(store_url: str) -> None:
+    """PostgreSQL's jsonb sorted keys shortest first: a tool call's arguments and a tool's schema
+    came back reordered, so training learned another order than the model wrote or saw."""
+    args = {"query": "q", "k": 3, "b": {"zz": 1, "a": 2}}
+    tools = [{"type": "function", "function": {"name": "search", "parameters": {"type": "object",
+              "properties": {"query": {"type": "string"}, "k": {"type": "integer"}}}}}]  # fmt: skip
+    messages = [{"role": "user", "content": "find"}]
+    base = make(1)
+    steps = [
+        dataclasses.replace(base.steps[0], input={"messages": messages, "tools": tools},
+                tool_calls=[{"name": "search", "args": args, "id": "c1"}]),
+        dataclasses.replace(base.steps[1], name="search", input=args),
+    ]  # fmt: skip
+    run = dataclasses.replace(base, steps=steps, metadata={"zeta": 1, "alpha": 2})
+    with honed.open_store(store_url) as store:
+        store.save(run)
+        back = store.get(run.id)
+        assert list(back.steps[0].tool_calls[0]["args"]) == ["query", "k", "b"]
+        assert list(back.steps[0].tool_calls[0]["args"]["b"]) == ["zz", "a"]
+        assert list(back.steps[1].input) == ["query", "k", "b"]
+        schema = back.steps[0].input["tools"][0]["function"]["parameters"]
+        assert list(schema) == ["type", "properties"] and list(schema["properties"]) == ["query", "k"]
+        assert list(back.metadata) == list(run.metadata)
+        (listed,) = store.trajectories(limit=1)
+        assert list(listed.steps[1].input) == ["query", "k", "b"]

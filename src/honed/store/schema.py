@@ -1,6 +1,9 @@
 """SQLAlchemy 2 typed ORM tables of the trajectory store.
 
-The tables mirror `honed.trajectory`; JSON payloads use JSONB on PostgreSQL. Indexes follow the
+The tables mirror `honed.trajectory`; JSON payloads are `json` on PostgreSQL, not `jsonb`: jsonb
+reorders an object's keys (shortest first) and drops repeated ones, so a tool call's arguments or a
+tool's schema would read back in another order than the model wrote or saw them, and training would
+learn that order instead (migration 0007 converts older stores). Indexes follow the
 queries the rest of the loop makes: unlabeled work for verifiers, verified data by split and task
 for trainers, recent runs by agent for the CLI. Schema changes go through Alembic migrations.
 """
@@ -11,23 +14,19 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
-from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
-JSONType = JSON().with_variant(JSONB(), "postgresql")
+JSONType = JSON()
 
 
 class JSONText(TypeDecorator[str]):
-    """A JSON (JSONB) column's value given as its JSON text, encoded by the caller: bound as is,
-    and parsed by the database (SQLite stores the text, PostgreSQL casts it to JSONB). None stays
+    """A JSON column's value given as its JSON text, encoded by the caller: bound as is, and
+    checked by the database (SQLite stores the text, PostgreSQL's `json` keeps it verbatim). None stays
     SQL NULL. The capture writer's inserts use it: SQLAlchemy's JSON type would encode again."""
 
     impl = JSON
     cache_ok = True
-
-    def load_dialect_impl(self, dialect: Any) -> Any:
-        return dialect.type_descriptor(JSONB() if dialect.name == "postgresql" else JSON())
 
     def bind_processor(self, dialect: Any) -> None:
         return None

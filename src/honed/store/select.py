@@ -184,10 +184,12 @@ def _heldout_tasks_and_requests(
 ) -> tuple[set[str], set[str]]:
     """The task ids and request keys (`task_keys`) of every trajectory in `heldout_split` (or
     `heldout`), of the `named` tasks, and with a `fraction` of every task its hash holds out."""
-    from sqlalchemy import select
+    from sqlalchemy import Text, cast, select
 
     from honed.store.schema import TrajectoryRow
 
+    # Distinct by the task's JSON text (PostgreSQL's `json` has no equality to DISTINCT on).
+    task = cast(TrajectoryRow.task, Text)
     task_ids: set[str] = set()
     requests: set[str] = set()
     with store.engine.connect() as conn:
@@ -195,27 +197,27 @@ def _heldout_tasks_and_requests(
         splits = conn.execute(select(TrajectoryRow.split).where(TrajectoryRow.split.is_not(None)).distinct())
         written = [s for (s,) in splits if same_split(s, heldout_split) or same_split(s, HELDOUT)]
         if written:
-            query = select(TrajectoryRow.task_id, TrajectoryRow.task).where(TrajectoryRow.split.in_(written))
-            for task_id, task in conn.execute(query.distinct()):
+            query = select(TrajectoryRow.task_id, task).where(TrajectoryRow.split.in_(written))
+            for task_id, text in conn.execute(query.distinct()):
                 if task_id is not None:
                     task_ids.add(str(task_id))
-                requests |= task_keys(task)
+                requests |= task_keys(_decoded(text))
         if named:  # the runs of a task held out by its id, in any split
             names = sorted(named)
             for start in range(0, len(names), 500):
-                query = select(TrajectoryRow.task).where(
-                    TrajectoryRow.task_id.in_(names[start : start + 500])
-                )
-                for (task,) in conn.execute(query.distinct()):
-                    requests |= task_keys(task)
+                query = select(task).where(TrajectoryRow.task_id.in_(names[start : start + 500]))
+                for (text,) in conn.execute(query.distinct()):
+                    requests |= task_keys(_decoded(text))
         if fraction > 0:  # a hashed-out task's request, whatever split or selection its runs are in
-            query = select(TrajectoryRow.task_id, TrajectoryRow.task).where(
-                TrajectoryRow.task_id.is_not(None)
-            )
-            for task_id, task in conn.execute(query.distinct()):
+            query = select(TrajectoryRow.task_id, task).where(TrajectoryRow.task_id.is_not(None))
+            for task_id, text in conn.execute(query.distinct()):
                 if task_hash(str(task_id)) < fraction:
-                    requests |= task_keys(task)
+                    requests |= task_keys(_decoded(text))
     return task_ids, requests
+
+
+def _decoded(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
 
 
 @dataclass(frozen=True, slots=True)
