@@ -314,6 +314,30 @@ def test_a_heldout_graph_input_or_a_task_held_out_by_id_never_trains_whatever_th
         assert copy.id not in data.trajectory_ids and kept.id in data.trajectory_ids, filters
 
 
+def test_a_heldout_request_served_as_a_bare_message_list_holds_its_variants_out(
+    any_store: TrajectoryStore,
+) -> None:
+    """A QA pass (session 17): `honed serve` stores a task as the bare list of messages it was
+    sent, which the request reader did not read, so the held-out key was that list's raw JSON:
+    the same question with a system prompt, without its "?" or in capitals trained."""
+    import dataclasses
+
+    from honed.store.select import select_trajectories
+
+    store = any_store
+    asked = [{"role": "user", "content": "What is the capital of Heldoutland?"}]
+    add(store, dataclasses.replace(make_trajectory("H1", split="heldout"), task=asked), True)
+    variants = [
+        [{"role": "system", "content": "Be brief."}, *asked],
+        [{"role": "user", "content": "what is the capital of heldoutland"}],
+        [{"role": "user", "content": "  WHAT IS THE CAPITAL   OF HELDOUTLAND? "}],
+    ]
+    leaks = [add(store, dataclasses.replace(make_trajectory(None), task=v), True) for v in variants]
+    kept = add(store, make_trajectory("train-1"), True)
+    assert [t.id for t in select_trajectories(store, verdict="pass")] == [kept.id], leaks
+    assert set(prepare(store, "sft").trajectory_ids) == {kept.id}
+
+
 def test_a_run_whose_call_a_reviewer_changed_is_not_trained_as_the_models(any_store: TrajectoryStore) -> None:
     """A QA pass (session 16): a reviewer edited the model's `add(2, 3)` to `add(2, 4)` and the run
     passed on the edit; both the token rows and the chat rows then trained `add(2, 3)` for the

@@ -349,11 +349,12 @@ def invalid_call_text(call: Mapping[str, Any]) -> str:
 def request_text(task: Any) -> str | None:
     """The user's request in a captured agent input: the input itself when it is text, else the
     last user message of its `messages` (role dicts, LangChain messages or `{"type": "human"}` dicts,
-    `("user", text)` pairs, bare strings), its text blocks joined. None when there is none or it
+    `("user", text)` pairs, bare strings), or of the input itself when it is a list of messages (a
+    chat model called alone, `honed serve`), its text blocks joined. None when there is none or it
     is not text."""
     if isinstance(task, str):
         return task
-    messages = task.get("messages") if isinstance(task, Mapping) else None
+    messages = task.get("messages") if isinstance(task, Mapping) else task
     if isinstance(messages, str):
         return messages
     for m in reversed(messages if isinstance(messages, list) else ()):

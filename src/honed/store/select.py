@@ -127,10 +127,11 @@ def requests_of(item: Any) -> set[str]:
 
 
 def _user_texts(value: Any) -> list[str | None]:
-    """The text of each user message of an input with `messages` (any shape `request_text` reads)."""
+    """The text of each user message of an input with `messages`, or of a list of messages (any
+    shape `request_text` reads)."""
     from honed.messages import request_text
 
-    messages = value.get("messages") if isinstance(value, Mapping) else None
+    messages = value.get("messages") if isinstance(value, Mapping) else value
     if not isinstance(messages, list):
         return []
     return [request_text({"messages": [m]}) for m in messages]
