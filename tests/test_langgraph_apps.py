@@ -129,6 +129,14 @@ def test_a_reviewers_decision_is_stored_as_what_ran_in_the_order_it_ran(
     assert str(tool_step.output).endswith(result) and tool_step.error is None
     if capture == "middleware":  # what the model asked for stays on the step
         assert tool_step.extra["asked"] == {"name": "add", "args": {"a": 2, "b": 3}}
+    # However it was captured (a QA pass, session 17: under callbacks nothing marked the edit),
+    # the run passed on the reviewer's call, not the model's: it never trains as the model's.
+    from honed.learn.datasets import prepare
+
+    store = honed.open_store(sqlite_url)
+    store.add_verdict(t.id, honed.Verdict(passed=True, verifier="human"))
+    data = prepare(store, "sft")
+    assert len(data) == 0 and data.counts["calls_changed_before_running"] == 1
 
 
 @pytest.mark.parametrize("saver", ["memory", "sqlite"])

@@ -334,9 +334,24 @@ def _select(
 
 
 def _call_changed(t: Trajectory) -> bool:
-    """Whether a tool call ran as another than the model asked for (`extra["asked"]`: a
-    reviewer's edit in human-in-the-loop, a middleware's rewrite)."""
-    return any(s.kind == "tool" and "asked" in (s.extra or {}) for s in t.steps)
+    """Whether a tool call ran as another than the model asked for: a reviewer's edit in
+    human-in-the-loop, a middleware's rewrite. `Middleware` records it (`extra["asked"]`); under
+    callbacks (`instrument()`), or resumed in another process, only the model step's call with
+    the tool step's `tool_call_id` tells, so the two are compared here."""
+    asked: dict[Any, dict[str, Any]] = {}
+    for step in t.steps:
+        if step.kind == "model":
+            asked.update((c.get("id"), c) for c in step.tool_calls or () if isinstance(c, dict))
+            continue
+        extra = step.extra or {}
+        if step.kind != "tool":
+            continue
+        if "asked" in extra:
+            return True
+        call = asked.get(extra.get("tool_call_id")) if extra.get("tool_call_id") else None
+        if call is not None and (call.get("args") != step.input or call.get("name") not in (None, step.name)):
+            return True
+    return False
 
 
 def _explicit(store: TrajectoryStore, ids: list[str], heldout: HeldOut) -> list[Trajectory]:
