@@ -86,6 +86,28 @@ FREE_TEXT = {
     "nvidia_key": ("nvapi-" + rand(64), "export NVIDIA_API_KEY={}"),
     "sql_identified_by": ("Sq1" + rand(12), "CREATE USER 'app'@'%' IDENTIFIED BY '{}';"),
     "sql_identified_by_bare": ("Sq1" + rand(12), "alter user app identified by {}"),
+    # A QA pass (session 17): vendor tokens, connection-string keys and signed URLs no rule knew.
+    "vault_token": ("hvs." + rand(90), "VAULT_TOKEN={} vault kv get secret/app"),
+    "digitalocean_token": ("dop_v1_" + rand(64, "0123456789abcdef"), "doctl auth init -t {}"),
+    "shopify_token": ("shpat_" + rand(32, "0123456789abcdef"), "the store's admin token is {}"),
+    "google_oauth_token": ("ya29." + rand(60), "GET /drive/v3/files with access token {}"),
+    "google_refresh_token": ("1//0" + rand(60), "refresh_token: {}"),
+    "discord_webhook": (
+        f"https://discord.com/api/webhooks/{rand(18, string.digits)}/{rand(68)}",
+        "post the build status to {}",
+    ),
+    "azure_account_key": (
+        rand(86) + "==",
+        "DefaultEndpointsProtocol=https;AccountName=acct;AccountKey={};EndpointSuffix=core.windows.net",
+    ),
+    "azure_sas_sig": (rand(43) + "%3D", "https://acct.blob.core.windows.net/c/f?sv=2021-06-08&sp=r&sig={}"),
+    "s3_presigned": (
+        rand(64, "0123456789abcdef"),
+        "https://b.s3.amazonaws.com/k?X-Amz-Expires=60&X-Amz-Signature={}",
+    ),
+    "apim_subscription_key": (rand(32, "0123456789abcdef"), "Ocp-Apim-Subscription-Key: {}"),
+    "api_key_flag_spaced": (rand(32), "mycli deploy --api-key {} --region eu"),
+    "token_flag_spaced": (rand(32), "gh-runner register --token {}"),
 }
 
 
@@ -135,6 +157,9 @@ SECRET_KEYS = [
     "secrets",
     "api_keys",
     "clientSecrets",
+    "AccountKey",  # Azure (a QA pass, session 17)
+    "SharedAccessKey",
+    "Ocp-Apim-Subscription-Key",
 ]
 
 
@@ -661,6 +686,8 @@ ORDINARY = [
     "<name>bob</name><key>ordinary</key><secretary>Ann</secretary>",
     "env:\n  - name: LOG_LEVEL\n    value: debug\n",
     "GET /q?x=a%20b%20c&next=https%3A%2F%2Fexample.com%2Fpath",
+    "mycli --api-key $API_KEY --token-file ~/.token; pass --secret name to pick one",
+    "the signature=valid and sig=ok; ya29 is a model name, hvs.short too",
 ]
 
 

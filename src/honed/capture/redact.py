@@ -427,6 +427,8 @@ _SECRET_KEYS = {
     **dict.fromkeys(("apikey", "xapikey", "apitoken", "xgoogapikey"), "api_key"),
     **dict.fromkeys(("authorization", "proxyauthorization", "auth", "xauth", "basicauth"), "authorization"),
     **dict.fromkeys(("secret", "clientsecret", "secretkey", "appsecret", "accesskeysecret"), "secret"),
+    # Azure: a storage account's key, a Service Bus / Event Hubs key, an API Management subscription.
+    **dict.fromkeys(("accountkey", "sharedaccesskey", "subscriptionkey", "ocpapimsubscriptionkey"), "secret"),
     **dict.fromkeys(("privatekey", "sshprivatekey"), "private_key"),
     **dict.fromkeys(("cookie", "setcookie", "cookies"), "cookie"),
     **dict.fromkeys(
@@ -566,8 +568,12 @@ _ANCHORS = re.compile(
     r"|(?<=glagent-)|(?=----BEGIN)|(?<=\s-)[pu]|-(?:user|pass))"
     r"|-(?:(?<=tvly-)|(?<=xai-)|(?<=pplx-)|(?<=nvapi-))"
     r"|_(?:(?<=gh[pousr]_)|(?<=github_pat_)|(?<=k_live_)|(?<=k_test_)|(?<=whsec_)|(?<=hf_)|(?<=npm_)"
-    r"|(?<=lsv2_)|(?<=gsk_)"
+    r"|(?<=lsv2_)|(?<=gsk_)|(?<=do[por]_)|(?<=shp(?:at|ca|pa|ss)_)"
     r"|(?=authToken))"
+    # Vault `hvs.`, Google OAuth `ya29.` and refresh `1//0...` tokens, Discord webhooks, and signed
+    # URLs' `sig=` (Azure SAS) and `X-Amz-Signature=` / `X-Goog-Signature=`.
+    r"|\.(?:(?<=hv[sbr]\.)|(?<=ya29\.))|/(?:(?<=1//)(?=0)|(?<=/api/)(?=webhooks/))"
+    r"|=(?:(?<=sig=)|(?<=Signature=)|(?<=signature=))"
     r"|A(?:KIA|SIA|BIA|CCA|3T|Iza|KC|ccountKey)|PRIVATE KEY|GR1348941|SG\.|J(?<=eyJ)"
     r"|:(?:(?=//[^\s/?#@]*@)|(?=AA[0-9A-Za-z_-]{33})|(?=//hooks\.slack\.com/))|%(?:(?<=sk%)(?=2[Dd])|(?=3[Aa]%2[Ff]%2[Ff]))"
     # Vendor tokens detect-secrets knows by shape: Twilio `SK` + 32 hex, Mailchimp `<32 hex>-us<N>`,
@@ -808,6 +814,16 @@ def _password_flag(m: re.Match[str]) -> str:
     return _splice(m, group, _marker("password"))
 
 
+def _key_flag(m: re.Match[str]) -> str:
+    """`--api-key KEY`, `--token TOKEN`, `--secret S` on a command line (`--token=T` is an assignment)."""
+    group = 3 if m.group(3) is not None else 4
+    if _is_reference(m.group(group)) or len(m.group(group)) < 8:
+        return m.group(0)  # `--token $TOKEN`, `--api-key --help`, `--secret name`
+    flag = m.group(1).lower()
+    kind = "api_key" if "key" in flag else "token" if "token" in flag else "secret"
+    return _splice(m, group, _marker(kind))
+
+
 # Commands whose `-p` is a password: attached only (`mysql -pPASS`; `mysql -p db` prompts), either way,
 # or after `login` with a space.
 _ATTACHED_P = ("mysql", "mariadb")
@@ -909,6 +925,26 @@ _RULES = (
     _Rule(r"xai-[A-Za-z0-9]{40,}", _whole("xai_key", left_bounded=True)),
     _Rule(r"pplx-[A-Za-z0-9]{40,}", _whole("perplexity_key", left_bounded=True)),
     _Rule(r"nvapi-[A-Za-z0-9_-]{40,}", _whole("nvidia_key", left_bounded=True)),
+    # HashiCorp Vault service, batch and recovery tokens; DigitalOcean personal, OAuth and refresh
+    # tokens; Shopify access tokens; Google OAuth access and refresh tokens; Discord webhooks.
+    _Rule(r"hv[sbr]\.[A-Za-z0-9_-]{24,}", _whole("vault_token", left_bounded=True)),
+    _Rule(r"do[por]_v1_[a-f0-9]{64}", _whole("digitalocean_token", left_bounded=True)),
+    _Rule(r"shp(?:at|ca|pa|ss)_[a-fA-F0-9]{32}", _whole("shopify_token", left_bounded=True)),
+    _Rule(r"ya29\.[0-9A-Za-z_-]{20,}", _whole("google_oauth_token", left_bounded=True)),
+    _Rule(r"1//0[0-9A-Za-z_-]{30,}", _whole("google_refresh_token", left_bounded=True)),
+    _Rule(
+        r"https://(?:canary\.|ptb\.)?discord(?:app)?\.com/api/webhooks/[0-9]+/[A-Za-z0-9_-]+",
+        _marker("discord_webhook"),
+    ),
+    # Keys in connection strings and signed URLs: Azure's `AccountKey=` and `SharedAccessKey=`, a
+    # SAS URL's `sig=`, S3's `X-Amz-Signature=` and GCS's `X-Goog-Signature=` (each grants access
+    # on its own until it expires).
+    _Rule(
+        rf"(?i)(?<![A-Za-z0-9_-])(?:accountkey|sharedaccesskey|sig|x-amz-signature|x-goog-signature)="
+        rf"{_NOT_REDACTED}([^\s&;'\"<>]{{16,}})",
+        _group(1, "secret"),
+        anchors=("accountkey=", "sharedaccesskey=", "sig=", "x-amz-signature=", "x-goog-signature="),
+    ),
     _Rule(r"npm_[A-Za-z0-9]{36}", _whole("npm_token")),
     # Stripe secret and restricted keys (test and live), and webhook signing secrets.
     _Rule(
@@ -962,6 +998,12 @@ _RULES = (
         anchors=("--pass",),
     ),
     _Rule(
+        rf"(?<![\w-])--(api-?key|(?:auth-|access-)?token|(?:client-)?secret)[ \t]+{_NOT_REDACTED}"
+        rf"(?:(['\"])([^'\"\r\n]*+)\2|([^\s'\"]++))",
+        _key_flag,
+        anchors=("--api", "--token", "--auth-token", "--access-token", "--secret", "--client-secret"),
+    ),
+    _Rule(
         rf"(?<![^\s'\"])-p([ \t]+)?+{_NOT_REDACTED}(?:(['\"])([^'\"\r\n]*+)\2|([^\s'\"]++))",
         _short_password_flag,
         anchors=("-p",),
@@ -990,9 +1032,9 @@ _RULES = (
     _Rule(rf"(?i)\bbearer[ \t]+{_NOT_REDACTED}([A-Za-z0-9._~+/-]+=*)", _bearer, anchors=("bearer",)),
     # X-Api-Key, Api-Key, X-Goog-Api-Key, X-Auth-Token, X-Access-Token, Private-Token headers.
     _Rule(
-        rf"(?i)(?:api-key|auth-token|access-token|private-token){_SEP}{_NOT_REDACTED}([^\s'\"`,;\\]{{6,}})",
+        rf"(?i)(?:api-key|auth-token|access-token|private-token|subscription-key){_SEP}{_NOT_REDACTED}([^\s'\"`,;\\]{{6,}})",
         _group(1, "api_key"),
-        anchors=("api-key", "auth-token", "access-token", "private-token"),
+        anchors=("api-key", "auth-token", "access-token", "private-token", "subscription-key"),
     ),
     _Rule(
         rf"(?i)cookie\\?['\"]?[ \t]*:[ \t]*\\?['\"]?{_NOT_REDACTED}([^\r\n'\"\\]+)",
