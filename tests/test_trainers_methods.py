@@ -488,6 +488,10 @@ def test_a_users_trl_config_reaches_the_trainer(store: TrajectoryStore, tiny: Pa
     assert args.save_strategy == "no" and args.assistant_only_loss  # left at TRL's default: honed's
     chosen = method.config()["chosen"]
     assert chosen["learning_rate"] == 3e-4 and "output_dir" not in chosen
+    # What is recorded with the run holds no credential (a QA pass, session 17: a `hub_token`).
+    token = "hf_" + "a1B2c3D4e5" * 4
+    recorded = json.dumps(SFTMethod(config=config, hub_token=token).config())
+    assert token not in recorded and "[REDACTED:" in recorded
     # TRL's activation checkpointing stays on; the shared-prefix loss gives way to TRL's.
     assert args.activation_checkpointing is True
     assert trainer.train().global_step == 1

@@ -396,3 +396,24 @@ def test_verify_once_stopped_by_ctrl_c_says_so_and_exits_non_zero(tmp_path: Path
     proc.send_signal(signal.SIGINT)
     output, _ = proc.communicate(timeout=30)
     assert proc.returncode == 130 and "stopped before the end" in output, output
+
+
+def test_a_verifiers_error_or_evidence_quoting_a_secret_is_stored_redacted(store_url: str) -> None:
+    """A QA pass (session 17): a goal check's HTTP error quoted its URL's API key, and the
+    verdict's reason and traceback stored it in the clear (verdicts never met the redactor)."""
+    from honed.trajectory import Verdict
+
+    key = "AIza" + "Sy0123456789abcdefghijklmnopqrstuvw"
+
+    def check(state: dict) -> object:
+        raise RuntimeError(f"401 Client Error: Unauthorized for url: https://api.example.com/v1?key={key}")
+
+    store = honed.open_store(store_url)
+    store.save(traj("leaky", {"answer": "x"}, verifier="goal"))
+    store.save(traj("quoted", "x", verifier="reference"))
+    assert Worker(store, [GoalCheck(check)], max_attempts=1).run_once() == 2  # a goal check meets both
+    store.add_verdict("quoted", Verdict(passed=False, verifier="human", reason=f"it printed {key}",
+                                        evidence={"stdout": f"GOOGLE_API_KEY={key}"}))  # fmt: skip
+    with store.engine.connect() as conn:
+        stored = " ".join(str(row) for row in conn.execute(text("SELECT reason, evidence FROM verdicts")))
+    assert "Unauthorized" in stored and "[REDACTED:" in stored and key not in stored

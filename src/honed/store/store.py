@@ -50,7 +50,7 @@ from honed.store.reader import read, trajectory_columns
 from honed.store.registry import ModelRegistry
 from honed.store.schema import JSONText, StepRow, TrajectoryRow, UTCDateTime, VerdictRow
 from honed.store.training import TrainingLog
-from honed.store.verification import VerificationStore
+from honed.store.verification import VerificationStore, redacted_verdict
 from honed.trajectory import ERROR_KEY, INTERRUPTED, Step, Trajectory, Verdict
 
 log = logging.getLogger("honed")
@@ -310,14 +310,15 @@ class TrajectoryStore:
                     VerdictRow.version == verdict.version,
                 )
             )
+            reason, evidence = redacted_verdict(verdict)
             row = VerdictRow(
                 trajectory_id=trajectory_id,
                 verifier=verdict.verifier,
                 version=verdict.version,
                 passed=verdict.passed,
                 score=verdict.score,
-                reason=verdict.reason,
-                evidence=verdict.evidence,
+                reason=reason,
+                evidence=evidence,
                 duration_s=verdict.duration_s,
             )
             session.add(row)

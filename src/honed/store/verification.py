@@ -10,6 +10,7 @@ renewing it, and once `lease_until` passes the row is claimable again.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import re
@@ -29,6 +30,7 @@ from honed.store.verification_tables import VerificationClaimRow, VerifierAuditR
 from honed.trajectory import ERROR_KEY, INTERRUPTED, Verdict
 
 if TYPE_CHECKING:
+    from honed.capture.redact import Redactor
     from honed.store.audit import AuditResult
 
 C = VerificationClaimRow
@@ -516,7 +518,23 @@ def _upsert_verdicts(session: Any, rows: list[dict[str, Any]]) -> None:
     )
 
 
+@functools.cache
+def _redactor() -> Redactor:
+    from honed.capture.redact import Redactor
+
+    return Redactor()
+
+
+def redacted_verdict(v: Verdict) -> tuple[str, dict[str, Any]]:
+    """A verdict's reason and evidence as they may be stored: redacted like captured text. A
+    verifier's exception quotes a failing URL with its API key, a sandbox's output prints the
+    environment; the agent's own text was redacted at capture, these were not."""
+    redactor = _redactor()
+    return redactor.redact_text(str(v.reason or "")), redactor.redact(_plain_json(v.evidence or {}))
+
+
 def _verdict_row(trajectory_id: str, v: Verdict, now: datetime) -> dict[str, Any]:
+    reason, evidence = redacted_verdict(v)
     return {
         "trajectory_id": trajectory_id,
         "verifier": v.verifier,
@@ -524,10 +542,10 @@ def _verdict_row(trajectory_id: str, v: Verdict, now: datetime) -> dict[str, Any
         # A "pass" that reports an error failed to judge: stored as the verifier error it is.
         "passed": None if v.passed is True and (v.evidence or {}).get(ERROR_KEY) else v.passed,
         "score": float(v.score),
-        "reason": scrubbed(str(v.reason or "")),
-        # What a verifier quotes of the agent's output (a NUL PostgreSQL's jsonb refuses, a set)
-        # must never fail the batch: every other trajectory's verdict waited behind it, forever.
-        "evidence": _plain_json(v.evidence or {}),
+        "reason": scrubbed(reason),
+        # What a verifier quotes of the agent's output (a NUL PostgreSQL refuses, a set) must
+        # never fail the batch: every other trajectory's verdict waited behind it, forever.
+        "evidence": _plain_json(evidence),
         "duration_s": float(v.duration_s or 0.0),
         "created_at": now,
     }

@@ -103,16 +103,22 @@ class TrlMethod:
         if settings.get("activation_checkpointing") is None:
             settings["activation_checkpointing"] = bool(settings.get("gradient_checkpointing"))
         peft = self._peft()
-        return _jsonable(
-            {
-                "method": self.name,
-                "trl_config": cls.__name__,
-                "settings": dict(sorted(settings.items())),
-                "chosen": self.chosen,
-                "lora": self.lora,
-                "peft": peft.to_dict() if peft is not None else None,
-                **self._extra_config(),
-            }
+        from honed.capture.redact import Redactor
+
+        # Recorded in the store: a `hub_token` (any setting named like a secret) goes as it would
+        # in a captured step.
+        return Redactor().redact(
+            _jsonable(
+                {
+                    "method": self.name,
+                    "trl_config": cls.__name__,
+                    "settings": dict(sorted(settings.items())),
+                    "chosen": self.chosen,
+                    "lora": self.lora,
+                    "peft": peft.to_dict() if peft is not None else None,
+                    **self._extra_config(),
+                }
+            )
         )
 
     def train(
