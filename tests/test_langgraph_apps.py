@@ -835,6 +835,39 @@ def test_agents_handing_off_in_a_graph(capture: str, sqlite_url: str) -> None:
         )  # handed the conversation from the request on
 
 
+def test_a_turn_that_hands_the_conversation_on_is_not_judged_alone(sqlite_url: str) -> None:
+    """A QA pass (session 17): under `Middleware`, each agent's turn of a team is a trajectory
+    with the run's labels; the triage turn (answer `{"handoff": ...}`) failed the run's reference,
+    so the task's pass rate read 1/2 for a run that passed, and failure-learning methods took a
+    correct handoff for a failure. A handoff turn is a step of the run: could not tell."""
+    from langgraph.graph import START, MessagesState, StateGraph
+
+    from honed.learn.datasets import task_pass_rates
+
+    middleware = capture_middleware("middleware", sqlite_url)
+    desk = StateGraph(MessagesState)
+    desk.add_node("triage", create_agent(ToolScriptModel(), [transfer_to_billing], name="triage",
+                                         middleware=middleware), destinations=("billing",))  # fmt: skip
+    desk.add_node("billing", create_agent(ToolScriptModel(), [add], name="billing", middleware=middleware))
+    desk.add_edge(START, "triage")
+    request = "call transfer_to_billing {}; answer billing here: {result}"
+    desk.compile(name="desk").invoke(
+        {"messages": [("user", request)]}, {"metadata": {"honed": {
+            "task_id": "desk-1", "expected": "billing here: transferred to billing", "split": "train"}}},
+    )  # fmt: skip
+    honed.flush()
+    store = honed.open_store(sqlite_url)
+    assert Worker(store, [ReferenceMatch()]).run_once() == 2
+    triage, billing = store.trajectories(oldest_first=True)
+    assert triage.handed_off_to == "billing" and billing.handed_off_to is None
+    assert (
+        triage.verdicts[0].passed is None
+        and "handed the conversation to 'billing'" in triage.verdicts[0].reason
+    )
+    assert billing.verdicts[0].passed is True
+    assert task_pass_rates(store)["desk-1"] == (1, 1)  # one run, one judged answer, passed
+
+
 def test_a_replay_or_fork_from_an_earlier_checkpoint_is_a_run_of_its_own(
     capture: str, sqlite_url: str
 ) -> None:

@@ -22,6 +22,7 @@ INTERRUPTED = "interrupted"  # a run paused for a human (LangGraph `interrupt()`
 STRUCTURED_KEY = "structured_response"  # where a `create_agent(response_format=...)` agent leaves its answer
 TRUNCATED_KEY = "__truncated__"  # marks a field the recorder replaced because it was over the size cap
 REDACTED_MARK = "[REDACTED:"  # how every redaction marker starts: `[REDACTED:<kind>]`
+HANDOFF_KEY = "handoff"  # the output of an agent's turn that handed the conversation on
 ERROR_KEY = "error"  # evidence key that marks a verdict as a verifier failure, not a judgement
 Label = Literal["pass", "fail", "unknown"]
 
@@ -142,6 +143,16 @@ class Trajectory:
         elif isinstance(output, dict) and isinstance(output.get("answer"), str):
             return output["answer"]
         return "" if output is None else json.dumps(output, ensure_ascii=False, sort_keys=True)
+
+    @property
+    def handed_off_to(self) -> str | None:
+        """The agent this run handed the conversation to (`Command(goto=..., graph=PARENT)`), when
+        its turn ended that way: `Middleware` on the agents of a team stores each agent's turn,
+        and a turn that hands off is a step of the team's run, not an outcome to judge alone."""
+        output = self.output
+        if isinstance(output, dict) and len(output) == 1 and isinstance(output.get(HANDOFF_KEY), str):
+            return output[HANDOFF_KEY]
+        return None
 
     @property
     def finished(self) -> bool:

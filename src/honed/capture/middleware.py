@@ -48,6 +48,7 @@ from honed.capture.events import (
 from honed.capture.recorder import Recorder
 from honed.capture.roots import RootRun, current_root, watch_roots
 from honed.store import TrajectoryStore
+from honed.trajectory import HANDOFF_KEY
 
 log = logging.getLogger("honed")
 
@@ -479,7 +480,7 @@ class Middleware(AgentMiddleware):
             # hook never runs.
             with _live_lock:
                 _live.pop(trajectory_id, None)
-            self.recorder.emit((END, trajectory_id, None, now, {"handoff": goto[0]}))
+            self.recorder.emit((END, trajectory_id, None, now, {HANDOFF_KEY: goto[0]}))
 
     def _failed(self, trajectory_id: str, step_id: str, exc: BaseException) -> None:
         now = time.time()

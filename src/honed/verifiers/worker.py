@@ -49,6 +49,7 @@ from honed.verifiers.protocol import (
     error_verdict,
     names,
     trust_of,
+    verdict,
     verifier_key,
     verifier_name,
 )
@@ -363,7 +364,13 @@ class Worker:
         """One verifier call; whatever it raises or returns becomes a well-formed verdict."""
         started = time.perf_counter()
         try:
-            result = verifier.verify(t)
+            handed_to = t.handed_off_to
+            if handed_to is not None:  # not judged alone: the team's answer came later
+                result = verdict(
+                    None, f"handed the conversation to {handed_to[:80]!r}: a step of the team's run"
+                )
+            else:
+                result = verifier.verify(t)
             if not isinstance(result, Verdict):
                 raise TypeError(
                     f"{verifier_name(verifier)}.verify returned {type(result).__name__}, not a Verdict"
