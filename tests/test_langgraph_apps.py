@@ -866,6 +866,12 @@ def test_a_turn_that_hands_the_conversation_on_is_not_judged_alone(sqlite_url: s
     )
     assert billing.verdicts[0].passed is True
     assert task_pass_rates(store)["desk-1"] == (1, 1)  # one run, one judged answer, passed
+    # The billing turn's conversation holds triage's call to a tool billing was never offered:
+    # no row (trained against billing's tools, it would teach billing that call).
+    from honed.messages import NotExportable, chat_example
+
+    with pytest.raises(NotExportable, match="calls_tools_not_offered"):
+        chat_example(billing)
 
 
 def test_a_replay_or_fork_from_an_earlier_checkpoint_is_a_run_of_its_own(

@@ -190,7 +190,7 @@ def test_sft_rows_are_the_conversation_with_tools_as_objects_and_arguments_as_te
     store: TrajectoryStore,
 ) -> None:
     add(store, make_trajectory("t1", reasoning="Add them."), True)
-    add(store, make_trajectory("t2", tools=[ECHO_SCHEMA]), True)
+    add(store, make_trajectory("t2", tools=[ECHO_SCHEMA, ADD_SCHEMA]), True)
     rows = {row["task_id"]: row for row in prepare(store, "sft").dataset}
     messages = rows["t1"]["messages"]
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "tool", "assistant"]
@@ -200,7 +200,7 @@ def test_sft_rows_are_the_conversation_with_tools_as_objects_and_arguments_as_te
     assert messages[4]["content"] == "The sum is 5."
     # Each row keeps its own tool schema whole: no keys merged in from the other row.
     assert rows["t1"]["tools"] == [ADD_SCHEMA]
-    assert rows["t2"]["tools"] == [ECHO_SCHEMA]
+    assert rows["t2"]["tools"] == [ECHO_SCHEMA, ADD_SCHEMA]
 
 
 # -- the held-out wall -------------------------------------------------------------------------

@@ -409,7 +409,22 @@ def chat_example(trajectory: Trajectory, *, reasoning: bool = False) -> dict[str
         if any(is_truncated(t) or not isinstance(t, dict) for t in tools):
             raise NotExportable("truncated", trajectory.id)
         example["tools"] = tools
+    offered = {(t.get("function") or {}).get("name") for t in example.get("tools", ())}
+    _, attempt = split_at_last_user(example["messages"])
+    if offered and any(
+        call["function"]["name"] not in offered for m in attempt for call in m.get("tool_calls") or ()
+    ):
+        # Another agent's calls in the conversation (a team sharing its messages): trained
+        # against this model's tools, they would teach it tools it was never offered. (No tools
+        # recorded says nothing: a model that does not report what it was bound to.)
+        raise NotExportable("calls_tools_not_offered", trajectory.id)
     return example
+
+
+def split_at_last_user(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(messages up to and including the last user message, the rest): a run's input and its attempt."""
+    cut = max((i + 1 for i, m in enumerate(messages) if m["role"] == "user"), default=0)
+    return messages[:cut], messages[cut:]
 
 
 def completion_trajectory(

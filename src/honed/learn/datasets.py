@@ -35,7 +35,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from honed.exporters.datasets import dataset_features
-from honed.messages import MessageError, NotExportable, chat_example, openai_messages
+from honed.messages import MessageError, NotExportable, chat_example, openai_messages, split_at_last_user
 from honed.store import TrajectoryNotFound
 from honed.store.select import HeldOut, HeldOutLeak, request_key, requests_of, same_split
 from honed.tokenizer_id import tokenizer_id
@@ -454,12 +454,6 @@ class _Example:
         the attempt. In a later turn of a conversation the earlier turns are input: they were
         judged by their own runs' verdicts, not this one's."""
         return split_at_last_user(self.messages)
-
-
-def split_at_last_user(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(messages up to and including the last user message, the rest): a run's input and its attempt."""
-    cut = max((i + 1 for i, m in enumerate(messages) if m["role"] == "user"), default=0)
-    return messages[:cut], messages[cut:]
 
 
 class _Build:

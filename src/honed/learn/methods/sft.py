@@ -112,7 +112,7 @@ def teacher_prompts(data: TrainingData) -> Any:
     rows: what the on-policy student answers while the teacher scores it."""
     from datasets import Dataset
 
-    from honed.learn.datasets import split_at_last_user
+    from honed.messages import split_at_last_user
 
     if "messages" not in data.dataset.column_names:
         raise ValueError(
