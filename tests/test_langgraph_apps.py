@@ -25,7 +25,7 @@ from langchain_core.messages import ToolMessage
 from langchain_core.tools import InjectedToolCallId, tool
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.prebuilt import InjectedState
-from langgraph.types import Command
+from langgraph.types import Command, interrupt
 from pydantic import BaseModel
 from typer.testing import CliRunner
 
@@ -1273,3 +1273,38 @@ def test_a_huge_state_key_does_not_cost_the_answer(capture: str, sqlite_url: str
     assert honed.flush()
     (t,) = honed.open_store(sqlite_url).trajectories()
     assert t.answer == "the sum is 5" and t.output["document"]["__truncated__"] is True
+
+
+def test_a_subagent_paused_at_an_interrupt_is_no_failed_step(sqlite_url: str) -> None:
+    """A QA pass (session 17): under `Middleware`, a subagent (an agent called by a tool) that
+    paused at `interrupt()` left its step open; the caller's trajectory ended first, so the step
+    read "incomplete: the run ended before this step finished", an ERROR span in OTLP."""
+
+    @tool
+    def approve_search(q: str) -> str:
+        """Search, once a person approves."""
+        return f"found {q}" if interrupt({"search": q}) else "denied"
+
+    middleware = [honed.Middleware(store=sqlite_url)]
+    searcher = create_agent(ToolScriptModel(), [approve_search], name="searcher", middleware=middleware)
+
+    @tool
+    def delegate(q: str) -> str:
+        """Ask the searcher."""
+        request = f'call approve_search {{"q": "{q}"}}; answer searcher says {{result}}'
+        return searcher.invoke({"messages": [("user", request)]})["messages"][-1].content
+
+    top = create_agent(
+        ToolScriptModel(), [delegate], name="top", middleware=middleware, checkpointer=InMemorySaver()
+    )
+    config = thread("th-sub")
+    top.invoke({"messages": [("user", 'call delegate {"q": "otters"}; answer top says {result}')]}, config)
+    done = top.invoke(Command(resume=True), config)
+    assert done["messages"][-1].content == "top says searcher says found otters"
+    assert honed.flush()
+    (t,) = honed.open_store(sqlite_url).trajectories()
+    assert t.status == "ok"
+    subagent_steps = [s for s in t.steps if s.kind == "node" and s.name == "searcher"]
+    assert len(subagent_steps) == 2 and not any(s.error for s in t.steps), [
+        (s.name, s.error) for s in t.steps
+    ]

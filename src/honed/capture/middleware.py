@@ -298,7 +298,10 @@ class Middleware(AgentMiddleware):
             with _live_lock:
                 _live[trajectory_id] = live
         if live.root is not None:
-            live.root.on_end(lambda run, error: self._root_ended(trajectory_id, live, run, error))
+            # A subagent's step closes before the trajectory it is a step of.
+            live.root.on_end(
+                lambda run, error: self._root_ended(trajectory_id, live, run, error), first=not live.whole
+            )
 
     def _root_ended(
         self, trajectory_id: str, live: _Live, root: RootRun, error: BaseException | None
@@ -309,9 +312,13 @@ class Middleware(AgentMiddleware):
             if _live.get(trajectory_id) is not live:
                 return  # closed already, or reopened under a later run
             del _live[trajectory_id]
-        if not live.whole:
-            return
         now = time.time()
+        if not live.whole:
+            # A subagent's step, still open: the run paused inside it (its resume runs the
+            # subagent again, as a step of its own). Left open, it read as a failure.
+            if live.final is None and (error is None or isinstance(error, GraphBubbleUp)):
+                self.recorder.emit((END, trajectory_id, None, now, None))
+            return
         if live.final is not None:
             # The graph's own output (its output schema leaves out other middlewares' private
             # state): a part of the state. A root that wraps the agent (`agent | RunnableLambda`,

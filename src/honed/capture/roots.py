@@ -45,8 +45,14 @@ class RootRun:
         self.interrupts: list[Any] = []
         self._on_end: list[Callable[[RootRun, BaseException | None], None]] = []
 
-    def on_end(self, callback: Callable[[RootRun, BaseException | None], None]) -> None:
-        self._on_end.append(callback)
+    def on_end(
+        self, callback: Callable[[RootRun, BaseException | None], None], *, first: bool = False
+    ) -> None:
+        """Call `callback` when the run ends; `first`: before those registered so far."""
+        if first:
+            self._on_end.insert(0, callback)
+        else:
+            self._on_end.append(callback)
 
 
 def current_root() -> RootRun | None:
