@@ -65,6 +65,12 @@ def check(verifier, t: Trajectory) -> Verdict:
         ("00123", "00123", "auto", True),
         ("it is 5.0", "5", "auto", True),
         ("between 3\u20135", "5", "auto", True),  # an en dash is a range, not a minus
+        # A digit inside a word is no number (a QA pass, session 17: an untrained model's byte soup
+        # passed its gate this way); a unit after one is fine.
+        ("ro w ect6end dd", "6", "auto", False),
+        ("see mp3", "3", "auto", False),
+        ("id x7f2a", "2", "auto", False),
+        ("the trip is 6km", "6", "auto", True),
     ],
 )
 def test_reference_modes(answer: str, expected, mode: str, passed: bool) -> None:

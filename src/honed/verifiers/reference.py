@@ -38,8 +38,10 @@ MODES: tuple[str, ...] = (
     "json",
 )
 
+# A number starts a word: "mp3", "x7f2a" and the "ect6end" of an untrained model's byte soup hold no
+# answer (a QA pass, session 17: each passed its digit's reference). A unit may follow ("6km").
 _NUMBER = re.compile(
-    r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?|[-+]?\.\d+(?:[eE][-+]?\d+)?"
+    r"(?<![\w.])(?:[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?|[-+]?\.\d+(?:[eE][-+]?\d+)?)"
 )
 _EDGE_PUNCTUATION = " \t\n.,;:!?\"'`*_()[]"
 _MAX_REGEX_INPUT = 10_000  # an answer's head: a quadratic pattern on 100,000 characters stalled a worker
