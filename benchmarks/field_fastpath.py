@@ -92,8 +92,8 @@ def main() -> None:
     parser.add_argument("--trajectories", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    from honed.capture import redact
     from honed.capture.serialize import Serializer
+    from honed.redaction import redact
 
     payloads = fields(args.trajectories)
     serializer = Serializer(redactor=redact.Redactor())

@@ -108,8 +108,8 @@ def main() -> None:
     args = parser.parse_args()
     repeats = 2 if args.quick else 5
 
-    from honed.capture.redact import Redactor
     from honed.capture.serialize import Serializer
+    from honed.redaction.redact import Redactor
 
     redactor = Redactor()
     redactor.redact_text("warm up: password='hunter2' and detect-secrets' settings")

@@ -520,3 +520,30 @@ def test_a_cycle_interrupted_records_what_is_true(
         assert store.live_version(NAME).ref == world["v1"].ref
     else:
         assert run.status == "promoted" and store.live_version(NAME).ref == version.ref
+
+
+def test_honed_train_stopped_by_sigterm_ends_as_ctrl_c_does(world: dict[str, Any], tmp_path: Path) -> None:
+    """A QA pass (session 17): `kill`/`docker stop` ended `honed train` at once (Python's
+    default SIGTERM): its run stayed `running` and `honed status` showed the dead trainer holding
+    the model for its lock's whole ttl. SIGTERM now ends it as Ctrl-C does."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    tests = str(Path(__file__).parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "honed.cli", "train", NAME, "--store", world["url"],
+               "--suite", "adder_suite:Adder", "--min-new-verified", "1", "--samples", "1",
+               "--output-dir", str(tmp_path / "models"), "--json"]  # fmt: skip
+    trainer = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    assert trainer.stderr is not None
+    for _line in trainer.stderr:  # progress lines: stopped once training has begun
+        if world["store"].training_runs(NAME, limit=1):
+            break
+    trainer.send_signal(signal.SIGTERM)
+    trainer.communicate(timeout=120)
+    assert trainer.returncode == 130
+    (run,) = world["store"].training_runs(NAME)
+    assert run.status == "interrupted" and world["store"].trainer_lock_holder(NAME) is None
+    assert world["store"].live_version(NAME).ref == world["v1"].ref

@@ -21,8 +21,8 @@ from langchain.agents import create_agent
 
 import honed
 from fakes import ToolScriptModel
-from honed.capture.redact import Redactor
 from honed.capture.serialize import Serializer
+from honed.redaction.redact import Redactor
 from honed.trajectory import is_truncated
 
 _rng = random.Random(20260114)
@@ -492,8 +492,8 @@ def test_tool_schemas_keep_parameters_named_like_secrets() -> None:
 
 
 def test_detect_secrets_skips_what_the_rules_already_redacted() -> None:
-    from honed.capture._textmatch import lower
-    from honed.capture.secret_scan import candidate_spans
+    from honed.redaction._textmatch import lower
+    from honed.redaction.secret_scan import candidate_spans
 
     done = "password = '[REDACTED:password]' and PWD='[REDACTED:password]';"
     assert candidate_spans(done, lower(done)) == []

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from honed.capture.redact import Redactor
 from honed.capture.serialize import Serializer, to_jsonable
+from honed.redaction.redact import Redactor
 from honed.trajectory import is_truncated
 
 _rng = random.Random(20240611)

@@ -91,6 +91,14 @@ def test_a_trainer_killed_on_this_machine_frees_its_lock_and_its_candidate_is_re
     store.acquire_trainer_lock("agent", owner=holder, ttl_s=3600)
     run = store.start_training_run("agent", "sft", parent=None, config={}, owner=holder)
     orphan = store.register_model("agent", _model_files(tmp_path / "v1"), training_run=run.id)
+    # What `honed status` reads meanwhile (a QA pass, session 17: "trainer running" for the lock's
+    # whole ttl, the run `running`): nobody holds it, the run was interrupted.
+    from honed.cli.loop import loop_status
+
+    assert store.trainer_lock_holder("agent") is None
+    (shown,) = loop_status(store, "agent")["models"]
+    assert shown["trainer"] is None and shown["last_run"]["status"] == "interrupted"
+    assert store.trainer_lock_holder("boxed") is not None  # another pid space: alive until its ttl
     store.acquire_trainer_lock("other", owner="elsewhere:1", ttl_s=3600)
     with pytest.raises(TrainerBusy):  # a holder on another machine keeps it until it expires
         store.acquire_trainer_lock("other", owner="b")

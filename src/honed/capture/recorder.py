@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from honed.capture.events import FLUSH, PENDING_LINGER_S
-from honed.capture.redact import Redactor
 from honed.capture.serialize import Serializer
 from honed.capture.sinks import ExporterSink, Sink, StoreSink, TrajectoryExporter
 from honed.capture.store_process import ProcessStoreSink
+from honed.redaction.redact import Redactor
 from honed.store import TrajectoryStore
 
 log = logging.getLogger("honed")

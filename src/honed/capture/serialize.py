@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from honed._json import dumps as fast_json_dumps
 
 if TYPE_CHECKING:
-    from honed.capture.redact import Redactor
+    from honed.redaction.redact import Redactor
 
 logger = logging.getLogger("honed")
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import re
+import signal
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -244,6 +246,7 @@ def train(
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     out = Console(stderr=True) if as_json else console()  # under --json, stdout is JSON lines only
+    _sigterm_is_ctrl_c()
     s = open_store_or_exit(store, create=True)
     chosen = load_suite(suite) if suite else None
     if chosen is not None:
@@ -293,6 +296,18 @@ def train(
         time.sleep(interval)
 
 
+def _sigterm_is_ctrl_c() -> None:
+    """`kill`, `docker stop`, a scheduler's timeout end a training run as Ctrl-C does: the run
+    recorded interrupted, its candidate rejected, the trainer lock released. (Python's default
+    SIGTERM ends the process at once, and `honed status` showed a dead trainer running.)"""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
+
+
 # -- honed status ----------------------------------------------------------------------------------
 
 
@@ -324,19 +339,25 @@ def loop_status(store: Any, name: str | None = None) -> dict[str, Any]:
         evals = [e for e in store.eval_runs(model, split="heldout") if live and e.version == live.ref]
         runs = store.training_runs(model, limit=1)
         last = runs[0] if runs else None
+        trainer = store.trainer_lock_holder(model)
+        orphaned = last is not None and last.status == "running" and trainer is None
         status["models"].append(
             {
                 "model": model,
                 "live": live.ref if live else None,
                 "live_heldout_pass_at_1": evals[-1].metrics.get("pass_at_1") if evals else None,
-                "trainer": store.trainer_lock_holder(model),
+                "trainer": trainer,
                 "last_run": None
                 if last is None
                 else {
                     "id": last.id,
                     "method": last.method,
-                    "status": last.status,
-                    "reason": last.reason,
+                    # Running with no trainer holding the model (killed, or its lock expired): the
+                    # next trainer records it interrupted; say so now.
+                    "status": "interrupted" if orphaned else last.status,
+                    "reason": "the trainer stopped before finishing (its process ended or its lock expired)"
+                    if orphaned
+                    else last.reason,
                     "candidate": last.candidate,
                     "ended_at": last.ended_at.isoformat() if last.ended_at else None,
                     "stuck_tasks": last.data.get("stuck_tasks"),

@@ -225,8 +225,8 @@ class TrainingLog:
     def trainer_lock_holder(self, model: str) -> str | None:
         with self._sessions() as session:
             row = session.get(TrainerLockRow, model)
-            if row is None or row.expires_at < datetime.now(UTC):
-                return None
+            if row is None or row.expires_at < datetime.now(UTC) or _process_gone(row.owner):
+                return None  # a trainer killed on this machine holds nothing, whatever its ttl
             return row.owner
 
     @contextmanager

@@ -30,7 +30,7 @@ from honed.store.verification_tables import VerificationClaimRow, VerifierAuditR
 from honed.trajectory import ERROR_KEY, INTERRUPTED, Verdict
 
 if TYPE_CHECKING:
-    from honed.capture.redact import Redactor
+    from honed.redaction.redact import Redactor
     from honed.store.audit import AuditResult
 
 C = VerificationClaimRow
@@ -520,7 +520,7 @@ def _upsert_verdicts(session: Any, rows: list[dict[str, Any]]) -> None:
 
 @functools.cache
 def _redactor() -> Redactor:
-    from honed.capture.redact import Redactor
+    from honed.redaction.redact import Redactor
 
     return Redactor()
 

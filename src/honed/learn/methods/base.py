@@ -103,7 +103,7 @@ class TrlMethod:
         if settings.get("activation_checkpointing") is None:
             settings["activation_checkpointing"] = bool(settings.get("gradient_checkpointing"))
         peft = self._peft()
-        from honed.capture.redact import Redactor
+        from honed.redaction.redact import Redactor
 
         # Recorded in the store: a `hub_token` (any setting named like a secret) goes as it would
         # in a captured step.

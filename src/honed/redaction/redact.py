@@ -33,12 +33,12 @@ import shlex
 from collections.abc import Callable
 from typing import Any
 
-from honed.capture._textmatch import NOT_REDACTED as _NOT_REDACTED
-from honed.capture._textmatch import after as _after
-from honed.capture._textmatch import anchored_matches as _anchored_matches
-from honed.capture._textmatch import lower as _lower
-from honed.capture._textmatch import marker as _marker
-from honed.capture.secret_scan import DetectSecrets
+from honed.redaction._textmatch import NOT_REDACTED as _NOT_REDACTED
+from honed.redaction._textmatch import after as _after
+from honed.redaction._textmatch import anchored_matches as _anchored_matches
+from honed.redaction._textmatch import lower as _lower
+from honed.redaction._textmatch import marker as _marker
+from honed.redaction.secret_scan import DetectSecrets
 
 logger = logging.getLogger("honed")
 

@@ -18,7 +18,7 @@ import threading
 from contextlib import ExitStack
 from typing import Any
 
-from honed.capture._textmatch import MARKER_SPLIT, NOT_REDACTED, after, anchored_matches, lower, marker
+from honed.redaction._textmatch import MARKER_SPLIT, NOT_REDACTED, after, anchored_matches, lower, marker
 
 logger = logging.getLogger("honed")
 
