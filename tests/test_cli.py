@@ -36,6 +36,9 @@ def test_runs_table_and_json(captured: str) -> None:
     result = runner.invoke(app, ["runs", "--store", captured])
     assert result.exit_code == 0, result.output
     assert "2 trajectories" in result.output and "ok-task" in result.output and "bad-task" in result.output
+    # A list cut by --limit says so (a QA pass, session 17: "20 trajectories" of 330).
+    result = runner.invoke(app, ["runs", "--store", captured, "--limit", "1"], env={"COLUMNS": "200"})
+    assert "1 of 2 trajectories" in result.output, result.output
 
     result = runner.invoke(app, ["runs", "--store", captured, "--json", "--status", "error"])
     rows = [json.loads(line) for line in result.output.splitlines()]

@@ -329,6 +329,7 @@ def test_nothing_to_learn_is_said_loudly_and_a_failed_run_is_recorded(world: dic
     info = json.loads(result.output)
     model = info["models"][0]
     assert model["live"] == world["v1"].ref and model["last_run"]["status"] == "failed"
+    assert model["trainable"] == 8  # what its next cycle selects (a QA pass, session 17: the store's)
     assert info["trajectories"] >= 8 and info["unlabeled"] == 0
     shown = CliRunner().invoke(app, ["status", "--store", world["url"]], env={"COLUMNS": "200"})
     assert shown.exit_code == 0 and "training run failed" in shown.output, shown.output

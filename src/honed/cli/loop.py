@@ -247,7 +247,7 @@ def train(
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     out = Console(stderr=True) if as_json else console()  # under --json, stdout is JSON lines only
     _sigterm_is_ctrl_c()
-    s = open_store_or_exit(store, create=True)
+    s = open_store_or_exit(store, create=False)  # a model to train is registered in it already
     chosen = load_suite(suite) if suite else None
     if chosen is not None:
         factory = lambda model: suite_agent(chosen, model, store=s, name=name)  # noqa: E731
@@ -313,6 +313,7 @@ def _sigterm_is_ctrl_c() -> None:
 
 def loop_status(store: Any, name: str | None = None) -> dict[str, Any]:
     """The loop at a glance, as data (the command prints it)."""
+    from honed.learn.cycle import lineage
     from honed.learn.watch import divergences
     from honed.store.select import count_selected
 
@@ -341,12 +342,22 @@ def loop_status(store: Any, name: str | None = None) -> dict[str, Any]:
         last = runs[0] if runs else None
         trainer = store.trainer_lock_holder(model)
         orphaned = last is not None and last.status == "running" and trainer is None
+        # What `honed train MODEL` selects (its agent, the live version's lineage), not the store's.
+        learnable = (
+            sum(
+                count_selected(store, verdict="pass", agent=model, model_version=v.ref)
+                for v in lineage(store, live)
+            )
+            if live is not None
+            else 0
+        )
         status["models"].append(
             {
                 "model": model,
                 "live": live.ref if live else None,
                 "live_heldout_pass_at_1": evals[-1].metrics.get("pass_at_1") if evals else None,
                 "trainer": trainer,
+                "trainable": learnable,
                 "last_run": None
                 if last is None
                 else {
@@ -410,6 +421,7 @@ def status(
         out.print(
             f"[bold]{escape(m['model'])}[/bold]: live {escape(m['live'] or 'none')}"
             + (f", held-out pass@1 {score:.1%}" if score is not None else ", not evaluated on held-out yet")
+            + f"; {m['trainable']} verified passes of its agent's lineage to learn from"
             + (f"; trainer running ({escape(m['trainer'])})" if m["trainer"] else "")
         )
         for flag in m["reward_hacking"]:

@@ -49,6 +49,13 @@ def runs(
             thread_id=thread,
         )
         untrusted = s.untrusted_verifiers()
+        matching = (
+            len(found)
+            if limit is None or len(found) < limit
+            else s.count(
+                agent=agent, task_id=task_id, split=split, status=status, verdict=verdict, thread_id=thread
+            )  # type: ignore[arg-type]
+        )
     if as_json:
         for t in found:
             data = t.to_dict()
@@ -56,7 +63,10 @@ def runs(
             data["n_steps"] = len(t.steps)
             typer.echo(json.dumps(data, ensure_ascii=False, default=str))
         return
-    table = Table(title=f"{len(found)} trajectories", show_lines=False, pad_edge=False)
+    shown = (
+        f"{len(found)} trajectories" if matching == len(found) else f"{len(found)} of {matching} trajectories"
+    )
+    table = Table(title=f"{shown}, newest first", show_lines=False, pad_edge=False)
     table.add_column("id", no_wrap=True, min_width=12)
     table.add_column("started", no_wrap=True)
     table.add_column("agent / task", overflow="fold")
