@@ -137,6 +137,13 @@ def test_a_reviewers_decision_is_stored_as_what_ran_in_the_order_it_ran(
     store.add_verdict(t.id, honed.Verdict(passed=True, verifier="human"))
     data = prepare(store, "sft")
     assert len(data) == 0 and data.counts["calls_changed_before_running"] == 1
+    # ... nor as an exported dataset's row (a QA pass, session 17: `honed export` wrote it).
+    from honed.exporters import select_trajectories, write_jsonl
+
+    result = write_jsonl(
+        select_trajectories(store, verdict="pass"), sqlite_url.removeprefix("sqlite:///") + ".jsonl"
+    )
+    assert result.written == 0 and result.skipped == {"call_changed_before_running": 1}
 
 
 @pytest.mark.parametrize("saver", ["memory", "sqlite"])

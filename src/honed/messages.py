@@ -59,7 +59,7 @@ from langchain_core.messages import (
     ToolMessage,
 )
 
-from honed.trajectory import Step, Trajectory, is_truncated
+from honed.trajectory import Step, Trajectory, call_changed_before_running, is_truncated
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
@@ -394,6 +394,8 @@ def chat_example(trajectory: Trajectory, *, reasoning: bool = False) -> dict[str
     assistant turns (TRL's Qwen3 template trains on it; OpenAI's API does not take it).
     Raises `NotExportable`.
     """
+    if call_changed_before_running(trajectory):
+        raise NotExportable("call_changed_before_running", trajectory.id)
     step = _last_chat_step(trajectory)
     if is_truncated(step.output):
         raise NotExportable("truncated", trajectory.id)

@@ -231,6 +231,28 @@ def is_verifier_error(verdict: Verdict) -> bool:
     return verdict.passed is None and ERROR_KEY in (verdict.evidence or {})
 
 
+def call_changed_before_running(t: Trajectory) -> bool:
+    """Whether a tool call ran as another than the model asked for: a reviewer's edit in
+    human-in-the-loop, a middleware's rewrite. Such a run passed on someone else's call, not the
+    model's: neither training nor an exported dataset may teach it as the model's. `Middleware` records it (`extra["asked"]`); under
+    callbacks (`instrument()`), or resumed in another process, only the model step's call with
+    the tool step's `tool_call_id` tells, so the two are compared here."""
+    asked: dict[Any, dict[str, Any]] = {}
+    for step in t.steps:
+        if step.kind == "model":
+            asked.update((c.get("id"), c) for c in step.tool_calls or () if isinstance(c, dict))
+            continue
+        extra = step.extra or {}
+        if step.kind != "tool":
+            continue
+        if "asked" in extra:
+            return True
+        call = asked.get(extra.get("tool_call_id")) if extra.get("tool_call_id") else None
+        if call is not None and (call.get("args") != step.input or call.get("name") not in (None, step.name)):
+            return True
+    return False
+
+
 def label(
     verdicts: Iterable[Verdict], *, untrusted: Iterable[str] = (), only: Iterable[str] | None = None
 ) -> bool | None:

@@ -39,7 +39,7 @@ from honed.messages import MessageError, NotExportable, chat_example, openai_mes
 from honed.store import TrajectoryNotFound
 from honed.store.select import HeldOut, HeldOutLeak, request_key, requests_of, same_split
 from honed.tokenizer_id import tokenizer_id
-from honed.trajectory import HELDOUT, INTERRUPTED, Task, Trajectory, label
+from honed.trajectory import HELDOUT, INTERRUPTED, Task, Trajectory, call_changed_before_running, label
 
 if TYPE_CHECKING:
     import datasets
@@ -175,10 +175,10 @@ def prepare(
     )  # fmt: skip
     # A run whose tool call a person (or a middleware) changed before it ran passed on their
     # call, not the model's: trained on, the model learned the very call the reviewer fixed.
-    edited = [t for t in selected if _call_changed(t)]
+    edited = [t for t in selected if call_changed_before_running(t)]
     if edited:
         counts["calls_changed_before_running"] = len(edited)
-        selected = [t for t in selected if not _call_changed(t)]
+        selected = [t for t in selected if not call_changed_before_running(t)]
     only = None if verifiers is None else set(verifiers)
     labels = {t.id: label(t.verdicts, untrusted=untrusted_names, only=only) for t in selected}
     counts["selected"] = len(selected)
@@ -331,27 +331,6 @@ def _select(
         del found[i]
     counts["heldout_excluded"] += len(leaked)
     return sorted(found.values(), key=_age)
-
-
-def _call_changed(t: Trajectory) -> bool:
-    """Whether a tool call ran as another than the model asked for: a reviewer's edit in
-    human-in-the-loop, a middleware's rewrite. `Middleware` records it (`extra["asked"]`); under
-    callbacks (`instrument()`), or resumed in another process, only the model step's call with
-    the tool step's `tool_call_id` tells, so the two are compared here."""
-    asked: dict[Any, dict[str, Any]] = {}
-    for step in t.steps:
-        if step.kind == "model":
-            asked.update((c.get("id"), c) for c in step.tool_calls or () if isinstance(c, dict))
-            continue
-        extra = step.extra or {}
-        if step.kind != "tool":
-            continue
-        if "asked" in extra:
-            return True
-        call = asked.get(extra.get("tool_call_id")) if extra.get("tool_call_id") else None
-        if call is not None and (call.get("args") != step.input or call.get("name") not in (None, step.name)):
-            return True
-    return False
 
 
 def _explicit(store: TrajectoryStore, ids: list[str], heldout: HeldOut) -> list[Trajectory]:
