@@ -573,6 +573,40 @@ def test_live_batches_with_content_stay_under_a_receivers_message_limit() -> Non
     assert len(sink.spans) == 60 * 7 and exporter.stats()["spans_failed"] == 0
 
 
+def test_live_export_faster_than_its_endpoint_leaves_whole_traces_out_and_counts_them() -> None:
+    """A QA pass (session 17): with the endpoint slower than the agents, the SDK's queue dropped
+    its oldest spans silently (3,303 of 3,500 arrived, traces without their root, and
+    `export_errors` said 0). A trajectory without room is now left out whole, and counted."""
+    import threading
+
+    release = threading.Event()
+
+    class Slow(Collect):
+        def export(self, spans: Any) -> SpanExportResult:
+            release.wait(30)
+            return super().export(spans)
+
+    steps = [Step(id=f"s{i}", index=i, kind="model", name="m", output={"role": "assistant", "content": "x"})
+             for i in range(6)]  # fmt: skip
+    runs = [
+        Trajectory(id=str(uuid.UUID(int=i + 1)), agent="a", task="t", steps=steps, output="ok")
+        for i in range(400)
+    ]
+    sink = Slow()
+    exporter = LiveExporter(span_exporter=sink)
+    exporter.export(runs)
+    release.set()
+    assert exporter.force_flush()
+    exporter.shutdown()
+    stats = exporter.stats()
+    assert stats["spans_unqueued"] > 0 and stats["spans_dropped"] == stats["spans_unqueued"]
+    assert len(sink.spans) + stats["spans_unqueued"] == 400 * 7
+    per_trace: dict[int, int] = {}
+    for span in sink.spans:
+        per_trace[span.context.trace_id] = per_trace.get(span.context.trace_id, 0) + 1
+    assert set(per_trace.values()) == {7}  # whole trajectories, each with its root
+
+
 # -- a real backend: Arize Phoenix -------------------------------------------------------------------
 
 

@@ -188,11 +188,17 @@ class LiveExporter:
             self._sender, max_queue_size=max_queue_size, schedule_delay_millis=schedule_delay_millis
         )
         self._lock = threading.Lock()
-        self._counts = {"trajectories": 0, "spans_queued": 0, "mapping_errors": 0}
+        self._counts = {
+            "trajectories": 0, "spans_queued": 0, "mapping_errors": 0,
+            "trajectories_unqueued": 0, "spans_unqueued": 0,
+        }  # fmt: skip
 
     def export(self, trajectories: Sequence[Trajectory]) -> None:
-        """Queue the spans of finished trajectories; returns at once, never raises."""
-        queued = errors = 0
+        """Queue the spans of finished trajectories; returns at once, never raises. A trajectory
+        the queue has no room for (the endpoint slower than the agents) is left out whole and
+        counted (`spans_unqueued`, in `honed.stats()["export_errors"]`): the SDK's queue dropped
+        its oldest spans silently, leaving traces without their root. A replay resends it."""
+        queued = errors = unqueued = unqueued_spans = 0
         for trajectory in trajectories:
             try:
                 spans = self.mapper.spans(trajectory)
@@ -200,13 +206,33 @@ class LiveExporter:
                 errors += 1
                 log.exception("honed: could not map trajectory %s to spans", getattr(trajectory, "id", "?"))
                 continue
+            room = self._queue_room()
+            if room is not None and len(spans) > room:
+                unqueued, unqueued_spans = unqueued + 1, unqueued_spans + len(spans)
+                continue
             for span in spans:
                 self._processor.on_end(span)
             queued += len(spans)
         with self._lock:
-            self._counts["trajectories"] += len(trajectories) - errors
+            self._counts["trajectories"] += len(trajectories) - errors - unqueued
             self._counts["spans_queued"] += queued
             self._counts["mapping_errors"] += errors
+            first = unqueued and not self._counts["trajectories_unqueued"]
+            self._counts["trajectories_unqueued"] += unqueued
+            self._counts["spans_unqueued"] += unqueued_spans
+        if first:
+            log.warning(
+                "honed: the OTLP queue is full (the endpoint is slower than the agents): trajectories are "
+                "left out of live export (counted in honed.stats()); `honed export otlp` resends them"
+            )
+
+    def _queue_room(self) -> int | None:
+        """Free places in the SDK processor's queue (None where its internals differ)."""
+        batch = getattr(self._processor, "_batch_processor", None)
+        queue, size = getattr(batch, "_queue", None), getattr(batch, "_max_queue_size", None)
+        if queue is None or not isinstance(size, int):
+            return None
+        return size - len(queue)
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
         """Send everything queued now (blocks; for tests and short scripts)."""
@@ -219,7 +245,9 @@ class LiveExporter:
     def stats(self) -> dict[str, int]:
         with self._lock:
             counts = dict(self._counts)
-        return {**counts, **self._sender.stats()}
+        sender = self._sender.stats()
+        # Never sent live, as the breaker's drops: what `export_errors` adds up.
+        return {**counts, **sender, "spans_dropped": sender["spans_dropped"] + counts["spans_unqueued"]}
 
     def __repr__(self) -> str:
         return f"LiveExporter(endpoint={shown_endpoint(self.endpoint)!r})"
