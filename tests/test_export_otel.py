@@ -410,6 +410,52 @@ def test_replay_over_http_sends_the_sdks_bytes_or_falls_back(
         server.server_close()
 
 
+def test_replay_says_what_a_receiver_refused_in_a_partial_success(captured: str) -> None:
+    """A QA pass (session 17): a receiver answering 200 with `partial_success` (spans too old for
+    its retention: what a `--since 7d` replay sends) kept none, and `honed export otlp` said
+    "sent 41 spans" and exited 0."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+        ExportTraceServiceResponse,
+    )
+    from typer.testing import CliRunner
+
+    from honed.cli import app
+
+    class Refusing(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            request = ExportTraceServiceRequest.FromString(
+                self.rfile.read(int(self.headers["Content-Length"]))
+            )
+            answer = ExportTraceServiceResponse()
+            answer.partial_success.rejected_spans = sum(
+                len(s.spans) for r in request.resource_spans for s in r.scope_spans
+            )
+            answer.partial_success.error_message = "spans older than the retention window"
+            body = answer.SerializeToString()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        result = replay(honed.open_store(captured).trajectories(), url)
+        assert result.spans > 0 and result.rejected == result.spans
+        assert result.rejection == "spans older than the retention window"
+        shown = CliRunner().invoke(app, ["export", "otlp", "--store", captured, "--endpoint", url])
+        assert shown.exit_code == 1 and "refused" in shown.output and "retention window" in shown.output
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_endpoint_protocol_and_resource_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     assert traces_url("http://h:4318") == "http://h:4318/v1/traces"
     assert traces_url("http://h:4318/") == "http://h:4318/v1/traces"

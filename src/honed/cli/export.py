@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from honed.cli.common import JsonOption, StoreOption, app, console, escape, open_store_or_exit
+from honed.cli.common import JsonOption, StoreOption, app, console, err_console, escape, open_store_or_exit
 from honed.store import TrajectoryStore
 from honed.store.select import Selection, count_selected, select_trajectories
 
@@ -141,10 +141,24 @@ def export_otlp(
     where = shown_endpoint(endpoint)
     if as_json:
         typer.echo(
-            json.dumps({"trajectories": result.trajectories, "spans": result.spans, "endpoint": where})
+            json.dumps(
+                {
+                    "trajectories": result.trajectories,
+                    "spans": result.spans,
+                    "rejected": result.rejected,
+                    "rejection": result.rejection,
+                    "endpoint": where,
+                }
+            )
         )
     else:
         console().print(f"sent {result.spans} spans of {result.trajectories} trajectories to {escape(where)}")
+    if result.rejected:
+        err_console().print(
+            f"[yellow]the receiver refused {result.rejected} of them: "
+            f"{escape(result.rejection or 'it gave no reason')}[/yellow]"
+        )
+        raise typer.Exit(1)
 
 
 def _dataset_command(

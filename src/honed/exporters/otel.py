@@ -261,6 +261,10 @@ class ReplayResult:
     spans: int = 0
     batches: int = 0
     retries: int = 0
+    # Of `spans`, those the receiver took the request of but refused (OTLP `partial_success`),
+    # and what it said about them.
+    rejected: int = 0
+    rejection: str | None = None
 
 
 def replay(
@@ -321,6 +325,8 @@ def replay(
         result.spans += len(pending)
         result.trajectories += pending_trajectories
         result.batches += 1
+        result.rejected = getattr(exporter, "rejected_spans", 0)
+        result.rejection = getattr(exporter, "rejection", None)
         pending, pending_trajectories, pending_bytes = [], 0, 0
 
     # A batch is mapped, encoded and sent with the cyclic collector paused (as the store's read

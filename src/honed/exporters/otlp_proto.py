@@ -13,7 +13,9 @@ request, only a slower one.
 
 from __future__ import annotations
 
+import logging
 import struct
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -22,6 +24,8 @@ from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExport
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.trace import SpanKind
+
+log = logging.getLogger("honed")
 
 _U64 = struct.Struct("<Q").pack
 _F64 = struct.Struct("<d").pack
@@ -57,6 +61,12 @@ class HTTPSpanExporter(OTLPSpanExporter):
     SDK's opt-in self-metrics (`OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED`) do not count the
     requests sent here."""
 
+    # Spans a receiver accepted the request of but refused (OTLP `partial_success`: too old, over a
+    # quota), and its message about the last of them. The SDK reads no response body: a replay
+    # said "sent" of spans the backend had dropped.
+    rejected_spans = 0
+    rejection: str | None = None
+
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         client = getattr(self, "_client", None)
         if getattr(self, "_shutdown", True) or not hasattr(client, "export"):
@@ -67,8 +77,49 @@ class HTTPSpanExporter(OTLPSpanExporter):
             return super().export(spans)
         if 0 < getattr(self, "_max_request_size", 0) < len(data):
             return super().export(spans)  # the SDK logs the batch as too large and drops it
+        answers = self._watch_answers(client)
         sent = client.export(data)
+        if sent.success and answers is not None and answers:
+            self._count_rejected(answers[-1])
         return SpanExportResult.SUCCESS if sent.success else SpanExportResult.FAILURE
+
+    def _watch_answers(self, client: Any) -> list[Any] | None:
+        """A list the client's HTTP transport appends each response of this thread to (None
+        where the transport is not where SDK 1.45 keeps it)."""
+        transport = getattr(client, "_transport", None)
+        if transport is None or not callable(getattr(transport, "request", None)):
+            return None
+        local = self.__dict__.setdefault("_answers", threading.local())
+        if not getattr(transport, "_honed_watched", False):
+            request = transport.request
+
+            def watched(*args: Any, **kwargs: Any) -> Any:
+                answer = request(*args, **kwargs)
+                answers = getattr(local, "answers", None)
+                if answers is not None:
+                    answers.append(answer)
+                return answer
+
+            transport.request, transport._honed_watched = watched, True
+        local.answers = []
+        return local.answers
+
+    def _count_rejected(self, answer: Any) -> None:
+        try:
+            from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
+
+            body = answer.content()
+            partial = ExportTraceServiceResponse.FromString(body).partial_success if body else None
+        except Exception:  # not protobuf (some receivers answer JSON or nothing): nothing said
+            return
+        if partial is not None and partial.rejected_spans > 0:
+            self.rejected_spans += partial.rejected_spans
+            self.rejection = partial.error_message[:500] or None
+            log.warning(
+                "honed: the OTLP receiver refused %d spans: %s",
+                partial.rejected_spans,
+                self.rejection or "it gave no reason",
+            )
 
 
 def encode_request(spans: Sequence[ReadableSpan]) -> bytes:
