@@ -873,6 +873,9 @@ def test_content_stays_sendable_and_faithful_when_capture_cut_or_a_conversation_
              output={"role": "assistant", "content": "done"}, started_at=now, ended_at=now),
         Step(id="t1", index=2, kind="tool", name="ask_helper", input={}, output="x", started_at=now, ended_at=now),
         Step(id="n1", index=3, kind="node", name="helper", parent_id="t1", started_at=now, ended_at=now),
+        Step(id="n2", index=4, kind="node", name="model", parent_id="n1", started_at=now, ended_at=now),
+        Step(id="m5", index=5, kind="model", name="m", parent_id="n2", extra={"settings": {"_type": "anthropic-chat"}},
+             output={"role": "assistant", "content": "42"}, started_at=now, ended_at=now),
     ]  # fmt: skip
     t = Trajectory(id=str(uuid.uuid4()), agent="boss", steps=steps, started_at=now, ended_at=now)
     spans = {s.attributes.get("honed.step.id"): s for s in spans_of(t, capture_content=True)}
@@ -911,6 +914,8 @@ def test_content_stays_sendable_and_faithful_when_capture_cut_or_a_conversation_
     assert (
         helper.name == "invoke_agent helper" and helper.attributes["gen_ai.operation.name"] == "invoke_agent"
     )
+    # The conventions require the provider on an agent span (a QA pass, session 17: missing here).
+    assert helper.attributes["gen_ai.provider.name"] == "anthropic"
 
 
 def test_the_part_of_a_run_resumed_in_another_process_is_not_sent_live_as_a_trace_of_its_own() -> None:

@@ -128,10 +128,21 @@ class SpanMapper:
         end = _ns(t.ended_at) or max((_ns(s.ended_at) or 0 for s in t.steps), default=0) or start
         spans = [self._root_span(t, root, start, end)]
         tools = {s.id for s in t.steps if s.kind == "tool"}
+        first_model: dict[str, Step] = {}  # the first model call under a step: its agent's provider
+        parents = {s.id: s.parent_id for s in t.steps}
+        for step in t.steps:
+            above = step.parent_id if step.kind == "model" else None
+            while above and above not in first_model:
+                first_model[above] = step
+                above = parents.get(above)
         for step in t.steps:
             parent = step_contexts.get(step.parent_id or "", root)
             agent = step.kind == "node" and step.parent_id in tools  # a subagent a tool ran
-            spans.append(self._step_span(step, step_contexts[step.id], parent, start, agent=agent))
+            spans.append(
+                self._step_span(
+                    step, step_contexts[step.id], parent, start, agent=agent, model=first_model.get(step.id)
+                )
+            )
         if self.verdict_spans:
             spans.extend(self._verdict_span(t, v, root, end) for v in t.verdicts)
         return spans
@@ -175,7 +186,14 @@ class SpanMapper:
     # -- steps -------------------------------------------------------------------------------
 
     def _step_span(
-        self, step: Step, context: SpanContext, parent: SpanContext, fallback: int, *, agent: bool = False
+        self,
+        step: Step,
+        context: SpanContext,
+        parent: SpanContext,
+        fallback: int,
+        *,
+        agent: bool = False,
+        model: Step | None = None,
     ) -> ReadableSpan:
         start = _ns(step.started_at) or fallback
         end = _ns(step.ended_at) or start
@@ -191,6 +209,7 @@ class SpanMapper:
         elif agent:  # an agent a tool invoked: the conventions' `invoke_agent` span
             name, kind = f"invoke_agent {step.name}", SpanKind.INTERNAL
             attributes["gen_ai.operation.name"] = "invoke_agent"
+            attributes["gen_ai.provider.name"] = _provider(model) if model is not None else DEFAULT_PROVIDER
             attributes["gen_ai.agent.name"] = step.name
             attributes["openinference.span.kind"] = "AGENT"
         else:  # a graph node: plain structure, so the model and tool spans under it keep their place
