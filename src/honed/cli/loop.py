@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -242,7 +243,6 @@ def train(
     from honed.demo.suite import gate_verifiers
     from honed.learn.cycle import Cycle, DataConfig, GateConfig
     from honed.learn.evaluate import suite_agent
-    from honed.store.training import TrainerBusy
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     out = Console(stderr=True) if as_json else console()  # under --json, stdout is JSON lines only
@@ -261,21 +261,32 @@ def train(
         out.print("[red]say how to run the agent: --suite NAME or --agent module:factory[/red]")
         raise typer.Exit(2)
     interval = parse_every(every) if every else None
+    try:
+        _train_cycles(out, interval, as_json, lambda on_progress: Cycle(
+            s,
+            model=name,
+            method=_method(method, chosen),
+            agent=factory,
+            verifiers=verifiers,
+            watched=watched,
+            heldout=tasks,
+            data=DataConfig(agent=name, min_new_verified=min_new_verified),
+            gate=GateConfig(margin=margin, samples=samples),
+            output_dir=output_dir,
+            on_progress=on_progress,
+        ))  # fmt: skip
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (`_sigterm_is_ctrl_c`): the cycle recorded it
+        out.print("[yellow]interrupted: the training run is recorded as such[/yellow]")
+        raise typer.Exit(130) from None
+
+
+def _train_cycles(out: Console, interval: float | None, as_json: bool, make: Callable[[Any], Any]) -> None:
+    """One cycle (`make` builds it on a progress callback), or one every `interval` s."""
+    from honed.store.training import TrainerBusy
+
     while True:
         with _progress(out) as on_progress:
-            cycle = Cycle(
-                s,
-                model=name,
-                method=_method(method, chosen),
-                agent=factory,
-                verifiers=verifiers,
-                watched=watched,
-                heldout=tasks,
-                data=DataConfig(agent=name, min_new_verified=min_new_verified),
-                gate=GateConfig(margin=margin, samples=samples),
-                output_dir=output_dir,
-                on_progress=on_progress,
-            )
+            cycle = make(on_progress)
             try:
                 report = cycle.run()
             except TrainerBusy as exc:
