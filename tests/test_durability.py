@@ -80,3 +80,61 @@ def test_kill_9_loses_at_most_the_runs_that_ended_within_the_lag(tmp_path: Path,
     ends, killed, lag, stored = _run_and_kill(tmp_path, signal.SIGKILL, runs=100, latency=0.02)
     old = {f"t{i}" for i, ended in ends.items() if ended < killed - lag - 0.5}
     assert old and old <= stored, (lag, sorted(old - stored))
+
+
+SERVED = textwrap.dedent(
+    """
+    import signal, sys, time
+    from concurrent.futures import ThreadPoolExecutor
+    import honed
+    from langchain.agents import create_agent
+    from honed.testing import ScriptedChatModel
+
+    # An app's own SIGTERM handler, installed before honed (a server's graceful shutdown): it
+    # still runs, after honed flushed.
+    def graceful(signum, frame):
+        print("graceful", flush=True)
+        sys.exit(0)
+
+    if sys.argv[2] == "app-handler":
+        signal.signal(signal.SIGTERM, graceful)
+    agent = create_agent(ScriptedChatModel(), tools=[], middleware=[honed.Middleware(store=sys.argv[1])])
+
+    def serve(i):  # each request on a worker thread, as a served app runs them
+        agent.invoke({"messages": [("user", f"answer {i}")]}, config={"metadata": {"honed": {"task_id": f"t{i}"}}})
+        return i
+
+    with ThreadPoolExecutor(4) as pool:
+        for i in pool.map(serve, range(200)):
+            print(i, flush=True)
+    time.sleep(120)
+    """
+)
+
+
+def test_sigterm_loses_no_run_a_middleware_captured_on_worker_threads(tmp_path: Path) -> None:
+    """A QA pass (session 17): `Middleware` builds its recorder at its first request, on a worker
+    thread, where no signal handler can be set: a served app (uvicorn, a thread pool, a forked
+    Pool) stored 0 of 20 answered runs on SIGTERM. The handler is set when the middleware is
+    built, and an application's own handler still runs after the flush."""
+    for mode in ("default", "app-handler"):
+        url = f"sqlite:///{tmp_path / (mode + '.db')}"
+        script = tmp_path / "served.py"
+        script.write_text(SERVED)
+        env = {**os.environ, "HONED_SPOOL_DIR": str(tmp_path / "spool")}
+        proc = subprocess.Popen(
+            [sys.executable, str(script), url, mode], stdout=subprocess.PIPE, text=True, env=env
+        )
+        assert proc.stdout is not None
+        answered = set()
+        for line in proc.stdout:
+            answered.add(f"t{line.strip()}")
+            if len(answered) == 200:
+                break
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=60)
+        assert proc.returncode == (0 if mode == "app-handler" else -signal.SIGTERM), mode
+        assert ("graceful" in rest) is (mode == "app-handler")
+        with honed.open_store(url) as store:
+            stored = {t.task_id for t in store.trajectories(None, with_steps=False)}
+        assert answered <= stored, (mode, len(answered - stored))

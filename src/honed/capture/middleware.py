@@ -45,7 +45,7 @@ from honed.capture.events import (
     RanAs,
     snapshot,
 )
-from honed.capture.recorder import Recorder
+from honed.capture.recorder import Recorder, _flush_on_sigterm
 from honed.capture.roots import RootRun, current_root, watch_roots
 from honed.store import TrajectoryStore
 from honed.trajectory import HANDOFF_KEY
@@ -123,6 +123,7 @@ class Middleware(AgentMiddleware):
         **recorder_options: Any,
     ) -> None:
         super().__init__()
+        _flush_on_sigterm()  # here, on the main thread: its recorder comes later, on a worker's
         self._store = store
         self._agent = agent
         self._recorder = recorder

@@ -296,29 +296,37 @@ _sigterm_installed = False
 
 
 def _flush_on_sigterm() -> None:
-    """A plain SIGTERM (`kill`, `docker stop`) skips atexit, so queued runs would be lost: where
-    nothing else handles SIGTERM (the default disposition, set from the main thread), flush them
-    first (at most 10 s), then die of SIGTERM as before. `HONED_FLUSH_ON_SIGTERM=0` leaves it alone.
-    A kill -9 cannot be caught: what it loses is bounded by `Recorder.lag_s()`."""
+    """A plain SIGTERM (`kill`, `docker stop`, `Pool.terminate`) skips atexit, so queued runs would
+    be lost: flush them first (at most 10 s), then do what SIGTERM did before: the application's
+    own handler (uvicorn's graceful shutdown, which afterwards puts this one back and raises the
+    signal again), or die of it. Installed from the main thread, at the first `Recorder`,
+    `Middleware` or handler built there (a `Middleware` builds its recorder at its first request,
+    on a worker thread: installed only then, it never was, and a served app lost every run).
+    `HONED_FLUSH_ON_SIGTERM=0` leaves SIGTERM alone. A kill -9 cannot be caught: what it loses is
+    bounded by `Recorder.lag_s()`."""
     global _sigterm_installed
     if _sigterm_installed or os.environ.get("HONED_FLUSH_ON_SIGTERM", "1") == "0":
         return
     if threading.current_thread() is not threading.main_thread():
         return
     try:
-        if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-            return  # the application (uvicorn, gunicorn, ...) exits cleanly on its own: atexit flushes
+        previous = signal.getsignal(signal.SIGTERM)
+        if previous is signal.SIG_IGN or previous is None:
+            return  # ignored, or set outside Python: not ours to change
 
-        def flush_then_die(signum: int, frame: Any) -> None:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        def flush_then_go_on(signum: int, frame: Any) -> None:
             try:
                 deadline = time.monotonic() + 10.0
                 for recorder in live_recorders():
                     recorder.flush(timeout=max(0.1, deadline - time.monotonic()))
             finally:
-                os.kill(os.getpid(), signal.SIGTERM)
+                if callable(previous):
+                    previous(signum, frame)
+                else:
+                    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                    os.kill(os.getpid(), signal.SIGTERM)
 
-        signal.signal(signal.SIGTERM, flush_then_die)
+        signal.signal(signal.SIGTERM, flush_then_go_on)
         _sigterm_installed = True
     except (ValueError, OSError):  # not the main interpreter thread, or no signals here
         return
