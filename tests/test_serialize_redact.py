@@ -548,3 +548,21 @@ def test_one_walk_stores_exactly_what_two_walks_do(
             patch.setattr(serialize, "_RedactingWalker", TwoWalks)
             reference_redactor._texts.clear()  # nothing remembered: every text redacted anew
             assert got == reference.dumps(field)
+
+
+@pytest.mark.parametrize("redact", [True, False])
+def test_a_field_of_shared_sub_objects_is_cut_at_the_cap_not_walked_whole(redact: bool) -> None:
+    """A QA pass (session 17): a tool's artifact `[[0] * 10_000] * 10_000` (one row shared 10,000
+    times: no cycle, 10^8 nodes) was walked whole before the cap cut it, stalling the writer for
+    minutes while every later run waited; a 1000 x 1000 matrix cost 2 s of the writer's GIL."""
+    import time
+
+    serializer = Serializer(redactor=Redactor() if redact else None)
+    for payload in ([[0] * 10_000] * 10_000, [[float(i) for i in range(1000)] for _ in range(1000)]):
+        started = time.perf_counter()
+        field = serializer.field({"artifact": payload})
+        assert time.perf_counter() - started < 5.0  # minutes before, ~0.05 s now
+        assert field["__truncated__"] is True and field["preview"].startswith('{"artifact":[[0')
+    # Shared, but small: whole, as before.
+    row = [1, 2, 3]
+    assert serializer.field({"a": row, "b": row}) == {"a": [1, 2, 3], "b": [1, 2, 3]}

@@ -29,6 +29,7 @@ from itertools import islice
 from typing import TYPE_CHECKING, Any
 
 from honed._json import dumps as fast_json_dumps
+from honed.redaction.redact import CUT_MARGIN
 
 if TYPE_CHECKING:
     from honed.redaction.redact import Redactor
@@ -63,10 +64,19 @@ def to_jsonable(obj: Any, *, max_depth: int = DEFAULT_MAX_DEPTH, max_items: int 
     ISO dates, or `repr`). Cycles become `{"__cycle__": type}`, nesting past `max_depth` becomes
     `{"__depth_limit__": type}`, and containers keep at most `max_items` entries plus a `__dropped__` count.
     """
+    return _within(obj, max_depth=max_depth, max_items=max_items)[0]
+
+
+def _within(
+    obj: Any, *, max_depth: int = DEFAULT_MAX_DEPTH, max_items: int = DEFAULT_MAX_ITEMS, budget: int = 1 << 62
+) -> tuple[Any, bool]:
+    """`to_jsonable(obj)` walking at most `budget` nodes, and whether it stopped there. Each node
+    is at least a byte of JSON, so a walk that stops at a field's cap has already passed it."""
+    walker = _Walker(max_depth, max_items, budget)
     try:
-        return _Walker(max_depth, max_items).walk(obj, 0)
+        return walker.walk(obj, 0), walker.nodes_left < 0
     except Exception:  # the walker guards every node; this is only the last net
-        return {"__type__": _type_name(type(obj)), "value": _safe_repr(obj)}
+        return {"__type__": _type_name(type(obj)), "value": _safe_repr(obj)}, False
 
 
 class Serializer:
@@ -121,7 +131,10 @@ class Serializer:
                 pass
         cut = False
         try:
-            raw = value = to_jsonable(obj)
+            # A budget of nodes: shared sub-objects (`[[0] * 10_000] * 10_000`, 10^8 nodes and
+            # acyclic) were walked whole before the cap cut them, for minutes, the writer stalled.
+            raw, _ = _within(obj, budget=cap + CUT_MARGIN)
+            value = raw
             if self.redactor is None:
                 text = raw_text = _dumps(raw)
             elif type(raw) is str and len(raw) * 24 + 8 <= cap:  # short: fits even as \uXXXX escapes
@@ -246,14 +259,16 @@ def _resolve_max_field_bytes(value: Any) -> int:
 class _Walker:
     """One conversion: holds the ids on the current path (cycle detection) and the limits."""
 
-    __slots__ = ("max_depth", "max_items", "path")
+    __slots__ = ("max_depth", "max_items", "nodes_left", "path")
 
-    def __init__(self, max_depth: int, max_items: int) -> None:
+    def __init__(self, max_depth: int, max_items: int, budget: int = 1 << 62) -> None:
         self.max_depth = max_depth
         self.max_items = max(max_items, 0)
+        self.nodes_left = budget  # below 0: the walk stopped taking nodes (see `_within`)
         self.path: set[int] = set()
 
     def walk(self, obj: Any, depth: int) -> Any:
+        self.nodes_left -= 1
         t = type(obj)
         if t is str or t is int or t is bool or obj is None:
             return obj
@@ -280,17 +295,25 @@ class _Walker:
         total = len(obj)
         # One C-level copy: the agent thread may still be mutating this dict.
         items = list(islice(obj.items(), self.max_items))
-        out = {_key(k): self.walk(v, depth + 1) for k, v in items}
-        if total > len(items):
-            out["__dropped__"] = total - len(items)
+        out = {}
+        for k, v in items:
+            if self.nodes_left < 0:
+                break
+            out[_key(k)] = self.walk(v, depth + 1)
+        if total > len(out):
+            out["__dropped__"] = total - len(out)
         return out
 
     def _sequence(self, obj: Any, depth: int) -> list[Any]:
         total = len(obj)
         items = obj[: self.max_items] if isinstance(obj, (list, tuple)) else list(islice(obj, self.max_items))
-        out = [self.walk(v, depth + 1) for v in items]
-        if total > len(items):
-            out.append({"__dropped__": total - len(items)})
+        out = []
+        for v in items:
+            if self.nodes_left < 0:
+                break
+            out.append(self.walk(v, depth + 1))
+        if total > len(out):
+            out.append({"__dropped__": total - len(out)})
         return out
 
     def _set(self, obj: set[Any] | frozenset[Any], depth: int) -> dict[str, Any]:
@@ -408,11 +431,14 @@ class _RedactingWalker(_Walker):
     def plain(self) -> _Walker:
         """The plain walker, on the same path (cycles are seen across both)."""
         if self._plain is None:
-            self._plain = _Walker(self.max_depth, self.max_items)
+            self._plain = _Walker(self.max_depth, self.max_items, max(self.left, 0) + CUT_MARGIN)
             self._plain.path = self.path
         return self._plain
 
     def walk(self, obj: Any, depth: int) -> Any:
+        self.left -= 1  # every node is at least a byte of JSON: numbers count too
+        if self.left < 0:
+            raise _OverCap
         t = type(obj)
         if t is str:
             self.left -= len(obj)
