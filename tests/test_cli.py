@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from langchain.agents import create_agent
@@ -281,6 +282,20 @@ def test_honed_spool_shows_what_waits_and_replays_it(tmp_path: Path) -> None:
     assert "2 trajectories waiting in 1 spools" in table and "honed spool --replay" in table
 
     blocker.unlink()
+    # The store failing mid-way (a full disk): one line, and the spool kept whole (a QA pass,
+    # session 17: a 200-line traceback).
+    from sqlalchemy.exc import OperationalError
+
+    from honed.store.store import TrajectoryStore
+
+    def full(self: Any, records: Any) -> int:
+        raise OperationalError("INSERT", {}, Exception("database or disk is full"))
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(TrajectoryStore, "save_records", full)
+        failed = runner.invoke(app, ["spool", "--replay", "--store", url])
+    assert failed.exit_code == 1 and "Traceback" not in failed.output, failed.output
+    assert "spool is kept" in failed.output and "disk is full" in failed.output
     result = runner.invoke(app, ["spool", "--replay", "--store", url, "--json"])
     assert json.loads(result.output) | {"spool": None} == {
         "store": url,

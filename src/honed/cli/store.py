@@ -10,7 +10,16 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from honed.cli.common import JsonOption, StoreOption, app, console, escape, open_store_or_exit, print_table
+from honed.cli.common import (
+    JsonOption,
+    StoreOption,
+    app,
+    console,
+    err_console,
+    escape,
+    open_store_or_exit,
+    print_table,
+)
 from honed.store import resolve_store_url
 from honed.store.store import safe_url
 
@@ -50,7 +59,15 @@ def spool(
         summary = {"store": safe_url(url), "spool": str(mine.path), "waiting": before, "replayed": 0}
         if before:  # nothing waiting: no store to open, none to create (a mistyped --store made one)
             with open_store_or_exit(url, create=True) as s:
-                summary["replayed"] = mine.replay(s.save_records)
+                try:
+                    summary["replayed"] = mine.replay(s.save_records)
+                except Exception as exc:  # the store failed mid-way (a full disk, a dropped link)
+                    err_console().print(
+                        f"[red]the store failed during the replay ({escape(type(exc).__name__)}: "
+                        f"{escape(str(exc).splitlines()[0][:300] if str(exc) else '')}); the spool is kept "
+                        "as it was: run this again once the store is back[/red]"
+                    )
+                    raise typer.Exit(1) from None
         replayed = summary["replayed"]
         if as_json:
             typer.echo(json.dumps(summary))
