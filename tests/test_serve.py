@@ -152,6 +152,22 @@ def test_tool_choice_none_or_no_tools_means_no_tool_call(server: Server, stream:
                 choice.finish_reason,
             )
         assert not calls and finish == "stop" and "<tool_call>" in content, (extra, content)
+    # Cut inside its call (a QA pass, session 17): the unclosed call and all after it were lost,
+    # and the stream and the reply disagreed. It is text, as the model wrote it.
+    replies = []
+    for streamed in (False, True):
+        reply = client.chat.completions.create(
+            model="calc", messages=asked, temperature=0, max_tokens=12, stream=streamed
+        )
+        if streamed:
+            replies.append("".join(c.choices[0].delta.content or "" for c in reply if c.choices))
+        else:
+            replies.append(reply.choices[0].message.content)
+    assert (
+        replies[0] == replies[1]
+        and replies[0].startswith('<tool_call>\n{"name"')
+        and "</tool_call>" not in replies[0]
+    ), replies
 
 
 @pytest.mark.parametrize("stream", [False, True])

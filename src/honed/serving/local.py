@@ -32,7 +32,7 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from langchain_core.runnables import Runnable
 from pydantic import Field, PrivateAttr
 
-from honed.messages import CALL_CLOSE, CALL_OPEN, dump_arguments, template_messages, tool_schemas
+from honed.messages import CALL_OPEN, dump_arguments, template_messages, tool_schemas
 from honed.serving.batching import (
     DEFAULT_MAX_BATCH,
     DEFAULT_WINDOW_S,
@@ -198,7 +198,7 @@ class LocalChatModel(BaseChatModel):
         request.on_token = lambda token, _logprob: tokens.put(token)
         future = self.engine.submit(request)
         future.add_done_callback(lambda _f: tokens.put(_DONE))
-        stream = _TextStream(self.engine, request.stop)
+        stream = _TextStream(self.engine, request.stop, calls=not request.tools_off)
         try:
             for token in request.forced:
                 yield from _chunks(stream.add(token))
@@ -222,7 +222,7 @@ class LocalChatModel(BaseChatModel):
         request.on_token = lambda token, _logprob: loop.call_soon_threadsafe(tokens.put_nowait, token)
         future = self.engine.submit(request)
         future.add_done_callback(lambda _f: loop.call_soon_threadsafe(tokens.put_nowait, _DONE))
-        stream = _TextStream(self.engine, request.stop)
+        stream = _TextStream(self.engine, request.stop, calls=not request.tools_off)
         try:
             for token in request.forced:
                 for chunk in _chunks(stream.add(token)):
@@ -332,7 +332,7 @@ class LocalChatModel(BaseChatModel):
     ) -> AIMessage:
         result = _reply(request, result)
         text = _cut_at_stop(self.engine.decode(result.token_ids), request.stop)
-        parser = CompletionParser()
+        parser = CompletionParser(calls=not request.tools_off)
         content, reasoning = "", ""
         for kind, piece in [*parser.feed(text), *parser.flush()]:
             if kind == "content":
@@ -340,8 +340,6 @@ class LocalChatModel(BaseChatModel):
             else:
                 reasoning += piece
         tool_calls, invalid = parser.tool_calls()
-        if request.tools_off and (tool_calls or invalid):  # `tool_choice="none"`: no call, its text
-            content, tool_calls, invalid = _with_calls_as_text(content, parser), [], []
         return AIMessage(
             content=content,
             tool_calls=tool_calls,
@@ -362,8 +360,6 @@ class LocalChatModel(BaseChatModel):
         result = _reply(request, result)
         valid, invalid = stream.parser.tool_calls()
         text = ""
-        if request.tools_off and (valid or invalid):  # `tool_choice="none"`: no call, its text
-            text, valid, invalid = _with_calls_as_text("", stream.parser), [], []
         chunks = [
             {
                 "type": "tool_call_chunk",
@@ -416,24 +412,18 @@ class LocalChatModel(BaseChatModel):
         }
 
 
-def _with_calls_as_text(content: str, parser: CompletionParser) -> str:
-    """`content` followed by the tool calls the parser took out of it, written as the model wrote them."""
-    calls = "".join(f"{CALL_OPEN}{body}{CALL_CLOSE}" for body in parser.raw_calls())
-    return f"{content}\n{calls}" if content else calls
-
-
 class _TextStream:
     """Sampled token ids → text that is safe to show: no half UTF-8 character, nothing that could
     still turn out to be the start of a stop string, nothing after one; parsed as it grows."""
 
-    def __init__(self, engine: Engine, stops: tuple[str, ...]) -> None:
+    def __init__(self, engine: Engine, stops: tuple[str, ...], *, calls: bool = True) -> None:
         self.engine = engine
         self.stops = stops
         self.hold = max((len(s) for s in stops), default=1) - 1
         self.ids: list[int] = []
         self.sent = 0
         self.stopped = False
-        self.parser = CompletionParser()
+        self.parser = CompletionParser(calls=calls)
 
     def add(self, token: int) -> list[tuple[str, str]]:
         if self.stopped:

@@ -49,7 +49,10 @@ class CompletionParser:
     `tool_calls()`. Leading and trailing whitespace of each part is dropped, as chat templates
     add it around tags."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, calls: bool = True) -> None:
+        # `calls=False` (`tool_choice="none"`, no tools): a `<tool_call>` the model writes anyway
+        # is text, in its place; taken out, an unclosed one and all after it were lost.
+        self._calls_on = calls
         self._mode: Literal["start", "reasoning", "content", "call"] = "start"
         self._buffer = ""
         self._pending_ws = ""  # whitespace held back: shown only if more text of the same kind follows
@@ -86,7 +89,8 @@ class CompletionParser:
                 self._mode = "content"
                 continue
             kind: Kind = "reasoning" if self._mode == "reasoning" else "content"
-            closers = (THINK_CLOSE, CALL_OPEN) if kind == "reasoning" else (CALL_OPEN,)
+            call = (CALL_OPEN,) if self._calls_on else ()
+            closers = (THINK_CLOSE, *call) if kind == "reasoning" else call
             hit = min(
                 ((i, tag) for tag in closers if (i := self._buffer.find(tag)) >= 0),
                 default=None,
@@ -159,7 +163,7 @@ def new_tool_call_id() -> str:
 
 def _partial_tag_suffix(text: str, tags: tuple[str, ...]) -> int:
     """How many trailing characters of `text` could be the start of one of `tags`."""
-    for size in range(min(len(text), max(len(t) for t in tags) - 1), 0, -1):
+    for size in range(min(len(text), max((len(t) for t in tags), default=0) - 1), 0, -1):
         suffix = text[-size:]
         if any(tag.startswith(suffix) for tag in tags):
             return size
