@@ -60,10 +60,6 @@ class CompletionParser:
         self._calls: list[str] = []  # raw bodies of tool calls
         self._unterminated: str | None = None
 
-    def raw_calls(self) -> list[str]:
-        """The bodies of the tool calls seen, as written (`tool_choice="none"` shows them as text)."""
-        return list(self._calls)
-
     def feed(self, delta: str) -> list[tuple[Kind, str]]:
         self._buffer += delta
         out: list[tuple[Kind, str]] = []
