@@ -811,19 +811,27 @@ def transfer_to_billing(
     return Command(goto="billing", graph=Command.PARENT, update={"messages": [*state["messages"], done]})
 
 
-def test_agents_handing_off_in_a_graph(capture: str, sqlite_url: str) -> None:
-    """A help desk graph: a triage agent hands the conversation to a billing agent (`Command` to the
-    parent graph). `instrument()` sees the desk as one run; each agent's middleware sees its turn."""
+DESK_REQUEST = "call transfer_to_billing {}; answer billing here: {result}"
+
+
+def help_desk(middleware: list[Any]) -> Any:
+    """A help desk graph: a triage agent that hands the conversation to a billing agent."""
     from langgraph.graph import START, MessagesState, StateGraph
 
-    middleware = capture_middleware(capture, sqlite_url)
     desk = StateGraph(MessagesState)
     desk.add_node("triage", create_agent(ToolScriptModel(), [transfer_to_billing], name="triage",
                                          middleware=middleware), destinations=("billing",))  # fmt: skip
     desk.add_node("billing", create_agent(ToolScriptModel(), [add], name="billing", middleware=middleware))
     desk.add_edge(START, "triage")
-    request = "call transfer_to_billing {}; answer billing here: {result}"
-    out = desk.compile(name="desk").invoke({"messages": [("user", request)]})
+    return desk.compile(name="desk")
+
+
+def test_agents_handing_off_in_a_graph(capture: str, sqlite_url: str) -> None:
+    """A help desk graph: a triage agent hands the conversation to a billing agent (`Command` to the
+    parent graph). `instrument()` sees the desk as one run; each agent's middleware sees its turn."""
+    desk = help_desk(capture_middleware(capture, sqlite_url))
+    request = DESK_REQUEST
+    out = desk.invoke({"messages": [("user", request)]})
     assert out["messages"][-1].content == "billing here: transferred to billing"
     honed.flush()
     found = honed.open_store(sqlite_url).trajectories(oldest_first=True)
@@ -847,19 +855,10 @@ def test_a_turn_that_hands_the_conversation_on_is_not_judged_alone(sqlite_url: s
     with the run's labels; the triage turn (answer `{"handoff": ...}`) failed the run's reference,
     so the task's pass rate read 1/2 for a run that passed, and failure-learning methods took a
     correct handoff for a failure. A handoff turn is a step of the run: could not tell."""
-    from langgraph.graph import START, MessagesState, StateGraph
-
     from honed.learn.datasets import task_pass_rates
 
-    middleware = capture_middleware("middleware", sqlite_url)
-    desk = StateGraph(MessagesState)
-    desk.add_node("triage", create_agent(ToolScriptModel(), [transfer_to_billing], name="triage",
-                                         middleware=middleware), destinations=("billing",))  # fmt: skip
-    desk.add_node("billing", create_agent(ToolScriptModel(), [add], name="billing", middleware=middleware))
-    desk.add_edge(START, "triage")
-    request = "call transfer_to_billing {}; answer billing here: {result}"
-    desk.compile(name="desk").invoke(
-        {"messages": [("user", request)]}, {"metadata": {"honed": {
+    help_desk(capture_middleware("middleware", sqlite_url)).invoke(
+        {"messages": [("user", DESK_REQUEST)]}, {"metadata": {"honed": {
             "task_id": "desk-1", "expected": "billing here: transferred to billing", "split": "train"}}},
     )  # fmt: skip
     honed.flush()
