@@ -242,6 +242,48 @@ def test_openai_client_tool_call_then_answer(server: Server) -> None:
     assert len(extra["prompt_token_ids"]) == answered.usage.prompt_tokens
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_legacy_functions_client_gets_a_function_call_and_can_answer_it(
+    server: Server, stream: bool
+) -> None:
+    """A QA pass (session 17): a client on the API before `tools` (`functions`, `function_call`)
+    got its call back as `tool_calls` with finish_reason "tool_calls", which it does not read (it
+    saw no call), and its next turn (the assistant's `function_call`, then the `function`
+    message with the result) was refused: the call was dropped, so the result answered nothing."""
+    client = server.client()
+    add = add_schema()["function"]
+    called = client.chat.completions.create(
+        model="calc", messages=first_turn(), functions=[add], temperature=0, stream=stream
+    )
+    if stream:
+        chunks = [c for c in called if c.choices]
+        assert not any(c.choices[0].delta.tool_calls for c in chunks)
+        name = "".join(
+            c.choices[0].delta.function_call.name or "" for c in chunks if c.choices[0].delta.function_call
+        )
+        arguments = "".join(
+            c.choices[0].delta.function_call.arguments or ""
+            for c in chunks
+            if c.choices[0].delta.function_call
+        )
+        finish = chunks[-1].choices[0].finish_reason
+    else:
+        choice = called.choices[0]
+        assert choice.message.tool_calls is None
+        name, arguments = choice.message.function_call.name, choice.message.function_call.arguments
+        finish = choice.finish_reason
+    assert (name, json.loads(arguments), finish) == ("add", {"a": 2, "b": 3}, "function_call")
+
+    history = [
+        *first_turn(),
+        {"role": "assistant", "content": None, "function_call": {"name": "add", "arguments": arguments}},
+        {"role": "function", "name": "add", "content": "5"},
+    ]
+    answered = client.chat.completions.create(model="calc", messages=history, functions=[add], temperature=0)
+    assert answered.choices[0].message.content == ANSWER
+    assert answered.choices[0].finish_reason == "stop"
+
+
 def test_openai_client_streaming(server: Server) -> None:
     client = server.client()
     stream = client.chat.completions.create(

@@ -669,6 +669,8 @@ async def _events(first: AIMessageChunk, chunks: Any, chat: ChatRequest) -> Asyn
             delta = protocol.chunk_delta(chunk, text_sent=text_sent)
             text_sent = text_sent or bool(delta.get("content"))
             seen_calls = seen_calls or bool(delta.get("tool_calls"))
+            if chat.legacy_functions:
+                delta = protocol.legacy_delta(delta)
             meta = chunk.response_metadata
             logprobs = None
             if meta.get("finish_reason"):
@@ -680,6 +682,8 @@ async def _events(first: AIMessageChunk, chunks: Any, chat: ChatRequest) -> Asyn
                 yield event(delta, logprobs=logprobs)
             chunk = await _next(chunks)
         reason = "tool_calls" if seen_calls else ("length" if finish == "length" else "stop")
+        if seen_calls and chat.legacy_functions:
+            reason = "function_call"
         yield event({}, reason)
         if chat.include_usage and usage:
             n_in, n_out = int(usage.get("input_tokens", 0)), int(usage.get("output_tokens", 0))

@@ -14,7 +14,9 @@ parameter has its type and range (`temperature` 0..2, `top_p` (0, 1], `top_k` -1
 `top_logprobs` 0 only); messages, tool calls and tools have their OpenAI shapes; `chat_template_kwargs` may only set the variables
 in `TEMPLATE_KWARGS` (the chat template is the operator's: a client never supplies template text,
 nor variables the template was not written to take). Accepted but not applied: `seed`,
-`parallel_tool_calls`. The legacy `functions`/`function_call` are read as `tools`/`tool_choice`. `tool_choice` `"required"` or a named function (one of `tools`) makes the
+`parallel_tool_calls`. The legacy `functions`/`function_call` are read as `tools`/`tool_choice`,
+and such a request's reply says its call as that API did (`function_call`, finish_reason
+"function_call"); a history's `function_call` and `function` messages are read too. `tool_choice` `"required"` or a named function (one of `tools`) makes the
 reply open with a call (the call's head written for the model); `"none"`, or no tools, makes a
 call the model writes anyway text. Checked, and refused unless neutral, since this server does not apply
 them: `presence_penalty`/`frequency_penalty` (-2..2; only 0), vLLM's `repetition_penalty` (only
@@ -85,6 +87,7 @@ class ChatRequest:
     return_token_ids: bool = False
     metadata: dict[str, Any] = field(default_factory=dict)
     user: str | None = None
+    legacy_functions: bool = False  # asked with `functions`: a call is answered as `function_call`
 
 
 def loads(raw: bytes | str) -> Any:
@@ -177,8 +180,10 @@ def parse_chat_request(body: Any) -> ChatRequest:
     request = ChatRequest(model=model, messages=_messages(raw_messages))
     kwargs = request.call_kwargs
     if body.get("functions") is not None and body.get("tools") is None:
-        # The legacy form (before `tools`): the same functions, the same choice.
+        # The legacy form (before `tools`): the same functions, the same choice, one call a reply
+        # written back as `function_call` (its client reads nothing else).
         body = {**body, "tools": _legacy_functions(body["functions"])}
+        request.legacy_functions = True
         if body.get("tool_choice") is None and body.get("function_call") is not None:
             choice = body["function_call"]
             body["tool_choice"] = (
@@ -284,6 +289,8 @@ def completion_body(
             "finish_reason": finish_reason(message),
             "logprobs": logprobs_body(meta) if request.logprobs else None,
         }
+        if request.legacy_functions:
+            choice = as_function_call(choice)
         if request.return_token_ids:
             choice["token_ids"] = meta.get("token_ids")
         choices.append(choice)
@@ -312,6 +319,27 @@ def assistant_dict(message: AIMessage) -> dict[str, Any]:
     if data.get("tool_calls") and not data["content"]:
         data["content"] = None
     return data
+
+
+def as_function_call(choice: dict[str, Any]) -> dict[str, Any]:
+    """A choice in the legacy shape: its first tool call as `function_call` (that API has one
+    call a reply), finish_reason "function_call"."""
+    message = dict(choice["message"])
+    calls = message.pop("tool_calls", None)
+    if not calls:
+        return choice
+    message["function_call"] = calls[0]["function"]
+    return {**choice, "message": message, "finish_reason": "function_call"}
+
+
+def legacy_delta(delta: dict[str, Any]) -> dict[str, Any]:
+    """A streamed delta in the legacy shape: the first call's pieces as `function_call`."""
+    calls = delta.pop("tool_calls", None)
+    first = [c for c in calls or () if c.get("index", 0) == 0]
+    if first:
+        function = first[0]["function"]
+        delta["function_call"] = {"name": function.get("name"), "arguments": function.get("arguments") or ""}
+    return delta
 
 
 def chunk_delta(chunk: AIMessageChunk, *, text_sent: bool = False) -> dict[str, Any]:
@@ -377,6 +405,7 @@ def _messages(raw: list[Any]) -> list[BaseMessage]:
     """A request's messages as LangChain messages: their JSON shapes are checked here (each
     field's type, named in the 400), the conversion is `honed.messages`'."""
     containers = 0  # in the JSON text of tool-call arguments, all messages together
+    raw = [_modern(message) for message in raw]
     for index, message in enumerate(raw):
         containers += _check_message(message, f"messages[{index}]")
         if containers > MAX_CONTAINERS:
@@ -390,6 +419,15 @@ def _messages(raw: list[Any]) -> list[BaseMessage]:
     except MessageError as exc:
         where = f"messages[{exc.index}]"
         raise BadRequest(f"{where}: {exc}", f"{where}.{exc.field}" if exc.field else where) from exc
+
+
+def _modern(message: Any) -> Any:
+    """An assistant message of the legacy API (`function_call`, answered by a `function` message,
+    which reads as the tool result of the call before it) with that call as its one tool call."""
+    if not isinstance(message, dict) or message.get("function_call") is None or message.get("tool_calls"):
+        return message
+    rest = {k: v for k, v in message.items() if k != "function_call"}
+    return {**rest, "tool_calls": [{"type": "function", "function": message["function_call"]}]}
 
 
 def _check_message(message: Any, where: str) -> int:
