@@ -564,6 +564,106 @@ def test_one_address_opening_idle_connections_by_the_hundred_locks_no_one_out(tm
         next(servers, None)
 
 
+def test_idle_connections_from_many_addresses_lock_no_one_out(tmp_path: Path) -> None:
+    """A QA pass (session 17): the per-address cap left the server's `limit_concurrency` to four
+    addresses of idle connections (4 x 256 filled 1,000), after which everyone got uvicorn's
+    plain-text 503. At the limit, a new connection now closes an idle one of the address holding
+    the most (an idle keep-alive connection is what a client reopens anyway)."""
+    from honed.serving.app import MAX_CONNECTIONS_PER_CLIENT
+
+    limit = MAX_CONNECTIONS_PER_CLIENT + 40
+    servers = serve(tmp_path, capture=False, extra=("--limit-concurrency", str(limit)))
+    server = next(servers)
+    stop, held = threading.Event(), []
+
+    def attack(address: str) -> None:  # idle connections from `address`, reopening what closes
+        mine: list[socket.socket] = []
+        held.append(mine)
+        while not stop.is_set():
+            mine[:] = [c for c in mine if c.fileno() != -1 and not _closed(c)]
+            while len(mine) < MAX_CONNECTIONS_PER_CLIENT and not stop.is_set():
+                try:
+                    mine.append(socket.create_connection(("127.0.0.1", server.port), 2, (address, 0)))
+                except OSError:
+                    break
+            time.sleep(0.05)
+
+    attackers = [threading.Thread(target=attack, args=(f"127.0.0.{i}",), daemon=True) for i in (3, 4)]
+    for attacker in attackers:
+        attacker.start()
+    try:
+        time.sleep(1.0)
+        other = httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.2"), timeout=30)
+        replies = []
+        for _ in range(5):  # another client address, while the attack goes on
+            replies.append(
+                other.post(
+                    f"{server.url}/v1/chat/completions",
+                    json=ask(),
+                    headers={"Authorization": f"Bearer {KEY}"},
+                )
+            )
+            time.sleep(0.3)
+        assert [r.status_code for r in replies] == [200] * 5, [(r.status_code, r.text[:100]) for r in replies]
+    finally:
+        stop.set()
+        for attacker in attackers:
+            attacker.join(10)
+        for connection in (c for mine in held for c in mine):
+            connection.close()
+        next(servers, None)
+
+
+def _closed(sock: socket.socket) -> bool:
+    """Whether the server closed `sock` (EOF waiting), without blocking."""
+    sock.setblocking(False)
+    try:
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    finally:
+        sock.setblocking(True)
+
+
+def test_a_server_at_its_limit_answers_a_json_503_an_openai_client_retries(tmp_path: Path) -> None:
+    """Requests beyond `limit_concurrency` got uvicorn's `text/plain` "Service Unavailable",
+    which no OpenAI client reads as an error body. Now: an OpenAI-style JSON error, with
+    `Retry-After`."""
+    servers = serve(tmp_path, capture=False, extra=("--limit-concurrency", "3"))
+    server = next(servers)
+    busy = []
+    try:
+        body = json.dumps(ask()).encode()
+        for _ in range(3):  # requests whose bodies are still arriving: in flight, not idle
+            sock = server.connect()
+            sock.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                + body[:5]
+            )
+            busy.append(sock)
+        time.sleep(0.5)
+        reply = httpx.post(
+            f"{server.url}/v1/chat/completions",
+            json=ask(),
+            headers={"Authorization": f"Bearer {KEY}"},
+            timeout=30,
+        )
+        assert reply.status_code == 503, reply.text
+        assert reply.headers["content-type"].startswith("application/json") and "retry-after" in reply.headers
+        assert reply.json()["error"]["code"] == "server_busy"
+        for sock in busy:
+            sock.close()
+        time.sleep(0.5)
+        assert server.post(ask()).status_code == 200
+    finally:
+        for sock in busy:
+            sock.close()
+        next(servers, None)
+
+
 # -- capture ---------------------------------------------------------------------------------------
 
 

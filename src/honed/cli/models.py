@@ -204,7 +204,7 @@ def serve(
         typer.Option(
             "--limit-concurrency",
             envvar="HONED_LIMIT_CONCURRENCY",
-            help="Connections and requests at once (503 beyond).",
+            help="Requests in flight at once (503 beyond); past as many connections, idle ones are closed.",
         ),
     ] = 1000,
 ) -> None:

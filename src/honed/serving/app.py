@@ -40,8 +40,9 @@ one whose messages and tool calls outnumber the tokens of the model's context wi
 the event loop too (see `honed.serving.local`); `serve` runs uvicorn's h11 protocol with limits
 uvicorn leaves open: a request's headers must arrive within `header_timeout_s` of the connection
 opening (or of the previous response), at most `max_header_bytes` of them; idle keep-alive
-connections close after `keep_alive_s`; beyond `limit_concurrency` connections and requests, new
-requests get 503; one client address (an IPv6 client: its /64) holds at most
+connections close after `keep_alive_s`; beyond `limit_concurrency` requests in flight, new
+requests get a JSON 503, and beyond as many connections a new one closes an idle one of the
+address holding the most; one client address (an IPv6 client: its /64) holds at most
 `MAX_CONNECTIONS_PER_CLIENT` connections at once (more are closed as they open), and reads and
 parses at most `BODY_READS_PER_CLIENT` request bodies at once. So a client trickling headers or a body (slowloris) holds a
 connection for seconds, not forever, and a client opening idle connections by the thousand (each
@@ -705,6 +706,34 @@ async def _events(first: AIMessageChunk, chunks: Any, chat: ChatRequest) -> Asyn
         await chunks.aclose()  # a client that went away frees its row of the batch
 
 
+def _within_limit(app: Any, protocol: Any, limit: int) -> Any:
+    """`app`, answering a JSON 503 when the server has more than `limit` requests in flight (this
+    one counted). Idle connections are not counted: at the limit, a new connection closes one."""
+
+    async def guarded(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and len(protocol.tasks) > limit:
+            log.warning("at the limit of %d connections and requests: 503", limit)
+            body = json.dumps(
+                error_body(
+                    f"the server is at its limit of {limit} connections and requests; retry shortly",
+                    "server_error",
+                    code="server_busy",
+                )
+            ).encode()
+            headers = [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"retry-after", b"1"),
+                (b"connection", b"close"),
+            ]
+            await send({"type": "http.response.start", "status": 503, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+            return
+        await app(scope, receive, send)
+
+    return guarded
+
+
 async def _next(chunks: Any) -> AIMessageChunk | None:
     try:
         return await chunks.__anext__()
@@ -811,7 +840,11 @@ def _guarded_h11(header_timeout_s: float, max_per_client: int = MAX_CONNECTIONS_
     timer stops at the first byte), so a client sending a byte of headers now and then held its
     connection forever. The connection is closed at the deadline. And at most `max_per_client`
     connections from one address: uvicorn's `limit_concurrency` counts idle connections, so
-    one client reopening 1,000 idle ones answered everyone else 503."""
+    one client reopening 1,000 idle ones answered everyone else 503. At the server's limit, a new
+    connection closes an idle one (waiting for its next request) of the address holding the most:
+    a few addresses' idle connections fill no server. Beyond the limit of requests in flight, a
+    request gets an OpenAI-style JSON 503 with `Retry-After` (uvicorn's is plain text, which
+    OpenAI clients cannot read)."""
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -820,6 +853,13 @@ def _guarded_h11(header_timeout_s: float, max_per_client: int = MAX_CONNECTIONS_
     class GuardedH11Protocol(H11Protocol):
         _header_timer: asyncio.TimerHandle | None = None
         _client: str | None = None
+
+        def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
+            super().__init__(config, *args, **kwargs)
+            self._limit = self.limit_concurrency
+            self.limit_concurrency = None  # checked by `_within_limit`, answered in JSON
+            if self._limit is not None:
+                self.app = _within_limit(self.app, self, self._limit)
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
@@ -831,7 +871,27 @@ def _guarded_h11(header_timeout_s: float, max_per_client: int = MAX_CONNECTIONS_
             if address is not None:
                 self._client = address
                 per_client[address] = per_client.get(address, 0) + 1
+            if self._limit is not None and len(self.connections) > self._limit:
+                self._close_an_idle_one()
             self._watch_headers()
+
+        def _idle(self) -> bool:
+            """Waiting for its next request: no request begun, none being answered."""
+            return (
+                self.conn.their_state is h11.IDLE
+                and (self.cycle is None or self.cycle.response_complete)
+                and not self.transport.is_closing()
+            )
+
+        def _close_an_idle_one(self) -> None:
+            idle = [
+                c
+                for c in self.connections
+                if c is not self and isinstance(c, GuardedH11Protocol) and c._idle()
+            ]
+            if idle:
+                victim = max(idle, key=lambda c: per_client.get(c._client or "", 0))
+                victim.transport.close()
 
         def handle_events(self) -> None:
             super().handle_events()
