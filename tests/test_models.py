@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
@@ -394,6 +395,42 @@ def test_one_client_filling_the_batch_leaves_a_row_for_another(model) -> None:
         assert small.result().batch_size == 8  # it decoded beside 7 of the hog's rows
         wait(hogs, timeout=300)
         assert all(len(h.result().token_ids) == 400 for h in hogs)  # held rows ran too, in turn
+    finally:
+        generator.close()
+
+
+def test_the_n_samples_of_one_prompt_are_prefilled_once(model) -> None:
+    """A QA pass (session 17): `n=16` prefilled the same prompt 16 times, one long prompt's
+    prefill sixteenfold while every other stream waited. Rows with the same prompt arriving
+    together now share one prefill (its cache copied to each), and still sample on their own."""
+    from honed.serving.batching import BatchGenerator, GenerationRequest
+
+    engine = model.engine
+    generator = BatchGenerator(
+        engine.generator.model, engine.tokenizer, eos_ids=[], pad_id=engine.generator.pad_id, window_s=0.2
+    )
+    try:
+        prompt, other = engine.encode("word " * 300), engine.encode("other words " * 5)
+        alone = generator.submit(GenerationRequest(prompt, 6, temperature=0)).result(60).token_ids
+        prefilled = []  # positions the model ran in prefills (more than one token a row)
+        forward = generator.model.forward
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            ids = kwargs["input_ids"]
+            if ids.shape[1] > 1:
+                prefilled.append(ids.numel())
+            return forward(*args, **kwargs)
+
+        generator.model.forward = counting
+        futures = [
+            generator.submit(GenerationRequest(prompt, 6, temperature=t)) for t in [0.0] * 2 + [1.0] * 6
+        ]
+        futures.append(generator.submit(GenerationRequest(other, 6, temperature=0)))
+        results = [f.result(60) for f in futures]
+        assert sum(prefilled) == 2 * len(prompt)  # two prompts, left-padded to the longer one
+        assert results[0].token_ids == results[1].token_ids == alone  # greedy: as prefilled alone
+        assert len({tuple(r.token_ids) for r in results[2:8]}) > 1  # sampled, each on its own
+        assert all(r.batch_size == 9 for r in results)
     finally:
         generator.close()
 

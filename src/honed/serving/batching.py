@@ -135,7 +135,7 @@ class BatchGenerator:
         accepted = inspect.signature(model.forward).parameters
         self._keeps_logits = "logits_to_keep" in accepted
         self._cache_arg = "cache" if "cache" in accepted else "past_key_values"  # renamed in transformers 5
-        self.stats = {"steps": 0, "rows": 0, "tokens": 0, "max_rows": 0, "joins": 0}
+        self.stats = {"steps": 0, "rows": 0, "tokens": 0, "max_rows": 0, "joins": 0, "prefill_tokens": 0}
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name=f"honed-generate[{name}]", daemon=True)
@@ -314,20 +314,28 @@ class BatchGenerator:
 
     def _prefill(self, rows: list[_Row]) -> _Batch:
         """Left-pad the newcomers' prompts into one batch and run them: their cache and the logits
-        of their first token."""
+        of their first token. Rows with the same prompt (a request's `n` samples) share one
+        prefill: its cache is copied to each (n=16 prefilled a long prompt 16 times)."""
         device = self.model.device
-        width = max(len(r.request.prompt_ids) for r in rows)
-        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):  # left padding: every row ends where generation starts
-            n = len(row.request.prompt_ids)
-            input_ids[i, width - n :] = torch.tensor(row.request.prompt_ids, dtype=torch.long)
-            mask[i, width - n :] = 1
+        distinct: dict[tuple[int, ...], int] = {}
+        which = [distinct.setdefault(tuple(r.request.prompt_ids), len(distinct)) for r in rows]
+        prompts = list(distinct)
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, prompt in enumerate(prompts):  # left padding: every row ends where generation starts
+            input_ids[i, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+            mask[i, width - len(prompt) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0).to(device)
         mask = mask.to(device)
         cache = DynamicCache(config=self.model.config)
         with torch.inference_mode():
             logits = self._forward(input_ids.to(device), mask, positions, cache)
+        self.stats["prefill_tokens"] += sum(len(p) for p in prompts)
+        if len(prompts) < len(rows):
+            index = torch.tensor(which, device=device)
+            cache.batch_select_indices(index)
+            mask, positions, logits = mask[index], positions[index], logits[index]
         return _Batch(rows, cache, mask, positions[:, -1:] + 1, logits)
 
     def _step(self, batch: _Batch) -> _Batch | None:
