@@ -435,6 +435,45 @@ def test_the_n_samples_of_one_prompt_are_prefilled_once(model) -> None:
         generator.close()
 
 
+def test_a_long_prompt_is_prefilled_between_the_other_rows_steps(tmp_path: Path) -> None:
+    """A QA pass (session 17): a long prompt was prefilled whole, and every other row waited for
+    it (21 s for 8,000 tokens of a 25M-parameter model on 2 cores). Beside a running batch it is
+    now prefilled a chunk at a time, the others decoding between chunks."""
+    from honed.demo.tiny import build_tiny
+    from honed.serving.batching import BatchGenerator, GenerationRequest
+    from honed.serving.engine import load_engine
+
+    path = build_tiny(tmp_path / "wide", hidden_size=256, intermediate_size=1024, num_hidden_layers=6,
+                      max_position_embeddings=8192)  # fmt: skip
+    engine = load_engine(str(path))
+    generator = BatchGenerator(
+        engine.generator.model, engine.tokenizer, eos_ids=[], pad_id=engine.generator.pad_id
+    )
+    try:
+        ticks: list[float] = []
+        decoding = GenerationRequest(
+            engine.encode("hi"), 4000, on_token=lambda *_: ticks.append(time.monotonic())
+        )
+        other = generator.submit(decoding)
+        while len(ticks) < 5:
+            time.sleep(0.01)
+        long_prompt = [engine.encode("word")[0]] * 6000
+        first: list[float] = []
+        asked = time.monotonic()
+        long = generator.submit(
+            GenerationRequest(long_prompt, 2, on_token=lambda *_: first.append(time.monotonic()))
+        )
+        long.result(300)
+        during = [t for t in ticks if asked < t < first[0]]
+        assert len(during) >= 5, (
+            f"the other row decoded {len(during)} tokens in {first[0] - asked:.1f} s of prefill"
+        )
+        assert not other.done()
+    finally:
+        decoding.cancelled = True
+        generator.close()
+
+
 def test_sampling_fails_only_the_rows_it_cannot_sample() -> None:
     from concurrent.futures import Future
 

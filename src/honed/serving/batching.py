@@ -103,6 +103,10 @@ current_client: ContextVar[str | None] = ContextVar("honed_serving_client", defa
 _CLOSE = object()
 _JOIN_EVERY_WINDOWS = 2  # newcomers join a running batch at most every 2 windows (10 ms), or at once if many
 _SOLO_S = 1.0  # after a batch of one, for this long, a new request starts without a window
+# A prefill beside a running batch runs about this long between the batch's steps (a chunk of
+# positions sized by the prefill speed measured): a long prompt prefilled whole held every other
+# row's next token for its whole length (21 s for 8,000 tokens of a 25M-parameter model).
+PREFILL_SLICE_S = float(os.environ.get("HONED_PREFILL_SLICE_MS", "100")) / 1000.0
 
 
 class BatchGenerator:
@@ -136,6 +140,7 @@ class BatchGenerator:
         self._keeps_logits = "logits_to_keep" in accepted
         self._cache_arg = "cache" if "cache" in accepted else "past_key_values"  # renamed in transformers 5
         self.stats = {"steps": 0, "rows": 0, "tokens": 0, "max_rows": 0, "joins": 0, "prefill_tokens": 0}
+        self.prefill_rate: float | None = None  # positions a second, measured (see `_Prefill`)
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name=f"honed-generate[{name}]", daemon=True)
@@ -181,11 +186,13 @@ class BatchGenerator:
         if self.threads:
             torch.set_num_threads(self.threads)  # per OS thread: the caller's setting is untouched
         batch: _Batch | None = None
+        prefilling: _Prefill | None = None  # newcomers prefilled a chunk at a time between steps
         waiting: list[_Row] = []
         closing, last_join = False, 0.0
         solo_until = 0.0  # a lone caller calling again soon does not wait for company
         while True:
-            if batch is None and not waiting and not self._held:
+            busy = (batch.rows if batch else []) + (prefilling.rows if prefilling else [])
+            if not busy and not waiting and not self._held:
                 if closing:
                     break
                 first = self._queue.get()
@@ -193,29 +200,44 @@ class BatchGenerator:
                     break
                 waiting, closing = self._collect(first, wait=time.monotonic() > solo_until)
             else:
-                more, seen_close = self._drain(self.max_batch - len(waiting) - (batch.size if batch else 0))
+                more, seen_close = self._drain(self.max_batch - len(waiting) - len(busy))
                 waiting += more
                 closing = closing or seen_close
-            waiting = self._within_caps(batch, [r for r in waiting if not r.abandoned()])
+            waiting = self._within_caps(busy, [r for r in waiting if not r.abandoned()])
             now = time.monotonic()
             # Newcomers join a running batch in groups: each join is a prefill plus a copy of the
             # KV cache, worth paying for a few rows at a time, not for every single arrival.
-            join_due = batch is None or (
-                batch.mergeable
-                and (
-                    len(waiting) >= max(4, batch.size // 4)
-                    or now - last_join >= self.window_s * _JOIN_EVERY_WINDOWS
+            join_due = prefilling is None and (
+                batch is None
+                or (
+                    batch.mergeable
+                    and (
+                        len(waiting) >= max(4, batch.size // 4)
+                        or now - last_join >= self.window_s * _JOIN_EVERY_WINDOWS
+                    )
                 )
             )
+            slice_positions = int(self.prefill_rate * PREFILL_SLICE_S) if self.prefill_rate else None
             if waiting and join_due:
-                try:
-                    newcomers = self._prefill_isolated(waiting)
-                    if newcomers is not None:
-                        batch = newcomers if batch is None else batch.merge(newcomers)
-                        self.stats["joins"] += 1
-                except BaseException as exc:  # one bad batch must not kill the thread; every caller hears why
-                    self._fail([r for r in waiting if not r.future.done()], exc)
+                if (
+                    batch is not None
+                    and slice_positions
+                    and _Prefill.positions_of(waiting) > 2 * slice_positions
+                ):
+                    prefilling = _Prefill(self, waiting)  # beside a running batch: chunk by chunk
+                else:
+                    batch = self._join(batch, self._prefill_isolated, waiting)
                 waiting, last_join = [], now
+            if prefilling is not None:
+                try:
+                    newcomers = prefilling.advance(slice_positions if batch is not None else None)
+                except Exception:  # the rows that fail alone fail; the others start whole
+                    newcomers, rows = None, prefilling.rows
+                    batch = self._join(batch, self._prefill_isolated, rows)
+                    prefilling = None
+                if newcomers is not None:
+                    batch = self._join(batch, lambda _, ready=newcomers: ready, prefilling.rows)
+                    prefilling = None
             if batch is not None:
                 try:
                     peak, batch = batch.peak, self._step(batch)
@@ -227,12 +249,27 @@ class BatchGenerator:
                         solo_until = time.monotonic() + _SOLO_S if peak == 1 else 0.0
         self._fail_queued()
 
-    def _within_caps(self, batch: _Batch | None, arrived: list[_Row]) -> list[_Row]:
+    def _join(
+        self, batch: _Batch | None, prefill: Callable[[list[_Row]], _Batch | None], rows: list[_Row]
+    ) -> _Batch | None:
+        """`batch` with `rows` prefilled (by `prefill`) and merged in; a failure fails those rows."""
+        try:
+            newcomers = prefill(rows)
+        except BaseException as exc:  # one bad batch must not kill the thread; every caller hears why
+            self._fail([r for r in rows if not r.future.done()], exc)
+            return batch
+        if newcomers is None:
+            return batch
+        self.stats["joins"] += 1
+        return newcomers if batch is None else batch.merge(newcomers)
+
+    def _within_caps(self, busy: list[_Row], arrived: list[_Row]) -> list[_Row]:
         """The rows to start now: rows held back earlier first (their clients may have room now),
-        then the new ones, each client up to `client_cap` rows in the batch; the rest wait."""
+        then the new ones, each client up to `client_cap` rows of those running or being
+        prefilled (`busy`); the rest wait."""
         held, self._held = [r for r in self._held if not r.abandoned()], []
-        running = Counter(r.request.client for r in batch.rows) if batch is not None else Counter()
-        room = self.max_batch - (batch.size if batch is not None else 0)
+        running = Counter(r.request.client for r in busy)
+        room = self.max_batch - len(busy)
         start = []
         for row in (*held, *arrived):
             client = row.request.client
@@ -313,30 +350,11 @@ class BatchGenerator:
         return self._prefill(good) if good else None
 
     def _prefill(self, rows: list[_Row]) -> _Batch:
-        """Left-pad the newcomers' prompts into one batch and run them: their cache and the logits
-        of their first token. Rows with the same prompt (a request's `n` samples) share one
-        prefill: its cache is copied to each (n=16 prefilled a long prompt 16 times)."""
-        device = self.model.device
-        distinct: dict[tuple[int, ...], int] = {}
-        which = [distinct.setdefault(tuple(r.request.prompt_ids), len(distinct)) for r in rows]
-        prompts = list(distinct)
-        width = max(len(p) for p in prompts)
-        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, prompt in enumerate(prompts):  # left padding: every row ends where generation starts
-            input_ids[i, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-            mask[i, width - len(prompt) :] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0).to(device)
-        mask = mask.to(device)
-        cache = DynamicCache(config=self.model.config)
-        with torch.inference_mode():
-            logits = self._forward(input_ids.to(device), mask, positions, cache)
-        self.stats["prefill_tokens"] += sum(len(p) for p in prompts)
-        if len(prompts) < len(rows):
-            index = torch.tensor(which, device=device)
-            cache.batch_select_indices(index)
-            mask, positions, logits = mask[index], positions[index], logits[index]
-        return _Batch(rows, cache, mask, positions[:, -1:] + 1, logits)
+        """The newcomers' prompts run as one batch, whole: their cache and the logits of their
+        first token (see `_Prefill`)."""
+        batch = _Prefill(self, rows).advance(None)
+        assert batch is not None
+        return batch
 
     def _step(self, batch: _Batch) -> _Batch | None:
         """Sample one token for every row; rows that end leave (their callers get their result
@@ -425,6 +443,64 @@ class _Row:
     def _stop_string(self, tokenizer: Any) -> str | None:
         text = tokenizer.decode(self.result.token_ids[-self.stop_window :], skip_special_tokens=True)
         return next((s for s in self.request.stop if s in text), None)
+
+
+class _Prefill:
+    """Newcomers' prompts left-padded into one batch and run through the model, whole or a chunk of
+    positions at a time (between a running batch's steps, so that a long prompt does not hold
+    every other row's next token for its whole length). Rows with the same prompt (a request's
+    `n` samples) share one prefill: its cache is copied to each (n=16 ran a long prompt 16 times)."""
+
+    def __init__(self, generator: BatchGenerator, rows: list[_Row]) -> None:
+        self.generator, self.rows = generator, rows
+        device = generator.model.device
+        distinct: dict[tuple[int, ...], int] = {}
+        self.which = [distinct.setdefault(tuple(r.request.prompt_ids), len(distinct)) for r in rows]
+        prompts = list(distinct)
+        self.width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), self.width), generator.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), self.width), dtype=torch.long)
+        for i, prompt in enumerate(prompts):  # left padding: every row ends where generation starts
+            input_ids[i, self.width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+            mask[i, self.width - len(prompt) :] = 1
+        self.positions = (mask.cumsum(-1) - 1).clamp(min=0).to(device)
+        self.input_ids, self.mask = input_ids.to(device), mask.to(device)
+        self.cache = DynamicCache(config=generator.model.config)
+        self.done = 0  # positions run so far
+
+    @staticmethod
+    def positions_of(rows: list[_Row]) -> int:
+        """Positions a prefill of `rows` runs (distinct prompts x the longest)."""
+        prompts = {tuple(r.request.prompt_ids) for r in rows}
+        return len(prompts) * max(len(p) for p in prompts)
+
+    def advance(self, budget: int | None) -> _Batch | None:
+        """Run the next chunk (about `budget` positions, all rows together; None: the rest); the
+        batch once the whole prompt has run, else None."""
+        distinct = self.input_ids.shape[0]
+        # At least 128 positions a row: each chunk copies the cache so far (a growing cache's update).
+        end = self.width if budget is None else min(self.width, self.done + max(128, budget // distinct))
+        started = time.perf_counter()
+        with torch.inference_mode():
+            logits = self.generator._forward(
+                self.input_ids[:, self.done : end],
+                self.mask[:, :end],
+                self.positions[:, self.done : end],
+                self.cache,
+            )
+        rate = distinct * (end - self.done) / max(time.perf_counter() - started, 1e-6)
+        known = self.generator.prefill_rate
+        self.generator.prefill_rate = rate if known is None else (known + rate) / 2
+        self.generator.stats["prefill_tokens"] += int(self.mask[:, self.done : end].sum())
+        self.done = end
+        if end < self.width:
+            return None
+        mask, positions = self.mask, self.positions
+        if distinct < len(self.rows):
+            index = torch.tensor(self.which, device=mask.device)
+            self.cache.batch_select_indices(index)
+            mask, positions, logits = mask[index], positions[index], logits[index]
+        return _Batch(self.rows, self.cache, mask, positions[:, -1:] + 1, logits)
 
 
 class _Batch:
