@@ -18,6 +18,7 @@ class TcpProxy:
         self._listener: socket.socket | None = None
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
+        self._frozen = threading.Event()
 
     def up(self) -> None:
         listener = socket.socket()
@@ -41,12 +42,21 @@ class TcpProxy:
                 conn.shutdown(socket.SHUT_RDWR)
             conn.close()
 
+    def freeze(self) -> None:
+        """A server that hangs (stopped, or behind a network that drops packets): connections
+        open and stay open, and nothing more is answered, on them or on new ones."""
+        self._frozen.set()
+
     def _accept(self, listener: socket.socket) -> None:
         while True:
             try:
                 client, _ = listener.accept()
             except OSError:
                 return
+            if self._frozen.is_set():
+                with self._lock:
+                    self._conns.append(client)  # accepted, never answered
+                continue
             try:
                 upstream = socket.create_connection(self.target, timeout=5)
             except OSError:
@@ -57,10 +67,11 @@ class TcpProxy:
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while data := src.recv(65536):
+                if self._frozen.is_set():
+                    continue  # received, never passed on
                 dst.sendall(data)
         except OSError:
             pass

@@ -118,6 +118,39 @@ def test_postgres_outage_spools_and_replays(pg_url: str, tmp_path: Path, writer:
     ]
 
 
+def test_a_process_whose_store_hangs_exits_promptly_and_keeps_its_runs(pg_url: str, tmp_path: Path) -> None:
+    """A QA pass (session 17): with PostgreSQL hung (connections open, nothing answered), a
+    process took about a minute to exit (the store's process waited 30 s, was killed, and its
+    batches were written again from here into the same hung store). Now the process exits within
+    seconds and what the store never acknowledged is in the spool, replayed once it is back."""
+    url = make_url(pg_url)
+    proxy = TcpProxy(url.port or 5432)
+    proxy.up()
+    proxied = url.set(port=proxy.port).render_as_string(hide_password=False)
+    spool = tmp_path / "spool.jsonl"
+    recorder = Recorder(proxied, spool_path=spool, writer="process")
+    agent = create_agent(ToolScriptModel(), make_tools(), middleware=[honed.Middleware(recorder=recorder)])
+    try:
+        invoke(agent, 0)
+        assert recorder.flush() and recorder.stats()["trajectories_written"] == 1
+        proxy.freeze()
+        for i in (1, 2):
+            invoke(agent, i)
+        assert not recorder.flush(timeout=2)
+        assert recorder.stats()["lag_s"] >= 1.5  # waiting in the store's process counts (it said 0)
+        started = time.monotonic()
+        recorder.close(timeout=2)
+        took = time.monotonic() - started
+    finally:
+        proxy.down()
+    assert took < 15, f"closing took {took:.0f} s"
+    from honed.capture.spool import Spool
+
+    store = honed.open_store(pg_url)
+    Spool(spool).replay(store.save_records)
+    assert sorted(t.task_id for t in store.trajectories(limit=None)) == ["t0", "t1", "t2"]
+
+
 def test_a_store_password_lands_nowhere_at_rest_or_in_logs(
     tmp_path: Path, writer: str, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -171,11 +171,12 @@ class Recorder:
         """Flush, end trajectories still open as incomplete, and stop the writer."""
         if self._closed:
             return
+        deadline = time.monotonic() + timeout  # one budget: a hung store must not double it
         self.flush(timeout)
         self._closed = True
         self._wake.set()
         if self._thread is not None:
-            self._thread.join(timeout)
+            self._thread.join(max(0.0, deadline - time.monotonic()))
         for sink in self.sinks:
             sink.close()
 
@@ -185,6 +186,9 @@ class Recorder:
         candidates = [self._taken_since]
         with contextlib.suppress(IndexError):
             candidates.append(self._queue[0][3])
+        for sink in self.sinks:  # handed to the store's process, not acknowledged by it yet
+            pending = getattr(sink, "pending_since", None)
+            candidates.append(pending() if callable(pending) else None)
         times = [t for t in candidates if isinstance(t, float) and t]
         return round(max(0.0, time.time() - min(times)), 3) if times else 0.0
 

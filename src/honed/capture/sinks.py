@@ -82,13 +82,13 @@ class StoreSink:
 
     def write(self, records: list[Record]) -> None:
         if self.misconfigured or (self.spool.has_pending() and not self._replay_if_due()):
-            self._to_spool(records)  # keep order: nothing overtakes what is already spooled
+            self.to_spool(records)  # keep order: nothing overtakes what is already spooled
             return
         try:
             self._save(records)
         except Exception as exc:
             self._store_down(exc)
-            self._to_spool(records)
+            self.to_spool(records)
 
     def idle(self) -> None:
         self._replay_if_due()
@@ -148,7 +148,8 @@ class StoreSink:
             log.warning("honed: replayed %d spooled trajectories into %s", replayed, self.safe_url())
         return True
 
-    def _to_spool(self, records: list[Record]) -> None:
+    def to_spool(self, records: list[Record]) -> None:
+        """Keep `records` in the spool, replayed into the store once it answers."""
         try:
             self.spool.append(records)
             with self._lock:

@@ -30,6 +30,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from typing import IO, Any
 
 from honed.capture.sinks import Record, StoreSink
@@ -39,6 +40,10 @@ log = logging.getLogger("honed")
 _FRAME = struct.Struct("<Q")
 _CHUNK = 64  # trajectories per message
 _PIPE_BYTES = 1 << 20  # Linux's default /proc/sys/fs/pipe-max-size
+# At close, how long the child may take to finish what it was sent. Past it the store hangs (a
+# stopped server, a network that drops packets): what it has not acknowledged goes to the spool
+# from here and the child is stopped. Waiting longer made a process exit take a minute.
+CLOSE_WAIT_S = 5.0
 _forked_away: list[subprocess.Popen[bytes]] = []  # a forked copy's view of its parent's children
 
 
@@ -84,6 +89,7 @@ class ProcessStoreSink:
         self._local = False  # True once the child failed: `inner` writes, in this process
         self._child: subprocess.Popen[bytes] | None = None
         self._unacked: dict[int, list[Record]] = {}
+        self._sent_at: dict[int, float] = {}  # when each unacknowledged batch was handed over
         self._sent = 0
         self._counts: dict[str, Any] = {}
         self._changed = threading.Condition()
@@ -118,6 +124,7 @@ class ProcessStoreSink:
             with self._changed:
                 self._sent += 1
                 self._unacked[self._sent] = chunk
+                self._sent_at[self._sent] = time.time()
                 n = self._sent
             self._post(("write", n, chunk))
 
@@ -138,6 +145,12 @@ class ProcessStoreSink:
             return True
         return done
 
+    def pending_since(self) -> float | None:
+        """When the oldest batch the child has not acknowledged was handed to it (epoch seconds):
+        what waits there is not in the store yet (`Recorder.lag_s` counts it)."""
+        with self._changed:
+            return min(self._sent_at.values(), default=None)
+
     def stats(self) -> dict[str, Any]:
         with self._changed:
             counts = dict(self._counts)
@@ -155,8 +168,17 @@ class ProcessStoreSink:
             with contextlib.suppress(OSError):
                 child.stdin.close()  # end of file: the child writes what it has and exits
             try:
-                child.wait(timeout=30)
+                child.wait(timeout=CLOSE_WAIT_S)
             except subprocess.TimeoutExpired:
+                with self._changed:
+                    pending = [self._unacked.pop(n) for n in sorted(self._unacked)]
+                    self._sent_at.clear()
+                log.warning(
+                    "honed: the store %s did not answer within %.0f s; %d unwritten trajectories go to the spool %s",
+                    self.inner.safe_url(), CLOSE_WAIT_S, sum(len(r) for r in pending), self.spool.path,
+                )  # fmt: skip
+                for records in pending:  # not written again to the store that hangs
+                    self.inner.to_spool(records)
                 child.kill()
         self.wait(timeout=5)
         self.inner.close()
@@ -213,6 +235,7 @@ class ProcessStoreSink:
                 with self._changed:
                     if kind == "ack":
                         self._unacked.pop(n, None)
+                        self._sent_at.pop(n, None)
                     self._counts = counts
                     self._changed.notify_all()
         except Exception:  # a torn frame: the child died mid-write
@@ -225,6 +248,7 @@ class ProcessStoreSink:
         """Write what the child never acknowledged here, and go on here."""
         with self._changed:
             pending = [self._unacked.pop(n) for n in sorted(self._unacked)]
+            self._sent_at.clear()
         if not self._local:
             log.warning("honed: %s; the store is written from this process from now on", why)
             self._local = True
