@@ -567,6 +567,33 @@ def test_a_reply_names_the_version_the_server_answered_with_not_the_clients_gues
         store.close()
 
 
+def test_a_streamed_reply_through_the_openai_backend_keeps_its_token_ids(server: Server) -> None:
+    """A QA pass (session 17): streamed (`stream_mode="messages"`, or `.stream`), a ServedModel
+    over `honed serve` recorded no token ids or logprobs, so those steps could not train
+    off-policy: the server sent none in its chunks, and the client read none from them."""
+    from honed.serving.served import ServedModel
+
+    store = honed.open_store(server.store_url)
+    served = ServedModel(
+        store, name="calc", backend="openai", base_url=server.base, api_key=KEY, temperature=0
+    )
+    try:
+        whole = served.bind_tools([add_tool()]).invoke(QUESTION)
+        streamed = None
+        for chunk in served.bind_tools([add_tool()]).stream(QUESTION):
+            streamed = chunk if streamed is None else streamed + chunk
+        assert streamed is not None
+        assert [(c["name"], c["args"]) for c in streamed.tool_calls] == [
+            (c["name"], c["args"]) for c in whole.tool_calls
+        ]
+        meta, expected = streamed.response_metadata, whole.response_metadata
+        for key in ("prompt_token_ids", "token_ids", "logprobs"):
+            assert meta.get(key) == expected[key], key
+    finally:
+        served.close()
+        store.close()
+
+
 def test_served_model_over_the_server_follows_promotion(server: Server) -> None:
     from honed.serving.served import ServedModel
 

@@ -652,6 +652,8 @@ async def _events(first: AIMessageChunk, chunks: Any, chat: ChatRequest) -> Asyn
             "finish_reason": reason,
             "logprobs": extra.pop("logprobs", None),
         }
+        if "token_ids" in extra:  # asked for (`return_token_ids`, vLLM's): this chunk's sampled ids
+            choice["token_ids"] = extra.pop("token_ids")
         body = {
             "id": completion_id,
             "object": "chat.completion.chunk",
@@ -673,14 +675,19 @@ async def _events(first: AIMessageChunk, chunks: Any, chat: ChatRequest) -> Asyn
             if chat.legacy_functions:
                 delta = protocol.legacy_delta(delta)
             meta = chunk.response_metadata
-            logprobs = None
+            logprobs, ids = None, {}
             if meta.get("finish_reason"):
                 finish = meta["finish_reason"]
                 usage = chunk.usage_metadata
                 if chat.logprobs:
                     logprobs = protocol.logprobs_body(meta)
-            if delta or logprobs:
-                yield event(delta, logprobs=logprobs)
+                if chat.return_token_ids:  # all of them with the last chunk, as the local model gives them
+                    ids = {
+                        "token_ids": meta.get("token_ids"),
+                        "prompt_token_ids": meta.get("prompt_token_ids"),
+                    }
+            if delta or logprobs or ids:
+                yield event(delta, logprobs=logprobs, **ids)
             chunk = await _next(chunks)
         reason = "tool_calls" if seen_calls else ("length" if finish == "length" else "stop")
         if seen_calls and chat.legacy_functions:

@@ -53,6 +53,27 @@ class HonedChatOpenAI(ChatOpenAI):
                 meta["logprobs"] = [item["logprob"] for item in content]
         return result
 
+    def _convert_chunk_to_generation_chunk(
+        self, chunk: dict[str, Any], default_chunk_class: type, base_generation_info: dict[str, Any] | None
+    ) -> Any:
+        """A streamed chunk, with the same token ids and logprobs as plain lists (summing the
+        chunks concatenates them: the whole reply's, as `_create_chat_result` gives)."""
+        generation = super()._convert_chunk_to_generation_chunk(
+            chunk, default_chunk_class, base_generation_info
+        )
+        choices = chunk.get("choices") or ()
+        if generation is None or not choices:
+            return generation
+        meta = generation.message.response_metadata
+        if chunk.get("prompt_token_ids") is not None:
+            meta["prompt_token_ids"] = chunk["prompt_token_ids"]
+        if choices[0].get("token_ids") is not None:
+            meta["token_ids"] = choices[0]["token_ids"]
+        content = (choices[0].get("logprobs") or {}).get("content")
+        if content:
+            meta["logprobs"] = [item["logprob"] for item in content]
+        return generation
+
     def close(self) -> None:
         if self.adapter is not None:
             try:
