@@ -546,6 +546,38 @@ def test_a_multi_turn_chat_is_one_thread_of_turns_with_the_same_task_under_every
     )
 
 
+def test_a_guardrail_models_call_is_neither_the_agents_row_nor_its_version(
+    capture: str, sqlite_url: str
+) -> None:
+    """A QA pass (session 17): a middleware that asks another model to check each reply (a
+    guardrail) made that check the run's last model call under `instrument()`: the exported and
+    training row was the guard's prompt and its "SAFE", and the run's model version the guard's.
+    The agent's row is the call whose reply is the run's answer."""
+    from langchain.agents.middleware import AgentMiddleware
+    from langchain_core.language_models.fake_chat_models import FakeListChatModel
+
+    guard = FakeListChatModel(responses=["SAFE"] * 10, name="guard")
+
+    class Guardrail(AgentMiddleware):
+        def after_model(self, state: Any, runtime: Any) -> None:
+            guard.invoke([("system", "Say SAFE or UNSAFE."), ("user", state["messages"][-1].text)])
+
+    agent = create_agent(ToolScriptModel(), [add], name="calc",
+                         middleware=[*capture_middleware(capture, sqlite_url), Guardrail()])  # fmt: skip
+    agent.invoke({"messages": [("user", ADD_TASK)]}, labels("guarded"))
+    assert honed.flush()
+    (run,) = honed.open_store(sqlite_url).trajectories(task_id="guarded")
+    assert run.answer == "the sum is 5"
+    example = chat_example(run)
+    assert example["messages"][0]["content"] == ADD_TASK
+    assert example["messages"][-1] == {"role": "assistant", "content": "the sum is 5"}
+    assert [t["function"]["name"] for t in example.get("tools", [])] in (
+        ["add"],
+        [],
+    )  # as the model reports them
+    assert run.model_version == run.model_steps()[0].model_version != "guard"
+
+
 # -- structured output -------------------------------------------------------------------------
 
 

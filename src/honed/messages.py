@@ -657,11 +657,29 @@ def _last_chat_step(trajectory: Trajectory) -> Step:
             seen += 1
         return False
 
-    for step in reversed(trajectory.steps):
-        if step.kind != "model" or in_subagent(step):
-            continue
-        if is_truncated(step.input):
-            raise NotExportable("truncated", trajectory.id)
-        if isinstance(step.input, dict) and isinstance(step.input.get("messages"), list):
-            return step
-    raise NotExportable("no_chat_model_step", trajectory.id)
+    calls = [
+        step
+        for step in trajectory.steps
+        if step.kind == "model"
+        and not in_subagent(step)
+        and (
+            is_truncated(step.input)
+            or (isinstance(step.input, dict) and isinstance(step.input.get("messages"), list))
+        )
+    ]
+    if not calls:
+        raise NotExportable("no_chat_model_step", trajectory.id)
+    # The call whose reply is the run's answer: a middleware asking another model to check the
+    # reply (a guardrail) made the last call the guard's, its prompt and its "SAFE".
+    answer = trajectory.answer
+    step = next(
+        (
+            s
+            for s in reversed(calls)
+            if answer and isinstance(s.output, dict) and content_text(s.output.get("content")) == answer
+        ),
+        calls[-1],
+    )
+    if is_truncated(step.input):
+        raise NotExportable("truncated", trajectory.id)
+    return step

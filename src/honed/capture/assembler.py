@@ -39,7 +39,7 @@ from honed.capture.events import (
     RanAs,
 )
 from honed.capture.serialize import to_jsonable
-from honed.messages import ROLES, stored_message, text_of, tool_schema
+from honed.messages import ROLES, content_text, stored_message, text_of, tool_schema
 from honed.trajectory import INTERRUPTED, REDACTED_MARK
 
 log = logging.getLogger("honed")
@@ -464,8 +464,7 @@ class Assembler:
         steps = sorted(trajectory.steps, key=lambda s: s["index"])
         record["steps"] = steps
         if record["model_version"] is None:
-            versions = [s["model_version"] for s in steps if s["kind"] == "model" and s["model_version"]]
-            record["model_version"] = versions[-1] if versions else None
+            record["model_version"] = _answering_version(steps, record.get("output"))
         self._completed.append(record)
         self._remember_closed(run_id)
         if record["status"] == INTERRUPTED:
@@ -696,6 +695,19 @@ class Assembler:
 
 
 # -- helpers -----------------------------------------------------------------------------------
+
+
+def _answering_version(steps: list[dict[str, Any]], output: Any) -> str | None:
+    """The run's model version: that of the model call whose reply is the run's answer, else of
+    the last model call (a middleware asking another model to check the reply, a guardrail, made
+    the guard's the run's version)."""
+    answer = output.get("answer") if isinstance(output, dict) else output
+    versioned = [s for s in steps if s["kind"] == "model" and s["model_version"]]
+    for step in reversed(versioned if isinstance(answer, str) and answer else ()):
+        reply = step.get("output")
+        if isinstance(reply, dict) and content_text(reply.get("content")) == answer:
+            return step["model_version"]
+    return versioned[-1]["model_version"] if versioned else None
 
 
 def _run_name(kind: str, name: Any, metadata: dict[str, Any] | None, extra: dict[str, Any] | None) -> str:
