@@ -474,6 +474,33 @@ def test_a_long_prompt_is_prefilled_between_the_other_rows_steps(tmp_path: Path)
         generator.close()
 
 
+def test_a_decoding_step_writes_its_token_in_place_not_a_copy_of_the_cache() -> None:
+    """`DynamicLayer` concatenates each step's key and value onto the cache, copying all of it:
+    at 48 rows that was 83% of a decoding step (397 ms a step; 62 ms in place). The serving
+    cache's layers hold the same values, in one buffer that grows rarely."""
+    from transformers.cache_utils import DynamicLayer
+
+    from honed.serving.batching import _GrowingLayer
+
+    torch.manual_seed(0)
+    grown, plain = _GrowingLayer(), DynamicLayer()
+
+    def both(length: int, rows: int = 3) -> None:
+        keys, values = torch.randn(rows, 2, length, 4), torch.randn(rows, 2, length, 4)
+        for got, want in zip(grown.update(keys, values), plain.update(keys, values), strict=True):
+            assert torch.equal(got, want)
+
+    both(10)
+    buffer = grown.keys.data_ptr()
+    for _ in range(20):
+        both(1)
+    assert grown.keys.data_ptr() == buffer  # 20 steps in one buffer: none copied the cache
+    for layer in (grown, plain):  # a row leaves; another batch's rows join (the batcher's edits)
+        layer.batch_select_indices(torch.tensor([2, 0]))
+    both(1, rows=2)
+    assert grown.keys.shape == plain.keys.shape == (2, 2, 32, 4)
+
+
 def test_sampling_fails_only_the_rows_it_cannot_sample() -> None:
     from concurrent.futures import Future
 

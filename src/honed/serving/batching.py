@@ -465,7 +465,7 @@ class _Prefill:
             mask[i, self.width - len(prompt) :] = 1
         self.positions = (mask.cumsum(-1) - 1).clamp(min=0).to(device)
         self.input_ids, self.mask = input_ids.to(device), mask.to(device)
-        self.cache = DynamicCache(config=generator.model.config)
+        self.cache = _growing(DynamicCache(config=generator.model.config))
         self.done = 0  # positions run so far
 
     @staticmethod
@@ -518,7 +518,9 @@ class _Batch:
         self.next_position, self.logits = next_position, logits
         self.peak = len(rows)
         # Joining needs plain growing caches (full attention); other layouts run batch by batch.
-        self.mergeable = all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", ()))
+        self.mergeable = all(
+            type(layer) in (DynamicLayer, _GrowingLayer) for layer in getattr(cache, "layers", ())
+        )
 
     @property
     def size(self) -> int:
@@ -548,6 +550,56 @@ class _Batch:
         self.rows = self.rows + other.rows
         self.peak = max(self.peak, len(self.rows))
         return self
+
+
+class _GrowingLayer(DynamicLayer):
+    """A full-attention cache layer whose keys and values live in a buffer with room to grow: a
+    step writes its token in place. `DynamicLayer` concatenates, copying the whole cache every
+    step (at 48 rows of 600 positions, 83% of a decoding step's time). `keys`/`values` are views
+    of the buffer; whoever replaces them (a merge, a selection) makes the next update start a new
+    buffer from what they hold."""
+
+    _key_buffer: torch.Tensor | None = None
+    _value_buffer: torch.Tensor | None = None
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        held = 0 if self.keys.numel() == 0 else self.keys.shape[-2]
+        needed = held + key_states.shape[-2]
+        buffer = self._key_buffer
+        ours = (
+            buffer is not None
+            and self.keys.data_ptr() == buffer.data_ptr()
+            and self.keys.shape[:-2] == key_states.shape[:-2]
+        )
+        if not ours or buffer.shape[-2] < needed:
+            room = needed + max(64, needed // 2)
+            self._key_buffer = self._grown(self.keys, key_states, held, room)
+            self._value_buffer = self._grown(self.values, value_states, held, room)
+        assert self._key_buffer is not None and self._value_buffer is not None
+        self._key_buffer[..., held:needed, :] = key_states
+        self._value_buffer[..., held:needed, :] = value_states
+        self.keys = self._key_buffer[..., :needed, :]
+        self.values = self._value_buffer[..., :needed, :]
+        return self.keys, self.values
+
+    @staticmethod
+    def _grown(held: torch.Tensor, new: torch.Tensor, length: int, room: int) -> torch.Tensor:
+        buffer = new.new_empty((*new.shape[:-2], room, new.shape[-1]))
+        if length:
+            buffer[..., :length, :] = held
+        return buffer
+
+
+def _growing(cache: Any) -> Any:
+    """`cache` with its plain full-attention layers growing in place (`_GrowingLayer`)."""
+    layers = getattr(cache, "layers", None)
+    if isinstance(layers, list):
+        cache.layers = [_GrowingLayer() if type(layer) is DynamicLayer else layer for layer in layers]
+    return cache
 
 
 def _left_pad(states: torch.Tensor, width: int) -> torch.Tensor:
