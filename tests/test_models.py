@@ -498,7 +498,7 @@ def test_a_decoding_step_writes_its_token_in_place_not_a_copy_of_the_cache() -> 
     for layer in (grown, plain):  # a row leaves; another batch's rows join (the batcher's edits)
         layer.batch_select_indices(torch.tensor([2, 0]))
     both(1, rows=2)
-    assert grown.keys.shape == plain.keys.shape == (2, 2, 32, 4)
+    assert grown.keys.shape == plain.keys.shape == (2, 2, 31, 4)
 
 
 def test_sampling_fails_only_the_rows_it_cannot_sample() -> None:
