@@ -578,6 +578,37 @@ def test_a_guardrail_models_call_is_neither_the_agents_row_nor_its_version(
     assert run.model_version == run.model_steps()[0].model_version != "guard"
 
 
+def test_a_run_whose_context_was_rewritten_between_calls_is_no_training_row(
+    capture: str, sqlite_url: str
+) -> None:
+    """A QA pass (session 18): with LangChain's `ContextEditingMiddleware` clearing old tool
+    results (or `SummarizationMiddleware`), the row built from the last call's conversation put
+    an earlier reply after a context it was never produced from (`mul` called after a `[cleared]`
+    result): trained, it teaches answers from nothing. Such a run is no row, and says why."""
+    from langchain.agents.middleware import ContextEditingMiddleware
+    from langchain.agents.middleware.context_editing import ClearToolUsesEdit
+
+    from honed.messages import NotExportable
+
+    task = 'call add {"a": 2, "b": 3}; call mul {"a": 5, "b": 2}; answer it is {result}'
+    for name, edits in (("plain", []), ("edited", [ClearToolUsesEdit(trigger=0, keep=1)])):
+        # honed after the editor (innermost): what is recorded is what the model saw
+        stack = [ContextEditingMiddleware(edits=edits), *capture_middleware(capture, sqlite_url)]
+        agent = create_agent(ToolScriptModel(), [add, mul], name="calc", middleware=stack)
+        assert (
+            agent.invoke({"messages": [("user", task)]}, labels(name))["messages"][-1].content == "it is 10"
+        )
+        honed.uninstrument()
+    assert honed.flush()
+    store = honed.open_store(sqlite_url)
+    (plain,), (edited,) = store.trajectories(task_id="plain"), store.trajectories(task_id="edited")
+    assert "[cleared]" in json.dumps(edited.model_steps()[-1].input)
+    assert len(chat_example(plain)["messages"]) == 6
+    with pytest.raises(NotExportable) as refused:
+        chat_example(edited)
+    assert refused.value.reason == "context_rewritten"
+
+
 # -- structured output -------------------------------------------------------------------------
 
 

@@ -396,7 +396,9 @@ def chat_example(trajectory: Trajectory, *, reasoning: bool = False) -> dict[str
     """
     if call_changed_before_running(trajectory):
         raise NotExportable("call_changed_before_running", trajectory.id)
-    step = _last_chat_step(trajectory)
+    step, calls = _last_chat_step(trajectory)
+    if _context_rewritten(step, calls):
+        raise NotExportable("context_rewritten", trajectory.id)
     if is_truncated(step.output):
         raise NotExportable("truncated", trajectory.id)
     if not isinstance(step.output, dict):
@@ -643,9 +645,10 @@ def _stored_content(content: Any) -> Any:
     return content
 
 
-def _last_chat_step(trajectory: Trajectory) -> Step:
+def _last_chat_step(trajectory: Trajectory) -> tuple[Step, list[Step]]:
     """The agent's own last model call: not one of a subagent's (a step under a tool step),
-    whose conversation, tools and system prompt are the subagent's, not the agent's."""
+    whose conversation, tools and system prompt are the subagent's, not the agent's. And all of
+    the agent's own calls, in order."""
     kinds = {step.id: (step.kind, step.parent_id) for step in trajectory.steps}
 
     def in_subagent(step: Step) -> bool:
@@ -682,4 +685,35 @@ def _last_chat_step(trajectory: Trajectory) -> Step:
     )
     if is_truncated(step.input):
         raise NotExportable("truncated", trajectory.id)
-    return step
+    return step, calls
+
+
+def _context_rewritten(last: Step, calls: list[Step]) -> bool:
+    """Whether an earlier call's reply is in the last call's conversation after other messages
+    than those it was produced from: a middleware cleared tool results, summarised or trimmed the
+    history between the calls. Trained as the row reads, the reply would be taught from a context
+    the model never saw (`fetch(code="code-7731")` after a cleared `[cleared]`). System messages
+    are left out of the comparison (a dynamic prompt may change them call by call)."""
+    final = [m for m in last.input["messages"] if not (isinstance(m, dict) and m.get("role") == "system")]
+    made_at = {
+        call.get("id"): j
+        for j, m in enumerate(final)
+        if isinstance(m, dict) and m.get("role") == "assistant"
+        for call in m.get("tool_calls") or ()
+        if isinstance(call, dict) and call.get("id")
+    }
+    for step in calls:
+        if step is last or not isinstance(step.output, dict) or not isinstance(step.input, dict):
+            continue
+        ids = [c.get("id") for c in step.output.get("tool_calls") or () if isinstance(c, dict)]
+        where = next((made_at[i] for i in ids if i in made_at), None)
+        if where is None:  # its reply is not in the last call's conversation (summarised away)
+            continue
+        seen = [
+            m
+            for m in step.input.get("messages") or ()
+            if not (isinstance(m, dict) and m.get("role") == "system")
+        ]
+        if final[:where] != seen:
+            return True
+    return False
