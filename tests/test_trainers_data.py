@@ -247,6 +247,26 @@ def test_hash_heldout_fraction_splits_tasks_without_a_split(store: TrajectorySto
     assert set(task_pass_rates(store, heldout_fraction=0.3)) == set(ids) - held
 
 
+def test_runs_labelled_test_eval_or_validation_are_held_out_too(store: TrajectoryStore) -> None:
+    """A QA pass (session 18): a user whose evaluation set is called "test" (or "eval",
+    "validation", "val", "dev") trained on it: only spellings of "heldout" were held out, and
+    `honed export` wrote those runs as training data. Every evaluation split is held out now,
+    its tasks' runs in other splits too."""
+    from honed.store.select import select_trajectories
+
+    for i, split in enumerate(("test", "Eval", "evaluation", "validation", "val", "dev", "holdout")):
+        add(store, make_trajectory(f"eval-{i}", split=split), True)
+        assert is_heldout({"task_id": "x", "split": split})
+    add(store, make_trajectory("eval-0", split="train"), True)  # a test task's run, labelled train
+    kept = add(store, make_trajectory("train-1", split="train"), True)
+    assert set(prepare(store, "sft").trajectory_ids) == {kept.id}
+    assert [t.id for t in select_trajectories(store, verdict="pass")] == [kept.id]
+    assert len(list(select_trajectories(store, split="test"))) == 1  # asked for by name, it is there
+    assert not is_heldout({"task_id": "x", "split": "train"}) and not is_heldout(
+        {"task_id": "x", "split": "prod"}
+    )
+
+
 def test_a_heldout_request_never_trains_under_another_task_id_or_none(any_store: TrajectoryStore) -> None:
     """A task is its request as much as its id: the held-out question captured again under
     another task id, without one, in an external dataset, or asked by a task held out by hash or

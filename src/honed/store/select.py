@@ -75,7 +75,7 @@ class HeldOut:
         task_id, split = _task_and_split(item)
         if task_id is not None and str(task_id) in self.task_ids:
             return True
-        if split is not None and (same_split(split, self.split) or same_split(split, HELDOUT)):
+        if split is not None and (same_split(split, self.split) or evaluation_split(split)):
             return True
         if self.requests and not self.requests.isdisjoint(requests_of(item)):
             return True
@@ -158,6 +158,18 @@ def same_split(a: str, b: str) -> bool:
     return a == b or _split_key(a) == _split_key(b)
 
 
+# Splits that name an evaluation set, however written: held out like "heldout" (a user whose
+# evaluation set is "test" trained on it when only "heldout" was held out).
+EVALUATION_SPLITS = frozenset(
+    {"heldout", "holdout", "test", "testing", "eval", "evaluation", "validation", "valid", "val", "dev"}
+)
+
+
+def evaluation_split(split: str) -> bool:
+    """Whether `split` names an evaluation set (`EVALUATION_SPLITS`), held out from training."""
+    return _split_key(split) in EVALUATION_SPLITS
+
+
 def _split_key(split: str) -> str:
     return "".join(c for c in unicodedata.normalize("NFKC", split).casefold() if c.isalnum())
 
@@ -196,7 +208,7 @@ def _heldout_tasks_and_requests(
     with store.engine.connect() as conn:
         # The spellings in the store that mean the held-out split, decided here, not in SQL.
         splits = conn.execute(select(TrajectoryRow.split).where(TrajectoryRow.split.is_not(None)).distinct())
-        written = [s for (s,) in splits if same_split(s, heldout_split) or same_split(s, HELDOUT)]
+        written = [s for (s,) in splits if same_split(s, heldout_split) or evaluation_split(s)]
         if written:
             query = select(TrajectoryRow.task_id, task).where(TrajectoryRow.split.in_(written))
             for task_id, text in conn.execute(query.distinct()):
@@ -257,7 +269,8 @@ class Selection:
 
     @property
     def excludes_heldout(self) -> bool:
-        return not self.include_heldout and self.split != HELDOUT
+        # Asking for an evaluation split by name is asking for held-out runs (`--split test`).
+        return not self.include_heldout and not (self.split is not None and evaluation_split(self.split))
 
 
 def select_trajectories(
