@@ -609,6 +609,22 @@ def test_a_run_whose_context_was_rewritten_between_calls_is_no_training_row(
     assert refused.value.reason == "context_rewritten"
 
 
+def test_the_agents_name_is_the_same_under_every_entry_point_whatever_the_run_name(
+    capture: str, sqlite_url: str
+) -> None:
+    """A QA pass (session 18): with `config["run_name"]`, `instrument()` stored the agent under
+    the run's name, `Middleware` under `create_agent`'s: `--agent`, `DataConfig(agent=...)` and
+    `honed status NAME` split one agent's runs by entry point."""
+    agent = create_agent(
+        ToolScriptModel(), [add], name="calc", middleware=capture_middleware(capture, sqlite_url)
+    )
+    agent.invoke({"messages": [("user", ADD_TASK)]}, {"run_name": "nightly-eval", **labels("named")})
+    agent.with_config(run_name="configured").invoke({"messages": [("user", ADD_TASK)]}, labels("configured"))
+    assert honed.flush()
+    store = honed.open_store(sqlite_url)
+    assert {t.agent for t in store.trajectories(limit=None)} == {"calc"}
+
+
 # -- structured output -------------------------------------------------------------------------
 
 

@@ -282,7 +282,8 @@ class Assembler:
             honed.setdefault("tags", user_tags)
         return {
             "id": str(run_id),
-            "agent": str(honed.pop("agent", None) or name),
+            # `create_agent`'s name before the run's (`run_name` renames the run), as `Middleware` does.
+            "agent": str(honed.pop("agent", None) or (metadata or {}).get("lc_agent_name") or name),
             "task": self._field(_plain(inputs)),
             "task_id": _opt_str(honed.get("task_id")),
             "split": _opt_str(honed.get("split")),
