@@ -438,7 +438,9 @@ def test_the_eval_key_holds_what_the_factory_reads_and_is_the_same_in_every_proc
     tools list, a system prompt edited between runs: the live version kept its old score and an
     unchanged candidate was promoted on the setup change alone), and held a default repr (an
     address) for an object it closed over: another key in every process, so neither the stored
-    live score nor the "same as rejected" guard ever held across restarts."""
+    live score nor the "same as rejected" guard ever held across restarts. Session 18: a factory
+    reading `create_agent` still got another key in every process (its nested code objects'
+    repr holds their addresses; a set constant's order is the process's hash seed's)."""
     import subprocess
     import sys
     import textwrap
@@ -456,7 +458,10 @@ def test_the_eval_key_holds_what_the_factory_reads_and_is_the_same_in_every_proc
             def __init__(self):
                 self.tools, self.samples = ["add"], 2
         setup = Setup()
-        factory = lambda model: (model, setup.tools)
+        from langchain.agents import create_agent  # functions within: code objects, sets of names
+        def factory(model):
+            kinds = [k for k in ("a", "b") if k in {"a", "c", "d"}]
+            return create_agent(model, setup.tools, name=str(kinds))
         print(hashlib.sha256(json.dumps(_fingerprint(factory)).encode()).hexdigest())
     """)
     keys = {

@@ -739,7 +739,23 @@ def _fingerprint(factory: Any, depth: int = 0) -> Any:
         cells.append(_value(value, depth + 1))
     scope = getattr(factory, "__globals__", None) or {}
     read = {name: _value(scope[name], depth + 1) for name in sorted(_names(code)) if name in scope}
-    return [factory.__module__, factory.__qualname__, code.co_code.hex(), repr(code.co_consts), cells, read]
+    return [factory.__module__, factory.__qualname__, _code(code), cells, read]
+
+
+def _code(code: Any) -> Any:
+    """A code object by its content: its bytecode and constants, the code objects among them by
+    theirs (their repr holds an address), sets sorted (their order is the hash seed's)."""
+
+    def const(value: Any) -> Any:
+        if hasattr(value, "co_code"):
+            return _code(value)
+        if isinstance(value, frozenset | set):
+            return sorted(repr(item) for item in value)
+        if isinstance(value, tuple):
+            return [const(item) for item in value]
+        return repr(value)
+
+    return [code.co_name, code.co_code.hex(), [const(c) for c in code.co_consts]]
 
 
 def _names(code: Any) -> set[str]:
