@@ -61,6 +61,19 @@ def cycle(world: dict[str, Any], method: Any, **options: Any) -> Cycle:
     return Cycle(world["store"], **(settings | options))
 
 
+def test_with_no_held_out_tasks_nothing_is_trained_and_nothing_counts_as_a_setback(
+    world: dict[str, Any],
+) -> None:
+    """A QA pass (session 18): with no held-out task in the store, every `honed train` trained a
+    candidate, rejected it as a setback ("no held-out task was scored"), and halved the next
+    learning rate (1.6e-7 after 7 runs). Nothing could judge a candidate: none is trained."""
+    store = world["store"]
+    for _ in range(2):
+        report = cycle(world, SFTMethod(num_train_epochs=1), heldout="heldout").run()
+        assert report.status == "failed" and report.reason.startswith("NOT MEASURED: no held-out tasks")
+    assert store.training_runs(NAME) == [] and [v.version for v in store.versions(NAME)] == [1]
+
+
 def test_a_deliberately_worse_candidate_is_rejected_and_the_run_recorded(world: dict[str, Any]) -> None:
     store = world["store"]
     # A learning rate this large wrecks the weights: a real, worse candidate.
@@ -262,7 +275,7 @@ def test_a_candidate_short_of_evidence_is_followed_by_the_same_step(world: dict[
     short = rejected({"promote": False, "gain": 0.037, "lower_bound": -0.017, "setback": False})
     method = SFTMethod(num_train_epochs=1, learning_rate=1e-4, per_device_train_batch_size=4)
     run = store.training_run(cycle(world, method).run().run_id)
-    kept = "1 rejected candidate(s) measured better, not confidently: same step, more attempts"
+    kept = "1 rejected candidate(s) measured no worse, not confidently better: same step, more attempts"
     assert run.config["adapted"] == {"rejected_runs": [short], "changes": [kept]}
     assert run.config["method"]["settings"]["learning_rate"] == 1e-4
     # v1 already passes every held-out task: no candidate is better, so the streak goes on from it.
@@ -343,6 +356,41 @@ def test_one_trainer_per_model(world: dict[str, Any]) -> None:
     world["store"].acquire_trainer_lock(NAME, owner="someone-else")
     with pytest.raises(TrainerBusy):
         cycle(world, SFTMethod()).run()
+    assert world["store"].training_runs(NAME) == []
+
+
+def test_a_scheduled_trainer_skips_a_busy_tick_and_stops_cleanly_between_cycles(
+    world: dict[str, Any],
+) -> None:
+    """A QA pass (session 18): `honed train --every` exited (3) at its first tick if another
+    trainer held the lock, and stopped between cycles it said a training run was interrupted.
+    A busy tick is skipped; a stop while waiting exits 0 and says nothing ran."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    world["store"].acquire_trainer_lock(NAME, owner="another-host:1")
+    tests = str(Path(__file__).parent)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "honed.cli", "train", NAME, "--suite", "adder_suite:Adder", "--store", world["url"],
+         "--every", "1s"],
+        cwd=tests, env={**os.environ, "PYTHONPATH": tests, "COLUMNS": "200"},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        deadline, said = time.monotonic() + 60, ""
+        assert process.stdout is not None
+        while said.count("holds") < 2:  # two ticks skipped, and still scheduled
+            assert process.poll() is None and time.monotonic() < deadline, said
+            said += process.stdout.readline()
+        process.send_signal(signal.SIGTERM)
+        rest, _ = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 0, said + rest
+    assert "stopped (no training run was running)" in rest and "interrupted" not in said + rest
     assert world["store"].training_runs(NAME) == []
 
 

@@ -275,9 +275,9 @@ def train(
             output_dir=output_dir,
             on_progress=on_progress,
         ))  # fmt: skip
-    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (`_sigterm_is_ctrl_c`): the cycle recorded it
-        out.print("[yellow]interrupted: the training run is recorded as such[/yellow]")
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (`_sigterm_is_ctrl_c`), outside a training run
+        out.print("stopped (no training run was running)")
+        raise typer.Exit(0 if interval is not None else 130) from None  # a schedule stopped cleanly
 
 
 def _train_cycles(out: Console, interval: float | None, as_json: bool, make: Callable[[Any], Any]) -> None:
@@ -287,15 +287,27 @@ def _train_cycles(out: Console, interval: float | None, as_json: bool, make: Cal
     while True:
         with _progress(out) as on_progress:
             cycle = make(on_progress)
+            last = cycle.store.training_runs(cycle.model, limit=1)
             try:
                 report = cycle.run()
+            except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (`_sigterm_is_ctrl_c`)
+                now = cycle.store.training_runs(cycle.model, limit=1)
+                if now and (not last or now[0].id != last[0].id):  # the cycle recorded its run
+                    out.print(f"[yellow]interrupted: training run {now[0].id} is recorded as such[/yellow]")
+                    raise typer.Exit(130) from None
+                out.print("stopped (no training run was running)")
+                raise typer.Exit(0 if interval is not None else 130) from None
             except TrainerBusy as exc:
                 out.print(f"[yellow]{escape(str(exc))}[/yellow]")
-                raise typer.Exit(3) from exc
+                if interval is None:
+                    raise typer.Exit(3) from exc
+                report = None  # on a schedule: this tick is skipped, the next one tries again
             except LookupError as exc:
                 out.print(f"[red]{escape(str(exc))}[/red]")
                 raise typer.Exit(2) from exc
-        if as_json:
+        if report is None:
+            pass
+        elif as_json:
             print(json.dumps(report.to_dict(), default=str))
         else:
             colour = {"promoted": "green", "rejected": "red", "nothing_to_learn": "yellow"}.get(
@@ -303,8 +315,13 @@ def _train_cycles(out: Console, interval: float | None, as_json: bool, make: Cal
             )
             out.print(f"[{colour}]{report.status}[/{colour}]: {escape(report.reason)}")
         if interval is None:
+            assert report is not None
             raise typer.Exit(0 if report.status in ("promoted", "rejected", "nothing_to_learn") else 1)
-        time.sleep(interval)
+        try:
+            time.sleep(interval)
+        except KeyboardInterrupt:  # stopped between cycles: nothing was running, nothing interrupted
+            out.print("stopped (no training run was running)")
+            raise typer.Exit(0) from None
 
 
 def _sigterm_is_ctrl_c() -> None:

@@ -366,6 +366,13 @@ class Cycle:
         live = self.store.live_version(self.model)
         if live is None:
             raise LookupError(f"{self.model}: no live version; register and promote a base version first")
+        if not self.heldout_tasks():  # nothing could judge a candidate: train none
+            agent = f" of agent {self.data.agent!r}" if self.data.agent else ""
+            why = (
+                f"NOT MEASURED: no held-out tasks{agent} in split {self.heldout_split!r} for the gate to score; "
+                "capture some runs with split='heldout' (or give heldout=[Task(...)]). Nothing was trained"
+            )
+            return CycleResult("failed", why, live=live.ref, version=live.ref)
         method, config, adapted = self._adapted(live)
         run = self.store.start_training_run(
             self.model,
@@ -567,7 +574,7 @@ class Cycle:
         if len(setbacks) < len(rejected):
             short = len(rejected) - len(setbacks)
             changes.append(
-                f"{short} rejected candidate(s) measured better, not confidently: same step, more attempts"
+                f"{short} rejected candidate(s) measured no worse, not confidently better: same step, more attempts"
             )
         return method, config, {"rejected_runs": [r.id for r in rejected], "changes": changes}
 
