@@ -247,6 +247,19 @@ def test_bad_parameters_are_a_400_naming_the_field(server: Server, extra: dict[s
             "max_tokens",
         ),
         (b'{"model": "noise", "messages": [{"role": "user", "content": "hi"}], "top_p": -1e400}', "top_p"),
+        # an integer beyond a float (a QA pass, session 18: 500, "int too large to convert to float")
+        (
+            b'{"model": "noise", "messages": [{"role": "user", "content": "hi"}], "temperature": '
+            + b"9" * 400
+            + b"}",
+            "temperature",
+        ),
+        (
+            b'{"model": "noise", "messages": [{"role": "user", "content": "hi"}], "presence_penalty": -'
+            + b"9" * 400
+            + b"}",
+            "presence_penalty",
+        ),
         (b"[" * 100_000, None),
         (b'{"model": "noise", "messages": [{"role": "user", "content": "hi \\ud800"}]}', None),
         (b'{"model": "noise", "messages": [{"role": "user", "content": "hi"}], "user": "\\udfff"}', None),
@@ -270,6 +283,8 @@ def test_bad_parameters_are_a_400_naming_the_field(server: Server, extra: dict[s
         "temperature-1e400",
         "max_tokens-1e400",
         "top_p--1e400",
+        "temperature-400-digits",
+        "penalty--400-digits",
         "deep",
         "lone-surrogate-content",
         "lone-surrogate-user",
@@ -293,8 +308,9 @@ def call_with_arguments(arguments: str) -> dict[str, Any]:
         "[" * 100 + "]" * 100,
         '{"a": ' * 100 + "1" + "}" * 100,
         "[" + "[]," * 120_000 + "1]",
+        '{"a": "\\ud800"}',  # a lone surrogate, escaped (a QA pass, session 18: 500 at tokenising)
     ],
-    ids=["5000-deep", "100-deep", "100-deep-objects", "wide"],
+    ids=["5000-deep", "100-deep", "100-deep-objects", "wide", "lone-surrogate"],
 )
 def test_json_inside_tool_call_arguments_has_the_bodys_limits(server: Server, arguments: str) -> None:
     # `arguments` is JSON in a string: the body's depth check never saw it, and 5000 levels

@@ -124,6 +124,14 @@ _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+def _lenient_json(text: str) -> Any:
+    """`text` decoded as JSON, or the text itself when it is not JSON (checked for surrogates alike)."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return text
+
+
 def _holds_lone_surrogate(value: Any) -> bool:
     """Whether any string (or key) in a decoded body holds a surrogate code point: a pair of
     escapes decodes to one character, so any left is unpaired."""
@@ -464,7 +472,12 @@ def _check_message(message: Any, where: str) -> int:
             raise BadRequest(f"{at}.function.arguments must be a JSON string", f"{at}.function.arguments")
         if isinstance(arguments, str):
             param = f"{at}.function.arguments"
-            containers += _check_shape(arguments.encode("utf-8", "surrogatepass"), param, param)
+            text = arguments.encode("utf-8", "surrogatepass")
+            containers += _check_shape(text, param, param)
+            if _SURROGATE_ESCAPE.search(text) and _holds_lone_surrogate(_lenient_json(arguments)):
+                raise BadRequest(
+                    f"{at}.function.arguments holds an unpaired UTF-16 surrogate escape: not text", param
+                )
     return containers
 
 
@@ -559,7 +572,10 @@ def _float(
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise BadRequest(f"{key} must be a number", key, "invalid_type")
-    number = float(value)  # an int beyond a float is inf: refused below
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond any float (400 digits)
+        number = math.inf
     if not math.isfinite(number):
         raise BadRequest(f"{key} must be a finite number", key, "invalid_value")
     if number < low or (low_open and number == low) or number > high:
