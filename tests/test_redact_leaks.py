@@ -108,6 +108,9 @@ FREE_TEXT = {
     "apim_subscription_key": (rand(32, "0123456789abcdef"), "Ocp-Apim-Subscription-Key: {}"),
     "api_key_flag_spaced": (rand(32), "mycli deploy --api-key {} --region eu"),
     "token_flag_spaced": (rand(32), "gh-runner register --token {}"),
+    # honed's own label key (a QA pass, session 18: its holder may label runs)
+    "label_key_env": (rand(12), "PATH=/usr/bin\nHONED_LABEL_KEY={}\nHOME=/root"),
+    "label_key_flag": (rand(12), "honed serve agent --label-key {} --port 8000"),
 }
 
 
@@ -160,6 +163,8 @@ SECRET_KEYS = [
     "AccountKey",  # Azure (a QA pass, session 17)
     "SharedAccessKey",
     "Ocp-Apim-Subscription-Key",
+    "label_key",  # honed serve's (a QA pass, session 18)
+    "HONED_LABEL_KEY",
 ]
 
 

@@ -477,6 +477,21 @@ def test_served_requests_are_captured_as_trajectories(server: Server) -> None:
     [step] = found[0].model_steps()
     assert "[REDACTED:openai_key]" in step.input["messages"][-1]["content"]
     assert "prompt_token_ids" not in step.extra and step.extra["token_ids_dropped"] == "redacted"
+
+    # The server's own keys, pasted bare, are not stored either (a QA pass, session 18: whoever
+    # reads the store or its exports got the key that labels runs).
+    server.client(LABEL_KEY).chat.completions.create(
+        model="calc",
+        messages=[{"role": "user", "content": f"the keys are {KEY} and {LABEL_KEY}"}],
+        max_tokens=2,
+        metadata={"task_id": "served-own-keys"},
+    )
+    deadline = time.monotonic() + 15
+    while not (found := store.trajectories(task_id="served-own-keys")):
+        assert time.monotonic() < deadline, "the served request was not captured"
+        time.sleep(0.2)
+    stored = json.dumps(found[0].to_dict(), default=str)
+    assert KEY not in stored and LABEL_KEY not in stored and "the keys are [REDACTED" in stored
     store.close()
 
 

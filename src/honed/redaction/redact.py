@@ -479,6 +479,7 @@ _LAST_WORDS = {
     ("master", "key"): "secret",
     ("session", "key"): "secret",
     ("client", "secret"): "secret",
+    ("label", "key"): "api_key",  # `honed serve --label-key`: whoever holds it labels runs
 }
 # `*_token` names a secret, except these: a tokenizer's special tokens and pagination cursors.
 _PUBLIC_TOKENS = frozenset(
@@ -998,10 +999,18 @@ _RULES = (
         anchors=("--pass",),
     ),
     _Rule(
-        rf"(?<![\w-])--(api-?key|(?:auth-|access-)?token|(?:client-)?secret)[ \t]+{_NOT_REDACTED}"
+        rf"(?<![\w-])--(api-?key|label-?key|(?:auth-|access-)?token|(?:client-)?secret)[ \t]+{_NOT_REDACTED}"
         rf"(?:(['\"])([^'\"\r\n]*+)\2|([^\s'\"]++))",
         _key_flag,
-        anchors=("--api", "--token", "--auth-token", "--access-token", "--secret", "--client-secret"),
+        anchors=(
+            "--api",
+            "--label",
+            "--token",
+            "--auth-token",
+            "--access-token",
+            "--secret",
+            "--client-secret",
+        ),
     ),
     _Rule(
         rf"(?<![^\s'\"])-p([ \t]+)?+{_NOT_REDACTED}(?:(['\"])([^'\"\r\n]*+)\2|([^\s'\"]++))",
@@ -1060,7 +1069,7 @@ _RULES = (
     # "max_tokens = 5" and "token_count: 3" stay; a bare "key = ..." is ordinary code and stays too.
     _Rule(
         r"(?i)(passw(?:or)?d|pwd|passphrase|contrase(?:ñ|n)a|secret|token|"
-        + _after("api", "access", "private", "auth", "secret", "client")
+        + _after("api", "access", "private", "auth", "secret", "client", "label")
         + r"key)(?![A-Za-z0-9_])"
         r"([\\'\"\]]{0,3}[ \t]*(?:=>|:=|==?|:|%3[Dd])[ \t]*)"
         rf"(?:\\?(['\"`]){_NOT_REDACTED}([^'\"`\r\n\\]+)\\?\3|(?![\\'\"`\[])([^\s'\"`,;&)}}\]\\]+))",

@@ -178,7 +178,8 @@ def create_app(
     if capture:
         from honed.capture.callbacks import CallbackHandler
 
-        handler = CallbackHandler(store=store)
+        own = sorted({k for k in (api_key, *_as_list(label_keys)) if k}, key=len, reverse=True)
+        handler = CallbackHandler(store=store, redact=_without(own)) if own else CallbackHandler(store=store)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -411,6 +412,23 @@ def server_config(
 
 
 # -- request handling ----------------------------------------------------------------------------
+
+
+def _as_list(keys: Sequence[str] | str | None) -> list[str]:
+    return [keys] if isinstance(keys, str) else list(keys or ())
+
+
+def _without(keys: Sequence[str]) -> Callable[[str], str]:
+    """A redaction hook taking the server's own keys out of what is stored, however they are
+    written around: a client pasting them (or a tool printing them) must not land them at rest."""
+
+    def hook(text: str) -> str:
+        for key in keys:
+            if key in text:
+                text = text.replace(key, "[REDACTED:api_key]")
+        return text
+
+    return hook
 
 
 class _Keys:
