@@ -487,6 +487,20 @@ def test_clients_sending_huge_conversations_do_not_hold_up_the_others(server: Se
     assert waits[len(waits) // 2] < 5.0, waits
 
 
+def test_a_key_sent_in_the_query_string_is_not_written_to_the_log(server: Server) -> None:
+    """A QA pass (session 18): uvicorn's access log wrote each request's path with its query
+    string, so a client sending `?api_key=...` had its key written to the server's log."""
+    secret = "qs-secret-7f3a9c"
+    reply = httpx.post(
+        f"{server.url}/v1/chat/completions?api_key={secret}&label_key={secret}",
+        json=ask(), headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
+    )  # fmt: skip
+    assert reply.status_code == 200
+    time.sleep(0.5)
+    log = server.log.read_text()
+    assert "POST /v1/chat/completions?" in log and secret not in log
+
+
 # -- slow clients ----------------------------------------------------------------------------------------
 
 

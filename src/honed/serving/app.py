@@ -368,6 +368,7 @@ def serve(
         keep_alive_s=keep_alive_s,
         limit_concurrency=limit_concurrency,
     )
+    logging.getLogger("uvicorn.access").addFilter(_no_query_strings)  # after uvicorn set its logging up
     server = uvicorn.Server(config)
     if announce is not None:
         startup = server.startup
@@ -380,6 +381,15 @@ def serve(
 
         server.startup = startup_then_announce  # type: ignore[method-assign]
     server.run()
+
+
+def _no_query_strings(record: logging.LogRecord) -> bool:
+    """uvicorn's access log line without the request's query string: a client putting its key
+    there (`?api_key=...`) had it written to the log, refused or not."""
+    args = record.args
+    if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str) and "?" in args[2]:
+        record.args = (*args[:2], args[2].split("?", 1)[0] + "?…", *args[3:])
+    return True
 
 
 def server_config(
