@@ -399,6 +399,37 @@ def test_one_client_filling_the_batch_leaves_a_row_for_another(model) -> None:
         generator.close()
 
 
+def test_two_clients_filling_the_batch_still_leave_a_row_for_a_third(model) -> None:
+    """A QA pass (session 18): each client could hold 7/8 of the batch, so two heavy clients
+    filled it between them and a third client's 4-token request waited for their rows (79-167 s
+    on `honed serve`). Rows are shared fewest-first, and a client's rows past its first leave a
+    reserve for clients holding none."""
+    from concurrent.futures import wait
+
+    from honed.serving.batching import BatchGenerator, GenerationRequest
+
+    engine = model.engine
+    generator = BatchGenerator(
+        engine.generator.model, engine.tokenizer, eos_ids=[], pad_id=engine.generator.pad_id, max_batch=8
+    )  # no end-of-text: every hog row runs its whole budget
+    try:
+        prompt = engine.encode("word " * 8)
+        hogs = [
+            generator.submit(GenerationRequest(prompt, 400, temperature=0, client=name))
+            for _ in range(10)
+            for name in ("hog-a", "hog-b")
+        ]
+        time.sleep(0.3)  # the hogs' rows are decoding
+        small = generator.submit(GenerationRequest(prompt, 2, temperature=0, client="other"))
+        small.result(timeout=60)
+        assert not any(h.done() for h in hogs), "the small request waited for the hogs' rows"
+        assert small.result().batch_size == 8
+        wait(hogs, timeout=300)
+        assert all(len(h.result().token_ids) == 400 for h in hogs)
+    finally:
+        generator.close()
+
+
 def test_the_n_samples_of_one_prompt_are_prefilled_once(model) -> None:
     """A QA pass (session 17): `n=16` prefilled the same prompt 16 times, one long prompt's
     prefill sixteenfold while every other stream waited. Rows with the same prompt arriving
