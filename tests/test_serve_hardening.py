@@ -694,6 +694,52 @@ def test_a_server_at_its_limit_answers_a_json_503_an_openai_client_retries(tmp_p
         next(servers, None)
 
 
+def test_bodies_trickled_from_many_addresses_leave_the_server_to_the_others(tmp_path: Path) -> None:
+    """A QA pass (session 18): 4 addresses x 255 connections trickling request bodies were
+    requests in flight, 1,020 of the limit's 1,000: every other client got 503 (3 of 74 honest
+    requests answered). A client has at most `ARRIVING_BODIES_PER_CLIENT` bodies arriving at
+    once; more get 429 at once, and the honest client is answered throughout."""
+    from honed.serving.app import ARRIVING_BODIES_PER_CLIENT
+
+    servers = serve(tmp_path, capture=False, extra=("--limit-concurrency", "60", "--body-timeout", "120"))
+    server = next(servers)
+    held: list[socket.socket] = []
+    try:
+        statuses = []
+        for address in ("127.0.0.3", "127.0.0.4", "127.0.0.5", "127.0.0.6"):
+            for _ in range(20):  # 80 trickling bodies in all, past the limit of 60
+                sock = socket.create_connection(("127.0.0.1", server.port), 5, (address, 0))
+                sock.sendall(
+                    b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    + f"Authorization: Bearer {KEY}\r\nContent-Length: 100000\r\n\r\n".encode()
+                    + b'{"model": '
+                )
+                held.append(sock)
+        time.sleep(1.0)
+        for sock in held:  # what each got: nothing yet (still arriving), or a 429 at once
+            sock.settimeout(0.05)
+            try:
+                statuses.append(sock.recv(64)[:12])
+            except TimeoutError:
+                statuses.append(b"waiting")
+            except ConnectionResetError:  # answered 429 and closed before the answer was read
+                statuses.append(b"HTTP/1.1 429")
+        assert statuses.count(b"waiting") == 4 * ARRIVING_BODIES_PER_CLIENT, statuses  # 8 an address
+        assert set(statuses) == {b"waiting", b"HTTP/1.1 429"}, statuses
+        other = httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.2"), timeout=30)
+        replies = [
+            other.post(
+                f"{server.url}/v1/chat/completions", json=ask(), headers={"Authorization": f"Bearer {KEY}"}
+            )
+            for _ in range(5)
+        ]
+        assert [r.status_code for r in replies] == [200] * 5
+    finally:
+        for sock in held:
+            sock.close()
+        next(servers, None)
+
+
 # -- capture ---------------------------------------------------------------------------------------
 
 

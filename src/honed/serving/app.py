@@ -43,9 +43,10 @@ opening (or of the previous response), at most `max_header_bytes` of them; idle 
 connections close after `keep_alive_s`; beyond `limit_concurrency` requests in flight, new
 requests get a JSON 503, and beyond as many connections a new one closes an idle one of the
 address holding the most; one client address (an IPv6 client: its /64) holds at most
-`MAX_CONNECTIONS_PER_CLIENT` connections at once (more are closed as they open), and reads and
-parses at most `BODY_READS_PER_CLIENT` request bodies at once. So a client trickling headers or a body (slowloris) holds a
-connection for seconds, not forever, and a client opening idle connections by the thousand (each
+`MAX_CONNECTIONS_PER_CLIENT` connections at once (more are closed as they open), has at most
+`ARRIVING_BODIES_PER_CLIENT` request bodies still arriving (more get 429), and parses at most
+`BODY_READS_PER_CLIENT` request bodies at once. So a client trickling headers or a body
+(slowloris) holds a connection for seconds, not forever, and a few requests, not the server's, and a client opening idle connections by the thousand (each
 reopened as it times out) holds a quarter of the server's, not all of them. A client that hangs up
 on a request, streamed or not, frees its rows of the batch at once (its runs end as cancelled).
 """
@@ -62,6 +63,7 @@ import logging
 import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -101,6 +103,10 @@ TRIM_AFTER_BYTES = 1024 * 1024  # after a body this large, hand freed memory bac
 
 
 BODY_READS_PER_CLIENT = 2  # a client's requests reading and parsing their bodies at once
+# A client's request bodies still arriving at once (a body that came whole with its headers does
+# not count): beyond, 429. Four addresses trickling 255 bodies each held every request slot (all
+# others got 503), and 100 bodies of 8 MB held back by their last byte took 0.9 GB (a QA pass).
+ARRIVING_BODIES_PER_CLIENT = 8
 
 
 def client_key(host: str) -> str:
@@ -782,12 +788,14 @@ async def _next(chunks: Any) -> AIMessageChunk | None:
 class _BodyGuard:
     """Reads a request's body before the app does, within `max_bytes` and `timeout_s`: 413 from
     `Content-Length` before reading any of it, or as soon as the bytes read pass the limit; 408
-    when the body has not all arrived in time (a client trickling it). Both close the connection.
-    The app then reads the body from memory. A pure ASGI middleware: streamed responses and
-    disconnects pass through untouched."""
+    when the body has not all arrived in time (a client trickling it); 429 when the client has
+    `ARRIVING_BODIES_PER_CLIENT` bodies still arriving already. All close the connection. The app
+    then reads the body from memory. A pure ASGI middleware: streamed responses and disconnects
+    pass through untouched."""
 
     def __init__(self, app: Any, *, max_bytes: int, timeout_s: float) -> None:
         self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
+        self.arriving: Counter[str | None] = Counter()  # bodies still arriving, by client
 
     async def __call__(self, scope: dict[str, Any], receive: Callable[[], Awaitable[Any]], send: Any) -> None:
         if scope["type"] != "http":
@@ -803,27 +811,11 @@ class _BodyGuard:
             if declared > self.max_bytes:
                 await _refuse(send, 413, f"the request body is over {self.max_bytes} bytes")
                 return
-        chunks: list[bytes] = []
-        total, more = 0, True
-        deadline = asyncio.get_running_loop().time() + self.timeout_s
-        while more:
-            try:
-                async with asyncio.timeout_at(deadline):
-                    message = await receive()
-            except TimeoutError:
-                await _refuse(send, 408, f"the request body did not arrive within {self.timeout_s:g} s")
-                return
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            total += len(chunk)
-            if total > self.max_bytes:
-                await _refuse(send, 413, f"the request body is over {self.max_bytes} bytes")
-                return
-            chunks.append(chunk)
-            more = message.get("more_body", False)
-        body = b"".join(chunks)
-        del chunks
+        peer = scope.get("client")
+        client = client_key(str(peer[0])) if peer else None
+        body = await self._read(receive, send, client)
+        if body is None:
+            return
         replayed = False
 
         async def replay() -> Any:
@@ -836,13 +828,56 @@ class _BodyGuard:
         try:
             await self.app(scope, replay, send)
         finally:
-            if total > TRIM_AFTER_BYTES:
+            if len(body) > TRIM_AFTER_BYTES:
                 del body
                 await asyncio.to_thread(_trim_memory)
 
+    async def _read(
+        self, receive: Callable[[], Awaitable[Any]], send: Any, client: str | None
+    ) -> bytes | None:
+        """The whole body, or None once refused (413, 408, 429) or the client went away."""
+        chunks: list[bytes] = []
+        total, more, arriving = 0, True, False
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
+        try:
+            while more:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        message = await receive()
+                except TimeoutError:
+                    await _refuse(send, 408, f"the request body did not arrive within {self.timeout_s:g} s")
+                    return None
+                if message["type"] == "http.disconnect":
+                    return None
+                chunk = message.get("body", b"")
+                total += len(chunk)
+                if total > self.max_bytes:
+                    await _refuse(send, 413, f"the request body is over {self.max_bytes} bytes")
+                    return None
+                chunks.append(chunk)
+                more = message.get("more_body", False)
+                if more and not arriving:  # not all of it came with the headers: it counts now
+                    if self.arriving[client] >= ARRIVING_BODIES_PER_CLIENT:
+                        await _refuse(
+                            send, 429,
+                            f"this client has {ARRIVING_BODIES_PER_CLIENT} request bodies still arriving; "
+                            "send the rest first",
+                        )  # fmt: skip
+                        return None
+                    self.arriving[client] += 1
+                    arriving = True
+        finally:
+            if arriving:
+                self.arriving[client] -= 1
+                if self.arriving[client] <= 0:
+                    del self.arriving[client]
+        return b"".join(chunks)
+
 
 async def _refuse(send: Any, status: int, message: str) -> None:
-    code = {408: "request_timeout", 413: "request_too_large"}.get(status, "invalid_content_length")
+    code = {408: "request_timeout", 413: "request_too_large", 429: "too_many_requests"}.get(
+        status, "invalid_content_length"
+    )
     payload = json.dumps(error_body(message, "invalid_request_error", code=code)).encode()
     headers = [
         (b"content-type", b"application/json"),
@@ -888,6 +923,7 @@ def _guarded_h11(header_timeout_s: float, max_per_client: int = MAX_CONNECTIONS_
     class GuardedH11Protocol(H11Protocol):
         _header_timer: asyncio.TimerHandle | None = None
         _client: str | None = None
+        _idle_since = 0.0
 
         def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
             super().__init__(config, *args, **kwargs)
@@ -898,6 +934,7 @@ def _guarded_h11(header_timeout_s: float, max_per_client: int = MAX_CONNECTIONS_
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
+            self._idle_since = self.loop.time()
             peer = transport.get_extra_info("peername")
             address = client_key(str(peer[0])) if isinstance(peer, tuple) and peer else None
             if address is not None and per_client.get(address, 0) >= max_per_client:
@@ -910,12 +947,18 @@ def _guarded_h11(header_timeout_s: float, max_per_client: int = MAX_CONNECTIONS_
                 self._close_an_idle_one()
             self._watch_headers()
 
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._idle_since = self.loop.time()
+
         def _idle(self) -> bool:
-            """Waiting for its next request: no request begun, none being answered."""
+            """Waiting for its next request for a second or more: no request begun, none being
+            answered (a connection just opened has its chance to send its request)."""
             return (
                 self.conn.their_state is h11.IDLE
                 and (self.cycle is None or self.cycle.response_complete)
                 and not self.transport.is_closing()
+                and self.loop.time() - self._idle_since >= 1.0
             )
 
         def _close_an_idle_one(self) -> None:
@@ -924,8 +967,8 @@ def _guarded_h11(header_timeout_s: float, max_per_client: int = MAX_CONNECTIONS_
                 for c in self.connections
                 if c is not self and isinstance(c, GuardedH11Protocol) and c._idle()
             ]
-            if idle:
-                victim = max(idle, key=lambda c: per_client.get(c._client or "", 0))
+            if idle:  # the address holding the most; of its connections, the longest idle
+                victim = max(idle, key=lambda c: (per_client.get(c._client or "", 0), -c._idle_since))
                 victim.transport.close()
 
         def handle_events(self) -> None:
