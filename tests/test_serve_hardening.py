@@ -723,9 +723,11 @@ def test_bodies_trickled_from_many_addresses_leave_the_server_to_the_others(tmp_
             except TimeoutError:
                 statuses.append(b"waiting")
             except ConnectionResetError:  # answered 429 and closed before the answer was read
-                statuses.append(b"HTTP/1.1 429")
-        assert statuses.count(b"waiting") == 4 * ARRIVING_BODIES_PER_CLIENT, statuses  # 8 an address
-        assert set(statuses) == {b"waiting", b"HTTP/1.1 429"}, statuses
+                statuses.append(b"reset")
+        assert statuses.count(b"waiting") == 4 * ARRIVING_BODIES_PER_CLIENT, b" ".join(
+            statuses
+        )  # 8 an address
+        assert set(statuses) <= {b"waiting", b"HTTP/1.1 429", b"reset"}, statuses
         other = httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.2"), timeout=30)
         replies = [
             other.post(

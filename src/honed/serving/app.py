@@ -747,12 +747,17 @@ async def _events(first: AIMessageChunk, chunks: Any, chat: ChatRequest) -> Asyn
         await chunks.aclose()  # a client that went away frees its row of the batch
 
 
-def _within_limit(app: Any, protocol: Any, limit: int) -> Any:
-    """`app`, answering a JSON 503 when the server has more than `limit` requests in flight (this
-    one counted). Idle connections are not counted: at the limit, a new connection closes one."""
+def _within_limit(app: Any, in_flight: list[int], limit: int) -> Any:
+    """`app`, answering a JSON 503 when the server has `limit` requests in flight (`in_flight`,
+    counted here: uvicorn's tasks include those of a burst not started yet, so a burst of 80
+    requests under a limit of 60 refused all of them). Idle connections are not counted: at the
+    limit, a new connection closes one."""
 
     async def guarded(scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and len(protocol.tasks) > limit:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        if in_flight[0] >= limit:
             log.warning("at the limit of %d connections and requests: 503", limit)
             body = json.dumps(
                 error_body(
@@ -770,7 +775,11 @@ def _within_limit(app: Any, protocol: Any, limit: int) -> Any:
             await send({"type": "http.response.start", "status": 503, "headers": headers})
             await send({"type": "http.response.body", "body": body})
             return
-        await app(scope, receive, send)
+        in_flight[0] += 1
+        try:
+            await app(scope, receive, send)
+        finally:
+            in_flight[0] -= 1
 
     return guarded
 
@@ -919,6 +928,7 @@ def _guarded_h11(header_timeout_s: float, max_per_client: int = MAX_CONNECTIONS_
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     per_client: dict[str, int] = {}  # open connections by client address, for this server
+    in_flight = [0]  # requests being answered, for this server
 
     class GuardedH11Protocol(H11Protocol):
         _header_timer: asyncio.TimerHandle | None = None
@@ -930,7 +940,7 @@ def _guarded_h11(header_timeout_s: float, max_per_client: int = MAX_CONNECTIONS_
             self._limit = self.limit_concurrency
             self.limit_concurrency = None  # checked by `_within_limit`, answered in JSON
             if self._limit is not None:
-                self.app = _within_limit(self.app, self, self._limit)
+                self.app = _within_limit(self.app, in_flight, self._limit)
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
