@@ -172,6 +172,31 @@ def check_fits(body: Any, context_window: int | None) -> None:
         )
 
 
+# Parameters of OpenAI's API or vLLM's that would change the reply, which this server cannot apply:
+# refused unless neutral (the values listed). Constrained decoding above all: a client asking for
+# JSON by schema got free text and broke later.
+NOT_APPLIED: dict[str, tuple[Any, ...]] = {
+    **dict.fromkeys(
+        (
+            "guided_json",
+            "guided_regex",
+            "guided_choice",
+            "guided_grammar",
+            "structured_outputs",
+            "prompt_logprobs",
+            "prediction",
+            "audio",
+        ),
+        (None,),
+    ),
+    "min_tokens": (None, 0),
+    "ignore_eos": (None, False),
+    "best_of": (None, 1),
+    "echo": (None, False),
+    "modalities": (None, ["text"]),
+}
+
+
 def parse_chat_request(body: Any) -> ChatRequest:
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
@@ -232,6 +257,13 @@ def parse_chat_request(body: Any) -> ChatRequest:
             raise BadRequest(
                 f"{name} is not supported by this server (only {neutral:g})", name, "unsupported_value"
             )
+    for name, neutral in NOT_APPLIED.items():
+        if name in body and body[name] not in neutral:
+            raise BadRequest(f"{name} is not supported by this server", name, "unsupported_value")
+    if body.get("function_call") is not None and body.get("functions") is None:
+        raise BadRequest(
+            "function_call names a function of `functions`, which were not given", "function_call"
+        )
     bias = body.get("logit_bias")
     if bias is not None and (not isinstance(bias, dict) or bias):
         raise BadRequest("logit_bias is not supported by this server", "logit_bias", "unsupported_value")
