@@ -20,7 +20,8 @@ and such a request's reply says its call as that API did (`function_call`, finis
 reply open with a call (the call's head written for the model); `"none"`, or no tools, makes a
 call the model writes anyway text. Checked, and refused unless neutral, since this server does not apply
 them: `presence_penalty`/`frequency_penalty` (-2..2; only 0), vLLM's `repetition_penalty` (only
-1), `logit_bias` (only empty), `top_logprobs` (only 0), `response_format` (only text). The messages
+1), `logit_bias` (only empty), `top_logprobs` (only 0), `response_format` (only text), and those in
+`NOT_APPLIED` (vLLM's guided decoding, `min_tokens`, `ignore_eos`, `best_of`, `echo`, ...). The messages
 inside are converted by `honed.messages`.
 """
 
