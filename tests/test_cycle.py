@@ -74,6 +74,24 @@ def test_with_no_held_out_tasks_nothing_is_trained_and_nothing_counts_as_a_setba
     assert store.training_runs(NAME) == [] and [v.version for v in store.versions(NAME)] == [1]
 
 
+def test_a_live_version_whose_folder_is_gone_is_said_before_any_work(world: dict[str, Any]) -> None:
+    """A QA pass (session 18): with the live version's folder deleted, a cycle selected its data
+    and then failed with a model hub's "Repo id must be in the form ..."; it says so at once now."""
+    import shutil
+
+    store = world["store"]
+    copy = shutil.copytree(world["v1"].path, world["tmp"] / "gone")
+    v2 = store.register_model(NAME, copy, reason="a copy")
+    store.promote(NAME, v2.version)
+    shutil.rmtree(copy)
+    report = cycle(world, SFTMethod(num_train_epochs=1)).run()
+    assert (
+        report.status == "failed"
+        and report.reason == f"the weights' folder is missing: {v2.ref} at {v2.path}"
+    )
+    assert store.training_runs(NAME) == []
+
+
 def test_a_deliberately_worse_candidate_is_rejected_and_the_run_recorded(world: dict[str, Any]) -> None:
     store = world["store"]
     # A learning rate this large wrecks the weights: a real, worse candidate.

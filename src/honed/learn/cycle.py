@@ -366,6 +366,13 @@ class Cycle:
         live = self.store.live_version(self.model)
         if live is None:
             raise LookupError(f"{self.model}: no live version; register and promote a base version first")
+        trained_from = [live] if self.start == "live" else [live, lineage(self.store, live)[-1]]
+        gone = [v for v in trained_from if not Path(v.path).is_dir()]
+        if gone:  # said before any work (it was a model hub's "Repo id must be ..." after selecting)
+            where = ", ".join(f"{v.ref} at {v.path}" for v in gone)
+            return CycleResult(
+                "failed", f"the weights' folder is missing: {where}", live=live.ref, version=live.ref
+            )
         if not self.heldout_tasks():  # nothing could judge a candidate: train none
             agent = f" of agent {self.data.agent!r}" if self.data.agent else ""
             why = (
