@@ -119,6 +119,22 @@ def ask(content: str = "hello", **extra: Any) -> dict[str, Any]:
     return {"model": "noise", "messages": [{"role": "user", "content": content}], "max_tokens": 8, **extra}
 
 
+def honest_replies(server: Server, n: int = 5, pause: float = 0.3) -> list[httpx.Response]:
+    """`n` small requests from another client address (127.0.0.2), one after another."""
+    with httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.2"), timeout=30) as other:
+        replies = []
+        for _ in range(n):
+            replies.append(
+                other.post(
+                    f"{server.url}/v1/chat/completions",
+                    json=ask(),
+                    headers={"Authorization": f"Bearer {KEY}"},
+                )
+            )
+            time.sleep(pause)
+        return replies
+
+
 def assert_openai_400(response: httpx.Response, param: str | None) -> None:
     assert response.status_code == 400, (response.status_code, response.text[:500])
     error = response.json()["error"]
@@ -590,14 +606,7 @@ def test_one_address_opening_idle_connections_by_the_hundred_locks_no_one_out(tm
     attacker.start()
     try:
         time.sleep(0.5)
-        other = httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.2"), timeout=30)
-        statuses = []
-        for _ in range(5):  # another client address, while the attack goes on
-            reply = other.post(
-                f"{server.url}/v1/chat/completions", json=ask(), headers={"Authorization": f"Bearer {KEY}"}
-            )
-            statuses.append(reply.status_code)
-            time.sleep(0.3)
+        statuses = [r.status_code for r in honest_replies(server)]  # while the attack goes on
         assert statuses == [200] * 5
     finally:
         stop.set()
@@ -636,17 +645,7 @@ def test_idle_connections_from_many_addresses_lock_no_one_out(tmp_path: Path) ->
         attacker.start()
     try:
         time.sleep(1.0)
-        other = httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.2"), timeout=30)
-        replies = []
-        for _ in range(5):  # another client address, while the attack goes on
-            replies.append(
-                other.post(
-                    f"{server.url}/v1/chat/completions",
-                    json=ask(),
-                    headers={"Authorization": f"Bearer {KEY}"},
-                )
-            )
-            time.sleep(0.3)
+        replies = honest_replies(server)  # while the attack goes on
         assert [r.status_code for r in replies] == [200] * 5, [(r.status_code, r.text[:100]) for r in replies]
     finally:
         stop.set()
@@ -741,13 +740,7 @@ def test_bodies_trickled_from_many_addresses_leave_the_server_to_the_others(tmp_
             statuses
         )  # 8 an address
         assert set(statuses) <= {b"waiting", b"HTTP/1.1 429", b"reset"}, statuses
-        other = httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.2"), timeout=30)
-        replies = [
-            other.post(
-                f"{server.url}/v1/chat/completions", json=ask(), headers={"Authorization": f"Bearer {KEY}"}
-            )
-            for _ in range(5)
-        ]
+        replies = honest_replies(server, pause=0)
         assert [r.status_code for r in replies] == [200] * 5
     finally:
         for sock in held:

@@ -451,10 +451,8 @@ class _Keys:
     """Who may call (`api_key`, or any label key) and who may label (a label key)."""
 
     def __init__(self, api_key: str | None, label_keys: Sequence[str] | str | None) -> None:
-        if isinstance(label_keys, str):
-            label_keys = [label_keys]
         self.api_key = api_key.encode() if api_key else None
-        self.label_keys = [k.encode() for k in label_keys or () if k]
+        self.label_keys = [k.encode() for k in _as_list(label_keys) if k]
 
     def authorize(self, request: Request) -> bool:
         """Whether the request may label its run; 401 when a key is required and not given."""
