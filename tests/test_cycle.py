@@ -350,6 +350,12 @@ def test_nothing_to_learn_is_said_loudly_and_a_failed_run_is_recorded(world: dic
     assert quiet.status == "nothing_to_learn" and quiet.reason.startswith(
         "NOTHING TO LEARN: 8 new verified passes of adder@v1"
     )
+    assert "no stored runs" not in quiet.reason
+    # `honed train NAME` learns from the agent named NAME: runs stored under another name are said so
+    # (a QA pass, session 18: "0 new verified passes" and nothing else).
+    other = cycle(world, SFTMethod(), data=DataConfig(agent="calculator")).run()
+    assert other.status == "nothing_to_learn", other.reason
+    assert f"no stored runs have agent 'calculator' (agents: {NAME})" in other.reason, other.reason
     broken = cycle(world, SFTMethod(lr_scheduler_type="no_such_schedule")).run()
     assert broken.status == "failed" and "no_such_schedule" in broken.reason
     assert "Traceback" in store.training_run(broken.run_id).error

@@ -237,7 +237,15 @@ def test_cli_export_jsonl_and_hf(verified: str, tmp_path: Path) -> None:
     result = runner.invoke(
         app, ["export", "jsonl", str(out), *args, "--include-heldout", "--model-version", "calc@v1"]
     )
-    assert "wrote 2 examples" in result.output
+    assert "wrote 2 examples" in result.output and "no stored runs" not in result.output
+    # A typo'd version wrote nothing and said nothing (a QA pass, session 18): it names what is stored.
+    result = runner.invoke(
+        app, ["export", "jsonl", str(out), "--store", verified, "--model-version", "calc@v9"]
+    )
+    assert result.exit_code == 0 and "wrote 0 examples" in result.output
+    assert "no stored runs have model version 'calc@v9' (model versions: calc@v1" in result.output, (
+        result.output
+    )
     result = runner.invoke(
         app, ["export", "jsonl", "-", "--store", verified, "--verdict", "any", "--split", "train"]
     )

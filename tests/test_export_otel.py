@@ -451,6 +451,10 @@ def test_replay_says_what_a_receiver_refused_in_a_partial_success(captured: str)
         assert result.rejection == "spans older than the retention window"
         shown = CliRunner().invoke(app, ["export", "otlp", "--store", captured, "--endpoint", url])
         assert shown.exit_code == 1 and "refused" in shown.output and "retention window" in shown.output
+        typo = ["export", "otlp", "--store", captured, "--endpoint", url, "--agent", "no-such-agent"]
+        shown = CliRunner().invoke(app, typo)  # it sent nothing and said nothing (session 18's QA)
+        assert shown.exit_code == 0 and "sent 0 spans" in shown.output, shown.output
+        assert "no stored runs have agent 'no-such-agent' (agents: " in shown.output, shown.output
     finally:
         server.shutdown()
         server.server_close()

@@ -643,3 +643,20 @@ def test_served_model_over_the_server_follows_promotion(server: Server) -> None:
         time.sleep(0.1)
     served.close()
     store.close()
+
+
+@pytest.mark.parametrize(
+    ("host", "url"),
+    [
+        ("0.0.0.0", "http://127.0.0.1:8000/v1"),
+        ("::", "http://[::1]:8000/v1"),
+        ("127.0.0.1", "http://127.0.0.1:8000/v1"),
+        ("10.1.2.3", "http://10.1.2.3:8000/v1"),
+        ("::1", "http://[::1]:8000/v1"),
+    ],
+)
+def test_the_endpoint_said_at_startup_is_one_a_client_can_connect_to(host: str, url: str) -> None:
+    """A QA pass (session 18): `honed serve --host 0.0.0.0` said `http://0.0.0.0:8000/v1`."""
+    from honed.serving.app import endpoint_url
+
+    assert endpoint_url(host, 8000) == url

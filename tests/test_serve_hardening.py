@@ -249,6 +249,20 @@ BAD_PARAMETERS = [
     ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
     ({"messages": [{"role": "user", "content": [5]}]}, "messages[0].content"),
     ({"messages": [{"role": "tool", "tool_call_id": "c", "content": "x", "name": 5}]}, "messages[0].name"),
+    # a tool result for a call never made (a QA pass, session 18: accepted and stored as the run's)
+    (
+        {
+            "messages": [
+                {"role": "user", "content": "hi"},
+                {"role": "tool", "tool_call_id": "c", "content": "x"},
+            ]
+        },
+        "messages[1].role",
+    ),
+    (
+        {"messages": tool_history([{"id": "c2", "function": {"name": "add", "arguments": "{}"}}])},
+        "messages[2].tool_call_id",
+    ),
 ]
 
 

@@ -170,6 +170,31 @@ def test_a_version_that_fails_to_load_leaves_the_live_one_serving(registry) -> N
     served.close()
 
 
+def test_a_live_version_whose_folder_is_gone_is_said_in_a_line(
+    sqlite_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A QA pass (session 18): `honed serve` over a version whose folder was deleted logged a
+    traceback for it; it says the folder is missing, in one line."""
+    import shutil
+
+    store = honed.open_store(sqlite_url)
+    store.register_model("gone", fake_model(tmp_path / "v1"))
+    store.promote("gone", 1)
+    shutil.rmtree(tmp_path / "v1")
+    with caplog.at_level("ERROR", logger="honed"):
+        served = ServedModel(store, name="gone", backend="local", poll_interval=60)
+        served.refresh()
+    assert served._follower.load_error.startswith(
+        f"gone@v1 could not be loaded: no model folder at {tmp_path / 'v1'}"
+    )
+    failed = [r for r in caplog.records if "could not be loaded" in r.getMessage()]
+    assert failed and not any(r.exc_info for r in failed), [r.exc_info for r in failed]
+    with pytest.raises(NoLiveVersion):
+        served.invoke("x")
+    served.close()
+    store.close()
+
+
 def test_a_corrupt_version_is_refused_at_promotion_and_serving_goes_on(registry, tmp_path: Path) -> None:
     served = ServedModel(registry, name="agent", backend=echo_backend(), poll_interval=60)
     broken = fake_model(tmp_path / "broken")

@@ -500,3 +500,39 @@ def test_a_pass_needs_every_expected_test_passed_rc_0_and_a_clean_exit(outcomes,
 
     v = judge_run(_result(outcomes, **kwargs), {"test_a", "test_b"})
     assert v.passed is passed, v.reason
+
+
+def test_code_that_kills_its_sandbox_is_never_a_pass(sqlite_url: str) -> None:
+    """A QA pass (session 19): the solution killed the sandbox process running it, so the test
+    suite's verdict was an error, which did not count, and another verifier's pass made the
+    wrong code a training row. An error now leaves the run undecided: neither a pass nor data."""
+    import time
+
+    import honed
+    from honed.learn.datasets import prepare
+    from honed.trajectory import label
+    from honed.verifiers import GoalCheck, Worker
+
+    tests = "from solution import add\n\ndef test_add():\n    assert add(2, 3) == 5\n"
+    wrong = "def add(a, b):\n    return a - b\n"
+    sabotage = (
+        "import os, signal\n\ndef add(a, b):\n    os.kill(os.getppid(), signal.SIGKILL)\n    return a - b\n"
+    )
+    store = honed.open_store(sqlite_url)
+    for name, code in (("wrong", wrong), ("sabotage", sabotage)):
+        run = traj(name, f"```python\n{code}```", tests=tests)
+        store.save(replace(run, task_id=name, split="train"))
+    looks_like_code = GoalCheck(lambda state: "def add" in state["answer"], name="has_function")
+    with Sandbox(LIMITS, size=1) as box:
+        worker = Worker(store, [TestSuite(sandbox=box), looks_like_code], backoff_s=0.05, max_backoff_s=0.1)
+        for _ in range(8):
+            worker.run_once()
+            time.sleep(0.15)
+    runs = {t.task_id: t for t in store.trajectories()}
+    suite_said = {k: next(v for v in t.verdicts if v.verifier == "tests") for k, t in runs.items()}
+    assert suite_said["wrong"].passed is False and suite_said["sabotage"].passed is None, suite_said
+    assert "SandboxError" in suite_said["sabotage"].reason, suite_said["sabotage"].reason
+    assert all(v.passed for t in runs.values() for v in t.verdicts if v.verifier == "has_function")
+    assert label(runs["sabotage"].verdicts) is None and label(runs["wrong"].verdicts) is False
+    assert store.count(verdict="pass") == 0
+    assert len(prepare(store, "sft").dataset) == 0

@@ -260,6 +260,24 @@ except OSError as exc:
     assert lines[0] == "library" and lines[1] in ("''", "PermissionError"), r.output
 
 
+def test_a_tree_too_deep_to_recurse_into_is_cleaned_and_the_next_job_runs() -> None:
+    """A QA pass (session 19): a job that left a directory 3,000 levels deep ended the sandbox in
+    its clean-up (`shutil.rmtree` recursed past Python's limit) after its answer was sent, and the
+    next job sent there, another run's, got an error verdict."""
+    deep = (
+        "import os\n"
+        "os.chdir('/tmp')\n"
+        "for _ in range(3000):\n"
+        "    os.mkdir('d'); os.chdir('d')\n"
+        "os.mkdir('locked'); os.chmod('locked', 0)\n"
+        "print('built')\n"
+    )
+    with Sandbox(TIGHT, size=1) as one:
+        assert run(one, deep).output.strip() == "built"
+        after = run(one, "import os\nprint(sorted(os.listdir('/tmp')))\n")
+        assert after.exit_code == 0 and after.output.strip().endswith("[]"), after.output
+
+
 def test_a_job_that_kills_its_sandbox_is_an_error_not_a_verdict(box: Sandbox) -> None:
     with pytest.raises(SandboxError):
         run(box, "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\n")

@@ -257,21 +257,23 @@ def label(
     verdicts: Iterable[Verdict], *, untrusted: Iterable[str] = (), only: Iterable[str] | None = None
 ) -> bool | None:
     """THE label of a trajectory, for training, export, spans, the report and the store's
-    `verdict=` filter alike: False when any counted verifier failed it, True when at least one
-    passed it and none failed, None when none could tell. Counted: judgements (not verifier
-    errors, not "could not tell") of verifiers outside `untrusted` (low trust, or under their
-    audited minimum precision: `store.untrusted_verifiers()`), and of `only` those when given."""
+    `verdict=` filter alike: False when any counted verifier failed it; else None when a counted
+    verifier's verdict is an error (the run's own code can bring one about, killing the sandbox
+    that tests it: the pass is not left to the other verifiers) or none could tell; else True.
+    Counted: verifiers outside `untrusted` (low trust, or under their audited minimum precision:
+    `store.untrusted_verifiers()`), and of `only` those when given."""
     skip = set(untrusted)
     names = None if only is None else set(only)
-    judged = [
-        v.passed
+    counted = [
+        v
         for v in current_verdicts(list(verdicts))
-        if v.passed is not None
-        and v.verifier not in skip
-        and (names is None or v.verifier in names)
-        and not is_verifier_error(v)
+        if v.verifier not in skip and (names is None or v.verifier in names)
     ]
-    return all(judged) if judged else None
+    if any(v.passed is False for v in counted):
+        return False
+    if any(is_verifier_error(v) for v in counted):
+        return None
+    return True if any(v.passed for v in counted) else None
 
 
 def current_verdicts(verdicts: list[Verdict]) -> list[Verdict]:

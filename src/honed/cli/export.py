@@ -16,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from honed.cli.common import JsonOption, StoreOption, app, console, err_console, escape, open_store_or_exit
 from honed.store import TrajectoryStore
-from honed.store.select import Selection, count_selected, select_trajectories
+from honed.store.select import Selection, count_selected, select_trajectories, unmatched_names
 
 export_app = typer.Typer(
     no_args_is_help=True, help="Export trajectories: OTLP spans, OpenAI-format JSONL, Hugging Face datasets."
@@ -138,6 +138,7 @@ def export_otlp(
         except OTLPExportError as exc:
             console().print(f"[red]{escape(str(exc))}[/red]")
             raise typer.Exit(1) from exc
+        missing = unmatched_names(s, agent=agent, model_version=model_version, split=split)
     where = shown_endpoint(endpoint)
     if as_json:
         typer.echo(
@@ -153,6 +154,8 @@ def export_otlp(
         )
     else:
         console().print(f"sent {result.spans} spans of {result.trajectories} trajectories to {escape(where)}")
+    if missing and not result.trajectories:  # a typo'd name sent nothing and said nothing
+        err_console().print(f"[yellow]{escape(missing)}[/yellow]")
     if result.rejected:
         err_console().print(
             f"[yellow]the receiver refused {result.rejected} of them: "
@@ -192,7 +195,10 @@ def _dataset_command(
             _progress(s, selection, limit, what, as_json or to_stdout) as advance,
         ):
             result = write(select_trajectories(s, selection, limit=limit), output, reasoning, advance)
+            missing = unmatched_names(s, agent=agent, model_version=model_version, split=split)
         _report(result.to_dict(), output, as_json, to_stderr=to_stdout)
+        if missing and not result.written:  # a typo'd name wrote nothing and said nothing
+            err_console().print(f"[yellow]{escape(missing)}[/yellow]")
 
     # Each command's own help for `output` (a string annotation could not name `output_help`).
     command.__annotations__["output"] = Annotated[str, typer.Argument(help=output_help)]

@@ -247,7 +247,10 @@ def serve(
         body_timeout_s=body_timeout,
         header_timeout_s=header_timeout,
         limit_concurrency=limit_concurrency,
-        announce=lambda url: console().print(f"OpenAI-compatible endpoint: {url}"),
+        announce=lambda url: console().print(
+            f"OpenAI-compatible endpoint: {url}"
+            + (f" (listening on every interface, {host})" if host in ("0.0.0.0", "::") else "")
+        ),
         **settings,
     )
 

@@ -362,6 +362,7 @@ class Cycle:
     def _run(self, owner: str, handoff: _Handoff) -> CycleResult:
         from honed.learn.datasets import prepare
         from honed.learn.methods import NothingToLearn
+        from honed.store.select import unmatched_names
 
         live = self.store.live_version(self.model)
         if live is None:
@@ -417,6 +418,8 @@ class Cycle:
                     f"NOTHING TO LEARN: {passes} new verified passes of {live.ref} (min_new_verified="
                     f"{config.min_new_verified}); {len(result.stuck)} tasks never pass and need outside data"
                 )
+                missing = unmatched_names(self.store, agent=config.agent)  # runs stored under another name
+                why += f"; {missing}" if missing else ""
                 return self._finish(result, "nothing_to_learn", why, live)
             same = self._same_as_rejected(live, run, data, result.data["rows_sha256"])
             if same is not None:  # the same candidate again: only the gate's sample would change

@@ -382,11 +382,18 @@ def serve(
         async def startup_then_announce(sockets: Any = None) -> None:
             await startup(sockets=sockets)
             if server.started and server.servers:
-                host, port = server.servers[0].sockets[0].getsockname()[:2]
-                announce(f"http://{f'[{host}]' if ':' in host else host}:{port}/v1")
+                announce(endpoint_url(*server.servers[0].sockets[0].getsockname()[:2]))
 
         server.startup = startup_then_announce  # type: ignore[method-assign]
     server.run()
+
+
+def endpoint_url(host: str, port: int) -> str:
+    """The URL a client on this machine uses: a server bound to every interface (0.0.0.0, ::) is
+    reached at loopback (`http://0.0.0.0:8000/v1` is no address to connect to)."""
+    if host in ("0.0.0.0", "::", ""):
+        host = "::1" if ":" in host else "127.0.0.1"
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}/v1"
 
 
 def _no_query_strings(record: logging.LogRecord) -> bool:

@@ -447,8 +447,13 @@ def _messages(raw: list[Any]) -> list[BaseMessage]:
     field's type, named in the 400), the conversion is `honed.messages`'."""
     containers = 0  # in the JSON text of tool-call arguments, all messages together
     raw = [_modern(message) for message in raw]
+    calls: list[Any] | None = None  # the tool calls of the last assistant message
     for index, message in enumerate(raw):
         containers += _check_message(message, f"messages[{index}]")
+        if message["role"] == "assistant":
+            calls = message.get("tool_calls") or []
+        elif message["role"] == "tool":
+            _check_answers(message.get("tool_call_id"), calls, f"messages[{index}]")
         if containers > MAX_CONTAINERS:
             raise BadRequest(
                 f"the tool-call arguments hold more than {MAX_CONTAINERS} arrays and objects",
@@ -460,6 +465,22 @@ def _messages(raw: list[Any]) -> list[BaseMessage]:
     except MessageError as exc:
         where = f"messages[{exc.index}]"
         raise BadRequest(f"{where}: {exc}", f"{where}.{exc.field}" if exc.field else where) from exc
+
+
+def _check_answers(call_id: str | None, calls: list[Any] | None, where: str) -> None:
+    """A tool message answers a call of the assistant message before it, as OpenAI requires (a
+    result for a call never made was accepted, and stored as the run's tool result)."""
+    if not calls:
+        raise BadRequest(
+            f"{where}: a tool message must answer a tool call of an assistant message before it",
+            f"{where}.role",
+        )
+    ids = [c.get("id") for c in calls]
+    if call_id is not None and None not in ids and call_id not in ids:
+        raise BadRequest(
+            f"{where}.tool_call_id {call_id!r} answers none of the tool calls before it ({', '.join(ids)})",
+            f"{where}.tool_call_id",
+        )
 
 
 def _modern(message: Any) -> Any:

@@ -379,9 +379,12 @@ class _Follower:
                 backend = self.make_backend(version)
             except Exception as exc:  # keep serving what we have; retry on the next move, or later
                 self._pointer, self._failed_at = pointer, time.monotonic()
-                self.load_error = f"{version.ref} could not be loaded: {type(exc).__name__}: {exc}"
+                said = str(exc) if isinstance(exc, FileNotFoundError) else f"{type(exc).__name__}: {exc}"
+                self.load_error = f"{version.ref} could not be loaded: {said}"
                 serving = self.version.ref if self.version is not None else "nothing"
-                log.exception("honed: %s; still serving %s", self.load_error, serving)
+                # A missing folder needs no traceback; anything else, the operator debugs from it.
+                log.log(logging.ERROR, "honed: %s; still serving %s", self.load_error, serving,
+                        exc_info=not isinstance(exc, FileNotFoundError))  # fmt: skip
                 return
             self._pointer = pointer
             self._swap(_Slot(version=version, backend=backend))

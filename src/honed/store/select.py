@@ -345,6 +345,22 @@ def count_selected(store: TrajectoryStore, selection: Selection | None = None, *
 _COUNT_PAGE = 2000
 
 
+def unmatched_names(store: TrajectoryStore, **names: str | None) -> str:
+    """What a selection that found nothing named and the store does not hold, with what it does:
+    "no stored runs have agent 'calculator' (agents: calc, coder)"; empty when every name is held.
+    (A typo'd `--model-version` or agent name wrote 0 examples and said nothing.)"""
+    said = []
+    for name, value in names.items():
+        if value is None or store.count(**{name: value}):
+            continue
+        held = store.stored_values(name)  # type: ignore[arg-type]
+        shown = ", ".join(held[:10]) + (f" and {len(held) - 10} more" if len(held) > 10 else "")
+        said.append(
+            f"no stored runs have {name.replace('_', ' ')} {value!r} ({name.replace('_', ' ')}s: {shown or 'none'})"
+        )
+    return "; ".join(said)
+
+
 def _as_selection(selection: Selection | None, filters: dict[str, Any]) -> Selection:
     if selection is not None and filters:
         raise TypeError("give either a Selection or filter keywords, not both")

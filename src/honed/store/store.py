@@ -400,6 +400,15 @@ class TrajectoryStore:
         with self._sessions() as session:
             return int(session.scalar(query) or 0)
 
+    def stored_values(self, field: Literal["agent", "model_version", "split", "status"]) -> list[str]:
+        """The values a filter of that name can match (an agent's name, a model version, ...), so
+        that a selection that matched nothing can say what would have matched."""
+        if field not in ("agent", "model_version", "split", "status"):
+            raise ValueError(f"no stored values for {field!r}")
+        column = getattr(TrajectoryRow, field)
+        with self._sessions() as session:
+            return sorted(v for v in session.scalars(select(column).distinct()).all() if v is not None)
+
     def _untrusted_for(self, verdict: str | None) -> set[str]:
         return self.untrusted_verifiers() if verdict in ("pass", "fail") else set()
 
@@ -660,8 +669,11 @@ def _filtered(
             counted.append(VerdictRow.verifier.not_in(sorted(untrusted)))
         failed = exists().where(*counted, VerdictRow.passed.is_(False))
         passed = exists().where(*counted, VerdictRow.passed.is_(True))
+        errored = exists().where(  # `honed.trajectory.label`: an error leaves the run undecided
+            *counted, VerdictRow.passed.is_(None), VerdictRow.evidence[ERROR_KEY].as_string().is_not(None)
+        )
         conditions = {
-            "pass": passed & ~failed,
+            "pass": passed & ~failed & ~errored,
             "fail": failed,
             "labeled": any_verdict,
             "unlabeled": ~any_verdict,

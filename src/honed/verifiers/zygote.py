@@ -30,7 +30,6 @@ import json
 import os
 import resource
 import select
-import shutil
 import signal
 import socket
 import struct
@@ -555,23 +554,66 @@ def _zero(buffer) -> None:
 
 def _clean(roots: list) -> None:
     """Empty the writable places (job dirs, temp dirs, shared memory): nothing survives a job."""
-
-    def fix(func, path, _exc) -> None:
-        try:
-            os.chmod(os.path.dirname(path), 0o700)
-            os.chmod(path, 0o700)
-            func(path)
-        except OSError:
-            pass
-
     for root in roots:
         for entry in _listdir(root):
             path = os.path.join(root, entry)
             if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path, onerror=fix)
+                _remove_tree(path)
             else:
                 with contextlib.suppress(OSError):
                     os.unlink(path)
+
+
+def _remove_tree(top: str) -> None:
+    """Remove a directory tree a job left, without recursion and by relative names: a tree
+    thousands of levels deep raised RecursionError in `shutil.rmtree`, which ended this process
+    after the job had been answered, and the next job sent here (another run's) got an error
+    verdict; its paths are past PATH_MAX too. Directories a job made unreadable are opened up
+    first; what cannot be removed is left."""
+    home = os.open(".", os.O_RDONLY)
+    names: list[str] = []  # the directories entered below `top`, outermost first
+    try:
+        with contextlib.suppress(OSError):
+            os.chmod(top, 0o700)
+        os.chdir(top)
+        pending = [_empty_here()]  # per level entered: its subdirectories not yet entered
+        while pending:
+            if pending[-1]:
+                sub = pending[-1].pop()
+                with contextlib.suppress(OSError):
+                    os.chmod(sub, 0o700)
+                try:
+                    os.chdir(sub)
+                except OSError:
+                    continue
+                names.append(sub)
+                pending.append(_empty_here())
+                continue
+            pending.pop()
+            if names:
+                os.chdir("..")
+                with contextlib.suppress(OSError):
+                    os.rmdir(names.pop())
+    except OSError:
+        pass
+    finally:
+        os.fchdir(home)
+        os.close(home)
+    with contextlib.suppress(OSError):
+        os.rmdir(top)
+
+
+def _empty_here() -> list[str]:
+    """Unlink the working directory's files and links; the names of its subdirectories."""
+    subdirs = []
+    with contextlib.suppress(OSError), os.scandir(".") as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                subdirs.append(entry.name)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.name)
+    return subdirs
 
 
 def _remove_ipc() -> None:
