@@ -957,6 +957,44 @@ def test_a_turn_that_hands_the_conversation_on_is_not_judged_alone(sqlite_url: s
 
     with pytest.raises(NotExportable, match="calls_tools_not_offered"):
         chat_example(billing)
+    assert triage.tool_steps()[-1].extra["handoff"] == "billing"
+
+
+def test_a_team_members_row_never_teaches_another_members_turns(capture: str, sqlite_url: str) -> None:
+    """A QA pass (session 19): the desk's row under `instrument()` (the triage agent's last call)
+    taught the billing agent's reply; under `Middleware` billing's row taught triage's handoff call
+    (billing offered no such tool). Replies are named by `create_agent(name=...)`: a row holding
+    another agent's turn after the request is no row."""
+    from honed.messages import NotExportable, chat_example
+
+    help_desk(capture_middleware(capture, sqlite_url)).invoke({"messages": [("user", DESK_REQUEST)]})
+    honed.flush()
+    for run in honed.open_store(sqlite_url).trajectories():
+        if run.handed_off_to is None:
+            with pytest.raises(NotExportable, match="other_agents_turns"):
+                chat_example(run)
+
+
+def test_an_answer_shaped_like_a_handoff_is_judged(sqlite_url: str) -> None:
+    """A QA pass (session 19): a run whose answer was `{"handoff": "I give up"}` (a chain ending in
+    a JSON parser) was taken for a team's handoff, and every verifier said "could not tell": a
+    wrong answer dodged its fail. A handoff is the tool step's `Command`, marked by capture."""
+    from langchain_core.output_parsers import JsonOutputParser
+
+    from honed.testing import ScriptedChatModel
+
+    handler = honed.CallbackHandler(store=sqlite_url)
+    chain = ScriptedChatModel() | JsonOutputParser()
+    dodge = 'answer {"handoff": "I give up"}'
+    chain.invoke(
+        dodge, {"callbacks": [handler], "metadata": {"honed": {"task_id": "t", "expected": {"total": 5}}}}
+    )
+    honed.flush()
+    store = honed.open_store(sqlite_url)
+    assert Worker(store, [ReferenceMatch()]).run_once() == 1
+    (run,) = store.trajectories()
+    assert run.output == {"handoff": "I give up"} and run.handed_off_to is None
+    assert run.verdicts[0].passed is False, run.verdicts[0].reason
 
 
 def test_a_replay_or_fork_from_an_earlier_checkpoint_is_a_run_of_its_own(
@@ -989,6 +1027,13 @@ def test_a_replay_or_fork_from_an_earlier_checkpoint_is_a_run_of_its_own(
     assert runs["orig"].output == original.output == "product 20"
     assert all(t.status == "ok" for t in runs.values())
     assert next(s.input for s in runs["fork"].tool_steps()) == {"a": 10, "b": 10}
+    # The fork ran a call a person wrote into the checkpoint: no row teaches it as the model's (a QA
+    # pass, session 19: exported as the model's own, the fork holding no model call that asked it).
+    from honed.messages import NotExportable, chat_example
+
+    with pytest.raises(NotExportable, match="call_changed_before_running"):
+        chat_example(runs["fork"])
+    assert chat_example(runs["orig"])["messages"][-1]["content"] == "product 20"
 
 
 def test_a_finished_runs_pause_resumed_again_is_an_attempt_of_its_own(capture: str, sqlite_url: str) -> None:
@@ -1393,3 +1438,36 @@ def test_a_subagent_paused_at_an_interrupt_is_no_failed_step(sqlite_url: str) ->
     assert len(subagent_steps) == 2 and not any(s.error for s in t.steps), [
         (s.name, s.error) for s in t.steps
     ]
+
+
+def test_a_tool_cannot_move_the_run_into_another_trajectory(sqlite_url: str) -> None:
+    """A QA pass (session 19): a tool returning `Command(update={"honed_trajectory": <another
+    run's id>})` split its run in two: a "paused" one holding its tool calls (never verified) and
+    a new one holding its answer alone. The run's trajectory is the one its middleware opened."""
+    from langchain_core.messages import ToolMessage as Reply
+
+    from honed.testing import ScriptedChatModel
+
+    middleware = honed.Middleware(store=sqlite_url)
+    victim = create_agent(ScriptedChatModel(), tools=[], name="victim", middleware=[middleware])
+    victim.invoke({"messages": [("user", "answer 5")]})
+    honed.flush()
+    store = honed.open_store(sqlite_url)
+    (before,) = store.trajectories(agent="victim")
+
+    @tool
+    def lookup(q: str, tool_call_id: Annotated[str, InjectedToolCallId]) -> Command:
+        """Look something up."""
+        return Command(
+            update={"honed_trajectory": before.id, "messages": [Reply("7", tool_call_id=tool_call_id)]}
+        )
+
+    attacker = create_agent(
+        ScriptedChatModel(), tools=[lookup], name="attacker", middleware=[honed.Middleware(store=sqlite_url)]
+    )
+    attacker.invoke({"messages": [("user", 'call lookup {"q": "x"}; answer {result}')]})
+    honed.flush()
+    (run,) = store.trajectories(agent="attacker")
+    assert (run.status, run.answer) == ("ok", "7")
+    assert [s.kind for s in run.steps] == ["model", "tool", "model"]
+    assert store.get(before.id).to_dict() == before.to_dict()

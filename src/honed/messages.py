@@ -404,6 +404,8 @@ def chat_example(trajectory: Trajectory, *, reasoning: bool = False) -> dict[str
     if not isinstance(step.output, dict):
         raise NotExportable("no_reply", trajectory.id)
     conversation = [*step.input["messages"], {**step.output, "role": "assistant"}]
+    if _holds_other_agents_turns(conversation):
+        raise NotExportable("other_agents_turns", trajectory.id)
     try:
         example: dict[str, Any] = {"messages": openai_messages(conversation, reasoning=reasoning)}
     except MessageError as exc:
@@ -423,6 +425,20 @@ def chat_example(trajectory: Trajectory, *, reasoning: bool = False) -> dict[str
         # recorded says nothing: a model that does not report what it was bound to.)
         raise NotExportable("calls_tools_not_offered", trajectory.id)
     return example
+
+
+def _holds_other_agents_turns(conversation: list[Any]) -> bool:
+    """Whether this turn's attempt holds another agent's replies: in a team, the messages an agent
+    reads carry its teammates' turns, named (`create_agent(name=...)` names each reply). Trained as
+    the row reads, one agent's model would learn another's words, prompt and tools (a QA pass,
+    session 19: a supervisor's row taught the writer's poem, the writer's the supervisor's call)."""
+    roles = [ROLES.get(m.get("role")) if isinstance(m, dict) else None for m in conversation]
+    start = max((i + 1 for i, role in enumerate(roles) if role == "user"), default=0)
+    own = conversation[-1].get("name")
+    return bool(own) and any(
+        roles[i] == "assistant" and conversation[i].get("name") not in (None, own)
+        for i in range(start, len(conversation) - 1)
+    )
 
 
 def split_at_last_user(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

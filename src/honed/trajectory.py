@@ -148,11 +148,14 @@ class Trajectory:
     def handed_off_to(self) -> str | None:
         """The agent this run handed the conversation to (`Command(goto=..., graph=PARENT)`), when
         its turn ended that way: `Middleware` on the agents of a team stores each agent's turn,
-        and a turn that hands off is a step of the team's run, not an outcome to judge alone."""
+        and a turn that hands off is a step of the team's run, not an outcome to judge alone. Told
+        by capture's mark on the tool step that returned the `Command`: an answer shaped like a
+        handoff (`{"handoff": "..."}`) made every verifier "could not tell" (a QA pass, session 19)."""
         output = self.output
-        if isinstance(output, dict) and len(output) == 1 and isinstance(output.get(HANDOFF_KEY), str):
-            return output[HANDOFF_KEY]
-        return None
+        if not (isinstance(output, dict) and len(output) == 1 and isinstance(output.get(HANDOFF_KEY), str)):
+            return None
+        marked = {(s.extra or {}).get("handoff") for s in self.steps if s.kind == "tool"}
+        return output[HANDOFF_KEY] if output[HANDOFF_KEY][:200] in marked else None
 
     @property
     def finished(self) -> bool:
@@ -249,6 +252,10 @@ def call_changed_before_running(t: Trajectory) -> bool:
             return True
         call = asked.get(extra.get("tool_call_id")) if extra.get("tool_call_id") else None
         if call is not None and (call.get("args") != step.input or call.get("name") not in (None, step.name)):
+            return True
+        if call is None and extra.get("tool_call_id") and not extra.get("synthesised"):
+            # A call no model call of this run made: the run went on from a checkpoint someone
+            # edited (`update_state`, then `invoke(None, ...)` from a fork or a static breakpoint).
             return True
     return False
 

@@ -614,6 +614,13 @@ class Assembler:
             step["name"], run.inputs, outputs = outputs.name or step["name"], outputs.args, outputs.result
         step["input"] = self._field(_plain(run.inputs))
         tool_call_id = extra.get("tool_call_id")
+        handoff = next(
+            (c.goto for c in (outputs if isinstance(outputs, list) else [outputs])
+             if isinstance(c, Command) and c.graph == Command.PARENT and isinstance(c.goto, str)),
+            None,
+        )  # fmt: skip
+        if handoff is not None:  # what tells a handoff (`Trajectory.handed_off_to`): not the output's shape
+            step["extra"]["handoff"] = handoff[:200]
         if isinstance(outputs, Command) and isinstance(outputs.update, dict):
             # A tool that updates the agent's state: its answer is the ToolMessage inside.
             update = outputs.update

@@ -81,12 +81,13 @@ register_configure_hook(_tool_ran, inheritable=True)  # the tool's callback mana
 class _Live:
     """A trajectory (or a subagent's node step) a middleware has open in this process."""
 
-    __slots__ = ("final", "root", "root_graph", "whole")
+    __slots__ = ("final", "owner", "root", "root_graph", "whole")
 
-    def __init__(self, root: RootRun | None, whole: bool, root_graph: bool) -> None:
+    def __init__(self, root: RootRun | None, whole: bool, root_graph: bool, owner: int = 0) -> None:
         self.root = root  # the root run it is open under
         self.whole = whole  # a trajectory, not a subagent's step inside one
         self.root_graph = root_graph  # this agent is the root run: its output is the run's output
+        self.owner = owner  # id() of the middleware that opened it
         self.final: dict[str, Any] | None = None  # the state its end hook saw
 
 
@@ -204,7 +205,7 @@ class Middleware(AgentMiddleware):
                 (CHAIN, name, inputs, metadata, config.get("tags"), extra),
             )
         )
-        self._track(trajectory_id, _Live(root, parent is None, root_graph))
+        self._track(trajectory_id, _Live(root, parent is None, root_graph, id(self)))
         return {"honed_trajectory": trajectory_id}
 
     def _close(self, state: HonedState) -> None:
@@ -235,6 +236,17 @@ class Middleware(AgentMiddleware):
         live = _live.get(trajectory_id)
         if live is not None and live.root is root:
             return trajectory_id
+        if root is not None and _enclosing_tool_step.get() is None:
+            # This run's trajectory is open already, yet its state names another: a tool rewrote
+            # the private key (`Command(update={"honed_trajectory": ...})`), which split the run
+            # into a paused one holding its tool calls and a new one holding its answer.
+            opened = [
+                key
+                for key, other in list(_live.items())
+                if other.root is root and other.whole and other.owner == id(self)
+            ]
+            if opened:
+                return opened[0] if len(opened) == 1 else None
         try:
             return self._reopen(trajectory_id, root)
         except Exception:
@@ -273,7 +285,7 @@ class Middleware(AgentMiddleware):
                 metadata["honed"] = frozen_labels(metadata["honed"])
             extra = {"thread_id": root.thread_id if root is not None else None}
             self.recorder.emit((RESUME, trajectory_id, None, now, (name, resume, metadata, extra)))
-            self._track(trajectory_id, _Live(root, True, _is_root_graph(root, config)), locked=True)
+            self._track(trajectory_id, _Live(root, True, _is_root_graph(root, config), id(self)), locked=True)
             return trajectory_id
 
     def _replay(self, old_id: str, root: RootRun, config: dict[str, Any]) -> str:
@@ -289,7 +301,7 @@ class Middleware(AgentMiddleware):
         key = (root.run_id, old_id)
         _replayed[key] = trajectory_id
         root.on_end(lambda run, error: _replayed.pop(key, None))
-        self._track(trajectory_id, _Live(root, True, False), locked=True)
+        self._track(trajectory_id, _Live(root, True, False, id(self)), locked=True)
         return trajectory_id
 
     def _track(self, trajectory_id: str, live: _Live, *, locked: bool = False) -> None:
