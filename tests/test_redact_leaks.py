@@ -585,6 +585,18 @@ COMMAND_LINES = {
     "docker_login": "docker login -u bob -p {} registry.example.com",
     "netrc": "machine api.example.com login bob password {}",
     "netrc_lines": "machine api.example.com\n  login bob\n  password {}\n",
+    # A QA pass (session 19, an attacker): each of these reached the store whole.
+    "redis_cli": "redis-cli -h cache -a {} ping",
+    "mongosh": "mongosh mongodb://db -u admin -p {} --eval 1",
+    "sqlcmd": "sqlcmd -S db -U sa -P {} -Q 'select 1'",
+    "ldapsearch": "ldapsearch -x -D cn=admin -w {} -b dc=x",
+    "openssl_pass": "openssl pkcs12 -export -in c.pem -out c.p12 -passout pass:{}",
+    "keytool": "keytool -list -keystore k.jks -storepass {}",
+    "zip": "zip -P {} a.zip f",
+    "seven_zip": "7z a -p{} a.7z f",
+    "smbclient": "smbclient //h/s -U user%{}",
+    "sudo_stdin": "echo {} | sudo -S apt update",
+    "plink": "plink -pw {} host",
 }
 
 
@@ -641,6 +653,7 @@ ARGVS = {
     "password_flag": ["wget", "--password", ARGV_PASSWORD, "https://x/y"],
     "curl_user": ["curl", "-u", f"bob:{ARGV_PASSWORD}", "https://api.example.com"],
     "sshpass": ["sshpass", "-p", ARGV_PASSWORD, "ssh", "root@host", "uptime"],
+    "redis_cli": ["redis-cli", "-a", ARGV_PASSWORD, "ping"],
 }
 
 
@@ -675,6 +688,8 @@ ORDINARY = [
     "ssh -p 2222 deploy@host && mkdir -p /tmp/x",
     "mysql -u root -p shop",
     "mysql -h db -P 3306 -u root --password --database shop",
+    "ls -a /tmp && grep -w foo x && git commit -a -m wip",
+    "echo hello | sudo tee /etc/motd && echo $PW | sudo -S ls",
     'curl -u "$API_USER:$API_PASS" https://api.example.com',
     "echo $TOKEN | docker login -u bob --password-stdin ghcr.io",
     "git clone https://github.com/acme/app.git && git clone ssh://git@github.com/acme/app.git",

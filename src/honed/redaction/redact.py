@@ -566,7 +566,7 @@ def secret_key_kind(key: str) -> str | None:
 # candidates costs ~100 µs per 250 characters, this one ~1.5 µs.
 _ANCHORS = re.compile(
     r"-(?:(?<=sk-)|(?<=xox[abposre]-)|(?<=xapp-)|(?<=pypi-)|(?<=sq0csp-)|(?<=gl[a-z]{2}-)|(?<=gl[a-z]{3}-)"
-    r"|(?<=glagent-)|(?=----BEGIN)|(?<=\s-)[pu]|-(?:user|pass))"
+    r"|(?<=glagent-)|(?=----BEGIN)|(?<=\s-)[puaPwSU]|-(?:user|pass))"
     r"|-(?:(?<=tvly-)|(?<=xai-)|(?<=pplx-)|(?<=nvapi-))"
     r"|_(?:(?<=gh[pousr]_)|(?<=github_pat_)|(?<=k_live_)|(?<=k_test_)|(?<=whsec_)|(?<=hf_)|(?<=npm_)"
     r"|(?<=lsv2_)|(?<=gsk_)|(?<=do[por]_)|(?<=shp(?:at|ca|pa|ss)_)"
@@ -595,6 +595,8 @@ _KEYWORDS = (
     "secret",
     "passw",
     "passphrase",
+    "storepass",
+    "keypass",
     "pwd",
     "bearer",
     "authoriz",
@@ -827,8 +829,49 @@ def _key_flag(m: re.Match[str]) -> str:
 
 # Commands whose `-p` is a password: attached only (`mysql -pPASS`; `mysql -p db` prompts), either way,
 # or after `login` with a space.
-_ATTACHED_P = ("mysql", "mariadb")
-_ANY_P = ("sshpass",)
+_ATTACHED_P = ("mysql", "mariadb", "7z")
+_ANY_P = ("sshpass", "mongo")  # `mongo`, `mongosh`, `mongodump`, ... take `-p PASSWORD`
+# Other commands' flags whose value is a password (a QA pass, session 19: each reached the store).
+_STORE_PASS = ("-storepass", "-keypass", "-srcstorepass", "-deststorepass", "-srckeypass", "-destkeypass")
+_PASSWORD_FLAGS = {
+    "redis-cli": ("-a",),
+    "sqlcmd": ("-P",),
+    "bcp": ("-P",),
+    "zip": ("-P",),
+    "unzip": ("-P",),
+    "mosquitto_pub": ("-P",),
+    "mosquitto_sub": ("-P",),
+    "plink": ("-pw",),
+    "pscp": ("-pw",),
+    "psftp": ("-pw",),
+    "keytool": _STORE_PASS,
+    "jarsigner": _STORE_PASS,
+    **{
+        name: ("-w",)
+        for name in ("ldapsearch", "ldapadd", "ldapmodify", "ldapdelete", "ldapwhoami", "ldappasswd")
+    },
+}
+
+
+def _command_password_flag(m: re.Match[str]) -> str:
+    """`redis-cli -a PW`, `sqlcmd -P PW`, `ldapsearch -w PW`, `keytool -storepass PW`: the flag is a
+    password's only for the commands that say so (`ls -a`, `mysql -P 3306`, `grep -w` are not)."""
+    group = 3 if m.group(3) is not None else 4
+    if _is_reference(m.group(group)):
+        return m.group(0)
+    flag = m.group(1)
+    for word in _command_before(m).split():
+        if flag in _PASSWORD_FLAGS.get(word.rpartition("/")[2], ()):
+            return _splice(m, group, _marker("password"))
+    return m.group(0)
+
+
+def _echoed_to_sudo(m: re.Match[str]) -> str:
+    """`echo PW | sudo -S ...`: sudo reads the password from its input."""
+    group = 2 if m.group(2) is not None else 3
+    return m.group(0) if _is_reference(m.group(group)) else _splice(m, group, _marker("password"))
+
+
 _LOGIN_P = ("docker", "podman", "nerdctl", "helm", "buildah", "skopeo")
 
 
@@ -1016,6 +1059,39 @@ _RULES = (
         rf"(?<![^\s'\"])-p([ \t]+)?+{_NOT_REDACTED}(?:(['\"])([^'\"\r\n]*+)\2|([^\s'\"]++))",
         _short_password_flag,
         anchors=("-p",),
+    ),
+    _Rule(
+        rf"(?<![^\s'\"])(-a|-P|-w|-pw|{'|'.join(_STORE_PASS)})[ \t]+{_NOT_REDACTED}"
+        rf"(?:(['\"])([^'\"\r\n]*+)\2|([^\s'\"]++))",
+        _command_password_flag,
+        anchors=(
+            "-a",
+            "-p",
+            "-w",
+            "-storepass",
+            "-keypass",
+            "-srcstorepass",
+            "-deststorepass",
+            "-srckeypass",
+            "-destkeypass",
+        ),
+    ),
+    # openssl's `-passin pass:PW`, Samba's `-U user%PW`, `echo PW | sudo -S`.
+    _Rule(
+        rf"(?<![\w-])-pass(?:in|out)?[ \t]+pass:{_NOT_REDACTED}([^\s'\"]++)",
+        _matched_group("password"),
+        anchors=("-pass",),
+    ),
+    _Rule(
+        rf"(?<![^\s'\"])(?:-U|--user)(?:[ \t]+|=)['\"]?([^\s%'\"]{{1,128}})%{_NOT_REDACTED}([^\s'\"]++)",
+        _user_password,
+        anchors=("-u", "--user"),
+    ),
+    _Rule(
+        rf"(?<![\w-])echo[ \t]+{_NOT_REDACTED}(?:(['\"])([^'\"\r\n]*+)\1|([^\s'\"|;&]++))[ \t]*\|[ \t]*"
+        rf"sudo[ \t]+(?:-[^\sS]*[ \t]+)*-[A-Za-z]*S(?![\w-])",
+        _echoed_to_sudo,
+        anchors=("echo",),
     ),
     _Rule(rf"(?<![\w-])password[ \t]+{_NOT_REDACTED}([^\s'\"]++)", _netrc_password, anchors=("password",)),
     # SQL: `CREATE USER bob IDENTIFIED BY 'pw'` (MySQL, Oracle; `... WITH plugin BY`, `BY PASSWORD`).
