@@ -263,6 +263,10 @@ def test_runs_labelled_test_eval_or_validation_are_held_out_too(store: Trajector
     assert set(prepare(store, "sft").trajectory_ids) == {kept.id}
     assert [t.id for t in select_trajectories(store, verdict="pass")] == [kept.id]
     assert len(list(select_trajectories(store, split="test"))) == 1  # asked for by name, it is there
+    # The store's `split="heldout"` is every evaluation split too (a QA pass, session 19: it found
+    # none of them, so `honed runs --split heldout` said the evaluation set was empty).
+    assert store.count(split="heldout") == 7 and store.count(split="Held-Out") == 7
+    assert len(store.trajectories(split="heldout", limit=None)) == 7 and store.count(split="train") == 2
     assert not is_heldout({"task_id": "x", "split": "train"}) and not is_heldout(
         {"task_id": "x", "split": "prod"}
     )

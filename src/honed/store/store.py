@@ -51,7 +51,7 @@ from honed.store.registry import ModelRegistry
 from honed.store.schema import JSONText, StepRow, TrajectoryRow, UTCDateTime, VerdictRow
 from honed.store.training import TrainingLog
 from honed.store.verification import VerificationStore, redacted_verdict
-from honed.trajectory import ERROR_KEY, INTERRUPTED, Step, Trajectory, Verdict
+from honed.trajectory import ERROR_KEY, HELDOUT, INTERRUPTED, Step, Trajectory, Verdict
 
 log = logging.getLogger("honed")
 
@@ -363,7 +363,7 @@ class TrajectoryStore:
             order = tuple(c.desc() for c in order)
         cursor = true() if after is None else _beyond(after, oldest_first)
         page = _filtered(
-            select(TrajectoryRow.id), agent=agent, task_id=task_id, split=split, status=status,
+            select(TrajectoryRow.id), agent=agent, task_id=task_id, split=self._splits(split), status=status,
             verdict=verdict, since=since, until=until, model_version=model_version, thread_id=thread_id,
             finished=finished, ids=ids, exclude_task_ids=exclude_task_ids,
             untrusted=self._untrusted_for(verdict),
@@ -392,7 +392,7 @@ class TrajectoryStore:
         """How many trajectories `trajectories()` would return for the same filters."""
         query = _filtered(
             select(func.count()).select_from(TrajectoryRow),
-            agent=agent, task_id=task_id, split=split, status=status, verdict=verdict,
+            agent=agent, task_id=task_id, split=self._splits(split), status=status, verdict=verdict,
             since=since, until=until, model_version=model_version, thread_id=thread_id,
             finished=finished, exclude_task_ids=exclude_task_ids,
             untrusted=self._untrusted_for(verdict),
@@ -408,6 +408,16 @@ class TrajectoryStore:
         column = getattr(TrajectoryRow, field)
         with self._sessions() as session:
             return sorted(v for v in session.scalars(select(column).distinct()).all() if v is not None)
+
+    def _splits(self, split: str | None) -> str | list[str] | None:
+        """The stored splits a `split=` filter means: the held-out split ("heldout", however
+        written) is every evaluation split (`test`, `eval`, `validation`, ...), as the held-out
+        policy has it; any other name is itself."""
+        from honed.store.select import evaluation_split, same_split
+
+        if split is None or not same_split(split, HELDOUT):
+            return split
+        return [s for s in self.stored_values("split") if evaluation_split(s)] or [split]
 
     def _untrusted_for(self, verdict: str | None) -> set[str]:
         return self.untrusted_verifiers() if verdict in ("pass", "fail") else set()
@@ -623,7 +633,7 @@ def _filtered(
     *,
     agent: str | None = None,
     task_id: str | None = None,
-    split: str | None = None,
+    split: str | list[str] | None = None,
     status: str | None = None,
     verdict: str | None = None,
     since: datetime | None = None,
@@ -643,7 +653,9 @@ def _filtered(
         (T.status, status),
         (T.thread_id, thread_id),
     ):
-        if value is not None:
+        if isinstance(value, list):
+            query = query.where(column.in_(value))
+        elif value is not None:
             query = query.where(column == value)
     if isinstance(model_version, str):
         query = query.where(T.model_version == model_version)
