@@ -1471,3 +1471,18 @@ def test_a_tool_cannot_move_the_run_into_another_trajectory(sqlite_url: str) -> 
     assert (run.status, run.answer) == ("ok", "7")
     assert [s.kind for s in run.steps] == ["model", "tool", "model"]
     assert store.get(before.id).to_dict() == before.to_dict()
+
+
+def test_a_tool_strategys_tools_are_recorded_on_every_call(sqlite_url: str) -> None:
+    """A QA pass (session 19): with `ToolStrategy(Ticket)` the model is bound to `Ticket` at every
+    call, yet `Middleware` recorded it only on the call that answered through it (`instrument()`
+    on every call): the first call's row read as offered tools the model never had."""
+    from langchain.agents.structured_output import ToolStrategy
+
+    agent = create_agent(ToolScriptModel(), [add], name="triage", response_format=ToolStrategy(Ticket),
+                         middleware=[honed.Middleware(store=sqlite_url)])  # fmt: skip
+    agent.invoke({"messages": [("user", f'call add {{"a": 1, "b": 2}}; {TICKET_TASK}')]})
+    honed.flush()
+    (t,) = honed.open_store(sqlite_url).trajectories()
+    offered = [[x["function"]["name"] for x in s.input.get("tools") or ()] for s in t.model_steps()]
+    assert offered == [["add", "Ticket"], ["add", "Ticket"]], offered

@@ -545,8 +545,12 @@ class Assembler:
         if tools:
             key = ("tools", *(id(t) for t in tools))
             model_input["tools"] = self._memoised(trajectory, key, list(tools), _tool_schemas)
-        structured = _structured_tools_called(extra.get("structured_tools"), outputs)
-        if structured:  # the model answered through a structured-output tool: it saw that tool
+        structured = (
+            extra.get("structured_tools") or []
+            if extra.get("structured_offered")
+            else _structured_tools_called(extra.get("structured_tools"), outputs)
+        )
+        if structured:  # bound to the call (or the model answered through it: it saw that tool)
             model_input["tools"] = [*(model_input.get("tools") or []), *self._field(structured)]
         step["input"] = model_input
         settings = {k: v for k, v in (extra.get("settings") or {}).items() if k not in ("tools", "messages")}

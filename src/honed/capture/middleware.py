@@ -421,6 +421,9 @@ class Middleware(AgentMiddleware):
             "settings": {"_type": getattr(model, "_llm_type", None), **(request.model_settings or {})},
             "model": name,
             "structured_tools": self._structured_output_tools(request.response_format),
+            # A `ToolStrategy` binds its tools to every call; `AutoStrategy` only where the model
+            # has no native structured output, which its reply calling one of them shows.
+            "structured_offered": _is_tool_strategy(request.response_format),
         }
         self.recorder.emit(
             (START, step_id, trajectory_id, time.time(), (MODEL, str(name), messages, None, None, extra))
@@ -615,6 +618,14 @@ def _new_messages(state: Any) -> dict[str, Any]:
     if last_reply == len(messages) - 1:
         last_reply = max((i for i, m in enumerate(messages) if isinstance(m, HumanMessage)), default=0) - 1
     return {"messages": messages[last_reply + 1 :]}
+
+
+def _is_tool_strategy(response_format: Any) -> bool:
+    if response_format is None:
+        return False
+    from langchain.agents.structured_output import ToolStrategy
+
+    return isinstance(response_format, ToolStrategy)
 
 
 def _structured_output_tools(response_format: Any) -> list[dict[str, Any]] | None:
