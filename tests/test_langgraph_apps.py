@@ -1486,3 +1486,40 @@ def test_a_tool_strategys_tools_are_recorded_on_every_call(sqlite_url: str) -> N
     (t,) = honed.open_store(sqlite_url).trajectories()
     offered = [[x["function"]["name"] for x in s.input.get("tools") or ()] for s in t.model_steps()]
     assert offered == [["add", "Ticket"], ["add", "Ticket"]], offered
+
+
+def test_an_unknown_tools_error_is_a_step_of_its_tool_node_beside_a_command(sqlite_url: str) -> None:
+    """A QA pass (session 19): when another tool of the node returned a `Command`, `ToolNode` returns a
+    list, and the error step for a call to a tool that does not exist landed under the next node."""
+    from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
+    from langchain_core.messages import AIMessage, HumanMessage
+    from langgraph.graph import END, START, MessagesState, StateGraph
+    from langgraph.prebuilt import ToolNode
+
+    @tool
+    def cmd(x: str, tool_call_id: Annotated[str, InjectedToolCallId]) -> Command:
+        """Returns a Command."""
+        return Command(update={"messages": [ToolMessage("cmd " + x, tool_call_id=tool_call_id)]})
+
+    calls = [{"name": "cmd", "args": {"x": "1"}, "id": "ok1"}, {"name": "ghost", "args": {}, "id": "bad1"}]
+    model = GenericFakeChatModel(messages=iter([AIMessage("", tool_calls=calls), AIMessage("final")]))
+    graph = StateGraph(MessagesState)
+    graph.add_node("agent", lambda state: {"messages": [model.invoke(state["messages"])]})
+    graph.add_node("tools", ToolNode([cmd]))
+    graph.add_edge(START, "agent")
+    graph.add_conditional_edges(
+        "agent", lambda s: "tools" if s["messages"][-1].tool_calls else END, ["tools", END]
+    )
+    graph.add_edge("tools", "agent")
+    honed.instrument(store=sqlite_url)
+    try:
+        graph.compile(name="desk").invoke({"messages": [HumanMessage("go")]})
+    finally:
+        honed.uninstrument()
+    honed.flush()
+    (t,) = honed.open_store(sqlite_url).trajectories()
+    by_id = {s.id: s for s in t.steps}
+    placed = [(s.kind, s.name, by_id[s.parent_id].name if s.parent_id in by_id else None) for s in t.steps]
+    assert placed[2:5] == [("node", "tools", None), ("tool", "cmd", "tools"), ("tool", "ghost", "tools")], (
+        placed
+    )

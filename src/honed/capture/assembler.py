@@ -433,9 +433,9 @@ class Assembler:
             if bubbled:
                 step["extra"]["bubbled"] = bubbled
             trajectory.steps.append(step)
-        if run.kind == CHAIN and isinstance(outputs, dict):
+        if run.kind == CHAIN and isinstance(outputs, dict | list):
             self._synthesise_unseen_tool_errors(
-                trajectory, outputs.get("messages"), run.step_id or run.parent_step, when
+                trajectory, _node_messages(outputs), run.step_id or run.parent_step, when
             )
         if run_id == trajectory.root_key:
             self._finish(trajectory, run_id, when, outputs, error)
@@ -990,6 +990,19 @@ def _interrupt(value: Any) -> dict[str, Any]:
     if isinstance(value, dict) and "value" in value:
         return {"value": value["value"], "id": value.get("id")}
     return {"value": getattr(value, "value", value), "id": getattr(value, "id", None)}
+
+
+def _node_messages(outputs: dict[str, Any] | list[Any]) -> list[Any]:
+    """The messages a node wrote: its update's, or (a `ToolNode` one of whose tools returned a
+    `Command`) those of each update and `Command` in its list."""
+    parts = outputs if isinstance(outputs, list) else [outputs]
+    messages: list[Any] = []
+    for part in parts:
+        update = part.update if isinstance(part, Command) else part
+        found = update.get("messages") if isinstance(update, dict) else None
+        if isinstance(found, list):
+            messages.extend(found)
+    return messages
 
 
 def _structured_tools_called(structured: Any, outputs: Any) -> list[dict[str, Any]]:
