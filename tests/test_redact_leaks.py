@@ -644,6 +644,12 @@ OTHER_SHAPES = {
     "telegram_bot_token": ("AA" + rand(33), "bot 1234567890:{}"),
     "mailchimp_key": (rand(32, "0123456789abcdef") + "-us12", "mc {}"),
     "discord_bot_token": ("MTA4MzA1NzM2NTQ0NjIwNDQxNg.GhYt8v." + rand(38), "{}"),
+    # A QA pass (session 19, an attacker): a name that redacts as a dict key, written as text.
+    "env_style_pass": ("Env" + rand(12), "DB_PASS={}\nSMTP_PASS: x"),
+    "yaml_style_pass": ("Yml" + rand(12), "smtp:\n  SMTP_PASS: {}\n"),
+    "docker_config_auth": (rand(24), '{{"auths": {{"ghcr.io": {{"auth": "{}"}}}}}}'),
+    "requests_auth_tuple": ("Req" + rand(12), "requests.get(url, auth=('admin', '{}'))"),
+    "basic_auth_object": ("Obj" + rand(12), 'HTTPBasicAuth("admin", "{}")'),
 }
 
 
@@ -689,6 +695,7 @@ ORDINARY = [
     "mysql -u root -p shop",
     "mysql -h db -P 3306 -u root --password --database shop",
     "ls -a /tmp && grep -w foo x && git commit -a -m wip",
+    "if first_pass == 3: test_pass = True  # bypass=1, compass: north, auth: required, OAuth author",
     "echo hello | sudo tee /etc/motd && echo $PW | sudo -S ls",
     'curl -u "$API_USER:$API_PASS" https://api.example.com',
     "echo $TOKEN | docker login -u bob --password-stdin ghcr.io",

@@ -602,6 +602,8 @@ _KEYWORDS = (
     "authoriz",
     "cookie",
     "contrase",
+    "_pass",
+    "auth",
 )
 
 
@@ -910,9 +912,11 @@ def _netrc_password(m: re.Match[str]) -> str:
 def _assignment(m: re.Match[str]) -> str:
     word = m.group(1).lower()
     if word.startswith(("pass", "pwd", "contrase")):
-        kind = "password"
+        kind = "password"  # `password`, and `DB_PASS` / `smtp_pass` (only after an underscore)
     elif word in ("token", "secret"):
         kind = word
+    elif word == "auth":  # `"auth": "dXNlcjpwYXNz"` (a Docker config), `?auth=...`
+        kind = "secret"
     else:  # "...key": say which key when the name tells
         name = m.string[max(0, m.start() - 8) : m.start()].lower()
         kind = "private_key" if "priv" in name else "secret" if "secret" in name else "api_key"
@@ -1144,13 +1148,20 @@ _RULES = (
     # password = '...', "api_key": "...", TOKEN=..., secret: ... The name must end at the operator, so
     # "max_tokens = 5" and "token_count: 3" stay; a bare "key = ..." is ordinary code and stays too.
     _Rule(
-        r"(?i)(passw(?:or)?d|pwd|passphrase|contrase(?:ñ|n)a|secret|token|"
+        r"(?i)(passw(?:or)?d|(?-i:(?<=[A-Z0-9]_)PASS)|(?<![A-Za-z0-9_-])auth|pwd|passphrase|contrase(?:ñ|n)a|secret|token|"
         + _after("api", "access", "private", "auth", "secret", "client", "label")
         + r"key)(?![A-Za-z0-9_])"
         r"([\\'\"\]]{0,3}[ \t]*(?:=>|:=|==?|:|%3[Dd])[ \t]*)"
-        rf"(?:\\?(['\"`]){_NOT_REDACTED}([^'\"`\r\n\\]+)\\?\3|(?![\\'\"`\[])([^\s'\"`,;&)}}\]\\]+))",
+        rf"(?:\\?(['\"`]){_NOT_REDACTED}([^'\"`\r\n\\]+)\\?\3|(?![\\'\"`\[]|\((?=['\"]))([^\s'\"`,;&)}}\]\\]+))",
         _assignment,
-        anchors=("passw", "pwd", "passphrase", "contrase", "secret", "token", "key"),
+        anchors=("passw", "pass", "auth", "pwd", "passphrase", "contrase", "secret", "token", "key"),
+    ),
+    # requests' `auth=("user", "PW")`, `HTTPBasicAuth("user", "PW")`.
+    _Rule(
+        r"(?i)(?:(?<![A-Za-z0-9_])auth[ \t]*=[ \t]*\(|http(?:basic|digest)auth\()[ \t]*(['\"])[^'\"\r\n]*\1"
+        rf"[ \t]*,[ \t]*(['\"]){_NOT_REDACTED}([^'\"\r\n]+)\2",
+        _matched_group("password"),
+        anchors=("auth", "httpbasicauth", "httpdigestauth"),
     ),
 )
 
