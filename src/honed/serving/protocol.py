@@ -469,7 +469,10 @@ def _messages(raw: list[Any]) -> list[BaseMessage]:
 
 def _check_answers(call_id: str | None, calls: list[Any] | None, where: str) -> None:
     """A tool message answers a call of the assistant message before it, as OpenAI requires (a
-    result for a call never made was accepted, and stored as the run's tool result)."""
+    result for a call never made was accepted, and stored as the run's tool result). Without an
+    id, the conversion pairs it with the call before it, or names the missing id."""
+    if call_id is None:
+        return
     if not calls:
         raise BadRequest(
             f"{where}: a tool message must answer a tool call of an assistant message before it",
