@@ -228,6 +228,19 @@ def test_a_verifier_that_is_not_a_factory_is_one_line(captured: str) -> None:
         ["export", "otlp", "--endpoint", "not-a-url"],
         ["verifiers", "audit", "reference", "--min-precision", "1.7"],
         ["verifiers", "policy", "reference", "--min-precision", "-0.2"],
+        # A QA pass (session 19): each was accepted. `--samples 0` trained a candidate, scored
+        # nothing and halved every later learning rate; `--every 0` stored 1,300 runs in 2 minutes;
+        # `--poll 0` spun a core; `--limit-concurrency 0` refused every request.
+        ["train", "agent", "--suite", "tool_use", "--samples", "0"],
+        ["train", "agent", "--suite", "tool_use", "--margin", "-5"],
+        ["train", "agent", "--suite", "tool_use", "--min-new-verified", "-1"],
+        ["train", "agent", "--suite", "tool_use", "--every", "0"],
+        ["serve", "agent", "--poll", "0"],
+        ["serve", "agent", "--max-tokens", "-5"],
+        ["serve", "agent", "--max-body-mb", "-1"],
+        ["serve", "agent", "--limit-concurrency", "0"],
+        ["report", "--examples", "-3"],
+        ["demo", "--attempts", "0"],
     ],
 )
 def test_an_option_out_of_range_is_refused_not_ignored(

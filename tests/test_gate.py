@@ -126,3 +126,17 @@ def test_an_equal_candidate_is_promoted_at_most_at_the_stated_rate_however_few_t
             p = [rng.random() for _ in range(n_tasks)]
             promoted += decide(draw(p, samples), draw(p, samples)).promote
         assert promoted / 1500 <= 0.05, (n_tasks, samples, promoted / 1500)
+
+
+def test_a_round_that_scored_nothing_is_no_setback_and_zero_samples_are_refused() -> None:
+    """A QA pass (session 19): `honed train --samples 0` trained a candidate, scored no task, and
+    the empty comparison counted as a setback, halving every later cycle's learning rate."""
+    import pytest
+
+    from honed.learn.cycle import GateConfig
+
+    empty = decide(Scores(per_task={}, slices={}, diversity={}), scores(tasks(10, 0, 0.3)))
+    assert not empty.promote and not empty.setback and "no held-out task was scored" in empty.reason
+    for bad in ({"samples": 0}, {"samples": -2}, {"margin": -5.0}, {"confidence": 1.0}):
+        with pytest.raises(ValueError):
+            GateConfig(**bad)

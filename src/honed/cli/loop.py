@@ -107,12 +107,12 @@ def demo(
     report: Annotated[Path, typer.Option(help="The HTML report written at the end.")] = Path(
         "honed-report.html"
     ),
-    attempts: Annotated[int, typer.Option(help="Attempts per training task per cycle.")] = 4,
+    attempts: Annotated[int, typer.Option(help="Attempts per training task per cycle.", min=1)] = 4,
     train_tasks: Annotated[
-        int | None, typer.Option(help="Training tasks attempted per cycle (0: all of the suite's).")
+        int | None, typer.Option(help="Training tasks attempted per cycle (0: all of the suite's).", min=0)
     ] = 80,
     heldout_tasks: Annotated[
-        int | None, typer.Option(help="Held-out tasks the gate scores (0: all of the suite's).")
+        int | None, typer.Option(help="Held-out tasks the gate scores (0: all of the suite's).", min=0)
     ] = 40,
     base: Annotated[
         Path | None, typer.Option(help="Start from this model folder instead of the warm-started base.")
@@ -210,7 +210,10 @@ def parse_every(text: str) -> float:
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
     if not match:
         raise typer.BadParameter(f"--every takes a duration like 90s, 30m, 2h, not {text!r}")
-    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+    seconds = float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+    if seconds < 1:  # `--every 0` ran a cycle as fast as it could, 1,300 records in 2 minutes
+        raise typer.BadParameter(f"--every must be at least 1s, not {text!r}")
+    return seconds
 
 
 @app.command()
@@ -229,10 +232,12 @@ def train(
     ] = ("reference,schema,tests"),
     heldout: Annotated[str, typer.Option(help="The held-out split's name.")] = "heldout",
     min_new_verified: Annotated[
-        int, typer.Option(help="Fewer verified passes than this: nothing to learn.")
+        int, typer.Option(help="Fewer verified passes than this: nothing to learn.", min=0)
     ] = 50,
-    margin: Annotated[float, typer.Option(help="Held-out pass@1 gain needed to promote.")] = 0.02,
-    samples: Annotated[int, typer.Option(help="Held-out attempts per task.")] = 8,
+    margin: Annotated[
+        float, typer.Option(help="Held-out pass@1 gain needed to promote.", min=0.0, max=1.0)
+    ] = 0.02,
+    samples: Annotated[int, typer.Option(help="Held-out attempts per task.", min=1)] = 8,
     output_dir: Annotated[Path, typer.Option(help="Where candidates are written.")] = Path("honed-models"),
     every: Annotated[str | None, typer.Option(help="Run a cycle every 30m, 1h, ... until stopped.")] = None,
     as_json: JsonOption = False,

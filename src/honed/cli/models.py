@@ -176,12 +176,18 @@ def serve(
             help="KEY=VALUE: a label on every captured run (VALUE read as JSON if it is). Repeatable.",
         ),
     ] = None,
-    poll: Annotated[float | None, typer.Option(help="Seconds between checks for a new live version.")] = None,
-    max_tokens: Annotated[int | None, typer.Option("--max-tokens", help="Default completion budget.")] = None,
+    poll: Annotated[
+        float | None, typer.Option(help="Seconds between checks for a new live version.", min=0.01)
+    ] = None,
+    max_tokens: Annotated[
+        int | None, typer.Option("--max-tokens", help="Default completion budget.", min=1)
+    ] = None,
     no_capture: Annotated[bool, typer.Option("--no-capture", help="Do not store served requests.")] = False,
     max_body_mb: Annotated[
         float,
-        typer.Option("--max-body-mb", envvar="HONED_MAX_BODY_MB", help="Largest request body (413 beyond)."),
+        typer.Option(
+            "--max-body-mb", envvar="HONED_MAX_BODY_MB", help="Largest request body (413 beyond).", min=0.001
+        ),
     ] = 8.0,
     body_timeout: Annotated[
         float,
@@ -189,6 +195,7 @@ def serve(
             "--body-timeout",
             envvar="HONED_BODY_TIMEOUT",
             help="Seconds a request body may take to arrive (408 beyond).",
+            min=0.01,
         ),
     ] = 30.0,
     header_timeout: Annotated[
@@ -197,6 +204,7 @@ def serve(
             "--header-timeout",
             envvar="HONED_HEADER_TIMEOUT",
             help="Seconds a request's headers may take to arrive.",
+            min=0.01,
         ),
     ] = 10.0,
     limit_concurrency: Annotated[
@@ -205,6 +213,7 @@ def serve(
             "--limit-concurrency",
             envvar="HONED_LIMIT_CONCURRENCY",
             help="Requests in flight at once (503 beyond); past as many connections, idle ones are closed.",
+            min=1,
         ),
     ] = 1000,
 ) -> None:

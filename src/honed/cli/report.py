@@ -21,7 +21,7 @@ def report(
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the page.")] = Path(
         "honed-report.html"
     ),
-    examples: Annotated[int, typer.Option(help="How many example trajectories to show.")] = 4,
+    examples: Annotated[int, typer.Option(help="How many example trajectories to show.", min=0)] = 4,
     open_page: Annotated[bool, typer.Option("--open/--no-open", help="Open it in a web browser.")] = False,
 ) -> None:
     """Write the learning report: curves per cycle, the gate's reasons, version history, examples."""

@@ -140,6 +140,17 @@ class GateConfig:
     samples: int = 8
     temperature: float = 1.0
 
+    def __post_init__(self) -> None:
+        # A round of 0 samples scores nothing: it was stored as a rejected setback, halving the
+        # next cycles' learning rate (a QA pass, session 19: `honed train --samples 0`).
+        if not (isinstance(self.samples, int) and self.samples >= 1):
+            raise ValueError(f"samples must be an integer >= 1 (attempts per held-out task), not {self.samples!r}")
+        if not 0 < self.confidence < 1:
+            raise ValueError(f"confidence must be between 0 and 1, not {self.confidence!r}")
+        for name in ("margin", "slice_tolerance", "min_diversity_ratio"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be between 0 and 1, not {getattr(self, name)!r}")
+
 
 @dataclass
 class CycleResult:

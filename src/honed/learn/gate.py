@@ -163,8 +163,8 @@ def decide(
     reasons: list[str] = []
     ok, setback = True, gain < 0
     if n == 0:
-        return GateDecision(
-            False, ["no held-out task was scored for both versions"], 0.0, -math.inf, setback=True
+        return GateDecision(  # nothing measured: no setback either (it halved the next learning rate)
+            False, ["no held-out task was scored for both versions"], 0.0, -math.inf, setback=False
         )
     summary = f"held-out pass@1 {live.pass_at_1:.3f} -> {candidate.pass_at_1:.3f} ({gain:+.3f} over {n} tasks"
     summary += f", {confidence:.0%} lower bound {lower:+.3f})"

@@ -90,6 +90,8 @@ class ServedModel(BaseChatModel):
 
     def model_post_init(self, context: Any, /) -> None:
         super().model_post_init(context)
+        if not self.poll_interval > 0:  # 0 or less polled the store in a busy loop
+            raise ValueError(f"poll_interval must be above 0 seconds, not {self.poll_interval!r}")
         if isinstance(self.store, str) or self.store is None:
             self.store = open_store(self.store)
         make = self.backend if callable(self.backend) else _BACKENDS.get(self.backend)
