@@ -625,3 +625,33 @@ def test_honed_train_stopped_by_sigterm_ends_as_ctrl_c_does(world: dict[str, Any
     (run,) = world["store"].training_runs(NAME)
     assert run.status == "interrupted" and world["store"].trainer_lock_holder(NAME) is None
     assert world["store"].live_version(NAME).ref == world["v1"].ref
+
+
+def adder_agent(model: Any) -> Any:
+    """`honed train --agent test_cycle:adder_agent`: the factory gets the model only, and its
+    middleware has no store of its own."""
+    from langchain.agents import create_agent
+
+    return create_agent(model, list(Adder.tools), middleware=[honed.Middleware()], name=NAME)
+
+
+def test_honed_train_with_an_agent_factory_captures_into_its_store(
+    world: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A QA pass (session 19): `honed train --store URL --agent module:factory` trained a candidate,
+    then its gate's attempts went where `Middleware()` defaults (`$HONED_STORE`, else ./honed.db)
+    and the cycle failed NOT MEASURED. The factory's middleware captures into `--store` now."""
+    from honed.serving import LocalChatModel
+
+    store, suite = world["store"], world["suite"]
+    model = LocalChatModel(world["v1"].path, model_version=world["v1"].ref, temperature=0.0, max_tokens=48)
+    attempt(suite_agent(suite, model, store=store), suite.heldout)  # the held-out tasks, in the store
+    elsewhere = world["tmp"] / "elsewhere.db"
+    monkeypatch.setenv("HONED_STORE", f"sqlite:///{elsewhere}")  # restored after the test
+    args = ["train", NAME, "--agent", "test_cycle:adder_agent", "--store", world["url"], "--json",
+            "--verifier", "reference", "--min-new-verified", "1", "--samples", "1",
+            "--output-dir", str(world["tmp"] / "cli-models")]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["status"] in ("promoted", "rejected"), report["reason"]
+    assert not elsewhere.exists()

@@ -186,6 +186,14 @@ def test_a_store_without_training_still_gives_a_page(sqlite_url: str, tmp_path: 
         page = build_report(store, path=tmp_path / "base.html").read_text()
     assert "No training runs yet for calc-agent" in page and "calc-agent@v1" in page
     assert "not evaluated" in page and "<svg" not in page and "No labelled trajectories yet" in page
+    # A round that measured nothing (its attempts went to another store) is no 0.0% score (a QA
+    # pass, session 19: the report and `honed status` showed one).
+    with honed.open_store(sqlite_url) as store:
+        store.record_eval(MODEL, base.ref, "heldout", {"pass_at_1": 0.0, "trajectories": 0, "unjudged": 2})
+        page = build_report(store, path=tmp_path / "unmeasured.html").read_text()
+    assert "not evaluated" in page and "<svg" not in page
+    status = CliRunner().invoke(app, ["status", MODEL, "--store", sqlite_url, "--json"])
+    assert json.loads(status.output)["models"][0]["live_heldout_pass_at_1"] is None, status.output
     with honed.open_store(sqlite_url) as store:
         run = store.start_training_run(MODEL, "sft", parent=base.ref, config={})
         store.update_training_run(

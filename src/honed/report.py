@@ -59,7 +59,12 @@ def render_report(store: Any, *, model: str | None = None, examples: int = 4) ->
     names = store.model_names()
     model = model or _default_model(store, names)
     runs = list(reversed(store.training_runs(model, limit=None))) if model else []
-    evals = store.eval_runs(model, split=HELDOUT) if model else []
+    from honed.learn.evaluate import Scores
+
+    # A round that measured nothing (its attempts went to another store) is no 0.0% score: a gap.
+    evals = (
+        [e for e in store.eval_runs(model, split=HELDOUT) if Scores.measured_in(e.metrics)] if model else []
+    )
     versions = store.versions(model) if model else []
     live = store.live_version(model) if model else None
     cycles = collect_cycles(runs, evals, versions, live)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import signal
 import sys
@@ -259,6 +260,10 @@ def train(
         verifiers, tasks, watched = gate_verifiers(chosen), list(chosen.heldout), chosen.verifiers()
     elif agent:
         factory = _agent_factory(agent)
+        # The factory gets the model only: its `honed.Middleware()` (no store of its own) captures
+        # into `--store`, the store the gate reads (it captured into ./honed.db and the gate, after a
+        # whole training run, found none of its attempts: a QA pass, session 19).
+        os.environ["HONED_STORE"] = s.url
         from honed.verifiers.catalog import resolve
 
         verifiers, tasks, watched = resolve(verifier), heldout, []
@@ -347,6 +352,7 @@ def _sigterm_is_ctrl_c() -> None:
 def loop_status(store: Any, name: str | None = None) -> dict[str, Any]:
     """The loop at a glance, as data (the command prints it)."""
     from honed.learn.cycle import lineage
+    from honed.learn.evaluate import Scores
     from honed.learn.watch import divergences
     from honed.store.select import count_selected
 
@@ -370,7 +376,11 @@ def loop_status(store: Any, name: str | None = None) -> dict[str, Any]:
     }
     for model in models:
         live = store.live_version(model)
-        evals = [e for e in store.eval_runs(model, split="heldout") if live and e.version == live.ref]
+        evals = [
+            e
+            for e in store.eval_runs(model, split="heldout")
+            if live and e.version == live.ref and Scores.measured_in(e.metrics)
+        ]
         runs = store.training_runs(model, limit=1)
         last = runs[0] if runs else None
         trainer = store.trainer_lock_holder(model)

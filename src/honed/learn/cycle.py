@@ -144,7 +144,9 @@ class GateConfig:
         # A round of 0 samples scores nothing: it was stored as a rejected setback, halving the
         # next cycles' learning rate (a QA pass, session 19: `honed train --samples 0`).
         if not (isinstance(self.samples, int) and self.samples >= 1):
-            raise ValueError(f"samples must be an integer >= 1 (attempts per held-out task), not {self.samples!r}")
+            raise ValueError(
+                f"samples must be an integer >= 1 (attempts per held-out task), not {self.samples!r}"
+            )
         if not 0 < self.confidence < 1:
             raise ValueError(f"confidence must be between 0 and 1, not {self.confidence!r}")
         for name in ("margin", "slice_tolerance", "min_diversity_ratio"):

@@ -186,6 +186,17 @@ class Scores:
         per_task = {t: [1 if r else 0 for r in rs] for t, rs in self.per_task.items()}
         return {"per_task": per_task, "task_slices": dict(self.slices)}
 
+    @staticmethod
+    def measured_in(metrics: dict[str, Any]) -> bool:
+        """Whether a stored evaluation is a score: attempts were stored, each ran and was judged. A
+        round that measured nothing (its attempts went to another store) read as 0.0% in `honed
+        status` and the report (a QA pass, session 19)."""
+        return (
+            int(metrics.get("trajectories", 1)) > 0
+            and not metrics.get("errors")
+            and not metrics.get("unjudged")
+        )
+
     @classmethod
     def from_metrics(cls, metrics: dict[str, Any]) -> Scores:
         """Scores from a stored evaluation's metrics (`to_dict() | records()`)."""
