@@ -199,6 +199,24 @@ def test_tool_choice_required_or_named_opens_the_reply_with_that_call(server: Se
         # A call named `add`, or (the model went wrong inside it) the call as the text it wrote.
         assert names == ["add"] or content.startswith('<tool_call>\n{"name": "add"'), (choice, content, names)
         assert ANSWER not in content
+    # Where the model calls the tool of its own accord, forcing it gives the same call (a QA pass,
+    # session 19: forced straight after the turn's head, past the template's empty think block
+    # and with a space token the model never writes there, it wrote broken arguments).
+    calls = []
+    for choice in ("auto", "required", named):
+        reply = client.chat.completions.create(
+            model="calc", messages=first_turn(), tools=[add_schema()], tool_choice=choice, temperature=0,
+            stream=stream,
+        )  # fmt: skip
+        if stream:
+            chunks = [c.choices[0].delta for c in reply if c.choices]
+            calls.append(
+                [(t.function.name, t.function.arguments) for d in chunks for t in d.tool_calls or ()]
+            )
+        else:
+            found = reply.choices[0].message.tool_calls or ()
+            calls.append([(t.function.name, t.function.arguments) for t in found])
+    assert calls[0] and calls[0][0][0] == "add" and calls[1] == calls[2] == calls[0], calls
 
     def refused(**extra: Any) -> str:
         body = {"model": "calc", "messages": first_turn(), **extra}

@@ -73,6 +73,7 @@ class Engine:
     longest_token: int = 64
     control_tokens: re.Pattern[str] = re.compile("")  # the tokenizer's special tokens, spelled
     tokenizer_id: str = ""  # `honed.tokenizer_id`: recorded with the ids it makes
+    _before_calls: dict[str, str] = field(default_factory=dict)
 
     @property
     def max_prompt_chars(self) -> int:
@@ -89,6 +90,16 @@ class Engine:
         return self.tokenizer.apply_chat_template(
             messages, tools=tools, add_generation_prompt=True, tokenize=False, **template
         )
+
+    def before_calls(self, **template: Any) -> str:
+        """What the chat template writes in a reply before its tool calls (a thinking template's
+        empty `<think>\n\n</think>\n\n`): a forced `tool_choice` opens the reply with it, as the
+        model learned replies to open. Forced straight after the turn's head, the model wrote
+        broken arguments where, left to choose, it called the tool right (a QA pass, session 19)."""
+        key = repr(sorted(template.items()))
+        if key not in self._before_calls:
+            self._before_calls[key] = _before_calls(self.tokenizer, template)
+        return self._before_calls[key]
 
     def encode(self, text: str) -> list[int]:
         self.check_chars(len(text))
@@ -287,3 +298,31 @@ def _torch_threads(model: Any, device: str) -> int | None:
     if device != "cpu":
         return None
     return 1 if sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMETERS else None
+
+
+def _before_calls(tokenizer: Any, template: dict[str, Any]) -> str:
+    """The text between the generation prompt and a reply's first `<tool_call>`, rendered by the
+    template itself; "" when it renders calls otherwise."""
+    from honed.messages import CALL_OPEN
+
+    ask = [{"role": "user", "content": "x"}]
+    call = {"type": "function", "function": {"name": "f", "arguments": {}}}
+    tools = [
+        {"type": "function", "function": {"name": "f", "description": "", "parameters": {"type": "object"}}}
+    ]
+    try:
+        head = tokenizer.apply_chat_template(
+            ask, tools=tools, add_generation_prompt=True, tokenize=False, **template
+        )
+        whole = tokenizer.apply_chat_template(
+            [*ask, {"role": "assistant", "content": "", "tool_calls": [call]}],
+            tools=tools,
+            tokenize=False,
+            **template,
+        )
+    except Exception:  # a template that takes no tools, or no such call: nothing to add
+        return ""
+    if not isinstance(head, str) or not isinstance(whole, str) or not whole.startswith(head):
+        return ""
+    at = whole.find(CALL_OPEN, len(head))
+    return whole[len(head) : at] if at >= 0 else ""

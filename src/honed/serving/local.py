@@ -307,6 +307,8 @@ class LocalChatModel(BaseChatModel):
         engine.check_chars(_chars(plain, schemas))  # before paying for rendering and tokenising
         prompt_ids = engine.prompt_ids(plain, schemas, **template)
         opening = forced_opening(kwargs.get("tool_choice"), schemas)
+        if opening:
+            opening = engine.before_calls(**template) + opening
         forced = tuple(engine.encode(opening)) if opening else ()
         prompt_ids = [*prompt_ids, *forced]
         budget = next(
@@ -480,7 +482,9 @@ def forced_opening(tool_choice: Any, tools: list[dict[str, Any]] | None) -> str:
         raise ValueError(
             f"tool_choice names {name!r}, which is not one of the tools ({sorted(map(str, names))})"
         )
-    return f'{head}{name}", "arguments": '
+    # No space after the colon: the model's own token there is ` {"` (a space alone, forced, put
+    # it off its path, and it wrote broken arguments).
+    return f'{head}{name}", "arguments":'
 
 
 def _reply(request: GenerationRequest, result: GenerationResult) -> GenerationResult:
