@@ -140,3 +140,12 @@ def test_a_round_that_scored_nothing_is_no_setback_and_zero_samples_are_refused(
     for bad in ({"samples": 0}, {"samples": -2}, {"margin": -5.0}, {"confidence": 1.0}):
         with pytest.raises(ValueError):
             GateConfig(**bad)
+
+
+def test_the_lower_bound_of_a_gain_is_never_below_minus_one() -> None:
+    """A QA pass (session 19): with few tasks the gate said "95% lower bound -2.073" for a
+    difference of pass rates, which lies in [-1, 1]."""
+    live = scores({"t0": 1.0, "t1": 0.0, "t2": 1.0}, samples=1)
+    candidate = scores({"t0": 0.0, "t1": 1.0, "t2": 0.0}, samples=1)
+    decision = decide(candidate, live)
+    assert decision.lower_bound == -1.0 and "lower bound -1.000" in decision.reason, decision.reason

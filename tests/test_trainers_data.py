@@ -267,6 +267,7 @@ def test_runs_labelled_test_eval_or_validation_are_held_out_too(store: Trajector
     # none of them, so `honed runs --split heldout` said the evaluation set was empty).
     assert store.count(split="heldout") == 7 and store.count(split="Held-Out") == 7
     assert len(store.trajectories(split="heldout", limit=None)) == 7 and store.count(split="train") == 2
+    assert store.count(split="eval") == 1 and store.count(split="EVAL") == 1  # stored as "Eval"
     assert not is_heldout({"task_id": "x", "split": "train"}) and not is_heldout(
         {"task_id": "x", "split": "prod"}
     )

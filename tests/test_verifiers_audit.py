@@ -150,6 +150,11 @@ def test_cli_verify_once_label_errors_and_audit_without_labels(sqlite_url: str) 
     assert bad.exit_code == 2 and "unknown verifier" in bad.output
     assert runner.invoke(app, ["label", "no-such-id", "pass", "--store", sqlite_url]).exit_code == 1
     assert runner.invoke(app, ["label", "c1", "maybe", "--store", sqlite_url]).exit_code == 2
+    # A run paused at an interrupt is no outcome: labelling it was accepted (a QA pass, session 19).
+    store.save(traj("paused", "", status="interrupted", expected="1"))
+    paused = runner.invoke(app, ["label", "paused", "pass", "--store", sqlite_url])
+    assert paused.exit_code == 1 and "paused at an interrupt" in paused.output, paused.output
+    assert store.get("paused").verdicts == []
     empty = runner.invoke(app, ["verifiers", "audit", "reference", "--store", sqlite_url])
     assert empty.exit_code == 0 and "no trajectory has both" in empty.output
     typo = runner.invoke(app, ["verifiers", "audit", "referense", "--store", sqlite_url])

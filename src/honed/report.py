@@ -152,7 +152,7 @@ def _pick_examples(store: Any, model: str | None, n: int) -> list[tuple[Trajecto
         return []
     chosen: dict[str, str] = {}
     for verdict, want in (("pass", (n + 1) // 2), ("fail", n // 2)):
-        recent = store.trajectories(200, verdict=verdict, with_steps=False)
+        recent = store.trajectories(200, verdict=verdict, with_steps=False, finished=True)
         own = [t for t in recent if model and (t.model_version or "").startswith(f"{model}@")]
         chosen.update((t.id, verdict) for t in (own or recent)[:want])
     if not chosen:

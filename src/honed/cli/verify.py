@@ -133,6 +133,12 @@ def label(
     with open_store_or_exit(store) as s:
         try:
             t = s.get(trajectory_id)
+            if not t.finished:  # it was accepted, and the report showed the paused run as a pass
+                console().print(
+                    f"[red]{escape(t.id)} is paused at an interrupt, waiting for a resume: label it "
+                    "once it has finished[/red]"
+                )
+                raise typer.Exit(1)
             v = s.add_verdict(
                 t.id,
                 Verdict(

@@ -159,7 +159,7 @@ def decide(
     cand_rates, live_rates = candidate.task_rates(), live.task_rates()
     shared = sorted(cand_rates.keys() & live_rates.keys())
     gain, half, n = _paired(_differences(candidate, live, shared), confidence)
-    lower = gain - half
+    lower = max(-1.0, gain - half)  # a difference of pass rates lies in [-1, 1] (it said -2.073)
     reasons: list[str] = []
     ok, setback = True, gain < 0
     if n == 0:

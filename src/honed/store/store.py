@@ -410,14 +410,16 @@ class TrajectoryStore:
             return sorted(v for v in session.scalars(select(column).distinct()).all() if v is not None)
 
     def _splits(self, split: str | None) -> str | list[str] | None:
-        """The stored splits a `split=` filter means: the held-out split ("heldout", however
-        written) is every evaluation split (`test`, `eval`, `validation`, ...), as the held-out
-        policy has it; any other name is itself."""
+        """The stored splits a `split=` filter means: a name however written (`Test`, `test`), and
+        the held-out split ("heldout") every evaluation split (`test`, `eval`, `validation`, ...),
+        as the held-out policy has it."""
         from honed.store.select import evaluation_split, same_split
 
-        if split is None or not same_split(split, HELDOUT):
-            return split
-        return [s for s in self.stored_values("split") if evaluation_split(s)] or [split]
+        if split is None:
+            return None
+        held = same_split(split, HELDOUT)
+        stored = self.stored_values("split")
+        return [s for s in stored if (evaluation_split(s) if held else same_split(s, split))] or [split]
 
     def _untrusted_for(self, verdict: str | None) -> set[str]:
         return self.untrusted_verifiers() if verdict in ("pass", "fail") else set()
