@@ -650,6 +650,12 @@ OTHER_SHAPES = {
     "docker_config_auth": (rand(24), '{{"auths": {{"ghcr.io": {{"auth": "{}"}}}}}}'),
     "requests_auth_tuple": ("Req" + rand(12), "requests.get(url, auth=('admin', '{}'))"),
     "basic_auth_object": ("Obj" + rand(12), 'HTTPBasicAuth("admin", "{}")'),
+    # `kubectl get secret -o json|yaml`: every value under `data` is a secret, base64 or not.
+    "kubernetes_secret_json": (
+        rand(40),
+        '{{\n  "apiVersion": "v1",\n  "data": {{\n    ".env": "{}"\n  }},\n  "kind": "Secret"\n}}',
+    ),
+    "kubernetes_secret_yaml": (rand(40), "apiVersion: v1\ndata:\n  .env: {}\nkind: Secret\ntype: Opaque\n"),
 }
 
 
@@ -695,6 +701,7 @@ ORDINARY = [
     "mysql -u root -p shop",
     "mysql -h db -P 3306 -u root --password --database shop",
     "ls -a /tmp && grep -w foo x && git commit -a -m wip",
+    "apiVersion: v1\ndata:\n  color: blue\nkind: ConfigMap\n",
     "if first_pass == 3: test_pass = True  # bypass=1, compass: north, auth: required, OAuth author",
     "echo hello | sudo tee /etc/motd && echo $PW | sudo -S ls",
     'curl -u "$API_USER:$API_PASS" https://api.example.com',

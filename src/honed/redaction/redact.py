@@ -936,7 +936,39 @@ def _assignment(m: re.Match[str]) -> str:
     return _splice(m, 5, _marker(kind))
 
 
+# A Kubernetes Secret: every value under its `data` / `stringData` is a secret (base64 or not), as
+# `kubectl get secret -o json|yaml` prints it (a QA pass, session 19: an `.env` holding an OpenAI
+# key and a `.dockerconfigjson` holding `user:pass` reached the store still base64-encoded).
+_K8S_SECRET = re.compile(
+    r"(?m)(?:\"kind\"[ \t]*:[ \t]*\"Secret\"|^[ \t]*kind:[ \t]*['\"]?Secret['\"]?[ \t]*$)"
+)
+_JSON_ENTRY = re.compile(r'("(?:[^"\\\n]|\\.){1,256}"[ \t]*:[ \t]*)"(?:[^"\\\n]|\\.)*"')
+_YAML_ENTRY = re.compile(r"(?m)^([ \t]+[^:\n]{1,256}:[ \t]*)(?!\[REDACTED:)(\S[^\n]*)$")
+
+
+def _secret_data_json(m: re.Match[str]) -> str:
+    if not _K8S_SECRET.search(m.string):
+        return m.group(0)
+    return m.group(1) + _JSON_ENTRY.sub(lambda e: e.group(1) + '"' + _marker("secret") + '"', m.group(2))
+
+
+def _secret_data_yaml(m: re.Match[str]) -> str:
+    if not _K8S_SECRET.search(m.string):
+        return m.group(0)
+    return m.group(1) + _YAML_ENTRY.sub(lambda e: e.group(1) + _marker("secret"), m.group(3))
+
+
 _RULES = (
+    _Rule(
+        r'("(?:data|stringData)"[ \t]*:[ \t]*\{)([^{}]*)',
+        _secret_data_json,
+        anchors=('"data"', '"stringdata"'),
+    ),
+    _Rule(
+        r"(?m)^(([ \t]*)(?:data|stringData):[ \t]*\n)((?:\2[ \t]+[^\n]*(?:\n|$))+)",
+        _secret_data_yaml,
+        anchors=("data:", "stringdata:"),
+    ),
     # PEM private keys, header to footer across lines; an unterminated block is redacted to the end.
     _Rule(
         r"(?s)-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----.*?"
