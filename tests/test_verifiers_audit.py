@@ -144,7 +144,7 @@ def test_cli_verify_once_label_errors_and_audit_without_labels(sqlite_url: str) 
         app, ["verify", "--once", "--store", sqlite_url, "--verifier", "reference", "--concurrency", "2"]
     )
     assert result.exit_code == 0, result.output
-    assert "5 trajectories labelled" in result.output and "5 pass" in result.output
+    assert "5 trajectories checked" in result.output and "5 pass" in result.output
     assert store.count(verdict="pass") == 5
     bad = runner.invoke(app, ["verify", "--store", sqlite_url, "--verifier", "nonsense"])
     assert bad.exit_code == 2 and "unknown verifier" in bad.output

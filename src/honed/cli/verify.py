@@ -103,7 +103,7 @@ def verify(
                 worker.close()
         stats = worker.stats
     out.print(
-        f"[bold]{settled}[/bold] trajectories labelled: {stats.verdicts} new verdicts "
+        f"[bold]{settled}[/bold] trajectories checked: {stats.verdicts} new verdicts "
         f"({stats.passed} pass, {stats.failed} fail, {stats.undecided} could not tell, {stats.errors} errors, "
         f"{stats.retries} to retry)"
     )
