@@ -946,14 +946,27 @@ _JSON_ENTRY = re.compile(r'("(?:[^"\\\n]|\\.){1,256}"[ \t]*:[ \t]*)"(?:[^"\\\n]|
 _YAML_ENTRY = re.compile(r"(?m)^([ \t]+[^:\n]{1,256}:[ \t]*)(?!\[REDACTED:)(\S[^\n]*)$")
 
 
+_secret_seen: tuple[str | None, bool] = (None, False)
+
+
+def _is_secret_manifest(text: str) -> bool:
+    """Whether `text` prints a Kubernetes Secret: searched once per text, not once per `data` key
+    (a large API response holds hundreds)."""
+    global _secret_seen
+    seen = _secret_seen
+    if seen[0] is not text:
+        seen = _secret_seen = (text, _K8S_SECRET.search(text) is not None)
+    return seen[1]
+
+
 def _secret_data_json(m: re.Match[str]) -> str:
-    if not _K8S_SECRET.search(m.string):
+    if not _is_secret_manifest(m.string):
         return m.group(0)
     return m.group(1) + _JSON_ENTRY.sub(lambda e: e.group(1) + '"' + _marker("secret") + '"', m.group(2))
 
 
 def _secret_data_yaml(m: re.Match[str]) -> str:
-    if not _K8S_SECRET.search(m.string):
+    if not _is_secret_manifest(m.string):
         return m.group(0)
     return m.group(1) + _YAML_ENTRY.sub(lambda e: e.group(1) + _marker("secret"), m.group(3))
 
