@@ -948,3 +948,52 @@ def test_the_part_of_a_run_resumed_in_another_process_is_not_sent_live_as_a_trac
     }
     ExporterSink(Keep()).write([part, whole, {**base, "id": "plain", "resumes": False, "steps": []}])
     assert [t.id for t in sent] == ["whole", "plain"]
+
+
+def test_one_runs_undecodable_text_loses_no_other_run_sent_live() -> None:
+    """A QA pass (session 19): a tool's error naming a file whose name is not UTF-8
+    (`os.fsdecode(b"caf\\xe9")`: a lone surrogate) failed the SDK's encoding of the whole live batch:
+    none of the 11 runs in it reached the receiver. Runs go out as the store holds them (U+FFFD)."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    from honed.capture.sinks import ExporterSink
+    from honed.store import trajectory_to_record
+
+    received: list[bytes] = []
+
+    class Receiver(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            received.append(self.rfile.read(int(self.headers["Content-Length"])))
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        runs = [
+            Trajectory(id=str(uuid.UUID(int=i + 1)), agent="files", task="t", output="ok", steps=[
+                Step(id=f"s{i}", index=0, kind="tool", name="open_report", input={"name": "q3"},
+                     error="ValueError: cannot open caf\udce9-report.txt\x00" if i == 5 else None)])
+            for i in range(11)
+        ]  # fmt: skip
+        exporter = LiveExporter(f"http://127.0.0.1:{server.server_address[1]}", capture_content=True)
+        ExporterSink(exporter).write([trajectory_to_record(t) for t in runs])
+        assert exporter.force_flush()
+        exporter.shutdown()
+    finally:
+        server.shutdown()
+        server.server_close()
+    roots, errors = set(), []
+    for body in received:
+        request = ExportTraceServiceRequest.FromString(body)
+        for span in (s for r in request.resource_spans for ss in r.scope_spans for s in ss.spans):
+            if not span.parent_span_id:
+                roots.add(span.trace_id)
+            if span.status.message:
+                errors.append(span.status.message)
+    assert len(roots) == 11 and exporter.stats()["spans_failed"] == 0
+    assert errors == ["ValueError: cannot open caf\ufffd-report.txt\ufffd"], errors

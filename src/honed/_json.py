@@ -24,6 +24,16 @@ def dumps(value: Any) -> str:
         return _std(value)
 
 
+def storable(value: Any) -> Any:
+    """`value` as a store holds it: itself, or `scrubbed` when it carries NUL or a lone surrogate
+    (found by one fast encode, not a walk)."""
+    try:
+        text = orjson.dumps(value)
+    except (TypeError, orjson.JSONEncodeError):
+        return scrubbed(value)  # a lone surrogate (or a value orjson does not take: walked anyway)
+    return scrubbed(value) if b"\\u0000" in text else value
+
+
 def scrubbed(value: Any) -> Any:
     """`value` with NUL and lone surrogates in its strings (and keys) replaced by U+FFFD: what a
     hostile or broken input leaves in text that no store can hold. The slow path: used when a

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from honed._json import storable
 from honed.capture.spool import Spool, default_spool_path
 from honed.store import InvalidStoreURL, TrajectoryStore, record_to_trajectory, resolve_store_url
 from honed.trajectory import INTERRUPTED, Trajectory
@@ -210,7 +211,10 @@ class ExporterSink:
         if not finished:
             return
         try:
-            self.exporter.export([record_to_trajectory(r) for r in finished])
+            # As the store holds them (NUL and lone surrogates as U+FFFD): one run's undecodable
+            # error text failed the SDK's encoding of its whole batch, every run in it lost, and
+            # a span sent live differed from the same span replayed from the store.
+            self.exporter.export([record_to_trajectory(storable(r)) for r in finished])
         except Exception:  # an exporter's outage must not touch the store path
             self.errors += 1
             log.exception("honed: the exporter %r failed; the store is unaffected", self.exporter)
