@@ -573,6 +573,9 @@ def test_live_export_to_a_dead_endpoint_neither_blocks_nor_raises(
         recorder = handler.recorder
         (exporter,) = recorder.exporters
         assert isinstance(exporter, LiveExporter)
+        # The same call again (a notebook cell run twice) is the same recorder and exporter: each
+        # made another recorder, store process and exporter (a QA pass, session 19).
+        assert honed.instrument(store=sqlite_url, otlp=dead).recorder is recorder
         # A burst far beyond the queue: export only enqueues (oldest dropped), it never waits.
         burst = honed.open_store(sqlite_url).trajectories() * 300
         started = time.perf_counter()

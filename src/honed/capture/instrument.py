@@ -22,15 +22,23 @@ _hook_var: ContextVar[Any] | None = None
 G = TypeVar("G")
 
 
-def recorder_for(store: str | TrajectoryStore | None = None, **options: Any) -> Recorder:
+def recorder_for(
+    store: str | TrajectoryStore | None = None, *, otlp: str | None = None, **options: Any
+) -> Recorder:
     """The process's recorder for `store` and these options: one per store and options, made on
     first use. A recorder is never closed to make another (a second handler built with its own
-    options closed the first one's, and every run the first captured afterwards was dropped)."""
+    options closed the first one's, and every run the first captured afterwards was dropped).
+    `otlp`: an endpoint the recorder also sends spans to, compared by its URL (each call with
+    the same one made a recorder, a store process and an exporter more: a QA pass, session 19)."""
     url = store.url if isinstance(store, TrajectoryStore) else resolve_store_url(store)
-    key = (url, _options_key(options))
+    key = (url, _options_key({**options, "otlp": otlp}))
     with _lock:
         recorder = _recorders.get(key)
         if recorder is None or recorder._closed:
+            if otlp is not None:
+                from honed.exporters.otel import LiveExporter
+
+                options["exporters"] = [*options.get("exporters", ()), LiveExporter(endpoint=otlp)]
             recorder = Recorder(store, **options)
             _recorders[key] = recorder
         return recorder
@@ -58,16 +66,12 @@ def instrument(store: str | TrajectoryStore | None = None, *, otlp: str | None =
     (`honed[otlp]`). Other options are the `Recorder`'s: `max_field_bytes`, `redact`, `max_queue`,
     `spool_path`, `writer`.
     """
-    if otlp is not None:
-        from honed.exporters.otel import LiveExporter
-
-        options["exporters"] = [*options.get("exporters", ()), LiveExporter(endpoint=otlp)]
     global _instrumented, _hook_var
     from langchain_core.tracers.context import register_configure_hook
 
     from honed.capture.callbacks import CallbackHandler
 
-    recorder = recorder_for(store, **options)
+    recorder = recorder_for(store, otlp=otlp, **options)
     with _lock:
         if _instrumented is None:
             _instrumented = CallbackHandler(recorder=recorder)
