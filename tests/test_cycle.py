@@ -435,9 +435,16 @@ def test_a_better_candidate_is_promoted_and_the_served_agent_follows(world: dict
         activation_checkpointing=False,  # 150 steps: recomputing activations only costs time here
     )  # fmt: skip
     data = DataConfig(agent=NAME, external=[demo], external_ratio=1.0, min_new_verified=0)
+    # Another store's candidate of the same run number, in the same output folder (a QA pass,
+    # session 19: it was trained over, and that store's live weights with it).
+    other = world["tmp"] / "models" / f"{NAME}-run1"
+    other.mkdir(parents=True)
+    (other / "model.safetensors").write_bytes(b"another store's live weights")
     report = cycle(world, method, data=data).run()
     assert report.status == "promoted", report.reason
     assert report.live_scores.pass_at_1 == 0.0 and report.candidate_scores.pass_at_1 == 1.0
+    assert (other / "model.safetensors").read_bytes() == b"another store's live weights"
+    assert Path(store.live_version(NAME).path) == other.with_name(f"{NAME}-run1-2")
     live = store.live_version(NAME)
     assert live.ref == report.candidate and store.model_history(NAME)[-1].reason == report.reason
 

@@ -166,18 +166,21 @@ def test_only_trusted_non_error_verdicts_label_training_data(any_store: Trajecto
         # code can make the test-suite verifier err (a QA pass, session 19: it killed the sandbox's
         # process, and another verifier's pass made the wrong code the only training row).
         "pass+error": None,
-        "pass+judge-fail": True,  # the untrusted judge's fail counts for nothing
+        # An untrusted verifier's passes count for nothing, its fails still fail a run: an audit
+        # measures false passes (a QA pass, session 19: a wrong answer became a pass through a weak
+        # second verifier once `reference` was untrusted).
+        "pass+judge-fail": False,
         "pass+fail": False,
         "unlabeled": None,
     }
     data = prepare(store, "sft")
-    assert sorted(data.dataset["task_id"]) == ["t-pass", "t-pjf"]
+    assert sorted(data.dataset["task_id"]) == ["t-pass"]
     # The store's own filter is the same rule, in SQL.
-    assert sorted(t.task_id for t in store.trajectories(verdict="pass")) == ["t-pass", "t-pjf"]
-    assert sorted(t.task_id for t in store.trajectories(verdict="fail")) == ["t-fail", "t-pf"]
-    assert sorted(data.trajectory_ids) == sorted(cases[k].id for k in ("pass", "pass+judge-fail"))
-    assert data.counts["passed"] == 2 and data.counts["failed"] == 2
-    assert data.counts["rows"] == 2 and data.counts["pretokenized"] == 0
+    assert sorted(t.task_id for t in store.trajectories(verdict="pass")) == ["t-pass"]
+    assert sorted(t.task_id for t in store.trajectories(verdict="fail")) == ["t-fail", "t-pf", "t-pjf"]
+    assert sorted(data.trajectory_ids) == [cases["pass"].id]
+    assert data.counts["passed"] == 1 and data.counts["failed"] == 3
+    assert data.counts["rows"] == 1 and data.counts["pretokenized"] == 0
     # Only the named verifiers label: here `schema`, which failed one and erred on another.
     assert prepare(store, "sft", verifiers=["schema"]).counts["failed"] == 1
     assert prepare(store, "sft", verifiers=["schema"]).counts["passed"] == 0
@@ -777,8 +780,9 @@ def test_export_and_training_take_the_same_verified_rows(any_store: TrajectorySt
         m["content"] for row in data.dataset["messages"] for m in row if m["role"] == "user"
     )
 
-    assert exported_users == trained_users == [question("t-mixed"), question("t-ok")]
-    assert result.written == len(data) == 2
+    # `t-mixed`: the low-trust judge's fail fails it (its passes count for nothing, its fails do).
+    assert exported_users == trained_users == [question("t-ok")]
+    assert result.written == len(data) == 1
 
 
 def test_a_cycle_learns_from_its_whole_lineage_newest_first(store: TrajectoryStore, tmp_path: Any) -> None:

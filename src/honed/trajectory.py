@@ -264,20 +264,18 @@ def label(
     verdicts: Iterable[Verdict], *, untrusted: Iterable[str] = (), only: Iterable[str] | None = None
 ) -> bool | None:
     """THE label of a trajectory, for training, export, spans, the report and the store's
-    `verdict=` filter alike: False when any counted verifier failed it; else None when a counted
+    `verdict=` filter alike: False when any verifier failed it; else None when a counted
     verifier's verdict is an error (the run's own code can bring one about, killing the sandbox
     that tests it: the pass is not left to the other verifiers) or none could tell; else True.
     Counted: verifiers outside `untrusted` (low trust, or under their audited minimum precision:
-    `store.untrusted_verifiers()`), and of `only` those when given."""
+    `store.untrusted_verifiers()`: an audit measures false passes, so their fails still fail a
+    run), and of `only` those when given."""
     skip = set(untrusted)
     names = None if only is None else set(only)
-    counted = [
-        v
-        for v in current_verdicts(list(verdicts))
-        if v.verifier not in skip and (names is None or v.verifier in names)
-    ]
-    if any(v.passed is False for v in counted):
+    named = [v for v in current_verdicts(list(verdicts)) if names is None or v.verifier in names]
+    if any(v.passed is False for v in named):
         return False
+    counted = [v for v in named if v.verifier not in skip]
     if any(is_verifier_error(v) for v in counted):
         return None
     return True if any(v.passed for v in counted) else None

@@ -444,7 +444,7 @@ class Cycle:
 
             # 2. train a candidate from the live (or the base) weights, into a new folder
             with self._timed(result, "train"):
-                out = self.output_dir / f"{self.model}-run{run.id}"
+                out = _fresh_folder(self.output_dir / f"{self.model}-run{run.id}")
                 result.extra["trained_from"] = weights.ref
                 # The other ranks train with us, with the same method (after a rejection, the adjusted one).
                 handoff.send((weights.path, data, out, self.seed, run.id, method))
@@ -968,3 +968,18 @@ def _setback(run: Any) -> bool:
 
 def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _fresh_folder(path: Path) -> Path:
+    """`path`, else `path-2`, `path-3`, ...: a folder made here, that nothing else holds. Two stores
+    training into one `--output-dir` both had a run 1: one store's rejected candidate was written
+    over the other's live weights, which its registry still called live (a QA pass, session 19)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 10_000):
+        folder = path if n == 1 else path.with_name(f"{path.name}-{n}")
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            continue
+        return folder
+    raise FileExistsError(f"no free folder for a candidate beside {path}")

@@ -677,11 +677,11 @@ def _filtered(
             query = query.where(T.task_id.is_(None) | T.task_id.not_in(excluded))
     if verdict is not None:
         any_verdict = exists().where(VerdictRow.trajectory_id == T.id)
-        # Errors have passed=None, so they never count; untrusted verifiers' judgements neither.
-        counted = [VerdictRow.trajectory_id == T.id, ~_superseded()]
-        if untrusted:
-            counted.append(VerdictRow.verifier.not_in(sorted(untrusted)))
-        failed = exists().where(*counted, VerdictRow.passed.is_(False))
+        # `honed.trajectory.label`: any fail fails it; untrusted verifiers' passes and errors
+        # count for nothing.
+        current = [VerdictRow.trajectory_id == T.id, ~_superseded()]
+        counted = [*current, VerdictRow.verifier.not_in(sorted(untrusted))] if untrusted else current
+        failed = exists().where(*current, VerdictRow.passed.is_(False))
         passed = exists().where(*counted, VerdictRow.passed.is_(True))
         errored = exists().where(  # `honed.trajectory.label`: an error leaves the run undecided
             *counted, VerdictRow.passed.is_(None), VerdictRow.evidence[ERROR_KEY].as_string().is_not(None)
