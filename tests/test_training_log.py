@@ -139,3 +139,21 @@ def test_migration_0004_downgrades_and_upgrades(store_url: str) -> None:
     tables = set(inspect(store.engine).get_table_names())
     assert {"training_runs", "training_examples", "eval_runs", "trainer_locks"} <= tables
     store.close()
+
+
+def test_a_trainer_killed_after_its_promotion_leaves_the_run_promoted(store_url: str, tmp_path) -> None:
+    """A QA pass (session 19): killed between the gate's promotion and the run's record, the run
+    was taken over as "interrupted; the live version was not changed" beside its own promotion."""
+    store = honed.open_store(store_url)
+    base = store.register_model("agent", _model_files(tmp_path / "v1"))
+    store.promote("agent", base.version)
+    owner = store.acquire_trainer_lock("agent", owner="a", ttl_s=0.3)
+    run = store.start_training_run("agent", "sft", parent=base.ref, config={}, owner=owner)
+    candidate = store.register_model("agent", _model_files(tmp_path / "v2"), parent=base, training_run=run.id)
+    store.promote("agent", candidate.version, expected_live=base.version, actor="trainer")
+    time.sleep(0.4)  # the trainer was killed here: its lock expires
+    assert store.acquire_trainer_lock("agent", owner="b") == "b"
+    after = store.training_run(run.id)
+    assert after.status == "promoted" and "after promoting its candidate (agent@v2)" in after.reason
+    assert store.live_version("agent").ref == candidate.ref
+    store.close()

@@ -127,6 +127,29 @@ def _interrupt_runs(session: Any, model: str, now: datetime, reason: str) -> Non
     )
     if not running:
         return
+    # Stopped after its gate promoted its candidate, before the run said so (a kill -9 between the
+    # two writes): it was recorded "the live version was not changed" beside its own promotion.
+    promoted = dict(
+        session.execute(
+            select(ModelVersionRow.training_run, ModelVersionRow.version).where(
+                ModelVersionRow.training_run.in_(running), ModelVersionRow.status.in_(("live", "retired"))
+            )
+        ).all()
+    )
+    for run_id, version in promoted.items():
+        session.execute(
+            update(TrainingRunRow)
+            .where(TrainingRunRow.id == run_id)
+            .values(
+                status="promoted",
+                ended_at=now,
+                reason=f"the trainer stopped after promoting its candidate ({model}@v{version}), "
+                "before recording the run",
+            )
+        )
+    running = [r for r in running if r not in promoted]
+    if not running:
+        return
     session.execute(
         update(TrainingRunRow)
         .where(TrainingRunRow.id.in_(running))
