@@ -662,3 +662,30 @@ def test_honed_train_with_an_agent_factory_captures_into_its_store(
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["status"] in ("promoted", "rejected"), report["reason"]
     assert not elsewhere.exists()
+
+
+def test_a_promotion_lost_to_a_person_during_the_gate_is_a_rejection(
+    world: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A QA pass (session 19): `honed rollback` (or a promotion) during the gate made the cycle's
+    compare-and-set refuse its promotion: the run said "training run failed: PromotionConflict"
+    and its candidate stayed `candidate` forever. It is a rejection that says why."""
+    import dataclasses
+
+    import honed.learn.cycle as cycle_module
+
+    store = world["store"]
+    pick = store.register_model(NAME, world["v1"].path, reason="a person's pick")
+    decide = cycle_module.decide
+
+    def a_person_promotes_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        store.promote(NAME, pick.version, reason="a person")
+        return dataclasses.replace(decide(*args, **kwargs), promote=True)
+
+    monkeypatch.setattr(cycle_module, "decide", a_person_promotes_meanwhile)
+    method = SFTMethod(num_train_epochs=1, learning_rate=1e-5, per_device_train_batch_size=4)
+    report = cycle(world, method).run()
+    assert report.status == "rejected", report.reason
+    assert "not promoted: the live version changed during the gate" in report.reason
+    assert store.live_version(NAME).ref == pick.ref
+    assert store.model_version(NAME, report.candidate).status == "rejected"

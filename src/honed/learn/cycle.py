@@ -47,6 +47,7 @@ from honed.learn.distributed import Ranks
 from honed.learn.evaluate import Scores, evaluate
 from honed.learn.gate import GateDecision, decide
 from honed.messages import request_text
+from honed.store.registry import PromotionConflict
 from honed.trajectory import HELDOUT, ModelVersion, Task
 from honed.verifiers.protocol import verifier_name
 
@@ -482,9 +483,16 @@ class Cycle:
                 self.store.reject(self.model, candidate.version, reason=lost)
                 return self._finish(result, "failed", lost, live)
             if decision.promote:
-                self.store.promote(
-                    self.model, candidate.version, expected_live=live.version, reason=decision.reason
-                )
+                try:
+                    self.store.promote(
+                        self.model, candidate.version, expected_live=live.version, reason=decision.reason
+                    )
+                except PromotionConflict as exc:  # a person promoted or rolled back during the gate
+                    moved = (
+                        f"{decision.reason}; not promoted: the live version changed during the gate ({exc})"
+                    )
+                    self.store.reject(self.model, candidate.version, reason=moved)
+                    return self._finish(result, "rejected", moved, live)
                 result.version, result.heldout = candidate.ref, result.candidate_heldout
                 return self._finish(result, "promoted", decision.reason, live)
             self.store.reject(self.model, candidate.version, reason=decision.reason)
@@ -494,6 +502,9 @@ class Cycle:
         except Exception as exc:
             result.status = "failed"
             result.reason = f"training run failed: {type(exc).__name__}: {exc}"[:2000]
+            if result.candidate:  # registered, never promoted: left `candidate` it sat there forever
+                with contextlib.suppress(Exception):
+                    self.store.reject(self.model, result.candidate, reason=result.reason[:500])
             self.store.update_training_run(
                 run.id, status="failed", reason=result.reason, error=traceback.format_exc()[-8000:]
             )
