@@ -90,6 +90,14 @@ def test_a_live_version_whose_folder_is_gone_is_said_before_any_work(world: dict
         and report.reason == f"the weights' folder is missing: {v2.ref} at {v2.path}"
     )
     assert store.training_runs(NAME) == []
+    # Files damaged after the promotion (a QA pass, session 19: a SafetensorError, or a TypeError
+    # from a tokenizer with its files gone, naming neither the file nor the version).
+    shutil.copytree(world["v1"].path, copy)
+    weights = Path(copy) / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    report = cycle(world, SFTMethod(num_train_epochs=1)).run()
+    assert report.status == "failed" and report.reason.startswith(f"the weights are damaged: {v2.ref}")
+    assert "model.safetensors" in report.reason and store.training_runs(NAME) == []
 
 
 def test_a_deliberately_worse_candidate_is_rejected_and_the_run_recorded(world: dict[str, Any]) -> None:
@@ -475,6 +483,29 @@ def test_honed_train_runs_one_cycle_from_the_command_line(world: dict[str, Any])
 
     assert default_method().config()["settings"]["learning_rate"] == 1e-4
     assert parse_every("30m") == 1800 and parse_every("2h") == 7200 and parse_every("90") == 90
+
+
+def test_a_store_failing_during_a_cycle_is_one_line(
+    world: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A QA pass (session 19): PostgreSQL's schema gone (or SQLite locked past its timeout) during
+    the gate printed 800 lines of tracebacks."""
+    from sqlalchemy.exc import OperationalError
+
+    def store_gone(self: Any) -> Any:
+        raise OperationalError(
+            "UPDATE training_runs ...", {}, Exception('relation "training_runs" does not exist')
+        )
+
+    monkeypatch.setattr(Cycle, "run", store_gone)
+    args = ["train", NAME, "--suite", "adder_suite:Adder", "--store", world["url"]]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert (
+        result.output.strip()
+        .splitlines()[-1]
+        .startswith('the store failed during the cycle: relation "training_runs" does not exist')
+    ), result.output
     busy = CliRunner().invoke(app, ["train", NAME, "--store", world["url"]])
     assert busy.exit_code == 2 and "--suite NAME or --agent" in busy.output
 

@@ -18,6 +18,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.table import Table
+from sqlalchemy.exc import SQLAlchemyError
 
 from honed._lazy import import_user_module
 from honed.cli.common import (
@@ -315,6 +316,14 @@ def _train_cycles(out: Console, interval: float | None, as_json: bool, make: Cal
             except LookupError as exc:
                 out.print(f"[red]{escape(str(exc))}[/red]")
                 raise typer.Exit(2) from exc
+            except SQLAlchemyError as exc:  # the store went away mid-cycle: a line, not 800 of traceback
+                said = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:300]
+                out.print(
+                    f"[red]the store failed during the cycle: {escape(said)}; the next `honed train` "
+                    "records the run as interrupted[/red]",
+                    soft_wrap=True,
+                )
+                raise typer.Exit(1) from exc
         if report is None:
             pass
         elif as_json:

@@ -47,7 +47,7 @@ from honed.learn.distributed import Ranks
 from honed.learn.evaluate import Scores, evaluate
 from honed.learn.gate import GateDecision, decide
 from honed.messages import request_text
-from honed.store.registry import PromotionConflict
+from honed.store.registry import ModelVersionInvalid, PromotionConflict, validate_model_files
 from honed.trajectory import HELDOUT, ModelVersion, Task
 from honed.verifiers.protocol import verifier_name
 
@@ -388,6 +388,13 @@ class Cycle:
             return CycleResult(
                 "failed", f"the weights' folder is missing: {where}", live=live.ref, version=live.ref
             )
+        for version in trained_from:  # damaged since it was promoted: said with its file, before any work
+            try:
+                validate_model_files(version.path, version.ref)
+            except ModelVersionInvalid as exc:
+                return CycleResult(
+                    "failed", f"the weights are damaged: {exc}", live=live.ref, version=live.ref
+                )
         if not self.heldout_tasks():  # nothing could judge a candidate: train none
             agent = f" of agent {self.data.agent!r}" if self.data.agent else ""
             why = (
