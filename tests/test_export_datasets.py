@@ -238,6 +238,12 @@ def test_cli_export_jsonl_and_hf(verified: str, tmp_path: Path) -> None:
         app, ["export", "jsonl", str(out), *args, "--include-heldout", "--model-version", "calc@v1"]
     )
     assert "wrote 2 examples" in result.output and "no stored runs" not in result.output
+    # A held-out task asked for by id wrote nothing and said nothing (a QA pass, session 19).
+    result = runner.invoke(app, ["export", "jsonl", str(out), "--store", verified, "--task-id", "t-held"])
+    assert result.exit_code == 0 and "wrote 0 examples" in result.output
+    assert "matching runs are held out" in result.output and "--include-heldout" in result.output, (
+        result.output
+    )
     # A typo'd version wrote nothing and said nothing (a QA pass, session 18): it names what is stored.
     result = runner.invoke(
         app, ["export", "jsonl", str(out), "--store", verified, "--model-version", "calc@v9"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Callable, Iterator
@@ -196,9 +197,15 @@ def _dataset_command(
         ):
             result = write(select_trajectories(s, selection, limit=limit), output, reasoning, advance)
             missing = unmatched_names(s, agent=agent, model_version=model_version, split=split)
+            held = 0 if result.written or include_heldout else _held_out_only(s, selection)
         _report(result.to_dict(), output, as_json, to_stderr=to_stdout)
         if missing and not result.written:  # a typo'd name wrote nothing and said nothing
             err_console().print(f"[yellow]{escape(missing)}[/yellow]")
+        if held:  # so did a held-out task's id (a QA pass, session 19)
+            err_console().print(
+                f"[yellow]{held} matching runs are held out (their task, split or request is the gate's): "
+                "they are for evaluation; --include-heldout exports them anyway[/yellow]"
+            )
 
     # Each command's own help for `output` (a string annotation could not name `output_help`).
     command.__annotations__["output"] = Annotated[str, typer.Argument(help=output_help)]
@@ -277,6 +284,11 @@ def parse_when(text: str, now: datetime | None = None) -> datetime:
     except ValueError as exc:
         raise typer.BadParameter(f"{text!r} is neither an ISO date/time nor an age like 7d or 12h") from exc
     return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+
+
+def _held_out_only(store: TrajectoryStore, selection: Selection) -> int:
+    """How many runs the selection would match were held-out ones included."""
+    return count_selected(store, dataclasses.replace(selection, include_heldout=True))
 
 
 def _selection(
