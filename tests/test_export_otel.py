@@ -223,14 +223,19 @@ def test_verdicts_become_root_events_attributes_and_their_own_spans(captured: st
     assert {e.name for e in root.events} == {"gen_ai.evaluation.result"}
     assert has(
         events["reference"].attributes,
-        {
-            "gen_ai.evaluation.score.label": "pass",
-            "gen_ai.evaluation.score.value": 1.0,
-            "gen_ai.evaluation.explanation": "matches",
-        },
+        {"gen_ai.evaluation.score.label": "pass", "gen_ai.evaluation.score.value": 1.0},
     )
     assert events["llm judge"].attributes["gen_ai.evaluation.score.label"] == "unknown"
     verdict_span = by_name(spans)["verdict reference"][0]
+    # A reason quotes the answer and the reference ("7 != 8"): content, sent only with it (a QA
+    # pass, session 19: held-out references reached the tracing backend with content off).
+    assert "gen_ai.evaluation.explanation" not in events["reference"].attributes
+    assert "honed.verdict.reason" not in verdict_span.attributes
+    with_content = by_name(spans_of(t, capture_content=True))
+    (root_with,) = with_content["invoke_agent calc"]
+    explained = {e.attributes["gen_ai.evaluation.name"]: e for e in root_with.events}
+    assert explained["reference"].attributes["gen_ai.evaluation.explanation"] == "matches"
+    assert with_content["verdict reference"][0].attributes["honed.verdict.reason"] == "matches"
     assert verdict_span.parent.span_id == root.context.span_id
     assert verdict_span.context.span_id == span_id_for(t.id, "verdict\x00reference\x001")
     store.add_verdict(t.id, Verdict(passed=False, verifier="tests"))

@@ -176,7 +176,7 @@ class SpanMapper:
             if t.output is not None:
                 output = {"role": "assistant", "parts": [{"type": "text", "content": t.answer}]}
                 attributes["gen_ai.output.messages"] = _json([output])
-        events = [_verdict_event(v, end) for v in t.verdicts]
+        events = [_verdict_event(v, end, self.capture_content) for v in t.verdicts]
         status = _error_status(attributes, t.error) if t.status == "error" else Status(StatusCode.UNSET)
         return _span(
             f"invoke_agent {t.agent}", context, None, self.resource, attributes, SpanKind.INTERNAL,
@@ -286,7 +286,9 @@ class SpanMapper:
             "honed.verdict.version": verdict.version,
             "honed.verdict.outcome": label_word(verdict.passed),
             "honed.verdict.score": float(verdict.score or 0.0),
-            "honed.verdict.reason": verdict.reason or "",
+            # A reason quotes the answer and the reference ("7 != 8", a judge's words): content,
+            # sent only with it (a held-out task's reference reached the backend: session 19's QA).
+            "honed.verdict.reason": (verdict.reason or "") if self.capture_content else None,
             "openinference.span.kind": "EVALUATOR",
         }
         _put(attributes, "honed.verdict.passed", verdict.passed)
@@ -343,12 +345,12 @@ def _span(
     )
 
 
-def _verdict_event(verdict: Verdict, fallback: int) -> Event:
+def _verdict_event(verdict: Verdict, fallback: int, content: bool) -> Event:
     attributes = {
         "gen_ai.evaluation.name": verdict.verifier,
         "gen_ai.evaluation.score.value": float(verdict.score or 0.0),
         "gen_ai.evaluation.score.label": label_word(verdict.passed),
-        "gen_ai.evaluation.explanation": verdict.reason or "",
+        "gen_ai.evaluation.explanation": (verdict.reason or "") if content else None,
         "honed.verdict.version": verdict.version,
     }
     _put(attributes, "honed.verdict.passed", verdict.passed)
