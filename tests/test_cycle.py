@@ -684,6 +684,7 @@ def test_honed_train_with_an_agent_factory_captures_into_its_store(
     store, suite = world["store"], world["suite"]
     model = LocalChatModel(world["v1"].path, model_version=world["v1"].ref, temperature=0.0, max_tokens=48)
     attempt(suite_agent(suite, model, store=store), suite.heldout)  # the held-out tasks, in the store
+    assert honed.flush()
     elsewhere = world["tmp"] / "elsewhere.db"
     monkeypatch.setenv("HONED_STORE", f"sqlite:///{elsewhere}")  # restored after the test
     args = ["train", NAME, "--agent", "test_cycle:adder_agent", "--store", world["url"], "--json",
