@@ -367,23 +367,10 @@ def test_the_fast_encoder_writes_exactly_the_sdks_request(captured: str) -> None
             encode_request(refused)
 
 
-def test_replay_over_http_sends_the_sdks_bytes_or_falls_back(
-    captured: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
-
-    import honed.exporters.otlp_proto as otlp_proto
-
+@contextlib.contextmanager
+def otlp_receiver() -> Iterator[tuple[str, list[bytes]]]:
+    """A real OTLP/HTTP endpoint on a free port: its URL, and the request bodies it received."""
     received: list[bytes] = []
-    # What the fast encoder wrote: the SDK's private HTTP client is where the exporter looks for it.
-    encoded: list[bytes] = []
-
-    def encode_request(spans: Any) -> bytes:
-        encoded.append(otlp_proto_encode(spans))
-        return encoded[-1]
-
-    otlp_proto_encode = otlp_proto.encode_request
-    monkeypatch.setattr(otlp_proto, "encode_request", encode_request)
 
     class Receiver(http.server.BaseHTTPRequestHandler):
         def do_POST(self) -> None:
@@ -398,7 +385,30 @@ def test_replay_over_http_sends_the_sdks_bytes_or_falls_back(
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        url = f"http://127.0.0.1:{server.server_address[1]}"
+        yield f"http://127.0.0.1:{server.server_address[1]}", received
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_replay_over_http_sends_the_sdks_bytes_or_falls_back(
+    captured: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
+    import honed.exporters.otlp_proto as otlp_proto
+
+    # What the fast encoder wrote: the SDK's private HTTP client is where the exporter looks for it.
+    encoded: list[bytes] = []
+
+    def encode_request(spans: Any) -> bytes:
+        encoded.append(otlp_proto_encode(spans))
+        return encoded[-1]
+
+    otlp_proto_encode = otlp_proto.encode_request
+    monkeypatch.setattr(otlp_proto, "encode_request", encode_request)
+
+    with otlp_receiver() as (url, received):
         trajectories = honed.open_store(captured).trajectories()
         result = replay(trajectories, url, project="unit", capture_content=True, batch_spans=1)
         expected = SpanMapper(make_resource(project="unit"), capture_content=True)
@@ -410,9 +420,6 @@ def test_replay_over_http_sends_the_sdks_bytes_or_falls_back(
         # Text that is not UTF-8: the SDK's own encoder, which drops that attribute and sends the rest.
         surrogate = dataclasses.replace(trajectories[0], task_id="\ud800")
         assert replay([surrogate], url).spans == len(surrogate.steps) + 1 and len(received) == 1
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_replay_says_what_a_receiver_refused_in_a_partial_success(captured: str) -> None:
@@ -967,34 +974,17 @@ def test_one_runs_undecodable_text_loses_no_other_run_sent_live() -> None:
     from honed.capture.sinks import ExporterSink
     from honed.store import trajectory_to_record
 
-    received: list[bytes] = []
-
-    class Receiver(http.server.BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            received.append(self.rfile.read(int(self.headers["Content-Length"])))
-            self.send_response(200)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
+    with otlp_receiver() as (url, received):
         runs = [
             Trajectory(id=str(uuid.UUID(int=i + 1)), agent="files", task="t", output="ok", steps=[
                 Step(id=f"s{i}", index=0, kind="tool", name="open_report", input={"name": "q3"},
                      error="ValueError: cannot open caf\udce9-report.txt\x00" if i == 5 else None)])
             for i in range(11)
         ]  # fmt: skip
-        exporter = LiveExporter(f"http://127.0.0.1:{server.server_address[1]}", capture_content=True)
+        exporter = LiveExporter(url, capture_content=True)
         ExporterSink(exporter).write([trajectory_to_record(t) for t in runs])
         assert exporter.force_flush()
         exporter.shutdown()
-    finally:
-        server.shutdown()
-        server.server_close()
     roots, errors = set(), []
     for body in received:
         request = ExportTraceServiceRequest.FromString(body)
