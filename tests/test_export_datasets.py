@@ -439,6 +439,11 @@ def test_an_empty_selection_writes_an_empty_dataset_everywhere(verified: str, tm
             app, ["export", command, str(tmp_path / target), "--store", verified, "--agent", "nobody"]
         )
         assert result.exit_code == 0 and "wrote 0" in result.output, (target, result.output)
+        # A QA pass (session 19): `datasets` refuses an empty parquet file; the user is told so.
+        assert ("`datasets` refuses" in result.output) == target.endswith(".parquet"), result.output
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(tmp_path / "empty.parquet").num_rows == 0
     assert len(to_hf_dataset(select_trajectories(store, agent="nobody"))) == 0
     # A QA pass (session 16): the empty folder had no shard, and `load_from_disk` failed on it.
     import datasets

@@ -669,6 +669,32 @@ ARGVS = {
 }
 
 
+def test_a_kubernetes_secret_as_an_object_is_redacted() -> None:
+    """A QA pass (session 19): the Kubernetes client's `V1Secret.to_dict()` (or a parsed manifest) as a
+    tool's result kept every value of `data` whose key names no secret (`.env`, `config.json`)."""
+    env, docker = rand(40), "dXNlcjpwYXNz" + rand(20)
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "app-env", "namespace": "prod"},
+        "data": {".env": env, ".dockerconfigjson": docker},
+        "stringData": {"settings.ini": "[db]\nhost = x"},
+        "type": "Opaque",
+    }
+    for out in (
+        Redactor().redact({"result": secret}),
+        Redactor().redact_capped({"result": secret}, 10_000)[0],
+        Serializer(redactor=Redactor()).field({"result": secret}),
+        Serializer(redactor=Redactor()).field({"items": [secret]}),
+    ):
+        text = json.dumps(out)
+        assert_gone(env, text)
+        assert_gone(docker, text)
+        assert "host = x" not in text and "app-env" in text and ".env" in text
+    config_map = {"kind": "ConfigMap", "data": {"color": "blue"}}
+    assert Serializer(redactor=Redactor()).field({"result": config_map}) == {"result": config_map}
+
+
 @pytest.mark.parametrize("name", sorted(ARGVS))
 def test_passwords_in_an_argv_list_are_redacted(name: str) -> None:
     """A QA pass (session 16): the command as one string was redacted, the same command as a

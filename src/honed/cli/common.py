@@ -82,12 +82,20 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of 
 
 def console() -> Console:
     """A console made per command, so the terminal width (or COLUMNS) is read when it runs."""
-    return Console()
+    return _unwrapped_off_terminal(Console())
 
 
 def err_console() -> Console:
     """Where errors go: stderr, so that `--json` or `export jsonl -` output stays data."""
-    return Console(stderr=True)
+    return _unwrapped_off_terminal(Console(stderr=True))
+
+
+def _unwrapped_off_terminal(out: Console) -> Console:
+    """Off a terminal (a log, a pipe, CI) rich wraps text at 80 columns, which split a message
+    over lines a `grep` no longer finds (a QA pass, session 19): there, one message is one line."""
+    if not out.is_terminal:
+        out.soft_wrap = True
+    return out
 
 
 def open_store_or_exit(url: str | None, *, create: bool = False) -> TrajectoryStore:

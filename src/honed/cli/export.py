@@ -201,6 +201,11 @@ def _dataset_command(
         _report(result.to_dict(), output, as_json, to_stderr=to_stdout)
         if missing and not result.written:  # a typo'd name wrote nothing and said nothing
             err_console().print(f"[yellow]{escape(missing)}[/yellow]")
+        if not result.written and output.endswith(".parquet"):  # a QA pass (session 19)
+            err_console().print(
+                "[yellow]the parquet file holds no rows: pyarrow and pandas read it, but `datasets` refuses "
+                'an empty parquet file ("corresponds to no data")[/yellow]'
+            )
         if held:  # so did a held-out task's id (a QA pass, session 19)
             err_console().print(
                 f"[yellow]{held} matching runs are held out (their task, split or request is the gate's): "
@@ -342,4 +347,4 @@ def _report(result: dict[str, Any], output: str, as_json: bool, to_stderr: bool 
     line = f"wrote {result['written']} examples to {escape(output)}" + (
         f" (skipped: {skipped})" if skipped else ""
     )
-    (Console(stderr=True) if to_stderr else console()).print(line)
+    (err_console() if to_stderr else console()).print(line)

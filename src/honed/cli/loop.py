@@ -26,6 +26,7 @@ from honed.cli.common import (
     StoreOption,
     app,
     console,
+    err_console,
     escape,
     open_store_or_exit,
     print_table,
@@ -128,7 +129,7 @@ def demo(
     from honed.demo.loop import LearningLoop, fresh_store_url
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    out = Console(stderr=True) if as_json else console()
+    out = err_console() if as_json else console()
     chosen = load_suite(suite)
     chosen_method = _demo_method(method, chosen)  # a typo is refused before anything is made
     url = store or fresh_store_url(workdir)
@@ -252,7 +253,7 @@ def train(
     from honed.learn.evaluate import suite_agent
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    out = Console(stderr=True) if as_json else console()  # under --json, stdout is JSON lines only
+    out = err_console() if as_json else console()  # under --json, stdout is JSON lines only
     _sigterm_is_ctrl_c()
     s = open_store_or_exit(store, create=False)  # a model to train is registered in it already
     chosen = load_suite(suite) if suite else None

@@ -128,7 +128,9 @@ class Redactor:
         values one by one: a value named by its sibling, or a bytes preview."""
         t = type(value)
         if t is dict:
-            return _is_bytes_preview(value) or self._named_entry(value) is not None
+            return (
+                _is_bytes_preview(value) or _is_secret_object(value) or self._named_entry(value) is not None
+            )
         if t is list or t is tuple:
             pair = self._named_pair
             for item in value:
@@ -170,10 +172,13 @@ class Redactor:
                 return self._bytes_preview(value, value["base64"])
             # {"name": "DB_PASSWORD", "value": ...}: the value key, and the kind its sibling names.
             entry = self._named_entry(value) if named else None
+            manifest = _is_secret_object(value)
             out: dict[Any, Any] = {}
             for key, item in value.items():
                 new_key, kind = self.redact_key(key) if type(key) is str else (key, None)
-                if named and kind is not None and _holds_secret(item, key):
+                if manifest and key in _SECRET_DATA_KEYS and type(item) is dict:
+                    out[new_key] = {k: _marker("secret") for k in item}
+                elif named and kind is not None and _holds_secret(item, key):
                     out[new_key] = _marker(kind)
                 elif entry is not None and key == entry[0]:
                     out[new_key] = _marker(entry[1])
@@ -253,13 +258,16 @@ class Redactor:
                 encoded = budget.take(value["base64"])
                 return self._bytes_preview(value, encoded[: len(encoded) - len(encoded) % 4])
             entry = self._named_entry(value) if named else None
+            manifest = _is_secret_object(value)
             out: dict[Any, Any] = {}
             for key, item in value.items():
                 if budget.left <= 0:
                     budget.cut = True
                     break
                 new_key, kind = self.redact_key(budget.take(key)) if type(key) is str else (key, None)
-                if named and kind is not None and _holds_secret(item, key):
+                if manifest and key in _SECRET_DATA_KEYS and type(item) is dict:
+                    out[new_key] = {budget.take(k) if type(k) is str else k: _marker("secret") for k in item}
+                elif named and kind is not None and _holds_secret(item, key):
                     out[new_key] = budget.take(_marker(kind))
                 elif entry is not None and key == entry[0]:
                     out[new_key] = budget.take(_marker(entry[1]))
@@ -944,6 +952,15 @@ _K8S_SECRET = re.compile(
 )
 _JSON_ENTRY = re.compile(r'("(?:[^"\\\n]|\\.){1,256}"[ \t]*:[ \t]*)"(?:[^"\\\n]|\\.)*"')
 _YAML_ENTRY = re.compile(r"(?m)^([ \t]+[^:\n]{1,256}:[ \t]*)(?!\[REDACTED:)(\S[^\n]*)$")
+
+
+_SECRET_DATA_KEYS = frozenset(("data", "stringData"))
+
+
+def _is_secret_object(value: dict[Any, Any]) -> bool:
+    """Whether `value` is a Kubernetes Secret as an object (the client's `to_dict()`, a parsed
+    manifest): every value of its `data` / `stringData` is a secret, whatever its key's name."""
+    return value.get("kind") == "Secret" and any(type(value.get(k)) is dict for k in _SECRET_DATA_KEYS)
 
 
 _secret_seen: tuple[str | None, bool] = (None, False)
