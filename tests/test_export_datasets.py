@@ -471,3 +471,26 @@ def test_an_export_to_a_pipe_or_through_a_link_writes_there(verified: str, tmp_p
     link.symlink_to(real)
     assert CliRunner().invoke(app, ["export", "jsonl", str(link), "--store", verified]).exit_code == 0
     assert link.is_symlink() and real.read_text().startswith('{"messages"')
+
+
+def test_an_export_never_replaces_what_it_did_not_make(verified: str, tmp_path: Path) -> None:
+    """A QA pass (session 20, a new user): `honed export hf .` replaced the folder it ran in (the
+    store and the code beside it went), and `honed export jsonl honed.db` wrote over the store
+    it read. A folder that is no saved dataset, or a database, is refused; nothing is written."""
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "src" / "app.py").write_text("print('mine')\n")
+    store_file = Path(verified.removeprefix("sqlite:///"))
+    before = store_file.read_bytes()
+    for command, target in (("hf", project), ("hf", project / "src"), ("jsonl", store_file)):
+        result = CliRunner().invoke(app, ["export", command, str(target), "--store", verified])
+        assert result.exit_code == 1, result.output
+        assert "nothing was written" in result.output, result.output
+    assert (project / "src" / "app.py").read_text() == "print('mine')\n"
+    assert store_file.read_bytes()[:16] == before[:16] and honed.open_store(verified).count() == len(RUNS)
+    # An earlier export's folder (and an empty one) is replaced as before.
+    for target in (tmp_path / "empty", tmp_path / "saved"):
+        target.mkdir()
+        for _ in range(2):
+            result = CliRunner().invoke(app, ["export", "hf", str(target), "--store", verified])
+            assert result.exit_code == 0 and "wrote 3 examples" in result.output, result.output

@@ -237,7 +237,16 @@ def test_verdicts_become_root_events_attributes_and_their_own_spans(captured: st
     assert explained["reference"].attributes["gen_ai.evaluation.explanation"] == "matches"
     assert with_content["verdict reference"][0].attributes["honed.verdict.reason"] == "matches"
     assert verdict_span.parent.span_id == root.context.span_id
-    assert verdict_span.context.span_id == span_id_for(t.id, "verdict\x00reference\x001")
+    first = next(v for v in t.verdicts if v.verifier == "reference")
+    assert verdict_span.context.span_id == span_id_for(t.id, f"verdict\x00reference\x001\x00{first.id}")
+    assert spans_of(store.get(t.id)) and by_name(spans_of(store.get(t.id)))["verdict reference"][
+        0
+    ].context == (verdict_span.context)  # the same verdict exported again: the same span
+    # Relabelled by the same verifier: a new judgement, a new span (its old id hid it in a backend).
+    store.add_verdict(t.id, Verdict(passed=False, score=0.0, reason="recomputed", verifier="reference"))
+    (relabelled,) = by_name(spans_of(store.get(t.id)))["verdict reference"]
+    assert relabelled.context.span_id != verdict_span.context.span_id
+    assert relabelled.attributes["honed.verdict.outcome"] == "fail"
     store.add_verdict(t.id, Verdict(passed=False, verifier="tests"))
     assert (
         by_name(spans_of(store.get(t.id)))["invoke_agent calc"][0].attributes["honed.verdict.outcome"]

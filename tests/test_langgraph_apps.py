@@ -35,6 +35,7 @@ from honed import Trajectory
 from honed.cli import app
 from honed.exporters import select_trajectories, write_jsonl
 from honed.exporters.datasets import chat_example
+from honed.messages import NotExportable
 from honed.verifiers import JsonSchema, ReferenceMatch, Worker
 
 TESTS = Path(__file__).parent
@@ -487,6 +488,66 @@ def test_retried_calls_are_steps_when_the_middleware_is_listed_last(position: st
     else:
         assert steps == [("model", False), ("tool", False), ("model", False)]
     assert (t.status, t.answer) == ("ok", "5")
+
+
+def test_a_reply_a_retry_middleware_made_up_is_no_model_reply(sqlite_url: str) -> None:
+    """A QA pass (session 20): every model call failed and `ModelRetryMiddleware(on_failure=
+    "continue")` answered for the model; listed first, `honed.Middleware` stored that made-up text
+    as the model's reply and a lenient verdict made it a training row. The step failed."""
+    from langchain.agents.middleware import ModelRetryMiddleware
+
+    retry = ModelRetryMiddleware(max_retries=1, initial_delay=0.0, on_failure="continue")
+    agent = create_agent(ToolScriptModel(fail_on="hello"), [], name="calc",
+                         middleware=[honed.Middleware(store=sqlite_url), retry])  # fmt: skip
+    agent.invoke({"messages": [("user", "answer hello")]})
+    assert honed.flush()
+    store = honed.open_store(sqlite_url)
+    (t,) = store.trajectories()
+    (step,) = t.model_steps()
+    assert "model failure" in (step.error or "") and step.output is None
+    store.add_verdict(t.id, honed.Verdict(passed=True, verifier="lenient"))
+    with pytest.raises(NotExportable, match="no_reply"):
+        chat_example(store.get(t.id))
+
+
+def test_the_request_is_stored_as_the_model_received_it(sqlite_url: str) -> None:
+    """A QA pass (session 20): listed first, `honed.Middleware` stored the request as it reached
+    it: a system prompt a `dynamic_prompt` middleware added and tools another narrowed were not
+    what the row held (no system prompt, a tool the model never had), and under a fallback
+    model the step was named after the model that failed."""
+    from langchain.agents.middleware import ModelFallbackMiddleware, dynamic_prompt, wrap_model_call
+    from langchain_core.tools import tool as as_tool
+
+    @as_tool
+    def delete_account(user: str) -> str:
+        """Delete a user's account."""
+        return "deleted"
+
+    @dynamic_prompt
+    def persona(request: Any) -> str:
+        return "You are a careful calculator."
+
+    @wrap_model_call
+    def only_add(request: Any, handler: Any) -> Any:
+        return handler(request.override(tools=[t for t in request.tools if t.name == "add"]))
+
+    fallback = ModelFallbackMiddleware(ToolScriptModel(model_name="backup-llm"))
+    agent = create_agent(
+        ToolScriptModel(model_name="primary-llm", fail_on="the sum"),
+        [add, delete_account],
+        name="calc",
+        middleware=[honed.Middleware(store=sqlite_url), persona, only_add, fallback],
+    )
+    agent.invoke({"messages": [("user", ADD_TASK)]})
+    assert honed.flush()
+    (t,) = honed.open_store(sqlite_url).trajectories()
+    for step in t.model_steps():
+        assert step.input["messages"][0] == {"role": "system", "content": "You are a careful calculator."}
+        assert [x["function"]["name"] for x in step.input["tools"]] == ["add"]
+        assert step.name == step.model_version == "backup-llm"
+    example = chat_example(t)
+    assert example["messages"][0]["role"] == "system"
+    assert [x["function"]["name"] for x in example["tools"]] == ["add"]
 
 
 def test_a_tool_that_updates_state_keeps_its_answer_as_the_steps_output(

@@ -650,6 +650,19 @@ OTHER_SHAPES = {
     "docker_config_auth": (rand(24), '{{"auths": {{"ghcr.io": {{"auth": "{}"}}}}}}'),
     "requests_auth_tuple": ("Req" + rand(12), "requests.get(url, auth=('admin', '{}'))"),
     "basic_auth_object": ("Obj" + rand(12), 'HTTPBasicAuth("admin", "{}")'),
+    # A QA pass (session 20, an attacker): values past `& , ; )`, holding the other quote or an
+    # escaped one, and SQL's `PASSWORD '...'` forms kept the password whole or its tail.
+    "env_value_with_an_ampersand": ("Tr0ub4dor&Alpha" + rand(8), "DB_PASSWORD={}"),
+    "value_with_a_comma": ("hunter2,Bravo" + rand(8), "password={}"),
+    "value_with_a_semicolon": ("pa55;Charlie" + rand(8), "password: {}"),
+    "value_with_a_parenthesis": ("s3cr)Delta" + rand(8), "SECRET_KEY={}"),
+    "quoted_value_with_the_other_quote": ("it's-Echo" + rand(8), 'password = "{}"'),
+    "json_value_with_an_escaped_quote": ('ab\\"Foxtrot' + rand(8), '{{"password": "{}"}}'),
+    "python_unicode_literal": ("Uni" + rand(10), "password = u'{}'"),
+    "postgres_alter_user": ("Hotel" + rand(8), "ALTER USER app WITH ENCRYPTED PASSWORD '{}'"),
+    "postgres_create_role": ("India" + rand(8), "CREATE ROLE app LOGIN PASSWORD '{}'"),
+    "mysql_set_password": ("Juliet" + rand(8), "SET PASSWORD FOR 'bob'@'%' = '{}'"),
+    "mysql_password_function": ("Fn" + rand(10), "SET PASSWORD = PASSWORD('{}')"),
     # `kubectl get secret -o json|yaml`: every value under `data` is a secret, base64 or not.
     "kubernetes_secret_json": (
         rand(40),
@@ -667,6 +680,14 @@ ARGVS = {
     "sshpass": ["sshpass", "-p", ARGV_PASSWORD, "ssh", "root@host", "uptime"],
     "redis_cli": ["redis-cli", "-a", ARGV_PASSWORD, "ping"],
 }
+
+
+def test_a_query_strings_next_parameter_is_not_the_password() -> None:
+    """A value runs past `&` (`DB_PASSWORD=a&b`), but not into a query string's next `name=`."""
+    text = "GET /reset?password=abc123xyz&user=bob&next=/home; token=tok_9f8e7d6c5b4a3,expires=3600"
+    assert Redactor().redact_text(text) == (
+        "GET /reset?password=[REDACTED:password]&user=bob&next=/home; token=[REDACTED:token],expires=3600"
+    )
 
 
 def test_a_kubernetes_secret_as_an_object_is_redacted() -> None:
@@ -728,6 +749,7 @@ ORDINARY = [
     "mysql -h db -P 3306 -u root --password --database shop",
     "ls -a /tmp && grep -w foo x && git commit -a -m wip",
     "apiVersion: v1\ndata:\n  color: blue\nkind: ConfigMap\n",
+    "The password reset link expires; auth, token and key rotation happen nightly.",
     "if first_pass == 3: test_pass = True  # bypass=1, compass: north, auth: required, OAuth author",
     "echo hello | sudo tee /etc/motd && echo $PW | sudo -S ls",
     'curl -u "$API_USER:$API_PASS" https://api.example.com',

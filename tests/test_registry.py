@@ -34,6 +34,7 @@ def fake_model(folder: Path, seed: int = 0) -> Path:
     config = {"model_type": "qwen2", "vocab_size": 2, "hidden_size": 1, "seed": seed}
     (folder / "config.json").write_text(json.dumps(config))
     (folder / "tokenizer.json").write_text("{}")
+    (folder / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
     header = json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
     (folder / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(8))
     return folder
@@ -124,6 +125,8 @@ def test_missing_or_corrupt_versions_are_refused_and_the_live_one_stays(store, t
         "not a valid safetensors file: 'list'": lambda f: (f / "model.safetensors").write_bytes(
             (2).to_bytes(8, "little") + b"[]"
         ),
+        # a base model's tokenizer: every chat request failed to render (a QA pass, session 19)
+        "no chat template": lambda f: (f / "chat_template.jinja").unlink(),
         "base model /nowhere/base does not exist": lambda f: (
             (f / "config.json").rename(f / "adapter_config.json"),
             (f / "adapter_config.json").write_text('{"base_model_name_or_path": "/nowhere/base"}'),
@@ -381,6 +384,12 @@ def test_cli_versions_promote_rollback(sqlite_url: str, tmp_path: Path) -> None:
     assert runner.invoke(app, ["promote", "agent", *store]).exit_code == 2  # not NAME@vN
     assert runner.invoke(app, ["promote", "agent@v9", *store]).exit_code == 1
     assert runner.invoke(app, ["serve", "--help"]).exit_code == 0
+    # The live version damaged on disk: `serve` says so in one line, never "serving" first (a QA
+    # pass, session 19: it announced the version, then died in a traceback loading it).
+    (tmp_path / "v1" / "model.safetensors").write_bytes(b"\0" * 16)
+    done = runner.invoke(app, ["serve", "agent", *store, "--port", "0"])
+    assert done.exit_code == 1 and "cannot be served" in done.output and "rollback agent" in done.output
+    assert "serving" not in done.output and "Traceback" not in done.output, done.output
 
 
 def test_a_config_that_does_not_describe_its_weights_is_refused(store, tmp_path: Path) -> None:

@@ -271,6 +271,17 @@ def test_runs_labelled_test_eval_or_validation_are_held_out_too(store: Trajector
     assert store.count(split="heldout") == 7 and store.count(split="Held-Out") == 7
     assert len(store.trajectories(split="heldout", limit=None)) == 7 and store.count(split="train") == 2
     assert store.count(split="eval") == 1 and store.count(split="EVAL") == 1  # stored as "Eval"
+    # Its stored spellings are looked up once per read, not once per page (a QA pass, session 19).
+    from sqlalchemy import event
+
+    distinct: list[str] = []
+    count = lambda *a: distinct.append(a[2]) if "DISTINCT" in a[2] else None  # noqa: E731
+    event.listen(store.engine, "before_cursor_execute", count)
+    try:
+        assert len(list(select_trajectories(store, split="heldout", page_size=2))) == 7
+    finally:
+        event.remove(store.engine, "before_cursor_execute", count)
+    assert len(distinct) == 1, distinct  # 4 pages, one lookup
     assert not is_heldout({"task_id": "x", "split": "train"}) and not is_heldout(
         {"task_id": "x", "split": "prod"}
     )
@@ -312,6 +323,52 @@ def test_a_heldout_request_never_trains_under_another_task_id_or_none(any_store:
     leaky = {"messages": [{"role": "user", "content": held}, {"role": "assistant", "content": "10"}]}
     data = prepare(store, "sft", external=[leaky, chat_demo(1)], external_ratio=1.0)
     assert len(data) == 1 and data.counts["external"] == 1 and data.counts["heldout_excluded"] >= 1
+
+
+def test_a_heldout_request_inside_another_prompt_never_trains(any_store: TrajectoryStore) -> None:
+    """A QA pass (session 20, an attacker): the gate's question in a system prompt, a developer
+    message or split over two user messages reached SFT rows (only whole user messages were
+    compared). A longer question that merely begins like a held-out one still trains."""
+    from honed.store.select import select_trajectories
+
+    store = any_store
+    held = "Write `def step(x)` that returns x times 2, and explain each line."
+    add(store, make_trajectory("held-1", split="heldout", user=held), True)
+    leaks = [
+        add(store, make_trajectory("sys-1", system=f"Solve this: {held}", user="answer 5"), True),
+        add(
+            store,
+            make_trajectory("split-1", history=[{"role": "user", "content": held[:19]}], user=held[19:]),
+            True,
+        ),
+        add(store, make_trajectory("dev-1", history=[{"role": "developer", "content": held.upper()}]), True),
+    ]
+    similar = add(store, make_trajectory("train-24", user=held.replace("times 2,", "times 24,")), True)
+    kept = add(store, make_trajectory("train-1"), True)
+    assert set(prepare(store, "sft").trajectory_ids) == {similar.id, kept.id}
+    assert {t.id for t in select_trajectories(store, verdict="pass")} == {similar.id, kept.id}
+    assert not {t.id for t in leaks} & {t.id for t in select_trajectories(store, verdict="pass")}
+    leaky = {"messages": [{"role": "system", "content": held}, {"role": "user", "content": "go"},
+                          {"role": "assistant", "content": "done"}]}  # fmt: skip
+    data = prepare(store, "sft", external=[leaky, chat_demo(1)], external_ratio=1.0)
+    assert data.counts["external"] == 1
+
+
+def test_evaluation_splits_are_held_out_however_they_are_suffixed() -> None:
+    """A QA pass (session 20): `test_set`, `heldout_v2`, `evals` ... were trained on."""
+    for split in (
+        "test_set",
+        "eval-set",
+        "testset",
+        "heldout_v2",
+        "holdout2",
+        "validation_set",
+        "tests",
+        "evals",
+    ):
+        assert is_heldout({"task_id": "x", "split": split}), split
+    for split in ("train", "train_v2", "trainset", "contest", "latest", "prod", "values"):
+        assert not is_heldout({"task_id": "x", "split": split}), split
 
 
 def test_a_heldout_graph_input_or_a_task_held_out_by_id_never_trains_whatever_the_filters(

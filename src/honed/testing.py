@@ -34,8 +34,12 @@ class ScriptedChatModel(BaseChatModel):
     def _llm_type(self) -> str:
         return "tool-script"
 
-    def bind_tools(self, tools: Sequence[Any], **kwargs: Any) -> ScriptedChatModel:
-        return self
+    def bind_tools(self, tools: Sequence[Any], **kwargs: Any) -> Any:
+        """Bound as a provider's model binds them: the schemas travel in the call's parameters,
+        where callbacks (`honed.instrument()`) read them (returning `self` hid them)."""
+        from langchain_core.utils.function_calling import convert_to_openai_tool
+
+        return self.bind(tools=[convert_to_openai_tool(t) for t in tools], **kwargs)
 
     def _generate(
         self,

@@ -36,6 +36,7 @@ from honed.capture.events import (
     RESUME,
     START,
     TOOL,
+    ModelRanAs,
     RanAs,
 )
 from honed.capture.serialize import to_jsonable
@@ -531,6 +532,13 @@ class Assembler:
 
     def _model_step(self, step: dict[str, Any], run: _Run, outputs: Any) -> None:
         extra, trajectory = run.extra, run.trajectory
+        if isinstance(outputs, ModelRanAs):  # what the model received, not what the middleware saw
+            run.inputs = outputs.messages
+            if outputs.tools is not None:
+                extra["tools"] = outputs.tools
+            if outputs.name:
+                step["name"] = extra["model"] = outputs.name
+            outputs = outputs.response
         if run.kind == MODEL:
             messages = [
                 self._memoised(trajectory, id(m), m, stored_message)
@@ -551,7 +559,11 @@ class Assembler:
             else _structured_tools_called(extra.get("structured_tools"), outputs)
         )
         if structured:  # bound to the call (or the model answered through it: it saw that tool)
-            model_input["tools"] = [*(model_input.get("tools") or []), *self._field(structured)]
+            offered = model_input.get("tools") or []
+            named = {_schema_name(t) for t in offered}  # the model's own parameters may hold them
+            added = [t for t in self._field(structured) if _schema_name(t) not in named]
+            if added:
+                model_input["tools"] = [*offered, *added]
         step["input"] = model_input
         settings = {k: v for k, v in (extra.get("settings") or {}).items() if k not in ("tools", "messages")}
         if settings:  # the same settings at every call, in a new dict: memoised by value
@@ -749,6 +761,11 @@ def _tool_schemas(tools: Any) -> list[Any]:
         except Exception:
             schemas.append({"type": "function", "function": {"name": getattr(tool, "name", repr(tool))}})
     return schemas
+
+
+def _schema_name(schema: Any) -> Any:
+    function = schema.get("function") if isinstance(schema, dict) else None
+    return function.get("name") if isinstance(function, dict) else None
 
 
 def _same(value: Any) -> Any:

@@ -35,6 +35,18 @@ class RanAs(NamedTuple):
     asked_args: Any
 
 
+class ModelRanAs(NamedTuple):
+    """A model step's END payload when the model itself received another request than the one
+    its START recorded: a middleware further in changed it (a dynamic system prompt, narrowed
+    tools, a fallback model). The step records what the model received: `messages`, `tools`
+    (None: as recorded) and `name`."""
+
+    response: Any
+    messages: list[Any]
+    tools: list[Any] | None
+    name: str | None
+
+
 def snapshot(value: Any) -> Any:
     """What a run was given or returned, as it was at that moment: the events are serialised
     later, on the writer thread, and callers change these objects meanwhile (the stateless chat

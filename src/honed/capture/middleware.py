@@ -42,6 +42,7 @@ from honed.capture.events import (
     RESUME,
     START,
     TOOL,
+    ModelRanAs,
     RanAs,
     snapshot,
 )
@@ -76,6 +77,45 @@ class _ToolRan(BaseCallbackHandler):
 
 _tool_ran: ContextVar[_ToolRan | None] = ContextVar("honed_tool_ran", default=None)
 register_configure_hook(_tool_ran, inheritable=True)  # the tool's callback manager adds it
+
+
+class _ModelRan(BaseCallbackHandler):
+    """What a model call ran as. Middlewares further in may change the request this one saw (a
+    dynamic system prompt, narrowed tools, a fallback model), call other models first (a tool
+    selector) or answer for a model that failed (`ModelRetryMiddleware(on_failure="continue")`
+    makes up a reply): the chat models' own starts and ends inside the call say what ran, and
+    whether any model answered at all."""
+
+    run_inline = True
+
+    def __init__(self) -> None:
+        self.starts: dict[Any, tuple[list[Any], Any, str | None]] = {}
+        self.answered: tuple[list[Any], Any, str | None] | None = None  # the last model that answered
+        self.error: BaseException | None = None  # the last model error, if no model answered after it
+
+    def on_chat_model_start(self, serialized: Any, messages: list[list[Any]], **kwargs: Any) -> None:
+        params = kwargs.get("invocation_params") or {}
+        meta = kwargs.get("metadata") or {}
+        name = meta.get("ls_model_name") or params.get("model") or params.get("model_name")
+        tools = params.get("tools")
+        self.starts[kwargs.get("run_id")] = (
+            list(messages[0]) if messages else [],
+            tools if isinstance(tools, list) and tools else None,
+            name if isinstance(name, str) else None,
+        )
+
+    def on_llm_end(self, response: Any, **kwargs: Any) -> None:
+        start = self.starts.pop(kwargs.get("run_id"), None)
+        if start is not None:
+            self.answered, self.error = start, None
+
+    def on_llm_error(self, error: BaseException, **kwargs: Any) -> None:
+        if self.starts.pop(kwargs.get("run_id"), None) is not None:
+            self.error = error
+
+
+_model_ran: ContextVar[_ModelRan | None] = ContextVar("honed_model_ran", default=None)
+register_configure_hook(_model_ran, inheritable=True)  # the chat model's callback manager adds it
 
 
 class _Live:
@@ -388,37 +428,70 @@ class Middleware(AgentMiddleware):
         step = self._step_start(request, self._emit_model_start, "model")
         if step is None:
             return handler(request)
+        ran = _ModelRan()
+        token = _model_ran.set(ran)
         try:
             response = handler(request)
         except BaseException as exc:
             self._failed(*step, exc)
             raise
-        self.recorder.emit((END, step[1], None, time.time(), _ai_message(response)))
+        finally:
+            _model_ran.reset(token)
+        self._model_done(*step, request, response, ran)
         return response
 
     async def awrap_model_call(self, request: ModelRequest, handler: Any) -> Any:
         step = self._step_start(request, self._emit_model_start, "model")
         if step is None:
             return await handler(request)
+        ran = _ModelRan()
+        token = _model_ran.set(ran)
         try:
             response = await handler(request)
         except BaseException as exc:
             self._failed(*step, exc)
             raise
-        self.recorder.emit((END, step[1], None, time.time(), _ai_message(response)))
+        finally:
+            _model_ran.reset(token)
+        self._model_done(*step, request, response, ran)
         return response
+
+    def _model_done(
+        self, trajectory_id: str, step_id: str, request: ModelRequest, response: Any, ran: _ModelRan
+    ) -> None:
+        if ran.error is not None:
+            # Every model called failed and a middleware answered for them (a QA pass, session 20:
+            # `ModelRetryMiddleware(on_failure="continue")`'s made-up reply was stored as the
+            # model's, and trained on). The step failed; the run goes on.
+            self._failed(trajectory_id, step_id, ran.error)
+            return
+        message = _ai_message(response)
+        if ran.answered is not None:
+            messages, tools, name = ran.answered
+            seen = list(request.messages)
+            if request.system_message is not None:
+                seen.insert(0, request.system_message)
+            if tools is not None and _tool_names(tools) == _tool_names(request.tools or ()):
+                tools = None  # the same tools, as the provider writes them: the request's are kept
+            if name == _model_name(request.model):
+                name = None
+            if tools is not None or name is not None or not _same_messages(messages, seen):
+                message = ModelRanAs(message, messages, tools, name)
+        self.recorder.emit((END, step_id, None, time.time(), message))
 
     def _emit_model_start(self, trajectory_id: str, request: ModelRequest) -> str:
         step_id = str(uuid7())
         messages = list(request.messages)
         if request.system_message is not None:
             messages.insert(0, request.system_message)
-        model = request.model
-        name = getattr(model, "model_name", None) or getattr(model, "model", None) or type(model).__name__
+        name = _model_name(request.model)
         extra = {
             "tools": list(request.tools or ()),
             # `_type` names the provider, as LangChain's own invocation params do for callbacks.
-            "settings": {"_type": getattr(model, "_llm_type", None), **(request.model_settings or {})},
+            "settings": {
+                "_type": getattr(request.model, "_llm_type", None),
+                **(request.model_settings or {}),
+            },
             "model": name,
             "structured_tools": self._structured_output_tools(request.response_format),
             # A `ToolStrategy` binds its tools to every call; `AutoStrategy` only where the model
@@ -647,6 +720,25 @@ def _structured_output_tools(response_format: Any) -> list[dict[str, Any]] | Non
     except Exception:  # an unusual format: the dataset row just lacks that tool
         log.debug("honed: could not describe the structured-output tools", exc_info=True)
         return None
+
+
+def _same_messages(a: list[Any], b: list[Any]) -> bool:
+    return len(a) == len(b) and all(x is y or x == y for x, y in zip(a, b, strict=True))
+
+
+def _tool_names(tools: Any) -> list[Any]:
+    names = []
+    for tool in tools:
+        if isinstance(tool, dict):
+            function = tool.get("function")
+            names.append(function.get("name") if isinstance(function, dict) else tool.get("name"))
+        else:
+            names.append(getattr(tool, "name", None))
+    return names
+
+
+def _model_name(model: Any) -> str:
+    return getattr(model, "model_name", None) or getattr(model, "model", None) or type(model).__name__
 
 
 def _ai_message(response: Any) -> Any:

@@ -15,7 +15,16 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from honed.cli.common import JsonOption, StoreOption, app, console, escape, open_store_or_exit, print_table
+from honed.cli.common import (
+    JsonOption,
+    StoreOption,
+    app,
+    console,
+    err_console,
+    escape,
+    open_store_or_exit,
+    print_table,
+)
 from honed.store.registry import (
     ModelVersionInvalid,
     ModelVersionNotFound,
@@ -23,6 +32,7 @@ from honed.store.registry import (
     NoPreviousVersion,
     PromotionConflict,
     parse_model_ref,
+    validate_model_files,
 )
 from honed.trajectory import ModelVersion
 
@@ -235,8 +245,15 @@ def serve(
                 console().print(
                     f"[yellow]{escape(name)} has no live version yet: requests get 503 until one is promoted[/yellow]"
                 )
-            else:
-                console().print(f"serving [bold]{escape(live.ref)}[/bold] as {escape(name)}")
+                continue
+            try:  # before saying "serving" (a QA pass, session 19: it said so, then died on the load)
+                validate_model_files(live.path, live.ref)
+            except ModelVersionInvalid as exc:
+                err_console().print(
+                    f"[red]{escape(str(exc))} (`honed rollback {escape(name)}`, or promote another version)[/red]"
+                )
+                raise typer.Exit(1) from exc
+            console().print(f"serving [bold]{escape(live.ref)}[/bold] as {escape(name)}")
     if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
         console().print(
             f"[yellow]listening on {escape(host)} without --api-key: anyone who can reach it can use it[/yellow]"

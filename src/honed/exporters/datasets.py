@@ -95,6 +95,7 @@ def written(target: Path) -> Iterator[Path]:
     real = Path(os.path.realpath(target))
     if not real.parent.is_dir():
         raise FileNotFoundError(f"{target.parent} is not a folder: cannot write {target}")
+    _replaceable(target, real, mode)
     partial = real.with_name(f".{real.name}.{os.getpid()}.partial")
     try:
         yield partial
@@ -111,6 +112,34 @@ def written(target: Path) -> Iterator[Path]:
                 shutil.rmtree(partial)
             else:
                 partial.unlink()
+
+
+# What `Dataset.save_to_disk` leaves in a folder: only such a folder is replaced by an export.
+_SAVED_DATASET = frozenset({"dataset_info.json", "state.json", "dataset_dict.json"})
+
+
+def _replaceable(target: Path, real: Path, mode: int | None) -> None:
+    """Refuse to replace what an export did not make (a QA pass, session 20: `export hf .`
+    deleted the folder it ran in, the store and the code beside it; `export jsonl honed.db`
+    wrote over the store it read): a folder that is not an earlier saved dataset, or a database."""
+    if mode is None:
+        return
+    if stat.S_ISDIR(mode):
+        names = {p.name for p in real.iterdir()}
+        if names and not names & _SAVED_DATASET:
+            raise FileExistsError(
+                f"{target} is a folder holding other files, not a saved dataset: nothing was written "
+                "(give a new folder's name)"
+            )
+        return
+    header = b""
+    with contextlib.suppress(OSError), open(real, "rb") as f:
+        header = f.read(16)
+    # A store in WAL mode may have all its data in `-wal` and an empty file of its own.
+    if header == b"SQLite format 3\x00" or real.with_name(real.name + "-wal").exists():
+        raise FileExistsError(
+            f"{target} is a SQLite database (a store?): not overwritten, nothing was written"
+        )
 
 
 def _write_jsonl(

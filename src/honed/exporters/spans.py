@@ -276,7 +276,9 @@ class SpanMapper:
         started = max(at - int(max(verdict.duration_s or 0.0, 0.0) * 1e9), 0)
         context = SpanContext(
             root.trace_id,
-            span_id_for(t.id, f"verdict\x00{verdict.verifier}\x00{verdict.version}"),
+            # The stored verdict's id too: a relabel by the same verifier is a new judgement, and
+            # under the old span id a backend kept the first one (a QA pass, session 19).
+            span_id_for(t.id, f"verdict\x00{verdict.verifier}\x00{verdict.version}\x00{verdict.id or ''}"),
             False,
             _SAMPLED,
         )

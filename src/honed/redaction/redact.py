@@ -928,11 +928,11 @@ def _assignment(m: re.Match[str]) -> str:
     else:  # "...key": say which key when the name tells
         name = m.string[max(0, m.start() - 8) : m.start()].lower()
         kind = "private_key" if "priv" in name else "secret" if "secret" in name else "api_key"
-    if m.group(4) is not None:
-        return _splice(m, 4, _marker(kind))
+    if m.group(5) is not None:
+        return _splice(m, 5, _marker(kind))
     # Unquoted after a colon: "password: hunter2" is a secret, but "token: the next word" and
     # "secret: always test" are prose, so other kinds need a credential's shape (a digit, or length).
-    value = m.group(5)
+    value = m.group(6)
     if (
         kind != "password"
         and "=" not in m.group(2)
@@ -941,7 +941,7 @@ def _assignment(m: re.Match[str]) -> str:
         and not any(c.isdigit() for c in value)
     ):
         return m.group(0)
-    return _splice(m, 5, _marker(kind))
+    return _splice(m, 6, _marker(kind))
 
 
 # A Kubernetes Secret: every value under its `data` / `stringData` is a secret (base64 or not), as
@@ -1167,6 +1167,14 @@ _RULES = (
         _matched_group("password"),
         anchors=("identified",),
     ),
+    # SQL: PostgreSQL's `CREATE ROLE app LOGIN PASSWORD 'pw'`, `ALTER USER app WITH [ENCRYPTED]
+    # PASSWORD 'pw'`; MySQL's `SET PASSWORD [FOR 'u'@'h'] = 'pw'` and `PASSWORD('pw')`.
+    _Rule(
+        rf"(?i)\bpassword(?:[ \t]+for[ \t]+[^=\r\n]{{1,128}}?)?(?:[ \t]*=[ \t]*|[ \t]*\([ \t]*|[ \t]+)"
+        rf"(['\"]){_NOT_REDACTED}([^'\"\r\n]{{1,256}})\1",
+        _matched_group("password"),
+        anchors=("password",),
+    ),
     # ... also after a mere space (`aws_secret_access_key wJalr...`), where only a 40-character key counts.
     _Rule(
         rf"(?i)(?:aws_?secret_?access_?key|aws_?secret_?key|secret_?access_?key)"
@@ -1214,7 +1222,14 @@ _RULES = (
         + _after("api", "access", "private", "auth", "secret", "client", "label")
         + r"key)(?![A-Za-z0-9_])"
         r"([\\'\"\]]{0,3}[ \t]*(?:=>|:=|==?|:|%3[Dd])[ \t]*)"
-        rf"(?:\\?(['\"`]){_NOT_REDACTED}([^'\"`\r\n\\]+)\\?\3|(?![\\'\"`\[]|\((?=['\"]))([^\s'\"`,;&)}}\]\\]+))",
+        # Quoted (a Python `u'...'` too): up to the same quote, past the other kind and escapes
+        # (`"it's"`, `"ab\"cd"`); inside an escaped string (`\"...\"`, JSON in JSON), up to `\`.
+        rf"(?:(?:[rRuUbB]{{1,2}}(?=['\"]))?(\\)?(['\"`]){_NOT_REDACTED}"
+        r"((?(3)[^'\"`\r\n\\]++|(?:(?!\4)[^\r\n\\]|\\[^\r\n])++))(?(3)\\)\4"
+        # Unquoted: to a space or a closing bracket; past `& , ; )` inside the value
+        # (`DB_PASSWORD=Tr0ub4dor&3x`), not where a next `name=` follows (`?password=x&user=bob`).
+        rf"|(?![\\'\"`\[]|\((?=['\"]))([^\s'\"`,;&)}}\]\\]+"
+        rf"(?:[&,;)}}\]](?![A-Za-z_][\w.-]*[=:])[^\s'\"`,;&)}}\]\\]+)*))",
         _assignment,
         anchors=("passw", "pass", "auth", "pwd", "passphrase", "contrase", "secret", "token", "key"),
     ),

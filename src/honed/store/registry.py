@@ -165,6 +165,7 @@ def validate_model_files(path: str | Path, ref: str | None = None) -> None:
             ref,
             f"no tokenizer vocabulary in {folder} (tokenizer.json...: save it with tokenizer.save_pretrained)",
         )
+    templated = False
     for name in _JSON_FILES:  # what a server parses at load: a broken one serves nothing
         file = folder / name
         if file.exists():
@@ -174,6 +175,15 @@ def validate_model_files(path: str | Path, ref: str | None = None) -> None:
                 raise ModelVersionInvalid(ref, f"{name} is not valid JSON: {exc}") from exc
             if name == "tokenizer.json" and not adapter:
                 _check_vocabulary(parsed, settings.get("vocab_size"), ref)
+            if name == "tokenizer_config.json" and isinstance(parsed, dict) and parsed.get("chat_template"):
+                templated = True
+    if not adapter and not (templated or any((folder / f).exists() for f in _CHAT_TEMPLATES)):
+        # A base model's tokenizer: every chat request would fail to render (a QA pass, session 19).
+        raise ModelVersionInvalid(
+            ref,
+            f"no chat template in {folder} (chat_template.jinja, or tokenizer_config.json's chat_template): "
+            "a chat model needs one",
+        )
     if adapter:
         _check_adapter_base(settings, ref)
     else:
@@ -237,6 +247,7 @@ def _check_adapter_base(settings: Any, ref: str) -> None:
 
 
 # A tokenizer's vocabulary (tokenizer_config.json alone names a class, not the tokens).
+_CHAT_TEMPLATES = ("chat_template.jinja", "chat_template.json", "additional_chat_templates")
 _VOCABULARIES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 
 

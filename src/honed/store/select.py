@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import unicodedata
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from honed.trajectory import HELDOUT, Trajectory, label
@@ -79,7 +81,69 @@ class HeldOut:
             return True
         if self.requests and not self.requests.isdisjoint(requests_of(item)):
             return True
+        cores = self._request_cores
+        if cores:  # a held-out request anywhere in what it could teach: a system prompt, parts
+            text = conversation_core(item)
+            if text and any(core in text for core in cores):
+                return True
         return task_id is not None and self.fraction > 0 and task_hash(str(task_id)) < self.fraction
+
+    @cached_property
+    def _request_cores(self) -> tuple[str, ...]:
+        """The held-out requests long enough to look for inside other text (`core`)."""
+        return tuple(sorted({c for c in map(core, self.requests) if len(c) - c.count(" ") >= MIN_CORE_CHARS}))
+
+
+# A held-out request this long (word characters) found inside another conversation is that
+# request, asked another way (a QA pass, session 20: put in a system prompt, or split over two user
+# messages, the gate's question reached an SFT row); a shorter one ("hi") only as a whole message.
+MIN_CORE_CHARS = 24
+
+
+def core(text: str) -> str:
+    """Its words only, one space apart and between: what a request still says however it is cut,
+    spaced or punctuated (`request_key`s compare whole messages); "x times 2" is not in "x times 24"."""
+    return " " + " ".join(_WORD.findall(text)) + " "
+
+
+_WORD = re.compile(r"\w+")
+
+
+def conversation_core(item: Any) -> str:
+    """`core` of every message an item holds, in order, whatever its role (the task's, each model
+    call's input, an external example's `messages`): where a held-out request must not appear."""
+    if isinstance(item, Trajectory):
+        values = [*(s.input for s in item.steps if s.kind == "model"), item.task]  # in conversation order
+    elif isinstance(item, Mapping):
+        values = [item]
+    else:
+        return ""
+    seen: dict[str, None] = {}
+    for value in values:
+        messages = value.get("messages") if isinstance(value, Mapping) else value
+        if isinstance(messages, str):
+            messages = [messages]
+        for message in messages if isinstance(messages, list) else ():
+            text = _message_text(message)
+            if text:
+                seen.setdefault(text)
+    return core(request_key(" ".join(seen)) or "")
+
+
+def _message_text(message: Any) -> str:
+    if isinstance(message, str):
+        return message
+    if isinstance(message, (tuple, list)) and len(message) == 2:
+        return _message_text(message[1])
+    content = message.get("content") if isinstance(message, Mapping) else getattr(message, "content", None)
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = (
+            p if isinstance(p, str) else p.get("text") if isinstance(p, Mapping) else None for p in content
+        )
+        return " ".join(p for p in parts if isinstance(p, str))
+    return ""
 
 
 def request_key(text: str | None) -> str | None:
@@ -166,8 +230,14 @@ EVALUATION_SPLITS = frozenset(
 
 
 def evaluation_split(split: str) -> bool:
-    """Whether `split` names an evaluation set (`EVALUATION_SPLITS`), held out from training."""
-    return _split_key(split) in EVALUATION_SPLITS
+    """Whether `split` names an evaluation set (`EVALUATION_SPLITS`), held out from training:
+    also with a version, a number, a plural or a "set" after it (`test_set`, `heldout_v2`,
+    `evals`, `validation-2024`: a QA pass, session 20, found these trained on)."""
+    key = _split_key(split)
+    return key in EVALUATION_SPLITS or _SPLIT_TAIL.sub("", key) in EVALUATION_SPLITS
+
+
+_SPLIT_TAIL = re.compile(r"(?:s|sets?|splits?|data(?:set)?s?)?(?:v?\d+)?$")
 
 
 def _split_key(split: str) -> str:
@@ -292,6 +362,7 @@ def select_trajectories(
     excluded = sorted(heldout.task_ids) if heldout else None
     untrusted = store.untrusted_verifiers() if selection.verdict in ("pass", "fail") else set()
     wanted = {"pass": True, "fail": False}.get(selection.verdict or "")
+    store_filters = _resolved(store, selection)
     produced = 0
     for task_id in selection.task_ids or (None,):
         last = None  # pages by position: a run stored meanwhile never shifts one (read twice)
@@ -299,7 +370,7 @@ def select_trajectories(
             size = page_size if limit is None else min(page_size, max(limit - produced, 1))
             page = store.trajectories(
                 limit=size, after=last, task_id=task_id, oldest_first=True,
-                exclude_task_ids=excluded, step_content=step_content, **selection.store_filters,
+                exclude_task_ids=excluded, step_content=step_content, **store_filters,
             )  # fmt: skip
             last = page[-1] if page else last
             for t in page:
@@ -323,7 +394,7 @@ def count_selected(store: TrajectoryStore, selection: Selection | None = None, *
     turn of a thread asked, which only a run's steps show."""
     selection = _as_selection(selection, filters)
     heldout = HeldOut.of(store) if selection.excludes_heldout else None
-    store_filters = selection.store_filters
+    store_filters = _resolved(store, selection)
     total = 0
     for task_id in selection.task_ids or (None,):
         if heldout is None:
@@ -359,6 +430,11 @@ def unmatched_names(store: TrajectoryStore, **names: str | None) -> str:
             f"no stored runs have {name.replace('_', ' ')} {value!r} ({name.replace('_', ' ')}s: {shown or 'none'})"
         )
     return "; ".join(said)
+
+
+def _resolved(store: TrajectoryStore, selection: Selection) -> dict[str, Any]:
+    """`selection.store_filters` with its split resolved to stored names once, for every page."""
+    return {**selection.store_filters, "split": store.split_names(selection.split)}
 
 
 def _as_selection(selection: Selection | None, filters: dict[str, Any]) -> Selection:

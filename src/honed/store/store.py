@@ -335,7 +335,7 @@ class TrajectoryStore:
         after: Trajectory | None = None,
         agent: str | None = None,
         task_id: str | None = None,
-        split: str | None = None,
+        split: str | Sequence[str] | None = None,
         status: str | None = None,
         verdict: VerdictFilter | None = None,
         since: datetime | None = None,
@@ -363,7 +363,7 @@ class TrajectoryStore:
             order = tuple(c.desc() for c in order)
         cursor = true() if after is None else _beyond(after, oldest_first)
         page = _filtered(
-            select(TrajectoryRow.id), agent=agent, task_id=task_id, split=self._splits(split), status=status,
+            select(TrajectoryRow.id), agent=agent, task_id=task_id, split=self.split_names(split), status=status,
             verdict=verdict, since=since, until=until, model_version=model_version, thread_id=thread_id,
             finished=finished, ids=ids, exclude_task_ids=exclude_task_ids,
             untrusted=self._untrusted_for(verdict),
@@ -379,7 +379,7 @@ class TrajectoryStore:
         *,
         agent: str | None = None,
         task_id: str | None = None,
-        split: str | None = None,
+        split: str | Sequence[str] | None = None,
         status: str | None = None,
         verdict: VerdictFilter | None = None,
         since: datetime | None = None,
@@ -392,7 +392,7 @@ class TrajectoryStore:
         """How many trajectories `trajectories()` would return for the same filters."""
         query = _filtered(
             select(func.count()).select_from(TrajectoryRow),
-            agent=agent, task_id=task_id, split=self._splits(split), status=status, verdict=verdict,
+            agent=agent, task_id=task_id, split=self.split_names(split), status=status, verdict=verdict,
             since=since, until=until, model_version=model_version, thread_id=thread_id,
             finished=finished, exclude_task_ids=exclude_task_ids,
             untrusted=self._untrusted_for(verdict),
@@ -409,14 +409,15 @@ class TrajectoryStore:
         with self._sessions() as session:
             return sorted(v for v in session.scalars(select(column).distinct()).all() if v is not None)
 
-    def _splits(self, split: str | None) -> str | list[str] | None:
+    def split_names(self, split: str | Sequence[str] | None) -> str | Sequence[str] | None:
         """The stored splits a `split=` filter means: a name however written (`Test`, `test`), and
         the held-out split ("heldout") every evaluation split (`test`, `eval`, `validation`, ...),
-        as the held-out policy has it."""
+        as the held-out policy has it. A sequence is taken as stored names already: a reader of
+        many pages resolves its name once (one `DISTINCT` query), not once per page."""
         from honed.store.select import evaluation_split, same_split
 
-        if split is None:
-            return None
+        if split is None or not isinstance(split, str):
+            return split
         held = same_split(split, HELDOUT)
         stored = self.stored_values("split")
         return [s for s in stored if (evaluation_split(s) if held else same_split(s, split))] or [split]
