@@ -461,3 +461,22 @@ def test_tables_off_a_terminal_keep_their_column_names_whole(tmp_path: Path) -> 
         [honed_bin, "verifiers", "list", "--store", url], capture_output=True, text=True, env=env
     )
     assert "audited precision" in listed.stdout and "…" not in listed.stdout, listed.stdout
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly(sqlite_url: str) -> None:
+    """A QA pass (session 20): `honed runs --json | head -1` printed `BrokenPipeError: [Errno 32]`."""
+    from honed import Trajectory
+
+    store = honed.open_store(sqlite_url)
+    for i in range(1500):  # ~400 KB of lines: more than a pipe holds
+        store.save(Trajectory(id=f"run-{i:05d}", agent="calc", task=f"question {i} " + "x" * 100))
+    honed_bin = str(Path(sys.executable).parent / "honed")
+    command = subprocess.Popen(
+        [honed_bin, "runs", "--json", "--limit", "1500", "--store", sqlite_url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert command.stdout is not None and command.stdout.read(10)
+    command.stdout.close()  # as `head` does once it has its line
+    _, err = command.communicate(timeout=120)
+    assert command.returncode == 1 and b"BrokenPipe" not in err and b"Traceback" not in err, err

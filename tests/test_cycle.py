@@ -72,6 +72,13 @@ def test_with_no_held_out_tasks_nothing_is_trained_and_nothing_counts_as_a_setba
         report = cycle(world, SFTMethod(num_train_epochs=1), heldout="heldout").run()
         assert report.status == "failed" and report.reason.startswith("NOT MEASURED: no held-out tasks")
     assert store.training_runs(NAME) == [] and [v.version for v in store.versions(NAME)] == [1]
+    # Held-out runs of an unnamed agent (a factory written without `name=`): the reason says how
+    # to name it (a QA pass, session 20: the operator had only "no held-out tasks").
+    from honed import Trajectory
+
+    store.save(Trajectory(id="unnamed-1", agent="agent", task="what is 2 plus 2?", split="heldout"))
+    report = cycle(world, SFTMethod(num_train_epochs=1), heldout="heldout").run()
+    assert report.status == "failed" and f"name={NAME!r}" in report.reason and "'agent'" in report.reason
 
 
 def test_a_live_version_whose_folder_is_gone_is_said_before_any_work(world: dict[str, Any]) -> None:

@@ -72,3 +72,22 @@ def test_demo_with_a_method_that_takes_no_demonstrations(method: str, tmp_path: 
         assert run.config["method"]["settings"]["learning_rate"] == 1e-4
         assert run.config["method"]["settings"]["num_train_epochs"] == 4
         assert "logprobs" not in run.reason
+
+
+def test_a_workdir_whose_models_no_demo_made_is_refused_not_emptied(tmp_path: Path) -> None:
+    """A QA pass (session 20, a new user): `honed demo --workdir .` deleted the project's own
+    `models` folder. Only an earlier demo's store and models are replaced."""
+    from honed.demo.loop import fresh_store_url
+
+    project = tmp_path / "project"
+    (project / "models").mkdir(parents=True)
+    (project / "models" / "mine.safetensors").write_bytes(b"weights")
+    with pytest.raises(FileExistsError, match="was not made by `honed demo`"):
+        fresh_store_url(project)
+    assert (project / "models" / "mine.safetensors").read_bytes() == b"weights"
+    result = CliRunner().invoke(app, ["demo", "--workdir", str(project), "--cycles", "0"])
+    assert result.exit_code == 1 and "not made by `honed demo`" in result.output
+    work = tmp_path / "work"
+    url = fresh_store_url(work)  # a new folder: made, marked
+    (work / "models" / "agent").mkdir(parents=True)
+    assert fresh_store_url(work) == url and not (work / "models").exists()  # an earlier demo's: replaced

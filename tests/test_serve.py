@@ -96,7 +96,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     threading.Thread(target=lambda: said.extend(process.stdout or ()), daemon=True).start()
     assert re.fullmatch(r"http://127\.0\.0\.1:\d+/v1", base) and not base.endswith(":0/v1"), base
     url = base.removesuffix("/v1")
-    assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+    assert httpx.get(f"{url}/health", timeout=10).json() == {"status": "ok"}  # what it serves: with the key
+    health = httpx.get(f"{url}/health", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).json()
+    assert health == {"status": "ok", "models": {"calc": "calc@v1", "noise": "noise@v1"}}
     yield Server(url, f"{url}/v1", store_url, process)
     process.terminate()
     try:

@@ -724,16 +724,21 @@ def test_bodies_trickled_from_many_addresses_leave_the_server_to_the_others(tmp_
     """A QA pass (session 18): 4 addresses x 255 connections trickling request bodies were
     requests in flight, 1,020 of the limit's 1,000: every other client got 503 (3 of 74 honest
     requests answered). A client has at most `ARRIVING_BODIES_PER_CLIENT` bodies arriving at
-    once; more get 429 at once, and the honest client is answered throughout."""
-    from honed.serving.app import ARRIVING_BODIES_PER_CLIENT
+    once `ARRIVING_GRACE_S` after its headers (more get 429 then), and at most
+    `ARRIVING_AT_ONCE_PER_CLIENT` arriving at all (more get 429 at once); the honest client is
+    answered throughout."""
+    from honed.serving.app import ARRIVING_AT_ONCE_PER_CLIENT, ARRIVING_BODIES_PER_CLIENT
 
-    servers = serve(tmp_path, capture=False, extra=("--limit-concurrency", "60", "--body-timeout", "120"))
+    limit = 4 * ARRIVING_AT_ONCE_PER_CLIENT + 44
+    servers = serve(
+        tmp_path, capture=False, extra=("--limit-concurrency", str(limit), "--body-timeout", "120")
+    )
     server = next(servers)
     held: list[socket.socket] = []
     try:
         statuses = []
         for address in ("127.0.0.3", "127.0.0.4", "127.0.0.5", "127.0.0.6"):
-            for _ in range(20):  # 80 trickling bodies in all, past the limit of 60
+            for _ in range(ARRIVING_AT_ONCE_PER_CLIENT + 6):  # 280 trickling bodies, 120 past the limit
                 sock = socket.create_connection(("127.0.0.1", server.port), 5, (address, 0))
                 sock.sendall(
                     b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -758,6 +763,37 @@ def test_bodies_trickled_from_many_addresses_leave_the_server_to_the_others(tmp_
         assert [r.status_code for r in replies] == [200] * 5
     finally:
         for sock in held:
+            sock.close()
+        next(servers, None)
+
+
+def test_many_bodies_arriving_promptly_from_one_host_are_all_read(tmp_path: Path) -> None:
+    """A QA pass (session 20): 16 agents on one host sending 200 KB conversations, each body in
+    a few pieces at LAN speed, got 429 for half of them ("bodies still arriving"), with no
+    Retry-After: only a body still arriving after the grace counts against its client."""
+    servers = serve(tmp_path, capture=False)
+    server = next(servers)
+    body = json.dumps(ask("x " * 100_000)).encode()
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+    )
+    socks = []
+    try:
+        for _ in range(16):  # every body in flight at once, each still arriving
+            sock = socket.create_connection(("127.0.0.1", server.port), 10)
+            sock.sendall(head + body[:1000])
+            socks.append(sock)
+        time.sleep(0.05)
+        for sock in socks:
+            sock.sendall(body[1000:])
+        statuses = []
+        for sock in socks:
+            sock.settimeout(60)
+            statuses.append(sock.recv(64)[:12])
+        assert b"HTTP/1.1 429" not in statuses and len(set(statuses)) == 1, statuses
+    finally:
+        for sock in socks:
             sock.close()
         next(servers, None)
 

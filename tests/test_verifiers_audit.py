@@ -66,6 +66,16 @@ def test_audit_against_human_labels_is_stored_and_gates_training(labelled: str) 
     store = honed.open_store(labelled)
     label = next(v for v in store.get("run-01").verdicts if v.verifier == "human")
     assert (label.passed, label.reason, label.evidence) == (False, "checked by hand", {"labeler": "ana"})
+    # A pass over a verifier's fail is kept, and the operator is told the run is still a fail
+    # (a QA pass, session 20: "pass by ana" read as if it had overruled the reference).
+    again = runner.invoke(app, ["label", "run-10", "pass", "--store", labelled, "--by", "ana"])
+    assert (
+        again.exit_code == 0
+        and "still labelled fail" in again.output
+        and "reference failed it" in again.output
+    )
+    agreed = runner.invoke(app, ["label", "run-03", "pass", "--store", labelled, "--by", "ana"])
+    assert agreed.exit_code == 0 and "still labelled" not in agreed.output
 
     result = runner.invoke(app, ["verifiers", "audit", "reference", "--store", labelled, "--json"])
     assert result.exit_code == 0, result.output

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import sys
 from typing import Annotated, Any
 
 import click
@@ -33,6 +35,12 @@ class _Group(TyperGroup):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except BrokenPipeError as exc:  # `honed runs --json | head -1`: the reader has all it wanted
+            # Anything still buffered goes nowhere (else Python reports the pipe again at exit);
+            # the status is click's own for a closed pipe (its `--help` output gets the same).
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(1) from exc
         except _USER_ERRORS as exc:
             if os.environ.get("HONED_TRACEBACK"):
                 raise

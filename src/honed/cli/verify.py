@@ -15,6 +15,7 @@ from honed.cli.common import (
     StoreOption,
     app,
     console,
+    err_console,
     escape,
     open_store_or_exit,
     print_table,
@@ -22,7 +23,8 @@ from honed.cli.common import (
 )
 from honed.store import TrajectoryNotFound
 from honed.store.store import AmbiguousTrajectoryId
-from honed.trajectory import Verdict
+from honed.trajectory import Verdict, current_verdicts, label_word
+from honed.trajectory import label as label_of
 
 DEFAULT_VERIFIERS = "reference,schema,tests"  # honed.verifiers.catalog.DEFAULT, without importing it here
 
@@ -150,12 +152,26 @@ def label(
                     version=labeler,  # one verdict per (trajectory, source, version): per person
                 ),
             )
+            now = label_of(s.get(t.id).verdicts, untrusted=s.untrusted_verifiers())
+            failed_by = sorted(
+                {w.verifier for w in current_verdicts(s.get(t.id).verdicts) if w.passed is False}
+            )
         except TrajectoryNotFound as exc:
             said = str(exc) if isinstance(exc, AmbiguousTrajectoryId) else f"no trajectory {exc}"
             console().print(f"[red]{escape(said)}[/red]")
             raise typer.Exit(1) from exc
     mark = "[green]pass[/green]" if v.passed else "[red]fail[/red]"
     console().print(f"{t.id}: {mark} by {escape(labeler)} ({escape(verifier)}) {escape(note)}")
+    if v.passed and now is not True:  # a QA pass (session 20): it read as if the pass had won
+        why = (
+            f"{', '.join(map(escape, failed_by))} failed it, and any fail fails a run"
+            if failed_by
+            else "a verifier's verdict on it is an error or could not tell"
+        )
+        err_console().print(
+            f"[yellow]the run is still labelled {label_word(now)} for training and export: {why} "
+            "(fix the verifier and verify again: its new version judges anew)[/yellow]"
+        )
 
 
 @verifiers_app.command("list")

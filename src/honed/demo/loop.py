@@ -328,10 +328,21 @@ class LearningLoop:
 
 
 def fresh_store_url(workdir: str | Path, name: str = "demo.db") -> str:
-    """A new SQLite store in `workdir` (an earlier demo's is removed, its models too)."""
+    """A new SQLite store in `workdir` (an earlier demo's is removed, its models too). A `models`
+    folder no demo made is refused, not deleted (a QA pass, session 20: `--workdir .` removed a
+    project's own models)."""
     root = Path(workdir)
+    marker = root / DEMO_MARKER
+    if (root / "models").exists() and not (marker.exists() or (root / name).exists()):
+        raise FileExistsError(
+            f"{root / 'models'} was not made by `honed demo`: give --workdir a new or empty folder"
+        )
     for path in (root / name, root / f"{name}-wal", root / f"{name}-shm"):
         path.unlink(missing_ok=True)
     shutil.rmtree(root / "models", ignore_errors=True)
     root.mkdir(parents=True, exist_ok=True)
+    marker.write_text("made by `honed demo`: its store and models here are replaced by the next demo\n")
     return f"sqlite:///{(root / name).resolve()}"
+
+
+DEMO_MARKER = ".honed-demo"

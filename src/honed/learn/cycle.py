@@ -401,6 +401,18 @@ class Cycle:
                 f"NOT MEASURED: no held-out tasks{agent} in split {self.heldout_split!r} for the gate to score; "
                 "capture some runs with split='heldout' (or give heldout=[Task(...)]). Nothing was trained"
             )
+            others = sorted(
+                {
+                    t.agent
+                    for t in self.store.trajectories(split=self.heldout_split, limit=500, with_steps=False)
+                }
+                - {self.data.agent}
+            )
+            if self.data.agent and others:  # a QA pass (session 20): the factory's agent had no name
+                why += (
+                    f" (held-out runs are stored for agent(s) {', '.join(map(repr, others[:5]))}: name the agent "
+                    f"{self.data.agent!r}, e.g. create_agent(..., name={self.data.agent!r}))"
+                )
             return CycleResult("failed", why, live=live.ref, version=live.ref)
         method, config, adapted = self._adapted(live)
         run = self.store.start_training_run(

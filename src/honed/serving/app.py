@@ -44,7 +44,7 @@ connections close after `keep_alive_s`; beyond `limit_concurrency` requests in f
 requests get a JSON 503, and beyond as many connections a new one closes an idle one of the
 address holding the most; one client address (an IPv6 client: its /64) holds at most
 `MAX_CONNECTIONS_PER_CLIENT` connections at once (more are closed as they open), has at most
-`ARRIVING_BODIES_PER_CLIENT` request bodies still arriving (more get 429), and parses at most
+`ARRIVING_BODIES_PER_CLIENT` request bodies still arriving after `ARRIVING_GRACE_S` (more get 429), and parses at most
 `BODY_READS_PER_CLIENT` request bodies at once. So a client trickling headers or a body
 (slowloris) holds a connection for seconds, not forever, and a few requests, not the server's, and a client opening idle connections by the thousand (each
 reopened as it times out) holds a quarter of the server's, not all of them. A client that hangs up
@@ -103,10 +103,14 @@ TRIM_AFTER_BYTES = 1024 * 1024  # after a body this large, hand freed memory bac
 
 
 BODY_READS_PER_CLIENT = 2  # a client's requests reading and parsing their bodies at once
-# A client's request bodies still arriving at once (a body that came whole with its headers does
-# not count): beyond, 429. Four addresses trickling 255 bodies each held every request slot (all
-# others got 503), and 100 bodies of 8 MB held back by their last byte took 0.9 GB (a QA pass).
+# A client's request bodies still arriving `ARRIVING_GRACE_S` after their headers, at once: beyond,
+# 429. Four addresses trickling 255 bodies each held every request slot (all others got 503), and
+# 100 bodies of 8 MB held back by their last byte took 0.9 GB (a QA pass). A body that arrives
+# within the grace never counts: counting every body sent in more than one piece refused half of
+# 16 agents on one host sending 200 KB conversations at LAN speed (a QA pass, session 20).
 ARRIVING_BODIES_PER_CLIENT = 8
+ARRIVING_GRACE_S = 0.5
+ARRIVING_AT_ONCE_PER_CLIENT = 64  # ... and arriving at all, slow or not (a quarter of its connections)
 
 
 def client_key(host: str) -> str:
@@ -222,7 +226,13 @@ def create_app(
         return JSONResponse(error_body(str(error), error.kind), status_code=error.status)
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
+    async def health(request: Request) -> dict[str, Any]:
+        """Up or not, for anyone (a load balancer has no key); what it serves only with the key
+        (a QA pass, session 20: names and live versions went to whoever asked)."""
+        try:
+            keys.authorize(request)
+        except _HTTPError:
+            return {"status": "ok"}
         return {"status": "ok", "models": {n: (m.live.ref if m.live else None) for n, m in served.items()}}
 
     @app.get("/v1/models")
@@ -810,6 +820,7 @@ class _BodyGuard:
     def __init__(self, app: Any, *, max_bytes: int, timeout_s: float) -> None:
         self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
         self.arriving: Counter[str | None] = Counter()  # bodies still arriving, by client
+        self.slow: Counter[str | None] = Counter()  # ... of them, still after `ARRIVING_GRACE_S`
 
     async def __call__(self, scope: dict[str, Any], receive: Callable[[], Awaitable[Any]], send: Any) -> None:
         if scope["type"] != "http":
@@ -851,16 +862,33 @@ class _BodyGuard:
     ) -> bytes | None:
         """The whole body, or None once refused (413, 408, 429) or the client went away."""
         chunks: list[bytes] = []
-        total, more, arriving = 0, True, False
-        deadline = asyncio.get_running_loop().time() + self.timeout_s
+        total, more, arriving, slow = 0, True, False, False
+        now = asyncio.get_running_loop().time()
+        deadline, slow_at = now + self.timeout_s, now + ARRIVING_GRACE_S
         try:
             while more:
                 try:
-                    async with asyncio.timeout_at(deadline):
+                    async with asyncio.timeout_at(
+                        deadline if slow or not arriving else min(deadline, slow_at)
+                    ):
                         message = await receive()
                 except TimeoutError:
-                    await _refuse(send, 408, f"the request body did not arrive within {self.timeout_s:g} s")
-                    return None
+                    if slow or slow_at >= deadline:
+                        await _refuse(
+                            send, 408, f"the request body did not arrive within {self.timeout_s:g} s"
+                        )
+                        return None
+                    # Still arriving after the grace: it counts against its client's slow bodies now.
+                    if self.slow[client] >= ARRIVING_BODIES_PER_CLIENT:
+                        await _refuse(
+                            send, 429,
+                            f"this client has {ARRIVING_BODIES_PER_CLIENT} request bodies arriving slowly; "
+                            "send the rest first",
+                        )  # fmt: skip
+                        return None
+                    self.slow[client] += 1
+                    slow = True
+                    continue
                 if message["type"] == "http.disconnect":
                     return None
                 chunk = message.get("body", b"")
@@ -870,21 +898,22 @@ class _BodyGuard:
                     return None
                 chunks.append(chunk)
                 more = message.get("more_body", False)
-                if more and not arriving:  # not all of it came with the headers: it counts now
-                    if self.arriving[client] >= ARRIVING_BODIES_PER_CLIENT:
+                if more and not arriving:  # not all of it came with the headers
+                    if self.arriving[client] >= ARRIVING_AT_ONCE_PER_CLIENT:
                         await _refuse(
                             send, 429,
-                            f"this client has {ARRIVING_BODIES_PER_CLIENT} request bodies still arriving; "
+                            f"this client has {ARRIVING_AT_ONCE_PER_CLIENT} request bodies arriving; "
                             "send the rest first",
                         )  # fmt: skip
                         return None
                     self.arriving[client] += 1
                     arriving = True
         finally:
-            if arriving:
-                self.arriving[client] -= 1
-                if self.arriving[client] <= 0:
-                    del self.arriving[client]
+            for counted, counter in ((arriving, self.arriving), (slow, self.slow)):
+                if counted:
+                    counter[client] -= 1
+                    if counter[client] <= 0:
+                        del counter[client]
         return b"".join(chunks)
 
 
@@ -898,6 +927,8 @@ async def _refuse(send: Any, status: int, message: str) -> None:
         (b"content-length", str(len(payload)).encode()),
         (b"connection", b"close"),
     ]
+    if status == 429:  # what a client's retry waits (the `openai` client reads it)
+        headers.append((b"retry-after", b"1"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": payload})
 
