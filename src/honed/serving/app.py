@@ -879,15 +879,11 @@ class _BodyGuard:
                         )
                         return None
                     # Still arriving after the grace: it counts against its client's slow bodies now.
-                    if self.slow[client] >= ARRIVING_BODIES_PER_CLIENT:
-                        await _refuse(
-                            send, 429,
-                            f"this client has {ARRIVING_BODIES_PER_CLIENT} request bodies arriving slowly; "
-                            "send the rest first",
-                        )  # fmt: skip
+                    slow = await _counted(
+                        self.slow, client, ARRIVING_BODIES_PER_CLIENT, "arriving slowly", send
+                    )
+                    if not slow:
                         return None
-                    self.slow[client] += 1
-                    slow = True
                     continue
                 if message["type"] == "http.disconnect":
                     return None
@@ -899,15 +895,11 @@ class _BodyGuard:
                 chunks.append(chunk)
                 more = message.get("more_body", False)
                 if more and not arriving:  # not all of it came with the headers
-                    if self.arriving[client] >= ARRIVING_AT_ONCE_PER_CLIENT:
-                        await _refuse(
-                            send, 429,
-                            f"this client has {ARRIVING_AT_ONCE_PER_CLIENT} request bodies arriving; "
-                            "send the rest first",
-                        )  # fmt: skip
+                    arriving = await _counted(
+                        self.arriving, client, ARRIVING_AT_ONCE_PER_CLIENT, "arriving", send
+                    )
+                    if not arriving:
                         return None
-                    self.arriving[client] += 1
-                    arriving = True
         finally:
             for counted, counter in ((arriving, self.arriving), (slow, self.slow)):
                 if counted:
@@ -915,6 +907,17 @@ class _BodyGuard:
                     if counter[client] <= 0:
                         del counter[client]
         return b"".join(chunks)
+
+
+async def _counted(
+    counter: Counter[str | None], client: str | None, limit: int, what: str, send: Any
+) -> bool:
+    """Count one more of the client's bodies in `counter`, or answer 429 at its `limit`."""
+    if counter[client] >= limit:
+        await _refuse(send, 429, f"this client has {limit} request bodies {what}; send the rest first")
+        return False
+    counter[client] += 1
+    return True
 
 
 async def _refuse(send: Any, status: int, message: str) -> None:
