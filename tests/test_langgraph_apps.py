@@ -15,7 +15,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import Annotated, Any, NotRequired
+from typing import Annotated, Any, NotRequired, TypedDict
 
 import pytest
 from langchain.agents import create_agent
@@ -684,6 +684,11 @@ def test_the_agents_name_is_the_same_under_every_entry_point_whatever_the_run_na
     assert honed.flush()
     store = honed.open_store(sqlite_url)
     assert {t.agent for t in store.trajectories(limit=None)} == {"calc"}
+    # Unnamed: LangGraph's default name under both (a QA pass, session 20: "agent" under Middleware).
+    unnamed = create_agent(ToolScriptModel(), [add], middleware=capture_middleware(capture, sqlite_url))
+    unnamed.invoke({"messages": [("user", ADD_TASK)]}, labels("unnamed"))
+    assert honed.flush()
+    assert [t.agent for t in store.trajectories(task_id="unnamed")] == ["LangGraph"]
 
 
 # -- structured output -------------------------------------------------------------------------
@@ -1376,6 +1381,48 @@ def test_an_agent_called_by_other_code_gets_its_own_task_and_answer(sqlite_url: 
     assert [(t.task["messages"][-1]["content"].split(";")[-1], t.output) for t in runs] == [
         (" answer first {result}", "first 2"), (" answer second {result}", "second 9"),
     ]  # fmt: skip
+
+
+class Trip(TypedDict):
+    cities: list[str]
+    answers: Annotated[list[str], operator.add]
+
+
+def test_map_reduce_workers_keep_their_own_task_not_the_graphs(sqlite_url: str, tmp_path: Path) -> None:
+    """A QA pass (session 20): `Send` workers (an agent with `honed.Middleware`) inherited the
+    graph's labels: three different requests were one task id, each judged against the graph's
+    expected answer. A worker keeps the split and run-wide labels, and the graph's task id as
+    `within_task_id` (a held-out task's workers stay out of training)."""
+    from langgraph.graph import START, StateGraph
+    from langgraph.types import Send
+
+    from honed.store.select import HeldOut
+
+    worker = create_agent(
+        ToolScriptModel(), [], name="worker", middleware=[honed.Middleware(store=sqlite_url)]
+    )
+
+    def fan(state: Trip) -> Any:
+        return [Send("work", {"messages": [("user", f"answer {c} is sunny")]}) for c in state["cities"]]
+
+    def work(state: dict[str, Any]) -> dict[str, Any]:
+        return {"answers": [worker.invoke(state)["messages"][-1].content]}
+
+    graph = StateGraph(Trip)
+    graph.add_node("work", work)
+    graph.add_conditional_edges(START, fan, ["work"])
+    app_ = graph.compile()
+    labels = {"task_id": "trip-17", "expected": "3 cities sunny", "split": "train", "deployment": "eu"}
+    app_.invoke({"cities": ["Oslo", "Rome", "Lima"]}, {"metadata": {"honed": labels}})
+    assert honed.flush()
+    store = honed.open_store(sqlite_url)
+    runs = store.trajectories(oldest_first=True)
+    assert sorted(t.answer for t in runs) == ["Lima is sunny", "Oslo is sunny", "Rome is sunny"]
+    for t in runs:
+        assert t.task_id is None and "expected" not in t.metadata, t.metadata
+        assert (t.split, t.metadata["deployment"], t.metadata["within_task_id"]) == ("train", "eu", "trip-17")
+    assert all(HeldOut(task_ids=frozenset({"trip-17"})).holds(t) for t in runs)
+    assert not any(HeldOut(task_ids=frozenset({"trip-18"})).holds(t) for t in runs)
 
 
 def test_a_send_payload_is_its_nodes_input(sqlite_url: str) -> None:

@@ -236,6 +236,9 @@ class Middleware(AgentMiddleware):
             root_graph = _is_root_graph(root, config) and _root_asked_this(root, state)
             inputs = snapshot(root.inputs) if root is not None and root_graph else _new_messages(state)
             extra = _checkpoint_of(runtime, config)
+            labels = metadata.get("honed")
+            if not root_graph and root is not None and isinstance(labels, dict) and labels == root.labels:
+                metadata["honed"] = _inherited(labels)
         self.recorder.emit(
             (
                 START,
@@ -417,7 +420,8 @@ class Middleware(AgentMiddleware):
 
     def _agent_name(self, config: dict[str, Any]) -> str:
         metadata = config.get("metadata") or {}
-        return str(self._agent or metadata.get("lc_agent_name") or config.get("run_name") or "agent")
+        # An unnamed `create_agent` graph is "LangGraph" (its default name), as `instrument()` stores it.
+        return str(self._agent or metadata.get("lc_agent_name") or "LangGraph")
 
     # -- model calls -----------------------------------------------------------------------------
 
@@ -735,6 +739,21 @@ def _tool_names(tools: Any) -> list[Any]:
         else:
             names.append(getattr(tool, "name", None))
     return names
+
+
+# The labels that describe one task: an agent asked something else inside another run (a `Send`
+# worker of a map-reduce graph) inherits its caller's metadata, but not its task (a QA pass, session
+# 20: three workers' turns were one task id, each judged against the graph's expected answer).
+_TASK_LABELS = ("task_id", "expected", "tests", "schema", "match", "tolerance", "verifier")
+
+
+def _inherited(labels: dict[str, Any]) -> dict[str, Any]:
+    """The caller's labels for an agent turn run inside it on another request: its split and
+    run-wide labels, and the caller's task id as `within_task_id` (held-out stays held out)."""
+    kept = {k: v for k, v in labels.items() if k not in _TASK_LABELS}
+    if labels.get("task_id") is not None:
+        kept["within_task_id"] = labels["task_id"]
+    return kept
 
 
 def _model_name(model: Any) -> str:

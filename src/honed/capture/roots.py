@@ -34,13 +34,16 @@ class RootRun:
     """One top-level run: `inputs` as the caller gave them, the interrupts its nodes raised, and
     callbacks to call when it ends (with the exception it ended with, or None)."""
 
-    __slots__ = ("_on_end", "forked", "inputs", "interrupts", "outputs", "run_id", "thread_id")
+    __slots__ = ("_on_end", "forked", "inputs", "interrupts", "labels", "outputs", "run_id", "thread_id")
 
-    def __init__(self, run_id: UUID, thread_id: str | None, inputs: Any, *, forked: bool = False) -> None:
+    def __init__(
+        self, run_id: UUID, thread_id: str | None, inputs: Any, *, forked: bool = False, labels: Any = None
+    ) -> None:
         self.run_id = run_id
         self.thread_id = thread_id
         self.inputs = inputs
         self.forked = forked  # run from a checkpoint the caller named: a replay or fork
+        self.labels = labels  # the `honed` metadata it was given: what runs inside it inherit
         self.outputs: Any = None
         self.interrupts: list[Any] = []
         self._on_end: list[Callable[[RootRun, BaseException | None], None]] = []
@@ -99,7 +102,8 @@ class RootWatcher(BaseCallbackHandler):
             return
         thread = (metadata or {}).get("thread_id")
         forked = bool((metadata or {}).get("checkpoint_id"))
-        root = RootRun(run_id, None if thread is None else str(thread), inputs, forked=forked)
+        labels = (metadata or {}).get("honed")
+        root = RootRun(run_id, None if thread is None else str(thread), inputs, forked=forked, labels=labels)
         self._roots[run_id] = root
         _current.set(root)  # in the caller's context: every node and tool of the run copies it
 

@@ -77,6 +77,11 @@ class HeldOut:
         task_id, split = _task_and_split(item)
         if task_id is not None and str(task_id) in self.task_ids:
             return True
+        within = item.metadata.get("within_task_id") if isinstance(item, Trajectory) else None
+        if within is not None and (  # an agent's turn inside a held-out task's run (a Send worker)
+            str(within) in self.task_ids or (self.fraction > 0 and task_hash(str(within)) < self.fraction)
+        ):
+            return True
         if split is not None and (same_split(split, self.split) or evaluation_split(split)):
             return True
         if self.requests and not self.requests.isdisjoint(requests_of(item)):
