@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import closing
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -301,7 +302,9 @@ def test_opening_to_read_creates_nothing_where_there_is_no_store(tmp_path: Path,
     other = tmp_path / "other.db"  # somebody else's SQLite file
     with sqlite3.connect(other) as conn:
         conn.execute("CREATE TABLE notes (x)")
-    with pytest.raises(StoreNotFound):
+    from honed.store import StoreSchemaUnknown
+
+    with pytest.raises(StoreSchemaUnknown, match=r"another application's SQLite database \(tables: notes\)"):
         honed.open_store(f"sqlite:///{other}", create=False)
     with sqlite3.connect(other) as conn:
         assert conn.execute("SELECT name FROM sqlite_master").fetchall() == [("notes",)]
@@ -520,6 +523,28 @@ def test_a_store_of_a_newer_honed_or_another_application_is_one_clear_error(tmp_
         assert "\n" not in str(caught.value)
     with sqlite3.connect(path) as conn:  # nothing was changed
         assert conn.execute("SELECT version_num FROM alembic_version").fetchone() == ("0099",)
+    # Another application's SQLite file (no honed schema, tables of its own): refused, untouched
+    # (a QA pass, session 20: `honed init` added honed's tables to it and switched it to WAL).
+    other = tmp_path / "other_app.db"
+    with closing(sqlite3.connect(other)) as conn:
+        conn.execute("CREATE TABLE users (id INTEGER PRIMARY KEY, email TEXT)")
+        conn.commit()
+    before = other.read_bytes()
+    for create in (True, False):
+        with pytest.raises(
+            StoreSchemaUnknown, match=r"another application's SQLite database \(tables: users\)"
+        ):
+            honed.open_store(f"sqlite:///{other}", create=create)
+    assert other.read_bytes() == before and not Path(f"{other}-wal").exists()
+    from typer.testing import CliRunner
+
+    from honed.cli import app
+
+    result = CliRunner().invoke(app, ["init", "--store", f"sqlite:///{other}"])
+    assert result.exit_code == 2 and "nothing was changed" in result.output and other.read_bytes() == before
+    empty = tmp_path / "empty.db"
+    sqlite3.connect(empty).close()  # a file with no tables at all is a new store
+    honed.open_store(f"sqlite:///{empty}").close()
 
 
 def test_a_verifier_upgraded_judges_again_and_its_old_versions_verdicts_stop_counting(store_url: str) -> None:

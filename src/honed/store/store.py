@@ -165,8 +165,7 @@ class TrajectoryStore:
 
     def __init__(self, url: str, *, migrate: bool = True, create: bool = True) -> None:
         self.url = check_store_url(url)
-        if not create:
-            _require_existing_sqlite(self.url)
+        _check_sqlite_file(self.url, must_exist=not create)
         self.engine = _create_engine(self.url, create=create)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         db = Database(self.engine, self._sessions)
@@ -492,23 +491,37 @@ def _create_engine(url: str, *, create: bool = True) -> Engine:
         ) from exc
 
 
-def _require_existing_sqlite(url: str) -> None:
-    """Without creating anything (not even the file, its folder or a WAL): is there a SQLite file?"""
+def _check_sqlite_file(url: str, *, must_exist: bool) -> None:
+    """Without creating or changing anything (not even the file, its folder or a WAL): is there a
+    SQLite file (where it `must_exist`), and is it a honed store or one to make? A file holding
+    another application's tables is neither (a QA pass, session 20: `honed init` added honed's
+    tables to it and switched it to WAL)."""
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
         return
     database = parsed.database or ""
     path = Path(database).expanduser()
     if database in ("", ":memory:") or "mode=memory" in database or not path.is_file():
-        raise StoreNotFound(_not_found(url))
+        if must_exist:
+            raise StoreNotFound(_not_found(url))
+        return
     try:  # read-only: a file that is not a honed store must not even be switched to WAL
         with closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as conn:
-            found = conn.execute(
-                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'alembic_version'"
-            ).fetchone()
+            tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     except sqlite3.Error:
         return  # cannot tell read-only (a locked WAL file, say): the normal open decides
-    if found is None:
+    if "alembic_version" in tables:
+        return
+    from honed.store.schema import Base
+
+    foreign = sorted(tables - set(Base.metadata.tables) - {"sqlite_sequence"})
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise StoreSchemaUnknown(
+            f"{_shown(url)} is another application's SQLite database (tables: {shown}): a honed store "
+            "is a file of its own; nothing was changed"
+        )
+    if must_exist:
         raise StoreNotFound(_not_found(url))
 
 
