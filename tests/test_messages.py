@@ -506,3 +506,23 @@ def test_the_legacy_functions_are_read_as_tools() -> None:
     assert kwargs["tool_choice"] == {"type": "function", "function": {"name": "add"}}
     with pytest.raises(BadRequest):
         parse_chat_request({**body, "functions": "add"})
+
+
+def test_a_refused_field_is_the_one_the_client_sent_and_option_types_are_checked() -> None:
+    """A QA pass (session 20, an attacker): a legacy `function_call` naming no function was
+    refused as `tool_choice` (a field the client never sent); `parallel_tool_calls: "yes"` and
+    `stream_options` without `stream` were accepted (OpenAI refuses both)."""
+    add = {"name": "add", "parameters": {"type": "object", "properties": {}}}
+    ask = {"model": "m", "messages": [{"role": "user", "content": "2+3?"}]}
+    with pytest.raises(BadRequest) as caught:
+        parse_chat_request({**ask, "functions": [add], "function_call": {"name": "nope"}})
+    assert caught.value.param == "function_call" and "'nope'" in str(caught.value)
+    with pytest.raises(BadRequest) as caught:
+        parse_chat_request({**ask, "parallel_tool_calls": "yes"})
+    assert caught.value.param == "parallel_tool_calls"
+    with pytest.raises(BadRequest) as caught:
+        parse_chat_request({**ask, "stream_options": {"include_usage": True}})
+    assert caught.value.param == "stream_options"
+    parse_chat_request(
+        {**ask, "stream": True, "stream_options": {"include_usage": True}, "parallel_tool_calls": False}
+    )

@@ -213,13 +213,14 @@ def parse_chat_request(body: Any) -> ChatRequest:
         )
     request = ChatRequest(model=model, messages=_messages(raw_messages))
     kwargs = request.call_kwargs
+    choice_param = "tool_choice"  # the field a refused choice is said to be in: the one the client sent
     if body.get("functions") is not None and body.get("tools") is None:
         # The legacy form (before `tools`): the same functions, the same choice, one call a reply
         # written back as `function_call` (its client reads nothing else).
         body = {**body, "tools": _legacy_functions(body["functions"])}
         request.legacy_functions = True
         if body.get("tool_choice") is None and body.get("function_call") is not None:
-            choice = body["function_call"]
+            choice, choice_param = body["function_call"], "function_call"
             body["tool_choice"] = (
                 {"type": "function", "function": {"name": choice.get("name")}}
                 if isinstance(choice, dict)
@@ -232,12 +233,13 @@ def parse_chat_request(body: Any) -> ChatRequest:
     if isinstance(tool_choice, dict) or tool_choice == "required":
         names = {t["function"]["name"] for t in tools or ()}
         if not names:
-            raise BadRequest("tool_choice requires tools: none were given", "tool_choice")
+            raise BadRequest(f"{choice_param} requires tools: none were given", choice_param)
         if isinstance(tool_choice, dict) and tool_choice["function"]["name"] not in names:
             raise BadRequest(
-                f"tool_choice names {tool_choice['function']['name'][:80]!r}, which is not one of the tools",
-                "tool_choice",
+                f"{choice_param} names {tool_choice['function']['name'][:80]!r}, which is not one of the tools",
+                choice_param,
             )
+    _bool(body, "parallel_tool_calls")  # accepted (calls are made one a reply or several), but typed
     if tool_choice is not None:
         kwargs["tool_choice"] = tool_choice
     if not tools:  # no tools offered, nothing to call: a tool call the model writes is text
@@ -299,6 +301,8 @@ def parse_chat_request(body: Any) -> ChatRequest:
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise BadRequest("stream_options must be an object", "stream_options", "invalid_type")
+    if options is not None and not request.stream:  # OpenAI's rule
+        raise BadRequest("stream_options is only allowed when stream is true", "stream_options")
     request.include_usage = _bool(options or {}, "include_usage", "stream_options.include_usage")
     request.logprobs = _bool(body, "logprobs")
     request.return_token_ids = _bool(body, "return_token_ids")
