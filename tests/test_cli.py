@@ -95,6 +95,9 @@ def test_control_characters_a_user_typed_never_reach_the_operators_terminal(sqli
 def test_show_unknown_id_and_unreachable_store(captured: str) -> None:
     result = runner.invoke(app, ["show", "no-such-id", "--store", captured])
     assert result.exit_code == 1 and result.output.strip() == "no trajectory no-such-id"
+    # An error is no data: under --json, stdout stays empty (a QA pass, session 20)
+    result = runner.invoke(app, ["show", "no-such-id", "--store", captured, "--json"])
+    assert result.exit_code == 1 and result.stdout == "" and "no trajectory" in result.stderr
     first, second = (t.id for t in honed.open_store(captured).trajectories())
     shared = next(first[:n] for n in range(len(first), 0, -1) if second.startswith(first[:n]))
     result = runner.invoke(app, ["show", shared, "--store", captured])

@@ -816,7 +816,9 @@ def test_replay_to_a_dead_endpoint_fails_with_a_clear_message(
     dead = f"http://ingest:s3cr3t-t0ken@127.0.0.1:{free_port()}"  # its token never printed
     result = CliRunner().invoke(app, ["export", "otlp", "--store", captured, "--endpoint", dead])
     assert result.exit_code == 1
-    assert "did not accept" in result.output and "re-run" in result.output
+    # The cause, not the batch's size (a QA pass, session 20: it suggested --batch-mib).
+    assert "cannot connect to" in result.output and "Connection refused" in result.output, result.output
+    assert "--batch-mib" not in result.output
     assert "s3cr3t" not in result.output and "ingest:***@127.0.0.1" in result.output
 
 

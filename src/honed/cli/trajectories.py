@@ -10,7 +10,16 @@ import typer
 from rich.table import Table
 from rich.tree import Tree
 
-from honed.cli.common import JsonOption, StoreOption, app, console, escape, open_store_or_exit, print_table
+from honed.cli.common import (
+    JsonOption,
+    StoreOption,
+    app,
+    console,
+    err_console,
+    escape,
+    open_store_or_exit,
+    print_table,
+)
 from honed.messages import task_text
 from honed.store import TrajectoryNotFound
 from honed.store.store import AmbiguousTrajectoryId
@@ -102,7 +111,7 @@ def show(
             t = s.get(trajectory_id)
         except TrajectoryNotFound as exc:
             said = str(exc) if isinstance(exc, AmbiguousTrajectoryId) else f"no trajectory {exc}"
-            console().print(f"[red]{escape(said)}[/red]")
+            err_console().print(f"[red]{escape(said)}[/red]")
             raise typer.Exit(1) from exc
         turns = (
             s.trajectories(None, thread_id=t.thread_id, with_steps=False, oldest_first=True)

@@ -129,14 +129,14 @@ def label(
     """Record a human (gold) label for one trajectory; it replaces that person's earlier label
     (each labeller's is kept: where two disagree, the trajectory's label is a fail)."""
     if outcome not in ("pass", "fail"):
-        console().print(f"[red]outcome must be pass or fail, not {escape(outcome)!r}[/red]")
+        err_console().print(f"[red]outcome must be pass or fail, not {escape(outcome)!r}[/red]")
         raise typer.Exit(2)
     labeler = by or _login()
     with open_store_or_exit(store) as s:
         try:
             t = s.get(trajectory_id)
             if not t.finished:  # it was accepted, and the report showed the paused run as a pass
-                console().print(
+                err_console().print(
                     f"[red]{escape(t.id)} is paused at an interrupt, waiting for a resume: label it "
                     "once it has finished[/red]"
                 )
@@ -158,7 +158,7 @@ def label(
             )
         except TrajectoryNotFound as exc:
             said = str(exc) if isinstance(exc, AmbiguousTrajectoryId) else f"no trajectory {exc}"
-            console().print(f"[red]{escape(said)}[/red]")
+            err_console().print(f"[red]{escape(said)}[/red]")
             raise typer.Exit(1) from exc
     mark = "[green]pass[/green]" if v.passed else "[red]fail[/red]"
     console().print(f"{t.id}: {mark} by {escape(labeler)} ({escape(verifier)}) {escape(note)}")

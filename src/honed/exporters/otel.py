@@ -121,6 +121,29 @@ def traces_url(endpoint: str) -> str:
     return endpoint if endpoint.endswith(TRACES_PATH) else endpoint + TRACES_PATH
 
 
+def _unreachable(endpoint: str | None) -> str | None:
+    """Why nothing listens at `endpoint` (`Connection refused`, a name that does not resolve), or
+    None when a TCP connection opens (or the endpoint cannot be told from the environment)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if not endpoint:
+        return None
+    try:
+        parts = urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
+        host = parts.hostname
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return None
+    if not host:
+        return None
+    try:
+        socket.create_connection((host, port), timeout=3).close()
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+    return None
+
+
 def shown_endpoint(endpoint: str | None) -> str:
     """An endpoint as messages show it: a password in it (`https://user:token@host`) as `***`."""
     if not endpoint:
@@ -314,6 +337,9 @@ def replay(
         while exporter.export(pending) is not SpanExportResult.SUCCESS:
             if result.batches == 0 or attempt >= retries:
                 where = shown_endpoint(endpoint)
+                down = _unreachable(endpoint) if result.batches == 0 else None
+                if down is not None:  # the cause, not the batch's size (a QA pass, session 20)
+                    raise OTLPExportError(f"cannot connect to {where}: {down}; is the backend running there?")
                 raise OTLPExportError(
                     f"{where} did not accept a batch of {len(pending)} spans (~{pending_bytes / 2**20:.1f} MiB) "
                     f"after {result.spans} were sent; check that the backend is up and takes messages this "
