@@ -53,16 +53,9 @@ def test_one_trainer_per_model_and_an_expired_holder_is_taken_over(store_url: st
 
 
 def _model_files(folder):
-    import json
+    from test_registry import fake_model  # the files the registry's checks pass
 
-    folder.mkdir(parents=True)
-    (folder / "config.json").write_text(
-        json.dumps({"model_type": "qwen2", "vocab_size": 2, "hidden_size": 1})
-    )
-    (folder / "tokenizer.json").write_text("{}")
-    header = json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
-    (folder / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(8))
-    return folder
+    return fake_model(folder)
 
 
 def test_a_trainer_killed_on_this_machine_frees_its_lock_and_its_candidate_is_rejected(
