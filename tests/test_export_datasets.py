@@ -209,9 +209,27 @@ def test_hf_dataset_and_parquet_keep_tools_whole(verified: str, tmp_path: Path) 
         # Tool schemas with different parameters are not merged into one struct full of None.
         assert row["tools"] == example["tools"]
         assert [m["role"] for m in row["messages"]] == [m["role"] for m in example["messages"]]
+        # Arguments as objects, as chat templates read them (JSONL keeps OpenAI's strings): a
+        # Qwen2.5 or Llama 3 template wrote a JSON string inside the call (a QA pass, session 20).
         calls = [c for m in row["messages"] for c in m["tool_calls"] or ()]
-        assert calls == [c for m in example["messages"] for c in m.get("tool_calls", ())]
+        assert calls == [
+            {**c, "function": {**c["function"], "arguments": json.loads(c["function"]["arguments"])}}
+            for m in example["messages"]
+            for c in m.get("tool_calls", ())
+        ]
         assert row["agent"] == "calc" and row["task_id"] in {"t-add", "t-two", "t-direct"}
+    import trl
+
+    templates = Path(trl.__file__).parent / "chat_templates"
+    _, tokenizer = tiny_chat_model(["a b"])
+    for name in ("llama3_2.jinja", "qwen2_5_training.jinja"):
+        if (templates / name).exists():
+            tokenizer.chat_template = (templates / name).read_text()
+            text = "".join(
+                tokenizer.apply_chat_template(row["messages"], tools=row["tools"], tokenize=False)
+                for row in dataset
+            )
+            assert '"a": 2' in text and '\\"a\\"' not in text, (name, text[:800])
 
     path = tmp_path / "train.parquet"
     result = write_parquet(select_trajectories(store, verdict="pass"), path, rows_per_group=2)

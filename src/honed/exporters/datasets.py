@@ -179,10 +179,11 @@ def dataset_features(*, reasoning: bool = False, ids: bool = True) -> datasets.F
     JSON strings, and a message lacking `tool_calls` or `tool_call_id` has None there."""
     from datasets import Features, List, Value
 
+    arguments, _ = _json_feature()
     tool_call = {
         "id": Value("string"),
         "type": Value("string"),
-        "function": {"name": Value("string"), "arguments": Value("string")},
+        "function": {"name": Value("string"), "arguments": arguments},
     }
     message: dict[str, Any] = {
         "role": Value("string"),
@@ -262,7 +263,7 @@ def _hf_rows(
         example = _earlier_turns_unweighted(example)  # as in JSONL: only this turn is judged
         tools = example.get("tools", [])
         row: dict[str, Any] = {
-            "messages": example["messages"],
+            "messages": example["messages"] if tools_as_text else _arguments_as_objects(example["messages"]),
             "tools": _dumps(tools) if tools_as_text else tools,
         }
         if ids:
@@ -278,13 +279,44 @@ def _hf_rows(
 def _tools_feature() -> tuple[Any, bool]:
     """`List(Json())` (datasets ≥ 5) keeps each tool schema whole; before it, the list as one
     JSON string, which TRL decodes too. Returns the feature and whether tools go as text."""
-    from datasets import List, Value
+    from datasets import List
+
+    feature, as_text = _json_feature()
+    return (feature, True) if as_text else (List(feature), False)
+
+
+def _json_feature() -> tuple[Any, bool]:
+    """`Json()` (datasets ≥ 5): any JSON value kept whole; before it, a string. Returns the
+    feature and whether values go as text."""
+    from datasets import Value
 
     try:
         from datasets import Json
     except ImportError:
         return Value("string"), True
-    return List(Json()), False
+    return Json(), False
+
+
+def _arguments_as_objects(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Tool-call arguments as objects, as chat templates read them (TRL's and transformers'
+    convention: a Qwen2.5 or Llama 3 template wrote a JSON string inside the call's JSON, and
+    the model learned double-encoded calls: a QA pass, session 20). JSONL keeps OpenAI's strings."""
+    out = []
+    for m in messages:
+        calls = m.get("tool_calls")
+        if calls:
+            m = {**m, "tool_calls": [_call_with_object(c) for c in calls]}
+        out.append(m)
+    return out
+
+
+def _call_with_object(call: dict[str, Any]) -> dict[str, Any]:
+    function = call.get("function") or {}
+    arguments = function.get("arguments")
+    if isinstance(arguments, str):
+        with contextlib.suppress(ValueError):  # not JSON (a model's broken call): the text it wrote
+            arguments = json.loads(arguments)
+    return {**call, "function": {**function, "arguments": arguments}}
 
 
 def _watched(
