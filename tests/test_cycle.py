@@ -244,6 +244,14 @@ def test_a_rolled_back_candidate_is_not_trained_and_promoted_again_unchanged(wor
     again = cycle(world, tie).run()
     assert again.status == "nothing_to_learn" and f"rejected run {first.run_id}" in again.reason, again.reason
     assert store.live_version(NAME).ref == world["v1"].ref
+    # ... nor after a quiet night of `--every` ticks (a QA pass, session 20: past 100 runs with
+    # nothing to learn, the rolled-back run was out of sight and the 101st tick promoted it again).
+    for _ in range(101):
+        tick = store.start_training_run(NAME, "sft", parent=world["v1"].ref, config={})
+        store.update_training_run(tick.id, status="nothing_to_learn", reason="nothing new")
+    later = cycle(world, tie).run()
+    assert later.status == "nothing_to_learn" and f"rejected run {first.run_id}" in later.reason, later.reason
+    assert store.live_version(NAME).ref == world["v1"].ref
 
 
 def test_the_gates_tasks_never_train_whatever_split_they_were_given_or_ran_in(world: dict[str, Any]) -> None:

@@ -655,9 +655,10 @@ class Cycle:
         next cycle would train the same rows and promote the same candidate again, undoing the
         rollback (made for a regression the gate cannot see)."""
         rejected = []
-        for run in self.store.training_runs(self.model, limit=100):
-            if run.status in ("failed", "interrupted", "nothing_to_learn", "running"):
-                continue
+        # Only the runs that made or refused a candidate: a night of `--every` ticks with nothing
+        # new to learn pushed the rejected run out of the newest 100, and the 101st tick trained
+        # the same rows again, undoing a person's rollback (a QA pass, session 20).
+        for run in self.store.training_runs(self.model, limit=100, statuses=("rejected", "promoted")):
             if run.parent != live.ref or (run.status != "rejected" and not self._rolled_back(run)):
                 break
             rejected.append(run)

@@ -322,11 +322,15 @@ class TrainingLog:
                 )
             )
 
-    def training_runs(self, model: str | None = None, *, limit: int | None = 50) -> list[TrainingRun]:
-        """Runs, newest first."""
+    def training_runs(
+        self, model: str | None = None, *, limit: int | None = 50, statuses: Iterable[str] | None = None
+    ) -> list[TrainingRun]:
+        """Runs, newest first; of those `statuses` only, when given."""
         query = select(TrainingRunRow).order_by(TrainingRunRow.id.desc()).limit(limit)
         if model is not None:
             query = query.where(TrainingRunRow.model == model)
+        if statuses is not None:
+            query = query.where(TrainingRunRow.status.in_(list(statuses)))
         with self._sessions() as session:
             return [_run(r) for r in session.scalars(query)]
 
