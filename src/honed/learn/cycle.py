@@ -519,8 +519,19 @@ class Cycle:
         except NothingToLearn as exc:
             return self._finish(result, "nothing_to_learn", f"NOTHING TO LEARN: {exc}", live)
         except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            if self._went_live(result.candidate):
+                # The promotion committed, then recording it failed (a dropped connection): the
+                # candidate serves, so the run is what made it live (a QA pass, session 20: it was
+                # recorded "failed" beside the live candidate, and the operator told nothing changed).
+                result.status = "promoted"
+                result.reason = f"promoted {result.candidate}; recording the cycle then failed: {error}"[
+                    :2000
+                ]
+                self.store.update_training_run(run.id, status="promoted", reason=result.reason)
+                return result
             result.status = "failed"
-            result.reason = f"training run failed: {type(exc).__name__}: {exc}"[:2000]
+            result.reason = f"training run failed: {error}"[:2000]
             if result.candidate:  # registered, never promoted: left `candidate` it sat there forever
                 with contextlib.suppress(Exception):
                     self.store.reject(self.model, result.candidate, reason=result.reason[:500])
@@ -532,10 +543,9 @@ class Cycle:
             # Ctrl-C or a kill: record what is true, so `honed status` tells it. Past the promotion
             # the candidate is live (it was recorded "not changed"); before it, the candidate it
             # registered is rejected (left `candidate` forever, a later rollback could reach it).
-            made, promoted = result.candidate, False
+            made = result.candidate
+            promoted = self._went_live(made)
             with contextlib.suppress(Exception):
-                live_now = self.store.live_version(self.model)
-                promoted = bool(made) and live_now is not None and live_now.ref == made
                 if made and not promoted:
                     self.store.reject(
                         self.model, made, reason="its training run was interrupted before the gate decided"
@@ -663,6 +673,14 @@ class Cycle:
                 break
             rejected.append(run)
         return rejected
+
+    def _went_live(self, candidate: str | None) -> bool:
+        """Whether `candidate` is the live version now (False where the store cannot say)."""
+        try:
+            live_now = self.store.live_version(self.model)
+        except Exception:
+            return False
+        return bool(candidate) and live_now is not None and live_now.ref == candidate
 
     def _rolled_back(self, run: Any) -> bool:
         if run.status != "promoted" or not run.candidate:
