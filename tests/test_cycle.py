@@ -169,7 +169,7 @@ def test_a_round_no_verifier_could_judge_decides_nothing(world: dict[str, Any]) 
     tie = SFTMethod(max_steps=1, learning_rate=1e-12, per_device_train_batch_size=4)
     first = cycle(world, tie, verifiers=[Down()]).run()
     assert first.status == "failed" and first.reason.startswith("NOT MEASURED"), first.reason
-    assert "no verifier judged" in first.reason and store.live_version(NAME).ref == world["v1"].ref
+    assert "no trusted verifier judged" in first.reason and store.live_version(NAME).ref == world["v1"].ref
     (outage,) = store.eval_runs(NAME, version=world["v1"].ref, split="heldout")
     assert outage.metrics["unjudged"] == outage.metrics["trajectories"] > 0
     second = cycle(world, tie).run()  # the judge is back: the live version is measured again

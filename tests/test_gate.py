@@ -149,3 +149,24 @@ def test_the_lower_bound_of_a_gain_is_never_below_minus_one() -> None:
     candidate = scores({"t0": 0.0, "t1": 1.0, "t2": 0.0}, samples=1)
     decision = decide(candidate, live)
     assert decision.lower_bound == -1.0 and "lower bound -1.000" in decision.reason, decision.reason
+
+
+def test_attempts_only_an_untrusted_verifier_judged_are_unjudged() -> None:
+    """A QA pass (session 20): with the gate's only verifier under its audited minimum precision,
+    its passes counted for nothing and every candidate scored 0.000 -> 0.000, "rejected"; no
+    trusted verifier judged those attempts: the round is not measured."""
+    from honed import Trajectory, Verdict
+    from honed.learn.evaluate import score
+    from honed.trajectory import Task
+
+    tasks = [Task("t1", "2+2?"), Task("t2", "3+3?")]
+    runs = [
+        Trajectory(id=f"r{i}", agent="a", task_id=t.id, verdicts=[Verdict(passed=True, verifier="reference")])
+        for i, t in enumerate(tasks)
+    ]
+    trusted = score(runs, tasks, samples=1)
+    assert trusted.unjudged == 0 and trusted.pass_at_1 == 1.0 and trusted.measured
+    untrusted = score(runs, tasks, samples=1, untrusted={"reference"})
+    assert untrusted.unjudged == 2 and not untrusted.measured
+    runs[0].verdicts.append(Verdict(passed=True, verifier="human"))  # a trusted judgement of one of them
+    assert score(runs, tasks, samples=1, untrusted={"reference"}).unjudged == 1

@@ -919,10 +919,10 @@ def _unmeasured(live: Scores, candidate: Scores) -> str:
     if not live.measured:
         said.append(
             f"the live version's round had {live.errors} attempts that failed to run and {live.unjudged} "
-            "no verifier judged"
+            "no trusted verifier judged"
         )
     if candidate.unjudged:
-        said.append(f"the candidate's round had {candidate.unjudged} attempts no verifier judged")
+        said.append(f"the candidate's round had {candidate.unjudged} attempts no trusted verifier judged")
     if not said:
         return ""
     return f"NOT MEASURED: {'; '.join(said)} (scored as fails, they measure the setup): fix it and run again"

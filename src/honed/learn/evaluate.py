@@ -264,8 +264,10 @@ def score(
         if t.task_id in per_task:
             verdicts = t.verdicts if only is None else [v for v in t.verdicts if v.verifier in only]
             per_task[t.task_id].append(label(verdicts, untrusted=skip))
-            if not any(not is_verifier_error(v) for v in verdicts):
-                unjudged += 1  # every scoring verifier raised, or none got to it
+            if not any(not is_verifier_error(v) and v.verifier not in skip for v in verdicts):
+                # every scoring verifier raised, none got to it, or only untrusted ones did (their
+                # passes count for nothing: every attempt would score a fail, a QA pass, session 20)
+                unjudged += 1
     for results in per_task.values():
         unjudged += max(0, samples - len(results))  # an attempt that never arrived
         results.extend([False] * max(0, samples - len(results)))
