@@ -510,6 +510,27 @@ def test_a_reply_a_retry_middleware_made_up_is_no_model_reply(sqlite_url: str) -
         chat_example(store.get(t.id))
 
 
+def test_messages_whose_equality_raises_never_break_the_agent(sqlite_url: str) -> None:
+    """A QA pass (session 20): an inner middleware passing copies of the messages, one holding an
+    array (an embedding), made `honed.Middleware`'s comparison of what the model received raise
+    into the agent. Capture never raises: the run is stored, as the model received it."""
+    import numpy as np
+    from langchain.agents.middleware import AgentMiddleware
+    from langchain_core.messages import HumanMessage
+
+    class CopyMessages(AgentMiddleware):
+        def wrap_model_call(self, request: Any, handler: Any) -> Any:
+            return handler(request.override(messages=[m.model_copy(deep=True) for m in request.messages]))
+
+    agent = create_agent(ToolScriptModel(), [], name="emb",
+                         middleware=[honed.Middleware(store=sqlite_url), CopyMessages()])  # fmt: skip
+    message = HumanMessage("answer hello", additional_kwargs={"embedding": np.array([0.1, 0.2, 0.3])})
+    assert agent.invoke({"messages": [message]})["messages"][-1].content == "hello"
+    assert honed.flush()
+    (t,) = honed.open_store(sqlite_url).trajectories()
+    assert t.answer == "hello" and t.model_steps()[0].output["content"] == "hello"
+
+
 def test_the_request_is_stored_as_the_model_received_it(sqlite_url: str) -> None:
     """A QA pass (session 20): listed first, `honed.Middleware` stored the request as it reached
     it: a system prompt a `dynamic_prompt` middleware added and tools another narrowed were not

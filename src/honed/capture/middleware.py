@@ -463,6 +463,14 @@ class Middleware(AgentMiddleware):
     def _model_done(
         self, trajectory_id: str, step_id: str, request: ModelRequest, response: Any, ran: _ModelRan
     ) -> None:
+        try:
+            self._record_model_done(trajectory_id, step_id, request, response, ran)
+        except Exception:  # capture never raises into the agent (a message whose `==` raises)
+            log.exception("honed: could not capture a model call's end; the agent goes on")
+
+    def _record_model_done(
+        self, trajectory_id: str, step_id: str, request: ModelRequest, response: Any, ran: _ModelRan
+    ) -> None:
         if ran.error is not None:
             # Every model called failed and a middleware answered for them (a QA pass, session 20:
             # `ModelRetryMiddleware(on_failure="continue")`'s made-up reply was stored as the
@@ -524,7 +532,7 @@ class Middleware(AgentMiddleware):
         finally:
             _tool_ran.reset(ran_token)
             _enclosing_tool_step.reset(token)
-        self._tool_done(*step, _as_ran(result, ran, request))
+        self._tool_done(*step, result, ran, request)
         return result
 
     async def awrap_tool_call(self, request: ToolCallRequest, handler: Any) -> Any:
@@ -542,7 +550,7 @@ class Middleware(AgentMiddleware):
         finally:
             _tool_ran.reset(ran_token)
             _enclosing_tool_step.reset(token)
-        self._tool_done(*step, _as_ran(result, ran, request))
+        self._tool_done(*step, result, ran, request)
         return result
 
     def _emit_tool_start(self, trajectory_id: str, request: ToolCallRequest) -> str:
@@ -568,7 +576,15 @@ class Middleware(AgentMiddleware):
             log.exception("honed: could not capture a %s call; the agent goes on", kind)
             return None
 
-    def _tool_done(self, trajectory_id: str, step_id: str, result: Any) -> None:
+    def _tool_done(
+        self, trajectory_id: str, step_id: str, result: Any, ran: _ToolRan, request: ToolCallRequest
+    ) -> None:
+        try:
+            self._record_tool_done(trajectory_id, step_id, _as_ran(result, ran, request))
+        except Exception:  # capture never raises into the agent (arguments whose `==` raises)
+            log.exception("honed: could not capture a tool call's end; the agent goes on")
+
+    def _record_tool_done(self, trajectory_id: str, step_id: str, result: Any) -> None:
         now = time.time()
         self.recorder.emit((END, step_id, None, now, result))
         if isinstance(result, RanAs):
@@ -624,7 +640,11 @@ def _as_ran(result: Any, ran: _ToolRan, request: ToolCallRequest) -> Any:
     """The tool's result, with the call as it ran where that differs from the call this
     middleware saw (`RanAs`: the step records what ran, and what the model asked for)."""
     call = request.tool_call
-    if ran.name is None or (ran.name == call.get("name") and ran.args == call.get("args")):
+    try:
+        same = ran.name is None or (ran.name == call.get("name") and bool(ran.args == call.get("args")))
+    except Exception:  # arguments whose `==` raises (an array): nothing says the call changed
+        same = True
+    if same:
         return result
     return RanAs(result, ran.name, ran.args, call.get("name"), call.get("args"))
 
@@ -727,7 +747,14 @@ def _structured_output_tools(response_format: Any) -> list[dict[str, Any]] | Non
 
 
 def _same_messages(a: list[Any], b: list[Any]) -> bool:
-    return len(a) == len(b) and all(x is y or x == y for x, y in zip(a, b, strict=True))
+    """Whether the model received the messages the middleware saw; a message whose `==` raises
+    (an array in its `additional_kwargs`) is taken as changed: recorded as the model received it."""
+    if len(a) != len(b):
+        return False
+    try:
+        return all(x is y or bool(x == y) for x, y in zip(a, b, strict=True))
+    except Exception:
+        return False
 
 
 def _tool_names(tools: Any) -> list[Any]:
