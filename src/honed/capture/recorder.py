@@ -338,8 +338,13 @@ def _flush_on_sigterm() -> None:
 
 def _after_fork_in_child() -> None:
     # The writer thread does not survive fork; a child starts its own on first emit, with no
-    # inherited events (they belong to the parent, which writes them).
+    # inherited events or open runs (they belong to the parent, which writes them: a forked
+    # worker's exit wrote the parent's run in progress as failed, and a verifier judged that
+    # before the real one arrived; a QA pass, session 20).
+    from honed.capture.assembler import Assembler
+
     for recorder in list(_live):
+        recorder._assembler = Assembler(recorder._serializer.field)
         recorder._thread = None
         recorder._queue.clear()
         recorder._lock = threading.Lock()
