@@ -233,11 +233,14 @@ class Middleware(AgentMiddleware):
             metadata = {"langgraph_node": name}
             inputs: Any = {"messages": list(state.get("messages", []))}
         else:
-            root_graph = _is_root_graph(root, config) and _root_asked_this(root, state)
+            asked_this = _root_asked_this(root, state)
+            root_graph = _is_root_graph(root, config) and asked_this
             inputs = snapshot(root.inputs) if root is not None and root_graph else _new_messages(state)
             extra = _checkpoint_of(runtime, config)
             labels = metadata.get("honed")
-            if not root_graph and root is not None and isinstance(labels, dict) and labels == root.labels:
+            # Asked something else than the run it is inside (a `Send` worker), with that run's
+            # labels: not that run's task (a team handing the request on keeps it).
+            if not asked_this and root is not None and isinstance(labels, dict) and labels == root.labels:
                 metadata["honed"] = _inherited(labels)
         self.recorder.emit(
             (
