@@ -566,3 +566,13 @@ def test_a_field_of_shared_sub_objects_is_cut_at_the_cap_not_walked_whole(redact
     # Shared, but small: whole, as before.
     row = [1, 2, 3]
     assert serializer.field({"a": row, "b": row}) == {"a": [1, 2, 3], "b": [1, 2, 3]}
+
+
+def test_an_integer_past_64_bits_is_kept_as_text_and_the_rest_of_the_field_with_it() -> None:
+    """A QA pass (session 20): a state holding a 6,000-digit checksum beside the answer was stored
+    as `<unserialisable>`: the answer lost, a correct run failed by its reference."""
+    out = Serializer().field({"answer": "42", "checksum": 7**6000, "big": 2**70, "small": -(2**63)})
+    assert out["answer"] == "42" and out["small"] == -(2**63)
+    assert out["big"] == {"__type__": "int", "value": str(2**70)}
+    assert out["checksum"]["__type__"] == "int" and "bits" in out["checksum"]["value"]
+    assert json.loads(json.dumps(out)) == out
