@@ -450,8 +450,10 @@ class _RedactingWalker(_Walker):
             if out is not obj and out != obj:
                 self.changed = True
             return out
-        if t is int or t is bool or obj is None:
+        if t is bool or obj is None:
             return obj
+        if t is int:
+            return obj if _MIN_INT <= obj <= _MAX_INT else _big_int(obj)
         if t is float:
             return _float(obj)
         if (t is dict or t is list or t is tuple) and depth < self.max_depth and id(obj) not in self.path:
