@@ -184,6 +184,41 @@ def test_an_unusable_store_url_never_breaks_the_agent(tmp_path: Path, writer: st
     assert recorder.stats()["spool_pending"] == 1  # kept, not lost
 
 
+def test_a_spool_folder_that_cannot_be_read_never_stops_capture(sqlite_url: str, tmp_path: Path) -> None:
+    """A QA pass (session 20): with the spool's folder under a file (or unreadable), `instrument()`
+    raised at start and `Middleware` stored nothing, though the store was fine."""
+    (tmp_path / "a_file").write_text("")
+    recorder = Recorder(sqlite_url, spool_path=tmp_path / "a_file" / "spool.jsonl")
+    agent = create_agent(ToolScriptModel(), make_tools(), middleware=[honed.Middleware(recorder=recorder)])
+    assert invoke(agent, 1) == "the sum is 2"
+    assert recorder.flush() and recorder.stats()["trajectories_written"] == 1
+
+
+def test_labels_that_cannot_be_copied_or_printed_keep_the_run(sqlite_url: str) -> None:
+    """A QA pass (session 20): a label holding a lock (no deep copy) whose `repr` raises made the
+    run's start raise inside LangChain: the run was stored under its node's name."""
+    import threading
+
+    class Ref:
+        def __init__(self) -> None:
+            self.lock = threading.Lock()
+
+        def __repr__(self) -> str:
+            raise RuntimeError("no repr")
+
+    honed.instrument(store=sqlite_url)
+    try:
+        agent = create_agent(ToolScriptModel(), make_tools(), name="calc")
+        agent.invoke(
+            {"messages": [("user", "answer 42")]}, {"metadata": {"honed": {"task_id": "t", "ref": Ref()}}}
+        )
+        assert honed.flush()
+    finally:
+        honed.uninstrument()
+    (t,) = honed.open_store(sqlite_url).trajectories()
+    assert (t.agent, t.task_id, t.answer) == ("calc", "t", "42")
+
+
 def test_a_full_queue_drops_and_counts_but_the_agent_runs_on(sqlite_url: str) -> None:
     recorder = Recorder(sqlite_url, max_queue=3, flush_interval=5.0)
     agent = create_agent(ToolScriptModel(), make_tools(), middleware=[honed.Middleware(recorder=recorder)])

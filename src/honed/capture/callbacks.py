@@ -7,7 +7,6 @@ no locks on the agent's thread. `run_inline` keeps async runs from hopping throu
 from __future__ import annotations
 
 import copy
-import json
 import sys
 import time
 from typing import Any
@@ -173,7 +172,9 @@ def frozen_labels(labels: dict[str, Any]) -> dict[str, Any]:
     try:
         return copy.deepcopy(labels)
     except Exception:  # an object that cannot be copied: its JSON (or text) is what is stored anyway
-        return json.loads(json.dumps(labels, default=repr))
+        from honed.capture.serialize import to_jsonable
+
+        return to_jsonable(labels)  # never raises (a `repr` that raises too: a QA pass, session 20)
 
 
 def _model_settings(kwargs: dict[str, Any]) -> dict[str, Any]:

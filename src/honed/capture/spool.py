@@ -45,6 +45,7 @@ class Spool:
         self.path = Path(path)
         self.store = store  # the store it waits for (shown, password hidden)
         self._labelled = False
+        self._unreadable_said = False
 
     @property
     def label_path(self) -> Path:
@@ -94,7 +95,7 @@ class Spool:
                     if isinstance(started, int | float):
                         oldest = started if oldest is None else min(oldest, started)
                         newest = started if newest is None else max(newest, started)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
             pass
         return {
             "path": str(self.path),
@@ -109,13 +110,20 @@ class Spool:
         try:
             with open(self.path, "rb") as handle:
                 return sum(1 for line in handle if line.strip())
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError, PermissionError):  # nothing readable waits there
             return 0
 
     def has_pending(self) -> bool:
         try:
             return self.path.stat().st_size > 0
         except FileNotFoundError:
+            return False
+        except OSError as exc:  # a folder that cannot be read (a file in its path, no permission):
+            # nothing can be waiting there, and capture into a working store must go on (a QA pass,
+            # session 20: `instrument()` raised, and Middleware stored nothing)
+            if not self._unreadable_said:
+                self._unreadable_said = True
+                log.warning("honed: cannot read the spool at %s (%s)", self.path, exc)
             return False
 
     def replay(self, save: Callable[[list[dict[str, Any]]], Any], batch: int = 500) -> int:
