@@ -138,3 +138,67 @@ def test_sigterm_loses_no_run_a_middleware_captured_on_worker_threads(tmp_path: 
         with honed.open_store(url) as store:
             stored = {t.task_id for t in store.trajectories(None, with_steps=False)}
         assert answered <= stored, (mode, len(answered - stored))
+
+
+HUNG = textwrap.dedent(
+    """
+    import sys, time
+    import honed
+    from langchain.agents import create_agent
+    from honed.testing import ScriptedChatModel
+
+    honed.instrument(store=sys.argv[1])
+    agent = create_agent(ScriptedChatModel(), tools=[])
+    agent.invoke({"messages": [("user", "answer first")]}, {"metadata": {"honed": {"task_id": "first"}}})
+    assert honed.flush(30)
+    print("connected", flush=True)
+    sys.stdin.readline()  # the store hangs now
+    for i in range(20):
+        agent.invoke({"messages": [("user", f"answer {i}")]}, {"metadata": {"honed": {"task_id": f"t{i}"}}})
+    print("captured", flush=True)
+    time.sleep(120)
+    """
+)
+
+
+def test_sigterm_while_the_store_hangs_spools_every_run(pg_url: str, tmp_path: Path) -> None:
+    """A QA pass (session 20): on SIGTERM honed flushed in vain for 10 s and the process died with
+    every unacknowledged run in its store's process, which then died too: 0 of 20 spooled. A
+    SIGTERM that ends the process now closes as exit does: what the store never took is spooled."""
+    from sqlalchemy.engine import make_url
+
+    from honed.capture.spool import Spool
+    from tcpproxy import TcpProxy
+
+    url = make_url(pg_url)
+    proxy = TcpProxy(url.port or 5432)
+    proxy.up()
+    proxied = url.set(port=proxy.port).render_as_string(hide_password=False)
+    script = tmp_path / "hung.py"
+    script.write_text(HUNG)
+    env = {**os.environ, "HONED_SPOOL_DIR": str(tmp_path / "spool")}
+    proc = subprocess.Popen(
+        [sys.executable, str(script), proxied],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        assert proc.stdout.readline().strip() == "connected"
+        proxy.freeze()
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "captured"
+        time.sleep(1.0)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        took = time.monotonic() - started
+    finally:
+        proc.kill()
+        proxy.down()
+    assert took < 15, f"the process took {took:.0f} s to end"
+    spooled = sum(Spool(p).pending() for p in (tmp_path / "spool").glob("*.jsonl"))
+    assert spooled == 20

@@ -151,6 +151,50 @@ def test_a_process_whose_store_hangs_exits_promptly_and_keeps_its_runs(pg_url: s
     assert sorted(t.task_id for t in store.trajectories(limit=None)) == ["t0", "t1", "t2"]
 
 
+def test_a_pipe_full_of_batches_for_a_hung_store_still_lets_the_process_exit(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """A QA pass (session 20): with PostgreSQL hung long enough for the batches to fill the pipe to
+    the store's process, the writer blocked in a write and closing waited for ever on the pipe's
+    lock (SIGTERM could not end it); nothing reached the spool. Now closing ends within seconds,
+    every run in the spool, the ones still queued here too."""
+    import threading
+
+    from langchain_core.tools import tool
+
+    @tool
+    def report(n: int) -> str:
+        """A long report."""
+        return f"line {n} " * 6000  # ~50 KB a run: the pipe fills within a few dozen runs
+
+    url = make_url(pg_url)
+    proxy = TcpProxy(url.port or 5432)
+    proxy.up()
+    proxied = url.set(port=proxy.port).render_as_string(hide_password=False)
+    spool = tmp_path / "spool.jsonl"
+    recorder = Recorder(proxied, spool_path=spool, writer="process")
+    agent = create_agent(ToolScriptModel(), [report], middleware=[honed.Middleware(recorder=recorder)])
+    runs = 80
+    try:
+        invoke_report = {"messages": [("user", 'call report {"n": -1}; answer done')]}
+        agent.invoke(invoke_report)
+        assert recorder.flush(timeout=30)  # connected: the freeze hangs an open connection
+        proxy.freeze()
+        for i in range(runs):
+            agent.invoke({"messages": [("user", f'call report {{"n": {i}}}; answer done')]})
+        closing = threading.Thread(target=recorder.close, kwargs={"timeout": 2}, daemon=True)
+        started = time.monotonic()
+        closing.start()
+        closing.join(60)
+        took = time.monotonic() - started
+    finally:
+        proxy.down()
+    assert not closing.is_alive() and took < 30, f"closing took {took:.0f} s"
+    from honed.capture.spool import Spool
+
+    assert Spool(spool).pending() == runs  # the first run is in the store
+
+
 def test_a_store_password_lands_nowhere_at_rest_or_in_logs(
     tmp_path: Path, writer: str, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -94,6 +94,8 @@ class ProcessStoreSink:
         self._counts: dict[str, Any] = {}
         self._changed = threading.Condition()
         self._alive = False
+        self._writing = 0  # writes to the child in progress (the writer thread's)
+        self._spool_only = False  # closing past a store that hangs: the rest goes to the spool
         self._fds: tuple[int, ...] = ()
 
     def forget_child(self) -> None:
@@ -108,12 +110,15 @@ class ProcessStoreSink:
             for fd in self._fds:
                 with contextlib.suppress(OSError):
                     os.close(fd)
-        self._child, self._alive, self._unacked, self._sent = None, False, {}, 0
+        self._child, self._alive, self._unacked, self._sent, self._writing = None, False, {}, 0, 0
         self._changed = threading.Condition()
 
     # -- the Sink interface ------------------------------------------------------------------
 
     def write(self, records: list[Record]) -> None:
+        if self._spool_only:
+            self.inner.to_spool(records)
+            return
         if not self._local and self._child is None:
             self._start()
         if self._local:
@@ -165,10 +170,17 @@ class ProcessStoreSink:
     def close(self) -> None:
         child = self._child
         if child is not None and child.stdin is not None:
-            with contextlib.suppress(OSError):
-                child.stdin.close()  # end of file: the child writes what it has and exits
+            # A write blocked in a full pipe (the child waits on a store that hangs) holds the
+            # pipe's lock: closing it here waited for ever, through SIGTERM (a QA pass, session
+            # 20). Wait for the write a while; past that, the kill below ends it (a broken pipe).
+            writes_done = time.monotonic() + CLOSE_WAIT_S
+            while self._writing and time.monotonic() < writes_done:
+                time.sleep(0.01)
+            if not self._writing:
+                with contextlib.suppress(OSError, ValueError):
+                    child.stdin.close()  # end of file: the child writes what it has and exits
             try:
-                child.wait(timeout=CLOSE_WAIT_S)
+                child.wait(timeout=CLOSE_WAIT_S if not self._writing else 0)
             except subprocess.TimeoutExpired:
                 with self._changed:
                     pending = [self._unacked.pop(n) for n in sorted(self._unacked)]
@@ -177,9 +189,14 @@ class ProcessStoreSink:
                     "honed: the store %s did not answer within %.0f s; %d unwritten trajectories go to the spool %s",
                     self.inner.safe_url(), CLOSE_WAIT_S, sum(len(r) for r in pending), self.spool.path,
                 )  # fmt: skip
+                self._spool_only = True  # what the writer hands over from now on, too
                 for records in pending:  # not written again to the store that hangs
                     self.inner.to_spool(records)
                 child.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    child.wait(timeout=5)
+                with contextlib.suppress(OSError, ValueError):
+                    child.stdin.close()  # the blocked write has failed on the broken pipe by now
         self.wait(timeout=5)
         self.inner.close()
 
@@ -216,12 +233,15 @@ class ProcessStoreSink:
         if child is None or child.stdin is None or not self._alive:
             self._take_over("the store's process ended")
             return
+        self._writing += 1  # `close` must not take the pipe's lock from a write blocked in it
         try:
             _send(child.stdin, message)
         except (OSError, ValueError) as exc:  # a broken pipe: the child died
             with self._changed:
                 self._alive = False
             self._take_over(f"the store's process ended ({exc})")
+        finally:
+            self._writing -= 1
 
     def _read_acks(self) -> None:
         child = self._child
@@ -249,6 +269,10 @@ class ProcessStoreSink:
         with self._changed:
             pending = [self._unacked.pop(n) for n in sorted(self._unacked)]
             self._sent_at.clear()
+        if self._spool_only:  # closing: not written to the store that hangs
+            for records in pending:
+                self.inner.to_spool(records)
+            return
         if not self._local:
             log.warning("honed: %s; the store is written from this process from now on", why)
             self._local = True
