@@ -164,9 +164,19 @@ def test_errors_are_span_status_and_error_type(captured: str) -> None:
     (tool,) = named["execute_tool explode"]
     for span in (root, tool):
         assert span.status.status_code is StatusCode.ERROR
-        assert "exploded: kaboom" in span.status.description
+        # The message is content: only with content capture (a QA pass, session 20: a tool's
+        # arguments and a file's name reached the backend with it off).
+        assert span.status.description == "ValueError"
         assert span.attributes["error.type"] == "ValueError"
     assert named["chat tool-script"][0].status.status_code is StatusCode.UNSET
+    with_content = by_name(spans_of(one(captured, "t-boom"), capture_content=True))
+    assert "exploded: kaboom" in with_content["execute_tool explode"][0].status.description
+    # A handled ToolException is stored as its bare message: its first word is no exception type.
+    from honed.exporters.spans import _error_status
+
+    attributes: dict[str, Any] = {}
+    assert _error_status(attributes, "acct_88412: account locked", False).description == "_OTHER"
+    assert attributes["error.type"] == "_OTHER"
 
 
 def test_content_is_opt_in_by_argument_or_environment(captured: str, monkeypatch: pytest.MonkeyPatch) -> None:

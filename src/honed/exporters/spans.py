@@ -36,7 +36,11 @@ MAX_STATUS_DESCRIPTION = 1024
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
-_IDENTIFIER = re.compile(r"[A-Za-z_][\w.]*")
+# An exception class as honed records it ("ValueError", "httpx.ReadTimeout"): not a handled
+# ToolException's own first word ("acct_88412: account locked").
+_EXCEPTION_NAME = re.compile(
+    r"(?:[A-Za-z_]\w*\.)*[A-Z]\w*(?:Error|Exception|Exit|Interrupt|Timeout|Cancelled|Failure|Fault|Exceeded)"
+)
 _UNSAFE_KEY = re.compile(r"[^0-9A-Za-z_-]+")
 # LangChain's `_llm_type` (stored in the step's settings) → `gen_ai.provider.name`; first match wins.
 _PROVIDERS = (
@@ -177,7 +181,11 @@ class SpanMapper:
                 output = {"role": "assistant", "parts": [{"type": "text", "content": t.answer}]}
                 attributes["gen_ai.output.messages"] = _json([output])
         events = [_verdict_event(v, end, self.capture_content) for v in t.verdicts]
-        status = _error_status(attributes, t.error) if t.status == "error" else Status(StatusCode.UNSET)
+        status = (
+            _error_status(attributes, t.error, self.capture_content)
+            if t.status == "error"
+            else Status(StatusCode.UNSET)
+        )
         return _span(
             f"invoke_agent {t.agent}", context, None, self.resource, attributes, SpanKind.INTERNAL,
             status, start, end, events,
@@ -215,7 +223,11 @@ class SpanMapper:
         else:  # a graph node: plain structure, so the model and tool spans under it keep their place
             name, kind = step.name, SpanKind.INTERNAL
             attributes["openinference.span.kind"] = "CHAIN"
-        status = _error_status(attributes, step.error) if step.error else Status(StatusCode.UNSET)
+        status = (
+            _error_status(attributes, step.error, self.capture_content)
+            if step.error
+            else Status(StatusCode.UNSET)
+        )
         return _span(name, context, parent, self.resource, attributes, kind, status, start, end)
 
     def _model_attributes(self, step: Step, attributes: dict[str, Any]) -> str:
@@ -360,13 +372,18 @@ def _verdict_event(verdict: Verdict, fallback: int, content: bool) -> Event:
     return Event("gen_ai.evaluation.result", attributes, _ns(verdict.created_at) or fallback)
 
 
-def _error_status(attributes: dict[str, Any], error: str | None) -> Status:
-    """ERROR status with the message, and `error.type`: the exception class honed recorded
-    (`"ValueError: ..."` → `ValueError`), else `_OTHER` as the conventions ask."""
+def _error_status(attributes: dict[str, Any], error: str | None, content: bool) -> Status:
+    """ERROR status, and `error.type`: the exception class honed recorded (`"ValueError: ..."` →
+    `ValueError`), else `_OTHER` as the conventions ask. The message is content (a tool's
+    arguments, a file's name): without content capture the status says only the type (a QA pass,
+    session 20: arguments and customer ids reached the backend, `error.type` one value per customer)."""
     text = error or "error"
     head = text.split(":", 1)[0].strip()
-    attributes["error.type"] = head if _IDENTIFIER.fullmatch(head) else "_OTHER"
-    return Status(StatusCode.ERROR, text[:MAX_STATUS_DESCRIPTION])
+    kind = (
+        head if head == "incomplete" or _EXCEPTION_NAME.fullmatch(head) else "_OTHER"
+    )  # honed's own, or a class
+    attributes["error.type"] = kind
+    return Status(StatusCode.ERROR, text[:MAX_STATUS_DESCRIPTION] if content else kind)
 
 
 def _provider(step: Step) -> str:
