@@ -45,7 +45,13 @@ ModelVersionOption = Annotated[
     str | None, typer.Option("--model-version", help="Only runs of this model version.")
 ]
 LimitOption = Annotated[
-    int | None, typer.Option("--limit", "-n", min=1, help="At most this many trajectories.")
+    int | None,
+    typer.Option(
+        "--limit",
+        "-n",
+        min=1,
+        help="At most this many trajectories, the oldest first (with --since for the latest).",
+    ),
 ]
 HeldoutOption = Annotated[
     bool, typer.Option("--include-heldout", help="Also export held-out trajectories (left out by default).")
