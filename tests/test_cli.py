@@ -253,6 +253,14 @@ def test_an_option_out_of_range_is_refused_not_ignored(
     assert result.exit_code == 2 and "Invalid value" in result.output, result.output
 
 
+def test_a_held_out_split_given_with_a_suite_is_refused_not_ignored(captured: str) -> None:
+    """A QA pass (session 20): `--heldout NAME` was read only with `--agent`; with a suite it was ignored."""
+    result = runner.invoke(
+        app, ["train", "agent", "--suite", "tool_use", "--heldout", "exam", "--store", captured]
+    )
+    assert result.exit_code == 2 and "a --suite has its own held-out tasks" in result.output, result.output
+
+
 def test_the_runs_table_shows_the_label_its_verdict_filter_uses(captured: str) -> None:
     """An untrusted verifier's pass is no pass: `honed runs` says "?", as `--verdict pass` leaves it out."""
     store = honed.open_store(captured)

@@ -255,6 +255,11 @@ def train(
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     out = err_console() if as_json else console()  # under --json, stdout is JSON lines only
     _sigterm_is_ctrl_c()
+    if suite and heldout != "heldout":  # a suite brings its own held-out tasks (a QA pass, session 20)
+        err_console().print(
+            "[red]--heldout names a split of --agent's runs: a --suite has its own held-out tasks[/red]"
+        )
+        raise typer.Exit(2)
     s = open_store_or_exit(store, create=False)  # a model to train is registered in it already
     chosen = load_suite(suite) if suite else None
     if chosen is not None:
