@@ -173,13 +173,15 @@ def _earlier_turns_unweighted(example: dict[str, Any]) -> dict[str, Any]:
     return {**example, "messages": marked}
 
 
-def dataset_features(*, reasoning: bool = False, ids: bool = True) -> datasets.Features:
+def dataset_features(
+    *, reasoning: bool = False, ids: bool = True, arguments_as_text: bool = False
+) -> datasets.Features:
     """Explicit features, so rows never merge each other's keys (`Dataset.from_list` fills keys
     one row lacks with None): tool schemas are `Json` values kept whole, tool-call arguments are
     JSON strings, and a message lacking `tool_calls` or `tool_call_id` has None there."""
     from datasets import Features, List, Value
 
-    arguments, _ = _json_feature()
+    arguments = Value("string") if arguments_as_text else _json_feature()[0]
     tool_call = {
         "id": Value("string"),
         "type": Value("string"),

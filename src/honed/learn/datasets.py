@@ -900,7 +900,9 @@ def _kto_row(
 def _features(kind: str) -> Any:
     from datasets import Features, List, Value
 
-    messages = dataset_features(reasoning=True, ids=False)["messages"]
+    # Arguments as the text the model wrote: what the chat template renders at serving is what
+    # trains (an export for TRL gives objects, as third-party templates expect).
+    messages = dataset_features(reasoning=True, ids=False, arguments_as_text=True)["messages"]
     tools, text = _tools_feature(), Value("string")
     columns = {
         "chat": {"messages": messages, "tools": tools},
