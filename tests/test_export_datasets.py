@@ -285,6 +285,11 @@ def test_cli_export_jsonl_and_hf(verified: str, tmp_path: Path) -> None:
     from datasets import load_from_disk
 
     assert load_from_disk(str(folder)).num_rows == 3
+    # Built from its rows in batches (memory flat: a QA pass, session 20), the same dataset as the parquet file.
+    from datasets import Dataset
+
+    assert load_from_disk(str(folder)).to_list() == Dataset.from_parquet(str(parquet)).to_list()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # nothing left beside it
     # A file name is a mistake `export hf` says so, not a folder called d.csv.
     result = runner.invoke(app, ["export", "hf", str(tmp_path / "d.csv"), "--store", verified])
     assert result.exit_code == 1 and "names a file" in result.output and not (tmp_path / "d.csv").exists()

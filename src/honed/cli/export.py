@@ -247,7 +247,7 @@ def _write_hf(
     """Write verified trajectories as a Hugging Face dataset (parquet or a saved folder) for TRL."""
     import datasets
 
-    from honed.exporters.datasets import ExportResult, to_hf_dataset, write_parquet, written
+    from honed.exporters.datasets import to_hf_dataset, write_parquet, written
 
     datasets.disable_progress_bars()  # ours is on screen
     if not output.endswith(".parquet") and (Path(output).is_file() or Path(output).suffix in _FILE_SUFFIXES):
@@ -256,13 +256,23 @@ def _write_hf(
         )
     if output.endswith(".parquet"):
         return write_parquet(trajectories, output, reasoning=reasoning, on_trajectory=advance)
-    result = ExportResult(path=output)
-    dataset = to_hf_dataset(trajectories, reasoning=reasoning, result=result, on_trajectory=advance)
-    # Saved beside it and moved into place when whole (a failed re-export kept a folder that
-    # looked complete and could not be loaded); one shard even when empty (with none, a quiet
-    # day's export was a folder `load_from_disk` fails on).
-    with written(Path(output)) as folder:
-        dataset.save_to_disk(str(folder), **({} if len(dataset) else {"num_shards": 1}))
+    import tempfile
+
+    target = Path(output)
+    # Rows go to a parquet file a row group at a time, and the saved dataset is built from it by
+    # `datasets` in batches: memory stays flat (a list of every row took ~5.5x the data: 1.5 GB
+    # for 3,000 long runs; a QA pass, session 20). Saved beside the target and moved into place
+    # when whole (a failed re-export kept a folder that looked complete and could not be loaded);
+    # one shard even when empty (with none, `load_from_disk` failed on a quiet day's export).
+    with written(target) as folder, tempfile.TemporaryDirectory(dir=folder.parent, prefix=".honed-") as work:
+        staged = Path(work) / "rows.parquet"
+        result = write_parquet(trajectories, staged, reasoning=reasoning, on_trajectory=advance)
+        result.path = output
+        if result.written:
+            dataset = datasets.Dataset.from_parquet(str(staged), cache_dir=str(Path(work) / "cache"))
+            dataset.save_to_disk(str(folder))
+        else:  # `datasets` reads no empty parquet file: the empty dataset, with the same features
+            to_hf_dataset([], reasoning=reasoning).save_to_disk(str(folder), num_shards=1)
     return result
 
 
