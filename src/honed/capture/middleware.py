@@ -435,23 +435,17 @@ class Middleware(AgentMiddleware):
         step = self._step_start(request, self._emit_model_start, "model")
         if step is None:
             return handler(request)
-        if _calls_the_model(handler):  # nothing between this and the model: what it saw is what ran
-            try:
-                response = handler(request)
-            except BaseException as exc:
-                self._failed(*step, exc)
-                raise
-            self._model_done(*step, request, response, None)
-            return response
-        ran = _ModelRan()
-        token = _model_ran.set(ran)
+        # Nothing between this and the model: what it saw is what ran, no watch needed.
+        ran = None if _calls_the_model(handler) else _ModelRan()
+        token = _model_ran.set(ran) if ran is not None else None
         try:
             response = handler(request)
         except BaseException as exc:
             self._failed(*step, exc)
             raise
         finally:
-            _model_ran.reset(token)
+            if token is not None:
+                _model_ran.reset(token)
         self._model_done(*step, request, response, ran)
         return response
 
@@ -459,23 +453,17 @@ class Middleware(AgentMiddleware):
         step = self._step_start(request, self._emit_model_start, "model")
         if step is None:
             return await handler(request)
-        if _calls_the_model(handler):
-            try:
-                response = await handler(request)
-            except BaseException as exc:
-                self._failed(*step, exc)
-                raise
-            self._model_done(*step, request, response, None)
-            return response
-        ran = _ModelRan()
-        token = _model_ran.set(ran)
+        # Nothing between this and the model: what it saw is what ran, no watch needed.
+        ran = None if _calls_the_model(handler) else _ModelRan()
+        token = _model_ran.set(ran) if ran is not None else None
         try:
             response = await handler(request)
         except BaseException as exc:
             self._failed(*step, exc)
             raise
         finally:
-            _model_ran.reset(token)
+            if token is not None:
+                _model_ran.reset(token)
         self._model_done(*step, request, response, ran)
         return response
 
