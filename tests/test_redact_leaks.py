@@ -489,7 +489,23 @@ def test_tool_schemas_keep_parameters_named_like_secrets() -> None:
     properties = out["function"]["parameters"]["properties"]
     assert properties["password"] == {"type": "string", "description": "the user's password"}
     assert properties["auth"] == {"type": "object", "properties": {"token": {"type": "string"}}}
-    assert properties["api_key"] == {"type": "string", "default": "[REDACTED:github_token]"}
+    assert properties["api_key"] == {"type": "string", "default": "[REDACTED:api_key]"}
+    # A secret-named parameter's offered values are secrets (a QA pass, session 20): `enum` stays a list.
+    password = "Def" + rand(14)
+    offered = {
+        "type": "object",
+        "properties": {
+            "password": {"type": "string", "default": password, "examples": [password]},
+            "token": {"type": "string", "enum": [password, ""]},
+            "mode": {"type": "string", "default": "fast"},
+        },
+    }
+    out = Redactor().redact(offered)
+    assert_gone(password, json.dumps(out))
+    assert out["properties"]["token"]["enum"] == ["[REDACTED:token]", ""]
+    assert out["properties"]["mode"] == {"type": "string", "default": "fast"}
+    capped, _ = Redactor().redact_capped(offered, 10_000)
+    assert capped == out
     # Not a schema: a plain dict under "properties" keeps its keys' meaning.
     assert Redactor().redact({"properties": {"password": "hunter2"}}) == {
         "properties": {"password": "[REDACTED:password]"}
@@ -610,6 +626,17 @@ def test_passwords_on_command_lines_are_redacted(name: str) -> None:
 
 URL_TOKEN = rand(10, string.ascii_lowercase) + rand(10, string.digits)
 OTHER_SHAPES = {
+    # A QA pass, session 20: a lowercase `_pass` name, and a passphrase's words after the first.
+    "lowercase_db_pass": ("Lc" + rand(14), "db_pass={} ./migrate"),
+    "lowercase_smtp_pass_colon": ("Sm" + rand(14), "smtp_pass: {}"),
+    "passphrase_of_words": (
+        "horse " + rand(8, string.ascii_lowercase) + " staple",
+        "passphrase: correct {}\nnext",
+    ),
+    "passphrase_of_words_assigned": (
+        "battery " + rand(8, string.ascii_lowercase),
+        "GPG_PASSPHRASE=correct {}",
+    ),
     "url_token": (URL_TOKEN, "git remote add origin https://{}@github.com/acme/app.git"),
     "url_token_http": (URL_TOKEN, "GET http://{}@10.0.0.2:8080/metrics"),
     "aws_secret_after_a_space": (AWS_SECRET, "aws_secret_access_key {}"),

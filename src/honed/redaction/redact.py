@@ -184,8 +184,14 @@ class Redactor:
                     out[new_key] = _marker(entry[1])
                 elif key == "properties" and type(item) is dict and value.get("type") == "object":
                     # A JSON schema's (a tool's parameters): its keys are parameter names, and their
-                    # values are schemas, not secrets. What the schemas hold is redacted as usual.
-                    out[new_key] = self._walk(item, named=False)
+                    # values are schemas, not secrets. What the schemas hold is redacted as usual,
+                    # and a secret-named parameter's example values (`default`, `enum`) go.
+                    out[new_key] = {
+                        self.redact_key(k)[0] if type(k) is str else k: self._walk(
+                            self._schema_examples(k, v)
+                        )
+                        for k, v in item.items()
+                    }
                 else:
                     out[new_key] = self._walk(item)
             return out
@@ -201,6 +207,21 @@ class Redactor:
                 for item in value
             ]
         return value
+
+    def _schema_examples(self, name: Any, schema: Any) -> Any:
+        """A secret-named parameter's schema with the values it offers (`default`, `enum`, `const`,
+        `examples`) replaced: `{"password": {"type": "string", "default": "hunter2"}}`."""
+        kind = self._name_kind(name) if type(name) is str and type(schema) is dict else None
+        if kind is None:
+            return schema
+        out = dict(schema)
+        for k in _SCHEMA_EXAMPLES.intersection(schema):
+            v = schema[k]
+            if type(v) is list:  # `enum` and `examples` stay lists
+                out[k] = [_marker(kind) if _holds_secret(item, name) else item for item in v]
+            elif _holds_secret(v, name):
+                out[k] = _marker(kind)
+        return out
 
     def _walk_pair(self, pair: list[Any] | tuple[Any, ...], kind: str) -> list[Any]:
         return [self.redact_text(pair[0]), _marker(kind)]
@@ -272,7 +293,8 @@ class Redactor:
                 elif entry is not None and key == entry[0]:
                     out[new_key] = budget.take(_marker(entry[1]))
                 elif key == "properties" and type(item) is dict and value.get("type") == "object":
-                    out[new_key] = self._walk_capped(item, budget, named=False)
+                    properties = {k: self._schema_examples(k, v) for k, v in item.items()}
+                    out[new_key] = self._walk_capped(properties, budget, named=False)
                 else:
                     out[new_key] = self._walk_capped(item, budget)
             return out
@@ -379,6 +401,9 @@ class _Budget:
             self.cut = True
         self.left -= len(text)
         return text
+
+
+_SCHEMA_EXAMPLES = frozenset(("default", "enum", "const", "examples", "example"))
 
 
 def _holds_secret(value: Any, name: str = "") -> bool:
@@ -917,6 +942,10 @@ def _netrc_password(m: re.Match[str]) -> str:
     return _splice(m, 1, _marker("password"))
 
 
+def _flag_or_tally(value: str) -> bool:
+    return value.isdigit() or value.lower() in _VERDICTS
+
+
 def _assignment(m: re.Match[str]) -> str:
     word = m.group(1).lower()
     if word.startswith(("pass", "pwd", "contrase")):
@@ -928,6 +957,8 @@ def _assignment(m: re.Match[str]) -> str:
     else:  # "...key": say which key when the name tells
         name = m.string[max(0, m.start() - 8) : m.start()].lower()
         kind = "private_key" if "priv" in name else "secret" if "secret" in name else "api_key"
+    if word == "pass" and _flag_or_tally((m.group(5) if m.group(5) is not None else m.group(6)).rstrip(":.")):
+        return m.group(0)  # `first_pass = True`, `n_pass: 3`: a flag or a tally, not a password
     if m.group(5) is not None:
         return _splice(m, 5, _marker(kind))
     # Unquoted after a colon: "password: hunter2" is a secret, but "token: the next word" and
@@ -1215,10 +1246,17 @@ _RULES = (
         rf"{_NOT_REDACTED}([^'\"\\\r\n]++){_QUOTE}[ \t]*[\])]",
         _named_value,
     ),
+    # A passphrase is words: unquoted (`passphrase: correct horse battery staple`), the rest of its line.
+    _Rule(
+        rf"(?i)(?<![A-Za-z])passphrase(?![A-Za-z0-9_])[ \t]*[:=][ \t]*(?![\\'\"`])"
+        rf"{_NOT_REDACTED}([^\s'\"`][^\r\n'\"`]*?)[ \t]*(?=$|[\r\n'\"`])",
+        _group(1, "password"),
+        anchors=("passphrase",),
+    ),
     # password = '...', "api_key": "...", TOKEN=..., secret: ... The name must end at the operator, so
     # "max_tokens = 5" and "token_count: 3" stay; a bare "key = ..." is ordinary code and stays too.
     _Rule(
-        r"(?i)(passw(?:or)?d|(?-i:(?<=[A-Z0-9]_)PASS)|(?<![A-Za-z0-9_-])auth|pwd|passphrase|contrase(?:ñ|n)a|secret|token|"
+        r"(?i)(passw(?:or)?d|(?-i:(?<=[A-Za-z0-9]_)(?:PASS|pass))|(?<![A-Za-z0-9_-])auth|pwd|passphrase|contrase(?:ñ|n)a|secret|token|"
         + _after("api", "access", "private", "auth", "secret", "client", "label")
         + r"key)(?![A-Za-z0-9_])"
         r"([\\'\"\]]{0,3}[ \t]*(?:=>|:=|==?|:|%3[Dd])[ \t]*)"
