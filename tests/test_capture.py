@@ -503,3 +503,31 @@ def test_store_filters(sqlite_url: str) -> None:
     assert store.trajectories(since=newest_first[0].started_at)[0].task_id == "k2"
     assert store.trajectories(model_version="tool-script", limit=None).__len__() == 3
     assert store.get(newest_first[0].id[-12:]).task_id == "k2"
+
+
+class Nested(TypedDict):
+    ctx: dict[str, Any]
+    value: int
+
+
+def test_the_task_is_stored_as_given_though_the_graph_changes_it_deep_inside(sqlite_url: str) -> None:
+    """A node that edits the input's nested dicts in place (a QA pass, session 20: two levels down,
+    the stored task showed the edit), and a caller that reuses its task dict afterwards."""
+
+    def work(state: Nested) -> dict[str, Any]:
+        state["ctx"]["user"]["tries"] += 1
+        state["ctx"]["user"]["seen"].append("work")
+        return {"value": state["value"] + 1}
+
+    graph = StateGraph(Nested)
+    graph.add_node("work", work)
+    graph.add_edge(START, "work")
+    graph.add_edge("work", END)
+    app = honed.wrap(graph.compile(name="nested"), store=sqlite_url, flush_interval=3600)
+    task = {"ctx": {"user": {"tries": 0, "seen": []}}, "value": 1}
+    app.invoke(task, config=run_config("n1"))
+    task["ctx"]["user"]["tries"] = 99
+    honed.flush()
+    t = only(honed.open_store(sqlite_url))
+    assert t.task == {"ctx": {"user": {"tries": 0, "seen": []}}, "value": 1}
+    assert t.output["ctx"]["user"] == {"tries": 1, "seen": ["work"]}

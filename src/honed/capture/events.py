@@ -51,8 +51,23 @@ def snapshot(value: Any) -> Any:
     """What a run was given or returned, as it was at that moment: the events are serialised
     later, on the writer thread, and callers change these objects meanwhile (the stateless chat
     loop appends the reply and the next turn to the `messages` list it passed in; a node edits
-    the previous node's dict in place). A dict's top level and the lists and dicts right under
-    it are copied; the messages themselves are not (LangChain's are not changed in place)."""
+    the previous node's dict in place; a caller reuses its nested task dict). The dicts and lists
+    are copied to any depth (cut at `_SNAPSHOT_DEPTH`, where a cycle would be); the objects in
+    them are not: LangChain's messages are not changed in place."""
     if type(value) is not dict:
         return value
-    return {k: list(v) if type(v) is list else dict(v) if type(v) is dict else v for k, v in value.items()}
+    return _tree(value, _SNAPSHOT_DEPTH)
+
+
+_SNAPSHOT_DEPTH = 32
+
+
+def _tree(value: Any, depth: int) -> Any:
+    if depth == 0:
+        return value
+    depth -= 1
+    if type(value) is dict:
+        return {k: _tree(v, depth) if type(v) is dict or type(v) is list else v for k, v in value.items()}
+    if any(type(v) is dict or type(v) is list for v in value):
+        return [_tree(v, depth) if type(v) is dict or type(v) is list else v for v in value]
+    return list(value)  # a list of messages: copied in C
