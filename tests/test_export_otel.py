@@ -1016,3 +1016,31 @@ def test_one_runs_undecodable_text_loses_no_other_run_sent_live() -> None:
                 errors.append(span.status.message)
     assert len(roots) == 11 and exporter.stats()["spans_failed"] == 0
     assert errors == ["ValueError: cannot open caf\ufffd-report.txt\ufffd"], errors
+
+
+def test_no_content_attribute_outgrows_a_span_though_the_capture_cap_was_raised() -> None:
+    """A QA pass (session 20): with `HONED_MAX_FIELD_BYTES` past 4 MiB, a tool's 5 MB result
+    (or task, or reply) went whole into one attribute, a span gRPC refuses on every export."""
+    from honed.exporters.spans import MAX_CONTENT_BYTES
+
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    huge = "\u00e9" * (3 << 20)  # 6 MiB of UTF-8
+    steps = [
+        Step(id="t1", index=0, kind="tool", name="read", input={"path": huge}, output=huge,
+             started_at=now, ended_at=now),
+        Step(id="m1", index=1, kind="model", name="m", input={"messages": [{"role": "user", "content": "hi"}]},
+             output={"role": "assistant", "content": huge}, started_at=now, ended_at=now),
+    ]  # fmt: skip
+    t = Trajectory(id=str(uuid.uuid4()), agent="a", task=huge, steps=steps, started_at=now, ended_at=now)
+    spans = list(spans_of(t, capture_content=True))
+    sizes = [len(v.encode()) for s in spans for v in s.attributes.values() if isinstance(v, str)]
+    assert max(sizes) <= MAX_CONTENT_BYTES
+    tool = next(s for s in spans if s.attributes.get("honed.step.id") == "t1")
+    assert set(tool.attributes["honed.truncated_attributes"]) == {
+        "gen_ai.tool.call.arguments",
+        "gen_ai.tool.call.result",
+    }
+    assert tool.attributes["gen_ai.tool.call.result"] == "\u00e9" * (MAX_CONTENT_BYTES // 2)
+    small = next(s for s in spans_of(Trajectory(id=str(uuid.uuid4()), agent="a", task="hi", started_at=now,
+                                                 ended_at=now), capture_content=True))  # fmt: skip
+    assert "honed.truncated_attributes" not in small.attributes

@@ -344,12 +344,25 @@ def _span(
     end: int,
     events: Sequence[Event] = (),
 ) -> ReadableSpan:
+    kept: dict[str, Any] = {}
+    cut: list[str] = []
+    for key, value in attributes.items():
+        if value is None:
+            continue  # None would fail the batch
+        if type(value) is str and len(value) > MAX_CONTENT_BYTES // 4 and utf8_len(value) > MAX_CONTENT_BYTES:
+            # A task, a tool's arguments or result, a reply: whatever the capture's field cap let
+            # through (`HONED_MAX_FIELD_BYTES` can be set past gRPC's 4 MiB) is cut, and says so.
+            value = value.encode("utf-8", "surrogatepass")[:MAX_CONTENT_BYTES].decode("utf-8", "ignore")
+            cut.append(key)
+        kept[key] = value
+    if cut:
+        kept["honed.truncated_attributes"] = tuple(cut)
     return ReadableSpan(
         name=name,
         context=context,
         parent=parent,
         resource=resource,
-        attributes={k: v for k, v in attributes.items() if v is not None},  # None would fail the batch
+        attributes=kept,
         events=events,
         kind=kind,
         status=status,
