@@ -277,7 +277,10 @@ def test_the_worker_rides_out_a_postgres_outage(pg_url: str) -> None:
     seed(direct, 3, prefix="before")
     through_proxy = honed.open_store(url.set(port=proxy.port).render_as_string(hide_password=False))
     worker = Worker(through_proxy, [ReferenceMatch()], poll_s=0.05, backoff_s=0.05, max_backoff_s=0.2)
-    thread = threading.Thread(target=worker.run_forever, kwargs={"install_signal_handlers": False})
+    returned: list[int] = []
+    thread = threading.Thread(
+        target=lambda: returned.append(worker.run_forever(install_signal_handlers=False))
+    )
     thread.start()
     try:
         _until(lambda: direct.count(verdict="labeled") == 3)
@@ -291,6 +294,7 @@ def test_the_worker_rides_out_a_postgres_outage(pg_url: str) -> None:
         thread.join(20)
         proxy.down()
     assert not thread.is_alive() and worker.stats.settled == 6
+    assert returned == [6]  # what `honed verify --watch` prints: the runs before the outage too
 
 
 def _until(condition, timeout: float = 30.0) -> None:

@@ -178,20 +178,22 @@ class Worker:
     def run_forever(self, *, install_signal_handlers: bool = True) -> int:
         """Poll and label until `stop()` (or SIGTERM/SIGINT when run in the main thread)."""
         restore = self._install_signal_handlers() if install_signal_handlers else {}
-        settled, failures = 0, 0
+        # Counted as written, not as `_pump` returns: a store error loses the count of the pump it
+        # ended (`honed verify --watch` said 0 checked after an outage, having settled many).
+        before, failures = self.stats.settled, 0
         try:
             self._prepare_with_retry()
             while True:
                 try:
-                    settled += self._pump(until_idle=False)
-                    return settled
+                    self._pump(until_idle=False)
+                    return self.stats.settled - before
                 except SQLAlchemyError as exc:
                     failures += 1
                     self.stats.store_errors += 1
                     delay = self._backoff(failures)
                     log.warning("honed: store error (%s); retrying in %.1fs", type(exc).__name__, delay)
                     if self._stop.wait(delay) and not self._in_flight and not self._buffer:
-                        return settled
+                        return self.stats.settled - before
         finally:
             for signum, handler in restore.items():
                 signal.signal(signum, handler)
