@@ -626,6 +626,33 @@ def test_passwords_on_command_lines_are_redacted(name: str) -> None:
 
 URL_TOKEN = rand(10, string.ascii_lowercase) + rand(10, string.digits)
 OTHER_SHAPES = {
+    # An attacker's QA pass, session 21: each of these reached the store and the exports.
+    "env_vendor_key": ("Sg" + rand(22), "HOME=/root\nSENDGRID_KEY={}\nPATH=/usr/bin"),
+    "env_rails_secret_key_base": ("Rb" + rand(22), "SECRET_KEY_BASE={}"),
+    "env_master_key": (rand(32, "0123456789abcdef"), "RAILS_MASTER_KEY={}"),
+    "mailgun_key": (rand(32, "0123456789abcdef"), "MAILGUN_API=key-{}"),
+    "npmrc_auth": (
+        base64.b64encode(b"bob:Np" + rand(14).encode()).decode(),
+        "//registry.npmjs.org/:_auth={}",
+    ),
+    "httpie_auth": ("Ht" + rand(14), "http -a bob:{} POST api.example.com"),
+    "httpie_auth_long": ("Ht" + rand(14), "https --auth bob:{} GET api.example.com"),
+    "sqlplus": ("Sq" + rand(14), "sqlplus system/{}@//db:1521/ORCL"),
+    "sentence_password": ("Pw" + rand(10) + "7", "the password is {}."),
+    "sentence_api_key": ("Ak" + rand(14) + "3", "Your API key: {}"),
+    "sentence_token": ("Tk" + rand(14) + "5", "your access token is {}"),
+    "query_key": ("AIz" + rand(20), "https://maps.example.com/geocode/json?address=x&key={}"),
+    "query_signature": ("Sig" + rand(20) + "9", "https://api.example.com/v1?signature={}"),
+    "openssl_k": ("Os" + rand(14), "openssl enc -aes-256-cbc -k {} -in f"),
+    "openssl_passwd": ("Op" + rand(14), "useradd -p $(openssl passwd -1 {}) bob"),
+    "htpasswd": ("Hp" + rand(14), "htpasswd -bc /etc/nginx/.htpasswd admin {}"),
+    "chpasswd": ("Cp" + rand(14), "echo 'root:{}' | chpasswd"),
+    "docker_login_stdin": ("Dl" + rand(14), "echo {} | docker login -u bob --password-stdin"),
+    "gh_with_token": ("Gh" + rand(14), "echo {} | gh auth login --with-token"),
+    "rdp": ("Rd" + rand(14), "xfreerdp /u:admin /p:{} /v:host"),
+    "js_pass": ("Js" + rand(14), "auth: {{ user: 'bob', pass: '{}' }}"),
+    "terraform_default": ("Tf" + rand(14), 'variable "db_password" {{\n  default = "{}"\n}}'),
+    "sql_insert": ("Si" + rand(14), "INSERT INTO users(name, password) VALUES ('bob', '{}')"),
     # A QA pass, session 20: a lowercase `_pass` name, and a passphrase's words after the first.
     "lowercase_db_pass": ("Lc" + rand(14), "db_pass={} ./migrate"),
     "lowercase_smtp_pass_colon": ("Sm" + rand(14), "smtp_pass: {}"),
@@ -797,6 +824,12 @@ ORDINARY = [
     "GET /q?x=a%20b%20c&next=https%3A%2F%2Fexample.com%2Fpath",
     "mycli --api-key $API_KEY --token-file ~/.token; pass --secret name to pick one",
     "the signature=valid and sig=ok; ya29 is a model name, hvs.short too",
+    "The password is incorrect. Your token: expired; the secret is out; api key: missing",
+    "PRIMARY_KEY=id SORT_KEY=created_at PUBLIC_KEY=ssh-ed25519 https://x/?key=name&sig=short",
+    "INSERT INTO t (a, b) VALUES (1, 'two'); INSERT INTO users (name, password) VALUES ('bob', NULL)",
+    'variable "region" {\n  default = "us-east-1"\n}\nhttp -a bob GET x; openssl enc -d -in f',
+    "a8f5f167f44f4964e6c998dee827110c0123456789abcdef and iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk",
+    "Zm9yIHRoZSByZWNvcmQsIHRoaXMgaXMgcGxhaW4gdGV4dCB3aXRoIG5vIHNlY3JldHM=",
 ]
 
 
@@ -806,6 +839,36 @@ def test_ordinary_commands_and_prose_are_left_alone(text: str) -> None:
 
 
 ENV_FILE_KEY = "sk-proj-" + rand(40)
+
+
+def test_base64_text_holding_a_secret_is_redacted_and_stays_base64() -> None:
+    """An attacker's QA pass (session 21): a `.env` read through GitHub's contents API (base64, broken
+    every 60 characters) reached the store and the exports whole, and decoded to the key."""
+    env = f"OPENAI_API_KEY={ENV_FILE_KEY}\nDATABASE_URL=postgres://app:Pg{rand(14)}@db/prod\n".encode()
+    encoded = base64.encodebytes(env).decode()  # lines of 76, as GitHub's 60
+    result = {"name": ".env", "encoding": "base64", "content": encoded}
+    out = Redactor().redact(result)
+    decoded = base64.b64decode(out["content"]).decode()
+    assert_gone(ENV_FILE_KEY, decoded)
+    assert "[REDACTED:" in decoded and decoded.startswith("OPENAI_API_KEY=")
+    assert out["name"] == ".env"
+    # As JSON text (a tool's string result): the escaped `\n` breaks too.
+    text = Redactor().redact_text(json.dumps(result))
+    assert ENV_FILE_KEY not in base64.b64decode(json.loads(text)["content"]).decode()
+    # Binary data and base64 of ordinary text are kept as they are.
+    png = base64.b64encode(bytes(range(256)) * 4).decode()
+    plain = base64.b64encode(b"nothing to hide in this file, just words and numbers 12345").decode()
+    assert Redactor().redact_text(png) == png and Redactor().redact_text(plain) == plain
+
+
+def test_environment_key_names_name_secrets_as_dict_keys() -> None:
+    """`<NAME>_KEY` in an environment (upper case), `<vendor>_key` in any case; a primary or
+    public key is not a secret."""
+    secret = "Ek" + rand(20)
+    env = {n: secret for n in ("SENDGRID_KEY", "APP_KEY", "OPENAI_KEY", "stripe_key", "SECRET_KEY_BASE")}
+    assert_gone(secret, json.dumps(Redactor().redact(env)))
+    kept = {"primary_key": "id", "PUBLIC_KEY": "ssh-ed25519 AAAA", "cache_key": "u:1", "key": "name"}
+    assert Redactor().redact(kept) == kept
 
 
 @pytest.mark.parametrize("data", [bytes, bytearray, memoryview])

@@ -48,6 +48,13 @@ _TEXT_CACHE_MAX_CHARS = 16_384
 _TEXT_CACHE_CHARS = 2_097_152
 # The shortest text a rule can act on ("a://b:c@", "pwd=abc1"): shorter strings ("user", "7") skip it all.
 _MIN_SECRET_TEXT = 8
+# Base64 of at least 24 characters (18 bytes: `user:password`), its lines broken by newlines or by
+# JSON's escaped `\n` (the GitHub contents API breaks at 60).
+_MIN_BASE64 = 24
+_BASE64_RUN = re.compile(
+    r"(?<![A-Za-z0-9+/=])[A-Za-z0-9+/]{24,}(?:(?:\r?\n|\\n)[A-Za-z0-9+/]{4,})*={0,2}(?![A-Za-z0-9+/=])"
+)
+_BASE64_BREAKS = re.compile(r"\r?\n|\\n")
 # `redact_capped` keeps this many characters past its limit before redacting, so that a secret that
 # straddles the limit is seen whole (or, longer than this, by a prefix long enough for its rule).
 CUT_MARGIN = 4096
@@ -352,6 +359,8 @@ class Redactor:
     def _builtin(self, text: str) -> str:
         if len(text) < _MIN_SECRET_TEXT:
             return text
+        if len(text) >= _MIN_BASE64 and _BASE64_RUN.search(text) is not None:
+            text = _BASE64_RUN.sub(self._base64_text, text)
         lowered = _lower(text)
         if not _is_candidate(text, lowered):
             return text
@@ -362,6 +371,22 @@ class Redactor:
         if self._use_detect_secrets:
             text = _DETECT_SECRETS.redact(text, lowered)
         return text
+
+    def _base64_text(self, m: re.Match[str]) -> str:
+        """A base64 run that decodes to text (a file from GitHub's contents API, a Kubernetes
+        secret's value, `.npmrc`'s `_auth`) holding a secret: the redacted text, re-encoded."""
+        run = m.group(0)
+        packed = _BASE64_BREAKS.sub("", run)
+        try:
+            decoded = base64.b64decode(packed + "=" * (-len(packed) % 4), validate=True).decode("utf-8")
+        except ValueError:  # binascii.Error and UnicodeDecodeError both are
+            return run
+        if not decoded.replace("\n", "").replace("\r", "").replace("\t", "").isprintable():
+            return run  # binary that happens to be valid UTF-8
+        redacted = self._builtin(decoded)
+        if redacted == decoded:
+            return run
+        return base64.b64encode(redacted.encode("utf-8")).decode("ascii")
 
     def _apply_hook(self, text: str) -> str:
         try:
@@ -567,6 +592,17 @@ _CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
 _NOT_ALNUM = re.compile(r"[^a-z0-9]+")
 
 
+# `<vendor>_key` in any case names an API key (an environment's `<NAME>_KEY` does in upper case).
+_KEY_VENDORS = frozenset(
+    (
+        "openai", "anthropic", "stripe", "mailgun", "sendgrid", "twilio", "storage", "license", "master", "app",
+        "jwt", "hmac", "aes", "gemini", "google", "groq", "mistral", "cohere", "deepseek", "together", "fireworks",
+        "replicate", "pinecone", "algolia", "cloudflare", "datadog", "github", "gitlab", "slack", "azure",
+        "signing", "encryption", "webhook", "mapbox", "postmark", "pusher", "firebase", "supabase", "service",
+    )
+)  # fmt: skip
+
+
 def secret_key_kind(key: str) -> str | None:
     """The redaction kind of a dict key that names a secret (`"OPENAI_API_KEY"` -> `"api_key"`), else None.
 
@@ -585,6 +621,15 @@ def secret_key_kind(key: str) -> str | None:
             return kind
     if len(words) >= 2 and words[-1] == "token" and words[-2] not in _PUBLIC_TOKENS:
         return "token"
+    if words[-3:] == ("secret", "key", "base"):
+        return "secret"  # Rails' `SECRET_KEY_BASE`
+    if (
+        len(words) >= 2
+        and words[-1] == "key"
+        and f"{words[-2]}_" not in _NOT_SECRET_KEYS
+        and (words[-2] in _KEY_VENDORS or ("_" in key and key.isupper()))
+    ):
+        return "api_key"  # `OPENAI_KEY`, `stripe_key`, and an environment's `<NAME>_KEY`
     joined = "".join(words)
     for ending, ending_kind in _ENDINGS:
         if joined.endswith(ending):
@@ -637,6 +682,8 @@ _KEYWORDS = (
     "contrase",
     "_pass",
     "auth",
+    "sqlplus",
+    "/p:",
 )
 
 
@@ -868,8 +915,11 @@ _ATTACHED_P = ("mysql", "mariadb", "7z")
 _ANY_P = ("sshpass", "mongo")  # `mongo`, `mongosh`, `mongodump`, ... take `-p PASSWORD`
 # Other commands' flags whose value is a password (a QA pass, session 19: each reached the store).
 _STORE_PASS = ("-storepass", "-keypass", "-srcstorepass", "-deststorepass", "-srckeypass", "-destkeypass")
+_HTTPIE = ("http", "https", "xh", "xhs")
 _PASSWORD_FLAGS = {
     "redis-cli": ("-a",),
+    **{name: ("-a", "--auth") for name in _HTTPIE},  # httpie: `-a user:PW`
+    "openssl": ("-k",),  # `openssl enc -k PW`
     "sqlcmd": ("-P",),
     "bcp": ("-P",),
     "zip": ("-P",),
@@ -896,7 +946,13 @@ def _command_password_flag(m: re.Match[str]) -> str:
         return m.group(0)
     flag = m.group(1)
     for word in _command_before(m).split():
-        if flag in _PASSWORD_FLAGS.get(word.rpartition("/")[2], ()):
+        command = word.rpartition("/")[2]
+        if flag in _PASSWORD_FLAGS.get(command, ()):
+            if command in _HTTPIE:  # `-a user:PW`; `-a user` prompts for it
+                user, colon, password = m.group(group).partition(":")
+                return (
+                    _splice(m, group, f"{user}:{_marker('password')}") if colon and password else m.group(0)
+                )
             return _splice(m, group, _marker("password"))
     return m.group(0)
 
@@ -936,6 +992,67 @@ def _command_before(m: re.Match[str]) -> str:
 _NETRC_BEFORE = re.compile(r"(?<!\S)(?:machine|login|account)\s+\S+\s+\Z")
 
 
+def _credential_shaped(value: str) -> bool:
+    """Long, and letters mixed with digits or symbols: a credential's shape, not a word."""
+    if len(value) < 8:
+        return False
+    digits = any(c.isdigit() for c in value)
+    return (digits and any(c.isalpha() for c in value)) or (not value.isalnum() and len(value) >= 12)
+
+
+def _shaped_group(group: int, kind: str) -> Callable[[re.Match[str]], str]:
+    def replace(m: re.Match[str]) -> str:
+        return _splice(m, group, _marker(kind)) if _credential_shaped(m.group(group)) else m.group(0)
+
+    return replace
+
+
+def _sentence_secret(m: re.Match[str]) -> str:
+    """ "the password is hunter2x" goes; "the password is incorrect" stays."""
+    value = m.group(2)
+    core = value.rstrip(".")
+    if not _credential_shaped(core):
+        return m.group(0)
+    name = m.group(1).lower()
+    kind = (
+        "password"
+        if name.startswith("pass")
+        else "secret"
+        if name == "secret"
+        else "token"
+        if "token" in name
+        else "api_key"
+    )
+    return _splice(m, 2, _marker(kind) + value[len(core) :])
+
+
+def _terraform_default(m: re.Match[str]) -> str:
+    kind = secret_key_kind(m.group(1))
+    return m.group(0) if kind is None else _splice(m, 2, _marker(kind))
+
+
+_SQL_ITEM = re.compile(r"""\s*('(?:[^']|'')*'|"[^"]*"|[^,]*?)\s*(?:,|$)""")
+
+
+def _sql_insert(m: re.Match[str]) -> str:
+    """A value goes where its column names a secret: positions matched, quotes kept."""
+    columns = [c.strip().strip('"`[]') for c in m.group(1).split(",")]
+    kinds = [secret_key_kind(c) for c in columns]
+    if not any(kinds):
+        return m.group(0)
+    values = [v for v in _SQL_ITEM.findall(m.group(2))]
+    if values and values[-1] == "":
+        values.pop()
+    if len(values) != len(columns):
+        return m.group(0)
+    out = []
+    for value, kind in zip(values, kinds, strict=True):
+        if kind is not None and value[:1] in ("'", '"') and len(value) > 2:
+            value = value[0] + _marker(kind) + value[0]
+        out.append(value)
+    return _splice(m, 2, ", ".join(out))
+
+
 def _netrc_password(m: re.Match[str]) -> str:
     if _NETRC_BEFORE.search(m.string, max(0, m.start() - 256), m.start()) is None:
         return m.group(0)
@@ -944,6 +1061,17 @@ def _netrc_password(m: re.Match[str]) -> str:
 
 def _flag_or_tally(value: str) -> bool:
     return value.isdigit() or value.lower() in _VERDICTS
+
+
+# `<NAME>_KEY` names a secret in an environment, but not these.
+_NOT_SECRET_KEYS = tuple(
+    f"{w}_"
+    for w in (
+        "public", "primary", "sort", "partition", "cache", "hash", "range", "foreign", "idempotency",
+        "routing", "object", "s3", "lookup", "group", "dedup", "unique", "map", "hot", "shortcut", "pub",
+        "index", "row", "column", "join", "shard", "message", "item", "record", "entity", "resource",
+    )
+)  # fmt: skip
 
 
 def _assignment(m: re.Match[str]) -> str:
@@ -955,8 +1083,10 @@ def _assignment(m: re.Match[str]) -> str:
     elif word == "auth":  # `"auth": "dXNlcjpwYXNz"` (a Docker config), `?auth=...`
         kind = "secret"
     else:  # "...key": say which key when the name tells
-        name = m.string[max(0, m.start() - 8) : m.start()].lower()
-        kind = "private_key" if "priv" in name else "secret" if "secret" in name else "api_key"
+        name = m.string[max(0, m.start() - 12) : m.start()].lower()
+        if word == "key" and name.endswith(_NOT_SECRET_KEYS):
+            return m.group(0)  # `PRIMARY_KEY=id`, `PUBLIC_KEY=...`, `CACHE_KEY=...`
+        kind = "private_key" if "priv" in name else "secret" if "secret" in name + word else "api_key"
     if word == "pass" and _flag_or_tally((m.group(5) if m.group(5) is not None else m.group(6)).rstrip(":.")):
         return m.group(0)  # `first_pass = True`, `n_pass: 3`: a flag or a tally, not a password
     if m.group(5) is not None:
@@ -1158,11 +1288,13 @@ _RULES = (
         anchors=("-p",),
     ),
     _Rule(
-        rf"(?<![^\s'\"])(-a|-P|-w|-pw|{'|'.join(_STORE_PASS)})[ \t]+{_NOT_REDACTED}"
+        rf"(?<![^\s'\"])(-a|--auth|-k|-P|-w|-pw|{'|'.join(_STORE_PASS)})[ \t]+{_NOT_REDACTED}"
         rf"(?:(['\"])([^'\"\r\n]*+)\2|([^\s'\"]++))",
         _command_password_flag,
         anchors=(
             "-a",
+            "--auth",
+            "-k",
             "-p",
             "-w",
             "-storepass",
@@ -1186,7 +1318,9 @@ _RULES = (
     ),
     _Rule(
         rf"(?<![\w-])echo[ \t]+{_NOT_REDACTED}(?:(['\"])([^'\"\r\n]*+)\1|([^\s'\"|;&]++))[ \t]*\|[ \t]*"
-        rf"sudo[ \t]+(?:-[^\sS]*[ \t]+)*-[A-Za-z]*S(?![\w-])",
+        rf"(?:sudo[ \t]+(?:-[^\sS]*[ \t]+)*-[A-Za-z]*S(?![\w-])|(?:sudo[ \t]+)?chpasswd\b"
+        # what a registry login or `gh` reads from its input (a QA pass, session 21)
+        rf"|[^\n|;&]*?(?<![\w-])login(?![\w-])[^\n|;&]*?(?:--password-stdin|--with-token)\b)",
         _echoed_to_sudo,
         anchors=("echo",),
     ),
@@ -1246,6 +1380,64 @@ _RULES = (
         rf"{_NOT_REDACTED}([^'\"\\\r\n]++){_QUOTE}[ \t]*[\])]",
         _named_value,
     ),
+    # A QA pass (session 21): shapes an attacker's agent got to the store.
+    # Mailgun's `key-<32 hex>`.
+    _Rule(r"(?<![\w-])key-[0-9a-f]{32}(?![\w-])", _whole("api_key"), anchors=("key-",)),
+    # A URL's `?key=` (Google Maps) or `&signature=` with a credential's shape.
+    _Rule(
+        rf"[?&](?:key|signature|sig|apikey|access_key)={_NOT_REDACTED}([^&\s#'\"<>]{{16,}})",
+        _shaped_group(1, "api_key"),
+        anchors=(
+            "?key=",
+            "&key=",
+            "?signature=",
+            "&signature=",
+            "?sig=",
+            "&sig=",
+            "?apikey=",
+            "&apikey=",
+            "?access_key=",
+            "&access_key=",
+        ),
+    ),
+    # Oracle's `sqlplus user/PW@db`, `htpasswd -b FILE USER PW`, FreeRDP's `/p:PW`.
+    _Rule(
+        rf"(?<![\w-])sqlplus[ \t]+[^\s/@]+/{_NOT_REDACTED}([^\s@]+)",
+        _group(1, "password"),
+        anchors=("sqlplus",),
+    ),
+    _Rule(
+        rf"(?<![\w-])htpasswd[ \t]+-[A-Za-z]*b[A-Za-z]*[ \t]+(?:-[A-Za-z]+[ \t]+)*\S+[ \t]+\S+[ \t]+{_NOT_REDACTED}"
+        r"(?:(['\"])([^'\"\r\n]*+)\1|([^\s'\"]++))",
+        _matched_group("password"),
+        anchors=("htpasswd",),
+    ),
+    _Rule(
+        rf"(?<![\w-])openssl[ \t]+passwd(?:[ \t]+-(?:salt[ \t]+\S+|\S+))*[ \t]+{_NOT_REDACTED}"
+        r"(?:(['\"])([^'\"\r\n]*+)\1|([^\s'\")]++))",
+        _matched_group("password"),
+        anchors=("openssl",),
+    ),
+    _Rule(rf"(?<=\s)/p:{_NOT_REDACTED}([^\s'\"]+)", _group(1, "password"), anchors=("/p:",)),
+    # In a sentence: "the password is X", "Your API key: X", "your access token is X" (X shaped as one).
+    _Rule(
+        r"(?i)(?<![\w-])(password|passphrase|passcode|api[ _-]?key|(?:access |auth |api |bearer )?token|secret)"
+        rf"(?: is|:|=)[ \t]+(?:['\"`])?{_NOT_REDACTED}([^\s'\"`,;]+)",
+        _sentence_secret,
+        anchors=("password", "passphrase", "passcode", "api", "token", "access", "auth", "bearer", "secret"),
+    ),
+    # Terraform: `variable "db_password" { default = "X" }`.
+    _Rule(
+        rf"variable[ \t]+\"([^\"\r\n]{{1,128}})\"[ \t]*\{{[^{{}}]{{0,512}}?default[ \t]*=[ \t]*\"{_NOT_REDACTED}([^\"\r\n]+)\"",
+        _terraform_default,
+        requires="default",
+    ),
+    # SQL: `INSERT INTO users (name, password) VALUES ('bob', 'PW')`.
+    _Rule(
+        r"(?i)(?<![\w-])insert[ \t]+into[ \t]+[\w.\"`\[\]]+[ \t]*\(([^()\r\n]{1,512})\)[ \t]*values[ \t]*\(([^()\r\n]{1,4096})\)",
+        _sql_insert,
+        anchors=("insert",),
+    ),
     # A passphrase is words: unquoted (`passphrase: correct horse battery staple`), the rest of its line.
     _Rule(
         rf"(?i)(?<![A-Za-z])passphrase(?![A-Za-z0-9_])[ \t]*[:=][ \t]*(?![\\'\"`])"
@@ -1256,7 +1448,8 @@ _RULES = (
     # password = '...', "api_key": "...", TOKEN=..., secret: ... The name must end at the operator, so
     # "max_tokens = 5" and "token_count: 3" stay; a bare "key = ..." is ordinary code and stays too.
     _Rule(
-        r"(?i)(passw(?:or)?d|(?-i:(?<=[A-Za-z0-9]_)(?:PASS|pass))|(?<![A-Za-z0-9_-])auth|pwd|passphrase|contrase(?:ñ|n)a|secret|token|"
+        r"(?i)(passw(?:or)?d|(?-i:(?<=[A-Za-z0-9]_)(?:PASS|pass))|(?<![A-Za-z0-9-])(?<![A-Za-z0-9]_)auth|pwd|passphrase|contrase(?:ñ|n)a|"
+        r"(?-i:SECRET_KEY_BASE|(?<=[A-Z0-9]_)KEY)|(?<![\w.-])pass(?=['\"]?[ \t]*[:=][ \t]*['\"])|secret|token|"
         + _after("api", "access", "private", "auth", "secret", "client", "label")
         + r"key)(?![A-Za-z0-9_])"
         r"([\\'\"\]]{0,3}[ \t]*(?:=>|:=|==?|:|%3[Dd])[ \t]*)"
