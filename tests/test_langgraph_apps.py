@@ -122,16 +122,11 @@ def test_a_reviewers_decision_is_stored_as_what_ran_in_the_order_it_ran(
     assert tool_step.index < answer.index  # the call was answered before the model's last turn
     if decision["type"] == "reject":
         assert "no adding" in tool_step.error and tool_step.input == {"a": 2, "b": 3}
-        return
-    edited = decision["edited_action"]
-    result = "42" if edited["name"] == "add" else "80"
-    assert next(m for m in done["messages"] if isinstance(m, ToolMessage)).content.endswith(result)
-    assert (tool_step.name, tool_step.input) == (edited["name"], edited["args"])
-    assert str(tool_step.output).endswith(result) and tool_step.error is None
-    if capture == "middleware":  # what the model asked for stays on the step
-        assert tool_step.extra["asked"] == {"name": "add", "args": {"a": 2, "b": 3}}
+    else:
+        _assert_edit_ran(capture, decision, done, tool_step)
     # However it was captured (a QA pass, session 17: under callbacks nothing marked the edit),
-    # the run passed on the reviewer's call, not the model's: it never trains as the model's.
+    # the run passed on the reviewer's call, not the model's, or on a call a reviewer rejected
+    # (a QA pass, session 21: trained as the model's good call): it never trains as the model's.
     from honed.learn.datasets import prepare
 
     store = honed.open_store(sqlite_url)
@@ -145,6 +140,70 @@ def test_a_reviewers_decision_is_stored_as_what_ran_in_the_order_it_ran(
         select_trajectories(store, verdict="pass"), sqlite_url.removeprefix("sqlite:///") + ".jsonl"
     )
     assert result.written == 0 and result.skipped == {"call_changed_before_running": 1}
+
+
+def _assert_edit_ran(capture: str, decision: dict[str, Any], done: Any, tool_step: Any) -> None:
+    edited = decision["edited_action"]
+    result = "42" if edited["name"] == "add" else "80"
+    assert next(m for m in done["messages"] if isinstance(m, ToolMessage)).content.endswith(result)
+    assert (tool_step.name, tool_step.input) == (edited["name"], edited["args"])
+    assert str(tool_step.output).endswith(result) and tool_step.error is None
+    if capture == "middleware":  # what the model asked for stays on the step
+        assert tool_step.extra["asked"] == {"name": "add", "args": {"a": 2, "b": 3}}
+
+
+@pytest.mark.parametrize("position", ["first", "last"])
+def test_a_call_a_reviewer_rejected_one_at_a_time_never_trains(
+    capture: str, position: str, sqlite_url: str
+) -> None:
+    """`interrupt_mode="per_call"`: the reviewer answers inside the tool call, so `Middleware`
+    listed first saw a call whose tool never ran (a QA pass, session 21: stored as the tool's own
+    error, then trained on as the model's good call)."""
+    if capture == "instrument" and position == "last":
+        pytest.skip("one instrument() run is enough")
+    hitl = HumanInTheLoopMiddleware(interrupt_on={"add": True}, interrupt_mode="per_call")
+    ours = capture_middleware(capture, sqlite_url)
+    middleware = [*ours, hitl] if position == "first" else [hitl, *ours]
+    agent = create_agent(
+        ToolScriptModel(), [add], name="calc", middleware=middleware, checkpointer=InMemorySaver()
+    )
+    config = thread("th-per-call", task_id="t-add")
+    paused = agent.invoke({"messages": [("user", ADD_TASK)]}, config)
+    (pending,) = paused["__interrupt__"]
+    agent.invoke(Command(resume={pending.id: {"type": "reject", "message": "no adding"}}), config)
+    assert honed.flush()
+    store = honed.open_store(sqlite_url)
+    (t,) = store.trajectories()
+    tool_step = t.tool_steps()[-1]  # under `Middleware` first, the call paused is a step too
+    assert "no adding" in tool_step.error and tool_step.extra.get("synthesised")  # never ran
+    store.add_verdict(t.id, honed.Verdict(passed=True, verifier="human"))
+    from honed.learn.datasets import prepare
+
+    assert len(prepare(store, "sft")) == 0
+
+
+def test_a_turn_appended_with_update_state_keeps_its_labels_and_task(capture: str, sqlite_url: str) -> None:
+    """`update_state(..., as_node="__start__")` then `invoke(None, config)` with the turn's labels
+    (a QA pass, session 21: `Middleware` took it for a `Send` worker and dropped `task_id` and
+    `expected`; `instrument()` stored no task)."""
+    from langchain_core.messages import HumanMessage
+
+    agent = create_agent(
+        ToolScriptModel(), [add], name="calc", middleware=capture_middleware(capture, sqlite_url),
+        checkpointer=InMemorySaver(),
+    )  # fmt: skip
+    agent.invoke({"messages": [("user", "answer hi")]}, thread("th-us", task_id="turn1", expected="hi"))
+    agent.update_state(
+        {"configurable": {"thread_id": "th-us"}}, {"messages": [HumanMessage(ADD_TASK)]}, as_node="__start__"
+    )
+    agent.invoke(None, thread("th-us", task_id="turn2", expected="the sum is 5"))
+    assert honed.flush()
+    store = honed.open_store(sqlite_url)
+    second = next(t for t in store.trajectories() if t.task_id == "turn2")
+    assert second.metadata.get("expected") == "the sum is 5" and "within_task_id" not in second.metadata
+    assert second.task == {"messages": [{"role": "user", "content": ADD_TASK}]}
+    Worker(store, [ReferenceMatch()]).run_once()
+    assert store.get(second.id).verdicts[0].passed is True
 
 
 @pytest.mark.parametrize("saver", ["memory", "sqlite"])

@@ -235,20 +235,26 @@ def is_verifier_error(verdict: Verdict) -> bool:
 
 
 def call_changed_before_running(t: Trajectory) -> bool:
-    """Whether a tool call ran as another than the model asked for: a reviewer's edit in
-    human-in-the-loop, a middleware's rewrite. Such a run passed on someone else's call, not the
+    """Whether a tool call ran as another than the model asked for, or not at all: a reviewer's
+    edit or rejection in human-in-the-loop, a middleware's rewrite. Such a run passed on someone else's call, not the
     model's: neither training nor an exported dataset may teach it as the model's. `Middleware` records it (`extra["asked"]`); under
     callbacks (`instrument()`), or resumed in another process, only the model step's call with
     the tool step's `tool_call_id` tells, so the two are compared here."""
     asked: dict[Any, dict[str, Any]] = {}
+    offered: set[Any] = set()
     for step in t.steps:
         if step.kind == "model":
             asked.update((c.get("id"), c) for c in step.tool_calls or () if isinstance(c, dict))
+            offered.update(_tool_names(step.input))
             continue
         extra = step.extra or {}
         if step.kind != "tool":
             continue
         if "asked" in extra:
+            return True
+        if extra.get("synthesised") and step.error is not None and step.name in offered:
+            # A tool the model had, answered with an error without running: a reviewer's
+            # rejection (a QA pass, session 21: trained as the model's good call), a call limit.
             return True
         call = asked.get(extra.get("tool_call_id")) if extra.get("tool_call_id") else None
         if call is not None and (call.get("args") != step.input or call.get("name") not in (None, step.name)):
@@ -258,6 +264,19 @@ def call_changed_before_running(t: Trajectory) -> bool:
             # edited (`update_state`, then `invoke(None, ...)` from a fork or a static breakpoint).
             return True
     return False
+
+
+def _tool_names(request: Any) -> list[Any]:
+    """The names of the tools a stored model request offered (OpenAI's or a bare schema's)."""
+    tools = request.get("tools") if isinstance(request, dict) else None
+    if not isinstance(tools, list):
+        return []
+    names = []
+    for tool in tools:
+        if isinstance(tool, dict):
+            function = tool.get("function")
+            names.append(function.get("name") if isinstance(function, dict) else tool.get("name"))
+    return names
 
 
 def label(

@@ -37,6 +37,7 @@ from honed.capture.events import (
     START,
     TOOL,
     ModelRanAs,
+    NotRun,
     RanAs,
 )
 from honed.capture.serialize import to_jsonable
@@ -465,6 +466,8 @@ class Assembler:
                 record["metadata"] = {**record["metadata"], "output_types": types}
         steps = sorted(trajectory.steps, key=lambda s: s["index"])
         record["steps"] = steps
+        if record["task"] is None:  # `update_state(...)` then `invoke(None)`: what the state asked
+            record["task"] = _task_of_first_model_call(steps)
         if record["model_version"] is None:
             record["model_version"] = _answering_version(steps, record.get("output"))
         self._completed.append(record)
@@ -623,6 +626,9 @@ class Assembler:
 
     def _tool_step(self, step: dict[str, Any], run: _Run, outputs: Any) -> None:
         extra = run.extra
+        if isinstance(outputs, NotRun):  # answered without running (a reviewer's rejection)
+            step["extra"]["synthesised"] = True
+            outputs = outputs.result
         if isinstance(outputs, RanAs):  # what ran, not what the model asked (a reviewer's edit)
             step["extra"]["asked"] = self._field(
                 {"name": outputs.asked_name, "args": _plain(outputs.asked_args)}
@@ -1000,6 +1006,26 @@ def _resume_value(inputs: Any) -> Any:
 def _thread_of(metadata: dict[str, Any] | None, extra: dict[str, Any] | None) -> str | None:
     """The LangGraph thread: LangGraph copies `configurable.thread_id` into the run metadata."""
     return _opt_str((extra or {}).get("thread_id") or (metadata or {}).get("thread_id"))
+
+
+def _task_of_first_model_call(steps: list[dict[str, Any]]) -> Any:
+    """A run given no input (it ran on from its checkpoint) was asked what its first model call
+    read after the last reply: the task `Middleware` records from the state for the same run."""
+    for step in steps:
+        if step["kind"] != "model":
+            continue
+        messages = step["input"].get("messages") if isinstance(step["input"], dict) else None
+        if not isinstance(messages, list):
+            return None
+        roles = [m.get("role") if isinstance(m, dict) else None for m in messages]
+        last_reply = max((i for i, r in enumerate(roles) if r in ("assistant", "tool")), default=-1)
+        new = [
+            m
+            for m, r in zip(messages[last_reply + 1 :], roles[last_reply + 1 :], strict=True)
+            if r != "system"
+        ]
+        return {"messages": new} if new else None
+    return None
 
 
 def _interrupt(value: Any) -> dict[str, Any]:

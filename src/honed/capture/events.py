@@ -35,6 +35,14 @@ class RanAs(NamedTuple):
     asked_args: Any
 
 
+class NotRun(NamedTuple):
+    """A tool step's END payload when the tool never started: a middleware further in answered
+    the call itself (a reviewer's rejection, a call limit, a human's answer, a cache). The step
+    is marked `synthesised`, as one the assembler makes from the conversation."""
+
+    result: Any
+
+
 class ModelRanAs(NamedTuple):
     """A model step's END payload when the model itself received another request than the one
     its START recorded: a middleware further in changed it (a dynamic system prompt, narrowed

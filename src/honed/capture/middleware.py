@@ -43,6 +43,7 @@ from honed.capture.events import (
     START,
     TOOL,
     ModelRanAs,
+    NotRun,
     RanAs,
     snapshot,
 )
@@ -235,7 +236,10 @@ class Middleware(AgentMiddleware):
         else:
             asked_this = _root_asked_this(root, state)
             root_graph = _is_root_graph(root, config) and asked_this
-            inputs = snapshot(root.inputs) if root is not None and root_graph else _new_messages(state)
+            if root is not None and root_graph and root.inputs is not None:
+                inputs = snapshot(root.inputs)
+            else:  # inside another run, or `update_state(...)` then `invoke(None)`: what the state asks
+                inputs = _new_messages(state)
             extra = _checkpoint_of(runtime, config)
             labels = metadata.get("honed")
             # Asked something else than the run it is inside (a `Send` worker), with that run's
@@ -597,7 +601,7 @@ class Middleware(AgentMiddleware):
     def _record_tool_done(self, trajectory_id: str, step_id: str, result: Any) -> None:
         now = time.time()
         self.recorder.emit((END, step_id, None, now, result))
-        if isinstance(result, RanAs):
+        if isinstance(result, RanAs | NotRun):
             result = result.result
         commands = result if isinstance(result, list) else [result]
         goto = [c.goto for c in commands if isinstance(c, Command) and c.graph == Command.PARENT]
@@ -650,6 +654,8 @@ def _as_ran(result: Any, ran: _ToolRan, request: ToolCallRequest) -> Any:
     """The tool's result, with the call as it ran where that differs from the call this
     middleware saw (`RanAs`: the step records what ran, and what the model asked for)."""
     call = request.tool_call
+    if ran.name is None and call.get("id") is not None and isinstance(result, ToolMessage):
+        return NotRun(result)  # answered further in, never run (a reviewer's rejection)
     try:
         same = ran.name is None or (ran.name == call.get("name") and bool(ran.args == call.get("args")))
     except Exception:  # arguments whose `==` raises (an array): nothing says the call changed
@@ -706,8 +712,8 @@ def _root_asked_this(root: RootRun | None, state: Any) -> bool:
     """Whether the root run's input is this agent's: its last user message is the state's. An
     agent called by code under another root (a `RunnableLambda`, a function traced as a chain)
     was handed something else, and the root's input and output are not its own."""
-    if root is None or isinstance(root.inputs, Command):
-        return True
+    if root is None or root.inputs is None or isinstance(root.inputs, Command):
+        return True  # resumed (`Command(resume=...)`) or run on from its checkpoint (`invoke(None)`)
     from honed.messages import request_text
 
     return request_text(root.inputs) == request_text({"messages": state.get("messages")})
