@@ -421,3 +421,21 @@ def test_a_verifiers_error_or_evidence_quoting_a_secret_is_stored_redacted(store
     with store.engine.connect() as conn:
         stored = " ".join(str(row) for row in conn.execute(text("SELECT reason, evidence FROM verdicts")))
     assert "Unauthorized" in stored and "[REDACTED:" in stored and key not in stored
+
+
+def test_a_gate_round_labels_its_own_attempts_and_nothing_else(store_url: str) -> None:
+    """An operator's QA pass (session 21): the gate's worker labelled the whole store, so training
+    one agent turned another agent's verified passes into fails and held the trainer's lock."""
+    from honed.learn.evaluate import verify_round
+
+    store = honed.open_store(store_url)
+    others = seed(store, 5, prefix="other")  # another agent's runs, unlabelled
+    for i in range(3):
+        store.save(traj(f"round{i}", f"the answer is {i}", expected=str(i), round="r1", split="heldout"))
+    found = verify_round(store, [ReferenceMatch()], "r1", expected=3, timeout_s=30)
+    assert sorted(t.id for t in found) == ["round0", "round1", "round2"]
+    assert all(t.verdicts and t.verdicts[0].passed for t in found)
+    assert all(not store.get(tid).verdicts for tid in others)
+    # The same claims, worked with `only`: a worker given ids claims and enqueues no others.
+    assert Worker(store, [ReferenceMatch()], only=[others[0]]).run_once() == 1
+    assert [tid for tid in others if store.get(tid).verdicts] == [others[0]]

@@ -106,11 +106,16 @@ def verify_round(
     flush()
     started = time.monotonic()
     deadline = started + timeout_s
-    with Worker(store, verifiers, concurrency=concurrency, backoff_s=0.2, max_backoff_s=2.0) as worker:
+    # The round's own attempts only: other runs in the store are not the gate's to label.
+    worker = Worker(store, verifiers, concurrency=concurrency, backoff_s=0.2, max_backoff_s=2.0, only=())
+    with worker:
         while True:
-            if work:
-                worker.run_once()
             found = round_trajectories(store, round_tag, since=since)
+            todo = [t.id for t in found if not _settled(t, verifiers)]
+            if work and todo:
+                worker.only = todo
+                worker.run_once()
+                found = round_trajectories(store, round_tag, since=since)
             if len(found) >= expected and all(_settled(t, verifiers) for t in found):
                 return found
             if time.monotonic() > deadline:

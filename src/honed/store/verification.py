@@ -14,12 +14,12 @@ import functools
 import hashlib
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import and_, exists, func, insert, literal, select, text, update
+from sqlalchemy import and_, exists, func, insert, literal, select, text, true, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import aliased
 
@@ -83,8 +83,11 @@ class VerificationStore:
 
     # -- the work queue ---------------------------------------------------------------------
 
-    def enqueue_verification(self, queue: str, *, limit: int | None = None) -> int:
-        """Give every trajectory without a row in `queue` a pending one; returns how many were added."""
+    def enqueue_verification(
+        self, queue: str, *, limit: int | None = None, ids: Collection[str] | None = None
+    ) -> int:
+        """Give every trajectory (of `ids`, when given) without a row in `queue` a pending one;
+        returns how many were added."""
         now = _now()
         missing = (
             select(
@@ -101,6 +104,8 @@ class VerificationStore:
             .where(TrajectoryRow.status != INTERRUPTED)
             .order_by(TrajectoryRow.created_at)
         )
+        if ids is not None:
+            missing = missing.where(TrajectoryRow.id.in_(list(ids)))
         if limit is not None:
             missing = missing.limit(limit)
         columns = ["trajectory_id", "queue", "state", "attempts", "available_at", "enqueued_at", "updated_at"]
@@ -118,9 +123,16 @@ class VerificationStore:
             return max(0, result.rowcount or 0)
 
     def claim_verification(
-        self, queue: str, owner: str, *, limit: int = 16, lease_s: float = 60.0
+        self,
+        queue: str,
+        owner: str,
+        *,
+        limit: int = 16,
+        lease_s: float = 60.0,
+        ids: Collection[str] | None = None,
     ) -> list[Claim]:
-        """Claim up to `limit` claimable trajectories of `queue` for `owner` until now + `lease_s`.
+        """Claim up to `limit` claimable trajectories of `queue` (of `ids`, when given) for `owner`
+        until now + `lease_s`.
 
         Claimable: claimed under a lease that expired (its worker died), taken first so a steady
         stream of new work cannot starve it; then pending and due, oldest first."""
@@ -139,9 +151,10 @@ class VerificationStore:
             for condition, order in ((expired, C.lease_until), (due, C.available_at)):
                 if len(claims) >= limit:
                     break
+                among = C.trajectory_id.in_(list(ids)) if ids is not None else true()
                 pick = (
                     select(C.trajectory_id)
-                    .where(C.queue == queue, condition)
+                    .where(C.queue == queue, condition, among)
                     .order_by(order)
                     .limit(limit - len(claims))
                     .with_for_update(skip_locked=True)

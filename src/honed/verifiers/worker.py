@@ -34,7 +34,7 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -127,8 +127,12 @@ class Worker:
         owner: str | None = None,
         queue: str | None = None,
         on_progress: Callable[[WorkerStats], None] | None = None,
+        only: Collection[str] | None = None,
     ) -> None:
         self.store = store
+        # Only these trajectories (a gate's round): a worker over the whole store labelled every
+        # other agent's runs its verifiers had not seen (a QA pass, session 21).
+        self.only = only
         self.verifiers = list(verifiers)
         if not self.verifiers:
             raise ValueError("a worker needs at least one verifier")
@@ -272,14 +276,15 @@ class Worker:
                 last_renew = now
 
     def _claim(self) -> list[Claim]:
+        only = None if self.only is None else list(self.only)
         claims = self.store.claim_verification(
-            self.queue, self.owner, limit=self.batch_size, lease_s=self.lease_s
+            self.queue, self.owner, limit=self.batch_size, lease_s=self.lease_s, ids=only
         )
         if len(claims) < self.batch_size:
             # Claim again even when we enqueued nothing: another worker may just have.
-            self.store.enqueue_verification(self.queue)
+            self.store.enqueue_verification(self.queue, ids=only)
             claims += self.store.claim_verification(
-                self.queue, self.owner, limit=self.batch_size - len(claims), lease_s=self.lease_s
+                self.queue, self.owner, limit=self.batch_size - len(claims), lease_s=self.lease_s, ids=only
             )
         return claims
 
