@@ -365,9 +365,27 @@ def test_evaluation_splits_are_held_out_however_they_are_suffixed() -> None:
         "validation_set",
         "tests",
         "evals",
+        # ... and one word of several (an operator's QA pass, session 21: each trained on).
+        "heldout_hard",
+        "test_ood",
+        "eval-2024-q1",
+        "ood_test",
+        "private_test",
+        "held_out_hard",
+        "heldOutHard",
     ):
         assert is_heldout({"task_id": "x", "split": split}), split
-    for split in ("train", "train_v2", "trainset", "contest", "latest", "prod", "values"):
+    for split in (
+        "train",
+        "train_v2",
+        "trainset",
+        "contest",
+        "latest",
+        "prod",
+        "values",
+        "interval",
+        "devops",
+    ):
         assert not is_heldout({"task_id": "x", "split": split}), split
 
 

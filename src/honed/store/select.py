@@ -230,7 +230,20 @@ def same_split(a: str, b: str) -> bool:
 # Splits that name an evaluation set, however written: held out like "heldout" (a user whose
 # evaluation set is "test" trained on it when only "heldout" was held out).
 EVALUATION_SPLITS = frozenset(
-    {"heldout", "holdout", "test", "testing", "eval", "evaluation", "validation", "valid", "val", "dev"}
+    {
+        "heldout",
+        "holdout",
+        "test",
+        "testing",
+        "eval",
+        "evaluation",
+        "validation",
+        "valid",
+        "val",
+        "dev",
+        "ood",
+        "benchmark",
+    }
 )
 
 
@@ -239,9 +252,21 @@ def evaluation_split(split: str) -> bool:
     also with a version, a number, a plural or a "set" after it (`test_set`, `heldout_v2`,
     `evals`, `validation-2024`: a QA pass, session 20, found these trained on)."""
     key = _split_key(split)
-    return key in EVALUATION_SPLITS or _SPLIT_TAIL.sub("", key) in EVALUATION_SPLITS
+    if key in EVALUATION_SPLITS or _SPLIT_TAIL.sub("", key) in EVALUATION_SPLITS:
+        return True
+    # ... and as one word of several (`heldout_hard`, `test_ood`, `eval-2024-q1`, `private_test`,
+    # `heldOutHard`: an operator's QA pass, session 21, found these trained on).
+    words = _SPLIT_WORD.findall(_CAMEL_CASE.sub(" ", unicodedata.normalize("NFKC", split)).casefold())
+    for i, word in enumerate(words):
+        if word in EVALUATION_SPLITS or _SPLIT_TAIL.sub("", word) in EVALUATION_SPLITS:
+            return True
+        if i + 1 < len(words) and word + words[i + 1] in EVALUATION_SPLITS:  # `held_out_hard`
+            return True
+    return False
 
 
+_SPLIT_WORD = re.compile(r"[^\W\d_]+")
+_CAMEL_CASE = re.compile(r"(?<=[a-z])(?=[A-Z])")
 _SPLIT_TAIL = re.compile(r"(?:s|sets?|splits?|data(?:set)?s?)?(?:v?\d+)?$")
 
 
