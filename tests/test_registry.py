@@ -419,3 +419,18 @@ def test_a_config_that_does_not_describe_its_weights_is_refused(store, tmp_path:
         with pytest.raises(ModelVersionInvalid, match=reason):
             store.register_model("agent", variant(name, edit))
     assert store.register_model("agent", tiny_path(1)).version == 1  # the model as saved: fine
+    # The CLI had not imported transformers, so the check was skipped there (an operator's QA pass,
+    # session 21: `honed promote` made a version with random layers live); and a config
+    # transformers itself refuses went live, unloadable by any server.
+    layers = variant(
+        "layers-cli", lambda c: c.update({"num_hidden_layers": 5, "layer_types": ["full_attention"] * 5})
+    )
+    unloadable = variant("unloadable", lambda c: c.update({"num_hidden_layers": 5}))
+    url = str(store.url)
+    for folder, reason in ((layers, "not in the weights"), (unloadable, "config.json does not load")):
+        cli = subprocess.run(
+            [sys.executable, "-m", "honed.cli", "register", "agent", str(folder), "--store", url],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert cli.returncode == 1 and reason in cli.stdout + cli.stderr, cli.stdout + cli.stderr
+    assert [v.version for v in store.versions("agent")] == [1]

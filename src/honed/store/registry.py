@@ -15,6 +15,8 @@ refused and the live one keeps serving.
 from __future__ import annotations
 
 import getpass
+import importlib
+import importlib.util
 import json
 import logging
 import os
@@ -224,11 +226,23 @@ _JSON_FILES = (
 )
 
 
+def _model_library(name: str) -> Any:
+    """`torch` or `transformers`, imported where installed (the CLI's `promote` had not loaded
+    them, so a checkpoint with layers its weights lack went live: an operator's QA pass, session
+    21); None in a capture-only install."""
+    module = sys.modules.get(name)
+    if module is not None:
+        return module
+    if importlib.util.find_spec(name) is None:
+        return None
+    return importlib.import_module(name)
+
+
 def _check_model_type(settings: dict[str, Any], ref: str) -> None:
     """A `model_type` transformers does not know loads nowhere. Checked where transformers is
-    loaded already (a server, a training cycle): the registry imports no model library itself."""
+    installed (a capture-only install has none)."""
     model_type = settings.get("model_type")
-    transformers = sys.modules.get("transformers")
+    transformers = _model_library("transformers")
     mapping = getattr(transformers, "CONFIG_MAPPING", None) if transformers is not None else None
     if mapping is not None and model_type is not None and model_type not in mapping:
         raise ModelVersionInvalid(
@@ -256,15 +270,23 @@ def _check_structure(folder: Path, shapes: dict[str, list[int]], ref: str) -> No
     (on the meta device: no memory) is in the files, with its shape. A GPT-2 config over Qwen
     weights served noise, a layer more than the weights hold was initialised at random, and
     a larger vocabulary made the version unloadable once live. Skipped where transformers
-    cannot build the model from its config alone (remote code), or where transformers is not loaded."""
-    # Where transformers is loaded already (a server, a training cycle), as `_check_model_type`:
-    # the registry imports no model library itself (a capture-only install has none).
-    torch, transformers = sys.modules.get("torch"), sys.modules.get("transformers")
+    cannot build the model from its config alone (remote code), or where transformers is not installed."""
+    # Where transformers is installed (`honed[train]`, a server); a capture-only install has none.
+    torch, transformers = _model_library("torch"), _model_library("transformers")
     if torch is None or transformers is None:
         return
     AutoConfig, AutoModelForCausalLM = transformers.AutoConfig, transformers.AutoModelForCausalLM
     try:
         config = AutoConfig.from_pretrained(folder)
+    except Exception as exc:
+        settings = json.loads((folder / "config.json").read_text())
+        if isinstance(settings, dict) and "auto_map" in settings:
+            log.debug("honed: %s needs its own code to load; its weights' shapes are not checked", ref)
+            return
+        # A config transformers refuses (`num_hidden_layers` against `layer_types`) made a version
+        # the store called live and no server could load (an operator's QA pass, session 21).
+        raise ModelVersionInvalid(ref, f"config.json does not load: {type(exc).__name__}: {exc}") from exc
+    try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
     except Exception:
