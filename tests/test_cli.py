@@ -212,6 +212,15 @@ def test_a_read_only_store_is_read_and_a_write_to_it_is_one_line(captured: str, 
     assert "Traceback" not in label.stdout + label.stderr
 
 
+def test_verify_fails_when_every_verification_errored(captured: str) -> None:
+    """A QA pass (session 21): a broken verifier exited 0 (`verify --once && train` carried on),
+    and its errors took every run out of training without a word."""
+    result = runner.invoke(app, ["verify", "--once", "-v", "verifier_helpers:Raises", "--store", captured])
+    assert result.exit_code == 1 and "every verification failed (2 errors)" in result.output, result.output
+    fine = runner.invoke(app, ["verify", "--once", "-v", "reference", "--store", captured])
+    assert fine.exit_code == 0, fine.output
+
+
 def test_a_verifier_that_is_not_a_factory_is_one_line(captured: str) -> None:
     result = runner.invoke(app, ["verify", "--once", "-v", "json:loads", "--store", captured])
     assert result.exit_code == 2 and "cannot build verifier 'json:loads' with no arguments" in result.output

@@ -376,10 +376,21 @@ def test_cli_versions_promote_rollback(sqlite_url: str, tmp_path: Path) -> None:
     assert typo.exit_code == 1 and "agnet has no versions" in typo.output and "agent" in typo.output
     assert [e["action"] for e in data["history"]][-1] == "rollback"
 
+    # A version a rollback retired (or the gate rejected) goes live again only with --force (a QA
+    # pass, session 21: a typo redeployed a known-worse model without a word).
+    refused = runner.invoke(app, ["promote", "agent@v2", *store])
+    assert refused.exit_code == 1 and "was rejected" in refused.output and "--force" in refused.output
+    assert (
+        json.loads(runner.invoke(app, ["versions", "agent", *store, "--json"]).output)["versions"][0][
+            "status"
+        ]
+        == "live"
+    )
+
     (tmp_path / "v2" / "model.safetensors").unlink()
     refused = runner.invoke(app, ["register", "agent", str(tmp_path / "v2"), *store])
     assert refused.exit_code == 1 and "cannot be served" in refused.output
-    done = runner.invoke(app, ["promote", "agent@v2", *store])  # registered whole, broken since
+    done = runner.invoke(app, ["promote", "agent@v2", *store, "--force"])  # registered whole, broken since
     assert done.exit_code == 1 and "cannot be served" in done.output
     assert runner.invoke(app, ["promote", "agent", *store]).exit_code == 2  # not NAME@vN
     assert runner.invoke(app, ["promote", "agent@v9", *store]).exit_code == 1

@@ -134,11 +134,22 @@ def promote(
     ] = None,
     reason: ReasonOption = "",
     by: ActorOption = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Also a version the gate rejected or a rollback retired.")
+    ] = False,
 ) -> None:
     """Make NAME@vN live, after checking its files; everything following NAME swaps to it."""
     name, number = _ref(ref)
     with open_store_or_exit(store) as s:
         before = s.live_version(name)
+        target = _run(lambda: s.model_version(name, number))
+        if target.status == "rejected" and not force and (before is None or before.id != target.id):
+            # A typo (v2 for v12) redeployed a known-worse model without a word (a QA pass, session 21).
+            err_console().print(
+                f"[red]{escape(target.ref)} was rejected (by the gate, or retired by a rollback: `honed "
+                f"versions {escape(name)} --history` says why); promote it anyway with --force[/red]"
+            )
+            raise typer.Exit(1)
         kwargs = {} if expect is None else {"expected_live": expect}
         version = _run(lambda: s.promote(name, number, reason=reason, actor=by, **kwargs))
     _moved(before, version)
