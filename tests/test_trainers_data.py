@@ -908,3 +908,27 @@ def test_a_cycle_learns_from_its_whole_lineage_newest_first(store: TrajectorySto
     repeat = add(store, make_trajectory("t2", model_version=v4.ref, a=7), True)
     data = prepare(store, "sft", **DataConfig(max_per_task=4).filters(v4, chain))
     assert repeat.id in data.trajectory_ids and Counter(data.dataset["trajectory_id"])[repeat.id] == 2
+
+
+def test_a_heldout_question_asked_another_way_or_quoted_in_an_answer_never_trains(
+    any_store: TrajectoryStore,
+) -> None:
+    """An operator's QA pass (session 21): a held-out graph input `{"question": Q}` and a chat run
+    asking Q; an answer quoting a held-out question with its answer; "2+3" against "2 + 3"."""
+    import dataclasses
+
+    from honed.store.select import select_trajectories
+
+    store = any_store
+    q = "Which city is the capital of the fictional land of Sylvania?"
+    add(store, dataclasses.replace(make_trajectory("h1", split="heldout"), task={"question": q}), True)
+    add(store, make_trajectory("h2", split="heldout", user="What is 2+3?"), True)
+    leaks = [
+        add(store, make_trajectory("t1", user=q.lower()), True),
+        add(store, make_trajectory("t2", user="Quiz me.", answer=f"Q: {q} A: Sylvania City."), True),
+        add(store, make_trajectory("t3", user="what is 2 + 3"), True),
+    ]
+    kept = add(store, make_trajectory("t4", user="what is 2 + 4"), True)
+    assert set(prepare(store, "sft").trajectory_ids) == {kept.id}
+    assert {t.id for t in select_trajectories(store, verdict="pass")} == {kept.id}
+    assert all(t.id for t in leaks)

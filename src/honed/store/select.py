@@ -118,7 +118,13 @@ def conversation_core(item: Any) -> str:
     """`core` of every message an item holds, in order, whatever its role (the task's, each model
     call's input, an external example's `messages`): where a held-out request must not appear."""
     if isinstance(item, Trajectory):
-        values = [*(s.input for s in item.steps if s.kind == "model"), item.task]  # in conversation order
+        # In conversation order; the replies too: an answer quoting a held-out question and its
+        # answer teaches both (an operator's QA pass, session 21).
+        values = [
+            *(v for s in item.steps if s.kind == "model" for v in (s.input, {"messages": [s.output]})),
+            item.task,
+            {"messages": [item.answer]},
+        ]
     elif isinstance(item, Mapping):
         values = [item]
     else:
@@ -167,7 +173,11 @@ def request_key(text: str | None) -> str | None:
         start += 1
     while end > start and _edge(key[end - 1]):
         end -= 1
-    return key[start:end] or None
+    # "2 + 3" is "2+3" (an operator's QA pass, session 21: spaced otherwise, a held-out question trained).
+    return _SPACED_SYMBOL.sub(r"\1", key[start:end]) or None
+
+
+_SPACED_SYMBOL = re.compile(r" ?([^\w ]) ?")
 
 
 def _edge(c: str) -> bool:
@@ -286,10 +296,13 @@ def task_keys(task: Any) -> set[str]:
     from honed.messages import request_text
 
     text = request_text(task)
+    keys = set()
     if text is None and task is not None:
         text = "input:" + json.dumps(task, sort_keys=True, ensure_ascii=False, default=str)
+        if isinstance(task, Mapping):  # `{"question": Q}` asks Q, as a chat's user message would
+            keys = {k for v in task.values() if isinstance(v, str) and len(k := request_key(v) or "") >= 8}
     key = request_key(text)
-    return set() if key is None else {key}
+    return keys if key is None else keys | {key}
 
 
 def _heldout_tasks_and_requests(
