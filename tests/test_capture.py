@@ -531,3 +531,34 @@ def test_the_task_is_stored_as_given_though_the_graph_changes_it_deep_inside(sql
     t = only(honed.open_store(sqlite_url))
     assert t.task == {"ctx": {"user": {"tries": 0, "seen": []}}, "value": 1}
     assert t.output["ctx"]["user"] == {"tries": 1, "seen": ["work"]}
+
+
+def test_a_snapshot_costs_the_agent_little_however_large_or_cyclic_its_state() -> None:
+    """A review (session 21) of the deep snapshot: 20,000 documents cost a captured invoke 0.9 s
+    on the agent's thread, and a small tree with parent pointers took a minute."""
+    import time
+
+    from honed.capture.events import SNAPSHOT_NODES, snapshot
+
+    docs = [{"id": i, "meta": {"source": "kb", "tags": ["a"]}} for i in range(20_000)]
+    started = time.perf_counter()
+    copied = snapshot({"docs": docs})
+    assert time.perf_counter() - started < 0.2
+    assert copied["docs"] is not docs and copied["docs"][0] is not docs[0]  # the head: copied
+    assert copied["docs"][-1] is docs[-1] and len(copied["docs"]) == 20_000  # past the budget: shared
+    assert sum(d is not o for d, o in zip(copied["docs"], docs, strict=True)) <= SNAPSHOT_NODES
+
+    root: dict[str, Any] = {"name": "root", "children": []}
+    level = [root]
+    for _ in range(6):  # 5**6 nodes reachable many ways before: exponential
+        nxt = []
+        for node in level:
+            for i in range(5):
+                child = {"name": f"n{i}", "parent": node, "children": []}
+                node["children"].append(child)
+                nxt.append(child)
+        level = nxt[:5]
+    started = time.perf_counter()
+    tree = snapshot({"tree": root})["tree"]
+    assert time.perf_counter() - started < 0.5
+    assert tree["children"][0]["parent"] is tree  # the cycle kept, on the copy

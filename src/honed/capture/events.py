@@ -59,23 +59,53 @@ def snapshot(value: Any) -> Any:
     """What a run was given or returned, as it was at that moment: the events are serialised
     later, on the writer thread, and callers change these objects meanwhile (the stateless chat
     loop appends the reply and the next turn to the `messages` list it passed in; a node edits
-    the previous node's dict in place; a caller reuses its nested task dict). The dicts and lists
-    are copied to any depth (cut at `_SNAPSHOT_DEPTH`, where a cycle would be); the objects in
-    them are not: LangChain's messages are not changed in place."""
+    the previous node's dict in place; a caller reuses its nested task dict). A dict's top level
+    and the lists and dicts right under it are always copied; deeper dicts and lists are copied
+    too, each once (shared and cyclic ones stay so), up to `SNAPSHOT_NODES` of them: the copy runs
+    on the agent's thread, and a state of 20,000 documents must not cost it a second. The objects
+    in them are not copied: LangChain's messages are not changed in place."""
     if type(value) is not dict:
         return value
-    return _tree(value, _SNAPSHOT_DEPTH)
+    return _Snapshot().dict(value, 0)
 
 
-_SNAPSHOT_DEPTH = 32
+SNAPSHOT_NODES = 512  # deeper dicts and lists copied per snapshot; past them, kept by reference
 
 
-def _tree(value: Any, depth: int) -> Any:
-    if depth == 0:
-        return value
-    depth -= 1
-    if type(value) is dict:
-        return {k: _tree(v, depth) if type(v) is dict or type(v) is list else v for k, v in value.items()}
-    if any(type(v) is dict or type(v) is list for v in value):
-        return [_tree(v, depth) if type(v) is dict or type(v) is list else v for v in value]
-    return list(value)  # a list of messages: copied in C
+class _Snapshot:
+    __slots__ = ("left", "memo")
+
+    def __init__(self) -> None:
+        self.left = SNAPSHOT_NODES
+        self.memo: dict[int, Any] = {}
+
+    def tree(self, value: Any, depth: int) -> Any:
+        copied = self.memo.get(id(value))
+        if copied is not None:
+            return copied
+        if depth > 1:  # the top two levels are copied whatever the budget says
+            if self.left <= 0:
+                return value
+            self.left -= 1
+        return self.dict(value, depth) if type(value) is dict else self.list(value, depth)
+
+    def dict(self, value: dict[Any, Any], depth: int) -> dict[Any, Any]:
+        out: dict[Any, Any] = {}
+        self.memo[id(value)] = out
+        for k, v in value.items():
+            out[k] = self.tree(v, depth + 1) if type(v) is dict or type(v) is list else v
+        return out
+
+    def list(self, value: list[Any], depth: int) -> list[Any]:
+        if not any(type(v) is dict or type(v) is list for v in value):
+            out = list(value)  # a list of messages: copied in C
+            self.memo[id(value)] = out
+            return out
+        out = []
+        self.memo[id(value)] = out
+        for i, v in enumerate(value):
+            if self.left <= 0 and depth >= 1:
+                out.extend(value[i:])  # the budget is spent: the rest by reference, in C
+                break
+            out.append(self.tree(v, depth + 1) if type(v) is dict or type(v) is list else v)
+        return out
