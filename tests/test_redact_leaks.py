@@ -830,6 +830,12 @@ ORDINARY = [
     'variable "region" {\n  default = "us-east-1"\n}\nhttp -a bob GET x; openssl enc -d -in f',
     "a8f5f167f44f4964e6c998dee827110c0123456789abcdef and iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk",
     "Zm9yIHRoZSByZWNvcmQsIHRoaXMgaXMgcGxhaW4gdGV4dCB3aXRoIG5vIHNlY3JldHM=",
+    # A review of the session's rules (session 21): code and ML text they erased.
+    "forward_pass = model(x)\nrender_pass = 'shadow_map'\nconst STORAGE_KEY = 'todos-vuejs'",
+    'FEATURE_KEY = "dark_mode"; STATE_KEY = "messages"; REDIS_KEY = f"user:{uid}"',
+    "The eos token is <|endoftext|>. bos token: <|im_start|>",
+    "https://cdn.example.com/page?key=homepage_banner_2024",
+    "The password is reset_every_90_days. The password is required-for-login.",
 ]
 
 
@@ -867,8 +873,13 @@ def test_environment_key_names_name_secrets_as_dict_keys() -> None:
     secret = "Ek" + rand(20)
     env = {n: secret for n in ("SENDGRID_KEY", "APP_KEY", "OPENAI_KEY", "stripe_key", "SECRET_KEY_BASE")}
     assert_gone(secret, json.dumps(Redactor().redact(env)))
-    kept = {"primary_key": "id", "PUBLIC_KEY": "ssh-ed25519 AAAA", "cache_key": "u:1", "key": "name"}
+    kept = {"primary_key": "id", "PUBLIC_KEY": "ssh-ed25519 AAAA", "cache_key": "u:1", "key": "name",
+            "TABLE_KEY": "orders", "STATE_KEY": "messages", "storage_key": "todos"}  # fmt: skip
     assert Redactor().redact(kept) == kept
+    # A secret-named parameter's offered modes are not secrets (a review, session 21).
+    schema = {"type": "object", "properties": {"auth": {"type": "string", "enum": ["oauth2", "basic", "none"],
+              "default": "oauth2"}, "pass": {"enum": ["first", "second"]}}}  # fmt: skip
+    assert Redactor().redact(schema) == schema
 
 
 @pytest.mark.parametrize("data", [bytes, bytearray, memoryview])

@@ -225,8 +225,8 @@ class Redactor:
         for k in _SCHEMA_EXAMPLES.intersection(schema):
             v = schema[k]
             if type(v) is list:  # `enum` and `examples` stay lists
-                out[k] = [_marker(kind) if _holds_secret(item, name) else item for item in v]
-            elif _holds_secret(v, name):
+                out[k] = [_marker(kind) if _offered_secret(item, name) else item for item in v]
+            elif _offered_secret(v, name):
                 out[k] = _marker(kind)
         return out
 
@@ -431,6 +431,12 @@ class _Budget:
 _SCHEMA_EXAMPLES = frozenset(("default", "enum", "const", "examples", "example"))
 
 
+def _offered_secret(value: Any, name: str) -> bool:
+    """An offered value that is a secret: text with a credential's shape (`"auth": {"enum":
+    ["oauth2", "basic"]}` offers modes, not secrets)."""
+    return type(value) is str and _holds_secret(value, name) and _credential_shaped(value)
+
+
 def _holds_secret(value: Any, name: str = "") -> bool:
     """Whether a secret-named key's value is worth replacing: not empty, not a flag (`"auth": False`).
 
@@ -595,7 +601,7 @@ _NOT_ALNUM = re.compile(r"[^a-z0-9]+")
 # `<vendor>_key` in any case names an API key (an environment's `<NAME>_KEY` does in upper case).
 _KEY_VENDORS = frozenset(
     (
-        "openai", "anthropic", "stripe", "mailgun", "sendgrid", "twilio", "storage", "license", "master", "app",
+        "openai", "anthropic", "stripe", "mailgun", "sendgrid", "twilio", "license", "master", "app",
         "jwt", "hmac", "aes", "gemini", "google", "groq", "mistral", "cohere", "deepseek", "together", "fireworks",
         "replicate", "pinecone", "algolia", "cloudflare", "datadog", "github", "gitlab", "slack", "azure",
         "signing", "encryption", "webhook", "mapbox", "postmark", "pusher", "firebase", "supabase", "service",
@@ -627,7 +633,7 @@ def secret_key_kind(key: str) -> str | None:
         len(words) >= 2
         and words[-1] == "key"
         and f"{words[-2]}_" not in _NOT_SECRET_KEYS
-        and (words[-2] in _KEY_VENDORS or ("_" in key and key.isupper()))
+        and (words[-2] in _KEY_VENDORS or words[-3:-1] == ("azure", "storage"))
     ):
         return "api_key"  # `OPENAI_KEY`, `stripe_key`, and an environment's `<NAME>_KEY`
     joined = "".join(words)
@@ -992,10 +998,25 @@ def _command_before(m: re.Match[str]) -> str:
 _NETRC_BEFORE = re.compile(r"(?<!\S)(?:machine|login|account)\s+\S+\s+\Z")
 
 
+_CODE = re.compile(r"[A-Za-z_]\w*\(|^<.*>$|\{\w*\}|\[\w*\]$")
+_WORDS_JOINED = re.compile(r"[a-z]+(?:[-_.][a-z0-9]+)+|[A-Za-z]+(?:[-_.][a-z]+)+[-_.]?v?[0-9]{0,4}")
+
+
+def _random_shaped(value: str) -> bool:
+    """A generated key's shape: 16+ characters mixing three of lower case, upper case and digits,
+    or 32+ hex digits (`homepage_banner_2024` is not one)."""
+    if len(value) < 16:
+        return False
+    classes = (
+        any(c.islower() for c in value) + any(c.isupper() for c in value) + any(c.isdigit() for c in value)
+    )
+    return classes >= 3 or (len(value) >= 32 and _is_hex(value))
+
+
 def _credential_shaped(value: str) -> bool:
     """Long, and letters mixed with digits or symbols: a credential's shape, not a word."""
-    if len(value) < 8:
-        return False
+    if len(value) < 8 or _CODE.search(value) or _WORDS_JOINED.fullmatch(value):
+        return False  # code (`model(x)`, `<|endoftext|>`, `{uid}`), or words joined (`reset_every_90_days`)
     digits = any(c.isdigit() for c in value)
     return (digits and any(c.isalpha() for c in value)) or (not value.isalnum() and len(value) >= 12)
 
@@ -1007,6 +1028,13 @@ def _shaped_group(group: int, kind: str) -> Callable[[re.Match[str]], str]:
     return replace
 
 
+def _random_group(group: int, kind: str) -> Callable[[re.Match[str]], str]:
+    def replace(m: re.Match[str]) -> str:
+        return _splice(m, group, _marker(kind)) if _random_shaped(m.group(group)) else m.group(0)
+
+    return replace
+
+
 def _sentence_secret(m: re.Match[str]) -> str:
     """ "the password is hunter2x" goes; "the password is incorrect" stays."""
     value = m.group(2)
@@ -1014,6 +1042,9 @@ def _sentence_secret(m: re.Match[str]) -> str:
     if not _credential_shaped(core):
         return m.group(0)
     name = m.group(1).lower()
+    before = m.string[max(0, m.start() - 16) : m.start()].lower().split()
+    if name == "token" and before and before[-1].strip("_-") in _PUBLIC_TOKENS:
+        return m.group(0)  # "the eos token is ...": a tokenizer's special token
     kind = (
         "password"
         if name.startswith("pass")
@@ -1087,8 +1118,13 @@ def _assignment(m: re.Match[str]) -> str:
         if word == "key" and name.endswith(_NOT_SECRET_KEYS):
             return m.group(0)  # `PRIMARY_KEY=id`, `PUBLIC_KEY=...`, `CACHE_KEY=...`
         kind = "private_key" if "priv" in name else "secret" if "secret" in name + word else "api_key"
-    if word == "pass" and _flag_or_tally((m.group(5) if m.group(5) is not None else m.group(6)).rstrip(":.")):
+    given = m.group(5) if m.group(5) is not None else m.group(6)
+    if word == "pass" and _flag_or_tally(given.rstrip(":.")):
         return m.group(0)  # `first_pass = True`, `n_pass: 3`: a flag or a tally, not a password
+    if m.group(1) in ("pass", "KEY") and not _credential_shaped(given):
+        # `forward_pass = model(x)`, `STORAGE_KEY = 'todos-vuejs'`: code, not secrets; a lowercase
+        # `*_pass` or an upper-case `*_KEY` names one only with a credential's shape
+        return m.group(0)
     if m.group(5) is not None:
         return _splice(m, 5, _marker(kind))
     # Unquoted after a colon: "password: hunter2" is a secret, but "token: the next word" and
@@ -1386,7 +1422,7 @@ _RULES = (
     # A URL's `?key=` (Google Maps) or `&signature=` with a credential's shape.
     _Rule(
         rf"[?&](?:key|signature|sig|apikey|access_key)={_NOT_REDACTED}([^&\s#'\"<>]{{16,}})",
-        _shaped_group(1, "api_key"),
+        _random_group(1, "api_key"),
         anchors=(
             "?key=",
             "&key=",
