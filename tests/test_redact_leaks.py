@@ -861,6 +861,19 @@ def test_base64_text_holding_a_secret_is_redacted_and_stays_base64() -> None:
     # As JSON text (a tool's string result): the escaped `\n` breaks too.
     text = Redactor().redact_text(json.dumps(result))
     assert ENV_FILE_KEY not in base64.b64decode(json.loads(text)["content"]).decode()
+    # After `=` (an environment variable, a query), and an unpadded run whose next line's first
+    # word the run took in (a review, session 21: both kept whole).
+    url = f"postgres://app:Pg{rand(14)}@db/prod".encode()
+    for template in ("CONFIG_B64={}", "GET /import?payload={}", "$ cat creds.b64\n{}\nDone\n"):
+        encoded_url = base64.b64encode(url + b"1" * (-len(url) % 3 + 1)).decode().rstrip("=")
+        out = Redactor().redact_text(template.format(encoded_url))
+        assert encoded_url not in out, template
+    # Many short runs are redacted together: a field of 2,000 costs what its decoded text does.
+    chunk = base64.b64encode(b"mysql -u root -pHunter22").decode()
+    field = " ".join([chunk] * 2000)
+    started = time.perf_counter()
+    out = Redactor().redact_text(field)
+    assert chunk not in out and time.perf_counter() - started < 1.0
     # Binary data and base64 of ordinary text are kept as they are.
     png = base64.b64encode(bytes(range(256)) * 4).decode()
     plain = base64.b64encode(b"nothing to hide in this file, just words and numbers 12345").decode()
