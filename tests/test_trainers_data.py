@@ -385,6 +385,15 @@ def test_evaluation_splits_are_held_out_however_they_are_suffixed() -> None:
         "values",
         "interval",
         "devops",
+        # ... nor one whose evaluation-like word also names training data (a review, session 21)
+        "unit_tests",
+        "test_generation",
+        "dev_tools",
+        "web_dev",
+        "DevOpsTasks",
+        "valid_requests",
+        "a_b_test",
+        "benchmark_generation",
     ):
         assert not is_heldout({"task_id": "x", "split": split}), split
 
@@ -929,6 +938,10 @@ def test_a_heldout_question_asked_another_way_or_quoted_in_an_answer_never_train
         add(store, make_trajectory("t3", user="what is 2 + 3"), True),
     ]
     kept = add(store, make_trajectory("t4", user="what is 2 + 4"), True)
-    assert set(prepare(store, "sft").trajectory_ids) == {kept.id}
-    assert {t.id for t in select_trajectories(store, verdict="pass")} == {kept.id}
+    # A field many tasks share is context, not the question (a review, session 21: held out too).
+    shared_context = {"question": "first held-out one?", "format": "markdown please"}
+    add(store, dataclasses.replace(make_trajectory("h3", split="heldout"), task=shared_context), True)
+    shared = add(store, make_trajectory("t5", user="markdown please"), True)
+    assert set(prepare(store, "sft").trajectory_ids) == {kept.id, shared.id}
+    assert {t.id for t in select_trajectories(store, verdict="pass")} == {kept.id, shared.id}
     assert all(t.id for t in leaks)

@@ -15,6 +15,7 @@ thing to each of them.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
 import unicodedata
@@ -252,7 +253,6 @@ EVALUATION_SPLITS = frozenset(
         "val",
         "dev",
         "ood",
-        "benchmark",
     }
 )
 
@@ -266,15 +266,27 @@ def evaluation_split(split: str) -> bool:
         return True
     # ... and as one word of several (`heldout_hard`, `test_ood`, `eval-2024-q1`, `private_test`,
     # `heldOutHard`: an operator's QA pass, session 21, found these trained on).
-    words = _SPLIT_WORD.findall(_CAMEL_CASE.sub(" ", unicodedata.normalize("NFKC", split)).casefold())
-    for i, word in enumerate(words):
-        if word in EVALUATION_SPLITS or _SPLIT_TAIL.sub("", word) in EVALUATION_SPLITS:
-            return True
-        if i + 1 < len(words) and word + words[i + 1] in EVALUATION_SPLITS:  # `held_out_hard`
-            return True
-    return False
+    # A word that only ever names an evaluation set counts anywhere; `test`, `dev`, `val` only beside
+    # words that qualify a set (`private_test`, `test_hard`): `unit_tests`, `dev_tools`, `web_dev`
+    # are training data (a review, session 21).
+    words = [
+        _SPLIT_TAIL.sub("", w) or w
+        for w in _SPLIT_WORD.findall(_CAMEL_CASE.sub(" ", unicodedata.normalize("NFKC", split)).casefold())
+    ]
+    if any(w in _EVALUATION_WORDS for w in words) or any(
+        a + b in ("heldout", "holdout") for a, b in itertools.pairwise(words)
+    ):
+        return True
+    return any(w in EVALUATION_SPLITS for w in words) and all(
+        w in EVALUATION_SPLITS or w in _SET_QUALIFIERS for w in words
+    )
 
 
+_EVALUATION_WORDS = frozenset(("heldout", "holdout", "eval", "evaluation", "validation", "ood"))
+_SET_QUALIFIERS = frozenset(
+    ("private", "public", "hidden", "final", "hard", "easy", "small", "large", "full", "mini", "gold", "blind",
+     "new", "old", "clean", "main", "id", "in", "out", "of", "distribution", "set", "split", "data", "q")
+)  # fmt: skip
 _SPLIT_WORD = re.compile(r"[^\W\d_]+")
 _CAMEL_CASE = re.compile(r"(?<=[a-z])(?=[A-Z])")
 _SPLIT_TAIL = re.compile(r"(?:s|sets?|splits?|data(?:set)?s?)?(?:v?\d+)?$")
@@ -290,6 +302,11 @@ def task_hash(task_id: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
+# The fields of a graph's input that ask its question; others (`format`, a shared `instructions`
+# or document) are context many tasks share (a review, session 21: all of them were held out).
+_QUESTION_FIELDS = frozenset(("question", "query", "prompt", "request", "input", "task", "q", "user_input"))
+
+
 def task_keys(task: Any) -> set[str]:
     """The keys a run's input is compared by: its request (`request_key`), or, for an input that
     holds no chat request (a graph's `{"question": ...}`), the input itself as canonical JSON."""
@@ -300,7 +317,11 @@ def task_keys(task: Any) -> set[str]:
     if text is None and task is not None:
         text = "input:" + json.dumps(task, sort_keys=True, ensure_ascii=False, default=str)
         if isinstance(task, Mapping):  # `{"question": Q}` asks Q, as a chat's user message would
-            keys = {k for v in task.values() if isinstance(v, str) and len(k := request_key(v) or "") >= 8}
+            keys = {
+                k
+                for name, v in task.items()
+                if name in _QUESTION_FIELDS and isinstance(v, str) and len(k := request_key(v) or "") >= 8
+            }
     key = request_key(text)
     return keys if key is None else keys | {key}
 
