@@ -1041,6 +1041,15 @@ def test_no_content_attribute_outgrows_a_span_though_the_capture_cap_was_raised(
         "gen_ai.tool.call.result",
     }
     assert tool.attributes["gen_ai.tool.call.result"] == "\u00e9" * (MAX_CONTENT_BYTES // 2)
+    # A verdict's 5 MB reason: cut on its span, shorter on the root span's event (a review, session 21:
+    # the root span was 4.9 MiB).
+    from honed.exporters.spans import EVENT_CONTENT_BYTES
+
+    judged = Trajectory(id=str(uuid.uuid4()), agent="a", task="hi", started_at=now, ended_at=now,
+                        verdicts=[Verdict(passed=False, verifier="pytest", reason=huge)])  # fmt: skip
+    root = next(s for s in spans_of(judged, capture_content=True) if s.parent is None)
+    (event,) = [e for e in root.events if e.name == "gen_ai.evaluation.result"]
+    assert len(event.attributes["gen_ai.evaluation.explanation"].encode()) <= EVENT_CONTENT_BYTES
     small = next(s for s in spans_of(Trajectory(id=str(uuid.uuid4()), agent="a", task="hi", started_at=now,
                                                  ended_at=now), capture_content=True))  # fmt: skip
     assert "honed.truncated_attributes" not in small.attributes

@@ -445,3 +445,8 @@ def test_a_config_that_does_not_describe_its_weights_is_refused(store, tmp_path:
         )  # fmt: skip
         assert cli.returncode == 1 and reason in cli.stdout + cli.stderr, cli.stdout + cli.stderr
     assert [v.version for v in store.versions("agent")] == [1]
+    # A quantised checkpoint holds other tensors (`qweight`, `scales`) than the model it describes:
+    # its structure is not held against the config (a review, session 21).
+    quantised = variant("gptq", lambda c: c.update({"quantization_config": {"quant_method": "gptq", "bits": 4},
+                                                      "num_hidden_layers": 5, "layer_types": ["full_attention"] * 5}))  # fmt: skip
+    assert store.register_model("agent", quantised).version == 2

@@ -352,7 +352,7 @@ def _span(
         if type(value) is str and len(value) > MAX_CONTENT_BYTES // 4 and utf8_len(value) > MAX_CONTENT_BYTES:
             # A task, a tool's arguments or result, a reply: whatever the capture's field cap let
             # through (`HONED_MAX_FIELD_BYTES` can be set past gRPC's 4 MiB) is cut, and says so.
-            value = value.encode("utf-8", "surrogatepass")[:MAX_CONTENT_BYTES].decode("utf-8", "ignore")
+            value = _cut_utf8(value, MAX_CONTENT_BYTES)
             cut.append(key)
         kept[key] = value
     if cut:
@@ -377,7 +377,12 @@ def _verdict_event(verdict: Verdict, fallback: int, content: bool) -> Event:
         "gen_ai.evaluation.name": verdict.verifier,
         "gen_ai.evaluation.score.value": float(verdict.score or 0.0),
         "gen_ai.evaluation.score.label": label_word(verdict.passed),
-        "gen_ai.evaluation.explanation": (verdict.reason or "") if content else None,
+        # The verdict's own span carries its reason up to `MAX_CONTENT_BYTES`; the root span holds
+        # one event per verdict, so each explanation there is shorter (a review, session 21: a 5 MB
+        # test log made a 4.9 MiB root span, refused over gRPC).
+        "gen_ai.evaluation.explanation": _cut_utf8(verdict.reason or "", EVENT_CONTENT_BYTES)
+        if content
+        else None,
         "honed.verdict.version": verdict.version,
     }
     _put(attributes, "honed.verdict.passed", verdict.passed)
@@ -440,6 +445,16 @@ def _model_content(step: Step, attributes: dict[str, Any]) -> None:
 # limit (the Collector's default) was refused on every export, and the run's trace lost its last
 # span. Counted in characters, a conversation of emoji (4 bytes each) still made a 4.2 MB span.
 MAX_CONTENT_BYTES = 1 << 20
+
+
+EVENT_CONTENT_BYTES = 64 << 10
+
+
+def _cut_utf8(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` bytes of UTF-8, on a character boundary."""
+    if len(text) <= limit // 4 or utf8_len(text) <= limit:
+        return text
+    return text.encode("utf-8", "surrogatepass")[:limit].decode("utf-8", "ignore")
 
 
 def utf8_len(text: str) -> int:

@@ -272,6 +272,9 @@ def _check_structure(folder: Path, shapes: dict[str, list[int]], ref: str) -> No
     a larger vocabulary made the version unloadable once live. Skipped where transformers
     cannot build the model from its config alone (remote code), or where transformers is not installed."""
     # Where transformers is installed (`honed[train]`, a server); a capture-only install has none.
+    settings = json.loads((folder / "config.json").read_text())
+    if isinstance(settings, dict) and settings.get("quantization_config"):
+        return  # GPTQ, AWQ, bitsandbytes: other tensors (`qweight`, `scales`) than the model's own
     torch, transformers = _model_library("torch"), _model_library("transformers")
     if torch is None or transformers is None:
         return
@@ -279,7 +282,6 @@ def _check_structure(folder: Path, shapes: dict[str, list[int]], ref: str) -> No
     try:
         config = AutoConfig.from_pretrained(folder)
     except Exception as exc:
-        settings = json.loads((folder / "config.json").read_text())
         if isinstance(settings, dict) and "auto_map" in settings:
             log.debug("honed: %s needs its own code to load; its weights' shapes are not checked", ref)
             return
