@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import operator
 import threading
@@ -538,7 +539,7 @@ def test_a_snapshot_costs_the_agent_little_however_large_or_cyclic_its_state() -
     on the agent's thread, and a small tree with parent pointers took a minute."""
     import time
 
-    from honed.capture.events import SNAPSHOT_NODES, snapshot
+    from honed.capture.events import SNAPSHOT_ITEMS, snapshot
 
     docs = [{"id": i, "meta": {"source": "kb", "tags": ["a"]}} for i in range(20_000)]
     started = time.perf_counter()
@@ -546,7 +547,7 @@ def test_a_snapshot_costs_the_agent_little_however_large_or_cyclic_its_state() -
     assert time.perf_counter() - started < 0.2
     assert copied["docs"] is not docs and copied["docs"][0] is not docs[0]  # the head: copied
     assert copied["docs"][-1] is docs[-1] and len(copied["docs"]) == 20_000  # past the budget: shared
-    assert sum(d is not o for d, o in zip(copied["docs"], docs, strict=True)) <= SNAPSHOT_NODES
+    assert sum(d is not o for d, o in zip(copied["docs"], docs, strict=True)) <= SNAPSHOT_ITEMS
 
     root: dict[str, Any] = {"name": "root", "children": []}
     level = [root]
@@ -562,3 +563,19 @@ def test_a_snapshot_costs_the_agent_little_however_large_or_cyclic_its_state() -
     tree = snapshot({"tree": root})["tree"]
     assert time.perf_counter() - started < 0.5
     assert tree["children"][0]["parent"] is tree  # the cycle kept, on the copy
+    # A review of that fix (session 21): a chain 1,000 long raised RecursionError into the agent;
+    # columns of 500,000 rows cost 0.7 s.
+    chunks = [{"i": i} for i in range(1000)]
+    for a, b in itertools.pairwise(chunks):
+        a["next"] = b
+    assert snapshot({"chunks": chunks})["chunks"][0]["i"] == 0
+    deep: dict[str, Any] = {}
+    node = deep
+    for _ in range(5000):
+        node["d"] = {}
+        node = node["d"]
+    assert "d" in snapshot({"deep": deep})["deep"]
+    columns = {f"c{i}": list(range(500_000)) for i in range(12)}
+    started = time.perf_counter()
+    snapshot({"result": columns})
+    assert time.perf_counter() - started < 0.1

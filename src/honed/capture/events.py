@@ -60,23 +60,30 @@ def snapshot(value: Any) -> Any:
     later, on the writer thread, and callers change these objects meanwhile (the stateless chat
     loop appends the reply and the next turn to the `messages` list it passed in; a node edits
     the previous node's dict in place; a caller reuses its nested task dict). A dict's top level
-    and the lists and dicts right under it are always copied; deeper dicts and lists are copied
-    too, each once (shared and cyclic ones stay so), up to `SNAPSHOT_NODES` of them: the copy runs
-    on the agent's thread, and a state of 20,000 documents must not cost it a second. The objects
-    in them are not copied: LangChain's messages are not changed in place."""
+    and the lists and dicts right under it are always copied (in C); deeper dicts and lists are
+    copied too, each once (shared and cyclic ones stay so), up to `SNAPSHOT_ITEMS` items in all
+    and `SNAPSHOT_DEPTH` levels: the copy runs on the agent's thread, and a state of 20,000
+    documents or of columns of 500,000 rows must not cost it a second. Past the budget, by
+    reference. The objects in them are not copied: LangChain's messages are not changed in place."""
     if type(value) is not dict:
         return value
-    return _Snapshot().dict(value, 0)
+    try:
+        return _Snapshot().dict(value, 0)
+    except Exception:  # never into the agent: the top two levels, as they always were
+        return {
+            k: list(v) if type(v) is list else dict(v) if type(v) is dict else v for k, v in value.items()
+        }
 
 
-SNAPSHOT_NODES = 512  # deeper dicts and lists copied per snapshot; past them, kept by reference
+SNAPSHOT_ITEMS = 10_000  # items of the dicts and lists below the top two levels copied per snapshot
+SNAPSHOT_DEPTH = 32
 
 
 class _Snapshot:
     __slots__ = ("left", "memo")
 
     def __init__(self) -> None:
-        self.left = SNAPSHOT_NODES
+        self.left = SNAPSHOT_ITEMS
         self.memo: dict[int, Any] = {}
 
     def tree(self, value: Any, depth: int) -> Any:
@@ -84,23 +91,32 @@ class _Snapshot:
         if copied is not None:
             return copied
         if depth > 1:  # the top two levels are copied whatever the budget says
-            if self.left <= 0:
+            if depth > SNAPSHOT_DEPTH or len(value) > self.left:
                 return value
             self.left -= 1
         return self.dict(value, depth) if type(value) is dict else self.list(value, depth)
 
     def dict(self, value: dict[Any, Any], depth: int) -> dict[Any, Any]:
-        out: dict[Any, Any] = {}
+        out = dict(value)  # in C; the items that are containers are replaced by their copies
         self.memo[id(value)] = out
-        for k, v in value.items():
-            out[k] = self.tree(v, depth + 1) if type(v) is dict or type(v) is list else v
+        for k, v in out.items():
+            if self.left <= 0:
+                break
+            self.left -= 1
+            if type(v) is dict or type(v) is list:
+                out[k] = self.tree(v, depth + 1)
         return out
 
     def list(self, value: list[Any], depth: int) -> list[Any]:
-        if not any(type(v) is dict or type(v) is list for v in value):
-            out = list(value)  # a list of messages: copied in C
-            self.memo[id(value)] = out
-            return out
+        out = list(value)  # in C, as is a list of messages
+        self.memo[id(value)] = out
+        for i, v in enumerate(out):
+            if self.left <= 0:
+                break  # the rest by reference: a list of 500,000 rows is not walked
+            self.left -= 1
+            if type(v) is dict or type(v) is list:
+                out[i] = self.tree(v, depth + 1)
+        return out
         out = []
         self.memo[id(value)] = out
         for i, v in enumerate(value):
