@@ -652,6 +652,17 @@ OTHER_SHAPES = {
     "rdp": ("Rd" + rand(14), "xfreerdp /u:admin /p:{} /v:host"),
     "js_pass": ("Js" + rand(14), "auth: {{ user: 'bob', pass: '{}' }}"),
     "terraform_default": ("Tf" + rand(14), 'variable "db_password" {{\n  default = "{}"\n}}'),
+    # A second review (session 21): what shape checks of the first fixes let through.
+    "sentence_passphrase_hyphens": (
+        "correct-horse-" + rand(8, string.ascii_lowercase) + "-staple",
+        "the passphrase is {}",
+    ),
+    "sentence_password_paren": ("aB3(dE6f" + rand(6), "the password is {}"),
+    "django_secret_key": (
+        "-kj64pjb81c0acv$0^b2j56ep_1+(7t1f=3q3nkz#4lbei" + rand(4, "abc123"),
+        "SECRET_KEY = '{}'",
+    ),
+    "signing_key_words": ("the-signing-key-" + rand(6, string.ascii_lowercase), "SIGNING_KEY={}"),
     "sql_insert": ("Si" + rand(14), "INSERT INTO users(name, password) VALUES ('bob', '{}')"),
     # A QA pass, session 20: a lowercase `_pass` name, and a passphrase's words after the first.
     "lowercase_db_pass": ("Lc" + rand(14), "db_pass={} ./migrate"),
@@ -835,7 +846,7 @@ ORDINARY = [
     'FEATURE_KEY = "dark_mode"; STATE_KEY = "messages"; REDIS_KEY = f"user:{uid}"',
     "The eos token is <|endoftext|>. bos token: <|im_start|>",
     "https://cdn.example.com/page?key=homepage_banner_2024",
-    "The password is reset_every_90_days. The password is required-for-login.",
+    "STRIPE_KEY=${STRIPE_KEY} MAPBOX_KEY=${MAPBOX_KEY:-} THEME_KEY = 'dark-mode-2024' I18N_KEY = 'home.banner.title'",
 ]
 
 

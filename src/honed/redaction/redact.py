@@ -72,12 +72,14 @@ def _decoded_text(run: str) -> tuple[int, str] | None:
         if end <= 0:
             return None
         packed = _BASE64_BREAKS.sub("", run[:end].rstrip("\r\\"))
+        if len(packed) % 4 == 1:  # cut by the field cap: the whole quanta before it
+            packed = packed[:-1]
         try:
             decoded = base64.b64decode(packed + "=" * (-len(packed) % 4), validate=True).decode("utf-8")
         except ValueError:  # binascii.Error and UnicodeDecodeError both are
             continue
         if not decoded.replace("\n", "").replace("\r", "").replace("\t", "").isprintable():
-            return None  # binary that happens to be valid UTF-8
+            continue  # binary that happens to be valid UTF-8, or a next line's word taken in
         return end, decoded
     return None
 
@@ -472,9 +474,13 @@ _SCHEMA_EXAMPLES = frozenset(("default", "enum", "const", "examples", "example")
 
 
 def _offered_secret(value: Any, name: str) -> bool:
-    """An offered value that is a secret: text with a credential's shape (`"auth": {"enum":
-    ["oauth2", "basic"]}` offers modes, not secrets)."""
-    return type(value) is str and _holds_secret(value, name) and _credential_shaped(value)
+    """An offered value that is a secret: any, but under a name as loose as `auth` or `pass`
+    (`"auth": {"enum": ["oauth2", "basic"]}` offers modes), one with a credential's shape."""
+    if type(value) is int and not isinstance(value, bool):
+        return True  # a numeric passcode
+    if type(value) is not str or not _holds_secret(value, name):
+        return False
+    return _credential_shaped(value) if name.lower().strip("_-") in ("auth", "pass") else True
 
 
 def _holds_secret(value: Any, name: str = "") -> bool:
@@ -1038,8 +1044,12 @@ def _command_before(m: re.Match[str]) -> str:
 _NETRC_BEFORE = re.compile(r"(?<!\S)(?:machine|login|account)\s+\S+\s+\Z")
 
 
-_CODE = re.compile(r"[A-Za-z_]\w*\(|^<.*>$|\{\w*\}|\[\w*\]$")
-_WORDS_JOINED = re.compile(r"[a-z]+(?:[-_.][a-z0-9]+)+|[A-Za-z]+(?:[-_.][a-z]+)+[-_.]?v?[0-9]{0,4}")
+# Not a credential: a variable (`$KEY`, `${KEY}`, `$(cat f)`), a template (`{uid}`), a tokenizer's
+# special token (`<|endoftext|>`); in code, also a call whose arguments are names (`model(x`,
+# `getpass.getpass(`) or an attribute (`settings.JWT_SIGNING_KEY`). A review (session 21) found
+# Django keys and passwords with a `(` among other symbols leaking by a looser rule.
+_PLACEHOLDER = re.compile(r"\$(?:[A-Za-z_]\w*|\{.*|\(.*)|<[^<>]*>|\{\w*\}?")
+_CODE = re.compile(r"[A-Za-z_][\w.]*\([\w.,\[\] '\"]*\)?|[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+")
 
 
 def _random_shaped(value: str) -> bool:
@@ -1053,10 +1063,15 @@ def _random_shaped(value: str) -> bool:
     return classes >= 3 or (len(value) >= 32 and _is_hex(value))
 
 
-def _credential_shaped(value: str) -> bool:
-    """Long, and letters mixed with digits or symbols: a credential's shape, not a word."""
-    if len(value) < 8 or _CODE.search(value) or _WORDS_JOINED.fullmatch(value):
-        return False  # code (`model(x)`, `<|endoftext|>`, `{uid}`), or words joined (`reset_every_90_days`)
+def _credential_shaped(value: str, *, in_code: bool = False) -> bool:
+    """Long, and letters mixed with digits or symbols: a credential's shape, not a word (nor, in
+    code, a call or an attribute)."""
+    if len(value) < 8:
+        return False
+    if _random_shaped(value):
+        return True
+    if _PLACEHOLDER.fullmatch(value) or (in_code and _CODE.fullmatch(value)):
+        return False
     digits = any(c.isdigit() for c in value)
     return (digits and any(c.isalpha() for c in value)) or (not value.isalnum() and len(value) >= 12)
 
@@ -1145,6 +1160,22 @@ _NOT_SECRET_KEYS = tuple(
 )  # fmt: skip
 
 
+_KEY_WORD_BEFORE = re.compile(r"([A-Za-z0-9]+)[_-]?\Z")
+
+
+def _named_key(before: str) -> bool:
+    """Whether the word before `_KEY` names a secret key (`SECRET_`, `STRIPE_`, `SIGNING_`)."""
+    word = _KEY_WORD_BEFORE.search(before)
+    return word is not None and (
+        word.group(1).lower() in _STRONG_KEY_WORDS or word.group(1).lower() in _KEY_VENDORS
+    )
+
+
+_STRONG_KEY_WORDS = frozenset(
+    ("api", "access", "private", "auth", "secret", "client", "label", "deploy", "ssh", "gpg", "pgp", "admin")
+)
+
+
 def _assignment(m: re.Match[str]) -> str:
     word = m.group(1).lower()
     if word.startswith(("pass", "pwd", "contrase")):
@@ -1161,7 +1192,16 @@ def _assignment(m: re.Match[str]) -> str:
     given = m.group(5) if m.group(5) is not None else m.group(6)
     if word == "pass" and _flag_or_tally(given.rstrip(":.")):
         return m.group(0)  # `first_pass = True`, `n_pass: 3`: a flag or a tally, not a password
-    if m.group(1) in ("pass", "KEY") and not _credential_shaped(given):
+    if (
+        (m.group(1) == "pass" and not _credential_shaped(given, in_code=True))
+        or (
+            m.group(1) == "KEY"
+            and (
+                _PLACEHOLDER.fullmatch(given) is not None  # `STRIPE_KEY=${STRIPE_KEY}`
+                or not (_named_key(m.string[max(0, m.start() - 24) : m.start()]) or _random_shaped(given))
+            )
+        )
+    ):
         # `forward_pass = model(x)`, `STORAGE_KEY = 'todos-vuejs'`: code, not secrets; a lowercase
         # `*_pass` or an upper-case `*_KEY` names one only with a credential's shape
         return m.group(0)
