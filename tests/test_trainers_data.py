@@ -373,6 +373,15 @@ def test_evaluation_splits_are_held_out_however_they_are_suffixed() -> None:
         "private_test",
         "held_out_hard",
         "heldOutHard",
+        # ... and benchmarks' own names (a second review, session 21: the first word rule trained on them)
+        "gsm8k_test",
+        "math500_test",
+        "test_1k",
+        "test_v2_hard",
+        "dev-other",
+        "testA",
+        "test_cross_domain",
+        "benchmark",
     ):
         assert is_heldout({"task_id": "x", "split": split}), split
     for split in (
@@ -392,7 +401,6 @@ def test_evaluation_splits_are_held_out_however_they_are_suffixed() -> None:
         "web_dev",
         "DevOpsTasks",
         "valid_requests",
-        "a_b_test",
         "benchmark_generation",
     ):
         assert not is_heldout({"task_id": "x", "split": split}), split
@@ -942,6 +950,17 @@ def test_a_heldout_question_asked_another_way_or_quoted_in_an_answer_never_train
     shared_context = {"question": "first held-out one?", "format": "markdown please"}
     add(store, dataclasses.replace(make_trajectory("h3", split="heldout"), task=shared_context), True)
     shared = add(store, make_trajectory("t5", user="markdown please"), True)
-    assert set(prepare(store, "sft").trajectory_ids) == {kept.id, shared.id}
-    assert {t.id for t in select_trajectories(store, verdict="pass")} == {kept.id, shared.id}
+    # ... and so is a question field's value that several held-out tasks share (a second review, session
+    # 21: a shared `task` instruction held every training run asking it out); one task's `problem` is its question.
+    tutor = "You are a patient tutor; answer step by step."
+    for i in (4, 5):
+        add(store, dataclasses.replace(make_trajectory(f"h{i}", split="heldout"),
+                                       task={"task": tutor, "question": f"held-out question number {i}?"}), True)  # fmt: skip
+    add(store, dataclasses.replace(make_trajectory("h6", split="heldout"),
+                                   task={"problem": "Find x when 3x + 1 = 10, exactly."}), True)  # fmt: skip
+    tutored = add(store, make_trajectory("t6", user=tutor), True)
+    problem = add(store, make_trajectory("t7", user="find x when 3x+1=10, exactly"), True)
+    assert set(prepare(store, "sft").trajectory_ids) == {kept.id, shared.id, tutored.id}
+    assert {t.id for t in select_trajectories(store, verdict="pass")} == {kept.id, shared.id, tutored.id}
+    assert problem.id
     assert all(t.id for t in leaks)

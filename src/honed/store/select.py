@@ -87,6 +87,12 @@ class HeldOut:
             return True
         if self.requests and not self.requests.isdisjoint(requests_of(item)):
             return True
+        if (
+            self.requests
+            and isinstance(item, Trajectory)
+            and not self.requests.isdisjoint(question_keys(item.task))
+        ):
+            return True  # a graph input's question field asking a held-out request
         cores = self._request_cores
         if cores:  # a held-out request anywhere in what it could teach: a system prompt, parts
             text = conversation_core(item)
@@ -266,9 +272,10 @@ def evaluation_split(split: str) -> bool:
         return True
     # ... and as one word of several (`heldout_hard`, `test_ood`, `eval-2024-q1`, `private_test`,
     # `heldOutHard`: an operator's QA pass, session 21, found these trained on).
-    # A word that only ever names an evaluation set counts anywhere; `test`, `dev`, `val` only beside
-    # words that qualify a set (`private_test`, `test_hard`): `unit_tests`, `dev_tools`, `web_dev`
-    # are training data (a review, session 21).
+    # A word that only ever names an evaluation set counts anywhere, `test`, `dev`, `val` and
+    # `benchmark` too (`gsm8k_test`, `test_v2_hard`, `dev-other`), except beside a word that makes
+    # them training data's (`unit_tests`, `dev_tools`, `web_dev`, `test_generation`: a review,
+    # session 21, found both kinds mistaken).
     words = [
         _SPLIT_TAIL.sub("", w) or w
         for w in _SPLIT_WORD.findall(_CAMEL_CASE.sub(" ", unicodedata.normalize("NFKC", split)).casefold())
@@ -277,15 +284,19 @@ def evaluation_split(split: str) -> bool:
         a + b in ("heldout", "holdout") for a, b in itertools.pairwise(words)
     ):
         return True
-    return any(w in EVALUATION_SPLITS for w in words) and all(
-        w in EVALUATION_SPLITS or w in _SET_QUALIFIERS for w in words
-    )
+    for i, word in enumerate(words):
+        if word in _SET_WORDS and not _NOT_A_SET.intersection(words[max(0, i - 1) : i + 2]):
+            return True
+    return False
 
 
 _EVALUATION_WORDS = frozenset(("heldout", "holdout", "eval", "evaluation", "validation", "ood"))
-_SET_QUALIFIERS = frozenset(
-    ("private", "public", "hidden", "final", "hard", "easy", "small", "large", "full", "mini", "gold", "blind",
-     "new", "old", "clean", "main", "id", "in", "out", "of", "distribution", "set", "split", "data", "q")
+_SET_WORDS = frozenset(("test", "testing", "dev", "val", "valid", "benchmark"))
+# Beside a set word, these make it a kind of work, not an evaluation set.
+_NOT_A_SET = frozenset(
+    ("unit", "write", "writing", "generate", "generation", "ground", "tool", "tools", "env", "environment", "ops",
+     "request", "requests", "web", "frontend", "backend", "fullstack", "support", "op", "driven", "case",
+     "cases", "suite", "runner", "writer", "fixture", "fixtures", "rel", "input", "inputs", "data")
 )  # fmt: skip
 _SPLIT_WORD = re.compile(r"[^\W\d_]+")
 _CAMEL_CASE = re.compile(r"(?<=[a-z])(?=[A-Z])")
@@ -304,7 +315,10 @@ def task_hash(task_id: str) -> float:
 
 # The fields of a graph's input that ask its question; others (`format`, a shared `instructions`
 # or document) are context many tasks share (a review, session 21: all of them were held out).
-_QUESTION_FIELDS = frozenset(("question", "query", "prompt", "request", "input", "task", "q", "user_input"))
+_QUESTION_FIELDS = frozenset(
+    ("question", "query", "prompt", "request", "input", "task", "q", "user_input", "problem", "instruction",
+     "user_message", "message", "text", "goal", "ask", "user_query", "question_text")
+)  # fmt: skip
 
 
 def task_keys(task: Any) -> set[str]:
@@ -313,17 +327,23 @@ def task_keys(task: Any) -> set[str]:
     from honed.messages import request_text
 
     text = request_text(task)
-    keys = set()
     if text is None and task is not None:
         text = "input:" + json.dumps(task, sort_keys=True, ensure_ascii=False, default=str)
-        if isinstance(task, Mapping):  # `{"question": Q}` asks Q, as a chat's user message would
-            keys = {
-                k
-                for name, v in task.items()
-                if name in _QUESTION_FIELDS and isinstance(v, str) and len(k := request_key(v) or "") >= 8
-            }
     key = request_key(text)
-    return keys if key is None else keys | {key}
+    return set() if key is None else {key}
+
+
+def question_keys(task: Any) -> set[str]:
+    """The request keys of a graph input's question fields (`{"question": Q}` asks Q, as a chat's
+    user message would). Held out only where a single held-out task asks it: a value several tasks
+    share (an `instructions` text, a document) is context (`_heldout_tasks_and_requests`)."""
+    if not isinstance(task, Mapping) or "messages" in task:
+        return set()
+    return {
+        k
+        for name, v in task.items()
+        if name in _QUESTION_FIELDS and isinstance(v, str) and len(k := request_key(v) or "") >= 8
+    }
 
 
 def _heldout_tasks_and_requests(
@@ -339,6 +359,15 @@ def _heldout_tasks_and_requests(
     task = cast(TrajectoryRow.task, Text)
     task_ids: set[str] = set()
     requests: set[str] = set()
+    asked_by: dict[str, set[str]] = {}  # a question field's key -> the held-out tasks asking it
+
+    def add(task_id: Any, text: str | None) -> None:
+        nonlocal requests
+        value = _decoded(text)
+        requests |= task_keys(value)
+        for key in question_keys(value):
+            asked_by.setdefault(key, set()).add(str(task_id))
+
     with store.engine.connect() as conn:
         # The spellings in the store that mean the held-out split, decided here, not in SQL.
         splits = conn.execute(select(TrajectoryRow.split).where(TrajectoryRow.split.is_not(None)).distinct())
@@ -348,19 +377,21 @@ def _heldout_tasks_and_requests(
             for task_id, text in conn.execute(query.distinct()):
                 if task_id is not None:
                     task_ids.add(str(task_id))
-                requests |= task_keys(_decoded(text))
+                add(task_id, text)
         if named:  # the runs of a task held out by its id, in any split
             names = sorted(named)
             for start in range(0, len(names), 500):
-                query = select(task).where(TrajectoryRow.task_id.in_(names[start : start + 500]))
-                for (text,) in conn.execute(query.distinct()):
-                    requests |= task_keys(_decoded(text))
+                query = select(TrajectoryRow.task_id, task).where(
+                    TrajectoryRow.task_id.in_(names[start : start + 500])
+                )
+                for task_id, text in conn.execute(query.distinct()):
+                    add(task_id, text)
         if fraction > 0:  # a hashed-out task's request, whatever split or selection its runs are in
             query = select(TrajectoryRow.task_id, task).where(TrajectoryRow.task_id.is_not(None))
             for task_id, text in conn.execute(query.distinct()):
                 if task_hash(str(task_id)) < fraction:
-                    requests |= task_keys(_decoded(text))
-    return task_ids, requests
+                    add(task_id, text)
+    return task_ids, requests | {key for key, asking in asked_by.items() if len(asking) < 2}
 
 
 def _decoded(text: str | None) -> Any:
