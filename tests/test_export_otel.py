@@ -575,6 +575,16 @@ def test_replayed_batches_with_content_stay_under_a_receivers_message_limit() ->
     result = replay([t, t], span_exporter=sent, capture_content=True, batch_bytes=500_000)
     assert result.spans == len(sent.spans) == 82 and result.trajectories == 2
     assert len(sent.sizes) >= 8 and max(sent.sizes) <= 600_000, sent.sizes
+    # Verdict events count too (a review, session 21: 59 root spans with long failing-test reasons
+    # made one 4.8 MiB request).
+    judged = [
+        Trajectory(id=str(uuid.UUID(int=100 + i)), agent="a", task="t", output="no",
+                   verdicts=[Verdict(passed=False, verifier="pytest", reason="E assert " * 10_000)])
+        for i in range(12)
+    ]  # fmt: skip
+    events = Batches()
+    replay(judged, span_exporter=events, capture_content=True, batch_bytes=500_000)
+    assert len(events.sizes) >= 3 and max(events.sizes) <= 600_000, events.sizes
     chat = next(s for s in sent.spans if s.attributes.get("gen_ai.operation.name") == "chat")
     assert {k: chat.attributes[k] for k in chat.attributes if k.startswith("gen_ai.usage.")} == {
         "gen_ai.usage.input_tokens": 9,

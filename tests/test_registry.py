@@ -450,3 +450,8 @@ def test_a_config_that_does_not_describe_its_weights_is_refused(store, tmp_path:
     quantised = variant("gptq", lambda c: c.update({"quantization_config": {"quant_method": "gptq", "bits": 4},
                                                       "num_hidden_layers": 5, "layer_types": ["full_attention"] * 5}))  # fmt: skip
     assert store.register_model("agent", quantised).version == 2
+    # ... but its config must still load (a second review, session 21: the skip came first).
+    broken = variant("gptq-broken", lambda c: c.update({"quantization_config": {"quant_method": "gptq", "bits": 4},
+                                                        "num_hidden_layers": 5}))  # fmt: skip
+    with pytest.raises(ModelVersionInvalid, match=r"config\.json does not load"):
+        store.register_model("agent", broken)

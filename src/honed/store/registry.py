@@ -273,8 +273,6 @@ def _check_structure(folder: Path, shapes: dict[str, list[int]], ref: str) -> No
     cannot build the model from its config alone (remote code), or where transformers is not installed."""
     # Where transformers is installed (`honed[train]`, a server); a capture-only install has none.
     settings = json.loads((folder / "config.json").read_text())
-    if isinstance(settings, dict) and settings.get("quantization_config"):
-        return  # GPTQ, AWQ, bitsandbytes: other tensors (`qweight`, `scales`) than the model's own
     torch, transformers = _model_library("torch"), _model_library("transformers")
     if torch is None or transformers is None:
         return
@@ -288,6 +286,8 @@ def _check_structure(folder: Path, shapes: dict[str, list[int]], ref: str) -> No
         # A config transformers refuses (`num_hidden_layers` against `layer_types`) made a version
         # the store called live and no server could load (an operator's QA pass, session 21).
         raise ModelVersionInvalid(ref, f"config.json does not load: {type(exc).__name__}: {exc}") from exc
+    if isinstance(settings, dict) and settings.get("quantization_config"):
+        return  # GPTQ, AWQ, bitsandbytes: other tensors (`qweight`, `scales`) than the model's own
     try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
