@@ -217,6 +217,10 @@ def test_verify_fails_when_every_verification_errored(captured: str) -> None:
     and its errors took every run out of training without a word."""
     result = runner.invoke(app, ["verify", "--once", "-v", "verifier_helpers:Raises", "--store", captured])
     assert result.exit_code == 1 and "every verification failed (2 errors)" in result.output, result.output
+    status = runner.invoke(app, ["status", "--store", captured])
+    assert status.exit_code == 0 and "verifier errors: raises (2)" in status.output, status.output
+    info = json.loads(runner.invoke(app, ["status", "--store", captured, "--json"]).output)
+    assert [(r["verifier"], r["errors"]) for r in info["verifiers"]] == [("raises", 2)]
     fine = runner.invoke(app, ["verify", "--once", "-v", "reference", "--store", captured])
     assert fine.exit_code == 0, fine.output
 

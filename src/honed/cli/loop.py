@@ -460,16 +460,27 @@ def status(
         f"unlabeled, [bold]{info['trainable']}[/bold] trainable (verified passes of training tasks)"
     )
     verdicts = Table(title="verdicts per verifier")
-    for col in ("verifier", "version", "pass", "fail", "undecided"):
+    for col in ("verifier", "version", "pass", "fail", "undecided", "errors"):
         verdicts.add_column(col)
     for row in info["verifiers"]:
         trusted = "" if row["verifier"] not in info["untrusted_verifiers"] else " [red](untrusted)[/red]"
         verdicts.add_row(
             escape(row["verifier"]) + trusted,
             escape(row["version"]),
-            *(str(row[k]) for k in ("pass", "fail", "undecided")),
+            *(str(row[k]) for k in ("pass", "fail", "undecided", "errors")),
         )
     out.print(verdicts)
+    erring = [
+        r for r in info["verifiers"] if r["errors"] and r["verifier"] not in info["untrusted_verifiers"]
+    ]
+    if erring:
+        # A broken verifier's errors leave its runs undecided: "0 trainable" with no reason (a QA
+        # pass, session 21).
+        names = ", ".join(f"{escape(r['verifier'])} ({r['errors']})" for r in erring)
+        out.print(
+            f"[yellow]verifier errors: {names}; their runs are undecided, not trainable, until a retry judges "
+            "them (`honed verify` retries; `honed show ID` has the error)[/yellow]"
+        )
     if not info["models"]:
         out.print(
             "no model registered yet: [cyan]honed register NAME PATH[/cyan], then [cyan]honed promote[/cyan]"

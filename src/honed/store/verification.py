@@ -420,7 +420,7 @@ class VerificationStore:
         return untrusted
 
     def verifier_counts(self) -> list[dict[str, Any]]:
-        """Verdict counts per verifier and version: passes, fails, undecided."""
+        """Verdict counts per verifier and version: passes, fails, undecided (and of those, errors)."""
         V = VerdictRow
         query = (
             select(
@@ -430,6 +430,7 @@ class VerificationStore:
                 func.count().filter(V.passed.is_(True)),
                 func.count().filter(V.passed.is_(False)),
                 func.max(V.created_at),
+                func.count().filter(V.passed.is_(None), V.evidence[ERROR_KEY].as_string().is_not(None)),
             )
             .group_by(V.verifier, V.version)
             .order_by(V.verifier, V.version)
@@ -444,9 +445,10 @@ class VerificationStore:
                 "pass": p,
                 "fail": f,
                 "undecided": t - p - f,
+                "errors": e,  # of the undecided: the verifier failed (a retry may judge them)
                 "latest": at,
             }
-            for n, v, t, p, f, at in rows
+            for n, v, t, p, f, at, e in rows
         ]
 
     # -- helpers ----------------------------------------------------------------------------
