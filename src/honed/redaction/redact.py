@@ -1076,13 +1076,6 @@ def _credential_shaped(value: str, *, in_code: bool = False) -> bool:
     return (digits and any(c.isalpha() for c in value)) or (not value.isalnum() and len(value) >= 12)
 
 
-def _shaped_group(group: int, kind: str) -> Callable[[re.Match[str]], str]:
-    def replace(m: re.Match[str]) -> str:
-        return _splice(m, group, _marker(kind)) if _credential_shaped(m.group(group)) else m.group(0)
-
-    return replace
-
-
 def _random_group(group: int, kind: str) -> Callable[[re.Match[str]], str]:
     def replace(m: re.Match[str]) -> str:
         return _splice(m, group, _marker(kind)) if _random_shaped(m.group(group)) else m.group(0)
