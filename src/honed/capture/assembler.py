@@ -1017,13 +1017,13 @@ def _task_of_first_model_call(steps: list[dict[str, Any]]) -> Any:
         messages = step["input"].get("messages") if isinstance(step["input"], dict) else None
         if not isinstance(messages, list):
             return None
-        roles = [m.get("role") if isinstance(m, dict) else None for m in messages]
-        last_reply = max((i for i, r in enumerate(roles) if r in ("assistant", "tool")), default=-1)
-        new = [
-            m
-            for m, r in zip(messages[last_reply + 1 :], roles[last_reply + 1 :], strict=True)
-            if r != "system"
-        ]
+        new: list[Any] = []
+        for message in messages:
+            role = message.get("role") if isinstance(message, dict) else None
+            if role in ("assistant", "tool"):
+                new = []  # the request is what came after the last reply
+            elif role != "system":
+                new.append(message)
         return {"messages": new} if new else None
     return None
 

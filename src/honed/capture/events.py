@@ -117,11 +117,3 @@ class _Snapshot:
             if type(v) is dict or type(v) is list:
                 out[i] = self.tree(v, depth + 1)
         return out
-        out = []
-        self.memo[id(value)] = out
-        for i, v in enumerate(value):
-            if self.left <= 0 and depth >= 1:
-                out.extend(value[i:])  # the budget is spent: the rest by reference, in C
-                break
-            out.append(self.tree(v, depth + 1) if type(v) is dict or type(v) is list else v)
-        return out

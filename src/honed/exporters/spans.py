@@ -349,11 +349,12 @@ def _span(
     for key, value in attributes.items():
         if value is None:
             continue  # None would fail the batch
-        if type(value) is str and len(value) > MAX_CONTENT_BYTES // 4 and utf8_len(value) > MAX_CONTENT_BYTES:
+        if type(value) is str:
             # A task, a tool's arguments or result, a reply: whatever the capture's field cap let
             # through (`HONED_MAX_FIELD_BYTES` can be set past gRPC's 4 MiB) is cut, and says so.
-            value = _cut_utf8(value, MAX_CONTENT_BYTES)
-            cut.append(key)
+            whole, value = value, _cut_utf8(value, MAX_CONTENT_BYTES)
+            if value is not whole:
+                cut.append(key)
         kept[key] = value
     if cut:
         kept["honed.truncated_attributes"] = tuple(cut)

@@ -362,9 +362,8 @@ def _heldout_tasks_and_requests(
     asked_by: dict[str, set[str]] = {}  # a question field's key -> the held-out tasks asking it
 
     def add(task_id: Any, text: str | None) -> None:
-        nonlocal requests
         value = _decoded(text)
-        requests |= task_keys(value)
+        requests.update(task_keys(value))
         for key in question_keys(value):
             asked_by.setdefault(key, set()).add(str(task_id))
 
