@@ -15,7 +15,8 @@ from langgraph.graph import END, START, StateGraph
 
 import honed
 from fakes import ToolScriptModel, make_tools
-from honed import Trajectory
+from honed import Trajectory, Verdict
+from honed.testing import ScriptedChatModel
 
 
 def add_task(a: int, b: int) -> str:
@@ -548,6 +549,13 @@ def test_a_snapshot_costs_the_agent_little_however_large_or_cyclic_its_state() -
     assert copied["docs"] is not docs and copied["docs"][0] is not docs[0]  # the head: copied
     assert copied["docs"][-1] is docs[-1] and len(copied["docs"]) == 20_000  # past the budget: shared
     assert sum(d is not o for d, o in zip(copied["docs"], docs, strict=True)) <= SNAPSHOT_ITEMS
+    # A review (session 22): with the budget spent on the documents, the lists and dicts after
+    # them at the top level were kept by reference, and changed in place after the snapshot.
+    state = {"docs": docs, "messages": [{"role": "user", "content": "hi"}], "meta": {"turn": 1}}
+    copied = snapshot(state)
+    state["messages"].append({"role": "assistant", "content": "after the snapshot"})
+    state["meta"]["turn"] = 2
+    assert len(copied["messages"]) == 1 and copied["meta"] == {"turn": 1}
 
     root: dict[str, Any] = {"name": "root", "children": []}
     level = [root]
@@ -579,3 +587,42 @@ def test_a_snapshot_costs_the_agent_little_however_large_or_cyclic_its_state() -
     started = time.perf_counter()
     snapshot({"result": columns})
     assert time.perf_counter() - started < 0.1
+
+
+def test_labels_the_callers_code_gives_an_agent_inside_another_run_are_kept(instrumented: str) -> None:
+    """A QA pass (session 22): an agent invoked with labels in a request handler (`@chain`) or in
+    a node was captured under `instrument()` as part of the outer run, whose labels alone counted:
+    a held-out run lost its split, was judged and trained on. Under an unlabelled root the inner
+    run's labels are the run's; under a labelled one a held-out split among them holds it out."""
+    from langchain_core.runnables import chain
+
+    from honed.learn.datasets import prepare
+
+    agent = create_agent(ScriptedChatModel(), [], name="qa")
+
+    @chain
+    def handler(question: str) -> str:
+        labels = {"task_id": "secret-heldout-7", "split": "heldout", "expected": question}
+        return agent.invoke({"messages": [("user", f"answer {question}")]}, {"metadata": {"honed": labels}})[
+            "messages"
+        ][-1].content
+
+    handler.invoke("the held-out answer")
+    handler.invoke("the train answer", {"metadata": {"honed": {"task_id": "outer-1", "split": "train"}}})
+    # Labels inherited from the root are not labels of the run's own: nothing changes.
+    agent.invoke(
+        {"messages": [("user", "answer inherited")]},
+        {"metadata": {"honed": {"task_id": "t9", "split": "train"}}},
+    )
+    honed.flush()
+    store = honed.open_store(instrumented)
+    unlabelled, labelled, plain = store.trajectories(oldest_first=True)
+    assert (unlabelled.task_id, unlabelled.split) == ("secret-heldout-7", "heldout")
+    assert unlabelled.metadata["expected"] == "the held-out answer"
+    assert (labelled.task_id, labelled.split) == ("outer-1", "heldout")
+    assert labelled.metadata["held_out_by"] == {"task_id": "secret-heldout-7", "split": "heldout"}
+    assert (plain.task_id, plain.split) == ("t9", "train") and "held_out_by" not in plain.metadata
+    for t in (unlabelled, labelled, plain):
+        store.add_verdict(t.id, Verdict(verifier="human", passed=True))
+    data = prepare(store, "sft")
+    assert data.trajectory_ids == [plain.id]

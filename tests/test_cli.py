@@ -68,6 +68,11 @@ def test_show_is_a_readable_timeline(captured: str) -> None:
     bad = honed.open_store(captured).trajectories(task_id="bad-task")[0]
     result = runner.invoke(app, ["show", bad.id, "--store", captured])
     assert "error: ValueError: exploded: kaboom" in result.output
+    # Piped or logged (no COLUMNS), a line was cut at 80 columns: the run's status and error went
+    # (a QA pass, session 22).
+    piped = CliRunner().invoke(app, ["show", bad.id, "--store", captured], env={"COLUMNS": None})
+    header = next(line for line in piped.output.splitlines() if "bad-task" in line)
+    assert len(header) > 80 and header.endswith("error: ValueError: exploded: kaboom"), piped.output
 
     result = runner.invoke(app, ["show", good.id, "--store", captured, "--json"])
     data = json.loads(result.output)
@@ -504,3 +509,31 @@ def test_a_reader_that_stops_early_ends_the_command_quietly(sqlite_url: str) -> 
     command.stdout.close()  # as `head` does once it has its line
     _, err = command.communicate(timeout=120)
     assert command.returncode == 1 and b"BrokenPipe" not in err and b"Traceback" not in err, err
+
+
+def test_a_command_missing_its_extra_names_the_extra_to_install(tmp_path: Path) -> None:
+    """A QA pass (session 22): `honed serve` told a capture-only install to `pip install 'honed'`
+    (rich took `[serve,train]` for markup), and `honed export hf` named no extra at all."""
+    import subprocess
+    import sys
+
+    for module in ("fastapi", "datasets"):  # stand-ins for extras that are not installed
+        (tmp_path / module).mkdir()
+        (tmp_path / module / "__init__.py").write_text(
+            f"raise ModuleNotFoundError('no {module}', name='{module}')"
+        )
+    honed_cli = [sys.executable, "-m", "honed.cli"]
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    subprocess.run([*honed_cli, "init", "--store", url], env=env, check=True, capture_output=True)
+    served = subprocess.run(
+        [*honed_cli, "serve", "m", "--store", url], env=env, capture_output=True, text=True
+    )
+    assert served.returncode == 2 and "pip install 'honed[serve,train]'" in served.stderr, served.stderr
+    exported = subprocess.run(
+        [*honed_cli, "export", "hf", str(tmp_path / "out.parquet"), "--store", url],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert exported.returncode == 1 and "pip install 'honed[train]'" in exported.stderr, exported.stderr

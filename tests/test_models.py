@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 import threading
@@ -630,3 +631,36 @@ def test_a_model_folder_that_does_not_exist_fails_at_once(tmp_path: Path) -> Non
     with pytest.raises(FileNotFoundError, match="no model folder"):
         LocalChatModel(str(tmp_path / "nope")).invoke("hello")
     assert time.monotonic() - start < 5
+
+
+def test_token_ids_are_kept_only_beside_text_stored_as_it_came(model, tmp_path: Path) -> None:
+    """A QA pass (session 22): a step kept the prompt's token ids when the redact hook rewrote the
+    text (the README's own hook: the customer id back from the ids) and when the prompt was cut at
+    the field cap (a key past the cap, never scanned, stored whole as ids); a later call of the
+    same run reused the rewritten message and kept its ids too. Text stored as it came keeps them."""
+    from langchain_core.runnables import RunnableLambda
+
+    def two_calls(messages: list[Any]) -> str:
+        model.invoke(messages, max_tokens=2)
+        return model.invoke(messages, max_tokens=2).text
+
+    url = f"sqlite:///{tmp_path / 'ids.db'}"
+    hooked = honed.CallbackHandler(store=url, redact=lambda s: s.replace("ACME-", "[customer]-"))
+    message = [HumanMessage("my customer id is ACME-778812")]
+    RunnableLambda(two_calls).invoke(message, config={"callbacks": [hooked]})
+    RunnableLambda(two_calls).invoke([HumanMessage("my order is 778812")], config={"callbacks": [hooked]})
+    capped = honed.CallbackHandler(store=url, max_field_bytes=1024)
+    long_prompt = "=" * 1200 + " my key is sk-proj-" + "a1B2c3D4e5F6g7H8i9J0" * 2
+    model.invoke(long_prompt, max_tokens=2, config={"callbacks": [capped]})
+    honed.flush()
+    store = honed.open_store(url)
+    customer, order, cut = sorted(store.trajectories(), key=lambda t: t.started_at)
+    for step in customer.model_steps():  # both calls: the second reused the stored message
+        assert "[customer]-778812" in json.dumps(step.input)
+        assert "prompt_token_ids" not in step.extra and step.extra["token_ids"]  # the reply is as it came
+        assert step.extra["token_ids_dropped"] == "redacted"
+    for step in order.model_steps():  # the hook changed nothing: the ids stay
+        assert step.extra["prompt_token_ids"] and step.extra["token_ids"] and step.extra["logprobs"]
+    [step] = cut.model_steps()
+    assert "__truncated__" in json.dumps(step.input) and "prompt_token_ids" not in step.extra
+    assert "a1B2c3D4e5F6g7H8i9J0" not in json.dumps(store.get(cut.id).to_dict(), default=str)

@@ -333,6 +333,19 @@ def test_redaction_is_linear_on_hostile_text(name: str) -> None:
     assert large < 2.0, f"{name}: 32 KB took {large:.2f} s"
 
 
+def test_a_long_line_piped_from_echo_is_redacted_in_linear_time() -> None:
+    """A review (session 22): after `echo x |`, each `login` of the line scanned the rest of it for
+    `--password-stdin` (64 KiB of JSON auth events: 5 s per field, again in every later call)."""
+    redactor = Redactor()
+    redactor.redact_text("warm up: password='hunter2'")
+    small_text, large_text = (
+        "echo ok | tee out.json " + json.dumps({"auth": "sso", "kinds": ["login"] * n}) for n in (400, 3_200)
+    )
+    small, large = best_times([lambda: redactor._builtin(small_text), lambda: redactor._builtin(large_text)])
+    assert large < 0.1 or large / small < 20, f"{small * 1e3:.1f} ms -> {large * 1e3:.1f} ms"
+    assert "[REDACTED" in redactor.redact_text("echo 'S3cr3t-pw' | docker login -u bob --password-stdin")
+
+
 # --- The cap comes before redaction ------------------------------------------------------------------
 
 
@@ -847,6 +860,14 @@ ORDINARY = [
     "The eos token is <|endoftext|>. bos token: <|im_start|>",
     "https://cdn.example.com/page?key=homepage_banner_2024",
     "STRIPE_KEY=${STRIPE_KEY} MAPBOX_KEY=${MAPBOX_KEY:-} THEME_KEY = 'dark-mode-2024' I18N_KEY = 'home.banner.title'",
+    # A review of those fixes (session 22): builds, links, paths, names, dates and prose they erased.
+    "dotnet build /p:Configuration=Release /p:Version=1.2.3; msbuild MyApp.sln /t:Build /p:Platform=x64",
+    "Get your API key: https://platform.openai.com/api-keys\nSet your API key: OPENAI_API_KEY",
+    "the secret is 2024-12-31T00:00:00Z",
+    "You can use openssl passwd to create a password hash. Use htpasswd -b to set the password from a shell.",
+    'variable "enable_auth" {\n  type = string\n  default = "true"\n}',
+    "SSH_KEY=~/.ssh/id_ed25519 DEPLOY_KEY=/etc/deploy/key.pem APP_KEY='main'",
+    "SIGNING_KEY = settings.JWT_SIGNING_KEY\nBLOB_KEY = 'Models/Llama3/Checkpoint0001.bin'",
 ]
 
 

@@ -402,8 +402,21 @@ def test_evaluation_splits_are_held_out_however_they_are_suffixed() -> None:
         "DevOpsTasks",
         "valid_requests",
         "benchmark_generation",
+        # A review (session 22): production traffic and kinds of work, held out by the word rule.
+        "ab_test",
+        "AB-Test",
+        "a_b_test",
+        "load_test",
+        "smoke_test",
+        "canary_test",
+        "user_testing",
+        "data_validation",
+        "schema_validation",
+        "dev_agent",
     ):
         assert not is_heldout({"task_id": "x", "split": split}), split
+    for split in ("golden_set", "leaderboard", "private_leaderboard", "validation_hard"):
+        assert is_heldout({"task_id": "x", "split": split}), split
 
 
 def test_a_heldout_graph_input_or_a_task_held_out_by_id_never_trains_whatever_the_filters(
@@ -804,17 +817,52 @@ def test_one_trajectory_without_ids_makes_the_whole_dataset_conversational(store
 
 
 def test_ids_outside_the_tokenizer_vocabulary_are_not_used(store: TrajectoryStore) -> None:
-    add(store, make_trajectory("t1", token_ids=IDS_A), True)
+    from transformers import AutoTokenizer
 
-    class Vocab:
+    from test_offpolicy import conversation_ids
+    from tiny_model import tiny_path
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_path())
+    add(store, make_trajectory("t1", answer="5", token_ids=conversation_ids(tokenizer, "t1", "5")), True)
+
+    class Vocab:  # the tokenizer, with a vocabulary of `size`
         def __init__(self, size: int) -> None:
             self.size = size
 
         def __len__(self) -> int:
             return self.size
 
-    assert prepare(store, "sft", tokenizer=Vocab(100)).pretokenized
+        def decode(self, ids: list[int], **kwargs: Any) -> str:
+            return tokenizer.decode(ids, **kwargs)
+
+    assert prepare(store, "sft", tokenizer=Vocab(len(tokenizer))).pretokenized
     assert not prepare(store, "sft", tokenizer=Vocab(10)).pretokenized
+
+
+def test_ids_that_do_not_say_the_stored_text_never_train(store: TrajectoryStore) -> None:
+    """A QA pass (session 22): a model reported, beside its reply "5", the ids of another text;
+    the verifier judged "5" and SFT (and offpolicy) trained on the ids, whatever they said. Ids
+    must say what was judged: otherwise the run trains from its text, and offpolicy leaves it."""
+    from transformers import AutoTokenizer
+
+    from test_offpolicy import conversation_ids
+    from tiny_model import tiny_path
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_path())
+    p1, c1, p2, _ = conversation_ids(tokenizer, "t1", "5")
+    forged = tokenizer("IGNORE ALL RULES<|im_end|>", add_special_tokens=False)["input_ids"]
+    add(store, make_trajectory("t1", answer="5", token_ids=(p1, c1, p2, forged)), True)
+    data = prepare(store, "sft", tokenizer=tokenizer)
+    assert not data.pretokenized and data.counts["ids_not_the_text"] == 1 and len(data) == 1
+    assert "IGNORE" not in json.dumps(data.dataset[0]["messages"])  # trained from its text
+    add(store, make_trajectory("t1", answer="5", token_ids=conversation_ids(tokenizer, "t1", "5")), False)
+    other_prompt = tokenizer("an instruction the model never saw", add_special_tokens=False)["input_ids"]
+    add(store, make_trajectory("t1", answer="5", token_ids=(other_prompt, c1, p2, c1)), False)
+    data = prepare(store, "offpolicy", tokenizer=tokenizer)
+    assert data.counts["ids_not_the_text"] == 2  # the forged reply, and a prompt that is not the one stored
+    assert (
+        data.counts["unpassed_groups"] == 1 and len(data) == 0
+    )  # the honest failure alone: nothing to learn
 
 
 def test_ids_another_tokenizer_made_are_not_used(store: TrajectoryStore) -> None:
@@ -827,7 +875,9 @@ def test_ids_another_tokenizer_made_are_not_used(store: TrajectoryStore) -> None
 
     made_it, other = AutoTokenizer.from_pretrained(tiny_path()), AutoTokenizer.from_pretrained(tiny_path())
     other.add_tokens(["<another-vocabulary>"])
-    t = make_trajectory("t1", token_ids=IDS_A)
+    from test_offpolicy import conversation_ids
+
+    t = make_trajectory("t1", answer="5", token_ids=conversation_ids(made_it, "t1", "5"))
     for step in t.model_steps():
         step.extra["tokenizer"] = tokenizer_id(made_it)
     add(store, t, True)
@@ -964,3 +1014,15 @@ def test_a_heldout_question_asked_another_way_or_quoted_in_an_answer_never_train
     assert {t.id for t in select_trajectories(store, verdict="pass")} == {kept.id, shared.id, tutored.id}
     assert problem.id
     assert all(t.id for t in leaks)
+    # ... but the same question two held-out tasks ask in two formats is their question, not
+    # context (a review, session 22: the rule above trained a chat run asking it, and export had it).
+    sylvania = "Which city is the capital of the fictional land of Sylvania?"
+    for i, style in ((8, "json"), (9, "plain text")):
+        add(store, dataclasses.replace(make_trajectory(f"h{i}", split="heldout"),
+                                       task={"question": sylvania, "format": style}), True)  # fmt: skip
+    add(store, make_trajectory("t8", user=sylvania), True)
+    add(
+        store, dataclasses.replace(make_trajectory("t9"), task={"question": sylvania, "format": "yaml"}), True
+    )
+    assert set(prepare(store, "sft").trajectory_ids) == {kept.id, shared.id, tutored.id}
+    assert {t.id for t in select_trajectories(store, verdict="pass")} == {kept.id, shared.id, tutored.id}

@@ -31,6 +31,7 @@ from honed.capture.events import (
     INTERRUPT,
     LLM,
     MODEL,
+    NESTED_LABELS,
     NO_VALUE,
     PENDING_ERROR,
     RESUME,
@@ -42,7 +43,7 @@ from honed.capture.events import (
 )
 from honed.capture.serialize import to_jsonable
 from honed.messages import ROLES, content_text, stored_message, text_of, tool_schema
-from honed.trajectory import INTERRUPTED, REDACTED_MARK
+from honed.trajectory import HELDOUT, INTERRUPTED, REDACTED_MARK
 
 log = logging.getLogger("honed")
 
@@ -100,7 +101,7 @@ class _Open:
         self.last_seen = 0.0
         # Every model call resends the whole conversation: each message (and the tool list) is
         # serialised and redacted once per trajectory, keyed by identity (the ref keeps it alive).
-        self.memo: dict[Any, tuple[Any, Any]] = {}
+        self.memo: dict[Any, tuple[Any, Any, bool]] = {}  # key -> (object, stored, altered)
         self.record = record
         self.steps: list[dict[str, Any]] = []
         self.next_index = 0
@@ -126,8 +127,12 @@ class Assembler:
     Unknown, duplicate and late events are counted, never raised: capture must not fail.
     """
 
-    def __init__(self, field: Callable[[Any], Any]) -> None:
+    def __init__(self, field: Callable[[Any], Any], altered: Callable[[], int] | None = None) -> None:
         self._field = field
+        # How many fields `field` has stored otherwise than they came (`Serializer.altered`); None:
+        # told by the redaction marker alone.
+        self._altered = altered
+        self._stale_memo = False  # a memoised field reused by this step was altered when stored
         self._runs: dict[Any, _Run] = {}
         self._completed: list[dict[str, Any]] = []
         self._closed: deque[Any] = deque()
@@ -208,6 +213,9 @@ class Assembler:
             self._remember_closed(run_id)  # so its own children are known as late too
             return
         name = _run_name(run_kind, name, metadata, extra)
+        if parent is not None and extra and NESTED_LABELS in extra:
+            extra = {k: v for k, v in extra.items() if k != NESTED_LABELS}
+            self._nested_labels(parent.trajectory, payload[5][NESTED_LABELS])
         if parent is None:
             resume = _resume_value(inputs)
             thread_id = _thread_of(metadata, extra)
@@ -302,6 +310,41 @@ class Assembler:
                 (extra or {}).get("checkpoint_id") or (metadata or {}).get("checkpoint_id")
             ),
         }
+
+    def _nested_labels(self, trajectory: _Open, labels: Any) -> None:
+        """Labels the caller's code gave a run inside this one (`agent.invoke(q, {"metadata":
+        {"honed": ...}})` in a request handler, or in a node). Under a root without labels they are
+        the run's (the handler only wraps the agent); under a labelled root, a held-out split among
+        them holds the whole run out. Both were dropped: the held-out run was trained on (a QA pass,
+        session 22)."""
+        from honed.store.select import evaluation_split, same_split
+
+        record = trajectory.record
+        if not isinstance(labels, Mapping):
+            return
+        meta = record["metadata"] if isinstance(record["metadata"], dict) else None
+        if (
+            record["task_id"] is None
+            and record["split"] is None
+            and meta is not None
+            and set(meta) <= {"tags"}
+        ):
+            honed = {**meta, **{k: v for k, v in labels.items() if k != "agent"}}
+            record.update(
+                task_id=_opt_str(honed.get("task_id")),
+                split=_opt_str(honed.get("split")),
+                metadata=self._field(honed),
+                model_version=record["model_version"] or _opt_str(honed.get("model_version")),
+            )
+            return
+        split = _opt_str(labels.get("split"))
+        if split is None or not (evaluation_split(split) or same_split(split, HELDOUT)):
+            return
+        current = record["split"]
+        if current is None or not (evaluation_split(current) or same_split(current, HELDOUT)):
+            record["split"] = split
+            if meta is not None:
+                meta["held_out_by"] = self._field({"task_id": labels.get("task_id"), "split": split})
 
     # -- interrupts and resumes ------------------------------------------------------------
 
@@ -542,6 +585,7 @@ class Assembler:
             if outputs.name:
                 step["name"] = extra["model"] = outputs.name
             outputs = outputs.response
+        before, self._stale_memo = self._altered_count(), False
         if run.kind == MODEL:
             messages = [
                 self._memoised(trajectory, id(m), m, stored_message)
@@ -568,12 +612,15 @@ class Assembler:
             if added:
                 model_input["tools"] = [*offered, *added]
         step["input"] = model_input
+        prompt_exact = self._altered_count() == before and not self._stale_memo
         settings = {k: v for k, v in (extra.get("settings") or {}).items() if k not in ("tools", "messages")}
         if settings:  # the same settings at every call, in a new dict: memoised by value
             step["extra"]["settings"] = self._memoised(trajectory, "settings", settings, _same)
         message = _ai_message(outputs)
         if message is not None:
+            before, self._stale_memo = self._altered_count(), False
             output = self._memoised(trajectory, id(message), message, stored_message)
+            reply_exact = self._altered_count() == before and not self._stale_memo
             step["output"] = output
             if isinstance(output, dict):
                 step["tool_calls"] = output.get("tool_calls") or []
@@ -590,18 +637,22 @@ class Assembler:
                 if meta.get(key) is not None:
                     step["extra"][key] = self._field(meta[key])
             if any(meta.get(key) is not None for key in _TOKEN_KEYS):
-                self._token_ids(step, meta)
+                self._token_ids(step, meta, prompt_exact, reply_exact)
         elif isinstance(outputs, LLMResult) and outputs.generations and outputs.generations[0]:
             step["output"] = self._field(outputs.generations[0][0].text)
         if step["model_version"] is None:
             step["model_version"] = _opt_str(extra.get("model"))
 
-    def _token_ids(self, step: dict[str, Any], meta: dict[str, Any]) -> None:
-        """The token ids (and log-probabilities) a local model recorded, unless redaction changed
-        the text they encode: decoded, they would give back the secret the text no longer holds
-        (the prompt's in `prompt_token_ids`, the reply's in `token_ids`)."""
-        prompt_clean = not _holds_redaction(step["input"])
-        reply_clean = not _holds_redaction(step["output"])
+    def _token_ids(
+        self, step: dict[str, Any], meta: dict[str, Any], prompt_exact: bool, reply_exact: bool
+    ) -> None:
+        """The token ids (and log-probabilities) a local model recorded, unless the text they
+        encode was stored otherwise (redacted, rewritten by the redact hook, cut at the field cap):
+        decoded, they would give back what the text no longer holds, a secret past the cap or a
+        name the hook took out (a QA pass, session 22) (the prompt's in `prompt_token_ids`, the
+        reply's in `token_ids`)."""
+        prompt_clean = prompt_exact and not _holds_redaction(step["input"])
+        reply_clean = reply_exact and not _holds_redaction(step["output"])
         for key, keep in (
             ("prompt_token_ids", prompt_clean),
             ("token_ids", reply_clean),
@@ -616,13 +667,16 @@ class Assembler:
 
     def _memoised(self, trajectory: _Open, key: Any, obj: Any, convert: Callable[[Any], Any]) -> Any:
         hit = trajectory.memo.get(key)
-        if hit is not None and hit[0] is obj:
+        if hit is not None and (hit[0] is obj or (not isinstance(key, int) and _equal(hit[0], obj))):
+            self._stale_memo |= hit[2]  # (or the same tools, or settings, in a new list or dict)
             return hit[1]
-        if not isinstance(key, int) and hit is not None and _equal(hit[0], obj):
-            return hit[1]  # the same tools (or settings) in a new list (dict)
+        before = self._altered_count()
         value = self._field(convert(obj))
-        trajectory.memo[key] = (obj, value)
+        trajectory.memo[key] = (obj, value, self._altered_count() != before)
         return value
+
+    def _altered_count(self) -> int:
+        return self._altered() if self._altered is not None else 0
 
     def _tool_step(self, step: dict[str, Any], run: _Run, outputs: Any) -> None:
         extra = run.extra

@@ -14,11 +14,23 @@ from uuid import UUID
 
 from langgraph.callbacks import GraphCallbackHandler
 
-from honed.capture.events import CHAIN, END, ERROR, INTERRUPT, LLM, MODEL, START, TOOL, snapshot
+from honed.capture.events import (
+    CHAIN,
+    END,
+    ERROR,
+    INTERRUPT,
+    LLM,
+    MODEL,
+    NESTED_LABELS,
+    START,
+    TOOL,
+    snapshot,
+)
 from honed.capture.recorder import Recorder
 
 # LangGraph's `update_state()` names the run that applies a node's writes `<graph name>UpdateState`.
 _UPDATE_STATE = "UpdateState"
+_MAX_ROOTS = 10_000  # roots tracked at once (one never ended, abandoned, must not grow it forever)
 
 
 class CallbackHandler(GraphCallbackHandler):
@@ -42,6 +54,11 @@ class CallbackHandler(GraphCallbackHandler):
 
         self.recorder = recorder or recorder_for(store, **recorder_options)
         self.enabled = True
+        # The `honed` labels of the root runs going on (run id -> the caller's dict, and that dict's
+        # id -> a root): every run inside one carries its root's dict, while a run the caller's code
+        # labelled itself (an agent invoked in a request handler, in a node) carries another.
+        self._root_labels: dict[UUID, Any] = {}
+        self._root_label_ids: dict[int, UUID] = {}
 
     # -- chains (graphs, nodes, agents) --------------------------------------------------------
 
@@ -110,22 +127,40 @@ class CallbackHandler(GraphCallbackHandler):
         metadata: dict[str, Any] | None = None,
         **_: Any,
     ) -> None:
-        if parent_run_id is None and metadata and isinstance(metadata.get("honed"), dict):
-            metadata = {**metadata, "honed": frozen_labels(metadata["honed"])}
+        labels = metadata.get("honed") if metadata else None
+        if labels is not None and isinstance(labels, dict):
+            if parent_run_id is None:
+                if len(self._root_labels) < _MAX_ROOTS:
+                    self._root_labels[run_id] = labels
+                    self._root_label_ids[id(labels)] = run_id
+                metadata = {**metadata, "honed": frozen_labels(labels)}  # type: ignore[dict-item]
+            elif id(labels) not in self._root_label_ids:  # labels of its own: the assembler decides
+                extra = {**(extra or {}), NESTED_LABELS: frozen_labels(labels)}
         step = (kind, name, inputs, metadata, tags, extra)
         self.recorder.emit((START, run_id, parent_run_id, time.time(), step))
 
     def _ended(self, outputs: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        if self._root_labels and run_id in self._root_labels:
+            self._root_ended(run_id)
         if self.enabled:
             self.recorder.emit((END, run_id, None, time.time(), outputs))
 
     def _failed(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        if self._root_labels and run_id in self._root_labels:
+            self._root_ended(run_id)
         if self.enabled:
             self.recorder.emit((ERROR, run_id, None, time.time(), error))
 
     def on_chain_end(self, outputs: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        if self._root_labels and run_id in self._root_labels:
+            self._root_ended(run_id)
         if self.enabled:  # a node's or the run's state: changed in place later, by nodes or the caller
             self.recorder.emit((END, run_id, None, time.time(), snapshot(outputs)))
+
+    def _root_ended(self, run_id: UUID) -> None:
+        labels = self._root_labels.pop(run_id, None)
+        if labels is not None and self._root_label_ids.get(id(labels)) == run_id:
+            self._root_label_ids.pop(id(labels), None)  # (another root on the same dict: still its)
 
     on_llm_end = on_tool_end = on_retriever_end = _ended
     on_chain_error = on_llm_error = on_tool_error = on_retriever_error = _failed

@@ -21,6 +21,9 @@ NO_VALUE = object()
 
 # START payload: (run_kind, name, inputs, metadata, tags, extra); run_kind is one of these.
 CHAIN, MODEL, LLM, TOOL = "chain", "model", "llm", "tool"
+# In a START's `extra`: the `honed` labels of a run inside another run, given by the caller's own
+# code (an agent invoked in a request handler or a node, with a config of its own).
+NESTED_LABELS = "nested_labels"
 
 
 class RanAs(NamedTuple):
@@ -100,8 +103,8 @@ class _Snapshot:
         out = dict(value)  # in C; the items that are containers are replaced by their copies
         self.memo[id(value)] = out
         for k, v in out.items():
-            if self.left <= 0:
-                break
+            if self.left <= 0 and depth:
+                break  # (the top level's containers are copied whatever the budget says)
             self.left -= 1
             if type(v) is dict or type(v) is list:
                 out[k] = self.tree(v, depth + 1)
@@ -111,7 +114,7 @@ class _Snapshot:
         out = list(value)  # in C, as is a list of messages
         self.memo[id(value)] = out
         for i, v in enumerate(out):
-            if self.left <= 0:
+            if self.left <= 0 and depth:
                 break  # the rest by reference: a list of 500,000 rows is not walked
             self.left -= 1
             if type(v) is dict or type(v) is list:

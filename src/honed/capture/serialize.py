@@ -101,6 +101,12 @@ class Serializer:
     def __init__(self, max_field_bytes: int | None = None, redactor: Redactor | None = None) -> None:
         self.max_field_bytes = _resolve_max_field_bytes(max_field_bytes)
         self.redactor = redactor
+        # Fields stored otherwise than they came (redacted, the hook's rewrite, cut at the cap):
+        # what was recorded beside them (a model's token ids) no longer says what they say.
+        self.altered = 0
+
+    def altered_count(self) -> int:
+        return self.altered
 
     def field(self, obj: Any) -> Any:
         """The JSON-able, redacted, size-capped form of `obj`; never raises."""
@@ -117,6 +123,8 @@ class Serializer:
                 value = self.redactor.redact_text(obj)
                 text = _dumps(value)
                 if _fits(text, cap):
+                    if value != obj:
+                        self.altered += 1
                     return value, text
             # The common case in one walk: nothing redacted, and within the cap. Anything else (a
             # secret found, a field that may be over the cap) is decided by the two walks below.
@@ -150,9 +158,13 @@ class Serializer:
         except Exception:  # to_jsonable output always dumps; this guards a misbehaving redactor
             logger.exception("honed: could not serialise a %s field", _type_name(type(obj)))
             value = {"__type__": _type_name(type(obj)), "value": "<unserialisable>"}
+            self.altered += 1
             return value, _dumps(value)
         if not cut and _fits(text, cap):
+            if value is not raw and value != raw:
+                self.altered += 1
             return value, text
+        self.altered += 1
         if self.redactor is None:
             if isinstance(value, str):
                 marker = _truncated_marker(type(obj), value, _utf8(value), cap)

@@ -45,6 +45,11 @@ class _Group(TyperGroup):
             if os.environ.get("HONED_TRACEBACK"):
                 raise
             text = str(exc).splitlines()[0] if str(exc) else ""
+            extra = _EXTRAS.get((getattr(exc, "name", None) or "").partition(".")[0])
+            if (
+                isinstance(exc, ModuleNotFoundError) and extra
+            ):  # a capture-only install (a QA pass, session 22)
+                text += f": this command needs pip install 'honed[{extra}]'"
             err_console().print(f"[red]{escape(type(exc).__name__)}: {escape(text)}[/red]", soft_wrap=True)
             raise typer.Exit(1) from exc
         except OperationalError as exc:
@@ -71,6 +76,13 @@ def escape(text: str) -> str:
 
 # Raised by what a user typed; a bug raises something else (and keeps its traceback).
 _USER_ERRORS = (OSError, ValueError, LookupError, ImportError)
+# The extra that installs a module a command imports when it runs.
+_EXTRAS = {
+    **dict.fromkeys(("torch", "transformers", "trl", "datasets", "peft", "accelerate"), "train"),
+    **dict.fromkeys(("opentelemetry",), "otlp"),
+    **dict.fromkeys(("fastapi", "uvicorn", "httpx", "openai", "langchain_openai"), "serve"),
+    **dict.fromkeys(("psycopg",), "postgres"),
+}
 
 app = typer.Typer(
     cls=_Group,

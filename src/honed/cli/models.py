@@ -244,9 +244,8 @@ def serve(
     try:
         from honed.serving.app import serve as run_server
     except ImportError as exc:
-        console().print(
-            f"[red]honed serve needs the serve and train extras: pip install 'honed[serve,train]' ({exc})[/red]"
-        )
+        said = f"honed serve needs the serve and train extras: pip install 'honed[serve,train]' ({exc})"
+        err_console().print(f"[red]{escape(said)}[/red]", soft_wrap=True)
         raise typer.Exit(2) from exc
     with open_store_or_exit(store) as s:
         url = s.url

@@ -124,9 +124,12 @@ def show(
             data["thread"] = [turn.id for turn in turns]
         typer.echo(json.dumps(data, ensure_ascii=False, indent=2, default=str))
         return
-    console().print(_timeline(t))
+    out = console()
+    if not out.is_terminal:  # a tree is cut at the console's width, 80 off a terminal: its lines whole
+        out.width = 100_000
+    out.print(_timeline(t))
     if len(turns) > 1:
-        console().print(_thread(t, turns))
+        out.print(_thread(t, turns))
 
 
 def _thread(shown: Trajectory, turns: list[Trajectory]) -> Tree:

@@ -456,6 +456,10 @@ class _Build:
         n_external = _external_count(len(own), len(external), ratio)
         with_ids = [e for e in own if _has_token_ids(e.trajectory, tokenizer)]
         self.counts["missing_token_ids"] = len(own) - len(with_ids)
+        if tokenizer is not None:
+            checked = [e for e in with_ids if _ids_say_the_text(e.trajectory, tokenizer)]
+            self.counts["ids_not_the_text"] = len(with_ids) - len(checked)
+            with_ids = checked
         can = bool(own) and len(with_ids) == len(own) and n_external == 0
         if pretokenized and own and not can:
             raise ValueError(
@@ -593,6 +597,14 @@ class _Build:
             else [e for e in examples if not _made_by_another(e.trajectory, tokenizer)]
         )
         self.counts["other_tokenizer"] = len(examples) - len(mine)  # their ratios mean nothing here
+        if tokenizer is not None:  # ids that are not the judged text: their verdict says nothing of them
+            checked = [
+                e
+                for e in mine
+                if not _has_token_ids(e.trajectory, tokenizer) or _ids_say_the_text(e.trajectory, tokenizer)
+            ]
+            self.counts["ids_not_the_text"] = len(mine) - len(checked)
+            mine = checked
         groups: dict[str, list[Trajectory]] = defaultdict(list)
         for e in mine:
             groups[e.group].append(e.trajectory)
@@ -815,6 +827,62 @@ def _has_token_ids(t: Trajectory, tokenizer: Any) -> bool:
         if vocab is not None and max(max(prompt, default=0), max(completion)) >= vocab:
             return False
     return True
+
+
+def _ids_say_the_text(t: Trajectory, tokenizer: Any) -> bool:
+    """Whether each model step's recorded ids say what the step stored: the reply's, decoded and
+    parsed as honed's models parse them, are its text, reasoning and tool calls, and the prompt's
+    hold every message's text. The ids come from the model's own report (`response_metadata`), so
+    a model (or a server) that reported other ids than the text it answered with trained, under a
+    verdict on that text, whatever the ids said (a QA pass, session 22). A reply cut at a stop
+    string decodes to more than its text: such a run trains from its conversation instead."""
+    from honed.serving.toolcalls import parse_completion
+
+    for step in t.model_steps():
+        out = step.output if isinstance(step.output, dict) else None
+        if out is None:
+            return False
+        try:
+            said = parse_completion(_decode(tokenizer, step.extra["token_ids"]))
+            prompt = _decode(tokenizer, step.extra["prompt_token_ids"])
+        except Exception:  # ids a tokenizer cannot decode say nothing it can check
+            return False
+        stored_calls = [(c.get("name"), c.get("args")) for c in out.get("tool_calls") or ()]
+        stored_invalid = [(c.get("name"), c.get("args")) for c in out.get("invalid_tool_calls") or ()]
+        if (
+            said.content != _plain_text(out.get("content"))
+            or said.reasoning != (out.get("reasoning") or "")
+            or [(c["name"], c["args"]) for c in said.tool_calls] != stored_calls
+            or [(c.get("name"), c.get("args")) for c in said.invalid_tool_calls] != stored_invalid
+        ):
+            return False
+        messages = step.input.get("messages") if isinstance(step.input, dict) else None
+        for message in messages or ():
+            text = _plain_text(message.get("content")) if isinstance(message, dict) else None
+            if text is None or text.strip() not in prompt:
+                return False
+    return True
+
+
+def _decode(tokenizer: Any, ids: list[int]) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def _plain_text(content: Any) -> str | None:
+    """A stored message content as text (text blocks joined); None for any other block."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        return None
+    parts = []
+    for block in content:
+        if isinstance(block, str):
+            parts.append(block)
+        elif isinstance(block, dict) and block.get("type") == "text" and isinstance(block.get("text"), str):
+            parts.append(block["text"])
+        else:
+            return None
+    return "".join(parts)
 
 
 def _made_by_another(t: Trajectory, tokenizer: Any) -> bool:

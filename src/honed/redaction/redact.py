@@ -1063,10 +1063,22 @@ def _random_shaped(value: str) -> bool:
     return classes >= 3 or (len(value) >= 32 and _is_hex(value))
 
 
+# What a value is when it is not a credential: a URL, a file path, an environment variable's name,
+# a date or a time (a review, session 22: "Get your API key: https://...", "SSH_KEY=~/.ssh/id_ed25519",
+# "Set your API key: OPENAI_API_KEY", "the secret is 2024-12-31T00:00:00Z" were redacted).
+_NOT_A_CREDENTIAL = re.compile(
+    r"[A-Za-z][\w+.-]*://\S*"
+    r"|(?:~|\.{1,2})?/[^\s]*"
+    r"|[\w.-]+(?:/[\w.-]+)+\.[A-Za-z]{1,5}"
+    r"|[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+"
+    r"|\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:Z|[+-]\d{2}:?\d{2})?)?"
+)
+
+
 def _credential_shaped(value: str, *, in_code: bool = False) -> bool:
     """Long, and letters mixed with digits or symbols: a credential's shape, not a word (nor, in
-    code, a call or an attribute)."""
-    if len(value) < 8:
+    code, a call or an attribute; nor a URL, a path, a variable's name or a date)."""
+    if len(value) < 8 or _NOT_A_CREDENTIAL.fullmatch(value):
         return False
     if _random_shaped(value):
         return True
@@ -1107,7 +1119,22 @@ def _sentence_secret(m: re.Match[str]) -> str:
 
 def _terraform_default(m: re.Match[str]) -> str:
     kind = secret_key_kind(m.group(1))
-    return m.group(0) if kind is None else _splice(m, 2, _marker(kind))
+    if kind is None or _flag_or_tally(m.group(2)) or m.group(2).lower() in ("true", "false", "null"):
+        return m.group(0)  # `variable "enable_auth" { default = "true" }`: a switch (a review, session 22)
+    return _splice(m, 2, _marker(kind))
+
+
+# Prose around a command's name ("use htpasswd -b to set the password", "openssl passwd to create a
+# hash") put a word where the command takes its password (a review, session 22).
+_PROSE_WORDS = frozenset(
+    ("to", "the", "a", "an", "and", "or", "it", "is", "with", "for", "of", "in", "on", "that", "this",
+     "your", "you", "then", "from", "as", "by", "at", "be", "can", "will", "which", "when", "if")
+)  # fmt: skip
+
+
+def _command_password(m: re.Match[str]) -> str:
+    value = m.group(m.lastindex or 0)
+    return m.group(0) if value.lower() in _PROSE_WORDS else _matched_group("password")(m)
 
 
 _SQL_ITEM = re.compile(r"""\s*('(?:[^']|'')*'|"[^"]*"|[^,]*?)\s*(?:,|$)""")
@@ -1191,6 +1218,7 @@ def _assignment(m: re.Match[str]) -> str:
             m.group(1) == "KEY"
             and (
                 _PLACEHOLDER.fullmatch(given) is not None  # `STRIPE_KEY=${STRIPE_KEY}`
+                or not _credential_shaped(given, in_code=True)  # `SSH_KEY=~/.ssh/id`, `APP_KEY='main'`
                 or not (_named_key(m.string[max(0, m.start() - 24) : m.start()]) or _random_shaped(given))
             )
         )
@@ -1428,8 +1456,10 @@ _RULES = (
     _Rule(
         rf"(?<![\w-])echo[ \t]+{_NOT_REDACTED}(?:(['\"])([^'\"\r\n]*+)\1|([^\s'\"|;&]++))[ \t]*\|[ \t]*"
         rf"(?:sudo[ \t]+(?:-[^\sS]*[ \t]+)*-[A-Za-z]*S(?![\w-])|(?:sudo[ \t]+)?chpasswd\b"
-        # what a registry login or `gh` reads from its input (a QA pass, session 21)
-        rf"|[^\n|;&]*?(?<![\w-])login(?![\w-])[^\n|;&]*?(?:--password-stdin|--with-token)\b)",
+        # what a registry login or `gh` reads from its input (a QA pass, session 21); within a
+        # command's length: unbounded, each `login` of a long line scanned the rest of it (a review,
+        # session 22: 5 s for a 64 KiB line of JSON)
+        rf"|[^\n|;&]{{0,256}}?(?<![\w-])login(?![\w-])[^\n|;&]{{0,512}}?(?:--password-stdin|--with-token)\b)",
         _echoed_to_sudo,
         anchors=("echo",),
     ),
@@ -1518,16 +1548,21 @@ _RULES = (
     _Rule(
         rf"(?<![\w-])htpasswd[ \t]+-[A-Za-z]*b[A-Za-z]*[ \t]+(?:-[A-Za-z]+[ \t]+)*\S+[ \t]+\S+[ \t]+{_NOT_REDACTED}"
         r"(?:(['\"])([^'\"\r\n]*+)\1|([^\s'\"]++))",
-        _matched_group("password"),
+        _command_password,
         anchors=("htpasswd",),
     ),
     _Rule(
         rf"(?<![\w-])openssl[ \t]+passwd(?:[ \t]+-(?:salt[ \t]+\S+|\S+))*[ \t]+{_NOT_REDACTED}"
         r"(?:(['\"])([^'\"\r\n]*+)\1|([^\s'\")]++))",
-        _matched_group("password"),
+        _command_password,
         anchors=("openssl",),
     ),
-    _Rule(rf"(?<=\s)/p:{_NOT_REDACTED}([^\s'\"]+)", _group(1, "password"), anchors=("/p:",)),
+    # (FreeRDP's only: MSBuild's `/p:Configuration=Release` is a property, a review, session 22.)
+    _Rule(
+        rf"(?i)freerdp[^\r\n]{{0,512}}?(?<=\s)/p:{_NOT_REDACTED}([^\s'\"]+)",
+        _group(1, "password"),
+        anchors=("freerdp",),
+    ),
     # In a sentence: "the password is X", "Your API key: X", "your access token is X" (X shaped as one).
     _Rule(
         r"(?i)(?<![\w-])(password|passphrase|passcode|api[ _-]?key|(?:access |auth |api |bearer )?token|secret)"

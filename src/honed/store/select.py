@@ -290,13 +290,18 @@ def evaluation_split(split: str) -> bool:
     return False
 
 
-_EVALUATION_WORDS = frozenset(("heldout", "holdout", "eval", "evaluation", "validation", "ood"))
-_SET_WORDS = frozenset(("test", "testing", "dev", "val", "valid", "benchmark"))
-# Beside a set word, these make it a kind of work, not an evaluation set.
+_EVALUATION_WORDS = frozenset(("heldout", "holdout", "eval", "evaluation", "ood", "leaderboard", "golden"))
+_SET_WORDS = frozenset(("test", "testing", "dev", "val", "valid", "validation", "benchmark"))
+# Beside a set word, these make it a kind of work, not an evaluation set (`ab_test`, `load_test`,
+# `data_validation`, `dev_agent`: production traffic and work, held out by the rule before, a
+# review, session 22).
 _NOT_A_SET = frozenset(
     ("unit", "write", "writing", "generate", "generation", "ground", "tool", "tools", "env", "environment", "ops",
      "request", "requests", "web", "frontend", "backend", "fullstack", "support", "op", "driven", "case",
-     "cases", "suite", "runner", "writer", "fixture", "fixtures", "rel", "input", "inputs", "data")
+     "cases", "suite", "runner", "writer", "fixture", "fixtures", "rel", "input", "inputs", "data",
+     "ab", "b", "beta", "load", "smoke", "canary", "stress", "perf", "performance", "integration",
+     "regression", "user", "qa", "agent", "agents", "gen", "mirror", "prod", "sweep", "loss", "scraping",
+     "schema", "form", "field")
 )  # fmt: skip
 _SPLIT_WORD = re.compile(r"[^\W\d_]+")
 _CAMEL_CASE = re.compile(r"(?<=[a-z])(?=[A-Z])")
@@ -335,8 +340,10 @@ def task_keys(task: Any) -> set[str]:
 
 def question_keys(task: Any) -> set[str]:
     """The request keys of a graph input's question fields (`{"question": Q}` asks Q, as a chat's
-    user message would). Held out only where a single held-out task asks it: a value several tasks
-    share (an `instructions` text, a document) is context (`_heldout_tasks_and_requests`)."""
+    user message would). Each is held out, but for a value several held-out tasks share beside a
+    question of each one's own: that is context (`{"task": <a shared instruction>, "question":
+    ...}`), where the same question asked by two tasks in two formats is a held-out question
+    (`_heldout_tasks_and_requests`; a review, session 22, found it trained)."""
     if not isinstance(task, Mapping) or "messages" in task:
         return set()
     return {
@@ -390,7 +397,16 @@ def _heldout_tasks_and_requests(
             for task_id, text in conn.execute(query.distinct()):
                 if task_hash(str(task_id)) < fraction:
                     add(task_id, text)
-    return task_ids, requests | {key for key, asking in asked_by.items() if len(asking) < 2}
+    asks: dict[str, set[str]] = {}  # a held-out task -> the question fields' keys it asks
+    for key, asking in asked_by.items():
+        for task_id in asking:
+            asks.setdefault(task_id, set()).add(key)
+
+    def context(key: str) -> bool:  # shared, and beside a question of each task's own
+        asking = asked_by[key]
+        return len(asking) > 1 and all(any(len(asked_by[k]) == 1 for k in asks[t] - {key}) for t in asking)
+
+    return task_ids, requests | {key for key in asked_by if not context(key)}
 
 
 def _decoded(text: str | None) -> Any:
