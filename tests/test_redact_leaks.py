@@ -677,6 +677,14 @@ OTHER_SHAPES = {
     ),
     "signing_key_words": ("the-signing-key-" + rand(6, string.ascii_lowercase), "SIGNING_KEY={}"),
     "sql_insert": ("Si" + rand(14), "INSERT INTO users(name, password) VALUES ('bob', '{}')"),
+    # A review (session 22): one step past those.
+    "sqlplus_flags": ("Sq" + rand(14), "sqlplus -s -L scott/{}@orcl @script.sql"),
+    "printf_login": ("Pl" + rand(14), "printf '{}' | docker login -u bob --password-stdin registry.io"),
+    "echo_n_login": ("En" + rand(14), "echo -n '{}' | docker login -u bob --password-stdin"),
+    "here_string_login": ("Hs" + rand(14), "docker login -u bob --password-stdin <<< '{}'"),
+    "httpie_auth_equals": ("He" + rand(14), "http --auth=bob:{} GET example.org"),
+    "sentence_was": ("Pw" + rand(10) + "8", "The password was {}"),
+    "sentence_set_to": ("Pw" + rand(10) + "9", "I set the password to {} for you."),
     # A QA pass, session 20: a lowercase `_pass` name, and a passphrase's words after the first.
     "lowercase_db_pass": ("Lc" + rand(14), "db_pass={} ./migrate"),
     "lowercase_smtp_pass_colon": ("Sm" + rand(14), "smtp_pass: {}"),
@@ -900,6 +908,15 @@ def test_base64_text_holding_a_secret_is_redacted_and_stays_base64() -> None:
         encoded_url = base64.b64encode(url + b"1" * (-len(url) % 3 + 1)).decode().rstrip("=")
         out = Redactor().redact_text(template.format(encoded_url))
         assert encoded_url not in out, template
+    # Wrapped and indented, as a YAML block scalar holds it (a review, session 22: each line was
+    # decoded on its own, and a secret across a break was kept, whole or in part).
+    encoded = base64.b64encode(env).decode()
+    for width in (40, 60, 76):
+        lines = [encoded[i : i + width] for i in range(0, len(encoded), width)]
+        out = Redactor().redact_text("data: |\n" + "\n".join("    " + line for line in lines))
+        packed = "".join(line.strip() for line in out.splitlines()[1:])
+        decoded = base64.b64decode(packed + "=" * (-len(packed) % 4)).decode()
+        assert ENV_FILE_KEY[-12:] not in decoded and "[REDACTED:" in decoded, width
     # Many short runs are redacted together: a field of 2,000 costs what its decoded text does.
     chunk = base64.b64encode(b"mysql -u root -pHunter22").decode()
     field = " ".join([chunk] * 2000)

@@ -51,10 +51,12 @@ _MIN_SECRET_TEXT = 8
 # Base64 of at least 24 characters (18 bytes: `user:password`), its lines broken by newlines or by
 # JSON's escaped `\n` (the GitHub contents API breaks at 60).
 _MIN_BASE64 = 24
+# Wrapped at any width, its lines indented (a YAML block scalar `data: |`: decoded line by line, a
+# secret across a break was kept in part, a review, session 22).
 _BASE64_RUN = re.compile(
-    r"(?<![A-Za-z0-9+/])[A-Za-z0-9+/]{24,}(?:(?:\r?\n|\\n)[A-Za-z0-9+/]{4,})*={0,2}(?![A-Za-z0-9+/=])"
+    r"(?<![A-Za-z0-9+/])[A-Za-z0-9+/]{24,}(?:(?:\r?\n|\\n)[ \t]*[A-Za-z0-9+/]{4,})*={0,2}(?![A-Za-z0-9+/=])"
 )
-_BASE64_BREAKS = re.compile(r"\r?\n|\\n")
+_BASE64_BREAKS = re.compile(r"(?:\r?\n|\\n)[ \t]*")
 _RUN_SEPARATOR = "\n\x00\n"  # between decoded runs redacted together: no rule reads across it
 
 
@@ -1425,7 +1427,7 @@ _RULES = (
         anchors=("-p",),
     ),
     _Rule(
-        rf"(?<![^\s'\"])(-a|--auth|-k|-P|-w|-pw|{'|'.join(_STORE_PASS)})[ \t]+{_NOT_REDACTED}"
+        rf"(?<![^\s'\"])(-a|--auth|-k|-P|-w|-pw|{'|'.join(_STORE_PASS)})(?:[ \t]+|(?<=--auth)=){_NOT_REDACTED}"
         rf"(?:(['\"])([^'\"\r\n]*+)\2|([^\s'\"]++))",
         _command_password_flag,
         anchors=(
@@ -1454,14 +1456,21 @@ _RULES = (
         anchors=("-u", "--user"),
     ),
     _Rule(
-        rf"(?<![\w-])echo[ \t]+{_NOT_REDACTED}(?:(['\"])([^'\"\r\n]*+)\1|([^\s'\"|;&]++))[ \t]*\|[ \t]*"
+        rf"(?<![\w-])(?:echo|printf)[ \t]+(?:-[neE]{{1,3}}[ \t]+)?{_NOT_REDACTED}(?:(['\"])([^'\"\r\n]*+)\1|([^\s'\"|;&]++))[ \t]*\|[ \t]*"
         rf"(?:sudo[ \t]+(?:-[^\sS]*[ \t]+)*-[A-Za-z]*S(?![\w-])|(?:sudo[ \t]+)?chpasswd\b"
         # what a registry login or `gh` reads from its input (a QA pass, session 21); within a
         # command's length: unbounded, each `login` of a long line scanned the rest of it (a review,
         # session 22: 5 s for a 64 KiB line of JSON)
         rf"|[^\n|;&]{{0,256}}?(?<![\w-])login(?![\w-])[^\n|;&]{{0,512}}?(?:--password-stdin|--with-token)\b)",
         _echoed_to_sudo,
-        anchors=("echo",),
+        anchors=("echo", "printf"),
+    ),
+    # ... or from a here-string: `docker login -u bob --password-stdin <<< 'PW'` (a review, session 22).
+    _Rule(
+        rf"(?<![\w-])(?:--password-stdin|--with-token)\b[^\n|;&]{{0,256}}?<<<[ \t]*{_NOT_REDACTED}"
+        r"(?:(['\"])([^'\"\r\n]*+)\1|([^\s'\"|;&]++))",
+        _echoed_to_sudo,
+        anchors=("--password-stdin", "--with-token"),
     ),
     _Rule(rf"(?<![\w-])password[ \t]+{_NOT_REDACTED}([^\s'\"]++)", _netrc_password, anchors=("password",)),
     # SQL: `CREATE USER bob IDENTIFIED BY 'pw'` (MySQL, Oracle; `... WITH plugin BY`, `BY PASSWORD`).
@@ -1541,7 +1550,7 @@ _RULES = (
     ),
     # Oracle's `sqlplus user/PW@db`, `htpasswd -b FILE USER PW`, FreeRDP's `/p:PW`.
     _Rule(
-        rf"(?<![\w-])sqlplus[ \t]+[^\s/@]+/{_NOT_REDACTED}([^\s@]+)",
+        rf"(?<![\w-])sqlplus[ \t]+(?:-\w+[ \t]+)*[^\s/@-][^\s/@]*/{_NOT_REDACTED}([^\s@]+)",
         _group(1, "password"),
         anchors=("sqlplus",),
     ),
@@ -1566,7 +1575,7 @@ _RULES = (
     # In a sentence: "the password is X", "Your API key: X", "your access token is X" (X shaped as one).
     _Rule(
         r"(?i)(?<![\w-])(password|passphrase|passcode|api[ _-]?key|(?:access |auth |api |bearer )?token|secret)"
-        rf"(?: is|:|=)[ \t]+(?:['\"`])?{_NOT_REDACTED}([^\s'\"`,;]+)",
+        rf"(?: is| was| to|:|=)[ \t]+(?:['\"`])?{_NOT_REDACTED}([^\s'\"`,;]+)",
         _sentence_secret,
         anchors=("password", "passphrase", "passcode", "api", "token", "access", "auth", "bearer", "secret"),
     ),
