@@ -556,6 +556,10 @@ def test_a_snapshot_costs_the_agent_little_however_large_or_cyclic_its_state() -
     state["messages"].append({"role": "assistant", "content": "after the snapshot"})
     state["meta"]["turn"] = 2
     assert len(copied["messages"]) == 1 and copied["meta"] == {"turn": 1}
+    # ... but not a dict of 200,000 lists whole (a second review: 0.7 s on the agent's thread).
+    wide = {f"k{i}": [i] for i in range(200_000)}
+    copied = snapshot(wide)
+    assert sum(copied[k] is not wide[k] for k in wide) <= 2 * SNAPSHOT_ITEMS
 
     root: dict[str, Any] = {"name": "root", "children": []}
     level = [root]
@@ -626,3 +630,59 @@ def test_labels_the_callers_code_gives_an_agent_inside_another_run_are_kept(inst
         store.add_verdict(t.id, Verdict(verifier="human", passed=True))
     data = prepare(store, "sft")
     assert data.trajectory_ids == [plain.id]
+
+    # Two labelled agents in one handler: the second task's conversation is in the run, so the
+    # run is held out with it (a second review, session 22: trained, named by the first's labels).
+    @chain
+    def two(question: str) -> str:
+        agent.invoke({"messages": [("user", "answer Paris")]}, {"metadata": {"honed": {"task_id": "task-a"}}})
+        return agent.invoke(
+            {"messages": [("user", f"answer {question}")]}, {"metadata": {"honed": {"task_id": "task-b"}}}
+        )["messages"][-1].content
+
+    two.invoke("42")
+    honed.flush()
+    both = store.trajectories()[0]
+    assert both.task_id == "task-a" and both.metadata["nested_task_ids"] == ["task-b"]
+    store.add_verdict(both.id, Verdict(verifier="human", passed=True))
+    assert both.id in prepare(store, "sft").trajectory_ids
+    assert both.id not in prepare(store, "sft", heldout_tasks=["task-b"]).trajectory_ids
+
+
+def test_a_call_a_middleware_answered_from_its_cache_is_a_tool_step(instrumented: str) -> None:
+    """A QA pass (session 22): a tool call a middleware answered without running the tool (a cache,
+    `LLMToolEmulator`) left no tool step under `instrument()` or a `Middleware` listed after it;
+    only error replies were recorded."""
+    from langchain.agents.middleware import wrap_tool_call
+    from langchain_core.messages import ToolMessage
+    from langchain_core.tools import tool
+
+    @tool
+    def price(item: str) -> str:
+        """Price of an item."""
+        return f"{item}: 10 EUR"
+
+    @wrap_tool_call
+    def cache(request: Any, handler: Any) -> Any:
+        if request.tool_call["args"].get("item") == "tea":
+            return ToolMessage("tea: 3 EUR (cached)", tool_call_id=request.tool_call["id"], name="price")
+        return handler(request)
+
+    task = {
+        "messages": [("user", 'call price {"item": "tea"}; call price {"item": "cake"}; answer {result}')]
+    }
+    create_agent(ScriptedChatModel(), [price], middleware=[cache], name="shop").invoke(task)
+    honed.flush()
+    own = f"{instrumented[:-3]}-mw.db"
+    create_agent(
+        ScriptedChatModel(), [price], middleware=[cache, honed.Middleware(store=own)], name="shop"
+    ).invoke(task)
+    honed.flush()
+    for url in (instrumented, own):
+        (t,) = honed.open_store(url).trajectories()
+        steps = [(s.input, s.output, bool(s.extra.get("synthesised"))) for s in t.tool_steps()]
+        assert steps == [
+            ({"item": "tea"}, "tea: 3 EUR (cached)", True),
+            ({"item": "cake"}, "cake: 10 EUR", False),
+        ]
+        assert [s.kind for s in t.steps if s.kind != "node"] == ["model", "tool", "model", "tool", "model"]

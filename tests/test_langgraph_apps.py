@@ -1066,6 +1066,10 @@ def test_agents_handing_off_in_a_graph(capture: str, sqlite_url: str) -> None:
         (t,) = found
         assert (t.agent, t.task, t.answer) == ("desk", asked, "billing here: transferred to billing")
         assert [s.name for s in t.steps if s.kind == "node" and s.parent_id is None] == ["triage", "billing"]
+        # The handoff's `Command` (where to, what it adds) is the node's output (a QA pass, session 22: null).
+        (triage,) = [s for s in t.steps if s.kind == "node" and s.name == "triage"]
+        handed = triage.output["value"]
+        assert handed["goto"] == "billing" and "transferred to billing" in json.dumps(handed["update"])
     else:
         triage, billing = found
         assert (triage.agent, triage.task, triage.output) == ("triage", asked, {"handoff": "billing"})

@@ -685,6 +685,14 @@ OTHER_SHAPES = {
     "httpie_auth_equals": ("He" + rand(14), "http --auth=bob:{} GET example.org"),
     "sentence_was": ("Pw" + rand(10) + "8", "The password was {}"),
     "sentence_set_to": ("Pw" + rand(10) + "9", "I set the password to {} for you."),
+    # A second review (session 22): what the exclusions of the first review's fixes let through.
+    "key_starting_with_a_slash": ("/kq3Zr8Pw+vT2mN9" + rand(12), "SECRET_KEY={}"),
+    "sentence_key_with_a_slash": ("/9j4KqzT8vW2nR5s" + rand(4), "your api key: {}"),
+    "caps_words_key": ("K9D2_PQ7Z_X4M1_" + rand(4, string.ascii_uppercase), "ENCRYPTION_KEY={}"),
+    "env_words_secret": ("supersecret" + rand(8, string.ascii_lowercase), "SECRET_KEY={}"),
+    "rdp_continued": ("Rd" + rand(14), "xfreerdp /v:10.0.0.5 \\\n  /u:admin \\\n  /p:{} \\\n  /cert:ignore"),
+    "rdp_argv": ("Rd" + rand(14), "rdp_cmd = ['xfreerdp', '/u:admin', '/p:{}', '/v:host']"),
+    "terraform_numeric": (rand(10, string.digits), 'variable "db_password" {{\n  default = "{}"\n}}'),
     # A QA pass, session 20: a lowercase `_pass` name, and a passphrase's words after the first.
     "lowercase_db_pass": ("Lc" + rand(14), "db_pass={} ./migrate"),
     "lowercase_smtp_pass_colon": ("Sm" + rand(14), "smtp_pass: {}"),

@@ -395,6 +395,12 @@ def test_cli_versions_promote_rollback(sqlite_url: str, tmp_path: Path) -> None:
     assert runner.invoke(app, ["promote", "agent", *store]).exit_code == 2  # not NAME@vN
     assert runner.invoke(app, ["promote", "agent@v9", *store]).exit_code == 1
     assert runner.invoke(app, ["serve", "--help"]).exit_code == 0
+    # A mistyped name: said with the models there are, not served as 503s for ever, nor a rollback
+    # of nothing (a QA pass, session 22).
+    typo = runner.invoke(app, ["serve", "agnet", *store, "--port", "0"])
+    assert typo.exit_code == 1 and "no such model" in typo.output and "models: agent" in typo.output
+    typo = runner.invoke(app, ["rollback", "agnet", *store])
+    assert typo.exit_code == 1 and "models: agent" in typo.output
     # The live version damaged on disk: `serve` says so in one line, never "serving" first (a QA
     # pass, session 19: it announced the version, then died in a traceback loading it).
     (tmp_path / "v1" / "model.safetensors").write_bytes(b"\0" * 16)

@@ -504,7 +504,7 @@ def test_served_requests_are_captured_as_trajectories(server: Server) -> None:
         model="calc",
         messages=[{"role": "user", "content": f"the keys are {KEY} and {LABEL_KEY}"}],
         max_tokens=2,
-        metadata={"task_id": "served-own-keys"},
+        metadata={"task_id": "served-own-keys", LABEL_KEY: "x"},  # a key as a metadata key, too (session 22)
     )
     deadline = time.monotonic() + 15
     while not (found := store.trajectories(task_id="served-own-keys")):
@@ -680,3 +680,37 @@ def test_the_endpoint_said_at_startup_is_one_a_client_can_connect_to(host: str, 
     from honed.serving.app import endpoint_url
 
     assert endpoint_url(host, 8000) == url
+
+
+def test_the_openai_backend_keeps_the_replys_reasoning() -> None:
+    """A review (session 22): `ChatOpenAI` drops `reasoning_content`, so a thinking model's reply
+    over `honed serve` was stored without its reasoning: not the text its token ids say, and never
+    trained from them. Both the whole reply and the streamed one keep it."""
+    from langchain_core.messages import AIMessageChunk
+
+    from honed.serving.openai_backend import HonedChatOpenAI
+
+    chat = HonedChatOpenAI(model="calc", api_key="k", base_url="http://127.0.0.1:9/v1")
+    message = {"role": "assistant", "content": "The sum is 5.", "reasoning_content": "I add them."}
+    response = {
+        "id": "r", "object": "chat.completion", "created": 0, "model": "calc@v1", "prompt_token_ids": [1, 2],
+        "choices": [{"index": 0, "message": message, "finish_reason": "stop", "token_ids": [3, 4]}],
+        "usage": {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4},
+    }  # fmt: skip
+    reply = chat._create_chat_result(response).generations[0].message
+    assert reply.content == "The sum is 5." and reply.additional_kwargs["reasoning_content"] == "I add them."
+    chunks = [
+        chat._convert_chunk_to_generation_chunk(
+            {"id": "r", "model": "calc@v1", "choices": [{"index": 0, "delta": delta}]}, AIMessageChunk, {}
+        ).message
+        for delta in (
+            {"role": "assistant", "reasoning_content": "I add "},
+            {"reasoning_content": "them."},
+            {"content": "The sum is 5."},
+        )
+    ]
+    streamed = chunks[0] + chunks[1] + chunks[2]
+    assert (
+        streamed.additional_kwargs["reasoning_content"] == "I add them."
+        and streamed.content == "The sum is 5."
+    )

@@ -413,6 +413,38 @@ def test_one_bad_request_never_fails_the_requests_batched_with_it(
 # -- size ------------------------------------------------------------------------------------------------
 
 
+def test_many_header_lines_or_body_chunks_are_refused_before_they_cost_the_server(server: Server) -> None:
+    """A QA pass (session 22): h11 parses each header line and each body chunk in Python on the
+    event loop: 6,000 `a:b` lines a request, or a body in 1-byte chunks, stalled everyone else's
+    requests for 7-37 s. Past 128 lines or 16,384 chunks the request is refused and its connection closed."""
+    with server.connect() as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"a:b\r\n" * 6000 + b"\r\n")
+        sock.settimeout(5)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 431"), answer[:200]
+    with server.connect() as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Authorization: Bearer {KEY}\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+        )
+        started = time.monotonic()
+        try:
+            for _ in range(40):
+                sock.sendall(b"1\r\n \r\n" * 1000)
+        except OSError:
+            pass  # refused and closed while we were still sending
+        sock.settimeout(5)
+        answer = b""
+        with contextlib.suppress(OSError):
+            while chunk := sock.recv(65536):
+                answer += chunk
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+    assert time.monotonic() - started < 10
+    assert httpx.get(f"{server.url}/health", timeout=5).status_code == 200
+
+
 def test_a_declared_oversized_body_is_refused_before_it_is_sent(server: Server) -> None:
     with server.connect() as sock:
         sock.sendall(

@@ -12,7 +12,13 @@ import pytest
 
 import honed
 from honed import Step, Trajectory, Verdict
-from honed.learn.datasets import build_dataset, curriculum_weights, prepare, task_pass_rates
+from honed.learn.datasets import (
+    _ids_say_the_text,
+    build_dataset,
+    curriculum_weights,
+    prepare,
+    task_pass_rates,
+)
 from honed.store import TrajectoryNotFound, TrajectoryStore
 from honed.store.select import HeldOutLeak, is_heldout, request_key, task_hash
 from honed.trajectory import label
@@ -405,17 +411,19 @@ def test_evaluation_splits_are_held_out_however_they_are_suffixed() -> None:
         # A review (session 22): production traffic and kinds of work, held out by the word rule.
         "ab_test",
         "AB-Test",
-        "a_b_test",
         "load_test",
         "smoke_test",
         "canary_test",
-        "user_testing",
         "data_validation",
         "schema_validation",
-        "dev_agent",
     ):
         assert not is_heldout({"task_id": "x", "split": split}), split
-    for split in ("golden_set", "leaderboard", "private_leaderboard", "validation_hard"):
+    for split in (
+        "golden_set", "leaderboard", "private_leaderboard", "validation_hard",
+        # ... and a second review of that (session 22): sets the first fix let train.
+        "test_b", "testB", "val_b", "qa_test", "squad_qa_test", "regression_test", "agent_benchmark",
+        "user_test", "prod_test", "integration_test",
+    ):  # fmt: skip
         assert is_heldout({"task_id": "x", "split": split}), split
 
 
@@ -860,6 +868,11 @@ def test_ids_that_do_not_say_the_stored_text_never_train(store: TrajectoryStore)
     add(store, make_trajectory("t1", answer="5", token_ids=(other_prompt, c1, p2, c1)), False)
     data = prepare(store, "offpolicy", tokenizer=tokenizer)
     assert data.counts["ids_not_the_text"] == 2  # the forged reply, and a prompt that is not the one stored
+    # A call written as text under `tool_choice="none"` is the reply's text: its ids say so (a
+    # second review, session 22: parsed as a call, such runs never trained from their ids).
+    written = '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call>'
+    as_text = make_trajectory("t3", answer=written, token_ids=conversation_ids(tokenizer, "t3", written))
+    assert _ids_say_the_text(as_text, tokenizer)
     assert (
         data.counts["unpassed_groups"] == 1 and len(data) == 0
     )  # the honest failure alone: nothing to learn
@@ -1021,6 +1034,14 @@ def test_a_heldout_question_asked_another_way_or_quoted_in_an_answer_never_train
         add(store, dataclasses.replace(make_trajectory(f"h{i}", split="heldout"),
                                        task={"question": sylvania, "format": style}), True)  # fmt: skip
     add(store, make_trajectory("t8", user=sylvania), True)
+    capital = "What is the capital city of Australia, and why was it built?"
+    for i, style in (
+        (10, "answer in json"),
+        (11, "answer in one word"),
+    ):  # the format in a field that may ask
+        add(store, dataclasses.replace(make_trajectory(f"h{i}", split="heldout"),
+                                       task={"question": capital, "instruction": style}), True)  # fmt: skip
+    add(store, make_trajectory("t10", user=capital), True)
     add(
         store, dataclasses.replace(make_trajectory("t9"), task={"question": sylvania, "format": "yaml"}), True
     )

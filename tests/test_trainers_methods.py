@@ -226,7 +226,8 @@ def test_sft_on_recorded_token_ids_uses_them_verbatim(
     recorded = {}
     for task_id, a in (("t1", 2), ("t2", 4)):
         ids = recorded_ids(tokenizer, task_id, a)
-        recorded[add(store, make_trajectory(task_id, a=a, token_ids=ids), True).id] = ids
+        answer = f"The sum is {a + 3}."  # what the ids say: ids that say other text never train
+        recorded[add(store, make_trajectory(task_id, a=a, answer=answer, token_ids=ids), True).id] = ids
     data = prepare(store, "sft", tokenizer=tokenizer)
     assert data.pretokenized
     method = SFTMethod(per_device_train_batch_size=2, max_steps=1)

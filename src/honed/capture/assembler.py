@@ -337,6 +337,13 @@ class Assembler:
                 model_version=record["model_version"] or _opt_str(honed.get("model_version")),
             )
             return
+        task_id = _opt_str(labels.get("task_id"))
+        if task_id is not None and task_id != record["task_id"] and meta is not None:
+            # Another task's conversation in this run: held out if that task is (by the gate's
+            # names, a hash), wherever this run's own labels say (a second review, session 22).
+            others = meta.setdefault("nested_task_ids", [])
+            if isinstance(others, list) and task_id[:256] not in others and len(others) < 64:
+                others.append(task_id[:256])
         split = _opt_str(labels.get("split"))
         if split is None or not (evaluation_split(split) or same_split(split, HELDOUT)):
             return
@@ -470,6 +477,8 @@ class Assembler:
             # Not a failure: LangGraph's control flow (an interrupt, a Command to the parent graph).
             if isinstance(error, GraphInterrupt):
                 trajectory.add_interrupts(error.args[0] if error.args else ())
+            elif outputs is None and error.args and isinstance(error.args[0], Command):
+                outputs = error.args[0]  # a handoff's `Command(goto=..., update=..., graph=PARENT)`
             bubbled, error = type(error).__name__, None
         if error is None:
             trajectory.pending_error = None
@@ -730,28 +739,29 @@ class Assembler:
         self, trajectory: _Open, messages: Any, parent_step: str | None, when: float
     ) -> None:
         """A call to a tool that does not exist, or that a middleware answered without running it
-        (a call limit, a reviewer's rejection), never reaches a tool callback: the only trace is
-        the error ToolMessage in the conversation. Record it as a failed tool step, once, when the
-        run's next model call reads it (so the steps keep their order) or when a chain ends with
-        it. Earlier turns' messages (before the last user message) belong to earlier runs."""
+        (a call limit, a reviewer's rejection, a cache, `LLMToolEmulator`), never reaches a tool
+        callback: the only trace is the ToolMessage in the conversation. Record it as a tool step
+        (failed, for an error), once, when the run's next model call reads it (so the steps keep
+        their order) or when a chain ends with it. A reply that is no error counts only for a
+        call this run's model asked for (a QA pass, session 22: a cached call left no step).
+        Earlier turns' messages (before the last user message) belong to earlier runs."""
         if not isinstance(messages, list):
             return
         unseen = []  # this turn's (after the last user message): read back to it, no further
         for message in reversed(messages):
             if isinstance(message, HumanMessage):
                 break
-            if (
-                isinstance(message, ToolMessage)
-                and message.status == "error"
-                and message.tool_call_id not in trajectory.tool_call_ids
-            ):
+            if isinstance(message, ToolMessage) and message.tool_call_id not in trajectory.tool_call_ids:
                 unseen.append(message)
         for message in reversed(unseen):
             if message.tool_call_id in trajectory.tool_call_ids:
                 continue  # the same message twice in the list
-            trajectory.tool_call_ids.add(message.tool_call_id)
-            text = self._text(text_of(message))
             asked = _asked_arguments(trajectory.steps, message.tool_call_id)
+            failed = message.status == "error"
+            if not failed and asked is None:
+                continue
+            trajectory.tool_call_ids.add(message.tool_call_id)
+            text = self._text(text_of(message)) if failed else None
             trajectory.steps.append(
                 {
                     "id": f"{parent_step or trajectory.root_id}:{message.tool_call_id}",

@@ -165,6 +165,12 @@ def rollback(
     """Return NAME to the version live before the current one (which is marked rejected)."""
     with open_store_or_exit(store) as s:
         before = s.live_version(name)
+        known = s.model_names() if before is None else [name]
+        if name not in known:
+            console().print(
+                f"[red]{escape(name)} has no versions (models: {escape(', '.join(known) or 'none')})[/red]"
+            )
+            raise typer.Exit(1)
         version = _run(lambda: s.rollback(name, reason=reason, actor=by))
     _moved(before, version)
 
@@ -249,6 +255,17 @@ def serve(
         raise typer.Exit(2) from exc
     with open_store_or_exit(store) as s:
         url = s.url
+        known = s.model_names()
+        unknown = [name for name in names if name not in known]
+        if (
+            unknown
+        ):  # a typo served 503s forever, naming a version that does not exist (a QA pass, session 22)
+            err_console().print(
+                f"[red]{escape(', '.join(unknown))}: no such model in this store "
+                f"(models: {escape(', '.join(known) or 'none')}); register one with honed register[/red]",
+                soft_wrap=True,
+            )
+            raise typer.Exit(1)
         for name in names:
             live = s.live_version(name)
             if live is None:

@@ -464,7 +464,7 @@ class _Build:
         if pretokenized and own and not can:
             raise ValueError(
                 "pretokenized=True needs recorded token ids on every model step of every selected "
-                f"trajectory and no external rows ({len(own) - len(with_ids)} lack ids, "
+                f"trajectory and no external rows ({len(own) - len(with_ids)} lack ids, or ids that say their stored text, "
                 f"{n_external} external rows)"
             )
         if can and pretokenized is not False:
@@ -836,25 +836,23 @@ def _ids_say_the_text(t: Trajectory, tokenizer: Any) -> bool:
     a model (or a server) that reported other ids than the text it answered with trained, under a
     verdict on that text, whatever the ids said (a QA pass, session 22). A reply cut at a stop
     string decodes to more than its text: such a run trains from its conversation instead."""
-    from honed.serving.toolcalls import parse_completion
-
     for step in t.model_steps():
         out = step.output if isinstance(step.output, dict) else None
         if out is None:
             return False
         try:
-            said = parse_completion(_decode(tokenizer, step.extra["token_ids"]))
+            reply = _decode(tokenizer, step.extra["token_ids"])
             prompt = _decode(tokenizer, step.extra["prompt_token_ids"])
         except Exception:  # ids a tokenizer cannot decode say nothing it can check
             return False
-        stored_calls = [(c.get("name"), c.get("args")) for c in out.get("tool_calls") or ()]
-        stored_invalid = [(c.get("name"), c.get("args")) for c in out.get("invalid_tool_calls") or ()]
-        if (
-            said.content != _plain_text(out.get("content"))
-            or said.reasoning != (out.get("reasoning") or "")
-            or [(c["name"], c["args"]) for c in said.tool_calls] != stored_calls
-            or [(c.get("name"), c.get("args")) for c in said.invalid_tool_calls] != stored_invalid
-        ):
+        stored = (
+            _plain_text(out.get("content")),
+            out.get("reasoning") or "",
+            [(c.get("name"), c.get("args")) for c in out.get("tool_calls") or ()],
+            [(c.get("name"), c.get("args")) for c in out.get("invalid_tool_calls") or ()],
+        )
+        # (With `tool_choice="none"` a `<tool_call>` the model wrote anyway is its text.)
+        if stored != _said(reply, calls=True) and (stored[2] or stored != _said(reply, calls=False)):
             return False
         messages = step.input.get("messages") if isinstance(step.input, dict) else None
         for message in messages or ():
@@ -862,6 +860,26 @@ def _ids_say_the_text(t: Trajectory, tokenizer: Any) -> bool:
             if text is None or text.strip() not in prompt:
                 return False
     return True
+
+
+def _said(text: str, *, calls: bool) -> tuple[Any, ...]:
+    """A reply's text as honed's models parse it: content, reasoning, tool calls, invalid ones."""
+    from honed.serving.toolcalls import CompletionParser
+
+    parser = CompletionParser(calls=calls)
+    content, reasoning = "", ""
+    for kind, piece in [*parser.feed(text), *parser.flush()]:
+        if kind == "content":
+            content += piece
+        else:
+            reasoning += piece
+    valid, invalid = parser.tool_calls()
+    return (
+        content,
+        reasoning,
+        [(c["name"], c["args"]) for c in valid],
+        [(c.get("name"), c.get("args")) for c in invalid],
+    )
 
 
 def _decode(tokenizer: Any, ids: list[int]) -> str:

@@ -367,12 +367,13 @@ class Redactor:
         self._text_chars += len(text)
 
     def redact_key(self, key: str) -> tuple[str, str | None]:
-        """A dict key redacted (built-in rules, not the hook), and the secret kind it names, if any."""
+        """A dict key redacted (built-in rules, then the hook), and the secret kind it names, if any.
+        The hook runs on keys too: `honed serve`'s own keys sent as a metadata key were stored
+        (a QA pass, session 22)."""
         known = self._keys.get(key)
         if known is None:
             if len(self._keys) >= _KEY_CACHE_SIZE:
                 self._keys.clear()
-            # Keys get the built-in redaction but not the hook, which is for values.
             try:
                 redacted = self._builtin(key)
             except Exception:
@@ -380,6 +381,8 @@ class Redactor:
                 redacted = _marker("error")
             known = (redacted, secret_key_kind(key))
             self._keys[key] = known
+        if self._hook is not None:  # (not remembered: a hook may not give the same answer twice)
+            return self._apply_hook(known[0]), known[1]
         return known
 
     def redact_named(self, kind: str, value: Any, key: str = "") -> Any:
@@ -1068,11 +1071,15 @@ def _random_shaped(value: str) -> bool:
 # What a value is when it is not a credential: a URL, a file path, an environment variable's name,
 # a date or a time (a review, session 22: "Get your API key: https://...", "SSH_KEY=~/.ssh/id_ed25519",
 # "Set your API key: OPENAI_API_KEY", "the secret is 2024-12-31T00:00:00Z" were redacted).
+# A path has two parts at least, of a path's characters (a base64 key starting with `/` is no
+# path, nor `/9j4KqzT8vW2nR5sY7uB`); a name is words (`K9D2_PQ7Z_X4M1_R8VW` is no name): a
+# second review, session 22, found those spared.
 _NOT_A_CREDENTIAL = re.compile(
     r"[A-Za-z][\w+.-]*://\S*"
-    r"|(?:~|\.{1,2})?/[^\s]*"
+    r"|(?:~|\.{1,2})/[\w.@-]+(?:/[\w.@-]+)*"
+    r"|(?:/[\w.@-]+){2,}/?"
     r"|[\w.-]+(?:/[\w.-]+)+\.[A-Za-z]{1,5}"
-    r"|[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+"
+    r"|[A-Z]{2,}[0-9]?(?:_[A-Z]{2,}[0-9]?)+"
     r"|\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:Z|[+-]\d{2}:?\d{2})?)?"
 )
 
@@ -1087,7 +1094,12 @@ def _credential_shaped(value: str, *, in_code: bool = False) -> bool:
     if _PLACEHOLDER.fullmatch(value) or (in_code and _CODE.fullmatch(value)):
         return False
     digits = any(c.isdigit() for c in value)
+    if value.isalpha() and len(value) >= 12 and not (value.islower() or value.isupper()):
+        return _CASED_WORDS.fullmatch(value) is None  # `SmxFdzzkEuKCtomY`, not `ShadowMapPass`
     return (digits and any(c.isalpha() for c in value)) or (not value.isalnum() and len(value) >= 12)
+
+
+_CASED_WORDS = re.compile(r"[A-Za-z][a-z]+(?:[A-Z][a-z]+)*")
 
 
 def _random_group(group: int, kind: str) -> Callable[[re.Match[str]], str]:
@@ -1121,7 +1133,7 @@ def _sentence_secret(m: re.Match[str]) -> str:
 
 def _terraform_default(m: re.Match[str]) -> str:
     kind = secret_key_kind(m.group(1))
-    if kind is None or _flag_or_tally(m.group(2)) or m.group(2).lower() in ("true", "false", "null"):
+    if kind is None or m.group(2).lower() in ("true", "false", "null"):
         return m.group(0)  # `variable "enable_auth" { default = "true" }`: a switch (a review, session 22)
     return _splice(m, 2, _marker(kind))
 
@@ -1220,7 +1232,9 @@ def _assignment(m: re.Match[str]) -> str:
             m.group(1) == "KEY"
             and (
                 _PLACEHOLDER.fullmatch(given) is not None  # `STRIPE_KEY=${STRIPE_KEY}`
-                or not _credential_shaped(given, in_code=True)  # `SSH_KEY=~/.ssh/id`, `APP_KEY='main'`
+                or len(given) < 6  # `APP_KEY='main'`; `SSH_KEY=~/.ssh/id`, `X_KEY = settings.X_KEY`:
+                or _NOT_A_CREDENTIAL.fullmatch(given) is not None  # a path, a name, code
+                or _CODE.fullmatch(given) is not None
                 or not (_named_key(m.string[max(0, m.start() - 24) : m.start()]) or _random_shaped(given))
             )
         )
@@ -1568,7 +1582,7 @@ _RULES = (
     ),
     # (FreeRDP's only: MSBuild's `/p:Configuration=Release` is a property, a review, session 22.)
     _Rule(
-        rf"(?i)freerdp[^\r\n]{{0,512}}?(?<=\s)/p:{_NOT_REDACTED}([^\s'\"]+)",
+        rf"(?i)freerdp(?:[^\r\n\\]|\\\r?\n|\\){{0,512}}?(?<=[\s'\",\[])/p:{_NOT_REDACTED}([^\s'\"]+)",
         _group(1, "password"),
         anchors=("freerdp",),
     ),

@@ -99,6 +99,11 @@ DISCONNECT_POLL_S = 0.25  # how soon a hung-up client's generation stops
 # 30 s grace period.
 GRACEFUL_SHUTDOWN_S = 25
 MAX_HEADER_BYTES = 64 * 1024
+# Header lines of a request, and chunks of a chunked body: h11 parses each in Python on the event
+# loop, and 6,000 `a:b` lines (30 KB) cost 29 ms a request, 1-byte chunks ~7 us each; a client
+# sending either stalled everyone else's requests for 7-37 s (a QA pass, session 22).
+MAX_HEADER_LINES = 128
+MAX_BODY_CHUNKS = 16_384
 TRIM_AFTER_BYTES = 1024 * 1024  # after a body this large, hand freed memory back to the OS
 
 
@@ -984,6 +989,8 @@ def _guarded_h11(header_timeout_s: float, max_per_client: int = MAX_CONNECTIONS_
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
             self._idle_since = self.loop.time()
+            self._header_lines = self._chunks = 0
+            self.conn.next_event = _counting(self.conn.next_event, self)
             peer = transport.get_extra_info("peername")
             address = client_key(str(peer[0])) if isinstance(peer, tuple) and peer else None
             if address is not None and per_client.get(address, 0) >= max_per_client:
@@ -1020,6 +1027,16 @@ def _guarded_h11(header_timeout_s: float, max_per_client: int = MAX_CONNECTIONS_
                 victim = max(idle, key=lambda c: (per_client.get(c._client or "", 0), -c._idle_since))
                 victim.transport.close()
 
+        def data_received(self, data: bytes) -> None:
+            if self.conn.their_state is h11.IDLE:  # headers arriving: their lines, counted in C
+                end = data.find(b"\r\n\r\n")
+                self._header_lines += data.count(b"\n", 0, None if end < 0 else end)
+                if self._header_lines > MAX_HEADER_LINES:
+                    self.transport.write(_TOO_MANY_HEADERS)
+                    self.transport.close()
+                    return
+            super().data_received(data)
+
         def handle_events(self) -> None:
             super().handle_events()
             self._watch_headers()
@@ -1052,4 +1069,40 @@ def _guarded_h11(header_timeout_s: float, max_per_client: int = MAX_CONNECTIONS_
             if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
                 self.transport.close()
 
+    def _counting(next_event: Callable[[], Any], protocol: Any) -> Callable[[], Any]:
+        """h11's `next_event`, refusing (400, closed) a request with more than `MAX_HEADER_LINES`
+        headers (sent behind another, past `data_received`'s count) or `MAX_BODY_CHUNKS` chunks."""
+
+        def counted() -> Any:
+            event = next_event()
+            kind = type(event)
+            if kind is h11.Data:
+                protocol._chunks += 1
+                if protocol._chunks > MAX_BODY_CHUNKS:
+                    raise h11.RemoteProtocolError(f"more than {MAX_BODY_CHUNKS} body chunks")
+            elif kind is h11.Request:
+                protocol._chunks = protocol._header_lines = 0
+                if len(event.headers) > MAX_HEADER_LINES:
+                    raise h11.RemoteProtocolError(f"more than {MAX_HEADER_LINES} header lines")
+            return event
+
+        return counted
+
     return GuardedH11Protocol
+
+
+_TOO_MANY_HEADERS_BODY = json.dumps(
+    {
+        "error": {
+            "message": "too many header lines",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "request_too_large",
+        }
+    }
+).encode()
+_TOO_MANY_HEADERS = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+    b"connection: close\r\ncontent-length: %d\r\n\r\n%s"
+    % (len(_TOO_MANY_HEADERS_BODY), _TOO_MANY_HEADERS_BODY)
+)

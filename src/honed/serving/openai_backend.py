@@ -51,6 +51,7 @@ class HonedChatOpenAI(ChatOpenAI):
             content = (choice.get("logprobs") or {}).get("content")
             if content:
                 meta["logprobs"] = [item["logprob"] for item in content]
+            _keep_reasoning(generation.message, choice.get("message"))
         return result
 
     def _convert_chunk_to_generation_chunk(
@@ -72,6 +73,7 @@ class HonedChatOpenAI(ChatOpenAI):
         content = (choices[0].get("logprobs") or {}).get("content")
         if content:
             meta["logprobs"] = [item["logprob"] for item in content]
+        _keep_reasoning(generation.message, choices[0].get("delta"))
         return generation
 
     def close(self) -> None:
@@ -84,6 +86,15 @@ class HonedChatOpenAI(ChatOpenAI):
 
     def _key(self) -> str:
         return self.openai_api_key.get_secret_value() if self.openai_api_key else ""
+
+
+def _keep_reasoning(message: Any, sent: Any) -> None:
+    """The reply's reasoning (`reasoning_content`, as vLLM and honed's server send it), which
+    `ChatOpenAI` drops: stored without it, a thinking model's reply was not the text its token ids
+    say, and never trained from its ids (a review, session 22)."""
+    reasoning = sent.get("reasoning_content") if isinstance(sent, dict) else None
+    if isinstance(reasoning, str) and reasoning and "reasoning_content" not in message.additional_kwargs:
+        message.additional_kwargs["reasoning_content"] = reasoning
 
 
 def openai_chat_model(

@@ -78,11 +78,16 @@ class HeldOut:
         task_id, split = _task_and_split(item)
         if task_id is not None and str(task_id) in self.task_ids:
             return True
-        within = item.metadata.get("within_task_id") if isinstance(item, Trajectory) else None
-        if within is not None and (  # an agent's turn inside a held-out task's run (a Send worker)
-            str(within) in self.task_ids or (self.fraction > 0 and task_hash(str(within)) < self.fraction)
-        ):
-            return True
+        if isinstance(item, Trajectory):
+            # an agent's turn inside a held-out task's run (a Send worker), or a run holding another
+            # labelled task's agent (an agent invoked in a request handler: `nested_task_ids`)
+            nested = item.metadata.get("nested_task_ids")
+            for other in [item.metadata.get("within_task_id"), *(nested if isinstance(nested, list) else ())]:
+                if other is not None and (
+                    str(other) in self.task_ids
+                    or (self.fraction > 0 and task_hash(str(other)) < self.fraction)
+                ):
+                    return True
         if split is not None and (same_split(split, self.split) or evaluation_split(split)):
             return True
         if self.requests and not self.requests.isdisjoint(requests_of(item)):
@@ -293,15 +298,14 @@ def evaluation_split(split: str) -> bool:
 _EVALUATION_WORDS = frozenset(("heldout", "holdout", "eval", "evaluation", "ood", "leaderboard", "golden"))
 _SET_WORDS = frozenset(("test", "testing", "dev", "val", "valid", "validation", "benchmark"))
 # Beside a set word, these make it a kind of work, not an evaluation set (`ab_test`, `load_test`,
-# `data_validation`, `dev_agent`: production traffic and work, held out by the rule before, a
-# review, session 22).
+# `data_validation`: production traffic and work, held out by the rule before, a review, session 22;
+# `test_b`, `qa_test`, `agent_benchmark` stay held out: a second review, the same session).
 _NOT_A_SET = frozenset(
     ("unit", "write", "writing", "generate", "generation", "ground", "tool", "tools", "env", "environment", "ops",
      "request", "requests", "web", "frontend", "backend", "fullstack", "support", "op", "driven", "case",
      "cases", "suite", "runner", "writer", "fixture", "fixtures", "rel", "input", "inputs", "data",
-     "ab", "b", "beta", "load", "smoke", "canary", "stress", "perf", "performance", "integration",
-     "regression", "user", "qa", "agent", "agents", "gen", "mirror", "prod", "sweep", "loss", "scraping",
-     "schema", "form", "field")
+     "ab", "load", "smoke", "canary", "stress", "perf", "performance", "mirror", "sweep", "scraping",
+     "schema", "form")
 )  # fmt: skip
 _SPLIT_WORD = re.compile(r"[^\W\d_]+")
 _CAMEL_CASE = re.compile(r"(?<=[a-z])(?=[A-Z])")
@@ -338,6 +342,11 @@ def task_keys(task: Any) -> set[str]:
     return set() if key is None else {key}
 
 
+# ... of which these only ever ask it: a value one of them holds is a question, however many held-out
+# tasks share it (`{"question": Q, "instruction": <a format>}`: a second review, session 22).
+_ASKING_FIELDS = frozenset(("question", "query", "q", "problem", "ask", "user_query", "question_text"))
+
+
 def question_keys(task: Any) -> set[str]:
     """The request keys of a graph input's question fields (`{"question": Q}` asks Q, as a chat's
     user message would). Each is held out, but for a value several held-out tasks share beside a
@@ -368,11 +377,19 @@ def _heldout_tasks_and_requests(
     requests: set[str] = set()
     asked_by: dict[str, set[str]] = {}  # a question field's key -> the held-out tasks asking it
 
+    asking_fields: set[str] = set()  # keys held in a field that only ever asks
+
     def add(task_id: Any, text: str | None) -> None:
         value = _decoded(text)
         requests.update(task_keys(value))
         for key in question_keys(value):
             asked_by.setdefault(key, set()).add(str(task_id))
+        if isinstance(value, Mapping):
+            asking_fields.update(
+                k
+                for name in _ASKING_FIELDS
+                if isinstance(v := value.get(name), str) and (k := request_key(v))
+            )
 
     with store.engine.connect() as conn:
         # The spellings in the store that mean the held-out split, decided here, not in SQL.
@@ -402,9 +419,15 @@ def _heldout_tasks_and_requests(
         for task_id in asking:
             asks.setdefault(task_id, set()).add(key)
 
-    def context(key: str) -> bool:  # shared, and beside a question of each task's own
+    def context(
+        key: str,
+    ) -> bool:  # shared, not in a field that only asks, beside a question of each task's own
         asking = asked_by[key]
-        return len(asking) > 1 and all(any(len(asked_by[k]) == 1 for k in asks[t] - {key}) for t in asking)
+        return (
+            len(asking) > 1
+            and key not in asking_fields
+            and all(any(len(asked_by[k]) == 1 for k in asks[t] - {key}) for t in asking)
+        )
 
     return task_ids, requests | {key for key in asked_by if not context(key)}
 
