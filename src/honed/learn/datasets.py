@@ -864,21 +864,14 @@ def _ids_say_the_text(t: Trajectory, tokenizer: Any) -> bool:
 
 def _said(text: str, *, calls: bool) -> tuple[Any, ...]:
     """A reply's text as honed's models parse it: content, reasoning, tool calls, invalid ones."""
-    from honed.serving.toolcalls import CompletionParser
+    from honed.serving.toolcalls import parse_completion
 
-    parser = CompletionParser(calls=calls)
-    content, reasoning = "", ""
-    for kind, piece in [*parser.feed(text), *parser.flush()]:
-        if kind == "content":
-            content += piece
-        else:
-            reasoning += piece
-    valid, invalid = parser.tool_calls()
+    said = parse_completion(text, calls=calls)
     return (
-        content,
-        reasoning,
-        [(c["name"], c["args"]) for c in valid],
-        [(c.get("name"), c.get("args")) for c in invalid],
+        said.content,
+        said.reasoning,
+        [(c["name"], c["args"]) for c in said.tool_calls],
+        [(c.get("name"), c.get("args")) for c in said.invalid_tool_calls],
     )
 
 

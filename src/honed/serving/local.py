@@ -41,7 +41,7 @@ from honed.serving.batching import (
     current_client,
 )
 from honed.serving.engine import Engine, PromptTooSlow, acquire_engine, release_engine
-from honed.serving.toolcalls import CompletionParser
+from honed.serving.toolcalls import CompletionParser, parse_completion
 
 _DONE = object()
 PREPARE_TIMEOUT_S = float(os.environ.get("HONED_PREPARE_TIMEOUT_S", "30"))
@@ -334,21 +334,14 @@ class LocalChatModel(BaseChatModel):
     ) -> AIMessage:
         result = _reply(request, result)
         text = _cut_at_stop(self.engine.decode(result.token_ids), request.stop)
-        parser = CompletionParser(calls=not request.tools_off)
-        content, reasoning = "", ""
-        for kind, piece in [*parser.feed(text), *parser.flush()]:
-            if kind == "content":
-                content += piece
-            else:
-                reasoning += piece
-        tool_calls, invalid = parser.tool_calls()
+        parsed = parse_completion(text, calls=not request.tools_off)
         return AIMessage(
-            content=content,
-            tool_calls=tool_calls,
-            invalid_tool_calls=invalid,
-            additional_kwargs={"reasoning_content": reasoning} if reasoning else {},
+            content=parsed.content,
+            tool_calls=parsed.tool_calls,
+            invalid_tool_calls=parsed.invalid_tool_calls,
+            additional_kwargs={"reasoning_content": parsed.reasoning} if parsed.reasoning else {},
             usage_metadata=_usage(request, result),
-            response_metadata=self._metadata(request, result, bool(tool_calls), tokens=tokens),
+            response_metadata=self._metadata(request, result, bool(parsed.tool_calls), tokens=tokens),
         )
 
     def _last_chunk(

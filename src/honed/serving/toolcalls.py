@@ -31,9 +31,10 @@ class ParsedCompletion:
     invalid_tool_calls: list[dict[str, Any]] = field(default_factory=list)
 
 
-def parse_completion(text: str) -> ParsedCompletion:
-    """Parse a whole completion (special tokens already removed)."""
-    parser = CompletionParser()
+def parse_completion(text: str, *, calls: bool = True) -> ParsedCompletion:
+    """Parse a whole completion (special tokens already removed); `calls=False`: a `<tool_call>`
+    in it is text (`tool_choice="none"`)."""
+    parser = CompletionParser(calls=calls)
     parsed = ParsedCompletion()
     for kind, piece in [*parser.feed(text), *parser.flush()]:
         if kind == "content":
