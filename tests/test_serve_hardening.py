@@ -416,7 +416,8 @@ def test_one_bad_request_never_fails_the_requests_batched_with_it(
 def test_many_header_lines_or_body_chunks_are_refused_before_they_cost_the_server(server: Server) -> None:
     """A QA pass (session 22): h11 parses each header line and each body chunk in Python on the
     event loop: 6,000 `a:b` lines a request, or a body in 1-byte chunks, stalled everyone else's
-    requests for 7-37 s. Past 128 lines or 16,384 chunks the request is refused and its connection closed."""
+    requests for 7-37 s. Past 128 lines, or 16,384 chunks, or 256 chunks of under 256 bytes on average,
+    the request is refused and its connection closed."""
     with server.connect() as sock:
         sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"a:b\r\n" * 6000 + b"\r\n")
         sock.settimeout(5)
@@ -443,6 +444,16 @@ def test_many_header_lines_or_body_chunks_are_refused_before_they_cost_the_serve
     assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
     assert time.monotonic() - started < 10
     assert httpx.get(f"{server.url}/health", timeout=5).status_code == 200
+    # A client streaming its body in kilobyte pieces is served.
+    body = json.dumps(ask()).encode() + b" " * 400_000  # (JSON's trailing white space: 400 pieces)
+    pieces = (body[i : i + 1024] for i in range(0, len(body), 1024))
+    reply = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        content=pieces,
+        headers={"Authorization": f"Bearer {KEY}"},
+        timeout=60,
+    )
+    assert reply.status_code == 200, reply.text
 
 
 def test_a_declared_oversized_body_is_refused_before_it_is_sent(server: Server) -> None:

@@ -104,6 +104,10 @@ MAX_HEADER_BYTES = 64 * 1024
 # sending either stalled everyone else's requests for 7-37 s (a QA pass, session 22).
 MAX_HEADER_LINES = 128
 MAX_BODY_CHUNKS = 16_384
+# ... and a body's chunks past the first 256 average at least this many bytes (a client streaming
+# its body sends kilobytes a chunk): 16,384 1-byte chunks a request, reconnecting, still held the
+# loop (honest requests 4.6 s, `benchmarks/server_floods.py`).
+MIN_CHUNK_BYTES = 256
 TRIM_AFTER_BYTES = 1024 * 1024  # after a body this large, hand freed memory back to the OS
 
 
@@ -989,7 +993,7 @@ def _guarded_h11(header_timeout_s: float, max_per_client: int = MAX_CONNECTIONS_
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
             self._idle_since = self.loop.time()
-            self._header_lines = self._chunks = 0
+            self._header_lines = self._chunks = self._chunk_bytes = 0
             self.conn.next_event = _counting(self.conn.next_event, self)
             peer = transport.get_extra_info("peername")
             address = client_key(str(peer[0])) if isinstance(peer, tuple) and peer else None
@@ -1071,17 +1075,21 @@ def _guarded_h11(header_timeout_s: float, max_per_client: int = MAX_CONNECTIONS_
 
     def _counting(next_event: Callable[[], Any], protocol: Any) -> Callable[[], Any]:
         """h11's `next_event`, refusing (400, closed) a request with more than `MAX_HEADER_LINES`
-        headers (sent behind another, past `data_received`'s count) or `MAX_BODY_CHUNKS` chunks."""
+        headers (sent behind another, past `data_received`'s count), more than `MAX_BODY_CHUNKS`
+        chunks, or chunks under `MIN_CHUNK_BYTES` on average past the first 256."""
 
         def counted() -> Any:
             event = next_event()
             kind = type(event)
             if kind is h11.Data:
                 protocol._chunks += 1
-                if protocol._chunks > MAX_BODY_CHUNKS:
-                    raise h11.RemoteProtocolError(f"more than {MAX_BODY_CHUNKS} body chunks")
+                protocol._chunk_bytes += len(event.data)
+                if protocol._chunks > MAX_BODY_CHUNKS or (
+                    protocol._chunks > 256 and protocol._chunk_bytes < MIN_CHUNK_BYTES * protocol._chunks
+                ):
+                    raise h11.RemoteProtocolError("a body in too many (or too small) chunks")
             elif kind is h11.Request:
-                protocol._chunks = protocol._header_lines = 0
+                protocol._chunks = protocol._chunk_bytes = protocol._header_lines = 0
                 if len(event.headers) > MAX_HEADER_LINES:
                     raise h11.RemoteProtocolError(f"more than {MAX_HEADER_LINES} header lines")
             return event
