@@ -12,6 +12,7 @@ from typing import Annotated, Any, TypedDict
 import pytest
 from langchain.agents import create_agent
 from langgraph.graph import END, START, StateGraph
+from langgraph.graph.message import add_messages
 
 import honed
 from fakes import ToolScriptModel, make_tools
@@ -648,6 +649,19 @@ def test_labels_the_callers_code_gives_an_agent_inside_another_run_are_kept(inst
     assert both.id in prepare(store, "sft").trajectory_ids
     assert both.id not in prepare(store, "sft", heldout_tasks=["task-b"]).trajectory_ids
 
+    @chain
+    def many(_: str) -> str:  # more tasks than are named: held out when any task is (a third review)
+        for i in range(66):
+            agent.invoke({"messages": [("user", "answer hi")]}, {"metadata": {"honed": {"task_id": f"t{i}"}}})
+        return "done"
+
+    many.invoke("go", {"metadata": {"honed": {"task_id": "batch", "split": "train"}}})
+    honed.flush()
+    batch = store.trajectories(task_id="batch")[0]
+    store.add_verdict(batch.id, Verdict(verifier="human", passed=True))
+    assert len(batch.metadata["nested_task_ids"]) == 64 and batch.metadata["nested_task_ids_cut"]
+    assert batch.id not in prepare(store, "sft", heldout_tasks=["t65"]).trajectory_ids
+
 
 def test_a_call_a_middleware_answered_from_its_cache_is_a_tool_step(instrumented: str) -> None:
     """A QA pass (session 22): a tool call a middleware answered without running the tool (a cache,
@@ -686,3 +700,52 @@ def test_a_call_a_middleware_answered_from_its_cache_is_a_tool_step(instrumented
             ({"item": "cake"}, "cake: 10 EUR", False),
         ]
         assert [s.kind for s in t.steps if s.kind != "node"] == ["model", "tool", "model", "tool", "model"]
+
+
+def test_a_hand_written_tool_node_stores_each_call_once(instrumented: str) -> None:
+    """A review (session 22): LangGraph's tutorial tool node runs `tool.invoke(call["args"])`, so the
+    tool's callback carries no call id, and the ToolMessage it returns was taken for a call
+    answered without running: every call was stored twice. The run's step gets the call's id."""
+    from langchain_core.messages import ToolMessage
+    from langchain_core.tools import tool
+
+    @tool
+    def price(item: str) -> str:
+        """Price of an item."""
+        return f"{item}: 10 EUR"
+
+    llm = ScriptedChatModel().bind_tools([price])
+
+    class State(TypedDict):
+        messages: Annotated[list, add_messages]
+
+    def chatbot(state: State) -> dict[str, Any]:
+        return {"messages": [llm.invoke(state["messages"])]}
+
+    def tools(state: State) -> dict[str, Any]:
+        calls = state["messages"][-1].tool_calls
+        return {
+            "messages": [
+                ToolMessage(price.invoke(c["args"]), name=c["name"], tool_call_id=c["id"]) for c in calls
+            ]
+        }
+
+    graph = StateGraph(State)
+    graph.add_node("chatbot", chatbot)
+    graph.add_node("tools", tools)
+    graph.add_edge(START, "chatbot")
+    graph.add_conditional_edges("chatbot", lambda s: "tools" if s["messages"][-1].tool_calls else END)
+    graph.add_edge("tools", "chatbot")
+    graph.compile().invoke(
+        {"messages": [("user", 'call price {"item": "tea"}; call price {"item": "jam"}; answer {result}')]}
+    )
+    honed.flush()
+    (t,) = honed.open_store(instrumented).trajectories()
+    steps = [
+        (s.input, s.output, s.extra.get("tool_call_id"), bool(s.extra.get("synthesised")))
+        for s in t.tool_steps()
+    ]
+    assert steps == [
+        ({"item": "tea"}, "tea: 10 EUR", "call_0_price", False),
+        ({"item": "jam"}, "jam: 10 EUR", "call_1_price", False),
+    ]

@@ -884,6 +884,10 @@ ORDINARY = [
     'variable "enable_auth" {\n  type = string\n  default = "true"\n}',
     "SSH_KEY=~/.ssh/id_ed25519 DEPLOY_KEY=/etc/deploy/key.pem APP_KEY='main'",
     "SIGNING_KEY = settings.JWT_SIGNING_KEY\nBLOB_KEY = 'Models/Llama3/Checkpoint0001.bin'",
+    # A third review (session 22): code and names the second round's rules erased.
+    "OPENAI_KEY = os.environ[\"OPENAI_KEY\"]\nSTRIPE_KEY = config['stripe']['key']\nOPENAI_KEY = cfg.openai[0]",
+    "Pass the API key to OpenAIEmbeddings. Store the password to MySQLDatabase. token: GitHubGraphQL",
+    "render_pass = MTLRenderPassDescriptor\nbloom_pass: UnrealBloomPassHDR",
 ]
 
 

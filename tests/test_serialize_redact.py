@@ -576,3 +576,15 @@ def test_an_integer_past_64_bits_is_kept_as_text_and_the_rest_of_the_field_with_
     assert out["big"] == {"__type__": "int", "value": str(2**70)}
     assert out["checksum"]["__type__"] == "int" and "bits" in out["checksum"]["value"]
     assert json.loads(json.dumps(out)) == out
+
+
+def test_the_hook_runs_on_keys_and_keeps_every_entry() -> None:
+    """A QA pass (session 22): the hook skipped dict keys (`honed serve`'s label key sent as a
+    metadata key was stored); then a review: keys masked alike merged, one balance kept of three."""
+    import re
+
+    hook = lambda s: re.sub(r"[\w.]+@[\w.]+", "<EMAIL>", s)  # noqa: E731
+    balances = {"ann@x.io": 120, "bob@y.io": 80, "cy@z.io": 5}
+    out = Redactor(hook).redact({"balances": balances})
+    assert sorted(out["balances"].values()) == [5, 80, 120] and "ann@x.io" not in str(out)
+    assert Serializer(redactor=Redactor(hook)).field({"balances": balances}) == out

@@ -342,8 +342,11 @@ class Assembler:
             # Another task's conversation in this run: held out if that task is (by the gate's
             # names, a hash), wherever this run's own labels say (a second review, session 22).
             others = meta.setdefault("nested_task_ids", [])
-            if isinstance(others, list) and task_id[:256] not in others and len(others) < 64:
-                others.append(task_id[:256])
+            if isinstance(others, list) and task_id[:256] not in others:
+                if len(others) < 64:
+                    others.append(task_id[:256])
+                else:  # more than are kept: held out whenever any task is (a review, session 22)
+                    meta["nested_task_ids_cut"] = True
         split = _opt_str(labels.get("split"))
         if split is None or not (evaluation_split(split) or same_split(split, HELDOUT)):
             return
@@ -761,6 +764,10 @@ class Assembler:
             if not failed and asked is None:
                 continue
             trajectory.tool_call_ids.add(message.tool_call_id)
+            ran = _ran_without_id(trajectory.steps, message.name, asked)
+            if ran is not None:  # a node ran the tool on its arguments (no id): the call's step
+                ran["extra"]["tool_call_id"] = message.tool_call_id
+                continue
             text = self._text(text_of(message)) if failed else None
             trajectory.steps.append(
                 {
@@ -929,6 +936,24 @@ def _pushed(metadata: dict[str, Any] | None) -> bool:
     """Whether LangGraph ran this node for a `Send` (its input is the Send's payload)."""
     triggers = (metadata or {}).get("langgraph_triggers")
     return isinstance(triggers, list | tuple) and PUSH in triggers
+
+
+def _ran_without_id(steps: list[dict[str, Any]], name: str | None, asked: Any) -> dict[str, Any] | None:
+    """The tool step, since the last model step, of a tool `name` run on `asked` by a node that
+    called it with the arguments alone (LangGraph's hand-written tool node: `tool.invoke(args)`),
+    so its callback carried no call id: that call's step, not one to make up (a review, session 22:
+    each call was stored twice)."""
+    for step in reversed(steps):
+        if step["kind"] == "model":
+            return None
+        if (
+            step["kind"] == "tool"
+            and step["name"] == name
+            and "tool_call_id" not in step["extra"]
+            and step["input"] == asked
+        ):
+            return step
+    return None
 
 
 def _asked_arguments(steps: list[dict[str, Any]], tool_call_id: str) -> Any:

@@ -214,6 +214,8 @@ class Redactor:
             out: dict[Any, Any] = {}
             for key, item in value.items():
                 new_key, kind = self.redact_key(key) if type(key) is str else (key, None)
+                if new_key in out:  # two keys redacted alike: both kept
+                    new_key = _free_key(out, new_key)
                 if manifest and key in _SECRET_DATA_KEYS and type(item) is dict:
                     out[new_key] = {k: _marker("secret") for k in item}
                 elif named and kind is not None and _holds_secret(item, key):
@@ -324,6 +326,8 @@ class Redactor:
                     budget.cut = True
                     break
                 new_key, kind = self.redact_key(budget.take(key)) if type(key) is str else (key, None)
+                if new_key in out:
+                    new_key = _free_key(out, new_key)
                 if manifest and key in _SECRET_DATA_KEYS and type(item) is dict:
                     out[new_key] = {budget.take(k) if type(k) is str else k: _marker("secret") for k in item}
                 elif named and kind is not None and _holds_secret(item, key):
@@ -1084,6 +1088,15 @@ _NOT_A_CREDENTIAL = re.compile(
 )
 
 
+def _free_key(out: dict[Any, Any], key: Any) -> str:
+    """`key#2`, `key#3` ...: the first not in `out`. The hook runs on keys, and a dict keyed by
+    e-mail addresses, each masked alike, kept one entry of three (a review, session 22)."""
+    n = 2
+    while f"{key}#{n}" in out:
+        n += 1
+    return f"{key}#{n}"
+
+
 def _credential_shaped(value: str, *, in_code: bool = False) -> bool:
     """Long, and letters mixed with digits or symbols: a credential's shape, not a word (nor, in
     code, a call or an attribute; nor a URL, a path, a variable's name or a date)."""
@@ -1095,11 +1108,22 @@ def _credential_shaped(value: str, *, in_code: bool = False) -> bool:
         return False
     digits = any(c.isdigit() for c in value)
     if value.isalpha() and len(value) >= 12 and not (value.islower() or value.isupper()):
-        return _CASED_WORDS.fullmatch(value) is None  # `SmxFdzzkEuKCtomY`, not `ShadowMapPass`
+        return not _cased_words(value)  # `SmxFdzzkEuKCtomY`, not `MySQLDatabase`
     return (digits and any(c.isalpha() for c in value)) or (not value.isalnum() and len(value) >= 12)
 
 
-_CASED_WORDS = re.compile(r"[A-Za-z][a-z]+(?:[A-Z][a-z]+)*")
+_CASED_PART = re.compile(r"[A-Z]+(?=[A-Z][a-z])|[A-Z]?[a-z]+|[A-Z]+")
+
+
+def _cased_words(value: str) -> bool:
+    """Whether mixed-case letters read as an identifier's words (`OpenAIEmbeddings`,
+    `MTLRenderPassDescriptor`): parts of three letters on average or more, each part of two
+    lower-case letters or more with a vowel in it. Random letters break into short parts, some
+    without a vowel (`Smx`, `Fdzzk`)."""
+    parts = _CASED_PART.findall(value)
+    return len(parts) * 3 <= len(value) and all(
+        not (sum(c.islower() for c in p) >= 2) or any(c in "aeiouyAEIOUY" for c in p) for p in parts
+    )
 
 
 def _random_group(group: int, kind: str) -> Callable[[re.Match[str]], str]:
@@ -1235,6 +1259,7 @@ def _assignment(m: re.Match[str]) -> str:
                 or len(given) < 6  # `APP_KEY='main'`; `SSH_KEY=~/.ssh/id`, `X_KEY = settings.X_KEY`:
                 or _NOT_A_CREDENTIAL.fullmatch(given) is not None  # a path, a name, code
                 or _CODE.fullmatch(given) is not None
+                or (m.group(5) is None and ("[" in given or "(" in given))  # `os.environ["X"]`: code
                 or not (_named_key(m.string[max(0, m.start() - 24) : m.start()]) or _random_shaped(given))
             )
         )

@@ -981,6 +981,7 @@ def _guarded_h11(header_timeout_s: float, max_per_client: int = MAX_CONNECTIONS_
     class GuardedH11Protocol(H11Protocol):
         _header_timer: asyncio.TimerHandle | None = None
         _client: str | None = None
+        _refusal: str | None = None  # why a request is refused (400), said to its client
         _idle_since = 0.0
 
         def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
@@ -994,6 +995,7 @@ def _guarded_h11(header_timeout_s: float, max_per_client: int = MAX_CONNECTIONS_
             super().connection_made(transport)
             self._idle_since = self.loop.time()
             self._header_lines = self._chunks = self._chunk_bytes = 0
+            self._chunked, self._tail = False, b""
             self.conn.next_event = _counting(self.conn.next_event, self)
             peer = transport.get_extra_info("peername")
             address = client_key(str(peer[0])) if isinstance(peer, tuple) and peer else None
@@ -1033,8 +1035,10 @@ def _guarded_h11(header_timeout_s: float, max_per_client: int = MAX_CONNECTIONS_
 
         def data_received(self, data: bytes) -> None:
             if self.conn.their_state is h11.IDLE:  # headers arriving: their lines, counted in C
-                end = data.find(b"\r\n\r\n")
-                self._header_lines += data.count(b"\n", 0, None if end < 0 else end)
+                seen = self._tail + data  # (the blank line ending them may straddle two reads)
+                end, start = seen.find(b"\r\n\r\n"), len(self._tail)
+                self._header_lines += seen.count(b"\n", start, len(seen) if end < 0 else max(end, start))
+                self._tail = seen[-3:] if end < 0 else b""
                 if self._header_lines > MAX_HEADER_LINES:
                     self.transport.write(_TOO_MANY_HEADERS)
                     self.transport.close()
@@ -1044,6 +1048,20 @@ def _guarded_h11(header_timeout_s: float, max_per_client: int = MAX_CONNECTIONS_
         def handle_events(self) -> None:
             super().handle_events()
             self._watch_headers()
+
+        def send_400_response(self, msg: str) -> None:
+            """uvicorn's refusal of a request h11 (or the counts above) refused, in OpenAI's JSON."""
+            said = self._refusal or msg
+            body = json.dumps({"error": {"message": said, "type": "invalid_request_error", "param": None,
+                                         "code": "invalid_request"}}).encode()  # fmt: skip
+            headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
+            try:
+                self.transport.write(self.conn.send(h11.Response(status_code=400, headers=headers)) or b"")
+                self.transport.write(self.conn.send(h11.Data(data=body)) or b"")
+                self.transport.write(self.conn.send(h11.EndOfMessage()) or b"")
+            except h11.LocalProtocolError:
+                pass  # no response can be sent on this connection any more: closed all the same
+            self.transport.close()
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._stop_watching()
@@ -1081,17 +1099,26 @@ def _guarded_h11(header_timeout_s: float, max_per_client: int = MAX_CONNECTIONS_
         def counted() -> Any:
             event = next_event()
             kind = type(event)
-            if kind is h11.Data:
+            if kind is h11.Data and protocol._chunked:  # (a sized body's reads are not chunks)
                 protocol._chunks += 1
                 protocol._chunk_bytes += len(event.data)
                 if protocol._chunks > MAX_BODY_CHUNKS or (
                     protocol._chunks > 256 and protocol._chunk_bytes < MIN_CHUNK_BYTES * protocol._chunks
                 ):
-                    raise h11.RemoteProtocolError("a body in too many (or too small) chunks")
+                    protocol._refusal = (
+                        f"a chunked body in more than {MAX_BODY_CHUNKS} chunks, or past 256 chunks "
+                        f"under {MIN_CHUNK_BYTES} bytes on average: send it in larger chunks, or with a Content-Length"
+                    )
+                    raise h11.RemoteProtocolError(protocol._refusal)
             elif kind is h11.Request:
                 protocol._chunks = protocol._chunk_bytes = protocol._header_lines = 0
+                protocol._tail = b""
+                protocol._chunked = any(
+                    k.lower() == b"transfer-encoding" and b"chunked" in v.lower() for k, v in event.headers
+                )
                 if len(event.headers) > MAX_HEADER_LINES:
-                    raise h11.RemoteProtocolError(f"more than {MAX_HEADER_LINES} header lines")
+                    protocol._refusal = f"more than {MAX_HEADER_LINES} header lines"
+                    raise h11.RemoteProtocolError(protocol._refusal)
             return event
 
         return counted

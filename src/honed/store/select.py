@@ -82,6 +82,8 @@ class HeldOut:
             # an agent's turn inside a held-out task's run (a Send worker), or a run holding another
             # labelled task's agent (an agent invoked in a request handler: `nested_task_ids`)
             nested = item.metadata.get("nested_task_ids")
+            if item.metadata.get("nested_task_ids_cut") and (self.task_ids or self.fraction > 0):
+                return True  # more tasks' agents than were named: one of them may be held out
             for other in [item.metadata.get("within_task_id"), *(nested if isinstance(nested, list) else ())]:
                 if other is not None and (
                     str(other) in self.task_ids
