@@ -13,7 +13,10 @@ requests' median and worst latency beside the same client's on an idle server:
   header cap): h11 parsed each line in Python on the event loop (16 connections: 7-16 s a request
   before the line count, session 22);
 - `body-chunks`: a chunked body in 1-byte chunks, as fast as the connection takes it (8
-  connections: 37 s before the chunk count, session 22).
+  connections: 37 s before the chunk count, session 22);
+- `chunks-256`: the same in 256-byte chunks (past the average the chunk count asks for);
+- `trailer-lines`, `pipelined-lines`: 12,000 header lines as a chunked body's trailers, or behind
+  another request in the same write (h11 parses them before they can be counted: refused after).
 
 A figure, not a test (the machine is shared): the tests check the refusals themselves
 (`tests/test_serve_hardening.py`).
@@ -107,11 +110,39 @@ def body_chunks(sock: socket.socket) -> None:
         sock.sendall(b"1\r\n \r\n" * 256)
 
 
+def chunks_256(sock: socket.socket) -> None:
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Authorization: Bearer {KEY}\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+    )
+    for _ in range(80):
+        sock.sendall((b"100\r\n" + b" " * 256 + b"\r\n") * 64)
+
+
+def trailer_lines(sock: socket.socket) -> None:
+    sock.sendall(
+        b"POST /health HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n"
+        + b"a:b\r\n" * 12000
+        + b"\r\n"
+    )
+
+
+def pipelined_lines(sock: socket.socket) -> None:
+    sock.sendall(
+        b"GET /health HTTP/1.1\r\nHost: x\r\n\r\nGET /health HTTP/1.1\r\nHost: x\r\n"
+        + b"a:b\r\n" * 12000
+        + b"\r\n"
+    )
+
+
 ATTACKS: dict[str, Callable[[socket.socket], None] | None] = {
     "none": None,
     "plain": plain,
     "header-lines": header_lines,
     "body-chunks": body_chunks,
+    "chunks-256": chunks_256,
+    "trailer-lines": trailer_lines,
+    "pipelined-lines": pipelined_lines,
 }
 
 

@@ -749,3 +749,48 @@ def test_a_hand_written_tool_node_stores_each_call_once(instrumented: str) -> No
         ({"item": "tea"}, "tea: 10 EUR", "call_0_price", False),
         ({"item": "jam"}, "jam: 10 EUR", "call_1_price", False),
     ]
+
+
+def test_two_equal_calls_in_a_hand_written_tool_node_keep_their_ids(instrumented: str) -> None:
+    """A review (session 22): two equal calls in one turn (roll two dice) took each other's ids."""
+    from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
+    from langchain_core.messages import AIMessage, ToolMessage
+    from langchain_core.tools import tool
+
+    rolled = iter([2, 3])
+
+    @tool
+    def roll(sides: int) -> str:
+        """Roll a die."""
+        return f"rolled {next(rolled)}"
+
+    calls = [{"name": "roll", "args": {"sides": 6}, "id": f"c{i}"} for i in range(2)]
+    llm = GenericFakeChatModel(messages=iter([AIMessage("", tool_calls=calls), AIMessage("done")]))
+
+    class State(TypedDict):
+        messages: Annotated[list, add_messages]
+
+    def chatbot(state: State) -> dict[str, Any]:
+        return {"messages": [llm.invoke(state["messages"])]}
+
+    def tools(state: State) -> dict[str, Any]:
+        asked = state["messages"][-1].tool_calls
+        return {
+            "messages": [
+                ToolMessage(roll.invoke(c["args"]), name=c["name"], tool_call_id=c["id"]) for c in asked
+            ]
+        }
+
+    graph = StateGraph(State)
+    graph.add_node("chatbot", chatbot)
+    graph.add_node("tools", tools)
+    graph.add_edge(START, "chatbot")
+    graph.add_conditional_edges("chatbot", lambda s: "tools" if s["messages"][-1].tool_calls else END)
+    graph.add_edge("tools", "chatbot")
+    graph.compile().invoke({"messages": [("user", "roll two dice")]})
+    honed.flush()
+    (t,) = honed.open_store(instrumented).trajectories()
+    assert [(s.extra.get("tool_call_id"), s.output) for s in t.tool_steps()] == [
+        ("c0", "rolled 2"),
+        ("c1", "rolled 3"),
+    ]

@@ -685,6 +685,10 @@ OTHER_SHAPES = {
     "httpie_auth_equals": ("He" + rand(14), "http --auth=bob:{} GET example.org"),
     "sentence_was": ("Pw" + rand(10) + "8", "The password was {}"),
     "sentence_set_to": ("Pw" + rand(10) + "9", "I set the password to {} for you."),
+    # A fourth review (session 22): values cut at a bracket, and mixed-case letters, that are secrets.
+    "django_key_unquoted": ("8c#(v0k@m2x*l5q!w9e(r7t^y3u6i1o4p" + rand(4), "DJANGO_SECRET_KEY={}"),
+    "bracketed_key_unquoted": ("sk[live]9f8e7d6c" + rand(12, "0123456789abcdef"), "API_KEY={}"),
+    "mixed_case_letters_password": ("HELLOworldAGAIN", "the password is {}"),
     # A second review (session 22): what the exclusions of the first review's fixes let through.
     "key_starting_with_a_slash": ("/kq3Zr8Pw+vT2mN9" + rand(12), "SECRET_KEY={}"),
     "sentence_key_with_a_slash": ("/9j4KqzT8vW2nR5s" + rand(4), "your api key: {}"),

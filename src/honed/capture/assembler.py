@@ -943,9 +943,23 @@ def _ran_without_id(steps: list[dict[str, Any]], name: str | None, asked: Any) -
     called it with the arguments alone (LangGraph's hand-written tool node: `tool.invoke(args)`),
     so its callback carried no call id: that call's step, not one to make up (a review, session 22:
     each call was stored twice)."""
-    for step in reversed(steps):
-        if step["kind"] == "model":
-            return None
+    tools = {s["id"] for s in steps if s["kind"] == "tool"}
+    parents = {s["id"]: s.get("parent_id") for s in steps}
+
+    def in_a_tool(step: dict[str, Any]) -> bool:  # a model a tool called (a summariser) is no turn
+        parent, seen = step.get("parent_id"), 0
+        while parent is not None and seen < 64:
+            if parent in tools:
+                return True
+            parent, seen = parents.get(parent), seen + 1
+        return False
+
+    since = 0
+    for i in range(len(steps) - 1, -1, -1):
+        if steps[i]["kind"] == "model" and not in_a_tool(steps[i]):
+            since = i + 1
+            break
+    for step in steps[since:]:  # the earliest: two equal calls keep their order
         if (
             step["kind"] == "tool"
             and step["name"] == name

@@ -39,7 +39,9 @@ one whose messages and tool calls outnumber the tokens of the model's context wi
 (400 `context_length_exceeded`) before it is converted; prompts are rendered and tokenised off
 the event loop too (see `honed.serving.local`); `serve` runs uvicorn's h11 protocol with limits
 uvicorn leaves open: a request's headers must arrive within `header_timeout_s` of the connection
-opening (or of the previous response), at most `max_header_bytes` of them; idle keep-alive
+opening (or of the previous response), at most `max_header_bytes` of them in `MAX_HEADER_LINES` lines
+(431; trailers too), a chunked body in at most `MAX_BODY_CHUNKS` chunks averaging `MIN_CHUNK_BYTES`
+past the first 256 (400: h11 parses each line and chunk in Python on the event loop); idle keep-alive
 connections close after `keep_alive_s`; beyond `limit_concurrency` requests in flight, new
 requests get a JSON 503, and beyond as many connections a new one closes an idle one of the
 address holding the most; one client address (an IPv6 client: its /64) holds at most
@@ -60,6 +62,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import re
 import sys
 import time
 import uuid
@@ -103,7 +106,7 @@ MAX_HEADER_BYTES = 64 * 1024
 # loop, and 6,000 `a:b` lines (30 KB) cost 29 ms a request, 1-byte chunks ~7 us each; a client
 # sending either stalled everyone else's requests for 7-37 s (a QA pass, session 22).
 MAX_HEADER_LINES = 128
-MAX_BODY_CHUNKS = 16_384
+MAX_BODY_CHUNKS = 4_096  # (16,384 chunks of 256 bytes a request: honest requests 0.75 s, a review)
 # ... and a body's chunks past the first 256 average at least this many bytes (a client streaming
 # its body sends kilobytes a chunk): 16,384 1-byte chunks a request, reconnecting, still held the
 # loop (honest requests 4.6 s, `benchmarks/server_floods.py`).
@@ -1036,7 +1039,8 @@ def _guarded_h11(header_timeout_s: float, max_per_client: int = MAX_CONNECTIONS_
         def data_received(self, data: bytes) -> None:
             if self.conn.their_state is h11.IDLE:  # headers arriving: their lines, counted in C
                 seen = self._tail + data  # (the blank line ending them may straddle two reads)
-                end, start = seen.find(b"\r\n\r\n"), len(self._tail)
+                blank = _BLANK_LINE.search(seen)  # (CRLF or a bare LF, as h11 reads them)
+                end, start = (blank.start() if blank else -1), len(self._tail)
                 self._header_lines += seen.count(b"\n", start, len(seen) if end < 0 else max(end, start))
                 self._tail = seen[-3:] if end < 0 else b""
                 if self._header_lines > MAX_HEADER_LINES:
@@ -1056,7 +1060,8 @@ def _guarded_h11(header_timeout_s: float, max_per_client: int = MAX_CONNECTIONS_
                                          "code": "invalid_request"}}).encode()  # fmt: skip
             headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
             try:
-                self.transport.write(self.conn.send(h11.Response(status_code=400, headers=headers)) or b"")
+                response = h11.Response(status_code=400, headers=headers, reason=b"Bad Request")
+                self.transport.write(self.conn.send(response) or b"")
                 self.transport.write(self.conn.send(h11.Data(data=body)) or b"")
                 self.transport.write(self.conn.send(h11.EndOfMessage()) or b"")
             except h11.LocalProtocolError:
@@ -1110,6 +1115,10 @@ def _guarded_h11(header_timeout_s: float, max_per_client: int = MAX_CONNECTIONS_
                         f"under {MIN_CHUNK_BYTES} bytes on average: send it in larger chunks, or with a Content-Length"
                     )
                     raise h11.RemoteProtocolError(protocol._refusal)
+            elif kind is h11.EndOfMessage and len(event.headers) > MAX_HEADER_LINES:
+                # a chunked body's trailers: header lines too (a review, session 22: 12,000 of them)
+                protocol._refusal = f"more than {MAX_HEADER_LINES} trailer lines"
+                raise h11.RemoteProtocolError(protocol._refusal)
             elif kind is h11.Request:
                 protocol._chunks = protocol._chunk_bytes = protocol._header_lines = 0
                 protocol._tail = b""
@@ -1126,6 +1135,7 @@ def _guarded_h11(header_timeout_s: float, max_per_client: int = MAX_CONNECTIONS_
     return GuardedH11Protocol
 
 
+_BLANK_LINE = re.compile(rb"\n\r?\n")
 _TOO_MANY_HEADERS_BODY = json.dumps(
     {
         "error": {
