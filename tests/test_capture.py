@@ -706,7 +706,6 @@ def test_a_hand_written_tool_node_stores_each_call_once(instrumented: str) -> No
     """A review (session 22): LangGraph's tutorial tool node runs `tool.invoke(call["args"])`, so the
     tool's callback carries no call id, and the ToolMessage it returns was taken for a call
     answered without running: every call was stored twice. The run's step gets the call's id."""
-    from langchain_core.messages import ToolMessage
     from langchain_core.tools import tool
 
     @tool
@@ -714,29 +713,7 @@ def test_a_hand_written_tool_node_stores_each_call_once(instrumented: str) -> No
         """Price of an item."""
         return f"{item}: 10 EUR"
 
-    llm = ScriptedChatModel().bind_tools([price])
-
-    class State(TypedDict):
-        messages: Annotated[list, add_messages]
-
-    def chatbot(state: State) -> dict[str, Any]:
-        return {"messages": [llm.invoke(state["messages"])]}
-
-    def tools(state: State) -> dict[str, Any]:
-        calls = state["messages"][-1].tool_calls
-        return {
-            "messages": [
-                ToolMessage(price.invoke(c["args"]), name=c["name"], tool_call_id=c["id"]) for c in calls
-            ]
-        }
-
-    graph = StateGraph(State)
-    graph.add_node("chatbot", chatbot)
-    graph.add_node("tools", tools)
-    graph.add_edge(START, "chatbot")
-    graph.add_conditional_edges("chatbot", lambda s: "tools" if s["messages"][-1].tool_calls else END)
-    graph.add_edge("tools", "chatbot")
-    graph.compile().invoke(
+    hand_written_tool_node(ScriptedChatModel().bind_tools([price]), price).invoke(
         {"messages": [("user", 'call price {"item": "tea"}; call price {"item": "jam"}; answer {result}')]}
     )
     honed.flush()
@@ -754,7 +731,7 @@ def test_a_hand_written_tool_node_stores_each_call_once(instrumented: str) -> No
 def test_two_equal_calls_in_a_hand_written_tool_node_keep_their_ids(instrumented: str) -> None:
     """A review (session 22): two equal calls in one turn (roll two dice) took each other's ids."""
     from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
-    from langchain_core.messages import AIMessage, ToolMessage
+    from langchain_core.messages import AIMessage
     from langchain_core.tools import tool
 
     rolled = iter([2, 3])
@@ -766,31 +743,39 @@ def test_two_equal_calls_in_a_hand_written_tool_node_keep_their_ids(instrumented
 
     calls = [{"name": "roll", "args": {"sides": 6}, "id": f"c{i}"} for i in range(2)]
     llm = GenericFakeChatModel(messages=iter([AIMessage("", tool_calls=calls), AIMessage("done")]))
-
-    class State(TypedDict):
-        messages: Annotated[list, add_messages]
-
-    def chatbot(state: State) -> dict[str, Any]:
-        return {"messages": [llm.invoke(state["messages"])]}
-
-    def tools(state: State) -> dict[str, Any]:
-        asked = state["messages"][-1].tool_calls
-        return {
-            "messages": [
-                ToolMessage(roll.invoke(c["args"]), name=c["name"], tool_call_id=c["id"]) for c in asked
-            ]
-        }
-
-    graph = StateGraph(State)
-    graph.add_node("chatbot", chatbot)
-    graph.add_node("tools", tools)
-    graph.add_edge(START, "chatbot")
-    graph.add_conditional_edges("chatbot", lambda s: "tools" if s["messages"][-1].tool_calls else END)
-    graph.add_edge("tools", "chatbot")
-    graph.compile().invoke({"messages": [("user", "roll two dice")]})
+    hand_written_tool_node(llm, roll).invoke({"messages": [("user", "roll two dice")]})
     honed.flush()
     (t,) = honed.open_store(instrumented).trajectories()
     assert [(s.extra.get("tool_call_id"), s.output) for s in t.tool_steps()] == [
         ("c0", "rolled 2"),
         ("c1", "rolled 3"),
     ]
+
+
+class _Chat(TypedDict):
+    messages: Annotated[list, add_messages]
+
+
+def hand_written_tool_node(llm: Any, tool: Any) -> Any:
+    """LangGraph's tutorial graph: a chatbot node, and a tool node of its own that runs each call
+    on its arguments (`tool.invoke(call["args"])`) and answers with a ToolMessage."""
+    from langchain_core.messages import ToolMessage
+
+    def chatbot(state: _Chat) -> dict[str, Any]:
+        return {"messages": [llm.invoke(state["messages"])]}
+
+    def tools(state: _Chat) -> dict[str, Any]:
+        asked = state["messages"][-1].tool_calls
+        return {
+            "messages": [
+                ToolMessage(tool.invoke(c["args"]), name=c["name"], tool_call_id=c["id"]) for c in asked
+            ]
+        }
+
+    graph = StateGraph(_Chat)
+    graph.add_node("chatbot", chatbot)
+    graph.add_node("tools", tools)
+    graph.add_edge(START, "chatbot")
+    graph.add_conditional_edges("chatbot", lambda s: "tools" if s["messages"][-1].tool_calls else END)
+    graph.add_edge("tools", "chatbot")
+    return graph.compile()
