@@ -43,7 +43,7 @@ from honed.capture.events import (
 )
 from honed.capture.serialize import to_jsonable
 from honed.messages import ROLES, content_text, stored_message, text_of, tool_schema
-from honed.trajectory import HELDOUT, INTERRUPTED, REDACTED_MARK
+from honed.trajectory import HELDOUT, INTERRUPTED
 
 log = logging.getLogger("honed")
 
@@ -127,10 +127,10 @@ class Assembler:
     Unknown, duplicate and late events are counted, never raised: capture must not fail.
     """
 
-    def __init__(self, field: Callable[[Any], Any], altered: Callable[[], int] | None = None) -> None:
+    def __init__(self, field: Callable[[Any], Any], altered: Callable[[], int]) -> None:
         self._field = field
-        # How many fields `field` has stored otherwise than they came (`Serializer.altered`); None:
-        # told by the redaction marker alone.
+        # How many fields `field` has stored otherwise than they came (redacted, hooked, cut):
+        # `Serializer.altered_count`.
         self._altered = altered
         self._stale_memo = False  # a memoised field reused by this step was altered when stored
         self._runs: dict[Any, _Run] = {}
@@ -214,8 +214,8 @@ class Assembler:
             return
         name = _run_name(run_kind, name, metadata, extra)
         if parent is not None and extra and NESTED_LABELS in extra:
-            extra = {k: v for k, v in extra.items() if k != NESTED_LABELS}
-            self._nested_labels(parent.trajectory, payload[5][NESTED_LABELS])
+            extra = dict(extra)
+            self._nested_labels(parent.trajectory, extra.pop(NESTED_LABELS))
         if parent is None:
             resume = _resume_value(inputs)
             thread_id = _thread_of(metadata, extra)
@@ -597,7 +597,7 @@ class Assembler:
             if outputs.name:
                 step["name"] = extra["model"] = outputs.name
             outputs = outputs.response
-        before, self._stale_memo = self._altered_count(), False
+        before, self._stale_memo = self._altered(), False
         if run.kind == MODEL:
             messages = [
                 self._memoised(trajectory, id(m), m, stored_message)
@@ -624,15 +624,15 @@ class Assembler:
             if added:
                 model_input["tools"] = [*offered, *added]
         step["input"] = model_input
-        prompt_exact = self._altered_count() == before and not self._stale_memo
+        prompt_exact = self._altered() == before and not self._stale_memo
         settings = {k: v for k, v in (extra.get("settings") or {}).items() if k not in ("tools", "messages")}
         if settings:  # the same settings at every call, in a new dict: memoised by value
             step["extra"]["settings"] = self._memoised(trajectory, "settings", settings, _same)
         message = _ai_message(outputs)
         if message is not None:
-            before, self._stale_memo = self._altered_count(), False
+            before, self._stale_memo = self._altered(), False
             output = self._memoised(trajectory, id(message), message, stored_message)
-            reply_exact = self._altered_count() == before and not self._stale_memo
+            reply_exact = self._altered() == before and not self._stale_memo
             step["output"] = output
             if isinstance(output, dict):
                 step["tool_calls"] = output.get("tool_calls") or []
@@ -656,15 +656,13 @@ class Assembler:
             step["model_version"] = _opt_str(extra.get("model"))
 
     def _token_ids(
-        self, step: dict[str, Any], meta: dict[str, Any], prompt_exact: bool, reply_exact: bool
+        self, step: dict[str, Any], meta: dict[str, Any], prompt_clean: bool, reply_clean: bool
     ) -> None:
         """The token ids (and log-probabilities) a local model recorded, unless the text they
         encode was stored otherwise (redacted, rewritten by the redact hook, cut at the field cap):
         decoded, they would give back what the text no longer holds, a secret past the cap or a
         name the hook took out (a QA pass, session 22) (the prompt's in `prompt_token_ids`, the
         reply's in `token_ids`)."""
-        prompt_clean = prompt_exact and not _holds_redaction(step["input"])
-        reply_clean = reply_exact and not _holds_redaction(step["output"])
         for key, keep in (
             ("prompt_token_ids", prompt_clean),
             ("token_ids", reply_clean),
@@ -682,13 +680,10 @@ class Assembler:
         if hit is not None and (hit[0] is obj or (not isinstance(key, int) and _equal(hit[0], obj))):
             self._stale_memo |= hit[2]  # (or the same tools, or settings, in a new list or dict)
             return hit[1]
-        before = self._altered_count()
+        before = self._altered()
         value = self._field(convert(obj))
-        trajectory.memo[key] = (obj, value, self._altered_count() != before)
+        trajectory.memo[key] = (obj, value, self._altered() != before)
         return value
-
-    def _altered_count(self) -> int:
-        return self._altered() if self._altered is not None else 0
 
     def _tool_step(self, step: dict[str, Any], run: _Run, outputs: Any) -> None:
         extra = run.extra
@@ -874,21 +869,6 @@ def _equal(a: Any, b: Any, depth: int = 0) -> bool:
 
 
 _TOKEN_KEYS = ("token_ids", "prompt_token_ids", "logprobs")
-
-
-def _holds_redaction(value: Any) -> bool:
-    """Whether a stored (JSON-able) value holds a redaction marker anywhere."""
-    todo = [value]
-    while todo:
-        item = todo.pop()
-        if isinstance(item, str):
-            if REDACTED_MARK in item:
-                return True
-        elif isinstance(item, dict):
-            todo.extend(item.values())
-        elif isinstance(item, list):
-            todo.extend(item)
-    return False
 
 
 def _ai_message(outputs: Any) -> BaseMessage | None:
