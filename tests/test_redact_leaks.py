@@ -1034,3 +1034,95 @@ def test_bytes_in_langgraph_state_never_reach_the_store(sqlite_url: str, tmp_pat
     assert base64.b64encode(env).decode()[24:56] not in everything
     t = honed.open_store(sqlite_url).trajectories(limit=1)[0]
     assert "[REDACTED:" in base64.b64decode(t.output["data"]["base64"]).decode()
+
+
+# A QA pass, session 23: each of these kept its secret.
+FORM_PASSWORD = "Tr0ub4dor&3" + rand(10)
+SECOND_LEVEL = {
+    "a sign-up form's confirmation": {
+        "user": {"password": FORM_PASSWORD, "password_confirmation": FORM_PASSWORD}
+    },
+    "Django's numbered copies": {"username": "bob", "password1": FORM_PASSWORD, "password2": FORM_PASSWORD},
+    "camelCase confirmation": {"passwordConfirm": FORM_PASSWORD, "password_again": FORM_PASSWORD},
+    "a key's hex": {
+        "private_key_hex": FORM_PASSWORD,
+        "privKey": FORM_PASSWORD,
+        "recovery_phrase": FORM_PASSWORD,
+    },
+    "other languages": {"passwort": FORM_PASSWORD, "contraseña": FORM_PASSWORD, "пароль": FORM_PASSWORD},
+    "1Password's concealed field": {
+        "fields": [
+            {
+                "id": "k3x",
+                "type": "CONCEALED",
+                "purpose": "PASSWORD",
+                "label": "password",
+                "value": FORM_PASSWORD,
+            }
+        ]
+    },
+    "AWS SSM's SecureString": {
+        "Parameters": [{"Name": "/prod/x", "Type": "SecureString", "Value": FORM_PASSWORD}]
+    },
+}
+TEXT_SHAPES = [
+    "net user bob {} /add",
+    "useradd -m -p {} bob",
+    "vault login {}",
+    "Password for bob: {}",
+    "The new password is: {}",
+    "your password has been reset to {}",
+    "| user | password |\n|---|---|\n| bob | {} |",
+    "name,password,role\nbob,{},admin",
+    "aws configure set aws_secret_access_key {}",
+    "git config --global user.password {}",
+]
+
+
+@pytest.mark.parametrize("name", sorted(SECOND_LEVEL))
+def test_copies_numbered_and_vault_named_passwords_are_redacted(name: str) -> None:
+    assert_gone(FORM_PASSWORD, json.dumps(Redactor().redact(SECOND_LEVEL[name]), ensure_ascii=False))
+
+
+@pytest.mark.parametrize("shape", TEXT_SHAPES)
+def test_passwords_in_commands_sentences_and_tables_are_redacted(shape: str) -> None:
+    out = Redactor().redact_text(shape.format(FORM_PASSWORD))
+    assert_gone(FORM_PASSWORD, out)
+    assert "[REDACTED:" in out
+
+
+def test_secrets_in_json_two_levels_deep_never_reach_the_store(sqlite_url: str, tmp_path: Path) -> None:
+    """An SNS notification in an SQS message body: the app's event is JSON in JSON in JSON."""
+    token = "wh-" + rand(24)
+    event = {"type": "user.created", "user": {"password": FORM_PASSWORD}, "api_token": token}
+    sns = {"Type": "Notification", "Message": json.dumps(event)}
+    sqs = {"Messages": [{"MessageId": "q1", "Body": json.dumps(sns)}]}
+
+    from langchain_core.tools import tool
+
+    @tool
+    def receive() -> str:
+        """Read the queue."""
+        return json.dumps(sqs)
+
+    capture = honed.Middleware(store=sqlite_url)
+    agent = create_agent(ToolScriptModel(), [receive], name="queue", middleware=[capture])
+    agent.invoke({"messages": [("user", "call receive {}; answer done")]})
+    assert honed.flush()
+    everything = stored_everything(sqlite_url, tmp_path / "spool")
+    assert_gone(FORM_PASSWORD, everything)
+    assert_gone(token, everything)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "config set max_tokens 5",
+        "git config user.name bob",
+        "user,token_count,role\nbob,3,admin",
+        "| password_length | policy |\n|---|---|\n| 12 | strict |",
+        "net user bob /delete",
+    ],
+)
+def test_settings_and_tables_without_secrets_are_left_alone(text: str) -> None:
+    assert Redactor().redact_text(text) == text

@@ -272,13 +272,18 @@ class Redactor:
         value_key = "value" if "value" in entry else "Value" if "Value" in entry else None
         if value_key is None:
             return None
+        value = entry[value_key]
         for name_key in _ENTRY_NAME_KEYS:
             name = entry.get(name_key)
             if type(name) is str:
                 kind = self._name_kind(name)
-                if kind is not None and _holds_secret(entry[value_key], name):
+                if kind is not None and _holds_secret(value, name):
                     return value_key, kind
-                return None
+        # A vault's own word for it: 1Password's `"type": "CONCEALED"`, AWS SSM's `"SecureString"`.
+        for type_key in _ENTRY_TYPE_KEYS:
+            said = entry.get(type_key)
+            if type(said) is str and said.lower() in _SECRET_TYPES and _holds_secret(value, "secret"):
+                return value_key, "secret"
         return None
 
     def _named_pair(self, pair: list[Any] | tuple[Any, ...]) -> str | None:
@@ -406,6 +411,8 @@ class Redactor:
             redacted = rule.apply(text, lowered)
             if redacted is not text:
                 text, lowered = redacted, _lower(redacted)
+        if "\n" in text:
+            text = _table_columns(text, lowered)
         if self._use_detect_secrets:
             text = _DETECT_SECRETS.redact(text, lowered)
         return text
@@ -509,7 +516,9 @@ _VERDICTS = frozenset(("yes", "no", "true", "false", "y", "n", "ok", "none", "nu
 
 
 # Where a dict names its own value: `{"name": "DB_PASSWORD", "value": ...}` (Kubernetes env, AWS tags).
-_ENTRY_NAME_KEYS = ("name", "key", "Name", "Key")
+_ENTRY_NAME_KEYS = ("name", "key", "Name", "Key", "label", "Label", "id")
+_ENTRY_TYPE_KEYS = ("type", "Type", "purpose", "kind")
+_SECRET_TYPES = frozenset(("concealed", "password", "securestring", "secret", "masked"))
 # The longest string taken as a name beside a value: names of secrets are short.
 _MAX_NAME = 128
 _MAX_ARGV, _MAX_ARG = 256, 4096  # an argv list read as its command line: at most this many, this long
@@ -540,8 +549,13 @@ def _utf8_text(encoded: str) -> str | None:
 # by their words run together ("x-api-key", "xApiKey" and "X_API_KEY" are all "xapikey") ...
 _SECRET_KEYS = {
     **dict.fromkeys(
-        ("password", "passwd", "pwd", "pw", "passphrase", "passcode", "dbpassword", "pass"), "password"
+        ("password", "passwd", "pwd", "pw", "passphrase", "passcode", "dbpassword", "pass", "pword", "passw"),
+        "password",
     ),
+    **dict.fromkeys(
+        ("rootpw", "rootpass", "dbpass", "dbpw", "adminpass", "adminpw", "motdepasse"), "password"
+    ),
+    **dict.fromkeys(("mnemonic", "seedphrase", "totp", "totpseed", "otpseed", "mfaseed"), "secret"),
     "bearer": "bearer",
     **dict.fromkeys(("apikey", "xapikey", "apitoken", "xgoogapikey"), "api_key"),
     **dict.fromkeys(("authorization", "proxyauthorization", "auth", "xauth", "basicauth"), "authorization"),
@@ -575,7 +589,31 @@ _SECRET_KEYS = {
 # ... then by their last word or two ("db_password", "stripe_api_key", "webhook_secret", "github_token").
 _LAST_WORD = {
     **dict.fromkeys(("password", "passwd", "pwd", "pw", "passphrase", "passcode", "pass"), "password"),
-    **dict.fromkeys(("passwords", "passphrases", "passcodes"), "password"),
+    **dict.fromkeys(("passwords", "passphrases", "passcodes", "pword", "passw"), "password"),
+    # ... in other languages (German, Spanish, Portuguese, Dutch, Polish, Swedish, Finnish, Russian,
+    # Chinese, Japanese, Korean; French `mot_de_passe` by its words run together).
+    **dict.fromkeys(
+        (
+            "passwort",
+            "kennwort",
+            "contraseña",
+            "contrasena",
+            "senha",
+            "wachtwoord",
+            "hasło",
+            "haslo",
+            "lösenord",
+            "losenord",
+            "salasana",
+            "пароль",
+            "密码",
+            "密碼",
+            "パスワード",
+            "비밀번호",
+        ),
+        "password",
+    ),
+    **dict.fromkeys(("privkey", "privkeys"), "private_key"),
     **dict.fromkeys(
         ("secret", "secretkey", "clientsecret", "secrets", "secretkeys", "clientsecrets"), "secret"
     ),
@@ -598,6 +636,16 @@ _LAST_WORDS = {
     ("master", "key"): "secret",
     ("session", "key"): "secret",
     ("client", "secret"): "secret",
+    ("priv", "key"): "private_key",
+    ("wallet", "key"): "private_key",
+    ("secret", "phrase"): "secret",
+    ("recovery", "phrase"): "secret",
+    ("seed", "phrase"): "secret",
+    ("mot", "de", "passe"): "password",
+    **dict.fromkeys(
+        (("recovery", "code"), ("recovery", "codes"), ("backup", "code"), ("backup", "codes")), "secret"
+    ),
+    **dict.fromkeys((("auth", "header"), ("authorization", "header")), "authorization"),
     ("label", "key"): "api_key",  # `honed serve --label-key`: whoever holds it labels runs
 }
 # `*_token` names a secret, except these: a tokenizer's special tokens and pagination cursors.
@@ -650,7 +698,17 @@ _ENDINGS = (
     ("authtoken", "token"),
 )
 _CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
-_NOT_ALNUM = re.compile(r"[^a-z0-9]+")
+_NOT_WORD = re.compile(r"[\W_]+")
+_NUMBERED = re.compile(r"(?<=[^\W\d_])\d+$")
+# A last word that says something of the secret before it, not another thing.
+_QUALIFIERS = frozenset(
+    (
+        "confirmation", "confirm", "confirmed", "again", "repeat", "repeated", "retype", "retyped", "verify",
+        "verification", "check", "new", "old", "current", "previous", "plain", "plaintext", "clear",
+        "cleartext", "raw", "value", "hash", "hashed", "encrypted", "digest", "text", "hex", "b64", "base64",
+        "pem", "der", "json", "data", "bytes", "str", "string", "material", "initial", "temp", "tmp",
+    )
+)  # fmt: skip
 
 
 # `<vendor>_key` in any case names an API key (an environment's `<NAME>_KEY` does in upper case).
@@ -670,9 +728,18 @@ def secret_key_kind(key: str) -> str | None:
     Token *counts* (`tokens`, `input_tokens`, `max_tokens`), a tokenizer's special tokens (`eos_token`)
     and pagination cursors (`next_page_token`) are not secrets and give None.
     """
-    words = tuple(w for w in _NOT_ALNUM.split(_CAMEL.sub("_", key[:200]).lower()) if w)
+    # Unicode words ("contraseña", "пароль"), a trailing number off each ("password2", "pass1").
+    words = tuple(_NUMBERED.sub("", w) for w in _NOT_WORD.split(_CAMEL.sub("_", key[:200]).lower()) if w)
+    return _words_kind(words)
+
+
+def _words_kind(words: tuple[str, ...]) -> str | None:
     if not words:
         return None
+    if len(words) >= 2 and words[-1] in _QUALIFIERS:
+        # What is said of a secret is that secret: `password_confirmation`, `password_again`,
+        # `private_key_hex`, `credentials_json` (a QA pass, session 23: a sign-up form's second copy).
+        return _words_kind(words[:-1])
     kind = _SECRET_KEYS.get("".join(words)) or _LAST_WORD.get(words[-1])
     if kind is not None:
         return kind
@@ -745,6 +812,8 @@ _KEYWORDS = (
     "auth",
     "sqlplus",
     "/p:",
+    "net user",
+    "vault login",
 )
 
 
@@ -760,8 +829,10 @@ def _is_candidate(text: str, lowered: str) -> bool:
 
 # --- honed's own rules -------------------------------------------------------------------------------
 
-_QUOTE_OPEN = r"\\?['\"]?"  # optional (JSON-escaped) quote around a header or key name
-_QUOTE = r"\\?['\"]"
+# An optional quote around a header or key name, escaped as JSON in JSON may be, to three levels
+# (an SNS message in an SQS body, a QA pass, session 23).
+_QUOTE_OPEN = r"\\{0,7}['\"]?"
+_QUOTE = r"\\{0,7}['\"]"
 _SEP = rf"{_QUOTE_OPEN}[ \t]*[:=][ \t]*{_QUOTE_OPEN}"
 
 
@@ -830,6 +901,68 @@ def _continues_word(m: re.Match[str]) -> bool:
 
 def _is_hex(text: str) -> bool:
     return all(c in "0123456789abcdefABCDEF" for c in text)
+
+
+# A word of a table's header line naming a column for a secret (lowercase text).
+_TABLE_WORD = re.compile(r"passw|pwd|secret|token|key|auth")
+_MARKDOWN_RULE = re.compile(r"\s*\|?\s*:?-{2,}")
+_MAX_TABLE_LINE = 4096
+
+
+def _table_columns(text: str, lowered: str) -> str:
+    """A table's cells under a column that names a secret (`| user | password |`, a CSV export's
+    `name,password`: a SQL tool's result, a QA pass, session 23), each replaced; the table is read
+    while its rows have the header's number of cells."""
+    out: list[str] = []
+    last = 0  # text[:last] is in `out`
+    after = 0  # where the next header may start
+    size = len(text)
+    for m in _TABLE_WORD.finditer(lowered):
+        if m.start() < after:
+            continue
+        start = text.rfind("\n", 0, m.start()) + 1
+        end = text.find("\n", m.start())
+        if end < 0:
+            break  # the last line: no row under it
+        after = end + 1
+        header = text[start:end]
+        sep = "|" if header.count("|") >= 2 else "\t" if "\t" in header else ","
+        if len(header) > _MAX_TABLE_LINE or sep not in header or (sep == "," and '"' in header):
+            continue
+        names = header.split(sep)
+        kinds = [secret_key_kind(n.strip(" '\"`*")) if len(n) <= _MAX_NAME else None for n in names]
+        if not any(kinds):
+            continue
+        i = end + 1
+        if sep == "|" and _MARKDOWN_RULE.match(text, i):
+            i = text.find("\n", i) + 1 or size
+        while i < size:
+            j = text.find("\n", i)
+            j = size if j < 0 else j
+            row = text[i:j]
+            cells = row.split(sep) if len(row) <= _MAX_TABLE_LINE and not (sep == "," and '"' in row) else ()
+            if len(cells) != len(names):
+                break
+            changed = False
+            for k, kind in enumerate(kinds):
+                value = cells[k].strip()
+                if (
+                    kind is not None
+                    and _holds_secret(value, names[k].strip())
+                    and not value.startswith("[REDACTED:")
+                ):
+                    cells[k] = cells[k].replace(value, _marker(kind), 1)
+                    changed = True
+            if changed:
+                out.append(text[last:i])
+                out.append(sep.join(cells))
+                last = j
+            i = j + 1
+        after = i
+    if not out:
+        return text
+    out.append(text[last:])
+    return "".join(out)
 
 
 def _group(group: int, kind: str) -> Callable[[re.Match[str]], str]:
@@ -1157,6 +1290,15 @@ def _sentence_secret(m: re.Match[str]) -> str:
         else "api_key"
     )
     return _splice(m, 2, _marker(kind) + value[len(core) :])
+
+
+def _config_setting(m: re.Match[str]) -> str:
+    name = m.group(1)
+    kind = secret_key_kind(name.rpartition(":")[2].rpartition(".")[2]) or secret_key_kind(name)
+    value = m.group(3) if m.group(3) is not None else m.group(4)
+    if kind is None or not _holds_secret(value, name) or _is_reference(value):
+        return m.group(0)
+    return _splice(m, 3 if m.group(3) is not None else 4, _marker(kind))
 
 
 def _terraform_default(m: re.Match[str]) -> str:
@@ -1618,9 +1760,38 @@ _RULES = (
     # In a sentence: "the password is X", "Your API key: X", "your access token is X" (X shaped as one).
     _Rule(
         r"(?i)(?<![\w-])(password|passphrase|passcode|api[ _-]?key|(?:access |auth |api |bearer )?token|secret)"
-        rf"(?: is| was| to|:|=)[ \t]+(?:['\"`])?{_NOT_REDACTED}([^\s'\"`,;]+)",
+        # "is X", "is: X", "is now X", "has been reset to X", "for bob: X" (a QA pass, session 23)
+        r"(?:(?: is| was)(?: now)?:?|(?: has been| was| is)? (?:re)?(?:set|changed|updated) to| to"
+        r"| for [^\s:]{1,64}:|:|=)"
+        rf"[ \t]+(?:['\"`])?{_NOT_REDACTED}([^\s'\"`,;]+)",
         _sentence_secret,
         anchors=("password", "passphrase", "passcode", "api", "token", "access", "auth", "bearer", "secret"),
+    ),
+    # Windows' `net user bob PW /add`, `useradd -p PW` / `usermod -p PW` (a QA pass, session 23).
+    _Rule(
+        rf"(?i)(?<![\w-])net[ \t]+user[ \t]+(?:\"[^\"\r\n]{{1,64}}\"|[^\s/\"]{{1,64}})[ \t]+{_NOT_REDACTED}"
+        r"(?:(\")([^\"\r\n]*+)\1|(?![/*])([^\s\"]++))",
+        _command_password,
+        anchors=("net",),
+    ),
+    _Rule(
+        rf"(?<![\w-])(?:useradd|usermod|adduser)(?:[ \t]+[^\s|;&]+)*?[ \t]+(?:-p|--password)[ \t]+{_NOT_REDACTED}"
+        r"(?:(['\"])([^'\"\r\n]*+)\1|([^\s'\"]++))",
+        _command_password,
+        anchors=("useradd", "usermod", "adduser"),
+    ),
+    # `vault login TOKEN`; `aws configure set aws_secret_access_key X`, `git config user.password X`,
+    # `npm config set //registry/:_authToken X`: a setting named for a secret, then its value.
+    _Rule(
+        rf"(?<![\w-])vault[ \t]+login[ \t]+(?:-[\w-]+(?:=\S*)?[ \t]+)*(?![-\w]+=){_NOT_REDACTED}([^\s'\"]++)",
+        _group(1, "token"),
+        anchors=("vault",),
+    ),
+    _Rule(
+        r"(?<![\w-])config(?:ure)?(?:[ \t]+set|:set)?[ \t]+(?:--?[\w-]+[ \t]+)*([\w.:/@-]{1,128})[ \t]+"
+        rf"{_NOT_REDACTED}(?:(['\"])([^'\"\r\n]*+)\2|(?!-)([^\s'\"]++))",
+        _config_setting,
+        anchors=("config",),
     ),
     # Terraform: `variable "db_password" { default = "X" }`.
     _Rule(
@@ -1648,11 +1819,11 @@ _RULES = (
         r"(?-i:SECRET_KEY_BASE|(?<=[A-Z0-9]_)KEY)|(?<![\w.-])pass(?=['\"]?[ \t]*[:=][ \t]*['\"])|secret|token|"
         + _after("api", "access", "private", "auth", "secret", "client", "label")
         + r"key)(?![A-Za-z0-9_])"
-        r"([\\'\"\]]{0,3}[ \t]*(?:=>|:=|==?|:|%3[Dd])[ \t]*)"
+        r"([\\'\"\]]{0,9}[ \t]*(?:=>|:=|==?|:|%3[Dd])[ \t]*)"
         # Quoted (a Python `u'...'` too): up to the same quote, past the other kind and escapes
         # (`"it's"`, `"ab\"cd"`); inside an escaped string (`\"...\"`, JSON in JSON), up to `\`.
-        rf"(?:(?:[rRuUbB]{{1,2}}(?=['\"]))?(\\)?(['\"`]){_NOT_REDACTED}"
-        r"((?(3)[^'\"`\r\n\\]++|(?:(?!\4)[^\r\n\\]|\\[^\r\n])++))(?(3)\\)\4"
+        rf"(?:(?:[rRuUbB]{{1,2}}(?=['\"]))?(\\{{1,7}})?(['\"`]){_NOT_REDACTED}"
+        r"((?(3)[^'\"`\r\n\\]++|(?:(?!\4)[^\r\n\\]|\\[^\r\n])++))(?(3)\\{1,7})\4"
         # Unquoted: to a space or a closing bracket; past `& , ; )` inside the value
         # (`DB_PASSWORD=Tr0ub4dor&3x`), not where a next `name=` follows (`?password=x&user=bob`).
         rf"|(?![\\'\"`\[]|\((?=['\"]))([^\s'\"`,;&)}}\]\\]+"
