@@ -1291,7 +1291,8 @@ def test_a_tool_error_before_a_pause_is_one_step_after_the_resume(
 ) -> None:
     """A QA pass (session 16): a tool that failed before a human-in-the-loop pause was recorded
     again after the resume (the next model call read its error message back): the timeline
-    showed the call twice and tool-error counts were inflated."""
+    showed the call twice and tool-error counts were inflated. Another (session 23): so was a
+    call that succeeded, once calls the model asked for were synthesised when they succeed too."""
     from langchain_core.tools import ToolException
 
     @tool
@@ -1306,10 +1307,11 @@ def test_a_tool_error_before_a_pause_is_one_step_after_the_resume(
         HumanInTheLoopMiddleware(interrupt_on={"add": True}),
     ]
     agent = create_agent(
-        ToolScriptModel(), [lookup, add], name="support", middleware=middleware, checkpointer=saver
+        ToolScriptModel(), [note, lookup, add], name="support", middleware=middleware, checkpointer=saver
     )
     chat = thread("t1", task_id="k1")
-    agent.invoke({"messages": [("user", 'call lookup {"order": "A7"}; ' + ADD_TASK)]}, chat)
+    task = 'call note {"text": "order A7"}; call lookup {"order": "A7"}; ' + ADD_TASK
+    agent.invoke({"messages": [("user", task)]}, chat)
     resume = Command(resume={"decisions": [{"type": "approve"}]})
     if where == "here":
         agent.invoke(resume, chat)
@@ -1327,7 +1329,13 @@ def test_a_tool_error_before_a_pause_is_one_step_after_the_resume(
     assert honed.flush()
     (t,) = honed.open_store(sqlite_url).trajectories()
     calls = [(s.name, s.extra.get("tool_call_id")) for s in t.steps if s.kind == "tool"]
-    assert [name for name, _ in calls] == ["lookup", "add"] and t.status == "ok", calls
+    assert [name for name, _ in calls] == ["note", "lookup", "add"] and t.status == "ok", calls
+
+
+@tool
+def note(text: str) -> str:
+    """Keep a note."""
+    return f"noted: {text}"
 
 
 RESUME_WITH_LOOKUP = textwrap.dedent(
@@ -1342,6 +1350,11 @@ RESUME_WITH_LOOKUP = textwrap.dedent(
     from fakes import ToolScriptModel, add
 
     @tool
+    def note(text: str) -> str:
+        \"\"\"Keep a note.\"\"\"
+        return f"noted: {{text}}"
+
+    @tool
     def lookup(order: str) -> str:
         \"\"\"Look up an order.\"\"\"
         raise ToolException(f"no such order {{order}}")
@@ -1354,7 +1367,7 @@ RESUME_WITH_LOOKUP = textwrap.dedent(
         capture = [honed.Middleware(store="{store}")]
     saver = SqliteSaver(sqlite3.connect("{checkpoints}", check_same_thread=False))
     middleware = [*capture, HumanInTheLoopMiddleware(interrupt_on={{"add": True}})]
-    agent = create_agent(ToolScriptModel(), [lookup, add], name="support", middleware=middleware, checkpointer=saver)
+    agent = create_agent(ToolScriptModel(), [note, lookup, add], name="support", middleware=middleware, checkpointer=saver)
     chat = {{"configurable": {{"thread_id": "t1"}}, "metadata": {{"honed": {{"task_id": "k1"}}}}}}
     agent.invoke(Command(resume={{"decisions": [{{"type": "approve"}}]}}), chat)
     assert honed.flush()
@@ -1714,4 +1727,83 @@ def test_an_unknown_tools_error_is_a_step_of_its_tool_node_beside_a_command(sqli
     placed = [(s.kind, s.name, by_id[s.parent_id].name if s.parent_id in by_id else None) for s in t.steps]
     assert placed[2:5] == [("node", "tools", None), ("tool", "cmd", "tools"), ("tool", "ghost", "tools")], (
         placed
+    )
+
+
+@pytest.mark.parametrize("shape", ["a message", "a role dict"])
+def test_a_run_given_one_message_keeps_its_labels(capture: str, sqlite_url: str, shape: str) -> None:
+    """A QA pass (session 23): `{"messages": HumanMessage(...)}` (one message, as `add_messages`
+    takes it) lost its task and expected answer under the middleware, taken for another run's
+    worker: never verified, never trained on."""
+    from langchain_core.messages import HumanMessage
+
+    text = 'call add {"a": 2, "b": 3}; answer {result}'
+    message = HumanMessage(text) if shape == "a message" else {"role": "user", "content": text}
+    agent = create_agent(
+        ToolScriptModel(), [add], name="calc", middleware=capture_middleware(capture, sqlite_url)
+    )
+    agent.invoke({"messages": message}, {"metadata": {"honed": {"task_id": "k1", "expected": "5"}}})
+    assert honed.flush()
+    (t,) = honed.open_store(sqlite_url).trajectories()
+    assert (t.task_id, t.metadata.get("expected"), t.answer) == ("k1", "5", "5")
+
+
+def test_a_handoff_beside_another_call_of_the_same_reply_is_one_turn(sqlite_url: str) -> None:
+    """A QA pass (session 23): a triage agent's reply asked for a handoff and another tool at once;
+    the middleware ended the turn when the handoff returned, so the other call (slowed here by an
+    outer middleware, as a rate limiter would) began a second trajectory, stored `interrupted`
+    (waiting for a human forever), or was stored as failed."""
+    import time
+
+    from langchain.agents.middleware import wrap_tool_call
+    from langchain_core.messages import AIMessage
+    from langgraph.graph import START, MessagesState, StateGraph
+
+    from honed.testing import ScriptedChatModel
+
+    class OneReply(ScriptedChatModel):
+        reply: AIMessage
+
+        def _generate(self, messages: Any, stop: Any = None, run_manager: Any = None, **kw: Any) -> Any:
+            from langchain_core.outputs import ChatGeneration, ChatResult
+
+            return ChatResult(generations=[ChatGeneration(message=self.reply.model_copy(deep=True))])
+
+    @tool
+    def transfer_to_billing(tool_call_id: Annotated[str, InjectedToolCallId]) -> Command:
+        """Hand the conversation to billing."""
+        update = {"messages": [ToolMessage("transferred", tool_call_id=tool_call_id)]}
+        return Command(goto="billing", graph=Command.PARENT, update=update)
+
+    @tool
+    def log_ticket(note: str) -> str:
+        """Log a ticket."""
+        return f"logged {note}"
+
+    @wrap_tool_call
+    def rate_limited(request: Any, handler: Any) -> Any:
+        if request.tool_call["name"] == "log_ticket":
+            time.sleep(0.2)
+        return handler(request)
+
+    capture = honed.Middleware(store=sqlite_url)
+    both = AIMessage("", tool_calls=[{"name": "transfer_to_billing", "args": {}, "id": "c1"},
+                                     {"name": "log_ticket", "args": {"note": "n1"}, "id": "c2"}])  # fmt: skip
+    desk = StateGraph(MessagesState)
+    triage = create_agent(OneReply(reply=both), [transfer_to_billing, log_ticket], name="triage",
+                          middleware=[rate_limited, capture])  # fmt: skip
+    billing = create_agent(
+        OneReply(reply=AIMessage("billing here")), [], name="billing", middleware=[capture]
+    )
+    desk.add_node("triage", triage, destinations=("billing",))
+    desk.add_node("billing", billing)
+    desk.add_edge(START, "triage")
+    out = desk.compile(name="desk").invoke({"messages": [("user", "my bill is wrong")]})
+    assert out["messages"][-1].content == "billing here"
+    assert honed.flush()
+    (turn,) = honed.open_store(sqlite_url).trajectories(agent="triage")
+    tools = {s.name: s.error for s in turn.steps if s.kind == "tool"}
+    assert turn.status == "ok" and tools == {"transfer_to_billing": None, "log_ticket": None}, (
+        turn.status,
+        tools,
     )

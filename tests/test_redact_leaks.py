@@ -1126,3 +1126,41 @@ def test_secrets_in_json_two_levels_deep_never_reach_the_store(sqlite_url: str, 
 )
 def test_settings_and_tables_without_secrets_are_left_alone(text: str) -> None:
     assert Redactor().redact_text(text) == text
+
+
+def test_names_and_ids_a_run_gives_are_redacted_at_rest(sqlite_url: str, tmp_path: Path) -> None:
+    """A QA pass (session 23): a tool's name and call id (the model's reply chooses both), the
+    provider's model name, the thread id and the task id were stored as they came, keys and all;
+    the model step's own copy of the call id was redacted, so the two copies now agree."""
+    from langchain_core.messages import AIMessage
+    from langchain_core.outputs import ChatGeneration, ChatResult
+
+    from honed.testing import ScriptedChatModel
+
+    keys = {f: f"sk-proj-{f.upper()}{rand(40)}" for f in ("tool", "call", "model", "thread", "task")}
+
+    class Leaky(ScriptedChatModel):
+        def _generate(
+            self, messages: Any, stop: Any = None, run_manager: Any = None, **kw: Any
+        ) -> ChatResult:
+            first = not any(isinstance(m, AIMessage) for m in messages)
+            calls = [{"name": keys["tool"], "args": {}, "id": keys["call"]}] if first else []
+            reply = AIMessage(content="" if first else "ok", tool_calls=calls)
+            reply.response_metadata = {"model_name": keys["model"], "finish_reason": "stop"}
+            return ChatResult(generations=[ChatGeneration(message=reply)])
+
+    agent = create_agent(Leaky(), [], name="probe", middleware=[honed.Middleware(store=sqlite_url)])
+    agent.invoke(
+        {"messages": [("user", "go")]},
+        config={
+            "configurable": {"thread_id": keys["thread"]},
+            "metadata": {"honed": {"task_id": keys["task"]}},
+        },
+    )
+    assert honed.flush()
+    everything = stored_everything(sqlite_url, tmp_path / "spool")
+    for key in keys.values():
+        assert_gone(key, everything)
+    t = honed.open_store(sqlite_url).trajectories(limit=1)[0]
+    tool = t.tool_steps()[0]
+    assert tool.extra["tool_call_id"] == t.model_steps()[0].tool_calls[0]["id"] == "[REDACTED:openai_key]"

@@ -1047,3 +1047,31 @@ def test_a_heldout_question_asked_another_way_or_quoted_in_an_answer_never_train
     )
     assert set(prepare(store, "sft").trajectory_ids) == {kept.id, shared.id, tutored.id}
     assert {t.id for t in select_trajectories(store, verdict="pass")} == {kept.id, shared.id, tutored.id}
+
+
+def test_a_heldout_question_in_reasoning_tool_arguments_lookalike_letters_or_one_sentence_never_trains(
+    any_store: TrajectoryStore,
+) -> None:
+    """A QA pass (session 23): a training run whose model wrote a held-out question and its answer
+    in a tool call's arguments or in its reasoning; the question in Cyrillic letters that look
+    Latin; a short held-out question asked as one sentence of a longer request."""
+    from honed.store.select import select_trajectories
+
+    store = any_store
+    q = "What is the boiling point of ethanol at sea level in kelvin"
+    add(store, make_trajectory("h1", split="heldout", user=q), True)
+    add(store, make_trajectory("h2", split="heldout", user="What is 17*23?"), True)
+    in_arguments = make_trajectory("t1", user="save a chemistry note")
+    in_arguments.steps[0].output["tool_calls"][0]["args"] = {"a": 2, "b": 3, "note": f"{q}? 351.4 K"}
+    lookalike = q.translate(str.maketrans("aeoc", "\u0430\u0435\u043e\u0441"))
+    assert lookalike != q
+    leaks = [
+        add(store, in_arguments, True),
+        add(store, make_trajectory("t2", user="save a note", reasoning=f"Recall: {q}? It is 351.4 K."), True),
+        add(store, make_trajectory("t3", user=lookalike), True),
+        add(store, make_trajectory("t4", user="Quick quiz for you. What is 17*23?"), True),
+    ]
+    kept = add(store, make_trajectory("t5", user="Quick quiz for you. What is 17*24?"), True)
+    assert all(t.id for t in leaks)
+    assert set(prepare(store, "sft").trajectory_ids) == {kept.id}
+    assert {t.id for t in select_trajectories(store, verdict="pass")} == {kept.id}

@@ -357,6 +357,12 @@ def request_text(task: Any) -> str | None:
     messages = task.get("messages") if isinstance(task, Mapping) else task
     if isinstance(messages, str):
         return messages
+    if isinstance(messages, BaseMessage) or (
+        isinstance(messages, Mapping) and "content" in messages and ("role" in messages or "type" in messages)
+    ):
+        # One message, as LangGraph's `add_messages` takes it (a QA pass, session 23: the
+        # middleware lost such a run's labels, taking it for another run's worker).
+        messages = [messages]
     for m in reversed(messages if isinstance(messages, list) else ()):
         if isinstance(m, Mapping):
             role, content = m.get("role") or m.get("type"), m.get("content")

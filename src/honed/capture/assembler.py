@@ -127,8 +127,17 @@ class Assembler:
     Unknown, duplicate and late events are counted, never raised: capture must not fail.
     """
 
-    def __init__(self, field: Callable[[Any], Any], altered: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        field: Callable[[Any], Any],
+        altered: Callable[[], int],
+        ident: Callable[[str], str] | None = None,
+    ) -> None:
         self._field = field
+        # A name or id the run gave as text (a tool's name, a call id, a model version, a thread or
+        # task id), as stored: redacted like every other field (a QA pass, session 23: a key as a
+        # call id or thread id was stored whole). Kept as it came while the run is assembled.
+        self._ident = ident
         # How many fields `field` has stored otherwise than they came (redacted, hooked, cut):
         # `Serializer.altered_count`.
         self._altered = altered
@@ -170,7 +179,36 @@ class Assembler:
 
     def take_completed(self) -> list[dict[str, Any]]:
         done, self._completed = self._completed, []
-        return done
+        return done if self._ident is None else [self._ids_at_rest(r) for r in done]
+
+    def _ids_at_rest(self, record: dict[str, Any]) -> dict[str, Any]:
+        """The record with its names and ids redacted: a copy where any changes (a paused record
+        is kept as it came, to be continued)."""
+        ident = self._ident
+        assert ident is not None
+        changed: dict[str, Any] = {}
+        for key in ("task_id", "thread_id", "model_version"):
+            value = record.get(key)
+            if type(value) is str and (out := ident(value)) != value:
+                changed[key] = out
+        steps = record.get("steps") or ()
+        new_steps: list[dict[str, Any]] | None = None
+        for i, step in enumerate(steps):
+            update: dict[str, Any] = {}
+            for key in ("name", "model_version"):
+                value = step.get(key)
+                if type(value) is str and (out := ident(value)) != value:
+                    update[key] = out
+            extra = step.get("extra")
+            call_id = extra.get("tool_call_id") if type(extra) is dict else None
+            if type(call_id) is str and (out := ident(call_id)) != call_id:
+                update["extra"] = {**extra, "tool_call_id": out}  # type: ignore[dict-item]
+            if update:
+                new_steps = new_steps if new_steps is not None else list(steps)
+                new_steps[i] = {**step, **update}
+        if new_steps is not None:
+            changed["steps"] = new_steps
+        return {**record, **changed} if changed else record
 
     def close_all(self, reason: str, when: float) -> None:
         """End every open trajectory as an error (at exit: the process is going away)."""
@@ -378,15 +416,17 @@ class Assembler:
             trajectory = _Open(root_key, record)
             trajectory.steps = list(paused["steps"])
             trajectory.next_index = max((s["index"] for s in trajectory.steps), default=-1) + 1
-            # The calls answered before the pause: their error messages, read again by the next
-            # model call, are not new failed calls (a tool's error was stored twice).
+            # The calls answered before the pause: their messages, read again by the next model
+            # call, are not new calls (a tool's error was stored twice; since calls the model asked
+            # for are synthesised when they succeed too, every earlier call was, a QA pass, session 23).
+            # A call paused inside (`bubbled`) is answered after the resume: a reviewer's rejection.
             trajectory.tool_call_ids = {
                 str(s["extra"]["tool_call_id"])
                 for s in trajectory.steps
                 if s.get("kind") == "tool"
-                and s.get("error") is not None
                 and isinstance(s.get("extra"), dict)
                 and s["extra"].get("tool_call_id")
+                and not s["extra"].get("bubbled")
             }
         else:
             record_id = paused_id or str(root_key)

@@ -122,7 +122,7 @@ register_configure_hook(_model_ran, inheritable=True)  # the chat model's callba
 class _Live:
     """A trajectory (or a subagent's node step) a middleware has open in this process."""
 
-    __slots__ = ("final", "owner", "root", "root_graph", "whole")
+    __slots__ = ("final", "handoff_at", "owner", "root", "root_graph", "whole")
 
     def __init__(self, root: RootRun | None, whole: bool, root_graph: bool, owner: int = 0) -> None:
         self.root = root  # the root run it is open under
@@ -130,6 +130,7 @@ class _Live:
         self.root_graph = root_graph  # this agent is the root run: its output is the run's output
         self.owner = owner  # id() of the middleware that opened it
         self.final: dict[str, Any] | None = None  # the state its end hook saw
+        self.handoff_at: float | None = None  # when a tool handed the conversation on
 
 
 # A hook that finds its trajectory missing here, or open under another root run, belongs to a run
@@ -382,7 +383,9 @@ class Middleware(AgentMiddleware):
             if live.final is None and (error is None or isinstance(error, GraphBubbleUp)):
                 self.recorder.emit((END, trajectory_id, None, now, None))
             return
-        if live.final is not None:
+        if live.handoff_at is not None:
+            self.recorder.emit((END, trajectory_id, None, live.handoff_at, live.final))
+        elif live.final is not None:
             # The graph's own output (its output schema leaves out other middlewares' private
             # state): a part of the state. A root that wraps the agent (`agent | RunnableLambda`,
             # an `@chain`) returned something else, which is not the agent's answer.
@@ -605,9 +608,18 @@ class Middleware(AgentMiddleware):
             result = result.result
         commands = result if isinstance(result, list) else [result]
         goto = [c.goto for c in commands if isinstance(c, Command) and c.graph == Command.PARENT]
+        handed_on = _live.get(trajectory_id)
+        if handed_on is not None and handed_on.handoff_at is not None:
+            handed_on.handoff_at = max(handed_on.handoff_at, now)  # the turn ends with its last call
         if goto:
             # A handoff (Command to the parent graph): this agent's turn ends here, and its end
-            # hook never runs.
+            # hook never runs. Under a root run this process watches, it ends with the root: the
+            # other calls of the same reply may still be running, or not yet begun (a QA pass,
+            # session 23: one was stored failed, or began a trajectory of its own).
+            live = _live.get(trajectory_id)
+            if live is not None and live.root is not None and live.whole:
+                live.final, live.handoff_at = {HANDOFF_KEY: goto[0]}, now
+                return
             with _live_lock:
                 _live.pop(trajectory_id, None)
             self.recorder.emit((END, trajectory_id, None, now, {HANDOFF_KEY: goto[0]}))

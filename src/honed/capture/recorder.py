@@ -115,7 +115,9 @@ class Recorder:
         self._serializer = Serializer(max_field_bytes=max_field_bytes, redactor=Redactor(redact))
         from honed.capture.assembler import Assembler  # LangChain: not in the store's own process
 
-        self._assembler = Assembler(self._serializer.field, self._serializer.altered_count)
+        self._assembler = Assembler(
+            self._serializer.field, self._serializer.altered_count, self._serializer.redactor.redact_text
+        )
         self._queue: deque[tuple[Any, ...]] = deque()
         self._flush_interval = flush_interval
         self._wake = threading.Event()
@@ -357,7 +359,11 @@ def _after_fork_in_child() -> None:
     from honed.capture.assembler import Assembler
 
     for recorder in list(_live):
-        recorder._assembler = Assembler(recorder._serializer.field, recorder._serializer.altered_count)
+        recorder._assembler = Assembler(
+            recorder._serializer.field,
+            recorder._serializer.altered_count,
+            recorder._serializer.redactor.redact_text,
+        )
         recorder._thread = None
         recorder._queue.clear()
         recorder._lock = threading.Lock()

@@ -321,7 +321,7 @@ def _select(
         for t in _pages(store, limit, task_id=task_id, **filters):
             if heldout.holds(t):
                 counts["heldout_excluded"] += 1
-                excluded |= requests_of(t)
+                excluded |= requests_of(t, sentences=False)
             else:
                 found[t.id] = t
     # A task held out by its id alone (a hash, a gate's task run in the train split) holds its

@@ -156,19 +156,59 @@ def conversation_core(item: Any) -> str:
 
 
 def _message_text(message: Any) -> str:
+    """All a message could teach as text: its content, its reasoning, its tool calls' arguments
+    (a QA pass, session 23: a model's note or its reasoning quoting a held-out question and its
+    answer trained)."""
     if isinstance(message, str):
         return message
     if isinstance(message, (tuple, list)) and len(message) == 2:
         return _message_text(message[1])
-    content = message.get("content") if isinstance(message, Mapping) else getattr(message, "content", None)
+    if isinstance(message, Mapping):
+        get = message.get
+        extra = get("additional_kwargs")
+    else:
+
+        def get(name: str) -> Any:
+            return getattr(message, name, None)
+
+        extra = get("additional_kwargs")
+    texts: list[str] = []
+    content = get("content")
     if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = (
-            p if isinstance(p, str) else p.get("text") if isinstance(p, Mapping) else None for p in content
-        )
-        return " ".join(p for p in parts if isinstance(p, str))
-    return ""
+        texts.append(content)
+    elif isinstance(content, list):
+        for part in content:
+            if isinstance(part, str):
+                texts.append(part)
+            elif isinstance(part, Mapping):  # text, and reasoning or thinking blocks
+                texts.extend(
+                    p for k in ("text", "reasoning", "thinking") if isinstance(p := part.get(k), str)
+                )
+    for name in ("reasoning", "reasoning_content"):
+        _strings(get(name), texts)
+    if isinstance(extra, Mapping):
+        _strings(extra.get("reasoning_content"), texts)
+    for name in ("tool_calls", "invalid_tool_calls"):
+        calls = get(name)
+        for call in calls if isinstance(calls, list) else ():
+            if isinstance(call, Mapping):
+                function = call.get("function")
+                _strings(call.get("args"), texts)
+                _strings(function.get("arguments") if isinstance(function, Mapping) else None, texts)
+    return " ".join(texts)
+
+
+def _strings(value: Any, out: list[str], depth: int = 0) -> None:
+    """Every string in a value (text blocks' and reasoning blocks' text, arguments' values)."""
+    if isinstance(value, str):
+        if value:
+            out.append(value)
+    elif depth < 8 and isinstance(value, Mapping):
+        for item in value.values():
+            _strings(item, out, depth + 1)
+    elif depth < 8 and isinstance(value, (list, tuple)):
+        for item in value:
+            _strings(item, out, depth + 1)
 
 
 def request_key(text: str | None) -> str | None:
@@ -180,7 +220,7 @@ def request_key(text: str | None) -> str | None:
     if text.isascii():  # the common case: nothing to fold, no invisible characters
         key = " ".join(text.lower().split())
     else:
-        folded = unicodedata.normalize("NFKC", text).translate(_INVISIBLE).casefold()
+        folded = unicodedata.normalize("NFKC", text).translate(_INVISIBLE).casefold().translate(_LOOKALIKES)
         key = " ".join("".join(c for c in folded if unicodedata.category(c) != "Cf").split())
     start, end = 0, len(key)
     while start < end and _edge(key[start]):
@@ -199,11 +239,12 @@ def _edge(c: str) -> bool:
     return c.isspace() or unicodedata.category(c).startswith("P")
 
 
-def requests_of(item: Any) -> set[str]:
+def requests_of(item: Any, *, sentences: bool = True) -> set[str]:
     """The `request_key`s a training item could teach: every user message of a trajectory's
     request and of the conversations its model calls read (an earlier turn of a thread is
     trained as context too), or of an external example's `messages` (a held-out question
-    anywhere in it leaks)."""
+    anywhere in it leaks). With `sentences`, each user message's sentences too (what a held-out
+    request may hide in); without, whole messages (what a held-out run holds out of others)."""
     from honed.messages import request_text
 
     if isinstance(item, Trajectory):
@@ -211,12 +252,35 @@ def requests_of(item: Any) -> set[str]:
         for step in item.steps:
             if step.kind == "model":
                 texts.update(_user_texts(step.input))  # each model call repeats the conversation: once
-        return {k for k in map(request_key, texts) if k is not None} | task_keys(item.task)
+        return _keys_and_sentences(texts, sentences) | task_keys(item.task)
     elif isinstance(item, Mapping) and isinstance(item.get("messages"), list):
         texts = set(_user_texts(item))
     else:
         return set()
-    return {k for k in map(request_key, texts) if k is not None}
+    return _keys_and_sentences(texts, sentences)
+
+
+def _keys_and_sentences(texts: set[str | None], sentences: bool) -> set[str]:
+    """Each text's `request_key`, and each of its sentences' and lines': a short held-out question
+    ("What is 17*23?", too short to be looked for inside text) asked as one sentence of a longer
+    request still asks it (a QA pass, session 23)."""
+    keys = set()
+    for text in texts:
+        if not isinstance(text, str):
+            continue
+        key = request_key(text)
+        if key is None:
+            continue
+        keys.add(key)
+        if sentences and len(text) <= _MAX_SPLIT:
+            for sentence in _SENTENCE_END.split(text):
+                if (k := request_key(sentence)) is not None:
+                    keys.add(k)
+    return keys
+
+
+_SENTENCE_END = re.compile(r"(?<=[.?!:;])\s+|\n+")
+_MAX_SPLIT = 4096  # a longer user message is a document: its sentences are not requests
 
 
 def _user_texts(value: Any) -> list[str | None]:
@@ -230,6 +294,9 @@ def _user_texts(value: Any) -> list[str | None]:
     return [request_text({"messages": [m]}) for m in messages]
 
 
+# Cyrillic and Greek letters drawn as Latin ones (Unicode's confusables, lowercase): "Whісh" with
+# Cyrillic і asks "which" (a QA pass, session 23: identical on screen, it trained).
+_LOOKALIKES = str.maketrans("аеорсухіјѕԁһӏԛԝкοανικɡı", "aeopcyxijsdhlqwkoavikgi")
 # Soft hyphen and the other characters NFKC keeps that render as nothing (category Cf goes too).
 _INVISIBLE = dict.fromkeys(map(ord, "\u00ad\u034f\u115f\u1160\u3164\uffa0"), None)
 

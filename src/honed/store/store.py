@@ -912,24 +912,33 @@ def _continue(session: Any, record: dict[str, Any]) -> int:
     taken = set(session.scalars(select(StepRow.id).where(StepRow.id.in_([s["id"] for s in candidates]))))
     new_steps = [s for s in candidates if s["id"] not in taken]
     if any(s.get("kind") == "tool" for s in new_steps):
-        # A call that failed before the pause, in another process: the resumed part read its
-        # error message again and recorded the failure a second time. One step per failed call.
-        failed = {
-            str(extra.get("tool_call_id"))
-            for extra in session.scalars(
-                select(StepRow.extra).where(
-                    StepRow.trajectory_id == target, StepRow.kind == "tool", StepRow.error.is_not(None)
-                )
+        # A call answered before the pause, in another process: the resumed part read its
+        # message again and recorded the call a second time (a failure; since calls the model
+        # asked for are synthesised when they succeed too, any call). One step per call.
+        failed: set[str] = set()
+        answered: set[str] = set()
+        for extra, error in session.execute(
+            select(StepRow.extra, StepRow.error).where(
+                StepRow.trajectory_id == target, StepRow.kind == "tool"
             )
-            if isinstance(extra, dict) and extra.get("tool_call_id")
-        }
+        ):
+            if isinstance(extra, dict) and extra.get("tool_call_id") and not extra.get("bubbled"):
+                answered.add(str(extra["tool_call_id"]))
+                if error is not None:
+                    failed.add(str(extra["tool_call_id"]))
         new_steps = [
             s
             for s in new_steps
             if not (
                 s.get("kind") == "tool"
-                and s.get("error") is not None
-                and str((s.get("extra") or {}).get("tool_call_id")) in failed
+                and str((s.get("extra") or {}).get("tool_call_id"))
+                in (
+                    answered
+                    if (s.get("extra") or {}).get("synthesised")
+                    else failed
+                    if s.get("error") is not None
+                    else ()
+                )
             )
         ]
     if new_steps:
