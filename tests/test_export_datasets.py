@@ -251,7 +251,7 @@ def test_cli_export_jsonl_and_hf(verified: str, tmp_path: Path) -> None:
 
     args = ["--store", verified, "--task-id", "t-held", "--task-id", "t-add", "--since", "1h"]
     result = runner.invoke(app, ["export", "jsonl", str(out), *args])
-    assert result.exit_code == 0 and "wrote 1 examples" in result.output
+    assert result.exit_code == 0 and "wrote 1 example to" in result.output
     result = runner.invoke(
         app, ["export", "jsonl", str(out), *args, "--include-heldout", "--model-version", "calc@v1"]
     )

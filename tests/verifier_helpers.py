@@ -17,7 +17,7 @@ from langchain_core.outputs import ChatGeneration, ChatResult
 from sqlalchemy import text
 
 from honed import Step, Trajectory, Verdict
-from honed.verifiers import BaseVerifier, ReferenceMatch
+from honed.verifiers import BaseVerifier, GoalCheck, ReferenceMatch
 from honed.verifiers.protocol import verdict
 
 _T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -175,3 +175,12 @@ def _main(argv: list[str]) -> None:
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).parent))
     _main(sys.argv[1:])
+
+
+def _broken_check(state: Any) -> bool:
+    raise RuntimeError("a bug in the check")
+
+
+# A goal-state check with a bug: it raises on every run it gets to (a run that crashed, with no
+# final state, it cannot tell without running).
+broken_goal = GoalCheck(_broken_check, name="broken")

@@ -100,6 +100,13 @@ StoreOption = Annotated[
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """ "1 trajectory", "2 trajectories", "1 spool", "0 examples"."""
+    if n == 1:
+        return f"1 {noun}"
+    return f"{n} {plural or (noun[:-1] + 'ies' if noun.endswith('y') else noun + 's')}"
+
+
 def console() -> Console:
     """A console made per command, so the terminal width (or COLUMNS) is read when it runs."""
     return _unwrapped_off_terminal(Console())

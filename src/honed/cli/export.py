@@ -15,7 +15,16 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from honed.cli.common import JsonOption, StoreOption, app, console, err_console, escape, open_store_or_exit
+from honed.cli.common import (
+    JsonOption,
+    StoreOption,
+    app,
+    console,
+    counted,
+    err_console,
+    escape,
+    open_store_or_exit,
+)
 from honed.store import TrajectoryStore
 from honed.store.select import Selection, count_selected, select_trajectories, unmatched_names
 
@@ -360,7 +369,7 @@ def _report(result: dict[str, Any], output: str, as_json: bool, to_stderr: bool 
         typer.echo(json.dumps(result), err=to_stderr)
         return
     skipped = ", ".join(f"{reason} {n}" for reason, n in sorted(result["skipped"].items()))
-    line = f"wrote {result['written']} examples to {escape(output)}" + (
+    line = f"wrote {counted(result['written'], 'example')} to {escape(output)}" + (
         f" (skipped: {skipped})" if skipped else ""
     )
     (err_console() if to_stderr else console()).print(line)

@@ -15,6 +15,7 @@ from honed.cli.common import (
     StoreOption,
     app,
     console,
+    counted,
     err_console,
     escape,
     open_store_or_exit,
@@ -84,7 +85,9 @@ def spool(
             typer.echo(json.dumps(row))
         return
     waiting = sum(r["pending"] for r in rows)
-    table = Table(title=f"{waiting} trajectories waiting in {len(rows)} spools", pad_edge=False)
+    table = Table(
+        title=f"{counted(waiting, 'trajectory')} waiting in {counted(len(rows), 'spool')}", pad_edge=False
+    )
     for column in ("store", "waiting", "oldest", "newest", "spool file"):
         table.add_column(column, overflow="fold", justify="right" if column == "waiting" else "left")
     for row in rows:

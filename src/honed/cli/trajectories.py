@@ -15,6 +15,7 @@ from honed.cli.common import (
     StoreOption,
     app,
     console,
+    counted,
     err_console,
     escape,
     open_store_or_exit,
@@ -73,7 +74,9 @@ def runs(
             typer.echo(json.dumps(data, ensure_ascii=False, default=str))
         return
     shown = (
-        f"{len(found)} trajectories" if matching == len(found) else f"{len(found)} of {matching} trajectories"
+        counted(len(found), "trajectory")
+        if matching == len(found)
+        else f"{len(found)} of {counted(matching, 'trajectory')}"
     )
     table = Table(title=f"{shown}, newest first", show_lines=False, pad_edge=False)
     table.add_column("id", no_wrap=True, min_width=12)
