@@ -507,6 +507,21 @@ def test_a_streamed_oversized_body_is_cut_off_once_over_the_limit(server: Server
     assert sent[0] < 2 * MAX_BODY_MB * 1024 * 1024
 
 
+def test_a_string_that_never_closes_is_refused_at_once(server: Server) -> None:
+    """A QA pass (session 23): a body of one quote and escaped quotes that never closes (48 KB)
+    held the server's GIL for 10 s, every client waiting (the shape check rescanned it from each
+    quote); so did a tool call's `arguments` text (JSON in a string) of that shape."""
+    for raw in (
+        b'"' + b'\\"' * 400_000,
+        json.dumps(call_with_arguments('"' + '\\"' * 200_000)).encode(),
+    ):
+        started = time.monotonic()
+        reply = server.post(raw=raw, timeout=600)
+        assert reply.status_code == 400, reply.text
+        assert time.monotonic() - started < 5, time.monotonic() - started  # quadratic: hours
+    assert server.post(ask()).status_code == 200
+
+
 def test_a_huge_message_neither_freezes_the_server_nor_keeps_its_memory(server: Server) -> None:
     baseline = server.rss_mb()
     huge = ask("lorem ipsum dolor sit amet " * 230_000)  # ~6 MB, under the body limit
@@ -640,6 +655,25 @@ def test_headers_trickled_byte_by_byte_are_cut_off(server: Server) -> None:
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\n")
         closed, _ = closed_within(sock, HEADER_TIMEOUT_S + 4, trickle=b"X-Slow: " + b"a" * 1000)
     assert closed
+
+
+def test_websocket_upgrades_are_plain_requests_and_lock_no_one_out(server: Server) -> None:
+    """A QA pass (session 23): uvicorn upgraded a connection asking for WebSocket (no route speaks
+    it; no key needed) and handed it to another protocol, so it was never counted down: 256 such
+    requests from one address locked that address out until the server restarted."""
+    from honed.serving.app import MAX_CONNECTIONS_PER_CLIENT
+
+    upgrade = (
+        b"GET /v1/models HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    answers = set()
+    for _ in range(MAX_CONNECTIONS_PER_CLIENT + 20):
+        with server.connect() as sock:
+            sock.sendall(upgrade)
+            answers.add(sock.recv(64).split(b"\r\n")[0])
+    assert answers == {b"HTTP/1.1 401 Unauthorized"}, answers  # no key: refused as any request is
+    assert server.post(ask()).status_code == 200
 
 
 def test_a_body_trickled_byte_by_byte_is_cut_off(server: Server) -> None:

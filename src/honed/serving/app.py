@@ -453,6 +453,10 @@ def server_config(
         limit_concurrency=limit_concurrency,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         lifespan="on",
+        # No route speaks WebSocket: an upgrade is a plain request. Upgraded, a connection left
+        # the guarded protocol uncounted-down (a QA pass, session 23: 256 upgrades from one
+        # address locked it out until a restart).
+        ws="none",
     )
 
 
