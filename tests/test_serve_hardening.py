@@ -564,7 +564,18 @@ def test_what_cannot_fit_the_context_window_is_refused_before_it_is_converted(se
     assert_openai_400(reply, "messages")
     error = reply.json()["error"]
     assert error["code"] == "context_length_exceeded"
-    assert "9001 messages and 27000 tool calls" in error["message"]  # counted, not rendered
+    assert "9001 messages (2 tokens each at least) and 27000 tool calls" in error["message"]  # counted
+
+
+def test_many_short_messages_are_counted_at_their_templates_cost(server: Server) -> None:
+    """A QA pass (session 23): 2,040 one-letter messages passed the count (a token each, under
+    the 2,048 window) and were refused only once rendered, 0.6 s each on the pool every client
+    shares; counted at what the template's turns cost at least, they never reach it."""
+    turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": "x"} for i in range(2039)]
+    reply = server.post(ask(messages=[*turns, {"role": "user", "content": "x"}]))
+    assert_openai_400(reply, "messages")
+    assert "2040 messages (2 tokens each at least)" in reply.json()["error"]["message"]
+    assert server.post(ask(messages=[*turns[:20], {"role": "user", "content": "x"}])).status_code == 200
 
 
 def test_clients_sending_huge_conversations_do_not_hold_up_the_others(server: Server) -> None:
@@ -895,8 +906,9 @@ def test_many_bodies_arriving_promptly_from_one_host_are_all_read(tmp_path: Path
 
 def test_a_refused_request_is_captured_as_a_stub_not_its_conversation(capturing_server: Server) -> None:
     server = capturing_server
-    line = "api_key = 'x' password: y token=z " * 150  # looks like secrets: the redactor works hard on it
-    refused = ask(messages=[{"role": "user", "content": f"{line}{i}"} for i in range(1500)])  # 7.7 MB
+    line = "api_key = 'x' password: y token=z " * 375  # looks like secrets: the redactor works hard on it
+    # (600 messages: counted, fewer than fit; refused once rendered, with the run begun)
+    refused = ask(messages=[{"role": "user", "content": f"{line}{i}"} for i in range(600)])  # 7.7 MB
     reply = server.post(refused)
     assert reply.status_code == 400 and reply.json()["error"]["code"] == "context_length_exceeded"
     marker = f"innocent-{time.monotonic_ns()}"
@@ -908,7 +920,7 @@ def test_a_refused_request_is_captured_as_a_stub_not_its_conversation(capturing_
             time.sleep(0.2)
         (stub,) = store.trajectories(status="error")
     assert stub.metadata["refused"] == {
-        "messages": 1500,
+        "messages": 600,
         "tool_calls": 0,
         "tools": 0,
         "body_bytes": len(json.dumps(refused)),

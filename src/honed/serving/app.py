@@ -80,7 +80,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from honed.capture.events import ERROR, START
 from honed.serving import protocol
-from honed.serving.batching import InvalidGeneration, current_client
+from honed.serving.batching import InvalidGeneration, PerClient, current_client
 from honed.serving.engine import ContextWindowExceeded, PromptTooSlow
 from honed.serving.protocol import BadRequest, ChatRequest, error_body
 from honed.serving.served import ServedModel
@@ -135,30 +135,6 @@ def client_key(host: str) -> str:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is None:
         return str(ipaddress.ip_network(f"{address}/64", strict=False))
     return str(address.ipv4_mapped or address) if isinstance(address, ipaddress.IPv6Address) else host
-
-
-class PerClient:
-    """At most `limit` of one client's requests in a section at once (others wait their turn);
-    other clients never wait on them. Parsing a body holds the GIL: one client posting 8 MB bodies
-    16 at a time delayed another client's small request by 4-10 s (a QA pass, session 15)."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._held: dict[str | None, tuple[asyncio.Semaphore, int]] = {}
-
-    @asynccontextmanager
-    async def turn(self, client: str | None) -> AsyncIterator[None]:
-        semaphore, users = self._held.get(client) or (asyncio.Semaphore(self.limit), 0)
-        self._held[client] = (semaphore, users + 1)
-        try:
-            async with semaphore:
-                yield
-        finally:
-            semaphore, users = self._held[client]
-            if users <= 1:
-                del self._held[client]
-            else:
-                self._held[client] = (semaphore, users - 1)
 
 
 class _HTTPError(Exception):
@@ -510,7 +486,11 @@ def _read_chat(raw: bytes, served: dict[str, ServedModel]) -> ChatRequest:
     body = protocol.loads(raw)
     requested = body.get("model") if isinstance(body, dict) else None
     model = served.get(requested.partition("@")[0]) if isinstance(requested, str) else None
-    protocol.check_fits(body, model.context_window if model is not None else None)
+    protocol.check_fits(
+        body,
+        model.context_window if model is not None else None,
+        model.message_tokens if model is not None else 1,
+    )
     return protocol.parse_chat_request(body)
 
 

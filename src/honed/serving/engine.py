@@ -12,6 +12,7 @@ paying for tokenising it (a 20 MB message took 39 s and 3.3 GB to tokenise).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -56,6 +57,11 @@ class PromptTooSlow(ValueError):
         self.limit_s = limit_s
 
 
+_TURNS = [
+    {"role": "user", "content": "x"},
+    {"role": "assistant", "content": "x"},
+    {"role": "user", "content": "x"},
+]
 PROMPT_CHARS_SLACK = 2  # normalisers (NFC ...) may merge a few characters into one
 
 
@@ -90,6 +96,22 @@ class Engine:
         return self.tokenizer.apply_chat_template(
             messages, tools=tools, add_generation_prompt=True, tokenize=False, **template
         )
+
+    @functools.cached_property
+    def message_tokens(self) -> int:
+        """Tokens each message of a conversation costs at least in this chat template (its turn's
+        head and end, 5 in Qwen's; counted here as half what an assistant and a user turn add on
+        average, to stay below what any turn costs): what `check_fits` counts a message at."""
+        try:
+            one, three = (
+                len(self.tokenizer(self.render(turns, None), add_special_tokens=False)["input_ids"])
+                for turns in (_TURNS[:1], _TURNS)
+            )
+        except Exception:  # a template that refuses these turns: the bound of 1
+            return 1
+        # (An assistant and a user turn: a template may write a last assistant turn otherwise.)
+        framing = (three - one - 2) // 2  # per turn, less its one-letter content
+        return max(1, framing // 2)
 
     def before_calls(self, **template: Any) -> str:
         """What the chat template writes in a reply before its tool calls (a thinking template's

@@ -14,6 +14,7 @@ context window is refused on its length in characters before either (see `engine
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -38,6 +39,7 @@ from honed.serving.batching import (
     DEFAULT_WINDOW_S,
     GenerationRequest,
     GenerationResult,
+    PerClient,
     current_client,
 )
 from honed.serving.engine import Engine, PromptTooSlow, acquire_engine, release_engine
@@ -49,12 +51,19 @@ _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
 
+_PREPARE_THREADS = min(4, os.cpu_count() or 1)
+# One client (of `honed serve`) renders at most this many prompts at once, leaving a thread of the
+# pool to the others (a QA pass, session 23: 16 connections of 2,040-message requests, refused only
+# once rendered, kept an honest one-line request waiting 5 s).
+_PREPARES = PerClient(max(1, _PREPARE_THREADS - 1))
+
+
 def _prepare_pool() -> ThreadPoolExecutor:
     """Threads that render and tokenise prompts for async callers, off their event loop."""
     global _pool
     with _pool_lock:
         if _pool is None:
-            _pool = ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="honed-prepare")
+            _pool = ThreadPoolExecutor(_PREPARE_THREADS, thread_name_prefix="honed-prepare")
         return _pool
 
 
@@ -123,6 +132,12 @@ class LocalChatModel(BaseChatModel):
         """Tokens the model's context holds, prompt and completion together (None once closed)."""
         engine = self._engine
         return engine.max_context if engine is not None and engine.model is not None else None
+
+    @property
+    def message_tokens(self) -> int:
+        """Tokens each message costs at least in the model's chat template (`Engine.message_tokens`)."""
+        engine = self._engine
+        return engine.message_tokens if engine is not None and engine.model is not None else 1
 
     def close(self) -> None:
         """Release the weights (shared with other chat models on the same folder, freed with the last)."""
@@ -281,19 +296,20 @@ class LocalChatModel(BaseChatModel):
             request.client = client
             return request
 
-        done = loop.run_in_executor(_prepare_pool(), job)
-        waiting = asyncio.ensure_future(started.wait())
-        try:
-            await asyncio.wait({done, waiting}, return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:
-            done.cancel()  # the caller went away: a job still queued never runs
-            raise
-        finally:
-            waiting.cancel()
-        try:
-            return await asyncio.wait_for(done, self.prepare_timeout_s)
-        except TimeoutError:
-            raise PromptTooSlow(self.prepare_timeout_s) from None
+        async with _PREPARES.turn(client) if client is not None else contextlib.nullcontext():
+            done = loop.run_in_executor(_prepare_pool(), job)
+            waiting = asyncio.ensure_future(started.wait())
+            try:
+                await asyncio.wait({done, waiting}, return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:
+                done.cancel()  # the caller went away: a job still queued never runs
+                raise
+            finally:
+                waiting.cancel()
+            try:
+                return await asyncio.wait_for(done, self.prepare_timeout_s)
+            except TimeoutError:
+                raise PromptTooSlow(self.prepare_timeout_s) from None
 
     def _request(
         self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]

@@ -150,12 +150,13 @@ def _holds_lone_surrogate(value: Any) -> bool:
     return False
 
 
-def check_fits(body: Any, context_window: int | None) -> None:
+def check_fits(body: Any, context_window: int | None, message_tokens: int = 1) -> None:
     """Refuse, before converting anything, a decoded request that cannot fit a context window of
-    `context_window` tokens (None: unknown, nothing refused): every message and every tool call
-    costs the prompt at least one token. Cheap (it counts), where converting what it refuses is
-    not (9,000 messages of three tool calls each took 1.2 s). Anything malformed is left to
-    `parse_chat_request`."""
+    `context_window` tokens (None: unknown, nothing refused): every message costs the prompt at
+    least `message_tokens` (its template's turn head and end), every tool call at least one.
+    Cheap (it counts), where converting what it refuses is not (9,000 messages of three tool
+    calls each took 1.2 s; 2,040 one-letter messages 0.6 s of rendering). Anything malformed is
+    left to `parse_chat_request`."""
     messages = body.get("messages") if isinstance(body, dict) else None
     if context_window is None or not isinstance(messages, list):
         return
@@ -164,10 +165,11 @@ def check_fits(body: Any, context_window: int | None) -> None:
         for m in messages
         if isinstance(m, dict) and isinstance(m.get("tool_calls"), list)
     )
-    if len(messages) + calls >= context_window:
+    if len(messages) * message_tokens + calls >= context_window:
         raise BadRequest(
-            f"the request holds {len(messages)} messages and {calls} tool calls, at least one token "
-            f"each, but the model's context window is {context_window} tokens: shorten the conversation",
+            f"the request holds {len(messages)} messages ({message_tokens} tokens each at least) and "
+            f"{calls} tool calls, but the model's context window is {context_window} tokens: shorten "
+            "the conversation",
             "messages",
             "context_length_exceeded",
         )

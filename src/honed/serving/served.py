@@ -156,6 +156,12 @@ class ServedModel(BaseChatModel):
         slot = self._follower._slot
         return getattr(slot.backend, "context_window", None) if slot is not None else None
 
+    @property
+    def message_tokens(self) -> int:
+        """Tokens each message costs at least in the live version's chat template (1 if unknown)."""
+        slot = self._follower._slot
+        return getattr(slot.backend, "message_tokens", 1) if slot is not None else 1
+
     def refresh(self) -> ModelVersion | None:
         """Check the store now (rather than at the next poll) and swap if the live version moved."""
         self._follower.check()
