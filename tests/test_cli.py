@@ -556,3 +556,17 @@ def test_a_command_missing_its_extra_names_the_extra_to_install(tmp_path: Path) 
         text=True,
     )
     assert exported.returncode == 1 and "pip install 'honed[train]'" in exported.stderr, exported.stderr
+
+
+def test_serve_on_a_port_in_use_is_one_line_before_anything_loads(captured: str) -> None:
+    """A QA pass (session 23): `honed serve` said "serving ...", loaded the weights, then died on
+    uvicorn's "address already in use" with exit code 3."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = runner.invoke(app, ["serve", "agent", "--port", str(port), "--store", captured])
+    assert result.exit_code == 1 and f"cannot listen on 127.0.0.1:{port}" in result.output, result.output
+    assert "serving" not in result.output

@@ -1807,3 +1807,48 @@ def test_a_handoff_beside_another_call_of_the_same_reply_is_one_turn(sqlite_url:
         turn.status,
         tools,
     )
+
+
+def test_a_pipelines_turns_before_its_answer_are_not_judged_as_the_task(sqlite_url: str) -> None:
+    """A QA pass (session 23): two agents as consecutive nodes (researcher, then writer) each
+    stored with the run's task and expected answer; the researcher's correct notes failed the
+    reference, and one run that passed read as two attempts and a failure."""
+    from langchain_core.language_models import BaseChatModel
+    from langchain_core.messages import AIMessage
+    from langchain_core.outputs import ChatGeneration, ChatResult
+    from langgraph.graph import END, START, MessagesState, StateGraph
+
+    from honed.learn.datasets import task_pass_rates
+
+    class Writer(BaseChatModel):
+        @property
+        def _llm_type(self) -> str:
+            return "writer"
+
+        def _generate(
+            self, messages: Any, stop: Any = None, run_manager: Any = None, **kw: Any
+        ) -> ChatResult:
+            notes = [m for m in messages if isinstance(m, AIMessage)][-1].content
+            return ChatResult(generations=[ChatGeneration(message=AIMessage(notes.replace("notes: ", "")))])
+
+    capture = honed.Middleware(store=sqlite_url)
+    graph = StateGraph(MessagesState)
+    graph.add_node(
+        "researcher", create_agent(ToolScriptModel(), [add], name="researcher", middleware=[capture])
+    )
+    graph.add_node("writer", create_agent(Writer(), [], name="writer", middleware=[capture]))
+    graph.add_edge(START, "researcher")
+    graph.add_edge("researcher", "writer")
+    graph.add_edge("writer", END)
+    out = graph.compile(name="pipeline").invoke(
+        {"messages": [("user", 'call add {"a": 2, "b": 3}; answer notes: {result}')]},
+        {"metadata": {"honed": {"task_id": "sum", "expected": "5", "split": "train"}}},
+    )
+    assert out["messages"][-1].content == "5"
+    assert honed.flush()
+    store = honed.open_store(sqlite_url)
+    Worker(store, [ReferenceMatch()]).run_once()
+    runs = {t.agent: t for t in store.trajectories()}
+    assert (runs["researcher"].task_id, runs["researcher"].metadata.get("within_task_id")) == (None, "sum")
+    assert runs["writer"].task_id == "sum" and runs["writer"].verdicts[0].passed is True
+    assert task_pass_rates(store) == {"sum": (1, 1)}

@@ -340,3 +340,16 @@ def _rgb(hex_colour: str) -> str:
 def _near(pixels: list[tuple[int, int, int]], hex_colour: str, tolerance: int = 24) -> int:
     target = tuple(int(hex_colour[i : i + 2], 16) for i in (1, 3, 5))
     return sum(1 for p in pixels if all(abs(a - b) <= tolerance for a, b in zip(p, target, strict=True)))
+
+
+def test_a_cycle_that_made_no_attempts_has_no_train_pass_rate() -> None:
+    """A QA pass (session 23): a distillation (it learns from a teacher's runs, none of its own)
+    read a train pass rate of 1.000 from its selection's passes alone, beside 0 trajectories."""
+    from honed.learn.cycle import CycleResult
+
+    distilled = CycleResult(
+        "promoted", "", data={"train_pass_rate": None, "trajectories": 0, "passed": 4, "failed": 0}
+    )
+    assert distilled.train_pass_rate is None
+    older = CycleResult("promoted", "", data={"passed": 3, "failed": 1})  # a record from before the field
+    assert older.train_pass_rate == 0.75

@@ -459,11 +459,19 @@ def test_messages_are_stored_once_per_trajectory_and_read_back_whole(store_url: 
     assert bare.to_dict() == expected.to_dict()
 
 
-def test_migration_0006_converts_a_store_written_before_and_back(store_url: str) -> None:
+def test_migration_0006_converts_a_store_written_before_and_back(
+    store_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
     from alembic import command
     from sqlalchemy import MetaData, insert
 
-    from honed.store.store import _alembic_config, _step_row, _trajectory_row, trajectory_to_record
+    from honed.store.store import (
+        SCHEMA_HEAD,
+        _alembic_config,
+        _step_row,
+        _trajectory_row,
+        trajectory_to_record,
+    )
 
     store = TrajectoryStore(store_url, migrate=False)
     config = _alembic_config()
@@ -483,7 +491,9 @@ def test_migration_0006_converts_a_store_written_before_and_back(store_url: str)
             conn.execute(insert(tables.tables["steps"]), [_step_row(t.id, s) for s in record["steps"]])
     store.close()
 
-    store = honed.open_store(store_url)  # migrates to head
+    with caplog.at_level("WARNING", logger="honed"):
+        store = honed.open_store(store_url)  # migrates to head, and says so
+    assert f"from schema 0004 to {SCHEMA_HEAD}" in caplog.text
     for t in runs:
         assert store.get(t.id).to_dict() == t.to_dict()
     with store.engine.connect() as conn:  # 0007: no jsonb left to reorder keys

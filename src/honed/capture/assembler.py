@@ -39,7 +39,9 @@ from honed.capture.events import (
     TOOL,
     ModelRanAs,
     NotRun,
+    NotTheAnswer,
     RanAs,
+    inherited_labels,
 )
 from honed.capture.serialize import to_jsonable
 from honed.messages import ROLES, content_text, stored_message, text_of, tool_schema
@@ -542,6 +544,11 @@ class Assembler:
             self._end(orphan, when, None, error="incomplete: the run ended before this step finished")
         record = trajectory.record
         record["ended_at"] = when
+        if isinstance(outputs, NotTheAnswer):  # a step of its run towards another turn's answer
+            outputs = outputs.outputs
+            if isinstance(record.get("metadata"), dict):
+                record["metadata"] = inherited_labels(record["metadata"])
+            record["task_id"] = None
         pause_checkpoint = record.pop("_pause_checkpoint", None)
         if error is not None:
             record["status"] = "error"

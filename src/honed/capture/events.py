@@ -128,3 +128,27 @@ class _Snapshot:
             if type(v) is dict or type(v) is list:
                 out[i] = self.tree(v, depth + 1)
         return out
+
+
+class NotTheAnswer(NamedTuple):
+    """A trajectory's END payload when its turn ran inside a labelled run whose answer is another
+    turn's (a pipeline's researcher before its writer): the run's task labels are not this turn's
+    (`inherited_labels`). A QA pass (session 23): each turn was judged against the run's expected
+    answer, one run that passed counted as two attempts and a failure."""
+
+    outputs: Any
+
+
+# The labels that describe one task: an agent asked something else inside another run (a `Send`
+# worker of a map-reduce graph) inherits its caller's metadata, but not its task (a QA pass, session
+# 20: three workers' turns were one task id, each judged against the graph's expected answer).
+TASK_LABELS = ("task_id", "expected", "tests", "schema", "match", "tolerance", "verifier")
+
+
+def inherited_labels(labels: dict[str, Any]) -> dict[str, Any]:
+    """The caller's labels for an agent turn run inside it that is not its task's answer: its split
+    and run-wide labels, and the caller's task id as `within_task_id` (held-out stays held out)."""
+    kept = {k: v for k, v in labels.items() if k not in TASK_LABELS}
+    if labels.get("task_id") is not None:
+        kept["within_task_id"] = labels["task_id"]
+    return kept

@@ -41,10 +41,13 @@ from honed.capture.events import (
     PENDING_ERROR,
     RESUME,
     START,
+    TASK_LABELS,
     TOOL,
     ModelRanAs,
     NotRun,
+    NotTheAnswer,
     RanAs,
+    inherited_labels,
     snapshot,
 )
 from honed.capture.recorder import Recorder, _flush_on_sigterm
@@ -122,15 +125,22 @@ register_configure_hook(_model_ran, inheritable=True)  # the chat model's callba
 class _Live:
     """A trajectory (or a subagent's node step) a middleware has open in this process."""
 
-    __slots__ = ("final", "handoff_at", "owner", "root", "root_graph", "whole")
+    __slots__ = ("ended_at", "final", "owner", "root", "root_graph", "root_task", "whole")
 
-    def __init__(self, root: RootRun | None, whole: bool, root_graph: bool, owner: int = 0) -> None:
+    def __init__(
+        self, root: RootRun | None, whole: bool, root_graph: bool, owner: int = 0, root_task: bool = False
+    ) -> None:
         self.root = root  # the root run it is open under
         self.whole = whole  # a trajectory, not a subagent's step inside one
         self.root_graph = root_graph  # this agent is the root run: its output is the run's output
         self.owner = owner  # id() of the middleware that opened it
+        # A turn inside the root run, with the root's task labels: the run's answer, or one step
+        # towards it (a pipeline's researcher), which the root's end tells apart.
+        self.root_task = root_task
         self.final: dict[str, Any] | None = None  # the state its end hook saw
-        self.handoff_at: float | None = None  # when a tool handed the conversation on
+        # When its turn ended (its end hook, or a tool handing the conversation on), its END
+        # waiting for the root's end.
+        self.ended_at: float | None = None
 
 
 # A hook that finds its trajectory missing here, or open under another root run, belongs to a run
@@ -230,7 +240,7 @@ class Middleware(AgentMiddleware):
         parent = _enclosing_tool_step.get()
         root = current_root()
         extra: dict[str, Any] | None = None
-        root_graph = False
+        root_graph = root_task = False
         if parent is not None:  # a subagent: one node step inside the caller's trajectory
             metadata = {"langgraph_node": name}
             inputs: Any = {"messages": list(state.get("messages", []))}
@@ -245,8 +255,15 @@ class Middleware(AgentMiddleware):
             labels = metadata.get("honed")
             # Asked something else than the run it is inside (a `Send` worker), with that run's
             # labels: not that run's task (a team handing the request on keeps it).
-            if not asked_this and root is not None and isinstance(labels, dict) and labels == root.labels:
-                metadata["honed"] = _inherited(labels)
+            roots = root is not None and isinstance(labels, dict) and labels == root.labels
+            if not asked_this and roots:
+                metadata["honed"] = inherited_labels(labels)  # type: ignore[arg-type]
+            root_task = (
+                roots
+                and asked_this
+                and not root_graph
+                and any(labels.get(k) is not None for k in TASK_LABELS)  # type: ignore[union-attr]
+            )
         self.recorder.emit(
             (
                 START,
@@ -256,7 +273,7 @@ class Middleware(AgentMiddleware):
                 (CHAIN, name, inputs, metadata, config.get("tags"), extra),
             )
         )
-        self._track(trajectory_id, _Live(root, parent is None, root_graph, id(self)))
+        self._track(trajectory_id, _Live(root, parent is None, root_graph, id(self), root_task))
         return {"honed_trajectory": trajectory_id}
 
     def _close(self, state: HonedState) -> None:
@@ -270,6 +287,10 @@ class Middleware(AgentMiddleware):
                 # The agent is the root run: end with the run's own output (its output schema
                 # leaves out other middlewares' private state), when the root run ends.
                 live.final = outputs
+                return
+            if live is not None and live.root_task and live.root is current_root():
+                # A turn with the run's task: the run's answer, or not, is known at its end.
+                live.final, live.ended_at = outputs, time.time()
                 return
             _live.pop(trajectory_id, None)
         self.recorder.emit((END, trajectory_id, None, time.time(), outputs))
@@ -383,8 +404,16 @@ class Middleware(AgentMiddleware):
             if live.final is None and (error is None or isinstance(error, GraphBubbleUp)):
                 self.recorder.emit((END, trajectory_id, None, now, None))
             return
-        if live.handoff_at is not None:
-            self.recorder.emit((END, trajectory_id, None, live.handoff_at, live.final))
+        if live.ended_at is not None:
+            final: Any = live.final
+            if (
+                live.root_task
+                and isinstance(final, dict)
+                and HANDOFF_KEY not in final
+                and not _gives_the_answer(final, root.outputs if error is None else None)
+            ):
+                final = NotTheAnswer(final)
+            self.recorder.emit((END, trajectory_id, None, live.ended_at, final))
         elif live.final is not None:
             # The graph's own output (its output schema leaves out other middlewares' private
             # state): a part of the state. A root that wraps the agent (`agent | RunnableLambda`,
@@ -609,8 +638,8 @@ class Middleware(AgentMiddleware):
         commands = result if isinstance(result, list) else [result]
         goto = [c.goto for c in commands if isinstance(c, Command) and c.graph == Command.PARENT]
         handed_on = _live.get(trajectory_id)
-        if handed_on is not None and handed_on.handoff_at is not None:
-            handed_on.handoff_at = max(handed_on.handoff_at, now)  # the turn ends with its last call
+        if handed_on is not None and handed_on.ended_at is not None:
+            handed_on.ended_at = max(handed_on.ended_at, now)  # the turn ends with its last call
         if goto:
             # A handoff (Command to the parent graph): this agent's turn ends here, and its end
             # hook never runs. Under a root run this process watches, it ends with the root: the
@@ -618,7 +647,7 @@ class Middleware(AgentMiddleware):
             # session 23: one was stored failed, or began a trajectory of its own).
             live = _live.get(trajectory_id)
             if live is not None and live.root is not None and live.whole:
-                live.final, live.handoff_at = {HANDOFF_KEY: goto[0]}, now
+                live.final, live.ended_at = {HANDOFF_KEY: goto[0]}, now
                 return
             with _live_lock:
                 _live.pop(trajectory_id, None)
@@ -697,6 +726,27 @@ def _honed_handlers(config: dict[str, Any]) -> list[Any]:
 
 def _current_id(trajectory_id: str | None) -> str | None:
     return _renamed.get(trajectory_id, trajectory_id) if trajectory_id else trajectory_id
+
+
+def _gives_the_answer(final: dict[str, Any], outputs: Any) -> bool:
+    """Whether a turn's last reply is the run's (the root's output's last AI message); True where
+    that cannot be told (no output, no messages in it)."""
+    theirs = _last_reply(outputs.get("messages")) if isinstance(outputs, dict) else None
+    if theirs is None:
+        return True
+    ours = _last_reply(final.get("messages"))
+    if ours is None:
+        return False
+    if ours is theirs or (ours.id is not None and ours.id == theirs.id):
+        return True
+    return ours.id is None and ours.content == theirs.content
+
+
+def _last_reply(messages: Any) -> Any:
+    for message in reversed(messages if isinstance(messages, list) else ()):
+        if isinstance(message, AIMessage):
+            return message
+    return None
 
 
 def _checkpoint_of(runtime: Any, config: dict[str, Any]) -> dict[str, Any]:
@@ -801,21 +851,6 @@ def _tool_names(tools: Any) -> list[Any]:
         else:
             names.append(getattr(tool, "name", None))
     return names
-
-
-# The labels that describe one task: an agent asked something else inside another run (a `Send`
-# worker of a map-reduce graph) inherits its caller's metadata, but not its task (a QA pass, session
-# 20: three workers' turns were one task id, each judged against the graph's expected answer).
-_TASK_LABELS = ("task_id", "expected", "tests", "schema", "match", "tolerance", "verifier")
-
-
-def _inherited(labels: dict[str, Any]) -> dict[str, Any]:
-    """The caller's labels for an agent turn run inside it on another request: its split and
-    run-wide labels, and the caller's task id as `within_task_id` (held-out stays held out)."""
-    kept = {k: v for k, v in labels.items() if k not in _TASK_LABELS}
-    if labels.get("task_id") is not None:
-        kept["within_task_id"] = labels["task_id"]
-    return kept
 
 
 def _model_name(model: Any) -> str:

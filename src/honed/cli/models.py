@@ -175,6 +175,31 @@ def rollback(
     _moved(before, version)
 
 
+def _port_free_or_exit(host: str, port: int) -> None:
+    """Before the weights load and "serving" is said (a QA pass, session 23: uvicorn's own error
+    came after both, with its exit code 3)."""
+    if port == 0:
+        return
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError:
+        return  # uvicorn says what is wrong with the host
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            err_console().print(
+                f"[red]cannot listen on {escape(host)}:{port}: {escape(exc.strerror or str(exc))} "
+                "(another server holds it? choose one with --port)[/red]",
+                soft_wrap=True,
+            )
+            raise typer.Exit(1) from exc
+
+
 @app.command()
 def serve(
     names: Annotated[list[str], typer.Argument(help="The served model name(s).")],
@@ -253,6 +278,7 @@ def serve(
         said = f"honed serve needs the serve and train extras: pip install 'honed[serve,train]' ({exc})"
         err_console().print(f"[red]{escape(said)}[/red]", soft_wrap=True)
         raise typer.Exit(2) from exc
+    _port_free_or_exit(host, port)
     with open_store_or_exit(store) as s:
         url = s.url
         known = s.model_names()

@@ -210,10 +210,12 @@ class CycleResult:
 
     @property
     def train_pass_rate(self) -> float | None:
-        """Verified passes over labelled attempts in what the cycle selected."""
-        rate = self.data.get("train_pass_rate")
-        if rate is not None:
-            return _number(rate)
+        """Verified passes over the live version's attempts in what the cycle selected; None
+        where it made none (a distillation learns from a teacher's runs: a QA pass, session 23,
+        read 1.000 from the selection's passes alone). Records from before the field: the
+        selection's passes over its labelled runs."""
+        if "train_pass_rate" in self.data:
+            return _number(self.data["train_pass_rate"])
         passed, failed = self.data.get("passed"), self.data.get("failed")
         return (
             passed / (passed + failed)

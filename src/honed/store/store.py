@@ -605,6 +605,16 @@ def _migrate(engine: Engine, *, create: bool = True, shown: str = "") -> None:
                 conn.exec_driver_sql("BEGIN IMMEDIATE")  # SQLite's write lock, taken now
             current = MigrationContext.configure(conn).get_current_revision()
             if current != SCHEMA_HEAD:
+                if current is not None:
+                    # Said, not silent (a QA pass, session 23: a reading command upgraded a
+                    # production store): an older honed cannot open what this leaves.
+                    log.warning(
+                        "honed: upgrading the store %s from schema %s to %s (older honed processes "
+                        "using it must be upgraded too)",
+                        shown or safe_url(engine.url),
+                        current,
+                        SCHEMA_HEAD,
+                    )
                 config.attributes["connection"] = conn
                 try:
                     command.upgrade(config, "head")
