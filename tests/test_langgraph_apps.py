@@ -1730,7 +1730,7 @@ def test_an_unknown_tools_error_is_a_step_of_its_tool_node_beside_a_command(sqli
     )
 
 
-@pytest.mark.parametrize("shape", ["a message", "a role dict"])
+@pytest.mark.parametrize("shape", ["a message", "a role dict", "a pair"])
 def test_a_run_given_one_message_keeps_its_labels(capture: str, sqlite_url: str, shape: str) -> None:
     """A QA pass (session 23): `{"messages": HumanMessage(...)}` (one message, as `add_messages`
     takes it) lost its task and expected answer under the middleware, taken for another run's
@@ -1738,7 +1738,11 @@ def test_a_run_given_one_message_keeps_its_labels(capture: str, sqlite_url: str,
     from langchain_core.messages import HumanMessage
 
     text = 'call add {"a": 2, "b": 3}; answer {result}'
-    message = HumanMessage(text) if shape == "a message" else {"role": "user", "content": text}
+    message = {
+        "a message": HumanMessage(text),
+        "a role dict": {"role": "user", "content": text},
+        "a pair": ("user", text),  # (a review, session 23)
+    }[shape]
     agent = create_agent(
         ToolScriptModel(), [add], name="calc", middleware=capture_middleware(capture, sqlite_url)
     )

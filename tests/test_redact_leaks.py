@@ -1164,3 +1164,85 @@ def test_names_and_ids_a_run_gives_are_redacted_at_rest(sqlite_url: str, tmp_pat
     t = honed.open_store(sqlite_url).trajectories(limit=1)[0]
     tool = t.tool_steps()[0]
     assert tool.extra["tool_call_id"] == t.model_steps()[0].tool_calls[0]["id"] == "[REDACTED:openai_key]"
+
+
+# A review (session 23) of the fixes above: each shape kept its secret, or lost ordinary text.
+REVIEWED_TEXT = [
+    "  user | password \n------+----------\n bob  | {} \n(1 row)",
+    "+------+----------+\n| user | password |\n+------+----------+\n| bob  | {} |\n+------+----------+",
+    '"user","password"\n"bob","{}"',
+    "user;password\nbob;{}",
+    "Benutzer,Kennwort\nbob,{}",
+    "PASSWORT={}",
+    "Das Passwort ist {}",
+    "user=al&password_confirmation={}&x=1",
+]
+
+
+@pytest.mark.parametrize("shape", REVIEWED_TEXT)
+def test_passwords_in_result_tables_and_other_languages_text_are_redacted(shape: str) -> None:
+    assert_gone(FORM_PASSWORD, Redactor().redact_text(shape.format(FORM_PASSWORD)))
+
+
+@pytest.mark.parametrize("name", sorted(SECOND_LEVEL))
+def test_vault_and_qualified_secrets_as_json_text_are_redacted(name: str) -> None:
+    """A tool's dict reaches the store as JSON text (LangChain's `ToolMessage` content)."""
+    text = json.dumps(SECOND_LEVEL[name], ensure_ascii=False)
+    assert_gone(FORM_PASSWORD, Redactor().redact_text(text))
+    deep = json.dumps({"password": FORM_PASSWORD})
+    for _ in range(5):
+        deep = json.dumps({"body": deep})
+    assert_gone(FORM_PASSWORD, Redactor().redact_text(deep))
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {
+            "token_str": "Ġthe",
+            "token_text": "the",
+            "token_bytes": [116],
+            "pass1": "ok",
+            "password_check": "strong",
+        },
+        {"mnemonic": "mov", "op_str": "eax, 1"},
+        {"label": "API key", "value": "Shown once after creation"},
+        {"id": "password", "type": "password", "value": "Min 12 characters"},
+        "| token | id |\n|---|---|\n| the | 1996 |",
+        "| name | auth | secret |\n|---|---|---|\n| list | required | no |",
+        "npm config set always-auth true",
+        "kubectl config set-credentials bob",
+        "config token limit",
+    ],
+)
+def test_tokenizer_fields_settings_and_docs_tables_are_left_alone(value: Any) -> None:
+    redacted = Redactor().redact_text(value) if isinstance(value, str) else Redactor().redact(value)
+    assert redacted == value
+
+
+def test_a_configure_line_of_many_flags_is_redacted_in_linear_time() -> None:
+    """A review (session 23): the `config` rule retried `./configure --a --b ...` 2^n ways (22
+    flags: 15 s, the capture writer stalled)."""
+    line = "./configure " + "--enable-feature " * 60 + "\nchecking for keyutils.h... yes token"
+    started = time.perf_counter()
+    assert Redactor().redact_text(line) == line
+    assert time.perf_counter() - started < 2.0  # exponential: days
+
+
+def test_ids_at_rest_are_redacted_by_the_built_in_rules_not_the_hook(sqlite_url: str) -> None:
+    """A review (session 23): the `redact=` hook rewrote task and thread ids (the README's own hook,
+    `ACME-` -> `[customer]-`): the app found no runs by its ids, and a task held out by id trained."""
+    from honed.learn.datasets import prepare
+
+    hook = honed.Middleware(store=sqlite_url, redact=lambda s: s.replace("ACME-", "[customer]-"))
+    agent = create_agent(ToolScriptModel(), [], name="desk", middleware=[hook])
+    agent.invoke(
+        {"messages": [("user", "answer ACME-7 is fine")]},
+        {"configurable": {"thread_id": "ACME-42"}, "metadata": {"honed": {"task_id": "ACME-7"}}},
+    )
+    assert honed.flush()
+    store = honed.open_store(sqlite_url)
+    (t,) = store.trajectories(thread_id="ACME-42")
+    assert t.task_id == "ACME-7" and "ACME-" not in json.dumps(t.task)
+    store.add_verdict(t.id, honed.Verdict(passed=True, verifier="human"))
+    assert prepare(store, "sft", heldout_tasks=["ACME-7"]).counts["rows"] == 0

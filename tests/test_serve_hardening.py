@@ -1122,3 +1122,105 @@ def test_a_request_cut_off_at_shutdown_stops_its_generation_and_is_stored() -> N
         return work.cancelled()
 
     assert asyncio.run(main()) and GRACEFUL_SHUTDOWN_S >= 20
+
+
+def test_a_client_that_stops_reading_its_stream_is_cut_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A QA pass (session 23): nothing timed a response nobody read; a stalled stream held its
+    request slot, and the version that served it, through any number of promotions. Past
+    `STALLED_SEND_S` without the client taking a part, the response stops (uvicorn then closes
+    the connection, its response unfinished). Starlette's own streaming response, a client whose
+    socket stopped draining after the first part."""
+    import asyncio
+
+    from starlette.responses import StreamingResponse
+
+    import honed.serving.app as served_app
+
+    monkeypatch.setattr(served_app, "STALLED_SEND_S", 0.5)
+
+    async def parts() -> Any:
+        for _ in range(100):
+            yield b"x" * 100
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await StreamingResponse(parts())(scope, receive, send)
+
+    async def main() -> list[str]:
+        guard = served_app._BodyGuard(app, max_bytes=1000, timeout_s=5)
+        given, sent = [], []
+
+        async def receive() -> Any:
+            if not given:
+                given.append(True)
+                return {"type": "http.request", "body": b"", "more_body": False}
+            await asyncio.sleep(3600)  # no disconnect: the client is there, just not reading
+
+        async def send(message: Any) -> None:
+            sent.append(message["type"])
+            if len(sent) > 2:
+                await asyncio.sleep(3600)  # its socket stopped draining
+
+        scope = {"type": "http", "headers": [], "client": ("127.0.0.1", 1), "method": "POST", "path": "/"}
+        await asyncio.wait_for(guard(scope, receive, send), 30)
+        return sent
+
+    started = time.monotonic()
+    sent = asyncio.run(main())
+    assert sent == ["http.response.start", "http.response.body", "http.response.body"]
+    assert time.monotonic() - started < 10
+
+
+def test_a_body_not_in_utf8_is_refused_before_it_is_parsed(server: Server) -> None:
+    """A review (session 23): a UTF-16 body (which `json.loads` reads) slipped past the container
+    count, read as UTF-8: 1.3 million arrays counted none, parsed whole, every client waiting."""
+    flood = json.dumps(ask(messages=[{"role": "user", "content": "\u225b"}, *([[]] * 200_000)]))
+    reply = server.post(raw=flood.encode("utf-16"))
+    assert reply.status_code == 400 and "UTF-8" in reply.json()["error"]["message"], reply.text
+    assert server.post(raw=json.dumps(ask()).encode("utf-16")).status_code == 400
+    assert server.post(ask()).status_code == 200
+
+
+def test_a_client_hanging_up_mid_render_still_leaves_a_thread_to_the_others() -> None:
+    """A review (session 23): one client's turn on the prompt pool ended when it stopped waiting,
+    the render going on: hanging up each request once its render began, it held every thread,
+    and another client's one-line request waited behind them. A turn ends with its render."""
+    import asyncio
+
+    from langchain_core.messages import HumanMessage
+
+    from honed.serving import local
+    from honed.serving.batching import current_client
+    from honed.serving.local import LocalChatModel
+
+    model = LocalChatModel(str(tiny_path(1)), temperature=0, max_tokens=2)
+    real = model._request
+
+    def request(messages: Any, stop: Any, kwargs: Any) -> Any:
+        if "slow" in messages[-1].content:
+            time.sleep(2.0)  # a long prompt's render and tokenisation
+        return real(messages, stop, kwargs)
+
+    model.__dict__["_request"] = request
+
+    async def ask(client: str, text: str) -> Any:
+        current_client.set(client)
+        return await model.ainvoke([HumanMessage(text)])
+
+    async def main() -> float:
+        await ask("10.0.0.2", "hi")
+        rude = []
+        for i in range(local._PREPARE_THREADS):
+            rude.append(asyncio.create_task(ask("10.0.0.1", f"slow {i}")))
+            await asyncio.sleep(0.15)  # its render began (if it had a turn)
+            rude[-1].cancel()  # ... and its client hung up
+        started = time.monotonic()
+        await ask("10.0.0.2", "hi")
+        waited = time.monotonic() - started
+        await asyncio.gather(*rude, return_exceptions=True)
+        await asyncio.sleep(2.2)
+        return waited
+
+    try:
+        assert asyncio.run(main()) < 1.5
+    finally:
+        model.close()

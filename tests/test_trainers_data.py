@@ -1075,3 +1075,29 @@ def test_a_heldout_question_in_reasoning_tool_arguments_lookalike_letters_or_one
     assert all(t.id for t in leaks)
     assert set(prepare(store, "sft").trajectory_ids) == {kept.id}
     assert {t.id for t in select_trajectories(store, verdict="pass")} == {kept.id}
+
+
+def test_greetings_shared_with_a_heldout_run_hold_nothing_out_but_its_question_in_capitals_or_a_tool_does(
+    any_store: TrajectoryStore,
+) -> None:
+    """A review (session 23): a held-out chat opening "Hi!" held out every training run opening
+    so (each request's sentences were compared); its question in Cyrillic or Greek capitals, or
+    with its answer in a tool's description, still trained."""
+    import dataclasses
+
+    store = any_store
+    q = "How many moons does Mars have"
+    add(store, make_trajectory("h1", split="heldout", user="Hi!"), True)
+    add(store, make_trajectory("h2", split="heldout", user=q), True)
+    greeted = add(
+        store, make_trajectory("t1", user="Hi! Can you help me plan a 3-day trip to Lisbon in May?"), True
+    )
+    thanked = add(store, make_trajectory("t2", user="Thanks. Now convert the table to CSV please."), True)
+    capitals = add(
+        store, make_trajectory("t3", user=q.upper().translate(str.maketrans("HMAO", "НМΑΟ"))), True
+    )
+    tool = {**ADD_SCHEMA, "function": {**ADD_SCHEMA["function"], "description": f"{q}? Two: Phobos, Deimos."}}
+    described = add(store, make_trajectory("t4", user="add two numbers", tools=[tool]), True)
+    assert capitals.id and described.id
+    assert set(prepare(store, "sft").trajectory_ids) == {greeted.id, thanked.id}
+    assert dataclasses.is_dataclass(greeted)

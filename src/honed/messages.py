@@ -357,8 +357,14 @@ def request_text(task: Any) -> str | None:
     messages = task.get("messages") if isinstance(task, Mapping) else task
     if isinstance(messages, str):
         return messages
-    if isinstance(messages, BaseMessage) or (
-        isinstance(messages, Mapping) and "content" in messages and ("role" in messages or "type" in messages)
+    if (
+        isinstance(messages, BaseMessage)
+        or (
+            isinstance(messages, Mapping)
+            and "content" in messages
+            and ("role" in messages or "type" in messages)
+        )
+        or (isinstance(messages, tuple) and len(messages) == 2 and isinstance(messages[0], str))
     ):
         # One message, as LangGraph's `add_messages` takes it (a QA pass, session 23: the
         # middleware lost such a run's labels, taking it for another run's worker).

@@ -404,7 +404,15 @@ class Middleware(AgentMiddleware):
             if live.final is None and (error is None or isinstance(error, GraphBubbleUp)):
                 self.recorder.emit((END, trajectory_id, None, now, None))
             return
-        if live.ended_at is not None:
+        if (
+            live.ended_at is not None
+            and live.final is not None
+            and HANDOFF_KEY in live.final
+            and (error is not None and not isinstance(error, GraphBubbleUp))
+        ):
+            # A handoff beside a call that crashed the run: the turn failed (a review, session 23).
+            self.recorder.emit((ERROR, trajectory_id, None, now, error))
+        elif live.ended_at is not None:
             final: Any = live.final
             if (
                 live.root_task

@@ -116,7 +116,7 @@ class Recorder:
         from honed.capture.assembler import Assembler  # LangChain: not in the store's own process
 
         self._assembler = Assembler(
-            self._serializer.field, self._serializer.altered_count, self._serializer.redactor.redact_text
+            self._serializer.field, self._serializer.altered_count, self._serializer.redactor.redact_id
         )
         self._queue: deque[tuple[Any, ...]] = deque()
         self._flush_interval = flush_interval
@@ -362,7 +362,7 @@ def _after_fork_in_child() -> None:
         recorder._assembler = Assembler(
             recorder._serializer.field,
             recorder._serializer.altered_count,
-            recorder._serializer.redactor.redact_text,
+            recorder._serializer.redactor.redact_id,
         )
         recorder._thread = None
         recorder._queue.clear()

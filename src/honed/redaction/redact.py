@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import csv
+import json
 import logging
 import re
 import shlex
@@ -136,6 +138,22 @@ class Redactor:
                 self._remember(text, out)
         if self._hook is not None:
             out = self._apply_hook(out)
+        return out
+
+    def redact_id(self, text: str) -> str:
+        """An id or a name (a thread's, a task's, a tool call's) with the built-in rules only: the
+        hook rewrites text for people, and an id it rewrote no longer finds its runs, nor the
+        held-out task it names (a review, session 23: the README's own hook did both)."""
+        if not isinstance(text, str) or len(text) < _MIN_SECRET_TEXT:
+            return text
+        out = self._texts.get(text)
+        if out is None:
+            try:
+                out = self._builtin(text)
+            except Exception:
+                self._log_error()
+                return _marker("error")
+            self._remember(text, out)
         return out
 
     def redact(self, value: Any) -> Any:
@@ -273,12 +291,17 @@ class Redactor:
         if value_key is None:
             return None
         value = entry[value_key]
+        # A label's or a type's entry may describe a setting in words ("Shown once after
+        # creation", a form's "Min 12 characters"): its value is a secret only as one word.
+        worded = type(value) is str and any(c.isspace() for c in value.strip())
         for name_key in _ENTRY_NAME_KEYS:
             name = entry.get(name_key)
-            if type(name) is str:
+            if type(name) is str and not (worded and name_key in _ENTRY_LABEL_KEYS):
                 kind = self._name_kind(name)
                 if kind is not None and _holds_secret(value, name):
                     return value_key, kind
+        if worded:
+            return None
         # A vault's own word for it: 1Password's `"type": "CONCEALED"`, AWS SSM's `"SecureString"`.
         for type_key in _ENTRY_TYPE_KEYS:
             said = entry.get(type_key)
@@ -407,6 +430,10 @@ class Redactor:
         lowered = _lower(text)
         if not _is_candidate(text, lowered):
             return text
+        if len(text) <= _MAX_JSON_TEXT and text.lstrip()[:1] in ("{", "["):
+            structured = self._json_text(text)
+            if structured is not None:
+                text, lowered = structured, _lower(structured)
         for rule in _RULES:
             redacted = rule.apply(text, lowered)
             if redacted is not text:
@@ -416,6 +443,21 @@ class Redactor:
         if self._use_detect_secrets:
             text = _DETECT_SECRETS.redact(text, lowered)
         return text
+
+    def _json_text(self, text: str) -> str | None:
+        """JSON text (a tool's dict, as LangChain hands it on; a queue message's body) redacted as
+        the value it holds, then written again, if that changed it: what only its structure says
+        (a vault entry's `"type": "CONCEALED"`, a key in another language, a copy's qualifier)
+        holds in text too, and JSON held in its strings is read the same way, to any depth (a
+        review, session 23). None when it is not JSON, or nothing changed."""
+        try:
+            value = json.loads(text)
+        except (ValueError, RecursionError):
+            return None
+        if not isinstance(value, dict | list):
+            return None
+        redacted = self._walk(value)
+        return None if redacted == value else json.dumps(redacted, ensure_ascii=False)
 
     def _base64_runs(self, text: str) -> str:
         """Base64 runs that decode to text (a file from GitHub's contents API, a Kubernetes
@@ -517,10 +559,12 @@ _VERDICTS = frozenset(("yes", "no", "true", "false", "y", "n", "ok", "none", "nu
 
 # Where a dict names its own value: `{"name": "DB_PASSWORD", "value": ...}` (Kubernetes env, AWS tags).
 _ENTRY_NAME_KEYS = ("name", "key", "Name", "Key", "label", "Label", "id")
+_ENTRY_LABEL_KEYS = frozenset(("label", "Label", "id"))
 _ENTRY_TYPE_KEYS = ("type", "Type", "purpose", "kind")
 _SECRET_TYPES = frozenset(("concealed", "password", "securestring", "secret", "masked"))
 # The longest string taken as a name beside a value: names of secrets are short.
 _MAX_NAME = 128
+_MAX_JSON_TEXT = 1 << 20  # JSON text read as its value up to this long (the field cap is 64 KiB)
 _MAX_ARGV, _MAX_ARG = 256, 4096  # an argv list read as its command line: at most this many, this long
 
 
@@ -555,7 +599,7 @@ _SECRET_KEYS = {
     **dict.fromkeys(
         ("rootpw", "rootpass", "dbpass", "dbpw", "adminpass", "adminpw", "motdepasse"), "password"
     ),
-    **dict.fromkeys(("mnemonic", "seedphrase", "totp", "totpseed", "otpseed", "mfaseed"), "secret"),
+    **dict.fromkeys(("mnemonicphrase", "seedphrase", "totp", "totpseed", "otpseed", "mfaseed"), "secret"),
     "bearer": "bearer",
     **dict.fromkeys(("apikey", "xapikey", "apitoken", "xgoogapikey"), "api_key"),
     **dict.fromkeys(("authorization", "proxyauthorization", "auth", "xauth", "basicauth"), "authorization"),
@@ -700,11 +744,15 @@ _ENDINGS = (
 _CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
 _NOT_WORD = re.compile(r"[\W_]+")
 _NUMBERED = re.compile(r"(?<=[^\W\d_])\d+$")
+_QUALIFIED_KINDS = frozenset(
+    ("password", "private_key", "api_key", "aws_secret_key", "secret", "credentials")
+)
+_BARE = frozenset((("pass",), ("pw",), ("pwd",), ("token",), ("auth",), ("key",)))
 # A last word that says something of the secret before it, not another thing.
 _QUALIFIERS = frozenset(
     (
         "confirmation", "confirm", "confirmed", "again", "repeat", "repeated", "retype", "retyped", "verify",
-        "verification", "check", "new", "old", "current", "previous", "plain", "plaintext", "clear",
+        "verification", "new", "old", "current", "previous", "plain", "plaintext", "clear",
         "cleartext", "raw", "value", "hash", "hashed", "encrypted", "digest", "text", "hex", "b64", "base64",
         "pem", "der", "json", "data", "bytes", "str", "string", "material", "initial", "temp", "tmp",
     )
@@ -729,17 +777,23 @@ def secret_key_kind(key: str) -> str | None:
     and pagination cursors (`next_page_token`) are not secrets and give None.
     """
     # Unicode words ("contraseña", "пароль"), a trailing number off each ("password2", "pass1").
-    words = tuple(_NUMBERED.sub("", w) for w in _NOT_WORD.split(_CAMEL.sub("_", key[:200]).lower()) if w)
+    words = tuple(
+        w if w in _QUALIFIERS or (w.startswith("pass") and len(w) <= 5) else _NUMBERED.sub("", w)
+        for w in _NOT_WORD.split(_CAMEL.sub("_", key[:200]).lower())
+        if w
+    )
     return _words_kind(words)
 
 
 def _words_kind(words: tuple[str, ...]) -> str | None:
     if not words:
         return None
-    if len(words) >= 2 and words[-1] in _QUALIFIERS:
+    if len(words) >= 2 and words[-1] in _QUALIFIERS and words[:-1] not in _BARE:
         # What is said of a secret is that secret: `password_confirmation`, `password_again`,
-        # `private_key_hex`, `credentials_json` (a QA pass, session 23: a sign-up form's second copy).
-        return _words_kind(words[:-1])
+        # `private_key_hex`, `credentials_json` (a QA pass, session 23: a sign-up form's second
+        # copy); of a password, a key or a secret only (`token_str` is a tokenizer's).
+        kind = _words_kind(words[:-1])
+        return kind if kind in _QUALIFIED_KINDS else None
     kind = _SECRET_KEYS.get("".join(words)) or _LAST_WORD.get(words[-1])
     if kind is not None:
         return kind
@@ -814,16 +868,30 @@ _KEYWORDS = (
     "/p:",
     "net user",
     "vault login",
+    # a vault's word for a secret value, and other languages' words for a password (a review, session 23)
+    "securestring",
+    "concealed",
+    "kennwort",
+    "senha",
+    "wachtwoord",
+    "haslo",
+    "losenord",
+    "salasana",
 )
+_KEYWORDS_NOT_ASCII = ("пароль", "密码", "密碼", "パスワード", "비밀번호", "hasło", "lösenord", "contraseña")
 
 
 def _is_candidate(text: str, lowered: str) -> bool:
     if _ANCHORS.search(text) is not None:
         return True
     # A plain loop: `any(generator)` costs more than the tests themselves on short strings.
-    for word in _KEYWORDS:  # noqa: SIM110
+    for word in _KEYWORDS:
         if word in lowered:
             return True
+    if not lowered.isascii():
+        for word in _KEYWORDS_NOT_ASCII:
+            if word in lowered:
+                return True
     return False
 
 
@@ -904,8 +972,14 @@ def _is_hex(text: str) -> bool:
 
 
 # A word of a table's header line naming a column for a secret (lowercase text).
-_TABLE_WORD = re.compile(r"passw|pwd|secret|token|key|auth")
-_MARKDOWN_RULE = re.compile(r"\s*\|?\s*:?-{2,}")
+_TABLE_WORD = re.compile(
+    r"passw|pwd|secret|key|kennwort|contrase|senha|wachtwoord|has[lł]o|l[oö]senord|salasana|пароль|密码|パスワード|비밀번호"
+)
+_RULE_LINE = re.compile(r"[ \t|+:=-]*-[ \t|+:=-]*")  # `|---|:-:|`, psql's `---+---`, MySQL's `+---+`
+# A table's column named for one of these holds secrets (not `token`, `auth`: a tokenizer's table,
+# an API's docs, a review, session 23); a cell saying yes, no, none or required holds none.
+_TABLE_KINDS = frozenset(("password", "private_key", "api_key", "aws_secret_key"))
+_NOT_A_CELL_SECRET = frozenset(("required", "optional", "n/a", "-", "***", "hidden", "set", "unset"))
 _MAX_TABLE_LINE = 4096
 
 
@@ -926,21 +1000,23 @@ def _table_columns(text: str, lowered: str) -> str:
             break  # the last line: no row under it
         after = end + 1
         header = text[start:end]
-        sep = "|" if header.count("|") >= 2 else "\t" if "\t" in header else ","
-        if len(header) > _MAX_TABLE_LINE or sep not in header or (sep == "," and '"' in header):
+        sep = next((c for c in "|\t;," if c in header), None)
+        if sep is None or len(header) > _MAX_TABLE_LINE:
             continue
-        names = header.split(sep)
+        names = _cells(header, sep)
         kinds = [secret_key_kind(n.strip(" '\"`*")) if len(n) <= _MAX_NAME else None for n in names]
+        kinds = [k if k in _TABLE_KINDS else None for k in kinds]
         if not any(kinds):
             continue
         i = end + 1
-        if sep == "|" and _MARKDOWN_RULE.match(text, i):
-            i = text.find("\n", i) + 1 or size
         while i < size:
             j = text.find("\n", i)
             j = size if j < 0 else j
             row = text[i:j]
-            cells = row.split(sep) if len(row) <= _MAX_TABLE_LINE and not (sep == "," and '"' in row) else ()
+            if _RULE_LINE.fullmatch(row):  # a rule under the header, or a box's border
+                i = j + 1
+                continue
+            cells = _cells(row, sep) if len(row) <= _MAX_TABLE_LINE else []
             if len(cells) != len(names):
                 break
             changed = False
@@ -949,13 +1025,15 @@ def _table_columns(text: str, lowered: str) -> str:
                 if (
                     kind is not None
                     and _holds_secret(value, names[k].strip())
+                    and value.lower() not in _VERDICTS
+                    and value.lower() not in _NOT_A_CELL_SECRET
                     and not value.startswith("[REDACTED:")
                 ):
                     cells[k] = cells[k].replace(value, _marker(kind), 1)
                     changed = True
             if changed:
                 out.append(text[last:i])
-                out.append(sep.join(cells))
+                out.append(_joined(row, sep, cells))
                 last = j
             i = j + 1
         after = i
@@ -963,6 +1041,26 @@ def _table_columns(text: str, lowered: str) -> str:
         return text
     out.append(text[last:])
     return "".join(out)
+
+
+def _cells(line: str, sep: str) -> list[str]:
+    """A table line's cells; a quoted CSV line's, unquoted, by the `csv` module."""
+    if '"' not in line or sep in "|":
+        return line.split(sep)
+    try:
+        return next(csv.reader([line], delimiter=sep))
+    except (csv.Error, StopIteration):
+        return []
+
+
+def _joined(row: str, sep: str, cells: list[str]) -> str:
+    """The row with its changed cells: split back as it was, or, quoted, each old value replaced."""
+    if '"' not in row or sep in "|":
+        return sep.join(cells)
+    for old, new in zip(_cells(row, sep), cells, strict=True):
+        if old != new and old:
+            row = row.replace(old, new)
+    return row
 
 
 def _group(group: int, kind: str) -> Callable[[re.Match[str]], str]:
@@ -1296,8 +1394,8 @@ def _config_setting(m: re.Match[str]) -> str:
     name = m.group(1)
     kind = secret_key_kind(name.rpartition(":")[2].rpartition(".")[2]) or secret_key_kind(name)
     value = m.group(3) if m.group(3) is not None else m.group(4)
-    if kind is None or not _holds_secret(value, name) or _is_reference(value):
-        return m.group(0)
+    if kind is None or not _credential_shaped(value) or _is_reference(value):
+        return m.group(0)  # `npm config set always-auth true`, "config token limit"
     return _splice(m, 3 if m.group(3) is not None else 4, _marker(kind))
 
 
@@ -1759,13 +1857,24 @@ _RULES = (
     ),
     # In a sentence: "the password is X", "Your API key: X", "your access token is X" (X shaped as one).
     _Rule(
-        r"(?i)(?<![\w-])(password|passphrase|passcode|api[ _-]?key|(?:access |auth |api |bearer )?token|secret)"
+        r"(?i)(?<![\w-])(passwor[dt]|kennwort|passphrase|passcode|api[ _-]?key|(?:access |auth |api |bearer )?token|secret)"
         # "is X", "is: X", "is now X", "has been reset to X", "for bob: X" (a QA pass, session 23)
-        r"(?:(?: is| was)(?: now)?:?|(?: has been| was| is)? (?:re)?(?:set|changed|updated) to| to"
+        r"(?:(?: is| was| ist| lautet)(?: now| jetzt)?:?|(?: has been| was| is)? (?:re)?(?:set|changed|updated) to| to"
         r"| for [^\s:]{1,64}:|:|=)"
         rf"[ \t]+(?:['\"`])?{_NOT_REDACTED}([^\s'\"`,;]+)",
         _sentence_secret,
-        anchors=("password", "passphrase", "passcode", "api", "token", "access", "auth", "bearer", "secret"),
+        anchors=(
+            "passwor",
+            "kennwort",
+            "passphrase",
+            "passcode",
+            "api",
+            "token",
+            "access",
+            "auth",
+            "bearer",
+            "secret",
+        ),
     ),
     # Windows' `net user bob PW /add`, `useradd -p PW` / `usermod -p PW` (a QA pass, session 23).
     _Rule(
@@ -1788,7 +1897,8 @@ _RULES = (
         anchors=("vault",),
     ),
     _Rule(
-        r"(?<![\w-])config(?:ure)?(?:[ \t]+set|:set)?[ \t]+(?:--?[\w-]+[ \t]+)*([\w.:/@-]{1,128})[ \t]+"
+        # (Possessive: `./configure --a --b ...` failing the rule was retried 2^n ways, a review, session 23.)
+        r"(?<![\w-])config(?:ure)?(?:[ \t]+set|:set)?[ \t]++(?:--?+[\w-]++[ \t]++)*+(?!set-)(\w[\w.:/@-]{0,127})[ \t]+"
         rf"{_NOT_REDACTED}(?:(['\"])([^'\"\r\n]*+)\2|(?!-)([^\s'\"]++))",
         _config_setting,
         anchors=("config",),
@@ -1815,7 +1925,9 @@ _RULES = (
     # password = '...', "api_key": "...", TOKEN=..., secret: ... The name must end at the operator, so
     # "max_tokens = 5" and "token_count: 3" stay; a bare "key = ..." is ordinary code and stays too.
     _Rule(
-        r"(?i)(passw(?:or)?d|(?-i:(?<=[A-Za-z0-9]_)(?:PASS|pass))|(?<![A-Za-z0-9-])(?<![A-Za-z0-9]_)auth|pwd|passphrase|contrase(?:ñ|n)a|"
+        # (`PASSWORT`, `Kennwort`, `senha`...; `password_confirmation`, `password2`: a review, session 23.)
+        r"(?i)((?:passw(?:or[dt]|d)|kennwort|senha|wachtwoord|salasana)(?:[_-]?(?:confirmation|confirm|again|repeat|new|old|current|[0-9]))?"
+        r"|(?-i:(?<=[A-Za-z0-9]_)(?:PASS|pass))|(?<![A-Za-z0-9-])(?<![A-Za-z0-9]_)auth|pwd|passphrase|contrase(?:ñ|n)a|"
         r"(?-i:SECRET_KEY_BASE|(?<=[A-Z0-9]_)KEY)|(?<![\w.-])pass(?=['\"]?[ \t]*[:=][ \t]*['\"])|secret|token|"
         + _after("api", "access", "private", "auth", "secret", "client", "label")
         + r"key)(?![A-Za-z0-9_])"
@@ -1829,7 +1941,21 @@ _RULES = (
         rf"|(?![\\'\"`\[]|\((?=['\"]))([^\s'\"`,;&)}}\]\\]+"
         rf"(?:[&,;)}}\]](?![A-Za-z_][\w.-]*[=:])[^\s'\"`,;&)}}\]\\]+)*))",
         _assignment,
-        anchors=("passw", "pass", "auth", "pwd", "passphrase", "contrase", "secret", "token", "key"),
+        anchors=(
+            "passw",
+            "pass",
+            "auth",
+            "pwd",
+            "passphrase",
+            "contrase",
+            "secret",
+            "token",
+            "key",
+            "kennwort",
+            "senha",
+            "wachtwoord",
+            "salasana",
+        ),
     ),
     # requests' `auth=("user", "PW")`, `HTTPBasicAuth("user", "PW")`.
     _Rule(

@@ -62,6 +62,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -112,6 +113,10 @@ MAX_BODY_CHUNKS = 4_096  # (16,384 chunks of 256 bytes a request: honest request
 # loop (honest requests 4.6 s, `benchmarks/server_floods.py`).
 MIN_CHUNK_BYTES = 256
 TRIM_AFTER_BYTES = 1024 * 1024  # after a body this large, hand freed memory back to the OS
+# A response's part the client has not taken within this long: the client stopped reading, and
+# its connection is closed (a QA pass, session 23: a stalled stream held its request slot, and the
+# version that served it, weights and all, through any number of promotions).
+STALLED_SEND_S = float(os.environ.get("HONED_STALLED_SEND_S", "30"))
 
 
 BODY_READS_PER_CLIENT = 2  # a client's requests reading and parsing their bodies at once
@@ -805,6 +810,10 @@ async def _next(chunks: Any) -> AIMessageChunk | None:
 # -- transport limits --------------------------------------------------------------------------------
 
 
+class _ClientNotReading(Exception):
+    """The client took no part of its response within `STALLED_SEND_S`."""
+
+
 class _BodyGuard:
     """Reads a request's body before the app does, within `max_bytes` and `timeout_s`: 413 from
     `Content-Length` before reading any of it, or as soon as the bytes read pass the limit; 408
@@ -846,8 +855,23 @@ class _BodyGuard:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
+        async def within_deadline(message: dict[str, Any]) -> None:
+            if message["type"] != "http.response.body":
+                await send(message)
+                return
+            try:
+                await asyncio.wait_for(send(message), STALLED_SEND_S)
+            except TimeoutError:
+                raise _ClientNotReading from None
+
         try:
-            await self.app(scope, replay, send)
+            await self.app(scope, replay, within_deadline)
+        except _ClientNotReading:
+            # The response stops here; uvicorn closes a connection whose response is unfinished.
+            log.warning(
+                "honed: a client took no part of its response for %g s: its connection is closed",
+                STALLED_SEND_S,
+            )
         finally:
             if len(body) > TRIM_AFTER_BYTES:
                 del body

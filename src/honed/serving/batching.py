@@ -114,17 +114,32 @@ class PerClient:
 
     @asynccontextmanager
     async def turn(self, client: str | None) -> AsyncIterator[None]:
+        await self.acquire(client)
+        try:
+            yield
+        finally:
+            self.release(client)
+
+    async def acquire(self, client: str | None) -> None:
+        """Wait for a turn (`release` gives it back: for work that outlives its waiter)."""
         semaphore, users = self._held.get(client) or (asyncio.Semaphore(self.limit), 0)
         self._held[client] = (semaphore, users + 1)
         try:
-            async with semaphore:
-                yield
-        finally:
-            semaphore, users = self._held[client]
-            if users <= 1:
-                del self._held[client]
-            else:
-                self._held[client] = (semaphore, users - 1)
+            await semaphore.acquire()
+        except BaseException:
+            self._leave(client)
+            raise
+
+    def release(self, client: str | None) -> None:
+        self._held[client][0].release()
+        self._leave(client)
+
+    def _leave(self, client: str | None) -> None:
+        semaphore, users = self._held[client]
+        if users <= 1:
+            del self._held[client]
+        else:
+            self._held[client] = (semaphore, users - 1)
 
 
 _CLOSE = object()

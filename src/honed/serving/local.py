@@ -58,6 +58,11 @@ _PREPARE_THREADS = min(4, os.cpu_count() or 1)
 _PREPARES = PerClient(max(1, _PREPARE_THREADS - 1))
 
 
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Any, *args: Any) -> None:
+    with contextlib.suppress(RuntimeError):  # a loop closed meanwhile: nothing left to release
+        loop.call_soon_threadsafe(callback, *args)
+
+
 def _prepare_pool() -> ThreadPoolExecutor:
     """Threads that render and tokenise prompts for async callers, off their event loop."""
     global _pool
@@ -296,20 +301,31 @@ class LocalChatModel(BaseChatModel):
             request.client = client
             return request
 
-        async with _PREPARES.turn(client) if client is not None else contextlib.nullcontext():
-            done = loop.run_in_executor(_prepare_pool(), job)
-            waiting = asyncio.ensure_future(started.wait())
-            try:
-                await asyncio.wait({done, waiting}, return_when=asyncio.FIRST_COMPLETED)
-            except asyncio.CancelledError:
-                done.cancel()  # the caller went away: a job still queued never runs
-                raise
-            finally:
-                waiting.cancel()
-            try:
-                return await asyncio.wait_for(done, self.prepare_timeout_s)
-            except TimeoutError:
-                raise PromptTooSlow(self.prepare_timeout_s) from None
+        if client is not None:
+            await _PREPARES.acquire(client)
+        try:
+            submitted = _prepare_pool().submit(job)
+        except BaseException:
+            if client is not None:
+                _PREPARES.release(client)
+            raise
+        if client is not None:
+            # The turn ends with the job, not with its waiter: a client hanging up once its
+            # render began held the pool's every thread (a review, session 23).
+            submitted.add_done_callback(lambda _f: _call_soon(loop, _PREPARES.release, client))
+        done = asyncio.wrap_future(submitted, loop=loop)
+        waiting = asyncio.ensure_future(started.wait())
+        try:
+            await asyncio.wait({done, waiting}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            done.cancel()  # the caller went away: a job still queued never runs
+            raise
+        finally:
+            waiting.cancel()
+        try:
+            return await asyncio.wait_for(done, self.prepare_timeout_s)
+        except TimeoutError:
+            raise PromptTooSlow(self.prepare_timeout_s) from None
 
     def _request(
         self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]

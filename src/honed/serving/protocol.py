@@ -99,6 +99,11 @@ def loads(raw: bytes | str) -> Any:
     def constant(name: str) -> Any:
         raise ValueError(f"{name} is not valid JSON")
 
+    if isinstance(raw, bytes) and json.detect_encoding(raw) != "utf-8":
+        # The shape check reads UTF-8; `json.loads` reads UTF-16 and -32 too, whose bytes it
+        # misreads (a review, session 23: a UTF-16 body of 1.3 million arrays counted none and
+        # held the GIL 10 s). OpenAI's API takes UTF-8.
+        raise BadRequest("the JSON body must be UTF-8", code="invalid_encoding")
     _check_shape(raw.encode() if isinstance(raw, str) else raw)
     try:
         body = json.loads(raw, parse_constant=constant)

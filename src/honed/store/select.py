@@ -152,6 +152,13 @@ def conversation_core(item: Any) -> str:
             text = _message_text(message)
             if text:
                 seen.setdefault(text)
+        # ... and the tools offered beside them: a row carries their schemas (a review, session 23:
+        # a held-out question and its answer in a tool's description trained).
+        tools = value.get("tools") if isinstance(value, Mapping) else None
+        if isinstance(tools, list) and tools:
+            described: list[str] = []
+            _strings(tools, described)
+            seen.setdefault(" ".join(described))
     return core(request_key(" ".join(seen)) or "")
 
 
@@ -220,7 +227,7 @@ def request_key(text: str | None) -> str | None:
     if text.isascii():  # the common case: nothing to fold, no invisible characters
         key = " ".join(text.lower().split())
     else:
-        folded = unicodedata.normalize("NFKC", text).translate(_INVISIBLE).casefold().translate(_LOOKALIKES)
+        folded = unicodedata.normalize("NFKC", text).translate(_INVISIBLE).translate(_LOOKALIKES).casefold()
         key = " ".join("".join(c for c in folded if unicodedata.category(c) != "Cf").split())
     start, end = 0, len(key)
     while start < end and _edge(key[start]):
@@ -274,13 +281,16 @@ def _keys_and_sentences(texts: set[str | None], sentences: bool) -> set[str]:
         keys.add(key)
         if sentences and len(text) <= _MAX_SPLIT:
             for sentence in _SENTENCE_END.split(text):
-                if (k := request_key(sentence)) is not None:
+                k = request_key(sentence)
+                # a question, not a greeting: "Hi!", "Thanks." would hold every run opening so out
+                if k is not None and " " in k and len(k) - k.count(" ") >= _MIN_SENTENCE_CHARS:
                     keys.add(k)
     return keys
 
 
 _SENTENCE_END = re.compile(r"(?<=[.?!:;])\s+|\n+")
 _MAX_SPLIT = 4096  # a longer user message is a document: its sentences are not requests
+_MIN_SENTENCE_CHARS = 10
 
 
 def _user_texts(value: Any) -> list[str | None]:
@@ -296,7 +306,10 @@ def _user_texts(value: Any) -> list[str | None]:
 
 # Cyrillic and Greek letters drawn as Latin ones (Unicode's confusables, lowercase): "Whісh" with
 # Cyrillic і asks "which" (a QA pass, session 23: identical on screen, it trained).
-_LOOKALIKES = str.maketrans("аеорсухіјѕԁһӏԛԝкοανικɡı", "aeopcyxijsdhlqwkoavikgi")
+_LOOKALIKES = str.maketrans(
+    "аеорсухіјѕԁһӏԛԝкοανικɡıАВЕКМНОРСТУХІЈЅΑΒΕΖΗΙΚΜΝΟΡΤΥΧ",
+    "aeopcyxijsdhlqwkoavikgiABEKMHOPCTYXIJSABEZHIKMNOPTYX",
+)
 # Soft hyphen and the other characters NFKC keeps that render as nothing (category Cf goes too).
 _INVISIBLE = dict.fromkeys(map(ord, "\u00ad\u034f\u115f\u1160\u3164\uffa0"), None)
 
