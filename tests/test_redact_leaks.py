@@ -1076,6 +1076,15 @@ TEXT_SHAPES = [
     "name,password,role\nbob,{},admin",
     "aws configure set aws_secret_access_key {}",
     "git config --global user.password {}",
+    # (a review, session 23: result tables of psql, MySQL and CSV, and other languages' words)
+    "  user | password \n------+----------\n bob  | {} \n(1 row)",
+    "+------+----------+\n| user | password |\n+------+----------+\n| bob  | {} |\n+------+----------+",
+    '"user","password"\n"bob","{}"',
+    "user;password\nbob;{}",
+    "Benutzer,Kennwort\nbob,{}",
+    "PASSWORT={}",
+    "Das Passwort ist {}",
+    "user=al&password_confirmation={}&x=1",
 ]
 
 
@@ -1167,23 +1176,6 @@ def test_names_and_ids_a_run_gives_are_redacted_at_rest(sqlite_url: str, tmp_pat
 
 
 # A review (session 23) of the fixes above: each shape kept its secret, or lost ordinary text.
-REVIEWED_TEXT = [
-    "  user | password \n------+----------\n bob  | {} \n(1 row)",
-    "+------+----------+\n| user | password |\n+------+----------+\n| bob  | {} |\n+------+----------+",
-    '"user","password"\n"bob","{}"',
-    "user;password\nbob;{}",
-    "Benutzer,Kennwort\nbob,{}",
-    "PASSWORT={}",
-    "Das Passwort ist {}",
-    "user=al&password_confirmation={}&x=1",
-]
-
-
-@pytest.mark.parametrize("shape", REVIEWED_TEXT)
-def test_passwords_in_result_tables_and_other_languages_text_are_redacted(shape: str) -> None:
-    assert_gone(FORM_PASSWORD, Redactor().redact_text(shape.format(FORM_PASSWORD)))
-
-
 @pytest.mark.parametrize("name", sorted(SECOND_LEVEL))
 def test_vault_and_qualified_secrets_as_json_text_are_redacted(name: str) -> None:
     """A tool's dict reaches the store as JSON text (LangChain's `ToolMessage` content)."""
