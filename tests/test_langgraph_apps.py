@@ -1856,3 +1856,36 @@ def test_a_pipelines_turns_before_its_answer_are_not_judged_as_the_task(sqlite_u
     assert (runs["researcher"].task_id, runs["researcher"].metadata.get("within_task_id")) == (None, "sum")
     assert runs["writer"].task_id == "sum" and runs["writer"].verdicts[0].passed is True
     assert task_pass_rates(store) == {"sum": (1, 1)}
+
+
+def test_a_held_out_tasks_workers_stay_held_out_under_a_redaction_hook(sqlite_url: str) -> None:
+    """A second review (session 23): the `redact=` hook rewrote the `within_task_id` a `Send`
+    worker's turn keeps (the README's own hook, `ACME-` ids), so the task held out by id no
+    longer held its workers out."""
+    from honed.store.select import HeldOut
+
+    hook = honed.Middleware(store=sqlite_url, redact=lambda s: s.replace("ACME-", "[customer]-"))
+    worker = create_agent(ToolScriptModel(), [], name="worker", middleware=[hook])
+
+    class Trip(TypedDict):
+        cities: list[str]
+        answers: Annotated[list[str], operator.add]
+
+    def fan(state: Trip) -> Any:
+        from langgraph.types import Send
+
+        return [Send("work", {"messages": [("user", f"answer {c} is sunny")]}) for c in state["cities"]]
+
+    def work(state: dict[str, Any]) -> dict[str, Any]:
+        return {"answers": [worker.invoke(state)["messages"][-1].content]}
+
+    from langgraph.graph import START, StateGraph
+
+    graph = StateGraph(Trip)
+    graph.add_node("work", work)
+    graph.add_conditional_edges(START, fan, ["work"])
+    graph.compile().invoke({"cities": ["Oslo", "Rome"]}, {"metadata": {"honed": {"task_id": "ACME-17"}}})
+    assert honed.flush()
+    runs = honed.open_store(sqlite_url).trajectories()
+    assert len(runs) == 2 and all(t.metadata.get("within_task_id") == "ACME-17" for t in runs)
+    assert all(HeldOut(task_ids=frozenset({"ACME-17"})).holds(t) for t in runs)

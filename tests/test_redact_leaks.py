@@ -1238,3 +1238,32 @@ def test_ids_at_rest_are_redacted_by_the_built_in_rules_not_the_hook(sqlite_url:
     assert t.task_id == "ACME-7" and "ACME-" not in json.dumps(t.task)
     store.add_verdict(t.id, honed.Verdict(passed=True, verifier="human"))
     assert prepare(store, "sft", heldout_tasks=["ACME-7"]).counts["rows"] == 0
+
+
+def test_json_text_and_tables_are_redacted_once_in_linear_time_and_kept_readable() -> None:
+    """A second review (session 23): a dashed line under a password header took 20 s (64 KiB); the
+    hook ran twice on JSON text; a quoted CSV password holding `""` was kept; JSON text nested 600
+    deep was stored as an error; prose with semicolons was read as a table."""
+    started = time.perf_counter()
+    line = "user,password\n" + "-" * 65_000 + "x\n"
+    assert Redactor().redact_text(line) == line
+    assert time.perf_counter() - started < 2.0  # quadratic: 20 s
+    calls = []
+
+    def hook(text: str) -> str:
+        calls.append(text)
+        return text.replace("ACME", "ACME (customer)")
+
+    out = Redactor(hook).redact_text(
+        json.dumps({"customer": "ACME", "value": "x", "password": FORM_PASSWORD})
+    )
+    assert "ACME (customer) (customer)" not in out and "ACME (customer)" in out and len(calls) == 1
+    assert_gone(FORM_PASSWORD, out)
+    quoted = f'user,password,note\nbob,"{FORM_PASSWORD[:5]}""{FORM_PASSWORD[5:]}",first\n'
+    assert_gone(FORM_PASSWORD[5:], Redactor().redact_text(quoted))
+    deep = json.dumps(
+        {"note": "the api token is in vault", "value": "x", "data": json.loads("[" * 600 + "]" * 600)}
+    )
+    assert "[REDACTED:error]" not in Redactor().redact_text(deep)
+    prose = "Set your new password; then log in.\nUse the link below; it expires in an hour.\n"
+    assert Redactor().redact_text(prose) == prose

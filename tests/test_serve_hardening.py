@@ -1177,6 +1177,7 @@ def test_a_body_not_in_utf8_is_refused_before_it_is_parsed(server: Server) -> No
     reply = server.post(raw=flood.encode("utf-16"))
     assert reply.status_code == 400 and "UTF-8" in reply.json()["error"]["message"], reply.text
     assert server.post(raw=json.dumps(ask()).encode("utf-16")).status_code == 400
+    assert server.post(raw=b"\xef\xbb\xbf" + json.dumps(ask()).encode()).status_code == 200  # a BOM: UTF-8
     assert server.post(ask()).status_code == 200
 
 

@@ -1101,3 +1101,17 @@ def test_greetings_shared_with_a_heldout_run_hold_nothing_out_but_its_question_i
     assert capitals.id and described.id
     assert set(prepare(store, "sft").trajectory_ids) == {greeted.id, thanked.id}
     assert dataclasses.is_dataclass(greeted)
+
+
+def test_a_short_heldout_question_after_a_greeting_is_held_out(any_store: TrajectoryStore) -> None:
+    """A second review (session 23): after the greeting rule, "Hi there! What's 2+2?" trained."""
+    store = any_store
+    for i, q in enumerate(("What's 2+2?", "Who is Ada?")):
+        add(store, make_trajectory(f"h{i}", split="heldout", user=q), True)
+    leaks = [
+        add(store, make_trajectory(f"t{i}", user=f"Hi there! {q}"), True)
+        for i, q in enumerate(("What's 2+2?", "Who is Ada?"))
+    ]
+    kept = add(store, make_trajectory("t9", user="Hi there! Who is Bob?"), True)
+    assert all(t.id for t in leaks)
+    assert set(prepare(store, "sft").trajectory_ids) == {kept.id}

@@ -210,6 +210,19 @@ class Assembler:
                 new_steps[i] = {**step, **update}
         if new_steps is not None:
             changed["steps"] = new_steps
+        meta = record.get("metadata")
+        if isinstance(meta, dict) and (
+            "within_task_id" in meta or "nested_task_ids" in meta or "held_out_by" in meta
+        ):  # the other tasks a run names: ids too (a review, session 23: the hook rewrote them)
+            meta = dict(meta)
+            if type(meta.get("within_task_id")) is str:
+                meta["within_task_id"] = ident(meta["within_task_id"])
+            if isinstance(meta.get("nested_task_ids"), list):
+                meta["nested_task_ids"] = [ident(t) if type(t) is str else t for t in meta["nested_task_ids"]]
+            held = meta.get("held_out_by")
+            if isinstance(held, dict) and type(held.get("task_id")) is str:
+                meta["held_out_by"] = {**held, "task_id": ident(held["task_id"])}
+            changed["metadata"] = meta
         return {**record, **changed} if changed else record
 
     def close_all(self, reason: str, when: float) -> None:
@@ -330,6 +343,10 @@ class Assembler:
         user_tags = [t for t in tags or () if ":" not in t]
         if user_tags:
             honed.setdefault("tags", user_tags)
+        meta = self._field(honed)
+        within = _opt_str(honed.get("within_task_id"))
+        if within is not None and isinstance(meta, dict):
+            meta["within_task_id"] = within  # an id: redacted at rest as ids are (`_ids_at_rest`)
         return {
             "id": str(run_id),
             # `create_agent`'s name before the run's (`run_name` renames the run), as `Middleware` does.
@@ -337,7 +354,7 @@ class Assembler:
             "task": self._field(_plain(inputs)),
             "task_id": _opt_str(honed.get("task_id")),
             "split": _opt_str(honed.get("split")),
-            "metadata": self._field(honed),
+            "metadata": meta,
             "output": None,
             "status": "ok",
             "error": None,
@@ -394,7 +411,7 @@ class Assembler:
         if current is None or not (evaluation_split(current) or same_split(current, HELDOUT)):
             record["split"] = split
             if meta is not None:
-                meta["held_out_by"] = self._field({"task_id": labels.get("task_id"), "split": split})
+                meta["held_out_by"] = {"task_id": task_id, "split": self._field(split)}
 
     # -- interrupts and resumes ------------------------------------------------------------
 
@@ -547,7 +564,7 @@ class Assembler:
         if isinstance(outputs, NotTheAnswer):  # a step of its run towards another turn's answer
             outputs = outputs.outputs
             if isinstance(record.get("metadata"), dict):
-                record["metadata"] = inherited_labels(record["metadata"])
+                record["metadata"] = inherited_labels({**record["metadata"], "task_id": record["task_id"]})
             record["task_id"] = None
         pause_checkpoint = record.pop("_pause_checkpoint", None)
         if error is not None:

@@ -125,7 +125,7 @@ register_configure_hook(_model_ran, inheritable=True)  # the chat model's callba
 class _Live:
     """A trajectory (or a subagent's node step) a middleware has open in this process."""
 
-    __slots__ = ("ended_at", "final", "owner", "root", "root_graph", "root_task", "whole")
+    __slots__ = ("ended_at", "failed", "final", "owner", "root", "root_graph", "root_task", "whole")
 
     def __init__(
         self, root: RootRun | None, whole: bool, root_graph: bool, owner: int = 0, root_task: bool = False
@@ -141,6 +141,7 @@ class _Live:
         # When its turn ended (its end hook, or a tool handing the conversation on), its END
         # waiting for the root's end.
         self.ended_at: float | None = None
+        self.failed = False  # one of its own calls raised (not a later agent's)
 
 
 # A hook that finds its trajectory missing here, or open under another root run, belongs to a run
@@ -408,6 +409,7 @@ class Middleware(AgentMiddleware):
             live.ended_at is not None
             and live.final is not None
             and HANDOFF_KEY in live.final
+            and live.failed
             and (error is not None and not isinstance(error, GraphBubbleUp))
         ):
             # A handoff beside a call that crashed the run: the turn failed (a review, session 23).
@@ -666,6 +668,9 @@ class Middleware(AgentMiddleware):
         self.recorder.emit((ERROR, step_id, None, now, exc))
         if isinstance(exc, GraphBubbleUp):
             return  # an interrupt inside a tool: LangGraph's control flow, not a failure
+        failing = _live.get(trajectory_id)
+        if failing is not None:
+            failing.failed = True
         # The error may end the run, or an outer middleware may handle it (a retry). Under a
         # root run this process watches, the root's end says which (`_root_ended`); without one,
         # the trajectory ends as an error only if nothing else happens in it (see Assembler,

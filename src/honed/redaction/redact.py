@@ -28,10 +28,12 @@ from __future__ import annotations
 import base64
 import binascii
 import csv
+import io
 import json
 import logging
 import re
 import shlex
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -136,7 +138,7 @@ class Redactor:
                 out = _marker("error")
             else:
                 self._remember(text, out)
-        if self._hook is not None:
+        if self._hook is not None and not _in_json_text.on:
             out = self._apply_hook(out)
         return out
 
@@ -413,7 +415,9 @@ class Redactor:
                 redacted = _marker("error")
             known = (redacted, secret_key_kind(key))
             self._keys[key] = known
-        if self._hook is not None:  # (not remembered: a hook may not give the same answer twice)
+        if (
+            self._hook is not None and not _in_json_text.on
+        ):  # (not remembered: a hook may not give the same answer twice)
             return self._apply_hook(known[0]), known[1]
         return known
 
@@ -430,10 +434,11 @@ class Redactor:
         lowered = _lower(text)
         if not _is_candidate(text, lowered):
             return text
-        if len(text) <= _MAX_JSON_TEXT and text.lstrip()[:1] in ("{", "["):
+        if len(text) <= _MAX_JSON_TEXT and text.lstrip()[:1] in ("{", "[") and _STRUCTURED.search(text):
             structured = self._json_text(text)
             if structured is not None:
-                text, lowered = structured, _lower(structured)
+                # Every string of it was redacted by the rules, its structure by the walk: done.
+                return text if structured is _UNCHANGED else structured
         for rule in _RULES:
             redacted = rule.apply(text, lowered)
             if redacted is not text:
@@ -456,8 +461,15 @@ class Redactor:
             return None
         if not isinstance(value, dict | list):
             return None
-        redacted = self._walk(value)
-        return None if redacted == value else json.dumps(redacted, ensure_ascii=False)
+        # The hook runs once, on the whole text, after the built-in rules (not here too).
+        outer, _in_json_text.on = _in_json_text.on, True
+        try:
+            redacted = self._walk(value)
+            return _UNCHANGED if redacted == value else json.dumps(redacted, ensure_ascii=False)
+        except RecursionError:  # nested deeper than the walk goes: the text rules read it
+            return None
+        finally:
+            _in_json_text.on = outer
 
     def _base64_runs(self, text: str) -> str:
         """Base64 runs that decode to text (a file from GitHub's contents API, a Kubernetes
@@ -565,6 +577,20 @@ _SECRET_TYPES = frozenset(("concealed", "password", "securestring", "secret", "m
 # The longest string taken as a name beside a value: names of secrets are short.
 _MAX_NAME = 128
 _MAX_JSON_TEXT = 1 << 20  # JSON text read as its value up to this long (the field cap is 64 KiB)
+# JSON text whose structure may say what its text rules cannot: a named value (a vault entry), a
+# key in another script, JSON in JSON past the rules' three levels of escaping.
+_STRUCTURED = re.compile(
+    r'"[Vv]alue"|[^\x00-\x7f]|\\{7}|(?i:(?:[_-]|[a-z](?=[A-Z]))?'
+    r'(?:hex|json|b64|base64|pem|der|phrase|codes?|confirm\w*|again|repeat\w*|retype\w*|new|old|current|priv_?key)\\?")'
+)
+_UNCHANGED = "\x00unchanged"
+
+
+class _JsonTextFlag(threading.local):
+    on = False
+
+
+_in_json_text = _JsonTextFlag()
 _MAX_ARGV, _MAX_ARG = 256, 4096  # an argv list read as its command line: at most this many, this long
 
 
@@ -975,7 +1001,6 @@ def _is_hex(text: str) -> bool:
 _TABLE_WORD = re.compile(
     r"passw|pwd|secret|key|kennwort|contrase|senha|wachtwoord|has[lł]o|l[oö]senord|salasana|пароль|密码|パスワード|비밀번호"
 )
-_RULE_LINE = re.compile(r"[ \t|+:=-]*-[ \t|+:=-]*")  # `|---|:-:|`, psql's `---+---`, MySQL's `+---+`
 # A table's column named for one of these holds secrets (not `token`, `auth`: a tokenizer's table,
 # an API's docs, a review, session 23); a cell saying yes, no, none or required holds none.
 _TABLE_KINDS = frozenset(("password", "private_key", "api_key", "aws_secret_key"))
@@ -1004,6 +1029,8 @@ def _table_columns(text: str, lowered: str) -> str:
         if sep is None or len(header) > _MAX_TABLE_LINE:
             continue
         names = _cells(header, sep)
+        if any(len(n.split()) > 3 for n in names):
+            continue  # prose with commas or semicolons, not a table's header
         kinds = [secret_key_kind(n.strip(" '\"`*")) if len(n) <= _MAX_NAME else None for n in names]
         kinds = [k if k in _TABLE_KINDS else None for k in kinds]
         if not any(kinds):
@@ -1013,7 +1040,7 @@ def _table_columns(text: str, lowered: str) -> str:
             j = text.find("\n", i)
             j = size if j < 0 else j
             row = text[i:j]
-            if _RULE_LINE.fullmatch(row):  # a rule under the header, or a box's border
+            if len(row) <= _MAX_TABLE_LINE and "-" in row and not row.strip(" \t|+:=-"):  # a rule, a border
                 i = j + 1
                 continue
             cells = _cells(row, sep) if len(row) <= _MAX_TABLE_LINE else []
@@ -1057,10 +1084,10 @@ def _joined(row: str, sep: str, cells: list[str]) -> str:
     """The row with its changed cells: split back as it was, or, quoted, each old value replaced."""
     if '"' not in row or sep in "|":
         return sep.join(cells)
-    for old, new in zip(_cells(row, sep), cells, strict=True):
-        if old != new and old:
-            row = row.replace(old, new)
-    return row
+    out = io.StringIO()
+    quoting = csv.QUOTE_ALL if row.lstrip().startswith('"') else csv.QUOTE_MINIMAL
+    csv.writer(out, delimiter=sep, quoting=quoting, lineterminator="").writerow(cells)
+    return out.getvalue()
 
 
 def _group(group: int, kind: str) -> Callable[[re.Match[str]], str]:

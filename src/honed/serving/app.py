@@ -116,7 +116,9 @@ TRIM_AFTER_BYTES = 1024 * 1024  # after a body this large, hand freed memory bac
 # A response's part the client has not taken within this long: the client stopped reading, and
 # its connection is closed (a QA pass, session 23: a stalled stream held its request slot, and the
 # version that served it, weights and all, through any number of promotions).
-STALLED_SEND_S = float(os.environ.get("HONED_STALLED_SEND_S", "30"))
+# (Two minutes: uvicorn's send waits for its buffer to drain from 64 to 16 KiB, 48 s for a reader
+# taking 1 KiB/s, a second review, session 23.)
+STALLED_SEND_S = float(os.environ.get("HONED_STALLED_SEND_S", "120"))
 
 
 BODY_READS_PER_CLIENT = 2  # a client's requests reading and parsing their bodies at once

@@ -99,6 +99,8 @@ def loads(raw: bytes | str) -> Any:
     def constant(name: str) -> Any:
         raise ValueError(f"{name} is not valid JSON")
 
+    if isinstance(raw, bytes) and raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]  # UTF-8 with a byte-order mark: UTF-8
     if isinstance(raw, bytes) and json.detect_encoding(raw) != "utf-8":
         # The shape check reads UTF-8; `json.loads` reads UTF-16 and -32 too, whose bytes it
         # misreads (a review, session 23: a UTF-16 body of 1.3 million arrays counted none and

@@ -227,7 +227,13 @@ def request_key(text: str | None) -> str | None:
     if text.isascii():  # the common case: nothing to fold, no invisible characters
         key = " ".join(text.lower().split())
     else:
-        folded = unicodedata.normalize("NFKC", text).translate(_INVISIBLE).translate(_LOOKALIKES).casefold()
+        folded = (
+            unicodedata.normalize("NFKC", text)
+            .translate(_INVISIBLE)
+            .translate(_LOOKALIKES)
+            .casefold()
+            .translate(_LOOKALIKES)
+        )
         key = " ".join("".join(c for c in folded if unicodedata.category(c) != "Cf").split())
     start, end = 0, len(key)
     while start < end and _edge(key[start]):
@@ -282,15 +288,15 @@ def _keys_and_sentences(texts: set[str | None], sentences: bool) -> set[str]:
         if sentences and len(text) <= _MAX_SPLIT:
             for sentence in _SENTENCE_END.split(text):
                 k = request_key(sentence)
-                # a question, not a greeting: "Hi!", "Thanks." would hold every run opening so out
-                if k is not None and " " in k and len(k) - k.count(" ") >= _MIN_SENTENCE_CHARS:
+                # a question, not a greeting: "Hi!", "Thanks." would hold every run opening so out;
+                # "What's 2+2?", "Who is Ada?" are asked (a second review, session 23)
+                if k is not None and (k.count(" ") >= 2 or (" " in k and not k.replace(" ", "").isalpha())):
                     keys.add(k)
     return keys
 
 
 _SENTENCE_END = re.compile(r"(?<=[.?!:;])\s+|\n+")
 _MAX_SPLIT = 4096  # a longer user message is a document: its sentences are not requests
-_MIN_SENTENCE_CHARS = 10
 
 
 def _user_texts(value: Any) -> list[str | None]:
