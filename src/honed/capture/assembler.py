@@ -343,14 +343,15 @@ class Assembler:
         user_tags = [t for t in tags or () if ":" not in t]
         if user_tags:
             honed.setdefault("tags", user_tags)
+        # `create_agent`'s name before the run's (`run_name` renames the run), as `Middleware` does.
+        agent = str(honed.pop("agent", None) or (metadata or {}).get("lc_agent_name") or name)
         meta = self._field(honed)
         within = _opt_str(honed.get("within_task_id"))
         if within is not None and isinstance(meta, dict):
             meta["within_task_id"] = within  # an id: redacted at rest as ids are (`_ids_at_rest`)
         return {
             "id": str(run_id),
-            # `create_agent`'s name before the run's (`run_name` renames the run), as `Middleware` does.
-            "agent": str(honed.pop("agent", None) or (metadata or {}).get("lc_agent_name") or name),
+            "agent": agent,
             "task": self._field(_plain(inputs)),
             "task_id": _opt_str(honed.get("task_id")),
             "split": _opt_str(honed.get("split")),
