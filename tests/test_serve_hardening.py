@@ -1225,3 +1225,59 @@ def test_a_client_hanging_up_mid_render_still_leaves_a_thread_to_the_others() ->
         assert asyncio.run(main()) < 1.5
     finally:
         model.close()
+
+
+def test_a_stream_whose_client_hangs_up_stops_though_its_tokens_are_queued_ahead() -> None:
+    """Session 23's CI: a disconnected stream's run was stored as delivered. On a busy server the
+    tokens queue ahead of the stream, so neither the next chunk nor uvicorn's send (which returns
+    at once once the client is gone) let the loop in, and Python 3.11's `wait_for` around the send
+    swallowed the cancellation Starlette sent: the whole reply was sent to nobody. The stream now
+    stops within a few chunks of the hang-up, and closes its source (which frees the row and stores
+    the run as cancelled)."""
+    import asyncio
+
+    from langchain_core.messages import AIMessageChunk
+    from starlette.responses import StreamingResponse
+
+    import honed.serving.app as served_app
+    from honed.serving.protocol import ChatRequest
+
+    pulled, closed = [0], [False]
+
+    async def chunks() -> Any:  # every token generated already: never waits
+        try:
+            for _ in range(5000):
+                pulled[0] += 1
+                yield AIMessageChunk(content="x")
+        finally:
+            closed[0] = True
+
+    async def main() -> None:
+        chat = ChatRequest(model="noise", messages=[], stream=True)
+        stream = StreamingResponse(served_app._events(AIMessageChunk(content=""), chunks(), chat))
+        guard = served_app._BodyGuard(stream, max_bytes=1000, timeout_s=5)
+        hung_up = asyncio.Event()
+        given: list[bool] = []
+        parts: list[str] = []
+
+        async def receive() -> Any:
+            if not given:
+                given.append(True)
+                return {"type": "http.request", "body": b"", "more_body": False}
+            await hung_up.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: Any) -> None:  # uvicorn's: returns at once, before and after the hang-up
+            parts.append(message["type"])
+            if parts.count("http.response.body") == 3:
+                hung_up.set()  # the client read three parts, then closed the connection
+
+        scope = {"type": "http", "headers": [], "client": ("127.0.0.1", 1), "method": "POST", "path": "/"}
+        scope["asgi"] = {
+            "version": "3.0",
+            "spec_version": "2.3",
+        }  # uvicorn's: Starlette listens for the hang-up
+        await asyncio.wait_for(guard(scope, receive, send), 30)
+
+    asyncio.run(main())
+    assert 2 <= pulled[0] < 50 and closed[0]

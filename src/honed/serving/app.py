@@ -740,6 +740,10 @@ async def _events(first: AIMessageChunk, chunks: Any, chat: ChatRequest) -> Asyn
                     }
             if delta or logprobs or ids:
                 yield event(delta, logprobs=logprobs, **ids)
+            # Let the loop in between chunks: with the tokens queued ahead (a busy server), neither
+            # the next chunk nor uvicorn's send would, so the hang-up went unseen (and the run was
+            # stored as delivered) until the whole reply had been generated.
+            await asyncio.sleep(0)
             chunk = await _next(chunks)
         reason = "tool_calls" if seen_calls else ("length" if finish == "length" else "stop")
         if seen_calls and chat.legacy_functions:
@@ -861,8 +865,12 @@ class _BodyGuard:
             if message["type"] != "http.response.body":
                 await send(message)
                 return
+            # `asyncio.timeout`, not `wait_for`: on Python 3.11 `wait_for` runs the send as a task
+            # of its own and returns its result when a cancellation arrives as it ends, so the
+            # cancellation Starlette sends a stream whose client hung up was swallowed.
             try:
-                await asyncio.wait_for(send(message), STALLED_SEND_S)
+                async with asyncio.timeout(STALLED_SEND_S):
+                    await send(message)
             except TimeoutError:
                 raise _ClientNotReading from None
 
