@@ -12,6 +12,7 @@ import time
 from contextlib import closing
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from langchain.agents import create_agent
@@ -670,3 +671,43 @@ def test_json_reads_back_with_its_keys_in_the_order_written(store_url: str) -> N
         assert list(back.metadata) == list(run.metadata)
         (listed,) = store.trajectories(limit=1)
         assert list(listed.steps[1].input) == ["query", "k", "b"]
+
+
+@pytest.fixture
+def read_only_mount(tmp_path: Path) -> Any:
+    """A folder on a file system of its own, remounted read-only by `make_read_only()`: what a
+    snapshot or a backup mounted for reading is. Needs root (CI and this machine are)."""
+    folder = tmp_path / "mounted"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a file system here: {mounted.stderr.decode().strip()}")
+
+    def make_read_only() -> None:
+        subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
+
+    try:
+        yield folder, make_read_only
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_a_store_on_a_read_only_file_system_is_read_as_it_is(read_only_mount: Any) -> None:
+    """A QA pass (session 23): a store copied to a read-only mount could not be read at all
+    ("unable to open database file": a WAL-mode file needs its `-shm` made beside it). It is read
+    now, by the API and the CLI, and a write says the store is read-only."""
+    folder, make_read_only = read_only_mount
+    url = f"sqlite:///{folder / 'runs.db'}"
+    with honed.open_store(url) as store:
+        store.save(Trajectory(id="run-1", agent="calc", task="what is 2 plus 2?", output="4"))
+    make_read_only()
+    with honed.open_store(url, create=False) as store:
+        [run] = store.trajectories()
+        assert (run.id, run.output) == ("run-1", "4")
+        with pytest.raises(Exception, match=r"readonly|read-only"):
+            store.save(Trajectory(id="run-2", agent="calc", task="what is 3 plus 3?"))
+    listed = subprocess.run(
+        [sys.executable, "-m", "honed.cli", "runs", "--store", url], capture_output=True, text=True
+    )
+    assert listed.returncode == 0 and "run-1" in listed.stdout, listed.stderr
+    assert sorted(p.name for p in folder.iterdir()) == ["runs.db"]  # nothing made beside it

@@ -472,11 +472,13 @@ def _create_engine(url: str, *, create: bool = True) -> Engine:
                 parsed = parsed.set(database=str(Path(database).expanduser()))
             if not in_memory and create:
                 Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            read_only = None if in_memory else _read_only_uri(Path(database).expanduser())
             engine = create_engine(
                 parsed,
                 connect_args={"timeout": 30, "check_same_thread": False},
                 poolclass=StaticPool if in_memory else None,
                 json_serializer=fast_json_dumps,
+                **({"creator": read_only} if read_only else {}),
             )
             event.listen(engine, "connect", _sqlite_pragmas)
             return engine
@@ -489,6 +491,36 @@ def _create_engine(url: str, *, create: bool = True) -> Engine:
             f"cannot use the store URL {_shown(url)}: {exc} (honed[postgres] installs psycopg for "
             "postgresql://)"
         ) from exc
+
+
+def _read_only_uri(path: Path) -> Callable[[], sqlite3.Connection] | None:
+    """How to open a store file nobody here may write (a snapshot on a read-only mount, a folder
+    of another user's), or None when it can be written. Opened as it is, SQLite could not read it
+    at all (a QA pass, session 23): a WAL-mode file needs its `-shm` beside it, made at the first
+    read. `mode=ro` reads one whose `-shm` is there; on a read-only file system, where it cannot
+    be and nothing can change the file, `immutable=1` reads it without one (the writes of a `-wal`
+    left beside it not checkpointed are not seen: said in a warning)."""
+    if not path.is_file() or (os.access(path, os.W_OK) and os.access(path.parent, os.W_OK)):
+        return None
+    uri = path.resolve().as_uri()
+    try:
+        with closing(sqlite3.connect(f"{uri}?mode=ro", uri=True)) as conn:
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        uri += "?mode=ro"
+    except sqlite3.Error:
+        read_only_fs = bool(os.statvfs(path.parent).f_flag & os.ST_RDONLY)
+        if not read_only_fs:
+            return None  # the normal open says why it cannot be read
+        wal = path.with_name(path.name + "-wal")
+        if wal.is_file() and wal.stat().st_size:
+            log.warning(
+                "honed: %s is on a read-only file system beside a write-ahead log that was not "
+                "checkpointed; its last writes are not read",
+                path,
+            )
+        uri += "?immutable=1"
+    log.info("honed: %s cannot be written here: it is opened read-only", path)
+    return lambda: sqlite3.connect(uri, uri=True, timeout=30, check_same_thread=False)
 
 
 def _check_sqlite_file(url: str, *, must_exist: bool) -> None:
