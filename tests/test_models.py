@@ -173,6 +173,41 @@ def test_streamed_parsing_agrees_with_whole_parsing() -> None:
         assert not any("<tool_call>" in t or "<think>" in t for _, t in pieces)
 
 
+def test_a_streamed_reply_is_the_whole_decode_and_decoding_it_is_linear(tiny: Path) -> None:
+    """The text a stream releases, token by token, is what decoding all of its ids gives (split
+    UTF-8 characters held back, text cut at a stop string), and each token decodes only the ids
+    since the last complete text: every id was decoded again at every token, so a stream's decoding
+    grew with the square of its length, on the server's event loop (8,000 tokens: 5.8 s)."""
+    from transformers import AutoTokenizer
+
+    from honed.serving.local import _TextStream
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny)
+    decoded = [0]
+
+    class Engine:
+        def decode(self, ids: list[int]) -> str:
+            decoded[0] += len(ids)
+            return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    text = "Grüße aus Köln — 東京へ 🚀, then plain words and digits 12345. " * 60
+    ids = tokenizer(text)["input_ids"]
+    assert len(ids) > 3000 and any("\ufffd" in tokenizer.decode([i]) for i in ids)  # split characters
+    for stops in ((), ("東京へ 🚀, then plain words and digits 12345. Grüße aus Köln — 東京",)):
+        stream, pieces = _TextStream(Engine(), stops, calls=False), []
+        decoded[0] = 0
+        for token in ids:
+            pieces += stream.add(token)
+        pieces += stream.finish()
+        released = "".join(piece for _, piece in pieces)
+        whole = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        whole = whole[: whole.find(stops[0])] if stops else whole
+        at_once = CompletionParser(calls=False)
+        assert released == "".join(piece for _, piece in [*at_once.feed(whole), *at_once.flush()])
+        assert all("\ufffd" not in piece for _, piece in pieces)
+        assert decoded[0] <= 6 * len(ids)  # each id decoded a few times, not once per later token
+
+
 # -- LocalChatModel ------------------------------------------------------------------------------------
 
 
