@@ -1115,3 +1115,28 @@ def test_a_short_heldout_question_after_a_greeting_is_held_out(any_store: Trajec
     kept = add(store, make_trajectory("t9", user="Hi there! Who is Bob?"), True)
     assert all(t.id for t in leaks)
     assert set(prepare(store, "sft").trajectory_ids) == {kept.id}
+
+
+def test_a_short_heldout_question_mid_sentence_or_after_a_long_document_is_held_out(
+    any_store: TrajectoryStore,
+) -> None:
+    """A QA pass (session 23): a short held-out question ("What is 17*23?", too short to be looked
+    for inside other text as the long ones are) trained in the middle of a sentence, or after a
+    document of 4 KB (whose sentences are not split). A specific one is now looked for as whole
+    words anywhere; a generic one ("Summarize this.") still holds out nothing but itself."""
+    store = any_store
+    for i, q in enumerate(("What is 17*23?", "What is the capital of Peru?", "Summarize this.")):
+        add(store, make_trajectory(f"h{i}", split="heldout", user=q), True)
+    document = "The quarterly report lists revenue, costs and staff by region. " * 80
+    leaks = [
+        add(store, make_trajectory("t1", user="Quick one: what is 17*23, thanks"), True),
+        add(store, make_trajectory("t2", user=f"{document}\nNow, what is 17 * 23?"), True),
+        add(store, make_trajectory("t3", user=f"{document} And what is the capital of Peru"), True),
+    ]
+    kept = [
+        add(store, make_trajectory("t4", user="Quick one: what is 17*234, thanks"), True),
+        add(store, make_trajectory("t5", user=f"{document}\nSummarize this. Then what is 17+23?"), True),
+        add(store, make_trajectory("t6", user="What is the capital of Peruvian cooking, Lima?"), True),
+    ]
+    assert len(document) > 4096 and all(t.id for t in leaks)
+    assert set(prepare(store, "sft").trajectory_ids) == {t.id for t in kept}

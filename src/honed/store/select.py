@@ -100,10 +100,12 @@ class HeldOut:
             and not self.requests.isdisjoint(question_keys(item.task))
         ):
             return True  # a graph input's question field asking a held-out request
-        cores = self._request_cores
-        if cores:  # a held-out request anywhere in what it could teach: a system prompt, parts
-            text = conversation_core(item)
-            if text and any(core in text for core in cores):
+        cores, short = self._request_cores, self._short_requests
+        if cores or short:  # a held-out request anywhere in what it could teach: a system prompt, parts
+            key = conversation_key(item)
+            if key and cores and any(c in core(key) for c in cores):
+                return True
+            if key and short is not None and short.search(key):
                 return True
         return task_id is not None and self.fraction > 0 and task_hash(str(task_id)) < self.fraction
 
@@ -111,6 +113,23 @@ class HeldOut:
     def _request_cores(self) -> tuple[str, ...]:
         """The held-out requests long enough to look for inside other text (`core`)."""
         return tuple(sorted({c for c in map(core, self.requests) if len(c) - c.count(" ") >= MIN_CORE_CHARS}))
+
+    @cached_property
+    def _short_requests(self) -> re.Pattern[str] | None:
+        """The held-out requests too short for `_request_cores` but specific (a digit or a symbol
+        beside two words, or five words: "what is 17*23", not "hi" or "summarize this"), as whole
+        words of a conversation's `request_key`. As one sentence of a short message they were held
+        out already; in the middle of one ("quick one: what is 17*23, thanks"), or after a long
+        document, they trained (a QA pass, session 23)."""
+        short = {
+            k
+            for k in self.requests
+            if (c := core(k)) and len(c) - c.count(" ") < MIN_CORE_CHARS and _specific(k)
+        }
+        if not short:
+            return None
+        alternatives = "|".join(map(re.escape, sorted(short, key=len, reverse=True)))
+        return re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)")
 
 
 # A held-out request this long (word characters) found inside another conversation is that
@@ -128,9 +147,17 @@ def core(text: str) -> str:
 _WORD = re.compile(r"\w+")
 
 
-def conversation_core(item: Any) -> str:
-    """`core` of every message an item holds, in order, whatever its role (the task's, each model
-    call's input, an external example's `messages`): where a held-out request must not appear."""
+def _specific(key: str) -> bool:
+    """A short request that says something of its own: two words or more and a digit or symbol
+    ("what is 17*23", "2+2 equals"), or five words ("what is the capital of peru")."""
+    words = key.count(" ") + 1
+    return words >= 5 or (words >= 2 and not key.replace(" ", "").isalpha())
+
+
+def conversation_key(item: Any) -> str:
+    """`request_key` of every message an item holds, in order, whatever its role (the task's,
+    each model call's input, an external example's `messages`): where a held-out request must not
+    appear."""
     if isinstance(item, Trajectory):
         # In conversation order; the replies too: an answer quoting a held-out question and its
         # answer teaches both (an operator's QA pass, session 21).
@@ -159,7 +186,7 @@ def conversation_core(item: Any) -> str:
             described: list[str] = []
             _strings(tools, described)
             seen.setdefault(" ".join(described))
-    return core(request_key(" ".join(seen)) or "")
+    return request_key(" ".join(seen)) or ""
 
 
 def _message_text(message: Any) -> str:
