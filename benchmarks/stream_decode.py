@@ -27,10 +27,10 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[1000, 4000, 8000])
     args = parser.parse_args()
 
-    from tiny_model import tiny_path
     from transformers import AutoTokenizer
 
     from honed.serving.local import _TextStream
+    from tiny_model import tiny_path
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_path(1))
 
