@@ -1147,6 +1147,74 @@ def test_an_answer_shaped_like_a_handoff_is_judged(sqlite_url: str) -> None:
     assert run.verdicts[0].passed is False, run.verdicts[0].reason
 
 
+def routed_desk(middleware: list[Any], hook: str) -> Any:
+    """A help desk whose triage agent never calls a tool to hand on: a router middleware's hook
+    (`before_model` or `after_model`) returns the `Command` to the parent graph."""
+    from langchain.agents.middleware import after_model, before_model
+    from langchain_core.language_models import GenericFakeChatModel
+    from langchain_core.messages import AIMessage
+    from langgraph.graph import START, MessagesState, StateGraph
+
+    @{"before_model": before_model, "after_model": after_model}[hook]
+    def route(state: AgentState, runtime: Any) -> Command:
+        return Command(goto="billing", graph=Command.PARENT, update={"messages": state["messages"]})
+
+    billing_model = GenericFakeChatModel(messages=iter([AIMessage("billing here")]))
+    desk = StateGraph(MessagesState)
+    desk.add_node("triage", create_agent(ToolScriptModel(), [], name="triage", middleware=[*middleware, route]),
+                  destinations=("billing",))  # fmt: skip
+    desk.add_node("billing", create_agent(billing_model, [], name="billing", middleware=middleware))
+    desk.add_edge(START, "triage")
+    return desk.compile(name="desk")
+
+
+@pytest.mark.parametrize("hook", ["before_model", "after_model"])
+def test_a_handoff_a_middlewares_hook_makes_ends_the_turn_as_a_tools_does(
+    capture: str, hook: str, sqlite_url: str
+) -> None:
+    """A router middleware's hook, not a tool, hands the conversation to billing. The triage
+    agent's end hook never runs, as at a pause: `Middleware` stored its turn `interrupted`, a run
+    waiting for a human forever (never verified, counted unfinished). It ends as a tool's handoff
+    does: `{"handoff": "billing"}`, with a step that says where it went."""
+    desk = routed_desk(capture_middleware(capture, sqlite_url), hook)
+    out = desk.invoke({"messages": [("user", "answer to billing")]}, labels("desk-1"))
+    assert out["messages"][-1].content == "billing here"
+    assert honed.flush()
+    store = honed.open_store(sqlite_url)
+    found = store.trajectories(oldest_first=True)
+    assert all(t.status == "ok" and not any(s.error for s in t.steps) for t in found)
+    assert store.count(finished=False) == 0
+    asked = {"messages": [{"role": "user", "content": "answer to billing"}]}
+    if capture == "instrument":  # the desk is one run; the handoff's `Command` is triage's output
+        (t,) = found
+        assert (t.agent, t.task, t.answer) == ("desk", asked, "billing here")
+        (triage_node,) = [s for s in t.steps if s.kind == "node" and s.name == "triage"]
+        assert triage_node.output["value"]["goto"] == "billing"
+        return
+    triage, billing = found
+    assert (triage.agent, triage.task, triage.output) == ("triage", asked, {"handoff": "billing"})
+    assert names(triage) == (["handoff"] if hook == "before_model" else ["tool-script", "handoff"])
+    handoff = triage.steps[-1]
+    assert handoff.extra == {"synthesised": True, "handoff": "billing"}
+    assert handoff.output["value"]["goto"] == "billing"
+    assert (billing.agent, billing.answer, billing.task_id) == ("billing", "billing here", "desk-1")
+
+
+def test_a_turn_a_hook_handed_on_is_not_judged_alone(sqlite_url: str) -> None:
+    """As a tool's handoff (`test_a_turn_that_hands_the_conversation_on_is_not_judged_alone`): the
+    triage turn's `{"handoff": "billing"}` is a step of the team's run, not an answer to judge."""
+    routed_desk(capture_middleware("middleware", sqlite_url), "after_model").invoke(
+        {"messages": [("user", "answer to billing")]},
+        {"metadata": {"honed": {"task_id": "desk-1", "expected": "billing here"}}},
+    )
+    assert honed.flush()
+    store = honed.open_store(sqlite_url)
+    Worker(store, [ReferenceMatch()]).run_once()
+    triage = next(t for t in store.trajectories() if t.agent == "triage")
+    assert triage.handed_off_to == "billing"
+    assert triage.verdicts[0].passed is None
+
+
 def test_a_replay_or_fork_from_an_earlier_checkpoint_is_a_run_of_its_own(
     capture: str, sqlite_url: str
 ) -> None:
@@ -1397,6 +1465,56 @@ def test_a_run_continued_past_a_static_breakpoint_is_the_same_trajectory(
     assert t.task == {"messages": [{"role": "user", "content": task}]}
     names = [s.name for s in t.steps]
     assert names.index("interrupt") < names.index("resume") < names.index("add")
+
+
+@pytest.mark.parametrize("how", ["invoke", "astream"])
+@pytest.mark.parametrize("where", ["interrupt_before", "interrupt_after"])
+def test_a_static_breakpoint_pauses_as_interrupted_under_instrument_alone(
+    capture: str, where: str, how: str, sqlite_url: str
+) -> None:
+    """A run stopped at a static breakpoint ends as if it were done (no `__interrupt__`, nothing
+    raised), and LangGraph tells only handlers in the config (`on_interrupt`): under
+    `instrument()` alone it was stored `ok`, its answer the tool-call reply's empty text (a
+    verifier failed it), and `invoke(None)` began a second trajectory."""
+    import asyncio
+
+    agent = create_agent(
+        ToolScriptModel(), [add], name="calc", middleware=capture_middleware(capture, sqlite_url),
+        checkpointer=InMemorySaver(), **{where: ["tools"]},
+    )  # fmt: skip
+
+    def run(inputs: Any) -> None:
+        if how == "invoke":
+            agent.invoke(inputs, config)
+            return
+
+        async def consume() -> None:
+            async for _ in agent.astream(inputs, config):
+                pass
+
+        asyncio.run(consume())
+
+    task = 'call add {"a": 2, "b": 3}; answer sum {result}'
+    config = {**thread("bp"), **labels("bp")}
+    run({"messages": [("user", task)]})
+    assert honed.flush()
+    store = honed.open_store(sqlite_url)
+    (paused,) = store.trajectories()
+    assert (paused.status, paused.output, paused.task_id) == ("interrupted", None, "bp")
+    assert paused.task == {"messages": [{"role": "user", "content": task}]}
+    assert names(paused)[-1] == "interrupt" and store.count(finished=False) == 1
+    if capture == "instrument":  # the checkpoint it waits at, as `on_interrupt` would say
+        at = agent.get_state(config).config["configurable"]["checkpoint_id"]
+        assert paused.steps[-1].extra["checkpoint_id"] == at
+    assert Worker(store, [ReferenceMatch()]).run_once() == 0
+
+    run(None)  # on past the breakpoint
+    assert honed.flush()
+    (t,) = store.trajectories()
+    assert (t.id, t.status, t.answer, t.task) == (paused.id, "ok", "sum 5", paused.task)
+    before = where == "interrupt_before"
+    paused_at = ["tool-script", "interrupt"] if before else ["tool-script", "add", "interrupt"]
+    assert names(t) == [*paused_at, "resume", *(["add"] if before else []), "tool-script"]
 
 
 def test_a_failure_an_outer_middleware_retries_stays_a_step_whatever_flushes_meanwhile(

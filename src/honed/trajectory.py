@@ -150,11 +150,12 @@ class Trajectory:
         its turn ended that way: `Middleware` on the agents of a team stores each agent's turn,
         and a turn that hands off is a step of the team's run, not an outcome to judge alone. Told
         by capture's mark on the tool step that returned the `Command`: an answer shaped like a
-        handoff (`{"handoff": "..."}`) made every verifier "could not tell" (a QA pass, session 19)."""
+        handoff (`{"handoff": "..."}`) made every verifier "could not tell" (a QA pass, session 19);
+        or on the node step `Middleware` adds for a handoff another middleware's hook made."""
         output = self.output
         if not (isinstance(output, dict) and len(output) == 1 and isinstance(output.get(HANDOFF_KEY), str)):
             return None
-        marked = {(s.extra or {}).get("handoff") for s in self.steps if s.kind == "tool"}
+        marked = {(s.extra or {}).get("handoff") for s in self.steps if s.kind in ("tool", "node")}
         return output[HANDOFF_KEY] if output[HANDOFF_KEY][:200] in marked else None
 
     @property

@@ -651,6 +651,8 @@ class Assembler:
             if extra.pop("_keep_input", False):
                 step["input"] = self._field(_plain(run.inputs))
             step["output"] = self._field(_plain(outputs)) if outputs is not None else None
+            if "handoff" in extra:  # `Middleware`'s step for a hook's handoff (`Trajectory.handed_off_to`)
+                step["extra"].update(synthesised=True, handoff=extra["handoff"])
         return step
 
     def _model_step(self, step: dict[str, Any], run: _Run, outputs: Any) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import sys
 import time
+from types import FrameType
 from typing import Any
 from uuid import UUID
 
@@ -40,8 +41,9 @@ class CallbackHandler(GraphCallbackHandler):
 
     A run paused at an interrupt shows as a node ending with `GraphInterrupt`; passed in the
     config (not through `instrument()`'s hook, which LangGraph leaves out of its graph callbacks),
-    the handler also hears LangGraph's `on_interrupt`, which adds static `interrupt_before/after`
-    pauses and the checkpoint to resume from.
+    the handler also hears LangGraph's `on_interrupt`, which adds the checkpoint to resume from. A
+    static `interrupt_before/after` pause raises nothing a callback sees and ends the run as if it
+    were done, so a graph run with breakpoints is asked at its end whether it stopped at one.
     """
 
     run_inline = True
@@ -59,6 +61,8 @@ class CallbackHandler(GraphCallbackHandler):
         # labelled itself (an agent invoked in a request handler, in a node) carries another.
         self._root_labels: dict[UUID, Any] = {}
         self._root_label_ids: dict[int, UUID] = {}
+        # Root graph runs with static breakpoints -> the `stream`/`astream` frame running them.
+        self._breakpoint_runs: dict[UUID, FrameType] = {}
 
     # -- chains (graphs, nodes, agents) --------------------------------------------------------
 
@@ -73,7 +77,10 @@ class CallbackHandler(GraphCallbackHandler):
             # them now (the labels: `_started`).
             inputs = snapshot(inputs)
             if serialized is None:  # how LangGraph starts a graph's run
-                keys = streamed_output_keys()
+                frame = _graph_stream_frame()
+                keys = streamed_output_keys(frame)
+                if frame is not None and _has_breakpoints(frame) and len(self._breakpoint_runs) < _MAX_ROOTS:
+                    self._breakpoint_runs[kwargs["run_id"]] = frame
                 self._started(CHAIN, name, inputs, keys and {"output_keys": keys}, **kwargs)
                 return
         self._started(CHAIN, name, inputs, None, **kwargs)
@@ -148,12 +155,18 @@ class CallbackHandler(GraphCallbackHandler):
     def _failed(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         if self._root_labels and run_id in self._root_labels:
             self._root_ended(run_id)
+        if self._breakpoint_runs:
+            self._breakpoint_runs.pop(run_id, None)
         if self.enabled:
             self.recorder.emit((ERROR, run_id, None, time.time(), error))
 
     def on_chain_end(self, outputs: Any, *, run_id: UUID, **kwargs: Any) -> None:
         if self._root_labels and run_id in self._root_labels:
             self._root_ended(run_id)
+        frame = self._breakpoint_runs.pop(run_id, None) if self._breakpoint_runs else None
+        checkpoint = _breakpoint_checkpoint(frame) if frame is not None else None
+        if checkpoint is not None and self.enabled:  # paused, not done: resumed by `invoke(None)`
+            self.recorder.emit((INTERRUPT, run_id, None, time.time(), ([], checkpoint or None)))
         if self.enabled:  # a node's or the run's state: changed in place later, by nodes or the caller
             self.recorder.emit((END, run_id, None, time.time(), snapshot(outputs)))
 
@@ -173,31 +186,61 @@ class CallbackHandler(GraphCallbackHandler):
             self.recorder.emit((INTERRUPT, event.run_id, None, time.time(), payload))
 
 
-def streamed_output_keys(depth: int = 8) -> str | list[str] | None:
-    """The graph's output channels when the LangGraph run starting now was *streamed*: its end
-    event then carries every channel (LangGraph streams `stream_channels`), where an invoked run
-    carries the output schema's. The stored output must be the same either way (a verifier reads
-    it), so the root's end is cut down to these. Found on the caller's frames (the graph's
-    `stream`/`astream`, which starts the run); None when invoked, or when it cannot tell."""
+def _graph_stream_frame(depth: int = 8) -> FrameType | None:
+    """The frame of the LangGraph `stream`/`astream` (`invoke` streams too) starting the run now,
+    found on the caller's frames (the handler's caller's); None when it cannot tell."""
     main = sys.modules.get("langgraph.pregel.main")
     try:
-        frame = sys._getframe(2)
+        frame: FrameType | None = sys._getframe(2)
     except ValueError:
         return None
     for _ in range(depth):
         if frame is None or main is None:
             return None
-        if frame.f_code.co_name in ("stream", "astream"):
-            local = frame.f_locals
-            graph, streamed = local.get("self"), local.get("output_keys")
-            if isinstance(graph, main.Pregel):
-                wanted = graph.output_channels
-                same = wanted == streamed or (
-                    not isinstance(wanted, str) and list(wanted) == list(streamed or ())
-                )
-                return None if same else (wanted if isinstance(wanted, str) else list(wanted))
+        if frame.f_code.co_name in ("stream", "astream") and isinstance(
+            frame.f_locals.get("self"), main.Pregel
+        ):
+            return frame
         frame = frame.f_back
     return None
+
+
+def streamed_output_keys(frame: FrameType | None) -> str | list[str] | None:
+    """The graph's output channels when the LangGraph run starting in `frame` was *streamed*: its
+    end event then carries every channel (LangGraph streams `stream_channels`), where an invoked
+    run carries the output schema's. The stored output must be the same either way (a verifier
+    reads it), so the root's end is cut down to these. None when invoked, or when it cannot tell."""
+    if frame is None:
+        return None
+    local = frame.f_locals
+    graph, streamed = local.get("self"), local.get("output_keys")
+    wanted = graph.output_channels
+    same = wanted == streamed or (not isinstance(wanted, str) and list(wanted) == list(streamed or ()))
+    return None if same else (wanted if isinstance(wanted, str) else list(wanted))
+
+
+def _has_breakpoints(frame: FrameType) -> bool:
+    """Whether the graph run starting in `frame` has static breakpoints (its own or the call's)."""
+    local = frame.f_locals
+    return bool(local.get("interrupt_before_") or local.get("interrupt_after_"))
+
+
+def _breakpoint_checkpoint(frame: FrameType) -> str | None:
+    """The checkpoint a graph run ending now in `frame` paused at, when its loop stopped at a
+    static breakpoint ("" when it has no id); None when it ran to its end. The loop says which
+    (`status`); LangGraph tells only handlers in the invocation's config (`on_interrupt`). An
+    `interrupt_after` its last node reached has nothing left to resume: the run is done."""
+    try:
+        loop = frame.f_locals.get("loop")
+        if getattr(loop, "status", None) not in ("interrupt_before", "interrupt_after"):
+            return None
+        if not getattr(loop, "tasks", None):
+            return None
+        checkpoint = getattr(loop, "checkpoint", None)
+        found = checkpoint.get("id") if isinstance(checkpoint, dict) else None
+        return str(found) if found else ""
+    except Exception:  # a LangGraph whose loop reads otherwise: the run is stored as it ended
+        return None
 
 
 def frozen_labels(labels: dict[str, Any]) -> dict[str, Any]:

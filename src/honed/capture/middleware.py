@@ -125,10 +125,26 @@ register_configure_hook(_model_ran, inheritable=True)  # the chat model's callba
 class _Live:
     """A trajectory (or a subagent's node step) a middleware has open in this process."""
 
-    __slots__ = ("ended_at", "failed", "final", "owner", "root", "root_graph", "root_task", "whole")
+    __slots__ = (
+        "ended_at",
+        "failed",
+        "final",
+        "namespace",
+        "owner",
+        "root",
+        "root_graph",
+        "root_task",
+        "whole",
+    )
 
     def __init__(
-        self, root: RootRun | None, whole: bool, root_graph: bool, owner: int = 0, root_task: bool = False
+        self,
+        root: RootRun | None,
+        whole: bool,
+        root_graph: bool,
+        owner: int = 0,
+        root_task: bool = False,
+        namespace: str = "",
     ) -> None:
         self.root = root  # the root run it is open under
         self.whole = whole  # a trajectory, not a subagent's step inside one
@@ -142,6 +158,9 @@ class _Live:
         # waiting for the root's end.
         self.ended_at: float | None = None
         self.failed = False  # one of its own calls raised (not a later agent's)
+        # Its graph's checkpoint namespace ("" for a root graph): a handoff another middleware's
+        # hook makes names it (`RootRun.handoffs`).
+        self.namespace = namespace
 
 
 # A hook that finds its trajectory missing here, or open under another root run, belongs to a run
@@ -274,7 +293,8 @@ class Middleware(AgentMiddleware):
                 (CHAIN, name, inputs, metadata, config.get("tags"), extra),
             )
         )
-        self._track(trajectory_id, _Live(root, parent is None, root_graph, id(self), root_task))
+        live = _Live(root, parent is None, root_graph, id(self), root_task, _graph_namespace(config))
+        self._track(trajectory_id, live)
         return {"honed_trajectory": trajectory_id}
 
     def _close(self, state: HonedState) -> None:
@@ -358,7 +378,10 @@ class Middleware(AgentMiddleware):
                 metadata["honed"] = frozen_labels(metadata["honed"])
             extra = {"thread_id": root.thread_id if root is not None else None}
             self.recorder.emit((RESUME, trajectory_id, None, now, (name, resume, metadata, extra)))
-            self._track(trajectory_id, _Live(root, True, _is_root_graph(root, config), id(self)), locked=True)
+            live = _Live(
+                root, True, _is_root_graph(root, config), id(self), namespace=_graph_namespace(config)
+            )
+            self._track(trajectory_id, live, locked=True)
             return trajectory_id
 
     def _replay(self, old_id: str, root: RootRun, config: dict[str, Any]) -> str:
@@ -374,7 +397,9 @@ class Middleware(AgentMiddleware):
         key = (root.run_id, old_id)
         _replayed[key] = trajectory_id
         root.on_end(lambda run, error: _replayed.pop(key, None))
-        self._track(trajectory_id, _Live(root, True, False, id(self)), locked=True)
+        self._track(
+            trajectory_id, _Live(root, True, False, id(self), namespace=_graph_namespace(config)), locked=True
+        )
         return trajectory_id
 
     def _track(self, trajectory_id: str, live: _Live, *, locked: bool = False) -> None:
@@ -405,6 +430,13 @@ class Middleware(AgentMiddleware):
             if live.final is None and (error is None or isinstance(error, GraphBubbleUp)):
                 self.recorder.emit((END, trajectory_id, None, now, None))
             return
+        if (
+            live.ended_at is None
+            and live.final is None
+            and live.namespace
+            and live.namespace in root.handoffs
+        ):
+            self._hook_handed_on(trajectory_id, live, *root.handoffs[live.namespace])
         if (
             live.ended_at is not None
             and live.final is not None
@@ -441,6 +473,19 @@ class Middleware(AgentMiddleware):
             self.recorder.emit((END, trajectory_id, None, now, None))
         else:
             self.recorder.emit((ERROR, trajectory_id, None, now, error))
+
+    def _hook_handed_on(self, trajectory_id: str, live: _Live, command: Command, when: float) -> None:
+        """The agent's turn ended with a handoff no tool made: another middleware's hook returned
+        a `Command` to the parent graph (a router after the model). Its end hook never ran, as for
+        a pause, yet nothing waits to resume: it ends as a tool's handoff does, with a step that
+        says where it went (`Trajectory.handed_off_to` reads it)."""
+        goto = command.goto
+        step_id = str(uuid7())
+        handoff = {"synthesised": True, "handoff": goto[:200] if isinstance(goto, str) else None}
+        payload = (CHAIN, "handoff", None, {"langgraph_node": "handoff"}, None, handoff)
+        self.recorder.emit((START, step_id, trajectory_id, when, payload))
+        self.recorder.emit((END, step_id, None, when, command))
+        live.final, live.ended_at = {HANDOFF_KEY: goto}, when
 
     def _claims_run(self, config: dict[str, Any]) -> bool:
         """Whether this middleware captures the run. A honed handler may already see it: a
@@ -769,6 +814,20 @@ def _checkpoint_of(runtime: Any, config: dict[str, Any]) -> dict[str, Any]:
     thread = getattr(info, "thread_id", None) or configurable.get("thread_id")
     checkpoint = getattr(info, "checkpoint_id", None) if thread else None
     return {"thread_id": None if thread is None else str(thread), "checkpoint_id": checkpoint}
+
+
+def _graph_namespace(config: dict[str, Any]) -> str:
+    """The checkpoint namespace of the graph a hook runs in, as LangGraph names it in a `Command`
+    to its parent (`_checkpoint_ns_for_parent_command`): the hook's own, less its last segment
+    and the numeric selectors around it ("" in a root graph)."""
+    parts = str((config.get("configurable") or {}).get("checkpoint_ns") or "").split("|")
+    while parts and parts[-1].isdigit():
+        parts.pop()
+    if parts:
+        parts.pop()
+    while parts and parts[-1].isdigit():
+        parts.pop()
+    return "|".join(parts)
 
 
 def _is_root_graph(root: RootRun | None, config: dict[str, Any]) -> bool:

@@ -6,20 +6,25 @@ in (its hooks see the state, the conversation's history included) and a pause at
 process-wide, the way `instrument()` registers its own, watches only root runs and their direct
 children and tells the middleware. LangGraph's own `GraphCallbackHandler.on_interrupt` would say
 it directly, but it only reaches handlers passed in the invocation's config, never a configure
-hook's: a node of the root that ends with `GraphInterrupt` is how the pause shows instead.
+hook's: a node of the root that ends with `GraphInterrupt` is how the pause shows instead. A third:
+an agent's turn that a hook of another middleware ends by handing the conversation on
+(`Command(goto=..., graph=Command.PARENT)`), which honed's hooks never see; the `ParentCommand` it
+raises, on its way up to the graph that takes it, is how that shows.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any
 from uuid import UUID
 
 from langchain_core.callbacks import BaseCallbackHandler
-from langgraph.errors import GraphInterrupt
+from langgraph.errors import GraphInterrupt, ParentCommand
+from langgraph.types import Command
 
 from honed.capture.events import snapshot
 
@@ -31,10 +36,21 @@ _register_lock = threading.Lock()
 
 
 class RootRun:
-    """One top-level run: `inputs` as the caller gave them, the interrupts its nodes raised, and
-    callbacks to call when it ends (with the exception it ended with, or None)."""
+    """One top-level run: `inputs` as the caller gave them, the interrupts its nodes raised, the
+    graphs inside it that handed the conversation on, and callbacks to call when it ends (with the
+    exception it ended with, or None)."""
 
-    __slots__ = ("_on_end", "forked", "inputs", "interrupts", "labels", "outputs", "run_id", "thread_id")
+    __slots__ = (
+        "_on_end",
+        "forked",
+        "handoffs",
+        "inputs",
+        "interrupts",
+        "labels",
+        "outputs",
+        "run_id",
+        "thread_id",
+    )
 
     def __init__(
         self, run_id: UUID, thread_id: str | None, inputs: Any, *, forked: bool = False, labels: Any = None
@@ -46,6 +62,9 @@ class RootRun:
         self.labels = labels  # the `honed` metadata it was given: what runs inside it inherit
         self.outputs: Any = None
         self.interrupts: list[Any] = []
+        # The checkpoint namespace of a graph that handed the conversation to its parent graph ->
+        # (the `Command`, when): its first `ParentCommand` on the way up, by whatever raised it.
+        self.handoffs: dict[str, tuple[Command, float]] = {}
         self._on_end: list[Callable[[RootRun, BaseException | None], None]] = []
 
     def on_end(
@@ -122,6 +141,8 @@ class RootWatcher(BaseCallbackHandler):
         if parent_run_id is None:
             self._ended(run_id, error)
             return
+        if isinstance(error, ParentCommand):
+            _handed_on(error)
         root = self._roots.get(parent_run_id)
         if root is not None and isinstance(error, GraphInterrupt):
             root.interrupts.extend(error.args[0] if error.args else ())
@@ -137,3 +158,15 @@ class RootWatcher(BaseCallbackHandler):
                 callback(root, error)
             except Exception:
                 log.exception("honed: could not finish a capture at the end of its run")
+
+
+def _handed_on(error: ParentCommand) -> None:
+    """Note a handoff on the root it happens under. LangGraph rewrites the `Command`'s `graph` from
+    `Command.PARENT` to the namespace of the graph that hands on before raising it further, so the
+    namespace names the agent whose turn it ends (`honed.Middleware` knows its own)."""
+    root = _current.get()
+    command = error.args[0] if error.args else None
+    if root is None or not isinstance(command, Command) or not isinstance(command.graph, str):
+        return
+    if command.graph != Command.PARENT:
+        root.handoffs.setdefault(command.graph, (command, time.time()))
