@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -421,3 +422,56 @@ def test_json_schema_fails_unreadable_answers_and_checks_the_nested_field_not_a_
     ).passed
     assert check(JsonSchema(schema), traj("s", "{not json", expected={"a": 1})).passed is False
     assert check(JsonSchema(schema), traj("s", '{"paid": true}', expected={"paid": 1})).passed is False
+
+
+def test_an_answer_that_makes_the_applications_pattern_backtrack_is_not_judged_and_frees_the_worker() -> None:
+    """A QA pass (session 24): the application's regex (a reference, or a JSON Schema `pattern`)
+    matched against an answer the agent chose to make it backtrack held the GIL for ever: the
+    worker's timeout, its lease renewal and its signal handlers never ran, and each worker that
+    claimed the run froze in turn. Now the match has a deadline (and lets other threads run): past
+    it the verdict is "could not tell", never a pass."""
+    import threading
+    import time
+
+    from honed.verifiers import patterns
+
+    hostile = "a" * 60 + "b"
+    ticks: list[float] = []
+    stop = threading.Event()
+
+    def tick() -> None:  # another thread of the worker (its lease renewal) must keep running
+        while not stop.is_set():
+            ticks.append(time.perf_counter())
+            time.sleep(0.05)
+
+    threading.Thread(target=tick, daemon=True).start()
+    started = time.perf_counter()
+    try:
+        by_reference = check(ReferenceMatch(), traj("r", hostile, expected=r"^(a|aa)+$", match="regex"))
+        schema = {"type": "object", "properties": {"name": {"type": "string", "pattern": r"^(a|aa)+$"}}}
+        by_schema = check(JsonSchema(schema), traj("s", json.dumps({"name": hostile})))
+        by_key = check(JsonSchema({"type": "object", "patternProperties": {r"^(a|aa)+$": {"type": "integer"}}}),
+                       traj("k", json.dumps({hostile: "not an integer"})))  # fmt: skip
+    finally:
+        stop.set()
+    elapsed = time.perf_counter() - started
+    for v in (by_reference, by_schema, by_key):
+        assert v.passed is None and "backtracks" in v.reason, v.reason
+    assert elapsed < 4 * patterns.PATTERN_TIMEOUT_S + 2
+    assert len(ticks) > elapsed / 0.05 / 3  # the other thread ran meanwhile
+    # The same patterns still judge ordinary answers.
+    assert check(ReferenceMatch(), traj("r", "aaa", expected=r"^(a|aa)+$", match="regex")).passed is True
+    assert check(JsonSchema(schema), traj("s", json.dumps({"name": "aab"}))).passed is False
+
+
+def test_an_anchored_reference_pattern_reads_the_whole_answer() -> None:
+    """A QA pass (session 24): only the answer's first 10,000 characters were searched, so `$`
+    matched where they were cut: digits followed by prose passed `^\\d+$`."""
+    digits_then_prose = "7" * 10_000 + " -- actually I could not compute it"
+    assert (
+        check(ReferenceMatch(), traj("t", digits_then_prose, expected=r"^\d+$", match="regex")).passed
+        is False
+    )
+    ends = "x" * 9_998 + "42 is wrong, the answer is 41"
+    assert check(ReferenceMatch(), traj("t", ends, expected=r"42\s*$", match="regex")).passed is False
+    assert check(ReferenceMatch(), traj("t", "7" * 20_000, expected=r"^\d+$", match="regex")).passed is True

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from functools import lru_cache
+from functools import cache, lru_cache
 from typing import Any, NamedTuple
 
 from honed.trajectory import STRUCTURED_KEY, Trajectory, Verdict, is_truncated
+from honed.verifiers import patterns
 from honed.verifiers.outcome import agent_failed, final_output, tool_call_args
 from honed.verifiers.protocol import BaseVerifier, CannotTell, verdict
 from honed.verifiers.reference import answer_json, json_equal, parse_json
@@ -154,7 +155,31 @@ def _jsonschema_validator(schema: dict[str, Any]) -> Any:
         cls.check_schema(schema)
     except jsonschema.SchemaError as exc:
         raise CannotTell(f"the schema itself is invalid: {exc.message}") from exc
-    return cls(schema, format_checker=cls.FORMAT_CHECKER)
+    bounded = _bounded_patterns(cls)
+    return bounded(schema, format_checker=cls.FORMAT_CHECKER)
+
+
+@cache
+def _bounded_patterns(cls: Any) -> Any:
+    """`cls` with its `pattern` and `patternProperties` matched within a deadline
+    (`honed.verifiers.patterns`): the schema's pattern is the application's, the string it is
+    matched against the agent's, and jsonschema's `re.search` could be made to run for ever."""
+    import jsonschema
+
+    def pattern(validator: Any, wanted: str, instance: Any, schema: dict[str, Any]) -> Any:
+        if validator.is_type(instance, "string") and not patterns.search(wanted, instance):
+            yield jsonschema.ValidationError(f"{instance!r} does not match {wanted!r}")
+
+    def pattern_properties(validator: Any, properties: dict[str, Any], instance: Any, schema: Any) -> Any:
+        if not validator.is_type(instance, "object"):
+            return
+        for wanted, subschema in properties.items():
+            for key, value in instance.items():
+                if patterns.search(wanted, key):
+                    yield from validator.descend(value, subschema, path=key, schema_path=wanted)
+
+    keywords = {"pattern": pattern, "patternProperties": pattern_properties}
+    return jsonschema.validators.extend(cls, {k: v for k, v in keywords.items() if k in cls.VALIDATORS})
 
 
 def _pydantic_errors(model: type, data: Any) -> list[dict[str, Any]]:
