@@ -892,6 +892,13 @@ ORDINARY = [
     "OPENAI_KEY = os.environ[\"OPENAI_KEY\"]\nSTRIPE_KEY = config['stripe']['key']\nOPENAI_KEY = cfg.openai[0]",
     "Pass the API key to OpenAIEmbeddings. Store the password to MySQLDatabase. token: GitHubGraphQL",
     "render_pass = MTLRenderPassDescriptor\nbloom_pass: UnrealBloomPassHDR",
+    # What session 24's rules (one-time codes, PINs, .pgpass lines, crypt hashes, passphrases) must leave.
+    "The password is: not set. The passphrase is: too short, try again.",
+    "le mot de passe est incorrect; pass: true\npass: 3\nbypass: enabled",
+    "uptime 12:30:45:00:05\naa:bb:cc:dd:ee:ff\nlocalhost:5432:postgres",
+    "It costs $1$ or $5 each; see $HOME/$USER and the $2 column",
+    '{"status_code": "200", "error_code": "E42", "zip_code": "10115", "promo_code": "WINTER2024"}',
+    "{'pin': {'lat': 48.1, 'lng': 11.5}, 'otp': 'yes'} and the secret sauce is AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
 ]
 
 
@@ -1267,3 +1274,46 @@ def test_json_text_and_tables_are_redacted_once_in_linear_time_and_kept_readable
     assert "[REDACTED:error]" not in Redactor().redact_text(deep)
     prose = "Set your new password; then log in.\nUse the link below; it expires in an hour.\n"
     assert Redactor().redact_text(prose) == prose
+
+
+@pytest.mark.parametrize(
+    ("text", "secret"),
+    [
+        (
+            "use access key AKIAIOSFODNN7EXAMPLE with secret wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+            "wJalrXUtnFEMI",
+        ),
+        (
+            "access key AKIAQ3EGRL7Y2XW4ZB5N, secret key 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",
+            "9dXk2Lq8Vn4Rt7",
+        ),
+        ("database:\n  credentials:\n    user: app\n    pass: Qm7vT2xK9pLw4\n", "Qm7vT2xK9pLw4"),
+        (
+            "https://api.telegram.org/bot7012345678:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw/sendMessage",
+            "AAHdqTcvCH1v",
+        ),
+        ("db.internal:5432:prod:app:Qm7vT2xK9pLw5", "Qm7vT2xK9pLw5"),
+        ("*:*:*:replicator:s3cret-Pw", "s3cret-Pw"),
+        ("The password is: purple monkey dishwasher 42", "purple monkey"),
+        ("The password is: correct horse battery staple.", "horse battery"),
+        ("le mot de passe est Tr0ub4dor3xyz", "Tr0ub4dor3xyz"),
+        ("admin:$apr1$abc$Tr0ub4dor3xyzTr0ub4d", "Tr0ub4dor3xyz"),
+        ("root:$6$rounds=5000$saltsalt$Qm7vT2xK9pLw4Qm7vT2xK9pLw4:19000:0:99999:7:::", "Qm7vT2xK9pLw4"),
+        ('call login {"otp": "Qm7vT2xK9pLw6", "pin_code": "4821"}; answer done', "Qm7vT2xK9pLw6"),
+        ('call login {"otp": "Qm7vT2xK9pLw6", "pin_code": "4821"}; answer done', "4821"),
+    ],
+)
+def test_secrets_a_qa_pass_found_at_rest_are_redacted(text: str, secret: str) -> None:
+    """A QA pass (session 24): an AWS secret key in prose, a YAML `pass:`, a Telegram bot token in
+    its API's URL, a `.pgpass` line, a passphrase of words after a colon, French, crypt(3) hashes,
+    and a one-time code or PIN quoted in a message were all stored as they were."""
+    assert secret not in Redactor().redact_text(text)
+
+
+def test_one_time_codes_pins_and_card_codes_are_secret_names() -> None:
+    """... and as the keys of a tool's arguments: `otp`, `pin_code`, `mfa_code`, `cvv`."""
+    args = {"otp": "Qm7vT2xK9pLw6", "pin_code": 4821, "mfa_code": "123456", "cvv": "123", "pin": "0000"}
+    redacted = Redactor().redact(args)
+    assert all(str(v).startswith("[REDACTED") for v in redacted.values()), redacted
+    kept = {"pin": {"lat": 48.1, "lng": 11.5}, "zip_code": "10115", "error_code": "E42"}
+    assert Redactor().redact(kept) == kept

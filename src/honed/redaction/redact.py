@@ -561,6 +561,8 @@ def _holds_secret(value: Any, name: str = "") -> bool:
     """
     if value is None or value == "" or type(value) is bool:
         return False
+    if name.lower() == "pin" and type(value) not in (str, int):
+        return False  # a map's pin (`{"pin": {"lat": ...}}`), not a PIN
     if name[-4:].lower() != "pass":
         return True
     return type(value) is str and value.lower() not in _VERDICTS
@@ -626,6 +628,12 @@ _SECRET_KEYS = {
         ("rootpw", "rootpass", "dbpass", "dbpw", "adminpass", "adminpw", "motdepasse"), "password"
     ),
     **dict.fromkeys(("mnemonicphrase", "seedphrase", "totp", "totpseed", "otpseed", "mfaseed"), "secret"),
+    # One-time and card codes, PINs (a QA pass, session 24: a login tool's `otp` and `pin_code` were stored).
+    **dict.fromkeys(
+        ("pin", "pincode", "pinnumber", "otp", "otpcode", "totpcode", "mfacode", "twofactorcode", "tfacode"),
+        "password",
+    ),
+    **dict.fromkeys(("cvv", "cvv2", "cvc", "cvc2", "cardcvv", "cardcvc", "cardsecuritycode"), "password"),
     "bearer": "bearer",
     **dict.fromkeys(("apikey", "xapikey", "apitoken", "xgoogapikey"), "api_key"),
     **dict.fromkeys(("authorization", "proxyauthorization", "auth", "xauth", "basicauth"), "authorization"),
@@ -712,6 +720,17 @@ _LAST_WORDS = {
     ("recovery", "phrase"): "secret",
     ("seed", "phrase"): "secret",
     ("mot", "de", "passe"): "password",
+    **dict.fromkeys(
+        (
+            ("pin", "code"),
+            ("pin", "number"),
+            ("otp", "code"),
+            ("totp", "code"),
+            ("mfa", "code"),
+            ("mfa", "token"),
+        ),
+        "password",
+    ),
     **dict.fromkeys(
         (("recovery", "code"), ("recovery", "codes"), ("backup", "code"), ("backup", "codes")), "secret"
     ),
@@ -862,7 +881,11 @@ _ANCHORS = re.compile(
     r"|\.(?:(?<=hv[sbr]\.)|(?<=ya29\.))|/(?:(?<=1//)(?=0)|(?<=/api/)(?=webhooks/))"
     r"|=(?:(?<=sig=)|(?<=Signature=)|(?<=signature=))"
     r"|A(?:KIA|SIA|BIA|CCA|3T|Iza|KC|ccountKey)|PRIVATE KEY|GR1348941|SG\.|J(?<=eyJ)"
-    r"|:(?:(?=//[^\s/?#@]*@)|(?=AA[0-9A-Za-z_-]{33})|(?=//hooks\.slack\.com/))|%(?:(?<=sk%)(?=2[Dd])|(?=3[Aa]%2[Ff]%2[Ff]))"
+    r"|:(?:(?=//[^\s/?#@]*@)|(?=AA[0-9A-Za-z_-]{30})|(?=//hooks\.slack\.com/)"
+    # a `.pgpass` line (`host:port:db:user:PASSWORD`)
+    r"|(?=(?:\d{1,5}|\*):[^\s:]+:[^\s:]+:[^\s:]))"
+    # a crypt(3) hash (`$apr1$`, `$2b$`, `$6$`, `$y$`, `$argon2id$`)
+    r"|\$(?=(?:apr1|2[abxy]|1|5|6|7|y|gy|argon2(?:id|i|d))\$)|%(?:(?<=sk%)(?=2[Dd])|(?=3[Aa]%2[Ff]%2[Ff]))"
     # Vendor tokens detect-secrets knows by shape: Twilio `SK` + 32 hex, Mailchimp `<32 hex>-us<N>`,
     # Discord bot tokens (`<24-26>.<6>.<27+>`); Telegram's `<id>:AA...` is the `:` branch above.
     r"|S(?=K[0-9a-fA-F]{32})|-(?=us[0-9])(?<=[0-9a-f]{32}-)"
@@ -903,6 +926,17 @@ _KEYWORDS = (
     "haslo",
     "losenord",
     "salasana",
+    "mot de passe",
+    "pass:",
+    "pass=",
+    # a one-time code's or a PIN's key quoted in text (`{"otp": "..."}` in a message)
+    'otp"',
+    "otp'",
+    'pin"',
+    "pin'",
+    '_code"',
+    'cvv"',
+    'cvc"',
 )
 _KEYWORDS_NOT_ASCII = ("пароль", "密码", "密碼", "パスワード", "비밀번호", "hasło", "lösenord", "contraseña")
 
@@ -1393,6 +1427,78 @@ def _random_group(group: int, kind: str) -> Callable[[re.Match[str]], str]:
         return _splice(m, group, _marker(kind)) if _random_shaped(m.group(group)) else m.group(0)
 
     return replace
+
+
+def _pgpass_line(m: re.Match[str]) -> str:
+    """`host:port:database:user:PASSWORD`, a whole line of a `.pgpass` file: its host, database
+    and user are names (a letter in each, or `*`), so times and addresses stay."""
+    line_start = m.string.rfind("\n", 0, m.start()) + 1
+    host = m.string[line_start : m.start()].strip()
+    named = all(f == "*" or any(c.isalpha() for c in f) for f in (host, m.group(1), m.group(2)))
+    if not named or not re.fullmatch(r"[\w.*\[\]-]+", host):
+        return m.group(0)
+    return _splice(m, 3, _marker("password"))
+
+
+# Words that say what a password is like, not what it is: "the password is: not set", "... is: too short".
+_NOT_A_PASSPHRASE = frozenset(
+    (
+        "not", "no", "required", "incorrect", "invalid", "wrong", "missing", "empty", "hidden", "unset", "set",
+        "too", "the", "a", "an", "your", "my", "at", "in", "on", "stored", "sent", "reset", "changed", "expired",
+        "case", "between", "must", "should", "will", "can", "cannot", "needed", "optional", "same", "different",
+        "weak", "strong", "valid", "saved", "encrypted", "hashed", "unknown", "shown", "below", "above",
+    )
+)  # fmt: skip
+
+
+def _passphrase_after_colon(m: re.Match[str]) -> str:
+    """ "The password is: purple monkey dishwasher 42": words after a colon are the password
+    (a QA pass, session 24: only one word shaped as a credential was looked for); "is: not set",
+    "is: too short" say something of it and stay."""
+    words = m.group(2).split()
+    if not 2 <= len(words) <= 8 or words[0].lower().strip(".,!") in _NOT_A_PASSPHRASE:
+        return m.group(0)
+    if any(len(w) > 32 for w in words):
+        return m.group(0)
+    return _splice(m, 2, _marker("password"))
+
+
+_QUOTED_NAME = re.compile(r"[\"']([A-Za-z][\w-]{0,63})\Z")
+
+
+def _quoted_named_value(m: re.Match[str]) -> str:
+    quoted = _QUOTED_NAME.search(m.string, max(0, m.start() - 65), m.start())
+    kind = secret_key_kind(quoted.group(1)) if quoted is not None else None
+    value = m.group(2)
+    if kind is None or not _holds_secret(value, quoted.group(1)) or value.lower() in _VERDICTS:
+        return m.group(0)
+    return _splice(m, 2, _marker(kind))
+
+
+def _telegram_token(m: re.Match[str]) -> str:
+    before = m.string[max(0, m.start() - 12) : m.start()]
+    digits = len(before) - len(before.rstrip("0123456789"))
+    return ":" + _marker("telegram_bot_token") if 6 <= digits <= 12 else m.group(0)
+
+
+def _unquoted_pass(m: re.Match[str]) -> str:
+    value = m.group(2)
+    return _splice(m, 2, _marker("password")) if _credential_shaped(value) else m.group(0)
+
+
+def _french_password(m: re.Match[str]) -> str:
+    value = m.group(1)
+    core = value.rstrip(".")
+    return _splice(m, 1, _marker("password") + value[len(core) :]) if _credential_shaped(core) else m.group(0)
+
+
+def _aws_secret_in_prose(m: re.Match[str]) -> str:
+    value = m.group(1)
+    return (
+        _splice(m, 1, _marker("aws_secret_key"))
+        if _random_shaped(value) or _credential_shaped(value)
+        else m.group(0)
+    )
 
 
 def _sentence_secret(m: re.Match[str]) -> str:
@@ -1983,6 +2089,51 @@ _RULES = (
             "wachtwoord",
             "salasana",
         ),
+    ),
+    # `"<name>": "<value>"` in text (JSON or a dict in a message), the name one `secret_key_kind`
+    # knows: `call login {"otp": "...", "pin_code": "..."}` (a QA pass, session 24).
+    _Rule(
+        rf"[\"'][ \t]*:[ \t]*([\"']){_NOT_REDACTED}([^\"'\r\n]{{1,256}})\1", _quoted_named_value, requires=":"
+    ),
+    # A bot token of Telegram's (`<bot id>:AA...`), in its API's URL or alone; the bot's id stays.
+    _Rule(r":AA[0-9A-Za-z_-]{30,40}(?![\w-])", _telegram_token, requires=":AA"),
+    # A crypt(3) hash (`htpasswd`'s `$apr1$`, bcrypt's `$2b$`, `$6$`, yescrypt's `$y$`, argon2): crackable.
+    _Rule(
+        r"\$(?:apr1|2[abxy]|1|5|6|7|y|gy|argon2(?:id|i|d))\$[./A-Za-z0-9$=,+-]{8,512}+",
+        _marker("password_hash"),
+        requires="$",
+    ),
+    # A `.pgpass` line: `host:port:database:user:PASSWORD`.
+    _Rule(
+        rf"(?m):(?:\d{{1,5}}|\*):([^\s:]{{1,256}}+):([^\s:]{{1,256}}+):{_NOT_REDACTED}(\S{{1,256}}+)$",
+        _pgpass_line,
+        requires=":",
+    ),
+    # YAML's and an INI's unquoted `pass: X` / `pass = X` on a line of its own, X shaped as a credential.
+    _Rule(
+        rf"(?im)(?<![\w.-])pass([ \t]*[:=][ \t]*){_NOT_REDACTED}(?!['\"])([^\s#'\"]{{1,256}}+)[ \t]*$",
+        _unquoted_pass,
+        anchors=("pass",),
+    ),
+    # French: "le mot de passe est X".
+    _Rule(
+        rf"(?i)mot de passe(?: est| :|:)[ \t]+(?:['\"`])?{_NOT_REDACTED}([^\s'\"`,;]{{1,256}}+)",
+        _french_password,
+        anchors=("mot de passe",),
+    ),
+    # Words after a colon: "The password is: purple monkey dishwasher 42".
+    _Rule(
+        rf"(?i)(?<![\w-])(passwor[dt]|passphrase)(?: is| was)?:[ \t]+{_NOT_REDACTED}(?!['\"`])"
+        r"([^\r\n'\"`]{1,160}?)[ \t]*(?=$|\r|\n|[.!?](?:\s|$))",
+        _passphrase_after_colon,
+        anchors=("passwor", "passphrase"),
+    ),
+    # An AWS secret access key in prose: "secret key wJalr...", "with secret wJalr..." (40 characters).
+    _Rule(
+        rf"(?i)secret(?:[ \t]+access)?(?:[ \t]+key)?(?:[ \t]+is)?:?[ \t]+{_NOT_REDACTED}"
+        r"([A-Za-z0-9/+]{40})(?![A-Za-z0-9/+=])",
+        _aws_secret_in_prose,
+        anchors=("secret",),
     ),
     # requests' `auth=("user", "PW")`, `HTTPBasicAuth("user", "PW")`.
     _Rule(
