@@ -2007,3 +2007,21 @@ def test_a_held_out_tasks_workers_stay_held_out_under_a_redaction_hook(sqlite_ur
     runs = honed.open_store(sqlite_url).trajectories()
     assert len(runs) == 2 and all(t.metadata.get("within_task_id") == "ACME-17" for t in runs)
     assert all(HeldOut(task_ids=frozenset({"ACME-17"})).holds(t) for t in runs)
+
+
+def test_a_resume_labelled_held_out_holds_the_whole_run_out(capture: str, sqlite_url: str) -> None:
+    """A QA pass (session 24): a run labelled `train` paused for a human, resumed with labels
+    that say `heldout`: under `instrument()` its metadata said it was held out and its split did
+    not (the store merged the resumed half's metadata, not its split), so it trained; under
+    `Middleware` the resume's labels were dropped. Either way now, the whole run is held out."""
+    from honed.store.select import HeldOut, select_trajectories
+
+    agent = hitl_agent(capture, sqlite_url, InMemorySaver())
+    agent.invoke({"messages": [("user", ADD_TASK)]}, thread("th-held", task_id="t-add", split="train"))
+    resumed = thread("th-held", task_id="t-eval", split="heldout")
+    agent.invoke(Command(resume={"decisions": [{"type": "approve"}]}), resumed)
+    assert honed.flush()
+    store = honed.open_store(sqlite_url)
+    (t,) = store.trajectories()
+    assert (t.status, t.task_id, t.split) == ("ok", "t-add", "heldout")
+    assert HeldOut.of(store).holds(t) and not list(select_trajectories(store))

@@ -448,6 +448,11 @@ class Assembler:
                 and s["extra"].get("tool_call_id")
                 and not s["extra"].get("bubbled")
             }
+            # Labels the resume was given: a held-out split among them holds the whole run out, as
+            # a nested run's do (a QA pass, session 24: dropped here, kept half by the store).
+            labels = metadata.get("honed") if isinstance(metadata, Mapping) else None
+            if labels is not None:
+                self._nested_labels(trajectory, labels)
         else:
             record_id = paused_id or str(root_key)
             value = None if resume is NO_VALUE else {"resume": _plain(resume)}

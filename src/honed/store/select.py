@@ -81,6 +81,8 @@ class HeldOut:
         if isinstance(item, Trajectory):
             # an agent's turn inside a held-out task's run (a Send worker), or a run holding another
             # labelled task's agent (an agent invoked in a request handler: `nested_task_ids`)
+            if item.metadata.get("held_out_by"):
+                return True  # capture saw a held-out label inside it (a nested run, a resume)
             nested = item.metadata.get("nested_task_ids")
             if item.metadata.get("nested_task_ids_cut") and (self.task_ids or self.fraction > 0):
                 return True  # more tasks' agents than were named: one of them may be held out

@@ -997,6 +997,13 @@ def _continue(session: Any, record: dict[str, Any]) -> int:
         for key in ("model_version", "thread_id"):
             if row[key] is not None:
                 values[key] = row[key]
+    if _held_out(row["split"]) and not _held_out(stored.split):
+        # The resumed part was labelled held out (`agent.invoke(Command(resume=...), {"metadata":
+        # {"honed": {"split": "heldout"}}})`): the whole run is (a QA pass, session 24: its
+        # metadata said so, its split did not, and it trained).
+        values["split"] = row["split"]
+        held_by = (row["meta"] or {}).get("held_out_by") or {"task_id": row["task_id"], "split": row["split"]}
+        values["meta"] = {**values.get("meta", stored.meta or {}), "held_out_by": held_by}
     if row["started_at"] < stored.started_at:  # the earlier half arrived second
         values |= {
             "started_at": row["started_at"],
@@ -1005,6 +1012,12 @@ def _continue(session: Any, record: dict[str, Any]) -> int:
         }
     session.execute(update(TrajectoryRow).where(TrajectoryRow.id == target).values(**values))
     return 0
+
+
+def _held_out(split: str | None) -> bool:
+    from honed.store.select import evaluation_split, same_split
+
+    return split is not None and (evaluation_split(split) or same_split(split, HELDOUT))
 
 
 def _continued_id(session: Any, record: dict[str, Any]) -> str | None:
