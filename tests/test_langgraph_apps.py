@@ -2025,3 +2025,40 @@ def test_a_resume_labelled_held_out_holds_the_whole_run_out(capture: str, sqlite
     (t,) = store.trajectories()
     assert (t.status, t.task_id, t.split) == ("ok", "t-add", "heldout")
     assert HeldOut.of(store).holds(t) and not list(select_trajectories(store))
+
+
+def test_a_retry_after_a_failure_is_an_attempt_at_the_same_task(capture: str, sqlite_url: str) -> None:
+    """A QA pass (session 24): a tool failed, and the app retried from the last checkpoint with
+    `invoke(None, config)`, as LangGraph documents. The retry was stored as an `ok` run of no task
+    (`null` under `instrument()`, `{"resume": null}` under `Middleware`): a verifier judged an
+    answer to nothing. Now, under both, it is an attempt of its own at the failed run's task,
+    `replayed_from` it; the failed run stays as it ended."""
+    failing = [True]
+
+    @tool
+    def flaky(a: int, b: int) -> int:
+        """Add two numbers; the service is down the first time."""
+        if failing[0]:
+            failing[0] = False
+            raise ConnectionError("upstream down")
+        return a + b
+
+    agent = create_agent(
+        ToolScriptModel(), [flaky], name="calc", middleware=capture_middleware(capture, sqlite_url),
+        checkpointer=InMemorySaver(),
+    )  # fmt: skip
+    config = thread("th-retry", task_id="t-flaky", split="train")
+    task = 'call flaky {"a": 2, "b": 3}; answer the sum is {result}'
+    with pytest.raises(ConnectionError):
+        agent.invoke({"messages": [("user", task)]}, config)
+    agent.invoke(None, config)
+    assert honed.flush()
+    runs = honed.open_store(sqlite_url).trajectories(oldest_first=True)
+    failed, retry = runs
+    assert failed.status == "error" and "upstream down" in failed.error
+    assert (retry.status, retry.answer, retry.metadata.get("replayed_from")) == (
+        "ok",
+        "the sum is 5",
+        failed.id,
+    )
+    assert (retry.task_id, retry.split, retry.task) == ("t-flaky", "train", failed.task)

@@ -150,6 +150,8 @@ class Assembler:
         self._closed_set: set[Any] = set()
         self._paused: OrderedDict[str, dict[str, Any]] = OrderedDict()  # trajectory id -> record
         self._paused_on_thread: dict[str, str] = {}  # thread id -> its paused trajectory's id
+        # thread id -> the trajectory whose run failed on it last: `invoke(None, config)` retries it
+        self._failed_on_thread: OrderedDict[str, str] = OrderedDict()
         self.ignored_events = 0
 
     @property
@@ -272,19 +274,29 @@ class Assembler:
         if parent is None:
             resume = _resume_value(inputs)
             thread_id = _thread_of(metadata, extra)
+            retried = None
             if (
                 resume is NO_VALUE
                 and inputs is None
-                and thread_id in self._paused_on_thread
+                and (thread_id in self._paused_on_thread or thread_id in self._failed_on_thread)
                 and not (metadata or {}).get("checkpoint_id")
             ):
-                resume = None  # `invoke(None, config)`: LangGraph's way on past a static breakpoint
+                # `invoke(None, config)`: LangGraph's way on past a static breakpoint, or to retry
+                # a run that failed from its last checkpoint (stored as an attempt of its own with
+                # the failed run's task, `replayed_from` it: a QA pass, session 24, found it
+                # stored with no task at all, an answer to nothing).
+                resume = None
+                if thread_id not in self._paused_on_thread:
+                    retried = self._failed_on_thread.pop(thread_id, None)
             if resume is not NO_VALUE:
                 paused = self._paused_on_thread.pop(thread_id, None) if thread_id else None
-                trajectory = self._continuation(run_id, paused, name, resume, metadata, tags, extra, when)
+                trajectory = self._continuation(
+                    run_id, paused or retried, name, resume, metadata, tags, extra, when
+                )
             else:
                 if thread_id:  # a new turn: a pause left unanswered on this thread stays paused
                     self._paused_on_thread.pop(thread_id, None)
+                    self._failed_on_thread.pop(thread_id, None)
                 record = self._trajectory_record(run_id, name, inputs, metadata, tags, when, extra)
                 if reused:
                     record["id"] = str(uuid.uuid4())
@@ -576,6 +588,11 @@ class Assembler:
         if error is not None:
             record["status"] = "error"
             record["error"] = self._text(_describe_error(error))
+            if record.get("thread_id"):
+                self._failed_on_thread[record["thread_id"]] = record["id"]
+                self._failed_on_thread.move_to_end(record["thread_id"])
+                while len(self._failed_on_thread) > _PAUSED_MEMORY:
+                    self._failed_on_thread.popitem(last=False)
         elif trajectory.interrupts is not None:
             # Paused for a human: not an outcome. What it waits for is the `interrupt` step.
             record["status"] = INTERRUPTED

@@ -934,6 +934,14 @@ def _continue(session: Any, record: dict[str, Any]) -> int:
         # attempt of its own. Merged, it rewrote a verified run's output under its old verdict.
         replay = {**record, "id": str(uuid.uuid4()), "resumes": False}
         replay["metadata"] = {**(record.get("metadata") or {}), "replayed_from": target}
+        task = record.get("task")
+        if task is None or (isinstance(task, dict) and set(task) <= {"resume"}):
+            # A retry (`invoke(None, config)` after a failure) asked what the run it carries on
+            # asked: with `{"resume": null}` for a task, a verifier judged an answer to nothing (a
+            # QA pass, session 24).
+            replay["task"] = stored.task
+            for key in ("task_id", "split"):
+                replay[key] = replay.get(key) if replay.get(key) is not None else getattr(stored, key)
         _insert(session, TrajectoryRow, [_trajectory_row(replay)])
         _insert(session, StepRow, [_step_row(replay["id"], s) for s in candidates])
         return 1
