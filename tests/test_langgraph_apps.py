@@ -371,6 +371,9 @@ def test_an_interrupt_inside_a_tool_pauses_and_resumes(capture: str, sqlite_url:
     (t,) = store.trajectories()
     assert (t.status, t.answer) == ("ok", "refunded A7")
     assert [s.output for s in t.tool_steps() if s.error is None][-1] == "refunded A7"
+    # Called once: the attempt paused inside it is a step (session 24: counted as a call of its own).
+    assert [s.output for s in t.tool_steps()] == ["refunded A7"]
+    assert any(s.kind == "tool" and (s.extra or {}).get("bubbled") for s in t.steps)
 
 
 @pytest.mark.parametrize("how", ["invoke", "stream", "astream"])

@@ -167,7 +167,11 @@ class Trajectory:
         return [s for s in self.steps if s.kind == "model"]
 
     def tool_steps(self) -> list[Step]:
-        return [s for s in self.steps if s.kind == "tool"]
+        """The tool calls that ran to an end (answered or failed). A call paused at an `interrupt()`
+        inside it is in `steps` once per pause too (`extra["bubbled"]`, no output, no error), but not
+        here: it ran again on resume, so a call made once was counted three times (a QA pass,
+        session 24: a plan's statistics)."""
+        return [s for s in self.steps if s.kind == "tool" and not _paused_attempt(s)]
 
     def to_dict(self) -> dict[str, Any]:
         data = _with_iso_times(asdict(self))
@@ -338,3 +342,7 @@ def label_word(passed: bool | None) -> Label:
 def is_truncated(value: Any) -> bool:
     """Whether a stored field is the marker the recorder leaves in place of an oversized value."""
     return type(value) is dict and value.get(TRUNCATED_KEY) is True
+
+
+def _paused_attempt(step: Step) -> bool:
+    return bool((step.extra or {}).get("bubbled")) and step.output is None and step.error is None
