@@ -1486,12 +1486,6 @@ def _unquoted_pass(m: re.Match[str]) -> str:
     return _splice(m, 2, _marker("password")) if _credential_shaped(value) else m.group(0)
 
 
-def _french_password(m: re.Match[str]) -> str:
-    value = m.group(1)
-    core = value.rstrip(".")
-    return _splice(m, 1, _marker("password") + value[len(core) :]) if _credential_shaped(core) else m.group(0)
-
-
 def _aws_secret_in_prose(m: re.Match[str]) -> str:
     value = m.group(1)
     return (
@@ -1513,7 +1507,7 @@ def _sentence_secret(m: re.Match[str]) -> str:
         return m.group(0)  # "the eos token is ...": a tokenizer's special token
     kind = (
         "password"
-        if name.startswith("pass")
+        if name.startswith(("pass", "kennwort", "mot de passe"))
         else "secret"
         if name == "secret"
         else "token"
@@ -1990,15 +1984,16 @@ _RULES = (
     ),
     # In a sentence: "the password is X", "Your API key: X", "your access token is X" (X shaped as one).
     _Rule(
-        r"(?i)(?<![\w-])(passwor[dt]|kennwort|passphrase|passcode|api[ _-]?key|(?:access |auth |api |bearer )?token|secret)"
-        # "is X", "is: X", "is now X", "has been reset to X", "for bob: X" (a QA pass, session 23)
-        r"(?:(?: is| was| ist| lautet)(?: now| jetzt)?:?|(?: has been| was| is)? (?:re)?(?:set|changed|updated) to| to"
+        r"(?i)(?<![\w-])(passwor[dt]|kennwort|mot de passe|passphrase|passcode|api[ _-]?key|(?:access |auth |api |bearer )?token|secret)"
+        # "is X", "is: X", "is now X", "has been reset to X", "for bob: X" (a QA pass, session 23), "est X"
+        r"(?:(?: is| was| ist| lautet| est)(?: now| jetzt)?:?|(?: has been| was| is)? (?:re)?(?:set|changed|updated) to| to"
         r"| for [^\s:]{1,64}:|:|=)"
         rf"[ \t]+(?:['\"`])?{_NOT_REDACTED}([^\s'\"`,;]+)",
         _sentence_secret,
         anchors=(
             "passwor",
             "kennwort",
+            "mot de passe",
             "passphrase",
             "passcode",
             "api",
@@ -2114,12 +2109,6 @@ _RULES = (
         rf"(?im)(?<![\w.-])pass([ \t]*[:=][ \t]*){_NOT_REDACTED}(?!['\"])([^\s#'\"]{{1,256}}+)[ \t]*$",
         _unquoted_pass,
         anchors=("pass",),
-    ),
-    # French: "le mot de passe est X".
-    _Rule(
-        rf"(?i)mot de passe(?: est| :|:)[ \t]+(?:['\"`])?{_NOT_REDACTED}([^\s'\"`,;]{{1,256}}+)",
-        _french_password,
-        anchors=("mot de passe",),
     ),
     # Words after a colon: "The password is: purple monkey dishwasher 42".
     _Rule(
