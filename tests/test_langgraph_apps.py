@@ -2065,3 +2065,20 @@ def test_a_retry_after_a_failure_is_an_attempt_at_the_same_task(capture: str, sq
         failed.id,
     )
     assert (retry.task_id, retry.split, retry.task) == ("t-flaky", "train", failed.task)
+
+
+def test_a_model_step_has_the_same_name_whichever_entry_point_stored_it(
+    capture: str, sqlite_url: str
+) -> None:
+    """Session 25: a model with no model name (LangChain's own fakes, a custom `BaseChatModel`)
+    was `GenericFakeChatModel` under `Middleware` and `genericfakechatmodel` (its tracing provider)
+    under `instrument()`: a report grouping steps by name split one model in two."""
+    from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
+    from langchain_core.messages import AIMessage
+
+    model = GenericFakeChatModel(messages=iter([AIMessage("hello")]))
+    agent = create_agent(model, [], middleware=capture_middleware(capture, sqlite_url))
+    agent.invoke({"messages": [("user", "hi")]})
+    assert honed.flush()
+    (run,) = honed.open_store(sqlite_url).trajectories()
+    assert [s.name for s in run.steps if s.kind == "model"] == ["genericfakechatmodel"]

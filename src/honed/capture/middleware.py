@@ -926,7 +926,14 @@ def _tool_names(tools: Any) -> list[Any]:
 
 
 def _model_name(model: Any) -> str:
-    return getattr(model, "model_name", None) or getattr(model, "model", None) or type(model).__name__
+    """The name `instrument()` gives the same call (LangChain's tracing parameters: the model's
+    name, else its provider), so a step reads the same whichever entry point stored it."""
+    try:
+        traced = model._get_ls_params()
+    except Exception:  # not a `BaseChatModel` (a configurable one): what it says of itself
+        traced = {}
+    name = traced.get("ls_model_name") or getattr(model, "model_name", None) or getattr(model, "model", None)
+    return str(name or traced.get("ls_provider") or type(model).__name__)
 
 
 def _ai_message(response: Any) -> Any:
