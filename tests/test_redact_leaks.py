@@ -300,6 +300,12 @@ HOSTILE = {
     "url_encoded_userinfo": "%3a%2f%2fa%3ab",
     "new_vendor_prefixes": "lsv2_pt_tvly-gsk_xai-pplx-nvapi-",
     "sql_identified_by": "identified by '",
+    # Session 25's rules: a name and its value in a line, a flag named as a key is, PuTTY, SSM.
+    "named_line": "\n| DB_PASSWORD |",
+    "named_line_spaces": "DB_PASSWORD  \t ",
+    "named_flag": "--db-pass=",
+    "putty_lines": "Private-Lines: 1\n",
+    "secure_string": "\tSecureString\t",
 }
 
 
@@ -1317,3 +1323,60 @@ def test_one_time_codes_pins_and_card_codes_are_secret_names() -> None:
     assert all(str(v).startswith("[REDACTED") for v in redacted.values()), redacted
     kept = {"pin": {"lat": 48.1, "lng": 11.5}, "zip_code": "10115", "error_code": "E42"}
     assert Redactor().redact(kept) == kept
+
+
+V25 = "q7Wm2ZrX9kLp4TvB"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        f"| Name | Value |\n|---|---|\n| DB_PASSWORD | {V25} |\n| DB_HOST | db.internal |",
+        f"HOME=/root\nPOSTGRES_PASSWORD\t{V25}\nPATH=/bin",
+        f"STRIPE_SECRET_KEY,{V25}\nREGION,eu-west-1",
+        f"PARAMETER\t/prod/db/password\t3\tSecureString\t{V25}\t1",
+        f"root  812  /usr/bin/worker --db-pass={V25} --port 8080",
+        f"root  812  /usr/bin/worker --signing-key {V25}",
+        f"export PGPASS={V25}",
+        f"CREDENTIALS={V25}",
+        f"ROOT_PW={V25}",
+        f"STRIPE_SK={V25}",
+        f"API_KEY_1={V25}",
+        f"DEPLOY_KEY\t{V25}",
+        f"AGE-SECRET-KEY-1QQPZRY9X8GF2TVDW0S3JN54KHCE6MUA7LQPZRY9X8GF2TVDW0S3JN54K {V25}"[:74],
+        f"PuTTY-User-Key-File-3: ssh-ed25519\nPrivate-Lines: 1\n{V25}AAAAIBQ5cT0v\nPrivate-MAC: ab12",
+    ],
+    ids=[
+        "markdown_row", "tab", "csv", "ssm_text", "flag_equals", "flag_space", "export_pgpass",
+        "credentials", "root_pw", "stripe_sk", "numbered", "tab_deploy_key", "age", "putty",
+    ],
+)  # fmt: skip
+def test_a_secret_named_in_a_table_row_or_flag_is_redacted(text: str) -> None:
+    """A QA pass (session 25): a markdown table's row, a tab- or comma-separated line, an SSM
+    export, a process list's `--db-pass=...`, and names a dict key is judged by (`PGPASS`,
+    `CREDENTIALS`, `ROOT_PW`, `API_KEY_1`) kept their values at rest; so did age and PuTTY keys."""
+    redacted = Redactor().redact_text(text)
+    secret = "QQPZRY9X8GF2" if "AGE-" in text else V25
+    assert secret not in redacted and "[REDACTED:" in redacted, redacted
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "| name | type | notes |\n|---|---|---|\n| password | string | required |",
+        "| token | id |\n|---|---|\n| <eos> | 2 |",
+        "token,count\nhello,5\nworld,3",
+        "AUTH\tbasic\nPORT\t8080",
+        "python train.py --max-tokens 512 --session-key default --password-file /run/secrets/db",
+        "| `OPENAI_API_KEY` | The key of your OpenAI account |",
+        "OPENAI_KEY = cfg.openai[0]",
+        "SECRET_KEY = get_secret('django')",
+        "DB_PASSWORD\t$DB_PASSWORD",
+        "API_KEY\t<your key>",
+        "SECRET\t********",
+        "TOKEN_LIMIT=4096\nMAX_TOKENS,512",
+        "ssh -i ~/.ssh/id --ssh-key ~/.ssh/id_ed25519 host",
+    ],
+)
+def test_settings_tables_flags_and_code_without_secrets_are_kept(text: str) -> None:
+    assert Redactor().redact_text(text) == text

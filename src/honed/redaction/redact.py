@@ -445,6 +445,7 @@ class Redactor:
                 text, lowered = redacted, _lower(redacted)
         if "\n" in text:
             text = _table_columns(text, lowered)
+        text = _named_lines(text)
         if self._use_detect_secrets:
             text = _DETECT_SECRETS.redact(text, lowered)
         return text
@@ -625,7 +626,7 @@ _SECRET_KEYS = {
         "password",
     ),
     **dict.fromkeys(
-        ("rootpw", "rootpass", "dbpass", "dbpw", "adminpass", "adminpw", "motdepasse"), "password"
+        ("rootpw", "rootpass", "dbpass", "dbpw", "adminpass", "adminpw", "motdepasse", "pgpass"), "password"
     ),
     **dict.fromkeys(("mnemonicphrase", "seedphrase", "totp", "totpseed", "otpseed", "mfaseed"), "secret"),
     # One-time and card codes, PINs (a QA pass, session 24: a login tool's `otp` and `pin_code` were stored).
@@ -735,6 +736,7 @@ _LAST_WORDS = {
         (("recovery", "code"), ("recovery", "codes"), ("backup", "code"), ("backup", "codes")), "secret"
     ),
     **dict.fromkeys((("auth", "header"), ("authorization", "header")), "authorization"),
+    ("stripe", "sk"): "api_key",  # Stripe's secret key, as environments name it
     ("label", "key"): "api_key",  # `honed serve --label-key`: whoever holds it labels runs
 }
 # `*_token` names a secret, except these: a tokenizer's special tokens and pagination cursors.
@@ -827,6 +829,8 @@ def secret_key_kind(key: str) -> str | None:
         for w in _NOT_WORD.split(_CAMEL.sub("_", key[:200]).lower())
         if w
     )
+    while len(words) > 1 and words[-1].isdigit():
+        words = words[:-1]  # `API_KEY_1`, `DB_PASSWORD_2`: the second of its kind
     return _words_kind(words)
 
 
@@ -929,6 +933,11 @@ _KEYWORDS = (
     "mot de passe",
     "pass:",
     "pass=",
+    # a name judged as a key is, in a line of its own (`PGPASS\t...`, `| ROOT_PW | ... |`)
+    "pgpass",
+    "_pw",
+    "stripe_sk",
+    "credential",
     # a one-time code's or a PIN's key quoted in text (`{"otp": "..."}` in a message)
     'otp"',
     "otp'",
@@ -1102,6 +1111,74 @@ def _table_columns(text: str, lowered: str) -> str:
         return text
     out.append(text[last:])
     return "".join(out)
+
+
+# A line that names its value (an environment's dump, a settings table, a CSV or a tab-separated
+# export: `DB_PASSWORD\tV`, `| ROOT_PW | V |`, `STRIPE_SK,V`, `export PGPASS=V`): the name is
+# judged as a dict key is (`secret_key_kind`), the value is the next cell, one word. `=` and `:`
+# count only after a name in capitals, as environments write them (`password = input()` is code,
+# and the assignment rules read it). A QA pass, session 25: a markdown table, a tab or a comma
+# after any of 72 common names, and `PGPASS=`, `CREDENTIALS=`, `ROOT_PW=` kept every value.
+_NAMED_LINE = re.compile(
+    r"(?m)^[ \t]*+(?:\|[ \t]*+)?(?:[-*][ \t]++|export[ \t]++|declare[ \t]++-x[ \t]++|set[ \t]++|\$env:)?"
+    r"(['\"`]?)([A-Za-z_/][\w./-]{1,127})\1"
+    r"(?:[ ]*+(\t|\|)[ \t]*+|(,)|[ \t]*+([=:])[ \t]*+)"
+    r"(?:\\?['\"])?([^\s'\"|,`]{4,512})(?:\\?['\"])?(?=[ \t]*(?:[|,;\t\r]|$))"
+)
+# What a settings table's value column holds when it holds no secret.
+_NOT_A_VALUE = frozenset(
+    (
+        "string", "str", "int", "integer", "bool", "boolean", "text", "varchar", "number", "secret",
+        "securestring", "password", "masked", "none", "null", "undefined", "empty", "redacted",
+        "string?", "required", "optional", "default", "value", "changeme", "example", "xxxx",
+    )
+)  # fmt: skip
+_LOOSE_KINDS = frozenset(("token", "authorization", "cookie", "bearer"))
+
+
+def _named_lines(text: str) -> str:
+    if len(text) > _MAX_JSON_TEXT:
+        return text
+    return _NAMED_LINE.sub(_named_line, text)
+
+
+def _named_line(m: re.Match[str]) -> str:
+    name, value = m.group(2), m.group(6)
+    assigned = m.group(5) is not None
+    env_name = name.isupper() or (name[:1].isupper() and "_" in name and name.upper() == name)
+    if assigned and not env_name:
+        return m.group(0)  # `password = input()`, `token: the next word`: the assignment rules' to read
+    kind = secret_key_kind(name.rsplit("/", 1)[-1].rsplit(".", 1)[-1])
+    if kind is None and env_name and name.endswith("_KEY") and _random_shaped(value):
+        kind = "api_key"  # `DEPLOY_KEY`, `ENC_KEY`: an environment's key of a generated shape
+    if kind is None or value.startswith("[REDACTED:") or value.lower() in _NOT_A_VALUE:
+        return m.group(0)
+    lowered = value.lower()
+    if lowered in _VERDICTS or lowered in _NOT_A_CELL_SECRET or not _holds_secret(value, name):
+        return m.group(0)
+    if _is_reference(value) or _PLACEHOLDER.fullmatch(value) or set(value) <= set("*x.X•"):
+        return m.group(0)  # `$DB_PASSWORD`, `<your key>`, `********`
+    if _NOT_A_CREDENTIAL.fullmatch(value) or _CODE.fullmatch(value) or _CODE_CUT.match(value):
+        return m.group(0)  # a path, a URL (its password has a rule), a variable's name, a date, code
+    if (not env_name or kind in _LOOSE_KINDS) and kind != "password" and not _credential_shaped(value):
+        return m.group(0)  # `| token | id |` (a tokenizer's table), `auth,basic`: words, not keys
+    return _splice(m, 6, _marker(kind))
+
+
+# `--db-pass=V`, `--signing-key V` on a command line (a process list, a CI log): a flag named as a
+# secret's key is, judged as one (a QA pass, session 25: 39 of 72 names kept their value).
+def _named_flag(m: re.Match[str]) -> str:
+    flag, value = m.group(1), m.group(3)
+    kind = secret_key_kind(flag)
+    if kind is None and flag.endswith("-key") and _random_shaped(value):
+        kind = "api_key"  # `--deploy-key`, `--enc-key`: a key of a generated shape
+    if kind is None or _is_reference(value) or value.lower() in _VERDICTS or value.startswith("[REDACTED:"):
+        return m.group(0)
+    if _NOT_A_CREDENTIAL.fullmatch(value) or _PLACEHOLDER.fullmatch(value):
+        return m.group(0)  # `--ssh-key ~/.ssh/id`, `--api-key <KEY>`
+    if (kind != "password" or m.group(2) is None) and not _credential_shaped(value):
+        return m.group(0)  # `--session-key name`, `--pass 3`: not a credential's shape
+    return _splice(m, 3, _marker(kind))
 
 
 def _cells(line: str, sep: str) -> list[str]:
@@ -1830,6 +1907,18 @@ _RULES = (
             "--secret",
             "--client-secret",
         ),
+    ),
+    # An age secret key, and a PuTTY key file's private lines (a QA pass, session 25).
+    _Rule(r"AGE-SECRET-KEY-1[0-9A-Z]{20,}", _marker("private_key")),
+    _Rule(
+        r"(Private-Lines:[ \t]*\d+\r?\n)((?:[A-Za-z0-9+/=]{1,128}\r?\n)*[A-Za-z0-9+/=]{1,128}(?=\r?\n|\Z))",
+        _group(2, "private_key"),
+    ),
+    # `aws ssm get-parameter --with-decryption --output text`: the value follows its type.
+    _Rule(r"(?i)\tSecureString\t([^\t\r\n]{1,4096})", _group(1, "secret"), anchors=("\tsecurestring\t",)),
+    _Rule(
+        rf"--(?<![\w-]--)([A-Za-z][\w-]{{1,63}})(?:(=)|[ \t]+){_NOT_REDACTED}['\"]?([^\s'\"]{{4,512}})",
+        _named_flag,  # no anchors: `re` finds the literal `--` itself, and a PEM's `-----` never matches
     ),
     _Rule(
         rf"(?<![^\s'\"])-p([ \t]+)?+{_NOT_REDACTED}(?:(['\"])([^'\"\r\n]*+)\2|([^\s'\"]++))",
