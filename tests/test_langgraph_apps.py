@@ -1247,6 +1247,8 @@ def test_a_replay_or_fork_from_an_earlier_checkpoint_is_a_run_of_its_own(
     assert [s.name for s in runs["orig"].steps] == [s.name for s in original.steps]
     assert runs["orig"].output == original.output == "product 20"
     assert all(t.status == "ok" for t in runs.values())
+    if capture == "middleware":  # the replayed state names the run it was taken in (a QA pass, session 25)
+        assert runs["replay"].metadata.get("replayed_from") == original.id
     assert next(s.input for s in runs["fork"].tool_steps()) == {"a": 10, "b": 10}
     # The fork ran a call a person wrote into the checkpoint: no row teaches it as the model's (a QA
     # pass, session 19: exported as the model's own, the fork holding no model call that asked it).
@@ -2082,3 +2084,128 @@ def test_a_model_step_has_the_same_name_whichever_entry_point_stored_it(
     assert honed.flush()
     (run,) = honed.open_store(sqlite_url).trajectories()
     assert [s.name for s in run.steps if s.kind == "model"] == ["genericfakechatmodel"]
+
+
+def test_two_agents_paused_on_one_thread_are_each_resumed_into_their_own_run(
+    capture: str, sqlite_url: str
+) -> None:
+    """A QA pass (session 25): two agents keyed by the same session id (`thread_id`), each with
+    its own checkpointer, both waiting for a reviewer. Under `instrument()` the first's approval
+    was stored as the second's answer (the paused run was remembered by thread alone), and the
+    first stayed `interrupted` for good: a verifier judged one agent's answer as another's."""
+
+    @tool
+    def refund(order: str) -> str:
+        """Refund an order."""
+        return f"refunded {order}"
+
+    @tool
+    def reship(order: str) -> str:
+        """Ship an order again."""
+        return f"reshipped {order}"
+
+    def agent(name: str, tool_: Any) -> Any:
+        middleware = [
+            *capture_middleware(capture, sqlite_url),
+            HumanInTheLoopMiddleware(interrupt_on={tool_.name: True}),
+        ]
+        return create_agent(
+            ToolScriptModel(), [tool_], name=name, middleware=middleware, checkpointer=InMemorySaver()
+        )
+
+    if capture == "instrument":
+        honed.instrument(store=sqlite_url)  # once: both agents under the one handler
+    refunds, shipping = agent("refunds", refund), agent("shipping", reship)
+    config = {"configurable": {"thread_id": "session-1"}}
+    refunds.invoke({"messages": [("user", 'call refund {"order": "A7"}; answer {result}')]}, config)
+    shipping.invoke({"messages": [("user", 'call reship {"order": "B9"}; answer {result}')]}, config)
+    approve = Command(resume={"decisions": [{"type": "approve"}]})
+    assert refunds.invoke(approve, config)["messages"][-1].content == "refunded A7"
+    assert honed.flush()
+    runs = {t.agent: t for t in honed.open_store(sqlite_url).trajectories()}
+    assert (runs["refunds"].status, runs["refunds"].answer) == ("ok", "refunded A7")
+    assert [s.name for s in runs["refunds"].tool_steps()] == ["refund"]
+    assert (runs["shipping"].status, runs["shipping"].tool_steps()) == ("interrupted", [])
+    assert shipping.invoke(approve, config)["messages"][-1].content == "reshipped B9"
+    assert honed.flush()
+    runs = {t.agent: t for t in honed.open_store(sqlite_url).trajectories()}
+    assert len(runs) == 2 and (runs["shipping"].status, runs["shipping"].answer) == ("ok", "reshipped B9")
+
+
+def test_invoking_a_finished_thread_with_nothing_left_to_run_stores_nothing(
+    capture: str, sqlite_url: str
+) -> None:
+    """A QA pass (session 25): `invoke(None, config)` on a finished thread (a UI's "continue")
+    runs no node. Under `instrument()` it was stored as an `ok` run of no task holding the last
+    turn's answer, and a reference check given the call's labels passed it."""
+    agent = create_agent(
+        ToolScriptModel(), [add], name="calc", middleware=capture_middleware(capture, sqlite_url),
+        checkpointer=InMemorySaver(),
+    )  # fmt: skip
+    agent.invoke({"messages": [("user", ADD_TASK)]}, thread("th-done"))
+    agent.invoke(None, thread("th-done", task_id="t-2", expected="the sum is 5"))
+    assert honed.flush()
+    (run,) = honed.open_store(sqlite_url).trajectories()
+    assert (run.status, run.answer, run.task_id) == ("ok", "the sum is 5", None)
+
+
+def test_a_reply_whose_structured_output_fails_to_parse_is_kept_with_the_error(
+    capture: str, sqlite_url: str
+) -> None:
+    """A QA pass (session 25): `ProviderStrategy` and a model answering "it is warm". The run
+    fails, rightly; under `Middleware` the model step (the call and its parsing) was an error with
+    no output, the reply one needs to see why gone. `instrument()` kept it."""
+    from langchain.agents.structured_output import ProviderStrategy, StructuredOutputValidationError
+    from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
+    from langchain_core.messages import AIMessage
+
+    class Weather(BaseModel):
+        city: str
+        temp: int
+
+    class Model(GenericFakeChatModel):
+        def bind_tools(self, tools: Any, **kwargs: Any) -> Any:
+            return self
+
+    agent = create_agent(
+        Model(messages=iter([AIMessage("it is warm")])), [], response_format=ProviderStrategy(Weather),
+        middleware=capture_middleware(capture, sqlite_url),
+    )  # fmt: skip
+    with pytest.raises(StructuredOutputValidationError):
+        agent.invoke({"messages": [("user", "weather in Oslo?")]})
+    assert honed.flush()
+    (run,) = honed.open_store(sqlite_url).trajectories()
+    (model,) = [s for s in run.steps if s.kind == "model"]
+    assert run.status == "error" and "it is warm" in json.dumps(model.output)
+
+
+def test_a_structured_output_that_failed_to_parse_is_a_failed_call(capture: str, sqlite_url: str) -> None:
+    """A QA pass (session 25): `ToolStrategy` answers a reply that does not parse with its own
+    error text for the model to retry, in a message LangChain marks a success: the failed call was
+    stored as one that worked. The retry that parsed is no failure."""
+    from langchain.agents.structured_output import ToolStrategy
+    from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
+    from langchain_core.messages import AIMessage
+
+    class Model(GenericFakeChatModel):
+        def bind_tools(self, tools: Any, **kwargs: Any) -> Any:
+            return self
+
+    replies = [
+        AIMessage(
+            "", tool_calls=[{"name": "Ticket", "args": {"title": "x", "priority": "high"}, "id": "c1"}]
+        ),
+        AIMessage("", tool_calls=[{"name": "Ticket", "args": {"title": "x", "priority": 2}, "id": "c2"}]),
+    ]
+    agent = create_agent(
+        Model(messages=iter(replies)), [], response_format=ToolStrategy(Ticket),
+        middleware=capture_middleware(capture, sqlite_url),
+    )  # fmt: skip
+    assert agent.invoke({"messages": [("user", "file it")]})["structured_response"] == Ticket(
+        title="x", priority=2
+    )
+    assert honed.flush()
+    (run,) = honed.open_store(sqlite_url).trajectories()
+    calls = [(s.name, s.input, s.error is not None) for s in run.tool_steps()]
+    assert calls[0] == ("Ticket", {"title": "x", "priority": "high"}, True), calls
+    assert all(not failed for _, _, failed in calls[1:]), calls

@@ -1140,3 +1140,35 @@ def test_a_short_heldout_question_mid_sentence_or_after_a_long_document_is_held_
     ]
     assert len(document) > 4096 and all(t.id for t in leaks)
     assert set(prepare(store, "sft").trajectory_ids) == {t.id for t in kept}
+
+
+def test_a_heldout_question_behind_variation_selectors_small_capitals_underscores_or_entities_never_trains(
+    any_store: TrajectoryStore,
+) -> None:
+    """A QA pass (session 25): a held-out question identical on screen (variation selectors after
+    its letters, an Armenian "օ", a small-capital "ɪ"), written with `_` between its words or with
+    HTML's `&nbsp;`, trained."""
+    store = any_store
+    q = "What is the boiling point of ethanol at sea level in kelvin"
+    add(store, make_trajectory("h1", split="heldout", user=q), True)
+    leaks = [
+        add(store, make_trajectory("t1", user="\ufe0f".join(q)), True),
+        add(store, make_trajectory("t2", user=q.replace("o", "\u0585")), True),
+        add(store, make_trajectory("t3", user=q.replace("i", "\u026a")), True),
+        add(store, make_trajectory("t4", user=q.replace(" ", "_")), True),
+        add(store, make_trajectory("t5", user=q.replace(" ", "&nbsp;")), True),
+    ]
+    kept = add(
+        store, make_trajectory("t6", user="What is the boiling point of water at sea level in kelvin"), True
+    )
+    assert all(t.id for t in leaks)
+    assert set(prepare(store, "sft").trajectory_ids) == {kept.id}
+
+
+def test_a_heldout_question_in_an_anthropic_tool_result_block_is_read() -> None:
+    """... and in an Anthropic `tool_result` block, whose text sits in blocks of its own."""
+    from honed.store.select import conversation_key, request_key
+
+    q = "What is the boiling point of ethanol at sea level in kelvin"
+    block = {"type": "tool_result", "tool_use_id": "t1", "content": [{"type": "text", "text": f"{q}? 351 K"}]}
+    assert request_key(q) in conversation_key({"messages": [{"role": "user", "content": [block]}]})

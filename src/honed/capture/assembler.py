@@ -80,6 +80,7 @@ class _Open:
     """A trajectory still being assembled."""
 
     __slots__ = (
+        "graph",
         "interrupts",
         "last_seen",
         "memo",
@@ -97,6 +98,7 @@ class _Open:
     def __init__(self, root_key: Any, record: dict[str, Any]) -> None:
         self.root_key = root_key
         self.root_id = str(root_key)
+        self.graph = ""  # the root run's name: which graph, of those sharing a thread, this is
         self.pending_error: tuple[Any, float] | None = None
         # Interrupts the run paused at (None: it did not pause; []: paused, no value known).
         self.interrupts: list[dict[str, Any]] | None = None
@@ -149,9 +151,13 @@ class Assembler:
         self._closed: deque[Any] = deque()
         self._closed_set: set[Any] = set()
         self._paused: OrderedDict[str, dict[str, Any]] = OrderedDict()  # trajectory id -> record
-        self._paused_on_thread: dict[str, str] = {}  # thread id -> its paused trajectory's id
-        # thread id -> the trajectory whose run failed on it last: `invoke(None, config)` retries it
-        self._failed_on_thread: OrderedDict[str, str] = OrderedDict()
+        # (thread id, graph) -> its paused trajectory's id. By graph too: two graphs sharing a
+        # thread id (a user's or session's id), each paused, are each resumed into their own run
+        # (a QA pass, session 25: the first's resume was stored as the second's answer).
+        self._paused_on_thread: dict[tuple[str, str], str] = {}
+        self._paused_keys: dict[str, tuple[str, str]] = {}  # and back, to forget it with its record
+        # (thread id, graph) -> the trajectory whose run failed on it last: `invoke(None, config)` retries it
+        self._failed_on_thread: OrderedDict[tuple[str, str], str] = OrderedDict()
         self.ignored_events = 0
 
     @property
@@ -274,11 +280,12 @@ class Assembler:
         if parent is None:
             resume = _resume_value(inputs)
             thread_id = _thread_of(metadata, extra)
+            on_thread = (thread_id, name) if thread_id else None
             retried = None
             if (
                 resume is NO_VALUE
                 and inputs is None
-                and (thread_id in self._paused_on_thread or thread_id in self._failed_on_thread)
+                and (on_thread in self._paused_on_thread or on_thread in self._failed_on_thread)
                 and not (metadata or {}).get("checkpoint_id")
             ):
                 # `invoke(None, config)`: LangGraph's way on past a static breakpoint, or to retry
@@ -286,23 +293,24 @@ class Assembler:
                 # the failed run's task, `replayed_from` it: a QA pass, session 24, found it
                 # stored with no task at all, an answer to nothing).
                 resume = None
-                if thread_id not in self._paused_on_thread:
-                    retried = self._failed_on_thread.pop(thread_id, None)
+                if on_thread not in self._paused_on_thread:
+                    retried = self._failed_on_thread.pop(on_thread, None)
             if resume is not NO_VALUE:
-                paused = self._paused_on_thread.pop(thread_id, None) if thread_id else None
+                paused = self._paused_on_thread.pop(on_thread, None) if on_thread else None
                 trajectory = self._continuation(
                     run_id, paused or retried, name, resume, metadata, tags, extra, when
                 )
             else:
-                if thread_id:  # a new turn: a pause left unanswered on this thread stays paused
-                    self._paused_on_thread.pop(thread_id, None)
-                    self._failed_on_thread.pop(thread_id, None)
+                if on_thread:  # a new turn: a pause left unanswered on this thread stays paused
+                    self._paused_on_thread.pop(on_thread, None)
+                    self._failed_on_thread.pop(on_thread, None)
                 record = self._trajectory_record(run_id, name, inputs, metadata, tags, when, extra)
                 if reused:
                     record["id"] = str(uuid.uuid4())
                     record["metadata"] = {**(record["metadata"] or {}), "replayed_from": str(run_id)}
                 trajectory = _Open(run_id, record)
             trajectory.last_seen = when
+            trajectory.graph = name
             if extra and extra.get("output_keys"):
                 trajectory.output_keys = extra["output_keys"]
             run = _Run(trajectory, run_kind, name, None, when)
@@ -361,6 +369,11 @@ class Assembler:
         within = _opt_str(honed.get("within_task_id"))
         if within is not None and isinstance(meta, dict):
             meta["within_task_id"] = within  # an id: redacted at rest as ids are (`_ids_at_rest`)
+        replayed_from = (extra or {}).get("replayed_from")
+        if replayed_from and isinstance(meta, dict):
+            # A run replayed from a checkpoint taken inside another (`Middleware` knows which):
+            # linked to it, as a retry is (a QA pass, session 25: sent, and dropped here).
+            meta["replayed_from"] = str(replayed_from)
         return {
             "id": str(run_id),
             "agent": agent,
@@ -443,6 +456,8 @@ class Assembler:
         it (written whole again), else a record of this part alone, `resumes` marking it for the
         store to join to the paused trajectory (by id, or by thread)."""
         paused = self._paused.pop(paused_id, None) if paused_id is not None else None
+        if paused is not None:
+            self._paused_keys.pop(paused_id, None)  # type: ignore[arg-type]
         if paused is not None:
             record = {**paused, "status": "ok", "error": None, "output": None, "ended_at": None}
             trajectory = _Open(root_key, record)
@@ -578,6 +593,19 @@ class Assembler:
         for orphan in list(trajectory.open_runs):  # children the run never closed (interrupted, crashed)
             self._end(orphan, when, None, error="incomplete: the run ended before this step finished")
         record = trajectory.record
+        if (
+            record["task"] is None
+            and not trajectory.steps
+            and error is None
+            and trajectory.interrupts is None
+            and not record.get("resumes")
+        ):
+            # `invoke(None, config)` on a thread with nothing left to run (a UI's "continue"): no
+            # node ran, nothing was asked or answered. Stored, it was an `ok` run of no task holding
+            # the last turn's answer, which a reference check passed (a QA pass, session 25); the
+            # middleware, whose hooks never ran, stores nothing either.
+            self._remember_closed(run_id)
+            return
         record["ended_at"] = when
         if isinstance(outputs, NotTheAnswer):  # a step of its run towards another turn's answer
             outputs = outputs.outputs
@@ -589,8 +617,9 @@ class Assembler:
             record["status"] = "error"
             record["error"] = self._text(_describe_error(error))
             if record.get("thread_id"):
-                self._failed_on_thread[record["thread_id"]] = record["id"]
-                self._failed_on_thread.move_to_end(record["thread_id"])
+                on_thread = (record["thread_id"], trajectory.graph)
+                self._failed_on_thread[on_thread] = record["id"]
+                self._failed_on_thread.move_to_end(on_thread)
                 while len(self._failed_on_thread) > _PAUSED_MEMORY:
                     self._failed_on_thread.popitem(last=False)
         elif trajectory.interrupts is not None:
@@ -615,7 +644,7 @@ class Assembler:
         self._completed.append(record)
         self._remember_closed(run_id)
         if record["status"] == INTERRUPTED:
-            self._remember_paused(record)
+            self._remember_paused(record, trajectory.graph)
 
     def _output_field(self, output: Any) -> Any:
         """The final output under the field cap. A state with one huge key (a document, a long
@@ -630,14 +659,16 @@ class Assembler:
             value = {str(k): self._field(v) for k, v in output.items()}
         return value
 
-    def _remember_paused(self, record: dict[str, Any]) -> None:
+    def _remember_paused(self, record: dict[str, Any], graph: str) -> None:
         self._paused[record["id"]] = record
         if record.get("thread_id"):
-            self._paused_on_thread[record["thread_id"]] = record["id"]
+            self._paused_on_thread[(record["thread_id"], graph)] = record["id"]
+            self._paused_keys[record["id"]] = (record["thread_id"], graph)
         while len(self._paused) > _PAUSED_MEMORY:
-            old_id, old = self._paused.popitem(last=False)
-            if self._paused_on_thread.get(old.get("thread_id") or "") == old_id:
-                del self._paused_on_thread[old["thread_id"]]
+            old_id, _ = self._paused.popitem(last=False)
+            on_thread = self._paused_keys.pop(old_id, None)
+            if on_thread is not None and self._paused_on_thread.get(on_thread) == old_id:
+                del self._paused_on_thread[on_thread]
 
     def _remember_closed(self, run_key: Any) -> None:
         self._closed.append(run_key)
@@ -666,6 +697,8 @@ class Assembler:
             "extra": {},
         }
         if run.kind in (MODEL, LLM):
+            if outputs is None and error is not None:
+                outputs = _reply_of(error)
             self._model_step(step, run, outputs)
         elif run.kind == TOOL:
             self._tool_step(step, run, outputs)
@@ -844,7 +877,7 @@ class Assembler:
             if message.tool_call_id in trajectory.tool_call_ids:
                 continue  # the same message twice in the list
             asked = _asked_arguments(trajectory.steps, message.tool_call_id)
-            failed = message.status == "error"
+            failed = message.status == "error" or _structured_output_retry(message)
             if not failed and asked is None:
                 continue
             trajectory.tool_call_ids.add(message.tool_call_id)
@@ -893,6 +926,42 @@ def _answering_version(steps: list[dict[str, Any]], output: Any) -> str | None:
         if isinstance(reply, dict) and content_text(reply.get("content")) == answer:
             return step["model_version"]
     return versioned[-1]["model_version"] if versioned else None
+
+
+def _structured_output_error_affixes() -> tuple[str, str]:
+    try:
+        from langchain.agents.factory import STRUCTURED_OUTPUT_ERROR_TEMPLATE as template
+    except ImportError:  # `langchain` (v1) is not installed: LangGraph alone
+        return ("Error: ", "\n Please fix your mistakes.")
+    before, _, after = template.partition("{error}")
+    return before, after
+
+
+_STRUCTURED_ERROR_BEFORE, _STRUCTURED_ERROR_AFTER = _structured_output_error_affixes()
+
+
+def _structured_output_retry(message: ToolMessage) -> bool:
+    """A `ToolStrategy` reply that failed to parse, answered (`handle_errors`) with LangChain's own
+    error text for the model to try again: LangChain marks the message a success, yet the call
+    failed (a QA pass, session 25: counted as a tool call that worked)."""
+    content = message.content
+    return (
+        isinstance(content, str)
+        and content.startswith(_STRUCTURED_ERROR_BEFORE)
+        and content.endswith(_STRUCTURED_ERROR_AFTER)
+        and ("structured output" in content or "structured responses" in content)
+    )
+
+
+def _reply_of(error: Any) -> AIMessage | None:
+    """The reply a model call's error carries: a structured output that failed to parse (LangChain's
+    `StructuredOutputError`) came after the model answered, and `Middleware`'s step, the call and
+    its parsing, lost what the model said (a QA pass, session 25); `instrument()` kept it."""
+    try:
+        reply = getattr(error, "ai_message", None)
+    except Exception:  # an exception class whose attributes raise: no reply to keep
+        return None
+    return reply if isinstance(reply, AIMessage) else None
 
 
 def _run_name(kind: str, name: Any, metadata: dict[str, Any] | None, extra: dict[str, Any] | None) -> str:

@@ -15,6 +15,7 @@ thing to each of them.
 from __future__ import annotations
 
 import hashlib
+import html
 import itertools
 import json
 import re
@@ -146,7 +147,7 @@ def core(text: str) -> str:
     return " " + " ".join(_WORD.findall(text)) + " "
 
 
-_WORD = re.compile(r"\w+")
+_WORD = re.compile(r"[^\W_]+")  # `_` apart, as `request_key` has it
 
 
 def _specific(key: str) -> bool:
@@ -220,6 +221,8 @@ def _message_text(message: Any) -> str:
                 texts.extend(
                     p for k in ("text", "reasoning", "thinking") if isinstance(p := part.get(k), str)
                 )
+                # An Anthropic `tool_result` block holds its text in blocks of its own.
+                _strings(part.get("content"), texts)
     for name in ("reasoning", "reasoning_content"):
         _strings(get(name), texts)
     if isinstance(extra, Mapping):
@@ -253,6 +256,10 @@ def request_key(text: str | None) -> str | None:
     dropped, case, runs of white space and punctuation at either end ignored."""
     if not isinstance(text, str):
         return None
+    if "&" in text:  # "what&nbsp;is" in HTML is "what is" (a QA pass, session 25)
+        text = html.unescape(text)
+    # "what_is_the_capital" asks what "what is the capital" does: `_` is a space between words.
+    text = text.replace("_", " ")
     if text.isascii():  # the common case: nothing to fold, no invisible characters
         key = " ".join(text.lower().split())
     else:
@@ -341,12 +348,21 @@ def _user_texts(value: Any) -> list[str | None]:
 
 # Cyrillic and Greek letters drawn as Latin ones (Unicode's confusables, lowercase): "Whісh" with
 # Cyrillic і asks "which" (a QA pass, session 23: identical on screen, it trained).
+# Armenian letters and Latin small capitals too (a QA pass, session 25: "օ" for "o", "ɪ" for "i").
 _LOOKALIKES = str.maketrans(
-    "аеорсухіјѕԁһӏԛԝкοανικɡıАВЕКМНОРСТУХІЈЅΑΒΕΖΗΙΚΜΝΟΡΤΥΧ",
-    "aeopcyxijsdhlqwkoavikgiABEKMHOPCTYXIJSABEZHIKMNOPTYX",
+    "аеорсухіјѕԁһӏԛԝкοανικɡıАВЕКМНОРСТУХІЈЅΑΒΕΖΗΙΚΜΝΟΡΤΥΧօսհոᴀʙᴄᴅᴇɢʜɪᴊᴋʟᴍɴᴏᴘʀꜱᴛᴜᴠᴡʏᴢ",
+    "aeopcyxijsdhlqwkoavikgiABEKMHOPCTYXIJSABEZHIKMNOPTYXouhnabcdeghijklmnoprstuvwyz",
 )
-# Soft hyphen and the other characters NFKC keeps that render as nothing (category Cf goes too).
-_INVISIBLE = dict.fromkeys(map(ord, "\u00ad\u034f\u115f\u1160\u3164\uffa0"), None)
+# Soft hyphen and the other characters NFKC keeps that render as nothing (category Cf goes too),
+# and the variation selectors (category Mn, drawn as nothing after a letter: a QA pass, session 25).
+_INVISIBLE = dict.fromkeys(
+    [
+        *map(ord, "\u00ad\u034f\u115f\u1160\u3164\uffa0"),
+        *range(0xFE00, 0xFE10),
+        *range(0xE0100, 0xE01F0),
+    ],
+    None,
+)
 
 
 def is_heldout(
