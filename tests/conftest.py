@@ -21,6 +21,20 @@ def _isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HONED_STORE", f"sqlite:///{tmp_path / 'default.db'}")
 
 
+@pytest.fixture(autouse=True)
+def _recorders_closed() -> Iterator[None]:
+    """The recorders a test made are closed at its end: each holds a store process (~60 MB) that
+    otherwise lived until the whole run ended, and a full run held hundreds at once (a run beside
+    other work was killed for memory, session 25)."""
+    from honed.capture.recorder import live_recorders
+
+    before = {id(r) for r in live_recorders()}
+    yield
+    for recorder in live_recorders():
+        if id(recorder) not in before:
+            recorder.close(timeout=5)
+
+
 @pytest.fixture(params=["thread", "process"])
 def writer(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Where the store's inserts run (`HONED_WRITER`), for every recorder the test makes, in

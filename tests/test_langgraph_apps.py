@@ -2209,3 +2209,76 @@ def test_a_structured_output_that_failed_to_parse_is_a_failed_call(capture: str,
     calls = [(s.name, s.input, s.error is not None) for s in run.tool_steps()]
     assert calls[0] == ("Ticket", {"title": "x", "priority": "high"}, True), calls
     assert all(not failed for _, _, failed in calls[1:]), calls
+
+
+def test_parallel_workers_paused_for_a_reviewer_and_resumed_together_keep_their_own_steps(
+    sqlite_url: str,
+) -> None:
+    """A QA pass (session 25): one agent (with `Middleware`) run by `Send` on three items, two
+    paused for approval and resumed by one call. The second worker's state named its own paused
+    trajectory, yet a shortcut for a tool that rewrites the key sent its call and answer into the
+    first worker's: the audit said item x2's task deleted x3."""
+    from langgraph.graph import END, START, StateGraph
+    from langgraph.types import Send
+
+    @tool
+    def delete(item: str) -> str:
+        """Delete an item (needs approval)."""
+        return f"deleted {item}"
+
+    worker = create_agent(
+        ToolScriptModel(), [delete], name="worker",
+        middleware=[honed.Middleware(store=sqlite_url), HumanInTheLoopMiddleware(interrupt_on={"delete": True})],
+    )  # fmt: skip
+
+    class Batch(TypedDict):
+        items: list[str]
+        results: Annotated[list[str], operator.add]
+
+    def run_worker(payload: dict[str, str]) -> dict[str, list[str]]:
+        task = f'call delete {{"item": "{payload["item"]}"}}; answer {{result}}'
+        return {"results": [worker.invoke({"messages": [("user", task)]})["messages"][-1].content]}
+
+    graph = StateGraph(Batch)
+    graph.add_node("run_worker", run_worker)
+    graph.add_conditional_edges(
+        START, lambda s: [Send("run_worker", {"item": i}) for i in s["items"]], ["run_worker"]
+    )
+    graph.add_edge("run_worker", END)
+    app = graph.compile(checkpointer=InMemorySaver())
+    config = {"configurable": {"thread_id": "batch"}}
+    paused = app.invoke({"items": ["x2", "x3"], "results": []}, config)["__interrupt__"]
+    approve = {"decisions": [{"type": "approve"}]}
+    done = app.invoke(Command(resume={i.id: approve for i in paused}), config)
+    assert sorted(done["results"]) == ["deleted x2", "deleted x3"]
+    assert honed.flush()
+    runs = honed.open_store(sqlite_url).trajectories()
+    got = sorted((t.status, t.answer, [s.input for s in t.tool_steps()]) for t in runs)
+    assert got == [("ok", "deleted x2", [{"item": "x2"}]), ("ok", "deleted x3", [{"item": "x3"}])], got
+
+
+def test_a_subagent_failure_its_caller_catches_is_an_error_not_a_pause(sqlite_url: str) -> None:
+    """A QA pass (session 25): a subagent with `Middleware`, called from a supervisor's tool that
+    catches its error and apologises. The subagent's run was stored `interrupted`, waiting for a
+    human forever and never judged: its end hook never ran, which read as a pause."""
+    from honed.testing import ScriptedChatModel
+
+    helper = create_agent(
+        ScriptedChatModel(fail_on="BOOM"), [add], name="math", middleware=[honed.Middleware(store=sqlite_url)]
+    )
+
+    @tool
+    def ask_math(question: str) -> str:
+        """Ask the math agent."""
+        try:
+            return helper.invoke({"messages": [("user", question)]})["messages"][-1].content
+        except RuntimeError:
+            return "the math agent is down"
+
+    supervisor = create_agent(ToolScriptModel(), [ask_math], name="supervisor")
+    question = json.dumps({"question": "answer BOOM"})
+    reply = supervisor.invoke({"messages": [("user", f"call ask_math {question}; answer {{result}}")]})
+    assert reply["messages"][-1].content == "the math agent is down"
+    assert honed.flush()
+    (run,) = honed.open_store(sqlite_url).trajectories()
+    assert (run.agent, run.status) == ("math", "error") and "model failure" in run.error

@@ -458,7 +458,9 @@ def test_an_answer_that_makes_the_applications_pattern_backtrack_is_not_judged_a
     for v in (by_reference, by_schema, by_key):
         assert v.passed is None and "backtracks" in v.reason, v.reason
     assert elapsed < 4 * patterns.PATTERN_TIMEOUT_S + 2
-    assert len(ticks) > elapsed / 0.05 / 3  # the other thread ran meanwhile
+    # The other thread ran meanwhile (holding the GIL, it ticks once or twice; a loaded machine
+    # slows its ticks, not to a tenth).
+    assert len(ticks) > elapsed / 0.05 / 10
     # The same patterns still judge ordinary answers.
     assert check(ReferenceMatch(), traj("r", "aaa", expected=r"^(a|aa)+$", match="regex")).passed is True
     assert check(JsonSchema(schema), traj("s", json.dumps({"name": "aab"}))).passed is False
@@ -475,3 +477,14 @@ def test_an_anchored_reference_pattern_reads_the_whole_answer() -> None:
     ends = "x" * 9_998 + "42 is wrong, the answer is 41"
     assert check(ReferenceMatch(), traj("t", ends, expected=r"42\s*$", match="regex")).passed is False
     assert check(ReferenceMatch(), traj("t", "7" * 20_000, expected=r"^\d+$", match="regex")).passed is True
+
+
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e400"])
+def test_a_number_json_has_not_fails_a_schemas_bounds(number: str) -> None:
+    """A QA pass (session 25): `{"price": NaN}` passed `minimum: 0, maximum: 100` (every bound
+    compares false with NaN; Python's parser takes what JSON has not), and `Infinity` equalled a
+    reference of `1e400`."""
+    schema = {"type": "object", "properties": {"price": {"type": "number", "minimum": 0, "maximum": 100}}}
+    verdict = check(JsonSchema(schema), traj("n", f'{{"price": {number}}}'))
+    assert verdict.passed is False
+    assert check(JsonSchema(schema), traj("ok", '{"price": 99.5}')).passed is True

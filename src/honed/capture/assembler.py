@@ -61,7 +61,9 @@ _PAUSED_MEMORY = 256
 
 
 class _Run:
-    __slots__ = ("extra", "inputs", "kind", "name", "parent_step", "started", "step_id", "trajectory")
+    __slots__ = (
+        "extra", "in_tool", "inputs", "kind", "name", "parent_step", "started", "step_id", "trajectory",
+    )  # fmt: skip
 
     def __init__(
         self, trajectory: _Open, kind: str, name: str, parent_step: str | None, started: float
@@ -74,6 +76,7 @@ class _Run:
         self.step_id: str | None = None
         self.inputs: Any = None
         self.extra: dict[str, Any] = {}
+        self.in_tool = False  # runs inside a tool: the agent's own code, which labels nothing
 
 
 class _Open:
@@ -276,7 +279,9 @@ class Assembler:
         name = _run_name(run_kind, name, metadata, extra)
         if parent is not None and extra and NESTED_LABELS in extra:
             extra = dict(extra)
-            self._nested_labels(parent.trajectory, extra.pop(NESTED_LABELS))
+            self._nested_labels(
+                parent.trajectory, extra.pop(NESTED_LABELS), in_tool=parent.in_tool or parent.kind == TOOL
+            )
         if parent is None:
             resume = _resume_value(inputs)
             thread_id = _thread_of(metadata, extra)
@@ -325,6 +330,7 @@ class Assembler:
             trajectory.pending_error = None  # the run went on: whatever raised was handled
             parent_step = parent.step_id or parent.parent_step
             run = _Run(trajectory, run_kind, name, parent_step, when)
+            run.in_tool = parent.in_tool or parent.kind == TOOL
             self._runs[run_id] = run
             trajectory.open_runs.add(run_id)
             # A subgraph run as a node shows up twice (the node, then the graph inside it).
@@ -394,12 +400,21 @@ class Assembler:
             ),
         }
 
-    def _nested_labels(self, trajectory: _Open, labels: Any) -> None:
+    def _nested_labels(
+        self, trajectory: _Open, labels: Any, *, in_tool: bool = False, resumed: bool = False
+    ) -> None:
         """Labels the caller's code gave a run inside this one (`agent.invoke(q, {"metadata":
         {"honed": ...}})` in a request handler, or in a node). Under a root without labels they are
         the run's (the handler only wraps the agent); under a labelled root, a held-out split among
         them holds the whole run out. Both were dropped: the held-out run was trained on (a QA pass,
-        session 22)."""
+        session 22).
+
+        Labels given inside a tool are the agent's own code speaking, and decide nothing of the run
+        but that it holds another task's conversation (a QA pass, session 25: a tool labelled its
+        unlabelled run with another task's id, its own expected answer and verifier, and trained).
+        A nested held-out split holds this run out (`held_out_by`) without making its task held
+        out: a tool's `split="heldout"` withdrew every run of its task from training. Only the
+        caller's labels of a resumed run (`resumed`) say the run's own split."""
         from honed.store.select import evaluation_split, same_split
 
         record = trajectory.record
@@ -407,7 +422,8 @@ class Assembler:
             return
         meta = record["metadata"] if isinstance(record["metadata"], dict) else None
         if (
-            record["task_id"] is None
+            not in_tool
+            and record["task_id"] is None
             and record["split"] is None
             and meta is not None
             and set(meta) <= {"tags"}
@@ -435,7 +451,8 @@ class Assembler:
             return
         current = record["split"]
         if current is None or not (evaluation_split(current) or same_split(current, HELDOUT)):
-            record["split"] = split
+            if resumed:
+                record["split"] = split
             if meta is not None:
                 meta["held_out_by"] = {"task_id": task_id, "split": self._field(split)}
 
@@ -479,7 +496,7 @@ class Assembler:
             # a nested run's do (a QA pass, session 24: dropped here, kept half by the store).
             labels = metadata.get("honed") if isinstance(metadata, Mapping) else None
             if labels is not None:
-                self._nested_labels(trajectory, labels)
+                self._nested_labels(trajectory, labels, resumed=True)
         else:
             record_id = paused_id or str(root_key)
             value = None if resume is NO_VALUE else {"resume": _plain(resume)}

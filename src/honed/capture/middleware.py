@@ -157,7 +157,7 @@ class _Live:
         # When its turn ended (its end hook, or a tool handing the conversation on), its END
         # waiting for the root's end.
         self.ended_at: float | None = None
-        self.failed = False  # one of its own calls raised (not a later agent's)
+        self.failed: BaseException | None = None  # one of its own calls raised (not a later agent's)
         # Its graph's checkpoint namespace ("" for a root graph): a handoff another middleware's
         # hook makes names it (`RootRun.handoffs`).
         self.namespace = namespace
@@ -332,11 +332,18 @@ class Middleware(AgentMiddleware):
         if root is not None and _enclosing_tool_step.get() is None:
             # This run's trajectory is open already, yet its state names another: a tool rewrote
             # the private key (`Command(update={"honed_trajectory": ...})`), which split the run
-            # into a paused one holding its tool calls and a new one holding its answer.
+            # into a paused one holding its tool calls and a new one holding its answer. In this
+            # graph only: the same agent paused in parallel (`Send` workers, two branches) and
+            # resumed by one call reopens each worker's own trajectory (a QA pass, session 25:
+            # the second worker's steps went into the first's).
+            namespace = _graph_namespace(_current_config())
             opened = [
                 key
                 for key, other in list(_live.items())
-                if other.root is root and other.whole and other.owner == id(self)
+                if other.root is root
+                and other.whole
+                and other.owner == id(self)
+                and other.namespace == namespace
             ]
             if opened:
                 return opened[0] if len(opened) == 1 else None
@@ -441,7 +448,7 @@ class Middleware(AgentMiddleware):
             live.ended_at is not None
             and live.final is not None
             and HANDOFF_KEY in live.final
-            and live.failed
+            and live.failed is not None
             and (error is not None and not isinstance(error, GraphBubbleUp))
         ):
             # A handoff beside a call that crashed the run: the turn failed (a review, session 23).
@@ -468,6 +475,11 @@ class Middleware(AgentMiddleware):
             )
             outputs = root.outputs if own else live.final
             self.recorder.emit((END, trajectory_id, None, now, outputs))
+        elif error is None and live.failed is not None and not root.interrupts:
+            # A call of its own raised and the agent stopped there, and the code around it went on
+            # (a supervisor's tool caught its subagent's error): a failure, not a pause for a
+            # human (a QA pass, session 25: stored `interrupted`, waiting forever, never judged).
+            self.recorder.emit((ERROR, trajectory_id, None, now, live.failed))
         elif error is None or isinstance(error, GraphBubbleUp):
             self.recorder.emit((INTERRUPT, trajectory_id, None, now, (list(root.interrupts), None)))
             self.recorder.emit((END, trajectory_id, None, now, None))
@@ -715,7 +727,7 @@ class Middleware(AgentMiddleware):
             return  # an interrupt inside a tool: LangGraph's control flow, not a failure
         failing = _live.get(trajectory_id)
         if failing is not None:
-            failing.failed = True
+            failing.failed = exc
         # The error may end the run, or an outer middleware may handle it (a retry). Under a
         # root run this process watches, the root's end says which (`_root_ended`); without one,
         # the trajectory ends as an error only if nothing else happens in it (see Assembler,

@@ -245,9 +245,24 @@ def answer_json(text: Any) -> Any:
         return text
     body = last_code_block(text, ("", "json")) or text
     try:
-        return json.loads(body, object_pairs_hook=_no_duplicate_keys)
+        return json.loads(
+            body, object_pairs_hook=_no_duplicate_keys, parse_constant=_not_json, parse_float=_finite
+        )
     except (ValueError, RecursionError) as exc:
         raise CannotTell(f"malformed JSON: {exc}", text=_preview(body)) from exc
+
+
+def _not_json(name: str) -> Any:
+    """`NaN` and `Infinity`, which Python's parser takes and JSON has not: every bound of a schema
+    compares false with `NaN`, so `{"price": NaN}` passed `minimum`/`maximum` (a QA pass, session 25)."""
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):  # `1e400`: a number no JSON reader holds, equal to `Infinity`
+        raise ValueError(f"{text[:40]} is out of a double's range")
+    return value
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
