@@ -262,13 +262,19 @@ def test_cli_export_jsonl_and_hf(verified: str, tmp_path: Path) -> None:
     assert "matching runs are held out" in result.output and "--include-heldout" in result.output, (
         result.output
     )
-    # A typo'd version wrote nothing and said nothing (a QA pass, session 18): it names what is stored.
-    result = runner.invoke(
-        app, ["export", "jsonl", str(out), "--store", verified, "--model-version", "calc@v9"]
-    )
-    assert result.exit_code == 0 and "wrote 0 examples" in result.output
-    assert "no stored runs have model version 'calc@v9' (model versions: calc@v1" in result.output, (
-        result.output
+    # A typo'd version wrote nothing and said nothing (a QA pass, session 18): it names what is
+    # stored; and it replaced the export with an empty file, exit 0 (a QA pass, session 25).
+    before = out.read_bytes()
+    for typo in (["--model-version", "calc@v9"], ["--agent", "calcc"]):
+        result = runner.invoke(app, ["export", "jsonl", str(out), "--store", verified, *typo])
+        assert result.exit_code == 1 and "wrote" not in result.output, result.output
+        assert "no stored runs have" in result.output and "left as it was" in result.output, result.output
+        assert out.read_bytes() == before
+    assert (
+        "(model versions: calc@v1"
+        in runner.invoke(
+            app, ["export", "jsonl", str(out), "--store", verified, "--model-version", "calc@v9"]
+        ).output
     )
     result = runner.invoke(
         app, ["export", "jsonl", "-", "--store", verified, "--verdict", "any", "--split", "train"]
@@ -459,8 +465,8 @@ def test_an_empty_selection_writes_an_empty_dataset_everywhere(verified: str, tm
     for target in ("empty.jsonl", "empty.parquet", "empty-folder"):
         command = "jsonl" if target.endswith("jsonl") else "hf"
         result = CliRunner().invoke(
-            app, ["export", command, str(tmp_path / target), "--store", verified, "--agent", "nobody"]
-        )
+            app, ["export", command, str(tmp_path / target), "--store", verified, "--task-id", "nobody"]
+        )  # (a name no run has is refused: a typo, session 25; a task id selects)
         assert result.exit_code == 0 and "wrote 0" in result.output, (target, result.output)
         # A QA pass (session 19): `datasets` refuses an empty parquet file; the user is told so.
         assert ("`datasets` refuses" in result.output) == target.endswith(".parquet"), result.output

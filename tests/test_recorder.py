@@ -463,3 +463,25 @@ def test_a_torn_last_spool_line_does_not_swallow_the_next_record(tmp_path: Path)
     replayed: list[str] = []
     spool.replay(lambda chunk: replayed.extend(r["id"] for r in chunk))
     assert replayed == ["run-0", "run-2", "run-3"]
+
+
+@pytest.mark.parametrize(
+    ("value", "writer"), [("bogus", "process"), ("Thread", "thread"), (" process", "process")]
+)
+def test_a_mistyped_writer_in_the_environment_is_warned_of_and_capture_goes_on(
+    sqlite_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    value: str,
+    writer: str,
+) -> None:
+    """A QA pass (session 25): `HONED_WRITER=bogus` (or `Thread`) raised in every run, which the
+    agent survived uncaptured: nothing was stored, and the process exited 0."""
+    monkeypatch.setenv("HONED_WRITER", value)
+    agent = create_agent(ToolScriptModel(), make_tools(), middleware=[honed.Middleware(store=sqlite_url)])
+    with caplog.at_level(logging.WARNING, logger="honed"):
+        agent.invoke({"messages": [("user", 'call add {"a": 1, "b": 2}; answer {result}')]})
+    assert honed.flush()
+    assert [t.answer for t in honed.open_store(sqlite_url).trajectories()] == ["3"]
+    assert Recorder(sqlite_url).writer == writer
+    assert ("HONED_WRITER" in caplog.text) == (value == "bogus")

@@ -488,3 +488,16 @@ def test_a_number_json_has_not_fails_a_schemas_bounds(number: str) -> None:
     verdict = check(JsonSchema(schema), traj("n", f'{{"price": {number}}}'))
     assert verdict.passed is False
     assert check(JsonSchema(schema), traj("ok", '{"price": 99.5}')).passed is True
+
+
+def test_a_verifier_class_named_on_the_command_line_is_built_not_used_as_one() -> None:
+    """A QA pass (session 25): `honed verify -v honed.verifiers:ReferenceMatch` used the class
+    itself (it passes the structural `Verifier` check) and wrote an error verdict on every run,
+    which left none unlabeled or trainable; a factory that raised printed a traceback."""
+    (built,) = resolve("honed.verifiers:ReferenceMatch")
+    assert isinstance(built, ReferenceMatch)
+    assert check(built, traj("r", "42", expected="42")).passed is True
+    with pytest.raises(UnknownVerifier, match="module:attribute"):
+        resolve(":")
+    with pytest.raises(UnknownVerifier, match="building verifier 'verifier_helpers:_broken_factory' failed"):
+        resolve("verifier_helpers:_broken_factory")

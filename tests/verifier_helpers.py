@@ -184,3 +184,8 @@ def _broken_check(state: Any) -> bool:
 # A goal-state check with a bug: it raises on every run it gets to (a run that crashed, with no
 # final state, it cannot tell without running).
 broken_goal = GoalCheck(_broken_check, name="broken")
+
+
+def _broken_factory() -> Any:
+    """A verifier factory whose configuration is missing (`honed verify -v` must say so in a line)."""
+    raise KeyError("JUDGE_MODEL")

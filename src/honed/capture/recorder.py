@@ -65,6 +65,20 @@ def _env_int(name: str, default: int) -> int:
         return default
 
 
+def _env_writer() -> str:
+    """`HONED_WRITER`, read as people write it ("Thread", " process"); a value that is neither is
+    warned of and the default used: it raised in every run, and nothing was captured (a QA pass,
+    session 25)."""
+    raw = os.environ.get("HONED_WRITER")
+    if not raw or not raw.strip():
+        return DEFAULT_WRITER
+    writer = raw.strip().lower()
+    if writer in ("thread", "process"):
+        return writer
+    log.warning("honed: HONED_WRITER=%r is not 'thread' or 'process'; using %r", raw, DEFAULT_WRITER)
+    return DEFAULT_WRITER
+
+
 class Recorder:
     """Captures events for one store.
 
@@ -95,10 +109,10 @@ class Recorder:
         exporters: Sequence[TrajectoryExporter] = (),
         writer: str | None = None,
     ) -> None:
-        store_sink = StoreSink(store, spool_path)
-        writer = writer or os.environ.get("HONED_WRITER") or DEFAULT_WRITER
-        if writer not in ("thread", "process"):
+        if writer is not None and writer not in ("thread", "process"):
             raise ValueError(f"writer must be 'thread' or 'process', not {writer!r}")
+        store_sink = StoreSink(store, spool_path)
+        writer = writer or _env_writer()
         self._store_sink: StoreSink | ProcessStoreSink = store_sink
         if writer == "process" and not _in_memory(store_sink.store_url):
             self._store_sink = ProcessStoreSink(store_sink)

@@ -206,16 +206,18 @@ def _dataset_command(
             since, until, agent, task_id, split, status, verdict, model_version, include_heldout
         )
         to_stdout = dash_is_stdout and output == "-"
-        with (
-            open_store_or_exit(store) as s,
-            _progress(s, selection, limit, what, as_json or to_stdout) as advance,
-        ):
-            result = write(select_trajectories(s, selection, limit=limit), output, reasoning, advance)
+        with open_store_or_exit(store) as s:
+            # A name no stored run has is a typo: refused before anything is written (a QA pass,
+            # session 25: `--agent calcc` replaced a good export with an empty file, exit 0).
             missing = unmatched_names(s, agent=agent, model_version=model_version, split=split)
+            if missing:
+                kept = "" if to_stdout else f"; {output} is left as it was"
+                err_console().print(f"[red]{escape(missing)}: nothing written{escape(kept)}[/red]")
+                raise typer.Exit(1)
+            with _progress(s, selection, limit, what, as_json or to_stdout) as advance:
+                result = write(select_trajectories(s, selection, limit=limit), output, reasoning, advance)
             held = 0 if result.written or include_heldout else _held_out_only(s, selection)
         _report(result.to_dict(), output, as_json, to_stderr=to_stdout)
-        if missing and not result.written:  # a typo'd name wrote nothing and said nothing
-            err_console().print(f"[yellow]{escape(missing)}[/yellow]")
         if not result.written and output.endswith(".parquet"):  # a QA pass (session 19)
             err_console().print(
                 "[yellow]the parquet file holds no rows: pyarrow and pandas read it, but `datasets` refuses "
