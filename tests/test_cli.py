@@ -570,3 +570,25 @@ def test_serve_on_a_port_in_use_is_one_line_before_anything_loads(captured: str)
         result = runner.invoke(app, ["serve", "agent", "--port", str(port), "--store", captured])
     assert result.exit_code == 1 and f"cannot listen on 127.0.0.1:{port}" in result.output, result.output
     assert "serving" not in result.output
+
+
+def test_a_damaged_store_file_is_one_line_that_says_how_to_recover(sqlite_url: str, tmp_path: Path) -> None:
+    """A QA pass (session 25): pages of the store overwritten (a disk fault, a copy taken
+    mid-write) gave a 260-line traceback holding the query."""
+    agent = create_agent(ToolScriptModel(), make_tools(), middleware=[honed.Middleware(store=sqlite_url)])
+    for i in range(40):
+        agent.invoke(
+            {"messages": [("user", f'call add {{"a": {i}, "b": 2}}; answer {{result}} ' + "x" * 2000)]}
+        )
+    assert honed.flush()
+    path = tmp_path / "honed.db"
+    import sqlite3
+
+    with sqlite3.connect(path) as db:  # everything in the file itself, none in its WAL
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    with open(path, "r+b") as db:
+        db.seek(4096 * 9)  # pages 10 to 14 (a QA pass's `dd`): the runs' rows, not the schema
+        db.write(b"\xa5" * 4096 * 5)
+    result = CliRunner().invoke(app, ["runs", "--store", sqlite_url])
+    assert result.exit_code == 2, result.output
+    assert "damaged" in result.output and ".recover" in result.output and "Traceback" not in result.output

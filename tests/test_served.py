@@ -170,6 +170,27 @@ def test_a_version_that_fails_to_load_leaves_the_live_one_serving(registry) -> N
     served.close()
 
 
+def test_a_version_moved_as_the_interpreter_exits_is_not_reported_as_failing(
+    registry, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A QA pass (session 25): the README's serving snippet ended, then the follower saw its
+    rollback while the interpreter exited, failed to load (thread pools refuse work then) and
+    printed "could not be loaded ... still serving v2" with a traceback."""
+
+    def make(version: Any) -> VersionEcho:
+        if version.version == 2:
+            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+        return VersionEcho(ref=version.ref)
+
+    served = ServedModel(registry, name="agent", backend=make, poll_interval=60)
+    registry.promote("agent", 2)
+    with caplog.at_level("ERROR", logger="honed"):
+        served.refresh()
+    assert not [r for r in caplog.records if "could not be loaded" in r.getMessage()]
+    assert served._follower.load_error is None and served._follower._stop.is_set()
+    served.close()
+
+
 def test_a_live_version_whose_folder_is_gone_is_said_in_a_line(
     sqlite_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

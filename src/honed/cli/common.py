@@ -21,7 +21,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 from rich.table import Table
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DatabaseError, OperationalError
 from typer.core import TyperGroup
 
 from honed.store import InvalidStoreURL, StoreUnavailable, TrajectoryStore, open_store
@@ -52,8 +52,22 @@ class _Group(TyperGroup):
                 text += f": this command needs pip install 'honed[{extra}]'"
             err_console().print(f"[red]{escape(type(exc).__name__)}: {escape(text)}[/red]", soft_wrap=True)
             raise typer.Exit(1) from exc
-        except OperationalError as exc:
-            if os.environ.get("HONED_TRACEBACK") or "readonly database" not in str(exc):
+        except DatabaseError as exc:
+            if not os.environ.get("HONED_TRACEBACK") and _damaged(exc):
+                # Pages overwritten (a disk fault, a copy taken mid-write): a traceback of the
+                # query was all it said (a QA pass, session 25).
+                err_console().print(
+                    "[red]the store's file is damaged (database disk image is malformed): recover what "
+                    "it still holds with `sqlite3 FILE .recover | sqlite3 NEW.db`, then use --store "
+                    "sqlite:///NEW.db[/red]",
+                    soft_wrap=True,
+                )
+                raise typer.Exit(2) from exc
+            if (
+                os.environ.get("HONED_TRACEBACK")
+                or not isinstance(exc, OperationalError)
+                or "readonly database" not in str(exc)
+            ):
                 raise
             # The store's file (or its folder) is not writable by this user: what they can fix.
             err_console().print(
@@ -62,6 +76,11 @@ class _Group(TyperGroup):
                 soft_wrap=True,
             )
             raise typer.Exit(1) from exc
+
+
+def _damaged(exc: DatabaseError) -> bool:
+    text = str(exc.orig if exc.orig is not None else exc).lower()
+    return "malformed" in text or "file is not a database" in text
 
 
 # Control characters other than tab and newline: a captured message holding ESC sequences

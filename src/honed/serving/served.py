@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 import threading
 import time
 import weakref
@@ -299,6 +300,12 @@ class _Stamp:
 
 # -- following the live pointer ---------------------------------------------------------------------
 
+
+def _shutting_down(exc: BaseException) -> bool:
+    """An error that says the interpreter is exiting (its thread pools refuse work)."""
+    return sys.is_finalizing() or (isinstance(exc, RuntimeError) and "interpreter shutdown" in str(exc))
+
+
 # The slot `ServedModel.pinned()` holds for the calls inside it, with the follower it came from.
 _pinned: ContextVar[tuple[_Follower, _Slot] | None] = ContextVar("honed_pinned_slot", default=None)
 
@@ -386,6 +393,12 @@ class _Follower:
             try:
                 backend = self.make_backend(version)
             except Exception as exc:  # keep serving what we have; retry on the next move, or later
+                if _shutting_down(exc):
+                    # The interpreter is exiting (a promotion or rollback seen meanwhile): nothing
+                    # to load for. It printed "could not be loaded ... still serving" and a
+                    # traceback after the README's snippet had ended well (a QA pass, session 25).
+                    self._stop.set()
+                    return
                 self._pointer, self._failed_at = pointer, time.monotonic()
                 said = str(exc) if isinstance(exc, FileNotFoundError) else f"{type(exc).__name__}: {exc}"
                 self.load_error = f"{version.ref} could not be loaded: {said}"
