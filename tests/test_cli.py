@@ -140,13 +140,18 @@ def test_reading_commands_never_create_a_store(command: list[str], tmp_path: Pat
         ("notaurl", "'notaurl' is not a store URL"),
         ("mysql://x", "unsupported store URL"),
         ("sqlite:///", "sqlite:/// names no file"),
+        # Told to `honed init` them, which said "ready" of a store in memory, or failed (a QA
+        # pass, session 25).
+        ("sqlite://", "sqlite:// is a store in memory, gone when this command ends"),
+        ("sqlite://x.db", "sqlite://x.db names a host, not a file: a store's file is sqlite:///x.db"),
     ],
 )
 def test_a_bad_store_url_is_one_line_not_a_traceback(url: str, message: str) -> None:
-    result = runner.invoke(app, ["runs", "--store", url])
-    assert result.exit_code == 2 and isinstance(result.exception, SystemExit)  # not a traceback
-    assert result.output.startswith(message) and len(result.output.splitlines()) == 1
-    assert "sqlite:///PATH or postgresql://USER@HOST/DB" in result.output
+    for command in (["runs"], ["init"], ["status"]):
+        result = runner.invoke(app, [*command, "--store", url])
+        assert result.exit_code == 2 and isinstance(result.exception, SystemExit)  # not a traceback
+        assert result.output.startswith(message) and len(result.output.splitlines()) == 1, result.output
+        assert "sqlite:///PATH or postgresql://USER@HOST/DB" in result.output
 
 
 @pytest.mark.parametrize(

@@ -25,6 +25,7 @@ from sqlalchemy.exc import DatabaseError, OperationalError
 from typer.core import TyperGroup
 
 from honed.store import InvalidStoreURL, StoreUnavailable, TrajectoryStore, open_store
+from honed.store.store import SUPPORTED_SCHEMES
 
 
 class _Group(TyperGroup):
@@ -144,11 +145,31 @@ def _unwrapped_off_terminal(out: Console) -> Console:
     return out
 
 
+def _in_memory(url: str | None) -> bool:
+    from sqlalchemy.engine import make_url
+
+    from honed.capture.recorder import _in_memory as in_memory
+    from honed.store import check_store_url, resolve_store_url
+
+    try:
+        resolved = check_store_url(resolve_store_url(url))  # a URL it refuses says why itself
+        return not make_url(resolved).host and in_memory(resolved)
+    except Exception:  # not a URL: opening it says why
+        return False
+
+
 def open_store_or_exit(url: str | None, *, create: bool = False) -> TrajectoryStore:
     """Open the store, or print why not in one line and exit with status 2. Only commands that
     write a store's first data (capture, `init`, `register`, `verify`, `train`) pass `create=True`:
     pointed at a mistyped path, a reading command must say so, not show an empty new store."""
     try:
+        if _in_memory(url):
+            # A store in memory is gone when the command ends: `honed init --store sqlite://` said
+            # "ready" of nothing (a QA pass, session 25).
+            raise InvalidStoreURL(
+                f"{url} is a store in memory, gone when this command ends: use "
+                f"{' or '.join(SUPPORTED_SCHEMES)}"
+            )
         return open_store(url, create=create)
     except (StoreUnavailable, InvalidStoreURL) as exc:
         err_console().print(

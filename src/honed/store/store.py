@@ -125,6 +125,14 @@ def check_store_url(url: str) -> str:
             f"{_shown(url)} names no file: use {' or '.join(SUPPORTED_SCHEMES)} (sqlite:// is a "
             "store in memory, gone with the process)"
         )
+    if parsed.get_backend_name() == "sqlite" and parsed.host:
+        # `sqlite://x.db`: SQLite's file follows three slashes (a QA pass, session 25: told to
+        # `honed init` it, which then failed as "Invalid SQLite URL").
+        raise InvalidStoreURL(
+            f"{_shown(url)} names a host, not a file: a store's file is sqlite:///{parsed.host}"
+            f"{'/' + parsed.database if parsed.database else ''} (three slashes; four for an absolute path): "
+            f"use {' or '.join(SUPPORTED_SCHEMES)}"
+        )
     if parsed.get_backend_name() not in _SUPPORTED_BACKENDS:
         raise InvalidStoreURL(
             f"unsupported store URL {_shown(url)}: honed stores live in SQLite or PostgreSQL "
