@@ -597,3 +597,13 @@ def test_a_damaged_store_file_is_one_line_that_says_how_to_recover(sqlite_url: s
     result = CliRunner().invoke(app, ["runs", "--store", sqlite_url])
     assert result.exit_code == 2, result.output
     assert "damaged" in result.output and ".recover" in result.output and "Traceback" not in result.output
+
+
+def test_a_name_with_no_model_but_captured_runs_says_where_its_runs_are(captured: str) -> None:
+    """A QA pass (session 25): `honed status calc` said "calc has no versions or runs" of an
+    agent with captured runs ("runs" meant training runs)."""
+    for command in (["status", "calc"], ["report", "--model", "calc"]):
+        result = runner.invoke(app, [*command, "--store", captured])
+        assert result.exit_code == 1, result.output
+        assert "no model versions or training runs" in result.output, result.output
+        assert "its 2 captured runs: honed runs --agent calc" in result.output, result.output

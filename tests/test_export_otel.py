@@ -546,6 +546,20 @@ def test_replay_batches_and_retries_only_a_backend_pushing_back(
         replay(trajectories, span_exporter=Flaky(fail=set(range(2, 10))), batch_spans=5, retries=3)
 
 
+def test_a_replay_with_no_endpoint_names_the_default_it_tried(
+    captured: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A QA pass (session 25): `honed export otlp` with no endpoint and nothing on localhost said
+    "the endpoint in OTEL_EXPORTER_OTLP_* did not accept a batch", no such variable being set."""
+    for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "2")
+    result = CliRunner(env={"COLUMNS": "300"}).invoke(app, ["export", "otlp", "--store", captured])
+    assert result.exit_code == 1
+    assert "http://localhost:4318 (the default: no --endpoint or OTEL_EXPORTER_OTLP_ENDPOINT" in result.output
+    assert "OTEL_EXPORTER_OTLP_*" not in result.output, result.output
+
+
 def test_replayed_batches_with_content_stay_under_a_receivers_message_limit() -> None:
     """512 chat spans of long conversations made one 29 MB request: a gRPC receiver (and the
     Collector, by default) refuses anything over 4 MiB, every time, so the replay never went

@@ -201,3 +201,16 @@ def print_table(out: Console, table: Table) -> None:
     if not out.is_terminal and out.width < OFF_TERMINAL_WIDTH:
         out = Console(file=out.file, width=OFF_TERMINAL_WIDTH, no_color=out.no_color)
     out.print(table)
+
+
+def captured_runs_hint(store: Any, agent: str) -> str:
+    """`; its 14 captured runs: honed runs --agent calc` where an agent of that name has runs: a
+    name with no model versions said "no versions or runs" of an agent with 14 (a QA pass,
+    session 25: "runs" meant training runs)."""
+    from honed.store.select import count_selected
+
+    try:
+        n = count_selected(store, agent=agent, include_heldout=True)
+    except Exception:  # a hint only
+        return ""
+    return f"; its {n} captured run{'s' * (n != 1)}: honed runs --agent {agent}" if n else ""

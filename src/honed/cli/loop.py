@@ -25,6 +25,7 @@ from honed.cli.common import (
     JsonOption,
     StoreOption,
     app,
+    captured_runs_hint,
     console,
     err_console,
     escape,
@@ -375,7 +376,8 @@ def loop_status(store: Any, name: str | None = None) -> dict[str, Any]:
     if name is not None:
         if name not in models and not store.training_runs(name, limit=1):
             raise LookupError(
-                f"{name} has no versions or runs in this store (models: {', '.join(models) or 'none'})"
+                f"{name} has no model versions or training runs in this store (models: "
+                f"{', '.join(models) or 'none'}){captured_runs_hint(store, name)}"
             )
         models = [name]
     status: dict[str, Any] = {

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from honed.cli.common import StoreOption, app, console, escape, open_store_or_exit
+from honed.cli.common import StoreOption, app, captured_runs_hint, console, escape, open_store_or_exit
 from honed.report import build_report
 
 
@@ -29,7 +29,10 @@ def report(
         known = s.model_names()
         if model is not None and model not in known and not s.training_runs(model, limit=1):
             listed = ", ".join(known) or "none"
-            raise LookupError(f"{model} has no versions or runs in this store (models: {listed})")
+            raise LookupError(
+                f"{model} has no model versions or training runs in this store (models: {listed})"
+                f"{captured_runs_hint(s, model)}"
+            )
         path = build_report(s, model=model, path=out, examples=examples)
     console().print(f"report written to [bold]{escape(str(path))}[/bold]")
     if open_page:

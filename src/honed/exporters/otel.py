@@ -121,6 +121,19 @@ def traces_url(endpoint: str) -> str:
     return endpoint if endpoint.endswith(TRACES_PATH) else endpoint + TRACES_PATH
 
 
+def _effective_endpoint(endpoint: str | None, protocol: str | None) -> tuple[str, bool]:
+    """Where the exporter sends, as the SDK decides it with no endpoint given (its variables,
+    else localhost), and whether that is the default: a replay with none said "the endpoint in
+    OTEL_EXPORTER_OTLP_* did not accept a batch" with no such variable set (a QA pass, session 25)."""
+    if endpoint:
+        return endpoint, False
+    for name in ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"):
+        if os.environ.get(name):
+            return os.environ[name], False
+    grpc = resolve_protocol(protocol) == GRPC_PROTOCOL
+    return ("http://localhost:4317" if grpc else "http://localhost:4318"), True
+
+
 def _unreachable(endpoint: str | None) -> str | None:
     """Why nothing listens at `endpoint` (`Connection refused`, a name that does not resolve), or
     None when a TCP connection opens (or the endpoint cannot be told from the environment)."""
@@ -336,8 +349,17 @@ def replay(
         attempt = 0
         while exporter.export(pending) is not SpanExportResult.SUCCESS:
             if result.batches == 0 or attempt >= retries:
-                where = shown_endpoint(endpoint)
-                down = _unreachable(endpoint) if result.batches == 0 else None
+                target, by_default = (
+                    (endpoint, False)
+                    if span_exporter is not None
+                    else _effective_endpoint(endpoint, protocol)
+                )
+                where = shown_endpoint(target) + (
+                    " (the default: no --endpoint or OTEL_EXPORTER_OTLP_ENDPOINT was given)"
+                    if by_default
+                    else ""
+                )
+                down = _unreachable(target) if result.batches == 0 else None
                 if down is not None:  # the cause, not the batch's size (a QA pass, session 20)
                     raise OTLPExportError(f"cannot connect to {where}: {down}; is the backend running there?")
                 raise OTLPExportError(
