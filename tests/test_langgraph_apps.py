@@ -2282,3 +2282,41 @@ def test_a_subagent_failure_its_caller_catches_is_an_error_not_a_pause(sqlite_ur
     assert honed.flush()
     (run,) = honed.open_store(sqlite_url).trajectories()
     assert (run.agent, run.status) == ("math", "error") and "model failure" in run.error
+
+
+@pytest.mark.parametrize("caught", [True, False], ids=["caught", "raised"])
+def test_a_subagents_step_shows_the_error_it_failed_with(sqlite_url: str, caught: bool) -> None:
+    """A QA pass (session 25): supervisor and subagent each with `Middleware`. The subagent's
+    step inside the supervisor's run said "incomplete: the run ended before this step finished"
+    when its failure ended the run, and nothing at all when the supervisor's tool caught it."""
+    from honed.testing import ScriptedChatModel
+
+    helper = create_agent(
+        ScriptedChatModel(fail_on="BOOM"), [add], name="math", middleware=[honed.Middleware(store=sqlite_url)]
+    )
+
+    @tool
+    def ask_math(question: str) -> str:
+        """Ask the math agent."""
+        try:
+            return helper.invoke({"messages": [("user", question)]})["messages"][-1].content
+        except RuntimeError:
+            if not caught:
+                raise
+            return "the math agent is down"
+
+    supervisor = create_agent(
+        ToolScriptModel(), [ask_math], name="supervisor", middleware=[honed.Middleware(store=sqlite_url)]
+    )
+    question = json.dumps({"question": "answer BOOM"})
+    task = {"messages": [("user", f"call ask_math {question}; answer {{result}}")]}
+    if caught:
+        supervisor.invoke(task)
+    else:
+        with pytest.raises(RuntimeError):
+            supervisor.invoke(task)
+    assert honed.flush()
+    (run,) = honed.open_store(sqlite_url).trajectories()
+    (step,) = [s for s in run.steps if s.kind == "node" and s.name == "math"]
+    assert run.status == ("ok" if caught else "error")
+    assert step.error is not None and "model failure" in step.error, step.error

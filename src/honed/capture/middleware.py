@@ -434,8 +434,18 @@ class Middleware(AgentMiddleware):
         if not live.whole:
             # A subagent's step, still open: the run paused inside it (its resume runs the
             # subagent again, as a step of its own). Left open, it read as a failure.
-            if live.final is None and (error is None or isinstance(error, GraphBubbleUp)):
+            if live.final is not None:
+                return
+            if error is None and live.failed is not None and not root.interrupts:
+                # Its own call raised and the code around it went on (a tool caught the error):
+                # the step failed, it did not pause (a QA pass, session 25: no error shown).
+                self.recorder.emit((ERROR, trajectory_id, None, now, live.failed))
+            elif error is None or isinstance(error, GraphBubbleUp):
                 self.recorder.emit((END, trajectory_id, None, now, None))
+            else:
+                # The run failed with the subagent inside it: its step failed with what raised,
+                # not "incomplete" (a QA pass, session 25).
+                self.recorder.emit((ERROR, trajectory_id, None, now, live.failed or error))
             return
         if (
             live.ended_at is None
