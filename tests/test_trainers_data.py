@@ -3,6 +3,7 @@ format of each method, recorded token ids, and the curriculum."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import Counter
 from datetime import UTC, datetime, timedelta
@@ -1172,3 +1173,70 @@ def test_a_heldout_question_in_an_anthropic_tool_result_block_is_read() -> None:
     q = "What is the boiling point of ethanol at sea level in kelvin"
     block = {"type": "tool_result", "tool_use_id": "t1", "content": [{"type": "text", "text": f"{q}? 351 K"}]}
     assert request_key(q) in conversation_key({"messages": [{"role": "user", "content": [block]}]})
+
+
+def test_token_rows_are_the_agents_own_model_calls_only(store: TrajectoryStore) -> None:
+    """A QA pass (session 25): token-level rows were built from every model call of the run: a
+    subagent's calls (under a tool step, another model) and a summariser's were trained under the
+    run's verdict as the agent's own, their logprobs another model's."""
+    t = make_trajectory("t1", token_ids=IDS_A)
+    ids = {"prompt_token_ids": [5, 6], "token_ids": [30, 31, 2], "logprobs": [-1.0] * 3}
+    subagent = Step(
+        id="sub-0",
+        index=1,
+        kind="model",
+        name="writer-llm",
+        parent_id="s-tool",
+        input={"messages": [{"role": "user", "content": "write"}]},
+        output={"role": "assistant", "content": "poem"},
+        model_version="writer@v1",
+        extra=dict(ids),
+    )
+    summary = Step(
+        id="sum-0",
+        index=2,
+        kind="model",
+        name="summarizer",
+        input={"messages": [{"role": "user", "content": "sum"}]},
+        output={"role": "assistant", "content": "short"},
+        model_version="summarizer@v1",
+        extra=dict(ids),
+    )
+    tool = dataclasses.replace(t.steps[1], id="s-tool")
+    steps = [t.steps[0], tool, subagent, summary, t.steps[2]]
+    t = dataclasses.replace(t, steps=[dataclasses.replace(s, index=i) for i, s in enumerate(steps)])
+    add(store, t, True)
+    data = prepare(store, "sft")
+    assert data.pretokenized
+    assert [r["input_ids"] for r in data.dataset] == [IDS_A[0] + IDS_A[1], IDS_A[2] + IDS_A[3]]
+
+
+def test_a_reply_a_fallback_model_made_is_not_trained_as_the_agents(store: TrajectoryStore) -> None:
+    """A QA pass (session 25): the primary model failed, `ModelFallbackMiddleware`'s fallback
+    made the tool call, the primary answered: the row trained the fallback's call as the
+    primary's, even selected by the primary's version."""
+    from honed.messages import NotExportable, chat_example
+
+    t = make_trajectory("t1")
+    first = dataclasses.replace(t.steps[0], name="fallback-big", model_version="fallback@v1")
+    t = dataclasses.replace(t, steps=[first, *t.steps[1:]])
+    with pytest.raises(NotExportable, match="another_models_reply"):
+        chat_example(t)
+    assert chat_example(make_trajectory("t2"))["messages"][-1]["content"] == "The sum is 5."
+
+
+@pytest.mark.parametrize("method", ["dpo", "kto"])
+def test_one_attempt_judged_both_ways_makes_no_pair_and_no_row(store: TrajectoryStore, method: str) -> None:
+    """A QA pass (session 25): three identical attempts judged pass, fail, fail (a flaky
+    verifier) made a DPO pair of one text against itself and KTO rows of the same completion
+    labelled both ways."""
+    for passed in (True, False, False):
+        add(store, make_trajectory("t1"), passed)
+    add(store, make_trajectory("t2", a=4), True)
+    add(store, make_trajectory("t2", a=4, answer="The sum is 6."), False)
+    data = prepare(store, method)
+    assert data.counts["contradictory"] == 2
+    if method == "dpo":
+        assert len(data.dataset) == 1 and data.dataset[0]["chosen"] != data.dataset[0]["rejected"]
+    else:
+        assert len(data.dataset) == 2 and sorted(r["label"] for r in data.dataset) == [False, True]

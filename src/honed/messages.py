@@ -418,6 +418,11 @@ def chat_example(trajectory: Trajectory, *, reasoning: bool = False) -> dict[str
     conversation = [*step.input["messages"], {**step.output, "role": "assistant"}]
     if _holds_other_agents_turns(conversation):
         raise NotExportable("other_agents_turns", trajectory.id)
+    model = model_of(step)
+    if any(model_of(c) != model and isinstance(c.output, dict) for c in calls):
+        # A fallback model answered a call of this turn (`ModelFallbackMiddleware`, `with_fallbacks`):
+        # its reply would be trained as this model's (a QA pass, session 25).
+        raise NotExportable("another_models_reply", trajectory.id)
     try:
         example: dict[str, Any] = {"messages": openai_messages(conversation, reasoning=reasoning)}
     except MessageError as exc:
@@ -673,10 +678,9 @@ def _stored_content(content: Any) -> Any:
     return content
 
 
-def _last_chat_step(trajectory: Trajectory) -> tuple[Step, list[Step]]:
-    """The agent's own last model call: not one of a subagent's (a step under a tool step),
-    whose conversation, tools and system prompt are the subagent's, not the agent's. And all of
-    the agent's own calls, in order."""
+def _subagent_test(trajectory: Trajectory) -> Any:
+    """`in_subagent(step)`: whether a step runs under a tool step (a subagent's call, whose
+    conversation, tools and system prompt are the subagent's, not the agent's)."""
     kinds = {step.id: (step.kind, step.parent_id) for step in trajectory.steps}
 
     def in_subagent(step: Step) -> bool:
@@ -688,6 +692,42 @@ def _last_chat_step(trajectory: Trajectory) -> tuple[Step, list[Step]]:
             seen += 1
         return False
 
+    return in_subagent
+
+
+def model_of(step: Step) -> str | None:
+    """Which model made a call: its version where honed served it, else the name it reported."""
+    name = step.extra.get("model") if isinstance(step.extra, dict) else None
+    return step.model_version or (str(name) if name else None) or step.name
+
+
+def own_model_steps(trajectory: Trajectory) -> list[Step]:
+    """The agent's own model calls, by the model that gave its answer: not a subagent's, nor
+    another model's (a fallback's, a summariser's). What token-level training trains: it trained
+    every call of the run under its verdict, another agent's and another model's tokens, and
+    their logprobs, as the agent's (a QA pass, session 25)."""
+    in_subagent = _subagent_test(trajectory)
+    calls = [s for s in trajectory.steps if s.kind == "model" and not in_subagent(s)]
+    if not calls:
+        return []
+    answer = trajectory.answer
+    last = next(
+        (
+            s
+            for s in reversed(calls)
+            if answer and isinstance(s.output, dict) and content_text(s.output.get("content")) == answer
+        ),
+        calls[-1],
+    )
+    model = model_of(last)
+    return [s for s in calls if model_of(s) == model]
+
+
+def _last_chat_step(trajectory: Trajectory) -> tuple[Step, list[Step]]:
+    """The agent's own last model call: not one of a subagent's (a step under a tool step),
+    whose conversation, tools and system prompt are the subagent's, not the agent's. And all of
+    the agent's own calls, in order."""
+    in_subagent = _subagent_test(trajectory)
     calls = [
         step
         for step in trajectory.steps

@@ -35,7 +35,14 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from honed.exporters.datasets import dataset_features
-from honed.messages import MessageError, NotExportable, chat_example, openai_messages, split_at_last_user
+from honed.messages import (
+    MessageError,
+    NotExportable,
+    chat_example,
+    openai_messages,
+    own_model_steps,
+    split_at_last_user,
+)
 from honed.store import TrajectoryNotFound
 from honed.store.select import HeldOut, HeldOutLeak, request_key, requests_of, same_split
 from honed.tokenizer_id import tokenizer_id
@@ -63,8 +70,9 @@ class TrainingData:
 
     `trajectory_ids` is the lineage (every trajectory that produced a row), recorded with the
     training run. `counts` says what the selection kept and dropped (selected, passed, failed,
-    unlabeled, heldout_excluded, duplicates, capped, skipped, external, rows, pretokenized,
-    missing_token_ids, weighted_up). `tasks` is per task `{"n", "passed", "failed"}` over the
+    unlabeled, heldout_excluded, duplicates, contradictory (one attempt judged both ways: left
+    out of labelled methods), capped, skipped, external, rows, pretokenized, missing_token_ids,
+    weighted_up). `tasks` is per task `{"n", "passed", "failed"}` over the
     selection, `versions` the same per model version;
     `weights` and `stuck` are the curriculum (GRPO fills them).
     """
@@ -271,8 +279,8 @@ def curriculum_weights(
 # -- selection ---------------------------------------------------------------------------------
 
 _COUNT_KEYS = (
-    "selected", "passed", "failed", "unlabeled", "heldout_excluded", "duplicates", "capped",
-    "skipped", "external", "rows", "pretokenized", "missing_token_ids", "weighted_up",
+    "selected", "passed", "failed", "unlabeled", "heldout_excluded", "duplicates", "contradictory",
+    "capped", "skipped", "external", "rows", "pretokenized", "missing_token_ids", "weighted_up",
 )  # fmt: skip
 
 
@@ -664,18 +672,28 @@ class _Build:
         rows are the ones `newest_weight` counts up, and lineage names the version that did it."""
         seen: set[tuple[Any, str]] = set()
         keep: set[int] = set()
+        labels_of: dict[str, set[Any]] = defaultdict(set)
+        contents: dict[int, str] = {}
         newest_first = sorted(
             range(len(examples)), key=lambda i: self.rank.get(examples[i].trajectory.model_version or "", 0)
         )  # stable: oldest first within a version
         for i in newest_first:
             e = examples[i]
-            content = e.content if e.messages else _dumps(_token_ids_of(e.trajectory))
+            content = contents[i] = e.content if e.messages else _dumps(_token_ids_of(e.trajectory))
             key = (label(e) if label else None, content)
+            labels_of[content].add(key[0])
             if key in seen:
                 self.counts["duplicates"] += 1
                 continue
             seen.add(key)
             keep.add(i)
+        if label is not None:
+            # The same attempt judged both ways (a flaky verifier or environment): a DPO pair of
+            # one text against itself, a KTO row pulled up and down at once. Neither is kept
+            # (a QA pass, session 25).
+            contradicted = {i for i in keep if len(labels_of[contents[i]]) > 1}
+            self.counts["contradictory"] += len(contradicted)
+            keep -= contradicted
         return [e for i, e in enumerate(examples) if i in keep]
 
     def _cap(self, examples: list[_Example], label: Any = None) -> list[_Example]:
@@ -813,7 +831,7 @@ def _normalised_example(row: dict[str, Any], index: int) -> dict[str, Any]:
 def _has_token_ids(t: Trajectory, tokenizer: Any) -> bool:
     """Whether every model step recorded its ids, and (with `tokenizer`) they are this tokenizer's:
     made by it (`honed.tokenizer_id`, where recorded) and within its vocabulary."""
-    steps = t.model_steps()
+    steps = own_model_steps(t)
     if not steps:
         return False
     vocab = len(tokenizer) if tokenizer is not None else None
@@ -836,7 +854,7 @@ def _ids_say_the_text(t: Trajectory, tokenizer: Any) -> bool:
     a model (or a server) that reported other ids than the text it answered with trained, under a
     verdict on that text, whatever the ids said (a QA pass, session 22). A reply cut at a stop
     string decodes to more than its text: such a run trains from its conversation instead."""
-    for step in t.model_steps():
+    for step in own_model_steps(t):
         out = step.output if isinstance(step.output, dict) else None
         if out is None:
             return False
@@ -899,7 +917,7 @@ def _plain_text(content: Any) -> str | None:
 def _made_by_another(t: Trajectory, tokenizer: Any) -> bool:
     """Whether a model step of `t` recorded ids of a tokenizer other than `tokenizer`."""
     mine = tokenizer_id(tokenizer)
-    return any(s.extra.get("tokenizer") not in (None, mine) for s in t.model_steps())
+    return any(s.extra.get("tokenizer") not in (None, mine) for s in own_model_steps(t))
 
 
 def _is_ids(value: Any) -> bool:
@@ -910,7 +928,7 @@ def _has_logprobs(t: Trajectory, tokenizer: Any) -> bool:
     """Token ids as `_has_token_ids` wants them, and one finite float logprob per sampled token."""
     if not _has_token_ids(t, tokenizer):
         return False
-    for step in t.model_steps():
+    for step in own_model_steps(t):
         logprobs, completion = step.extra.get("logprobs"), step.extra["token_ids"]
         if not isinstance(logprobs, list) or len(logprobs) != len(completion):
             return False
@@ -922,11 +940,11 @@ def _has_logprobs(t: Trajectory, tokenizer: Any) -> bool:
 
 
 def _logprobs_of(t: Trajectory) -> list[list[float]]:
-    return [[float(x) for x in s.extra["logprobs"]] for s in t.model_steps()]
+    return [[float(x) for x in s.extra["logprobs"]] for s in own_model_steps(t)]
 
 
 def _token_ids_of(t: Trajectory) -> list[list[list[int]]]:
-    return [[s.extra["prompt_token_ids"], s.extra["token_ids"]] for s in t.model_steps()]
+    return [[s.extra["prompt_token_ids"], s.extra["token_ids"]] for s in own_model_steps(t)]
 
 
 def _token_rows(t: Trajectory) -> Iterator[dict[str, Any]]:
