@@ -457,7 +457,9 @@ def test_an_answer_that_makes_the_applications_pattern_backtrack_is_not_judged_a
     elapsed = time.perf_counter() - started
     for v in (by_reference, by_schema, by_key):
         assert v.passed is None and "backtracks" in v.reason, v.reason
-    assert elapsed < 4 * patterns.PATTERN_TIMEOUT_S + 2
+    # Three matches, each cut at its deadline; unbounded, this answer backtracks for hours. The
+    # margin is a loaded machine's (a CI run beside other work took 11 s, session 25).
+    assert elapsed < 3 * patterns.PATTERN_TIMEOUT_S + 10
     # The other thread ran meanwhile (holding the GIL, it ticks once or twice; a loaded machine
     # slows its ticks, not to a tenth).
     assert len(ticks) > elapsed / 0.05 / 10
