@@ -567,6 +567,33 @@ def test_what_cannot_fit_the_context_window_is_refused_before_it_is_converted(se
     assert "9001 messages (2 tokens each at least) and 27000 tool calls" in error["message"]  # counted
 
 
+def test_tools_whose_schemas_cannot_fit_are_refused_before_they_are_converted(server: Server) -> None:
+    """A QA pass (session 25): 128 tools of 40 properties (255 KB) were parsed, converted, bound
+    and captured before the prompt's length refused them; four clients sending them held others
+    past a second. Now their schema's length refuses them first, naming `tools`."""
+    properties = {f"field_{j}": {"type": "string", "description": "x" * 30} for j in range(40)}
+    tools = [
+        {
+            "type": "function",
+            "function": {"name": f"tool_{i}", "parameters": {"type": "object", "properties": properties}},
+        }
+        for i in range(128)
+    ]
+    reply = server.post(ask(tools=tools))
+    assert_openai_400(reply, "tools")
+    error = reply.json()["error"]
+    assert error["code"] == "context_length_exceeded" and "offer fewer tools" in error["message"], error
+    small = {
+        "type": "function",
+        "function": {"name": "f", "parameters": {"type": "object", "properties": {}}},
+    }
+    assert server.post(ask(tools=[small])).status_code == 200  # a tool that fits is served
+
+
+def test_a_load_balancer_may_ask_for_health_with_head(server: Server) -> None:
+    assert httpx.head(f"{server.url}/health", timeout=10).status_code == 200
+
+
 def test_many_short_messages_are_counted_at_their_templates_cost(server: Server) -> None:
     """A QA pass (session 23): 2,040 one-letter messages passed the count (a token each, under
     the 2,048 window) and were refused only once rendered, 0.6 s each on the pool every client

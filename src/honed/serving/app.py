@@ -220,10 +220,11 @@ def create_app(
         error = _internal(exc)
         return JSONResponse(error_body(str(error), error.kind), status_code=error.status)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health(request: Request) -> dict[str, Any]:
-        """Up or not, for anyone (a load balancer has no key); what it serves only with the key
-        (a QA pass, session 20: names and live versions went to whoever asked)."""
+        """Up or not, for anyone (a load balancer has no key, and may ask with HEAD: 405 before, a
+        QA pass, session 25); what it serves only with the key (a QA pass, session 20: names and
+        live versions went to whoever asked)."""
         try:
             keys.authorize(request)
         except _HTTPError:
@@ -497,6 +498,7 @@ def _read_chat(raw: bytes, served: dict[str, ServedModel]) -> ChatRequest:
         body,
         model.context_window if model is not None else None,
         model.message_tokens if model is not None else 1,
+        model.max_prompt_chars if model is not None else None,
     )
     return protocol.parse_chat_request(body)
 

@@ -144,6 +144,12 @@ class LocalChatModel(BaseChatModel):
         engine = self._engine
         return engine.message_tokens if engine is not None and engine.model is not None else 1
 
+    @property
+    def max_prompt_chars(self) -> int | None:
+        """More prompt characters than this cannot fit the context window (`Engine.max_prompt_chars`)."""
+        engine = self._engine
+        return engine.max_prompt_chars if engine is not None and engine.model is not None else None
+
     def close(self) -> None:
         """Release the weights (shared with other chat models on the same folder, freed with the last)."""
         if self._release is not None:

@@ -157,7 +157,9 @@ def _holds_lone_surrogate(value: Any) -> bool:
     return False
 
 
-def check_fits(body: Any, context_window: int | None, message_tokens: int = 1) -> None:
+def check_fits(
+    body: Any, context_window: int | None, message_tokens: int = 1, max_chars: int | None = None
+) -> None:
     """Refuse, before converting anything, a decoded request that cannot fit a context window of
     `context_window` tokens (None: unknown, nothing refused): every message costs the prompt at
     least `message_tokens` (its template's turn head and end), every tool call at least one.
@@ -167,6 +169,19 @@ def check_fits(body: Any, context_window: int | None, message_tokens: int = 1) -
     messages = body.get("messages") if isinstance(body, dict) else None
     if context_window is None or not isinstance(messages, list):
         return
+    tools = body.get("tools")
+    if max_chars is not None and isinstance(tools, list) and tools:
+        # The tools' schemas are rendered into the prompt: 128 tools of 40 properties (255 KB)
+        # were parsed, converted, bound and captured before the prompt's length refused them, and
+        # four clients sending them held others past a second (a QA pass, session 25).
+        chars = len(json.dumps(tools, default=str))
+        if chars > max_chars:
+            raise BadRequest(
+                f"the request's tools are {chars} characters of schema, more than the model's context "
+                f"window ({context_window} tokens) can hold: offer fewer tools",
+                "tools",
+                "context_length_exceeded",
+            )
     calls = sum(
         len(m["tool_calls"])
         for m in messages

@@ -163,6 +163,12 @@ class ServedModel(BaseChatModel):
         slot = self._follower._slot
         return getattr(slot.backend, "message_tokens", 1) if slot is not None else 1
 
+    @property
+    def max_prompt_chars(self) -> int | None:
+        """Prompt characters past which the live version's context cannot hold it (None: unknown)."""
+        slot = self._follower._slot
+        return getattr(slot.backend, "max_prompt_chars", None) if slot is not None else None
+
     def refresh(self) -> ModelVersion | None:
         """Check the store now (rather than at the next poll) and swap if the live version moved."""
         self._follower.check()
