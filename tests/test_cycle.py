@@ -394,7 +394,7 @@ def test_nothing_to_learn_is_said_loudly_and_a_failed_run_is_recorded(world: dic
     shown = CliRunner().invoke(app, ["status", "--store", world["url"]], env={"COLUMNS": "200"})
     assert shown.exit_code == 0 and "training run failed" in shown.output, shown.output
     typo = CliRunner().invoke(app, ["status", NAME + "x", "--store", world["url"]])
-    assert typo.exit_code == 1 and f"{NAME}x has no versions" in typo.output and NAME in typo.output
+    assert typo.exit_code == 1 and f"{NAME}x has no model versions" in typo.output and NAME in typo.output
 
 
 def test_one_trainer_per_model(world: dict[str, Any]) -> None:

@@ -216,7 +216,7 @@ def test_cli_writes_the_report(sqlite_url: str, tmp_path: Path) -> None:
     assert result.exit_code == 0 and "--model" in result.output and "--out" in result.output
     # A mistyped model name is an error, not an empty page written over the last good one.
     typo = runner.invoke(app, ["report", "--store", sqlite_url, "--out", str(out), "--model", MODEL + "x"])
-    assert typo.exit_code == 1 and f"{MODEL}x has no versions" in typo.output and MODEL in typo.output
+    assert typo.exit_code == 1 and f"{MODEL}x has no model versions" in typo.output and MODEL in typo.output
     assert out.read_text().count('class="cycle ') == 4
 
 
