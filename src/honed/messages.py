@@ -419,9 +419,10 @@ def chat_example(trajectory: Trajectory, *, reasoning: bool = False) -> dict[str
     if _holds_other_agents_turns(conversation):
         raise NotExportable("other_agents_turns", trajectory.id)
     model = model_of(step)
-    if any(model_of(c) != model and isinstance(c.output, dict) for c in calls):
+    if any(model_of(c) != model and _reply_in(c, step.input["messages"]) for c in calls):
         # A fallback model answered a call of this turn (`ModelFallbackMiddleware`, `with_fallbacks`):
-        # its reply would be trained as this model's (a QA pass, session 25).
+        # its reply, in the conversation, would be trained as this model's (a QA pass, session 25).
+        # (Another model's call whose reply is not in it, a guardrail's "SAFE", is no part of the row.)
         raise NotExportable("another_models_reply", trajectory.id)
     try:
         example: dict[str, Any] = {"messages": openai_messages(conversation, reasoning=reasoning)}
@@ -721,6 +722,24 @@ def own_model_steps(trajectory: Trajectory) -> list[Step]:
     )
     model = model_of(last)
     return [s for s in calls if model_of(s) == model]
+
+
+def _reply_in(call: Step, messages: list[Any]) -> bool:
+    """Whether `call`'s reply is one of the assistant turns of `messages` (by its tool calls' ids,
+    else its text)."""
+    reply = call.output
+    if not isinstance(reply, dict):
+        return False
+    ids = {c.get("id") for c in reply.get("tool_calls") or () if isinstance(c, dict) and c.get("id")}
+    text = content_text(reply.get("content"))
+    for m in messages:
+        if not isinstance(m, dict) or m.get("role") != "assistant":
+            continue
+        if ids and any(isinstance(c, dict) and c.get("id") in ids for c in m.get("tool_calls") or ()):
+            return True
+        if not ids and text and content_text(m.get("content")) == text:
+            return True
+    return False
 
 
 def _last_chat_step(trajectory: Trajectory) -> tuple[Step, list[Step]]:
