@@ -607,3 +607,14 @@ def test_a_name_with_no_model_but_captured_runs_says_where_its_runs_are(captured
         assert result.exit_code == 1, result.output
         assert "no model versions or training runs" in result.output, result.output
         assert "its 2 captured runs: honed runs --agent calc" in result.output, result.output
+
+
+def test_one_run_is_counted_in_the_singular(sqlite_url: str) -> None:
+    """A new user's QA pass (session 25): "1 trajectories checked"."""
+    agent = create_agent(ToolScriptModel(), make_tools(), middleware=[honed.Middleware(store=sqlite_url)])
+    agent.invoke({"messages": [("user", 'call add {"a": 2, "b": 3}; answer {result}')]},
+                 config={"metadata": {"honed": {"expected": "5"}}})  # fmt: skip
+    assert honed.flush()
+    result = runner.invoke(app, ["verify", "--store", sqlite_url])
+    assert result.exit_code == 0, result.output
+    assert "1 trajectory checked: 1 new verdict (1 pass" in result.output, result.output

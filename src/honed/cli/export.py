@@ -169,7 +169,9 @@ def export_otlp(
             )
         )
     else:
-        console().print(f"sent {result.spans} spans of {result.trajectories} trajectories to {escape(where)}")
+        console().print(
+            f"sent {counted(result.spans, 'span')} of {counted(result.trajectories, 'trajectory')} to {escape(where)}"
+        )
     if missing and not result.trajectories:  # a typo'd name sent nothing and said nothing
         err_console().print(f"[yellow]{escape(missing)}[/yellow]")
     if result.rejected:

@@ -15,6 +15,7 @@ from honed.cli.common import (
     StoreOption,
     app,
     console,
+    counted,
     err_console,
     escape,
     open_store_or_exit,
@@ -105,7 +106,8 @@ def verify(
                 worker.close()
         stats = worker.stats
     out.print(
-        f"[bold]{settled}[/bold] trajectories checked: {stats.verdicts} new verdicts "
+        f"[bold]{settled}[/bold] {'trajectory' if settled == 1 else 'trajectories'} checked: "
+        f"{counted(stats.verdicts, 'new verdict')} "
         f"({stats.passed} pass, {stats.failed} fail, {stats.undecided} could not tell, {stats.errors} errors, "
         f"{stats.retries} to retry)"
     )
