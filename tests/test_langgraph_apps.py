@@ -2257,42 +2257,18 @@ def test_parallel_workers_paused_for_a_reviewer_and_resumed_together_keep_their_
     assert got == [("ok", "deleted x2", [{"item": "x2"}]), ("ok", "deleted x3", [{"item": "x3"}])], got
 
 
-def test_a_subagent_failure_its_caller_catches_is_an_error_not_a_pause(sqlite_url: str) -> None:
-    """A QA pass (session 25): a subagent with `Middleware`, called from a supervisor's tool that
-    catches its error and apologises. The subagent's run was stored `interrupted`, waiting for a
-    human forever and never judged: its end hook never ran, which read as a pause."""
+ASK_MATH_TASK = {
+    "messages": [("user", f"call ask_math {json.dumps({'question': 'answer BOOM'})}; answer {{result}}")]
+}
+
+
+def ask_failing_math(store_url: str, *, caught: bool) -> Any:
+    """A supervisor's tool asking a math subagent (with `Middleware`) whose model fails on "BOOM";
+    `caught`: the tool apologises instead of raising."""
     from honed.testing import ScriptedChatModel
 
     helper = create_agent(
-        ScriptedChatModel(fail_on="BOOM"), [add], name="math", middleware=[honed.Middleware(store=sqlite_url)]
-    )
-
-    @tool
-    def ask_math(question: str) -> str:
-        """Ask the math agent."""
-        try:
-            return helper.invoke({"messages": [("user", question)]})["messages"][-1].content
-        except RuntimeError:
-            return "the math agent is down"
-
-    supervisor = create_agent(ToolScriptModel(), [ask_math], name="supervisor")
-    question = json.dumps({"question": "answer BOOM"})
-    reply = supervisor.invoke({"messages": [("user", f"call ask_math {question}; answer {{result}}")]})
-    assert reply["messages"][-1].content == "the math agent is down"
-    assert honed.flush()
-    (run,) = honed.open_store(sqlite_url).trajectories()
-    assert (run.agent, run.status) == ("math", "error") and "model failure" in run.error
-
-
-@pytest.mark.parametrize("caught", [True, False], ids=["caught", "raised"])
-def test_a_subagents_step_shows_the_error_it_failed_with(sqlite_url: str, caught: bool) -> None:
-    """A QA pass (session 25): supervisor and subagent each with `Middleware`. The subagent's
-    step inside the supervisor's run said "incomplete: the run ended before this step finished"
-    when its failure ended the run, and nothing at all when the supervisor's tool caught it."""
-    from honed.testing import ScriptedChatModel
-
-    helper = create_agent(
-        ScriptedChatModel(fail_on="BOOM"), [add], name="math", middleware=[honed.Middleware(store=sqlite_url)]
+        ScriptedChatModel(fail_on="BOOM"), [add], name="math", middleware=[honed.Middleware(store=store_url)]
     )
 
     @tool
@@ -2305,11 +2281,33 @@ def test_a_subagents_step_shows_the_error_it_failed_with(sqlite_url: str, caught
                 raise
             return "the math agent is down"
 
+    return ask_math
+
+
+def test_a_subagent_failure_its_caller_catches_is_an_error_not_a_pause(sqlite_url: str) -> None:
+    """A QA pass (session 25): a subagent with `Middleware`, called from a supervisor's tool that
+    catches its error and apologises. The subagent's run was stored `interrupted`, waiting for a
+    human forever and never judged: its end hook never ran, which read as a pause."""
     supervisor = create_agent(
-        ToolScriptModel(), [ask_math], name="supervisor", middleware=[honed.Middleware(store=sqlite_url)]
+        ToolScriptModel(), [ask_failing_math(sqlite_url, caught=True)], name="supervisor"
     )
-    question = json.dumps({"question": "answer BOOM"})
-    task = {"messages": [("user", f"call ask_math {question}; answer {{result}}")]}
+    reply = supervisor.invoke(ASK_MATH_TASK)
+    assert reply["messages"][-1].content == "the math agent is down"
+    assert honed.flush()
+    (run,) = honed.open_store(sqlite_url).trajectories()
+    assert (run.agent, run.status) == ("math", "error") and "model failure" in run.error
+
+
+@pytest.mark.parametrize("caught", [True, False], ids=["caught", "raised"])
+def test_a_subagents_step_shows_the_error_it_failed_with(sqlite_url: str, caught: bool) -> None:
+    """A QA pass (session 25): supervisor and subagent each with `Middleware`. The subagent's
+    step inside the supervisor's run said "incomplete: the run ended before this step finished"
+    when its failure ended the run, and nothing at all when the supervisor's tool caught it."""
+    supervisor = create_agent(
+        ToolScriptModel(), [ask_failing_math(sqlite_url, caught=caught)], name="supervisor",
+        middleware=[honed.Middleware(store=sqlite_url)],
+    )  # fmt: skip
+    task = ASK_MATH_TASK
     if caught:
         supervisor.invoke(task)
     else:

@@ -711,8 +711,15 @@ def own_model_steps(trajectory: Trajectory) -> list[Step]:
     calls = [s for s in trajectory.steps if s.kind == "model" and not in_subagent(s)]
     if not calls:
         return []
+    model = model_of(_answering_call(trajectory, calls))
+    return [s for s in calls if model_of(s) == model]
+
+
+def _answering_call(trajectory: Trajectory, calls: list[Step]) -> Step:
+    """The call whose reply is the run's answer, else the last: a middleware asking another model
+    to check the reply (a guardrail) made the last call the guard's, its prompt and its "SAFE"."""
     answer = trajectory.answer
-    last = next(
+    return next(
         (
             s
             for s in reversed(calls)
@@ -720,8 +727,6 @@ def own_model_steps(trajectory: Trajectory) -> list[Step]:
         ),
         calls[-1],
     )
-    model = model_of(last)
-    return [s for s in calls if model_of(s) == model]
 
 
 def _reply_in(call: Step, messages: list[Any]) -> bool:
@@ -759,17 +764,7 @@ def _last_chat_step(trajectory: Trajectory) -> tuple[Step, list[Step]]:
     ]
     if not calls:
         raise NotExportable("no_chat_model_step", trajectory.id)
-    # The call whose reply is the run's answer: a middleware asking another model to check the
-    # reply (a guardrail) made the last call the guard's, its prompt and its "SAFE".
-    answer = trajectory.answer
-    step = next(
-        (
-            s
-            for s in reversed(calls)
-            if answer and isinstance(s.output, dict) and content_text(s.output.get("content")) == answer
-        ),
-        calls[-1],
-    )
+    step = _answering_call(trajectory, calls)
     if is_truncated(step.input):
         raise NotExportable("truncated", trajectory.id)
     return step, calls
