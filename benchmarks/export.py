@@ -1,6 +1,6 @@
 """Export benchmarks: spans/s to Arize Phoenix over OTLP/HTTP, trajectories/s to JSONL and parquet.
 
-    .venv/bin/python benchmarks/export.py [--trajectories 10000] [--keep-store PATH] [--no-otlp | --no-phoenix]
+    .venv/bin/python benchmarks/export.py [--trajectories 10000] [--keep-store PATH] [--no-otlp | --no-phoenix] [--signed]
 
 Builds a SQLite store of N synthetic trajectories shaped like a captured tool-calling agent run
 (`instrument()`: 3 model calls and 2 tool calls, each under its graph node = 10 steps, 11 spans with
@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import json
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -26,12 +27,13 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from sqlalchemy import insert
+from sqlalchemy import delete, insert
 
 import honed
 from honed.exporters.datasets import write_jsonl, write_parquet
@@ -39,6 +41,8 @@ from honed.exporters.otel import LiveExporter, make_resource, replay
 from honed.exporters.spans import SpanMapper
 from honed.store.schema import VerdictRow
 from honed.store.select import select_trajectories
+from honed.store.signing import Signer, content_digest
+from honed.store.verification import verdict_row
 from phoenix_server import PhoenixServer, free_port
 
 SYSTEM = "You are a support agent for ACME. Use the tools to look things up; answer in one sentence."
@@ -126,6 +130,23 @@ def build_store(url: str, n: int) -> None:
     store.close()
 
 
+def sign_verdicts(url: str, key: str) -> None:
+    """`--signed`: every verdict written again as a worker holding the key writes it (signed, with
+    the digest of the run it judged), so the reads below check signatures and content."""
+    signer = Signer(key)
+    store = honed.open_store(url)
+    now = datetime.now(UTC)
+    rows = [
+        verdict_row(t.id, v, now, content_digest(t), signer)
+        for t in select_trajectories(store, include_heldout=True)
+        for v in t.verdicts
+    ]
+    with store._sessions.begin() as session:
+        session.execute(delete(VerdictRow))
+        session.execute(insert(VerdictRow), rows)
+    store.close()
+
+
 @contextmanager
 def _null_receiver() -> Iterator[str]:
     """An OTLP/HTTP endpoint that reads each request and answers 200, in its own process."""
@@ -175,6 +196,9 @@ def main() -> None:
         "--no-otlp", action="store_true", help="Reading and datasets only: no OTLP replay, no Phoenix."
     )
     parser.add_argument(
+        "--signed", action="store_true", help="Verdicts signed, read with the key (HONED_VERDICT_KEY's cost)."
+    )
+    parser.add_argument(
         "--no-phoenix", action="store_true", help="Replay into a discarding receiver only: no Phoenix."
     )
     args = parser.parse_args()
@@ -188,7 +212,11 @@ def main() -> None:
     print(f"store: {n} trajectories at {db}", flush=True)
     if not db.exists():
         timed("build store", lambda: build_store(url, n))
-    store = honed.open_store(url)
+    key = None
+    if args.signed:
+        key = secrets.token_urlsafe(32)
+        timed("sign the verdicts", lambda: sign_verdicts(url, key))
+    store = honed.open_store(url, verdict_key=key)
     count = store.count()
     passing = store.count(verdict="pass") - store.count(verdict="pass", split="heldout")
     results: dict[str, Any] = {"trajectories": count}

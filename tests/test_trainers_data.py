@@ -546,7 +546,7 @@ def test_a_new_unaudited_version_a_pass_that_erred_and_a_paused_run_never_train(
     """An audit vouches for the version it audited: passes of a newer, unaudited version of a
     verifier with a minimum precision count for nothing. A "pass" reporting an error failed to
     judge. A run paused at an interrupt is no outcome, asked for by id or not."""
-    from honed.store.verification import _verdict_row
+    from honed.store.verification import verdict_row
 
     store = any_store
     store.set_min_precision("ref2", 0.9)
@@ -569,7 +569,7 @@ def test_a_new_unaudited_version_a_pass_that_erred_and_a_paused_run_never_train(
     t = add(store, make_trajectory("t-erred"))
     with pytest.raises(ValueError, match="passes and reports an error"):
         store.add_verdict(t.id, erred)
-    assert _verdict_row(t.id, erred, datetime.now(UTC))["passed"] is None  # what a Worker stores
+    assert verdict_row(t.id, erred, datetime.now(UTC))["passed"] is None  # what a Worker stores
 
     paused = make_trajectory("t-paused")
     paused.status = "interrupted"

@@ -389,6 +389,8 @@ def loop_status(store: Any, name: str | None = None) -> dict[str, Any]:
         "trainable": count_selected(store, verdict="pass"),
         "verifiers": [{k: v for k, v in row.items() if k != "latest"} for row in store.verifier_counts()],
         "untrusted_verifiers": sorted(store.untrusted_verifiers()),
+        # None: no verdict key here, labels are neither signed nor checked (`honed.store.signing`)
+        "unsigned_verdicts": store.unsigned_verdicts(),
         "models": [],
     }
     for model in models:
@@ -472,6 +474,16 @@ def status(
             *(str(row[k]) for k in ("pass", "fail", "undecided", "errors")),
         )
     out.print(verdicts)
+    if info["unsigned_verdicts"] is None:
+        out.print(
+            "[dim]labels are not signed: code holding the store's URL (the agent's process) can write them; "
+            "set HONED_VERDICT_KEY where verifiers and training run[/dim]"
+        )
+    elif info["unsigned_verdicts"]:
+        out.print(
+            f"[yellow]{info['unsigned_verdicts']} verdicts carry no signature (written without the key): "
+            "not counted[/yellow]"
+        )
     erring = [
         r for r in info["verifiers"] if r["errors"] and r["verifier"] not in info["untrusted_verifiers"]
     ]

@@ -27,6 +27,7 @@ from sqlalchemy import bindparam, literal_column, select, text
 
 from honed.store.conversations import expand
 from honed.store.schema import TrajectoryRow, VerdictRow
+from honed.store.signing import Signer, content_digest
 from honed.trajectory import Step, Trajectory, Verdict
 
 CHUNK = 500  # trajectory ids per IN (...) of the step and verdict reads
@@ -61,12 +62,20 @@ def trajectory_columns(dialect: str, *, with_steps: bool, step_content: bool = T
     return _T.id, literal_column(_as_text(dialect, _json_array(dialect, "trajectories", columns)))
 
 
-def read(conn: Any, rows: Sequence[Any], *, with_steps: bool, step_content: bool = True) -> list[Trajectory]:
+def read(
+    conn: Any,
+    rows: Sequence[Any],
+    *,
+    with_steps: bool,
+    step_content: bool = True,
+    signer: Signer | None = None,
+) -> list[Trajectory]:
     """Trajectories from rows of `trajectory_columns` (same `with_steps` and `step_content`), in
     their order, with their verdicts and (`with_steps`) their steps, whose `input` and `output`
-    are None unless `step_content`: one query per table and `CHUNK` trajectories."""
+    are None unless `step_content`: one query per table and `CHUNK` trajectories. With a `signer`,
+    only verdicts it signed, of the content read (when read), are kept (`honed.store.signing`)."""
     with collector_paused():
-        return _read(conn, rows, with_steps, step_content)
+        return _read(conn, rows, with_steps, step_content, signer)
 
 
 @contextlib.contextmanager
@@ -85,14 +94,21 @@ def collector_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _read(conn: Any, rows: Sequence[Any], with_steps: bool, step_content: bool) -> list[Trajectory]:
+def _read(
+    conn: Any, rows: Sequence[Any], with_steps: bool, step_content: bool, signer: Signer | None
+) -> list[Trajectory]:
     dialect = conn.dialect.name
     ids = [row[0] for row in rows]
     verdicts: dict[str, list[Verdict]] = {}
+    digests: dict[int, str | None] = {}
     steps: dict[str, str] = {}
     for start in range(0, len(ids), CHUNK):
         chunk = ids[start : start + CHUNK]
         for v in conn.execute(_VERDICTS, {"ids": chunk}):
+            if signer is not None:
+                if not signer.verdict_checks(dict(zip(_VERDICT_FIELDS, v, strict=True))):
+                    continue  # unsigned or forged: as if never written
+                digests[v[8]] = v[10]
             verdict = Verdict(v[1], v[2], v[3], v[4] or {}, v[5], v[6], v[7], v[0], v[8], v[9])
             verdicts.setdefault(v[0], []).append(verdict)
         if with_steps:
@@ -109,6 +125,10 @@ def _read(conn: Any, rows: Sequence[Any], with_steps: bool, step_content: bool) 
             row[8], _when(row[9]), _when(row[10]), verdicts.get(trajectory_id, []),
             thread_id=row[11], checkpoint_id=row[12],
         )  # fmt: skip
+        if digests and trajectory.verdicts and with_steps and step_content:
+            # Edited after it was judged: no verdict judged what is here now.
+            digest = content_digest(trajectory)
+            trajectory.verdicts = [v for v in trajectory.verdicts if digests[v.id] == digest]  # type: ignore[index]
         out.append(trajectory)
     return out
 
@@ -142,9 +162,13 @@ _T, _V = TrajectoryRow.__table__.c, VerdictRow.__table__.c
 # with 15 digits: plain columns, typed by SQLAlchemy.
 _VERDICTS = (
     select(_V.trajectory_id, _V.passed, _V.score, _V.reason, _V.evidence, _V.verifier, _V.version,
-           _V.duration_s, _V.id, _V.created_at)
+           _V.duration_s, _V.id, _V.created_at, _V.digest, _V.signature)
     .where(_V.trajectory_id.in_(bindparam("ids", expanding=True)))
     .order_by(_V.id)
+)  # fmt: skip
+_VERDICT_FIELDS = (
+    "trajectory_id", "passed", "score", "reason", "evidence", "verifier", "version", "duration_s", "id",
+    "created_at", "digest", "signature",
 )  # fmt: skip
 
 

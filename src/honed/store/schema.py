@@ -138,6 +138,9 @@ class VerdictRow(Base):
     evidence: Mapped[dict[str, Any]] = mapped_column(default=dict)
     duration_s: Mapped[float] = mapped_column(Float, default=0.0)
     created_at: Mapped[datetime] = mapped_column(default=lambda: datetime.now(UTC))
+    # `honed.store.signing`: the judged content's digest and the HMAC of the row (migration 0008).
+    digest: Mapped[str | None] = mapped_column(String(64))
+    signature: Mapped[str | None] = mapped_column(String(64))
 
     trajectory: Mapped[TrajectoryRow] = relationship(back_populates="verdicts")
 

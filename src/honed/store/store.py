@@ -49,8 +49,9 @@ from honed.store.database import Database
 from honed.store.reader import read, trajectory_columns
 from honed.store.registry import ModelRegistry
 from honed.store.schema import JSONText, StepRow, TrajectoryRow, UTCDateTime, VerdictRow
+from honed.store.signing import Signer, content_digest, signer_from_env
 from honed.store.training import TrainingLog
-from honed.store.verification import VerificationStore, redacted_verdict
+from honed.store.verification import VerificationStore, verdict_row
 from honed.trajectory import ERROR_KEY, HELDOUT, INTERRUPTED, Step, Trajectory, Verdict
 
 log = logging.getLogger("honed")
@@ -141,11 +142,15 @@ def check_store_url(url: str) -> str:
     return url
 
 
-def open_store(url: str | None = None, *, create: bool = True) -> TrajectoryStore:
+def open_store(
+    url: str | None = None, *, create: bool = True, verdict_key: str | None = None
+) -> TrajectoryStore:
     """Open the store at `url` (see `resolve_store_url` for the default), migrating it to the
     current schema. With `create=False` (what read-only commands use) a URL with no honed store
-    raises `StoreNotFound` instead of creating one: nothing is written there."""
-    return TrajectoryStore(resolve_store_url(url), create=create)
+    raises `StoreNotFound` instead of creating one: nothing is written there. `verdict_key`
+    (default `$HONED_VERDICT_KEY`) signs the labels written and counts only signed ones
+    (`honed.store.signing`)."""
+    return TrajectoryStore(resolve_store_url(url), create=create, verdict_key=verdict_key)
 
 
 class _Part:
@@ -171,12 +176,16 @@ class TrajectoryStore:
     idempotent (an id already stored is skipped), which is what lets a spool be replayed safely.
     """
 
-    def __init__(self, url: str, *, migrate: bool = True, create: bool = True) -> None:
+    def __init__(
+        self, url: str, *, migrate: bool = True, create: bool = True, verdict_key: str | None = None
+    ) -> None:
         self.url = check_store_url(url)
+        # Before any connection: a bad key is said at once, not after the agent ran.
+        self.signer = Signer(verdict_key) if verdict_key else signer_from_env()
         _check_sqlite_file(self.url, must_exist=not create)
         self.engine = _create_engine(self.url, create=create)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        db = Database(self.engine, self._sessions)
+        db = Database(self.engine, self._sessions, self.signer)
         self.registry, self.training, self.verification = (
             ModelRegistry(db),
             TrainingLog(db),
@@ -233,6 +242,7 @@ class TrajectoryStore:
     verifier_policies = _Part("verification")
     untrusted_verifiers = _Part("verification")
     verifier_counts = _Part("verification")
+    unsigned_verdicts = _Part("verification")
 
     @property
     def safe_url(self) -> str:
@@ -307,6 +317,13 @@ class TrajectoryStore:
                 f"verdict of {verdict.verifier!r} passes and reports an error "
                 f"({verdict.evidence[ERROR_KEY]!r}): a verifier that failed to judge says passed=None"
             )
+        # Signed, a verdict names the content it judged: the run as stored now.
+        digest = None
+        if self.signer is not None:
+            judged = self.trajectories(ids=[trajectory_id], limit=None)
+            if not judged:
+                raise TrajectoryNotFound(trajectory_id)
+            digest = content_digest(judged[0])
         with self._sessions.begin() as session:
             if session.get(TrajectoryRow, trajectory_id) is None:
                 raise TrajectoryNotFound(trajectory_id)
@@ -317,20 +334,14 @@ class TrajectoryStore:
                     VerdictRow.version == verdict.version,
                 )
             )
-            reason, evidence = redacted_verdict(verdict)
-            row = VerdictRow(
-                trajectory_id=trajectory_id,
-                verifier=verdict.verifier,
-                version=verdict.version,
-                passed=verdict.passed,
-                score=verdict.score,
-                reason=reason,
-                evidence=evidence,
-                duration_s=verdict.duration_s,
-            )
+            row = VerdictRow(**verdict_row(trajectory_id, verdict, _now(), digest, self.signer))
             session.add(row)
             session.flush()
-            return _verdict(row)
+            written = _verdict(row)
+        if self.signer is not None:  # signed, a verifier with no signed policy is not trusted
+            trust = "low" if (verdict.evidence or {}).get("trust") == "low" else "high"
+            self.register_verifiers({verdict.verifier: trust}, only_new=True)
+        return written
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -360,7 +371,9 @@ class TrajectoryStore:
 
         `verdict="pass" | "fail"` is `honed.trajectory.label` in SQL: only judgements of trusted
         verifiers count (`untrusted_verifiers()`); `"labeled" | "unlabeled"`: any verdict or none.
-        `thread_id` gives the turns of one conversation; `finished=True` leaves out runs paused at
+        With a verdict key only signed verdicts count there, and the rows read keep only those whose
+        signature checks out (`honed.store.signing`): `select_trajectories` applies `label` to them,
+        exact where SQL cannot check a signature. `thread_id` gives the turns of one conversation; `finished=True` leaves out runs paused at
         an interrupt (`False`: only those). `step_content=False` leaves each step's `input` and
         `output` None (what a span export without content needs, read ~40% faster). `after`, the
         last trajectory of the previous page, pages by position rather than `offset`: a run stored
@@ -373,13 +386,19 @@ class TrajectoryStore:
             select(TrajectoryRow.id), agent=agent, task_id=task_id, split=self.split_names(split), status=status,
             verdict=verdict, since=since, until=until, model_version=model_version, thread_id=thread_id,
             finished=finished, ids=ids, exclude_task_ids=exclude_task_ids,
-            untrusted=self._untrusted_for(verdict),
+            untrusted=self._untrusted_for(verdict), signed=self.signer is not None,
         ).where(cursor).order_by(*order).offset(offset).limit(limit).subquery()  # fmt: skip
         # The page's ids first, then its rows by primary key: an OFFSET skips ids, not whole rows.
         columns = trajectory_columns(self.dialect, with_steps=with_steps, step_content=step_content)
         query = select(*columns).join(page, TrajectoryRow.id == page.c.id).order_by(*order)
         with self.engine.connect() as conn:
-            return read(conn, conn.execute(query).all(), with_steps=with_steps, step_content=step_content)
+            return read(
+                conn,
+                conn.execute(query).all(),
+                with_steps=with_steps,
+                step_content=step_content,
+                signer=self.signer,
+            )
 
     def count(
         self,
@@ -402,7 +421,7 @@ class TrajectoryStore:
             agent=agent, task_id=task_id, split=self.split_names(split), status=status, verdict=verdict,
             since=since, until=until, model_version=model_version, thread_id=thread_id,
             finished=finished, exclude_task_ids=exclude_task_ids,
-            untrusted=self._untrusted_for(verdict),
+            untrusted=self._untrusted_for(verdict), signed=self.signer is not None,
         )  # fmt: skip
         with self._sessions() as session:
             return int(session.scalar(query) or 0)
@@ -453,7 +472,7 @@ class TrajectoryStore:
                     )
             if not rows:
                 raise TrajectoryNotFound(trajectory_id)
-            return read(conn, rows, with_steps=True)[0]
+            return read(conn, rows, with_steps=True, signer=self.signer)[0]
 
     def ping(self) -> bool:
         """True when the store answers a trivial query."""
@@ -619,7 +638,7 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 # The newest migration's revision. Opening a store at this revision reads one row and never
 # imports alembic (0.2-0.4 s of every start); a test keeps it equal to the migrations' head.
-SCHEMA_HEAD = "0007"
+SCHEMA_HEAD = "0008"
 
 
 def _migrate(engine: Engine, *, create: bool = True, shown: str = "") -> None:
@@ -710,6 +729,7 @@ def _filtered(
     ids: Iterable[str] | None = None,
     exclude_task_ids: Iterable[str] | None = None,
     untrusted: set[str] = frozenset(),  # type: ignore[assignment]
+    signed: bool = False,
 ) -> Any:
     T = TrajectoryRow
     for column, value in (
@@ -740,10 +760,13 @@ def _filtered(
         if excluded:
             query = query.where(T.task_id.is_(None) | T.task_id.not_in(excluded))
     if verdict is not None:
-        any_verdict = exists().where(VerdictRow.trajectory_id == T.id)
+        # With a key, unsigned rows count for nothing (`honed.store.signing`); forged signatures
+        # are found where the rows are read.
+        mine = [VerdictRow.trajectory_id == T.id, *([VerdictRow.signature.is_not(None)] if signed else [])]
+        any_verdict = exists().where(*mine)
         # `honed.trajectory.label`: any fail fails it; untrusted verifiers' passes and errors
         # count for nothing.
-        current = [VerdictRow.trajectory_id == T.id, ~_superseded()]
+        current = [*mine, ~_superseded(signed)]
         counted = [*current, VerdictRow.verifier.not_in(sorted(untrusted))] if untrusted else current
         failed = exists().where(*current, VerdictRow.passed.is_(False))
         passed = exists().where(*counted, VerdictRow.passed.is_(True))
@@ -762,12 +785,13 @@ def _filtered(
     return query
 
 
-def _superseded() -> Any:
+def _superseded(signed: bool = False) -> Any:
     """`honed.trajectory.current_verdicts` in SQL, of the VerdictRow in scope: another version of
     its verifier judged the run later, or (this one a pass) has any verdict on it later (not a
-    person's label, neither of them)."""
+    person's label, neither of them; `signed`: only a signed one supersedes)."""
     newer = aliased(VerdictRow)
     return exists().where(
+        *([newer.signature.is_not(None)] if signed else []),
         newer.trajectory_id == VerdictRow.trajectory_id,
         newer.verifier == VerdictRow.verifier,
         newer.version != VerdictRow.version,
@@ -1098,6 +1122,10 @@ def _conversation_once(row: dict[str, Any], steps: list[dict[str, Any]]) -> dict
         step["input"] = value
     row["messages"], row["tools"] = messages, tools
     return row
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
 
 
 def _verdict(row: VerdictRow) -> Verdict:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import math
 import re
 from collections.abc import Collection, Iterable, Sequence
@@ -26,6 +27,7 @@ from sqlalchemy.orm import aliased
 from honed._json import scrubbed
 from honed.store.database import Database
 from honed.store.schema import TrajectoryRow, UTCDateTime, VerdictRow
+from honed.store.signing import Signer
 from honed.store.verification_tables import VerificationClaimRow, VerifierAuditRow, VerifierPolicyRow
 from honed.trajectory import ERROR_KEY, INTERRUPTED, Verdict
 
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
     from honed.store.audit import AuditResult
 
 C = VerificationClaimRow
+log = logging.getLogger("honed")
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +56,10 @@ class ClaimOutcome:
     verdicts: list[Verdict] = field(default_factory=list)
     retry_at: datetime | None = None
     error: str | None = None
+    digest: str | None = None  # of the content judged (`honed.store.signing.content_digest`)
+
+
+UNSIGNED_POLICY = "not signed with this store's key: not trusted until set again with it"
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +86,7 @@ class VerificationStore:
     """Verification, a part of `TrajectoryStore`: claiming unlabeled trajectories, audits of verifiers."""
 
     def __init__(self, db: Database) -> None:
-        self.engine, self._sessions = db.engine, db.sessions
+        self.engine, self._sessions, self._signer = db.engine, db.sessions, db.signer
 
     # -- the work queue ---------------------------------------------------------------------
 
@@ -225,7 +232,9 @@ class VerificationStore:
                 if session.execute(retry).rowcount:
                     held.add(outcome.trajectory_id)
             rows = {
-                (o.trajectory_id, v.verifier, v.version): _verdict_row(o.trajectory_id, v, now)
+                (o.trajectory_id, v.verifier, v.version): verdict_row(
+                    o.trajectory_id, v, now, o.digest, self._signer
+                )
                 for o in outcomes
                 if o.trajectory_id in held
                 for v in o.verdicts
@@ -302,10 +311,13 @@ class VerificationStore:
                 tn=result.tn,
                 fn=result.fn,
                 undecided=result.undecided,
+                created_at=_now(),
                 **_rate_columns("precision", result.precision),
                 **_rate_columns("recall", result.recall),
                 **_rate_columns("false_positive_rate", result.false_positive_rate),
             )
+            if self._signer is not None:
+                row.signature = self._signer.audit(_columns(row))
             with self._sessions.begin() as session:
                 session.add(row)
                 session.flush()
@@ -322,7 +334,7 @@ class VerificationStore:
         if verifier is not None:
             query = query.where(VerifierAuditRow.verifier == verifier)
         with self._sessions() as session:
-            rows = session.scalars(query.limit(limit)).all()
+            rows = [r for r in session.scalars(query) if self._audit_checks(r)][:limit]
         return [
             AuditResult(
                 verifier=r.verifier,
@@ -346,28 +358,64 @@ class VerificationStore:
         if min_precision is not None and not 0.0 <= min_precision <= 1.0:
             raise ValueError(f"min_precision must be within [0, 1], not {min_precision}")
         with self._sessions.begin() as session:
-            row = session.get(VerifierPolicyRow, verifier) or VerifierPolicyRow(
-                verifier=verifier, trust="high"
-            )
+            row = session.get(VerifierPolicyRow, verifier)
+            if row is None:
+                row = VerifierPolicyRow(verifier=verifier, trust="high")
+            elif not self._policy_checks(row):  # a trust written without the key is not signed now
+                row.trust = "low"
             row.min_precision, row.note, row.updated_at = min_precision, note, _now()
+            if self._signer is not None:
+                row.signature = self._signer.policy(row.verifier, row.trust, row.min_precision)
             session.add(row)
         return self.verifier_policy(verifier)
 
-    def register_verifiers(self, trusts: dict[str, str]) -> None:
+    def register_verifiers(self, trusts: dict[str, str], *, only_new: bool = False) -> None:
         """Record each verifier's trust level (the worker calls this on start), keeping policies.
-        An upsert: many workers start at once."""
+        An upsert: many workers start at once. `only_new`: leave verifiers with a policy alone."""
         if not trusts:
             return
         now = _now()
         rows = [{"verifier": n, "trust": t, "note": "", "updated_at": now} for n, t in sorted(trusts.items())]
         with self.engine.begin() as conn:
             dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+            replace = ["trust", "updated_at"]
+            if self._signer is not None:
+                replace += ["min_precision", "signature"]
+                self._signed_policies(conn, rows)
             stmt = dialect.insert(VerifierPolicyRow).values(rows)
+            if only_new:
+                conn.execute(stmt.on_conflict_do_nothing(index_elements=["verifier"]))
+                return
             stmt = stmt.on_conflict_do_update(
-                index_elements=["verifier"],
-                set_={"trust": stmt.excluded.trust, "updated_at": stmt.excluded.updated_at},
+                index_elements=["verifier"], set_={c: stmt.excluded[c] for c in replace}
             )
             conn.execute(stmt)
+
+    def _signed_policies(self, conn: Any, rows: list[dict[str, Any]]) -> None:
+        """The policies `register_verifiers` writes, signed: the trust the code declares, the minimum
+        precision kept where its row checks out (a row code with the store's URL wrote or changed
+        is written again without one, which is said)."""
+        assert self._signer is not None
+        P = VerifierPolicyRow
+        names = [r["verifier"] for r in rows]
+        stored = {
+            r.verifier: r
+            for r in conn.execute(
+                select(P.verifier, P.trust, P.min_precision, P.signature).where(P.verifier.in_(names))
+            )
+        }
+        for row in rows:
+            old = stored.get(row["verifier"])
+            kept = old is not None and self._signer.policy_checks(old._mapping)
+            if old is not None and not kept and old.min_precision is not None:
+                log.warning(
+                    "honed: the policy of verifier %s was not signed with this store's key: its minimum "
+                    "precision (%s) is dropped; set it again with the key",
+                    row["verifier"],
+                    old.min_precision,
+                )
+            row["min_precision"] = old.min_precision if kept else None
+            row["signature"] = self._signer.policy(row["verifier"], row["trust"], row["min_precision"])
 
     def verifier_policy(self, verifier: str) -> VerifierPolicy:
         """The policy of one verifier with its latest audited precision."""
@@ -377,12 +425,14 @@ class VerificationStore:
         """Policies of the given verifiers (default: all registered or audited), with latest precision."""
         with self._sessions() as session:
             rows = {r.verifier: r for r in session.scalars(select(VerifierPolicyRow))}
-            labelling = _labelling_versions(session)
+            labelling = _labelling_versions(session, signed=self._signer is not None)
             audits: dict[str, VerifierAuditRow] = {}
             ordered = select(VerifierAuditRow).order_by(
                 VerifierAuditRow.created_at.desc(), VerifierAuditRow.id.desc()
             )
             for audit in session.scalars(ordered):
+                if not self._audit_checks(audit):
+                    continue
                 # An audit of one version says nothing of another: the one that counts is of the
                 # version labelling now (its newest verdict's), or one made across versions.
                 current = labelling.get(audit.verifier)
@@ -392,6 +442,9 @@ class VerificationStore:
         out = []
         for name in names:
             row, audit = rows.get(name), audits.get(name)
+            if row is not None and not self._policy_checks(row):
+                out.append(VerifierPolicy(verifier=name, trust="low", note=UNSIGNED_POLICY))
+                continue
             out.append(
                 VerifierPolicy(
                     verifier=name,
@@ -410,6 +463,14 @@ class VerificationStore:
         an untrusted part: a part under its audited minimum decided `any_of` alone."""
         policies = self.verifier_policies()
         untrusted = {p.verifier for p in policies if not p.usable}
+        if self._signer is not None:  # a policy deleted by code with the URL: not trusted either
+            with self._sessions() as session:
+                judging = set(_labelling_versions(session, signed=True))
+            untrusted |= judging - {p.verifier for p in policies}
+            policies += [
+                VerifierPolicy(verifier=name, trust="low")
+                for name in judging - {p.verifier for p in policies}
+            ]
         grew = bool(untrusted)
         while grew:  # composites of composites
             grew = False
@@ -435,6 +496,8 @@ class VerificationStore:
             .group_by(V.verifier, V.version)
             .order_by(V.verifier, V.version)
         )
+        if self._signer is not None:  # signed: what counts (a forged signature is found on reading)
+            query = query.where(V.signature.is_not(None))
         with self._sessions() as session:
             rows = session.execute(query).all()
         return [
@@ -451,7 +514,26 @@ class VerificationStore:
             for n, v, t, p, f, at, e in rows
         ]
 
+    def unsigned_verdicts(self) -> int | None:
+        """With a verdict key, how many verdicts carry no signature (written without the key: not
+        counted); None without a key (nothing is signed)."""
+        if self._signer is None:
+            return None
+        with self._sessions() as session:
+            return int(session.scalar(select(func.count()).where(VerdictRow.signature.is_(None))) or 0)
+
     # -- helpers ----------------------------------------------------------------------------
+
+    def _policy_checks(self, row: VerifierPolicyRow) -> bool:
+        return self._signer is None or self._signer.policy_checks(_columns(row))
+
+    def _audit_checks(self, row: VerifierAuditRow) -> bool:
+        return self._signer is None or self._signer.audit_checks(_columns(row))
+
+    def _pair_checks(self, row: Any) -> bool:
+        if self._signer is None:
+            return True
+        return all(self._signer.verdict_checks(_columns(v)) for v in row[-2:])
 
     def _newest_version(self, verifier: str) -> str | None:
         query = (
@@ -475,11 +557,15 @@ class VerificationStore:
         )
         if version is not None:
             query = query.where(said.version == version)
+        if self._signer is not None:  # only verdicts signed with the key, on both sides
+            query = query.where(said.signature.is_not(None), truth.signature.is_not(None)).add_columns(
+                said, truth
+            )
         with self._sessions() as session:
-            rows = session.execute(query).all()
+            rows = [r for r in session.execute(query).all() if self._pair_checks(r)]
         said_of: dict[str, bool | None] = {}
         gold_of: dict[str, list[bool | None]] = {}
-        for tid, verdict_passed, gold_passed, _, _ in rows:
+        for tid, verdict_passed, gold_passed, *_ in rows:
             said_of[tid] = verdict_passed
             gold_of.setdefault(tid, []).append(gold_passed)
         # Every labeller's label counts, as in `label`: where two disagree, the truth is a fail (the
@@ -510,10 +596,12 @@ def composite_parts(name: str) -> list[str]:
     return [name for part in parts if part for name in (part, *composite_parts(part))]
 
 
-def _labelling_versions(session: Any) -> dict[str, str]:
-    """Each verifier's version whose verdict is the newest: the version labelling now."""
+def _labelling_versions(session: Any, *, signed: bool = False) -> dict[str, str]:
+    """Each verifier's version whose verdict is the newest: the version labelling now (`signed`:
+    of the signed verdicts)."""
     newest = (
         select(VerdictRow.verifier, VerdictRow.version, func.max(VerdictRow.created_at).label("at"))
+        .where(*([VerdictRow.signature.is_not(None)] if signed else []))
         .group_by(VerdictRow.verifier, VerdictRow.version)
         .order_by(func.max(VerdictRow.created_at))
     )
@@ -525,7 +613,8 @@ def _upsert_verdicts(session: Any, rows: list[dict[str, Any]]) -> None:
     dialect = postgresql if session.bind.dialect.name == "postgresql" else sqlite
     stmt = dialect.insert(VerdictRow)
     replace = {
-        c: stmt.excluded[c] for c in ("passed", "score", "reason", "evidence", "duration_s", "created_at")
+        c: stmt.excluded[c]
+        for c in ("passed", "score", "reason", "evidence", "duration_s", "created_at", "digest", "signature")
     }
     session.execute(
         stmt.on_conflict_do_update(index_elements=["trajectory_id", "verifier", "version"], set_=replace),
@@ -548,9 +637,12 @@ def redacted_verdict(v: Verdict) -> tuple[str, dict[str, Any]]:
     return redactor.redact_text(str(v.reason or "")), redactor.redact(_plain_json(v.evidence or {}))
 
 
-def _verdict_row(trajectory_id: str, v: Verdict, now: datetime) -> dict[str, Any]:
+def verdict_row(
+    trajectory_id: str, v: Verdict, now: datetime, digest: str | None = None, signer: Signer | None = None
+) -> dict[str, Any]:
+    """A verdict's row as stored: redacted, plain JSON, signed when a key is set."""
     reason, evidence = redacted_verdict(v)
-    return {
+    row = {
         "trajectory_id": trajectory_id,
         "verifier": v.verifier,
         "version": v.version,
@@ -563,7 +655,10 @@ def _verdict_row(trajectory_id: str, v: Verdict, now: datetime) -> dict[str, Any
         "evidence": _plain_json(evidence),
         "duration_s": float(v.duration_s or 0.0),
         "created_at": now,
+        "digest": digest,
     }
+    row["signature"] = signer.verdict(row) if signer is not None else None
+    return row
 
 
 def _plain_json(value: Any, depth: int = 0) -> Any:
@@ -585,6 +680,11 @@ def _plain_json(value: Any, depth: int = 0) -> Any:
     if isinstance(value, bytes | bytearray):
         return scrubbed(bytes(value).decode("utf-8", "replace"))
     return scrubbed(str(value))
+
+
+def _columns(row: Any) -> dict[str, Any]:
+    """An ORM row's columns by name, as `honed.store.signing` reads them."""
+    return {c.key: getattr(row, c.key) for c in row.__table__.columns}
 
 
 def _rate_columns(name: str, rate: Any) -> dict[str, float | None]:

@@ -65,6 +65,7 @@ class VerifierAuditRow(Base):
     false_positive_rate_low: Mapped[float | None] = mapped_column(Float)
     false_positive_rate_high: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(default=_now)
+    signature: Mapped[str | None] = mapped_column(String(64))  # `honed.store.signing` (0008)
 
     __table_args__ = (Index("ix_verifier_audits_verifier_created", "verifier", "created_at"),)
 
@@ -77,3 +78,4 @@ class VerifierPolicyRow(Base):
     min_precision: Mapped[float | None] = mapped_column(Float)
     note: Mapped[str] = mapped_column(Text, default="")
     updated_at: Mapped[datetime] = mapped_column(default=_now)
+    signature: Mapped[str | None] = mapped_column(String(64))  # `honed.store.signing` (0008)

@@ -42,6 +42,7 @@ from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from honed.store.signing import content_digest
 from honed.store.verification import Claim, ClaimOutcome
 from honed.trajectory import Trajectory, Verdict, is_verifier_error
 from honed.verifiers.protocol import (
@@ -83,6 +84,7 @@ class _Job:
     trajectory: Trajectory
     claim: Claim
     todo: list[Any]
+    digest: str | None = None  # of the content judged, taken before any verifier saw it
     verdicts: list[Verdict] = field(default_factory=list)
     current: Any = None
     deadline: float = math.inf
@@ -294,17 +296,19 @@ class Worker:
         self.stats.claimed += len(claims)
         found = {t.id: t for t in self.store.trajectories(ids=[c.trajectory_id for c in claims], limit=None)}
         pool = self._executor()
+        signs = getattr(self.store, "signer", None) is not None
         for claim in claims:
             t = found.get(claim.trajectory_id)
             if t is None:  # deleted since it was enqueued (its claim went with it)
                 continue
+            digest = content_digest(t) if signs else None
             have = {(v.verifier, v.version) for v in t.verdicts if not is_verifier_error(v)}
             try:
                 todo = [v for v in applicable(self.verifiers, t) if verifier_key(v) not in have]
             except Exception as exc:  # a routing bug must not stop the worker
                 log.exception("honed: routing %s failed", t.id)
                 self._buffer.append(
-                    ClaimOutcome(t.id, retry_at=self._retry_at(claim.attempts), error=str(exc))
+                    ClaimOutcome(t.id, retry_at=self._retry_at(claim.attempts), error=str(exc), digest=digest)
                 )
                 continue
             if claim.attempts > self.max_attempts:
@@ -312,10 +316,14 @@ class Worker:
                     f"gave up after {claim.attempts - 1} attempts (a worker died or timed out each time)"
                 )
                 self._buffer.append(
-                    ClaimOutcome(t.id, [error_verdict(v, t.id, reason, "", claim.attempts) for v in todo])
+                    ClaimOutcome(
+                        t.id,
+                        [error_verdict(v, t.id, reason, "", claim.attempts) for v in todo],
+                        digest=digest,
+                    )
                 )
                 continue
-            job = _Job(t, claim, todo)
+            job = _Job(t, claim, todo, digest)
             self._in_flight[pool.submit(self._work, job)] = job
 
     def _flush(self) -> int:
@@ -404,7 +412,11 @@ class Worker:
                 error_verdict(v, t.id, skipped, "", attempt) for v in job.todo if verifier_key(v) not in ran
             ]
         return ClaimOutcome(
-            t.id, verdicts, self._retry_at(attempt) if retry else None, errors[0].reason if errors else None
+            t.id,
+            verdicts,
+            self._retry_at(attempt) if retry else None,
+            errors[0].reason if errors else None,
+            job.digest,
         )
 
     def _expire_hung(self) -> None:

@@ -1,0 +1,127 @@
+"""Signed labels: verdicts that code holding only the store's URL cannot forge.
+
+The agent's process writes its runs to the store, so whatever runs in it (a tool, a plugin, code a
+prompt injection wrote) holds the store's credentials: it could write a `pass` for its own run,
+raise a model judge's trust, store a flattering audit, or edit a run after it was judged. With
+`HONED_VERDICT_KEY` set in the processes that judge and learn (`honed verify`, `honed label`, the
+trainer) and not in the agent's, every verdict, verifier policy and audit honed writes carries an
+HMAC-SHA256 of its fields (a verdict also of the content it judged, `content_digest`), and a store
+opened with the key counts only what checks out: a verdict whose signature or run does not match
+reads as if it was never written, a policy as low trust, an audit as none. Without the key nothing
+is signed or checked (one trust domain: a notebook, the demo, tests).
+
+A shared secret, not a key pair: whoever may judge may also check, and the standard library has it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from honed.trajectory import Trajectory
+
+KEY_ENV = "HONED_VERDICT_KEY"
+MIN_KEY_BYTES = 16
+
+
+class Signer:
+    """Signs and checks rows with one secret key (its text never printed)."""
+
+    __slots__ = ("_key",)
+
+    def __init__(self, key: str | bytes) -> None:
+        raw = key.encode() if isinstance(key, str) else bytes(key)
+        if len(raw) < MIN_KEY_BYTES:
+            raise ValueError(
+                f"{KEY_ENV} must be at least {MIN_KEY_BYTES} bytes "
+                '(make one with: python -c "import secrets; print(secrets.token_urlsafe(32))")'
+            )
+        self._key = raw
+
+    def __repr__(self) -> str:
+        return "Signer(<key hidden>)"
+
+    def sign(self, kind: str, *fields: Any) -> str:
+        return hmac.new(self._key, _canonical([kind, *fields]), hashlib.sha256).hexdigest()
+
+    def checks(self, signature: str | None, kind: str, *fields: Any) -> bool:
+        return isinstance(signature, str) and hmac.compare_digest(signature, self.sign(kind, *fields))
+
+    # -- what each row's signature covers --------------------------------------------------------
+
+    def verdict(self, row: Mapping[str, Any]) -> str:
+        return self.sign("verdict", *_verdict_fields(row))
+
+    def verdict_checks(self, row: Mapping[str, Any]) -> bool:
+        return self.checks(row.get("signature"), "verdict", *_verdict_fields(row))
+
+    def policy(self, verifier: str, trust: str, min_precision: float | None) -> str:
+        return self.sign("policy", verifier, trust, min_precision)
+
+    def policy_checks(self, row: Mapping[str, Any]) -> bool:
+        return self.checks(
+            row.get("signature"), "policy", row["verifier"], row["trust"], row["min_precision"]
+        )
+
+    def audit(self, row: Mapping[str, Any]) -> str:
+        return self.sign("audit", *(row[k] for k in _AUDIT_FIELDS))
+
+    def audit_checks(self, row: Mapping[str, Any]) -> bool:
+        return self.checks(row.get("signature"), "audit", *(row[k] for k in _AUDIT_FIELDS))
+
+
+def signer_from_env() -> Signer | None:
+    key = os.environ.get(KEY_ENV)
+    return Signer(key) if key else None
+
+
+def content_digest(t: Trajectory) -> str:
+    """SHA-256 of what a verdict judged and training learns from: the run's task, labels, steps and
+    outcome (not its timings or metadata). A run is never changed once finished, except a resumed
+    one (which is judged again), so a digest that differs from its verdict's means the run was
+    edited after it was judged."""
+    steps = [
+        [s.kind, s.name, s.input, s.output, s.error, s.reasoning, s.tool_calls, s.model_version]
+        for s in t.steps
+    ]
+    content = [t.id, t.agent, t.task, t.task_id, t.split, t.output, t.status, t.error, t.model_version, steps]
+    return hashlib.sha256(_canonical(content)).hexdigest()
+
+
+_AUDIT_FIELDS = (
+    "verifier",
+    "version",
+    "gold",
+    "tp",
+    "fp",
+    "tn",
+    "fn",
+    "undecided",
+    "precision",
+    "created_at",
+)
+
+
+def _verdict_fields(row: Mapping[str, Any]) -> tuple[Any, ...]:
+    return (
+        row["trajectory_id"], row["verifier"], row["version"], row["passed"], row["score"],
+        row["reason"], row["evidence"], row["created_at"], row["digest"],
+    )  # fmt: skip
+
+
+def _canonical(value: Any) -> bytes:
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_plain)
+    return text.encode("utf-8", "surrogatepass")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, datetime):  # the instant, however the database hands it back
+        aware = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        return aware.isoformat()
+    return str(value)
