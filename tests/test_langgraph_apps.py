@@ -2084,6 +2084,10 @@ def test_a_model_step_has_the_same_name_whichever_entry_point_stored_it(
     assert honed.flush()
     (run,) = honed.open_store(sqlite_url).trajectories()
     assert [s.name for s in run.steps if s.kind == "model"] == ["genericfakechatmodel"]
+    # Session 26 (a QA pass): its provider's name was its model version under `Middleware` only;
+    # a version filter and a cycle's lineage read it. No model name: no version.
+    assert run.model_version is None
+    assert [s.model_version for s in run.steps if s.kind == "model"] == [None]
 
 
 def test_two_agents_paused_on_one_thread_are_each_resumed_into_their_own_run(
@@ -2318,3 +2322,57 @@ def test_a_subagents_step_shows_the_error_it_failed_with(sqlite_url: str, caught
     (step,) = [s for s in run.steps if s.kind == "node" and s.name == "math"]
     assert run.status == ("ok" if caught else "error")
     assert step.error is not None and "model failure" in step.error, step.error
+
+
+@pytest.mark.parametrize("handle", ["TOOL FAILED, try again", "callable"])
+@pytest.mark.parametrize("entry", ["instrument", "wrap"])
+def test_a_tool_error_a_toolnode_handles_keeps_what_the_model_was_told(
+    entry: str, handle: str, sqlite_url: str
+) -> None:
+    """A QA pass (session 26): `ToolNode(handle_tool_errors=...)` answers a raised error with a
+    message of its own, which is what the model read next; the tool's step kept only the
+    exception, its output null (training and the report showed a reply the model never saw)."""
+    from langchain_core.language_models.fake_chat_models import FakeMessagesListChatModel
+    from langchain_core.messages import AIMessage
+    from langgraph.graph import START, MessagesState, StateGraph
+    from langgraph.prebuilt import ToolNode, tools_condition
+
+    class Model(FakeMessagesListChatModel):
+        def bind_tools(self, tools: Any, **kwargs: Any) -> Any:
+            return self
+
+    @tool
+    def good(x: int) -> str:
+        """Works."""
+        return f"good {x}"
+
+    @tool
+    def bad(x: int) -> str:
+        """Fails."""
+        raise ValueError(f"bad exploded on {x}")
+
+    calls = [{"name": "good", "args": {"x": 1}, "id": "c1"}, {"name": "bad", "args": {"x": 2}, "id": "c2"}]
+    model = Model(responses=[AIMessage("", tool_calls=calls), AIMessage("recovered")])
+    handler = (lambda e: f"handled: {e}") if handle == "callable" else handle
+    graph = StateGraph(MessagesState)
+    graph.add_node("agent", lambda state: {"messages": [model.invoke(state["messages"])]})
+    graph.add_node("tools", ToolNode([good, bad], handle_tool_errors=handler))
+    graph.add_edge(START, "agent")
+    graph.add_conditional_edges("agent", tools_condition)
+    graph.add_edge("tools", "agent")
+    app = graph.compile(name="react")
+    if entry == "instrument":
+        honed.instrument(store=sqlite_url)
+    else:
+        app = honed.wrap(app, store=sqlite_url)
+    result = app.invoke({"messages": [("user", "go")]})
+    told = next(
+        m.content for m in result["messages"] if isinstance(m, ToolMessage) and m.tool_call_id == "c2"
+    )
+    assert told == ("handled: bad exploded on 2" if handle == "callable" else handle)
+    assert honed.flush()
+    (run,) = honed.open_store(sqlite_url).trajectories()
+    steps = {s.extra.get("tool_call_id"): s for s in run.tool_steps()}
+    assert (steps["c1"].output, steps["c1"].error) == ("good 1", None)
+    assert steps["c2"].output == told
+    assert "bad exploded on 2" in steps["c2"].error

@@ -104,6 +104,22 @@ def test_a_run_edited_after_its_pass_loses_the_pass(stores: tuple) -> None:
             {"o": '{"role": "assistant", "content": "pwned"}'},
         )
     assert _passes(trusted) == []
+    # What the digest covers beyond the text: the token ids training uses, the run's metadata.
+    for i, (table, column, value) in enumerate(
+        [
+            ("steps", "extra", '{"token_ids": [1, 2, 3]}'),
+            ("trajectories", "metadata", '{"expected": "3", "split": "train"}'),
+        ]
+    ):
+        agent_side.save(traj(f"x{i}", "the answer is 3", expected="3"))
+        Worker(trusted, [ReferenceMatch()]).run_once()
+        assert f"x{i}" in _passes(trusted)
+        where = "trajectory_id" if table == "steps" else "id"
+        with agent_side.engine.begin() as conn:
+            conn.execute(
+                text(f"UPDATE {table} SET {column} = :v WHERE {where} = :id"), {"v": value, "id": f"x{i}"}
+            )
+        assert f"x{i}" not in _passes(trusted)
 
 
 def test_verifier_trust_and_audits_cannot_be_raised_without_the_key(stores: tuple) -> None:
@@ -219,3 +235,16 @@ def test_the_readme_snippet_shows_a_forged_pass_training_nothing(tmp_path: Path)
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split("\n")[:2] == ["[]", "['r0']"]
+
+
+def test_runs_judged_before_the_key_was_set_are_judged_again_once_it_is(stores: tuple) -> None:
+    agent_side, trusted = stores
+    for i in range(3):
+        agent_side.save(traj(f"t{i}", f"the answer is {i}", expected="1"))
+    assert Worker(agent_side, [ReferenceMatch()]).run_once() == 3  # before the key
+    assert _passes(agent_side) == ["t1"] and _passes(trusted) == []
+    assert trusted.unsigned_verdicts() == 3
+    worker = Worker(trusted, [ReferenceMatch()])
+    assert worker.run_once() == 3 and worker.run_once() == 0
+    assert _passes(trusted) == ["t1"]
+    assert trusted.unsigned_verdicts() == 0

@@ -96,6 +96,7 @@ class _Open:
         "root_key",
         "steps",
         "tool_call_ids",
+        "unanswered",
     )
 
     def __init__(self, root_key: Any, record: dict[str, Any]) -> None:
@@ -115,6 +116,9 @@ class _Open:
         self.output_keys: str | list[str] | None = None  # a streamed graph's output schema
         self.open_runs: set[str] = set()
         self.tool_call_ids: set[str] = set()
+        # Failed tool steps by call id, waiting for what the model was told instead (a ToolNode's
+        # `handle_tool_errors` answers a raised error with a message of its own).
+        self.unanswered: dict[str, dict[str, Any]] = {}
 
     def add_interrupts(self, values: Any) -> None:
         known = self.interrupts if self.interrupts is not None else []
@@ -871,6 +875,8 @@ class Assembler:
         if tool_call_id:
             step["extra"]["tool_call_id"] = str(tool_call_id)
             run.trajectory.tool_call_ids.add(str(tool_call_id))
+            if step["error"] is not None and step["output"] is None:
+                run.trajectory.unanswered[str(tool_call_id)] = step
 
     def _synthesise_unseen_tool_errors(
         self, trajectory: _Open, messages: Any, parent_step: str | None, when: float
@@ -888,8 +894,14 @@ class Assembler:
         for message in reversed(messages):
             if isinstance(message, HumanMessage):
                 break
-            if isinstance(message, ToolMessage) and message.tool_call_id not in trajectory.tool_call_ids:
+            if not isinstance(message, ToolMessage):
+                continue
+            if message.tool_call_id not in trajectory.tool_call_ids:
                 unseen.append(message)
+            elif trajectory.unanswered:  # a raised error's step: what the model was told of it
+                failed = trajectory.unanswered.pop(message.tool_call_id, None)
+                if failed is not None:
+                    failed["output"] = self._field(_plain(message.content))
         for message in reversed(unseen):
             if message.tool_call_id in trajectory.tool_call_ids:
                 continue  # the same message twice in the list

@@ -627,7 +627,7 @@ class Middleware(AgentMiddleware):
                 "_type": getattr(request.model, "_llm_type", None),
                 **(request.model_settings or {}),
             },
-            "model": name,
+            "model": _model_id(request.model),
             "structured_tools": self._structured_output_tools(request.response_format),
             # A `ToolStrategy` binds its tools to every call; `AutoStrategy` only where the model
             # has no native structured output, which its reply calling one of them shows.
@@ -950,12 +950,22 @@ def _tool_names(tools: Any) -> list[Any]:
 def _model_name(model: Any) -> str:
     """The name `instrument()` gives the same call (LangChain's tracing parameters: the model's
     name, else its provider), so a step reads the same whichever entry point stored it."""
-    try:
-        traced = model._get_ls_params()
-    except Exception:  # not a `BaseChatModel` (a configurable one): what it says of itself
-        traced = {}
+    return _model_id(model) or str(_traced(model).get("ls_provider") or type(model).__name__)
+
+
+def _model_id(model: Any) -> str | None:
+    """The model's own name, the model version of a reply that names none (as `instrument()` has
+    it from the call's parameters); a provider or class name is not a version."""
+    traced = _traced(model)
     name = traced.get("ls_model_name") or getattr(model, "model_name", None) or getattr(model, "model", None)
-    return str(name or traced.get("ls_provider") or type(model).__name__)
+    return str(name) if name else None
+
+
+def _traced(model: Any) -> dict[str, Any]:
+    try:
+        return model._get_ls_params() or {}
+    except Exception:  # not a `BaseChatModel` (a configurable one): what it says of itself
+        return {}
 
 
 def _ai_message(response: Any) -> Any:

@@ -82,15 +82,19 @@ def signer_from_env() -> Signer | None:
 
 
 def content_digest(t: Trajectory) -> str:
-    """SHA-256 of what a verdict judged and training learns from: the run's task, labels, steps and
-    outcome (not its timings or metadata). A run is never changed once finished, except a resumed
-    one (which is judged again), so a digest that differs from its verdict's means the run was
-    edited after it was judged."""
+    """SHA-256 of what a verdict judged and training learns from: the run's task, labels and
+    metadata (the held-out policy reads it), its steps (with their `extra`: the token ids and
+    log-probabilities training uses) and outcome; not its timings. A run is never changed once
+    finished, except a resumed one (which is judged again), so a digest that differs from its
+    verdict's means the run was edited after it was judged."""
     steps = [
-        [s.kind, s.name, s.input, s.output, s.error, s.reasoning, s.tool_calls, s.model_version]
+        [s.kind, s.name, s.input, s.output, s.error, s.reasoning, s.tool_calls, s.model_version, s.extra]
         for s in t.steps
     ]
-    content = [t.id, t.agent, t.task, t.task_id, t.split, t.output, t.status, t.error, t.model_version, steps]
+    content = [
+        t.id, t.agent, t.task, t.task_id, t.split, t.metadata, t.output, t.status, t.error, t.model_version,
+        t.thread_id, steps,
+    ]  # fmt: skip
     return hashlib.sha256(_canonical(content)).hexdigest()
 
 
