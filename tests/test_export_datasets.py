@@ -4,6 +4,7 @@ the filters, and a round trip through TRL's SFTTrainer."""
 from __future__ import annotations
 
 import json
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -304,11 +305,19 @@ def test_cli_export_jsonl_and_hf(verified: str, tmp_path: Path) -> None:
     assert result.exit_code != 0
 
 
-def test_parse_when() -> None:
+def test_parse_when(monkeypatch: pytest.MonkeyPatch) -> None:
     now = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
     assert parse_when("30m", now) == now - timedelta(minutes=30)
     assert parse_when("1d12h", now) == now - timedelta(days=1, hours=12)
-    assert parse_when("2025-05-01") == datetime(2025, 5, 1, tzinfo=UTC)
+    # A time without a zone is local, as `honed runs` prints it (a QA pass, session 26: read as
+    # UTC, a time copied from `honed runs` in New York missed the runs it showed).
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        assert parse_when("2025-05-01T08:00") == datetime(2025, 5, 1, 12, 0, tzinfo=UTC)
+    finally:
+        monkeypatch.undo()
+        time.tzset()
     assert parse_when("2025-05-01T10:00:00+02:00").utcoffset() == timedelta(hours=2)
     with pytest.raises(Exception, match="neither"):
         parse_when("yesterday")

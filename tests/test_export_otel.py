@@ -1077,3 +1077,57 @@ def test_no_content_attribute_outgrows_a_span_though_the_capture_cap_was_raised(
     small = next(s for s in spans_of(Trajectory(id=str(uuid.uuid4()), agent="a", task="hi", started_at=now,
                                                  ended_at=now), capture_content=True))  # fmt: skip
     assert "honed.truncated_attributes" not in small.attributes
+
+
+def test_an_endpoint_or_header_that_cannot_work_is_refused_before_anything_is_sent(
+    captured: str, sqlite_url: str
+) -> None:
+    """A QA pass (session 26): `localhost:4317` (the usual gRPC form) tried TLS against a plaintext
+    receiver, `not a url` and a timeout of 0 were taken, and each failed on every batch with a
+    message about batch sizes; `--header x-tags=a,b` arrived as `x-tags: a`, `--header novalue`
+    vanished, and the command said it sent."""
+    runner = CliRunner()
+    for args in (
+        ["--endpoint", "localhost:4317", "--protocol", "grpc"],
+        ["--endpoint", "not a url"],
+        ["--endpoint", "http://localhost:4318", "--timeout", "0"],
+        ["--endpoint", "http://localhost:4318", "--header", "novalue"],
+    ):
+        result = runner.invoke(app, ["export", "otlp", "--store", captured, *args])
+        assert result.exit_code == 2, (args, result.output)
+        assert "Invalid value" in result.output, result.output
+    with pytest.raises(ValueError, match="not an OTLP endpoint"):
+        honed.instrument(store=sqlite_url, otlp="localhost:4318")
+
+    seen: list[dict[str, str]] = []
+
+    class Headers(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            seen.append(dict(self.headers))
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Headers)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        args = [
+            "--endpoint",
+            url,
+            "--header",
+            "x-tags=a,b",
+            "--header",
+            "authorization=Bearer t=1",
+            "--limit",
+            "1",
+        ]
+        result = runner.invoke(app, ["export", "otlp", "--store", captured, *args])
+        assert result.exit_code == 0, result.output
+    finally:
+        server.shutdown()
+    assert seen and seen[0]["x-tags"] == "a,b" and seen[0]["authorization"] == "Bearer t=1"

@@ -272,6 +272,12 @@ def test_goal_check_receives_the_final_state_and_accepts_many_returns() -> None:
         GoalCheck(lambda s: {"passed": True, "score": 0.7, "evidence": {"steps": 3}}), traj("l")
     ).evidence == {"steps": 3}
     assert check(GoalCheck(lambda s: True), traj("empty", None, steps=[])).passed is None
+    # A QA pass (session 26): a run that raised was "could not tell" here and a fail to every
+    # other verifier; judged by a goal check alone it stayed unlabelled, neither a fail nor trained.
+    raised = traj("raised", None, status="error")
+    raised.error = "ValueError: boom"
+    v = check(GoalCheck(lambda s: True), raised)
+    assert (v.passed, v.reason) == (False, "the agent run failed: ValueError: boom")
     with pytest.raises(TypeError, match="returned str"):
         GoalCheck(lambda s: "yes").verify(traj("m"))
 

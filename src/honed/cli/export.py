@@ -122,18 +122,25 @@ def export_otlp(
     as_json: JsonOption = False,
 ) -> None:
     """Send stored trajectories as OpenTelemetry GenAI spans (re-sending never duplicates)."""
-    from honed.exporters.otel import OTLPExportError, parse_headers, replay, shown_endpoint
+    from honed.exporters.otel import OTLPExportError, check_endpoint, header_pair, replay, shown_endpoint
     from honed.exporters.spans import capture_content_from_env
 
-    if endpoint is not None and protocol != "grpc" and not endpoint.startswith(("http://", "https://")):
+    if endpoint is not None:
+        try:
+            check_endpoint(endpoint)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--endpoint") from None
+    if timeout is not None and not timeout > 0:
         raise typer.BadParameter(
-            f"{endpoint!r} is not an http(s) URL (OTLP over HTTP: e.g. http://localhost:4318)",
-            param_hint="--endpoint",
+            f"must be a positive number of seconds, not {timeout}", param_hint="--timeout"
         )
     selection = _selection(
         since, until, agent, task_id, split, status, verdict, model_version, include_heldout=True
     )
-    headers = parse_headers(",".join(header)) if header else None
+    try:  # each --header is one pair: a value may hold commas (a QA pass, session 26: it was cut there)
+        headers = dict(header_pair(h) for h in header) if header else None
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--header") from None
     with open_store_or_exit(store) as s, _progress(s, selection, limit, "sending spans", as_json) as advance:
         try:
             if capture_content is None:
@@ -305,8 +312,8 @@ export_hf = _dataset_command(
 
 
 def parse_when(text: str, now: datetime | None = None) -> datetime:
-    """An ISO date/time (UTC when no zone is given) or an age back from now: `90s`, `30m`, `12h`,
-    `7d`, `2w`, or combined (`1d12h`)."""
+    """An ISO date/time (local time when no zone is given: what `honed runs` and `honed show`
+    print) or an age back from now: `90s`, `30m`, `12h`, `7d`, `2w`, or combined (`1d12h`)."""
     value = text.strip()
     if value and not _DURATION.sub("", value).strip():
         delta = timedelta()
@@ -317,7 +324,8 @@ def parse_when(text: str, now: datetime | None = None) -> datetime:
         when = datetime.fromisoformat(value)
     except ValueError as exc:
         raise typer.BadParameter(f"{text!r} is neither an ISO date/time nor an age like 7d or 12h") from exc
-    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+    # A QA pass (session 26): read as UTC, a time copied from `honed runs` (local) missed its runs.
+    return when if when.tzinfo is not None else when.astimezone()
 
 
 def _held_out_only(store: TrajectoryStore, selection: Selection) -> int:

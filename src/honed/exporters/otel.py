@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
@@ -101,6 +102,10 @@ def otlp_span_exporter(
     """The SDK's OTLP span exporter for `endpoint` (a base URL such as `http://host:4318`, or a
     full `.../v1/traces` URL); with no endpoint, the exporter reads the `OTEL_EXPORTER_OTLP_*`
     variables itself. gRPC needs `opentelemetry-exporter-otlp-proto-grpc` (`honed[otlp]`)."""
+    if endpoint is not None:
+        check_endpoint(endpoint)
+    if timeout_s is not None and not timeout_s > 0:
+        raise ValueError(f"the OTLP timeout must be a positive number of seconds, not {timeout_s}")
     header_map = parse_headers(headers) if isinstance(headers, str) else headers
     if resolve_protocol(protocol) == GRPC_PROTOCOL:
         try:
@@ -113,6 +118,20 @@ def otlp_span_exporter(
     return HTTPSpanExporter(
         endpoint=traces_url(endpoint) if endpoint else None, headers=header_map, timeout=timeout_s
     )
+
+
+def check_endpoint(endpoint: str) -> str:
+    """An OTLP endpoint that can work, or a ValueError saying why: an http(s) URL with a host, for
+    gRPC too (`http://` is plaintext, `https://` TLS). A QA pass (session 26): `localhost:4317`
+    tried TLS against a plaintext receiver, and `not a url` was taken; both failed on every batch
+    with a message about batch sizes."""
+    parts = urlsplit(endpoint)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(
+            f"{shown_endpoint(endpoint)!r} is not an OTLP endpoint: give an http(s) URL, e.g. "
+            "http://localhost:4318 (HTTP) or http://localhost:4317 (gRPC; https:// for TLS)"
+        )
+    return endpoint
 
 
 def traces_url(endpoint: str) -> str:
@@ -178,6 +197,14 @@ def parse_headers(text: str) -> dict[str, str]:
     """`k=v,k2=v2` (the `OTEL_EXPORTER_OTLP_HEADERS` form) as a dict."""
     pairs = (item.split("=", 1) for item in text.split(",") if "=" in item)
     return {key.strip(): value.strip() for key, value in pairs}
+
+
+def header_pair(text: str) -> tuple[str, str]:
+    """One `key=value` header as given on a command line (its value may hold commas)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"{text.split('=')[0][:40]!r} is not key=value")
+    return key.strip(), value.strip()
 
 
 class LiveExporter:

@@ -7,7 +7,8 @@ The callable receives the final state as a dict: the captured output when it is 
 with extra state keys give `{"answer": <last assistant text>, <key>: ...}`), else
 `{"answer": <output>}`; with a second parameter it also receives the `Trajectory`. It may return a
 bool, None (could not tell), a score in [0, 1] (passes at `threshold`), a `(passed, reason)` pair,
-a dict of `Verdict` fields, or a `Verdict`. Truncated or empty captures never reach it.
+a dict of `Verdict` fields, or a `Verdict`. Truncated or empty captures never reach it, nor a
+run that raised before it answered: that fails, as every verifier judges it.
 
 It runs in the worker's process, under the worker's deadline: a check that may hang for real (a
 remote simulator) should carry its own timeout too, because a Python thread cannot be killed.
@@ -21,7 +22,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from honed.trajectory import Trajectory, Verdict
-from honed.verifiers.outcome import final_state
+from honed.verifiers.outcome import agent_failed, final_state
 from honed.verifiers.protocol import BaseVerifier, verdict
 
 
@@ -47,6 +48,9 @@ class GoalCheck(BaseVerifier):
         return self.when is None or bool(self.when(trajectory))
 
     def check(self, t: Trajectory) -> Verdict:
+        failed = agent_failed(t)
+        if failed is not None:  # as every verifier has it: "could not tell" let another's pass decide
+            return verdict(False, f"the agent run failed: {failed}"[:500], agent_error=failed[:2000])
         state = final_state(t)
         result = self.fn(state, t) if self._wants_trajectory else self.fn(state)
         return self._as_verdict(result)
