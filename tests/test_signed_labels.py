@@ -23,7 +23,7 @@ from honed.store.select import select_trajectories
 from honed.store.signing import KEY_ENV
 from honed.testing import ScriptedChatModel
 from honed.trajectory import label
-from honed.verifiers import Judge, ReferenceMatch, Worker
+from honed.verifiers import GoalCheck, Judge, ReferenceMatch, Worker
 from verifier_helpers import traj
 
 KEY = secrets.token_urlsafe(32)
@@ -108,6 +108,7 @@ def test_a_run_edited_after_its_pass_loses_the_pass(stores: tuple) -> None:
     for i, (table, column, value) in enumerate(
         [
             ("steps", "extra", '{"token_ids": [1, 2, 3]}'),
+            ("steps", "parent_id", "a-subagents-call"),  # whose call a step was: what training takes
             ("trajectories", "metadata", '{"expected": "3", "split": "train"}'),
         ]
     ):
@@ -248,3 +249,39 @@ def test_runs_judged_before_the_key_was_set_are_judged_again_once_it_is(stores: 
     assert worker.run_once() == 3 and worker.run_once() == 0
     assert _passes(trusted) == ["t1"]
     assert trusted.unsigned_verdicts() == 0
+
+
+def test_rows_with_made_up_signatures_decide_nothing_and_break_nothing(stores: tuple) -> None:
+    """A QA pass (session 26, an attacker holding the URL): a non-ASCII signature made
+    `compare_digest` raise in every reader and in the worker; a verdict row with any signature
+    and a future time made an old version "the one labelling now", so its better audit counted."""
+    agent_side, trusted = stores
+    for i in range(4):
+        agent_side.save(traj(f"t{i}", f"the answer is {i}", expected="1"))
+    Worker(trusted, [ReferenceMatch(version="1")]).run_once()
+    for tid, passed in (("t0", False), ("t1", True)):
+        trusted.add_verdict(tid, honed.Verdict(passed=passed, verifier="human", evidence={"labeler": "ann"}))
+    assert trusted.audit_verifier("reference", version="1").precision.value == 1.0
+    lenient = GoalCheck(lambda state: True, name="reference", version="2")  # passes everything
+    Worker(trusted, [lenient]).run_once()
+    assert trusted.audit_verifier("reference").precision.value == 0.5
+    trusted.set_min_precision("reference", 0.95)
+    assert "reference" in trusted.untrusted_verifiers()
+    row = {"trajectory_id": "t3", "verifier": "reference", "version": "1", "passed": True, "score": 1.0,
+           "reason": "", "evidence": "{}", "duration_s": 0.0, "created_at": "2099-01-01 00:00:00.000000",
+           "signature": "0" * 64}  # fmt: skip
+    names, values = ", ".join(row), ", ".join(":" + k for k in row)
+    with agent_side.engine.begin() as conn:
+        conn.execute(text("DELETE FROM verdicts WHERE trajectory_id = 't3' AND version = '1'"))
+        conn.execute(text(f"INSERT INTO verdicts ({names}) VALUES ({values})"), row)
+    assert "reference" not in agent_side.untrusted_verifiers()  # without the key it would count
+    assert "reference" in trusted.untrusted_verifiers()
+
+    with agent_side.engine.begin() as conn:
+        conn.execute(text("UPDATE verdicts SET signature = 'é' WHERE trajectory_id = 't2'"))
+        conn.execute(text("UPDATE verifier_policies SET signature = 'ü' WHERE verifier = 'human'"))
+        conn.execute(text("UPDATE verifier_audits SET signature = 'ä'"))
+    assert trusted.get("t2").verdicts == [] and trusted.audits() == []
+    assert "human" in trusted.untrusted_verifiers()  # its policy no longer checks out: no crash
+    assert Worker(trusted, [lenient]).run_once() == 0  # the worker starts
+    assert sorted(t.id for t in select_trajectories(trusted, verdict="fail")) == ["t0"]

@@ -51,7 +51,11 @@ class Signer:
         return hmac.new(self._key, _canonical([kind, *fields]), hashlib.sha256).hexdigest()
 
     def checks(self, signature: str | None, kind: str, *fields: Any) -> bool:
-        return isinstance(signature, str) and hmac.compare_digest(signature, self.sign(kind, *fields))
+        # Bytes: `compare_digest` raises on non-ASCII text, and one such row stopped every reader.
+        if not isinstance(signature, str) or len(signature) != 64:
+            return False
+        expected = self.sign(kind, *fields).encode()
+        return hmac.compare_digest(signature.encode("utf-8", "replace"), expected)
 
     # -- what each row's signature covers --------------------------------------------------------
 
@@ -83,14 +87,16 @@ def signer_from_env() -> Signer | None:
 
 def content_digest(t: Trajectory) -> str:
     """SHA-256 of what a verdict judged and training learns from: the run's task, labels and
-    metadata (the held-out policy reads it), its steps (with their `extra`: the token ids and
-    log-probabilities training uses) and outcome; not its timings. A run is never changed once
+    metadata (the held-out policy reads it), its steps (their ids and parents, which tell a
+    subagent's calls; their `extra`: the token ids and log-probabilities training uses) and
+    outcome; not its timings. A run is never changed once
     finished, except a resumed one (which is judged again), so a digest that differs from its
     verdict's means the run was edited after it was judged."""
     steps = [
-        [s.kind, s.name, s.input, s.output, s.error, s.reasoning, s.tool_calls, s.model_version, s.extra]
+        [s.id, s.index, s.parent_id, s.kind, s.name, s.input, s.output, s.error, s.reasoning, s.tool_calls,
+         s.usage, s.model_version, s.extra]
         for s in t.steps
-    ]
+    ]  # fmt: skip
     content = [
         t.id, t.agent, t.task, t.task_id, t.split, t.metadata, t.output, t.status, t.error, t.model_version,
         t.thread_id, steps,

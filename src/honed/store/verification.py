@@ -425,7 +425,7 @@ class VerificationStore:
         """Policies of the given verifiers (default: all registered or audited), with latest precision."""
         with self._sessions() as session:
             rows = {r.verifier: r for r in session.scalars(select(VerifierPolicyRow))}
-            labelling = _labelling_versions(session, signed=self._signer is not None)
+            labelling = _labelling_versions(session, self._signer)
             audits: dict[str, VerifierAuditRow] = {}
             ordered = select(VerifierAuditRow).order_by(
                 VerifierAuditRow.created_at.desc(), VerifierAuditRow.id.desc()
@@ -465,7 +465,7 @@ class VerificationStore:
         untrusted = {p.verifier for p in policies if not p.usable}
         if self._signer is not None:  # a policy deleted by code with the URL: not trusted either
             with self._sessions() as session:
-                judging = set(_labelling_versions(session, signed=True))
+                judging = set(_labelling_versions(session, self._signer))
             untrusted |= judging - {p.verifier for p in policies}
             policies += [
                 VerifierPolicy(verifier=name, trust="low")
@@ -596,16 +596,33 @@ def composite_parts(name: str) -> list[str]:
     return [name for part in parts if part for name in (part, *composite_parts(part))]
 
 
-def _labelling_versions(session: Any, *, signed: bool = False) -> dict[str, str]:
-    """Each verifier's version whose verdict is the newest: the version labelling now (`signed`:
-    of the signed verdicts)."""
+def _labelling_versions(session: Any, signer: Signer | None = None) -> dict[str, str]:
+    """Each verifier's version whose verdict is the newest: the version labelling now (with a
+    `signer`, of the verdicts it signed: a row with a made-up signature and a future time chose
+    the version whose audit counted)."""
+    V = VerdictRow
     newest = (
-        select(VerdictRow.verifier, VerdictRow.version, func.max(VerdictRow.created_at).label("at"))
-        .where(*([VerdictRow.signature.is_not(None)] if signed else []))
-        .group_by(VerdictRow.verifier, VerdictRow.version)
-        .order_by(func.max(VerdictRow.created_at))
+        select(V.verifier, V.version, func.max(V.created_at).label("at"))
+        .where(*([V.signature.is_not(None)] if signer is not None else []))
+        .group_by(V.verifier, V.version)
+        .order_by(func.max(V.created_at))
     )
-    return {verifier: version for verifier, version, _ in session.execute(newest)}
+    groups = session.execute(newest).all()
+    if signer is None:
+        return {verifier: version for verifier, version, _ in groups}
+    newest_signed: dict[tuple[str, str], Any] = {}
+    for verifier, version, _ in groups:
+        rows = session.scalars(
+            select(V)
+            .where(V.verifier == verifier, V.version == version, V.signature.is_not(None))
+            .order_by(V.created_at.desc(), V.id.desc())
+            .execution_options(yield_per=64)
+        )
+        at = next((r.created_at for r in rows if signer.verdict_checks(_columns(r))), None)
+        if at is not None:
+            newest_signed[(verifier, version)] = at
+    ordered = sorted(newest_signed.items(), key=lambda item: item[1])
+    return {verifier: version for (verifier, version), _ in ordered}
 
 
 def _upsert_verdicts(session: Any, rows: list[dict[str, Any]]) -> None:
