@@ -9,6 +9,7 @@ import json
 import secrets
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -285,3 +286,105 @@ def test_rows_with_made_up_signatures_decide_nothing_and_break_nothing(stores: t
     assert "human" in trusted.untrusted_verifiers()  # its policy no longer checks out: no crash
     assert Worker(trusted, [lenient]).run_once() == 0  # the worker starts
     assert sorted(t.id for t in select_trajectories(trusted, verdict="fail")) == ["t0"]
+
+
+# -- the capture role (PostgreSQL) -----------------------------------------------------------------
+
+
+@pytest.fixture
+def capture_role(pg_url: str) -> Iterator[tuple[str, str]]:
+    """(the owner's URL, the URL of a fresh LOGIN role given only capture), the role dropped after."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.engine import make_url
+
+    role = f"honed_agent_{secrets.token_hex(4)}"
+    admin = create_engine(pg_url)
+    with admin.begin() as conn:
+        conn.execute(text(f'CREATE ROLE "{role}" LOGIN'))
+    try:
+        yield pg_url, make_url(pg_url).set(username=role).render_as_string(hide_password=False)
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP OWNED BY "{role}"'))
+            conn.execute(text(f'DROP ROLE "{role}"'))
+        admin.dispose()
+
+
+def test_the_agents_role_captures_paused_and_resumed_runs_and_can_do_nothing_else(
+    capture_role: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What signing cannot see, a role can forbid: a deleted fail (its run's pass counts again), a
+    deleted audit, a reset claim, a finished held-out run moved to training."""
+    from langchain.agents.middleware import HumanInTheLoopMiddleware
+    from langgraph.checkpoint.memory import InMemorySaver
+    from langgraph.types import Command
+    from sqlalchemy.exc import ProgrammingError
+
+    from fakes import add
+
+    owner_url, agent_url = capture_role
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    owner = honed.open_store(owner_url, verdict_key=KEY)
+    result = CliRunner().invoke(
+        app, ["init", "--store", owner_url, "--capture-role", agent_url.split("//")[1].split("@")[0]]
+    )
+    assert result.exit_code == 0, result.output
+    assert "may capture into it and do nothing more" in result.output
+
+    # The agent's process, as the role: a run paused for a reviewer, resumed; another finished.
+    hitl = HumanInTheLoopMiddleware(interrupt_on={"add": True})
+    agent = create_agent(
+        ScriptedChatModel(), [add], name="calc", checkpointer=InMemorySaver(),
+        middleware=[honed.Middleware(store=agent_url), hitl],
+    )  # fmt: skip
+    config = {
+        "configurable": {"thread_id": "th-1"},
+        "metadata": {"honed": {"task_id": "t-add", "expected": "5"}},
+    }
+    agent.invoke({"messages": [("user", 'call add {"a": 2, "b": 3}; answer the sum is {result}')]}, config)
+    assert honed.flush()
+    assert [t.status for t in owner.trajectories()] == ["interrupted"]
+    agent.invoke(Command(resume={"decisions": [{"type": "approve"}]}), config)
+    held = {
+        "configurable": {"thread_id": "th-2"},
+        "metadata": {"honed": {"task_id": "t-held", "split": "heldout"}},
+    }
+    agent.invoke({"messages": [("user", "answer 7")]}, held)
+    assert honed.flush()
+    runs = {t.task_id: t for t in owner.trajectories()}
+    assert runs["t-add"].status == "ok" and runs["t-add"].answer == "the sum is 5"
+    assert Worker(owner, [ReferenceMatch()]).run_once() == 2
+    assert _passes(owner) == [runs["t-add"].id]
+
+    attacker = honed.open_store(agent_url)  # the agent's code, holding its process's URL
+    forbidden = [
+        "DELETE FROM verdicts",
+        "UPDATE verdicts SET passed = true",
+        "DELETE FROM verifier_audits",
+        "UPDATE verifier_policies SET trust = 'high'",
+        "UPDATE verification_claims SET state = 'pending'",
+        "DELETE FROM trajectories",
+        "DELETE FROM steps",
+        "UPDATE model_live SET generation = 9",
+        "INSERT INTO training_examples (run_id) VALUES (1)",
+    ]
+    for statement in forbidden:
+        with pytest.raises(ProgrammingError, match="permission denied"), attacker.engine.begin() as conn:
+            conn.execute(text(statement))
+    with pytest.raises(ProgrammingError, match="permission denied"):
+        attacker.add_verdict(runs["t-add"].id, honed.Verdict(passed=True, verifier="human"))
+    with attacker.engine.begin() as conn:  # a finished run is out of reach: nothing matches
+        moved = conn.execute(text("UPDATE trajectories SET split = 'train', output = '\"x\"'"))
+    assert moved.rowcount == 0
+    assert owner.get(runs["t-held"].id).split == "heldout"
+    assert _passes(owner) == [runs["t-add"].id]
+
+
+def test_a_capture_role_is_refused_where_it_could_not_hold(sqlite_url: str, pg_url: str) -> None:
+    runner = CliRunner()
+    result = runner.invoke(app, ["init", "--store", sqlite_url, "--capture-role", "agent"])
+    assert result.exit_code == 1 and "needs PostgreSQL" in " ".join(result.output.split())
+    result = runner.invoke(app, ["init", "--store", pg_url, "--capture-role", "no_such_role_here"])
+    assert result.exit_code == 1 and "no role 'no_such_role_here' here" in " ".join(result.output.split())
+    result = runner.invoke(app, ["init", "--store", pg_url, "--capture-role", "postgres"])
+    assert result.exit_code == 1 and "superuser" in result.output

@@ -26,10 +26,30 @@ from honed.store.store import safe_url
 
 
 @app.command()
-def init(store: StoreOption = None) -> None:
+def init(
+    store: StoreOption = None,
+    capture_role: Annotated[
+        str | None,
+        typer.Option(
+            "--capture-role",
+            help="A PostgreSQL role for the agent's process: it may capture, and nothing more "
+            "(no verdict, policy, audit or registry write; no delete; a finished run out of reach).",
+        ),
+    ] = None,
+) -> None:
     """Create a honed store at --store (reading commands never create one), or migrate an older one."""
     with open_store_or_exit(store, create=True) as s:
         console().print(f"honed store ready at {escape(s.safe_url)} ({s.count()} trajectories)")
+        if capture_role is not None:
+            try:
+                s.grant_capture(capture_role)
+            except ValueError as exc:
+                err_console().print(f"[red]{escape(str(exc))}[/red]")
+                raise typer.Exit(1) from exc
+            console().print(
+                f"{escape(capture_role)} may capture into it and do nothing more: connect the agent's "
+                "process as this role"
+            )
 
 
 @app.command()

@@ -252,6 +252,13 @@ class TrajectoryStore:
     def dialect(self) -> str:
         return self.engine.dialect.name
 
+    def grant_capture(self, role: str) -> list[str]:
+        """Let a PostgreSQL role capture into this store and do nothing more (`honed.store.roles`):
+        the role the agent's process connects as."""
+        from honed.store.roles import grant_capture
+
+        return grant_capture(self.engine, role)
+
     def close(self) -> None:
         self.engine.dispose()
 

@@ -1,0 +1,89 @@
+"""A database role for the agent's process: it captures, and nothing more (PostgreSQL).
+
+Signed labels (`honed.store.signing`) make whatever is written without the key count for nothing,
+but code holding the store's credentials could still *delete*: the verdict that failed its run (its
+pass counts again), the newest audit of a verifier (an older, better one counts again), a run's
+claim (the worker judges it again), a held-out run (its task trains). A signature cannot tell a row
+that was never written from one deleted. So the agent's process gets a role of its own: it reads
+what capture reads (a resumed run continues its stored trajectory; a served model follows the
+registry), inserts runs and their steps, and updates only a run paused at an interrupt (row-level
+security: a finished run, its split and its output, are out of its reach); it can write no verdict,
+policy, audit, claim, training or registry row, and delete nothing. SQLite has no roles: one file,
+one trust domain.
+
+    store.grant_capture("agent")   # or: honed init --capture-role agent
+    # the agent's process: HONED_STORE=postgresql+psycopg://agent:...@db/honed
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import Engine, text
+
+from honed.trajectory import INTERRUPTED
+
+# What the capture path writes (`TrajectoryStore.save_records`), and the tables it only reads.
+WRITTEN = ("trajectories", "steps")
+READ = ("alembic_version", "model_versions", "model_live", "model_events")
+_EVERYONE = "honed_everyone"  # permissive: row-level security changes nothing for other roles
+
+
+def grant_capture(engine: Engine, role: str) -> list[str]:
+    """Give an existing PostgreSQL `role` exactly what capture needs in the store's schema (and take
+    back anything more); returns the statements run. Idempotent."""
+    if engine.dialect.name != "postgresql":
+        raise ValueError(
+            "a capture role needs PostgreSQL: a SQLite store is one file, and whoever can write it can "
+            "write every table (keep the verifier's and trainer's key out of the agent's process: "
+            "`honed.store.signing`)"
+        )
+    quote = engine.dialect.identifier_preparer.quote
+    who = quote(role)
+    with engine.begin() as conn:
+        if conn.execute(text("SELECT 1 FROM pg_roles WHERE rolname = :r"), {"r": role}).first() is None:
+            raise ValueError(
+                f"no role {role!r} here: create it first (CREATE ROLE {who} LOGIN PASSWORD '...')"
+            )
+        if conn.execute(
+            text("SELECT rolsuper OR rolbypassrls FROM pg_roles WHERE rolname = :r"), {"r": role}
+        ).scalar():
+            raise ValueError(
+                f"{role!r} is a superuser or bypasses row-level security: it cannot be held to capture"
+            )
+        schema = conn.execute(text("SELECT current_schema()")).scalar()
+        tables = [
+            t
+            for (t,) in conn.execute(
+                text("SELECT tablename FROM pg_tables WHERE schemaname = :s"), {"s": schema}
+            )
+        ]
+        paused = f"honed_capture_{role}"[:63]
+        existing = {
+            name
+            for (name,) in conn.execute(
+                text(
+                    "SELECT policyname FROM pg_policies WHERE schemaname = :s AND tablename = 'trajectories'"
+                ),
+                {"s": schema},
+            )
+        }
+        statements = [
+            f"GRANT USAGE ON SCHEMA {quote(schema)} TO {who}",
+            *(f"REVOKE ALL ON {quote(t)} FROM {who}" for t in tables),
+            *(f"GRANT SELECT ON {quote(t)} TO {who}" for t in READ if t in tables),
+            f"GRANT SELECT, INSERT ON {', '.join(WRITTEN)} TO {who}",
+            f"GRANT UPDATE ON trajectories TO {who}",
+            "ALTER TABLE trajectories ENABLE ROW LEVEL SECURITY",
+        ]
+        if _EVERYONE not in existing:
+            statements.append(
+                f"CREATE POLICY {_EVERYONE} ON trajectories AS PERMISSIVE FOR ALL TO PUBLIC USING (true) WITH CHECK (true)"
+            )
+        if paused not in existing:
+            # Checked on the row before the update: a paused run may be resumed (and finish).
+            statements.append(
+                f"CREATE POLICY {quote(paused)} ON trajectories AS RESTRICTIVE FOR UPDATE TO {who} "
+                f"USING (status = '{INTERRUPTED}') WITH CHECK (true)"
+            )
+        for statement in statements:
+            conn.execute(text(statement))
+    return statements
