@@ -242,7 +242,7 @@ def test_hf_dataset_and_parquet_keep_tools_whole(verified: str, tmp_path: Path) 
     assert table.num_rows == 0 and table.schema.names == list(dataset_features())
 
 
-def test_cli_export_jsonl_and_hf(verified: str, tmp_path: Path) -> None:
+def test_cli_export_jsonl_and_hf(verified: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     runner = CliRunner()
     out = tmp_path / "train.jsonl"
     result = runner.invoke(app, ["export", "jsonl", str(out), "--store", verified, "--json"])
@@ -266,7 +266,7 @@ def test_cli_export_jsonl_and_hf(verified: str, tmp_path: Path) -> None:
     # A typo'd version wrote nothing and said nothing (a QA pass, session 18): it names what is
     # stored; and it replaced the export with an empty file, exit 0 (a QA pass, session 25).
     before = out.read_bytes()
-    for typo in (["--model-version", "calc@v9"], ["--agent", "calcc"]):
+    for typo in (["--model-version", "calc@v9"], ["--agent", "calcc"], ["--task-id", "t-nope"]):
         result = runner.invoke(app, ["export", "jsonl", str(out), "--store", verified, *typo])
         assert result.exit_code == 1 and "wrote" not in result.output, result.output
         assert "no stored runs have" in result.output and "left as it was" in result.output, result.output
@@ -300,6 +300,9 @@ def test_cli_export_jsonl_and_hf(verified: str, tmp_path: Path) -> None:
     # A file name is a mistake `export hf` says so, not a folder called d.csv.
     result = runner.invoke(app, ["export", "hf", str(tmp_path / "d.csv"), "--store", verified])
     assert result.exit_code == 1 and "names a file" in result.output and not (tmp_path / "d.csv").exists()
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["export", "hf", "-", "--store", verified])  # a QA pass, session 26
+    assert result.exit_code == 1 and "not standard output" in result.output and not Path("-").exists()
 
     result = runner.invoke(app, ["export", "jsonl", str(out), "--store", verified, "--verdict", "great"])
     assert result.exit_code != 0

@@ -484,7 +484,8 @@ def test_replay_says_what_a_receiver_refused_in_a_partial_success(captured: str)
         assert shown.exit_code == 1 and "refused" in shown.output and "retention window" in shown.output
         typo = ["export", "otlp", "--store", captured, "--endpoint", url, "--agent", "no-such-agent"]
         shown = CliRunner().invoke(app, typo)  # it sent nothing and said nothing (session 18's QA)
-        assert shown.exit_code == 0 and "sent 0 spans" in shown.output, shown.output
+        # Exit 1, as `export jsonl` has it (a QA pass, session 26: 0 here).
+        assert shown.exit_code == 1 and "sent 0 spans" in shown.output, shown.output
         assert "no stored runs have agent 'no-such-agent' (agents: " in shown.output, shown.output
     finally:
         server.shutdown()
@@ -1128,6 +1129,10 @@ def test_an_endpoint_or_header_that_cannot_work_is_refused_before_anything_is_se
         ]
         result = runner.invoke(app, ["export", "otlp", "--store", captured, *args])
         assert result.exit_code == 0, result.output
+        # Sent where the variable says: named so (it said "the endpoint in OTEL_EXPORTER_OTLP_*").
+        env = {"OTEL_EXPORTER_OTLP_ENDPOINT": url}
+        result = runner.invoke(app, ["export", "otlp", "--store", captured, "--limit", "1"], env=env)
+        assert result.exit_code == 0 and f"to {url}" in result.output, result.output
     finally:
         server.shutdown()
     assert seen and seen[0]["x-tags"] == "a,b" and seen[0]["authorization"] == "Bearer t=1"

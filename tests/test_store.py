@@ -171,6 +171,11 @@ def test_filters_and_verdicts(store_url: str) -> None:
     assert (v.passed, v.score, v.reason, v.verifier, v.trajectory_id) == (True, 0.9, "again", "ref", "t0")
     with pytest.raises(ValueError, match="verdict filter"):
         store.trajectories(verdict="maybe")  # type: ignore[arg-type]
+    # A QA pass (session 26): SQLAlchemy's error with the query in it; a status matching nothing.
+    with pytest.raises(TypeError, match="since must be a datetime, not str '1d'"):
+        store.trajectories(since="1d")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="status must be one of ok, error, interrupted, not 'weird'"):
+        store.count(status="weird")
     with pytest.raises(TrajectoryNotFound):
         store.add_verdict("nope", Verdict(passed=True, verifier="ref"))
 

@@ -122,7 +122,14 @@ def export_otlp(
     as_json: JsonOption = False,
 ) -> None:
     """Send stored trajectories as OpenTelemetry GenAI spans (re-sending never duplicates)."""
-    from honed.exporters.otel import OTLPExportError, check_endpoint, header_pair, replay, shown_endpoint
+    from honed.exporters.otel import (
+        OTLPExportError,
+        check_endpoint,
+        effective_endpoint,
+        header_pair,
+        replay,
+        shown_endpoint,
+    )
     from honed.exporters.spans import capture_content_from_env
 
     if endpoint is not None:
@@ -161,8 +168,9 @@ def export_otlp(
         except OTLPExportError as exc:
             console().print(f"[red]{escape(str(exc))}[/red]")
             raise typer.Exit(1) from exc
-        missing = unmatched_names(s, agent=agent, model_version=model_version, split=split)
-    where = shown_endpoint(endpoint)
+        missing = unmatched_names(s, task_ids=task_id, agent=agent, model_version=model_version, split=split)
+    # With none given, where the SDK sent (its variables, else localhost), as a failure says it.
+    where = shown_endpoint(endpoint or effective_endpoint(endpoint, protocol)[0])
     if as_json:
         typer.echo(
             json.dumps(
@@ -180,7 +188,8 @@ def export_otlp(
             f"sent {counted(result.spans, 'span')} of {counted(result.trajectories, 'trajectory')} to {escape(where)}"
         )
     if missing and not result.trajectories:  # a typo'd name sent nothing and said nothing
-        err_console().print(f"[yellow]{escape(missing)}[/yellow]")
+        err_console().print(f"[red]{escape(missing)}: nothing sent[/red]")
+        raise typer.Exit(1)  # as `export jsonl` has it (a QA pass, session 26: rc 0 here)
     if result.rejected:
         err_console().print(
             f"[yellow]the receiver refused {result.rejected} of them: "
@@ -218,7 +227,9 @@ def _dataset_command(
         with open_store_or_exit(store) as s:
             # A name no stored run has is a typo: refused before anything is written (a QA pass,
             # session 25: `--agent calcc` replaced a good export with an empty file, exit 0).
-            missing = unmatched_names(s, agent=agent, model_version=model_version, split=split)
+            missing = unmatched_names(
+                s, task_ids=task_id, agent=agent, model_version=model_version, split=split
+            )
             if missing:
                 kept = "" if to_stdout else f"; {output} is left as it was"
                 err_console().print(f"[red]{escape(missing)}: nothing written{escape(kept)}[/red]")
@@ -270,6 +281,10 @@ def _write_hf(
     from honed.exporters.datasets import to_hf_dataset, write_parquet, written
 
     datasets.disable_progress_bars()  # ours is on screen
+    if output == "-":  # `export jsonl -` is standard output; this made a folder named "-"
+        raise ValueError(
+            "`export hf` writes a .parquet file or a folder, not standard output (`export jsonl -` does)"
+        )
     if not output.endswith(".parquet") and (Path(output).is_file() or Path(output).suffix in _FILE_SUFFIXES):
         raise ValueError(
             f"{output} names a file: `export hf` writes a .parquet file or a folder (`export jsonl` writes JSONL)"

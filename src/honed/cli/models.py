@@ -20,6 +20,7 @@ from honed.cli.common import (
     StoreOption,
     app,
     console,
+    counted,
     err_console,
     escape,
     open_store_or_exit,
@@ -79,7 +80,7 @@ def versions(
         )
         return
     ids = {v.id: v for v in found}
-    table = Table(title=f"{name}: {len(found)} versions", pad_edge=False)
+    table = Table(title=f"{name}: {counted(len(found), 'version')}", pad_edge=False)
     for column in ("version", "status", "created", "parent", "metrics", "path"):
         table.add_column(column, overflow="fold", no_wrap=column in ("version", "status"))
     for v in found:

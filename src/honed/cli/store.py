@@ -94,7 +94,7 @@ def spool(
             typer.echo(json.dumps(summary))
         else:
             console().print(
-                f"replayed {replayed} trajectories from {escape(str(mine.path))} into {escape(summary['store'])}"
+                f"replayed {counted(replayed, 'trajectory')} from {escape(str(mine.path))} into {escape(summary['store'])}"
             )
         return
     rows = [s.summary() for s in spools()]

@@ -115,13 +115,14 @@ def verify(
         # `verify --once && train` must not carry on as if everything had been labelled.
         out.print("[yellow]stopped before the end (interrupted): the rest is left unlabelled[/yellow]")
         raise typer.Exit(130)
-    if not watch and stats.errors and stats.passed + stats.failed == 0:
+    if not watch and stats.errors and stats.passed + stats.failed - stats.failed_runs == 0:
         # No verdict but errors: the verifier is broken, not the runs (a QA pass, session 21: rc 0,
         # and the runs' errors took them out of training without a word; session 23: so with one
-        # crashed run among them, which the verifier could not tell without running).
+        # crashed run among them, which fails without a check being run).
+        crashed = f", {stats.failed_runs} runs that raised failed" if stats.failed_runs else ""
         err_console().print(
-            f"[red]no run was judged ({stats.errors} errors, {stats.undecided} could not tell): the "
-            "verifier is broken; `honed show ID` has its error[/red]"
+            f"[red]no run was judged ({stats.errors} errors, {stats.undecided} could not tell{crashed}): "
+            "the verifier is broken; `honed show ID` has its error[/red]"
         )
         raise typer.Exit(1)
 

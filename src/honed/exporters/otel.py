@@ -140,7 +140,7 @@ def traces_url(endpoint: str) -> str:
     return endpoint if endpoint.endswith(TRACES_PATH) else endpoint + TRACES_PATH
 
 
-def _effective_endpoint(endpoint: str | None, protocol: str | None) -> tuple[str, bool]:
+def effective_endpoint(endpoint: str | None, protocol: str | None) -> tuple[str, bool]:
     """Where the exporter sends, as the SDK decides it with no endpoint given (its variables,
     else localhost), and whether that is the default: a replay with none said "the endpoint in
     OTEL_EXPORTER_OTLP_* did not accept a batch" with no such variable set (a QA pass, session 25)."""
@@ -377,9 +377,7 @@ def replay(
         while exporter.export(pending) is not SpanExportResult.SUCCESS:
             if result.batches == 0 or attempt >= retries:
                 target, by_default = (
-                    (endpoint, False)
-                    if span_exporter is not None
-                    else _effective_endpoint(endpoint, protocol)
+                    (endpoint, False) if span_exporter is not None else effective_endpoint(endpoint, protocol)
                 )
                 where = shown_endpoint(target) + (
                     " (the default: no --endpoint or OTEL_EXPORTER_OTLP_ENDPOINT was given)"

@@ -682,11 +682,14 @@ def count_selected(store: TrajectoryStore, selection: Selection | None = None, *
 _COUNT_PAGE = 2000
 
 
-def unmatched_names(store: TrajectoryStore, **names: str | None) -> str:
+def unmatched_names(
+    store: TrajectoryStore, *, task_ids: Iterable[str] | None = None, **names: str | None
+) -> str:
     """What a selection that found nothing named and the store does not hold, with what it does:
     "no stored runs have agent 'calculator' (agents: calc, coder)"; empty when every name is held.
-    (A typo'd `--model-version` or agent name wrote 0 examples and said nothing.)"""
-    said = []
+    (A typo'd `--model-version` or agent name wrote 0 examples and said nothing.) Task ids are
+    too many to list: each one no run has is named."""
+    said = [f"no stored runs have task id {t!r}" for t in task_ids or () if not store.count(task_id=t)]
     for name, value in names.items():
         if value is None or store.count(**{name: value}):
             continue

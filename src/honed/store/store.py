@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Sequence
 from contextlib import closing, suppress
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, get_args
 
 from sqlalchemy import (
     JSON,
@@ -52,7 +52,7 @@ from honed.store.schema import JSONText, StepRow, TrajectoryRow, UTCDateTime, Ve
 from honed.store.signing import Signer, content_digest, signer_from_env
 from honed.store.training import TrainingLog
 from honed.store.verification import VerificationStore, verdict_row
-from honed.trajectory import ERROR_KEY, HELDOUT, INTERRUPTED, Step, Trajectory, Verdict
+from honed.trajectory import ERROR_KEY, HELDOUT, INTERRUPTED, Status, Step, Trajectory, Verdict
 
 log = logging.getLogger("honed")
 
@@ -134,6 +134,15 @@ def check_store_url(url: str) -> str:
             f"{'/' + parsed.database if parsed.database else ''} (three slashes; four for an absolute path): "
             f"use {' or '.join(SUPPORTED_SCHEMES)}"
         )
+    if parsed.get_backend_name() == "sqlite" and parsed.database and "mode=memory" not in parsed.database:
+        # Under a file (`sqlite:////etc/passwd/x.db`): no retry can make the folder (a QA pass,
+        # session 26: spooled and retried as an outage).
+        under = next((p for p in Path(parsed.database).expanduser().parents if p.exists()), None)
+        if under is not None and not under.is_dir():
+            raise InvalidStoreURL(
+                f"{_shown(url)}: {under} is a file, not a folder a store's file can go in; use "
+                f"{' or '.join(SUPPORTED_SCHEMES)}"
+            )
     if parsed.get_backend_name() not in _SUPPORTED_BACKENDS:
         raise InvalidStoreURL(
             f"unsupported store URL {_shown(url)}: honed stores live in SQLite or PostgreSQL "
@@ -739,6 +748,13 @@ def _filtered(
     signed: bool = False,
 ) -> Any:
     T = TrajectoryRow
+    # Said plainly (a QA pass, session 26: `since="1d"` raised SQLAlchemy's error with the whole
+    # query in it, and `status="weird"` matched nothing, silently).
+    for name, when in (("since", since), ("until", until)):
+        if when is not None and not isinstance(when, datetime):
+            raise TypeError(f"{name} must be a datetime, not {type(when).__name__} {when!r}")
+    if isinstance(status, str) and status not in get_args(Status):
+        raise ValueError(f"status must be one of {', '.join(get_args(Status))}, not {status!r}")
     for column, value in (
         (T.agent, agent),
         (T.task_id, task_id),

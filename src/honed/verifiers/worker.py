@@ -68,6 +68,7 @@ class WorkerStats:
     verdicts: int = 0
     passed: int = 0
     failed: int = 0
+    failed_runs: int = 0  # of the fails: the agent's run had raised (no check was needed to tell)
     undecided: int = 0
     errors: int = 0
     timeouts: int = 0
@@ -356,6 +357,7 @@ class Worker:
                     self.stats.passed += 1
                 else:
                     self.stats.failed += 1
+                    self.stats.failed_runs += "agent_error" in (v.evidence or {})
         if self.on_progress is not None:
             self.on_progress(self.stats)
         return sum(1 for o in outcomes if o.trajectory_id in held and o.retry_at is None)
