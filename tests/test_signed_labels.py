@@ -177,17 +177,27 @@ def test_signed_end_to_end_worker_label_cli_and_audit(
     audit = trusted.audit_verifier("reference")
     assert (audit.tp, audit.fp, audit.tn) == (0, 1, 1)
     assert [a.id for a in trusted.audits("reference")] == [audit.id]
+    said = " ".join(runner.invoke(app, ["status", "--store", store_url]).output.split())
+    assert "labels are signed and checked with this key" in said
     monkeypatch.delenv(KEY_ENV)
-    # The same label given without the key: stored, and not counted where the key is.
-    result = runner.invoke(app, ["label", "t0", "fail", "--store", store_url, "--by", "mallory"])
-    assert result.exit_code == 0, result.output
+    # Without the key, `honed label` and `honed verify` on a signed store would write labels that
+    # count for nothing (a QA pass, session 26: they did, and said they had labelled).
+    for command in (["label", "t0", "fail", "--by", "mallory"], ["verify", "--once"]):
+        result = runner.invoke(app, [*command, "--store", store_url])
+        assert result.exit_code == 2 and "HONED_VERDICT_KEY is not set here" in result.output, result.output
+    said = " ".join(runner.invoke(app, ["status", "--store", store_url]).output.split())
+    assert "this store's labels are signed, and HONED_VERDICT_KEY is not set here" in said
+    monkeypatch.setenv(KEY_ENV, secrets.token_urlsafe(32))
+    said = " ".join(runner.invoke(app, ["status", "--store", store_url]).output.split())
+    assert "none of the newest labels' signatures check out with this HONED_VERDICT_KEY" in said
+    result = runner.invoke(app, ["label", "t0", "fail", "--by", "mallory", "--store", store_url])
+    assert result.exit_code == 2 and "another key" in result.output
+
+    agent_side.add_verdict("t0", honed.Verdict(passed=False, verifier="human", version="mallory"))
     assert _passes(trusted) == ["t0", "t1"]
-    shown = runner.invoke(app, ["status", "--store", store_url])
-    assert "labels are not signed" in " ".join(shown.output.split())
     monkeypatch.setenv(KEY_ENV, KEY)
-    shown = runner.invoke(app, ["status", "--store", store_url, "--json"])
-    info = json.loads(shown.output)
-    assert info["unsigned_verdicts"] == 1 and info["trainable"] == 2
+    info = json.loads(runner.invoke(app, ["status", "--store", store_url, "--json"]).output)
+    assert info["labels"] == "checked" and info["unsigned_verdicts"] == 1 and info["trainable"] == 2
     human = [r for r in info["verifiers"] if r["verifier"] == "human"]
     assert [(r["version"], r["fail"]) for r in human] == [("ann", 2)]  # mallory's is not counted
 
@@ -378,6 +388,11 @@ def test_the_agents_role_captures_paused_and_resumed_runs_and_can_do_nothing_els
     assert moved.rowcount == 0
     assert owner.get(runs["t-held"].id).split == "heldout"
     assert _passes(owner) == [runs["t-add"].id]
+    # Reading commands as the role: one line, not a traceback of the query (a QA pass, session 26).
+    shown = CliRunner().invoke(app, ["status", "--store", agent_url])
+    said = " ".join(shown.output.split())
+    assert shown.exit_code == 1 and "this database role may not use verdicts" in said, shown.output
+    assert len(shown.output.strip().splitlines()) <= 3
 
 
 def test_a_capture_role_is_refused_where_it_could_not_hold(sqlite_url: str, pg_url: str) -> None:
@@ -388,3 +403,54 @@ def test_a_capture_role_is_refused_where_it_could_not_hold(sqlite_url: str, pg_u
     assert result.exit_code == 1 and "no role 'no_such_role_here' here" in " ".join(result.output.split())
     result = runner.invoke(app, ["init", "--store", pg_url, "--capture-role", "postgres"])
     assert result.exit_code == 1 and "superuser" in result.output
+
+
+def test_a_worker_with_another_key_neither_strands_runs_nor_launders_a_policy(
+    stores: tuple, store_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A QA pass (session 26, production setup): a worker started once with a wrong key (the right
+    one with a newline, from a secret file) judged runs that the right key then never judged
+    again (one queue for every key), and dropped a verifier's minimum precision, which the next
+    worker with the right key signed: an audited-below-minimum verifier trained again. So did a
+    minimum lowered without the key."""
+    agent_side, trusted = stores
+    assert (
+        honed.open_store(store_url, verdict_key=KEY + "\n").signer.fingerprint == trusted.signer.fingerprint
+    )
+    for i in range(3):
+        agent_side.save(traj(f"t{i}", f"the answer is {i}", expected="1"))
+    trusted.register_verifiers({"reference": "high"})
+    trusted.set_min_precision("reference", 0.9)
+    other = honed.open_store(store_url, verdict_key=secrets.token_urlsafe(32))
+    assert Worker(other, [ReferenceMatch()]).run_once() == 3
+    assert "does not check out with this key" in caplog.text
+    policy = trusted.verifier_policy("reference")
+    assert (policy.trust, policy.min_precision) == ("high", 0.9)  # left as it was, still signed
+    assert Worker(trusted, [ReferenceMatch()]).run_once() == 3  # judged again under this key
+    trusted.set_min_precision("reference", None)
+    assert _passes(trusted) == ["t1"]
+
+    trusted.set_min_precision("reference", 0.9)
+    agent_side.set_min_precision("reference", 0.1)  # lowered without the key: untrusted
+    assert "reference" in trusted.untrusted_verifiers()
+    Worker(trusted, [ReferenceMatch()]).run_once()  # a worker starting with the key: not laundered
+    assert "reference" in trusted.untrusted_verifiers() and _passes(trusted) == []
+    trusted.set_min_precision("reference", None)  # the owner, with the key, sets it again: low
+    assert trusted.verifier_policy("reference").trust == "low"  # its trust was not signed either
+    Worker(trusted, [ReferenceMatch()]).run_once()  # until a worker declares it, with the key
+    assert "reference" not in trusted.untrusted_verifiers() and _passes(trusted) == ["t1"]
+
+
+@pytest.mark.parametrize("key", ["short", KEY])
+def test_capture_reads_no_key_and_warns_of_one_in_its_process(
+    key: str, sqlite_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A QA pass (session 26): a short key in the agent's environment stopped every capture (each
+    run spooled, "store unavailable", retried for ever); a good one there went unsaid."""
+    monkeypatch.setenv(KEY_ENV, key)
+    agent = create_agent(ScriptedChatModel(), [], middleware=[honed.Middleware(store=sqlite_url)])
+    agent.invoke({"messages": [("user", "answer hello")]})
+    assert honed.flush()
+    assert [t.answer for t in honed.open_store(sqlite_url, verdict_key=False).trajectories()] == ["hello"]
+    assert f"{KEY_ENV} is set in the process that captures" in caplog.text
+    assert key not in caplog.text

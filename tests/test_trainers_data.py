@@ -1240,3 +1240,36 @@ def test_one_attempt_judged_both_ways_makes_no_pair_and_no_row(store: Trajectory
         assert len(data.dataset) == 1 and data.dataset[0]["chosen"] != data.dataset[0]["rejected"]
     else:
         assert len(data.dataset) == 2 and sorted(r["label"] for r in data.dataset) == [False, True]
+
+
+def test_the_held_out_check_reads_a_conversations_words_once_however_many_tasks_are_held_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Session 26 (`benchmarks/export.py`): with 500 held-out tasks, each run's words were made
+    again for every held-out request: JSONL export at 120 trajectories/s, its target 2,000."""
+    import honed.store.select as select_module
+    from honed.store.select import HeldOut
+
+    requests = frozenset(request_key(f"Where is order {i:06d}? It was due on Monday.") for i in range(500))
+    policy = HeldOut(task_ids=frozenset(), requests=requests)
+    calls = 0
+    real_core = select_module.core
+
+    def counted(text: str) -> str:
+        nonlocal calls
+        calls += 1
+        return real_core(text)
+
+    assert len(policy._request_cores) == 500 and policy._short_requests is None  # made before counting
+    monkeypatch.setattr(select_module, "core", counted)
+    run = Trajectory(
+        id="r", agent="a", task={"messages": [{"role": "user", "content": "Where is order 999999?"}]}
+    )
+    assert policy.holds(run) is False
+    assert calls == 1
+    leak = Trajectory(
+        id="l",
+        agent="a",
+        task={"messages": [{"role": "user", "content": "Where is order 000007? It was due on Monday."}]},
+    )
+    assert policy.holds(leak) is True

@@ -10,6 +10,7 @@ live `TrajectoryExporter` (OTLP spans, a file) that wants `Trajectory` objects.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -19,6 +20,7 @@ from typing import Any, Protocol
 from honed._json import storable
 from honed.capture.spool import Spool, default_spool_path
 from honed.store import InvalidStoreURL, TrajectoryStore, record_to_trajectory, resolve_store_url
+from honed.store.signing import KEY_ENV
 from honed.trajectory import INTERRUPTED, Trajectory
 
 log = logging.getLogger("honed")
@@ -122,7 +124,15 @@ class StoreSink:
 
     def _save(self, records: list[Record]) -> None:
         if self._store is None:
-            self._store = TrajectoryStore(self.store_url)
+            # Capture writes no label: the verdict key is not read here (a QA pass, session 26: a
+            # short one in the agent's environment stopped every capture), only warned of.
+            if os.environ.get(KEY_ENV):
+                log.warning(
+                    "honed: %s is set in the process that captures: code running here (the agent's "
+                    "tools) could sign labels; set it only where verifiers and training run",
+                    KEY_ENV,
+                )
+            self._store = TrajectoryStore(self.store_url, verdict_key=False)
         self._store.save_records(records)
         with self._lock:
             self._counts["trajectories_written"] += len(records)

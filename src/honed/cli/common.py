@@ -64,6 +64,16 @@ class _Group(TyperGroup):
                     soft_wrap=True,
                 )
                 raise typer.Exit(2) from exc
+            denied = _permission_denied(exc)
+            if denied and not os.environ.get("HONED_TRACEBACK"):
+                # A PostgreSQL role that may not read or write what this command does: the agent's
+                # capture role, say (a QA pass, session 26: a 227-line traceback).
+                err_console().print(
+                    f"[red]this database role may not use {escape(denied)}: a capture role (`honed init "
+                    "--capture-role`) only captures; run this command as the store's owner[/red]",
+                    soft_wrap=True,
+                )
+                raise typer.Exit(1) from exc
             if (
                 os.environ.get("HONED_TRACEBACK")
                 or not isinstance(exc, OperationalError)
@@ -77,6 +87,14 @@ class _Group(TyperGroup):
                 soft_wrap=True,
             )
             raise typer.Exit(1) from exc
+
+
+def _permission_denied(exc: DatabaseError) -> str | None:
+    """The table of PostgreSQL's "permission denied for table X" (or "must be owner of table X")."""
+    match = re.search(
+        r"(?:permission denied for|must be owner of) (?:table|relation|schema) (\S+)", str(exc.orig or exc)
+    )
+    return match.group(1) if match else None
 
 
 def _damaged(exc: DatabaseError) -> bool:

@@ -389,7 +389,9 @@ def loop_status(store: Any, name: str | None = None) -> dict[str, Any]:
         "trainable": count_selected(store, verdict="pass"),
         "verifiers": [{k: v for k, v in row.items() if k != "latest"} for row in store.verifier_counts()],
         "untrusted_verifiers": sorted(store.untrusted_verifiers()),
-        # None: no verdict key here, labels are neither signed nor checked (`honed.store.signing`)
+        # `honed.store.signing`: off | elsewhere | checked | other-key (`label_signing`), and with a
+        # key here, how many verdicts carry no signature (None without one)
+        "labels": store.label_signing(),
         "unsigned_verdicts": store.unsigned_verdicts(),
         "models": [],
     }
@@ -441,6 +443,17 @@ def loop_status(store: Any, name: str | None = None) -> dict[str, Any]:
     return status
 
 
+_SIGNING = {
+    "off": "[dim]labels are not signed: code holding the store's URL (the agent's process) can write them; "
+    "set HONED_VERDICT_KEY where verifiers and training run[/dim]",
+    "elsewhere": "[yellow]this store's labels are signed, and HONED_VERDICT_KEY is not set here: nothing "
+    "is checked in this view (set the key to count only signed labels)[/yellow]",
+    "checked": "labels are signed and checked with this key",
+    "other-key": "[red]none of the newest labels' signatures check out with this HONED_VERDICT_KEY: another "
+    "key? (labels written with it count for nothing where the store's key is)[/red]",
+}
+
+
 @app.command()
 def status(
     name: Annotated[str | None, typer.Argument(help="One model (default: all).")] = None,
@@ -474,12 +487,8 @@ def status(
             *(str(row[k]) for k in ("pass", "fail", "undecided", "errors")),
         )
     out.print(verdicts)
-    if info["unsigned_verdicts"] is None:
-        out.print(
-            "[dim]labels are not signed: code holding the store's URL (the agent's process) can write them; "
-            "set HONED_VERDICT_KEY where verifiers and training run[/dim]"
-        )
-    elif info["unsigned_verdicts"]:
+    out.print(_SIGNING[info["labels"]])
+    if info["unsigned_verdicts"]:
         out.print(
             f"[yellow]{info['unsigned_verdicts']} verdicts carry no signature (written without the key): "
             "not counted[/yellow]"

@@ -22,7 +22,7 @@ from honed.cli.common import (
     print_table,
     progress_display,
 )
-from honed.store import TrajectoryNotFound
+from honed.store import TrajectoryNotFound, TrajectoryStore
 from honed.store.store import AmbiguousTrajectoryId
 from honed.trajectory import Verdict, current_verdicts, label_word
 from honed.trajectory import label as label_of
@@ -73,6 +73,7 @@ def verify(
     # A worker that keeps watching may start before the first capture creates the store; one that
     # labels what is there and exits, pointed at a store that does not exist, was mistyped.
     with open_store_or_exit(store, create=watch) as s:
+        _refuse_labels_that_would_not_count(s)
         worker = Worker(
             s,
             chosen,
@@ -145,6 +146,7 @@ def label(
         raise typer.Exit(2)
     labeler = by or _login()
     with open_store_or_exit(store) as s:
+        _refuse_labels_that_would_not_count(s)
         try:
             t = s.get(trajectory_id)
             if not t.finished:  # it was accepted, and the report showed the paused run as a pass
@@ -323,3 +325,20 @@ def _login() -> str:
         return getpass.getuser()
     except Exception:
         return "unknown"
+
+
+def _refuse_labels_that_would_not_count(store: TrajectoryStore) -> None:
+    """A store whose labels are signed, and no key (or another key) here: what this would write
+    counts for nothing, and said nothing (a QA pass, session 26: `honed label` printed its label)."""
+    state = store.label_signing()
+    if state in ("elsewhere", "other-key"):
+        why = (
+            "HONED_VERDICT_KEY is not set here"
+            if state == "elsewhere"
+            else "HONED_VERDICT_KEY here is another key"
+        )
+        err_console().print(
+            f"[red]this store's labels are signed and {why}: what this writes would count for nothing; "
+            "run it with the store's key[/red]"
+        )
+        raise typer.Exit(2)

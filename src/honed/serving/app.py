@@ -170,7 +170,7 @@ def create_app(
     `labels` the operator's labels for every run (see the module docstring); `capture=False`
     stores nothing; `model_settings` go to each `ServedModel` (`temperature`, `max_tokens`,
     `model_kwargs` ...)."""
-    store = open_store(store) if isinstance(store, str) else store
+    store = open_store(store, verdict_key=False) if isinstance(store, str) else store
     if not names:
         raise ValueError("serve at least one model name")
     keys = _Keys(api_key, label_keys)
@@ -360,7 +360,7 @@ def serve(
     import uvicorn
 
     app = create_app(
-        open_store(store),
+        open_store(store, verdict_key=False),
         names,
         api_key=api_key,
         label_keys=label_keys,

@@ -94,7 +94,7 @@ class ServedModel(BaseChatModel):
         if not self.poll_interval > 0:  # 0 or less polled the store in a busy loop
             raise ValueError(f"poll_interval must be above 0 seconds, not {self.poll_interval!r}")
         if isinstance(self.store, str) or self.store is None:
-            self.store = open_store(self.store)
+            self.store = open_store(self.store, verdict_key=False)  # it writes no label
         make = self.backend if callable(self.backend) else _BACKENDS.get(self.backend)
         if make is None:
             raise ValueError(f"backend must be 'local', 'openai' or a callable, not {self.backend!r}")

@@ -36,8 +36,9 @@ class Signer:
     __slots__ = ("_key",)
 
     def __init__(self, key: str | bytes) -> None:
-        raw = key.encode() if isinstance(key, str) else bytes(key)
-        if len(raw) < MIN_KEY_BYTES:
+        # Stripped: a key read from a secret file ends with a newline, and was another key.
+        raw = (key.encode() if isinstance(key, str) else bytes(key)).strip()
+        if len(raw) < MIN_KEY_BYTES:  # (sixteen spaces were a key)
             raise ValueError(
                 f"{KEY_ENV} must be at least {MIN_KEY_BYTES} bytes "
                 '(make one with: python -c "import secrets; print(secrets.token_urlsafe(32))")'
@@ -46,6 +47,12 @@ class Signer:
 
     def __repr__(self) -> str:
         return "Signer(<key hidden>)"
+
+    @property
+    def fingerprint(self) -> str:
+        """Names the key without telling it (the worker's queue: runs a worker with another key
+        judged are judged again under this one)."""
+        return self.sign("fingerprint")[:12]
 
     def sign(self, kind: str, *fields: Any) -> str:
         return hmac.new(self._key, _canonical([kind, *fields]), hashlib.sha256).hexdigest()

@@ -152,13 +152,13 @@ def check_store_url(url: str) -> str:
 
 
 def open_store(
-    url: str | None = None, *, create: bool = True, verdict_key: str | None = None
+    url: str | None = None, *, create: bool = True, verdict_key: str | Literal[False] | None = None
 ) -> TrajectoryStore:
     """Open the store at `url` (see `resolve_store_url` for the default), migrating it to the
     current schema. With `create=False` (what read-only commands use) a URL with no honed store
     raises `StoreNotFound` instead of creating one: nothing is written there. `verdict_key`
     (default `$HONED_VERDICT_KEY`) signs the labels written and counts only signed ones
-    (`honed.store.signing`)."""
+    (`honed.store.signing`); False: neither (what capture and serving open: they write no label)."""
     return TrajectoryStore(resolve_store_url(url), create=create, verdict_key=verdict_key)
 
 
@@ -186,11 +186,18 @@ class TrajectoryStore:
     """
 
     def __init__(
-        self, url: str, *, migrate: bool = True, create: bool = True, verdict_key: str | None = None
+        self,
+        url: str,
+        *,
+        migrate: bool = True,
+        create: bool = True,
+        verdict_key: str | Literal[False] | None = None,
     ) -> None:
         self.url = check_store_url(url)
         # Before any connection: a bad key is said at once, not after the agent ran.
-        self.signer = Signer(verdict_key) if verdict_key else signer_from_env()
+        self.signer = (
+            None if verdict_key is False else Signer(verdict_key) if verdict_key else signer_from_env()
+        )
         _check_sqlite_file(self.url, must_exist=not create)
         self.engine = _create_engine(self.url, create=create)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
@@ -205,6 +212,12 @@ class TrajectoryStore:
                 _migrate(self.engine, create=create, shown=self.safe_url)
             except SQLAlchemyError as exc:
                 self.engine.dispose()
+                if "must be owner of" in str(exc):  # a capture role meeting a schema to upgrade
+                    raise StoreUnavailable(
+                        f"cannot open the store at {self.safe_url}: its schema must be upgraded by the store's "
+                        f"owner (`honed init --store OWNER_URL`, then `--capture-role` again); this role may "
+                        f"not ({str(exc).splitlines()[0]})"
+                    ) from exc
                 raise StoreUnavailable(f"cannot open the store at {self.safe_url}: {exc}") from exc
             except StoreUnavailable:
                 self.engine.dispose()
@@ -252,6 +265,7 @@ class TrajectoryStore:
     untrusted_verifiers = _Part("verification")
     verifier_counts = _Part("verification")
     unsigned_verdicts = _Part("verification")
+    label_signing = _Part("verification")
 
     @property
     def safe_url(self) -> str:

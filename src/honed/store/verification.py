@@ -361,7 +361,7 @@ class VerificationStore:
             row = session.get(VerifierPolicyRow, verifier)
             if row is None:
                 row = VerifierPolicyRow(verifier=verifier, trust="high")
-            elif not self._policy_checks(row):  # a trust written without the key is not signed now
+            elif row.signature is not None and not self._policy_checks(row):  # changed without the key
                 row.trust = "low"
             row.min_precision, row.note, row.updated_at = min_precision, note, _now()
             if self._signer is not None:
@@ -381,7 +381,9 @@ class VerificationStore:
             replace = ["trust", "updated_at"]
             if self._signer is not None:
                 replace += ["min_precision", "signature"]
-                self._signed_policies(conn, rows)
+                rows = self._signed_policies(conn, rows)
+                if not rows:
+                    return
             stmt = dialect.insert(VerifierPolicyRow).values(rows)
             if only_new:
                 conn.execute(stmt.on_conflict_do_nothing(index_elements=["verifier"]))
@@ -391,10 +393,12 @@ class VerificationStore:
             )
             conn.execute(stmt)
 
-    def _signed_policies(self, conn: Any, rows: list[dict[str, Any]]) -> None:
+    def _signed_policies(self, conn: Any, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The policies `register_verifiers` writes, signed: the trust the code declares, the minimum
-        precision kept where its row checks out (a row code with the store's URL wrote or changed
-        is written again without one, which is said)."""
+        precision of the row there. A row written before the key was set (no signature) is adopted
+        as it is; one whose signature does not check out (another key, or changed without one) is
+        left as it is, untrusted, and said: re-signed, a minimum precision removed or lowered
+        without the key came back as the owner's (a QA pass, session 26)."""
         assert self._signer is not None
         P = VerifierPolicyRow
         names = [r["verifier"] for r in rows]
@@ -404,18 +408,22 @@ class VerificationStore:
                 select(P.verifier, P.trust, P.min_precision, P.signature).where(P.verifier.in_(names))
             )
         }
+        kept = []
         for row in rows:
             old = stored.get(row["verifier"])
-            kept = old is not None and self._signer.policy_checks(old._mapping)
-            if old is not None and not kept and old.min_precision is not None:
+            if old is not None and old.signature is not None and not self._signer.policy_checks(old._mapping):
                 log.warning(
-                    "honed: the policy of verifier %s was not signed with this store's key: its minimum "
-                    "precision (%s) is dropped; set it again with the key",
+                    "honed: the policy of verifier %s does not check out with this key (signed with another, "
+                    "or changed without one): it stays untrusted until set again with this key "
+                    "(`honed verifiers audit %s --min-precision P`)",
                     row["verifier"],
-                    old.min_precision,
+                    row["verifier"],
                 )
-            row["min_precision"] = old.min_precision if kept else None
+                continue
+            row["min_precision"] = old.min_precision if old is not None else None
             row["signature"] = self._signer.policy(row["verifier"], row["trust"], row["min_precision"])
+            kept.append(row)
+        return kept
 
     def verifier_policy(self, verifier: str) -> VerifierPolicy:
         """The policy of one verifier with its latest audited precision."""
@@ -513,6 +521,22 @@ class VerificationStore:
             }
             for n, v, t, p, f, at, e in rows
         ]
+
+    def label_signing(self) -> str:
+        """How labels are signed, as seen from here: `off` (no key here, none signed), `elsewhere`
+        (no key here, but the store holds signed labels: nothing is checked), `checked` (the key
+        here checks the newest signed labels, or none are signed yet), `other-key` (none of the
+        newest signed labels check out with the key here)."""
+        V = VerdictRow
+        with self._sessions() as session:
+            newest = session.scalars(
+                select(V).where(V.signature.is_not(None)).order_by(V.created_at.desc(), V.id.desc()).limit(50)
+            ).all()
+        if self._signer is None:
+            return "elsewhere" if newest else "off"
+        if newest and not any(self._signer.verdict_checks(_columns(v)) for v in newest):
+            return "other-key"
+        return "checked"
 
     def unsigned_verdicts(self) -> int | None:
         """With a verdict key, how many verdicts carry no signature (written without the key: not

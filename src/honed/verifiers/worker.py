@@ -157,9 +157,10 @@ class Worker:
         self.lease_s, self.timeout_s = lease_s, timeout_s
         self.max_attempts, self.backoff_s, self.max_backoff_s = max_attempts, backoff_s, max_backoff_s
         self.poll_s, self.flush_s = poll_s, flush_s
-        # Signed, a queue of its own: runs judged before the key was set (their verdicts no longer
-        # count) are judged again, once.
-        signed = "+signed" if getattr(store, "signer", None) is not None else ""
+        # Signed, a queue of the key's own: runs judged before it was set, or under another key
+        # (their verdicts do not count here), are judged again, once.
+        signer = getattr(store, "signer", None)
+        signed = f"+signed:{signer.fingerprint}" if signer is not None else ""
         self.queue = queue or queue_name(self.verifiers) + signed
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.on_progress = on_progress
