@@ -477,8 +477,8 @@ def test_an_empty_selection_writes_an_empty_dataset_everywhere(verified: str, tm
     for target in ("empty.jsonl", "empty.parquet", "empty-folder"):
         command = "jsonl" if target.endswith("jsonl") else "hf"
         result = CliRunner().invoke(
-            app, ["export", command, str(tmp_path / target), "--store", verified, "--task-id", "nobody"]
-        )  # (a name no run has is refused: a typo, session 25; a task id selects)
+            app, ["export", command, str(tmp_path / target), "--store", verified, "--since", "2099-01-01"]
+        )  # (a name or task id no run has is refused: a typo, sessions 25 and 26; a time selects)
         assert result.exit_code == 0 and "wrote 0" in result.output, (target, result.output)
         # A QA pass (session 19): `datasets` refuses an empty parquet file; the user is told so.
         assert ("`datasets` refuses" in result.output) == target.endswith(".parquet"), result.output
