@@ -386,6 +386,17 @@ def test_the_agents_role_captures_paused_and_resumed_runs_and_can_do_nothing_els
     with attacker.engine.begin() as conn:  # a finished run is out of reach: nothing matches
         moved = conn.execute(text("UPDATE trajectories SET split = 'train', output = '\"x\"'"))
     assert moved.rowcount == 0
+    # A paused held-out run keeps its split, task and agent (a QA pass, session 26: moved to train).
+    owner.save(traj("gate-1", None, status="interrupted"))
+    with owner.engine.begin() as conn:
+        conn.execute(
+            text("UPDATE trajectories SET split = 'heldout', task_id = 't-gate' WHERE id = 'gate-1'")
+        )
+    for change in ("split = 'train'", "task_id = 't-other'", "agent = 'another'"):
+        with pytest.raises(Exception, match="may not change"), attacker.engine.begin() as conn:
+            conn.execute(text(f"UPDATE trajectories SET {change} WHERE id = 'gate-1'"))
+    with attacker.engine.begin() as conn:  # what a resume writes is still its to write
+        assert conn.execute(text("UPDATE trajectories SET error = 'x' WHERE id = 'gate-1'")).rowcount == 1
     assert owner.get(runs["t-held"].id).split == "heldout"
     assert _passes(owner) == [runs["t-add"].id]
     # Reading commands as the role: one line, not a traceback of the query (a QA pass, session 26).
@@ -454,3 +465,29 @@ def test_capture_reads_no_key_and_warns_of_one_in_its_process(
     assert [t.answer for t in honed.open_store(sqlite_url, verdict_key=False).trajectories()] == ["hello"]
     assert f"{KEY_ENV} is set in the process that captures" in caplog.text
     assert key not in caplog.text
+
+
+def test_a_row_no_writer_makes_is_left_out_and_stops_nothing(
+    store_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A QA pass (session 26, as the capture role): a run started at 'infinity' stopped `honed
+    verify` for good (every claim of its batch leased, then the worker dead again) and `honed
+    runs`; a step whose `extra` was a list stopped dataset building; a made-up status passed."""
+    from honed.learn.datasets import prepare
+
+    store = honed.open_store(store_url)
+    for i in range(3):
+        store.save(traj(f"t{i}", f"the answer is {i}", expected=str(i)))
+    for bad in ("inf", "extra", "status"):
+        store.save(traj(bad, "the answer is 1", expected="1"))
+    with store.engine.begin() as conn:
+        conn.execute(text("UPDATE trajectories SET started_at = 'infinity' WHERE id = 'inf'"))
+        conn.execute(text("UPDATE steps SET extra = '[1]' WHERE trajectory_id = 'extra'"))
+        conn.execute(text("UPDATE trajectories SET status = 'bogus' WHERE id = 'status'"))
+    worker = Worker(store, [ReferenceMatch()])
+    assert worker.run_once() == 6 and worker.run_once() == 0
+    assert sorted(t.id for t in store.trajectories(limit=None)) == ["t0", "t1", "t2"]
+    assert _passes(store) == ["t0", "t1", "t2"]
+    assert "trajectory inf is left out" in caplog.text and "trajectory extra is left out" in caplog.text
+    assert prepare(store, "sft").counts["passed"] == 3
+    assert CliRunner().invoke(app, ["runs", "--store", store_url]).exit_code == 0

@@ -393,6 +393,23 @@ def test_a_resumed_run_continues_the_interrupted_trajectory_of_its_thread(store_
     assert store.get("resume-run-9").task == {"resume": {"decisions": [{"type": "approve"}]}}
 
 
+def test_a_resume_never_continues_a_pause_from_after_it(store_url: str) -> None:
+    """A QA pass (session 26, as the capture role): a run planted paused on the victim's thread,
+    ten years ahead, was "the newest paused run" and took the victim's resume: the victim's own
+    run stayed paused for good, and the planted step sat inside the pass the worker then signed."""
+    store = honed.open_store(store_url)
+    store.save(make(1, thread_id="th-1", status="interrupted", output=None))  # the victim, paused
+    planted = make(2, thread_id="th-1", status="interrupted", output=None)
+    planted.id, planted.started_at = "planted", datetime(2036, 1, 1, tzinfo=UTC)
+    planted.steps = [
+        Step(id="planted-s0", index=0, kind="model", name="m", output={"role": "assistant", "content": "x"})
+    ]
+    store.save(planted)
+    assert store.save_records([_resumed_part(5)]) == 0
+    assert store.get("t1").status == "ok" and store.get("planted").status == "interrupted"
+    assert [s.id for s in store.get("t1").steps] == ["s1-0", "s1-1", "r5-0", "r5-1"]
+
+
 # -- messages once per trajectory ------------------------------------------------------------------
 
 

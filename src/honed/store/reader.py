@@ -19,18 +19,20 @@ import contextlib
 import functools
 import gc
 import json
+import logging
 from collections.abc import Iterator, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, get_args
 
 from sqlalchemy import bindparam, literal_column, select, text
 
 from honed.store.conversations import expand
 from honed.store.schema import TrajectoryRow, VerdictRow
 from honed.store.signing import Signer, content_digest
-from honed.trajectory import Step, Trajectory, Verdict
+from honed.trajectory import Status, Step, Trajectory, Verdict
 
 CHUNK = 500  # trajectory ids per IN (...) of the step and verdict reads
+log = logging.getLogger("honed")
 
 _loads = json.loads  # not orjson: it reads integers beyond 64 bits as floats
 _fromisoformat = datetime.fromisoformat
@@ -115,22 +117,51 @@ def _read(
             steps.update(conn.execute(_steps_query(dialect, step_content), {"ids": chunk}).all())
     out = []
     for trajectory_id, row_text in rows:
-        row = _loads(row_text)
-        found = []
-        if with_steps:  # the conversation is in the row only when steps are read with content
-            conversation = (row[13], row[14]) if step_content else (None, None)
-            found = _steps(steps.get(trajectory_id), *conversation)
-        trajectory = Trajectory(
-            trajectory_id, row[0], row[1], row[2], row[3], row[4] or {}, found, row[5], row[6], row[7],
-            row[8], _when(row[9]), _when(row[10]), verdicts.get(trajectory_id, []),
-            thread_id=row[11], checkpoint_id=row[12],
-        )  # fmt: skip
+        try:
+            trajectory = _trajectory(trajectory_id, row_text, steps, with_steps, step_content)
+        except _UNREADABLE as exc:
+            # A row no honed writer makes (a date of 'infinity', a step's `extra` that is a list, a
+            # made-up status), written past it: left out and said, never the whole read's end (a QA
+            # pass, session 26: one such row stopped `honed verify` and dataset building for good).
+            log.warning("honed: trajectory %s is left out: a row honed cannot read (%s: %s)",
+                        trajectory_id, type(exc).__name__, str(exc)[:200])  # fmt: skip
+            continue
+        trajectory.verdicts = verdicts.get(trajectory_id, [])
         if digests and trajectory.verdicts and with_steps and step_content:
             # Edited after it was judged: no verdict judged what is here now.
             digest = content_digest(trajectory)
             trajectory.verdicts = [v for v in trajectory.verdicts if digests[v.id] == digest]  # type: ignore[index]
         out.append(trajectory)
     return out
+
+
+_UNREADABLE = (ValueError, TypeError, AttributeError, IndexError, KeyError, OverflowError)
+_STATUSES = frozenset(get_args(Status))
+
+
+def _trajectory(
+    trajectory_id: str, row_text: str, steps: dict[str, str], with_steps: bool, step_content: bool
+) -> Trajectory:
+    row = _loads(row_text)
+    found = []
+    if with_steps:  # the conversation is in the row only when steps are read with content
+        conversation = (row[13], row[14]) if step_content else (None, None)
+        found = _steps(steps.get(trajectory_id), *conversation)
+    if row[6] not in _STATUSES:
+        raise ValueError(f"status {str(row[6])[:40]!r}")
+    trajectory = Trajectory(
+        trajectory_id, row[0], row[1], row[2], row[3], _dict(row[4]), found, row[5], row[6], row[7],
+        row[8], _when(row[9]), _when(row[10]), thread_id=row[11], checkpoint_id=row[12],
+    )  # fmt: skip
+    return trajectory
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if type(value) is not dict:
+        raise TypeError(f"a {type(value).__name__} where an object belongs")
+    return value
 
 
 def _steps(found: str | None, messages: Any, tools: Any) -> list[Step]:
@@ -141,7 +172,10 @@ def _steps(found: str | None, messages: Any, tools: Any) -> list[Step]:
     steps = []
     for s in rows:
         model_input = expand(s[5], messages, tools) if s[2] == "model" else s[5]
-        step = Step(s[0], s[1], s[2], s[3], s[4], model_input, s[6], s[7], s[8], s[9] or [], s[10], s[11], _when(s[12]), _when(s[13]), s[14] or {})  # fmt: skip
+        calls, usage = s[9] or [], s[10]
+        if type(calls) is not list or (usage is not None and type(usage) is not dict):
+            raise TypeError("a step's tool calls or usage of the wrong type")
+        step = Step(s[0], s[1], s[2], s[3], s[4], model_input, s[6], s[7], s[8], calls, usage, s[11], _when(s[12]), _when(s[13]), _dict(s[14]))  # fmt: skip
         steps.append(step)
     return steps
 

@@ -84,6 +84,32 @@ def grant_capture(engine: Engine, role: str) -> list[str]:
                 f"CREATE POLICY {quote(paused)} ON trajectories AS RESTRICTIVE FOR UPDATE TO {who} "
                 f"USING (status = '{INTERRUPTED}') WITH CHECK (true)"
             )
+        # What a paused run keeps whoever resumes it: its id, agent and task, and a held-out split
+        # (a QA pass, session 26: as the role, a paused gate run was moved to `train`, and trained).
+        guard = f"honed_capture_guard_{role}"[:63]
+        statements.append(f"""CREATE OR REPLACE FUNCTION {quote(guard)}() RETURNS trigger LANGUAGE plpgsql AS $g$
+BEGIN
+  IF NEW.id IS DISTINCT FROM OLD.id OR NEW.agent IS DISTINCT FROM OLD.agent
+     OR NEW.task_id IS DISTINCT FROM OLD.task_id
+     OR (NEW.split IS DISTINCT FROM OLD.split
+         AND lower(regexp_replace(coalesce(OLD.split, ''), '[^A-Za-z0-9]', '', 'g')) ~ '{_HELD_OUT_SQL}') THEN
+    RAISE EXCEPTION 'honed: a capture role may not change a run''s id, agent or task, nor move it out of a held-out split';
+  END IF;
+  RETURN NEW;
+END $g$""")
+        statements.append(f"DROP TRIGGER IF EXISTS {quote(guard)} ON trajectories")
+        statements.append(
+            f"CREATE TRIGGER {quote(guard)} BEFORE UPDATE ON trajectories FOR EACH ROW "
+            f"WHEN (current_user = {_literal(role)}) EXECUTE FUNCTION {quote(guard)}()"
+        )
         for statement in statements:
             conn.execute(text(statement))
     return statements
+
+
+# The evaluation splits' names as `honed.store.select.evaluation_split` knows the common ones.
+_HELD_OUT_SQL = "(heldout|test|eval|validation|valid|val|dev|benchmark|holdout)"
+
+
+def _literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"

@@ -1110,14 +1110,35 @@ def _continued_id(session: Any, record: dict[str, Any]) -> str | None:
             return str(holder)
     if not (record.get("resumes") and record.get("thread_id")):
         return None
-    return session.scalar(
+    # A paused run started before its resume (a QA pass, session 26: a run planted ten years
+    # ahead, paused on the victim's thread, took the victim's resume, and the victim's own run
+    # stayed paused for good); where the resume names the checkpoint it starts from, the run that
+    # paused there.
+    started = _trajectory_row(record)["started_at"]
+    candidates = session.scalars(
         select(T.id)
         .where(
-            T.thread_id == str(record["thread_id"]), T.status == INTERRUPTED, T.agent == record.get("agent")
+            T.thread_id == str(record["thread_id"]),
+            T.status == INTERRUPTED,
+            T.agent == record.get("agent"),
+            T.started_at <= started,
         )
         .order_by(T.started_at.desc())
-        .limit(1)
-    )
+        .limit(8)
+    ).all()
+    checkpoint = record.get("checkpoint_id")
+    if checkpoint and len(candidates) > 1:
+        paused_there = session.scalar(
+            select(StepRow.trajectory_id)
+            .where(
+                StepRow.trajectory_id.in_(candidates),
+                StepRow.extra["checkpoint_id"].as_string() == str(checkpoint),
+            )
+            .limit(1)
+        )
+        if paused_there is not None:
+            return str(paused_there)
+    return str(candidates[0]) if candidates else None
 
 
 def trajectory_to_record(trajectory: Trajectory) -> dict[str, Any]:

@@ -304,7 +304,8 @@ class Worker:
         signs = getattr(self.store, "signer", None) is not None
         for claim in claims:
             t = found.get(claim.trajectory_id)
-            if t is None:  # deleted since it was enqueued (its claim went with it)
+            if t is None:  # deleted since it was enqueued (its claim went with it), or unreadable:
+                self._buffer.append(ClaimOutcome(claim.trajectory_id))  # settled, with no verdict
                 continue
             digest = content_digest(t) if signs else None
             have = {(v.verifier, v.version) for v in t.verdicts if not is_verifier_error(v)}
