@@ -43,6 +43,7 @@ from honed.store.schema import VerdictRow
 from honed.store.select import select_trajectories
 from honed.store.signing import Signer, content_digest
 from honed.store.verification import verdict_row
+from honed.store.verification_tables import VerifierPolicyRow
 from phoenix_server import PhoenixServer, free_port
 
 SYSTEM = "You are a support agent for ACME. Use the tools to look things up; answer in one sentence."
@@ -143,6 +144,7 @@ def sign_verdicts(url: str, key: str) -> None:
     ]
     with store._sessions.begin() as session:
         session.execute(delete(VerdictRow))
+        session.execute(delete(VerifierPolicyRow))  # a kept store's policy, signed with another key
         session.execute(insert(VerdictRow), rows)
     store.close()
     # As a worker starting with the key does: a verifier with no signed policy is not trusted.

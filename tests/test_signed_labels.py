@@ -491,3 +491,16 @@ def test_a_row_no_writer_makes_is_left_out_and_stops_nothing(
     assert "trajectory inf is left out" in caplog.text and "trajectory extra is left out" in caplog.text
     assert prepare(store, "sft").counts["passed"] == 3
     assert CliRunner().invoke(app, ["runs", "--store", store_url]).exit_code == 0
+
+
+def test_a_signature_holds_whatever_time_zone_the_database_answers_in(pg_url: str) -> None:
+    """PostgreSQL hands times back in the session's zone: a signature over the time's text as
+    written (UTC) would not check out read from Tokyo."""
+    tokyo = pg_url.replace("?options=", "?options=-ctimezone%3DAsia/Tokyo%20")
+    writer = honed.open_store(pg_url, verdict_key=KEY)
+    writer.save(traj("t1", "the answer is 1", expected="1"))
+    Worker(writer, [ReferenceMatch()]).run_once()
+    reader = honed.open_store(tokyo, verdict_key=KEY)
+    [v] = reader.get("t1").verdicts
+    assert v.passed is True and v.created_at.utcoffset().total_seconds() == 9 * 3600
+    assert _passes(reader) == ["t1"]

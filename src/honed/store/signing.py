@@ -23,6 +23,8 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+import orjson
+
 if TYPE_CHECKING:
     from honed.trajectory import Trajectory
 
@@ -133,8 +135,16 @@ def _verdict_fields(row: Mapping[str, Any]) -> tuple[Any, ...]:
 
 
 def _canonical(value: Any) -> bytes:
-    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_plain)
-    return text.encode("utf-8", "surrogatepass")
+    """One byte string per value, whoever computes it: orjson with sorted keys (~10x the standard
+    library: a signed read digests every run), the standard library for what orjson refuses
+    (integers beyond 64 bits, lone surrogates), each value always taking the same path."""
+    try:
+        return orjson.dumps(
+            value, default=_plain, option=orjson.OPT_SORT_KEYS | orjson.OPT_PASSTHROUGH_DATETIME
+        )
+    except (TypeError, orjson.JSONEncodeError):
+        text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_plain)
+        return b"std:" + text.encode("utf-8", "surrogatepass")
 
 
 def _plain(value: Any) -> Any:
