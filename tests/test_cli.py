@@ -144,8 +144,6 @@ def test_reading_commands_never_create_a_store(command: list[str], tmp_path: Pat
         # pass, session 25).
         ("sqlite://", "sqlite:// is a store in memory, gone when this command ends"),
         ("sqlite://x.db", "sqlite://x.db names a host, not a file: a store's file is sqlite:///x.db"),
-        # Spooled and retried as an outage under `instrument()` (a QA pass, session 26).
-        ("sqlite:////etc/passwd/x.db", "sqlite:////etc/passwd/x.db: /etc/passwd is a file, not a folder"),
     ],
 )
 def test_a_bad_store_url_is_one_line_not_a_traceback(url: str, message: str) -> None:

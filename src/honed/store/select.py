@@ -194,18 +194,25 @@ def conversation_key(item: Any) -> str:
     else:
         return ""
     seen: dict[str, None] = {}
+    # Each model call's input holds the conversation so far, read back as the same objects (the
+    # store keeps a run's messages once): each read once, not once per call that saw it.
+    read: set[int] = set()
     for value in values:
         messages = value.get("messages") if isinstance(value, Mapping) else value
         if isinstance(messages, str):
             messages = [messages]
         for message in messages if isinstance(messages, list) else ():
+            if id(message) in read:
+                continue
+            read.add(id(message))
             text = _message_text(message)
             if text:
                 seen.setdefault(text)
         # ... and the tools offered beside them: a row carries their schemas (a review, session 23:
         # a held-out question and its answer in a tool's description trained).
         tools = value.get("tools") if isinstance(value, Mapping) else None
-        if isinstance(tools, list) and tools:
+        if isinstance(tools, list) and tools and id(tools) not in read:
+            read.add(id(tools))
             described: list[str] = []
             _strings(tools, described)
             seen.setdefault(" ".join(described))

@@ -134,15 +134,6 @@ def check_store_url(url: str) -> str:
             f"{'/' + parsed.database if parsed.database else ''} (three slashes; four for an absolute path): "
             f"use {' or '.join(SUPPORTED_SCHEMES)}"
         )
-    if parsed.get_backend_name() == "sqlite" and parsed.database and "mode=memory" not in parsed.database:
-        # Under a file (`sqlite:////etc/passwd/x.db`): no retry can make the folder (a QA pass,
-        # session 26: spooled and retried as an outage).
-        under = next((p for p in Path(parsed.database).expanduser().parents if p.exists()), None)
-        if under is not None and not under.is_dir():
-            raise InvalidStoreURL(
-                f"{_shown(url)}: {under} is a file, not a folder a store's file can go in; use "
-                f"{' or '.join(SUPPORTED_SCHEMES)}"
-            )
     if parsed.get_backend_name() not in _SUPPORTED_BACKENDS:
         raise InvalidStoreURL(
             f"unsupported store URL {_shown(url)}: honed stores live in SQLite or PostgreSQL "
