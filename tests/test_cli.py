@@ -48,6 +48,18 @@ def test_runs_table_and_json(captured: str) -> None:
 
     result = runner.invoke(app, ["runs", "--store", captured, "--json", "-n", "1"])
     assert len(result.output.splitlines()) == 1
+    # A name no run has printed an empty table (a QA pass, session 26): said, as export says it.
+    for typo, said in (
+        (["--split", "bogus"], "no stored runs have split 'bogus'"),
+        (["--task-id", "nope"], "task id 'nope'"),
+    ):
+        result = runner.invoke(app, ["runs", "--store", captured, *typo])
+        assert result.exit_code == 1 and said in result.output, result.output
+    result = runner.invoke(app, ["runs", "--store", captured, "--status", "interrupted"])  # a filter, no name
+    assert result.exit_code == 0, result.output
+    # `--from` without `--replay` listed every spool and said nothing of it.
+    result = runner.invoke(app, ["spool", "--from", captured.removeprefix("sqlite:///")])
+    assert result.exit_code == 2 and "give --replay too" in result.output, result.output
 
 
 def test_show_is_a_readable_timeline(captured: str) -> None:

@@ -72,6 +72,8 @@ def spool(
     from honed.capture.spool import Spool, default_spool_path, spools
 
     url = resolve_store_url(store)
+    if source is not None and not replay:  # it listed every spool and said nothing of --from (a QA pass)
+        raise typer.BadParameter("--from names the spool to replay: give --replay too", param_hint="--from")
     if source is not None and not source.is_file():
         raise FileNotFoundError(f"no spool file at {source} (`honed spool` lists them)")
     mine = Spool(source if source is not None else default_spool_path(url))

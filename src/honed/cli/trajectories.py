@@ -23,6 +23,7 @@ from honed.cli.common import (
 )
 from honed.messages import task_text
 from honed.store import TrajectoryNotFound
+from honed.store.select import unmatched_names
 from honed.store.store import AmbiguousTrajectoryId
 from honed.trajectory import Step, Trajectory, label
 
@@ -58,6 +59,11 @@ def runs(
             verdict=verdict,  # type: ignore[arg-type]
             thread_id=thread,
         )
+        if not found:  # a name no run has: a typo, said (an empty table said nothing; a QA pass)
+            missing = unmatched_names(s, task_ids=[task_id] if task_id else None, agent=agent, split=split)
+            if missing:
+                err_console().print(f"[red]{escape(missing)}[/red]")
+                raise typer.Exit(1)
         untrusted = s.untrusted_verifiers()
         matching = (
             len(found)
