@@ -387,13 +387,16 @@ def test_the_fast_encoder_writes_exactly_the_sdks_request(captured: str) -> None
 
 
 @contextlib.contextmanager
-def otlp_receiver() -> Iterator[tuple[str, list[bytes]]]:
-    """A real OTLP/HTTP endpoint on a free port: its URL, and the request bodies it received."""
+def otlp_receiver(headers: list[dict[str, str]] | None = None) -> Iterator[tuple[str, list[bytes]]]:
+    """A real OTLP/HTTP endpoint on a free port: its URL, and the request bodies it received (and
+    each request's headers into `headers`, when given)."""
     received: list[bytes] = []
 
     class Receiver(http.server.BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             received.append(self.rfile.read(int(self.headers["Content-Length"])))
+            if headers is not None:
+                headers.append(dict(self.headers))
             self.send_response(200)
             self.send_header("Content-Length", "0")
             self.end_headers()
@@ -1101,22 +1104,7 @@ def test_an_endpoint_or_header_that_cannot_work_is_refused_before_anything_is_se
         honed.instrument(store=sqlite_url, otlp="localhost:4318")
 
     seen: list[dict[str, str]] = []
-
-    class Headers(http.server.BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            self.rfile.read(int(self.headers["Content-Length"]))
-            seen.append(dict(self.headers))
-            self.send_response(200)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Headers)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}"
+    with otlp_receiver(seen) as (url, _):
         args = [
             "--endpoint",
             url,
@@ -1133,6 +1121,4 @@ def test_an_endpoint_or_header_that_cannot_work_is_refused_before_anything_is_se
         env = {"OTEL_EXPORTER_OTLP_ENDPOINT": url}
         result = runner.invoke(app, ["export", "otlp", "--store", captured, "--limit", "1"], env=env)
         assert result.exit_code == 0 and f"to {url}" in result.output, result.output
-    finally:
-        server.shutdown()
     assert seen and seen[0]["x-tags"] == "a,b" and seen[0]["authorization"] == "Bearer t=1"
