@@ -98,9 +98,9 @@ def content_digest(t: Trajectory) -> str:
     """SHA-256 of what a verdict judged and training learns from: the run's task, labels and
     metadata (the held-out policy reads it), its steps (their ids and parents, which tell a
     subagent's calls; their `extra`: the token ids and log-probabilities training uses) and
-    outcome; not its timings. A run is never changed once
-    finished, except a resumed one (which is judged again), so a digest that differs from its
-    verdict's means the run was edited after it was judged."""
+    outcome; not its timings. A run is never changed once finished, except a resumed one (which
+    is judged again), so a digest that differs from its verdict's means the run was edited after
+    it was judged."""
     steps = [
         [s.id, s.index, s.parent_id, s.kind, s.name, s.input, s.output, s.error, s.reasoning, s.tool_calls,
          s.usage, s.model_version, s.extra]

@@ -394,7 +394,8 @@ class TrajectoryStore:
         verifiers count (`untrusted_verifiers()`); `"labeled" | "unlabeled"`: any verdict or none.
         With a verdict key only signed verdicts count there, and the rows read keep only those whose
         signature checks out (`honed.store.signing`): `select_trajectories` applies `label` to them,
-        exact where SQL cannot check a signature. `thread_id` gives the turns of one conversation; `finished=True` leaves out runs paused at
+        exact where SQL cannot check a signature. `thread_id` gives the turns of one conversation;
+        `finished=True` leaves out runs paused at
         an interrupt (`False`: only those). `step_content=False` leaves each step's `input` and
         `output` None (what a span export without content needs, read ~40% faster). `after`, the
         last trajectory of the previous page, pages by position rather than `offset`: a run stored
