@@ -22,7 +22,7 @@ from honed.cli.common import (
     print_table,
 )
 from honed.store import resolve_store_url
-from honed.store.store import safe_url
+from honed.store.store import InvalidStoreURL, check_store_url, safe_url
 
 
 @app.command()
@@ -38,6 +38,8 @@ def init(
     ] = None,
 ) -> None:
     """Create a honed store at --store (reading commands never create one), or migrate an older one."""
+    if capture_role is not None:
+        _refuse_role_first(store, capture_role)
     with open_store_or_exit(store, create=True) as s:
         console().print(f"honed store ready at {escape(s.safe_url)} ({s.count()} trajectories)")
         if capture_role is not None:
@@ -50,6 +52,29 @@ def init(
                 f"{escape(capture_role)} may capture into it and do nothing more: connect the agent's "
                 "process as this role"
             )
+
+
+def _refuse_role_first(store: str | None, role: str) -> None:
+    """Exit 1 before anything is created when `role` cannot be a capture role there (SQLite, a
+    missing role, a superuser). A URL that cannot be opened is left to `open_store_or_exit`."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from honed.store.roles import check_capture_role
+
+    try:
+        engine = create_engine(check_store_url(resolve_store_url(store)))
+    except (InvalidStoreURL, SQLAlchemyError, ImportError):
+        return
+    try:
+        check_capture_role(engine, role)
+    except ValueError as exc:
+        err_console().print(f"[red]{escape(str(exc))}[/red]")
+        raise typer.Exit(1) from exc
+    except SQLAlchemyError:
+        return
+    finally:
+        engine.dispose()
 
 
 @app.command()

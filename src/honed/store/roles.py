@@ -30,25 +30,10 @@ _EVERYONE = "honed_everyone"  # permissive: row-level security changes nothing f
 def grant_capture(engine: Engine, role: str) -> list[str]:
     """Give an existing PostgreSQL `role` exactly what capture needs in the store's schema (and take
     back anything more); returns the statements run. Idempotent."""
-    if engine.dialect.name != "postgresql":
-        raise ValueError(
-            "a capture role needs PostgreSQL: a SQLite store is one file, and whoever can write it can "
-            "write every table (keep the verifier's and trainer's key out of the agent's process: "
-            "`honed.store.signing`)"
-        )
+    check_capture_role(engine, role)
     quote = engine.dialect.identifier_preparer.quote
     who = quote(role)
     with engine.begin() as conn:
-        if conn.execute(text("SELECT 1 FROM pg_roles WHERE rolname = :r"), {"r": role}).first() is None:
-            raise ValueError(
-                f"no role {role!r} here: create it first (CREATE ROLE {who} LOGIN PASSWORD '...')"
-            )
-        if conn.execute(
-            text("SELECT rolsuper OR rolbypassrls FROM pg_roles WHERE rolname = :r"), {"r": role}
-        ).scalar():
-            raise ValueError(
-                f"{role!r} is a superuser or bypasses row-level security: it cannot be held to capture"
-            )
         schema = conn.execute(text("SELECT current_schema()")).scalar()
         tables = [
             t
@@ -105,6 +90,27 @@ END $g$""")
         for statement in statements:
             conn.execute(text(statement))
     return statements
+
+
+def check_capture_role(engine: Engine, role: str) -> None:
+    """`ValueError` unless `role` can be held to capture here: the store is PostgreSQL, the role
+    exists and is neither a superuser nor exempt from row-level security. `honed init` asks before
+    it creates anything (a QA pass, session 26: a missing role left a new store behind its error)."""
+    if engine.dialect.name != "postgresql":
+        raise ValueError(
+            "a capture role needs PostgreSQL: a SQLite store is one file, and whoever can write it can "
+            "write every table (keep the verifier's and trainer's key out of the agent's process: "
+            "`honed.store.signing`)"
+        )
+    with engine.connect() as conn:
+        found = conn.execute(
+            text("SELECT rolsuper OR rolbypassrls FROM pg_roles WHERE rolname = :r"), {"r": role}
+        ).first()
+    if found is None:
+        quoted = engine.dialect.identifier_preparer.quote(role)
+        raise ValueError(f"no role {role!r} here: create it first (CREATE ROLE {quoted} LOGIN PASSWORD '...')")
+    if found[0]:
+        raise ValueError(f"{role!r} is a superuser or bypasses row-level security: it cannot be held to capture")
 
 
 # The evaluation splits' names as `honed.store.select.evaluation_split` knows the common ones.
