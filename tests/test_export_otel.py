@@ -7,6 +7,8 @@ import contextlib
 import dataclasses
 import http.server
 import json
+import os
+import sys
 import threading
 import time
 import uuid
@@ -548,6 +550,40 @@ def test_replay_batches_and_retries_only_a_backend_pushing_back(
         replay(trajectories, span_exporter=Flaky(fail={1}), batch_spans=5)  # down from the start: no retry
     with pytest.raises(otel.OTLPExportError):
         replay(trajectories, span_exporter=Flaky(fail=set(range(2, 10))), batch_spans=5, retries=3)
+
+
+def test_a_refused_batch_is_told_once_with_what_the_receiver_answered(captured: str) -> None:
+    """A QA pass (session 26): a receiver answering 400 had the SDK log "Failed to export spans batch
+    code: 400" and the CLI print its own line (on stdout) without the status or the body, which said
+    why: told twice, neither whole."""
+    import subprocess
+
+    class Refusing(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = b"resource attribute service.name is required"
+            self.send_response(400)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        shown = subprocess.run(
+            [sys.executable, "-m", "honed.cli", "export", "otlp", "--store", captured,
+             "--endpoint", f"http://127.0.0.1:{server.server_port}"],
+            capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "400"},
+        )  # fmt: skip
+    finally:
+        server.shutdown()
+    assert shown.returncode == 1 and shown.stdout == "", shown
+    said = " ".join(shown.stderr.split())
+    assert "Failed to export" not in said and said.count("did not accept a batch") == 1, said
+    assert "code: 400" in said and "resource attribute service.name is required" in said, said
 
 
 def test_a_replay_with_no_endpoint_names_the_default_it_tried(

@@ -419,7 +419,10 @@ def test_a_capture_role_is_refused_where_it_could_not_hold(sqlite_url: str, pg_u
     assert result.exit_code == 1 and "superuser" in result.output
     engine = create_engine(pg_url)
     with engine.connect() as conn:
-        assert conn.execute(text("SELECT count(*) FROM pg_tables WHERE schemaname = current_schema()")).scalar() == 0
+        assert (
+            conn.execute(text("SELECT count(*) FROM pg_tables WHERE schemaname = current_schema()")).scalar()
+            == 0
+        )
     engine.dispose()
 
 

@@ -166,7 +166,7 @@ def export_otlp(
                 batch_bytes=int(batch_mib * 2**20),
             )
         except OTLPExportError as exc:
-            console().print(f"[red]{escape(str(exc))}[/red]")
+            err_console().print(f"[red]{escape(str(exc))}[/red]")
             raise typer.Exit(1) from exc
         missing = unmatched_names(s, task_ids=task_id, agent=agent, model_version=model_version, split=split)
     # With none given, where the SDK sent (its variables, else localhost), as a failure says it.

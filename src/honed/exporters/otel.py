@@ -387,10 +387,12 @@ def replay(
                 down = _unreachable(target) if result.batches == 0 else None
                 if down is not None:  # the cause, not the batch's size (a QA pass, session 20)
                     raise OTLPExportError(f"cannot connect to {where}: {down}; is the backend running there?")
+                said = refusals.said(exporter)
                 raise OTLPExportError(
                     f"{where} did not accept a batch of {len(pending)} spans (~{pending_bytes / 2**20:.1f} MiB) "
-                    f"after {result.spans} were sent; check that the backend is up and takes messages this "
-                    "large (--batch-mib), then re-run: spans already sent are not duplicated"
+                    f"after {result.spans} were sent{f' ({said})' if said else ''}; check that the backend "
+                    "is up and takes messages this large (--batch-mib), then re-run: spans already sent "
+                    "are not duplicated"
                 )
             time.sleep(_REPLAY_RETRY_DELAY_S * 2**attempt)
             attempt += 1
@@ -407,6 +409,7 @@ def replay(
     # allocations trigger rescan every object alive (measured: ~15% of a replay). It runs again
     # between batches.
     remaining = iter(trajectories)
+    refusals = _Refusals()
     try:
         while True:
             with collector_paused():
@@ -426,9 +429,43 @@ def replay(
                     break
                 send()
     finally:
+        refusals.close()
         if span_exporter is None:
             exporter.shutdown()
     return result
+
+
+class _Refusals(logging.Filter):
+    """While a replay runs, the OTLP exporters' own "Failed to export ... batch" lines are held
+    back and kept: the replay's error says what they said (the receiver's status and reason, with
+    the body it answered), once. Both printed, a refused batch was told twice, the SDK's line bare
+    of which batch and what had been sent (a QA pass, session 26)."""
+
+    LOGGERS = (
+        "opentelemetry.exporter.otlp.proto.http.trace_exporter",
+        "opentelemetry.exporter.otlp.proto.grpc.exporter",
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last: str | None = None
+        for name in self.LOGGERS:
+            logging.getLogger(name).addFilter(self)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if str(record.msg).startswith("Failed to export"):
+            self.last = record.getMessage().removeprefix("Failed to export ")
+            return False
+        return True
+
+    def said(self, exporter: SpanExporter) -> str | None:
+        body = getattr(exporter, "refusal_body", None)
+        parts = [part for part in (self.last, f"it answered {body!r}" if body else None) if part]
+        return "; ".join(parts) or None
+
+    def close(self) -> None:
+        for name in self.LOGGERS:
+            logging.getLogger(name).removeFilter(self)
 
 
 def _approx_bytes(span: ReadableSpan) -> int:

@@ -66,6 +66,9 @@ class HTTPSpanExporter(OTLPSpanExporter):
     # said "sent" of spans the backend had dropped.
     rejected_spans = 0
     rejection: str | None = None
+    # What the receiver answered to the last request it did not take (its first 300 characters):
+    # a replay's error quotes it.
+    refusal_body: str | None = None
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         client = getattr(self, "_client", None)
@@ -81,6 +84,8 @@ class HTTPSpanExporter(OTLPSpanExporter):
         sent = client.export(data)
         if sent.success and answers is not None and answers:
             self._count_rejected(answers[-1])
+        elif not sent.success and answers:
+            self.refusal_body = _body_text(answers[-1])
         return SpanExportResult.SUCCESS if sent.success else SpanExportResult.FAILURE
 
     def _watch_answers(self, client: Any) -> list[Any] | None:
@@ -120,6 +125,17 @@ class HTTPSpanExporter(OTLPSpanExporter):
                 partial.rejected_spans,
                 self.rejection or "it gave no reason",
             )
+
+
+def _body_text(answer: Any) -> str | None:
+    try:
+        body = answer.content()
+    except Exception:  # an answer with no body (a connection error) has nothing to quote
+        return None
+    if not body:
+        return None
+    text = body[:300].decode("utf-8", "replace") if isinstance(body, bytes) else str(body)[:300]
+    return text.strip() or None
 
 
 def encode_request(spans: Sequence[ReadableSpan]) -> bytes:

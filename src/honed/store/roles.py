@@ -108,9 +108,13 @@ def check_capture_role(engine: Engine, role: str) -> None:
         ).first()
     if found is None:
         quoted = engine.dialect.identifier_preparer.quote(role)
-        raise ValueError(f"no role {role!r} here: create it first (CREATE ROLE {quoted} LOGIN PASSWORD '...')")
+        raise ValueError(
+            f"no role {role!r} here: create it first (CREATE ROLE {quoted} LOGIN PASSWORD '...')"
+        )
     if found[0]:
-        raise ValueError(f"{role!r} is a superuser or bypasses row-level security: it cannot be held to capture")
+        raise ValueError(
+            f"{role!r} is a superuser or bypasses row-level security: it cannot be held to capture"
+        )
 
 
 # The evaluation splits' names as `honed.store.select.evaluation_split` knows the common ones.
