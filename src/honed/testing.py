@@ -78,5 +78,7 @@ class ScriptedChatModel(BaseChatModel):
                 "output_tokens": n_out,
                 "total_tokens": n_in + n_out,
             }
-        message.response_metadata = {"model_name": self.model_name, "finish_reason": "stop"}
+        # As OpenAI's API says it: a reply that calls tools stopped to call them.
+        finish = "tool_calls" if message.tool_calls else "stop"
+        message.response_metadata = {"model_name": self.model_name, "finish_reason": finish}
         return ChatResult(generations=[ChatGeneration(message=message)])
