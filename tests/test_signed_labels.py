@@ -393,10 +393,44 @@ def test_the_agents_role_captures_paused_and_resumed_runs_and_can_do_nothing_els
             text("UPDATE trajectories SET split = 'heldout', task_id = 't-gate' WHERE id = 'gate-1'")
         )
     for change in ("split = 'train'", "task_id = 't-other'", "agent = 'another'"):
-        with pytest.raises(Exception, match="may not change"), attacker.engine.begin() as conn:
+        with pytest.raises(Exception, match="a capture role may not"), attacker.engine.begin() as conn:
             conn.execute(text(f"UPDATE trajectories SET {change} WHERE id = 'gate-1'"))
     with attacker.engine.begin() as conn:  # what a resume writes is still its to write
         assert conn.execute(text("UPDATE trajectories SET error = 'x' WHERE id = 'gate-1'")).rowcount == 1
+    # Held out by what the SQL of session 26 did not know (a QA pass, session 27: each of these
+    # was moved to `train`, signed a pass by the worker, and went into the SFT set): splits Python
+    # holds out by other names, and the marks in a run's metadata.
+    held_meta = {"held_out_by": {"task_id": "t-gate", "split": "heldout"}, "nested_task_ids": ["n1", "n2"]}
+    for name, split, meta in [
+        ("ood", "ood", {}), ("golden", "golden", {}), ("wide", "ｈｅｌｄｏｕｔ", {}), ("nested", "train", held_meta),
+    ]:  # fmt: skip
+        owner.save(traj(f"p-{name}", None, status="interrupted", **meta))
+        with owner.engine.begin() as conn:
+            conn.execute(
+                text("UPDATE trajectories SET split = :s WHERE id = :i"), {"s": split, "i": f"p-{name}"}
+            )
+    attacks = [
+        ("p-ood", "split = 'train', status = 'ok'"),
+        ("p-golden", "split = NULL"),
+        ("p-wide", "split = 'heldoutй'"),  # held out to SQL's eye, not Python's
+        ("p-golden", "task = '\"what is 2+2\"'"),
+        ("p-ood", "messages = '[]'"),
+        ("p-nested", "metadata = (metadata::jsonb - 'held_out_by')::json"),
+        ("p-nested", "metadata = jsonb_set(metadata::jsonb, '{nested_task_ids}', '[\"n1\"]')::json"),
+    ]
+    for run, change in attacks:
+        with pytest.raises(Exception, match="a capture role may not"), attacker.engine.begin() as conn:
+            done = conn.execute(text(f"UPDATE trajectories SET {change} WHERE id = :i"), {"i": run})
+            assert done.rowcount == 0, (run, change)
+    with attacker.engine.begin() as conn:  # still held out: allowed, as a resume labelled so writes it
+        assert (
+            conn.execute(text("UPDATE trajectories SET split = 'heldout' WHERE id = 'p-ood'")).rowcount == 1
+        )
+        added = 'jsonb_set(metadata::jsonb, \'{nested_task_ids}\', \'["n1", "n2", "n3"]\')::json'
+        assert (
+            conn.execute(text(f"UPDATE trajectories SET metadata = {added} WHERE id = 'p-nested'")).rowcount
+            == 1
+        )
     assert owner.get(runs["t-held"].id).split == "heldout"
     assert _passes(owner) == [runs["t-add"].id]
     # Reading commands as the role: one line, not a traceback of the query (a QA pass, session 26).
@@ -404,6 +438,18 @@ def test_the_agents_role_captures_paused_and_resumed_runs_and_can_do_nothing_els
     said = " ".join(shown.output.split())
     assert shown.exit_code == 1 and "this database role may not use verdicts" in said, shown.output
     assert len(shown.output.strip().splitlines()) <= 3
+
+
+def test_a_resumed_part_adds_to_what_holds_its_run_out_and_takes_nothing_away(store_url: str) -> None:
+    """The resumed part's own `nested_task_ids` replaced the first part's (a nested held-out task
+    of the first part then trained), and its `held_out_by` the first part's."""
+    store = honed.open_store(store_url)
+    first = {"held_out_by": {"task_id": "gate-1", "split": "heldout"}, "nested_task_ids": ["gate-1"]}
+    store.save(traj("r", None, status="interrupted", **first))
+    store.save(traj("r", "5", nested_task_ids=["other"], held_out_by={"task_id": "x", "split": "test"}))
+    meta = store.get("r").metadata
+    assert meta["nested_task_ids"] == ["gate-1", "other"] and meta["held_out_by"]["task_id"] == "gate-1"
+    assert store.get("r").status == "ok"
 
 
 def test_a_capture_role_is_refused_where_it_could_not_hold(sqlite_url: str, pg_url: str) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from sqlalchemy import Engine, text
 
+from honed.store.select import EVALUATION_SPLITS
 from honed.trajectory import INTERRUPTED
 
 # What the capture path writes (`TrajectoryStore.save_records`), and the tables it only reads.
@@ -69,16 +70,43 @@ def grant_capture(engine: Engine, role: str) -> list[str]:
                 f"CREATE POLICY {quote(paused)} ON trajectories AS RESTRICTIVE FOR UPDATE TO {who} "
                 f"USING (status = '{INTERRUPTED}') WITH CHECK (true)"
             )
-        # What a paused run keeps whoever resumes it: its id, agent and task, and a held-out split
-        # (a QA pass, session 26: as the role, a paused gate run was moved to `train`, and trained).
+        # What a paused run keeps whoever resumes it: its id, agent, task id, conversation and
+        # the marks that hold it out of training (a QA pass, session 26: as the role, a paused gate
+        # run was moved to `train`, and trained; session 27: so were runs in the splits the
+        # regex did not name, `ood`, `golden`, a full-width `ｈｅｌｄｏｕｔ`, and runs whose
+        # `held_out_by` was taken out of their metadata). SQL cannot know every name Python holds
+        # out (`evaluation_split`, a caller's own), so the rule is the other way round: a split
+        # that is not plainly training's stays as it is, unless it becomes a plain evaluation
+        # split (a resume labelled held out); and so does the task of a run held out.
         guard = f"honed_capture_guard_{role}"[:63]
         statements.append(f"""CREATE OR REPLACE FUNCTION {quote(guard)}() RETURNS trigger LANGUAGE plpgsql AS $g$
+DECLARE
+  old_meta jsonb := coalesce(OLD.metadata::jsonb, '{{}}'::jsonb);
+  new_meta jsonb := coalesce(NEW.metadata::jsonb, '{{}}'::jsonb);
+  held boolean;
+  mark text;
 BEGIN
+  held := old_meta ? 'held_out_by' OR (OLD.split IS NOT NULL
+    AND NOT (OLD.split ~ '^[A-Za-z _.-]*$' AND lower(regexp_replace(OLD.split, '[^A-Za-z]', '', 'g')) IN ('train', 'training')));
   IF NEW.id IS DISTINCT FROM OLD.id OR NEW.agent IS DISTINCT FROM OLD.agent
      OR NEW.task_id IS DISTINCT FROM OLD.task_id
+     OR NEW.messages::jsonb IS DISTINCT FROM OLD.messages::jsonb
+     OR NEW.tools::jsonb IS DISTINCT FROM OLD.tools::jsonb THEN
+    RAISE EXCEPTION 'honed: a capture role may not change a paused run''s id, agent, task id or conversation';
+  END IF;
+  IF held AND (NEW.task::jsonb IS DISTINCT FROM OLD.task::jsonb
      OR (NEW.split IS DISTINCT FROM OLD.split
-         AND lower(regexp_replace(coalesce(OLD.split, ''), '[^A-Za-z0-9]', '', 'g')) ~ '{_HELD_OUT_SQL}') THEN
-    RAISE EXCEPTION 'honed: a capture role may not change a run''s id, agent or task, nor move it out of a held-out split';
+         AND NOT coalesce(NEW.split ~ '^[A-Za-z0-9 _.-]+$'
+                  AND lower(regexp_replace(NEW.split, '[^A-Za-z0-9]', '', 'g')) IN ({_EVALUATION_SQL}), false))) THEN
+    RAISE EXCEPTION 'honed: a capture role may not move a run out of a held-out split, nor change its task';
+  END IF;
+  FOREACH mark IN ARRAY ARRAY['held_out_by', 'within_task_id', 'nested_task_ids_cut'] LOOP
+    IF old_meta ? mark AND (new_meta -> mark) IS DISTINCT FROM (old_meta -> mark) THEN
+      RAISE EXCEPTION 'honed: a capture role may not change what holds a run out (%)', mark;
+    END IF;
+  END LOOP;
+  IF old_meta ? 'nested_task_ids' AND NOT coalesce((new_meta -> 'nested_task_ids') @> (old_meta -> 'nested_task_ids'), false) THEN
+    RAISE EXCEPTION 'honed: a capture role may not change what holds a run out (nested_task_ids)';
   END IF;
   RETURN NEW;
 END $g$""")
@@ -117,8 +145,9 @@ def check_capture_role(engine: Engine, role: str) -> None:
         )
 
 
-# The evaluation splits' names as `honed.store.select.evaluation_split` knows the common ones.
-_HELD_OUT_SQL = "(heldout|test|eval|validation|valid|val|dev|benchmark|holdout)"
+# Splits a paused held-out run may move to (a resume labelled held out): names that
+# `honed.store.select.evaluation_split` holds out as they are.
+_EVALUATION_SQL = ", ".join(f"'{name}'" for name in sorted(EVALUATION_SPLITS))
 
 
 def _literal(value: str) -> str:

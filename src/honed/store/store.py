@@ -1062,7 +1062,7 @@ def _continue(session: Any, record: dict[str, Any]) -> int:
     values: dict[str, Any] = {"n_steps": len(known) + len(new_steps)}
     if stored.ended_at is None or row["ended_at"] is None or row["ended_at"] >= stored.ended_at:
         values |= {k: row[k] for k in ("status", "error", "output", "ended_at")}
-        values["meta"] = {**(stored.meta or {}), **(row["meta"] or {})}
+        values["meta"] = _merged_meta(stored.meta, row["meta"])
         for key in ("model_version", "thread_id"):
             if row[key] is not None:
                 values[key] = row[key]
@@ -1072,7 +1072,8 @@ def _continue(session: Any, record: dict[str, Any]) -> int:
         # metadata said so, its split did not, and it trained).
         values["split"] = row["split"]
         held_by = (row["meta"] or {}).get("held_out_by") or {"task_id": row["task_id"], "split": row["split"]}
-        values["meta"] = {**values.get("meta", stored.meta or {}), "held_out_by": held_by}
+        kept = values.get("meta", stored.meta or {})
+        values["meta"] = {**kept, "held_out_by": kept.get("held_out_by") or held_by}
     if row["started_at"] < stored.started_at:  # the earlier half arrived second
         values |= {
             "started_at": row["started_at"],
@@ -1081,6 +1082,26 @@ def _continue(session: Any, record: dict[str, Any]) -> int:
         }
     session.execute(update(TrajectoryRow).where(TrajectoryRow.id == target).values(**values))
     return 0
+
+
+# What holds a run out of training besides its split (`honed.store.select.HeldOut`): a resumed
+# part adds to them, never takes away (its own `nested_task_ids` replaced the first part's, and a
+# nested held-out task of the first part trained).
+_HELD_MARKS = ("held_out_by", "within_task_id", "nested_task_ids_cut")
+
+
+def _merged_meta(stored: Any, new: Any) -> dict[str, Any]:
+    stored = stored if isinstance(stored, dict) else {}
+    merged = {**stored, **(new if isinstance(new, dict) else {})}
+    for key in _HELD_MARKS:
+        if key in stored:
+            merged[key] = stored[key]
+    before = stored.get("nested_task_ids")
+    if isinstance(before, list):
+        after = merged.get("nested_task_ids")
+        added = [t for t in after if t not in before] if isinstance(after, list) else []
+        merged["nested_task_ids"] = before + added
+    return merged
 
 
 def _held_out(split: str | None) -> bool:
