@@ -2376,3 +2376,40 @@ def test_a_tool_error_a_toolnode_handles_keeps_what_the_model_was_told(
     assert (steps["c1"].output, steps["c1"].error) == ("good 1", None)
     assert steps["c2"].output == told
     assert "bad exploded on 2" in steps["c2"].error
+
+
+@pytest.mark.parametrize("entry", ["middleware", "instrument", "handler"])
+def test_a_stale_resume_after_a_new_turn_leaves_the_abandoned_pause_alone(
+    entry: str, sqlite_url: str
+) -> None:
+    """A QA pass (session 27): turn 1 pauses for a reviewer, turn 2 is a new message (LangGraph
+    drops the pause), then an old "Approve" arrives as `Command(resume=...)`: LangGraph resumes
+    nothing and runs nothing. Under `instrument()` and the handler it was joined to the pause, which
+    became `ok` with turn 2's answer though its tool never ran: a run for a verifier to pass."""
+    middleware = [HumanInTheLoopMiddleware(interrupt_on={"add": True})]
+    config: dict[str, Any] = thread("th-stale", task_id="t-add", expected="the sum is 5")
+    if entry == "middleware":
+        middleware.insert(0, honed.Middleware(store=sqlite_url))
+    elif entry == "instrument":
+        honed.instrument(store=sqlite_url)
+    else:
+        config["callbacks"] = [honed.CallbackHandler(store=sqlite_url)]
+    try:
+        agent = create_agent(
+            ToolScriptModel(), [add], name="calc", checkpointer=InMemorySaver(), middleware=middleware
+        )
+        assert agent.invoke({"messages": [("user", ADD_TASK)]}, config)["__interrupt__"]
+        agent.invoke({"messages": [("user", "answer ok")]}, config)
+        agent.invoke(Command(resume={"decisions": [{"type": "approve"}]}), config)
+        assert honed.flush()
+    finally:
+        honed.uninstrument()
+    store = honed.open_store(sqlite_url)
+    runs = store.trajectories(oldest_first=True)
+    paused = runs[0]
+    assert paused.status == "interrupted" and paused.output is None, paused
+    assert [s.name for s in paused.steps][-1] == "interrupt"
+    assert not any(s.name == "add" and s.error is None for s in paused.tool_steps())
+    assert runs[1].answer == "ok" and runs[1].status == "ok"
+    assert Worker(store, [ReferenceMatch()]).run_once() <= len(runs) - 1
+    assert store.get(paused.id).verdicts == []

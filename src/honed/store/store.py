@@ -1151,7 +1151,19 @@ def _continued_id(session: Any, record: dict[str, Any]) -> str | None:
         )
         if paused_there is not None:
             return str(paused_there)
-    return str(candidates[0]) if candidates else None
+    if not candidates:
+        return None
+    # A pause a later turn of its thread left unanswered was abandoned: LangGraph resumes nothing
+    # after a new input, so a stale `Command(resume=...)` (an old "Approve" button) runs nothing,
+    # and joined to the pause it stored a run that never finished as `ok`, with the later turn's
+    # answer (a QA pass, session 27).
+    newest = session.scalar(
+        select(T.id)
+        .where(T.thread_id == str(record["thread_id"]), T.agent == record.get("agent"), T.started_at <= started)
+        .order_by(T.started_at.desc())
+        .limit(1)
+    )
+    return str(candidates[0]) if newest == candidates[0] else None
 
 
 def trajectory_to_record(trajectory: Trajectory) -> dict[str, Any]:
