@@ -2413,3 +2413,51 @@ def test_a_stale_resume_after_a_new_turn_leaves_the_abandoned_pause_alone(
     assert runs[1].answer == "ok" and runs[1].status == "ok"
     assert Worker(store, [ReferenceMatch()]).run_once() <= len(runs) - 1
     assert store.get(paused.id).verdicts == []
+
+
+@pytest.mark.parametrize("entry", ["instrument", "handler"])
+def test_a_second_agents_call_to_a_tool_it_lacks_is_a_step_when_call_ids_repeat(
+    entry: str, sqlite_url: str
+) -> None:
+    """A QA pass (session 27): two agents in one graph whose models number their calls alike
+    (local servers do); the second called a tool only the first has, and its ToolNode's error left
+    no step: an error under the id of the first agent's call that succeeded was taken for it."""
+    from langchain_core.messages import HumanMessage
+    from langgraph.graph import START, MessagesState, StateGraph
+
+    @tool
+    def lookup(x: str) -> str:
+        """Look x up."""
+        return "found " + x
+
+    @tool
+    def real(x: str) -> str:
+        """Return x."""
+        return x
+
+    def ask(state: dict[str, Any]) -> dict[str, Any]:
+        return {"messages": [HumanMessage('call lookup {"x": "2"}; answer {result}')]}
+
+    graph = StateGraph(MessagesState)
+    graph.add_node("a", create_agent(ToolScriptModel(), [lookup], name="a"))
+    graph.add_node("ask", ask)
+    graph.add_node("b", create_agent(ToolScriptModel(), [real], name="b"))
+    graph.add_edge(START, "a")
+    graph.add_edge("a", "ask")
+    graph.add_edge("ask", "b")
+    app_ = graph.compile(name="team")
+    config: dict[str, Any] = {}
+    if entry == "instrument":
+        honed.instrument(store=sqlite_url)
+    else:
+        config["callbacks"] = [honed.CallbackHandler(store=sqlite_url)]
+    try:
+        out = app_.invoke({"messages": [("user", 'call lookup {"x": "1"}; answer {result}')]}, config)
+        assert honed.flush()
+    finally:
+        honed.uninstrument()
+    assert "not a valid tool" in out["messages"][-2].content
+    (t,) = honed.open_store(sqlite_url).trajectories()
+    steps = [(s.name, s.output, s.error is not None) for s in t.tool_steps()]
+    assert steps[0] == ("lookup", "found 1", False) and len(steps) == 2, steps
+    assert steps[1][0] == "lookup" and steps[1][2] and "not a valid tool" in steps[1][1]

@@ -896,14 +896,21 @@ class Assembler:
                 break
             if not isinstance(message, ToolMessage):
                 continue
-            if message.tool_call_id not in trajectory.tool_call_ids:
+            if message.tool_call_id not in trajectory.tool_call_ids or (
+                message.status == "error" and _only_succeeded(trajectory.steps, message.tool_call_id)
+            ):
+                # An error under the id of a call that succeeded is another call: a second
+                # agent of the run whose model numbers its calls as the first's did (a QA pass,
+                # session 27: its call to a tool it lacks left no step).
                 unseen.append(message)
             elif trajectory.unanswered:  # a raised error's step: what the model was told of it
                 failed = trajectory.unanswered.pop(message.tool_call_id, None)
                 if failed is not None:
                     failed["output"] = self._field(_plain(message.content))
         for message in reversed(unseen):
-            if message.tool_call_id in trajectory.tool_call_ids:
+            if message.tool_call_id in trajectory.tool_call_ids and not (
+                message.status == "error" and _only_succeeded(trajectory.steps, message.tool_call_id)
+            ):
                 continue  # the same message twice in the list
             asked = _asked_arguments(trajectory.steps, message.tool_call_id)
             failed = message.status == "error" or _structured_output_retry(message)
@@ -942,6 +949,17 @@ class Assembler:
 
 
 # -- helpers -----------------------------------------------------------------------------------
+
+
+def _only_succeeded(steps: list[dict[str, Any]], tool_call_id: str) -> bool:
+    """Whether the run's tool steps under `tool_call_id` are there and none of them failed."""
+    found = False
+    for step in steps:
+        if step["kind"] == "tool" and (step.get("extra") or {}).get("tool_call_id") == tool_call_id:
+            if step.get("error") is not None:
+                return False
+            found = True
+    return found
 
 
 def _answering_version(steps: list[dict[str, Any]], output: Any) -> str | None:
