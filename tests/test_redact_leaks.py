@@ -111,6 +111,12 @@ FREE_TEXT = {
     # honed's own label key (a QA pass, session 18: its holder may label runs)
     "label_key_env": (rand(12), "PATH=/usr/bin\nHONED_LABEL_KEY={}\nHOME=/root"),
     "label_key_flag": (rand(12), "honed serve agent --label-key {} --port 8000"),
+    # JSON from a Java service: Gson escapes `=`, `&`, `<`, `>`, `'` (a QA pass, session 27).
+    "gson_query_key": (
+        rand(32),
+        '{{"next":"https://api.example.com/v1?api_key\\u003d{}\\u0026page\\u003d2"}}',
+    ),
+    "gson_in_a_log_line": (rand(32), 'resp={{"dsn":"host=db user=app password\\u003d{}"}} status=200'),
 }
 
 
@@ -1380,3 +1386,11 @@ def test_a_secret_named_in_a_table_row_or_flag_is_redacted(text: str) -> None:
 )
 def test_settings_tables_flags_and_code_without_secrets_are_kept(text: str) -> None:
     assert Redactor().redact_text(text) == text
+
+
+def test_escaped_punctuation_without_a_secret_is_kept_as_it_was() -> None:
+    """The Gson unescaping is only how the rules read: text with nothing to redact is kept byte for byte."""
+    text = '{"html":"\\u003cb\\u003eapi docs\\u003c/b\\u003e","q":"a\\u003d1\\u0026b\\u003d2 token count"}'
+    assert Redactor().redact_text(text) == text
+    said = "log: password policy says \\u003cmin 12\\u003e; see \\u0027docs\\u0027"
+    assert Redactor().redact_text(said) == said

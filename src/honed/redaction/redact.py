@@ -439,6 +439,17 @@ class Redactor:
             if structured is not None:
                 # Every string of it was redacted by the rules, its structure by the walk: done.
                 return text if structured is _UNCHANGED else structured
+        if "\\u00" in text:
+            # Punctuation escaped as JSON escapes it for HTML (Gson's default, `\u003d` for `=`,
+            # `\u0026` for `&`): the rules see the separators a secret sits behind (a QA pass,
+            # session 27: `api_key\u003d...` in a Java service's answer was kept).
+            plain = _ESCAPED_PUNCTUATION.sub(lambda m: chr(int(m.group(1), 16)), text)
+            if plain != text:
+                redacted = self._rules(plain, _lower(plain))
+                return text if redacted == plain else redacted
+        return self._rules(text, lowered)
+
+    def _rules(self, text: str, lowered: str) -> str:
         for rule in _RULES:
             redacted = rule.apply(text, lowered)
             if redacted is not text:
@@ -583,7 +594,7 @@ _MAX_JSON_TEXT = 1 << 20  # JSON text read as its value up to this long (the fie
 # JSON text whose structure may say what its text rules cannot: a named value (a vault entry), a
 # key in another script, JSON in JSON past the rules' three levels of escaping.
 _STRUCTURED = re.compile(
-    r'"[Vv]alue"|[^\x00-\x7f]|\\{7}|(?i:(?:[_-]|[a-z](?=[A-Z]))?'
+    r'"[Vv]alue"|[^\x00-\x7f]|\\{7}|\\u00[2-7][0-9a-fA-F]|(?i:(?:[_-]|[a-z](?=[A-Z]))?'
     r'(?:hex|json|b64|base64|pem|der|phrase|codes?|confirm\w*|again|repeat\w*|retype\w*|new|old|current|priv_?key)\\?")'
 )
 _UNCHANGED = "\x00unchanged"
@@ -948,6 +959,10 @@ _KEYWORDS = (
     'cvc"',
 )
 _KEYWORDS_NOT_ASCII = ("пароль", "密码", "密碼", "パスワード", "비밀번호", "hasło", "lösenord", "contraseña")
+
+
+# What Gson (Java's JSON, HTML-safe by default) escapes: `<`, `>`, `&`, `=`, `'`.
+_ESCAPED_PUNCTUATION = re.compile(r"\\u00(3[cCeEdD]|2[67])")
 
 
 def _is_candidate(text: str, lowered: str) -> bool:

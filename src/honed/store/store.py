@@ -1159,7 +1159,9 @@ def _continued_id(session: Any, record: dict[str, Any]) -> str | None:
     # answer (a QA pass, session 27).
     newest = session.scalar(
         select(T.id)
-        .where(T.thread_id == str(record["thread_id"]), T.agent == record.get("agent"), T.started_at <= started)
+        .where(
+            T.thread_id == str(record["thread_id"]), T.agent == record.get("agent"), T.started_at <= started
+        )
         .order_by(T.started_at.desc())
         .limit(1)
     )
