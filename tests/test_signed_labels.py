@@ -5,6 +5,7 @@ count only what they signed. Real SQLite and PostgreSQL, a real worker, the real
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import secrets
 import subprocess
@@ -438,6 +439,46 @@ def test_the_agents_role_captures_paused_and_resumed_runs_and_can_do_nothing_els
     said = " ".join(shown.output.split())
     assert shown.exit_code == 1 and "this database role may not use verdicts" in said, shown.output
     assert len(shown.output.strip().splitlines()) <= 3
+
+
+def test_the_role_cannot_redefine_a_held_out_task_for_the_gate(capture_role: tuple[str, str]) -> None:
+    """A QA pass (session 27): as the role, runs of the operator's held-out tasks dated 2000-01-01
+    (the gate's tasks were each rebuilt from its oldest run, by the date a run says) with another
+    prompt and `expected` made a wrong candidate score 1.0 and the right live model 0.0: promoted.
+    A paused held-out run's `expected` could be rewritten too. And a run dated 2099 stays 2099."""
+    from datetime import UTC, datetime
+
+    from honed.learn.cycle import tasks_from_store
+
+    owner_url, agent_url = capture_role
+    owner = honed.open_store(owner_url, verdict_key=KEY)
+    owner.grant_capture(agent_url.split("//")[1].split("@")[0])
+    ask = {"messages": [{"role": "user", "content": "what is 6 times i?"}]}
+    for i in range(3):
+        run = traj(f"h{i}", str(6 * i), expected=str(6 * i))
+        owner.save(dataclasses.replace(run, task=ask, task_id=f"h{i}", split="heldout"))
+    before = [(k.id, k.metadata.get("expected")) for k in tasks_from_store(owner, "heldout")]
+    assert before == [("h0", "0"), ("h1", "6"), ("h2", "12")]
+
+    attacker = honed.open_store(agent_url)
+    long_ago, ahead = datetime(2000, 1, 1, tzinfo=UTC), datetime(2099, 1, 1, tzinfo=UTC)
+    for i in range(3):
+        forged = dataclasses.replace(traj(f"f{i}", "1", expected="1"), task_id=f"h{i}", split="heldout")
+        attacker.save(dataclasses.replace(forged, task=ask, started_at=long_ago, ended_at=long_ago))
+    attacker.save(dataclasses.replace(traj("late", "1"), started_at=ahead, ended_at=ahead))
+    assert [(k.id, k.metadata.get("expected")) for k in tasks_from_store(owner, "heldout")] == before
+    assert owner.get("late").started_at.year < 2099 and owner.get("f0").started_at.year == 2000
+    # A paused held-out run's metadata: added to, never changed.
+    paused = traj("p", None, status="interrupted", expected="54")
+    owner.save(dataclasses.replace(paused, task_id="h9", split="heldout"))
+    with pytest.raises(Exception, match="a capture role may not"), attacker.engine.begin() as conn:
+        conn.execute(text("UPDATE trajectories SET metadata = '{\"expected\": \"1\"}' WHERE id = 'p'"))
+    with pytest.raises(Exception, match="a capture role may not"), attacker.engine.begin() as conn:
+        conn.execute(text("UPDATE trajectories SET created_at = '2000-01-01' WHERE id = 'p'"))
+    with attacker.engine.begin() as conn:
+        added = "jsonb_set(metadata::jsonb, '{note}', '\"seen\"')::json"
+        assert conn.execute(text(f"UPDATE trajectories SET metadata = {added} WHERE id = 'p'")).rowcount == 1
+    assert owner.get("p").metadata["expected"] == "54"
 
 
 def test_a_resumed_part_adds_to_what_holds_its_run_out_and_takes_nothing_away(store_url: str) -> None:

@@ -37,6 +37,7 @@ import logging
 import time
 import traceback
 import types
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
@@ -48,7 +49,7 @@ from honed.learn.evaluate import Scores, evaluate
 from honed.learn.gate import GateDecision, decide
 from honed.messages import request_text
 from honed.store.registry import ModelVersionInvalid, PromotionConflict, validate_model_files
-from honed.trajectory import HELDOUT, ModelVersion, Task
+from honed.trajectory import HELDOUT, ModelVersion, Task, Trajectory
 from honed.verifiers.protocol import verifier_name
 
 AgentFactory = Callable[[Any], Any]
@@ -931,18 +932,43 @@ def _unmeasured(live: Scores, candidate: Scores) -> str:
 
 
 def tasks_from_store(store: Any, split: str, *, agent: str | None = None) -> list[Task]:
-    """Every distinct task of `split` in the store, rebuilt from its oldest attempt: the user's
-    request and the metadata its verifiers read."""
+    """Every distinct task of `split` in the store, rebuilt from its attempt stored first
+    (`store.first_stored`): the user's request and the metadata its verifiers read. By when the
+    database stored it, not when the run says it started: a run the agent's process inserted
+    dated 2000-01-01 redefined a held-out task, its prompt and expected answer, and the gate
+    promoted a worse model (a QA pass, session 27). Later attempts that ask otherwise are logged."""
+    first = store.first_stored(split=split, agent=agent)
+    chosen = set(first.values())
     tasks: dict[str, Task] = {}
+    others: dict[str, list[Task]] = defaultdict(list)
     for t in store.trajectories(None, split=split, agent=agent, with_steps=False, oldest_first=True):
-        if not t.task_id or t.task_id in tasks:
+        task = _task_of(t, split)
+        if task is None or t.task_id not in first:
             continue
-        prompt = request_text(t.task)
-        if prompt is None:
-            continue
-        meta = {k: v for k, v in (t.metadata or {}).items() if k not in _ATTEMPT_KEYS}
-        tasks[t.task_id] = Task(id=t.task_id, prompt=prompt, split=split, metadata=meta)
-    return list(tasks.values())
+        if t.id in chosen:
+            tasks[task.id] = task
+        else:
+            others[task.id].append(task)
+    for task_id, tried in others.items():  # a first attempt that asked nothing: the next that did
+        tasks.setdefault(task_id, tried[0])
+    differing = sorted(
+        task_id for task_id, tried in others.items() if any(t != tasks[task_id] for t in tried)
+    )
+    if differing:
+        log.warning(
+            "honed: %d %s task(s) have attempts that ask otherwise than the first stored, which defines "
+            "them (e.g. %s): check who writes runs in that split",
+            len(differing), split, ", ".join(differing[:3]),
+        )  # fmt: skip
+    return [task for task_id in first if (task := tasks.get(task_id)) is not None]
+
+
+def _task_of(t: Trajectory, split: str) -> Task | None:
+    prompt = request_text(t.task)
+    if prompt is None or not t.task_id:
+        return None
+    meta = {k: v for k, v in (t.metadata or {}).items() if k not in _ATTEMPT_KEYS}
+    return Task(id=t.task_id or "", prompt=prompt, split=split, metadata=meta)
 
 
 _ATTEMPT_KEYS = frozenset({"task_id", "split", "round", "sample", "purpose", "evaluated"})

@@ -17,6 +17,9 @@ one trust domain.
 
 from __future__ import annotations
 
+import re
+from typing import Any
+
 from sqlalchemy import Engine, text
 
 from honed.store.select import EVALUATION_SPLITS
@@ -94,6 +97,12 @@ BEGIN
      OR NEW.tools::jsonb IS DISTINCT FROM OLD.tools::jsonb THEN
     RAISE EXCEPTION 'honed: a capture role may not change a paused run''s id, agent, task id or conversation';
   END IF;
+  IF NEW.created_at IS DISTINCT FROM OLD.created_at THEN
+    RAISE EXCEPTION 'honed: a capture role may not change when a run was stored';
+  END IF;
+  IF held AND NOT ((new_meta - 'output_types') @> (old_meta - 'output_types')) THEN
+    RAISE EXCEPTION 'honed: a capture role may not change a held-out run''s metadata (what its verifiers read), only add to it';
+  END IF;
   IF held AND (NEW.task::jsonb IS DISTINCT FROM OLD.task::jsonb
      OR (NEW.split IS DISTINCT FROM OLD.split
          AND NOT coalesce(NEW.split ~ '^[A-Za-z0-9 _.-]+$'
@@ -108,6 +117,8 @@ BEGIN
   IF old_meta ? 'nested_task_ids' AND NOT coalesce((new_meta -> 'nested_task_ids') @> (old_meta -> 'nested_task_ids'), false) THEN
     RAISE EXCEPTION 'honed: a capture role may not change what holds a run out (nested_task_ids)';
   END IF;
+  IF NEW.started_at > now() + interval '{_CLOCK_SKEW}' THEN NEW.started_at := OLD.started_at; END IF;
+  IF NEW.ended_at > now() + interval '{_CLOCK_SKEW}' THEN NEW.ended_at := now(); END IF;
   RETURN NEW;
 END $g$""")
         statements.append(f"DROP TRIGGER IF EXISTS {quote(guard)} ON trajectories")
@@ -115,9 +126,46 @@ END $g$""")
             f"CREATE TRIGGER {quote(guard)} BEFORE UPDATE ON trajectories FOR EACH ROW "
             f"WHEN (current_user = {_literal(role)}) EXECUTE FUNCTION {quote(guard)}()"
         )
+        # When a run was stored is the database's word, not the role's: the gate's held-out
+        # tasks are each defined by the run of theirs stored first (`tasks_from_store`), and a run
+        # inserted as the role dated 2000-01-01 redefined an operator's held-out task, its prompt
+        # and expected answer, and a worse model was promoted (a QA pass, session 27). Times a
+        # run says it started or ended are kept unless they lie ahead of the database's clock.
+        stamp = f"honed_capture_stamp_{role}"[:63]
+        statements.append(f"""CREATE OR REPLACE FUNCTION {quote(stamp)}() RETURNS trigger LANGUAGE plpgsql AS $s$
+BEGIN
+  NEW.created_at := now();
+  IF NEW.started_at > now() + interval '{_CLOCK_SKEW}' THEN NEW.started_at := now(); END IF;
+  IF NEW.ended_at > now() + interval '{_CLOCK_SKEW}' THEN NEW.ended_at := now(); END IF;
+  RETURN NEW;
+END $s$""")
+        statements.append(f"DROP TRIGGER IF EXISTS {quote(stamp)} ON trajectories")
+        statements.append(
+            f"CREATE TRIGGER {quote(stamp)} BEFORE INSERT ON trajectories FOR EACH ROW "
+            f"WHEN (current_user = {_literal(role)}) EXECUTE FUNCTION {quote(stamp)}()"
+        )
         for statement in statements:
             conn.execute(text(statement))
     return statements
+
+
+_CLOCK_SKEW = "5 minutes"  # how far ahead of the database's clock a capturing host's may run
+
+
+_PLAIN_TRAINING = re.compile(r"[A-Za-z _.-]*")
+
+
+def possibly_held_out(split: str | None, metadata: dict[str, Any]) -> bool:
+    """What the capture role's guard takes for a run that may be held out: a `held_out_by` mark,
+    or a split that is not plainly `train`/`training` (SQL cannot know every name Python holds
+    out). Such a paused run's split, task and metadata stay as they are, whoever resumes it."""
+    if "held_out_by" in metadata:
+        return True
+    if split is None:
+        return False
+    return not (
+        _PLAIN_TRAINING.fullmatch(split) and re.sub("[^A-Za-z]", "", split).lower() in ("train", "training")
+    )
 
 
 def check_capture_role(engine: Engine, role: str) -> None:

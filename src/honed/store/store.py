@@ -48,6 +48,7 @@ from honed.store.conversations import compact
 from honed.store.database import Database
 from honed.store.reader import read, trajectory_columns
 from honed.store.registry import ModelRegistry
+from honed.store.roles import possibly_held_out
 from honed.store.schema import JSONText, StepRow, TrajectoryRow, UTCDateTime, VerdictRow
 from honed.store.signing import Signer, content_digest, signer_from_env
 from honed.store.training import TrainingLog
@@ -421,6 +422,20 @@ class TrajectoryStore:
                 step_content=step_content,
                 signer=self.signer,
             )
+
+    def first_stored(self, *, split: str | Sequence[str], agent: str | None = None) -> dict[str, str]:
+        """Each task id of `split` (and `agent`) with the id of its run stored first: by when the
+        database stored it, which a capture role cannot set (`honed.store.roles`), not by when
+        the run says it started. In the order they were stored."""
+        T = TrajectoryRow
+        query = _filtered(
+            select(T.task_id, T.id).where(T.task_id.is_not(None)), agent=agent, split=self.split_names(split)
+        ).order_by(T.created_at, T.id)
+        first: dict[str, str] = {}
+        with self._sessions() as session:
+            for task_id, run_id in session.execute(query):
+                first.setdefault(task_id, run_id)
+        return first
 
     def count(
         self,
@@ -1062,7 +1077,7 @@ def _continue(session: Any, record: dict[str, Any]) -> int:
     values: dict[str, Any] = {"n_steps": len(known) + len(new_steps)}
     if stored.ended_at is None or row["ended_at"] is None or row["ended_at"] >= stored.ended_at:
         values |= {k: row[k] for k in ("status", "error", "output", "ended_at")}
-        values["meta"] = _merged_meta(stored.meta, row["meta"])
+        values["meta"] = _merged_meta(stored.meta, row["meta"], stored.split)
         for key in ("model_version", "thread_id"):
             if row[key] is not None:
                 values[key] = row[key]
@@ -1090,15 +1105,17 @@ def _continue(session: Any, record: dict[str, Any]) -> int:
 _HELD_MARKS = ("held_out_by", "within_task_id", "nested_task_ids_cut")
 
 
-def _merged_meta(stored: Any, new: Any) -> dict[str, Any]:
+def _merged_meta(stored: Any, new: Any, split: str | None) -> dict[str, Any]:
+    """A paused run's metadata with its resumed part's: the part's keys win, except what holds
+    the run out; of a run that may be held out (`honed.store.roles.possibly_held_out`, what the
+    capture role's guard allows), every key it had, which its verifiers read (`expected`)."""
     stored = stored if isinstance(stored, dict) else {}
     merged = {**stored, **(new if isinstance(new, dict) else {})}
-    for key in _HELD_MARKS:
-        if key in stored:
-            merged[key] = stored[key]
+    kept = stored if possibly_held_out(split, stored) else {k: stored[k] for k in _HELD_MARKS if k in stored}
+    merged |= {k: v for k, v in kept.items() if k != "output_types"}
     before = stored.get("nested_task_ids")
     if isinstance(before, list):
-        after = merged.get("nested_task_ids")
+        after = new.get("nested_task_ids") if isinstance(new, dict) else None
         added = [t for t in after if t not in before] if isinstance(after, list) else []
         merged["nested_task_ids"] = before + added
     return merged
