@@ -97,15 +97,21 @@ def test_a_run_edited_after_its_pass_loses_the_pass(stores: tuple) -> None:
     assert trusted.get("good").verdicts == []
     assert _passes(trusted) == []
     # A step's text edited is found the same way.
-    agent_side.save(traj("other", "the answer is 2", expected="2"))
+    agent_side.save(dataclasses.replace(traj("other", "the answer is 2", expected="2"), task_id="t-2"))
     Worker(trusted, [ReferenceMatch()]).run_once()
     assert _passes(trusted) == ["other"]
+    from honed.learn.datasets import task_pass_rates
+
+    assert task_pass_rates(trusted) == {"t-2": (1, 1)}
     with agent_side.engine.begin() as conn:
         conn.execute(
             text("UPDATE steps SET output = :o WHERE trajectory_id = 'other'"),
             {"o": '{"role": "assistant", "content": "pwned"}'},
         )
     assert _passes(trusted) == []
+    # Pass rates per task (a curriculum's input) count it no more (a QA pass, session 27: read
+    # without steps, the digest was not checked, so an edited run's pass still counted there).
+    assert task_pass_rates(trusted) == {}
     # What the digest covers beyond the text: the token ids training uses, the run's metadata.
     for i, (table, column, value) in enumerate(
         [

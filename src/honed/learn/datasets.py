@@ -241,13 +241,14 @@ def task_pass_rates(
     untrusted: Iterable[str] | None = None,
     verifiers: Iterable[str] | None = None,
 ) -> dict[str, tuple[int, int]]:
-    """`{task_id: (passes, attempts)}` over training tasks, counting attempts with a trusted label."""
+    """`{task_id: (passes, attempts)}` over training tasks, counting attempts with a trusted label
+    (with a verdict key, read with their steps: a verdict counts only while its run is as judged)."""
     untrusted_names = set(store.untrusted_verifiers() if untrusted is None else untrusted)
     heldout = HeldOut.of(store, split=heldout_split, fraction=heldout_fraction)
     only = None if verifiers is None else set(verifiers)
     rates: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     filters = {"agent": agent, "model_version": model_version, "since": since, "verdict": "labeled"}
-    for t in _pages(store, None, with_steps=False, **filters):
+    for t in _pages(store, None, with_steps=store.signer is not None, **filters):
         if t.task_id is None or heldout.holds(t):
             continue
         passed = label(t.verdicts, untrusted=untrusted_names, only=only)
