@@ -14,6 +14,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Annotated, Any, NotRequired, TypedDict
 
@@ -2461,3 +2462,52 @@ def test_a_second_agents_call_to_a_tool_it_lacks_is_a_step_when_call_ids_repeat(
     steps = [(s.name, s.output, s.error is not None) for s in t.tool_steps()]
     assert steps[0] == ("lookup", "found 1", False) and len(steps) == 2, steps
     assert steps[1][0] == "lookup" and steps[1][2] and "not a valid tool" in steps[1][1]
+
+
+@pytest.mark.parametrize("entry", ["middleware last", "middleware first", "instrument"])
+@pytest.mark.parametrize("pause", [0.0, 0.3])
+def test_a_message_scrubbed_in_place_between_calls_is_stored_as_each_call_saw_it(
+    entry: str, pause: float, sqlite_url: str
+) -> None:
+    """A QA pass (session 27): a `before_model` hook blanking an earlier tool result in place
+    (`message.content = "[scrubbed]"`, a common way to keep old secrets from the next call). The
+    writer serialises later: with no pause the first call and the tool step were stored with the
+    scrubbed text; with one, the memo of the message by its id stored the next call as still
+    seeing the secret. Each call is stored as it was called, the tool's answer as it returned."""
+    from langchain.agents.middleware import before_model
+
+    @tool
+    def lookup(q: str) -> str:
+        """Look q up."""
+        return f"SECRET-{q}"
+
+    @before_model
+    def scrub(state: dict[str, Any], runtime: Any) -> None:
+        time.sleep(pause)
+        results = [m for m in state["messages"] if isinstance(m, ToolMessage)]
+        if len(results) == 2 and results[0].content == "SECRET-a":
+            results[0].content = "[scrubbed]"
+
+    middleware: list[Any] = [scrub]
+    if entry == "middleware last":
+        middleware.append(honed.Middleware(store=sqlite_url))
+    elif entry == "middleware first":
+        middleware.insert(0, honed.Middleware(store=sqlite_url))
+    else:
+        honed.instrument(store=sqlite_url)
+    try:
+        agent = create_agent(ToolScriptModel(), [lookup], middleware=middleware)
+        agent.invoke(
+            {"messages": [("user", 'call lookup {"q": "a"}; call lookup {"q": "b"}; answer {result}')]}
+        )
+        assert honed.flush()
+    finally:
+        honed.uninstrument()
+    (t,) = honed.open_store(sqlite_url).trajectories()
+    seen = [
+        [m["content"] for m in s.input["messages"] if m["role"] == "tool"]
+        for s in t.steps
+        if s.kind == "model"
+    ]
+    assert seen == [[], ["SECRET-a"], ["[scrubbed]", "SECRET-b"]], seen
+    assert [s.output for s in t.tool_steps()] == ["SECRET-a", "SECRET-b"]

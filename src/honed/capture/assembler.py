@@ -25,6 +25,7 @@ from langgraph.types import Command
 
 from honed.capture.events import (
     CHAIN,
+    CONTENTS,
     DISCARD,
     END,
     ERROR,
@@ -41,6 +42,7 @@ from honed.capture.events import (
     NotRun,
     NotTheAnswer,
     RanAs,
+    ToolAnswer,
     inherited_labels,
 )
 from honed.capture.serialize import to_jsonable
@@ -58,6 +60,9 @@ _CLOSED_MEMORY = 50_000
 # Paused trajectories kept in memory, so a resume in this process writes the whole trajectory
 # (live exporters see it whole); older ones are continued in the store (see save_records).
 _PAUSED_MEMORY = 256
+
+
+_NOT_GIVEN = object()  # a tool's answer whose content was not recorded at its END
 
 
 class _Run:
@@ -733,6 +738,7 @@ class Assembler:
 
     def _model_step(self, step: dict[str, Any], run: _Run, outputs: Any) -> None:
         extra, trajectory = run.extra, run.trajectory
+        ran_as = isinstance(outputs, ModelRanAs)
         if isinstance(outputs, ModelRanAs):  # what the model received, not what the middleware saw
             run.inputs = outputs.messages
             if outputs.tools is not None:
@@ -740,13 +746,15 @@ class Assembler:
             if outputs.name:
                 step["name"] = extra["model"] = outputs.name
             outputs = outputs.response
+        contents = extra.pop(CONTENTS, None)
         before, self._stale_memo = self._altered(), False
         if run.kind == MODEL:
+            inputs = run.inputs or []
+            if not isinstance(contents, list) or len(contents) != len(inputs) or ran_as:
+                contents = [getattr(m, "content", None) for m in inputs]  # as they are now
             messages = [
-                self._memoised(trajectory, id(m), m, stored_message)
-                if isinstance(m, BaseMessage)
-                else self._field(m)
-                for m in run.inputs or []
+                self._message(trajectory, m, content) if isinstance(m, BaseMessage) else self._field(m)
+                for m, content in zip(inputs, contents, strict=True)
             ]
             model_input: dict[str, Any] = {"messages": messages}
         else:
@@ -774,7 +782,7 @@ class Assembler:
         message = _ai_message(outputs)
         if message is not None:
             before, self._stale_memo = self._altered(), False
-            output = self._memoised(trajectory, id(message), message, stored_message)
+            output = self._message(trajectory, message, message.content)
             reply_exact = self._altered() == before and not self._stale_memo
             step["output"] = output
             if isinstance(output, dict):
@@ -818,6 +826,26 @@ class Assembler:
         if not (prompt_clean and reply_clean):
             step["extra"]["token_ids_dropped"] = "redacted"
 
+    def _message(self, trajectory: _Open, message: BaseMessage, content: Any) -> Any:
+        """A message as stored, memoised by its id while its content is the one it had when
+        memoised (`CONTENTS`); with `content` (its content when the call began) if it was
+        replaced since."""
+        key = id(message)
+        hit = trajectory.memo.get(key)
+        if hit is not None and hit[0] is message and hit[3] is content:
+            self._stale_memo |= hit[2]
+            return hit[1]
+        before = self._altered()
+        as_called = message
+        if message.content is not content:
+            try:
+                as_called = message.model_copy(update={"content": content})
+            except Exception:  # a message type that cannot be copied: as it is now
+                as_called = message
+        value = self._field(stored_message(as_called))
+        trajectory.memo[key] = (message, value, self._altered() != before, content)
+        return value
+
     def _memoised(self, trajectory: _Open, key: Any, obj: Any, convert: Callable[[Any], Any]) -> Any:
         hit = trajectory.memo.get(key)
         if hit is not None and (hit[0] is obj or (not isinstance(key, int) and _equal(hit[0], obj))):
@@ -838,6 +866,9 @@ class Assembler:
                 {"name": outputs.asked_name, "args": _plain(outputs.asked_args)}
             )
             step["name"], run.inputs, outputs = outputs.name or step["name"], outputs.args, outputs.result
+        content = outputs.content if isinstance(outputs, ToolAnswer) else _NOT_GIVEN
+        if isinstance(outputs, ToolAnswer):
+            outputs = outputs.message
         step["input"] = self._field(_plain(run.inputs))
         tool_call_id = extra.get("tool_call_id")
         handoff = next(
@@ -865,7 +896,7 @@ class Assembler:
                     step["extra"]["state_update"] = self._field(_plain(rest))
         if isinstance(outputs, ToolMessage):
             tool_call_id = tool_call_id or outputs.tool_call_id
-            step["output"] = self._field(_plain(outputs.content))
+            step["output"] = self._field(_plain(outputs.content if content is _NOT_GIVEN else content))
             if outputs.status == "error" and step["error"] is None:
                 step["error"] = self._text(text_of(outputs))
             if outputs.artifact is not None:

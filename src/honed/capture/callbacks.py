@@ -17,6 +17,7 @@ from langgraph.callbacks import GraphCallbackHandler
 
 from honed.capture.events import (
     CHAIN,
+    CONTENTS,
     END,
     ERROR,
     INTERRUPT,
@@ -25,7 +26,9 @@ from honed.capture.events import (
     NESTED_LABELS,
     START,
     TOOL,
+    contents_of,
     snapshot,
+    tool_answer,
 )
 from honed.capture.recorder import Recorder
 
@@ -92,7 +95,9 @@ class CallbackHandler(GraphCallbackHandler):
     ) -> None:
         if self.enabled:
             extra = {"tools": (kwargs.get("invocation_params") or {}).get("tools"), **_model_settings(kwargs)}
-            self._started(MODEL, kwargs.get("name"), messages[0] if messages else [], extra, **kwargs)
+            inputs = messages[0] if messages else []
+            extra[CONTENTS] = contents_of(inputs)
+            self._started(MODEL, kwargs.get("name"), inputs, extra, **kwargs)
 
     def on_llm_start(self, serialized: dict[str, Any] | None, prompts: list[str], **kwargs: Any) -> None:
         if self.enabled:
@@ -175,7 +180,11 @@ class CallbackHandler(GraphCallbackHandler):
         if labels is not None and self._root_label_ids.get(id(labels)) == run_id:
             self._root_label_ids.pop(id(labels), None)  # (another root on the same dict: still its)
 
-    on_llm_end = on_tool_end = on_retriever_end = _ended
+    on_llm_end = on_retriever_end = _ended
+
+    def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        self._ended(tool_answer(output) if self.enabled else output, run_id=run_id, **kwargs)
+
     on_chain_error = on_llm_error = on_tool_error = on_retriever_error = _failed
 
     # -- LangGraph lifecycle (only for a handler passed in the invocation's config) -----------------

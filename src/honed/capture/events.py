@@ -46,6 +46,27 @@ class NotRun(NamedTuple):
     result: Any
 
 
+class ToolAnswer(NamedTuple):
+    """A tool step's END payload when the tool answered with a ToolMessage: the message and its
+    `content` then (see `CONTENTS`: a node that scrubbed the result before the next call changed
+    what the tool was stored as having returned)."""
+
+    message: Any
+    content: Any
+
+
+def tool_answer(result: Any) -> Any:
+    """`result` with a ToolMessage in it (alone, or as a `RanAs`/`NotRun` result) as a `ToolAnswer`.
+    (Called in the agent's process only: the store's process loads no LangChain.)"""
+    from langchain_core.messages import ToolMessage
+
+    if isinstance(result, RanAs | NotRun):
+        return result._replace(result=tool_answer(result.result))
+    if isinstance(result, ToolMessage):
+        return ToolAnswer(result, result.content)
+    return result
+
+
 class ModelRanAs(NamedTuple):
     """A model step's END payload when the model itself received another request than the one
     its START recorded: a middleware further in changed it (a dynamic system prompt, narrowed
@@ -56,6 +77,22 @@ class ModelRanAs(NamedTuple):
     messages: list[Any]
     tools: list[Any] | None
     name: str | None
+
+
+# A model call's START `extra` key: each input message's `content` as the call began. The
+# messages are serialised later, on the writer thread, and a node that scrubs an earlier tool
+# result (`message.content = "[scrubbed]"`) before the next call changed what the first call was
+# stored as having seen; the memo of a message by its id then stored the next call as seeing the
+# old text (a QA pass, session 27). Contents are replaced, not edited, in LangChain (a str is
+# immutable), so the reference is the snapshot, taken for the cost of a list.
+CONTENTS = "_contents"
+
+
+def contents_of(messages: Any) -> list[Any] | None:
+    try:
+        return [getattr(m, "content", None) for m in messages]
+    except Exception:  # never into the agent
+        return None
 
 
 def snapshot(value: Any) -> Any:

@@ -32,6 +32,7 @@ from langgraph.types import Command
 from honed.capture.callbacks import frozen_labels
 from honed.capture.events import (
     CHAIN,
+    CONTENTS,
     DISCARD,
     END,
     ERROR,
@@ -47,8 +48,10 @@ from honed.capture.events import (
     NotRun,
     NotTheAnswer,
     RanAs,
+    contents_of,
     inherited_labels,
     snapshot,
+    tool_answer,
 )
 from honed.capture.recorder import Recorder, _flush_on_sigterm
 from honed.capture.roots import RootRun, current_root, watch_roots
@@ -632,6 +635,7 @@ class Middleware(AgentMiddleware):
             # A `ToolStrategy` binds its tools to every call; `AutoStrategy` only where the model
             # has no native structured output, which its reply calling one of them shows.
             "structured_offered": _is_tool_strategy(request.response_format),
+            CONTENTS: contents_of(messages),
         }
         self.recorder.emit(
             (START, step_id, trajectory_id, time.time(), (MODEL, str(name), messages, None, None, extra))
@@ -709,7 +713,7 @@ class Middleware(AgentMiddleware):
 
     def _record_tool_done(self, trajectory_id: str, step_id: str, result: Any) -> None:
         now = time.time()
-        self.recorder.emit((END, step_id, None, now, result))
+        self.recorder.emit((END, step_id, None, now, tool_answer(result)))
         if isinstance(result, RanAs | NotRun):
             result = result.result
         commands = result if isinstance(result, list) else [result]
