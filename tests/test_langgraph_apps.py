@@ -2511,3 +2511,26 @@ def test_a_message_scrubbed_in_place_between_calls_is_stored_as_each_call_saw_it
     ]
     assert seen == [[], ["SECRET-a"], ["[scrubbed]", "SECRET-b"]], seen
     assert [s.output for s in t.tool_steps()] == ["SECRET-a", "SECRET-b"]
+
+
+def test_a_middleware_calling_the_model_twice_keeps_each_reply_with_its_request(sqlite_url: str) -> None:
+    """A QA pass (session 27): with `Middleware` first, a `wrap_model_call` that asks the model
+    twice and returns the first reply (best of n, a draft then a check) stored the first reply
+    as the answer to the second request, a pair that never happened."""
+    from langchain.agents.middleware import wrap_model_call
+    from langchain_core.messages import HumanMessage
+
+    @wrap_model_call
+    def ask_twice(request: Any, handler: Any) -> Any:
+        first = handler(request)
+        handler(request.override(messages=[*request.messages, HumanMessage("answer again please")]))
+        return first
+
+    agent = create_agent(ToolScriptModel(), [add], middleware=[honed.Middleware(store=sqlite_url), ask_twice])
+    agent.invoke({"messages": [("user", ADD_TASK)]})
+    assert honed.flush()
+    (t,) = honed.open_store(sqlite_url).trajectories()
+    first = next(s for s in t.steps if s.kind == "model")
+    assert [m["content"] for m in first.input["messages"]] == [ADD_TASK]
+    assert [c["name"] for c in first.tool_calls] == ["add"]
+    assert t.answer == "the sum is 5"

@@ -99,6 +99,10 @@ class _ModelRan(BaseCallbackHandler):
         self.starts: dict[Any, tuple[list[Any], Any, str | None]] = {}
         self.answered: tuple[list[Any], Any, str | None] | None = None  # the last model that answered
         self.error: BaseException | None = None  # the last model error, if no model answered after it
+        # Each answer with the call that gave it: a middleware that calls the model twice and
+        # returns the first reply (best of n, a draft then a check) paired the first reply with
+        # the second request (a QA pass, session 27).
+        self.replies: list[tuple[Any, tuple[list[Any], Any, str | None]]] = []
 
     def on_chat_model_start(self, serialized: Any, messages: list[list[Any]], **kwargs: Any) -> None:
         params = kwargs.get("invocation_params") or {}
@@ -115,6 +119,19 @@ class _ModelRan(BaseCallbackHandler):
         start = self.starts.pop(kwargs.get("run_id"), None)
         if start is not None:
             self.answered, self.error = start, None
+            try:
+                reply = response.generations[0][0].message
+            except (AttributeError, IndexError, TypeError):
+                reply = None
+            if reply is not None and len(self.replies) < 16:
+                self.replies.append((reply, start))
+
+    def call_of(self, reply: Any) -> tuple[list[Any], Any, str | None] | None:
+        """The call whose answer `reply` is, else the last that answered."""
+        for answer, start in reversed(self.replies):
+            if answer is reply:
+                return start
+        return self.answered
 
     def on_llm_error(self, error: BaseException, **kwargs: Any) -> None:
         if self.starts.pop(kwargs.get("run_id"), None) is not None:
@@ -604,8 +621,9 @@ class Middleware(AgentMiddleware):
             self._failed(trajectory_id, step_id, ran.error)
             return
         message = _ai_message(response)
-        if ran.answered is not None:
-            messages, tools, name = ran.answered
+        answered = ran.call_of(message)
+        if answered is not None:
+            messages, tools, name = answered
             seen = list(request.messages)
             if request.system_message is not None:
                 seen.insert(0, request.system_message)
