@@ -2534,3 +2534,39 @@ def test_a_middleware_calling_the_model_twice_keeps_each_reply_with_its_request(
     assert [m["content"] for m in first.input["messages"]] == [ADD_TASK]
     assert [c["name"] for c in first.tool_calls] == ["add"]
     assert t.answer == "the sum is 5"
+
+
+@pytest.mark.parametrize("entry", ["middleware", "instrument"])
+def test_a_retried_tool_keeps_each_attempts_own_outcome(entry: str, sqlite_url: str) -> None:
+    """A QA pass (session 27): under `ToolRetryMiddleware` the second failed attempt was given the
+    successful third attempt's result, read back from the conversation."""
+    from langchain.agents.middleware import ToolRetryMiddleware
+
+    attempts = {"n": 0}
+
+    @tool
+    def flaky(q: str) -> str:
+        """Fails twice, then answers."""
+        attempts["n"] += 1
+        if attempts["n"] < 3:
+            raise RuntimeError(f"boom {attempts['n']}")
+        return f"ok {q}"
+
+    middleware: list[Any] = [ToolRetryMiddleware(max_retries=3, initial_delay=0.0, retry_on=(RuntimeError,))]
+    if entry == "middleware":
+        middleware.append(honed.Middleware(store=sqlite_url))
+    else:
+        honed.instrument(store=sqlite_url)
+    try:
+        agent = create_agent(ToolScriptModel(), [flaky], middleware=middleware)
+        agent.invoke({"messages": [("user", 'call flaky {"q": "z"}; answer {result}')]})
+        assert honed.flush()
+    finally:
+        honed.uninstrument()
+    (t,) = honed.open_store(sqlite_url).trajectories()
+    assert [(s.error is not None, s.output) for s in t.tool_steps()] == [
+        (True, None),
+        (True, None),
+        (False, "ok z"),
+    ]
+    assert t.answer == "ok z"

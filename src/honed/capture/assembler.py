@@ -908,6 +908,9 @@ class Assembler:
             run.trajectory.tool_call_ids.add(str(tool_call_id))
             if step["error"] is not None and step["output"] is None:
                 run.trajectory.unanswered[str(tool_call_id)] = step
+            else:  # a retry that answered (`ToolRetryMiddleware`): the failed attempt keeps its
+                # own nothing, not this one's result (a QA pass, session 27)
+                run.trajectory.unanswered.pop(str(tool_call_id), None)
 
     def _synthesise_unseen_tool_errors(
         self, trajectory: _Open, messages: Any, parent_step: str | None, when: float
