@@ -632,3 +632,37 @@ def test_one_run_is_counted_in_the_singular(sqlite_url: str) -> None:
     result = runner.invoke(app, ["verify", "--store", sqlite_url])
     assert result.exit_code == 0, result.output
     assert "1 trajectory checked: 1 new verdict (1 pass" in result.output, result.output
+
+
+def test_a_rejected_cycle_names_the_candidate_it_rejected_not_the_live_version() -> None:
+    """A new user (a QA pass, session 27) read "cycle 3: tool_use-agent@v3 held-out pass@1 61.6% —
+    rejected" as v3 rejected: v4, the candidate at 65.6%, was; v3 stayed live."""
+    from honed.cli.loop import _cycle_line, _cycle_row
+    from honed.learn.cycle import CycleResult
+
+    r = CycleResult(
+        status="rejected", reason="lower bound -0.012", cycle=3, version="agent@v3", candidate="agent@v4",
+        heldout={"pass_at_1": 0.616, "pass_at_8": 0.925}, candidate_heldout={"pass_at_1": 0.656}, seconds=126,
+    )  # fmt: skip
+    line = _cycle_line(r)
+    assert line.startswith(
+        "cycle 3: candidate agent@v4 held-out pass@1 65.6% — rejected; agent@v3 stays live at 61.6%"
+    )
+    assert "v4 rejected" in _cycle_row(r)[6]
+    promoted = CycleResult(status="promoted", reason="", cycle=1, version="agent@v2", candidate="agent@v2",
+                           heldout={"pass_at_1": 0.4}, seconds=3)  # fmt: skip
+    assert _cycle_line(promoted) == "cycle 1: agent@v2 held-out pass@1 40.0% (pass@8 -) — promoted [3s]"
+
+
+def test_one_run_and_an_unsupported_option_are_said_whole(sqlite_url: str) -> None:
+    """A new user (a QA pass, session 27): `honed status` said "1 trajectories captured", and the
+    server's refusal of `top_logprobs` stopped mid-sentence ("logprobs gives each sampled token's")."""
+    from honed.serving.protocol import BadRequest, parse_chat_request
+    from verifier_helpers import traj
+
+    honed.open_store(sqlite_url).save(traj("only"))
+    shown = CliRunner(env={"COLUMNS": "200"}).invoke(app, ["status", "--store", sqlite_url])
+    assert "1 trajectory captured" in shown.output, shown.output
+    with pytest.raises(BadRequest) as refused:
+        parse_chat_request({"model": "m", "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 5})
+    assert str(refused.value).rstrip().endswith("without alternatives"), str(refused.value)

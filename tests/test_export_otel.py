@@ -587,6 +587,21 @@ def test_a_refused_batch_is_told_once_with_what_the_receiver_answered(captured: 
     assert "code: 400" in said and "resource attribute service.name is required" in said, said
 
 
+def test_nothing_listening_is_said_once_before_the_sdk_retries(captured: str) -> None:
+    """A new user (a QA pass, session 27): with no collector running, three SDK lines of
+    "Transient error ... retrying" came first, then, ~10 s later, the replay's own line."""
+    import subprocess
+
+    shown = subprocess.run(
+        [sys.executable, "-m", "honed.cli", "export", "otlp", "--store", captured, "--endpoint", "http://127.0.0.1:1"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "400"},
+    )  # fmt: skip
+    assert shown.returncode == 1 and shown.stdout == "", shown
+    assert shown.stderr.strip().splitlines() == [
+        "cannot connect to http://127.0.0.1:1: Connection refused; is the backend running there?"
+    ], shown.stderr
+
+
 def test_a_replay_with_no_endpoint_names_the_default_it_tried(
     captured: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -219,6 +219,13 @@ def test_tool_choice_required_or_named_opens_the_reply_with_that_call(server: Se
             found = reply.choices[0].message.tool_calls or ()
             calls.append([(t.function.name, t.function.arguments) for t in found])
     assert calls[0] and calls[0][0][0] == "add" and calls[1] == calls[2] == calls[0], calls
+    # The forced opening counts against `max_tokens`: 30 asked, 48 sent (a QA pass, session 27).
+    if not stream:
+        short = client.chat.completions.create(
+            model="calc", messages=first_turn(), tools=[add_schema()], tool_choice="required", max_tokens=24,
+            temperature=1.0,
+        )  # fmt: skip
+        assert short.usage.completion_tokens <= 24, short.usage
 
     def refused(**extra: Any) -> str:
         body = {"model": "calc", "messages": first_turn(), **extra}

@@ -183,6 +183,8 @@ _STATUS_COLOUR = {"base": "", "promoted": "green", "rejected": "red", "nothing_t
 def _cycle_row(r: Any) -> list[str]:
     colour = _STATUS_COLOUR.get(r.status, "red")
     status = escape(r.status.replace("_", " "))
+    if r.status == "rejected" and r.candidate and r.candidate != r.version:  # the row is the live one's
+        status = escape(f"{r.candidate.rpartition('@')[2] or r.candidate} rejected")
     return [
         str(r.cycle),
         escape(r.version or "-"),
@@ -196,10 +198,19 @@ def _cycle_row(r: Any) -> list[str]:
 
 
 def _cycle_line(r: Any) -> str:
-    return (
+    line = (
         f"cycle {r.cycle}: {escape(r.version or '-')} held-out pass@1 {_pct(r.heldout_pass_at_1)} "
-        f"(pass@8 {_pct(r.pass_at(8))}) — {r.status.replace('_', ' ')} [{r.seconds:.0f}s]"
+        f"(pass@8 {_pct(r.pass_at(8))}) — {r.status.replace('_', ' ')}"
     )
+    if r.status == "rejected" and r.candidate and r.candidate != r.version:
+        # The live version is the row's; the rejected one is the candidate (a new user read
+        # "cycle 3: v3 ... rejected" as v3 rejected, a QA pass, session 27).
+        line = (
+            f"cycle {r.cycle}: candidate {escape(r.candidate)} held-out pass@1 {_pct(r.candidate_pass_at_1)} "
+            f"— rejected; {escape(r.version or '-')} stays live at {_pct(r.heldout_pass_at_1)} "
+            f"(pass@8 {_pct(r.pass_at(8))})"
+        )
+    return f"{line} [{r.seconds:.0f}s]"
 
 
 def _pct(value: float | None) -> str:
@@ -473,7 +484,8 @@ def status(
         else ""
     )
     out.print(
-        f"[bold]{info['trajectories']}[/bold] trajectories captured{paused}, [bold]{info['unlabeled']}[/bold] "
+        f"[bold]{info['trajectories']}[/bold] {'trajectory' if info['trajectories'] == 1 else 'trajectories'} "
+        f"captured{paused}, [bold]{info['unlabeled']}[/bold] "
         f"unlabeled, [bold]{info['trainable']}[/bold] trainable (verified passes of training tasks)"
     )
     verdicts = Table(title="verdicts per verifier")

@@ -153,6 +153,12 @@ def effective_endpoint(endpoint: str | None, protocol: str | None) -> tuple[str,
     return ("http://localhost:4317" if grpc else "http://localhost:4318"), True
 
 
+def _proxied() -> bool:
+    """Whether requests may go through a proxy (then a direct connection says nothing)."""
+    names = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
+    return any(os.environ.get(name) for name in names)
+
+
 def _unreachable(endpoint: str | None) -> str | None:
     """Why nothing listens at `endpoint` (`Connection refused`, a name that does not resolve), or
     None when a TCP connection opens (or the endpoint cannot be told from the environment)."""
@@ -374,6 +380,20 @@ def replay(
     def send() -> None:
         nonlocal pending, pending_trajectories, pending_bytes
         attempt = 0
+        if result.batches == 0 and span_exporter is None and not _proxied():
+            # Nothing listening: said now, not after the SDK's retries (~10 s of "Transient
+            # error" lines, then this; a QA pass, session 27).
+            target, by_default = effective_endpoint(endpoint, protocol)
+            down = _unreachable(target)
+            if down is not None:
+                default = (
+                    " (the default: no --endpoint or OTEL_EXPORTER_OTLP_ENDPOINT was given)"
+                    if by_default
+                    else ""
+                )
+                raise OTLPExportError(
+                    f"cannot connect to {shown_endpoint(target)}{default}: {down}; is the backend running there?"
+                )
         while exporter.export(pending) is not SpanExportResult.SUCCESS:
             if result.batches == 0 or attempt >= retries:
                 target, by_default = (
@@ -456,7 +476,8 @@ class _Refusals(logging.Filter):
         if str(record.msg).startswith("Failed to export"):
             self.last = record.getMessage().removeprefix("Failed to export ")
             return False
-        return True
+        # The SDK's own retries of a batch: the replay's error, or its count of retries, says it.
+        return not str(record.msg).startswith("Transient error")
 
     def said(self, exporter: SpanExporter) -> str | None:
         body = getattr(exporter, "refusal_body", None)

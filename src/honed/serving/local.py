@@ -353,7 +353,9 @@ class LocalChatModel(BaseChatModel):
             (kwargs[k] for k in ("max_tokens", "max_completion_tokens", "max_new_tokens") if kwargs.get(k)),
             self.max_tokens,
         )
-        budget = max(1, min(int(budget), engine.max_context - len(prompt_ids)))
+        # The forced opening is the reply's first tokens: it counts against the client's
+        # `max_tokens` (a new user asked for 30 and got 48 back: a QA pass, session 27).
+        budget = max(1, min(int(budget) - len(forced), engine.max_context - len(prompt_ids)))
         temperature = _first(kwargs.get("temperature"), self.temperature, engine.defaults["temperature"])
         return GenerationRequest(
             prompt_ids=prompt_ids,

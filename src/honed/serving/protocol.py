@@ -297,7 +297,8 @@ def parse_chat_request(body: Any) -> ChatRequest:
     _int(body, "seed", -(1 << 63), (1 << 64) - 1)  # accepted, not applied
     if _int(body, "top_logprobs", 0, 20):  # the alternatives are not computed: not an empty list
         raise BadRequest(
-            "top_logprobs is not supported by this server (only 0): logprobs gives each sampled token's",
+            "top_logprobs is not supported by this server (only 0): logprobs gives each sampled token's "
+            "own log-probability, without alternatives",
             "top_logprobs", "unsupported_value",
         )  # fmt: skip
     wanted = body.get("response_format")
