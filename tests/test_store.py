@@ -191,6 +191,17 @@ def test_get_by_prefix(sqlite_url: str) -> None:
         store.get("zzz")
 
 
+def test_get_by_the_head_of_the_short_id_the_cli_shows(store_url: str) -> None:
+    """`honed runs` shows an id's last 12 characters; a new user typed the start of that (a QA
+    pass, session 27: `honed show 180e` of `...-180e0894884d` was "no trajectory")."""
+    store = honed.open_store(store_url)
+    store.save(make(1, id="01a25136-0000-7000-8000-180e0894884d"))
+    store.save(make(2, id="01a25136-0000-7000-8000-99990894884d"))
+    assert store.get("180e").id.endswith("180e0894884d")
+    with pytest.raises(TrajectoryNotFound, match="several"):
+        store.get("0894884d")
+
+
 def test_migrations_create_the_indexes_the_loop_queries(store_url: str) -> None:
     store = honed.open_store(store_url)
     inspector = inspect(store.engine)

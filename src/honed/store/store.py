@@ -27,6 +27,7 @@ from sqlalchemy import (
     delete,
     event,
     exists,
+    false,
     func,
     insert,
     inspect,
@@ -489,8 +490,9 @@ class TrajectoryStore:
         return self.untrusted_verifiers() if verdict in ("pass", "fail") else set()
 
     def get(self, trajectory_id: str) -> Trajectory:
-        """One trajectory by id, or by a unique prefix or suffix of it (the CLI prints the last 12
-        characters: ids are time-ordered UUIDs, so their heads are alike)."""
+        """One trajectory by id, or by a unique prefix or suffix of it, or the start of the short id
+        the CLI prints (its last 12 characters: ids are time-ordered UUIDs, so their heads are
+        alike; a new user typed the head of what `honed runs` showed, a QA pass, session 27)."""
         columns = trajectory_columns(self.dialect, with_steps=True)
         with self.engine.connect() as conn:
             rows = conn.execute(select(*columns).where(TrajectoryRow.id == trajectory_id)).all()
@@ -500,6 +502,14 @@ class TrajectoryStore:
                     .where(
                         TrajectoryRow.id.startswith(trajectory_id, autoescape=True)
                         | TrajectoryRow.id.endswith(trajectory_id, autoescape=True)
+                        | (
+                            func.substr(
+                                TrajectoryRow.id, func.length(TrajectoryRow.id) - 11, len(trajectory_id)
+                            )
+                            == trajectory_id
+                            if len(trajectory_id) <= 12
+                            else false()
+                        )
                     )
                     .limit(2)
                 ).all()
