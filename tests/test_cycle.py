@@ -374,6 +374,14 @@ def test_nothing_to_learn_is_said_loudly_and_a_failed_run_is_recorded(world: dic
         "NOTHING TO LEARN: 8 new verified passes of adder@v1"
     )
     assert "no stored runs" not in quiet.reason
+    # `honed train` says it once ("nothing_to_learn: NOTHING TO LEARN: ...", a QA pass, session 27).
+    said = CliRunner(env={"COLUMNS": "300"}).invoke(
+        app,
+        ["train", NAME, "--suite", "adder_suite:Adder", "--store", world["url"], "--min-new-verified", "100"],
+    )
+    assert said.exit_code == 0, said.output
+    assert "nothing to learn: 8 new verified passes of adder@v1" in said.output, said.output
+    assert "NOTHING TO LEARN" not in said.output
     # `honed train NAME` learns from the agent named NAME: runs stored under another name are said so
     # (a QA pass, session 18: "0 new verified passes" and nothing else).
     other = cycle(world, SFTMethod(), data=DataConfig(agent="calculator")).run()
@@ -523,6 +531,19 @@ def test_a_store_failing_during_a_cycle_is_one_line(
     ), result.output
     busy = CliRunner().invoke(app, ["train", NAME, "--store", world["url"]])
     assert busy.exit_code == 2 and "--suite NAME or --agent" in busy.output
+    # Both: one of them ran, silently (a QA pass, session 27).
+    both = [
+        "train",
+        NAME,
+        "--suite",
+        "adder_suite:Adder",
+        "--agent",
+        "test_cycle:adder_agent",
+        "--store",
+        world["url"],
+    ]
+    twice = CliRunner().invoke(app, both)
+    assert twice.exit_code == 2 and "give one" in twice.output, twice.output
 
 
 def test_a_cycle_can_restart_from_the_base_weights_on_the_accumulated_data(world: dict[str, Any]) -> None:

@@ -267,6 +267,9 @@ def train(
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     out = err_console() if as_json else console()  # under --json, stdout is JSON lines only
     _sigterm_is_ctrl_c()
+    if suite and agent:  # one of the two ran, silently (a QA pass, session 27)
+        err_console().print("[red]--suite and --agent each say how to run the agent: give one[/red]")
+        raise typer.Exit(2)
     if suite and heldout != "heldout":  # a suite brings its own held-out tasks (a QA pass, session 20)
         err_console().print(
             "[red]--heldout names a split of --agent's runs: a --suite has its own held-out tasks[/red]"
@@ -350,7 +353,9 @@ def _train_cycles(out: Console, interval: float | None, as_json: bool, make: Cal
             colour = {"promoted": "green", "rejected": "red", "nothing_to_learn": "yellow"}.get(
                 report.status, "red"
             )
-            out.print(f"[{colour}]{report.status}[/{colour}]: {escape(report.reason)}")
+            # "nothing_to_learn: NOTHING TO LEARN: ..." said it twice (a QA pass, session 27).
+            reason = report.reason.removeprefix("NOTHING TO LEARN: ")
+            out.print(f"[{colour}]{report.status.replace('_', ' ')}[/{colour}]: {escape(reason)}")
         if interval is None:
             assert report is not None
             raise typer.Exit(0 if report.status in ("promoted", "rejected", "nothing_to_learn") else 1)
