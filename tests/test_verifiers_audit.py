@@ -93,6 +93,9 @@ def test_audit_against_human_labels_is_stored_and_gates_training(labelled: str) 
     assert [a.precision.value for a in store.audits("reference")] == [0.75, 0.75]  # both runs stored
     policy = store.verifier_policy("reference")
     assert (policy.min_precision, policy.precision, policy.usable) == (0.9, 0.75, False)
+    # The list says why it does not train, in the words `honed status` uses (a QA pass, session 27).
+    listed = CliRunner(env={"COLUMNS": "250"}).invoke(app, ["verifiers", "list", "--store", labelled])
+    assert "no (audited 0.75 < min 0.90)" in listed.output, listed.output
 
     assert (
         runner.invoke(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import getpass
 import json
 import logging
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -194,11 +194,14 @@ def list_verifiers(store: StoreOption = None, as_json: JsonOption = False) -> No
     with open_store_or_exit(store) as s:
         counts = s.verifier_counts()
         policies = {p.verifier: p for p in s.verifier_policies()}
+        # What `honed status` and training go by (a policy that does not check out under a key
+        # too): the list said "trains yes" of a verifier status called untrusted (a QA pass,
+        # session 27).
+        untrusted = s.untrusted_verifiers()
     if as_json:
         for row in counts:
-            p = policies.get(row["verifier"])
             row["latest"] = row["latest"].isoformat() if row["latest"] else None
-            row["usable_for_training"] = p.usable if p else True
+            row["usable_for_training"] = row["verifier"] not in untrusted
             typer.echo(json.dumps(row))
         return
     table = Table(title="verifiers")
@@ -229,9 +232,20 @@ def list_verifiers(store: StoreOption = None, as_json: JsonOption = False) -> No
             p.trust if p else "high",
             _num(p.min_precision if p else None),
             _num(p.precision if p else None),
-            "yes" if (p.usable if p else True) else "[red]no[/red]",
+            "yes" if row["verifier"] not in untrusted else f"[red]no[/red] ({escape(_why_not(p))})",
         )
     print_table(console(), table)
+
+
+def _why_not(p: Any) -> str:
+    """Why a verifier's passes do not train, in a few words."""
+    if p is None or p.usable:
+        return "its policy does not check out with this store's key"
+    if p.min_precision is None:
+        return "trust low, no minimum precision"
+    if p.precision is None:
+        return f"not audited; min precision {p.min_precision:.2f}"
+    return f"audited {p.precision:.2f} < min {p.min_precision:.2f}"
 
 
 @verifiers_app.command("audit")
