@@ -1273,3 +1273,93 @@ def test_the_held_out_check_reads_a_conversations_words_once_however_many_tasks_
         task={"messages": [{"role": "user", "content": "Where is order 000007? It was due on Monday."}]},
     )
     assert policy.holds(leak) is True
+
+
+def test_a_guarded_agents_structured_answer_is_the_agents_and_trains_the_agents_calls(
+    sqlite_url: str,
+) -> None:
+    """A QA pass (session 27): a `response_format` agent whose middleware asks a judge model
+    after each reply. The answer (a tool call's arguments) matched no call's text, so the last
+    call, the judge's, was the run's version and its training row: "You are a guard" -> "SAFE"."""
+    from langchain.agents import create_agent
+    from langchain.agents.middleware import AgentMiddleware
+    from langchain_core.messages import AIMessage
+    from langchain_core.outputs import ChatGeneration, ChatResult
+    from pydantic import BaseModel
+
+    from honed.messages import chat_example, own_model_steps
+    from honed.testing import ScriptedChatModel
+
+    judge = ScriptedChatModel(model_name="judge-model")
+
+    class Ticket(BaseModel):
+        title: str
+        priority: int
+
+    class Filer(ScriptedChatModel):
+        def _generate(
+            self, messages: Any, stop: Any = None, run_manager: Any = None, **kw: Any
+        ) -> ChatResult:
+            args = {"title": "printer", "priority": 2}
+            message = AIMessage(content="", tool_calls=[{"name": "Ticket", "args": args, "id": "c_ticket"}])
+            message.response_metadata = {"model_name": self.model_name}
+            return ChatResult(generations=[ChatGeneration(message=message)])
+
+    class Guard(AgentMiddleware):
+        def after_model(self, state: Any, runtime: Any) -> None:
+            judge.invoke([("system", "You are a guard. Reply SAFE or UNSAFE."), ("user", "answer SAFE")])
+
+    store = honed.open_store(sqlite_url)
+    honed.instrument(store=sqlite_url)
+    try:
+        agent = create_agent(
+            Filer(model_name="agent-model"), [], system_prompt="File tickets.", response_format=Ticket,
+            middleware=[Guard()],
+        )  # fmt: skip
+        expected = {"title": "printer", "priority": 2}
+        agent.invoke(
+            {"messages": [("user", "file a ticket for the printer")]},
+            {"metadata": {"honed": {"task_id": "t1", "expected": expected}}},
+        )
+        assert honed.flush()
+    finally:
+        honed.uninstrument()
+    (t,) = store.trajectories()
+    assert t.model_version == "agent-model"
+    assert [s.model_version for s in own_model_steps(t)] == ["agent-model"]
+    row = chat_example(t)["messages"]
+    assert row[0]["content"] == "File tickets." and row[-1]["tool_calls"][0]["function"]["name"] == "Ticket"
+
+
+def test_the_same_model_asked_aside_is_not_trained_as_the_agents_turns() -> None:
+    """A QA pass (session 27): the agent's own model also served as a guard (asked about each
+    reply) and as a router: token-level rows trained its "SAFE" and its route under the answer's
+    verdict, where the chat rows train the conversation alone."""
+    from honed.messages import own_model_steps
+
+    ask = {"role": "user", "content": "what is 2 plus 3?"}
+    call = {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [{"id": "c1", "name": "add", "args": {"a": 2, "b": 3}}],
+    }
+    result = {"role": "tool", "content": "5", "tool_call_id": "c1"}
+    answer = {"role": "assistant", "content": "the sum is 5"}
+    guard_in = [
+        {"role": "system", "content": "You are a guard."},
+        {"role": "user", "content": "is this safe?"},
+    ]
+    steps = [
+        Step(id="route", index=0, kind="model", name="m", model_version="m@v1",
+             input={"messages": [{"role": "system", "content": "Route: math or other."}, ask]},
+             output={"role": "assistant", "content": "math"}),
+        Step(id="a1", index=1, kind="model", name="m", model_version="m@v1", input={"messages": [ask]}, output=call),
+        Step(id="g1", index=2, kind="model", name="m", model_version="m@v1", input={"messages": guard_in},
+             output={"role": "assistant", "content": "SAFE"}),
+        Step(id="a2", index=3, kind="model", name="m", model_version="m@v1",
+             input={"messages": [ask, call, result]}, output=answer),
+        Step(id="g2", index=4, kind="model", name="m", model_version="m@v1", input={"messages": guard_in},
+             output={"role": "assistant", "content": "SAFE"}),
+    ]  # fmt: skip
+    t = Trajectory(id="r", agent="a", task={"messages": [ask]}, steps=steps, output="the sum is 5")
+    assert [s.id for s in own_model_steps(t)] == ["a1", "a2"]

@@ -59,7 +59,7 @@ from langchain_core.messages import (
     ToolMessage,
 )
 
-from honed.trajectory import Step, Trajectory, call_changed_before_running, is_truncated
+from honed.trajectory import STRUCTURED_KEY, Step, Trajectory, call_changed_before_running, is_truncated
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
@@ -711,22 +711,46 @@ def own_model_steps(trajectory: Trajectory) -> list[Step]:
     calls = [s for s in trajectory.steps if s.kind == "model" and not in_subagent(s)]
     if not calls:
         return []
-    model = model_of(_answering_call(trajectory, calls))
-    return [s for s in calls if model_of(s) == model]
+    answering = _answering_call(trajectory, calls)
+    model = model_of(answering)
+    # ... and turns of the conversation it answered: the same model asked aside (a guard checking
+    # the reply, a router choosing the path) trained its prompt and "SAFE" under the answer's
+    # verdict, where the chat rows train the conversation alone (a QA pass, session 27).
+    said = [*((answering.input or {}).get("messages") or ()), answering.output]
+    return [s for s in calls if model_of(s) == model and (s is answering or _reply_in(s, said))]
 
 
 def _answering_call(trajectory: Trajectory, calls: list[Step]) -> Step:
     """The call whose reply is the run's answer, else the last: a middleware asking another model
-    to check the reply (a guardrail) made the last call the guard's, its prompt and its "SAFE"."""
+    to check the reply (a guardrail) made the last call the guard's, its prompt and its "SAFE".
+    A structured answer is the call that gave it: its tool call's arguments (`ToolStrategy`), or
+    its JSON text (a provider's own structured output) (a QA pass, session 27: matched by text
+    only, a guarded agent's structured answer was the guard's, its version and its row)."""
     answer = trajectory.answer
-    return next(
-        (
-            s
-            for s in reversed(calls)
-            if answer and isinstance(s.output, dict) and content_text(s.output.get("content")) == answer
-        ),
-        calls[-1],
-    )
+    output = trajectory.output
+    structured = output.get(STRUCTURED_KEY) if isinstance(output, dict) else None
+    for s in reversed(calls):
+        if not isinstance(s.output, dict):
+            continue
+        if answer and content_text(s.output.get("content")) == answer:
+            return s
+        if structured is not None and gives_structured(s.output, structured):
+            return s
+    return calls[-1]
+
+
+def gives_structured(reply: dict[str, Any], structured: Any) -> bool:
+    """Whether a reply holds `structured`: as a tool call's arguments, or as its JSON text."""
+    for call in reply.get("tool_calls") or ():
+        if isinstance(call, dict) and call.get("args") == structured:
+            return True
+    text = content_text(reply.get("content"))
+    if text and text.lstrip()[:1] in ("{", "["):
+        try:
+            return json.loads(text) == structured
+        except ValueError:
+            return False
+    return False
 
 
 def _reply_in(call: Step, messages: list[Any]) -> bool:

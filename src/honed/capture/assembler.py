@@ -46,8 +46,8 @@ from honed.capture.events import (
     inherited_labels,
 )
 from honed.capture.serialize import to_jsonable
-from honed.messages import ROLES, content_text, stored_message, text_of, tool_schema
-from honed.trajectory import HELDOUT, INTERRUPTED
+from honed.messages import ROLES, content_text, gives_structured, stored_message, text_of, tool_schema
+from honed.trajectory import HELDOUT, INTERRUPTED, STRUCTURED_KEY
 
 log = logging.getLogger("honed")
 
@@ -1001,10 +1001,16 @@ def _answering_version(steps: list[dict[str, Any]], output: Any) -> str | None:
     the last model call (a middleware asking another model to check the reply, a guardrail, made
     the guard's the run's version)."""
     answer = output.get("answer") if isinstance(output, dict) else output
+    structured = output.get(STRUCTURED_KEY) if isinstance(output, dict) else None
     versioned = [s for s in steps if s["kind"] == "model" and s["model_version"]]
-    for step in reversed(versioned if isinstance(answer, str) and answer else ()):
+    for step in reversed(versioned):
         reply = step.get("output")
-        if isinstance(reply, dict) and content_text(reply.get("content")) == answer:
+        if not isinstance(reply, dict):
+            continue
+        if isinstance(answer, str) and answer and content_text(reply.get("content")) == answer:
+            return step["model_version"]
+        # A structured answer: the call that gave it (a guard's after it was the run's version).
+        if structured is not None and gives_structured(reply, structured):
             return step["model_version"]
     return versioned[-1]["model_version"] if versioned else None
 
