@@ -72,6 +72,11 @@ def check(verifier, t: Trajectory) -> Verdict:
         ("see mp3", "3", "auto", False),
         ("id x7f2a", "2", "auto", False),
         ("the trip is 6km", "6", "auto", True),
+        # A structured answer against a JSON object kept as text (a QA pass, session 27: keys in
+        # another order failed "after normalisation").
+        ('{"priority": 2, "title": "printer"}', '{"title": "printer", "priority": 2}', "auto", True),
+        ('{"priority": 3, "title": "printer"}', '{"title": "printer", "priority": 2}', "auto", False),
+        ("{a set of braces}", "{a set of braces}", "auto", True),
     ],
 )
 def test_reference_modes(answer: str, expected, mode: str, passed: bool) -> None:

@@ -8,7 +8,8 @@ punctuation ignored), `contains` (normalized reference appears as words in the a
 (the last number in the answer within `rel_tol`/`abs_tol`, or metadata["tolerance"]), `regex`
 (`re.search`), `list`/`set` (items from a JSON array or a comma/newline separated answer; a set
 scores its Jaccard overlap), `json` (parsed answer equals the reference). `auto` picks numeric for
-numbers and numeric-looking strings, list for lists, json for dicts, normalized otherwise.
+numbers and numeric-looking strings, list for lists, json for dicts and JSON objects as text,
+normalized otherwise.
 """
 
 from __future__ import annotations
@@ -217,6 +218,14 @@ def auto_mode(expected: Any) -> str:
     text = expected.strip() if isinstance(expected, str) else ""
     if _NUMBER.fullmatch(text) and not _ZERO_PADDED.match(text):  # "00123" is an id, not 123
         return "numeric"
+    if text.startswith("{") and text.endswith("}"):
+        # A JSON object written as text (an `expected` kept in a JSON string): a structured answer
+        # with its keys in another order failed "after normalisation" (a QA pass, session 27).
+        try:
+            if isinstance(json.loads(text), dict):
+                return "json"
+        except (ValueError, RecursionError):
+            pass
     return "normalized"
 
 
