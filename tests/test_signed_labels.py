@@ -607,3 +607,36 @@ def test_a_signature_holds_whatever_time_zone_the_database_answers_in(pg_url: st
     [v] = reader.get("t1").verdicts
     assert v.passed is True and v.created_at.utcoffset().total_seconds() == 9 * 3600
     assert _passes(reader) == ["t1"]
+
+
+def test_a_role_that_inherits_more_than_capture_is_refused(pg_url: str) -> None:
+    """A QA pass (session 27, production setup): a role created `IN ROLE` the owner (so acting as
+    the tables' owner, row-level security aside) or a member of `pg_write_all_data` was told "may
+    capture into it and do nothing more", then deleted verdicts."""
+    owner = honed.open_store(pg_url, verdict_key=KEY)
+    admin = create_engine(pg_url)
+    roles = [f"honed_heir_{secrets.token_hex(3)}", f"honed_writer_{secrets.token_hex(3)}"]
+    with admin.begin() as conn:
+        me = conn.execute(text("SELECT current_user")).scalar()
+        conn.execute(text(f'CREATE ROLE "{roles[0]}" LOGIN IN ROLE "{me}"'))
+        conn.execute(text(f'CREATE ROLE "{roles[1]}" LOGIN IN ROLE pg_write_all_data'))
+    try:
+        for role in roles:
+            result = CliRunner().invoke(app, ["init", "--store", pg_url, "--capture-role", role])
+            said = " ".join(result.output.split())
+            assert result.exit_code == 1 and "can do more than capture here" in said, result.output
+            assert "do nothing more" not in said
+        with admin.begin() as conn:  # refused whole: none of the grants stayed
+            granted = conn.execute(
+                text("SELECT count(*) FROM information_schema.role_table_grants WHERE grantee = :r"),
+                {"r": roles[1]},
+            ).scalar()
+        assert granted == 0
+        with pytest.raises(ValueError, match="can do more than capture"):
+            owner.grant_capture(roles[0])
+    finally:
+        with admin.begin() as conn:
+            for role in roles:
+                conn.execute(text(f'DROP OWNED BY "{role}"'))
+                conn.execute(text(f'DROP ROLE "{role}"'))
+        admin.dispose()

@@ -146,7 +146,50 @@ END $s$""")
         )
         for statement in statements:
             conn.execute(text(statement))
+        # What the role can do in effect, through every role it is a member of: a member of the
+        # owner's role is the owner (and row-level security does not hold it), a member of
+        # `pg_write_all_data` writes every table; granted capture, either deleted verdicts (a QA
+        # pass, session 27). Checked after the grants, in their transaction: refused, none stays.
+        beyond = _beyond_capture(conn, role, schema, tables)
+        if beyond:
+            raise ValueError(
+                f"{role!r} can do more than capture here, through the roles it is a member of: "
+                f"{'; '.join(beyond[:4])}: give the agent's process a role of its own, a member of none"
+            )
     return statements
+
+
+# What capture may not do to the tables it writes (a paused run's update is row-level security's).
+_NOT_CAPTURES = {"trajectories": ("DELETE", "TRUNCATE"), "steps": ("UPDATE", "DELETE", "TRUNCATE")}
+
+
+def _beyond_capture(conn: Any, role: str, schema: str, tables: list[str]) -> list[str]:
+    """What `role` may do beyond capture in `schema`: own (or be in the role owning) a table,
+    write a table capture does not, delete from one it does."""
+    found: list[str] = []
+    for table in tables:
+        qualified = f'"{schema}"."{table}"'
+        owner = conn.execute(
+            text("SELECT tableowner FROM pg_tables WHERE schemaname = :s AND tablename = :t"),
+            {"s": schema, "t": table},
+        ).scalar()
+        if (
+            owner is not None
+            and conn.execute(text("SELECT pg_has_role(:r, :o, 'USAGE')"), {"r": role, "o": owner}).scalar()
+        ):
+            found.append(f"acts as {owner}, the owner of {table}")
+            continue
+        rights = _NOT_CAPTURES.get(table, ("INSERT", "UPDATE", "DELETE", "TRUNCATE"))
+        held = [
+            right
+            for right in rights
+            if conn.execute(
+                text("SELECT has_table_privilege(:r, :t, :p)"), {"r": role, "t": qualified, "p": right}
+            ).scalar()
+        ]
+        if held:
+            found.append(f"{'/'.join(held)} on {table}")
+    return found
 
 
 _CLOCK_SKEW = "5 minutes"  # how far ahead of the database's clock a capturing host's may run
