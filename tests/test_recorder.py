@@ -485,3 +485,21 @@ def test_a_mistyped_writer_in_the_environment_is_warned_of_and_capture_goes_on(
     assert [t.answer for t in honed.open_store(sqlite_url).trajectories()] == ["3"]
     assert Recorder(sqlite_url).writer == writer
     assert ("HONED_WRITER" in caplog.text) == (value == "bogus")
+
+
+def test_a_spool_is_for_its_user_alone(tmp_path: Path) -> None:
+    """A QA pass (session 27, production setup): spooled conversations were 0644 in a 0755 folder
+    under a 022 umask: any account on the host could read them."""
+    import os
+    import stat
+
+    from honed.capture.spool import Spool
+
+    old = os.umask(0o022)
+    try:
+        path = tmp_path / "spool" / "x.jsonl"
+        Spool(path).append([{"id": "run-0", "started_at": 1.0, "agent": "a", "steps": []}])
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700

@@ -147,9 +147,11 @@ class Spool:
 
     @contextmanager
     def _locked(self, mode: str) -> Iterator[IO[str]]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if mode == "r+" and not self.path.exists():
-            self.path.touch()
+        # Captured conversations, for this user only: made 0644 under a 022 umask, any account on
+        # the host read them (a QA pass, session 27). A folder that exists keeps its mode.
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not self.path.exists():
+            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
         with open(self.path, mode, encoding="utf-8") as handle:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
             try:
