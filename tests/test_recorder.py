@@ -503,3 +503,14 @@ def test_a_spool_is_for_its_user_alone(tmp_path: Path) -> None:
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+
+
+def test_every_counter_is_there_before_the_first_capture() -> None:
+    """A QA pass (session 27): in a process using `Middleware` alone, `honed.stats()` held only
+    `lag_s` and `stores` until a run was captured: `stats()["trajectories_written"]` raised."""
+    import subprocess
+    import sys
+
+    code = "import honed; s = honed.stats(); print(s['trajectories_written'], s['spool_pending'], s['events_dropped'])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.split() == ["0", "0", "0"], out

@@ -127,7 +127,12 @@ def stats() -> dict[str, Any]:
                 if isinstance(value, int) and isinstance(seen.get(key), int):
                     seen[key] += value
             seen["lag_s"] = max(seen["lag_s"], counts["lag_s"])
-    total: dict[str, Any] = {}
+    from honed.capture.recorder import RECORDER_COUNTERS
+    from honed.capture.sinks import STORE_COUNTERS
+
+    # Each counter there before any capture (a QA pass, session 27: a process using `Middleware`
+    # alone had none until its first run, and `stats()["trajectories_written"]` raised KeyError).
+    total: dict[str, Any] = dict.fromkeys((*RECORDER_COUNTERS, *STORE_COUNTERS, "spool_pending"), 0)
     for counts in per_store.values():
         for key, value in counts.items():
             if isinstance(value, int):

@@ -79,6 +79,13 @@ def _env_writer() -> str:
     return DEFAULT_WRITER
 
 
+# Every counter `Recorder.stats()` gives: `honed.stats()` has each, at 0 before any capture.
+RECORDER_COUNTERS = (
+    "events_dropped", "events_processed", "trajectories_captured", "events_captured", "queue_depth",
+    "open_trajectories", "events_ignored", "export_errors",
+)  # fmt: skip
+
+
 class Recorder:
     """Captures events for one store.
 
@@ -140,6 +147,7 @@ class Recorder:
         self._closed = False
         self._taken_since: float | None = None  # when the oldest event taken but not yet written was emitted
         self._counts = dict.fromkeys(("events_dropped", "events_processed", "trajectories_captured"), 0)
+        # (`RECORDER_COUNTERS` names these and the rest `stats()` adds.)
         _live.add(self)
         _flush_on_sigterm()
         if self.spool.has_pending():

@@ -54,6 +54,15 @@ class TrajectoryExporter(Protocol):
     def shutdown(self) -> None: ...
 
 
+STORE_COUNTERS = (
+    "trajectories_written",
+    "steps_written",
+    "trajectories_spooled",
+    "trajectories_replayed",
+    "write_errors",
+)
+
+
 class StoreSink:
     """The store, with the spool as its fallback. Records go to the store; while it is down they are
     appended to the spool, and replayed in order (retried with backoff) once it answers, on the
@@ -72,16 +81,7 @@ class StoreSink:
         self._retry_at = 0.0
         self._retry_delay = _RETRY_MIN_S
         self._lock = threading.Lock()
-        self._counts = dict.fromkeys(
-            (
-                "trajectories_written",
-                "steps_written",
-                "trajectories_spooled",
-                "trajectories_replayed",
-                "write_errors",
-            ),
-            0,
-        )
+        self._counts = dict.fromkeys(STORE_COUNTERS, 0)
 
     def write(self, records: list[Record]) -> None:
         if self.misconfigured or (self.spool.has_pending() and not self._replay_if_due()):
