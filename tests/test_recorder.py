@@ -514,3 +514,21 @@ def test_every_counter_is_there_before_the_first_capture() -> None:
     code = "import honed; s = honed.stats(); print(s['trajectories_written'], s['spool_pending'], s['events_dropped'])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.split() == ["0", "0", "0"], out
+
+
+def test_a_flush_tries_the_store_again_for_what_the_spool_holds(tmp_path: Path, writer: str) -> None:
+    """A QA pass (session 27, production setup): runs spooled during an outage stayed in the spool
+    at exit although the store had been back for seconds: the next retry was due in 30 s, and
+    `flush()` (what a normal exit runs) did not try. On a host whose disk is thrown away, lost."""
+    blocker = tmp_path / "db"
+    blocker.write_text("a file where the store's folder should be: the store cannot open")
+    recorder = Recorder(f"sqlite:///{blocker / 'honed.db'}", spool_path=tmp_path / "spool.jsonl")
+    agent = create_agent(ToolScriptModel(), make_tools(), middleware=[honed.Middleware(recorder=recorder)])
+    for i in range(3):
+        invoke(agent, i)
+    assert recorder.flush() and recorder.stats()["spool_pending"] == 3
+    blocker.unlink()  # back, long before the next retry
+    assert recorder.flush()
+    stats = recorder.stats()
+    assert stats["spool_pending"] == 0 and stats["trajectories_written"] == 3, stats
+    recorder.close()

@@ -264,6 +264,13 @@ class Recorder:
             if event[0] == FLUSH:
                 self._assembler.close_pending()
                 self._write(self._assembler.take_completed())
+                for sink in self.sinks:  # what the spool holds: tried now, not at the next retry
+                    retry = getattr(sink, "retry_now", None)
+                    if retry is not None:
+                        try:
+                            retry()
+                        except Exception:
+                            log.exception("honed: the sink %r failed", sink)
                 flushes.append(event[4])
                 continue
             if self._taken_since is None:

@@ -96,6 +96,14 @@ class StoreSink:
     def idle(self) -> None:
         self._replay_if_due()
 
+    def retry_now(self) -> None:
+        """Try the store for what the spool holds now, not at the next retry (`flush()`, and so
+        a normal exit: the backoff grows to 30 s, and runs spooled during an outage stayed in the
+        spool at exit with the store back for seconds, a QA pass, session 27)."""
+        if self.spool.has_pending() and not self.misconfigured:
+            self._retry_at = 0.0
+            self._replay_if_due()
+
     def wait(self, timeout: float) -> bool:
         return True  # `write` returns once the store (or the spool) has the records
 

@@ -141,6 +141,18 @@ class ProcessStoreSink:
         elif self._child is not None:
             self._post(("idle", 0, None))  # the child retries its spool when due
 
+    def retry_now(self) -> None:
+        """The store's `retry_now`, where it runs; acknowledged as a write is, so `wait` waits for it."""
+        if self._local:
+            self.inner.retry_now()
+        elif self._child is not None:
+            with self._changed:
+                self._sent += 1
+                self._unacked[self._sent] = []
+                self._sent_at[self._sent] = time.time()
+                n = self._sent
+            self._post(("retry", n, None))
+
     def wait(self, timeout: float | None = None) -> bool:
         """Until the child has acknowledged every batch sent (or they were written here)."""
         with self._changed:
@@ -298,9 +310,11 @@ def main() -> None:
             kind, n, records = message
             if kind == "write":
                 sink.write(records)
+            elif kind == "retry":
+                sink.retry_now()
             else:
                 sink.idle()
-            forward.send(("ack" if kind == "write" else "idle", n, sink.counts()))
+            forward.send(("ack" if kind in ("write", "retry") else "idle", n, sink.counts()))
     except BrokenPipeError:  # the capturing process is gone (killed, or `os._exit`): nothing to say
         pass
     finally:
