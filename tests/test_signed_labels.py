@@ -624,7 +624,10 @@ def test_a_role_that_inherits_more_than_capture_is_refused(pg_url: str) -> None:
         for role in roles:
             result = CliRunner().invoke(app, ["init", "--store", pg_url, "--capture-role", role])
             said = " ".join(result.output.split())
-            assert result.exit_code == 1 and "can do more than capture here" in said, result.output
+            assert result.exit_code == 1, result.output
+            assert "can do more than capture here" in said or "is a member of their owner's role" in said, (
+                said
+            )
             assert "do nothing more" not in said
         with admin.begin() as conn:  # refused whole: none of the grants stayed
             granted = conn.execute(
@@ -632,7 +635,7 @@ def test_a_role_that_inherits_more_than_capture_is_refused(pg_url: str) -> None:
                 {"r": roles[1]},
             ).scalar()
         assert granted == 0
-        with pytest.raises(ValueError, match="can do more than capture"):
+        with pytest.raises(ValueError, match="member of their owner's role"):
             owner.grant_capture(roles[0])
     finally:
         with admin.begin() as conn:

@@ -45,6 +45,14 @@ def grant_capture(engine: Engine, role: str) -> list[str]:
                 text("SELECT tablename FROM pg_tables WHERE schemaname = :s"), {"s": schema}
             )
         ]
+        owning = [
+            found for found in _beyond_capture(conn, role, schema, tables) if found.startswith("acts as")
+        ]
+        if owning:  # before anything runs: revoking from the owner took its own rights away
+            raise ValueError(
+                f"{role!r} owns the store's tables or is a member of their owner's role ({owning[0]}): "
+                "give the agent's process a role of its own, a member of none"
+            )
         paused = f"honed_capture_{role}"[:63]
         existing = {
             name
