@@ -74,6 +74,7 @@ def test_audit_against_human_labels_is_stored_and_gates_training(labelled: str) 
         and "still labelled fail" in again.output
         and "reference failed it" in again.output
     )
+    assert "fix the verifier" in " ".join(again.output.split())
     agreed = runner.invoke(app, ["label", "run-03", "pass", "--store", labelled, "--by", "ana"])
     assert agreed.exit_code == 0 and "still labelled" not in agreed.output
 
@@ -107,6 +108,13 @@ def test_audit_against_human_labels_is_stored_and_gates_training(labelled: str) 
     listing = runner.invoke(app, ["verifiers", "list", "--store", labelled, "--json"])
     rows = {r["verifier"]: r for r in map(json.loads, listing.output.splitlines())}
     assert rows["reference"]["total"] == 20 and rows["human"]["total"] == 11
+    # Another person's fail is no verifier's to fix (a QA pass, session 27).
+    runner.invoke(app, ["label", "run-03", "fail", "--store", labelled, "--by", "bo"])
+    other = runner.invoke(app, ["label", "run-03", "pass", "--store", labelled, "--by", "cy"])
+    said = " ".join(other.output.split())
+    assert "still labelled fail" in said and "fix the verifier" not in said and "labels it again" in said, (
+        said
+    )
 
 
 def test_two_labellers_gold_labels_are_both_kept_and_disagreement_is_a_fail(sqlite_url: str) -> None:

@@ -167,9 +167,9 @@ def label(
                 ),
             )
             now = label_of(s.get(t.id).verdicts, untrusted=s.untrusted_verifiers())
-            failed_by = sorted(
-                {w.verifier for w in current_verdicts(s.get(t.id).verdicts) if w.passed is False}
-            )
+            failing = [w for w in current_verdicts(s.get(t.id).verdicts) if w.passed is False]
+            failed_by = sorted({w.verifier for w in failing})
+            by_people = all((w.evidence or {}).get("labeler") for w in failing)
         except TrajectoryNotFound as exc:
             said = str(exc) if isinstance(exc, AmbiguousTrajectoryId) else f"no trajectory {exc}"
             err_console().print(f"[red]{escape(said)}[/red]")
@@ -182,9 +182,16 @@ def label(
             if failed_by
             else "a verifier's verdict on it is an error or could not tell"
         )
+        # A person's fail is not a verifier's to fix (a QA pass, session 27: "fix the verifier"
+        # of a fail another labeller gave).
+        fix = (
+            "a person's label stands until that person labels it again"
+            if failed_by and by_people
+            else "fix the verifier and verify again: its new version judges anew"
+        )
         err_console().print(
             f"[yellow]the run is still labelled {label_word(now)} for training and export: {why} "
-            "(fix the verifier and verify again: its new version judges anew)[/yellow]"
+            f"({fix})[/yellow]"
         )
 
 
