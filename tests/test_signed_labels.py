@@ -554,6 +554,22 @@ def test_a_worker_with_another_key_neither_strands_runs_nor_launders_a_policy(
     Worker(trusted, [ReferenceMatch()]).run_once()  # until a worker declares it, with the key
     assert "reference" not in trusted.untrusted_verifiers() and _passes(trusted) == ["t1"]
 
+    # A policy another key wrote first (a wrong-key worker on a new store): set right by a person
+    # with the key (a QA pass, session 27: the advice given, an audit, could not, nor --clear).
+    other.register_verifiers({"judge": "high"})
+    trusted.add_verdict("t1", honed.Verdict(passed=True, verifier="judge"))
+    assert "judge" in trusted.untrusted_verifiers()
+    said = CliRunner(env={KEY_ENV: KEY, "COLUMNS": "200"}).invoke(
+        app, ["verifiers", "policy", "judge", "--trust", "high", "--store", store_url]
+    )
+    assert said.exit_code == 0 and "passes used" in " ".join(said.output.split()), said.output
+    assert "judge" not in trusted.untrusted_verifiers()
+    # Without the key, a signed store's policy is not written (it would count for nothing).
+    refused = CliRunner(env={KEY_ENV: ""}).invoke(
+        app, ["verifiers", "policy", "judge", "--trust", "low", "--store", store_url]
+    )
+    assert refused.exit_code == 2 and trusted.verifier_policy("judge").trust == "high", refused.output
+
 
 @pytest.mark.parametrize("key", ["short", KEY])
 def test_capture_reads_no_key_and_warns_of_one_in_its_process(

@@ -316,16 +316,30 @@ def policy(
         float | None, typer.Option("--min-precision", help="Minimum audited precision.", min=0.0, max=1.0)
     ] = None,
     clear: Annotated[bool, typer.Option("--clear", help="Remove the minimum.")] = False,
+    trust: Annotated[
+        str | None,
+        typer.Option(
+            "--trust",
+            help="high or low: a person's word on the verifier (sets right a policy another key wrote).",
+        ),
+    ] = None,
     note: Annotated[str, typer.Option(help="Why.")] = "",
     store: StoreOption = None,
 ) -> None:
-    """Set (or clear) the audited precision below which a verifier's passes are not training data."""
-    if min_precision is None and not clear:
-        console().print("[red]give --min-precision X or --clear[/red]")
+    """Set (or clear) the audited precision below which a verifier's passes are not training data,
+    or its trust."""
+    if min_precision is None and not clear and trust is None:
+        console().print("[red]give --min-precision X, --clear or --trust high|low[/red]")
         raise typer.Exit(2)
+    if trust is not None and trust not in ("high", "low"):
+        raise typer.BadParameter("high or low", param_hint="--trust")
     with open_store_or_exit(store, create=True) as s:
+        _refuse_labels_that_would_not_count(s)
         judged = sorted({row["verifier"] for row in s.verifier_counts()})
-        p = s.set_min_precision(name, None if clear else min_precision, note=note)
+        if trust is not None:
+            p = s.set_trust(name, trust, note=note)
+        if min_precision is not None or clear:
+            p = s.set_min_precision(name, None if clear else min_precision, note=note)
     if name not in judged:  # set ahead of a new verifier, or a typo: say which
         console().print(
             f"[yellow]no verdicts from a verifier named {escape(repr(name))} yet "

@@ -252,6 +252,7 @@ class TrajectoryStore:
     audit_verifier = _Part("verification")
     audits = _Part("verification")
     set_min_precision = _Part("verification")
+    set_trust = _Part("verification")
     register_verifiers = _Part("verification")
     verifier_policy = _Part("verification")
     verifier_policies = _Part("verification")

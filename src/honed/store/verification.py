@@ -369,6 +369,22 @@ class VerificationStore:
             session.add(row)
         return self.verifier_policy(verifier)
 
+    def set_trust(self, verifier: str, trust: str, *, note: str = "") -> VerifierPolicy:
+        """A person's word on a verifier's trust ("high": its passes train unless a minimum
+        precision says otherwise; "low": only with an audited minimum), signed with this store's
+        key: how a policy another key wrote (a worker started with the wrong one) is set right."""
+        if trust not in ("high", "low"):
+            raise ValueError(f"trust must be high or low, not {trust!r}")
+        with self._sessions.begin() as session:
+            row = session.get(VerifierPolicyRow, verifier) or VerifierPolicyRow(verifier=verifier)
+            if row.signature is not None and not self._policy_checks(row):
+                row.min_precision = None  # what another key wrote is not kept under this one
+            row.trust, row.note, row.updated_at = trust, note, _now()
+            if self._signer is not None:
+                row.signature = self._signer.policy(row.verifier, row.trust, row.min_precision)
+            session.add(row)
+        return self.verifier_policy(verifier)
+
     def register_verifiers(self, trusts: dict[str, str], *, only_new: bool = False) -> None:
         """Record each verifier's trust level (the worker calls this on start), keeping policies.
         An upsert: many workers start at once. `only_new`: leave verifiers with a policy alone."""
@@ -415,7 +431,7 @@ class VerificationStore:
                 log.warning(
                     "honed: the policy of verifier %s does not check out with this key (signed with another, "
                     "or changed without one): it stays untrusted until set again with this key "
-                    "(`honed verifiers audit %s --min-precision P`)",
+                    "(`honed verifiers policy %s --trust high`, or an audit with --min-precision P)",
                     row["verifier"],
                     row["verifier"],
                 )
