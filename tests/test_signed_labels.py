@@ -659,3 +659,37 @@ def test_a_role_that_inherits_more_than_capture_is_refused(pg_url: str) -> None:
                 conn.execute(text(f'DROP OWNED BY "{role}"'))
                 conn.execute(text(f'DROP ROLE "{role}"'))
         admin.dispose()
+
+
+def test_a_key_is_rotated_without_judging_anything_again(stores: tuple, store_url: str) -> None:
+    """A QA pass (session 27, production setup): a store signed with one key refused every label
+    and worker with another: a leaked key could not be replaced. `honed rekey` signs what checks
+    out with the old key again with the new one, and moves the worker's queue."""
+    agent_side, trusted = stores
+    for i in range(3):
+        agent_side.save(traj(f"t{i}", f"the answer is {i}", expected="1"))
+    assert Worker(trusted, [ReferenceMatch()]).run_once() == 3
+    trusted.add_verdict(
+        "t2", honed.Verdict(passed=True, verifier="human", version="ana", evidence={"labeler": "ana"})
+    )
+    trusted.set_min_precision("reference", None)
+    agent_side.add_verdict("t0", honed.Verdict(passed=True, verifier="human", version="mallory"))  # unsigned
+    before = _passes(trusted)
+    assert before == ["t1"]
+    new_key = secrets.token_urlsafe(32)
+    rotated = honed.open_store(store_url, verdict_key=new_key)
+    assert rotated.label_signing() == "other-key" and _passes(rotated) == []
+
+    env = {KEY_ENV: new_key, "HONED_PREVIOUS_VERDICT_KEY": KEY, "COLUMNS": "300"}
+    said = CliRunner(env=env).invoke(app, ["rekey", "--store", store_url])
+    assert said.exit_code == 0, said.output
+    assert "4 verdicts, 2 policies" in said.output and "3 queued runs" in said.output, said.output
+    rotated = honed.open_store(store_url, verdict_key=new_key)
+    assert rotated.label_signing() == "checked" and _passes(rotated) == before
+    assert Worker(rotated, [ReferenceMatch()]).run_once() == 0  # nothing judged again
+    assert "reference" not in rotated.untrusted_verifiers()
+    assert honed.open_store(store_url, verdict_key=KEY).label_signing() == "other-key"  # retired
+    wrong = CliRunner(env={KEY_ENV: new_key, "HONED_PREVIOUS_VERDICT_KEY": new_key}).invoke(
+        app, ["rekey", "--store", store_url]
+    )
+    assert wrong.exit_code == 2 and "the same key" in wrong.output

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated
@@ -52,6 +53,35 @@ def init(
                 f"{escape(capture_role)} may capture into it and do nothing more: connect the agent's "
                 "process as this role"
             )
+
+
+PREVIOUS_KEY_ENV = "HONED_PREVIOUS_VERDICT_KEY"
+
+
+@app.command()
+def rekey(store: StoreOption = None) -> None:
+    """Sign the store's labels again with HONED_VERDICT_KEY, from the key being retired in
+    HONED_PREVIOUS_VERDICT_KEY (leaked, or due): nothing is judged again."""
+    from honed.store.signing import KEY_ENV, Signer
+
+    previous = os.environ.get(PREVIOUS_KEY_ENV)
+    if not os.environ.get(KEY_ENV) or not previous:
+        err_console().print(
+            f"[red]set {KEY_ENV} to the new key and {PREVIOUS_KEY_ENV} to the one it replaces[/red]"
+        )
+        raise typer.Exit(2)
+    retired = Signer(previous)
+    with open_store_or_exit(store) as s:
+        if s.signer is not None and s.signer.fingerprint == retired.fingerprint:
+            err_console().print(f"[red]{KEY_ENV} and {PREVIOUS_KEY_ENV} are the same key[/red]")
+            raise typer.Exit(2)
+        counts = s.rekey(retired)
+    console().print(
+        f"signed again with the new key: {counted(counts['verdicts'], 'verdict')}, "
+        f"{counted(counts['policies'], 'policy', 'policies')}, {counted(counts['audits'], 'audit')}; "
+        f"{counted(counts['queued'], 'queued run')} moved to its queue. Set {KEY_ENV} to the new key "
+        "wherever labels are written or read, and retire the old one."
+    )
 
 
 def _refuse_role_first(store: str | None, role: str) -> None:

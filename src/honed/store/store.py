@@ -253,6 +253,7 @@ class TrajectoryStore:
     audits = _Part("verification")
     set_min_precision = _Part("verification")
     set_trust = _Part("verification")
+    rekey = _Part("verification")
     register_verifiers = _Part("verification")
     verifier_policy = _Part("verification")
     verifier_policies = _Part("verification")

@@ -385,6 +385,42 @@ class VerificationStore:
             session.add(row)
         return self.verifier_policy(verifier)
 
+    def rekey(self, previous: Signer) -> dict[str, int]:
+        """Sign again with this store's key every verdict, policy and audit that checks out with
+        `previous` (a key being retired: leaked, or due), and move the worker's queue to this
+        key, so nothing is judged again; rows that do not check out with `previous` are left as
+        they are (they count under neither). Returns how many rows of each were signed again."""
+        if self._signer is None:
+            raise ValueError("open the store with the new key (HONED_VERDICT_KEY) to sign again")
+        new = self._signer
+        counts = dict.fromkeys(("verdicts", "policies", "audits", "queued"), 0)
+        V, P, A, C = VerdictRow, VerifierPolicyRow, VerifierAuditRow, VerificationClaimRow
+        with self._sessions.begin() as session:
+            for row in session.execute(select(V.__table__).where(V.signature.is_not(None))).mappings():
+                if previous.verdict_checks(row):
+                    session.execute(update(V).where(V.id == row["id"]).values(signature=new.verdict(row)))
+                    counts["verdicts"] += 1
+            for row in session.execute(select(P.__table__).where(P.signature.is_not(None))).mappings():
+                if previous.policy_checks(row):
+                    signature = new.policy(row["verifier"], row["trust"], row["min_precision"])
+                    session.execute(
+                        update(P).where(P.verifier == row["verifier"]).values(signature=signature)
+                    )
+                    counts["policies"] += 1
+            for row in session.execute(select(A.__table__).where(A.signature.is_not(None))).mappings():
+                if previous.audit_checks(row):
+                    session.execute(update(A).where(A.id == row["id"]).values(signature=new.audit(row)))
+                    counts["audits"] += 1
+            old_queue, new_queue = f"+signed:{previous.fingerprint}", f"+signed:{new.fingerprint}"
+            for (queue,) in session.execute(select(C.queue).where(C.queue.endswith(old_queue)).distinct()):
+                moved = queue[: -len(old_queue)] + new_queue
+                if session.scalar(select(func.count()).select_from(C).where(C.queue == moved)):
+                    continue  # a worker with the new key started already: its queue stands
+                counts["queued"] += session.execute(
+                    update(C).where(C.queue == queue).values(queue=moved)
+                ).rowcount
+        return counts
+
     def register_verifiers(self, trusts: dict[str, str], *, only_new: bool = False) -> None:
         """Record each verifier's trust level (the worker calls this on start), keeping policies.
         An upsert: many workers start at once. `only_new`: leave verifiers with a policy alone."""
