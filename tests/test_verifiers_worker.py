@@ -439,3 +439,57 @@ def test_a_gate_round_labels_its_own_attempts_and_nothing_else(store_url: str) -
     # The same claims, worked with `only`: a worker given ids claims and enqueues no others.
     assert Worker(store, [ReferenceMatch()], only=[others[0]]).run_once() == 1
     assert [tid for tid in others if store.get(tid).verdicts] == [others[0]]
+
+
+def test_a_watching_worker_started_before_its_store_waits_for_it(pg_url: str) -> None:
+    """A QA pass (session 27, production setup): `honed verify --watch` exited at once when the
+    database was down at its start (a worker up before PostgreSQL after a reboot), where one
+    already running waited. It waits, says so once, and labels once the store answers."""
+    import os
+
+    from verifier_helpers import traj
+
+    url = make_url(pg_url)
+    direct = honed.open_store(pg_url)
+    direct.save(traj("w1", "the answer is 4", expected="4"))
+    proxy = TcpProxy(url.port or 5432)  # down until `up()`
+    through = url.set(port=proxy.port).render_as_string(hide_password=False)
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "honed.cli", "verify", "--watch", "--store", through, "--poll", "0.2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "300"},
+    )  # fmt: skip
+    try:
+        time.sleep(5)
+        assert worker.poll() is None, worker.communicate()
+        proxy.up()
+        deadline = time.monotonic() + 90
+        while not direct.get("w1").verdicts:
+            assert time.monotonic() < deadline and worker.poll() is None
+            time.sleep(0.5)
+        worker.send_signal(signal.SIGTERM)
+        out, err = worker.communicate(timeout=60)
+    finally:
+        worker.kill()
+        proxy.down()
+    assert worker.returncode == 0, (out, err)
+    assert err.count("waiting for it") == 1, err
+    assert "1 trajectory checked" in out, out
+
+
+def test_a_worker_off_a_terminal_says_how_far_it_got(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A QA pass (session 27): under a service manager the log stayed empty for 8 minutes while
+    the worker labelled 634 runs: the progress bar draws nothing off a terminal."""
+    from typer.testing import CliRunner
+
+    import honed.cli.verify as verify_cli
+    from honed.cli import app
+    from verifier_helpers import traj
+
+    url = f"sqlite:///{tmp_path / 'honed.db'}"
+    store = honed.open_store(url)
+    for i in range(3):
+        store.save(traj(f"r{i}", f"the answer is {i}", expected="1"))
+    monkeypatch.setattr(verify_cli, "PROGRESS_LINE_S", 0.0)
+    said = CliRunner().invoke(app, ["verify", "--once", "--store", url])
+    assert said.exit_code == 0, said.output
+    assert "checked so far: " in said.output and "1 pass" in said.output, said.output

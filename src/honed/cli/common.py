@@ -6,6 +6,7 @@ import contextlib
 import os
 import re
 import sys
+import time
 from typing import Annotated, Any
 
 import click
@@ -195,6 +196,30 @@ def open_store_or_exit(url: str | None, *, create: bool = False) -> TrajectorySt
             soft_wrap=True,
         )
         raise typer.Exit(2) from exc
+
+
+def open_store_waiting(url: str | None, *, max_delay_s: float = 60.0) -> TrajectoryStore:
+    """`open_store_or_exit(url, create=True)` for a command that runs for good (`honed verify
+    --watch`): a store that is down (a worker started before PostgreSQL, after a reboot) is
+    waited for, said once, then tried again every few seconds; a URL that cannot work still exits.
+    A QA pass (session 27): it exited at once, where a worker already running waited."""
+    delay, said = 2.0, False
+    while True:
+        try:
+            if _in_memory(url):
+                return open_store_or_exit(url, create=True)  # says why not, and exits
+            return open_store(url, create=True)
+        except InvalidStoreURL:
+            return open_store_or_exit(url, create=True)
+        except StoreUnavailable as exc:
+            if not said:
+                first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                err_console().print(
+                    f"[yellow]{escape(first)}: waiting for it (Ctrl-C to stop)[/yellow]", soft_wrap=True
+                )
+                said = True
+            time.sleep(delay)
+            delay = min(delay * 2, max_delay_s)
 
 
 def progress_display(out: Console, *, transient: bool) -> Progress:
