@@ -666,3 +666,26 @@ def test_one_run_and_an_unsupported_option_are_said_whole(sqlite_url: str) -> No
     with pytest.raises(BadRequest) as refused:
         parse_chat_request({"model": "m", "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 5})
     assert str(refused.value).rstrip().endswith("without alternatives"), str(refused.value)
+
+
+def test_replaying_as_the_owner_names_what_waits_for_the_same_database_as_another_user() -> None:
+    """A QA pass (session 27, production setup): 79 runs waited for the database as the agent's
+    capture role; `honed spool --replay` as its owner said "replayed 0 trajectories", and nothing
+    more: each URL has its own spool."""
+    from honed.capture.spool import Spool, default_spool_path
+    from honed.store.store import safe_url
+
+    role = "postgresql+psycopg://agent:secret@db.example:5432/honed"
+    Spool(default_spool_path(role), store=safe_url(role)).append(
+        [{"id": f"run-{i}", "started_at": 1.0, "agent": "a", "steps": []} for i in range(2)]
+    )
+    said = CliRunner(env={"COLUMNS": "300"}).invoke(
+        app, ["spool", "--replay", "--store", "postgresql+psycopg://owner@db.example:5432/honed"]
+    )
+    text = " ".join(said.output.split())
+    assert said.exit_code == 0 and "replayed 0 trajectories" in text, said.output
+    assert (
+        "2 trajectories wait for this database as postgresql+psycopg://agent:***@db.example:5432/honed"
+        in text
+    )
+    assert "secret" not in text

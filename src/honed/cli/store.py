@@ -6,7 +6,7 @@ import json
 import os
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -153,6 +153,8 @@ def spool(
             console().print(
                 f"replayed {counted(replayed, 'trajectory')} from {escape(str(mine.path))} into {escape(summary['store'])}"
             )
+            if not before and source is None:
+                _same_database_elsewhere(url)
         return
     rows = [s.summary() for s in spools()]
     for row in rows:
@@ -179,6 +181,31 @@ def spool(
         console().print(
             "replay one with `honed spool --replay --store URL` (capture also replays it by itself)"
         )
+
+
+def _same_database_elsewhere(url: str) -> None:
+    """Spools waiting for this database under another user (the agent's capture role, when the
+    owner replays): each URL has its own spool, and "replayed 0" said nothing of them (a QA pass,
+    session 27)."""
+    from sqlalchemy.engine import make_url
+
+    from honed.capture.spool import spools
+
+    def database(text: str | None) -> tuple[Any, ...] | None:
+        try:
+            parsed = make_url(text or "")
+        except Exception:
+            return None
+        return (parsed.get_backend_name(), parsed.host, parsed.port, parsed.database)
+
+    here = database(url)
+    for row in (spool.summary() for spool in spools()):
+        if row["pending"] and row["store"] != safe_url(url) and database(row["store"]) == here:
+            console().print(
+                f"[yellow]{counted(row['pending'], 'trajectory')} wait for this database as "
+                f"{escape(str(row['store']))} in {escape(row['path'])}: `honed spool --replay --from "
+                f"{escape(row['path'])} --store URL` writes them[/yellow]"
+            )
 
 
 def _when(epoch: float | None) -> str:
