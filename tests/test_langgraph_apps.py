@@ -36,7 +36,7 @@ from honed import Trajectory
 from honed.cli import app
 from honed.exporters import select_trajectories, write_jsonl
 from honed.exporters.datasets import chat_example
-from honed.messages import NotExportable
+from honed.messages import NotExportable, content_text
 from honed.verifiers import JsonSchema, ReferenceMatch, Worker
 
 TESTS = Path(__file__).parent
@@ -2570,3 +2570,50 @@ def test_a_retried_tool_keeps_each_attempts_own_outcome(entry: str, sqlite_url: 
         (False, "ok z"),
     ]
     assert t.answer == "ok z"
+
+
+def test_content_blocks_edited_in_place_between_calls_are_stored_as_each_call_saw_them(
+    sqlite_url: str,
+) -> None:
+    """A QA pass (session 27): the snapshot of a message's content held a list of content blocks
+    by reference; a node editing a block in place (`m.content[0]["text"] = ...`) had the first
+    call stored with the later text, paired with a reply it never produced."""
+    from langchain_core.messages import HumanMessage
+    from langgraph.graph import START, StateGraph
+    from langgraph.graph.message import add_messages
+
+    from honed.testing import ScriptedChatModel
+
+    model = ScriptedChatModel()
+
+    State = TypedDict("State", {"messages": Annotated[list, add_messages]})  # noqa: UP013 (evaluated here)
+
+    def ask(state: State) -> dict[str, Any]:
+        return {"messages": [model.invoke(state["messages"])]}
+
+    def scrub(state: State) -> dict[str, Any]:
+        state["messages"][0].content[0]["text"] = "answer [scrubbed]"
+        return {}
+
+    graph = StateGraph(State)
+    graph.add_node("first", ask)
+    graph.add_node("scrub", scrub)
+    graph.add_node("second", ask)
+    graph.add_edge(START, "first")
+    graph.add_edge("first", "scrub")
+    graph.add_edge("scrub", "second")
+    honed.instrument(store=sqlite_url)
+    try:
+        graph.compile().invoke(
+            {"messages": [HumanMessage(content=[{"type": "text", "text": "answer SECRET-A"}])]}
+        )
+        assert honed.flush()
+    finally:
+        honed.uninstrument()
+    (t,) = honed.open_store(sqlite_url).trajectories()
+    seen = [
+        (content_text(s.input["messages"][0]["content"]), s.output["content"])
+        for s in t.steps
+        if s.kind == "model"
+    ]
+    assert seen == [("answer SECRET-A", "SECRET-A"), ("answer [scrubbed]", "[scrubbed]")], seen

@@ -481,10 +481,21 @@ def test_the_role_cannot_redefine_a_held_out_task_for_the_gate(capture_role: tup
         conn.execute(text("UPDATE trajectories SET metadata = '{\"expected\": \"1\"}' WHERE id = 'p'"))
     with pytest.raises(Exception, match="a capture role may not"), attacker.engine.begin() as conn:
         conn.execute(text("UPDATE trajectories SET created_at = '2000-01-01' WHERE id = 'p'"))
+    # ... nor a key added: a tolerance of 1e18 passed any answer at the gate (a QA pass, session 27).
+    with pytest.raises(Exception, match="a capture role may not"), attacker.engine.begin() as conn:
+        added = """(metadata::jsonb || '{"match": "numeric", "tolerance": 1e18}')::json"""
+        conn.execute(text(f"UPDATE trajectories SET metadata = {added} WHERE id = 'p'"))
+    assert owner.get("p").metadata == {"expected": "54"}
+    # An earlier paused run moved into the held-out split with another task is stored now, as far
+    # as the gate's tasks go: it redefined an operator's task (a QA pass, session 27).
+    early = traj("early", None, status="interrupted", expected="1")
+    owner.save(dataclasses.replace(early, task_id="h1", split="train", task=ask, started_at=long_ago))
+    with owner.engine.begin() as conn:  # stored before the operator's runs of h1
+        conn.execute(text("UPDATE trajectories SET created_at = '2000-01-01' WHERE id = 'early'"))
     with attacker.engine.begin() as conn:
-        added = "jsonb_set(metadata::jsonb, '{note}', '\"seen\"')::json"
-        assert conn.execute(text(f"UPDATE trajectories SET metadata = {added} WHERE id = 'p'")).rowcount == 1
-    assert owner.get("p").metadata["expected"] == "54"
+        moved = """split = 'heldout', task = '{"messages": [{"role": "user", "content": "say hi"}]}'"""
+        assert conn.execute(text(f"UPDATE trajectories SET {moved} WHERE id = 'early'")).rowcount == 1
+    assert [(k.id, k.metadata.get("expected")) for k in tasks_from_store(owner, "heldout")][:3] == before
 
 
 def test_a_resumed_part_adds_to_what_holds_its_run_out_and_takes_nothing_away(store_url: str) -> None:
@@ -631,19 +642,23 @@ def test_a_role_that_inherits_more_than_capture_is_refused(pg_url: str) -> None:
     capture into it and do nothing more", then deleted verdicts."""
     owner = honed.open_store(pg_url, verdict_key=KEY)
     admin = create_engine(pg_url)
-    roles = [f"honed_heir_{secrets.token_hex(3)}", f"honed_writer_{secrets.token_hex(3)}"]
+    roles = [
+        f"honed_heir_{secrets.token_hex(3)}",
+        f"honed_writer_{secrets.token_hex(3)}",
+        f"honed_ni_{secrets.token_hex(3)}",
+    ]
     with admin.begin() as conn:
         me = conn.execute(text("SELECT current_user")).scalar()
         conn.execute(text(f'CREATE ROLE "{roles[0]}" LOGIN IN ROLE "{me}"'))
         conn.execute(text(f'CREATE ROLE "{roles[1]}" LOGIN IN ROLE pg_write_all_data'))
+        # NOINHERIT: none of it in effect, all of it a `SET ROLE` away (a QA pass, session 27)
+        conn.execute(text(f'CREATE ROLE "{roles[2]}" LOGIN NOINHERIT IN ROLE pg_write_all_data'))
     try:
         for role in roles:
             result = CliRunner().invoke(app, ["init", "--store", pg_url, "--capture-role", role])
             said = " ".join(result.output.split())
             assert result.exit_code == 1, result.output
-            assert "can do more than capture here" in said or "is a member of their owner's role" in said, (
-                said
-            )
+            assert "can do more than capture here" in said or "is a member of another role" in said, said
             assert "do nothing more" not in said
         with admin.begin() as conn:  # refused whole: none of the grants stayed
             granted = conn.execute(
@@ -651,7 +666,7 @@ def test_a_role_that_inherits_more_than_capture_is_refused(pg_url: str) -> None:
                 {"r": roles[1]},
             ).scalar()
         assert granted == 0
-        with pytest.raises(ValueError, match="member of their owner's role"):
+        with pytest.raises(ValueError, match="member of another role"):
             owner.grant_capture(roles[0])
     finally:
         with admin.begin() as conn:

@@ -1363,3 +1363,24 @@ def test_the_same_model_asked_aside_is_not_trained_as_the_agents_turns() -> None
     ]  # fmt: skip
     t = Trajectory(id="r", agent="a", task={"messages": [ask]}, steps=steps, output="the sum is 5")
     assert [s.id for s in own_model_steps(t)] == ["a1", "a2"]
+
+
+def test_a_guard_echoing_the_structured_answer_is_not_the_call_that_gave_it() -> None:
+    """A QA pass (session 27): a guard model returning the agent's JSON unchanged, after it, was
+    taken for the call that answered (its JSON text matched); and `{"ok": 1}` "gave" `{"ok": true}`."""
+    from honed.messages import gives_structured, own_model_steps
+    from honed.trajectory import STRUCTURED_KEY
+
+    answer = {"city": "Paris", "ok": True}
+    ask = {"role": "user", "content": "capital of France as JSON"}
+    agent = Step(id="a", index=0, kind="model", name="agent", model_version="agent-v3", input={"messages": [ask]},
+                 output={"role": "assistant", "content": "", "tool_calls": [{"name": "Answer", "args": answer, "id": "c1"}]})  # fmt: skip
+    guard = Step(id="g", index=1, kind="model", name="guard", model_version="guard-v1",
+                 input={"messages": [{"role": "user", "content": json.dumps(answer)}]},
+                 output={"role": "assistant", "content": json.dumps(answer)})  # fmt: skip
+    t = Trajectory(
+        id="t", agent="bot", task={"messages": [ask]}, output={STRUCTURED_KEY: answer}, steps=[agent, guard]
+    )
+    assert [s.id for s in own_model_steps(t)] == ["a"]
+    one = {"content": "", "tool_calls": [{"name": "Answer", "args": {"city": "Paris", "ok": 1}, "id": "c"}]}
+    assert not gives_structured(one, answer)

@@ -729,9 +729,12 @@ def _answering_call(trajectory: Trajectory, calls: list[Step]) -> Step:
     answer = trajectory.answer
     output = trajectory.output
     structured = output.get(STRUCTURED_KEY) if isinstance(output, dict) else None
-    for s in reversed(calls):
-        if not isinstance(s.output, dict):
-            continue
+    replies = [s for s in reversed(calls) if isinstance(s.output, dict)]
+    if structured is not None:  # the call that made it a tool call first: a guard may echo its JSON
+        for s in replies:
+            if gives_structured(s.output, structured, as_text=False):
+                return s
+    for s in replies:
         if answer and content_text(s.output.get("content")) == answer:
             return s
         if structured is not None and gives_structured(s.output, structured):
@@ -739,18 +742,24 @@ def _answering_call(trajectory: Trajectory, calls: list[Step]) -> Step:
     return calls[-1]
 
 
-def gives_structured(reply: dict[str, Any], structured: Any) -> bool:
-    """Whether a reply holds `structured`: as a tool call's arguments, or as its JSON text."""
+def gives_structured(reply: dict[str, Any], structured: Any, *, as_text: bool = True) -> bool:
+    """Whether a reply holds `structured`: as a tool call's arguments, or (`as_text`) as its JSON
+    text. Compared as JSON (`1` is not `true`)."""
+    want = _json_key(structured)
     for call in reply.get("tool_calls") or ():
-        if isinstance(call, dict) and call.get("args") == structured:
+        if isinstance(call, dict) and _json_key(call.get("args")) == want:
             return True
-    text = content_text(reply.get("content"))
+    text = content_text(reply.get("content")) if as_text else ""
     if text and text.lstrip()[:1] in ("{", "["):
         try:
-            return json.loads(text) == structured
+            return _json_key(json.loads(text)) == want
         except ValueError:
             return False
     return False
+
+
+def _json_key(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
 
 
 def _reply_in(call: Step, messages: list[Any]) -> bool:

@@ -832,12 +832,12 @@ class Assembler:
         replaced since."""
         key = id(message)
         hit = trajectory.memo.get(key)
-        if hit is not None and hit[0] is message and hit[3] is content:
+        if hit is not None and hit[0] is message and (hit[3] is content or _same_blocks(hit[3], content)):
             self._stale_memo |= hit[2]
             return hit[1]
         before = self._altered()
         as_called = message
-        if message.content is not content:
+        if message.content is not content and not _same_blocks(message.content, content):
             try:
                 as_called = message.model_copy(update={"content": content})
             except Exception:  # a message type that cannot be copied: as it is now
@@ -985,6 +985,11 @@ class Assembler:
 # -- helpers -----------------------------------------------------------------------------------
 
 
+def _same_blocks(a: Any, b: Any) -> bool:
+    """Two lists of content blocks alike (a list's snapshot is a copy, never the list itself)."""
+    return type(a) is list and type(b) is list and a == b
+
+
 def _only_succeeded(steps: list[dict[str, Any]], tool_call_id: str) -> bool:
     """Whether the run's tool steps under `tool_call_id` are there and none of them failed."""
     found = False
@@ -1003,6 +1008,11 @@ def _answering_version(steps: list[dict[str, Any]], output: Any) -> str | None:
     answer = output.get("answer") if isinstance(output, dict) else output
     structured = output.get(STRUCTURED_KEY) if isinstance(output, dict) else None
     versioned = [s for s in steps if s["kind"] == "model" and s["model_version"]]
+    if structured is not None:  # the call that made it a tool call first: a guard may echo its JSON
+        for step in reversed(versioned):
+            reply = step.get("output")
+            if isinstance(reply, dict) and gives_structured(reply, structured, as_text=False):
+                return step["model_version"]
     for step in reversed(versioned):
         reply = step.get("output")
         if not isinstance(reply, dict):

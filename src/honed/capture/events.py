@@ -63,7 +63,7 @@ def tool_answer(result: Any) -> Any:
     if isinstance(result, RanAs | NotRun):
         return result._replace(result=tool_answer(result.result))
     if isinstance(result, ToolMessage):
-        return ToolAnswer(result, result.content)
+        return ToolAnswer(result, content_now(result.content))
     return result
 
 
@@ -90,9 +90,18 @@ CONTENTS = "_contents"
 
 def contents_of(messages: Any) -> list[Any] | None:
     try:
-        return [getattr(m, "content", None) for m in messages]
+        return [content_now(getattr(m, "content", None)) for m in messages]
     except Exception:  # never into the agent
         return None
+
+
+def content_now(content: Any) -> Any:
+    """A message's content as it is now: a str as it is (immutable), a list of content blocks
+    copied with its blocks (edited in place, `content[0]["text"] = ...`, the first call was
+    stored with the later text: a QA pass, session 27)."""
+    if type(content) is list:
+        return [dict(block) if type(block) is dict else block for block in content]
+    return content
 
 
 def snapshot(value: Any) -> Any:

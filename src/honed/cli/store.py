@@ -82,6 +82,12 @@ def rekey(store: StoreOption = None) -> None:
         f"{counted(counts['queued'], 'queued run')} moved to its queue. Set {KEY_ENV} to the new key "
         "wherever labels are written or read, and retire the old one."
     )
+    # Whoever held a leaked key could sign labels with it: those are signed again too (an attacker
+    # pass, session 27). A signature cannot tell them from the rest; a look can.
+    err_console().print(
+        "[yellow]if the old key leaked, labels forged with it were signed again too: look at the labels "
+        "written since it could have leaked (`honed runs --since WHEN`), and label again what is wrong[/yellow]"
+    )
 
 
 def _refuse_role_first(store: str | None, role: str) -> None:

@@ -50,7 +50,7 @@ def grant_capture(engine: Engine, role: str) -> list[str]:
         ]
         if owning:  # before anything runs: revoking from the owner took its own rights away
             raise ValueError(
-                f"{role!r} owns the store's tables or is a member of their owner's role ({owning[0]}): "
+                f"{role!r} owns the store's tables or is a member of another role ({owning[0]}): "
                 "give the agent's process a role of its own, a member of none"
             )
         paused = f"honed_capture_{role}"[:63]
@@ -108,8 +108,15 @@ BEGIN
   IF NEW.created_at IS DISTINCT FROM OLD.created_at THEN
     RAISE EXCEPTION 'honed: a capture role may not change when a run was stored';
   END IF;
-  IF held AND NOT ((new_meta - 'output_types') @> (old_meta - 'output_types')) THEN
-    RAISE EXCEPTION 'honed: a capture role may not change a held-out run''s metadata (what its verifiers read), only add to it';
+  IF held AND (new_meta - '{{output_types,nested_task_ids}}'::text[]) IS DISTINCT FROM (old_meta - '{{output_types,nested_task_ids}}'::text[]) THEN
+    -- Not even a key added: `match`, `tolerance`, `schema` change how its task is judged (a QA
+    -- pass, session 27: `tolerance: 1e18` passed any answer at the gate).
+    RAISE EXCEPTION 'honed: a capture role may not change a held-out run''s metadata (what its verifiers read)';
+  END IF;
+  IF NEW.split IS DISTINCT FROM OLD.split OR NEW.task::jsonb IS DISTINCT FROM OLD.task::jsonb THEN
+    -- A run moved into a split, or asking anew, is stored now as far as the gate's tasks go:
+    -- an early paused run moved into `heldout` with a new task redefined an operator's gate task.
+    NEW.created_at := now();
   END IF;
   IF held AND (NEW.task::jsonb IS DISTINCT FROM OLD.task::jsonb
      OR (NEW.split IS DISTINCT FROM OLD.split
@@ -175,6 +182,20 @@ def _beyond_capture(conn: Any, role: str, schema: str, tables: list[str]) -> lis
     """What `role` may do beyond capture in `schema`: own (or be in the role owning) a table,
     write a table capture does not, delete from one it does."""
     found: list[str] = []
+    # A role it is a member of, even one it cannot inherit from (NOINHERIT), it can `SET ROLE`
+    # to: as the owner, or `pg_write_all_data`, it deleted verdicts (a QA pass, session 27).
+    member_of = [
+        name
+        for (name,) in conn.execute(
+            text(
+                "SELECT g.rolname FROM pg_auth_members m JOIN pg_roles g ON g.oid = m.roleid "
+                "JOIN pg_roles r ON r.oid = m.member WHERE r.rolname = :r ORDER BY 1"
+            ),
+            {"r": role},
+        )
+    ]
+    if member_of:
+        found.append(f"acts as {', '.join(member_of)} (SET ROLE), a role it is a member of")
     for table in tables:
         qualified = f'"{schema}"."{table}"'
         owner = conn.execute(

@@ -1122,12 +1122,15 @@ def _merged_meta(stored: Any, new: Any, split: str | None) -> dict[str, Any]:
     the run out; of a run that may be held out (`honed.store.roles.possibly_held_out`, what the
     capture role's guard allows), every key it had, which its verifiers read (`expected`)."""
     stored = stored if isinstance(stored, dict) else {}
-    merged = {**stored, **(new if isinstance(new, dict) else {})}
-    kept = stored if possibly_held_out(split, stored) else {k: stored[k] for k in _HELD_MARKS if k in stored}
-    merged |= {k: v for k, v in kept.items() if k != "output_types"}
+    new = new if isinstance(new, dict) else {}
+    if possibly_held_out(split, stored):
+        # Not a key added either: `match` or `tolerance` change how its task is judged.
+        merged = {**stored, **({"output_types": new["output_types"]} if "output_types" in new else {})}
+    else:
+        merged = {**stored, **new} | {k: stored[k] for k in _HELD_MARKS if k in stored}
     before = stored.get("nested_task_ids")
     if isinstance(before, list):
-        after = new.get("nested_task_ids") if isinstance(new, dict) else None
+        after = new.get("nested_task_ids")
         added = [t for t in after if t not in before] if isinstance(after, list) else []
         merged["nested_task_ids"] = before + added
     return merged
