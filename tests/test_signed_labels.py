@@ -676,6 +676,32 @@ def test_a_role_that_inherits_more_than_capture_is_refused(pg_url: str) -> None:
         admin.dispose()
 
 
+def test_a_right_beyond_capture_granted_to_public_is_refused_and_no_grant_stays(pg_url: str) -> None:
+    """A role of its own still writes what PUBLIC may: the grants are checked in effect, in their
+    transaction, so a refusal leaves none of them."""
+    owner = honed.open_store(pg_url, verdict_key=KEY)
+    admin = create_engine(pg_url)
+    role = f"honed_agent_{secrets.token_hex(3)}"
+    with admin.begin() as conn:
+        conn.execute(text(f'CREATE ROLE "{role}" LOGIN'))
+        conn.execute(text("GRANT DELETE ON verdicts TO PUBLIC"))
+    try:
+        with pytest.raises(ValueError, match=r"can do more than capture here.*DELETE on verdicts"):
+            owner.grant_capture(role)
+        with admin.begin() as conn:
+            granted = conn.execute(
+                text("SELECT count(*) FROM information_schema.role_table_grants WHERE grantee = :r"),
+                {"r": role},
+            ).scalar()
+        assert granted == 0
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text("REVOKE DELETE ON verdicts FROM PUBLIC"))
+            conn.execute(text(f'DROP OWNED BY "{role}"'))
+            conn.execute(text(f'DROP ROLE "{role}"'))
+        admin.dispose()
+
+
 def test_a_key_is_rotated_without_judging_anything_again(stores: tuple, store_url: str) -> None:
     """A QA pass (session 27, production setup): a store signed with one key refused every label
     and worker with another: a leaked key could not be replaced. `honed rekey` signs what checks

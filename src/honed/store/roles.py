@@ -45,13 +45,11 @@ def grant_capture(engine: Engine, role: str) -> list[str]:
                 text("SELECT tablename FROM pg_tables WHERE schemaname = :s"), {"s": schema}
             )
         ]
-        owning = [
-            found for found in _beyond_capture(conn, role, schema, tables) if found.startswith("acts as")
-        ]
-        if owning:  # before anything runs: revoking from the owner took its own rights away
+        acting = _acts_as(conn, role, schema)
+        if acting:  # before anything runs: revoking from the owner took its own rights away
             raise ValueError(
-                f"{role!r} owns the store's tables or is a member of another role ({owning[0]}): "
-                "give the agent's process a role of its own, a member of none"
+                f"{role!r} owns the store's tables or is a member of another role ({', '.join(acting)}; "
+                "it can SET ROLE to a member's): give the agent's process a role of its own, a member of none"
             )
         paused = f"honed_capture_{role}"[:63]
         existing = {
@@ -161,15 +159,13 @@ END $s$""")
         )
         for statement in statements:
             conn.execute(text(statement))
-        # What the role can do in effect, through every role it is a member of: a member of the
-        # owner's role is the owner (and row-level security does not hold it), a member of
-        # `pg_write_all_data` writes every table; granted capture, either deleted verdicts (a QA
-        # pass, session 27). Checked after the grants, in their transaction: refused, none stays.
-        beyond = _beyond_capture(conn, role, schema, tables)
+        # What the role can still do in effect once granted, through a grant to PUBLIC, say.
+        # Checked in the grants' transaction: refused, none of them stays.
+        beyond = _writes_beyond_capture(conn, role, schema, tables)
         if beyond:
             raise ValueError(
-                f"{role!r} can do more than capture here, through the roles it is a member of: "
-                f"{'; '.join(beyond[:4])}: give the agent's process a role of its own, a member of none"
+                f"{role!r} can do more than capture here ({'; '.join(beyond[:4])}; granted to PUBLIC?): "
+                "take those rights back, or give the agent's process a role of its own"
             )
     return statements
 
@@ -178,42 +174,37 @@ END $s$""")
 _NOT_CAPTURES = {"trajectories": ("DELETE", "TRUNCATE"), "steps": ("UPDATE", "DELETE", "TRUNCATE")}
 
 
-def _beyond_capture(conn: Any, role: str, schema: str, tables: list[str]) -> list[str]:
-    """What `role` may do beyond capture in `schema`: own (or be in the role owning) a table,
-    write a table capture does not, delete from one it does."""
-    found: list[str] = []
-    # A role it is a member of, even one it cannot inherit from (NOINHERIT), it can `SET ROLE`
-    # to: as the owner, or `pg_write_all_data`, it deleted verdicts (a QA pass, session 27).
-    member_of = [
+def _acts_as(conn: Any, role: str, schema: str) -> list[str]:
+    """The roles `role` can act as: any it is a member of, even one it does not inherit from
+    (NOINHERIT: `SET ROLE` still works), and the owner of the schema's tables when it is that
+    owner. As the owner, or `pg_write_all_data`, a capture role deleted verdicts (a QA pass,
+    session 27): row-level security and the guard's triggers do not hold the owner."""
+    return [
         name
         for (name,) in conn.execute(
             text(
                 "SELECT g.rolname FROM pg_auth_members m JOIN pg_roles g ON g.oid = m.roleid "
-                "JOIN pg_roles r ON r.oid = m.member WHERE r.rolname = :r ORDER BY 1"
+                "JOIN pg_roles r ON r.oid = m.member WHERE r.rolname = :r "
+                "UNION SELECT tableowner FROM pg_tables WHERE schemaname = :s "
+                "AND pg_has_role(:r, tableowner, 'MEMBER') ORDER BY 1"
             ),
-            {"r": role},
+            {"r": role, "s": schema},
         )
     ]
-    if member_of:
-        found.append(f"acts as {', '.join(member_of)} (SET ROLE), a role it is a member of")
+
+
+def _writes_beyond_capture(conn: Any, role: str, schema: str, tables: list[str]) -> list[str]:
+    """What `role` may write beyond capture in `schema`: a table capture does not write, or
+    deleting from one it does."""
+    found = []
     for table in tables:
-        qualified = f'"{schema}"."{table}"'
-        owner = conn.execute(
-            text("SELECT tableowner FROM pg_tables WHERE schemaname = :s AND tablename = :t"),
-            {"s": schema, "t": table},
-        ).scalar()
-        if (
-            owner is not None
-            and conn.execute(text("SELECT pg_has_role(:r, :o, 'USAGE')"), {"r": role, "o": owner}).scalar()
-        ):
-            found.append(f"acts as {owner}, the owner of {table}")
-            continue
         rights = _NOT_CAPTURES.get(table, ("INSERT", "UPDATE", "DELETE", "TRUNCATE"))
         held = [
             right
             for right in rights
             if conn.execute(
-                text("SELECT has_table_privilege(:r, :t, :p)"), {"r": role, "t": qualified, "p": right}
+                text("SELECT has_table_privilege(:r, :t, :p)"),
+                {"r": role, "t": f'"{schema}"."{table}"', "p": right},
             ).scalar()
         ]
         if held:
