@@ -447,6 +447,32 @@ def test_replay_over_http_sends_the_sdks_bytes_or_falls_back(
         assert replay([surrogate], url).spans == len(surrogate.steps) + 1 and len(received) == 1
 
 
+@contextlib.contextmanager
+def answering(answer: Any, status: int = 200, content_type: str | None = None) -> Iterator[str]:
+    """An HTTP receiver (its URL) answering every POST with `status` and `answer(request_body)`."""
+
+    class Answering(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = answer(self.rfile.read(int(self.headers["Content-Length"])))
+            self.send_response(status)
+            if content_type:
+                self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answering)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_replay_says_what_a_receiver_refused_in_a_partial_success(captured: str) -> None:
     """A QA pass (session 17): a receiver answering 200 with `partial_success` (spans too old for
     its retention: what a `--since 7d` replay sends) kept none, and `honed export otlp` said
@@ -459,30 +485,16 @@ def test_replay_says_what_a_receiver_refused_in_a_partial_success(captured: str)
 
     from honed.cli import app
 
-    class Refusing(http.server.BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            request = ExportTraceServiceRequest.FromString(
-                self.rfile.read(int(self.headers["Content-Length"]))
-            )
-            answer = ExportTraceServiceResponse()
-            answer.partial_success.rejected_spans = sum(
-                len(s.spans) for r in request.resource_spans for s in r.scope_spans
-            )
-            answer.partial_success.error_message = "spans older than the retention window"
-            body = answer.SerializeToString()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/x-protobuf")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    def too_old(body: bytes) -> bytes:
+        request = ExportTraceServiceRequest.FromString(body)
+        answer = ExportTraceServiceResponse()
+        answer.partial_success.rejected_spans = sum(
+            len(s.spans) for r in request.resource_spans for s in r.scope_spans
+        )
+        answer.partial_success.error_message = "spans older than the retention window"
+        return answer.SerializeToString()
 
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}"
+    with answering(too_old, content_type="application/x-protobuf") as url:
         result = replay(honed.open_store(captured).trajectories(), url)
         assert result.spans > 0 and result.rejected == result.spans
         assert result.rejection == "spans older than the retention window"
@@ -493,9 +505,6 @@ def test_replay_says_what_a_receiver_refused_in_a_partial_success(captured: str)
         # Exit 1, as `export jsonl` has it (a QA pass, session 26: 0 here).
         assert shown.exit_code == 1 and "sent 0 spans" in shown.output, shown.output
         assert "no stored runs have agent 'no-such-agent' (agents: " in shown.output, shown.output
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_endpoint_protocol_and_resource_settings(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -559,28 +568,11 @@ def test_a_refused_batch_is_told_once_with_what_the_receiver_answered(captured: 
     why: told twice, neither whole."""
     import subprocess
 
-    class Refusing(http.server.BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            self.rfile.read(int(self.headers["Content-Length"]))
-            body = b"resource attribute service.name is required"
-            self.send_response(400)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
+    with answering(lambda _: b"resource attribute service.name is required", status=400) as url:
         shown = subprocess.run(
-            [sys.executable, "-m", "honed.cli", "export", "otlp", "--store", captured,
-             "--endpoint", f"http://127.0.0.1:{server.server_port}"],
+            [sys.executable, "-m", "honed.cli", "export", "otlp", "--store", captured, "--endpoint", url],
             capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "400"},
         )  # fmt: skip
-    finally:
-        server.shutdown()
     assert shown.returncode == 1 and shown.stdout == "", shown
     said = " ".join(shown.stderr.split())
     assert "Failed to export" not in said and said.count("did not accept a batch") == 1, said

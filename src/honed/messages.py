@@ -726,20 +726,28 @@ def _answering_call(trajectory: Trajectory, calls: list[Step]) -> Step:
     A structured answer is the call that gave it: its tool call's arguments (`ToolStrategy`), or
     its JSON text (a provider's own structured output) (a QA pass, session 27: matched by text
     only, a guarded agent's structured answer was the guard's, its version and its row)."""
-    answer = trajectory.answer
     output = trajectory.output
     structured = output.get(STRUCTURED_KEY) if isinstance(output, dict) else None
-    replies = [s for s in reversed(calls) if isinstance(s.output, dict)]
-    if structured is not None:  # the call that made it a tool call first: a guard may echo its JSON
-        for s in replies:
-            if gives_structured(s.output, structured, as_text=False):
-                return s
-    for s in replies:
-        if answer and content_text(s.output.get("content")) == answer:
-            return s
-        if structured is not None and gives_structured(s.output, structured):
-            return s
-    return calls[-1]
+    at = answering_reply([s.output for s in calls], trajectory.answer, structured)
+    return calls[-1] if at is None else calls[at]
+
+
+def answering_reply(replies: Sequence[Any], answer: Any, structured: Any) -> int | None:
+    """Which of a run's model replies (in call order) gave its answer: a structured answer's tool
+    call first (a guard may echo its JSON after it), then, last first, the reply whose text is
+    the answer or holds the structured answer as JSON. None: none of them. Capture (the run's
+    model version) and training (the agent's own calls) decide it alike."""
+    order = [i for i in reversed(range(len(replies))) if isinstance(replies[i], dict)]
+    if structured is not None:
+        for i in order:
+            if gives_structured(replies[i], structured, as_text=False):
+                return i
+    for i in order:
+        if isinstance(answer, str) and answer and content_text(replies[i].get("content")) == answer:
+            return i
+        if structured is not None and gives_structured(replies[i], structured):
+            return i
+    return None
 
 
 def gives_structured(reply: dict[str, Any], structured: Any, *, as_text: bool = True) -> bool:

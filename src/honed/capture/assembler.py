@@ -46,7 +46,7 @@ from honed.capture.events import (
     inherited_labels,
 )
 from honed.capture.serialize import to_jsonable
-from honed.messages import ROLES, content_text, gives_structured, stored_message, text_of, tool_schema
+from honed.messages import ROLES, answering_reply, stored_message, text_of, tool_schema
 from honed.trajectory import HELDOUT, INTERRUPTED, STRUCTURED_KEY
 
 log = logging.getLogger("honed")
@@ -60,9 +60,6 @@ _CLOSED_MEMORY = 50_000
 # Paused trajectories kept in memory, so a resume in this process writes the whole trajectory
 # (live exporters see it whole); older ones are continued in the store (see save_records).
 _PAUSED_MEMORY = 256
-
-
-_NOT_GIVEN = object()  # a tool's answer whose content was not recorded at its END
 
 
 class _Run:
@@ -739,7 +736,7 @@ class Assembler:
     def _model_step(self, step: dict[str, Any], run: _Run, outputs: Any) -> None:
         extra, trajectory = run.extra, run.trajectory
         ran_as = isinstance(outputs, ModelRanAs)
-        if isinstance(outputs, ModelRanAs):  # what the model received, not what the middleware saw
+        if ran_as:  # what the model received, not what the middleware saw
             run.inputs = outputs.messages
             if outputs.tools is not None:
                 extra["tools"] = outputs.tools
@@ -866,9 +863,9 @@ class Assembler:
                 {"name": outputs.asked_name, "args": _plain(outputs.asked_args)}
             )
             step["name"], run.inputs, outputs = outputs.name or step["name"], outputs.args, outputs.result
-        content = outputs.content if isinstance(outputs, ToolAnswer) else _NOT_GIVEN
-        if isinstance(outputs, ToolAnswer):
-            outputs = outputs.message
+        answered = outputs if isinstance(outputs, ToolAnswer) else None
+        if answered is not None:
+            outputs = answered.message
         step["input"] = self._field(_plain(run.inputs))
         tool_call_id = extra.get("tool_call_id")
         handoff = next(
@@ -896,7 +893,8 @@ class Assembler:
                     step["extra"]["state_update"] = self._field(_plain(rest))
         if isinstance(outputs, ToolMessage):
             tool_call_id = tool_call_id or outputs.tool_call_id
-            step["output"] = self._field(_plain(outputs.content if content is _NOT_GIVEN else content))
+            # (as it was when the tool answered, where that was recorded: `ToolAnswer`)
+            step["output"] = self._field(_plain(outputs.content if answered is None else answered.content))
             if outputs.status == "error" and step["error"] is None:
                 step["error"] = self._text(text_of(outputs))
             if outputs.artifact is not None:
@@ -930,21 +928,14 @@ class Assembler:
                 break
             if not isinstance(message, ToolMessage):
                 continue
-            if message.tool_call_id not in trajectory.tool_call_ids or (
-                message.status == "error" and _only_succeeded(trajectory.steps, message.tool_call_id)
-            ):
-                # An error under the id of a call that succeeded is another call: a second
-                # agent of the run whose model numbers its calls as the first's did (a QA pass,
-                # session 27: its call to a tool it lacks left no step).
+            if message.tool_call_id not in trajectory.tool_call_ids or _another_call(trajectory, message):
                 unseen.append(message)
             elif trajectory.unanswered:  # a raised error's step: what the model was told of it
                 failed = trajectory.unanswered.pop(message.tool_call_id, None)
                 if failed is not None:
                     failed["output"] = self._field(_plain(message.content))
         for message in reversed(unseen):
-            if message.tool_call_id in trajectory.tool_call_ids and not (
-                message.status == "error" and _only_succeeded(trajectory.steps, message.tool_call_id)
-            ):
+            if message.tool_call_id in trajectory.tool_call_ids and not _another_call(trajectory, message):
                 continue  # the same message twice in the list
             asked = _asked_arguments(trajectory.steps, message.tool_call_id)
             failed = message.status == "error" or _structured_output_retry(message)
@@ -990,11 +981,15 @@ def _same_blocks(a: Any, b: Any) -> bool:
     return type(a) is list and type(b) is list and a == b
 
 
-def _only_succeeded(steps: list[dict[str, Any]], tool_call_id: str) -> bool:
-    """Whether the run's tool steps under `tool_call_id` are there and none of them failed."""
+def _another_call(trajectory: _Open, message: ToolMessage) -> bool:
+    """An error under the id of calls of the run that all succeeded answers another call: a
+    second agent whose model numbers its calls as the first's did (a QA pass, session 27: its
+    call to a tool it lacks left no step)."""
+    if message.status != "error":
+        return False
     found = False
-    for step in steps:
-        if step["kind"] == "tool" and (step.get("extra") or {}).get("tool_call_id") == tool_call_id:
+    for step in trajectory.steps:
+        if step["kind"] == "tool" and (step.get("extra") or {}).get("tool_call_id") == message.tool_call_id:
             if step.get("error") is not None:
                 return False
             found = True
@@ -1008,20 +1003,9 @@ def _answering_version(steps: list[dict[str, Any]], output: Any) -> str | None:
     answer = output.get("answer") if isinstance(output, dict) else output
     structured = output.get(STRUCTURED_KEY) if isinstance(output, dict) else None
     versioned = [s for s in steps if s["kind"] == "model" and s["model_version"]]
-    if structured is not None:  # the call that made it a tool call first: a guard may echo its JSON
-        for step in reversed(versioned):
-            reply = step.get("output")
-            if isinstance(reply, dict) and gives_structured(reply, structured, as_text=False):
-                return step["model_version"]
-    for step in reversed(versioned):
-        reply = step.get("output")
-        if not isinstance(reply, dict):
-            continue
-        if isinstance(answer, str) and answer and content_text(reply.get("content")) == answer:
-            return step["model_version"]
-        # A structured answer: the call that gave it (a guard's after it was the run's version).
-        if structured is not None and gives_structured(reply, structured):
-            return step["model_version"]
+    at = answering_reply([s.get("output") for s in versioned], answer, structured)
+    if at is not None:
+        return versioned[at]["model_version"]
     return versioned[-1]["model_version"] if versioned else None
 
 

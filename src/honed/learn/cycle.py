@@ -968,7 +968,7 @@ def _task_of(t: Trajectory, split: str) -> Task | None:
     if prompt is None or not t.task_id:
         return None
     meta = {k: v for k, v in (t.metadata or {}).items() if k not in _ATTEMPT_KEYS}
-    return Task(id=t.task_id or "", prompt=prompt, split=split, metadata=meta)
+    return Task(id=t.task_id, prompt=prompt, split=split, metadata=meta)
 
 
 _ATTEMPT_KEYS = frozenset({"task_id", "split", "round", "sample", "purpose", "evaluated"})
