@@ -17,7 +17,7 @@ import honed
 from fakes import ToolScriptModel, make_tools
 from honed import Step, Trajectory, Verdict
 from honed.cli import app
-from honed.cli.export import parse_when
+from honed.cli.common import parse_when
 from honed.exporters import select_trajectories
 from honed.exporters.datasets import (
     chat_example,

@@ -702,6 +702,49 @@ def test_a_right_beyond_capture_granted_to_public_is_refused_and_no_grant_stays(
         admin.dispose()
 
 
+def test_a_role_that_may_create_objects_is_refused_and_the_guard_ignores_them(
+    capture_role: tuple[str, str],
+) -> None:
+    """A QA pass (session 28): where the role may CREATE in a schema (PUBLIC may in `public` up to
+    PostgreSQL 14), its operator `=` for varchar was picked by the guard's `IS DISTINCT FROM` (a
+    paused gate run moved to `train`) and by the owner's own queries (run as the owner inside
+    `honed label`, it deleted a person's fail). Refused at grant; and a right given later does not
+    reach the guard, whose functions pin their search path."""
+    owner_url, agent_url = capture_role
+    role = agent_url.split("//")[1].split("@")[0]
+    admin = create_engine(owner_url)
+    owner = honed.open_store(owner_url)
+    with admin.begin() as conn:
+        schema = conn.execute(text("SELECT current_schema()")).scalar()
+        conn.execute(text(f'GRANT CREATE ON SCHEMA "{schema}" TO PUBLIC'))
+    with pytest.raises(ValueError, match=rf"can do more than capture here.*CREATE on schema {schema}"):
+        owner.grant_capture(role)
+    with admin.begin() as conn:
+        conn.execute(text(f'REVOKE CREATE ON SCHEMA "{schema}" FROM PUBLIC'))
+    owner.grant_capture(role)
+    owner.save(dataclasses.replace(traj("gate", None, status="interrupted"), task_id="h1", split="heldout"))
+    with admin.begin() as conn:  # granted later, by mistake
+        conn.execute(text(f'GRANT CREATE ON SCHEMA "{schema}" TO "{role}"'))
+    attacker = create_engine(agent_url)
+    try:
+        with attacker.begin() as conn:
+            conn.execute(
+                text(
+                    "CREATE FUNCTION honed_eq(varchar, varchar) RETURNS boolean LANGUAGE sql AS 'SELECT true'"
+                )
+            )
+            conn.execute(
+                text("CREATE OPERATOR = (LEFTARG = varchar, RIGHTARG = varchar, FUNCTION = honed_eq)")
+            )
+        with pytest.raises(Exception, match="a capture role may not"), attacker.begin() as conn:
+            conn.execute(text("UPDATE trajectories SET split = 'train', task_id = 't-new' WHERE id = 'gate'"))
+        assert (owner.get("gate").split, owner.get("gate").task_id) == ("heldout", "h1")
+    finally:
+        attacker.dispose()
+        admin.dispose()
+        owner.close()
+
+
 def test_a_key_is_rotated_without_judging_anything_again(stores: tuple, store_url: str) -> None:
     """A QA pass (session 27, production setup): a store signed with one key refused every label
     and worker with another: a leaked key could not be replaced. `honed rekey` signs what checks

@@ -7,6 +7,7 @@ import os
 import re
 import sys
 import time
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 import click
@@ -220,6 +221,27 @@ def open_store_waiting(url: str | None, *, max_delay_s: float = 60.0) -> Traject
                 said = True
             time.sleep(delay)
             delay = min(delay * 2, max_delay_s)
+
+
+def parse_when(text: str, now: datetime | None = None) -> datetime:
+    """An ISO date/time (local time when no zone is given: what `honed runs` and `honed show`
+    print) or an age back from now: `90s`, `30m`, `12h`, `7d`, `2w`, or combined (`1d12h`)."""
+    value = text.strip()
+    if value and not _DURATION.sub("", value).strip():
+        delta = timedelta()
+        for amount, unit in _DURATION.findall(value):
+            delta += timedelta(**{_UNITS[unit]: float(amount)})
+        return (now or datetime.now(UTC)) - delta
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise typer.BadParameter(f"{text!r} is neither an ISO date/time nor an age like 7d or 12h") from exc
+    # A QA pass (session 26): read as UTC, a time copied from `honed runs` (local) missed its runs.
+    return when if when.tzinfo is not None else when.astimezone()
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 
 def progress_display(out: Console, *, transient: bool) -> Progress:

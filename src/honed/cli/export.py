@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -24,6 +22,7 @@ from honed.cli.common import (
     err_console,
     escape,
     open_store_or_exit,
+    parse_when,
 )
 from honed.store import TrajectoryStore
 from honed.store.select import Selection, count_selected, select_trajectories, unmatched_names
@@ -33,12 +32,12 @@ export_app = typer.Typer(
 )
 app.add_typer(export_app, name="export")
 
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 SinceOption = Annotated[
     str | None,
-    typer.Option(help="Only runs started since: an ISO date/time (UTC) or an age such as 30m, 12h, 7d."),
+    typer.Option(
+        help="Only runs started since: an ISO date/time (local time unless it names a zone) or an age such as 30m, 12h, 7d."
+    ),
 ]
 UntilOption = Annotated[
     str | None, typer.Option(help="Only runs started before this (same forms as --since).")
@@ -324,23 +323,6 @@ export_hf = _dataset_command(
 
 
 # -- helpers -----------------------------------------------------------------------------------
-
-
-def parse_when(text: str, now: datetime | None = None) -> datetime:
-    """An ISO date/time (local time when no zone is given: what `honed runs` and `honed show`
-    print) or an age back from now: `90s`, `30m`, `12h`, `7d`, `2w`, or combined (`1d12h`)."""
-    value = text.strip()
-    if value and not _DURATION.sub("", value).strip():
-        delta = timedelta()
-        for amount, unit in _DURATION.findall(value):
-            delta += timedelta(**{_UNITS[unit]: float(amount)})
-        return (now or datetime.now(UTC)) - delta
-    try:
-        when = datetime.fromisoformat(value)
-    except ValueError as exc:
-        raise typer.BadParameter(f"{text!r} is neither an ISO date/time nor an age like 7d or 12h") from exc
-    # A QA pass (session 26): read as UTC, a time copied from `honed runs` (local) missed its runs.
-    return when if when.tzinfo is not None else when.astimezone()
 
 
 def _held_out_only(store: TrajectoryStore, selection: Selection) -> int:

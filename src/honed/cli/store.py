@@ -1,4 +1,4 @@
-"""`honed init`, `honed spool`: making a store, and what waits to reach one."""
+"""`honed init`, `honed spool`, `honed prune`: making a store, what waits to reach one, and deleting from one."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from honed.cli.common import (
     err_console,
     escape,
     open_store_or_exit,
+    parse_when,
     print_table,
 )
 from honed.store import resolve_store_url
@@ -216,3 +217,94 @@ def _same_database_elsewhere(url: str) -> None:
 
 def _when(epoch: float | None) -> str:
     return datetime.fromtimestamp(epoch).strftime("%Y-%m-%d %H:%M:%S") if epoch else "-"
+
+
+@app.command()
+def prune(
+    store: StoreOption = None,
+    before: Annotated[
+        str | None,
+        typer.Option(help="Runs started before this: an ISO date/time or an age such as 90d (retention)."),
+    ] = None,
+    agent: Annotated[str | None, typer.Option(help="Only this agent's runs.")] = None,
+    task_id: Annotated[str | None, typer.Option("--task-id", help="Only this task's runs.")] = None,
+    thread: Annotated[str | None, typer.Option("--thread", help="Every turn of this conversation.")] = None,
+    run: Annotated[
+        list[str] | None,
+        typer.Option("--run", help="This run (an id or its start, as `honed runs` shows; repeatable)."),
+    ] = None,
+    include_heldout: Annotated[
+        bool,
+        typer.Option(
+            "--include-heldout", help="Held-out runs too (they define the gate's tasks: kept unless asked)."
+        ),
+    ] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would go; delete nothing.")] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask before deleting.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Delete captured runs with their steps and verdicts: retention (`--before 90d`) or erasure
+    (`--run ID`, `--thread ID`). The filters combine; training lineage keeps the ids it learned from."""
+    if before is None and agent is None and task_id is None and thread is None and not run:
+        raise typer.BadParameter("say what to delete: --before, --agent, --task-id, --thread or --run")
+    with open_store_or_exit(store) as s:
+        ids = None if not run else [_run_id(s, given) for given in run]
+        found = s.prune(
+            ids=ids, agent=agent, task_id=task_id, thread_id=thread,
+            until=parse_when(before) if before else None, include_heldout=include_heldout, dry_run=True,
+        )  # fmt: skip
+        go = bool(found.deleted) and not dry_run and _confirmed(found, yes)
+        done = (
+            s.prune(ids=found.deleted, include_heldout=include_heldout) if go else found
+        )  # the ids asked about, so a run captured meanwhile is not deleted unseen
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "deleted": len(done.deleted) if go else 0,
+                    "matched": len(found.deleted),
+                    "kept_heldout": found.kept_heldout,
+                    "learned_from": found.learned_from,
+                    "dry_run": not go,
+                }
+            )
+        )
+        return
+    out = console()
+    verb = "deleted" if go else "would delete"
+    out.print(
+        f"{verb} {counted(len(done.deleted), 'trajectory')} (with their steps, verdicts and queue rows)"
+    )
+    if found.learned_from:
+        out.print(
+            f"{counted(found.learned_from, 'of them', 'of them')} trained a version: its lineage keeps "
+            "their ids (`honed versions`), not their content"
+        )
+    if found.kept_heldout:
+        out.print(
+            f"[yellow]kept {counted(found.kept_heldout, 'held-out run')}: they define the gate's tasks "
+            "(--include-heldout deletes them too)[/yellow]"
+        )
+
+
+def _run_id(store: Any, given: str) -> str:
+    from honed.store import TrajectoryNotFound
+    from honed.store.store import AmbiguousTrajectoryId
+
+    try:
+        return store.get(given).id
+    except TrajectoryNotFound as exc:
+        said = str(exc) if isinstance(exc, AmbiguousTrajectoryId) else f"no trajectory {exc}"
+        err_console().print(f"[red]{escape(said)}[/red]")
+        raise typer.Exit(1) from exc
+
+
+def _confirmed(found: Any, yes: bool) -> bool:
+    """`--yes`, or a person's yes at a terminal; off a terminal without `--yes`, refused."""
+    if yes:
+        return True
+    if not console().is_terminal:
+        raise typer.BadParameter(
+            f"this deletes {counted(len(found.deleted), 'trajectory')}: give --yes (or --dry-run to see them)"
+        )
+    return typer.confirm(f"delete {counted(len(found.deleted), 'trajectory')}?", default=False)

@@ -88,7 +88,8 @@ def grant_capture(engine: Engine, role: str) -> list[str]:
         # that is not plainly training's stays as it is, unless it becomes a plain evaluation
         # split (a resume labelled held out); and so does the task of a run held out.
         guard = f"honed_capture_guard_{role}"[:63]
-        statements.append(f"""CREATE OR REPLACE FUNCTION {quote(guard)}() RETURNS trigger LANGUAGE plpgsql AS $g$
+        statements.append(f"""CREATE OR REPLACE FUNCTION {quote(guard)}() RETURNS trigger LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp AS $g$
 DECLARE
   old_meta jsonb := coalesce(OLD.metadata::jsonb, '{{}}'::jsonb);
   new_meta jsonb := coalesce(NEW.metadata::jsonb, '{{}}'::jsonb);
@@ -145,7 +146,8 @@ END $g$""")
         # and expected answer, and a worse model was promoted (a QA pass, session 27). Times a
         # run says it started or ended are kept unless they lie ahead of the database's clock.
         stamp = f"honed_capture_stamp_{role}"[:63]
-        statements.append(f"""CREATE OR REPLACE FUNCTION {quote(stamp)}() RETURNS trigger LANGUAGE plpgsql AS $s$
+        statements.append(f"""CREATE OR REPLACE FUNCTION {quote(stamp)}() RETURNS trigger LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp AS $s$
 BEGIN
   NEW.created_at := now();
   IF NEW.started_at > now() + interval '{_CLOCK_SKEW}' THEN NEW.started_at := now(); END IF;
@@ -161,11 +163,12 @@ END $s$""")
             conn.execute(text(statement))
         # What the role can still do in effect once granted, through a grant to PUBLIC, say.
         # Checked in the grants' transaction: refused, none of them stays.
-        beyond = _writes_beyond_capture(conn, role, schema, tables)
+        beyond = _writes_beyond_capture(conn, role, schema, tables) + _creates(conn, role)
         if beyond:
             raise ValueError(
                 f"{role!r} can do more than capture here ({'; '.join(beyond[:4])}; granted to PUBLIC?): "
-                "take those rights back, or give the agent's process a role of its own"
+                "take those rights back (`REVOKE CREATE ON SCHEMA public FROM PUBLIC`, ...), or give the "
+                "agent's process a role of its own"
             )
     return statements
 
@@ -209,6 +212,30 @@ def _writes_beyond_capture(conn: Any, role: str, schema: str, tables: list[str])
         ]
         if held:
             found.append(f"{'/'.join(held)} on {table}")
+    return found
+
+
+def _creates(conn: Any, role: str) -> list[str]:
+    """Where `role` may create objects: a schema (PostgreSQL 14 and earlier let PUBLIC create in
+    `public`), or the database (a schema of its own, named after the owner, comes first on the
+    owner's search path). An operator `=` for `varchar` made there is picked over the built-in one
+    by the owner's queries, whatever their schema, and ran as the owner inside `honed label`:
+    it deleted a person's fail (a QA pass, session 28). The guard's functions pin their own
+    search path too, but the owner's statements cannot."""
+    found = [
+        f"CREATE on schema {name}"
+        for (name,) in conn.execute(
+            text(
+                "SELECT nspname FROM pg_namespace WHERE has_schema_privilege(:r, oid, 'CREATE') "
+                "AND nspname NOT LIKE 'pg\\_%' AND nspname <> 'information_schema' ORDER BY 1"
+            ),
+            {"r": role},
+        )
+    ]
+    if conn.execute(
+        text("SELECT has_database_privilege(:r, current_database(), 'CREATE')"), {"r": role}
+    ).scalar():
+        found.append("CREATE on the database")
     return found
 
 

@@ -45,6 +45,7 @@ from sqlalchemy.pool import StaticPool
 
 from honed._json import dumps as fast_json_dumps
 from honed._json import scrubbed
+from honed.store import retention
 from honed.store.conversations import compact
 from honed.store.database import Database
 from honed.store.reader import read, trajectory_columns
@@ -332,6 +333,25 @@ class TrajectoryStore:
     def save(self, trajectory: Trajectory) -> None:
         """Store a `Trajectory` built in code (imports, tests, synthetic data)."""
         self.save_records([trajectory_to_record(trajectory)])
+
+    def prune(
+        self,
+        *,
+        ids: Iterable[str] | None = None,
+        agent: str | None = None,
+        task_id: str | None = None,
+        thread_id: str | None = None,
+        until: datetime | None = None,
+        include_heldout: bool = False,
+        dry_run: bool = False,
+    ) -> retention.Pruned:
+        """Delete the trajectories matching every given filter (`until`: started before it), with
+        their steps, verdicts and queue rows: retention and erasure (`honed.store.retention`).
+        Held-out runs stay unless `include_heldout`: they define the gate's tasks."""
+        return retention.prune(
+            self, ids=ids, agent=agent, task_id=task_id, thread_id=thread_id, until=until,
+            include_heldout=include_heldout, dry_run=dry_run,
+        )  # fmt: skip
 
     def add_verdict(self, trajectory_id: str, verdict: Verdict) -> Verdict:
         """Record a verdict; one per (trajectory, verifier, version), so re-running replaces it.

@@ -1,0 +1,169 @@
+"""`honed prune` / `TrajectoryStore.prune`: retention and erasure. A deleted run takes its steps,
+verdicts and queue rows with it, held-out runs stay unless asked for, lineage keeps the ids, and on
+SQLite an erased secret is gone from the file's bytes. Real SQLite and PostgreSQL, the real CLI."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+from typer.testing import CliRunner
+
+import honed
+from honed.cli import app
+from honed.store.schema import StepRow, VerdictRow
+from honed.store.verification_tables import VerificationClaimRow
+from honed.trajectory import Step, Trajectory, Verdict
+
+NOW = datetime.now(UTC)
+SECRET = "PRUNE-ME-7f3a9c0e5b1d4e2f"
+
+
+def _run(
+    run_id: str, *, days_ago: float, agent: str = "support", split: str | None = "train", **kw
+) -> Trajectory:
+    started = NOW - timedelta(days=days_ago)
+    return Trajectory(
+        id=run_id,
+        agent=agent,
+        task={"messages": [{"role": "user", "content": f"question {run_id}"}]},
+        task_id=kw.pop("task_id", f"task-{run_id}"),
+        split=split,
+        steps=[
+            Step(id=f"{run_id}-0", index=0, kind="model", name="m", output={"role": "assistant", "content": "?"}),
+            Step(id=f"{run_id}-1", index=1, kind="tool", name="lookup", input={"q": run_id}, output=kw.pop("tool_output", "fine")),
+        ],
+        output="done",
+        started_at=started,
+        ended_at=started + timedelta(seconds=1),
+        **kw,
+    )  # fmt: skip
+
+
+def _count(store: honed.TrajectoryStore, table: type, run_ids: list[str]) -> int:
+    with store.engine.connect() as conn:
+        return conn.scalar(select(func.count()).select_from(table).where(table.trajectory_id.in_(run_ids)))
+
+
+@pytest.fixture
+def store(store_url: str) -> honed.TrajectoryStore:
+    s = honed.open_store(store_url)
+    for run in (
+        _run("old-1", days_ago=100, tool_output=f"the customer's card is {SECRET}"),
+        _run("old-2", days_ago=95, agent="billing"),
+        _run("old-held", days_ago=120, split="heldout", task_id="gate-1"),
+        _run("old-held-task", days_ago=110, task_id="gate-1"),  # a held-out task's run under no eval split
+        _run("new-1", days_ago=1),
+        _run("thread-a", days_ago=2, thread_id="conv-7"),
+        _run("thread-b", days_ago=1, thread_id="conv-7"),
+    ):
+        s.save(run)
+    for run_id in ("old-1", "old-2", "new-1"):
+        s.add_verdict(run_id, Verdict(verifier="ref", version="1", passed=True, score=1.0))
+    s.enqueue_verification("ref@1")
+    training = s.start_training_run("support-agent", "sft", parent=None, config={})
+    s.add_training_examples(training.id, ["old-1", "new-1"])
+    yield s
+    s.close()
+
+
+def test_retention_deletes_old_runs_with_their_rows_and_keeps_held_out_ones(
+    store: honed.TrajectoryStore,
+) -> None:
+    pruned = store.prune(until=NOW - timedelta(days=90))
+    assert sorted(pruned.deleted) == ["old-1", "old-2"]
+    assert pruned.kept_heldout == 2  # the held-out split's run and its task's other run
+    assert pruned.learned_from == 1
+    left = sorted(t.id for t in store.trajectories(limit=None))
+    assert left == ["new-1", "old-held", "old-held-task", "thread-a", "thread-b"]
+    for table in (StepRow, VerdictRow, VerificationClaimRow):
+        assert _count(store, table, ["old-1", "old-2"]) == 0, table.__tablename__
+        assert _count(store, table, ["new-1"]) > 0, table.__tablename__
+    run = store.training_runs("support-agent")[0]
+    assert sorted(store.training_examples(run.id)) == ["new-1", "old-1"]  # lineage keeps what it learned from
+    assert store.prune(until=NOW - timedelta(days=90), include_heldout=True).deleted == [
+        "old-held",
+        "old-held-task",
+    ]
+
+
+def test_filters_combine_and_a_dry_run_deletes_nothing(store: honed.TrajectoryStore) -> None:
+    assert store.prune(until=NOW - timedelta(days=90), agent="billing", dry_run=True).deleted == ["old-2"]
+    assert store.count() == 7
+    assert store.prune(thread_id="conv-7").deleted == ["thread-a", "thread-b"]
+    assert store.prune(ids=["new-1", "no-such-run"]).deleted == ["new-1"]
+    assert store.count() == 4
+    with pytest.raises(ValueError, match="say what to delete"):
+        store.prune()
+
+
+def test_an_erased_secret_is_gone_from_the_sqlite_files(tmp_path: Path) -> None:
+    path = tmp_path / "erase.db"
+    with honed.open_store(f"sqlite:///{path}") as s:
+        s.save(_run("old-1", days_ago=100, tool_output=f"the customer's card is {SECRET}"))
+        s.save(_run("new-1", days_ago=1))
+        assert s.prune(ids=["old-1"]).deleted == ["old-1"]
+
+        def on_disk() -> bytes:
+            return b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("erase.db"))
+
+        assert SECRET.encode() not in on_disk()  # not in free pages, nor in the write-ahead log
+        assert b"new-1" in on_disk()
+
+
+def test_the_cli_asks_says_what_it_kept_and_deletes_by_short_id(
+    store_url: str, store: honed.TrajectoryStore
+) -> None:
+    runner = CliRunner()
+    base = ["prune", "--store", store_url]
+    refused = runner.invoke(app, [*base, "--before", "90d"])
+    assert refused.exit_code == 2 and "give --yes" in refused.output
+    assert store.count() == 7
+    dry = runner.invoke(app, [*base, "--before", "90d", "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    assert "would delete 2 trajectories" in dry.output
+    assert "kept 2 held-out runs" in dry.output and "--include-heldout" in dry.output
+    assert "1 of them trained a version" in dry.output
+    assert store.count() == 7
+    done = runner.invoke(app, [*base, "--before", "90d", "--yes", "--json"])
+    assert json.loads(done.output) == {
+        "deleted": 2, "matched": 2, "kept_heldout": 2, "learned_from": 1, "dry_run": False,
+    }  # fmt: skip
+    assert store.count() == 5
+    short = runner.invoke(app, [*base, "--run", "new-", "--yes"])  # the start of an id
+    assert short.exit_code == 0 and "deleted 1 trajectory" in short.output, short.output
+    missing = runner.invoke(app, [*base, "--run", "nope", "--yes"])
+    assert missing.exit_code == 1 and "no trajectory" in missing.output
+    nothing = runner.invoke(app, base)
+    assert nothing.exit_code == 2 and "say what to delete" in nothing.output
+    assert store.count() == 4
+
+
+def test_the_capture_role_cannot_prune(pg_url: str) -> None:
+    """The agent's process deleting the runs that failed it would be a label by omission."""
+    import secrets as _secrets
+
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    role = f"honed_agent_{_secrets.token_hex(4)}"
+    admin = create_engine(pg_url)
+    with admin.begin() as conn:
+        conn.execute(text(f'CREATE ROLE "{role}" LOGIN'))
+    try:
+        with honed.open_store(pg_url) as owner:
+            owner.save(_run("failed-run", days_ago=1))
+            owner.grant_capture(role)
+        agent_url = make_url(pg_url).set(username=role).render_as_string(hide_password=False)
+        result = CliRunner().invoke(app, ["prune", "--store", agent_url, "--run", "failed-run", "--yes"])
+        assert result.exit_code == 1 and "only captures" in result.output, result.output
+        with honed.open_store(pg_url) as owner:
+            assert owner.count() == 1
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP OWNED BY "{role}"'))
+            conn.execute(text(f'DROP ROLE "{role}"'))
+        admin.dispose()
