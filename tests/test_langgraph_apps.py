@@ -22,7 +22,9 @@ import pytest
 from langchain.agents import create_agent
 from langchain.agents.middleware import AgentState, HumanInTheLoopMiddleware
 from langchain.tools import ToolRuntime
-from langchain_core.messages import ToolMessage
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import AIMessage, ToolMessage
+from langchain_core.outputs import ChatGeneration, ChatResult
 from langchain_core.tools import InjectedToolCallId, tool
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.prebuilt import InjectedState
@@ -2617,3 +2619,73 @@ def test_content_blocks_edited_in_place_between_calls_are_stored_as_each_call_sa
         if s.kind == "model"
     ]
     assert seen == [("answer SECRET-A", "SECRET-A"), ("answer [scrubbed]", "[scrubbed]")], seen
+
+
+class _ParallelCalls(BaseChatModel):
+    """A custom chat model as users write them: three calls in one reply, then an answer; its
+    replies name no model (LangChain's tracing metadata does: `ls_model_name`)."""
+
+    model_name: str = "house-model-v3"
+
+    @property
+    def _llm_type(self) -> str:
+        return "house"
+
+    def bind_tools(self, tools: Any, **kwargs: Any) -> Any:
+        return self
+
+    def _generate(
+        self, messages: list[Any], stop: Any = None, run_manager: Any = None, **kw: Any
+    ) -> ChatResult:
+        if any(m.type == "tool" for m in messages):
+            return ChatResult(generations=[ChatGeneration(message=AIMessage("done"))])
+        calls = [
+            {"name": "add", "args": {"a": 1, "b": 1}, "id": "c1"},
+            {"name": "ghost", "args": {}, "id": "c2"},  # no such tool
+            {"name": "add", "args": {"a": 3, "b": 3}, "id": "c3"},
+        ]
+        return ChatResult(generations=[ChatGeneration(message=AIMessage("", tool_calls=calls))])
+
+
+def test_parallel_calls_keep_the_models_order_and_a_custom_model_its_name(
+    capture: str, sqlite_url: str
+) -> None:
+    """A QA pass (session 28): the call to a missing tool, second of three, was stored last (its
+    step is made from the ToolMessage, after the third call ran); and a chat model whose replies
+    name no model had no version, though LangChain traced its name."""
+    agent = create_agent(
+        _ParallelCalls(), [add], name="calc", middleware=capture_middleware(capture, sqlite_url)
+    )
+    agent.invoke({"messages": [("user", "add twice")]})
+    honed.flush()
+    t = honed.open_store(sqlite_url).trajectories()[0]
+    tools = [s for s in t.steps if s.kind == "tool"]
+    assert [s.extra.get("tool_call_id") for s in tools] == ["c1", "c2", "c3"]
+    assert [s.index for s in t.steps] == sorted(s.index for s in t.steps)
+    assert tools[1].error and tools[0].error is None and tools[2].output == "6"
+    assert t.model_version == "house-model-v3"
+    assert {s.model_version for s in t.steps if s.kind == "model"} == {"house-model-v3"}
+
+
+def test_a_hand_built_graphs_parallel_calls_keep_the_models_order(sqlite_url: str) -> None:
+    """The same under a `StateGraph` with LangGraph's `ToolNode`, where the missing tool's step
+    was stored after the third call's (c1, c3, c2)."""
+    from langgraph.graph import START, MessagesState, StateGraph
+    from langgraph.prebuilt import ToolNode, tools_condition
+
+    model = _ParallelCalls()
+    graph = StateGraph(MessagesState)
+    graph.add_node("llm", lambda state: {"messages": [model.invoke(state["messages"])]})
+    graph.add_node("tools", ToolNode([add]))
+    graph.add_edge(START, "llm")
+    graph.add_conditional_edges("llm", tools_condition)
+    graph.add_edge("tools", "llm")
+    honed.instrument(store=sqlite_url)
+    try:
+        graph.compile(name="calc").invoke({"messages": [("user", "add twice")]})
+        honed.flush()
+    finally:
+        honed.uninstrument()
+    t = honed.open_store(sqlite_url).trajectories()[0]
+    assert [s.extra.get("tool_call_id") for s in t.steps if s.kind == "tool"] == ["c1", "c2", "c3"]
+    assert [s.index for s in t.steps] == list(range(len(t.steps)))

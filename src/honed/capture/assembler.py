@@ -658,7 +658,7 @@ class Assembler:
             record["output"] = self._output_field(output)
             if types and isinstance(record["metadata"], dict):
                 record["metadata"] = {**record["metadata"], "output_types": types}
-        steps = sorted(trajectory.steps, key=lambda s: s["index"])
+        steps = _in_call_order(trajectory.steps)
         record["steps"] = steps
         if record["task"] is None:  # `update_state(...)` then `invoke(None)`: what the state asked
             record["task"] = _task_of_first_model_call(steps)
@@ -1187,6 +1187,33 @@ def _ran_without_id(steps: list[dict[str, Any]], name: str | None, asked: Any) -
         ):
             return step
     return None
+
+
+def _in_call_order(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Steps by index, the tool steps of one reply's calls in the order the model asked for them,
+    where the first of them ran: parallel calls start in any order, and the step of a call to a
+    missing tool is made from its ToolMessage once the others ran (second of three, it was stored
+    last, a QA pass, session 28). A call whose tool ran other steps keeps its place. The same
+    indices, handed out again in that order."""
+    ordered = sorted(steps, key=lambda s: s["index"])
+    parents = {s["parent_id"] for s in ordered}
+    for asking in [s for s in ordered if len(s.get("tool_calls") or ()) > 1]:
+        asked = [c.get("id") for c in asking["tool_calls"] if isinstance(c, dict)]
+        calls = [
+            s
+            for s in ordered
+            if s["kind"] == "tool" and s["extra"].get("tool_call_id") in asked and s["id"] not in parents
+        ]
+        if len(calls) < 2:
+            continue
+        at = ordered.index(calls[0])
+        rest = [s for s in ordered if not any(s is c for c in calls)]
+        calls.sort(key=lambda s: asked.index(s["extra"]["tool_call_id"]))
+        ordered = rest[:at] + calls + rest[at:]
+    indices = sorted(s["index"] for s in ordered)
+    for step, index in zip(ordered, indices, strict=True):
+        step["index"] = index
+    return ordered
 
 
 def _asked_arguments(steps: list[dict[str, Any]], tool_call_id: str) -> Any:

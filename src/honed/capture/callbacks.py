@@ -265,6 +265,12 @@ def frozen_labels(labels: dict[str, Any]) -> dict[str, Any]:
 
 
 def _model_settings(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """A model call's settings and model name, from what LangChain passes (`invocation_params`)."""
+    """A model call's settings and model name, from what LangChain passes (`invocation_params`, else
+    its tracing metadata's `ls_model_name`: a custom chat model whose replies name no model, a QA pass,
+    session 28)."""
     params = kwargs.get("invocation_params") or {}
-    return {"settings": params, "model": params.get("model") or params.get("model_name")}
+    traced = kwargs.get("metadata") or {}
+    return {
+        "settings": params,
+        "model": params.get("model") or params.get("model_name") or traced.get("ls_model_name"),
+    }
