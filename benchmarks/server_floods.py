@@ -1,6 +1,6 @@
 """What one hostile client costs everyone else: honest requests' latency while it floods `honed serve`.
 
-    .venv/bin/python benchmarks/server_floods.py [--seconds 10] [--connections 8]
+    .venv/bin/python benchmarks/server_floods.py [--seconds 10] [--connections 8] [--attacks none,long-prompts]
 
 Starts `honed serve` on a tiny model built offline (no capture, an API key), then, for each attack,
 runs it from 127.0.0.3 on `--connections` connections for `--seconds` while an honest client on
@@ -16,7 +16,10 @@ requests' median and worst latency beside the same client's on an idle server:
   connections: 37 s before the chunk count, session 22);
 - `chunks-256`: the same in 256-byte chunks (past the average the chunk count asks for);
 - `trailer-lines`, `pipelined-lines`: 12,000 header lines as a chunked body's trailers, or behind
-  another request in the same write (h11 parses them before they can be counted: refused after).
+  another request in the same write (h11 parses them before they can be counted: refused after);
+- `long-prompts`: valid completions of ~1,950-token prompts (just inside the window) with `n=16` and
+  `max_tokens=1`, pipelined: the batch stays empty, and a group of them was prefilled whole while
+  every other request waited (honest replies 1-6 s, a QA pass, session 28).
 
 A figure, not a test (the machine is shared): the tests check the refusals themselves
 (`tests/test_serve_hardening.py`).
@@ -135,6 +138,24 @@ def pipelined_lines(sock: socket.socket) -> None:
     )
 
 
+_LONG = json.dumps(
+    {
+        "model": "noise",
+        "messages": [{"role": "user", "content": " ".join(f"w{i % 97}" for i in range(500))}],
+        "n": 16,
+        "max_tokens": 1,
+    }
+).encode()
+
+
+def long_prompts(sock: socket.socket) -> None:
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(_LONG)}\r\n\r\n".encode()
+        + _LONG
+    )
+
+
 ATTACKS: dict[str, Callable[[socket.socket], None] | None] = {
     "none": None,
     "plain": plain,
@@ -143,6 +164,7 @@ ATTACKS: dict[str, Callable[[socket.socket], None] | None] = {
     "chunks-256": chunks_256,
     "trailer-lines": trailer_lines,
     "pipelined-lines": pipelined_lines,
+    "long-prompts": long_prompts,
 }
 
 
@@ -167,13 +189,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--connections", type=int, default=8)
+    parser.add_argument("--attacks", default=",".join(ATTACKS), help="Which, comma-separated.")
     args = parser.parse_args()
+    chosen = {name: ATTACKS[name] for name in args.attacks.split(",")}
     with tempfile.TemporaryDirectory(prefix="honed-floods-") as tmp:
         process, url = start_server(Path(tmp))
         port = int(url.rsplit(":", 1)[1])
         rows = {}
         try:
-            for name, send in ATTACKS.items():
+            for name, send in chosen.items():
                 stop = threading.Event()
                 threads = [
                     threading.Thread(target=attacker, args=(port, send, stop), daemon=True)

@@ -494,10 +494,12 @@ def test_the_n_samples_of_one_prompt_are_prefilled_once(model) -> None:
         ]
         futures.append(generator.submit(GenerationRequest(other, 6, temperature=0)))
         results = [f.result(60) for f in futures]
-        assert sum(prefilled) == 2 * len(prompt)  # two prompts, left-padded to the longer one
+        # Each prompt once: together, left-padded to the longer one, or the short one first,
+        # whole, and the long one a slice at a time (when it is long for the prefill speed measured).
+        assert sum(prefilled) in (2 * len(prompt), len(prompt) + len(other))
         assert results[0].token_ids == results[1].token_ids == alone  # greedy: as prefilled alone
         assert len({tuple(r.token_ids) for r in results[2:8]}) > 1  # sampled, each on its own
-        assert all(r.batch_size == 9 for r in results)
+        assert all(r.batch_size >= 8 for r in results[:8])  # the samples decode together
     finally:
         generator.close()
 
@@ -538,6 +540,44 @@ def test_a_long_prompt_is_prefilled_between_the_other_rows_steps(tmp_path: Path)
         assert not other.done()
     finally:
         decoding.cancelled = True
+        generator.close()
+
+
+def test_a_short_request_does_not_wait_for_long_prompts_prefilled_while_nothing_else_ran(
+    tmp_path: Path,
+) -> None:
+    """A QA pass (session 28): long prompts with `max_tokens=1` keep the batch empty, and a group
+    of them was prefilled whole, as no batch was running: a request arriving meanwhile waited for
+    all of it (an honest client's replies took 1-6 s, not 22 ms). Short prompts now start at once,
+    while long ones are prefilled a slice at a time."""
+    from honed.demo.tiny import build_tiny
+    from honed.serving.batching import BatchGenerator, GenerationRequest
+    from honed.serving.engine import load_engine
+
+    path = build_tiny(tmp_path / "wide", hidden_size=256, intermediate_size=1024, num_hidden_layers=6,
+                      max_position_embeddings=8192)  # fmt: skip
+    engine = load_engine(str(path))
+    generator = BatchGenerator(
+        engine.generator.model, engine.tokenizer, eos_ids=[], pad_id=engine.generator.pad_id
+    )
+    try:
+        generator.submit(GenerationRequest(engine.encode("warm up") * 20, 2)).result(60)  # a prefill measured
+        word = engine.encode("word")[0]
+        ended: dict[str, float] = {}
+
+        def mark(name: str):
+            return lambda _future: ended.setdefault(name, time.monotonic())
+
+        long = [generator.submit(GenerationRequest([word + i % 3] * 3000, 1)) for i in range(3)]
+        for i, future in enumerate(long):
+            future.add_done_callback(mark(f"long{i}"))
+        time.sleep(0.05)
+        short = generator.submit(GenerationRequest(engine.encode("hi"), 3))
+        short.add_done_callback(mark("short"))
+        for future in [*long, short]:
+            future.result(300)
+        assert ended["short"] < min(ended[f"long{i}"] for i in range(3)), ended
+    finally:
         generator.close()
 
 

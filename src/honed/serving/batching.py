@@ -149,6 +149,7 @@ _SOLO_S = 1.0  # after a batch of one, for this long, a new request starts witho
 # positions sized by the prefill speed measured): a long prompt prefilled whole held every other
 # row's next token for its whole length (21 s for 8,000 tokens of a 25M-parameter model).
 PREFILL_SLICE_S = float(os.environ.get("HONED_PREFILL_SLICE_MS", "100")) / 1000.0
+_MIN_SLICE_S = 0.01
 
 
 class BatchGenerator:
@@ -232,6 +233,7 @@ class BatchGenerator:
         waiting: list[_Row] = []
         closing, last_join = False, 0.0
         solo_until = 0.0  # a lone caller calling again soon does not wait for company
+        step_s = PREFILL_SLICE_S  # how long a decoding step takes, lately
         while True:
             busy = (batch.rows if batch else []) + (prefilling.rows if prefilling else [])
             if not busy and not waiting and not self._held:
@@ -249,30 +251,35 @@ class BatchGenerator:
             now = time.monotonic()
             # Newcomers join a running batch in groups: each join is a prefill plus a copy of the
             # KV cache, worth paying for a few rows at a time, not for every single arrival.
-            join_due = prefilling is None and (
-                batch is None
-                or (
-                    batch.mergeable
-                    and (
-                        len(waiting) >= max(4, batch.size // 4)
-                        or now - last_join >= self.window_s * _JOIN_EVERY_WINDOWS
-                    )
+            join_due = batch is None or (
+                batch.mergeable
+                and (
+                    len(waiting) >= max(4, batch.size // 4)
+                    or now - last_join >= self.window_s * _JOIN_EVERY_WINDOWS
                 )
             )
             slice_positions = int(self.prefill_rate * PREFILL_SLICE_S) if self.prefill_rate else None
             if waiting and join_due:
-                if (
-                    batch is not None
-                    and slice_positions
-                    and _Prefill.positions_of(waiting) > 2 * slice_positions
-                ):
-                    prefilling = _Prefill(self, waiting)  # beside a running batch: chunk by chunk
-                else:
-                    batch = self._join(batch, self._prefill_isolated, waiting)
-                waiting, last_join = [], now
+                # Short prompts start at once, whatever long ones wait or are being prefilled;
+                # long ones are prefilled a slice at a time, one group after another. A group of
+                # long prompts prefilled whole while no batch ran held every request that arrived
+                # meanwhile: another client's ~2,000-token prompts with max_tokens=1 kept an honest
+                # client's replies at 1-6 s, not 22 ms (a QA pass, session 28).
+                quick, slow = _quick_first(waiting, slice_positions)
+                if quick and (prefilling is None or prefilling.mergeable):
+                    batch, quick, last_join = self._join(batch, self._prefill_isolated, quick), [], now
+                if slow and prefilling is None:
+                    prefilling, slow = _Prefill(self, slow), []
+                waiting = [r for r in waiting if any(r is w for w in quick + slow)]
             if prefilling is not None:
+                # Beside a running batch, a slice of prefill takes about as long as one of its
+                # steps: the rows decoding and the prompts waiting share the time (a 100 ms slice
+                # between 5 ms steps held an honest client's few tokens ~0.3-1 s, a QA pass, session 28).
+                share = PREFILL_SLICE_S if batch is None else min(PREFILL_SLICE_S, max(step_s, _MIN_SLICE_S))
                 try:
-                    newcomers = prefilling.advance(slice_positions if batch is not None else None)
+                    newcomers = prefilling.advance(
+                        int(self.prefill_rate * share) if self.prefill_rate else None
+                    )
                 except Exception:  # the rows that fail alone fail; the others start whole
                     newcomers, rows = None, prefilling.rows
                     batch = self._join(batch, self._prefill_isolated, rows)
@@ -281,12 +288,14 @@ class BatchGenerator:
                     batch = self._join(batch, lambda _, ready=newcomers: ready, prefilling.rows)
                     prefilling = None
             if batch is not None:
+                started = time.perf_counter()
                 try:
                     peak, batch = batch.peak, self._step(batch)
                 except BaseException as exc:
                     self._fail(batch.rows, exc)
                     batch = None
                 else:
+                    step_s = (step_s + time.perf_counter() - started) / 2
                     if batch is None:
                         solo_until = time.monotonic() + _SOLO_S if peak == 1 else 0.0
         self._fail_queued()
@@ -303,7 +312,16 @@ class BatchGenerator:
         if newcomers is None:
             return batch
         self.stats["joins"] += 1
-        return newcomers if batch is None else batch.merge(newcomers)
+        if batch is None:
+            return newcomers
+        # Their first token drawn apart: rows done at once (`max_tokens=1`, a stop) never copy
+        # their cache into the batch, and rows sharing a prompt have theirs copied first.
+        try:
+            newcomers = self._step(newcomers)
+        except BaseException as exc:
+            self._fail(newcomers.rows, exc)
+            return batch
+        return batch if newcomers is None else batch.merge(newcomers)
 
     def _within_caps(self, busy: list[_Row], arrived: list[_Row]) -> list[_Row]:
         """The rows to start now, from those held back earlier and the new ones: taken client by
@@ -438,6 +456,7 @@ class BatchGenerator:
         next_tokens = torch.tensor(tokens, dtype=torch.long, device=batch.mask.device)
         if len(keep) < size:
             next_tokens = next_tokens[torch.tensor(keep, device=next_tokens.device)]
+        if len(keep) < size or batch.shared is not None:
             batch.select(keep)
         batch.mask = torch.cat([batch.mask, batch.mask.new_ones((batch.size, 1))], dim=-1)
         with torch.inference_mode():
@@ -503,6 +522,20 @@ class _Row:
         return next((s for s in self.request.stop if s in text), None)
 
 
+def _quick_first(rows: list[_Row], slice_positions: int | None) -> tuple[list[_Row], list[_Row]]:
+    """The rows to prefill whole now (shortest prompts first, up to two slices of positions, at
+    least one row when none is long) and the rest, in their order, for a prefill slice by slice."""
+    if slice_positions is None:  # no prefill measured yet: all of them at once
+        return rows, []
+    quick: list[_Row] = []
+    for row in sorted(rows, key=lambda r: len(r.request.prompt_ids)):
+        if _Prefill.positions_of([*quick, row]) > 2 * slice_positions:
+            break
+        quick.append(row)
+    started = set(map(id, quick))
+    return quick, [r for r in rows if id(r) not in started]
+
+
 class _Prefill:
     """Newcomers' prompts left-padded into one batch and run through the model, whole or a chunk of
     positions at a time (between a running batch's steps, so that a long prompt does not hold
@@ -526,6 +559,13 @@ class _Prefill:
         self.cache = _growing(DynamicCache(config=generator.model.config))
         self.done = 0  # positions run so far
 
+    @property
+    def mergeable(self) -> bool:
+        """Whether its batch can merge with one that starts meanwhile (plain full attention)."""
+        return all(
+            type(layer) in (DynamicLayer, _GrowingLayer) for layer in getattr(self.cache, "layers", ())
+        )
+
     @staticmethod
     def positions_of(rows: list[_Row]) -> int:
         """Positions a prefill of `rows` runs (distinct prompts x the longest)."""
@@ -536,8 +576,9 @@ class _Prefill:
         """Run the next chunk (about `budget` positions, all rows together; None: the rest); the
         batch once the whole prompt has run, else None."""
         distinct = self.input_ids.shape[0]
-        # At least 128 positions a row: each chunk copies the cache so far (a growing cache's update).
-        end = self.width if budget is None else min(self.width, self.done + max(128, budget // distinct))
+        # At least 16 positions a row: a chunk writes into the growing cache in place, and a chunk
+        # of 128 (the floor before) held a decoding row 30 ms a token beside a long prompt.
+        end = self.width if budget is None else min(self.width, self.done + max(16, budget // distinct))
         started = time.perf_counter()
         with torch.inference_mode():
             logits = self.generator._forward(
@@ -553,12 +594,11 @@ class _Prefill:
         self.done = end
         if end < self.width:
             return None
-        mask, positions = self.mask, self.positions
-        if distinct < len(self.rows):
-            index = torch.tensor(self.which, device=mask.device)
-            self.cache.batch_select_indices(index)
-            mask, positions, logits = mask[index], positions[index], logits[index]
-        return _Batch(self.rows, self.cache, mask, positions[:, -1:] + 1, logits)
+        shared = None
+        if distinct < len(self.rows):  # the cache copied to each row once its first token is drawn
+            shared = torch.tensor(self.which, device=self.mask.device)
+            logits = logits[shared]
+        return _Batch(self.rows, self.cache, self.mask, self.positions[:, -1:] + 1, logits, shared)
 
 
 class _Batch:
@@ -571,9 +611,15 @@ class _Batch:
         mask: torch.Tensor,
         next_position: torch.Tensor,
         logits: torch.Tensor,
+        shared: torch.Tensor | None = None,
     ) -> None:
         self.rows, self.cache, self.mask = rows, cache, mask
         self.next_position, self.logits = next_position, logits
+        # Rows sharing a prompt's prefill: the cache row (and mask, position) of each. Copied to
+        # each row that goes on after its first token (`select`), not before: `n=16` with
+        # `max_tokens=1` copied a 1,900-token cache sixteen times for nothing (300 ms a request,
+        # every other row waiting, a QA pass, session 28).
+        self.shared = shared
         self.peak = len(rows)
         # Joining needs plain growing caches (full attention); other layouts run batch by batch.
         self.mergeable = all(
@@ -587,8 +633,10 @@ class _Batch:
     def select(self, keep: list[int]) -> None:
         """Keep only these rows, and drop the leading columns no remaining row attends to."""
         index = torch.tensor(keep, device=self.mask.device)
-        self.cache.batch_select_indices(index)
         self.rows = [self.rows[j] for j in keep]
+        if self.shared is not None:
+            index, self.shared = self.shared[index], None
+        self.cache.batch_select_indices(index)
         self.mask, self.next_position = self.mask[index], self.next_position[index]
         start = int(self.mask.any(dim=0).int().argmax())
         if start > 0 and self.mergeable:
