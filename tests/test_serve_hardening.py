@@ -263,6 +263,19 @@ BAD_PARAMETERS = [
         {"messages": tool_history([{"id": "c2", "function": {"name": "add", "arguments": "{}"}}])},
         "messages[2].tool_call_id",
     ),
+    # names and ids are never rendered, so never counted: 80 messages named with 95,000 characters
+    # each (7.6 MB) were a 572-token prompt, and held an honest client 1.4 s (a QA pass, session 28)
+    ({"messages": [{"role": "user", "content": "hi", "name": "n" * 95_000}] * 80}, "messages[0].name"),
+    (
+        {"messages": tool_history([{"id": "c" * 300, "function": {"name": "add"}}])},
+        "messages[1].tool_calls[0].id",
+    ),
+    (
+        {"messages": tool_history([{"id": "c1", "function": {"name": "a" * 300, "arguments": "{}"}}])},
+        "messages[1].tool_calls[0].function.name",
+    ),
+    ({"tools": [{"type": "function", "function": {"name": "t" * 300}}]}, "tools[0]"),
+    ({"chat_template": SLOW_TEMPLATE}, "chat_template"),  # accepted and ignored before (session 28)
 ]
 
 
