@@ -117,6 +117,12 @@ FREE_TEXT = {
         '{{"next":"https://api.example.com/v1?api_key\\u003d{}\\u0026page\\u003d2"}}',
     ),
     "gson_in_a_log_line": (rand(32), 'resp={{"dsn":"host=db user=app password\\u003d{}"}} status=200'),
+    # A key glued to a word by `-` or `_` was taken for the end of that word (a QA pass, session 28).
+    "openai_key_after_a_dash": ("sk-proj-" + rand(40), "use prod-{} for the batch"),
+    "openai_key_after_an_underscore": ("sk-proj-" + rand(40), "team_{}"),
+    "anthropic_key_after_a_dash": ("sk-ant-api03-" + rand(40), "acct-{}"),
+    "aws_key_after_a_name": ("AKIA" + rand(16, string.ascii_uppercase + string.digits), "AWS_KEY_{}"),
+    "card_number_in_json_text": ("4111111111111111", '{{"card_number": "{}", "amount": 5}}'),
 }
 
 
@@ -171,6 +177,8 @@ SECRET_KEYS = [
     "Ocp-Apim-Subscription-Key",
     "label_key",  # honed serve's (a QA pass, session 18)
     "HONED_LABEL_KEY",
+    "card_number",  # its `cvv` was redacted, not its number (a QA pass, session 28)
+    "cardNumber",
 ]
 
 

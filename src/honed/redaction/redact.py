@@ -646,6 +646,8 @@ _SECRET_KEYS = {
         "password",
     ),
     **dict.fromkeys(("cvv", "cvv2", "cvc", "cvc2", "cardcvv", "cardcvc", "cardsecuritycode"), "password"),
+    # ... and the card's number (a QA pass, session 28: `card_number` was stored, its `cvv` not).
+    **dict.fromkeys(("cardnumber", "creditcardnumber", "ccnumber", "cardno", "ccnum", "pan"), "card_number"),
     "bearer": "bearer",
     **dict.fromkeys(("apikey", "xapikey", "apitoken", "xgoogapikey"), "api_key"),
     **dict.fromkeys(("authorization", "proxyauthorization", "auth", "xauth", "basicauth"), "authorization"),
@@ -957,6 +959,9 @@ _KEYWORDS = (
     '_code"',
     'cvv"',
     'cvc"',
+    'card_number"',  # `{"card_number": "..."}`
+    'cardnumber"',
+    'pan"',
 )
 _KEYWORDS_NOT_ASCII = ("пароль", "密码", "密碼", "パスワード", "비밀번호", "hasło", "lösenord", "contraseña")
 
@@ -1039,8 +1044,10 @@ def _whole(kind: str, *, left_bounded: bool = False) -> Callable[[re.Match[str]]
 
 
 def _continues_word(m: re.Match[str]) -> bool:
+    """Whether the match starts inside a word ("task-..." holds "sk-"). A `-` or `_` before it ends
+    a word: `prod-sk-proj-...` and `AWS_KEY_AKIA...` were stored as written (a QA pass, session 28)."""
     start, text = m.start(), m.string
-    if start == 0 or not (text[start - 1].isalnum() or text[start - 1] in "_-"):
+    if start == 0 or not text[start - 1].isalnum():
         return False
     # `q=my%20key%20sk-...`, `%22sk-ant-...`: an escaped space or quote ends the word before the key.
     return not (
