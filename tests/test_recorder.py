@@ -89,6 +89,39 @@ def test_sqlite_store_down_then_back_spools_and_replays_in_order(tmp_path: Path,
     assert all(len(t.steps) == 3 for t in oldest_first)
 
 
+def test_a_sqlite_file_read_only_when_first_opened_is_written_once_it_is_writable(
+    tmp_path: Path, writer: str
+) -> None:
+    """A QA pass (session 28): a store file read-only when the agent started (`chattr +i`, a
+    snapshot being taken) was opened read-only, and stayed so: with the file writable again,
+    every run went on to the spool until a restart."""
+    path = tmp_path / "honed.db"
+    honed.open_store(f"sqlite:///{path}").close()
+    files = sorted(str(p) for p in tmp_path.glob("honed.db*"))
+    if subprocess.run(["chattr", "+i", *files], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i needs root on a file system that has it")
+    try:
+        recorder = Recorder(f"sqlite:///{path}", spool_path=tmp_path / "spool.jsonl")
+        agent = create_agent(
+            ToolScriptModel(), make_tools(), middleware=[honed.Middleware(recorder=recorder)]
+        )
+        invoke(agent, 0)
+        assert recorder.flush()
+        assert recorder.stats()["trajectories_spooled"] == 1
+    finally:
+        subprocess.run(["chattr", "-i", *files], check=True)
+    for i in range(1, 3):
+        invoke(agent, i)
+    stats = wait_until_replayed(recorder, written=3)
+    assert stats["trajectories_written"] == 3
+    assert sorted(t.task_id for t in honed.open_store(f"sqlite:///{path}").trajectories()) == [
+        "t0",
+        "t1",
+        "t2",
+    ]
+    recorder.close()
+
+
 def test_postgres_outage_spools_and_replays(pg_url: str, tmp_path: Path, writer: str) -> None:
     url = make_url(pg_url)
     proxy = TcpProxy(url.port or 5432)

@@ -193,6 +193,12 @@ class StoreSink:
                 self.spool.path,
             )
             return
+        if self._store is not None and self._owns_store:
+            # Opened anew at the next try: a store opened while it was down stays as it was opened
+            # (a SQLite file not writable then is opened read-only), and every later write failed
+            # with the file writable again, all runs spooled until a restart (a QA pass, session 28).
+            self._store.close()
+            self._store = None
         if self.error is None:
             log.warning(
                 "honed: the store %s is unavailable (%s); spooling to %s",
