@@ -493,6 +493,34 @@ def test_messages_are_stored_once_per_trajectory_and_read_back_whole(store_url: 
     assert bare.to_dict() == expected.to_dict()
 
 
+def test_a_reading_command_never_upgrades_an_older_store(store_url: str) -> None:
+    """A QA pass (session 28): `honed status` upgraded a store an older honed agent still captured
+    into (0004 -> 0008), and from then on all its runs went to its spool. Reading commands now say
+    how to upgrade and change nothing; `honed init` upgrades."""
+    from alembic import command
+    from typer.testing import CliRunner
+
+    from honed.cli import app
+    from honed.store import StoreSchemaOld
+    from honed.store.store import SCHEMA_HEAD, _alembic_config, _revision
+
+    store = TrajectoryStore(store_url, migrate=False)
+    config = _alembic_config()
+    with store.engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, "0004")
+    with pytest.raises(StoreSchemaOld, match=r"schema 0004.*honed init --store"):
+        honed.open_store(store_url, create=False)
+    for command_line in (["runs"], ["status"], ["show", "x"]):
+        result = CliRunner().invoke(app, [*command_line, "--store", store_url])
+        assert result.exit_code == 2 and "honed init --store" in result.output, (command_line, result.output)
+    assert _revision(store.engine) == "0004"
+    assert CliRunner().invoke(app, ["init", "--store", store_url]).exit_code == 0
+    assert _revision(store.engine) == SCHEMA_HEAD
+    assert CliRunner().invoke(app, ["runs", "--store", store_url]).exit_code == 0
+    store.close()
+
+
 def test_migration_0006_converts_a_store_written_before_and_back(
     store_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:

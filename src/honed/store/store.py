@@ -73,6 +73,11 @@ class StoreNotFound(StoreUnavailable):
     """`open_store(url, create=False)` found no honed store there (read-only commands never make one)."""
 
 
+class StoreSchemaOld(StoreUnavailable):
+    """`open_store(url, create=False)` found a store of an older honed: reading never upgrades it
+    (`honed init` does), since the older honed processes writing to it could not after."""
+
+
 class StoreSchemaUnknown(StoreUnavailable):
     """The database's schema is at a revision this honed does not know: a newer honed's store
     (upgrade honed), or another application's database. Nothing was changed."""
@@ -150,7 +155,8 @@ def open_store(
 ) -> TrajectoryStore:
     """Open the store at `url` (see `resolve_store_url` for the default), migrating it to the
     current schema. With `create=False` (what read-only commands use) a URL with no honed store
-    raises `StoreNotFound` instead of creating one: nothing is written there. `verdict_key`
+    raises `StoreNotFound` instead of creating one, and a store of an older honed `StoreSchemaOld`
+    instead of upgrading it: nothing is written there. `verdict_key`
     (default `$HONED_VERDICT_KEY`) signs the labels written and counts only signed ones
     (`honed.store.signing`); False: neither (what capture and serving open: they write no label)."""
     return TrajectoryStore(resolve_store_url(url), create=create, verdict_key=verdict_key)
@@ -708,6 +714,7 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 # The newest migration's revision. Opening a store at this revision reads one row and never
 # imports alembic (0.2-0.4 s of every start); a test keeps it equal to the migrations' head.
 SCHEMA_HEAD = "0008"
+_KNOWN_REVISIONS = frozenset(f"{n:04d}" for n in range(1, int(SCHEMA_HEAD)))  # older than head
 
 
 def _migrate(engine: Engine, *, create: bool = True, shown: str = "") -> None:
@@ -719,6 +726,15 @@ def _migrate(engine: Engine, *, create: bool = True, shown: str = "") -> None:
             return
         if revision is None and not create:
             raise StoreNotFound(_not_found(shown or safe_url(engine.url)))
+        if not create and revision in _KNOWN_REVISIONS:
+            # A reading command upgraded a store an older honed agent still captured into: from
+            # then on all its runs went to its spool (a QA pass, session 28). Upgrading is said.
+            where = shown or safe_url(engine.url)
+            raise StoreSchemaOld(
+                f"the store {where} is at schema {revision}, this honed's is {SCHEMA_HEAD}: upgrade it with "
+                f"`honed init --store {where}` (older honed processes using it must be upgraded too: they "
+                "cannot write to it after); reading commands never change a store"
+            )
         from alembic import command
         from alembic.runtime.migration import MigrationContext
         from alembic.util import CommandError
