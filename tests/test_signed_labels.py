@@ -777,3 +777,18 @@ def test_a_key_is_rotated_without_judging_anything_again(stores: tuple, store_ur
         app, ["rekey", "--store", store_url]
     )
     assert wrong.exit_code == 2 and "the same key" in wrong.output
+
+
+def test_runs_under_another_key_says_its_verdict_filters_disagree(sqlite_url: str, monkeypatch) -> None:
+    """A QA pass (session 28): under another key the table showed no verdict for a run that
+    `--verdict fail` matched and `--verdict unlabeled` did not (SQL cannot check a signature)."""
+    with honed.open_store(sqlite_url, verdict_key=KEY) as trusted:
+        trusted.save(traj("k1", "6", expected="5"))
+        trusted.add_verdict("k1", ReferenceMatch().verify(trusted.get("k1")))
+    monkeypatch.setenv(KEY_ENV, secrets.token_urlsafe(32))
+    result = CliRunner().invoke(app, ["runs", "--store", sqlite_url, "--verdict", "fail"])
+    assert result.exit_code == 0, result.output
+    assert "check out with this HONED_VERDICT_KEY" in " ".join(result.output.split())
+    monkeypatch.setenv(KEY_ENV, KEY)
+    result = CliRunner().invoke(app, ["runs", "--store", sqlite_url])
+    assert "HONED_VERDICT_KEY" not in result.output
