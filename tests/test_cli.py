@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -169,9 +170,9 @@ def test_a_bad_store_url_is_one_line_not_a_traceback(url: str, message: str) -> 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["export", "jsonl", "no/such/dir/train.jsonl"], "FileNotFoundError"),
-        (["train", "student", "--suite", "nosuch"], "ValueError: unknown suite 'nosuch'"),
-        (["train", "student", "--agent", "no_such_module:agent"], "ModuleNotFoundError"),
+        (["export", "jsonl", "no/such/dir/train.jsonl"], "no/such/dir is not a folder"),
+        (["train", "student", "--suite", "nosuch"], "unknown suite 'nosuch'"),
+        (["train", "student", "--agent", "no_such_module:agent"], "No module named 'no_such_module'"),
         # Each a traceback before (a QA pass, session 14).
         (["train", "student", "--agent", "json"], "give module:factory"),
         (["train", "student", "--agent", "json:no_such_factory"], "json has no callable 'no_such_factory'"),
@@ -190,6 +191,8 @@ def test_a_user_mistake_is_one_line_not_a_traceback(
     result = runner.invoke(app, [*(a.format(tmp=tmp_path) for a in args), "--store", captured])
     assert result.exit_code == 1 and message in result.output, result.output
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) <= 2
+    # a sentence, not an exception's class name before it (a QA pass, session 28: "LookupError: ...")
+    assert not re.match(r"\w+(Error|Exception):", result.output), result.output
 
 
 def test_a_read_only_store_is_read_and_a_write_to_it_is_one_line(captured: str, tmp_path: Path) -> None:

@@ -53,7 +53,9 @@ class _Group(TyperGroup):
                 isinstance(exc, ModuleNotFoundError) and extra
             ):  # a capture-only install (a QA pass, session 22)
                 text += f": this command needs pip install 'honed[{extra}]'"
-            err_console().print(f"[red]{escape(type(exc).__name__)}: {escape(text)}[/red]", soft_wrap=True)
+            if not text or isinstance(exc, KeyError):  # a KeyError's text is only the key
+                text = f"{type(exc).__name__}: {text}"  # else a sentence, no class name before it
+            err_console().print(f"[red]{escape(text)}[/red]", soft_wrap=True)
             raise typer.Exit(1) from exc
         except DatabaseError as exc:
             if not os.environ.get("HONED_TRACEBACK") and _damaged(exc):
