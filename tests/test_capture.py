@@ -484,6 +484,17 @@ def test_unserialisable_huge_and_secret_tool_results(sqlite_url: str) -> None:
     assert len(stored_text.encode()) <= 4096
 
 
+def test_a_capped_answer_is_marked_as_the_text_it_is(sqlite_url: str) -> None:
+    """A QA pass (session 28): the marker of an answer over the cap named its type
+    `langchain_core.messages.base.TextAccessor` (what `message.text` returns), not `str`."""
+    capture = honed.Middleware(store=sqlite_url, max_field_bytes=1000)
+    agent = create_agent(ToolScriptModel(), [], name="long", middleware=[capture])
+    agent.invoke({"messages": [("user", "answer " + "x" * 5000)]})
+    honed.flush()
+    t = only(honed.open_store(sqlite_url))
+    assert t.output["__truncated__"] is True and t.output["type"] == "str", t.output
+
+
 def test_store_filters(sqlite_url: str) -> None:
     handler = honed.CallbackHandler(store=sqlite_url)
     agent = create_agent(ToolScriptModel(), make_tools(), name="calc")

@@ -143,9 +143,10 @@ def _declares(cls: type, name: str) -> bool:
 
 
 def text_of(message: BaseMessage) -> str:
-    """The plain text of a message (text blocks joined), never the reasoning."""
+    """The plain text of a message (text blocks joined), never the reasoning: a `str`, not
+    LangChain's `TextAccessor` (a capped answer's marker named that type, a QA pass, session 28)."""
     try:
-        return message.text
+        return str.__str__(message.text)
     except Exception:  # a provider's odd content shape must not lose the step
         return str(message.content)
 
