@@ -314,13 +314,15 @@ class BatchGenerator:
         self.stats["joins"] += 1
         if batch is None:
             return newcomers
-        # Their first token drawn apart: rows done at once (`max_tokens=1`, a stop) never copy
-        # their cache into the batch, and rows sharing a prompt have theirs copied first.
-        try:
-            newcomers = self._step(newcomers)
-        except BaseException as exc:
-            self._fail(newcomers.rows, exc)
-            return batch
+        if newcomers.shared is not None or any(r.request.max_new_tokens <= 1 for r in newcomers.rows):
+            # Their first token drawn apart: rows done at once (`max_tokens=1`) never copy their
+            # cache into the batch, and rows sharing a prompt have theirs copied first. (Others
+            # merge as they are: a step apart is one more forward pass.)
+            try:
+                newcomers = self._step(newcomers)
+            except BaseException as exc:
+                self._fail(newcomers.rows, exc)
+                return batch
         return batch if newcomers is None else batch.merge(newcomers)
 
     def _within_caps(self, busy: list[_Row], arrived: list[_Row]) -> list[_Row]:
