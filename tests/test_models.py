@@ -504,20 +504,27 @@ def test_the_n_samples_of_one_prompt_are_prefilled_once(model) -> None:
         generator.close()
 
 
-def test_a_long_prompt_is_prefilled_between_the_other_rows_steps(tmp_path: Path) -> None:
-    """A QA pass (session 17): a long prompt was prefilled whole, and every other row waited for
-    it (21 s for 8,000 tokens of a 25M-parameter model on 2 cores). Beside a running batch it is
-    now prefilled a chunk at a time, the others decoding between chunks."""
+def _wide_generator(tmp_path: Path) -> tuple[Any, Any]:
+    """A tiny model wide and long enough for prefills that take a while, and its batcher."""
     from honed.demo.tiny import build_tiny
-    from honed.serving.batching import BatchGenerator, GenerationRequest
+    from honed.serving.batching import BatchGenerator
     from honed.serving.engine import load_engine
 
     path = build_tiny(tmp_path / "wide", hidden_size=256, intermediate_size=1024, num_hidden_layers=6,
                       max_position_embeddings=8192)  # fmt: skip
     engine = load_engine(str(path))
-    generator = BatchGenerator(
+    return engine, BatchGenerator(
         engine.generator.model, engine.tokenizer, eos_ids=[], pad_id=engine.generator.pad_id
     )
+
+
+def test_a_long_prompt_is_prefilled_between_the_other_rows_steps(tmp_path: Path) -> None:
+    """A QA pass (session 17): a long prompt was prefilled whole, and every other row waited for
+    it (21 s for 8,000 tokens of a 25M-parameter model on 2 cores). Beside a running batch it is
+    now prefilled a chunk at a time, the others decoding between chunks."""
+    from honed.serving.batching import GenerationRequest
+
+    engine, generator = _wide_generator(tmp_path)
     try:
         ticks: list[float] = []
         decoding = GenerationRequest(
@@ -550,16 +557,9 @@ def test_a_short_request_does_not_wait_for_long_prompts_prefilled_while_nothing_
     of them was prefilled whole, as no batch was running: a request arriving meanwhile waited for
     all of it (an honest client's replies took 1-6 s, not 22 ms). Short prompts now start at once,
     while long ones are prefilled a slice at a time."""
-    from honed.demo.tiny import build_tiny
-    from honed.serving.batching import BatchGenerator, GenerationRequest
-    from honed.serving.engine import load_engine
+    from honed.serving.batching import GenerationRequest
 
-    path = build_tiny(tmp_path / "wide", hidden_size=256, intermediate_size=1024, num_hidden_layers=6,
-                      max_position_embeddings=8192)  # fmt: skip
-    engine = load_engine(str(path))
-    generator = BatchGenerator(
-        engine.generator.model, engine.tokenizer, eos_ids=[], pad_id=engine.generator.pad_id
-    )
+    engine, generator = _wide_generator(tmp_path)
     try:
         generator.submit(GenerationRequest(engine.encode("warm up") * 20, 2)).result(60)  # a prefill measured
         word = engine.encode("word")[0]

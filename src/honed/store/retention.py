@@ -48,7 +48,9 @@ def prune(
     include_heldout: bool = False,
     dry_run: bool = False,
 ) -> Pruned:
-    """Delete the trajectories matching every given filter (`until`: started before it)."""
+    """Delete the trajectories matching every given filter (`until`: started before it), with their
+    steps, verdicts and queue rows; held-out runs stay unless `include_heldout`. Returns what went
+    (with `dry_run`, what would). `TrajectoryStore.prune` is this function."""
     from honed.store.select import HeldOut
     from honed.store.store import _filtered
 

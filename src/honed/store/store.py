@@ -340,24 +340,8 @@ class TrajectoryStore:
         """Store a `Trajectory` built in code (imports, tests, synthetic data)."""
         self.save_records([trajectory_to_record(trajectory)])
 
-    def prune(
-        self,
-        *,
-        ids: Iterable[str] | None = None,
-        agent: str | None = None,
-        task_id: str | None = None,
-        thread_id: str | None = None,
-        until: datetime | None = None,
-        include_heldout: bool = False,
-        dry_run: bool = False,
-    ) -> retention.Pruned:
-        """Delete the trajectories matching every given filter (`until`: started before it), with
-        their steps, verdicts and queue rows: retention and erasure (`honed.store.retention`).
-        Held-out runs stay unless `include_heldout`: they define the gate's tasks."""
-        return retention.prune(
-            self, ids=ids, agent=agent, task_id=task_id, thread_id=thread_id, until=until,
-            include_heldout=include_heldout, dry_run=dry_run,
-        )  # fmt: skip
+    # Retention and erasure (`honed.store.retention`): `store.prune(until=..., agent=..., ids=...)`.
+    prune = retention.prune
 
     def add_verdict(self, trajectory_id: str, verdict: Verdict) -> Verdict:
         """Record a verdict; one per (trajectory, verifier, version), so re-running replaces it.
