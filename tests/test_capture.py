@@ -834,3 +834,48 @@ def test_labels_a_tool_gives_a_run_inside_it_decide_nothing_of_the_run(instrumen
     assert "t1" not in HeldOut.of(store).task_ids
     Worker(store, verifiers=[ReferenceMatch()], concurrency=1).run_once()
     assert prepare(store, "sft").trajectory_ids == [honest.id]
+
+
+def test_a_call_that_fails_mid_stream_keeps_what_it_streamed(sqlite_url: str) -> None:
+    """A provider hanging up half-way through a streamed reply: the step kept the error and lost
+    the text the user had already seen (a QA pass, session 27). Now it keeps both."""
+    from collections.abc import Iterator
+
+    from langchain_core.language_models import BaseChatModel
+    from langchain_core.messages import AIMessageChunk
+    from langchain_core.outputs import ChatGenerationChunk
+    from langgraph.graph import MessagesState
+
+    class HangsUp(BaseChatModel):
+        @property
+        def _llm_type(self) -> str:
+            return "hangs-up"
+
+        def _generate(self, *args: Any, **kwargs: Any) -> Any:
+            raise NotImplementedError
+
+        def _stream(
+            self, messages: Any, stop: Any = None, run_manager: Any = None, **kw: Any
+        ) -> Iterator[Any]:
+            for word in ("The ", "answer ", "is "):
+                chunk = ChatGenerationChunk(message=AIMessageChunk(content=word))
+                if run_manager:
+                    run_manager.on_llm_new_token(word, chunk=chunk)
+                yield chunk
+            raise TimeoutError("the provider hung up mid-stream")
+
+    model = HangsUp()
+    graph = StateGraph(MessagesState)
+    graph.add_node("llm", lambda state: {"messages": [model.invoke(state["messages"])]})
+    graph.add_edge(START, "llm")
+    app = graph.compile(name="streamer")
+    handler = honed.CallbackHandler(store=sqlite_url)
+    with pytest.raises(TimeoutError):
+        for _ in app.stream({"messages": [("user", "q")]}, {"callbacks": [handler]}, stream_mode="messages"):
+            pass
+    handler.recorder.flush()
+    [step] = only(honed.open_store(sqlite_url)).model_steps()
+    assert step.error and "hung up mid-stream" in step.error
+    assert step.output == {"role": "assistant", "content": "The answer is "}
+    assert step.extra["streamed_before_error"] is True
+    assert not handler._streamed  # nothing held once the call ended

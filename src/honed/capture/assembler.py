@@ -42,6 +42,7 @@ from honed.capture.events import (
     NotRun,
     NotTheAnswer,
     RanAs,
+    StreamedBeforeError,
     ToolAnswer,
     inherited_labels,
 )
@@ -590,6 +591,9 @@ class Assembler:
         trajectory = run.trajectory
         trajectory.last_seen = when
         trajectory.open_runs.discard(run_id)
+        streamed = None
+        if isinstance(error, StreamedBeforeError):  # the reply so far is the step's output
+            streamed, error = AIMessage(content=error.text), error.error
         bubbled = None
         if isinstance(error, GraphBubbleUp):
             # Not a failure: LangGraph's control flow (an interrupt, a Command to the parent graph).
@@ -601,9 +605,11 @@ class Assembler:
         if error is None:
             trajectory.pending_error = None
         if run.step_id is not None:
-            step = self._step(run, when, outputs, error)
+            step = self._step(run, when, outputs if streamed is None else streamed, error)
             if bubbled:
                 step["extra"]["bubbled"] = bubbled
+            if streamed is not None and run.kind in (MODEL, LLM):
+                step["extra"]["streamed_before_error"] = True
             trajectory.steps.append(step)
         if run.kind == CHAIN and isinstance(outputs, dict | list):
             self._synthesise_unseen_tool_errors(

@@ -26,6 +26,7 @@ from honed.capture.events import (
     NESTED_LABELS,
     START,
     TOOL,
+    StreamedBeforeError,
     contents_of,
     snapshot,
     tool_answer,
@@ -66,6 +67,8 @@ class CallbackHandler(GraphCallbackHandler):
         self._root_label_ids: dict[int, UUID] = {}
         # Root graph runs with static breakpoints -> the `stream`/`astream` frame running them.
         self._breakpoint_runs: dict[UUID, FrameType] = {}
+        # Model calls streaming now -> the text streamed so far: kept when the call fails.
+        self._streamed: dict[UUID, list[str]] = {}
 
     # -- chains (graphs, nodes, agents) --------------------------------------------------------
 
@@ -180,12 +183,32 @@ class CallbackHandler(GraphCallbackHandler):
         if labels is not None and self._root_label_ids.get(id(labels)) == run_id:
             self._root_label_ids.pop(id(labels), None)  # (another root on the same dict: still its)
 
-    on_llm_end = on_retriever_end = _ended
+    on_retriever_end = _ended
+
+    def on_llm_new_token(self, token: str, *, run_id: UUID, **kwargs: Any) -> None:
+        if self.enabled and token and isinstance(token, str):
+            streamed = self._streamed.get(run_id)
+            if streamed is None:
+                if len(self._streamed) >= _MAX_ROOTS:  # calls abandoned without an end or an error
+                    self._streamed.pop(next(iter(self._streamed)), None)
+                streamed = self._streamed[run_id] = []
+            streamed.append(token)
+
+    def on_llm_end(self, response: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        if self._streamed:
+            self._streamed.pop(run_id, None)
+        self._ended(response, run_id=run_id, **kwargs)
+
+    def on_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        """A call that fails mid-stream keeps what it streamed (a timeout after half a reply)."""
+        streamed = self._streamed.pop(run_id, None) if self._streamed else None
+        failed = StreamedBeforeError(error, "".join(streamed)) if streamed else error
+        self._failed(failed, run_id=run_id, **kwargs)  # type: ignore[arg-type]
 
     def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
         self._ended(tool_answer(output) if self.enabled else output, run_id=run_id, **kwargs)
 
-    on_chain_error = on_llm_error = on_tool_error = on_retriever_error = _failed
+    on_chain_error = on_tool_error = on_retriever_error = _failed
 
     # -- LangGraph lifecycle (only for a handler passed in the invocation's config) -----------------
 

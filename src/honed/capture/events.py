@@ -26,6 +26,14 @@ CHAIN, MODEL, LLM, TOOL = "chain", "model", "llm", "tool"
 NESTED_LABELS = "nested_labels"
 
 
+class StreamedBeforeError(NamedTuple):
+    """A model call's ERROR payload when it failed after streaming part of its reply: the error,
+    and the text streamed so far (kept as the step's output; a QA pass, session 27: it was lost)."""
+
+    error: BaseException
+    text: str
+
+
 class RanAs(NamedTuple):
     """A tool step's END payload when the call ran as another than the one its START recorded
     (a middleware further in changed it: a reviewer's edit). The step records the call that ran;
