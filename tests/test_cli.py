@@ -430,9 +430,16 @@ def test_runs_captured_under_a_mistyped_store_url_are_moved_to_the_right_store(t
     (advice,) = [m for m in records if "--from" in m]
     spool = advice.split("--from ", 1)[1].split(" ", 1)[0]
     right = f"sqlite:///{tmp_path / 'right.db'}"
+    kept = Path(spool).read_text()
     result = runner.invoke(app, ["spool", "--replay", "--from", spool, "--store", right])
     assert "replayed 1 trajectory from" in result.output, result.output  # "1 trajectories" before
     assert [t.answer for t in honed.open_store(right).trajectories()] == ["kept"]
+    # A copy of a spool replayed again writes nothing, and says so (it counted 1, a QA pass, session 27).
+    Path(spool).write_text(kept)
+    again = runner.invoke(app, ["spool", "--replay", "--from", spool, "--store", right])
+    assert "replayed 0 trajectories" in again.output and "(1 already stored there)" in again.output, (
+        again.output
+    )
     missing = runner.invoke(app, ["spool", "--replay", "--from", str(tmp_path / "none"), "--store", right])
     assert missing.exit_code == 1 and "no spool file" in missing.output
 

@@ -127,7 +127,9 @@ class Spool:
             return False
 
     def replay(self, save: Callable[[list[dict[str, Any]]], Any], batch: int = 500) -> int:
-        """Hand every spooled record to `save`, oldest first, then empty the spool.
+        """Hand every spooled record to `save`, oldest first, then empty the spool; returns how
+        many were written (what `save` says it wrote, when it says: `save_records` skips those
+        already stored, which a replay of a spool replayed before counted again).
 
         If `save` raises, the spool is left as it was (records already saved are skipped by the
         store next time) and the exception propagates to the caller, which retries later.
@@ -137,8 +139,8 @@ class Spool:
         with self._locked("r+") as handle:
             replayed = 0
             for chunk in _chunks(_read_records(handle, self.path), batch):
-                save(chunk)
-                replayed += len(chunk)
+                written = save(chunk)
+                replayed += written if isinstance(written, int) else len(chunk)
             handle.seek(0)
             handle.truncate()
             handle.flush()

@@ -157,8 +157,10 @@ def spool(
         if as_json:
             typer.echo(json.dumps(summary))
         else:
+            already = before - replayed
             console().print(
                 f"replayed {counted(replayed, 'trajectory')} from {escape(str(mine.path))} into {escape(summary['store'])}"
+                + (f" ({already} already stored there)" if already > 0 else "")
             )
             if not before and source is None:
                 _same_database_elsewhere(url)
