@@ -504,6 +504,39 @@ def test_the_n_samples_of_one_prompt_are_prefilled_once(model) -> None:
         generator.close()
 
 
+def test_rows_sharing_a_prompt_merge_with_another_batch_before_their_first_step(model) -> None:
+    """A QA pass (session 28): rows sharing one prompt's prefill (`n=2`) became the batch while a
+    long prompt's slices went on; merged in before their first step, with their cache still
+    shared, every row after the merge failed (IndexError). Merged now, all decode as alone."""
+    from concurrent.futures import Future
+
+    from honed.serving.batching import BatchGenerator, GenerationRequest, _Prefill, _Row
+
+    engine = model.engine
+    generator = BatchGenerator(
+        engine.generator.model, engine.tokenizer, eos_ids=[], pad_id=engine.generator.pad_id
+    )
+    try:
+        short, other = engine.encode("hello there"), engine.encode("other words " * 5)
+        alone = {
+            tuple(p): generator.submit(GenerationRequest(p, 4, temperature=0)).result(60).token_ids
+            for p in (short, other)
+        }
+    finally:
+        generator.close()  # its thread stops; the batches below run here, step by step
+    pair = [_Row(GenerationRequest(short, 4, temperature=0), Future()) for _ in range(2)]
+    shared = _Prefill(generator, pair).advance(None)
+    assert shared is not None and shared.shared is not None
+    single = _Row(GenerationRequest(other, 4, temperature=0), Future())
+    batch = _Prefill(generator, [single]).advance(None)
+    assert batch is not None
+    merged = batch.merge(shared)
+    while merged is not None:
+        merged = generator._step(merged)
+    assert [r.future.result(0).token_ids for r in pair] == [alone[tuple(short)]] * 2
+    assert single.future.result(0).token_ids == alone[tuple(other)]
+
+
 def _wide_generator(tmp_path: Path) -> tuple[Any, Any]:
     """A tiny model wide and long enough for prefills that take a while, and its batcher."""
     from honed.demo.tiny import build_tiny

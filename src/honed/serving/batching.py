@@ -648,6 +648,9 @@ class _Batch:
 
     def merge(self, other: _Batch) -> _Batch:
         """One batch of both: caches and masks left-padded to the same length, then stacked."""
+        for batch in (self, other):  # a prompt's cache shared by its rows: each row its own first
+            if batch.shared is not None:  # (a merge with it shared failed the rows after it, a QA pass)
+                batch.select(list(range(batch.size)))
         width = max(self.mask.shape[1], other.mask.shape[1])
         for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
             mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(theirs.keys, width)])
