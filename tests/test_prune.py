@@ -9,12 +9,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from typer.testing import CliRunner
 
 import honed
 from honed.cli import app
-from honed.store.schema import StepRow, VerdictRow
+from honed.store.schema import StepRow, TrajectoryRow, VerdictRow
 from honed.store.verification_tables import VerificationClaimRow
 from honed.trajectory import Step, Trajectory, Verdict
 
@@ -61,6 +61,9 @@ def store(store_url: str) -> honed.TrajectoryStore:
         _run("thread-b", days_ago=1, thread_id="conv-7"),
     ):
         s.save(run)
+    with s.engine.begin() as conn:  # stored when they started (retention goes by when a run was stored)
+        conn.execute(update(TrajectoryRow).values(created_at=TrajectoryRow.started_at))
+    s.save(_run("dated-back", days_ago=3650))  # says it started ten years ago, stored now
     for run_id in ("old-1", "old-2", "new-1"):
         s.add_verdict(run_id, Verdict(verifier="ref", version="1", passed=True, score=1.0))
     s.enqueue_verification("ref@1")
@@ -78,7 +81,9 @@ def test_retention_deletes_old_runs_with_their_rows_and_keeps_held_out_ones(
     assert pruned.kept_heldout == 2  # the held-out split's run and its task's other run
     assert pruned.learned_from == 1
     left = sorted(t.id for t in store.trajectories(limit=None))
-    assert left == ["new-1", "old-held", "old-held-task", "thread-a", "thread-b"]
+    # A run dated back by the process that captured it is not old: a capture role dated its paused
+    # run to 2000, and retention deleted it with the verdict that failed it (a QA pass, session 28).
+    assert left == ["dated-back", "new-1", "old-held", "old-held-task", "thread-a", "thread-b"]
     for table in (StepRow, VerdictRow, VerificationClaimRow):
         assert _count(store, table, ["old-1", "old-2"]) == 0, table.__tablename__
         assert _count(store, table, ["new-1"]) > 0, table.__tablename__
@@ -92,10 +97,10 @@ def test_retention_deletes_old_runs_with_their_rows_and_keeps_held_out_ones(
 
 def test_filters_combine_and_a_dry_run_deletes_nothing(store: honed.TrajectoryStore) -> None:
     assert store.prune(until=NOW - timedelta(days=90), agent="billing", dry_run=True).deleted == ["old-2"]
-    assert store.count() == 7
+    assert store.count() == 8
     assert store.prune(thread_id="conv-7").deleted == ["thread-a", "thread-b"]
     assert store.prune(ids=["new-1", "no-such-run"]).deleted == ["new-1"]
-    assert store.count() == 4
+    assert store.count() == 5
     with pytest.raises(ValueError, match="say what to delete"):
         store.prune()
 
@@ -114,6 +119,29 @@ def test_an_erased_secret_is_gone_from_the_sqlite_files(tmp_path: Path) -> None:
         assert b"new-1" in on_disk()
 
 
+def test_a_reader_holding_the_old_pages_is_said_and_waited_for(tmp_path: Path) -> None:
+    """A QA pass (session 28): with another process in a read transaction, the checkpoint could
+    not copy the overwritten pages, and prune said "deleted" with the secret still in the file."""
+    import sqlite3
+    import threading
+
+    path = tmp_path / "erase.db"
+    with honed.open_store(f"sqlite:///{path}") as s:
+        s.save(_run("old-1", days_ago=100, tool_output=f"the customer's card is {SECRET}"))
+        reader = sqlite3.connect(path, check_same_thread=False)
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM steps").fetchone()
+        result = CliRunner().invoke(app, ["prune", "--store", f"sqlite:///{path}", "--run", "old-1", "--yes"])
+        assert result.exit_code == 0 and "deleted 1 trajectory" in result.output, result.output
+        assert "another process is reading the store" in " ".join(result.output.split())
+        threading.Timer(0.5, reader.rollback).start()  # the reader done meanwhile: waited for
+        s.save(_run("old-2", days_ago=100))
+        assert s.prune(ids=["old-2"]).erased is True
+        reader.close()
+        on_disk = b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("erase.db"))
+        assert SECRET.encode() not in on_disk
+
+
 def test_the_cli_asks_says_what_it_kept_and_deletes_by_short_id(
     store_url: str, store: honed.TrajectoryStore
 ) -> None:
@@ -121,25 +149,25 @@ def test_the_cli_asks_says_what_it_kept_and_deletes_by_short_id(
     base = ["prune", "--store", store_url]
     refused = runner.invoke(app, [*base, "--before", "90d"])
     assert refused.exit_code == 2 and "give --yes" in refused.output
-    assert store.count() == 7
+    assert store.count() == 8
     dry = runner.invoke(app, [*base, "--before", "90d", "--dry-run"])
     assert dry.exit_code == 0, dry.output
     assert "would delete 2 trajectories" in dry.output
     assert "kept 2 held-out runs" in dry.output and "--include-heldout" in dry.output
     assert "1 of them trained a version" in dry.output
-    assert store.count() == 7
+    assert store.count() == 8
     done = runner.invoke(app, [*base, "--before", "90d", "--yes", "--json"])
     assert json.loads(done.output) == {
-        "deleted": 2, "matched": 2, "kept_heldout": 2, "learned_from": 1, "dry_run": False,
+        "deleted": 2, "matched": 2, "kept_heldout": 2, "learned_from": 1, "dry_run": False, "erased": True,
     }  # fmt: skip
-    assert store.count() == 5
+    assert store.count() == 6
     short = runner.invoke(app, [*base, "--run", "new-", "--yes"])  # the start of an id
     assert short.exit_code == 0 and "deleted 1 trajectory" in short.output, short.output
     missing = runner.invoke(app, [*base, "--run", "nope", "--yes"])
     assert missing.exit_code == 1 and "no trajectory" in missing.output
     nothing = runner.invoke(app, base)
     assert nothing.exit_code == 2 and "say what to delete" in nothing.output
-    assert store.count() == 4
+    assert store.count() == 5
 
 
 def test_the_capture_role_cannot_prune(pg_url: str) -> None:

@@ -226,7 +226,7 @@ def prune(
     store: StoreOption = None,
     before: Annotated[
         str | None,
-        typer.Option(help="Runs started before this: an ISO date/time or an age such as 90d (retention)."),
+        typer.Option(help="Runs stored before this: an ISO date/time or an age such as 90d (retention)."),
     ] = None,
     agent: Annotated[str | None, typer.Option(help="Only this agent's runs.")] = None,
     task_id: Annotated[str | None, typer.Option("--task-id", help="Only this task's runs.")] = None,
@@ -268,6 +268,7 @@ def prune(
                     "kept_heldout": found.kept_heldout,
                     "learned_from": found.learned_from,
                     "dry_run": not go,
+                    "erased": done.erased,
                 }
             )
         )
@@ -281,6 +282,13 @@ def prune(
         out.print(
             f"{counted(found.learned_from, 'of them', 'of them')} trained a version: its lineage keeps "
             "their ids (`honed versions`), not their content"
+        )
+    if go and not done.erased:
+        err_console().print(
+            "[yellow]another process is reading the store: the deleted rows stay in its file until the "
+            "next checkpoint once it is done (run this again then, or `sqlite3 FILE 'PRAGMA "
+            "wal_checkpoint(TRUNCATE)'`)[/yellow]",
+            soft_wrap=True,
         )
     if found.kept_heldout:
         out.print(

@@ -1,4 +1,4 @@
-"""Deleting captured runs: retention (runs started before a date) and erasure (a run, a thread).
+"""Deleting captured runs: retention (runs stored before a date) and erasure (a run, a thread).
 
 A trajectory goes with its steps, verdicts and verifier-queue rows (their foreign keys cascade).
 Held-out runs stay unless asked for: they define the gate's tasks (`honed.learn.cycle.tasks_from_store`), so a
@@ -11,6 +11,7 @@ reclaims the space of deleted rows with (auto)vacuum.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -35,6 +36,9 @@ class Pruned:
     deleted: list[str] = field(default_factory=list)
     kept_heldout: int = 0
     learned_from: int = 0
+    # SQLite: False when a reader kept the deleted rows' old pages in the file (they go at the
+    # next checkpoint once it is done).
+    erased: bool = True
 
 
 def prune(
@@ -48,7 +52,7 @@ def prune(
     include_heldout: bool = False,
     dry_run: bool = False,
 ) -> Pruned:
-    """Delete the trajectories matching every given filter (`until`: started before it), with their
+    """Delete the trajectories matching every given filter (`until`: stored before it), with their
     steps, verdicts and queue rows; held-out runs stay unless `include_heldout`. Returns what went
     (with `dry_run`, what would). `TrajectoryStore.prune` is this function."""
     from honed.store.select import HeldOut
@@ -62,9 +66,13 @@ def prune(
         agent=agent,
         task_id=task_id,
         thread_id=thread_id,
-        until=until,
         ids=None if ids is None else list(ids),
-    ).order_by(T.started_at, T.id)
+    ).order_by(T.created_at, T.id)
+    if until is not None:
+        # By when the database stored the run, which the agent's process cannot set: by when it
+        # says it started, a capture role dated its paused run back to 2000, and the operator's
+        # retention deleted it with the verdict that failed it (a QA pass, session 28).
+        query = query.where(T.created_at < until)
     with store.engine.connect() as conn:
         matched = conn.execute(query).all()
     heldout = None if include_heldout else HeldOut.of(store)
@@ -86,8 +94,22 @@ def prune(
     if sqlite:
         with store.engine.connect() as conn:
             conn.exec_driver_sql("PRAGMA secure_delete=OFF")
-            conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+        return dataclasses.replace(result, erased=_checkpointed(store))
     return result
+
+
+def _checkpointed(store: TrajectoryStore, wait_s: float = 5.0) -> bool:
+    """Copy the overwritten pages into the file and empty the write-ahead log. A reader in a
+    transaction holds the old pages in the file (a QA pass, session 28: "deleted", and the secret
+    still there): waited for up to `wait_s` (SQLite's busy handler), then False."""
+    with store.engine.connect() as conn:
+        timeout = conn.exec_driver_sql("PRAGMA busy_timeout").scalar()
+        conn.exec_driver_sql(f"PRAGMA busy_timeout={int(wait_s * 1000)}")
+        try:
+            busy = conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").first()
+        finally:
+            conn.exec_driver_sql(f"PRAGMA busy_timeout={int(timeout or 0)}")
+    return not busy or not busy[0]
 
 
 def _learned_from(store: TrajectoryStore, ids: list[str]) -> int:
