@@ -124,6 +124,7 @@ def test_rows_carry_recorded_logprobs_and_the_group_advantage(store: TrajectoryS
     data = prepare(store, "offpolicy")
     assert data.pretokenized and data.method == "offpolicy"
     assert data.counts["groups"] == 2 and data.counts["unpassed_groups"] == 1
+    assert data.counts["failed_attempts"] == 3  # t1's, beside its pass
     assert data.counts["heldout_excluded"] == 2 and set(data.dataset["task_id"]) == {"t1", "t2"}
     assert sorted(set(data.trajectory_ids)) == sorted(t.id for t in t1 + t2)
     rows = list(data.dataset)
@@ -185,6 +186,24 @@ def test_tasks_never_passed_teach_nothing(store: TrajectoryStore, tiny: Path, tm
     assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match="trains on prepare"):
         OffPolicyMethod().train(tiny, prepare(store, "sft"), tmp_path / "out")
+
+
+def test_one_attempt_per_task_is_said_to_teach_no_failure(
+    store: TrajectoryStore, tiny: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A QA pass (session 28): production tasks attempted once each gave offpolicy the passes
+    alone (SFT, said nowhere), and DPO "no rows" without saying it pairs attempts at one task."""
+    from honed.learn.methods import DPOMethod
+
+    add(store, make_trajectory("t1", token_ids=IDS_A), True)
+    add(store, make_trajectory("t2", token_ids=IDS_B), False)
+    data = prepare(store, "offpolicy")
+    assert data.counts["groups"] == 1 and data.counts["failed_attempts"] == 0
+    with caplog.at_level("WARNING", logger="honed"):
+        OffPolicyMethod(max_steps=1).train(tiny, data, tmp_path / "out")
+    assert "no task here has a failed attempt beside a pass" in caplog.text
+    with pytest.raises(NothingToLearn, match="a pass and a failure of the same task"):
+        DPOMethod().train(tiny, prepare(store, "dpo"), tmp_path / "dpo")
 
 
 # -- the loss ------------------------------------------------------------------------------------

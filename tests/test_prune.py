@@ -195,3 +195,28 @@ def test_the_capture_role_cannot_prune(pg_url: str) -> None:
             conn.execute(text(f'DROP OWNED BY "{role}"'))
             conn.execute(text(f'DROP ROLE "{role}"'))
         admin.dispose()
+
+
+def test_what_a_version_learned_from_is_read_back_for_an_erasure(
+    store_url: str, store: honed.TrajectoryStore
+) -> None:
+    """A QA pass (session 28): prune said lineage keeps the ids "(`honed versions`)", which showed
+    none. `honed show ID` names the versions a run trained; `versions --learned-from` lists runs."""
+    training = store.training_runs("support-agent")[0]
+    version = store.register_model("support-agent", "s3://models/support-agent/v1", training_run=training.id)
+    store.update_training_run(training.id, candidate=version.ref, status="promoted")
+    runner = CliRunner(env={"COLUMNS": "200"})
+    shown = runner.invoke(app, ["show", "old-1", "--store", store_url])
+    assert shown.exit_code == 0 and "trained support-agent@v1 (promoted, training run" in shown.output, (
+        shown.output
+    )
+    assert "trained" not in runner.invoke(app, ["show", "old-2", "--store", store_url]).output
+    assert json.loads(runner.invoke(app, ["show", "old-1", "--store", store_url, "--json"]).output)[
+        "trained"
+    ] == [{"training_run": training.id, "candidate": "support-agent@v1", "status": "promoted"}]
+    listed = runner.invoke(app, ["versions", "support-agent", "--learned-from", "--store", store_url])
+    assert "support-agent@v1 learned from 2 runs:" in listed.output and "new-1" in listed.output, (
+        listed.output
+    )
+    dry = runner.invoke(app, ["prune", "--store", store_url, "--run", "old-1", "--dry-run"])
+    assert "honed show ID" in " ".join(dry.output.split())

@@ -57,6 +57,12 @@ def versions(
     history: Annotated[
         bool, typer.Option("--history", help="Also list every change, who made it and why.")
     ] = False,
+    learned_from: Annotated[
+        bool,
+        typer.Option(
+            "--learned-from", help="Also list the captured runs each version was trained on (their ids)."
+        ),
+    ] = False,
     as_json: JsonOption = False,
 ) -> None:
     """The versions of NAME: status (candidate | live | retired | rejected), parent, metrics, path."""
@@ -64,6 +70,11 @@ def versions(
         found = s.versions(name)
         events = s.model_history(name) if history or as_json else []
         known = s.model_names() if not found else []
+        examples = {
+            v.ref: s.training_examples(v.training_run)
+            for v in found
+            if learned_from and v.training_run is not None
+        }
     if not found:
         console().print(
             f"[yellow]{escape(name)} has no versions[/yellow] (models: {escape(', '.join(known) or 'none')}): "
@@ -73,7 +84,11 @@ def versions(
     if as_json:
         typer.echo(
             json.dumps(
-                {"versions": [v.to_dict() for v in found], "history": [_event_dict(e) for e in events]},
+                {
+                    "versions": [v.to_dict() for v in found],
+                    "history": [_event_dict(e) for e in events],
+                    **({"learned_from": examples} if learned_from else {}),
+                },
                 ensure_ascii=False,
                 default=str,
             )
@@ -95,6 +110,8 @@ def versions(
             escape(v.path),
         )
     print_table(console(), table)
+    for ref, ids in examples.items():  # lineage read back: what each version learned from
+        console().print(f"{escape(ref)} learned from {counted(len(ids), 'run')}: {escape(' '.join(ids))}")
     if history:
         for e in events:
             moved = f"v{e.from_version} → v{e.version}" if e.from_version else f"v{e.version}"

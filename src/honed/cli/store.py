@@ -281,7 +281,8 @@ def prune(
     if found.learned_from:
         out.print(
             f"{counted(found.learned_from, 'of them', 'of them')} trained a version: its lineage keeps "
-            "their ids (`honed versions`), not their content"
+            "their ids, not their content (`honed show ID` names the versions; `honed versions NAME "
+            "--learned-from` lists each one's runs)"
         )
     if go and not done.erased:
         err_console().print(

@@ -135,10 +135,14 @@ def show(
             if t.thread_id
             else []
         )
+        trained = s.trained_on(t.id)
     if as_json:
         data = t.to_dict()
         if t.thread_id:
             data["thread"] = [turn.id for turn in turns]
+        data["trained"] = [
+            {"training_run": r.id, "candidate": r.candidate, "status": r.status} for r in trained
+        ]
         typer.echo(json.dumps(data, ensure_ascii=False, indent=2, default=str))
         return
     out = console()
@@ -147,6 +151,11 @@ def show(
     out.print(_timeline(t))
     if len(turns) > 1:
         out.print(_thread(t, turns))
+    if trained:  # which versions hold what it taught (an erasure's question, a QA pass, session 28)
+        runs = ", ".join(
+            f"{escape(r.candidate or r.model)} ({r.status}, training run {r.id})" for r in trained
+        )
+        out.print(f"[bold]trained[/bold] {runs}; the versions trained from those hold it too")
 
 
 def _thread(shown: Trajectory, turns: list[Trajectory]) -> Tree:

@@ -638,6 +638,9 @@ class _Build:
         if missing:
             raise MissingLogprobs(missing, sum(map(len, kept.values())))
         rows, used = [], []
+        # Failures beside a pass of their task: what this method learns from beyond SFT (none when
+        # each task was attempted once, as in most production captures: a QA pass, session 28).
+        self.counts["failed_attempts"] = sum(not labels[t.id] for members in kept.values() for t in members)
         for members in kept.values():
             rate = statistics.fmean(1.0 if labels[t.id] else 0.0 for t in members)
             self.counts["groups"] += 1

@@ -245,6 +245,7 @@ class TrajectoryStore:
     update_training_run = _Part("training")
     add_training_examples = _Part("training")
     training_examples = _Part("training")
+    trained_on = _Part("training")
     training_runs = _Part("training")
     training_run = _Part("training")
     record_eval = _Part("training")

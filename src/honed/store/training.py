@@ -322,6 +322,18 @@ class TrainingLog:
                 )
             )
 
+    def trained_on(self, trajectory_id: str) -> list[TrainingRun]:
+        """The training runs whose datasets were built from this trajectory (lineage read back:
+        which versions hold a run's content, what an erasure asks), oldest first."""
+        with self._sessions() as session:
+            rows = session.scalars(
+                select(TrainingRunRow)
+                .join(TrainingExampleRow, TrainingExampleRow.run_id == TrainingRunRow.id)
+                .where(TrainingExampleRow.trajectory_id == trajectory_id)
+                .order_by(TrainingRunRow.id)
+            ).all()
+            return [_run(row) for row in rows]
+
     def training_runs(
         self, model: str | None = None, *, limit: int | None = 50, statuses: Iterable[str] | None = None
     ) -> list[TrainingRun]:

@@ -73,6 +73,7 @@ class TrlMethod:
 
     name: ClassVar[str] = ""
     accepts: ClassVar[tuple[str, ...]] = ()
+    needs: ClassVar[str] = ""  # what its rows need, said when there are none
     # TRL's config and trainer class names.
     trl_classes: ClassVar[tuple[str, str]] = ("", "")
 
@@ -238,7 +239,10 @@ class TrlMethod:
             )
         if len(data.dataset) == 0:
             counts = ", ".join(f"{k}={v}" for k, v in data.counts.items() if v)
-            raise NothingToLearn(f"{self.name}: the dataset has no rows ({counts or 'nothing selected'})")
+            needs = f"; it needs {self.needs}" if self.needs else ""
+            raise NothingToLearn(
+                f"{self.name}: the dataset has no rows ({counts or 'nothing selected'}){needs}"
+            )
 
     def _check_kept(self, trainer: Any, data: TrainingData, args: Any) -> None:
         """Raise `NothingToLearn` when the trainer dropped every row (TRL drops a row its

@@ -35,12 +35,16 @@ exactly the sampling policy's.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from honed.learn.datasets import TrainingData
 from honed.learn.methods.base import NothingToLearn, TrlMethod
 
 FAILURE_WEIGHT = 0.5
+
+
+log = logging.getLogger("honed")
 
 
 class OffPolicyMethod(TrlMethod):
@@ -76,6 +80,13 @@ class OffPolicyMethod(TrlMethod):
                 "on demonstrations or a teacher first"
             )
         super()._check(data)
+        if data.counts.get("groups") and not data.counts.get("failed_attempts"):
+            log.warning(
+                "honed: offpolicy: no task here has a failed attempt beside a pass (one attempt per task?): "
+                "this cycle learns from the %d passes alone, as SFT would; capture several attempts per "
+                "task (`n` > 1, or runs sharing a task_id) to learn from failures",
+                data.counts["groups"],
+            )
 
     def _trainer(self, base: str, args: Any, data: TrainingData, tokenizer: Any, callbacks: list[Any]) -> Any:
         if args.packing or args.padding_free or args.truncation_mode != "keep_start":

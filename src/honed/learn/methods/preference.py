@@ -96,4 +96,7 @@ class DPOMethod(TrlMethod):
 
     name = "dpo"
     accepts = ("dpo",)
+    needs = (
+        "a pass and a failure of the same task (task_id) to pair: with one attempt per task, there is none"
+    )
     trl_classes = ("DPOConfig", "DPOTrainer")
