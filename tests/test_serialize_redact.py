@@ -386,6 +386,8 @@ def test_ordinary_text_passes_unchanged() -> None:
         "I used 512 input tokens and 128 output tokens; max_tokens = 1024.",
         "The key insight: the bearer of bad news was late. Authorization: required.",
         "Install scikit-learn and run the task-list-for-the-week-is-long script.",
+        # after `-`, a plain `sk-` key has no `-` in it (a QA pass, session 28)
+        "Archived as my-sk-learn-models-2024-archive-v3 and team_sk-learn-notes-2024-q3.",
         "token_count: 3, num_tokens=7, key = 'name'",
         "Next token: hello. The secret: always test first.",
         "see https://example.com:8080/path?q=a@b and mail bob@example.com",

@@ -647,7 +647,18 @@ _SECRET_KEYS = {
     ),
     **dict.fromkeys(("cvv", "cvv2", "cvc", "cvc2", "cardcvv", "cardcvc", "cardsecuritycode"), "password"),
     # ... and the card's number (a QA pass, session 28: `card_number` was stored, its `cvv` not).
-    **dict.fromkeys(("cardnumber", "creditcardnumber", "ccnumber", "cardno", "ccnum", "pan"), "card_number"),
+    **dict.fromkeys(
+        (
+            "cardnumber",
+            "creditcardnumber",
+            "ccnumber",
+            "cardno",
+            "ccnum",
+            "creditcard",
+            "primaryaccountnumber",
+        ),
+        "card_number",
+    ),
     "bearer": "bearer",
     **dict.fromkeys(("apikey", "xapikey", "apitoken", "xgoogapikey"), "api_key"),
     **dict.fromkeys(("authorization", "proxyauthorization", "auth", "xauth", "basicauth"), "authorization"),
@@ -961,7 +972,8 @@ _KEYWORDS = (
     'cvc"',
     'card_number"',  # `{"card_number": "..."}`
     'cardnumber"',
-    'pan"',
+    'credit_card"',
+    'creditcard"',
 )
 _KEYWORDS_NOT_ASCII = ("пароль", "密码", "密碼", "パスワード", "비밀번호", "hasło", "lösenord", "contraseña")
 
@@ -1242,6 +1254,9 @@ def _openai(m: re.Match[str]) -> str:
     if _continues_word(m):
         return m.group(0)  # "task-..." / "disk-..." are words, not keys
     key = m.group(0)
+    start = m.start()
+    if start and m.string[start - 1] in "-_" and not m.group(1) and "-" in key[3:]:
+        return key  # "my-sk-learn-models-2024-v3": a hyphenated name (a plain key has no `-` after sk-)
     # Plain "sk-" needs a digit or the OpenAI tag: "sk-learn-and-other-long-hyphenated-words" is prose.
     if m.group(1) or "T3BlbkFJ" in key or any(c.isdigit() for c in key):
         return _marker("openai_key")
