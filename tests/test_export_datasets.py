@@ -247,12 +247,14 @@ def test_cli_export_jsonl_and_hf(verified: str, tmp_path: Path, monkeypatch: pyt
     out = tmp_path / "train.jsonl"
     result = runner.invoke(app, ["export", "jsonl", str(out), "--store", verified, "--json"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output) == {"written": 3, "skipped": {}, "path": str(out)}
+    # What the held-out policy left out is said too (a QA pass, session 28: `"skipped": {}` only).
+    assert json.loads(result.output) == {"written": 3, "skipped": {}, "path": str(out), "heldout_excluded": 1}
     assert len(lines(out)) == 3
 
     args = ["--store", verified, "--task-id", "t-held", "--task-id", "t-add", "--since", "1h"]
     result = runner.invoke(app, ["export", "jsonl", str(out), *args])
     assert result.exit_code == 0 and "wrote 1 example to" in result.output
+    assert "1 matching run left out: held out" in " ".join(result.output.split()), result.output
     result = runner.invoke(
         app, ["export", "jsonl", str(out), *args, "--include-heldout", "--model-version", "calc@v1"]
     )
@@ -260,9 +262,8 @@ def test_cli_export_jsonl_and_hf(verified: str, tmp_path: Path, monkeypatch: pyt
     # A held-out task asked for by id wrote nothing and said nothing (a QA pass, session 19).
     result = runner.invoke(app, ["export", "jsonl", str(out), "--store", verified, "--task-id", "t-held"])
     assert result.exit_code == 0 and "wrote 0 examples" in result.output
-    assert "matching runs are held out" in result.output and "--include-heldout" in result.output, (
-        result.output
-    )
+    assert "matching run left out: held out" in " ".join(result.output.split()), result.output
+    assert "--include-heldout" in result.output, result.output
     # A typo'd version wrote nothing and said nothing (a QA pass, session 18): it names what is
     # stored; and it replaced the export with an empty file, exit 0 (a QA pass, session 25).
     before = out.read_bytes()

@@ -233,19 +233,29 @@ def _dataset_command(
                 kept = "" if to_stdout else f"; {output} is left as it was"
                 err_console().print(f"[red]{escape(missing)}: nothing written{escape(kept)}[/red]")
                 raise typer.Exit(1)
+            seen = 0
+
+            def read() -> Iterator[Any]:
+                nonlocal seen
+                for t in select_trajectories(s, selection, limit=limit):
+                    seen += 1
+                    yield t
+
             with _progress(s, selection, limit, what, as_json or to_stdout) as advance:
-                result = write(select_trajectories(s, selection, limit=limit), output, reasoning, advance)
-            held = 0 if result.written or include_heldout else _held_out_only(s, selection)
-        _report(result.to_dict(), output, as_json, to_stderr=to_stdout)
+                result = write(read(), output, reasoning, advance)
+            # What the held-out policy left out, said whatever was written: `"skipped": {}` with
+            # 7 held-out runs left out read as "nothing left out" (a QA pass, session 28).
+            held = 0 if include_heldout or limit is not None else max(_held_out_only(s, selection) - seen, 0)
+        _report({**result.to_dict(), "heldout_excluded": held}, output, as_json, to_stderr=to_stdout)
         if not result.written and output.endswith(".parquet"):  # a QA pass (session 19)
             err_console().print(
                 "[yellow]the parquet file holds no rows: pyarrow and pandas read it, but `datasets` refuses "
                 'an empty parquet file ("corresponds to no data")[/yellow]'
             )
-        if held:  # so did a held-out task's id (a QA pass, session 19)
+        if held and not as_json:  # so did a held-out task's id (a QA pass, session 19)
             err_console().print(
-                f"[yellow]{held} matching runs are held out (their task, split or request is the gate's): "
-                "they are for evaluation; --include-heldout exports them anyway[/yellow]"
+                f"[yellow]{counted(held, 'matching run')} left out: held out (their task, split or request is "
+                "the gate's), for evaluation; --include-heldout exports them anyway[/yellow]"
             )
 
     # Each command's own help for `output` (a string annotation could not name `output_help`).
