@@ -486,6 +486,44 @@ def test_update_state_between_pause_and_resume_is_not_a_run(sqlite_url: str) -> 
     assert (t.agent, t.status, t.answer) == ("support", "ok", "got Z=yes")
 
 
+class _Count(TypedDict):
+    n: int
+
+
+@pytest.mark.parametrize("entry", ["instrument", "handler"])
+def test_update_state_on_a_node_with_a_router_is_not_a_run(entry: str, sqlite_url: str) -> None:
+    """A QA pass (session 28): the node's router ran inside `update_state()`, and was stored as a run
+    of its own, `ok`, named after it, answering "b", with the thread's labels: a reference check
+    passed it. What runs inside an edit is the edit's."""
+    from langgraph.graph import END, START, StateGraph
+
+    def route(state: _Count) -> str:
+        return "b" if state["n"] > 0 else END
+
+    graph = StateGraph(_Count)
+    graph.add_node("a", lambda state: {"n": state["n"]})
+    graph.add_node("b", lambda state: {"n": state["n"] + 1})
+    graph.add_edge(START, "a")
+    graph.add_conditional_edges("a", route)
+    graph.add_edge("b", END)
+    app = graph.compile(checkpointer=InMemorySaver(), interrupt_before=["b"], name="plain")
+    config: dict[str, Any] = {**thread("p1"), "metadata": {"honed": {"task_id": "t1", "expected": "b"}}}
+    handler = honed.CallbackHandler(store=sqlite_url) if entry == "handler" else None
+    if handler is None:
+        honed.instrument(store=sqlite_url)
+    else:
+        config["callbacks"] = [handler]
+    try:
+        app.invoke({"n": 1}, config)
+        app.update_state(config, {"n": 5}, as_node="a")
+        app.invoke(None, config)
+        assert honed.flush()
+    finally:
+        honed.uninstrument()
+    runs = honed.open_store(sqlite_url).trajectories(oldest_first=True)
+    assert [t.agent for t in runs] == ["plain"] * len(runs) and "route" not in {t.agent for t in runs}
+
+
 def test_the_agents_code_cannot_rewrite_its_own_reference(capture: str, sqlite_url: str) -> None:
     """The labels ride in the run's config, which the agent's code can reach (`get_config()`); an
     edit in place, however quick, must not change what the run is judged against."""

@@ -69,6 +69,8 @@ class CallbackHandler(GraphCallbackHandler):
         self._breakpoint_runs: dict[UUID, FrameType] = {}
         # Model calls streaming now -> the text streamed so far: kept when the call fails.
         self._streamed: dict[UUID, list[str]] = {}
+        # Runs of a `graph.update_state()` (an edit of the checkpoint) and the runs inside them.
+        self._edits: set[UUID] = set()
 
     # -- chains (graphs, nodes, agents) --------------------------------------------------------
 
@@ -78,7 +80,12 @@ class CallbackHandler(GraphCallbackHandler):
         name = kwargs.get("name") or (serialized or {}).get("name")
         if kwargs.get("parent_run_id") is None:
             if isinstance(name, str) and name.endswith(_UPDATE_STATE):
-                return  # `graph.update_state()` running a node's writers: an edit, not an attempt
+                # `graph.update_state()` running a node's writers: an edit, not an attempt; and so
+                # is what runs inside it (the node's router: stored as an `ok` run named after
+                # it, with the thread's labels, and judged a pass, a QA pass, session 28).
+                if len(self._edits) < _MAX_ROOTS:
+                    self._edits.add(kwargs["run_id"])
+                return
             # A root's inputs may be reused and changed by the caller for the next turn: copy
             # them now (the labels: `_started`).
             inputs = snapshot(inputs)
@@ -142,6 +149,9 @@ class CallbackHandler(GraphCallbackHandler):
         metadata: dict[str, Any] | None = None,
         **_: Any,
     ) -> None:
+        if self._edits and parent_run_id in self._edits:
+            self._edits.add(run_id)
+            return
         labels = metadata.get("honed") if metadata else None
         if labels is not None and isinstance(labels, dict):
             if parent_run_id is None:
@@ -155,12 +165,18 @@ class CallbackHandler(GraphCallbackHandler):
         self.recorder.emit((START, run_id, parent_run_id, time.time(), step))
 
     def _ended(self, outputs: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        if self._edits and run_id in self._edits:
+            self._edits.discard(run_id)
+            return
         if self._root_labels and run_id in self._root_labels:
             self._root_ended(run_id)
         if self.enabled:
             self.recorder.emit((END, run_id, None, time.time(), outputs))
 
     def _failed(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        if self._edits and run_id in self._edits:
+            self._edits.discard(run_id)
+            return
         if self._root_labels and run_id in self._root_labels:
             self._root_ended(run_id)
         if self._breakpoint_runs:
@@ -169,6 +185,9 @@ class CallbackHandler(GraphCallbackHandler):
             self.recorder.emit((ERROR, run_id, None, time.time(), error))
 
     def on_chain_end(self, outputs: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        if self._edits and run_id in self._edits:
+            self._edits.discard(run_id)
+            return
         if self._root_labels and run_id in self._root_labels:
             self._root_ended(run_id)
         frame = self._breakpoint_runs.pop(run_id, None) if self._breakpoint_runs else None
