@@ -220,3 +220,22 @@ def test_what_a_version_learned_from_is_read_back_for_an_erasure(
     )
     dry = runner.invoke(app, ["prune", "--store", store_url, "--run", "old-1", "--dry-run"])
     assert "honed show ID" in " ".join(dry.output.split())
+
+
+def test_an_erasure_of_a_mistyped_conversation_is_refused_and_a_pruned_run_says_what_it_trained(
+    store_url: str, store: honed.TrajectoryStore
+) -> None:
+    """A QA pass (session 28): `--thread nosuch` said "would delete 0" and exited 0, read as done;
+    and once pruned, `honed show ID`, which the advice names, said only "no trajectory"."""
+    runner = CliRunner(env={"COLUMNS": "200"})
+    typo = runner.invoke(app, ["prune", "--store", store_url, "--thread", "conv-8", "--yes"])
+    assert typo.exit_code == 1 and "no stored runs have thread id 'conv-8'" in typo.output, typo.output
+    training = store.training_runs("support-agent")[0]
+    version = store.register_model("support-agent", "s3://models/support-agent/v1", training_run=training.id)
+    store.update_training_run(training.id, candidate=version.ref)
+    asked = runner.invoke(app, ["prune", "--store", store_url, "--run", "old-1", "--yes"])
+    assert asked.output.index("trained a version") < asked.output.index("deleted 1 trajectory"), asked.output
+    gone = runner.invoke(app, ["show", "old-1", "--store", store_url])
+    assert gone.exit_code == 1 and "pruned?); it trained support-agent@v1" in " ".join(gone.output.split())
+    none = runner.invoke(app, ["versions", "support-agent", "--learned-from", "--store", store_url])
+    assert "support-agent@v1 learned from 2 runs" in none.output

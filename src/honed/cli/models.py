@@ -112,6 +112,8 @@ def versions(
     print_table(console(), table)
     for ref, ids in examples.items():  # lineage read back: what each version learned from
         console().print(f"{escape(ref)} learned from {counted(len(ids), 'run')}: {escape(' '.join(ids))}")
+    if learned_from and not examples:
+        console().print(f"no version of {escape(name)} was trained from captured runs here")
     if history:
         for e in events:
             moved = f"v{e.from_version} → v{e.version}" if e.from_version else f"v{e.version}"

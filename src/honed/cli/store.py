@@ -161,6 +161,8 @@ def spool(
             console().print(
                 f"replayed {counted(replayed, 'trajectory')} from {escape(str(mine.path))} into {escape(summary['store'])}"
                 + (f" ({already} already stored there)" if already > 0 else "")
+                if before
+                else f"nothing waits in the spool for {escape(summary['store'])}"
             )
             if not before and source is None:
                 _same_database_elsewhere(url)
@@ -233,7 +235,7 @@ def prune(
     thread: Annotated[str | None, typer.Option("--thread", help="Every turn of this conversation.")] = None,
     run: Annotated[
         list[str] | None,
-        typer.Option("--run", help="This run (an id or its start, as `honed runs` shows; repeatable)."),
+        typer.Option("--run", help="This run (an id, or its end as `honed runs` shows it; repeatable)."),
     ] = None,
     include_heldout: Annotated[
         bool,
@@ -255,6 +257,17 @@ def prune(
             ids=ids, agent=agent, task_id=task_id, thread_id=thread,
             until=parse_when(before) if before else None, include_heldout=include_heldout, dry_run=True,
         )  # fmt: skip
+        if not found.deleted and not found.kept_heldout:
+            # A mistyped thread or task id erased nothing and said "0": read as done (a QA pass, session 28).
+            named = {"thread_id": thread, "agent": agent, "task_id": task_id}
+            missing = [
+                f"{k.replace('_', ' ')} {v!r}" for k, v in named.items() if v and not s.count(**{k: v})
+            ]
+            if missing:
+                err_console().print(f"[red]no stored runs have {' or '.join(missing)}: nothing deleted[/red]")
+                raise typer.Exit(1)
+        if not as_json:  # what it means, before the question
+            _say_what_goes(found, dry_run or not found.deleted)
         go = bool(found.deleted) and not dry_run and _confirmed(found, yes)
         done = (
             s.prune(ids=found.deleted, include_heldout=include_heldout) if go else found
@@ -268,21 +281,14 @@ def prune(
                     "kept_heldout": found.kept_heldout,
                     "learned_from": found.learned_from,
                     "dry_run": not go,
-                    "erased": done.erased,
+                    "erased": done.erased if go else None,
                 }
             )
         )
         return
-    out = console()
-    verb = "deleted" if go else "would delete"
-    out.print(
-        f"{verb} {counted(len(done.deleted), 'trajectory')} (with their steps, verdicts and queue rows)"
-    )
-    if found.learned_from:
-        out.print(
-            f"{counted(found.learned_from, 'of them', 'of them')} trained a version: its lineage keeps "
-            "their ids, not their content (`honed show ID` names the versions; `honed versions NAME "
-            "--learned-from` lists each one's runs)"
+    if go:
+        console().print(
+            f"deleted {counted(len(done.deleted), 'trajectory')} (with their steps, verdicts and queue rows)"
         )
     if go and not done.erased:
         err_console().print(
@@ -290,6 +296,20 @@ def prune(
             "next checkpoint once it is done (run this again then, or `sqlite3 FILE 'PRAGMA "
             "wal_checkpoint(TRUNCATE)'`)[/yellow]",
             soft_wrap=True,
+        )
+
+
+def _say_what_goes(found: Any, only_would: bool) -> None:
+    out = console()
+    if only_would:
+        out.print(
+            f"would delete {counted(len(found.deleted), 'trajectory')} (with their steps, verdicts and queue rows)"
+        )
+    if found.learned_from:
+        out.print(
+            f"{counted(found.learned_from, 'of them', 'of them')} trained a version: its lineage keeps "
+            "their ids, not their content (`honed show ID` names the versions, `honed versions NAME "
+            "--learned-from` lists each one's runs)"
         )
     if found.kept_heldout:
         out.print(

@@ -128,6 +128,11 @@ def show(
             t = s.get(trajectory_id)
         except TrajectoryNotFound as exc:
             said = str(exc) if isinstance(exc, AmbiguousTrajectoryId) else f"no trajectory {exc}"
+            trained = [] if isinstance(exc, AmbiguousTrajectoryId) else s.trained_on(trajectory_id)
+            if trained:  # pruned, and its lineage still says what it trained (a QA pass, session 28)
+                said += " stored (pruned?); it trained " + ", ".join(
+                    f"{r.candidate or r.model} (training run {r.id})" for r in trained
+                )
             err_console().print(f"[red]{escape(said)}[/red]")
             raise typer.Exit(1) from exc
         turns = (
