@@ -81,3 +81,21 @@ def store_url(request: pytest.FixtureRequest) -> str:
     if request.param == "sqlite":
         return request.getfixturevalue("sqlite_url")
     return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture
+def capture_role(pg_url: str) -> Iterator[tuple[str, str]]:
+    """(the owner's URL, the URL of a fresh LOGIN role with no rights yet: a test grants capture), dropped after."""
+    from sqlalchemy.engine import make_url
+
+    role = f"honed_agent_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(pg_url)
+    with admin.begin() as conn:
+        conn.execute(text(f'CREATE ROLE "{role}" LOGIN'))
+    try:
+        yield pg_url, make_url(pg_url).set(username=role).render_as_string(hide_password=False)
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP OWNED BY "{role}"'))
+            conn.execute(text(f'DROP ROLE "{role}"'))
+        admin.dispose()

@@ -170,31 +170,16 @@ def test_the_cli_asks_says_what_it_kept_and_deletes_by_short_id(
     assert store.count() == 5
 
 
-def test_the_capture_role_cannot_prune(pg_url: str) -> None:
+def test_the_capture_role_cannot_prune(capture_role: tuple[str, str]) -> None:
     """The agent's process deleting the runs that failed it would be a label by omission."""
-    import secrets as _secrets
-
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
-
-    role = f"honed_agent_{_secrets.token_hex(4)}"
-    admin = create_engine(pg_url)
-    with admin.begin() as conn:
-        conn.execute(text(f'CREATE ROLE "{role}" LOGIN'))
-    try:
-        with honed.open_store(pg_url) as owner:
-            owner.save(_run("failed-run", days_ago=1))
-            owner.grant_capture(role)
-        agent_url = make_url(pg_url).set(username=role).render_as_string(hide_password=False)
-        result = CliRunner().invoke(app, ["prune", "--store", agent_url, "--run", "failed-run", "--yes"])
-        assert result.exit_code == 1 and "only captures" in result.output, result.output
-        with honed.open_store(pg_url) as owner:
-            assert owner.count() == 1
-    finally:
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP OWNED BY "{role}"'))
-            conn.execute(text(f'DROP ROLE "{role}"'))
-        admin.dispose()
+    owner_url, agent_url = capture_role
+    with honed.open_store(owner_url) as owner:
+        owner.save(_run("failed-run", days_ago=1))
+        owner.grant_capture(agent_url.split("//")[1].split("@")[0])
+    result = CliRunner().invoke(app, ["prune", "--store", agent_url, "--run", "failed-run", "--yes"])
+    assert result.exit_code == 1 and "only captures" in result.output, result.output
+    with honed.open_store(owner_url) as owner:
+        assert owner.count() == 1
 
 
 def test_what_a_version_learned_from_is_read_back_for_an_erasure(

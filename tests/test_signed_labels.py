@@ -10,7 +10,6 @@ import json
 import secrets
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -306,25 +305,6 @@ def test_rows_with_made_up_signatures_decide_nothing_and_break_nothing(stores: t
 
 
 # -- the capture role (PostgreSQL) -----------------------------------------------------------------
-
-
-@pytest.fixture
-def capture_role(pg_url: str) -> Iterator[tuple[str, str]]:
-    """(the owner's URL, the URL of a fresh LOGIN role given only capture), the role dropped after."""
-    from sqlalchemy import create_engine
-    from sqlalchemy.engine import make_url
-
-    role = f"honed_agent_{secrets.token_hex(4)}"
-    admin = create_engine(pg_url)
-    with admin.begin() as conn:
-        conn.execute(text(f'CREATE ROLE "{role}" LOGIN'))
-    try:
-        yield pg_url, make_url(pg_url).set(username=role).render_as_string(hide_password=False)
-    finally:
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP OWNED BY "{role}"'))
-            conn.execute(text(f'DROP ROLE "{role}"'))
-        admin.dispose()
 
 
 def test_the_agents_role_captures_paused_and_resumed_runs_and_can_do_nothing_else(
