@@ -270,7 +270,8 @@ class BatchGenerator:
                     batch, quick, last_join = self._join(batch, self._prefill_isolated, quick), [], now
                 if slow and prefilling is None:
                     prefilling, slow = _Prefill(self, slow), []
-                waiting = [r for r in waiting if any(r is w for w in quick + slow)]
+                left = set(map(id, quick + slow))
+                waiting = [r for r in waiting if id(r) in left]
             if prefilling is not None:
                 # Beside a running batch, a slice of prefill takes about as long as one of its
                 # steps: the rows decoding and the prompts waiting share the time (a 100 ms slice
@@ -525,8 +526,8 @@ class _Row:
 
 
 def _quick_first(rows: list[_Row], slice_positions: int | None) -> tuple[list[_Row], list[_Row]]:
-    """The rows to prefill whole now (shortest prompts first, up to two slices of positions, at
-    least one row when none is long) and the rest, in their order, for a prefill slice by slice."""
+    """The rows to prefill whole now (shortest prompts first, up to two slices of positions) and
+    the rest, in their order, for a prefill slice by slice."""
     if slice_positions is None:  # no prefill measured yet: all of them at once
         return rows, []
     quick: list[_Row] = []
@@ -563,10 +564,8 @@ class _Prefill:
 
     @property
     def mergeable(self) -> bool:
-        """Whether its batch can merge with one that starts meanwhile (plain full attention)."""
-        return all(
-            type(layer) in (DynamicLayer, _GrowingLayer) for layer in getattr(self.cache, "layers", ())
-        )
+        """Whether its batch can merge with one that starts meanwhile."""
+        return _mergeable(self.cache)
 
     @staticmethod
     def positions_of(rows: list[_Row]) -> int:
@@ -623,10 +622,7 @@ class _Batch:
         # every other row waiting, a QA pass, session 28).
         self.shared = shared
         self.peak = len(rows)
-        # Joining needs plain growing caches (full attention); other layouts run batch by batch.
-        self.mergeable = all(
-            type(layer) in (DynamicLayer, _GrowingLayer) for layer in getattr(cache, "layers", ())
-        )
+        self.mergeable = _mergeable(cache)
 
     @property
     def size(self) -> int:
@@ -703,6 +699,11 @@ class _GrowingLayer(DynamicLayer):
         if length:
             buffer[..., :length, :] = held
         return buffer
+
+
+def _mergeable(cache: Any) -> bool:
+    """Joining needs plain growing caches (full attention); other layouts run batch by batch."""
+    return all(type(layer) in (DynamicLayer, _GrowingLayer) for layer in getattr(cache, "layers", ()))
 
 
 def _growing(cache: Any) -> Any:
