@@ -1213,7 +1213,8 @@ def _in_call_order(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if len(calls) < 2:
             continue
         at = ordered.index(calls[0])
-        rest = [s for s in ordered if not any(s is c for c in calls)]
+        moved = set(map(id, calls))
+        rest = [s for s in ordered if id(s) not in moved]
         calls.sort(key=lambda s: asked.index(s["extra"]["tool_call_id"]))
         ordered = rest[:at] + calls + rest[at:]
     indices = sorted(s["index"] for s in ordered)

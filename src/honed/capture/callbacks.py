@@ -164,9 +164,15 @@ class CallbackHandler(GraphCallbackHandler):
         step = (kind, name, inputs, metadata, tags, extra)
         self.recorder.emit((START, run_id, parent_run_id, time.time(), step))
 
-    def _ended(self, outputs: Any, *, run_id: UUID, **kwargs: Any) -> None:
+    def _edit_ended(self, run_id: UUID) -> bool:
+        """Whether `run_id` ran inside a `graph.update_state()` (nothing to emit); forgotten now."""
         if self._edits and run_id in self._edits:
             self._edits.discard(run_id)
+            return True
+        return False
+
+    def _ended(self, outputs: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        if self._edit_ended(run_id):
             return
         if self._root_labels and run_id in self._root_labels:
             self._root_ended(run_id)
@@ -174,8 +180,7 @@ class CallbackHandler(GraphCallbackHandler):
             self.recorder.emit((END, run_id, None, time.time(), outputs))
 
     def _failed(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
-        if self._edits and run_id in self._edits:
-            self._edits.discard(run_id)
+        if self._edit_ended(run_id):
             return
         if self._root_labels and run_id in self._root_labels:
             self._root_ended(run_id)
@@ -185,8 +190,7 @@ class CallbackHandler(GraphCallbackHandler):
             self.recorder.emit((ERROR, run_id, None, time.time(), error))
 
     def on_chain_end(self, outputs: Any, *, run_id: UUID, **kwargs: Any) -> None:
-        if self._edits and run_id in self._edits:
-            self._edits.discard(run_id)
+        if self._edit_ended(run_id):
             return
         if self._root_labels and run_id in self._root_labels:
             self._root_ended(run_id)
