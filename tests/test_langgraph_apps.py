@@ -2727,3 +2727,25 @@ def test_a_hand_built_graphs_parallel_calls_keep_the_models_order(sqlite_url: st
     t = honed.open_store(sqlite_url).trajectories()[0]
     assert [s.extra.get("tool_call_id") for s in t.steps if s.kind == "tool"] == ["c1", "c2", "c3"]
     assert [s.index for s in t.steps] == list(range(len(t.steps)))
+
+
+def test_create_react_agent_v2_tool_nodes_keep_their_call_not_the_whole_state(sqlite_url: str) -> None:
+    """A QA pass (session 28): `create_react_agent` (v2, the default) sends its tool node each call
+    with the whole state beside it; stored in every tool node's step, a 30-call run held its
+    conversation 30 times over (753 KB against 8.6 KB for `create_agent`)."""
+    from langgraph.prebuilt import create_react_agent
+
+    task = "; ".join(f'call add {{"a": {i}, "b": 1}}' for i in range(5)) + "; answer done {result}"
+    honed.instrument(store=sqlite_url)
+    try:
+        create_react_agent(ToolScriptModel(), [add], version="v2", name="calc").invoke(
+            {"messages": [("user", task)]}
+        )
+        assert honed.flush()
+    finally:
+        honed.uninstrument()
+    t = honed.open_store(sqlite_url).trajectories()[0]
+    nodes = [s for s in t.steps if s.kind == "node" and s.name == "tools"]
+    assert len(nodes) == 5 and t.answer == "done 5"
+    for node in nodes:
+        assert "state" not in node.input and node.input["tool_call"]["name"] == "add", node.input

@@ -733,7 +733,7 @@ class Assembler:
             self._tool_step(step, run, outputs)
         else:
             if extra.pop("_keep_input", False):
-                step["input"] = self._field(_plain(run.inputs))
+                step["input"] = self._field(_plain(_payload(run.inputs)))
             step["output"] = self._field(_plain(outputs)) if outputs is not None else None
             if "handoff" in extra:  # `Middleware`'s step for a hook's handoff (`Trajectory.handed_off_to`)
                 step["extra"].update(synthesised=True, handoff=extra["handoff"])
@@ -1193,6 +1193,16 @@ def _ran_without_id(steps: list[dict[str, Any]], name: str | None, asked: Any) -
         ):
             return step
     return None
+
+
+def _payload(inputs: Any) -> Any:
+    """A `Send`'s payload as stored: `create_react_agent`'s tool node (v2) is sent its call with the
+    whole state beside it, which stored in every tool node's step grew with the square of the
+    conversation (a QA pass, session 28: 753 KB of one run's 60 messages); the call is what tells
+    the step apart, and the state is the model steps' already."""
+    if isinstance(inputs, dict) and inputs.get("__type") == "tool_call_with_context" and "state" in inputs:
+        return {k: v for k, v in inputs.items() if k != "state"}
+    return inputs
 
 
 def _in_call_order(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
