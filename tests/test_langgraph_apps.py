@@ -2749,3 +2749,23 @@ def test_create_react_agent_v2_tool_nodes_keep_their_call_not_the_whole_state(sq
     assert len(nodes) == 5 and t.answer == "done 5"
     for node in nodes:
         assert "state" not in node.input and node.input["tool_call"]["name"] == "add", node.input
+
+
+def test_a_replay_from_a_checkpoint_inside_a_turn_keeps_the_turns_request(sqlite_url: str) -> None:
+    """A QA pass (session 28): `invoke(None, config_of_a_checkpoint)` (time travel: a replay or a
+    fork before the tools ran) stored its run with no task, so nothing told a verifier what was
+    asked; its first model call read nothing after the last reply. It goes on with that turn."""
+    asked = 'call add {"a": 1, "b": 2}; answer sum {result}'
+    honed.instrument(store=sqlite_url)
+    try:
+        agent = create_agent(ToolScriptModel(), [add], name="calc", checkpointer=InMemorySaver())
+        config = thread("tt")
+        agent.invoke({"messages": [("user", asked)]}, config)
+        before_tools = next(h for h in agent.get_state_history(config) if h.next == ("tools",))
+        assert agent.invoke(None, before_tools.config)["messages"][-1].content == "sum 3"
+        assert honed.flush()
+    finally:
+        honed.uninstrument()
+    runs = honed.open_store(sqlite_url).trajectories(oldest_first=True)
+    assert len(runs) == 2
+    assert [t.task for t in runs] == [{"messages": [{"role": "user", "content": asked}]}] * 2

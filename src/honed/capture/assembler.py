@@ -1376,7 +1376,9 @@ def _thread_of(metadata: dict[str, Any] | None, extra: dict[str, Any] | None) ->
 
 def _task_of_first_model_call(steps: list[dict[str, Any]]) -> Any:
     """A run given no input (it ran on from its checkpoint) was asked what its first model call
-    read after the last reply: the task `Middleware` records from the state for the same run."""
+    read after the last reply: the task `Middleware` records from the state for the same run.
+    With nothing after it (a replay or fork from a checkpoint inside a turn: a QA pass, session
+    28, stored no task), the last request before it: the turn it goes on with."""
     for step in steps:
         if step["kind"] != "model":
             continue
@@ -1384,13 +1386,15 @@ def _task_of_first_model_call(steps: list[dict[str, Any]]) -> Any:
         if not isinstance(messages, list):
             return None
         new: list[Any] = []
+        last: list[Any] = []
         for message in messages:
             role = message.get("role") if isinstance(message, dict) else None
             if role in ("assistant", "tool"):
-                new = []  # the request is what came after the last reply
+                last, new = new or last, []  # the request is what came after the last reply
             elif role != "system":
                 new.append(message)
-        return {"messages": new} if new else None
+        request = new or last
+        return {"messages": request} if request else None
     return None
 
 
